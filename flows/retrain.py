@@ -1,0 +1,134 @@
+"""The retraining flow: ingest, validate, split, train, evaluate, register.
+
+Run it with ``python -m flows.retrain [--source PATH] [--profile NAME]`` from the project root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from prefect import flow, get_run_logger
+from ruamel.yaml import YAML
+
+from fracture.config import PARAMS_FILE, load_params
+from fracture.ingest import SOURCE_ENV
+from fracture.registry import Registration
+from tasks.pipeline import (
+    EvaluationSummary,
+    IngestSummary,
+    SplitSummary,
+    TrainSummary,
+    ValidationSummary,
+    evaluate_task,
+    ingest_task,
+    register_task,
+    split_task,
+    train_task,
+    validate_task,
+)
+
+
+@dataclass(frozen=True)
+class RetrainResult:
+    profile: str
+    ingest: IngestSummary
+    validation: ValidationSummary
+    split: SplitSummary
+    train: TrainSummary
+    evaluation: EvaluationSummary
+    registration: Registration
+
+
+def choose_profile(requested: str | None, cuda: bool) -> tuple[str, str]:
+    """The profile to train with and why.
+
+    Args:
+        requested: a profile named by the caller, or ``None`` to choose by hardware.
+        cuda: whether a CUDA device is visible.
+
+    Returns:
+        The profile name and a sentence saying why it was chosen.
+    """
+    if requested:
+        return requested, f"profile '{requested}' was requested"
+    if cuda:
+        return "paper", "a CUDA device is present: using the paper profile (EfficientNet-B6)"
+    return "cpu", (
+        "no CUDA device found: using the CPU profile (EfficientNet-Lite0, small images, few epochs); "
+        "the paper profile (EfficientNet-B6 at 528 px) needs a GPU"
+    )
+
+
+def set_profile(project: Path, profile: str) -> bool:
+    """Writes ``train.profile`` into params.yaml, keeping its comments, so DVC tracks it.
+
+    Returns:
+        Whether the file changed.
+    """
+    yaml = YAML()
+    path = project / PARAMS_FILE
+    data = yaml.load(path)
+    if data["train"]["profile"] == profile:
+        return False
+    if profile not in data["profiles"]:
+        raise ValueError(f"{path}: no profile named '{profile}' (profiles: {list(data['profiles'])})")
+    data["train"]["profile"] = profile
+    yaml.dump(data, path)
+    return True
+
+
+@flow(name="retrain", log_prints=True)
+def retrain(project_dir: str = ".", source: str | None = None, profile: str | None = None) -> RetrainResult:
+    """Brings the data in, reproduces every DVC stage and registers the model.
+
+    Args:
+        project_dir: the project root (holding dvc.yaml and params.yaml).
+        source: a local FracAtlas folder or zip; ``None`` uses $FRACATLAS_SOURCE, else figshare.
+        profile: a key of ``profiles`` in params.yaml; ``None`` picks by hardware.
+
+    Returns:
+        Every stage's typed result and the registry outcome.
+    """
+    logger = get_run_logger()
+    project = Path(project_dir).resolve()
+    name, reason = choose_profile(profile, torch.cuda.is_available())
+    print(reason)
+    if set_profile(project, name):
+        logger.info("set train.profile: %s in %s", name, project / PARAMS_FILE)
+    load_params(project)  # fail before any work on a broken params.yaml
+
+    ingested = ingest_task(project, source or os.environ.get(SOURCE_ENV) or None)
+    validation = validate_task(project)
+    split = split_task(project)
+    trained = train_task(project)
+    evaluation = evaluate_task(project)
+    registration = register_task(project, trained)
+
+    m = evaluation.metrics
+    print(
+        f"profile {name} ({trained.architecture}); test ROC AUC {m['roc_auc']:.4f}, sensitivity "
+        f"{m['recall']:.3f}, specificity {m['specificity']:.3f} at threshold {m['threshold']}; "
+        f"{registration.name} version {registration.version} "
+        f"({'new' if registration.created else 'already registered'}), champion: {registration.champion} "
+        f"({registration.reason})"
+    )
+    return RetrainResult(name, ingested, validation, split, trained, evaluation, registration)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Run the retraining flow once.")
+    parser.add_argument("--project-dir", default=".")
+    parser.add_argument("--source", default=None, help=f"FracAtlas folder or zip (default: ${SOURCE_ENV}, else figshare)")
+    parser.add_argument("--profile", default=None, help="a profile in params.yaml (default: by hardware)")
+    args = parser.parse_args(argv)
+    result = retrain(project_dir=args.project_dir, source=args.source, profile=args.profile)
+    for stage in (result.validation.run, result.split.run, result.train.run, result.evaluation.run):
+        print(f"{stage.stage:<9} {'ran' if stage.ran else 'up to date':<10} {stage.seconds:7.1f} s")
+
+
+if __name__ == "__main__":
+    main()

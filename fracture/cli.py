@@ -1,0 +1,249 @@
+"""``fracture`` command line: one command per pipeline stage, run by ``dvc.yaml``.
+
+Each command reads ``params.yaml`` once, calls the core functions and writes the stage's
+outputs under ``outputs/<stage>/``. Commands run from the project root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from fracture.config import ConfigError, Params, artifact_location, load_params, tracking_uri
+from fracture.imaging import CLASSES
+from fracture.ingest import IngestError
+from fracture.model import PretrainedWeightsError
+from fracture.split import SplitError
+
+log = logging.getLogger("fracture")
+
+OUT = Path("outputs")
+MANIFEST = OUT / "validate" / "manifest.csv"
+REPORT = OUT / "validate" / "report.json"
+SPLIT_DIR = OUT / "split"
+TRAIN_DIR = OUT / "train"
+EVAL_DIR = OUT / "evaluate"
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run the stage that writes it first (dvc repro)")
+    return json.loads(path.read_text())
+
+
+def _read_frame(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run the stage that writes it first (dvc repro)")
+    return pd.read_csv(path, dtype={"image_id": str, "path": str, "sha256": str})
+
+
+def data_version(root: Path = Path(".")) -> str | None:
+    """The md5 that ``data.dvc`` records for the dataset directory, if the file exists."""
+    path = root / "data.dvc"
+    if not path.is_file():
+        return None
+    outs = yaml.safe_load(path.read_text()).get("outs") or [{}]
+    return outs[0].get("md5")
+
+
+def git_commit(root: Path = Path(".")) -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return out.stdout.strip()
+
+
+def setup_mlflow(params: Params, root: Path = Path(".")) -> None:
+    """Points MLflow at the tracking URI and makes sure the experiment exists.
+
+    Args:
+        params: names the experiment.
+        root: the project directory, where the default sqlite store and artifacts live.
+    """
+    uri = tracking_uri(root)
+    mlflow.set_tracking_uri(uri)
+    if mlflow.get_experiment_by_name(params.register.experiment) is None:
+        location = artifact_location(root) if uri.startswith("sqlite:") else None
+        mlflow.create_experiment(params.register.experiment, artifact_location=location)
+    mlflow.set_experiment(params.register.experiment)
+
+
+# --- commands ---------------------------------------------------------------------------------
+
+
+def cmd_ingest(params: Params, args: argparse.Namespace) -> None:
+    from fracture.ingest import SOURCE_ENV, ingest  # noqa: PLC0415 - keeps other commands' start fast
+
+    source = args.source or os.environ.get(SOURCE_ENV) or None
+    result = ingest(params.ingest, Path(params.ingest.dest), source)
+    print(
+        f"ingested {result.files} files ({result.bytes / 1e6:.1f} MB) from {result.source} into "
+        f"{result.dest}; {result.checksums_verified} verified against SHA256SUMS"
+    )
+
+
+def cmd_validate(params: Params, args: argparse.Namespace) -> None:
+    from fracture.manifest import build_manifest
+    from fracture.validation import failure_message, validate
+
+    manifest = build_manifest(Path(params.ingest.dest))
+    resolved, report = validate(manifest, params.validate)
+    MANIFEST.parent.mkdir(parents=True, exist_ok=True)
+    resolved.to_csv(MANIFEST, index=False)
+    _write_json(REPORT, dataclasses.asdict(report) | {"data_version": data_version()})
+    for f in report.findings:
+        if not f.success:
+            print(f"[{f.severity}] {f.rule}: {f.unexpected_count} rows, e.g. {f.unexpected_ids[:5]}")
+    print(f"{len(report.duplicate_groups)} groups of byte-identical files; {len(report.excluded)} images excluded")
+    if not report.success:
+        raise SystemExit(failure_message(report) + f"\nfull report: {REPORT}")
+
+
+def cmd_split(params: Params, args: argparse.Namespace) -> None:
+    from fracture.split import split_manifest
+
+    manifest = _read_frame(MANIFEST)
+    splits = split_manifest(manifest, params.split)
+    SPLIT_DIR.mkdir(parents=True, exist_ok=True)
+    for name, frame in splits.items():
+        frame.to_csv(SPLIT_DIR / f"{name}.csv", index=False)
+        print(f"{name}: {len(frame)} images, {int(frame['label'].sum())} fractured")
+
+
+def cmd_train(params: Params, args: argparse.Namespace) -> None:
+    from fracture.training import train
+
+    profile = params.profile
+    train_frame = _read_frame(SPLIT_DIR / "train.csv")
+    val_frame = _read_frame(SPLIT_DIR / "val.csv")
+    setup_mlflow(params)
+    tags = {"profile": params.train.profile, "data_version": data_version() or "", "git_commit": git_commit() or ""}
+    with mlflow.start_run(tags=tags) as run:
+        mlflow.log_params(
+            {"profile": params.train.profile, **{f"profile.{k}": v for k, v in dataclasses.asdict(profile).items()}}
+            | {f"train.{k}": v for k, v in dataclasses.asdict(params.train).items()}
+            | {f"split.{k}": v for k, v in dataclasses.asdict(params.split).items()}
+            | {"n_train": len(train_frame), "n_val": len(val_frame)}
+        )
+        result = train(
+            train_frame,
+            val_frame,
+            Path(params.ingest.dest),
+            profile,
+            params.train,
+            allow_truncated=params.validate.on_truncated == "keep",
+            on_epoch=lambda epoch, metrics: mlflow.log_metrics(metrics, step=epoch + 1),
+        )
+        mlflow.log_metrics({"best_epoch": result.best_epoch, "best_val_roc_auc": result.best_val_roc_auc})
+        mlflow.set_tag("device", result.device)
+        TRAIN_DIR.mkdir(parents=True, exist_ok=True)
+        save_file(result.model.state_dict(), str(TRAIN_DIR / "model.safetensors"))
+        _write_json(
+            TRAIN_DIR / "model.json",
+            {
+                "architecture": profile.model,
+                "profile": params.train.profile,
+                "classes": list(CLASSES),
+                "data_config": result.data_config,
+                "threshold": params.evaluate.threshold,
+                "best_epoch": result.best_epoch,
+                "best_val_roc_auc": result.best_val_roc_auc,
+            },
+        )
+        _write_json(TRAIN_DIR / "history.json", result.history)
+        _write_json(TRAIN_DIR / "run.json", {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id})
+    print(f"best epoch {result.best_epoch}: val ROC AUC {result.best_val_roc_auc:.4f} (MLflow run {run.info.run_id})")
+
+
+def cmd_evaluate(params: Params, args: argparse.Namespace) -> None:
+    from fracture.evaluation import evaluate_probabilities
+    from fracture.serving import load_classifier
+    from fracture.training import Preprocessor, load_split, predict_proba
+
+    config = _read_json(TRAIN_DIR / "model.json")
+    run_id = _read_json(TRAIN_DIR / "run.json")["run_id"]
+    test_frame = _read_frame(SPLIT_DIR / "test.csv")
+    model = load_classifier(str(TRAIN_DIR / "model.safetensors"), config)
+    pre = Preprocessor(config["data_config"])
+    data = load_split(
+        test_frame, Path(params.ingest.dest), pre, params.validate.on_truncated == "keep", params.train.num_workers
+    )
+    probs = predict_proba(model, data, pre, torch.device("cpu"), params.evaluate.batch_size)
+    result = evaluate_probabilities(data.tensors[1].numpy(), probs, params.evaluate.threshold)
+    EVAL_DIR.mkdir(parents=True, exist_ok=True)
+    _write_json(EVAL_DIR / "metrics.json", result.metrics | {"confusion": result.confusion})
+    result.roc.to_csv(EVAL_DIR / "roc.csv", index=False)
+    test_frame.assign(fracture_probability=probs)[["image_id", "label", "fracture_probability"]].to_csv(
+        EVAL_DIR / "predictions.csv", index=False
+    )
+    setup_mlflow(params)
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_metrics({f"test_{k}": v for k, v in result.metrics.items()})
+        mlflow.log_metrics({f"test_{k}": v for k, v in result.confusion.items()})
+        mlflow.log_artifact(str(EVAL_DIR / "metrics.json"), artifact_path="evaluation")
+    print(json.dumps(result.metrics | {"confusion": result.confusion}, indent=2))
+
+
+def cmd_register(params: Params, args: argparse.Namespace) -> None:
+    from fracture.registry import register
+
+    run_id = _read_json(TRAIN_DIR / "run.json")["run_id"]
+    setup_mlflow(params)
+    reg = register(
+        params.register.model_name,
+        run_id,
+        TRAIN_DIR / "model.safetensors",
+        TRAIN_DIR / "model.json",
+        params.register.metric,
+    )
+    print(json.dumps(dataclasses.asdict(reg), indent=2))
+
+
+COMMANDS = {
+    "ingest": (cmd_ingest, "bring FracAtlas into the project (from --source, $FRACATLAS_SOURCE or figshare)"),
+    "validate": (cmd_validate, "build the manifest and run the data-quality suite"),
+    "split": (cmd_split, "stratified, duplicate-aware train/val/test split"),
+    "train": (cmd_train, "fine-tune the profile's model, logging to MLflow"),
+    "evaluate": (cmd_evaluate, "score the model on the test split"),
+    "register": (cmd_register, "register the model and move the champion alias if it is better"),
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="fracture", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (_, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        if name == "ingest":
+            p.add_argument("--source", help="FracAtlas folder or zip (default: $FRACATLAS_SOURCE, else figshare)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    log.setLevel(logging.INFO)
+    try:
+        params = load_params()
+        COMMANDS[args.command][0](params, args)
+    except (ConfigError, FileNotFoundError, IngestError, PretrainedWeightsError, SplitError) as exc:
+        sys.exit(f"fracture {args.command}: {exc}")
+
+
+if __name__ == "__main__":
+    main()

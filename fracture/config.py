@@ -1,0 +1,202 @@
+"""Typed, frozen view of ``params.yaml``.
+
+The file is read once at an entry point (a CLI command or a flow) and the resulting
+:class:`Params` object is passed down; no module reads the file on its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PARAMS_FILE = "params.yaml"
+
+
+class ConfigError(ValueError):
+    """A parameter is missing or has a value the pipeline cannot use."""
+
+
+@dataclass(frozen=True)
+class IngestParams:
+    dest: str
+    figshare_api: str
+    figshare_article: int
+    figshare_file: str
+
+
+@dataclass(frozen=True)
+class ValidateParams:
+    min_side: int
+    max_side: int
+    colour_modes: tuple[str, ...]
+    fractured_share: tuple[float, float]
+    on_truncated: str
+    on_label_conflict: str
+
+
+@dataclass(frozen=True)
+class SplitParams:
+    seed: int
+    val_size: float
+    test_size: float
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What differs between the paper's GPU recipe and the CPU profile."""
+
+    model: str
+    weights: str
+    image_size: int
+    epochs: int
+    weights_file: str | None = None
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    profile: str
+    seed: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    t_0: int | None
+    t_mult: int
+    num_workers: int
+    device: str
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    threshold: float
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class RegisterParams:
+    model_name: str
+    metric: str
+    experiment: str
+
+
+@dataclass(frozen=True)
+class Params:
+    ingest: IngestParams
+    validate: ValidateParams
+    split: SplitParams
+    train: TrainParams
+    profiles: dict[str, Profile]
+    evaluate: EvaluateParams
+    register: RegisterParams
+
+    @property
+    def profile(self) -> Profile:
+        """The profile named by ``train.profile``."""
+        try:
+            return self.profiles[self.train.profile]
+        except KeyError:
+            raise ConfigError(
+                f"params.yaml: train.profile is {self.train.profile!r}, but profiles defines only "
+                f"{sorted(self.profiles)}; set train.profile to one of them"
+            ) from None
+
+
+def _build(cls: type, section: str, raw: dict[str, Any], renames: dict[str, str] | None = None) -> Any:
+    data = raw.get(section)
+    if not isinstance(data, dict):
+        raise ConfigError(f"params.yaml: section '{section}' is missing or not a mapping")
+    renames = renames or {}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        name = renames.get(key, key)
+        if name not in fields:
+            raise ConfigError(
+                f"params.yaml: unknown key '{section}.{key}'; known keys are {sorted(fields)}"
+            )
+        kwargs[name] = tuple(value) if isinstance(value, list) else value
+    missing = [
+        n
+        for n, f in fields.items()
+        if n not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"params.yaml: section '{section}' lacks {missing}")
+    return cls(**kwargs)
+
+
+def parse_params(raw: dict[str, Any]) -> Params:
+    """Builds :class:`Params` from the mapping in ``params.yaml``.
+
+    Args:
+        raw: the parsed YAML document.
+
+    Returns:
+        The frozen parameters.
+
+    Raises:
+        ConfigError: a section or key is missing or unknown.
+    """
+    profiles_raw = raw.get("profiles")
+    if not isinstance(profiles_raw, dict) or not profiles_raw:
+        raise ConfigError("params.yaml: section 'profiles' is missing or empty")
+    profiles = {name: _build(Profile, name, profiles_raw) for name in profiles_raw}
+    params = Params(
+        ingest=_build(IngestParams, "ingest", raw),
+        validate=_build(ValidateParams, "validate", raw),
+        split=_build(SplitParams, "split", raw),
+        train=_build(TrainParams, "train", raw, {"T_0": "t_0", "T_mult": "t_mult"}),
+        profiles=profiles,
+        evaluate=_build(EvaluateParams, "evaluate", raw),
+        register=_build(RegisterParams, "register", raw),
+    )
+    _check(params)
+    return params
+
+
+def _check(p: Params) -> None:
+    if p.validate.on_truncated not in {"keep", "exclude"}:
+        raise ConfigError("params.yaml: validate.on_truncated must be 'keep' or 'exclude'")
+    if p.validate.on_label_conflict not in {"folder", "csv", "exclude"}:
+        raise ConfigError(
+            "params.yaml: validate.on_label_conflict must be 'folder', 'csv' or 'exclude'"
+        )
+    if not 0 < p.split.val_size < 1 or not 0 < p.split.test_size < 1:
+        raise ConfigError("params.yaml: split.val_size and split.test_size must lie in (0, 1)")
+    if p.split.val_size + p.split.test_size >= 1:
+        raise ConfigError("params.yaml: split.val_size + split.test_size must be below 1")
+    if p.train.device not in {"auto", "cpu", "cuda"}:
+        raise ConfigError("params.yaml: train.device must be 'auto', 'cpu' or 'cuda'")
+    p.profile  # noqa: B018 - raises ConfigError on an unknown profile name
+
+
+def load_params(root: Path | str = ".") -> Params:
+    """Reads and parses ``params.yaml`` in the project root.
+
+    Args:
+        root: the project directory.
+
+    Returns:
+        The frozen parameters.
+    """
+    path = Path(root) / PARAMS_FILE
+    if not path.is_file():
+        raise ConfigError(f"{path} not found: run from the project root (where dvc.yaml is)")
+    with path.open() as fh:
+        return parse_params(yaml.safe_load(fh))
+
+
+def tracking_uri(root: Path | str = ".") -> str:
+    """The MLflow tracking URI: ``MLFLOW_TRACKING_URI`` if set, else the project's sqlite file."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
+
+
+def artifact_location(root: Path | str = ".") -> str:
+    """Where a new experiment stores artifacts when the tracking store is the local sqlite file."""
+    return (Path(root).resolve() / "mlartifacts").as_uri()

