@@ -10,6 +10,9 @@ FRACATLAS_SOURCE ?=
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
+# Prefect's temporary local server migrates its database on first start, which on a fresh
+# two-core machine takes longer than Prefect's default 20 s.
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 
 .PHONY: venv main repro test test-all clean
 
