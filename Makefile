@@ -37,7 +37,7 @@ test: venv
 
 ## test-all: everything, including tests marked slow
 test-all: venv
-	$(PY) -m pytest -m 'not gpu'
+	$(PY) -m pytest -m 'slow or not slow'
 
 clean:
 	rm -rf $(VENV) outputs mlartifacts mlflow.db

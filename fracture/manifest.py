@@ -87,8 +87,9 @@ def build_manifest(dataset_dir: Path, workers: int | None = None) -> pd.DataFram
         facts = list(pool.map(inspect_image, paths, chunksize=32))
     facts_frame = pd.DataFrame([asdict(f) for f in facts], index=frame.index[frame["has_file"]])
     frame = frame.join(facts_frame)
-    frame["decodable"] = frame["decodable"].astype("boolean").fillna(False)
-    frame["truncated"] = frame["truncated"].astype("boolean").fillna(False)
+    # Rows without a file stay NA here: the missing file is its own finding, not a decode error.
+    frame["decodable"] = frame["decodable"].astype("boolean")
+    frame["truncated"] = frame["truncated"].astype("boolean")
     frame["width"] = frame["width"].astype("Int64")
     frame["height"] = frame["height"].astype("Int64")
     return frame.sort_values("image_id").reset_index(drop=True)

@@ -110,7 +110,8 @@ def create_classifier(profile: Profile, num_classes: int = len(CLASSES)) -> torc
         raise PretrainedWeightsError(
             f"weights do not fit {profile.model}: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
-    model.reset_classifier(num_classes)
+    if num_classes != model.num_classes:
+        model.reset_classifier(num_classes)
     return model
 
 

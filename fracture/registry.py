@@ -6,7 +6,7 @@ import base64
 import io
 import logging
 from dataclasses import dataclass
-from importlib.metadata import version
+from importlib import metadata
 from pathlib import Path
 
 import mlflow
@@ -64,7 +64,7 @@ def log_pyfunc(run_id: str, weights: Path, config: Path) -> str:
             code_paths=[str(Path(fracture.__file__).parent)],
             signature=SIGNATURE,
             input_example=_input_example(),
-            pip_requirements=[f"{pkg}=={version(pkg)}" for pkg in REQUIREMENTS],
+            pip_requirements=[f"{pkg}=={metadata.version(pkg)}" for pkg in REQUIREMENTS],
         )
     return info.model_uri
 
@@ -111,15 +111,16 @@ def register(
         current = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
         current = None
-    if current is not None and current.version == mv.version:
-        return Registration(name, mv.version, run_id, created, True, metric, score, score, "already champion")
+    version = str(mv.version)
+    if current is not None and str(current.version) == version:
+        return Registration(name, version, run_id, created, True, metric, score, score, "already champion")
     champion_score = _run_metric(client, current.run_id, metric) if current is not None else None
     if champion_score is None or score > champion_score:
-        client.set_registered_model_alias(name, CHAMPION, mv.version)
+        client.set_registered_model_alias(name, CHAMPION, version)
         reason = "first version" if champion_score is None else f"{metric} {score:.4f} > {champion_score:.4f}"
         promoted = True
     else:
         reason = f"{metric} {score:.4f} does not beat champion's {champion_score:.4f}"
         promoted = False
-    log.info("%s version %s: %s", name, mv.version, reason)
-    return Registration(name, mv.version, run_id, created, promoted, metric, score, champion_score, reason)
+    log.info("%s version %s: %s", name, version, reason)
+    return Registration(name, version, run_id, created, promoted, metric, score, champion_score, reason)

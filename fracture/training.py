@@ -31,6 +31,8 @@ from fracture.model import create_classifier, data_config
 
 log = logging.getLogger(__name__)
 
+LOG_EVERY = 20  # batches between progress lines when no terminal shows the bar
+
 EpochCallback = Callable[[int, dict[str, float]], None]
 
 
@@ -183,7 +185,8 @@ def train(
     for epoch in range(profile.epochs):
         model.train()
         started, seen, loss_sum = time.perf_counter(), 0, 0.0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{profile.epochs}", unit="batch", mininterval=5)
+        # The bar draws on a terminal only; under DVC or Prefect progress goes to the log.
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{profile.epochs}", unit="batch", mininterval=5, disable=None)
         for i, (images, labels) in enumerate(bar):
             x = pre(images.to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
             y = labels.to(device, non_blocking=True)
@@ -203,7 +206,11 @@ def train(
             scheduler.step(epoch + (i + 1) / len(loader))
             seen += len(labels)
             loss_sum += loss.item() * len(labels)
-            bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{seen / (time.perf_counter() - started):.1f}")
+            rate = seen / (time.perf_counter() - started)
+            bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{rate:.1f}")
+            if bar.disable and ((i + 1) % LOG_EVERY == 0 or i + 1 == len(loader)):
+                log.info("epoch %d/%d batch %d/%d loss %.4f %.1f images/s",
+                         epoch + 1, profile.epochs, i + 1, len(loader), loss.item(), rate)
         train_time = time.perf_counter() - started
         val_probs = predict_proba(model, val_data, pre, device, params.batch_size * 2)
         val_labels = val_data.tensors[1].numpy()

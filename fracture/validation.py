@@ -164,9 +164,9 @@ def apply_policy(manifest: pd.DataFrame, params: ValidateParams) -> tuple[pd.Dat
     if params.on_label_conflict == "exclude":
         reasons[conflict] = "folder_label_matches_csv: folder and dataset.csv labels differ"
     if params.on_truncated == "exclude":
-        reasons[out["truncated"] & (reasons == "")] = "not_truncated: file ends before the JPEG end marker"
+        reasons[out["truncated"].fillna(False) & (reasons == "")] = "not_truncated: file ends before the JPEG end marker"
     reasons[~out["has_file"]] = "file_for_every_csv_row: no image file"
-    reasons[out["has_file"] & ~out["decodable"]] = "decodable: image cannot be decoded"
+    reasons[out["decodable"].eq(False).fillna(False)] = "decodable: image cannot be decoded"
     out["exclude_reason"] = reasons
     out["included"] = reasons == ""
     excluded = dict(zip(out.loc[~out["included"], "image_id"], out.loc[~out["included"], "exclude_reason"], strict=True))

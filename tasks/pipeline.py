@@ -78,16 +78,24 @@ def _env() -> dict[str, str]:
     # DVC runs `fracture <stage>` through the shell: put this interpreter's scripts first on PATH.
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONUNBUFFERED"] = "1"  # so the stage's output reaches the log as it happens
     return env
 
 
 def _run(cmd: list[str], project: Path) -> str:
+    """Runs a command in the project, streaming its output into the Prefect log."""
     logger = get_run_logger()
     logger.info("$ %s", " ".join(cmd))
-    proc = subprocess.run(cmd, cwd=project, env=_env(), capture_output=True, text=True)
-    output = proc.stdout + proc.stderr
-    for line in output.splitlines()[-40:]:
-        logger.info(line)
+    lines: list[str] = []
+    with subprocess.Popen(
+        cmd, cwd=project, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    ) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.rstrip()
+            lines.append(line)
+            logger.info(line)
+    output = "\n".join(lines)
     if proc.returncode != 0:
         raise StageFailed(f"`{' '.join(cmd)}` failed (exit {proc.returncode}):\n{output[-4000:]}")
     return output

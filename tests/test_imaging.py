@@ -1,0 +1,59 @@
+"""Preprocessing: resize without crop, identical in training and serving; clear load errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fracture.imaging import ImageLoadError, build_transform, open_xray
+from fracture.training import Preprocessor
+
+CONFIG = {"input_size": (3, 64, 64), "interpolation": "bilinear", "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+
+
+def corner_marked(width: int, height: int) -> Image.Image:
+    """Black image with white squares at the top-left and bottom-right corners."""
+    a = np.zeros((height, width), dtype=np.uint8)
+    s = max(width, height) // 10
+    a[:s, :s] = 255
+    a[-s:, -s:] = 255
+    return Image.fromarray(a, mode="L")
+
+
+def test_no_centre_crop_keeps_the_corners_of_a_tall_image():
+    x = build_transform(CONFIG)(corner_marked(120, 360).convert("RGB"))
+    assert x.shape == (3, 64, 64)
+    assert x[0, 0, 0] > 0.9 and x[0, -1, -1] > 0.9  # both corner marks survive (normalised white ~ 1)
+
+
+def test_training_preprocessing_equals_serving_transform(tmp_path):
+    path = tmp_path / "x.png"
+    corner_marked(200, 150).save(path)
+    pre = Preprocessor(CONFIG)
+    batch = pre(pre.load([path], allow_truncated=False, workers=1))
+    served = build_transform(CONFIG)(open_xray(path))
+    assert torch.allclose(batch[0], served, atol=1e-6)
+
+
+def test_greyscale_becomes_three_channels(tmp_path):
+    path = tmp_path / "g.jpg"
+    corner_marked(50, 50).save(path)
+    assert open_xray(path).mode == "RGB"
+
+
+def test_truncated_file_fails_unless_allowed(tmp_path):
+    path = tmp_path / "t.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (200, 200), dtype=np.uint8)).save(path)
+    path.write_bytes(path.read_bytes()[:-2000])
+    with pytest.raises(ImageLoadError, match="t.jpg"):
+        open_xray(path)
+    assert open_xray(path, allow_truncated=True).size == (200, 200)
+
+
+def test_not_an_image_names_the_input(tmp_path):
+    with pytest.raises(ImageLoadError, match="<bytes>"):
+        open_xray(b"hello")
+    with pytest.raises(ImageLoadError, match="missing.jpg"):
+        open_xray(tmp_path / "missing.jpg")
