@@ -87,6 +87,13 @@ def setup_mlflow(params: Params, root: Path = Path(".")) -> None:
     mlflow.set_experiment(params.register.experiment)
 
 
+def serving_config(root: Path = Path(".")) -> dict[str, Any]:
+    """The trained model's config with the decision threshold the evaluate stage chose."""
+    config = _read_json(root / TRAIN_DIR / "model.json")
+    config["threshold"] = _read_json(root / EVAL_DIR / "metrics.json")["threshold"]
+    return config
+
+
 # --- commands ---------------------------------------------------------------------------------
 
 
@@ -164,7 +171,6 @@ def cmd_train(params: Params, args: argparse.Namespace) -> None:
                 "profile": params.train.profile,
                 "classes": list(CLASSES),
                 "data_config": result.data_config,
-                "threshold": params.evaluate.threshold,
                 "best_epoch": result.best_epoch,
                 "best_val_roc_auc": result.best_val_roc_auc,
             },
@@ -175,20 +181,28 @@ def cmd_train(params: Params, args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(params: Params, args: argparse.Namespace) -> None:
-    from fracture.evaluation import evaluate_probabilities
+    from fracture.evaluation import choose_threshold, evaluate_probabilities
     from fracture.serving import load_classifier
     from fracture.training import Preprocessor, load_split, predict_proba
 
     config = _read_json(TRAIN_DIR / "model.json")
     run_id = _read_json(TRAIN_DIR / "run.json")["run_id"]
-    test_frame = _read_frame(SPLIT_DIR / "test.csv")
     model = load_classifier(str(TRAIN_DIR / "model.safetensors"), config)
     pre = Preprocessor(config["data_config"])
-    data = load_split(
-        test_frame, Path(params.ingest.dest), pre, params.validate.on_truncated == "keep", params.train.num_workers
-    )
-    probs = predict_proba(model, data, pre, torch.device("cpu"), params.evaluate.batch_size)
-    result = evaluate_probabilities(data.tensors[1].numpy(), probs, params.evaluate.threshold)
+    allow_truncated = params.validate.on_truncated == "keep"
+
+    def score(split: str) -> tuple[pd.DataFrame, Any, Any]:
+        frame = _read_frame(SPLIT_DIR / f"{split}.csv")
+        data = load_split(frame, Path(params.ingest.dest), pre, allow_truncated, params.train.num_workers)
+        probs = predict_proba(model, data, pre, torch.device("cpu"), params.evaluate.batch_size)
+        return frame, data.tensors[1].numpy(), probs
+
+    threshold = params.evaluate.threshold
+    if params.evaluate.target_sensitivity is not None:
+        _, val_labels, val_probs = score("val")
+        threshold = choose_threshold(val_labels, val_probs, params.evaluate.target_sensitivity)
+    test_frame, labels, probs = score("test")
+    result = evaluate_probabilities(labels, probs, threshold)
     EVAL_DIR.mkdir(parents=True, exist_ok=True)
     _write_json(EVAL_DIR / "metrics.json", result.metrics | {"confusion": result.confusion})
     result.roc.to_csv(EVAL_DIR / "roc.csv", index=False)
@@ -199,6 +213,11 @@ def cmd_evaluate(params: Params, args: argparse.Namespace) -> None:
     with mlflow.start_run(run_id=run_id):
         mlflow.log_metrics({f"test_{k}": v for k, v in result.metrics.items()})
         mlflow.log_metrics({f"test_{k}": v for k, v in result.confusion.items()})
+        mlflow.set_tag(
+            "threshold_source",
+            "fixed" if params.evaluate.target_sensitivity is None
+            else f"val sensitivity >= {params.evaluate.target_sensitivity}",
+        )
         mlflow.log_artifact(str(EVAL_DIR / "metrics.json"), artifact_path="evaluation")
     print(json.dumps(result.metrics | {"confusion": result.confusion}, indent=2))
 
@@ -212,7 +231,7 @@ def cmd_register(params: Params, args: argparse.Namespace) -> None:
         params.register.model_name,
         run_id,
         TRAIN_DIR / "model.safetensors",
-        TRAIN_DIR / "model.json",
+        serving_config(),
         params.register.metric,
     )
     print(json.dumps(dataclasses.asdict(reg), indent=2))

@@ -55,6 +55,8 @@ class Profile:
     image_size: int
     epochs: int
     weights_file: str | None = None
+    augment: str = "none"
+    frozen: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,7 @@ class TrainParams:
 class EvaluateParams:
     threshold: float
     batch_size: int
+    target_sensitivity: float | None = None
 
 
 @dataclass(frozen=True)
@@ -171,6 +174,11 @@ def _check(p: Params) -> None:
         raise ConfigError("params.yaml: split.val_size and split.test_size must lie in (0, 1)")
     if p.split.val_size + p.split.test_size >= 1:
         raise ConfigError("params.yaml: split.val_size + split.test_size must be below 1")
+    for name, prof in p.profiles.items():
+        if prof.augment not in {"none", "light"}:
+            raise ConfigError(f"params.yaml: profiles.{name}.augment must be 'none' or 'light'")
+        if prof.epochs < 1:
+            raise ConfigError(f"params.yaml: profiles.{name}.epochs must be at least 1")
     if p.train.device not in {"auto", "cpu", "cuda"}:
         raise ConfigError("params.yaml: train.device must be 'auto', 'cpu' or 'cuda'")
     p.profile  # noqa: B018 - raises ConfigError on an unknown profile name

@@ -25,6 +25,25 @@ class Evaluation:
     roc: pd.DataFrame
 
 
+def choose_threshold(labels: np.ndarray, probs: np.ndarray, target_sensitivity: float) -> float:
+    """The highest threshold whose sensitivity on these images reaches the target.
+
+    Chosen on the validation split, never on test, so the test metrics at this threshold are
+    an honest estimate. The highest such threshold keeps specificity as high as possible.
+
+    Args:
+        labels: true labels (1 = fractured) of the validation images.
+        probs: their predicted fracture probabilities.
+        target_sensitivity: the sensitivity (recall of class 1) to reach, in (0, 1].
+
+    Returns:
+        The threshold, in [0, 1].
+    """
+    _, tpr, thresholds = roc_curve(labels, probs)
+    index = int(np.argmax(tpr >= target_sensitivity))  # tpr rises as the threshold falls
+    return float(min(thresholds[index], 1.0))
+
+
 def evaluate_probabilities(labels: np.ndarray, probs: np.ndarray, threshold: float) -> Evaluation:
     """Scores fracture probabilities against true labels (1 = fractured).
 

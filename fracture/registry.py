@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import logging
+import tempfile
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import pandas as pd
@@ -45,22 +48,25 @@ def _input_example() -> pd.DataFrame:
     return pd.DataFrame({"image": [base64.b64encode(buf.getvalue()).decode()]})
 
 
-def log_pyfunc(run_id: str, weights: Path, config: Path) -> str:
+def log_pyfunc(run_id: str, weights: Path, config: dict[str, Any]) -> str:
     """Logs the model with its preprocessing code into the training run.
 
     Args:
         run_id: the MLflow run of the train stage.
         weights: the safetensors file of the fine-tuned model.
-        config: the ``model.json`` describing architecture, data config and threshold.
+        config: architecture, data config and decision threshold (``model.json`` plus the
+            threshold the evaluate stage chose).
 
     Returns:
         The logged model's URI.
     """
-    with mlflow.start_run(run_id=run_id):
+    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
+        config_path = Path(tmp) / "model.json"
+        config_path.write_text(json.dumps(config, indent=2))
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(ENTRY),
-            artifacts={"weights": str(weights), "config": str(config)},
+            artifacts={"weights": str(weights), "config": str(config_path)},
             code_paths=[str(Path(fracture.__file__).parent)],
             signature=SIGNATURE,
             input_example=_input_example(),
@@ -77,7 +83,7 @@ def _run_metric(client: MlflowClient, run_id: str, metric: str) -> float:
 
 
 def register(
-    name: str, run_id: str, weights: Path, config: Path, metric: str, client: MlflowClient | None = None
+    name: str, run_id: str, weights: Path, config: dict[str, Any], metric: str, client: MlflowClient | None = None
 ) -> Registration:
     """Registers the run's model once and makes it champion when it beats the current one.
 
@@ -88,7 +94,7 @@ def register(
         name: the registered model name.
         run_id: the training run (holding the evaluation metrics).
         weights: fine-tuned weights (safetensors).
-        config: the model's ``model.json``.
+        config: the serving config (see :func:`log_pyfunc`).
         metric: the run metric that decides promotion (higher is better).
         client: an MLflow client (default: one for the current tracking URI).
 

@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 from sklearn.metrics import roc_auc_score
 from timm.data.transforms import MaybeToTensor
+from timm.utils.model import freeze
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchvision import transforms
@@ -94,6 +95,21 @@ class Preprocessor:
         return self.normalize(batch.float().div_(255))
 
 
+def light_augmentation() -> Callable[[torch.Tensor], torch.Tensor]:
+    """Per-image flips, small rotations and shifts, and brightness/contrast changes.
+
+    Works on one uint8 CHW tensor and never crops: the whole image stays in view, as the
+    paper's preprocessing requires.
+    """
+    return transforms.Compose(
+        [
+            transforms.RandomHorizontalFlip(),
+            transforms.RandomAffine(degrees=10, translate=(0.05, 0.05), scale=(0.95, 1.05)),
+            transforms.ColorJitter(brightness=0.2, contrast=0.2),
+        ]
+    )
+
+
 def load_split(
     frame: pd.DataFrame, dataset_dir: Path, pre: Preprocessor, allow_truncated: bool, workers: int
 ) -> TensorDataset:
@@ -156,7 +172,12 @@ def train(
     seed_everything(params.seed)
     device = select_device(params.device)
     model = create_classifier(profile)
+    if profile.frozen:
+        # Freezing the high-resolution early layers skips most of their backward pass; their
+        # ImageNet edge and texture filters transfer to X-rays as they are.
+        freeze(model, list(profile.frozen))
     config = data_config(model, profile.image_size)
+    augment = light_augmentation() if profile.augment == "light" else None
     pre = Preprocessor(config)
 
     t0 = time.perf_counter()
@@ -166,7 +187,8 @@ def train(
 
     model = model.to(device, memory_format=torch.channels_last)
     criterion = nn.CrossEntropyLoss()
-    optimizer = torch.optim.Adam(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=params.lr, weight_decay=params.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
         optimizer, T_0=params.t_0 or profile.epochs, T_mult=params.t_mult
     )
@@ -188,6 +210,8 @@ def train(
         # The bar draws on a terminal only; under DVC or Prefect progress goes to the log.
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{profile.epochs}", unit="batch", mininterval=5, disable=None)
         for i, (images, labels) in enumerate(bar):
+            if augment is not None:
+                images = torch.stack([augment(img) for img in images])
             x = pre(images.to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
             y = labels.to(device, non_blocking=True)
             if autocast is not None:

@@ -19,7 +19,7 @@ from typing import Any
 
 from prefect import get_run_logger, task
 
-from fracture.cli import EVAL_DIR, REPORT, SPLIT_DIR, TRAIN_DIR, data_version, setup_mlflow
+from fracture.cli import EVAL_DIR, REPORT, SPLIT_DIR, TRAIN_DIR, data_version, serving_config, setup_mlflow
 from fracture.config import load_params
 from fracture.registry import Registration, register
 
@@ -168,6 +168,6 @@ def register_task(project: Path, trained: TrainSummary) -> Registration:
         params.register.model_name,
         trained.run_id,
         project / TRAIN_DIR / "model.safetensors",
-        project / TRAIN_DIR / "model.json",
+        serving_config(project),
         params.register.metric,
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fracture.evaluation import evaluate_probabilities
+from fracture.evaluation import choose_threshold, evaluate_probabilities
 
 
 def test_metrics_match_the_confusion_matrix():
@@ -32,3 +32,12 @@ def test_auc_does_not_depend_on_the_threshold():
     assert low.metrics["recall"] > high.metrics["recall"]
     assert list(low.roc.columns) == ["fpr", "tpr", "threshold"]
     assert low.roc["fpr"].is_monotonic_increasing
+
+
+def test_threshold_for_a_target_sensitivity_is_the_highest_that_reaches_it():
+    labels = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0, 0])
+    probs = np.array([0.9, 0.8, 0.35, 0.2, 0.7, 0.3, 0.25, 0.1, 0.05, 0.01])
+    t = choose_threshold(labels, probs, 0.75)
+    assert t == pytest.approx(0.35)  # 3 of 4 fractures found; no higher threshold finds 3
+    assert evaluate_probabilities(labels, probs, t).metrics["recall"] >= 0.75
+    assert choose_threshold(labels, probs, 1.0) == pytest.approx(0.2)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import mlflow
 import pytest
 from mlflow import MlflowClient
@@ -23,11 +21,10 @@ def model_files(tmp_path):
     model = create_classifier(profile)
     weights = tmp_path / "model.safetensors"
     save_file(model.state_dict(), str(weights))
-    config = tmp_path / "model.json"
-    config.write_text(json.dumps({
+    config = {
         "architecture": profile.model, "profile": "cpu", "classes": ["not_fractured", "fractured"],
         "data_config": data_config(model, 64), "threshold": 0.5,
-    }))
+    }
     return weights, config
 
 
