@@ -1,6 +1,6 @@
 """Training throughput of CPU-profile variants, measured side by side in one run.
 
-    .venv/bin/python bench/train_throughput.py [--steps 6] [--sizes 224 288]
+    .venv/bin/python bench/train_throughput.py [--steps 20] [--sizes 224 288]
 
 Prints images per second for each variant and its ratio to the first one (Lite0 at the
 first size, nothing frozen, no augmentation). Random images; the first step is a warm-up.
@@ -50,7 +50,7 @@ def measure(size: int, frozen: tuple[str, ...], augment: bool, steps: int, batch
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--sizes", type=int, nargs="+", default=[224, 288])
     args = parser.parse_args()

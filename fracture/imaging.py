@@ -7,6 +7,7 @@ preprocess an X-ray exactly as training did.
 from __future__ import annotations
 
 import io
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,9 @@ from timm.data import create_transform
 
 #: Class index -> label. Index 1 is the positive class whose probability the model reports.
 CLASSES: tuple[str, str] = ("not_fractured", "fractured")
+
+
+_TRUNCATED_LOCK = threading.Lock()
 
 
 class ImageLoadError(ValueError):
@@ -41,20 +45,32 @@ def open_xray(source: str | Path | bytes, allow_truncated: bool = False) -> Imag
         ImageLoadError: the input is not a decodable image.
     """
     name = "<bytes>" if isinstance(source, bytes) else str(source)
-    fh: Any = io.BytesIO(source) if isinstance(source, bytes) else source
-    # Pillow exposes truncated loading only as a module flag; set it for this decode alone.
-    previous = ImageFile.LOAD_TRUNCATED_IMAGES
-    ImageFile.LOAD_TRUNCATED_IMAGES = allow_truncated
     try:
-        with Image.open(fh) as img:
-            img.load()
-            return img.convert("RGB")
+        return _decode(source)
     except FileNotFoundError as exc:
         raise ImageLoadError(f"{name}: file not found") from exc
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except OSError as exc:
+        if not (allow_truncated and "truncated" in str(exc)):
+            raise ImageLoadError(f"{name}: not a decodable image ({exc})") from exc
+    except (SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageLoadError(f"{name}: not a decodable image ({exc})") from exc
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = previous
+    # Pillow allows truncated files only through a module flag: set it for this decode alone,
+    # under a lock so that concurrent loader threads cannot leave it set.
+    with _TRUNCATED_LOCK:
+        previous = ImageFile.LOAD_TRUNCATED_IMAGES
+        ImageFile.LOAD_TRUNCATED_IMAGES = True
+        try:
+            return _decode(source)
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise ImageLoadError(f"{name}: not a decodable image ({exc})") from exc
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = previous
+
+
+def _decode(source: str | Path | bytes) -> Image.Image:
+    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+        img.load()
+        return img.convert("RGB")
 
 
 def build_transform(data_config: dict[str, Any]) -> Callable[[Image.Image], torch.Tensor]:

@@ -40,3 +40,12 @@ def make_dataset(root: Path, n_fractured: int = 6, n_non: int = 14) -> pd.DataFr
 def truncate(path: Path, keep: float = 0.6) -> None:
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * keep)])
+
+
+def training_frame(root: Path) -> pd.DataFrame:
+    """The dataset.csv of :func:`make_dataset` as a split frame (``path``, ``label``)."""
+    frame = pd.read_csv(root / "dataset.csv").rename(columns={"fractured": "label"})
+    frame["path"] = [
+        f"images/{'Fractured' if label else 'Non_fractured'}/{i}" for i, label in zip(frame["image_id"], frame["label"])
+    ]
+    return frame

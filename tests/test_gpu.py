@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 
-import pandas as pd
 import pytest
 import torch
 
 from fracture.config import load_params
 from fracture.training import train
 from tests.conftest import REPO
-from tests.synthetic import make_dataset
+from tests.synthetic import make_dataset, training_frame
 
 pytestmark = [
     pytest.mark.gpu,
@@ -22,10 +21,7 @@ pytestmark = [
 def test_training_runs_on_cuda_with_mixed_precision(tmp_path):
     make_dataset(tmp_path, 8, 8)
     params = load_params(REPO)
-    frame = pd.read_csv(tmp_path / "dataset.csv").rename(columns={"fractured": "label"})
-    frame["path"] = [
-        f"images/{'Fractured' if label else 'Non_fractured'}/{i}" for i, label in zip(frame["image_id"], frame["label"])
-    ]
+    frame = training_frame(tmp_path)
     profile = dataclasses.replace(params.profiles["cpu"], image_size=64, epochs=1)
     result = train(frame, frame, tmp_path, profile, dataclasses.replace(params.train, device="cuda"), True)
     assert result.device == "cuda"

@@ -57,3 +57,19 @@ def test_not_an_image_names_the_input(tmp_path):
         open_xray(b"hello")
     with pytest.raises(ImageLoadError, match="missing.jpg"):
         open_xray(tmp_path / "missing.jpg")
+
+
+def test_concurrent_truncated_loads_leave_pillows_flag_unset(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import ImageFile
+
+    path = tmp_path / "t.jpg"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (300, 300), dtype=np.uint8)).save(path)
+    path.write_bytes(path.read_bytes()[:-3000])
+    with ThreadPoolExecutor(4) as pool:
+        sizes = list(pool.map(lambda _: open_xray(path, allow_truncated=True).size, range(32)))
+    assert sizes == [(300, 300)] * 32
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+    with pytest.raises(ImageLoadError):
+        open_xray(path)

@@ -1,0 +1,36 @@
+"""Training options on tiny synthetic images: frozen layers stay put, augmentation never crops."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from fracture.config import load_params
+from fracture.model import create_classifier
+from fracture.training import light_augmentation, train
+from tests.conftest import REPO
+from tests.synthetic import make_dataset, training_frame
+
+
+def test_frozen_layers_keep_imagenet_weights_and_the_rest_learns(tmp_path):
+    make_dataset(tmp_path, 8, 8)
+    params = load_params(REPO)
+    profile = dataclasses.replace(
+        params.profiles["cpu"], image_size=64, epochs=2, augment="light", frozen=("conv_stem", "bn1", "blocks.0")
+    )
+    result = train(training_frame(tmp_path), training_frame(tmp_path), tmp_path, profile,
+                   dataclasses.replace(params.train, lr=1e-3), allow_truncated=True)
+    start = create_classifier(profile)
+    assert torch.equal(result.model.conv_stem.weight, start.conv_stem.weight)
+    assert torch.equal(result.model.blocks[0][0].conv_dw.weight, start.blocks[0][0].conv_dw.weight)
+    assert not torch.equal(result.model.blocks[3][0].conv_pw.weight, start.blocks[3][0].conv_pw.weight)
+    assert [h["epoch"] for h in result.history] == [1, 2]
+    assert 1 <= result.best_epoch <= 2
+
+
+def test_light_augmentation_keeps_size_and_dtype():
+    torch.manual_seed(0)
+    image = torch.randint(0, 256, (3, 64, 80), dtype=torch.uint8)
+    out = light_augmentation()(image)
+    assert out.shape == image.shape and out.dtype == torch.uint8
