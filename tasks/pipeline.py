@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 from prefect import get_run_logger, task
 
 from fracture.cli import EVAL_DIR, REPORT, SPLIT_DIR, TRAIN_DIR, data_version, serving_config, setup_mlflow
@@ -133,8 +134,6 @@ def validate_task(project: Path) -> ValidationSummary:
 
 @task(name="split")
 def split_task(project: Path) -> SplitSummary:
-    import pandas as pd
-
     run = repro(project, "split")
     sizes, fractured = {}, {}
     for name in ("train", "val", "test"):
