@@ -46,7 +46,7 @@ def open_xray(source: str | Path | bytes, allow_truncated: bool = False) -> Imag
     """
     name = "<bytes>" if isinstance(source, bytes) else str(source)
     try:
-        return _decode(source)
+        return decode(source).convert("RGB")
     except FileNotFoundError as exc:
         raise ImageLoadError(f"{name}: file not found") from exc
     except OSError as exc:
@@ -54,23 +54,32 @@ def open_xray(source: str | Path | bytes, allow_truncated: bool = False) -> Imag
             raise ImageLoadError(f"{name}: not a decodable image ({exc})") from exc
     except (SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageLoadError(f"{name}: not a decodable image ({exc})") from exc
-    # Pillow allows truncated files only through a module flag: set it for this decode alone,
-    # under a lock so that concurrent loader threads cannot leave it set.
+    try:
+        return decode_truncated(source).convert("RGB")
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageLoadError(f"{name}: not a decodable image ({exc})") from exc
+
+
+def decode(source: str | Path | bytes) -> Image.Image:
+    """Opens and fully decodes an image as stored (mode and size unchanged)."""
+    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+        img.load()
+        return img
+
+
+def decode_truncated(source: str | Path | bytes) -> Image.Image:
+    """Like :func:`decode`, but decodes files that end early; the missing rows become grey.
+
+    Pillow allows truncated files only through a module flag: it is set for this decode alone,
+    under a lock so that concurrent loader threads cannot leave it set.
+    """
     with _TRUNCATED_LOCK:
         previous = ImageFile.LOAD_TRUNCATED_IMAGES
         ImageFile.LOAD_TRUNCATED_IMAGES = True
         try:
-            return _decode(source)
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise ImageLoadError(f"{name}: not a decodable image ({exc})") from exc
+            return decode(source)
         finally:
             ImageFile.LOAD_TRUNCATED_IMAGES = previous
-
-
-def _decode(source: str | Path | bytes) -> Image.Image:
-    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
-        img.load()
-        return img.convert("RGB")
 
 
 def build_transform(data_config: dict[str, Any]) -> Callable[[Image.Image], torch.Tensor]:

@@ -9,7 +9,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pandas as pd
-from PIL import Image, ImageFile
+from PIL import Image
+
+from fracture.imaging import decode, decode_truncated
 
 FOLDERS = {"Fractured": 1, "Non_fractured": 0}
 FLAG_COLUMNS = ("hand", "leg", "hip", "shoulder", "mixed", "hardware", "multiscan", "frontal", "lateral", "oblique")
@@ -32,25 +34,18 @@ def inspect_image(path: str) -> ImageFacts:
     data = Path(path).read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     try:
-        with Image.open(path) as img:
-            img.load()
-            return ImageFacts(img.width, img.height, img.mode, digest, True, False, None)
+        img = decode(data)
+        return ImageFacts(img.width, img.height, img.mode, digest, True, False, None)
     except OSError as exc:
         if "truncated" not in str(exc):
             return ImageFacts(None, None, None, digest, False, False, str(exc))
     except (SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         return ImageFacts(None, None, None, digest, False, False, str(exc))
-    # Truncated: decodable only with truncated loading allowed.
-    previous = ImageFile.LOAD_TRUNCATED_IMAGES
-    ImageFile.LOAD_TRUNCATED_IMAGES = True
     try:
-        with Image.open(path) as img:
-            img.load()
-            return ImageFacts(img.width, img.height, img.mode, digest, True, True, "image file is truncated")
+        img = decode_truncated(data)
+        return ImageFacts(img.width, img.height, img.mode, digest, True, True, "image file is truncated")
     except (OSError, SyntaxError, ValueError) as exc:
         return ImageFacts(None, None, None, digest, False, True, str(exc))
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = previous
 
 
 def build_manifest(dataset_dir: Path, workers: int | None = None) -> pd.DataFrame:
