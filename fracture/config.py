@@ -37,6 +37,9 @@ class ValidateParams:
     fractured_share: tuple[float, float]
     on_truncated: str
     on_label_conflict: str
+    severity: dict[str, str] = dataclasses.field(default_factory=dict)
+    on_duplicate: str = "grouped"
+    compare_previous: bool = True
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,14 @@ class SplitParams:
     seed: int
     val_size: float
     test_size: float
+    strategy: str = "stratified"
+    stratify_body_part: bool = False
+
+
+@dataclass(frozen=True)
+class PrepareParams:
+    aspect: str = "squash"
+    workers: int = 2
 
 
 @dataclass(frozen=True)
@@ -91,6 +102,7 @@ class Params:
     ingest: IngestParams
     validate: ValidateParams
     split: SplitParams
+    prepare: PrepareParams
     train: TrainParams
     profiles: dict[str, Profile]
     evaluate: EvaluateParams
@@ -154,6 +166,7 @@ def parse_params(raw: dict[str, Any]) -> Params:
         ingest=_build(IngestParams, "ingest", raw),
         validate=_build(ValidateParams, "validate", raw),
         split=_build(SplitParams, "split", raw),
+        prepare=_build(PrepareParams, "prepare", raw),
         train=_build(TrainParams, "train", raw, {"T_0": "t_0", "T_mult": "t_mult"}),
         profiles=profiles,
         evaluate=_build(EvaluateParams, "evaluate", raw),
@@ -170,6 +183,15 @@ def _check(p: Params) -> None:
         raise ConfigError(
             "params.yaml: validate.on_label_conflict must be 'folder', 'csv' or 'exclude'"
         )
+    if p.validate.on_duplicate not in {"grouped", "keep_one"}:
+        raise ConfigError("params.yaml: validate.on_duplicate must be 'grouped' or 'keep_one'")
+    bad = {k: v for k, v in p.validate.severity.items() if v not in {"hard", "soft"}}
+    if bad:
+        raise ConfigError(f"params.yaml: validate.severity values must be 'hard' or 'soft', got {bad}")
+    if p.split.strategy not in {"stratified", "published"}:
+        raise ConfigError("params.yaml: split.strategy must be 'stratified' or 'published'")
+    if p.prepare.aspect not in {"squash", "pad"}:
+        raise ConfigError("params.yaml: prepare.aspect must be 'squash' or 'pad'")
     if not 0 < p.split.val_size < 1 or not 0 < p.split.test_size < 1:
         raise ConfigError("params.yaml: split.val_size and split.test_size must lie in (0, 1)")
     if p.split.val_size + p.split.test_size >= 1:
