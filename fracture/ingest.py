@@ -7,6 +7,7 @@ The result is a directory in the published layout (``images/Fractured``,
 from __future__ import annotations
 
 import hashlib
+import http.client
 import logging
 import os
 import shutil
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import requests
+import urllib3
 
 from fracture.config import IngestParams
 
@@ -24,10 +26,21 @@ log = logging.getLogger(__name__)
 SOURCE_ENV = "FRACATLAS_SOURCE"
 REQUIRED = ("images/Fractured", "images/Non_fractured", "dataset.csv")
 CHUNK = 1 << 20
+# sysexits.h EX_TEMPFAIL: "temporary failure, try again later". The CLI exits with it for a
+# DownloadError so that callers (the Prefect ingest task) retry only what a retry can fix.
+EX_TEMPFAIL = 75
 
 
 class IngestError(RuntimeError):
     """The dataset could not be brought in; the message says what to do."""
+
+
+class DownloadError(IngestError):
+    """A transient download failure (network, cut-short transfer, HTTP 5xx): retrying may help.
+
+    Everything else (a wrong local path, a bad layout, a checksum mismatch, a zip-slip member,
+    an HTTP 4xx) stays a plain :class:`IngestError`, because running again changes nothing.
+    """
 
 
 @dataclass(frozen=True)
@@ -47,29 +60,48 @@ def _manual_hint(params: IngestParams) -> str:
     )
 
 
-def find_dataset_root(tree: Path) -> Path:
+def find_dataset_root(tree: Path, label: str | None = None) -> Path:
     """Finds the folder holding FracAtlas's layout in ``tree`` (itself or one level down).
 
+    Args:
+        tree: the folder to search.
+        label: how to name ``tree`` in errors (e.g. the zip it was extracted from); defaults
+            to its path.
+
+    Returns:
+        The folder that holds ``images/Fractured``, ``images/Non_fractured`` and ``dataset.csv``.
+
     Raises:
-        IngestError: no folder with ``images/Fractured``, ``images/Non_fractured`` and
-            ``dataset.csv`` was found.
+        IngestError: no such folder was found.
     """
     candidates = [tree, *sorted(p for p in tree.iterdir() if p.is_dir())]
     for root in candidates:
         if all((root / rel).exists() for rel in REQUIRED):
             return root
+    found = sorted(p.name for p in tree.iterdir())[:10]
     raise IngestError(
-        f"{tree} is not in the FracAtlas layout: expected {', '.join(REQUIRED)} in it or in one "
-        "folder below it"
+        f"{label or tree} is not in the FracAtlas layout: expected {', '.join(REQUIRED)} in it or "
+        f"in one folder below it, found {found}. Pass the FracAtlas folder or FracAtlas.zip from "
+        f"figshare with --source or {SOURCE_ENV}."
     )
 
 
-def safe_extract(archive: Path, target: Path) -> None:
+def safe_extract(archive: Path, target: Path, label: str | None = None) -> None:
     """Extracts a zip, refusing members that would land outside ``target``.
+
+    Every member is checked before anything is written, so a refused archive leaves ``target``
+    untouched.
+
+    Args:
+        archive: the zip file.
+        target: the folder to extract into.
+        label: how to name the archive in errors (e.g. where it was downloaded from); defaults
+            to its path.
 
     Raises:
         IngestError: a member's path escapes the target (zip-slip) or the file is no zip.
     """
+    name = label or str(archive)
     target = target.resolve()
     try:
         with zipfile.ZipFile(archive) as zf:
@@ -77,12 +109,13 @@ def safe_extract(archive: Path, target: Path) -> None:
                 dest = (target / member.filename).resolve()
                 if not dest.is_relative_to(target):
                     raise IngestError(
-                        f"{archive}: member {member.filename!r} would be written outside the "
-                        "extraction folder; refusing this archive"
+                        f"{name}: member {member.filename!r} would be written outside the "
+                        "extraction folder (zip-slip); refusing this archive. Get FracAtlas.zip "
+                        "from its figshare article instead."
                     )
             zf.extractall(target)
     except zipfile.BadZipFile as exc:
-        raise IngestError(f"{archive} is not a readable zip file ({exc})") from exc
+        raise IngestError(f"{name} is not a readable zip file ({exc}); fetch it again") from exc
 
 
 def verify_sha256sums(root: Path) -> int:
@@ -126,60 +159,125 @@ def _file_hash(path: Path, h: "hashlib._Hash") -> str:
     return h.hexdigest()
 
 
+# Failures of the transfer itself: the connection dropped or timed out, or the body ended
+# before its Content-Length (requests raises ChunkedEncodingError for urllib3's
+# IncompleteRead; the raw urllib3/http.client forms are listed in case they escape it).
+_TRANSIENT = (
+    requests.ConnectionError,
+    requests.Timeout,
+    requests.exceptions.ChunkedEncodingError,
+    requests.exceptions.ContentDecodingError,
+    urllib3.exceptions.HTTPError,
+    http.client.HTTPException,
+    ConnectionError,
+)
+
+
+def _request_error(what: str, exc: Exception, params: IngestParams) -> IngestError:
+    """Turns a failed request into a DownloadError when retrying may help, else an IngestError."""
+    status = exc.response.status_code if isinstance(exc, requests.HTTPError) and exc.response is not None else None
+    transient = isinstance(exc, _TRANSIENT) or (status is not None and (status >= 500 or status == 429))
+    if transient:
+        return DownloadError(
+            f"{what} failed: {exc}. This is usually temporary (network or server trouble): run "
+            f"ingest again later. {_manual_hint(params)}"
+        )
+    return IngestError(f"{what} failed: {exc}. {_manual_hint(params)}")
+
+
 def download_figshare(params: IngestParams, workdir: Path, timeout: float = 60.0) -> Path:
     """Downloads the FracAtlas zip listed by the figshare API and checks its md5.
 
-    The file is streamed to a temporary name and only renamed once its md5 matches, so an
-    interrupted download leaves nothing a later run would trust.
+    The file is streamed to a hidden temporary name in ``workdir`` and only renamed to its
+    final name once its size and md5 match what the API lists; on any failure the temporary
+    file is removed, so an interrupted download leaves nothing a later run would trust.
 
     Args:
         params: the API base URL, article id and file name.
-        workdir: where the verified zip is written.
-        timeout: seconds to wait for the server on each request.
+        workdir: where the verified zip is written (must exist).
+        timeout: seconds to wait for the server on each request (connect and each read).
 
     Returns:
         The path of the verified zip.
 
     Raises:
-        IngestError: the API or download failed, or the checksum differs.
+        DownloadError: a transient failure: the server is unreachable or timed out, answered
+            with HTTP 5xx or 429, or the transfer was cut short. Retrying may help.
+        IngestError: a permanent failure: HTTP 4xx, the API does not list the file, or the
+            complete file's md5 differs from the listed one.
     """
     api = f"{params.figshare_api.rstrip('/')}/articles/{params.figshare_article}"
     try:
         resp = requests.get(api, timeout=timeout)
         resp.raise_for_status()
         files = resp.json()["files"]
-    except (requests.RequestException, KeyError, ValueError) as exc:
-        raise IngestError(f"could not list the files of {api}: {exc}. {_manual_hint(params)}") from exc
-    entry = next((f for f in files if f.get("name") == params.figshare_file), None)
-    if entry is None:
+    except requests.RequestException as exc:
+        raise _request_error(f"listing the files of {api}", exc, params) from exc
+    except (KeyError, TypeError, ValueError) as exc:
         raise IngestError(
-            f"{api} lists no file named {params.figshare_file} (it lists "
+            f"{api} did not answer with a figshare article (JSON with 'files'): {exc!r}. {_manual_hint(params)}"
+        ) from exc
+    entry = next((f for f in files if f.get("name") == params.figshare_file), None)
+    if entry is None or not entry.get("download_url"):
+        raise IngestError(
+            f"{api} lists no downloadable file named {params.figshare_file} (it lists "
             f"{[f.get('name') for f in files]}). {_manual_hint(params)}"
         )
-    expected = entry.get("computed_md5") or entry.get("supplied_md5")
+    url = entry["download_url"]
+    expected_md5 = entry.get("computed_md5") or entry.get("supplied_md5")
+    expected_size = entry.get("size")
+    if not expected_md5:
+        log.warning("%s lists no md5 for %s; the download cannot be verified", api, params.figshare_file)
     final = workdir / params.figshare_file
-    partial = final.with_name(final.name + ".part")
+    log.info("downloading %s (%s bytes) from %s", params.figshare_file, expected_size, url)
+    # A unique hidden name, never the final one: a run killed mid-transfer leaves at worst a
+    # dot-file that no run reads, and concurrent runs cannot write into each other's file.
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".part", dir=workdir)
+    partial = Path(tmp_name)
     md5 = hashlib.md5()
     size = 0
-    log.info("downloading %s (%s bytes) from %s", params.figshare_file, entry.get("size"), entry["download_url"])
     try:
-        with requests.get(entry["download_url"], stream=True, timeout=timeout) as r:
-            r.raise_for_status()
-            with partial.open("wb") as out:
-                for chunk in r.iter_content(CHUNK):
-                    out.write(chunk)
-                    md5.update(chunk)
-                    size += len(chunk)
-    except requests.RequestException as exc:
-        partial.unlink(missing_ok=True)
-        raise IngestError(f"download of {entry['download_url']} failed: {exc}. {_manual_hint(params)}") from exc
-    if expected and md5.hexdigest() != expected:
+        with os.fdopen(fd, "wb") as out:
+            try:
+                with requests.get(url, stream=True, timeout=timeout) as r:
+                    r.raise_for_status()
+                    for chunk in r.iter_content(CHUNK):
+                        out.write(chunk)
+                        md5.update(chunk)
+                        size += len(chunk)
+            except (requests.RequestException, *_TRANSIENT) as exc:
+                raise _request_error(
+                    f"download of {params.figshare_file} from {url} (after {size} of {expected_size} bytes)",
+                    exc,
+                    params,
+                ) from exc
+            out.flush()
+            os.fsync(out.fileno())  # the bytes are on disk before the name says "verified"
+        if isinstance(expected_size, int) and size < expected_size:
+            # A server that closes early without announcing a Content-Length ends "cleanly".
+            raise DownloadError(
+                f"download of {params.figshare_file} from {url} was cut short: {size} of "
+                f"{expected_size} bytes arrived. This is usually temporary (network or server "
+                f"trouble): run ingest again later. {_manual_hint(params)}"
+            )
+        if expected_md5 and md5.hexdigest() != expected_md5:
+            raise IngestError(
+                f"{params.figshare_file} from {url}: md5 {md5.hexdigest()} after {size} bytes, "
+                f"{api} lists {expected_md5}: the complete file does not match its listing, so an "
+                f"automatic retry will not help. {_manual_hint(params)}"
+            )
+        partial.replace(final)
+    except OSError as exc:
+        # Network errors were turned into IngestErrors above; what is left is the local disk.
         partial.unlink(missing_ok=True)
         raise IngestError(
-            f"{params.figshare_file}: md5 {md5.hexdigest()} after {size} bytes, figshare lists "
-            f"{expected}; the transfer was damaged or cut short, run ingest again. {_manual_hint(params)}"
-        )
-    partial.replace(final)
+            f"could not write the download to {partial}: {exc}. Free space there or point TMPDIR "
+            f"at a folder with room for {expected_size} bytes, then run ingest again."
+        ) from exc
+    except BaseException:
+        # Also on KeyboardInterrupt: nothing half-written may survive.
+        partial.unlink(missing_ok=True)
+        raise
     return final
 
 
@@ -194,10 +292,16 @@ def _replace_dir(src: Path, dest: Path) -> None:
             os.chmod(dirpath, 0o755)
             for n in names:
                 os.chmod(os.path.join(dirpath, n), 0o644)
+        old = staging / "old"
         if dest.exists():
-            old = staging / "old"
             dest.replace(old)
-        (staging / "copy").replace(dest)
+        try:
+            (staging / "copy").replace(dest)
+        except BaseException:
+            # Put the previous copy back rather than leave no dataset at all.
+            if old.exists():
+                old.replace(dest)
+            raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -214,13 +318,16 @@ def ingest(params: IngestParams, dest: Path, source: str | None = None) -> Inges
         What was brought in.
 
     Raises:
-        IngestError: the source is missing, not in the FracAtlas layout, or damaged.
+        DownloadError: a transient download failure; running again may succeed.
+        IngestError: the source is missing, not in the FracAtlas layout, or damaged. ``dest``
+            is left as it was.
     """
     with tempfile.TemporaryDirectory(prefix="fracatlas-ingest-") as tmp:
         tmpdir = Path(tmp)
         if source is None:
             archive = download_figshare(params, tmpdir)
             origin = f"figshare:{params.figshare_article}/{params.figshare_file}"
+            label = f"{params.figshare_file} from figshare article {params.figshare_article} ({params.figshare_api})"
         else:
             path = Path(source).expanduser()
             if not path.exists():
@@ -230,13 +337,14 @@ def ingest(params: IngestParams, dest: Path, source: str | None = None) -> Inges
                 )
             archive = path if path.is_file() else None
             origin = str(path.resolve())
+            label = str(path)
         if archive is not None:
             extracted = tmpdir / "extracted"
             extracted.mkdir()
-            safe_extract(archive, extracted)
-            root = find_dataset_root(extracted)
+            safe_extract(archive, extracted, label)
+            root = find_dataset_root(extracted, label)
         else:
-            root = find_dataset_root(Path(source))  # type: ignore[arg-type]
+            root = find_dataset_root(path)
         verified = verify_sha256sums(root)
         _replace_dir(root, dest)
     files = [p for p in dest.rglob("*") if p.is_file()]

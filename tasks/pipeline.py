@@ -15,19 +15,32 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 from prefect import get_run_logger, task
 
 from fracture.cli import EVAL_DIR, REPORT, SPLIT_DIR, TRAIN_DIR, data_version, serving_config, setup_mlflow
 from fracture.config import load_params
+from fracture.ingest import EX_TEMPFAIL
 from fracture.registry import Registration, register
 
+if TYPE_CHECKING:
+    from prefect import Task
+    from prefect.client.schemas.objects import TaskRun
+    from prefect.states import State
 
 
 class StageFailed(RuntimeError):
-    """A command of the pipeline exited with an error; the message holds its output's end."""
+    """A command of the pipeline exited with an error; the message holds its output's end.
+
+    Attributes:
+        returncode: the command's exit status, for retry decisions (``None`` when unknown).
+    """
+
+    def __init__(self, message: str, returncode: int | None = None) -> None:
+        super().__init__(message)
+        self.returncode = returncode
 
 
 @dataclass(frozen=True)
@@ -98,7 +111,7 @@ def _run(cmd: list[str], project: Path) -> str:
             logger.info(line)
     output = "\n".join(lines)
     if proc.returncode != 0:
-        raise StageFailed(f"`{' '.join(cmd)}` failed (exit {proc.returncode}):\n{output[-4000:]}")
+        raise StageFailed(f"`{' '.join(cmd)}` failed (exit {proc.returncode}):\n{output[-4000:]}", proc.returncode)
     return output
 
 
@@ -115,7 +128,32 @@ def repro(project: Path, stage: str) -> StageRun:
     return StageRun(stage, ran, time.perf_counter() - started)
 
 
-@task(name="ingest", retries=2, retry_delay_seconds=30)
+def retry_transient_ingest(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
+    """Prefect ``retry_condition_fn``: retries the ingest task only after a transient failure.
+
+    ``fracture ingest`` exits with ``EX_TEMPFAIL`` (75) for network errors, cut-short
+    transfers and HTTP 5xx, which a later try may not meet. A wrong local path, a bad layout,
+    a checksum mismatch or a zip-slip member fail the same way every time, so they are
+    reported at once instead of after the retry delays.
+
+    Args:
+        task: the task (unused; part of Prefect's signature).
+        task_run: the failed run (unused; part of Prefect's signature).
+        state: the Failed state; its result re-raises the task's exception.
+
+    Returns:
+        Whether Prefect should apply the task's retry policy.
+    """
+    try:
+        state.result()
+    except StageFailed as exc:
+        return exc.returncode == EX_TEMPFAIL
+    except Exception:  # noqa: BLE001 - anything else is no known transient failure
+        return False
+    return False
+
+
+@task(name="ingest", retries=2, retry_delay_seconds=30, retry_condition_fn=retry_transient_ingest)
 def ingest_task(project: Path, source: str | None) -> IngestSummary:
     """Brings FracAtlas in (local copy, zip or figshare) and versions it with ``dvc add``."""
     started = time.perf_counter()

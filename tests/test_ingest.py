@@ -1,22 +1,23 @@
-"""Ingest from a folder, a zip or the figshare API (served on 127.0.0.1)."""
+"""Ingest from a folder, a zip or the figshare API (a stand-in served on 127.0.0.1)."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
+import tempfile
 import threading
 import zipfile
 from collections.abc import Iterator
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
-from fracture.config import load_params
-from fracture.ingest import IngestError, ingest, safe_extract
-from tests.conftest import REPO
+from fracture.config import IngestParams, load_params
+from fracture.ingest import EX_TEMPFAIL, DownloadError, IngestError, download_figshare, ingest, safe_extract
+from tests.conftest import FRACATLAS, REPO, make_subset, pick_ids
 from tests.synthetic import make_dataset
 
 
@@ -32,10 +33,13 @@ def dataset(tmp_path) -> Path:
     return root
 
 
-def zip_dir(root: Path, archive: Path) -> Path:
+def zip_dir(root: Path, archive: Path, extra: dict[str, str] | None = None) -> Path:
+    """Zips ``root`` under its own name, as figshare's FracAtlas.zip does, plus ``extra`` members."""
     with zipfile.ZipFile(archive, "w") as zf:
         for p in sorted(root.rglob("*")):
             zf.write(p, Path(root.name) / p.relative_to(root))
+        for name, text in (extra or {}).items():
+            zf.writestr(name, text)
     return archive
 
 
@@ -87,48 +91,216 @@ def test_zip_slip_member_is_refused(tmp_path):
 
 
 @pytest.fixture()
-def figshare(tmp_path, dataset) -> Iterator[tuple[str, Path, dict]]:
-    """A local figshare stand-in on 127.0.0.1: the article JSON and the zip, as files."""
-    root = tmp_path / "www"
-    (root / "articles").mkdir(parents=True)
-    archive = zip_dir(dataset, root / "FracAtlas.zip")
-    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(SimpleHTTPRequestHandler, directory=str(root)))
-    base = f"http://127.0.0.1:{server.server_address[1]}"
-    article = {"files": [{"name": "FracAtlas.zip", "download_url": f"{base}/FracAtlas.zip",
-                          "computed_md5": hashlib.md5(archive.read_bytes()).hexdigest(), "size": archive.stat().st_size}]}
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+def few_real_images(tmp_path) -> Path:
+    """Two fractured and two intact real X-rays in the FracAtlas layout (synthetic without the copy).
+
+    The download code is what is under test here, so a machine without the real copy still
+    runs these tests on synthetic images rather than skipping them.
+    """
+    root = tmp_path / "src" / "FracAtlas"
+    if (FRACATLAS / "dataset.csv").is_file():
+        return make_subset(FRACATLAS, root, pick_ids(FRACATLAS, 2, 2))
+    make_dataset(root, 2, 2)
+    return root
+
+
+@dataclasses.dataclass
+class Reply:
+    body: bytes
+    status: int = 200
+    cut_after: int | None = None  # send only this many bytes of the body, then hang up
+    announce_length: bool = True  # send Content-Length for the whole body, cut or not
+
+
+class _Handler(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        reply = self.server.replies.get(self.path)  # type: ignore[attr-defined]
+        if reply is None:
+            self.send_error(404)
+            return
+        self.send_response(reply.status)
+        if reply.announce_length:
+            self.send_header("Content-Length", str(len(reply.body)))
+        self.end_headers()
+        self.wfile.write(reply.body[: reply.cut_after])
+        self.wfile.flush()
+        self.close_connection = True
+
+    def log_message(self, *args: object) -> None:  # keeps the test output quiet
+        pass
+
+
+@dataclasses.dataclass
+class Figshare:
+    """The figshare API stand-in: ``publish`` decides what the article and its file look like."""
+
+    server: ThreadingHTTPServer
+    params: IngestParams
+
+    @property
+    def url(self) -> str:
+        return f"{self.params.figshare_api}/files/{self.params.figshare_file}"
+
+    def publish(self, archive: bytes, md5: str | None = None, **reply: object) -> None:
+        article = {"files": [{
+            "name": self.params.figshare_file, "download_url": self.url, "size": len(archive),
+            "computed_md5": md5 or hashlib.md5(archive).hexdigest(),
+        }]}
+        replies = self.server.replies  # type: ignore[attr-defined]
+        replies[f"/articles/{self.params.figshare_article}"] = Reply(json.dumps(article).encode())
+        replies[f"/files/{self.params.figshare_file}"] = Reply(archive, **reply)  # type: ignore[arg-type]
+
+
+@pytest.fixture()
+def figshare(iparams) -> Iterator[Figshare]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    server.replies = {}  # type: ignore[attr-defined]
+    # A short poll interval: shutdown() waits for it, in every test's teardown.
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     thread.start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
     try:
-        yield base, root, article
+        yield Figshare(server, dataclasses.replace(iparams, figshare_api=base))
     finally:
         server.shutdown()
         server.server_close()
 
 
-def publish(root: Path, article_id: int, article: dict) -> None:
-    (root / "articles" / str(article_id)).write_text(json.dumps(article))
+@pytest.fixture()
+def tmpdir_root(tmp_path, monkeypatch) -> Path:
+    """Points the tempfile module at a folder of the test's own, to see what a run leaves there."""
+    root = tmp_path / "tmp"
+    root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(root))
+    return root
 
 
-def test_figshare_download_is_md5_checked(figshare, tmp_path, iparams):
-    import dataclasses
+def tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
-    base, root, article = figshare
-    params = dataclasses.replace(iparams, figshare_api=base)
-    publish(root, params.figshare_article, article)
-    result = ingest(params, tmp_path / "data/fracatlas", None)
+
+def test_figshare_download_is_md5_checked(figshare, few_real_images, tmp_path, tmpdir_root):
+    archive = zip_dir(few_real_images, tmp_path / "FracAtlas.zip").read_bytes()
+    figshare.publish(archive)
+    result = ingest(figshare.params, tmp_path / "data/fracatlas", None)
     assert result.source.startswith("figshare:")
-    assert (tmp_path / "data/fracatlas/dataset.csv").is_file()
+    assert tree(tmp_path / "data/fracatlas") == tree(few_real_images)
 
-    article["files"][0]["computed_md5"] = "0" * 32
-    publish(root, params.figshare_article, article)
-    with pytest.raises(IngestError, match="md5"):
-        ingest(params, tmp_path / "other", None)
+    # A complete transfer whose md5 differs is not cured by retrying: a plain IngestError.
+    figshare.publish(archive, md5="0" * 32)
+    with pytest.raises(IngestError, match="md5") as err:
+        ingest(figshare.params, tmp_path / "other", None)
+    assert not isinstance(err.value, DownloadError)
+    assert figshare.url in str(err.value)
     assert not (tmp_path / "other").exists()
+    assert not any(tmpdir_root.iterdir())
+
+
+@pytest.mark.parametrize("announce_length", [True, False], ids=["content-length", "no-content-length"])
+def test_truncated_transfer_leaves_nothing_behind(figshare, few_real_images, tmp_path, tmpdir_root, announce_length):
+    archive = zip_dir(few_real_images, tmp_path / "FracAtlas.zip").read_bytes()
+    dest = tmp_path / "project/data/fracatlas"
+    # The API and the headers promise the whole zip; the server sends half and hangs up.
+    figshare.publish(archive, cut_after=len(archive) // 2, announce_length=announce_length)
+    with pytest.raises(DownloadError) as err:
+        ingest(figshare.params, dest, None)
+    message = str(err.value)
+    assert figshare.url in message and "run ingest again" in message and "FRACATLAS_SOURCE" in message
+    assert f"of {len(archive)} bytes" in message  # how much was expected, so the cut is visible
+    assert not dest.exists()
+    assert not dest.parent.exists() or not any(dest.parent.iterdir())  # no staging folder either
+    assert not any(tmpdir_root.iterdir())  # no partial zip, no extraction folder
+
+    # Straight to a work folder, as a caller that keeps its downloads would do.
+    workdir = tmp_path / "downloads"
+    workdir.mkdir()
+    with pytest.raises(DownloadError):
+        download_figshare(figshare.params, workdir)
+    assert not any(workdir.iterdir())
+
+    # The next run, once the server behaves, succeeds from scratch ...
+    figshare.publish(archive)
+    ingest(figshare.params, dest, None)
+    assert tree(dest) == tree(few_real_images)
+    # ... and a later cut-short run leaves that good copy as it was.
+    figshare.publish(archive, cut_after=len(archive) // 3, announce_length=announce_length)
+    with pytest.raises(DownloadError):
+        ingest(figshare.params, dest, None)
+    assert tree(dest) == tree(few_real_images)
+    assert sorted(p.name for p in dest.parent.iterdir()) == [dest.name]
+
+
+@pytest.mark.parametrize(("status", "transient"), [(503, True), (404, False)])
+def test_http_errors_are_transient_only_when_the_server_is_at_fault(figshare, tmp_path, tmpdir_root, status, transient):
+    figshare.publish(b"<html>error</html>", status=status)
+    with pytest.raises(IngestError, match=str(status)) as err:
+        ingest(figshare.params, tmp_path / "d", None)
+    assert isinstance(err.value, DownloadError) is transient
+    assert "FRACATLAS_SOURCE" in str(err.value)
+    assert not (tmp_path / "d").exists()
+    assert not any(tmpdir_root.iterdir())
+
+
+def test_downloaded_zip_without_the_layout_is_refused(figshare, few_real_images, tmp_path, tmpdir_root):
+    (few_real_images / "dataset.csv").unlink()
+    figshare.publish(zip_dir(few_real_images, tmp_path / "FracAtlas.zip").read_bytes())
+    with pytest.raises(IngestError, match="not in the FracAtlas layout") as err:
+        ingest(figshare.params, tmp_path / "d", None)
+    assert not isinstance(err.value, DownloadError)
+    message = str(err.value)
+    assert "dataset.csv" in message and "FracAtlas.zip from figshare article" in message
+    assert "--source" in message
+    assert not (tmp_path / "d").exists()
+    assert not any(tmpdir_root.iterdir())
+
+
+def test_downloaded_zip_with_a_zip_slip_member_is_refused(figshare, few_real_images, tmp_path, tmpdir_root):
+    evil = zip_dir(few_real_images, tmp_path / "FracAtlas.zip", extra={"../../escaped.txt": "x"})
+    figshare.publish(evil.read_bytes())
+    with pytest.raises(IngestError, match=r"'\.\./\.\./escaped\.txt'.*zip-slip") as err:
+        ingest(figshare.params, tmp_path / "d", None)
+    assert not isinstance(err.value, DownloadError)
+    assert "FracAtlas.zip from figshare article" in str(err.value)
+    assert not (tmp_path / "d").exists()
+    assert not list(tmp_path.rglob("escaped.txt"))
+    assert not any(tmpdir_root.iterdir())
 
 
 def test_unreachable_api_explains_the_manual_route(tmp_path, iparams):
-    import dataclasses
-
     params = dataclasses.replace(iparams, figshare_api="http://127.0.0.1:9")
-    with pytest.raises(IngestError, match="--source PATH or the FRACATLAS_SOURCE"):
+    with pytest.raises(DownloadError, match="--source PATH or the FRACATLAS_SOURCE") as err:
         ingest(params, tmp_path / "d", None)
+    assert "http://127.0.0.1:9/articles/" in str(err.value)
+
+
+def test_cli_exit_status_tells_transient_from_permanent(tmp_path, monkeypatch):
+    from fracture import cli  # noqa: PLC0415 - heavy (torch, mlflow); only this test needs it
+
+    params = (REPO / "params.yaml").read_text().replace("https://api.figshare.com/v2", "http://127.0.0.1:9")
+    assert "127.0.0.1:9" in params
+    (tmp_path / "params.yaml").write_text(params)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("FRACATLAS_SOURCE", raising=False)
+    with pytest.raises(SystemExit) as unreachable:
+        cli.main(["ingest"])
+    assert unreachable.value.code == EX_TEMPFAIL
+    with pytest.raises(SystemExit) as wrong_path:
+        cli.main(["ingest", "--source", str(tmp_path / "nowhere")])
+    assert wrong_path.value.code != EX_TEMPFAIL and "does not exist" in str(wrong_path.value.code)
+
+
+def test_ingest_task_retries_only_transient_failures():
+    from prefect.states import Failed  # noqa: PLC0415
+
+    from tasks.pipeline import StageFailed, ingest_task, retry_transient_ingest  # noqa: PLC0415 - heavy import
+
+    assert ingest_task.retry_condition_fn is retry_transient_ingest and ingest_task.retries == 2
+
+    def retries(exc: BaseException) -> bool:
+        # What Prefect's engine hands the condition: a Failed state holding the exception.
+        return retry_transient_ingest(ingest_task, None, Failed(data=exc))  # type: ignore[arg-type]
+
+    assert retries(StageFailed("`fracture ingest` failed (exit 75)", EX_TEMPFAIL))
+    assert not retries(StageFailed("`fracture ingest` failed (exit 1): source does not exist", 1))
+    assert not retries(StageFailed("`dvc add data` failed (exit 255)", 255))
+    assert not retries(FileNotFoundError("python"))
