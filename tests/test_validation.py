@@ -2,38 +2,181 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
-from fracture.config import load_params
+from fracture.config import ConfigError, ValidateParams, load_params
 from fracture.manifest import build_manifest
-from fracture.validation import apply_policy, failure_message, validate
+from fracture.validation import (
+    RULES,
+    SUITE_NAME,
+    apply_policy,
+    build_suite,
+    failure_message,
+    rule_severities,
+    validate,
+)
 from tests.conftest import REPO
 from tests.synthetic import make_dataset, truncate
 
 
 @pytest.fixture(scope="module")
-def vparams():
+def vparams() -> ValidateParams:
     return load_params(REPO).validate
 
 
-def findings_by_rule(report):
-    return {f.rule: f for f in report.findings}
+def with_severity(params: ValidateParams, **changes: str) -> ValidateParams:
+    return dataclasses.replace(params, severity={**params.severity, **changes})
 
 
-def test_clean_dataset_passes_every_rule(tmp_path, vparams):
-    make_dataset(tmp_path)
-    manifest = build_manifest(tmp_path, workers=1)
-    resolved, report = validate(manifest, vparams)
+@pytest.fixture(scope="module")
+def clean_manifest(tmp_path_factory: pytest.TempPathFactory) -> pd.DataFrame:
+    """The manifest of a consistent synthetic dataset: 20 distinct images, 6 fractured."""
+    root = tmp_path_factory.mktemp("clean")
+    make_dataset(root)
+    return build_manifest(root, workers=1)
+
+
+def mutate(manifest: pd.DataFrame, image_id: str, **values: object) -> pd.DataFrame:
+    out = manifest.copy()
+    for col, value in values.items():
+        out.loc[out["image_id"] == image_id, col] = value
+    return out
+
+
+# ---- the rule set and its severities ---------------------------------------------------------
+
+
+def test_params_name_exactly_the_suites_rules(vparams):
+    assert set(vparams.severity) == set(RULES)
+    suite = build_suite(vparams)
+    assert suite.name == SUITE_NAME
+    assert {e.meta["rule"] for e in suite.expectations} == set(RULES)
+    severity = {e.meta["rule"]: e.severity.value for e in suite.expectations}
+    assert severity["unique_image_id"] == "critical" and severity["not_truncated"] == "warning"
+
+
+def test_missing_rule_in_severity_is_named_with_the_known_rules(vparams):
+    severity = {k: v for k, v in vparams.severity.items() if k != "decodable"}
+    with pytest.raises(ConfigError, match="lacks \\['decodable'\\]") as err:
+        rule_severities(dataclasses.replace(vparams, severity=severity))
+    assert all(rule in str(err.value) for rule in RULES)
+
+
+def test_unknown_rule_in_severity_is_named_with_the_known_rules(vparams, clean_manifest):
+    params = with_severity(vparams, no_blurry_images="soft")
+    with pytest.raises(ConfigError, match="no_blurry_images") as err:
+        validate(clean_manifest, params)
+    assert "unique_content" in str(err.value)
+
+
+def test_bad_severity_value_is_named(vparams):
+    with pytest.raises(ConfigError, match="decodable"):
+        rule_severities(with_severity(vparams, decodable="fatal"))
+
+
+def test_rule_switched_to_soft_no_longer_fails_the_stage(vparams, clean_manifest):
+    manifest = mutate(clean_manifest, "IMG0000004.jpg", width=10)
+    _, hard = validate(manifest, vparams)
+    assert not hard.success
+    assert [f.rule for f in hard.failures()] == ["width_in_bounds"]
+
+    resolved, soft = validate(manifest, with_severity(vparams, width_in_bounds="soft"))
+    assert soft.success and not soft.failures()
+    finding = soft.finding("width_in_bounds")
+    assert not finding.success and finding.severity == "soft"
+    assert finding.unexpected_ids == ["IMG0000004.jpg"]
+    # A soft finding with no policy of its own is reported; the image stays in.
+    assert resolved["included"].all()
+
+
+def test_soft_rule_switched_to_hard_fails_the_stage(vparams, clean_manifest):
+    manifest = mutate(clean_manifest, "IMG0000012.jpg", truncated=True)
+    _, report = validate(manifest, with_severity(vparams, not_truncated="hard"))
+    assert not report.success
+    assert "not_truncated" in failure_message(report) and "IMG0000012.jpg" in failure_message(report)
+
+
+# ---- each rule on tiny synthetic data ---------------------------------------------------------
+
+
+def test_clean_dataset_passes_every_rule(vparams, clean_manifest):
+    resolved, report = validate(clean_manifest, vparams)
     assert report.success
+    assert [f.rule for f in report.findings] == list(RULES)
     assert all(f.success for f in report.findings), [f.rule for f in report.findings if not f.success]
     assert resolved["included"].all()
     assert report.counts["fractured_included"] == 6
+    assert report.excluded == {} and report.duplicate_groups == []
 
 
-def test_soft_quirks_are_detected_and_reported_by_id(tmp_path, vparams):
+def _duplicate_row(m: pd.DataFrame) -> pd.DataFrame:
+    return pd.concat([m, m[m["image_id"] == "IMG0000003.jpg"]], ignore_index=True)
+
+
+def _same_hash(m: pd.DataFrame) -> pd.DataFrame:
+    sha = m.loc[m["image_id"] == "IMG0000011.jpg", "sha256"].iloc[0]
+    return mutate(m, "IMG0000013.jpg", sha256=sha)
+
+
+RULE_CASES: list[tuple[str, Callable[[pd.DataFrame], pd.DataFrame], list[str]]] = [
+    ("unique_image_id", _duplicate_row, ["IMG0000003.jpg"]),
+    ("file_for_every_csv_row", lambda m: mutate(m, "IMG0000007.jpg", has_file=False), ["IMG0000007.jpg"]),
+    ("csv_row_for_every_file", lambda m: mutate(m, "IMG0000008.jpg", in_csv=False), ["IMG0000008.jpg"]),
+    ("folder_label_binary", lambda m: mutate(m, "IMG0000009.jpg", folder_label=2), ["IMG0000009.jpg"]),
+    ("csv_label_binary", lambda m: mutate(m, "IMG0000009.jpg", csv_label=3), ["IMG0000009.jpg"]),
+    ("decodable", lambda m: mutate(m, "IMG0000010.jpg", decodable=False), ["IMG0000010.jpg"]),
+    ("width_in_bounds", lambda m: mutate(m, "IMG0000004.jpg", width=9000), ["IMG0000004.jpg"]),
+    ("height_in_bounds", lambda m: mutate(m, "IMG0000005.jpg", height=20), ["IMG0000005.jpg"]),
+    ("colour_mode_allowed", lambda m: mutate(m, "IMG0000006.jpg", mode="CMYK"), ["IMG0000006.jpg"]),
+    ("body_part_flags_valid", lambda m: mutate(m, "IMG0000001.jpg", hip=2), ["IMG0000001.jpg"]),
+    # Two parts without `mixed`, and `mixed` with a single part.
+    ("body_part_flags_valid", lambda m: mutate(m, "IMG0000002.jpg", hand=1), ["IMG0000002.jpg"]),
+    ("body_part_flags_valid", lambda m: mutate(m, "IMG0000003.jpg", mixed=1), ["IMG0000003.jpg"]),
+    ("fractured_share_in_range", lambda m: m.assign(folder_label=m["folder_label"] * 0), []),
+    ("folder_label_matches_csv", lambda m: mutate(m, "IMG0000002.jpg", csv_label=0, fracture_count=0), ["IMG0000002.jpg"]),
+    # fracture_count must agree with dataset.csv's fractured both ways.
+    ("fracture_count_matches_label", lambda m: mutate(m, "IMG0000000.jpg", fracture_count=0), ["IMG0000000.jpg"]),
+    ("fracture_count_matches_label", lambda m: mutate(m, "IMG0000015.jpg", fracture_count=2), ["IMG0000015.jpg"]),
+    ("not_truncated", lambda m: mutate(m, "IMG0000012.jpg", truncated=True), ["IMG0000012.jpg"]),
+    ("unique_content", _same_hash, ["IMG0000011.jpg", "IMG0000013.jpg"]),
+]
+
+
+@pytest.mark.parametrize(("rule", "break_it", "ids"), RULE_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(RULE_CASES)])
+def test_each_rule_fails_on_the_rows_that_break_it(vparams, clean_manifest, rule, break_it, ids):
+    _, report = validate(break_it(clean_manifest), vparams)
+    finding = report.finding(rule)
+    assert not finding.success
+    assert finding.unexpected_ids == ids
+    assert finding.unexpected_count == len(ids)
+    assert report.success == (vparams.severity[rule] == "soft")
+    if rule == "fractured_share_in_range":
+        assert finding.observed == 0.0
+
+
+def test_rule_cases_cover_every_rule():
+    assert {c[0] for c in RULE_CASES} == set(RULES)
+
+
+def test_missing_column_fails_its_rule_with_gx_message(vparams, clean_manifest):
+    _, report = validate(clean_manifest.drop(columns=["mixed"]), vparams)
+    finding = report.finding("body_part_flags_valid")
+    assert not finding.success and not report.success
+    assert "mixed" in str(finding.observed) and "does not exist" in str(finding.observed)
+    assert "mixed" in failure_message(report)
+
+
+# ---- the same rules on real files ---------------------------------------------------------------
+
+
+def test_soft_quirks_in_files_are_detected_and_reported_by_id(tmp_path, vparams):
     csv = make_dataset(tmp_path)
     truncate(tmp_path / "images/Non_fractured/IMG0000010.jpg")
     shutil.copyfile(tmp_path / "images/Non_fractured/IMG0000011.jpg", tmp_path / "images/Non_fractured/IMG0000012.jpg")
@@ -42,60 +185,269 @@ def test_soft_quirks_are_detected_and_reported_by_id(tmp_path, vparams):
 
     manifest = build_manifest(tmp_path, workers=1)
     resolved, report = validate(manifest, vparams)
-    found = findings_by_rule(report)
     assert report.success  # soft rules do not fail the stage
-    assert found["not_truncated"].unexpected_ids == ["IMG0000010.jpg"]
-    assert found["folder_label_matches_csv"].unexpected_ids == ["IMG0000001.jpg"]
-    assert found["unique_content"].unexpected_ids == ["IMG0000011.jpg", "IMG0000012.jpg"]
+    assert report.finding("not_truncated").unexpected_ids == ["IMG0000010.jpg"]
+    assert report.finding("folder_label_matches_csv").unexpected_ids == ["IMG0000001.jpg"]
+    assert report.finding("fracture_count_matches_label").unexpected_ids == ["IMG0000001.jpg"]
+    assert report.finding("unique_content").unexpected_ids == ["IMG0000011.jpg", "IMG0000012.jpg"]
     assert report.duplicate_groups == [["IMG0000011.jpg", "IMG0000012.jpg"]]
     row = manifest.set_index("image_id").loc["IMG0000010.jpg"]
     assert bool(row["decodable"]) and bool(row["truncated"])
-    # Default policy: the folder label wins, truncated images are kept.
+    # Default policy: the folder label wins, truncated images and all copies are kept.
     assert resolved.set_index("image_id").loc["IMG0000001.jpg", "label"] == 1
     assert resolved["included"].all()
 
 
-def test_policy_exclusions_are_listed_with_their_rule(tmp_path, vparams):
-    import dataclasses
-
-    csv = make_dataset(tmp_path)
-    truncate(tmp_path / "images/Non_fractured/IMG0000010.jpg")
-    csv.loc[csv["image_id"] == "IMG0000001.jpg", "fractured"] = 0
-    csv.to_csv(tmp_path / "dataset.csv", index=False)
-    strict = dataclasses.replace(vparams, on_truncated="exclude", on_label_conflict="exclude")
-    resolved, excluded = apply_policy(build_manifest(tmp_path, workers=1), strict)
-    assert set(excluded) == {"IMG0000010.jpg", "IMG0000001.jpg"}
-    assert excluded["IMG0000010.jpg"].startswith("not_truncated")
-    assert excluded["IMG0000001.jpg"].startswith("folder_label_matches_csv")
-    assert not resolved.set_index("image_id").loc[list(excluded), "included"].any()
-
-
-def test_hard_rules_fail_naming_rule_and_ids(tmp_path, vparams):
+def test_hard_rules_in_files_fail_naming_rule_and_ids(tmp_path, vparams):
     csv = make_dataset(tmp_path)
     (tmp_path / "images/Non_fractured/IMG0000015.jpg").unlink()
     (tmp_path / "images/Non_fractured/IMG0000016.jpg").write_bytes(b"not an image at all")
     csv[csv["image_id"] != "IMG0000017.jpg"].to_csv(tmp_path / "dataset.csv", index=False)
 
-    _, report = validate(build_manifest(tmp_path, workers=1), vparams)
+    resolved, report = validate(build_manifest(tmp_path, workers=1), vparams)
     assert not report.success
     failed = {f.rule: f.unexpected_ids for f in report.failures()}
-    assert failed["file_for_every_csv_row"] == ["IMG0000015.jpg"]
-    assert failed["csv_row_for_every_file"] == ["IMG0000017.jpg"]
-    assert failed["decodable"] == ["IMG0000016.jpg"]
+    assert failed == {
+        "file_for_every_csv_row": ["IMG0000015.jpg"],
+        "csv_row_for_every_file": ["IMG0000017.jpg"],
+        "decodable": ["IMG0000016.jpg"],
+    }
     message = failure_message(report)
     assert "file_for_every_csv_row" in message and "IMG0000015.jpg" in message
+    assert "validate.severity" in message  # says what to do
+    # Images that cannot be used are excluded whatever the severity, with their rule.
+    assert {i: e.rule for i, e in report.excluded.items()} == {
+        "IMG0000015.jpg": "file_for_every_csv_row",
+        "IMG0000016.jpg": "decodable",
+    }
+    # A file without a csv row keeps its folder label.
+    assert resolved.set_index("image_id").loc["IMG0000017.jpg", "included"]
 
 
-def test_real_copy_quirks_are_all_detected(fracatlas, vparams):
-    manifest = build_manifest(fracatlas)
+# ---- the policies ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def quirky(vparams, clean_manifest):
+    """A manifest with one truncated file, one label conflict and a group of three copies."""
+    sha = clean_manifest.loc[clean_manifest["image_id"] == "IMG0000013.jpg", "sha256"].iloc[0]
+    m = mutate(clean_manifest, "IMG0000010.jpg", truncated=True)
+    m = mutate(m, "IMG0000001.jpg", csv_label=0, fracture_count=0)
+    for image_id in ("IMG0000011.jpg", "IMG0000019.jpg"):
+        m = mutate(m, image_id, sha256=sha)
+    _, report = validate(m, vparams)
+    return m, report.findings
+
+
+def policy(vparams, **changes):
+    return dataclasses.replace(vparams, **changes)
+
+
+def test_default_policy_keeps_everything_and_lets_the_folder_win(vparams, quirky):
+    manifest, findings = quirky
+    resolved, excluded = apply_policy(manifest, vparams, findings)
+    assert excluded == {}
+    assert resolved["included"].all()
+    row = resolved.set_index("image_id").loc["IMG0000001.jpg"]
+    assert row["label"] == 1 and row["label_source"] == "folder"
+
+
+def test_label_conflict_csv_takes_the_csv_label(vparams, quirky):
+    manifest, findings = quirky
+    resolved, excluded = apply_policy(manifest, policy(vparams, on_label_conflict="csv"), findings)
+    assert excluded == {}
+    row = resolved.set_index("image_id").loc["IMG0000001.jpg"]
+    assert row["label"] == 0 and row["label_source"] == "csv"
+
+
+def test_label_conflict_and_truncated_exclude(vparams, quirky):
+    manifest, findings = quirky
+    strict = policy(vparams, on_truncated="exclude", on_label_conflict="exclude")
+    resolved, excluded = apply_policy(manifest, strict, findings)
+    assert {i: e.rule for i, e in excluded.items()} == {
+        "IMG0000001.jpg": "folder_label_matches_csv",
+        "IMG0000010.jpg": "not_truncated",
+    }
+    assert "on_label_conflict" in excluded["IMG0000001.jpg"].reason
+    rows = resolved.set_index("image_id")
+    assert not rows.loc[list(excluded), "included"].any()
+    assert rows.loc["IMG0000010.jpg", "exclude_rule"] == "not_truncated"
+    assert rows["included"].sum() == len(rows) - 2
+
+
+def test_duplicates_grouped_keeps_every_copy(vparams, quirky):
+    manifest, findings = quirky
+    _, excluded = apply_policy(manifest, policy(vparams, on_duplicate="grouped"), findings)
+    assert excluded == {}
+
+
+def test_duplicates_keep_one_keeps_the_first_id_of_each_group(vparams, quirky):
+    manifest, findings = quirky
+    resolved, excluded = apply_policy(manifest, policy(vparams, on_duplicate="keep_one"), findings)
+    assert set(excluded) == {"IMG0000013.jpg", "IMG0000019.jpg"}
+    for exclusion in excluded.values():
+        assert exclusion.rule == "unique_content"
+        assert "IMG0000011.jpg" in exclusion.reason  # names the kept id
+    assert resolved.set_index("image_id").loc["IMG0000011.jpg", "included"]
+
+
+def test_keep_one_keeps_the_first_copy_no_other_policy_excluded(vparams, quirky):
+    manifest, findings = quirky
+    # The group's first id is truncated: excluded as such, so the next copy is the one kept.
+    manifest = mutate(manifest, "IMG0000011.jpg", truncated=True)
     _, report = validate(manifest, vparams)
-    found = findings_by_rule(report)
-    assert report.success
-    assert "IMG0003298.jpg" in found["folder_label_matches_csv"].unexpected_ids
-    truncated = found["not_truncated"].unexpected_ids
-    assert truncated and all("IMG0004028.jpg" <= i <= "IMG0004347.jpg" for i in truncated)
-    groups = report.duplicate_groups
-    assert any({"IMG0000003.jpg", "IMG0000005.jpg"} <= set(g) for g in groups)
-    # Each duplicate group stays within one class folder.
+    both = policy(vparams, on_duplicate="keep_one", on_truncated="exclude")
+    _, excluded = apply_policy(manifest, both, report.findings)
+    assert excluded["IMG0000011.jpg"].rule == "not_truncated"
+    assert excluded["IMG0000019.jpg"].rule == "unique_content"
+    assert "IMG0000013.jpg" in excluded["IMG0000019.jpg"].reason
+    assert "IMG0000013.jpg" not in excluded
+
+
+def test_report_lists_every_exclusion_and_counts_both_ways(vparams, quirky):
+    manifest, _ = quirky
+    strict = policy(vparams, on_truncated="exclude", on_label_conflict="exclude", on_duplicate="keep_one")
+    resolved, report = validate(manifest, strict)
+    assert set(report.excluded) == set(resolved.loc[~resolved["included"], "image_id"])
+    assert len(report.excluded) == 4
+    assert all(e.rule in RULES and e.reason for e in report.excluded.values())
+    counts = report.counts
+    assert counts["ids"] == 20 and counts["included"] == 16 and counts["excluded"] == 4
+    every, used = counts["all_ids"], counts["included_images"]
+    assert every["class"] == {"fractured": 6, "not_fractured": 14}
+    # Excluded: IMG1 (fractured, leg), IMG10 (hip), IMG13 (leg), IMG19 (shoulder).
+    assert used["class"] == {"fractured": 5, "not_fractured": 11}
+    assert every["body_part"] == {"hand": 5, "leg": 5, "hip": 5, "shoulder": 5, "mixed": 0}
+    assert used["body_part"] == {"hand": 5, "leg": 3, "hip": 4, "shoulder": 4, "mixed": 0}
+    assert every["view"] == {"frontal": 20, "lateral": 0, "oblique": 0}
+    assert used["view"]["frontal"] == 16
+    json.dumps(dataclasses.asdict(report))  # the CLI writes it as JSON
+
+
+# ---- GX's own result and Data Docs ------------------------------------------------------------------
+
+
+def test_gx_result_and_data_docs_are_written_from_the_same_run(tmp_path, vparams, quirky):
+    manifest, _ = quirky
+    gx_dir = tmp_path / "gx"
+    stale = gx_dir / "data_docs" / "old.html"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("from an earlier run")
+    _, report = validate(manifest, vparams, gx_dir)
+    assert report.gx_outputs == {
+        "result": str(gx_dir / "validation_result.json"),
+        "suite": str(gx_dir / "expectation_suite.json"),
+        "data_docs": str(gx_dir / "data_docs" / "index.html"),
+    }
+    assert not stale.exists()
+
+    result = json.loads((gx_dir / "validation_result.json").read_text())
+    assert result["suite_name"] == SUITE_NAME
+    rules_in_result = {r["expectation_config"]["meta"]["rule"] for r in result["results"]}
+    assert rules_in_result == set(RULES)
+    types = {r["expectation_config"]["type"] for r in result["results"]}
+    assert {"expect_column_values_to_be_unique", "expect_column_mean_to_be_between"} <= types
+    # The saved result says what the report says.
+    failed = {r["expectation_config"]["meta"]["rule"] for r in result["results"] if not r["success"]}
+    assert failed == {f.rule for f in report.findings if not f.success}
+    suite = json.loads((gx_dir / "expectation_suite.json").read_text())
+    assert len(suite["expectations"]) == len(result["results"])
+
+    index = (gx_dir / "data_docs" / "index.html").read_text()
+    assert SUITE_NAME in index
+    pages = list((gx_dir / "data_docs" / "validations").rglob("*.html"))
+    assert len(pages) == 1
+    page = pages[0].read_text()
+    assert all(rule in page for rule in RULES)
+    assert "IMG0000010.jpg" in page  # the offending ids are shown
+    assert all(rule in (gx_dir / "data_docs" / "expectations" / f"{SUITE_NAME}.html").read_text() for rule in RULES)
+
+
+# ---- the real copy --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def real(fracatlas, vparams, tmp_path_factory):
+    """The real copy's manifest and its validation under the default params (built once)."""
+    manifest = build_manifest(fracatlas)
+    resolved, report = validate(manifest, vparams, tmp_path_factory.mktemp("real_gx"))
+    return manifest, resolved, report
+
+
+@pytest.mark.integration
+def test_real_copy_passes_every_hard_rule(real):
+    _, _, report = real
+    assert report.success, failure_message(report)
+    soft_failed = {f.rule: f.unexpected_count for f in report.findings if not f.success}
+    assert soft_failed == {
+        "folder_label_matches_csv": 1,
+        "fracture_count_matches_label": 1,
+        "not_truncated": 49,
+        "unique_content": 21,
+    }
+    assert 0.05 <= report.finding("fractured_share_in_range").observed <= 0.5
+
+
+@pytest.mark.integration
+def test_real_copy_label_conflict_is_img0003298(real):
+    manifest, resolved, report = real
+    assert report.finding("folder_label_matches_csv").unexpected_ids == ["IMG0003298.jpg"]
+    # Its fracture_count (1) sides with the folder against dataset.csv's fractured (0).
+    assert report.finding("fracture_count_matches_label").unexpected_ids == ["IMG0003298.jpg"]
+    assert resolved.set_index("image_id").loc["IMG0003298.jpg", "label"] == 1
+
+
+@pytest.mark.integration
+def test_real_copy_truncated_jpegs(real):
+    manifest, _, report = real
+    truncated = report.finding("not_truncated").unexpected_ids
+    assert len(truncated) == 49
+    assert all("IMG0004028.jpg" <= i <= "IMG0004347.jpg" for i in truncated)
     labels = manifest.set_index("image_id")["folder_label"]
-    assert all(labels[g].nunique() == 1 for g in groups)
+    assert (labels[truncated] == 0).all()
+
+
+@pytest.mark.integration
+def test_real_copy_duplicate_groups(real):
+    manifest, _, report = real
+    groups = report.duplicate_groups
+    assert len(groups) == 9 and sum(map(len, groups)) == 21
+    assert ["IMG0000003.jpg", "IMG0000005.jpg", "IMG0002291.jpg", "IMG0002293.jpg"] in groups
+    labels = manifest.set_index("image_id")["folder_label"]
+    assert all(labels[g].nunique() == 1 for g in groups)  # each group stays within one class
+
+
+@pytest.mark.integration
+def test_real_copy_body_parts_and_counts(real):
+    manifest, _, report = real
+    assert report.finding("body_part_flags_valid").success
+    every = report.counts["all_ids"]
+    assert sum(every["body_part"].values()) == len(manifest)
+    assert every["body_part"]["mixed"] == int(manifest["mixed"].sum())
+    assert every["class"]["fractured"] == int(manifest["folder_label"].sum())
+    assert report.counts["included_images"] == every  # nothing excluded by default
+
+
+@pytest.mark.integration
+def test_real_copy_strict_policies(real, vparams):
+    manifest, _, report = real
+    strict = policy(vparams, on_truncated="exclude", on_label_conflict="exclude", on_duplicate="keep_one")
+    _, excluded = apply_policy(manifest, strict, report.findings)
+    rules = pd.Series({i: e.rule for i, e in excluded.items()}).value_counts().to_dict()
+    # 49 truncated (a truncated pair among them), IMG0003298, and 11 extra copies of the
+    # other 8 groups (21 ids in 9 groups, less the truncated pair).
+    assert rules == {"not_truncated": 49, "folder_label_matches_csv": 1, "unique_content": 11}
+    _, keep_one = apply_policy(manifest, policy(vparams, on_duplicate="keep_one"), report.findings)
+    assert len(keep_one) == 21 - 9
+
+
+@pytest.mark.integration
+def test_real_copy_gx_outputs(real):
+    _, _, report = real
+    assert Path(report.gx_outputs["data_docs"]).is_file()
+    result = json.loads(Path(report.gx_outputs["result"]).read_text())
+    assert result["success"] is False  # soft findings fail their GX expectations (severity warning)
+    warned = {r["expectation_config"]["meta"]["rule"] for r in result["results"] if not r["success"]}
+    assert all(r["expectation_config"]["severity"] == "warning" for r in result["results"]
+               if r["expectation_config"]["meta"]["rule"] in warned)
+
