@@ -1,50 +1,273 @@
-"""Stratified, seeded train/val/test split that keeps byte-identical files together."""
+"""Seeded train/val/test split that keeps byte-identical files together.
+
+Two strategies (``split.strategy``):
+
+* ``stratified``: every included image is drawn at random, seeded, with the ``val_size`` and
+  ``test_size`` shares, stratified by label and, with ``stratify_body_part``, by body part.
+* ``published``: FracAtlas's ``Utilities/Fracture Split`` lists place the images they name;
+  the rest (all non-fractured images and any fractured image no list names) are drawn as in
+  ``stratified``.
+
+Either way the unit of the draw is a group of byte-identical files (same ``sha256``), so a
+duplicate of a test image can never sit in training.
+"""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
 from fracture.config import SplitParams
 
 SPLITS = ("train", "val", "test")
+# dataset.csv's body-part flags: four regions, and ``mixed`` for a film showing several.
+REGIONS = ("hand", "leg", "hip", "shoulder")
+BODY_PART_COLUMNS = (*REGIONS, "mixed")
+# Where the published lists live inside a FracAtlas folder, and which file holds each split.
+PUBLISHED_SUBDIR = Path("Utilities") / "Fracture Split"
+PUBLISHED_FILES = {"train": "train.csv", "val": "valid.csv", "test": "test.csv"}
+LABEL_NAMES = {0: "not fractured", 1: "fractured"}
+OTHER_PARTS = "other parts"
 
 
 class SplitError(ValueError):
     """The included images cannot be split as asked."""
 
 
-def split_manifest(manifest: pd.DataFrame, params: SplitParams) -> dict[str, pd.DataFrame]:
+@dataclass(frozen=True, eq=False)
+class SplitReport:
+    """How a split was drawn, for the CLI to print and write.
+
+    Attributes:
+        strategy: ``stratified`` or ``published``.
+        strata: one row per stratum of the seeded draw (with ``published``, the draw of the
+            images no list places): ``stratum``, ``label``, ``parts`` (the body parts pooled in
+            it), ``groups`` (distinct contents) and the groups that went to ``train``, ``val``
+            and ``test``.
+        published: included images placed by the published lists, per split (empty for
+            ``stratified``); counts images, so duplicates that followed a listed copy count.
+        moved: ids placed by a duplicate's list entry rather than their own, to keep a group
+            of identical files in one split: ``image_id``, ``listed`` (the split its own list
+            entry names, empty when no list names it) and ``assigned``.
+        unlisted_fractured: included fractured ids that no published list names.
+        listed_left_out: ids a published list names that are not among the included images
+            (excluded by validation, or absent from the manifest).
+        listed_not_fractured: included ids a published list names although their label is
+            non-fractured; they follow the list.
+    """
+
+    strategy: str
+    strata: pd.DataFrame
+    published: dict[str, int] = field(default_factory=dict)
+    moved: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["image_id", "listed", "assigned"]))
+    unlisted_fractured: tuple[str, ...] = ()
+    listed_left_out: tuple[str, ...] = ()
+    listed_not_fractured: tuple[str, ...] = ()
+
+    def summary(self) -> list[str]:
+        """Human-readable lines: what the lists placed, what moved, what was left out."""
+        lines = []
+        if self.strategy == "published":
+            counts = ", ".join(f"{name} {self.published.get(name, 0)}" for name in SPLITS)
+            lines.append(f"published lists placed {sum(self.published.values())} images ({counts})")
+        drawn = ", ".join(f"{name} {int(self.strata[name].sum())}" for name in SPLITS)
+        lines.append(f"seeded draw over {int(self.strata['groups'].sum())} distinct images ({drawn}) in strata:")
+        for row in self.strata.itertuples(index=False):
+            lines.append(
+                f"  {row.stratum} [{row.parts}]: {row.groups} -> train {row.train}, val {row.val}, test {row.test}"
+            )
+        for row in self.moved.itertuples(index=False):
+            why = f"listed in {row.listed}" if row.listed else "in no list"
+            lines.append(f"moved to keep identical files together: {row.image_id} ({why}) -> {row.assigned}")
+        for ids, what in (
+            (self.unlisted_fractured, "fractured ids in no published list"),
+            (self.listed_left_out, "listed ids left out (excluded or not in the manifest)"),
+            (self.listed_not_fractured, "listed ids labelled non-fractured (they follow the list)"),
+        ):
+            if ids:
+                lines.append(f"{what}: {len(ids)}: {', '.join(ids[:10])}{' ...' if len(ids) > 10 else ''}")
+        return lines
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable copy, for ``outputs/split/report.json``."""
+        return {
+            "strategy": self.strategy,
+            "strata": self.strata.to_dict(orient="records"),
+            "published": dict(self.published),
+            "moved": self.moved.to_dict(orient="records"),
+            "unlisted_fractured": list(self.unlisted_fractured),
+            "listed_left_out": list(self.listed_left_out),
+            "listed_not_fractured": list(self.listed_not_fractured),
+        }
+
+
+class Splits(dict[str, pd.DataFrame]):
+    """The frames keyed ``train``, ``val``, ``test``, with ``report`` saying how they were drawn.
+
+    A plain dict to every caller that only wants the frames.
+    """
+
+    def __init__(self, frames: dict[str, pd.DataFrame], report: SplitReport) -> None:
+        super().__init__(frames)
+        self.report = report
+
+
+def split_manifest(manifest: pd.DataFrame, params: SplitParams, published_dir: Path | None = None) -> Splits:
     """Splits the included images into train, val and test.
 
-    Byte-identical files (same ``sha256``) form one group that goes to one split whole: the
-    split is drawn over groups, stratified by label, with scikit-learn's
-    ``train_test_split``, so a duplicate of a test image can never sit in training.
+    The unit of every decision is a group of byte-identical files (same ``sha256``): a group
+    goes to one split whole.
+
+    ``strategy: stratified`` draws the groups with scikit-learn's ``train_test_split``, seeded,
+    ``test_size`` first and ``val_size`` of the whole from the rest, stratified by label; with
+    ``stratify_body_part`` also by body part within each label. A group's body part is that of
+    its first id (identical files are one film, so their flags agree) and is:
+
+    * the region (hand, leg, hip or shoulder) when exactly that one flag is set;
+    * ``mixed`` when ``mixed`` is set or several regions are (in FracAtlas ``mixed`` is set
+      exactly when two or three regions are);
+    * ``unknown`` when no flag is set or the id has no ``dataset.csv`` row (flags NA).
+
+    A (body part, label) stratum with fewer than ``ceil(1 / min(val_size, test_size))`` groups
+    (7 at 0.15), too few to expect one group in every split, pools into the label's
+    ``other parts`` stratum. Should a draw still be too small to hold one group of every
+    stratum (scikit-learn's requirement), its smallest strata join the next smallest for that
+    draw. Each label's share of a draw is fixed first (largest remainder), so class ratios are
+    as close to the target as with label-only stratification.
+
+    ``strategy: published`` places the images named by FracAtlas's published lists in
+    ``published_dir`` (``train.csv``, ``valid.csv`` -> val, ``test.csv``; column
+    ``image_id``). The lists name fractured images only, so every non-fractured image, and
+    any fractured image no list names, is drawn as above from the groups no list places, with
+    the same shares (so val and test hold ``val_size`` and ``test_size`` of those). Rules:
+
+    * a group whose listed members sit in different lists follows the list of its first
+      listed member (by ``image_id``), and an unlisted member follows its listed copies; both
+      show in ``report.moved``;
+    * ids a list names that are excluded (``included`` false) or absent from the manifest
+      are left out (``report.listed_left_out``);
+    * an included id a list names follows the list whatever its label
+      (``report.listed_not_fractured`` names those labelled non-fractured).
 
     Args:
-        manifest: the validated manifest (``included``, ``label``, ``sha256`` columns).
-        params: seed and the val and test shares.
+        manifest: the validated manifest (``image_id``, ``included``, ``label``, ``sha256``;
+            with ``stratify_body_part`` also the flags hand, leg, hip, shoulder and mixed).
+        params: strategy, seed, the val and test shares and whether to stratify by body part.
+        published_dir: the ``Utilities/Fracture Split`` folder; read only for ``published``.
 
     Returns:
-        The three frames, keyed ``train``, ``val``, ``test``, each sorted by ``image_id``.
+        The three frames, keyed ``train``, ``val``, ``test``, each sorted by ``image_id``;
+        ``.report`` (:class:`SplitReport`) says what the lists placed, what moved and the
+        per-stratum counts of the draw.
 
     Raises:
-        SplitError: a duplicate group mixes labels, or a class is too small to stratify.
+        SplitError: a duplicate group mixes labels, a class is too small to stratify, the
+            body-part flags are missing, or the published lists are missing or malformed.
     """
+    if params.strategy not in {"stratified", "published"}:
+        raise SplitError(f"split.strategy is {params.strategy!r}; set it to 'stratified' or 'published'")
+    listed = _read_published(published_dir) if params.strategy == "published" else None
     used = manifest[manifest["included"]]
-    groups = used.groupby("sha256")["label"].agg(["nunique", "first"])
-    mixed = groups.index[groups["nunique"] > 1]
+    groups = _groups(used, params)
+    placed, found = (pd.Series(dtype=object), {}) if listed is None else _place_published(used, listed)
+    drawn = groups.drop(index=placed.index)
+    if listed is None and not params.stratify_body_part:
+        # Label-only stratification keeps the two scikit-learn calls it always had, so the
+        # default parameters give the same split files as before and DVC skips retraining.
+        drawn_where = _label_only(drawn, params)
+    else:
+        drawn_where = _by_strata(drawn, params)
+
+    assigned = used["sha256"].map(pd.concat([placed, drawn_where]))
+    out = {name: used[assigned == name].sort_values("image_id").reset_index(drop=True) for name in SPLITS}
+    return Splits(out, SplitReport(params.strategy, _strata_table(drawn, drawn_where), **found))
+
+
+def body_part(frame: pd.DataFrame) -> pd.Series:
+    """Each row's body part from dataset.csv's flags, as :func:`split_manifest` defines it.
+
+    Args:
+        frame: rows with the hand, leg, hip, shoulder and mixed columns (0/1, NA allowed).
+
+    Returns:
+        ``hand``, ``leg``, ``hip``, ``shoulder``, ``mixed`` or ``unknown`` per row.
+
+    Raises:
+        SplitError: a flag column is missing.
+    """
+    missing = [c for c in BODY_PART_COLUMNS if c not in frame]
+    if missing:
+        raise SplitError(
+            f"manifest lacks the body-part flag columns {missing} (from dataset.csv); rebuild it "
+            "with `fracture validate` or set split.stratify_body_part: false"
+        )
+    # NA (an id without a dataset.csv row) counts as not set: no flag known means unknown part.
+    flags = frame[list(BODY_PART_COLUMNS)].apply(pd.to_numeric, errors="coerce").fillna(0).gt(0)
+    regions = flags[list(REGIONS)]
+    n_set = regions.sum(axis=1)
+    part = np.select(
+        [flags["mixed"] | (n_set > 1), n_set == 1],
+        ["mixed", regions.idxmax(axis=1)],
+        default="unknown",
+    )
+    return pd.Series(part, index=frame.index, name="body_part")
+
+
+def published_dir_of(dataset_dir: Path) -> Path:
+    """The published split lists' folder inside a FracAtlas folder."""
+    return dataset_dir / PUBLISHED_SUBDIR
+
+
+def _groups(used: pd.DataFrame, params: SplitParams) -> pd.DataFrame:
+    """One row per distinct content (index ``sha256``): ``label``, ``first_id`` and ``stratum``."""
+    ordered = used.sort_values("image_id")
+    groups = ordered.groupby("sha256").agg(
+        label=("label", "first"), n_labels=("label", "nunique"), first_id=("image_id", "first")
+    )
+    mixed = groups.index[groups["n_labels"] > 1]
     if len(mixed):
         ids = used.loc[used["sha256"].isin(mixed), "image_id"].tolist()
         raise SplitError(
             f"identical files carry different labels: {ids}; fix the labels or set "
             "validate.on_label_conflict: exclude"
         )
+    groups = groups.drop(columns="n_labels")
+    groups["label"] = groups["label"].astype(int)
+    if params.stratify_body_part:
+        groups["part"] = body_part(ordered).groupby(ordered["sha256"]).first()
+        groups["stratum"] = _pool_rare(groups, _min_groups(params))
+    else:
+        groups["part"] = "any"
+        groups["stratum"] = groups["label"].map(LABEL_NAMES)
+    return groups
+
+
+def _min_groups(params: SplitParams) -> int:
+    # Fewest groups for which the smallest split can expect one; round() so that float noise in
+    # a share cannot add a group.
+    return max(2, math.ceil(round(1 / min(params.val_size, params.test_size), 9)))
+
+
+def _pool_rare(groups: pd.DataFrame, min_groups: int) -> pd.Series:
+    """``"<part>, <label name>"`` per group, rare parts pooled into ``"other parts, ..."``."""
+    sizes = groups.groupby(["part", "label"])["first_id"].transform("size")
+    part = groups["part"].where(sizes >= min_groups, OTHER_PARTS)
+    return part + ", " + groups["label"].map(LABEL_NAMES)
+
+
+def _label_only(groups: pd.DataFrame, params: SplitParams) -> pd.Series:
+    """The split per group, stratified by label over all groups at once."""
     keys = groups.index.to_numpy()
-    labels = groups["first"].astype(int).to_numpy()
+    labels = groups["label"].to_numpy()
     try:
         rest, test = train_test_split(keys, test_size=params.test_size, stratify=labels, random_state=params.seed)
-        rest_labels = groups.loc[rest, "first"].astype(int).to_numpy()
+        rest_labels = groups.loc[rest, "label"].to_numpy()
         train, val = train_test_split(
             rest,
             test_size=params.val_size / (1 - params.test_size),
@@ -53,7 +276,133 @@ def split_manifest(manifest: pd.DataFrame, params: SplitParams) -> dict[str, pd.
         )
     except ValueError as exc:
         raise SplitError(f"cannot split {len(keys)} distinct images stratified by label: {exc}") from exc
-    out = {}
-    for name, members in zip(SPLITS, (train, val, test), strict=True):
-        out[name] = used[used["sha256"].isin(set(members))].sort_values("image_id").reset_index(drop=True)
-    return out
+    return pd.concat([pd.Series(name, index=members) for name, members in zip(SPLITS, (train, val, test), strict=True)])
+
+
+def _by_strata(groups: pd.DataFrame, params: SplitParams) -> pd.Series:
+    """The split per group: label shares fixed first, then a stratified draw within each label."""
+    where = pd.Series("train", index=groups.index, dtype=object)
+    test = _draw(groups, params.test_size, params.seed)
+    where[test] = "test"
+    rest = groups.drop(index=test)
+    val = _draw(rest, params.val_size / (1 - params.test_size), params.seed)
+    where[val] = "val"
+    return where
+
+
+def _draw(groups: pd.DataFrame, share: float, seed: int) -> list[str]:
+    """Keys of ``share`` of the groups, each label's count fixed, stratified within each label."""
+    # scikit-learn's own rounding for a float test_size, so both strategies size splits alike.
+    n_draw = math.ceil(share * len(groups))
+    drawn: list[str] = []
+    for label, count in _apportion(n_draw, groups["label"].value_counts().sort_index()).items():
+        members = groups[groups["label"] == label]
+        if count == 0:
+            continue
+        if count == len(members):
+            drawn.extend(members.index)
+            continue
+        strata = _feasible(members["stratum"], count)
+        _, picked = train_test_split(
+            members.index.to_numpy(),
+            test_size=count,
+            stratify=strata.to_numpy() if strata.nunique() > 1 else None,
+            random_state=seed,
+        )
+        drawn.extend(picked)
+    return drawn
+
+
+def _apportion(total: int, sizes: pd.Series) -> pd.Series:
+    """Largest-remainder shares of ``total`` in proportion to ``sizes`` (ties by index order)."""
+    if sizes.sum() == 0:
+        return sizes * 0
+    quotas = sizes * total / sizes.sum()
+    counts = np.floor(quotas).astype(int)
+    extra = (quotas - counts).sort_values(ascending=False, kind="stable").index[: total - int(counts.sum())]
+    counts[extra] += 1
+    return counts
+
+
+def _feasible(strata: pd.Series, count: int) -> pd.Series:
+    """Merges the smallest strata until scikit-learn can stratify a draw of ``count``.
+
+    It needs two groups in every stratum and at least as many groups as strata on each side.
+    """
+    strata = strata.copy()
+    room = min(count, len(strata) - count)
+    while True:
+        sizes = sorted(strata.value_counts().items(), key=lambda kv: (kv[1], kv[0]))
+        if len(sizes) == 1 or (sizes[0][1] >= 2 and len(sizes) <= room):
+            return strata
+        # The next smallest absorbs it: the large strata, which carry the balance, stay pure.
+        strata = strata.replace(sizes[0][0], sizes[1][0])
+
+
+def _read_published(published_dir: Path | None) -> pd.Series:
+    """The published lists as one split name per image id."""
+    fix = "or set split.strategy: stratified"
+    if published_dir is None:
+        raise SplitError(
+            "split.strategy is 'published' but no published lists folder was given; pass the "
+            f"dataset's '{PUBLISHED_SUBDIR}' folder {fix}"
+        )
+    if not published_dir.is_dir():
+        raise SplitError(
+            f"{published_dir} not found: split.strategy: published needs FracAtlas's published lists "
+            f"({', '.join(PUBLISHED_FILES.values())}) there; restore the folder {fix}"
+        )
+    frames = []
+    for name, file in PUBLISHED_FILES.items():
+        path = published_dir / file
+        if not path.is_file():
+            raise SplitError(
+                f"{path} not found: split.strategy: published needs the {name} list there; "
+                f"restore it {fix}"
+            )
+        frame = pd.read_csv(path, dtype=str)
+        if "image_id" not in frame:
+            raise SplitError(
+                f"{path}: no 'image_id' column (columns: {list(frame.columns)}); the published lists "
+                f"have a header line 'image_id' and one id per row; restore the file {fix}"
+            )
+        frames.append(pd.DataFrame({"image_id": frame["image_id"].dropna().str.strip(), "split": name}))
+    listed = pd.concat(frames, ignore_index=True).drop_duplicates()
+    twice = listed.loc[listed["image_id"].duplicated(keep=False)].sort_values(["image_id", "split"])
+    if len(twice):
+        named = ", ".join(f"{r.image_id} ({r.split})" for r in twice.itertuples())
+        raise SplitError(f"{published_dir}: ids named in two lists: {named}; keep each id in one list {fix}")
+    return listed.set_index("image_id")["split"]
+
+
+def _place_published(used: pd.DataFrame, listed: pd.Series) -> tuple[pd.Series, dict[str, Any]]:
+    """The split of each group a list places (by ``sha256``), and the report's list fields."""
+    rows = used.sort_values("image_id").assign(listed=lambda f: f["image_id"].map(listed))
+    # A group follows its first listed member; the rest of it comes along.
+    group_split = rows.dropna(subset=["listed"]).groupby("sha256")["listed"].first()
+    rows["assigned"] = rows["sha256"].map(group_split)
+    placed = rows.dropna(subset=["assigned"])
+    moved = placed.loc[placed["listed"] != placed["assigned"], ["image_id", "listed", "assigned"]]
+    fractured = rows["label"].astype(int) == 1
+    return group_split, {
+        "published": {name: int((placed["assigned"] == name).sum()) for name in SPLITS},
+        "moved": moved.fillna({"listed": ""}).reset_index(drop=True),
+        "unlisted_fractured": tuple(rows.loc[fractured & rows["listed"].isna(), "image_id"]),
+        "listed_left_out": tuple(sorted(set(listed.index) - set(used["image_id"]))),
+        "listed_not_fractured": tuple(rows.loc[~fractured & rows["listed"].notna(), "image_id"]),
+    }
+
+
+def _strata_table(drawn: pd.DataFrame, where: pd.Series) -> pd.DataFrame:
+    """Groups per stratum and split for the groups of the seeded draw."""
+    if drawn.empty:
+        return pd.DataFrame(columns=["stratum", "label", "parts", "groups", *SPLITS])
+    frame = drawn.assign(split=where.reindex(drawn.index))
+    counts = pd.crosstab(frame["stratum"], frame["split"]).reindex(columns=list(SPLITS), fill_value=0)
+    info = frame.groupby("stratum").agg(
+        label=("label", "first"), parts=("part", lambda s: ", ".join(sorted(set(s)))), groups=("label", "size")
+    )
+    table = info.join(counts).reset_index()
+    return table.astype({c: int for c in ("label", "groups", *SPLITS)})[
+        ["stratum", "label", "parts", "groups", *SPLITS]
+    ]

@@ -2,47 +2,95 @@
 
 from __future__ import annotations
 
+import json
+import re
+import tempfile
+from pathlib import Path
+
 import pandas as pd
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fracture.config import SplitParams
-from fracture.split import SPLITS, SplitError, split_manifest
+from fracture.split import (
+    BODY_PART_COLUMNS,
+    PUBLISHED_FILES,
+    SPLITS,
+    SplitError,
+    body_part,
+    published_dir_of,
+    split_manifest,
+)
 
 PARAMS = SplitParams(seed=7, val_size=0.15, test_size=0.15)
+SHARES = {"train": 0.7, "val": 0.15, "test": 0.15}
+# Body parts drawn roughly as often as in FracAtlas (leg and hand common, shoulder and hip rare),
+# plus films without flags (ids missing from dataset.csv).
+PARTS = ["leg", "leg", "leg", "hand", "hand", "mixed", "hip", "shoulder", "unknown"]
 
 
-def manifest_from(groups: list[tuple[int, int]]) -> pd.DataFrame:
-    """One row per image: ``groups`` holds (label, copies) per distinct content."""
+def flags_of(part: str) -> dict[str, object]:
+    """dataset.csv's flags for a body part; ``mixed`` films set two regions too, as in FracAtlas."""
+    if part == "unknown":
+        return dict.fromkeys(BODY_PART_COLUMNS, pd.NA)
+    flags = dict.fromkeys(BODY_PART_COLUMNS, 0)
+    if part == "mixed":
+        flags.update(mixed=1, hand=1, shoulder=1)
+    else:
+        flags[part] = 1
+    return flags
+
+
+def manifest_from(groups: list[tuple]) -> pd.DataFrame:
+    """One row per image: ``groups`` holds (label, copies[, body part]) per distinct content."""
     rows = []
-    for g, (label, copies) in enumerate(groups):
+    for g, (label, copies, *part) in enumerate(groups):
+        flags = flags_of(part[0] if part else "leg")
         for c in range(copies):
-            rows.append({"image_id": f"IMG{g:05d}_{c}.jpg", "sha256": f"h{g}", "label": label, "included": True})
-    return pd.DataFrame(rows)
+            rows.append(
+                {"image_id": f"IMG{g:05d}_{c}.jpg", "sha256": f"h{g}", "label": label, "included": True, **flags}
+            )
+    frame = pd.DataFrame(rows)
+    return frame.astype({c: "Int64" for c in BODY_PART_COLUMNS})
 
 
-group_lists = st.lists(
-    st.tuples(st.sampled_from([0, 0, 0, 0, 1]), st.integers(1, 3)), min_size=60, max_size=200
-).filter(lambda gs: sum(1 for label, _ in gs if label == 1) >= 8 and sum(1 for label, _ in gs if label == 0) >= 8)
+def split_of(splits: dict[str, pd.DataFrame]) -> dict[str, str]:
+    """Image id -> split name."""
+    return {i: name for name in SPLITS for i in splits[name]["image_id"]}
 
 
-@settings(max_examples=40, deadline=None)
-@given(groups=group_lists, seed=st.integers(0, 10_000))
-def test_every_id_in_exactly_one_split_and_no_hash_crosses(groups, seed):
-    manifest = manifest_from(groups)
-    splits = split_manifest(manifest, SplitParams(seed=seed, val_size=0.15, test_size=0.15))
+def assert_partition(manifest: pd.DataFrame, splits: dict[str, pd.DataFrame]) -> None:
+    """Every included id in exactly one split, and no content hash in two."""
     ids = pd.concat([splits[s]["image_id"] for s in SPLITS])
-    assert sorted(ids) == sorted(manifest["image_id"])
+    assert sorted(ids) == sorted(manifest.loc[manifest["included"], "image_id"])
     hashes = [set(splits[s]["sha256"]) for s in SPLITS]
     assert not (hashes[0] & hashes[1]) and not (hashes[0] & hashes[2]) and not (hashes[1] & hashes[2])
 
 
+group_lists = st.lists(
+    st.tuples(st.sampled_from([0, 0, 0, 0, 1]), st.integers(1, 3), st.sampled_from(PARTS)), min_size=60, max_size=200
+).filter(lambda gs: sum(1 for g in gs if g[0] == 1) >= 8 and sum(1 for g in gs if g[0] == 0) >= 8)
+by_part = pytest.mark.parametrize("by_part", [False, True], ids=["label", "label+body_part"])
+
+
+@by_part
 @settings(max_examples=40, deadline=None)
 @given(groups=group_lists, seed=st.integers(0, 10_000))
-def test_class_ratio_of_distinct_images_within_one_of_target(groups, seed):
+def test_every_id_in_exactly_one_split_and_no_hash_crosses(by_part, groups, seed):
     manifest = manifest_from(groups)
-    splits = split_manifest(manifest, SplitParams(seed=seed, val_size=0.15, test_size=0.15))
+    splits = split_manifest(manifest, SplitParams(seed=seed, val_size=0.15, test_size=0.15, stratify_body_part=by_part))
+    assert_partition(manifest, splits)
+    for name in SPLITS:
+        assert splits[name]["image_id"].is_monotonic_increasing
+
+
+@by_part
+@settings(max_examples=40, deadline=None)
+@given(groups=group_lists, seed=st.integers(0, 10_000))
+def test_class_ratio_of_distinct_images_within_one_of_target(by_part, groups, seed):
+    manifest = manifest_from(groups)
+    splits = split_manifest(manifest, SplitParams(seed=seed, val_size=0.15, test_size=0.15, stratify_body_part=by_part))
     distinct = manifest.drop_duplicates("sha256")
     share = distinct["label"].mean()
     for name in SPLITS:
@@ -51,14 +99,36 @@ def test_class_ratio_of_distinct_images_within_one_of_target(groups, seed):
         assert abs(d["label"].sum() - share * len(d)) <= 1 + 1e-9
 
 
-def test_same_seed_same_split_and_excluded_rows_left_out():
-    manifest = manifest_from([(i % 5 == 0, 1 + i % 2) for i in range(100)])
+@settings(max_examples=40, deadline=None)
+@given(groups=group_lists, seed=st.integers(0, 10_000))
+def test_each_body_part_stratum_within_two_groups_of_its_share(groups, seed):
+    manifest = manifest_from(groups)
+    splits = split_manifest(manifest, SplitParams(seed=seed, val_size=0.15, test_size=0.15, stratify_body_part=True))
+    table = splits.report.strata
+    # The table counts what really went where.
+    for name in SPLITS:
+        assert table[name].sum() == splits[name]["sha256"].nunique()
+        fractured = splits[name].drop_duplicates("sha256")["label"].sum()
+        assert table.loc[table["label"] == 1, name].sum() == fractured
+    # Why two groups: test and val are each one draw in which scikit-learn gives a stratum its
+    # share of its label's (whole-number) count to within one group; train keeps what both
+    # draws left, so its error is at most the two draws' errors together. (Measured over 2,000
+    # random manifests with shares 0.1-0.25: at most 1.6.)
+    for row in table.itertuples():
+        for name in SPLITS:
+            assert abs(getattr(row, name) - SHARES[name] * row.groups) <= 2 + 1e-9, (row, name)
+
+
+@by_part
+def test_same_seed_same_split_and_excluded_rows_left_out(by_part):
+    manifest = manifest_from([(int(i % 5 == 0), 1 + i % 2, PARTS[i % len(PARTS)]) for i in range(100)])
     manifest.loc[3, "included"] = False
-    a = split_manifest(manifest, PARAMS)
-    b = split_manifest(manifest, PARAMS)
+    params = SplitParams(seed=7, val_size=0.15, test_size=0.15, stratify_body_part=by_part)
+    a = split_manifest(manifest, params)
+    b = split_manifest(manifest, params)
     for name in SPLITS:
         pd.testing.assert_frame_equal(a[name], b[name])
-    assert manifest.loc[3, "image_id"] not in set(pd.concat([a[s]["image_id"] for s in SPLITS]))
+    assert manifest.loc[3, "image_id"] not in split_of(a)
 
 
 def test_identical_files_with_different_labels_are_refused():
@@ -68,11 +138,194 @@ def test_identical_files_with_different_labels_are_refused():
         split_manifest(manifest, PARAMS)
 
 
-def test_real_duplicate_groups_stay_together(fracatlas):
+def test_body_part_is_the_one_region_else_mixed_else_unknown():
+    rows = pd.DataFrame(
+        [
+            {"hand": 1, "leg": 0, "hip": 0, "shoulder": 0, "mixed": 0},
+            {"hand": 0, "leg": 0, "hip": 1, "shoulder": 0, "mixed": 0},
+            {"hand": 1, "leg": 0, "hip": 0, "shoulder": 1, "mixed": 1},
+            {"hand": 0, "leg": 1, "hip": 1, "shoulder": 0, "mixed": 0},  # several regions, mixed unset
+            {"hand": 0, "leg": 0, "hip": 0, "shoulder": 0, "mixed": 0},
+            dict.fromkeys(BODY_PART_COLUMNS, pd.NA),  # no dataset.csv row
+        ]
+    ).astype("Int64")
+    assert body_part(rows).tolist() == ["hand", "hip", "mixed", "mixed", "unknown", "unknown"]
+
+
+def test_rare_body_parts_pool_into_other_and_tiny_strata_still_split():
+    # 7 groups is the least that can expect one group in a 15 % split; hip (3) and shoulder (1)
+    # fractured groups pool, and the single unknown non-fractured group must not break sklearn.
+    groups = (
+        [(0, 1, "leg")] * 120 + [(0, 1, "hand")] * 60 + [(0, 1, "unknown")]
+        + [(1, 1, "leg")] * 20 + [(1, 1, "hand")] * 7 + [(1, 1, "hip")] * 3 + [(1, 1, "shoulder")]
+    )
+    manifest = manifest_from(groups)
+    splits = split_manifest(manifest, SplitParams(seed=3, val_size=0.15, test_size=0.15, stratify_body_part=True))
+    assert_partition(manifest, splits)
+    table = splits.report.strata.set_index("stratum")
+    assert table.loc["other parts, fractured", "parts"] == "hip, shoulder"
+    assert table.loc["other parts, fractured", "groups"] == 4
+    assert table.loc["hand, fractured", "groups"] == 7
+    assert table.loc["other parts, not fractured", "parts"] == "unknown"
+    assert sorted(table.index) == sorted(
+        ["leg, not fractured", "hand, not fractured", "other parts, not fractured",
+         "leg, fractured", "hand, fractured", "other parts, fractured"]
+    )
+
+
+def test_body_part_stratification_needs_the_flag_columns():
+    manifest = manifest_from([(0, 1)] * 40 + [(1, 1)] * 10).drop(columns=["hip", "mixed"])
+    with pytest.raises(SplitError, match=r"\['hip', 'mixed'\].*split.stratify_body_part: false"):
+        split_manifest(manifest, SplitParams(seed=1, val_size=0.15, test_size=0.15, stratify_body_part=True))
+    split_manifest(manifest, PARAMS)  # label-only stratification does not read them
+
+
+# --- published lists ---------------------------------------------------------------------------
+
+PUBLISHED = SplitParams(seed=7, val_size=0.15, test_size=0.15, strategy="published")
+
+
+def write_lists(folder: Path, lists: dict[str, list[str]]) -> Path:
+    """A published-lists folder in FracAtlas's format: header ``image_id``, one id per row."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, file in PUBLISHED_FILES.items():
+        pd.DataFrame({"image_id": lists.get(name, [])}).to_csv(folder / file, index=False)
+    return folder
+
+
+def test_published_without_the_folder_or_a_file_says_which_and_the_alternative(tmp_path):
+    manifest = manifest_from([(0, 1)] * 40 + [(1, 1)] * 10)
+    missing = tmp_path / "Utilities" / "Fracture Split"
+    with pytest.raises(SplitError, match=rf"{re.escape(str(missing))} not found.*split.strategy: stratified"):
+        split_manifest(manifest, PUBLISHED, missing)
+    with pytest.raises(SplitError, match="split.strategy: stratified"):
+        split_manifest(manifest, PUBLISHED, None)
+    write_lists(missing, {"train": ["IMG00040_0.jpg"]})
+    (missing / "valid.csv").unlink()
+    with pytest.raises(SplitError, match=r"valid\.csv not found.*val list.*split.strategy: stratified"):
+        split_manifest(manifest, PUBLISHED, missing)
+    # The stratified strategy never looks at the folder.
+    split_manifest(manifest, PARAMS, tmp_path / "nowhere")
+
+
+def test_published_list_without_image_id_column_or_with_an_id_twice_is_refused(tmp_path):
+    manifest = manifest_from([(0, 1)] * 40 + [(1, 1)] * 10)
+    folder = write_lists(tmp_path / "lists", {"train": ["IMG00040_0.jpg"], "test": ["IMG00040_0.jpg"]})
+    with pytest.raises(SplitError, match=r"IMG00040_0\.jpg \(test\), IMG00040_0\.jpg \(train\)"):
+        split_manifest(manifest, PUBLISHED, folder)
+    pd.DataFrame({"id": ["IMG00041_0.jpg"]}).to_csv(folder / "test.csv", index=False)
+    with pytest.raises(SplitError, match=r"test\.csv: no 'image_id' column"):
+        split_manifest(manifest, PUBLISHED, folder)
+
+
+def test_published_group_follows_its_first_listed_member_and_reports_the_rest(tmp_path):
+    # Content h40: IMG00040_0 listed val, IMG00040_1 listed test, IMG00040_2 in no list.
+    manifest = manifest_from([(0, 1)] * 40 + [(1, 3)] + [(1, 1)] * 20)
+    manifest.loc[manifest["image_id"] == "IMG00045_0.jpg", "included"] = False
+    lists = {
+        "train": [f"IMG{g:05d}_0.jpg" for g in range(41, 51)] + ["IMG09999_0.jpg"],
+        "val": ["IMG00040_0.jpg", "IMG00051_0.jpg"],
+        "test": ["IMG00040_1.jpg", "IMG00052_0.jpg", "IMG00000_0.jpg"],
+    }
+    splits = split_manifest(manifest, PUBLISHED, write_lists(tmp_path / "lists", lists))
+    assert_partition(manifest, splits)
+    where = split_of(splits)
+    assert {where[f"IMG00040_{c}.jpg"] for c in range(3)} == {"val"}
+    report = splits.report
+    assert report.moved.to_dict(orient="records") == [
+        {"image_id": "IMG00040_1.jpg", "listed": "test", "assigned": "val"},
+        {"image_id": "IMG00040_2.jpg", "listed": "", "assigned": "val"},
+    ]
+    # Excluded or unknown ids named in a list are left out; a listed non-fractured id follows it.
+    assert report.listed_left_out == ("IMG00045_0.jpg", "IMG09999_0.jpg")
+    assert "IMG00045_0.jpg" not in where
+    assert report.listed_not_fractured == ("IMG00000_0.jpg",) and where["IMG00000_0.jpg"] == "test"
+    assert all(where[f"IMG{g:05d}_0.jpg"] == "train" for g in (41, 42, 43, 44, 46, 47, 48, 49, 50))
+    assert where["IMG00051_0.jpg"] == "val" and where["IMG00052_0.jpg"] == "test"
+    # Fractured ids in no list (IMG00053..IMG00060 and the group's unlisted copy) are reported.
+    assert report.unlisted_fractured == ("IMG00040_2.jpg", *(f"IMG{g:05d}_0.jpg" for g in range(53, 61)))
+    assert report.published == {"train": 9, "val": 4, "test": 2}
+    assert any("IMG00040_1.jpg (listed in test) -> val" in line for line in report.summary())
+    assert json.loads(json.dumps(report.to_dict()))["moved"][0]["image_id"] == "IMG00040_1.jpg"
+
+
+def test_published_lists_that_place_everything_leave_nothing_to_draw(tmp_path):
+    manifest = manifest_from([(1, 1)] * 6 + [(1, 2)])
+    lists = {
+        "train": [f"IMG{g:05d}_0.jpg" for g in range(4)],
+        "val": ["IMG00004_0.jpg"],
+        "test": ["IMG00005_0.jpg", "IMG00006_1.jpg"],
+    }
+    splits = split_manifest(manifest, PUBLISHED, write_lists(tmp_path / "lists", lists))
+    assert {name: len(splits[name]) for name in SPLITS} == {"train": 4, "val": 1, "test": 3}
+    assert splits.report.strata.empty and splits.report.moved["image_id"].tolist() == ["IMG00006_0.jpg"]
+    assert json.dumps(splits.report.to_dict()) and splits.report.summary()
+
+
+@by_part
+@settings(max_examples=30, deadline=None)
+@given(groups=group_lists, seed=st.integers(0, 10_000), picks=st.lists(st.sampled_from(["train", "val", "test", None])))
+def test_published_places_listed_groups_and_draws_the_rest(by_part, groups, seed, picks):
+    manifest = manifest_from(groups)
+    fractured = manifest.loc[manifest["label"] == 1, "image_id"].tolist()
+    lists: dict[str, list[str]] = {name: [] for name in SPLITS}
+    for image_id, pick in zip(fractured, picks, strict=False):
+        if pick:
+            lists[pick].append(image_id)
+    params = SplitParams(seed=seed, val_size=0.15, test_size=0.15, strategy="published", stratify_body_part=by_part)
+    with tempfile.TemporaryDirectory() as tmp:
+        splits = split_manifest(manifest, params, write_lists(Path(tmp), lists))
+    assert_partition(manifest, splits)
+    where = split_of(splits)
+    moved = set(splits.report.moved["image_id"])
+    for name, ids in lists.items():
+        assert all(where[i] == name or i in moved for i in ids)
+    # The non-fractured images are drawn with the params' shares. Test and val are each within
+    # two groups: their sizes round up (scikit-learn's rule) and each label's count rounds to
+    # the nearest whole group. Train is what both leave, so it carries both roundings: three.
+    non = manifest[manifest["label"] == 0].drop_duplicates("sha256")
+    for name in SPLITS:
+        drawn = splits[name].drop_duplicates("sha256")
+        tolerance = 3 if name == "train" else 2
+        assert abs((drawn["label"] == 0).sum() - SHARES[name] * len(non)) <= tolerance + 1e-9
+
+
+# --- the real copy -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def real_manifest(fracatlas: Path) -> pd.DataFrame:
     from fracture.manifest import build_manifest
 
-    manifest = build_manifest(fracatlas).assign(label=lambda f: f["folder_label"], included=True)
-    splits = split_manifest(manifest, PARAMS)
-    where = {h: name for name in SPLITS for h in splits[name]["sha256"]}
-    for h, group in manifest.groupby("sha256"):
-        assert group["sha256"].map(where).nunique() == 1
+    return build_manifest(fracatlas).assign(label=lambda f: f["folder_label"], included=True)
+
+
+def assert_groups_whole(manifest: pd.DataFrame, splits: dict[str, pd.DataFrame]) -> None:
+    used = manifest[manifest["included"]]
+    per_group = used["image_id"].map(split_of(splits)).groupby(used["sha256"]).nunique()
+    assert (per_group == 1).all(), per_group[per_group > 1]
+
+
+@by_part
+def test_real_duplicate_groups_stay_together(real_manifest, by_part):
+    params = SplitParams(seed=7, val_size=0.15, test_size=0.15, stratify_body_part=by_part)
+    splits = split_manifest(real_manifest, params)
+    assert_partition(real_manifest, splits)
+    assert_groups_whole(real_manifest, splits)
+
+
+def test_real_published_lists_place_every_listed_included_id(real_manifest, fracatlas):
+    folder = published_dir_of(fracatlas)
+    lists = {name: pd.read_csv(folder / file)["image_id"].tolist() for name, file in PUBLISHED_FILES.items()}
+    # IMG0003298 (published test) is excluded, as validate.on_label_conflict: exclude would do.
+    manifest = real_manifest.assign(included=real_manifest["image_id"] != "IMG0003298.jpg")
+    splits = split_manifest(manifest, PUBLISHED, folder)
+    assert_partition(manifest, splits)
+    assert_groups_whole(manifest, splits)
+    where = split_of(splits)
+    for name, ids in lists.items():
+        assert all(where[i] == name for i in ids if i != "IMG0003298.jpg"), name
+    report = splits.report
+    assert report.listed_left_out == ("IMG0003298.jpg",)
+    assert report.moved.empty and report.unlisted_fractured == ()
+    assert report.published == {name: len(ids) - (name == "test") for name, ids in lists.items()}
