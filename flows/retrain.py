@@ -20,11 +20,13 @@ from fracture.registry import Registration
 from tasks.pipeline import (
     EvaluationSummary,
     IngestSummary,
+    PrepareSummary,
     SplitSummary,
     TrainSummary,
     ValidationSummary,
     evaluate_task,
     ingest_task,
+    prepare_task,
     register_task,
     split_task,
     train_task,
@@ -38,6 +40,7 @@ class RetrainResult:
     ingest: IngestSummary
     validation: ValidationSummary
     split: SplitSummary
+    prepare: PrepareSummary
     train: TrainSummary
     evaluation: EvaluationSummary
     registration: Registration
@@ -106,6 +109,7 @@ def retrain(project_dir: str = ".", source: str | None = None, profile: str | No
     ingested = ingest_task(project, source or os.environ.get(SOURCE_ENV) or None)
     validation = validate_task(project)
     split = split_task(project)
+    prepared = prepare_task(project)
     trained = train_task(project)
     evaluation = evaluate_task(project)
     registration = register_task(project, trained)
@@ -118,7 +122,7 @@ def retrain(project_dir: str = ".", source: str | None = None, profile: str | No
         f"({'new' if registration.created else 'already registered'}), champion: {registration.champion} "
         f"({registration.reason})"
     )
-    return RetrainResult(name, ingested, validation, split, trained, evaluation, registration)
+    return RetrainResult(name, ingested, validation, split, prepared, trained, evaluation, registration)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -128,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", default=None, help="a profile in params.yaml (default: by hardware)")
     args = parser.parse_args(argv)
     result = retrain(project_dir=args.project_dir, source=args.source, profile=args.profile)
-    for stage in (result.validation.run, result.split.run, result.train.run, result.evaluation.run):
+    for stage in (result.validation.run, result.split.run, result.prepare.run, result.train.run, result.evaluation.run):
         print(f"{stage.stage:<9} {'ran' if stage.ran else 'up to date':<10} {stage.seconds:7.1f} s")
 
 

@@ -23,9 +23,10 @@ import yaml
 from safetensors.torch import save_file
 
 from fracture.config import ConfigError, Params, artifact_location, load_params, tracking_uri
-from fracture.imaging import CLASSES
+from fracture.imaging import CLASSES, ImageLoadError
 from fracture.ingest import IngestError
 from fracture.model import PretrainedWeightsError
+from fracture.prepare import StaleCacheError
 from fracture.split import SplitError
 
 log = logging.getLogger("fracture")
@@ -33,7 +34,9 @@ log = logging.getLogger("fracture")
 OUT = Path("outputs")
 MANIFEST = OUT / "validate" / "manifest.csv"
 REPORT = OUT / "validate" / "report.json"
+GX_DIR = OUT / "validate" / "gx"
 SPLIT_DIR = OUT / "split"
+PREP_DIR = OUT / "prepare"
 TRAIN_DIR = OUT / "train"
 EVAL_DIR = OUT / "evaluate"
 
@@ -98,10 +101,16 @@ def serving_config(root: Path = Path(".")) -> dict[str, Any]:
 
 
 def cmd_ingest(params: Params, args: argparse.Namespace) -> None:
-    from fracture.ingest import SOURCE_ENV, ingest  # noqa: PLC0415 - keeps other commands' start fast
+    # Imported here, not at the top, to keep other commands' start fast.
+    from fracture.ingest import EX_TEMPFAIL, SOURCE_ENV, DownloadError, ingest  # noqa: PLC0415
 
     source = args.source or os.environ.get(SOURCE_ENV) or None
-    result = ingest(params.ingest, Path(params.ingest.dest), source)
+    try:
+        result = ingest(params.ingest, Path(params.ingest.dest), source)
+    except DownloadError as exc:
+        # A distinct exit status, so schedulers retry this and only this (see tasks/pipeline.py).
+        print(f"fracture ingest: {exc}", file=sys.stderr)
+        raise SystemExit(EX_TEMPFAIL) from exc
     print(
         f"ingested {result.files} files ({result.bytes / 1e6:.1f} MB) from {result.source} into "
         f"{result.dest}; {result.checksums_verified} verified against SHA256SUMS"
@@ -110,30 +119,92 @@ def cmd_ingest(params: Params, args: argparse.Namespace) -> None:
 
 def cmd_validate(params: Params, args: argparse.Namespace) -> None:
     from fracture.manifest import build_manifest
-    from fracture.validation import failure_message, validate
+    from fracture.validation import failure_message, rule_severities, validate
+    from fracture.versions import compare_with_previous
 
+    rule_severities(params.validate)  # a params mistake fails before the manifest is built
     manifest = build_manifest(Path(params.ingest.dest))
-    resolved, report = validate(manifest, params.validate)
+    resolved, report = validate(manifest, params.validate, GX_DIR)
+    version = data_version()
+    comparison = (
+        compare_with_previous(manifest, Path("."), current_md5=version)
+        if params.validate.compare_previous
+        else {"status": "disabled", "message": "validate.compare_previous is false"}
+    )
     MANIFEST.parent.mkdir(parents=True, exist_ok=True)
     resolved.to_csv(MANIFEST, index=False)
-    _write_json(REPORT, dataclasses.asdict(report) | {"data_version": data_version()})
+    _write_json(REPORT, dataclasses.asdict(report) | {"data_version": version, "comparison": comparison})
     for f in report.findings:
         if not f.success:
-            print(f"[{f.severity}] {f.rule}: {f.unexpected_count} rows, e.g. {f.unexpected_ids[:5]}")
+            print(f"[{f.severity}] {f.rule}: {f.unexpected_count} images, e.g. {f.unexpected_ids[:5]}")
     print(f"{len(report.duplicate_groups)} groups of byte-identical files; {len(report.excluded)} images excluded")
+    print(f"dataset version {version}: {comparison['status']}; {comparison.get('message', '')}")
+    print(f"Great Expectations Data Docs: {report.gx_outputs['data_docs']}")
     if not report.success:
         raise SystemExit(failure_message(report) + f"\nfull report: {REPORT}")
 
 
 def cmd_split(params: Params, args: argparse.Namespace) -> None:
-    from fracture.split import split_manifest
+    from fracture.split import published_dir_of, split_manifest
 
     manifest = _read_frame(MANIFEST)
-    splits = split_manifest(manifest, params.split)
+    published = published_dir_of(Path(params.ingest.dest)) if params.split.strategy == "published" else None
+    splits = split_manifest(manifest, params.split, published)
     SPLIT_DIR.mkdir(parents=True, exist_ok=True)
     for name, frame in splits.items():
         frame.to_csv(SPLIT_DIR / f"{name}.csv", index=False)
         print(f"{name}: {len(frame)} images, {int(frame['label'].sum())} fractured")
+    for line in splits.report.summary():
+        print(line)
+    _write_json(SPLIT_DIR / "report.json", splits.report.to_dict())
+
+
+def _prepared(params: Params) -> tuple[dict[str, Any], Any]:
+    """The active profile's data config and the prepared cache built for it."""
+    from fracture.model import profile_data_config
+    from fracture.prepare import cache_key, open_prepared
+
+    config = profile_data_config(params.profile, params.prepare.aspect)
+    return config, open_prepared(PREP_DIR, cache_key(config, params.validate.on_truncated == "keep"))
+
+
+def cmd_prepare(params: Params, args: argparse.Namespace) -> None:
+    from fracture.model import profile_data_config
+    from fracture.prepare import cache_key, prepare_images
+    from fracture.training import Preprocessor
+
+    manifest = _read_frame(MANIFEST)
+    used = manifest[manifest["included"]]
+    config = profile_data_config(params.profile, params.prepare.aspect)
+    key = cache_key(config, params.validate.on_truncated == "keep")
+    meta = prepare_images(used, Path(params.ingest.dest), Preprocessor(config).resize, key, PREP_DIR, params.prepare.workers)
+    seconds = meta["decode_seconds"]
+    _write_json(PREP_DIR / "timing.json", {"decode_seconds": seconds, "images_per_s": round(meta["images"] / seconds, 2)})
+    print(f"prepared {meta['images']} images at {key['input_size'][1:]} ({key['aspect']}) in {seconds:.1f}s")
+
+
+def log_dataset_inputs(params: Params, frames: dict[str, pd.DataFrame]) -> None:
+    """Records the dataset version and the split tables as MLflow dataset inputs of the run.
+
+    The whole dataset is one input named ``fracatlas`` whose digest is DVC's md5 of ``data``
+    (the version in ``data.dvc``); each split is an input with its own content digest.
+    """
+    version = data_version() or "unversioned"
+    source = Path(params.ingest.dest).resolve().as_uri()
+    columns = ["image_id", "path", "label", "sha256"]
+    everything = pd.concat(frames.values())[columns]
+    mlflow.log_input(
+        # DVC's directory md5 ("<32 hex>.dir") fits MLflow's 36-character digest column.
+        mlflow.data.from_pandas(everything, source=source, targets="label", name="fracatlas", digest=version),
+        context="dataset",
+        tags={"data_version": version},
+    )
+    for split, frame in frames.items():
+        mlflow.log_input(
+            mlflow.data.from_pandas(frame[columns], source=source, targets="label", name=f"fracatlas-{split}"),
+            context=split,
+            tags={"data_version": version},
+        )
 
 
 def cmd_train(params: Params, args: argparse.Namespace) -> None:
@@ -142,22 +213,26 @@ def cmd_train(params: Params, args: argparse.Namespace) -> None:
     profile = params.profile
     train_frame = _read_frame(SPLIT_DIR / "train.csv")
     val_frame = _read_frame(SPLIT_DIR / "val.csv")
+    test_frame = _read_frame(SPLIT_DIR / "test.csv")
+    config, cache = _prepared(params)
+    train_data, val_data = cache.dataset(train_frame), cache.dataset(val_frame)
     setup_mlflow(params)
     tags = {"profile": params.train.profile, "data_version": data_version() or "", "git_commit": git_commit() or ""}
     with mlflow.start_run(tags=tags) as run:
+        log_dataset_inputs(params, {"train": train_frame, "val": val_frame, "test": test_frame})
         mlflow.log_params(
             {"profile": params.train.profile, **{f"profile.{k}": v for k, v in dataclasses.asdict(profile).items()}}
             | {f"train.{k}": v for k, v in dataclasses.asdict(params.train).items()}
             | {f"split.{k}": v for k, v in dataclasses.asdict(params.split).items()}
+            | {f"prepare.{k}": v for k, v in dataclasses.asdict(params.prepare).items()}
             | {"n_train": len(train_frame), "n_val": len(val_frame)}
         )
         result = train(
-            train_frame,
-            val_frame,
-            Path(params.ingest.dest),
+            train_data,
+            val_data,
+            config,
             profile,
             params.train,
-            allow_truncated=params.validate.on_truncated == "keep",
             on_epoch=lambda epoch, metrics: mlflow.log_metrics(metrics, step=epoch + 1),
         )
         mlflow.log_metrics({"best_epoch": result.best_epoch, "best_val_roc_auc": result.best_val_roc_auc})
@@ -183,17 +258,19 @@ def cmd_train(params: Params, args: argparse.Namespace) -> None:
 def cmd_evaluate(params: Params, args: argparse.Namespace) -> None:
     from fracture.evaluation import choose_threshold, evaluate_probabilities
     from fracture.serving import load_classifier
-    from fracture.training import Preprocessor, load_split, predict_proba
+    from fracture.prepare import cache_key, open_prepared
+    from fracture.training import Preprocessor, predict_proba
 
     config = _read_json(TRAIN_DIR / "model.json")
     run_id = _read_json(TRAIN_DIR / "run.json")["run_id"]
     model = load_classifier(str(TRAIN_DIR / "model.safetensors"), config)
     pre = Preprocessor(config["data_config"])
-    allow_truncated = params.validate.on_truncated == "keep"
+    # The cache must hold exactly the pixels the trained model's own transform produces.
+    cache = open_prepared(PREP_DIR, cache_key(config["data_config"], params.validate.on_truncated == "keep"))
 
     def score(split: str) -> tuple[pd.DataFrame, Any, Any]:
         frame = _read_frame(SPLIT_DIR / f"{split}.csv")
-        data = load_split(frame, Path(params.ingest.dest), pre, allow_truncated, params.train.num_workers)
+        data = cache.dataset(frame)
         probs = predict_proba(model, data, pre, torch.device("cpu"), params.evaluate.batch_size)
         return frame, data.tensors[1].numpy(), probs
 
@@ -241,6 +318,7 @@ COMMANDS = {
     "ingest": (cmd_ingest, "bring FracAtlas into the project (from --source, $FRACATLAS_SOURCE or figshare)"),
     "validate": (cmd_validate, "build the manifest and run the data-quality suite"),
     "split": (cmd_split, "stratified, duplicate-aware train/val/test split"),
+    "prepare": (cmd_prepare, "decode and resize each image once into the prepared cache"),
     "train": (cmd_train, "fine-tune the profile's model, logging to MLflow"),
     "evaluate": (cmd_evaluate, "score the model on the test split"),
     "register": (cmd_register, "register the model and move the champion alias if it is better"),
@@ -260,7 +338,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         params = load_params()
         COMMANDS[args.command][0](params, args)
-    except (ConfigError, FileNotFoundError, IngestError, PretrainedWeightsError, SplitError) as exc:
+    except (
+        ConfigError, FileNotFoundError, ImageLoadError, IngestError, PretrainedWeightsError, SplitError, StaleCacheError
+    ) as exc:
         sys.exit(f"fracture {args.command}: {exc}")
 
 

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import io
 import threading
-from collections.abc import Callable
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
 from timm.data import create_transform
+from timm.data.transforms import MaybeToTensor
+from torchvision import transforms
 
 #: Class index -> label. Index 1 is the positive class whose probability the model reports.
 CLASSES: tuple[str, str] = ("not_fractured", "fractured")
@@ -82,20 +86,37 @@ def decode_truncated(source: str | Path | bytes) -> Image.Image:
             ImageFile.LOAD_TRUNCATED_IMAGES = previous
 
 
-def build_transform(data_config: dict[str, Any]) -> Callable[[Image.Image], torch.Tensor]:
+class PadToSquare:
+    """Pads an image with black to a square around its centre, keeping its aspect ratio.
+
+    X-ray backgrounds are black, so the padding looks like more background; no pixel is
+    resampled here, the resize that follows is the only interpolation.
+    """
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        side = max(img.size)
+        return ImageOps.pad(img, (side, side), color=0)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def build_transform(data_config: dict[str, Any]) -> transforms.Compose:
     """timm's evaluation transform, resizing the whole image to the input size without cropping.
 
     The paper resizes and normalises only: a centre crop would cut fractures at the image
     corners out of view, so ``crop_mode='squash'`` with ``crop_pct=1`` resizes straight to
-    the model's input size.
+    the model's input size. With ``aspect: pad`` the image is first padded to a square, so
+    bones keep their proportions.
 
     Args:
-        data_config: timm data config (``input_size``, ``interpolation``, ``mean``, ``std``).
+        data_config: timm data config (``input_size``, ``interpolation``, ``mean``, ``std``)
+            and ``aspect`` (``squash``, the default, or ``pad``).
 
     Returns:
-        A callable mapping a PIL image to a normalised CHW float tensor.
+        A transform mapping a PIL image to a normalised CHW float tensor.
     """
-    return create_transform(
+    transform = create_transform(
         input_size=tuple(data_config["input_size"]),
         is_training=False,
         interpolation=data_config["interpolation"],
@@ -104,3 +125,38 @@ def build_transform(data_config: dict[str, Any]) -> Callable[[Image.Image], torc
         crop_pct=1.0,
         crop_mode="squash",
     )
+    aspect = data_config.get("aspect", "squash")
+    if aspect == "pad":
+        transform.transforms.insert(0, PadToSquare())
+    elif aspect != "squash":
+        raise ValueError(f"data_config aspect must be 'squash' or 'pad', got {aspect!r}")
+    return transform
+
+
+class Preprocessor:
+    """timm's evaluation transform, split at the tensor boundary.
+
+    Images are decoded and resized once (``resize``, PIL to uint8) and normalised per batch
+    (``normalize``), which computes exactly what the full transform in
+    :func:`build_transform` computes for the served model.
+    """
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        steps = build_transform(config).transforms
+        if not (isinstance(steps[-2], MaybeToTensor) and isinstance(steps[-1], transforms.Normalize)):
+            raise RuntimeError(f"unexpected timm transform layout: {steps}")
+        self.resize = transforms.Compose(steps[:-2])
+        self.normalize = steps[-1]
+
+    def load(self, paths: Sequence[Path], allow_truncated: bool, workers: int) -> torch.Tensor:
+        """Decodes and resizes images into one uint8 NCHW tensor."""
+
+        def one(path: Path) -> np.ndarray:
+            return np.asarray(self.resize(open_xray(path, allow_truncated=allow_truncated)))
+
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            arrays = list(pool.map(one, paths))
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.normalize(batch.float().div_(255))

@@ -7,7 +7,8 @@ from typing import Any
 
 import timm
 import torch
-from timm.data import resolve_model_data_config
+from timm.data import resolve_data_config, resolve_model_data_config
+from timm.models import get_pretrained_cfg
 
 from fracture.config import Profile
 from fracture.imaging import CLASSES
@@ -115,8 +116,33 @@ def create_classifier(profile: Profile, num_classes: int = len(CLASSES)) -> torc
     return model
 
 
-def data_config(model: torch.nn.Module, image_size: int) -> dict[str, Any]:
-    """timm's data config for ``model`` at the profile's square input size."""
-    config = resolve_model_data_config(model)
-    config["input_size"] = (3, image_size, image_size)
-    return {k: config[k] for k in ("input_size", "interpolation", "mean", "std")}
+def data_config(model: torch.nn.Module, image_size: int, aspect: str = "squash") -> dict[str, Any]:
+    """timm's data config for ``model`` at the profile's square input size.
+
+    Args:
+        model: a timm model.
+        image_size: the square input size.
+        aspect: ``squash`` (resize to the square) or ``pad`` (pad to a square first), see
+            :func:`fracture.imaging.build_transform`.
+
+    Returns:
+        ``input_size``, ``interpolation``, ``mean``, ``std`` and ``aspect``.
+    """
+    return _square(resolve_model_data_config(model), image_size, aspect)
+
+
+def profile_data_config(profile: Profile, aspect: str = "squash") -> dict[str, Any]:
+    """The same config as :func:`data_config`, from timm's pretrained config alone.
+
+    The prepare stage needs the input size and interpolation before any model exists; this
+    reads them from timm's registry without building the network or fetching weights.
+    """
+    pretrained = get_pretrained_cfg(profile.model)
+    if pretrained is None:
+        raise PretrainedWeightsError(f"timm knows no pretrained config for {profile.model!r}. {_how_to(profile)}")
+    return _square(resolve_data_config(pretrained_cfg=pretrained.to_dict()), profile.image_size, aspect)
+
+
+def _square(config: dict[str, Any], image_size: int, aspect: str) -> dict[str, Any]:
+    out = {k: config[k] for k in ("interpolation", "mean", "std")}
+    return {"input_size": (3, image_size, image_size), **out, "aspect": aspect}

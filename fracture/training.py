@@ -9,17 +9,13 @@ import copy
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 from sklearn.metrics import roc_auc_score
-from timm.data.transforms import MaybeToTensor
 from timm.utils.model import freeze
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -27,7 +23,7 @@ from torchvision import transforms
 from tqdm import tqdm
 
 from fracture.config import Profile, TrainParams
-from fracture.imaging import build_transform, open_xray
+from fracture.imaging import Preprocessor
 from fracture.model import create_classifier, data_config
 
 log = logging.getLogger(__name__)
@@ -66,35 +62,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-class Preprocessor:
-    """timm's evaluation transform, split at the tensor boundary.
-
-    Images are decoded and resized once (``resize``, PIL to uint8) and normalised per batch
-    (``normalize``), which computes exactly what the full transform in
-    :func:`fracture.imaging.build_transform` computes for the served model.
-    """
-
-    def __init__(self, config: dict[str, Any]) -> None:
-        steps = build_transform(config).transforms
-        if not (isinstance(steps[-2], MaybeToTensor) and isinstance(steps[-1], transforms.Normalize)):
-            raise RuntimeError(f"unexpected timm transform layout: {steps}")
-        self.resize = transforms.Compose(steps[:-2])
-        self.normalize = steps[-1]
-
-    def load(self, paths: Sequence[Path], allow_truncated: bool, workers: int) -> torch.Tensor:
-        """Decodes and resizes images into one uint8 NCHW tensor."""
-
-        def one(path: Path) -> np.ndarray:
-            return np.asarray(self.resize(open_xray(path, allow_truncated=allow_truncated)))
-
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            arrays = list(pool.map(one, paths))
-        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        return self.normalize(batch.float().div_(255))
-
-
 def light_augmentation() -> Callable[[torch.Tensor], torch.Tensor]:
     """Per-image flips, small rotations and shifts, and brightness/contrast changes.
 
@@ -110,13 +77,8 @@ def light_augmentation() -> Callable[[torch.Tensor], torch.Tensor]:
     )
 
 
-def load_split(
-    frame: pd.DataFrame, dataset_dir: Path, pre: Preprocessor, allow_truncated: bool, workers: int
-) -> TensorDataset:
-    """The split's images (uint8) and labels as a tensor dataset."""
-    images = pre.load([dataset_dir / p for p in frame["path"]], allow_truncated, workers)
-    labels = torch.tensor(frame["label"].astype(int).to_numpy())
-    return TensorDataset(images, labels)
+def _jsonish(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
 
 
 def _autocast(device: torch.device) -> tuple[torch.autocast | None, torch.amp.GradScaler | None]:
@@ -147,43 +109,44 @@ def predict_proba(
 
 
 def train(
-    train_frame: pd.DataFrame,
-    val_frame: pd.DataFrame,
-    dataset_dir: Path,
+    train_data: TensorDataset,
+    val_data: TensorDataset,
+    config: dict[str, Any],
     profile: Profile,
     params: TrainParams,
-    allow_truncated: bool,
     on_epoch: EpochCallback | None = None,
 ) -> TrainResult:
     """Fine-tunes the profile's ImageNet model and keeps the epoch with the best val ROC AUC.
 
     Args:
-        train_frame: training rows (``path`` relative to ``dataset_dir``, ``label``).
-        val_frame: validation rows.
-        dataset_dir: root of the FracAtlas copy.
+        train_data: training images (uint8 NCHW at the input size, e.g. from the prepared
+            cache) and labels.
+        val_data: validation images and labels.
+        config: the data config the images were prepared with
+            (:func:`fracture.model.profile_data_config`).
         profile: architecture, weights, input size and epochs.
         params: optimiser, scheduler, batch size, seed and device.
-        allow_truncated: decode truncated JPEGs (``validate.on_truncated: keep``).
         on_epoch: called after each epoch with its metrics (e.g. to log them to MLflow).
 
     Returns:
         The best model (on the CPU), its data config and the per-epoch history.
+
+    Raises:
+        ValueError: the images were prepared for another input size or normalisation than
+            the model's.
     """
     seed_everything(params.seed)
     device = select_device(params.device)
     model = create_classifier(profile)
+    expected = data_config(model, profile.image_size, config.get("aspect", "squash"))
+    if _jsonish(expected) != _jsonish(config):
+        raise ValueError(f"images were prepared for {config}, but {profile.model} needs {expected}")
     if profile.frozen:
         # Freezing the high-resolution early layers skips most of their backward pass; their
         # ImageNet edge and texture filters transfer to X-rays as they are.
         freeze(model, list(profile.frozen))
-    config = data_config(model, profile.image_size)
     augment = light_augmentation() if profile.augment == "light" else None
     pre = Preprocessor(config)
-
-    t0 = time.perf_counter()
-    train_data = load_split(train_frame, dataset_dir, pre, allow_truncated, params.num_workers)
-    val_data = load_split(val_frame, dataset_dir, pre, allow_truncated, params.num_workers)
-    log.info("decoded %d train and %d val images in %.1fs", len(train_data), len(val_data), time.perf_counter() - t0)
 
     model = model.to(device, memory_format=torch.channels_last)
     criterion = nn.CrossEntropyLoss()

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 from prefect import get_run_logger, task
 
-from fracture.cli import EVAL_DIR, REPORT, SPLIT_DIR, TRAIN_DIR, data_version, serving_config, setup_mlflow
+from fracture.cli import EVAL_DIR, PREP_DIR, REPORT, SPLIT_DIR, TRAIN_DIR, data_version, serving_config, setup_mlflow
 from fracture.config import load_params
 from fracture.ingest import EX_TEMPFAIL
 from fracture.registry import Registration, register
@@ -70,6 +70,15 @@ class SplitSummary:
     run: StageRun
     sizes: dict[str, int]
     fractured: dict[str, int]
+
+
+@dataclass(frozen=True)
+class PrepareSummary:
+    run: StageRun
+    images: int
+    input_size: list[int]
+    aspect: str
+    images_per_s: float
 
 
 @dataclass(frozen=True)
@@ -178,6 +187,14 @@ def split_task(project: Path) -> SplitSummary:
         frame = pd.read_csv(project / SPLIT_DIR / f"{name}.csv", usecols=["label"])
         sizes[name], fractured[name] = len(frame), int(frame["label"].sum())
     return SplitSummary(run, sizes, fractured)
+
+
+@task(name="prepare")
+def prepare_task(project: Path) -> PrepareSummary:
+    run = repro(project, "prepare")
+    meta = json.loads((project / PREP_DIR / "meta.json").read_text())
+    timing = json.loads((project / PREP_DIR / "timing.json").read_text())
+    return PrepareSummary(run, meta["images"], meta["input_size"], meta["aspect"], timing["images_per_s"])
 
 
 @task(name="train")

@@ -36,8 +36,10 @@ def test_flow_registers_a_champion_then_reruns_nothing(project, subset_source, f
     first = retrain(project_dir=str(project), source=str(subset_source))
 
     assert (project / "dvc.lock").is_file() and (project / "data.dvc").is_file()
-    assert [s.ran for s in (first.validation.run, first.split.run, first.train.run, first.evaluation.run)] == [True] * 4
+    stages = ("validation", "split", "prepare", "train", "evaluation")
+    assert [getattr(first, s).run.ran for s in stages] == [True] * 5
     assert sum(first.split.sizes.values()) == 60
+    assert first.prepare.images == 60 and first.prepare.input_size == [3, 64, 64]
     reg = first.registration
     assert (reg.version, reg.created, reg.champion) == ("1", True, True)
     metrics = json.loads((project / "outputs/evaluate/metrics.json").read_text())
@@ -77,7 +79,7 @@ def test_flow_registers_a_champion_then_reruns_nothing(project, subset_source, f
     status = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=project, capture_output=True, text=True)
     assert "up to date" in status.stdout, status.stdout
     second = retrain(project_dir=str(project), source=str(subset_source))
-    assert [s.ran for s in (second.validation.run, second.split.run, second.train.run, second.evaluation.run)] == [False] * 4
+    assert [getattr(second, s).run.ran for s in stages] == [False] * 5
     assert second.registration.version == "1" and not second.registration.created
     assert len(client.search_model_versions("name = 'fracture-classifier'")) == 1
 

@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from fracture.config import load_params
+from fracture.model import profile_data_config
 from fracture.training import train
 from tests.conftest import REPO
 from tests.synthetic import make_dataset, training_frame
+from tests.test_prepare import tensor_data
 
 pytestmark = [
     pytest.mark.gpu,
@@ -23,6 +25,8 @@ def test_training_runs_on_cuda_with_mixed_precision(tmp_path):
     params = load_params(REPO)
     frame = training_frame(tmp_path)
     profile = dataclasses.replace(params.profiles["cpu"], image_size=64, epochs=1)
-    result = train(frame, frame, tmp_path, profile, dataclasses.replace(params.train, device="cuda"), True)
+    config = profile_data_config(profile)
+    data = tensor_data(tmp_path, frame, config)
+    result = train(data, data, config, profile, dataclasses.replace(params.train, device="cuda"))
     assert result.device == "cuda"
     assert 0.0 <= result.best_val_roc_auc <= 1.0

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 import torch
 
 from fracture.config import load_params
-from fracture.model import create_classifier
+from fracture.model import create_classifier, profile_data_config
 from fracture.training import light_augmentation, train
 from tests.conftest import REPO
 from tests.synthetic import make_dataset, training_frame
+from tests.test_prepare import tensor_data
 
 
 def test_frozen_layers_keep_imagenet_weights_and_the_rest_learns(tmp_path):
@@ -19,8 +21,9 @@ def test_frozen_layers_keep_imagenet_weights_and_the_rest_learns(tmp_path):
     profile = dataclasses.replace(
         params.profiles["cpu"], image_size=64, epochs=2, augment="light", frozen=("conv_stem", "bn1", "blocks.0")
     )
-    result = train(training_frame(tmp_path), training_frame(tmp_path), tmp_path, profile,
-                   dataclasses.replace(params.train, lr=1e-3), allow_truncated=True)
+    config = profile_data_config(profile)
+    data = tensor_data(tmp_path, training_frame(tmp_path), config)
+    result = train(data, data, config, profile, dataclasses.replace(params.train, lr=1e-3))
     start = create_classifier(profile)
     assert torch.equal(result.model.conv_stem.weight, start.conv_stem.weight)
     assert torch.equal(result.model.blocks[0][0].conv_dw.weight, start.blocks[0][0].conv_dw.weight)
@@ -34,3 +37,13 @@ def test_light_augmentation_keeps_size_and_dtype():
     image = torch.randint(0, 256, (3, 64, 80), dtype=torch.uint8)
     out = light_augmentation()(image)
     assert out.shape == image.shape and out.dtype == torch.uint8
+
+
+def test_images_prepared_for_another_model_are_refused(tmp_path):
+    make_dataset(tmp_path, 2, 2)
+    params = load_params(REPO)
+    profile = dataclasses.replace(params.profiles["cpu"], image_size=64, epochs=1)
+    config = profile_data_config(profile) | {"mean": (0.485, 0.456, 0.406)}
+    data = tensor_data(tmp_path, training_frame(tmp_path), config)
+    with pytest.raises(ValueError, match="prepared for"):
+        train(data, data, config, profile, params.train)

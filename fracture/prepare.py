@@ -1,0 +1,145 @@
+"""The prepared cache: every included image decoded once, resized to the model's input size.
+
+Training and evaluation read uint8 pixels from one ``.npy`` array instead of decoding
+JPEGs each time. The pixels are exactly what the served model's transform computes before
+normalising (:class:`fracture.training.Preprocessor`), so cached and served predictions agree.
+The cache records what it was built for (input size, interpolation, aspect handling,
+truncated loading); a reader that needs anything else gets an error telling it to rebuild.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import TensorDataset
+
+from fracture.imaging import open_xray
+
+log = logging.getLogger(__name__)
+
+IMAGES = "images.npy"
+INDEX = "index.csv"
+META = "meta.json"
+#: The data-config keys whose change makes a different cache (mean and std act later).
+KEY_FIELDS = ("input_size", "interpolation", "aspect")
+
+
+class StaleCacheError(RuntimeError):
+    """The prepared cache was built for a different input size, aspect or image set."""
+
+
+@dataclass(frozen=True)
+class PreparedImages:
+    """A read-only view of the cache: pixels (memory-mapped) and the row of each image id."""
+
+    images: np.ndarray
+    rows: dict[str, int]
+    meta: dict[str, Any]
+
+    def dataset(self, frame: pd.DataFrame) -> TensorDataset:
+        """The frame's images (uint8 NCHW) and labels, in the frame's order.
+
+        Raises:
+            StaleCacheError: an image id of the frame is not in the cache.
+        """
+        missing = [i for i in frame["image_id"] if i not in self.rows]
+        if missing:
+            raise StaleCacheError(
+                f"{len(missing)} images are not in the prepared cache (e.g. {missing[:5]}); "
+                "it was built from another manifest: run `dvc repro prepare`"
+            )
+        rows = np.array([self.rows[i] for i in frame["image_id"]], dtype=np.int64)
+        # Sorted reads are sequential on disk; the order is restored afterwards.
+        order = np.argsort(rows, kind="stable")
+        pixels = np.empty((len(rows), *self.images.shape[1:]), dtype=np.uint8)
+        pixels[order] = self.images[rows[order]]
+        images = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
+        labels = torch.tensor(frame["label"].astype(int).to_numpy())
+        return TensorDataset(images, labels)
+
+
+def cache_key(data_config: dict[str, Any], allow_truncated: bool) -> dict[str, Any]:
+    """What a cache must have been built with to serve a model with ``data_config``."""
+    key = {k: data_config.get(k, "squash" if k == "aspect" else None) for k in KEY_FIELDS}
+    key["input_size"] = list(key["input_size"])
+    return key | {"allow_truncated": allow_truncated}
+
+
+def prepare_images(
+    frame: pd.DataFrame,
+    dataset_dir: Path,
+    resize: Any,
+    key: dict[str, Any],
+    out_dir: Path,
+    workers: int,
+) -> dict[str, Any]:
+    """Decodes and resizes each image once and writes the cache.
+
+    Args:
+        frame: the images to prepare (``image_id``, ``path`` relative to ``dataset_dir``).
+        dataset_dir: root of the FracAtlas copy.
+        resize: PIL image -> PIL image at the input size (``Preprocessor.resize``).
+        key: :func:`cache_key` of the config the cache serves.
+        out_dir: where ``images.npy``, ``index.csv`` and ``meta.json`` are written.
+        workers: decoding threads (Pillow releases the GIL while decoding and resizing).
+
+    Returns:
+        The metadata written to ``meta.json`` plus ``decode_seconds`` (kept out of the file,
+        so that a rebuild with identical pixels writes an identical ``meta.json``).
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _, height, width = key["input_size"]
+    ids = frame["image_id"].astype(str).tolist()
+    paths = [dataset_dir / p for p in frame["path"]]
+    started = time.perf_counter()
+    array = np.lib.format.open_memmap(out_dir / IMAGES, mode="w+", dtype=np.uint8, shape=(len(ids), height, width, 3))
+
+    def one(i: int) -> None:
+        img = resize(open_xray(paths[i], allow_truncated=key["allow_truncated"]))
+        array[i] = np.asarray(img)
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        list(pool.map(one, range(len(ids))))
+    array.flush()
+    del array
+    seconds = time.perf_counter() - started
+    pd.DataFrame({"image_id": ids, "row": range(len(ids))}).to_csv(out_dir / INDEX, index=False)
+    meta = key | {"images": len(ids)}
+    (out_dir / META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    log.info("prepared %d images at %s in %.1fs (%.1f images/s)", len(ids), key["input_size"], seconds, len(ids) / seconds)
+    return meta | {"decode_seconds": round(seconds, 2)}
+
+
+def open_prepared(out_dir: Path, key: dict[str, Any]) -> PreparedImages:
+    """Opens the cache after checking it was built for ``key``.
+
+    Args:
+        out_dir: the cache directory.
+        key: :func:`cache_key` of the model about to use it.
+
+    Raises:
+        FileNotFoundError: there is no cache.
+        StaleCacheError: it was built for another size, interpolation, aspect or truncation policy.
+    """
+    meta_path = out_dir / META
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path} not found: run `dvc repro prepare` first")
+    meta = json.loads(meta_path.read_text())
+    built = {k: meta.get(k) for k in key}
+    if built != key:
+        raise StaleCacheError(
+            f"the prepared cache in {out_dir} was built for {built}, but this model needs {key}: "
+            "run `dvc repro prepare` (or `dvc repro`) to rebuild it"
+        )
+    index = pd.read_csv(out_dir / INDEX, dtype={"image_id": str})
+    images = np.load(out_dir / IMAGES, mmap_mode="r")
+    return PreparedImages(images=images, rows=dict(zip(index["image_id"], index["row"], strict=True)), meta=meta)

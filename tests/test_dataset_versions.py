@@ -1,0 +1,85 @@
+"""A new dataset version: seen by DVC, reruns validate onward, recorded as MLflow dataset inputs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+from tests.conftest import make_subset, pick_ids
+
+pytestmark = pytest.mark.integration
+
+GIT = ["git", "-c", "user.name=fracture test", "-c", "user.email=test@fracture.invalid"]
+
+
+def run(project: Path, *cmd: str) -> str:
+    out = subprocess.run(cmd, cwd=project, capture_output=True, text=True)
+    assert out.returncode == 0, f"{cmd} failed:\n{out.stdout}\n{out.stderr}"
+    return out.stdout
+
+
+def fracture(project: Path, *args: str) -> str:
+    return run(project, sys.executable, "-m", "fracture.cli", *args)
+
+
+def dvc(project: Path, *args: str) -> str:
+    return run(project, sys.executable, "-m", "dvc", *args)
+
+
+def data_md5(project: Path) -> str:
+    return yaml.safe_load((project / "data.dvc").read_text())["outs"][0]["md5"]
+
+
+def dataset_inputs(project: Path) -> dict[str, tuple[str, dict[str, str]]]:
+    """name -> (digest, tags) of the dataset inputs of the run the train stage recorded."""
+    run_id = json.loads((project / "outputs" / "train" / "run.json").read_text())["run_id"]
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    inputs = mlflow.get_run(run_id).inputs.dataset_inputs
+    return {i.dataset.name: (i.dataset.digest, {t.key: t.value for t in i.tags}) for i in inputs}
+
+
+def test_added_images_are_a_new_version_that_reruns_validate_onward(project, fracatlas, tmp_path):
+    source = make_subset(fracatlas, tmp_path / "v1", pick_ids(fracatlas, 12, 28))
+    fracture(project, "ingest", "--source", str(source))
+    dvc(project, "add", "data")
+    run(project, *GIT, "add", "-A")
+    run(project, *GIT, "commit", "-qm", "dataset v1")
+    dvc(project, "repro", "train")
+    v1 = data_md5(project)
+    assert dataset_inputs(project)["fracatlas"] == (v1, {"data_version": v1, "mlflow.data.context": "dataset"})
+    assert "Data and pipelines are up to date" in dvc(project, "status", "--with-deps", "train")
+
+    # A new version of the source: four more images, as a hospital's next export would add.
+    added = pick_ids(fracatlas, 14, 30)[12:14] + pick_ids(fracatlas, 14, 30)[-2:]
+    v2 = make_subset(fracatlas, tmp_path / "v2", pick_ids(fracatlas, 14, 30))
+    fracture(project, "ingest", "--source", str(v2))
+    status = dvc(project, "status", "data.dvc")
+    assert "modified:" in status and "data" in status
+
+    dvc(project, "add", "data")
+    assert data_md5(project) != v1
+    stale = dvc(project, "status", "--with-deps", "train")
+    assert "validate:" in stale and "changed deps" in stale
+    repro = dvc(project, "repro", "train")
+    for stage in ("validate", "split", "prepare", "train"):
+        assert f"Running stage '{stage}'" in repro
+
+    v2_md5 = data_md5(project)
+    inputs = dataset_inputs(project)
+    assert inputs["fracatlas"][0] == v2_md5
+    assert {"fracatlas-train", "fracatlas-val", "fracatlas-test"} <= set(inputs)
+    assert all(tags["data_version"] == v2_md5 for _, tags in inputs.values())
+
+    report = json.loads((project / "outputs" / "validate" / "report.json").read_text())
+    comparison = report["comparison"]
+    assert comparison["previous"]["md5"] == v1
+    assert sorted(comparison["new_ids"]) == sorted(added)
+    assert comparison["removed_ids"] == []
+    shutil.rmtree(tmp_path / "v1")

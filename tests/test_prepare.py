@@ -1,0 +1,108 @@
+"""The prepared cache: decoded once, exactly the served model's pixels, rebuilt when its key changes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import TensorDataset
+
+from fracture.imaging import Preprocessor, build_transform, open_xray
+from fracture.prepare import StaleCacheError, cache_key, open_prepared, prepare_images
+from tests.synthetic import make_dataset, training_frame, truncate
+
+CONFIG = {
+    "input_size": (3, 48, 48),
+    "interpolation": "bicubic",
+    "mean": (0.5, 0.5, 0.5),
+    "std": (0.5, 0.5, 0.5),
+    "aspect": "squash",
+}
+
+
+def tensor_data(root: Path, frame: pd.DataFrame, config: dict) -> TensorDataset:
+    """The frame's images decoded straight from their files (no cache), with labels."""
+    images = Preprocessor(config).load([root / p for p in frame["path"]], allow_truncated=True, workers=1)
+    return TensorDataset(images, torch.tensor(frame["label"].astype(int).to_numpy()))
+
+
+def build(root: Path, frame: pd.DataFrame, config: dict = CONFIG, allow_truncated: bool = True) -> Path:
+    out = root / f"cache-{config['aspect']}"
+    prepare_images(frame, root, Preprocessor(config).resize, cache_key(config, allow_truncated), out, workers=2)
+    return out
+
+
+def test_cache_holds_exactly_the_decoded_pixels_in_frame_order(tmp_path):
+    make_dataset(tmp_path, 4, 6)
+    frame = training_frame(tmp_path)
+    out = build(tmp_path, frame)
+    cache = open_prepared(out, cache_key(CONFIG, True))
+    shuffled = frame.sample(frac=1, random_state=3).reset_index(drop=True)
+    cached = cache.dataset(shuffled)
+    decoded = tensor_data(tmp_path, shuffled, CONFIG)
+    assert cached.tensors[0].dtype == torch.uint8 and cached.tensors[0].shape == (10, 3, 48, 48)
+    assert torch.equal(cached.tensors[0], decoded.tensors[0])
+    assert torch.equal(cached.tensors[1], decoded.tensors[1])
+
+
+def test_cached_pixels_normalised_equal_the_served_transform(tmp_path):
+    make_dataset(tmp_path, 2, 2)
+    frame = training_frame(tmp_path)
+    cache = open_prepared(build(tmp_path, frame), cache_key(CONFIG, True))
+    pre = Preprocessor(CONFIG)
+    batch = pre(cache.dataset(frame).tensors[0])
+    for i, path in enumerate(frame["path"]):
+        served = build_transform(CONFIG)(open_xray(tmp_path / path))
+        assert torch.allclose(batch[i], served, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"input_size": (3, 64, 64)}, {"aspect": "pad"}, {"interpolation": "bilinear"}],
+    ids=["size", "aspect", "interpolation"],
+)
+def test_a_cache_built_for_another_key_is_refused(tmp_path, change):
+    make_dataset(tmp_path, 2, 2)
+    out = build(tmp_path, training_frame(tmp_path))
+    with pytest.raises(StaleCacheError, match="dvc repro prepare"):
+        open_prepared(out, cache_key(CONFIG | change, True))
+    with pytest.raises(StaleCacheError, match="dvc repro prepare"):
+        open_prepared(out, cache_key(CONFIG, False))
+
+
+def test_missing_cache_and_unknown_ids_say_to_rebuild(tmp_path):
+    with pytest.raises(FileNotFoundError, match="dvc repro prepare"):
+        open_prepared(tmp_path / "nowhere", cache_key(CONFIG, True))
+    make_dataset(tmp_path, 2, 2)
+    frame = training_frame(tmp_path)
+    cache = open_prepared(build(tmp_path, frame.iloc[:3]), cache_key(CONFIG, True))
+    with pytest.raises(StaleCacheError, match=frame["image_id"].iloc[3]):
+        cache.dataset(frame)
+
+
+def test_truncated_file_needs_truncated_loading(tmp_path):
+    make_dataset(tmp_path, 2, 2)
+    frame = training_frame(tmp_path)
+    truncate(tmp_path / frame["path"].iloc[0])
+    assert build(tmp_path, frame, allow_truncated=True).joinpath("images.npy").is_file()
+    with pytest.raises(ValueError, match=frame["image_id"].iloc[0]):
+        build(tmp_path, frame, allow_truncated=False)
+
+
+def test_pad_keeps_the_aspect_ratio_and_serving_pads_the_same_way(tmp_path):
+    # A white 40 x 120 image: squashed it fills the square, padded it is a centred bar.
+    Image.new("L", (40, 120), 255).save(tmp_path / "tall.png")
+    frame = pd.DataFrame({"image_id": ["tall.png"], "path": ["tall.png"], "label": [1]})
+    pad = CONFIG | {"aspect": "pad"}
+    squashed = open_prepared(build(tmp_path, frame), cache_key(CONFIG, True)).images[0]
+    padded = open_prepared(build(tmp_path, frame, pad), cache_key(pad, True)).images[0]
+    assert squashed.min() == 255
+    assert padded[:, :10].max() == 0 and padded[:, -10:].max() == 0  # black sides
+    assert padded[:, 20:28].min() == 255  # the image, 16 px wide, in the middle
+    served = build_transform(pad)(open_xray(tmp_path / "tall.png"))
+    cached = Preprocessor(pad)(torch.from_numpy(np.array(padded)).permute(2, 0, 1)[None])[0]
+    assert torch.allclose(cached, served, atol=1e-6)
