@@ -169,9 +169,9 @@ def _prepared(params: Params) -> tuple[dict[str, Any], Any]:
 
 
 def cmd_prepare(params: Params, args: argparse.Namespace) -> None:
+    from fracture.imaging import Preprocessor
     from fracture.model import profile_data_config
     from fracture.prepare import cache_key, prepare_images
-    from fracture.training import Preprocessor
 
     manifest = _read_frame(MANIFEST)
     used = manifest[manifest["included"]]
@@ -258,8 +258,9 @@ def cmd_train(params: Params, args: argparse.Namespace) -> None:
 def cmd_evaluate(params: Params, args: argparse.Namespace) -> None:
     from fracture.evaluation import choose_threshold, evaluate_probabilities
     from fracture.serving import load_classifier
+    from fracture.imaging import Preprocessor
     from fracture.prepare import cache_key, open_prepared
-    from fracture.training import Preprocessor, predict_proba
+    from fracture.training import predict_proba
 
     config = _read_json(TRAIN_DIR / "model.json")
     run_id = _read_json(TRAIN_DIR / "run.json")["run_id"]

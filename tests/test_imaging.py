@@ -7,8 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fracture.imaging import ImageLoadError, build_transform, open_xray
-from fracture.training import Preprocessor
+from fracture.imaging import ImageLoadError, Preprocessor, build_transform, open_xray
 
 CONFIG = {"input_size": (3, 64, 64), "interpolation": "bilinear", "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
 
