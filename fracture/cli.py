@@ -13,6 +13,7 @@ import logging
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -193,18 +194,22 @@ def log_dataset_inputs(params: Params, frames: dict[str, pd.DataFrame]) -> None:
     source = Path(params.ingest.dest).resolve().as_uri()
     columns = ["image_id", "path", "label", "sha256"]
     everything = pd.concat(frames.values())[columns]
-    mlflow.log_input(
-        # DVC's directory md5 ("<32 hex>.dir") fits MLflow's 36-character digest column.
-        mlflow.data.from_pandas(everything, source=source, targets="label", name="fracatlas", digest=version),
-        context="dataset",
-        tags={"data_version": version},
-    )
-    for split, frame in frames.items():
+    with warnings.catch_warnings():
+        # MLflow's schema inference warns that integer columns cannot hold missing values;
+        # these tables describe the data, they are no model signature.
+        warnings.filterwarnings("ignore", message=".*integer column", category=UserWarning)
         mlflow.log_input(
-            mlflow.data.from_pandas(frame[columns], source=source, targets="label", name=f"fracatlas-{split}"),
-            context=split,
+            # DVC's directory md5 ("<32 hex>.dir") fits MLflow's 36-character digest column.
+            mlflow.data.from_pandas(everything, source=source, targets="label", name="fracatlas", digest=version),
+            context="dataset",
             tags={"data_version": version},
         )
+        for split, frame in frames.items():
+            mlflow.log_input(
+                mlflow.data.from_pandas(frame[columns], source=source, targets="label", name=f"fracatlas-{split}"),
+                context=split,
+                tags={"data_version": version},
+            )
 
 
 def cmd_train(params: Params, args: argparse.Namespace) -> None:

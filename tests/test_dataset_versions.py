@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -82,4 +81,10 @@ def test_added_images_are_a_new_version_that_reruns_validate_onward(project, fra
     assert comparison["previous"]["md5"] == v1
     assert sorted(comparison["new_ids"]) == sorted(added)
     assert comparison["removed_ids"] == []
-    shutil.rmtree(tmp_path / "v1")
+
+    # The prepared cache is keyed by its params: another aspect policy or size rebuilds it.
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["prepare"]["aspect"] = "pad"
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    stale = dvc(project, "status", "prepare")
+    assert "changed params" in stale and "prepare.aspect" in stale
