@@ -118,6 +118,12 @@ def cmd_ingest(params: Params, args: argparse.Namespace) -> None:
     )
 
 
+def _data_dirs(params: Params) -> tuple[str, str]:
+    """``ingest.dest`` as (the folder data.dvc tracks, the dataset folder inside it)."""
+    parts = Path(params.ingest.dest).parts
+    return parts[0], "/".join(parts[1:])
+
+
 def cmd_validate(params: Params, args: argparse.Namespace) -> None:
     from fracture.manifest import build_manifest
     from fracture.validation import failure_message, rule_severities, validate
@@ -128,7 +134,7 @@ def cmd_validate(params: Params, args: argparse.Namespace) -> None:
     resolved, report = validate(manifest, params.validate, GX_DIR)
     version = data_version()
     comparison = (
-        compare_with_previous(manifest, Path("."), current_md5=version)
+        compare_with_previous(manifest, Path("."), *_data_dirs(params), current_md5=version)
         if params.validate.compare_previous
         else {"status": "disabled", "message": "validate.compare_previous is false"}
     )
@@ -179,9 +185,8 @@ def cmd_prepare(params: Params, args: argparse.Namespace) -> None:
     config = profile_data_config(params.profile, params.prepare.aspect)
     key = cache_key(config, params.validate.on_truncated == "keep")
     meta = prepare_images(used, Path(params.ingest.dest), Preprocessor(config).resize, key, PREP_DIR, params.prepare.workers)
-    seconds = meta["decode_seconds"]
-    _write_json(PREP_DIR / "timing.json", {"decode_seconds": seconds, "images_per_s": round(meta["images"] / seconds, 2)})
-    print(f"prepared {meta['images']} images at {key['input_size'][1:]} ({key['aspect']}) in {seconds:.1f}s")
+    _write_json(PREP_DIR / "timing.json", {k: meta[k] for k in ("decode_seconds", "images_per_s")})
+    print(f"prepared {meta['images']} images at {key['input_size'][1:]} ({key['aspect']}) in {meta['decode_seconds']:.1f}s")
 
 
 def log_dataset_inputs(params: Params, frames: dict[str, pd.DataFrame]) -> None:

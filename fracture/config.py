@@ -79,7 +79,6 @@ class TrainParams:
     weight_decay: float
     t_0: int | None
     t_mult: int
-    num_workers: int
     device: str
 
 

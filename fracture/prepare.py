@@ -2,7 +2,7 @@
 
 Training and evaluation read uint8 pixels from one ``.npy`` array instead of decoding
 JPEGs each time. The pixels are exactly what the served model's transform computes before
-normalising (:class:`fracture.training.Preprocessor`), so cached and served predictions agree.
+normalising (:class:`fracture.imaging.Preprocessor`), so cached and served predictions agree.
 The cache records what it was built for (input size, interpolation, aspect handling,
 truncated loading); a reader that needs anything else gets an error telling it to rebuild.
 """
@@ -93,15 +93,20 @@ def prepare_images(
         workers: decoding threads (Pillow releases the GIL while decoding and resizing).
 
     Returns:
-        The metadata written to ``meta.json`` plus ``decode_seconds`` (kept out of the file,
-        so that a rebuild with identical pixels writes an identical ``meta.json``).
+        The metadata written to ``meta.json`` plus ``decode_seconds`` and ``images_per_s``
+        (kept out of the file, so that a rebuild with identical pixels writes an identical
+        ``meta.json``).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
+    # meta.json is what makes a cache valid: it goes first and comes back last, so a build that
+    # fails halfway (an undecodable file, Ctrl-C) leaves no cache a reader would accept.
+    (out_dir / META).unlink(missing_ok=True)
     _, height, width = key["input_size"]
     ids = frame["image_id"].astype(str).tolist()
     paths = [dataset_dir / p for p in frame["path"]]
     started = time.perf_counter()
-    array = np.lib.format.open_memmap(out_dir / IMAGES, mode="w+", dtype=np.uint8, shape=(len(ids), height, width, 3))
+    partial = out_dir / f"{IMAGES}.partial"
+    array = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=(len(ids), height, width, 3))
 
     def one(i: int) -> None:
         img = resize(open_xray(paths[i], allow_truncated=key["allow_truncated"]))
@@ -111,12 +116,14 @@ def prepare_images(
         list(pool.map(one, range(len(ids))))
     array.flush()
     del array
-    seconds = time.perf_counter() - started
+    partial.replace(out_dir / IMAGES)
+    seconds = max(time.perf_counter() - started, 1e-6)
     pd.DataFrame({"image_id": ids, "row": range(len(ids))}).to_csv(out_dir / INDEX, index=False)
     meta = key | {"images": len(ids)}
     (out_dir / META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    log.info("prepared %d images at %s in %.1fs (%.1f images/s)", len(ids), key["input_size"], seconds, len(ids) / seconds)
-    return meta | {"decode_seconds": round(seconds, 2)}
+    rate = len(ids) / seconds
+    log.info("prepared %d images at %s in %.1fs (%.1f images/s)", len(ids), key["input_size"], seconds, rate)
+    return meta | {"decode_seconds": round(seconds, 2), "images_per_s": round(rate, 1)}
 
 
 def open_prepared(out_dir: Path, key: dict[str, Any]) -> PreparedImages:

@@ -234,8 +234,8 @@ def _groups(used: pd.DataFrame, params: SplitParams) -> pd.DataFrame:
     if len(mixed):
         ids = used.loc[used["sha256"].isin(mixed), "image_id"].tolist()
         raise SplitError(
-            f"identical files carry different labels: {ids}; fix the labels or set "
-            "validate.on_label_conflict: exclude"
+            f"identical files carry different labels: {ids}; fix the labels in dataset.csv and the "
+            "class folders, or set validate.on_duplicate: keep_one (keeps the first id of each group)"
         )
     groups = groups.drop(columns="n_labels")
     groups["label"] = groups["label"].astype(int)

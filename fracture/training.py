@@ -25,6 +25,7 @@ from tqdm import tqdm
 from fracture.config import Profile, TrainParams
 from fracture.imaging import Preprocessor
 from fracture.model import create_classifier, data_config
+from fracture.prepare import StaleCacheError
 
 log = logging.getLogger(__name__)
 
@@ -132,15 +133,18 @@ def train(
         The best model (on the CPU), its data config and the per-epoch history.
 
     Raises:
-        ValueError: the images were prepared for another input size or normalisation than
-            the model's.
+        StaleCacheError: the images were prepared for another input size or normalisation
+            than the model's.
     """
     seed_everything(params.seed)
     device = select_device(params.device)
     model = create_classifier(profile)
     expected = data_config(model, profile.image_size, config.get("aspect", "squash"))
     if _jsonish(expected) != _jsonish(config):
-        raise ValueError(f"images were prepared for {config}, but {profile.model} needs {expected}")
+        raise StaleCacheError(
+            f"images were prepared for {config}, but {profile.model} needs {expected}: "
+            "run `dvc repro prepare` to rebuild the prepared cache"
+        )
     if profile.frozen:
         # Freezing the high-resolution early layers skips most of their backward pass; their
         # ImageNet edge and texture filters transfer to X-rays as they are.

@@ -68,7 +68,6 @@ def shrink_params(project: Path, **overrides: object) -> None:
     path = project / "params.yaml"
     params = yaml.safe_load(path.read_text())
     params["train"]["profile"] = "cpu"
-    params["train"]["num_workers"] = 1
     params["profiles"]["cpu"].update(image_size=64, epochs=1)
     for dotted, value in overrides.items():
         *parents, leaf = dotted.split("__")

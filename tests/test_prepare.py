@@ -84,13 +84,17 @@ def test_missing_cache_and_unknown_ids_say_to_rebuild(tmp_path):
         cache.dataset(frame)
 
 
-def test_truncated_file_needs_truncated_loading(tmp_path):
+def test_truncated_file_needs_truncated_loading_and_a_failed_rebuild_leaves_no_cache(tmp_path):
     make_dataset(tmp_path, 2, 2)
     frame = training_frame(tmp_path)
     truncate(tmp_path / frame["path"].iloc[0])
-    assert build(tmp_path, frame, allow_truncated=True).joinpath("images.npy").is_file()
+    out = build(tmp_path, frame, allow_truncated=True)
+    assert open_prepared(out, cache_key(CONFIG, True)).images.shape[0] == 4
+    # A rebuild that fails halfway leaves no cache that a reader would accept.
     with pytest.raises(ValueError, match=frame["image_id"].iloc[0]):
         build(tmp_path, frame, allow_truncated=False)
+    with pytest.raises(FileNotFoundError, match="dvc repro prepare"):
+        open_prepared(out, cache_key(CONFIG, True))
 
 
 def test_pad_keeps_the_aspect_ratio_and_serving_pads_the_same_way(tmp_path):

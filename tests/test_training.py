@@ -9,6 +9,7 @@ import torch
 
 from fracture.config import load_params
 from fracture.model import create_classifier, profile_data_config
+from fracture.prepare import StaleCacheError
 from fracture.training import light_augmentation, train
 from tests.conftest import REPO
 from tests.synthetic import make_dataset, training_frame
@@ -45,5 +46,5 @@ def test_images_prepared_for_another_model_are_refused(tmp_path):
     profile = dataclasses.replace(params.profiles["cpu"], image_size=64, epochs=1)
     config = profile_data_config(profile) | {"mean": (0.485, 0.456, 0.406)}
     data = tensor_data(tmp_path, training_frame(tmp_path), config)
-    with pytest.raises(ValueError, match="prepared for"):
+    with pytest.raises(StaleCacheError, match="dvc repro prepare"):
         train(data, data, config, profile, params.train)
