@@ -20,7 +20,7 @@ from torch import nn
 
 from fracture.config import load_params
 from fracture.imaging import CLASSES
-from fracture.training import _autocast, select_device
+from fracture.training import _autocast, select_device, train_step
 
 
 def sync(device: torch.device) -> None:
@@ -37,21 +37,11 @@ def measure(name: str, size: int, batch: int, eval_batch: int, steps: int, devic
     images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
     labels = torch.randint(0, 2, (batch,), device=device)
 
+    criterion = nn.CrossEntropyLoss()
+
     def step() -> None:
         x = (images.float() / 255 - 0.5).contiguous(memory_format=torch.channels_last)
-        if autocast is not None:
-            with autocast:
-                loss = nn.functional.cross_entropy(model(x), labels)
-        else:
-            loss = nn.functional.cross_entropy(model(x), labels)
-        opt.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-        else:
-            loss.backward()
-            opt.step()
+        train_step(model, x, labels, criterion, opt, autocast, scaler)
 
     for _ in range(3):  # warm-up: allocator, cuDNN algorithm choice
         step()

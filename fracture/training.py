@@ -90,6 +90,32 @@ def _autocast(device: torch.device) -> tuple[torch.autocast | None, torch.amp.Gr
     return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
 
 
+def train_step(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    criterion: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    autocast: torch.autocast | None,
+    scaler: torch.amp.GradScaler | None,
+) -> torch.Tensor:
+    """One optimisation step, under mixed precision when ``autocast`` is given; returns the loss."""
+    if autocast is not None:
+        with autocast:
+            loss = criterion(model(x), y)
+    else:
+        loss = criterion(model(x), y)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    return loss
+
+
 @torch.inference_mode()
 def predict_proba(
     model: nn.Module, data: TensorDataset, pre: Preprocessor, device: torch.device, batch_size: int
@@ -181,19 +207,7 @@ def train(
                 images = torch.stack([augment(img) for img in images])
             x = pre(images.to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
             y = labels.to(device, non_blocking=True)
-            if autocast is not None:
-                with autocast:
-                    loss = criterion(model(x), y)
-            else:
-                loss = criterion(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
+            loss = train_step(model, x, y, criterion, optimizer, autocast, scaler)
             scheduler.step(epoch + (i + 1) / len(loader))
             seen += len(labels)
             loss_sum += loss.item() * len(labels)

@@ -23,6 +23,18 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 
+def run(cwd: Path, *args: str) -> str:
+    """Runs a command in ``cwd``; fails the test with its output unless it exits 0."""
+    done = subprocess.run(args, cwd=cwd, capture_output=True, text=True)
+    assert done.returncode == 0, f"{' '.join(args)} failed in {cwd}:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+def dvc(cwd: Path, *args: str) -> str:
+    """``dvc <args>`` with this interpreter's DVC, in ``cwd``."""
+    return run(cwd, sys.executable, "-m", "dvc", *args)
+
+
 def require_fracatlas() -> Path:
     if not (FRACATLAS / "dataset.csv").is_file():
         pytest.skip(f"real FracAtlas copy not found at {FRACATLAS}")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -11,25 +10,15 @@ import mlflow
 import pytest
 import yaml
 
-from tests.conftest import make_subset, pick_ids
+from tests.conftest import dvc, make_subset, pick_ids, run
 
 pytestmark = pytest.mark.integration
 
 GIT = ["git", "-c", "user.name=fracture test", "-c", "user.email=test@fracture.invalid"]
 
 
-def run(project: Path, *cmd: str) -> str:
-    out = subprocess.run(cmd, cwd=project, capture_output=True, text=True)
-    assert out.returncode == 0, f"{cmd} failed:\n{out.stdout}\n{out.stderr}"
-    return out.stdout
-
-
 def fracture(project: Path, *args: str) -> str:
     return run(project, sys.executable, "-m", "fracture.cli", *args)
-
-
-def dvc(project: Path, *args: str) -> str:
-    return run(project, sys.executable, "-m", "dvc", *args)
 
 
 def data_md5(project: Path) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from fracture.versions import (
     previous_version,
     read_version,
 )
+from tests.conftest import dvc, run
 from tests.synthetic import FLAGS, make_dataset, write_image
 
 # make_dataset(root, 3, 4): IMG0000000-2 fractured, 3-6 not; body part by i % 4 (hand, leg,
@@ -50,16 +50,6 @@ def isolate(monkeypatch: pytest.MonkeyPatch, base: Path) -> None:
 @pytest.fixture(autouse=True)
 def isolated_tools(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     isolate(monkeypatch, tmp_path)
-
-
-def run(cwd: Path, *args: str) -> str:
-    done = subprocess.run(args, cwd=cwd, capture_output=True, text=True)
-    assert done.returncode == 0, f"{' '.join(args)} failed in {cwd}:\n{done.stdout}\n{done.stderr}"
-    return done.stdout
-
-
-def dvc(cwd: Path, *args: str) -> str:
-    return run(cwd, sys.executable, "-m", "dvc", *args)
 
 
 def commit(root: Path, message: str) -> str:
