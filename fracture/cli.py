@@ -266,10 +266,12 @@ def cmd_train(params: Params, args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(params: Params, args: argparse.Namespace) -> None:
-    from fracture.evaluation import choose_threshold, evaluate_probabilities
-    from fracture.serving import load_classifier
+    from fracture.evaluation import bootstrap_intervals, by_group, calibration, choose_threshold, evaluate_probabilities
     from fracture.imaging import Preprocessor
+    from fracture.plots import save_evaluation_plots
     from fracture.prepare import cache_key, open_prepared
+    from fracture.serving import load_classifier
+    from fracture.split import body_part
     from fracture.training import predict_proba
 
     config = _read_json(TRAIN_DIR / "model.json")
@@ -290,24 +292,44 @@ def cmd_evaluate(params: Params, args: argparse.Namespace) -> None:
         _, val_labels, val_probs = score("val")
         threshold = choose_threshold(val_labels, val_probs, params.evaluate.target_sensitivity)
     test_frame, labels, probs = score("test")
+    ev = params.evaluate
     result = evaluate_probabilities(labels, probs, threshold)
+    intervals = bootstrap_intervals(labels, probs, threshold, ev.bootstrap_resamples, ev.seed)
+    calib = calibration(labels, probs, ev.calibration_bins)
+    parts = body_part(test_frame).to_numpy()
+    metrics = (
+        result.metrics
+        | {f"{name}_ci_low": low for name, (low, _) in intervals.items()}
+        | {f"{name}_ci_high": high for name, (_, high) in intervals.items()}
+        | {"ece": calib.ece, "brier": calib.brier}
+    )
     EVAL_DIR.mkdir(parents=True, exist_ok=True)
-    _write_json(EVAL_DIR / "metrics.json", result.metrics | {"confusion": result.confusion})
+    _write_json(EVAL_DIR / "metrics.json", metrics | {"confusion": result.confusion})
+    _write_json(EVAL_DIR / "body_parts.json", by_group(labels, probs, parts, threshold))
     result.roc.to_csv(EVAL_DIR / "roc.csv", index=False)
-    test_frame.assign(fracture_probability=probs)[["image_id", "label", "fracture_probability"]].to_csv(
+    result.pr.to_csv(EVAL_DIR / "pr.csv", index=False)
+    calib.curve.to_csv(EVAL_DIR / "calibration.csv", index=False)
+    test_frame.assign(
+        body_part=parts,
+        fracture_probability=probs,
+        predicted=(probs >= threshold).astype(int),
+    )[["image_id", "body_part", "label", "predicted", "fracture_probability"]].to_csv(
         EVAL_DIR / "predictions.csv", index=False
     )
+    pngs = save_evaluation_plots(labels, probs, threshold, ev.calibration_bins, EVAL_DIR / "plots")
     setup_mlflow(params)
     with mlflow.start_run(run_id=run_id):
-        mlflow.log_metrics({f"test_{k}": v for k, v in result.metrics.items()})
+        mlflow.log_metrics({f"test_{k}": v for k, v in metrics.items()})
         mlflow.log_metrics({f"test_{k}": v for k, v in result.confusion.items()})
         mlflow.set_tag(
             "threshold_source",
-            "fixed" if params.evaluate.target_sensitivity is None
-            else f"val sensitivity >= {params.evaluate.target_sensitivity}",
+            "fixed" if ev.target_sensitivity is None else f"val sensitivity >= {ev.target_sensitivity}",
         )
-        mlflow.log_artifact(str(EVAL_DIR / "metrics.json"), artifact_path="evaluation")
-    print(json.dumps(result.metrics | {"confusion": result.confusion}, indent=2))
+        for path in (EVAL_DIR / "metrics.json", EVAL_DIR / "body_parts.json"):
+            mlflow.log_artifact(str(path), artifact_path="evaluation")
+        for path in pngs:
+            mlflow.log_artifact(str(path), artifact_path="evaluation/plots")
+    print(json.dumps(metrics | {"confusion": result.confusion}, indent=2))
 
 
 def cmd_register(params: Params, args: argparse.Namespace) -> None:

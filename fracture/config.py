@@ -87,6 +87,9 @@ class EvaluateParams:
     threshold: float
     batch_size: int
     target_sensitivity: float | None = None
+    bootstrap_resamples: int = 1000
+    calibration_bins: int = 10
+    seed: int = 0
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,16 @@
-"""Metrics: AUC from probabilities, sensitivity and specificity from the confusion matrix."""
+"""Metrics: AUC from probabilities, sensitivity and specificity from the confusion matrix, bootstrap
+intervals, calibration, per-body-part breakdown and the PNG figures."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from fracture.evaluation import choose_threshold, evaluate_probabilities
+from sklearn.calibration import calibration_curve
+from sklearn.metrics import roc_auc_score
+
+from fracture.evaluation import bootstrap_intervals, by_group, calibration, choose_threshold, evaluate_probabilities
+from fracture.plots import save_evaluation_plots
 
 
 def test_metrics_match_the_confusion_matrix():
@@ -41,3 +46,55 @@ def test_threshold_for_a_target_sensitivity_is_the_highest_that_reaches_it():
     assert t == pytest.approx(0.35)  # 3 of 4 fractures found; no higher threshold finds 3
     assert evaluate_probabilities(labels, probs, t).metrics["recall"] >= 0.75
     assert choose_threshold(labels, probs, 1.0) == pytest.approx(0.2)
+
+
+def noisy_scores(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    probs = rng.random(n)
+    labels = (rng.random(n) < probs).astype(int)  # calibrated by construction
+    return labels, probs
+
+
+def test_bootstrap_intervals_hold_the_estimate_shrink_with_data_and_repeat_with_the_seed():
+    small = noisy_scores(200, 1)
+    large = noisy_scores(3000, 1)
+    ci_small = bootstrap_intervals(*small, threshold=0.5, n_resamples=200, seed=3)
+    ci_large = bootstrap_intervals(*large, threshold=0.5, n_resamples=200, seed=3)
+    point = evaluate_probabilities(*small, 0.5).metrics
+    for name in ("roc_auc", "recall", "specificity"):
+        low, high = ci_small[name]
+        assert low <= point[name] <= high
+        assert ci_large[name][1] - ci_large[name][0] < high - low
+    assert bootstrap_intervals(*small, threshold=0.5, n_resamples=200, seed=3) == ci_small
+    assert bootstrap_intervals(*small, threshold=0.5, n_resamples=200, seed=4) != ci_small
+
+
+def test_calibration_tells_calibrated_from_overconfident_and_matches_sklearn():
+    labels, probs = noisy_scores(4000, 2)
+    good = calibration(labels, probs, n_bins=10)
+    overconfident = calibration(labels, np.clip((probs - 0.5) * 3 + 0.5, 0, 1), n_bins=10)
+    assert good.ece < 0.03 < overconfident.ece
+    assert good.curve["count"].sum() == len(labels)
+    fraction, mean_predicted = calibration_curve(labels, probs, n_bins=10)
+    np.testing.assert_allclose(good.curve["fraction_fractured"], fraction)
+    np.testing.assert_allclose(good.curve["mean_predicted"], mean_predicted)
+    assert good.brier < overconfident.brier
+
+
+def test_metrics_by_body_part_match_each_subset_and_leave_undefined_ones_empty():
+    labels = np.array([1, 0, 1, 0, 0, 0, 1, 1])
+    probs = np.array([0.9, 0.2, 0.4, 0.6, 0.1, 0.3, 0.8, 0.7])
+    parts = np.array(["hand", "hand", "hand", "hand", "hip", "hip", "leg", "leg"])
+    out = by_group(labels, probs, parts, threshold=0.5)
+    assert out["hand"]["roc_auc"] == pytest.approx(roc_auc_score(labels[:4], probs[:4]))
+    assert out["hand"]["recall"] == 0.5 and out["hand"]["specificity"] == 0.5
+    assert out["hip"] == {"n_images": 2, "n_fractured": 0, "roc_auc": None, "recall": None, "specificity": 1.0}
+    assert out["leg"]["roc_auc"] is None and out["leg"]["specificity"] is None and out["leg"]["recall"] == 1.0
+
+
+def test_evaluation_plots_are_written_as_png(tmp_path):
+    labels, probs = noisy_scores(300, 5)
+    paths = save_evaluation_plots(labels, probs, 0.4, 10, tmp_path)
+    assert sorted(p.name for p in paths) == ["calibration.png", "confusion.png", "pr.png", "roc.png"]
+    for path in paths:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
