@@ -51,6 +51,12 @@ def test_flow_registers_a_champion_then_reruns_nothing(project, subset_source, f
     run = client.get_run(first.train.run_id)
     assert run.data.params["profile"] == "cpu"
     assert run.data.metrics["test_roc_auc"] == pytest.approx(metrics["roc_auc"])
+    assert metrics["roc_auc_ci_low"] <= metrics["roc_auc"] <= metrics["roc_auc_ci_high"]
+    assert 0.0 <= metrics["ece"] <= 1.0 and run.data.metrics["test_ece"] == pytest.approx(metrics["ece"])
+    parts = json.loads((project / "outputs/evaluate/body_parts.json").read_text())
+    assert sum(p["n_images"] for p in parts.values()) == metrics["n_images"]
+    plots = {a.path for a in client.list_artifacts(first.train.run_id, "evaluation/plots")}
+    assert plots == {f"evaluation/plots/{n}.png" for n in ("roc", "pr", "calibration", "confusion")}
 
     # A consumer in a separate process, importing nothing of this project, loads @champion.
     image = fracatlas / "images/Fractured/IMG0000019.jpg"
