@@ -167,13 +167,15 @@ def calibration(labels: np.ndarray, probs: np.ndarray, n_bins: int = 10) -> Cali
     return Calibration(ece=ece, brier=float(brier_score_loss(labels, probs)), curve=curve)
 
 
-def by_group(labels: np.ndarray, probs: np.ndarray, groups: np.ndarray, threshold: float) -> dict[str, dict[str, float]]:
+def by_group(
+    labels: np.ndarray, probs: np.ndarray, groups: np.ndarray, threshold: float
+) -> dict[str, dict[str, float | None]]:
     """Metrics per group (e.g. body part): images, fractured, ROC AUC, sensitivity, specificity.
 
     A metric a group cannot define (AUC with one class only, sensitivity without fractures)
     is ``None`` rather than a misleading number.
     """
-    out: dict[str, dict[str, float]] = {}
+    out: dict[str, dict[str, float | None]] = {}
     for group in sorted(set(groups)):
         mask = groups == group
         y, p = labels[mask], probs[mask]
