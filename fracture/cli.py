@@ -268,6 +268,7 @@ def cmd_train(params: Params, args: argparse.Namespace) -> None:
 def cmd_evaluate(params: Params, args: argparse.Namespace) -> None:
     from fracture.evaluation import bootstrap_intervals, by_group, calibration, choose_threshold, evaluate_probabilities
     from fracture.imaging import Preprocessor
+    from fracture.model_card import render_model_card
     from fracture.plots import save_evaluation_plots
     from fracture.prepare import cache_key, open_prepared
     from fracture.serving import load_classifier
@@ -317,15 +318,40 @@ def cmd_evaluate(params: Params, args: argparse.Namespace) -> None:
         EVAL_DIR / "predictions.csv", index=False
     )
     pngs = save_evaluation_plots(labels, probs, threshold, ev.calibration_bins, EVAL_DIR / "plots")
+    threshold_source = (
+        f"fixed at evaluate.threshold {ev.threshold}"
+        if ev.target_sensitivity is None
+        else f"the highest reaching sensitivity {ev.target_sensitivity} on the validation split"
+    )
+    profile = params.profiles[config["profile"]]
+    recipe = {
+        "weights": f"ImageNet ({profile.weights})",
+        "loss": "cross-entropy",
+        "optimiser": f"Adam, lr {params.train.lr}, weight decay {params.train.weight_decay}",
+        "scheduler": f"CosineAnnealingWarmRestarts, T_0 {params.train.t_0 or profile.epochs}, T_mult {params.train.t_mult}",
+        "batch size": params.train.batch_size,
+        "epochs": profile.epochs,
+        "augmentation": profile.augment,
+        "frozen layers": ", ".join(profile.frozen) or "none",
+        "seed": params.train.seed,
+    }
+    splits = {name: len(_read_frame(SPLIT_DIR / f"{name}.csv")) for name in ("train", "val", "test")}
+    card = render_model_card(
+        config,
+        recipe,
+        {"version": data_version(), "git_commit": git_commit(), "splits": splits},
+        metrics,
+        _read_json(EVAL_DIR / "body_parts.json"),
+        threshold_source,
+        run_id,
+    )
+    (EVAL_DIR / "model_card.md").write_text(card)
     setup_mlflow(params)
     with mlflow.start_run(run_id=run_id):
         mlflow.log_metrics({f"test_{k}": v for k, v in metrics.items()})
         mlflow.log_metrics({f"test_{k}": v for k, v in result.confusion.items()})
-        mlflow.set_tag(
-            "threshold_source",
-            "fixed" if ev.target_sensitivity is None else f"val sensitivity >= {ev.target_sensitivity}",
-        )
-        for path in (EVAL_DIR / "metrics.json", EVAL_DIR / "body_parts.json"):
+        mlflow.set_tag("threshold_source", threshold_source)
+        for path in (EVAL_DIR / "metrics.json", EVAL_DIR / "body_parts.json", EVAL_DIR / "model_card.md"):
             mlflow.log_artifact(str(path), artifact_path="evaluation")
         for path in pngs:
             mlflow.log_artifact(str(path), artifact_path="evaluation/plots")

@@ -55,6 +55,9 @@ def test_flow_registers_a_champion_then_reruns_nothing(project, subset_source, f
     assert 0.0 <= metrics["ece"] <= 1.0 and run.data.metrics["test_ece"] == pytest.approx(metrics["ece"])
     parts = json.loads((project / "outputs/evaluate/body_parts.json").read_text())
     assert sum(p["n_images"] for p in parts.values()) == metrics["n_images"]
+    card = (project / "outputs/evaluate/model_card.md").read_text()
+    assert card.startswith("# Model card") and f"`{first.train.run_id}`" in card
+    assert "evaluation/model_card.md" in {a.path for a in client.list_artifacts(first.train.run_id, "evaluation")}
     plots = {a.path for a in client.list_artifacts(first.train.run_id, "evaluation/plots")}
     assert plots == {f"evaluation/plots/{n}.png" for n in ("roc", "pr", "calibration", "confusion")}
 

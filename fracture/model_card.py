@@ -1,0 +1,98 @@
+"""A model card per evaluated run: what was trained on what, how well, and where not to trust it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+LIMITATIONS = (
+    "FracAtlas publishes no patient identifier, so the split is image-level: two radiographs of "
+    "the same patient can sit in training and test, which can make the test figures optimistic. "
+    "Only byte-identical files are kept together.",
+    "Test set: one public dataset (FracAtlas) from one region's hospitals; performance on other "
+    "scanners, populations and protocols is unmeasured.",
+    "Body parts with few fractured test images (see the table) have intervals too wide to rely on.",
+    "The output is a probability of any fracture on the image; it does not localise the fracture "
+    "and is not a diagnosis. A clinician reads every image.",
+)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
+
+
+def render_model_card(
+    model: dict[str, Any],
+    recipe: dict[str, Any],
+    data: dict[str, Any],
+    metrics: dict[str, float],
+    body_parts: dict[str, dict[str, float | None]],
+    threshold_source: str,
+    run_id: str,
+) -> str:
+    """The model card as Markdown.
+
+    Args:
+        model: ``model.json`` of the train stage (architecture, profile, best epoch, data config).
+        recipe: the training parameters that define the recipe (optimiser, scheduler, epochs...).
+        data: ``version`` (DVC md5 of the dataset), ``git_commit`` and the split sizes.
+        metrics: the evaluate stage's test metrics, with ``*_ci_low`` / ``*_ci_high`` intervals.
+        body_parts: metrics per body part.
+        threshold_source: how the decision threshold was chosen.
+        run_id: the MLflow run.
+
+    Returns:
+        Markdown text.
+    """
+    m = metrics
+
+    def with_ci(name: str) -> str:
+        return f"{m[name]:.3f} (95% CI {m[name + '_ci_low']:.3f}–{m[name + '_ci_high']:.3f})"
+
+    size = model["data_config"]["input_size"]
+    lines = [
+        f"# Model card: {model['architecture']} ({model['profile']} profile)",
+        "",
+        "Fractured / not fractured classifier for musculoskeletal X-rays, fine-tuned from ImageNet "
+        "weights on FracAtlas (Gupta & Sharma, 2024 recipe).",
+        "",
+        "## Provenance",
+        f"- MLflow run: `{run_id}`",
+        f"- Code: git commit `{data.get('git_commit') or 'unknown'}`",
+        f"- Data: FracAtlas, DVC version `{data.get('version') or 'unversioned'}`; split "
+        + ", ".join(f"{k} {v}" for k, v in data.get("splits", {}).items()),
+        "",
+        "## Recipe",
+        f"- Input: {size[1]}×{size[2]} px, resized without cropping (aspect: "
+        f"{model['data_config'].get('aspect', 'squash')}), normalised with mean {model['data_config']['mean']}",
+        *(f"- {k}: {v}" for k, v in recipe.items()),
+        f"- Model kept from epoch {model['best_epoch']} (best validation ROC AUC {model['best_val_roc_auc']:.4f})",
+        "",
+        "## Test metrics",
+        f"- ROC AUC: {with_ci('roc_auc')}",
+        f"- Sensitivity: {with_ci('recall')}",
+        f"- Specificity: {with_ci('specificity')}",
+        f"- Average precision {m['average_precision']:.3f}, precision {m['precision']:.3f}, "
+        f"F1 {m['f1']:.3f}, accuracy {m['accuracy']:.3f}",
+        f"- Calibration: expected calibration error {m['ece']:.3f}, Brier score {m['brier']:.3f}",
+        f"- Decision threshold {m['threshold']:.4f} ({threshold_source}); "
+        f"{int(m['n_images'])} test images, {int(m['n_fractured'])} fractured",
+        "",
+        "## By body part (test split)",
+        "",
+        "| body part | images | fractured | ROC AUC | sensitivity | specificity |",
+        "|---|---|---|---|---|---|",
+        *(
+            f"| {part} | {v['n_images']} | {v['n_fractured']} | {_fmt(v['roc_auc'])} | "
+            f"{_fmt(v['recall'])} | {_fmt(v['specificity'])} |"
+            for part, v in body_parts.items()
+        ),
+        "",
+        "## Known limitations",
+        *(f"- {text}" for text in LIMITATIONS),
+        "",
+    ]
+    return "\n".join(lines)

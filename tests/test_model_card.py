@@ -1,0 +1,45 @@
+"""The model card states provenance, recipe, metrics with intervals, and the split's limitation."""
+
+from __future__ import annotations
+
+from fracture.model_card import render_model_card
+
+MODEL = {
+    "architecture": "tf_efficientnet_lite0",
+    "profile": "cpu",
+    "best_epoch": 4,
+    "best_val_roc_auc": 0.8891,
+    "data_config": {"input_size": [3, 224, 224], "mean": [0.5, 0.5, 0.5], "aspect": "squash"},
+}
+METRICS = {
+    "roc_auc": 0.9175, "roc_auc_ci_low": 0.8817, "roc_auc_ci_high": 0.9518,
+    "recall": 0.9186, "recall_ci_low": 0.8605, "recall_ci_high": 0.9767,
+    "specificity": 0.7451, "specificity_ci_low": 0.7010, "specificity_ci_high": 0.7844,
+    "average_precision": 0.787, "precision": 0.432, "f1": 0.587, "accuracy": 0.775,
+    "ece": 0.0213, "brier": 0.0726, "threshold": 0.0884, "n_images": 494.0, "n_fractured": 86.0,
+}
+PARTS = {
+    "hand": {"n_images": 144, "n_fractured": 44, "roc_auc": 0.884, "recall": 0.93, "specificity": 0.53},
+    "hip": {"n_images": 21, "n_fractured": 0, "roc_auc": None, "recall": None, "specificity": 1.0},
+}
+
+
+def test_card_states_what_a_reviewer_needs():
+    card = render_model_card(
+        MODEL,
+        {"optimiser": "Adam, lr 0.0001", "batch size": 16},
+        {"version": "0e34281f.dir", "git_commit": "abc123", "splits": {"train": 2283, "val": 490, "test": 494}},
+        METRICS,
+        PARTS,
+        "the highest reaching sensitivity 0.85 on the validation split",
+        "run42",
+    )
+    assert card.startswith("# Model card: tf_efficientnet_lite0 (cpu profile)")
+    assert "`run42`" in card and "`abc123`" in card and "`0e34281f.dir`" in card and "test 494" in card
+    assert "ROC AUC: 0.917 (95% CI 0.882–0.952)" in card
+    assert "Sensitivity: 0.919 (95% CI 0.861–0.977)" in card
+    assert "Specificity: 0.745 (95% CI 0.701–0.784)" in card
+    assert "expected calibration error 0.021" in card and "Decision threshold 0.0884" in card
+    assert "| hip | 21 | 0 | n/a | n/a | 1.000 |" in card
+    assert "224×224 px" in card and "epoch 4" in card and "- batch size: 16" in card
+    assert "image-level" in card and "no patient identifier" in card
