@@ -336,17 +336,19 @@ def cmd_evaluate(params: Params, args: argparse.Namespace) -> None:
         "seed": params.train.seed,
     }
     splits = {name: len(_read_frame(SPLIT_DIR / f"{name}.csv")) for name in ("train", "val", "test")}
+    setup_mlflow(params)
+    # The card names the code and data the model was trained from, as the training run recorded them.
+    trained = mlflow.get_run(run_id).data.tags
     card = render_model_card(
         config,
         recipe,
-        {"version": data_version(), "git_commit": git_commit(), "splits": splits},
+        {"version": trained.get("data_version"), "git_commit": trained.get("git_commit"), "splits": splits},
         metrics,
         _read_json(EVAL_DIR / "body_parts.json"),
         threshold_source,
         run_id,
     )
     (EVAL_DIR / "model_card.md").write_text(card)
-    setup_mlflow(params)
     with mlflow.start_run(run_id=run_id):
         mlflow.log_metrics({f"test_{k}": v for k, v in metrics.items()})
         mlflow.log_metrics({f"test_{k}": v for k, v in result.confusion.items()})

@@ -38,7 +38,8 @@ def render_model_card(
     Args:
         model: ``model.json`` of the train stage (architecture, profile, best epoch, data config).
         recipe: the training parameters that define the recipe (optimiser, scheduler, epochs...).
-        data: ``version`` (DVC md5 of the dataset), ``git_commit`` and the split sizes.
+        data: ``version`` (DVC md5 of the dataset) and ``git_commit`` the model was trained
+            from, and the split sizes.
         metrics: the evaluate stage's test metrics, with ``*_ci_low`` / ``*_ci_high`` intervals.
         body_parts: metrics per body part.
         threshold_source: how the decision threshold was chosen.
