@@ -330,6 +330,7 @@ def cmd_evaluate(params: Params, args: argparse.Namespace) -> None:
         "optimiser": f"Adam, lr {params.train.lr}, weight decay {params.train.weight_decay}",
         "scheduler": f"CosineAnnealingWarmRestarts, T_0 {params.train.t_0 or profile.epochs}, T_mult {params.train.t_mult}",
         "batch size": params.train.batch_size,
+        "class balance": params.train.class_balance,
         "epochs": profile.epochs,
         "augmentation": profile.augment,
         "frozen layers": ", ".join(profile.frozen) or "none",

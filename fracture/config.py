@@ -80,6 +80,7 @@ class TrainParams:
     t_0: int | None
     t_mult: int
     device: str
+    class_balance: str = "none"
 
 
 @dataclass(frozen=True)
@@ -203,6 +204,8 @@ def _check(p: Params) -> None:
             raise ConfigError(f"params.yaml: profiles.{name}.augment must be 'none' or 'light'")
         if prof.epochs < 1:
             raise ConfigError(f"params.yaml: profiles.{name}.epochs must be at least 1")
+    if p.train.class_balance not in {"none", "weighted_loss", "balanced_sampler"}:
+        raise ConfigError("params.yaml: train.class_balance must be 'none', 'weighted_loss' or 'balanced_sampler'")
     if p.train.device not in {"auto", "cpu", "cuda"}:
         raise ConfigError("params.yaml: train.device must be 'auto', 'cpu' or 'cuda'")
     p.profile  # noqa: B018 - raises ConfigError on an unknown profile name

@@ -10,7 +10,7 @@ import torch
 from fracture.config import load_params
 from fracture.model import create_classifier, profile_data_config
 from fracture.prepare import StaleCacheError
-from fracture.training import light_augmentation, train
+from fracture.training import class_balance, light_augmentation, train
 from tests.conftest import REPO
 from tests.synthetic import make_dataset, training_frame
 from tests.test_prepare import tensor_data
@@ -48,3 +48,22 @@ def test_images_prepared_for_another_model_are_refused(tmp_path):
     data = tensor_data(tmp_path, training_frame(tmp_path), config)
     with pytest.raises(StaleCacheError, match="dvc repro prepare"):
         train(data, data, config, profile, params.train)
+
+
+def test_class_balance_options_follow_sklearn_weights_and_balance_the_draws():
+    labels = torch.tensor([1] * 20 + [0] * 80)
+    generator = torch.Generator().manual_seed(0)
+    plain, none = class_balance("none", labels, generator)
+    assert none is None and plain.weight is None
+    weighted, sampler = class_balance("weighted_loss", labels, generator)
+    assert sampler is None
+    assert torch.allclose(weighted.weight, torch.tensor([100 / (2 * 80), 100 / (2 * 20)]))
+    logits = torch.zeros(4, 2)
+    target = torch.tensor([0, 0, 0, 1])
+    logits[:, 1] = torch.tensor([0.5, 0.2, -0.3, -1.0])
+    assert weighted(logits, target) > plain(logits, target)  # the missed fracture costs more
+    _, sampler = class_balance("balanced_sampler", labels, generator)
+    drawn = labels[torch.tensor(list(sampler))]
+    assert len(drawn) == 100
+    draws = torch.cat([labels[torch.tensor(list(sampler))] for _ in range(50)])
+    assert abs(draws.float().mean().item() - 0.5) < 0.03  # 18%-like data drawn about 50/50
