@@ -17,7 +17,7 @@ from torch import nn
 
 from fracture.config import load_params
 from fracture.model import create_classifier
-from fracture.training import light_augmentation
+from fracture.training import light_augmentation, train_step
 from timm.utils.model import freeze
 
 FROZEN = ("conv_stem", "bn1", "blocks.0", "blocks.1")
@@ -34,15 +34,13 @@ def measure(size: int, frozen: tuple[str, ...], augment: bool, steps: int, batch
     aug = light_augmentation() if augment else None
     images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
     labels = torch.randint(0, 2, (batch,))
+    criterion = nn.CrossEntropyLoss()
     elapsed = 0.0
     for step in range(steps + 1):
         t0 = time.perf_counter()
         batch_images = torch.stack([aug(i) for i in images]) if aug else images
         x = ((batch_images.float() / 255 - 0.5) / 0.5).contiguous(memory_format=torch.channels_last)
-        loss = nn.functional.cross_entropy(model(x), labels)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        train_step(model, x, labels, criterion, opt, autocast=None, scaler=None)
         if step:  # the first step warms up allocators and kernels
             elapsed += time.perf_counter() - t0
     return steps * batch / elapsed

@@ -166,24 +166,30 @@ def cmd_split(params: Params, args: argparse.Namespace) -> None:
     _write_json(SPLIT_DIR / "report.json", splits.report.to_dict())
 
 
-def _prepared(params: Params) -> tuple[dict[str, Any], Any]:
-    """The active profile's data config and the prepared cache built for it."""
+def _cache_config(params: Params) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The active profile's data config and the prepared-cache key it needs."""
     from fracture.model import profile_data_config
-    from fracture.prepare import cache_key, open_prepared
+    from fracture.prepare import cache_key
 
     config = profile_data_config(params.profile, params.prepare.aspect)
-    return config, open_prepared(PREP_DIR, cache_key(config, params.validate.on_truncated == "keep"))
+    return config, cache_key(config, params.validate.on_truncated == "keep")
+
+
+def _prepared(params: Params) -> tuple[dict[str, Any], Any]:
+    """The active profile's data config and the prepared cache built for it."""
+    from fracture.prepare import open_prepared
+
+    config, key = _cache_config(params)
+    return config, open_prepared(PREP_DIR, key)
 
 
 def cmd_prepare(params: Params, args: argparse.Namespace) -> None:
     from fracture.imaging import Preprocessor
-    from fracture.model import profile_data_config
-    from fracture.prepare import cache_key, prepare_images
+    from fracture.prepare import prepare_images
 
     manifest = _read_frame(MANIFEST)
     used = manifest[manifest["included"]]
-    config = profile_data_config(params.profile, params.prepare.aspect)
-    key = cache_key(config, params.validate.on_truncated == "keep")
+    config, key = _cache_config(params)
     meta = prepare_images(used, Path(params.ingest.dest), Preprocessor(config).resize, key, PREP_DIR, params.prepare.workers)
     _write_json(PREP_DIR / "timing.json", {k: meta[k] for k in ("decode_seconds", "images_per_s")})
     print(f"prepared {meta['images']} images at {key['input_size'][1:]} ({key['aspect']}) in {meta['decode_seconds']:.1f}s")
@@ -306,7 +312,8 @@ def cmd_evaluate(params: Params, args: argparse.Namespace) -> None:
     )
     EVAL_DIR.mkdir(parents=True, exist_ok=True)
     _write_json(EVAL_DIR / "metrics.json", metrics | {"confusion": result.confusion})
-    _write_json(EVAL_DIR / "body_parts.json", by_group(labels, probs, parts, threshold))
+    per_part = by_group(labels, probs, parts, threshold)
+    _write_json(EVAL_DIR / "body_parts.json", per_part)
     result.roc.to_csv(EVAL_DIR / "roc.csv", index=False)
     result.pr.to_csv(EVAL_DIR / "pr.csv", index=False)
     calib.curve.to_csv(EVAL_DIR / "calibration.csv", index=False)
@@ -345,7 +352,7 @@ def cmd_evaluate(params: Params, args: argparse.Namespace) -> None:
         recipe,
         {"version": trained.get("data_version"), "git_commit": trained.get("git_commit"), "splits": splits},
         metrics,
-        _read_json(EVAL_DIR / "body_parts.json"),
+        per_part,
         threshold_source,
         run_id,
     )
