@@ -39,6 +39,8 @@ GX_DIR = OUT / "validate" / "gx"
 SPLIT_DIR = OUT / "split"
 PREP_DIR = OUT / "prepare"
 TRAIN_DIR = OUT / "train"
+#: The per-epoch checkpoint of a train stage in progress; removed once its model is written.
+CHECKPOINT_DIR = TRAIN_DIR / "checkpoint"
 EVAL_DIR = OUT / "evaluate"
 
 
@@ -224,6 +226,7 @@ def log_dataset_inputs(params: Params, frames: dict[str, pd.DataFrame]) -> None:
 
 
 def cmd_train(params: Params, args: argparse.Namespace) -> None:
+    from fracture import checkpoint
     from fracture.training import train
 
     profile = params.profile
@@ -232,17 +235,35 @@ def cmd_train(params: Params, args: argparse.Namespace) -> None:
     test_frame = _read_frame(SPLIT_DIR / "test.csv")
     config, cache = _prepared(params)
     train_data, val_data = cache.dataset(train_frame), cache.dataset(val_frame)
+    # Everything that makes the run what it is: a checkpoint of any other run is not resumed.
+    key = checkpoint.fingerprint(
+        {
+            "profile": dataclasses.asdict(profile),
+            "train": dataclasses.asdict(params.train),
+            "data_config": config,
+            "cache": cache.meta,
+            "train_images": train_frame[["image_id", "label"]].values.tolist(),
+            "val_images": val_frame[["image_id", "label"]].values.tolist(),
+        }
+    )
+    resumable = checkpoint.load(CHECKPOINT_DIR, key)
     setup_mlflow(params)
     tags = {"profile": params.train.profile, "data_version": data_version() or "", "git_commit": git_commit() or ""}
-    with mlflow.start_run(tags=tags) as run:
-        log_dataset_inputs(params, {"train": train_frame, "val": val_frame, "test": test_frame})
-        mlflow.log_params(
-            {"profile": params.train.profile, **{f"profile.{k}": v for k, v in dataclasses.asdict(profile).items()}}
-            | {f"train.{k}": v for k, v in dataclasses.asdict(params.train).items()}
-            | {f"split.{k}": v for k, v in dataclasses.asdict(params.split).items()}
-            | {f"prepare.{k}": v for k, v in dataclasses.asdict(params.prepare).items()}
-            | {"n_train": len(train_frame), "n_val": len(val_frame)}
-        )
+    if resumable is not None and resumable.run_id:
+        print(f"resuming after epoch {resumable.epoch} of {profile.epochs} (MLflow run {resumable.run_id})")
+        run_context = mlflow.start_run(run_id=resumable.run_id, log_system_metrics=True)
+    else:
+        run_context = mlflow.start_run(tags=tags, log_system_metrics=True)
+    with run_context as run:
+        if resumable is None:
+            log_dataset_inputs(params, {"train": train_frame, "val": val_frame, "test": test_frame})
+            mlflow.log_params(
+                {"profile": params.train.profile, **{f"profile.{k}": v for k, v in dataclasses.asdict(profile).items()}}
+                | {f"train.{k}": v for k, v in dataclasses.asdict(params.train).items()}
+                | {f"split.{k}": v for k, v in dataclasses.asdict(params.split).items()}
+                | {f"prepare.{k}": v for k, v in dataclasses.asdict(params.prepare).items()}
+                | {"n_train": len(train_frame), "n_val": len(val_frame)}
+            )
         result = train(
             train_data,
             val_data,
@@ -250,9 +271,12 @@ def cmd_train(params: Params, args: argparse.Namespace) -> None:
             profile,
             params.train,
             on_epoch=lambda epoch, metrics: mlflow.log_metrics(metrics, step=epoch + 1),
+            checkpoint_dir=CHECKPOINT_DIR,
+            checkpoint_key=key,
+            run_id=run.info.run_id,
         )
         mlflow.log_metrics({"best_epoch": result.best_epoch, "best_val_roc_auc": result.best_val_roc_auc})
-        mlflow.set_tag("device", result.device)
+        mlflow.set_tags({"device": result.device, "resumed_from_epoch": result.resumed_from})
         TRAIN_DIR.mkdir(parents=True, exist_ok=True)
         save_file(result.model.state_dict(), str(TRAIN_DIR / "model.safetensors"))
         _write_json(
@@ -268,7 +292,12 @@ def cmd_train(params: Params, args: argparse.Namespace) -> None:
         )
         _write_json(TRAIN_DIR / "history.json", result.history)
         _write_json(TRAIN_DIR / "run.json", {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id})
-    print(f"best epoch {result.best_epoch}: val ROC AUC {result.best_val_roc_auc:.4f} (MLflow run {run.info.run_id})")
+    checkpoint.clear(CHECKPOINT_DIR)
+    resumed = f", resumed after epoch {result.resumed_from}" if result.resumed_from else ""
+    print(
+        f"best epoch {result.best_epoch}: val ROC AUC {result.best_val_roc_auc:.4f} "
+        f"(MLflow run {run.info.run_id}{resumed})"
+    )
 
 
 def cmd_evaluate(params: Params, args: argparse.Namespace) -> None:

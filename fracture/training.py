@@ -11,6 +11,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
 from torchvision import transforms
 from tqdm import tqdm
 
+from fracture import checkpoint
 from fracture.config import Profile, TrainParams
 from fracture.imaging import CLASSES, Preprocessor
 from fracture.model import create_classifier, data_config
@@ -43,6 +45,7 @@ class TrainResult:
     best_val_roc_auc: float
     history: list[dict[str, float]]
     device: str
+    resumed_from: int = 0  # completed epochs restored from a checkpoint (0: a fresh run)
 
 
 def select_device(preference: str) -> torch.device:
@@ -173,8 +176,17 @@ def train(
     profile: Profile,
     params: TrainParams,
     on_epoch: EpochCallback | None = None,
+    checkpoint_dir: Path | None = None,
+    checkpoint_key: str = "",
+    run_id: str | None = None,
 ) -> TrainResult:
     """Fine-tunes the profile's ImageNet model and keeps the epoch with the best val ROC AUC.
+
+    With ``checkpoint_dir``, the full training state is saved after every epoch
+    (:mod:`fracture.checkpoint`), and a checkpoint left there by a killed run with the same
+    ``checkpoint_key`` is resumed: the run continues after its last completed epoch with the
+    model, optimiser, scheduler, scaler, best score and every random generator as they were,
+    so it ends exactly where an uninterrupted run would.
 
     Args:
         train_data: training images (uint8 NCHW at the input size, e.g. from the prepared
@@ -185,6 +197,10 @@ def train(
         profile: architecture, weights, input size and epochs.
         params: optimiser, scheduler, batch size, seed and device.
         on_epoch: called after each epoch with its metrics (e.g. to log them to MLflow).
+        checkpoint_dir: where the per-epoch checkpoint lives (``None``: no checkpoints).
+        checkpoint_key: fingerprint of the run (:func:`fracture.checkpoint.fingerprint`); a
+            checkpoint with another key is ignored.
+        run_id: the MLflow run, stored in the checkpoint so a resumed run logs to the same run.
 
     Returns:
         The best model (on the CPU), its data config and the per-epoch history.
@@ -230,7 +246,19 @@ def train(
 
     best_auc, best_epoch, best_state = -1.0, -1, None
     history: list[dict[str, float]] = []
-    for epoch in range(profile.epochs):
+    start = 0
+    saved = checkpoint.load(checkpoint_dir, checkpoint_key) if checkpoint_dir is not None else None
+    if saved is not None:
+        model.load_state_dict(saved.model_state)
+        optimizer.load_state_dict(saved.optimizer_state)
+        scheduler.load_state_dict(saved.scheduler_state)
+        if scaler is not None and saved.scaler_state is not None:
+            scaler.load_state_dict(saved.scaler_state)
+        checkpoint.restore_rng(saved.rng["tensors"], saved.rng["plain"], generator)
+        start, history = saved.epoch, list(saved.history)
+        best_auc, best_epoch, best_state = saved.best_score, saved.best_epoch - 1, saved.best_state
+        log.info("resuming from the checkpoint in %s after epoch %d of %d", checkpoint_dir, start, profile.epochs)
+    for epoch in range(start, profile.epochs):
         model.train()
         started, seen, loss_sum = time.perf_counter(), 0, 0.0
         # The bar draws on a terminal only; under DVC or Prefect progress goes to the log.
@@ -274,6 +302,22 @@ def train(
         if val_auc > best_auc:
             best_auc, best_epoch = val_auc, epoch
             best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+        if checkpoint_dir is not None:
+            checkpoint.save(
+                checkpoint_dir,
+                checkpoint_key,
+                epoch=epoch + 1,
+                best_epoch=best_epoch + 1,
+                best_score=best_auc,
+                history=history,
+                model=model,
+                best_state=best_state,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                scaler=scaler,
+                generator=generator,
+                run_id=run_id,
+            )
 
     assert best_state is not None  # epochs >= 1 is enforced by the loop producing a state
     model = model.cpu().to(memory_format=torch.contiguous_format)
@@ -285,4 +329,5 @@ def train(
         best_val_roc_auc=best_auc,
         history=history,
         device=str(device),
+        resumed_from=start,
     )

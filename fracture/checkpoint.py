@@ -1,0 +1,190 @@
+"""Per-epoch training checkpoints that a killed run resumes from.
+
+A checkpoint is two safetensors files and one JSON file in a directory:
+
+- ``tensors.safetensors``: the model's weights, the best epoch's weights, the optimiser's
+  per-parameter state (Adam's moments and step counts), the gradient scaler's state and the
+  torch RNG states (CPU, CUDA and the data loader's generator);
+- ``checkpoint.json``: the epoch reached, the best score and epoch, the history so far, the
+  optimiser's hyper-parameters, the scheduler's state, Python's and NumPy's RNG states, the
+  MLflow run id and a fingerprint of everything that defines the run.
+
+Nothing is read with pickle, so loading a checkpoint cannot execute code. The JSON file is
+written last and replaced atomically: a run killed while writing leaves the previous complete
+checkpoint in place. A checkpoint whose fingerprint differs from the current run's (other
+params, other data) is ignored, so a changed experiment never resumes a stale one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+log = logging.getLogger(__name__)
+
+TENSORS = "tensors.safetensors"
+STATE = "checkpoint.json"
+FORMAT = 1
+
+
+def fingerprint(definition: dict[str, Any]) -> str:
+    """A stable hash of what defines a run (params, data config, image ids and labels)."""
+    return hashlib.sha256(json.dumps(definition, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What a run needs to continue after ``epoch`` (1-based, completed epochs)."""
+
+    epoch: int
+    best_epoch: int
+    best_score: float
+    history: list[dict[str, float]]
+    model_state: dict[str, torch.Tensor]
+    best_state: dict[str, torch.Tensor]
+    optimizer_state: dict[str, Any]
+    scheduler_state: dict[str, Any]
+    scaler_state: dict[str, Any] | None
+    rng: dict[str, Any]
+    run_id: str | None
+
+
+def _rng_state(generator: torch.Generator) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {"rng.torch": torch.get_rng_state(), "rng.loader": generator.get_state()}
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = state
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    plain = {
+        "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+        "python": [py_version, list(py_state), py_gauss],
+    }
+    return tensors, plain
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], plain: dict[str, Any], generator: torch.Generator) -> None:
+    """Puts every random number generator back where the checkpoint left it."""
+    torch.set_rng_state(tensors["rng.torch"])
+    generator.set_state(tensors["rng.loader"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    kind, keys, pos, has_gauss, cached = plain["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    version, state, gauss = plain["python"]
+    random.setstate((version, tuple(state), gauss))
+
+
+def _split_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Adam's state dict as flat tensors plus JSON (param groups, which slots hold what)."""
+    tensors, slots = {}, {}
+    for index, per_param in state["state"].items():
+        names = []
+        for name, value in per_param.items():
+            tensors[f"optimizer.{index}.{name}"] = torch.as_tensor(value).contiguous()
+            names.append(name)
+        slots[str(index)] = names
+    return tensors, {"param_groups": state["param_groups"], "slots": slots}
+
+
+def _join_optimizer(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> dict[str, Any]:
+    state = {int(i): {n: tensors[f"optimizer.{i}.{n}"] for n in names} for i, names in plain["slots"].items()}
+    return {"state": state, "param_groups": plain["param_groups"]}
+
+
+def save(
+    directory: Path,
+    key: str,
+    *,
+    epoch: int,
+    best_epoch: int,
+    best_score: float,
+    history: list[dict[str, float]],
+    model: torch.nn.Module,
+    best_state: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler | None,
+    generator: torch.Generator,
+    run_id: str | None,
+) -> None:
+    """Writes the checkpoint after ``epoch`` completed epochs, replacing the previous one."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors |= {f"best.{k}": v.contiguous() for k, v in best_state.items()}
+    opt_tensors, opt_plain = _split_optimizer(optimizer.state_dict())
+    tensors |= {k: v.cpu() for k, v in opt_tensors.items()}
+    rng_tensors, rng_plain = _rng_state(generator)
+    tensors |= rng_tensors
+    scaler_state = None
+    if scaler is not None:
+        scaler_state = {k: (v.item() if torch.is_tensor(v) else v) for k, v in scaler.state_dict().items()}
+    plain = {
+        "format": FORMAT,
+        "fingerprint": key,
+        "epoch": epoch,
+        "best_epoch": best_epoch,
+        "best_score": best_score,
+        "history": history,
+        "optimizer": opt_plain,
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler_state,
+        "rng": rng_plain,
+        "run_id": run_id,
+    }
+    partial = directory / f"{TENSORS}.partial"
+    save_file(tensors, str(partial))
+    os.replace(partial, directory / TENSORS)
+    partial_json = directory / f"{STATE}.partial"
+    partial_json.write_text(json.dumps(plain, indent=1))
+    os.replace(partial_json, directory / STATE)
+
+
+def load(directory: Path, key: str) -> Checkpoint | None:
+    """The checkpoint in ``directory`` if it belongs to the run with fingerprint ``key``.
+
+    Returns:
+        ``None`` when there is no complete checkpoint or it belongs to another run (logged).
+    """
+    state_path = directory / STATE
+    if not state_path.is_file() or not (directory / TENSORS).is_file():
+        return None
+    plain = json.loads(state_path.read_text())
+    if plain.get("format") != FORMAT or plain.get("fingerprint") != key:
+        log.info("ignoring the checkpoint in %s: it belongs to a run with other params or data", directory)
+        return None
+    tensors = load_file(str(directory / TENSORS))
+
+    def part(prefix: str) -> dict[str, torch.Tensor]:
+        return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+    return Checkpoint(
+        epoch=plain["epoch"],
+        best_epoch=plain["best_epoch"],
+        best_score=plain["best_score"],
+        history=plain["history"],
+        model_state=part("model."),
+        best_state=part("best."),
+        optimizer_state=_join_optimizer(tensors, plain["optimizer"]),
+        scheduler_state=plain["scheduler"],
+        scaler_state=plain["scaler"],
+        rng={"tensors": {k: v for k, v in tensors.items() if k.startswith("rng.")}, "plain": plain["rng"]},
+        run_id=plain["run_id"],
+    )
+
+
+def clear(directory: Path) -> None:
+    """Removes the checkpoint once the run it belongs to has finished and written its model."""
+    shutil.rmtree(directory, ignore_errors=True)

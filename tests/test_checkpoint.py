@@ -1,0 +1,126 @@
+"""Per-epoch checkpoints: a killed run resumes after its last epoch and ends as an uninterrupted one."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fracture import checkpoint
+from fracture.config import load_params
+from fracture.model import profile_data_config
+from fracture.training import train
+from tests.conftest import REPO, dvc, make_subset, pick_ids, run, shrink_params
+from tests.synthetic import make_dataset, training_frame
+from tests.test_prepare import tensor_data
+
+
+class Killed(Exception):
+    """Stands in for the process dying in the middle of an epoch."""
+
+
+def _setup(tmp_path: Path):
+    make_dataset(tmp_path, 8, 8)
+    params = load_params(REPO)
+    profile = dataclasses.replace(params.profiles["cpu"], image_size=64, epochs=3, augment="light")
+    config = profile_data_config(profile)
+    data = tensor_data(tmp_path, training_frame(tmp_path), config)
+    return data, config, profile, dataclasses.replace(params.train, lr=1e-3, batch_size=4)
+
+
+def test_a_run_killed_in_its_second_epoch_resumes_and_ends_as_an_uninterrupted_run(tmp_path):
+    data, config, profile, params = _setup(tmp_path)
+    whole = train(data, data, config, profile, params, checkpoint_dir=tmp_path / "a", checkpoint_key="k")
+
+    def die_in_epoch_two(epoch: int, metrics: dict) -> None:
+        if epoch == 1:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(data, data, config, profile, params, on_epoch=die_in_epoch_two,
+              checkpoint_dir=tmp_path / "b", checkpoint_key="k")
+    state = json.loads((tmp_path / "b" / checkpoint.STATE).read_text())
+    assert state["epoch"] == 1 and [h["epoch"] for h in state["history"]] == [1]
+
+    seen: list[int] = []
+    resumed = train(data, data, config, profile, params, on_epoch=lambda e, m: seen.append(e + 1),
+                    checkpoint_dir=tmp_path / "b", checkpoint_key="k")
+    assert resumed.resumed_from == 1
+    assert seen == [2, 3]  # only the epochs that were not done yet
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
+    for a, b in zip(whole.history, resumed.history, strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+        assert a["val_roc_auc"] == pytest.approx(b["val_roc_auc"], abs=1e-6)
+        assert a["lr"] == pytest.approx(b["lr"], rel=1e-9)
+    assert resumed.best_epoch == whole.best_epoch
+    for name, tensor in whole.model.state_dict().items():
+        assert torch.allclose(tensor.float(), resumed.model.state_dict()[name].float(), atol=1e-5), name
+
+
+def test_a_checkpoint_of_another_run_is_not_resumed(tmp_path):
+    data, config, profile, params = _setup(tmp_path)
+    short = dataclasses.replace(profile, epochs=1)
+    train(data, data, config, short, params, checkpoint_dir=tmp_path / "c", checkpoint_key="old params")
+    assert checkpoint.load(tmp_path / "c", "new params") is None
+    result = train(data, data, config, short, params, checkpoint_dir=tmp_path / "c", checkpoint_key="new params")
+    assert result.resumed_from == 0
+
+
+def test_checkpoints_hold_no_pickles(tmp_path):
+    data, config, profile, params = _setup(tmp_path)
+    train(data, data, config, dataclasses.replace(profile, epochs=1), params,
+          checkpoint_dir=tmp_path / "d", checkpoint_key="k")
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == [checkpoint.STATE, checkpoint.TENSORS]
+    tensors = load_file(str(tmp_path / "d" / checkpoint.TENSORS))
+    assert any(k.startswith("optimizer.") and k.endswith(".exp_avg") for k in tensors)
+    assert {"rng.torch", "rng.loader"} <= set(tensors)
+    json.loads((tmp_path / "d" / checkpoint.STATE).read_text())  # plain JSON, nothing else
+
+
+@pytest.mark.integration
+def test_train_stage_killed_after_its_first_epoch_resumes_when_rerun(project, fracatlas, tmp_path):
+    source = make_subset(fracatlas, tmp_path / "source", pick_ids(fracatlas, 16, 32))
+    shrink_params(project, profiles__cpu__epochs=3)
+    run(project, sys.executable, "-m", "fracture.cli", "ingest", "--source", str(source))
+    dvc(project, "repro", "prepare")
+    state = project / "outputs" / "train" / "checkpoint" / checkpoint.STATE
+
+    # The stage as DVC runs it, killed (SIGKILL: no clean-up) once its first epoch is saved.
+    proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "train"], cwd=project,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (state.is_file() and json.loads(state.read_text())["epoch"] >= 1):
+            assert proc.poll() is None, "the train stage ended before its first checkpoint"
+            assert time.monotonic() < deadline, "no checkpoint after 5 minutes"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    killed_at = json.loads(state.read_text())["epoch"]
+    assert 1 <= killed_at < 3
+    assert not (project / "outputs" / "train" / "model.safetensors").exists()
+
+    out = dvc(project, "repro", "train")
+    assert f"resuming after epoch {killed_at} of 3" in out
+    history = json.loads((project / "outputs" / "train" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert not state.parent.exists()  # removed once the model is written
+
+    # One MLflow run holds every epoch, logged once each.
+    run_id = json.loads((project / "outputs" / "train" / "run.json").read_text())["run_id"]
+    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    steps = [m.step for m in client.get_metric_history(run_id, "val_roc_auc")]
+    assert sorted(set(steps)) == [1, 2, 3]
+    assert client.get_run(run_id).data.tags["resumed_from_epoch"] == str(killed_at)
+    assert "Data and pipelines are up to date" in dvc(project, "status", "train")
