@@ -173,7 +173,7 @@ def _cache_config(params: Params) -> tuple[dict[str, Any], dict[str, Any]]:
     from fracture.model import profile_data_config
     from fracture.prepare import cache_key
 
-    config = profile_data_config(params.profile, params.prepare.aspect)
+    config = profile_data_config(params.profile, params.prepare.aspect, params.prepare.enhance)
     return config, cache_key(config, params.validate.on_truncated == "keep")
 
 
@@ -194,7 +194,7 @@ def cmd_prepare(params: Params, args: argparse.Namespace) -> None:
     config, key = _cache_config(params)
     meta = prepare_images(used, Path(params.ingest.dest), Preprocessor(config).resize, key, PREP_DIR, params.prepare.workers)
     _write_json(PREP_DIR / "timing.json", {k: meta[k] for k in ("decode_seconds", "images_per_s")})
-    print(f"prepared {meta['images']} images at {key['input_size'][1:]} ({key['aspect']}) in {meta['decode_seconds']:.1f}s")
+    print(f"prepared {meta['images']} images at {key['input_size'][1:]} ({key['aspect']}) in {meta['decode_seconds']:.1f}s (enhance: {key['enhance']})")
 
 
 def log_dataset_inputs(params: Params, frames: dict[str, pd.DataFrame]) -> None:

@@ -55,6 +55,7 @@ class SplitParams:
 class PrepareParams:
     aspect: str = "squash"
     workers: int = 2
+    enhance: str = "none"
 
 
 @dataclass(frozen=True)
@@ -195,13 +196,19 @@ def _check(p: Params) -> None:
         raise ConfigError("params.yaml: split.strategy must be 'stratified' or 'published'")
     if p.prepare.aspect not in {"squash", "pad"}:
         raise ConfigError("params.yaml: prepare.aspect must be 'squash' or 'pad'")
+    if p.prepare.enhance not in {"none", "clahe", "anisotropic_diffusion", "canny"}:
+        raise ConfigError(
+            "params.yaml: prepare.enhance must be 'none', 'clahe', 'anisotropic_diffusion' or 'canny'"
+        )
     if not 0 < p.split.val_size < 1 or not 0 < p.split.test_size < 1:
         raise ConfigError("params.yaml: split.val_size and split.test_size must lie in (0, 1)")
     if p.split.val_size + p.split.test_size >= 1:
         raise ConfigError("params.yaml: split.val_size + split.test_size must be below 1")
     for name, prof in p.profiles.items():
-        if prof.augment not in {"none", "light"}:
-            raise ConfigError(f"params.yaml: profiles.{name}.augment must be 'none' or 'light'")
+        if prof.augment not in {"none", "light", "central_crop"}:
+            raise ConfigError(
+                f"params.yaml: profiles.{name}.augment must be 'none', 'light' or 'central_crop'"
+            )
         if prof.epochs < 1:
             raise ConfigError(f"params.yaml: profiles.{name}.epochs must be at least 1")
     if p.train.class_balance not in {"none", "weighted_loss", "balanced_sampler"}:

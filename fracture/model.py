@@ -116,7 +116,9 @@ def create_classifier(profile: Profile, num_classes: int = len(CLASSES)) -> torc
     return model
 
 
-def data_config(model: torch.nn.Module, image_size: int, aspect: str = "squash") -> dict[str, Any]:
+def data_config(
+    model: torch.nn.Module, image_size: int, aspect: str = "squash", enhance: str = "none"
+) -> dict[str, Any]:
     """timm's data config for ``model`` at the profile's square input size.
 
     Args:
@@ -124,14 +126,16 @@ def data_config(model: torch.nn.Module, image_size: int, aspect: str = "squash")
         image_size: the square input size.
         aspect: ``squash`` (resize to the square) or ``pad`` (pad to a square first), see
             :func:`fracture.imaging.build_transform`.
+        enhance: the ablation enhancement applied after resizing
+            (:class:`fracture.imaging.Enhance`), ``none`` for the paper's normalise-only input.
 
     Returns:
-        ``input_size``, ``interpolation``, ``mean``, ``std`` and ``aspect``.
+        ``input_size``, ``interpolation``, ``mean``, ``std``, ``aspect`` and ``enhance``.
     """
-    return _square(resolve_model_data_config(model), image_size, aspect)
+    return _square(resolve_model_data_config(model), image_size, aspect, enhance)
 
 
-def profile_data_config(profile: Profile, aspect: str = "squash") -> dict[str, Any]:
+def profile_data_config(profile: Profile, aspect: str = "squash", enhance: str = "none") -> dict[str, Any]:
     """The same config as :func:`data_config`, from timm's pretrained config alone.
 
     The prepare stage needs the input size and interpolation before any model exists; this
@@ -140,9 +144,9 @@ def profile_data_config(profile: Profile, aspect: str = "squash") -> dict[str, A
     pretrained = get_pretrained_cfg(profile.model)
     if pretrained is None:
         raise PretrainedWeightsError(f"timm knows no pretrained config for {profile.model!r}. {_how_to(profile)}")
-    return _square(resolve_data_config(pretrained_cfg=pretrained.to_dict()), profile.image_size, aspect)
+    return _square(resolve_data_config(pretrained_cfg=pretrained.to_dict()), profile.image_size, aspect, enhance)
 
 
-def _square(config: dict[str, Any], image_size: int, aspect: str) -> dict[str, Any]:
+def _square(config: dict[str, Any], image_size: int, aspect: str, enhance: str) -> dict[str, Any]:
     out = {k: config[k] for k in ("interpolation", "mean", "std")}
-    return {"input_size": (3, image_size, image_size), **out, "aspect": aspect}
+    return {"input_size": (3, image_size, image_size), **out, "aspect": aspect, "enhance": enhance}

@@ -68,7 +68,8 @@ def render_model_card(
         "",
         "## Recipe",
         f"- Input: {size[1]}×{size[2]} px, resized without cropping (aspect: "
-        f"{model['data_config'].get('aspect', 'squash')}), normalised with mean {model['data_config']['mean']}",
+        f"{model['data_config'].get('aspect', 'squash')}), enhancement: "
+        f"{model['data_config'].get('enhance', 'none')}, normalised with mean {model['data_config']['mean']}",
         *(f"- {k}: {v}" for k, v in recipe.items()),
         f"- Model kept from epoch {model['best_epoch']} (best validation ROC AUC {model['best_val_roc_auc']:.4f})",
         "",

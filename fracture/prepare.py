@@ -4,7 +4,7 @@ Training and evaluation read uint8 pixels from one ``.npy`` array instead of dec
 JPEGs each time. The pixels are exactly what the served model's transform computes before
 normalising (:class:`fracture.imaging.Preprocessor`), so cached and served predictions agree.
 The cache records what it was built for (input size, interpolation, aspect handling,
-truncated loading); a reader that needs anything else gets an error telling it to rebuild.
+enhancement, truncated loading); a reader that needs anything else gets an error telling it to rebuild.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ IMAGES = "images.npy"
 INDEX = "index.csv"
 META = "meta.json"
 #: The data-config keys whose change makes a different cache (mean and std act later).
-KEY_FIELDS = ("input_size", "interpolation", "aspect")
+KEY_FIELDS = ("input_size", "interpolation", "aspect", "enhance")
+_DEFAULTS = {"aspect": "squash", "enhance": "none"}
 
 
 class StaleCacheError(RuntimeError):
@@ -69,7 +70,7 @@ class PreparedImages:
 
 def cache_key(data_config: dict[str, Any], allow_truncated: bool) -> dict[str, Any]:
     """What a cache must have been built with to serve a model with ``data_config``."""
-    key = {k: data_config.get(k, "squash" if k == "aspect" else None) for k in KEY_FIELDS}
+    key = {k: data_config.get(k, _DEFAULTS.get(k)) for k in KEY_FIELDS}
     key["input_size"] = list(key["input_size"])
     return key | {"allow_truncated": allow_truncated}
 

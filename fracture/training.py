@@ -82,6 +82,35 @@ def light_augmentation() -> Callable[[torch.Tensor], torch.Tensor]:
     )
 
 
+class RandomCentralCrop:
+    """The paper's crop ablation: a centred crop of a random share of each side, resized back.
+
+    The share is drawn uniformly from ``[min_scale, 1]`` per image with torch's generator (so
+    seeding and checkpoints cover it); the crop keeps the image centre and its aspect ratio.
+    Works on one uint8 CHW tensor and returns the input's size.
+    """
+
+    def __init__(self, min_scale: float = 0.7) -> None:
+        self.min_scale = min_scale
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        _, height, width = image.shape
+        scale = self.min_scale + (1 - self.min_scale) * float(torch.rand(()))
+        crop = transforms.functional.center_crop(image, [max(1, round(height * scale)), max(1, round(width * scale))])
+        return transforms.functional.resize(crop, [height, width], antialias=True)
+
+
+def augmentation(name: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The training augmentation named by a profile's ``augment`` (``None`` for ``none``)."""
+    if name == "none":
+        return None
+    if name == "light":
+        return light_augmentation()
+    if name == "central_crop":
+        return RandomCentralCrop()
+    raise ValueError(f"augment must be 'none', 'light' or 'central_crop', got {name!r}")
+
+
 def _jsonish(config: dict[str, Any]) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
 
@@ -212,7 +241,7 @@ def train(
     seed_everything(params.seed)
     device = select_device(params.device)
     model = create_classifier(profile)
-    expected = data_config(model, profile.image_size, config.get("aspect", "squash"))
+    expected = data_config(model, profile.image_size, config.get("aspect", "squash"), config.get("enhance", "none"))
     if _jsonish(expected) != _jsonish(config):
         raise StaleCacheError(
             f"images were prepared for {config}, but {profile.model} needs {expected}: "
@@ -222,7 +251,7 @@ def train(
         # Freezing the high-resolution early layers skips most of their backward pass; their
         # ImageNet edge and texture filters transfer to X-rays as they are.
         freeze(model, list(profile.frozen))
-    augment = light_augmentation() if profile.augment == "light" else None
+    augment = augmentation(profile.augment)
     pre = Preprocessor(config)
 
     model = model.to(device, memory_format=torch.channels_last)

@@ -62,8 +62,8 @@ def test_cached_pixels_normalised_equal_the_served_transform(tmp_path):
 
 @pytest.mark.parametrize(
     "change",
-    [{"input_size": (3, 64, 64)}, {"aspect": "pad"}, {"interpolation": "bilinear"}],
-    ids=["size", "aspect", "interpolation"],
+    [{"input_size": (3, 64, 64)}, {"aspect": "pad"}, {"interpolation": "bilinear"}, {"enhance": "clahe"}],
+    ids=["size", "aspect", "interpolation", "enhance"],
 )
 def test_a_cache_built_for_another_key_is_refused(tmp_path, change):
     make_dataset(tmp_path, 2, 2)
