@@ -363,7 +363,7 @@ def cmd_evaluate(params: Params, args: argparse.Namespace) -> None:
     recipe = {
         "weights": f"ImageNet ({profile.weights})",
         "loss": "cross-entropy",
-        "optimiser": f"Adam, lr {params.train.lr}, weight decay {params.train.weight_decay}",
+        "optimiser": f"Adam, lr {profile.learning_rate(params.train)}, weight decay {params.train.weight_decay}",
         "scheduler": f"CosineAnnealingWarmRestarts, T_0 {params.train.t_0 or profile.epochs}, T_mult {params.train.t_mult}",
         "batch size": params.train.batch_size,
         "class balance": params.train.class_balance,

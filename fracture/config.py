@@ -69,6 +69,11 @@ class Profile:
     weights_file: str | None = None
     augment: str = "none"
     frozen: tuple[str, ...] = ()
+    lr: float | None = None  # this profile's learning rate; None: train.lr
+
+    def learning_rate(self, train: TrainParams) -> float:
+        """The Adam learning rate this profile trains with."""
+        return self.lr if self.lr is not None else train.lr
 
 
 @dataclass(frozen=True)
@@ -211,6 +216,8 @@ def _check(p: Params) -> None:
             )
         if prof.epochs < 1:
             raise ConfigError(f"params.yaml: profiles.{name}.epochs must be at least 1")
+        if prof.lr is not None and not (isinstance(prof.lr, (int, float)) and prof.lr > 0):
+            raise ConfigError(f"params.yaml: profiles.{name}.lr must be a positive number or null, got {prof.lr!r}")
     if p.train.class_balance not in {"none", "weighted_loss", "balanced_sampler"}:
         raise ConfigError("params.yaml: train.class_balance must be 'none', 'weighted_loss' or 'balanced_sampler'")
     if p.train.device not in {"auto", "cpu", "cuda"}:

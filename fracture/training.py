@@ -259,7 +259,7 @@ def train(
     criterion, sampler = class_balance(params.class_balance, train_data.tensors[1], generator)
     criterion = criterion.to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(trainable, lr=params.lr, weight_decay=params.weight_decay)
+    optimizer = torch.optim.Adam(trainable, lr=profile.learning_rate(params), weight_decay=params.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
         optimizer, T_0=params.t_0 or profile.epochs, T_mult=params.t_mult
     )

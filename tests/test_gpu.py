@@ -30,3 +30,26 @@ def test_training_runs_on_cuda_with_mixed_precision(tmp_path):
     result = train(data, data, config, profile, dataclasses.replace(params.train, device="cuda"))
     assert result.device == "cuda"
     assert 0.0 <= result.best_val_roc_auc <= 1.0
+
+
+class Killed(Exception):
+    pass
+
+
+def test_a_cuda_run_killed_in_its_second_epoch_resumes_with_its_rng_and_optimiser(tmp_path):
+    make_dataset(tmp_path, 8, 8)
+    params = load_params(REPO)
+    profile = dataclasses.replace(params.profiles["cpu"], image_size=64, epochs=3)
+    config = profile_data_config(profile)
+    data = tensor_data(tmp_path, training_frame(tmp_path), config)
+    train_params = dataclasses.replace(params.train, device="cuda", batch_size=4, lr=1e-3)
+
+    def die(epoch: int, metrics: dict) -> None:
+        if epoch == 1:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(data, data, config, profile, train_params, on_epoch=die, checkpoint_dir=tmp_path / "ck", checkpoint_key="k")
+    resumed = train(data, data, config, profile, train_params, checkpoint_dir=tmp_path / "ck", checkpoint_key="k")
+    assert resumed.device == "cuda" and resumed.resumed_from == 1
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
