@@ -12,8 +12,10 @@ from pathlib import Path
 
 import torch
 from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
 from ruamel.yaml import YAML
 
+from flows.report import REPORT_KEY, nothing_changed, render_report
 from fracture.config import PARAMS_FILE, load_params
 from fracture.ingest import SOURCE_ENV
 from fracture.registry import Registration
@@ -90,6 +92,9 @@ def set_profile(project: Path, profile: str) -> bool:
 def retrain(project_dir: str = ".", source: str | None = None, profile: str | None = None) -> RetrainResult:
     """Brings the data in, reproduces every DVC stage and registers the model.
 
+    Publishes the run's report (metrics, data version, stages run, promotion decision) as the
+    Markdown artifact ``retrain-report``. Scheduled runs come from :mod:`flows.deploy`.
+
     Args:
         project_dir: the project root (holding dvc.yaml and params.yaml).
         source: a local FracAtlas folder or zip; ``None`` uses $FRACATLAS_SOURCE, else figshare.
@@ -104,15 +109,18 @@ def retrain(project_dir: str = ".", source: str | None = None, profile: str | No
     print(reason)
     if set_profile(project, name):
         logger.info("set train.profile: %s in %s", name, project / PARAMS_FILE)
-    load_params(project)  # fail before any work on a broken params.yaml
+    params = load_params(project)  # fail before any work on a broken params.yaml
+    # The flaky tasks (download, registry) retry after transient errors as params.yaml says.
+    retry = {"retries": params.schedule.retries, "retry_delay_seconds": params.schedule.retry_delay_seconds}
 
-    ingested = ingest_task(project, source or os.environ.get(SOURCE_ENV) or None)
+    ingested = ingest_task.with_options(**retry)(project, source or os.environ.get(SOURCE_ENV) or None)
     validation = validate_task(project)
     split = split_task(project)
     prepared = prepare_task(project)
     trained = train_task(project)
     evaluation = evaluate_task(project)
-    registration = register_task(project, trained)
+    registration = register_task.with_options(**retry)(project, trained)
+    result = RetrainResult(name, ingested, validation, split, prepared, trained, evaluation, registration)
 
     m = evaluation.metrics
     print(
@@ -122,7 +130,14 @@ def retrain(project_dir: str = ".", source: str | None = None, profile: str | No
         f"({'new' if registration.created else 'already registered'}), champion: {registration.champion} "
         f"({registration.reason})"
     )
-    return RetrainResult(name, ingested, validation, split, prepared, trained, evaluation, registration)
+    if nothing_changed(result):
+        print("nothing changed: data, code and params as in the last run; nothing retrained or registered")
+    create_markdown_artifact(
+        key=REPORT_KEY,
+        markdown=render_report(result),
+        description=f"data {ingested.data_version}; {registration.name} v{registration.version}: {registration.reason}",
+    )
+    return result
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -398,18 +398,38 @@ def cmd_evaluate(params: Params, args: argparse.Namespace) -> None:
 
 
 def cmd_register(params: Params, args: argparse.Namespace) -> None:
-    from fracture.registry import register
+    from fracture.registry import EvaluatedSplit, RegistryError, register
 
     run_id = _read_json(TRAIN_DIR / "run.json")["run_id"]
     setup_mlflow(params)
-    reg = register(
-        params.register.model_name,
-        run_id,
-        TRAIN_DIR / "model.safetensors",
-        serving_config(),
-        params.register.metric,
+    try:
+        reg = register(
+            params.register,
+            run_id,
+            TRAIN_DIR / "model.safetensors",
+            serving_config(),
+            EvaluatedSplit.from_csv(
+                SPLIT_DIR / "test.csv", Path(params.ingest.dest), params.validate.on_truncated == "keep"
+            ),
+        )
+    except RegistryError as exc:
+        sys.exit(f"fracture register: {exc}")
+    print(reg.summary())
+
+
+def cmd_rollback(params: Params, args: argparse.Namespace) -> None:
+    from fracture.registry import RegistryError, rollback
+
+    setup_mlflow(params)
+    try:
+        done = rollback(params.register.model_name)
+    except RegistryError as exc:
+        sys.exit(f"fracture rollback: {exc}")
+    print(
+        f"{done.name}: champion rolled back from version {done.demoted} to version {done.champion}; "
+        f"previous-champion: {'version ' + done.previous_champion if done.previous_champion else 'none'}; "
+        f"version {done.demoted} holds no alias now and is tagged rolled_back_at"
     )
-    print(json.dumps(dataclasses.asdict(reg), indent=2))
 
 
 COMMANDS = {
@@ -419,7 +439,8 @@ COMMANDS = {
     "prepare": (cmd_prepare, "decode and resize each image once into the prepared cache"),
     "train": (cmd_train, "fine-tune the profile's model, logging to MLflow"),
     "evaluate": (cmd_evaluate, "score the model on the test split"),
-    "register": (cmd_register, "register the model and move the champion alias if it is better"),
+    "register": (cmd_register, "register the model; champion only if it passes the promotion gate"),
+    "rollback": (cmd_rollback, "move the champion alias back to the previous-champion version"),
 }
 
 

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 
@@ -101,9 +102,51 @@ class EvaluateParams:
 
 @dataclass(frozen=True)
 class RegisterParams:
+    """The registry and its promotion gate.
+
+    Attributes:
+        model_name: the registered model name consumers load (``models:/<name>@champion``).
+        metric: the training run's metric that decides promotion (higher is better).
+        experiment: the MLflow experiment of the training runs.
+        margin: how much a new version must beat the champion on ``metric`` by.
+        floors: run metric -> minimum value every champion must reach (e.g. ``test_recall``).
+        rescore_champion: score the champion on a new version's test split when it was evaluated
+            on another split or data version, instead of refusing to compare the two.
+    """
+
     model_name: str
     metric: str
     experiment: str
+    margin: float = 0.0
+    floors: dict[str, float] = dataclasses.field(default_factory=dict)
+    rescore_champion: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.margin, (int, float)) or self.margin < 0:
+            raise ConfigError(f"params.yaml: register.margin must be a number >= 0, got {self.margin!r}")
+        if not isinstance(self.floors, dict) or not all(
+            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+            for k, v in self.floors.items()
+        ):
+            raise ConfigError(
+                "params.yaml: register.floors must map run metric names to numbers, "
+                f"e.g. {{test_roc_auc: 0.85}}; got {self.floors!r}"
+            )
+
+
+@dataclass(frozen=True)
+class ScheduleParams:
+    """When and where the retrain flow runs on its own (read by ``flows.deploy``, not by DVC)."""
+
+    deployment: str
+    cron: str
+    timezone: str = "UTC"
+    work_pool: str | None = None
+    image: str | None = None
+    job_variables: dict[str, Any] = dataclasses.field(default_factory=dict)
+    concurrency_limit: int = 1
+    retries: int = 2
+    retry_delay_seconds: float = 30
 
 
 @dataclass(frozen=True)
@@ -116,6 +159,7 @@ class Params:
     profiles: dict[str, Profile]
     evaluate: EvaluateParams
     register: RegisterParams
+    schedule: ScheduleParams
 
     @property
     def profile(self) -> Profile:
@@ -180,6 +224,7 @@ def parse_params(raw: dict[str, Any]) -> Params:
         profiles=profiles,
         evaluate=_build(EvaluateParams, "evaluate", raw),
         register=_build(RegisterParams, "register", raw),
+        schedule=_build(ScheduleParams, "schedule", raw),
     )
     _check(params)
     return params
@@ -222,7 +267,30 @@ def _check(p: Params) -> None:
         raise ConfigError("params.yaml: train.class_balance must be 'none', 'weighted_loss' or 'balanced_sampler'")
     if p.train.device not in {"auto", "cpu", "cuda"}:
         raise ConfigError("params.yaml: train.device must be 'auto', 'cpu' or 'cuda'")
+    _check_schedule(p.schedule)
     p.profile  # noqa: B018 - raises ConfigError on an unknown profile name
+
+
+def _check_schedule(s: ScheduleParams) -> None:
+    if not isinstance(s.cron, str) or len(s.cron.split()) not in (5, 6):
+        raise ConfigError(
+            f"params.yaml: schedule.cron is {s.cron!r}; give a cron string such as \"0 3 * * 1\" "
+            "(minute hour day-of-month month day-of-week)"
+        )
+    try:
+        ZoneInfo(s.timezone)
+    except (ZoneInfoNotFoundError, ValueError, TypeError):
+        raise ConfigError(
+            f"params.yaml: schedule.timezone {s.timezone!r} is not an IANA time zone; use e.g. UTC or Europe/London"
+        ) from None
+    if not isinstance(s.concurrency_limit, int) or s.concurrency_limit < 1:
+        raise ConfigError("params.yaml: schedule.concurrency_limit must be a whole number of at least 1")
+    if not isinstance(s.retries, int) or s.retries < 0:
+        raise ConfigError("params.yaml: schedule.retries must be a whole number, 0 or more")
+    if s.retry_delay_seconds < 0:
+        raise ConfigError("params.yaml: schedule.retry_delay_seconds must be 0 or more")
+    if not isinstance(s.job_variables, dict):
+        raise ConfigError("params.yaml: schedule.job_variables must be a mapping (use {} for none)")
 
 
 def load_params(root: Path | str = ".") -> Params:

@@ -1,7 +1,8 @@
 """The MLflow pyfunc model that consumers load from the registry.
 
-Input: a DataFrame with a column ``image`` (base64-encoded image file bytes, e.g. from a JSON
-request) or ``path`` (a file path readable by the caller); one of the two per row.
+Input: a DataFrame with a column ``image`` (the image file's bytes, or their base64 text as a JSON
+request carries them) or ``path`` (a file path readable by the model's process); one of the two
+per row.
 Output: a DataFrame with ``fracture_probability``, ``label`` and ``threshold`` per row.
 
 Only third-party packages and :mod:`fracture.imaging` are imported, and both travel inside the
@@ -67,16 +68,25 @@ class FracturePyfunc(mlflow.pyfunc.PythonModel):
     def _read_row(self, i: int, row: pd.Series) -> torch.Tensor:
         image = row.get("image")
         path = row.get("path")
-        has_image = isinstance(image, str) and image != ""
+        has_image = isinstance(image, (str, bytes, bytearray)) and len(image) > 0
         has_path = isinstance(path, str) and path != ""
         if has_image == has_path:
             raise ValueError(
-                f"row {i}: give exactly one of 'image' (base64 file bytes) or 'path' (a file path)"
+                f"row {i}: give exactly one of 'image' (file bytes, or base64 text) or 'path' (a file path)"
             )
         try:
-            source: str | bytes = base64.b64decode(image, validate=True) if has_image else path
+            if not has_image:
+                source: str | bytes = path
+            elif isinstance(image, str):
+                source = base64.b64decode(image, validate=True)
+            else:
+                source = bytes(image)
             return self.transform(open_xray(source, allow_truncated=False))
-        except (binascii.Error, ImageLoadError) as exc:
+        except binascii.Error as exc:
+            raise ValueError(
+                f"row {i}: 'image' is not base64 text ({exc}); send the file's bytes base64-encoded"
+            ) from exc
+        except ImageLoadError as exc:
             raise ValueError(f"row {i}: {exc}") from exc
 
     @torch.inference_mode()
@@ -89,6 +99,11 @@ class FracturePyfunc(mlflow.pyfunc.PythonModel):
         frame = pd.DataFrame(model_input)
         if not {"image", "path"} & set(frame.columns):
             raise ValueError("input needs a column 'image' (base64 file bytes) or 'path'")
+        if frame.empty:
+            return pd.DataFrame(
+                {"fracture_probability": pd.Series(dtype="float64"), "label": pd.Series(dtype=object),
+                 "threshold": pd.Series(dtype="float64")}
+            )
         batch = torch.stack([self._read_row(i, row) for i, row in frame.reset_index(drop=True).iterrows()])
         probs = self.model(batch).softmax(dim=-1)[:, 1].double().numpy()
         labels = np.where(probs >= self.threshold, CLASSES[1], CLASSES[0])

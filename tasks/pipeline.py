@@ -18,12 +18,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
+import requests
+from mlflow.exceptions import MlflowException
 from prefect import get_run_logger, task
 
 from fracture.cli import EVAL_DIR, PREP_DIR, REPORT, SPLIT_DIR, TRAIN_DIR, data_version, serving_config, setup_mlflow
 from fracture.config import load_params
 from fracture.ingest import EX_TEMPFAIL
-from fracture.registry import Registration, register
+from fracture.registry import EvaluatedSplit, Registration, register
+
+# MLflow error codes a later try may not meet: the tracking server or its database was down,
+# overloaded or timed out (MLflow reports an unreachable server as INTERNAL_ERROR).
+TRANSIENT_MLFLOW_ERRORS = frozenset(
+    {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED", "ABORTED"}
+)
 
 if TYPE_CHECKING:
     from prefect import Task
@@ -52,8 +60,16 @@ class StageRun:
 
 @dataclass(frozen=True)
 class IngestSummary:
+    """The dataset version (DVC's md5 of ``data``) after ingest, and the one before it."""
+
     data_version: str | None
     seconds: float
+    previous_version: str | None = None
+
+    @property
+    def changed(self) -> bool:
+        """Whether this ingest brought in a dataset other than the one the project had."""
+        return self.data_version != self.previous_version
 
 
 @dataclass(frozen=True)
@@ -162,13 +178,43 @@ def retry_transient_ingest(task: Task[..., Any], task_run: TaskRun, state: State
     return False
 
 
+def retry_transient_registry(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
+    """Prefect ``retry_condition_fn``: retries the register task only after a transient failure.
+
+    An unreachable or overloaded tracking server, a timeout or a locked database may be gone on
+    the next try; a missing metric, an unknown run or a permission error stays, so it is
+    reported at once.
+
+    Args:
+        task: the task (unused; part of Prefect's signature).
+        task_run: the failed run (unused; part of Prefect's signature).
+        state: the Failed state; its result re-raises the task's exception.
+
+    Returns:
+        Whether Prefect should apply the task's retry policy.
+    """
+    try:
+        state.result()
+    except MlflowException as exc:
+        return exc.error_code in TRANSIENT_MLFLOW_ERRORS
+    except (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError):
+        return True
+    except Exception:  # noqa: BLE001 - anything else is no known transient failure
+        return False
+    return False
+
+
 @task(name="ingest", retries=2, retry_delay_seconds=30, retry_condition_fn=retry_transient_ingest)
 def ingest_task(project: Path, source: str | None) -> IngestSummary:
-    """Brings FracAtlas in (local copy, zip or figshare) and versions it with ``dvc add``."""
+    """Brings FracAtlas in (local copy, zip or figshare) and versions it with ``dvc add``.
+
+    The flow sets the retries and their delay from ``schedule`` in params.yaml.
+    """
     started = time.perf_counter()
+    previous = data_version(project)
     _run([sys.executable, "-m", "fracture.cli", "ingest", *(["--source", source] if source else [])], project)
     dvc(project, "add", "data")
-    return IngestSummary(data_version(project), time.perf_counter() - started)
+    return IngestSummary(data_version(project), time.perf_counter() - started, previous)
 
 
 @task(name="validate")
@@ -213,15 +259,20 @@ def evaluate_task(project: Path) -> EvaluationSummary:
     return EvaluationSummary(run, json.loads((project / EVAL_DIR / "metrics.json").read_text()))
 
 
-@task(name="register", retries=2, retry_delay_seconds=10)
+@task(name="register", retries=2, retry_delay_seconds=30, retry_condition_fn=retry_transient_registry)
 def register_task(project: Path, trained: TrainSummary) -> Registration:
-    """Registers the trained run's model and moves ``champion`` when it is better."""
+    """Registers the trained run's model and moves ``champion`` when it passes the promotion gate.
+
+    The flow sets the retries and their delay from ``schedule`` in params.yaml.
+    """
     params = load_params(project)
     setup_mlflow(params, project)
     return register(
-        params.register.model_name,
+        params.register,
         trained.run_id,
         project / TRAIN_DIR / "model.safetensors",
         serving_config(project),
-        params.register.metric,
+        EvaluatedSplit.from_csv(
+            project / SPLIT_DIR / "test.csv", project / params.ingest.dest, params.validate.on_truncated == "keep"
+        ),
     )

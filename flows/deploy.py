@@ -1,0 +1,182 @@
+"""Scheduled retraining: serve the retrain flow on this machine, or deploy it to a work pool.
+
+The schedule, the concurrency limit, the retries and the work pool come from the ``schedule``
+section of params.yaml, so pointing the job at another machine (a Docker or Kubernetes work
+pool, a GPU node) is a change of parameters, not of code::
+
+    python -m flows.deploy serve                        # runs the schedule in this process
+    python -m flows.deploy deploy [--work-pool NAME]    # registers it with a work pool's workers
+
+Both talk to the Prefect API in ``PREFECT_API_URL`` (start one with ``prefect server start``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+import prefect
+from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+from prefect.flows import EntrypointType
+from prefect.schedules import Cron
+from prefect.settings import PREFECT_API_URL
+
+from flows.retrain import retrain
+from fracture.config import ConfigError, Params, load_params
+
+if TYPE_CHECKING:
+    from prefect.deployments.runner import RunnerDeployment
+
+TAGS = ["fracture", "retrain"]
+
+
+def build_deployment(
+    params: Params,
+    project_dir: str,
+    source: str | None = None,
+    profile: str | None = None,
+    work_pool: str | None = None,
+) -> RunnerDeployment:
+    """The retrain flow's deployment: cron schedule, concurrency limit and default parameters.
+
+    The flow is referenced by module path (``flows.retrain.retrain``), so whatever runs it
+    (this machine's runner, a process worker, a container) imports it from the installed project
+    rather than from a file path of this machine.
+
+    Args:
+        params: the project's parameters (their ``schedule`` section).
+        project_dir: the project root the runs work in, as seen by the machine that runs them.
+        source: a FracAtlas folder or zip for the runs; ``None`` leaves it to $FRACATLAS_SOURCE,
+            else figshare, on that machine.
+        profile: a training profile; ``None`` picks by the hardware the run lands on.
+        work_pool: the work pool for ``deploy``; ``None`` for ``serve``.
+
+    Returns:
+        The deployment, not yet sent to the Prefect API.
+
+    Raises:
+        ConfigError: the cron string is not valid.
+    """
+    s = params.schedule
+    try:
+        schedule = Cron(s.cron, timezone=s.timezone)
+    except ValueError as exc:
+        raise ConfigError(f"params.yaml: schedule.cron {s.cron!r} is not a valid cron string: {exc}") from None
+    parameters: dict[str, Any] = {"project_dir": project_dir}
+    if source:
+        parameters["source"] = source
+    if profile:
+        parameters["profile"] = profile
+    return retrain.to_deployment(
+        name=s.deployment,
+        schedule=schedule,
+        # A run that falls due while one is going waits for it instead of retraining in parallel
+        # on the same DVC workspace.
+        concurrency_limit=ConcurrencyLimitConfig(
+            limit=s.concurrency_limit, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE
+        ),
+        parameters=parameters,
+        description=f"Scheduled retraining ({s.cron}, {s.timezone}): reproduces the DVC pipeline and "
+        "registers the model; promotes it to champion only when it beats the current one.",
+        tags=TAGS,
+        work_pool_name=work_pool,
+        job_variables=dict(s.job_variables) if work_pool else None,
+        entrypoint_type=EntrypointType.MODULE_PATH,
+    )
+
+
+def serve(params: Params, project_dir: Path, source: str | None = None, profile: str | None = None) -> None:
+    """Runs the schedule in this process until interrupted (Prefect's ``serve``).
+
+    Args:
+        params: the project's parameters.
+        project_dir: the project root.
+        source: a FracAtlas folder or zip for the runs (default: $FRACATLAS_SOURCE, else figshare).
+        profile: a training profile (default: by hardware).
+    """
+    deployment = build_deployment(params, str(project_dir.resolve()), source, profile)
+    # `limit` caps this runner too, so even a deployment edited in the UI never overlaps here.
+    prefect.serve(deployment, limit=params.schedule.concurrency_limit)
+
+
+def deploy(
+    params: Params,
+    project_dir: str,
+    work_pool: str | None = None,
+    source: str | None = None,
+    profile: str | None = None,
+) -> UUID:
+    """Creates or updates the deployment on a work pool; the pool's workers run it.
+
+    Args:
+        params: the project's parameters.
+        project_dir: the project root on the worker's machine or in the image (default ``.``:
+            the worker's working directory).
+        work_pool: overrides ``schedule.work_pool``.
+        source: a FracAtlas folder or zip, as the worker sees it.
+        profile: a training profile (default: by the worker's hardware).
+
+    Returns:
+        The deployment's id.
+
+    Raises:
+        ConfigError: no work pool is named.
+    """
+    s = params.schedule
+    pool = work_pool or s.work_pool
+    if not pool:
+        raise ConfigError(
+            "params.yaml: schedule.work_pool is null, so there is no work pool to deploy to; set it (or pass "
+            "--work-pool NAME) after `prefect work-pool create NAME --type process|docker|kubernetes`, "
+            "or run the schedule on this machine with `python -m flows.deploy serve`"
+        )
+    deployment = build_deployment(params, project_dir, source, profile, work_pool=pool)
+    # The image is the team's own build of this project: used as is, never built or pushed here.
+    (deployment_id,) = prefect.deploy(
+        deployment, work_pool_name=pool, image=s.image, build=False, push=False, print_next_steps_message=False
+    )
+    return deployment_id
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Scheduled retraining with Prefect (see `schedule` in params.yaml).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, text in (
+        ("serve", "run the schedule on this machine until interrupted"),
+        ("deploy", "create or update the deployment on a work pool"),
+    ):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("--project-dir", default=".", help="the project root (default: .)")
+        cmd.add_argument("--source", default=None, help="FracAtlas folder or zip (default: $FRACATLAS_SOURCE, else figshare)")
+        cmd.add_argument("--profile", default=None, help="a profile in params.yaml (default: by hardware)")
+    sub.choices["deploy"].add_argument("--work-pool", default=None, help="overrides schedule.work_pool")
+    args = parser.parse_args(argv)
+
+    try:
+        params = load_params(args.project_dir)
+        if not PREFECT_API_URL.value():
+            print(
+                "PREFECT_API_URL is not set: the schedule lives only as long as a temporary local server. "
+                "Start `prefect server start` and set PREFECT_API_URL=http://127.0.0.1:4200/api to keep it.",
+                file=sys.stderr,
+            )
+        s = params.schedule
+        if args.command == "serve":
+            print(f"serving retrain/{s.deployment}: cron {s.cron!r} ({s.timezone}), at most {s.concurrency_limit} run(s) at once")
+            serve(params, Path(args.project_dir), args.source, args.profile)
+        else:
+            deployment_id = deploy(params, args.project_dir, args.work_pool, args.source, args.profile)
+            pool = args.work_pool or s.work_pool
+            print(
+                f"deployed retrain/{s.deployment} ({deployment_id}) to work pool {pool!r}: cron {s.cron!r} "
+                f"({s.timezone}). Start a worker where it should run: prefect worker start --pool {pool}"
+            )
+    except ConfigError as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+
+if __name__ == "__main__":
+    main()

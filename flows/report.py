@@ -1,0 +1,147 @@
+"""The Markdown report each retrain flow run publishes as a Prefect artifact.
+
+A pure function of the flow's typed result, so the text can be tested without Prefect.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from flows.retrain import RetrainResult
+
+REPORT_KEY = "retrain-report"
+
+# (label, metrics.json key, has a 95% interval)
+METRIC_ROWS = (
+    ("ROC AUC", "roc_auc", True),
+    ("Sensitivity (recall)", "recall", True),
+    ("Specificity", "specificity", True),
+    ("Precision", "precision", False),
+    ("F1", "f1", False),
+    ("Average precision", "average_precision", False),
+    ("Accuracy", "accuracy", False),
+    ("Decision threshold", "threshold", False),
+    ("Expected calibration error", "ece", False),
+    ("Brier score", "brier", False),
+)
+
+
+def _num(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def _count(value: Any) -> str:
+    # metrics.json stores every number as a float, counts included.
+    return "n/a" if value is None else str(int(value))
+
+
+def _cell(text: str) -> str:
+    # A table cell ends at an unescaped pipe or a line break.
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _code(value: str | None) -> str:
+    return f"`{value}`" if value else "none"
+
+
+def nothing_changed(result: RetrainResult) -> bool:
+    """Whether the run found the same data, code and params as before and registered nothing.
+
+    Args:
+        result: the flow's result.
+
+    Returns:
+        True when the dataset version did not change, DVC ran no stage and no model version
+        was created.
+    """
+    stages = (result.validation, result.split, result.prepare, result.train, result.evaluation)
+    return not result.ingest.changed and not any(s.run.ran for s in stages) and not result.registration.created
+
+
+def render_report(result: RetrainResult) -> str:
+    """The run's report as Markdown: outcome, data version, stages, test metrics, promotion.
+
+    Args:
+        result: the flow's result.
+
+    Returns:
+        Markdown text for ``prefect.artifacts.create_markdown_artifact``.
+    """
+    ingest, reg, m = result.ingest, result.registration, result.evaluation.metrics
+    stages = (result.validation, result.split, result.prepare, result.train, result.evaluation)
+    ran = [s.run.stage for s in stages if s.run.ran]
+
+    if nothing_changed(result):
+        outcome = (
+            "**Nothing changed**: same data version, code and parameters as the last run. DVC found "
+            f"every stage up to date and nothing new was registered ({reg.name} version {reg.version} "
+            "is the model these outputs belong to)."
+        )
+    else:
+        data = (
+            f"new data version {_code(ingest.data_version)} (was {_code(ingest.previous_version)})"
+            if ingest.changed
+            else f"same data version {_code(ingest.data_version)}"
+        )
+        outcome = (
+            f"**Retrained**: {data}; DVC ran {', '.join(ran) if ran else 'no stage'}; "
+            f"{reg.name} version {reg.version} {'registered' if reg.created else 'was already registered'}."
+        )
+
+    lines = [
+        "# Retraining report",
+        "",
+        outcome,
+        "",
+        "## Data",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| Data version (DVC md5 of `data`) | {_code(ingest.data_version)} |",
+        f"| Previous data version | {_code(ingest.previous_version)} |",
+        f"| Data changed | {'yes' if ingest.changed else 'no'} |",
+        "| Split (images) | " + ", ".join(f"{k} {v}" for k, v in result.split.sizes.items()) + " |",
+        f"| Excluded by validation | {result.validation.excluded} |",
+        "",
+        "## Stages",
+        "",
+        "| Stage | DVC | Seconds |",
+        "|---|---|---:|",
+        f"| ingest | dataset copied and hashed (`dvc add data`) | {ingest.seconds:.1f} |",
+        *(f"| {s.run.stage} | {'ran' if s.run.ran else 'up to date'} | {s.run.seconds:.1f} |" for s in stages),
+        "",
+        f"## Test metrics ({result.profile} profile, {result.train.architecture})",
+        "",
+        f"Test split: {_count(m.get('n_images'))} images, {_count(m.get('n_fractured'))} fractured; "
+        f"MLflow run {_code(result.train.run_id)}.",
+        "",
+        "| Metric | Value | 95% CI |",
+        "|---|---:|---|",
+    ]
+    for label, key, has_ci in METRIC_ROWS:
+        low, high = m.get(f"{key}_ci_low"), m.get(f"{key}_ci_high")
+        ci = f"{_num(low)} – {_num(high)}" if has_ci and low is not None and high is not None else ""
+        lines.append(f"| {label} | {_num(m.get(key))} | {ci} |")
+
+    champion = "yes" if reg.champion else "no"
+    lines += [
+        "",
+        "## Promotion decision",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| Model | {reg.name} version {reg.version} |",
+        f"| Registered by this run | {'yes' if reg.created else 'no (already registered)'} |",
+        f"| Training run | {_code(reg.run_id)} |",
+        f"| {reg.metric} | {_num(reg.score)} |",
+        f"| Champion's {reg.metric} before this run | {_num(reg.champion_score)} |",
+        f"| Holds `champion` | {champion} |",
+        f"| Reason | {_cell(reg.reason)} |",
+        "",
+    ]
+    return "\n".join(lines)

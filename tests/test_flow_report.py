@@ -1,0 +1,172 @@
+"""The retrain flow's Markdown report and the register task's retry decision (no training)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from prefect.states import exception_to_failed_state
+
+from flows.report import METRIC_ROWS, nothing_changed, render_report
+from flows.retrain import RetrainResult
+from fracture.registry import Registration
+from tasks.pipeline import (
+    EvaluationSummary,
+    IngestSummary,
+    PrepareSummary,
+    SplitSummary,
+    StageRun,
+    TrainSummary,
+    ValidationSummary,
+    register_task,
+    retry_transient_registry,
+)
+
+METRICS = {
+    "accuracy": 0.81,
+    "precision": 0.42,
+    "recall": 0.875,
+    "specificity": 0.7931,
+    "f1": 0.5676,
+    "roc_auc": 0.9012,
+    "average_precision": 0.6234,
+    "threshold": 0.3125,
+    "n_images": 37.0,  # metrics.json stores counts as floats
+    "n_fractured": 8.0,
+    "roc_auc_ci_low": 0.8011,
+    "roc_auc_ci_high": 0.9733,
+    "recall_ci_low": 0.625,
+    "recall_ci_high": 1.0,
+    "specificity_ci_low": 0.6552,
+    "specificity_ci_high": 0.931,
+    "ece": 0.0712,
+    "brier": 0.1153,
+}
+
+
+def result(*, ran: bool, previous: str | None, created: bool, champion: bool = True, reason: str = "") -> RetrainResult:
+    def stage(name: str) -> StageRun:
+        return StageRun(name, ran, 12.5 if ran else 0.8)
+
+    registration = Registration(
+        name="fracture-classifier",
+        version="3" if created else "2",
+        run_id="0123abcd",
+        created=created,
+        champion=champion,
+        metric="test_roc_auc",
+        score=0.9012,
+        champion_score=0.8875 if created else 0.9012,
+        reason=reason or ("test_roc_auc 0.9012 > 0.8875" if created else "already champion"),
+    )
+    return RetrainResult(
+        profile="cpu",
+        ingest=IngestSummary("new-md5.dir", 4.2, previous),
+        validation=ValidationSummary(stage("validate"), {"images": 250}, {}, 3, 1),
+        split=SplitSummary(stage("split"), {"train": 175, "val": 38, "test": 37}, {"train": 38, "val": 8, "test": 8}),
+        prepare=PrepareSummary(stage("prepare"), 250, [3, 224, 224], "squash", 80.0),
+        train=TrainSummary(stage("train"), "0123abcd", "cpu", "tf_efficientnet_lite0", 4, 0.88),
+        evaluation=EvaluationSummary(stage("evaluate"), METRICS),
+        registration=registration,
+    )
+
+
+def table_row(text: str, label: str) -> list[str]:
+    """The cells of the Markdown table row whose first cell is ``label``."""
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells[0] == label:
+            return cells
+    raise AssertionError(f"no row {label!r} in:\n{text}")
+
+
+def test_unchanged_run_says_nothing_changed():
+    unchanged = result(ran=False, previous="new-md5.dir", created=False)
+    assert nothing_changed(unchanged)
+    text = render_report(unchanged)
+    assert "**Nothing changed**" in text and "Retrained" not in text
+    for stage in ("validate", "split", "prepare", "train", "evaluate"):
+        assert table_row(text, stage)[1] == "up to date"
+    assert table_row(text, "Data changed")[1] == "no"
+    assert table_row(text, "Registered by this run")[1] == "no (already registered)"
+    assert table_row(text, "Reason")[1] == "already champion"
+
+
+def test_new_data_version_reports_the_retraining_and_the_gate():
+    changed = result(ran=True, previous="old-md5.dir", created=True)
+    assert not nothing_changed(changed)
+    text = render_report(changed)
+    assert "**Retrained**: new data version `new-md5.dir` (was `old-md5.dir`)" in text
+    assert "DVC ran validate, split, prepare, train, evaluate" in text
+    assert "Test split: 37 images, 8 fractured" in text
+    assert table_row(text, "train")[1:] == ["ran", "12.5"]
+    assert table_row(text, "Data version (DVC md5 of `data`)")[1] == "`new-md5.dir`"
+    assert table_row(text, "Split (images)")[1] == "train 175, val 38, test 37"
+    # Every metric row carries the value from metrics.json; intervals where the stage gives them.
+    assert table_row(text, "ROC AUC")[1:] == ["0.9012", "0.8011 – 0.9733"]
+    assert table_row(text, "Sensitivity (recall)")[1:] == ["0.8750", "0.6250 – 1.0000"]
+    assert table_row(text, "Specificity")[1:] == ["0.7931", "0.6552 – 0.9310"]
+    for label, key, _ in METRIC_ROWS:
+        assert table_row(text, label)[1] == f"{METRICS[key]:.4f}"
+    assert table_row(text, "Precision")[2] == ""
+    assert table_row(text, "Model")[1] == "fracture-classifier version 3"
+    assert table_row(text, "Holds `champion`")[1] == "yes"
+    assert table_row(text, "Champion's test_roc_auc before this run")[1] == "0.8875"
+    assert table_row(text, "Reason")[1] == "test_roc_auc 0.9012 > 0.8875"
+
+
+def test_a_model_that_loses_the_gate_is_reported_as_not_champion():
+    loser = result(ran=True, previous="old-md5.dir", created=True, champion=False, reason="below floor | recall\n0.61")
+    text = render_report(loser)
+    assert "| Reason | below floor \\| recall 0.61 |" in text  # one table row, pipe escaped
+    assert table_row(text, "Holds `champion`")[1] == "no"
+    assert table_row(text, "Registered by this run")[1] == "yes"
+
+
+def test_same_data_but_changed_params_is_a_retraining():
+    # e.g. more epochs: the data version is the same, yet DVC reruns train and evaluate.
+    rerun = result(ran=True, previous="new-md5.dir", created=True)
+    assert not nothing_changed(rerun)
+    assert "**Retrained**: same data version `new-md5.dir`" in render_report(rerun)
+
+
+def test_missing_metrics_render_as_not_available():
+    old = result(ran=True, previous=None, created=True)
+    metrics = {k: v for k, v in METRICS.items() if k not in {"ece", "brier", "roc_auc_ci_low"}}
+    text = render_report(RetrainResult(**{**old.__dict__, "evaluation": EvaluationSummary(old.evaluation.run, metrics)}))
+    assert table_row(text, "Expected calibration error")[1] == "n/a"
+    assert table_row(text, "ROC AUC")[1:] == ["0.9012", ""]
+    assert table_row(text, "Previous data version")[1] == "none"
+
+
+def _failed(exc: BaseException):
+    return asyncio.run(exception_to_failed_state(exc))
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_register_retries_an_unreachable_tracking_server(monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    with pytest.raises(MlflowException) as info:
+        MlflowClient(f"http://127.0.0.1:{_closed_port()}").get_run("0123abcd")
+    assert retry_transient_registry(register_task, None, _failed(info.value))  # type: ignore[arg-type]
+    assert retry_transient_registry(register_task, None, _failed(ConnectionResetError("reset by peer")))  # type: ignore[arg-type]
+
+
+def test_register_does_not_retry_what_a_retry_cannot_fix(tmp_path):
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with pytest.raises(MlflowException) as info:
+        client.get_run("0123abcd")  # no such run: retrying changes nothing
+    assert info.value.error_code == "RESOURCE_DOES_NOT_EXIST"
+    assert not retry_transient_registry(register_task, None, _failed(info.value))  # type: ignore[arg-type]
+    missing_metric = KeyError("run 0123abcd has no metric 'test_roc_auc'; run the evaluate stage first")
+    assert not retry_transient_registry(register_task, None, _failed(missing_metric))  # type: ignore[arg-type]
+    assert register_task.retry_condition_fn is retry_transient_registry

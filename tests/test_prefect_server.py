@@ -1,0 +1,286 @@
+"""Scheduled retraining against a real Prefect server on 127.0.0.1.
+
+The server runs as ``prefect server start`` with its own temporary home and database; the
+deployment is created by ``python -m flows.deploy serve`` (or ``deploy`` for a work pool) from
+the project's params.yaml and read back through the Prefect client. The slow test lets the served
+deployment retrain on a small real FracAtlas subset three times: a first run, a run with nothing
+changed, and a run after the dataset changed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from mlflow import MlflowClient
+from prefect import get_client
+from prefect.client.schemas.actions import WorkPoolCreate
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.objects import ConcurrencyLimitStrategy, StateType
+from prefect.deployments import run_deployment
+from prefect.exceptions import ObjectNotFound
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from flows.deploy import build_deployment, deploy, main
+from flows.report import REPORT_KEY
+from fracture.config import ConfigError, load_params, parse_params, tracking_uri
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.integration
+
+BIN = Path(sys.executable).parent
+STAGES = ("ingest", "validate", "split", "prepare", "train", "evaluate", "register")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Stops a process started in its own session, and everything it started, by its group id."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``prefect server start`` on a free loopback port with its own home and sqlite database."""
+    home = tmp_path_factory.mktemp("prefect-server")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = os.environ | {
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+    }
+    env.pop("PREFECT_API_URL", None)
+    log = home / "server.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 240  # the first start migrates the database: slow on two cores
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"prefect server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=5) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"prefect server did not answer {url}/health in 240 s:\n{log.read_text()[-3000:]}")
+            time.sleep(1)
+        yield url
+    finally:
+        stop(proc)
+
+
+@pytest.fixture()
+def api(prefect_server: str) -> Iterator[str]:
+    """Points this process's Prefect client at the test server."""
+    with temporary_settings(updates={PREFECT_API_URL: prefect_server}):
+        yield prefect_server
+
+
+def set_schedule(project: Path, **values: object) -> None:
+    path = project / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    params["schedule"].update(values)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@contextmanager
+def serving(project: Path, api_url: str, *args: str) -> Iterator[subprocess.Popen]:
+    """``python -m flows.deploy serve`` for the project, stopped (Ctrl-C) on exit."""
+    env = os.environ | {"PREFECT_API_URL": api_url, "PREFECT_HOME": str(project.parent / "prefect-runner")}
+    log = project.parent / "serve.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "flows.deploy", "serve", "--project-dir", str(project), *args],
+            cwd=project, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        yield proc
+    finally:
+        stop(proc)
+        print(f"--- serve log (end) ---\n{log.read_text()[-4000:]}")
+
+
+def wait_for_deployment(name: str, proc: subprocess.Popen, timeout: float = 240):
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while True:
+            try:
+                return client.read_deployment_by_name(name)
+            except ObjectNotFound:
+                pass
+            assert proc.poll() is None, f"`flows.deploy serve` exited with {proc.returncode}"
+            assert time.monotonic() < deadline, f"deployment {name} did not appear in {timeout} s"
+            time.sleep(1)
+
+
+def test_schedule_params_are_checked():
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert parse_params(raw).schedule.concurrency_limit == 1
+    for key, value, message in (
+        ("cron", "weekly", "schedule.cron"),
+        ("timezone", "Mars/Olympus", "schedule.timezone"),
+        ("concurrency_limit", 0, "schedule.concurrency_limit"),
+        ("retries", -1, "schedule.retries"),
+        ("job_variables", ["env"], "schedule.job_variables"),
+        ("cron_string", "0 3 * * 1", "schedule.cron_string"),
+    ):
+        bad = yaml.safe_load((REPO / "params.yaml").read_text())
+        bad["schedule"][key] = value
+        with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+            parse_params(bad)
+    # Five fields, but not a cron Prefect can schedule: refused with the field named.
+    raw["schedule"]["cron"] = "61 3 * * 1"
+    with pytest.raises(ConfigError, match=r"schedule\.cron '61 3 \* \* 1' is not a valid cron"):
+        build_deployment(parse_params(raw), ".")
+
+
+def test_served_deployment_has_the_schedule_and_concurrency_limit(api, project):
+    set_schedule(project, deployment="nightly-retrain", cron="30 2 * * *", timezone="Europe/London")
+    with serving(project, api, "--source", "/data/FracAtlas.zip") as proc:
+        dep = wait_for_deployment("retrain/nightly-retrain", proc)
+
+    (schedule,) = dep.schedules
+    assert (schedule.schedule.cron, schedule.schedule.timezone) == ("30 2 * * *", "Europe/London")
+    assert dep.global_concurrency_limit is not None and dep.global_concurrency_limit.limit == 1
+    assert dep.concurrency_options.collision_strategy == ConcurrencyLimitStrategy.ENQUEUE
+    assert dep.parameters == {"project_dir": str(project), "source": "/data/FracAtlas.zip"}
+    assert dep.entrypoint == "flows.retrain.retrain"
+    assert dep.work_pool_name is None  # served by this machine's runner, no work pool
+
+
+def test_deploy_to_a_work_pool(api, project):
+    set_schedule(project, work_pool="gpu-pool", job_variables={"env": {"FRACATLAS_SOURCE": "/data/FracAtlas.zip"}})
+    params = load_params(project)
+    with pytest.raises(ValueError, match="gpu-pool"):  # Prefect refuses a pool that does not exist
+        deploy(params, ".")
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name="gpu-pool", type="process"))
+    deploy(params, "/srv/fracture")
+    with get_client(sync_client=True) as client:
+        dep = client.read_deployment_by_name("retrain/weekly-retrain")
+    assert dep.work_pool_name == "gpu-pool"
+    assert dep.job_variables == {"env": {"FRACATLAS_SOURCE": "/data/FracAtlas.zip"}}
+    assert dep.parameters == {"project_dir": "/srv/fracture"}
+    assert dep.schedules[0].schedule.cron == params.schedule.cron
+    assert dep.global_concurrency_limit is not None and dep.global_concurrency_limit.limit == 1
+
+    set_schedule(project, work_pool=None)
+    with pytest.raises(SystemExit, match=r"schedule\.work_pool is null"):
+        main(["deploy", "--project-dir", str(project)])
+
+
+def _trigger(name: str) -> tuple:
+    """Runs the deployment now; returns the finished flow run, its task runs, its report and the wall time."""
+    started = time.perf_counter()
+    flow_run = run_deployment(name, timeout=1500, poll_interval=2)
+    wall = time.perf_counter() - started
+    with get_client(sync_client=True) as client:
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.id]))
+        )
+    return flow_run, {t.name.rsplit("-", 1)[0]: t for t in tasks}, artifacts, wall
+
+
+def _task_states(tasks: dict) -> dict[str, StateType]:
+    return {name: tasks[name].state.type for name in STAGES if name in tasks}
+
+
+@pytest.mark.slow
+def test_scheduled_retraining_end_to_end(api, project, subset_source):
+    # A one-epoch 64 px model cannot reach clinical floors; the gate's rules are tested with the
+    # registry. Here the first version must become champion so that the later runs have one.
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    if "floors" in raw["register"]:
+        raw["register"]["floors"] = {}
+        (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    params = load_params(project)
+    name = f"retrain/{params.schedule.deployment}"
+    source = project.parent / "served-source"
+    shutil.copytree(subset_source, source)
+    mlflow = MlflowClient(tracking_uri(project))
+    model = params.register.model_name
+
+    with serving(project, api, "--source", str(source)) as proc:
+        dep = wait_for_deployment(name, proc)
+        assert dep.schedules[0].schedule.cron == params.schedule.cron
+        assert dep.global_concurrency_limit.limit == 1
+
+        # 1. First run: everything trains and the first version becomes champion.
+        first, tasks, artifacts, first_wall = _trigger(name)
+        assert first.state.type == StateType.COMPLETED, first.state
+        assert _task_states(tasks) == {s: StateType.COMPLETED for s in STAGES}
+        (report,) = [a for a in artifacts if a.key == REPORT_KEY]
+        assert report.type == "markdown" and "**Retrained**" in report.data
+        assert "ROC AUC" in report.data and "## Promotion decision" in report.data
+        champion = mlflow.get_model_version_by_alias(model, "champion")
+        assert str(champion.version) == "1"
+        data_version = yaml.safe_load((project / "data.dvc").read_text())["outs"][0]["md5"]
+        assert f"`{data_version}`" in report.data
+
+        # 2. Nothing changed: DVC is up to date, nothing is registered, the report says so.
+        noop, tasks, artifacts, noop_wall = _trigger(name)
+        assert noop.state.type == StateType.COMPLETED, noop.state
+        assert _task_states(tasks) == {s: StateType.COMPLETED for s in STAGES}
+        (report,) = [a for a in artifacts if a.key == REPORT_KEY]
+        assert "**Nothing changed**" in report.data
+        assert report.data.count("| up to date |") == 5
+        assert [str(v.version) for v in mlflow.search_model_versions(f"name = '{model}'")] == ["1"]
+        assert str(mlflow.get_model_version_by_alias(model, "champion").version) == "1"
+        print(
+            f"\nscheduled run with nothing changed: {noop.total_run_time.total_seconds():.1f} s flow run time "
+            f"({noop_wall:.1f} s from trigger to completion); first run {first.total_run_time.total_seconds():.1f} s "
+            f"({first_wall:.1f} s)"
+        )
+
+        # 3. A new dataset version (one fractured image fewer, so the fractured share stays within
+        # validate.fractured_share): everything reruns and goes through the gate.
+        csv = pd.read_csv(source / "dataset.csv")
+        dropped = sorted((source / "images" / "Fractured").iterdir())[0]
+        dropped.unlink()
+        csv[csv["image_id"] != dropped.name].to_csv(source / "dataset.csv", index=False)
+        changed, tasks, artifacts, _ = _trigger(name)
+        assert changed.state.type == StateType.COMPLETED, changed.state
+        (report,) = [a for a in artifacts if a.key == REPORT_KEY]
+        new_version = yaml.safe_load((project / "data.dvc").read_text())["outs"][0]["md5"]
+        assert new_version != data_version
+        assert f"new data version `{new_version}` (was `{data_version}`)" in report.data
+        assert "DVC ran validate, split, prepare, train, evaluate" in report.data
+        versions = {str(v.version): v for v in mlflow.search_model_versions(f"name = '{model}'")}
+        assert sorted(versions) == ["1", "2"]
+        assert "| Registered by this run | yes |" in report.data
+        # Whatever the gate decided, the report tells what the registry holds.
+        champion = str(mlflow.get_model_version_by_alias(model, "champion").version)
+        assert f"| Holds `champion` | {'yes' if champion == '2' else 'no'} |" in report.data
