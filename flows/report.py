@@ -141,7 +141,14 @@ def render_report(result: RetrainResult) -> str:
         f"| {reg.metric} | {_num(reg.score)} |",
         f"| Champion's {reg.metric} before this run | {_num(reg.champion_score)} |",
         f"| Holds `champion` | {champion} |",
+        f"| Decision | {reg.decision} |",
+        f"| Champion before this run | {'none' if reg.champion_version is None else 'version ' + reg.champion_version} |",
+        f"| Aliases now | {', '.join(reg.aliases) or 'none'} |",
         f"| Reason | {_cell(reg.reason)} |",
         "",
     ]
+    if reg.checks:
+        lines += ["| Gate check | Result | Detail |", "|---|---|---|"]
+        lines += [f"| {c.name} | {'pass' if c.passed else '**fail**'} | {_cell(c.detail)} |" for c in reg.checks]
+        lines.append("")
     return "\n".join(lines)

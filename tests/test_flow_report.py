@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import asyncio
 import socket
 
@@ -124,6 +126,32 @@ def test_a_model_that_loses_the_gate_is_reported_as_not_champion():
     assert "| Reason | below floor \\| recall 0.61 |" in text  # one table row, pipe escaped
     assert table_row(text, "Holds `champion`")[1] == "no"
     assert table_row(text, "Registered by this run")[1] == "yes"
+
+
+def test_each_gate_check_is_a_row_of_the_report():
+    from fracture.registry import GateCheck
+
+    loser = result(ran=True, previous="old-md5.dir", created=True, champion=False)
+    loser = dataclasses.replace(
+        loser,
+        registration=dataclasses.replace(
+            loser.registration,
+            decision="challenger",
+            champion_version="2",
+            aliases=("challenger",),
+            checks=(
+                GateCheck("floor test_recall", True, "0.8750 >= 0.8"),
+                GateCheck("beats champion", False, "test_roc_auc 0.9012 vs champion v2's 0.9000: +0.0012, short of the margin 0.005"),
+            ),
+        ),
+    )
+    text = render_report(loser)
+    assert table_row(text, "Decision")[1] == "challenger"
+    assert table_row(text, "Champion before this run")[1] == "version 2"
+    assert table_row(text, "Aliases now")[1] == "challenger"
+    assert table_row(text, "floor test_recall")[1:] == ["pass", "0.8750 >= 0.8"]
+    assert table_row(text, "beats champion")[1] == "**fail**"
+    assert "short of the margin 0.005" in table_row(text, "beats champion")[2]
 
 
 def test_same_data_but_changed_params_is_a_retraining():
