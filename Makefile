@@ -14,7 +14,7 @@ export DO_NOT_TRACK ?= 1
 # two-core machine takes longer than Prefect's default 20 s.
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 
-.PHONY: venv main repro test test-all clean
+.PHONY: venv main repro serve-schedule deploy-schedule app browser test test-all clean
 
 venv: $(STAMP)
 
@@ -31,12 +31,33 @@ main: venv
 repro: venv
 	$(VENV)/bin/dvc repro
 
+## serve-schedule: retrain on the cron in params.yaml (schedule), run by this machine until stopped
+serve-schedule: venv
+	$(PY) -m flows.deploy serve $(if $(FRACATLAS_SOURCE),--source "$(FRACATLAS_SOURCE)")
+
+## deploy-schedule: the same schedule on a work pool (schedule.work_pool, or WORK_POOL=name); its workers run it
+deploy-schedule: venv
+	$(PY) -m flows.deploy deploy $(if $(WORK_POOL),--work-pool "$(WORK_POOL)") $(if $(FRACATLAS_SOURCE),--source "$(FRACATLAS_SOURCE)")
+
+## app: the clinician's page on http://127.0.0.1:$(APP_PORT), serving models:/<name>@champion
+APP_PORT ?= 8501
+app: venv
+	cd app && $(abspath $(PY)) -m streamlit run streamlit_app.py --server.address 127.0.0.1 --server.port $(APP_PORT)
+
+## browser: Debian's Chromium for the page's end-to-end test (installed with apt when missing, as root)
+browser:
+	@if [ -x /usr/bin/chromium ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
+	  || echo "WARNING: apt-get could not install chromium; the browser test will skip"; \
+	else echo "WARNING: /usr/bin/chromium is missing and this is not root; install it with 'sudo apt-get install chromium', or the browser test skips"; fi
+
 ## test: the default suite (unit and integration, without tests marked slow)
-test: venv
+test: venv browser
 	$(PY) -m pytest
 
 ## test-all: everything, including tests marked slow
-test-all: venv
+test-all: venv browser
 	$(PY) -m pytest -m 'slow or not slow'
 
 clean:

@@ -1,0 +1,177 @@
+"""Where the page finds its model, and the model as the page uses it.
+
+Settings come from the environment, with defaults from the project's ``params.yaml``:
+
+- ``MLFLOW_TRACKING_URI``: the tracking server or store (default: the project's ``mlflow.db``);
+- ``FRACTURE_MODEL_NAME``: the registered model (default: ``register.model_name``);
+- ``FRACTURE_MODEL_ALIAS``: the alias to serve (default: ``champion``).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from PIL import Image
+
+from fracture.config import load_params, tracking_uri
+from fracture.explain import grad_cam, overlay, to_image_grid
+from fracture.imaging import CLASSES
+from fracture.registry import CHAMPION
+from fracture.serving import FracturePyfunc
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class ModelUnavailable(RuntimeError):
+    """The registry, the model or its alias cannot be reached; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class PageSettings:
+    """What the page serves and which uploads it accepts."""
+
+    tracking_uri: str
+    model_name: str
+    alias: str
+    min_side: int
+    max_side: int
+
+    @property
+    def shown_uri(self) -> str:
+        """The tracking URI as the page may show it: without a password or token in it."""
+        parts = urlsplit(self.tracking_uri)
+        if parts.password is None and parts.username is None:
+            return self.tracking_uri
+        host = parts.hostname or ""
+        netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
+        return urlunsplit(parts._replace(netloc=netloc))
+
+
+def settings_from_env(root: Path = ROOT) -> PageSettings:
+    """Reads the page's settings from the environment and the project's ``params.yaml``.
+
+    Args:
+        root: the project root holding ``params.yaml`` (and the default ``mlflow.db``).
+
+    Returns:
+        The settings.
+    """
+    params = load_params(root)
+    return PageSettings(
+        tracking_uri=tracking_uri(root),
+        model_name=os.environ.get("FRACTURE_MODEL_NAME") or params.register.model_name,
+        alias=os.environ.get("FRACTURE_MODEL_ALIAS") or CHAMPION,
+        min_side=params.validate.min_side,
+        max_side=params.validate.max_side,
+    )
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One X-ray's result, as the registered model returns it."""
+
+    label: str
+    fracture_probability: float
+    threshold: float
+
+    @property
+    def class_index(self) -> int:
+        return CLASSES.index(self.label)
+
+
+class ServedModel:
+    """A registered model version, loaded through MLflow's pyfunc flavour."""
+
+    def __init__(self, name: str, version: str, alias: str, run_id: str, pyfunc: mlflow.pyfunc.PyFuncModel) -> None:
+        self.name = name
+        self.version = version
+        self.alias = alias
+        self.run_id = run_id
+        self.pyfunc = pyfunc
+        inner = pyfunc.unwrap_python_model()
+        if not isinstance(inner, FracturePyfunc):
+            raise ModelUnavailable(
+                f"models:/{name}/{version} is a {type(inner).__name__}, not a fracture classifier "
+                "logged by this project's register step"
+            )
+        self._inner = inner
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The served model's ``model.json``: architecture, data config, threshold."""
+        return self._inner.config
+
+    def predict(self, model_bytes: bytes) -> Prediction:
+        """Classifies one image through the pyfunc, exactly as a registry consumer would."""
+        out = self.pyfunc.predict(pd.DataFrame({"image": [base64.b64encode(model_bytes).decode()]}))
+        row = out.iloc[0]
+        return Prediction(str(row["label"]), float(row["fracture_probability"]), float(row["threshold"]))
+
+    def heat_map(self, image: Image.Image, target: int) -> tuple[Image.Image, np.ndarray]:
+        """Grad-CAM of class ``target`` over ``image``, through the model's own preprocessing.
+
+        Returns:
+            The overlay at the image's size, and the heat map values in ``[0, 1]``.
+        """
+        batch = self._inner.transform(image.convert("RGB")).unsqueeze(0)
+        cam = grad_cam(self._inner.model, batch, target)
+        heat = to_image_grid(cam, image.size, self.config["data_config"].get("aspect", "squash"))
+        return overlay(image, heat), heat
+
+
+def resolve_version(settings: PageSettings) -> tuple[str, str]:
+    """The version (and its run id) the alias points to now.
+
+    Raises:
+        ModelUnavailable: the registry cannot be reached, or has no such model or alias.
+    """
+    if settings.tracking_uri.startswith("sqlite:///"):
+        # MLflow would create an empty store; a missing file means nothing was registered yet.
+        store = Path(settings.tracking_uri.removeprefix("sqlite:///"))
+        if not store.is_file():
+            raise ModelUnavailable(
+                f"No MLflow store at {store}. Train and register a model with `make main`, or point "
+                "the page at your registry with MLFLOW_TRACKING_URI."
+            )
+    client = MlflowClient(tracking_uri=settings.tracking_uri)
+    try:
+        mv = client.get_model_version_by_alias(settings.model_name, settings.alias)
+    except MlflowException as exc:
+        raise ModelUnavailable(
+            f"No model version '{settings.model_name}@{settings.alias}' in the registry at "
+            f"{settings.shown_uri} ({exc.message.splitlines()[0]}). Train and register one with "
+            "`make main`, or point the page elsewhere with MLFLOW_TRACKING_URI, FRACTURE_MODEL_NAME "
+            "and FRACTURE_MODEL_ALIAS."
+        ) from exc
+    except Exception as exc:  # connection errors come in many types
+        reason = str(exc).replace(settings.tracking_uri, settings.shown_uri)
+        raise ModelUnavailable(
+            f"The MLflow registry at {settings.shown_uri} cannot be reached ({reason}). Check MLFLOW_TRACKING_URI."
+        ) from exc
+    return str(mv.version), mv.run_id
+
+
+def load_served_model(settings: PageSettings, version: str, run_id: str) -> ServedModel:
+    """Loads one registered version; the caller resolves the alias first, so that the page
+    shows the version it actually loaded even when the alias moves meanwhile.
+
+    Raises:
+        ModelUnavailable: the version's files cannot be loaded.
+    """
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    uri = f"models:/{settings.model_name}/{version}"
+    try:
+        pyfunc = mlflow.pyfunc.load_model(uri)
+    except Exception as exc:  # artifact stores fail in many ways; the page must say so, not crash
+        raise ModelUnavailable(f"{uri} could not be loaded from {settings.shown_uri}: {exc}") from exc
+    return ServedModel(settings.model_name, version, settings.alias, run_id, pyfunc)

@@ -1,0 +1,134 @@
+"""The clinician's page: upload an X-ray, see the registered model's answer and where it looked.
+
+Start it with ``make app`` (or ``cd app && streamlit run streamlit_app.py``, so that
+``app/.streamlit/config.toml`` applies). Which model it serves is set by ``MLFLOW_TRACKING_URI``,
+``FRACTURE_MODEL_NAME`` and ``FRACTURE_MODEL_ALIAS`` (see :mod:`champion`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import streamlit as st
+
+from fracture.config import ConfigError
+
+from champion import (
+    ModelUnavailable,
+    PageSettings,
+    ServedModel,
+    load_served_model,
+    resolve_version,
+    settings_from_env,
+)
+from upload_checks import UploadRejected, check_upload
+
+log = logging.getLogger("fracture.app")
+
+LABELS = {"fractured": "Fractured", "not_fractured": "Not fractured"}
+# Shown images and heat maps are drawn at most this large; the model sees the full upload.
+DISPLAY_SIDE = 1024
+
+
+@st.cache_data(ttl=30, show_spinner=False)
+def current_version(settings: PageSettings) -> tuple[str, str]:
+    """The version the alias points to, looked up again at most every 30 s so a moved alias
+    reaches the page without a restart."""
+    return resolve_version(settings)
+
+
+@st.cache_resource(show_spinner="Loading the model from the registry ...", max_entries=2)
+def served_model(settings: PageSettings, version: str, run_id: str) -> ServedModel:
+    """One loaded model per registered version, shared by every browser session."""
+    return load_served_model(settings, version, run_id)
+
+
+def show_model(model: ServedModel, settings: PageSettings) -> None:
+    data_config = model.config["data_config"]
+    st.markdown(
+        f"Model **{model.name}**, version **{model.version}**, alias **@{model.alias}**",
+        help=f"Loaded from the MLflow registry at {settings.shown_uri}",
+    )
+    with st.sidebar:
+        st.header("Model")
+        st.markdown(
+            "\n".join(
+                [
+                    f"- registered model: `{model.name}`",
+                    f"- version: `{model.version}` (alias `@{model.alias}`)",
+                    f"- architecture: `{model.config['architecture']}`",
+                    f"- input: {data_config['input_size'][1]} x {data_config['input_size'][2]} px, "
+                    f"`{data_config.get('aspect', 'squash')}`",
+                    f"- decision threshold: {float(model.config['threshold']):.3f}",
+                    f"- training run: `{model.run_id}`",
+                    f"- registry: `{settings.shown_uri}`",
+                ]
+            )
+        )
+
+
+def show_result(model: ServedModel, name: str, data: bytes, settings: PageSettings, limit_mb: int) -> None:
+    try:
+        xray = check_upload(name, data, settings.min_side, settings.max_side, max_bytes=limit_mb * 2**20)
+    except UploadRejected as exc:
+        st.error(str(exc))
+        return
+    try:
+        prediction = model.predict(xray.model_bytes)
+        display = xray.image.copy()
+        display.thumbnail((DISPLAY_SIDE, DISPLAY_SIDE))
+        heat_overlay, heat = model.heat_map(display, prediction.class_index)
+    except Exception as exc:  # the page must keep working for the next upload, whatever failed
+        log.exception("analysing %s failed", name)
+        st.error(f"{name} could not be analysed ({type(exc).__name__}: {exc}). Try another file.")
+        return
+
+    for note in xray.notes:
+        st.warning(note)
+    label = LABELS[prediction.label]
+    cols = st.columns(3)
+    cols[0].metric("Predicted class", label)
+    cols[1].metric("Fracture probability", f"{prediction.fracture_probability:.3f}")
+    cols[2].metric("Threshold", f"{prediction.threshold:.3f}")
+    st.caption(
+        "The class is Fractured when the fracture probability is at least the threshold. "
+        "This is decision support for a trained reader, not a diagnosis."
+    )
+    left, right = st.columns(2)
+    width, height = xray.image.size
+    left.image(display, caption=f"{name} ({width} x {height} px, {xray.format} {xray.mode})", width="stretch")
+    if heat.max() > 0:
+        heat_caption = f"Grad-CAM heat map for '{label}': red marks the regions that raised that score most"
+    else:
+        heat_caption = f"Grad-CAM heat map for '{label}': no region raised that score above the rest"
+    right.image(heat_overlay, caption=heat_caption, width="stretch")
+
+
+def main() -> None:
+    st.set_page_config(page_title="Bone fracture classification", layout="wide")
+    st.title("Bone fracture classification")
+    try:
+        settings = settings_from_env()
+        version, run_id = current_version(settings)
+        model = served_model(settings, version, run_id)
+    except (ModelUnavailable, ConfigError) as exc:
+        st.error(str(exc))
+        return
+    show_model(model, settings)
+
+    limit_mb = int(st.get_option("server.maxUploadSize"))
+    uploaded = st.file_uploader(
+        "Choose an X-ray (JPG, JPEG or PNG)",
+        type=["jpg", "jpeg", "png"],
+        help=(
+            f"Up to {limit_mb} MB; 8-bit greyscale or RGB, sides between {settings.min_side} "
+            f"and {settings.max_side} px."
+        ),
+    )
+    if uploaded is None:
+        st.info("Upload an X-ray to see the predicted class, the fracture probability and a heat map.")
+        return
+    show_result(model, uploaded.name, uploaded.getvalue(), settings, limit_mb)
+
+
+main()

@@ -1,0 +1,118 @@
+"""Grad-CAM heat maps that show which regions of an X-ray drove the classifier's score.
+
+Captum's :class:`~captum.attr.LayerGradCam` computes the attribution on the network's last
+convolutional feature map; this module only picks that layer, maps the coarse map back onto the
+uploaded image (undoing the ``squash`` or ``pad`` resize of :func:`fracture.imaging.build_transform`)
+and blends it over the X-ray.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import torch
+from captum.attr import LayerAttribution, LayerGradCam
+from matplotlib import colormaps
+from PIL import Image
+from torch import nn
+
+# Captum registers hooks on the layer for the duration of one attribution; a model shared by
+# several page sessions must not have two attributions hooking it at the same time.
+_LOCK = threading.Lock()
+
+
+def target_layer(model: nn.Module) -> nn.Module:
+    """The module that produces the model's last convolutional feature map.
+
+    For timm's EfficientNets that is ``bn2`` (the head convolution's batch norm and activation,
+    whose output is what the classifier pools); other timm models fall back to the last stage
+    named in their ``feature_info``.
+
+    Args:
+        model: a timm classification model.
+
+    Returns:
+        The layer whose output Grad-CAM explains.
+
+    Raises:
+        ValueError: the model exposes neither.
+    """
+    if isinstance(getattr(model, "conv_head", None), nn.Module) and isinstance(getattr(model, "bn2", None), nn.Module):
+        return model.bn2
+    feature_info = getattr(model, "feature_info", None)
+    if feature_info:
+        return model.get_submodule(feature_info[-1]["module"])
+    raise ValueError(
+        f"{type(model).__name__} has no conv_head/bn2 and no timm feature_info to take a Grad-CAM layer from"
+    )
+
+
+def grad_cam(model: nn.Module, batch: torch.Tensor, target: int, layer: nn.Module | None = None) -> np.ndarray:
+    """Grad-CAM of one class for one preprocessed image, upsampled to the model's input size.
+
+    Args:
+        model: the classifier, in eval mode.
+        batch: one preprocessed image, shape ``(1, C, H, W)``.
+        target: the class index to explain (index into :data:`fracture.imaging.CLASSES`).
+        layer: the layer to attribute to (default: :func:`target_layer`).
+
+    Returns:
+        An ``(H, W)`` float array in ``[0, 1]``; 1 marks the regions that raised the class
+        score most. All zeros when no region raised it.
+    """
+    if batch.ndim != 4 or batch.shape[0] != 1:
+        raise ValueError(f"grad_cam takes one image of shape (1, C, H, W), got {tuple(batch.shape)}")
+    with _LOCK, torch.enable_grad():
+        cam = LayerGradCam(model, layer or target_layer(model)).attribute(
+            batch, target=target, relu_attributions=True
+        )
+        cam = LayerAttribution.interpolate(cam.detach(), tuple(batch.shape[-2:]), interpolate_mode="bilinear")
+    cam = cam[0, 0].clamp_min(0).numpy().astype(np.float64)
+    peak = cam.max()
+    return cam / peak if peak > 0 else np.zeros_like(cam)
+
+
+def to_image_grid(cam: np.ndarray, size: tuple[int, int], aspect: str = "squash") -> np.ndarray:
+    """Maps a heat map at the model's input size back onto the original image's pixels.
+
+    Args:
+        cam: ``(H, W)`` heat map at the model's (square) input size.
+        size: the original image's ``(width, height)``.
+        aspect: how the image was fitted to the input: ``squash`` (resized to the square) or
+            ``pad`` (padded with black to a square around its centre, then resized).
+
+    Returns:
+        A ``(height, width)`` float array in ``[0, 1]``.
+    """
+    width, height = size
+    heat = Image.fromarray(cam.astype(np.float32))
+    if aspect == "squash":
+        return np.asarray(heat.resize((width, height), Image.Resampling.BILINEAR), dtype=np.float64).clip(0, 1)
+    if aspect != "pad":
+        raise ValueError(f"aspect must be 'squash' or 'pad', got {aspect!r}")
+    side = max(width, height)
+    # Same placement as PIL.ImageOps.pad with centering (0.5, 0.5), which the transform used.
+    left, top = round((side - width) * 0.5), round((side - height) * 0.5)
+    square = heat.resize((side, side), Image.Resampling.BILINEAR)
+    return np.asarray(square.crop((left, top, left + width, top + height)), dtype=np.float64).clip(0, 1)
+
+
+def overlay(image: Image.Image, heat: np.ndarray, strength: float = 0.6, cmap: str = "jet") -> Image.Image:
+    """Blends a heat map over an X-ray; cold regions leave the X-ray as it is.
+
+    Args:
+        image: the X-ray (any mode; shown in greyscale-as-RGB or RGB).
+        heat: ``(height, width)`` values in ``[0, 1]`` at the image's size.
+        strength: opacity of the colour where the heat map is 1.
+        cmap: a matplotlib colormap name.
+
+    Returns:
+        An RGB image of the same size as ``image``.
+    """
+    base = np.asarray(image.convert("RGB"), dtype=np.float64) / 255.0
+    if heat.shape != base.shape[:2]:
+        raise ValueError(f"heat map {heat.shape} does not match image {base.shape[:2]} (height, width)")
+    colour = colormaps[cmap](heat)[..., :3]
+    alpha = (strength * heat)[..., None]
+    return Image.fromarray(np.round((1 - alpha) * base * 255 + alpha * colour * 255).astype(np.uint8))

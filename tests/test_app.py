@@ -1,0 +1,474 @@
+"""The clinician's page (app/) through Streamlit's AppTest, with real models in a real registry.
+
+Two registries are built once per test process:
+
+- ``page_registry``: the CPU profile's ImageNet model with a fresh two-class head, registered
+  as ``@champion`` in a throwaway sqlite MLflow store. Enough for everything that does not need
+  a model that has learned fractures: bad uploads, the size limit, what the page shows.
+- ``trained_page``: the same architecture fine-tuned for a few epochs on a small balanced set
+  of real FracAtlas images, registered the way the pipeline registers, with the decision
+  threshold chosen on its validation images. It proves the label order on held-out images
+  the model never saw.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import os
+import random
+import struct
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from mlflow import MlflowClient
+from PIL import Image
+from safetensors.torch import save_file
+from sklearn.metrics import roc_auc_score
+from streamlit import config as st_config
+from streamlit.testing.v1 import AppTest
+from torch.utils.data import TensorDataset
+
+from fracture.config import load_params
+from fracture.evaluation import choose_threshold
+from fracture.explain import grad_cam, overlay, target_layer, to_image_grid
+from fracture.imaging import CLASSES, Preprocessor
+from fracture.model import create_classifier, data_config, profile_data_config
+from fracture.registry import CHAMPION, log_pyfunc
+from fracture.training import predict_proba, train
+from tests.conftest import REPO, require_fracatlas
+
+APP = REPO / "app"
+PAGE = APP / "streamlit_app.py"
+PAGE_TIMEOUT = 300  # the first run loads the model from the registry
+STREAMLIT_DEFAULT_UPLOAD_MB = 200
+LABEL_CONFLICTS = {"IMG0003298.jpg"}  # in images/Fractured, but dataset.csv says 0 (data card)
+
+
+@dataclass(frozen=True)
+class PageRegistry:
+    """A throwaway MLflow store holding one registered model version with alias ``champion``."""
+
+    uri: str
+    name: str
+    version: str
+    threshold: float
+
+
+@dataclass(frozen=True)
+class TrainedPage:
+    """A fine-tuned model in its registry, and its held-out images with the champion's output."""
+
+    registry: PageRegistry
+    held_out: pd.DataFrame  # path, fractured (folder label), fracture_probability, label, threshold
+
+
+def register_for_page(root: Path, model: torch.nn.Module, config: dict, threshold: float, name: str) -> PageRegistry:
+    """Registers ``model`` as the first version (hence champion) of ``name`` in a new sqlite store."""
+    root.mkdir(parents=True, exist_ok=True)
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    weights = root / "model.safetensors"
+    save_file(model.state_dict(), str(weights))
+    serving = {"architecture": config["architecture"], "profile": "cpu", "classes": list(CLASSES),
+               "data_config": config["data_config"], "threshold": threshold}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mlflow.set_tracking_uri(uri)
+        try:
+            experiment = mlflow.create_experiment("page", artifact_location=(root / "art").as_uri())
+            mlflow.set_experiment(experiment_id=experiment)
+            with mlflow.start_run() as run:
+                pass
+            # The pipeline's own logging (model code, preprocessing, signature); promotion
+            # policy is the registry's business, so the alias is set directly here.
+            mv = mlflow.register_model(log_pyfunc(run.info.run_id, weights, serving), name)
+            MlflowClient(uri).set_registered_model_alias(name, CHAMPION, mv.version)
+        finally:
+            mlflow.set_tracking_uri(None)
+    return PageRegistry(uri, name, str(mv.version), threshold)
+
+
+@pytest.fixture(scope="session")
+def page_registry(tmp_path_factory: pytest.TempPathFactory) -> PageRegistry:
+    profile = load_params(REPO).profiles["cpu"]
+    model = create_classifier(profile).eval()
+    config = {"architecture": profile.model, "data_config": data_config(model, 96)}
+    return register_for_page(tmp_path_factory.mktemp("page-registry"), model, config, 0.5, "page-untrained")
+
+
+def _distinct(paths: list[Path]) -> list[Path]:
+    """Drops byte-identical copies (FracAtlas has some) so no image is in two splits."""
+    seen, out = set(), []
+    for path in paths:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if digest not in seen:
+            seen.add(digest)
+            out.append(path)
+    return out
+
+
+def _complete(path: Path) -> bool:
+    """Whether the JPEG decodes without truncated loading (the served model refuses cut files)."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+        return True
+    except OSError:
+        return False
+
+
+_TRAINED: dict[str, TrainedPage] = {}
+
+
+def trained_page_for(root: Path) -> TrainedPage:
+    """Fine-tunes and registers a small real model once per test process.
+
+    150 + 150 training, 30 + 30 validation and 40 + 40 held-out images, drawn by a seeded
+    shuffle from the two class folders; 128 px, 4 epochs, early layers frozen at their ImageNet
+    weights (about 40 s on two idle cores).
+    """
+    if "model" in _TRAINED:
+        return _TRAINED["model"]
+    src = require_fracatlas() / "images"
+    pools = {}
+    for label, folder in ((1, "Fractured"), (0, "Non_fractured")):
+        paths = sorted(p for p in (src / folder).iterdir() if p.name not in LABEL_CONFLICTS)
+        random.Random(0).shuffle(paths)
+        pools[label] = [p for p in _distinct(paths[:300]) if _complete(p)][:220]
+        assert len(pools[label]) == 220, f"too few complete, distinct {folder} images in {src}"
+    splits = {"train": (0, 150), "val": (150, 180), "held_out": (180, 220)}
+    chosen = {k: [(p, y) for y in (1, 0) for p in pools[y][a:b]] for k, (a, b) in splits.items()}
+
+    params = load_params(REPO)
+    frozen = ("conv_stem", "bn1", "blocks.0", "blocks.1")
+    profile = replace(params.profiles["cpu"], image_size=128, epochs=4, frozen=frozen)
+    cfg = profile_data_config(profile)
+    pre = Preprocessor(cfg)
+
+    def dataset(rows: list[tuple[Path, int]]) -> TensorDataset:
+        images = pre.load([p for p, _ in rows], allow_truncated=False, workers=2)
+        return TensorDataset(images, torch.tensor([y for _, y in rows]))
+
+    train_ds, val_ds = dataset(chosen["train"]), dataset(chosen["val"])
+    result = train(train_ds, val_ds, cfg, profile, replace(params.train, device="cpu"))
+    val_probs = predict_proba(result.model, val_ds, pre, torch.device("cpu"), 64)
+    threshold = choose_threshold(val_ds.tensors[1].numpy(), val_probs, params.evaluate.target_sensitivity or 0.85)
+    registry = register_for_page(
+        root, result.model, {"architecture": profile.model, "data_config": result.data_config}, threshold,
+        "page-trained",
+    )
+
+    # The held-out images go through the champion exactly as a registry consumer loads it.
+    mlflow.set_tracking_uri(registry.uri)
+    try:
+        champion = mlflow.pyfunc.load_model(f"models:/{registry.name}@{CHAMPION}")
+        frame = pd.DataFrame({"path": [str(p) for p, _ in chosen["held_out"]]})
+        out = champion.predict(frame)
+    finally:
+        mlflow.set_tracking_uri(None)
+    held_out = pd.concat([frame, pd.Series([y for _, y in chosen["held_out"]], name="fractured"), out], axis=1)
+    _TRAINED["model"] = TrainedPage(registry, held_out)
+    return _TRAINED["model"]
+
+
+@pytest.fixture(scope="session")
+def trained_page(tmp_path_factory: pytest.TempPathFactory) -> TrainedPage:
+    return trained_page_for(tmp_path_factory.mktemp("trained-page"))
+
+
+def page(monkeypatch: pytest.MonkeyPatch, registry: PageRegistry) -> AppTest:
+    """The page, pointed at ``registry`` through the environment as an operator would."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry.uri)
+    monkeypatch.setenv("FRACTURE_MODEL_NAME", registry.name)
+    monkeypatch.delenv("FRACTURE_MODEL_ALIAS", raising=False)
+    monkeypatch.syspath_prepend(str(APP))  # `streamlit run` puts the page's folder on sys.path
+    return AppTest.from_file(str(PAGE), default_timeout=PAGE_TIMEOUT)
+
+
+@pytest.fixture(autouse=True)
+def _no_global_tracking_uri(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The page sets MLflow's process-wide tracking URI, as an entry point does; unset it after."""
+    yield
+    mlflow.set_tracking_uri(None)
+
+
+def upload(at: AppTest, name: str, data: bytes, mime: str = "image/png") -> AppTest:
+    assert at.file_uploader, f"no uploader on the page: {[e.value for e in at.error]} {at.exception}"
+    return at.file_uploader[0].set_value((name, data, mime)).run()
+
+
+def png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def real_xray(label: str = "Fractured", index: int = 0) -> Path:
+    src = require_fracatlas()
+    return sorted((src / "images" / label).iterdir())[index]
+
+
+def metrics(at: AppTest) -> dict[str, str]:
+    return {m.label: m.value for m in at.metric}
+
+
+def captions(at: AppTest) -> list[str]:
+    """Captions of the images on the page, one per image."""
+    return [c for el in at.get("image") for c in el.captions]
+
+
+def consumer_prediction(registry: PageRegistry, data: bytes) -> pd.Series:
+    """What a registry consumer gets for these bytes from ``models:/<name>@champion``."""
+    mlflow.set_tracking_uri(registry.uri)
+    model = mlflow.pyfunc.load_model(f"models:/{registry.name}@{CHAMPION}")
+    return model.predict(pd.DataFrame({"image": [base64.b64encode(data).decode()]})).iloc[0]
+
+
+def ihdr_png(width: int, height: int, bit_depth: int = 8, colour_type: int = 0) -> bytes:
+    """A PNG whose header declares ``width`` x ``height``, with one row of real pixel data.
+
+    How a decompression bomb or a corrupt export looks: a small file with absurd dimensions.
+    """
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
+    pixels = chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + pixels + chunk(b"IEND", b"")
+
+
+# ---------------------------------------------------------------- the page and its model
+
+
+def test_page_shows_the_registered_model_name_version_and_alias(monkeypatch, page_registry):
+    at = page(monkeypatch, page_registry).run()
+    assert not at.exception and not at.error
+    shown = " ".join(m.value for m in at.markdown)
+    assert f"Model **{page_registry.name}**, version **1**, alias **@champion**" in shown
+    assert f"decision threshold: {page_registry.threshold:.3f}" in shown
+    assert at.file_uploader[0].allowed_type == [".jpg", ".jpeg", ".png"]
+    assert at.info[0].value.startswith("Upload an X-ray")
+
+
+def test_page_says_what_to_do_when_the_alias_does_not_exist(monkeypatch, page_registry):
+    monkeypatch.setenv("FRACTURE_MODEL_ALIAS", "no-such-alias")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", page_registry.uri)
+    monkeypatch.setenv("FRACTURE_MODEL_NAME", page_registry.name)
+    monkeypatch.syspath_prepend(str(APP))
+    at = AppTest.from_file(str(PAGE), default_timeout=PAGE_TIMEOUT).run()
+    assert not at.exception
+    message = at.error[0].value
+    assert f"'{page_registry.name}@no-such-alias'" in message and "make main" in message
+    assert "FRACTURE_MODEL_ALIAS" in message and not at.file_uploader
+
+
+def test_page_says_what_to_do_when_there_is_no_registry(monkeypatch, tmp_path):
+    missing = tmp_path / "mlflow.db"
+    at = page(monkeypatch, PageRegistry(f"sqlite:///{missing}", "fracture-classifier", "1", 0.5)).run()
+    assert not at.exception and not at.file_uploader
+    assert at.error[0].value.startswith(f"No MLflow store at {missing}") and "make main" in at.error[0].value
+    assert not missing.exists()  # the page does not create an empty store
+
+
+def test_page_never_shows_registry_credentials(monkeypatch):
+    monkeypatch.syspath_prepend(str(APP))
+    from champion import PageSettings
+
+    settings = PageSettings("https://alice:s3cret@mlflow.example.org:5000/", "m", "champion", 64, 8192)
+    assert settings.shown_uri == "https://***@mlflow.example.org:5000/"
+    assert PageSettings("sqlite:////srv/mlflow.db", "m", "champion", 64, 8192).shown_uri == "sqlite:////srv/mlflow.db"
+
+
+def test_upload_limit_comes_from_the_app_config(monkeypatch, page_registry):
+    """`streamlit run` from app/ reads app/.streamlit/config.toml; the uploader carries its limit."""
+    before = os.getcwd()
+    os.chdir(APP)
+    try:
+        st_config.get_config_options(force_reparse=True)
+        limit = st_config.get_option("server.maxUploadSize")
+        at = page(monkeypatch, page_registry).run()
+        assert at.file_uploader[0].proto.max_upload_size_mb == limit
+        assert limit == 20 and limit < STREAMLIT_DEFAULT_UPLOAD_MB
+        # The page refuses a larger file itself too, with a message naming the limit.
+        upload(at, "huge.png", b"\x89PNG" + bytes(limit * 2**20))
+        assert "huge.png is 20.0 MB; the limit is 20 MB" in at.error[0].value
+        assert st_config.get_option("client.showErrorDetails") == "none"
+    finally:
+        os.chdir(before)
+        st_config.get_config_options(force_reparse=True)
+
+
+def test_a_real_xray_shows_class_probability_threshold_and_heat_map(monkeypatch, page_registry):
+    data = real_xray("Fractured").read_bytes()
+    at = upload(page(monkeypatch, page_registry).run(), "xray.jpg", data, "image/jpeg")
+    assert not at.exception and not at.error
+    expected = consumer_prediction(page_registry, data)
+    shown = metrics(at)
+    assert shown["Predicted class"] == {"fractured": "Fractured", "not_fractured": "Not fractured"}[expected["label"]]
+    assert shown["Fracture probability"] == f"{expected['fracture_probability']:.3f}"
+    assert shown["Threshold"] == "0.500"
+    shown_images = captions(at)  # the X-ray and its Grad-CAM overlay
+    assert len(shown_images) == 2 and shown_images[0].startswith("xray.jpg (")
+    assert shown_images[1].startswith(f"Grad-CAM heat map for '{shown['Predicted class']}'")
+
+
+# ---------------------------------------------------------------- bad uploads
+
+
+def _truncated() -> bytes:
+    data = real_xray("Fractured").read_bytes()
+    return data[: len(data) // 2]
+
+
+def _corrupt_jpeg() -> bytes:
+    data = bytearray(real_xray("Non_fractured").read_bytes())
+    data[200:4000] = bytes(3800)  # zeroes over the Huffman tables and the first scan
+    return bytes(data)
+
+
+def _transparent_rgba() -> bytes:
+    img = Image.open(real_xray("Fractured")).convert("RGBA")
+    img.putalpha(Image.linear_gradient("L").resize(img.size))
+    return png(img)
+
+
+BAD_UPLOADS = {
+    "not an image": ("notes.png", lambda: b"patient notes, not an image\n" * 20, "not an image file that can be read"),
+    "empty": ("empty.png", lambda: b"", "is empty"),
+    "truncated JPEG": ("cut.jpg", _truncated, "is cut short (the file ends early)"),
+    "corrupt JPEG": ("corrupt.jpg", _corrupt_jpeg, "cannot be decoded"),
+    "decompression bomb": ("bomb.png", lambda: ihdr_png(100_000, 100_000), "declares absurd dimensions"),
+    "too wide": (
+        "wide.png",
+        lambda: ihdr_png(9000, 300),
+        "9000 x 300 px; the model accepts images whose sides are between 64 and 8192 px",
+    ),
+    "too small": ("tiny.png", lambda: png(Image.new("L", (20, 40))), "20 x 40 px; the model accepts"),
+    "16-bit PNG": ("deep.png", lambda: png(Image.new("I;16", (300, 300), 40000)), "is a 16-bit PNG (mode I;16)"),
+    "GIF renamed": ("anim.png", lambda: _gif(), "is a GIF file, not JPG or PNG"),
+}
+
+
+def _gif() -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", (100, 100)).save(buf, format="GIF")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("case", list(BAD_UPLOADS))
+def test_bad_upload_gets_a_clear_message_and_the_page_keeps_working(monkeypatch, page_registry, case):
+    name, make, expected = BAD_UPLOADS[case]
+    at = upload(page(monkeypatch, page_registry).run(), name, make())
+    assert not at.exception, at.exception
+    assert len(at.error) == 1 and name in at.error[0].value and expected in at.error[0].value
+    assert not at.metric and not captions(at)
+
+    good = real_xray("Non_fractured").read_bytes()
+    at = upload(at, "next.jpg", good, "image/jpeg")
+    assert not at.exception and not at.error
+    assert set(metrics(at)) == {"Predicted class", "Fracture probability", "Threshold"}
+
+
+def test_rgba_png_is_converted_with_a_visible_note(monkeypatch, page_registry):
+    data = _transparent_rgba()
+    at = upload(page(monkeypatch, page_registry).run(), "rgba.png", data)
+    assert not at.exception and not at.error
+    assert "transparent pixels are shown to the model as black background" in at.warning[0].value
+    assert "Predicted class" in metrics(at) and len(captions(at)) == 2
+
+
+def test_opaque_rgba_png_gives_the_same_answer_as_its_rgb_pixels(monkeypatch, page_registry):
+    rgb = Image.open(real_xray("Fractured")).convert("RGB")
+    at = upload(page(monkeypatch, page_registry).run(), "opaque.png", png(rgb.convert("RGBA")))
+    assert "alpha channel is fully opaque and was dropped" in at.warning[0].value
+    expected = consumer_prediction(page_registry, png(rgb))
+    assert metrics(at)["Fracture probability"] == f"{expected['fracture_probability']:.3f}"
+
+
+# ---------------------------------------------------------------- Grad-CAM
+
+
+def test_grad_cam_covers_the_input_and_peaks_at_one():
+    profile = load_params(REPO).profiles["cpu"]
+    model = create_classifier(profile).eval()
+    assert target_layer(model) is model.bn2
+    x = torch.randn(1, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    cams = [grad_cam(model, x, target=t) for t in range(len(CLASSES))]
+    for cam in cams:
+        assert cam.shape == (96, 96) and cam.min() >= 0 and cam.max() in (0.0, pytest.approx(1.0))
+    # Behind global average pooling and a linear head, Grad-CAM on the last feature map is the
+    # class activation map: ReLU(sum_k W[class, k] * A_k), upsampled and scaled to peak at 1.
+    with torch.no_grad():
+        features = model.forward_features(x)
+    for t, cam in enumerate(cams):
+        expected = torch.einsum("k,bkhw->bhw", model.classifier.weight[t].detach(), features).clamp_min(0)
+        expected = torch.nn.functional.interpolate(expected[:, None], size=(96, 96), mode="bilinear")[0, 0].numpy()
+        expected = expected / expected.max() if expected.max() > 0 else expected
+        assert np.allclose(cam, expected, atol=1e-4)
+    assert not np.allclose(cams[0], cams[1])
+    assert not model.bn2._forward_hooks and not model.bn2._backward_hooks  # Captum removed its hooks
+
+
+def test_heat_map_lands_where_the_padded_image_was():
+    """With ``aspect: pad`` the heat map is cropped back from the square to the image."""
+    cam = np.zeros((64, 64))
+    cam[16:48, 0:8] = 1.0  # left edge of the square: the padding beside a tall image
+    tall = to_image_grid(cam, (100, 400), aspect="pad")
+    assert tall.shape == (400, 100) and tall.max() < 0.05  # none of it falls on the image
+    cam[:] = 0
+    cam[0:8, 24:40] = 1.0  # top centre of the square = top centre of a tall image
+    tall = to_image_grid(cam, (100, 400), aspect="pad")
+    assert tall[:40, 30:70].mean() > 0.5 and tall[100:].max() < 0.05
+    squashed = to_image_grid(cam, (100, 400), aspect="squash")
+    assert squashed.shape == (400, 100) and squashed[:40].mean() > squashed[100:].mean()
+
+
+def test_overlay_leaves_cold_regions_untouched():
+    img = Image.fromarray(np.full((50, 80), 120, dtype=np.uint8))
+    heat = np.zeros((50, 80))
+    heat[10:20, 10:20] = 1.0
+    out = np.asarray(overlay(img, heat))
+    assert out.shape == (50, 80, 3)
+    assert (out[30:, 40:] == 120).all()
+    assert not (out[12:18, 12:18] == 120).all()
+
+
+# ---------------------------------------------------------------- a trained model: label order
+
+
+@pytest.mark.integration
+def test_label_order_on_known_fractured_and_non_fractured_images(trained_page):
+    """A model that learned anything ranks held-out fractured X-rays above non-fractured ones;
+    with the classes swapped anywhere between training and the page, it would rank them below."""
+    held = trained_page.held_out
+    frac = held[held["fractured"] == 1]["fracture_probability"]
+    non = held[held["fractured"] == 0]["fracture_probability"]
+    auc = roc_auc_score(held["fractured"], held["fracture_probability"])
+    assert frac.mean() > non.mean() and auc > 0.65, (auc, frac.mean(), non.mean())
+    expected = np.where(held["fracture_probability"] >= held["threshold"], CLASSES[1], CLASSES[0])
+    assert (held["label"] == expected).all()
+    assert (held["threshold"] == trained_page.registry.threshold).all()
+
+
+@pytest.mark.integration
+def test_page_shows_fractured_and_not_fractured_for_known_xrays(monkeypatch, trained_page):
+    held = trained_page.held_out
+    top_fractured = held[held["fractured"] == 1].sort_values("fracture_probability").iloc[-1]
+    low_non = held[held["fractured"] == 0].sort_values("fracture_probability").iloc[0]
+    at = page(monkeypatch, trained_page.registry).run()
+    for row, shown_class in ((top_fractured, "Fractured"), (low_non, "Not fractured")):
+        at = upload(at, Path(row["path"]).name, Path(row["path"]).read_bytes(), "image/jpeg")
+        assert not at.exception and not at.error
+        assert metrics(at) == {
+            "Predicted class": shown_class,
+            "Fracture probability": f"{row['fracture_probability']:.3f}",
+            "Threshold": f"{trained_page.registry.threshold:.3f}",
+        }
