@@ -281,6 +281,8 @@ def test_scheduled_retraining_end_to_end(api, project, subset_source):
         versions = {str(v.version): v for v in mlflow.search_model_versions(f"name = '{model}'")}
         assert sorted(versions) == ["1", "2"]
         assert "| Registered by this run | yes |" in report.data
+        # The champion was evaluated on the old split: it is scored on the new one, then compared.
+        assert "| champion re-scored | pass |" in report.data and "| same test split | pass |" in report.data
         # Whatever the gate decided, the report tells what the registry holds.
         champion = str(mlflow.get_model_version_by_alias(model, "champion").version)
         assert f"| Holds `champion` | {'yes' if champion == '2' else 'no'} |" in report.data
