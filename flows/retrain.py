@@ -75,6 +75,7 @@ def set_profile(project: Path, profile: str) -> bool:
         Whether the file changed.
     """
     yaml = YAML()
+    yaml.preserve_quotes = True  # e.g. schedule.cron stays "0 3 * * 1" as written
     # Write nulls as `null`, as the file spells them, rather than ruamel's empty value.
     yaml.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
     path = project / PARAMS_FILE

@@ -88,6 +88,7 @@ def test_checkpoints_hold_no_pickles(tmp_path):
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_train_stage_killed_after_its_first_epoch_resumes_when_rerun(project, fracatlas, tmp_path):
     source = make_subset(fracatlas, tmp_path / "source", pick_ids(fracatlas, 16, 32))
     shrink_params(project, profiles__cpu__epochs=3)
