@@ -105,3 +105,24 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.delenv("FRACATLAS_SOURCE", raising=False)
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     return root
+
+
+def untrained_model_files(folder: Path, threshold: float) -> tuple[Path, dict]:
+    """A real Lite0 (ImageNet weights, untrained head) saved as the train stage saves it, at 64 px.
+
+    Returns the safetensors file and the serving config (``model.json`` plus ``threshold``).
+    """
+    from safetensors.torch import save_file
+
+    from fracture.config import load_params
+    from fracture.model import create_classifier, data_config
+
+    profile = load_params(REPO).profiles["cpu"]
+    model = create_classifier(profile)
+    weights = folder / "model.safetensors"
+    save_file(model.state_dict(), str(weights))
+    config = {
+        "architecture": profile.model, "profile": "cpu", "classes": ["not_fractured", "fractured"],
+        "data_config": data_config(model, 64), "threshold": threshold,
+    }
+    return weights, config

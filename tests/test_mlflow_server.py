@@ -18,13 +18,12 @@ import pandas as pd
 import pytest
 import torch
 from mlflow import MlflowClient
-from safetensors.torch import save_file
 
-from fracture.config import RegisterParams, load_params
+from fracture.config import RegisterParams
 from fracture.imaging import build_transform, open_xray
-from fracture.model import create_classifier, data_config
 from fracture.registry import EvaluatedSplit, register
-from tests.conftest import REPO, shrink_params
+from fracture.serving import load_classifier
+from tests.conftest import shrink_params, untrained_model_files
 from tests.test_serving import child_env, free_port, running, xray_paths
 
 pytestmark = pytest.mark.integration
@@ -77,14 +76,7 @@ def test_register_through_the_server_and_consume_champion_elsewhere(tracking_ser
     mlflow.set_experiment("fracture-classification")
     images = xray_paths()
 
-    profile = load_params(REPO).profiles["cpu"]
-    model = create_classifier(profile)
-    weights = tmp_path / "model.safetensors"
-    save_file(model.state_dict(), str(weights))
-    config = {
-        "architecture": profile.model, "profile": "cpu", "classes": ["not_fractured", "fractured"],
-        "data_config": data_config(model, 64), "threshold": 0.5,
-    }
+    weights, config = untrained_model_files(tmp_path, 0.5)
     with mlflow.start_run(tags={"data_version": "d" * 32 + ".dir", "git_commit": "c0ffee"}) as run:
         mlflow.log_metrics({"test_roc_auc": 0.9, "test_recall": 0.9})
     params = RegisterParams(NAME, "test_roc_auc", "fracture-classification", floors={"test_recall": 0.8})
@@ -101,7 +93,7 @@ def test_register_through_the_server_and_consume_champion_elsewhere(tracking_ser
     # The same numbers as the project's own preprocessing and weights give in this process.
     transform = build_transform(config["data_config"])
     with torch.inference_mode():
-        direct = model.eval()(torch.stack([transform(open_xray(p)) for p in images])).softmax(dim=-1)[:, 1]
+        direct = load_classifier(str(weights), config)(torch.stack([transform(open_xray(p)) for p in images])).softmax(dim=-1)[:, 1]
     assert out["fracture_probability"] == pytest.approx(direct.double().tolist(), abs=1e-6)
     assert out["label"] == ["fractured" if p >= 0.5 else "not_fractured" for p in direct.tolist()]
     assert out["threshold"] == [0.5, 0.5]

@@ -18,7 +18,6 @@ from safetensors.torch import save_file
 
 from fracture.cli import main as cli
 from fracture.config import ConfigError, RegisterParams, load_params, parse_params
-from fracture.model import create_classifier, data_config
 from fracture.registry import (
     EvaluatedSplit,
     Evaluation,
@@ -29,7 +28,7 @@ from fracture.registry import (
     rollback,
     split_fingerprint,
 )
-from tests.conftest import REPO, pick_ids
+from tests.conftest import REPO, pick_ids, untrained_model_files
 
 NAME = "fracture-classifier"
 SPLIT_A = "a" * 64
@@ -128,15 +127,7 @@ def yaml_params() -> dict:
 
 @pytest.fixture()
 def model_files(tmp_path):
-    profile = load_params(REPO).profiles["cpu"]
-    model = create_classifier(profile)
-    weights = tmp_path / "model.safetensors"
-    save_file(model.state_dict(), str(weights))
-    config = {
-        "architecture": profile.model, "profile": "cpu", "classes": ["not_fractured", "fractured"],
-        "data_config": data_config(model, 64), "threshold": 0.37,
-    }
-    return weights, config
+    return untrained_model_files(tmp_path, 0.37)
 
 
 @pytest.fixture()

@@ -26,14 +26,12 @@ import pytest
 import requests
 import torch
 from mlflow import MlflowClient
-from safetensors.torch import save_file
 
-from fracture.config import RegisterParams, load_params
+from fracture.config import RegisterParams
 from fracture.imaging import build_transform, open_xray
-from fracture.model import create_classifier, data_config
 from fracture.registry import EvaluatedSplit, register
 from fracture.serving import load_classifier
-from tests.conftest import REPO, require_fracatlas
+from tests.conftest import require_fracatlas, untrained_model_files
 
 pytestmark = pytest.mark.integration
 
@@ -104,14 +102,7 @@ def champion(tmp_path_factory) -> Iterator[dict]:
     mlflow.set_tracking_uri(uri)
     try:
         mlflow.set_experiment(experiment_id=mlflow.create_experiment("t", artifact_location=(tmp / "art").as_uri()))
-        profile = load_params(REPO).profiles["cpu"]
-        model = create_classifier(profile)
-        weights = tmp / "model.safetensors"
-        save_file(model.state_dict(), str(weights))
-        config = {
-            "architecture": profile.model, "profile": "cpu", "classes": ["not_fractured", "fractured"],
-            "data_config": data_config(model, 64), "threshold": THRESHOLD,
-        }
+        weights, config = untrained_model_files(tmp, THRESHOLD)
         with mlflow.start_run(tags={"data_version": "d" * 32 + ".dir"}) as run:
             mlflow.log_metrics({"test_roc_auc": 0.9})
         params = RegisterParams(NAME, "test_roc_auc", "t")
