@@ -8,12 +8,26 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
+
+from fracture.vocabulary import (
+    Aspect,
+    Augment,
+    ClassBalance,
+    Device,
+    Enhancement,
+    OnDuplicate,
+    OnLabelConflict,
+    OnTruncated,
+    Severity,
+    SplitStrategy,
+)
 
 PARAMS_FILE = "params.yaml"
 
@@ -36,10 +50,10 @@ class ValidateParams:
     max_side: int
     colour_modes: tuple[str, ...]
     fractured_share: tuple[float, float]
-    on_truncated: str
-    on_label_conflict: str
-    severity: dict[str, str] = dataclasses.field(default_factory=dict)
-    on_duplicate: str = "grouped"
+    on_truncated: OnTruncated
+    on_label_conflict: OnLabelConflict
+    severity: dict[str, Severity] = dataclasses.field(default_factory=dict)
+    on_duplicate: OnDuplicate = "grouped"
     compare_previous: bool = True
 
 
@@ -48,15 +62,15 @@ class SplitParams:
     seed: int
     val_size: float
     test_size: float
-    strategy: str = "stratified"
+    strategy: SplitStrategy = "stratified"
     stratify_body_part: bool = False
 
 
 @dataclass(frozen=True)
 class PrepareParams:
-    aspect: str = "squash"
+    aspect: Aspect = "squash"
     workers: int = 2
-    enhance: str = "none"
+    enhance: Enhancement = "none"
 
 
 @dataclass(frozen=True)
@@ -68,7 +82,7 @@ class Profile:
     image_size: int
     epochs: int
     weights_file: str | None = None
-    augment: str = "none"
+    augment: Augment = "none"
     frozen: tuple[str, ...] = ()
     lr: float | None = None  # this profile's learning rate; None: train.lr
 
@@ -86,8 +100,8 @@ class TrainParams:
     weight_decay: float
     t_0: int | None
     t_mult: int
-    device: str
-    class_balance: str = "none"
+    device: Device
+    class_balance: ClassBalance = "none"
 
 
 @dataclass(frozen=True)
@@ -173,10 +187,37 @@ class Params:
             ) from None
 
 
-def _build(cls: type, section: str, raw: dict[str, Any], renames: dict[str, str] | None = None) -> Any:
+def _literal_choices(annotation: Any) -> tuple[Any, ...] | None:
+    """The allowed values when ``annotation`` is a ``Literal`` (``None`` for any other type)."""
+    return typing.get_args(annotation) if typing.get_origin(annotation) is Literal else None
+
+
+def _check_choices(cls: type, section: str, kwargs: dict[str, Any], renames: dict[str, str]) -> None:
+    """Checks every ``Literal`` field (and every value of a ``dict[str, Literal]``) once, here."""
+    hints = typing.get_type_hints(cls)
+    spelled = {v: k for k, v in renames.items()}
+    for name, value in kwargs.items():
+        hint = hints[name]
+        where = f"{section}.{spelled.get(name, name)}"
+        allowed = _literal_choices(hint)
+        if allowed is not None and value not in allowed:
+            raise ConfigError(f"params.yaml: {where} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+        args = typing.get_args(hint)
+        if typing.get_origin(hint) is dict and len(args) == 2 and (allowed := _literal_choices(args[1])):
+            if not isinstance(value, dict):
+                raise ConfigError(f"params.yaml: {where} must be a mapping; got {value!r}")
+            bad = {k: v for k, v in value.items() if v not in allowed}
+            if bad:
+                raise ConfigError(f"params.yaml: {where} values must be one of {', '.join(map(repr, allowed))}; got {bad}")
+
+
+def _build(
+    cls: type, section: str, raw: dict[str, Any], renames: dict[str, str] | None = None, prefix: str = ""
+) -> Any:
     data = raw.get(section)
+    label = prefix + section
     if not isinstance(data, dict):
-        raise ConfigError(f"params.yaml: section '{section}' is missing or not a mapping")
+        raise ConfigError(f"params.yaml: section '{label}' is missing or not a mapping")
     renames = renames or {}
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
@@ -184,7 +225,7 @@ def _build(cls: type, section: str, raw: dict[str, Any], renames: dict[str, str]
         name = renames.get(key, key)
         if name not in fields:
             raise ConfigError(
-                f"params.yaml: unknown key '{section}.{key}'; known keys are {sorted(fields)}"
+                f"params.yaml: unknown key '{label}.{key}'; known keys are {sorted(fields)}"
             )
         kwargs[name] = tuple(value) if isinstance(value, list) else value
     missing = [
@@ -195,7 +236,8 @@ def _build(cls: type, section: str, raw: dict[str, Any], renames: dict[str, str]
         and f.default_factory is dataclasses.MISSING
     ]
     if missing:
-        raise ConfigError(f"params.yaml: section '{section}' lacks {missing}")
+        raise ConfigError(f"params.yaml: section '{label}' lacks {missing}")
+    _check_choices(cls, label, kwargs, renames)
     return cls(**kwargs)
 
 
@@ -214,7 +256,7 @@ def parse_params(raw: dict[str, Any]) -> Params:
     profiles_raw = raw.get("profiles")
     if not isinstance(profiles_raw, dict) or not profiles_raw:
         raise ConfigError("params.yaml: section 'profiles' is missing or empty")
-    profiles = {name: _build(Profile, name, profiles_raw) for name in profiles_raw}
+    profiles = {name: _build(Profile, name, profiles_raw, prefix="profiles.") for name in profiles_raw}
     params = Params(
         ingest=_build(IngestParams, "ingest", raw),
         validate=_build(ValidateParams, "validate", raw),
@@ -231,42 +273,16 @@ def parse_params(raw: dict[str, Any]) -> Params:
 
 
 def _check(p: Params) -> None:
-    if p.validate.on_truncated not in {"keep", "exclude"}:
-        raise ConfigError("params.yaml: validate.on_truncated must be 'keep' or 'exclude'")
-    if p.validate.on_label_conflict not in {"folder", "csv", "exclude"}:
-        raise ConfigError(
-            "params.yaml: validate.on_label_conflict must be 'folder', 'csv' or 'exclude'"
-        )
-    if p.validate.on_duplicate not in {"grouped", "keep_one"}:
-        raise ConfigError("params.yaml: validate.on_duplicate must be 'grouped' or 'keep_one'")
-    bad = {k: v for k, v in p.validate.severity.items() if v not in {"hard", "soft"}}
-    if bad:
-        raise ConfigError(f"params.yaml: validate.severity values must be 'hard' or 'soft', got {bad}")
-    if p.split.strategy not in {"stratified", "published"}:
-        raise ConfigError("params.yaml: split.strategy must be 'stratified' or 'published'")
-    if p.prepare.aspect not in {"squash", "pad"}:
-        raise ConfigError("params.yaml: prepare.aspect must be 'squash' or 'pad'")
-    if p.prepare.enhance not in {"none", "clahe", "anisotropic_diffusion", "canny"}:
-        raise ConfigError(
-            "params.yaml: prepare.enhance must be 'none', 'clahe', 'anisotropic_diffusion' or 'canny'"
-        )
+    # The allowed values of every choice were checked by _build; these are the numeric rules.
     if not 0 < p.split.val_size < 1 or not 0 < p.split.test_size < 1:
         raise ConfigError("params.yaml: split.val_size and split.test_size must lie in (0, 1)")
     if p.split.val_size + p.split.test_size >= 1:
         raise ConfigError("params.yaml: split.val_size + split.test_size must be below 1")
     for name, prof in p.profiles.items():
-        if prof.augment not in {"none", "light", "central_crop"}:
-            raise ConfigError(
-                f"params.yaml: profiles.{name}.augment must be 'none', 'light' or 'central_crop'"
-            )
         if prof.epochs < 1:
             raise ConfigError(f"params.yaml: profiles.{name}.epochs must be at least 1")
         if prof.lr is not None and not (isinstance(prof.lr, (int, float)) and prof.lr > 0):
             raise ConfigError(f"params.yaml: profiles.{name}.lr must be a positive number or null, got {prof.lr!r}")
-    if p.train.class_balance not in {"none", "weighted_loss", "balanced_sampler"}:
-        raise ConfigError("params.yaml: train.class_balance must be 'none', 'weighted_loss' or 'balanced_sampler'")
-    if p.train.device not in {"auto", "cpu", "cuda"}:
-        raise ConfigError("params.yaml: train.device must be 'auto', 'cpu' or 'cuda'")
     _check_schedule(p.schedule)
     p.profile  # noqa: B018 - raises ConfigError on an unknown profile name
 

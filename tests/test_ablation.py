@@ -12,20 +12,14 @@ import torch
 from PIL import Image
 
 from fracture.config import ConfigError, load_params, parse_params
-from fracture.imaging import ENHANCEMENTS, Enhance, Preprocessor, build_transform, open_xray
+from fracture.imaging import ENHANCEMENTS, DataConfig, Enhance, Preprocessor, build_transform, open_xray
 from fracture.model import profile_data_config
 from fracture.prepare import cache_key, open_prepared, prepare_images
 from fracture.training import RandomCentralCrop, augmentation
 from tests.conftest import FRACATLAS, REPO, require_fracatlas
 from tests.synthetic import make_dataset, training_frame
 
-CONFIG = {
-    "input_size": (3, 64, 64),
-    "interpolation": "bicubic",
-    "mean": (0.5, 0.5, 0.5),
-    "std": (0.5, 0.5, 0.5),
-    "aspect": "squash",
-}
+CONFIG = DataConfig((3, 64, 64), "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), aspect="squash")
 
 
 def _xray() -> Image.Image:
@@ -55,7 +49,7 @@ def test_each_enhancement_is_opencvs_on_the_resized_greyscale_image(mode):
 def test_enhanced_cache_pixels_equal_the_served_transform(tmp_path):
     make_dataset(tmp_path, 2, 2)
     frame = training_frame(tmp_path)
-    config = CONFIG | {"enhance": "clahe"}
+    config = dataclasses.replace(CONFIG, enhance="clahe")
     key = cache_key(config, True)
     prepare_images(frame, tmp_path, Preprocessor(config).resize, key, tmp_path / "cache", workers=1)
     cached = Preprocessor(config)(open_prepared(tmp_path / "cache", key).dataset(frame).tensors[0])
@@ -68,7 +62,7 @@ def test_enhanced_cache_pixels_equal_the_served_transform(tmp_path):
 def test_profile_data_config_carries_the_enhancement():
     params = load_params(REPO)
     config = profile_data_config(params.profiles["cpu"], "squash", "anisotropic_diffusion")
-    assert config["enhance"] == "anisotropic_diffusion"
+    assert config.enhance == "anisotropic_diffusion"
     assert cache_key(config, True)["enhance"] == "anisotropic_diffusion"
     assert "Enhance('anisotropic_diffusion')" in repr(build_transform(config))
     assert "Enhance" not in repr(build_transform(profile_data_config(params.profiles["cpu"])))
@@ -79,11 +73,11 @@ def test_unknown_enhancement_or_augmentation_is_a_clear_params_error():
 
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     raw["prepare"]["enhance"] = "sharpen"
-    with pytest.raises(ConfigError, match="prepare.enhance must be 'none', 'clahe'"):
+    with pytest.raises(ConfigError, match="prepare.enhance must be one of 'none', 'clahe', 'anisotropic_diffusion', 'canny'; got 'sharpen'"):
         parse_params(raw)
     raw["prepare"]["enhance"] = "none"
     raw["profiles"]["cpu"]["augment"] = "crop"
-    with pytest.raises(ConfigError, match="profiles.cpu.augment must be 'none', 'light' or 'central_crop'"):
+    with pytest.raises(ConfigError, match="profiles.cpu.augment must be one of 'none', 'light', 'central_crop'; got 'crop'"):
         parse_params(raw)
 
 

@@ -55,11 +55,36 @@ def test_unknown_profile_is_named():
 @pytest.mark.parametrize(("section", "key", "value"), [
     ("validate", "on_truncated", "maybe"),
     ("validate", "on_label_conflict", "vote"),
+    ("validate", "on_duplicate", "drop"),
     ("split", "test_size", 0.9),
+    ("split", "strategy", "random"),
+    ("prepare", "aspect", "crop"),
     ("train", "device", "tpu"),
+    ("train", "class_balance", "oversample"),
 ])
 def test_bad_values_are_refused(section, key, value):
     raw = raw_params()
     raw[section][key] = value
     with pytest.raises(ConfigError, match=f"{section}.{key}"):
+        parse_params(raw)
+
+
+def test_every_choice_is_checked_once_against_its_literal_type():
+    """Each setting typed as a Literal refuses a value outside it, naming the allowed ones."""
+    from fracture.vocabulary import Aspect, choices
+
+    raw = raw_params()
+    raw["prepare"]["aspect"] = "stretch"
+    with pytest.raises(ConfigError) as err:
+        parse_params(raw)
+    assert str(err.value) == (
+        f"params.yaml: prepare.aspect must be one of {', '.join(map(repr, choices(Aspect)))}; got 'stretch'"
+    )
+    raw = raw_params()
+    raw["validate"]["severity"]["decodable"] = "fatal"
+    with pytest.raises(ConfigError, match=r"validate.severity values must be one of 'hard', 'soft'; got \{'decodable': 'fatal'\}"):
+        parse_params(raw)
+    raw = raw_params()
+    raw["profiles"]["paper"]["augment"] = "heavy"
+    with pytest.raises(ConfigError, match="profiles.paper.augment must be one of"):
         parse_params(raw)

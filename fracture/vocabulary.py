@@ -1,0 +1,34 @@
+"""The settings' allowed values, as ``Literal`` types: the one place each choice is spelled.
+
+:mod:`fracture.config` checks every ``params.yaml`` value against these once, when the file
+is read; the modules that act on a choice take the type, so a value that reached them is valid.
+Plain Python only: the served model carries this module (see :mod:`fracture.serving`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, get_args
+
+#: Class index -> label. Index 1 is the positive class whose probability the model reports.
+CLASSES: tuple[str, str] = ("not_fractured", "fractured")
+
+Aspect = Literal["squash", "pad"]
+"""``squash``: resize the whole image to the square input (the paper); ``pad``: pad to a square first."""
+Enhancement = Literal["none", "clahe", "anisotropic_diffusion", "canny"]
+"""``none``: normalise only (the paper); the others: its preprocessing ablation, after resizing."""
+Augment = Literal["none", "light", "central_crop"]
+ClassBalance = Literal["none", "weighted_loss", "balanced_sampler"]
+Device = Literal["auto", "cpu", "cuda"]
+OnTruncated = Literal["keep", "exclude"]
+OnLabelConflict = Literal["folder", "csv", "exclude"]
+OnDuplicate = Literal["grouped", "keep_one"]
+Severity = Literal["hard", "soft"]
+SplitStrategy = Literal["stratified", "published"]
+
+#: The choices of :data:`Enhancement`, in order; ``none`` first.
+ENHANCEMENTS: tuple[str, ...] = get_args(Enhancement)
+
+
+def choices(literal: Any) -> tuple[str, ...]:
+    """The allowed values of a ``Literal`` type, in the order they are declared."""
+    return tuple(get_args(literal))
