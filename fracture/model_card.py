@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fracture.workspace import TrainedModel
 
 LIMITATIONS = (
     "FracAtlas publishes no patient identifier, so the split is image-level: two radiographs of "
@@ -25,7 +28,7 @@ def _fmt(value: Any) -> str:
 
 
 def render_model_card(
-    model: dict[str, Any],
+    model: TrainedModel,
     recipe: dict[str, Any],
     data: dict[str, Any],
     metrics: dict[str, float],
@@ -36,7 +39,7 @@ def render_model_card(
     """The model card as Markdown.
 
     Args:
-        model: ``model.json`` of the train stage (architecture, profile, best epoch, data config).
+        model: the train stage's model (architecture, profile, best epoch, data config).
         recipe: the training parameters that define the recipe (optimiser, scheduler, epochs...).
         data: ``version`` (DVC md5 of the dataset) and ``git_commit`` the model was trained
             from, and the split sizes.
@@ -53,9 +56,10 @@ def render_model_card(
     def with_ci(name: str) -> str:
         return f"{m[name]:.3f} (95% CI {m[name + '_ci_low']:.3f}–{m[name + '_ci_high']:.3f})"
 
-    size = model["data_config"]["input_size"]
+    config = model.data_config
+    size = config.input_size
     lines = [
-        f"# Model card: {model['architecture']} ({model['profile']} profile)",
+        f"# Model card: {model.architecture} ({model.profile} profile)",
         "",
         "Fractured / not fractured classifier for musculoskeletal X-rays, fine-tuned from ImageNet "
         "weights on FracAtlas (Gupta & Sharma, 2024 recipe).",
@@ -68,10 +72,9 @@ def render_model_card(
         "",
         "## Recipe",
         f"- Input: {size[1]}×{size[2]} px, resized without cropping (aspect: "
-        f"{model['data_config'].get('aspect', 'squash')}), enhancement: "
-        f"{model['data_config'].get('enhance', 'none')}, normalised with mean {model['data_config']['mean']}",
+        f"{config.aspect}), enhancement: {config.enhance}, normalised with mean {list(config.mean)}",
         *(f"- {k}: {v}" for k, v in recipe.items()),
-        f"- Model kept from epoch {model['best_epoch']} (best validation ROC AUC {model['best_val_roc_auc']:.4f})",
+        f"- Model kept from epoch {model.best_epoch} (best validation ROC AUC {model.best_val_roc_auc:.4f})",
         "",
         "## Test metrics",
         f"- ROC AUC: {with_ci('roc_auc')}",

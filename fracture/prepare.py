@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 from torch.utils.data import TensorDataset
 
-from fracture.imaging import open_xray
+from fracture.imaging import DataConfig, open_xray
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,6 @@ INDEX = "index.csv"
 META = "meta.json"
 #: The data-config keys whose change makes a different cache (mean and std act later).
 KEY_FIELDS = ("input_size", "interpolation", "aspect", "enhance")
-_DEFAULTS = {"aspect": "squash", "enhance": "none"}
 
 
 class StaleCacheError(RuntimeError):
@@ -68,11 +67,10 @@ class PreparedImages:
         return TensorDataset(images, labels)
 
 
-def cache_key(data_config: dict[str, Any], allow_truncated: bool) -> dict[str, Any]:
+def cache_key(data_config: DataConfig, allow_truncated: bool) -> dict[str, Any]:
     """What a cache must have been built with to serve a model with ``data_config``."""
-    key = {k: data_config.get(k, _DEFAULTS.get(k)) for k in KEY_FIELDS}
-    key["input_size"] = list(key["input_size"])
-    return key | {"allow_truncated": allow_truncated}
+    config = data_config.to_dict()
+    return {k: config[k] for k in KEY_FIELDS} | {"allow_truncated": allow_truncated}
 
 
 def prepare_images(

@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from fracture.imaging import ImageLoadError, Preprocessor, build_transform, open_xray
+from fracture.imaging import DataConfig, ImageLoadError, Preprocessor, build_transform, open_xray
 
-CONFIG = {"input_size": (3, 64, 64), "interpolation": "bilinear", "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+CONFIG = DataConfig((3, 64, 64), "bilinear", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 
 def corner_marked(width: int, height: int) -> Image.Image:

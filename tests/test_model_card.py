@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from fracture.imaging import DataConfig
 from fracture.model_card import render_model_card
+from fracture.workspace import TrainedModel
 
-MODEL = {
-    "architecture": "tf_efficientnet_lite0",
-    "profile": "cpu",
-    "best_epoch": 4,
-    "best_val_roc_auc": 0.8891,
-    "data_config": {"input_size": [3, 224, 224], "mean": [0.5, 0.5, 0.5], "aspect": "squash"},
-}
+MODEL = TrainedModel(
+    architecture="tf_efficientnet_lite0",
+    profile="cpu",
+    classes=["not_fractured", "fractured"],
+    data_config=DataConfig((3, 224, 224), "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), aspect="squash"),
+    best_epoch=4,
+    best_val_roc_auc=0.8891,
+)
 METRICS = {
     "roc_auc": 0.9175, "roc_auc_ci_low": 0.8817, "roc_auc_ci_high": 0.9518,
     "recall": 0.9186, "recall_ci_low": 0.8605, "recall_ci_high": 0.9767,
@@ -42,4 +45,5 @@ def test_card_states_what_a_reviewer_needs():
     assert "expected calibration error 0.021" in card and "Decision threshold 0.0884" in card
     assert "| hip | 21 | 0 | n/a | n/a | 1.000 |" in card
     assert "224×224 px" in card and "epoch 4" in card and "- batch size: 16" in card
+    assert "aspect: squash), enhancement: none, normalised with mean [0.5, 0.5, 0.5]" in card
     assert "image-level" in card and "no patient identifier" in card

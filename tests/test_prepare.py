@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 
 import numpy as np
@@ -11,27 +13,21 @@ import torch
 from PIL import Image
 from torch.utils.data import TensorDataset
 
-from fracture.imaging import Preprocessor, build_transform, open_xray
+from fracture.imaging import DataConfig, Preprocessor, build_transform, open_xray
 from fracture.prepare import StaleCacheError, cache_key, open_prepared, prepare_images
 from tests.synthetic import make_dataset, training_frame, truncate
 
-CONFIG = {
-    "input_size": (3, 48, 48),
-    "interpolation": "bicubic",
-    "mean": (0.5, 0.5, 0.5),
-    "std": (0.5, 0.5, 0.5),
-    "aspect": "squash",
-}
+CONFIG = DataConfig((3, 48, 48), "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), aspect="squash")
 
 
-def tensor_data(root: Path, frame: pd.DataFrame, config: dict) -> TensorDataset:
+def tensor_data(root: Path, frame: pd.DataFrame, config: DataConfig) -> TensorDataset:
     """The frame's images decoded straight from their files (no cache), with labels."""
     images = Preprocessor(config).load([root / p for p in frame["path"]], allow_truncated=True, workers=1)
     return TensorDataset(images, torch.tensor(frame["label"].astype(int).to_numpy()))
 
 
-def build(root: Path, frame: pd.DataFrame, config: dict = CONFIG, allow_truncated: bool = True) -> Path:
-    out = root / f"cache-{config['aspect']}"
+def build(root: Path, frame: pd.DataFrame, config: DataConfig = CONFIG, allow_truncated: bool = True) -> Path:
+    out = root / f"cache-{config.aspect}"
     prepare_images(frame, root, Preprocessor(config).resize, cache_key(config, allow_truncated), out, workers=2)
     return out
 
@@ -69,7 +65,7 @@ def test_a_cache_built_for_another_key_is_refused(tmp_path, change):
     make_dataset(tmp_path, 2, 2)
     out = build(tmp_path, training_frame(tmp_path))
     with pytest.raises(StaleCacheError, match="dvc repro prepare"):
-        open_prepared(out, cache_key(CONFIG | change, True))
+        open_prepared(out, cache_key(dataclasses.replace(CONFIG, **change), True))
     with pytest.raises(StaleCacheError, match="dvc repro prepare"):
         open_prepared(out, cache_key(CONFIG, False))
 
@@ -101,7 +97,7 @@ def test_pad_keeps_the_aspect_ratio_and_serving_pads_the_same_way(tmp_path):
     # A white 40 x 120 image: squashed it fills the square, padded it is a centred bar.
     Image.new("L", (40, 120), 255).save(tmp_path / "tall.png")
     frame = pd.DataFrame({"image_id": ["tall.png"], "path": ["tall.png"], "label": [1]})
-    pad = CONFIG | {"aspect": "pad"}
+    pad = dataclasses.replace(CONFIG, aspect="pad")
     squashed = open_prepared(build(tmp_path, frame), cache_key(CONFIG, True)).images[0]
     padded = open_prepared(build(tmp_path, frame, pad), cache_key(pad, True)).images[0]
     assert squashed.min() == 255

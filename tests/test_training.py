@@ -44,7 +44,7 @@ def test_images_prepared_for_another_model_are_refused(tmp_path):
     make_dataset(tmp_path, 2, 2)
     params = load_params(REPO)
     profile = dataclasses.replace(params.profiles["cpu"], image_size=64, epochs=1)
-    config = profile_data_config(profile) | {"mean": (0.485, 0.456, 0.406)}
+    config = dataclasses.replace(profile_data_config(profile), mean=(0.485, 0.456, 0.406))
     data = tensor_data(tmp_path, training_frame(tmp_path), config)
     with pytest.raises(StaleCacheError, match="dvc repro prepare"):
         train(data, data, config, profile, params.train)
