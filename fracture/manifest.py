@@ -1,4 +1,9 @@
-"""The manifest: one row per image id found in the folders or in ``dataset.csv``."""
+"""The manifest: one row per image id found in the folders or in ``dataset.csv``.
+
+It also owns the manifest's schema: the class folders, ``dataset.csv``'s flag columns, and the
+one rule (:func:`body_part`) that gives each image a single body part, so that the split's
+strata, the validation summary and the evaluation's per-part metrics all count alike.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +13,25 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from PIL import Image
 
 from fracture.imaging import decode, decode_truncated
 
 FOLDERS = {"Fractured": 1, "Non_fractured": 0}
-FLAG_COLUMNS = ("hand", "leg", "hip", "shoulder", "mixed", "hardware", "multiscan", "frontal", "lateral", "oblique")
-BODY_PARTS = ("hand", "leg", "hip", "shoulder", "mixed")
+# dataset.csv's body-part flags: four regions, and `mixed` for a film showing two or three of
+# them (in FracAtlas `mixed` is never a fifth region on its own).
+REGIONS = ("hand", "leg", "hip", "shoulder")
+BODY_PARTS = (*REGIONS, "mixed")
+# The views are not exclusive: one film can be set as two of them.
+VIEWS = ("frontal", "lateral", "oblique")
+FLAG_COLUMNS = (*BODY_PARTS, "hardware", "multiscan", *VIEWS)
+UNKNOWN_PART = "unknown"
+
+
+class ManifestError(ValueError):
+    """A frame lacks the manifest columns an operation needs."""
 
 
 @dataclass(frozen=True)
@@ -88,3 +104,41 @@ def build_manifest(dataset_dir: Path, workers: int | None = None) -> pd.DataFram
     frame["width"] = frame["width"].astype("Int64")
     frame["height"] = frame["height"].astype("Int64")
     return frame.sort_values("image_id").reset_index(drop=True)
+
+
+def body_part(frame: pd.DataFrame) -> pd.Series:
+    """Each row's one body part, from dataset.csv's flags; the single rule every stage uses.
+
+    * the region (hand, leg, hip or shoulder) when exactly that one flag is set;
+    * ``mixed`` when ``mixed`` is set or several regions are (in FracAtlas ``mixed`` is set
+      exactly when two or three regions are);
+    * ``unknown`` when no flag is set or the id has no ``dataset.csv`` row (flags NA).
+
+    A flag counts as set when it is above 0; a value that is not a number counts as unset.
+
+    Args:
+        frame: rows with the :data:`BODY_PARTS` columns (0/1, NA allowed).
+
+    Returns:
+        ``hand``, ``leg``, ``hip``, ``shoulder``, ``mixed`` or ``unknown`` per row, on the
+        frame's index, named ``body_part``.
+
+    Raises:
+        ManifestError: a flag column is missing.
+    """
+    missing = [c for c in BODY_PARTS if c not in frame]
+    if missing:
+        raise ManifestError(
+            f"manifest lacks the body-part flag columns {missing} (from dataset.csv); rebuild it "
+            "with `fracture validate` from a dataset.csv that has them"
+        )
+    # NA (an id without a dataset.csv row) counts as not set: no flag known means unknown part.
+    flags = frame[list(BODY_PARTS)].apply(pd.to_numeric, errors="coerce").fillna(0).gt(0)
+    regions = flags[list(REGIONS)]
+    n_set = regions.sum(axis=1)
+    part = np.select(
+        [flags["mixed"] | (n_set > 1), n_set == 1],
+        ["mixed", regions.idxmax(axis=1)],
+        default=UNKNOWN_PART,
+    )
+    return pd.Series(part, index=frame.index, name="body_part")

@@ -24,11 +24,9 @@ import pandas as pd
 from sklearn.model_selection import train_test_split
 
 from fracture.config import SplitParams
+from fracture.manifest import ManifestError, body_part
 
 SPLITS = ("train", "val", "test")
-# dataset.csv's body-part flags: four regions, and ``mixed`` for a film showing several.
-REGIONS = ("hand", "leg", "hip", "shoulder")
-BODY_PART_COLUMNS = (*REGIONS, "mixed")
 # Where the published lists live inside a FracAtlas folder, and which file holds each split.
 PUBLISHED_SUBDIR = Path("Utilities") / "Fracture Split"
 PUBLISHED_FILES = {"train": "train.csv", "val": "valid.csv", "test": "test.csv"}
@@ -127,12 +125,9 @@ def split_manifest(manifest: pd.DataFrame, params: SplitParams, published_dir: P
     ``strategy: stratified`` draws the groups with scikit-learn's ``train_test_split``, seeded,
     ``test_size`` first and ``val_size`` of the whole from the rest, stratified by label; with
     ``stratify_body_part`` also by body part within each label. A group's body part is that of
-    its first id (identical files are one film, so their flags agree) and is:
-
-    * the region (hand, leg, hip or shoulder) when exactly that one flag is set;
-    * ``mixed`` when ``mixed`` is set or several regions are (in FracAtlas ``mixed`` is set
-      exactly when two or three regions are);
-    * ``unknown`` when no flag is set or the id has no ``dataset.csv`` row (flags NA).
+    its first id (identical files are one film, so their flags agree), as
+    :func:`fracture.manifest.body_part` derives it: the one region set, else ``mixed``, else
+    ``unknown``.
 
     A (body part, label) stratum with fewer than ``ceil(1 / min(val_size, test_size))`` groups
     (7 at 0.15), too few to expect one group in every split, pools into the label's
@@ -189,36 +184,6 @@ def split_manifest(manifest: pd.DataFrame, params: SplitParams, published_dir: P
     return Splits(out, SplitReport(params.strategy, _strata_table(drawn, drawn_where), **found))
 
 
-def body_part(frame: pd.DataFrame) -> pd.Series:
-    """Each row's body part from dataset.csv's flags, as :func:`split_manifest` defines it.
-
-    Args:
-        frame: rows with the hand, leg, hip, shoulder and mixed columns (0/1, NA allowed).
-
-    Returns:
-        ``hand``, ``leg``, ``hip``, ``shoulder``, ``mixed`` or ``unknown`` per row.
-
-    Raises:
-        SplitError: a flag column is missing.
-    """
-    missing = [c for c in BODY_PART_COLUMNS if c not in frame]
-    if missing:
-        raise SplitError(
-            f"manifest lacks the body-part flag columns {missing} (from dataset.csv); rebuild it "
-            "with `fracture validate` or set split.stratify_body_part: false"
-        )
-    # NA (an id without a dataset.csv row) counts as not set: no flag known means unknown part.
-    flags = frame[list(BODY_PART_COLUMNS)].apply(pd.to_numeric, errors="coerce").fillna(0).gt(0)
-    regions = flags[list(REGIONS)]
-    n_set = regions.sum(axis=1)
-    part = np.select(
-        [flags["mixed"] | (n_set > 1), n_set == 1],
-        ["mixed", regions.idxmax(axis=1)],
-        default="unknown",
-    )
-    return pd.Series(part, index=frame.index, name="body_part")
-
-
 def published_dir_of(dataset_dir: Path) -> Path:
     """The published split lists' folder inside a FracAtlas folder."""
     return dataset_dir / PUBLISHED_SUBDIR
@@ -240,7 +205,11 @@ def _groups(used: pd.DataFrame, params: SplitParams) -> pd.DataFrame:
     groups = groups.drop(columns="n_labels")
     groups["label"] = groups["label"].astype(int)
     if params.stratify_body_part:
-        groups["part"] = body_part(ordered).groupby(ordered["sha256"]).first()
+        try:
+            parts = body_part(ordered)
+        except ManifestError as exc:
+            raise SplitError(f"{exc}, or set split.stratify_body_part: false") from exc
+        groups["part"] = parts.groupby(ordered["sha256"]).first()
         groups["stratum"] = _pool_rare(groups, _min_groups(params))
     else:
         groups["part"] = "any"

@@ -1,130 +1,29 @@
-"""Data-quality rules on the manifest, as a Great Expectations suite, and the policies.
+"""The validate stage's core: the suite's run, the policies and a summary, in one report.
 
-Every rule is one or more GX expectations in one :class:`great_expectations.ExpectationSuite`,
-run once through a GX Checkpoint; the findings, the saved GX validation result and the Data
-Docs all come from that one run. ``params.yaml``'s ``validate.severity`` makes each rule hard
-(a failure fails the validate stage) or soft (reported, then resolved by a policy).
-
-The policies act on the ids GX flags, whatever the rule's severity:
-
-* ``on_truncated``: ``keep`` (loaded with truncated loading allowed) or ``exclude``;
-* ``on_label_conflict``: ``folder`` or ``csv`` (which label wins) or ``exclude``;
-* ``on_duplicate``: ``grouped`` (every copy kept; the split keeps a group together) or
-  ``keep_one`` (the first id of each byte-identical group is kept, the others excluded).
-
-Images that cannot be used at all are excluded whatever the severity: no file, a file that
-does not decode, or a label that is not 0 or 1. Soft findings of the other rules (sizes,
-colour modes, body-part flags, ``fracture_count``) are reported and the images kept. Every
-excluded image is listed in the report with the rule and the reason.
-
-What the real FracAtlas copy shows, and the rules follow:
-
-* ``fracture_count`` agrees with the folder label on every image and with dataset.csv's
-  ``fractured`` on all but IMG0003298 (csv 0, count 1, in images/Fractured). So
-  ``fracture_count_matches_label`` checks dataset.csv against itself (``fractured`` vs
-  ``fracture_count``); together with ``folder_label_matches_csv`` this also covers the folder
-  label, and a failure shows which of the three sources is the odd one out.
-* ``mixed`` is not a fifth exclusive body part: a ``mixed`` image also has two or three of
-  hand, leg, hip and shoulder set. So ``body_part_flags_valid`` expects exactly one of the four
-  when ``mixed`` is 0 and at least two when it is 1, on a derived ``body_part_count`` column.
+:mod:`fracture.suite` holds the data-quality rules (one Great Expectations suite) and
+:mod:`fracture.policies` what becomes of the images they flag; :func:`validate` runs the one,
+applies the other and counts the dataset per class, body part and view.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import json
-import logging
-import shutil
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import great_expectations as gx
-import great_expectations.expectations as gxe
 import pandas as pd
-from great_expectations.checkpoint import UpdateDataDocsAction
-from great_expectations.core import ExpectationSuiteValidationResult
-from great_expectations.core.run_identifier import RunIdentifier
-from great_expectations.data_context.types.base import ProgressBarsConfig
-from great_expectations.expectations.metadata_types import FailureSeverity
-from great_expectations.expectations.row_conditions import Column
 
-from fracture.config import ConfigError, ValidateParams
-from fracture.manifest import BODY_PARTS
+from fracture.config import ValidateParams
+from fracture.manifest import BODY_PARTS, UNKNOWN_PART, VIEWS, body_part
+from fracture.policies import Exclusion, apply_policy, duplicate_groups
+from fracture.suite import HARD, RULES, Finding, run_suite
 
-log = logging.getLogger(__name__)
-
-HARD = "hard"
-SOFT = "soft"
-# How params.yaml's severities read in GX's own vocabulary (shown in the result and Data Docs).
-GX_SEVERITY = {HARD: FailureSeverity.CRITICAL, SOFT: FailureSeverity.WARNING}
+# failure_message names at most this many offending ids per rule.
 MAX_IDS = 50
-
-SUITE_NAME = "fracatlas_manifest"
-RUN_NAME = "validate"
-RESULT_FILE = "validation_result.json"
-SUITE_FILE = "expectation_suite.json"
-DOCS_DIR = "data_docs"
-DOCS_SITE = "fracture"
-
-VIEWS = ("frontal", "lateral", "oblique")
-# Parts a `mixed` image combines; `mixed` itself is counted apart (see the module docstring).
-LIMB_PARTS = tuple(p for p in BODY_PARTS if p != "mixed")
-BODY_PART_COUNT = "body_part_count"
-
-# Every rule the suite knows, in the order the report lists them; validate.severity must name
-# each of them exactly.
-RULES = (
-    "unique_image_id",
-    "file_for_every_csv_row",
-    "csv_row_for_every_file",
-    "folder_label_binary",
-    "csv_label_binary",
-    "decodable",
-    "width_in_bounds",
-    "height_in_bounds",
-    "colour_mode_allowed",
-    "body_part_flags_valid",
-    "fractured_share_in_range",
-    "folder_label_matches_csv",
-    "fracture_count_matches_label",
-    "not_truncated",
-    "unique_content",
-)
 
 
 class ValidationFailed(RuntimeError):
     """A hard data-quality rule failed; the message names the rule and offending ids."""
-
-
-@dataclass(frozen=True)
-class Finding:
-    """The outcome of one rule (all of its expectations together).
-
-    Attributes:
-        rule: the rule name, a key of ``validate.severity``.
-        severity: ``hard`` or ``soft``.
-        success: whether every expectation of the rule passed.
-        unexpected_count: how many distinct image ids the rule flags.
-        unexpected_ids: those ids, sorted.
-        observed: the observed value of a whole-table expectation (e.g. the fractured share).
-    """
-
-    rule: str
-    severity: str
-    success: bool
-    unexpected_count: int
-    unexpected_ids: list[str]
-    observed: Any = None
-
-
-@dataclass(frozen=True)
-class Exclusion:
-    """Why one image is left out of training and evaluation."""
-
-    rule: str
-    reason: str
 
 
 @dataclass(frozen=True)
@@ -133,7 +32,7 @@ class ValidationReport:
 
     Attributes:
         success: no hard rule failed.
-        findings: one per rule, in :data:`RULES` order.
+        findings: one per rule, in :data:`fracture.suite.RULES` order.
         excluded: image id -> the rule and reason that excluded it.
         duplicate_groups: ids of byte-identical files, two or more per group, sorted.
         counts: totals, and per class, body part and view for all ids and included images.
@@ -160,402 +59,6 @@ class ValidationReport:
         raise KeyError(f"no rule named {rule!r}; known rules: {list(RULES)}")
 
 
-def rule_severities(params: ValidateParams) -> dict[str, str]:
-    """Checks ``validate.severity`` against the suite's rules.
-
-    Cheap and independent of the data, so an entry point can call it before building the
-    manifest and fail in a second instead of after the decode.
-
-    Args:
-        params: the validate section of ``params.yaml``.
-
-    Returns:
-        Rule name -> ``hard`` or ``soft``, in :data:`RULES` order.
-
-    Raises:
-        ConfigError: a rule is missing from the mapping, the mapping names an unknown rule, or
-            a value is neither ``hard`` nor ``soft``.
-    """
-    given = dict(params.severity or {})
-    known = f"known rules: {', '.join(RULES)}"
-    missing = [r for r in RULES if r not in given]
-    if missing:
-        raise ConfigError(
-            f"params.yaml: validate.severity lacks {missing}; give every rule 'hard' or 'soft' ({known})"
-        )
-    unknown = sorted(set(given) - set(RULES))
-    if unknown:
-        raise ConfigError(
-            f"params.yaml: validate.severity names unknown rules {unknown}; remove or rename them ({known})"
-        )
-    bad = {r: v for r, v in given.items() if v not in GX_SEVERITY}
-    if bad:
-        raise ConfigError(f"params.yaml: validate.severity values must be 'hard' or 'soft', got {bad}")
-    return {r: given[r] for r in RULES}
-
-
-def _rule_expectations(params: ValidateParams) -> dict[str, list[tuple[str, gxe.Expectation]]]:
-    """Rule name -> its expectations, each with what it checks in words, for every rule."""
-    low, high = params.fractured_share
-    lo, hi = params.min_side, params.max_side
-    modes = list(params.colour_modes)
-    return {
-        "unique_image_id": [
-            ("every image id appears once", gxe.ExpectColumnValuesToBeUnique(column="image_id")),
-        ],
-        "file_for_every_csv_row": [
-            ("every dataset.csv row has an image file",
-             gxe.ExpectColumnValuesToBeInSet(column="has_file", value_set=[True])),
-        ],
-        "csv_row_for_every_file": [
-            ("every image file has a dataset.csv row",
-             gxe.ExpectColumnValuesToBeInSet(column="in_csv", value_set=[True])),
-        ],
-        "folder_label_binary": [
-            ("the class folder gives label 0 or 1",
-             gxe.ExpectColumnValuesToBeInSet(column="folder_label", value_set=[0, 1])),
-        ],
-        "csv_label_binary": [
-            ("dataset.csv's fractured is 0 or 1",
-             gxe.ExpectColumnValuesToBeInSet(column="csv_label", value_set=[0, 1])),
-        ],
-        "decodable": [
-            ("every file decodes as an image",
-             gxe.ExpectColumnValuesToBeInSet(column="decodable", value_set=[True])),
-        ],
-        "width_in_bounds": [
-            (f"width is {lo} to {hi} px",
-             gxe.ExpectColumnValuesToBeBetween(column="width", min_value=lo, max_value=hi)),
-        ],
-        "height_in_bounds": [
-            (f"height is {lo} to {hi} px",
-             gxe.ExpectColumnValuesToBeBetween(column="height", min_value=lo, max_value=hi)),
-        ],
-        "colour_mode_allowed": [
-            (f"colour mode is one of {modes}",
-             gxe.ExpectColumnValuesToBeInSet(column="mode", value_set=modes)),
-        ],
-        "body_part_flags_valid": [
-            *[(f"flag {c} is 0 or 1", gxe.ExpectColumnValuesToBeInSet(column=c, value_set=[0, 1])) for c in BODY_PARTS],
-            (f"where mixed is 0, exactly one of {', '.join(LIMB_PARTS)} is set ({BODY_PART_COUNT} is 1)",
-             gxe.ExpectColumnValuesToBeInSet(
-                 column=BODY_PART_COUNT, value_set=[1], row_condition=Column("mixed") == 0
-             )),
-            (f"where mixed is 1, two or more of {', '.join(LIMB_PARTS)} are set ({BODY_PART_COUNT} is 2 or more)",
-             gxe.ExpectColumnValuesToBeBetween(
-                 column=BODY_PART_COUNT, min_value=2, max_value=len(LIMB_PARTS), row_condition=Column("mixed") == 1
-             )),
-        ],
-        "fractured_share_in_range": [
-            (f"the share of fractured images (folder label) is {low} to {high}",
-             gxe.ExpectColumnMeanToBeBetween(column="folder_label", min_value=low, max_value=high)),
-        ],
-        "folder_label_matches_csv": [
-            ("the class folder's label equals dataset.csv's fractured",
-             gxe.ExpectColumnPairValuesToBeEqual(
-                 column_A="folder_label", column_B="csv_label", ignore_row_if="either_value_is_missing"
-             )),
-        ],
-        "fracture_count_matches_label": [
-            ("where dataset.csv's fractured is 1, its fracture_count is 1 or more",
-             gxe.ExpectColumnValuesToBeBetween(
-                 column="fracture_count", min_value=1, row_condition=Column("csv_label") == 1
-             )),
-            ("where dataset.csv's fractured is 0, its fracture_count is 0",
-             gxe.ExpectColumnValuesToBeInSet(
-                 column="fracture_count", value_set=[0], row_condition=Column("csv_label") == 0
-             )),
-        ],
-        "not_truncated": [
-            ("no file ends before the JPEG end-of-image marker",
-             gxe.ExpectColumnValuesToBeInSet(column="truncated", value_set=[False])),
-        ],
-        "unique_content": [
-            ("no two files are byte-identical (sha256)", gxe.ExpectColumnValuesToBeUnique(column="sha256")),
-        ],
-    }
-
-
-def build_suite(params: ValidateParams) -> gx.ExpectationSuite:
-    """The expectation suite run on every manifest.
-
-    Each expectation carries its rule name in ``meta["rule"]`` and in its description (so the
-    Data Docs name the rule), and its severity from ``validate.severity``.
-
-    Args:
-        params: bounds, allowed values and severities.
-
-    Returns:
-        A suite named :data:`SUITE_NAME`, not yet added to any context.
-
-    Raises:
-        ConfigError: ``validate.severity`` does not name exactly the suite's rules.
-    """
-    severities = rule_severities(params)
-    table = _rule_expectations(params)
-    if tuple(table) != RULES:  # a rule added in one place only would silently lose its severity
-        raise AssertionError(f"RULES and the suite's rules differ: {list(RULES)} vs {list(table)}")
-    expectations = []
-    for rule, rule_expectations in table.items():
-        for meaning, expectation in rule_expectations:
-            expectation.severity = GX_SEVERITY[severities[rule]]
-            expectation.description = f"{rule} ({severities[rule]}): {meaning}"
-            expectation.meta = {"rule": rule, "severity": severities[rule]}
-            expectations.append(expectation)
-    # Built whole rather than by add_expectation, which needs an active context to save into.
-    return gx.ExpectationSuite(name=SUITE_NAME, expectations=expectations)
-
-
-@dataclass(frozen=True)
-class SuiteRun:
-    """One run of the suite: the findings and GX's own result of that same run."""
-
-    findings: list[Finding]
-    result: ExpectationSuiteValidationResult
-    outputs: dict[str, str] = field(default_factory=dict)
-
-
-def run_suite(manifest: pd.DataFrame, params: ValidateParams, gx_dir: Path | None = None) -> SuiteRun:
-    """Runs the suite once on the manifest through a GX Checkpoint.
-
-    Args:
-        manifest: the frame from :func:`fracture.manifest.build_manifest`.
-        params: the validate section of ``params.yaml``.
-        gx_dir: if given, GX's validation result (``validation_result.json``), the suite
-            (``expectation_suite.json``) and static Data Docs (``data_docs/index.html``) of this
-            run are written there. ``data_docs`` is replaced, so it shows this run only.
-
-    Returns:
-        The findings (one per rule, in :data:`RULES` order), GX's result and the written paths.
-
-    Raises:
-        ConfigError: ``validate.severity`` does not name exactly the suite's rules.
-    """
-    suite = build_suite(params)
-    context = gx.get_context(mode="ephemeral")
-    context.variables.progress_bars = ProgressBarsConfig(globally=False)
-    actions = []
-    if gx_dir is not None:
-        docs = Path(gx_dir) / DOCS_DIR
-        # Old pages would list earlier runs beside this one (each run has its own page).
-        shutil.rmtree(docs, ignore_errors=True)
-        docs.mkdir(parents=True)
-        # An ephemeral context builds Data Docs as well as a file one, given a site on disk.
-        context.add_data_docs_site(
-            DOCS_SITE,
-            {
-                "class_name": "SiteBuilder",
-                "show_how_to_buttons": False,
-                "store_backend": {
-                    "class_name": "TupleFilesystemStoreBackend",
-                    "base_directory": str(docs.resolve()),
-                },
-                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-            },
-        )
-        actions.append(UpdateDataDocsAction(name="data_docs", site_names=[DOCS_SITE]))
-    batch_definition = (
-        context.data_sources.add_pandas("manifest")
-        .add_dataframe_asset("fracatlas")
-        .add_batch_definition_whole_dataframe("all")
-    )
-    suite = context.suites.add(suite)
-    definition = context.validation_definitions.add(
-        gx.ValidationDefinition(name="manifest", data=batch_definition, suite=suite)
-    )
-    checkpoint = context.checkpoints.add(
-        gx.Checkpoint(
-            name="validate",
-            validation_definitions=[definition],
-            actions=actions,
-            # COMPLETE lists every offending row; image_id names it in the report and the docs.
-            result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["image_id"]},
-        )
-    )
-    run_id = RunIdentifier(run_name=RUN_NAME, run_time=dt.datetime.now(dt.timezone.utc))
-    checkpoint_result = checkpoint.run(batch_parameters={"dataframe": _for_gx(manifest)}, run_id=run_id)
-    (result,) = checkpoint_result.run_results.values()
-    findings = _findings(result, rule_severities(params))
-    outputs: dict[str, str] = {}
-    if gx_dir is not None:
-        outputs = _write_result(result, suite, Path(gx_dir))
-        log.info("GX validation result and Data Docs written under %s", gx_dir)
-    return SuiteRun(findings, result, outputs)
-
-
-def _findings(result: ExpectationSuiteValidationResult, severities: dict[str, str]) -> list[Finding]:
-    by_rule: dict[str, list[Any]] = {r: [] for r in RULES}
-    for r in result.results:
-        by_rule[r.expectation_config.meta["rule"]].append(r)
-    findings = []
-    for rule, results in by_rule.items():
-        ids: set[str] = set()
-        observed = None
-        errors = []
-        for r in results:
-            details = r.result or {}
-            rows = details.get("unexpected_index_list") or []
-            ids |= {str(row["image_id"]) for row in rows if isinstance(row, dict)}
-            error = _gx_error(r.exception_info)
-            if error:
-                errors.append(f"{r.expectation_config.description}: {error}")
-            elif observed is None:
-                observed = _jsonable(details.get("observed_value"))
-        if errors:
-            # E.g. a column the manifest lacks: the expectation fails without offending rows,
-            # so the finding carries GX's message instead of failing silently.
-            observed = "GX could not evaluate " + "; ".join(errors)
-        findings.append(
-            Finding(
-                rule=rule,
-                severity=severities[rule],
-                success=all(bool(r.success) for r in results),
-                unexpected_count=len(ids),
-                unexpected_ids=sorted(ids),
-                observed=observed,
-            )
-        )
-    return findings
-
-
-def _gx_error(info: Any) -> str | None:
-    # exception_info is one {raised_exception, exception_message, ...} dict, or one per metric.
-    if not isinstance(info, dict):
-        return None
-    if "raised_exception" in info:
-        return str(info.get("exception_message")) if info.get("raised_exception") else None
-    messages = dict.fromkeys(m for m in (_gx_error(v) for v in info.values()) if m)  # unique, in order
-    return "; ".join(messages) or None
-
-
-def _write_result(
-    result: ExpectationSuiteValidationResult, suite: gx.ExpectationSuite, gx_dir: Path
-) -> dict[str, str]:
-    gx_dir.mkdir(parents=True, exist_ok=True)
-    paths = {
-        "result": gx_dir / RESULT_FILE,
-        "suite": gx_dir / SUITE_FILE,
-        "data_docs": gx_dir / DOCS_DIR / "index.html",
-    }
-    paths["result"].write_text(json.dumps(result.to_json_dict(), indent=2) + "\n")
-    paths["suite"].write_text(json.dumps(suite.to_json_dict(), indent=2) + "\n")
-    if not paths["data_docs"].is_file():
-        raise RuntimeError(f"GX built no Data Docs index at {paths['data_docs']}; check the GX log above")
-    return {k: str(v) for k, v in paths.items()}
-
-
-def _for_gx(manifest: pd.DataFrame) -> pd.DataFrame:
-    # GX compares with plain Python values; nullable extension dtypes (and pandas' string dtype)
-    # become object columns with None for missing values, which column-map expectations skip.
-    out = manifest.copy()
-    # Derived for body_part_flags_valid; NA when a flag is missing (a file with no csv row, or
-    # a dataset.csv without the column, which the flag's own expectation then reports).
-    if all(c in out for c in LIMB_PARTS):
-        count = out[list(LIMB_PARTS)].astype("Int64").sum(axis=1, skipna=False)
-    else:
-        count = pd.Series(pd.NA, index=out.index)
-    out[BODY_PART_COUNT] = count.astype("Int64")
-    for col in out.columns:
-        if isinstance(out[col].dtype, pd.api.extensions.ExtensionDtype):
-            out[col] = out[col].astype(object).where(out[col].notna(), None)
-    return out
-
-
-def _jsonable(value: Any) -> Any:
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return str(value)
-
-
-def _duplicate_groups(manifest: pd.DataFrame, finding: Finding) -> list[list[str]]:
-    # The ids GX flagged as non-unique sha256, grouped by that hash.
-    flagged = manifest[manifest["image_id"].isin(finding.unexpected_ids)]
-    groups = flagged.groupby("sha256")["image_id"].apply(sorted)
-    return sorted(g for g in groups if len(g) > 1)
-
-
-def apply_policy(
-    manifest: pd.DataFrame, params: ValidateParams, findings: list[Finding]
-) -> tuple[pd.DataFrame, dict[str, Exclusion]]:
-    """Resolves each image's training label and whether it is used, per ``params.yaml``.
-
-    Acts on the ids the suite flagged; see the module docstring for the policies.
-
-    Args:
-        manifest: the manifest.
-        params: ``on_truncated``, ``on_label_conflict`` and ``on_duplicate``.
-        findings: the suite's findings on this manifest (:func:`run_suite`).
-
-    Returns:
-        The manifest with ``label``, ``label_source``, ``included``, ``exclude_rule`` and
-        ``exclude_reason`` columns, and the excluded ids with their rule and reason.
-    """
-    flagged = {f.rule: set(f.unexpected_ids) for f in findings}
-    out = manifest.copy()
-    # The policy's label wins where both exist; the other fills in where only it exists.
-    first, second = ("folder_label", "csv_label")
-    if params.on_label_conflict == "csv":
-        first, second = second, first
-    out["label"] = out[first].fillna(out[second])
-    out["label_source"] = out[first].notna().map({True: first, False: second}).str.removesuffix("_label")
-    out.loc[out["label"].isna(), "label_source"] = ""
-
-    excluded: dict[str, Exclusion] = {}
-
-    def exclude(ids: Iterable[str], rule: str, reason: str | Callable[[str], str]) -> None:
-        # The first reason found wins, so the order below sets the precedence.
-        for image_id in ids:
-            if image_id not in excluded:
-                excluded[image_id] = Exclusion(rule, reason(image_id) if callable(reason) else reason)
-
-    rows = out.drop_duplicates("image_id").set_index("image_id")  # ids may repeat (unique_image_id)
-    exclude(
-        sorted(flagged["file_for_every_csv_row"]),
-        "file_for_every_csv_row",
-        "dataset.csv lists it, but no image file exists",
-    )
-    exclude(
-        sorted(flagged["decodable"]),
-        "decodable",
-        lambda i: f"the file does not decode as an image: {rows.at[i, 'error']}",
-    )
-    for source in ("folder", "csv"):
-        bad = sorted(i for i in flagged[f"{source}_label_binary"] if rows.at[i, "label_source"] == source)
-        exclude(bad, f"{source}_label_binary", lambda i: f"its label {rows.at[i, 'label']} is not 0 or 1")
-    if params.on_label_conflict == "exclude":
-        exclude(
-            sorted(flagged["folder_label_matches_csv"]),
-            "folder_label_matches_csv",
-            lambda i: f"folder label {rows.at[i, 'folder_label']} and dataset.csv label "
-            f"{rows.at[i, 'csv_label']} differ (validate.on_label_conflict: exclude)",
-        )
-    if params.on_truncated == "exclude":
-        exclude(
-            sorted(flagged["not_truncated"]),
-            "not_truncated",
-            "the file ends before the JPEG end-of-image marker (validate.on_truncated: exclude)",
-        )
-    groups = _duplicate_groups(manifest, next(f for f in findings if f.rule == "unique_content"))
-    if params.on_duplicate == "keep_one":
-        for group in groups:
-            remaining = [i for i in group if i not in excluded]
-            if len(remaining) > 1:
-                kept = remaining[0]
-                exclude(
-                    remaining[1:],
-                    "unique_content",
-                    f"byte-identical to {kept}, which is kept (validate.on_duplicate: keep_one)",
-                )
-
-    out["exclude_rule"] = out["image_id"].map(lambda i: excluded[i].rule if i in excluded else "")
-    out["exclude_reason"] = out["image_id"].map(lambda i: excluded[i].reason if i in excluded else "")
-    out["included"] = ~out["image_id"].isin(excluded)
-    return out, dict(sorted(excluded.items()))
-
-
 def _flag(frame: pd.DataFrame, column: str) -> pd.Series:
     # A csv flag as plain ints, 0 where unknown; a summary must not fail where a rule reports.
     if column not in frame:
@@ -573,15 +76,11 @@ def _breakdown(frame: pd.DataFrame) -> dict[str, dict[str, int]]:
     other = len(frame) - sum(classes.values())
     if other:
         classes["unknown"] = other
-    # Each image under one body part: `mixed`, else the one part set (see the module docstring).
-    parts = pd.DataFrame({p: _flag(frame, p) for p in LIMB_PARTS}, index=frame.index)
-    single = parts.sum(axis=1) == 1
-    part = pd.Series("unknown", index=frame.index, dtype=object)
-    part[single] = parts[single].idxmax(axis=1)
-    part[_flag(frame, "mixed") == 1] = "mixed"
-    body_parts = {p: int((part == p).sum()) for p in (*BODY_PARTS, "unknown")}
-    if not body_parts["unknown"]:
-        del body_parts["unknown"]
+    # Each image under its one body part, by the rule the split and evaluation use too.
+    part = body_part(pd.DataFrame({p: _flag(frame, p) for p in BODY_PARTS}, index=frame.index))
+    body_parts = {p: int((part == p).sum()) for p in (*BODY_PARTS, UNKNOWN_PART)}
+    if not body_parts[UNKNOWN_PART]:
+        del body_parts[UNKNOWN_PART]
     # Views are not exclusive (an image can show two), so an image counts under each it shows.
     views = {v: int((_flag(frame, v) == 1).sum()) for v in VIEWS}
     return {"class": classes, "body_part": body_parts, "view": views}
@@ -596,18 +95,19 @@ def validate(
         manifest: the manifest.
         params: the validate section of ``params.yaml``.
         gx_dir: if given, GX's validation result, suite and Data Docs of this same run are
-            written there (see :func:`run_suite`).
+            written there (see :func:`fracture.suite.run_suite`).
 
     Returns:
-        The manifest with labels and inclusion (:func:`apply_policy`), and the report. The
-        caller decides what a failed hard rule means (the CLI fails the stage after writing
-        the report).
+        The manifest with labels and inclusion (:func:`fracture.policies.apply_policy`), and
+        the report. The caller decides what a failed hard rule means (the CLI fails the stage
+        after writing the report).
 
     Raises:
         ConfigError: ``validate.severity`` does not name exactly the suite's rules.
     """
     run = run_suite(manifest, params, gx_dir)
-    resolved, excluded = apply_policy(manifest, params, run.findings)
+    groups = duplicate_groups(manifest, next(f for f in run.findings if f.rule == "unique_content"))
+    resolved, excluded = apply_policy(manifest, params, run.findings, groups)
     used = resolved[resolved["included"]]
     counts = {
         "ids": int(len(resolved)),
@@ -623,7 +123,7 @@ def validate(
         success=all(f.success for f in run.findings if f.severity == HARD),
         findings=run.findings,
         excluded=excluded,
-        duplicate_groups=_duplicate_groups(manifest, next(f for f in run.findings if f.rule == "unique_content")),
+        duplicate_groups=groups,
         counts=counts,
         gx_outputs=run.outputs,
     )
@@ -631,7 +131,15 @@ def validate(
 
 
 def failure_message(report: ValidationReport) -> str:
-    """One line per failed hard rule, naming the rule and up to 50 offending ids."""
+    """What failed, for the stage's error: one line per failed hard rule.
+
+    Args:
+        report: a report whose :meth:`ValidationReport.failures` is not empty.
+
+    Returns:
+        The rule and up to :data:`MAX_IDS` offending ids (or the observed value of a
+        whole-table rule) per failed hard rule, then what to do about it.
+    """
     lines = []
     for f in report.failures():
         ids = ", ".join(f.unexpected_ids[:MAX_IDS]) or f"observed {f.observed}"

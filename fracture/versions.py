@@ -22,9 +22,7 @@ from dvc.exceptions import DvcException
 from dvc_data.index.index import DataIndexError
 
 from fracture.imaging import CLASSES
-from fracture.manifest import BODY_PARTS, FOLDERS
-
-VIEWS = ("frontal", "lateral", "oblique")
+from fracture.manifest import BODY_PARTS, FOLDERS, VIEWS
 
 STATUS_COMPARED = "compared"
 STATUS_FIRST = "first version"
@@ -271,6 +269,8 @@ def summarise(frame: pd.DataFrame) -> dict[str, Any]:
     Returns:
         ``images`` (the number of files), ``class`` (per class name from the folder),
         ``body_part`` and ``view`` (images whose flag is 1; None where the column is missing).
+        These count flags, not :func:`fracture.manifest.body_part`'s one part per image: a
+        ``mixed`` image counts under ``mixed`` and under each region it shows.
     """
     files = frame[frame["folder_label"].notna()]
     labels = files["folder_label"].astype(int)

@@ -13,12 +13,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fracture.config import SplitParams
+from fracture.manifest import BODY_PARTS
 from fracture.split import (
-    BODY_PART_COLUMNS,
     PUBLISHED_FILES,
     SPLITS,
     SplitError,
-    body_part,
     published_dir_of,
     split_manifest,
 )
@@ -33,8 +32,8 @@ PARTS = ["leg", "leg", "leg", "hand", "hand", "mixed", "hip", "shoulder", "unkno
 def flags_of(part: str) -> dict[str, object]:
     """dataset.csv's flags for a body part; ``mixed`` films set two regions too, as in FracAtlas."""
     if part == "unknown":
-        return dict.fromkeys(BODY_PART_COLUMNS, pd.NA)
-    flags = dict.fromkeys(BODY_PART_COLUMNS, 0)
+        return dict.fromkeys(BODY_PARTS, pd.NA)
+    flags = dict.fromkeys(BODY_PARTS, 0)
     if part == "mixed":
         flags.update(mixed=1, hand=1, shoulder=1)
     else:
@@ -52,7 +51,7 @@ def manifest_from(groups: list[tuple]) -> pd.DataFrame:
                 {"image_id": f"IMG{g:05d}_{c}.jpg", "sha256": f"h{g}", "label": label, "included": True, **flags}
             )
     frame = pd.DataFrame(rows)
-    return frame.astype({c: "Int64" for c in BODY_PART_COLUMNS})
+    return frame.astype({c: "Int64" for c in BODY_PARTS})
 
 
 def split_of(splits: dict[str, pd.DataFrame]) -> dict[str, str]:
@@ -136,20 +135,6 @@ def test_identical_files_with_different_labels_are_refused():
     manifest.loc[len(manifest)] = {"image_id": "IMGdup.jpg", "sha256": "h0", "label": 1, "included": True}
     with pytest.raises(SplitError, match="IMGdup.jpg"):
         split_manifest(manifest, PARAMS)
-
-
-def test_body_part_is_the_one_region_else_mixed_else_unknown():
-    rows = pd.DataFrame(
-        [
-            {"hand": 1, "leg": 0, "hip": 0, "shoulder": 0, "mixed": 0},
-            {"hand": 0, "leg": 0, "hip": 1, "shoulder": 0, "mixed": 0},
-            {"hand": 1, "leg": 0, "hip": 0, "shoulder": 1, "mixed": 1},
-            {"hand": 0, "leg": 1, "hip": 1, "shoulder": 0, "mixed": 0},  # several regions, mixed unset
-            {"hand": 0, "leg": 0, "hip": 0, "shoulder": 0, "mixed": 0},
-            dict.fromkeys(BODY_PART_COLUMNS, pd.NA),  # no dataset.csv row
-        ]
-    ).astype("Int64")
-    assert body_part(rows).tolist() == ["hand", "hip", "mixed", "mixed", "unknown", "unknown"]
 
 
 def test_rare_body_parts_pool_into_other_and_tiny_strata_still_split():

@@ -1,4 +1,4 @@
-"""The manifest and the Great Expectations suite, on synthetic data and on the real copy."""
+"""The manifest, the Great Expectations suite and the policies, on synthetic data and on the real copy."""
 
 from __future__ import annotations
 
@@ -12,16 +12,10 @@ import pandas as pd
 import pytest
 
 from fracture.config import ConfigError, ValidateParams, load_params
-from fracture.manifest import build_manifest
-from fracture.validation import (
-    RULES,
-    SUITE_NAME,
-    apply_policy,
-    build_suite,
-    failure_message,
-    rule_severities,
-    validate,
-)
+from fracture.manifest import BODY_PARTS, ManifestError, body_part, build_manifest
+from fracture.policies import Exclusion, apply_policy, duplicate_groups
+from fracture.suite import RULES, SUITE_NAME, Finding, build_suite, rule_severities
+from fracture.validation import failure_message, validate
 from tests.conftest import REPO
 from tests.synthetic import make_dataset, truncate
 
@@ -48,6 +42,49 @@ def mutate(manifest: pd.DataFrame, image_id: str, **values: object) -> pd.DataFr
     for col, value in values.items():
         out.loc[out["image_id"] == image_id, col] = value
     return out
+
+
+def resolve(
+    manifest: pd.DataFrame, params: ValidateParams, findings: list[Finding]
+) -> tuple[pd.DataFrame, dict[str, Exclusion]]:
+    """:func:`apply_policy` with the duplicate groups that :func:`validate` passes it."""
+    unique = next(f for f in findings if f.rule == "unique_content")
+    return apply_policy(manifest, params, findings, duplicate_groups(manifest, unique))
+
+
+# ---- the body-part rule -----------------------------------------------------------------------
+
+
+def test_body_part_is_the_one_region_else_mixed_else_unknown():
+    rows = pd.DataFrame(
+        [
+            {"hand": 1, "leg": 0, "hip": 0, "shoulder": 0, "mixed": 0},
+            {"hand": 0, "leg": 0, "hip": 1, "shoulder": 0, "mixed": 0},
+            {"hand": 1, "leg": 0, "hip": 0, "shoulder": 1, "mixed": 1},
+            {"hand": 0, "leg": 1, "hip": 1, "shoulder": 0, "mixed": 0},  # several regions, mixed unset
+            {"hand": 0, "leg": 0, "hip": 0, "shoulder": 0, "mixed": 0},
+            dict.fromkeys(BODY_PARTS, pd.NA),  # no dataset.csv row
+        ]
+    ).astype("Int64")
+    assert body_part(rows).tolist() == ["hand", "hip", "mixed", "mixed", "unknown", "unknown"]
+
+
+def test_body_part_names_the_missing_flag_columns():
+    rows = pd.DataFrame([{"hand": 1, "leg": 0, "shoulder": 0}])
+    with pytest.raises(ManifestError, match=r"\['hip', 'mixed'\]"):
+        body_part(rows)
+
+
+def test_report_counts_body_parts_by_the_manifests_rule(vparams, clean_manifest):
+    # Two regions without `mixed` (a body_part_flags_valid finding) and an id without flags.
+    manifest = mutate(clean_manifest, "IMG0000002.jpg", hand=1, leg=1)
+    manifest = mutate(manifest, "IMG0000005.jpg", **dict.fromkeys(BODY_PARTS, pd.NA))
+    resolved, report = validate(manifest, vparams)
+    parts = body_part(resolved).set_axis(resolved["image_id"])
+    assert parts["IMG0000002.jpg"] == "mixed" and parts["IMG0000005.jpg"] == "unknown"
+    counted = report.counts["all_ids"]["body_part"]
+    assert counted == {p: int((parts == p).sum()) for p in counted}
+    assert sum(counted.values()) == len(resolved)
 
 
 # ---- the rule set and its severities ---------------------------------------------------------
@@ -245,7 +282,7 @@ def policy(vparams, **changes):
 
 def test_default_policy_keeps_everything_and_lets_the_folder_win(vparams, quirky):
     manifest, findings = quirky
-    resolved, excluded = apply_policy(manifest, vparams, findings)
+    resolved, excluded = resolve(manifest, vparams, findings)
     assert excluded == {}
     assert resolved["included"].all()
     row = resolved.set_index("image_id").loc["IMG0000001.jpg"]
@@ -254,7 +291,7 @@ def test_default_policy_keeps_everything_and_lets_the_folder_win(vparams, quirky
 
 def test_label_conflict_csv_takes_the_csv_label(vparams, quirky):
     manifest, findings = quirky
-    resolved, excluded = apply_policy(manifest, policy(vparams, on_label_conflict="csv"), findings)
+    resolved, excluded = resolve(manifest, policy(vparams, on_label_conflict="csv"), findings)
     assert excluded == {}
     row = resolved.set_index("image_id").loc["IMG0000001.jpg"]
     assert row["label"] == 0 and row["label_source"] == "csv"
@@ -263,7 +300,7 @@ def test_label_conflict_csv_takes_the_csv_label(vparams, quirky):
 def test_label_conflict_and_truncated_exclude(vparams, quirky):
     manifest, findings = quirky
     strict = policy(vparams, on_truncated="exclude", on_label_conflict="exclude")
-    resolved, excluded = apply_policy(manifest, strict, findings)
+    resolved, excluded = resolve(manifest, strict, findings)
     assert {i: e.rule for i, e in excluded.items()} == {
         "IMG0000001.jpg": "folder_label_matches_csv",
         "IMG0000010.jpg": "not_truncated",
@@ -277,13 +314,13 @@ def test_label_conflict_and_truncated_exclude(vparams, quirky):
 
 def test_duplicates_grouped_keeps_every_copy(vparams, quirky):
     manifest, findings = quirky
-    _, excluded = apply_policy(manifest, policy(vparams, on_duplicate="grouped"), findings)
+    _, excluded = resolve(manifest, policy(vparams, on_duplicate="grouped"), findings)
     assert excluded == {}
 
 
 def test_duplicates_keep_one_keeps_the_first_id_of_each_group(vparams, quirky):
     manifest, findings = quirky
-    resolved, excluded = apply_policy(manifest, policy(vparams, on_duplicate="keep_one"), findings)
+    resolved, excluded = resolve(manifest, policy(vparams, on_duplicate="keep_one"), findings)
     assert set(excluded) == {"IMG0000013.jpg", "IMG0000019.jpg"}
     for exclusion in excluded.values():
         assert exclusion.rule == "unique_content"
@@ -297,7 +334,7 @@ def test_keep_one_keeps_the_first_copy_no_other_policy_excluded(vparams, quirky)
     manifest = mutate(manifest, "IMG0000011.jpg", truncated=True)
     _, report = validate(manifest, vparams)
     both = policy(vparams, on_duplicate="keep_one", on_truncated="exclude")
-    _, excluded = apply_policy(manifest, both, report.findings)
+    _, excluded = resolve(manifest, both, report.findings)
     assert excluded["IMG0000011.jpg"].rule == "not_truncated"
     assert excluded["IMG0000019.jpg"].rule == "unique_content"
     assert "IMG0000013.jpg" in excluded["IMG0000019.jpg"].reason
@@ -432,12 +469,12 @@ def test_real_copy_body_parts_and_counts(real):
 def test_real_copy_strict_policies(real, vparams):
     manifest, _, report = real
     strict = policy(vparams, on_truncated="exclude", on_label_conflict="exclude", on_duplicate="keep_one")
-    _, excluded = apply_policy(manifest, strict, report.findings)
+    _, excluded = resolve(manifest, strict, report.findings)
     rules = pd.Series({i: e.rule for i, e in excluded.items()}).value_counts().to_dict()
     # 49 truncated (a truncated pair among them), IMG0003298, and 11 extra copies of the
     # other 8 groups (21 ids in 9 groups, less the truncated pair).
     assert rules == {"not_truncated": 49, "folder_label_matches_csv": 1, "unique_content": 11}
-    _, keep_one = apply_policy(manifest, policy(vparams, on_duplicate="keep_one"), report.findings)
+    _, keep_one = resolve(manifest, policy(vparams, on_duplicate="keep_one"), report.findings)
     assert len(keep_one) == 21 - 9
 
 

@@ -1,0 +1,128 @@
+"""The policies: what happens to the images the suite flags, per ``params.yaml``.
+
+The policies act on the ids GX flags (:func:`fracture.suite.run_suite`), whatever the rule's
+severity:
+
+* ``on_truncated``: ``keep`` (loaded with truncated loading allowed) or ``exclude``;
+* ``on_label_conflict``: ``folder`` or ``csv`` (which label wins) or ``exclude``;
+* ``on_duplicate``: ``grouped`` (every copy kept; the split keeps a group together) or
+  ``keep_one`` (the first id of each byte-identical group is kept, the others excluded).
+
+Images that cannot be used at all are excluded whatever the severity: no file, a file that
+does not decode, or a label that is not 0 or 1. Soft findings of the other rules (sizes,
+colour modes, body-part flags, ``fracture_count``) are reported and the images kept. Every
+excluded image is listed in the report with the rule and the reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import pandas as pd
+
+from fracture.config import ValidateParams
+from fracture.suite import Finding
+
+
+@dataclass(frozen=True)
+class Exclusion:
+    """Why one image is left out of training and evaluation."""
+
+    rule: str
+    reason: str
+
+
+def duplicate_groups(manifest: pd.DataFrame, finding: Finding) -> list[list[str]]:
+    """The byte-identical files among the ids the ``unique_content`` rule flagged.
+
+    Args:
+        manifest: the manifest the suite ran on (``image_id`` and ``sha256``).
+        finding: that run's ``unique_content`` finding.
+
+    Returns:
+        The flagged ids grouped by ``sha256``, each group sorted and of two or more ids, the
+        groups sorted.
+    """
+    flagged = manifest[manifest["image_id"].isin(finding.unexpected_ids)]
+    groups = flagged.groupby("sha256")["image_id"].apply(sorted)
+    return sorted(g for g in groups if len(g) > 1)
+
+
+def apply_policy(
+    manifest: pd.DataFrame, params: ValidateParams, findings: list[Finding], duplicates: list[list[str]]
+) -> tuple[pd.DataFrame, dict[str, Exclusion]]:
+    """Resolves each image's training label and whether it is used, per ``params.yaml``.
+
+    Acts on the ids the suite flagged; see the module docstring for the policies.
+
+    Args:
+        manifest: the manifest.
+        params: ``on_truncated``, ``on_label_conflict`` and ``on_duplicate``.
+        findings: the suite's findings on this manifest (:func:`fracture.suite.run_suite`).
+        duplicates: the byte-identical groups among them (:func:`duplicate_groups`).
+
+    Returns:
+        The manifest with ``label``, ``label_source``, ``included``, ``exclude_rule`` and
+        ``exclude_reason`` columns, and the excluded ids with their rule and reason.
+    """
+    flagged = {f.rule: set(f.unexpected_ids) for f in findings}
+    out = manifest.copy()
+    # The policy's label wins where both exist; the other fills in where only it exists.
+    first, second = ("folder_label", "csv_label")
+    if params.on_label_conflict == "csv":
+        first, second = second, first
+    out["label"] = out[first].fillna(out[second])
+    out["label_source"] = out[first].notna().map({True: first, False: second}).str.removesuffix("_label")
+    out.loc[out["label"].isna(), "label_source"] = ""
+
+    excluded: dict[str, Exclusion] = {}
+
+    def exclude(ids: Iterable[str], rule: str, reason: str | Callable[[str], str]) -> None:
+        # The first reason found wins, so the order below sets the precedence.
+        for image_id in ids:
+            if image_id not in excluded:
+                excluded[image_id] = Exclusion(rule, reason(image_id) if callable(reason) else reason)
+
+    rows = out.drop_duplicates("image_id").set_index("image_id")  # ids may repeat (unique_image_id)
+    exclude(
+        sorted(flagged["file_for_every_csv_row"]),
+        "file_for_every_csv_row",
+        "dataset.csv lists it, but no image file exists",
+    )
+    exclude(
+        sorted(flagged["decodable"]),
+        "decodable",
+        lambda i: f"the file does not decode as an image: {rows.at[i, 'error']}",
+    )
+    for source in ("folder", "csv"):
+        bad = sorted(i for i in flagged[f"{source}_label_binary"] if rows.at[i, "label_source"] == source)
+        exclude(bad, f"{source}_label_binary", lambda i: f"its label {rows.at[i, 'label']} is not 0 or 1")
+    if params.on_label_conflict == "exclude":
+        exclude(
+            sorted(flagged["folder_label_matches_csv"]),
+            "folder_label_matches_csv",
+            lambda i: f"folder label {rows.at[i, 'folder_label']} and dataset.csv label "
+            f"{rows.at[i, 'csv_label']} differ (validate.on_label_conflict: exclude)",
+        )
+    if params.on_truncated == "exclude":
+        exclude(
+            sorted(flagged["not_truncated"]),
+            "not_truncated",
+            "the file ends before the JPEG end-of-image marker (validate.on_truncated: exclude)",
+        )
+    if params.on_duplicate == "keep_one":
+        for group in duplicates:
+            remaining = [i for i in group if i not in excluded]
+            if len(remaining) > 1:
+                kept = remaining[0]
+                exclude(
+                    remaining[1:],
+                    "unique_content",
+                    f"byte-identical to {kept}, which is kept (validate.on_duplicate: keep_one)",
+                )
+
+    out["exclude_rule"] = out["image_id"].map(lambda i: excluded[i].rule if i in excluded else "")
+    out["exclude_reason"] = out["image_id"].map(lambda i: excluded[i].reason if i in excluded else "")
+    out["included"] = ~out["image_id"].isin(excluded)
+    return out, dict(sorted(excluded.items()))

@@ -1,0 +1,411 @@
+"""The data-quality rules on the manifest, as one Great Expectations suite, and its run.
+
+Every rule is one or more GX expectations in one :class:`great_expectations.ExpectationSuite`,
+run once through a GX Checkpoint; the findings, the saved GX validation result and the Data
+Docs all come from that one run. ``params.yaml``'s ``validate.severity`` makes each rule hard
+(a failure fails the validate stage) or soft (reported, then resolved by a policy, see
+:mod:`fracture.policies`).
+
+What the real FracAtlas copy shows, and the rules follow:
+
+* ``fracture_count`` agrees with the folder label on every image and with dataset.csv's
+  ``fractured`` on all but IMG0003298 (csv 0, count 1, in images/Fractured). So
+  ``fracture_count_matches_label`` checks dataset.csv against itself (``fractured`` vs
+  ``fracture_count``); together with ``folder_label_matches_csv`` this also covers the folder
+  label, and a failure shows which of the three sources is the odd one out.
+* ``mixed`` is not a fifth exclusive body part: a ``mixed`` image also has two or three of
+  hand, leg, hip and shoulder set. So ``body_part_flags_valid`` expects exactly one of the four
+  when ``mixed`` is 0 and at least two when it is 1, on a derived ``body_part_count`` column.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import great_expectations as gx
+import great_expectations.expectations as gxe
+import pandas as pd
+from great_expectations.checkpoint import UpdateDataDocsAction
+from great_expectations.core import ExpectationSuiteValidationResult
+from great_expectations.core.run_identifier import RunIdentifier
+from great_expectations.data_context.types.base import ProgressBarsConfig
+from great_expectations.expectations.metadata_types import FailureSeverity
+from great_expectations.expectations.row_conditions import Column
+
+from fracture.config import ConfigError, ValidateParams
+from fracture.manifest import BODY_PARTS, REGIONS
+
+log = logging.getLogger(__name__)
+
+HARD = "hard"
+SOFT = "soft"
+# How params.yaml's severities read in GX's own vocabulary (shown in the result and Data Docs).
+GX_SEVERITY = {HARD: FailureSeverity.CRITICAL, SOFT: FailureSeverity.WARNING}
+
+SUITE_NAME = "fracatlas_manifest"
+RUN_NAME = "validate"
+RESULT_FILE = "validation_result.json"
+SUITE_FILE = "expectation_suite.json"
+DOCS_DIR = "data_docs"
+DOCS_SITE = "fracture"
+
+# Derived for body_part_flags_valid: how many of the regions a row sets (see the docstring).
+BODY_PART_COUNT = "body_part_count"
+
+# Every rule the suite knows, in the order the report lists them; validate.severity must name
+# each of them exactly.
+RULES = (
+    "unique_image_id",
+    "file_for_every_csv_row",
+    "csv_row_for_every_file",
+    "folder_label_binary",
+    "csv_label_binary",
+    "decodable",
+    "width_in_bounds",
+    "height_in_bounds",
+    "colour_mode_allowed",
+    "body_part_flags_valid",
+    "fractured_share_in_range",
+    "folder_label_matches_csv",
+    "fracture_count_matches_label",
+    "not_truncated",
+    "unique_content",
+)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """The outcome of one rule (all of its expectations together).
+
+    Attributes:
+        rule: the rule name, a key of ``validate.severity``.
+        severity: ``hard`` or ``soft``.
+        success: whether every expectation of the rule passed.
+        unexpected_count: how many distinct image ids the rule flags.
+        unexpected_ids: those ids, sorted.
+        observed: the observed value of a whole-table expectation (e.g. the fractured share).
+    """
+
+    rule: str
+    severity: str
+    success: bool
+    unexpected_count: int
+    unexpected_ids: list[str]
+    observed: Any = None
+
+
+def rule_severities(params: ValidateParams) -> dict[str, str]:
+    """Checks ``validate.severity`` against the suite's rules.
+
+    Cheap and independent of the data, so an entry point can call it before building the
+    manifest and fail in a second instead of after the decode.
+
+    Args:
+        params: the validate section of ``params.yaml``.
+
+    Returns:
+        Rule name -> ``hard`` or ``soft``, in :data:`RULES` order.
+
+    Raises:
+        ConfigError: a rule is missing from the mapping, the mapping names an unknown rule, or
+            a value is neither ``hard`` nor ``soft``.
+    """
+    given = dict(params.severity or {})
+    known = f"known rules: {', '.join(RULES)}"
+    missing = [r for r in RULES if r not in given]
+    if missing:
+        raise ConfigError(
+            f"params.yaml: validate.severity lacks {missing}; give every rule 'hard' or 'soft' ({known})"
+        )
+    unknown = sorted(set(given) - set(RULES))
+    if unknown:
+        raise ConfigError(
+            f"params.yaml: validate.severity names unknown rules {unknown}; remove or rename them ({known})"
+        )
+    bad = {r: v for r, v in given.items() if v not in GX_SEVERITY}
+    if bad:
+        raise ConfigError(f"params.yaml: validate.severity values must be 'hard' or 'soft', got {bad}")
+    return {r: given[r] for r in RULES}
+
+
+def _rule_expectations(params: ValidateParams) -> dict[str, list[tuple[str, gxe.Expectation]]]:
+    """Rule name -> its expectations, each with what it checks in words, for every rule."""
+    low, high = params.fractured_share
+    lo, hi = params.min_side, params.max_side
+    modes = list(params.colour_modes)
+    return {
+        "unique_image_id": [
+            ("every image id appears once", gxe.ExpectColumnValuesToBeUnique(column="image_id")),
+        ],
+        "file_for_every_csv_row": [
+            ("every dataset.csv row has an image file",
+             gxe.ExpectColumnValuesToBeInSet(column="has_file", value_set=[True])),
+        ],
+        "csv_row_for_every_file": [
+            ("every image file has a dataset.csv row",
+             gxe.ExpectColumnValuesToBeInSet(column="in_csv", value_set=[True])),
+        ],
+        "folder_label_binary": [
+            ("the class folder gives label 0 or 1",
+             gxe.ExpectColumnValuesToBeInSet(column="folder_label", value_set=[0, 1])),
+        ],
+        "csv_label_binary": [
+            ("dataset.csv's fractured is 0 or 1",
+             gxe.ExpectColumnValuesToBeInSet(column="csv_label", value_set=[0, 1])),
+        ],
+        "decodable": [
+            ("every file decodes as an image",
+             gxe.ExpectColumnValuesToBeInSet(column="decodable", value_set=[True])),
+        ],
+        "width_in_bounds": [
+            (f"width is {lo} to {hi} px",
+             gxe.ExpectColumnValuesToBeBetween(column="width", min_value=lo, max_value=hi)),
+        ],
+        "height_in_bounds": [
+            (f"height is {lo} to {hi} px",
+             gxe.ExpectColumnValuesToBeBetween(column="height", min_value=lo, max_value=hi)),
+        ],
+        "colour_mode_allowed": [
+            (f"colour mode is one of {modes}",
+             gxe.ExpectColumnValuesToBeInSet(column="mode", value_set=modes)),
+        ],
+        "body_part_flags_valid": [
+            *[(f"flag {c} is 0 or 1", gxe.ExpectColumnValuesToBeInSet(column=c, value_set=[0, 1])) for c in BODY_PARTS],
+            (f"where mixed is 0, exactly one of {', '.join(REGIONS)} is set ({BODY_PART_COUNT} is 1)",
+             gxe.ExpectColumnValuesToBeInSet(
+                 column=BODY_PART_COUNT, value_set=[1], row_condition=Column("mixed") == 0
+             )),
+            (f"where mixed is 1, two or more of {', '.join(REGIONS)} are set ({BODY_PART_COUNT} is 2 or more)",
+             gxe.ExpectColumnValuesToBeBetween(
+                 column=BODY_PART_COUNT, min_value=2, max_value=len(REGIONS), row_condition=Column("mixed") == 1
+             )),
+        ],
+        "fractured_share_in_range": [
+            (f"the share of fractured images (folder label) is {low} to {high}",
+             gxe.ExpectColumnMeanToBeBetween(column="folder_label", min_value=low, max_value=high)),
+        ],
+        "folder_label_matches_csv": [
+            ("the class folder's label equals dataset.csv's fractured",
+             gxe.ExpectColumnPairValuesToBeEqual(
+                 column_A="folder_label", column_B="csv_label", ignore_row_if="either_value_is_missing"
+             )),
+        ],
+        "fracture_count_matches_label": [
+            ("where dataset.csv's fractured is 1, its fracture_count is 1 or more",
+             gxe.ExpectColumnValuesToBeBetween(
+                 column="fracture_count", min_value=1, row_condition=Column("csv_label") == 1
+             )),
+            ("where dataset.csv's fractured is 0, its fracture_count is 0",
+             gxe.ExpectColumnValuesToBeInSet(
+                 column="fracture_count", value_set=[0], row_condition=Column("csv_label") == 0
+             )),
+        ],
+        "not_truncated": [
+            ("no file ends before the JPEG end-of-image marker",
+             gxe.ExpectColumnValuesToBeInSet(column="truncated", value_set=[False])),
+        ],
+        "unique_content": [
+            ("no two files are byte-identical (sha256)", gxe.ExpectColumnValuesToBeUnique(column="sha256")),
+        ],
+    }
+
+
+def build_suite(params: ValidateParams) -> gx.ExpectationSuite:
+    """The expectation suite run on every manifest.
+
+    Each expectation carries its rule name in ``meta["rule"]`` and in its description (so the
+    Data Docs name the rule), and its severity from ``validate.severity``.
+
+    Args:
+        params: bounds, allowed values and severities.
+
+    Returns:
+        A suite named :data:`SUITE_NAME`, not yet added to any context.
+
+    Raises:
+        ConfigError: ``validate.severity`` does not name exactly the suite's rules.
+    """
+    severities = rule_severities(params)
+    table = _rule_expectations(params)
+    if tuple(table) != RULES:  # a rule added in one place only would silently lose its severity
+        raise AssertionError(f"RULES and the suite's rules differ: {list(RULES)} vs {list(table)}")
+    expectations = []
+    for rule, rule_expectations in table.items():
+        for meaning, expectation in rule_expectations:
+            expectation.severity = GX_SEVERITY[severities[rule]]
+            expectation.description = f"{rule} ({severities[rule]}): {meaning}"
+            expectation.meta = {"rule": rule, "severity": severities[rule]}
+            expectations.append(expectation)
+    # Built whole rather than by add_expectation, which needs an active context to save into.
+    return gx.ExpectationSuite(name=SUITE_NAME, expectations=expectations)
+
+
+@dataclass(frozen=True)
+class SuiteRun:
+    """One run of the suite: the findings and GX's own result of that same run."""
+
+    findings: list[Finding]
+    result: ExpectationSuiteValidationResult
+    outputs: dict[str, str] = field(default_factory=dict)
+
+
+def run_suite(manifest: pd.DataFrame, params: ValidateParams, gx_dir: Path | None = None) -> SuiteRun:
+    """Runs the suite once on the manifest through a GX Checkpoint.
+
+    Args:
+        manifest: the frame from :func:`fracture.manifest.build_manifest`.
+        params: the validate section of ``params.yaml``.
+        gx_dir: if given, GX's validation result (``validation_result.json``), the suite
+            (``expectation_suite.json``) and static Data Docs (``data_docs/index.html``) of this
+            run are written there. ``data_docs`` is replaced, so it shows this run only.
+
+    Returns:
+        The findings (one per rule, in :data:`RULES` order), GX's result and the written paths.
+
+    Raises:
+        ConfigError: ``validate.severity`` does not name exactly the suite's rules.
+    """
+    suite = build_suite(params)
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
+    actions = []
+    if gx_dir is not None:
+        docs = Path(gx_dir) / DOCS_DIR
+        # Old pages would list earlier runs beside this one (each run has its own page).
+        shutil.rmtree(docs, ignore_errors=True)
+        docs.mkdir(parents=True)
+        # An ephemeral context builds Data Docs as well as a file one, given a site on disk.
+        context.add_data_docs_site(
+            DOCS_SITE,
+            {
+                "class_name": "SiteBuilder",
+                "show_how_to_buttons": False,
+                "store_backend": {
+                    "class_name": "TupleFilesystemStoreBackend",
+                    "base_directory": str(docs.resolve()),
+                },
+                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+            },
+        )
+        actions.append(UpdateDataDocsAction(name="data_docs", site_names=[DOCS_SITE]))
+    batch_definition = (
+        context.data_sources.add_pandas("manifest")
+        .add_dataframe_asset("fracatlas")
+        .add_batch_definition_whole_dataframe("all")
+    )
+    suite = context.suites.add(suite)
+    definition = context.validation_definitions.add(
+        gx.ValidationDefinition(name="manifest", data=batch_definition, suite=suite)
+    )
+    checkpoint = context.checkpoints.add(
+        gx.Checkpoint(
+            name="validate",
+            validation_definitions=[definition],
+            actions=actions,
+            # COMPLETE lists every offending row; image_id names it in the report and the docs.
+            result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["image_id"]},
+        )
+    )
+    run_id = RunIdentifier(run_name=RUN_NAME, run_time=dt.datetime.now(dt.timezone.utc))
+    checkpoint_result = checkpoint.run(batch_parameters={"dataframe": _for_gx(manifest)}, run_id=run_id)
+    (result,) = checkpoint_result.run_results.values()
+    findings = _findings(result, rule_severities(params))
+    outputs: dict[str, str] = {}
+    if gx_dir is not None:
+        outputs = _write_result(result, suite, Path(gx_dir))
+        log.info("GX validation result and Data Docs written under %s", gx_dir)
+    return SuiteRun(findings, result, outputs)
+
+
+def _findings(result: ExpectationSuiteValidationResult, severities: dict[str, str]) -> list[Finding]:
+    """One finding per rule, in :data:`RULES` order, from GX's result of the whole suite."""
+    by_rule: dict[str, list[Any]] = {r: [] for r in RULES}
+    for r in result.results:
+        by_rule[r.expectation_config.meta["rule"]].append(r)
+    findings = []
+    for rule, results in by_rule.items():
+        ids: set[str] = set()
+        observed = None
+        errors = []
+        for r in results:
+            details = r.result or {}
+            rows = details.get("unexpected_index_list") or []
+            ids |= {str(row["image_id"]) for row in rows if isinstance(row, dict)}
+            error = _gx_error(r.exception_info)
+            if error:
+                errors.append(f"{r.expectation_config.description}: {error}")
+            elif observed is None:
+                observed = _jsonable(details.get("observed_value"))
+        if errors:
+            # E.g. a column the manifest lacks: the expectation fails without offending rows,
+            # so the finding carries GX's message instead of failing silently.
+            observed = "GX could not evaluate " + "; ".join(errors)
+        findings.append(
+            Finding(
+                rule=rule,
+                severity=severities[rule],
+                success=all(bool(r.success) for r in results),
+                unexpected_count=len(ids),
+                unexpected_ids=sorted(ids),
+                observed=observed,
+            )
+        )
+    return findings
+
+
+def _gx_error(info: Any) -> str | None:
+    # exception_info is one {raised_exception, exception_message, ...} dict, or one per metric.
+    if not isinstance(info, dict):
+        return None
+    if "raised_exception" in info:
+        return str(info.get("exception_message")) if info.get("raised_exception") else None
+    messages = dict.fromkeys(m for m in (_gx_error(v) for v in info.values()) if m)  # unique, in order
+    return "; ".join(messages) or None
+
+
+def _write_result(
+    result: ExpectationSuiteValidationResult, suite: gx.ExpectationSuite, gx_dir: Path
+) -> dict[str, str]:
+    gx_dir.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "result": gx_dir / RESULT_FILE,
+        "suite": gx_dir / SUITE_FILE,
+        "data_docs": gx_dir / DOCS_DIR / "index.html",
+    }
+    paths["result"].write_text(json.dumps(result.to_json_dict(), indent=2) + "\n")
+    paths["suite"].write_text(json.dumps(suite.to_json_dict(), indent=2) + "\n")
+    if not paths["data_docs"].is_file():
+        raise RuntimeError(f"GX built no Data Docs index at {paths['data_docs']}; check the GX log above")
+    return {k: str(v) for k, v in paths.items()}
+
+
+def _for_gx(manifest: pd.DataFrame) -> pd.DataFrame:
+    # GX compares with plain Python values; nullable extension dtypes (and pandas' string dtype)
+    # become object columns with None for missing values, which column-map expectations skip.
+    out = manifest.copy()
+    # Derived for body_part_flags_valid; NA when a flag is missing (a file with no csv row, or
+    # a dataset.csv without the column, which the flag's own expectation then reports).
+    if all(c in out for c in REGIONS):
+        count = out[list(REGIONS)].astype("Int64").sum(axis=1, skipna=False)
+    else:
+        count = pd.Series(pd.NA, index=out.index)
+    out[BODY_PART_COUNT] = count.astype("Int64")
+    for col in out.columns:
+        if isinstance(out[col].dtype, pd.api.extensions.ExtensionDtype):
+            out[col] = out[col].astype(object).where(out[col].notna(), None)
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return str(value)
