@@ -20,7 +20,8 @@ from torch import nn
 
 from fracture.config import load_params
 from fracture.imaging import CLASSES
-from fracture.training import _autocast, select_device, train_step
+from fracture.inference import autocast_for
+from fracture.training import select_device, train_step
 
 
 def sync(device: torch.device) -> None:
@@ -33,7 +34,7 @@ def measure(name: str, size: int, batch: int, eval_batch: int, steps: int, devic
     model = timm.create_model(name, pretrained=False, num_classes=len(CLASSES))
     model = model.to(device, memory_format=torch.channels_last).train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    autocast, scaler = _autocast(device)
+    autocast, scaler = autocast_for(device)
     images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
     labels = torch.randint(0, 2, (batch,), device=device)
 

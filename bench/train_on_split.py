@@ -28,7 +28,8 @@ from fracture.config import load_params
 from fracture.evaluation import bootstrap_intervals, calibration, choose_threshold, evaluate_probabilities
 from fracture.imaging import Preprocessor
 from fracture.model import profile_data_config
-from fracture.training import predict_proba, select_device, train
+from fracture.inference import probabilities
+from fracture.training import select_device, train
 
 
 def _coerce(value: str) -> object:
@@ -80,14 +81,14 @@ def main() -> None:
 
     device = select_device(train_params.device)
     model = result.model.to(device, memory_format=torch.channels_last)
-    val_probs = predict_proba(model, data["val"], pre, device, params.evaluate.batch_size)
+    val_probs = probabilities(model, data["val"].tensors[0], pre, device, params.evaluate.batch_size)
     threshold = params.evaluate.threshold
     if params.evaluate.target_sensitivity is not None:
         threshold = choose_threshold(data["val"].tensors[1].numpy(), val_probs, params.evaluate.target_sensitivity)
     if device.type == "cuda":
         torch.cuda.synchronize()
     started = time.perf_counter()
-    probs = predict_proba(model, data["test"], pre, device, params.evaluate.batch_size)
+    probs = probabilities(model, data["test"].tensors[0], pre, device, params.evaluate.batch_size)
     infer_s = time.perf_counter() - started
     labels = data["test"].tensors[1].numpy()
     ev = evaluate_probabilities(labels, probs, threshold)

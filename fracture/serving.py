@@ -5,8 +5,8 @@ request carries them) or ``path`` (a file path readable by the model's process);
 per row.
 Output: a DataFrame with ``fracture_probability``, ``label`` and ``threshold`` per row.
 
-Only third-party packages and :mod:`fracture.imaging` are imported, and both travel inside the
-logged model (``code_paths``), so a consumer needs nothing of this project installed.
+It scores through the one inference path (:mod:`fracture.inference`). This package travels
+inside the logged model (``code_paths``), so a consumer needs nothing of this project installed.
 """
 
 from __future__ import annotations
@@ -19,13 +19,12 @@ from typing import Any
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
-import timm
-import torch
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
-from safetensors.torch import load_file
+from PIL import Image
 
-from fracture.imaging import CLASSES, ImageLoadError, build_transform, open_xray
+from fracture.imaging import ImageLoadError, open_xray
+from fracture.inference import Classifier, ServingConfig
 
 INPUT_SCHEMA = Schema(
     [ColSpec("string", "image", required=False), ColSpec("string", "path", required=False)]
@@ -38,58 +37,61 @@ OUTPUT_SCHEMA = Schema(
     ]
 )
 SIGNATURE = ModelSignature(inputs=INPUT_SCHEMA, outputs=OUTPUT_SCHEMA)
+#: Rows decoded and scored together; bounds the memory a large request needs.
+BATCH_SIZE = 32
 
 
-def load_classifier(weights_path: str, config: dict[str, Any]) -> torch.nn.Module:
-    """Builds the timm architecture named in ``config`` and loads fine-tuned weights into it.
+def read_row(i: int, row: pd.Series) -> Image.Image:
+    """Decodes one input row: ``image`` (bytes, or base64 text) or ``path``, exactly one of them.
 
-    Args:
-        weights_path: a safetensors file of the model's state dict.
-        config: the ``model.json`` written by the train stage.
-
-    Returns:
-        The model in eval mode on the CPU.
+    Raises:
+        ValueError: the row gives neither or both, or its image does not decode; the message
+            names the row and what to send instead.
     """
-    model = timm.create_model(config["architecture"], pretrained=False, num_classes=len(CLASSES))
-    model.load_state_dict(load_file(weights_path))
-    return model.eval()
+    image = row.get("image")
+    path = row.get("path")
+    has_image = isinstance(image, (str, bytes, bytearray)) and len(image) > 0
+    has_path = isinstance(path, str) and path != ""
+    if has_image == has_path:
+        raise ValueError(f"row {i}: give exactly one of 'image' (file bytes, or base64 text) or 'path' (a file path)")
+    try:
+        if not has_image:
+            source: str | bytes = path
+        elif isinstance(image, str):
+            source = base64.b64decode(image, validate=True)
+        else:
+            source = bytes(image)
+        return open_xray(source, allow_truncated=False)
+    except binascii.Error as exc:
+        raise ValueError(f"row {i}: 'image' is not base64 text ({exc}); send the file's bytes base64-encoded") from exc
+    except ImageLoadError as exc:
+        raise ValueError(f"row {i}: {exc}") from exc
 
 
 class FracturePyfunc(mlflow.pyfunc.PythonModel):
-    """Fracture classifier with its preprocessing, as logged to the MLflow registry."""
+    """Fracture classifier with its preprocessing, as logged to the MLflow registry.
+
+    Attributes:
+        classifier: the network, its preprocessing and threshold (:class:`fracture.inference.Classifier`),
+            for consumers that need more than :meth:`predict`, such as a heat map on the page.
+    """
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         with open(context.artifacts["config"]) as fh:
-            self.config: dict[str, Any] = json.load(fh)
-        self.model = load_classifier(context.artifacts["weights"], self.config)
-        self.transform = build_transform(self.config["data_config"])
-        self.threshold = float(self.config["threshold"])
+            config = ServingConfig.from_dict(json.load(fh))
+        self.classifier = Classifier.load(context.artifacts["weights"], config)
 
-    def _read_row(self, i: int, row: pd.Series) -> torch.Tensor:
-        image = row.get("image")
-        path = row.get("path")
-        has_image = isinstance(image, (str, bytes, bytearray)) and len(image) > 0
-        has_path = isinstance(path, str) and path != ""
-        if has_image == has_path:
-            raise ValueError(
-                f"row {i}: give exactly one of 'image' (file bytes, or base64 text) or 'path' (a file path)"
-            )
-        try:
-            if not has_image:
-                source: str | bytes = path
-            elif isinstance(image, str):
-                source = base64.b64decode(image, validate=True)
-            else:
-                source = bytes(image)
-            return self.transform(open_xray(source, allow_truncated=False))
-        except binascii.Error as exc:
-            raise ValueError(
-                f"row {i}: 'image' is not base64 text ({exc}); send the file's bytes base64-encoded"
-            ) from exc
-        except ImageLoadError as exc:
-            raise ValueError(f"row {i}: {exc}") from exc
+    @property
+    def config(self) -> ServingConfig:
+        """Architecture, data config and threshold the model was logged with."""
+        return self.classifier.config
 
-    @torch.inference_mode()
+    def predict_images(self, images: list[Image.Image]) -> pd.DataFrame:
+        """Scores decoded images: ``fracture_probability``, ``label`` and ``threshold`` per image."""
+        probs = self.classifier.probabilities(images, BATCH_SIZE).astype(np.float64)
+        labels = self.classifier.labels(probs)
+        return pd.DataFrame({"fracture_probability": probs, "label": labels, "threshold": self.classifier.threshold})
+
     def predict(
         self,
         context: mlflow.pyfunc.PythonModelContext | None,
@@ -99,14 +101,12 @@ class FracturePyfunc(mlflow.pyfunc.PythonModel):
         frame = pd.DataFrame(model_input)
         if not {"image", "path"} & set(frame.columns):
             raise ValueError("input needs a column 'image' (base64 file bytes) or 'path'")
-        if frame.empty:
-            return pd.DataFrame(
-                {"fracture_probability": pd.Series(dtype="float64"), "label": pd.Series(dtype=object),
-                 "threshold": pd.Series(dtype="float64")}
-            )
-        batch = torch.stack([self._read_row(i, row) for i, row in frame.reset_index(drop=True).iterrows()])
-        probs = self.model(batch).softmax(dim=-1)[:, 1].double().numpy()
-        labels = np.where(probs >= self.threshold, CLASSES[1], CLASSES[0])
-        return pd.DataFrame(
-            {"fracture_probability": probs, "label": labels, "threshold": self.threshold}
-        )
+        rows = frame.reset_index(drop=True)
+        # Decoded a batch at a time, so a large request never holds every full-size X-ray at once.
+        parts = [
+            self.predict_images([read_row(i, row) for i, row in rows.iloc[start : start + BATCH_SIZE].iterrows()])
+            for start in range(0, len(rows), BATCH_SIZE)
+        ]
+        if not parts:
+            return self.predict_images([])
+        return pd.concat(parts, ignore_index=True)

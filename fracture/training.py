@@ -1,6 +1,7 @@
-"""Fine-tuning with the paper's recipe: CrossEntropyLoss, Adam, CosineAnnealingWarmRestarts.
+"""The training loop: the paper's recipe, CrossEntropyLoss, Adam, CosineAnnealingWarmRestarts.
 
-The best epoch by validation ROC AUC is the result; the caller writes it and logs to MLflow.
+The best epoch by validation ROC AUC is the result; the train stage
+(:mod:`fracture.stages.train`) writes it and logs to MLflow.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -26,9 +26,11 @@ from tqdm import tqdm
 
 from fracture import checkpoint
 from fracture.config import Profile, TrainParams
-from fracture.imaging import CLASSES, Preprocessor
+from fracture.imaging import DataConfig, Preprocessor
+from fracture.inference import autocast_for, probabilities
 from fracture.model import create_classifier, data_config
 from fracture.prepare import StaleCacheError
+from fracture.vocabulary import CLASSES, Augment, ClassBalance, Device
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +40,11 @@ EpochCallback = Callable[[int, dict[str, float]], None]
 
 
 @dataclass(frozen=True)
-class TrainResult:
+class FitResult:
+    """The best epoch's network and how training went."""
+
     model: nn.Module
-    data_config: dict[str, Any]
+    data_config: DataConfig
     best_epoch: int
     best_val_roc_auc: float
     history: list[dict[str, float]]
@@ -48,7 +52,7 @@ class TrainResult:
     resumed_from: int = 0  # completed epochs restored from a checkpoint (0: a fresh run)
 
 
-def select_device(preference: str) -> torch.device:
+def select_device(preference: Device) -> torch.device:
     """CUDA when present (or required), else the CPU.
 
     Raises:
@@ -100,7 +104,7 @@ class RandomCentralCrop:
         return transforms.functional.resize(crop, [height, width], antialias=True)
 
 
-def augmentation(name: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
+def augmentation(name: Augment) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """The training augmentation named by a profile's ``augment`` (``None`` for ``none``)."""
     if name == "none":
         return None
@@ -111,20 +115,8 @@ def augmentation(name: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
     raise ValueError(f"augment must be 'none', 'light' or 'central_crop', got {name!r}")
 
 
-def _jsonish(config: dict[str, Any]) -> dict[str, Any]:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
-
-
-def _autocast(device: torch.device) -> tuple[torch.autocast | None, torch.amp.GradScaler | None]:
-    if device.type != "cuda":
-        return None, None
-    if torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16), None
-    return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
-
-
 def class_balance(
-    mode: str, labels: torch.Tensor, generator: torch.Generator
+    mode: ClassBalance, labels: torch.Tensor, generator: torch.Generator
 ) -> tuple[nn.CrossEntropyLoss, WeightedRandomSampler | None]:
     """The loss and sampler for ``train.class_balance``.
 
@@ -179,36 +171,17 @@ def train_step(
     return loss
 
 
-@torch.inference_mode()
-def predict_proba(
-    model: nn.Module, data: TensorDataset, pre: Preprocessor, device: torch.device, batch_size: int
-) -> np.ndarray:
-    """Probability of the fractured class for each image in ``data``."""
-    model.eval()
-    out = []
-    autocast, _ = _autocast(device)
-    for images, _ in DataLoader(data, batch_size=batch_size):
-        x = pre(images.to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
-        if autocast is not None:
-            with autocast:
-                logits = model(x)
-        else:
-            logits = model(x)
-        out.append(logits.float().softmax(dim=-1)[:, 1].cpu())
-    return torch.cat(out).numpy()
-
-
 def train(
     train_data: TensorDataset,
     val_data: TensorDataset,
-    config: dict[str, Any],
+    config: DataConfig,
     profile: Profile,
     params: TrainParams,
     on_epoch: EpochCallback | None = None,
     checkpoint_dir: Path | None = None,
     checkpoint_key: str = "",
     run_id: str | None = None,
-) -> TrainResult:
+) -> FitResult:
     """Fine-tunes the profile's ImageNet model and keeps the epoch with the best val ROC AUC.
 
     With ``checkpoint_dir``, the full training state is saved after every epoch
@@ -241,8 +214,8 @@ def train(
     seed_everything(params.seed)
     device = select_device(params.device)
     model = create_classifier(profile)
-    expected = data_config(model, profile.image_size, config.get("aspect", "squash"), config.get("enhance", "none"))
-    if _jsonish(expected) != _jsonish(config):
+    expected = data_config(model, profile.image_size, config.aspect, config.enhance)
+    if expected != config:
         raise StaleCacheError(
             f"images were prepared for {config}, but {profile.model} needs {expected}: "
             "run `dvc repro prepare` to rebuild the prepared cache"
@@ -263,7 +236,7 @@ def train(
     scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
         optimizer, T_0=params.t_0 or profile.epochs, T_mult=params.t_mult
     )
-    autocast, scaler = _autocast(device)
+    autocast, scaler = autocast_for(device)
     loader = DataLoader(
         train_data,
         batch_size=params.batch_size,
@@ -307,7 +280,7 @@ def train(
                 log.info("epoch %d/%d batch %d/%d loss %.4f %.1f images/s",
                          epoch + 1, profile.epochs, i + 1, len(loader), loss.item(), rate)
         train_time = time.perf_counter() - started
-        val_probs = predict_proba(model, val_data, pre, device, params.batch_size * 2)
+        val_probs = probabilities(model, val_data.tensors[0], pre, device, params.batch_size * 2)
         val_labels = val_data.tensors[1].numpy()
         val_auc = float(roc_auc_score(val_labels, val_probs))
         val_loss = float(
@@ -351,7 +324,7 @@ def train(
     assert best_state is not None  # epochs >= 1 is enforced by the loop producing a state
     model = model.cpu().to(memory_format=torch.contiguous_format)
     model.load_state_dict(best_state)
-    return TrainResult(
+    return FitResult(
         model=model.eval(),
         data_config=config,
         best_epoch=best_epoch + 1,
