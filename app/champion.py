@@ -13,7 +13,6 @@ import base64
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import mlflow
@@ -25,9 +24,10 @@ from PIL import Image
 
 from fracture.config import load_params, tracking_uri
 from fracture.explain import grad_cam, overlay, to_image_grid
-from fracture.imaging import CLASSES
+from fracture.inference import ServingConfig
 from fracture.registry import CHAMPION
 from fracture.serving import FracturePyfunc
+from fracture.vocabulary import CLASSES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -107,8 +107,8 @@ class ServedModel:
         self._inner = inner
 
     @property
-    def config(self) -> dict[str, Any]:
-        """The served model's ``model.json``: architecture, data config, threshold."""
+    def config(self) -> ServingConfig:
+        """Architecture, data config and threshold the served model was logged with."""
         return self._inner.config
 
     def predict(self, model_bytes: bytes) -> Prediction:
@@ -123,9 +123,10 @@ class ServedModel:
         Returns:
             The overlay at the image's size, and the heat map values in ``[0, 1]``.
         """
-        batch = self._inner.transform(image.convert("RGB")).unsqueeze(0)
-        cam = grad_cam(self._inner.model, batch, target)
-        heat = to_image_grid(cam, image.size, self.config["data_config"].get("aspect", "squash"))
+        classifier = self._inner.classifier
+        batch = classifier.batch([image.convert("RGB")])
+        cam = grad_cam(classifier.network, batch, target)
+        heat = to_image_grid(cam, image.size, self.config.data_config.aspect)
         return overlay(image, heat), heat
 
 

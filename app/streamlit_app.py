@@ -44,7 +44,8 @@ def served_model(settings: PageSettings, version: str, run_id: str) -> ServedMod
 
 
 def show_model(model: ServedModel, settings: PageSettings) -> None:
-    data_config = model.config["data_config"]
+    config = model.config
+    data_config = config.data_config
     st.markdown(
         f"Model **{model.name}**, version **{model.version}**, alias **@{model.alias}**",
         help=f"Loaded from the MLflow registry at {settings.shown_uri}",
@@ -56,10 +57,9 @@ def show_model(model: ServedModel, settings: PageSettings) -> None:
                 [
                     f"- registered model: `{model.name}`",
                     f"- version: `{model.version}` (alias `@{model.alias}`)",
-                    f"- architecture: `{model.config['architecture']}`",
-                    f"- input: {data_config['input_size'][1]} x {data_config['input_size'][2]} px, "
-                    f"`{data_config.get('aspect', 'squash')}`",
-                    f"- decision threshold: {float(model.config['threshold']):.3f}",
+                    f"- architecture: `{config.architecture}`",
+                    f"- input: {data_config.input_size[1]} x {data_config.input_size[2]} px, `{data_config.aspect}`",
+                    f"- decision threshold: {config.threshold:.3f}",
                     f"- training run: `{model.run_id}`",
                     f"- registry: `{settings.shown_uri}`",
                 ]

@@ -7,10 +7,14 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import pytest
 import yaml
+
+if TYPE_CHECKING:
+    from fracture.inference import ServingConfig
 
 REPO = Path(__file__).resolve().parents[1]
 FRACATLAS = (REPO.parent / "shared" / "fracatlas").resolve()
@@ -107,7 +111,7 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return root
 
 
-def untrained_model_files(folder: Path, threshold: float) -> tuple[Path, dict]:
+def untrained_model_files(folder: Path, threshold: float) -> tuple[Path, ServingConfig]:
     """A real Lite0 (ImageNet weights, untrained head) saved as the train stage saves it, at 64 px.
 
     Returns the safetensors file and the serving config (``model.json`` plus ``threshold``).
@@ -115,14 +119,12 @@ def untrained_model_files(folder: Path, threshold: float) -> tuple[Path, dict]:
     from safetensors.torch import save_file
 
     from fracture.config import load_params
+    from fracture.inference import ServingConfig
     from fracture.model import create_classifier, data_config
 
     profile = load_params(REPO).profiles["cpu"]
     model = create_classifier(profile)
     weights = folder / "model.safetensors"
     save_file(model.state_dict(), str(weights))
-    config = {
-        "architecture": profile.model, "profile": "cpu", "classes": ["not_fractured", "fractured"],
-        "data_config": data_config(model, 64), "threshold": threshold,
-    }
-    return weights, config
+    extra = {"profile": "cpu", "classes": ["not_fractured", "fractured"]}
+    return weights, ServingConfig(profile.model, data_config(model, 64), threshold, extra)

@@ -40,10 +40,12 @@ from torch.utils.data import TensorDataset
 from fracture.config import load_params
 from fracture.evaluation import choose_threshold
 from fracture.explain import grad_cam, overlay, target_layer, to_image_grid
-from fracture.imaging import CLASSES, Preprocessor
+from fracture.imaging import CLASSES, DataConfig, Preprocessor
+from fracture.inference import ServingConfig, probabilities
 from fracture.model import create_classifier, data_config, profile_data_config
-from fracture.registry import CHAMPION, log_pyfunc
-from fracture.training import predict_proba, train
+from fracture.packaging import log_pyfunc
+from fracture.registry import CHAMPION
+from fracture.training import train
 from tests.conftest import REPO, require_fracatlas
 
 APP = REPO / "app"
@@ -71,14 +73,15 @@ class TrainedPage:
     held_out: pd.DataFrame  # path, fractured (folder label), fracture_probability, label, threshold
 
 
-def register_for_page(root: Path, model: torch.nn.Module, config: dict, threshold: float, name: str) -> PageRegistry:
+def register_for_page(
+    root: Path, model: torch.nn.Module, architecture: str, data: DataConfig, threshold: float, name: str
+) -> PageRegistry:
     """Registers ``model`` as the first version (hence champion) of ``name`` in a new sqlite store."""
     root.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{root / 'mlflow.db'}"
     weights = root / "model.safetensors"
     save_file(model.state_dict(), str(weights))
-    serving = {"architecture": config["architecture"], "profile": "cpu", "classes": list(CLASSES),
-               "data_config": config["data_config"], "threshold": threshold}
+    serving = ServingConfig(architecture, data, threshold, {"profile": "cpu", "classes": list(CLASSES)})
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mlflow.set_tracking_uri(uri)
@@ -100,8 +103,8 @@ def register_for_page(root: Path, model: torch.nn.Module, config: dict, threshol
 def page_registry(tmp_path_factory: pytest.TempPathFactory) -> PageRegistry:
     profile = load_params(REPO).profiles["cpu"]
     model = create_classifier(profile).eval()
-    config = {"architecture": profile.model, "data_config": data_config(model, 96)}
-    return register_for_page(tmp_path_factory.mktemp("page-registry"), model, config, 0.5, "page-untrained")
+    root = tmp_path_factory.mktemp("page-registry")
+    return register_for_page(root, model, profile.model, data_config(model, 96), 0.5, "page-untrained")
 
 
 def _distinct(paths: list[Path]) -> list[Path]:
@@ -159,12 +162,9 @@ def trained_page_for(root: Path) -> TrainedPage:
 
     train_ds, val_ds = dataset(chosen["train"]), dataset(chosen["val"])
     result = train(train_ds, val_ds, cfg, profile, replace(params.train, device="cpu"))
-    val_probs = predict_proba(result.model, val_ds, pre, torch.device("cpu"), 64)
+    val_probs = probabilities(result.model, val_ds.tensors[0], pre, torch.device("cpu"), 64)
     threshold = choose_threshold(val_ds.tensors[1].numpy(), val_probs, params.evaluate.target_sensitivity or 0.85)
-    registry = register_for_page(
-        root, result.model, {"architecture": profile.model, "data_config": result.data_config}, threshold,
-        "page-trained",
-    )
+    registry = register_for_page(root, result.model, profile.model, result.data_config, threshold, "page-trained")
 
     # The held-out images go through the champion exactly as a registry consumer loads it.
     mlflow.set_tracking_uri(registry.uri)

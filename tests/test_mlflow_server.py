@@ -16,13 +16,13 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
-import torch
 from mlflow import MlflowClient
 
 from fracture.config import RegisterParams
-from fracture.imaging import build_transform, open_xray
-from fracture.registry import EvaluatedSplit, register
-from fracture.serving import load_classifier
+from fracture.gate import EvaluatedSplit
+from fracture.imaging import open_xray
+from fracture.inference import Classifier
+from fracture.registry import register
 from tests.conftest import shrink_params, untrained_model_files
 from tests.test_serving import child_env, free_port, running, xray_paths
 
@@ -90,12 +90,10 @@ def test_register_through_the_server_and_consume_champion_elsewhere(tracking_ser
     assert MlflowClient(url).get_model_version_by_alias(NAME, "champion").tags["git_commit"] == "c0ffee"
 
     out = consume(url, tmp_path, images)
-    # The same numbers as the project's own preprocessing and weights give in this process.
-    transform = build_transform(config["data_config"])
-    with torch.inference_mode():
-        direct = load_classifier(str(weights), config)(torch.stack([transform(open_xray(p)) for p in images])).softmax(dim=-1)[:, 1]
-    assert out["fracture_probability"] == pytest.approx(direct.double().tolist(), abs=1e-6)
-    assert out["label"] == ["fractured" if p >= 0.5 else "not_fractured" for p in direct.tolist()]
+    # The same numbers as the project's own weights and config give in this process.
+    direct = Classifier.load(weights, config).probabilities([open_xray(p) for p in images]).tolist()
+    assert out["fracture_probability"] == pytest.approx(direct, abs=1e-6)
+    assert out["label"] == ["fractured" if p >= 0.5 else "not_fractured" for p in direct]
     assert out["threshold"] == [0.5, 0.5]
 
 

@@ -18,16 +18,14 @@ from safetensors.torch import save_file
 
 from fracture.cli import main as cli
 from fracture.config import ConfigError, RegisterParams, load_params, parse_params
-from fracture.registry import (
-    EvaluatedSplit,
-    Evaluation,
-    RegistryError,
-    gate,
-    register,
-    rescore,
-    rollback,
-    split_fingerprint,
-)
+from fracture.gate import EvaluatedSplit, Evaluation, gate, split_fingerprint
+from fracture.imaging import DataConfig
+from fracture.inference import ServingConfig
+from fracture.packaging import REQUIREMENTS, requirements
+from fracture.registry import RegistryError, register, rollback
+from fracture.scoring import rescore
+from fracture.stages.register import run_register
+from fracture.workspace import EvaluateResult, TrainedModel, Workspace
 from tests.conftest import REPO, pick_ids, untrained_model_files
 
 NAME = "fracture-classifier"
@@ -269,23 +267,46 @@ def test_a_run_without_the_metrics_is_not_registered(client, model_files, xray):
     assert client.search_model_versions(f"name = '{NAME}'") == []
 
 
-def test_fracture_register_prints_the_decision(client, model_files, xray, tmp_path, monkeypatch, capsys):
-    """`fracture register` in a project whose train, split and evaluate stages have run."""
-    import json
+def project_after_evaluate(root, weights, config: ServingConfig, run_id: str, xray) -> pd.DataFrame:
+    """A project whose train, split and evaluate stages have run, written through the workspace.
 
+    The test split holds ``xray`` and a row without a path; returns the split table.
+    """
+    workspace = Workspace(root)
+    trained = TrainedModel(config.architecture, "cpu", list(config.extra["classes"]), config.data_config, 1, 0.9)
+    workspace.write_train(trained, run_id, mlflow.get_run(run_id).info.experiment_id, [])
+    shutil.copy(weights, workspace.weights)
+    confusion = {"tn": 1, "fp": 0, "fn": 0, "tp": 1}
+    workspace.write_evaluate(EvaluateResult({"threshold": config.threshold, "roc_auc": 0.9}, confusion), {})
+    dataset = root / load_params(REPO).ingest.dest
+    (dataset / "images/Fractured").mkdir(parents=True)
+    shutil.copy(xray, dataset / "images/Fractured" / xray.name)
+    test = pd.DataFrame({"image_id": [xray.name, "IMG9.jpg"], "path": [f"images/Fractured/{xray.name}", ""], "label": [1, 0]})
+    workspace.split_dir.mkdir(parents=True)
+    test.to_csv(workspace.split_table("test"), index=False)
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    return test
+
+
+def test_the_register_stage_registers_the_workspace_model(client, model_files, xray, tmp_path):
+    """run_register reads the run, weights, threshold and test split from the stages' outputs."""
     weights, config = model_files
     run_id = evaluated_run(0.9)
-    train, evaluate, split = tmp_path / "outputs/train", tmp_path / "outputs/evaluate", tmp_path / "outputs/split"
-    for folder in (train, evaluate, split, tmp_path / "data/fracatlas/images/Fractured"):
-        folder.mkdir(parents=True, exist_ok=True)
-    shutil.copy(weights, train / "model.safetensors")
-    (train / "model.json").write_text(json.dumps({k: v for k, v in config.items() if k != "threshold"}))
-    (train / "run.json").write_text(json.dumps({"run_id": run_id}))
-    (evaluate / "metrics.json").write_text(json.dumps({"threshold": 0.37, "roc_auc": 0.9}))
-    shutil.copy(xray, tmp_path / "data/fracatlas/images/Fractured" / xray.name)
-    test = pd.DataFrame({"image_id": [xray.name, "IMG9.jpg"], "path": [f"images/Fractured/{xray.name}", ""], "label": [1, 0]})
-    test.to_csv(split / "test.csv", index=False)
-    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    test = project_after_evaluate(tmp_path, weights, config, run_id, xray)
+
+    reg = run_register(load_params(tmp_path), Workspace(tmp_path))
+    assert (reg.name, reg.version, reg.run_id, reg.decision) == (NAME, "1", run_id, "promoted")
+    assert reg.split_fingerprint == split_fingerprint(test)
+    tags = client.get_model_version(NAME, "1").tags
+    assert float(tags["threshold"]) == config.threshold and tags["profile"] == "cpu"
+    assert tags["split_fingerprint"] == split_fingerprint(test)
+
+
+def test_fracture_register_prints_the_decision(client, model_files, xray, tmp_path, monkeypatch, capsys):
+    """`fracture register` in a project whose train, split and evaluate stages have run."""
+    weights, config = model_files
+    run_id = evaluated_run(0.9)
+    test = project_after_evaluate(tmp_path, weights, config, run_id, xray)
     monkeypatch.chdir(tmp_path)
 
     cli(["register"])
@@ -332,8 +353,11 @@ def test_a_champion_from_another_split_is_scored_on_the_new_split_before_compari
 
 
 def test_a_model_trained_with_an_enhancement_requires_its_library():
-    from fracture.registry import REQUIREMENTS, requirements
+    def config(enhance: str) -> ServingConfig:
+        data = DataConfig((3, 64, 64), "bicubic", (0.5,) * 3, (0.5,) * 3, enhance=enhance)  # type: ignore[arg-type]
+        return ServingConfig("tf_efficientnet_lite0", data, 0.5)
 
-    assert requirements({"data_config": {"enhance": "none"}}) == REQUIREMENTS
-    assert "opencv-contrib-python-headless" in requirements({"data_config": {"enhance": "clahe"}})
-    assert "SimpleITK" in requirements({"data_config": {"enhance": "anisotropic_diffusion"}})
+    assert requirements(config("none")) == REQUIREMENTS
+    assert "opencv-contrib-python-headless" in requirements(config("clahe"))
+    assert "opencv-contrib-python-headless" in requirements(config("canny"))
+    assert "SimpleITK" in requirements(config("anisotropic_diffusion"))

@@ -24,13 +24,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import requests
-import torch
 from mlflow import MlflowClient
 
 from fracture.config import RegisterParams
-from fracture.imaging import build_transform, open_xray
-from fracture.registry import EvaluatedSplit, register
-from fracture.serving import load_classifier
+from fracture.gate import EvaluatedSplit
+from fracture.imaging import open_xray
+from fracture.inference import Classifier
+from fracture.registry import register
 from tests.conftest import require_fracatlas, untrained_model_files
 
 pytestmark = pytest.mark.integration
@@ -132,12 +132,8 @@ def test_bytes_base64_and_paths_predict_as_the_project_preprocesses(model, champ
     expected_labels = np.where(by_path["fracture_probability"] >= THRESHOLD, "fractured", "not_fractured")
     assert list(by_path["label"]) == list(expected_labels)
 
-    # The logged model preprocesses exactly as the project's own code does.
-    net = load_classifier(str(champion["weights"]), champion["config"])
-    transform = build_transform(champion["config"]["data_config"])
-    with torch.inference_mode():
-        batch = torch.stack([transform(open_xray(p)) for p in paths])
-        direct = net(batch).softmax(dim=-1)[:, 1].double().numpy()
+    # The logged model scores exactly as the project's own weights and config do in this process.
+    direct = Classifier.load(champion["weights"], champion["config"]).probabilities([open_xray(p) for p in paths])
     np.testing.assert_allclose(by_path["fracture_probability"], direct, rtol=0, atol=1e-6)
 
 

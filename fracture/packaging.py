@@ -1,0 +1,82 @@
+"""Logs the trained model into its training run as an MLflow pyfunc that carries its own code.
+
+The logged model holds the weights, the serving config (``model.json`` plus the decision
+threshold), this package (``code_paths``) and pinned requirements, so a consumer of
+``models:/<name>@champion`` needs nothing of this project installed.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+from mlflow import MlflowClient
+from PIL import Image
+
+import fracture
+from fracture.inference import ServingConfig
+from fracture.serving import SIGNATURE
+
+#: MLflow's models-from-code entry file: it builds the :class:`fracture.serving.FracturePyfunc`.
+ENTRY = Path(__file__).with_name("pyfunc_entry.py")
+REQUIREMENTS = ("torch", "torchvision", "timm", "pillow", "pandas", "numpy", "safetensors", "mlflow")
+#: What a model trained with an ablation enhancement (``prepare.enhance``) needs besides.
+ENHANCE_REQUIREMENTS = {
+    "clahe": ("opencv-contrib-python-headless",),
+    "canny": ("opencv-contrib-python-headless",),
+    "anisotropic_diffusion": ("SimpleITK",),
+}
+
+
+def _input_example() -> pd.DataFrame:
+    # A small synthetic greyscale image: the example must not carry patient data.
+    buf = io.BytesIO()
+    Image.linear_gradient("L").resize((64, 64)).save(buf, format="PNG")
+    return pd.DataFrame({"image": [base64.b64encode(buf.getvalue()).decode()]})
+
+
+def requirements(config: ServingConfig) -> tuple[str, ...]:
+    """The packages the served model needs: the base set plus its enhancement's library.
+
+    Args:
+        config: the serving config; its data config names the enhancement.
+
+    Returns:
+        Package names, without versions.
+    """
+    return REQUIREMENTS + ENHANCE_REQUIREMENTS.get(config.data_config.enhance, ())
+
+
+def log_pyfunc(run_id: str, weights: Path, config: ServingConfig) -> str:
+    """Logs the model with its preprocessing code into the training run.
+
+    Args:
+        run_id: the MLflow run of the train stage.
+        weights: the safetensors file of the fine-tuned model.
+        config: architecture, data config and decision threshold (``model.json`` plus the
+            threshold the evaluate stage chose); stored as the model's ``config`` artifact.
+
+    Returns:
+        The logged model's URI. The run's experiment becomes the active one.
+    """
+    # MLflow resumes a run only inside its own experiment, which may not be the active one.
+    mlflow.set_experiment(experiment_id=MlflowClient().get_run(run_id).info.experiment_id)
+    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
+        config_path = Path(tmp) / "model.json"
+        config_path.write_text(json.dumps(config.to_dict(), indent=2))
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(ENTRY),
+            artifacts={"weights": str(weights), "config": str(config_path)},
+            code_paths=[str(Path(fracture.__file__).parent)],
+            signature=SIGNATURE,
+            input_example=_input_example(),
+            pip_requirements=[f"{pkg}=={metadata.version(pkg)}" for pkg in requirements(config)],
+        )
+    return info.model_uri
