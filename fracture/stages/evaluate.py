@@ -1,0 +1,136 @@
+"""The evaluate stage: the decision threshold on val, then the test split, scored once.
+
+Writes the metrics with bootstrap intervals, calibration, per-body-part metrics, DVC plot
+tables, PNG plots and the model card, and logs them to the training run in MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+
+from fracture.config import Params
+from fracture.evaluation import (
+    Calibration,
+    Evaluation,
+    bootstrap_intervals,
+    by_group,
+    calibration,
+    choose_threshold,
+    evaluate_probabilities,
+)
+from fracture.imaging import Preprocessor
+from fracture.inference import load_network, probabilities
+from fracture.manifest import body_part
+from fracture.model_card import render_model_card
+from fracture.plots import save_evaluation_plots
+from fracture.stages.prepare import open_cache
+from fracture.tracking import setup_mlflow
+from fracture.workspace import SPLITS, EvaluateResult, TrainResult, Workspace
+
+
+def _recipe(params: Params, profile_name: str) -> dict[str, object]:
+    """The training settings that define the recipe, as the model card quotes them."""
+    profile, train = params.profiles[profile_name], params.train
+    return {
+        "weights": f"ImageNet ({profile.weights})",
+        "loss": "cross-entropy",
+        "optimiser": f"Adam, lr {profile.learning_rate(train)}, weight decay {train.weight_decay}",
+        "scheduler": f"CosineAnnealingWarmRestarts, T_0 {train.t_0 or profile.epochs}, T_mult {train.t_mult}",
+        "batch size": train.batch_size,
+        "class balance": train.class_balance,
+        "epochs": profile.epochs,
+        "augmentation": profile.augment,
+        "frozen layers": ", ".join(profile.frozen) or "none",
+        "seed": train.seed,
+    }
+
+
+def _threshold_source(params: Params) -> str:
+    ev = params.evaluate
+    if ev.target_sensitivity is None:
+        return f"fixed at evaluate.threshold {ev.threshold}"
+    return f"the highest reaching sensitivity {ev.target_sensitivity} on the validation split"
+
+
+def _write_curves(
+    workspace: Workspace, result: Evaluation, calib: Calibration, test: pd.DataFrame, parts: np.ndarray,
+    probs: np.ndarray, threshold: float,
+) -> None:
+    """The DVC plot tables: ROC, precision-recall, reliability, and per-image predictions."""
+    result.roc.to_csv(workspace.curve("roc"), index=False)
+    result.pr.to_csv(workspace.curve("pr"), index=False)
+    calib.curve.to_csv(workspace.curve("calibration"), index=False)
+    test.assign(body_part=parts, fracture_probability=probs, predicted=(probs >= threshold).astype(int))[
+        ["image_id", "body_part", "label", "predicted", "fracture_probability"]
+    ].to_csv(workspace.curve("predictions"), index=False)
+
+
+def run_evaluate(params: Params, workspace: Workspace) -> EvaluateResult:
+    """Chooses the threshold on val (``evaluate`` in params), then scores the test split once.
+
+    Returns:
+        The test metrics and confusion counts as written to ``metrics.json``.
+    """
+    trained: TrainResult = workspace.read_train()
+    model = trained.model
+    network = load_network(workspace.weights, model.architecture)
+    pre = Preprocessor(model.data_config)
+    # The cache must hold exactly the pixels the trained model's own transform produces.
+    cache = open_cache(params, workspace, model.data_config)
+    ev = params.evaluate
+
+    def score(split: str) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+        frame = workspace.read_split_table(split)
+        images, labels = cache.dataset(frame).tensors
+        return frame, labels.numpy(), probabilities(network, images, pre, torch.device("cpu"), ev.batch_size)
+
+    threshold = ev.threshold
+    if ev.target_sensitivity is not None:
+        _, val_labels, val_probs = score("val")
+        threshold = choose_threshold(val_labels, val_probs, ev.target_sensitivity)
+    test, labels, probs = score("test")
+    result = evaluate_probabilities(labels, probs, threshold)
+    intervals = bootstrap_intervals(labels, probs, threshold, ev.bootstrap_resamples, ev.seed)
+    calib = calibration(labels, probs, ev.calibration_bins)
+    parts = body_part(test).to_numpy()
+    metrics = (
+        result.metrics
+        | {f"{name}_ci_low": low for name, (low, _) in intervals.items()}
+        | {f"{name}_ci_high": high for name, (_, high) in intervals.items()}
+        | {"ece": calib.ece, "brier": calib.brier}
+    )
+    evaluated = EvaluateResult(metrics, result.confusion)
+    per_part = by_group(labels, probs, parts, threshold)
+    workspace.write_evaluate(evaluated, per_part)
+    _write_curves(workspace, result, calib, test, parts, probs, threshold)
+    pngs = save_evaluation_plots(labels, probs, threshold, ev.calibration_bins, workspace.plots_dir)
+
+    setup_mlflow(params, workspace.root)
+    # The card names the code and data the model was trained from, as the training run recorded them.
+    tags = mlflow.get_run(trained.run_id).data.tags
+    sizes = {name: len(workspace.read_split_table(name)) for name in SPLITS}
+    card = render_model_card(
+        model,
+        _recipe(params, model.profile),
+        {"version": tags.get("data_version"), "git_commit": tags.get("git_commit"), "splits": sizes},
+        metrics,
+        per_part,
+        _threshold_source(params),
+        trained.run_id,
+    )
+    workspace.model_card.write_text(card)
+    with mlflow.start_run(run_id=trained.run_id):
+        mlflow.log_metrics({f"test_{k}": v for k, v in metrics.items()})
+        mlflow.log_metrics({f"test_{k}": v for k, v in result.confusion.items()})
+        mlflow.set_tag("threshold_source", _threshold_source(params))
+        for path in (workspace.metrics, workspace.body_parts, workspace.model_card):
+            mlflow.log_artifact(str(path), artifact_path="evaluation")
+        for path in pngs:
+            mlflow.log_artifact(str(path), artifact_path="evaluation/plots")
+    print(json.dumps(evaluated.to_dict(), indent=2))
+    return evaluated

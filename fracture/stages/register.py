@@ -1,0 +1,57 @@
+"""The register stage: the trained model into the MLflow registry, champion only through the gate.
+
+Also the way back: :func:`run_rollback` returns ``champion`` to the version it replaced.
+"""
+
+from __future__ import annotations
+
+from fracture.config import Params
+from fracture.gate import EvaluatedSplit
+from fracture.registry import Registration, Rollback, register, rollback
+from fracture.tracking import setup_mlflow
+from fracture.workspace import Workspace
+
+
+def run_register(params: Params, workspace: Workspace) -> Registration:
+    """Registers the train stage's model and runs the promotion gate on the evaluate stage's test split.
+
+    Args:
+        params: ``register`` names the model and the gate; ``ingest.dest`` locates the images;
+            ``validate.on_truncated`` says whether files that end early are scored.
+        workspace: the project, after the train, split and evaluate stages.
+
+    Returns:
+        The version, the gate's decision and each check.
+
+    Raises:
+        FileNotFoundError: a stage's output is missing; the message names the stage to run.
+        fracture.registry.RegistryError: the run lacks a metric the gate needs, or the test
+            split table is unusable.
+    """
+    # Every stage output is read first, so a missing one fails before the tracking store is touched.
+    run_id = workspace.read_train().run_id
+    config = workspace.serving_config()
+    split = EvaluatedSplit.from_csv(
+        workspace.split_table("test"),
+        workspace.root / params.ingest.dest,
+        params.validate.on_truncated == "keep",
+    )
+    setup_mlflow(params, workspace.root)
+    return register(params.register, run_id, workspace.weights, config, split)
+
+
+def run_rollback(params: Params, workspace: Workspace) -> Rollback:
+    """Moves ``champion`` back to the ``previous-champion`` version.
+
+    Args:
+        params: ``register.model_name`` names the registered model.
+        workspace: the project (its MLflow store, unless ``MLFLOW_TRACKING_URI`` names another).
+
+    Returns:
+        Which version was demoted and where the aliases point now.
+
+    Raises:
+        fracture.registry.RegistryError: there is no champion, or no previous champion to return to.
+    """
+    setup_mlflow(params, workspace.root)
+    return rollback(params.register.model_name)

@@ -1,0 +1,20 @@
+"""The split stage: train, val and test tables from the validated manifest."""
+
+from __future__ import annotations
+
+from fracture.config import Params
+from fracture.split import Splits, published_dir_of, split_manifest
+from fracture.workspace import SplitResult, Workspace
+
+
+def run_split(params: Params, workspace: Workspace) -> tuple[SplitResult, Splits]:
+    """Splits the included images (``split`` in params) and writes the tables and the report.
+
+    Returns:
+        The sizes written, and the frames with the report of how they were drawn.
+    """
+    manifest = workspace.read_manifest()
+    dataset = workspace.root / params.ingest.dest
+    published = published_dir_of(dataset) if params.split.strategy == "published" else None
+    splits = split_manifest(manifest, params.split, published)
+    return workspace.write_split(splits, splits.report.to_dict()), splits

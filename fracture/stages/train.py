@@ -1,0 +1,127 @@
+"""The train stage: fine-tune the active profile's model in one MLflow run, resumable per epoch."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import mlflow
+import pandas as pd
+from safetensors.torch import save_file
+
+from fracture import checkpoint
+from fracture.config import Params
+from fracture.stages.prepare import active_cache, open_cache
+from fracture.tracking import setup_mlflow
+from fracture.training import FitResult, train
+from fracture.vocabulary import CLASSES
+from fracture.workspace import SPLITS, TrainedModel, TrainResult, Workspace
+
+
+def log_dataset_inputs(params: Params, workspace: Workspace, frames: dict[str, pd.DataFrame]) -> None:
+    """Records the dataset version and the split tables as MLflow dataset inputs of the active run.
+
+    The whole dataset is one input named ``fracatlas`` whose digest is DVC's md5 of ``data``
+    (the version in ``data.dvc``); each split is an input with its own content digest.
+    """
+    version = workspace.data_version() or "unversioned"
+    source = (workspace.root / params.ingest.dest).resolve().as_uri()
+    columns = ["image_id", "path", "label", "sha256"]
+    everything = pd.concat(frames.values())[columns]
+    with warnings.catch_warnings():
+        # MLflow's schema inference warns that integer columns cannot hold missing values;
+        # these tables describe the data, they are no model signature.
+        warnings.filterwarnings("ignore", message=".*integer column", category=UserWarning)
+        mlflow.log_input(
+            # DVC's directory md5 ("<32 hex>.dir") fits MLflow's 36-character digest column.
+            mlflow.data.from_pandas(everything, source=source, targets="label", name="fracatlas", digest=version),
+            context="dataset",
+            tags={"data_version": version},
+        )
+        for split, frame in frames.items():
+            mlflow.log_input(
+                mlflow.data.from_pandas(frame[columns], source=source, targets="label", name=f"fracatlas-{split}"),
+                context=split,
+                tags={"data_version": version},
+            )
+
+
+def _run_params(params: Params, frames: dict[str, pd.DataFrame]) -> dict[str, object]:
+    """The run's MLflow params: the profile and every setting that shapes the model."""
+    sections = {"train": params.train, "split": params.split, "prepare": params.prepare}
+    return (
+        {"profile": params.train.profile}
+        | {f"profile.{k}": v for k, v in dataclasses.asdict(params.profile).items()}
+        | {f"{name}.{k}": v for name, section in sections.items() for k, v in dataclasses.asdict(section).items()}
+        | {"n_train": len(frames["train"]), "n_val": len(frames["val"])}
+    )
+
+
+def run_train(params: Params, workspace: Workspace) -> TrainResult:
+    """Fine-tunes the profile's ImageNet model on the train split, choosing the epoch on val.
+
+    Every epoch is checkpointed; a run killed part-way resumes after its last completed epoch
+    in the same MLflow run when nothing that shapes it changed (:mod:`fracture.checkpoint`).
+
+    Returns:
+        The model's description and its MLflow run.
+    """
+    frames = {name: workspace.read_split_table(name) for name in SPLITS}
+    config, _ = active_cache(params)
+    cache = open_cache(params, workspace, config)
+    train_data, val_data = cache.dataset(frames["train"]), cache.dataset(frames["val"])
+    # Everything that makes the run what it is: a checkpoint of any other run is not resumed.
+    key = checkpoint.fingerprint(
+        {
+            "profile": dataclasses.asdict(params.profile),
+            "train": dataclasses.asdict(params.train),
+            "data_config": config.to_dict(),
+            "cache": cache.meta,
+            "train_images": frames["train"][["image_id", "label"]].values.tolist(),
+            "val_images": frames["val"][["image_id", "label"]].values.tolist(),
+        }
+    )
+    resumable = checkpoint.load(workspace.checkpoint_dir, key)
+    setup_mlflow(params, workspace.root)
+    if resumable is not None and resumable.run_id:
+        print(f"resuming after epoch {resumable.epoch} of {params.profile.epochs} (MLflow run {resumable.run_id})")
+        run_context = mlflow.start_run(run_id=resumable.run_id, log_system_metrics=True)
+    else:
+        tags = {
+            "profile": params.train.profile,
+            "data_version": workspace.data_version() or "",
+            "git_commit": workspace.git_commit() or "",
+        }
+        run_context = mlflow.start_run(tags=tags, log_system_metrics=True)
+    with run_context as run:
+        if resumable is None:
+            log_dataset_inputs(params, workspace, frames)
+            mlflow.log_params(_run_params(params, frames))
+        fit: FitResult = train(
+            train_data,
+            val_data,
+            config,
+            params.profile,
+            params.train,
+            on_epoch=lambda epoch, metrics: mlflow.log_metrics(metrics, step=epoch + 1),
+            checkpoint_dir=workspace.checkpoint_dir,
+            checkpoint_key=key,
+            run_id=run.info.run_id,
+        )
+        mlflow.log_metrics({"best_epoch": fit.best_epoch, "best_val_roc_auc": fit.best_val_roc_auc})
+        mlflow.set_tags({"device": fit.device, "resumed_from_epoch": fit.resumed_from})
+        workspace.train_dir.mkdir(parents=True, exist_ok=True)
+        save_file(fit.model.state_dict(), str(workspace.weights))
+        trained = TrainedModel(
+            architecture=params.profile.model,
+            profile=params.train.profile,
+            classes=list(CLASSES),
+            data_config=fit.data_config,
+            best_epoch=fit.best_epoch,
+            best_val_roc_auc=fit.best_val_roc_auc,
+        )
+        workspace.write_train(trained, run.info.run_id, run.info.experiment_id, fit.history)
+    checkpoint.clear(workspace.checkpoint_dir)
+    resumed = f", resumed after epoch {fit.resumed_from}" if fit.resumed_from else ""
+    print(f"best epoch {fit.best_epoch}: val ROC AUC {fit.best_val_roc_auc:.4f} (MLflow run {run.info.run_id}{resumed})")
+    return workspace.read_train()

@@ -1,0 +1,41 @@
+"""The validate stage: the manifest, the Great Expectations suite, the policies, the version comparison."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fracture.config import Params
+from fracture.manifest import build_manifest
+from fracture.suite import rule_severities
+from fracture.validation import ValidationFailed, failure_message, validate
+from fracture.versions import compare_with_previous
+from fracture.workspace import ValidateResult, Workspace
+
+
+def run_validate(params: Params, workspace: Workspace) -> ValidateResult:
+    """Builds the manifest of ``ingest.dest``, runs the suite and writes the manifest and report.
+
+    The report is written before a failed hard rule is raised, so what failed can be read.
+
+    Returns:
+        The report as written.
+
+    Raises:
+        fracture.config.ConfigError: ``validate.severity`` does not name exactly the suite's rules.
+        ValidationFailed: a hard rule failed; the message names the rules and offending ids.
+    """
+    rule_severities(params.validate)  # a params mistake fails before the manifest is built
+    manifest = build_manifest(workspace.root / params.ingest.dest)
+    resolved, report = validate(manifest, params.validate, workspace.gx_dir)
+    if params.validate.compare_previous:
+        # ingest.dest is <the folder data.dvc tracks>/<the dataset folder inside it>.
+        data_dir, *inner = Path(params.ingest.dest).parts
+        comparison = compare_with_previous(
+            manifest, workspace.root, data_dir, "/".join(inner), current_md5=workspace.data_version()
+        )
+    else:
+        comparison = {"status": "disabled", "message": "validate.compare_previous is false"}
+    result = workspace.write_validate(resolved, report, comparison)
+    if not report.success:
+        raise ValidationFailed(failure_message(report) + f"\nfull report: {workspace.validation_report}")
+    return result

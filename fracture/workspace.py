@@ -1,0 +1,348 @@
+"""The workspace: every file a stage writes, where it lives and what it holds.
+
+Each stage writes its outputs and each reader (the next stage, the Prefect task that ran it,
+the flow's report) reads them back through this module, as typed records: a file name or a
+key of a stage's JSON is spelled here once. ``dvc.yaml`` lists the same paths as the stages'
+outputs.
+
+Reading a file that is not there raises :class:`FileNotFoundError` naming the stage to run.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from fracture.imaging import DataConfig
+
+if TYPE_CHECKING:
+    from fracture.inference import ServingConfig
+    from fracture.validation import ValidationReport
+
+SPLITS = ("train", "val", "test")
+#: Columns the split tables are read with as text (ids like ``IMG0000019.jpg``, hashes).
+_TEXT_COLUMNS = {"image_id": str, "path": str, "sha256": str}
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Writes ``data`` as sorted, indented JSON with a final newline (stable bytes for DVC)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def _read_json(path: Path, stage: str) -> Any:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run the {stage} stage first (dvc repro {stage})")
+    return json.loads(path.read_text())
+
+
+def _read_frame(path: Path, stage: str) -> pd.DataFrame:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run the {stage} stage first (dvc repro {stage})")
+    return pd.read_csv(path, dtype=_TEXT_COLUMNS)
+
+
+# --- what each stage leaves behind ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ValidateResult:
+    """``outputs/validate/report.json``: what the data-quality suite found and decided.
+
+    Attributes:
+        success: no hard rule failed.
+        counts: totals, and per class, body part and view for all ids and included images.
+        findings: one per rule: ``rule``, ``severity``, ``success``, ``unexpected_count``,
+            ``unexpected_ids``, ``observed``.
+        excluded: image id -> ``rule`` and ``reason`` it was left out for.
+        duplicate_groups: ids of byte-identical files, two or more per group.
+        gx_outputs: where GX's result, suite and Data Docs were written.
+        data_version: DVC's md5 of ``data`` the stage validated.
+        comparison: the comparison with the previous dataset version.
+    """
+
+    success: bool
+    counts: dict[str, Any]
+    findings: list[dict[str, Any]]
+    excluded: dict[str, dict[str, str]]
+    duplicate_groups: list[list[str]]
+    gx_outputs: dict[str, str] = field(default_factory=dict)
+    data_version: str | None = None
+    comparison: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def failed_rules(self) -> dict[str, int]:
+        """Rule -> images it flagged, for every rule that did not pass (hard or soft)."""
+        return {f["rule"]: f["unexpected_count"] for f in self.findings if not f["success"]}
+
+
+@dataclass(frozen=True)
+class SplitResult:
+    """``outputs/split/``: how many images, and fractured images, each split holds."""
+
+    sizes: dict[str, int]
+    fractured: dict[str, int]
+
+
+@dataclass(frozen=True)
+class PrepareResult:
+    """``outputs/prepare/meta.json`` and ``timing.json``: the prepared cache and its build rate."""
+
+    images: int
+    input_size: list[int]
+    aspect: str
+    enhance: str
+    images_per_s: float
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    """``outputs/train/model.json``: the fine-tuned network's architecture and preprocessing."""
+
+    architecture: str
+    profile: str
+    classes: list[str]
+    data_config: DataConfig
+    best_epoch: int
+    best_val_roc_auc: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"data_config": self.data_config.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainedModel:
+        return cls(**(data | {"data_config": DataConfig.from_dict(data["data_config"])}))
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """The train stage's outputs: the model's description and its MLflow run."""
+
+    model: TrainedModel
+    run_id: str
+    experiment_id: str
+
+
+@dataclass(frozen=True)
+class EvaluateResult:
+    """``outputs/evaluate/metrics.json``: test-split metrics at the chosen threshold.
+
+    Attributes:
+        metrics: ROC AUC, recall (sensitivity), specificity, ... with ``*_ci_low`` /
+            ``*_ci_high`` 95% intervals, calibration, ``threshold``, ``n_images``, ``n_fractured``.
+        confusion: ``tn``, ``fp``, ``fn``, ``tp`` at the threshold.
+    """
+
+    metrics: dict[str, Any]
+    confusion: dict[str, int]
+
+    @property
+    def threshold(self) -> float:
+        return float(self.metrics["threshold"])
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.metrics | {"confusion": self.confusion}
+
+
+# --- where everything lives -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """The project directory's stage outputs, read and written as typed records.
+
+    Args:
+        root: the project root (where ``dvc.yaml`` and ``params.yaml`` are).
+    """
+
+    root: Path = Path(".")
+
+    # validate
+    @property
+    def outputs(self) -> Path:
+        return self.root / "outputs"
+
+    @property
+    def manifest(self) -> Path:
+        return self.outputs / "validate" / "manifest.csv"
+
+    @property
+    def validation_report(self) -> Path:
+        return self.outputs / "validate" / "report.json"
+
+    @property
+    def gx_dir(self) -> Path:
+        return self.outputs / "validate" / "gx"
+
+    # split
+    @property
+    def split_dir(self) -> Path:
+        return self.outputs / "split"
+
+    def split_table(self, name: str) -> Path:
+        return self.split_dir / f"{name}.csv"
+
+    @property
+    def split_report(self) -> Path:
+        return self.split_dir / "report.json"
+
+    # prepare
+    @property
+    def prepare_dir(self) -> Path:
+        return self.outputs / "prepare"
+
+    @property
+    def prepare_timing(self) -> Path:
+        return self.prepare_dir / "timing.json"
+
+    # train
+    @property
+    def train_dir(self) -> Path:
+        return self.outputs / "train"
+
+    @property
+    def weights(self) -> Path:
+        return self.train_dir / "model.safetensors"
+
+    @property
+    def model_json(self) -> Path:
+        return self.train_dir / "model.json"
+
+    @property
+    def run_json(self) -> Path:
+        return self.train_dir / "run.json"
+
+    @property
+    def history(self) -> Path:
+        return self.train_dir / "history.json"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """The per-epoch checkpoint of a train stage in progress; removed once its model is written."""
+        return self.train_dir / "checkpoint"
+
+    # evaluate
+    @property
+    def evaluate_dir(self) -> Path:
+        return self.outputs / "evaluate"
+
+    @property
+    def metrics(self) -> Path:
+        return self.evaluate_dir / "metrics.json"
+
+    @property
+    def body_parts(self) -> Path:
+        return self.evaluate_dir / "body_parts.json"
+
+    @property
+    def model_card(self) -> Path:
+        return self.evaluate_dir / "model_card.md"
+
+    @property
+    def plots_dir(self) -> Path:
+        return self.evaluate_dir / "plots"
+
+    def curve(self, name: str) -> Path:
+        """A DVC plot's table: ``roc``, ``pr``, ``calibration`` or ``predictions``."""
+        return self.evaluate_dir / f"{name}.csv"
+
+    # --- provenance ---------------------------------------------------------------------------
+
+    def data_version(self) -> str | None:
+        """The md5 that ``data.dvc`` records for the dataset directory (``None`` before any ingest)."""
+        from fracture.versions import dvc_file_md5  # noqa: PLC0415 - DVC's API loads slowly
+
+        return dvc_file_md5(self.root)
+
+    def git_commit(self) -> str | None:
+        """The checked-out commit, or ``None`` outside a git repository."""
+        try:
+            out = subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=self.root, capture_output=True, text=True, check=True
+            )
+        except (OSError, subprocess.CalledProcessError):
+            return None
+        return out.stdout.strip()
+
+    # --- validate -----------------------------------------------------------------------------
+
+    def write_validate(self, resolved: pd.DataFrame, report: ValidationReport, comparison: dict[str, Any]) -> ValidateResult:
+        """Writes the manifest with labels and inclusion, and the report."""
+        self.manifest.parent.mkdir(parents=True, exist_ok=True)
+        resolved.to_csv(self.manifest, index=False)
+        write_json(self.validation_report, asdict(report) | {"data_version": self.data_version(), "comparison": comparison})
+        return self.read_validate()
+
+    def read_manifest(self) -> pd.DataFrame:
+        return _read_frame(self.manifest, "validate")
+
+    def read_validate(self) -> ValidateResult:
+        data = _read_json(self.validation_report, "validate")
+        return ValidateResult(**data)
+
+    # --- split --------------------------------------------------------------------------------
+
+    def write_split(self, frames: dict[str, pd.DataFrame], report: dict[str, Any]) -> SplitResult:
+        self.split_dir.mkdir(parents=True, exist_ok=True)
+        for name in SPLITS:
+            frames[name].to_csv(self.split_table(name), index=False)
+        write_json(self.split_report, report)
+        return self.read_split()
+
+    def read_split_table(self, name: str) -> pd.DataFrame:
+        return _read_frame(self.split_table(name), "split")
+
+    def read_split(self) -> SplitResult:
+        frames = {name: self.read_split_table(name) for name in SPLITS}
+        return SplitResult(
+            {name: len(f) for name, f in frames.items()}, {name: int(f["label"].sum()) for name, f in frames.items()}
+        )
+
+    # --- prepare ------------------------------------------------------------------------------
+
+    def write_prepare_timing(self, decode_seconds: float, images_per_s: float) -> None:
+        # Apart from meta.json, so that a rebuild with identical pixels writes identical metadata.
+        write_json(self.prepare_timing, {"decode_seconds": decode_seconds, "images_per_s": images_per_s})
+
+    def read_prepare(self) -> PrepareResult:
+        from fracture.prepare import META  # noqa: PLC0415 - the cache module owns its own files
+
+        meta = _read_json(self.prepare_dir / META, "prepare")
+        timing = _read_json(self.prepare_timing, "prepare")
+        return PrepareResult(meta["images"], meta["input_size"], meta["aspect"], meta["enhance"], timing["images_per_s"])
+
+    # --- train --------------------------------------------------------------------------------
+
+    def write_train(self, model: TrainedModel, run_id: str, experiment_id: str, history: list[dict[str, float]]) -> None:
+        """Writes ``model.json``, ``run.json`` and ``history.json`` (the weights are saved by the stage)."""
+        write_json(self.model_json, model.to_dict())
+        write_json(self.history, history)
+        write_json(self.run_json, {"run_id": run_id, "experiment_id": experiment_id})
+
+    def read_train(self) -> TrainResult:
+        model = TrainedModel.from_dict(_read_json(self.model_json, "train"))
+        run = _read_json(self.run_json, "train")
+        return TrainResult(model, run["run_id"], run["experiment_id"])
+
+    # --- evaluate -----------------------------------------------------------------------------
+
+    def write_evaluate(self, result: EvaluateResult, body_parts: dict[str, Any]) -> None:
+        write_json(self.metrics, result.to_dict())
+        write_json(self.body_parts, body_parts)
+
+    def read_evaluate(self) -> EvaluateResult:
+        data = _read_json(self.metrics, "evaluate")
+        return EvaluateResult({k: v for k, v in data.items() if k != "confusion"}, data["confusion"])
+
+    def serving_config(self) -> ServingConfig:
+        """The trained model's config with the decision threshold the evaluate stage chose."""
+        from fracture.inference import ServingConfig  # noqa: PLC0415 - torch loads slowly
+
+        trained = self.read_train().model
+        extra = {k: v for k, v in trained.to_dict().items() if k not in {"architecture", "data_config"}}
+        return ServingConfig(trained.architecture, trained.data_config, self.read_evaluate().threshold, extra)
