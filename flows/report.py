@@ -5,10 +5,9 @@ A pure function of the flow's typed result, so the text can be tested without Pr
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from flows.retrain import RetrainResult
+from flows.result import RetrainResult
 
 REPORT_KEY = "retrain-report"
 
@@ -49,20 +48,6 @@ def _code(value: str | None) -> str:
     return f"`{value}`" if value else "none"
 
 
-def nothing_changed(result: RetrainResult) -> bool:
-    """Whether the run found the same data, code and params as before and registered nothing.
-
-    Args:
-        result: the flow's result.
-
-    Returns:
-        True when the dataset version did not change, DVC ran no stage and no model version
-        was created.
-    """
-    stages = (result.validation, result.split, result.prepare, result.train, result.evaluation)
-    return not result.ingest.changed and not any(s.run.ran for s in stages) and not result.registration.created
-
-
 def render_report(result: RetrainResult) -> str:
     """The run's report as Markdown: outcome, data version, stages, test metrics, promotion.
 
@@ -72,11 +57,10 @@ def render_report(result: RetrainResult) -> str:
     Returns:
         Markdown text for ``prefect.artifacts.create_markdown_artifact``.
     """
-    ingest, reg, m = result.ingest, result.registration, result.evaluation.metrics
-    stages = (result.validation, result.split, result.prepare, result.train, result.evaluation)
-    ran = [s.run.stage for s in stages if s.run.ran]
+    ingest, reg, m = result.ingest, result.registration, result.evaluate.metrics
+    ran = result.stages_ran
 
-    if nothing_changed(result):
+    if result.nothing_changed:
         outcome = (
             "**Nothing changed**: same data version, code and parameters as the last run. DVC found "
             f"every stage up to date and nothing new was registered ({reg.name} version {reg.version} "
@@ -106,16 +90,16 @@ def render_report(result: RetrainResult) -> str:
         f"| Previous data version | {_code(ingest.previous_version)} |",
         f"| Data changed | {'yes' if ingest.changed else 'no'} |",
         "| Split (images) | " + ", ".join(f"{k} {v}" for k, v in result.split.sizes.items()) + " |",
-        f"| Excluded by validation | {result.validation.excluded} |",
+        f"| Excluded by validation | {len(result.validate.excluded)} |",
         "",
         "## Stages",
         "",
         "| Stage | DVC | Seconds |",
         "|---|---|---:|",
         f"| ingest | dataset copied and hashed (`dvc add data`) | {ingest.seconds:.1f} |",
-        *(f"| {s.run.stage} | {'ran' if s.run.ran else 'up to date'} | {s.run.seconds:.1f} |" for s in stages),
+        *(f"| {s.stage} | {'ran' if s.ran else 'up to date'} | {s.seconds:.1f} |" for s in result.runs.values()),
         "",
-        f"## Test metrics ({result.profile} profile, {result.train.architecture})",
+        f"## Test metrics ({result.profile} profile, {result.train.model.architecture})",
         "",
         f"Test split: {_count(m.get('n_images'))} images, {_count(m.get('n_fractured'))} fractured; "
         f"MLflow run {_code(result.train.run_id)}.",

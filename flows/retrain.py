@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,37 +14,11 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from ruamel.yaml import YAML
 
-from flows.report import REPORT_KEY, nothing_changed, render_report
+from flows.report import REPORT_KEY, render_report
+from flows.result import RetrainResult
 from fracture.config import PARAMS_FILE, load_params
 from fracture.ingest import SOURCE_ENV
-from fracture.registry import Registration
-from tasks.pipeline import (
-    EvaluationSummary,
-    IngestSummary,
-    PrepareSummary,
-    SplitSummary,
-    TrainSummary,
-    ValidationSummary,
-    evaluate_task,
-    ingest_task,
-    prepare_task,
-    register_task,
-    split_task,
-    train_task,
-    validate_task,
-)
-
-
-@dataclass(frozen=True)
-class RetrainResult:
-    profile: str
-    ingest: IngestSummary
-    validation: ValidationSummary
-    split: SplitSummary
-    prepare: PrepareSummary
-    train: TrainSummary
-    evaluation: EvaluationSummary
-    registration: Registration
+from tasks.pipeline import DVC_STAGES, ingest_task, register_task, stage_task
 
 
 def choose_profile(requested: str | None, cuda: bool) -> tuple[str, str]:
@@ -70,6 +43,12 @@ def choose_profile(requested: str | None, cuda: bool) -> tuple[str, str]:
 
 def set_profile(project: Path, profile: str) -> bool:
     """Writes ``train.profile`` into params.yaml, keeping its comments, so DVC tracks it.
+
+    The profile is a DVC param on purpose: ``dvc.lock`` then records which recipe made the
+    model, ``dvc repro`` alone rebuilds the same one, and a GPU machine's model is never taken
+    for a CPU machine's. The file changes only when the hardware calls for another profile than
+    it names (once per machine, not on every scheduled run); set ``train.profile`` in the
+    checkout a machine runs, or pass ``--profile``, to keep it as committed.
 
     Returns:
         Whether the file changed.
@@ -115,23 +94,21 @@ def retrain(project_dir: str = ".", source: str | None = None, profile: str | No
     retry = {"retries": params.schedule.retries, "retry_delay_seconds": params.schedule.retry_delay_seconds}
 
     ingested = ingest_task.with_options(**retry)(project, source or os.environ.get(SOURCE_ENV) or None)
-    validation = validate_task(project)
-    split = split_task(project)
-    prepared = prepare_task(project)
-    trained = train_task(project)
-    evaluation = evaluate_task(project)
-    registration = register_task.with_options(**retry)(project, trained)
-    result = RetrainResult(name, ingested, validation, split, prepared, trained, evaluation, registration)
+    runs, results = {}, {}
+    for stage in DVC_STAGES:
+        runs[stage], results[stage] = stage_task(project, stage)
+    registration = register_task.with_options(**retry)(project)
+    result = RetrainResult(name, ingested, runs, registration=registration, **results)
 
-    m = evaluation.metrics
+    m = result.evaluate.metrics
     print(
-        f"profile {name} ({trained.architecture}); test ROC AUC {m['roc_auc']:.4f}, sensitivity "
+        f"profile {name} ({result.train.model.architecture}); test ROC AUC {m['roc_auc']:.4f}, sensitivity "
         f"{m['recall']:.3f}, specificity {m['specificity']:.3f} at threshold {m['threshold']}; "
         f"{registration.name} version {registration.version} "
         f"({'new' if registration.created else 'already registered'}), champion: {registration.champion} "
         f"({registration.reason})"
     )
-    if nothing_changed(result):
+    if result.nothing_changed:
         print("nothing changed: data, code and params as in the last run; nothing retrained or registered")
     create_markdown_artifact(
         key=REPORT_KEY,
@@ -148,8 +125,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", default=None, help="a profile in params.yaml (default: by hardware)")
     args = parser.parse_args(argv)
     result = retrain(project_dir=args.project_dir, source=args.source, profile=args.profile)
-    for stage in (result.validation.run, result.split.run, result.prepare.run, result.train.run, result.evaluation.run):
-        print(f"{stage.stage:<9} {'ran' if stage.ran else 'up to date':<10} {stage.seconds:7.1f} s")
+    for run in result.runs.values():
+        print(f"{run.stage:<9} {'ran' if run.ran else 'up to date':<10} {run.seconds:7.1f} s")
 
 
 if __name__ == "__main__":

@@ -8,24 +8,35 @@ MLflow registry rather than producing files, so it runs in the flow's last task.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 import requests
+import yaml
 from mlflow.exceptions import MlflowException
 from prefect import get_run_logger, task
 
-from fracture.cli import EVAL_DIR, PREP_DIR, REPORT, SPLIT_DIR, TRAIN_DIR, data_version, serving_config, setup_mlflow
 from fracture.config import load_params
 from fracture.ingest import EX_TEMPFAIL
-from fracture.registry import EvaluatedSplit, Registration, register
+from fracture.registry import Registration
+from fracture.stages.register import run_register
+from fracture.workspace import Workspace
+
+#: The DVC stages of dvc.yaml in pipeline order, each with the workspace reader of its outputs.
+READERS: dict[str, Callable[[Workspace], Any]] = {
+    "validate": Workspace.read_validate,
+    "split": Workspace.read_split,
+    "prepare": Workspace.read_prepare,
+    "train": Workspace.read_train,
+    "evaluate": Workspace.read_evaluate,
+}
+DVC_STAGES = tuple(READERS)
 
 # MLflow error codes a later try may not meet: the tracking server or its database was down,
 # overloaded or timed out (MLflow reports an unreachable server as INTERNAL_ERROR).
@@ -53,6 +64,8 @@ class StageFailed(RuntimeError):
 
 @dataclass(frozen=True)
 class StageRun:
+    """Whether ``dvc repro`` ran a stage or found it up to date, and how long the call took."""
+
     stage: str
     ran: bool
     seconds: float
@@ -70,47 +83,6 @@ class IngestSummary:
     def changed(self) -> bool:
         """Whether this ingest brought in a dataset other than the one the project had."""
         return self.data_version != self.previous_version
-
-
-@dataclass(frozen=True)
-class ValidationSummary:
-    run: StageRun
-    counts: dict[str, Any]
-    soft_findings: dict[str, int]
-    excluded: int
-    duplicate_groups: int
-
-
-@dataclass(frozen=True)
-class SplitSummary:
-    run: StageRun
-    sizes: dict[str, int]
-    fractured: dict[str, int]
-
-
-@dataclass(frozen=True)
-class PrepareSummary:
-    run: StageRun
-    images: int
-    input_size: list[int]
-    aspect: str
-    images_per_s: float
-
-
-@dataclass(frozen=True)
-class TrainSummary:
-    run: StageRun
-    run_id: str
-    profile: str
-    architecture: str
-    best_epoch: int
-    best_val_roc_auc: float
-
-
-@dataclass(frozen=True)
-class EvaluationSummary:
-    run: StageRun
-    metrics: dict[str, Any]
 
 
 def _env() -> dict[str, str]:
@@ -145,12 +117,25 @@ def dvc(project: Path, *args: str) -> str:
     return _run([sys.executable, "-m", "dvc", *args], project)
 
 
+def _locked(project: Path, stage: str) -> Any:
+    """The stage's entry in ``dvc.lock`` (``None`` before it first ran): DVC's record of what it ran on."""
+    lock = project / "dvc.lock"
+    if not lock.is_file():
+        return None
+    return (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).get(stage)
+
+
 def repro(project: Path, stage: str) -> StageRun:
-    """``dvc repro <stage>``; tells whether DVC ran the stage or found it up to date."""
+    """``dvc repro <stage>``; the stage ran when DVC's lock entry for it changed.
+
+    An unchanged entry means DVC found the stage's dependencies, params and outputs as recorded
+    (or restored the outputs from its run cache) and did not run the command.
+    """
     started = time.perf_counter()
-    output = dvc(project, "repro", stage)
-    ran = f"Stage '{stage}' didn't change, skipping" not in output
-    return StageRun(stage, ran, time.perf_counter() - started)
+    before = _locked(project, stage)
+    dvc(project, "repro", stage)
+    after = _locked(project, stage)
+    return StageRun(stage, after is not None and after != before, time.perf_counter() - started)
 
 
 def retry_transient_ingest(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
@@ -211,68 +196,23 @@ def ingest_task(project: Path, source: str | None) -> IngestSummary:
     The flow sets the retries and their delay from ``schedule`` in params.yaml.
     """
     started = time.perf_counter()
-    previous = data_version(project)
+    workspace = Workspace(project)
+    previous = workspace.data_version()
     _run([sys.executable, "-m", "fracture.cli", "ingest", *(["--source", source] if source else [])], project)
     dvc(project, "add", "data")
-    return IngestSummary(data_version(project), time.perf_counter() - started, previous)
+    return IngestSummary(workspace.data_version(), time.perf_counter() - started, previous)
 
 
-@task(name="validate")
-def validate_task(project: Path) -> ValidationSummary:
-    run = repro(project, "validate")
-    report = json.loads((project / REPORT).read_text())
-    soft = {f["rule"]: f["unexpected_count"] for f in report["findings"] if not f["success"]}
-    return ValidationSummary(run, report["counts"], soft, len(report["excluded"]), len(report["duplicate_groups"]))
-
-
-@task(name="split")
-def split_task(project: Path) -> SplitSummary:
-    run = repro(project, "split")
-    sizes, fractured = {}, {}
-    for name in ("train", "val", "test"):
-        frame = pd.read_csv(project / SPLIT_DIR / f"{name}.csv", usecols=["label"])
-        sizes[name], fractured[name] = len(frame), int(frame["label"].sum())
-    return SplitSummary(run, sizes, fractured)
-
-
-@task(name="prepare")
-def prepare_task(project: Path) -> PrepareSummary:
-    run = repro(project, "prepare")
-    meta = json.loads((project / PREP_DIR / "meta.json").read_text())
-    timing = json.loads((project / PREP_DIR / "timing.json").read_text())
-    return PrepareSummary(run, meta["images"], meta["input_size"], meta["aspect"], timing["images_per_s"])
-
-
-@task(name="train")
-def train_task(project: Path) -> TrainSummary:
-    run = repro(project, "train")
-    model = json.loads((project / TRAIN_DIR / "model.json").read_text())
-    run_id = json.loads((project / TRAIN_DIR / "run.json").read_text())["run_id"]
-    return TrainSummary(
-        run, run_id, model["profile"], model["architecture"], model["best_epoch"], model["best_val_roc_auc"]
-    )
-
-
-@task(name="evaluate")
-def evaluate_task(project: Path) -> EvaluationSummary:
-    run = repro(project, "evaluate")
-    return EvaluationSummary(run, json.loads((project / EVAL_DIR / "metrics.json").read_text()))
+@task(name="stage", task_run_name="{stage}")
+def stage_task(project: Path, stage: str) -> tuple[StageRun, Any]:
+    """Runs one DVC stage (``dvc repro <stage>``) and reads its outputs back as the stage's typed result."""
+    return repro(project, stage), READERS[stage](Workspace(project))
 
 
 @task(name="register", retries=2, retry_delay_seconds=30, retry_condition_fn=retry_transient_registry)
-def register_task(project: Path, trained: TrainSummary) -> Registration:
+def register_task(project: Path) -> Registration:
     """Registers the trained run's model and moves ``champion`` when it passes the promotion gate.
 
     The flow sets the retries and their delay from ``schedule`` in params.yaml.
     """
-    params = load_params(project)
-    setup_mlflow(params, project)
-    return register(
-        params.register,
-        trained.run_id,
-        project / TRAIN_DIR / "model.safetensors",
-        serving_config(project),
-        EvaluatedSplit.from_csv(
-            project / SPLIT_DIR / "test.csv", project / params.ingest.dest, params.validate.on_truncated == "keep"
-        ),
-    )
+    return run_register(load_params(project), Workspace(project))

@@ -12,20 +12,12 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from prefect.states import exception_to_failed_state
 
-from flows.report import METRIC_ROWS, nothing_changed, render_report
-from flows.retrain import RetrainResult
+from flows.report import METRIC_ROWS, render_report
+from flows.result import RetrainResult
 from fracture.registry import Registration
-from tasks.pipeline import (
-    EvaluationSummary,
-    IngestSummary,
-    PrepareSummary,
-    SplitSummary,
-    StageRun,
-    TrainSummary,
-    ValidationSummary,
-    register_task,
-    retry_transient_registry,
-)
+from fracture.imaging import DataConfig
+from fracture.workspace import EvaluateResult, PrepareResult, SplitResult, TrainedModel, TrainResult, ValidateResult
+from tasks.pipeline import DVC_STAGES, IngestSummary, StageRun, register_task, retry_transient_registry
 
 METRICS = {
     "accuracy": 0.81,
@@ -49,9 +41,10 @@ METRICS = {
 }
 
 
+CONFIG = DataConfig((3, 224, 224), "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
 def result(*, ran: bool, previous: str | None, created: bool, champion: bool = True, reason: str = "") -> RetrainResult:
-    def stage(name: str) -> StageRun:
-        return StageRun(name, ran, 12.5 if ran else 0.8)
 
     registration = Registration(
         name="fracture-classifier",
@@ -67,11 +60,12 @@ def result(*, ran: bool, previous: str | None, created: bool, champion: bool = T
     return RetrainResult(
         profile="cpu",
         ingest=IngestSummary("new-md5.dir", 4.2, previous),
-        validation=ValidationSummary(stage("validate"), {"images": 250}, {}, 3, 1),
-        split=SplitSummary(stage("split"), {"train": 175, "val": 38, "test": 37}, {"train": 38, "val": 8, "test": 8}),
-        prepare=PrepareSummary(stage("prepare"), 250, [3, 224, 224], "squash", 80.0),
-        train=TrainSummary(stage("train"), "0123abcd", "cpu", "tf_efficientnet_lite0", 4, 0.88),
-        evaluation=EvaluationSummary(stage("evaluate"), METRICS),
+        runs={name: StageRun(name, ran, 12.5 if ran else 0.8) for name in DVC_STAGES},
+        validate=ValidateResult(True, {"images": 250}, [], {f"IMG{i}.jpg": {"rule": "decodable", "reason": "-"} for i in range(3)}, [["a", "b"]]),
+        split=SplitResult({"train": 175, "val": 38, "test": 37}, {"train": 38, "val": 8, "test": 8}),
+        prepare=PrepareResult(250, [3, 224, 224], "squash", "none", 80.0),
+        train=TrainResult(TrainedModel("tf_efficientnet_lite0", "cpu", ["not_fractured", "fractured"], CONFIG, 4, 0.88), "0123abcd", "1"),
+        evaluate=EvaluateResult(METRICS, {"tn": 23, "fp": 6, "fn": 1, "tp": 7}),
         registration=registration,
     )
 
@@ -87,7 +81,7 @@ def table_row(text: str, label: str) -> list[str]:
 
 def test_unchanged_run_says_nothing_changed():
     unchanged = result(ran=False, previous="new-md5.dir", created=False)
-    assert nothing_changed(unchanged)
+    assert unchanged.nothing_changed
     text = render_report(unchanged)
     assert "**Nothing changed**" in text and "Retrained" not in text
     for stage in ("validate", "split", "prepare", "train", "evaluate"):
@@ -99,7 +93,7 @@ def test_unchanged_run_says_nothing_changed():
 
 def test_new_data_version_reports_the_retraining_and_the_gate():
     changed = result(ran=True, previous="old-md5.dir", created=True)
-    assert not nothing_changed(changed)
+    assert not changed.nothing_changed
     text = render_report(changed)
     assert "**Retrained**: new data version `new-md5.dir` (was `old-md5.dir`)" in text
     assert "DVC ran validate, split, prepare, train, evaluate" in text
@@ -107,6 +101,7 @@ def test_new_data_version_reports_the_retraining_and_the_gate():
     assert table_row(text, "train")[1:] == ["ran", "12.5"]
     assert table_row(text, "Data version (DVC md5 of `data`)")[1] == "`new-md5.dir`"
     assert table_row(text, "Split (images)")[1] == "train 175, val 38, test 37"
+    assert table_row(text, "Excluded by validation")[1] == "3"
     # Every metric row carries the value from metrics.json; intervals where the stage gives them.
     assert table_row(text, "ROC AUC")[1:] == ["0.9012", "0.8011 – 0.9733"]
     assert table_row(text, "Sensitivity (recall)")[1:] == ["0.8750", "0.6250 – 1.0000"]
@@ -129,7 +124,7 @@ def test_a_model_that_loses_the_gate_is_reported_as_not_champion():
 
 
 def test_each_gate_check_is_a_row_of_the_report():
-    from fracture.registry import GateCheck
+    from fracture.gate import GateCheck
 
     loser = result(ran=True, previous="old-md5.dir", created=True, champion=False)
     loser = dataclasses.replace(
@@ -157,14 +152,14 @@ def test_each_gate_check_is_a_row_of_the_report():
 def test_same_data_but_changed_params_is_a_retraining():
     # e.g. more epochs: the data version is the same, yet DVC reruns train and evaluate.
     rerun = result(ran=True, previous="new-md5.dir", created=True)
-    assert not nothing_changed(rerun)
+    assert not rerun.nothing_changed
     assert "**Retrained**: same data version `new-md5.dir`" in render_report(rerun)
 
 
 def test_missing_metrics_render_as_not_available():
     old = result(ran=True, previous=None, created=True)
     metrics = {k: v for k, v in METRICS.items() if k not in {"ece", "brier", "roc_auc_ci_low"}}
-    text = render_report(RetrainResult(**{**old.__dict__, "evaluation": EvaluationSummary(old.evaluation.run, metrics)}))
+    text = render_report(dataclasses.replace(old, evaluate=EvaluateResult(metrics, old.evaluate.confusion)))
     assert table_row(text, "Expected calibration error")[1] == "n/a"
     assert table_row(text, "ROC AUC")[1:] == ["0.9012", ""]
     assert table_row(text, "Previous data version")[1] == "none"
