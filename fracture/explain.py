@@ -17,6 +17,8 @@ from matplotlib import colormaps
 from PIL import Image
 from torch import nn
 
+from fracture.vocabulary import Aspect, choices
+
 # Captum registers hooks on the layer for the duration of one attribution; a model shared by
 # several page sessions must not have two attributions hooking it at the same time.
 _LOCK = threading.Lock()
@@ -73,7 +75,7 @@ def grad_cam(model: nn.Module, batch: torch.Tensor, target: int, layer: nn.Modul
     return cam / peak if peak > 0 else np.zeros_like(cam)
 
 
-def to_image_grid(cam: np.ndarray, size: tuple[int, int], aspect: str = "squash") -> np.ndarray:
+def to_image_grid(cam: np.ndarray, size: tuple[int, int], aspect: Aspect = "squash") -> np.ndarray:
     """Maps a heat map at the model's input size back onto the original image's pixels.
 
     Args:
@@ -90,7 +92,7 @@ def to_image_grid(cam: np.ndarray, size: tuple[int, int], aspect: str = "squash"
     if aspect == "squash":
         return np.asarray(heat.resize((width, height), Image.Resampling.BILINEAR), dtype=np.float64).clip(0, 1)
     if aspect != "pad":
-        raise ValueError(f"aspect must be 'squash' or 'pad', got {aspect!r}")
+        raise ValueError(f"aspect must be one of {choices(Aspect)}, got {aspect!r}")
     side = max(width, height)
     # Same placement as PIL.ImageOps.pad with centering (0.5, 0.5), which the transform used.
     left, top = round((side - width) * 0.5), round((side - height) * 0.5)

@@ -30,7 +30,7 @@ from fracture.imaging import DataConfig, Preprocessor
 from fracture.inference import autocast_for, probabilities
 from fracture.model import create_classifier, data_config
 from fracture.prepare import StaleCacheError
-from fracture.vocabulary import CLASSES, Augment, ClassBalance, Device
+from fracture.vocabulary import CLASSES, Augment, ClassBalance, Device, choices
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def augmentation(name: Augment) -> Callable[[torch.Tensor], torch.Tensor] | None
         return light_augmentation()
     if name == "central_crop":
         return RandomCentralCrop()
-    raise ValueError(f"augment must be 'none', 'light' or 'central_crop', got {name!r}")
+    raise ValueError(f"augment must be one of {choices(Augment)}, got {name!r}")
 
 
 def class_balance(
@@ -142,7 +142,7 @@ def class_balance(
     if mode == "balanced_sampler":
         per_image = weights[labels].double()
         return nn.CrossEntropyLoss(), WeightedRandomSampler(per_image, len(y), replacement=True, generator=generator)
-    raise ValueError(f"train.class_balance must be 'none', 'weighted_loss' or 'balanced_sampler', got {mode!r}")
+    raise ValueError(f"train.class_balance must be one of {choices(ClassBalance)}, got {mode!r}")
 
 
 def train_step(
