@@ -138,29 +138,26 @@ def repro(project: Path, stage: str) -> StageRun:
     return StageRun(stage, after is not None and after != before, time.perf_counter() - started)
 
 
+def _failure(state: State[Any]) -> BaseException | None:
+    """The exception a Failed state holds (its result re-raises it), or ``None``."""
+    try:
+        state.result()
+    except Exception as exc:  # noqa: BLE001 - whatever the task raised is what the caller judges
+        return exc
+    return None
+
+
 def retry_transient_ingest(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
     """Prefect ``retry_condition_fn``: retries the ingest task only after a transient failure.
 
     ``fracture ingest`` exits with ``EX_TEMPFAIL`` (75) for network errors, cut-short
     transfers and HTTP 5xx, which a later try may not meet. A wrong local path, a bad layout,
     a checksum mismatch or a zip-slip member fail the same way every time, so they are
-    reported at once instead of after the retry delays.
-
-    Args:
-        task: the task (unused; part of Prefect's signature).
-        task_run: the failed run (unused; part of Prefect's signature).
-        state: the Failed state; its result re-raises the task's exception.
-
-    Returns:
-        Whether Prefect should apply the task's retry policy.
+    reported at once instead of after the retry delays. ``task`` and ``task_run`` are part of
+    Prefect's signature; ``state`` is the Failed state.
     """
-    try:
-        state.result()
-    except StageFailed as exc:
-        return exc.returncode == EX_TEMPFAIL
-    except Exception:  # noqa: BLE001 - anything else is no known transient failure
-        return False
-    return False
+    exc = _failure(state)
+    return isinstance(exc, StageFailed) and exc.returncode == EX_TEMPFAIL
 
 
 def retry_transient_registry(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
@@ -168,25 +165,13 @@ def retry_transient_registry(task: Task[..., Any], task_run: TaskRun, state: Sta
 
     An unreachable or overloaded tracking server, a timeout or a locked database may be gone on
     the next try; a missing metric, an unknown run or a permission error stays, so it is
-    reported at once.
-
-    Args:
-        task: the task (unused; part of Prefect's signature).
-        task_run: the failed run (unused; part of Prefect's signature).
-        state: the Failed state; its result re-raises the task's exception.
-
-    Returns:
-        Whether Prefect should apply the task's retry policy.
+    reported at once. ``task`` and ``task_run`` are part of Prefect's signature; ``state`` is
+    the Failed state.
     """
-    try:
-        state.result()
-    except MlflowException as exc:
+    exc = _failure(state)
+    if isinstance(exc, MlflowException):
         return exc.error_code in TRANSIENT_MLFLOW_ERRORS
-    except (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError):
-        return True
-    except Exception:  # noqa: BLE001 - anything else is no known transient failure
-        return False
-    return False
+    return isinstance(exc, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError))
 
 
 @task(name="ingest", retries=2, retry_delay_seconds=30, retry_condition_fn=retry_transient_ingest)
