@@ -90,7 +90,12 @@ def _print_validation(result: ValidateResult, workspace: Workspace) -> None:
     for f in result.findings:
         if not f["success"]:
             print(f"[{f['severity']}] {f['rule']}: {f['unexpected_count']} images, e.g. {f['unexpected_ids'][:5]}")
-    print(f"{len(result.duplicate_groups)} groups of byte-identical files; {len(result.excluded)} images excluded")
+    near = result.counts.get("near_duplicates", {})
+    print(
+        f"{len(result.duplicate_groups)} groups of byte-identical files; {near.get('groups', 0)} groups of "
+        f"near-duplicate X-rays ({near.get('images_in_groups', 0)} images, {near.get('label_conflict_groups', 0)} "
+        f"with labels that disagree); {len(result.excluded)} images excluded"
+    )
     comparison = result.comparison
     print(f"dataset version {result.data_version}: {comparison['status']}; {comparison.get('message', '')}")
     print(f"Great Expectations Data Docs: {result.gx_outputs.get('data_docs', workspace.gx_dir)}")

@@ -24,6 +24,7 @@ from fracture.vocabulary import (
     Enhancement,
     OnDuplicate,
     OnLabelConflict,
+    OnNearDuplicateConflict,
     OnTruncated,
     Severity,
     SplitStrategy,
@@ -55,6 +56,9 @@ class ValidateParams:
     severity: dict[str, Severity] = dataclasses.field(default_factory=dict)
     on_duplicate: OnDuplicate = "grouped"
     compare_previous: bool = True
+    # Pearson's r of 32 x 32 thumbnails above which two images are one radiograph (null: off).
+    near_duplicate_threshold: float | None = None
+    on_near_duplicate_conflict: OnNearDuplicateConflict = "exclude"
 
 
 @dataclass(frozen=True)
@@ -274,6 +278,9 @@ def parse_params(raw: dict[str, Any]) -> Params:
 
 def _check(p: Params) -> None:
     # The allowed values of every choice were checked by _build; these are the numeric rules.
+    t = p.validate.near_duplicate_threshold
+    if t is not None and not (isinstance(t, (int, float)) and 0 < t < 1):
+        raise ConfigError(f"params.yaml: validate.near_duplicate_threshold must lie in (0, 1) or be null, got {t!r}")
     if not 0 < p.split.val_size < 1 or not 0 < p.split.test_size < 1:
         raise ConfigError("params.yaml: split.val_size and split.test_size must lie in (0, 1)")
     if p.split.val_size + p.split.test_size >= 1:

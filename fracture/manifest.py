@@ -18,6 +18,7 @@ import pandas as pd
 from PIL import Image
 
 from fracture.imaging import decode, decode_truncated
+from fracture.near_duplicates import add_near_duplicates
 
 FOLDERS = {"Fractured": 1, "Non_fractured": 0}
 # dataset.csv's body-part flags: four regions, and `mixed` for a film showing two or three of
@@ -64,18 +65,23 @@ def inspect_image(path: str) -> ImageFacts:
         return ImageFacts(None, None, None, digest, False, True, str(exc))
 
 
-def build_manifest(dataset_dir: Path, workers: int | None = None) -> pd.DataFrame:
+def build_manifest(
+    dataset_dir: Path, workers: int | None = None, near_duplicate_threshold: float | None = None
+) -> pd.DataFrame:
     """Lists every image id from the class folders and ``dataset.csv`` with its facts.
 
     Args:
         dataset_dir: a folder in the FracAtlas layout.
         workers: decoding processes (default: all cores).
+        near_duplicate_threshold: find near-duplicate X-rays at this thumbnail correlation
+            (:mod:`fracture.near_duplicates`); ``None`` makes every image its own group.
 
     Returns:
         One row per id, sorted by id: ``path`` (relative to ``dataset_dir``, empty when only the
         csv names it), ``folder_label`` and ``csv_label`` (NA where unknown), ``has_file``,
         ``in_csv``, the csv's flags and ``fracture_count``, and the decoded ``width``,
-        ``height``, ``mode``, ``sha256``, ``decodable``, ``truncated`` and ``error``.
+        ``height``, ``mode``, ``sha256``, ``decodable``, ``truncated`` and ``error``; then
+        ``near_duplicate_group`` and ``near_duplicate_conflict``.
     """
     rows = []
     for folder, label in FOLDERS.items():
@@ -103,7 +109,10 @@ def build_manifest(dataset_dir: Path, workers: int | None = None) -> pd.DataFram
     frame["truncated"] = frame["truncated"].astype("boolean")
     frame["width"] = frame["width"].astype("Int64")
     frame["height"] = frame["height"].astype("Int64")
-    return frame.sort_values("image_id").reset_index(drop=True)
+    frame = frame.sort_values("image_id").reset_index(drop=True)
+    if near_duplicate_threshold is None:
+        return frame.assign(near_duplicate_group=frame["image_id"], near_duplicate_conflict=False)
+    return add_near_duplicates(frame, dataset_dir, near_duplicate_threshold, workers)
 
 
 def body_part(frame: pd.DataFrame) -> pd.Series:

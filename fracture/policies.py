@@ -6,7 +6,10 @@ severity:
 * ``on_truncated``: ``keep`` (loaded with truncated loading allowed) or ``exclude``;
 * ``on_label_conflict``: ``folder`` or ``csv`` (which label wins) or ``exclude``;
 * ``on_duplicate``: ``grouped`` (every copy kept; the split keeps a group together) or
-  ``keep_one`` (the first id of each byte-identical group is kept, the others excluded).
+  ``keep_one`` (the first id of each byte-identical group is kept, the others excluded);
+* ``on_near_duplicate_conflict``: ``exclude`` (every member of a near-duplicate group whose
+  labels disagree is left out: one radiograph cannot be both) or ``keep`` (each keeps its own
+  label; the split still keeps the group together).
 
 Images that cannot be used at all are excluded whatever the severity: no file, a file that
 does not decode, or a label that is not 0 or 1. Soft findings of the other rules (sizes,
@@ -58,7 +61,8 @@ def apply_policy(
 
     Args:
         manifest: the manifest.
-        params: ``on_truncated``, ``on_label_conflict`` and ``on_duplicate``.
+        params: ``on_truncated``, ``on_label_conflict``, ``on_duplicate`` and
+            ``on_near_duplicate_conflict``.
         findings: the suite's findings on this manifest (:func:`fracture.suite.run_suite`).
         duplicates: the byte-identical groups among them (:func:`duplicate_groups`).
 
@@ -110,6 +114,13 @@ def apply_policy(
             sorted(flagged["not_truncated"]),
             "not_truncated",
             "the file ends before the JPEG end-of-image marker (validate.on_truncated: exclude)",
+        )
+    if params.on_near_duplicate_conflict == "exclude":
+        exclude(
+            sorted(flagged["near_duplicate_labels_agree"]),
+            "near_duplicate_labels_agree",
+            lambda i: f"a near-duplicate of another X-ray in group {rows.at[i, 'near_duplicate_group']} that carries "
+            "a different label (validate.on_near_duplicate_conflict: exclude)",
         )
     if params.on_duplicate == "keep_one":
         for group in duplicates:

@@ -1,4 +1,4 @@
-"""Seeded train/val/test split that keeps byte-identical files together.
+"""Seeded train/val/test split that keeps byte-identical files and near-duplicate X-rays together.
 
 Two strategies (``split.strategy``):
 
@@ -8,8 +8,10 @@ Two strategies (``split.strategy``):
   the rest (all non-fractured images and any fractured image no list names) are drawn as in
   ``stratified``.
 
-Either way the unit of the draw is a group of byte-identical files (same ``sha256``), so a
-duplicate of a test image can never sit in training.
+Either way the unit of the draw is a group: byte-identical files (same ``sha256``) and
+near-duplicate X-rays (the validate stage's ``near_duplicate_group``, :mod:`fracture.near_duplicates`)
+joined into one, so neither a copy nor a re-encoded or repeated exposure of a test image can sit
+in training.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import pandas as pd
 from sklearn.model_selection import train_test_split
 
 from fracture.config import SplitParams
+from fracture.near_duplicates import group_ids
 from fracture.manifest import ManifestError, body_part
 
 SPLITS = ("train", "val", "test")
@@ -50,8 +53,8 @@ class SplitReport:
             and ``test``.
         published: included images placed by the published lists, per split (empty for
             ``stratified``); counts images, so duplicates that followed a listed copy count.
-        moved: ids placed by a duplicate's list entry rather than their own, to keep a group
-            of identical files in one split: ``image_id``, ``listed`` (the split its own list
+        moved: ids placed by a group member's list entry rather than their own, to keep a group
+            (identical files, near-duplicates) in one split: ``image_id``, ``listed`` (the split its own list
             entry names, empty when no list names it) and ``assigned``.
         unlisted_fractured: included fractured ids that no published list names.
         listed_left_out: ids a published list names that are not among the included images
@@ -82,7 +85,7 @@ class SplitReport:
             )
         for row in self.moved.itertuples(index=False):
             why = f"listed in {row.listed}" if row.listed else "in no list"
-            lines.append(f"moved to keep identical files together: {row.image_id} ({why}) -> {row.assigned}")
+            lines.append(f"moved to keep its group together: {row.image_id} ({why}) -> {row.assigned}")
         for ids, what in (
             (self.unlisted_fractured, "fractured ids in no published list"),
             (self.listed_left_out, "listed ids left out (excluded or not in the manifest)"),
@@ -119,8 +122,9 @@ class Splits(dict[str, pd.DataFrame]):
 def split_manifest(manifest: pd.DataFrame, params: SplitParams, published_dir: Path | None = None) -> Splits:
     """Splits the included images into train, val and test.
 
-    The unit of every decision is a group of byte-identical files (same ``sha256``): a group
-    goes to one split whole.
+    The unit of every decision is a group: byte-identical files (same ``sha256``) and
+    near-duplicate X-rays (same ``near_duplicate_group``, where the manifest has it), joined
+    transitively; a group goes to one split whole, and is stratified by its highest label.
 
     ``strategy: stratified`` draws the groups with scikit-learn's ``train_test_split``, seeded,
     ``test_size`` first and ``val_size`` of the whole from the rest, stratified by label; with
@@ -169,17 +173,17 @@ def split_manifest(manifest: pd.DataFrame, params: SplitParams, published_dir: P
         raise SplitError(f"split.strategy is {params.strategy!r}; set it to 'stratified' or 'published'")
     listed = _read_published(published_dir) if params.strategy == "published" else None
     used = manifest[manifest["included"]]
+    used = used.assign(group=_group_key(used))
     groups = _groups(used, params)
     placed, found = (pd.Series(dtype=object), {}) if listed is None else _place_published(used, listed)
     drawn = groups.drop(index=placed.index)
     if listed is None and not params.stratify_body_part:
-        # Label-only stratification keeps the two scikit-learn calls it always had, so the
-        # default parameters give the same split files as before and DVC skips retraining.
+        # Label-only stratification: the two scikit-learn calls (test, then val from the rest).
         drawn_where = _label_only(drawn, params)
     else:
         drawn_where = _by_strata(drawn, params)
 
-    assigned = used["sha256"].map(pd.concat([placed, drawn_where]))
+    assigned = used["group"].map(pd.concat([placed, drawn_where]))
     out = {name: used[assigned == name].sort_values("image_id").reset_index(drop=True) for name in SPLITS}
     return Splits(out, SplitReport(params.strategy, _strata_table(drawn, drawn_where), **found))
 
@@ -189,27 +193,39 @@ def published_dir_of(dataset_dir: Path) -> Path:
     return dataset_dir / PUBLISHED_SUBDIR
 
 
+def _group_key(used: pd.DataFrame) -> pd.Series:
+    """Each image's group: byte-identical files and near-duplicates, joined transitively."""
+    pairs = []
+    for column in ("sha256", "near_duplicate_group"):
+        if column in used:
+            first = used.groupby(column)["image_id"].transform("min")
+            linked = first != used["image_id"]
+            pairs.append(pd.DataFrame({"image_id_a": first[linked], "image_id_b": used.loc[linked, "image_id"]}))
+    ids = used["image_id"].tolist()
+    pairs_frame = pd.concat(pairs) if pairs else pd.DataFrame({"image_id_a": [], "image_id_b": []})
+    return used["image_id"].map(group_ids(ids, pairs_frame))
+
+
 def _groups(used: pd.DataFrame, params: SplitParams) -> pd.DataFrame:
-    """One row per distinct content (index ``sha256``): ``label``, ``first_id`` and ``stratum``."""
+    """One row per group (index ``group``): ``label`` (its highest), ``first_id`` and ``stratum``."""
     ordered = used.sort_values("image_id")
-    groups = ordered.groupby("sha256").agg(
-        label=("label", "first"), n_labels=("label", "nunique"), first_id=("image_id", "first")
-    )
-    mixed = groups.index[groups["n_labels"] > 1]
+    identical = ordered.groupby("sha256")["label"].nunique()
+    mixed = identical.index[identical > 1]
     if len(mixed):
         ids = used.loc[used["sha256"].isin(mixed), "image_id"].tolist()
         raise SplitError(
             f"identical files carry different labels: {ids}; fix the labels in dataset.csv and the "
             "class folders, or set validate.on_duplicate: keep_one (keeps the first id of each group)"
         )
-    groups = groups.drop(columns="n_labels")
+    # Near-duplicates with different labels reach here only with on_near_duplicate_conflict: keep.
+    groups = ordered.groupby("group").agg(label=("label", "max"), first_id=("image_id", "first"))
     groups["label"] = groups["label"].astype(int)
     if params.stratify_body_part:
         try:
             parts = body_part(ordered)
         except ManifestError as exc:
             raise SplitError(f"{exc}, or set split.stratify_body_part: false") from exc
-        groups["part"] = parts.groupby(ordered["sha256"]).first()
+        groups["part"] = parts.groupby(ordered["group"]).first()
         groups["stratum"] = _pool_rare(groups, _min_groups(params))
     else:
         groups["part"] = "any"
@@ -345,11 +361,11 @@ def _read_published(published_dir: Path | None) -> pd.Series:
 
 
 def _place_published(used: pd.DataFrame, listed: pd.Series) -> tuple[pd.Series, dict[str, Any]]:
-    """The split of each group a list places (by ``sha256``), and the report's list fields."""
+    """The split of each group a list places (by ``group``), and the report's list fields."""
     rows = used.sort_values("image_id").assign(listed=lambda f: f["image_id"].map(listed))
     # A group follows its first listed member; the rest of it comes along.
-    group_split = rows.dropna(subset=["listed"]).groupby("sha256")["listed"].first()
-    rows["assigned"] = rows["sha256"].map(group_split)
+    group_split = rows.dropna(subset=["listed"]).groupby("group")["listed"].first()
+    rows["assigned"] = rows["group"].map(group_split)
     placed = rows.dropna(subset=["assigned"])
     moved = placed.loc[placed["listed"] != placed["assigned"], ["image_id", "listed", "assigned"]]
     fractured = rows["label"].astype(int) == 1

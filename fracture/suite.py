@@ -76,6 +76,7 @@ RULES = (
     "fracture_count_matches_label",
     "not_truncated",
     "unique_content",
+    "near_duplicate_labels_agree",
 )
 
 
@@ -212,6 +213,10 @@ def _rule_expectations(params: ValidateParams) -> dict[str, list[tuple[str, gxe.
         ],
         "unique_content": [
             ("no two files are byte-identical (sha256)", gxe.ExpectColumnValuesToBeUnique(column="sha256")),
+        ],
+        "near_duplicate_labels_agree": [
+            ("near-duplicate X-rays (one radiograph stored twice) carry the same label",
+             gxe.ExpectColumnValuesToBeInSet(column="near_duplicate_conflict", value_set=[False])),
         ],
     }
 

@@ -35,9 +35,12 @@ class ValidationReport:
         findings: one per rule, in :data:`fracture.suite.RULES` order.
         excluded: image id -> the rule and reason that excluded it.
         duplicate_groups: ids of byte-identical files, two or more per group, sorted.
-        counts: totals, and per class, body part and view for all ids and included images.
+        counts: totals, and per class, body part and view for all ids and included images;
+            ``near_duplicates``: groups, images in groups and groups whose labels disagree.
         gx_outputs: where the GX validation result, suite and Data Docs index were written
             (empty when no directory was given).
+        near_duplicate_groups: ids of near-duplicate X-rays (:mod:`fracture.near_duplicates`),
+            two or more per group, sorted; byte-identical files are among them.
     """
 
     success: bool
@@ -46,6 +49,7 @@ class ValidationReport:
     duplicate_groups: list[list[str]] = field(default_factory=list)
     counts: dict[str, Any] = field(default_factory=dict)
     gx_outputs: dict[str, str] = field(default_factory=dict)
+    near_duplicate_groups: list[list[str]] = field(default_factory=list)
 
     def failures(self) -> list[Finding]:
         """The hard rules that failed."""
@@ -118,6 +122,7 @@ def validate(
         "not_fractured_included": int((used["label"] == 0).sum()),
         "all_ids": _breakdown(resolved),
         "included_images": _breakdown(used),
+        "near_duplicates": _near_duplicate_counts(resolved),
     }
     report = ValidationReport(
         success=all(f.success for f in run.findings if f.severity == HARD),
@@ -126,8 +131,28 @@ def validate(
         duplicate_groups=groups,
         counts=counts,
         gx_outputs=run.outputs,
+        near_duplicate_groups=near_duplicate_groups(resolved),
     )
     return resolved, report
+
+
+def near_duplicate_groups(manifest: pd.DataFrame) -> list[list[str]]:
+    """The ids of each near-duplicate group of two or more images, sorted."""
+    if "near_duplicate_group" not in manifest:
+        return []
+    groups = manifest.groupby("near_duplicate_group")["image_id"].apply(sorted)
+    return sorted(g for g in groups if len(g) > 1)
+
+
+def _near_duplicate_counts(manifest: pd.DataFrame) -> dict[str, int]:
+    groups = near_duplicate_groups(manifest)
+    conflict = manifest.get("near_duplicate_conflict", pd.Series(False, index=manifest.index)).astype(bool)
+    conflicts = manifest.loc[conflict, "near_duplicate_group"]
+    return {
+        "groups": len(groups),
+        "images_in_groups": sum(len(g) for g in groups),
+        "label_conflict_groups": int(conflicts.nunique()),
+    }
 
 
 def failure_message(report: ValidationReport) -> str:

@@ -22,6 +22,7 @@ Device = Literal["auto", "cpu", "cuda"]
 OnTruncated = Literal["keep", "exclude"]
 OnLabelConflict = Literal["folder", "csv", "exclude"]
 OnDuplicate = Literal["grouped", "keep_one"]
+OnNearDuplicateConflict = Literal["exclude", "keep"]
 Severity = Literal["hard", "soft"]
 SplitStrategy = Literal["stratified", "published"]
 

@@ -64,6 +64,7 @@ class ValidateResult:
         gx_outputs: where GX's result, suite and Data Docs were written.
         data_version: DVC's md5 of ``data`` the stage validated.
         comparison: the comparison with the previous dataset version.
+        near_duplicate_groups: ids of near-duplicate X-rays kept in one split, per group.
     """
 
     success: bool
@@ -74,6 +75,7 @@ class ValidateResult:
     gx_outputs: dict[str, str] = field(default_factory=dict)
     data_version: str | None = None
     comparison: dict[str, Any] = field(default_factory=dict)
+    near_duplicate_groups: list[list[str]] = field(default_factory=list)
 
     @property
     def failed_rules(self) -> dict[str, int]:

@@ -183,6 +183,7 @@ RULE_CASES: list[tuple[str, Callable[[pd.DataFrame], pd.DataFrame], list[str]]] 
     ("fracture_count_matches_label", lambda m: mutate(m, "IMG0000015.jpg", fracture_count=2), ["IMG0000015.jpg"]),
     ("not_truncated", lambda m: mutate(m, "IMG0000012.jpg", truncated=True), ["IMG0000012.jpg"]),
     ("unique_content", _same_hash, ["IMG0000011.jpg", "IMG0000013.jpg"]),
+    ("near_duplicate_labels_agree", lambda m: mutate(m, "IMG0000014.jpg", near_duplicate_conflict=True), ["IMG0000014.jpg"]),
 ]
 
 
@@ -406,7 +407,7 @@ def test_gx_result_and_data_docs_are_written_from_the_same_run(tmp_path, vparams
 @pytest.fixture(scope="module")
 def real(fracatlas, vparams, tmp_path_factory):
     """The real copy's manifest and its validation under the default params (built once)."""
-    manifest = build_manifest(fracatlas)
+    manifest = build_manifest(fracatlas, near_duplicate_threshold=vparams.near_duplicate_threshold)
     resolved, report = validate(manifest, vparams, tmp_path_factory.mktemp("real_gx"))
     return manifest, resolved, report
 
@@ -421,6 +422,7 @@ def test_real_copy_passes_every_hard_rule(real):
         "fracture_count_matches_label": 1,
         "not_truncated": 49,
         "unique_content": 21,
+        "near_duplicate_labels_agree": 8,
     }
     assert 0.05 <= report.finding("fractured_share_in_range").observed <= 0.5
 
@@ -462,7 +464,10 @@ def test_real_copy_body_parts_and_counts(real):
     assert sum(every["body_part"].values()) == len(manifest)
     assert every["body_part"]["mixed"] == int(manifest["mixed"].sum())
     assert every["class"]["fractured"] == int(manifest["folder_label"].sum())
-    assert report.counts["included_images"] == every  # nothing excluded by default
+    # By default only the near-duplicates whose labels disagree are left out.
+    conflicting = report.finding("near_duplicate_labels_agree").unexpected_ids
+    assert sorted(report.excluded) == conflicting
+    assert sum(report.counts["included_images"]["body_part"].values()) == len(manifest) - len(conflicting)
 
 
 @pytest.mark.integration
@@ -473,9 +478,13 @@ def test_real_copy_strict_policies(real, vparams):
     rules = pd.Series({i: e.rule for i, e in excluded.items()}).value_counts().to_dict()
     # 49 truncated (a truncated pair among them), IMG0003298, and 11 extra copies of the
     # other 8 groups (21 ids in 9 groups, less the truncated pair).
-    assert rules == {"not_truncated": 49, "folder_label_matches_csv": 1, "unique_content": 11}
+    assert rules == {
+        "not_truncated": 49, "folder_label_matches_csv": 1, "unique_content": 11, "near_duplicate_labels_agree": 8
+    }
     _, keep_one = resolve(manifest, policy(vparams, on_duplicate="keep_one"), report.findings)
-    assert len(keep_one) == 21 - 9
+    assert sum(e.rule == "unique_content" for e in keep_one.values()) == 21 - 9
+    _, kept = resolve(manifest, policy(vparams, on_near_duplicate_conflict="keep"), report.findings)
+    assert kept == {}
 
 
 @pytest.mark.integration
@@ -488,3 +497,24 @@ def test_real_copy_gx_outputs(real):
     assert all(r["expectation_config"]["severity"] == "warning" for r in result["results"]
                if r["expectation_config"]["meta"]["rule"] in warned)
 
+
+
+@pytest.mark.integration
+def test_real_copy_near_duplicates_are_grouped_and_conflicting_labels_flagged(real):
+    manifest, resolved, report = real
+    group = manifest.set_index("image_id")["near_duplicate_group"]
+    # One X-ray in two encodings, and three X-rays stored twice under opposite class folders.
+    assert group["IMG0002653.jpg"] == group["IMG0004068.jpg"]
+    conflicting = set(report.finding("near_duplicate_labels_agree").unexpected_ids)
+    for a, b in [("IMG0002886.jpg", "IMG0004243.jpg"), ("IMG0002998.jpg", "IMG0004280.jpg"),
+                 ("IMG0004262.jpg", "IMG0002952.jpg")]:
+        assert group[a] == group[b] and {a, b} <= conflicting
+    labels = manifest.set_index("image_id")["folder_label"]
+    assert all(labels[g].nunique() == 2 for g in manifest[manifest["near_duplicate_conflict"]].groupby("near_duplicate_group")["image_id"].apply(list))
+    # Every byte-identical group lies inside one near-duplicate group.
+    assert all(group[g].nunique() == 1 for g in report.duplicate_groups)
+    counts = report.counts["near_duplicates"]
+    assert counts["groups"] == len(report.near_duplicate_groups) >= len(report.duplicate_groups)
+    assert counts["images_in_groups"] == sum(map(len, report.near_duplicate_groups))
+    assert counts["label_conflict_groups"] == manifest.loc[manifest["near_duplicate_conflict"], "near_duplicate_group"].nunique()
+    assert not resolved.set_index("image_id").loc[sorted(conflicting), "included"].any()

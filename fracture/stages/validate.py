@@ -25,7 +25,9 @@ def run_validate(params: Params, workspace: Workspace) -> ValidateResult:
         ValidationFailed: a hard rule failed; the message names the rules and offending ids.
     """
     rule_severities(params.validate)  # a params mistake fails before the manifest is built
-    manifest = build_manifest(workspace.root / params.ingest.dest)
+    manifest = build_manifest(
+        workspace.root / params.ingest.dest, near_duplicate_threshold=params.validate.near_duplicate_threshold
+    )
     resolved, report = validate(manifest, params.validate, workspace.gx_dir)
     if params.validate.compare_previous:
         # ingest.dest is <the folder data.dvc tracks>/<the dataset folder inside it>.

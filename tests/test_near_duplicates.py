@@ -1,0 +1,98 @@
+"""Near-duplicate X-rays: found by thumbnail correlation, reported, and kept in one split."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from fracture.config import SplitParams, load_params
+from fracture.manifest import build_manifest
+from fracture.near_duplicates import group_ids, near_duplicate_pairs, thumbnail
+from fracture.split import SPLITS, split_manifest
+from fracture.validation import validate
+from tests.conftest import REPO
+from tests.synthetic import make_dataset
+from tests.test_split import manifest_from, split_of
+
+
+def smooth_xray(path, seed: int, size: tuple[int, int] = (240, 288)) -> None:
+    """A picture with structure at every scale (noise upsampled), as an X-ray has; plain noise has none."""
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray(rng.integers(0, 255, (9, 8), dtype=np.uint8), mode="L")
+    coarse.resize(size, Image.Resampling.BICUBIC).save(path, quality=95)
+
+
+def reencode(src, dest, quality: int = 40, scale: float = 0.75) -> None:
+    """Another encoding of the same picture: smaller, at a lower JPEG quality."""
+    with Image.open(src) as img:
+        small = img.convert("L").resize((round(img.width * scale), round(img.height * scale)))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    small.save(dest, quality=quality)
+
+
+def add_copy(root, src_id: str, src_folder: str, new_id: str, new_folder: str) -> None:
+    reencode(root / "images" / src_folder / src_id, root / "images" / new_folder / new_id)
+    csv = pd.read_csv(root / "dataset.csv")
+    row = csv[csv["image_id"] == src_id].iloc[0].copy()
+    row["image_id"] = new_id
+    row["fractured"] = row["fracture_count"] = int(new_folder == "Fractured")
+    pd.concat([csv, row.to_frame().T]).to_csv(root / "dataset.csv", index=False)
+
+
+def test_a_reencoded_copy_correlates_and_a_different_image_does_not(tmp_path):
+    make_dataset(tmp_path, 2, 2)
+    src, different = tmp_path / "images/Fractured/IMG0000000.jpg", tmp_path / "images/Fractured/IMG0000001.jpg"
+    smooth_xray(src, 0)
+    smooth_xray(different, 1)
+    reencode(src, tmp_path / "copy.jpg")
+    a, b, other = (thumbnail(p) for p in (src, tmp_path / "copy.jpg", different))
+    assert a.shape == (1024,) and abs(float(a.mean())) < 1e-5 and abs(float(a.std()) - 1) < 1e-3
+    assert float(a @ b) / a.size > 0.97 > float(a @ other) / a.size
+    pairs = near_duplicate_pairs(np.stack([a, b, other]), ["x", "y", "z"], 0.97)
+    assert pairs[["image_id_a", "image_id_b"]].values.tolist() == [["x", "y"]]
+    assert group_ids(["x", "y", "z"], pairs).to_dict() == {"x": "x", "y": "x", "z": "z"}
+
+
+def test_near_duplicates_are_grouped_and_conflicting_labels_excluded(tmp_path):
+    make_dataset(tmp_path, 6, 14)
+    for i, folder in enumerate(["Fractured"] * 6 + ["Non_fractured"] * 14):
+        smooth_xray(tmp_path / "images" / folder / f"IMG{i:07d}.jpg", i)
+    add_copy(tmp_path, "IMG0000010.jpg", "Non_fractured", "IMG0000030.jpg", "Non_fractured")  # same label
+    add_copy(tmp_path, "IMG0000002.jpg", "Fractured", "IMG0000031.jpg", "Non_fractured")  # opposite label
+    params = load_params(REPO).validate
+    manifest = build_manifest(tmp_path, workers=1, near_duplicate_threshold=params.near_duplicate_threshold)
+    group = manifest.set_index("image_id")["near_duplicate_group"]
+    assert group["IMG0000030.jpg"] == group["IMG0000010.jpg"] == "IMG0000010.jpg"
+    assert group["IMG0000031.jpg"] == group["IMG0000002.jpg"]
+    assert (manifest["near_duplicate_group"] == manifest["image_id"]).sum() == len(manifest) - 2
+
+    resolved, report = validate(manifest, params)
+    assert report.finding("near_duplicate_labels_agree").unexpected_ids == ["IMG0000002.jpg", "IMG0000031.jpg"]
+    assert report.near_duplicate_groups == [["IMG0000002.jpg", "IMG0000031.jpg"], ["IMG0000010.jpg", "IMG0000030.jpg"]]
+    assert report.counts["near_duplicates"] == {"groups": 2, "images_in_groups": 4, "label_conflict_groups": 1}
+    assert sorted(report.excluded) == ["IMG0000002.jpg", "IMG0000031.jpg"]
+    assert "near-duplicate" in report.excluded["IMG0000031.jpg"].reason
+
+
+def test_without_a_threshold_every_image_is_its_own_group(tmp_path):
+    make_dataset(tmp_path, 2, 2)
+    manifest = build_manifest(tmp_path, workers=1)
+    assert (manifest["near_duplicate_group"] == manifest["image_id"]).all()
+    assert not manifest["near_duplicate_conflict"].any()
+
+
+def test_the_split_keeps_near_duplicate_groups_and_identical_files_together():
+    manifest = manifest_from([(0, 1)] * 60 + [(1, 1)] * 20 + [(0, 2)] * 5)  # five byte-identical pairs
+    manifest["near_duplicate_group"] = manifest["image_id"]
+    # Chains of near-duplicates with different hashes, one reaching into an identical pair.
+    chains = [["IMG00000_0.jpg", "IMG00001_0.jpg", "IMG00002_0.jpg"], ["IMG00060_0.jpg", "IMG00061_0.jpg"],
+              ["IMG00003_0.jpg", "IMG00080_1.jpg"]]
+    for chain in chains:
+        manifest.loc[manifest["image_id"].isin(chain), "near_duplicate_group"] = chain[0]
+    for seed in range(5):
+        where = split_of(split_manifest(manifest, SplitParams(seed=seed, val_size=0.15, test_size=0.15)))
+        for chain in chains:
+            assert len({where[i] for i in chain}) == 1, (seed, chain)
+        assert where["IMG00080_0.jpg"] == where["IMG00003_0.jpg"]  # its identical copy joined the chain
+        assert set(where.values()) == set(SPLITS)
