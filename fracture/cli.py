@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from fracture.config import ConfigError, Params, load_params
+from fracture.config import Params, load_params
 from fracture.workspace import ValidateResult, Workspace
 
 log = logging.getLogger("fracture")
@@ -30,22 +30,29 @@ app = typer.Typer(
 )
 
 
-def _known_errors() -> tuple[type[BaseException], ...]:
-    """What a stage raises for a problem the user can fix; anything else is a bug and keeps its traceback."""
-    from fracture.gate import SplitTableError
-    from fracture.imaging import ImageLoadError
-    from fracture.ingest import IngestError
-    from fracture.manifest import ManifestError
-    from fracture.model import PretrainedWeightsError
-    from fracture.prepare import StaleCacheError
-    from fracture.registry import RegistryError
-    from fracture.split import SplitError
-    from fracture.validation import ValidationFailed
+#: The errors a stage raises for a problem the user can fix, by the module that defines each.
+_KNOWN_ERRORS = {
+    "fracture.config": "ConfigError",
+    "fracture.gate": "SplitTableError",
+    "fracture.imaging": "ImageLoadError",
+    "fracture.ingest": "IngestError",
+    "fracture.manifest": "ManifestError",
+    "fracture.model": "PretrainedWeightsError",
+    "fracture.prepare": "StaleCacheError",
+    "fracture.registry": "RegistryError",
+    "fracture.split": "SplitError",
+    "fracture.validation": "ValidationFailed",
+}
 
-    return (
-        ConfigError, FileNotFoundError, ImageLoadError, IngestError, ManifestError, PretrainedWeightsError, RegistryError,
-        SplitError, SplitTableError, StaleCacheError, ValidationFailed,
-    )
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    """The user-fixable errors a failed command can have raised; anything else keeps its traceback.
+
+    Only modules the command imported can have raised one, so no other module (Great
+    Expectations, MLflow) is loaded just to build this list.
+    """
+    loaded = [getattr(sys.modules[m], name) for m, name in _KNOWN_ERRORS.items() if m in sys.modules]
+    return (FileNotFoundError, *loaded)
 
 
 @contextmanager

@@ -110,6 +110,7 @@ def validate(
         ConfigError: ``validate.severity`` does not name exactly the suite's rules.
     """
     run = run_suite(manifest, params, gx_dir)
+    near = near_duplicate_groups(manifest)
     groups = duplicate_groups(manifest, next(f for f in run.findings if f.rule == "unique_content"))
     resolved, excluded = apply_policy(manifest, params, run.findings, groups)
     used = resolved[resolved["included"]]
@@ -122,7 +123,7 @@ def validate(
         "not_fractured_included": int((used["label"] == 0).sum()),
         "all_ids": _breakdown(resolved),
         "included_images": _breakdown(used),
-        "near_duplicates": _near_duplicate_counts(resolved),
+        "near_duplicates": _near_duplicate_counts(resolved, near),
     }
     report = ValidationReport(
         success=all(f.success for f in run.findings if f.severity == HARD),
@@ -131,7 +132,7 @@ def validate(
         duplicate_groups=groups,
         counts=counts,
         gx_outputs=run.outputs,
-        near_duplicate_groups=near_duplicate_groups(resolved),
+        near_duplicate_groups=near,
     )
     return resolved, report
 
@@ -144,8 +145,7 @@ def near_duplicate_groups(manifest: pd.DataFrame) -> list[list[str]]:
     return sorted(g for g in groups if len(g) > 1)
 
 
-def _near_duplicate_counts(manifest: pd.DataFrame) -> dict[str, int]:
-    groups = near_duplicate_groups(manifest)
+def _near_duplicate_counts(manifest: pd.DataFrame, groups: list[list[str]]) -> dict[str, int]:
     conflict = manifest.get("near_duplicate_conflict", pd.Series(False, index=manifest.index)).astype(bool)
     conflicts = manifest.loc[conflict, "near_duplicate_group"]
     return {

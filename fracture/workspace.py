@@ -90,6 +90,11 @@ class SplitResult:
     sizes: dict[str, int]
     fractured: dict[str, int]
 
+    @classmethod
+    def of(cls, frames: dict[str, pd.DataFrame]) -> SplitResult:
+        """The sizes of the split tables (``label`` 1: fractured)."""
+        return cls({n: len(frames[n]) for n in SPLITS}, {n: int(frames[n]["label"].sum()) for n in SPLITS})
+
 
 @dataclass(frozen=True)
 class PrepareResult:
@@ -273,11 +278,13 @@ class Workspace:
 
     # --- validate -----------------------------------------------------------------------------
 
-    def write_validate(self, resolved: pd.DataFrame, report: ValidationReport, comparison: dict[str, Any]) -> ValidateResult:
-        """Writes the manifest with labels and inclusion, and the report."""
+    def write_validate(
+        self, resolved: pd.DataFrame, report: ValidationReport, data_version: str | None, comparison: dict[str, Any]
+    ) -> ValidateResult:
+        """Writes the manifest with labels and inclusion, and the report with the dataset version it covers."""
         self.manifest.parent.mkdir(parents=True, exist_ok=True)
         resolved.to_csv(self.manifest, index=False)
-        write_json(self.validation_report, asdict(report) | {"data_version": self.data_version(), "comparison": comparison})
+        write_json(self.validation_report, asdict(report) | {"data_version": data_version, "comparison": comparison})
         return self.read_validate()
 
     def read_manifest(self) -> pd.DataFrame:
@@ -294,16 +301,17 @@ class Workspace:
         for name in SPLITS:
             frames[name].to_csv(self.split_table(name), index=False)
         write_json(self.split_report, report)
-        return self.read_split()
+        return SplitResult.of(frames)
 
     def read_split_table(self, name: str) -> pd.DataFrame:
         return _read_frame(self.split_table(name), "split")
 
+    def read_split_tables(self) -> dict[str, pd.DataFrame]:
+        """The train, val and test tables."""
+        return {name: self.read_split_table(name) for name in SPLITS}
+
     def read_split(self) -> SplitResult:
-        frames = {name: self.read_split_table(name) for name in SPLITS}
-        return SplitResult(
-            {name: len(f) for name, f in frames.items()}, {name: int(f["label"].sum()) for name, f in frames.items()}
-        )
+        return SplitResult.of(self.read_split_tables())
 
     # --- prepare ------------------------------------------------------------------------------
 

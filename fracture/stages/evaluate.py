@@ -30,7 +30,7 @@ from fracture.model_card import render_model_card
 from fracture.plots import save_evaluation_plots
 from fracture.stages.prepare import open_cache
 from fracture.tracking import setup_mlflow
-from fracture.workspace import SPLITS, EvaluateResult, TrainResult, Workspace
+from fracture.workspace import EvaluateResult, SplitResult, TrainResult, Workspace
 
 
 def _recipe(params: Params, profile_name: str) -> dict[str, object]:
@@ -83,9 +83,10 @@ def run_evaluate(params: Params, workspace: Workspace) -> EvaluateResult:
     # The cache must hold exactly the pixels the trained model's own transform produces.
     cache = open_cache(params, workspace, model.data_config)
     ev = params.evaluate
+    frames = workspace.read_split_tables()
 
     def score(split: str) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
-        frame = workspace.read_split_table(split)
+        frame = frames[split]
         images, labels = cache.dataset(frame).tensors
         return frame, labels.numpy(), probabilities(network, images, pre, torch.device("cpu"), ev.batch_size)
 
@@ -113,11 +114,11 @@ def run_evaluate(params: Params, workspace: Workspace) -> EvaluateResult:
     setup_mlflow(params, workspace.root)
     # The card names the code and data the model was trained from, as the training run recorded them.
     tags = mlflow.get_run(trained.run_id).data.tags
-    sizes = {name: len(workspace.read_split_table(name)) for name in SPLITS}
     card = render_model_card(
         model,
         _recipe(params, model.profile),
-        {"version": tags.get("data_version"), "git_commit": tags.get("git_commit"), "splits": sizes},
+        {"version": tags.get("data_version"), "git_commit": tags.get("git_commit"),
+         "splits": SplitResult.of(frames).sizes},
         metrics,
         per_part,
         _threshold_source(params),

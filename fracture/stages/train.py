@@ -15,7 +15,7 @@ from fracture.stages.prepare import active_cache, open_cache
 from fracture.tracking import setup_mlflow
 from fracture.training import FitResult, train
 from fracture.vocabulary import CLASSES
-from fracture.workspace import SPLITS, TrainedModel, TrainResult, Workspace
+from fracture.workspace import TrainedModel, TrainResult, Workspace
 
 
 def log_dataset_inputs(params: Params, workspace: Workspace, frames: dict[str, pd.DataFrame]) -> None:
@@ -66,7 +66,7 @@ def run_train(params: Params, workspace: Workspace) -> TrainResult:
     Returns:
         The model's description and its MLflow run.
     """
-    frames = {name: workspace.read_split_table(name) for name in SPLITS}
+    frames = workspace.read_split_tables()
     config, _ = active_cache(params)
     cache = open_cache(params, workspace, config)
     train_data, val_data = cache.dataset(frames["train"]), cache.dataset(frames["val"])

@@ -29,15 +29,16 @@ def run_validate(params: Params, workspace: Workspace) -> ValidateResult:
         workspace.root / params.ingest.dest, near_duplicate_threshold=params.validate.near_duplicate_threshold
     )
     resolved, report = validate(manifest, params.validate, workspace.gx_dir)
+    version = workspace.data_version()
     if params.validate.compare_previous:
         # ingest.dest is <the folder data.dvc tracks>/<the dataset folder inside it>.
         data_dir, *inner = Path(params.ingest.dest).parts
         comparison = compare_with_previous(
-            manifest, workspace.root, data_dir, "/".join(inner), current_md5=workspace.data_version()
+            manifest, workspace.root, data_dir, "/".join(inner), current_md5=version
         )
     else:
         comparison = {"status": "disabled", "message": "validate.compare_previous is false"}
-    result = workspace.write_validate(resolved, report, comparison)
+    result = workspace.write_validate(resolved, report, version, comparison)
     if not report.success:
         raise ValidationFailed(failure_message(report) + f"\nfull report: {workspace.validation_report}")
     return result
