@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from flows.result import RetrainResult
+from fracture.registry import Registration
 
 REPORT_KEY = "retrain-report"
 
@@ -122,8 +123,8 @@ def render_report(result: RetrainResult) -> str:
         f"| Model | {reg.name} version {reg.version} |",
         f"| Registered by this run | {'yes' if reg.created else 'no (already registered)'} |",
         f"| Training run | {_code(reg.run_id)} |",
-        f"| {reg.metric} | {_num(reg.score)} |",
-        f"| Champion's {reg.metric} before this run | {_num(reg.champion_score)} |",
+        f"| Test ROC AUC (evaluate stage) | {_num(reg.score)} |",
+        *_comparison_rows(reg),
         f"| Holds `champion` | {champion} |",
         f"| Decision | {reg.decision} |",
         f"| Champion before this run | {'none' if reg.champion_version is None else 'version ' + reg.champion_version} |",
@@ -136,3 +137,21 @@ def render_report(result: RetrainResult) -> str:
         lines += [f"| {c.name} | {'pass' if c.passed else '**fail**'} | {_cell(c.detail)} |" for c in reg.checks]
         lines.append("")
     return "\n".join(lines)
+
+
+def _comparison_rows(reg: Registration) -> list[str]:
+    """The paired comparison with the champion on the same test images, when there was one."""
+    c = reg.comparison
+    if c is None:
+        return ["| Compared with the champion | no (no champion, or not scored) |"]
+    a = c.auc
+    return [
+        f"| Compared with | champion version {c.champion_version}, on the same {a.n_images} test images |",
+        f"| ROC AUC, this version vs champion | {_num(a.auc_a)} vs {_num(a.auc_b)} |",
+        f"| AUC difference ({a.confidence:.0%} CI) | {a.difference:+.4f} ({a.ci_low:+.4f} to {a.ci_high:+.4f}) |",
+        f"| DeLong p-value (needs < {1 - reg.confidence:.3g}) | {a.p_value:.3g} |",
+        (
+            f"| Sensitivity change at served thresholds (tolerance {reg.sensitivity_tolerance:g}) | "
+            f"{c.sensitivity_change:+.4f} ({_num(c.candidate_sensitivity)} vs {_num(c.champion_sensitivity)}) |"
+        ),
+    ]

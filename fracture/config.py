@@ -124,32 +124,40 @@ class RegisterParams:
 
     Attributes:
         model_name: the registered model name consumers load (``models:/<name>@champion``).
-        metric: the training run's metric that decides promotion (higher is better).
         experiment: the MLflow experiment of the training runs.
-        margin: how much a new version must beat the champion on ``metric`` by.
+        confidence: a version replaces the champion only when, scored on the same test images,
+            its ROC AUC is higher and DeLong's paired test puts the difference above 0 at this
+            confidence (two-sided p-value below ``1 - confidence``).
+        sensitivity_tolerance: ... and its sensitivity at its served threshold is at most this
+            much below the champion's at its own.
         floors: run metric -> minimum value every champion must reach (e.g. ``test_recall``).
-        rescore_champion: score the champion on a new version's test split when it was evaluated
-            on another split or data version, instead of refusing to compare the two.
     """
 
     model_name: str
-    metric: str
     experiment: str
-    margin: float = 0.0
+    confidence: float = 0.95
+    sensitivity_tolerance: float = 0.02
     floors: dict[str, float] = dataclasses.field(default_factory=dict)
-    rescore_champion: bool = True
 
     def __post_init__(self) -> None:
-        if not isinstance(self.margin, (int, float)) or self.margin < 0:
-            raise ConfigError(f"params.yaml: register.margin must be a number >= 0, got {self.margin!r}")
-        if not isinstance(self.floors, dict) or not all(
-            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
-            for k, v in self.floors.items()
-        ):
+        if not _number(self.confidence) or not 0 <= self.confidence < 1:
+            raise ConfigError(
+                f"params.yaml: register.confidence must be a number in [0, 1), e.g. 0.95; got {self.confidence!r}"
+            )
+        if not _number(self.sensitivity_tolerance) or not 0 <= self.sensitivity_tolerance <= 1:
+            raise ConfigError(
+                "params.yaml: register.sensitivity_tolerance must be a number in [0, 1], e.g. 0.02; "
+                f"got {self.sensitivity_tolerance!r}"
+            )
+        if not isinstance(self.floors, dict) or not all(isinstance(k, str) and _number(v) for k, v in self.floors.items()):
             raise ConfigError(
                 "params.yaml: register.floors must map run metric names to numbers, "
                 f"e.g. {{test_roc_auc: 0.85}}; got {self.floors!r}"
             )
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)

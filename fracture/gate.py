@@ -1,7 +1,12 @@
-"""The promotion gate's rules: which evaluations are comparable and when a version beats the champion.
+"""The promotion gate's rules: the floors every champion clears, and when a version beats the champion.
 
-Pure functions of the evaluations; no MLflow calls. :mod:`fracture.registry` gathers the
-evaluations from the registry, runs :func:`gate`, loads the model back and moves the aliases.
+A version beats the champion only on the same test images: both are scored through the
+registry (:mod:`fracture.scoring`), and DeLong's paired test of their ROC AUCs must show the
+version higher with the confidence ``register.confidence`` sets, while its sensitivity at its
+served threshold falls by no more than ``register.sensitivity_tolerance``.
+
+Pure functions of the scores and metrics; no MLflow calls. :mod:`fracture.registry` gathers
+them from the registry, runs the rules, loads the model back and moves the aliases.
 """
 
 from __future__ import annotations
@@ -10,9 +15,11 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from fracture.config import RegisterParams
+from fracture.evaluation import PairedAUC, delong_paired
 
 
 class SplitTableError(ValueError):
@@ -24,12 +31,12 @@ class EvaluatedSplit:
     """The test split a run was evaluated on, as the gate compares it.
 
     Attributes:
-        fingerprint: sha256 of the split's sorted ``image_id<TAB>label`` lines; two
-            evaluations are comparable only when their fingerprints (and data versions) match.
+        fingerprint: sha256 of the split's sorted ``image_id<TAB>label`` lines, recorded on the
+            version so that a later gate knows which images it was evaluated on.
         images: how many images the split holds.
         check_image: a real image of the split, predicted by the registered model before any
             alias moves to it.
-        paths: every image of the split, to score a champion evaluated on another split.
+        paths: every image of the split, to score the version and the champion on.
         labels: their labels (1: fractured), in the same order.
         allow_truncated: whether files that end early are scored (as ``validate.on_truncated:
             keep`` let the evaluate stage score them).
@@ -95,8 +102,8 @@ class GateCheck:
     """One rule of the promotion gate and how the version fared.
 
     Attributes:
-        name: e.g. ``floor test_recall``, ``same split``, ``same data version``, ``beats champion``,
-            ``load check``.
+        name: e.g. ``floor test_recall``, ``scored with champion``, ``beats champion``,
+            ``sensitivity held``, ``load check``.
         passed: whether the version passed it.
         detail: the numbers behind it, in words.
     """
@@ -108,7 +115,7 @@ class GateCheck:
 
 @dataclass(frozen=True)
 class Evaluation:
-    """A model's evaluation as the gate compares it.
+    """A model's evaluation as the evaluate stage recorded it.
 
     Attributes:
         version: the registered version (``None`` for a run not registered yet).
@@ -123,66 +130,120 @@ class Evaluation:
     data_version: str | None
 
 
-def gate(params: RegisterParams, candidate: Evaluation, champion: Evaluation | None) -> tuple[GateCheck, ...]:
-    """The promotion rules that need no model loading: floors, comparability and the margin.
+@dataclass(frozen=True)
+class PairedScores:
+    """A version and the champion, scored on the same test images.
 
-    Args:
-        params: the gate metric, margin and floors.
-        candidate: the new version's evaluation; it holds every metric ``params`` names.
-        champion: the current champion's evaluation (``None`` when there is none).
-
-    Returns:
-        Every check evaluated, in order; the candidate may be promoted when all passed.
+    Attributes:
+        labels: the images' labels (1: fractured).
+        candidate: the version's fracture probability for each image.
+        candidate_threshold: the version's served threshold.
+        champion: the champion's fracture probability for the same images, in the same order.
+        champion_threshold: the champion's served threshold.
+        champion_version: the champion's registered version.
     """
-    metrics = candidate.metrics
-    checks = [
+
+    labels: np.ndarray
+    candidate: np.ndarray
+    candidate_threshold: float
+    champion: np.ndarray
+    champion_threshold: float
+    champion_version: str
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """How a version compares with the champion on the same test images.
+
+    Attributes:
+        champion_version: the champion it was compared with.
+        auc: DeLong's paired test, the version as model A and the champion as model B.
+        candidate_sensitivity: the version's sensitivity at its served threshold.
+        champion_sensitivity: the champion's, at its own served threshold.
+    """
+
+    champion_version: str
+    auc: PairedAUC
+    candidate_sensitivity: float
+    champion_sensitivity: float
+
+    @property
+    def sensitivity_change(self) -> float:
+        """The version's sensitivity minus the champion's."""
+        return self.candidate_sensitivity - self.champion_sensitivity
+
+    def tags(self) -> dict[str, str]:
+        """The comparison as registered-model version tags (``gate_*``)."""
+        a = self.auc
+        return {
+            "gate_compared_with": self.champion_version,
+            "gate_images": str(a.n_images),
+            "gate_auc_difference": f"{a.difference:.4f}",
+            "gate_auc_difference_ci": f"[{a.ci_low:.4f}, {a.ci_high:.4f}] ({a.confidence:.0%})",
+            "gate_p_value": f"{a.p_value:.4g}",
+            "gate_sensitivity_change": f"{self.sensitivity_change:.4f}",
+        }
+
+
+def compare(scores: PairedScores, confidence: float) -> Comparison:
+    """DeLong's paired test of the two ROC AUCs, and each model's sensitivity at its served threshold."""
+    y = np.asarray(scores.labels).astype(int)
+    fractured = y == 1
+
+    def sensitivity(probs: np.ndarray, threshold: float) -> float:
+        return float(np.mean(np.asarray(probs)[fractured] >= threshold))
+
+    return Comparison(
+        scores.champion_version,
+        delong_paired(y, scores.candidate, scores.champion, confidence),
+        sensitivity(scores.candidate, scores.candidate_threshold),
+        sensitivity(scores.champion, scores.champion_threshold),
+    )
+
+
+def floors(params: RegisterParams, metrics: dict[str, float]) -> tuple[GateCheck, ...]:
+    """Every floor of ``register.floors`` against the version's run metrics."""
+    return tuple(
         GateCheck(
             f"floor {key}",
             metrics[key] >= floor,
             f"{metrics[key]:.4f} {'>=' if metrics[key] >= floor else '<'} {floor:g}",
         )
         for key, floor in params.floors.items()
-    ]
-    if champion is None:
-        checks.append(GateCheck("beats champion", True, "no champion yet"))
-        return tuple(checks)
-    v = champion.version
-    same_split = _same("test split", candidate.split_fingerprint, champion.split_fingerprint, v)
-    same_data = _same("data version", candidate.data_version, champion.data_version, v)
-    checks += [same_split, same_data]
-    if not (same_split.passed and same_data.passed):
-        checks.append(
-            GateCheck(
-                "beats champion",
-                False,
-                f"not compared with champion v{v}: metrics are comparable only on the same test split and "
-                "data version (re-evaluate, or choose the champion by hand)",
-            )
-        )
-        return tuple(checks)
-    score, theirs = metrics[params.metric], champion.metrics.get(params.metric)
-    if theirs is None:
-        checks.append(GateCheck("beats champion", False, f"champion v{v}'s run has no metric '{params.metric}'"))
-        return tuple(checks)
-    gain = score - theirs
-    wins = gain > 0 and gain >= params.margin
-    checks.append(
-        GateCheck(
-            "beats champion",
-            wins,
-            f"{params.metric} {score:.4f} vs champion v{v}'s {theirs:.4f}: {gain:+.4f}, "
-            f"{'at least' if wins else 'short of'} the margin {params.margin:g}",
-        )
     )
-    return tuple(checks)
 
 
-def _same(what: str, ours: str | None, theirs: str | None, version: str | None) -> GateCheck:
-    name = f"same {what}"
-    if not ours:
-        return GateCheck(name, False, f"this run recorded no {what}")
-    if not theirs:
-        return GateCheck(name, False, f"champion v{version} has no recorded {what}")
-    if ours != theirs:
-        return GateCheck(name, False, f"{what} {ours[:12]} differs from champion v{version}'s {theirs[:12]}")
-    return GateCheck(name, True, f"{what} {ours[:12]} as champion v{version}")
+def against_champion(params: RegisterParams, comparison: Comparison) -> tuple[GateCheck, GateCheck]:
+    """Whether the version beats the champion on the same images without losing sensitivity.
+
+    ``beats champion`` passes when the AUC difference is positive and DeLong's two-sided
+    p-value is below ``1 - register.confidence`` (the interval at that confidence lies above 0).
+    ``sensitivity held`` passes when the version's sensitivity at its served threshold is at most
+    ``register.sensitivity_tolerance`` below the champion's at its own.
+    """
+    a, v = comparison.auc, comparison.champion_version
+    alpha = 1 - params.confidence
+    wins = a.difference > 0 and a.p_value < alpha
+    if wins:
+        verdict = f"higher with {params.confidence:.0%} confidence"
+    elif a.difference > 0:
+        verdict = f"higher, but not with {params.confidence:.0%} confidence (p must be < {alpha:.3g})"
+    else:
+        verdict = "not higher"
+    auc = GateCheck(
+        "beats champion",
+        wins,
+        f"ROC AUC {a.auc_a:.4f} vs champion v{v}'s {a.auc_b:.4f} on the same {a.n_images} images: "
+        f"{a.difference:+.4f} ({a.confidence:.0%} CI {a.ci_low:+.4f} to {a.ci_high:+.4f}, DeLong p = {a.p_value:.3g}), "
+        f"{verdict}",
+    )
+    change, tolerance = comparison.sensitivity_change, params.sensitivity_tolerance
+    held = change >= -tolerance - 1e-12
+    sensitivity = GateCheck(
+        "sensitivity held",
+        held,
+        f"sensitivity {comparison.candidate_sensitivity:.4f} vs champion v{v}'s "
+        f"{comparison.champion_sensitivity:.4f} at their served thresholds: {change:+.4f}, "
+        f"{'within' if held else 'beyond'} the tolerance {tolerance:g}",
+    )
+    return auc, sensitivity

@@ -8,14 +8,14 @@ Aliases of the registered model:
 - ``challenger``: the latest version that did not pass the gate (the reason is in its
   ``gate_reason`` tag and in the returned :class:`Registration`).
 
-A version becomes champion only when its evaluation clears every floor in ``register.floors``,
-beats the champion on ``register.metric`` by at least ``register.margin`` on the same test split
-and data version (:func:`fracture.gate.gate`), and, loaded back through
-``models:/<name>/<version>``, predicts a real image (:func:`fracture.scoring.load_check`).
-When the champion was evaluated on another split or data version (a new dataset export), its
-recorded metrics are not compared: with ``register.rescore_champion`` the champion, loaded from
-the registry, is scored on the new version's test split first (:func:`fracture.scoring.rescore`), and the two are
-compared there.
+A version becomes champion only when its evaluation clears every floor in ``register.floors``
+(:func:`fracture.gate.floors`); when there is a champion, when the two, each loaded from the
+registry and scored on the version's test split (:func:`fracture.scoring.paired_scores`), show
+the version's ROC AUC higher by DeLong's paired test at ``register.confidence`` and its
+sensitivity no more than ``register.sensitivity_tolerance`` below the champion's
+(:func:`fracture.gate.against_champion`); and when, loaded back through
+``models:/<name>/<version>``, it predicts a real image (:func:`fracture.scoring.load_check`).
+Recorded metrics of runs evaluated at different times are never compared with each other.
 
 How the model is logged is :mod:`fracture.packaging`'s business, the rules are :mod:`fracture.gate`'s, and
 loading a version to score it is :mod:`fracture.scoring`'s.
@@ -37,10 +37,18 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from fracture.config import RegisterParams
-from fracture.gate import EvaluatedSplit, Evaluation, GateCheck, gate
+from fracture.gate import (
+    Comparison,
+    EvaluatedSplit,
+    Evaluation,
+    GateCheck,
+    against_champion,
+    compare,
+    floors,
+)
 from fracture.inference import ServingConfig
 from fracture.packaging import log_pyfunc
-from fracture.scoring import load_check, rescored
+from fracture.scoring import load_check, scored_with_champion
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +63,9 @@ TAG_DECISION = "gate_decision"
 TAG_REASON = "gate_reason"
 TAG_REPLACED = "replaced_version"
 TAG_ROLLED_BACK = "rolled_back_at"
+
+#: The run metric every version needs: its test ROC AUC, reported next to the decision.
+SCORE = "test_roc_auc"
 
 
 class RegistryError(RuntimeError):
@@ -71,16 +82,16 @@ class Registration:
         run_id: the training run.
         created: whether this call created the version (``False``: the run was registered before).
         champion: whether the version holds ``champion`` afterwards.
-        metric: the gate metric (``register.metric``).
-        score: the version's value of ``metric``.
-        champion_score: the value of the champion it was compared with (``None``: no champion,
-            or not comparable).
+        score: the version's test ROC AUC, as its evaluate stage recorded it.
         reason: one sentence: why it was promoted or why it lost.
         decision: ``promoted`` (alias moved to it), ``challenger`` (lost the gate; alias
             ``challenger``) or ``unchanged`` (it already was champion, or was rolled back before).
         champion_version: the champion before this registration (``None`` when there was none).
         previous_champion: the version holding ``previous-champion`` afterwards.
-        margin: the margin it had to beat the champion by.
+        comparison: how it compared with the champion on the same test images (``None``: no
+            champion, or the two were not scored).
+        confidence: the confidence its AUC gain had to reach (``register.confidence``).
+        sensitivity_tolerance: how far its sensitivity could fall below the champion's.
         floors: the floors it had to clear (metric -> minimum).
         metrics: the version's test metrics (``test_*`` run metrics).
         checks: every gate rule evaluated, in order; the failed ones say why it lost.
@@ -94,14 +105,14 @@ class Registration:
     run_id: str
     created: bool
     champion: bool
-    metric: str
     score: float
-    champion_score: float | None
     reason: str
     decision: str = "unchanged"
     champion_version: str | None = None
     previous_champion: str | None = None
-    margin: float = 0.0
+    comparison: Comparison | None = None
+    confidence: float = 0.95
+    sensitivity_tolerance: float = 0.0
     floors: dict[str, float] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     checks: tuple[GateCheck, ...] = ()
@@ -148,13 +159,13 @@ class _Outcome:
         decision: ``promoted``, ``challenger`` or ``unchanged``.
         reason: why, in one sentence.
         checks: the gate rules evaluated (none when the gate did not run).
-        champion_score: the champion's value of the gate metric it was compared with.
+        comparison: how it compared with the champion on the same images, when they were scored.
     """
 
     decision: str
     reason: str
     checks: tuple[GateCheck, ...] = ()
-    champion_score: float | None = None
+    comparison: Comparison | None = None
 
 
 # --- registration -------------------------------------------------------------------------------
@@ -174,17 +185,18 @@ def register(
     gate runs again for it (so an interrupted registration completes), except that the current
     champion stays as it is and a version that was rolled back is not promoted again.
 
-    With ``params.rescore_champion``, a champion evaluated on another split or data version is
-    first scored on ``split`` (:func:`fracture.scoring.rescore`), so the two are compared on the same images.
-
-    The gate, in order: every floor; the same test split and data version as the champion; the
-    gate metric above the champion's by at least the margin; then the version, loaded through
-    ``models:/<name>/<version>``, predicts ``split.check_image``. Only then do the aliases move:
-    ``champion`` to the version and ``previous-champion`` to the version it replaced. A version
-    that fails gets ``challenger``. Either way the decision and reason become version tags.
+    The gate, in order: every floor; with a champion, the version and the champion are each
+    loaded from the registry and scored on ``split``'s images, and DeLong's paired test must
+    show the version's ROC AUC higher at ``params.confidence`` while its sensitivity at its
+    served threshold falls by no more than ``params.sensitivity_tolerance``; then the version,
+    loaded through ``models:/<name>/<version>``, predicts ``split.check_image``. Only then do
+    the aliases move: ``champion`` to the version and ``previous-champion`` to the version it
+    replaced. A version that fails gets ``challenger``. Either way the decision, the reason and
+    the comparison (``gate_auc_difference``, its interval, ``gate_p_value``,
+    ``gate_sensitivity_change``) become version tags.
 
     Args:
-        params: model name, gate metric, margin and floors.
+        params: model name, confidence, sensitivity tolerance and floors.
         run_id: the training run (holding the evaluation's ``test_*`` metrics and the
             ``git_commit``, ``data_version`` and ``profile`` tags).
         weights: fine-tuned weights (safetensors).
@@ -196,7 +208,7 @@ def register(
         The version, the gate's decision and each check.
 
     Raises:
-        RegistryError: the run lacks the gate metric or a floor's metric.
+        RegistryError: the run lacks its test ROC AUC or a floor's metric.
     """
     client = client or MlflowClient()
     run = client.get_run(run_id)
@@ -210,9 +222,11 @@ def register(
     candidate = Evaluation(str(mv.version), metrics, fingerprint, run.data.tags.get("data_version") or None)
     current = _alias(client, params.model_name, CHAMPION)
 
-    outcome = _held_back(mv, current, metrics[params.metric])
+    outcome = _held_back(mv, current)
     if outcome is None:
         outcome = _decide(client, params, candidate, current, split, config.threshold)
+        if outcome.comparison is not None:
+            _tag_version(client, params.model_name, str(mv.version), outcome.comparison.tags())
         if outcome.decision == "promoted":
             _promote(client, mv, current, outcome.reason)
         else:
@@ -261,10 +275,10 @@ def _record_provenance(client: MlflowClient, mv: ModelVersion, created: bool, ta
     return client.get_model_version(name, version)
 
 
-def _held_back(mv: ModelVersion, current: ModelVersion | None, score: float) -> _Outcome | None:
+def _held_back(mv: ModelVersion, current: ModelVersion | None) -> _Outcome | None:
     """Why the gate does not run for this version (already champion, or rolled back), or ``None``."""
     if current is not None and str(current.version) == str(mv.version):
-        return _Outcome("unchanged", "already champion", (), score)
+        return _Outcome("unchanged", "already champion")
     rolled_back = mv.tags.get(TAG_ROLLED_BACK)
     if rolled_back:
         reason = (
@@ -286,51 +300,34 @@ def _decide(
     """Runs the gate against the champion, and the load check when every rule passed.
 
     Returns:
-        ``promoted`` or ``challenger``, why, every check in order, and the champion's score it
-        was compared with (``None`` without a champion or when the two are not comparable).
+        ``promoted`` or ``challenger``, why, every check in order, and the comparison with the
+        champion when the two were scored.
     """
-    champion, rescored = _champion_evaluation(client, params, candidate, current, split)
-    checks = rescored + gate(params, candidate, champion)
-    comparable = champion is not None and all(c.passed for c in checks if c.name.startswith("same "))
-    champion_score = champion.metrics.get(params.metric) if comparable and champion is not None else None
-    # Loading the model is the slow check: only a version that could win is loaded.
+    checks = floors(params, candidate.metrics)
+    comparison = None
+    # Scoring both models is the slow part: only a version that clears the floors is compared.
+    if current is None:
+        checks += (GateCheck("beats champion", True, "no champion yet"),)
+    elif all(c.passed for c in checks):
+        scores, scored = scored_with_champion(params.model_name, candidate, _evaluation_of(client, current), split)
+        checks += (scored,)
+        if scores is not None:
+            comparison = compare(scores, params.confidence)
+            checks += against_champion(params, comparison)
     if all(c.passed for c in checks):
         checks += (load_check(params.model_name, str(candidate.version), split.check_image, threshold),)
     failed = [c for c in checks if not c.passed]
     if failed:
-        return _Outcome("challenger", "; ".join(f"{c.name}: {c.detail}" for c in failed), checks, champion_score)
-    if current is None:
-        return _Outcome("promoted", "first version to pass the gate", checks, champion_score)
-    score = candidate.metrics[params.metric]
-    reason = f"{params.metric} {score:.4f} beats champion v{current.version}'s {champion_score:.4f}"
-    return _Outcome("promoted", reason, checks, champion_score)
-
-
-def _champion_evaluation(
-    client: MlflowClient,
-    params: RegisterParams,
-    candidate: Evaluation,
-    current: ModelVersion | None,
-    split: EvaluatedSplit,
-) -> tuple[Evaluation | None, tuple[GateCheck, ...]]:
-    """The champion's evaluation to compare with, re-scored on ``split`` when that makes it comparable.
-
-    With ``params.rescore_champion``, a champion evaluated on another split or data version is
-    scored on ``split``, provided ``split`` is the one the candidate was evaluated on.
-
-    Returns:
-        The evaluation (``None`` without a champion), and the ``champion re-scored`` check when
-        it was re-scored.
-    """
-    if current is None:
-        return None, ()
-    champion = _evaluation_of(client, current)
-    ours = (candidate.split_fingerprint, candidate.data_version)
-    elsewhere = (champion.split_fingerprint, champion.data_version) != ours
-    if not (params.rescore_champion and elsewhere and candidate.split_fingerprint == split.fingerprint):
-        return champion, ()
-    champion, check = rescored(params, champion, candidate, split)
-    return champion, (check,)
+        return _Outcome("challenger", "; ".join(f"{c.name}: {c.detail}" for c in failed), checks, comparison)
+    if comparison is None:
+        return _Outcome("promoted", "first version to pass the gate", checks)
+    a = comparison.auc
+    reason = (
+        f"ROC AUC {a.auc_a:.4f} beats champion v{comparison.champion_version}'s {a.auc_b:.4f} on the same "
+        f"{a.n_images} images by {a.difference:+.4f} ({a.confidence:.0%} CI {a.ci_low:+.4f} to {a.ci_high:+.4f}, "
+        f"DeLong p = {a.p_value:.3g})"
+    )
+    return _Outcome("promoted", reason, checks, comparison)
 
 
 def _promote(client: MlflowClient, mv: ModelVersion, current: ModelVersion | None, reason: str) -> None:
@@ -375,14 +372,14 @@ def _registration(
         run_id=run_id,
         created=created,
         champion=CHAMPION in after.aliases,
-        metric=params.metric,
-        score=candidate.metrics[params.metric],
-        champion_score=outcome.champion_score,
+        score=candidate.metrics[SCORE],
         reason=outcome.reason,
         decision=outcome.decision,
         champion_version=None if current is None else str(current.version),
         previous_champion=None if previous is None else str(previous.version),
-        margin=params.margin,
+        comparison=outcome.comparison,
+        confidence=params.confidence,
+        sensitivity_tolerance=params.sensitivity_tolerance,
         floors=dict(params.floors),
         metrics=_test_metrics(candidate.metrics),
         checks=outcome.checks,
@@ -451,10 +448,12 @@ def _test_metrics(metrics: dict[str, float]) -> dict[str, float]:
 
 
 def _required_metrics(metrics: dict[str, float], run_id: str, params: RegisterParams) -> None:
-    for key, source in [(params.metric, "register.metric"), *((k, "register.floors") for k in params.floors)]:
+    if SCORE not in metrics:
+        raise RegistryError(f"run {run_id} has no metric '{SCORE}'; run the evaluate stage first")
+    for key in params.floors:
         if key not in metrics:
             raise RegistryError(
-                f"run {run_id} has no metric '{key}' (named in {source}); run the evaluate stage first, "
+                f"run {run_id} has no metric '{key}' (named in register.floors); run the evaluate stage first, "
                 f"or name one of its metrics in params.yaml: {sorted(metrics)}"
             )
 

@@ -1,9 +1,9 @@
 """A registered version scored as a consumer would score it, for the promotion gate.
 
 :func:`load_check` loads ``models:/<name>/<version>`` and predicts one real image before any
-alias moves; :func:`rescore` scores a champion evaluated on another split or data version on
-the candidate's test split, through the one inference path, so the gate compares the two on the
-same images.
+alias moves; :func:`paired_scores` scores a version and the champion on the version's test
+split, each through the registry and the one inference path, so that the gate compares the
+two on the same images.
 """
 
 from __future__ import annotations
@@ -15,9 +15,13 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from fracture.config import RegisterParams
-from fracture.evaluation import evaluate_probabilities
-from fracture.gate import EvaluatedSplit, Evaluation, GateCheck, SplitTableError
+from fracture.gate import (
+    EvaluatedSplit,
+    Evaluation,
+    GateCheck,
+    PairedScores,
+    SplitTableError,
+)
 from fracture.imaging import open_xray
 from fracture.serving import FracturePyfunc
 
@@ -56,8 +60,8 @@ def load_check(name: str, version: str, image: Path, threshold: float) -> GateCh
     return GateCheck("load check", True, f"{uri} predicted {image.name}: fracture_probability {prob:.4f}")
 
 
-def rescore(name: str, version: str, split: EvaluatedSplit, batch_size: int = 32) -> dict[str, float]:
-    """Scores a registered version on ``split`` at its own threshold, as the evaluate stage would.
+def served_scores(name: str, version: str, split: EvaluatedSplit, batch_size: int = 32) -> tuple[np.ndarray, float]:
+    """Scores a registered version on every image of ``split``, as a consumer of the registry would.
 
     The version is loaded through ``models:/<name>/<version>`` and scores through its own
     classifier, with the preprocessing it was logged with; images are decoded as the evaluate
@@ -70,14 +74,15 @@ def rescore(name: str, version: str, split: EvaluatedSplit, batch_size: int = 32
         batch_size: images decoded and scored together; bounds the memory full-size X-rays take.
 
     Returns:
-        ``test_*`` metrics (ROC AUC, recall, specificity, ...) named as the evaluate stage logs them.
+        The fracture probability of each image (float64, in the split's order) and the
+        version's served threshold.
 
     Raises:
         SplitTableError: the split carries no images to score, or rows without an image path.
         TypeError: the version is no fracture classifier.
     """
     if not split.paths:
-        raise SplitTableError("the test split carries no image paths to score the champion on")
+        raise SplitTableError("the test split carries no image paths to score on")
     if len(split.paths) != split.images:
         raise SplitTableError(
             f"{split.images - len(split.paths)} of the test split's {split.images} rows have no image path; "
@@ -95,31 +100,45 @@ def rescore(name: str, version: str, split: EvaluatedSplit, batch_size: int = 32
         images = [open_xray(p, allow_truncated=split.allow_truncated) for p in chunk]
         probs.append(classifier.probabilities(images, batch_size))
     # float64 as the evaluate stage compares them with the threshold.
-    scores = np.concatenate(probs).astype(np.float64)
-    result = evaluate_probabilities(np.array(split.labels), scores, float(classifier.threshold))
-    return {f"test_{k}": float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    return np.concatenate(probs).astype(np.float64), float(classifier.threshold)
 
 
-def rescored(
-    params: RegisterParams, champion: Evaluation, candidate: Evaluation, split: EvaluatedSplit
-) -> tuple[Evaluation, GateCheck]:
-    """The champion's evaluation on the candidate's split and data version, and the check saying how it went.
+def paired_scores(name: str, candidate: str, champion: str, split: EvaluatedSplit) -> PairedScores:
+    """The version and the champion, each loaded from the registry and scored on ``split``'s images.
 
-    A champion that cannot be scored keeps its recorded evaluation and the check fails, so the
-    gate does not compare the two.
+    Both go through the same path, so the comparison does not depend on how either was
+    evaluated when it was trained, nor on which split that was.
+    """
+    ours, our_threshold = served_scores(name, candidate, split)
+    theirs, their_threshold = served_scores(name, champion, split)
+    return PairedScores(np.array(split.labels), ours, our_threshold, theirs, their_threshold, champion)
+
+
+def scored_with_champion(
+    name: str, candidate: Evaluation, champion: Evaluation, split: EvaluatedSplit
+) -> tuple[PairedScores | None, GateCheck]:
+    """Scores the version and the champion on the same images, and the check saying how it went.
+
+    A pair that cannot be scored gives no scores and a failed check, so the champion stays.
+    The check notes when the champion was evaluated on another test split or data version:
+    it may then have been trained on some of these images, which favours the champion.
     """
     v = champion.version
     try:
-        metrics = rescore(params.model_name, str(v), split)
-    except Exception as exc:  # noqa: BLE001 - a champion that cannot be scored is not compared
-        return champion, GateCheck(
-            "champion re-scored", False, f"champion v{v} could not be scored on this split: {type(exc).__name__}: {exc}"
+        scores = paired_scores(name, str(candidate.version), str(v), split)
+    except Exception as exc:  # noqa: BLE001 - a pair that cannot be scored is not compared
+        return None, GateCheck(
+            "scored with champion", False, f"v{candidate.version} and champion v{v} could not both be scored on "
+            f"this test split: {type(exc).__name__}: {exc}"
         )
-    recorded = champion.metrics.get(params.metric)
-    was = f" (recorded {recorded:.4f} on its own split)" if recorded is not None else ""
+    labels = scores.labels
     detail = (
-        f"champion v{v} was evaluated on another split or data version; scored on this one "
-        f"({split.images} images): {params.metric} {metrics.get(params.metric, float('nan')):.4f}{was}"
+        f"v{candidate.version} and champion v{v} scored through the registry on this test split's "
+        f"{len(labels)} images ({int(labels.sum())} fractured)"
     )
-    rescored = Evaluation(champion.version, metrics, candidate.split_fingerprint, candidate.data_version)
-    return rescored, GateCheck("champion re-scored", True, detail)
+    if (champion.split_fingerprint, champion.data_version) != (candidate.split_fingerprint, candidate.data_version):
+        detail += (
+            "; the champion was evaluated on another test split or data version and may have been trained "
+            "on some of these images, which favours it"
+        )
+    return scores, GateCheck("scored with champion", True, detail)

@@ -128,3 +128,37 @@ def untrained_model_files(folder: Path, threshold: float) -> tuple[Path, Serving
     save_file(model.state_dict(), str(weights))
     extra = {"profile": "cpu", "classes": ["not_fractured", "fractured"]}
     return weights, ServingConfig(profile.model, data_config(model, 64), threshold, extra)
+
+
+def ranking_model_files(
+    folder: Path, threshold: float, images: list[Path], labels: list[int], direction: float = 1.0
+) -> tuple[Path, ServingConfig]:
+    """A real Lite0 at 64 px whose head separates ``images`` by their labels (``direction`` -1: the reverse).
+
+    The head is a nearest-class-mean rule on the ImageNet features of those very images, so on
+    them the model ranks fractured above not fractured (or below, reversed): a genuinely
+    better or worse model for the promotion gate to compare, scored through the registry.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    from fracture.imaging import open_xray
+    from fracture.inference import Classifier
+
+    weights, config = untrained_model_files(folder, threshold)
+    classifier = Classifier.load(weights, config)
+    network = classifier.network
+    with torch.no_grad():
+        features = network.forward_head(
+            network.forward_features(classifier.batch([open_xray(p) for p in images])), pre_logits=True
+        )
+        y = torch.tensor(labels, dtype=torch.bool)
+        axis = features[y].mean(0) - features[~y].mean(0)
+        centre = (features[y].mean(0) + features[~y].mean(0)) / 2
+        scale = direction * 4.0 / float((features @ axis).std())
+        head = network.get_classifier()
+        head.weight.copy_(torch.stack([-axis, axis]) * scale / 2)
+        head.bias.copy_(torch.tensor([1.0, -1.0]) * float(centre @ axis) * scale / 2)
+    out = folder / f"ranking{'+' if direction > 0 else '-'}.safetensors"
+    save_file(network.state_dict(), str(out))
+    return out, config

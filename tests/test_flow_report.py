@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import asyncio
+import dataclasses
 import socket
 
 import pytest
@@ -14,10 +13,25 @@ from prefect.states import exception_to_failed_state
 
 from flows.report import METRIC_ROWS, render_report
 from flows.result import RetrainResult
-from fracture.registry import Registration
+from fracture.evaluation import PairedAUC
+from fracture.gate import Comparison
 from fracture.imaging import DataConfig
-from fracture.workspace import EvaluateResult, PrepareResult, SplitResult, TrainedModel, TrainResult, ValidateResult
-from tasks.pipeline import DVC_STAGES, IngestSummary, StageRun, register_task, retry_transient_registry
+from fracture.registry import Registration
+from fracture.workspace import (
+    EvaluateResult,
+    PrepareResult,
+    SplitResult,
+    TrainedModel,
+    TrainResult,
+    ValidateResult,
+)
+from tasks.pipeline import (
+    DVC_STAGES,
+    IngestSummary,
+    StageRun,
+    register_task,
+    retry_transient_registry,
+)
 
 METRICS = {
     "accuracy": 0.81,
@@ -42,6 +56,7 @@ METRICS = {
 
 
 CONFIG = DataConfig((3, 224, 224), "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+COMPARISON = Comparison("2", PairedAUC(0.9012, 0.8875, 0.0137, 0.0021, 0.0253, 0.0207, 0.95, 37, 8), 0.875, 0.8571)
 
 
 def result(*, ran: bool, previous: str | None, created: bool, champion: bool = True, reason: str = "") -> RetrainResult:
@@ -52,10 +67,11 @@ def result(*, ran: bool, previous: str | None, created: bool, champion: bool = T
         run_id="0123abcd",
         created=created,
         champion=champion,
-        metric="test_roc_auc",
         score=0.9012,
-        champion_score=0.8875 if created else 0.9012,
-        reason=reason or ("test_roc_auc 0.9012 > 0.8875" if created else "already champion"),
+        reason=reason or ("ROC AUC 0.9012 beats champion v2's 0.8875" if created else "already champion"),
+        comparison=COMPARISON if created else None,
+        confidence=0.95,
+        sensitivity_tolerance=0.02,
     )
     return RetrainResult(
         profile="cpu",
@@ -89,6 +105,7 @@ def test_unchanged_run_says_nothing_changed():
     assert table_row(text, "Data changed")[1] == "no"
     assert table_row(text, "Registered by this run")[1] == "no (already registered)"
     assert table_row(text, "Reason")[1] == "already champion"
+    assert table_row(text, "Compared with the champion")[1] == "no (no champion, or not scored)"
 
 
 def test_new_data_version_reports_the_retraining_and_the_gate():
@@ -111,8 +128,13 @@ def test_new_data_version_reports_the_retraining_and_the_gate():
     assert table_row(text, "Precision")[2] == ""
     assert table_row(text, "Model")[1] == "fracture-classifier version 3"
     assert table_row(text, "Holds `champion`")[1] == "yes"
-    assert table_row(text, "Champion's test_roc_auc before this run")[1] == "0.8875"
-    assert table_row(text, "Reason")[1] == "test_roc_auc 0.9012 > 0.8875"
+    assert table_row(text, "Test ROC AUC (evaluate stage)")[1] == "0.9012"
+    assert table_row(text, "Compared with")[1] == "champion version 2, on the same 37 test images"
+    assert table_row(text, "ROC AUC, this version vs champion")[1] == "0.9012 vs 0.8875"
+    assert table_row(text, "AUC difference (95% CI)")[1] == "+0.0137 (+0.0021 to +0.0253)"
+    assert table_row(text, "DeLong p-value (needs < 0.05)")[1] == "0.0207"
+    assert table_row(text, "Sensitivity change at served thresholds (tolerance 0.02)")[1] == "+0.0179 (0.8750 vs 0.8571)"
+    assert table_row(text, "Reason")[1] == "ROC AUC 0.9012 beats champion v2's 0.8875"
 
 
 def test_a_model_that_loses_the_gate_is_reported_as_not_champion():
@@ -136,7 +158,7 @@ def test_each_gate_check_is_a_row_of_the_report():
             aliases=("challenger",),
             checks=(
                 GateCheck("floor test_recall", True, "0.8750 >= 0.8"),
-                GateCheck("beats champion", False, "test_roc_auc 0.9012 vs champion v2's 0.9000: +0.0012, short of the margin 0.005"),
+                GateCheck("beats champion", False, "ROC AUC 0.9012 vs champion v2's 0.9000 on the same 37 images: +0.0012 (95% CI -0.0101 to +0.0125, DeLong p = 0.84), higher, but not with 95% confidence"),
             ),
         ),
     )
@@ -146,7 +168,7 @@ def test_each_gate_check_is_a_row_of_the_report():
     assert table_row(text, "Aliases now")[1] == "challenger"
     assert table_row(text, "floor test_recall")[1:] == ["pass", "0.8750 >= 0.8"]
     assert table_row(text, "beats champion")[1] == "**fail**"
-    assert "short of the margin 0.005" in table_row(text, "beats champion")[2]
+    assert "not with 95% confidence" in table_row(text, "beats champion")[2]
 
 
 def test_same_data_but_changed_params_is_a_retraining():

@@ -79,7 +79,7 @@ def test_register_through_the_server_and_consume_champion_elsewhere(tracking_ser
     weights, config = untrained_model_files(tmp_path, 0.5)
     with mlflow.start_run(tags={"data_version": "d" * 32 + ".dir", "git_commit": "c0ffee"}) as run:
         mlflow.log_metrics({"test_roc_auc": 0.9, "test_recall": 0.9})
-    params = RegisterParams(NAME, "test_roc_auc", "fracture-classification", floors={"test_recall": 0.8})
+    params = RegisterParams(NAME, "fracture-classification", floors={"test_recall": 0.8})
     reg = register(params, run.info.run_id, weights, config, EvaluatedSplit("s" * 64, 1, images[0]), MlflowClient(url))
     assert (reg.version, reg.decision, reg.champion) == ("1", "promoted", True)
     assert reg.checks[-1].name == "load check" and reg.checks[-1].passed

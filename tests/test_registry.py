@@ -1,32 +1,43 @@
 """The promotion gate and the registry against a real MLflow sqlite store and real models.
 
-The gate decides on the metrics the evaluate stage logs into the training run, so the runs here
-log chosen metrics next to a real (ImageNet-initialised, untrained) Lite0 model at 64 px; every
-promotion loads the registered model back and predicts a real FracAtlas X-ray.
+The floors read the metrics the evaluate stage logs into the training run, so the runs here log
+chosen metrics next to a real Lite0 model at 64 px. The comparison with the champion scores both
+models through the registry on the same real FracAtlas X-rays: the models here rank those images
+well, badly or at random (:func:`tests.conftest.ranking_model_files`). The paired test itself is
+checked on hand-made score vectors whose answer is known.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
+import torch
 from mlflow import MlflowClient
 from safetensors.torch import save_file
 
 from fracture.cli import main as cli
 from fracture.config import ConfigError, RegisterParams, load_params, parse_params
-from fracture.gate import EvaluatedSplit, Evaluation, gate, split_fingerprint
+from fracture.evaluation import delong_paired
+from fracture.gate import (
+    EvaluatedSplit,
+    PairedScores,
+    against_champion,
+    compare,
+    floors,
+    split_fingerprint,
+)
 from fracture.imaging import DataConfig
 from fracture.inference import ServingConfig
 from fracture.packaging import REQUIREMENTS, requirements
 from fracture.registry import RegistryError, register, rollback
-from fracture.scoring import rescore
+from fracture.scoring import served_scores
 from fracture.stages.register import run_register
 from fracture.workspace import EvaluateResult, TrainedModel, Workspace
-from tests.conftest import REPO, pick_ids, untrained_model_files
+from tests.conftest import REPO, pick_ids, ranking_model_files, untrained_model_files
 
 NAME = "fracture-classifier"
 SPLIT_A = "a" * 64
@@ -34,9 +45,9 @@ SPLIT_B = "b" * 64
 DATA = "0123456789abcdef0123456789abcdef.dir"
 PARAMS = RegisterParams(
     model_name=NAME,
-    metric="test_roc_auc",
     experiment="t",
-    margin=0.01,
+    confidence=0.95,
+    sensitivity_tolerance=0.05,
     floors={"test_roc_auc": 0.80, "test_recall": 0.80},
 )
 
@@ -44,51 +55,109 @@ PARAMS = RegisterParams(
 # --- the gate's rules, on their own ---------------------------------------------------------------
 
 
-def evaluation(auc: float, recall: float = 0.9, split: str | None = SPLIT_A, data: str | None = DATA, version=None):
-    return Evaluation(version, {"test_roc_auc": auc, "test_recall": recall}, split, data)
-
-
 def failed(checks) -> list[str]:
     return [c.name for c in checks if not c.passed]
 
 
-def test_gate_floors_apply_even_without_a_champion():
-    assert failed(gate(PARAMS, evaluation(0.90), None)) == []
-    checks = gate(PARAMS, evaluation(0.79, recall=0.95), None)
+def test_floors_read_the_run_metrics():
+    assert failed(floors(PARAMS, {"test_roc_auc": 0.90, "test_recall": 0.9})) == []
+    checks = floors(PARAMS, {"test_roc_auc": 0.79, "test_recall": 0.95})
     assert failed(checks) == ["floor test_roc_auc"]
     assert checks[0].detail == "0.7900 < 0.8"
-    assert failed(gate(PARAMS, evaluation(0.95, recall=0.5), None)) == ["floor test_recall"]
+    assert failed(floors(PARAMS, {"test_roc_auc": 0.95, "test_recall": 0.5})) == ["floor test_recall"]
 
 
-@pytest.mark.parametrize(
-    ("new", "old", "wins"),
-    [(0.92, 0.90, True), (0.91, 0.90, True), (0.905, 0.90, False), (0.90, 0.90, False), (0.85, 0.90, False)],
-)
-def test_gate_needs_the_margin_over_the_champion(new, old, wins):
-    checks = gate(PARAMS, evaluation(new), evaluation(old, version="1"))
-    assert failed(checks) == ([] if wins else ["beats champion"])
-    assert f"{new:.4f} vs champion v1's {old:.4f}" in checks[-1].detail
+def test_delong_agrees_with_a_paired_stratified_bootstrap():
+    """The DeLong standard error of an AUC difference is what resampling the images gives."""
+    from sklearn.metrics import roc_auc_score
+    from sklearn.utils import resample
+
+    rng = np.random.default_rng(3)
+    y = np.r_[np.ones(90), np.zeros(400)].astype(int)
+    a = rng.normal(size=len(y)) + 1.6 * y
+    b = 0.6 * a + 0.8 * rng.normal(size=len(y)) + 0.4 * y  # correlated with a, as two models of one task are
+    result = delong_paired(y, a, b)
+    assert result.auc_a == pytest.approx(roc_auc_score(y, a)) and result.auc_b == pytest.approx(roc_auc_score(y, b))
+    state = np.random.RandomState(0)
+    diffs = []
+    for _ in range(500):
+        yy, aa, bb = resample(y, a, b, stratify=y, random_state=state)
+        diffs.append(roc_auc_score(yy, aa) - roc_auc_score(yy, bb))
+    delong_se = (result.ci_high - result.ci_low) / 2 / 1.959964
+    assert delong_se == pytest.approx(np.std(diffs), rel=0.15)
+    # The same pair the other way round: the difference flips, the evidence does not change.
+    swapped = delong_paired(y, b, a)
+    assert swapped.difference == pytest.approx(-result.difference) and swapped.p_value == pytest.approx(result.p_value)
 
 
-def test_gate_with_margin_zero_still_needs_a_higher_score():
-    params = RegisterParams(NAME, "test_roc_auc", "t", margin=0.0)
-    assert failed(gate(params, evaluation(0.9001), evaluation(0.90, version="1"))) == []
-    assert failed(gate(params, evaluation(0.90), evaluation(0.90, version="1"))) == ["beats champion"]
+def hand_made(champion: np.ndarray, candidate: np.ndarray, y: np.ndarray, thresholds=(0.5, 0.5)) -> PairedScores:
+    return PairedScores(y, candidate, thresholds[0], champion, thresholds[1], "1")
 
 
-@pytest.mark.parametrize(
-    ("new", "old", "rule"),
-    [
-        (evaluation(0.99, split=SPLIT_B), evaluation(0.80, version="4"), "same test split"),
-        (evaluation(0.99, data="ffff.dir"), evaluation(0.80, version="4"), "same data version"),
-        (evaluation(0.99, data=None), evaluation(0.80, data=None, version="4"), "same data version"),
-        (evaluation(0.99), evaluation(0.80, split=None, version="4"), "same test split"),
-    ],
-)
-def test_gate_does_not_compare_evaluations_on_other_data(new, old, rule):
-    checks = gate(PARAMS, new, old)
-    assert failed(checks) == [rule, "beats champion"]
-    assert "not compared with champion v4" in checks[-1].detail
+def scores_of_a_task(seed: int = 0):
+    """Labels and a champion's scores: 60 fractured of 360, AUC about 0.76."""
+    rng = np.random.default_rng(seed)
+    y = np.r_[np.ones(60), np.zeros(300)].astype(int)
+    return y, 1 / (1 + np.exp(-(rng.normal(size=len(y)) + 1.0 * y - 1.0))), rng
+
+
+def test_identical_models_are_not_promoted():
+    y, champion, _ = scores_of_a_task()
+    comparison = compare(hand_made(champion, champion.copy(), y), 0.95)
+    a = comparison.auc
+    assert (a.difference, a.ci_low, a.ci_high, a.p_value) == (0.0, 0.0, 0.0, 1.0)
+    beats, sensitivity = against_champion(PARAMS, comparison)
+    assert not beats.passed and beats.detail.endswith("not higher")
+    assert sensitivity.passed and "+0.0000" in sensitivity.detail
+
+
+def test_a_clearly_better_model_is_promoted():
+    y, champion, rng = scores_of_a_task()
+    better = 1 / (1 + np.exp(-(rng.normal(size=len(y)) + 3.0 * y - 1.5)))
+    comparison = compare(hand_made(champion, better, y), 0.95)
+    a = comparison.auc
+    assert a.difference > 0.1 and a.ci_low > 0 and a.p_value < 1e-6
+    checks = against_champion(PARAMS, comparison)
+    assert failed(checks) == []
+    assert "higher with 95% confidence" in checks[0].detail and "on the same 360 images" in checks[0].detail
+    assert comparison.tags()["gate_compared_with"] == "1" and float(comparison.tags()["gate_p_value"]) < 1e-6
+
+
+def test_a_model_better_only_by_noise_is_not_promoted():
+    """One fractured image moved above one non-fractured image: higher, but by chance alone."""
+    y, champion, _ = scores_of_a_task()
+    candidate = champion.copy()
+    fractured = np.flatnonzero(y == 1)
+    lowest = fractured[np.argmin(champion[fractured])]
+    above = np.sort(champion[y == 0])
+    candidate[lowest] = above[np.searchsorted(above, champion[lowest])] + 1e-9  # past the next negative
+    comparison = compare(hand_made(champion, candidate, y), 0.95)
+    a = comparison.auc
+    assert a.difference == pytest.approx(1 / (60 * 300)) and a.p_value > 0.05 and a.ci_low < 0 < a.ci_high
+    beats, _ = against_champion(PARAMS, comparison)
+    assert not beats.passed and "higher, but not with 95% confidence" in beats.detail
+    # With no confidence asked for, any gain is enough.
+    lenient = RegisterParams(NAME, "t", confidence=0.0)
+    assert against_champion(lenient, comparison)[0].passed
+
+
+def test_a_better_ranking_that_costs_sensitivity_at_the_served_threshold_is_not_promoted():
+    y, champion, rng = scores_of_a_task()
+    better = 1 / (1 + np.exp(-(rng.normal(size=len(y)) + 3.0 * y - 1.5)))
+    fractured = np.sort(better[y == 1])
+    # The candidate serves at a threshold that misses a quarter of the fractures; the champion at one that misses none.
+    comparison = compare(hand_made(champion, better, y, thresholds=(fractured[15], 0.0)), 0.95)
+    assert comparison.candidate_sensitivity == pytest.approx(0.75) and comparison.champion_sensitivity == 1.0
+    beats, sensitivity = against_champion(PARAMS, comparison)
+    assert beats.passed and not sensitivity.passed
+    assert "-0.2500, beyond the tolerance 0.05" in sensitivity.detail
+
+
+def test_a_pair_of_unequal_lengths_or_one_class_is_refused():
+    with pytest.raises(ValueError, match="differ in length"):
+        delong_paired(np.array([0, 1]), np.array([0.1, 0.9]), np.array([0.2]))
+    with pytest.raises(ValueError, match="needs both classes: 0 fractured"):
+        delong_paired(np.array([0, 0]), np.array([0.1, 0.9]), np.array([0.2, 0.3]))
 
 
 def test_split_fingerprint_ignores_row_order_and_paths_but_not_images_or_labels(tmp_path):
@@ -107,11 +176,14 @@ def test_register_params_are_checked():
     raw["register"]["floors"] = {"test_roc_auc": "high"}
     with pytest.raises(ConfigError, match="register.floors"):
         parse_params(raw)
-    raw["register"].update(floors={}, margin=-0.1)
-    with pytest.raises(ConfigError, match="register.margin"):
+    raw["register"].update(floors={}, confidence=1.0)
+    with pytest.raises(ConfigError, match="register.confidence must be a number in \\[0, 1\\)"):
+        parse_params(raw)
+    raw["register"].update(confidence=0.95, sensitivity_tolerance=-0.1)
+    with pytest.raises(ConfigError, match="register.sensitivity_tolerance"):
         parse_params(raw)
     real = load_params(REPO).register
-    assert real.margin >= 0 and {"test_roc_auc", "test_recall"} <= set(real.floors)
+    assert 0.9 <= real.confidence < 1 and {"test_roc_auc", "test_recall"} <= set(real.floors)
 
 
 def yaml_params() -> dict:
@@ -154,39 +226,81 @@ def aliases(client) -> dict[str, str]:
     return {a: str(v) for a, v in client.get_registered_model(NAME).aliases.items()}
 
 
-def test_gate_promotes_keeps_previous_champion_and_rolls_back(client, model_files, xray, tmp_path, monkeypatch, capsys):
-    weights, config = model_files
-    split = EvaluatedSplit(SPLIT_A, 10, xray)
+@pytest.fixture()
+def ranked(fracatlas, tmp_path):
+    """A test split of 10 fractured and 10 other real X-rays, and models that rank them well, badly, at random.
 
-    first = register(PARAMS, evaluated_run(0.85), weights, config, split, client)
+    Returns the split and ``{"good": ..., "bad": ..., "random": ...}`` of (weights, serving config),
+    each served at threshold 0.5.
+    """
+    ids = pick_ids(fracatlas, 10, 10)
+    frame = pd.DataFrame(
+        {
+            "image_id": ids,
+            "path": [f"images/{'Fractured' if i < 10 else 'Non_fractured'}/{x}" for i, x in enumerate(ids)],
+            "label": [1] * 10 + [0] * 10,
+        }
+    )
+    frame.to_csv(tmp_path / "test.csv", index=False)
+    split = EvaluatedSplit.from_csv(tmp_path / "test.csv", fracatlas)
+    labels = list(split.labels)
+    torch.manual_seed(0)  # the untrained model's new head
+    models = {
+        "good": ranking_model_files(tmp_path, 0.5, list(split.paths), labels, 1.0),
+        "bad": ranking_model_files(tmp_path, 0.5, list(split.paths), labels, -1.0),
+        "random": untrained_model_files(tmp_path, 0.5),
+    }
+    return split, models
+
+
+def test_gate_promotes_keeps_previous_champion_and_rolls_back(client, ranked, tmp_path, monkeypatch, capsys):
+    split, models = ranked
+    bad, good = models["bad"], models["good"]
+
+    first = register(PARAMS, evaluated_run(0.85), *bad, split, client)
     assert (first.version, first.created, first.decision, first.champion) == ("1", True, "promoted", True)
-    assert first.reason == "first version to pass the gate"
+    assert first.reason == "first version to pass the gate" and first.comparison is None
     load = first.checks[-1]
-    assert load.name == "load check" and load.passed and "models:/fracture-classifier/1 predicted IMG0000019.jpg" in load.detail
+    assert load.name == "load check" and load.passed and "models:/fracture-classifier/1 predicted" in load.detail
     tags = client.get_model_version(NAME, "1").tags
-    assert tags["split_fingerprint"] == SPLIT_A and tags["data_version"] == DATA and tags["git_commit"] == "c0ffee"
-    assert tags["profile"] == "cpu" and float(tags["threshold"]) == 0.37 and tags["gate_decision"] == "promoted"
+    assert tags["split_fingerprint"] == split.fingerprint and tags["data_version"] == DATA and tags["git_commit"] == "c0ffee"
+    assert tags["profile"] == "cpu" and float(tags["threshold"]) == 0.5 and tags["gate_decision"] == "promoted"
     assert '"test_roc_auc": 0.85' in tags["metrics"]
 
-    low = register(PARAMS, evaluated_run(0.95, recall=0.6), weights, config, split, client)
+    low = register(PARAMS, evaluated_run(0.95, recall=0.6), *good, split, client)
     assert (low.version, low.decision, low.champion) == ("2", "challenger", False)
     assert low.reason == "floor test_recall: 0.6000 < 0.8"
-    assert "load check" not in [c.name for c in low.checks]  # never loaded: it could not win anyway
+    # Neither scored against the champion nor loaded: it could not win anyway.
+    assert [c.name for c in low.checks] == ["floor test_roc_auc", "floor test_recall"] and low.comparison is None
     assert aliases(client) == {"champion": "1", "challenger": "2"}
     assert client.get_model_version(NAME, "2").tags["gate_reason"] == low.reason
 
     better_run = evaluated_run(0.90)
-    better = register(PARAMS, better_run, weights, config, split, client)
-    assert (better.version, better.decision, better.previous_champion) == ("3", "promoted", "1")
-    assert (better.champion_version, better.champion_score) == ("1", 0.85)
-    assert better.reason == "test_roc_auc 0.9000 beats champion v1's 0.8500"
+    better = register(PARAMS, better_run, *good, split, client)
+    assert (better.version, better.decision, better.previous_champion, better.champion_version) == ("3", "promoted", "1", "1")
+    a = better.comparison.auc
+    assert (a.auc_a, a.auc_b, a.n_images) == (1.0, 0.0, 20) and a.ci_low > 0 and a.p_value < 0.05
+    assert better.reason.startswith("ROC AUC 1.0000 beats champion v1's 0.0000 on the same 20 images by +1.0000")
+    assert [c.name for c in better.checks] == [
+        "floor test_roc_auc", "floor test_recall", "scored with champion", "beats champion", "sensitivity held", "load check"
+    ]
+    tags = client.get_model_version(NAME, "3").tags
+    assert (tags["gate_compared_with"], tags["gate_images"], tags["gate_auc_difference"]) == ("1", "20", "1.0000")
+    assert float(tags["gate_p_value"]) < 0.05 and tags["gate_auc_difference_ci"].endswith("(95%)")
+    assert float(tags["gate_sensitivity_change"]) == pytest.approx(better.comparison.sensitivity_change)
     assert aliases(client) == {"champion": "3", "previous-champion": "1", "challenger": "2"}
-    assert "promoted - test_roc_auc 0.9000" in better.summary()
+    assert "promoted - ROC AUC 1.0000" in better.summary()
 
     # Registering the same run again creates nothing and changes nothing.
-    again = register(PARAMS, better_run, weights, config, split, client)
+    again = register(PARAMS, better_run, *good, split, client)
     assert (again.version, again.created, again.decision, again.reason) == ("3", False, "unchanged", "already champion")
     assert len(client.search_model_versions(f"name = '{NAME}'")) == 3
+
+    # The same weights trained again (another run): identical scores, no promotion.
+    same = register(PARAMS, evaluated_run(0.90), *good, split, client)
+    assert (same.decision, same.comparison.auc.difference, same.comparison.auc.p_value) == ("challenger", 0.0, 1.0)
+    assert "beats champion:" in same.reason and "not higher" in same.reason
+    assert aliases(client) == {"champion": "3", "previous-champion": "1", "challenger": "4"}
 
     # `fracture rollback` in a project directory, against the same registry.
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
@@ -194,11 +308,11 @@ def test_gate_promotes_keeps_previous_champion_and_rolls_back(client, model_file
     cli(["rollback"])
     out = capsys.readouterr().out
     assert "champion rolled back from version 3 to version 1; previous-champion: none" in out
-    assert aliases(client) == {"champion": "1", "challenger": "2"}
+    assert aliases(client) == {"champion": "1", "challenger": "4"}
     assert client.get_model_version(NAME, "3").tags["rolled_back_to"] == "1"
 
     # The rolled-back run is not promoted again when the flow registers it once more.
-    rerun = register(PARAMS, better_run, weights, config, split, client)
+    rerun = register(PARAMS, better_run, *good, split, client)
     assert (rerun.version, rerun.created, rerun.decision, rerun.champion) == ("3", False, "unchanged", False)
     assert "rolled back" in rerun.reason
     assert aliases(client)["champion"] == "1"
@@ -207,14 +321,14 @@ def test_gate_promotes_keeps_previous_champion_and_rolls_back(client, model_file
         cli(["rollback"])
 
 
-def test_rollback_steps_back_through_the_champions(client, model_files, xray):
-    weights, config = model_files
-    split = EvaluatedSplit(SPLIT_A, 10, xray)
-    params = RegisterParams(NAME, "test_roc_auc", "t", margin=0.0)
+def test_rollback_steps_back_through_the_champions(client, ranked):
+    split, models = ranked
+    # Any gain promotes here: the test is about the aliases, not the evidence.
+    params = RegisterParams(NAME, "t", confidence=0.0, sensitivity_tolerance=1.0)
     with pytest.raises(RegistryError, match="no 'champion' alias"):
         rollback(NAME, client)
-    for auc in (0.81, 0.82, 0.83):
-        assert register(params, evaluated_run(auc), weights, config, split, client).decision == "promoted"
+    for model in ("bad", "random", "good"):  # each ranks these images better than the one before
+        assert register(params, evaluated_run(0.9), *models[model], split, client).decision == "promoted"
     assert aliases(client) == {"champion": "3", "previous-champion": "2"}
     assert client.get_model_version(NAME, "3").tags["replaced_version"] == "2"
 
@@ -228,34 +342,35 @@ def test_rollback_steps_back_through_the_champions(client, model_files, xray):
         rollback(NAME, client)
 
 
-def test_other_split_and_a_model_that_fails_to_load_are_not_promoted(client, model_files, xray, tmp_path):
-    weights, config = model_files
-    first = register(PARAMS, evaluated_run(0.85), weights, config, EvaluatedSplit(SPLIT_A, 10, xray), client)
-    assert first.champion
+def test_a_pair_that_cannot_be_scored_and_a_model_that_fails_to_load_are_not_promoted(client, ranked, tmp_path, xray):
+    split, models = ranked
+    bad, good = models["bad"], models["good"]
 
-    # Far better, but on another test split the champion cannot be scored on (no images given):
-    # not compared, not promoted, and the report says so.
-    other = register(PARAMS, evaluated_run(0.99), weights, config, EvaluatedSplit(SPLIT_B, 12, xray), client)
-    assert other.checks[0].name == "champion re-scored" and not other.checks[0].passed
-    assert "carries no image paths" in other.checks[0].detail
-    no_rescore = dataclasses.replace(PARAMS, rescore_champion=False)
-    other = register(no_rescore, evaluated_run(0.99), weights, config, EvaluatedSplit(SPLIT_B, 12, xray), client)
-    assert (other.decision, other.champion, other.champion_score) == ("challenger", False, None)
-    assert [c.name for c in other.checks if not c.passed] == ["same test split", "beats champion"]
-    assert "differs from champion v1's" in other.reason and "not compared" in other.reason
-    assert aliases(client) == {"champion": "1", "challenger": "3"}
-
-    # Better on the same split, but its weights do not fit the architecture: it cannot load.
+    # Without a champion, only the load check can stop it: weights that do not fit cannot load.
     import timm
 
     broken = tmp_path / "broken.safetensors"
     save_file(timm.create_model("tf_efficientnet_lite0", num_classes=3).state_dict(), str(broken))
-    bad = register(PARAMS, evaluated_run(0.95), broken, config, EvaluatedSplit(SPLIT_A, 10, xray), client)
-    assert (bad.version, bad.decision, bad.champion) == ("4", "challenger", False)
-    assert bad.checks[-1].name == "load check" and not bad.checks[-1].passed
-    assert bad.reason.startswith("load check: models:/fracture-classifier/4 failed on IMG0000019.jpg")
-    assert "size mismatch" in bad.reason
-    assert aliases(client) == {"champion": "1", "challenger": "4"}
+    first = register(PARAMS, evaluated_run(0.95), broken, good[1], split, client)
+    assert (first.version, first.decision, first.champion) == ("1", "challenger", False)
+    assert first.checks[-1].name == "load check" and not first.checks[-1].passed
+    assert first.reason.startswith("load check: models:/fracture-classifier/1 failed on ")
+    assert "size mismatch" in first.reason
+
+    assert register(PARAMS, evaluated_run(0.85), *bad, split, client).champion
+    # Far better, but the test split it was evaluated on carries no images to score both on:
+    # not compared, not promoted, and the report says so.
+    blind = EvaluatedSplit(SPLIT_B, 12, xray)
+    other = register(PARAMS, evaluated_run(0.99), *good, blind, client)
+    assert (other.decision, other.champion, other.comparison) == ("challenger", False, None)
+    assert failed(other.checks) == ["scored with champion"]
+    assert "could not both be scored" in other.reason and "carries no image paths" in other.reason
+    assert aliases(client) == {"champion": "2", "challenger": "3"}
+
+    # Better ranking, but its weights do not fit: it cannot be scored, so it is not compared.
+    broken_run = register(PARAMS, evaluated_run(0.95), broken, good[1], split, client)
+    assert failed(broken_run.checks) == ["scored with champion"] and "size mismatch" in broken_run.reason
+    assert aliases(client) == {"champion": "2", "challenger": "4"}
 
 
 def test_a_run_without_the_metrics_is_not_registered(client, model_files, xray):
@@ -317,39 +432,30 @@ def test_fracture_register_prints_the_decision(client, model_files, xray, tmp_pa
     assert client.get_model_version(NAME, "1").tags["split_fingerprint"] == split_fingerprint(test)
 
 
-def test_a_champion_from_another_split_is_scored_on_the_new_split_before_comparing(
-    client, model_files, fracatlas, tmp_path
-):
-    weights, config = model_files
-    ids = pick_ids(fracatlas, 6, 6)
-    frame = pd.DataFrame(
-        {
-            "image_id": ids,
-            "path": [f"images/{'Fractured' if i < 6 else 'Non_fractured'}/{x}" for i, x in enumerate(ids)],
-            "label": [1] * 6 + [0] * 6,
-        }
-    )
-    frame.to_csv(tmp_path / "test.csv", index=False)
-    new_split = EvaluatedSplit.from_csv(tmp_path / "test.csv", fracatlas)
-    assert len(new_split.paths) == 12 and new_split.labels == (1,) * 6 + (0,) * 6
-    old_split = EvaluatedSplit(SPLIT_A, 10, new_split.check_image)
-    first = register(PARAMS, evaluated_run(0.99, data="old-version.dir"), weights, config, old_split, client)
+def test_a_champion_evaluated_on_another_split_is_compared_on_the_new_one(client, ranked, fracatlas):
+    """What a champion recorded on its own split never decides; both are scored on the new split's images."""
+    split, models = ranked
+    old_split = EvaluatedSplit(SPLIT_A, 10, split.check_image)
+    # The champion recorded a far better AUC on its own split and data version than the challenger's.
+    first = register(PARAMS, evaluated_run(0.99, data="old-version.dir"), *models["random"], old_split, client)
     assert first.champion
 
-    # What the champion scores on the new split, computed here the way the evaluate stage does.
-    scored = rescore(NAME, "1", new_split)
-    assert 0.0 <= scored["test_roc_auc"] <= 1.0 and scored["test_n_images"] == 12
+    # On the new split's images, scored as a consumer of the registry scores them.
+    probs, threshold = served_scores(NAME, "1", split)
+    assert probs.shape == (20,) and probs.dtype == np.float64 and threshold == 0.5
+    champion_auc = delong_paired(np.array(split.labels), probs, probs).auc_a
 
-    # The new version's recorded 0.99 would lose to the champion's recorded 0.99; on the new
-    # split the champion is scored afresh and the comparison uses that number.
-    candidate = register(PARAMS, evaluated_run(0.99), weights, config, new_split, client)
-    rescored = candidate.checks[0]
-    assert rescored.name == "champion re-scored" and rescored.passed
-    assert f"test_roc_auc {scored['test_roc_auc']:.4f} (recorded 0.9900 on its own split)" in rescored.detail
-    assert candidate.champion_score == pytest.approx(scored["test_roc_auc"])
-    assert all(c.passed for c in candidate.checks if c.name.startswith("same "))
-    wins = 0.99 - scored["test_roc_auc"] >= PARAMS.margin
-    assert candidate.decision == ("promoted" if wins else "challenger")
+    # The untrained champion calls most of these images fractured at 0.5, the challenger misses
+    # one fracture of ten: allowed here, so the AUC decides.
+    params = RegisterParams(NAME, "t", confidence=0.95, sensitivity_tolerance=0.15, floors=PARAMS.floors)
+    candidate = register(params, evaluated_run(0.90), *models["good"], split, client)
+    assert candidate.comparison.candidate_sensitivity == 0.9
+    scored = candidate.checks[2]
+    assert scored.name == "scored with champion" and scored.passed
+    assert "on this test split's 20 images (10 fractured)" in scored.detail
+    assert "evaluated on another test split or data version" in scored.detail
+    assert candidate.comparison.auc.auc_b == pytest.approx(champion_auc)
+    assert candidate.decision == "promoted" and candidate.champion
 
 
 def test_a_model_trained_with_an_enhancement_requires_its_library():

@@ -105,7 +105,7 @@ def champion(tmp_path_factory) -> Iterator[dict]:
         weights, config = untrained_model_files(tmp, THRESHOLD)
         with mlflow.start_run(tags={"data_version": "d" * 32 + ".dir"}) as run:
             mlflow.log_metrics({"test_roc_auc": 0.9})
-        params = RegisterParams(NAME, "test_roc_auc", "t")
+        params = RegisterParams(NAME, "t")
         reg = register(params, run.info.run_id, weights, config, EvaluatedSplit("s" * 64, 1, xrays[0]), MlflowClient(uri))
         assert reg.champion
         yield {"uri": uri, "weights": weights, "config": config, "tmp": tmp}
