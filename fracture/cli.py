@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 
 from fracture.config import Params, load_params
-from fracture.workspace import ValidateResult, Workspace
+from fracture.workspace import CrossvalResult, ValidateResult, Workspace
 
 log = logging.getLogger("fracture")
 
@@ -33,6 +33,7 @@ app = typer.Typer(
 #: The errors a stage raises for a problem the user can fix, by the module that defines each.
 _KNOWN_ERRORS = {
     "fracture.config": "ConfigError",
+    "fracture.crossval": "CrossvalError",
     "fracture.gate": "SplitTableError",
     "fracture.imaging": "ImageLoadError",
     "fracture.ingest": "IngestError",
@@ -165,6 +166,34 @@ def evaluate() -> None:
 
     with _stage("evaluate") as (params, workspace):
         run_evaluate(params, workspace)
+
+
+def _print_crossval(result: CrossvalResult) -> None:
+    for f in result.folds:
+        print(
+            f"fold {f.fold}: trained on {f.n_train}, held out {f.n_val} ({f.n_fractured_val} fractured): "
+            f"ROC AUC {f.roc_auc:.4f} after the last epoch (best {f.best_roc_auc:.4f} at epoch {f.best_epoch})"
+        )
+    s = result.summary
+    print(
+        f"{s['n_folds']} folds: ROC AUC {s['mean_roc_auc']:.4f} +/- {s['std_roc_auc']:.4f} (mean +/- sd of the "
+        f"last epochs; best epochs {s['mean_best_roc_auc']:.4f} +/- {s['std_best_roc_auc']:.4f})"
+    )
+    print(
+        f"out-of-fold, {s['n_images']} images ({s['n_fractured']} fractured): ROC AUC {s['oof_roc_auc']:.4f} "
+        f"(95% CI {s['oof_roc_auc_ci_low']:.4f}-{s['oof_roc_auc_ci_high']:.4f}); at threshold "
+        f"{s['oof_threshold']:.3f} sensitivity {s['oof_recall']:.3f}, specificity {s['oof_specificity']:.3f}"
+    )
+
+
+@app.command()
+def crossval() -> None:
+    """Cross-validate the recipe on train + val, never test (crossval/dvc.yaml, outside the main pipeline)."""
+    from fracture.stages.crossval import run_crossval
+
+    with _stage("crossval") as (params, workspace):
+        result = run_crossval(params, workspace)
+    _print_crossval(result)
 
 
 @app.command()

@@ -28,6 +28,8 @@ from fracture.vocabulary import (
     OnTruncated,
     Severity,
     SplitStrategy,
+    Tta,
+    WeightsSource,
 )
 
 PARAMS_FILE = "params.yaml"
@@ -82,13 +84,14 @@ class Profile:
     """What differs between the paper's GPU recipe and the CPU profile."""
 
     model: str
-    weights: str
+    weights: WeightsSource
     image_size: int
     epochs: int
     weights_file: str | None = None
     augment: Augment = "none"
     frozen: tuple[str, ...] = ()
     lr: float | None = None  # this profile's learning rate; None: train.lr
+    tta: Tta = "none"  # test-time augmentation of every scoring pass: val, evaluate, the served model
 
     def learning_rate(self, train: TrainParams) -> float:
         """The Adam learning rate this profile trains with."""
@@ -116,6 +119,27 @@ class EvaluateParams:
     bootstrap_resamples: int = 1000
     calibration_bins: int = 10
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class CrossvalParams:
+    """``fracture crossval``: k-fold cross-validation of the recipe on train + val, never test.
+
+    Attributes:
+        folds: k, the number of folds (at least 2).
+        seed: seeds the draw of the folds (the recipe keeps ``train.seed``).
+    """
+
+    folds: int = 3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.folds, int) or isinstance(self.folds, bool) or self.folds < 2:
+            raise ConfigError(
+                f"params.yaml: crossval.folds must be a whole number of at least 2, e.g. 3; got {self.folds!r}"
+            )
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ConfigError(f"params.yaml: crossval.seed must be a whole number, e.g. 0; got {self.seed!r}")
 
 
 @dataclass(frozen=True)
@@ -186,6 +210,7 @@ class Params:
     evaluate: EvaluateParams
     register: RegisterParams
     schedule: ScheduleParams
+    crossval: CrossvalParams
 
     @property
     def profile(self) -> Profile:
@@ -279,6 +304,7 @@ def parse_params(raw: dict[str, Any]) -> Params:
         evaluate=_build(EvaluateParams, "evaluate", raw),
         register=_build(RegisterParams, "register", raw),
         schedule=_build(ScheduleParams, "schedule", raw),
+        crossval=_build(CrossvalParams, "crossval", raw),
     )
     _check(params)
     return params

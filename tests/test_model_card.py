@@ -47,3 +47,7 @@ def test_card_states_what_a_reviewer_needs():
     assert "224×224 px" in card and "epoch 4" in card and "- batch size: 16" in card
     assert "aspect: squash), enhancement: none, normalised with mean [0.5, 0.5, 0.5]" in card
     assert "image-level" in card and "no patient identifier" in card
+    # The selection protocol sits before the test figures it explains.
+    protocol = card.index("## How the recipe was chosen")
+    assert protocol < card.index("## Test metrics")
+    assert "No choice was made on the test split" in card[protocol:] and "crossval/dvc.yaml" in card

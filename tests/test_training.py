@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
@@ -67,3 +68,25 @@ def test_class_balance_options_follow_sklearn_weights_and_balance_the_draws():
     assert len(drawn) == 100
     draws = torch.cat([labels[torch.tensor(list(sampler))] for _ in range(50)])
     assert abs(draws.float().mean().item() - 0.5) < 0.03  # 18%-like data drawn about 50/50
+
+
+def test_the_val_pass_that_picks_the_epoch_scores_with_the_profiles_tta(tmp_path):
+    from sklearn.metrics import roc_auc_score
+
+    from fracture.imaging import Preprocessor
+    from fracture.inference import probabilities
+
+    make_dataset(tmp_path, 4, 4)
+    params = load_params(REPO)
+    profile = dataclasses.replace(params.profiles["cpu"], image_size=64, epochs=1, tta="hflip")
+    config = profile_data_config(profile)
+    data = tensor_data(tmp_path, training_frame(tmp_path), config)
+    result = train(data, data, config, profile, params.train)
+    images, labels = data.tensors
+    pre = Preprocessor(config)
+    batch = params.train.batch_size * 2
+    hflip = probabilities(result.model, images, pre, torch.device("cpu"), batch, "hflip")
+    plain = probabilities(result.model, images, pre, torch.device("cpu"), batch)
+    assert result.best_val_roc_auc == pytest.approx(roc_auc_score(labels.numpy(), hflip), abs=1e-9)
+    assert result.history[0]["val_roc_auc"] == result.best_val_roc_auc
+    assert not np.allclose(hflip, plain)  # the mirror pass did change the scores

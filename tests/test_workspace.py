@@ -25,7 +25,7 @@ def test_train_outputs_round_trip_and_keep_model_json_layout(tmp_path):
         "input_size": [3, 224, 224], "interpolation": "bicubic", "mean": [0.5, 0.5, 0.5],
         "std": [0.5, 0.5, 0.5], "aspect": "squash", "enhance": "none",
     }
-    assert set(raw) == {"architecture", "profile", "classes", "data_config", "best_epoch", "best_val_roc_auc"}
+    assert set(raw) == {"architecture", "profile", "classes", "data_config", "best_epoch", "best_val_roc_auc", "tta"}
 
 
 def test_serving_config_is_the_trained_model_with_the_evaluated_threshold(tmp_path):

@@ -45,6 +45,7 @@ def _recipe(params: Params, profile_name: str) -> dict[str, object]:
         "class balance": train.class_balance,
         "epochs": profile.epochs,
         "augmentation": profile.augment,
+        "test-time augmentation": profile.tta,
         "frozen layers": ", ".join(profile.frozen) or "none",
         "seed": train.seed,
     }
@@ -88,7 +89,8 @@ def run_evaluate(params: Params, workspace: Workspace) -> EvaluateResult:
     def score(split: str) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
         frame = frames[split]
         images, labels = cache.dataset(frame).tensors
-        return frame, labels.numpy(), probabilities(network, images, pre, torch.device("cpu"), ev.batch_size)
+        probs = probabilities(network, images, pre, torch.device("cpu"), ev.batch_size, model.tta)
+        return frame, labels.numpy(), probs
 
     threshold = ev.threshold
     if ev.target_sensitivity is not None:

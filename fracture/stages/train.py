@@ -46,15 +46,22 @@ def log_dataset_inputs(params: Params, workspace: Workspace, frames: dict[str, p
             )
 
 
-def _run_params(params: Params, frames: dict[str, pd.DataFrame]) -> dict[str, object]:
-    """The run's MLflow params: the profile and every setting that shapes the model."""
+def recipe_params(params: Params) -> dict[str, object]:
+    """MLflow params of the recipe: the profile and every setting that shapes the model.
+
+    Shared with cross-validation (:mod:`fracture.stages.crossval`), so both runs name a recipe alike.
+    """
     sections = {"train": params.train, "split": params.split, "prepare": params.prepare}
     return (
         {"profile": params.train.profile}
         | {f"profile.{k}": v for k, v in dataclasses.asdict(params.profile).items()}
         | {f"{name}.{k}": v for name, section in sections.items() for k, v in dataclasses.asdict(section).items()}
-        | {"n_train": len(frames["train"]), "n_val": len(frames["val"])}
     )
+
+
+def _run_params(params: Params, frames: dict[str, pd.DataFrame]) -> dict[str, object]:
+    """The run's MLflow params: the recipe and the number of train and val images."""
+    return recipe_params(params) | {"n_train": len(frames["train"]), "n_val": len(frames["val"])}
 
 
 def run_train(params: Params, workspace: Workspace) -> TrainResult:
@@ -119,6 +126,7 @@ def run_train(params: Params, workspace: Workspace) -> TrainResult:
             data_config=fit.data_config,
             best_epoch=fit.best_epoch,
             best_val_roc_auc=fit.best_val_roc_auc,
+            tta=params.profile.tta,  # chose the epoch on val; evaluate and the served model apply it too
         )
         workspace.write_train(trained, run.info.run_id, run.info.experiment_id, fit.history)
     checkpoint.clear(workspace.checkpoint_dir)

@@ -1,0 +1,108 @@
+"""The crossval stage: the active profile's recipe, k-fold cross-validated on train + val.
+
+Not part of the main pipeline (it lives in ``crossval/dvc.yaml``): it compares training recipes
+without the test split, which it never reads. Each fold trains exactly as the train stage does
+(:func:`fracture.training.train` on the prepared cache, the same profile and ``train`` settings)
+on the other folds and is scored on the held-out one; one MLflow run (tag ``kind=crossval``)
+records the recipe and the figures.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import mlflow
+import numpy as np
+import pandas as pd
+
+from fracture.config import Params
+from fracture.crossval import OOF_COLUMNS, draw_folds, pool_splits, summarise
+from fracture.imaging import DataConfig
+from fracture.prepare import PreparedImages
+from fracture.stages.prepare import active_cache, open_cache
+from fracture.stages.train import log_dataset_inputs, recipe_params
+from fracture.tracking import setup_mlflow
+from fracture.training import train
+from fracture.workspace import CrossvalFold, CrossvalResult, Workspace
+
+log = logging.getLogger(__name__)
+
+#: Per-epoch training metrics logged to the run for each fold, as ``fold_<n>_<name>``.
+EPOCH_METRICS = ("train_loss", "val_loss", "val_roc_auc")
+
+
+def _fit_fold(
+    params: Params, cache: PreparedImages, config: DataConfig, pooled: pd.DataFrame, fold_of: np.ndarray, number: int
+) -> tuple[CrossvalFold, pd.DataFrame]:
+    """Trains on every fold but ``number`` and scores ``number``; returns its record and predictions."""
+    fit_frame, held_out = pooled[fold_of != number], pooled[fold_of == number]
+
+    def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
+        mlflow.log_metrics({f"fold_{number}_{name}": metrics[name] for name in EPOCH_METRICS}, step=epoch + 1)
+
+    fit = train(
+        cache.dataset(fit_frame), cache.dataset(held_out), config, params.profile, params.train, on_epoch=log_epoch
+    )
+    assert fit.final_val_probabilities is not None  # no checkpoint: every epoch ran in this call
+    record = CrossvalFold(
+        fold=number,
+        n_train=len(fit_frame),
+        n_val=len(held_out),
+        n_fractured_val=int(held_out["label"].astype(int).sum()),
+        roc_auc=float(fit.history[-1]["val_roc_auc"]),
+        best_roc_auc=float(fit.best_val_roc_auc),
+        best_epoch=fit.best_epoch,
+    )
+    oof = held_out.assign(fold=number, probability=fit.final_val_probabilities)[OOF_COLUMNS]
+    log.info(
+        "fold %d: held-out ROC AUC %.4f after the last epoch (best %.4f at epoch %d)",
+        number, record.roc_auc, record.best_roc_auc, record.best_epoch,
+    )
+    return record, oof
+
+
+def run_crossval(params: Params, workspace: Workspace) -> CrossvalResult:
+    """Cross-validates the active profile's recipe (``crossval`` in params) on train + val.
+
+    Pools ``outputs/split/train.csv`` and ``val.csv`` (never ``test.csv``), draws the folds
+    (:func:`fracture.crossval.draw_folds`), trains one model per fold on the prepared cache and
+    keeps each held-out image's last-epoch probability. Writes ``outputs/crossval/metrics.json``
+    and ``oof.csv`` and logs one MLflow run (experiment ``register.experiment``, tag
+    ``kind=crossval``) with the recipe's params, each fold's per-epoch curves and the figures.
+
+    Returns:
+        The per-fold records and the summary, as written to ``metrics.json``.
+
+    Raises:
+        CrossvalError: the folds cannot be drawn with both classes in each.
+        StaleCacheError: the prepared cache does not fit the active profile.
+    """
+    frames = {name: workspace.read_split_table(name) for name in ("train", "val")}
+    pooled = pool_splits(frames["train"], frames["val"])
+    cv = params.crossval
+    fold_of = draw_folds(pooled, cv.folds, cv.seed)
+    config, _ = active_cache(params)
+    cache = open_cache(params, workspace, config)
+    setup_mlflow(params, workspace.root)
+    tags = {
+        "kind": "crossval",
+        "profile": params.train.profile,
+        "data_version": workspace.data_version() or "",
+        "git_commit": workspace.git_commit() or "",
+    }
+    with mlflow.start_run(tags=tags) as run:
+        log_dataset_inputs(params, workspace, frames)
+        mlflow.log_params(recipe_params(params) | {"crossval.folds": cv.folds, "crossval.seed": cv.seed})
+        fitted = [_fit_fold(params, cache, config, pooled, fold_of, n) for n in range(1, cv.folds + 1)]
+        oof = pd.concat([predictions for _, predictions in fitted])
+        records = [record for record, _ in fitted]
+        result = CrossvalResult(records, summarise(records, oof, params.evaluate))
+        workspace.write_crossval(result, oof)
+        mlflow.log_metrics(
+            {k: float(v) for k, v in result.to_dict().items() if k != "folds"}
+            | {f"fold_{f.fold}_best_epoch": f.best_epoch for f in result.folds}
+        )
+        for path in (workspace.crossval_metrics, workspace.crossval_oof):
+            mlflow.log_artifact(str(path), artifact_path="crossval")
+    print(f"MLflow run {run.info.run_id} (kind=crossval)")
+    return workspace.read_crossval()

@@ -1,0 +1,365 @@
+"""Cross-validation: whole groups per fold, never the test split, figures computed from the folds."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from sklearn.metrics import recall_score, roc_auc_score
+
+from fracture.config import (
+    ConfigError,
+    CrossvalParams,
+    Params,
+    load_params,
+    parse_params,
+)
+from fracture.crossval import CrossvalError, draw_folds, pool_splits
+from fracture.evaluation import choose_threshold
+from fracture.imaging import Preprocessor
+from fracture.prepare import cache_key, prepare_images
+from fracture.stages.prepare import active_cache
+from fracture.workspace import CrossvalResult, Workspace
+from tests.conftest import REPO, dvc, run
+from tests.synthetic import make_dataset, training_frame
+
+# --- the folds ---------------------------------------------------------------------------------
+
+
+def pooled_with_groups(n_groups: int = 60, seed: int = 0) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Train + val rows in groups of 1 to 3: copies share ``sha256``, a third member is linked to
+    the second only by ``near_duplicate_group`` (so the group is transitive). About 20% fractured.
+
+    Returns:
+        The frame and each image's true group number.
+    """
+    rng = np.random.default_rng(seed)
+    rows, truth = [], {}
+    for g in range(n_groups):
+        label = int(g % 5 == 0)
+        ids = [f"IMG{g:04d}_{c}.jpg" for c in range(int(rng.integers(1, 4)))]
+        for c, image_id in enumerate(ids):
+            rows.append({
+                "image_id": image_id,
+                "label": label,
+                "sha256": f"h{g}" if c < 2 else f"h{g}_near",
+                "near_duplicate_group": ids[1] if c >= 1 else image_id,
+            })
+            truth[image_id] = g
+    return pd.DataFrame(rows), truth
+
+
+@pytest.mark.parametrize("folds", [2, 3, 5])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_folds_partition_the_images_and_keep_each_group_whole(folds, seed):
+    pooled, truth = pooled_with_groups(seed=seed)
+    fold_of = draw_folds(pooled, folds, seed)
+    assert len(fold_of) == len(pooled) and set(fold_of) == set(range(1, folds + 1))
+    per_group = pd.Series(fold_of).groupby(pooled["image_id"].map(truth)).nunique()
+    assert (per_group == 1).all()
+    # ... including the chains: a copy (same sha256) and a near-duplicate of that copy.
+    chained = [g for g, size in pooled["image_id"].map(truth).value_counts().items() if size == 3]
+    assert chained
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_folds_are_stratified_by_label(seed):
+    pooled, truth = pooled_with_groups(n_groups=150, seed=seed)
+    fold_of = draw_folds(pooled, 3, seed)
+    share = pooled["label"].mean()
+    for number in (1, 2, 3):
+        held_out = pooled[fold_of == number]
+        # Whole groups of up to 3 images move at once, so allow a few images either way.
+        assert abs(held_out["label"].sum() - share * len(held_out)) <= 4, (number, held_out["label"].mean(), share)
+        assert abs(len(held_out) - len(pooled) / 3) <= 0.1 * len(pooled)
+
+
+def test_same_seed_same_folds_and_another_seed_other_folds():
+    pooled, _ = pooled_with_groups()
+    assert np.array_equal(draw_folds(pooled, 3, 0), draw_folds(pooled, 3, 0))
+    assert not np.array_equal(draw_folds(pooled, 3, 0), draw_folds(pooled, 3, 1))
+
+
+def test_too_many_folds_or_a_fold_without_fractures_names_the_param():
+    pooled, _ = pooled_with_groups(n_groups=10)
+    with pytest.raises(CrossvalError, match=r"crossval.folds=20 .*lower crossval.folds"):
+        draw_folds(pooled, 20, 0)
+    # 2 fractured groups cannot reach 3 folds.
+    with pytest.raises(CrossvalError, match=r"fold \d of crossval.folds=3 holds 0 fractured .*lower crossval.folds"):
+        draw_folds(pooled, 3, 0)
+
+
+def test_pooling_refuses_an_image_in_both_train_and_val():
+    train = pd.DataFrame({"image_id": ["a", "b"], "label": [0, 1]})
+    val = pd.DataFrame({"image_id": ["b", "c"], "label": [1, 0]})
+    with pytest.raises(CrossvalError, match=r"train.csv and val.csv share 1 image ids.*dvc repro split"):
+        pool_splits(train, val)
+    assert pool_splits(train.iloc[:1], val.iloc[1:])["image_id"].tolist() == ["a", "c"]
+
+
+@pytest.mark.parametrize("folds", [1, 0, 2.5, "3", True])
+def test_crossval_folds_must_be_a_whole_number_of_at_least_two(folds):
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert raw["crossval"] == {"folds": 3, "seed": 0}
+    raw["crossval"]["folds"] = folds
+    with pytest.raises(ConfigError, match="crossval.folds must be a whole number of at least 2"):
+        parse_params(raw)
+
+
+# --- a tiny run ----------------------------------------------------------------------------------
+
+
+def tiny_params(folds: int = 3) -> Params:
+    """The real params with the CPU profile shrunk to 64 px and 2 epochs, on the CPU."""
+    base = load_params(REPO)
+    profile = dataclasses.replace(base.profiles["cpu"], image_size=64, epochs=2, lr=1e-3)
+    return dataclasses.replace(
+        base,
+        train=dataclasses.replace(base.train, profile="cpu", batch_size=4, device="cpu"),
+        profiles={"cpu": profile},
+        evaluate=dataclasses.replace(base.evaluate, bootstrap_resamples=50),
+        crossval=CrossvalParams(folds=folds, seed=0),
+    )
+
+
+def tiny_workspace(root: Path, params: Params) -> Workspace:
+    """Synthetic split tables (two images joined as near-duplicates) and their prepared cache."""
+    make_dataset(root, 10, 18)
+    frame = training_frame(root).assign(sha256=lambda f: "h" + f["image_id"], near_duplicate_group=lambda f: f["image_id"])
+    frame.loc[frame["image_id"] == "IMG0000001.jpg", "near_duplicate_group"] = "IMG0000000.jpg"
+    test_ids = ["IMG0000008.jpg", "IMG0000009.jpg", "IMG0000026.jpg", "IMG0000027.jpg"]
+    val_ids = ["IMG0000006.jpg", "IMG0000007.jpg", "IMG0000020.jpg", "IMG0000021.jpg", "IMG0000022.jpg"]
+    is_test, is_val = frame["image_id"].isin(test_ids), frame["image_id"].isin(val_ids)
+    workspace = Workspace(root)
+    workspace.write_split({"train": frame[~is_test & ~is_val], "val": frame[is_val], "test": frame[is_test]}, {})
+    config, key = active_cache(params)
+    # The cache holds the test images too, as the real one does: only the tables keep them out.
+    prepare_images(frame, root, Preprocessor(config).resize, key, workspace.prepare_dir, workers=1)
+    assert key == cache_key(config, params.validate.on_truncated == "keep")
+    return workspace
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One real cross-validation of the tiny recipe, with the split tables it asked for."""
+    from fracture.stages.crossval import run_crossval
+
+    root = tmp_path_factory.mktemp("crossval")
+    params = tiny_params()
+    workspace = tiny_workspace(root, params)
+    read: list[str] = []
+    original = Workspace.read_split_table
+    patch = pytest.MonkeyPatch()
+    patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    patch.setattr(Workspace, "read_split_table", lambda self, name: read.append(name) or original(self, name))
+    try:
+        result = run_crossval(params, workspace)
+    finally:
+        patch.undo()
+    return params, workspace, result, read
+
+
+def test_crossval_never_reads_the_test_split(tiny_run):
+    _, workspace, _, read = tiny_run
+    assert sorted(read) == ["train", "val"]
+    oof = workspace.read_crossval_oof()
+    tables = {name: workspace.read_split_table(name) for name in ("train", "val", "test")}
+    assert sorted(oof["image_id"]) == sorted(pd.concat([tables["train"], tables["val"]])["image_id"])
+    assert not set(oof["image_id"]) & set(tables["test"]["image_id"])
+    assert list(oof.columns) == ["image_id", "fold", "label", "probability"]
+    # The two near-duplicates are held out together.
+    folds = oof.set_index("image_id")["fold"]
+    assert folds["IMG0000000.jpg"] == folds["IMG0000001.jpg"]
+
+
+def test_metrics_are_the_figures_of_the_out_of_fold_predictions(tiny_run):
+    params, workspace, result, _ = tiny_run
+    oof = workspace.read_crossval_oof()
+    assert workspace.read_crossval() == result
+    n = len(oof)
+    assert [f.fold for f in result.folds] == [1, 2, 3]
+    for f in result.folds:
+        held_out = oof[oof["fold"] == f.fold]
+        assert (f.n_val, f.n_train, f.n_fractured_val) == (len(held_out), n - len(held_out), held_out["label"].sum())
+        # The primary figure is the held-out fold's AUC of the very probabilities kept.
+        assert f.roc_auc == pytest.approx(roc_auc_score(held_out["label"], held_out["probability"]), abs=1e-6)
+        assert f.best_roc_auc >= f.roc_auc - 1e-9 and 1 <= f.best_epoch <= 2
+    aucs = np.array([f.roc_auc for f in result.folds])
+    s = result.summary
+    assert (s["n_folds"], s["n_images"], s["n_fractured"]) == (3, n, oof["label"].sum())
+    assert s["mean_roc_auc"] == pytest.approx(aucs.mean())
+    assert s["std_roc_auc"] == pytest.approx(aucs.std(ddof=1))
+    assert s["mean_best_roc_auc"] == pytest.approx(np.mean([f.best_roc_auc for f in result.folds]))
+    labels, probs = oof["label"].to_numpy(), oof["probability"].to_numpy()
+    assert s["oof_roc_auc"] == pytest.approx(roc_auc_score(labels, probs), abs=1e-6)
+    assert s["oof_roc_auc_ci_low"] <= s["oof_roc_auc"] <= s["oof_roc_auc_ci_high"]
+    threshold = choose_threshold(labels, probs, params.evaluate.target_sensitivity)
+    assert s["oof_threshold"] == pytest.approx(threshold, abs=1e-6)
+    predicted = (probs >= threshold).astype(int)
+    assert s["oof_recall"] == pytest.approx(recall_score(labels, predicted))
+    assert s["oof_recall"] >= params.evaluate.target_sensitivity
+    assert s["oof_specificity"] == pytest.approx(recall_score(labels, predicted, pos_label=0))
+
+
+def test_metrics_json_has_flat_keys_for_dvc_and_the_folds_list(tiny_run):
+    _, workspace, result, _ = tiny_run
+    raw = yaml.safe_load(workspace.crossval_metrics.read_text())
+    for key in ("oof_roc_auc", "mean_roc_auc", "std_roc_auc", "fold_1_roc_auc", "fold_3_best_roc_auc"):
+        assert isinstance(raw[key], float), key
+    assert raw["fold_2_roc_auc"] == result.folds[1].roc_auc
+    assert [f["fold"] for f in raw["folds"]] == [1, 2, 3]
+    assert CrossvalResult.from_dict(raw) == result
+
+
+def test_one_mlflow_run_of_kind_crossval_holds_the_recipe_and_the_figures(tiny_run):
+    params, workspace, result, _ = tiny_run
+    mlflow.set_tracking_uri(f"sqlite:///{workspace.root.resolve() / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=[params.register.experiment], output_format="list")
+    assert len(runs) == 1
+    logged = runs[0].data
+    assert logged.tags["kind"] == "crossval"
+    assert logged.params["crossval.folds"] == "3" and logged.params["profile.image_size"] == "64"
+    assert logged.metrics["oof_roc_auc"] == pytest.approx(result.summary["oof_roc_auc"])
+    assert logged.metrics["fold_2_roc_auc"] == pytest.approx(result.folds[1].roc_auc)
+    history = mlflow.MlflowClient().get_metric_history(runs[0].info.run_id, "fold_1_val_roc_auc")
+    assert [m.step for m in history] == [1, 2]
+
+
+def test_cli_prints_one_line_per_fold_and_the_summary(tiny_run, capsys):
+    from fracture.cli import _print_crossval
+
+    _print_crossval(tiny_run[2])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines[:3]] == ["fold 1", "fold 2", "fold 3"]
+    assert lines[3].startswith("3 folds: ROC AUC") and lines[4].startswith("out-of-fold, 24 images")
+
+
+def test_cli_exits_with_one_line_when_the_folds_cannot_be_drawn(tmp_path, monkeypatch):
+    from fracture.cli import main
+
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    ws = Workspace(tmp_path)
+    frame = pd.DataFrame({"image_id": [f"i{k}" for k in range(8)], "label": [1, 0, 0, 0, 0, 0, 0, 0]})
+    ws.write_split({"train": frame.iloc[:6], "val": frame.iloc[6:], "test": frame.iloc[:0]}, {})
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main(["crossval"])
+    message = str(exit_.value.code)
+    assert message.startswith("fracture crossval: fold ") and "lower crossval.folds" in message
+    assert "\n" not in message
+
+
+# --- the DVC pipeline file ------------------------------------------------------------------------
+
+
+def test_crossval_is_a_separate_pipeline_with_the_train_stages_recipe():
+    root = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert "crossval" not in root and not any("crossval" in str(s.get("cmd")) for s in root.values())
+    spec = yaml.safe_load((REPO / "crossval" / "dvc.yaml").read_text())
+    assert spec["vars"] == ["../params.yaml"]
+    assert list(spec["stages"]) == ["crossval"]
+    stage = spec["stages"]["crossval"]
+    assert stage["wdir"] == ".." and stage["cmd"] == "fracture crossval"
+    deps = set(stage["deps"])
+    assert "outputs/split/test.csv" not in deps
+    # The same inputs and code as the train stage; of the train stage module, crossval runs only
+    # its MLflow logging, left out as fracture/tracking.py is.
+    trains_on = set(root["train"]["deps"]) - {"outputs/split/test.csv", "fracture/stages/train.py"}
+    assert trains_on <= deps
+    assert {"fracture/stages/crossval.py", "fracture/crossval.py", "fracture/split.py", "fracture/evaluation.py"} <= deps
+    for path in deps:
+        assert path.startswith("outputs/") or (REPO / path).is_file(), path
+    # Every param of the train stage is tracked (itself or a section holding it), and crossval.
+    params = stage["params"]
+    assert "crossval" in params
+    for name in root["train"]["params"]:
+        assert any(name == p or name.startswith(f"{p}.") for p in params), name
+    ws = Workspace(Path("."))
+    assert stage["metrics"] == [{str(ws.crossval_metrics): {"cache": True}}]
+    assert stage["outs"] == [str(ws.crossval_oof)]
+
+
+#: Stands in for the `fracture` command under DVC: records the command and its working directory
+#: and writes the outputs its stage declares, so real dvc runs the real pipeline files in seconds.
+STUB = """
+import sys
+from pathlib import Path
+
+import yaml
+
+command, root = sys.argv[1], Path.cwd()
+with open(root / "calls.log", "a") as log:
+    log.write(f"{command} {root}\\n")
+for spec in (root / "dvc.yaml", root / "crossval" / "dvc.yaml"):
+    for stage in yaml.safe_load(spec.read_text())["stages"].values():
+        if stage["cmd"] != f"fracture {command}":
+            continue
+        for entry in stage.get("outs", []) + stage.get("metrics", []) + stage.get("plots", []):
+            path = root / (entry if isinstance(entry, str) else next(iter(entry)))
+            folder = path if not path.suffix else path.parent
+            folder.mkdir(parents=True, exist_ok=True)
+            (path / "stub" if not path.suffix else path).write_text("{}\\n")
+"""
+
+
+def calls(root: Path) -> list[str]:
+    """The stub's log: ``<command> <working directory>`` per call, then emptied."""
+    log = root / "calls.log"
+    lines = log.read_text().splitlines() if log.exists() else []
+    log.unlink(missing_ok=True)
+    return lines
+
+
+@pytest.mark.integration
+def test_dvc_runs_crossval_only_when_its_file_is_named(tmp_path, monkeypatch):
+    """With the real dvc and the real pipeline files: a root `dvc repro` never runs crossval; naming
+    crossval/dvc.yaml runs it from the repository root, with params from the root params.yaml."""
+    for name in ("dvc.yaml", "params.yaml", "crossval/dvc.yaml"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        shutil.copy(REPO / name, tmp_path / name)
+    shutil.copytree(REPO / "fracture", tmp_path / "fracture", ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "dataset.csv").write_text("image_id\n")
+    stub = tmp_path / "bin" / "fracture"
+    stub.parent.mkdir()
+    stub.write_text(f"#!{sys.executable}\n{STUB}")
+    stub.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{stub.parent}:{Path(sys.executable).parent}:{os.environ['PATH']}")
+    run(tmp_path, "git", "init", "-q")
+    dvc(tmp_path, "init", "-q")
+    root = str(tmp_path)
+
+    dvc(tmp_path, "repro")
+    assert calls(tmp_path) == [f"{c} {root}" for c in ("validate", "split", "prepare", "train", "evaluate")]
+    assert not (tmp_path / "crossval" / "dvc.lock").exists()
+
+    out = dvc(tmp_path, "repro", "crossval/dvc.yaml")
+    assert "Running stage 'crossval/dvc.yaml:crossval'" in out
+    assert calls(tmp_path) == [f"crossval {root}"]  # wdir: .. ; upstream stages were up to date
+    assert (tmp_path / "outputs" / "crossval" / "oof.csv").is_file()
+    lock = yaml.safe_load((tmp_path / "crossval" / "dvc.lock").read_text())["stages"]["crossval"]
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    active = params["train"]["profile"]
+    assert lock["params"] == {"params.yaml": {
+        "crossval": params["crossval"], "train": params["train"], f"profiles.{active}": params["profiles"][active],
+        "prepare.aspect": params["prepare"]["aspect"], "prepare.enhance": params["prepare"]["enhance"],
+        "validate.on_truncated": params["validate"]["on_truncated"],
+        **{f"evaluate.{k}": params["evaluate"][k] for k in ("threshold", "target_sensitivity", "bootstrap_resamples", "seed")},
+    }}
+    assert "Data and pipelines are up to date" in dvc(tmp_path, "status", "crossval/dvc.yaml")
+
+    # A recipe change: the root pipeline retrains, crossval only reports itself changed.
+    params["profiles"][active]["epochs"] += 1
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert re.search(rf"modified:\s+profiles\.{active}\n", dvc(tmp_path, "status", "crossval/dvc.yaml"))
+    dvc(tmp_path, "repro")
+    assert calls(tmp_path) == [f"train {root}", f"evaluate {root}"]
