@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from sklearn.metrics import recall_score
 
 from fracture.config import RegisterParams
 from fracture.evaluation import PairedAUC, delong_paired
@@ -188,10 +189,9 @@ class Comparison:
 def compare(scores: PairedScores, confidence: float) -> Comparison:
     """DeLong's paired test of the two ROC AUCs, and each model's sensitivity at its served threshold."""
     y = np.asarray(scores.labels).astype(int)
-    fractured = y == 1
 
     def sensitivity(probs: np.ndarray, threshold: float) -> float:
-        return float(np.mean(np.asarray(probs)[fractured] >= threshold))
+        return float(recall_score(y, np.asarray(probs) >= threshold, zero_division=0))
 
     return Comparison(
         scores.champion_version,
