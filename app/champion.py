@@ -38,13 +38,11 @@ class ModelUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class PageSettings:
-    """What the page serves and which uploads it accepts."""
+    """What the page serves (the uploads it accepts are the model's own input policy)."""
 
     tracking_uri: str
     model_name: str
     alias: str
-    min_side: int
-    max_side: int
 
     @property
     def shown_uri(self) -> str:
@@ -71,8 +69,6 @@ def settings_from_env(root: Path = ROOT) -> PageSettings:
         tracking_uri=tracking_uri(root),
         model_name=os.environ.get("FRACTURE_MODEL_NAME") or params.register.model_name,
         alias=os.environ.get("FRACTURE_MODEL_ALIAS") or CHAMPION,
-        min_side=params.validate.min_side,
-        max_side=params.validate.max_side,
     )
 
 
@@ -115,6 +111,8 @@ class ServedModel:
         """Classifies one image through the pyfunc, exactly as a registry consumer would."""
         out = self.pyfunc.predict(pd.DataFrame({"image": [base64.b64encode(model_bytes).decode()]}))
         row = out.iloc[0]
+        if row["error"]:
+            raise ValueError(str(row["error"]))
         return Prediction(str(row["label"]), float(row["fracture_probability"]), float(row["threshold"]))
 
     def heat_map(self, image: Image.Image, target: int) -> tuple[Image.Image, np.ndarray]:

@@ -67,14 +67,14 @@ def show_model(model: ServedModel, settings: PageSettings) -> None:
         )
 
 
-def show_result(model: ServedModel, name: str, data: bytes, settings: PageSettings, limit_mb: int) -> None:
+def show_result(model: ServedModel, name: str, data: bytes, limit_mb: int) -> None:
     try:
-        xray = check_upload(name, data, settings.min_side, settings.max_side, max_bytes=limit_mb * 2**20)
+        xray = check_upload(name, data, model.config.input, max_bytes=limit_mb * 2**20)
     except UploadRejected as exc:
         st.error(str(exc))
         return
     try:
-        prediction = model.predict(xray.model_bytes)
+        prediction = model.predict(data)
         display = xray.image.copy()
         display.thumbnail((DISPLAY_SIDE, DISPLAY_SIDE))
         heat_overlay, heat = model.heat_map(display, prediction.class_index)
@@ -83,7 +83,7 @@ def show_result(model: ServedModel, name: str, data: bytes, settings: PageSettin
         st.error(f"{name} could not be analysed ({type(exc).__name__}: {exc}). Try another file.")
         return
 
-    for note in xray.notes:
+    for note in xray.warnings:
         st.warning(note)
     label = LABELS[prediction.label]
     cols = st.columns(3)
@@ -117,18 +117,19 @@ def main() -> None:
     show_model(model, settings)
 
     limit_mb = int(st.get_option("server.maxUploadSize"))
+    policy = model.config.input
     uploaded = st.file_uploader(
-        "Choose an X-ray (JPG, JPEG or PNG)",
-        type=["jpg", "jpeg", "png"],
+        "Choose an X-ray (JPG, JPEG, PNG or DICOM)",
+        type=["jpg", "jpeg", "png", "dcm", "dicom"],
         help=(
-            f"Up to {limit_mb} MB; 8-bit greyscale or RGB, sides between {settings.min_side} "
-            f"and {settings.max_side} px."
+            f"Up to {limit_mb} MB; 8-bit greyscale or RGB, or a single-frame DICOM radiograph "
+            f"({', '.join(policy.modalities)}); sides between {policy.min_side} and {policy.max_side} px."
         ),
     )
     if uploaded is None:
         st.info("Upload an X-ray to see the predicted class, the fracture probability and a heat map.")
         return
-    show_result(model, uploaded.name, uploaded.getvalue(), settings, limit_mb)
+    show_result(model, uploaded.name, uploaded.getvalue(), limit_mb)
 
 
 main()

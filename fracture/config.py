@@ -122,6 +122,42 @@ class EvaluateParams:
 
 
 @dataclass(frozen=True)
+class ServeParams:
+    """The served model's input checks, stored with every registered version (:mod:`fracture.intake`).
+
+    The side bounds come from ``validate.min_side`` / ``max_side`` and the truncated-file policy
+    from ``validate.on_truncated``, so the model scores what it was trained on.
+
+    Attributes:
+        max_rows: most rows one request may hold.
+        max_file_mb: largest input file, in MiB.
+        max_megapixels: most pixels decoded for one image, in millions (a decompression bomb
+            declares more and is refused before decoding).
+        min_grey_std: an image whose greyscale standard deviation (0-255) is below this is
+            blank or near-constant, and refused.
+        modalities: DICOM modalities accepted.
+    """
+
+    max_rows: int = 64
+    max_file_mb: int = 64
+    max_megapixels: int = 50
+    min_grey_std: float = 2.0
+    modalities: tuple[str, ...] = ("CR", "DX", "RG", "XA")
+
+    def __post_init__(self) -> None:
+        for name in ("max_rows", "max_file_mb", "max_megapixels"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"params.yaml: serve.{name} must be a whole number of at least 1; got {value!r}")
+        if not _number(self.min_grey_std) or self.min_grey_std < 0:
+            raise ConfigError(f"params.yaml: serve.min_grey_std must be a number, 0 or more; got {self.min_grey_std!r}")
+        if not self.modalities or not all(isinstance(m, str) and m.isupper() for m in self.modalities):
+            raise ConfigError(
+                f"params.yaml: serve.modalities must list DICOM modality codes such as [CR, DX]; got {self.modalities!r}"
+            )
+
+
+@dataclass(frozen=True)
 class CrossvalParams:
     """``fracture crossval``: k-fold cross-validation of the recipe on train + val, never test.
 
@@ -211,6 +247,7 @@ class Params:
     register: RegisterParams
     schedule: ScheduleParams
     crossval: CrossvalParams
+    serve: ServeParams = ServeParams()
 
     @property
     def profile(self) -> Profile:
@@ -305,6 +342,7 @@ def parse_params(raw: dict[str, Any]) -> Params:
         register=_build(RegisterParams, "register", raw),
         schedule=_build(ScheduleParams, "schedule", raw),
         crossval=_build(CrossvalParams, "crossval", raw),
+        serve=_build(ServeParams, "serve", raw),
     )
     _check(params)
     return params

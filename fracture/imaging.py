@@ -21,6 +21,7 @@ from timm.data import create_transform
 from timm.data.transforms import MaybeToTensor
 from torchvision import transforms
 
+from fracture.dicom import dicom_to_image, is_dicom
 from fracture.vocabulary import CLASSES, ENHANCEMENTS, Aspect, Enhancement
 
 __all__ = ["CLASSES", "ENHANCEMENTS", "DataConfig", "ImageLoadError", "Preprocessor", "build_transform", "open_xray"]
@@ -96,7 +97,7 @@ def open_xray(source: str | Path | bytes, allow_truncated: bool = False) -> Imag
     the ImageNet-pretrained stem expects three channels.
 
     Args:
-        source: a file path or the file's bytes (JPEG, PNG, ...).
+        source: a file path or the file's bytes (JPEG, PNG, ... or a DICOM radiograph).
         allow_truncated: decode files that end early (the missing rows become grey) instead of
             failing. Training may allow it per ``validate.on_truncated``; serving does not.
 
@@ -123,7 +124,19 @@ def open_xray(source: str | Path | bytes, allow_truncated: bool = False) -> Imag
 
 
 def decode(source: str | Path | bytes) -> Image.Image:
-    """Opens and fully decodes an image as stored (mode and size unchanged)."""
+    """Opens and fully decodes an image as stored (mode and size unchanged).
+
+    A DICOM file becomes the 8-bit image a reader sees (:func:`fracture.dicom.dicom_to_image`:
+    modality LUT, VOI transform, MONOCHROME1 inverted), so a dataset of DICOM files trains on
+    the pixels the served model scores.
+    """
+    if isinstance(source, bytes):
+        head = source[:132]
+    else:
+        with open(source, "rb") as fh:
+            head = fh.read(132)
+    if is_dicom(head):
+        return dicom_to_image(source if isinstance(source, bytes) else Path(source).read_bytes())
     with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
         img.load()
         return img

@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from fracture.imaging import DataConfig, Preprocessor
+from fracture.intake import InputPolicy
 from fracture.vocabulary import CLASSES, Tta, choices
 
 
@@ -121,6 +122,7 @@ class ServingConfig:
         extra: the other keys of ``model.json`` (profile, classes, best epoch), kept as they are.
         tta: the test-time augmentation the model was trained, selected and evaluated with
             (its profile's ``tta``); every scoring pass applies it.
+        input: the checks every input to the served model passes (:mod:`fracture.intake`).
     """
 
     architecture: str
@@ -128,6 +130,7 @@ class ServingConfig:
     threshold: float
     extra: dict[str, Any] = field(default_factory=dict)
     tta: Tta = "none"
+    input: InputPolicy = field(default_factory=InputPolicy)
 
     def __post_init__(self) -> None:
         check_tta(self.tta, "model config tta")
@@ -137,7 +140,8 @@ class ServingConfig:
         """Reads the config file a registered model carries.
 
         ``tta`` may be absent: models registered before the setting existed scored without
-        test-time augmentation, which is what its default says.
+        test-time augmentation, which is what its default says. So may ``input``: such models
+        get :class:`~fracture.intake.InputPolicy`'s defaults.
 
         Raises:
             ValueError: ``architecture``, ``data_config`` or ``threshold`` is missing, or ``tta``
@@ -146,19 +150,21 @@ class ServingConfig:
         missing = [k for k in ("architecture", "data_config", "threshold") if k not in data]
         if missing:
             raise ValueError(f"model config lacks {missing}; it holds {sorted(data)}")
-        extra = {k: v for k, v in data.items() if k not in {"architecture", "data_config", "threshold", "tta"}}
+        known = {"architecture", "data_config", "threshold", "tta", "input"}
+        extra = {k: v for k, v in data.items() if k not in known}
         return cls(
             data["architecture"],
             DataConfig.from_dict(data["data_config"]),
             float(data["threshold"]),
             extra,
             data.get("tta", "none"),
+            InputPolicy.from_dict(data.get("input")),
         )
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form, as the registered model stores it."""
         return {"architecture": self.architecture, **self.extra, "data_config": self.data_config.to_dict(),
-                "threshold": self.threshold, "tta": self.tta}
+                "threshold": self.threshold, "tta": self.tta, "input": self.input.to_dict()}
 
 
 class Classifier:

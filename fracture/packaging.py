@@ -25,7 +25,11 @@ from fracture.serving import SIGNATURE
 
 #: MLflow's models-from-code entry file: it builds the :class:`fracture.serving.FracturePyfunc`.
 ENTRY = Path(__file__).with_name("pyfunc_entry.py")
-REQUIREMENTS = ("torch", "torchvision", "timm", "pillow", "pandas", "numpy", "safetensors", "mlflow")
+REQUIREMENTS = (
+    "torch", "torchvision", "timm", "pillow", "pandas", "numpy", "safetensors", "mlflow",
+    # DICOM input: pydicom, with decoders for JPEG (pylibjpeg-libjpeg) and JPEG-LS (pyjpegls).
+    "pydicom", "pylibjpeg", "pylibjpeg-libjpeg", "pyjpegls",
+)
 #: What a model trained with an ablation enhancement (``prepare.enhance``) needs besides.
 ENHANCE_REQUIREMENTS = {
     "clahe": ("opencv-contrib-python-headless",),

@@ -41,11 +41,13 @@ def load_check(name: str, version: str, image: Path, threshold: float) -> GateCh
     uri = f"models:/{name}/{version}"
     try:
         model = mlflow.pyfunc.load_model(uri)
-        out = model.predict(pd.DataFrame({"path": [str(image)]}))
+        out = model.predict(pd.DataFrame({"image": [image.read_bytes()]}))
         prob = float(out["fracture_probability"].iloc[0])
         problems = []
         if len(out) != 1:
             problems.append(f"{len(out)} rows for one image")
+        if "error" in out and out["error"].iloc[0]:
+            problems.append(f"error {out['error'].iloc[0]!r}")
         if not (math.isfinite(prob) and 0.0 <= prob <= 1.0):
             problems.append(f"fracture_probability {prob} outside [0, 1]")
         if not math.isclose(float(out["threshold"].iloc[0]), threshold):

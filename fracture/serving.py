@@ -1,9 +1,21 @@
 """The MLflow pyfunc model that consumers load from the registry.
 
-Input: a DataFrame with a column ``image`` (the image file's bytes, or their base64 text as a JSON
-request carries them) or ``path`` (a file path readable by the model's process); one of the two
-per row.
-Output: a DataFrame with ``fracture_probability``, ``label`` and ``threshold`` per row.
+Input: a DataFrame with a column ``image`` (the file's bytes, or their base64 text as a JSON
+request carries them) or ``path`` (a file under the folder named by ``FRACTURE_INPUT_ROOT`` when
+the model was loaded); one of the two per row. JPEG, PNG and DICOM radiographs are read.
+
+Output: one row per input row, in order: ``fracture_probability`` (NaN for a row that was not
+scored; ``null`` over HTTP), ``label`` (empty when not scored) and ``threshold``; ``error``,
+empty when the row was scored, else a message naming the row and what to send instead; and
+``note``, what was done to the image on the way (a conversion, a truncated file).
+
+Every row passes the model's own input checks (:mod:`fracture.intake`, with the
+:class:`~fracture.intake.InputPolicy` stored in its config), so a page upload, a batch job and
+an HTTP request get the same answer for the same bytes. One bad row never costs the others:
+with the inference parameter ``on_error`` at ``report`` (the default) its error is returned in
+its row; ``raise`` refuses the whole request at the first bad row instead. A request over the
+policy's ``max_rows`` is refused as a whole. Messages never name a path on the server, and no
+refusal carries a stack trace over HTTP.
 
 It scores through the one inference path (:mod:`fracture.inference`). This package travels
 inside the logged model (``code_paths``), so a consumer needs nothing of this project installed.
@@ -14,83 +26,162 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
-from mlflow.types import ColSpec, Schema
-from PIL import Image
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
-from fracture.imaging import ImageLoadError, open_xray
 from fracture.inference import Classifier, ServingConfig
+from fracture.intake import InputPolicy, InputRejected, Xray, read_xray
 
+log = logging.getLogger(__name__)
+
+#: The folder ``path`` rows are read from; unset, ``path`` rows are refused.
+INPUT_ROOT_ENV = "FRACTURE_INPUT_ROOT"
+ON_ERROR = ("report", "raise")
 INPUT_SCHEMA = Schema(
     [ColSpec("string", "image", required=False), ColSpec("string", "path", required=False)]
 )
+OUTPUT_COLUMNS = ("fracture_probability", "label", "threshold", "error", "note")
 OUTPUT_SCHEMA = Schema(
     [
         ColSpec("double", "fracture_probability"),
         ColSpec("string", "label"),
         ColSpec("double", "threshold"),
+        ColSpec("string", "error"),
+        ColSpec("string", "note"),
     ]
 )
-SIGNATURE = ModelSignature(inputs=INPUT_SCHEMA, outputs=OUTPUT_SCHEMA)
+PARAMS_SCHEMA = ParamSchema([ParamSpec("on_error", "string", "report")])
+SIGNATURE = ModelSignature(inputs=INPUT_SCHEMA, outputs=OUTPUT_SCHEMA, params=PARAMS_SCHEMA)
 #: Rows decoded and scored together; bounds the memory a large request needs.
 BATCH_SIZE = 32
 
 
-def read_row(i: int, row: pd.Series) -> Image.Image:
-    """Decodes one input row: ``image`` (bytes, or base64 text) or ``path``, exactly one of them.
+class RequestRefused(MlflowException, ValueError):
+    """A request the model refuses as a whole (HTTP 400, with no stack trace)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+class RowRefused(ValueError):
+    """One row that cannot be scored; the message names the row and what to send instead."""
+
+
+def input_root(environ: Mapping[str, str] = os.environ) -> Path | None:
+    """The folder ``path`` rows may be read from (``FRACTURE_INPUT_ROOT``), or ``None`` when unset.
 
     Raises:
-        ValueError: the row gives neither or both, or its image does not decode; the message
+        ValueError: the variable names no folder.
+    """
+    value = environ.get(INPUT_ROOT_ENV)
+    if not value:
+        return None
+    root = Path(value).resolve()
+    if not root.is_dir():
+        raise ValueError(f"{INPUT_ROOT_ENV}={value} names no folder; set it to the folder 'path' rows are read from")
+    return root
+
+
+def _present(value: Any) -> bool:
+    return isinstance(value, (str, bytes, bytearray)) and len(value) > 0
+
+
+def read_path(i: int, path: str, root: Path | None, policy: InputPolicy) -> bytes:
+    """The bytes of a ``path`` row's file, read only from under ``root``.
+
+    The path is resolved with every symbolic link and ``..`` followed before it is compared
+    with the root, so no spelling reaches outside it. Messages never repeat the path.
+
+    Raises:
+        RowRefused: no root is set, the path leads outside it, names no file, or the file is
+            larger than the policy allows.
+    """
+    if root is None:
+        raise RowRefused(
+            f"row {i}: 'path' input is switched off on this model; send the file's bytes in 'image' "
+            f"(a server reads paths only when {INPUT_ROOT_ENV} names a folder when the model is loaded)"
+        )
+    target = Path(os.path.realpath(root / path))
+    if not target.is_relative_to(root):
+        raise RowRefused(f"row {i}: 'path' leads outside the folder this model reads from; give a path inside it")
+    if not target.is_file():
+        raise RowRefused(f"row {i}: 'path' names no file in the folder this model reads from")
+    if target.stat().st_size > policy.max_bytes:
+        raise RowRefused(
+            f"row {i}: the file at 'path' is larger than the {policy.max_bytes / 2**20:.0f} MB the model accepts"
+        )
+    try:
+        return target.read_bytes()
+    except OSError as exc:
+        raise RowRefused(f"row {i}: the file at 'path' cannot be read ({type(exc).__name__})") from exc
+
+
+def read_row(i: int, row: pd.Series, root: Path | None, policy: InputPolicy) -> Xray:
+    """Reads and checks one input row: ``image`` (bytes, or base64 text) or ``path``, exactly one.
+
+    Raises:
+        RowRefused: the row gives neither or both, or its image fails a check; the message
             names the row and what to send instead.
     """
     image = row.get("image")
     path = row.get("path")
-    has_image = isinstance(image, (str, bytes, bytearray)) and len(image) > 0
-    has_path = isinstance(path, str) and path != ""
+    has_image, has_path = _present(image), _present(path)
     if has_image == has_path:
-        raise ValueError(f"row {i}: give exactly one of 'image' (file bytes, or base64 text) or 'path' (a file path)")
+        raise RowRefused(f"row {i}: give exactly one of 'image' (file bytes, or base64 text) or 'path' (a file path)")
+    if has_path:
+        data, what = read_path(i, str(path), root, policy), "the file at 'path'"
+    elif isinstance(image, str):
+        try:
+            data = base64.b64decode(image, validate=True)
+        except binascii.Error as exc:
+            raise RowRefused(f"row {i}: 'image' is not base64 text; send the file's bytes base64-encoded") from exc
+        what = "the image"
+    else:
+        data, what = bytes(image), "the image"
     try:
-        if not has_image:
-            source: str | bytes = path
-        elif isinstance(image, str):
-            source = base64.b64decode(image, validate=True)
-        else:
-            source = bytes(image)
-        return open_xray(source, allow_truncated=False)
-    except binascii.Error as exc:
-        raise ValueError(f"row {i}: 'image' is not base64 text ({exc}); send the file's bytes base64-encoded") from exc
-    except ImageLoadError as exc:
-        raise ValueError(f"row {i}: {exc}") from exc
+        return read_xray(data, policy)
+    except InputRejected as exc:
+        raise RowRefused(f"row {i}: {what} {exc}") from exc
 
 
 class FracturePyfunc(mlflow.pyfunc.PythonModel):
-    """Fracture classifier with its preprocessing, as logged to the MLflow registry.
+    """Fracture classifier with its preprocessing and input checks, as logged to the MLflow registry.
 
     Attributes:
         classifier: the network, its preprocessing and threshold (:class:`fracture.inference.Classifier`),
             for consumers that need more than :meth:`predict`, such as a heat map on the page.
+        root: the folder ``path`` rows are read from (``FRACTURE_INPUT_ROOT`` at load time), or ``None``.
     """
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         with open(context.artifacts["config"]) as fh:
             config = ServingConfig.from_dict(json.load(fh))
         self.classifier = Classifier.load(context.artifacts["weights"], config)
+        self.root = input_root()
 
     @property
     def config(self) -> ServingConfig:
-        """Architecture, data config and threshold the model was logged with."""
+        """Architecture, data config, threshold and input policy the model was logged with."""
         return self.classifier.config
 
-    def predict_images(self, images: list[Image.Image]) -> pd.DataFrame:
-        """Scores decoded images: ``fracture_probability``, ``label`` and ``threshold`` per image."""
-        probs = self.classifier.probabilities(images, BATCH_SIZE).astype(np.float64)
-        labels = self.classifier.labels(probs)
-        return pd.DataFrame({"fracture_probability": probs, "label": labels, "threshold": self.classifier.threshold})
+    @property
+    def policy(self) -> InputPolicy:
+        return self.classifier.config.input
+
+    def score(self, xrays: list[Xray]) -> np.ndarray:
+        """Fracture probabilities of checked X-rays, in order (float64)."""
+        return self.classifier.probabilities([x.image for x in xrays], BATCH_SIZE).astype(np.float64)
 
     def predict(
         self,
@@ -98,15 +189,55 @@ class FracturePyfunc(mlflow.pyfunc.PythonModel):
         model_input: pd.DataFrame,
         params: dict[str, Any] | None = None,
     ) -> pd.DataFrame:
+        on_error = (params or {}).get("on_error") or "report"
+        if on_error not in ON_ERROR:
+            raise RequestRefused(f"parameter on_error must be one of {', '.join(ON_ERROR)}; got {on_error!r}")
         frame = pd.DataFrame(model_input)
         if not {"image", "path"} & set(frame.columns):
-            raise ValueError("input needs a column 'image' (base64 file bytes) or 'path'")
+            raise RequestRefused("input needs a column 'image' (file bytes, or base64 text) or 'path'")
+        if len(frame) > self.policy.max_rows:
+            raise RequestRefused(
+                f"the request holds {len(frame)} rows; this model scores at most {self.policy.max_rows} per "
+                "request (params: serve.max_rows): send them in smaller requests"
+            )
         rows = frame.reset_index(drop=True)
+        out = pd.DataFrame(
+            {
+                "fracture_probability": np.full(len(rows), np.nan),
+                "label": "",
+                "threshold": float(self.classifier.threshold),
+                "error": "",
+                "note": "",
+            },
+            columns=list(OUTPUT_COLUMNS),
+        )
         # Decoded a batch at a time, so a large request never holds every full-size X-ray at once.
-        parts = [
-            self.predict_images([read_row(i, row) for i, row in rows.iloc[start : start + BATCH_SIZE].iterrows()])
-            for start in range(0, len(rows), BATCH_SIZE)
-        ]
-        if not parts:
-            return self.predict_images([])
-        return pd.concat(parts, ignore_index=True)
+        for start in range(0, len(rows), BATCH_SIZE):
+            read: dict[int, Xray] = {}
+            for i, row in rows.iloc[start : start + BATCH_SIZE].iterrows():
+                try:
+                    read[int(i)] = read_row(int(i), row, self.root, self.policy)
+                except RowRefused as exc:
+                    if on_error == "raise":
+                        raise RequestRefused(str(exc)) from None
+                    out.at[i, "error"] = str(exc)
+            if not read:
+                continue
+            index = list(read)
+            probs = self.score(list(read.values()))
+            out.loc[index, "fracture_probability"] = probs
+            out.loc[index, "label"] = self.classifier.labels(probs)
+            out.loc[index, "note"] = ["; ".join(x.warnings) for x in read.values()]
+        if _in_scoring_server() and out["error"].ne("").any():
+            # MLflow's server writes NaN as a bare NaN, which is not JSON; an unscored row gets null.
+            out["fracture_probability"] = out["fracture_probability"].astype(object).where(out["error"].eq(""), None)
+        return out
+
+
+def _in_scoring_server() -> bool:
+    """True inside ``mlflow models serve`` (MLflow flags its scoring server in the environment)."""
+    try:
+        from mlflow.environment_variables import _MLFLOW_IS_IN_SERVING_ENVIRONMENT  # noqa: PLC0415
+    except ImportError:
+        return False
+    return bool(_MLFLOW_IS_IN_SERVING_ENVIRONMENT.get())

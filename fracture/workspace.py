@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from fracture.imaging import DataConfig
+from fracture.intake import InputPolicy
 from fracture.vocabulary import Tta
 
 if TYPE_CHECKING:
@@ -438,12 +439,17 @@ class Workspace:
     def read_crossval_oof(self) -> pd.DataFrame:
         return _read_frame(self.crossval_oof, "crossval/dvc.yaml:crossval")
 
-    def serving_config(self) -> ServingConfig:
-        """The trained model's config with the decision threshold the evaluate stage chose."""
+    def serving_config(self, policy: InputPolicy | None = None) -> ServingConfig:
+        """The trained model's config with the decision threshold the evaluate stage chose.
+
+        Args:
+            policy: the served model's input checks (default: :class:`~fracture.intake.InputPolicy`'s).
+        """
         from fracture.inference import ServingConfig  # noqa: PLC0415 - torch loads slowly
 
         trained = self.read_train().model
         extra = {k: v for k, v in trained.to_dict().items() if k not in {"architecture", "data_config", "tta"}}
         return ServingConfig(
-            trained.architecture, trained.data_config, self.read_evaluate().threshold, extra, trained.tta
+            trained.architecture, trained.data_config, self.read_evaluate().threshold, extra, trained.tta,
+            policy or InputPolicy(),
         )

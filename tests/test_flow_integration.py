@@ -75,7 +75,10 @@ def test_flow_registers_a_champion_then_reruns_nothing(project, subset_source, f
 
     # A consumer in a separate process, importing nothing of this project, loads @champion.
     image = fracatlas / "images/Fractured/IMG0000019.jpg"
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"MLFLOW_TRACKING_URI": tracking_uri(project)}
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {
+        "MLFLOW_TRACKING_URI": tracking_uri(project),
+        "FRACTURE_INPUT_ROOT": str(fracatlas / "images"),  # the folder 'path' rows may be read from
+    }
     proc = subprocess.run(
         [sys.executable, "-c", CONSUMER, str(image)], cwd=project.parent, env=env, capture_output=True, text=True
     )
@@ -86,15 +89,18 @@ def test_flow_registers_a_champion_then_reruns_nothing(project, subset_source, f
     assert out["fracture_probability"][0] == pytest.approx(out["fracture_probability"][1])  # bytes == path
     assert out["threshold"] == [metrics["threshold"]] * 2  # the threshold evaluate chose on val
 
-    # Undecodable rows are refused with their row number.
+    # An undecodable row is reported in its own row; the others are scored. on_error=raise refuses the request.
     import mlflow
     import pandas as pd
 
     mlflow.set_tracking_uri(tracking_uri(project))
     model = mlflow.pyfunc.load_model("models:/fracture-classifier@champion")
-    frame = pd.DataFrame({"image": [None, base64.b64encode(b"not an image").decode()], "path": [str(image), None]})
+    frame = pd.DataFrame({"image": [image.read_bytes(), base64.b64encode(b"not an image").decode()]})
+    rows = model.predict(frame)
+    assert rows["error"][0] == "" and rows["fracture_probability"][0] == pytest.approx(out["fracture_probability"][0])
+    assert rows["error"][1].startswith("row 1: the image is not an image file that can be read")
     with pytest.raises(Exception, match="row 1"):
-        model.predict(frame)
+        model.predict(frame, params={"on_error": "raise"})
 
     # Nothing changed: DVC is up to date and a second flow run registers nothing new.
     status = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=project, capture_output=True, text=True)

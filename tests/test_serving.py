@@ -8,6 +8,7 @@ and with what the scoring server answers over HTTP on 127.0.0.1.
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import signal
@@ -25,13 +26,17 @@ import pandas as pd
 import pytest
 import requests
 from mlflow import MlflowClient
+from PIL import Image
 
 from fracture.config import RegisterParams
 from fracture.gate import EvaluatedSplit
 from fracture.imaging import open_xray
 from fracture.inference import Classifier
 from fracture.registry import register
+from fracture.serving import INPUT_ROOT_ENV, RequestRefused
 from tests.conftest import require_fracatlas, untrained_model_files
+from tests.dicom_files import ENCODINGS, dicom_from_jpeg
+from tests.test_intake import ihdr_png
 
 pytestmark = pytest.mark.integration
 
@@ -115,17 +120,37 @@ def champion(tmp_path_factory) -> Iterator[dict]:
 
 @pytest.fixture(scope="module")
 def model(champion):
+    """The champion as a consumer loads it, with no input root: ``path`` rows are refused."""
+    assert INPUT_ROOT_ENV not in os.environ
     return mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
 
 
-def test_bytes_base64_and_paths_predict_as_the_project_preprocesses(model, champion):
+@pytest.fixture(scope="module")
+def root_model(champion):
+    """The champion loaded with ``FRACTURE_INPUT_ROOT`` naming a folder that holds the two X-rays,
+    a link inside it pointing outside, and nothing else."""
+    root = champion["tmp"] / "inputs"
+    root.mkdir()
+    for path in xray_paths():
+        (root / path.name).write_bytes(path.read_bytes())
+    (root / "escape.jpg").symlink_to(xray_paths()[0])
+    patch = pytest.MonkeyPatch()
+    patch.setenv(INPUT_ROOT_ENV, str(root))
+    try:
+        yield mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+    finally:
+        patch.undo()
+
+
+def test_bytes_base64_and_paths_predict_as_the_project_preprocesses(model, root_model, champion):
     paths = xray_paths()
-    by_path = model.predict(pd.DataFrame({"path": [str(p) for p in paths]}))
+    by_path = root_model.predict(pd.DataFrame({"path": [p.name for p in paths]}))
     by_b64 = model.predict(pd.DataFrame({"image": [b64(p) for p in paths]}))
     by_bytes = model.predict(pd.DataFrame({"image": [p.read_bytes() for p in paths]}))
-    mixed = model.predict(pd.DataFrame({"image": [b64(paths[0]), None], "path": [None, str(paths[1])]}))
+    mixed = root_model.predict(pd.DataFrame({"image": [b64(paths[0]), None], "path": [None, paths[1].name]}))
 
-    assert list(by_path.columns) == ["fracture_probability", "label", "threshold"]
+    assert list(by_path.columns) == ["fracture_probability", "label", "threshold", "error", "note"]
+    assert (by_path["error"] == "").all() and (by_path["note"] == "").all()
     for other in (by_b64, by_bytes, mixed):
         np.testing.assert_allclose(other["fracture_probability"], by_path["fracture_probability"], rtol=0, atol=1e-6)
     assert (by_path["threshold"] == THRESHOLD).all()
@@ -139,24 +164,83 @@ def test_bytes_base64_and_paths_predict_as_the_project_preprocesses(model, champ
 
 def test_an_empty_frame_gives_an_empty_answer(model):
     out = model.predict(pd.DataFrame({"path": pd.Series([], dtype=object)}))
-    assert out.empty and list(out.columns) == ["fracture_probability", "label", "threshold"]
+    assert out.empty and list(out.columns) == ["fracture_probability", "label", "threshold", "error", "note"]
+
+
+BAD_ROWS = [
+    ({"image": base64.b64encode(b"not an image").decode()}, "row 1: the image is not an image file that can be read"),
+    ({"image": b"\xff\xd8\xff\xe0 cut short"}, "row 1: the image is not an image file that can be read"),
+    ({"image": "this is not base64!"}, "row 1: 'image' is not base64 text"),
+    ({"image": "", "path": ""}, "row 1: give exactly one of 'image'"),
+    ({"image": base64.b64encode(ihdr_png(12_000, 12_000)).decode()}, "row 1: the image declares 12000 x 12000 px"),
+]
+
+
+@pytest.mark.parametrize(("row", "message"), BAD_ROWS)
+def test_a_bad_row_is_reported_in_its_row_and_the_others_are_scored(model, row, message):
+    good = {"image": b64(xray_paths()[0]), "path": None}
+    frame = pd.DataFrame([good, {"image": None, "path": None} | row, good])
+    out = model.predict(frame)
+    assert list(out["error"]) == ["", out["error"][1], ""] and out["error"][1].startswith(message)
+    assert np.isnan(out["fracture_probability"][1]) and out["label"][1] == ""
+    assert out["fracture_probability"][0] == out["fracture_probability"][2] > 0
+    with pytest.raises(RequestRefused, match="^" + message.replace("(", r"\(")):
+        model.predict(frame, params={"on_error": "raise"})
+
+
+def test_path_rows_are_refused_without_an_input_root(model):
+    out = model.predict(pd.DataFrame({"path": [str(xray_paths()[0])]}))
+    assert out["error"][0].startswith("row 0: 'path' input is switched off on this model; send the file's bytes")
+    assert str(xray_paths()[0].parent) not in out["error"][0]
 
 
 @pytest.mark.parametrize(
-    ("row", "message"),
+    ("path", "message"),
     [
-        ({"image": base64.b64encode(b"not an image").decode()}, r"row 1: <bytes>: not a decodable image"),
-        ({"image": b"\xff\xd8\xff\xe0 cut short"}, r"row 1: <bytes>: not a decodable image"),
-        ({"image": "this is not base64!"}, r"row 1: 'image' is not base64 text"),
-        ({"path": "/nonexistent/xray.jpg"}, r"row 1: /nonexistent/xray.jpg: file not found"),
-        ({"image": "", "path": ""}, r"row 1: give exactly one of 'image'"),
+        ("/etc/passwd", "leads outside the folder this model reads from"),
+        ("../../../../etc/passwd", "leads outside the folder this model reads from"),
+        ("/etc/nonexistent", "leads outside the folder this model reads from"),
+        ("escape.jpg", "leads outside the folder this model reads from"),
+        ("missing.jpg", "names no file in the folder this model reads from"),
     ],
 )
-def test_a_bad_row_fails_naming_the_row(model, row, message):
-    good = {"image": None, "path": str(xray_paths()[0])}
-    frame = pd.DataFrame([good, {"image": None, "path": None} | row])
-    with pytest.raises(ValueError, match=message):
-        model.predict(frame)
+def test_paths_outside_the_root_are_refused_without_echoing_them(root_model, path, message):
+    out = root_model.predict(pd.DataFrame({"path": [xray_paths()[1].name, path]}))
+    assert out["error"][0] == "" and out["fracture_probability"][0] > 0
+    assert out["error"][1] == f"row 1: 'path' {message}; give a path inside it" or out["error"][1] == f"row 1: 'path' {message}"
+    assert "etc" not in out["error"][1] and "inputs" not in out["error"][1]
+
+
+def test_a_request_over_the_row_limit_is_refused_whole(model):
+    rows = model.unwrap_python_model().policy.max_rows + 1
+    with pytest.raises(RequestRefused, match=f"the request holds {rows} rows; this model scores at most {rows - 1}"):
+        model.predict(pd.DataFrame({"image": ["x"] * rows}))
+    with pytest.raises(RequestRefused, match="on_error must be one of report, raise"):
+        model.predict(pd.DataFrame({"image": ["x"]}), params={"on_error": "ignore"})
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS)
+def test_a_dicom_radiograph_scores_as_its_jpeg(model, encoding):
+    """Tolerance: 1e-6 where the DICOM holds the JPEG's pixels exactly; 0.005 for the encapsulated
+    JPEG, which another decoder reads (pixels within one grey level)."""
+    jpeg = xray_paths()[0]  # a greyscale JPEG
+    out = model.predict(pd.DataFrame({"image": [jpeg.read_bytes(), dicom_from_jpeg(jpeg, encoding)]}))
+    assert (out["error"] == "").all(), out["error"].tolist()
+    tolerance = 0.005 if encoding == "JPEG baseline" else 1e-6
+    assert abs(out["fracture_probability"][1] - out["fracture_probability"][0]) <= tolerance
+
+
+def test_monochrome1_is_not_scored_as_a_negative(model):
+    jpeg = xray_paths()[0]
+    negative = Image.fromarray(255 - np.asarray(Image.open(jpeg).convert("L")))
+    buf = io.BytesIO()
+    negative.save(buf, format="PNG")
+    out = model.predict(
+        pd.DataFrame({"image": [jpeg.read_bytes(), dicom_from_jpeg(jpeg, "MONOCHROME1 VOI LUT"), buf.getvalue()]})
+    )
+    p_jpeg, p_dicom, p_negative = out["fracture_probability"]
+    assert abs(p_dicom - p_jpeg) <= 1e-6
+    assert abs(p_negative - p_jpeg) > 1e-3  # the model tells the negative apart, so the check above means something
 
 
 def test_input_without_an_image_column_is_refused(model):
@@ -165,14 +249,18 @@ def test_input_without_an_image_column_is_refused(model):
 
 
 def test_models_serve_answers_as_in_process_prediction(model, champion):
-    """`mlflow models serve -m models:/<name>@champion` on 127.0.0.1 answers a real X-ray."""
+    """`mlflow models serve -m models:/<name>@champion` on 127.0.0.1 answers a real X-ray, and
+    answers the probes of a hostile caller row by row, without a stack trace or a server path."""
     paths = xray_paths()
+    root = champion["tmp"] / "served-inputs"
+    root.mkdir()
+    (root / paths[1].name).write_bytes(paths[1].read_bytes())
     port = free_port()
     cmd = [
         str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", f"models:/{NAME}@champion",
         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1",
     ]
-    env = child_env(MLFLOW_TRACKING_URI=champion["uri"])
+    env = child_env(MLFLOW_TRACKING_URI=champion["uri"], **{INPUT_ROOT_ENV: str(root)})
     url = f"http://127.0.0.1:{port}"
     with running(cmd, env, f"{url}/ping", champion["tmp"] / "serve.log"):
         split = {"dataframe_split": {"columns": ["image"], "data": [[b64(p)] for p in paths]}}
@@ -181,19 +269,42 @@ def test_models_serve_answers_as_in_process_prediction(model, champion):
         print("POST /invocations ->", json.dumps(answer.json()))
         served = pd.DataFrame(answer.json()["predictions"])
 
-        records = {"dataframe_records": [{"image": b64(paths[1])}]}
-        one = requests.post(f"{url}/invocations", json=records, timeout=120)
-        assert one.status_code == 200, one.text
+        probe_rows = [
+            {"path": "/etc/passwd"},
+            {"path": "/etc/nonexistent"},
+            {"path": "../../../../etc/passwd"},
+            {"image": base64.b64encode(ihdr_png(12_000, 12_000)).decode()},
+            {"path": paths[1].name},
+            {"image": b64(paths[0])},
+        ]
+        probe = requests.post(f"{url}/invocations", json={"dataframe_records": probe_rows}, timeout=120)
+        assert probe.status_code == 200, probe.text
+        print("probe ->", json.dumps(probe.json()))
 
-        bad = {"dataframe_records": [{"image": base64.b64encode(b"not an image").decode()}]}
-        refused = requests.post(f"{url}/invocations", json=bad, timeout=120)
+        too_many = {"dataframe_records": [{"image": "x"}] * 65}
+        refused = requests.post(f"{url}/invocations", json=too_many, timeout=120)
+        strict = {"dataframe_records": [{"path": "/etc/passwd"}], "params": {"on_error": "raise"}}
+        raised = requests.post(f"{url}/invocations", json=strict, timeout=120)
+        print("over the row limit ->", refused.status_code, refused.text[-300:])
+        print("on_error=raise ->", raised.status_code, raised.text[-300:])
 
     local = model.predict(pd.DataFrame({"image": [b64(p) for p in paths]}))
     np.testing.assert_allclose(served["fracture_probability"], local["fracture_probability"], rtol=0, atol=1e-6)
     assert list(served["label"]) == list(local["label"])
     assert list(served["threshold"]) == [THRESHOLD] * 2
-    assert one.json()["predictions"][0]["fracture_probability"] == pytest.approx(
-        local["fracture_probability"][1], abs=1e-6
-    )
-    assert refused.status_code == 400
-    assert "row 0: <bytes>: not a decodable image" in refused.json()["stack_trace"]
+
+    rows = probe.json()["predictions"]
+    outside = "row {}: 'path' leads outside the folder this model reads from; give a path inside it"
+    assert [r["error"] for r in rows[:3]] == [outside.format(0), outside.format(1), outside.format(2)]
+    assert rows[3]["error"].startswith("row 3: the image declares 12000 x 12000 px (144 megapixels)")
+    assert rows[3]["fracture_probability"] is None
+    assert rows[4]["error"] == rows[5]["error"] == ""
+    assert rows[4]["fracture_probability"] == pytest.approx(local["fracture_probability"][1], abs=1e-6)
+    assert rows[5]["fracture_probability"] == pytest.approx(local["fracture_probability"][0], abs=1e-6)
+
+    for response in (refused, raised):
+        assert response.status_code == 400
+        body = response.json()
+        assert "stack_trace" not in body and str(root) not in response.text and str(champion["tmp"]) not in response.text
+    assert "the request holds 65 rows; this model scores at most 64" in refused.json()["message"]
+    assert "row 0: 'path' leads outside the folder" in raised.json()["message"]

@@ -7,9 +7,26 @@ from __future__ import annotations
 
 from fracture.config import Params
 from fracture.gate import EvaluatedSplit
+from fracture.intake import InputPolicy
 from fracture.registry import Registration, Rollback, register, rollback
 from fracture.tracking import setup_mlflow
 from fracture.workspace import Workspace
+
+
+def input_policy(params: Params) -> InputPolicy:
+    """The served model's input checks: ``serve``, with the side bounds and truncated-file policy
+    the pipeline trained with (``validate``), so the model scores what it was trained on."""
+    s, v = params.serve, params.validate
+    return InputPolicy(
+        min_side=v.min_side,
+        max_side=v.max_side,
+        max_pixels=s.max_megapixels * 1_000_000,
+        max_bytes=s.max_file_mb * 2**20,
+        min_grey_std=float(s.min_grey_std),
+        truncated="score" if v.on_truncated == "keep" else "refuse",
+        modalities=tuple(s.modalities),
+        max_rows=s.max_rows,
+    )
 
 
 def run_register(params: Params, workspace: Workspace) -> Registration:
@@ -17,7 +34,8 @@ def run_register(params: Params, workspace: Workspace) -> Registration:
 
     Args:
         params: ``register`` names the model and the gate; ``ingest.dest`` locates the images;
-            ``validate.on_truncated`` says whether files that end early are scored.
+            ``validate.on_truncated`` says whether files that end early are scored; ``serve``
+            and ``validate`` give the served model's input checks (:func:`input_policy`).
         workspace: the project, after the train, split and evaluate stages.
 
     Returns:
@@ -30,7 +48,7 @@ def run_register(params: Params, workspace: Workspace) -> Registration:
     """
     # Every stage output is read first, so a missing one fails before the tracking store is touched.
     run_id = workspace.read_train().run_id
-    config = workspace.serving_config()
+    config = workspace.serving_config(input_policy(params))
     split = EvaluatedSplit.from_csv(
         workspace.split_table("test"),
         workspace.root / params.ingest.dest,

@@ -1,0 +1,190 @@
+"""DICOM radiographs to the 8-bit image a reader sees, with pydicom.
+
+A hospital's X-rays come from a PACS as DICOM, mostly 12- or 16-bit, often JPEG-compressed.
+The model was trained on 8-bit exports, so a DICOM image is turned into exactly what a JPEG
+export of it would look like, in the standard's order (PS3.4 Annex N, the grayscale pipeline):
+
+1. the modality LUT: Rescale Slope and Intercept, or a Modality LUT Sequence
+   (:func:`pydicom.pixels.apply_modality_lut`);
+2. the VOI transform (:func:`pydicom.pixels.apply_voi_lut`): the first VOI LUT of the VOI LUT
+   Sequence when there is one, else the first Window Center / Width pair (the one a viewer
+   opens with; the others are alternatives the modality offers). Without either, the image's
+   own minimum to maximum;
+3. MONOCHROME1 (white is low) is inverted after the VOI transform, so bone is bright;
+4. the VOI output range mapped linearly to 0-255.
+
+Compressed transfer syntaxes decode through pydicom's pixel handlers: JPEG baseline, extended
+and lossless through ``pylibjpeg-libjpeg``, JPEG-LS through ``pyjpegls``, RLE natively.
+
+Training (a dataset holding ``.dcm`` files), the served model and the page all read DICOM
+through :func:`dicom_to_image`, so they see the same pixels. Only third-party packages are
+imported: the logged MLflow model carries this module.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterable
+
+import numpy as np
+from PIL import Image
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+#: Modalities of plain radiographs: computed and digital radiography, radiographic imaging
+#: (conventional film/screen) and X-ray angiography.
+RADIOGRAPHY = ("CR", "DX", "RG", "XA")
+MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
+#: SOP classes that never hold a radiograph, named in the refusal.
+NOT_IMAGES = {
+    "1.2.840.10008.5.1.4.1.1.104.1": "an encapsulated PDF",
+    "1.2.840.10008.5.1.4.1.1.104.2": "an encapsulated CDA document",
+    "1.2.840.10008.5.1.4.1.1.88.11": "a structured report",
+    "1.2.840.10008.5.1.4.1.1.88.22": "a structured report",
+    "1.2.840.10008.5.1.4.1.1.88.33": "a structured report",
+    "1.2.840.10008.5.1.4.1.1.11.1": "a presentation state",
+}
+
+
+class DicomRejected(ValueError):
+    """A DICOM file that is not a single-frame radiograph the model can read.
+
+    The message says what the file is and what to send instead; it never names a path.
+    """
+
+
+def is_dicom(data: bytes) -> bool:
+    """True when ``data`` starts like a DICOM Part 10 file (128-byte preamble, then ``DICM``)."""
+    return len(data) >= 132 and data[128:132] == b"DICM"
+
+
+def read_header(data: bytes) -> Dataset:
+    """Parses a DICOM file without decoding its pixels.
+
+    Raises:
+        DicomRejected: the bytes are not a readable DICOM file.
+    """
+    try:
+        return dcmread(io.BytesIO(data))
+    except (InvalidDicomError, EOFError, ValueError, KeyError, OSError) as exc:
+        raise DicomRejected(f"is not a readable DICOM file ({type(exc).__name__})") from exc
+
+
+def check_radiograph(ds: Dataset, modalities: Iterable[str] = RADIOGRAPHY) -> tuple[int, int]:
+    """Checks that ``ds`` is one grayscale (or RGB) radiograph; returns its (width, height).
+
+    Raises:
+        DicomRejected: no pixel data (a report, PDF or other non-image object), more than one
+            frame, a modality not in ``modalities``, or a photometric interpretation other
+            than MONOCHROME1, MONOCHROME2 or 8-bit RGB.
+    """
+    sop = str(ds.get("SOPClassUID", ""))
+    if sop in NOT_IMAGES or "PixelData" not in ds:
+        what = NOT_IMAGES.get(sop, "a DICOM object without pixel data")
+        raise DicomRejected(f"is {what}, not an image; send the radiograph's own DICOM file")
+    frames = int(ds.get("NumberOfFrames") or 1)
+    if frames > 1:
+        raise DicomRejected(
+            f"holds {frames} frames; the model reads single-frame radiographs (CR, DX): send one frame per file"
+        )
+    allowed = tuple(modalities)
+    modality = str(ds.get("Modality") or "")
+    if modality not in allowed:
+        raise DicomRejected(
+            f"has modality {modality or '(none)'}; the model reads {', '.join(allowed)} radiographs only "
+            "(params: serve.modalities)"
+        )
+    photometric = str(ds.get("PhotometricInterpretation") or "")
+    bits = int(ds.get("BitsAllocated") or 0)
+    if photometric not in MONOCHROME and not (photometric == "RGB" and bits == 8):
+        raise DicomRejected(
+            f"has photometric interpretation {photometric or '(none)'} ({bits}-bit); the model reads "
+            "MONOCHROME1, MONOCHROME2 or 8-bit RGB radiographs"
+        )
+    return int(ds.Columns), int(ds.Rows)
+
+
+def voi_range(ds: Dataset, values: np.ndarray) -> tuple[float, float]:
+    """The range the VOI transform maps onto, as pydicom's ``apply_voi_lut`` produces it.
+
+    A VOI LUT gives 0 .. 2**bits - 1 (its descriptor's bits per entry); a window gives the
+    stored value range after the modality transform (pydicom's ``y_min`` / ``y_max``); with
+    neither, the image's own minimum and maximum.
+    """
+    voi = ds.get("VOILUTSequence")
+    if voi and voi[0].get("LUTDescriptor") is not None and voi[0].get("LUTData") is not None:
+        return 0.0, float(2 ** int(voi[0].LUTDescriptor[2]) - 1)
+    if ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
+        modality_lut = ds.get("ModalityLUTSequence")
+        if modality_lut:
+            low, high = 0.0, float(2 ** int(modality_lut[0].LUTDescriptor[2]) - 1)
+        elif int(ds.PixelRepresentation) == 0:
+            low, high = 0.0, float(2 ** int(ds.BitsStored) - 1)
+        else:
+            low, high = float(-(2 ** (int(ds.BitsStored) - 1))), float(2 ** (int(ds.BitsStored) - 1) - 1)
+        slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+        if not modality_lut and slope is not None and intercept is not None:
+            low, high = low * float(slope) + float(intercept), high * float(slope) + float(intercept)
+        return low, high
+    return float(values.min()), float(values.max())
+
+
+def _apply_voi(values: np.ndarray, ds: Dataset) -> np.ndarray:
+    """pydicom's ``apply_voi_lut`` (the first VOI LUT, else the first window).
+
+    pydicom 3.0 indexes a VOI LUT of 8-bit entries with 8-bit integers, so stored values past
+    255 wrap round; such a LUT (more than 256 entries of 8 bits, as some CR modalities write)
+    is applied here with the standard's rule instead: values below the first mapped one take
+    the first entry, values past the last take the last.
+    """
+    voi = ds.get("VOILUTSequence")
+    if voi and voi[0].get("LUTDescriptor") is not None and voi[0].get("LUTData") is not None:
+        entries, first, bits = (int(v) for v in voi[0].LUTDescriptor)
+        entries = entries or 2**16
+        if bits == 8 and entries > 256:
+            data = voi[0].LUTData
+            lut = np.frombuffer(data, dtype="<u2") if isinstance(data, bytes) else np.asarray(data)
+            index = np.clip(values.astype(np.int64) - first, 0, entries - 1)
+            return lut[:entries][index]
+    return apply_voi_lut(values, ds, index=0)
+
+
+def to_display(ds: Dataset) -> np.ndarray:
+    """Decodes a checked radiograph into 8-bit display values (H x W, or H x W x 3 for RGB).
+
+    Raises:
+        DicomRejected: the pixel data cannot be decoded (a missing decoder names the package).
+    """
+    try:
+        pixels = ds.pixel_array
+    except (ValueError, RuntimeError, NotImplementedError, AttributeError, OSError) as exc:
+        syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+        name = getattr(syntax, "name", str(syntax))
+        raise DicomRejected(f"has pixel data that cannot be decoded (transfer syntax {name}): {exc}") from exc
+    if str(ds.PhotometricInterpretation) == "RGB":
+        return np.ascontiguousarray(pixels.astype(np.uint8))
+    values = apply_modality_lut(pixels, ds)
+    low, high = voi_range(ds, values)
+    values = _apply_voi(values, ds).astype(np.float64)
+    scaled = (values - low) / (high - low) if high > low else np.zeros_like(values)
+    if str(ds.PhotometricInterpretation) == "MONOCHROME1":
+        scaled = 1.0 - scaled
+    return np.clip(np.rint(scaled * 255.0), 0, 255).astype(np.uint8)
+
+
+def dicom_to_image(data: bytes, modalities: Iterable[str] = RADIOGRAPHY) -> Image.Image:
+    """A DICOM radiograph as the 8-bit PIL image (``L``, or ``RGB``) a JPEG export would hold.
+
+    Args:
+        data: the DICOM Part 10 file's bytes.
+        modalities: the modalities accepted.
+
+    Raises:
+        DicomRejected: not a readable single-frame radiograph of an accepted modality.
+    """
+    ds = read_header(data)
+    check_radiograph(ds, modalities)
+    display = to_display(ds)
+    return Image.fromarray(display)  # uint8 H x W is L, H x W x 3 is RGB

@@ -1,0 +1,268 @@
+"""What the model accepts as an X-ray, checked the same way for every consumer.
+
+The served pyfunc (in process, behind ``mlflow models serve``, in ``fracture predict``) and
+the clinician's page read every input through :func:`read_xray`, with the
+:class:`InputPolicy` the model was registered with, so the same bytes get the same answer
+wherever they are sent. In order:
+
+1. size: an empty file, or one over ``max_bytes``, is refused before it is parsed;
+2. format: JPEG, PNG or DICOM (read by :mod:`fracture.dicom`); anything else is refused;
+3. dimensions, from the header alone: sides within ``min_side`` .. ``max_side`` and at most
+   ``max_pixels`` pixels, so a decompression bomb is refused before a pixel is decoded;
+4. bit depth: 16- and 32-bit PNGs are refused (turning them into 8 bits needs the display
+   window a viewer applies; DICOM carries that window, PNG does not); 1-bit images too;
+5. decoding: a corrupt file is refused; a truncated one (it ends early) is scored with a
+   warning when ``truncated`` is ``score`` (the pipeline's ``validate.on_truncated: keep``:
+   the model was trained and evaluated on such files), refused when it is ``refuse``;
+6. content: a blank or near-constant image (greyscale standard deviation below
+   ``min_grey_std``) is refused;
+7. colour: palette, CMYK and transparent images are converted to RGB with a warning
+   (transparent pixels become black background).
+
+Messages say what is wrong and what to send instead. They never name a file path, so a
+served model tells a caller nothing about the server's disk. Only third-party packages and
+this package's imaging modules are imported: the logged MLflow model carries this module.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, get_args
+
+from PIL import Image, ImageStat, UnidentifiedImageError
+
+from fracture.dicom import (
+    RADIOGRAPHY,
+    DicomRejected,
+    check_radiograph,
+    is_dicom,
+    read_header,
+    to_display,
+)
+from fracture.imaging import decode, decode_truncated
+
+log = logging.getLogger(__name__)
+
+Truncated = Literal["score", "refuse"]
+FORMATS = ("JPEG", "PNG")
+AS_TRAINED = {"L", "RGB"}
+HIGH_BIT_DEPTH = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}
+SEND_INSTEAD = "Send an X-ray as an 8-bit JPEG or PNG, or as its DICOM file."
+
+
+class InputRejected(ValueError):
+    """An input the model does not score; the message says why and what to send instead."""
+
+
+@dataclass(frozen=True)
+class InputPolicy:
+    """The checks every input passes, stored with the model (``model.json``, key ``input``).
+
+    Attributes:
+        min_side: smallest width or height in pixels (the pipeline's ``validate.min_side``).
+        max_side: largest width or height (``validate.max_side``).
+        max_pixels: most pixels (width x height) decoded for one image.
+        max_bytes: largest file accepted.
+        min_grey_std: images whose greyscale standard deviation is below this (0-255 levels)
+            are blank or near-constant, and refused.
+        truncated: ``score`` files that end early (the missing rows become grey), with a
+            warning; or ``refuse`` them.
+        modalities: DICOM modalities accepted.
+        max_rows: most rows one request may hold.
+    """
+
+    min_side: int = 64
+    max_side: int = 8192
+    max_pixels: int = 50_000_000
+    max_bytes: int = 64 * 2**20
+    min_grey_std: float = 2.0
+    truncated: Truncated = "score"
+    modalities: tuple[str, ...] = RADIOGRAPHY
+    max_rows: int = 64
+
+    def __post_init__(self) -> None:
+        if self.truncated not in get_args(Truncated):
+            raise ValueError(f"input policy truncated must be one of {get_args(Truncated)}, got {self.truncated!r}")
+        for name in ("min_side", "max_side", "max_pixels", "max_bytes", "max_rows"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"input policy {name} must be a whole number of at least 1, got {value!r}")
+        if self.min_side > self.max_side:
+            raise ValueError(f"input policy min_side {self.min_side} is above max_side {self.max_side}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> InputPolicy:
+        """Reads ``model.json``'s ``input``; absent (a model registered before it existed): the defaults."""
+        data = dict(data or {})
+        if "modalities" in data:
+            data["modalities"] = tuple(data["modalities"])
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"model config input has unknown keys {sorted(unknown)}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class Xray:
+    """An input that passed the checks.
+
+    Attributes:
+        image: the decoded X-ray in RGB, as the model sees it before resizing.
+        format: ``JPEG``, ``PNG`` or ``DICOM``.
+        mode: the colour mode as stored (for DICOM, its photometric interpretation and bits stored).
+        warnings: what was done to it on the way (conversions, a truncated file).
+    """
+
+    image: Image.Image
+    format: str
+    mode: str
+    warnings: tuple[str, ...] = field(default_factory=tuple)
+
+
+def read_xray(data: bytes, policy: InputPolicy) -> Xray:
+    """Checks and decodes one input file.
+
+    Args:
+        data: the file's bytes.
+        policy: the checks (the model's own, from its config).
+
+    Returns:
+        The decoded image and what was done to it.
+
+    Raises:
+        InputRejected: the input fails a check; the message says which and what to send.
+    """
+    if not data:
+        raise InputRejected(f"is empty. {SEND_INSTEAD}")
+    if len(data) > policy.max_bytes:
+        raise InputRejected(
+            f"is {len(data) / 2**20:.1f} MB; the model accepts files up to {policy.max_bytes / 2**20:.0f} MB. "
+            f"{SEND_INSTEAD}"
+        )
+    if is_dicom(data):
+        xray = _read_dicom(data, policy)
+    else:
+        xray = _read_picture(data, policy)
+    _check_content(xray.image, policy)
+    return xray
+
+
+def _check_dimensions(width: int, height: int, policy: InputPolicy) -> None:
+    if width * height > policy.max_pixels:
+        raise InputRejected(
+            f"declares {width} x {height} px ({width * height / 1e6:.0f} megapixels); the model decodes at most "
+            f"{policy.max_pixels / 1e6:.0f} megapixels. {SEND_INSTEAD}"
+        )
+    if not (policy.min_side <= width <= policy.max_side and policy.min_side <= height <= policy.max_side):
+        raise InputRejected(
+            f"is {width} x {height} px; the model accepts images whose sides are between "
+            f"{policy.min_side} and {policy.max_side} px. {SEND_INSTEAD}"
+        )
+
+
+def _read_dicom(data: bytes, policy: InputPolicy) -> Xray:
+    try:
+        ds = read_header(data)
+        width, height = check_radiograph(ds, policy.modalities)
+    except DicomRejected as exc:
+        raise InputRejected(f"is DICOM but {exc}") from exc
+    _check_dimensions(width, height, policy)
+    try:
+        display = to_display(ds)
+    except DicomRejected as exc:
+        raise InputRejected(f"is DICOM but {exc}") from exc
+    mode = f"{ds.PhotometricInterpretation} {int(ds.BitsStored)}-bit"
+    return Xray(Image.fromarray(display).convert("RGB"), "DICOM", mode)
+
+
+def _read_picture(data: bytes, policy: InputPolicy) -> Xray:
+    try:
+        # The header only: dimensions are checked before any pixel is decoded (and Pillow's own
+        # bomb warning is redundant with that check).
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as header:
+                fmt, mode, (width, height) = header.format, header.mode, header.size
+    except Image.DecompressionBombError as exc:
+        raise InputRejected(
+            f"declares absurd dimensions; the model decodes at most {policy.max_pixels / 1e6:.0f} megapixels. "
+            f"{SEND_INSTEAD}"
+        ) from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise InputRejected(f"is not an image file that can be read (JPEG, PNG or DICOM). {SEND_INSTEAD}") from exc
+    if fmt not in FORMATS:
+        raise InputRejected(f"is a {fmt} file, not JPEG, PNG or DICOM. {SEND_INSTEAD}")
+    _check_dimensions(width, height, policy)
+    if mode in HIGH_BIT_DEPTH:
+        # PNG stores at most 16 bits per sample; Pillow opens some 16-bit PNGs as mode I.
+        bits = 32 if mode == "F" or (mode == "I" and fmt != "PNG") else 16
+        raise InputRejected(
+            f"is a {bits}-bit {fmt} (mode {mode}). The model was trained on 8-bit X-rays, and turning "
+            "higher bit depths into 8 bits needs the display window a viewer applies: send the DICOM file, "
+            "which carries its window, or export an 8-bit JPEG or PNG from the viewer."
+        )
+    if mode == "1":
+        raise InputRejected(f"is a 1-bit black-and-white image, not an X-ray's greyscale. {SEND_INSTEAD}")
+
+    notes: list[str] = []
+    try:
+        image = decode(data)
+    except OSError as exc:
+        if "truncated" not in str(exc):
+            raise InputRejected("is corrupt and cannot be decoded. Send the complete file.") from exc
+        if policy.truncated == "refuse":
+            raise InputRejected("is cut short (the file ends early) and cannot be decoded. Send the complete file.") from exc
+        image = _decode_truncated(data)
+        notes.append("the file ends early; its missing rows were scored as grey, as in training")
+    except Exception as exc:
+        log.info("decoding failed: %s: %s", type(exc).__name__, exc)
+        raise InputRejected("is corrupt and cannot be decoded. Send the complete file.") from exc
+
+    if mode in AS_TRAINED:
+        return Xray(image.convert("RGB"), fmt, mode, tuple(notes))
+    rgb, note = _convert(image)
+    return Xray(rgb, fmt, mode, (*notes, note))
+
+
+def _decode_truncated(data: bytes) -> Image.Image:
+    try:
+        return decode_truncated(data)
+    except Exception as exc:
+        raise InputRejected("is cut short and too little of it decodes. Send the complete file.") from exc
+
+
+def _check_content(image: Image.Image, policy: InputPolicy) -> None:
+    grey = image.convert("L")
+    grey.thumbnail((512, 512))  # the spread of the whole image, read from at most 512 x 512 pixels
+    std = ImageStat.Stat(grey).stddev[0]
+    if std < policy.min_grey_std:
+        raise InputRejected(
+            f"is blank or nearly constant (greyscale standard deviation {std:.2f}; an X-ray has at least "
+            f"{policy.min_grey_std:g}). Send the X-ray itself."
+        )
+
+
+def _convert(image: Image.Image) -> tuple[Image.Image, str]:
+    """Converts an image the model was not trained on to RGB, and says what was done."""
+    mode = image.mode
+    if image.mode == "P":
+        has_alpha = "transparency" in image.info
+        image = image.convert("RGBA" if has_alpha else "RGB")
+        if not has_alpha:
+            return image, "Palette (indexed-colour) image converted to RGB."
+    if image.mode in {"RGBA", "LA", "PA", "RGBa", "La"}:
+        rgba = image.convert("RGBA")
+        alpha = rgba.getchannel("A")
+        if alpha.getextrema() == (255, 255):
+            return rgba.convert("RGB"), f"{mode} image: its alpha channel is fully opaque and was dropped."
+        # X-ray background is black, so transparent pixels become background.
+        flat = Image.new("RGB", rgba.size, (0, 0, 0))
+        flat.paste(rgba, mask=alpha)
+        return flat, f"{mode} image with transparency: transparent pixels are shown to the model as black background."
+    return image.convert("RGB"), f"{mode} image converted to RGB."

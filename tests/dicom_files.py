@@ -1,0 +1,131 @@
+"""Real DICOM radiographs built from FracAtlas X-rays, as a PACS would send them.
+
+Each encoding is chosen so that the standard display pipeline (modality LUT, VOI transform,
+MONOCHROME1 inversion, 0-255) gives back the JPEG's own pixels: a reader opening the DICOM
+file sees what the JPEG shows, so the model must score both the same.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
+from pydicom.sequence import Sequence
+from pydicom.uid import (
+    DigitalXRayImageStorageForPresentation,
+    EncapsulatedPDFStorage,
+    ExplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    generate_uid,
+)
+
+#: The encodings :func:`dicom_from_jpeg` writes.
+ENCODINGS = ("8-bit", "12-bit rescaled", "16-bit", "MONOCHROME1 VOI LUT", "MONOCHROME1 8-bit VOI LUT", "JPEG baseline")
+
+
+def _dataset(modality: str = "DX", sop_class: str = DigitalXRayImageStorageForPresentation) -> Dataset:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.PatientID = "TEST0001"
+    ds.PatientName = "Test^Phantom"
+    ds.StudyID = "1"
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = 1
+    ds.AccessionNumber = "A0001"
+    ds.Modality = modality
+    ds.PatientOrientation = ""
+    ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    return ds
+
+
+def to_bytes(ds: Dataset) -> bytes:
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def grey_pixels(jpeg: Path) -> np.ndarray:
+    """The JPEG's pixels as a reader sees them, in greyscale (uint8, H x W)."""
+    return np.asarray(Image.open(jpeg).convert("L"))
+
+
+def dicom_from_jpeg(jpeg: Path, encoding: str, modality: str = "DX") -> bytes:
+    """A DICOM file whose displayed pixels are ``jpeg``'s greyscale pixels.
+
+    Encodings:
+        ``8-bit``: MONOCHROME2, 8 bits stored, a window of centre 128 and width 256 (identity).
+        ``12-bit rescaled``: MONOCHROME2, 12 bits stored (value x 16), Rescale Intercept -1024
+            and a window over the rescaled range that maps it back onto 0-255.
+        ``16-bit``: MONOCHROME2, 16 bits stored (value x 257), window centre 32768, width 65536.
+        ``MONOCHROME1 VOI LUT``: MONOCHROME1 (white is low), 12 bits stored as 16 x (255 - value),
+            with a VOI LUT Sequence of 4096 16-bit entries; the display inverts it back.
+        ``MONOCHROME1 8-bit VOI LUT``: the same with 8-bit LUT entries.
+        ``JPEG baseline``: the JPEG file itself, encapsulated (transfer syntax 1.2.840.10008.1.2.4.50),
+            as a PACS stores lossy radiographs; it must be a greyscale JPEG.
+    """
+    x = grey_pixels(jpeg)
+    ds = _dataset(modality)
+    if encoding == "8-bit":
+        ds.set_pixel_data(x, "MONOCHROME2", 8)
+        ds.WindowCenter, ds.WindowWidth = 128, 256
+    elif encoding == "12-bit rescaled":
+        ds.set_pixel_data(x.astype(np.uint16) * 16, "MONOCHROME2", 12)
+        ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = 1, -1024, "US"
+        ds.WindowCenter, ds.WindowWidth = 1016.5, 4081
+    elif encoding == "16-bit":
+        ds.set_pixel_data(x.astype(np.uint16) * 257, "MONOCHROME2", 16)
+        ds.WindowCenter, ds.WindowWidth = 32768, 65536
+    elif encoding in ("MONOCHROME1 VOI LUT", "MONOCHROME1 8-bit VOI LUT"):
+        ds.set_pixel_data((255 - x.astype(np.uint16)) * 16, "MONOCHROME1", 12)
+        item = Dataset()
+        if encoding == "MONOCHROME1 VOI LUT":
+            item.LUTDescriptor = [4096, 0, 16]
+            item.LUTData = [(v // 16) * 257 for v in range(4096)]
+        else:
+            item.LUTDescriptor = [4096, 0, 8]
+            item.LUTData = [v // 16 for v in range(4096)]
+        item["LUTData"].VR = "US"
+        item.LUTExplanation = "inverse of the stored scale"
+        ds.VOILUTSequence = Sequence([item])
+    elif encoding == "JPEG baseline":
+        with Image.open(jpeg) as img:
+            if img.mode != "L":
+                raise ValueError(f"{jpeg.name} is {img.mode}; JPEG baseline here needs a greyscale JPEG")
+            width, height = img.size
+        ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+        ds.Rows, ds.Columns = height, width
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated = ds.BitsStored = 8
+        ds.HighBit, ds.PixelRepresentation = 7, 0
+        ds.LossyImageCompression = "01"
+        ds.PixelData = encapsulate([jpeg.read_bytes()])
+        ds["PixelData"].VR = "OB"
+    else:
+        raise ValueError(f"unknown encoding {encoding!r}; use one of {ENCODINGS}")
+    return to_bytes(ds)
+
+
+def multiframe(jpeg: Path) -> bytes:
+    x = grey_pixels(jpeg)
+    ds = _dataset()
+    ds.set_pixel_data(np.stack([x, x]), "MONOCHROME2", 8)
+    return to_bytes(ds)
+
+
+def encapsulated_pdf() -> bytes:
+    ds = _dataset("DOC", EncapsulatedPDFStorage)
+    ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
+    ds.EncapsulatedDocument = b"%PDF-1.4\n%%EOF\n"
+    return to_bytes(ds)

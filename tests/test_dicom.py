@@ -1,0 +1,96 @@
+"""DICOM radiographs read as a reader sees them (fracture.dicom), built from real FracAtlas X-rays."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from pydicom import dcmread
+
+from fracture.dicom import DicomRejected, dicom_to_image
+from fracture.imaging import open_xray
+from fracture.intake import InputPolicy, InputRejected, read_xray
+from tests.conftest import require_fracatlas
+from tests.dicom_files import (
+    ENCODINGS,
+    dicom_from_jpeg,
+    encapsulated_pdf,
+    grey_pixels,
+    multiframe,
+    to_bytes,
+)
+
+
+@pytest.fixture(scope="module")
+def xrays():
+    root = require_fracatlas() / "images"
+    # A greyscale JPEG (the one JPEG baseline encapsulates) and an RGB one.
+    return [root / "Fractured" / "IMG0000019.jpg", root / "Non_fractured" / "IMG0000000.jpg"]
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS)
+def test_every_encoding_displays_the_jpeg_pixels(xrays, encoding):
+    for jpeg in xrays:
+        if encoding == "JPEG baseline" and jpeg.name == "IMG0000000.jpg":
+            continue  # an RGB JPEG is not a greyscale DICOM's payload
+        shown = np.asarray(dicom_to_image(dicom_from_jpeg(jpeg, encoding))).astype(int)
+        diff = np.abs(shown - grey_pixels(jpeg))
+        # Lossless encodings give the pixels back exactly; the encapsulated JPEG is decoded by
+        # another JPEG decoder (libjpeg through pylibjpeg, not Pillow's libjpeg-turbo).
+        assert diff.max() <= (1 if encoding == "JPEG baseline" else 0), (jpeg.name, encoding, diff.max())
+
+
+def test_monochrome1_is_inverted_after_the_voi_transform(xrays):
+    data = dicom_from_jpeg(xrays[0], "MONOCHROME1 VOI LUT")
+    stored = dcmread(__import__("io").BytesIO(data)).pixel_array
+    shown = np.asarray(dicom_to_image(data))
+    expected = grey_pixels(xrays[0])
+    # Stored values are high where the X-ray is dark; what is shown is bone-bright again.
+    assert np.corrcoef(stored.ravel(), expected.ravel())[0, 1] < -0.99
+    np.testing.assert_array_equal(shown, expected)
+
+
+def test_training_reads_a_dicom_file_as_the_served_model_does(xrays, tmp_path):
+    path = tmp_path / "study.dcm"
+    path.write_bytes(dicom_from_jpeg(xrays[0], "12-bit rescaled"))
+    trained = np.asarray(open_xray(path))
+    served = np.asarray(read_xray(path.read_bytes(), InputPolicy()).image)
+    np.testing.assert_array_equal(trained, served)
+    np.testing.assert_array_equal(trained[..., 0], grey_pixels(xrays[0]))
+
+
+def test_the_first_window_is_used_when_there_are_several(xrays):
+    import io
+
+    ds = dcmread(io.BytesIO(dicom_from_jpeg(xrays[0], "16-bit")))
+    ds.WindowCenter, ds.WindowWidth = [32768, 10000], [65536, 2000]
+    ds.WindowCenterWidthExplanation = ["FULL", "NARROW"]
+    np.testing.assert_array_equal(np.asarray(dicom_to_image(to_bytes(ds))), grey_pixels(xrays[0]))
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda jpeg: multiframe(jpeg), "is DICOM but holds 2 frames; the model reads single-frame radiographs"),
+        (lambda jpeg: encapsulated_pdf(), "is DICOM but is an encapsulated PDF, not an image"),
+        (lambda jpeg: dicom_from_jpeg(jpeg, "8-bit", modality="CT"), "is DICOM but has modality CT; the model reads CR, DX, RG, XA"),
+        (lambda jpeg: b"\0" * 128 + b"DICM" + b"\xff" * 64, "is DICOM but is a DICOM object without pixel data"),
+        (lambda jpeg: dicom_from_jpeg(jpeg, "16-bit")[:-5000], "is DICOM but has pixel data that cannot be decoded"),
+    ],
+)
+def test_objects_that_are_not_a_single_radiograph_are_refused(xrays, make, message):
+    with pytest.raises(InputRejected, match="^" + message):
+        read_xray(make(xrays[0]), InputPolicy())
+
+
+def test_modalities_come_from_the_policy(xrays):
+    ct = dicom_from_jpeg(xrays[0], "8-bit", modality="CT")
+    assert read_xray(ct, InputPolicy(modalities=("CR", "DX", "CT"))).format == "DICOM"
+    with pytest.raises(DicomRejected, match="modality CT"):
+        dicom_to_image(ct)
+
+
+def test_dicom_dimensions_are_checked_from_the_header(xrays):
+    with pytest.raises(InputRejected, match="is 1152 x 1440 px; the model accepts images whose sides are between 64 and 1000"):
+        read_xray(dicom_from_jpeg(xrays[0], "16-bit"), InputPolicy(max_side=1000))
+    with pytest.raises(InputRejected, match=r"declares 1152 x 1440 px \(2 megapixels\)"):
+        read_xray(dicom_from_jpeg(xrays[0], "16-bit"), InputPolicy(max_pixels=1_000_000))

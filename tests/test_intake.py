@@ -1,0 +1,138 @@
+"""The model's input checks (fracture.intake), the same for every consumer; synthetic and real images."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fracture.intake import InputPolicy, InputRejected, read_xray
+from tests.conftest import require_fracatlas
+
+POLICY = InputPolicy(min_side=64, max_side=8192, max_pixels=50_000_000, max_bytes=2**20, min_grey_std=2.0)
+
+
+def encode(img: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def xray_like(size: tuple[int, int] = (300, 400), mode: str = "L") -> Image.Image:
+    """A gradient with structure: not blank, as any radiograph."""
+    rng = np.random.default_rng(0)
+    grey = (np.linspace(0, 200, size[0])[None, :] + rng.normal(0, 10, (size[1], size[0]))).clip(0, 255)
+    return Image.fromarray(grey.astype(np.uint8)).convert(mode)
+
+
+def ihdr_png(width: int, height: int) -> bytes:
+    """A tiny PNG whose header declares ``width`` x ``height``: a decompression bomb's shape."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    row = zlib.compress(b"\x00" + bytes(min(width, 1000)))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", row) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (lambda: b"", "is empty"),
+        (lambda: bytes(2**20 + 1), "is 1.0 MB; the model accepts files up to 1 MB"),
+        (lambda: b"patient notes, not an image\n" * 20, "is not an image file that can be read"),
+        (lambda: encode(xray_like(), "GIF"), "is a GIF file, not JPEG, PNG or DICOM"),
+        (lambda: encode(xray_like(), "BMP"), "is a BMP file"),
+        (lambda: ihdr_png(12_000, 12_000), "declares 12000 x 12000 px (144 megapixels)"),
+        (lambda: ihdr_png(100_000, 100_000), "declares absurd dimensions"),
+        (lambda: encode(xray_like((9000, 100))), "is 9000 x 100 px; the model accepts images whose sides are between 64"),
+        (lambda: encode(xray_like((40, 300))), "is 40 x 300 px"),
+        (lambda: encode(Image.new("I;16", (300, 300), 40000)), "is a 16-bit PNG (mode I;16)"),
+        (lambda: encode(xray_like().convert("1")), "is a 1-bit black-and-white image"),
+        (lambda: encode(Image.new("L", (600, 800))), "is blank or nearly constant (greyscale standard deviation 0.00"),
+        (lambda: encode(Image.new("RGB", (600, 800), (200, 200, 200))), "is blank or nearly constant"),
+    ],
+)
+def test_refusals_say_what_is_wrong_and_what_to_send(data, message):
+    with pytest.raises(InputRejected, match="^" + message.replace("(", r"\(").replace(")", r"\)")) as info:
+        read_xray(data(), POLICY)
+    assert "Send" in str(info.value) or "send" in str(info.value)
+
+
+def test_a_bomb_is_refused_before_its_pixels_are_decoded(monkeypatch):
+    import fracture.intake as intake
+
+    def never(*_):
+        raise AssertionError("decoded")
+
+    monkeypatch.setattr(intake, "decode", never)
+    with pytest.raises(InputRejected, match="megapixels"):
+        read_xray(ihdr_png(12_000, 12_000), POLICY)
+
+
+def test_near_constant_noise_is_blank_but_a_faint_xray_is_not():
+    rng = np.random.default_rng(1)
+    noise = Image.fromarray((128 + rng.normal(0, 1.0, (400, 300))).round().clip(0, 255).astype(np.uint8))
+    with pytest.raises(InputRejected, match="blank or nearly constant"):
+        read_xray(encode(noise), POLICY)
+    faint = Image.fromarray((100 + rng.normal(0, 4.0, (400, 300))).round().clip(0, 255).astype(np.uint8))
+    assert read_xray(encode(faint), POLICY).image.size == (300, 400)
+
+
+def test_jpeg_and_png_as_trained_pass_unchanged():
+    img = xray_like()
+    xray = read_xray(encode(img, "JPEG", quality=95), POLICY)
+    assert (xray.format, xray.mode, xray.warnings) == ("JPEG", "L", ())
+    assert xray.image.mode == "RGB"
+    png = read_xray(encode(img), POLICY)
+    np.testing.assert_array_equal(np.asarray(png.image)[..., 0], np.asarray(img))
+
+
+def test_conversions_are_reported():
+    rgba = xray_like(mode="RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize(rgba.size))
+    xray = read_xray(encode(rgba), POLICY)
+    assert "transparent pixels are shown to the model as black background" in xray.warnings[0]
+    palette = read_xray(encode(xray_like(mode="RGB").convert("P")), POLICY)
+    assert palette.warnings == ("Palette (indexed-colour) image converted to RGB.",)
+
+
+def test_truncated_files_follow_the_policy():
+    whole = encode(xray_like((600, 800)), "JPEG", quality=95)
+    cut = whole[: len(whole) // 2]
+    scored = read_xray(cut, POLICY)
+    assert scored.image.size == (600, 800)
+    assert "the file ends early" in scored.warnings[0]
+    with pytest.raises(InputRejected, match="is cut short"):
+        read_xray(cut, InputPolicy(truncated="refuse"))
+
+
+def test_corrupt_jpeg_is_refused_without_server_detail():
+    data = bytearray(encode(xray_like((600, 800)), "JPEG"))
+    data[150:3000] = bytes(2850)
+    with pytest.raises(InputRejected, match="^is corrupt and cannot be decoded") as info:
+        read_xray(bytes(data), POLICY)
+    assert "/" not in str(info.value)
+
+
+def test_every_real_xray_in_a_sample_passes():
+    root = require_fracatlas() / "images"
+    paths = sorted((root / "Fractured").iterdir())[:5] + sorted((root / "Non_fractured").iterdir())[:5]
+    for path in paths:
+        xray = read_xray(path.read_bytes(), InputPolicy())
+        assert xray.format == "JPEG" and xray.image.mode == "RGB"
+
+
+def test_policy_round_trips_and_defaults_for_older_models():
+    policy = InputPolicy(min_side=32, truncated="refuse", modalities=("DX",), max_rows=8)
+    assert InputPolicy.from_dict(policy.to_dict()) == policy
+    assert InputPolicy.from_dict(None) == InputPolicy()
+    with pytest.raises(ValueError, match="unknown keys"):
+        InputPolicy.from_dict({"max_sides": 3})
+    with pytest.raises(ValueError, match="truncated must be one of"):
+        InputPolicy(truncated="keep")  # type: ignore[arg-type]
