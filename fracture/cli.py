@@ -1,7 +1,8 @@
 """The fracture command: one command per pipeline stage, run by dvc.yaml from the project root.
 
 Each command reads params.yaml once, calls the stage's run_<stage> function
-(fracture.stages) and prints what it did; nothing else happens here.
+(fracture.stages) and prints what it did; nothing else happens here. ``fracture predict`` is
+the consumers' command: it needs only a registry, not a project.
 """
 
 from __future__ import annotations
@@ -218,6 +219,53 @@ def rollback() -> None:
         f"{done.name}: champion rolled back from version {done.demoted} to version {done.champion}; "
         f"previous-champion: {previous}; version {done.demoted} holds no alias now and is tagged rolled_back_at"
     )
+
+
+@app.command()
+def predict(
+    inputs: Annotated[list[Path], typer.Argument(help="Image files, folders of them, or DICOM study folders.")],
+    model: Annotated[str, typer.Option(help="The registered model: models:/<name>@<alias> or models:/<name>/<version>.")] = (
+        "models:/fracture-classifier@champion"
+    ),
+    out: Annotated[Path | None, typer.Option(help="Where to write the rows: .csv or .json (default: CSV on stdout).")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Files read and scored together.")] = 16,
+    dicom_sr: Annotated[
+        Path | None, typer.Option(help="A folder: write a DICOM Structured Report for each scored DICOM input.")
+    ] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
+) -> None:
+    """Score X-rays (JPEG, PNG, DICOM) with a registered model; one row per file, errors in their rows.
+
+    Reads MLFLOW_TRACKING_URI for the registry. Exits non-zero only when no file could be scored.
+    """
+    from fracture.predict import (
+        PredictError,
+        collect,
+        load,
+        score_files,
+        write,
+        write_structured_reports,
+    )
+
+    try:
+        files = collect(inputs)
+        if not files:
+            raise PredictError(f"no image or DICOM files in {', '.join(map(str, inputs))}")
+        loaded = load(model)
+    except PredictError as exc:
+        sys.exit(f"fracture predict: {exc}")
+    table = score_files(loaded, files, batch_size, progress)
+    if dicom_sr is not None:
+        table["sr"] = write_structured_reports(table, files, dicom_sr)
+    write(table, out)
+    scored = int((table["error"] == "").sum())
+    print(
+        f"{loaded.name} version {loaded.version}: scored {scored} of {len(table)} files; "
+        f"{len(table) - scored} with an error in their row" + (f"; rows in {out}" if out else ""),
+        file=sys.stderr,
+    )
+    if scored == 0:
+        sys.exit("fracture predict: no file could be scored; see the error column")
 
 
 def main(argv: list[str] | None = None) -> None:

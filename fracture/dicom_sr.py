@@ -1,0 +1,103 @@
+"""The model's answer for a DICOM radiograph, as a DICOM Structured Report a PACS stores beside it.
+
+One Comprehensive 3D SR per scored image, built with highdicom as a TID 1500 Measurement
+Report holding one TID 1501 measurement group:
+
+- the source image, referenced by its SOP Class and Instance UIDs (and, as evidence, its study
+  and series), with the patient and study copied from it so the PACS files the report there;
+- the finding "Fracture of bone" (SNOMED CT 125605004): Present or Absent, the model's label;
+- the fracture probability and the decision threshold (DCM "Probability" and "Threshold
+  value", no units);
+- the algorithm's name and version: the registered model's name and registry version.
+
+It is a machine's unverified result (Completion Flag PARTIAL, Verification Flag UNVERIFIED)
+and says so: the series description reads "NOT FOR CLINICAL USE".
+"""
+
+from __future__ import annotations
+
+import highdicom as hd
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import generate_uid
+
+FRACTURE = hd.sr.CodedConcept("125605004", "SCT", "Fracture of bone")
+#: Patient and study attributes of type 2 (present, possibly empty) the SR copies from its source.
+TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+         "ReferringPhysicianName", "AccessionNumber", "StudyID")
+NOT_FOR_CLINICAL_USE = "NOT FOR CLINICAL USE"
+MANUFACTURER = "fracture (open-source research software)"
+
+
+def structured_report(
+    source: Dataset, probability: float, threshold: float, fractured: bool, model_name: str, model_version: str
+) -> hd.sr.Comprehensive3DSR:
+    """The SR holding the model's answer for ``source``.
+
+    Args:
+        source: the scored radiograph's dataset (its pixels are not needed).
+        probability: the fracture probability the model gave.
+        threshold: the decision threshold it was compared with.
+        fractured: the label (``probability >= threshold``).
+        model_name: the registered model's name.
+        model_version: its registry version.
+    """
+    source = _with_type2_attributes(source)
+    algorithm = hd.sr.AlgorithmIdentification(name=model_name, version=model_version)
+    device = hd.sr.ObserverContext(
+        observer_type=codes.cid270.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            # The same model version always observes as the same device.
+            uid=generate_uid(entropy_srcs=[model_name, model_version]),
+            name=f"{model_name} v{model_version}",
+            manufacturer_name=MANUFACTURER,
+            model_name=model_name,
+        ),
+    )
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="fracture classification"),
+        finding_type=FRACTURE,
+        algorithm_id=algorithm,
+        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(name=FRACTURE, value=codes.SCT.Present if fractured else codes.SCT.Absent)
+        ],
+        measurements=[
+            hd.sr.Measurement(name=codes.DCM.Probability, value=float(probability), unit=codes.UCUM.NoUnits,
+                              algorithm_id=algorithm),
+            hd.sr.Measurement(name=codes.DCM.ThresholdValue, value=float(threshold), unit=codes.UCUM.NoUnits,
+                              algorithm_id=algorithm),
+        ],
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=device),
+        procedure_reported=codes.LN.XRUnspecifiedBodyRegion,
+        imaging_measurements=[group],
+    )
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=[source],
+        content=report[0],
+        series_instance_uid=hd.UID(),
+        series_number=9901,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        is_complete=False,
+        is_final=False,
+        is_verified=False,
+    )
+    sr.SeriesDescription = f"{NOT_FOR_CLINICAL_USE}: fracture classifier {model_name} v{model_version}"
+    return sr
+
+
+def _with_type2_attributes(source: Dataset) -> Dataset:
+    """A copy of the source's header with every type 2 patient and study attribute present.
+
+    Some modalities leave them out; the SR must carry them, empty if the source has no value.
+    """
+    header = Dataset()
+    header.update({elem.tag: elem for elem in source if elem.keyword != "PixelData"})
+    for keyword in TYPE2:
+        if keyword not in header:
+            setattr(header, keyword, "")
+    return header

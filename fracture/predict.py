@@ -1,0 +1,202 @@
+"""``fracture predict``: score files, folders or a DICOM study folder with a registered model.
+
+The model is loaded through MLflow exactly as any consumer loads it
+(``models:/<name>@<alias>`` or ``models:/<name>/<version>``) and every file goes through its
+own input checks; files are read and scored a batch at a time, so one bad file costs only its
+own row. Each row names the file, the probability, the label, the threshold, the model's name
+and version, and the error (empty when it was scored).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+from mlflow import MlflowClient
+from tqdm import tqdm
+
+from fracture.intake import InputPolicy
+from fracture.serving import FracturePyfunc
+
+log = logging.getLogger(__name__)
+
+#: File endings read from a folder; files without one are read too (a PACS export's DICOM files
+#: often have none). Hidden files and DICOMDIR indexes are skipped.
+SUFFIXES = {".jpg", ".jpeg", ".png", ".dcm", ".dicom", ""}
+COLUMNS = ["id", "fracture_probability", "label", "threshold", "model", "version", "error", "note"]
+
+_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
+
+
+class PredictError(ValueError):
+    """Nothing to score, or the model cannot be loaded; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A registered model version as ``fracture predict`` scores with it."""
+
+    uri: str
+    name: str
+    version: str
+    pyfunc: mlflow.pyfunc.PyFuncModel
+
+    @property
+    def classifier(self) -> FracturePyfunc:
+        inner = self.pyfunc.unwrap_python_model()
+        if not isinstance(inner, FracturePyfunc):
+            raise PredictError(f"{self.uri} is a {type(inner).__name__}, not a fracture classifier")
+        return inner
+
+    @property
+    def policy(self) -> InputPolicy:
+        return self.classifier.policy
+
+    @property
+    def threshold(self) -> float:
+        return float(self.classifier.classifier.threshold)
+
+
+def load(uri: str, client: MlflowClient | None = None) -> LoadedModel:
+    """Loads ``models:/<name>@<alias>`` or ``models:/<name>/<version>``, naming the version it resolved to.
+
+    Raises:
+        PredictError: the URI is not a registry URI, or the registry has no such version.
+    """
+    match = _URI.match(uri)
+    if not match:
+        raise PredictError(f"--model {uri!r} is not a registry URI; give models:/<name>@<alias> or models:/<name>/<version>")
+    name = match["name"]
+    client = client or MlflowClient()
+    try:
+        version = client.get_model_version_by_alias(name, match["alias"]) if match["alias"] else (
+            client.get_model_version(name, match["version"])
+        )
+    except mlflow.exceptions.MlflowException as exc:
+        raise PredictError(
+            f"{uri} is not in the registry at {mlflow.get_tracking_uri()}: {exc.message.splitlines()[0]}. "
+            "Set MLFLOW_TRACKING_URI to the registry, or register a model with `make main`"
+        ) from exc
+    # Loaded by its version, so the alias cannot move between the lookup and the load.
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{name}/{version.version}")
+    loaded = LoadedModel(uri, name, str(version.version), pyfunc)
+    loaded.classifier  # noqa: B018 - raises PredictError for a model that is no fracture classifier
+    return loaded
+
+
+def collect(inputs: Iterable[Path]) -> list[Path]:
+    """The files to score: each file given, and every image or DICOM file under each folder, sorted.
+
+    Raises:
+        PredictError: an input does not exist.
+    """
+    files: list[Path] = []
+    for item in inputs:
+        if item.is_dir():
+            found = [
+                p for p in sorted(item.rglob("*"))
+                if p.is_file() and p.suffix.lower() in SUFFIXES and not p.name.startswith(".") and p.name != "DICOMDIR"
+            ]
+            files.extend(found)
+        elif item.is_file():
+            files.append(item)
+        else:
+            raise PredictError(f"{item} is neither a file nor a folder")
+    return files
+
+
+def _batches(files: list[Path], size: int) -> Iterator[list[Path]]:
+    for start in range(0, len(files), size):
+        yield files[start : start + size]
+
+
+def _read(path: Path, policy: InputPolicy) -> tuple[bytes | None, str]:
+    """The file's bytes, or ``None`` and why it was not read (too large, unreadable)."""
+    try:
+        size = path.stat().st_size
+        if size == 0:
+            return None, "the image is empty (the file holds no bytes)"
+        if size > policy.max_bytes:
+            return None, (
+                f"the file is {size / 2**20:.1f} MB; the model accepts files up to {policy.max_bytes / 2**20:.0f} MB"
+            )
+        return path.read_bytes(), ""
+    except OSError as exc:
+        return None, f"the file cannot be read ({exc.strerror or type(exc).__name__})"
+
+
+def score_files(model: LoadedModel, files: list[Path], batch_size: int = 16, progress: bool = True) -> pd.DataFrame:
+    """Scores files a batch at a time through the model's pyfunc; one row per file, in order.
+
+    A file the model refuses gets its message in ``error`` (naming the file, not the batch
+    row), and the other files of its batch are scored as usual.
+    """
+    policy = model.policy
+    parts = []
+    with tqdm(total=len(files), unit="image", disable=not progress, desc="scoring") as bar:
+        for batch in _batches(files, batch_size):
+            read = [_read(p, policy) for p in batch]
+            present = [i for i, (data, _) in enumerate(read) if data is not None]
+            frame = pd.DataFrame({"id": [str(p) for p in batch], "error": [why for _, why in read]})
+            frame["fracture_probability"], frame["label"], frame["note"] = float("nan"), "", ""
+            if present:
+                out = model.pyfunc.predict(
+                    pd.DataFrame({"image": [read[i][0] for i in present]}), params={"on_error": "report"}
+                )
+                for j, i in enumerate(present):
+                    row = out.iloc[j]
+                    # The model names the row of its request; here the file is the row.
+                    error = re.sub(r"^row \d+: ", "", str(row["error"]))
+                    frame.loc[i, ["fracture_probability", "label", "note", "error"]] = [
+                        row["fracture_probability"], row["label"], row["note"], error
+                    ]
+            parts.append(frame)
+            bar.update(len(batch))
+    table = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=COLUMNS)
+    table["threshold"], table["model"], table["version"] = model.threshold, model.name, model.version
+    return table[COLUMNS]
+
+
+def write(table: pd.DataFrame, out: Path | None) -> None:
+    """Writes the table as CSV, or JSON records when ``out`` ends in ``.json``; stdout CSV without ``out``."""
+    if out is None:
+        print(table.to_csv(index=False), end="")
+    elif out.suffix.lower() == ".json":
+        out.write_text(table.to_json(orient="records", indent=2))
+    else:
+        table.to_csv(out, index=False)
+
+
+def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Path) -> list[str]:
+    """Writes a DICOM SR (:mod:`fracture.dicom_sr`) for each scored DICOM input; returns the paths, one per row.
+
+    Rows that were not scored, or whose file is not DICOM, get an empty path. Each report is
+    named after the source image's SOP Instance UID (``<uid>.sr.dcm``).
+    """
+    from pydicom import dcmread  # noqa: PLC0415 - only --dicom-sr needs it here
+
+    from fracture.dicom import is_dicom  # noqa: PLC0415
+    from fracture.dicom_sr import structured_report  # noqa: PLC0415
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for path, row in zip(files, table.itertuples(index=False), strict=True):
+        with path.open("rb") as fh:
+            head = fh.read(132)
+        if row.error or not is_dicom(head):
+            written.append("")
+            continue
+        source = dcmread(path, stop_before_pixels=True)
+        sr = structured_report(
+            source, float(row.fracture_probability), float(row.threshold), row.label == "fractured",
+            str(row.model), str(row.version),
+        )
+        target = folder / f"{source.SOPInstanceUID}.sr.dcm"
+        sr.save_as(target, enforce_file_format=True)
+        written.append(str(target))
+    return written

@@ -1,0 +1,169 @@
+"""`fracture predict`: a folder of X-rays and DICOM files scored by the registered champion, row by row,
+with DICOM Structured Reports written beside; run as a consumer runs it (the console script)."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+from PIL import Image
+from pydicom import dcmread
+from pydicom.uid import Comprehensive3DSRStorage
+
+from fracture.config import RegisterParams
+from fracture.gate import EvaluatedSplit
+from fracture.registry import register
+from tests.conftest import require_fracatlas, untrained_model_files
+from tests.dicom_files import dicom_from_jpeg, encapsulated_pdf, multiframe
+
+pytestmark = pytest.mark.integration
+
+NAME = "fracture-classifier"
+THRESHOLD = 0.3
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory) -> dict:
+    """A sqlite registry whose champion is a real Lite0 (64 px, untrained head)."""
+    tmp = tmp_path_factory.mktemp("predict")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    check = require_fracatlas() / "images/Fractured/IMG0000019.jpg"
+    mlflow.set_tracking_uri(uri)
+    try:
+        mlflow.set_experiment(experiment_id=mlflow.create_experiment("t", artifact_location=(tmp / "art").as_uri()))
+        weights, config = untrained_model_files(tmp, THRESHOLD)
+        with mlflow.start_run() as run:
+            mlflow.log_metrics({"test_roc_auc": 0.9})
+        reg = register(RegisterParams(NAME, "t"), run.info.run_id, weights, config, EvaluatedSplit("s" * 64, 1, check),
+                       MlflowClient(uri))
+        assert reg.champion
+    finally:
+        mlflow.set_tracking_uri(None)
+    return {"uri": uri, "tmp": tmp}
+
+
+def run_predict(registry: dict, *args: str) -> subprocess.CompletedProcess:
+    env = {"MLFLOW_TRACKING_URI": registry["uri"], "PATH": str(Path(sys.executable).parent)}
+    cmd = [str(Path(sys.executable).parent / "fracture"), "predict", "--no-progress", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def study(registry) -> Path:
+    """A folder as a hospital export looks: JPEGs, DICOM files without an ending, and some bad files."""
+    images = require_fracatlas() / "images"
+    folder = registry["tmp"] / "study"
+    (folder / "series1").mkdir(parents=True)
+    good = [images / "Fractured/IMG0000019.jpg", images / "Non_fractured/IMG0000009.jpg"]
+    for p in good:
+        (folder / p.name).write_bytes(p.read_bytes())
+    data = good[0].read_bytes()
+    (folder / "cut.jpg").write_bytes(data[: len(data) // 2])
+    (folder / "notes.jpg").write_text("not an image\n" * 30)
+    (folder / "series1" / "IM0001").write_bytes(dicom_from_jpeg(good[0], "MONOCHROME1 VOI LUT"))
+    (folder / "series1" / "IM0002").write_bytes(dicom_from_jpeg(good[1], "12-bit rescaled"))
+    (folder / "series1" / "IM0003").write_bytes(multiframe(good[1]))
+    (folder / "series1" / "IM0004.dcm").write_bytes(dicom_from_jpeg(good[0], "8-bit", modality="CT"))
+    (folder / "series1" / "report.dcm").write_bytes(encapsulated_pdf())
+    return folder
+
+
+def content_items(ds) -> list:
+    """Every content item of an SR, depth first."""
+    items = []
+    for item in ds.get("ContentSequence", []):
+        items.append(item)
+        items.extend(content_items(item))
+    return items
+
+
+def named(items: list, meaning: str) -> list:
+    return [i for i in items if "ConceptNameCodeSequence" in i and i.ConceptNameCodeSequence[0].CodeMeaning == meaning]
+
+
+def test_a_study_folder_is_scored_row_by_row_with_structured_reports(registry, study, tmp_path):
+    out, reports = tmp_path / "rows.csv", tmp_path / "sr"
+    proc = run_predict(registry, str(study), "--out", str(out), "--dicom-sr", str(reports), "--batch-size", "4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"{NAME} version 1: scored 5 of 9 files; 4 with an error in their row" in proc.stderr
+    rows = pd.read_csv(out, keep_default_na=False).set_index("id")
+    rows.index = [Path(i).relative_to(study).as_posix() for i in rows.index]
+    assert list(rows.columns) == ["fracture_probability", "label", "threshold", "model", "version", "error", "note", "sr"]
+    assert (rows["model"] == NAME).all() and (rows["version"] == 1).all() and (rows["threshold"] == THRESHOLD).all()
+
+    errors = rows["error"].to_dict()
+    assert errors["notes.jpg"].startswith("the image is not an image file that can be read")
+    assert errors["series1/IM0003"].startswith("the image is DICOM but holds 2 frames")
+    assert errors["series1/IM0004.dcm"].startswith("the image is DICOM but has modality CT")
+    assert errors["series1/report.dcm"].startswith("the image is DICOM but is an encapsulated PDF")
+    scored = rows[rows["error"] == ""]
+    assert sorted(scored.index) == ["IMG0000009.jpg", "IMG0000019.jpg", "cut.jpg", "series1/IM0001", "series1/IM0002"]
+    assert "the file ends early" in rows.loc["cut.jpg", "note"]
+    # Each DICOM file scores as the JPEG it was made from (MONOCHROME1 is not scored as a negative).
+    p = scored["fracture_probability"].astype(float)
+    assert p["series1/IM0001"] == pytest.approx(p["IMG0000019.jpg"], abs=1e-6)
+    assert p["series1/IM0002"] == pytest.approx(p["IMG0000009.jpg"], abs=1e-6)
+
+    # One SR per scored DICOM input, none for the rest.
+    written = {k: v for k, v in rows["sr"].items() if v}
+    assert sorted(written) == ["series1/IM0001", "series1/IM0002"]
+    for key, path in written.items():
+        source = dcmread(study / key, stop_before_pixels=True)
+        sr = dcmread(path)
+        assert sr.SOPClassUID == Comprehensive3DSRStorage and Path(path).name == f"{source.SOPInstanceUID}.sr.dcm"
+        assert (sr.PatientID, sr.StudyInstanceUID) == (source.PatientID, source.StudyInstanceUID)
+        assert sr.SeriesDescription.startswith("NOT FOR CLINICAL USE") and sr.VerificationFlag == "UNVERIFIED"
+        evidence = sr.CurrentRequestedProcedureEvidenceSequence[0]
+        assert evidence.StudyInstanceUID == source.StudyInstanceUID
+        ref = evidence.ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+        assert (ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID) == (source.SOPClassUID, source.SOPInstanceUID)
+        items = content_items(sr)
+        image_ref = named(items, "Source of Measurement")[0].ReferencedSOPSequence[0]
+        assert image_ref.ReferencedSOPInstanceUID == source.SOPInstanceUID
+        finding = named(items, "Fracture of bone")[0].ConceptCodeSequence[0].CodeMeaning
+        assert finding == ("Present" if rows.loc[key, "label"] == "fractured" else "Absent")
+        probability = float(named(items, "Probability")[0].MeasuredValueSequence[0].NumericValue)
+        assert probability == pytest.approx(float(rows.loc[key, "fracture_probability"]), abs=1e-6)
+        threshold = float(named(items, "Threshold Value")[0].MeasuredValueSequence[0].NumericValue)
+        assert threshold == pytest.approx(THRESHOLD)
+        assert {str(i.TextValue) for i in named(items, "Algorithm Name")} == {NAME}
+        assert {str(i.TextValue) for i in named(items, "Algorithm Version")} == {"1"}
+
+
+def test_json_output_and_a_single_file(registry, tmp_path):
+    image = require_fracatlas() / "images/Fractured/IMG0000019.jpg"
+    out = tmp_path / "rows.json"
+    proc = run_predict(registry, str(image), "--out", str(out), "--model", f"models:/{NAME}/1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert len(rows) == 1 and rows[0]["id"] == str(image) and rows[0]["error"] == ""
+    assert rows[0]["label"] == ("fractured" if rows[0]["fracture_probability"] >= THRESHOLD else "not_fractured")
+
+
+def test_exits_non_zero_only_when_nothing_could_be_scored(registry, tmp_path):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"")
+    buf = io.BytesIO()
+    Image.new("L", (500, 500)).save(buf, format="PNG")
+    (folder / "b.png").write_bytes(buf.getvalue())
+    proc = run_predict(registry, str(folder))
+    assert proc.returncode != 0 and "no file could be scored" in proc.stderr
+    rows = pd.read_csv(io.StringIO(proc.stdout), keep_default_na=False)
+    assert rows["error"].str.startswith("the image is empty").sum() == 1
+    assert rows["error"].str.startswith("the image is blank or nearly constant").sum() == 1
+
+
+def test_a_model_the_registry_lacks_is_named(registry, tmp_path):
+    image = require_fracatlas() / "images/Fractured/IMG0000019.jpg"
+    proc = run_predict(registry, str(image), "--model", f"models:/{NAME}@staging")
+    assert proc.returncode != 0 and f"models:/{NAME}@staging is not in the registry" in proc.stderr
+    proc = run_predict(registry, str(image), "--model", "runs:/abc/model")
+    assert proc.returncode != 0 and "is not a registry URI" in proc.stderr
