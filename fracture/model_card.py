@@ -120,3 +120,44 @@ def render_model_card(
         "",
     ]
     return "\n".join(lines)
+
+
+def version_description(
+    architecture: str, profile: str, input_size: tuple[int, ...], aspect: str, metrics: dict[str, float],
+    run_id: str, data_version: str | None,
+) -> str:
+    """The registered version's description, as the MLflow UI's registry page shows it: what the
+    model is, its test figures with their intervals and the threshold, and where its card is.
+
+    Args:
+        architecture: the timm model name.
+        profile: the training profile.
+        input_size: (channels, height, width).
+        aspect: ``squash`` or ``pad``.
+        metrics: the run's metrics (the evaluate stage's ``test_*``, with ``_ci_low`` / ``_ci_high``).
+        run_id: the training run, which holds the model card.
+        data_version: the DVC version of the dataset.
+    """
+    m = metrics
+
+    def with_ci(name: str) -> str:
+        value, low, high = (m.get(f"test_{name}{end}") for end in ("", "_ci_low", "_ci_high"))
+        if value is None:
+            return "n/a"
+        return f"{value:.3f}" + (f" (95% CI {low:.3f}–{high:.3f})" if low is not None and high is not None else "")
+
+    images, fractured = m.get("test_n_images"), m.get("test_n_fractured")
+    split = f"{int(images)} images, {int(fractured)} fractured" if images is not None and fractured is not None else "test split"
+    threshold = m.get("test_threshold")
+    return "\n\n".join(
+        [
+            f"Fractured / not fractured classifier for musculoskeletal X-rays: {architecture} ({profile} profile), "
+            f"{input_size[1]}×{input_size[2]} px ({aspect}), fine-tuned from ImageNet weights on FracAtlas "
+            f"(DVC data version `{data_version or 'unversioned'}`).",
+            f"Test split ({split}): ROC AUC {with_ci('roc_auc')}; sensitivity {with_ci('recall')}; "
+            f"specificity {with_ci('specificity')}"
+            + (f"; at the decision threshold {threshold:.4f}, chosen on the validation split." if threshold is not None else "."),
+            f"Model card: artifact `evaluation/model_card.md` of run `{run_id}`. Decision support for a trained "
+            "reader, not a diagnosis; not for clinical use.",
+        ]
+    )

@@ -47,6 +47,7 @@ from fracture.gate import (
     floors,
 )
 from fracture.inference import ServingConfig
+from fracture.model_card import version_description
 from fracture.packaging import log_pyfunc
 from fracture.scoring import load_check, scored_with_champion
 
@@ -215,7 +216,7 @@ def register(
     metrics = dict(run.data.metrics)
     _required_metrics(metrics, run_id, params)
 
-    mv, created = _ensure_version(client, params.model_name, run_id, weights, config)
+    mv, created = _ensure_version(client, params.model_name, run, weights, config)
     mv = _record_provenance(client, mv, created, _provenance_tags(run, config, split))
     # The split the version was evaluated on, as recorded when it was first registered.
     fingerprint = mv.tags.get(TAG_SPLIT) or split.fingerprint
@@ -235,20 +236,30 @@ def register(
 
 
 def _ensure_version(
-    client: MlflowClient, name: str, run_id: str, weights: Path, config: ServingConfig
+    client: MlflowClient, name: str, run: Run, weights: Path, config: ServingConfig
 ) -> tuple[ModelVersion, bool]:
     """The run's registered version, logged and registered first when it has none.
+
+    A new version gets a description (:func:`fracture.model_card.version_description`): what
+    it is, its test figures with intervals and its threshold, for the registry's page.
 
     Returns:
         The version, and whether this call created it.
     """
+    run_id = run.info.run_id
     existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
     if existing:
         mv = max(existing, key=lambda v: int(v.version))
         log.info("run %s is already registered as %s version %s", run_id, name, mv.version)
         return mv, False
     uri = log_pyfunc(run_id, weights, config)
-    return mlflow.register_model(uri, name, tags={"run_id": run_id}), True
+    mv = mlflow.register_model(uri, name, tags={"run_id": run_id})
+    description = version_description(
+        config.architecture, str(config.extra.get("profile") or run.data.tags.get("profile") or "unknown"),
+        config.data_config.input_size, config.data_config.aspect, dict(run.data.metrics), run_id,
+        run.data.tags.get("data_version") or None,
+    )
+    return client.update_model_version(name, str(mv.version), description=description), True
 
 
 def _provenance_tags(run: Run, config: ServingConfig, split: EvaluatedSplit) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from fracture.inference import ServingConfig
 from fracture.packaging import REQUIREMENTS, requirements
 from fracture.registry import RegistryError, register, rollback
 from fracture.scoring import served_scores
-from fracture.stages.register import run_register
+from fracture.stages.register import input_policy, run_register
 from fracture.workspace import EvaluateResult, TrainedModel, Workspace
 from tests.conftest import REPO, pick_ids, ranking_model_files, untrained_model_files
 
@@ -412,9 +412,30 @@ def test_the_register_stage_registers_the_workspace_model(client, model_files, x
     reg = run_register(load_params(tmp_path), Workspace(tmp_path))
     assert (reg.name, reg.version, reg.run_id, reg.decision) == (NAME, "1", run_id, "promoted")
     assert reg.split_fingerprint == split_fingerprint(test)
-    tags = client.get_model_version(NAME, "1").tags
+    version = client.get_model_version(NAME, "1")
+    tags = version.tags
     assert float(tags["threshold"]) == config.threshold and tags["profile"] == "cpu"
     assert tags["split_fingerprint"] == split_fingerprint(test)
+    # The served model carries the input checks params.yaml sets (serve, validate).
+    served = mlflow.pyfunc.load_model(f"models:/{NAME}/1").unwrap_python_model()
+    assert served.policy == input_policy(load_params(tmp_path))
+
+
+def test_a_new_version_describes_itself_for_the_registry_page(client, model_files, xray):
+    weights, config = model_files
+    metrics = {"test_roc_auc": 0.907, "test_roc_auc_ci_low": 0.866, "test_roc_auc_ci_high": 0.944,
+               "test_recall": 0.814, "test_recall_ci_low": 0.733, "test_recall_ci_high": 0.884,
+               "test_specificity": 0.838, "test_specificity_ci_low": 0.802, "test_specificity_ci_high": 0.873,
+               "test_threshold": 0.0607, "test_n_images": 494, "test_n_fractured": 86}
+    with mlflow.start_run(tags={"data_version": DATA, "profile": "cpu"}) as run:
+        mlflow.log_metrics(metrics)
+    register(PARAMS, run.info.run_id, weights, config, EvaluatedSplit(SPLIT_A, 10, xray), client)
+    description = client.get_model_version(NAME, "1").description
+    assert f"{config.architecture} (cpu profile), 64×64 px (squash)" in description
+    assert f"DVC data version `{DATA}`" in description
+    assert "Test split (494 images, 86 fractured): ROC AUC 0.907 (95% CI 0.866–0.944); sensitivity 0.814 " in description
+    assert "(95% CI 0.733–0.884); specificity 0.838 (95% CI 0.802–0.873); at the decision threshold 0.0607" in description
+    assert f"`evaluation/model_card.md` of run `{run.info.run_id}`" in description
 
 
 def test_fracture_register_prints_the_decision(client, model_files, xray, tmp_path, monkeypatch, capsys):
