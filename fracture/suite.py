@@ -1,10 +1,14 @@
-"""The data-quality rules on the manifest, as one Great Expectations suite, and its run.
+"""The data-quality rules on the manifest, as two Great Expectations suites, and their run.
 
-Every rule is one or more GX expectations in one :class:`great_expectations.ExpectationSuite`,
-run once through a GX Checkpoint; the findings, the saved GX validation result and the Data
-Docs all come from that one run. ``params.yaml``'s ``validate.severity`` makes each rule hard
-(a failure fails the validate stage) or soft (reported, then resolved by a policy, see
-:mod:`fracture.policies`).
+Every rule is one or more GX expectations. ``params.yaml``'s ``validate.severity`` makes each
+rule hard (a failure fails the validate stage) or soft (reported, then resolved by a policy,
+see :mod:`fracture.policies`), and the rules go into two suites by severity:
+``hard_rules_fail_the_validate_stage`` and ``soft_rules_reported_and_handled_by_policies``
+(:data:`SUITE_NAMES`). Both run once through one GX
+Checkpoint; the findings, the saved GX validation results and the Data Docs all come from
+that one run. The Data Docs list the two apart, so their status says what the stage decided:
+the hard suite fails exactly when the stage fails, and a failed soft suite means images were
+flagged and handled by a policy.
 
 What the real FracAtlas copy shows, and the rules follow:
 
@@ -39,6 +43,7 @@ from great_expectations.expectations.metadata_types import FailureSeverity
 from great_expectations.expectations.row_conditions import Column
 
 from fracture.config import ConfigError, ValidateParams
+from fracture.docs_assets import make_offline
 from fracture.manifest import BODY_PARTS, REGIONS
 
 log = logging.getLogger(__name__)
@@ -48,10 +53,18 @@ SOFT = "soft"
 # How params.yaml's severities read in GX's own vocabulary (shown in the result and Data Docs).
 GX_SEVERITY = {HARD: FailureSeverity.CRITICAL, SOFT: FailureSeverity.WARNING}
 
-SUITE_NAME = "fracatlas_manifest"
+#: What the Data Docs show as each suite's name: it says what a failure of that suite means.
+SUITE_NAMES = {HARD: "hard_rules_fail_the_validate_stage", SOFT: "soft_rules_reported_and_handled_by_policies"}
+SUITE_NOTES = {
+    HARD: "Hard rules: a failure here fails the validate stage (validate.severity in params.yaml).",
+    SOFT: "Soft rules: images flagged here are reported and handled by the policies in params.yaml "
+    "(validate.on_truncated, on_label_conflict, on_duplicate, on_near_duplicate_conflict); they do not "
+    "fail the validate stage. The stage's report (outputs/validate/report.json) lists every excluded image.",
+}
 RUN_NAME = "validate"
-RESULT_FILE = "validation_result.json"
-SUITE_FILE = "expectation_suite.json"
+#: GX's validation result and suite per severity: ``validation_result.hard.json`` and so on.
+RESULT_FILE = "validation_result.{}.json"
+SUITE_FILE = "expectation_suite.{}.json"
 DOCS_DIR = "data_docs"
 DOCS_SITE = "fracture"
 
@@ -221,8 +234,8 @@ def _rule_expectations(params: ValidateParams) -> dict[str, list[tuple[str, gxe.
     }
 
 
-def build_suite(params: ValidateParams) -> gx.ExpectationSuite:
-    """The expectation suite run on every manifest.
+def build_suites(params: ValidateParams) -> dict[str, gx.ExpectationSuite]:
+    """The expectation suites run on every manifest: the hard rules and the soft rules.
 
     Each expectation carries its rule name in ``meta["rule"]`` and in its description (so the
     Data Docs name the rule), and its severity from ``validate.severity``.
@@ -231,7 +244,8 @@ def build_suite(params: ValidateParams) -> gx.ExpectationSuite:
         params: bounds, allowed values and severities.
 
     Returns:
-        A suite named :data:`SUITE_NAME`, not yet added to any context.
+        ``hard`` and ``soft`` -> a suite named :data:`SUITE_NAMES`, not yet added to any
+        context; a severity no rule has gets no suite.
 
     Raises:
         ConfigError: ``validate.severity`` does not name exactly the suite's rules.
@@ -240,43 +254,59 @@ def build_suite(params: ValidateParams) -> gx.ExpectationSuite:
     table = _rule_expectations(params)
     if tuple(table) != RULES:  # a rule added in one place only would silently lose its severity
         raise AssertionError(f"RULES and the suite's rules differ: {list(RULES)} vs {list(table)}")
-    expectations = []
+    expectations: dict[str, list[Any]] = {HARD: [], SOFT: []}
     for rule, rule_expectations in table.items():
         for meaning, expectation in rule_expectations:
             expectation.severity = GX_SEVERITY[severities[rule]]
             expectation.description = f"{rule} ({severities[rule]}): {meaning}"
             expectation.meta = {"rule": rule, "severity": severities[rule]}
-            expectations.append(expectation)
+            expectations[severities[rule]].append(expectation)
     # Built whole rather than by add_expectation, which needs an active context to save into.
-    return gx.ExpectationSuite(name=SUITE_NAME, expectations=expectations)
+    return {
+        severity: gx.ExpectationSuite(
+            name=SUITE_NAMES[severity],
+            expectations=found,
+            meta={"notes": {"format": "markdown", "content": [SUITE_NOTES[severity]]}},
+        )
+        for severity, found in expectations.items()
+        if found
+    }
 
 
 @dataclass(frozen=True)
 class SuiteRun:
-    """One run of the suite: the findings and GX's own result of that same run."""
+    """One run of the suites: the findings and GX's own results of that same run.
+
+    Attributes:
+        findings: one per rule, in :data:`RULES` order.
+        results: ``hard`` / ``soft`` -> GX's validation result of that suite.
+        outputs: the written files (see :func:`run_suite`).
+    """
 
     findings: list[Finding]
-    result: ExpectationSuiteValidationResult
+    results: dict[str, ExpectationSuiteValidationResult]
     outputs: dict[str, str] = field(default_factory=dict)
 
 
 def run_suite(manifest: pd.DataFrame, params: ValidateParams, gx_dir: Path | None = None) -> SuiteRun:
-    """Runs the suite once on the manifest through a GX Checkpoint.
+    """Runs the hard and the soft suite once on the manifest through one GX Checkpoint.
 
     Args:
         manifest: the frame from :func:`fracture.manifest.build_manifest`.
         params: the validate section of ``params.yaml``.
-        gx_dir: if given, GX's validation result (``validation_result.json``), the suite
-            (``expectation_suite.json``) and static Data Docs (``data_docs/index.html``) of this
-            run are written there. ``data_docs`` is replaced, so it shows this run only.
+        gx_dir: if given, GX's validation results (``validation_result.<hard|soft>.json``), the
+            suites (``expectation_suite.<hard|soft>.json``) and static Data Docs
+            (``data_docs/index.html``) of this run are written there, the Data Docs opening
+            without internet (:mod:`fracture.docs_assets`). ``data_docs`` is replaced, so it
+            shows this run only.
 
     Returns:
-        The findings (one per rule, in :data:`RULES` order), GX's result and the written paths.
+        The findings (one per rule, in :data:`RULES` order), GX's results and the written paths.
 
     Raises:
         ConfigError: ``validate.severity`` does not name exactly the suite's rules.
     """
-    suite = build_suite(params)
+    suites = build_suites(params)
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
     actions = []
@@ -304,14 +334,16 @@ def run_suite(manifest: pd.DataFrame, params: ValidateParams, gx_dir: Path | Non
         .add_dataframe_asset("fracatlas")
         .add_batch_definition_whole_dataframe("all")
     )
-    suite = context.suites.add(suite)
-    definition = context.validation_definitions.add(
-        gx.ValidationDefinition(name="manifest", data=batch_definition, suite=suite)
-    )
+    definitions = [
+        context.validation_definitions.add(
+            gx.ValidationDefinition(name=f"manifest_{severity}", data=batch_definition, suite=context.suites.add(suite))
+        )
+        for severity, suite in suites.items()
+    ]
     checkpoint = context.checkpoints.add(
         gx.Checkpoint(
             name="validate",
-            validation_definitions=[definition],
+            validation_definitions=definitions,
             actions=actions,
             # COMPLETE lists every offending row; image_id names it in the report and the docs.
             result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["image_id"]},
@@ -319,20 +351,22 @@ def run_suite(manifest: pd.DataFrame, params: ValidateParams, gx_dir: Path | Non
     )
     run_id = RunIdentifier(run_name=RUN_NAME, run_time=dt.datetime.now(dt.timezone.utc))
     checkpoint_result = checkpoint.run(batch_parameters={"dataframe": _for_gx(manifest)}, run_id=run_id)
-    (result,) = checkpoint_result.run_results.values()
-    findings = _findings(result, rule_severities(params))
+    by_suite = {r.suite_name: r for r in checkpoint_result.run_results.values()}
+    results = {severity: by_suite[suite.name] for severity, suite in suites.items()}
+    findings = _findings(list(results.values()), rule_severities(params))
     outputs: dict[str, str] = {}
     if gx_dir is not None:
-        outputs = _write_result(result, suite, Path(gx_dir))
-        log.info("GX validation result and Data Docs written under %s", gx_dir)
-    return SuiteRun(findings, result, outputs)
+        outputs = _write_results(results, suites, Path(gx_dir))
+        log.info("GX validation results and Data Docs written under %s", gx_dir)
+    return SuiteRun(findings, results, outputs)
 
 
-def _findings(result: ExpectationSuiteValidationResult, severities: dict[str, str]) -> list[Finding]:
-    """One finding per rule, in :data:`RULES` order, from GX's result of the whole suite."""
+def _findings(suite_results: list[ExpectationSuiteValidationResult], severities: dict[str, str]) -> list[Finding]:
+    """One finding per rule, in :data:`RULES` order, from GX's results of the suites."""
     by_rule: dict[str, list[Any]] = {r: [] for r in RULES}
-    for r in result.results:
-        by_rule[r.expectation_config.meta["rule"]].append(r)
+    for suite_result in suite_results:
+        for r in suite_result.results:
+            by_rule[r.expectation_config.meta["rule"]].append(r)
     findings = []
     for rule, results in by_rule.items():
         ids: set[str] = set()
@@ -374,19 +408,20 @@ def _gx_error(info: Any) -> str | None:
     return "; ".join(messages) or None
 
 
-def _write_result(
-    result: ExpectationSuiteValidationResult, suite: gx.ExpectationSuite, gx_dir: Path
+def _write_results(
+    results: dict[str, ExpectationSuiteValidationResult], suites: dict[str, gx.ExpectationSuite], gx_dir: Path
 ) -> dict[str, str]:
     gx_dir.mkdir(parents=True, exist_ok=True)
-    paths = {
-        "result": gx_dir / RESULT_FILE,
-        "suite": gx_dir / SUITE_FILE,
-        "data_docs": gx_dir / DOCS_DIR / "index.html",
-    }
-    paths["result"].write_text(json.dumps(result.to_json_dict(), indent=2) + "\n")
-    paths["suite"].write_text(json.dumps(suite.to_json_dict(), indent=2) + "\n")
+    paths: dict[str, Path] = {}
+    for severity, result in results.items():
+        paths[f"result_{severity}"] = gx_dir / RESULT_FILE.format(severity)
+        paths[f"suite_{severity}"] = gx_dir / SUITE_FILE.format(severity)
+        paths[f"result_{severity}"].write_text(json.dumps(result.to_json_dict(), indent=2) + "\n")
+        paths[f"suite_{severity}"].write_text(json.dumps(suites[severity].to_json_dict(), indent=2) + "\n")
+    paths["data_docs"] = gx_dir / DOCS_DIR / "index.html"
     if not paths["data_docs"].is_file():
         raise RuntimeError(f"GX built no Data Docs index at {paths['data_docs']}; check the GX log above")
+    make_offline(paths["data_docs"].parent)
     return {k: str(v) for k, v in paths.items()}
 
 

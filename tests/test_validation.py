@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 from fracture.config import ConfigError, ValidateParams, load_params
 from fracture.manifest import BODY_PARTS, ManifestError, body_part, build_manifest
 from fracture.policies import Exclusion, apply_policy, duplicate_groups
-from fracture.suite import RULES, SUITE_NAME, Finding, build_suite, rule_severities
+from fracture.suite import RULES, SUITE_NAMES, Finding, build_suites, rule_severities
 from fracture.validation import failure_message, validate
 from tests.conftest import REPO
 from tests.synthetic import make_dataset, truncate
@@ -92,11 +93,17 @@ def test_report_counts_body_parts_by_the_manifests_rule(vparams, clean_manifest)
 
 def test_params_name_exactly_the_suites_rules(vparams):
     assert set(vparams.severity) == set(RULES)
-    suite = build_suite(vparams)
-    assert suite.name == SUITE_NAME
-    assert {e.meta["rule"] for e in suite.expectations} == set(RULES)
-    severity = {e.meta["rule"]: e.severity.value for e in suite.expectations}
+    suites = build_suites(vparams)
+    assert {k: s.name for k, s in suites.items()} == SUITE_NAMES
+    expectations = [e for suite in suites.values() for e in suite.expectations]
+    assert {e.meta["rule"] for e in expectations} == set(RULES)
+    severity = {e.meta["rule"]: e.severity.value for e in expectations}
     assert severity["unique_image_id"] == "critical" and severity["not_truncated"] == "warning"
+    # Each suite holds the rules of its severity only.
+    for kind, suite in suites.items():
+        assert {vparams.severity[e.meta["rule"]] for e in suite.expectations} == {kind}
+    all_hard = dataclasses.replace(vparams, severity=dict.fromkeys(RULES, "hard"))
+    assert list(build_suites(all_hard)) == ["hard"]
 
 
 def test_missing_rule_in_severity_is_named_with_the_known_rules(vparams):
@@ -373,34 +380,62 @@ def test_gx_result_and_data_docs_are_written_from_the_same_run(tmp_path, vparams
     stale.write_text("from an earlier run")
     _, report = validate(manifest, vparams, gx_dir)
     assert report.gx_outputs == {
-        "result": str(gx_dir / "validation_result.json"),
-        "suite": str(gx_dir / "expectation_suite.json"),
+        "result_hard": str(gx_dir / "validation_result.hard.json"),
+        "suite_hard": str(gx_dir / "expectation_suite.hard.json"),
+        "result_soft": str(gx_dir / "validation_result.soft.json"),
+        "suite_soft": str(gx_dir / "expectation_suite.soft.json"),
         "data_docs": str(gx_dir / "data_docs" / "index.html"),
     }
     assert not stale.exists()
 
-    result = json.loads((gx_dir / "validation_result.json").read_text())
-    assert result["suite_name"] == SUITE_NAME
-    rules_in_result = {r["expectation_config"]["meta"]["rule"] for r in result["results"]}
-    assert rules_in_result == set(RULES)
-    types = {r["expectation_config"]["type"] for r in result["results"]}
+    results = {k: json.loads((gx_dir / f"validation_result.{k}.json").read_text()) for k in ("hard", "soft")}
+    rules_in_results = set()
+    for kind, result in results.items():
+        assert result["suite_name"] == SUITE_NAMES[kind]
+        rules = {r["expectation_config"]["meta"]["rule"] for r in result["results"]}
+        assert {vparams.severity[r] for r in rules} == {kind}
+        rules_in_results |= rules
+        suite = json.loads((gx_dir / f"expectation_suite.{kind}.json").read_text())
+        assert len(suite["expectations"]) == len(result["results"])
+    assert rules_in_results == set(RULES)
+    types = {r["expectation_config"]["type"] for result in results.values() for r in result["results"]}
     assert {"expect_column_values_to_be_unique", "expect_column_mean_to_be_between"} <= types
-    # The saved result says what the report says.
-    failed = {r["expectation_config"]["meta"]["rule"] for r in result["results"] if not r["success"]}
+    # The saved results say what the report says; the hard suite fails exactly when the stage does.
+    failed = {r["expectation_config"]["meta"]["rule"] for result in results.values() for r in result["results"]
+              if not r["success"]}
     assert failed == {f.rule for f in report.findings if not f.success}
-    suite = json.loads((gx_dir / "expectation_suite.json").read_text())
-    assert len(suite["expectations"]) == len(result["results"])
+    assert results["hard"]["success"] == report.success
 
     index = (gx_dir / "data_docs" / "index.html").read_text()
-    assert SUITE_NAME in index
+    assert SUITE_NAMES["hard"] in index and SUITE_NAMES["soft"] in index
     pages = list((gx_dir / "data_docs" / "validations").rglob("*.html"))
-    assert len(pages) == 1
-    page = pages[0].read_text()
-    assert all(rule in page for rule in RULES)
-    assert "IMG0000010.jpg" in page  # the offending ids are shown
-    assert all(rule in (gx_dir / "data_docs" / "expectations" / f"{SUITE_NAME}.html").read_text() for rule in RULES)
+    assert len(pages) == 2
+    text = "".join(p.read_text() for p in pages)
+    assert all(rule in text for rule in RULES)
+    assert "IMG0000010.jpg" in text  # the offending ids are shown
+    soft_notes = json.loads((gx_dir / "expectation_suite.soft.json").read_text())["meta"]["notes"]["content"][0]
+    assert "do not fail the validate stage" in soft_notes
+    for kind in ("hard", "soft"):
+        page = (gx_dir / "data_docs" / "expectations" / f"{SUITE_NAMES[kind]}.html").read_text()
+        assert all(rule in page for rule in RULES if vparams.severity[rule] == kind)
 
 
+def test_data_docs_load_nothing_from_the_internet(tmp_path, vparams, quirky):
+    manifest, _ = quirky
+    gx_dir = tmp_path / "gx"
+    validate(manifest, vparams, gx_dir)
+    docs = gx_dir / "data_docs"
+    pages = list(docs.rglob("*.html"))
+    assert len(pages) == 5  # the index, two suites, two validation results
+    for page in pages:
+        text = page.read_text()
+        remote = re.findall(r'<(?:script|link|img)[^>]*(?:src|href)="(https?://[^"]*)"', text)
+        assert remote == [], (page.name, remote)
+        vendored = re.findall(r'<(?:script|link)[^>]*(?:src|href)="([^"#]*static/vendor/[^"]+)"', text)
+        assert len(vendored) >= 10, (page.name, vendored)  # jQuery, Bootstrap, bootstrap-table, Vega, ...
+        for ref in vendored:
+            assert (page.parent / ref).resolve().is_file(), (page.name, ref)
+    assert (docs / "static/vendor/@fortawesome__fontawesome-free@6.6.0/webfonts/fa-solid-900.woff2").is_file()
 # ---- the real copy --------------------------------------------------------------------------------
 
 
@@ -491,11 +526,13 @@ def test_real_copy_strict_policies(real, vparams):
 def test_real_copy_gx_outputs(real):
     _, _, report = real
     assert Path(report.gx_outputs["data_docs"]).is_file()
-    result = json.loads(Path(report.gx_outputs["result"]).read_text())
-    assert result["success"] is False  # soft findings fail their GX expectations (severity warning)
-    warned = {r["expectation_config"]["meta"]["rule"] for r in result["results"] if not r["success"]}
-    assert all(r["expectation_config"]["severity"] == "warning" for r in result["results"]
-               if r["expectation_config"]["meta"]["rule"] in warned)
+    hard = json.loads(Path(report.gx_outputs["result_hard"]).read_text())
+    soft = json.loads(Path(report.gx_outputs["result_soft"]).read_text())
+    # The stage passes on the real copy, and the pages say so: the hard suite succeeds, the soft
+    # suite fails where its rules flagged images (severity warning), handled by the policies.
+    assert hard["success"] is True and report.success
+    assert soft["success"] is False
+    assert all(r["expectation_config"]["severity"] == "warning" for r in soft["results"])
 
 
 
