@@ -167,16 +167,23 @@ def _check_dimensions(width: int, height: int, policy: InputPolicy) -> None:
 
 
 def _read_dicom(data: bytes, policy: InputPolicy) -> Xray:
+    unreadable = "is DICOM but its header or pixels cannot be read; send the file as the modality or PACS wrote it"
     try:
         ds = read_header(data)
         width, height = check_radiograph(ds, policy.modalities)
     except DicomRejected as exc:
         raise InputRejected(f"is DICOM but {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - a malformed header (a missing Rows, a bad value) is this file's problem
+        log.info("DICOM header unreadable: %s: %s", type(exc).__name__, exc)
+        raise InputRejected(unreadable) from exc
     _check_dimensions(width, height, policy)
     try:
         display = to_display(ds)
     except DicomRejected as exc:
         raise InputRejected(f"is DICOM but {exc}") from exc
+    except Exception as exc:  # noqa: BLE001
+        log.info("DICOM pixels unreadable: %s: %s", type(exc).__name__, exc)
+        raise InputRejected(unreadable) from exc
     mode = f"{ds.PhotometricInterpretation} {int(ds.BitsStored)}-bit"
     return Xray(Image.fromarray(display).convert("RGB"), "DICOM", mode)
 

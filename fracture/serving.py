@@ -153,6 +153,9 @@ def read_row(i: int, row: pd.Series, root: Path | None, policy: InputPolicy) -> 
         return read_xray(data, policy)
     except InputRejected as exc:
         raise RowRefused(f"row {i}: {what} {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - whatever a file does to a decoder costs that row only
+        log.exception("row %d could not be read", i)
+        raise RowRefused(f"row {i}: {what} could not be read ({type(exc).__name__}); send another export of it") from exc
 
 
 class FracturePyfunc(mlflow.pyfunc.PythonModel):

@@ -67,6 +67,15 @@ def test_the_first_window_is_used_when_there_are_several(xrays):
     np.testing.assert_array_equal(np.asarray(dicom_to_image(to_bytes(ds))), grey_pixels(xrays[0]))
 
 
+def without(data: bytes, keyword: str) -> bytes:
+    """The DICOM file with one attribute removed, as a broken exporter writes it."""
+    import io
+
+    ds = dcmread(io.BytesIO(data))
+    delattr(ds, keyword)
+    return to_bytes(ds)
+
+
 @pytest.mark.parametrize(
     ("make", "message"),
     [
@@ -75,6 +84,8 @@ def test_the_first_window_is_used_when_there_are_several(xrays):
         (lambda jpeg: dicom_from_jpeg(jpeg, "8-bit", modality="CT"), "is DICOM but has modality CT; the model reads CR, DX, RG, XA"),
         (lambda jpeg: b"\0" * 128 + b"DICM" + b"\xff" * 64, "is DICOM but is a DICOM object without pixel data"),
         (lambda jpeg: dicom_from_jpeg(jpeg, "16-bit")[:-5000], "is DICOM but has pixel data that cannot be decoded"),
+        (lambda jpeg: without(dicom_from_jpeg(jpeg, "16-bit"), "Rows"), "is DICOM but its header or pixels cannot be read"),
+        (lambda jpeg: without(dicom_from_jpeg(jpeg, "16-bit"), "BitsStored"), "is DICOM but has pixel data that cannot be decoded"),
     ],
 )
 def test_objects_that_are_not_a_single_radiograph_are_refused(xrays, make, message):
