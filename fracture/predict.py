@@ -26,7 +26,7 @@ from fracture.serving import FracturePyfunc
 log = logging.getLogger(__name__)
 
 #: File endings read from a folder; files without one are read too (a PACS export's DICOM files
-#: often have none). Hidden files and DICOMDIR indexes are skipped.
+#: often have none). Hidden files and folders, and DICOMDIR indexes, are skipped.
 SUFFIXES = {".jpg", ".jpeg", ".png", ".dcm", ".dicom", ""}
 COLUMNS = ["id", "fracture_probability", "label", "threshold", "model", "version", "error", "note"]
 
@@ -100,7 +100,8 @@ def collect(inputs: Iterable[Path]) -> list[Path]:
         if item.is_dir():
             found = [
                 p for p in sorted(item.rglob("*"))
-                if p.is_file() and p.suffix.lower() in SUFFIXES and not p.name.startswith(".") and p.name != "DICOMDIR"
+                if p.is_file() and p.suffix.lower() in SUFFIXES and p.name != "DICOMDIR"
+                and not any(part.startswith(".") for part in p.relative_to(item).parts)
             ]
             files.extend(found)
         elif item.is_file():

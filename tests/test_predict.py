@@ -72,6 +72,9 @@ def study(registry) -> Path:
     (folder / "series1" / "IM0003").write_bytes(multiframe(good[1]))
     (folder / "series1" / "IM0004.dcm").write_bytes(dicom_from_jpeg(good[0], "8-bit", modality="CT"))
     (folder / "series1" / "report.dcm").write_bytes(encapsulated_pdf())
+    (folder / ".cache").mkdir()
+    (folder / ".cache" / "thumb.png").write_bytes(b"skipped: inside a hidden folder")
+    (folder / "series1" / "DICOMDIR").write_bytes(b"skipped: an index, not an image")
     return folder
 
 
