@@ -58,6 +58,16 @@ def test_training_reads_a_dicom_file_as_the_served_model_does(xrays, tmp_path):
     np.testing.assert_array_equal(trained[..., 0], grey_pixels(xrays[0]))
 
 
+def test_the_manifest_inspects_a_dicom_file_as_the_image_a_reader_sees(xrays, tmp_path):
+    from fracture.manifest import inspect_image
+
+    path = tmp_path / "IM0001"
+    path.write_bytes(dicom_from_jpeg(xrays[0], "MONOCHROME1 VOI LUT"))
+    facts = inspect_image(str(path))
+    height, width = grey_pixels(xrays[0]).shape
+    assert (facts.width, facts.height, facts.mode, facts.decodable, facts.truncated) == (width, height, "L", True, False)
+
+
 def test_the_first_window_is_used_when_there_are_several(xrays):
     import io
 
