@@ -65,7 +65,7 @@ def test_refusals_say_what_is_wrong_and_what_to_send(data, message):
 
 
 def test_a_bomb_is_refused_before_its_pixels_are_decoded(monkeypatch):
-    import fracture.intake as intake
+    from fracture import intake
 
     def never(*_):
         raise AssertionError("decoded")
