@@ -130,14 +130,10 @@ def decode(source: str | Path | bytes) -> Image.Image:
     modality LUT, VOI transform, MONOCHROME1 inverted), so a dataset of DICOM files trains on
     the pixels the served model scores.
     """
-    if isinstance(source, bytes):
-        head = source[:132]
-    else:
-        with open(source, "rb") as fh:
-            head = fh.read(132)
-    if is_dicom(head):
-        return dicom_to_image(source if isinstance(source, bytes) else Path(source).read_bytes())
-    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+    data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    if is_dicom(data):
+        return dicom_to_image(data)
+    with Image.open(io.BytesIO(data)) as img:
         img.load()
         return img
 
