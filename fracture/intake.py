@@ -30,6 +30,7 @@ import io
 import logging
 import warnings
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Literal, get_args
 
 from PIL import Image, ImageStat, UnidentifiedImageError
@@ -140,17 +141,31 @@ def read_xray(data: bytes, policy: InputPolicy) -> Xray:
     """
     if not data:
         raise InputRejected(f"is empty. {SEND_INSTEAD}")
-    if len(data) > policy.max_bytes:
-        raise InputRejected(
-            f"is {len(data) / 2**20:.1f} MB; the model accepts files up to {policy.max_bytes / 2**20:.0f} MB. "
-            f"{SEND_INSTEAD}"
-        )
+    _check_size(len(data), policy)
     if is_dicom(data):
         xray = _read_dicom(data, policy)
     else:
         xray = _read_picture(data, policy)
     _check_content(xray.image, policy)
     return xray
+
+
+def read_file(path: Path, policy: InputPolicy) -> bytes:
+    """A file's bytes for :func:`read_xray`; one over the policy's size is refused before it is read.
+
+    Raises:
+        InputRejected: the file is larger than ``policy.max_bytes``.
+        OSError: the file cannot be read.
+    """
+    _check_size(path.stat().st_size, policy)
+    return path.read_bytes()
+
+
+def _check_size(size: int, policy: InputPolicy) -> None:
+    if size > policy.max_bytes:
+        raise InputRejected(
+            f"is {size / 2**20:.1f} MB; the model accepts files up to {policy.max_bytes / 2**20:.0f} MB. {SEND_INSTEAD}"
+        )
 
 
 def _check_dimensions(width: int, height: int, policy: InputPolicy) -> None:

@@ -20,7 +20,7 @@ import pandas as pd
 from mlflow import MlflowClient
 from tqdm import tqdm
 
-from fracture.intake import InputPolicy
+from fracture.intake import InputPolicy, InputRejected, read_file
 from fracture.serving import FracturePyfunc
 
 log = logging.getLogger(__name__)
@@ -117,18 +117,17 @@ def _batches(files: list[Path], size: int) -> Iterator[list[Path]]:
 
 
 def _read(path: Path, policy: InputPolicy) -> tuple[bytes | None, str]:
-    """The file's bytes, or ``None`` and why it was not read (too large, unreadable)."""
+    """The file's bytes, or ``None`` and why it was not read (empty, too large, unreadable)."""
     try:
-        size = path.stat().st_size
-        if size == 0:
-            return None, "the image is empty (the file holds no bytes)"
-        if size > policy.max_bytes:
-            return None, (
-                f"the file is {size / 2**20:.1f} MB; the model accepts files up to {policy.max_bytes / 2**20:.0f} MB"
-            )
-        return path.read_bytes(), ""
+        data = read_file(path, policy)
+    except InputRejected as exc:
+        return None, f"the image {exc}"
     except OSError as exc:
         return None, f"the file cannot be read ({exc.strerror or type(exc).__name__})"
+    if not data:
+        # The model reads empty bytes as a row without an image; here the file is the row.
+        return None, "the image is empty (the file holds no bytes)"
+    return data, ""
 
 
 def score_files(model: LoadedModel, files: list[Path], batch_size: int = 16, progress: bool = True) -> pd.DataFrame:

@@ -41,7 +41,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
 from fracture.inference import Classifier, ServingConfig
-from fracture.intake import InputPolicy, InputRejected, Xray, read_xray
+from fracture.intake import InputPolicy, InputRejected, Xray, read_file, read_xray
 
 log = logging.getLogger(__name__)
 
@@ -117,12 +117,10 @@ def read_path(i: int, path: str, root: Path | None, policy: InputPolicy) -> byte
         raise RowRefused(f"row {i}: 'path' leads outside the folder this model reads from; give a path inside it")
     if not target.is_file():
         raise RowRefused(f"row {i}: 'path' names no file in the folder this model reads from")
-    if target.stat().st_size > policy.max_bytes:
-        raise RowRefused(
-            f"row {i}: the file at 'path' is larger than the {policy.max_bytes / 2**20:.0f} MB the model accepts"
-        )
     try:
-        return target.read_bytes()
+        return read_file(target, policy)
+    except InputRejected as exc:
+        raise RowRefused(f"row {i}: the file at 'path' {exc}") from exc
     except OSError as exc:
         raise RowRefused(f"row {i}: the file at 'path' cannot be read ({type(exc).__name__})") from exc
 

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import io
-import struct
-import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from fracture.intake import InputPolicy, InputRejected, read_xray
+from fracture.intake import InputPolicy, InputRejected, read_file, read_xray
 from tests.conftest import require_fracatlas
+from tests.synthetic import ihdr_png
 
 POLICY = InputPolicy(min_side=64, max_side=8192, max_pixels=50_000_000, max_bytes=2**20, min_grey_std=2.0)
 
@@ -27,17 +26,6 @@ def xray_like(size: tuple[int, int] = (300, 400), mode: str = "L") -> Image.Imag
     rng = np.random.default_rng(0)
     grey = (np.linspace(0, 200, size[0])[None, :] + rng.normal(0, 10, (size[1], size[0]))).clip(0, 255)
     return Image.fromarray(grey.astype(np.uint8)).convert(mode)
-
-
-def ihdr_png(width: int, height: int) -> bytes:
-    """A tiny PNG whose header declares ``width`` x ``height``: a decompression bomb's shape."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    row = zlib.compress(b"\x00" + bytes(min(width, 1000)))
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", row) + chunk(b"IEND", b"")
 
 
 @pytest.mark.parametrize(
@@ -136,3 +124,11 @@ def test_policy_round_trips_and_defaults_for_older_models():
         InputPolicy.from_dict({"max_sides": 3})
     with pytest.raises(ValueError, match="truncated must be one of"):
         InputPolicy(truncated="keep")  # type: ignore[arg-type]
+
+
+def test_a_file_over_the_size_limit_is_refused_unread(tmp_path, monkeypatch):
+    big = tmp_path / "big.png"
+    big.write_bytes(bytes(2**20 + 1))
+    monkeypatch.setattr(type(big), "read_bytes", lambda self: pytest.fail("read"))
+    with pytest.raises(InputRejected, match="^is 1.0 MB; the model accepts files up to 1 MB"):
+        read_file(big, POLICY)
