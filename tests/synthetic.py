@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -49,3 +51,16 @@ def training_frame(root: Path) -> pd.DataFrame:
         f"images/{'Fractured' if label else 'Non_fractured'}/{i}" for i, label in zip(frame["image_id"], frame["label"])
     ]
     return frame
+
+
+def ihdr_png(width: int, height: int, bit_depth: int = 8, colour_type: int = 0) -> bytes:
+    """A PNG whose header declares ``width`` x ``height``, with one row of real pixel data.
+
+    How a decompression bomb or a corrupt export looks: a small file with absurd dimensions.
+    """
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
+    pixels = chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + pixels + chunk(b"IEND", b"")

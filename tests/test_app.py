@@ -18,8 +18,6 @@ import hashlib
 import io
 import os
 import random
-import struct
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -48,6 +46,7 @@ from fracture.registry import CHAMPION
 from fracture.training import train
 from tests.conftest import REPO, require_fracatlas
 from tests.dicom_files import dicom_from_jpeg
+from tests.synthetic import ihdr_png
 
 APP = REPO / "app"
 PAGE = APP / "streamlit_app.py"
@@ -237,19 +236,6 @@ def consumer_prediction(registry: PageRegistry, data: bytes) -> pd.Series:
     mlflow.set_tracking_uri(registry.uri)
     model = mlflow.pyfunc.load_model(f"models:/{registry.name}@{CHAMPION}")
     return model.predict(pd.DataFrame({"image": [base64.b64encode(data).decode()]})).iloc[0]
-
-
-def ihdr_png(width: int, height: int, bit_depth: int = 8, colour_type: int = 0) -> bytes:
-    """A PNG whose header declares ``width`` x ``height``, with one row of real pixel data.
-
-    How a decompression bomb or a corrupt export looks: a small file with absurd dimensions.
-    """
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    header = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
-    pixels = chunk(b"IDAT", zlib.compress(b"\x00" * 64))
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + pixels + chunk(b"IEND", b"")
 
 
 # ---------------------------------------------------------------- the page and its model

@@ -36,7 +36,7 @@ from fracture.registry import register
 from fracture.serving import INPUT_ROOT_ENV, RequestRefused
 from tests.conftest import require_fracatlas, untrained_model_files
 from tests.dicom_files import ENCODINGS, dicom_from_jpeg
-from tests.test_intake import ihdr_png
+from tests.synthetic import ihdr_png
 
 pytestmark = pytest.mark.integration
 
