@@ -99,6 +99,9 @@ def _print_validation(result: ValidateResult, workspace: Workspace) -> None:
     for f in result.findings:
         if not f["success"]:
             print(f"[{f['severity']}] {f['rule']}: {f['unexpected_count']} images, e.g. {f['unexpected_ids'][:5]}")
+    skipped = [f["rule"] for f in result.findings if f.get("skipped")]
+    if skipped:
+        print(f"skipped for this dataset's layout (ingest.layout), see the report: {', '.join(skipped)}")
     near = result.counts.get("near_duplicates", {})
     print(
         f"{len(result.duplicate_groups)} groups of byte-identical files; {near.get('groups', 0)} groups of "

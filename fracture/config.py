@@ -22,6 +22,7 @@ from fracture.vocabulary import (
     ClassBalance,
     Device,
     Enhancement,
+    Layout,
     OnDuplicate,
     OnLabelConflict,
     OnNearDuplicateConflict,
@@ -45,6 +46,7 @@ class IngestParams:
     figshare_api: str
     figshare_article: int
     figshare_file: str
+    layout: Layout = "fracatlas"
 
 
 @dataclass(frozen=True)
@@ -357,6 +359,11 @@ def _check(p: Params) -> None:
         raise ConfigError("params.yaml: split.val_size and split.test_size must lie in (0, 1)")
     if p.split.val_size + p.split.test_size >= 1:
         raise ConfigError("params.yaml: split.val_size + split.test_size must be below 1")
+    if p.split.strategy == "published" and p.ingest.layout != "fracatlas":
+        raise ConfigError(
+            f"params.yaml: split.strategy 'published' reads FracAtlas's own split lists, but ingest.layout is "
+            f"{p.ingest.layout!r}; set split.strategy: stratified"
+        )
     for name, prof in p.profiles.items():
         if prof.epochs < 1:
             raise ConfigError(f"params.yaml: profiles.{name}.epochs must be at least 1")

@@ -1,7 +1,9 @@
-"""Brings FracAtlas into the project's data directory from a local copy, a zip or figshare.
+"""Brings the dataset into the project's data directory from a local copy, a zip or figshare.
 
-The result is a directory in the published layout (``images/Fractured``,
-``images/Non_fractured``, ``dataset.csv``, ...) that ``data.dvc`` versions.
+The result is a directory that ``data.dvc`` versions, in the layout ``ingest.layout`` names:
+FracAtlas's published layout (``images/Fractured``, ``images/Non_fractured``, ``dataset.csv``,
+...), or a hospital's own export (``images/`` holding DICOM, JPEG or PNG files, and
+``labels.csv``; see :mod:`fracture.manifest`). Only FracAtlas can be downloaded.
 """
 
 from __future__ import annotations
@@ -20,11 +22,17 @@ import requests
 import urllib3
 
 from fracture.config import IngestParams
+from fracture.vocabulary import Layout
 
 log = logging.getLogger(__name__)
 
 SOURCE_ENV = "FRACATLAS_SOURCE"
-REQUIRED = ("images/Fractured", "images/Non_fractured", "dataset.csv")
+#: What a dataset folder must hold, per ``ingest.layout``.
+REQUIRED: dict[Layout, tuple[str, ...]] = {
+    "fracatlas": ("images/Fractured", "images/Non_fractured", "dataset.csv"),
+    "csv": ("images", "labels.csv"),
+}
+LAYOUT_NAMES: dict[Layout, str] = {"fracatlas": "the FracAtlas layout", "csv": "the csv layout (a hospital's export)"}
 CHUNK = 1 << 20
 # sysexits.h EX_TEMPFAIL: "temporary failure, try again later". The CLI exits with it for a
 # DownloadError so that callers (the Prefect ingest task) retry only what a retry can fix.
@@ -60,29 +68,43 @@ def _manual_hint(params: IngestParams) -> str:
     )
 
 
-def find_dataset_root(tree: Path, label: str | None = None) -> Path:
-    """Finds the folder holding FracAtlas's layout in ``tree`` (itself or one level down).
+def find_dataset_root(tree: Path, label: str | None = None, layout: Layout = "fracatlas") -> Path:
+    """Finds the folder holding the dataset's layout in ``tree`` (itself or one level down).
 
     Args:
         tree: the folder to search.
         label: how to name ``tree`` in errors (e.g. the zip it was extracted from); defaults
             to its path.
+        layout: ``ingest.layout``: what the folder must hold (:data:`REQUIRED`).
 
     Returns:
-        The folder that holds ``images/Fractured``, ``images/Non_fractured`` and ``dataset.csv``.
+        The folder that holds ``images/Fractured``, ``images/Non_fractured`` and ``dataset.csv``
+        (layout ``fracatlas``), or ``images`` and ``labels.csv`` (layout ``csv``).
 
     Raises:
         IngestError: no such folder was found.
     """
+    required = REQUIRED[layout]
     candidates = [tree, *sorted(p for p in tree.iterdir() if p.is_dir())]
     for root in candidates:
-        if all((root / rel).exists() for rel in REQUIRED):
+        if all((root / rel).exists() for rel in required):
             return root
     found = sorted(p.name for p in tree.iterdir())[:10]
+    other = next(name for name in REQUIRED if name != layout)
+    hint = (
+        f" It looks like {LAYOUT_NAMES[other]}: set ingest.layout: {other} in params.yaml."
+        if any(all((root / rel).exists() for rel in REQUIRED[other]) for root in candidates)
+        else ""
+    )
+    what = (
+        "the FracAtlas folder or FracAtlas.zip from figshare"
+        if layout == "fracatlas"
+        else "a folder (or zip) holding images/ and labels.csv"
+    )
     raise IngestError(
-        f"{label or tree} is not in the FracAtlas layout: expected {', '.join(REQUIRED)} in it or "
-        f"in one folder below it, found {found}. Pass the FracAtlas folder or FracAtlas.zip from "
-        f"figshare with --source or {SOURCE_ENV}."
+        f"{label or tree} is not in {LAYOUT_NAMES[layout]} (ingest.layout: {layout}): expected "
+        f"{', '.join(required)} in it or in one folder below it, found {found}.{hint} Pass {what} "
+        f"with --source or {SOURCE_ENV}."
     )
 
 
@@ -307,23 +329,28 @@ def _replace_dir(src: Path, dest: Path) -> None:
 
 
 def ingest(params: IngestParams, dest: Path, source: str | None = None) -> IngestResult:
-    """Brings FracAtlas into ``dest`` from ``source`` or, when none is given, from figshare.
+    """Brings the dataset into ``dest`` from ``source`` or, when none is given, FracAtlas from figshare.
 
     Args:
-        params: ingest parameters (figshare location).
+        params: ingest parameters (the layout, the figshare location).
         dest: the project's dataset directory (replaced as a whole).
-        source: a local folder or zip in the FracAtlas layout; ``None`` downloads.
+        source: a local folder or zip in ``params.layout``'s layout; ``None`` downloads FracAtlas.
 
     Returns:
         What was brought in.
 
     Raises:
         DownloadError: a transient download failure; running again may succeed.
-        IngestError: the source is missing, not in the FracAtlas layout, or damaged. ``dest``
-            is left as it was.
+        IngestError: the source is missing, not in ``ingest.layout``'s layout, or damaged.
+            ``dest`` is left as it was.
     """
-    with tempfile.TemporaryDirectory(prefix="fracatlas-ingest-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="fracture-ingest-") as tmp:
         tmpdir = Path(tmp)
+        if source is None and params.layout != "fracatlas":
+            raise IngestError(
+                f"ingest.layout is {params.layout!r}: only FracAtlas can be downloaded. Give your export "
+                f"(a folder or zip holding images/ and labels.csv) with --source or {SOURCE_ENV}."
+            )
         if source is None:
             archive = download_figshare(params, tmpdir)
             origin = f"figshare:{params.figshare_article}/{params.figshare_file}"
@@ -342,9 +369,9 @@ def ingest(params: IngestParams, dest: Path, source: str | None = None) -> Inges
             extracted = tmpdir / "extracted"
             extracted.mkdir()
             safe_extract(archive, extracted, label)
-            root = find_dataset_root(extracted, label)
+            root = find_dataset_root(extracted, label, params.layout)
         else:
-            root = find_dataset_root(path)
+            root = find_dataset_root(path, layout=params.layout)
         verified = verify_sha256sums(root)
         _replace_dir(root, dest)
     files = [p for p in dest.rglob("*") if p.is_file()]

@@ -1,14 +1,25 @@
-"""The manifest: one row per image id found in the folders or in ``dataset.csv``.
+"""The manifest: one row per image id found in the dataset's files or in its csv.
 
-It also owns the manifest's schema: the class folders, ``dataset.csv``'s flag columns, and the
-one rule (:func:`body_part`) that gives each image a single body part, so that the split's
-strata, the validation summary and the evaluation's per-part metrics all count alike.
+Two layouts (``ingest.layout``) are read:
+
+* ``fracatlas``: FracAtlas as published, the class folders ``images/Fractured`` and
+  ``images/Non_fractured`` and ``dataset.csv`` with its flag columns;
+* ``csv``: a hospital's own export, ``images/`` (DICOM, JPEG or PNG files, in any sub-folders)
+  and ``labels.csv`` with a ``path`` (relative to the dataset folder) or an ``image_id`` (a
+  file's name, with or without its extension), a ``label`` (1 fractured, 0 not) and optionally
+  ``body_part`` (:data:`BODY_PARTS`) and ``view`` (:data:`VIEWS`, or DICOM's AP, PA, LL, RL;
+  several joined with ``+``). :func:`read_csv_layout` turns it into the same columns.
+
+It also owns the manifest's schema: the class folders, the flag columns, and the one rule
+(:func:`body_part`) that gives each image a single body part, so that the split's strata, the
+validation summary and the evaluation's per-part metrics all count alike.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,6 +30,7 @@ from PIL import Image
 
 from fracture.imaging import decode, decode_truncated
 from fracture.near_duplicates import add_near_duplicates
+from fracture.vocabulary import Layout
 
 FOLDERS = {"Fractured": 1, "Non_fractured": 0}
 # dataset.csv's body-part flags: four regions, and `mixed` for a film showing two or three of
@@ -29,6 +41,20 @@ BODY_PARTS = (*REGIONS, "mixed")
 VIEWS = ("frontal", "lateral", "oblique")
 FLAG_COLUMNS = (*BODY_PARTS, "hardware", "multiscan", *VIEWS)
 UNKNOWN_PART = "unknown"
+
+# The csv layout: where the files and the labels are, and how its view column may spell a view
+# (the words above, or DICOM's View Position codes).
+IMAGES_DIR = "images"
+LABELS_CSV = "labels.csv"
+VIEW_WORDS = {
+    "frontal": "frontal", "ap": "frontal", "pa": "frontal",
+    "lateral": "lateral", "lat": "lateral", "ll": "lateral", "rl": "lateral",
+    "oblique": "oblique", "obl": "oblique",
+}
+# Files under images/ that are not images: a DICOMDIR indexes a DICOM export's files.
+NOT_IMAGES = {"DICOMDIR"}
+# How many offending rows an error about labels.csv names.
+MAX_ROWS = 10
 
 
 class ManifestError(ValueError):
@@ -65,24 +91,7 @@ def inspect_image(path: str) -> ImageFacts:
         return ImageFacts(None, None, None, digest, False, True, str(exc))
 
 
-def build_manifest(
-    dataset_dir: Path, workers: int | None = None, near_duplicate_threshold: float | None = None
-) -> pd.DataFrame:
-    """Lists every image id from the class folders and ``dataset.csv`` with its facts.
-
-    Args:
-        dataset_dir: a folder in the FracAtlas layout.
-        workers: decoding processes (default: all cores).
-        near_duplicate_threshold: find near-duplicate X-rays at this thumbnail correlation
-            (:mod:`fracture.near_duplicates`); ``None`` makes every image its own group.
-
-    Returns:
-        One row per id, sorted by id: ``path`` (relative to ``dataset_dir``, empty when only the
-        csv names it), ``folder_label`` and ``csv_label`` (NA where unknown), ``has_file``,
-        ``in_csv``, the csv's flags and ``fracture_count``, and the decoded ``width``,
-        ``height``, ``mode``, ``sha256``, ``decodable``, ``truncated`` and ``error``; then
-        ``near_duplicate_group`` and ``near_duplicate_conflict``.
-    """
+def _read_fracatlas_layout(dataset_dir: Path) -> pd.DataFrame:
     rows = []
     for folder, label in FOLDERS.items():
         for p in sorted((dataset_dir / "images" / folder).iterdir()):
@@ -93,7 +102,164 @@ def build_manifest(
     frame = files.merge(csv, on="image_id", how="outer", indicator=True)
     frame["has_file"] = frame["_merge"] != "right_only"
     frame["in_csv"] = frame["_merge"] != "left_only"
-    frame = frame.drop(columns="_merge")
+    return frame.drop(columns="_merge")
+
+
+def _rows(where: pd.Series, values: pd.Series | None = None) -> str:
+    # labels.csv's line numbers (the header is line 1) of the first offending rows.
+    lines = [f"line {i + 2}" + (f" ({values[i]!r})" if values is not None else "") for i in where[where].index]
+    more = f" and {len(lines) - MAX_ROWS} more" if len(lines) > MAX_ROWS else ""
+    return ", ".join(lines[:MAX_ROWS]) + more
+
+
+def _csv_paths(raw: pd.Series, csv_file: Path) -> pd.Series:
+    paths = raw.fillna("").astype(str).str.strip().str.replace("\\", "/", regex=False).str.removeprefix("./")
+    outside = paths.map(lambda p: p == "" or p.startswith("/") or re.match(r"^[A-Za-z]:", p) is not None
+                        or ".." in p.split("/"))
+    if outside.any():
+        raise ManifestError(
+            f"{csv_file}: column path must hold each file's path relative to the folder holding "
+            f"{LABELS_CSV} (e.g. {IMAGES_DIR}/study1/image1.dcm), with no '..' and not absolute or empty; "
+            f"{_rows(outside, paths)} are not"
+        )
+    return paths
+
+
+def _match_ids(ids: pd.Series, files: list[str], csv_file: Path) -> pd.Series:
+    """Each id's file: the one whose name, or name without its extension, is the id ("" for none)."""
+    by_key: dict[str, list[str]] = {}
+    for path in files:
+        name = path.rsplit("/", 1)[-1]
+        for key in dict.fromkeys((name, name.rsplit(".", 1)[0])):
+            by_key.setdefault(key, []).append(path)
+    matches = ids.map(lambda i: by_key.get(i, []))
+    ambiguous = matches.map(len) > 1
+    if ambiguous.any():
+        examples = "; ".join(f"{ids[i]}: {matches[i][:3]}" for i in ambiguous[ambiguous].index[:MAX_ROWS])
+        raise ManifestError(
+            f"{csv_file}: image ids that name more than one file under {IMAGES_DIR}/ ({examples}); "
+            "add a path column that names each file"
+        )
+    return matches.map(lambda m: m[0] if m else "")
+
+
+def _flags(values: pd.Series, words: dict[str, str], names: tuple[str, ...], column: str, csv_file: Path) -> pd.DataFrame:
+    """One 0/1 column per name from a text column (several values joined with ``+``; empty: NA)."""
+    text = values.fillna("").astype(str).str.strip().str.lower()
+    tokens = text.map(lambda t: [w for w in re.split(r"[+;|,/\s]+", t) if w])
+    unknown = tokens.map(lambda ws: any(w not in words for w in ws))
+    if unknown.any():
+        raise ManifestError(
+            f"{csv_file}: column {column} allows {', '.join(sorted(words))} (or empty: unknown); "
+            f"{_rows(unknown, values)} hold other values. Map your terms onto these, or leave the cell empty"
+        )
+    known = tokens.map(bool)
+    out = pd.DataFrame(
+        {name: tokens.map(lambda ws, n=name: int(any(words[w] == n for w in ws))) for name in names}, index=values.index
+    ).astype("Int64")
+    return out.where(known, pd.NA)
+
+
+def read_csv_layout(dataset_dir: Path) -> pd.DataFrame:
+    """A hospital's export (layout ``csv``) as the manifest's columns, before the decode.
+
+    Every file under ``images/`` (sub-folders too; hidden files and DICOMDIR indexes aside) and
+    every row of ``labels.csv`` becomes a row, joined on the file: a row without a file gets
+    ``has_file`` False, a file without a row ``in_csv`` False (its id is its path), and the suite
+    reports both. There are no class folders, so ``folder_label`` is NA and ``labels.csv``'s
+    label is ``csv_label``.
+
+    Args:
+        dataset_dir: the folder holding ``images/`` and ``labels.csv``.
+
+    Returns:
+        ``image_id``, ``path`` (relative to ``dataset_dir``; empty when no file matched),
+        ``folder_label``, ``csv_label``, ``has_file``, ``in_csv``, and the flags of
+        :data:`BODY_PARTS` and :data:`VIEWS` (NA where a cell is empty or labels.csv lacks the
+        column).
+
+    Raises:
+        ManifestError: labels.csv lacks ``label`` or both ``path`` and ``image_id``, or a
+            value cannot be read (a label that is not a number, a path outside the folder, an
+            id that names two files, an unknown body part or view); the message names the lines.
+    """
+    csv_file = dataset_dir / LABELS_CSV
+    try:
+        csv = pd.read_csv(csv_file, dtype=str, keep_default_na=False).rename(columns=str.strip)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{csv_file} is not a readable csv file ({exc}); export it again as UTF-8 csv") from exc
+    if "label" not in csv or not ({"path", "image_id"} & set(csv.columns)):
+        raise ManifestError(
+            f"{csv_file} has columns {list(csv.columns)}; it needs label (1 fractured, 0 not) and path "
+            f"(relative to {dataset_dir.name}/, e.g. {IMAGES_DIR}/image1.dcm) or image_id (a file's name), "
+            "and may have body_part and view"
+        )
+    images = dataset_dir / IMAGES_DIR
+    files = sorted(
+        p.relative_to(dataset_dir).as_posix()
+        for p in images.rglob("*")
+        if p.is_file() and p.name not in NOT_IMAGES and not any(part.startswith(".") for part in p.relative_to(images).parts)
+    )
+    if "path" in csv:
+        paths = _csv_paths(csv["path"], csv_file)
+    else:
+        ids = csv["image_id"].str.strip()
+        empty = ids == ""
+        if empty.any():
+            raise ManifestError(f"{csv_file}: column image_id is empty on {_rows(empty)}; name each row's file")
+        paths = _match_ids(ids, files, csv_file)
+    ids = csv["image_id"].str.strip() if "image_id" in csv else paths
+    label_text = csv["label"].str.strip()
+    labels = pd.to_numeric(label_text, errors="coerce")
+    unreadable = labels.isna() | (labels != labels.round())
+    if unreadable.any():
+        raise ManifestError(
+            f"{csv_file}: column label must be 1 (fractured) or 0 (not fractured); {_rows(unreadable, label_text)} "
+            "are not whole numbers. Fix those cells, or remove the rows"
+        )
+    rows = pd.DataFrame({"image_id": ids, "path": paths, "csv_label": labels.astype("Int64"), "in_csv": True})
+    # A column labels.csv lacks reads as empty cells: every image's body part or view unknown.
+    empty = pd.Series("", index=csv.index)
+    rows = rows.join(_flags(csv.get("body_part", empty), {p: p for p in BODY_PARTS}, BODY_PARTS, "body_part", csv_file))
+    rows = rows.join(_flags(csv.get("view", empty), VIEW_WORDS, VIEWS, "view", csv_file))
+    listed = set(rows["path"])
+    unlisted = pd.DataFrame({"image_id": [f for f in files if f not in listed]})
+    unlisted = unlisted.assign(path=unlisted["image_id"], in_csv=False)
+    frame = pd.concat([rows, unlisted], ignore_index=True)
+    frame["in_csv"] = frame["in_csv"].astype(bool)
+    frame["has_file"] = frame["path"].isin(set(files))
+    frame.loc[~frame["has_file"], "path"] = ""
+    frame["folder_label"] = pd.NA
+    return frame
+
+
+def build_manifest(
+    dataset_dir: Path,
+    workers: int | None = None,
+    near_duplicate_threshold: float | None = None,
+    layout: Layout = "fracatlas",
+) -> pd.DataFrame:
+    """Lists every image id from the dataset's files and its csv, with its facts.
+
+    Args:
+        dataset_dir: a folder in ``layout``.
+        workers: decoding processes (default: all cores).
+        near_duplicate_threshold: find near-duplicate X-rays at this thumbnail correlation
+            (:mod:`fracture.near_duplicates`); ``None`` makes every image its own group.
+        layout: ``fracatlas`` (class folders and ``dataset.csv``) or ``csv`` (``images/`` and
+            ``labels.csv``, :func:`read_csv_layout`).
+
+    Returns:
+        One row per id, sorted by id: ``path`` (relative to ``dataset_dir``, empty when only the
+        csv names it), ``folder_label`` and ``csv_label`` (NA where unknown), ``has_file``,
+        ``in_csv``, the csv's flags (and ``fracture_count`` for FracAtlas), and the decoded
+        ``width``, ``height``, ``mode``, ``sha256``, ``decodable``, ``truncated`` and ``error``;
+        then ``near_duplicate_group`` and ``near_duplicate_conflict``.
+
+    Raises:
+        ManifestError: the csv layout's labels.csv cannot be read (:func:`read_csv_layout`).
+    """
+    frame = _read_fracatlas_layout(dataset_dir) if layout == "fracatlas" else read_csv_layout(dataset_dir)
     frame["path"] = frame["path"].fillna("")
     for col in ("folder_label", "csv_label", "fracture_count", *FLAG_COLUMNS):
         if col in frame:

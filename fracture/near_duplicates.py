@@ -9,6 +9,7 @@ together. Byte-identical files correlate at 1 and always fall in one group.
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -20,6 +21,9 @@ import pandas as pd
 from PIL import Image, ImageFile
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
+
+from fracture.dicom import is_dicom
+from fracture.imaging import decode
 
 #: Side of the square thumbnail each image is compared by (32 x 32 = 1024 values).
 THUMBNAIL_SIDE = 32
@@ -35,12 +39,17 @@ def thumbnail(path: str | Path, side: int = THUMBNAIL_SIDE) -> np.ndarray:
     """The image as a ``side * side`` greyscale vector with zero mean and unit variance.
 
     JPEGs are decoded at a reduced scale (Pillow's ``draft``), which is what makes a pass over
-    thousands of full-size X-rays take seconds. A constant image gives a vector of zeros, which
-    correlates with nothing.
+    thousands of full-size X-rays take seconds. A DICOM file is read as a reader sees it
+    (:func:`fracture.imaging.decode`), so a copy exported as DICOM and as JPEG still matches.
+    A constant image gives a vector of zeros, which correlates with nothing.
     """
-    with Image.open(path) as img:
-        img.draft("L", (side * 4, side * 4))
-        small = img.convert("L").resize((side, side), Image.Resampling.BOX)
+    data = Path(path).read_bytes()
+    if is_dicom(data):
+        small = decode(data).convert("L").resize((side, side), Image.Resampling.BOX)
+    else:
+        with Image.open(io.BytesIO(data)) as img:
+            img.draft("L", (side * 4, side * 4))
+            small = img.convert("L").resize((side, side), Image.Resampling.BOX)
     v = np.asarray(small, dtype=np.float64).ravel()
     std = v.std()
     return ((v - v.mean()) / std if std > 0 else np.zeros_like(v)).astype(np.float32)

@@ -44,7 +44,8 @@ from great_expectations.expectations.row_conditions import Column
 
 from fracture.config import ConfigError, ValidateParams
 from fracture.docs_assets import make_offline
-from fracture.manifest import BODY_PARTS, REGIONS
+from fracture.manifest import BODY_PARTS, LABELS_CSV, REGIONS
+from fracture.vocabulary import Layout
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,9 @@ DOCS_SITE = "fracture"
 
 # Derived for body_part_flags_valid: how many of the regions a row sets (see the docstring).
 BODY_PART_COUNT = "body_part_count"
+# Derived for fractured_share_in_range: the class folder's label, else the csv's (the csv layout
+# has no class folders).
+GIVEN_LABEL = "given_label"
 
 # Every rule the suite knows, in the order the report lists them; validate.severity must name
 # each of them exactly.
@@ -92,6 +96,23 @@ RULES = (
     "near_duplicate_labels_agree",
 )
 
+#: Rules that check what only FracAtlas's own files hold, with why each is skipped for the csv
+#: layout (a hospital's export: images/ and labels.csv). They are not run there, and the report
+#: lists them as skipped.
+FRACATLAS_ONLY = {
+    "folder_label_binary": "no class folders in the csv layout: the label comes from labels.csv alone",
+    "folder_label_matches_csv": "no class folders in the csv layout: labels.csv is the only label",
+    "fracture_count_matches_label": "fracture_count is a column of FracAtlas's dataset.csv; labels.csv has none",
+    "body_part_flags_valid": (
+        "FracAtlas's dataset.csv body-part flags; labels.csv's body_part column is checked when it is read"
+    ),
+}
+
+
+def skipped_rules(layout: Layout) -> dict[str, str]:
+    """The rules not run for ``ingest.layout``, each with why (empty for FracAtlas)."""
+    return {} if layout == "fracatlas" else dict(FRACATLAS_ONLY)
+
 
 @dataclass(frozen=True)
 class Finding:
@@ -104,6 +125,7 @@ class Finding:
         unexpected_count: how many distinct image ids the rule flags.
         unexpected_ids: those ids, sorted.
         observed: the observed value of a whole-table expectation (e.g. the fractured share).
+        skipped: why the rule was not run for this dataset's layout (empty: it was run).
     """
 
     rule: str
@@ -112,6 +134,7 @@ class Finding:
     unexpected_count: int
     unexpected_ids: list[str]
     observed: Any = None
+    skipped: str = ""
 
 
 def rule_severities(params: ValidateParams) -> dict[str, str]:
@@ -158,11 +181,11 @@ def _rule_expectations(params: ValidateParams) -> dict[str, list[tuple[str, gxe.
             ("every image id appears once", gxe.ExpectColumnValuesToBeUnique(column="image_id")),
         ],
         "file_for_every_csv_row": [
-            ("every dataset.csv row has an image file",
+            (f"every row of the csv (dataset.csv, or {LABELS_CSV}) has an image file",
              gxe.ExpectColumnValuesToBeInSet(column="has_file", value_set=[True])),
         ],
         "csv_row_for_every_file": [
-            ("every image file has a dataset.csv row",
+            (f"every image file has a row in the csv (dataset.csv, or {LABELS_CSV})",
              gxe.ExpectColumnValuesToBeInSet(column="in_csv", value_set=[True])),
         ],
         "folder_label_binary": [
@@ -170,7 +193,7 @@ def _rule_expectations(params: ValidateParams) -> dict[str, list[tuple[str, gxe.
              gxe.ExpectColumnValuesToBeInSet(column="folder_label", value_set=[0, 1])),
         ],
         "csv_label_binary": [
-            ("dataset.csv's fractured is 0 or 1",
+            (f"the csv's label is 0 or 1 (dataset.csv's fractured, or {LABELS_CSV}'s label)",
              gxe.ExpectColumnValuesToBeInSet(column="csv_label", value_set=[0, 1])),
         ],
         "decodable": [
@@ -201,8 +224,8 @@ def _rule_expectations(params: ValidateParams) -> dict[str, list[tuple[str, gxe.
              )),
         ],
         "fractured_share_in_range": [
-            (f"the share of fractured images (folder label) is {low} to {high}",
-             gxe.ExpectColumnMeanToBeBetween(column="folder_label", min_value=low, max_value=high)),
+            (f"the share of fractured images (the class folder's label, else the csv's) is {low} to {high}",
+             gxe.ExpectColumnMeanToBeBetween(column=GIVEN_LABEL, min_value=low, max_value=high)),
         ],
         "folder_label_matches_csv": [
             ("the class folder's label equals dataset.csv's fractured",
@@ -234,7 +257,7 @@ def _rule_expectations(params: ValidateParams) -> dict[str, list[tuple[str, gxe.
     }
 
 
-def build_suites(params: ValidateParams) -> dict[str, gx.ExpectationSuite]:
+def build_suites(params: ValidateParams, skipped: dict[str, str] | None = None) -> dict[str, gx.ExpectationSuite]:
     """The expectation suites run on every manifest: the hard rules and the soft rules.
 
     Each expectation carries its rule name in ``meta["rule"]`` and in its description (so the
@@ -242,6 +265,7 @@ def build_suites(params: ValidateParams) -> dict[str, gx.ExpectationSuite]:
 
     Args:
         params: bounds, allowed values and severities.
+        skipped: rules left out (:func:`skipped_rules`), each with why; the suites' notes list them.
 
     Returns:
         ``hard`` and ``soft`` -> a suite named :data:`SUITE_NAMES`, not yet added to any
@@ -254,19 +278,28 @@ def build_suites(params: ValidateParams) -> dict[str, gx.ExpectationSuite]:
     table = _rule_expectations(params)
     if tuple(table) != RULES:  # a rule added in one place only would silently lose its severity
         raise AssertionError(f"RULES and the suite's rules differ: {list(RULES)} vs {list(table)}")
+    skipped = skipped or {}
     expectations: dict[str, list[Any]] = {HARD: [], SOFT: []}
     for rule, rule_expectations in table.items():
+        if rule in skipped:
+            continue
         for meaning, expectation in rule_expectations:
             expectation.severity = GX_SEVERITY[severities[rule]]
             expectation.description = f"{rule} ({severities[rule]}): {meaning}"
             expectation.meta = {"rule": rule, "severity": severities[rule]}
             expectations[severities[rule]].append(expectation)
+    def notes(severity: str) -> list[str]:
+        left_out = [f"`{r}`: {why}" for r, why in skipped.items() if severities[r] == severity]
+        return [SUITE_NOTES[severity]] + (
+            ["Skipped for this dataset's layout (ingest.layout): " + "; ".join(left_out) + "."] if left_out else []
+        )
+
     # Built whole rather than by add_expectation, which needs an active context to save into.
     return {
         severity: gx.ExpectationSuite(
             name=SUITE_NAMES[severity],
             expectations=found,
-            meta={"notes": {"format": "markdown", "content": [SUITE_NOTES[severity]]}},
+            meta={"notes": {"format": "markdown", "content": notes(severity)}},
         )
         for severity, found in expectations.items()
         if found
@@ -288,12 +321,16 @@ class SuiteRun:
     outputs: dict[str, str] = field(default_factory=dict)
 
 
-def run_suite(manifest: pd.DataFrame, params: ValidateParams, gx_dir: Path | None = None) -> SuiteRun:
+def run_suite(
+    manifest: pd.DataFrame, params: ValidateParams, gx_dir: Path | None = None, skipped: dict[str, str] | None = None
+) -> SuiteRun:
     """Runs the hard and the soft suite once on the manifest through one GX Checkpoint.
 
     Args:
         manifest: the frame from :func:`fracture.manifest.build_manifest`.
         params: the validate section of ``params.yaml``.
+        skipped: rules not run for this dataset's layout (:func:`skipped_rules`), each with why;
+            their findings say so and pass.
         gx_dir: if given, GX's validation results (``validation_result.<hard|soft>.json``), the
             suites (``expectation_suite.<hard|soft>.json``) and static Data Docs
             (``data_docs/index.html``) of this run are written there, the Data Docs opening
@@ -306,7 +343,8 @@ def run_suite(manifest: pd.DataFrame, params: ValidateParams, gx_dir: Path | Non
     Raises:
         ConfigError: ``validate.severity`` does not name exactly the suite's rules.
     """
-    suites = build_suites(params)
+    skipped = skipped or {}
+    suites = build_suites(params, skipped)
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
     actions = []
@@ -353,7 +391,7 @@ def run_suite(manifest: pd.DataFrame, params: ValidateParams, gx_dir: Path | Non
     checkpoint_result = checkpoint.run(batch_parameters={"dataframe": _for_gx(manifest)}, run_id=run_id)
     by_suite = {r.suite_name: r for r in checkpoint_result.run_results.values()}
     results = {severity: by_suite[suite.name] for severity, suite in suites.items()}
-    findings = _findings(list(results.values()), rule_severities(params))
+    findings = _findings(list(results.values()), rule_severities(params), skipped)
     outputs: dict[str, str] = {}
     if gx_dir is not None:
         outputs = _write_results(results, suites, Path(gx_dir))
@@ -361,7 +399,9 @@ def run_suite(manifest: pd.DataFrame, params: ValidateParams, gx_dir: Path | Non
     return SuiteRun(findings, results, outputs)
 
 
-def _findings(suite_results: list[ExpectationSuiteValidationResult], severities: dict[str, str]) -> list[Finding]:
+def _findings(
+    suite_results: list[ExpectationSuiteValidationResult], severities: dict[str, str], skipped: dict[str, str]
+) -> list[Finding]:
     """One finding per rule, in :data:`RULES` order, from GX's results of the suites."""
     by_rule: dict[str, list[Any]] = {r: [] for r in RULES}
     for suite_result in suite_results:
@@ -369,6 +409,9 @@ def _findings(suite_results: list[ExpectationSuiteValidationResult], severities:
             by_rule[r.expectation_config.meta["rule"]].append(r)
     findings = []
     for rule, results in by_rule.items():
+        if rule in skipped:
+            findings.append(Finding(rule, severities[rule], True, 0, [], skipped=skipped[rule]))
+            continue
         ids: set[str] = set()
         observed = None
         errors = []
@@ -436,6 +479,7 @@ def _for_gx(manifest: pd.DataFrame) -> pd.DataFrame:
     else:
         count = pd.Series(pd.NA, index=out.index)
     out[BODY_PART_COUNT] = count.astype("Int64")
+    out[GIVEN_LABEL] = out["folder_label"].astype("Int64").fillna(out["csv_label"].astype("Int64"))
     for col in out.columns:
         if isinstance(out[col].dtype, pd.api.extensions.ExtensionDtype):
             out[col] = out[col].astype(object).where(out[col].notna(), None)

@@ -91,7 +91,7 @@ def _breakdown(frame: pd.DataFrame) -> dict[str, dict[str, int]]:
 
 
 def validate(
-    manifest: pd.DataFrame, params: ValidateParams, gx_dir: Path | None = None
+    manifest: pd.DataFrame, params: ValidateParams, gx_dir: Path | None = None, skipped: dict[str, str] | None = None
 ) -> tuple[pd.DataFrame, ValidationReport]:
     """Runs the suite once, applies the policies and summarises the dataset.
 
@@ -100,6 +100,8 @@ def validate(
         params: the validate section of ``params.yaml``.
         gx_dir: if given, GX's validation result, suite and Data Docs of this same run are
             written there (see :func:`fracture.suite.run_suite`).
+        skipped: rules not run for this dataset's layout, each with why
+            (:func:`fracture.suite.skipped_rules`); the report lists them as skipped.
 
     Returns:
         The manifest with labels and inclusion (:func:`fracture.policies.apply_policy`), and
@@ -109,7 +111,7 @@ def validate(
     Raises:
         ConfigError: ``validate.severity`` does not name exactly the suite's rules.
     """
-    run = run_suite(manifest, params, gx_dir)
+    run = run_suite(manifest, params, gx_dir, skipped)
     near = near_duplicate_groups(manifest)
     groups = duplicate_groups(manifest, next(f for f in run.findings if f.rule == "unique_content"))
     resolved, excluded = apply_policy(manifest, params, run.findings, groups)

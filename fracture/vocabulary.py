@@ -33,6 +33,9 @@ OnDuplicate = Literal["grouped", "keep_one"]
 OnNearDuplicateConflict = Literal["exclude", "keep"]
 Severity = Literal["hard", "soft"]
 SplitStrategy = Literal["stratified", "published"]
+# fracatlas: images/Fractured, images/Non_fractured and dataset.csv (the published layout);
+# csv: a hospital's export, images/ (DICOM, JPEG or PNG, any sub-folders) and labels.csv.
+Layout = Literal["fracatlas", "csv"]
 
 #: The choices of :data:`Enhancement`, in order; ``none`` first.
 ENHANCEMENTS: tuple[str, ...] = get_args(Enhancement)

@@ -11,6 +11,7 @@ import io
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
@@ -22,6 +23,8 @@ from pydicom.uid import (
     JPEGBaseline8Bit,
     generate_uid,
 )
+
+from fracture.manifest import body_part
 
 #: The encodings :func:`dicom_from_jpeg` writes.
 ENCODINGS = ("8-bit", "12-bit rescaled", "16-bit", "MONOCHROME1 VOI LUT", "MONOCHROME1 8-bit VOI LUT", "JPEG baseline")
@@ -129,3 +132,44 @@ def encapsulated_pdf() -> bytes:
     ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
     ds.EncapsulatedDocument = b"%PDF-1.4\n%%EOF\n"
     return to_bytes(ds)
+
+
+#: The encodings a hospital export built by :func:`hospital_export` cycles through (FracAtlas's
+#: JPEGs are RGB, so the encapsulated JPEG, which needs a greyscale one, is left out).
+EXPORT_ENCODINGS = ("8-bit", "16-bit", "MONOCHROME1 VOI LUT", "12-bit rescaled")
+
+
+def hospital_export(fracatlas: Path, dest: Path, ids: list[str]) -> pd.DataFrame:
+    """A hospital's export (``ingest.layout: csv``) of FracAtlas X-rays as DICOM files.
+
+    Writes ``dest/images/patient<k>/<n>.dcm`` (one file per id, the encodings cycling through
+    :data:`EXPORT_ENCODINGS`) and ``dest/labels.csv`` with ``path``, ``label`` (the class
+    folder's), ``body_part`` (from dataset.csv's flags) and ``view`` (DICOM's AP or LL, from
+    its frontal and lateral flags).
+
+    Returns:
+        labels.csv's rows, with the FracAtlas id each file was made from (``source_id``).
+    """
+    csv = pd.read_csv(fracatlas / "dataset.csv").set_index("image_id")
+    rows = []
+    for n, image_id in enumerate(ids):
+        folder = next(f for f in ("Fractured", "Non_fractured") if (fracatlas / "images" / f / image_id).is_file())
+        path = f"images/patient{n % 7}/{n:04d}.dcm"
+        (dest / path).parent.mkdir(parents=True, exist_ok=True)
+        (dest / path).write_bytes(
+            dicom_from_jpeg(fracatlas / "images" / folder / image_id, EXPORT_ENCODINGS[n % len(EXPORT_ENCODINGS)])
+        )
+        flags = csv.loc[[image_id]]
+        view = "+".join(v for v, flag in (("AP", "frontal"), ("LL", "lateral")) if flags[flag].iloc[0] == 1)
+        rows.append(
+            {
+                "path": path,
+                "label": int(folder == "Fractured"),
+                "body_part": body_part(flags).iloc[0].replace("unknown", ""),
+                "view": view,
+                "source_id": image_id,
+            }
+        )
+    labels = pd.DataFrame(rows)
+    labels.drop(columns="source_id").to_csv(dest / "labels.csv", index=False)
+    return labels

@@ -20,6 +20,9 @@ from prefect.artifacts import Artifact
 
 from flows.report import REPORT_KEY
 from fracture.config import tracking_uri
+from fracture.suite import FRACATLAS_ONLY
+from tests.conftest import pick_ids
+from tests.dicom_files import hospital_export
 
 pytestmark = pytest.mark.integration
 
@@ -120,3 +123,40 @@ def test_flow_registers_a_champion_then_reruns_nothing(project, subset_source, f
     assert report is not None and "**Nothing changed**" in report.data
     print(f"\nretrain flow with nothing changed: {noop_seconds:.1f} s (first run trained and registered)")
 
+
+
+def test_flow_trains_and_registers_on_a_hospital_export_of_dicom_files(project, fracatlas, tmp_path):
+    """A hospital's export (ingest.layout: csv): DICOM files in patient folders and labels.csv."""
+    import mlflow
+    import pandas as pd
+
+    from flows.retrain import retrain
+
+    labels = hospital_export(fracatlas, tmp_path / "export", pick_ids(fracatlas, 30, 30))
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    raw["ingest"].update(layout="csv", dest="data/hospital")
+    raw["register"]["floors"] = {}  # a one-epoch 64 px model; the gate's rules are tested with the registry
+    (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+
+    result = retrain(project_dir=str(project), source=str(tmp_path / "export"))
+
+    assert result.stages_ran == ["validate", "split", "prepare", "train", "evaluate"]
+    assert (project / "data" / "hospital" / "labels.csv").is_file()
+    report = json.loads((project / "outputs/validate/report.json").read_text())
+    assert report["success"] and not report["excluded"]
+    assert {f["rule"]: f["skipped"] for f in report["findings"] if f["skipped"]} == FRACATLAS_ONLY
+    assert report["comparison"]["status"] == "skipped"
+    manifest = pd.read_csv(project / "outputs/validate/manifest.csv").set_index("image_id")
+    assert manifest.loc[labels["path"], "label"].tolist() == labels["label"].tolist()
+    assert (manifest["mode"] == "L").all() and manifest["included"].all()
+    assert sum(result.split.sizes.values()) == 60 and result.prepare.images == 60
+    parts = json.loads((project / "outputs/evaluate/body_parts.json").read_text())
+    assert set(parts) <= {"hand", "leg", "hip", "shoulder", "mixed", "unknown"} and "unknown" not in parts
+    assert (result.registration.version, result.registration.champion) == ("1", True)
+
+    # The champion scores a file of the export as it arrived, DICOM bytes.
+    mlflow.set_tracking_uri(tracking_uri(project))
+    model = mlflow.pyfunc.load_model("models:/fracture-classifier@champion")
+    dicom = (tmp_path / "export" / labels["path"][0]).read_bytes()
+    rows = model.predict(pd.DataFrame({"image": [dicom]}))
+    assert rows["error"][0] == "" and 0.0 <= rows["fracture_probability"][0] <= 1.0

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from fracture.config import Params
 from fracture.manifest import build_manifest
-from fracture.suite import rule_severities
+from fracture.suite import rule_severities, skipped_rules
 from fracture.validation import ValidationFailed, failure_message, validate
 from fracture.versions import compare_with_previous
 from fracture.workspace import ValidateResult, Workspace
@@ -15,6 +15,9 @@ from fracture.workspace import ValidateResult, Workspace
 def run_validate(params: Params, workspace: Workspace) -> ValidateResult:
     """Builds the manifest of ``ingest.dest``, runs the suite and writes the manifest and report.
 
+    The dataset is read in ``ingest.layout``'s layout; for a hospital's export (``csv``) the rules
+    that only FracAtlas's files can satisfy are skipped and listed so, and the comparison with
+    the previous dataset version, which reads FracAtlas's layout, is skipped too.
     The report is written before a failed hard rule is raised, so what failed can be read.
 
     Returns:
@@ -25,12 +28,21 @@ def run_validate(params: Params, workspace: Workspace) -> ValidateResult:
         ValidationFailed: a hard rule failed; the message names the rules and offending ids.
     """
     rule_severities(params.validate)  # a params mistake fails before the manifest is built
+    layout = params.ingest.layout
     manifest = build_manifest(
-        workspace.root / params.ingest.dest, near_duplicate_threshold=params.validate.near_duplicate_threshold
+        workspace.root / params.ingest.dest,
+        near_duplicate_threshold=params.validate.near_duplicate_threshold,
+        layout=layout,
     )
-    resolved, report = validate(manifest, params.validate, workspace.gx_dir)
+    resolved, report = validate(manifest, params.validate, workspace.gx_dir, skipped_rules(layout))
     version = workspace.data_version()
-    if params.validate.compare_previous:
+    if layout != "fracatlas":
+        comparison = {
+            "status": "skipped",
+            "message": f"the comparison with the previous dataset version reads FracAtlas's layout; "
+            f"ingest.layout is {layout!r}",
+        }
+    elif params.validate.compare_previous:
         # ingest.dest is <the folder data.dvc tracks>/<the dataset folder inside it>.
         data_dir, *inner = Path(params.ingest.dest).parts
         comparison = compare_with_previous(

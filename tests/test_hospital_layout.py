@@ -1,0 +1,179 @@
+"""A hospital's own export (``ingest.layout: csv``): images/ of DICOM, JPEG or PNG files and labels.csv."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from fracture.config import ConfigError, load_params, parse_params
+from fracture.ingest import IngestError, find_dataset_root, ingest
+from fracture.manifest import ManifestError, body_part, build_manifest, read_csv_layout
+from fracture.suite import FRACATLAS_ONLY, RULES, skipped_rules
+from fracture.validation import validate
+from tests.conftest import REPO, pick_ids
+from tests.dicom_files import dicom_from_jpeg, hospital_export
+from tests.synthetic import make_dataset, write_image
+
+
+@pytest.fixture()
+def params():
+    return load_params(REPO)
+
+
+def export(root: Path, labels: str, files: dict[str, int]) -> Path:
+    """images/<path> for each file (seeded noise; .dcm ones as 8-bit DICOM) and labels.csv's text."""
+    for rel, seed in files.items():
+        target = root / "images" / rel
+        if rel.endswith(".dcm"):
+            write_image(root / "tmp.png", seed)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(dicom_from_jpeg(root / "tmp.png", "8-bit"))
+            (root / "tmp.png").unlink()
+        else:
+            write_image(target, seed)
+    (root / "labels.csv").write_text(labels)
+    return root
+
+
+def test_paths_labels_body_parts_and_views_are_read(tmp_path):
+    root = export(
+        tmp_path / "export",
+        "path,label,body_part,view\n"
+        "images/p1/a.dcm,1,Hand,AP\n"
+        "images/p1/b.png,0,leg,frontal+LL\n"
+        "images/p2/c.jpg,0,,\n"
+        "images/p2/gone.dcm,1,hip,oblique\n",
+        {"p1/a.dcm": 1, "p1/b.png": 2, "p2/c.jpg": 3, "p2/extra.jpg": 4, ".hidden.jpg": 5},
+    )
+    (root / "images" / "DICOMDIR").write_bytes(b"not an image")
+    frame = read_csv_layout(root).set_index("image_id")
+
+    # A file with no row is listed under its path; a row with no file keeps its id, without a path.
+    assert sorted(frame.index) == [
+        "images/p1/a.dcm", "images/p1/b.png", "images/p2/c.jpg", "images/p2/extra.jpg", "images/p2/gone.dcm"
+    ]
+    assert not frame.at["images/p2/extra.jpg", "in_csv"] and frame.at["images/p2/extra.jpg", "has_file"]
+    assert not frame.at["images/p2/gone.dcm", "has_file"] and frame.at["images/p2/gone.dcm", "path"] == ""
+    assert frame["csv_label"].astype("Int64").fillna(-1).to_dict() == {
+        "images/p1/a.dcm": 1, "images/p1/b.png": 0, "images/p2/c.jpg": 0, "images/p2/gone.dcm": 1,
+        "images/p2/extra.jpg": -1,
+    }
+    assert frame.loc["images/p1/a.dcm", ["csv_label", "hand", "leg", "frontal", "lateral"]].tolist() == [1, 1, 0, 1, 0]
+    assert frame.loc["images/p1/b.png", ["leg", "frontal", "lateral", "oblique"]].tolist() == [1, 1, 1, 0]
+    parts = body_part(frame)
+    assert parts.to_dict() == {
+        "images/p1/a.dcm": "hand", "images/p1/b.png": "leg", "images/p2/c.jpg": "unknown",
+        "images/p2/gone.dcm": "hip", "images/p2/extra.jpg": "unknown",
+    }
+    assert frame["folder_label"].isna().all()
+
+
+def test_image_ids_alone_are_matched_to_file_names(tmp_path):
+    root = export(tmp_path / "export", "image_id,label\nA100,1\nB200.png,0\n", {"x/A100.dcm": 1, "y/B200.png": 2})
+    frame = read_csv_layout(root).set_index("image_id")
+    assert frame["path"].to_dict() == {"A100": "images/x/A100.dcm", "B200.png": "images/y/B200.png"}
+    assert frame["in_csv"].all() and frame["has_file"].all()
+
+    (root / "images" / "z").mkdir()
+    shutil.copy(root / "images" / "x" / "A100.dcm", root / "images" / "z" / "A100.dcm")
+    with pytest.raises(ManifestError, match=r"A100: \['images/x/A100.dcm', 'images/z/A100.dcm'\].*add a path column"):
+        read_csv_layout(root)
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        ("path,body_part\nimages/a.png,hand\n", r"needs label .* and path"),
+        ("path,label\nimages/a.png,yes\nimages/b.png,\n", r"line 2 \('yes'\), line 3 \(''\) are not whole numbers"),
+        ("path,label\n../secret.png,1\n", r"no '\.\.'.*line 2 \('\.\./secret\.png'\)"),
+        ("path,label,body_part\nimages/a.png,1,knee\n", r"body_part allows hand, hip, leg, mixed, shoulder.*line 2 \('knee'\)"),
+        ("path,label,view\nimages/a.png,1,axial\n", r"view allows .*line 2 \('axial'\)"),
+    ],
+)
+def test_unreadable_labels_csv_names_the_lines_and_what_to_do(tmp_path, labels, message):
+    root = export(tmp_path / "export", labels, {"a.png": 1, "b.png": 2})
+    with pytest.raises(ManifestError, match=message):
+        read_csv_layout(root)
+
+
+def test_the_suite_runs_with_fracatlas_only_rules_skipped_and_reported(tmp_path, params):
+    root = export(
+        tmp_path / "export",
+        "path,label,body_part\nimages/a.dcm,1,hand\nimages/b.png,0,leg\nimages/c.jpg,2,hip\nimages/d.dcm,0,shoulder\n",
+        {"a.dcm": 1, "b.png": 2, "c.jpg": 3, "d.dcm": 4},
+    )
+    manifest = build_manifest(root, workers=1, layout="csv")
+    assert manifest.set_index("image_id").loc["images/a.dcm", ["decodable", "mode", "width"]].tolist() == [True, "L", 80]
+    vp = dataclasses.replace(params.validate, fractured_share=[0.05, 0.5])
+    resolved, report = validate(manifest, vp, tmp_path / "gx", skipped_rules("csv"))
+
+    by_rule = {f.rule: f for f in report.findings}
+    assert [f.rule for f in report.findings] == list(RULES)
+    for rule, why in FRACATLAS_ONLY.items():
+        assert by_rule[rule].skipped == why and by_rule[rule].success
+    assert all(not f.skipped for f in report.findings if f.rule not in FRACATLAS_ONLY)
+    # The other rules ran: the label 2 fails csv_label_binary (hard), and that image is excluded.
+    assert by_rule["csv_label_binary"].unexpected_ids == ["images/c.jpg"] and not report.success
+    assert report.excluded["images/c.jpg"].rule == "csv_label_binary"
+    assert resolved.set_index("image_id")["label_source"].loc["images/a.dcm"] == "csv"
+    # The share of fractured images is read from labels.csv's labels (1, 0, 2, 0), not from class folders.
+    assert by_rule["fractured_share_in_range"].observed == pytest.approx(0.75)
+    # GX never ran the skipped rules, and each saved suite's notes say which of its rules were left out and why.
+    for severity in ("hard", "soft"):
+        suite = json.loads((tmp_path / "gx" / f"expectation_suite.{severity}.json").read_text())
+        assert not {e["meta"]["rule"] for e in suite["expectations"]} & set(FRACATLAS_ONLY)
+        notes = " ".join(suite["meta"]["notes"]["content"])
+        left_out = [r for r in FRACATLAS_ONLY if params.validate.severity[r] == severity]
+        assert left_out and all(f"`{r}`: {FRACATLAS_ONLY[r]}" in notes for r in left_out)
+
+
+def test_ingest_finds_the_csv_layout_and_says_which_layout_a_folder_is_in(tmp_path, params):
+    root = export(tmp_path / "export", "path,label\nimages/a.png,1\n", {"a.png": 1})
+    csv_params = dataclasses.replace(params.ingest, layout="csv")
+    result = ingest(csv_params, tmp_path / "data" / "hospital", str(root))
+    assert (result.dest / "labels.csv").is_file() and (result.dest / "images" / "a.png").is_file()
+
+    fracatlas = tmp_path / "FracAtlas"
+    make_dataset(fracatlas, 2, 2)
+    with pytest.raises(IngestError, match="not in the csv layout.*It looks like the FracAtlas layout: set ingest.layout: fracatlas"):
+        find_dataset_root(fracatlas, layout="csv")
+    with pytest.raises(IngestError, match="It looks like the csv layout .*set ingest.layout: csv"):
+        find_dataset_root(root, layout="fracatlas")
+    with pytest.raises(IngestError, match="only FracAtlas can be downloaded"):
+        ingest(csv_params, tmp_path / "data" / "x", None)
+
+
+def test_published_split_needs_the_fracatlas_layout():
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["ingest"]["layout"] = "csv"
+    raw["split"]["strategy"] = "published"
+    with pytest.raises(ConfigError, match="split.strategy 'published' reads FracAtlas's own split lists"):
+        parse_params(raw)
+    raw["ingest"]["layout"] = "dicom"
+    with pytest.raises(ConfigError, match="ingest.layout"):
+        parse_params(raw)
+
+
+def test_export_of_real_xrays_as_dicom_reads_back_with_their_labels(tmp_path, fracatlas):
+    ids = pick_ids(fracatlas, 2, 2)
+    root = tmp_path / "export"
+    labels = hospital_export(fracatlas, root, ids)
+    # The first X-ray exported a second time, as the JPEG it came from: one radiograph, two files.
+    shutil.copyfile(fracatlas / "images" / "Fractured" / ids[0], root / "images" / "copy.jpg")
+    with (root / "labels.csv").open("a") as f:
+        f.write("images/copy.jpg,1,,\n")
+
+    manifest = build_manifest(root, workers=1, near_duplicate_threshold=0.97, layout="csv").set_index("image_id")
+    assert manifest.loc[labels["path"], "csv_label"].tolist() == labels["label"].tolist()
+    assert manifest["decodable"].all() and (manifest.loc[labels["path"], "mode"] == "L").all()
+    source = pd.read_csv(fracatlas / "dataset.csv").set_index("image_id").loc[ids]
+    assert body_part(manifest.loc[labels["path"]]).tolist() == body_part(source).tolist()
+    # Near-duplicates are found across formats: the DICOM file and its JPEG are one group, alone.
+    group = manifest.at[labels["path"][0], "near_duplicate_group"]
+    assert manifest.index[manifest["near_duplicate_group"] == group].tolist() == sorted([labels["path"][0], "images/copy.jpg"])
