@@ -13,9 +13,16 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
-from fracture.config import EvaluateParams
-from fracture.evaluation import bootstrap_intervals, choose_threshold, evaluate_probabilities
+from fracture.config import EvaluateParams, Profile, TrainParams
+from fracture.evaluation import (
+    bootstrap_intervals,
+    choose_threshold,
+    evaluate_probabilities,
+)
+from fracture.imaging import DataConfig
+from fracture.prepare import PreparedImages
 from fracture.split import group_key
+from fracture.training import EpochCallback, FitResult, train
 from fracture.workspace import CrossvalFold
 
 #: Columns of the out-of-fold predictions.
@@ -75,6 +82,48 @@ def draw_folds(pooled: pd.DataFrame, folds: int, seed: int) -> np.ndarray:
         fold_of[rows] = number
     _check_both_classes(labels, fold_of, folds)
     return fold_of
+
+
+def fit_fold(
+    cache: PreparedImages,
+    config: DataConfig,
+    profile: Profile,
+    params: TrainParams,
+    pooled: pd.DataFrame,
+    fold_of: np.ndarray,
+    number: int,
+    on_epoch: EpochCallback | None = None,
+) -> tuple[CrossvalFold, pd.DataFrame, FitResult]:
+    """Trains on every fold but ``number`` exactly as the train stage does, and scores ``number``.
+
+    Args:
+        cache: the prepared images of ``pooled``.
+        config: the data config the cache was prepared with.
+        profile: the recipe's profile (model, input size, epochs, ...).
+        params: the ``train`` settings (optimiser, schedule, seed, device).
+        pooled: the train and val images (:func:`pool_splits`).
+        fold_of: each row's fold (:func:`draw_folds`).
+        number: the fold held out.
+        on_epoch: called after each epoch with its metrics.
+
+    Returns:
+        The fold's record, its held-out predictions (:data:`OOF_COLUMNS`, the last epoch's) and
+        the fit.
+    """
+    fit_frame, held_out = pooled[fold_of != number], pooled[fold_of == number]
+    fit = train(cache.dataset(fit_frame), cache.dataset(held_out), config, profile, params, on_epoch=on_epoch)
+    assert fit.final_val_probabilities is not None  # no checkpoint: every epoch ran in this call
+    record = CrossvalFold(
+        fold=number,
+        n_train=len(fit_frame),
+        n_val=len(held_out),
+        n_fractured_val=int(held_out["label"].astype(int).sum()),
+        roc_auc=float(fit.history[-1]["val_roc_auc"]),
+        best_roc_auc=float(fit.best_val_roc_auc),
+        best_epoch=fit.best_epoch,
+    )
+    oof = held_out.assign(fold=number, probability=fit.final_val_probabilities)[OOF_COLUMNS]
+    return record, oof, fit
 
 
 def _check_both_classes(labels: np.ndarray, fold_of: np.ndarray, folds: int) -> None:

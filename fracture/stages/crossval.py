@@ -16,13 +16,12 @@ import numpy as np
 import pandas as pd
 
 from fracture.config import Params
-from fracture.crossval import OOF_COLUMNS, draw_folds, pool_splits, summarise
+from fracture.crossval import draw_folds, fit_fold, pool_splits, summarise
 from fracture.imaging import DataConfig
 from fracture.prepare import PreparedImages
 from fracture.stages.prepare import active_cache, open_cache
 from fracture.stages.train import log_dataset_inputs, recipe_params
 from fracture.tracking import setup_mlflow
-from fracture.training import train
 from fracture.workspace import CrossvalFold, CrossvalResult, Workspace
 
 log = logging.getLogger(__name__)
@@ -34,26 +33,12 @@ EPOCH_METRICS = ("train_loss", "val_loss", "val_roc_auc")
 def _fit_fold(
     params: Params, cache: PreparedImages, config: DataConfig, pooled: pd.DataFrame, fold_of: np.ndarray, number: int
 ) -> tuple[CrossvalFold, pd.DataFrame]:
-    """Trains on every fold but ``number`` and scores ``number``; returns its record and predictions."""
-    fit_frame, held_out = pooled[fold_of != number], pooled[fold_of == number]
+    """Trains on every fold but ``number`` and scores ``number``, logging each epoch to the run."""
 
     def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
         mlflow.log_metrics({f"fold_{number}_{name}": metrics[name] for name in EPOCH_METRICS}, step=epoch + 1)
 
-    fit = train(
-        cache.dataset(fit_frame), cache.dataset(held_out), config, params.profile, params.train, on_epoch=log_epoch
-    )
-    assert fit.final_val_probabilities is not None  # no checkpoint: every epoch ran in this call
-    record = CrossvalFold(
-        fold=number,
-        n_train=len(fit_frame),
-        n_val=len(held_out),
-        n_fractured_val=int(held_out["label"].astype(int).sum()),
-        roc_auc=float(fit.history[-1]["val_roc_auc"]),
-        best_roc_auc=float(fit.best_val_roc_auc),
-        best_epoch=fit.best_epoch,
-    )
-    oof = held_out.assign(fold=number, probability=fit.final_val_probabilities)[OOF_COLUMNS]
+    record, oof, _ = fit_fold(cache, config, params.profile, params.train, pooled, fold_of, number, log_epoch)
     log.info(
         "fold %d: held-out ROC AUC %.4f after the last epoch (best %.4f at epoch %d)",
         number, record.roc_auc, record.best_roc_auc, record.best_epoch,
