@@ -92,7 +92,7 @@ def apply_policy(
     exclude(
         sorted(flagged["file_for_every_csv_row"]),
         "file_for_every_csv_row",
-        "dataset.csv lists it, but no image file exists",
+        "the csv (dataset.csv, or labels.csv) lists it, but no image file exists",
     )
     exclude(
         sorted(flagged["decodable"]),

@@ -20,6 +20,10 @@ What the real FracAtlas copy shows, and the rules follow:
 * ``mixed`` is not a fifth exclusive body part: a ``mixed`` image also has two or three of
   hand, leg, hip and shoulder set. So ``body_part_flags_valid`` expects exactly one of the four
   when ``mixed`` is 0 and at least two when it is 1, on a derived ``body_part_count`` column.
+
+A hospital's own export (``ingest.layout: csv``, :mod:`fracture.manifest`) has no class folders
+and no FracAtlas columns: the rules of :data:`FRACATLAS_ONLY` are not run on it, and their
+findings say they were skipped and why.
 """
 
 from __future__ import annotations
