@@ -75,10 +75,14 @@ def _setup() -> None:
 @app.command()
 def ingest(
     source: Annotated[
-        str | None, typer.Option(help="A FracAtlas folder or zip. Default: $FRACATLAS_SOURCE, else figshare.")
+        str | None,
+        typer.Option(
+            help="A FracAtlas folder or zip, or a hospital's export (ingest.layout: csv). "
+            "Default: $FRACATLAS_SOURCE, else FracAtlas from figshare."
+        ),
     ] = None,
 ) -> None:
-    """Bring FracAtlas into the project (ingest.dest); `dvc add data` versions it afterwards."""
+    """Bring the dataset into the project (ingest.dest); `dvc add data` versions it afterwards."""
     from fracture.ingest import EX_TEMPFAIL, DownloadError
     from fracture.stages.ingest import run_ingest
 

@@ -58,7 +58,7 @@ MAX_ROWS = 10
 
 
 class ManifestError(ValueError):
-    """A frame lacks the manifest columns an operation needs."""
+    """A dataset's csv cannot be read into the manifest, or a frame lacks the manifest columns an operation needs."""
 
 
 @dataclass(frozen=True)
