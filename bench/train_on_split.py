@@ -81,14 +81,15 @@ def main() -> None:
 
     device = select_device(train_params.device)
     model = result.model.to(device, memory_format=torch.channels_last)
-    val_probs = probabilities(model, data["val"].tensors[0], pre, device, params.evaluate.batch_size)
+    # Scored as the evaluate stage and the served model score: with the profile's test-time augmentation.
+    val_probs = probabilities(model, data["val"].tensors[0], pre, device, params.evaluate.batch_size, profile.tta)
     threshold = params.evaluate.threshold
     if params.evaluate.target_sensitivity is not None:
         threshold = choose_threshold(data["val"].tensors[1].numpy(), val_probs, params.evaluate.target_sensitivity)
     if device.type == "cuda":
         torch.cuda.synchronize()
     started = time.perf_counter()
-    probs = probabilities(model, data["test"].tensors[0], pre, device, params.evaluate.batch_size)
+    probs = probabilities(model, data["test"].tensors[0], pre, device, params.evaluate.batch_size, profile.tta)
     infer_s = time.perf_counter() - started
     labels = data["test"].tensors[1].numpy()
     ev = evaluate_probabilities(labels, probs, threshold)
