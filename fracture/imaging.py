@@ -123,6 +123,22 @@ def open_xray(source: str | Path | bytes, allow_truncated: bool = False) -> Imag
         raise ImageLoadError(f"{name}: not a decodable image ({exc})") from exc
 
 
+#: Files in an export that index the others rather than hold an image (a DICOM export's DICOMDIR).
+INDEX_FILES = {"DICOMDIR"}
+
+
+def export_files(folder: Path) -> list[Path]:
+    """Every file under ``folder`` (sub-folders too), sorted; hidden files and folders and index files aside.
+
+    How a folder of X-rays is listed wherever one is read: a hospital's export
+    (:mod:`fracture.manifest`) and the folders ``fracture predict`` scores.
+    """
+    return [
+        p for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name not in INDEX_FILES and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    ]
+
+
 def decode(source: str | Path | bytes) -> Image.Image:
     """Opens and fully decodes an image as stored (mode and size unchanged).
 

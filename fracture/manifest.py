@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from fracture.imaging import decode, decode_truncated
+from fracture.imaging import decode, decode_truncated, export_files
 from fracture.near_duplicates import add_near_duplicates
 from fracture.vocabulary import Layout
 
@@ -51,8 +51,6 @@ VIEW_WORDS = {
     "lateral": "lateral", "lat": "lateral", "ll": "lateral", "rl": "lateral",
     "oblique": "oblique", "obl": "oblique",
 }
-# Files under images/ that are not images: a DICOMDIR indexes a DICOM export's files.
-NOT_IMAGES = {"DICOMDIR"}
 # How many offending rows an error about labels.csv names.
 MAX_ROWS = 10
 
@@ -91,6 +89,32 @@ def inspect_image(path: str) -> ImageFacts:
         return ImageFacts(None, None, None, digest, False, True, str(exc))
 
 
+def _typed(frame: pd.DataFrame) -> pd.DataFrame:
+    # Labels and flags as nullable integers (NA where unknown), and "" for a row without a file.
+    frame["path"] = frame["path"].fillna("")
+    for col in ("folder_label", "csv_label", "fracture_count", *FLAG_COLUMNS):
+        if col in frame:
+            frame[col] = frame[col].astype("Int64")
+    return frame
+
+
+def join_files_and_csv(files: pd.DataFrame, csv: pd.DataFrame) -> pd.DataFrame:
+    """FracAtlas's class-folder listing joined with its dataset.csv, one row per id.
+
+    Args:
+        files: ``image_id``, ``path`` and ``folder_label`` of each file in a class folder.
+        csv: dataset.csv as read (its ``fractured`` becomes ``csv_label``).
+
+    Returns:
+        Both joined on ``image_id`` (unsorted), with ``has_file`` and ``in_csv``; labels and
+        flags as nullable integers, ``path`` empty where only the csv names the id.
+    """
+    frame = files.merge(csv.rename(columns={"fractured": "csv_label"}), on="image_id", how="outer", indicator=True)
+    frame["has_file"] = frame["_merge"] != "right_only"
+    frame["in_csv"] = frame["_merge"] != "left_only"
+    return _typed(frame.drop(columns="_merge"))
+
+
 def _read_fracatlas_layout(dataset_dir: Path) -> pd.DataFrame:
     rows = []
     for folder, label in FOLDERS.items():
@@ -98,11 +122,7 @@ def _read_fracatlas_layout(dataset_dir: Path) -> pd.DataFrame:
             if p.is_file():
                 rows.append({"image_id": p.name, "path": p.relative_to(dataset_dir).as_posix(), "folder_label": label})
     files = pd.DataFrame(rows, columns=["image_id", "path", "folder_label"])
-    csv = pd.read_csv(dataset_dir / "dataset.csv").rename(columns={"fractured": "csv_label"})
-    frame = files.merge(csv, on="image_id", how="outer", indicator=True)
-    frame["has_file"] = frame["_merge"] != "right_only"
-    frame["in_csv"] = frame["_merge"] != "left_only"
-    return frame.drop(columns="_merge")
+    return join_files_and_csv(files, pd.read_csv(dataset_dir / "dataset.csv"))
 
 
 def _rows(where: pd.Series, values: pd.Series | None = None) -> str:
@@ -163,7 +183,8 @@ def _flags(values: pd.Series, words: dict[str, str], names: tuple[str, ...], col
 def read_csv_layout(dataset_dir: Path) -> pd.DataFrame:
     """A hospital's export (layout ``csv``) as the manifest's columns, before the decode.
 
-    Every file under ``images/`` (sub-folders too; hidden files and DICOMDIR indexes aside) and
+    Every file under ``images/`` (:func:`fracture.imaging.export_files`: sub-folders too, hidden
+    files and DICOMDIR indexes aside) and
     every row of ``labels.csv`` becomes a row, joined on the file: a row without a file gets
     ``has_file`` False, a file without a row ``in_csv`` False (its id is its path), and the suite
     reports both. There are no class folders, so ``folder_label`` is NA and ``labels.csv``'s
@@ -195,11 +216,7 @@ def read_csv_layout(dataset_dir: Path) -> pd.DataFrame:
             "and may have body_part and view"
         )
     images = dataset_dir / IMAGES_DIR
-    files = sorted(
-        p.relative_to(dataset_dir).as_posix()
-        for p in images.rglob("*")
-        if p.is_file() and p.name not in NOT_IMAGES and not any(part.startswith(".") for part in p.relative_to(images).parts)
-    )
+    files = sorted(p.relative_to(dataset_dir).as_posix() for p in export_files(images))
     if "path" in csv:
         paths = _csv_paths(csv["path"], csv_file)
     else:
@@ -230,7 +247,7 @@ def read_csv_layout(dataset_dir: Path) -> pd.DataFrame:
     frame["has_file"] = frame["path"].isin(set(files))
     frame.loc[~frame["has_file"], "path"] = ""
     frame["folder_label"] = pd.NA
-    return frame
+    return _typed(frame)
 
 
 def build_manifest(
@@ -260,11 +277,6 @@ def build_manifest(
         ManifestError: the csv layout's labels.csv cannot be read (:func:`read_csv_layout`).
     """
     frame = _read_fracatlas_layout(dataset_dir) if layout == "fracatlas" else read_csv_layout(dataset_dir)
-    frame["path"] = frame["path"].fillna("")
-    for col in ("folder_label", "csv_label", "fracture_count", *FLAG_COLUMNS):
-        if col in frame:
-            frame[col] = frame[col].astype("Int64")
-
     paths = [str(dataset_dir / p) for p in frame.loc[frame["has_file"], "path"]]
     with ProcessPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
         facts = list(pool.map(inspect_image, paths, chunksize=32))

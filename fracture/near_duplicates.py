@@ -45,11 +45,11 @@ def thumbnail(path: str | Path, side: int = THUMBNAIL_SIDE) -> np.ndarray:
     """
     data = Path(path).read_bytes()
     if is_dicom(data):
-        small = decode(data).convert("L").resize((side, side), Image.Resampling.BOX)
+        img = decode(data)
     else:
-        with Image.open(io.BytesIO(data)) as img:
-            img.draft("L", (side * 4, side * 4))
-            small = img.convert("L").resize((side, side), Image.Resampling.BOX)
+        img = Image.open(io.BytesIO(data))  # reads from memory: no file handle to close
+        img.draft("L", (side * 4, side * 4))
+    small = img.convert("L").resize((side, side), Image.Resampling.BOX)
     v = np.asarray(small, dtype=np.float64).ravel()
     std = v.std()
     return ((v - v.mean()) / std if std > 0 else np.zeros_like(v)).astype(np.float32)

@@ -20,6 +20,7 @@ import pandas as pd
 from mlflow import MlflowClient
 from tqdm import tqdm
 
+from fracture.imaging import export_files
 from fracture.intake import InputPolicy, InputRejected, read_file
 from fracture.serving import FracturePyfunc
 
@@ -98,12 +99,7 @@ def collect(inputs: Iterable[Path]) -> list[Path]:
     files: list[Path] = []
     for item in inputs:
         if item.is_dir():
-            found = [
-                p for p in sorted(item.rglob("*"))
-                if p.is_file() and p.suffix.lower() in SUFFIXES and p.name != "DICOMDIR"
-                and not any(part.startswith(".") for part in p.relative_to(item).parts)
-            ]
-            files.extend(found)
+            files.extend(p for p in export_files(item) if p.suffix.lower() in SUFFIXES)
         elif item.is_file():
             files.append(item)
         else:

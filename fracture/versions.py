@@ -22,7 +22,7 @@ from dvc.exceptions import DvcException
 from dvc_data.index.index import DataIndexError
 
 from fracture.imaging import CLASSES
-from fracture.manifest import BODY_PARTS, FOLDERS, VIEWS
+from fracture.manifest import BODY_PARTS, FOLDERS, VIEWS, join_files_and_csv
 
 STATUS_COMPARED = "compared"
 STATUS_FIRST = "first version"
@@ -125,20 +125,6 @@ def _previous_in(history: list[tuple[str, str]] | None, current_md5: str | None)
 
 
 # --- reading and summarising one version ------------------------------------------------------
-
-
-def _files_and_csv(files: pd.DataFrame, csv: pd.DataFrame) -> pd.DataFrame:
-    """Joins the class-folder listing with dataset.csv the way :func:`build_manifest` does."""
-    csv = csv.rename(columns={"fractured": "csv_label"})
-    frame = files.merge(csv, on="image_id", how="outer", indicator=True)
-    frame["has_file"] = frame["_merge"] != "right_only"
-    frame["in_csv"] = frame["_merge"] != "left_only"
-    frame = frame.drop(columns="_merge")
-    frame["path"] = frame["path"].fillna("")
-    for col in ("folder_label", "csv_label", "fracture_count", *BODY_PARTS, *VIEWS):
-        if col in frame:
-            frame[col] = frame[col].astype("Int64")
-    return frame.sort_values("image_id").reset_index(drop=True)
 
 
 _READ_ERRORS = (DataIndexError, DvcException, OSError)
@@ -248,7 +234,8 @@ def read_version(
     if "image_id" not in csv.columns:
         raise _not_fracatlas(rev, base, f"has no image_id column in {csv_path}")
     files = pd.DataFrame(rows, columns=["image_id", "path", "folder_label"])
-    return _files_and_csv(files, csv)
+    # Joined the way build_manifest joins the current data, so both versions count alike.
+    return join_files_and_csv(files, csv).sort_values("image_id").reset_index(drop=True)
 
 
 def _count_flags(files: pd.DataFrame, columns: tuple[str, ...]) -> dict[str, int | None]:
