@@ -42,8 +42,8 @@ import yaml
 from fracture.config import Params, parse_params
 from fracture.crossval import draw_folds, fit_fold, pool_splits, summarise
 from fracture.imaging import Preprocessor
-from fracture.model import profile_data_config
-from fracture.prepare import cache_key, open_prepared, prepare_images
+from fracture.prepare import open_prepared, prepare_images
+from fracture.stages.prepare import active_cache
 from fracture.workspace import Workspace
 
 log = logging.getLogger("crossval_sweep")
@@ -78,8 +78,7 @@ def apply(raw: dict[str, Any], overrides: dict[str, Any]) -> Params:
 def run_variant(
     name: str, params: Params, pooled: pd.DataFrame, images: Path, work: Path, workers: int
 ) -> tuple[dict[str, Any], pd.DataFrame]:
-    config = profile_data_config(params.profile, params.prepare.aspect, params.prepare.enhance)
-    key = cache_key(config, params.validate.on_truncated == "keep")
+    config, key = active_cache(params)
     cache_dir = work / ("cache-" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12])
     prepare_seconds = 0.0
     if not (cache_dir / "meta.json").is_file():
