@@ -111,6 +111,9 @@ class TrainParams:
     t_mult: int
     device: Device
     class_balance: ClassBalance = "none"
+    # Data-parallel processes on this machine (one per GPU, or CPU workers): batch_size is the
+    # global batch, split over them (fracture.distributed).
+    processes: int = 1
 
 
 @dataclass(frozen=True)
@@ -363,6 +366,14 @@ def _check(p: Params) -> None:
         raise ConfigError(
             f"params.yaml: split.strategy 'published' reads FracAtlas's own split lists, but ingest.layout is "
             f"{p.ingest.layout!r}; set split.strategy: stratified"
+        )
+    processes = p.train.processes
+    if not isinstance(processes, int) or processes < 1:
+        raise ConfigError(f"params.yaml: train.processes must be a whole number of at least 1, got {processes!r}")
+    if p.train.batch_size % processes:
+        raise ConfigError(
+            f"params.yaml: train.batch_size {p.train.batch_size} is the global batch and must divide evenly over "
+            f"train.processes {processes}"
         )
     for name, prof in p.profiles.items():
         if prof.epochs < 1:

@@ -18,13 +18,20 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 from sklearn.utils.class_weight import compute_class_weight
+from timm.layers import convert_sync_batchnorm
 from timm.utils.model import freeze
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import (
+    DataLoader,
+    RandomSampler,
+    TensorDataset,
+    WeightedRandomSampler,
+)
 from torchvision import transforms
 from tqdm import tqdm
 
-from fracture import checkpoint
+from fracture import checkpoint, distributed
 from fracture.config import Profile, TrainParams
 from fracture.imaging import DataConfig, Preprocessor
 from fracture.inference import autocast_for, probabilities
@@ -194,6 +201,13 @@ def train(
     model, optimiser, scheduler, scaler, best score and every random generator as they were,
     so it ends exactly where an uninterrupted run would.
 
+    In a process launched as one of several (torchrun, or ``train.processes`` through
+    :func:`fracture.distributed.launch`), the model is wrapped in DistributedDataParallel, each
+    process trains on its share of every global batch of ``params.batch_size`` images and scores
+    its share of val; every process gathers all val scores and computes the same metrics, so
+    all end with the same best epoch and weights. Only rank 0 calls ``on_epoch`` and writes
+    checkpoints; a resumed run reads rank 0's checkpoint on every rank.
+
     Args:
         train_data: training images (uint8 NCHW at the input size, e.g. from the prepared
             cache) and labels.
@@ -217,8 +231,14 @@ def train(
         StaleCacheError: the images were prepared for another input size or normalisation
             than the model's.
     """
+    # Every rank is seeded alike: each draws the same image order and deals itself a share
+    # (distributed.ShardedSampler); DDP copies rank 0's initial weights to the others.
     seed_everything(params.seed)
     device = select_device(params.device)
+    context = distributed.setup(use_cuda=device.type == "cuda")
+    if context.distributed and device.type == "cuda":
+        device = torch.device("cuda", context.local_rank)
+    batch_size = distributed.per_process_batch(params.batch_size, context.world_size)
     model = create_classifier(profile)
     expected = data_config(model, profile.image_size, config.aspect, config.enhance)
     if expected != config:
@@ -234,6 +254,15 @@ def train(
     pre = Preprocessor(config)
 
     model = model.to(device, memory_format=torch.channels_last)
+    if context.distributed and device.type == "cuda":
+        # Statistics over the global batch, as one GPU computes them. timm's conversion keeps
+        # the activation of its fused BatchNormAct layers; PyTorch's SyncBatchNorm is CUDA only.
+        model = convert_sync_batchnorm(model)
+    net = (
+        DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if context.distributed
+        else model
+    )
     generator = torch.Generator().manual_seed(params.seed)
     criterion, sampler = class_balance(params.class_balance, train_data.tensors[1], generator)
     criterion = criterion.to(device)
@@ -243,11 +272,22 @@ def train(
         optimizer, T_0=params.t_0 or profile.epochs, T_mult=params.t_mult
     )
     autocast, scaler = autocast_for(device)
+    shard = distributed.ShardedSampler(
+        sampler if sampler is not None else RandomSampler(train_data, generator=generator),
+        context.rank,
+        context.world_size,
+    )
+    # Batch norm cannot train on a batch of one image: when an epoch would end on one, that
+    # image sits this epoch out (the order is redrawn every epoch, so it is a different one).
+    lone_last = len(shard) % batch_size == 1 and len(shard) > 1
+    if lone_last and context.is_main:
+        log.info("%d images per epoch and process in batches of %d: each epoch's last image, alone in its "
+                 "batch, is skipped that epoch", len(shard), batch_size)
     loader = DataLoader(
         train_data,
-        batch_size=params.batch_size,
-        shuffle=sampler is None,
-        sampler=sampler,
+        batch_size=batch_size,
+        sampler=shard,
+        drop_last=lone_last,
         generator=generator,
         pin_memory=device.type == "cuda",
     )
@@ -256,7 +296,8 @@ def train(
     history: list[dict[str, float]] = []
     val_probs: np.ndarray | None = None
     start = 0
-    saved = checkpoint.load(checkpoint_dir, checkpoint_key) if checkpoint_dir is not None else None
+    saved = checkpoint.load(checkpoint_dir, checkpoint_key) if checkpoint_dir is not None and context.is_main else None
+    saved = distributed.from_main(saved, context)  # other machines need not see rank 0's disk
     if saved is not None:
         model.load_state_dict(saved.model_state)
         optimizer.load_state_dict(saved.optimizer_state)
@@ -268,26 +309,32 @@ def train(
         best_auc, best_epoch, best_state = saved.best_score, saved.best_epoch - 1, saved.best_state
         log.info("resuming from the checkpoint in %s after epoch %d of %d", checkpoint_dir, start, profile.epochs)
     for epoch in range(start, profile.epochs):
-        model.train()
+        net.train()
         started, seen, loss_sum = time.perf_counter(), 0, 0.0
         # The bar draws on a terminal only; under DVC or Prefect progress goes to the log.
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{profile.epochs}", unit="batch", mininterval=5, disable=None)
+        # Other ranks stay quiet: rank 0's rate times the number of processes is the run's.
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{profile.epochs}", unit="batch", mininterval=5,
+                   disable=None if context.is_main else True)
         for i, (images, labels) in enumerate(bar):
             if augment is not None:
                 images = torch.stack([augment(img) for img in images])
             x = pre(images.to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
             y = labels.to(device, non_blocking=True)
-            loss = train_step(model, x, y, criterion, optimizer, autocast, scaler)
+            loss = train_step(net, x, y, criterion, optimizer, autocast, scaler)
             scheduler.step(epoch + (i + 1) / len(loader))
             seen += len(labels)
             loss_sum += loss.item() * len(labels)
             rate = seen / (time.perf_counter() - started)
             bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{rate:.1f}")
-            if bar.disable and ((i + 1) % LOG_EVERY == 0 or i + 1 == len(loader)):
+            if context.is_main and bar.disable and ((i + 1) % LOG_EVERY == 0 or i + 1 == len(loader)):
                 log.info("epoch %d/%d batch %d/%d loss %.4f %.1f images/s",
                          epoch + 1, profile.epochs, i + 1, len(loader), loss.item(), rate)
+        loss_sum, seen = distributed.sum_over_ranks(loss_sum, seen, context=context)
         train_time = time.perf_counter() - started
-        val_probs = probabilities(model, val_data.tensors[0], pre, device, params.batch_size * 2, profile.tta)
+        share = val_data.tensors[0][context.rank :: context.world_size]
+        val_probs = distributed.gather_scores(
+            probabilities(model, share, pre, device, batch_size * 2, profile.tta), len(val_data), context
+        )
         val_labels = val_data.tensors[1].numpy()
         val_auc = float(roc_auc_score(val_labels, val_probs))
         val_loss = float(
@@ -305,13 +352,14 @@ def train(
             "epoch_seconds": time.perf_counter() - started,
         }
         history.append(metrics)
-        log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in metrics.items()})
-        if on_epoch is not None:
-            on_epoch(epoch, metrics)
+        if context.is_main:
+            log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in metrics.items()})
+            if on_epoch is not None:
+                on_epoch(epoch, metrics)
         if val_auc > best_auc:
             best_auc, best_epoch = val_auc, epoch
             best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
-        if checkpoint_dir is not None:
+        if checkpoint_dir is not None and context.is_main:
             checkpoint.save(
                 checkpoint_dir,
                 checkpoint_key,

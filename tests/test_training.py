@@ -90,3 +90,15 @@ def test_the_val_pass_that_picks_the_epoch_scores_with_the_profiles_tta(tmp_path
     assert result.best_val_roc_auc == pytest.approx(roc_auc_score(labels.numpy(), hflip), abs=1e-9)
     assert result.history[0]["val_roc_auc"] == result.best_val_roc_auc
     assert not np.allclose(hflip, plain)  # the mirror pass did change the scores
+
+
+def test_an_epoch_that_would_end_on_a_batch_of_one_image_skips_it(tmp_path):
+    # 17 images in batches of 16: batch norm cannot train on the 17th alone.
+    make_dataset(tmp_path, 8, 9)
+    params = load_params(REPO)
+    profile = dataclasses.replace(params.profiles["cpu"], image_size=32, epochs=1, frozen=())
+    config = profile_data_config(profile)
+    data = tensor_data(tmp_path, training_frame(tmp_path), config)
+    assert len(data) == 17
+    result = train(data, data, config, profile, dataclasses.replace(params.train, batch_size=16))
+    assert result.history[0]["epoch"] == 1

@@ -9,11 +9,11 @@ import mlflow
 import pandas as pd
 from safetensors.torch import save_file
 
-from fracture import checkpoint
+from fracture import checkpoint, distributed
 from fracture.config import Params
 from fracture.stages.prepare import active_cache, open_cache
 from fracture.tracking import setup_mlflow
-from fracture.training import FitResult, train
+from fracture.training import FitResult, select_device, train
 from fracture.vocabulary import CLASSES
 from fracture.workspace import TrainedModel, TrainResult, Workspace
 
@@ -70,9 +70,33 @@ def run_train(params: Params, workspace: Workspace) -> TrainResult:
     Every epoch is checkpointed; a run killed part-way resumes after its last completed epoch
     in the same MLflow run when nothing that shapes it changed (:mod:`fracture.checkpoint`).
 
+    With ``train.processes`` above 1 it trains data-parallel in that many processes on this
+    machine, started by torchrun's launcher; under ``torchrun`` itself (several machines) it
+    joins torchrun's process group. Rank 0 logs to MLflow and writes the outputs
+    (:mod:`fracture.distributed`).
+
     Returns:
         The model's description and its MLflow run.
     """
+    if params.train.processes > 1 and not distributed.launched():
+        distributed.launch(_rank, params.train.processes, params, workspace)
+        return workspace.read_train()
+    try:
+        _train(params, workspace)
+    finally:
+        distributed.teardown()
+    return workspace.read_train()
+
+
+def _rank(params: Params, workspace: Workspace) -> None:
+    """One process of a data-parallel run (pickled into each process by the launcher)."""
+    try:
+        _train(params, workspace)
+    finally:
+        distributed.teardown()
+
+
+def _train(params: Params, workspace: Workspace) -> None:
     frames = workspace.read_split_tables()
     config, _ = active_cache(params)
     cache = open_cache(params, workspace, config)
@@ -88,6 +112,12 @@ def run_train(params: Params, workspace: Workspace) -> TrainResult:
             "val_images": frames["val"][["image_id", "label"]].values.tolist(),
         }
     )
+    if distributed.launched():
+        context = distributed.setup(use_cuda=select_device(params.train.device).type == "cuda")
+        if not context.is_main:
+            # Trains its share; rank 0 logs, checkpoints and writes the outputs.
+            train(train_data, val_data, config, params.profile, params.train)
+            return
     resumable = checkpoint.load(workspace.checkpoint_dir, key)
     setup_mlflow(params, workspace.root)
     if resumable is not None and resumable.run_id:
@@ -132,4 +162,3 @@ def run_train(params: Params, workspace: Workspace) -> TrainResult:
     checkpoint.clear(workspace.checkpoint_dir)
     resumed = f", resumed after epoch {fit.resumed_from}" if fit.resumed_from else ""
     print(f"best epoch {fit.best_epoch}: val ROC AUC {fit.best_val_roc_auc:.4f} (MLflow run {run.info.run_id}{resumed})")
-    return workspace.read_train()

@@ -1,0 +1,165 @@
+"""Data-parallel training: two gloo processes on the CPU end where one process ends."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+
+import mlflow
+import numpy as np
+import pytest
+import timm
+import torch
+import yaml
+from safetensors.torch import save_file
+from torch.utils.data import RandomSampler, TensorDataset, WeightedRandomSampler
+
+from fracture import distributed
+from fracture.config import ConfigError, load_params, parse_params
+from fracture.model import profile_data_config
+from fracture.training import train
+from tests.conftest import REPO, dvc, make_subset, pick_ids, run, shrink_params
+from tests.synthetic import make_dataset, training_frame
+from tests.test_prepare import tensor_data
+
+# A tiny timm EfficientNet with group norm: no batch statistics, so splitting a batch over two
+# processes changes nothing but the order of floating-point sums. (PyTorch's SyncBatchNorm is
+# CUDA only; on CPU workers, a batch-norm model normalises each process's share on its own.)
+GN_MODEL = "test_efficientnet_gn.r160_in1k"
+# Stated tolerance between the two-process and the one-process run after 2 epochs of Adam: the
+# gradients agree to float32 rounding, but Adam divides by the gradient's running RMS, so where a
+# gradient is near zero a rounding difference can flip a step's sign (at most lr per step). The
+# weights therefore agree relative to how far training moved them: the L2 norm of the difference
+# is at most 1% of the L2 norm of the training update (measured: about 0.03%).
+RELATIVE_TOLERANCE = 0.01
+SCORE_ATOL = 1e-4
+
+
+def _setup(tmp_path):
+    make_dataset(tmp_path, 6, 10)
+    network = timm.create_model(GN_MODEL, pretrained=False)
+    weights = tmp_path / "gn.safetensors"
+    save_file(network.state_dict(), str(weights))
+    params = load_params(REPO)
+    profile = dataclasses.replace(
+        params.profiles["cpu"], model=GN_MODEL, weights="file", weights_file=str(weights),
+        image_size=32, epochs=2, frozen=(), augment="none", tta="none", lr=1e-3,
+    )
+    config = profile_data_config(profile)
+    data = tensor_data(tmp_path, training_frame(tmp_path), config)
+    train_params = dataclasses.replace(params.train, batch_size=4, device="cpu", seed=3)
+    return data, config, profile, train_params
+
+
+def _rank_run(images, labels, config, profile, train_params):
+    """One process's run (module level, so the launcher can pickle it into each process)."""
+    data = TensorDataset(images, labels)
+    try:
+        fit = train(data, data, config, profile, train_params)
+        return {
+            "rank": torch.distributed.get_rank(),
+            "world_size": torch.distributed.get_world_size(),
+            "state": {k: v.numpy().copy() for k, v in fit.model.state_dict().items()},
+            "history": fit.history,
+            "best_epoch": fit.best_epoch,
+            "val": fit.final_val_probabilities,
+        }
+    finally:
+        distributed.teardown()
+
+
+def test_two_gloo_processes_end_with_one_processs_weights(tmp_path):
+    data, config, profile, train_params = _setup(tmp_path)
+    images, labels = data.tensors
+
+    ranks = distributed.launch(_rank_run, 2, images, labels, config, profile, train_params)
+    single = train(data, data, config, profile, train_params)
+
+    assert sorted((r["rank"], r["world_size"]) for r in ranks.values()) == [(0, 2), (1, 2)]
+    zero, one = ranks[0], ranks[1]
+    # Both ranks: the same weights, bit for bit, and the same val scores, epoch and history.
+    assert zero["state"].keys() == one["state"].keys()
+    for key in zero["state"]:
+        assert np.array_equal(zero["state"][key], one["state"][key]), key
+    assert np.array_equal(zero["val"], one["val"])
+    assert zero["best_epoch"] == one["best_epoch"]
+
+    # Against one process on the same data and global batch: equal within the stated tolerance.
+    reference = {k: v.numpy().astype(np.float64) for k, v in single.model.state_dict().items()}
+    assert reference.keys() == zero["state"].keys()
+    start = timm_start(profile)
+    trained = [k for k in reference if k.startswith(("conv_stem", "blocks.", "conv_head"))]
+
+    def norm(arrays):
+        return float(np.sqrt(sum(float((a**2).sum()) for a in arrays)))
+
+    update = norm(reference[k] - start[k] for k in trained)
+    difference = norm(zero["state"][k] - reference[k] for k in reference)
+    print(f"2 gloo processes vs 1 process: |weights difference| / |training update| = "
+          f"{difference / update:.2e} (tolerance {RELATIVE_TOLERANCE:g}); largest element "
+          f"{max(float(np.abs(zero['state'][k] - reference[k]).max()) for k in reference):.2e}")
+    assert update > 0.01  # training moved the weights
+    assert difference <= RELATIVE_TOLERANCE * update
+    np.testing.assert_allclose(zero["val"], single.final_val_probabilities, atol=SCORE_ATOL)
+    assert zero["best_epoch"] == single.best_epoch
+    for mine, theirs in zip(zero["history"], single.history, strict=True):
+        # Each rank summed the other's loss and images in: the epoch's figures are the run's.
+        assert mine["train_loss"] == pytest.approx(theirs["train_loss"], abs=1e-5)
+        assert mine["val_roc_auc"] == pytest.approx(theirs["val_roc_auc"], abs=1e-9)
+
+
+def timm_start(profile) -> dict[str, np.ndarray]:
+    """The profile's weights before training (the file it loads, with its ImageNet head)."""
+    from safetensors.torch import load_file
+
+    return {k: v.numpy() for k, v in load_file(profile.weights_file).items()}
+
+
+def test_ranks_deal_out_the_single_process_order_and_pad_it_evenly():
+    base = list(RandomSampler(range(11), generator=torch.Generator().manual_seed(0)))
+    shares = [
+        list(distributed.ShardedSampler(RandomSampler(range(11), generator=torch.Generator().manual_seed(0)), r, 3))
+        for r in range(3)
+    ]
+    assert [len(s) for s in shares] == [4, 4, 4]  # 11 padded to 12: every rank takes as many steps
+    dealt = [shares[i % 3][i // 3] for i in range(12)]
+    assert dealt == base + base[:1]
+    alone = distributed.ShardedSampler(RandomSampler(range(11), generator=torch.Generator().manual_seed(0)))
+    assert list(alone) == base  # one process: the order is exactly the plain sampler's
+
+    def weighted():  # each rank's own sampler, seeded alike
+        return WeightedRandomSampler([0.1] * 8 + [0.9] * 2, 10, generator=torch.Generator().manual_seed(1))
+
+    drawn = list(weighted())
+    both = [list(distributed.ShardedSampler(weighted(), r, 2)) for r in range(2)]
+    assert [i for pair in zip(*both, strict=True) for i in pair] == drawn  # the class-balanced draws too
+
+
+def test_the_global_batch_must_divide_over_the_processes():
+    assert distributed.per_process_batch(16, 4) == 4
+    with pytest.raises(ValueError, match=r"train.batch_size 16 does not divide over 3 processes"):
+        distributed.per_process_batch(16, 3)
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["train"]["processes"] = 3
+    with pytest.raises(ConfigError, match=r"train.batch_size 16 is the global batch .* train.processes 3"):
+        parse_params(raw)
+    raw["train"]["processes"] = 0
+    with pytest.raises(ConfigError, match=r"train.processes must be a whole number of at least 1"):
+        parse_params(raw)
+
+
+@pytest.mark.integration
+def test_train_stage_with_two_processes_logs_one_mlflow_run_from_rank_zero(project, fracatlas, tmp_path):
+    source = make_subset(fracatlas, tmp_path / "source", pick_ids(fracatlas, 8, 8))
+    shrink_params(project, train__processes=2, train__batch_size=4, profiles__cpu__epochs=2, profiles__cpu__image_size=32)
+    run(project, sys.executable, "-m", "fracture.cli", "ingest", "--source", str(source))
+    out = dvc(project, "repro", "train")
+    assert "best epoch" in out
+    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1  # rank 1 trained without a run of its own
+    steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "val_roc_auc")]
+    assert steps == [1, 2]  # each epoch logged once, by rank 0
+    assert json.loads((project / "outputs" / "train" / "run.json").read_text())["run_id"] == runs[0].info.run_id
+    assert runs[0].data.params["train.processes"] == "2"
