@@ -59,6 +59,11 @@ def render_report(result: RetrainResult) -> str:
         Markdown text for ``prefect.artifacts.create_markdown_artifact``.
     """
     ingest, reg, m = result.ingest, result.registration, result.evaluate.metrics
+    copied = (
+        "source unchanged since the last ingest: nothing copied"
+        if ingest.unchanged
+        else "dataset copied and hashed (`dvc add data`)"
+    )
     ran = result.stages_ran
 
     if result.nothing_changed:
@@ -97,7 +102,7 @@ def render_report(result: RetrainResult) -> str:
         "",
         "| Stage | DVC | Seconds |",
         "|---|---|---:|",
-        f"| ingest | dataset copied and hashed (`dvc add data`) | {ingest.seconds:.1f} |",
+        f"| ingest | {copied} | {ingest.seconds:.1f} |",
         *(f"| {s.stage} | {'ran' if s.ran else 'up to date'} | {s.seconds:.1f} |" for s in result.runs.values()),
         "",
         f"## Test metrics ({result.profile} profile, {result.train.model.architecture})",

@@ -18,7 +18,13 @@ from flows.report import REPORT_KEY, render_report
 from flows.result import RetrainResult
 from fracture.config import PARAMS_FILE, load_params
 from fracture.ingest import SOURCE_ENV
-from tasks.pipeline import DVC_STAGES, ingest_task, register_task, stage_task
+from tasks.pipeline import (
+    DVC_STAGES,
+    dvc_status,
+    ingest_task,
+    register_task,
+    stage_task,
+)
 
 
 def choose_profile(requested: str | None, cuda: bool) -> tuple[str, str]:
@@ -95,8 +101,16 @@ def retrain(project_dir: str = ".", source: str | None = None, profile: str | No
 
     ingested = ingest_task.with_options(**retry)(project, source or os.environ.get(SOURCE_ENV) or None)
     runs, results = {}, {}
+    # One status check for the whole pipeline: when DVC finds nothing changed, no stage needs
+    # a `dvc repro` process. Otherwise every stage goes through `dvc repro`, which reruns what
+    # an upstream stage's new outputs change.
+    pending = dvc_status(project, list(DVC_STAGES))
+    if pending:
+        print(f"DVC status: {', '.join(sorted(pending))} changed; reproducing the pipeline")
+    else:
+        print("DVC status: every stage is as dvc.lock records it; nothing to reproduce")
     for stage in DVC_STAGES:
-        runs[stage], results[stage] = stage_task(project, stage)
+        runs[stage], results[stage] = stage_task(project, stage, up_to_date=not pending)
     registration = register_task.with_options(**retry)(project)
     result = RetrainResult(name, ingested, runs, registration=registration, **results)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import json
 import logging
 import os
 import shutil
@@ -301,6 +302,39 @@ def download_figshare(params: IngestParams, workdir: Path, timeout: float = 60.0
         partial.unlink(missing_ok=True)
         raise
     return final
+
+
+def source_listing(source: str | Path) -> dict[str, object]:
+    """A local source's files by relative path, size and modification time, without reading them.
+
+    Two listings are equal when no file was added, removed, resized or rewritten (writing a
+    file updates its modification time), so copying and re-hashing the source would bring in
+    nothing new. A zip is listed as one file.
+
+    Args:
+        source: a local folder or zip.
+
+    Returns:
+        The resolved source, its number of files and bytes, and a digest of the listing.
+    """
+    path = Path(source).expanduser().resolve()
+    if path.is_file():
+        stat = path.stat()
+        entries = [[path.name, stat.st_size, stat.st_mtime_ns]]
+    else:
+        entries = []
+        for dirpath, _, names in os.walk(path):
+            for name in names:
+                full = os.path.join(dirpath, name)
+                stat = os.stat(full)
+                entries.append([os.path.relpath(full, path), stat.st_size, stat.st_mtime_ns])
+        entries.sort()
+    return {
+        "source": str(path),
+        "files": len(entries),
+        "bytes": sum(e[1] for e in entries),
+        "digest": hashlib.sha256(json.dumps(entries).encode()).hexdigest(),
+    }
 
 
 def _replace_dir(src: Path, dest: Path) -> None:

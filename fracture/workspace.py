@@ -231,10 +231,20 @@ class Workspace:
 
     root: Path = Path(".")
 
-    # validate
     @property
     def outputs(self) -> Path:
         return self.root / "outputs"
+
+    # ingest
+    @property
+    def ingest_record(self) -> Path:
+        """What the last ingest copied (the source's listing) and the data version it made.
+
+        The retraining flow compares it with the source before copying (:mod:`tasks.pipeline`).
+        """
+        return self.outputs / "ingest" / "source.json"
+
+    # validate
 
     @property
     def manifest(self) -> Path:

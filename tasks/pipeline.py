@@ -4,10 +4,15 @@ Each data or model stage is run through DVC (``dvc repro <stage>``), so a flow r
 ``dvc.lock`` and the DVC cache exactly as ``dvc repro`` would and skips what did not change;
 the task then reads the stage's outputs back as a typed result. Registration changes the
 MLflow registry rather than producing files, so it runs in the flow's last task.
+
+A scheduled run on unchanged data finishes in seconds: ingest compares the source's listing
+(paths, sizes, modification times) with the last ingest's instead of copying and re-hashing
+it, and when DVC's status finds every stage up to date, no ``dvc repro`` process is started.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -23,7 +28,7 @@ from mlflow.exceptions import MlflowException
 from prefect import get_run_logger, task
 
 from fracture.config import load_params
-from fracture.ingest import EX_TEMPFAIL
+from fracture.ingest import EX_TEMPFAIL, source_listing
 from fracture.registry import Registration
 from fracture.stages.register import run_register
 from fracture.workspace import Workspace
@@ -37,6 +42,8 @@ READERS: dict[str, Callable[[Workspace], Any]] = {
     "evaluate": Workspace.read_evaluate,
 }
 DVC_STAGES = tuple(READERS)
+#: The .dvc file that versions the data directory (``dvc add data``).
+DATA_DVC = "data.dvc"
 
 # MLflow error codes a later try may not meet: the tracking server or its database was down,
 # overloaded or timed out (MLflow reports an unreachable server as INTERNAL_ERROR).
@@ -78,6 +85,7 @@ class IngestSummary:
     data_version: str | None
     seconds: float
     previous_version: str | None = None
+    unchanged: str | None = None  # why nothing was copied (the source as at the last ingest), or None
 
     @property
     def changed(self) -> bool:
@@ -123,6 +131,58 @@ def _locked(project: Path, stage: str) -> Any:
     if not lock.is_file():
         return None
     return (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).get(stage)
+
+
+def dvc_status(project: Path, targets: list[str]) -> dict[str, Any]:
+    """DVC's status of ``targets`` in this process: ``{}`` when up to date.
+
+    DVC compares each dependency, parameter and output with ``dvc.lock`` (or the ``.dvc``
+    file), re-hashing only files whose size or modification time changed since it last hashed
+    them (its state database), as ``dvc repro`` decides what to run.
+
+    Args:
+        project: the project root.
+        targets: stage names of ``dvc.yaml``, or ``.dvc`` files relative to ``project``.
+    """
+    from dvc.repo import Repo  # noqa: PLC0415 - DVC's API loads slowly
+
+    root = project.resolve()
+    # Absolute targets: DVC resolves relative ones against the working directory, not the repo.
+    paths = [str(root / t) if t.endswith(".dvc") else f"{root / 'dvc.yaml'}:{t}" for t in targets]
+    with Repo(str(root)) as repo:
+        return repo.status(targets=paths)
+
+
+def _unchanged_source(project: Path, source: str | None) -> tuple[str | None, dict[str, object] | None]:
+    """Why ingesting ``source`` again would change nothing (``None``: it must run), and its listing.
+
+    Nothing to do when the source's listing equals the last ingest's, the project still holds
+    the data version that ingest made (``data.dvc``), and ``data/`` matches ``data.dvc``. A
+    download (no local source) is always made.
+    """
+    if source is None or not Path(source).expanduser().exists():
+        return None, None  # figshare, or a wrong path the ingest command reports
+    listing = source_listing(source)
+    workspace = Workspace(project)
+    params = load_params(project)
+    try:
+        record = json.loads(workspace.ingest_record.read_text())
+    except (OSError, ValueError):
+        return None, listing
+    version = workspace.data_version()
+    same = (
+        record.get("listing") == listing
+        and record.get("layout") == params.ingest.layout
+        and record.get("dest") == params.ingest.dest
+        and version is not None
+        and record.get("data_version") == version
+    )
+    if not same or dvc_status(project, [DATA_DVC]):
+        return None, listing
+    return (
+        f"{listing['source']} holds the same {listing['files']} files (paths, sizes and modification times) "
+        f"as at the last ingest, and {params.ingest.dest}/ still matches {DATA_DVC} ({version}): nothing copied"
+    ), listing
 
 
 def repro(project: Path, stage: str) -> StageRun:
@@ -183,14 +243,34 @@ def ingest_task(project: Path, source: str | None) -> IngestSummary:
     started = time.perf_counter()
     workspace = Workspace(project)
     previous = workspace.data_version()
+    unchanged, listing = _unchanged_source(project, source)
+    if unchanged is not None:
+        get_run_logger().info(unchanged)
+        return IngestSummary(previous, time.perf_counter() - started, previous, unchanged=unchanged)
     _run([sys.executable, "-m", "fracture.cli", "ingest", *(["--source", source] if source else [])], project)
     dvc(project, "add", "data")
-    return IngestSummary(workspace.data_version(), time.perf_counter() - started, previous)
+    version = workspace.data_version()
+    if listing is not None:
+        # Listed before copying: a file changed during the copy makes the next run copy again.
+        params = load_params(project)
+        record = {"listing": listing, "layout": params.ingest.layout, "dest": params.ingest.dest,
+                  "data_version": version}
+        workspace.ingest_record.parent.mkdir(parents=True, exist_ok=True)
+        workspace.ingest_record.write_text(json.dumps(record, indent=2) + "\n")
+    return IngestSummary(version, time.perf_counter() - started, previous)
 
 
 @task(name="stage", task_run_name="{stage}")
-def stage_task(project: Path, stage: str) -> tuple[StageRun, Any]:
-    """Runs one DVC stage (``dvc repro <stage>``) and reads its outputs back as the stage's typed result."""
+def stage_task(project: Path, stage: str, up_to_date: bool = False) -> tuple[StageRun, Any]:
+    """Runs one DVC stage (``dvc repro <stage>``) and reads its outputs back as the stage's typed result.
+
+    With ``up_to_date`` (DVC's status found the whole pipeline as ``dvc.lock`` records it), no
+    ``dvc repro`` process is started: it would run nothing.
+    """
+    if up_to_date:
+        started = time.perf_counter()
+        result = READERS[stage](Workspace(project))
+        return StageRun(stage, False, time.perf_counter() - started), result
     return repro(project, stage), READERS[stage](Workspace(project))
 
 

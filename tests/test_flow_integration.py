@@ -121,7 +121,25 @@ def test_flow_registers_a_champion_then_reruns_nothing(project, subset_source, f
     assert second.nothing_changed and not first.nothing_changed
     report = Artifact.get(REPORT_KEY)  # the latest version: the second run's
     assert report is not None and "**Nothing changed**" in report.data
+    assert "source unchanged since the last ingest: nothing copied" in report.data
+    # Ingest compared the source's listing instead of copying it; DVC's status started no repro.
+    assert second.ingest.unchanged is not None and "nothing copied" in second.ingest.unchanged
+    assert first.ingest.unchanged is None
     print(f"\nretrain flow with nothing changed: {noop_seconds:.1f} s (first run trained and registered)")
+
+    # The check is sound: a source file rewritten (a new modification time) is copied again...
+    rewritten = next((subset_source / "images" / "Fractured").iterdir())
+    stat = rewritten.stat()
+    os.utime(rewritten, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    third = retrain(project_dir=str(project), source=str(subset_source))
+    assert third.ingest.unchanged is None and third.ingest.data_version == first.ingest.data_version
+    assert third.nothing_changed  # same bytes: the same data version, nothing retrained
+    # ...and a data folder changed by hand is restored from the source, though the source is as it was.
+    dest = project / yaml.safe_load((project / "params.yaml").read_text())["ingest"]["dest"]
+    edited = dest / "images" / "Fractured" / rewritten.name
+    edited.unlink()
+    fourth = retrain(project_dir=str(project), source=str(subset_source))
+    assert fourth.ingest.unchanged is None and edited.is_file() and fourth.nothing_changed
 
 
 
