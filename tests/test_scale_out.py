@@ -1,0 +1,44 @@
+"""The training image installs exactly as the README's set-up commands do."""
+
+from __future__ import annotations
+
+import re
+
+from tests.conftest import REPO
+
+
+def _instructions(text: str) -> list[tuple[str, str]]:
+    """A Dockerfile's instructions as (keyword, arguments), continuation lines joined."""
+    joined = re.sub(r"\\\n\s*", " ", "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#")))
+    return [(m[1].upper(), m[2].strip()) for m in re.finditer(r"^\s*([A-Za-z]+)\s+(.*)$", joined, re.MULTILINE)]
+
+
+def _make_prerequisites(makefile: str, target: str) -> list[str]:
+    match = re.search(rf"^{re.escape(target)}:([^\n]*)$", makefile, re.MULTILINE)
+    assert match, f"Makefile has no target {target}"
+    return match[1].split()
+
+
+def test_the_dockerfile_installs_with_the_readmes_install_step():
+    readme = (REPO / "README.md").read_text()
+    makefile = (REPO / "Makefile").read_text()
+    steps = _instructions((REPO / "Dockerfile").read_text())
+
+    setup = readme.split("## Set-up on a fresh machine", 1)[1].split("\n## ", 1)[0]
+    commands = [line.strip() for line in setup.splitlines() if line.startswith("    ")]
+    assert [c.split()[:2] for c in commands] == [["make", "main"], ["make", "test"]]
+    # Both README commands install through the venv target; the image runs that target alone.
+    assert "venv" in _make_prerequisites(makefile, "main") and "venv" in _make_prerequisites(makefile, "test")
+    runs = [args for keyword, args in steps if keyword == "RUN"]
+    assert "make venv" in runs
+    assert not any(re.search(r"\bpip\b|\buv\b|\bpoetry\b", r) for r in runs)  # no second way to install
+    venv_rule = makefile.split("$(STAMP):", 1)[1].split("\n\n", 1)[0]
+    assert "--constraint constraints.txt" in venv_rule  # the pinned set
+
+    # The image's Python is the one the venv is made with, and the README names the image's build.
+    base = next(args for keyword, args in steps if keyword == "FROM")
+    assert base.startswith("python:3.11")
+    assert "docker build -t" in readme and "schedule.image" in readme
+    # Files a run makes never enter the image.
+    ignored = (REPO / ".dockerignore").read_text().split()
+    assert {".venv/", "data/", "outputs/", "mlflow.db", "mlartifacts/"} <= set(ignored)
