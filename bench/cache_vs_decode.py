@@ -4,8 +4,9 @@
 
 Both paths produce the same uint8 tensors at the input size (the script checks they are
 equal): ``decode`` is JPEG decoding plus resizing with the stage's thread count, what
-training did before the cache existed; ``cache`` opens the memory-mapped ``images.npy`` and
-iterates it in training batches. Both read from the operating system's file cache after
+training did before the cache existed; ``cache`` is one training epoch as the train stage
+reads it: the cache's reader over the memory-mapped ``images.npy``, shuffled batches through a
+``DataLoader``, each batch one gather. Both read from the operating system's file cache after
 the first pass, so the ratio is of the work, not of the disk.
 """
 
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
 from fracture.config import load_params
 from fracture.imaging import Preprocessor
@@ -67,10 +68,11 @@ def main() -> None:
         key = cache_key(config, allow_truncated=True)
         prepare_images(frame, args.data, pre.resize, key, Path(tmp), workers)
         t0 = time.perf_counter()
-        data = open_prepared(Path(tmp), key).dataset(frame)
-        seen = sum(len(x) for x, _ in DataLoader(data, batch_size=args.batch, shuffle=True))
+        reader = open_prepared(Path(tmp), key).reader(frame)
+        batches = BatchSampler(RandomSampler(reader), args.batch, drop_last=False)
+        seen = sum(len(x) for x, _ in DataLoader(reader, sampler=batches, batch_size=None))
         cache_s = time.perf_counter() - t0
-        assert seen == len(frame) and torch.equal(data.tensors[0], decoded), "cache and decode differ"
+        assert seen == len(frame) and torch.equal(reader[list(range(len(frame)))][0], decoded), "cache and decode differ"
 
     n = len(frame)
     print(f"{'path':>8} {'seconds':>8} {'images/s':>9}")

@@ -111,7 +111,7 @@ def fit_fold(
         the fit.
     """
     fit_frame, held_out = pooled[fold_of != number], pooled[fold_of == number]
-    fit = train(cache.dataset(fit_frame), cache.dataset(held_out), config, profile, params, on_epoch=on_epoch)
+    fit = train(cache.reader(fit_frame), cache.dataset(held_out), config, profile, params, on_epoch=on_epoch)
     assert fit.final_val_probabilities is not None  # no checkpoint: every epoch ran in this call
     record = CrossvalFold(
         fold=number,

@@ -266,6 +266,16 @@ def build_transform(config: DataConfig) -> transforms.Compose:
     return transform
 
 
+def nchw(pixels: np.ndarray) -> torch.Tensor:
+    """Decoded images (N, H, W, C) as an NCHW tensor without copying them.
+
+    The tensor keeps the pixels in their decoded order, which is PyTorch's channels-last
+    memory format: the layout the network runs in (``torch.channels_last``), so neither a
+    transposing copy here nor one before the forward pass is needed.
+    """
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2)
+
+
 class Preprocessor:
     """timm's evaluation transform, split at the tensor boundary.
 
@@ -283,14 +293,14 @@ class Preprocessor:
         self.normalize = steps[-1]
 
     def load(self, paths: Sequence[Path], allow_truncated: bool, workers: int) -> torch.Tensor:
-        """Decodes and resizes images into one uint8 NCHW tensor."""
+        """Decodes and resizes images into one uint8 NCHW tensor (channels-last in memory, see :func:`nchw`)."""
 
         def one(path: Path) -> np.ndarray:
             return np.asarray(self.resize(open_xray(path, allow_truncated=allow_truncated)))
 
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             arrays = list(pool.map(one, paths))
-        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+        return nchw(np.stack(arrays))
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         return self.normalize(batch.float().div_(255))

@@ -13,6 +13,7 @@ import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
-from fracture.imaging import DataConfig, open_xray
+from fracture.imaging import DataConfig, nchw, open_xray
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,30 @@ class StaleCacheError(RuntimeError):
     """The prepared cache was built for a different input size, aspect or image set."""
 
 
+class CachedImages(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """A split's images and labels, read from the memory-mapped cache when a batch asks for them.
+
+    Indexing with a sequence of positions reads the whole batch in one gather (use it with a
+    ``BatchSampler`` and ``batch_size=None``); nothing of the split is copied up front, so an
+    epoch costs the batches it reads, not a copy of the split.
+
+    Attributes:
+        labels: each image's label, in the split's order.
+    """
+
+    def __init__(self, images: np.ndarray, rows: np.ndarray, labels: torch.Tensor) -> None:
+        self.images, self.rows, self.labels = images, rows, labels
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int | Sequence[int] | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        if np.ndim(index) == 0:
+            return nchw(np.array(self.images[self.rows[index]])[None])[0], self.labels[index]
+        positions = np.asarray(index, dtype=np.int64)
+        return nchw(np.asarray(self.images[self.rows[positions]])), self.labels[torch.from_numpy(positions)]
+
+
 @dataclass(frozen=True)
 class PreparedImages:
     """A read-only view of the cache: pixels (memory-mapped) and the row of each image id."""
@@ -45,24 +70,35 @@ class PreparedImages:
     rows: dict[str, int]
     meta: dict[str, Any]
 
-    def dataset(self, frame: pd.DataFrame) -> TensorDataset:
-        """The frame's images (uint8 NCHW) and labels, in the frame's order.
-
-        Raises:
-            StaleCacheError: an image id of the frame is not in the cache.
-        """
+    def _rows(self, frame: pd.DataFrame) -> np.ndarray:
         missing = [i for i in frame["image_id"] if i not in self.rows]
         if missing:
             raise StaleCacheError(
                 f"{len(missing)} images are not in the prepared cache (e.g. {missing[:5]}); "
                 "it was built from another manifest: run `dvc repro prepare`"
             )
-        rows = np.array([self.rows[i] for i in frame["image_id"]], dtype=np.int64)
+        return np.array([self.rows[i] for i in frame["image_id"]], dtype=np.int64)
+
+    def reader(self, frame: pd.DataFrame) -> CachedImages:
+        """The frame's images and labels, read a batch at a time (for training epochs).
+
+        Raises:
+            StaleCacheError: an image id of the frame is not in the cache.
+        """
+        return CachedImages(self.images, self._rows(frame), torch.tensor(frame["label"].astype(int).to_numpy()))
+
+    def dataset(self, frame: pd.DataFrame) -> TensorDataset:
+        """The frame's images (uint8 NCHW) and labels, in the frame's order, read into memory.
+
+        Raises:
+            StaleCacheError: an image id of the frame is not in the cache.
+        """
+        rows = self._rows(frame)
         # Sorted reads are sequential on disk; the order is restored afterwards.
         order = np.argsort(rows, kind="stable")
         pixels = np.empty((len(rows), *self.images.shape[1:]), dtype=np.uint8)
         pixels[order] = self.images[rows[order]]
-        images = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
+        images = nchw(pixels)  # channels-last in memory, as the network runs
         labels = torch.tensor(frame["label"].astype(int).to_numpy())
         return TensorDataset(images, labels)
 

@@ -23,6 +23,7 @@ from timm.utils.model import freeze
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import (
+    BatchSampler,
     DataLoader,
     RandomSampler,
     TensorDataset,
@@ -36,7 +37,7 @@ from fracture.config import Profile, TrainParams
 from fracture.imaging import DataConfig, Preprocessor
 from fracture.inference import autocast_for, probabilities
 from fracture.model import create_classifier, data_config
-from fracture.prepare import StaleCacheError
+from fracture.prepare import CachedImages, StaleCacheError
 from fracture.vocabulary import CLASSES, Augment, ClassBalance, Device, choices
 
 log = logging.getLogger(__name__)
@@ -182,8 +183,13 @@ def train_step(
     return loss
 
 
+def labels_of(data: TensorDataset | CachedImages) -> torch.Tensor:
+    """A training set's labels, without reading its images."""
+    return data.labels if isinstance(data, CachedImages) else data.tensors[1]
+
+
 def train(
-    train_data: TensorDataset,
+    train_data: TensorDataset | CachedImages,
     val_data: TensorDataset,
     config: DataConfig,
     profile: Profile,
@@ -209,8 +215,9 @@ def train(
     checkpoints; a resumed run reads rank 0's checkpoint on every rank.
 
     Args:
-        train_data: training images (uint8 NCHW at the input size, e.g. from the prepared
-            cache) and labels.
+        train_data: training images (uint8 NCHW at the input size) and labels: the prepared
+            cache's reader (:meth:`fracture.prepare.PreparedImages.reader`), which reads each
+            batch when it is due, or tensors in memory.
         val_data: validation images and labels.
         config: the data config the images were prepared with
             (:func:`fracture.model.profile_data_config`).
@@ -264,7 +271,7 @@ def train(
         else model
     )
     generator = torch.Generator().manual_seed(params.seed)
-    criterion, sampler = class_balance(params.class_balance, train_data.tensors[1], generator)
+    criterion, sampler = class_balance(params.class_balance, labels_of(train_data), generator)
     criterion = criterion.to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=profile.learning_rate(params), weight_decay=params.weight_decay)
@@ -283,11 +290,12 @@ def train(
     if lone_last and context.is_main:
         log.info("%d images per epoch and process in batches of %d: each epoch's last image, alone in its "
                  "batch, is skipped that epoch", len(shard), batch_size)
+    # Each batch is fetched with one indexing call (a gather from the memory-mapped cache),
+    # not image by image and stacked.
     loader = DataLoader(
         train_data,
-        batch_size=batch_size,
-        sampler=shard,
-        drop_last=lone_last,
+        sampler=BatchSampler(shard, batch_size, drop_last=lone_last),
+        batch_size=None,
         generator=generator,
         pin_memory=device.type == "cuda",
     )

@@ -43,6 +43,35 @@ def test_cache_holds_exactly_the_decoded_pixels_in_frame_order(tmp_path):
     assert cached.tensors[0].dtype == torch.uint8 and cached.tensors[0].shape == (10, 3, 48, 48)
     assert torch.equal(cached.tensors[0], decoded.tensors[0])
     assert torch.equal(cached.tensors[1], decoded.tensors[1])
+    # The reader training epochs use: a batch of positions in one gather, single images alike.
+    reader = cache.reader(shuffled)
+    assert len(reader) == 10
+    images, labels = reader[[7, 2, 9]]
+    assert torch.equal(images, decoded.tensors[0][[7, 2, 9]]) and torch.equal(labels, decoded.tensors[1][[7, 2, 9]])
+    image, label = reader[4]
+    assert torch.equal(image, decoded.tensors[0][4]) and int(label) == int(decoded.tensors[1][4])
+    assert images.is_contiguous(memory_format=torch.channels_last)  # the layout the network runs in
+
+
+def test_training_from_the_cache_reader_equals_training_from_memory(tmp_path):
+    import dataclasses as dc
+
+    from fracture.config import load_params
+    from fracture.model import profile_data_config
+    from fracture.training import train
+    from tests.conftest import REPO
+
+    make_dataset(tmp_path, 6, 8)
+    params = load_params(REPO)
+    profile = dc.replace(params.profiles["cpu"], image_size=32, epochs=1, frozen=())
+    config = profile_data_config(profile)
+    frame = training_frame(tmp_path)
+    cache = open_prepared(build(tmp_path, frame, config), cache_key(config, True))
+    train_params = dc.replace(params.train, batch_size=4)
+    from_reader = train(cache.reader(frame), cache.dataset(frame), config, profile, train_params)
+    from_memory = train(cache.dataset(frame), cache.dataset(frame), config, profile, train_params)
+    for key, value in from_memory.model.state_dict().items():
+        assert torch.equal(from_reader.model.state_dict()[key], value), key
 
 
 def test_cached_pixels_normalised_equal_the_served_transform(tmp_path):

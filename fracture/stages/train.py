@@ -100,7 +100,7 @@ def _train(params: Params, workspace: Workspace) -> None:
     frames = workspace.read_split_tables()
     config, _ = active_cache(params)
     cache = open_cache(params, workspace, config)
-    train_data, val_data = cache.dataset(frames["train"]), cache.dataset(frames["val"])
+    train_data, val_data = cache.reader(frames["train"]), cache.dataset(frames["val"])
     # Everything that makes the run what it is: a checkpoint of any other run is not resumed.
     key = checkpoint.fingerprint(
         {
