@@ -14,7 +14,7 @@ export DO_NOT_TRACK ?= 1
 # two-core machine takes longer than Prefect's default 20 s.
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 
-.PHONY: venv main repro serve-schedule deploy-schedule app browser test test-all clean
+.PHONY: venv main repro serve-schedule deploy-schedule app browser test test-all bench clean
 
 venv: $(STAMP)
 
@@ -60,6 +60,18 @@ test: venv browser
 ## test-all: everything, including tests marked slow
 test-all: venv browser
 	$(PY) -m pytest -m 'slow or not slow'
+
+## bench: the benchmarks of bench/RESULTS.md, each printing its sides and their ratio (never part of the tests).
+## The no-op run needs a project whose main job has run (make main) with the same FRACATLAS_SOURCE.
+BENCH_DATA = $(or $(FRACATLAS_SOURCE),../shared/fracatlas)
+bench: venv
+	$(PY) -m bench.cache_vs_decode --data "$(BENCH_DATA)"
+	$(PY) -m bench.train_loop
+	$(PY) -m bench.consumer_inference --data "$(BENCH_DATA)"
+	$(PY) -m bench.serving_latency --data "$(BENCH_DATA)"
+	$(PY) -m bench.orchestration --data "$(BENCH_DATA)"
+	@if [ -f outputs/evaluate/metrics.json ]; then $(PY) -m bench.noop_run --source "$(BENCH_DATA)"; \
+	else echo "bench.noop_run skipped: run make main FRACATLAS_SOURCE=$(BENCH_DATA) first"; fi
 
 clean:
 	rm -rf $(VENV) outputs mlartifacts mlflow.db

@@ -25,7 +25,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
-from fracture.imaging import DataConfig, Preprocessor
+from fracture.imaging import DataConfig, Preprocessor, nchw
 from fracture.intake import InputPolicy
 from fracture.vocabulary import CLASSES, Tta, choices
 
@@ -193,8 +193,7 @@ class Classifier:
 
     def pixels(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """Resizes decoded RGB images to the input size: one uint8 NCHW tensor."""
-        arrays = [np.asarray(self.preprocessor.resize(image)) for image in images]
-        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+        return nchw(np.stack([np.asarray(self.preprocessor.resize(image)) for image in images]))
 
     def batch(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """The normalised float batch the network sees (e.g. for a Grad-CAM heat map)."""

@@ -57,6 +57,20 @@ def requirements(config: ServingConfig) -> tuple[str, ...]:
     return REQUIREMENTS + ENHANCE_REQUIREMENTS.get(config.data_config.enhance, ())
 
 
+def _model_kwargs(weights: Path, config: ServingConfig, folder: Path) -> dict[str, object]:
+    """What ``mlflow.pyfunc.log_model`` and ``save_model`` are given: code, artifacts, signature, pins."""
+    config_path = folder / "model.json"
+    config_path.write_text(json.dumps(config.to_dict(), indent=2))
+    return {
+        "python_model": str(ENTRY),
+        "artifacts": {"weights": str(weights), "config": str(config_path)},
+        "code_paths": [str(Path(fracture.__file__).parent)],
+        "signature": SIGNATURE,
+        "input_example": _input_example(),
+        "pip_requirements": [f"{pkg}=={metadata.version(pkg)}" for pkg in requirements(config)],
+    }
+
+
 def log_pyfunc(run_id: str, weights: Path, config: ServingConfig) -> str:
     """Logs the model with its preprocessing code into the training run.
 
@@ -72,15 +86,15 @@ def log_pyfunc(run_id: str, weights: Path, config: ServingConfig) -> str:
     # MLflow resumes a run only inside its own experiment, which may not be the active one.
     mlflow.set_experiment(experiment_id=MlflowClient().get_run(run_id).info.experiment_id)
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
-        config_path = Path(tmp) / "model.json"
-        config_path.write_text(json.dumps(config.to_dict(), indent=2))
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=str(ENTRY),
-            artifacts={"weights": str(weights), "config": str(config_path)},
-            code_paths=[str(Path(fracture.__file__).parent)],
-            signature=SIGNATURE,
-            input_example=_input_example(),
-            pip_requirements=[f"{pkg}=={metadata.version(pkg)}" for pkg in requirements(config)],
-        )
+        info = mlflow.pyfunc.log_model(name="model", **_model_kwargs(weights, config, Path(tmp)))
     return info.model_uri
+
+
+def save_pyfunc(dest: Path, weights: Path, config: ServingConfig) -> Path:
+    """Saves the same model as :func:`log_pyfunc` to a folder, without a tracking server.
+
+    For benchmarks and for serving a model outside the registry (``mlflow models serve -m <dest>``).
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        mlflow.pyfunc.save_model(str(dest), **_model_kwargs(weights, config, Path(tmp)))
+    return dest

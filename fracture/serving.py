@@ -29,18 +29,21 @@ import json
 import logging
 import os
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
+import torch
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
-from fracture.inference import Classifier, ServingConfig
+from fracture.imaging import nchw
+from fracture.inference import Classifier, ServingConfig, probabilities
 from fracture.intake import InputPolicy, InputRejected, Xray, read_file, read_xray
 
 log = logging.getLogger(__name__)
@@ -65,6 +68,9 @@ PARAMS_SCHEMA = ParamSchema([ParamSpec("on_error", "string", "report")])
 SIGNATURE = ModelSignature(inputs=INPUT_SCHEMA, outputs=OUTPUT_SCHEMA, params=PARAMS_SCHEMA)
 #: Rows decoded and scored together; bounds the memory a large request needs.
 BATCH_SIZE = 32
+#: Threads that check, decode and resize rows (Pillow releases the GIL while it decodes and
+#: resizes), while the network scores the batch before.
+DECODE_THREADS = max(2, min(4, os.cpu_count() or 1))
 
 
 class RequestRefused(MlflowException, ValueError):
@@ -184,6 +190,16 @@ class FracturePyfunc(mlflow.pyfunc.PythonModel):
         """Fracture probabilities of checked X-rays, in order (float64)."""
         return self.classifier.probabilities([x.image for x in xrays], BATCH_SIZE).astype(np.float64)
 
+    def score_pixels(self, pixels: torch.Tensor) -> np.ndarray:
+        """Fracture probabilities of images already resized to the input size (uint8 NCHW), as float64."""
+        c = self.classifier
+        return probabilities(c.network, pixels, c.preprocessor, c.device, BATCH_SIZE, c.config.tta).astype(np.float64)
+
+    def _read_resized(self, i: int, row: pd.Series) -> tuple[list[str], np.ndarray]:
+        """One row checked, decoded and resized to the input size (HWC), with what was done on the way."""
+        xray = read_row(i, row, self.root, self.policy)
+        return list(xray.warnings), np.asarray(self.classifier.preprocessor.resize(xray.image))
+
     def predict(
         self,
         context: mlflow.pyfunc.PythonModelContext | None,
@@ -212,23 +228,35 @@ class FracturePyfunc(mlflow.pyfunc.PythonModel):
             },
             columns=list(OUTPUT_COLUMNS),
         )
-        # Decoded a batch at a time, so a large request never holds every full-size X-ray at once.
-        for start in range(0, len(rows), BATCH_SIZE):
-            read: dict[int, Xray] = {}
-            for i, row in rows.iloc[start : start + BATCH_SIZE].iterrows():
-                try:
-                    read[int(i)] = read_row(int(i), row, self.root, self.policy)
-                except RowRefused as exc:
-                    if on_error == "raise":
-                        raise RequestRefused(str(exc)) from None
-                    out.at[i, "error"] = str(exc)
-            if not read:
-                continue
-            index = list(read)
-            probs = self.score(list(read.values()))
-            out.loc[index, "fracture_probability"] = probs
-            out.loc[index, "label"] = self.classifier.labels(probs)
-            out.loc[index, "note"] = ["; ".join(x.warnings) for x in read.values()]
+        # A batch at a time, so a large request never holds every full-size X-ray at once; each
+        # row is resized as soon as it is decoded, and the next batch is read while this one is
+        # scored, so decoding and the network overlap.
+        batches = [rows.iloc[start : start + BATCH_SIZE] for start in range(0, len(rows), BATCH_SIZE)]
+        with ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="fracture-decode") as pool:
+
+            def submit(batch: pd.DataFrame) -> list[tuple[int, Future[tuple[list[str], np.ndarray]]]]:
+                return [(int(i), pool.submit(self._read_resized, int(i), row)) for i, row in batch.iterrows()]
+
+            pending = submit(batches[0]) if batches else []
+            for k in range(len(batches)):
+                current, pending = pending, submit(batches[k + 1]) if k + 1 < len(batches) else []
+                read: dict[int, tuple[list[str], np.ndarray]] = {}
+                for i, future in current:
+                    try:
+                        read[i] = future.result()
+                    except RowRefused as exc:
+                        if on_error == "raise":
+                            for _, later in pending:
+                                later.cancel()
+                            raise RequestRefused(str(exc)) from None
+                        out.at[i, "error"] = str(exc)
+                if not read:
+                    continue
+                index = list(read)
+                probs = self.score_pixels(nchw(np.stack([pixels for _, pixels in read.values()])))
+                out.loc[index, "fracture_probability"] = probs
+                out.loc[index, "label"] = self.classifier.labels(probs)
+                out.loc[index, "note"] = ["; ".join(warnings) for warnings, _ in read.values()]
         if _in_scoring_server() and out["error"].ne("").any():
             # MLflow's server writes NaN as a bare NaN, which is not JSON; an unscored row gets null.
             out["fracture_probability"] = out["fracture_probability"].astype(object).where(out["error"].eq(""), None)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
 from sklearn.metrics import roc_auc_score
 from sklearn.utils.class_weight import compute_class_weight
@@ -358,7 +359,12 @@ def train(
             "lr": optimizer.param_groups[0]["lr"],
             "train_images_per_s": seen / train_time,
             "epoch_seconds": time.perf_counter() - started,
+            # Memory after the epoch, to see that it does not grow from epoch to epoch.
+            "rss_mb": psutil.Process().memory_info().rss / 2**20,
         }
+        if device.type == "cuda":
+            metrics["cuda_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+            torch.cuda.reset_peak_memory_stats(device)
         history.append(metrics)
         if context.is_main:
             log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in metrics.items()})

@@ -190,6 +190,21 @@ def test_a_bad_row_is_reported_in_its_row_and_the_others_are_scored(model, row, 
         model.predict(frame, params={"on_error": "raise"})
 
 
+def test_a_request_of_several_batches_answers_every_row_in_order(model):
+    # 40 rows: two batches, the second decoded while the first is scored; bad rows in both.
+    xrays = [b64(p) for p in xray_paths()]
+    rows = [{"image": xrays[i % 2]} for i in range(40)]
+    rows[5] = rows[35] = {"image": "this is not base64!"}
+    out = model.predict(pd.DataFrame(rows))
+    alone = model.predict(pd.DataFrame({"image": xrays}))["fracture_probability"]
+    assert [i for i, e in enumerate(out["error"]) if e] == [5, 35]
+    assert out["error"][35].startswith("row 35: 'image' is not base64 text")
+    scored = [i for i in range(40) if i not in (5, 35)]
+    np.testing.assert_allclose(out["fracture_probability"][scored], [alone[i % 2] for i in scored], rtol=0, atol=1e-6)
+    with pytest.raises(RequestRefused, match="^row 5: "):
+        model.predict(pd.DataFrame(rows), params={"on_error": "raise"})
+
+
 def test_path_rows_are_refused_without_an_input_root(model):
     out = model.predict(pd.DataFrame({"path": [str(xray_paths()[0])]}))
     assert out["error"][0].startswith("row 0: 'path' input is switched off on this model; send the file's bytes")

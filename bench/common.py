@@ -1,0 +1,40 @@
+"""What several benchmarks share: real FracAtlas X-rays by size, and the CPU profile's network as the registry's pyfunc."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image
+from safetensors.torch import save_file
+
+from fracture.config import Params
+from fracture.inference import ServingConfig
+from fracture.model import create_classifier, data_config
+from fracture.packaging import save_pyfunc
+from fracture.stages.register import input_policy
+
+
+def pick(root: Path, size: tuple[int, int], n: int) -> list[Path]:
+    """The first ``n`` FracAtlas JPEGs of ``size`` (width, height), by name."""
+    found = []
+    for path in sorted((root / "images").rglob("*.jpg")):
+        with Image.open(path) as img:
+            if img.size == size:
+                found.append(path)
+        if len(found) == n:
+            return found
+    raise SystemExit(f"only {len(found)} images of {size[0]} x {size[1]} in {root}")
+
+
+def save_cpu_model(params: Params, folder: Path) -> Path:
+    """The CPU profile's network (ImageNet weights, untrained head) saved as the registry's pyfunc.
+
+    Speed does not depend on the weights' values, so no training is needed to measure it.
+    """
+    profile = params.profiles["cpu"]
+    network = create_classifier(profile)
+    weights = folder / "model.safetensors"
+    save_file(network.state_dict(), str(weights))
+    config = ServingConfig(profile.model, data_config(network, profile.image_size, params.prepare.aspect),
+                           0.5, tta=profile.tta, input=input_policy(params))
+    return save_pyfunc(folder / "pyfunc", weights, config)

@@ -1,0 +1,93 @@
+"""A consumer's batch predict through the pyfunc vs its two halves alone, side by side.
+
+    .venv/bin/python -m bench.consumer_inference --data ../shared/fracatlas [--per-size 32] [--repeats 2]
+
+The images are real FracAtlas X-rays, half at 373 x 454 and half at 2304 x 2880 pixels (the
+two sizes most of FracAtlas comes in), sent as file bytes in one DataFrame, as a batch job
+does. The model is the CPU profile's network (ImageNet weights, untrained head: speed does not
+depend on the weights) saved as the registry's pyfunc (:func:`fracture.packaging.save_pyfunc`).
+
+- ``pyfunc``: ``model.predict(frame)``: input checks, decoding, resizing and the forward pass;
+- ``decode``: the same checks, decoding and resizing alone (:func:`fracture.intake.read_xray`
+  and the model's resize), image after image;
+- ``forward``: the network alone on the already resized pixels, in the pyfunc's batches.
+
+The target: the pyfunc reaches 0.9 of the slower of ``decode`` and ``forward``. The sides
+alternate and the medians are compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import mlflow.pyfunc
+import pandas as pd
+import torch
+
+from bench.common import pick, save_cpu_model
+from fracture.config import load_params
+from fracture.inference import probabilities
+from fracture.intake import read_xray
+from fracture.serving import BATCH_SIZE
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--data", type=Path, required=True, help="a FracAtlas-layout folder")
+    parser.add_argument("--per-size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+
+    params = load_params()
+    profile = params.profiles["cpu"]
+    paths = pick(args.data, (373, 454), args.per_size) + pick(args.data, (2304, 2880), args.per_size)
+    files = [p.read_bytes() for p in paths]
+    n = len(files)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = mlflow.pyfunc.load_model(str(save_cpu_model(params, Path(tmp))))
+    python_model = model.unwrap_python_model()
+    classifier = python_model.classifier
+    policy = python_model.policy
+    frame = pd.DataFrame({"image": files})
+    print(f"{n} X-rays ({args.per_size} at 373 x 454, {args.per_size} at 2304 x 2880), {profile.model} at "
+          f"{profile.image_size} px, tta {profile.tta}, batches of {BATCH_SIZE}, {torch.get_num_threads()} threads")
+
+    def run_pyfunc() -> float:
+        started = time.perf_counter()
+        out = model.predict(frame)
+        assert out["error"].eq("").all(), out["error"].tolist()
+        return n / (time.perf_counter() - started)
+
+    def run_decode() -> tuple[float, torch.Tensor]:
+        started = time.perf_counter()
+        pixels = classifier.pixels([read_xray(data, policy).image for data in files])
+        return n / (time.perf_counter() - started), pixels
+
+    def run_forward(pixels: torch.Tensor) -> float:
+        started = time.perf_counter()
+        for i in range(0, n, BATCH_SIZE):
+            probabilities(classifier.network, pixels[i : i + BATCH_SIZE], classifier.preprocessor,
+                          classifier.device, BATCH_SIZE, classifier.config.tta)
+        return n / (time.perf_counter() - started)
+
+    run_pyfunc()  # warm-up: first-call allocations and kernel selection
+    rates: dict[str, list[float]] = {"pyfunc": [], "decode": [], "forward": []}
+    for _ in range(args.repeats):
+        rates["pyfunc"].append(run_pyfunc())
+        rate, pixels = run_decode()
+        rates["decode"].append(rate)
+        rates["forward"].append(run_forward(pixels))
+    medians = {k: statistics.median(v) for k, v in rates.items()}
+    for side, rate in medians.items():
+        print(f"{side:>8} {rate:7.1f} images/s  (runs: {', '.join(f'{r:.1f}' for r in rates[side])})")
+    slower = min(medians["decode"], medians["forward"])
+    print(f"pyfunc / slower of decode and forward: {medians['pyfunc'] / slower:.2f} (target 0.9)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""Latency and throughput of one X-ray per request through ``mlflow models serve`` on 127.0.0.1.
+
+    .venv/bin/python -m bench.serving_latency --data ../shared/fracatlas [--requests 40] [--clients 4]
+
+Serves the CPU profile's network as the registry's pyfunc (:func:`bench.common.save_cpu_model`)
+with ``mlflow models serve --env-manager local -w 1`` on a free loopback port, then:
+
+- one client, one request at a time: p50 and p95 latency for a 373 x 454 and a 2304 x 2880
+  X-ray (``--requests`` each, at most ``--seconds`` each, after 3 warm-up requests);
+- ``--clients`` clients at once, each sending the 373 x 454 X-ray ``--requests`` times, within
+  ``--seconds``: requests per second over all, and p50 / p95 under that load.
+
+The server is stopped at the end, whatever happened.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import requests
+
+from bench.common import pick, save_cpu_model
+from fracture.config import load_params
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def percentile(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
+
+
+def timed_requests(url: str, body: dict, count: int, seconds: float) -> list[float]:
+    """Latencies (s) of up to ``count`` requests, one at a time, stopping after ``seconds``."""
+    latencies: list[float] = []
+    deadline = time.monotonic() + seconds
+    while len(latencies) < count and time.monotonic() < deadline:
+        started = time.perf_counter()
+        answer = requests.post(url, json=body, timeout=120)
+        answer.raise_for_status()
+        latencies.append(time.perf_counter() - started)
+    return latencies
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--data", type=Path, required=True, help="a FracAtlas-layout folder")
+    parser.add_argument("--requests", type=int, default=40)
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=120.0)
+    args = parser.parse_args()
+
+    params = load_params()
+    small, large = pick(args.data, (373, 454), 1)[0], pick(args.data, (2304, 2880), 1)[0]
+    body = {p: {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(p.read_bytes()).decode()]]}}
+            for p in (small, large)}
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryDirectory() as tmp:
+        model = save_cpu_model(params, Path(tmp))
+        env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+        log = Path(tmp) / "serve.log"
+        cmd = [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", str(model),
+               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"]
+        with log.open("w") as out:
+            server = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 300
+            while True:
+                if server.poll() is not None:
+                    raise SystemExit(f"mlflow models serve exited with {server.returncode}:\n{log.read_text()[-3000:]}")
+                try:
+                    if requests.get(f"{url}/ping", timeout=5).status_code == 200:
+                        break
+                except requests.RequestException:
+                    pass
+                if time.monotonic() > deadline:
+                    raise SystemExit("mlflow models serve did not answer /ping within 300 s")
+                time.sleep(0.5)
+            print(f"mlflow models serve on {url}, 1 worker, {params.profiles['cpu'].model} at "
+                  f"{params.profiles['cpu'].image_size} px, tta {params.profiles['cpu'].tta}")
+            invocations = f"{url}/invocations"
+            for path in (small, large):
+                timed_requests(invocations, body[path], 3, args.seconds)  # warm-up
+                lat = timed_requests(invocations, body[path], args.requests, args.seconds)
+                print(f"one client, {path.name} ({'373 x 454' if path == small else '2304 x 2880'}): "
+                      f"{len(lat)} requests, p50 {1000 * percentile(lat, 50):.0f} ms, "
+                      f"p95 {1000 * percentile(lat, 95):.0f} ms")
+            started = time.perf_counter()
+            with ThreadPoolExecutor(args.clients) as pool:
+                per_client = list(pool.map(
+                    lambda _: timed_requests(invocations, body[small], args.requests, args.seconds),
+                    range(args.clients),
+                ))
+            elapsed = time.perf_counter() - started
+            lat = [x for client in per_client for x in client]
+            print(f"{args.clients} clients at once, {small.name}: {len(lat)} requests in {elapsed:.1f} s = "
+                  f"{len(lat) / elapsed:.1f} requests/s; p50 {1000 * percentile(lat, 50):.0f} ms, "
+                  f"p95 {1000 * percentile(lat, 95):.0f} ms")
+        finally:
+            os.killpg(server.pid, signal.SIGTERM)
+            try:
+                server.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait()
+
+
+if __name__ == "__main__":
+    main()

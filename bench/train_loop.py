@@ -1,0 +1,102 @@
+"""The product's training loop vs a bare timm + PyTorch loop on identical tensors, side by side.
+
+    .venv/bin/python -m bench.train_loop [--images 320] [--repeats 2] [--memory-epochs 3]
+
+Both train the CPU profile's network (its architecture, input size and frozen layers) for one
+epoch over the same uint8 images in batches of ``train.batch_size`` with Adam and
+CosineAnnealingWarmRestarts. The product's loop is :func:`fracture.training.train` (sampler,
+preprocessing, progress, per-epoch validation on 16 images, checkpoint-free); its images per
+second are the training part of the epoch, as it logs them. The bare loop is the textbook one:
+a ``DataLoader`` with ``shuffle=True``, normalise, forward, loss, backward, step. The runs
+alternate (product, bare, product, bare, ...) so drift in the machine's speed hits both; the
+ratio is of the medians.
+
+Then the product's loop trains ``--memory-epochs`` epochs and prints the process's resident
+memory after each (the ``rss_mb`` it logs to MLflow): it must not grow from epoch to epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import time
+
+import psutil
+import timm
+import torch
+from timm.utils.model import freeze
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from fracture.config import load_params
+from fracture.model import profile_data_config
+from fracture.training import train
+
+
+def bare_epoch(data: TensorDataset, arch: str, frozen: tuple[str, ...], mean, std, batch: int, lr: float) -> float:
+    """Images per second of one epoch of the textbook loop."""
+    torch.manual_seed(0)
+    model = timm.create_model(arch, pretrained=False, num_classes=2)
+    if frozen:
+        freeze(model, list(frozen))
+    model = model.to(memory_format=torch.channels_last).train()
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    loader = DataLoader(data, batch_size=batch, shuffle=True)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=1)
+    criterion = nn.CrossEntropyLoss()
+    m = torch.tensor(mean).view(1, 3, 1, 1)
+    s = torch.tensor(std).view(1, 3, 1, 1)
+    started, seen = time.perf_counter(), 0
+    for i, (images, labels) in enumerate(loader):
+        x = ((images.float() / 255 - m) / s).contiguous(memory_format=torch.channels_last)
+        loss = criterion(model(x), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step(i / len(loader))
+        seen += len(labels)
+    return seen / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--images", type=int, default=320)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--memory-epochs", type=int, default=3)
+    args = parser.parse_args()
+
+    params = load_params()
+    profile = dataclasses.replace(params.profiles["cpu"], epochs=1)
+    config = profile_data_config(profile, params.prepare.aspect)
+    size = profile.image_size
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (args.images, 3, size, size), dtype=torch.uint8, generator=generator)
+    labels = (torch.rand(args.images, generator=generator) < 0.2).long()
+    labels[:2] = torch.tensor([0, 1])
+    data = TensorDataset(images, labels)
+    val = TensorDataset(images[:16], labels[:16])
+    print(f"{args.images} random images at {size} px, {profile.model}, frozen {list(profile.frozen)}, "
+          f"batch {params.train.batch_size}, {torch.get_num_threads()} threads")
+
+    product, bare = [], []
+    for r in range(args.repeats):
+        fit = train(data, val, config, profile, params.train)
+        product.append(fit.history[0]["train_images_per_s"])
+        bare.append(bare_epoch(data, profile.model, profile.frozen, config.mean, config.std,
+                               params.train.batch_size, profile.learning_rate(params.train)))
+        print(f"repeat {r + 1}: product {product[-1]:.2f} images/s, bare {bare[-1]:.2f} images/s")
+    ratio = statistics.median(product) / statistics.median(bare)
+    print(f"training loop: product {statistics.median(product):.2f} vs bare {statistics.median(bare):.2f} "
+          f"images/s (medians): ratio {ratio:.3f}")
+
+    if args.memory_epochs:
+        before = psutil.Process().memory_info().rss / 2**20
+        fit = train(data, val, config, dataclasses.replace(profile, epochs=args.memory_epochs), params.train)
+        rss = [h["rss_mb"] for h in fit.history]
+        print(f"resident memory before training {before:.0f} MiB; after each epoch: "
+              + ", ".join(f"{v:.0f}" for v in rss) + f" MiB; growth epoch 2 -> {len(rss)}: {rss[-1] - rss[min(1, len(rss) - 1)]:+.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
