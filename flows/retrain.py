@@ -6,11 +6,18 @@ Run it with ``python -m flows.retrain [--source PATH] [--profile NAME]`` from th
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from filelock import FileLock, Timeout
 from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
 from prefect.artifacts import create_markdown_artifact
 from ruamel.yaml import YAML
 
@@ -25,6 +32,53 @@ from tasks.pipeline import (
     register_task,
     stage_task,
 )
+
+
+#: Held by the run working in a project, beside a note of who holds it (``<lock>.json``).
+LOCK_FILE = Path("outputs") / "retrain.lock"
+
+
+class ProjectBusy(RuntimeError):
+    """Another retrain run is working in the project; this one changed nothing."""
+
+
+@contextmanager
+def project_lock(project: Path) -> Iterator[None]:
+    """One retrain run at a time per project: a second is refused at once, before it touches anything.
+
+    Two runs in one checkout would copy data under each other's stages and race for
+    ``dvc.lock`` and the registry. The lock is the operating system's (``filelock``), so a run
+    that dies, even killed, releases it. Scheduled runs never get here twice: the deployment's
+    ``schedule.concurrency_limit`` queues them.
+
+    Raises:
+        ProjectBusy: another run holds the project; the message says which.
+    """
+    path = project / LOCK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    note = path.with_suffix(".json")
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        try:
+            holder = json.loads(note.read_text())
+            who = (f"flow run {holder.get('flow_run') or '(outside Prefect)'}, process {holder['pid']} on "
+                   f"{holder['host']}, started {holder['started']}")
+        except (OSError, ValueError, KeyError):
+            who = "its details are not written yet"
+        raise ProjectBusy(
+            f"another retrain run is working in {project} ({who}). This run stopped without changing anything; "
+            "run it again once that one has finished (scheduled runs wait for each other: schedule.concurrency_limit)"
+        ) from None
+    try:
+        note.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                    "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                                    "flow_run": flow_run.get_name()}))
+        yield
+    finally:
+        note.unlink(missing_ok=True)
+        lock.release()
 
 
 def choose_profile(requested: str | None, cuda: bool) -> tuple[str, str]:
@@ -89,8 +143,13 @@ def retrain(project_dir: str = ".", source: str | None = None, profile: str | No
     Returns:
         Every stage's typed result and the registry outcome.
     """
-    logger = get_run_logger()
     project = Path(project_dir).resolve()
+    with project_lock(project):
+        return _retrain(project, source, profile)
+
+
+def _retrain(project: Path, source: str | None, profile: str | None) -> RetrainResult:
+    logger = get_run_logger()
     name, reason = choose_profile(profile, torch.cuda.is_available())
     print(reason)
     if set_profile(project, name):

@@ -7,6 +7,7 @@ the consumers' command: it needs only a registry, not a project.
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 from collections.abc import Iterator
@@ -47,6 +48,11 @@ _KNOWN_ERRORS = {
 }
 
 
+#: Failures to write a stage's outputs: disk full, a file over the size limit, no permission,
+#: a read-only file system, a disk quota.
+_WRITE_ERRORS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS, errno.EDQUOT})
+
+
 def _known_errors() -> tuple[type[BaseException], ...]:
     """The user-fixable errors a failed command can have raised; anything else keeps its traceback.
 
@@ -64,6 +70,15 @@ def _stage(command: str) -> Iterator[tuple[Params, Workspace]]:
         yield load_params(), Workspace(Path("."))
     except _known_errors() as exc:
         sys.exit(f"fracture {command}: {exc}")
+    except OSError as exc:
+        if exc.errno not in _WRITE_ERRORS:
+            raise
+        where = f" {exc.filename}" if exc.filename else ""
+        sys.exit(
+            f"fracture {command}: could not write{where}: {exc.strerror}. Free disk space or fix the folder's "
+            f"permissions, then run the stage again. Its previous outputs are in DVC's cache: "
+            f"`dvc checkout` puts them back, and dvc.lock still describes them."
+        )
 
 
 @app.callback()
