@@ -14,7 +14,7 @@ export DO_NOT_TRACK ?= 1
 # two-core machine takes longer than Prefect's default 20 s.
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 
-.PHONY: venv main repro serve-schedule deploy-schedule app browser test test-all bench clean
+.PHONY: venv main repro serve-schedule deploy-schedule app browser test test-all bench audit clean
 
 venv: $(STAMP)
 
@@ -72,6 +72,14 @@ bench: venv
 	$(PY) -m bench.orchestration --data "$(BENCH_DATA)"
 	@if [ -f outputs/evaluate/metrics.json ]; then $(PY) -m bench.noop_run --source "$(BENCH_DATA)"; \
 	else echo "bench.noop_run skipped: run make main FRACATLAS_SOURCE=$(BENCH_DATA) first"; fi
+
+## audit: pip-audit of every pin in constraints.txt against PyPI's advisories; the report goes to audit/pip-audit.json.
+## Fails when a pinned version has a known vulnerability; says so when packages could not be audited.
+audit: venv
+	mkdir -p audit
+	$(PY) -m pip_audit --requirement constraints.txt --no-deps --disable-pip --progress-spinner off \
+	  --format json --output audit/pip-audit.json; status=$$?; \
+	  $(PY) -m fracture.audit_report audit/pip-audit.json; exit $$status
 
 clean:
 	rm -rf $(VENV) outputs mlartifacts mlflow.db

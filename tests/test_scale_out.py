@@ -42,3 +42,20 @@ def test_the_dockerfile_installs_with_the_readmes_install_step():
     # Files a run makes never enter the image.
     ignored = (REPO / ".dockerignore").read_text().split()
     assert {".venv/", "data/", "outputs/", "mlflow.db", "mlartifacts/"} <= set(ignored)
+
+
+def test_the_audit_summary_names_vulnerable_pins_and_counts_what_was_not_audited():
+    from fracture.audit_report import summarise
+
+    report = {"dependencies": [
+        {"name": "good", "version": "1.0", "vulns": []},
+        {"name": "bad", "version": "2.0", "vulns": [{"id": "GHSA-xxxx", "fix_versions": ["2.1"]}]},
+        {"name": "unknown", "version": "3.0", "skip_reason": "Dependency not found on PyPI and could not be audited"},
+    ]}
+    lines = summarise(report)
+    assert lines[0] == "VULNERABLE bad==2.0: GHSA-xxxx (fixed in 2.1)"
+    assert lines[1] == "2 of 3 pinned packages audited; 1 with known vulnerabilities"
+    assert lines[2].startswith("NOT AUDITED: 1 packages, e.g. unknown: Dependency not found")
+    makefile = (REPO / "Makefile").read_text()
+    assert "--requirement constraints.txt --no-deps" in makefile  # the pinned set, exactly as installed
+    assert "make audit" in (REPO / ".ci" / "run").read_text()
