@@ -26,6 +26,20 @@ def pick(root: Path, size: tuple[int, int], n: int) -> list[Path]:
     raise SystemExit(f"only {len(found)} images of {size[0]} x {size[1]} in {root}")
 
 
+#: FracAtlas's large X-rays: 2304 x 2880 as published; copies shrunk by half hold 1152 x 1440.
+LARGE_SIZES = ((2304, 2880), (1152, 1440))
+
+
+def pick_large(root: Path, n: int) -> list[Path]:
+    """``n`` of the large X-rays, at the first of :data:`LARGE_SIZES` the copy holds enough of."""
+    for size in LARGE_SIZES:
+        try:
+            return pick(root, size, n)
+        except SystemExit:
+            continue
+    raise SystemExit(f"fewer than {n} images of any of {LARGE_SIZES} in {root}")
+
+
 def save_cpu_model(params: Params, folder: Path) -> Path:
     """The CPU profile's network (ImageNet weights, untrained head) saved as the registry's pyfunc.
 

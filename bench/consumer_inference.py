@@ -2,8 +2,8 @@
 
     .venv/bin/python -m bench.consumer_inference --data ../shared/fracatlas [--per-size 32] [--repeats 2]
 
-The images are real FracAtlas X-rays, half at 373 x 454 and half at 2304 x 2880 pixels (the
-two sizes most of FracAtlas comes in), sent as file bytes in one DataFrame, as a batch job
+The images are real FracAtlas X-rays, half at 373 x 454 and half large (2304 x 2880 as
+published, 1152 x 1440 in a copy shrunk by half: :func:`bench.common.pick_large`), sent as file bytes in one DataFrame, as a batch job
 does. The model is the CPU profile's network (ImageNet weights, untrained head: speed does not
 depend on the weights) saved as the registry's pyfunc (:func:`fracture.packaging.save_pyfunc`).
 
@@ -27,8 +27,9 @@ from pathlib import Path
 import mlflow.pyfunc
 import pandas as pd
 import torch
+from PIL import Image
 
-from bench.common import pick, save_cpu_model
+from bench.common import pick, pick_large, save_cpu_model
 from fracture.config import load_params
 from fracture.inference import probabilities
 from fracture.intake import read_xray
@@ -44,7 +45,8 @@ def main() -> None:
 
     params = load_params()
     profile = params.profiles["cpu"]
-    paths = pick(args.data, (373, 454), args.per_size) + pick(args.data, (2304, 2880), args.per_size)
+    small, large = pick(args.data, (373, 454), args.per_size), pick_large(args.data, args.per_size)
+    paths = small + large
     files = [p.read_bytes() for p in paths]
     n = len(files)
 
@@ -54,7 +56,9 @@ def main() -> None:
     classifier = python_model.classifier
     policy = python_model.policy
     frame = pd.DataFrame({"image": files})
-    print(f"{n} X-rays ({args.per_size} at 373 x 454, {args.per_size} at 2304 x 2880), {profile.model} at "
+    with Image.open(large[0]) as img:
+        big = f"{img.width} x {img.height}"
+    print(f"{n} X-rays ({args.per_size} at 373 x 454, {args.per_size} at {big}), {profile.model} at "
           f"{profile.image_size} px, tta {profile.tta}, batches of {BATCH_SIZE}, {torch.get_num_threads()} threads")
 
     def run_pyfunc() -> float:

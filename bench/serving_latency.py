@@ -5,8 +5,8 @@
 Serves the CPU profile's network as the registry's pyfunc (:func:`bench.common.save_cpu_model`)
 with ``mlflow models serve --env-manager local -w 1`` on a free loopback port, then:
 
-- one client, one request at a time: p50 and p95 latency for a 373 x 454 and a 2304 x 2880
-  X-ray (``--requests`` each, at most ``--seconds`` each, after 3 warm-up requests);
+- one client, one request at a time: p50 and p95 latency for a 373 x 454 and a large X-ray
+  (:func:`bench.common.pick_large`) (``--requests`` each, at most ``--seconds`` each, after 3 warm-up requests);
 - ``--clients`` clients at once, each sending the 373 x 454 X-ray ``--requests`` times, within
   ``--seconds``: requests per second over all, and p50 / p95 under that load.
 
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import requests
 
-from bench.common import pick, save_cpu_model
+from bench.common import pick, pick_large, save_cpu_model
 from fracture.config import load_params
 
 
@@ -65,7 +65,7 @@ def main() -> None:
     args = parser.parse_args()
 
     params = load_params()
-    small, large = pick(args.data, (373, 454), 1)[0], pick(args.data, (2304, 2880), 1)[0]
+    small, large = pick(args.data, (373, 454), 1)[0], pick_large(args.data, 1)[0]
     body = {p: {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(p.read_bytes()).decode()]]}}
             for p in (small, large)}
     port = free_port()
@@ -97,7 +97,7 @@ def main() -> None:
             for path in (small, large):
                 timed_requests(invocations, body[path], 3, args.seconds)  # warm-up
                 lat = timed_requests(invocations, body[path], args.requests, args.seconds)
-                print(f"one client, {path.name} ({'373 x 454' if path == small else '2304 x 2880'}): "
+                print(f"one client, {path.name} ({'small' if path == small else 'large'}, {path.stat().st_size // 1024} KiB): "
                       f"{len(lat)} requests, p50 {1000 * percentile(lat, 50):.0f} ms, "
                       f"p95 {1000 * percentile(lat, 95):.0f} ms")
             started = time.perf_counter()

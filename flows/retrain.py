@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from filelock import FileLock, Timeout
 from prefect import flow, get_run_logger
-from prefect.runtime import flow_run
 from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
 from ruamel.yaml import YAML
 
 from flows.report import REPORT_KEY, render_report
@@ -32,7 +32,6 @@ from tasks.pipeline import (
     register_task,
     stage_task,
 )
-
 
 #: Held by the run working in a project, beside a note of who holds it (``<lock>.json``).
 LOCK_FILE = Path("outputs") / "retrain.lock"
