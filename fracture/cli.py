@@ -73,11 +73,12 @@ def _stage(command: str) -> Iterator[tuple[Params, Workspace]]:
     except OSError as exc:
         if exc.errno not in _WRITE_ERRORS:
             raise
-        where = f" {exc.filename}" if exc.filename else ""
+        # A failed write() names no file; the stage's outputs folder is where it was writing.
+        where = exc.filename or f"its outputs in outputs/{command}/"
         sys.exit(
-            f"fracture {command}: could not write{where}: {exc.strerror}. Free disk space or fix the folder's "
+            f"fracture {command}: could not write {where}: {exc.strerror}. Free disk space or fix the folder's "
             f"permissions, then run the stage again. Its previous outputs are in DVC's cache: "
-            f"`dvc checkout` puts them back, and dvc.lock still describes them."
+            f"`dvc checkout --force {command}` puts them back, and dvc.lock still describes them."
         )
 
 

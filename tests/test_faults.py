@@ -1,0 +1,212 @@
+"""Faults a scheduled retrain meets, survived with nothing lost.
+
+Two runs at once on one project, a stage that cannot write its outputs, and the MLflow
+tracking server stopping in the middle of a registration.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+from mlflow import MlflowClient
+from prefect import flow, task
+
+from flows.retrain import LOCK_FILE, ProjectBusy, retrain
+from fracture.config import RegisterParams
+from fracture.gate import EvaluatedSplit
+from fracture.registry import register
+from tasks.pipeline import retry_transient_registry
+from tests.conftest import dvc, run, shrink_params, untrained_model_files
+from tests.test_serving import child_env, free_port, xray_paths
+
+NAME = "fracture-classifier"
+
+HOLDER = """
+import sys, time
+from pathlib import Path
+from flows.retrain import project_lock
+with project_lock(Path(sys.argv[1])):
+    print("holding", flush=True)
+    time.sleep(600)
+"""
+
+
+def _wait_for(predicate, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, f"no {what} after {seconds:.0f} s"
+        time.sleep(0.2)
+
+
+def test_a_run_on_a_busy_project_is_refused_before_it_changes_anything(project, subset_source):
+    params_before = (project / "params.yaml").read_text()
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(project)], stdout=subprocess.PIPE, text=True,
+                              env=child_env(), start_new_session=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "holding"
+        with pytest.raises(ProjectBusy, match=rf"another retrain run is working in {project} \(flow run "
+                                               rf"\(outside Prefect\), process {holder.pid} on .*This run stopped "
+                                               r"without changing anything"):
+            retrain(project_dir=str(project), source=str(subset_source))
+        # Nothing was touched: no data, no lock file of DVC's, params.yaml as it was.
+        assert not (project / "data").exists() and not (project / "dvc.lock").exists()
+        assert (project / "params.yaml").read_text() == params_before
+    finally:
+        os.killpg(holder.pid, signal.SIGKILL)  # killed, not stopped: the lock must still come free
+        holder.wait()
+    # A killed holder leaves no stale lock behind: the project is free again.
+    from flows.retrain import project_lock
+
+    with project_lock(project):
+        pass
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_two_runs_started_together_one_trains_and_the_other_is_refused(project, subset_source, tmp_path):
+    shrink_params(project, register__floors={})
+    cmd = [sys.executable, "-m", "flows.retrain", "--project-dir", str(project), "--source", str(subset_source)]
+    logs = [tmp_path / "first.log", tmp_path / "second.log"]
+    with logs[0].open("w") as out:
+        first = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                 env=child_env(PREFECT_HOME=str(tmp_path / "prefect-1")))
+    try:
+        _wait_for((project / LOCK_FILE).with_suffix(".json").is_file, 300, "lock taken by the first run")
+        with logs[1].open("w") as out:
+            second = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, timeout=300,
+                                    env=child_env(PREFECT_HOME=str(tmp_path / "prefect-2")), check=False)
+        assert first.wait(timeout=900) == 0, logs[0].read_text()[-3000:]
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert second.returncode != 0
+    assert "another retrain run is working in" in logs[1].read_text()
+    # One run's worth of everything: DVC up to date, one version, and it is the champion.
+    assert "Data and pipelines are up to date" in dvc(project, "status", "dvc.yaml")
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    assert [str(v.version) for v in client.search_model_versions(f"name = '{NAME}'")] == ["1"]
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == "1"
+
+
+@pytest.mark.integration
+def test_a_stage_that_cannot_write_its_outputs_fails_clearly_and_the_previous_ones_come_back(project, subset_source):
+    run(project, sys.executable, "-m", "fracture.cli", "ingest", "--source", str(subset_source))
+    dvc(project, "repro", "evaluate")
+    metrics = project / "outputs" / "evaluate" / "metrics.json"
+    before, lock_before = metrics.read_text(), (project / "dvc.lock").read_text()
+
+    # The evaluate stage's command again, with other params, where no file may grow past 1 KiB
+    # (a full disk). The limit is the command's alone: DVC's own database would hit it first.
+    shrink_params(project, evaluate__bootstrap_resamples=200)
+    command = [str(Path(sys.executable).parent / "fracture"), "evaluate"]
+    failed = subprocess.run(["prlimit", "--fsize=1024", *command],
+                            cwd=project, capture_output=True, text=True, env=child_env(), check=False)
+    assert failed.returncode != 0
+    output = failed.stdout + failed.stderr
+    assert "fracture evaluate: could not write its outputs in outputs/evaluate/: File too large. Free disk " \
+           "space or fix the folder's permissions" in output, output[-3000:]
+    assert "`dvc checkout --force evaluate` puts them back" in output
+    assert "Traceback" not in output
+    assert (project / "dvc.lock").read_text() == lock_before  # DVC recorded nothing of the failed run
+
+    # The previous outputs are whole in DVC's cache and come back as they were.
+    shrink_params(project, evaluate__bootstrap_resamples=yaml.safe_load(
+        (Path(__file__).parents[1] / "params.yaml").read_text())["evaluate"]["bootstrap_resamples"])
+    dvc(project, "checkout", "--force", "evaluate")
+    assert metrics.read_text() == before
+    assert "Data and pipelines are up to date" in dvc(project, "status", "evaluate")
+
+
+def _server(db: Path, artifacts: Path, port: int, log: Path) -> subprocess.Popen:
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{db}",
+           "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    with log.open("a") as out:
+        proc = subprocess.Popen(cmd, env=child_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    import requests
+
+    def up() -> bool:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        try:
+            return requests.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200
+        except requests.RequestException:
+            return False
+
+    _wait_for(up, 300, "answer from mlflow server")
+    return proc
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.mark.integration
+def test_the_tracking_server_stopping_mid_registration_moves_no_alias(tmp_path, monkeypatch):
+    from fracture import registry
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    db, artifacts, log = tmp_path / "server.db", tmp_path / "artifacts", tmp_path / "server.log"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail fast; the task's retries are the test
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    server = _server(db, artifacts, port, log)
+    try:
+        mlflow.set_tracking_uri(url)
+        mlflow.set_experiment("fracture-classification")
+        split = EvaluatedSplit("s" * 64, 1, xray_paths()[0])
+        params = RegisterParams(NAME, "fracture-classification")
+        weights, config = untrained_model_files(tmp_path, 0.5)
+        runs = []
+        for auc in (0.9, 0.95):
+            with mlflow.start_run(tags={"data_version": "d" * 32 + ".dir"}) as r:
+                mlflow.log_metrics({"test_roc_auc": auc})
+            runs.append(r.info.run_id)
+        assert register(params, runs[0], weights, config, split, MlflowClient(url)).champion
+
+        # The server stops once the second version is registered, while the gate compares it.
+        decide, attempts = registry._decide, []
+
+        def stop_then_decide(*args, **kwargs):
+            _stop(server)
+            return decide(*args, **kwargs)
+
+        monkeypatch.setattr(registry, "_decide", stop_then_decide)
+
+        @task(retries=2, retry_delay_seconds=1, retry_condition_fn=retry_transient_registry)
+        def register_once() -> None:
+            attempts.append(time.monotonic())
+            register(params, runs[1], weights, config, split, MlflowClient(url))
+
+        @flow
+        def registration() -> None:
+            register_once()
+
+        with pytest.raises(Exception, match=r"127\.0\.0\.1|Connection|connect") as failure:
+            registration()
+        assert len(attempts) == 3  # the first try and two retries, all against a stopped server
+        print(f"after {len(attempts)} tries: {type(failure.value).__name__}: {str(failure.value)[:300]}")
+
+        # Back up: version 2 exists and holds no alias; version 1 is still the champion.
+        server = _server(db, artifacts, port, log)
+        client = MlflowClient(url)
+        versions = sorted(str(v.version) for v in client.search_model_versions(f"name = '{NAME}'"))
+        assert versions == ["1", "2"]
+        assert client.get_model_version(NAME, "2").aliases == []
+        assert str(client.get_model_version_by_alias(NAME, "champion").version) == "1"
+        # Run again with the server up, the interrupted registration completes through the gate.
+        monkeypatch.setattr(registry, "_decide", decide)
+        done = register(params, runs[1], weights, config, split, client)
+        assert done.version == "2" and not done.created and done.decision in {"promoted", "challenger"}
+        assert client.get_model_version(NAME, "2").aliases  # champion or challenger, as the gate decided
+    finally:
+        _stop(server)
