@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import types
 
 import mlflow
 import numpy as np
@@ -69,9 +70,13 @@ def _rank_run(images, labels, config, profile, train_params):
         distributed.teardown()
 
 
-def test_two_gloo_processes_end_with_one_processs_weights(tmp_path):
+def test_two_gloo_processes_end_with_one_processs_weights(tmp_path, monkeypatch):
     data, config, profile, train_params = _setup(tmp_path)
     images, labels = data.tensors
+    # Spawned processes re-run the parent's __main__ script. In a full test session another
+    # test may have left a Streamlit page there (its AppTest runs the page as __main__); the
+    # entry point here is importable, so the children need no main script at all.
+    monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))
 
     ranks = distributed.launch(_rank_run, 2, images, labels, config, profile, train_params)
     single = train(data, data, config, profile, train_params)
