@@ -144,10 +144,9 @@ def read_xray(data: bytes, policy: InputPolicy) -> Xray:
     _check_size(len(data), policy)
     if is_dicom(data):
         xray = _read_dicom(data, policy)
-    else:
-        xray = _read_picture(data, policy)
-    _check_content(xray.image, policy)
-    return xray
+        _check_content(xray.image, policy)
+        return xray
+    return _read_picture(data, policy)  # checks the content on the decoded image itself
 
 
 def read_file(path: Path, policy: InputPolicy) -> bytes:
@@ -247,8 +246,12 @@ def _read_picture(data: bytes, policy: InputPolicy) -> Xray:
         raise InputRejected("is corrupt and cannot be decoded. Send the complete file.") from exc
 
     if mode in AS_TRAINED:
+        # Checked before the RGB copy: a greyscale X-ray's grey is itself (RGB's luma of three
+        # equal channels is that value exactly), so the check sees the same pixels, once.
+        _check_content(image, policy)
         return Xray(image.convert("RGB"), fmt, mode, tuple(notes))
     rgb, note = _convert(image)
+    _check_content(rgb, policy)
     return Xray(rgb, fmt, mode, (*notes, note))
 
 
