@@ -10,18 +10,14 @@ with ``mlflow models serve --env-manager local -w 1`` on a free loopback port, t
 - ``--clients`` clients at once, each sending the 373 x 454 X-ray ``--requests`` times, within
   ``--seconds``: requests per second over all, and p50 / p95 under that load.
 
-The server is stopped at the end, whatever happened.
+The server is stopped at the end, whatever happened (:func:`tests.servers.running`).
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
-import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,12 +28,7 @@ import requests
 
 from bench.common import pick, pick_large, save_cpu_model
 from fracture.config import load_params
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.servers import child_env, free_port, running
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -72,32 +63,17 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as tmp:
         model = save_cpu_model(params, Path(tmp))
-        env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-        log = Path(tmp) / "serve.log"
         cmd = [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", str(model),
                "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"]
-        with log.open("w") as out:
-            server = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            deadline = time.monotonic() + 300
-            while True:
-                if server.poll() is not None:
-                    raise SystemExit(f"mlflow models serve exited with {server.returncode}:\n{log.read_text()[-3000:]}")
-                try:
-                    if requests.get(f"{url}/ping", timeout=5).status_code == 200:
-                        break
-                except requests.RequestException:
-                    pass
-                if time.monotonic() > deadline:
-                    raise SystemExit("mlflow models serve did not answer /ping within 300 s")
-                time.sleep(0.5)
+        with running(cmd, child_env(), f"{url}/ping", Path(tmp) / "serve.log"):
             print(f"mlflow models serve on {url}, 1 worker, {params.profiles['cpu'].model} at "
                   f"{params.profiles['cpu'].image_size} px, tta {params.profiles['cpu'].tta}")
             invocations = f"{url}/invocations"
             for path in (small, large):
                 timed_requests(invocations, body[path], 3, args.seconds)  # warm-up
                 lat = timed_requests(invocations, body[path], args.requests, args.seconds)
-                print(f"one client, {path.name} ({'small' if path == small else 'large'}, {path.stat().st_size // 1024} KiB): "
+                kind = "small" if path == small else "large"
+                print(f"one client, {path.name} ({kind}, {path.stat().st_size // 1024} KiB): "
                       f"{len(lat)} requests, p50 {1000 * percentile(lat, 50):.0f} ms, "
                       f"p95 {1000 * percentile(lat, 95):.0f} ms")
             started = time.perf_counter()
@@ -111,13 +87,6 @@ def main() -> None:
             print(f"{args.clients} clients at once, {small.name}: {len(lat)} requests in {elapsed:.1f} s = "
                   f"{len(lat) / elapsed:.1f} requests/s; p50 {1000 * percentile(lat, 50):.0f} ms, "
                   f"p95 {1000 * percentile(lat, 95):.0f} ms")
-        finally:
-            os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait()
 
 
 if __name__ == "__main__":

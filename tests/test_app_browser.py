@@ -9,7 +9,6 @@ champion from :func:`tests.test_app.trained_page_for`. The screenshot of the res
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import REPO
+from tests.servers import free_port
 from tests.test_app import APP, TrainedPage, trained_page_for
 
 sync_api = pytest.importorskip(
@@ -49,12 +49,6 @@ RESULT_TIMEOUT_MS = 180_000  # first upload: the server loads the model from the
 @pytest.fixture(scope="module")
 def trained_page(tmp_path_factory: pytest.TempPathFactory) -> TrainedPage:
     return trained_page_for(tmp_path_factory.mktemp("trained-page"))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,8 @@ from fracture.gate import EvaluatedSplit
 from fracture.registry import register
 from tasks.pipeline import retry_transient_registry
 from tests.conftest import dvc, run, shrink_params, untrained_model_files
-from tests.test_serving import child_env, free_port, xray_paths
+from tests.servers import child_env, free_port, mlflow_server_cmd, start, stop
+from tests.test_serving import xray_paths
 
 NAME = "fracture-classifier"
 
@@ -125,30 +126,6 @@ def test_a_stage_that_cannot_write_its_outputs_fails_clearly_and_the_previous_on
     assert "Data and pipelines are up to date" in dvc(project, "status", "evaluate")
 
 
-def _server(db: Path, artifacts: Path, port: int, log: Path) -> subprocess.Popen:
-    cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{db}",
-           "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    with log.open("a") as out:
-        proc = subprocess.Popen(cmd, env=child_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    import requests
-
-    def up() -> bool:
-        assert proc.poll() is None, log.read_text()[-3000:]
-        try:
-            return requests.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200
-        except requests.RequestException:
-            return False
-
-    _wait_for(up, 300, "answer from mlflow server")
-    return proc
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
 @pytest.mark.integration
 def test_the_tracking_server_stopping_mid_registration_moves_no_alias(tmp_path, monkeypatch):
     from fracture import registry
@@ -159,7 +136,8 @@ def test_the_tracking_server_stopping_mid_registration_moves_no_alias(tmp_path, 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail fast; the task's retries are the test
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-    server = _server(db, artifacts, port, log)
+    cmd, health = mlflow_server_cmd(db, artifacts, port), f"{url}/health"
+    server = start(cmd, child_env(), health, log)
     try:
         mlflow.set_tracking_uri(url)
         mlflow.set_experiment("fracture-classification")
@@ -177,7 +155,7 @@ def test_the_tracking_server_stopping_mid_registration_moves_no_alias(tmp_path, 
         decide, attempts = registry._decide, []
 
         def stop_then_decide(*args, **kwargs):
-            _stop(server)
+            stop(server, signal.SIGKILL)  # killed, as a crashed server is
             return decide(*args, **kwargs)
 
         monkeypatch.setattr(registry, "_decide", stop_then_decide)
@@ -197,7 +175,7 @@ def test_the_tracking_server_stopping_mid_registration_moves_no_alias(tmp_path, 
         print(f"after {len(attempts)} tries: {type(failure.value).__name__}: {str(failure.value)[:300]}")
 
         # Back up: version 2 exists and holds no alias; version 1 is still the champion.
-        server = _server(db, artifacts, port, log)
+        server = start(cmd, child_env(), health, log)
         client = MlflowClient(url)
         versions = sorted(str(v.version) for v in client.search_model_versions(f"name = '{NAME}'"))
         assert versions == ["1", "2"]
@@ -209,4 +187,4 @@ def test_the_tracking_server_stopping_mid_registration_moves_no_alias(tmp_path, 
         assert done.version == "2" and not done.created and done.decision in {"promoted", "challenger"}
         assert client.get_model_version(NAME, "2").aliases  # champion or challenger, as the gate decided
     finally:
-        _stop(server)
+        stop(server)

@@ -24,7 +24,8 @@ from fracture.imaging import open_xray
 from fracture.inference import Classifier
 from fracture.registry import register
 from tests.conftest import shrink_params, untrained_model_files
-from tests.test_serving import child_env, free_port, running, xray_paths
+from tests.servers import child_env, free_port, mlflow_server_cmd, running
+from tests.test_serving import xray_paths
 
 pytestmark = pytest.mark.integration
 
@@ -44,13 +45,8 @@ def tracking_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     """`mlflow server` on a free loopback port; yields its URL and artifact folder."""
     artifacts = tmp_path / "server-artifacts"
     port = free_port()
-    cmd = [
-        str(Path(sys.executable).parent / "mlflow"), "server",
-        "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-        "--artifacts-destination", str(artifacts),
-        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-    ]
     url = f"http://127.0.0.1:{port}"
+    cmd = mlflow_server_cmd(tmp_path / "server.db", artifacts, port)
     with running(cmd, child_env(), f"{url}/health", tmp_path / "server.log"):
         yield url, artifacts
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,7 +26,12 @@ import yaml
 from mlflow import MlflowClient
 from prefect import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    FlowRunFilter,
+    FlowRunFilterId,
+)
 from prefect.client.schemas.objects import ConcurrencyLimitStrategy, StateType
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
@@ -36,30 +40,13 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from flows.deploy import build_deployment, deploy, main
 from flows.report import REPORT_KEY
 from fracture.config import ConfigError, load_params, parse_params, tracking_uri
-
 from tests.conftest import REPO
+from tests.servers import free_port, stop
 
 pytestmark = pytest.mark.integration
 
 BIN = Path(sys.executable).parent
 STAGES = ("ingest", "validate", "split", "prepare", "train", "evaluate", "register")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """Stops a process started in its own session, and everything it started, by its group id."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +85,7 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             time.sleep(1)
         yield url
     finally:
-        stop(proc)
+        stop(proc, signal.SIGINT, grace=30)
 
 
 @pytest.fixture()
@@ -128,7 +115,7 @@ def serving(project: Path, api_url: str, *args: str) -> Iterator[subprocess.Pope
     try:
         yield proc
     finally:
-        stop(proc)
+        stop(proc, signal.SIGINT, grace=30)
         print(f"--- serve log (end) ---\n{log.read_text()[-4000:]}")
 
 

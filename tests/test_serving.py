@@ -11,13 +11,8 @@ import base64
 import io
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
@@ -37,55 +32,13 @@ from fracture.registry import register
 from fracture.serving import INPUT_ROOT_ENV, RequestRefused
 from tests.conftest import require_fracatlas, untrained_model_files
 from tests.dicom_files import ENCODINGS, dicom_from_jpeg
+from tests.servers import child_env, free_port, running
 from tests.synthetic import ihdr_png
 
 pytestmark = pytest.mark.integration
 
 NAME = "fracture-classifier"
 THRESHOLD = 0.42
-
-
-def free_port() -> int:
-    """A port nothing listens on at the moment, on the loopback interface."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def child_env(**extra: str) -> dict[str, str]:
-    """This environment, with the venv's scripts first on PATH (the servers start `uvicorn` from it)."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    return env | extra
-
-
-@contextmanager
-def running(cmd: list[str], env: dict[str, str], ready_url: str, log: Path, timeout: float = 300) -> Iterator[None]:
-    """Starts a server in its own process group, waits for ``ready_url`` to answer, stops it afterwards."""
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"{' '.join(cmd)} exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                if requests.get(ready_url, timeout=5).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"{ready_url} did not answer within {timeout:.0f}s:\n{log.read_text()[-4000:]}")
-            time.sleep(1)
-        yield
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
 
 
 def xray_paths() -> list[Path]:
