@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -29,9 +28,9 @@ from pathlib import Path
 
 import yaml
 
-from tests.conftest import PROJECT_FILES, make_subset, pick_ids
+from tests.conftest import copy_project, make_subset, pick_ids
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[1]  # flows.retrain runs from the repository
 
 DIRECT = """
 import sys
@@ -55,12 +54,7 @@ for stage in (run_validate, run_split, run_prepare, run_train, run_evaluate, run
 
 def make_project(dest: Path) -> Path:
     """A project checkout (git and DVC) with the CPU profile cut to one epoch and no floors."""
-    dest.mkdir(parents=True)
-    for name in PROJECT_FILES:
-        shutil.copy(REPO / name, dest / name)
-    shutil.copytree(REPO / "fracture", dest / "fracture", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(REPO / ".dvc", dest / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
-    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    copy_project(dest)
     params = yaml.safe_load((dest / "params.yaml").read_text())
     params["train"]["profile"] = "cpu"
     params["profiles"]["cpu"]["epochs"] = 1

@@ -186,10 +186,6 @@ class FracturePyfunc(mlflow.pyfunc.PythonModel):
     def policy(self) -> InputPolicy:
         return self.classifier.config.input
 
-    def score(self, xrays: list[Xray]) -> np.ndarray:
-        """Fracture probabilities of checked X-rays, in order (float64)."""
-        return self.classifier.probabilities([x.image for x in xrays], BATCH_SIZE).astype(np.float64)
-
     def score_pixels(self, pixels: torch.Tensor) -> np.ndarray:
         """Fracture probabilities of images already resized to the input size (uint8 NCHW), as float64."""
         c = self.classifier

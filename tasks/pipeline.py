@@ -27,7 +27,7 @@ import yaml
 from mlflow.exceptions import MlflowException
 from prefect import get_run_logger, task
 
-from fracture.config import load_params
+from fracture.config import Params, load_params
 from fracture.ingest import EX_TEMPFAIL, source_listing
 from fracture.registry import Registration
 from fracture.stages.register import run_register
@@ -153,7 +153,9 @@ def dvc_status(project: Path, targets: list[str]) -> dict[str, Any]:
         return repo.status(targets=paths)
 
 
-def _unchanged_source(project: Path, source: str | None) -> tuple[str | None, dict[str, object] | None]:
+def _unchanged_source(
+    workspace: Workspace, params: Params, source: str | None
+) -> tuple[str | None, dict[str, object] | None]:
     """Why ingesting ``source`` again would change nothing (``None``: it must run), and its listing.
 
     Nothing to do when the source's listing equals the last ingest's, the project still holds
@@ -163,8 +165,6 @@ def _unchanged_source(project: Path, source: str | None) -> tuple[str | None, di
     if source is None or not Path(source).expanduser().exists():
         return None, None  # figshare, or a wrong path the ingest command reports
     listing = source_listing(source)
-    workspace = Workspace(project)
-    params = load_params(project)
     try:
         record = json.loads(workspace.ingest_record.read_text())
     except (OSError, ValueError):
@@ -177,7 +177,7 @@ def _unchanged_source(project: Path, source: str | None) -> tuple[str | None, di
         and version is not None
         and record.get("data_version") == version
     )
-    if not same or dvc_status(project, [DATA_DVC]):
+    if not same or dvc_status(workspace.root, [DATA_DVC]):
         return None, listing
     return (
         f"{listing['source']} holds the same {listing['files']} files (paths, sizes and modification times) "
@@ -241,9 +241,9 @@ def ingest_task(project: Path, source: str | None) -> IngestSummary:
     The flow sets the retries and their delay from ``schedule`` in params.yaml.
     """
     started = time.perf_counter()
-    workspace = Workspace(project)
+    workspace, params = Workspace(project), load_params(project)
     previous = workspace.data_version()
-    unchanged, listing = _unchanged_source(project, source)
+    unchanged, listing = _unchanged_source(workspace, params, source)
     if unchanged is not None:
         get_run_logger().info(unchanged)
         return IngestSummary(previous, time.perf_counter() - started, previous, unchanged=unchanged)
@@ -252,7 +252,6 @@ def ingest_task(project: Path, source: str | None) -> IngestSummary:
     version = workspace.data_version()
     if listing is not None:
         # Listed before copying: a file changed during the copy makes the next run copy again.
-        params = load_params(project)
         record = {"listing": listing, "layout": params.ingest.layout, "dest": params.ingest.dest,
                   "data_version": version}
         workspace.ingest_record.parent.mkdir(parents=True, exist_ok=True)

@@ -94,16 +94,21 @@ def shrink_params(project: Path, **overrides: object) -> None:
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-@pytest.fixture()
-def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A throwaway copy of the project (git + DVC) with shrunk params and its own MLflow store."""
-    root = tmp_path / "project"
-    root.mkdir()
+def copy_project(root: Path) -> Path:
+    """A throwaway checkout of the project at ``root``: its pipeline, params and code, git and DVC."""
+    root.mkdir(parents=True)
     for name in PROJECT_FILES:
         shutil.copy(REPO / name, root / name)
     shutil.copytree(REPO / "fracture", root / "fracture", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(REPO / ".dvc", root / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    return root
+
+
+@pytest.fixture()
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A throwaway copy of the project (git + DVC) with shrunk params and its own MLflow store."""
+    root = copy_project(tmp_path / "project")
     shrink_params(root)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("FRACATLAS_SOURCE", raising=False)
