@@ -192,7 +192,7 @@ class Classifier:
         return self.config.threshold
 
     def pixels(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """Resizes decoded RGB images to the input size: one uint8 NCHW tensor."""
+        """Resizes decoded images (RGB, or greyscale L) to the input size: one uint8 NCHW tensor, RGB."""
         return nchw(np.stack([np.asarray(self.preprocessor.resize(image)) for image in images]))
 
     def batch(self, images: Sequence[Image.Image]) -> torch.Tensor:

@@ -114,7 +114,9 @@ class Xray:
     """An input that passed the checks.
 
     Attributes:
-        image: the decoded X-ray in RGB, as the model sees it before resizing.
+        image: the decoded X-ray, as the model sees it before resizing: greyscale (L) or RGB.
+            The model's transform makes a greyscale image RGB after resizing it
+            (:class:`fracture.imaging.ToRGB`).
         format: ``JPEG``, ``PNG`` or ``DICOM``.
         mode: the colour mode as stored (for DICOM, its photometric interpretation and bits stored).
         warnings: what was done to it on the way (conversions, a truncated file).
@@ -199,7 +201,7 @@ def _read_dicom(data: bytes, policy: InputPolicy) -> Xray:
         log.info("DICOM pixels unreadable: %s: %s", type(exc).__name__, exc)
         raise InputRejected(unreadable) from exc
     mode = f"{ds.PhotometricInterpretation} {int(ds.BitsStored)}-bit"
-    return Xray(Image.fromarray(display).convert("RGB"), "DICOM", mode)
+    return Xray(Image.fromarray(display), "DICOM", mode)
 
 
 def _read_picture(data: bytes, policy: InputPolicy) -> Xray:
@@ -246,10 +248,10 @@ def _read_picture(data: bytes, policy: InputPolicy) -> Xray:
         raise InputRejected("is corrupt and cannot be decoded. Send the complete file.") from exc
 
     if mode in AS_TRAINED:
-        # Checked before the RGB copy: a greyscale X-ray's grey is itself (RGB's luma of three
-        # equal channels is that value exactly), so the check sees the same pixels, once.
+        # A greyscale X-ray stays greyscale: the model's transform resizes the one channel and
+        # copies it to RGB afterwards, the same pixels as training's.
         _check_content(image, policy)
-        return Xray(image.convert("RGB"), fmt, mode, tuple(notes))
+        return Xray(image, fmt, mode, tuple(notes))
     rgb, note = _convert(image)
     _check_content(rgb, policy)
     return Xray(rgb, fmt, mode, (*notes, note))

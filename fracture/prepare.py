@@ -144,7 +144,7 @@ def prepare_images(
     array = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=(len(ids), height, width, 3))
 
     def one(i: int) -> None:
-        img = resize(open_xray(paths[i], allow_truncated=key["allow_truncated"]))
+        img = resize(open_xray(paths[i], allow_truncated=key["allow_truncated"], rgb=False))
         array[i] = np.asarray(img)
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:

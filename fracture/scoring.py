@@ -99,7 +99,7 @@ def served_scores(name: str, version: str, split: EvaluatedSplit, batch_size: in
     # Decoded a batch at a time, so the split's full-size X-rays are never all in memory at once.
     for start in range(0, len(split.paths), batch_size):
         chunk = split.paths[start : start + batch_size]
-        images = [open_xray(p, allow_truncated=split.allow_truncated) for p in chunk]
+        images = [open_xray(p, allow_truncated=split.allow_truncated, rgb=False) for p in chunk]
         probs.append(classifier.probabilities(images, batch_size))
     # float64 as the evaluate stage compares them with the threshold.
     return np.concatenate(probs).astype(np.float64), float(classifier.threshold)

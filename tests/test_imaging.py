@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from fracture.imaging import DataConfig, ImageLoadError, Preprocessor, build_transform, open_xray
+from tests.conftest import require_fracatlas
 
 CONFIG = DataConfig((3, 64, 64), "bilinear", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
@@ -40,6 +41,29 @@ def test_greyscale_becomes_three_channels(tmp_path):
     path = tmp_path / "g.jpg"
     corner_marked(50, 50).save(path)
     assert open_xray(path).mode == "RGB"
+    assert open_xray(path, rgb=False).mode == "L"
+    assert build_transform(CONFIG)(open_xray(path, rgb=False)).shape == (3, 64, 64)
+
+
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+@pytest.mark.parametrize("aspect", ["squash", "pad"])
+def test_resizing_grey_then_copying_to_rgb_gives_the_pixels_of_resizing_rgb(interpolation, aspect):
+    """A greyscale X-ray is resized as one channel and made RGB afterwards (the fast path the
+    prepared cache, evaluation and the served model take): pixel for pixel what resizing its RGB
+    copy gives, on a real FracAtlas X-ray at its full size and on a synthetic one."""
+    config = DataConfig((3, 352, 352), interpolation, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), aspect=aspect)
+    resize = Preprocessor(config).resize
+    real = [p for p in sorted((require_fracatlas() / "images" / "Fractured").iterdir())[:40]
+            if Image.open(p).mode == "L"][:2]
+    rng = np.random.default_rng(0)
+    images = [open_xray(p, rgb=False) for p in real] + [
+        Image.fromarray(rng.integers(0, 256, (454, 373), dtype=np.uint8), mode="L")
+    ]
+    assert len(images) == 3 and all(img.mode == "L" for img in images)
+    for grey in images:
+        fast = np.asarray(resize(grey))
+        assert fast.shape == (352, 352, 3)
+        np.testing.assert_array_equal(fast, np.asarray(resize(grey.convert("RGB"))))
 
 
 def test_truncated_file_fails_unless_allowed(tmp_path):
