@@ -124,6 +124,9 @@ class EvaluateParams:
     bootstrap_resamples: int = 1000
     calibration_bins: int = 10
     seed: int = 0
+    # COCO JSON of fracture boxes, relative to the dataset (FracAtlas: Annotations/COCO JSON/...);
+    # None: the dataset has none, and the heat map's pointing game is not played.
+    boxes: str | None = None
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,9 @@ LIMITATIONS = (
     "Test set: one public dataset (FracAtlas) from one region's hospitals; performance on other "
     "scanners, populations and protocols is unmeasured.",
     "Body parts with few fractured test images (see the table) have intervals too wide to rely on.",
-    "The output is a probability of any fracture on the image; it does not localise the fracture "
-    "and is not a diagnosis. A clinician reads every image.",
+    "The output is a probability of any fracture on the image, not a diagnosis; the heat map is "
+    "not a localisation: it shows where the score came from, which is not always the fracture (where it "
+    "points on the test split, when measured, is above). A clinician reads every image.",
 )
 
 SELECTION_PROTOCOL = (
@@ -41,6 +42,38 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.3f}"
     return str(value)
+
+
+def _compared(low: float, high: float, baseline: float) -> str:
+    if low > baseline:
+        return "lies above the centre baseline"
+    if high < baseline:
+        return "lies below the centre baseline: the image centre points better"
+    return "includes the centre baseline: the map points no better than the image centre"
+
+
+def _localisation_lines(m: dict[str, float]) -> list[str]:
+    """How far the page's heat map can be trusted to show where the fracture is, when it was measured."""
+    if "pointing_game" not in m:
+        return []
+    n = int(m["localised_images"])
+    return [
+        "",
+        "## Where the heat map points (test split, fractured images with boxes)",
+        f"The page's Grad-CAM heat map for the fractured class, on the {n} fractured test images with "
+        "FracAtlas fracture boxes:",
+        f"- Pointing game (the map's maximum inside a fracture box): {m['pointing_game']:.3f} (95% CI "
+        f"{m['pointing_game_ci_low']:.3f}–{m['pointing_game_ci_high']:.3f}); the image centre as the point: "
+        f"{m['pointing_game_centre']:.3f}. The interval "
+        f"{_compared(m['pointing_game_ci_low'], m['pointing_game_ci_high'], m['pointing_game_centre'])}.",
+        f"- Share of the map inside the boxes: {m['heat_mass_in_boxes']:.3f} (95% CI "
+        f"{m['heat_mass_in_boxes_ci_low']:.3f}–{m['heat_mass_in_boxes_ci_high']:.3f}); a Gaussian on the image "
+        f"centre: {m['heat_mass_in_boxes_centre']:.3f}; a uniform map (the boxes' share of the image): "
+        f"{m['box_area_share']:.3f}.",
+        "- Read the overlay as where the score came from, not as a fracture outline: boxes are small "
+        f"(on average {m['box_area_share']:.1%} of the image), and the map is as coarse as the "
+        "network's last feature map.",
+    ]
 
 
 def render_model_card(
@@ -104,6 +137,7 @@ def render_model_card(
         f"- Calibration: expected calibration error {m['ece']:.3f}, Brier score {m['brier']:.3f}",
         f"- Decision threshold {m['threshold']:.4f} ({threshold_source}); "
         f"{int(m['n_images'])} test images, {int(m['n_fractured'])} fractured",
+        *_localisation_lines(m),
         "",
         "## By body part (test split)",
         "",

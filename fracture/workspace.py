@@ -319,6 +319,11 @@ class Workspace:
         return self.evaluate_dir / "body_parts.json"
 
     @property
+    def localisation(self) -> Path:
+        """Per fractured test image: does the heat map point into its fracture boxes (:mod:`fracture.localisation`)."""
+        return self.evaluate_dir / "localisation.csv"
+
+    @property
     def model_card(self) -> Path:
         return self.evaluate_dir / "model_card.md"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -19,6 +20,8 @@ if TYPE_CHECKING:
 REPO = Path(__file__).resolve().parents[1]
 FRACATLAS = (REPO.parent / "shared" / "fracatlas").resolve()
 PROJECT_FILES = ("dvc.yaml", "params.yaml", ".dvcignore")
+#: FracAtlas's fracture boxes (COCO JSON), where params.yaml's evaluate.boxes points.
+COCO_BOXES = Path("Annotations/COCO JSON/COCO_fracture_masks.json")
 
 # Each test process gets its own Prefect home, so concurrent runs never share one sqlite file.
 os.environ.setdefault("PREFECT_HOME", str(Path(os.environ.get("TMPDIR", "/tmp")) / f"fracture-prefect-{os.getpid()}"))
@@ -63,6 +66,14 @@ def make_subset(src: Path, dest: Path, ids: list[str]) -> Path:
             if path.exists():
                 shutil.copyfile(path, dest / "images" / folder / image_id)
     rows.to_csv(dest / "dataset.csv", index=False)
+    coco_file = src / COCO_BOXES
+    if coco_file.is_file():  # the fracture boxes of the chosen images, as FracAtlas ships them
+        coco = json.loads(coco_file.read_text())
+        images = [im for im in coco["images"] if im["file_name"] in set(ids)]
+        kept = {im["id"] for im in images}
+        coco |= {"images": images, "annotations": [a for a in coco["annotations"] if a["image_id"] in kept]}
+        (dest / COCO_BOXES).parent.mkdir(parents=True, exist_ok=True)
+        (dest / COCO_BOXES).write_text(json.dumps(coco))
     return dest
 
 

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+import pandas as pd
 import pytest
 import yaml
 from mlflow import MlflowClient
@@ -72,6 +73,12 @@ def test_flow_registers_a_champion_then_reruns_nothing(project, subset_source, f
     assert sum(p["n_images"] for p in parts.values()) == metrics["n_images"]
     card = (project / "outputs/evaluate/model_card.md").read_text()
     assert card.startswith("# Model card") and f"`{first.train.run_id}`" in card
+    # The page's heat map, scored against the boxes of every fractured test image (all real ones have boxes).
+    located = pd.read_csv(project / "outputs/evaluate/localisation.csv")
+    assert len(located) == metrics["localised_images"] == metrics["n_fractured"] > 0
+    assert located["mass"].between(0, 1).all() and located["box_share"].between(0, 0.5).all()
+    assert metrics["pointing_game"] == pytest.approx(located["hit"].mean())
+    assert "## Where the heat map points" in card and run.data.metrics["test_pointing_game"] == metrics["pointing_game"]
     assert "evaluation/model_card.md" in {a.path for a in client.list_artifacts(first.train.run_id, "evaluation")}
     plots = {a.path for a in client.list_artifacts(first.train.run_id, "evaluation/plots")}
     assert plots == {f"evaluation/plots/{n}.png" for n in ("roc", "pr", "calibration", "confusion")}
@@ -94,7 +101,6 @@ def test_flow_registers_a_champion_then_reruns_nothing(project, subset_source, f
 
     # An undecodable row is reported in its own row; the others are scored. on_error=raise refuses the request.
     import mlflow
-    import pandas as pd
 
     mlflow.set_tracking_uri(tracking_uri(project))
     model = mlflow.pyfunc.load_model("models:/fracture-classifier@champion")
@@ -146,7 +152,6 @@ def test_flow_registers_a_champion_then_reruns_nothing(project, subset_source, f
 def test_flow_trains_and_registers_on_a_hospital_export_of_dicom_files(project, fracatlas, tmp_path):
     """A hospital's export (ingest.layout: csv): DICOM files in patient folders and labels.csv."""
     import mlflow
-    import pandas as pd
 
     from flows.retrain import retrain
 

@@ -7,7 +7,13 @@ import pytest
 import torch
 from PIL import Image
 
-from fracture.imaging import DataConfig, ImageLoadError, Preprocessor, build_transform, open_xray
+from fracture.imaging import (
+    DataConfig,
+    ImageLoadError,
+    Preprocessor,
+    build_transform,
+    open_xray,
+)
 from tests.conftest import require_fracatlas
 
 CONFIG = DataConfig((3, 64, 64), "bilinear", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))

@@ -1,17 +1,20 @@
 """The evaluate stage: the decision threshold on val, then the test split, scored once.
 
-Writes the metrics with bootstrap intervals, calibration, per-body-part metrics, DVC plot
-tables, PNG plots and the model card, and logs them to the training run in MLflow.
+Writes the metrics with bootstrap intervals, calibration, per-body-part metrics, where the
+page's heat map points on the fractured test images' boxes (:mod:`fracture.localisation`), DVC
+plot tables, PNG plots and the model card, and logs them to the training run in MLflow.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 
 import mlflow
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image
 
 from fracture.config import Params
 from fracture.evaluation import (
@@ -23,13 +26,23 @@ from fracture.evaluation import (
     choose_threshold,
     evaluate_probabilities,
 )
-from fracture.imaging import Preprocessor
+from fracture.explain import grad_cam, to_image_grid
+from fracture.imaging import CLASSES, Preprocessor
 from fracture.inference import load_network, probabilities
+from fracture.localisation import (
+    COLUMNS,
+    ImageBoxes,
+    Localisation,
+    read_coco_boxes,
+    score_heat_maps,
+)
 from fracture.manifest import body_part
 from fracture.model_card import render_model_card
 from fracture.plots import save_evaluation_plots
+from fracture.prepare import PreparedImages
 from fracture.stages.prepare import open_cache
 from fracture.tracking import setup_mlflow
+from fracture.vocabulary import Aspect
 from fracture.workspace import EvaluateResult, SplitResult, TrainResult, Workspace
 
 
@@ -56,6 +69,51 @@ def _threshold_source(params: Params) -> str:
     if ev.target_sensitivity is None:
         return f"fixed at evaluate.threshold {ev.threshold}"
     return f"the highest reaching sensitivity {ev.target_sensitivity} on the validation split"
+
+
+log = logging.getLogger(__name__)
+
+
+def _localise(
+    params: Params, workspace: Workspace, test: pd.DataFrame, labels: np.ndarray, cache: PreparedImages,
+    network: torch.nn.Module, pre: Preprocessor, aspect: Aspect,
+) -> Localisation | None:
+    """The pointing game of the page's heat map on the test split's fractured images with boxes.
+
+    The heat map is Grad-CAM for the fractured class on the cached pixels the model was scored
+    on, mapped back onto the image's own pixels as the page maps it.
+
+    Returns:
+        None when ``evaluate.boxes`` is null, or a hospital export (``ingest.layout: csv``) has no
+        box file.
+    """
+    if params.evaluate.boxes is None:
+        return None
+    dataset = workspace.root / params.ingest.dest
+    path = dataset / params.evaluate.boxes
+    if params.ingest.layout == "csv" and not path.is_file():
+        log.info("no fracture boxes at %s: the heat map's pointing game is not played", path)
+        return None
+    boxes = read_coco_boxes(path)
+    fractured = test[(labels == 1) & test["image_id"].isin(list(boxes)).to_numpy()]
+    pixels = cache.dataset(fractured).tensors[0]
+    rows = {image_id: i for i, image_id in enumerate(fractured["image_id"])}
+    paths = dict(zip(fractured["image_id"], fractured["path"], strict=True))
+    target = CLASSES.index("fractured")
+
+    def heat_map(image_id: str, image_boxes: ImageBoxes) -> np.ndarray:
+        i = rows[image_id]
+        cam = grad_cam(network, pre(pixels[i : i + 1]), target)
+        with Image.open(dataset / paths[image_id]) as img:  # the header only: the size the page maps onto
+            size = img.size
+        return to_image_grid(cam, size, aspect)
+
+    return score_heat_maps(
+        ((image_id, boxes[image_id]) for image_id in fractured["image_id"]),
+        heat_map,
+        params.evaluate.bootstrap_resamples,
+        params.evaluate.seed,
+    )
 
 
 def _write_curves(
@@ -107,9 +165,15 @@ def run_evaluate(params: Params, workspace: Workspace) -> EvaluateResult:
         | {f"{name}_ci_high": high for name, (_, high) in intervals.items()}
         | {"ece": calib.ece, "brier": calib.brier}
     )
+    localisation = _localise(params, workspace, test, labels, cache, network, pre, model.data_config.aspect)
+    if localisation is not None:
+        metrics |= localisation.metrics
     evaluated = EvaluateResult(metrics, result.confusion)
     per_part = by_group(labels, probs, parts, threshold)
     workspace.write_evaluate(evaluated, per_part)
+    (localisation.per_image if localisation else pd.DataFrame(columns=list(COLUMNS))).to_csv(
+        workspace.localisation, index=False
+    )
     _write_curves(workspace, result, calib, test, parts, probs, threshold)
     pngs = save_evaluation_plots(labels, probs, threshold, ev.calibration_bins, workspace.plots_dir)
 
@@ -133,6 +197,7 @@ def run_evaluate(params: Params, workspace: Workspace) -> EvaluateResult:
         mlflow.set_tag("threshold_source", _threshold_source(params))
         for path in (workspace.metrics, workspace.body_parts, workspace.model_card):
             mlflow.log_artifact(str(path), artifact_path="evaluation")
+        mlflow.log_artifact(str(workspace.localisation), artifact_path="evaluation")
         for path in pngs:
             mlflow.log_artifact(str(path), artifact_path="evaluation/plots")
     print(json.dumps(evaluated.to_dict(), indent=2))

@@ -1,0 +1,102 @@
+"""The heat map's pointing game against fracture boxes: box reading, hand-made maps, the model card."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from fracture.localisation import (
+    BoxesError,
+    ImageBoxes,
+    centre_map,
+    mass_inside,
+    read_coco_boxes,
+    score_heat_maps,
+)
+from fracture.model_card import _localisation_lines
+from tests.conftest import COCO_BOXES, require_fracatlas
+
+#: A 100 x 80 image with one box in its upper-left quarter (x 10..30, y 5..25).
+CORNER = ImageBoxes((100, 80), np.array([[10.0, 5.0, 30.0, 25.0]]))
+
+
+def peak_at(x: int, y: int, size: tuple[int, int] = (100, 80), sd: float = 4.0) -> np.ndarray:
+    width, height = size
+    ys, xs = np.mgrid[0:height, 0:width]
+    return np.exp(-((xs - x) ** 2 + (ys - y) ** 2) / (2 * sd**2))
+
+
+def test_real_fracatlas_boxes_are_read_and_fit_their_images():
+    root = require_fracatlas()
+    boxes = read_coco_boxes(root / COCO_BOXES)
+    fractured = {p.name for p in (root / "images" / "Fractured").iterdir()}
+    assert set(boxes) <= fractured and len(boxes) > 0.9 * len(fractured)
+    assert sum(len(b.boxes) for b in boxes.values()) > len(boxes)  # some images have several fractures
+    from PIL import Image
+
+    for name in sorted(boxes)[:25]:
+        with Image.open(root / "images" / "Fractured" / name) as img:
+            assert img.size == boxes[name].size, name  # scaled with the image where the copy was shrunk
+        mask = boxes[name].mask()
+        assert mask.shape == boxes[name].size[::-1] and 0 < mask.mean() < 0.5
+
+
+def test_mask_covers_pixel_centres_inside_the_box():
+    mask = CORNER.mask()
+    assert mask.shape == (80, 100) and mask.sum() == 20 * 20
+    assert mask[5, 10] and mask[24, 29] and not mask[25, 10] and not mask[4, 10]
+
+
+def test_a_map_peaked_in_the_box_hits_and_one_elsewhere_misses():
+    maps = {"in": peak_at(20, 15), "out": peak_at(80, 60), "flat": np.zeros((80, 100))}
+    result = score_heat_maps(((k, CORNER) for k in maps), lambda image_id, _: maps[image_id], n_resamples=200)
+    rows = result.per_image.set_index("image_id")
+    assert rows.loc["in", "hit"] and not rows.loc["out", "hit"] and not rows.loc["flat", "hit"]
+    assert rows.loc["in", "mass"] > 0.9 and rows.loc["out", "mass"] < 0.01 and rows.loc["flat", "mass"] == 0
+    assert rows.loc["flat", "empty_map"] and not rows.loc["in", "empty_map"]
+    m = result.metrics
+    assert m["pointing_game"] == pytest.approx(1 / 3) and m["localised_images"] == 3 and m["empty_heat_maps"] == 1
+    assert m["pointing_game_ci_low"] <= m["pointing_game"] <= m["pointing_game_ci_high"]
+    assert m["box_area_share"] == pytest.approx(400 / 8000)
+    # The centre (50, 40) lies outside the corner box; the centre Gaussian puts little mass there.
+    assert m["pointing_game_centre"] == 0 and 0 < m["heat_mass_in_boxes_centre"] < m["box_area_share"]
+
+
+def test_the_centre_baseline_hits_a_central_box():
+    central = ImageBoxes((100, 80), np.array([[40.0, 30.0, 60.0, 50.0]]))
+    result = score_heat_maps([("c", central)], lambda *_: peak_at(20, 15))
+    assert result.metrics["pointing_game_centre"] == 1 and result.metrics["pointing_game"] == 0
+    gaussian = centre_map((100, 80))
+    assert np.unravel_index(np.argmax(gaussian), gaussian.shape) in {(39, 49), (39, 50), (40, 49), (40, 50)}
+    assert mass_inside(gaussian, central.mask()) > central.mask().mean()
+
+
+def test_a_heat_map_of_another_size_is_refused_by_name():
+    with pytest.raises(BoxesError, match=r"IMG1\.jpg: the heat map is 50 x 40 px but its boxes are for 100 x 80"):
+        score_heat_maps([("IMG1.jpg", CORNER)], lambda *_: np.ones((40, 50)))
+
+
+def test_box_file_errors_name_the_file_and_the_fix(tmp_path):
+    with pytest.raises(BoxesError, match="evaluate.boxes to null"):
+        read_coco_boxes(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"images": [{"id": 1, "width": 10, "height": 10, "file_name": "a.jpg"}],
+                               "annotations": [{"image_id": 1, "bbox": [5, 5, 20, 3]}]}))
+    with pytest.raises(BoxesError, match=r"a box of a\.jpg lies outside its 10 x 10 image"):
+        read_coco_boxes(bad)
+    bad.write_text("{}")
+    with pytest.raises(BoxesError, match="not a COCO JSON annotation file"):
+        read_coco_boxes(bad)
+
+
+def test_model_card_says_whether_the_map_beats_the_centre():
+    m = {"localised_images": 80, "pointing_game": 0.5, "pointing_game_ci_low": 0.4, "pointing_game_ci_high": 0.6,
+         "pointing_game_centre": 0.2, "heat_mass_in_boxes": 0.1, "heat_mass_in_boxes_ci_low": 0.08,
+         "heat_mass_in_boxes_ci_high": 0.12, "heat_mass_in_boxes_centre": 0.05, "box_area_share": 0.03}
+    text = "\n".join(_localisation_lines(m))
+    assert "80 fractured test images" in text and "The interval lies above the centre baseline." in text
+    assert "includes the centre baseline" in "\n".join(_localisation_lines(m | {"pointing_game_centre": 0.45}))
+    assert "lies below" in "\n".join(_localisation_lines(m | {"pointing_game_centre": 0.7}))
+    assert _localisation_lines({"roc_auc": 0.9}) == []
