@@ -36,9 +36,11 @@ app = typer.Typer(
 _KNOWN_ERRORS = {
     "fracture.config": "ConfigError",
     "fracture.crossval": "CrossvalError",
+    "fracture.detection": "DetectionError",
     "fracture.gate": "SplitTableError",
     "fracture.imaging": "ImageLoadError",
     "fracture.ingest": "IngestError",
+    "fracture.localisation": "BoxesError",
     "fracture.manifest": "ManifestError",
     "fracture.model": "PretrainedWeightsError",
     "fracture.prepare": "StaleCacheError",
@@ -228,6 +230,35 @@ def register() -> None:
     with _stage("register") as (params, workspace):
         registration = run_register(params, workspace)
     print(registration.summary())
+
+
+@app.command("detect-train")
+def detect_train() -> None:
+    """Train the fracture detector on the classifier's backbone (detect/dvc.yaml, outside the main job)."""
+    from fracture.stages.detect import run_detect_train
+
+    with _stage("detect") as (params, workspace):
+        described = run_detect_train(params, workspace)
+    print(
+        f"detector ({described['architecture']} on {described['backbone']}, {described['image_size']} px): best val "
+        f"mAP@0.5 {described['best_val_map_50']:.4f} at epoch {described['best_epoch']}, trained in "
+        f"{described['train_seconds']:.0f} s; MLflow run {described['run_id']}"
+    )
+
+
+@app.command("detect-evaluate")
+def detect_evaluate() -> None:
+    """Score the detector on the test split once: COCO mAP with intervals, and its top box as a classifier."""
+    from fracture.stages.detect import run_detect_evaluate
+
+    with _stage("detect") as (params, workspace):
+        m = run_detect_evaluate(params, workspace)
+    print(
+        f"detector on {int(m['n_images'])} test images ({int(m['n_boxes'])} boxes): mAP@0.5 {m['map_50']:.4f} "
+        f"(95% CI {m['map_50_ci_low']:.4f}-{m['map_50_ci_high']:.4f}), mAP@0.5:0.95 {m['map']:.4f}; top box as a "
+        f"classifier: ROC AUC {m['image_roc_auc']:.4f}, sensitivity {m['image_sensitivity']:.3f}, specificity "
+        f"{m['image_specificity']:.3f}"
+    )
 
 
 @app.command()

@@ -20,6 +20,7 @@ from fracture.vocabulary import (
     Aspect,
     Augment,
     ClassBalance,
+    Detector,
     Device,
     Enhancement,
     Layout,
@@ -166,6 +167,37 @@ class ServeParams:
 
 
 @dataclass(frozen=True)
+class DetectParams:
+    """``detect/dvc.yaml``: the fracture detector on the trained classifier's backbone.
+
+    Attributes:
+        architecture: torchvision's head, ``fcos`` or ``retinanet``.
+        image_size: the longer side, in pixels, each image is resized to (aspect kept).
+        fpn_channels: channels of the feature pyramid.
+        epochs, batch_size, lr, weight_decay: AdamW with a cosine schedule; the epoch kept is the
+            one with the best val mAP@0.5.
+        negatives_per_positive: non-fractured images drawn per image with boxes, each epoch.
+        flip: random horizontal flips in training.
+        seed: seeds the weights of the new layers, the negatives' draws and the flips.
+        workers: data loader processes (0: decode in the training process).
+        bootstrap_resamples: resamples of the test images for the mAP intervals.
+    """
+
+    architecture: Detector = "fcos"
+    image_size: int = 512
+    fpn_channels: int = 128
+    epochs: int = 12
+    batch_size: int = 8
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    negatives_per_positive: float = 1.0
+    flip: bool = True
+    seed: int = 42
+    workers: int = 2
+    bootstrap_resamples: int = 200
+
+
+@dataclass(frozen=True)
 class CrossvalParams:
     """``fracture crossval``: k-fold cross-validation of the recipe on train + val, never test.
 
@@ -255,6 +287,7 @@ class Params:
     register: RegisterParams
     schedule: ScheduleParams
     crossval: CrossvalParams
+    detect: DetectParams
     serve: ServeParams = ServeParams()
 
     @property
@@ -350,6 +383,7 @@ def parse_params(raw: dict[str, Any]) -> Params:
         register=_build(RegisterParams, "register", raw),
         schedule=_build(ScheduleParams, "schedule", raw),
         crossval=_build(CrossvalParams, "crossval", raw),
+        detect=_build(DetectParams, "detect", raw),
         serve=_build(ServeParams, "serve", raw),
     )
     _check(params)

@@ -98,3 +98,36 @@ def save_pyfunc(dest: Path, weights: Path, config: ServingConfig) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         mlflow.pyfunc.save_model(str(dest), **_model_kwargs(weights, config, Path(tmp)))
     return dest
+
+
+#: The detector's models-from-code entry file (:class:`fracture.detector_serving.DetectorPyfunc`).
+DETECTOR_ENTRY = Path(__file__).with_name("detector_entry.py")
+
+
+def _detector_kwargs(weights: Path, described: dict[str, object], folder: Path) -> dict[str, object]:
+    from fracture.detector_serving import SIGNATURE as DETECTOR_SIGNATURE
+
+    config_path = folder / "model.json"
+    config_path.write_text(json.dumps(described, indent=2))
+    return {
+        "python_model": str(DETECTOR_ENTRY),
+        "artifacts": {"weights": str(weights), "config": str(config_path)},
+        "code_paths": [str(Path(fracture.__file__).parent)],
+        "signature": DETECTOR_SIGNATURE,
+        "input_example": _input_example(),
+        "pip_requirements": [f"{pkg}=={metadata.version(pkg)}" for pkg in REQUIREMENTS],
+    }
+
+
+def save_detector_pyfunc(dest: Path, weights: Path, described: dict[str, object]) -> Path:
+    """Saves the fracture detector as a pyfunc folder (boxes with scores per X-ray).
+
+    Args:
+        dest: the folder to create.
+        weights: the detector's safetensors file.
+        described: its config (:class:`fracture.detection.DetectorConfig`'s keys), ``threshold``
+            (the image-level score threshold) and ``input`` (the :class:`fracture.intake.InputPolicy`).
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        mlflow.pyfunc.save_model(str(dest), **_detector_kwargs(weights, described, Path(tmp)))
+    return dest

@@ -36,6 +36,8 @@ SplitStrategy = Literal["stratified", "published"]
 # fracatlas: images/Fractured, images/Non_fractured and dataset.csv (the published layout);
 # csv: a hospital's export, images/ (DICOM, JPEG or PNG, any sub-folders) and labels.csv.
 Layout = Literal["fracatlas", "csv"]
+Detector = Literal["fcos", "retinanet"]
+"""The fracture detector's head (torchvision): ``fcos`` (anchor-free) or ``retinanet``."""
 
 #: The choices of :data:`Enhancement`, in order; ``none`` first.
 ENHANCEMENTS: tuple[str, ...] = get_args(Enhancement)

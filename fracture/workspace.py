@@ -335,6 +335,38 @@ class Workspace:
         """A DVC plot's table: ``roc``, ``pr``, ``calibration`` or ``predictions``."""
         return self.evaluate_dir / f"{name}.csv"
 
+    # detect (detect/dvc.yaml, outside the main job)
+    @property
+    def detect_dir(self) -> Path:
+        return self.outputs / "detect"
+
+    @property
+    def detect_weights(self) -> Path:
+        return self.detect_dir / "model.safetensors"
+
+    @property
+    def detect_model_json(self) -> Path:
+        """The detector's config (:class:`fracture.detection.DetectorConfig`), best epoch and MLflow run."""
+        return self.detect_dir / "model.json"
+
+    @property
+    def detect_history(self) -> Path:
+        return self.detect_dir / "history.json"
+
+    @property
+    def detect_excluded(self) -> Path:
+        """Train and val images left out of the detector's training, each with its reason."""
+        return self.detect_dir / "excluded.csv"
+
+    @property
+    def detect_test_excluded(self) -> Path:
+        """Test images left out of the detector's scoring, each with its reason."""
+        return self.detect_dir / "test_excluded.csv"
+
+    @property
+    def detect_metrics(self) -> Path:
+        return self.detect_dir / "metrics.json"
+
     # crossval (crossval/dvc.yaml, outside the main pipeline)
     @property
     def crossval_dir(self) -> Path:

@@ -1,0 +1,369 @@
+"""Where is the fracture: a detector whose backbone is the trained classifier's network.
+
+The paper's future scope: the classifier's network as the backbone of a region localisation model,
+trained on FracAtlas's fracture boxes. The backbone is timm's ``features_only`` form of the
+classifier's architecture, loaded with the classifier's fine-tuned weights (strides 8, 16, 32);
+torchvision's feature pyramid (plus P6 and P7) and its FCOS or RetinaNet head do the rest.
+
+- Images keep their aspect: each is resized so its longer side is ``image_size`` (torchvision's
+  own transform then leaves it as it is), and its boxes are scaled with it. Boxes come back in
+  the original image's pixels.
+- Non-fractured images are negatives (no boxes): each epoch trains on every image with boxes and
+  ``negatives_per_positive`` times as many negatives, drawn afresh per epoch from a seeded
+  generator.
+- The backbone's batch norm is frozen (timm's ``freeze_batch_norm_2d``): detection batches are
+  small, and the classifier's statistics are kept.
+- Scored with COCO mean average precision (torchmetrics ``MeanAveragePrecision``, pycocotools)
+  at IoU 0.5 and 0.5:0.95, with bootstrap intervals over images, and as an image-level
+  classifier whose score is the top box's.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, get_args
+
+import numpy as np
+import timm
+import torch
+from PIL import Image
+from timm.layers import freeze_batch_norm_2d
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision.models.detection import FCOS, RetinaNet
+from torchvision.ops import FeaturePyramidNetwork
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+from torchvision.transforms.functional import pil_to_tensor
+
+from fracture.imaging import open_xray
+from fracture.vocabulary import Detector
+
+log = logging.getLogger(__name__)
+
+#: The classifier's feature levels the pyramid reads (strides 8, 16, 32).
+FEATURE_LEVELS = (2, 3, 4)
+#: Detector class index of a fracture (torchvision's detection heads keep 0 for background).
+FRACTURE = 1
+
+
+class DetectionError(ValueError):
+    """The detector cannot be built or trained as asked."""
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """What rebuilds the detector around its weights (the detector's ``model.json``).
+
+    Attributes:
+        backbone: the classifier's timm architecture.
+        architecture: ``fcos`` or ``retinanet`` (torchvision's heads).
+        image_size: the longer side, in pixels, every image is resized to.
+        fpn_channels: channels of the feature pyramid.
+        mean: per-channel mean the pixels are normalised with (the classifier's).
+        std: per-channel standard deviation.
+    """
+
+    backbone: str
+    architecture: Detector
+    image_size: int
+    fpn_channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if self.architecture not in get_args(Detector):
+            raise DetectionError(f"detect.architecture must be one of {get_args(Detector)}, got {self.architecture!r}")
+        if self.fpn_channels < 64 or self.fpn_channels % 32:
+            # torchvision's FCOS and RetinaNet heads normalise with 32 groups: at 32 channels the
+            # one-pixel P7 of a single small image leaves one value per group, which cannot be normalised.
+            raise DetectionError(f"detect.fpn_channels must be a multiple of 32 and at least 64, got {self.fpn_channels}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DetectorConfig:
+        return cls(
+            backbone=str(data["backbone"]), architecture=data["architecture"], image_size=int(data["image_size"]),
+            fpn_channels=int(data["fpn_channels"]), mean=tuple(float(v) for v in data["mean"]),
+            std=tuple(float(v) for v in data["std"]),
+        )
+
+
+class TimmPyramid(nn.Module):
+    """A timm ``features_only`` network under torchvision's feature pyramid, P3 to P7."""
+
+    def __init__(self, body: nn.Module, channels: int) -> None:
+        super().__init__()
+        self.body = body
+        self.fpn = FeaturePyramidNetwork(
+            list(body.feature_info.channels()), channels, extra_blocks=LastLevelP6P7(channels, channels)
+        )
+        self.out_channels = channels
+
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        return self.fpn(OrderedDict((f"p{i}", f) for i, f in enumerate(self.body(x))))
+
+
+def build_detector(config: DetectorConfig, classifier_state: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """The detector, its backbone loaded from the classifier's fine-tuned weights.
+
+    Args:
+        config: architecture and sizes.
+        classifier_state: the classifier's state dict (``outputs/train/model.safetensors``); its
+            head is left out. None: the backbone starts untrained (for tests, and for rebuilding
+            a saved detector before its own weights are loaded).
+
+    Raises:
+        DetectionError: the classifier's weights do not hold the backbone's tensors.
+    """
+    body = timm.create_model(config.backbone, pretrained=False, features_only=True, out_indices=FEATURE_LEVELS)
+    if classifier_state is not None:
+        wanted = body.state_dict()
+        missing = [k for k in wanted if k not in classifier_state]
+        if missing:
+            raise DetectionError(
+                f"the classifier's weights lack {len(missing)} of the {config.backbone} backbone's tensors (first: "
+                f"{missing[0]}): train the classifier with that architecture, or set the detector's backbone to it"
+            )
+        body.load_state_dict({k: classifier_state[k] for k in wanted})
+    body = freeze_batch_norm_2d(body)
+    pyramid = TimmPyramid(body, config.fpn_channels)
+    common: dict[str, Any] = {
+        "num_classes": FRACTURE + 1,
+        # Images arrive with their longer side at image_size: torchvision's resize keeps them so.
+        "min_size": config.image_size,
+        "max_size": config.image_size,
+        "image_mean": list(config.mean),
+        "image_std": list(config.std),
+        "score_thresh": 0.01,  # low, so the top box also ranks images the detector is unsure of
+        "detections_per_img": 20,
+    }
+    if config.architecture == "fcos":
+        return FCOS(pyramid, **common)
+    return RetinaNet(pyramid, **common)
+
+
+def fit_longer_side(size: tuple[int, int], image_size: int) -> tuple[int, int]:
+    """``(width, height)`` scaled so the longer side is ``image_size``, aspect kept."""
+    width, height = size
+    scale = image_size / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def detector_input(img: Image.Image, image_size: int) -> tuple[torch.Tensor, np.ndarray]:
+    """A decoded X-ray (L or RGB) as the detector's input, and the box scale from original pixels to it.
+
+    The one preprocessing of training, evaluation and the served detector: resized so the longer
+    side is ``image_size`` (bicubic, the grey channel first), then RGB, as a float CHW tensor in
+    ``[0, 1]``; torchvision's transform inside the model normalises it.
+
+    Returns:
+        The tensor and ``[sx, sy, sx, sy]``: multiply original ``x0, y0, x1, y1`` by it to get
+        the input's pixels, divide to go back.
+    """
+    size = img.size
+    new = fit_longer_side(size, image_size)
+    resized = img.resize(new, Image.Resampling.BICUBIC).convert("RGB")
+    scale = np.array([new[0] / size[0], new[1] / size[1]] * 2, dtype=np.float32)
+    return pil_to_tensor(resized).float().div_(255), scale
+
+
+class BoxedImages(Dataset):
+    """X-rays with their fracture boxes (none for a negative), resized to the detector's size.
+
+    Items are ``(image, target)``: a float CHW tensor in ``[0, 1]`` and ``{"boxes", "labels"}``
+    in the resized image's pixels, as torchvision's detection models take them.
+    """
+
+    def __init__(
+        self, paths: Sequence[Path], boxes: Sequence[np.ndarray], image_size: int, flip: bool = False,
+        allow_truncated: bool = False,
+    ) -> None:
+        if len(paths) != len(boxes):
+            raise ValueError(f"{len(paths)} paths but {len(boxes)} box arrays")
+        self.paths, self.boxes = list(paths), [np.asarray(b, dtype=np.float32).reshape(-1, 4) for b in boxes]
+        self.image_size, self.flip, self.allow_truncated = image_size, flip, allow_truncated
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, i: int) -> tuple[torch.Tensor, np.ndarray, tuple[int, int]]:
+        """The resized image, its boxes in its pixels, and the original ``(width, height)``."""
+        img = open_xray(self.paths[i], allow_truncated=self.allow_truncated, rgb=False)
+        image, scale = detector_input(img, self.image_size)
+        return image, self.boxes[i] * scale, img.size
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        image, boxes, _ = self.load(i)
+        if self.flip and torch.rand(()) < 0.5:
+            width = image.shape[-1]
+            image = image.flip(-1)
+            boxes = np.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], axis=1)
+        return image, {
+            "boxes": torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+            "labels": torch.full((len(boxes),), FRACTURE, dtype=torch.int64),
+        }
+
+
+def _collate(batch: list[tuple[torch.Tensor, dict[str, torch.Tensor]]]) -> tuple[list, list]:
+    images, targets = zip(*batch, strict=True)
+    return list(images), list(targets)
+
+
+def epoch_indices(has_boxes: np.ndarray, negatives_per_positive: float, rng: np.random.Generator) -> np.ndarray:
+    """One epoch's images: every one with boxes, and a fresh draw of negatives, shuffled."""
+    positives = np.flatnonzero(has_boxes)
+    negatives = np.flatnonzero(~has_boxes)
+    n_neg = min(len(negatives), math.ceil(negatives_per_positive * len(positives)))
+    chosen = np.concatenate([positives, rng.choice(negatives, size=n_neg, replace=False)])
+    return rng.permutation(chosen)
+
+
+@dataclass(frozen=True)
+class Detections:
+    """A detector's boxes and scores per image, in the original images' pixels."""
+
+    boxes: list[np.ndarray]
+    scores: list[np.ndarray]
+
+    def top_scores(self) -> np.ndarray:
+        """Each image's highest box score (0 without a box): the detector as an image classifier."""
+        return np.array([float(s.max()) if len(s) else 0.0 for s in self.scores])
+
+
+@torch.no_grad()
+def detect(model: nn.Module, images: BoxedImages, batch_size: int = 8, workers: int = 0) -> Detections:
+    """Runs the detector over every image; boxes are mapped back to each image's own pixels."""
+    model.eval()
+    out_boxes, out_scores = [], []
+    loader = DataLoader(range(len(images)), batch_size=batch_size, num_workers=workers,
+                        collate_fn=lambda idx: [images.load(i) for i in idx])
+    for batch in loader:
+        results = model([image for image, _, _ in batch])
+        for (image, _, size), result in zip(batch, results, strict=True):
+            height, width = image.shape[-2:]
+            scale = np.array([size[0] / width, size[1] / height] * 2, dtype=np.float32)
+            keep = result["labels"] == FRACTURE
+            out_boxes.append(result["boxes"][keep].numpy() * scale)
+            out_scores.append(result["scores"][keep].numpy())
+    return Detections(out_boxes, out_scores)
+
+
+def mean_average_precision(detections: Detections, truth: Sequence[np.ndarray]) -> dict[str, float]:
+    """COCO mAP@0.5 and mAP@0.5:0.95 (torchmetrics, pycocotools) over the images, negatives included.
+
+    A negative image contributes its boxes as false positives; an image whose fracture is missed
+    lowers the recall.
+    """
+    from torchmetrics.detection import MeanAveragePrecision
+
+    metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox")
+    metric.update(
+        [{"boxes": torch.as_tensor(b, dtype=torch.float32).reshape(-1, 4), "scores": torch.as_tensor(s, dtype=torch.float32),
+          "labels": torch.full((len(s),), FRACTURE, dtype=torch.int64)}
+         for b, s in zip(detections.boxes, detections.scores, strict=True)],
+        [{"boxes": torch.as_tensor(t, dtype=torch.float32).reshape(-1, 4),
+          "labels": torch.full((len(t),), FRACTURE, dtype=torch.int64)} for t in truth],
+    )
+    result = metric.compute()
+    return {"map_50": float(result["map_50"]), "map": float(result["map"]), "mar_100": float(result["mar_100"])}
+
+
+def bootstrap_map(
+    detections: Detections, truth: Sequence[np.ndarray], n_resamples: int, seed: int, confidence: float = 0.95
+) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap intervals of mAP@0.5 and mAP@0.5:0.95, resampling images.
+
+    Stratified like the classifier's intervals: images with boxes and images without are
+    resampled apart, so every resample keeps the number of fractured images (and an mAP is
+    always defined).
+    """
+    rng = np.random.default_rng(seed)
+    groups = [np.flatnonzero([len(t) > 0 for t in truth]), np.flatnonzero([len(t) == 0 for t in truth])]
+    draws: dict[str, list[float]] = {"map_50": [], "map": []}
+    for _ in range(n_resamples):
+        idx = np.concatenate([rng.choice(g, size=len(g)) for g in groups if len(g)])
+        sample = Detections([detections.boxes[i] for i in idx], [detections.scores[i] for i in idx])
+        values = mean_average_precision(sample, [truth[i] for i in idx])
+        for name, kept in draws.items():
+            kept.append(values[name])
+    tail = (1 - confidence) / 2 * 100
+    return {k: (float(np.percentile(v, tail)), float(np.percentile(v, 100 - tail))) for k, v in draws.items()}
+
+
+@dataclass(frozen=True)
+class DetectorTraining:
+    """The result of :func:`train_detector`."""
+
+    state: dict[str, torch.Tensor]
+    best_epoch: int
+    best_val_map_50: float
+    history: list[dict[str, float]]
+    seconds: float
+
+
+def train_detector(
+    model: nn.Module,
+    train: BoxedImages,
+    val: BoxedImages,
+    val_truth: Sequence[np.ndarray],
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    negatives_per_positive: float,
+    seed: int,
+    workers: int = 0,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+) -> DetectorTraining:
+    """Fine-tunes the detector; the epoch kept is the one with the best val mAP@0.5.
+
+    AdamW with a cosine schedule over all steps. Every choice is made on the val split.
+
+    Raises:
+        DetectionError: the training split holds no image with a box.
+    """
+    has_boxes = np.array([len(b) > 0 for b in train.boxes])
+    if not has_boxes.any():
+        raise DetectionError("the training split holds no image with a fracture box; the detector has nothing to learn")
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimiser = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    per_epoch = math.ceil(len(epoch_indices(has_boxes, negatives_per_positive, np.random.default_rng(0))) / batch_size)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=max(1, epochs * per_epoch))
+    history: list[dict[str, float]] = []
+    best: tuple[float, int, dict[str, torch.Tensor]] | None = None
+    started = time.perf_counter()
+    for epoch in range(1, epochs + 1):
+        model.train()
+        order = epoch_indices(has_boxes, negatives_per_positive, rng)
+        loader = DataLoader(torch.utils.data.Subset(train, order.tolist()), batch_size=batch_size, shuffle=False,
+                            num_workers=workers, collate_fn=_collate, drop_last=len(order) % batch_size == 1)
+        losses = []
+        for images, targets in loader:
+            loss = sum(model(images, targets).values())
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            schedule.step()
+            losses.append(float(loss))
+        val_map = mean_average_precision(detect(model, val, batch_size, workers), val_truth)
+        row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "val_map_50": val_map["map_50"],
+               "val_map": val_map["map"], "seconds": time.perf_counter() - started}
+        history.append(row)
+        log.info("detector epoch %d: loss %.4f, val mAP@0.5 %.4f", epoch, row["train_loss"], row["val_map_50"])
+        if on_epoch is not None:
+            on_epoch(row)
+        if best is None or row["val_map_50"] > best[0]:
+            best = (row["val_map_50"], epoch, {k: v.detach().clone() for k, v in model.state_dict().items()})
+    assert best is not None
+    return DetectorTraining(best[2], best[1], best[0], history, time.perf_counter() - started)

@@ -1,0 +1,138 @@
+"""The MLflow pyfunc of the fracture detector: boxes with scores per X-ray.
+
+Input: the classifier's (:mod:`fracture.serving`): a DataFrame with ``image`` (bytes or base64
+text) or ``path`` per row, JPEG, PNG or DICOM, through the same input checks
+(:mod:`fracture.intake`) and the same ``on_error`` parameter.
+
+Output: one row per input row, in order:
+
+- ``boxes``: JSON text, a list of ``[x0, y0, x1, y1, score]`` in the original image's pixels,
+  highest score first, holding every box scored at least ``threshold`` (``"[]"`` for none, and
+  for a row that was not scored);
+- ``fracture_score``: the top box's score, the detector's image-level answer (0 without a box;
+  NaN when the row was not scored);
+- ``label``: ``fractured`` when ``fracture_score >= threshold``, else ``not_fractured`` (empty
+  when not scored); ``threshold``: chosen on the val split to reach the classifier's target
+  sensitivity;
+- ``error`` and ``note``: as the classifier's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+import torch
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, Schema
+from safetensors.torch import load_file
+
+from fracture.detection import FRACTURE, DetectorConfig, build_detector, detector_input
+from fracture.intake import InputPolicy
+from fracture.serving import (
+    INPUT_SCHEMA,
+    ON_ERROR,
+    PARAMS_SCHEMA,
+    RequestRefused,
+    RowRefused,
+    _in_scoring_server,
+    input_root,
+    read_row,
+)
+from fracture.vocabulary import CLASSES
+
+log = logging.getLogger(__name__)
+
+OUTPUT_COLUMNS = ("boxes", "fracture_score", "label", "threshold", "error", "note")
+SIGNATURE = ModelSignature(
+    inputs=INPUT_SCHEMA,
+    outputs=Schema([
+        ColSpec("string", "boxes"),
+        ColSpec("double", "fracture_score"),
+        ColSpec("string", "label"),
+        ColSpec("double", "threshold"),
+        ColSpec("string", "error"),
+        ColSpec("string", "note"),
+    ]),
+    params=PARAMS_SCHEMA,
+)
+
+
+class DetectorPyfunc(mlflow.pyfunc.PythonModel):
+    """The fracture detector with its preprocessing and input checks, as logged to the registry.
+
+    Attributes:
+        config: the detector's architecture and sizes.
+        threshold: the image-level (and box) score threshold.
+        policy: the input checks, the classifier's own.
+        network: the torchvision detector, in eval mode.
+    """
+
+    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        described = json.loads(Path(context.artifacts["config"]).read_text())
+        self.config = DetectorConfig.from_dict(described)
+        self.threshold = float(described["threshold"])
+        self.policy = InputPolicy.from_dict(described.get("input"))
+        network = build_detector(self.config)
+        network.load_state_dict(load_file(context.artifacts["weights"]))
+        self.network = network.eval()
+        self.root = input_root()
+
+    @torch.no_grad()
+    def _boxes(self, image: Any) -> np.ndarray:
+        """``(n, 5)``: boxes in the image's pixels with their scores, highest first."""
+        tensor, scale = detector_input(image, self.config.image_size)
+        result = self.network([tensor])[0]
+        keep = result["labels"] == FRACTURE
+        boxes = result["boxes"][keep].numpy() / scale
+        scores = result["scores"][keep].numpy()
+        order = np.argsort(-scores, kind="stable")
+        return np.column_stack([boxes[order], scores[order]]) if len(order) else np.zeros((0, 5))
+
+    def predict(
+        self,
+        context: mlflow.pyfunc.PythonModelContext | None,
+        model_input: pd.DataFrame,
+        params: dict[str, Any] | None = None,
+    ) -> pd.DataFrame:
+        on_error = (params or {}).get("on_error") or "report"
+        if on_error not in ON_ERROR:
+            raise RequestRefused(f"parameter on_error must be one of {', '.join(ON_ERROR)}; got {on_error!r}")
+        frame = pd.DataFrame(model_input)
+        if not {"image", "path"} & set(frame.columns):
+            raise RequestRefused("input needs a column 'image' (file bytes, or base64 text) or 'path'")
+        if len(frame) > self.policy.max_rows:
+            raise RequestRefused(
+                f"the request holds {len(frame)} rows; this model scores at most {self.policy.max_rows} per "
+                "request (params: serve.max_rows): send them in smaller requests"
+            )
+        rows = []
+        for i, row in frame.reset_index(drop=True).iterrows():
+            try:
+                xray = read_row(int(i), row, self.root, self.policy)
+            except RowRefused as exc:
+                if on_error == "raise":
+                    raise RequestRefused(str(exc)) from None
+                rows.append({"boxes": "[]", "fracture_score": np.nan, "label": "", "error": str(exc), "note": ""})
+                continue
+            found = self._boxes(xray.image)
+            top = float(found[0, 4]) if len(found) else 0.0
+            shown = found[found[:, 4] >= self.threshold]
+            rows.append({
+                "boxes": json.dumps([[round(float(v), 2) for v in b[:4]] + [round(float(b[4]), 4)] for b in shown]),
+                "fracture_score": top,
+                "label": CLASSES[1] if top >= self.threshold else CLASSES[0],
+                "error": "",
+                "note": "; ".join(xray.warnings),
+            })
+        out = pd.DataFrame(rows, columns=[c for c in OUTPUT_COLUMNS if c != "threshold"])
+        out.insert(3, "threshold", self.threshold)
+        if _in_scoring_server() and out["error"].ne("").any():
+            # As the classifier's: an unscored row's score is null over HTTP, not a bare NaN.
+            out["fracture_score"] = out["fracture_score"].astype(object).where(out["error"].eq(""), None)
+        return out

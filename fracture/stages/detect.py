@@ -1,0 +1,169 @@
+"""The detector's stages (``detect/dvc.yaml``, outside the main job): train it on the classifier's
+backbone with FracAtlas's fracture boxes, then score the test split once.
+
+Both read the classifier's split tables, so the detector trains, is selected and is tested on the
+same near-duplicate-grouped images as the classifier. An image that cannot serve the detector
+(fractured by its label but without a box; a box on an image labelled not fractured) is left out
+and listed with its reason in ``outputs/detect/excluded.csv``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+from safetensors.torch import load_file, save_file
+from sklearn.metrics import roc_auc_score
+
+from fracture.config import Params
+from fracture.detection import (
+    BoxedImages,
+    DetectionError,
+    DetectorConfig,
+    bootstrap_map,
+    build_detector,
+    detect,
+    mean_average_precision,
+    train_detector,
+)
+from fracture.evaluation import choose_threshold
+from fracture.localisation import ImageBoxes, read_coco_boxes
+from fracture.tracking import setup_mlflow
+from fracture.workspace import Workspace, write_json
+
+log = logging.getLogger(__name__)
+
+
+def _boxes(params: Params, workspace: Workspace) -> dict[str, ImageBoxes]:
+    if params.evaluate.boxes is None:
+        raise DetectionError(
+            "evaluate.boxes is null: the detector learns from fracture boxes. Name the dataset's COCO JSON of boxes "
+            "there (FracAtlas: Annotations/COCO JSON/COCO_fracture_masks.json)"
+        )
+    return read_coco_boxes(workspace.root / params.ingest.dest / params.evaluate.boxes)
+
+
+def boxed_split(
+    params: Params, workspace: Workspace, split: str, boxes: dict[str, ImageBoxes], flip: bool = False
+) -> tuple[BoxedImages, list[np.ndarray], np.ndarray, pd.DataFrame]:
+    """One split's images with their boxes (none for a non-fractured image).
+
+    Returns:
+        The images, their boxes in original pixels, their labels, and the images left out, with
+        ``split``, ``image_id`` and ``reason``.
+    """
+    frame = workspace.read_split_table(split)
+    has_box = frame["image_id"].isin(list(boxes)).to_numpy()
+    label = frame["label"].astype(int).to_numpy()
+    where = params.evaluate.boxes
+    reasons = pd.Series("", index=frame.index)
+    reasons[(label == 1) & ~has_box] = f"fractured by its label but has no fracture box in {where}"
+    reasons[(label == 0) & has_box] = f"labelled not fractured but has a fracture box in {where}"
+    kept = frame[reasons.eq("").to_numpy()]
+    excluded = pd.DataFrame({"split": split, "image_id": frame["image_id"][reasons.ne("")], "reason": reasons[reasons.ne("")]})
+    dataset = workspace.root / params.ingest.dest
+    truth = [boxes[i].boxes if int(lab) == 1 else np.zeros((0, 4)) for i, lab in zip(kept["image_id"], kept["label"], strict=True)]
+    images = BoxedImages(
+        [dataset / p for p in kept["path"]], truth, params.detect.image_size, flip=flip,
+        allow_truncated=params.validate.on_truncated == "keep",
+    )
+    return images, truth, kept["label"].astype(int).to_numpy(), excluded
+
+
+def run_detect_train(params: Params, workspace: Workspace) -> dict[str, object]:
+    """Fine-tunes the detector on the train split, keeping the epoch with the best val mAP@0.5.
+
+    Writes ``outputs/detect/model.safetensors``, ``model.json`` (the detector's config, its best
+    epoch, its MLflow run), ``history.json`` and ``excluded.csv``; logs the run to MLflow, tagged
+    with the classifier's run.
+
+    Returns:
+        What ``model.json`` holds.
+    """
+    d = params.detect
+    boxes = _boxes(params, workspace)
+    trained = workspace.read_train()
+    train, _, _, left_train = boxed_split(params, workspace, "train", boxes, flip=d.flip)
+    val, val_truth, _, left_val = boxed_split(params, workspace, "val", boxes)
+    data = trained.model.data_config
+    config = DetectorConfig(trained.model.architecture, d.architecture, d.image_size, d.fpn_channels, data.mean, data.std)
+    model = build_detector(config, load_file(str(workspace.weights)))
+    workspace.detect_dir.mkdir(parents=True, exist_ok=True)
+    setup_mlflow(params, workspace.root)
+    tags = {"model_kind": "fracture-detector", "classifier_run_id": trained.run_id}
+    with mlflow.start_run(run_name=f"detector-{d.architecture}", tags=tags) as run:
+        mlflow.log_params({f"detect.{k}": v for k, v in vars(d).items()} | {"backbone": config.backbone,
+                          "train_images": len(train), "val_images": len(val)})
+
+        def on_epoch(row: dict[str, float]) -> None:
+            mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+
+        result = train_detector(
+            model, train, val, val_truth, epochs=d.epochs, batch_size=d.batch_size, lr=d.lr,
+            weight_decay=d.weight_decay, negatives_per_positive=d.negatives_per_positive, seed=d.seed,
+            workers=d.workers, on_epoch=on_epoch,
+        )
+        mlflow.log_metrics({"best_val_map_50": result.best_val_map_50, "train_seconds": result.seconds})
+    save_file(result.state, str(workspace.detect_weights))
+    described = config.to_dict() | {
+        "best_epoch": result.best_epoch, "best_val_map_50": result.best_val_map_50, "run_id": run.info.run_id,
+        "classifier_run_id": trained.run_id, "train_seconds": round(result.seconds, 1),
+    }
+    write_json(workspace.detect_model_json, described)
+    write_json(workspace.detect_history, result.history)
+    pd.concat([left_train, left_val]).to_csv(workspace.detect_excluded, index=False)
+    return described
+
+
+def load_trained_detector(workspace: Workspace) -> tuple[DetectorConfig, dict[str, object], object]:
+    """The detector the train stage saved: its config, ``model.json`` and the network."""
+    described = json.loads(Path(workspace.detect_model_json).read_text())
+    config = DetectorConfig.from_dict(described)
+    model = build_detector(config)
+    model.load_state_dict(load_file(str(workspace.detect_weights)))
+    return config, described, model.eval()
+
+
+def run_detect_evaluate(params: Params, workspace: Workspace) -> dict[str, float]:
+    """Scores the test split once: COCO mAP with bootstrap intervals, and the top box as a classifier.
+
+    The image-level threshold is chosen on the val split to reach ``evaluate.target_sensitivity``
+    (0.85 when that is null), as the classifier's is.
+
+    Returns:
+        The metrics written to ``outputs/detect/metrics.json``.
+    """
+    d = params.detect
+    boxes = _boxes(params, workspace)
+    _, described, model = load_trained_detector(workspace)
+    val, _, val_labels, _ = boxed_split(params, workspace, "val", boxes)
+    test, truth, labels, left_test = boxed_split(params, workspace, "test", boxes)
+    target = params.evaluate.target_sensitivity or 0.85
+    threshold = choose_threshold(val_labels, detect(model, val, d.batch_size, d.workers).top_scores(), target)
+    found = detect(model, test, d.batch_size, d.workers)
+    maps = mean_average_precision(found, truth)
+    intervals = bootstrap_map(found, truth, d.bootstrap_resamples, params.evaluate.seed)
+    top = found.top_scores()
+    predicted = top >= threshold
+    metrics = maps | {f"{k}_ci_low": low for k, (low, _) in intervals.items()} | {
+        f"{k}_ci_high": high for k, (_, high) in intervals.items()
+    } | {
+        "image_roc_auc": float(roc_auc_score(labels, top)),
+        "image_sensitivity": float(predicted[labels == 1].mean()),
+        "image_specificity": float((~predicted[labels == 0]).mean()),
+        "image_threshold": threshold,
+        "n_images": float(len(labels)),
+        "n_fractured": float(labels.sum()),
+        "n_boxes": float(sum(len(t) for t in truth)),
+        "n_excluded": float(len(left_test)),
+    }
+    write_json(workspace.detect_metrics, metrics)
+    left_test.to_csv(workspace.detect_test_excluded, index=False)
+    setup_mlflow(params, workspace.root)
+    with mlflow.start_run(run_id=str(described["run_id"])):
+        mlflow.log_metrics({f"test_{k}": v for k, v in metrics.items()})
+    return metrics

@@ -1,0 +1,195 @@
+"""The fracture detector on the classifier's backbone: building, boxes through resizing, COCO mAP, training."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import timm
+import torch
+from mlflow import MlflowClient
+from PIL import Image
+
+from fracture.detection import (
+    BoxedImages,
+    DetectionError,
+    Detections,
+    DetectorConfig,
+    bootstrap_map,
+    build_detector,
+    detect,
+    epoch_indices,
+    fit_longer_side,
+    mean_average_precision,
+    train_detector,
+)
+from tests.conftest import REPO, dvc, run, shrink_params
+
+CONFIG = DetectorConfig("tf_efficientnet_lite0", "fcos", 128, 64, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+def xray_with_square(path, size=(160, 200), box=(40, 60, 80, 100), seed=0) -> np.ndarray:
+    """A dark noisy image with a bright square (the 'fracture') at ``box`` (x0, y0, x1, y1)."""
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 60, (size[1], size[0]), dtype=np.uint8)
+    if box is not None:
+        x0, y0, x1, y1 = box
+        a[y0:y1, x0:x1] = 230
+    Image.fromarray(a, mode="L").save(path)
+    return np.array([box], dtype=np.float32) if box is not None else np.zeros((0, 4), dtype=np.float32)
+
+
+def test_the_backbone_is_the_classifier_s_network():
+    classifier = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=2)
+    state = classifier.state_dict()
+    detector = build_detector(CONFIG, state)
+    body = detector.backbone.body
+    np.testing.assert_array_equal(body.conv_stem.weight.detach().numpy(), state["conv_stem.weight"].numpy())
+    assert type(detector).__name__ == "FCOS" and detector.backbone.out_channels == 64
+    with pytest.raises(DetectionError, match="lack .* of the tf_efficientnet_lite0 backbone's tensors"):
+        build_detector(CONFIG, {k: v for k, v in state.items() if not k.startswith("blocks.6")})
+    assert type(build_detector(DetectorConfig(**{**CONFIG.__dict__, "architecture": "retinanet"}))).__name__ == "RetinaNet"
+    with pytest.raises(DetectionError, match="detect.architecture must be one of"):
+        DetectorConfig(**{**CONFIG.__dict__, "architecture": "yolo"})
+    with pytest.raises(DetectionError, match="multiple of 32 and at least 64, got 32"):
+        DetectorConfig(**{**CONFIG.__dict__, "fpn_channels": 32})
+    assert DetectorConfig.from_dict(CONFIG.to_dict()) == CONFIG
+
+
+def test_boxes_follow_the_resize_and_the_flip(tmp_path):
+    truth = xray_with_square(tmp_path / "a.png", size=(160, 200), box=(40, 60, 80, 100))
+    assert fit_longer_side((160, 200), 128) == (102, 128)
+    images = BoxedImages([tmp_path / "a.png"], [truth], 128)
+    image, boxes, size = images.load(0)
+    assert image.shape == (3, 128, 102) and size == (160, 200)
+    x0, y0, x1, y1 = boxes[0]
+    assert (x0, y0) == pytest.approx((40 * 102 / 160, 60 * 128 / 200)) and (x1, y1) == pytest.approx((80 * 102 / 160, 100 * 128 / 200))
+    inside = image[0, round(y0) + 2 : round(y1) - 2, round(x0) + 2 : round(x1) - 2]
+    assert inside.min() > 0.8  # the bright square is where the scaled box says
+    flipped = BoxedImages([tmp_path / "a.png"], [truth], 128, flip=True)
+    seen = set()
+    for _ in range(40):
+        image, target = flipped[0]
+        fx0, fy0, fx1, fy1 = target["boxes"][0].tolist()
+        assert image[0, round(fy0) + 2 : round(fy1) - 2, round(fx0) + 2 : round(fx1) - 2].min() > 0.8
+        seen.add(round(fx0))
+    assert seen == {round(x0), round(102 - x1)}  # both the image and its mirror were drawn
+
+
+def test_an_epoch_takes_every_positive_and_a_fresh_draw_of_negatives():
+    has_boxes = np.array([True] * 5 + [False] * 20)
+    first = epoch_indices(has_boxes, 2.0, np.random.default_rng(0))
+    assert len(first) == 15 and set(range(5)) <= set(first.tolist()) and len(set(first.tolist())) == 15
+    rng = np.random.default_rng(0)
+    a, b = epoch_indices(has_boxes, 2.0, rng), epoch_indices(has_boxes, 2.0, rng)
+    assert np.array_equal(a, first) and set(a.tolist()) != set(b.tolist())
+    assert len(epoch_indices(has_boxes, 10.0, rng)) == 25  # no more negatives than there are
+
+
+def test_map_is_one_for_exact_boxes_and_zero_for_misplaced_ones():
+    truth = [np.array([[10, 10, 50, 50]], dtype=np.float32), np.array([[100, 100, 140, 160]], dtype=np.float32),
+             np.zeros((0, 4), dtype=np.float32)]
+    exact = Detections([t.copy() for t in truth[:2]] + [np.zeros((0, 4))], [np.array([0.9]), np.array([0.8]), np.zeros(0)])
+    assert mean_average_precision(exact, truth)["map_50"] == pytest.approx(1.0)
+    moved = Detections([t + 35 for t in truth[:2]] + [np.zeros((0, 4))], [np.array([0.9]), np.array([0.8]), np.zeros(0)])
+    assert mean_average_precision(moved, truth)["map_50"] == pytest.approx(0.0)
+    # A confident false box on the negative image ranks above a true one: precision at full recall drops.
+    noisy = Detections(exact.boxes[:2] + [np.array([[0, 0, 30, 30]], dtype=np.float32)],
+                       [np.array([0.9]), np.array([0.5]), np.array([0.95])])
+    assert 0.3 < mean_average_precision(noisy, truth)["map_50"] < 1.0
+    low, high = bootstrap_map(noisy, truth, 50, seed=0)["map_50"]
+    assert 0.0 <= low <= high <= 1.0
+    np.testing.assert_array_equal(noisy.top_scores(), [0.9, 0.5, 0.95])
+
+
+def test_training_runs_and_keeps_the_best_val_epoch(tmp_path):
+    paths, truth = [], []
+    for i in range(12):
+        x, y = 20 + 7 * i, 30 + 5 * i
+        box = (x, y, x + 40, y + 40) if i % 3 else None
+        path = tmp_path / f"{i}.png"
+        truth.append(xray_with_square(path, box=box, seed=i))
+        paths.append(path)
+    train = BoxedImages(paths[:8], truth[:8], 128, flip=True)
+    val = BoxedImages(paths[8:], truth[8:], 128)
+    torch.manual_seed(0)
+    model = build_detector(CONFIG, timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=2).state_dict())
+    seen = []
+    result = train_detector(model, train, val, truth[8:], epochs=2, batch_size=4, lr=1e-3, weight_decay=1e-4,
+                            negatives_per_positive=1.0, seed=0, on_epoch=seen.append)
+    assert [row["epoch"] for row in result.history] == [1, 2] and seen == result.history
+    assert all(np.isfinite(row["train_loss"]) for row in result.history)
+    assert result.best_val_map_50 == max(row["val_map_50"] for row in result.history)
+    assert result.best_epoch == 1 + int(np.argmax([row["val_map_50"] for row in result.history]))
+    model.load_state_dict(result.state)
+    found = detect(model, val)
+    assert len(found.boxes) == 4
+    for boxes in found.boxes:  # in the original 160 x 200 image's pixels
+        assert boxes.shape[1:] == (4,) and (boxes[:, 2] <= 160 + 1e-3).all() and (boxes[:, 3] <= 200 + 1e-3).all()
+    with pytest.raises(DetectionError, match="no image with a fracture box"):
+        train_detector(model, BoxedImages(paths[:1], [np.zeros((0, 4))], 128), val, truth[8:], epochs=1,
+                       batch_size=2, lr=1e-3, weight_decay=0, negatives_per_positive=1, seed=0)
+
+
+@pytest.mark.integration
+def test_detect_stages_train_on_the_classifier_and_score_the_test_split(project, subset_source):
+    """`dvc repro detect/dvc.yaml` on real X-rays and boxes: the classifier's pipeline first, then the detector."""
+    shutil.copytree(REPO / "detect", project / "detect")
+    shrink_params(project, detect__image_size=128, detect__epochs=1, detect__batch_size=4, detect__workers=0,
+                  detect__fpn_channels=64, detect__bootstrap_resamples=20)
+    run(project, sys.executable, "-m", "fracture.cli", "ingest", "--source", str(subset_source))
+    dvc(project, "repro", "detect/dvc.yaml")
+
+    out = project / "outputs" / "detect"
+    described = json.loads((out / "model.json").read_text())
+    classifier_run = json.loads((project / "outputs" / "train" / "run.json").read_text())["run_id"]
+    assert described["backbone"] == "tf_efficientnet_lite0" and described["classifier_run_id"] == classifier_run
+    assert described["best_epoch"] == 1 and len(json.loads((out / "history.json").read_text())) == 1
+    metrics = json.loads((out / "metrics.json").read_text())
+    test = pd.read_csv(project / "outputs" / "split" / "test.csv")
+    assert metrics["n_images"] == len(test) - metrics["n_excluded"] and metrics["n_fractured"] == test["label"].sum()
+    assert 0 <= metrics["map_50_ci_low"] <= metrics["map_50_ci_high"] <= 1 and 0 <= metrics["image_roc_auc"] <= 1
+    assert list(pd.read_csv(out / "excluded.csv").columns) == ["split", "image_id", "reason"]
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    run_data = client.get_run(described["run_id"]).data
+    assert run_data.tags["classifier_run_id"] == classifier_run
+    assert run_data.metrics["test_map_50"] == pytest.approx(metrics["map_50"])
+    assert "Data and pipelines are up to date" in dvc(project, "status", "detect/dvc.yaml")
+
+
+def test_the_served_detector_returns_the_boxes_detect_finds_with_the_classifier_s_input_checks(tmp_path):
+    import base64
+
+    import mlflow.pyfunc
+    from safetensors.torch import save_file
+
+    from fracture.intake import InputPolicy
+    from fracture.packaging import save_detector_pyfunc
+
+    torch.manual_seed(0)
+    model = build_detector(CONFIG, timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=2).state_dict())
+    save_file(model.state_dict(), str(tmp_path / "detector.safetensors"))
+    described = CONFIG.to_dict() | {"threshold": 0.0, "input": InputPolicy().to_dict()}
+    served = mlflow.pyfunc.load_model(str(save_detector_pyfunc(tmp_path / "pyfunc", tmp_path / "detector.safetensors", described)))
+    truth = xray_with_square(tmp_path / "x.png", size=(160, 200))
+    data = (tmp_path / "x.png").read_bytes()
+    out = served.predict(pd.DataFrame({"image": [data, b"not an image", base64.b64encode(data).decode()]}))
+    assert list(out.columns) == ["boxes", "fracture_score", "label", "threshold", "error", "note"]
+    assert out["error"][0] == "" and out["error"][2] == "" and out["error"][1].startswith("row 1: the image ")
+    assert np.isnan(out["fracture_score"][1]) and out["boxes"][1] == "[]" and out["label"][1] == ""
+    boxes = np.array(json.loads(out["boxes"][0]))
+    assert out["boxes"][0] == out["boxes"][2] and len(boxes) > 0  # threshold 0: every box the network keeps
+    assert (np.diff(boxes[:, 4]) <= 0).all() and out["fracture_score"][0] == pytest.approx(boxes[0, 4], abs=1e-4)
+    # The same boxes as evaluation's path (BoxedImages + detect), in the original 160 x 200 pixels.
+    found = detect(model, BoxedImages([tmp_path / "x.png"], [truth], CONFIG.image_size))
+    order = np.argsort(-found.scores[0], kind="stable")
+    np.testing.assert_allclose(boxes[:, :4], found.boxes[0][order], atol=0.01)
+    assert (boxes[:, [0, 2]] <= 160 + 0.01).all() and (boxes[:, [1, 3]] <= 200 + 0.01).all()
+    strict = mlflow.pyfunc.load_model(str(save_detector_pyfunc(tmp_path / "strict", tmp_path / "detector.safetensors",
+                                                               described | {"threshold": 1.01})))
+    row = strict.predict(pd.DataFrame({"image": [data]})).iloc[0]
+    assert row["boxes"] == "[]" and row["label"] == "not_fractured" and row["threshold"] == 1.01
