@@ -36,11 +36,11 @@ from fracture.detection import FRACTURE, DetectorConfig, build_detector, detecto
 from fracture.intake import InputPolicy
 from fracture.serving import (
     INPUT_SCHEMA,
-    ON_ERROR,
     PARAMS_SCHEMA,
     RequestRefused,
     RowRefused,
     _in_scoring_server,
+    check_request,
     input_root,
     read_row,
 )
@@ -100,19 +100,9 @@ class DetectorPyfunc(mlflow.pyfunc.PythonModel):
         model_input: pd.DataFrame,
         params: dict[str, Any] | None = None,
     ) -> pd.DataFrame:
-        on_error = (params or {}).get("on_error") or "report"
-        if on_error not in ON_ERROR:
-            raise RequestRefused(f"parameter on_error must be one of {', '.join(ON_ERROR)}; got {on_error!r}")
-        frame = pd.DataFrame(model_input)
-        if not {"image", "path"} & set(frame.columns):
-            raise RequestRefused("input needs a column 'image' (file bytes, or base64 text) or 'path'")
-        if len(frame) > self.policy.max_rows:
-            raise RequestRefused(
-                f"the request holds {len(frame)} rows; this model scores at most {self.policy.max_rows} per "
-                "request (params: serve.max_rows): send them in smaller requests"
-            )
+        on_error, frame = check_request(model_input, params, self.policy)
         rows = []
-        for i, row in frame.reset_index(drop=True).iterrows():
+        for i, row in frame.iterrows():
             try:
                 xray = read_row(int(i), row, self.root, self.policy)
             except RowRefused as exc:

@@ -17,6 +17,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 from mlflow import MlflowClient
+from mlflow.models import ModelSignature
 from PIL import Image
 
 import fracture
@@ -57,18 +58,26 @@ def requirements(config: ServingConfig) -> tuple[str, ...]:
     return REQUIREMENTS + ENHANCE_REQUIREMENTS.get(config.data_config.enhance, ())
 
 
-def _model_kwargs(weights: Path, config: ServingConfig, folder: Path) -> dict[str, object]:
+def _pyfunc_kwargs(
+    entry: Path, signature: ModelSignature, weights: Path, described: dict[str, object], packages: tuple[str, ...],
+    folder: Path,
+) -> dict[str, object]:
     """What ``mlflow.pyfunc.log_model`` and ``save_model`` are given: code, artifacts, signature, pins."""
     config_path = folder / "model.json"
-    config_path.write_text(json.dumps(config.to_dict(), indent=2))
+    config_path.write_text(json.dumps(described, indent=2))
     return {
-        "python_model": str(ENTRY),
+        "python_model": str(entry),
         "artifacts": {"weights": str(weights), "config": str(config_path)},
         "code_paths": [str(Path(fracture.__file__).parent)],
-        "signature": SIGNATURE,
+        "signature": signature,
         "input_example": _input_example(),
-        "pip_requirements": [f"{pkg}=={metadata.version(pkg)}" for pkg in requirements(config)],
+        "pip_requirements": [f"{pkg}=={metadata.version(pkg)}" for pkg in packages],
     }
+
+
+def _model_kwargs(weights: Path, config: ServingConfig, folder: Path) -> dict[str, object]:
+    """The classifier's: :class:`fracture.serving.FracturePyfunc` with its serving config."""
+    return _pyfunc_kwargs(ENTRY, SIGNATURE, weights, config.to_dict(), requirements(config), folder)
 
 
 def log_pyfunc(run_id: str, weights: Path, config: ServingConfig) -> str:
@@ -107,16 +116,7 @@ DETECTOR_ENTRY = Path(__file__).with_name("detector_entry.py")
 def _detector_kwargs(weights: Path, described: dict[str, object], folder: Path) -> dict[str, object]:
     from fracture.detector_serving import SIGNATURE as DETECTOR_SIGNATURE
 
-    config_path = folder / "model.json"
-    config_path.write_text(json.dumps(described, indent=2))
-    return {
-        "python_model": str(DETECTOR_ENTRY),
-        "artifacts": {"weights": str(weights), "config": str(config_path)},
-        "code_paths": [str(Path(fracture.__file__).parent)],
-        "signature": DETECTOR_SIGNATURE,
-        "input_example": _input_example(),
-        "pip_requirements": [f"{pkg}=={metadata.version(pkg)}" for pkg in REQUIREMENTS],
-    }
+    return _pyfunc_kwargs(DETECTOR_ENTRY, DETECTOR_SIGNATURE, weights, described, REQUIREMENTS, folder)
 
 
 def save_detector_pyfunc(dest: Path, weights: Path, described: dict[str, object]) -> Path:

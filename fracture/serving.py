@@ -131,6 +131,29 @@ def read_path(i: int, path: str, root: Path | None, policy: InputPolicy) -> byte
         raise RowRefused(f"row {i}: the file at 'path' cannot be read ({type(exc).__name__})") from exc
 
 
+def check_request(
+    model_input: pd.DataFrame, params: dict[str, Any] | None, policy: InputPolicy
+) -> tuple[str, pd.DataFrame]:
+    """The request's ``on_error`` and its rows (indexed from 0), or the whole request refused.
+
+    Raises:
+        RequestRefused: ``on_error`` is not allowed, the input has neither an ``image`` nor a
+            ``path`` column, or it holds more rows than the policy's ``max_rows``.
+    """
+    on_error = (params or {}).get("on_error") or "report"
+    if on_error not in ON_ERROR:
+        raise RequestRefused(f"parameter on_error must be one of {', '.join(ON_ERROR)}; got {on_error!r}")
+    frame = pd.DataFrame(model_input)
+    if not {"image", "path"} & set(frame.columns):
+        raise RequestRefused("input needs a column 'image' (file bytes, or base64 text) or 'path'")
+    if len(frame) > policy.max_rows:
+        raise RequestRefused(
+            f"the request holds {len(frame)} rows; this model scores at most {policy.max_rows} per "
+            "request (params: serve.max_rows): send them in smaller requests"
+        )
+    return on_error, frame.reset_index(drop=True)
+
+
 def read_row(i: int, row: pd.Series, root: Path | None, policy: InputPolicy) -> Xray:
     """Reads and checks one input row: ``image`` (bytes, or base64 text) or ``path``, exactly one.
 
@@ -202,18 +225,7 @@ class FracturePyfunc(mlflow.pyfunc.PythonModel):
         model_input: pd.DataFrame,
         params: dict[str, Any] | None = None,
     ) -> pd.DataFrame:
-        on_error = (params or {}).get("on_error") or "report"
-        if on_error not in ON_ERROR:
-            raise RequestRefused(f"parameter on_error must be one of {', '.join(ON_ERROR)}; got {on_error!r}")
-        frame = pd.DataFrame(model_input)
-        if not {"image", "path"} & set(frame.columns):
-            raise RequestRefused("input needs a column 'image' (file bytes, or base64 text) or 'path'")
-        if len(frame) > self.policy.max_rows:
-            raise RequestRefused(
-                f"the request holds {len(frame)} rows; this model scores at most {self.policy.max_rows} per "
-                "request (params: serve.max_rows): send them in smaller requests"
-            )
-        rows = frame.reset_index(drop=True)
+        on_error, rows = check_request(model_input, params, self.policy)
         out = pd.DataFrame(
             {
                 "fracture_probability": np.full(len(rows), np.nan),
