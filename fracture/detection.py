@@ -124,6 +124,9 @@ def build_detector(config: DetectorConfig, classifier_state: dict[str, torch.Ten
         DetectionError: the classifier's weights do not hold the backbone's tensors.
     """
     body = timm.create_model(config.backbone, pretrained=False, features_only=True, out_indices=FEATURE_LEVELS)
+    # Frozen before loading: frozen batch norm holds no batch counter, so the classifier's weights
+    # load whether its own layers were trained (with counters) or frozen (without, the CPU profile's stem).
+    body = freeze_batch_norm_2d(body)
     if classifier_state is not None:
         wanted = body.state_dict()
         missing = [k for k in wanted if k not in classifier_state]
@@ -133,7 +136,6 @@ def build_detector(config: DetectorConfig, classifier_state: dict[str, torch.Ten
                 f"{missing[0]}): train the classifier with that architecture, or set the detector's backbone to it"
             )
         body.load_state_dict({k: classifier_state[k] for k in wanted})
-    body = freeze_batch_norm_2d(body)
     pyramid = TimmPyramid(body, config.fpn_channels)
     common: dict[str, Any] = {
         "num_classes": FRACTURE + 1,

@@ -50,6 +50,9 @@ def test_the_backbone_is_the_classifier_s_network():
     body = detector.backbone.body
     np.testing.assert_array_equal(body.conv_stem.weight.detach().numpy(), state["conv_stem.weight"].numpy())
     assert type(detector).__name__ == "FCOS" and detector.backbone.out_channels == 64
+    # A classifier whose first layers were frozen (the CPU profile) saves no batch counters for them.
+    frozen = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    assert build_detector(CONFIG, frozen).backbone.body.conv_stem.weight.equal(state["conv_stem.weight"])
     with pytest.raises(DetectionError, match="lack .* of the tf_efficientnet_lite0 backbone's tensors"):
         build_detector(CONFIG, {k: v for k, v in state.items() if not k.startswith("blocks.6")})
     assert type(build_detector(DetectorConfig(**{**CONFIG.__dict__, "architecture": "retinanet"}))).__name__ == "RetinaNet"

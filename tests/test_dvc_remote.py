@@ -46,7 +46,7 @@ def test_a_fresh_clone_pulls_the_dataset_version_it_names(project, fracatlas, tm
     assert not (clone / "data").exists()  # git holds only data.dvc, the pointer
     dvc(clone, "pull", "data.dvc")
     produced = files_under(project, "data")
-    assert len(produced) == 7  # six images and dataset.csv
+    assert len(produced) == 8  # six images, dataset.csv and the fracture boxes (Annotations/COCO JSON)
     assert files_under(clone, "data") == produced
     assert all(filecmp.cmp(project / f, clone / f, shallow=False) for f in produced)
     assert "Data and pipelines are up to date" in dvc(clone, "status", "data.dvc")
