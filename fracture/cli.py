@@ -261,6 +261,16 @@ def detect_evaluate() -> None:
     )
 
 
+@app.command("detect-register")
+def detect_register() -> None:
+    """Register the detector (detect.model_name); it becomes champion only if it passes its gate on mAP@0.5."""
+    from fracture.stages.detect import run_detect_register
+
+    with _stage("detect") as (params, workspace):
+        registration = run_detect_register(params, workspace)
+    print(registration.summary())
+
+
 @app.command()
 def rollback() -> None:
     """Move the champion alias back to the previous-champion version."""

@@ -180,7 +180,15 @@ class DetectParams:
         flip: random horizontal flips in training.
         seed: seeds the weights of the new layers, the negatives' draws and the flips.
         workers: data loader processes (0: decode in the training process).
-        bootstrap_resamples: resamples of the test images for the mAP intervals.
+        bootstrap_resamples: resamples of the test images for the mAP intervals, and of the
+            promotion gate's paired comparison.
+        enabled: the retrain flow trains, evaluates and registers the detector after the
+            classifier (off by default: on two CPU cores it does not fit the main job's budget).
+        model_name: the registered model consumers load (``models:/<name>@champion``).
+        confidence: a version replaces the champion only when, both scored through the registry
+            on the same test images, a paired bootstrap puts its mAP@0.5 gain above 0 at this
+            confidence (two-sided p-value below ``1 - confidence``).
+        floors: run metric -> minimum every champion reaches (``test_map_50``, ...).
     """
 
     architecture: Detector = "fcos"
@@ -195,6 +203,21 @@ class DetectParams:
     seed: int = 42
     workers: int = 2
     bootstrap_resamples: int = 200
+    enabled: bool = False
+    model_name: str = "fracture-detector"
+    confidence: float = 0.95
+    floors: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not _number(self.confidence) or not 0 <= self.confidence < 1:
+            raise ConfigError(
+                f"params.yaml: detect.confidence must be a number in [0, 1), e.g. 0.95; got {self.confidence!r}"
+            )
+        if not isinstance(self.floors, dict) or not all(isinstance(k, str) and _number(v) for k, v in self.floors.items()):
+            raise ConfigError(
+                "params.yaml: detect.floors must map run metric names to numbers, "
+                f"e.g. {{test_map_50: 0.1}}; got {self.floors!r}"
+            )
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@ Output: one row per input row, in order:
 
 - ``boxes``: JSON text, a list of ``[x0, y0, x1, y1, score]`` in the original image's pixels,
   highest score first, holding every box scored at least ``threshold`` (``"[]"`` for none, and
-  for a row that was not scored);
+  for a row that was not scored); the request parameter ``min_score`` lowers or raises that
+  bound (``min_score: 0`` returns every box the detector keeps, as mAP is computed on them);
 - ``fracture_score``: the top box's score, the detector's image-level answer (0 without a box;
   NaN when the row was not scored);
 - ``label``: ``fractured`` when ``fracture_score >= threshold``, else ``not_fractured`` (empty
@@ -29,14 +30,13 @@ import numpy as np
 import pandas as pd
 import torch
 from mlflow.models import ModelSignature
-from mlflow.types import ColSpec, Schema
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from safetensors.torch import load_file
 
 from fracture.detection import FRACTURE, DetectorConfig, build_detector, detector_input
 from fracture.intake import InputPolicy
 from fracture.serving import (
     INPUT_SCHEMA,
-    PARAMS_SCHEMA,
     RequestRefused,
     RowRefused,
     _in_scoring_server,
@@ -48,6 +48,8 @@ from fracture.vocabulary import CLASSES
 
 log = logging.getLogger(__name__)
 
+#: The classifier's ``on_error``, and the lowest box score returned (default: the threshold).
+PARAMS_SCHEMA = ParamSchema([ParamSpec("on_error", "string", "report"), ParamSpec("min_score", "double", None)])
 OUTPUT_COLUMNS = ("boxes", "fracture_score", "label", "threshold", "error", "note")
 SIGNATURE = ModelSignature(
     inputs=INPUT_SCHEMA,
@@ -101,6 +103,11 @@ class DetectorPyfunc(mlflow.pyfunc.PythonModel):
         params: dict[str, Any] | None = None,
     ) -> pd.DataFrame:
         on_error, frame = check_request(model_input, params, self.policy)
+        min_score = (params or {}).get("min_score")
+        if min_score is None:
+            min_score = self.threshold
+        elif isinstance(min_score, bool) or not isinstance(min_score, (int, float)) or not 0 <= min_score <= 1:
+            raise RequestRefused(f"parameter min_score must be a number in [0, 1]; got {min_score!r}")
         rows = []
         for i, row in frame.iterrows():
             try:
@@ -112,7 +119,7 @@ class DetectorPyfunc(mlflow.pyfunc.PythonModel):
                 continue
             found = self._boxes(xray.image)
             top = float(found[0, 4]) if len(found) else 0.0
-            shown = found[found[:, 4] >= self.threshold]
+            shown = found[found[:, 4] >= min_score]
             rows.append({
                 "boxes": json.dumps([[round(float(v), 2) for v in b[:4]] + [round(float(b[4]), 4)] for b in shown]),
                 "fracture_score": top,

@@ -131,3 +131,15 @@ def save_detector_pyfunc(dest: Path, weights: Path, described: dict[str, object]
     with tempfile.TemporaryDirectory() as tmp:
         mlflow.pyfunc.save_model(str(dest), **_detector_kwargs(weights, described, Path(tmp)))
     return dest
+
+
+def log_detector_pyfunc(run_id: str, weights: Path, described: dict[str, object]) -> str:
+    """Logs the fracture detector as a pyfunc into its training run (see :func:`save_detector_pyfunc`).
+
+    Returns:
+        The logged model's URI. The run's experiment becomes the active one.
+    """
+    mlflow.set_experiment(experiment_id=MlflowClient().get_run(run_id).info.experiment_id)
+    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(name="model", **_detector_kwargs(weights, described, Path(tmp)))
+    return info.model_uri

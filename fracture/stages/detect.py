@@ -30,8 +30,12 @@ from fracture.detection import (
     mean_average_precision,
     train_detector,
 )
+from fracture.detector_registry import DetectorTestSplit, register_detector
 from fracture.evaluation import choose_threshold
+from fracture.gate import split_fingerprint
 from fracture.localisation import ImageBoxes, read_coco_boxes
+from fracture.registry import Registration
+from fracture.stages.register import input_policy
 from fracture.tracking import setup_mlflow
 from fracture.workspace import Workspace, write_json
 
@@ -94,7 +98,8 @@ def run_detect_train(params: Params, workspace: Workspace) -> dict[str, object]:
     model = build_detector(config, load_file(str(workspace.weights)))
     workspace.detect_dir.mkdir(parents=True, exist_ok=True)
     setup_mlflow(params, workspace.root)
-    tags = {"model_kind": "fracture-detector", "classifier_run_id": trained.run_id}
+    tags = {"model_kind": "fracture-detector", "classifier_run_id": trained.run_id,
+            "data_version": workspace.data_version() or "", "git_commit": workspace.git_commit() or ""}
     with mlflow.start_run(run_name=f"detector-{d.architecture}", tags=tags) as run:
         mlflow.log_params({f"detect.{k}": v for k, v in vars(d).items()} | {"backbone": config.backbone,
                           "train_images": len(train), "val_images": len(val)})
@@ -167,3 +172,32 @@ def run_detect_evaluate(params: Params, workspace: Workspace) -> dict[str, float
     with mlflow.start_run(run_id=str(described["run_id"])):
         mlflow.log_metrics({f"test_{k}": v for k, v in metrics.items()})
     return metrics
+
+
+def run_detect_register(params: Params, workspace: Workspace) -> Registration:
+    """Registers the detector under ``detect.model_name``; it becomes champion only through its gate.
+
+    The served detector carries its image-level threshold (chosen on val by ``detect_evaluate``)
+    and the classifier's input checks (:func:`fracture.stages.register.input_policy`). Its gate
+    scores it and the champion on the test images ``detect_evaluate`` scored
+    (:func:`fracture.detector_registry.register_detector`).
+
+    Raises:
+        FileNotFoundError: a detect stage's output is missing; the message says to run them.
+        fracture.registry.RegistryError: the run lacks a metric the gate needs.
+    """
+    for path in (workspace.detect_model_json, workspace.detect_weights, workspace.detect_metrics):
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path} not found: run the detector's stages first (dvc repro detect/dvc.yaml)")
+    described = json.loads(Path(workspace.detect_model_json).read_text())
+    metrics = json.loads(Path(workspace.detect_metrics).read_text())
+    test, truth, labels, _ = boxed_split(params, workspace, "test", _boxes(params, workspace))
+    frame = pd.DataFrame({"image_id": [p.stem for p in test.paths], "label": labels})
+    split = DetectorTestSplit(split_fingerprint(frame), tuple(test.paths), tuple(truth))
+    served = DetectorConfig.from_dict(described).to_dict() | {
+        "threshold": float(metrics["image_threshold"]), "input": input_policy(params).to_dict(),
+    }
+    setup_mlflow(params, workspace.root)
+    return register_detector(
+        params.detect, str(described["run_id"]), workspace.detect_weights, served, split, params.evaluate.seed
+    )

@@ -1,0 +1,310 @@
+"""Registers the fracture detector as its own MLflow model, champion only through its own gate.
+
+The detector is registered under ``detect.model_name`` (``fracture-detector``), beside the
+classifier, with the same aliases (``champion``, ``previous-champion``, ``challenger``) and the
+same alias moves (:func:`fracture.registry._promote`, :func:`fracture.registry._mark_challenger`).
+
+Its gate, in order:
+
+- every floor of ``detect.floors`` (its run's ``test_*`` metrics, from ``detect_evaluate``);
+- with a champion: the version and the champion, each loaded through the registry, find boxes
+  on the same test images (every box, ``min_score: 0``); a paired bootstrap of their mAP@0.5
+  difference (:func:`fracture.detection.paired_bootstrap_map`) must put it above 0 at
+  ``detect.confidence``;
+- the version, loaded through ``models:/<name>/<version>``, answers a fractured test X-ray in
+  the served format (the load check).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.entities import Run
+from mlflow.entities.model_registry import ModelVersion
+
+from fracture.config import DetectParams
+from fracture.detection import Detections, PairedMAP, paired_bootstrap_map
+from fracture.gate import GateCheck, floors
+from fracture.packaging import log_detector_pyfunc
+from fracture.registry import (
+    CHAMPION,
+    PREVIOUS_CHAMPION,
+    TAG_DATA,
+    TAG_SPLIT,
+    Registration,
+    RegistryError,
+    _alias,
+    _held_back,
+    _mark_challenger,
+    _promote,
+    _tag_version,
+    _test_metrics,
+)
+
+log = logging.getLogger(__name__)
+
+#: The run metric every detector version needs, reported next to the decision.
+SCORE = "test_map_50"
+#: Rows sent to the served detector per request (below any ``serve.max_rows``).
+REQUEST_ROWS = 16
+
+
+@dataclass(frozen=True)
+class DetectorTestSplit:
+    """The test images the detector was scored on, with their fracture boxes.
+
+    Attributes:
+        fingerprint: :func:`fracture.gate.split_fingerprint` of these images and their labels.
+        paths: every image (fractured ones with boxes, and non-fractured ones).
+        truth: each image's boxes in its own pixels (none for a non-fractured image).
+    """
+
+    fingerprint: str
+    paths: tuple[Path, ...]
+    truth: tuple[np.ndarray, ...]
+
+    def __post_init__(self) -> None:
+        if not self.paths or len(self.paths) != len(self.truth):
+            raise RegistryError(
+                f"the detector's test split needs images with their boxes: {len(self.paths)} images, "
+                f"{len(self.truth)} box lists; run `dvc repro detect/dvc.yaml`"
+            )
+        if not any(len(t) for t in self.truth):
+            raise RegistryError("the detector's test split holds no fracture box: mAP is not defined on it")
+
+    @property
+    def check_image(self) -> Path:
+        """A fractured test X-ray, for the load check."""
+        return next(p for p, t in zip(self.paths, self.truth, strict=True) if len(t))
+
+
+def served_detections(name: str, version: str, split: DetectorTestSplit) -> tuple[Detections, float]:
+    """Every box a registered detector finds on the split's images, as a registry consumer gets them.
+
+    Returns:
+        The boxes and scores per image (``min_score: 0``, so mAP sees every box the detector
+        keeps), and the version's served threshold.
+
+    Raises:
+        RegistryError: a row came back with an error.
+    """
+    model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+    boxes, scores, threshold = [], [], math.nan
+    for start in range(0, len(split.paths), REQUEST_ROWS):
+        chunk = split.paths[start : start + REQUEST_ROWS]
+        out = model.predict(pd.DataFrame({"image": [p.read_bytes() for p in chunk]}), params={"min_score": 0.0})
+        for path, (_, row) in zip(chunk, out.iterrows(), strict=True):
+            if row["error"]:
+                raise RegistryError(f"models:/{name}/{version} refused {path}: {row['error']}")
+            found = np.array(json.loads(row["boxes"]), dtype=np.float64).reshape(-1, 5)
+            boxes.append(found[:, :4])
+            scores.append(found[:, 4])
+            threshold = float(row["threshold"])
+    return Detections(boxes, scores), threshold
+
+
+def load_check(name: str, version: str, image: Path, threshold: float) -> GateCheck:
+    """Loads ``models:/<name>/<version>`` and finds boxes on one fractured X-ray in the served format."""
+    uri = f"models:/{name}/{version}"
+    try:
+        out = mlflow.pyfunc.load_model(uri).predict(pd.DataFrame({"image": [image.read_bytes()]}))
+        row = out.iloc[0]
+        boxes = json.loads(row["boxes"])
+        score = float(row["fracture_score"])
+        problems = []
+        if len(out) != 1:
+            problems.append(f"{len(out)} rows for one image")
+        if row["error"]:
+            problems.append(f"error {row['error']!r}")
+        if not math.isclose(float(row["threshold"]), threshold):
+            problems.append(f"threshold {row['threshold']} instead of {threshold}")
+        if any(len(b) != 5 or b[4] < threshold for b in boxes):
+            problems.append(f"boxes not [x0, y0, x1, y1, score >= threshold]: {boxes[:3]}")
+        if row["label"] != ("fractured" if score >= threshold else "not_fractured"):
+            problems.append(f"label {row['label']!r} for score {score:.4f}")
+    except Exception as exc:  # noqa: BLE001 - any failure to load or predict keeps the alias where it is
+        return GateCheck("load check", False, f"{uri} failed on {image.name}: {type(exc).__name__}: {exc}")
+    if problems:
+        return GateCheck("load check", False, f"{uri} on {image.name}: {'; '.join(problems)}")
+    return GateCheck("load check", True, f"{uri} found {len(boxes)} boxes on {image.name} (top score {score:.4f})")
+
+
+def map_tags(paired: PairedMAP, champion: str) -> dict[str, str]:
+    """The paired comparison as version tags (``gate_*``)."""
+    return {
+        "gate_compared_with": champion,
+        "gate_images": str(paired.n_images),
+        "gate_map_50_difference": f"{paired.difference:.4f}",
+        "gate_map_50_difference_ci": f"[{paired.ci_low:.4f}, {paired.ci_high:.4f}] ({paired.confidence:.0%})",
+        "gate_p_value": f"{paired.p_value:.4g}",
+        "gate_resamples": str(paired.resamples),
+    }
+
+
+def beats_champion(paired: PairedMAP, champion: str, confidence: float) -> GateCheck:
+    """Passes when the mAP@0.5 gain is positive and its bootstrap p-value is below ``1 - confidence``."""
+    alpha = 1 - confidence
+    wins = paired.difference > 0 and paired.p_value < alpha
+    if wins:
+        verdict = f"higher with {confidence:.0%} confidence"
+    elif paired.difference > 0:
+        verdict = f"higher, but not with {confidence:.0%} confidence (p must be < {alpha:.3g})"
+    else:
+        verdict = "not higher"
+    return GateCheck(
+        "beats champion",
+        wins,
+        f"mAP@0.5 {paired.map_a:.4f} vs champion v{champion}'s {paired.map_b:.4f} on the same {paired.n_images} "
+        f"images ({paired.n_fractured} with boxes): {paired.difference:+.4f} ({paired.confidence:.0%} CI "
+        f"{paired.ci_low:+.4f} to {paired.ci_high:+.4f}, paired bootstrap p = {paired.p_value:.3g}, "
+        f"{paired.resamples} resamples), {verdict}",
+    )
+
+
+def register_detector(
+    params: DetectParams,
+    run_id: str,
+    weights: Path,
+    described: dict[str, object],
+    split: DetectorTestSplit,
+    seed: int = 0,
+    client: MlflowClient | None = None,
+) -> Registration:
+    """Registers the detector run's model once and promotes it when it passes the detector's gate.
+
+    As the classifier's :func:`fracture.registry.register`: a run registered before is not
+    registered again but its gate runs again (an interrupted registration completes); the
+    champion stays as it is, and a rolled-back version is not promoted again.
+
+    Args:
+        params: ``detect``: the model name, the confidence, the floors and the bootstrap resamples.
+        run_id: the detector's training run, holding ``detect_evaluate``'s ``test_*`` metrics.
+        weights: the detector's safetensors file.
+        described: its config, ``threshold`` and ``input`` policy (the pyfunc's ``model.json``).
+        split: the test images it was scored on, with their boxes.
+        seed: seeds the paired bootstrap.
+        client: an MLflow client for the current tracking URI.
+
+    Returns:
+        The version, the gate's decision and each check.
+
+    Raises:
+        RegistryError: the run lacks its test mAP@0.5 or a floor's metric.
+    """
+    client = client or MlflowClient()
+    name = params.model_name
+    run = client.get_run(run_id)
+    metrics = dict(run.data.metrics)
+    missing = [k for k in (SCORE, *params.floors) if k not in metrics]
+    if missing:
+        raise RegistryError(
+            f"detector run {run_id} has no metric {missing}: run `dvc repro detect/dvc.yaml` (detect_evaluate) first"
+            + (f", or name one of its metrics in detect.floors: {sorted(metrics)}" if SCORE not in missing else "")
+        )
+    threshold = float(described["threshold"])
+    mv, created = _ensure_version(client, name, run, weights, described)
+    if created:
+        _tag_version(client, name, str(mv.version), {
+            "classifier_run_id": run.data.tags.get("classifier_run_id"),
+            TAG_DATA: run.data.tags.get("data_version") or None,
+            "git_commit": run.data.tags.get("git_commit"),
+            "threshold": threshold,
+            TAG_SPLIT: split.fingerprint,
+            "metrics": json.dumps(_test_metrics(metrics), sort_keys=True),
+        })
+        mv = client.get_model_version(name, str(mv.version))
+    current = _alias(client, name, CHAMPION)
+    outcome = _held_back(mv, current)
+    checks: tuple[GateCheck, ...] = ()
+    if outcome is None:
+        checks = _gate(client, params, mv, metrics, current, split, threshold, seed)
+        failed = [c for c in checks if not c.passed]
+        if failed:
+            decision, reason = "challenger", "; ".join(f"{c.name}: {c.detail}" for c in failed)
+            _mark_challenger(client, mv, reason)
+        else:
+            beat = next((c for c in checks if c.name == "beats champion" and current is not None), None)
+            decision, reason = "promoted", beat.detail if beat else "first version to pass the gate"
+            _promote(client, mv, current, reason)
+    else:
+        decision, reason = outcome.decision, outcome.reason
+    after = client.get_model_version(name, str(mv.version))
+    previous = _alias(client, name, PREVIOUS_CHAMPION)
+    return Registration(
+        name=name, version=str(mv.version), run_id=run_id, created=created, champion=CHAMPION in after.aliases,
+        score=metrics[SCORE], reason=reason, decision=decision,
+        champion_version=None if current is None else str(current.version),
+        previous_champion=None if previous is None else str(previous.version),
+        confidence=params.confidence, floors=dict(params.floors), metrics=_test_metrics(metrics), checks=checks,
+        split_fingerprint=after.tags.get(TAG_SPLIT) or split.fingerprint,
+        data_version=run.data.tags.get("data_version") or None, aliases=tuple(sorted(after.aliases)),
+    )
+
+
+def _ensure_version(
+    client: MlflowClient, name: str, run: Run, weights: Path, described: dict[str, object]
+) -> tuple[ModelVersion, bool]:
+    run_id = run.info.run_id
+    existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    if existing:
+        mv = max(existing, key=lambda v: int(v.version))
+        log.info("detector run %s is already registered as %s version %s", run_id, name, mv.version)
+        return mv, False
+    uri = log_detector_pyfunc(run_id, weights, described)
+    mv = mlflow.register_model(uri, name, tags={"run_id": run_id})
+    m = run.data.metrics
+    description = (
+        f"Fracture detector: {described['architecture']} over a feature pyramid on the classifier's "
+        f"{described['backbone']} (classifier run {run.data.tags.get('classifier_run_id')}), images resized to "
+        f"{described['image_size']} px on the longer side. Returns boxes [x0, y0, x1, y1, score] per X-ray.\n\n"
+        f"Test split: mAP@0.5 {m[SCORE]:.3f} (95% CI {m.get('test_map_50_ci_low', math.nan):.3f}-"
+        f"{m.get('test_map_50_ci_high', math.nan):.3f}), mAP@0.5:0.95 {m.get('test_map', math.nan):.3f}; the top box "
+        f"as a classifier: sensitivity {m.get('test_image_sensitivity', math.nan):.3f}, specificity "
+        f"{m.get('test_image_specificity', math.nan):.3f} at threshold {float(described['threshold']):.4f} (chosen on val)."
+    )
+    return client.update_model_version(name, str(mv.version), description=description), True
+
+
+def _gate(
+    client: MlflowClient,
+    params: DetectParams,
+    mv: ModelVersion,
+    metrics: dict[str, float],
+    current: ModelVersion | None,
+    split: DetectorTestSplit,
+    threshold: float,
+    seed: int,
+) -> tuple[GateCheck, ...]:
+    name, version = params.model_name, str(mv.version)
+    checks = floors(params, metrics)
+    if current is None:
+        checks += (GateCheck("beats champion", True, "no champion yet"),)
+    elif all(c.passed for c in checks):
+        champion = str(current.version)
+        try:
+            ours, _ = served_detections(name, version, split)
+            theirs, _ = served_detections(name, champion, split)
+        except Exception as exc:  # noqa: BLE001 - a pair that cannot be scored is not compared
+            checks += (GateCheck("scored with champion", False, f"v{version} and champion v{champion} could not both "
+                                 f"be scored on this test split: {type(exc).__name__}: {exc}"),)
+        else:
+            detail = (f"v{version} and champion v{champion} found boxes through the registry on this test split's "
+                      f"{len(split.paths)} images")
+            if current.tags.get(TAG_SPLIT) != split.fingerprint:
+                detail += ("; the champion was scored on another test split and may have been trained on some of "
+                           "these images, which favours it")
+            paired = paired_bootstrap_map(split.truth, ours, theirs, params.bootstrap_resamples, seed, params.confidence)
+            _tag_version(client, name, version, map_tags(paired, champion))
+            checks += (GateCheck("scored with champion", True, detail),
+                       beats_champion(paired, champion, params.confidence))
+    if all(c.passed for c in checks):
+        checks += (load_check(name, version, split.check_image, threshold),)
+    return checks
