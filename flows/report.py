@@ -137,11 +137,67 @@ def render_report(result: RetrainResult) -> str:
         f"| Reason | {_cell(reg.reason)} |",
         "",
     ]
-    if reg.checks:
-        lines += ["| Gate check | Result | Detail |", "|---|---|---|"]
-        lines += [f"| {c.name} | {'pass' if c.passed else '**fail**'} | {_cell(c.detail)} |" for c in reg.checks]
-        lines.append("")
+    lines += _checks(reg)
+    if result.detector is not None:
+        lines += _detector_lines(result)
     return "\n".join(lines)
+
+
+def _checks(reg: Registration) -> list[str]:
+    if not reg.checks:
+        return []
+    lines = ["| Gate check | Result | Detail |", "|---|---|---|"]
+    lines += [f"| {c.name} | {'pass' if c.passed else '**fail**'} | {_cell(c.detail)} |" for c in reg.checks]
+    return [*lines, ""]
+
+
+# (label, detector metrics.json key, has a 95% interval)
+DETECTOR_ROWS = (
+    ("mAP@0.5", "map_50", True),
+    ("mAP@0.5:0.95", "map", True),
+    ("Recall (100 boxes)", "mar_100", False),
+    ("Top box as a classifier: ROC AUC", "image_roc_auc", False),
+    ("Top box as a classifier: sensitivity", "image_sensitivity", False),
+    ("Top box as a classifier: specificity", "image_specificity", False),
+    ("Image-level threshold (chosen on val)", "image_threshold", False),
+)
+
+
+def _detector_lines(result: RetrainResult) -> list[str]:
+    """The detector's section (``detect.enabled``): its stages, test metrics and promotion."""
+    d = result.detector
+    assert d is not None
+    m, reg = d.metrics, d.registration
+    stages = ", ".join(f"{s.stage} {'ran' if s.ran else 'up to date'} ({s.seconds:.1f} s)" for s in d.runs.values())
+    lines = [
+        "## Fracture detector",
+        "",
+        (
+            f"Test split: {_count(m.get('n_images'))} images, {_count(m.get('n_fractured'))} with "
+            f"{_count(m.get('n_boxes'))} fracture boxes ({_count(m.get('n_excluded'))} left out, each with its reason "
+            f"in `outputs/detect/test_excluded.csv`); stages {stages}."
+        ),
+        "",
+        "| Metric | Value | 95% CI |",
+        "|---|---:|---|",
+    ]
+    for label, key, has_ci in DETECTOR_ROWS:
+        low, high = m.get(f"{key}_ci_low"), m.get(f"{key}_ci_high")
+        ci = f"{_num(low)} – {_num(high)}" if has_ci and low is not None and high is not None else ""
+        lines.append(f"| {label} | {_num(m.get(key))} | {ci} |")
+    lines += [
+        "",
+        "| | |",
+        "|---|---|",
+        f"| Model | {reg.name} version {reg.version} |",
+        f"| Registered by this run | {'yes' if reg.created else 'no (already registered)'} |",
+        f"| Holds `champion` | {'yes' if reg.champion else 'no'} |",
+        f"| Decision | {reg.decision} |",
+        f"| Aliases now | {', '.join(reg.aliases) or 'none'} |",
+        f"| Reason | {_cell(reg.reason)} |",
+        "",
+    ]
+    return lines + _checks(reg)
 
 
 def _comparison_rows(reg: Registration) -> list[str]:

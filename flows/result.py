@@ -9,8 +9,29 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fracture.registry import Registration
-from fracture.workspace import EvaluateResult, PrepareResult, SplitResult, TrainResult, ValidateResult
+from fracture.workspace import (
+    EvaluateResult,
+    PrepareResult,
+    SplitResult,
+    TrainResult,
+    ValidateResult,
+)
 from tasks.pipeline import IngestSummary, StageRun
+
+
+@dataclass(frozen=True)
+class DetectorResult:
+    """The detector's part of a run (``detect.enabled``): its DVC stages, test metrics and registration.
+
+    Attributes:
+        runs: ``detect_train`` and ``detect_evaluate`` -> whether DVC ran each.
+        metrics: ``outputs/detect/metrics.json`` (mAP with intervals, the top box as a classifier).
+        registration: the detector registry's decision (``detect.model_name``).
+    """
+
+    runs: dict[str, StageRun]
+    metrics: dict[str, float]
+    registration: Registration
 
 
 @dataclass(frozen=True)
@@ -27,6 +48,7 @@ class RetrainResult:
         train: the trained model and its MLflow run.
         evaluate: the test metrics.
         registration: the registry's decision.
+        detector: the detector's stages and registration, when ``detect.enabled``.
     """
 
     profile: str
@@ -38,13 +60,16 @@ class RetrainResult:
     train: TrainResult
     evaluate: EvaluateResult
     registration: Registration
+    detector: DetectorResult | None = None
 
     @property
     def stages_ran(self) -> list[str]:
-        """The DVC stages this run executed, in pipeline order."""
-        return [name for name, run in self.runs.items() if run.ran]
+        """The DVC stages this run executed, in pipeline order (the detector's last)."""
+        runs = {**self.runs, **(self.detector.runs if self.detector else {})}
+        return [name for name, run in runs.items() if run.ran]
 
     @property
     def nothing_changed(self) -> bool:
         """Same data version, every DVC stage up to date, and no model version created."""
-        return not self.ingest.changed and not self.stages_ran and not self.registration.created
+        created = self.registration.created or (self.detector is not None and self.detector.registration.created)
+        return not self.ingest.changed and not self.stages_ran and not created

@@ -1,4 +1,5 @@
-"""The retraining flow: ingest, validate, split, train, evaluate, register.
+"""The retraining flow: ingest, validate, split, train, evaluate, register; then, when params.yaml
+sets ``detect.enabled``, the fracture detector's stages and its registration.
 
 Run it with ``python -m flows.retrain [--source PATH] [--profile NAME]`` from the project root.
 """
@@ -22,11 +23,13 @@ from prefect.runtime import flow_run
 from ruamel.yaml import YAML
 
 from flows.report import REPORT_KEY, render_report
-from flows.result import RetrainResult
+from flows.result import DetectorResult, RetrainResult
 from fracture.config import PARAMS_FILE, load_params
 from fracture.ingest import SOURCE_ENV
 from tasks.pipeline import (
     DVC_STAGES,
+    detect_register_task,
+    detect_task,
     dvc_status,
     ingest_task,
     register_task,
@@ -170,7 +173,17 @@ def _retrain(project: Path, source: str | None, profile: str | None) -> RetrainR
     for stage in DVC_STAGES:
         runs[stage], results[stage] = stage_task(project, stage, up_to_date=not pending)
     registration = register_task.with_options(**retry)(project)
-    result = RetrainResult(name, ingested, runs, registration=registration, **results)
+    detector = None
+    if params.detect.enabled:
+        # After the classifier: the detector's backbone is the classifier this run trained.
+        detect_runs, detect_metrics = detect_task(project)
+        detector = DetectorResult(detect_runs, detect_metrics, detect_register_task.with_options(**retry)(project))
+        d = detector.registration
+        print(
+            f"detector: test mAP@0.5 {detect_metrics['map_50']:.4f} ({detect_metrics['map_50_ci_low']:.4f}-"
+            f"{detect_metrics['map_50_ci_high']:.4f}); {d.name} version {d.version}, champion: {d.champion} ({d.reason})"
+        )
+    result = RetrainResult(name, ingested, runs, registration=registration, detector=detector, **results)
 
     m = result.evaluate.metrics
     print(
@@ -197,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", default=None, help="a profile in params.yaml (default: by hardware)")
     args = parser.parse_args(argv)
     result = retrain(project_dir=args.project_dir, source=args.source, profile=args.profile)
-    for run in result.runs.values():
+    for run in [*result.runs.values(), *(result.detector.runs.values() if result.detector else [])]:
         print(f"{run.stage:<9} {'ran' if run.ran else 'up to date':<10} {run.seconds:7.1f} s")
 
 

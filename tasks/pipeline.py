@@ -125,9 +125,9 @@ def dvc(project: Path, *args: str) -> str:
     return _run([sys.executable, "-m", "dvc", *args], project)
 
 
-def _locked(project: Path, stage: str) -> Any:
-    """The stage's entry in ``dvc.lock`` (``None`` before it first ran): DVC's record of what it ran on."""
-    lock = project / "dvc.lock"
+def _locked(project: Path, stage: str, lock_file: str = "dvc.lock") -> Any:
+    """The stage's entry in ``lock_file`` (``None`` before it first ran): DVC's record of what it ran on."""
+    lock = project / lock_file
     if not lock.is_file():
         return None
     return (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).get(stage)
@@ -185,16 +185,17 @@ def _unchanged_source(
     ), listing
 
 
-def repro(project: Path, stage: str) -> StageRun:
-    """``dvc repro <stage>``; the stage ran when DVC's lock entry for it changed.
+def repro(project: Path, stage: str, dvc_file: str = "dvc.yaml") -> StageRun:
+    """``dvc repro <dvc_file>:<stage>``; the stage ran when DVC's lock entry for it changed.
 
     An unchanged entry means DVC found the stage's dependencies, params and outputs as recorded
     (or restored the outputs from its run cache) and did not run the command.
     """
     started = time.perf_counter()
-    before = _locked(project, stage)
-    dvc(project, "repro", stage)
-    after = _locked(project, stage)
+    lock_file = str(Path(dvc_file).with_suffix(".lock"))
+    before = _locked(project, stage, lock_file)
+    dvc(project, "repro", stage if dvc_file == "dvc.yaml" else f"{dvc_file}:{stage}")
+    after = _locked(project, stage, lock_file)
     return StageRun(stage, after is not None and after != before, time.perf_counter() - started)
 
 
@@ -271,6 +272,30 @@ def stage_task(project: Path, stage: str, up_to_date: bool = False) -> tuple[Sta
         result = READERS[stage](Workspace(project))
         return StageRun(stage, False, time.perf_counter() - started), result
     return repro(project, stage), READERS[stage](Workspace(project))
+
+
+#: The detector's DVC stages (``detect/dvc.yaml``), run after the classifier's when ``detect.enabled``.
+DETECT_DVC = "detect/dvc.yaml"
+DETECT_STAGES = ("detect_train", "detect_evaluate")
+
+
+@task(name="detect")
+def detect_task(project: Path) -> tuple[dict[str, StageRun], dict[str, float]]:
+    """Runs the detector's stages through DVC (``dvc repro detect/dvc.yaml:<stage>``).
+
+    Returns:
+        Whether DVC ran each stage, and the test metrics ``detect_evaluate`` wrote.
+    """
+    runs = {stage: repro(project, stage, DETECT_DVC) for stage in DETECT_STAGES}
+    return runs, json.loads(Workspace(project).detect_metrics.read_text())
+
+
+@task(name="detect-register", retries=2, retry_delay_seconds=30, retry_condition_fn=retry_transient_registry)
+def detect_register_task(project: Path) -> Registration:
+    """Registers the detector (``detect.model_name``) and moves its ``champion`` when it passes its gate."""
+    from fracture.stages.detect import run_detect_register  # noqa: PLC0415 - torchvision's detection loads slowly
+
+    return run_detect_register(load_params(project), Workspace(project))
 
 
 @task(name="register", retries=2, retry_delay_seconds=30, retry_condition_fn=retry_transient_registry)

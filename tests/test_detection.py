@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 
 import numpy as np
 import pandas as pd
@@ -27,7 +26,7 @@ from fracture.detection import (
     mean_average_precision,
     train_detector,
 )
-from tests.conftest import REPO, dvc, run, shrink_params
+from tests.conftest import REPO, dvc, shrink_params
 
 CONFIG = DetectorConfig("tf_efficientnet_lite0", "fcos", 128, 64, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
@@ -139,13 +138,24 @@ def test_training_runs_and_keeps_the_best_val_epoch(tmp_path):
 
 
 @pytest.mark.integration
-def test_detect_stages_train_on_the_classifier_and_score_the_test_split(project, subset_source):
-    """`dvc repro detect/dvc.yaml` on real X-rays and boxes: the classifier's pipeline first, then the detector."""
+def test_the_flow_trains_scores_and_registers_the_detector_when_params_enable_it(project, subset_source):
+    """The retrain flow with ``detect.enabled`` on real X-rays and boxes: the classifier's pipeline, then
+    ``detect/dvc.yaml`` through DVC, then the detector's own registered model; a second run changes nothing."""
+    from flows.report import render_report
+    from flows.retrain import retrain
+
     shutil.copytree(REPO / "detect", project / "detect")
     shrink_params(project, detect__image_size=128, detect__epochs=1, detect__batch_size=4, detect__workers=0,
-                  detect__fpn_channels=64, detect__bootstrap_resamples=20)
-    run(project, sys.executable, "-m", "fracture.cli", "ingest", "--source", str(subset_source))
-    dvc(project, "repro", "detect/dvc.yaml")
+                  detect__fpn_channels=64, detect__bootstrap_resamples=20, detect__enabled=True, detect__floors={},
+                  register__floors={})
+    result = retrain(project_dir=str(project), source=str(subset_source))
+    assert result.stages_ran == ["validate", "split", "prepare", "train", "evaluate", "detect_train", "detect_evaluate"]
+    reg = result.detector.registration
+    assert (reg.name, reg.version, reg.created, reg.champion) == ("fracture-detector", "1", True, True), reg.summary()
+    assert [c.name for c in reg.checks] == ["beats champion", "load check"] and all(c.passed for c in reg.checks)
+    assert result.registration.name == "fracture-classifier" and result.registration.champion
+    report = render_report(result)
+    assert "## Fracture detector" in report and f"fracture-detector version {reg.version}" in report
 
     out = project / "outputs" / "detect"
     described = json.loads((out / "model.json").read_text())
@@ -160,8 +170,16 @@ def test_detect_stages_train_on_the_classifier_and_score_the_test_split(project,
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     run_data = client.get_run(described["run_id"]).data
     assert run_data.tags["classifier_run_id"] == classifier_run
-    assert run_data.metrics["test_map_50"] == pytest.approx(metrics["map_50"])
+    assert run_data.metrics["test_map_50"] == pytest.approx(metrics["map_50"]) == reg.score
+    assert result.detector.metrics == metrics
     assert "Data and pipelines are up to date" in dvc(project, "status", "detect/dvc.yaml")
+    # A consumer loads the champion detector: boxes above the threshold, in the X-ray's own pixels.
+    mv = client.get_model_version_by_alias("fracture-detector", "champion")
+    assert mv.run_id == described["run_id"] and float(mv.tags["threshold"]) == metrics["image_threshold"]
+
+    again = retrain(project_dir=str(project), source=str(subset_source))
+    assert again.stages_ran == [] and again.nothing_changed, again.stages_ran
+    assert (again.detector.registration.version, again.detector.registration.created) == ("1", False)
 
 
 def test_the_served_detector_returns_the_boxes_detect_finds_with_the_classifier_s_input_checks(tmp_path):
@@ -196,3 +214,8 @@ def test_the_served_detector_returns_the_boxes_detect_finds_with_the_classifier_
                                                                described | {"threshold": 1.01})))
     row = strict.predict(pd.DataFrame({"image": [data]})).iloc[0]
     assert row["boxes"] == "[]" and row["label"] == "not_fractured" and row["threshold"] == 1.01
+    # min_score 0 returns every box (as the gate's mAP needs them), the label still at the threshold.
+    row = strict.predict(pd.DataFrame({"image": [data]}), params={"min_score": 0.0}).iloc[0]
+    assert row["boxes"] == out["boxes"][0] and row["label"] == "not_fractured"
+    with pytest.raises(Exception, match="min_score must be a number in"):
+        strict.predict(pd.DataFrame({"image": [data]}), params={"min_score": 2.0})
