@@ -4,12 +4,16 @@ Settings come from the environment, with defaults from the project's ``params.ya
 
 - ``MLFLOW_TRACKING_URI``: the tracking server or store (default: the project's ``mlflow.db``);
 - ``FRACTURE_MODEL_NAME``: the registered model (default: ``register.model_name``);
-- ``FRACTURE_MODEL_ALIAS``: the alias to serve (default: ``champion``).
+- ``FRACTURE_MODEL_ALIAS``: the alias to serve (default: ``champion``);
+- ``FRACTURE_DETECTOR_NAME``: the registered fracture detector whose boxes the page draws, at the
+  same alias (default: ``detect.model_name``; empty: no boxes). Without a version at that alias
+  the page shows the classifier alone.
 """
 
 from __future__ import annotations
 
 import base64
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +27,7 @@ from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from fracture.config import load_params, tracking_uri
+from fracture.detector_serving import DetectorPyfunc
 from fracture.explain import grad_cam, overlay, to_image_grid
 from fracture.inference import ServingConfig
 from fracture.registry import CHAMPION
@@ -43,6 +48,7 @@ class PageSettings:
     tracking_uri: str
     model_name: str
     alias: str
+    detector_name: str = ""
 
     @property
     def shown_uri(self) -> str:
@@ -69,6 +75,7 @@ def settings_from_env(root: Path = ROOT) -> PageSettings:
         tracking_uri=tracking_uri(root),
         model_name=os.environ.get("FRACTURE_MODEL_NAME") or params.register.model_name,
         alias=os.environ.get("FRACTURE_MODEL_ALIAS") or CHAMPION,
+        detector_name=os.environ.get("FRACTURE_DETECTOR_NAME", params.detect.model_name),
     )
 
 
@@ -174,3 +181,80 @@ def load_served_model(settings: PageSettings, version: str, run_id: str) -> Serv
     except Exception as exc:  # artifact stores fail in many ways; the page must say so, not crash
         raise ModelUnavailable(f"{uri} could not be loaded from {settings.shown_uri}: {exc}") from exc
     return ServedModel(settings.model_name, version, settings.alias, run_id, pyfunc)
+
+
+@dataclass(frozen=True)
+class FoundBoxes:
+    """The detector's answer for one X-ray, as the registered detector returns it.
+
+    Attributes:
+        boxes: ``(n, 5)``: ``x0, y0, x1, y1, score`` in the upload's pixels, each scored at least
+            ``threshold``, highest first.
+        fracture_score: the top box's score (0 without a box).
+        threshold: the detector's image-level threshold, chosen on its val split.
+    """
+
+    boxes: np.ndarray
+    fracture_score: float
+    threshold: float
+
+
+class ServedDetector:
+    """A registered fracture detector version, loaded through MLflow's pyfunc flavour."""
+
+    def __init__(self, name: str, version: str, pyfunc: mlflow.pyfunc.PyFuncModel) -> None:
+        self.name = name
+        self.version = version
+        self.pyfunc = pyfunc
+        inner = pyfunc.unwrap_python_model()
+        if not isinstance(inner, DetectorPyfunc):
+            raise ModelUnavailable(
+                f"models:/{name}/{version} is a {type(inner).__name__}, not a fracture detector logged by this "
+                "project's detect-register step"
+            )
+        self.architecture = f"{inner.config.architecture} on {inner.config.backbone}"
+
+    def find(self, model_bytes: bytes) -> FoundBoxes:
+        """The boxes on one image through the pyfunc, exactly as a registry consumer gets them."""
+        out = self.pyfunc.predict(pd.DataFrame({"image": [base64.b64encode(model_bytes).decode()]}))
+        row = out.iloc[0]
+        if row["error"]:
+            raise ValueError(str(row["error"]))
+        boxes = np.array(json.loads(row["boxes"]), dtype=np.float64).reshape(-1, 5)
+        return FoundBoxes(boxes, float(row["fracture_score"]), float(row["threshold"]))
+
+
+def resolve_detector(settings: PageSettings) -> tuple[str, str] | None:
+    """The detector version at the page's alias, or ``None`` when no detector is registered there.
+
+    Raises:
+        ModelUnavailable: the registry failed otherwise (the page then shows the classifier alone).
+    """
+    if not settings.detector_name:
+        return None
+    client = MlflowClient(tracking_uri=settings.tracking_uri)
+    try:
+        mv = client.get_model_version_by_alias(settings.detector_name, settings.alias)
+    except MlflowException as exc:
+        if exc.error_code in {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}:
+            return None
+        raise ModelUnavailable(
+            f"The fracture detector '{settings.detector_name}@{settings.alias}' could not be looked up at "
+            f"{settings.shown_uri}: {exc.message.splitlines()[0]}"
+        ) from exc
+    return str(mv.version), mv.run_id
+
+
+def load_served_detector(settings: PageSettings, version: str) -> ServedDetector:
+    """Loads one registered detector version.
+
+    Raises:
+        ModelUnavailable: its files cannot be loaded, or it is no fracture detector.
+    """
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    uri = f"models:/{settings.detector_name}/{version}"
+    try:
+        pyfunc = mlflow.pyfunc.load_model(uri)
+    except Exception as exc:  # artifact stores fail in many ways; the page keeps the classifier's answer
+        raise ModelUnavailable(f"{uri} could not be loaded from {settings.shown_uri}: {exc}") from exc
+    return ServedDetector(settings.detector_name, version, pyfunc)

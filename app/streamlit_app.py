@@ -1,8 +1,9 @@
-"""The clinician's page: upload an X-ray, see the registered model's answer and where it looked.
+"""The clinician's page: upload an X-ray, see the registered model's answer and where it looked, and,
+when a fracture detector is registered, its boxes with their scores.
 
 Start it with ``make app`` (or ``cd app && streamlit run streamlit_app.py``, so that
-``app/.streamlit/config.toml`` applies). Which model it serves is set by ``MLFLOW_TRACKING_URI``,
-``FRACTURE_MODEL_NAME`` and ``FRACTURE_MODEL_ALIAS`` (see :mod:`champion`).
+``app/.streamlit/config.toml`` applies). Which models it serves is set by ``MLFLOW_TRACKING_URI``,
+``FRACTURE_MODEL_NAME``, ``FRACTURE_MODEL_ALIAS`` and ``FRACTURE_DETECTOR_NAME`` (see :mod:`champion`).
 """
 
 from __future__ import annotations
@@ -10,24 +11,31 @@ from __future__ import annotations
 import logging
 
 import streamlit as st
-
-from fracture.config import ConfigError
-
 from champion import (
     ModelUnavailable,
     PageSettings,
+    ServedDetector,
     ServedModel,
+    load_served_detector,
     load_served_model,
+    resolve_detector,
     resolve_version,
     settings_from_env,
 )
+from PIL import Image
+from streamlit.delta_generator import DeltaGenerator
 from upload_checks import UploadRejected, check_upload
+
+from fracture.config import ConfigError
+from fracture.explain import draw_boxes
 
 log = logging.getLogger("fracture.app")
 
 LABELS = {"fractured": "Fractured", "not_fractured": "Not fractured"}
 # Shown images and heat maps are drawn at most this large; the model sees the full upload.
 DISPLAY_SIDE = 1024
+# The detector's highest-scoring boxes drawn on the X-ray; the caption counts every box at its threshold.
+MAX_BOXES_DRAWN = 5
 
 
 @st.cache_data(ttl=30, show_spinner=False)
@@ -43,7 +51,30 @@ def served_model(settings: PageSettings, version: str, run_id: str) -> ServedMod
     return load_served_model(settings, version, run_id)
 
 
-def show_model(model: ServedModel, settings: PageSettings) -> None:
+@st.cache_data(ttl=30, show_spinner=False)
+def current_detector(settings: PageSettings) -> tuple[str, str] | None:
+    """The detector version at the page's alias (``None``: no detector registered), looked up again
+    at most every 30 s."""
+    return resolve_detector(settings)
+
+
+@st.cache_resource(show_spinner="Loading the fracture detector from the registry ...", max_entries=2)
+def served_detector(settings: PageSettings, version: str) -> ServedDetector:
+    return load_served_detector(settings, version)
+
+
+def the_detector(settings: PageSettings) -> ServedDetector | None:
+    """The registered detector, or ``None`` (with a warning when one is registered but unusable):
+    the classifier's answer never waits on it."""
+    try:
+        found = current_detector(settings)
+        return None if found is None else served_detector(settings, found[0])
+    except ModelUnavailable as exc:
+        st.warning(f"{exc} The page shows the classifier's answer without the detector's boxes.")
+        return None
+
+
+def show_model(model: ServedModel, settings: PageSettings, detector: ServedDetector | None) -> None:
     config = model.config
     data_config = config.data_config
     st.markdown(
@@ -65,9 +96,15 @@ def show_model(model: ServedModel, settings: PageSettings) -> None:
                 ]
             )
         )
+        st.header("Fracture detector")
+        if detector is None:
+            st.markdown(f"No detector at `{settings.detector_name or '(off)'}@{model.alias}`: no boxes are drawn.")
+        else:
+            st.markdown(f"- registered model: `{detector.name}`\n- version: `{detector.version}`\n"
+                        f"- architecture: `{detector.architecture}`")
 
 
-def show_result(model: ServedModel, name: str, data: bytes, limit_mb: int) -> None:
+def show_result(model: ServedModel, detector: ServedDetector | None, name: str, data: bytes, limit_mb: int) -> None:
     try:
         xray = check_upload(name, data, model.config.input, max_bytes=limit_mb * 2**20)
     except UploadRejected as exc:
@@ -94,14 +131,39 @@ def show_result(model: ServedModel, name: str, data: bytes, limit_mb: int) -> No
         "The class is Fractured when the fracture probability is at least the threshold. "
         "This is decision support for a trained reader, not a diagnosis."
     )
-    left, right = st.columns(2)
+    columns = st.columns(2 if detector is None else 3)
     width, height = xray.image.size
-    left.image(display, caption=f"{name} ({width} x {height} px, {xray.format} {xray.mode})", width="stretch")
+    columns[0].image(display, caption=f"{name} ({width} x {height} px, {xray.format} {xray.mode})", width="stretch")
     if heat.max() > 0:
         heat_caption = f"Grad-CAM heat map for '{label}': red marks the regions that raised that score most"
     else:
         heat_caption = f"Grad-CAM heat map for '{label}': no region raised that score above the rest"
-    right.image(heat_overlay, caption=heat_caption, width="stretch")
+    columns[1].image(heat_overlay, caption=heat_caption, width="stretch")
+    if detector is not None:
+        show_boxes(columns[2], detector, name, data, display, width)
+
+
+def show_boxes(
+    column: DeltaGenerator, detector: ServedDetector, name: str, data: bytes, display: Image.Image, width: int
+) -> None:
+    """The detector's boxes with their scores on the X-ray, beside the heat map."""
+    try:
+        found = detector.find(data)
+    except Exception as exc:  # the classifier's answer stays on the page whatever the detector does
+        log.exception("the detector failed on %s", name)
+        column.warning(f"The fracture detector could not analyse {name} ({type(exc).__name__}: {exc}).")
+        return
+    n = len(found.boxes)
+    if n:
+        caption = (f"Fracture detector v{detector.version}: {n} box{'es' if n > 1 else ''} scored at least "
+                   f"{found.threshold:.3f} (highest {found.fracture_score:.3f})")
+        if n > MAX_BOXES_DRAWN:
+            caption += f"; the {MAX_BOXES_DRAWN} highest are drawn"
+    else:
+        caption = (f"Fracture detector v{detector.version}: no box scored at least {found.threshold:.3f} "
+                   f"(highest {found.fracture_score:.3f})")
+    drawn = draw_boxes(display, found.boxes[:MAX_BOXES_DRAWN], display.width / width)
+    column.image(drawn, caption=caption, width="stretch")
 
 
 def main() -> None:
@@ -114,7 +176,8 @@ def main() -> None:
     except (ModelUnavailable, ConfigError) as exc:
         st.error(str(exc))
         return
-    show_model(model, settings)
+    detector = the_detector(settings)
+    show_model(model, settings, detector)
 
     limit_mb = int(st.get_option("server.maxUploadSize"))
     policy = model.config.input
@@ -129,7 +192,7 @@ def main() -> None:
     if uploaded is None:
         st.info("Upload an X-ray to see the predicted class, the fracture probability and a heat map.")
         return
-    show_result(model, uploaded.name, uploaded.getvalue(), limit_mb)
+    show_result(model, detector, uploaded.name, uploaded.getvalue(), limit_mb)
 
 
 main()

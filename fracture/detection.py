@@ -437,7 +437,7 @@ def train_detector(
             loss.backward()
             optimiser.step()
             schedule.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
         val_map = mean_average_precision(detect(model, val, batch_size, workers), val_truth)
         row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "val_map_50": val_map["map_50"],
                "val_map": val_map["map"], "seconds": time.perf_counter() - started}

@@ -118,3 +118,35 @@ def overlay(image: Image.Image, heat: np.ndarray, strength: float = 0.6, cmap: s
     colour = colormaps[cmap](heat)[..., :3]
     alpha = (strength * heat)[..., None]
     return Image.fromarray(np.round((1 - alpha) * base * 255 + alpha * colour * 255).astype(np.uint8))
+
+
+#: The detector's boxes are drawn in this colour (X-rays are grey; it stands out beside the heat map's reds).
+BOX_COLOUR = (0, 255, 64)
+
+
+def draw_boxes(image: Image.Image, boxes: np.ndarray, scale: float = 1.0) -> Image.Image:
+    """Draws the detector's boxes with their scores on an X-ray.
+
+    Args:
+        image: the X-ray as shown (any mode).
+        boxes: ``(n, 5)`` rows of ``x0, y0, x1, y1, score`` in the original image's pixels.
+        scale: the shown image's size over the original's (boxes are scaled by it).
+
+    Returns:
+        An RGB copy of ``image`` with each box outlined and its score written above it.
+    """
+    from PIL import ImageDraw, ImageFont
+
+    shown = image.convert("RGB")
+    draw = ImageDraw.Draw(shown)
+    width = max(2, round(min(shown.size) / 200))
+    font = ImageFont.load_default(size=max(12, round(min(shown.size) / 30)))
+    for x0, y0, x1, y1, score in np.asarray(boxes, dtype=np.float64).reshape(-1, 5):
+        box = [x0 * scale, y0 * scale, x1 * scale, y1 * scale]
+        draw.rectangle(box, outline=BOX_COLOUR, width=width)
+        text = f"{score:.2f}"
+        left, top, right, bottom = draw.textbbox((box[0], box[1]), text, font=font)
+        y = box[1] - (bottom - top) - 2 * width if box[1] - (bottom - top) - 2 * width >= 0 else box[3] + width
+        draw.rectangle([box[0], y, box[0] + (right - left) + 2 * width, y + (bottom - top) + 2 * width], fill=BOX_COLOUR)
+        draw.text((box[0] + width, y + width - (top - box[1])), text, fill=(0, 0, 0), font=font)
+    return shown

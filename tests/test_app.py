@@ -35,16 +35,28 @@ from streamlit import config as st_config
 from streamlit.testing.v1 import AppTest
 from torch.utils.data import TensorDataset
 
-from fracture.config import load_params
+from fracture.config import DetectParams, load_params
+from fracture.detection import (
+    BoxedImages,
+    DetectorConfig,
+    build_detector,
+    detect,
+    mean_average_precision,
+    train_detector,
+)
+from fracture.detector_registry import DetectorTestSplit, register_detector
 from fracture.evaluation import choose_threshold
 from fracture.explain import grad_cam, overlay, target_layer, to_image_grid
+from fracture.gate import split_fingerprint
 from fracture.imaging import CLASSES, DataConfig, Preprocessor
 from fracture.inference import ServingConfig, probabilities
+from fracture.intake import InputPolicy
+from fracture.localisation import read_coco_boxes
 from fracture.model import create_classifier, data_config, profile_data_config
 from fracture.packaging import log_pyfunc
 from fracture.registry import CHAMPION
 from fracture.training import train
-from tests.conftest import REPO, require_fracatlas
+from tests.conftest import COCO_BOXES, REPO, require_fracatlas
 from tests.dicom_files import dicom_from_jpeg
 from tests.synthetic import ihdr_png
 
@@ -66,11 +78,22 @@ class PageRegistry:
 
 
 @dataclass(frozen=True)
+class PageDetector:
+    """The fracture detector registered beside the page's classifier (its first version, so champion)."""
+
+    name: str
+    version: str
+    threshold: float
+
+
+@dataclass(frozen=True)
 class TrainedPage:
-    """A fine-tuned model in its registry, and its held-out images with the champion's output."""
+    """A fine-tuned model and a detector on its backbone in their registry, and the held-out images
+    with both champions' output."""
 
     registry: PageRegistry
-    held_out: pd.DataFrame  # path, fractured (folder label), fracture_probability, label, threshold
+    held_out: pd.DataFrame  # path, fractured (folder label), fracture_probability, label, threshold, boxes, fracture_score
+    detector: PageDetector
 
 
 def register_for_page(
@@ -181,8 +204,62 @@ def trained_page_for(root: Path) -> TrainedPage:
     finally:
         mlflow.set_tracking_uri(None)
     held_out = pd.concat([frame, pd.Series([y for _, y in chosen["held_out"]], name="fractured"), out], axis=1)
-    _TRAINED["model"] = TrainedPage(registry, held_out)
+    detector, found = train_page_detector(root, registry, result.model, profile.model, cfg, chosen)
+    held_out = pd.concat([held_out, found], axis=1)
+    _TRAINED["model"] = TrainedPage(registry, held_out, detector)
     return _TRAINED["model"]
+
+
+def train_page_detector(
+    root: Path, registry: PageRegistry, classifier: torch.nn.Module, architecture: str, cfg: DataConfig,
+    chosen: dict[str, list[tuple[Path, int]]],
+) -> tuple[PageDetector, pd.DataFrame]:
+    """Fine-tunes a detector on the page classifier's backbone and registers it through the detector's gate.
+
+    The train images with FracAtlas fracture boxes and as many negatives, 128 px, one epoch; the
+    threshold is chosen on the val images, and the held-out ones are its test split. Returns the
+    registered detector and its ``boxes`` and ``fracture_score`` for each held-out image, as the
+    registry serves them.
+    """
+    boxes = read_coco_boxes(require_fracatlas() / COCO_BOXES)
+
+    def boxed(rows: list[tuple[Path, int]]) -> tuple[BoxedImages, list[np.ndarray], np.ndarray]:
+        kept = [(p, y) for p, y in rows if (p.name in boxes) == bool(y)]
+        truth = [boxes[p.name].boxes if y else np.zeros((0, 4)) for p, y in kept]
+        return BoxedImages([p for p, _ in kept], truth, 128), truth, np.array([y for _, y in kept])
+
+    train_set, _, _ = boxed(chosen["train"])
+    val_set, val_truth, val_labels = boxed(chosen["val"])
+    test_set, test_truth, _ = boxed(chosen["held_out"])
+    config = DetectorConfig(architecture, "fcos", 128, 64, cfg.mean, cfg.std)
+    torch.manual_seed(0)
+    model = build_detector(config, classifier.state_dict())
+    trained = train_detector(model, train_set, val_set, val_truth, epochs=1, batch_size=8, lr=1e-3, weight_decay=1e-4,
+                             negatives_per_positive=1.0, seed=0)
+    model.load_state_dict(trained.state)
+    threshold = choose_threshold(val_labels, detect(model, val_set).top_scores(), 0.85)
+    weights = root / "detector.safetensors"
+    save_file(trained.state, str(weights))
+    described = config.to_dict() | {"threshold": threshold, "input": InputPolicy().to_dict()}
+    frame = pd.DataFrame({"image_id": [p.name for p in test_set.paths], "label": [int(len(t) > 0) for t in test_truth]})
+    split = DetectorTestSplit(split_fingerprint(frame), tuple(test_set.paths), tuple(test_truth))
+    mlflow.set_tracking_uri(registry.uri)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("MLFLOW_TRACKING_URI", registry.uri)
+            with mlflow.start_run(tags={"classifier_run_id": "page"}) as run:
+                mlflow.log_metric("test_map_50", mean_average_precision(detect(model, test_set), test_truth)["map_50"])
+            reg = register_detector(replace(DetectParams(), floors={}), run.info.run_id, weights, described, split)
+            assert reg.champion, reg.summary()
+            served = mlflow.pyfunc.load_model(f"models:/{reg.name}@{CHAMPION}")
+            paths = [Path(p) for p, _ in chosen["held_out"]]
+            found = pd.concat(
+                [served.predict(pd.DataFrame({"image": [p.read_bytes() for p in paths[i : i + 16]]}))
+                 for i in range(0, len(paths), 16)], ignore_index=True,
+            )
+    finally:
+        mlflow.set_tracking_uri(None)
+    return PageDetector(reg.name, reg.version, threshold), found[["boxes", "fracture_score"]]
 
 
 @pytest.fixture(scope="session")
@@ -195,6 +272,7 @@ def page(monkeypatch: pytest.MonkeyPatch, registry: PageRegistry) -> AppTest:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", registry.uri)
     monkeypatch.setenv("FRACTURE_MODEL_NAME", registry.name)
     monkeypatch.delenv("FRACTURE_MODEL_ALIAS", raising=False)
+    monkeypatch.delenv("FRACTURE_DETECTOR_NAME", raising=False)
     monkeypatch.syspath_prepend(str(APP))  # `streamlit run` puts the page's folder on sys.path
     return AppTest.from_file(str(PAGE), default_timeout=PAGE_TIMEOUT)
 
@@ -249,6 +327,8 @@ def test_page_shows_the_registered_model_name_version_and_alias(monkeypatch, pag
     assert f"decision threshold: {page_registry.threshold:.3f}" in shown
     assert at.file_uploader[0].allowed_type == [".jpg", ".jpeg", ".png", ".dcm", ".dicom"]
     assert at.info[0].value.startswith("Upload an X-ray")
+    # No detector registered in this store: the page says so and draws no boxes.
+    assert "No detector at `fracture-detector@champion`: no boxes are drawn." in shown and not at.warning
 
 
 def test_page_says_what_to_do_when_the_alias_does_not_exist(monkeypatch, page_registry):
@@ -479,6 +559,10 @@ def test_page_shows_fractured_and_not_fractured_for_known_xrays(monkeypatch, tra
     top_fractured = held[held["fractured"] == 1].sort_values("fracture_probability").iloc[-1]
     low_non = held[held["fractured"] == 0].sort_values("fracture_probability").iloc[0]
     at = page(monkeypatch, trained_page.registry).run()
+    detector = trained_page.detector
+    assert f"- registered model: `{detector.name}`\n- version: `{detector.version}`" in " ".join(
+        m.value for m in at.sidebar.markdown
+    )
     for row, shown_class in ((top_fractured, "Fractured"), (low_non, "Not fractured")):
         at = upload(at, Path(row["path"]).name, Path(row["path"]).read_bytes(), "image/jpeg")
         assert not at.exception and not at.error

@@ -2,12 +2,13 @@
 
 Chromium comes from Debian's packages (``make browser``, which ``make test`` runs first); a
 browser download at test time is impossible without internet. The page serves the fine-tuned
-champion from :func:`tests.test_app.trained_page_for`. The screenshot of the result lands in
-``outputs/app/screenshot.png``.
+champion and the fracture detector registered beside it (:func:`tests.test_app.trained_page_for`).
+The screenshot of the result lands in ``outputs/app/screenshot.png``.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -122,11 +123,24 @@ def colourful_share(png: bytes) -> float:
     return float(((rgb.max(axis=2) - rgb.min(axis=2)) > 60).mean())
 
 
-def test_fractured_xray_shows_fractured_with_probability_and_heat_map(browser, page_url, trained_page):
+def box_colour_share(png: bytes) -> float:
+    """Share of pixels in the detector's box colour (fracture.explain.BOX_COLOUR, pure green)."""
+    import io
+
+    rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
+    return float(((rgb[..., 1] > 200) & (rgb[..., 0] < 90) & (rgb[..., 2] < 150)).mean())
+
+
+def test_fractured_xray_shows_fractured_with_probability_heat_map_and_boxes(browser, page_url, trained_page):
     held = trained_page.held_out
-    fractured = held[held["fractured"] == 1].sort_values("fracture_probability").iloc[-1]
+    # A held-out fractured X-ray both registered champions call fractured: the classifier, and the
+    # detector with at least one box at its threshold.
+    both = held[(held["fractured"] == 1) & (held["label"] == "fractured") & (held["boxes"] != "[]")]
+    assert len(both), held[["fractured", "label", "fracture_probability", "fracture_score"]]
+    fractured = both.sort_values("fracture_probability").iloc[-1]
     xray = Path(fractured["path"])
-    registry = trained_page.registry
+    registry, detector = trained_page.registry, trained_page.detector
+    n_boxes = len(json.loads(fractured["boxes"]))
 
     page = browser.new_page(viewport={"width": 1400, "height": 1100})
     try:
@@ -151,6 +165,16 @@ def test_fractured_xray_shows_fractured_with_probability_and_heat_map(browser, p
         assert heat_map.locator("img").evaluate("img => img.complete && img.naturalWidth > 0")
         assert colourful_share(heat_map.locator("img").screenshot()) > 0.02
         assert colourful_share(original.locator("img").screenshot()) < 0.005
+        # The detector's boxes with their scores, beside the heat map.
+        boxes = page.get_by_test_id("stImage").filter(
+            has_text=f"Fracture detector v{detector.version}: {n_boxes} box{'es' if n_boxes > 1 else ''} scored at "
+            f"least {detector.threshold:.3f} (highest {fractured['fracture_score']:.3f})"
+        )
+        expect(boxes.locator("img")).to_be_visible(timeout=RESULT_TIMEOUT_MS)
+        assert boxes.locator("img").evaluate("img => img.complete && img.naturalWidth > 0")
+        assert box_colour_share(boxes.locator("img").screenshot()) > 0.002
+        assert box_colour_share(heat_map.locator("img").screenshot()) < box_colour_share(boxes.locator("img").screenshot())
+        expect(page.get_by_test_id("stSidebar")).to_contain_text("fracture-detector")
         expect(page.get_by_test_id("stException")).to_have_count(0)
 
         SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
