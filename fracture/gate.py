@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import recall_score
 
-from fracture.config import RegisterParams
+from fracture.config import DetectParams, RegisterParams
 from fracture.evaluation import PairedAUC, delong_paired
 
 
@@ -201,8 +201,8 @@ def compare(scores: PairedScores, confidence: float) -> Comparison:
     )
 
 
-def floors(params: RegisterParams, metrics: dict[str, float]) -> tuple[GateCheck, ...]:
-    """Every floor of ``register.floors`` against the version's run metrics."""
+def floors(params: RegisterParams | DetectParams, metrics: dict[str, float]) -> tuple[GateCheck, ...]:
+    """Every floor of ``register.floors`` (or the detector's ``detect.floors``) against the version's run metrics."""
     return tuple(
         GateCheck(
             f"floor {key}",
