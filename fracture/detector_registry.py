@@ -32,7 +32,7 @@ from mlflow.entities.model_registry import ModelVersion
 
 from fracture.config import DetectParams
 from fracture.detection import Detections, PairedMAP, paired_bootstrap_map
-from fracture.gate import GateCheck, floors
+from fracture.gate import GateCheck, floors, paired_verdict
 from fracture.packaging import log_detector_pyfunc
 from fracture.registry import (
     CHAMPION,
@@ -151,14 +151,7 @@ def map_tags(paired: PairedMAP, champion: str) -> dict[str, str]:
 
 def beats_champion(paired: PairedMAP, champion: str, confidence: float) -> GateCheck:
     """Passes when the mAP@0.5 gain is positive and its bootstrap p-value is below ``1 - confidence``."""
-    alpha = 1 - confidence
-    wins = paired.difference > 0 and paired.p_value < alpha
-    if wins:
-        verdict = f"higher with {confidence:.0%} confidence"
-    elif paired.difference > 0:
-        verdict = f"higher, but not with {confidence:.0%} confidence (p must be < {alpha:.3g})"
-    else:
-        verdict = "not higher"
+    wins, verdict = paired_verdict(paired.difference, paired.p_value, confidence)
     return GateCheck(
         "beats champion",
         wins,

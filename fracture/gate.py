@@ -213,6 +213,19 @@ def floors(params: RegisterParams | DetectParams, metrics: dict[str, float]) -> 
     )
 
 
+def paired_verdict(difference: float, p_value: float, confidence: float) -> tuple[bool, str]:
+    """Whether a paired gain beats the champion (positive, two-sided p below ``1 - confidence``), and why in words.
+
+    The classifier's gate (ROC AUC, DeLong) and the detector's (mAP@0.5, paired bootstrap) both decide by it.
+    """
+    alpha = 1 - confidence
+    if difference > 0 and p_value < alpha:
+        return True, f"higher with {confidence:.0%} confidence"
+    if difference > 0:
+        return False, f"higher, but not with {confidence:.0%} confidence (p must be < {alpha:.3g})"
+    return False, "not higher"
+
+
 def against_champion(params: RegisterParams, comparison: Comparison) -> tuple[GateCheck, GateCheck]:
     """Whether the version beats the champion on the same images without losing sensitivity.
 
@@ -222,14 +235,7 @@ def against_champion(params: RegisterParams, comparison: Comparison) -> tuple[Ga
     ``register.sensitivity_tolerance`` below the champion's at its own.
     """
     a, v = comparison.auc, comparison.champion_version
-    alpha = 1 - params.confidence
-    wins = a.difference > 0 and a.p_value < alpha
-    if wins:
-        verdict = f"higher with {params.confidence:.0%} confidence"
-    elif a.difference > 0:
-        verdict = f"higher, but not with {params.confidence:.0%} confidence (p must be < {alpha:.3g})"
-    else:
-        verdict = "not higher"
+    wins, verdict = paired_verdict(a.difference, a.p_value, params.confidence)
     auc = GateCheck(
         "beats champion",
         wins,

@@ -11,6 +11,7 @@ import base64
 import io
 import json
 import tempfile
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
@@ -92,10 +93,15 @@ def log_pyfunc(run_id: str, weights: Path, config: ServingConfig) -> str:
     Returns:
         The logged model's URI. The run's experiment becomes the active one.
     """
+    return _log_into_run(run_id, lambda folder: _model_kwargs(weights, config, folder))
+
+
+def _log_into_run(run_id: str, kwargs: Callable[[Path], dict[str, object]]) -> str:
+    """Logs a pyfunc (``kwargs`` given a scratch folder) into an existing run; returns its URI."""
     # MLflow resumes a run only inside its own experiment, which may not be the active one.
     mlflow.set_experiment(experiment_id=MlflowClient().get_run(run_id).info.experiment_id)
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
-        info = mlflow.pyfunc.log_model(name="model", **_model_kwargs(weights, config, Path(tmp)))
+        info = mlflow.pyfunc.log_model(name="model", **kwargs(Path(tmp)))
     return info.model_uri
 
 
@@ -139,7 +145,4 @@ def log_detector_pyfunc(run_id: str, weights: Path, described: dict[str, object]
     Returns:
         The logged model's URI. The run's experiment becomes the active one.
     """
-    mlflow.set_experiment(experiment_id=MlflowClient().get_run(run_id).info.experiment_id)
-    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
-        info = mlflow.pyfunc.log_model(name="model", **_detector_kwargs(weights, described, Path(tmp)))
-    return info.model_uri
+    return _log_into_run(run_id, lambda folder: _detector_kwargs(weights, described, folder))
