@@ -176,6 +176,8 @@ class DetectParams:
         fpn_channels: channels of the feature pyramid.
         epochs, batch_size, lr, weight_decay: AdamW with a cosine schedule; the epoch kept is the
             one with the best val mAP@0.5.
+        warmup_epochs: the learning rate rises linearly from a tenth of ``lr`` over these epochs first.
+        frozen: backbone modules kept at the classifier's weights (timm names, e.g. ``blocks.0``).
         negatives_per_positive: non-fractured images drawn per image with boxes, each epoch.
         flip: random horizontal flips in training.
         seed: seeds the weights of the new layers, the negatives' draws and the flips.
@@ -198,6 +200,8 @@ class DetectParams:
     batch_size: int = 8
     lr: float = 1e-4
     weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    frozen: tuple[str, ...] = ("conv_stem", "bn1", "blocks.0", "blocks.1")
     negatives_per_positive: float = 1.0
     flip: bool = True
     seed: int = 42

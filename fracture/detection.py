@@ -34,6 +34,7 @@ import timm
 import torch
 from PIL import Image
 from timm.layers import freeze_batch_norm_2d
+from timm.utils.model import freeze
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.models.detection import FCOS, RetinaNet
@@ -404,11 +405,20 @@ def train_detector(
     negatives_per_positive: float,
     seed: int,
     workers: int = 0,
+    frozen: Sequence[str] = (),
+    warmup_epochs: float = 0.0,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
 ) -> DetectorTraining:
     """Fine-tunes the detector; the epoch kept is the one with the best val mAP@0.5.
 
-    AdamW with a cosine schedule over all steps. Every choice is made on the val split.
+    AdamW with a cosine schedule over all steps, after a linear warm-up from a tenth of ``lr``
+    over ``warmup_epochs`` (the new pyramid and head start from random weights, and large first
+    steps through them would disturb the classifier's backbone). Every choice is made on the val
+    split.
+
+    Args:
+        frozen: backbone modules kept as they are (timm's ``freeze``, e.g. ``blocks.0``): the
+            high-resolution early layers, whose backward pass is most of a CPU step's cost.
 
     Raises:
         DetectionError: the training split holds no image with a box.
@@ -418,10 +428,22 @@ def train_detector(
         raise DetectionError("the training split holds no image with a fracture box; the detector has nothing to learn")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
+    if frozen:
+        try:
+            freeze(model.backbone.body, list(frozen))
+        except AttributeError as err:
+            raise DetectionError(f"detect.frozen names a module the backbone lacks ({err}); name its modules as timm "
+                                 "does, e.g. conv_stem, bn1, blocks.0") from err
     params = [p for p in model.parameters() if p.requires_grad]
     optimiser = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     per_epoch = math.ceil(len(epoch_indices(has_boxes, negatives_per_positive, np.random.default_rng(0))) / batch_size)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=max(1, epochs * per_epoch))
+    total = max(1, epochs * per_epoch)
+    warmup = min(total - 1, round(warmup_epochs * per_epoch))
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=total - warmup)
+    schedule: torch.optim.lr_scheduler.LRScheduler = cosine
+    if warmup > 0:
+        ramp = torch.optim.lr_scheduler.LinearLR(optimiser, start_factor=0.1, total_iters=warmup)
+        schedule = torch.optim.lr_scheduler.SequentialLR(optimiser, [ramp, cosine], milestones=[warmup])
     history: list[dict[str, float]] = []
     best: tuple[float, int, dict[str, torch.Tensor]] | None = None
     started = time.perf_counter()
@@ -439,8 +461,8 @@ def train_detector(
             schedule.step()
             losses.append(loss.item())
         val_map = mean_average_precision(detect(model, val, batch_size, workers), val_truth)
-        row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "val_map_50": val_map["map_50"],
-               "val_map": val_map["map"], "seconds": time.perf_counter() - started}
+        row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "lr": optimiser.param_groups[0]["lr"],
+               "val_map_50": val_map["map_50"], "val_map": val_map["map"], "seconds": time.perf_counter() - started}
         history.append(row)
         log.info("detector epoch %d: loss %.4f, val mAP@0.5 %.4f", epoch, row["train_loss"], row["val_map_50"])
         if on_epoch is not None:

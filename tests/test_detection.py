@@ -121,9 +121,16 @@ def test_training_runs_and_keeps_the_best_val_epoch(tmp_path):
     torch.manual_seed(0)
     model = build_detector(CONFIG, timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=2).state_dict())
     seen = []
+    stem, deep = model.backbone.body.conv_stem.weight.clone(), model.backbone.body.blocks[3][0].conv_pw.weight.clone()
     result = train_detector(model, train, val, truth[8:], epochs=2, batch_size=4, lr=1e-3, weight_decay=1e-4,
-                            negatives_per_positive=1.0, seed=0, on_epoch=seen.append)
+                            negatives_per_positive=1.0, seed=0, frozen=("conv_stem", "bn1", "blocks.0"),
+                            warmup_epochs=1, on_epoch=seen.append)
     assert [row["epoch"] for row in result.history] == [1, 2] and seen == result.history
+    # Frozen layers keep the classifier's weights; the rest of the backbone learns.
+    assert result.state["backbone.body.conv_stem.weight"].equal(stem)
+    assert not result.state["backbone.body.blocks.3.0.conv_pw.weight"].equal(deep)
+    # Warm-up ends at the peak rate after the first epoch; the cosine then decays it to 0.
+    assert result.history[0]["lr"] == pytest.approx(1e-3) and result.history[1]["lr"] == pytest.approx(0.0, abs=1e-9)
     assert all(np.isfinite(row["train_loss"]) for row in result.history)
     assert result.best_val_map_50 == max(row["val_map_50"] for row in result.history)
     assert result.best_epoch == 1 + int(np.argmax([row["val_map_50"] for row in result.history]))
@@ -132,6 +139,9 @@ def test_training_runs_and_keeps_the_best_val_epoch(tmp_path):
     assert len(found.boxes) == 4
     for boxes in found.boxes:  # in the original 160 x 200 image's pixels
         assert boxes.shape[1:] == (4,) and (boxes[:, 2] <= 160 + 1e-3).all() and (boxes[:, 3] <= 200 + 1e-3).all()
+    with pytest.raises(DetectionError, match="detect.frozen names a module the backbone lacks"):
+        train_detector(model, train, val, truth[8:], epochs=1, batch_size=4, lr=1e-3, weight_decay=0,
+                       negatives_per_positive=1, seed=0, frozen=("stem",))
     with pytest.raises(DetectionError, match="no image with a fracture box"):
         train_detector(model, BoxedImages(paths[:1], [np.zeros((0, 4))], 128), val, truth[8:], epochs=1,
                        batch_size=2, lr=1e-3, weight_decay=0, negatives_per_positive=1, seed=0)

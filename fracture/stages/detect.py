@@ -110,7 +110,7 @@ def run_detect_train(params: Params, workspace: Workspace) -> dict[str, object]:
         result = train_detector(
             model, train, val, val_truth, epochs=d.epochs, batch_size=d.batch_size, lr=d.lr,
             weight_decay=d.weight_decay, negatives_per_positive=d.negatives_per_positive, seed=d.seed,
-            workers=d.workers, on_epoch=on_epoch,
+            workers=d.workers, frozen=d.frozen, warmup_epochs=d.warmup_epochs, on_epoch=on_epoch,
         )
         mlflow.log_metrics({"best_val_map_50": result.best_val_map_50, "train_seconds": result.seconds})
     save_file(result.state, str(workspace.detect_weights))
