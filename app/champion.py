@@ -174,13 +174,22 @@ def load_served_model(settings: PageSettings, version: str, run_id: str) -> Serv
     Raises:
         ModelUnavailable: the version's files cannot be loaded.
     """
+    return ServedModel(settings.model_name, version, settings.alias, run_id,
+                       _load_pyfunc(settings, settings.model_name, version))
+
+
+def _load_pyfunc(settings: PageSettings, name: str, version: str) -> mlflow.pyfunc.PyFuncModel:
+    """``models:/<name>/<version>`` from the page's registry.
+
+    Raises:
+        ModelUnavailable: its files cannot be loaded.
+    """
     mlflow.set_tracking_uri(settings.tracking_uri)
-    uri = f"models:/{settings.model_name}/{version}"
+    uri = f"models:/{name}/{version}"
     try:
-        pyfunc = mlflow.pyfunc.load_model(uri)
+        return mlflow.pyfunc.load_model(uri)
     except Exception as exc:  # artifact stores fail in many ways; the page must say so, not crash
         raise ModelUnavailable(f"{uri} could not be loaded from {settings.shown_uri}: {exc}") from exc
-    return ServedModel(settings.model_name, version, settings.alias, run_id, pyfunc)
 
 
 @dataclass(frozen=True)
@@ -251,10 +260,4 @@ def load_served_detector(settings: PageSettings, version: str) -> ServedDetector
     Raises:
         ModelUnavailable: its files cannot be loaded, or it is no fracture detector.
     """
-    mlflow.set_tracking_uri(settings.tracking_uri)
-    uri = f"models:/{settings.detector_name}/{version}"
-    try:
-        pyfunc = mlflow.pyfunc.load_model(uri)
-    except Exception as exc:  # artifact stores fail in many ways; the page keeps the classifier's answer
-        raise ModelUnavailable(f"{uri} could not be loaded from {settings.shown_uri}: {exc}") from exc
-    return ServedDetector(settings.detector_name, version, pyfunc)
+    return ServedDetector(settings.detector_name, version, _load_pyfunc(settings, settings.detector_name, version))

@@ -32,21 +32,22 @@ from mlflow.entities.model_registry import ModelVersion
 
 from fracture.config import DetectParams
 from fracture.detection import Detections, PairedMAP, paired_bootstrap_map
-from fracture.gate import GateCheck, floors, paired_verdict
+from fracture.gate import Evaluation, GateCheck, floors, paired_verdict
 from fracture.packaging import log_detector_pyfunc
 from fracture.registry import (
     CHAMPION,
-    PREVIOUS_CHAMPION,
     TAG_DATA,
     TAG_SPLIT,
     Registration,
     RegistryError,
     _alias,
+    _apply,
+    _ensure_version,
     _held_back,
-    _mark_challenger,
-    _promote,
+    _registration,
     _tag_version,
     _test_metrics,
+    _verdict,
 )
 
 log = logging.getLogger(__name__)
@@ -203,7 +204,10 @@ def register_detector(
             + (f", or name one of its metrics in detect.floors: {sorted(metrics)}" if SCORE not in missing else "")
         )
     threshold = float(described["threshold"])
-    mv, created = _ensure_version(client, name, run, weights, described)
+    mv, created = _ensure_version(
+        client, name, run, lambda: log_detector_pyfunc(run_id, weights, described),
+        lambda: _description(run, described),
+    )
     if created:
         _tag_version(client, name, str(mv.version), {
             "classifier_run_id": run.data.tags.get("classifier_run_id"),
@@ -214,47 +218,23 @@ def register_detector(
             "metrics": json.dumps(_test_metrics(metrics), sort_keys=True),
         })
         mv = client.get_model_version(name, str(mv.version))
+    candidate = Evaluation(str(mv.version), metrics, mv.tags.get(TAG_SPLIT) or split.fingerprint,
+                           run.data.tags.get("data_version") or None)
     current = _alias(client, name, CHAMPION)
     outcome = _held_back(mv, current)
-    checks: tuple[GateCheck, ...] = ()
     if outcome is None:
         checks = _gate(client, params, mv, metrics, current, split, threshold, seed)
-        failed = [c for c in checks if not c.passed]
-        if failed:
-            decision, reason = "challenger", "; ".join(f"{c.name}: {c.detail}" for c in failed)
-            _mark_challenger(client, mv, reason)
-        else:
-            beat = next((c for c in checks if c.name == "beats champion" and current is not None), None)
-            decision, reason = "promoted", beat.detail if beat else "first version to pass the gate"
-            _promote(client, mv, current, reason)
-    else:
-        decision, reason = outcome.decision, outcome.reason
-    after = client.get_model_version(name, str(mv.version))
-    previous = _alias(client, name, PREVIOUS_CHAMPION)
-    return Registration(
-        name=name, version=str(mv.version), run_id=run_id, created=created, champion=CHAMPION in after.aliases,
-        score=metrics[SCORE], reason=reason, decision=decision,
-        champion_version=None if current is None else str(current.version),
-        previous_champion=None if previous is None else str(previous.version),
-        confidence=params.confidence, floors=dict(params.floors), metrics=_test_metrics(metrics), checks=checks,
-        split_fingerprint=after.tags.get(TAG_SPLIT) or split.fingerprint,
-        data_version=run.data.tags.get("data_version") or None, aliases=tuple(sorted(after.aliases)),
-    )
+        beat = next((c for c in checks if c.name == "beats champion" and current is not None), None)
+        outcome = _verdict(checks, beat.detail if beat else "first version to pass the gate")
+        _apply(client, mv, current, outcome)
+    return _registration(client, name, run_id, created, candidate, current, outcome, score_key=SCORE,
+                         confidence=params.confidence, floors=params.floors)
 
 
-def _ensure_version(
-    client: MlflowClient, name: str, run: Run, weights: Path, described: dict[str, object]
-) -> tuple[ModelVersion, bool]:
-    run_id = run.info.run_id
-    existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
-    if existing:
-        mv = max(existing, key=lambda v: int(v.version))
-        log.info("detector run %s is already registered as %s version %s", run_id, name, mv.version)
-        return mv, False
-    uri = log_detector_pyfunc(run_id, weights, described)
-    mv = mlflow.register_model(uri, name, tags={"run_id": run_id})
+def _description(run: Run, described: dict[str, object]) -> str:
+    """The new version's description for the registry's page: what it is and its test figures."""
     m = run.data.metrics
-    description = (
+    return (
         f"Fracture detector: {described['architecture']} over a feature pyramid on the classifier's "
         f"{described['backbone']} (classifier run {run.data.tags.get('classifier_run_id')}), images resized to "
         f"{described['image_size']} px on the longer side. Returns boxes [x0, y0, x1, y1, score] per X-ray.\n\n"
@@ -263,7 +243,6 @@ def _ensure_version(
         f"as a classifier: sensitivity {m.get('test_image_sensitivity', math.nan):.3f}, specificity "
         f"{m.get('test_image_specificity', math.nan):.3f} at threshold {float(described['threshold']):.4f} (chosen on val)."
     )
-    return client.update_model_version(name, str(mv.version), description=description), True
 
 
 def _gate(

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -83,7 +84,8 @@ class Registration:
         run_id: the training run.
         created: whether this call created the version (``False``: the run was registered before).
         champion: whether the version holds ``champion`` afterwards.
-        score: the version's test ROC AUC, as its evaluate stage recorded it.
+        score: the version's score as its evaluate stage recorded it: test ROC AUC (the classifier),
+            test mAP@0.5 (the detector).
         reason: one sentence: why it was promoted or why it lost.
         decision: ``promoted`` (alias moved to it), ``challenger`` (lost the gate; alias
             ``challenger``) or ``unchanged`` (it already was champion, or was rolled back before).
@@ -216,7 +218,14 @@ def register(
     metrics = dict(run.data.metrics)
     _required_metrics(metrics, run_id, params)
 
-    mv, created = _ensure_version(client, params.model_name, run, weights, config)
+    mv, created = _ensure_version(
+        client, params.model_name, run, lambda: log_pyfunc(run_id, weights, config),
+        lambda: version_description(
+            config.architecture, str(config.extra.get("profile") or run.data.tags.get("profile") or "unknown"),
+            config.data_config.input_size, config.data_config.aspect, metrics, run_id,
+            run.data.tags.get("data_version") or None,
+        ),
+    )
     mv = _record_provenance(client, mv, created, _provenance_tags(run, config, split))
     # The split the version was evaluated on, as recorded when it was first registered.
     fingerprint = mv.tags.get(TAG_SPLIT) or split.fingerprint
@@ -228,20 +237,25 @@ def register(
         outcome = _decide(client, params, candidate, current, split, config.threshold)
         if outcome.comparison is not None:
             _tag_version(client, params.model_name, str(mv.version), outcome.comparison.tags())
-        if outcome.decision == "promoted":
-            _promote(client, mv, current, outcome.reason)
-        else:
-            _mark_challenger(client, mv, outcome.reason)
-    return _registration(client, params, run_id, created, candidate, current, outcome)
+        _apply(client, mv, current, outcome)
+    return _registration(
+        client, params.model_name, run_id, created, candidate, current, outcome, score_key=SCORE,
+        confidence=params.confidence, floors=params.floors, sensitivity_tolerance=params.sensitivity_tolerance,
+    )
 
 
 def _ensure_version(
-    client: MlflowClient, name: str, run: Run, weights: Path, config: ServingConfig
+    client: MlflowClient, name: str, run: Run, log_model: Callable[[], str], describe: Callable[[], str]
 ) -> tuple[ModelVersion, bool]:
     """The run's registered version, logged and registered first when it has none.
 
-    A new version gets a description (:func:`fracture.model_card.version_description`): what
-    it is, its test figures with intervals and its threshold, for the registry's page.
+    Args:
+        client: the registry's client.
+        name: the registered model.
+        run: the training run.
+        log_model: logs the run's model and returns its URI (called only for a new version).
+        describe: the new version's description for the registry's page (what it is, its test
+            figures with intervals, its threshold).
 
     Returns:
         The version, and whether this call created it.
@@ -252,14 +266,8 @@ def _ensure_version(
         mv = max(existing, key=lambda v: int(v.version))
         log.info("run %s is already registered as %s version %s", run_id, name, mv.version)
         return mv, False
-    uri = log_pyfunc(run_id, weights, config)
-    mv = mlflow.register_model(uri, name, tags={"run_id": run_id})
-    description = version_description(
-        config.architecture, str(config.extra.get("profile") or run.data.tags.get("profile") or "unknown"),
-        config.data_config.input_size, config.data_config.aspect, dict(run.data.metrics), run_id,
-        run.data.tags.get("data_version") or None,
-    )
-    return client.update_model_version(name, str(mv.version), description=description), True
+    mv = mlflow.register_model(log_model(), name, tags={"run_id": run_id})
+    return client.update_model_version(name, str(mv.version), description=describe()), True
 
 
 def _provenance_tags(run: Run, config: ServingConfig, split: EvaluatedSplit) -> dict[str, Any]:
@@ -327,18 +335,31 @@ def _decide(
             checks += against_champion(params, comparison)
     if all(c.passed for c in checks):
         checks += (load_check(params.model_name, str(candidate.version), split.check_image, threshold),)
-    failed = [c for c in checks if not c.passed]
-    if failed:
-        return _Outcome("challenger", "; ".join(f"{c.name}: {c.detail}" for c in failed), checks, comparison)
     if comparison is None:
-        return _Outcome("promoted", "first version to pass the gate", checks)
+        return _verdict(checks, "first version to pass the gate")
     a = comparison.auc
     reason = (
         f"ROC AUC {a.auc_a:.4f} beats champion v{comparison.champion_version}'s {a.auc_b:.4f} on the same "
         f"{a.n_images} images by {a.difference:+.4f} ({a.confidence:.0%} CI {a.ci_low:+.4f} to {a.ci_high:+.4f}, "
         f"DeLong p = {a.p_value:.3g})"
     )
-    return _Outcome("promoted", reason, checks, comparison)
+    return _verdict(checks, reason, comparison)
+
+
+def _verdict(checks: tuple[GateCheck, ...], promoted_because: str, comparison: Comparison | None = None) -> _Outcome:
+    """``challenger`` with every failed check as the reason, or ``promoted`` for the reason given."""
+    failed = [c for c in checks if not c.passed]
+    if failed:
+        return _Outcome("challenger", "; ".join(f"{c.name}: {c.detail}" for c in failed), checks, comparison)
+    return _Outcome("promoted", promoted_because, checks, comparison)
+
+
+def _apply(client: MlflowClient, mv: ModelVersion, current: ModelVersion | None, outcome: _Outcome) -> None:
+    """Moves the aliases as the gate decided."""
+    if outcome.decision == "promoted":
+        _promote(client, mv, current, outcome.reason)
+    else:
+        _mark_challenger(client, mv, outcome.reason)
 
 
 def _promote(client: MlflowClient, mv: ModelVersion, current: ModelVersion | None, reason: str) -> None:
@@ -366,15 +387,24 @@ def _mark_challenger(client: MlflowClient, mv: ModelVersion, reason: str) -> Non
 
 def _registration(
     client: MlflowClient,
-    params: RegisterParams,
+    name: str,
     run_id: str,
     created: bool,
     candidate: Evaluation,
     current: ModelVersion | None,
     outcome: _Outcome,
+    *,
+    score_key: str,
+    confidence: float,
+    floors: dict[str, float],
+    sensitivity_tolerance: float = 0.0,
 ) -> Registration:
-    """The :class:`Registration` report, with the aliases read back from the registry."""
-    name, version = params.model_name, str(candidate.version)
+    """The :class:`Registration` report, with the aliases read back from the registry.
+
+    ``score_key`` names the run metric reported as its score (``test_roc_auc``, or the
+    detector's ``test_map_50``).
+    """
+    version = str(candidate.version)
     after = client.get_model_version(name, version)
     previous = _alias(client, name, PREVIOUS_CHAMPION)
     return Registration(
@@ -383,15 +413,15 @@ def _registration(
         run_id=run_id,
         created=created,
         champion=CHAMPION in after.aliases,
-        score=candidate.metrics[SCORE],
+        score=candidate.metrics[score_key],
         reason=outcome.reason,
         decision=outcome.decision,
         champion_version=None if current is None else str(current.version),
         previous_champion=None if previous is None else str(previous.version),
         comparison=outcome.comparison,
-        confidence=params.confidence,
-        sensitivity_tolerance=params.sensitivity_tolerance,
-        floors=dict(params.floors),
+        confidence=confidence,
+        sensitivity_tolerance=sensitivity_tolerance,
+        floors=dict(floors),
         metrics=_test_metrics(candidate.metrics),
         checks=outcome.checks,
         split_fingerprint=candidate.split_fingerprint,

@@ -85,6 +85,20 @@ def pick_ids(src: Path, n_fractured: int, n_non: int) -> list[str]:
 
 
 @pytest.fixture()
+def client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """An MLflow client on a throwaway SQLite store, set as the tracking URI with an experiment of its own."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(experiment_id=mlflow.create_experiment("t", artifact_location=(tmp_path / "art").as_uri()))
+    yield MlflowClient(uri)
+    mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture()
 def subset_source(tmp_path: Path, fracatlas: Path) -> Path:
     """A small real FracAtlas subset (30 fractured, 30 not) in the published layout."""
     return make_subset(fracatlas, tmp_path / "source", pick_ids(fracatlas, 30, 30))

@@ -10,7 +10,6 @@ import pandas as pd
 import pytest
 import timm
 import torch
-from mlflow import MlflowClient
 from safetensors.torch import save_file
 
 from fracture import detector_registry
@@ -67,16 +66,6 @@ def test_the_paired_bootstrap_knows_identical_detectors_a_better_one_and_noise()
 
     with pytest.raises(ValueError, match="same images"):
         paired_bootstrap_map(truth[:3], half, half, 10, seed=0)
-
-
-@pytest.fixture()
-def client(tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(experiment_id=mlflow.create_experiment("t", artifact_location=(tmp_path / "art").as_uri()))
-    yield MlflowClient(uri)
-    mlflow.set_tracking_uri(None)
 
 
 @pytest.fixture()

@@ -16,7 +16,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from mlflow import MlflowClient
 from safetensors.torch import save_file
 
 from fracture.cli import main as cli
@@ -198,15 +197,6 @@ def yaml_params() -> dict:
 @pytest.fixture()
 def model_files(tmp_path):
     return untrained_model_files(tmp_path, 0.37)
-
-
-@pytest.fixture()
-def client(tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(experiment_id=mlflow.create_experiment("t", artifact_location=(tmp_path / "art").as_uri()))
-    return MlflowClient(uri)
 
 
 @pytest.fixture()
