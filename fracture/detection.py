@@ -390,6 +390,7 @@ class DetectorTraining:
     best_val_map_50: float
     history: list[dict[str, float]]
     seconds: float
+    val_scores: np.ndarray  # each val image's top box score at the best epoch (0 without a box)
 
 
 def train_detector(
@@ -445,7 +446,7 @@ def train_detector(
         ramp = torch.optim.lr_scheduler.LinearLR(optimiser, start_factor=0.1, total_iters=warmup)
         schedule = torch.optim.lr_scheduler.SequentialLR(optimiser, [ramp, cosine], milestones=[warmup])
     history: list[dict[str, float]] = []
-    best: tuple[float, int, dict[str, torch.Tensor]] | None = None
+    best: tuple[float, int, dict[str, torch.Tensor], np.ndarray] | None = None
     started = time.perf_counter()
     for epoch in range(1, epochs + 1):
         model.train()
@@ -460,7 +461,8 @@ def train_detector(
             optimiser.step()
             schedule.step()
             losses.append(loss.item())
-        val_map = mean_average_precision(detect(model, val, batch_size, workers), val_truth)
+        found = detect(model, val, batch_size, workers)
+        val_map = mean_average_precision(found, val_truth)
         row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "lr": optimiser.param_groups[0]["lr"],
                "val_map_50": val_map["map_50"], "val_map": val_map["map"], "seconds": time.perf_counter() - started}
         history.append(row)
@@ -468,6 +470,7 @@ def train_detector(
         if on_epoch is not None:
             on_epoch(row)
         if best is None or row["val_map_50"] > best[0]:
-            best = (row["val_map_50"], epoch, {k: v.detach().clone() for k, v in model.state_dict().items()})
+            state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best = (row["val_map_50"], epoch, state, found.top_scores())
     assert best is not None
-    return DetectorTraining(best[2], best[1], best[0], history, time.perf_counter() - started)
+    return DetectorTraining(best[2], best[1], best[0], history, time.perf_counter() - started, best[3])

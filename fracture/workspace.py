@@ -354,6 +354,11 @@ class Workspace:
         return self.detect_dir / "history.json"
 
     @property
+    def detect_val_scores(self) -> Path:
+        """Each val image's top box score from the kept epoch: ``detect_evaluate`` picks its threshold on them."""
+        return self.detect_dir / "val_scores.csv"
+
+    @property
     def detect_excluded(self) -> Path:
         """Train and val images left out of the detector's training, each with its reason."""
         return self.detect_dir / "excluded.csv"

@@ -137,6 +137,8 @@ def test_training_runs_and_keeps_the_best_val_epoch(tmp_path):
     model.load_state_dict(result.state)
     found = detect(model, val)
     assert len(found.boxes) == 4
+    # The kept epoch's val scores, saved for detect_evaluate's threshold, are the kept weights' own.
+    np.testing.assert_allclose(result.val_scores, found.top_scores(), rtol=1e-5)
     for boxes in found.boxes:  # in the original 160 x 200 image's pixels
         assert boxes.shape[1:] == (4,) and (boxes[:, 2] <= 160 + 1e-3).all() and (boxes[:, 3] <= 200 + 1e-3).all()
     with pytest.raises(DetectionError, match="detect.frozen names a module the backbone lacks"):

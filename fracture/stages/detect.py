@@ -120,6 +120,8 @@ def run_detect_train(params: Params, workspace: Workspace) -> dict[str, object]:
     }
     write_json(workspace.detect_model_json, described)
     write_json(workspace.detect_history, result.history)
+    pd.DataFrame({"path": _relative(params, workspace, val), "label": [int(len(t) > 0) for t in val_truth],
+                  "top_score": result.val_scores}).to_csv(workspace.detect_val_scores, index=False)
     pd.concat([left_train, left_val]).to_csv(workspace.detect_excluded, index=False)
     return described
 
@@ -137,7 +139,11 @@ def run_detect_evaluate(params: Params, workspace: Workspace) -> dict[str, float
     """Scores the test split once: COCO mAP with bootstrap intervals, and the top box as a classifier.
 
     The image-level threshold is chosen on the val split to reach ``evaluate.target_sensitivity``
-    (0.85 when that is null), as the classifier's is.
+    (0.85 when that is null), as the classifier's is, from the val scores ``detect_train`` saved
+    for the epoch it kept.
+
+    Raises:
+        DetectionError: the saved val scores are not those of the val split's images (stale).
 
     Returns:
         The metrics written to ``outputs/detect/metrics.json``.
@@ -145,10 +151,10 @@ def run_detect_evaluate(params: Params, workspace: Workspace) -> dict[str, float
     d = params.detect
     boxes = _boxes(params, workspace)
     _, described, model = load_trained_detector(workspace)
-    val, _, val_labels, _ = boxed_split(params, workspace, "val", boxes)
+    val_scores = _val_scores(params, workspace, boxes)
     test, truth, labels, left_test = boxed_split(params, workspace, "test", boxes)
     target = params.evaluate.target_sensitivity or 0.85
-    threshold = choose_threshold(val_labels, detect(model, val, d.batch_size, d.workers).top_scores(), target)
+    threshold = choose_threshold(val_scores["label"].to_numpy(), val_scores["top_score"].to_numpy(), target)
     found = detect(model, test, d.batch_size, d.workers)
     maps = mean_average_precision(found, truth)
     intervals = bootstrap_map(found, truth, d.bootstrap_resamples, params.evaluate.seed)
@@ -172,6 +178,25 @@ def run_detect_evaluate(params: Params, workspace: Workspace) -> dict[str, float
     with mlflow.start_run(run_id=str(described["run_id"])):
         mlflow.log_metrics({f"test_{k}": v for k, v in metrics.items()})
     return metrics
+
+
+def _val_scores(params: Params, workspace: Workspace, boxes: dict[str, ImageBoxes]) -> pd.DataFrame:
+    """The val scores ``detect_train`` saved, checked against the val split's images."""
+    path = workspace.detect_val_scores
+    if not path.is_file():
+        raise DetectionError(f"{path} not found: run detect_train first (dvc repro detect/dvc.yaml)")
+    scores = pd.read_csv(path)
+    val, _, _, _ = boxed_split(params, workspace, "val", boxes)
+    if scores["path"].tolist() != _relative(params, workspace, val):
+        raise DetectionError(f"{path} was written for other val images than the split's: rerun detect_train "
+                             "(dvc repro detect/dvc.yaml)")
+    return scores
+
+
+def _relative(params: Params, workspace: Workspace, images: BoxedImages) -> list[str]:
+    """The images' paths relative to the dataset, as the split tables hold them."""
+    dataset = workspace.root / params.ingest.dest
+    return [p.relative_to(dataset).as_posix() for p in images.paths]
 
 
 def run_detect_register(params: Params, workspace: Workspace) -> Registration:
