@@ -243,14 +243,19 @@ class Detections:
 
 @torch.no_grad()
 def detect(model: nn.Module, images: BoxedImages, batch_size: int = 8, workers: int = 0) -> Detections:
-    """Runs the detector over every image; boxes are mapped back to each image's own pixels."""
+    """Runs the detector over every image; boxes are mapped back to each image's own pixels.
+
+    One image per forward pass, as the served detector scores them: torchvision pads a batch to
+    its largest image, and the padding changes the boxes, so batched figures would not be the
+    served model's. ``batch_size`` images are decoded at a time.
+    """
     model.eval()
     out_boxes, out_scores = [], []
     loader = DataLoader(range(len(images)), batch_size=batch_size, num_workers=workers,
                         collate_fn=lambda idx: [images.load(i) for i in idx])
     for batch in loader:
-        results = model([image for image, _, _ in batch])
-        for (image, _, size), result in zip(batch, results, strict=True):
+        for image, _, size in batch:
+            result = model([image])[0]
             height, width = image.shape[-2:]
             scale = np.array([size[0] / width, size[1] / height] * 2, dtype=np.float32)
             keep = result["labels"] == FRACTURE

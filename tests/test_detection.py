@@ -221,6 +221,17 @@ def test_the_served_detector_returns_the_boxes_detect_finds_with_the_classifier_
     found = detect(model, BoxedImages([tmp_path / "x.png"], [truth], CONFIG.image_size))
     order = np.argsort(-found.scores[0], kind="stable")
     np.testing.assert_allclose(boxes[:, :4], found.boxes[0][order], atol=0.01)
+    # Also when evaluation decodes a narrow X-ray together with a wide one: a batched forward would
+    # pad the narrow one to the wide one's width, and its boxes would no longer be the served ones.
+    narrow_truth = xray_with_square(tmp_path / "narrow.png", size=(70, 200), box=(15, 60, 55, 100), seed=1)
+    wide_truth = xray_with_square(tmp_path / "wide.png", size=(240, 120), seed=3)
+    narrow = np.array(json.loads(served.predict(pd.DataFrame({"image": [(tmp_path / "narrow.png").read_bytes()]}))["boxes"][0]))
+    found = detect(model, BoxedImages([tmp_path / "narrow.png", tmp_path / "wide.png"], [narrow_truth, wide_truth],
+                                      CONFIG.image_size), batch_size=2)
+    order = np.argsort(-found.scores[0], kind="stable")
+    assert len(narrow) == len(order) > 0
+    np.testing.assert_allclose(narrow[:, :4], found.boxes[0][order], atol=0.01)
+    np.testing.assert_allclose(narrow[:, 4], found.scores[0][order], atol=1e-4)
     assert (boxes[:, [0, 2]] <= 160 + 0.01).all() and (boxes[:, [1, 3]] <= 200 + 0.01).all()
     strict = mlflow.pyfunc.load_model(str(save_detector_pyfunc(tmp_path / "strict", tmp_path / "detector.safetensors",
                                                                described | {"threshold": 1.01})))
