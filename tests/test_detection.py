@@ -150,6 +150,7 @@ def test_training_runs_and_keeps_the_best_val_epoch(tmp_path):
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # three minutes on two cores: the whole flow twice, the detector included (make test-all)
 def test_the_flow_trains_scores_and_registers_the_detector_when_params_enable_it(project, subset_source):
     """The retrain flow with ``detect.enabled`` on real X-rays and boxes: the classifier's pipeline, then
     ``detect/dvc.yaml`` through DVC, then the detector's own registered model; a second run changes nothing."""
