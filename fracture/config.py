@@ -95,6 +95,10 @@ class Profile:
     frozen: tuple[str, ...] = ()
     lr: float | None = None  # this profile's learning rate; None: train.lr
     tta: Tta = "none"  # test-time augmentation of every scoring pass: val, evaluate, the served model
+    # timm's regularisers while training (no effect on scoring): dropout before the new head and
+    # stochastic depth over the blocks, scaled up with depth; 0: off, as the paper's profile
+    drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
 
     def learning_rate(self, train: TrainParams) -> float:
         """The Adam learning rate this profile trains with."""
@@ -444,6 +448,11 @@ def _check(p: Params) -> None:
             raise ConfigError(f"params.yaml: profiles.{name}.epochs must be at least 1")
         if prof.lr is not None and not (isinstance(prof.lr, (int, float)) and prof.lr > 0):
             raise ConfigError(f"params.yaml: profiles.{name}.lr must be a positive number or null, got {prof.lr!r}")
+        for key in ("drop_rate", "drop_path_rate"):
+            rate = getattr(prof, key)
+            if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
+                raise ConfigError(f"params.yaml: profiles.{name}.{key} must be a number from 0 up to (not including) 1, "
+                                  f"got {rate!r}")
     _check_schedule(p.schedule)
     p.profile  # noqa: B018 - raises ConfigError on an unknown profile name
 

@@ -129,6 +129,10 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state.get("state_dict", state) if isinstance(state, dict) else state
 
 
+def _regularisers(profile: Profile) -> dict[str, float]:
+    return {"drop_rate": profile.drop_rate, "drop_path_rate": profile.drop_path_rate}
+
+
 def create_classifier(profile: Profile, num_classes: int = len(CLASSES)) -> torch.nn.Module:
     """Creates the profile's timm model with ImageNet weights and a fresh two-class head.
 
@@ -144,7 +148,7 @@ def create_classifier(profile: Profile, num_classes: int = len(CLASSES)) -> torc
     """
     if profile.weights == "hub":
         try:
-            return timm.create_model(profile.model, pretrained=True, num_classes=num_classes)
+            return timm.create_model(profile.model, pretrained=True, num_classes=num_classes, **_regularisers(profile))
         except Exception as exc:  # hub errors come in many types: network, auth, missing files
             raise PretrainedWeightsError(f"{_how_to(profile)} Hub error: {exc}") from exc
 
@@ -153,7 +157,7 @@ def create_classifier(profile: Profile, num_classes: int = len(CLASSES)) -> torc
             raise PretrainedWeightsError(
                 f"weights_file {profile.weights_file!r} not found. {_how_to(profile)}"
             )
-        model = timm.create_model(profile.model, pretrained=False)
+        model = timm.create_model(profile.model, pretrained=False, **_regularisers(profile))
         state = _read_state_dict(Path(profile.weights_file))
     elif profile.weights in PACKAGE_WEIGHTS:
         arch = PACKAGE_WEIGHTS[profile.weights].arch
@@ -162,7 +166,7 @@ def create_classifier(profile: Profile, num_classes: int = len(CLASSES)) -> torc
                 f"{profile.weights} holds {arch} weights, not {profile.model}: set the profile's model to "
                 f"{arch}, or its weights to a source for {profile.model}. {_how_to(profile)}"
             )
-        model = timm.create_model(profile.model, pretrained=False)
+        model = timm.create_model(profile.model, pretrained=False, **_regularisers(profile))
         state = package_state_dict(profile.weights, model)
     else:
         raise PretrainedWeightsError(f"unknown weights source {profile.weights!r}. {_how_to(profile)}")

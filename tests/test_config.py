@@ -38,6 +38,14 @@ def test_a_profile_may_set_its_own_learning_rate():
         parse_params(raw)
 
 
+@pytest.mark.parametrize("value", [1.0, -0.1, "0.2", True])
+def test_a_drop_rate_outside_0_to_1_is_refused(value):
+    raw = raw_params()
+    raw["profiles"]["cpu"]["drop_path_rate"] = value
+    with pytest.raises(ConfigError, match="profiles.cpu.drop_path_rate must be a number from 0"):
+        parse_params(raw)
+
+
 def test_unknown_key_is_named():
     raw = raw_params()
     raw["train"]["learning_rate"] = 0.1

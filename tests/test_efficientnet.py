@@ -46,6 +46,20 @@ def test_classifier_gets_a_fresh_two_class_head(cpu_profile):
     assert torch.equal(model.conv_stem.weight, reference.conv_stem.weight)
 
 
+def test_the_profiles_dropout_and_stochastic_depth_reach_the_model_and_leave_scoring_alone(cpu_profile):
+    plain = create_classifier(dataclasses.replace(cpu_profile, drop_rate=0.0, drop_path_rate=0.0))
+    regular = create_classifier(dataclasses.replace(cpu_profile, drop_rate=0.3, drop_path_rate=0.2))
+    assert plain.drop_rate == 0.0 and regular.drop_rate == 0.3
+    depth = [float(m.drop_prob) for m in regular.modules() if type(m).__name__ == "DropPath"]
+    assert depth and max(depth) > 0.1  # scaled up with depth towards 0.2
+    regular.load_state_dict(plain.state_dict())  # no weights of their own: the served network is the same
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        assert torch.equal(plain.eval()(x), regular.eval()(x))
+        regular.train()
+        assert not torch.allclose(regular(x), regular(x))  # active while training
+
+
 def test_hub_weights_unreachable_fail_naming_all_three_sources(cpu_profile, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     profile = dataclasses.replace(cpu_profile, model="tf_efficientnet_b0.in1k", weights="hub")
