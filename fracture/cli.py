@@ -36,9 +36,9 @@ app = typer.Typer(
 _KNOWN_ERRORS = {
     "fracture.config": "ConfigError",
     "fracture.crossval": "CrossvalError",
+    "fracture.decoding": "ImageLoadError",
     "fracture.detection": "DetectionError",
     "fracture.gate": "SplitTableError",
-    "fracture.imaging": "ImageLoadError",
     "fracture.ingest": "IngestError",
     "fracture.localisation": "BoxesError",
     "fracture.manifest": "ManifestError",

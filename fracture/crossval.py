@@ -14,12 +14,12 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
 from fracture.config import EvaluateParams, Profile, TrainParams
+from fracture.data_config import DataConfig
 from fracture.evaluation import (
     bootstrap_intervals,
     choose_threshold,
     evaluate_probabilities,
 )
-from fracture.imaging import DataConfig
 from fracture.prepare import PreparedImages
 from fracture.split import group_key
 from fracture.training import EpochCallback, FitResult, train

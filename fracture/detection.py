@@ -42,7 +42,7 @@ from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.transforms.functional import pil_to_tensor
 
-from fracture.imaging import open_xray
+from fracture.decoding import open_xray
 from fracture.vocabulary import Detector
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""Image loading and preprocessing shared by training, evaluation and the served model.
+"""The model's preprocessing shared by training, evaluation and the served model.
 
 This module imports only third-party packages, so the logged MLflow model can carry it and
 preprocess an X-ray exactly as training did.
@@ -6,174 +6,22 @@ preprocess an X-ray exactly as training did.
 
 from __future__ import annotations
 
-import io
-import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, get_args
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageOps
 from timm.data import create_transform
 from timm.data.transforms import MaybeToTensor
 from torchvision import transforms
 
-from fracture.dicom import dicom_to_image, is_dicom
-from fracture.vocabulary import CLASSES, ENHANCEMENTS, Aspect, Enhancement
+from fracture.data_config import DataConfig
+from fracture.decoding import open_xray
+from fracture.vocabulary import CLASSES, ENHANCEMENTS
 
-__all__ = ["CLASSES", "ENHANCEMENTS", "DataConfig", "ImageLoadError", "Preprocessor", "build_transform", "open_xray"]
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """How an image becomes the model's input: timm's data config plus aspect and enhancement.
-
-    Every key is always present, so no consumer guesses a default. Training writes it into
-    ``model.json``; evaluation, the prepared cache, the served model and the page read it back.
-
-    Attributes:
-        input_size: (channels, height, width) of the model's input.
-        interpolation: the resize filter timm names (``bicubic``, ``bilinear``, ...).
-        mean: per-channel mean the pixels are normalised with.
-        std: per-channel standard deviation.
-        aspect: ``squash`` (resize to the square, the paper) or ``pad`` (pad to a square first).
-        enhance: ``none`` (the paper) or one of the ablation's enhancements.
-    """
-
-    input_size: tuple[int, int, int]
-    interpolation: str
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    aspect: Aspect = "squash"
-    enhance: Enhancement = "none"
-
-    def __post_init__(self) -> None:
-        if self.aspect not in get_args(Aspect):
-            raise ValueError(f"data config aspect must be one of {get_args(Aspect)}, got {self.aspect!r}")
-        if self.enhance not in ENHANCEMENTS:
-            raise ValueError(f"data config enhance must be one of {ENHANCEMENTS}, got {self.enhance!r}")
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> DataConfig:
-        """Reads the ``data_config`` of a ``model.json``.
-
-        ``aspect`` and ``enhance`` may be absent: models registered before those settings
-        existed were all squashed and not enhanced, which is what their defaults say.
-
-        Raises:
-            ValueError: a timm key is missing or a value is not allowed.
-        """
-        missing = [k for k in ("input_size", "interpolation", "mean", "std") if k not in data]
-        if missing:
-            raise ValueError(f"data config lacks {missing}; it holds {sorted(data)}: retrain, or fix model.json")
-        return cls(
-            input_size=tuple(int(v) for v in data["input_size"]),  # type: ignore[arg-type]
-            interpolation=str(data["interpolation"]),
-            mean=tuple(float(v) for v in data["mean"]),
-            std=tuple(float(v) for v in data["std"]),
-            aspect=data.get("aspect", "squash"),
-            enhance=data.get("enhance", "none"),
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON form, as ``model.json`` stores it (tuples become lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-
-_TRUNCATED_LOCK = threading.Lock()
-
-
-class ImageLoadError(ValueError):
-    """An input could not be read as an X-ray image."""
-
-
-def open_xray(source: str | Path | bytes, allow_truncated: bool = False, rgb: bool = True) -> Image.Image:
-    """Opens an X-ray from a path or raw bytes and returns it decoded, in RGB or greyscale.
-
-    FracAtlas holds both greyscale (L) and RGB files; the ImageNet-pretrained stem expects three
-    channels, so every image reaches the network as RGB. With ``rgb=False`` a greyscale image
-    stays greyscale: the model's transform (:func:`build_transform`) resizes it first and makes
-    it RGB afterwards, which gives the same pixels at a third of the resizing work.
-
-    Args:
-        source: a file path or the file's bytes (JPEG, PNG, ... or a DICOM radiograph).
-        allow_truncated: decode files that end early (the missing rows become grey) instead of
-            failing. Training may allow it per ``validate.on_truncated``; serving does not.
-        rgb: convert greyscale images to RGB too; other modes always become RGB.
-
-    Returns:
-        The decoded image in RGB mode, or L when ``rgb`` is false and the file is greyscale.
-
-    Raises:
-        ImageLoadError: the input is not a decodable image.
-    """
-    name = "<bytes>" if isinstance(source, bytes) else str(source)
-    try:
-        return _model_mode(decode(source), rgb)
-    except FileNotFoundError as exc:
-        raise ImageLoadError(f"{name}: file not found") from exc
-    except OSError as exc:
-        if not (allow_truncated and "truncated" in str(exc)):
-            raise ImageLoadError(f"{name}: not a decodable image ({exc})") from exc
-    except (SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise ImageLoadError(f"{name}: not a decodable image ({exc})") from exc
-    try:
-        return _model_mode(decode_truncated(source), rgb)
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageLoadError(f"{name}: not a decodable image ({exc})") from exc
-
-
-def _model_mode(img: Image.Image, rgb: bool) -> Image.Image:
-    return img if img.mode == "RGB" or (img.mode == "L" and not rgb) else img.convert("RGB")
-
-
-#: Files in an export that index the others rather than hold an image (a DICOM export's DICOMDIR).
-INDEX_FILES = {"DICOMDIR"}
-
-
-def export_files(folder: Path) -> list[Path]:
-    """Every file under ``folder`` (sub-folders too), sorted; hidden files and folders and index files aside.
-
-    How a folder of X-rays is listed wherever one is read: a hospital's export
-    (:mod:`fracture.manifest`) and the folders ``fracture predict`` scores.
-    """
-    return [
-        p for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name not in INDEX_FILES and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    ]
-
-
-def decode(source: str | Path | bytes) -> Image.Image:
-    """Opens and fully decodes an image as stored (mode and size unchanged).
-
-    A DICOM file becomes the 8-bit image a reader sees (:func:`fracture.dicom.dicom_to_image`:
-    modality LUT, VOI transform, MONOCHROME1 inverted), so a dataset of DICOM files trains on
-    the pixels the served model scores.
-    """
-    data = source if isinstance(source, bytes) else Path(source).read_bytes()
-    if is_dicom(data):
-        return dicom_to_image(data)
-    with Image.open(io.BytesIO(data)) as img:
-        img.load()
-        return img
-
-
-def decode_truncated(source: str | Path | bytes) -> Image.Image:
-    """Like :func:`decode`, but decodes files that end early; the missing rows become grey.
-
-    Pillow allows truncated files only through a module flag: it is set for this decode alone,
-    under a lock so that concurrent loader threads cannot leave it set.
-    """
-    with _TRUNCATED_LOCK:
-        previous = ImageFile.LOAD_TRUNCATED_IMAGES
-        ImageFile.LOAD_TRUNCATED_IMAGES = True
-        try:
-            return decode(source)
-        finally:
-            ImageFile.LOAD_TRUNCATED_IMAGES = previous
+__all__ = ["CLASSES", "ENHANCEMENTS", "Enhance", "PadToSquare", "Preprocessor", "ToRGB", "build_transform", "nchw"]
 
 
 class PadToSquare:

@@ -25,7 +25,8 @@ from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
-from fracture.imaging import DataConfig, Preprocessor, nchw
+from fracture.data_config import DataConfig
+from fracture.imaging import Preprocessor, nchw
 from fracture.intake import InputPolicy
 from fracture.vocabulary import CLASSES, Tta, choices
 

@@ -35,6 +35,7 @@ from typing import Any, Literal, get_args
 
 from PIL import Image, ImageStat, UnidentifiedImageError
 
+from fracture.decoding import decode, decode_truncated
 from fracture.dicom import (
     RADIOGRAPHY,
     DicomRejected,
@@ -43,7 +44,6 @@ from fracture.dicom import (
     read_header,
     to_display,
 )
-from fracture.imaging import decode, decode_truncated
 
 log = logging.getLogger(__name__)
 

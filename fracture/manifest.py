@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from fracture.imaging import decode, decode_truncated, export_files
+from fracture.decoding import decode, decode_truncated, export_files
 from fracture.near_duplicates import add_near_duplicates
 from fracture.vocabulary import Layout
 
@@ -183,7 +183,7 @@ def _flags(values: pd.Series, words: dict[str, str], names: tuple[str, ...], col
 def read_csv_layout(dataset_dir: Path) -> pd.DataFrame:
     """A hospital's export (layout ``csv``) as the manifest's columns, before the decode.
 
-    Every file under ``images/`` (:func:`fracture.imaging.export_files`: sub-folders too, hidden
+    Every file under ``images/`` (:func:`fracture.decoding.export_files`: sub-folders too, hidden
     files and DICOMDIR indexes aside) and
     every row of ``labels.csv`` becomes a row, joined on the file: a row without a file gets
     ``has_file`` False, a file without a row ``in_csv`` False (its id is its path), and the suite

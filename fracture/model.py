@@ -16,7 +16,7 @@ from timm.data import resolve_data_config, resolve_model_data_config
 from timm.models import get_pretrained_cfg
 
 from fracture.config import Profile
-from fracture.imaging import DataConfig
+from fracture.data_config import DataConfig
 from fracture.vocabulary import CLASSES, Aspect, Enhancement, WeightsPackage
 
 

@@ -22,8 +22,8 @@ from PIL import Image, ImageFile
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from fracture.decoding import decode
 from fracture.dicom import is_dicom
-from fracture.imaging import decode
 
 #: Side of the square thumbnail each image is compared by (32 x 32 = 1024 values).
 THUMBNAIL_SIDE = 32
@@ -40,7 +40,7 @@ def thumbnail(path: str | Path, side: int = THUMBNAIL_SIDE) -> np.ndarray:
 
     JPEGs are decoded at a reduced scale (Pillow's ``draft``), which is what makes a pass over
     thousands of full-size X-rays take seconds. A DICOM file is read as a reader sees it
-    (:func:`fracture.imaging.decode`), so a copy exported as DICOM and as JPEG still matches.
+    (:func:`fracture.decoding.decode`), so a copy exported as DICOM and as JPEG still matches.
     A constant image gives a vector of zeros, which correlates with nothing.
     """
     data = Path(path).read_bytes()

@@ -20,7 +20,7 @@ import pandas as pd
 from mlflow import MlflowClient
 from tqdm import tqdm
 
-from fracture.imaging import export_files
+from fracture.decoding import export_files
 from fracture.intake import InputPolicy, InputRejected, read_file
 from fracture.serving import FracturePyfunc
 

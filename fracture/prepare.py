@@ -23,7 +23,9 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
-from fracture.imaging import DataConfig, nchw, open_xray
+from fracture.data_config import DataConfig
+from fracture.decoding import open_xray
+from fracture.imaging import nchw
 
 log = logging.getLogger(__name__)
 

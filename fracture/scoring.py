@@ -15,6 +15,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 
+from fracture.decoding import open_xray
 from fracture.gate import (
     EvaluatedSplit,
     Evaluation,
@@ -22,7 +23,6 @@ from fracture.gate import (
     PairedScores,
     SplitTableError,
 )
-from fracture.imaging import open_xray
 from fracture.serving import FracturePyfunc
 
 

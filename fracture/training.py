@@ -35,7 +35,8 @@ from tqdm import tqdm
 
 from fracture import checkpoint, distributed
 from fracture.config import Profile, TrainParams
-from fracture.imaging import DataConfig, Preprocessor
+from fracture.data_config import DataConfig
+from fracture.imaging import Preprocessor
 from fracture.inference import autocast_for, probabilities
 from fracture.model import create_classifier, data_config
 from fracture.prepare import CachedImages, StaleCacheError

@@ -21,8 +21,8 @@ from dvc.api import DVCFileSystem
 from dvc.exceptions import DvcException
 from dvc_data.index.index import DataIndexError
 
-from fracture.imaging import CLASSES
 from fracture.manifest import BODY_PARTS, FOLDERS, VIEWS, join_files_and_csv
+from fracture.vocabulary import CLASSES
 
 STATUS_COMPARED = "compared"
 STATUS_FIRST = "first version"

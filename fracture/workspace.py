@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from fracture.imaging import DataConfig
+from fracture.data_config import DataConfig
 from fracture.intake import InputPolicy
 from fracture.vocabulary import Tta
 

@@ -172,7 +172,7 @@ def ranking_model_files(
     import torch
     from safetensors.torch import save_file
 
-    from fracture.imaging import open_xray
+    from fracture.decoding import open_xray
     from fracture.inference import Classifier
 
     weights, config = untrained_model_files(folder, threshold)

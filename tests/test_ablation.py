@@ -6,13 +6,15 @@ import dataclasses
 
 import cv2
 import numpy as np
-import SimpleITK as sitk
 import pytest
+import SimpleITK as sitk
 import torch
 from PIL import Image
 
 from fracture.config import ConfigError, load_params, parse_params
-from fracture.imaging import ENHANCEMENTS, DataConfig, Enhance, Preprocessor, build_transform, open_xray
+from fracture.data_config import DataConfig
+from fracture.decoding import open_xray
+from fracture.imaging import ENHANCEMENTS, Enhance, Preprocessor, build_transform
 from fracture.model import profile_data_config
 from fracture.prepare import cache_key, open_prepared, prepare_images
 from fracture.training import RandomCentralCrop, augmentation

@@ -36,6 +36,7 @@ from streamlit.testing.v1 import AppTest
 from torch.utils.data import TensorDataset
 
 from fracture.config import DetectParams, load_params
+from fracture.data_config import DataConfig
 from fracture.detection import (
     BoxedImages,
     DetectorConfig,
@@ -48,7 +49,7 @@ from fracture.detector_registry import DetectorTestSplit, register_detector
 from fracture.evaluation import choose_threshold
 from fracture.explain import grad_cam, overlay, target_layer, to_image_grid
 from fracture.gate import split_fingerprint
-from fracture.imaging import CLASSES, DataConfig, Preprocessor
+from fracture.imaging import CLASSES, Preprocessor
 from fracture.inference import ServingConfig, probabilities
 from fracture.intake import InputPolicy
 from fracture.localisation import read_coco_boxes

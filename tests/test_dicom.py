@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from pydicom import dcmread
 
+from fracture.decoding import open_xray
 from fracture.dicom import DicomRejected, dicom_to_image
-from fracture.imaging import open_xray
 from fracture.intake import InputPolicy, InputRejected, read_xray
 from tests.conftest import require_fracatlas
 from tests.dicom_files import (

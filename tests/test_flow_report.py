@@ -13,9 +13,9 @@ from prefect.states import exception_to_failed_state
 
 from flows.report import METRIC_ROWS, render_report
 from flows.result import RetrainResult
+from fracture.data_config import DataConfig
 from fracture.evaluation import PairedAUC
 from fracture.gate import Comparison
-from fracture.imaging import DataConfig
 from fracture.registry import Registration
 from fracture.workspace import (
     EvaluateResult,

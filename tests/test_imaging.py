@@ -7,13 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from fracture.imaging import (
-    DataConfig,
-    ImageLoadError,
-    Preprocessor,
-    build_transform,
-    open_xray,
-)
+from fracture.data_config import DataConfig
+from fracture.decoding import ImageLoadError, open_xray
+from fracture.imaging import Preprocessor, build_transform
 from tests.conftest import require_fracatlas
 
 CONFIG = DataConfig((3, 64, 64), "bilinear", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))

@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from fracture.imaging import DataConfig, Preprocessor
+from fracture.data_config import DataConfig
+from fracture.imaging import Preprocessor
 from fracture.inference import Classifier, ServingConfig, probabilities
 from fracture.workspace import EvaluateResult, TrainedModel, Workspace
 

@@ -19,8 +19,8 @@ import pytest
 from mlflow import MlflowClient
 
 from fracture.config import RegisterParams
+from fracture.decoding import open_xray
 from fracture.gate import EvaluatedSplit
-from fracture.imaging import open_xray
 from fracture.inference import Classifier
 from fracture.registry import register
 from tests.conftest import shrink_params, untrained_model_files

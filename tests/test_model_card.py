@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fracture.imaging import DataConfig
+from fracture.data_config import DataConfig
 from fracture.model_card import render_model_card
 from fracture.workspace import TrainedModel
 

@@ -12,7 +12,9 @@ import torch
 from PIL import Image
 from torch.utils.data import TensorDataset
 
-from fracture.imaging import DataConfig, Preprocessor, build_transform, open_xray
+from fracture.data_config import DataConfig
+from fracture.decoding import open_xray
+from fracture.imaging import Preprocessor, build_transform
 from fracture.prepare import StaleCacheError, cache_key, open_prepared, prepare_images
 from tests.synthetic import make_dataset, training_frame, truncate
 

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 from fracture.cli import main as cli
 from fracture.config import ConfigError, RegisterParams, load_params, parse_params
+from fracture.data_config import DataConfig
 from fracture.evaluation import delong_paired
 from fracture.gate import (
     EvaluatedSplit,
@@ -29,7 +30,6 @@ from fracture.gate import (
     floors,
     split_fingerprint,
 )
-from fracture.imaging import DataConfig
 from fracture.inference import ServingConfig
 from fracture.packaging import REQUIREMENTS, requirements
 from fracture.registry import RegistryError, register, rollback

@@ -25,8 +25,8 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from fracture.config import RegisterParams
+from fracture.decoding import open_xray
 from fracture.gate import EvaluatedSplit
-from fracture.imaging import open_xray
 from fracture.inference import Classifier
 from fracture.registry import register
 from fracture.serving import INPUT_ROOT_ENV, RequestRefused

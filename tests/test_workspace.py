@@ -7,7 +7,7 @@ import json
 import pandas as pd
 import pytest
 
-from fracture.imaging import DataConfig
+from fracture.data_config import DataConfig
 from fracture.workspace import EvaluateResult, TrainedModel, Workspace
 
 CONFIG = DataConfig((3, 224, 224), "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
@@ -75,3 +75,17 @@ def test_cli_help_lists_every_stage_in_plain_words(capsys):
     for command in ("ingest", "validate", "split", "prepare", "train", "evaluate", "register", "rollback"):
         assert command in text
     assert "``" not in text and ":func:" not in text and ":mod:" not in text
+
+
+@pytest.mark.parametrize(
+    "module", ["fracture.cli", "fracture.stages.ingest", "fracture.stages.validate", "fracture.stages.split"]
+)
+def test_the_cli_and_the_stages_that_only_read_images_start_without_the_networks_stack(module):
+    # Each stage runs in its own process under dvc repro: importing torch and timm there costs
+    # seconds a run pays once per stage, for nothing.
+    import subprocess
+    import sys
+
+    code = f"import sys, {module}; print(sorted({{'torch', 'timm', 'torchvision', 'mlflow'}} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

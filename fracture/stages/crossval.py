@@ -17,7 +17,7 @@ import pandas as pd
 
 from fracture.config import Params
 from fracture.crossval import draw_folds, fit_fold, pool_splits, summarise
-from fracture.imaging import DataConfig
+from fracture.data_config import DataConfig
 from fracture.prepare import PreparedImages
 from fracture.stages.prepare import active_cache, open_cache
 from fracture.stages.train import log_dataset_inputs, recipe_params

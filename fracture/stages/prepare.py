@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from fracture.config import Params
-from fracture.imaging import DataConfig, Preprocessor
+from fracture.data_config import DataConfig
+from fracture.imaging import Preprocessor
 from fracture.model import profile_data_config
 from fracture.prepare import PreparedImages, cache_key, open_prepared, prepare_images
 from fracture.workspace import PrepareResult, Workspace

@@ -1,0 +1,112 @@
+"""Reading X-ray files: JPEG, PNG and DICOM decoded as stored, and a folder of them listed.
+
+What every path that opens an image shares: the manifest and validation, the input checks,
+the prepared cache, evaluation and the served model. It imports no torch, so the stages that
+only read images (ingest, validate, split) start in a fraction of the time; the model's
+transform is in :mod:`fracture.imaging`.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+from pathlib import Path
+
+from PIL import Image, ImageFile
+
+from fracture.dicom import dicom_to_image, is_dicom
+
+__all__ = ["INDEX_FILES", "ImageLoadError", "decode", "decode_truncated", "export_files", "open_xray"]
+
+
+_TRUNCATED_LOCK = threading.Lock()
+
+
+class ImageLoadError(ValueError):
+    """An input could not be read as an X-ray image."""
+
+
+def open_xray(source: str | Path | bytes, allow_truncated: bool = False, rgb: bool = True) -> Image.Image:
+    """Opens an X-ray from a path or raw bytes and returns it decoded, in RGB or greyscale.
+
+    FracAtlas holds both greyscale (L) and RGB files; the ImageNet-pretrained stem expects three
+    channels, so every image reaches the network as RGB. With ``rgb=False`` a greyscale image
+    stays greyscale: the model's transform (:func:`build_transform`) resizes it first and makes
+    it RGB afterwards, which gives the same pixels at a third of the resizing work.
+
+    Args:
+        source: a file path or the file's bytes (JPEG, PNG, ... or a DICOM radiograph).
+        allow_truncated: decode files that end early (the missing rows become grey) instead of
+            failing. Training may allow it per ``validate.on_truncated``; serving does not.
+        rgb: convert greyscale images to RGB too; other modes always become RGB.
+
+    Returns:
+        The decoded image in RGB mode, or L when ``rgb`` is false and the file is greyscale.
+
+    Raises:
+        ImageLoadError: the input is not a decodable image.
+    """
+    name = "<bytes>" if isinstance(source, bytes) else str(source)
+    try:
+        return _model_mode(decode(source), rgb)
+    except FileNotFoundError as exc:
+        raise ImageLoadError(f"{name}: file not found") from exc
+    except OSError as exc:
+        if not (allow_truncated and "truncated" in str(exc)):
+            raise ImageLoadError(f"{name}: not a decodable image ({exc})") from exc
+    except (SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageLoadError(f"{name}: not a decodable image ({exc})") from exc
+    try:
+        return _model_mode(decode_truncated(source), rgb)
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageLoadError(f"{name}: not a decodable image ({exc})") from exc
+
+
+def _model_mode(img: Image.Image, rgb: bool) -> Image.Image:
+    return img if img.mode == "RGB" or (img.mode == "L" and not rgb) else img.convert("RGB")
+
+
+#: Files in an export that index the others rather than hold an image (a DICOM export's DICOMDIR).
+INDEX_FILES = {"DICOMDIR"}
+
+
+def export_files(folder: Path) -> list[Path]:
+    """Every file under ``folder`` (sub-folders too), sorted; hidden files and folders and index files aside.
+
+    How a folder of X-rays is listed wherever one is read: a hospital's export
+    (:mod:`fracture.manifest`) and the folders ``fracture predict`` scores.
+    """
+    return [
+        p for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name not in INDEX_FILES and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    ]
+
+
+def decode(source: str | Path | bytes) -> Image.Image:
+    """Opens and fully decodes an image as stored (mode and size unchanged).
+
+    A DICOM file becomes the 8-bit image a reader sees (:func:`fracture.dicom.dicom_to_image`:
+    modality LUT, VOI transform, MONOCHROME1 inverted), so a dataset of DICOM files trains on
+    the pixels the served model scores.
+    """
+    data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    if is_dicom(data):
+        return dicom_to_image(data)
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        return img
+
+
+def decode_truncated(source: str | Path | bytes) -> Image.Image:
+    """Like :func:`decode`, but decodes files that end early; the missing rows become grey.
+
+    Pillow allows truncated files only through a module flag: it is set for this decode alone,
+    under a lock so that concurrent loader threads cannot leave it set.
+    """
+    with _TRUNCATED_LOCK:
+        previous = ImageFile.LOAD_TRUNCATED_IMAGES
+        ImageFile.LOAD_TRUNCATED_IMAGES = True
+        try:
+            return decode(source)
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = previous
