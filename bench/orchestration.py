@@ -7,6 +7,10 @@ Two throwaway projects get the same real FracAtlas subset and the CPU profile cu
 
 - ``flow``: ``python -m flows.retrain``: a temporary Prefect server, ingest and ``dvc add``,
   every stage through ``dvc repro`` (a process each), registration in MLflow;
+- ``flow, server up``: the same command against a Prefect server that is already running
+  (``prefect server start`` on 127.0.0.1, started before the clock), as a scheduled run meets
+  it: a work pool's worker, or ``flow.serve``, talks to a long-running server, and a process
+  work pool starts one such process per run;
 - ``direct``: one Python process calling the same stage functions in order (``run_ingest``,
   ``run_validate``, ``run_split``, ``run_prepare``, ``run_train``, ``run_evaluate``,
   ``run_register``), with the same MLflow logging, without DVC and Prefect.
@@ -29,6 +33,7 @@ from pathlib import Path
 import yaml
 
 from tests.conftest import copy_project, make_subset, pick_ids
+from tests.servers import child_env, free_port, running
 
 REPO = Path(__file__).resolve().parents[1]  # flows.retrain runs from the repository
 
@@ -63,8 +68,8 @@ def make_project(dest: Path) -> Path:
     return dest
 
 
-def timed(cmd: list[str], cwd: Path, log: Path) -> float:
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+def timed(cmd: list[str], cwd: Path, log: Path, **extra_env: str) -> float:
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}") | extra_env
     env.pop("MLFLOW_TRACKING_URI", None)
     started = time.perf_counter()
     with log.open("w") as out:
@@ -85,15 +90,32 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         source = make_subset(args.data, root / "source", pick_ids(args.data, args.fractured, args.not_fractured))
-        flow_project, direct_project = make_project(root / "flow"), make_project(root / "direct")
+        projects = {side: make_project(root / side) for side in ("direct", "flow", "served")}
         os.environ.setdefault("PREFECT_HOME", str(root / "prefect"))
         print(f"{args.fractured + args.not_fractured} real images, CPU profile for one epoch")
-        direct = timed([sys.executable, "-c", DIRECT, str(source)], direct_project, root / "direct.log")
-        flow = timed([sys.executable, "-m", "flows.retrain", "--project-dir", str(flow_project), "--source",
-                      str(source)], REPO, root / "flow.log")
-        print(f"direct (stage functions in one process): {direct:.1f} s")
-        print(f"flow (Prefect, DVC, MLflow):              {flow:.1f} s")
-        print(f"flow / direct: {flow / direct:.3f} (+{flow - direct:.1f} s)")
+        direct = timed([sys.executable, "-c", DIRECT, str(source)], projects["direct"], root / "direct.log")
+
+        def flow_cmd(project: Path) -> list[str]:
+            return [sys.executable, "-m", "flows.retrain", "--project-dir", str(project), "--source", str(source)]
+
+        flow = timed(flow_cmd(projects["flow"]), REPO, root / "flow.log")
+        home, port = root / "prefect-server", free_port()
+        home.mkdir()
+        server_env = child_env(
+            PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false",
+            DO_NOT_TRACK="1",
+        )
+        server_env.pop("PREFECT_API_URL", None)
+        api = f"http://127.0.0.1:{port}/api"
+        prefect = str(Path(sys.executable).parent / "prefect")
+        with running([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)], server_env,
+                     f"{api}/health", root / "prefect-server.log"):
+            served = timed(flow_cmd(projects["served"]), REPO, root / "served.log", PREFECT_API_URL=api)
+        print(f"direct (stage functions in one process):             {direct:.1f} s")
+        print(f"flow, one shot (temporary Prefect server, DVC, MLflow): {flow:.1f} s")
+        print(f"flow, Prefect server already up (a scheduled run):    {served:.1f} s")
+        print(f"flow / direct: one shot {flow / direct:.3f} (+{flow - direct:.1f} s), "
+              f"server up {served / direct:.3f} (+{served - direct:.1f} s)")
 
 
 if __name__ == "__main__":
