@@ -34,6 +34,7 @@ def dataset_inputs(project: Path) -> dict[str, tuple[str, dict[str, str]]]:
     return {i.dataset.name: (i.dataset.digest, {t.key: t.value for t in i.tags}) for i in inputs}
 
 
+@pytest.mark.slow  # about 100 s on two cores: the pipeline on two dataset versions
 def test_added_images_are_a_new_version_that_reruns_validate_onward(project, fracatlas, tmp_path):
     source = make_subset(fracatlas, tmp_path / "v1", pick_ids(fracatlas, 12, 28))
     fracture(project, "ingest", "--source", str(source))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import huggingface_hub
 import pytest
 import torch
 from PIL import Image
@@ -61,7 +62,10 @@ def test_the_profiles_dropout_and_stochastic_depth_reach_the_model_and_leave_sco
 
 
 def test_hub_weights_unreachable_fail_naming_all_three_sources(cpu_profile, monkeypatch):
+    # The hub reads HF_HUB_OFFLINE once, when it is imported (timm imports it with this module);
+    # its constant is what a download checks, so offline mode is set there as well as for children.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     profile = dataclasses.replace(cpu_profile, model="tf_efficientnet_b0.in1k", weights="hub")
     with pytest.raises(PretrainedWeightsError) as err:
         create_classifier(profile)

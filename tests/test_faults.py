@@ -98,6 +98,7 @@ def test_two_runs_started_together_one_trains_and_the_other_is_refused(project, 
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # about 100 s on two cores: the pipeline up to evaluate on real images first
 def test_a_stage_that_cannot_write_its_outputs_fails_clearly_and_the_previous_ones_come_back(project, subset_source):
     run(project, sys.executable, "-m", "fracture.cli", "ingest", "--source", str(subset_source))
     dvc(project, "repro", "evaluate")
