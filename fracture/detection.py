@@ -242,12 +242,22 @@ class Detections:
 
 
 @torch.no_grad()
-def detect(model: nn.Module, images: BoxedImages, batch_size: int = 8, workers: int = 0) -> Detections:
-    """Runs the detector over every image; boxes are mapped back to each image's own pixels.
+def fracture_boxes(model: nn.Module, image: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """The fracture boxes the detector finds on one input image (in the input's pixels), and their scores.
 
-    One image per forward pass, as the served detector scores them: torchvision pads a batch to
-    its largest image, and the padding changes the boxes, so batched figures would not be the
-    served model's. ``batch_size`` images are decoded at a time.
+    One image per forward pass, wherever the detector scores: torchvision pads a batch to its
+    largest image, and the padding changes the boxes. Evaluation (:func:`detect`) and the served
+    model both call this, so their boxes are the same.
+    """
+    result = model([image])[0]
+    keep = result["labels"] == FRACTURE
+    return result["boxes"][keep].numpy(), result["scores"][keep].numpy()
+
+
+def detect(model: nn.Module, images: BoxedImages, batch_size: int = 8, workers: int = 0) -> Detections:
+    """Runs the detector over every image (:func:`fracture_boxes`); boxes are mapped back to each image's own pixels.
+
+    ``batch_size`` images are decoded at a time; each is scored on its own, as the served model does.
     """
     model.eval()
     out_boxes, out_scores = [], []
@@ -255,12 +265,10 @@ def detect(model: nn.Module, images: BoxedImages, batch_size: int = 8, workers: 
                         collate_fn=lambda idx: [images.load(i) for i in idx])
     for batch in loader:
         for image, _, size in batch:
-            result = model([image])[0]
+            boxes, scores = fracture_boxes(model, image)
             height, width = image.shape[-2:]
-            scale = np.array([size[0] / width, size[1] / height] * 2, dtype=np.float32)
-            keep = result["labels"] == FRACTURE
-            out_boxes.append(result["boxes"][keep].numpy() * scale)
-            out_scores.append(result["scores"][keep].numpy())
+            out_boxes.append(boxes * np.array([size[0] / width, size[1] / height] * 2, dtype=np.float32))
+            out_scores.append(scores)
     return Detections(out_boxes, out_scores)
 
 

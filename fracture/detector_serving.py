@@ -28,12 +28,16 @@ from typing import Any
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
-import torch
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from safetensors.torch import load_file
 
-from fracture.detection import FRACTURE, DetectorConfig, build_detector, detector_input
+from fracture.detection import (
+    DetectorConfig,
+    build_detector,
+    detector_input,
+    fracture_boxes,
+)
 from fracture.intake import InputPolicy
 from fracture.serving import (
     INPUT_SCHEMA,
@@ -85,14 +89,11 @@ class DetectorPyfunc(mlflow.pyfunc.PythonModel):
         self.network = network.eval()
         self.root = input_root()
 
-    @torch.no_grad()
     def _boxes(self, image: Any) -> np.ndarray:
         """``(n, 5)``: boxes in the image's pixels with their scores, highest first."""
         tensor, scale = detector_input(image, self.config.image_size)
-        result = self.network([tensor])[0]
-        keep = result["labels"] == FRACTURE
-        boxes = result["boxes"][keep].numpy() / scale
-        scores = result["scores"][keep].numpy()
+        boxes, scores = fracture_boxes(self.network, tensor)
+        boxes = boxes / scale
         order = np.argsort(-scores, kind="stable")
         return np.column_stack([boxes[order], scores[order]]) if len(order) else np.zeros((0, 5))
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
@@ -83,9 +85,6 @@ def test_cli_help_lists_every_stage_in_plain_words(capsys):
 def test_the_cli_and_the_stages_that_only_read_images_start_without_the_networks_stack(module):
     # Each stage runs in its own process under dvc repro: importing torch and timm there costs
     # seconds a run pays once per stage, for nothing.
-    import subprocess
-    import sys
-
     code = f"import sys, {module}; print(sorted({{'torch', 'timm', 'torchvision', 'mlflow'}} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
