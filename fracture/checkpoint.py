@@ -2,9 +2,10 @@
 
 A checkpoint is two safetensors files and one JSON file in a directory:
 
-- ``tensors.safetensors``: the model's weights, the best epoch's weights, the optimiser's
-  per-parameter state (Adam's moments and step counts), the gradient scaler's state and the
-  torch RNG states (CPU, CUDA and the data loader's generator);
+- ``tensors.safetensors``: the model's weights, the best epoch's weights, the weights' moving
+  average when the profile keeps one, the optimiser's per-parameter state (Adam's moments and
+  step counts), the gradient scaler's state and the torch RNG states (CPU, CUDA and the data
+  loader's generator);
 - ``checkpoint.json``: the epoch reached, the best score and epoch, the history so far, the
   optimiser's hyper-parameters, the scheduler's state, Python's and NumPy's RNG states, the
   MLflow run id and a fingerprint of everything that defines the run.
@@ -56,6 +57,7 @@ class Checkpoint:
     optimizer_state: dict[str, Any]
     scheduler_state: dict[str, Any]
     scaler_state: dict[str, Any] | None
+    ema_state: dict[str, torch.Tensor]  # the weights' moving average (empty when the profile keeps none)
     rng: dict[str, Any]
     run_id: str | None
 
@@ -119,11 +121,13 @@ def save(
     scaler: torch.amp.GradScaler | None,
     generator: torch.Generator,
     run_id: str | None,
+    ema_state: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Writes the checkpoint after ``epoch`` completed epochs, replacing the previous one."""
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tensors |= {f"best.{k}": v.contiguous() for k, v in best_state.items()}
+    tensors |= {f"ema.{k}": v.detach().cpu().contiguous() for k, v in (ema_state or {}).items()}
     opt_tensors, opt_plain = _split_optimizer(optimizer.state_dict())
     tensors |= {k: v.cpu() for k, v in opt_tensors.items()}
     rng_tensors, rng_plain = _rng_state(generator)
@@ -180,6 +184,7 @@ def load(directory: Path, key: str) -> Checkpoint | None:
         optimizer_state=_join_optimizer(tensors, plain["optimizer"]),
         scheduler_state=plain["scheduler"],
         scaler_state=plain["scaler"],
+        ema_state=part("ema."),
         rng={"tensors": {k: v for k, v in tensors.items() if k.startswith("rng.")}, "plain": plain["rng"]},
         run_id=plain["run_id"],
     )

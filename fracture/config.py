@@ -99,6 +99,10 @@ class Profile:
     # stochastic depth over the blocks, scaled up with depth; 0: off, as the paper's profile
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
+    # An exponential moving average of the weights (timm's ModelEmaV3, with its decay warm-up) is
+    # what the val pass scores, picks the epoch from and hands on as the model; 0: off, as the
+    # paper's profile
+    ema_decay: float = 0.0
 
     def learning_rate(self, train: TrainParams) -> float:
         """The Adam learning rate this profile trains with."""
@@ -448,7 +452,7 @@ def _check(p: Params) -> None:
             raise ConfigError(f"params.yaml: profiles.{name}.epochs must be at least 1")
         if prof.lr is not None and not (isinstance(prof.lr, (int, float)) and prof.lr > 0):
             raise ConfigError(f"params.yaml: profiles.{name}.lr must be a positive number or null, got {prof.lr!r}")
-        for key in ("drop_rate", "drop_path_rate"):
+        for key in ("drop_rate", "drop_path_rate", "ema_decay"):
             rate = getattr(prof, key)
             if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
                 raise ConfigError(f"params.yaml: profiles.{name}.{key} must be a number from 0 up to (not including) 1, "

@@ -38,8 +38,10 @@ def _setup(tmp_path: Path):
     return data, config, profile, dataclasses.replace(params.train, lr=1e-3, batch_size=4)
 
 
-def test_a_run_killed_in_its_second_epoch_resumes_and_ends_as_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
+def test_a_run_killed_in_its_second_epoch_resumes_and_ends_as_an_uninterrupted_run(tmp_path, ema_decay):
     data, config, profile, params = _setup(tmp_path)
+    profile = dataclasses.replace(profile, ema_decay=ema_decay)  # 0.9: the weights' average resumes too
     whole = train(data, data, config, profile, params, checkpoint_dir=tmp_path / "a", checkpoint_key="k")
 
     def die_in_epoch_two(epoch: int, metrics: dict) -> None:

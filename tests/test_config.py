@@ -38,11 +38,12 @@ def test_a_profile_may_set_its_own_learning_rate():
         parse_params(raw)
 
 
+@pytest.mark.parametrize("key", ["drop_path_rate", "ema_decay"])
 @pytest.mark.parametrize("value", [1.0, -0.1, "0.2", True])
-def test_a_drop_rate_outside_0_to_1_is_refused(value):
+def test_a_rate_or_decay_outside_0_to_1_is_refused(key, value):
     raw = raw_params()
-    raw["profiles"]["cpu"]["drop_path_rate"] = value
-    with pytest.raises(ConfigError, match="profiles.cpu.drop_path_rate must be a number from 0"):
+    raw["profiles"]["cpu"][key] = value
+    with pytest.raises(ConfigError, match=f"profiles.cpu.{key} must be a number from 0"):
         parse_params(raw)
 
 

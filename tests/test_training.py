@@ -11,7 +11,7 @@ import torch
 from fracture.config import load_params
 from fracture.model import create_classifier, profile_data_config
 from fracture.prepare import StaleCacheError
-from fracture.training import class_balance, light_augmentation, train
+from fracture.training import class_balance, light_augmentation, moving_average, train
 from tests.conftest import REPO
 from tests.synthetic import make_dataset, training_frame
 from tests.test_prepare import tensor_data
@@ -102,3 +102,41 @@ def test_an_epoch_that_would_end_on_a_batch_of_one_image_skips_it(tmp_path):
     assert len(data) == 17
     result = train(data, data, config, profile, dataclasses.replace(params.train, batch_size=16))
     assert result.history[0]["epoch"] == 1
+
+
+def test_the_weights_moving_average_warms_up_and_is_capped_at_the_profiles_decay():
+    net = torch.nn.Linear(2, 2)
+    assert moving_average(net, 0.0) is None
+    ema = moving_average(net, 0.99)
+    assert ema.get_decay(1) == 0.0  # the first step copies the weights
+    assert ema.get_decay(101) == pytest.approx(1 - 101**-0.75)  # warming up: 0.968
+    assert ema.get_decay(10_000) == 0.99  # capped
+
+
+def test_with_a_moving_average_training_is_unchanged_and_the_average_is_scored_and_returned(tmp_path):
+    from sklearn.metrics import roc_auc_score
+
+    from fracture.imaging import Preprocessor
+    from fracture.inference import probabilities
+
+    make_dataset(tmp_path, 8, 8)
+    params = load_params(REPO)
+    profile = dataclasses.replace(params.profiles["cpu"], image_size=64, epochs=2, frozen=())
+    config = profile_data_config(profile)
+    data = tensor_data(tmp_path, training_frame(tmp_path), config)
+    train_params = dataclasses.replace(params.train, lr=1e-3, batch_size=4)
+    plain = train(data, data, config, profile, train_params)
+    averaged = train(data, data, config, dataclasses.replace(profile, ema_decay=0.9), train_params)
+
+    # The average only watches: the trained weights follow the same path, epoch by epoch.
+    assert "val_roc_auc_raw" not in plain.history[0]
+    for a, b in zip(plain.history, averaged.history, strict=True):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-6)
+        assert b["val_roc_auc_raw"] == pytest.approx(a["val_roc_auc"], abs=1e-9)
+    # What is scored and handed on is the average, not the trained weights.
+    head = "classifier.weight"
+    assert not torch.allclose(averaged.model.state_dict()[head], plain.model.state_dict()[head])
+    images, labels = data.tensors
+    scores = probabilities(averaged.model, images, Preprocessor(config), torch.device("cpu"), 8)
+    assert averaged.best_val_roc_auc == pytest.approx(roc_auc_score(labels.numpy(), scores), abs=1e-9)
+    assert averaged.history[averaged.best_epoch - 1]["val_roc_auc"] == averaged.best_val_roc_auc
