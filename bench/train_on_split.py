@@ -25,10 +25,15 @@ import torch
 from torch.utils.data import TensorDataset
 
 from fracture.config import load_params
-from fracture.evaluation import bootstrap_intervals, calibration, choose_threshold, evaluate_probabilities
+from fracture.evaluation import (
+    bootstrap_intervals,
+    calibration,
+    evaluate_probabilities,
+    operating_threshold,
+)
 from fracture.imaging import Preprocessor
-from fracture.model import profile_data_config
 from fracture.inference import probabilities
+from fracture.model import profile_data_config
 from fracture.training import select_device, train
 
 
@@ -83,9 +88,7 @@ def main() -> None:
     model = result.model.to(device, memory_format=torch.channels_last)
     # Scored as the evaluate stage and the served model score: with the profile's test-time augmentation.
     val_probs = probabilities(model, data["val"].tensors[0], pre, device, params.evaluate.batch_size, profile.tta)
-    threshold = params.evaluate.threshold
-    if params.evaluate.target_sensitivity is not None:
-        threshold = choose_threshold(data["val"].tensors[1].numpy(), val_probs, params.evaluate.target_sensitivity)
+    threshold = operating_threshold(params.evaluate, lambda: (data["val"].tensors[1].numpy(), val_probs))
     if device.type == "cuda":
         torch.cuda.synchronize()
     started = time.perf_counter()

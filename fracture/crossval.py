@@ -17,8 +17,8 @@ from fracture.config import EvaluateParams, Profile, TrainParams
 from fracture.data_config import DataConfig
 from fracture.evaluation import (
     bootstrap_intervals,
-    choose_threshold,
     evaluate_probabilities,
+    operating_threshold,
 )
 from fracture.prepare import PreparedImages
 from fracture.split import group_key
@@ -161,9 +161,7 @@ def summarise(folds: list[CrossvalFold], oof: pd.DataFrame, ev: EvaluateParams) 
     best = np.array([f.best_roc_auc for f in folds])
     labels = oof["label"].astype(int).to_numpy()
     probs = oof["probability"].astype(float).to_numpy()
-    threshold = (
-        ev.threshold if ev.target_sensitivity is None else choose_threshold(labels, probs, ev.target_sensitivity)
-    )
+    threshold = operating_threshold(ev, lambda: (labels, probs))
     point = evaluate_probabilities(labels, probs, threshold).metrics
     intervals = bootstrap_intervals(labels, probs, threshold, ev.bootstrap_resamples, ev.seed)
     return (

@@ -8,6 +8,7 @@ of two models' ROC AUCs on the same images (:func:`delong_paired`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +28,8 @@ from sklearn.metrics import (
     roc_curve,
 )
 from sklearn.utils import resample
+
+from fracture.config import EvaluateParams
 
 #: Metrics that get a bootstrap confidence interval.
 CI_METRICS = ("roc_auc", "recall", "specificity")
@@ -64,6 +67,24 @@ def choose_threshold(labels: np.ndarray, probs: np.ndarray, target_sensitivity: 
     _, tpr, thresholds = roc_curve(labels, probs)
     index = int(np.argmax(tpr >= target_sensitivity))  # tpr rises as the threshold falls
     return float(min(thresholds[index], 1.0))
+
+
+def operating_threshold(ev: EvaluateParams, val: Callable[[], tuple[np.ndarray, np.ndarray]]) -> float:
+    """The decision threshold of a model: the evaluate stage's, cross-validation's and the served one.
+
+    Args:
+        ev: ``evaluate.threshold``, or ``evaluate.target_sensitivity`` to choose it.
+        val: gives the validation images' labels and fracture probabilities; called only when
+            the threshold is chosen on them.
+
+    Returns:
+        ``evaluate.threshold`` when ``evaluate.target_sensitivity`` is null, else the highest
+        threshold reaching that sensitivity on the validation images (:func:`choose_threshold`).
+    """
+    if ev.target_sensitivity is None:
+        return ev.threshold
+    labels, probs = val()
+    return choose_threshold(labels, probs, ev.target_sensitivity)
 
 
 def evaluate_probabilities(labels: np.ndarray, probs: np.ndarray, threshold: float) -> Evaluation:

@@ -5,11 +5,18 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import roc_auc_score
 
-from fracture.evaluation import bootstrap_intervals, by_group, calibration, choose_threshold, evaluate_probabilities
+from fracture.config import EvaluateParams
+from fracture.evaluation import (
+    bootstrap_intervals,
+    by_group,
+    calibration,
+    choose_threshold,
+    evaluate_probabilities,
+    operating_threshold,
+)
 from fracture.plots import save_evaluation_plots
 
 
@@ -46,6 +53,21 @@ def test_threshold_for_a_target_sensitivity_is_the_highest_that_reaches_it():
     assert t == pytest.approx(0.35)  # 3 of 4 fractures found; no higher threshold finds 3
     assert evaluate_probabilities(labels, probs, t).metrics["recall"] >= 0.75
     assert choose_threshold(labels, probs, 1.0) == pytest.approx(0.2)
+
+
+def test_the_operating_threshold_is_fixed_or_chosen_on_val_and_val_is_scored_only_when_chosen():
+    labels = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0, 0])
+    probs = np.array([0.9, 0.8, 0.35, 0.2, 0.7, 0.3, 0.25, 0.1, 0.05, 0.01])
+    calls: list[int] = []
+
+    def val():
+        calls.append(1)
+        return labels, probs
+
+    assert operating_threshold(EvaluateParams(threshold=0.4, batch_size=8, target_sensitivity=None), val) == 0.4
+    assert calls == []  # a fixed threshold needs no val scores
+    chosen = operating_threshold(EvaluateParams(threshold=0.4, batch_size=8, target_sensitivity=0.75), val)
+    assert chosen == pytest.approx(0.35) and calls == [1]
 
 
 def noisy_scores(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -23,8 +23,8 @@ from fracture.evaluation import (
     bootstrap_intervals,
     by_group,
     calibration,
-    choose_threshold,
     evaluate_probabilities,
+    operating_threshold,
 )
 from fracture.explain import grad_cam, to_image_grid
 from fracture.imaging import CLASSES, Preprocessor
@@ -150,10 +150,7 @@ def run_evaluate(params: Params, workspace: Workspace) -> EvaluateResult:
         probs = probabilities(network, images, pre, torch.device("cpu"), ev.batch_size, model.tta)
         return frame, labels.numpy(), probs
 
-    threshold = ev.threshold
-    if ev.target_sensitivity is not None:
-        _, val_labels, val_probs = score("val")
-        threshold = choose_threshold(val_labels, val_probs, ev.target_sensitivity)
+    threshold = operating_threshold(ev, lambda: score("val")[1:])
     test, labels, probs = score("test")
     result = evaluate_probabilities(labels, probs, threshold)
     intervals = bootstrap_intervals(labels, probs, threshold, ev.bootstrap_resamples, ev.seed)
