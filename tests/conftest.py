@@ -30,6 +30,28 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _prefect_temporary_servers_stop_while_output_is_open():
+    """Stops the temporary Prefect server a flow run in this process started, at the session's end.
+
+    Prefect stops it at interpreter exit otherwise, and logs that to a stream pytest has closed
+    by then: a "Logging error" traceback after the summary of a run that passed. As Prefect's
+    own test harness does on leaving, the log and event workers are drained first, so none
+    of them tries to reach the stopped server.
+    """
+    yield
+    server = sys.modules.get("prefect.server.api.server")  # imported only if a test ran a flow here
+    if server is None:
+        return
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=10)
+    EventsWorker.drain_all(timeout=10)
+    for instance in list(server.SubprocessASGIServer._instances.values()):
+        instance.stop()
+
+
 def run(cwd: Path, *args: str) -> str:
     """Runs a command in ``cwd``; fails the test with its output unless it exits 0."""
     done = subprocess.run(args, cwd=cwd, capture_output=True, text=True)
