@@ -331,6 +331,15 @@ def train(
         pin_memory=device.type == "cuda",
     )
 
+    # Each process scores its share of val; every process then holds all the scores.
+    val_share, val_labels = val_data.tensors[0][context.rank :: context.world_size], val_data.tensors[1].numpy()
+
+    def val_scores(network: nn.Module) -> np.ndarray:
+        return distributed.gather_scores(
+            probabilities(network, val_share, pre, device, batch_size * 2, profile.tta), len(val_data), context
+        )
+
+    scored = ema.module if ema is not None else model  # the network val scores, picks and returns
     best_auc, best_epoch, best_state = -1.0, -1, None
     history: list[dict[str, float]] = []
     val_probs: np.ndarray | None = None
@@ -374,16 +383,7 @@ def train(
                          epoch + 1, profile.epochs, i + 1, len(loader), loss.item(), rate)
         loss_sum, seen = distributed.sum_over_ranks(loss_sum, seen, context=context)
         train_time = time.perf_counter() - started
-        share = val_data.tensors[0][context.rank :: context.world_size]
-        scored = ema.module if ema is not None else model
-
-        def val_scores(network: nn.Module, images: torch.Tensor = share) -> np.ndarray:
-            return distributed.gather_scores(
-                probabilities(network, images, pre, device, batch_size * 2, profile.tta), len(val_data), context
-            )
-
         val_probs = val_scores(scored)
-        val_labels = val_data.tensors[1].numpy()
         val_auc = float(roc_auc_score(val_labels, val_probs))
         val_loss = float(
             nn.functional.binary_cross_entropy(
@@ -395,13 +395,14 @@ def train(
             "train_loss": loss_sum / seen,
             "val_loss": val_loss,
             "val_roc_auc": val_auc,
-            **({"val_roc_auc_raw": float(roc_auc_score(val_labels, val_scores(model)))} if ema is not None else {}),
             "lr": optimizer.param_groups[0]["lr"],
             "train_images_per_s": seen / train_time,
             "epoch_seconds": time.perf_counter() - started,
             # Memory after the epoch, to see that it does not grow from epoch to epoch.
             "rss_mb": psutil.Process().memory_info().rss / 2**20,
         }
+        if ema is not None:
+            metrics["val_roc_auc_raw"] = float(roc_auc_score(val_labels, val_scores(model)))
         if device.type == "cuda":
             metrics["cuda_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
             torch.cuda.reset_peak_memory_stats(device)
