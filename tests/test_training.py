@@ -17,14 +17,19 @@ from tests.synthetic import make_dataset, training_frame
 from tests.test_prepare import tensor_data
 
 
-def test_frozen_layers_keep_imagenet_weights_and_the_rest_learns(tmp_path):
-    make_dataset(tmp_path, 8, 8)
+def tiny_run(tmp_path, fractured: int, healthy: int, **profile_changes):
+    """Synthetic images in memory and the CPU profile with ``profile_changes``: params, profile, config, data."""
+    make_dataset(tmp_path, fractured, healthy)
     params = load_params(REPO)
-    profile = dataclasses.replace(
-        params.profiles["cpu"], image_size=64, epochs=2, augment="light", frozen=("conv_stem", "bn1", "blocks.0")
-    )
+    profile = dataclasses.replace(params.profiles["cpu"], **profile_changes)
     config = profile_data_config(profile)
-    data = tensor_data(tmp_path, training_frame(tmp_path), config)
+    return params, profile, config, tensor_data(tmp_path, training_frame(tmp_path), config)
+
+
+def test_frozen_layers_keep_imagenet_weights_and_the_rest_learns(tmp_path):
+    params, profile, config, data = tiny_run(
+        tmp_path, 8, 8, image_size=64, epochs=2, augment="light", frozen=("conv_stem", "bn1", "blocks.0")
+    )
     result = train(data, data, config, profile, dataclasses.replace(params.train, lr=1e-3))
     start = create_classifier(profile)
     assert torch.equal(result.model.conv_stem.weight, start.conv_stem.weight)
@@ -76,11 +81,7 @@ def test_the_val_pass_that_picks_the_epoch_scores_with_the_profiles_tta(tmp_path
     from fracture.imaging import Preprocessor
     from fracture.inference import probabilities
 
-    make_dataset(tmp_path, 4, 4)
-    params = load_params(REPO)
-    profile = dataclasses.replace(params.profiles["cpu"], image_size=64, epochs=1, tta="hflip")
-    config = profile_data_config(profile)
-    data = tensor_data(tmp_path, training_frame(tmp_path), config)
+    params, profile, config, data = tiny_run(tmp_path, 4, 4, image_size=64, epochs=1, tta="hflip")
     result = train(data, data, config, profile, params.train)
     images, labels = data.tensors
     pre = Preprocessor(config)
@@ -94,11 +95,7 @@ def test_the_val_pass_that_picks_the_epoch_scores_with_the_profiles_tta(tmp_path
 
 def test_an_epoch_that_would_end_on_a_batch_of_one_image_skips_it(tmp_path):
     # 17 images in batches of 16: batch norm cannot train on the 17th alone.
-    make_dataset(tmp_path, 8, 9)
-    params = load_params(REPO)
-    profile = dataclasses.replace(params.profiles["cpu"], image_size=32, epochs=1, frozen=())
-    config = profile_data_config(profile)
-    data = tensor_data(tmp_path, training_frame(tmp_path), config)
+    params, profile, config, data = tiny_run(tmp_path, 8, 9, image_size=32, epochs=1, frozen=())
     assert len(data) == 17
     result = train(data, data, config, profile, dataclasses.replace(params.train, batch_size=16))
     assert result.history[0]["epoch"] == 1
@@ -119,11 +116,7 @@ def test_with_a_moving_average_training_is_unchanged_and_the_average_is_scored_a
     from fracture.imaging import Preprocessor
     from fracture.inference import probabilities
 
-    make_dataset(tmp_path, 8, 8)
-    params = load_params(REPO)
-    profile = dataclasses.replace(params.profiles["cpu"], image_size=64, epochs=2, frozen=())
-    config = profile_data_config(profile)
-    data = tensor_data(tmp_path, training_frame(tmp_path), config)
+    params, profile, config, data = tiny_run(tmp_path, 8, 8, image_size=64, epochs=2, frozen=())
     train_params = dataclasses.replace(params.train, lr=1e-3, batch_size=4)
     plain = train(data, data, config, profile, train_params)
     averaged = train(data, data, config, dataclasses.replace(profile, ema_decay=0.9), train_params)
