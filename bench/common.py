@@ -12,6 +12,7 @@ from fracture.inference import ServingConfig
 from fracture.model import create_classifier, data_config
 from fracture.packaging import save_pyfunc
 from fracture.stages.register import input_policy
+from fracture.vocabulary import Decode
 
 
 def pick(root: Path, size: tuple[int, int], n: int) -> list[Path]:
@@ -40,15 +41,21 @@ def pick_large(root: Path, n: int) -> list[Path]:
     raise SystemExit(f"fewer than {n} images of any of {LARGE_SIZES} in {root}")
 
 
-def save_cpu_model(params: Params, folder: Path) -> Path:
+def save_cpu_model(params: Params, folder: Path, decode: Decode | None = None) -> Path:
     """The CPU profile's network (ImageNet weights, untrained head) saved as the registry's pyfunc.
 
     Speed does not depend on the weights' values, so no training is needed to measure it.
+    ``decode`` overrides the profile's (how JPEGs are decoded), to compare the two.
     """
     profile = params.profiles["cpu"]
     network = create_classifier(profile)
+    folder.mkdir(parents=True, exist_ok=True)
     weights = folder / "model.safetensors"
     save_file(network.state_dict(), str(weights))
-    config = ServingConfig(profile.model, data_config(network, profile.image_size, params.prepare.aspect),
-                           0.5, tta=profile.tta, input=input_policy(params))
+    config = ServingConfig(
+        profile.model,
+        data_config(network, profile.image_size, params.prepare.aspect, params.prepare.enhance,
+                    decode or profile.decode),
+        0.5, tta=profile.tta, input=input_policy(params),
+    )
     return save_pyfunc(folder / "pyfunc", weights, config)

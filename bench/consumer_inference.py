@@ -9,11 +9,13 @@ depend on the weights) saved as the registry's pyfunc (:func:`fracture.packaging
 
 - ``pyfunc``: ``model.predict(frame)``: input checks, decoding, resizing and the forward pass;
 - ``decode``: the same checks, decoding and resizing alone (:func:`fracture.intake.read_xray`
-  and the model's resize), image after image;
+  and the model's resize, JPEGs at the scale the profile's ``decode`` says), image after image;
 - ``forward``: the network alone on the already resized pixels, in the pyfunc's batches.
 
-The target: the pyfunc reaches 0.9 of the slower of ``decode`` and ``forward``. The sides
-alternate and the medians are compared.
+Both ways of decoding JPEGs are measured in the same run: ``full`` and ``draft`` (reduced-scale
+decoding, the profile's ``decode``), each as its own saved pyfunc. The target: the pyfunc
+reaches 0.9 of the slower of ``decode`` and ``forward``. The sides alternate and the medians
+are compared.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from fracture.config import load_params
 from fracture.inference import probabilities
 from fracture.intake import read_xray
 from fracture.serving import BATCH_SIZE
+from fracture.vocabulary import Decode, choices
 
 
 def main() -> None:
@@ -50,27 +53,31 @@ def main() -> None:
     files = [p.read_bytes() for p in paths]
     n = len(files)
 
+    models = {}
     with tempfile.TemporaryDirectory() as tmp:
-        model = mlflow.pyfunc.load_model(str(save_cpu_model(params, Path(tmp))))
-    python_model = model.unwrap_python_model()
-    classifier = python_model.classifier
-    policy = python_model.policy
+        for decode in choices(Decode):
+            models[decode] = mlflow.pyfunc.load_model(str(save_cpu_model(params, Path(tmp) / decode, decode)))
     frame = pd.DataFrame({"image": files})
     with Image.open(large[0]) as img:
         big = f"{img.width} x {img.height}"
     print(f"{n} X-rays ({args.per_size} at 373 x 454, {args.per_size} at {big}), {profile.model} at "
-          f"{profile.image_size} px, tta {profile.tta}, batches of {BATCH_SIZE}, {torch.get_num_threads()} threads")
+          f"{profile.image_size} px, tta {profile.tta}, batches of {BATCH_SIZE}, {torch.get_num_threads()} threads; "
+          f"JPEGs decoded in full and at draft scale (the profile: {profile.decode})")
 
-    def run_pyfunc() -> float:
+    def run_pyfunc(decode: str) -> float:
         started = time.perf_counter()
-        out = model.predict(frame)
+        out = models[decode].predict(frame)
         assert out["error"].eq("").all(), out["error"].tolist()
         return n / (time.perf_counter() - started)
 
-    def run_decode() -> tuple[float, torch.Tensor]:
+    def run_decode(decode: str) -> tuple[float, torch.Tensor]:
+        served = models[decode].unwrap_python_model()
+        draft = served.classifier.config.data_config.draft_size
         started = time.perf_counter()
-        pixels = classifier.pixels([read_xray(data, policy).image for data in files])
+        pixels = served.classifier.pixels([read_xray(data, served.policy, draft).image for data in files])
         return n / (time.perf_counter() - started), pixels
+
+    classifier = models[profile.decode].unwrap_python_model().classifier
 
     def run_forward(pixels: torch.Tensor) -> float:
         started = time.perf_counter()
@@ -79,18 +86,22 @@ def main() -> None:
                           classifier.device, BATCH_SIZE, classifier.config.tta)
         return n / (time.perf_counter() - started)
 
-    run_pyfunc()  # warm-up: first-call allocations and kernel selection
-    rates: dict[str, list[float]] = {"pyfunc": [], "decode": [], "forward": []}
+    for decode in models:
+        run_pyfunc(decode)  # warm-up: first-call allocations and kernel selection
+    rates: dict[str, list[float]] = {"forward": []}
     for _ in range(args.repeats):
-        rates["pyfunc"].append(run_pyfunc())
-        rate, pixels = run_decode()
-        rates["decode"].append(rate)
+        for decode in models:
+            rates.setdefault(f"pyfunc {decode}", []).append(run_pyfunc(decode))
+            rate, pixels = run_decode(decode)
+            rates.setdefault(f"decode {decode}", []).append(rate)
         rates["forward"].append(run_forward(pixels))
     medians = {k: statistics.median(v) for k, v in rates.items()}
     for side, rate in medians.items():
-        print(f"{side:>8} {rate:7.1f} images/s  (runs: {', '.join(f'{r:.1f}' for r in rates[side])})")
-    slower = min(medians["decode"], medians["forward"])
-    print(f"pyfunc / slower of decode and forward: {medians['pyfunc'] / slower:.2f} (target 0.9)")
+        print(f"{side:>13} {rate:7.1f} images/s  (runs: {', '.join(f'{r:.1f}' for r in rates[side])})")
+    for decode in models:
+        slower = min(medians[f"decode {decode}"], medians["forward"])
+        print(f"decode {decode}: pyfunc / slower of decode and forward: {medians[f'pyfunc {decode}'] / slower:.2f} "
+              "(target 0.9)")
 
 
 if __name__ == "__main__":

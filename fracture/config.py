@@ -20,6 +20,7 @@ from fracture.vocabulary import (
     Aspect,
     Augment,
     ClassBalance,
+    Decode,
     Detector,
     Device,
     Enhancement,
@@ -103,6 +104,9 @@ class Profile:
     # what the val pass scores, picks the epoch from and hands on as the model; 0: off, as the
     # paper's profile
     ema_decay: float = 0.0
+    # How JPEGs are decoded before the resize, in the prepared cache and in the served model alike
+    # (a part of the model's data config): full, as the paper's profile, or draft (reduced scale)
+    decode: Decode = "full"
 
     def learning_rate(self, train: TrainParams) -> float:
         """The Adam learning rate this profile trains with."""

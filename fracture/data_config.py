@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, get_args
 
-from fracture.vocabulary import ENHANCEMENTS, Aspect, Enhancement
+from fracture.vocabulary import ENHANCEMENTS, Aspect, Decode, Enhancement
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,8 @@ class DataConfig:
         std: per-channel standard deviation.
         aspect: ``squash`` (resize to the square, the paper) or ``pad`` (pad to a square first).
         enhance: ``none`` (the paper) or one of the ablation's enhancements.
+        decode: ``full`` (the paper) or ``draft``: JPEGs decoded at a reduced scale that still
+            covers the input size (:data:`fracture.vocabulary.Decode`, :attr:`draft_size`).
     """
 
     input_size: tuple[int, int, int]
@@ -35,19 +37,32 @@ class DataConfig:
     std: tuple[float, ...]
     aspect: Aspect = "squash"
     enhance: Enhancement = "none"
+    decode: Decode = "full"
 
     def __post_init__(self) -> None:
         if self.aspect not in get_args(Aspect):
             raise ValueError(f"data config aspect must be one of {get_args(Aspect)}, got {self.aspect!r}")
         if self.enhance not in ENHANCEMENTS:
             raise ValueError(f"data config enhance must be one of {ENHANCEMENTS}, got {self.enhance!r}")
+        if self.decode not in get_args(Decode):
+            raise ValueError(f"data config decode must be one of {get_args(Decode)}, got {self.decode!r}")
+
+    @property
+    def draft_size(self) -> tuple[int, int] | None:
+        """``(width, height)`` a JPEG is decoded to at least (:func:`fracture.decoding.decode`), or ``None``: in full.
+
+        Both sides of the input: the image then covers it whether it is squashed or padded, and
+        the resize that follows does all of the remaining downscaling.
+        """
+        return (self.input_size[2], self.input_size[1]) if self.decode == "draft" else None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> DataConfig:
         """Reads the ``data_config`` of a ``model.json``.
 
-        ``aspect`` and ``enhance`` may be absent: models registered before those settings
-        existed were all squashed and not enhanced, which is what their defaults say.
+        ``aspect``, ``enhance`` and ``decode`` may be absent: models registered before those
+        settings existed were all squashed, not enhanced and decoded in full, which is what their
+        defaults say.
 
         Raises:
             ValueError: a timm key is missing or a value is not allowed.
@@ -62,6 +77,7 @@ class DataConfig:
             std=tuple(float(v) for v in data["std"]),
             aspect=data.get("aspect", "squash"),
             enhance=data.get("enhance", "none"),
+            decode=data.get("decode", "full"),
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -26,7 +26,9 @@ class ImageLoadError(ValueError):
     """An input could not be read as an X-ray image."""
 
 
-def open_xray(source: str | Path | bytes, allow_truncated: bool = False, rgb: bool = True) -> Image.Image:
+def open_xray(
+    source: str | Path | bytes, allow_truncated: bool = False, rgb: bool = True, draft: tuple[int, int] | None = None
+) -> Image.Image:
     """Opens an X-ray from a path or raw bytes and returns it decoded, in RGB or greyscale.
 
     FracAtlas holds both greyscale (L) and RGB files; the ImageNet-pretrained stem expects three
@@ -39,6 +41,8 @@ def open_xray(source: str | Path | bytes, allow_truncated: bool = False, rgb: bo
         allow_truncated: decode files that end early (the missing rows become grey) instead of
             failing. Training may allow it per ``validate.on_truncated``; serving does not.
         rgb: convert greyscale images to RGB too; other modes always become RGB.
+        draft: decode a JPEG at the smallest reduced scale covering this ``(width, height)``
+            (the model's :attr:`~fracture.data_config.DataConfig.draft_size`); ``None``: in full.
 
     Returns:
         The decoded image in RGB mode, or L when ``rgb`` is false and the file is greyscale.
@@ -48,7 +52,7 @@ def open_xray(source: str | Path | bytes, allow_truncated: bool = False, rgb: bo
     """
     name = "<bytes>" if isinstance(source, bytes) else str(source)
     try:
-        return _model_mode(decode(source), rgb)
+        return _model_mode(decode(source, draft), rgb)
     except FileNotFoundError as exc:
         raise ImageLoadError(f"{name}: file not found") from exc
     except OSError as exc:
@@ -57,7 +61,7 @@ def open_xray(source: str | Path | bytes, allow_truncated: bool = False, rgb: bo
     except (SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageLoadError(f"{name}: not a decodable image ({exc})") from exc
     try:
-        return _model_mode(decode_truncated(source), rgb)
+        return _model_mode(decode_truncated(source, draft), rgb)
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageLoadError(f"{name}: not a decodable image ({exc})") from exc
 
@@ -82,22 +86,30 @@ def export_files(folder: Path) -> list[Path]:
     ]
 
 
-def decode(source: str | Path | bytes) -> Image.Image:
-    """Opens and fully decodes an image as stored (mode and size unchanged).
+def decode(source: str | Path | bytes, draft: tuple[int, int] | None = None) -> Image.Image:
+    """Opens and fully decodes an image as stored (mode unchanged; size too, unless ``draft``).
 
     A DICOM file becomes the 8-bit image a reader sees (:func:`fracture.dicom.dicom_to_image`:
     modality LUT, VOI transform, MONOCHROME1 inverted), so a dataset of DICOM files trains on
     the pixels the served model scores.
+
+    With ``draft``, a JPEG is decoded at 1/2, 1/4 or 1/8 of its size, the smallest whose sides
+    are still at least ``draft``'s (Pillow's ``draft``: libjpeg scales while it decodes, in the
+    DCT domain). A 2304 x 2880 X-ray meant for a 352 px input is decoded at 576 x 720 in a
+    fraction of the time, and the resize after it does the rest. Files too small to reduce,
+    other formats and DICOM decode in full.
     """
     data = source if isinstance(source, bytes) else Path(source).read_bytes()
     if is_dicom(data):
         return dicom_to_image(data)
     with Image.open(io.BytesIO(data)) as img:
+        if draft is not None:
+            img.draft(img.mode, draft)  # JPEG only; other formats ignore it
         img.load()
         return img
 
 
-def decode_truncated(source: str | Path | bytes) -> Image.Image:
+def decode_truncated(source: str | Path | bytes, draft: tuple[int, int] | None = None) -> Image.Image:
     """Like :func:`decode`, but decodes files that end early; the missing rows become grey.
 
     Pillow allows truncated files only through a module flag: it is set for this decode alone,
@@ -107,6 +119,6 @@ def decode_truncated(source: str | Path | bytes) -> Image.Image:
         previous = ImageFile.LOAD_TRUNCATED_IMAGES
         ImageFile.LOAD_TRUNCATED_IMAGES = True
         try:
-            return decode(source)
+            return decode(source, draft)
         finally:
             ImageFile.LOAD_TRUNCATED_IMAGES = previous

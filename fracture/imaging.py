@@ -150,7 +150,7 @@ def nchw(pixels: np.ndarray) -> torch.Tensor:
 class Preprocessor:
     """timm's evaluation transform, split at the tensor boundary.
 
-    Images are decoded and resized once (``resize``, PIL to uint8) and normalised per batch
+    Images are decoded (``open``) and resized once (``resize``, PIL to uint8) and normalised per batch
     (``normalize``), which computes exactly what the full transform in
     :func:`build_transform` computes for the served model.
     """
@@ -163,11 +163,16 @@ class Preprocessor:
         self.resize = transforms.Compose(steps[:-2])
         self.normalize = steps[-1]
 
+    def open(self, source: str | Path | bytes, allow_truncated: bool) -> Image.Image:
+        """Decodes an X-ray as this model's inputs are decoded (greyscale stays greyscale; JPEGs
+        at a reduced scale when the data config's ``decode`` is ``draft``), not yet resized."""
+        return open_xray(source, allow_truncated=allow_truncated, rgb=False, draft=self.config.draft_size)
+
     def load(self, paths: Sequence[Path], allow_truncated: bool, workers: int) -> torch.Tensor:
         """Decodes and resizes images into one uint8 NCHW tensor (channels-last in memory, see :func:`nchw`)."""
 
         def one(path: Path) -> np.ndarray:
-            return np.asarray(self.resize(open_xray(path, allow_truncated=allow_truncated, rgb=False)))
+            return np.asarray(self.resize(self.open(path, allow_truncated)))
 
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             arrays = list(pool.map(one, paths))

@@ -128,12 +128,15 @@ class Xray:
     warnings: tuple[str, ...] = field(default_factory=tuple)
 
 
-def read_xray(data: bytes, policy: InputPolicy) -> Xray:
+def read_xray(data: bytes, policy: InputPolicy, draft: tuple[int, int] | None = None) -> Xray:
     """Checks and decodes one input file.
 
     Args:
         data: the file's bytes.
         policy: the checks (the model's own, from its config).
+        draft: decode a JPEG at a reduced scale covering this ``(width, height)``, as the model
+            was trained (its data config's :attr:`~fracture.data_config.DataConfig.draft_size`);
+            ``None``: in full. The size checks read the file's own dimensions either way.
 
     Returns:
         The decoded image and what was done to it.
@@ -148,7 +151,7 @@ def read_xray(data: bytes, policy: InputPolicy) -> Xray:
         xray = _read_dicom(data, policy)
         _check_content(xray.image, policy)
         return xray
-    return _read_picture(data, policy)  # checks the content on the decoded image itself
+    return _read_picture(data, policy, draft)  # checks the content on the decoded image itself
 
 
 def read_file(path: Path, policy: InputPolicy) -> bytes:
@@ -204,7 +207,7 @@ def _read_dicom(data: bytes, policy: InputPolicy) -> Xray:
     return Xray(Image.fromarray(display), "DICOM", mode)
 
 
-def _read_picture(data: bytes, policy: InputPolicy) -> Xray:
+def _read_picture(data: bytes, policy: InputPolicy, draft: tuple[int, int] | None) -> Xray:
     try:
         # The header only: dimensions are checked before any pixel is decoded (and Pillow's own
         # bomb warning is redundant with that check).
@@ -235,13 +238,13 @@ def _read_picture(data: bytes, policy: InputPolicy) -> Xray:
 
     notes: list[str] = []
     try:
-        image = decode(data)
+        image = decode(data, draft)
     except OSError as exc:
         if "truncated" not in str(exc):
             raise InputRejected("is corrupt and cannot be decoded. Send the complete file.") from exc
         if policy.truncated == "refuse":
             raise InputRejected("is cut short (the file ends early) and cannot be decoded. Send the complete file.") from exc
-        image = _decode_truncated(data)
+        image = _decode_truncated(data, draft)
         notes.append("the file ends early; its missing rows were scored as grey, as in training")
     except Exception as exc:
         log.info("decoding failed: %s: %s", type(exc).__name__, exc)
@@ -257,9 +260,9 @@ def _read_picture(data: bytes, policy: InputPolicy) -> Xray:
     return Xray(rgb, fmt, mode, (*notes, note))
 
 
-def _decode_truncated(data: bytes) -> Image.Image:
+def _decode_truncated(data: bytes, draft: tuple[int, int] | None) -> Image.Image:
     try:
-        return decode_truncated(data)
+        return decode_truncated(data, draft)
     except Exception as exc:
         raise InputRejected("is cut short and too little of it decodes. Send the complete file.") from exc
 

@@ -17,7 +17,7 @@ from timm.models import get_pretrained_cfg
 
 from fracture.config import Profile
 from fracture.data_config import DataConfig
-from fracture.vocabulary import CLASSES, Aspect, Enhancement, WeightsPackage
+from fracture.vocabulary import CLASSES, Aspect, Decode, Enhancement, WeightsPackage
 
 
 class PackageWeights(NamedTuple):
@@ -182,7 +182,11 @@ def create_classifier(profile: Profile, num_classes: int = len(CLASSES)) -> torc
 
 
 def data_config(
-    model: torch.nn.Module, image_size: int, aspect: Aspect = "squash", enhance: Enhancement = "none"
+    model: torch.nn.Module,
+    image_size: int,
+    aspect: Aspect = "squash",
+    enhance: Enhancement = "none",
+    decode: Decode = "full",
 ) -> DataConfig:
     """timm's data config for ``model`` at the profile's square input size.
 
@@ -193,26 +197,32 @@ def data_config(
             :func:`fracture.imaging.build_transform`.
         enhance: the ablation enhancement applied after resizing
             (:class:`fracture.imaging.Enhance`), ``none`` for the paper's normalise-only input.
+        decode: ``full``, or ``draft`` to decode JPEGs at a reduced scale (the profile's ``decode``).
 
     Returns:
         The data config: timm's interpolation, mean and std at the square input size.
     """
-    return _square(resolve_model_data_config(model), image_size, aspect, enhance)
+    return _square(resolve_model_data_config(model), image_size, aspect, enhance, decode)
 
 
 def profile_data_config(profile: Profile, aspect: Aspect = "squash", enhance: Enhancement = "none") -> DataConfig:
     """The same config as :func:`data_config`, from timm's pretrained config alone.
 
     The prepare stage needs the input size and interpolation before any model exists; this
-    reads them from timm's registry without building the network or fetching weights.
+    reads them from timm's registry without building the network or fetching weights. How JPEGs
+    are decoded is the profile's ``decode``.
     """
     pretrained = get_pretrained_cfg(profile.model)
     if pretrained is None:
         raise PretrainedWeightsError(f"timm knows no pretrained config for {profile.model!r}. {_how_to(profile)}")
-    return _square(resolve_data_config(pretrained_cfg=pretrained.to_dict()), profile.image_size, aspect, enhance)
+    return _square(
+        resolve_data_config(pretrained_cfg=pretrained.to_dict()), profile.image_size, aspect, enhance, profile.decode
+    )
 
 
-def _square(config: dict[str, Any], image_size: int, aspect: Aspect, enhance: Enhancement) -> DataConfig:
+def _square(
+    config: dict[str, Any], image_size: int, aspect: Aspect, enhance: Enhancement, decode: Decode
+) -> DataConfig:
     return DataConfig(
         input_size=(3, image_size, image_size),
         interpolation=config["interpolation"],
@@ -220,4 +230,5 @@ def _square(config: dict[str, Any], image_size: int, aspect: Aspect, enhance: En
         std=tuple(config["std"]),
         aspect=aspect,
         enhance=enhance,
+        decode=decode,
     )

@@ -121,7 +121,8 @@ def render_model_card(
         "",
         "## Recipe",
         f"- Input: {size[1]}×{size[2]} px, resized without cropping (aspect: "
-        f"{config.aspect}), enhancement: {config.enhance}, normalised with mean {list(config.mean)}",
+        f"{config.aspect}), enhancement: {config.enhance}, normalised with mean {list(config.mean)}; "
+        f"JPEGs decoded {'in full' if config.decode == 'full' else 'at draft scale (DICOM in full)'}",
         *(f"- {k}: {v}" for k, v in recipe.items()),
         f"- Model kept from epoch {model.best_epoch} (best validation ROC AUC {model.best_val_roc_auc:.4f})",
         "",

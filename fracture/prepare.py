@@ -4,7 +4,7 @@ Training and evaluation read uint8 pixels from one ``.npy`` array instead of dec
 JPEGs each time. The pixels are exactly what the served model's transform computes before
 normalising (:class:`fracture.imaging.Preprocessor`), so cached and served predictions agree.
 The cache records what it was built for (input size, interpolation, aspect handling,
-enhancement, truncated loading); a reader that needs anything else gets an error telling it to rebuild.
+enhancement, how JPEGs are decoded, truncated loading); a reader that needs anything else gets an error telling it to rebuild.
 """
 
 from __future__ import annotations
@@ -24,8 +24,7 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 
 from fracture.data_config import DataConfig
-from fracture.decoding import open_xray
-from fracture.imaging import nchw
+from fracture.imaging import Preprocessor, nchw
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +32,11 @@ IMAGES = "images.npy"
 INDEX = "index.csv"
 META = "meta.json"
 #: The data-config keys whose change makes a different cache (mean and std act later).
-KEY_FIELDS = ("input_size", "interpolation", "aspect", "enhance")
+KEY_FIELDS = ("input_size", "interpolation", "aspect", "enhance", "decode")
 
 
 class StaleCacheError(RuntimeError):
-    """The prepared cache was built for a different input size, aspect or image set."""
+    """The prepared cache was built for a different input size, aspect, decoding or image set."""
 
 
 class CachedImages(Dataset[tuple[torch.Tensor, torch.Tensor]]):
@@ -114,7 +113,7 @@ def cache_key(data_config: DataConfig, allow_truncated: bool) -> dict[str, Any]:
 def prepare_images(
     frame: pd.DataFrame,
     dataset_dir: Path,
-    resize: Any,
+    pre: Preprocessor,
     key: dict[str, Any],
     out_dir: Path,
     workers: int,
@@ -124,7 +123,8 @@ def prepare_images(
     Args:
         frame: the images to prepare (``image_id``, ``path`` relative to ``dataset_dir``).
         dataset_dir: root of the FracAtlas copy.
-        resize: PIL image -> PIL image at the input size (``Preprocessor.resize``).
+        pre: the model's preprocessing: each image is decoded (``pre.open``) and resized
+            (``pre.resize``) as the served model does it.
         key: :func:`cache_key` of the config the cache serves.
         out_dir: where ``images.npy``, ``index.csv`` and ``meta.json`` are written.
         workers: decoding threads (Pillow releases the GIL while decoding and resizing).
@@ -146,7 +146,7 @@ def prepare_images(
     array = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=(len(ids), height, width, 3))
 
     def one(i: int) -> None:
-        img = resize(open_xray(paths[i], allow_truncated=key["allow_truncated"], rgb=False))
+        img = pre.resize(pre.open(paths[i], key["allow_truncated"]))
         array[i] = np.asarray(img)
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:

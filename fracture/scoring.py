@@ -15,7 +15,6 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from fracture.decoding import open_xray
 from fracture.gate import (
     EvaluatedSplit,
     Evaluation,
@@ -66,8 +65,8 @@ def served_scores(name: str, version: str, split: EvaluatedSplit, batch_size: in
     """Scores a registered version on every image of ``split``, as a consumer of the registry would.
 
     The version is loaded through ``models:/<name>/<version>`` and scores through its own
-    classifier, with the preprocessing it was logged with; images are decoded as the evaluate
-    stage decodes them (files that end early are kept when ``split.allow_truncated``).
+    classifier, with the preprocessing it was logged with; images are decoded as its prepared
+    cache was (files that end early are kept when ``split.allow_truncated``).
 
     Args:
         name: the registered model name.
@@ -99,7 +98,7 @@ def served_scores(name: str, version: str, split: EvaluatedSplit, batch_size: in
     # Decoded a batch at a time, so the split's full-size X-rays are never all in memory at once.
     for start in range(0, len(split.paths), batch_size):
         chunk = split.paths[start : start + batch_size]
-        images = [open_xray(p, allow_truncated=split.allow_truncated, rgb=False) for p in chunk]
+        images = [classifier.preprocessor.open(p, split.allow_truncated) for p in chunk]
         probs.append(classifier.probabilities(images, batch_size))
     # float64 as the evaluate stage compares them with the threshold.
     return np.concatenate(probs).astype(np.float64), float(classifier.threshold)

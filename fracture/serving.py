@@ -154,8 +154,13 @@ def check_request(
     return on_error, frame.reset_index(drop=True)
 
 
-def read_row(i: int, row: pd.Series, root: Path | None, policy: InputPolicy) -> Xray:
+def read_row(
+    i: int, row: pd.Series, root: Path | None, policy: InputPolicy, draft: tuple[int, int] | None = None
+) -> Xray:
     """Reads and checks one input row: ``image`` (bytes, or base64 text) or ``path``, exactly one.
+
+    ``draft``: JPEGs are decoded at a reduced scale covering it, as the model was trained
+    (:func:`fracture.intake.read_xray`).
 
     Raises:
         RowRefused: the row gives neither or both, or its image fails a check; the message
@@ -177,7 +182,7 @@ def read_row(i: int, row: pd.Series, root: Path | None, policy: InputPolicy) -> 
     else:
         data, what = bytes(image), "the image"
     try:
-        return read_xray(data, policy)
+        return read_xray(data, policy, draft)
     except InputRejected as exc:
         raise RowRefused(f"row {i}: {what} {exc}") from exc
     except Exception as exc:  # noqa: BLE001 - whatever a file does to a decoder costs that row only
@@ -216,7 +221,7 @@ class FracturePyfunc(mlflow.pyfunc.PythonModel):
 
     def _read_resized(self, i: int, row: pd.Series) -> tuple[list[str], np.ndarray]:
         """One row checked, decoded and resized to the input size (HWC), with what was done on the way."""
-        xray = read_row(i, row, self.root, self.policy)
+        xray = read_row(i, row, self.root, self.policy, self.config.data_config.draft_size)
         return list(xray.warnings), np.asarray(self.classifier.preprocessor.resize(xray.image))
 
     def predict(

@@ -275,7 +275,7 @@ def train(
         device = torch.device("cuda", context.local_rank)
     batch_size = distributed.per_process_batch(params.batch_size, context.world_size)
     model = create_classifier(profile)
-    expected = data_config(model, profile.image_size, config.aspect, config.enhance)
+    expected = data_config(model, profile.image_size, config.aspect, config.enhance, profile.decode)
     if expected != config:
         raise StaleCacheError(
             f"images were prepared for {config}, but {profile.model} needs {expected}: "

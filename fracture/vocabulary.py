@@ -16,6 +16,10 @@ Aspect = Literal["squash", "pad"]
 """``squash``: resize the whole image to the square input (the paper); ``pad``: pad to a square first."""
 Enhancement = Literal["none", "clahe", "anisotropic_diffusion", "canny"]
 """``none``: normalise only (the paper); the others: its preprocessing ablation, after resizing."""
+Decode = Literal["full", "draft"]
+"""``full``: every file decoded at its stored size (the paper); ``draft``: a JPEG decoded at a reduced
+scale (1/2, 1/4 or 1/8, libjpeg's DCT scaling through Pillow's ``draft``) that still covers the input
+size, then resized as ``full`` is. Other formats and DICOM are always decoded in full."""
 Augment = Literal["none", "light", "central_crop"]
 Tta = Literal["none", "hflip"]
 """Test-time augmentation: ``none`` (the paper); ``hflip``: the mean of the image's and its mirror's probabilities."""

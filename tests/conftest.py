@@ -163,9 +163,10 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return root
 
 
-def untrained_model_files(folder: Path, threshold: float) -> tuple[Path, ServingConfig]:
+def untrained_model_files(folder: Path, threshold: float, decode: str = "full") -> tuple[Path, ServingConfig]:
     """A real Lite0 (ImageNet weights, untrained head) saved as the train stage saves it, at 64 px.
 
+    ``decode``: how its data config decodes JPEGs (``full`` or ``draft``).
     Returns the safetensors file and the serving config (``model.json`` plus ``threshold``).
     """
     from safetensors.torch import save_file
@@ -179,7 +180,7 @@ def untrained_model_files(folder: Path, threshold: float) -> tuple[Path, Serving
     weights = folder / "model.safetensors"
     save_file(model.state_dict(), str(weights))
     extra = {"profile": "cpu", "classes": ["not_fractured", "fractured"]}
-    return weights, ServingConfig(profile.model, data_config(model, 64), threshold, extra)
+    return weights, ServingConfig(profile.model, data_config(model, 64, decode=decode), threshold, extra)
 
 
 def ranking_model_files(

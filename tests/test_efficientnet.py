@@ -177,7 +177,7 @@ def test_lite_data_config_is_timms_at_the_native_size(cpu_profile, weights):
     assert (config.interpolation, config.mean, config.std) == ("bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     # The prepare stage's config (timm's registry alone) is the model's own at any profile size.
     at_288 = dataclasses.replace(profile, image_size=288)
-    assert profile_data_config(at_288) == data_config(create_classifier(at_288), 288)
+    assert profile_data_config(at_288) == data_config(create_classifier(at_288), 288, decode=at_288.decode)
 
 
 def test_a_lite_package_refuses_another_lite_architecture(cpu_profile):

@@ -68,6 +68,63 @@ def test_resizing_grey_then_copying_to_rgb_gives_the_pixels_of_resizing_rgb(inte
         np.testing.assert_array_equal(fast, np.asarray(resize(grey.convert("RGB"))))
 
 
+def xray_like_jpeg(path, width: int, height: int, quality: int = 90) -> None:
+    """A greyscale JPEG with bone-like edges and grain: a smooth gradient, bars and noise."""
+    rng = np.random.default_rng(1)
+    x = np.mgrid[0:height, 0:width][1]
+    a = 60 + 120 * x / width + 30 * ((x // max(1, width // 12)) % 2) + rng.normal(0, 8, (height, width))
+    Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), mode="L").save(path, quality=quality)
+
+
+@pytest.mark.parametrize(
+    ("size", "decoded"),
+    [((1200, 1500), (600, 750)), ((2400, 3000), (600, 750)), ((373, 454), (373, 454))],
+    ids=["half-size copy: 1/2", "as published: 1/4", "small: in full"],
+)
+def test_draft_decodes_a_jpeg_at_the_smallest_scale_covering_the_input(tmp_path, size, decoded):
+    path = tmp_path / "x.jpg"
+    xray_like_jpeg(path, *size)
+    draft = open_xray(path, rgb=False, draft=(352, 352))
+    assert draft.size == decoded and draft.mode == "L"
+    if decoded == size:  # nothing to reduce: the very pixels of a full decode
+        np.testing.assert_array_equal(np.asarray(draft), np.asarray(open_xray(path, rgb=False)))
+
+
+def test_draft_leaves_png_in_full(tmp_path):
+    path = tmp_path / "x.png"
+    corner_marked(1200, 1500).save(path)
+    draft = open_xray(path, rgb=False, draft=(352, 352))
+    assert draft.size == (1200, 1500)
+    np.testing.assert_array_equal(np.asarray(draft), np.asarray(open_xray(path, rgb=False)))
+
+
+@pytest.mark.parametrize("aspect", ["squash", "pad"])
+def test_a_draft_data_config_decodes_at_draft_scale_and_resizes_to_nearly_the_full_pixels(tmp_path, aspect):
+    """``decode: draft`` changes the model's pixels, by little: what the prepared cache and the
+    served model both compute (``Preprocessor.open`` then ``resize``), on a large JPEG."""
+    path = tmp_path / "x.jpg"
+    xray_like_jpeg(path, 2400, 3000)
+    full = DataConfig((3, 352, 352), "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), aspect=aspect)
+    draft = DataConfig((3, 352, 352), "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), aspect=aspect, decode="draft")
+    assert full.draft_size is None and draft.draft_size == (352, 352)
+    assert Preprocessor(draft).open(path, allow_truncated=False).size == (600, 750)
+    a = Preprocessor(full).load([path], allow_truncated=False, workers=1).numpy().astype(int)
+    b = Preprocessor(draft).load([path], allow_truncated=False, workers=1).numpy().astype(int)
+    assert a.shape == b.shape == (1, 3, 352, 352)
+    assert not np.array_equal(a, b)
+    assert np.abs(a - b).mean() < 1.0  # grey levels of 255
+
+
+def test_data_config_decode_is_checked_and_defaults_to_full_for_older_models():
+    recorded = CONFIG.to_dict()
+    assert recorded["decode"] == "full"
+    del recorded["decode"]  # a model.json written before the setting existed
+    assert DataConfig.from_dict(recorded) == CONFIG
+    assert DataConfig.from_dict(recorded | {"decode": "draft"}).draft_size == (64, 64)
+    with pytest.raises(ValueError, match="decode must be one of"):
+        DataConfig.from_dict(recorded | {"decode": "fast"})
+
+
 def test_truncated_file_fails_unless_allowed(tmp_path):
     path = tmp_path / "t.jpg"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (200, 200), dtype=np.uint8)).save(path)

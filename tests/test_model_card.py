@@ -45,7 +45,7 @@ def test_card_states_what_a_reviewer_needs():
     assert "expected calibration error 0.021" in card and "Decision threshold 0.0884" in card
     assert "| hip | 21 | 0 | n/a | n/a | 1.000 |" in card
     assert "224×224 px" in card and "epoch 4" in card and "- batch size: 16" in card
-    assert "aspect: squash), enhancement: none, normalised with mean [0.5, 0.5, 0.5]" in card
+    assert "aspect: squash), enhancement: none, normalised with mean [0.5, 0.5, 0.5]; JPEGs decoded in full" in card
     assert "image-level" in card and "no patient identifier" in card
     # The selection protocol sits before the test figures it explains.
     protocol = card.index("## How the recipe was chosen")

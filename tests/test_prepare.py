@@ -29,7 +29,7 @@ def tensor_data(root: Path, frame: pd.DataFrame, config: DataConfig) -> TensorDa
 
 def build(root: Path, frame: pd.DataFrame, config: DataConfig = CONFIG, allow_truncated: bool = True) -> Path:
     out = root / f"cache-{config.aspect}"
-    prepare_images(frame, root, Preprocessor(config).resize, cache_key(config, allow_truncated), out, workers=2)
+    prepare_images(frame, root, Preprocessor(config), cache_key(config, allow_truncated), out, workers=2)
     return out
 
 
@@ -88,8 +88,9 @@ def test_cached_pixels_normalised_equal_the_served_transform(tmp_path):
 
 @pytest.mark.parametrize(
     "change",
-    [{"input_size": (3, 64, 64)}, {"aspect": "pad"}, {"interpolation": "bilinear"}, {"enhance": "clahe"}],
-    ids=["size", "aspect", "interpolation", "enhance"],
+    [{"input_size": (3, 64, 64)}, {"aspect": "pad"}, {"interpolation": "bilinear"}, {"enhance": "clahe"},
+     {"decode": "draft"}],
+    ids=["size", "aspect", "interpolation", "enhance", "decode"],
 )
 def test_a_cache_built_for_another_key_is_refused(tmp_path, change):
     make_dataset(tmp_path, 2, 2)
@@ -136,3 +137,24 @@ def test_pad_keeps_the_aspect_ratio_and_serving_pads_the_same_way(tmp_path):
     served = build_transform(pad)(open_xray(tmp_path / "tall.png"))
     cached = Preprocessor(pad)(torch.from_numpy(np.array(padded)).permute(2, 0, 1)[None])[0]
     assert torch.allclose(cached, served, atol=1e-6)
+
+
+def test_draft_decoding_caches_the_pixels_the_served_model_reads(tmp_path):
+    """With ``decode: draft``, the cache and a served request decode a JPEG at the same reduced
+    scale: the cached pixels equal those of the pyfunc's row path (``read_row`` with the model's
+    draft size, then its resize), and differ from a full decode's."""
+    from fracture.intake import InputPolicy
+    from fracture.serving import read_row
+
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (500, 400), dtype=np.uint8), mode="L").save(
+        tmp_path / "large.jpg", quality=90
+    )
+    frame = pd.DataFrame({"image_id": ["large.jpg"], "path": ["large.jpg"], "label": [1]})
+    draft = dataclasses.replace(CONFIG, decode="draft")
+    cached = open_prepared(build(tmp_path, frame, draft), cache_key(draft, True)).images[0]
+    row = pd.Series({"image": (tmp_path / "large.jpg").read_bytes()})
+    xray = read_row(0, row, None, InputPolicy(), draft.draft_size)
+    assert xray.image.size == (50, 63)  # 1/8 of 400 x 500 (rounded up) still covers 48 x 48
+    np.testing.assert_array_equal(cached, np.asarray(Preprocessor(draft).resize(xray.image)))
+    full = Preprocessor(CONFIG).load([tmp_path / "large.jpg"], allow_truncated=False, workers=1)[0]
+    assert not np.array_equal(cached, full.permute(1, 2, 0).numpy())

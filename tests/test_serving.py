@@ -28,6 +28,7 @@ from fracture.config import RegisterParams
 from fracture.decoding import open_xray
 from fracture.gate import EvaluatedSplit
 from fracture.inference import Classifier
+from fracture.packaging import save_pyfunc
 from fracture.registry import register
 from fracture.serving import INPUT_ROOT_ENV, RequestRefused
 from tests.conftest import require_fracatlas, untrained_model_files
@@ -115,6 +116,24 @@ def test_bytes_base64_and_paths_predict_as_the_project_preprocesses(model, root_
     # The logged model scores exactly as the project's own weights and config do in this process.
     direct = Classifier.load(champion["weights"], champion["config"]).probabilities([open_xray(p) for p in paths])
     np.testing.assert_allclose(by_path["fracture_probability"], direct, rtol=0, atol=1e-6)
+
+
+def test_a_draft_model_reads_jpegs_at_draft_scale_and_dicom_in_full(tmp_path):
+    """A model whose data config says ``decode: draft`` scores a JPEG from the reduced-scale
+    decode its prepared cache holds, not from a full decode; a DICOM radiograph has no such
+    scale and is scored from its full pixels (what ``decode: full`` gives its JPEG too)."""
+    weights, config = untrained_model_files(tmp_path, THRESHOLD, decode="draft")
+    served = mlflow.pyfunc.load_model(str(save_pyfunc(tmp_path / "pyfunc", weights, config)))
+    jpeg = xray_paths()[0]  # 1152 x 1440, greyscale
+    out = served.predict(pd.DataFrame({"image": [jpeg.read_bytes(), dicom_from_jpeg(jpeg, "8-bit")]}))
+    assert (out["error"] == "").all(), out["error"].tolist()
+    classifier = Classifier.load(weights, config)
+    assert classifier.preprocessor.open(jpeg, allow_truncated=False).size == (144, 180)  # 1/8 still covers 64 px
+    draft = classifier.probabilities([classifier.preprocessor.open(jpeg, allow_truncated=False)])[0]
+    full = classifier.probabilities([open_xray(jpeg, rgb=False)])[0]
+    assert abs(draft - full) > 1e-4
+    assert abs(out["fracture_probability"][0] - draft) <= 1e-6
+    assert abs(out["fracture_probability"][1] - full) <= 1e-6
 
 
 def test_an_empty_frame_gives_an_empty_answer(model):

@@ -34,7 +34,7 @@ def run_prepare(params: Params, workspace: Workspace) -> PrepareResult:
     meta = prepare_images(
         manifest[manifest["included"]],
         workspace.root / params.ingest.dest,
-        Preprocessor(config).resize,
+        Preprocessor(config),
         key,
         workspace.prepare_dir,
         params.prepare.workers,
