@@ -25,7 +25,7 @@ def test_train_outputs_round_trip_and_keep_model_json_layout(tmp_path):
     raw = json.loads(ws.model_json.read_text())
     assert raw["data_config"] == {
         "input_size": [3, 224, 224], "interpolation": "bicubic", "mean": [0.5, 0.5, 0.5],
-        "std": [0.5, 0.5, 0.5], "aspect": "squash", "enhance": "none",
+        "std": [0.5, 0.5, 0.5], "aspect": "squash", "enhance": "none", "decode": "full",
     }
     assert set(raw) == {"architecture", "profile", "classes", "data_config", "best_epoch", "best_val_roc_auc", "tta"}
 
