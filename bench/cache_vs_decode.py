@@ -66,7 +66,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         key = cache_key(config, allow_truncated=True)
-        prepare_images(frame, args.data, pre, key, Path(tmp), workers)
+        prepare_images(frame, args.data, pre, True, Path(tmp), workers)
         t0 = time.perf_counter()
         reader = open_prepared(Path(tmp), key).reader(frame)
         batches = BatchSampler(RandomSampler(reader), args.batch, drop_last=False)

@@ -83,7 +83,7 @@ def run_variant(
     prepare_seconds = 0.0
     if not (cache_dir / "meta.json").is_file():
         started = time.perf_counter()
-        prepare_images(pooled, images, Preprocessor(config), key, cache_dir, workers)
+        prepare_images(pooled, images, Preprocessor(config), key["allow_truncated"], cache_dir, workers)
         prepare_seconds = time.perf_counter() - started
     cache = open_prepared(cache_dir, key)
     fold_of = draw_folds(pooled, params.crossval.folds, params.crossval.seed)

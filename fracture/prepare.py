@@ -114,7 +114,7 @@ def prepare_images(
     frame: pd.DataFrame,
     dataset_dir: Path,
     pre: Preprocessor,
-    key: dict[str, Any],
+    allow_truncated: bool,
     out_dir: Path,
     workers: int,
 ) -> dict[str, Any]:
@@ -124,8 +124,9 @@ def prepare_images(
         frame: the images to prepare (``image_id``, ``path`` relative to ``dataset_dir``).
         dataset_dir: root of the FracAtlas copy.
         pre: the model's preprocessing: each image is decoded (``pre.open``) and resized
-            (``pre.resize``) as the served model does it.
-        key: :func:`cache_key` of the config the cache serves.
+            (``pre.resize``) as the served model does it. The cache records its config's
+            :func:`cache_key`, so the key always says how the pixels were made.
+        allow_truncated: decode files that end early (``validate.on_truncated: keep``).
         out_dir: where ``images.npy``, ``index.csv`` and ``meta.json`` are written.
         workers: decoding threads (Pillow releases the GIL while decoding and resizing).
 
@@ -138,7 +139,8 @@ def prepare_images(
     # meta.json is what makes a cache valid: it goes first and comes back last, so a build that
     # fails halfway (an undecodable file, Ctrl-C) leaves no cache a reader would accept.
     (out_dir / META).unlink(missing_ok=True)
-    _, height, width = key["input_size"]
+    key = cache_key(pre.config, allow_truncated)
+    _, height, width = pre.config.input_size
     ids = frame["image_id"].astype(str).tolist()
     paths = [dataset_dir / p for p in frame["path"]]
     started = time.perf_counter()
@@ -146,7 +148,7 @@ def prepare_images(
     array = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=(len(ids), height, width, 3))
 
     def one(i: int) -> None:
-        img = pre.resize(pre.open(paths[i], key["allow_truncated"]))
+        img = pre.resize(pre.open(paths[i], allow_truncated))
         array[i] = np.asarray(img)
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:

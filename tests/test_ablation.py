@@ -53,7 +53,7 @@ def test_enhanced_cache_pixels_equal_the_served_transform(tmp_path):
     frame = training_frame(tmp_path)
     config = dataclasses.replace(CONFIG, enhance="clahe")
     key = cache_key(config, True)
-    prepare_images(frame, tmp_path, Preprocessor(config), key, tmp_path / "cache", workers=1)
+    prepare_images(frame, tmp_path, Preprocessor(config), True, tmp_path / "cache", workers=1)
     cached = Preprocessor(config)(open_prepared(tmp_path / "cache", key).dataset(frame).tensors[0])
     served = torch.stack([build_transform(config)(open_xray(tmp_path / p)) for p in frame["path"]])
     assert torch.allclose(cached, served, atol=1e-6)

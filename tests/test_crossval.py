@@ -143,7 +143,7 @@ def tiny_workspace(root: Path, params: Params) -> Workspace:
     workspace.write_split({"train": frame[~is_test & ~is_val], "val": frame[is_val], "test": frame[is_test]}, {})
     config, key = active_cache(params)
     # The cache holds the test images too, as the real one does: only the tables keep them out.
-    prepare_images(frame, root, Preprocessor(config), key, workspace.prepare_dir, workers=1)
+    prepare_images(frame, root, Preprocessor(config), key["allow_truncated"], workspace.prepare_dir, workers=1)
     assert key == cache_key(config, params.validate.on_truncated == "keep")
     return workspace
 

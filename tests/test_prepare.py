@@ -29,7 +29,7 @@ def tensor_data(root: Path, frame: pd.DataFrame, config: DataConfig) -> TensorDa
 
 def build(root: Path, frame: pd.DataFrame, config: DataConfig = CONFIG, allow_truncated: bool = True) -> Path:
     out = root / f"cache-{config.aspect}"
-    prepare_images(frame, root, Preprocessor(config), cache_key(config, allow_truncated), out, workers=2)
+    prepare_images(frame, root, Preprocessor(config), allow_truncated, out, workers=2)
     return out
 
 

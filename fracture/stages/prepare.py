@@ -35,7 +35,7 @@ def run_prepare(params: Params, workspace: Workspace) -> PrepareResult:
         manifest[manifest["included"]],
         workspace.root / params.ingest.dest,
         Preprocessor(config),
-        key,
+        key["allow_truncated"],
         workspace.prepare_dir,
         params.prepare.workers,
     )
