@@ -22,6 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 import mlflow
 import numpy as np
 import pandas as pd
+import torch
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from PIL import Image
@@ -30,6 +31,7 @@ from fracture.config import load_params, tracking_uri
 from fracture.detector_serving import DetectorPyfunc
 from fracture.explain import grad_cam, overlay, to_image_grid
 from fracture.inference import ServingConfig
+from fracture.intake import read_xray
 from fracture.registry import CHAMPION
 from fracture.serving import FracturePyfunc
 from fracture.vocabulary import CLASSES
@@ -122,17 +124,24 @@ class ServedModel:
             raise ValueError(str(row["error"]))
         return Prediction(str(row["label"]), float(row["fracture_probability"]), float(row["threshold"]))
 
-    def heat_map(self, image: Image.Image, target: int) -> tuple[Image.Image, np.ndarray]:
-        """Grad-CAM of class ``target`` over ``image``, through the model's own preprocessing.
+    def scored_input(self, model_bytes: bytes) -> torch.Tensor:
+        """The normalised batch of one image that the network scores for these bytes: decoded as the
+        pyfunc decodes a consumer's file (a JPEG at reduced scale when the model was trained that
+        way), at full resolution, then resized by the model's own preprocessing."""
+        xray = read_xray(model_bytes, self.config.input, self.config.data_config.draft_size)
+        return self._inner.classifier.batch([xray.image])
+
+    def heat_map(self, model_bytes: bytes, target: int, display: Image.Image) -> tuple[Image.Image, np.ndarray]:
+        """Grad-CAM of class ``target`` over the pixels :meth:`predict` scored, drawn on ``display``
+        (the upload at the page's display size).
 
         Returns:
-            The overlay at the image's size, and the heat map values in ``[0, 1]``.
+            The overlay at ``display``'s size, and the heat map values in ``[0, 1]``. With
+            ``tta: hflip`` it explains the unmirrored image, one of the two the score averages.
         """
-        classifier = self._inner.classifier
-        batch = classifier.batch([image.convert("RGB")])
-        cam = grad_cam(classifier.network, batch, target)
-        heat = to_image_grid(cam, image.size, self.config.data_config.aspect)
-        return overlay(image, heat), heat
+        cam = grad_cam(self._inner.classifier.network, self.scored_input(model_bytes), target)
+        heat = to_image_grid(cam, display.size, self.config.data_config.aspect)
+        return overlay(display, heat), heat
 
 
 def resolve_version(settings: PageSettings) -> tuple[str, str]:

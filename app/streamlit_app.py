@@ -114,7 +114,7 @@ def show_result(model: ServedModel, detector: ServedDetector | None, name: str, 
         prediction = model.predict(data)
         display = xray.image.copy()
         display.thumbnail((DISPLAY_SIDE, DISPLAY_SIDE))
-        heat_overlay, heat = model.heat_map(display, prediction.class_index)
+        heat_overlay, heat = model.heat_map(data, prediction.class_index, display)
     except Exception as exc:  # the page must keep working for the next upload, whatever failed
         log.exception("analysing %s failed", name)
         st.error(f"{name} could not be analysed ({type(exc).__name__}: {exc}). Try another file.")

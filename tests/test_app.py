@@ -394,6 +394,34 @@ def test_a_real_xray_shows_class_probability_threshold_and_heat_map(monkeypatch,
     assert shown_images[1].startswith(f"Grad-CAM heat map for '{shown['Predicted class']}'")
 
 
+def test_heat_map_explains_the_pixels_the_prediction_scored(monkeypatch, page_registry):
+    """The page shows a large X-ray shrunk to its display size; the heat map is still computed on
+    the pixels the served model scored (the upload decoded in full, then resized), not on the
+    smaller display copy, whose resized pixels differ."""
+    monkeypatch.syspath_prepend(str(APP))
+    from champion import PageSettings, load_served_model
+    from streamlit_app import DISPLAY_SIDE
+
+    path = real_xray("Fractured", 0)
+    data = path.read_bytes()
+    with Image.open(path) as img:
+        assert max(img.size) > DISPLAY_SIDE  # the case where display and scored pixels part ways
+        display = img.convert("L")
+    display.thumbnail((DISPLAY_SIDE, DISPLAY_SIDE))
+    served = load_served_model(PageSettings(page_registry.uri, page_registry.name, CHAMPION), page_registry.version, "")
+    classifier = served.pyfunc.unwrap_python_model().classifier
+    batch = served.scored_input(data)
+    with torch.no_grad():
+        explained = torch.softmax(classifier.network(batch), dim=1)[0, 1].item()
+    assert explained == pytest.approx(consumer_prediction(page_registry, data)["fracture_probability"], abs=1e-6)
+    assert not torch.equal(batch, classifier.batch([display]))
+
+    overlaid, heat = served.heat_map(data, 1, display)
+    assert overlaid.size == display.size and heat.shape == (display.height, display.width)
+    expected = to_image_grid(grad_cam(classifier.network, batch, 1), display.size, "squash")
+    assert np.allclose(heat, expected)
+
+
 # ---------------------------------------------------------------- bad uploads
 
 
