@@ -16,6 +16,7 @@ import yaml
 
 if TYPE_CHECKING:
     from fracture.inference import ServingConfig
+    from fracture.vocabulary import Decode
 
 REPO = Path(__file__).resolve().parents[1]
 FRACATLAS = (REPO.parent / "shared" / "fracatlas").resolve()
@@ -163,10 +164,10 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return root
 
 
-def untrained_model_files(folder: Path, threshold: float, decode: str = "full") -> tuple[Path, ServingConfig]:
+def untrained_model_files(folder: Path, threshold: float, decode: Decode = "full") -> tuple[Path, ServingConfig]:
     """A real Lite0 (ImageNet weights, untrained head) saved as the train stage saves it, at 64 px.
 
-    ``decode``: how its data config decodes JPEGs (``full`` or ``draft``).
+    ``decode``: how its data config decodes JPEGs.
     Returns the safetensors file and the serving config (``model.json`` plus ``threshold``).
     """
     from safetensors.torch import save_file
