@@ -6,7 +6,8 @@ Two throwaway projects get the same real FracAtlas subset and the CPU profile cu
 (its input size and network unchanged). Each side is one command, timed from start to end:
 
 - ``flow``: ``python -m flows.retrain``: a temporary Prefect server, ingest and ``dvc add``,
-  every stage through ``dvc repro`` (a process each), registration in MLflow;
+  every stage reproduced by DVC (status, outputs hashed, cached and locked; the stage's
+  ``fracture`` command in the flow's process), registration in MLflow;
 - ``flow, server up``: the same command against a Prefect server that is already running
   (``prefect server start`` on 127.0.0.1, started before the clock), as a scheduled run meets
   it: a work pool's worker, or ``flow.serve``, talks to a long-running server, and a process
@@ -16,8 +17,8 @@ Two throwaway projects get the same real FracAtlas subset and the CPU profile cu
   ``run_register``), with the same MLflow logging, without DVC and Prefect.
 
 The ratio flow / direct is the orchestration's overhead; its difference in seconds is fixed
-per run (process starts, the Prefect server, DVC's hashing), so it shrinks as a share of a
-longer run.
+per run (the Prefect server and its API calls, DVC's checks and hashing), so it shrinks as a
+share of a longer run.
 """
 
 from __future__ import annotations

@@ -162,9 +162,9 @@ def _retrain(project: Path, source: str | None, profile: str | None) -> RetrainR
 
     ingested = ingest_task.with_options(**retry)(project, source or os.environ.get(SOURCE_ENV) or None)
     runs, results = {}, {}
-    # One status check for the whole pipeline: when DVC finds nothing changed, no stage needs
-    # a `dvc repro` process. Otherwise every stage goes through `dvc repro`, which reruns what
-    # an upstream stage's new outputs change.
+    # One status check for the whole pipeline: when DVC finds nothing changed, no stage is
+    # reproduced. Otherwise DVC reproduces every stage in order, which reruns what an upstream
+    # stage's new outputs change.
     pending = dvc_status(project, list(DVC_STAGES))
     if pending:
         print(f"DVC status: {', '.join(sorted(pending))} changed; reproducing the pipeline")

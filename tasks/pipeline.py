@@ -1,32 +1,39 @@
 """Prefect tasks for the retraining flow.
 
-Each data or model stage is run through DVC (``dvc repro <stage>``), so a flow run leaves
-``dvc.lock`` and the DVC cache exactly as ``dvc repro`` would and skips what did not change;
-the task then reads the stage's outputs back as a typed result. Registration changes the
-MLflow registry rather than producing files, so it runs in the flow's last task.
+Each data or model stage is reproduced by DVC (its Python API's ``reproduce``, as ``dvc repro
+-s <stage>``), so a flow run leaves ``dvc.lock`` and the DVC cache exactly as ``dvc repro``
+would and skips what did not change; the task then reads the stage's outputs back as a typed
+result. DVC decides whether a stage runs, removes its old outputs, tries its run cache, and
+hashes, caches and locks what the stage wrote, all in the flow's process. Only the stage's
+command differs: when it is a ``fracture`` command, as every stage of ``dvc.yaml`` is, it runs
+in this process too (``fracture.cli.main``) instead of a new Python interpreter that imports
+torch, timm and MLflow again for every stage. Any other command runs as DVC runs it, in a
+shell. Registration changes the MLflow registry rather than producing files, so it runs in the
+flow's last task.
 
 A scheduled run on unchanged data finishes in seconds: ingest compares the source's listing
 (paths, sizes, modification times) with the last ingest's instead of copying and re-hashing
-it, and when DVC's status finds every stage up to date, no ``dvc repro`` process is started.
+it, and when DVC's status finds every stage up to date, no stage is reproduced.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
-import subprocess
-import sys
+import logging
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import requests
-import yaml
 from mlflow.exceptions import MlflowException
 from prefect import get_run_logger, task
+from prefect.exceptions import MissingContextError
 
+from fracture import cli
 from fracture.config import Params, load_params
 from fracture.ingest import EX_TEMPFAIL, source_listing
 from fracture.registry import Registration
@@ -93,44 +100,79 @@ class IngestSummary:
         return self.data_version != self.previous_version
 
 
-def _env() -> dict[str, str]:
-    # DVC runs `fracture <stage>` through the shell: put this interpreter's scripts first on PATH.
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["PYTHONUNBUFFERED"] = "1"  # so the stage's output reaches the log as it happens
-    return env
+#: A stage command run in the flow's own process: ``fracture`` and its arguments, nothing for a shell.
+IN_PROCESS_COMMAND = re.compile(r"fracture(?:[ \t]+[\w./=-]+)*")
 
 
-def _run(cmd: list[str], project: Path) -> str:
-    """Runs a command in the project, streaming its output into the Prefect log."""
-    logger = get_run_logger()
-    logger.info("$ %s", " ".join(cmd))
-    lines: list[str] = []
-    with subprocess.Popen(
-        cmd, cwd=project, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
-    ) as proc:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            line = line.rstrip()
-            lines.append(line)
-            logger.info(line)
-    output = "\n".join(lines)
-    if proc.returncode != 0:
-        raise StageFailed(f"`{' '.join(cmd)}` failed (exit {proc.returncode}):\n{output[-4000:]}", proc.returncode)
-    return output
+def _logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
+    """The Prefect run's logger inside a flow or task run, else this module's."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger(__name__)
 
 
-def dvc(project: Path, *args: str) -> str:
-    """Runs a DVC command in the project with this environment's DVC."""
-    return _run([sys.executable, "-m", "dvc", *args], project)
+def _exit_status(exc: SystemExit) -> tuple[int, str]:
+    """A failed command's exit status and message, as its process would have ended with them."""
+    if isinstance(exc.code, int):
+        return exc.code, f"exit {exc.code}"
+    return 1, str(exc.code)  # sys.exit("message"): the message on stderr, exit status 1
 
 
-def _locked(project: Path, stage: str, lock_file: str = "dvc.lock") -> Any:
-    """The stage's entry in ``lock_file`` (``None`` before it first ran): DVC's record of what it ran on."""
-    lock = project / lock_file
-    if not lock.is_file():
+def run_command(project: Path, argv: list[str]) -> None:
+    """Runs ``fracture <argv>`` in this process, from the project root, as the console script would.
+
+    Raises:
+        StageFailed: the command exited with an error; the message is the one it printed.
+    """
+    _logger().info("$ fracture %s", " ".join(argv))
+    with contextlib.chdir(project):
+        try:
+            cli.main(argv)
+        except SystemExit as exc:
+            status, message = _exit_status(exc)
+            raise StageFailed(f"`fracture {' '.join(argv)}` failed: {message}", status) from None
+
+
+def _command_in_process(shell_run: Callable[..., None]) -> Callable[..., None]:
+    """DVC's ``cmd_run`` for a stage, running a ``fracture`` command in this process.
+
+    DVC calls it with the repository unlocked, after removing the stage's outputs and missing
+    its run cache, and saves, caches and locks the outputs after it returns, as for any command.
+    A command of another kind, several commands, or a dry run go to DVC's own ``shell_run``.
+    """
+
+    def cmd_run(stage: Any, dry: bool = False, run_env: dict[str, str] | None = None) -> None:
+        from dvc.stage.exceptions import StageCmdFailedError  # noqa: PLC0415 - DVC's API loads slowly
+
+        commands = stage.cmd if isinstance(stage.cmd, list) else stage.cmd.splitlines()
+        if dry or len(commands) != 1 or not IN_PROCESS_COMMAND.fullmatch(commands[0].strip()):
+            return shell_run(stage, dry=dry, run_env=run_env)
+        try:
+            run_command(Path(stage.wdir), commands[0].split()[1:])
+        except StageFailed as exc:
+            raise StageCmdFailedError(f"{commands[0]} ({exc})", exc.returncode) from exc
         return None
-    return (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).get(stage)
+
+    return cmd_run
+
+
+@contextlib.contextmanager
+def _fracture_commands_in_process() -> Iterator[None]:
+    """While open, DVC runs a stage's ``fracture`` command in this process (see the module's doc).
+
+    DVC has no option for this: its ``run_stage`` calls the module's ``cmd_run``, which is
+    swapped for the time of one ``reproduce`` call and put back after it. The flow's run is the
+    only work in its process (``flows.retrain.project_lock``).
+    """
+    import dvc.stage.run as dvc_run  # noqa: PLC0415 - DVC's API loads slowly
+
+    shell_run = dvc_run.cmd_run
+    dvc_run.cmd_run = _command_in_process(shell_run)
+    try:
+        yield
+    finally:
+        dvc_run.cmd_run = shell_run
 
 
 def dvc_status(project: Path, targets: list[str]) -> dict[str, Any]:
@@ -151,6 +193,16 @@ def dvc_status(project: Path, targets: list[str]) -> dict[str, Any]:
     paths = [str(root / t) if t.endswith(".dvc") else f"{root / 'dvc.yaml'}:{t}" for t in targets]
     with Repo(str(root)) as repo:
         return repo.status(targets=paths)
+
+
+def dvc_add_data(project: Path) -> None:
+    """``dvc add data`` in this process: hashes the data directory, caches it and writes ``data.dvc``."""
+    from dvc.repo import Repo  # noqa: PLC0415 - DVC's API loads slowly
+
+    root = project.resolve()
+    _logger().info("dvc add %s", DATA_DVC.removesuffix(".dvc"))
+    with contextlib.chdir(root), Repo(str(root)) as repo:  # from the root, as the command line runs
+        repo.add(DATA_DVC.removesuffix(".dvc"))
 
 
 def _unchanged_source(
@@ -186,17 +238,35 @@ def _unchanged_source(
 
 
 def repro(project: Path, stage: str, dvc_file: str = "dvc.yaml") -> StageRun:
-    """``dvc repro <dvc_file>:<stage>``; the stage ran when DVC's lock entry for it changed.
+    """``dvc repro --single-item <dvc_file>:<stage>`` in this process; its ``fracture`` command too.
 
-    An unchanged entry means DVC found the stage's dependencies, params and outputs as recorded
-    (or restored the outputs from its run cache) and did not run the command.
+    The flow reproduces the stages in ``dvc.yaml``'s order, so each one's upstream stages are
+    already reproduced and only the stage itself is checked. The stage ran when DVC ran its
+    command or restored its outputs from the run cache; otherwise DVC found its dependencies,
+    params and outputs as ``dvc.lock`` records them.
+
+    Raises:
+        StageFailed: the stage's command failed (its message and exit status), or DVC could not
+            reproduce it; DVC recorded nothing of the failed run in ``dvc.lock``.
     """
+    from dvc.exceptions import DvcException  # noqa: PLC0415 - DVC's API loads slowly
+    from dvc.repo import Repo  # noqa: PLC0415
+
     started = time.perf_counter()
-    lock_file = str(Path(dvc_file).with_suffix(".lock"))
-    before = _locked(project, stage, lock_file)
-    dvc(project, "repro", stage if dvc_file == "dvc.yaml" else f"{dvc_file}:{stage}")
-    after = _locked(project, stage, lock_file)
-    return StageRun(stage, after is not None and after != before, time.perf_counter() - started)
+    root = project.resolve()
+    target = f"{dvc_file}:{stage}"
+    _logger().info("dvc repro -s %s", target)
+    try:
+        # From the project root, as the command line runs: DVC reads some paths against it.
+        with contextlib.chdir(root), Repo(str(root)) as repo, _fracture_commands_in_process():
+            reproduced = repo.reproduce(target, single_item=True)
+    except DvcException as exc:
+        cause = exc.__cause__
+        failed = cause.__cause__ if isinstance(cause, DvcException) else None
+        if isinstance(failed, StageFailed):  # the command's own message and exit status
+            raise StageFailed(f"stage {stage}: {failed}", failed.returncode) from exc
+        raise StageFailed(f"stage {stage}: {exc}" + (f": {cause}" if cause else "")) from exc
+    return StageRun(stage, bool(reproduced), time.perf_counter() - started)
 
 
 def _failure(state: State[Any]) -> BaseException | None:
@@ -248,8 +318,8 @@ def ingest_task(project: Path, source: str | None) -> IngestSummary:
     if unchanged is not None:
         get_run_logger().info(unchanged)
         return IngestSummary(previous, time.perf_counter() - started, previous, unchanged=unchanged)
-    _run([sys.executable, "-m", "fracture.cli", "ingest", *(["--source", source] if source else [])], project)
-    dvc(project, "add", "data")
+    run_command(project, ["ingest", *(["--source", source] if source else [])])
+    dvc_add_data(project)
     version = workspace.data_version()
     if listing is not None:
         # Listed before copying: a file changed during the copy makes the next run copy again.
@@ -262,10 +332,10 @@ def ingest_task(project: Path, source: str | None) -> IngestSummary:
 
 @task(name="stage", task_run_name="{stage}")
 def stage_task(project: Path, stage: str, up_to_date: bool = False) -> tuple[StageRun, Any]:
-    """Runs one DVC stage (``dvc repro <stage>``) and reads its outputs back as the stage's typed result.
+    """Reproduces one DVC stage (:func:`repro`) and reads its outputs back as the stage's typed result.
 
-    With ``up_to_date`` (DVC's status found the whole pipeline as ``dvc.lock`` records it), no
-    ``dvc repro`` process is started: it would run nothing.
+    With ``up_to_date`` (DVC's status found the whole pipeline as ``dvc.lock`` records it), DVC
+    is not asked again: it would run nothing.
     """
     if up_to_date:
         started = time.perf_counter()
@@ -281,7 +351,7 @@ DETECT_STAGES = ("detect_train", "detect_evaluate")
 
 @task(name="detect")
 def detect_task(project: Path) -> tuple[dict[str, StageRun], dict[str, float]]:
-    """Runs the detector's stages through DVC (``dvc repro detect/dvc.yaml:<stage>``).
+    """Reproduces the detector's stages through DVC (``dvc repro -s detect/dvc.yaml:<stage>``, :func:`repro`).
 
     Returns:
         Whether DVC ran each stage, and the test metrics ``detect_evaluate`` wrote.

@@ -1,0 +1,117 @@
+"""The flow's stages reproduced by DVC in the flow's own process.
+
+A real DVC project with two stages: one whose command is a ``fracture`` command (run in this
+process) and one a shell command (run by DVC in a shell, as ``dvc repro`` does). What DVC
+records must be what ``dvc repro`` would: the command line's ``dvc status`` and ``dvc repro``
+find nothing to do afterwards, and a failed command leaves ``dvc.lock`` and the cached outputs
+as they were.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fracture import cli
+from tasks.pipeline import StageFailed, repro
+from tests.conftest import dvc, run
+
+SHELL_STAGE = f"{sys.executable} -c \"import os; open('shell.txt', 'w').write(str(os.getpid()))\""
+
+
+@pytest.fixture
+def probe_command() -> Iterator[None]:
+    """``fracture probe OUT``: writes this process's id and ``in.txt`` to OUT; ``in.txt`` = fail exits 1."""
+
+    def probe(out: str) -> None:
+        text = Path("in.txt").read_text()  # relative: the command runs from the project root
+        if text == "fail":
+            sys.exit("fracture probe: in.txt says fail")
+        Path(out).write_text(f"{os.getpid()} {text}")
+
+    cli.app.command("probe")(probe)
+    try:
+        yield
+    finally:
+        cli.app.registered_commands.pop()
+
+
+@pytest.fixture
+def dvc_project(tmp_path: Path) -> Path:
+    project = tmp_path / "project"
+    project.mkdir()
+    run(project, "git", "init", "-q")
+    dvc(project, "init", "-q")
+    (project / "in.txt").write_text("first")
+    stages = {
+        "probe": {"cmd": "fracture probe out.txt", "deps": ["in.txt"], "outs": ["out.txt"]},
+        "shell": {"cmd": SHELL_STAGE, "deps": ["out.txt"], "outs": ["shell.txt"]},
+    }
+    (project / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
+    return project
+
+
+def _lock(project: Path) -> dict:
+    return yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+
+
+def test_a_fracture_command_runs_in_this_process_and_dvc_records_it_as_dvc_repro_would(probe_command, dvc_project):
+    project = dvc_project
+    import dvc.stage.run as dvc_run
+
+    shell_run = dvc_run.cmd_run
+    first = repro(project, "probe")
+    second = repro(project, "shell")
+    assert first.ran and second.ran
+    pid, text = (project / "out.txt").read_text().split()
+    assert int(pid) == os.getpid() and text == "first"  # the fracture command ran here, not in a new process
+    assert int((project / "shell.txt").read_text()) != os.getpid()  # any other command runs in DVC's shell
+    assert dvc_run.cmd_run is shell_run  # DVC's own runner is back after each call
+
+    # DVC hashed, cached and locked the outputs: the command line finds everything up to date.
+    lock = _lock(project)
+    assert lock["probe"]["cmd"] == "fracture probe out.txt" and lock["probe"]["outs"][0]["path"] == "out.txt"
+    assert "Data and pipelines are up to date" in dvc(project, "status")
+    assert "didn't change, skipping" in dvc(project, "repro")
+    assert not repro(project, "probe").ran and not repro(project, "shell").ran
+
+    # A dependency changes: the stage runs again, and so does the one that reads its output.
+    (project / "in.txt").write_text("second")
+    assert repro(project, "probe").ran and repro(project, "shell").ran
+    assert (project / "out.txt").read_text().split()[1] == "second"
+    assert "Data and pipelines are up to date" in dvc(project, "status")
+
+
+def test_a_failed_fracture_command_fails_the_stage_with_its_message_and_dvc_records_nothing(
+    probe_command, dvc_project
+):
+    project = dvc_project
+    assert repro(project, "probe").ran
+    before, lock_before = (project / "out.txt").read_text(), (project / "dvc.lock").read_text()
+
+    (project / "in.txt").write_text("fail")
+    with pytest.raises(StageFailed, match="stage probe: .*fracture probe: in.txt says fail") as failed:
+        repro(project, "probe")
+    assert failed.value.returncode == 1
+    assert (project / "dvc.lock").read_text() == lock_before
+    # As after a failed `dvc repro`: DVC removed the stage's outputs before the run, and its cache holds them.
+    (project / "in.txt").write_text("first")
+    dvc(project, "checkout", "--force", "probe")
+    assert (project / "out.txt").read_text() == before
+    assert "Data and pipelines are up to date" in dvc(project, "status", "probe")
+
+
+def test_a_stage_command_with_shell_syntax_is_left_to_dvcs_shell():
+    from tasks.pipeline import IN_PROCESS_COMMAND
+
+    assert IN_PROCESS_COMMAND.fullmatch("fracture train")
+    assert IN_PROCESS_COMMAND.fullmatch("fracture ingest --source ../shared/fracatlas")
+    for shell in ("fracture train && echo done", "fracture evaluate > log.txt", "fracture train; rm -rf x",
+                  "fracture $STAGE", "FOO=1 fracture train", "python -m fracture.cli train"):
+        assert not IN_PROCESS_COMMAND.fullmatch(shell), shell
+
