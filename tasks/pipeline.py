@@ -143,16 +143,11 @@ def _command_in_process(shell_run: Callable[..., None]) -> Callable[..., None]:
     """
 
     def cmd_run(stage: Any, dry: bool = False, run_env: dict[str, str] | None = None) -> None:
-        from dvc.stage.exceptions import StageCmdFailedError  # noqa: PLC0415 - DVC's API loads slowly
-
         commands = stage.cmd if isinstance(stage.cmd, list) else stage.cmd.splitlines()
         if dry or len(commands) != 1 or not IN_PROCESS_COMMAND.fullmatch(commands[0].strip()):
             return shell_run(stage, dry=dry, run_env=run_env)
-        try:
-            run_command(Path(stage.wdir), commands[0].split()[1:])
-        except StageFailed as exc:
-            raise StageCmdFailedError(f"{commands[0]} ({exc})", exc.returncode) from exc
-        return None
+        # A failure raises StageFailed, which DVC wraps as the cause of its ReproductionError.
+        return run_command(Path(stage.wdir), commands[0].split()[1:])
 
     return cmd_run
 
@@ -199,10 +194,10 @@ def dvc_add_data(project: Path) -> None:
     """``dvc add data`` in this process: hashes the data directory, caches it and writes ``data.dvc``."""
     from dvc.repo import Repo  # noqa: PLC0415 - DVC's API loads slowly
 
-    root = project.resolve()
-    _logger().info("dvc add %s", DATA_DVC.removesuffix(".dvc"))
+    root, data = project.resolve(), DATA_DVC.removesuffix(".dvc")
+    _logger().info("dvc add %s", data)
     with contextlib.chdir(root), Repo(str(root)) as repo:  # from the root, as the command line runs
-        repo.add(DATA_DVC.removesuffix(".dvc"))
+        repo.add(data)
 
 
 def _unchanged_source(
@@ -262,9 +257,8 @@ def repro(project: Path, stage: str, dvc_file: str = "dvc.yaml") -> StageRun:
             reproduced = repo.reproduce(target, single_item=True)
     except DvcException as exc:
         cause = exc.__cause__
-        failed = cause.__cause__ if isinstance(cause, DvcException) else None
-        if isinstance(failed, StageFailed):  # the command's own message and exit status
-            raise StageFailed(f"stage {stage}: {failed}", failed.returncode) from exc
+        if isinstance(cause, StageFailed):  # the command's own message and exit status
+            raise StageFailed(f"stage {stage}: {cause}", cause.returncode) from exc
         raise StageFailed(f"stage {stage}: {exc}" + (f": {cause}" if cause else "")) from exc
     return StageRun(stage, bool(reproduced), time.perf_counter() - started)
 
