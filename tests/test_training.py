@@ -133,3 +133,24 @@ def test_with_a_moving_average_training_is_unchanged_and_the_average_is_scored_a
     scores = probabilities(averaged.model, images, Preprocessor(config), torch.device("cpu"), 8)
     assert averaged.best_val_roc_auc == pytest.approx(roc_auc_score(labels.numpy(), scores), abs=1e-9)
     assert averaged.history[averaged.best_epoch - 1]["val_roc_auc"] == averaged.best_val_roc_auc
+
+
+def test_dataset_inputs_are_logged_with_their_local_source_and_without_mlflows_ambiguity_warning(tmp_path, client):
+    import warnings  # noqa: PLC0415 - only this test records warnings
+
+    import mlflow  # noqa: PLC0415 - only this test logs to MLflow
+
+    from fracture.stages.train import log_dataset_inputs  # noqa: PLC0415 - the stage module imports MLflow
+    from fracture.workspace import Workspace  # noqa: PLC0415 - as above
+
+    params = load_params(REPO)
+    make_dataset(tmp_path, 2, 2)
+    frame = training_frame(tmp_path).assign(sha256="0" * 64)
+    with mlflow.start_run() as run, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        log_dataset_inputs(params, Workspace(tmp_path), {"train": frame.iloc[:2], "test": frame.iloc[2:]})
+    assert not [w for w in caught if "interpreted in multiple ways" in str(w.message)]
+    inputs = {i.dataset.name: i.dataset for i in client.get_run(run.info.run_id).inputs.dataset_inputs}
+    assert set(inputs) == {"fracatlas", "fracatlas-train", "fracatlas-test"}
+    source = (tmp_path / params.ingest.dest).resolve().as_uri()
+    assert all(d.source_type == "local" and source in d.source for d in inputs.values())

@@ -32,6 +32,11 @@ def log_dataset_inputs(params: Params, workspace: Workspace, frames: dict[str, p
         # MLflow's schema inference warns that integer columns cannot hold missing values;
         # these tables describe the data, they are no model signature.
         warnings.filterwarnings("ignore", message=".*integer column", category=UserWarning)
+        # MLflow registers its local artifact source for both "" and "file" URIs, so a file URI
+        # matches two classes of the same kind and it warns that it picked one of them.
+        warnings.filterwarnings(
+            "ignore", message=".*multiple ways: LocalArtifactDatasetSource, LocalArtifactDatasetSource\\.", category=UserWarning
+        )
         mlflow.log_input(
             # DVC's directory md5 ("<32 hex>.dir") fits MLflow's 36-character digest column.
             mlflow.data.from_pandas(everything, source=source, targets="label", name="fracatlas", digest=version),
