@@ -100,6 +100,9 @@ class Profile:
     # stochastic depth over the blocks, scaled up with depth; 0: off, as the paper's profile
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
+    # Cross-entropy against targets smoothed towards the other class by this much (PyTorch's
+    # label_smoothing); 0: the paper's plain cross-entropy
+    label_smoothing: float = 0.0
     # An exponential moving average of the weights (timm's ModelEmaV3, with its decay warm-up) is
     # what the val pass scores, picks the epoch from and hands on as the model; 0: off, as the
     # paper's profile
@@ -456,7 +459,7 @@ def _check(p: Params) -> None:
             raise ConfigError(f"params.yaml: profiles.{name}.epochs must be at least 1")
         if prof.lr is not None and not (isinstance(prof.lr, (int, float)) and prof.lr > 0):
             raise ConfigError(f"params.yaml: profiles.{name}.lr must be a positive number or null, got {prof.lr!r}")
-        for key in ("drop_rate", "drop_path_rate", "ema_decay"):
+        for key in ("drop_rate", "drop_path_rate", "label_smoothing", "ema_decay"):
             rate = getattr(prof, key)
             if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
                 raise ConfigError(f"params.yaml: profiles.{name}.{key} must be a number from 0 up to (not including) 1, "

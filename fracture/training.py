@@ -151,7 +151,7 @@ def moving_average(model: nn.Module, decay: float) -> ModelEmaV3 | None:
 
 
 def class_balance(
-    mode: ClassBalance, labels: torch.Tensor, generator: torch.Generator
+    mode: ClassBalance, labels: torch.Tensor, generator: torch.Generator, label_smoothing: float = 0.0
 ) -> tuple[nn.CrossEntropyLoss, WeightedRandomSampler | None]:
     """The loss and sampler for ``train.class_balance``.
 
@@ -164,19 +164,21 @@ def class_balance(
         mode: ``none``, ``weighted_loss`` or ``balanced_sampler``.
         labels: the training labels.
         generator: seeds the sampler.
+        label_smoothing: the profile's ``label_smoothing``, passed to the cross-entropy (0: none).
 
     Returns:
         The criterion and the sampler (``None``: shuffle every image once per epoch).
     """
     if mode == "none":
-        return nn.CrossEntropyLoss(), None
+        return nn.CrossEntropyLoss(label_smoothing=label_smoothing), None
     y = labels.numpy()
     weights = torch.tensor(compute_class_weight("balanced", classes=np.arange(len(CLASSES)), y=y), dtype=torch.float32)
     if mode == "weighted_loss":
-        return nn.CrossEntropyLoss(weight=weights), None
+        return nn.CrossEntropyLoss(weight=weights, label_smoothing=label_smoothing), None
     if mode == "balanced_sampler":
         per_image = weights[labels].double()
-        return nn.CrossEntropyLoss(), WeightedRandomSampler(per_image, len(y), replacement=True, generator=generator)
+        sampler = WeightedRandomSampler(per_image, len(y), replacement=True, generator=generator)
+        return nn.CrossEntropyLoss(label_smoothing=label_smoothing), sampler
     raise ValueError(f"train.class_balance must be one of {choices(ClassBalance)}, got {mode!r}")
 
 
@@ -302,7 +304,7 @@ def train(
     # equal), so every rank's average is the same too.
     ema = moving_average(model, profile.ema_decay)
     generator = torch.Generator().manual_seed(params.seed)
-    criterion, sampler = class_balance(params.class_balance, labels_of(train_data), generator)
+    criterion, sampler = class_balance(params.class_balance, labels_of(train_data), generator, profile.label_smoothing)
     criterion = criterion.to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=profile.learning_rate(params), weight_decay=params.weight_decay)

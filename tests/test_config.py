@@ -38,7 +38,7 @@ def test_a_profile_may_set_its_own_learning_rate():
         parse_params(raw)
 
 
-@pytest.mark.parametrize("key", ["drop_path_rate", "ema_decay"])
+@pytest.mark.parametrize("key", ["drop_path_rate", "label_smoothing", "ema_decay"])
 @pytest.mark.parametrize("value", [1.0, -0.1, "0.2", True])
 def test_a_rate_or_decay_outside_0_to_1_is_refused(key, value):
     raw = raw_params()

@@ -75,6 +75,21 @@ def test_class_balance_options_follow_sklearn_weights_and_balance_the_draws():
     assert abs(draws.float().mean().item() - 0.5) < 0.03  # 18%-like data drawn about 50/50
 
 
+@pytest.mark.parametrize("mode", ["none", "weighted_loss", "balanced_sampler"])
+def test_label_smoothing_moves_each_target_towards_the_other_class(mode):
+    """With smoothing s, a two-class target y becomes (1 - s) y + s / 2 under every class balance."""
+    labels = torch.tensor([1] * 20 + [0] * 80)
+    smoothed, _ = class_balance(mode, labels, torch.Generator().manual_seed(0), label_smoothing=0.1)
+    logits = torch.tensor([[2.0, -1.0], [0.3, 0.1], [-0.5, 1.5]])
+    target = torch.tensor([0, 0, 1])
+    soft = torch.nn.functional.one_hot(target, 2).float() * 0.9 + 0.05
+    weight = smoothed.weight if smoothed.weight is not None else torch.ones(2)
+    per_image = -(soft * weight * logits.log_softmax(1)).sum(1)
+    assert smoothed(logits, target) == pytest.approx((per_image.sum() / weight[target].sum()).item(), rel=1e-6)
+    plain, _ = class_balance(mode, labels, torch.Generator().manual_seed(0))
+    assert plain.label_smoothing == 0.0 and smoothed(logits, target) != plain(logits, target)
+
+
 def test_the_val_pass_that_picks_the_epoch_scores_with_the_profiles_tta(tmp_path):
     from sklearn.metrics import roc_auc_score
 
