@@ -21,7 +21,11 @@ MIN_SPECIFICITY = 0.85
 
 
 @pytest.mark.xfail(
-    reason="not met yet: the CPU profile measured test ROC AUC 0.9175 on this machine (bar 0.92)", strict=False
+    reason=(
+        "not met yet: the CPU profile's champion measured test ROC AUC 0.916 and sensitivity 0.814 at its "
+        "val-chosen threshold on this machine (bar 0.92 and 0.85)"
+    ),
+    strict=False,
 )
 def test_cpu_profile_on_the_full_copy_meets_the_quality_bar(project, fracatlas):
     from flows.retrain import retrain
