@@ -13,6 +13,12 @@ ratio is of the medians.
 
 Then the product's loop trains ``--memory-epochs`` epochs and prints the process's resident
 memory after each (the ``rss_mb`` it logs to MLflow): it must not grow from epoch to epoch.
+
+Last, ``--frozen-epochs`` epochs of the product's loop on the first ``--frozen-images`` images,
+alternating: keeping each image's output of the profile's frozen leading layers from its first
+pass (``reuse_frozen_outputs``, the default) against computing it again every epoch. It prints the
+training images per second of each epoch and of the whole fit, the ratio of the medians, and
+whether the two fits ended with the same weights, bit for bit.
 """
 
 from __future__ import annotations
@@ -64,6 +70,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=320)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--memory-epochs", type=int, default=3)
+    parser.add_argument("--frozen-epochs", type=int, default=3)
+    parser.add_argument("--frozen-images", type=int, default=160)
     args = parser.parse_args()
 
     params = load_params()
@@ -96,6 +104,27 @@ def main() -> None:
         rss = [h["rss_mb"] for h in fit.history]
         print(f"resident memory before training {before:.0f} MiB; after each epoch: "
               + ", ".join(f"{v:.0f}" for v in rss) + f" MiB; growth epoch 2 -> {len(rss)}: {rss[-1] - rss[min(1, len(rss) - 1)]:+.0f} MiB")
+
+    if args.frozen_epochs:
+        subset = TensorDataset(images[: args.frozen_images], labels[: args.frozen_images])
+        several = dataclasses.replace(profile, epochs=args.frozen_epochs)
+        rates: dict[bool, list[float]] = {True: [], False: []}
+        weights: dict[bool, dict[str, torch.Tensor]] = {}
+        for r in range(args.repeats):
+            for reuse in (True, False):
+                fit = train(subset, val, config, several, params.train, reuse_frozen_outputs=reuse)
+                seconds = sum(h["epoch_seconds"] for h in fit.history)
+                trained = sum(len(subset) / h["train_images_per_s"] for h in fit.history)
+                rates[reuse].append(len(subset) * len(fit.history) / trained)
+                weights[reuse] = fit.model.state_dict()
+                print(f"repeat {r + 1}, frozen layers' output {'kept' if reuse else 'recomputed'}: "
+                      + ", ".join(f"{h['train_images_per_s']:.2f}" for h in fit.history)
+                      + f" images/s by epoch; {rates[reuse][-1]:.2f} over the fit ({seconds:.1f} s with val passes)")
+        same = all(torch.equal(weights[True][k], v) for k, v in weights[False].items())
+        kept, recomputed = statistics.median(rates[True]), statistics.median(rates[False])
+        print(f"{args.frozen_epochs} epochs on {len(subset)} images: frozen layers' output kept {kept:.2f} vs "
+              f"recomputed {recomputed:.2f} training images/s (medians): ratio {kept / recomputed:.3f}; "
+              f"same weights bit for bit: {same}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ The best epoch by validation ROC AUC is the result; the train stage
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import random
@@ -213,6 +214,100 @@ def labels_of(data: TensorDataset | CachedImages) -> torch.Tensor:
     return data.labels if isinstance(data, CachedImages) else data.tensors[1]
 
 
+def frozen_prefix_depth(model: nn.Module, frozen: tuple[str, ...]) -> int | None:
+    """How many blocks the frozen layers cover when they are the model's leading layers, else ``None``.
+
+    For an EfficientNet-style timm model (``conv_stem``, ``bn1``, ``blocks``, ``conv_head``,
+    ``bn2``, ``forward_head``), ``frozen`` naming exactly ``conv_stem``, ``bn1`` and the first
+    ``k`` blocks, in any order, gives ``k``: those layers are all the network computes before
+    the first layer that trains.
+    """
+    if not all(hasattr(model, name) for name in ("conv_stem", "bn1", "blocks", "conv_head", "bn2", "forward_head")):
+        return None
+    names = set(frozen)
+    depth = sum(1 for i in range(len(model.blocks)) if f"blocks.{i}" in names)
+    leading = {"conv_stem", "bn1"} | {f"blocks.{i}" for i in range(depth)}
+    return depth if names == leading and len(frozen) == len(names) else None
+
+
+class FrozenPrefix(nn.Module):
+    """The frozen leading layers of an EfficientNet-style timm model (see :func:`frozen_prefix_depth`)."""
+
+    def __init__(self, model: nn.Module, depth: int) -> None:
+        super().__init__()
+        self.model, self.depth = model, depth
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        return m.blocks[: self.depth](m.bn1(m.conv_stem(x)))
+
+
+class TrainedRest(nn.Module):
+    """The rest of the network after :class:`FrozenPrefix`: timm's forward from that point on."""
+
+    def __init__(self, model: nn.Module, depth: int) -> None:
+        super().__init__()
+        self.model, self.depth = model, depth
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        return m.forward_head(m.bn2(m.conv_head(m.blocks[self.depth :](features))))
+
+
+class FrozenOutputs:
+    """Each training image's output of the frozen leading layers, computed when first needed and kept.
+
+    The frozen layers' weights and batch-norm statistics never change (timm's ``freeze`` makes
+    their batch norms ``FrozenBatchNorm2d``), and without augmentation or stochastic depth an
+    image's pixels are the same in every epoch, so their output is too: the same bits whichever
+    batch the image comes in. Later epochs run only the layers that train, which skips the
+    frozen layers' forward pass, the most memory-bound part of the network at high resolution.
+    The outputs stay on the CPU in the dtype and channels-last layout they were computed in.
+    """
+
+    def __init__(self, prefix: FrozenPrefix, size: int, autocast: torch.autocast | None = None) -> None:
+        self.prefix, self.size, self.autocast = prefix, size, autocast
+        self.store: torch.Tensor | None = None
+        self.have = torch.zeros(size, dtype=torch.bool)
+
+    def __call__(self, indices: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The frozen layers' output for the images at ``indices`` of the training set, pixels ``x``."""
+        missing = ~self.have[indices]
+        if missing.any():
+            # Under the same mixed precision and memory layout as the whole network's forward pass.
+            new = x if missing.all() else x[missing.to(x.device)].contiguous(memory_format=torch.channels_last)
+            with self.autocast if self.autocast is not None else contextlib.nullcontext():
+                computed = self.prefix(new).cpu()
+            if self.store is None:
+                self.store = torch.empty(
+                    (self.size, *computed.shape[1:]), dtype=computed.dtype
+                ).contiguous(memory_format=torch.channels_last)
+                log.info(
+                    "the frozen layers' output is kept from each image's first pass: %.2f GB for %d images",
+                    self.store.element_size() * self.store.nelement() / 1e9,
+                    self.size,
+                )
+            self.store[indices[missing]] = computed
+            self.have[indices[missing]] = True
+        assert self.store is not None
+        return self.store[indices].to(x.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+
+
+class _WithIndices(torch.utils.data.Dataset):
+    """A training set whose batches also carry their indices (for :class:`FrozenOutputs`)."""
+
+    def __init__(self, data: TensorDataset | CachedImages) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        images, labels = self.data[indices]
+        return torch.as_tensor(indices), images, labels
+
+
 def train(
     train_data: TensorDataset | CachedImages,
     val_data: TensorDataset,
@@ -223,6 +318,7 @@ def train(
     checkpoint_dir: Path | None = None,
     checkpoint_key: str = "",
     run_id: str | None = None,
+    reuse_frozen_outputs: bool = True,
 ) -> FitResult:
     """Fine-tunes the profile's ImageNet model and keeps the epoch with the best val ROC AUC.
 
@@ -259,6 +355,10 @@ def train(
         checkpoint_key: fingerprint of the run (:func:`fracture.checkpoint.fingerprint`); a
             checkpoint with another key is ignored.
         run_id: the MLflow run, stored in the checkpoint so a resumed run logs to the same run.
+        reuse_frozen_outputs: when the profile freezes the network's leading layers and nothing
+            changes their output from epoch to epoch (no augmentation, no stochastic depth, one
+            process), keep each training image's output of those layers from its first pass
+            (:class:`FrozenOutputs`); the trained weights are the same, bit for bit, as without.
 
     Returns:
         The best model (on the CPU), its data config, the per-epoch history and the last
@@ -312,6 +412,12 @@ def train(
         optimizer, T_0=params.t_0 or profile.epochs, T_mult=params.t_mult
     )
     autocast, scaler = autocast_for(device)
+    # Frozen leading layers whose output cannot change between epochs run once per image.
+    depth = frozen_prefix_depth(model, profile.frozen) if reuse_frozen_outputs else None
+    kept: FrozenOutputs | None = None
+    rest: nn.Module = net
+    if depth is not None and augment is None and profile.drop_path_rate == 0 and not context.distributed:
+        kept, rest = FrozenOutputs(FrozenPrefix(model, depth), len(train_data), autocast), TrainedRest(model, depth)
     shard = distributed.ShardedSampler(
         sampler if sampler is not None else RandomSampler(train_data, generator=generator),
         context.rank,
@@ -326,7 +432,7 @@ def train(
     # Each batch is fetched with one indexing call (a gather from the memory-mapped cache),
     # not image by image and stacked.
     loader = DataLoader(
-        train_data,
+        train_data if kept is None else _WithIndices(train_data),
         sampler=BatchSampler(shard, batch_size, drop_last=lone_last),
         batch_size=None,
         generator=generator,
@@ -367,12 +473,15 @@ def train(
         # Other ranks stay quiet: rank 0's rate times the number of processes is the run's.
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{profile.epochs}", unit="batch", mininterval=5,
                    disable=None if context.is_main else True)
-        for i, (images, labels) in enumerate(bar):
+        for i, batch in enumerate(bar):
+            indices, images, labels = batch if kept is not None else (None, *batch)
             if augment is not None:
                 images = torch.stack([augment(img) for img in images])
             x = pre(images.to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
             y = labels.to(device, non_blocking=True)
-            loss = train_step(net, x, y, criterion, optimizer, autocast, scaler)
+            if kept is not None:
+                x = kept(indices, x)  # the frozen layers' output; only the rest runs and trains
+            loss = train_step(rest, x, y, criterion, optimizer, autocast, scaler)
             if ema is not None:
                 ema.update(model, step=epoch * len(loader) + i + 1)
             scheduler.step(epoch + (i + 1) / len(loader))

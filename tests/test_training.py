@@ -169,3 +169,54 @@ def test_dataset_inputs_are_logged_with_their_local_source_and_without_mlflows_a
     assert set(inputs) == {"fracatlas", "fracatlas-train", "fracatlas-test"}
     source = (tmp_path / params.ingest.dest).resolve().as_uri()
     assert all(d.source_type == "local" and source in d.source for d in inputs.values())
+
+
+def test_frozen_leading_layers_are_recognised_only_as_the_networks_first_layers():
+    from fracture.training import frozen_prefix_depth  # noqa: PLC0415 - this test's subject
+
+    model = create_classifier(load_params(REPO).profiles["cpu"])
+    assert frozen_prefix_depth(model, ("conv_stem", "bn1", "blocks.0", "blocks.1")) == 2
+    assert frozen_prefix_depth(model, ("blocks.1", "bn1", "conv_stem", "blocks.0")) == 2
+    assert frozen_prefix_depth(model, ("conv_stem", "bn1")) == 0
+    assert frozen_prefix_depth(model, ("conv_stem", "bn1", "blocks.1")) is None  # blocks.0 still trains
+    assert frozen_prefix_depth(model, ("blocks.0",)) is None
+    assert frozen_prefix_depth(model, ()) is None
+    assert frozen_prefix_depth(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)), ("0",)) is None
+
+
+@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
+def test_keeping_the_frozen_layers_output_trains_the_same_weights_and_runs_them_once_per_image(
+    tmp_path, monkeypatch, ema_decay
+):
+    """13 training images over 3 epochs: the stem sees each once instead of every epoch, and the
+    trained weights, history and val scores are the same, bit for bit."""
+    from fracture import training  # noqa: PLC0415 - the model factory is wrapped below
+
+    params, profile, config, data = tiny_run(
+        tmp_path, 6, 7, image_size=64, epochs=3, frozen=("conv_stem", "bn1", "blocks.0", "blocks.1"),
+        ema_decay=ema_decay,
+    )
+    train_params = dataclasses.replace(params.train, lr=1e-3, batch_size=4)
+    stem_images: list[int] = []
+
+    def counted(profile):
+        model = create_classifier(profile)
+        model.conv_stem.register_forward_hook(lambda _m, inputs, _out: stem_images.append(len(inputs[0])))
+        return model
+
+    monkeypatch.setattr(training, "create_classifier", counted)
+    kept = train(data, data, config, profile, train_params)
+    with_kept, stem_images[:] = sum(stem_images), []
+    plain = train(data, data, config, profile, train_params, reuse_frozen_outputs=False)
+    without = sum(stem_images)
+
+    val_passes = 3 * len(data) * (2 if ema_decay else 1)  # every epoch scores val (and the raw weights)
+    assert without == 3 * 12 + val_passes  # 13 images in batches of 4: the lone last one sits each epoch out
+    assert 12 <= with_kept - val_passes <= 13  # each training image once (a lone last one may wait an epoch)
+    for name, tensor in plain.model.state_dict().items():
+        assert torch.equal(kept.model.state_dict()[name], tensor), name
+    timing = {"train_images_per_s", "epoch_seconds", "rss_mb"}
+    assert [{k: v for k, v in h.items() if k not in timing} for h in kept.history] == [
+        {k: v for k, v in h.items() if k not in timing} for h in plain.history
+    ]
+    assert np.array_equal(kept.final_val_probabilities, plain.final_val_probabilities)
