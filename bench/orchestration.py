@@ -1,6 +1,6 @@
 """What DVC, MLflow and Prefect cost: the pipeline through the flow vs its stage functions in one process.
 
-    .venv/bin/python -m bench.orchestration --data ../shared/fracatlas [--fractured 60 --not-fractured 240]
+    .venv/bin/python -m bench.orchestration --data ../shared/fracatlas [--fractured 60 --not-fractured 240] [--repeats 3]
 
 Two throwaway projects get the same real FracAtlas subset and the CPU profile cut to one epoch
 (its input size and network unchanged). Each side is one command, timed from start to end:
@@ -18,19 +18,26 @@ Two throwaway projects get the same real FracAtlas subset and the CPU profile cu
 
 The ratio flow / direct is the orchestration's overhead; its difference in seconds is fixed
 per run (the Prefect server and its API calls, DVC's checks and hashing), so it shrinks as a
-share of a longer run.
+share of a longer run. A run's time moves by a few seconds from one run to the next on a small
+machine, as much as the overhead itself, so ``direct`` and ``flow, server up`` run ``--repeats``
+times each, alternating, each in a fresh project; the bench prints every run, the ratio of the
+medians and each pair's ratio. The one-shot command runs once. The server's own CPU time during
+each run is printed too: on this machine it shares the cores with the run, on a deployment it
+has its own.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import yaml
 
 from tests.conftest import copy_project, make_subset, pick_ids
@@ -81,25 +88,35 @@ def timed(cmd: list[str], cwd: Path, log: Path, **extra_env: str) -> float:
     return seconds
 
 
+def server_cpu_seconds(port: int) -> float:
+    """CPU time so far of the Prefect server listening on ``port`` and its children."""
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = proc.info["cmdline"] or []
+        if "server" in cmdline and str(port) in cmdline:
+            return sum(sum(p.cpu_times()[:2]) for p in [proc, *proc.children(recursive=True)])
+    raise SystemExit(f"no Prefect server on port {port}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", type=Path, required=True, help="a FracAtlas-layout folder")
     parser.add_argument("--fractured", type=int, default=60)
     parser.add_argument("--not-fractured", type=int, default=240)
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each side against the server, alternating")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         source = make_subset(args.data, root / "source", pick_ids(args.data, args.fractured, args.not_fractured))
-        projects = {side: make_project(root / side) for side in ("direct", "flow", "served")}
         os.environ.setdefault("PREFECT_HOME", str(root / "prefect"))
-        print(f"{args.fractured + args.not_fractured} real images, CPU profile for one epoch")
-        direct = timed([sys.executable, "-c", DIRECT, str(source)], projects["direct"], root / "direct.log")
+        print(f"{args.fractured + args.not_fractured} real images, CPU profile for one epoch, "
+              f"{args.repeats} alternating runs of each side")
 
         def flow_cmd(project: Path) -> list[str]:
             return [sys.executable, "-m", "flows.retrain", "--project-dir", str(project), "--source", str(source)]
 
-        flow = timed(flow_cmd(projects["flow"]), REPO, root / "flow.log")
+        one_shot = timed(flow_cmd(make_project(root / "one-shot")), REPO, root / "one-shot.log")
+        print(f"flow, one shot (temporary Prefect server, DVC, MLflow): {one_shot:.1f} s", flush=True)
         home, port = root / "prefect-server", free_port()
         home.mkdir()
         server_env = child_env(
@@ -109,15 +126,27 @@ def main() -> None:
         server_env.pop("PREFECT_API_URL", None)
         api = f"http://127.0.0.1:{port}/api"
         prefect = str(Path(sys.executable).parent / "prefect")
+        direct: list[float] = []
+        served: list[float] = []
         with running([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)], server_env,
                      f"{api}/health", root / "prefect-server.log"):
-            served = timed(flow_cmd(projects["served"]), REPO, root / "served.log", PREFECT_API_URL=api)
-        print(f"direct (stage functions in one process):             {direct:.1f} s")
-        print(f"flow, one shot (temporary Prefect server, DVC, MLflow): {flow:.1f} s")
-        print(f"flow, Prefect server already up (a scheduled run):    {served:.1f} s")
-        print(f"flow / direct: one shot {flow / direct:.3f} (+{flow - direct:.1f} s), "
-              f"server up {served / direct:.3f} (+{served - direct:.1f} s)")
-
+            for i in range(args.repeats):
+                for side, times in (("direct", direct), ("served", served)):
+                    project = make_project(root / f"{side}-{i}")
+                    cpu = server_cpu_seconds(port)
+                    if side == "direct":
+                        seconds = timed([sys.executable, "-c", DIRECT, str(source)], project, root / f"{side}-{i}.log")
+                    else:
+                        seconds = timed(flow_cmd(project), REPO, root / f"{side}-{i}.log", PREFECT_API_URL=api)
+                    times.append(seconds)
+                    label = "direct (stage functions in one process)" if side == "direct" else "flow, server up"
+                    print(f"run {i + 1}: {label:<42} {seconds:6.1f} s "
+                          f"(Prefect server CPU meanwhile {server_cpu_seconds(port) - cpu:.1f} s)", flush=True)
+        d, s = statistics.median(direct), statistics.median(served)
+        pairs = ", ".join(f"{b / a:.3f}" for a, b in zip(direct, served, strict=True))
+        print(f"medians: direct {d:.1f} s, flow with the server up (a scheduled run) {s:.1f} s")
+        print(f"flow / direct: server up {s / d:.3f} (+{s - d:.1f} s; each pair {pairs}); "
+              f"one shot {one_shot / d:.3f} (+{one_shot - d:.1f} s)")
 
 if __name__ == "__main__":
     main()
