@@ -15,10 +15,12 @@ Then the product's loop trains ``--memory-epochs`` epochs and prints the process
 memory after each (the ``rss_mb`` it logs to MLflow): it must not grow from epoch to epoch.
 
 Last, ``--frozen-epochs`` epochs of the product's loop on the first ``--frozen-images`` images,
+with the last ``--frozen-val`` images as val (the main job's val is 0.22 of its training set),
 alternating: keeping each image's output of the profile's frozen leading layers from its first
 pass (``reuse_frozen_outputs``, the default) against computing it again every epoch. It prints the
-training images per second of each epoch and of the whole fit, the ratio of the medians, and
-whether the two fits ended with the same weights, bit for bit.
+training images per second of each epoch and of the whole fit, the val pass's seconds in each
+epoch, the ratios of the medians, and whether the two fits ended with the same weights and val
+scores, bit for bit.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import dataclasses
 import statistics
 import time
 
+import numpy as np
 import psutil
 import timm
 import torch
@@ -37,7 +40,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fracture.config import load_params
 from fracture.model import profile_data_config
-from fracture.training import train
+from fracture.training import FitResult, train
 
 
 def bare_epoch(data: TensorDataset, arch: str, frozen: tuple[str, ...], mean, std, batch: int, lr: float) -> float:
@@ -72,6 +75,7 @@ def main() -> None:
     parser.add_argument("--memory-epochs", type=int, default=3)
     parser.add_argument("--frozen-epochs", type=int, default=3)
     parser.add_argument("--frozen-images", type=int, default=160)
+    parser.add_argument("--frozen-val", type=int, default=35)
     args = parser.parse_args()
 
     params = load_params()
@@ -107,24 +111,32 @@ def main() -> None:
 
     if args.frozen_epochs:
         subset = TensorDataset(images[: args.frozen_images], labels[: args.frozen_images])
+        held_out = TensorDataset(images[-args.frozen_val :], labels[-args.frozen_val :])
         several = dataclasses.replace(profile, epochs=args.frozen_epochs)
         rates: dict[bool, list[float]] = {True: [], False: []}
-        weights: dict[bool, dict[str, torch.Tensor]] = {}
+        val_seconds: dict[bool, list[float]] = {True: [], False: []}  # the val passes after the first
+        fits: dict[bool, FitResult] = {}
         for r in range(args.repeats):
             for reuse in (True, False):
-                fit = train(subset, val, config, several, params.train, reuse_frozen_outputs=reuse)
-                seconds = sum(h["epoch_seconds"] for h in fit.history)
-                trained = sum(len(subset) / h["train_images_per_s"] for h in fit.history)
-                rates[reuse].append(len(subset) * len(fit.history) / trained)
-                weights[reuse] = fit.model.state_dict()
+                fit = train(subset, held_out, config, several, params.train, reuse_frozen_outputs=reuse)
+                trained = [len(subset) / h["train_images_per_s"] for h in fit.history]
+                scored = [h["epoch_seconds"] - t for h, t in zip(fit.history, trained, strict=True)]
+                rates[reuse].append(len(subset) * len(fit.history) / sum(trained))
+                val_seconds[reuse].append(sum(scored[1:]))
+                fits[reuse] = fit
                 print(f"repeat {r + 1}, frozen layers' output {'kept' if reuse else 'recomputed'}: "
                       + ", ".join(f"{h['train_images_per_s']:.2f}" for h in fit.history)
-                      + f" images/s by epoch; {rates[reuse][-1]:.2f} over the fit ({seconds:.1f} s with val passes)")
-        same = all(torch.equal(weights[True][k], v) for k, v in weights[False].items())
+                      + f" training images/s by epoch, {rates[reuse][-1]:.2f} over the fit; val pass "
+                      + ", ".join(f"{v:.2f}" for v in scored) + " s by epoch")
+        same = all(torch.equal(fits[True].model.state_dict()[k], v) for k, v in fits[False].model.state_dict().items())
+        same_val = np.array_equal(fits[True].final_val_probabilities, fits[False].final_val_probabilities)
         kept, recomputed = statistics.median(rates[True]), statistics.median(rates[False])
+        val_kept, val_recomputed = statistics.median(val_seconds[True]), statistics.median(val_seconds[False])
         print(f"{args.frozen_epochs} epochs on {len(subset)} images: frozen layers' output kept {kept:.2f} vs "
               f"recomputed {recomputed:.2f} training images/s (medians): ratio {kept / recomputed:.3f}; "
-              f"same weights bit for bit: {same}")
+              f"val passes of epochs 2-{args.frozen_epochs} on {len(held_out)} images: {val_kept:.2f} vs "
+              f"{val_recomputed:.2f} s (medians): ratio {val_recomputed / max(val_kept, 1e-9):.2f}x faster; "
+              f"same weights bit for bit: {same}; same val scores: {same_val}")
 
 
 if __name__ == "__main__":

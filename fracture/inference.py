@@ -51,7 +51,8 @@ def check_tta(tta: str, where: str = "tta") -> Tta:
     return tta  # type: ignore[return-value]
 
 
-def _softmax(network: nn.Module, x: torch.Tensor, autocast: torch.autocast | None) -> torch.Tensor:
+def softmax(network: nn.Module, x: torch.Tensor, autocast: torch.autocast | None) -> torch.Tensor:
+    """The network's class probabilities for the batch ``x`` (under ``autocast`` when given), in float32."""
     if autocast is not None:
         with autocast:
             logits = network(x)
@@ -94,10 +95,10 @@ def probabilities(
     for start in range(0, len(pixels), batch_size):
         x = pre(pixels[start : start + batch_size].to(device, non_blocking=True))
         x = x.contiguous(memory_format=torch.channels_last)
-        probs = _softmax(network, x, autocast)
+        probs = softmax(network, x, autocast)
         if tta == "hflip":
             mirrored = x.flip(-1).contiguous(memory_format=torch.channels_last)
-            probs = (probs + _softmax(network, mirrored, autocast)) / 2
+            probs = (probs + softmax(network, mirrored, autocast)) / 2
         out.append(probs[:, 1].cpu())
     if not out:
         return np.zeros(0, dtype=np.float32)

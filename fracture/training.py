@@ -39,7 +39,7 @@ from fracture import checkpoint, distributed
 from fracture.config import Profile, TrainParams
 from fracture.data_config import DataConfig
 from fracture.imaging import Preprocessor
-from fracture.inference import autocast_for, probabilities
+from fracture.inference import autocast_for, probabilities, softmax
 from fracture.model import create_classifier, data_config
 from fracture.prepare import CachedImages, StaleCacheError
 from fracture.vocabulary import CLASSES, Augment, ClassBalance, Device, choices
@@ -256,7 +256,7 @@ class TrainedRest(nn.Module):
 
 
 class FrozenOutputs:
-    """Each training image's output of the frozen leading layers, computed when first needed and kept.
+    """Each image's output of the frozen leading layers, computed when first needed and kept.
 
     The frozen layers' weights and batch-norm statistics never change (timm's ``freeze`` makes
     their batch norms ``FrozenBatchNorm2d``), and without augmentation or stochastic depth an
@@ -264,19 +264,27 @@ class FrozenOutputs:
     bits whichever batch the image comes in (a GPU's kernels, chosen per batch size, may differ
     in the last bits, as they may between two runs anyway). Later epochs run only the layers
     that train, which skips the frozen layers' forward pass: at the CPU profile's 352 px, about
-    a third of a training step's time on two cores. The outputs stay on the CPU in the dtype
-    and channels-last layout they were computed in.
+    a third of a training step's time on two cores. Training keeps one for the training set and
+    one for val, whose later passes score only the layers that train too. The outputs stay on
+    the CPU in the dtype and channels-last layout they were computed in.
     """
 
-    def __init__(self, prefix: FrozenPrefix, size: int, autocast: torch.autocast | None = None) -> None:
-        self.prefix, self.size, self.autocast = prefix, size, autocast
+    def __init__(
+        self, prefix: FrozenPrefix, size: int, autocast: torch.autocast | None = None, what: str = "training"
+    ) -> None:
+        self.prefix, self.size, self.autocast, self.what = prefix, size, autocast, what
         self.store: torch.Tensor | None = None
         self.have = torch.zeros(size, dtype=torch.bool)
 
-    def __call__(self, indices: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """The frozen layers' output for the images at ``indices`` of the training set, pixels ``x``."""
+    def __call__(self, indices: torch.Tensor, pixels: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The frozen layers' output for the images at ``indices`` of the set.
+
+        ``pixels`` gives those images' network input (normalised, channels-last, on the
+        device); it is called only when one of them has no kept output yet.
+        """
         missing = ~self.have[indices]
         if missing.any():
+            x = pixels()
             # Under the same mixed precision and memory layout as the whole network's forward pass.
             new = x if missing.all() else x[missing.to(x.device)].contiguous(memory_format=torch.channels_last)
             with self.autocast if self.autocast is not None else contextlib.nullcontext():
@@ -286,14 +294,40 @@ class FrozenOutputs:
                     (self.size, *computed.shape[1:]), dtype=computed.dtype
                 ).contiguous(memory_format=torch.channels_last)
                 log.info(
-                    "the frozen layers' output is kept from each image's first pass: %.2f GB for %d images",
+                    "the frozen layers' output is kept from each %s image's first pass: %.2f GB for %d images",
+                    self.what,
                     self.store.element_size() * self.store.nelement() / 1e9,
                     self.size,
                 )
             self.store[indices[missing]] = computed
             self.have[indices[missing]] = True
         assert self.store is not None
-        return self.store[indices].to(x.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        device = next(self.prefix.parameters()).device
+        return self.store[indices].to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+
+
+@torch.no_grad()
+def kept_probabilities(
+    rest: TrainedRest, kept: FrozenOutputs, pixels: torch.Tensor, pre: Preprocessor, device: torch.device,
+    batch_size: int,
+) -> np.ndarray:
+    """:func:`fracture.inference.probabilities` (no test-time augmentation) from kept frozen outputs.
+
+    The frozen layers run on an image the first time it is scored; later passes run only the
+    layers after them. ``pixels`` are the same images, in the same order, at every call.
+    """
+    rest.eval()
+    autocast, _ = autocast_for(device)
+    out = []
+    for start in range(0, len(pixels), batch_size):
+        batch = pixels[start : start + batch_size]
+        indices = torch.arange(start, start + len(batch))
+
+        def normalised(batch: torch.Tensor = batch) -> torch.Tensor:
+            return pre(batch.to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
+
+        out.append(softmax(rest, kept(indices, normalised), autocast)[:, 1].cpu())
+    return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
 
 
 class _WithIndices(torch.utils.data.Dataset):
@@ -360,8 +394,9 @@ def train(
         reuse_frozen_outputs: when the profile freezes the network's leading layers and nothing
             changes their output from epoch to epoch (no augmentation, no stochastic depth, one
             process), keep each training image's output of those layers from its first pass
-            (:class:`FrozenOutputs`); on the CPU the trained weights are the same, bit for bit,
-            as without.
+            (:class:`FrozenOutputs`), and each val image's from the first val pass (without
+            test-time augmentation, and for the trained weights, not their moving average); on
+            the CPU the trained weights and val scores are the same, bit for bit, as without.
 
     Returns:
         The best model (on the CPU), its data config, the per-epoch history and the last
@@ -418,9 +453,13 @@ def train(
     # Frozen leading layers whose output cannot change between epochs run once per image.
     depth = frozen_prefix_depth(model, profile.frozen) if reuse_frozen_outputs else None
     kept: FrozenOutputs | None = None
+    kept_val: FrozenOutputs | None = None
     rest: nn.Module = net
     if depth is not None and augment is None and profile.drop_path_rate == 0 and not context.distributed:
-        kept, rest = FrozenOutputs(FrozenPrefix(model, depth), len(train_data), autocast), TrainedRest(model, depth)
+        prefix, rest = FrozenPrefix(model, depth), TrainedRest(model, depth)
+        kept = FrozenOutputs(prefix, len(train_data), autocast)
+        if profile.tta == "none":  # a mirrored image's output would be another one to keep
+            kept_val = FrozenOutputs(prefix, len(val_data), autocast, what="val")
     shard = distributed.ShardedSampler(
         sampler if sampler is not None else RandomSampler(train_data, generator=generator),
         context.rank,
@@ -446,6 +485,9 @@ def train(
     val_share, val_labels = val_data.tensors[0][context.rank :: context.world_size], val_data.tensors[1].numpy()
 
     def val_scores(network: nn.Module) -> np.ndarray:
+        if kept_val is not None and network is model:  # one process; the moving average is another network
+            assert isinstance(rest, TrainedRest)
+            return kept_probabilities(rest, kept_val, val_share, pre, device, batch_size * 2)
         return distributed.gather_scores(
             probabilities(network, val_share, pre, device, batch_size * 2, profile.tta), len(val_data), context
         )
@@ -480,10 +522,13 @@ def train(
             indices, images, labels = batch if kept is not None else (None, *batch)
             if augment is not None:
                 images = torch.stack([augment(img) for img in images])
-            x = pre(images.to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
+
+            def normalised(images: torch.Tensor = images) -> torch.Tensor:
+                return pre(images.to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
+
+            # With the frozen layers' output kept, only the rest runs and trains.
+            x = normalised() if kept is None else kept(indices, normalised)
             y = labels.to(device, non_blocking=True)
-            if kept is not None:
-                x = kept(indices, x)  # the frozen layers' output; only the rest runs and trains
             loss = train_step(rest, x, y, criterion, optimizer, autocast, scaler)
             if ema is not None:
                 ema.update(model, step=epoch * len(loader) + i + 1)

@@ -184,17 +184,18 @@ def test_frozen_leading_layers_are_recognised_only_as_the_networks_first_layers(
     assert frozen_prefix_depth(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)), ("0",)) is None
 
 
-@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
+@pytest.mark.parametrize(("ema_decay", "tta"), [(0.0, "none"), (0.9, "none"), (0.0, "hflip")])
 def test_keeping_the_frozen_layers_output_trains_the_same_weights_and_runs_them_once_per_image(
-    tmp_path, monkeypatch, ema_decay
+    tmp_path, monkeypatch, ema_decay, tta
 ):
-    """13 training images over 3 epochs: the stem sees each once instead of every epoch, and the
-    trained weights, history and val scores are the same, bit for bit."""
+    """13 training images over 3 epochs: the stem sees each training image, and each val image
+    scored by the trained weights, once instead of every epoch, and the trained weights, history
+    and val scores are the same, bit for bit."""
     from fracture import training  # noqa: PLC0415 - the model factory is wrapped below
 
     params, profile, config, data = tiny_run(
         tmp_path, 6, 7, image_size=64, epochs=3, frozen=("conv_stem", "bn1", "blocks.0", "blocks.1"),
-        ema_decay=ema_decay,
+        ema_decay=ema_decay, tta=tta,
     )
     train_params = dataclasses.replace(params.train, lr=1e-3, batch_size=4)
     stem_images: list[int] = []
@@ -210,9 +211,13 @@ def test_keeping_the_frozen_layers_output_trains_the_same_weights_and_runs_them_
     plain = train(data, data, config, profile, train_params, reuse_frozen_outputs=False)
     without = sum(stem_images)
 
-    val_passes = 3 * len(data) * (2 if ema_decay else 1)  # every epoch scores val (and the raw weights)
+    # Every epoch scores val (and the raw weights); with hflip, each image and its mirror.
+    val_passes = 3 * len(data) * (2 if ema_decay else 1) * (2 if tta == "hflip" else 1)
     assert without == 3 * 12 + val_passes  # 13 images in batches of 4: the lone last one sits each epoch out
-    assert 12 <= with_kept - val_passes <= 13  # each training image once (a lone last one may wait an epoch)
+    # The trained weights score each val image once; the moving average, another network, every
+    # epoch; with hflip val is scored in full every epoch.
+    kept_val_passes = val_passes if tta == "hflip" else len(data) + (3 * len(data) if ema_decay else 0)
+    assert 12 <= with_kept - kept_val_passes <= 13  # each training image once (a lone last one may wait an epoch)
     for name, tensor in plain.model.state_dict().items():
         assert torch.equal(kept.model.state_dict()[name], tensor), name
     timing = {"train_images_per_s", "epoch_seconds", "rss_mb"}
