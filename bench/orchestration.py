@@ -23,13 +23,16 @@ machine, as much as the overhead itself, so ``direct`` and ``flow, server up`` r
 times each, alternating, each in a fresh project; the bench prints every run, the ratio of the
 medians and each pair's ratio. The one-shot command runs once. The server's own CPU time during
 each run is printed too: on this machine it shares the cores with the run, on a deployment it
-has its own.
+has its own. Last, a table splits the medians into each of the five DVC stages' seconds on
+both sides, as each run prints them (the flow's include DVC's work around the stage's command),
+and the rest of the run.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -46,23 +49,32 @@ from tests.servers import child_env, free_port, running
 REPO = Path(__file__).resolve().parents[1]  # flows.retrain runs from the repository
 
 DIRECT = """
+import importlib
 import sys
+import time
 from pathlib import Path
+# What the flow's module imports before the flow starts, less Prefect and DVC.
+import torch
+import fracture.cli, fracture.ingest, fracture.registry, fracture.stages.register
 from fracture.config import load_params
-from fracture.stages.evaluate import run_evaluate
-from fracture.stages.ingest import run_ingest
-from fracture.stages.prepare import run_prepare
-from fracture.stages.register import run_register
-from fracture.stages.split import run_split
-from fracture.stages.train import run_train
-from fracture.stages.validate import run_validate
 from fracture.workspace import Workspace
 
 params, workspace = load_params(), Workspace(Path("."))
-run_ingest(params, workspace, sys.argv[1])
-for stage in (run_validate, run_split, run_prepare, run_train, run_evaluate, run_register):
-    stage(params, workspace)
+importlib.import_module("fracture.stages.ingest").run_ingest(params, workspace, sys.argv[1])
+for name in ("validate", "split", "prepare", "train", "evaluate"):
+    # Each stage's module is imported in its stage's time, as the flow's stage command imports it.
+    started = time.perf_counter()
+    getattr(importlib.import_module(f"fracture.stages.{name}"), f"run_{name}")(params, workspace)
+    print(f"{name:<9} {'ran':<10} {time.perf_counter() - started:7.1f} s")  # as the flow prints its stages
+importlib.import_module("fracture.stages.register").run_register(params, workspace)
 """
+STAGES = ("validate", "split", "prepare", "train", "evaluate")
+
+
+def stage_seconds(log: Path) -> dict[str, float]:
+    """The seconds of each DVC stage as a run printed them at its end (the flow: DVC's work around the command included)."""
+    found = re.findall(rf"^({'|'.join(STAGES)})\s+ran\s+([\d.]+) s$", log.read_text(), flags=re.MULTILINE)
+    return {stage: float(seconds) for stage, seconds in found}
 
 
 def make_project(dest: Path) -> Path:
@@ -128,6 +140,7 @@ def main() -> None:
         prefect = str(Path(sys.executable).parent / "prefect")
         direct: list[float] = []
         served: list[float] = []
+        stages: dict[str, list[dict[str, float]]] = {"direct": [], "served": []}
         with running([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)], server_env,
                      f"{api}/health", root / "prefect-server.log"):
             for i in range(args.repeats):
@@ -139,6 +152,7 @@ def main() -> None:
                     else:
                         seconds = timed(flow_cmd(project), REPO, root / f"{side}-{i}.log", PREFECT_API_URL=api)
                     times.append(seconds)
+                    stages[side].append(stage_seconds(root / f"{side}-{i}.log"))
                     label = "direct (stage functions in one process)" if side == "direct" else "flow, server up"
                     print(f"run {i + 1}: {label:<42} {seconds:6.1f} s "
                           f"(Prefect server CPU meanwhile {server_cpu_seconds(port) - cpu:.1f} s)", flush=True)
@@ -147,6 +161,18 @@ def main() -> None:
         print(f"medians: direct {d:.1f} s, flow with the server up (a scheduled run) {s:.1f} s")
         print(f"flow / direct: server up {s / d:.3f} (+{s - d:.1f} s; each pair {pairs}); "
               f"one shot {one_shot / d:.3f} (+{one_shot - d:.1f} s)")
+        # Where the difference is: each stage (the flow's includes DVC's checks, hashing, caching
+        # and locking around the command), and the rest of the run (start-up, ingest, registration,
+        # Prefect's engine), as medians over the runs.
+        print(f"{'':<34}{'direct':>8}{'flow':>8}{'flow - direct':>15}")
+        rest = {side: [total - sum(run.values()) for total, run in zip(times, stages[side], strict=True)]
+                for side, times in (("direct", direct), ("served", served))}
+        rows = [(f"stage {stage}", [run[stage] for run in stages["direct"]], [run[stage] for run in stages["served"]])
+                for stage in STAGES]
+        rows.append(("outside the five stages", rest["direct"], rest["served"]))
+        for label, a, b in rows:
+            ma, mb = statistics.median(a), statistics.median(b)
+            print(f"{label:<34}{ma:8.1f}{mb:8.1f}{mb - ma:+15.1f}")
 
 if __name__ == "__main__":
     main()
