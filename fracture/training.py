@@ -532,6 +532,7 @@ def train(
             loss = train_step(rest, x, y, criterion, optimizer, autocast, scaler)
             if ema is not None:
                 ema.update(model, step=epoch * len(loader) + i + 1)
+            step_lr = optimizer.param_groups[0]["lr"]  # this step's rate; the scheduler then sets the next one's
             scheduler.step(epoch + (i + 1) / len(loader))
             seen += len(labels)
             loss_sum += loss.item() * len(labels)
@@ -554,7 +555,9 @@ def train(
             "train_loss": loss_sum / seen,
             "val_loss": val_loss,
             "val_roc_auc": val_auc,
-            "lr": optimizer.param_groups[0]["lr"],
+            # The epoch's last step's rate: after the last epoch of a cosine cycle the scheduler has
+            # already moved on to the restart's rate, which no step of this run used.
+            "lr": step_lr,
             "train_images_per_s": seen / train_time,
             "epoch_seconds": time.perf_counter() - started,
             # Memory after the epoch, to see that it does not grow from epoch to epoch.

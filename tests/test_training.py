@@ -225,3 +225,14 @@ def test_keeping_the_frozen_layers_output_trains_the_same_weights_and_runs_them_
         {k: v for k, v in h.items() if k not in timing} for h in plain.history
     ]
     assert np.array_equal(kept.final_val_probabilities, plain.final_val_probabilities)
+
+
+def test_the_logged_learning_rate_is_the_last_step_of_each_epoch_not_the_restart_that_follows(tmp_path):
+    """Two epochs, one cosine cycle: the rate falls from the profile's to near 0 by the last step;
+    the scheduler's next rate (a warm restart at the full rate) is not what the run trained with."""
+    params, profile, config, data = tiny_run(tmp_path, 6, 6, image_size=32, epochs=2, frozen=())
+    train_params = dataclasses.replace(params.train, batch_size=4)
+    base = profile.learning_rate(train_params)
+    history = train(data, data, config, profile, train_params).history
+    assert 0.5 * base < history[0]["lr"] < 0.9 * base  # 3 steps an epoch: the first epoch ends at (1 + cos(pi/3)) / 2
+    assert history[1]["lr"] < 0.1 * base
