@@ -128,7 +128,8 @@ def main() -> None:
                       + ", ".join(f"{h['train_images_per_s']:.2f}" for h in fit.history)
                       + f" training images/s by epoch, {rates[reuse][-1]:.2f} over the fit; val pass "
                       + ", ".join(f"{v:.2f}" for v in scored) + " s by epoch")
-        same = all(torch.equal(fits[True].model.state_dict()[k], v) for k, v in fits[False].model.state_dict().items())
+        kept_weights = fits[True].model.state_dict()
+        same = all(torch.equal(kept_weights[k], v) for k, v in fits[False].model.state_dict().items())
         same_val = np.array_equal(fits[True].final_val_probabilities, fits[False].final_val_probabilities)
         kept, recomputed = statistics.median(rates[True]), statistics.median(rates[False])
         val_kept, val_recomputed = statistics.median(val_seconds[True]), statistics.median(val_seconds[False])
