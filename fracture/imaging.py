@@ -180,3 +180,7 @@ class Preprocessor:
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         return self.normalize(batch.float().div_(255))
+
+    def network_input(self, batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """A uint8 NCHW batch moved to ``device``, normalised and laid out channels-last, as the network runs."""
+        return self(batch.to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)

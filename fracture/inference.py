@@ -93,8 +93,7 @@ def probabilities(
     autocast, _ = autocast_for(device)
     out = []
     for start in range(0, len(pixels), batch_size):
-        x = pre(pixels[start : start + batch_size].to(device, non_blocking=True))
-        x = x.contiguous(memory_format=torch.channels_last)
+        x = pre.network_input(pixels[start : start + batch_size], device)
         probs = softmax(network, x, autocast)
         if tta == "hflip":
             mirrored = x.flip(-1).contiguous(memory_format=torch.channels_last)

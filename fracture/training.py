@@ -13,6 +13,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -322,11 +323,7 @@ def kept_probabilities(
     for start in range(0, len(pixels), batch_size):
         batch = pixels[start : start + batch_size]
         indices = torch.arange(start, start + len(batch))
-
-        def normalised(batch: torch.Tensor = batch) -> torch.Tensor:
-            return pre(batch.to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
-
-        out.append(softmax(rest, kept(indices, normalised), autocast)[:, 1].cpu())
+        out.append(softmax(rest, kept(indices, partial(pre.network_input, batch, device)), autocast)[:, 1].cpu())
     return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
 
 
@@ -523,11 +520,9 @@ def train(
             if augment is not None:
                 images = torch.stack([augment(img) for img in images])
 
-            def normalised(images: torch.Tensor = images) -> torch.Tensor:
-                return pre(images.to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
-
             # With the frozen layers' output kept, only the rest runs and trains.
-            x = normalised() if kept is None else kept(indices, normalised)
+            to_network = partial(pre.network_input, images, device)
+            x = to_network() if kept is None else kept(indices, to_network)
             y = labels.to(device, non_blocking=True)
             loss = train_step(rest, x, y, criterion, optimizer, autocast, scaler)
             if ema is not None:
