@@ -2,7 +2,8 @@
 
 Each command reads params.yaml once, calls the stage's run_<stage> function
 (fracture.stages) and prints what it did; nothing else happens here. ``fracture predict`` is
-the consumers' command: it needs only a registry, not a project.
+the consumers' command: it needs only a registry, not a project. ``fracture crossval-compare``
+compares cross-validated recipes (``dvc exp`` runs of crossval/dvc.yaml) on the same images.
 """
 
 from __future__ import annotations
@@ -13,12 +14,15 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from fracture.config import Params, load_params
+from fracture.config import EvaluateParams, Params, load_params
 from fracture.workspace import CrossvalResult, ValidateResult, Workspace
+
+if TYPE_CHECKING:
+    from fracture.crossval import OofComparison
 
 log = logging.getLogger("fracture")
 
@@ -221,6 +225,44 @@ def crossval() -> None:
         result = run_crossval(params, workspace)
     _print_crossval(result)
 
+
+def _print_comparison(rows: list[OofComparison], ev: EvaluateParams) -> None:
+    paired = rows[1].versus_reference
+    assert paired is not None
+    rule = (
+        f"the threshold reaching sensitivity {ev.target_sensitivity} on each run's own predictions"
+        if ev.target_sensitivity is not None else f"threshold {ev.threshold}"
+    )
+    print(f"out-of-fold, {paired.n_images} images ({paired.n_fractured} fractured); sensitivity and specificity at {rule}")
+    width = max(len(r.name) for r in rows)
+    print(f"{'run':<{width}}  ROC AUC  sensitivity  specificity  ROC AUC - {rows[0].name} (95% CI), DeLong")
+    for r in rows:
+        d = r.versus_reference
+        versus = "reference" if d is None else (
+            f"{d.difference:+.4f} ({d.ci_low:+.4f} to {d.ci_high:+.4f}), p = {d.p_value:.3g}"
+        )
+        print(f"{r.name:<{width}}  {r.roc_auc:7.4f}  {r.recall:11.3f}  {r.specificity:11.3f}  {versus}")
+
+
+@app.command("crossval-compare")
+def crossval_compare(
+    runs: Annotated[
+        list[str],
+        typer.Argument(
+            help="The reference first, then the runs to compare with it: `dvc exp` names, git revisions, or "
+            "out-of-fold CSV files (outputs/crossval/oof.csv)."
+        ),
+    ],
+    ensemble: Annotated[
+        bool, typer.Option(help="Also score the mean of all runs' probabilities, as averaging their models would.")
+    ] = False,
+) -> None:
+    """Compare cross-validated recipes on the same out-of-fold images: DeLong's paired test against the first."""
+    from fracture.crossval import compare_oof, read_oof
+
+    with _stage("crossval-compare") as (params, workspace):
+        rows = compare_oof({run: read_oof(run, workspace.root) for run in dict.fromkeys(runs)}, params.evaluate, ensemble)
+    _print_comparison(rows, params.evaluate)
 
 @app.command()
 def register() -> None:

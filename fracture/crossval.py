@@ -9,6 +9,11 @@ figures are those of :mod:`fracture.evaluation`; the stage that trains the folds
 
 from __future__ import annotations
 
+import io
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
@@ -16,14 +21,16 @@ from sklearn.model_selection import StratifiedGroupKFold
 from fracture.config import EvaluateParams, Profile, TrainParams
 from fracture.data_config import DataConfig
 from fracture.evaluation import (
+    PairedAUC,
     bootstrap_intervals,
+    delong_paired,
     evaluate_probabilities,
     operating_threshold,
 )
 from fracture.prepare import PreparedImages
 from fracture.split import group_key
 from fracture.training import EpochCallback, FitResult, train
-from fracture.workspace import CrossvalFold
+from fracture.workspace import CrossvalFold, Workspace
 
 #: Columns of the out-of-fold predictions.
 OOF_COLUMNS = ["image_id", "fold", "label", "probability"]
@@ -179,3 +186,136 @@ def summarise(folds: list[CrossvalFold], oof: pd.DataFrame, ev: EvaluateParams) 
         | {f"oof_{name}_ci_low": low for name, (low, _) in intervals.items()}
         | {f"oof_{name}_ci_high": high for name, (_, high) in intervals.items()}
     )
+
+
+@dataclass(frozen=True)
+class OofComparison:
+    """One recipe's out-of-fold figures and, beside the reference's, their paired difference.
+
+    Attributes:
+        name: the run (a ``dvc exp`` name, a revision or a file), or :data:`ENSEMBLE`.
+        roc_auc: the out-of-fold ROC AUC.
+        threshold: the operating threshold on these predictions (:func:`summarise`'s rule).
+        recall: sensitivity at it.
+        specificity: specificity at it (the figure to compare when the threshold meets a
+            target sensitivity by construction).
+        versus_reference: this run's AUC minus the reference's by DeLong's paired test on the
+            same images (``auc_a`` is this run's); ``None`` for the reference itself.
+    """
+
+    name: str
+    roc_auc: float
+    threshold: float
+    recall: float
+    specificity: float
+    versus_reference: PairedAUC | None
+
+
+#: The name of the row that averages every compared run's probabilities.
+ENSEMBLE = "mean of the runs"
+
+
+def _aligned(runs: Mapping[str, pd.DataFrame]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The runs' labels and probabilities in one image order, checked to be the same folds."""
+    names = list(runs)
+    frames = {}
+    for name, frame in runs.items():
+        missing = [c for c in OOF_COLUMNS if c not in frame.columns]
+        if missing:
+            raise CrossvalError(
+                f"{name}: the out-of-fold predictions lack the column(s) {missing}; expected {OOF_COLUMNS}, as "
+                "`fracture crossval` writes outputs/crossval/oof.csv"
+            )
+        if frame["image_id"].duplicated().any():
+            raise CrossvalError(f"{name}: image_id {frame['image_id'][frame['image_id'].duplicated()].iloc[0]} "
+                                "is listed twice in the out-of-fold predictions")
+        frames[name] = frame.set_index("image_id").sort_index()
+    reference = frames[names[0]]
+    for name in names[1:]:
+        frame = frames[name]
+        only_here = frame.index.difference(reference.index)
+        only_there = reference.index.difference(frame.index)
+        if len(only_here) or len(only_there):
+            raise CrossvalError(
+                f"{name} held out {len(only_here)} image(s) {names[0]} did not and missed {len(only_there)} it held "
+                f"out (first: {[*only_here[:1], *only_there[:1]]}): a paired comparison needs the same train + val "
+                "images; run both on the same split"
+            )
+        for column, setting in (("label", "validate's label policies"), ("fold", "crossval.folds and crossval.seed")):
+            differ = frame[column].to_numpy() != reference[column].to_numpy()
+            if differ.any():
+                raise CrossvalError(
+                    f"{name} and {names[0]} differ in `{column}` for {int(differ.sum())} image(s) (first: "
+                    f"{frame.index[differ][0]}): a paired comparison needs the same folds; run both with the "
+                    f"same split and {setting}"
+                )
+    labels = reference["label"].astype(int).to_numpy()
+    return labels, {name: frames[name]["probability"].astype(float).to_numpy() for name in names}
+
+
+def compare_oof(
+    runs: Mapping[str, pd.DataFrame], ev: EvaluateParams, ensemble: bool = False, confidence: float = 0.95
+) -> list[OofComparison]:
+    """Recipes compared on their out-of-fold predictions: the same folds, the first run as reference.
+
+    Every run is scored as :func:`summarise` scores it (pooled ROC AUC; sensitivity and
+    specificity at ``ev``'s threshold rule on the same predictions), and each other run against
+    the reference by DeLong's paired test on the same images, which a difference of the two
+    runs' bootstrap intervals would not be: the images are shared, so most of their noise cancels.
+
+    With ``ensemble``, one more row (:data:`ENSEMBLE`) is the mean of all runs' probabilities of
+    each image. Each image's probabilities come from models whose fold held it out, so the row
+    is an honest estimate of what averaging those recipes' models would score.
+
+    Args:
+        runs: out-of-fold predictions (:data:`OOF_COLUMNS`) by name, the reference first.
+        ev: the threshold rule (``threshold``, ``target_sensitivity``).
+        ensemble: add the mean of all runs.
+        confidence: coverage of the differences' intervals.
+
+    Raises:
+        CrossvalError: fewer than two runs, a column missing, or runs that held out other images,
+            other labels or other folds (no paired comparison is possible).
+    """
+    if len(runs) < 2:
+        raise CrossvalError(f"comparing needs two runs or more, the reference first; got {len(runs)}")
+    labels, probabilities = _aligned(runs)
+    if ensemble:
+        probabilities[ENSEMBLE] = np.mean(list(probabilities.values()), axis=0)
+    reference = next(iter(probabilities.values()))
+    rows = []
+    for i, (name, probs) in enumerate(probabilities.items()):
+        threshold = operating_threshold(ev, lambda probs=probs: (labels, probs))
+        point = evaluate_probabilities(labels, probs, threshold).metrics
+        paired = delong_paired(labels, probs, reference, confidence) if i else None
+        rows.append(
+            OofComparison(name, point["roc_auc"], threshold, point["recall"], point["specificity"], paired)
+        )
+    return rows
+
+
+def read_oof(run: str, root: Path) -> pd.DataFrame:
+    """A cross-validation run's out-of-fold predictions, from a file or from where DVC keeps them.
+
+    Args:
+        run: a CSV file of :data:`OOF_COLUMNS`; else a ``dvc exp`` name or git revision of the
+            project at ``root``, whose ``outputs/crossval/oof.csv`` DVC reads from its cache (or
+            its remote, when the cache lacks it).
+        root: the project root.
+
+    Raises:
+        CrossvalError: neither a file nor a revision holding the predictions.
+    """
+    if Path(run).is_file():
+        return pd.read_csv(run)
+    import dvc.api  # noqa: PLC0415 - DVC's API loads slowly
+    from dvc.exceptions import DvcException  # noqa: PLC0415
+
+    path = Workspace(root).crossval_oof.relative_to(root).as_posix()
+    try:
+        return pd.read_csv(io.StringIO(dvc.api.read(path, repo=str(root), rev=run)))
+    except (DvcException, FileNotFoundError) as exc:
+        raise CrossvalError(
+            f"{run}: no file of that name, and no revision or `dvc exp` name of this project with {path} ({exc}); "
+            "`dvc exp list` names the experiments, `dvc exp pull` fetches a colleague's"
+        ) from exc

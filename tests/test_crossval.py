@@ -23,7 +23,14 @@ from fracture.config import (
     load_params,
     parse_params,
 )
-from fracture.crossval import CrossvalError, draw_folds, pool_splits
+from fracture.crossval import (
+    ENSEMBLE,
+    CrossvalError,
+    compare_oof,
+    draw_folds,
+    pool_splits,
+    read_oof,
+)
 from fracture.evaluation import choose_threshold
 from fracture.imaging import Preprocessor
 from fracture.prepare import cache_key, prepare_images
@@ -363,3 +370,121 @@ def test_dvc_runs_crossval_only_when_its_file_is_named(tmp_path, monkeypatch):
     assert re.search(rf"modified:\s+profiles\.{active}\n", dvc(tmp_path, "status", "crossval/dvc.yaml"))
     dvc(tmp_path, "repro")
     assert calls(tmp_path) == [f"train {root}", f"evaluate {root}"]
+
+
+# --- comparing recipes on their out-of-fold predictions -----------------------------------------
+
+
+def oof_frame(labels: np.ndarray, probs: np.ndarray, folds: np.ndarray | None = None) -> pd.DataFrame:
+    n = len(labels)
+    return pd.DataFrame({
+        "image_id": [f"IMG{k:07d}.jpg" for k in range(n)],
+        "fold": folds if folds is not None else np.arange(n) % 3 + 1,
+        "label": labels,
+        "probability": probs,
+    })
+
+
+@pytest.fixture(scope="module")
+def scored() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """400 images (80 fractured): one recipe's scores, and a better one's (less noise on the same signal)."""
+    rng = np.random.default_rng(0)
+    labels = (np.arange(400) < 80).astype(int)
+    signal = labels * 1.5
+    return labels, signal + rng.normal(0, 1.5, 400), signal + rng.normal(0, 0.6, 400)
+
+
+def test_comparing_a_run_with_itself_finds_no_difference(scored):
+    labels, weak, _ = scored
+    ev = load_params().evaluate
+    reference, same = compare_oof({"a": oof_frame(labels, weak), "b": oof_frame(labels, weak)}, ev)
+    assert reference.versus_reference is None and reference.roc_auc == pytest.approx(roc_auc_score(labels, weak))
+    assert same.versus_reference.difference == 0 and same.versus_reference.p_value == 1
+    # The rule of `fracture crossval`'s summary: the threshold reaching the target sensitivity.
+    assert reference.threshold == choose_threshold(labels, weak, ev.target_sensitivity)
+    pred = weak >= reference.threshold
+    assert reference.recall == pytest.approx(recall_score(labels, pred))
+    assert reference.specificity == pytest.approx(recall_score(labels, pred, pos_label=0))
+
+
+def test_a_better_recipe_is_found_better_whatever_order_its_images_are_listed_in(scored):
+    labels, weak, strong = scored
+    shuffled = oof_frame(labels, strong).sample(frac=1, random_state=1)
+    rows = compare_oof({"weak": oof_frame(labels, weak), "strong": shuffled}, load_params().evaluate)
+    paired = rows[1].versus_reference
+    assert paired.auc_a == pytest.approx(roc_auc_score(labels, strong)) and paired.auc_b == pytest.approx(rows[0].roc_auc)
+    assert paired.difference > 0 and paired.ci_low > 0 and paired.p_value < 0.05
+    assert (paired.n_images, paired.n_fractured) == (400, 80)
+
+
+def test_the_ensemble_row_scores_the_mean_of_every_runs_probabilities(scored):
+    labels, weak, strong = scored
+    rows = compare_oof(
+        {"weak": oof_frame(labels, weak), "strong": oof_frame(labels, strong)}, load_params().evaluate, ensemble=True
+    )
+    assert [r.name for r in rows] == ["weak", "strong", ENSEMBLE]
+    assert rows[2].roc_auc == pytest.approx(roc_auc_score(labels, (weak + strong) / 2))
+    assert rows[2].versus_reference.auc_b == pytest.approx(rows[0].roc_auc)
+
+
+def test_runs_on_other_folds_images_or_labels_are_not_compared(scored):
+    labels, weak, strong = scored
+    ev = load_params().evaluate
+    reference = oof_frame(labels, weak)
+    other_folds = oof_frame(labels, strong, folds=np.arange(400) % 3 + 1)
+    other_folds.loc[5, "fold"] = other_folds.loc[5, "fold"] % 3 + 1
+    with pytest.raises(CrossvalError, match=r"differ in `fold` for 1 image\(s\) \(first: IMG0000005.jpg\).*crossval.seed"):
+        compare_oof({"ref": reference, "new": other_folds}, ev)
+    with pytest.raises(CrossvalError, match=r"new held out 0 image\(s\) ref did not and missed 1"):
+        compare_oof({"ref": reference, "new": oof_frame(labels, strong).iloc[1:]}, ev)
+    flipped = oof_frame(labels, strong)
+    flipped.loc[0, "label"] = 0
+    with pytest.raises(CrossvalError, match=r"differ in `label`"):
+        compare_oof({"ref": reference, "new": flipped}, ev)
+    with pytest.raises(CrossvalError, match=r"lack the column\(s\) \['fold'\]"):
+        compare_oof({"ref": reference, "new": oof_frame(labels, strong).drop(columns="fold")}, ev)
+    with pytest.raises(CrossvalError, match="two runs or more"):
+        compare_oof({"ref": reference}, ev)
+
+
+def test_runs_are_read_from_dvc_experiments_revisions_and_files(tmp_path, scored):
+    """`fracture crossval-compare` reads outputs/crossval/oof.csv where `dvc exp run` left it."""
+    labels, weak, strong = scored
+    run(tmp_path, "git", "init", "-q")
+    dvc(tmp_path, "init", "-q")
+    oof = Workspace(tmp_path).crossval_oof
+    oof.parent.mkdir(parents=True)
+    oof_frame(labels, weak).to_csv(oof, index=False)
+    dvc(tmp_path, "add", "-q", "outputs/crossval/oof.csv")
+    run(tmp_path, "git", "add", "-A")
+    run(tmp_path, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "weak recipe")
+    oof_frame(labels, strong).to_csv(oof, index=False)
+    dvc(tmp_path, "add", "-q", "outputs/crossval/oof.csv")
+    dvc(tmp_path, "exp", "save", "-q", "-n", "cv-strong")
+    oof.unlink()  # read from the experiment and from DVC's cache, not from the working tree
+
+    assert np.allclose(read_oof("cv-strong", tmp_path)["probability"], strong)
+    assert np.allclose(read_oof("HEAD", tmp_path)["probability"], weak)
+    copy = tmp_path / "weak.csv"
+    oof_frame(labels, weak).to_csv(copy, index=False)
+    assert np.allclose(read_oof(str(copy), tmp_path)["probability"], weak)
+    with pytest.raises(CrossvalError, match=r"cv-missing: no file of that name, and no revision or `dvc exp`"):
+        read_oof("cv-missing", tmp_path)
+
+
+def test_cli_prints_each_run_and_its_paired_difference(tmp_path, scored, monkeypatch, capsys):
+    from fracture.cli import main
+
+    labels, weak, strong = scored
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    for name, probs in (("weak.csv", weak), ("strong.csv", strong)):
+        oof_frame(labels, probs).to_csv(tmp_path / name, index=False)
+    monkeypatch.chdir(tmp_path)
+    main(["crossval-compare", "weak.csv", "strong.csv", "--ensemble"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("out-of-fold, 400 images (80 fractured)")
+    assert [line.split()[0] for line in lines[2:]] == ["weak.csv", "strong.csv", "mean"]
+    assert lines[2].rstrip().endswith("reference") and ", p = " in lines[3]
+    with pytest.raises(SystemExit) as exit_:
+        main(["crossval-compare", "weak.csv"])
+    assert str(exit_.value.code) == "fracture crossval-compare: comparing needs two runs or more, the reference first; got 1"
