@@ -20,12 +20,15 @@ The ratio flow / direct is the orchestration's overhead; its difference in secon
 per run (the Prefect server and its API calls, DVC's checks and hashing), so it shrinks as a
 share of a longer run. A run's time moves by a few seconds from one run to the next on a small
 machine, as much as the overhead itself, so ``direct`` and ``flow, server up`` run ``--repeats``
-times each, alternating, each in a fresh project; the bench prints every run, the ratio of the
-medians and each pair's ratio. The one-shot command runs once. The server's own CPU time during
-each run is printed too: on this machine it shares the cores with the run, on a deployment it
-has its own. Last, a table splits the medians into each of the five DVC stages' seconds on
-both sides, as each run prints them (the flow's include DVC's work around the stage's command),
-and the rest of the run.
+times each, alternating, each pair in the other order from the last, each in a fresh project;
+the bench prints every run, the ratio of the medians and each pair's ratio. The one-shot command
+runs once. The server's own CPU time during each run is printed too: on this machine it shares
+the cores with the run, on a deployment it has its own. Last, a table splits the medians into
+each of the five DVC stages' seconds on both sides, as each run prints them (the flow's include
+DVC's work around the stage's command, which the flow times apart), and the rest of the run.
+Since the stages' commands are the same code on both sides, the overhead is also read inside
+the runs: DVC's work around the commands plus the difference outside the stages, free of the
+commands' own run-to-run spread.
 """
 
 from __future__ import annotations
@@ -71,10 +74,17 @@ importlib.import_module("fracture.stages.register").run_register(params, workspa
 STAGES = ("validate", "split", "prepare", "train", "evaluate")
 
 
-def stage_seconds(log: Path) -> dict[str, float]:
-    """The seconds of each DVC stage as a run printed them at its end (the flow: DVC's work around the command included)."""
-    found = re.findall(rf"^({'|'.join(STAGES)})\s+ran\s+([\d.]+) s$", log.read_text(), flags=re.MULTILINE)
-    return {stage: float(seconds) for stage, seconds in found}
+def stage_seconds(log: Path) -> tuple[dict[str, float], dict[str, float]]:
+    """The seconds of each DVC stage as a run printed them at its end, and of DVC's work around its command.
+
+    The flow prints ``train     ran   84.7 s (command 83.9 s, DVC 0.8 s)``; the direct run
+    ``train     ran   83.9 s`` (no DVC).
+    """
+    found = re.findall(
+        rf"^({'|'.join(STAGES)})\s+ran\s+([\d.]+) s(?: \(command [\d.]+ s, DVC (-?[\d.]+) s\))?$",
+        log.read_text(), flags=re.MULTILINE,
+    )
+    return {stage: float(seconds) for stage, seconds, _ in found}, {stage: float(d) for stage, _, d in found if d}
 
 
 def make_project(dest: Path) -> Path:
@@ -141,10 +151,14 @@ def main() -> None:
         direct: list[float] = []
         served: list[float] = []
         stages: dict[str, list[dict[str, float]]] = {"direct": [], "served": []}
+        dvc_work: list[dict[str, float]] = []
         with running([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)], server_env,
                      f"{api}/health", root / "prefect-server.log"):
             for i in range(args.repeats):
-                for side, times in (("direct", direct), ("served", served)):
+                # Each pair in the other order from the last, so a machine slowing down (or
+                # speeding up) over the bench weighs on both sides alike.
+                order = (("direct", direct), ("served", served))
+                for side, times in order if i % 2 == 0 else order[::-1]:
                     project = make_project(root / f"{side}-{i}")
                     cpu = server_cpu_seconds(port)
                     if side == "direct":
@@ -152,7 +166,10 @@ def main() -> None:
                     else:
                         seconds = timed(flow_cmd(project), REPO, root / f"{side}-{i}.log", PREFECT_API_URL=api)
                     times.append(seconds)
-                    stages[side].append(stage_seconds(root / f"{side}-{i}.log"))
+                    total, dvc = stage_seconds(root / f"{side}-{i}.log")
+                    stages[side].append(total)
+                    if side == "served":
+                        dvc_work.append(dvc)
                     label = "direct (stage functions in one process)" if side == "direct" else "flow, server up"
                     print(f"run {i + 1}: {label:<42} {seconds:6.1f} s "
                           f"(Prefect server CPU meanwhile {server_cpu_seconds(port) - cpu:.1f} s)", flush=True)
@@ -164,15 +181,23 @@ def main() -> None:
         # Where the difference is: each stage (the flow's includes DVC's checks, hashing, caching
         # and locking around the command), and the rest of the run (start-up, ingest, registration,
         # Prefect's engine), as medians over the runs.
-        print(f"{'':<34}{'direct':>8}{'flow':>8}{'flow - direct':>15}")
+        print(f"{'':<34}{'direct':>8}{'flow':>8}{'flow - direct':>15}{'DVC around the command':>24}")
         rest = {side: [total - sum(run.values()) for total, run in zip(times, stages[side], strict=True)]
                 for side, times in (("direct", direct), ("served", served))}
-        rows = [(f"stage {stage}", [run[stage] for run in stages["direct"]], [run[stage] for run in stages["served"]])
-                for stage in STAGES]
-        rows.append(("outside the five stages", rest["direct"], rest["served"]))
-        for label, a, b in rows:
+        rows = [(f"stage {stage}", [run[stage] for run in stages["direct"]], [run[stage] for run in stages["served"]],
+                 [run[stage] for run in dvc_work]) for stage in STAGES]
+        rows.append(("outside the five stages", rest["direct"], rest["served"], []))
+        for label, a, b, work in rows:
             ma, mb = statistics.median(a), statistics.median(b)
-            print(f"{label:<34}{ma:8.1f}{mb:8.1f}{mb - ma:+15.1f}")
+            print(f"{label:<34}{ma:8.1f}{mb:8.1f}{mb - ma:+15.1f}" + (f"{statistics.median(work):24.1f}" if work else ""))
+        # The stages' commands are the same code on both sides, so what the orchestration adds can
+        # also be read inside the runs, without the commands' run-to-run spread: DVC's work around
+        # each command (timed by the flow) and the difference outside the stages.
+        around = statistics.median([sum(run.values()) for run in dvc_work])
+        outside = statistics.median(rest["served"]) - statistics.median(rest["direct"])
+        print(f"measured inside the runs: DVC around the five commands {around:.1f} s + outside the stages "
+              f"{outside:+.1f} s = {around + outside:.1f} s over direct's {d:.1f} s: "
+              f"{(d + around + outside) / d:.3f}")
 
 if __name__ == "__main__":
     main()

@@ -45,6 +45,10 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+def _seconds(value: float | None) -> str:
+    return "" if value is None else f"{value:.1f}"
+
+
 def _code(value: str | None) -> str:
     return f"`{value}`" if value else "none"
 
@@ -100,10 +104,14 @@ def render_report(result: RetrainResult) -> str:
         "",
         "## Stages",
         "",
-        "| Stage | DVC | Seconds |",
-        "|---|---|---:|",
-        f"| ingest | {copied} | {ingest.seconds:.1f} |",
-        *(f"| {s.stage} | {'ran' if s.ran else 'up to date'} | {s.seconds:.1f} |" for s in result.runs.values()),
+        "| Stage | DVC | Seconds | of which the command | of which DVC's checks, hashing and caching |",
+        "|---|---|---:|---:|---:|",
+        f"| ingest | {copied} | {ingest.seconds:.1f} | | |",
+        *(
+            f"| {s.stage} | {'ran' if s.ran else 'up to date'} | {s.seconds:.1f} | {_seconds(s.command_seconds)} | "
+            f"{_seconds(s.dvc_seconds)} |"
+            for s in result.runs.values()
+        ),
         "",
         f"## Test metrics ({result.profile} profile, {result.train.model.architecture})",
         "",

@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     result = retrain(project_dir=args.project_dir, source=args.source, profile=args.profile)
     for run in [*result.runs.values(), *(result.detector.runs.values() if result.detector else [])]:
-        print(f"{run.stage:<9} {'ran' if run.ran else 'up to date':<10} {run.seconds:7.1f} s")
+        print(f"{run.stage:<9} {run.describe()}")
 
 
 if __name__ == "__main__":

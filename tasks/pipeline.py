@@ -78,11 +78,33 @@ class StageFailed(RuntimeError):
 
 @dataclass(frozen=True)
 class StageRun:
-    """Whether ``dvc repro`` ran a stage or found it up to date, and how long the call took."""
+    """Whether ``dvc repro`` ran a stage or found it up to date, and how long the call took.
+
+    Attributes:
+        stage: the stage's name.
+        ran: DVC ran its command or restored its outputs from the run cache.
+        seconds: the whole call: DVC's checks, the command, and DVC's hashing, caching and locking.
+        command_seconds: how long the stage's command itself ran; ``None`` when DVC ran none.
+    """
 
     stage: str
     ran: bool
     seconds: float
+    command_seconds: float | None = None
+
+    @property
+    def dvc_seconds(self) -> float | None:
+        """DVC's work around the command (status, run cache, removing, hashing, caching and locking
+        outputs, ``dvc.lock``): what reproducing through DVC costs over calling the stage; ``None``
+        when DVC ran no command."""
+        return None if self.command_seconds is None else self.seconds - self.command_seconds
+
+    def describe(self) -> str:
+        """``ran`` or ``up to date``, and the seconds: of the call, and of the command and DVC's work when it ran one."""
+        line = f"{'ran' if self.ran else 'up to date':<10} {self.seconds:7.1f} s"
+        if self.command_seconds is not None:
+            line += f" (command {self.command_seconds:.1f} s, DVC {self.dvc_seconds:.1f} s)"
+        return line
 
 
 @dataclass(frozen=True)
@@ -134,27 +156,33 @@ def run_command(project: Path, argv: list[str]) -> None:
             raise StageFailed(f"`fracture {' '.join(argv)}` failed: {message}", status) from None
 
 
-def _command_in_process(shell_run: Callable[..., None]) -> Callable[..., None]:
+def _command_in_process(shell_run: Callable[..., None], timings: list[float]) -> Callable[..., None]:
     """DVC's ``cmd_run`` for a stage, running a ``fracture`` command in this process.
 
     DVC calls it with the repository unlocked, after removing the stage's outputs and missing
     its run cache, and saves, caches and locks the outputs after it returns, as for any command.
     A command of another kind, several commands, or a dry run go to DVC's own ``shell_run``.
+    Each call's seconds are appended to ``timings``, whether the command succeeds or fails.
     """
 
     def cmd_run(stage: Any, dry: bool = False, run_env: dict[str, str] | None = None) -> None:
-        commands = stage.cmd if isinstance(stage.cmd, list) else stage.cmd.splitlines()
-        if dry or len(commands) != 1 or not IN_PROCESS_COMMAND.fullmatch(commands[0].strip()):
-            return shell_run(stage, dry=dry, run_env=run_env)
-        # A failure raises StageFailed, which DVC wraps as the cause of its ReproductionError.
-        return run_command(Path(stage.wdir), commands[0].split()[1:])
+        started = time.perf_counter()
+        try:
+            commands = stage.cmd if isinstance(stage.cmd, list) else stage.cmd.splitlines()
+            if dry or len(commands) != 1 or not IN_PROCESS_COMMAND.fullmatch(commands[0].strip()):
+                return shell_run(stage, dry=dry, run_env=run_env)
+            # A failure raises StageFailed, which DVC wraps as the cause of its ReproductionError.
+            return run_command(Path(stage.wdir), commands[0].split()[1:])
+        finally:
+            timings.append(time.perf_counter() - started)
 
     return cmd_run
 
 
 @contextlib.contextmanager
-def _fracture_commands_in_process() -> Iterator[None]:
-    """While open, DVC runs a stage's ``fracture`` command in this process (see the module's doc).
+def _fracture_commands_in_process(timings: list[float]) -> Iterator[None]:
+    """While open, DVC runs a stage's ``fracture`` command in this process (see the module's doc),
+    and each command's seconds are appended to ``timings``.
 
     DVC has no option for this: its ``run_stage`` calls the module's ``cmd_run``, which is
     swapped for the time of one ``reproduce`` call and put back after it. The flow's run is the
@@ -163,7 +191,7 @@ def _fracture_commands_in_process() -> Iterator[None]:
     import dvc.stage.run as dvc_run  # noqa: PLC0415 - DVC's API loads slowly
 
     shell_run = dvc_run.cmd_run
-    dvc_run.cmd_run = _command_in_process(shell_run)
+    dvc_run.cmd_run = _command_in_process(shell_run, timings)
     try:
         yield
     finally:
@@ -251,16 +279,17 @@ def repro(project: Path, stage: str, dvc_file: str = "dvc.yaml") -> StageRun:
     root = project.resolve()
     target = f"{dvc_file}:{stage}"
     _logger().info("dvc repro -s %s", target)
+    commands: list[float] = []
     try:
         # From the project root, as the command line runs: DVC reads some paths against it.
-        with contextlib.chdir(root), Repo(str(root)) as repo, _fracture_commands_in_process():
+        with contextlib.chdir(root), Repo(str(root)) as repo, _fracture_commands_in_process(commands):
             reproduced = repo.reproduce(target, single_item=True)
     except DvcException as exc:
         cause = exc.__cause__
         if isinstance(cause, StageFailed):  # the command's own message and exit status
             raise StageFailed(f"stage {stage}: {cause}", cause.returncode) from exc
         raise StageFailed(f"stage {stage}: {exc}" + (f": {cause}" if cause else "")) from exc
-    return StageRun(stage, bool(reproduced), time.perf_counter() - started)
+    return StageRun(stage, bool(reproduced), time.perf_counter() - started, sum(commands) if commands else None)
 
 
 def _failure(state: State[Any]) -> BaseException | None:

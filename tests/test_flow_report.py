@@ -76,7 +76,7 @@ def result(*, ran: bool, previous: str | None, created: bool, champion: bool = T
     return RetrainResult(
         profile="cpu",
         ingest=IngestSummary("new-md5.dir", 4.2, previous),
-        runs={name: StageRun(name, ran, 12.5 if ran else 0.8) for name in DVC_STAGES},
+        runs={name: StageRun(name, ran, 12.5, 11.25) if ran else StageRun(name, ran, 0.8) for name in DVC_STAGES},
         validate=ValidateResult(True, {"images": 250}, [], {f"IMG{i}.jpg": {"rule": "decodable", "reason": "-"} for i in range(3)}, [["a", "b"]]),
         split=SplitResult({"train": 175, "val": 38, "test": 37}, {"train": 38, "val": 8, "test": 8}),
         prepare=PrepareResult(250, [3, 224, 224], "squash", "none", 80.0),
@@ -101,7 +101,7 @@ def test_unchanged_run_says_nothing_changed():
     text = render_report(unchanged)
     assert "**Nothing changed**" in text and "Retrained" not in text
     for stage in ("validate", "split", "prepare", "train", "evaluate"):
-        assert table_row(text, stage)[1] == "up to date"
+        assert table_row(text, stage)[1:] == ["up to date", "0.8", "", ""]
     assert table_row(text, "Data changed")[1] == "no"
     assert table_row(text, "Registered by this run")[1] == "no (already registered)"
     assert table_row(text, "Reason")[1] == "already champion"
@@ -115,7 +115,8 @@ def test_new_data_version_reports_the_retraining_and_the_gate():
     assert "**Retrained**: new data version `new-md5.dir` (was `old-md5.dir`)" in text
     assert "DVC ran validate, split, prepare, train, evaluate" in text
     assert "Test split: 37 images, 8 fractured" in text
-    assert table_row(text, "train")[1:] == ["ran", "12.5"]
+    # The command's seconds and DVC's work around it, when DVC ran it; the up-to-date check alone otherwise.
+    assert table_row(text, "train")[1:] == ["ran", "12.5", "11.2", "1.2"]
     assert table_row(text, "Data version (DVC md5 of `data`)")[1] == "`new-md5.dir`"
     assert table_row(text, "Split (images)")[1] == "train 175, val 38, test 37"
     assert table_row(text, "Excluded by validation")[1] == "3"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,6 +33,8 @@ def probe_command() -> Iterator[None]:
         text = Path("in.txt").read_text()  # relative: the command runs from the project root
         if text == "fail":
             sys.exit("fracture probe: in.txt says fail")
+        if text == "slow":
+            time.sleep(0.5)
         Path(out).write_text(f"{os.getpid()} {text}")
 
     cli.app.command("probe")(probe)
@@ -115,3 +118,16 @@ def test_a_stage_command_with_shell_syntax_is_left_to_dvcs_shell():
                   "fracture $STAGE", "FOO=1 fracture train", "python -m fracture.cli train"):
         assert not IN_PROCESS_COMMAND.fullmatch(shell), shell
 
+
+def test_a_stage_run_times_its_command_apart_from_dvcs_work_around_it(probe_command, dvc_project):
+    project = dvc_project
+    (project / "in.txt").write_text("slow")
+    slow = repro(project, "probe")
+    assert slow.ran and 0.5 <= slow.command_seconds <= slow.seconds  # the command slept 0.5 s
+    assert slow.dvc_seconds == pytest.approx(slow.seconds - slow.command_seconds)
+    assert slow.describe().startswith("ran") and f"(command {slow.command_seconds:.1f} s, DVC " in slow.describe()
+    shell = repro(project, "shell")  # a command DVC runs in its shell is timed too
+    assert shell.ran and 0 < shell.command_seconds <= shell.seconds
+    skipped = repro(project, "probe")  # up to date: no command ran
+    assert not skipped.ran and skipped.command_seconds is None and skipped.dvc_seconds is None
+    assert skipped.describe() == f"up to date {skipped.seconds:7.1f} s"
