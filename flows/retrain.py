@@ -164,9 +164,12 @@ def _retrain(project: Path, source: str | None, profile: str | None) -> RetrainR
     runs, results = {}, {}
     # One status check for the whole pipeline: when DVC finds nothing changed, no stage is
     # reproduced. Otherwise DVC reproduces every stage in order, which reruns what an upstream
-    # stage's new outputs change.
-    pending = dvc_status(project, list(DVC_STAGES))
-    if pending:
+    # stage's new outputs change. New data changes the first stage's dependency, so DVC is not
+    # asked then: each stage's reproduction checks the stage itself anyway.
+    if ingested.changed:
+        pending = True
+        print(f"new data version {ingested.data_version}; reproducing the pipeline")
+    elif pending := dvc_status(project, list(DVC_STAGES)):
         print(f"DVC status: {', '.join(sorted(pending))} changed; reproducing the pipeline")
     else:
         print("DVC status: every stage is as dvc.lock records it; nothing to reproduce")
