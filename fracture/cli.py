@@ -264,6 +264,7 @@ def crossval_compare(
         rows = compare_oof({run: read_oof(run, workspace.root) for run in dict.fromkeys(runs)}, params.evaluate, ensemble)
     _print_comparison(rows, params.evaluate)
 
+
 @app.command()
 def register() -> None:
     """Register the model; it becomes champion only if it passes the promotion gate."""

@@ -443,6 +443,9 @@ def test_runs_on_other_folds_images_or_labels_are_not_compared(scored):
         compare_oof({"ref": reference, "new": flipped}, ev)
     with pytest.raises(CrossvalError, match=r"lack the column\(s\) \['fold'\]"):
         compare_oof({"ref": reference, "new": oof_frame(labels, strong).drop(columns="fold")}, ev)
+    twice = pd.concat([oof_frame(labels, strong), oof_frame(labels, strong).iloc[:1]])
+    with pytest.raises(CrossvalError, match=r"new: image_id IMG0000000.jpg is listed twice"):
+        compare_oof({"ref": reference, "new": twice}, ev)
     with pytest.raises(CrossvalError, match="two runs or more"):
         compare_oof({"ref": reference}, ev)
 
