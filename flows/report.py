@@ -115,8 +115,10 @@ def render_report(result: RetrainResult) -> str:
         "",
         f"## Test metrics ({result.profile} profile, {result.train.model.architecture})",
         "",
-        f"Test split: {_count(m.get('n_images'))} images, {_count(m.get('n_fractured'))} fractured; "
-        f"MLflow run {_code(result.train.run_id)}.",
+        (
+            f"Test split: {_count(m.get('n_images'))} images, {_count(m.get('n_fractured'))} fractured; "
+            f"MLflow run {_code(result.train.run_id)}."
+        ),
         "",
         "| Metric | Value | 95% CI |",
         "|---|---:|---|",

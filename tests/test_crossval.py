@@ -80,7 +80,7 @@ def test_folds_partition_the_images_and_keep_each_group_whole(folds, seed):
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_folds_are_stratified_by_label(seed):
-    pooled, truth = pooled_with_groups(n_groups=150, seed=seed)
+    pooled, _ = pooled_with_groups(n_groups=150, seed=seed)
     fold_of = draw_folds(pooled, 3, seed)
     share = pooled["label"].mean()
     for number in (1, 2, 3):
