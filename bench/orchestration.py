@@ -169,8 +169,8 @@ def main() -> None:
                     times.append(seconds)
                     total, dvc = stage_seconds(root / f"{side}-{i}.log")
                     stages[side].append(total)
-                    if side == "served":
-                        dvc_work.append(dvc)
+                    if side == "served":  # a stage DVC restored from its run cache ran no command: all DVC's
+                        dvc_work.append({stage: dvc.get(stage, seconds) for stage, seconds in total.items()})
                     label = "direct (stage functions in one process)" if side == "direct" else "flow, server up"
                     print(f"run {i + 1}: {label:<42} {seconds:6.1f} s "
                           f"(Prefect server CPU meanwhile {server_cpu_seconds(port) - cpu:.1f} s)", flush=True)
