@@ -26,8 +26,9 @@ SELECTION_PROTOCOL = (
     "Recipe choices (learning rate, epochs, input size, aspect, augmentation, class balance, "
     "test-time augmentation) are made on the validation split (`dvc exp run train -S ...`) or by "
     "k-fold cross-validation on train+val, grouped and stratified like the split "
-    "(`dvc exp run crossval/dvc.yaml -S ...`); the comments in params.yaml record which, with the "
-    "figures. The paper profile keeps the published recipe. No choice was made on the test split.",
+    "(`dvc exp run crossval/dvc.yaml -S ...`), two recipes compared on the same held-out images by "
+    "DeLong's paired test (`fracture crossval-compare`); the comments in params.yaml record which, "
+    "with the figures. The paper profile keeps the published recipe. No choice was made on the test split.",
     "The epoch kept is the one with the best validation ROC AUC; the decision threshold is chosen "
     "on the validation split.",
     "The test split is scored once per model, by the evaluate stage, to report the figures below. "
