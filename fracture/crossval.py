@@ -304,10 +304,15 @@ def read_oof(run: str, root: Path) -> pd.DataFrame:
         root: the project root.
 
     Raises:
-        CrossvalError: neither a file nor a revision holding the predictions.
+        CrossvalError: neither a file nor a revision holding the predictions, or a file that is not a CSV.
     """
     if Path(run).is_file():
-        return pd.read_csv(run)
+        try:
+            return pd.read_csv(run)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+            raise CrossvalError(
+                f"{run}: not a CSV of out-of-fold predictions ({exc}); give the oof.csv `fracture crossval` wrote"
+            ) from exc
     import dvc.api  # noqa: PLC0415 - DVC's API loads slowly
     from dvc.exceptions import DvcException  # noqa: PLC0415
 

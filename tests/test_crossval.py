@@ -473,6 +473,12 @@ def test_runs_are_read_from_dvc_experiments_revisions_and_files(tmp_path, scored
     assert np.allclose(read_oof(str(copy), tmp_path)["probability"], weak)
     with pytest.raises(CrossvalError, match=r"cv-missing: no file of that name, and no revision or `dvc exp`"):
         read_oof("cv-missing", tmp_path)
+    (tmp_path / "empty.csv").write_bytes(b"")
+    with pytest.raises(CrossvalError, match=r"empty.csv: not a CSV of out-of-fold predictions"):
+        read_oof(str(tmp_path / "empty.csv"), tmp_path)
+    (tmp_path / "model.bin").write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(CrossvalError, match=r"model.bin: not a CSV of out-of-fold predictions"):
+        read_oof(str(tmp_path / "model.bin"), tmp_path)
 
 
 def test_cli_prints_each_run_and_its_paired_difference(tmp_path, scored, monkeypatch, capsys):
