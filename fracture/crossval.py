@@ -144,6 +144,12 @@ def _check_both_classes(labels: np.ndarray, fold_of: np.ndarray, folds: int) -> 
             )
 
 
+def _operating_point(labels: np.ndarray, probs: np.ndarray, ev: EvaluateParams) -> tuple[float, dict[str, float]]:
+    """The threshold ``ev``'s rule picks on these same predictions, and the metrics at it."""
+    threshold = operating_threshold(ev, lambda: (labels, probs))
+    return threshold, evaluate_probabilities(labels, probs, threshold).metrics
+
+
 def summarise(folds: list[CrossvalFold], oof: pd.DataFrame, ev: EvaluateParams) -> dict[str, float | int]:
     """The summary of ``metrics.json``: the spread over the folds and the pooled out-of-fold figures.
 
@@ -168,8 +174,7 @@ def summarise(folds: list[CrossvalFold], oof: pd.DataFrame, ev: EvaluateParams) 
     best = np.array([f.best_roc_auc for f in folds])
     labels = oof["label"].astype(int).to_numpy()
     probs = oof["probability"].astype(float).to_numpy()
-    threshold = operating_threshold(ev, lambda: (labels, probs))
-    point = evaluate_probabilities(labels, probs, threshold).metrics
+    threshold, point = _operating_point(labels, probs, ev)
     intervals = bootstrap_intervals(labels, probs, threshold, ev.bootstrap_resamples, ev.seed)
     return (
         {
@@ -285,8 +290,7 @@ def compare_oof(
     reference = next(iter(probabilities.values()))
     rows = []
     for i, (name, probs) in enumerate(probabilities.items()):
-        threshold = operating_threshold(ev, lambda probs=probs: (labels, probs))
-        point = evaluate_probabilities(labels, probs, threshold).metrics
+        threshold, point = _operating_point(labels, probs, ev)
         paired = delong_paired(labels, probs, reference, confidence) if i else None
         rows.append(
             OofComparison(name, point["roc_auc"], threshold, point["recall"], point["specificity"], paired)
