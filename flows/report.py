@@ -108,7 +108,7 @@ def render_report(result: RetrainResult) -> str:
         "|---|---|---:|---:|---:|",
         f"| ingest | {copied} | {ingest.seconds:.1f} | | |",
         *(
-            f"| {s.stage} | {'ran' if s.ran else 'up to date'} | {s.seconds:.1f} | {_seconds(s.command_seconds)} | "
+            f"| {s.stage} | {s.outcome} | {s.seconds:.1f} | {_seconds(s.command_seconds)} | "
             f"{_seconds(s.dvc_seconds)} |"
             for s in result.runs.values()
         ),
@@ -178,7 +178,7 @@ def _detector_lines(result: RetrainResult) -> list[str]:
     d = result.detector
     assert d is not None
     m, reg = d.metrics, d.registration
-    stages = ", ".join(f"{s.stage} {'ran' if s.ran else 'up to date'} ({s.seconds:.1f} s)" for s in d.runs.values())
+    stages = ", ".join(f"{s.stage} {s.outcome} ({s.seconds:.1f} s)" for s in d.runs.values())
     lines = [
         "## Fracture detector",
         "",

@@ -93,6 +93,11 @@ class StageRun:
     command_seconds: float | None = None
 
     @property
+    def outcome(self) -> str:
+        """``ran`` or ``up to date``, as DVC's run reports are worded."""
+        return "ran" if self.ran else "up to date"
+
+    @property
     def dvc_seconds(self) -> float | None:
         """DVC's work around the command (status, run cache, removing, hashing, caching and locking
         outputs, ``dvc.lock``): what reproducing through DVC costs over calling the stage; ``None``
@@ -101,7 +106,7 @@ class StageRun:
 
     def describe(self) -> str:
         """``ran`` or ``up to date``, and the seconds: of the call, and of the command and DVC's work when it ran one."""
-        line = f"{'ran' if self.ran else 'up to date':<10} {self.seconds:7.1f} s"
+        line = f"{self.outcome:<10} {self.seconds:7.1f} s"
         if self.command_seconds is not None:
             line += f" (command {self.command_seconds:.1f} s, DVC {self.dvc_seconds:.1f} s)"
         return line
