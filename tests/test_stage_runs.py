@@ -20,7 +20,7 @@ import yaml
 
 from fracture import cli
 from tasks.pipeline import StageFailed, repro
-from tests.conftest import dvc, run
+from tests.conftest import REPO, dvc, run
 
 SHELL_STAGE = f"{sys.executable} -c \"import os; open('shell.txt', 'w').write(str(os.getpid()))\""
 
@@ -131,3 +131,18 @@ def test_a_stage_run_times_its_command_apart_from_dvcs_work_around_it(probe_comm
     skipped = repro(project, "probe")  # up to date: no command ran
     assert not skipped.ran and skipped.command_seconds is None and skipped.dvc_seconds is None
     assert skipped.describe() == f"up to date {skipped.seconds:7.1f} s"
+
+
+@pytest.mark.parametrize("name", ["params.yaml", "dvc.yaml", "data.dvc", "crossval/dvc.yaml", "detect/dvc.yaml"])
+def test_dvc_reads_the_projects_yaml_with_libyaml_as_the_pure_parser_would(name: str) -> None:
+    """DVC parses params.yaml, its pipeline files and .dvc files through ruamel.yaml's safe loader several times
+    per stage; with ruamel.yaml.clib that loader uses libyaml's parser, several times faster, and
+    reads every file of the project as the pure-Python parser does."""
+    from dvc.utils.serialize._yaml import parse_yaml
+    from ruamel.yaml import YAML
+    from ruamel.yaml.main import CParser
+
+    assert CParser is not None, "ruamel.yaml.clib is not installed: make venv installs it from constraints.txt"
+    assert YAML(typ="safe").Parser is CParser  # the loader DVC's parse_yaml builds
+    text = (REPO / name).read_text()
+    assert parse_yaml(text, name) == YAML(typ="safe", pure=True).load(text)
