@@ -135,9 +135,9 @@ def test_a_stage_run_times_its_command_apart_from_dvcs_work_around_it(probe_comm
 
 @pytest.mark.parametrize("name", ["params.yaml", "dvc.yaml", "data.dvc", "crossval/dvc.yaml", "detect/dvc.yaml"])
 def test_dvc_reads_the_projects_yaml_with_libyaml_as_the_pure_parser_would(name: str) -> None:
-    """DVC parses params.yaml, its pipeline files and .dvc files through ruamel.yaml's safe loader several times
-    per stage; with ruamel.yaml.clib that loader uses libyaml's parser, several times faster, and
-    reads every file of the project as the pure-Python parser does."""
+    """DVC parses params.yaml, the pipeline files and .dvc files with ruamel.yaml's safe loader,
+    several times per stage; with ruamel.yaml.clib that loader uses libyaml's parser, several
+    times faster, and reads every file of the project as the pure-Python parser does."""
     from dvc.utils.serialize._yaml import parse_yaml
     from ruamel.yaml import YAML
     from ruamel.yaml.main import CParser
