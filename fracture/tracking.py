@@ -22,3 +22,30 @@ def setup_mlflow(params: Params, root: Path = Path(".")) -> None:
         location = artifact_location(root) if uri.startswith("sqlite:") else None
         mlflow.create_experiment(params.register.experiment, artifact_location=location)
     mlflow.set_experiment(params.register.experiment)
+
+
+def hardware_tags(device: str) -> dict[str, str]:
+    """What a training run ran on, as MLflow tags: the device, the CPU and the kernels torch chose.
+
+    PyTorch's CPU kernels (oneDNN, MKL) take another code path on another instruction set
+    (``cpu_capability``: AVX2, AVX512, ...) or thread count, and their floating-point sums come
+    out in another order: ``dvc repro`` trains the same model bit for bit on the same kind of
+    machine, and a close but not identical one elsewhere. These tags say which kind a model came from.
+    """
+    import platform  # noqa: PLC0415
+    import re  # noqa: PLC0415
+
+    import torch  # noqa: PLC0415 - the tracking module is imported by stages that never train
+
+    try:
+        found = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), flags=re.MULTILINE)
+    except OSError:
+        found = None
+    return {
+        "device": device,
+        "cpu_model": found.group(1).strip() if found else (platform.processor() or platform.machine()),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch_threads": str(torch.get_num_threads()),
+        "torch_version": torch.__version__,
+        "cuda_device": torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "",
+    }

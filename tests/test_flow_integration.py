@@ -66,6 +66,8 @@ def test_flow_registers_a_champion_then_reruns_nothing(project, subset_source, f
     assert str(champion.version) == "1" and champion.run_id == first.train.run_id
     run = client.get_run(first.train.run_id)
     assert run.data.params["profile"] == "cpu"
+    # The machine it trained on, whose CPU kernels a bit-for-bit rerun needs (tracking.hardware_tags).
+    assert run.data.tags["device"] and run.data.tags["cpu_capability"] and run.data.tags["cpu_model"]
     assert run.data.metrics["test_roc_auc"] == pytest.approx(metrics["roc_auc"])
     assert metrics["roc_auc_ci_low"] <= metrics["roc_auc"] <= metrics["roc_auc_ci_high"]
     assert 0.0 <= metrics["ece"] <= 1.0 and run.data.metrics["test_ece"] == pytest.approx(metrics["ece"])

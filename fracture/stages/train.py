@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from fracture import checkpoint, distributed
 from fracture.config import Params
 from fracture.stages.prepare import active_cache, open_cache
-from fracture.tracking import setup_mlflow
+from fracture.tracking import hardware_tags, setup_mlflow
 from fracture.training import FitResult, select_device, train
 from fracture.vocabulary import CLASSES
 from fracture.workspace import TrainedModel, TrainResult, Workspace
@@ -151,7 +151,7 @@ def _train(params: Params, workspace: Workspace) -> None:
             run_id=run.info.run_id,
         )
         mlflow.log_metrics({"best_epoch": fit.best_epoch, "best_val_roc_auc": fit.best_val_roc_auc})
-        mlflow.set_tags({"device": fit.device, "resumed_from_epoch": fit.resumed_from})
+        mlflow.set_tags({**hardware_tags(fit.device), "resumed_from_epoch": fit.resumed_from})
         workspace.train_dir.mkdir(parents=True, exist_ok=True)
         save_file(fit.model.state_dict(), str(workspace.weights))
         trained = TrainedModel(
