@@ -1,7 +1,9 @@
-"""The MLflow tracking store a stage logs to: the URI and the experiment."""
+"""The MLflow tracking store a stage logs to (the URI and the experiment), and the machine a training run ran on."""
 
 from __future__ import annotations
 
+import platform
+import re
 from pathlib import Path
 
 import mlflow
@@ -32,9 +34,6 @@ def hardware_tags(device: str) -> dict[str, str]:
     out in another order: ``dvc repro`` trains the same model bit for bit on the same kind of
     machine, and a close but not identical one elsewhere. These tags say which kind a model came from.
     """
-    import platform  # noqa: PLC0415
-    import re  # noqa: PLC0415
-
     import torch  # noqa: PLC0415 - the tracking module is imported by stages that never train
 
     try:

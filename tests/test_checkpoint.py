@@ -125,8 +125,9 @@ def test_train_stage_killed_after_its_first_epoch_resumes_when_rerun(project, fr
     client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     steps = [m.step for m in client.get_metric_history(run_id, "val_roc_auc")]
     assert sorted(set(steps)) == [1, 2, 3]
-    assert client.get_run(run_id).data.tags["resumed_from_epoch"] == str(killed_at)
-    tags = client.get_run(run_id).data.tags  # what the resumed run trained on (tracking.hardware_tags)
+    tags = client.get_run(run_id).data.tags
+    assert tags["resumed_from_epoch"] == str(killed_at)
+    # What the resumed run trained on (tracking.hardware_tags).
     assert tags["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and tags["cpu_model"]
     assert tags["torch_version"] == torch.__version__ and tags["torch_threads"].isdigit()
     assert "Data and pipelines are up to date" in dvc(project, "status", "train")
