@@ -234,6 +234,9 @@ def test_one_mlflow_run_of_kind_crossval_holds_the_recipe_and_the_figures(tiny_r
     assert len(runs) == 1
     logged = runs[0].data
     assert logged.tags["kind"] == "crossval"
+    # The machine the folds trained on, as on a training run (tracking.hardware_tags): fold figures
+    # from two cross-validations compare bit for bit only on the same kind of CPU.
+    assert logged.tags["device"] == "cpu" and logged.tags["cpu_capability"] and logged.tags["cpu_model"]
     assert logged.params["crossval.folds"] == "3" and logged.params["profile.image_size"] == "64"
     assert logged.metrics["oof_roc_auc"] == pytest.approx(result.summary["oof_roc_auc"])
     assert logged.metrics["fold_2_roc_auc"] == pytest.approx(result.folds[1].roc_auc)

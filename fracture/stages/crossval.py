@@ -3,8 +3,8 @@
 Not part of the main pipeline (it lives in ``crossval/dvc.yaml``): it compares training recipes
 without the test split, which it never reads. Each fold trains exactly as the train stage does
 (:func:`fracture.training.train` on the prepared cache, the same profile and ``train`` settings)
-on the other folds and is scored on the held-out one; one MLflow run (tag ``kind=crossval``)
-records the recipe and the figures.
+on the other folds and is scored on the held-out one; one MLflow run (tag ``kind=crossval``, and
+the machine it ran on, as the train stage's runs have it) records the recipe and the figures.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from fracture.data_config import DataConfig
 from fracture.prepare import PreparedImages
 from fracture.stages.prepare import active_cache, open_cache
 from fracture.stages.train import log_dataset_inputs, recipe_params
-from fracture.tracking import setup_mlflow
+from fracture.tracking import hardware_tags, setup_mlflow
+from fracture.training import select_device
 from fracture.workspace import CrossvalFold, CrossvalResult, Workspace
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ def run_crossval(params: Params, workspace: Workspace) -> CrossvalResult:
         "profile": params.train.profile,
         "data_version": workspace.data_version() or "",
         "git_commit": workspace.git_commit() or "",
-    }
+    } | hardware_tags(str(select_device(params.train.device)))
     with mlflow.start_run(tags=tags) as run:
         log_dataset_inputs(params, workspace, frames)
         mlflow.log_params(recipe_params(params) | {"crossval.folds": cv.folds, "crossval.seed": cv.seed})
