@@ -34,6 +34,7 @@ from tasks.pipeline import (
     ingest_task,
     register_task,
     stage_task,
+    uncommitted,
 )
 
 #: Held by the run working in a project, beside a note of who holds it (``<lock>.json``).
@@ -198,6 +199,12 @@ def _retrain(project: Path, source: str | None, profile: str | None) -> RetrainR
     )
     if result.nothing_changed:
         print("nothing changed: data, code and params as in the last run; nothing retrained or registered")
+    if pending := uncommitted(project, ("data.dvc", "dvc.lock", "detect/dvc.lock")):
+        # DVC's own reminder after each of its calls is left out (tasks.pipeline.open_repo); one suffices.
+        print(
+            f"not committed yet: {', '.join(pending)}. `git add {' '.join(pending)} && git commit` pins the data "
+            "and stage outputs this model was built from, so that `dvc repro` at that commit rebuilds it"
+        )
     create_markdown_artifact(
         key=REPORT_KEY,
         markdown=render_report(result),

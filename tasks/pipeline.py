@@ -22,6 +22,7 @@ import contextlib
 import json
 import logging
 import re
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -59,6 +60,7 @@ TRANSIENT_MLFLOW_ERRORS = frozenset(
 )
 
 if TYPE_CHECKING:
+    from dvc.repo import Repo
     from prefect import Task
     from prefect.client.schemas.objects import TaskRun
     from prefect.states import State
@@ -203,6 +205,53 @@ def _fracture_commands_in_process(timings: list[float]) -> Iterator[None]:
         dvc_run.cmd_run = shell_run
 
 
+#: The loggers DVC prints its messages through, each with its own console handlers (``dvc.logger.setup``).
+DVC_LOGGERS = ("dvc", "dvc_data", "dvc_objects")
+
+
+@contextlib.contextmanager
+def open_repo(root: Path) -> Iterator[Repo]:
+    """DVC's ``Repo`` at ``root``, opened from the root as the command line runs, each message printed once.
+
+    DVC prints its messages (``Running stage``, ``Updating lock file``) with handlers of its own,
+    and they also reach the root logger, which in a flow run has Prefect's console handler: each
+    line came out twice. While the repository is open, DVC's handlers stand aside when the root
+    logger has any, so each message is printed once, with the flow's time stamps; with none (a
+    plain script) DVC prints as on the command line. DVC's reminder to ``git add`` the files it
+    wrote, which it would give after every call, is left to the flow, which gives it once
+    (:func:`uncommitted`).
+    """
+    from dvc.repo import Repo  # noqa: PLC0415 - DVC's API loads slowly
+
+    loggers = [logging.getLogger(name) for name in DVC_LOGGERS]
+    own = [list(logger.handlers) for logger in loggers]
+    if logging.getLogger().handlers:
+        for logger, handlers in zip(loggers, own, strict=True):
+            for handler in handlers:
+                logger.removeHandler(handler)
+    try:
+        with contextlib.chdir(root), Repo(str(root)) as repo:
+            repo.scm_context.quiet = True
+            yield repo
+    finally:
+        for logger, handlers in zip(loggers, own, strict=True):
+            for handler in handlers:
+                if handler not in logger.handlers:
+                    logger.addHandler(handler)
+
+
+def uncommitted(project: Path, paths: tuple[str, ...] = ("data.dvc", "dvc.lock")) -> list[str]:
+    """Which of ``paths`` (and any ``.gitignore`` DVC wrote) git shows as new or changed; ``[]`` outside git."""
+    try:
+        out = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=all", "--", *paths, ":(glob)**/.gitignore"],
+            cwd=project, capture_output=True, text=True, check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return []
+    return [line[3:] for line in out.splitlines() if line[3:]]
+
+
 def dvc_status(project: Path, targets: list[str]) -> dict[str, Any]:
     """DVC's status of ``targets`` in this process: ``{}`` when up to date.
 
@@ -214,22 +263,18 @@ def dvc_status(project: Path, targets: list[str]) -> dict[str, Any]:
         project: the project root.
         targets: stage names of ``dvc.yaml``, or ``.dvc`` files relative to ``project``.
     """
-    from dvc.repo import Repo  # noqa: PLC0415 - DVC's API loads slowly
-
     root = project.resolve()
     # Absolute targets: DVC resolves relative ones against the working directory, not the repo.
     paths = [str(root / t) if t.endswith(".dvc") else f"{root / 'dvc.yaml'}:{t}" for t in targets]
-    with Repo(str(root)) as repo:
+    with open_repo(root) as repo:
         return repo.status(targets=paths)
 
 
 def dvc_add_data(project: Path) -> None:
     """``dvc add data`` in this process: hashes the data directory, caches it and writes ``data.dvc``."""
-    from dvc.repo import Repo  # noqa: PLC0415 - DVC's API loads slowly
-
     root, data = project.resolve(), DATA_DVC.removesuffix(".dvc")
     _logger().info("dvc add %s", data)
-    with contextlib.chdir(root), Repo(str(root)) as repo:  # from the root, as the command line runs
+    with open_repo(root) as repo:
         repo.add(data)
 
 
@@ -278,7 +323,6 @@ def repro(project: Path, stage: str, dvc_file: str = "dvc.yaml") -> StageRun:
             reproduce it; DVC recorded nothing of the failed run in ``dvc.lock``.
     """
     from dvc.exceptions import DvcException  # noqa: PLC0415 - DVC's API loads slowly
-    from dvc.repo import Repo  # noqa: PLC0415
 
     started = time.perf_counter()
     root = project.resolve()
@@ -287,7 +331,7 @@ def repro(project: Path, stage: str, dvc_file: str = "dvc.yaml") -> StageRun:
     commands: list[float] = []
     try:
         # From the project root, as the command line runs: DVC reads some paths against it.
-        with contextlib.chdir(root), Repo(str(root)) as repo, _fracture_commands_in_process(commands):
+        with open_repo(root) as repo, _fracture_commands_in_process(commands):
             reproduced = repo.reproduce(target, single_item=True)
     except DvcException as exc:
         cause = exc.__cause__

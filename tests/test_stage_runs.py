@@ -9,7 +9,9 @@ as they were.
 
 from __future__ import annotations
 
+import logging
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -146,3 +148,33 @@ def test_dvc_reads_the_projects_yaml_with_libyaml_as_the_pure_parser_would(name:
     assert YAML(typ="safe").Parser is CParser  # the loader DVC's parse_yaml builds
     text = (REPO / name).read_text()
     assert parse_yaml(text, name) == YAML(typ="safe", pure=True).load(text)
+
+
+def test_dvcs_messages_print_once_in_the_flows_process_and_git_sees_what_to_commit(dvc_project, tmp_path):
+    from tasks.pipeline import uncommitted
+
+    project = dvc_project
+    (project / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"hello": {"cmd": SHELL_STAGE, "outs": ["shell.txt"]}}}))
+    # The flow's process: importing tasks.pipeline imports Prefect, whose console handler sits on
+    # the root logger beside DVC's own handlers.
+    done = subprocess.run(
+        [sys.executable, "-c", f"from pathlib import Path; from tasks.pipeline import repro; repro(Path({str(project)!r}), 'hello')"],
+        cwd=REPO, capture_output=True, text=True, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    printed = done.stdout + done.stderr
+    assert printed.count("Running stage 'hello'") == 1 and printed.count("Generating lock file 'dvc.lock'") == 1, printed
+    assert "git add" not in printed  # DVC's reminder after each call; the flow gives one at its end
+    # In this process too (pytest's handlers sit on the root logger), DVC's handlers are back after a call.
+    import dvc.repo  # noqa: F401 - importing DVC sets up its handlers
+
+    handlers = list(logging.getLogger("dvc").handlers)
+    assert handlers and not repro(project, "hello").ran and logging.getLogger("dvc").handlers == handlers
+
+    assert {"dvc.lock", ".gitignore"} <= set(uncommitted(project, ("dvc.lock",)))
+    run(project, "git", "add", "-A")
+    run(project, "git", "-c", "user.name=ci", "-c", "user.email=ci@localhost", "commit", "-qm", "lock")
+    assert uncommitted(project, ("dvc.lock",)) == []
+    outside = tmp_path / "not-a-repo"
+    outside.mkdir()
+    assert uncommitted(outside) == []
