@@ -62,7 +62,7 @@ def dvc_file_md5(project_root: Path, dvc_file: str = "data.dvc") -> str | None:
     return _md5_from_dvc_file(path.read_text()) if path.is_file() else None
 
 
-def _git(project_root: Path, *args: str) -> str | None:
+def git_output(project_root: Path, *args: str) -> str | None:
     """Stdout of a git command run in ``project_root``, or None when git fails or is missing."""
     try:
         out = subprocess.run(["git", *args], cwd=project_root, capture_output=True, text=True, check=True)
@@ -84,15 +84,15 @@ def dvc_file_history(project_root: Path, dvc_file: str = "data.dvc") -> list[tup
         the file yet, None when ``project_root`` is not in a git repository.
     """
     project_root = Path(project_root)
-    if _git(project_root, "rev-parse", "--git-dir") is None:
+    if git_output(project_root, "rev-parse", "--git-dir") is None:
         return None
-    log = _git(project_root, "log", "--format=%H", "--", f"./{dvc_file}")
+    log = git_output(project_root, "log", "--format=%H", "--", f"./{dvc_file}")
     if log is None:  # an unborn branch (no commit at all) has no history to walk
         return []
     history = []
     for commit in log.split():
         # "./" makes the path relative to project_root rather than to the top of the repository.
-        text = _git(project_root, "show", f"{commit}:./{dvc_file}")
+        text = git_output(project_root, "show", f"{commit}:./{dvc_file}")
         md5 = _md5_from_dvc_file(text) if text is not None else None
         if md5 is not None:  # a commit that deleted the file is not a dataset version
             history.append((commit, md5))

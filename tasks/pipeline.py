@@ -22,7 +22,6 @@ import contextlib
 import json
 import logging
 import re
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -240,16 +239,12 @@ def open_repo(root: Path) -> Iterator[Repo]:
                     logger.addHandler(handler)
 
 
-def uncommitted(project: Path, paths: tuple[str, ...] = ("data.dvc", "dvc.lock")) -> list[str]:
+def uncommitted(project: Path, paths: tuple[str, ...] = (DATA_DVC, "dvc.lock")) -> list[str]:
     """Which of ``paths`` (and any ``.gitignore`` DVC wrote) git shows as new or changed; ``[]`` outside git."""
-    try:
-        out = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=all", "--", *paths, ":(glob)**/.gitignore"],
-            cwd=project, capture_output=True, text=True, check=True,
-        ).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return []
-    return [line[3:] for line in out.splitlines() if line[3:]]
+    from fracture.versions import git_output  # noqa: PLC0415 - it imports DVC's API, which loads slowly
+
+    out = git_output(project, "status", "--porcelain", "--untracked-files=all", "--", *paths, ":(glob)**/.gitignore")
+    return [line[3:] for line in (out or "").splitlines() if line[3:]]
 
 
 def dvc_status(project: Path, targets: list[str]) -> dict[str, Any]:
