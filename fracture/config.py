@@ -107,6 +107,10 @@ class Profile:
     # what the val pass scores, picks the epoch from and hands on as the model; 0: off, as the
     # paper's profile
     ema_decay: float = 0.0
+    # Layer-wise learning-rate decay (timm's param_groups_layer_decay): the head trains at the
+    # profile's rate, each layer group below it at this fraction of the one above; 1: off, one
+    # rate for every layer, as the paper's profile
+    layer_decay: float = 1.0
     # How JPEGs are decoded before the resize, in the prepared cache and in the served model alike
     # (a part of the model's data config): full, as the paper's profile, or draft (reduced scale)
     decode: Decode = "full"
@@ -464,6 +468,10 @@ def _check(p: Params) -> None:
             if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
                 raise ConfigError(f"params.yaml: profiles.{name}.{key} must be a number from 0 up to (not including) 1, "
                                   f"got {rate!r}")
+        decay = prof.layer_decay
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 < decay <= 1:
+            raise ConfigError(f"params.yaml: profiles.{name}.layer_decay must be a number above 0 and at most 1 "
+                              f"(1: off), got {decay!r}")
     _check_schedule(p.schedule)
     p.profile  # noqa: B018 - raises ConfigError on an unknown profile name
 

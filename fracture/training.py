@@ -22,6 +22,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 from sklearn.utils.class_weight import compute_class_weight
 from timm.layers import convert_sync_batchnorm
+from timm.optim import param_groups_layer_decay
 from timm.utils import ModelEmaV3
 from timm.utils.model import freeze
 from torch import nn
@@ -182,6 +183,27 @@ def class_balance(
         sampler = WeightedRandomSampler(per_image, len(y), replacement=True, generator=generator)
         return nn.CrossEntropyLoss(label_smoothing=label_smoothing), sampler
     raise ValueError(f"train.class_balance must be one of {choices(ClassBalance)}, got {mode!r}")
+
+
+def parameter_groups(model: nn.Module, lr: float, weight_decay: float, layer_decay: float) -> list[dict]:
+    """The trainable parameters as the optimiser's groups, each holding its own learning rate.
+
+    ``layer_decay`` 1 is one group at ``lr``, the paper's recipe. Below 1, timm's layer-wise
+    decay (``param_groups_layer_decay``, over the model's ``group_matcher``: the stem, each
+    block, the head) gives the head ``lr`` and every layer group below it ``layer_decay`` times
+    the rate of the one above, so the ImageNet features near the input move least. Each group's
+    rate is set here: timm's own schedulers read the ``lr_scale`` it returns, PyTorch's do not,
+    and PyTorch's cosine schedule then scales every group's rate alike. Frozen parameters are
+    in no group.
+    """
+    if layer_decay >= 1:
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}]
+    groups = param_groups_layer_decay(
+        model, weight_decay=weight_decay, weight_decay_exclude_1d=False, layer_decay=layer_decay
+    )
+    for group in groups:
+        group["lr"] = lr * group.pop("lr_scale")
+    return groups
 
 
 def train_step(
@@ -441,8 +463,11 @@ def train(
     generator = torch.Generator().manual_seed(params.seed)
     criterion, sampler = class_balance(params.class_balance, labels_of(train_data), generator, profile.label_smoothing)
     criterion = criterion.to(device)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(trainable, lr=profile.learning_rate(params), weight_decay=params.weight_decay)
+    optimizer = torch.optim.Adam(
+        parameter_groups(model, profile.learning_rate(params), params.weight_decay, profile.layer_decay),
+        lr=profile.learning_rate(params),
+        weight_decay=params.weight_decay,
+    )
     scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
         optimizer, T_0=params.t_0 or profile.epochs, T_mult=params.t_mult
     )
@@ -527,7 +552,8 @@ def train(
             loss = train_step(rest, x, y, criterion, optimizer, autocast, scaler)
             if ema is not None:
                 ema.update(model, step=epoch * len(loader) + i + 1)
-            step_lr = optimizer.param_groups[0]["lr"]  # this step's rate; the scheduler then sets the next one's
+            # This step's rate (the head's, under layer_decay); the scheduler then sets the next one's.
+            step_lr = max(group["lr"] for group in optimizer.param_groups)
             scheduler.step(epoch + (i + 1) / len(loader))
             seen += len(labels)
             loss_sum += loss.item() * len(labels)

@@ -47,6 +47,14 @@ def test_a_rate_or_decay_outside_0_to_1_is_refused(key, value):
         parse_params(raw)
 
 
+@pytest.mark.parametrize("value", [0, -0.5, 1.5, "0.8", True])
+def test_a_layer_decay_outside_0_to_1_is_refused(value):
+    raw = raw_params()
+    raw["profiles"]["cpu"]["layer_decay"] = value
+    with pytest.raises(ConfigError, match="profiles.cpu.layer_decay must be a number above 0 and at most 1"):
+        parse_params(raw)
+
+
 def test_unknown_key_is_named():
     raw = raw_params()
     raw["train"]["learning_rate"] = 0.1

@@ -11,7 +11,13 @@ import torch
 from fracture.config import load_params
 from fracture.model import create_classifier, profile_data_config
 from fracture.prepare import StaleCacheError
-from fracture.training import class_balance, light_augmentation, moving_average, train
+from fracture.training import (
+    class_balance,
+    light_augmentation,
+    moving_average,
+    parameter_groups,
+    train,
+)
 from tests.conftest import REPO
 from tests.synthetic import make_dataset, training_frame
 from tests.test_prepare import tensor_data
@@ -236,3 +242,60 @@ def test_the_logged_learning_rate_is_the_last_step_of_each_epoch_not_the_restart
     history = train(data, data, config, profile, train_params).history
     assert 0.5 * base < history[0]["lr"] < 0.9 * base  # 3 steps an epoch: the first epoch ends at (1 + cos(pi/3)) / 2
     assert history[1]["lr"] < 0.1 * base
+
+
+def test_layer_decay_gives_each_block_a_fraction_of_the_rate_of_the_block_above_and_the_schedule_keeps_it():
+    params = load_params(REPO)
+    profile = dataclasses.replace(params.profiles["cpu"], frozen=("conv_stem", "bn1", "blocks.0", "blocks.1", "blocks.2"))
+    model = create_classifier(profile)
+    from timm.utils.model import freeze
+
+    freeze(model, list(profile.frozen))
+    names = {id(p): n for n, p in model.named_parameters()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+
+    # Off: one group, every trainable parameter at the profile's rate.
+    (one,) = parameter_groups(model, 1e-3, 0.0, 1.0)
+    assert one["lr"] == 1e-3 and {names[id(p)] for p in one["params"]} == trainable
+
+    groups = parameter_groups(model, 1e-3, 0.0, 0.5)
+    rate = {names[id(p)]: g["lr"] for g in groups for p in g["params"]}
+    assert set(rate) == trainable  # every trainable parameter once, no frozen one
+    assert sum(len(g["params"]) for g in groups) == len(trainable)
+    assert rate["classifier.weight"] == 1e-3  # the head trains at the profile's rate
+    assert rate["conv_head.weight"] == rate["blocks.6.0.conv_pw.weight"] == 0.5e-3  # the last block and the head conv
+    assert rate["blocks.5.3.conv_pw.weight"] == pytest.approx(0.25e-3)
+    assert rate["blocks.5.2.conv_pw.weight"] == pytest.approx(0.125e-3)
+    # Lite0's blocks 3-6 hold 11 sub-blocks, each one layer group: the first trainable is 11 below the head's.
+    assert rate["blocks.3.0.conv_pw.weight"] == pytest.approx(1e-3 * 0.5**11)
+    assert rate["blocks.3.0.bn1.weight"] == rate["blocks.3.0.conv_pw.weight"]
+
+    # PyTorch's cosine schedule scales every group's rate alike: the ratios hold all the way.
+    set_rates = [g["lr"] for g in groups]
+    optimizer = torch.optim.Adam(groups, lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=3)
+    for step in range(1, 6):
+        scheduler.step(step / 2)
+        head = max(g["lr"] for g in optimizer.param_groups)
+        assert head < 1e-3
+        for group, set_rate in zip(optimizer.param_groups, set_rates, strict=True):
+            assert group["lr"] / head == pytest.approx(set_rate / 1e-3)
+
+
+def test_training_under_layer_decay_follows_the_heads_schedule_and_moves_the_early_blocks_less(tmp_path):
+    params, profile, config, data = tiny_run(tmp_path, 8, 8, image_size=32, epochs=2, frozen=("conv_stem", "bn1"))
+    train_params = dataclasses.replace(params.train, lr=1e-3, batch_size=4)
+    plain = train(data, data, config, profile, train_params)
+    decayed = train(data, data, config, dataclasses.replace(profile, layer_decay=0.5), train_params)
+    start = create_classifier(profile)
+
+    # The logged rate is the head's, which follows the same schedule as without decay.
+    assert [h["lr"] for h in decayed.history] == [h["lr"] for h in plain.history]
+
+    def moved(result, name):
+        return (dict(result.model.named_parameters())[name] - dict(start.named_parameters())[name]).abs().sum().item()
+
+    # Block 0 trains at 0.5**15 of the head's rate: it barely moves, where without decay it moves as much as any.
+    early = "blocks.0.0.conv_dw.weight"
+    assert moved(decayed, early) < moved(plain, early) / 100
+    assert moved(decayed, "classifier.weight") > 0
