@@ -148,9 +148,30 @@ def render_report(result: RetrainResult) -> str:
         "",
     ]
     lines += _checks(reg)
+    if note := no_champion_note(reg):
+        lines += [f"**No champion.** {note}", ""]
     if result.detector is not None:
         lines += _detector_lines(result)
     return "\n".join(lines)
+
+
+def no_champion_note(reg: Registration) -> str | None:
+    """What a run that leaves the registry without a ``champion`` means, and what to do; else ``None``.
+
+    That happens when the first version registered fails the gate (a floor, usually): consumers
+    loading ``models:/<name>@champion`` then find nothing.
+    """
+    if reg.champion or reg.champion_version is not None:
+        return None
+    failed = "; ".join(f"{c.name}: {c.detail}" for c in reg.checks if not c.passed) or reg.reason
+    return (
+        f"No version of {reg.name} holds `champion`, so `models:/{reg.name}@champion` has nothing to load "
+        f"until a version passes the gate; version {reg.version} stays `challenger` ({failed}). The floors "
+        "(`register.floors` in params.yaml) are what a clinical consumer needs, not a figure to chase: training "
+        "again until one run's test figures clear them would choose the model on the test split. Improve the "
+        "recipe without the test split (README, \"Cross-validating a recipe\"), or train the paper profile on a "
+        "GPU, and let the gate judge the next run."
+    )
 
 
 def _checks(reg: Registration) -> list[str]:

@@ -22,7 +22,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 from ruamel.yaml import YAML
 
-from flows.report import REPORT_KEY, render_report
+from flows.report import REPORT_KEY, no_champion_note, render_report
 from flows.result import DetectorResult, RetrainResult
 from fracture.config import PARAMS_FILE, load_params
 from fracture.ingest import SOURCE_ENV
@@ -197,6 +197,8 @@ def _retrain(project: Path, source: str | None, profile: str | None) -> RetrainR
         f"({'new' if registration.created else 'already registered'}), champion: {registration.champion} "
         f"({registration.reason})"
     )
+    if note := no_champion_note(registration):
+        logger.warning(note)
     if result.nothing_changed:
         print("nothing changed: data, code and params as in the last run; nothing retrained or registered")
     if pending := uncommitted(project, ("data.dvc", "dvc.lock", "detect/dvc.lock")):

@@ -11,7 +11,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from prefect.states import exception_to_failed_state
 
-from flows.report import METRIC_ROWS, render_report
+from flows.report import METRIC_ROWS, no_champion_note, render_report
 from flows.result import RetrainResult
 from fracture.data_config import DataConfig
 from fracture.evaluation import PairedAUC
@@ -170,6 +170,35 @@ def test_each_gate_check_is_a_row_of_the_report():
     assert table_row(text, "floor test_recall")[1:] == ["pass", "0.8750 >= 0.8"]
     assert table_row(text, "beats champion")[1] == "**fail**"
     assert "not with 95% confidence" in table_row(text, "beats champion")[2]
+
+
+def test_a_run_that_leaves_the_registry_without_a_champion_says_so_and_what_to_do():
+    from fracture.gate import GateCheck
+
+    first = result(ran=True, previous=None, created=True, champion=False)
+    failed = GateCheck("floor test_recall", False, "0.7791 < 0.8")
+    first = dataclasses.replace(
+        first,
+        registration=dataclasses.replace(
+            first.registration,
+            decision="challenger",
+            reason="floor test_recall: 0.7791 < 0.8",
+            aliases=("challenger",),
+            checks=(GateCheck("floor test_roc_auc", True, "0.9012 >= 0.85"), failed),
+        ),
+    )
+    note = no_champion_note(first.registration)
+    assert "`models:/fracture-classifier@champion` has nothing to load" in note
+    assert "version 3 stays `challenger` (floor test_recall: 0.7791 < 0.8)" in note  # the failed check, not the passed
+    assert "floor test_roc_auc" not in note
+    assert "Cross-validating a recipe" in note
+    assert f"**No champion.** {note}" in render_report(first)
+
+    # A champion from before still serves; a version that is champion needs no note.
+    kept = dataclasses.replace(first.registration, champion_version="2")
+    assert no_champion_note(kept) is None
+    assert "**No champion.**" not in render_report(dataclasses.replace(first, registration=kept))
+    assert no_champion_note(result(ran=True, previous=None, created=True).registration) is None
 
 
 def test_same_data_but_changed_params_is_a_retraining():
