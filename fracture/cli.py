@@ -242,6 +242,10 @@ def _print_comparison(rows: list[OofComparison], ev: EvaluateParams) -> None:
             f"{d.difference:+.4f} ({d.ci_low:+.4f} to {d.ci_high:+.4f}), p = {d.p_value:.3g}"
         )
         print(f"{r.name:<{width}}  {r.roc_auc:7.4f}  {r.recall:11.3f}  {r.specificity:11.3f}  {versus}")
+    print(
+        "DeLong's test holds each run's predictions fixed: it leaves out how far one recipe moves between "
+        "training seeds. Cross-validate the reference again with another `-S train.seed=...` to see that spread."
+    )
 
 
 @app.command("crossval-compare")

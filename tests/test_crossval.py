@@ -495,7 +495,8 @@ def test_cli_prints_each_run_and_its_paired_difference(tmp_path, scored, monkeyp
     main(["crossval-compare", "weak.csv", "strong.csv", "--ensemble"])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("out-of-fold, 400 images (80 fractured)")
-    assert [line.split()[0] for line in lines[2:]] == ["weak.csv", "strong.csv", "mean"]
+    assert [line.split()[0] for line in lines[2:5]] == ["weak.csv", "strong.csv", "mean"]
+    assert lines[5].startswith("DeLong's test holds each run's predictions fixed") and len(lines) == 6
     assert lines[2].rstrip().endswith("reference") and ", p = " in lines[3]
     with pytest.raises(SystemExit) as exit_:
         main(["crossval-compare", "weak.csv"])
