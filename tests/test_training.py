@@ -7,6 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from timm.utils.model import freeze
 
 from fracture.config import load_params
 from fracture.model import create_classifier, profile_data_config
@@ -248,8 +249,6 @@ def test_layer_decay_gives_each_block_a_fraction_of_the_rate_of_the_block_above_
     params = load_params(REPO)
     profile = dataclasses.replace(params.profiles["cpu"], frozen=("conv_stem", "bn1", "blocks.0", "blocks.1", "blocks.2"))
     model = create_classifier(profile)
-    from timm.utils.model import freeze
-
     freeze(model, list(profile.frozen))
     names = {id(p): n for n, p in model.named_parameters()}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -295,7 +294,7 @@ def test_training_under_layer_decay_follows_the_heads_schedule_and_moves_the_ear
     def moved(result, name):
         return (dict(result.model.named_parameters())[name] - dict(start.named_parameters())[name]).abs().sum().item()
 
-    # Block 0 trains at 0.5**15 of the head's rate: it barely moves, where without decay it moves as much as any.
+    # Block 0 is 16 layer groups below the head, so it trains at 0.5**16 of the head's rate and barely moves.
     early = "blocks.0.0.conv_dw.weight"
     assert moved(decayed, early) < moved(plain, early) / 100
     assert moved(decayed, "classifier.weight") > 0
