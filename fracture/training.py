@@ -463,10 +463,9 @@ def train(
     generator = torch.Generator().manual_seed(params.seed)
     criterion, sampler = class_balance(params.class_balance, labels_of(train_data), generator, profile.label_smoothing)
     criterion = criterion.to(device)
+    lr = profile.learning_rate(params)
     optimizer = torch.optim.Adam(
-        parameter_groups(model, profile.learning_rate(params), params.weight_decay, profile.layer_decay),
-        lr=profile.learning_rate(params),
-        weight_decay=params.weight_decay,
+        parameter_groups(model, lr, params.weight_decay, profile.layer_decay), lr=lr, weight_decay=params.weight_decay
     )
     scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
         optimizer, T_0=params.t_0 or profile.epochs, T_mult=params.t_mult
