@@ -146,21 +146,22 @@ def test_a_model_that_loses_the_gate_is_reported_as_not_champion():
     assert table_row(text, "Registered by this run")[1] == "yes"
 
 
+def challenger(previous: str | None, **registration: object) -> RetrainResult:
+    """A new version that lost the gate and holds ``challenger``, its registration changed as given."""
+    lost = result(ran=True, previous=previous, created=True, champion=False)
+    changes = {"decision": "challenger", "aliases": ("challenger",)} | registration
+    return dataclasses.replace(lost, registration=dataclasses.replace(lost.registration, **changes))
+
+
 def test_each_gate_check_is_a_row_of_the_report():
     from fracture.gate import GateCheck
 
-    loser = result(ran=True, previous="old-md5.dir", created=True, champion=False)
-    loser = dataclasses.replace(
-        loser,
-        registration=dataclasses.replace(
-            loser.registration,
-            decision="challenger",
-            champion_version="2",
-            aliases=("challenger",),
-            checks=(
-                GateCheck("floor test_recall", True, "0.8750 >= 0.8"),
-                GateCheck("beats champion", False, "ROC AUC 0.9012 vs champion v2's 0.9000 on the same 37 images: +0.0012 (95% CI -0.0101 to +0.0125, DeLong p = 0.84), higher, but not with 95% confidence"),
-            ),
+    loser = challenger(
+        "old-md5.dir",
+        champion_version="2",
+        checks=(
+            GateCheck("floor test_recall", True, "0.8750 >= 0.8"),
+            GateCheck("beats champion", False, "ROC AUC 0.9012 vs champion v2's 0.9000 on the same 37 images: +0.0012 (95% CI -0.0101 to +0.0125, DeLong p = 0.84), higher, but not with 95% confidence"),
         ),
     )
     text = render_report(loser)
@@ -175,17 +176,10 @@ def test_each_gate_check_is_a_row_of_the_report():
 def test_a_run_that_leaves_the_registry_without_a_champion_says_so_and_what_to_do():
     from fracture.gate import GateCheck
 
-    first = result(ran=True, previous=None, created=True, champion=False)
-    failed = GateCheck("floor test_recall", False, "0.7791 < 0.8")
-    first = dataclasses.replace(
-        first,
-        registration=dataclasses.replace(
-            first.registration,
-            decision="challenger",
-            reason="floor test_recall: 0.7791 < 0.8",
-            aliases=("challenger",),
-            checks=(GateCheck("floor test_roc_auc", True, "0.9012 >= 0.85"), failed),
-        ),
+    first = challenger(
+        None,
+        reason="floor test_recall: 0.7791 < 0.8",
+        checks=(GateCheck("floor test_roc_auc", True, "0.9012 >= 0.85"), GateCheck("floor test_recall", False, "0.7791 < 0.8")),
     )
     note = no_champion_note(first.registration)
     assert "`models:/fracture-classifier@champion` has nothing to load" in note
