@@ -22,7 +22,7 @@ from fracture.config import EvaluateParams, Params, load_params
 from fracture.workspace import CrossvalResult, ValidateResult, Workspace
 
 if TYPE_CHECKING:
-    from fracture.crossval import OofComparison
+    from fracture.crossval import OofComparisons
 
 log = logging.getLogger("fracture")
 
@@ -226,7 +226,8 @@ def crossval() -> None:
     _print_crossval(result)
 
 
-def _print_comparison(rows: list[OofComparison], ev: EvaluateParams) -> None:
+def _print_comparison(compared: OofComparisons, ev: EvaluateParams) -> None:
+    rows = compared.rows
     paired = rows[1].versus_reference
     assert paired is not None
     rule = (
@@ -235,26 +236,38 @@ def _print_comparison(rows: list[OofComparison], ev: EvaluateParams) -> None:
     )
     print(f"out-of-fold, {paired.n_images} images ({paired.n_fractured} fractured); sensitivity and specificity at {rule}")
     width = max(len(r.name) for r in rows)
-    print(f"{'run':<{width}}  ROC AUC  sensitivity  specificity  ROC AUC - {rows[0].name} (95% CI), DeLong")
+    print(f"{'recipe':<{width}}  runs  ROC AUC (sd)     sensitivity  specificity  ROC AUC - {rows[0].name} (95% CI)")
     for r in rows:
         d = r.versus_reference
         versus = "reference" if d is None else (
             f"{d.difference:+.4f} ({d.ci_low:+.4f} to {d.ci_high:+.4f}), p = {d.p_value:.3g}"
         )
-        print(f"{r.name:<{width}}  {r.roc_auc:7.4f}  {r.recall:11.3f}  {r.specificity:11.3f}  {versus}")
-    print(
-        "DeLong's test holds each run's predictions fixed: it leaves out how far one recipe moves between "
-        "training seeds. Cross-validate the reference again with another `-S train.seed=...` to see that spread."
-    )
+        sd = f"({r.roc_auc_sd:.4f})" if r.roc_auc_sd is not None else ""
+        print(f"{r.name:<{width}}  {r.runs:4d}  {r.roc_auc:.4f} {sd:<8}  {r.recall:11.3f}  {r.specificity:11.3f}  {versus}")
+    if compared.run_sd is None:
+        print(
+            "DeLong's test holds each run's predictions fixed: it leaves out how far one recipe moves between "
+            "training seeds. Cross-validate a recipe under several seeds (`dvc exp run crossval/dvc.yaml --queue "
+            "-n NAME -S train.seed=42,7,1`, then `dvc queue start`) and give its runs joined by commas "
+            "(NAME-1,NAME-2,NAME-3) to count that spread too."
+        )
+    else:
+        print(
+            f"Each difference counts DeLong's paired variance over the images and the spread between training "
+            f"seeds: one run's ROC AUC moves by sd {compared.run_sd:.4f} around its recipe's mean (pooled over the "
+            f"recipes given with several runs; {compared.run_sd_df} degrees of freedom, so Student's t); the "
+            f"ensemble row, if any, counts it as one run's."
+        )
 
 
 @app.command("crossval-compare")
 def crossval_compare(
-    runs: Annotated[
+    recipes: Annotated[
         list[str],
         typer.Argument(
-            help="The reference first, then the runs to compare with it: `dvc exp` names, git revisions, or "
-            "out-of-fold CSV files (outputs/crossval/oof.csv)."
+            help="The reference first, then the recipes to compare with it. Each a `dvc exp` name, a git revision "
+            "or an out-of-fold CSV file (outputs/crossval/oof.csv); or several, joined by commas, for one recipe "
+            "run under several training seeds (cv-a-1,cv-a-2,cv-a-3)."
         ),
     ],
     ensemble: Annotated[
@@ -262,11 +275,17 @@ def crossval_compare(
     ] = False,
 ) -> None:
     """Compare cross-validated recipes on the same out-of-fold images: DeLong's paired test against the first."""
-    from fracture.crossval import compare_oof, read_oof
+    from fracture.crossval import CrossvalError, compare_oof, read_oof
 
     with _stage("crossval-compare") as (params, workspace):
-        rows = compare_oof({run: read_oof(run, workspace.root) for run in dict.fromkeys(runs)}, params.evaluate, ensemble)
-    _print_comparison(rows, params.evaluate)
+        read = {}
+        for recipe in dict.fromkeys(recipes):
+            runs = [run.strip() for run in recipe.split(",")]
+            if "" in runs or len(set(runs)) < len(runs):
+                raise CrossvalError(f"{recipe!r}: name each of a recipe's runs once, joined by commas")
+            read[recipe] = {run: read_oof(run, workspace.root) for run in runs}
+        compared = compare_oof(read, params.evaluate, ensemble)
+    _print_comparison(compared, params.evaluate)
 
 
 @app.command()

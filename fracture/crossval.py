@@ -23,7 +23,7 @@ from fracture.data_config import DataConfig
 from fracture.evaluation import (
     PairedAUC,
     bootstrap_intervals,
-    delong_paired,
+    delong_mean_difference,
     evaluate_probabilities,
     operating_threshold,
 )
@@ -197,27 +197,58 @@ def summarise(folds: list[CrossvalFold], oof: pd.DataFrame, ev: EvaluateParams) 
 class OofComparison:
     """One recipe's out-of-fold figures and, beside the reference's, their paired difference.
 
+    A recipe is one cross-validation run, or several of the same recipe under other training
+    seeds; then each figure is the mean over its runs.
+
     Attributes:
-        name: the run (a ``dvc exp`` name, a revision or a file), or :data:`ENSEMBLE`.
-        roc_auc: the out-of-fold ROC AUC.
-        threshold: the operating threshold on these predictions (:func:`summarise`'s rule).
+        name: the recipe (its runs' names, comma-joined), or :data:`ENSEMBLE`.
+        runs: how many runs it holds.
+        roc_auc: the out-of-fold ROC AUC (the mean over its runs).
+        roc_auc_sd: the standard deviation of its runs' out-of-fold ROC AUCs (ddof 1);
+            ``None`` for one run.
+        threshold: the operating threshold on these predictions (:func:`summarise`'s rule;
+            the mean over the runs of each run's own).
         recall: sensitivity at it.
         specificity: specificity at it (the figure to compare when the threshold meets a
             target sensitivity by construction).
-        versus_reference: this run's AUC minus the reference's by DeLong's paired test on the
-            same images (``auc_a`` is this run's); ``None`` for the reference itself.
+        versus_reference: this recipe's AUC minus the reference's on the same images
+            (``auc_a`` is this recipe's; :func:`fracture.evaluation.delong_mean_difference`);
+            ``None`` for the reference itself.
     """
 
     name: str
+    runs: int
     roc_auc: float
+    roc_auc_sd: float | None
     threshold: float
     recall: float
     specificity: float
     versus_reference: PairedAUC | None
 
 
+@dataclass(frozen=True)
+class OofComparisons:
+    """Recipes compared on the same out-of-fold images, the reference first.
+
+    Attributes:
+        rows: one per recipe, then :data:`ENSEMBLE` when asked for.
+        run_sd: how far one run's out-of-fold ROC AUC moves between training seeds: the
+            standard deviation pooled over the recipes given with several runs, each around its
+            own mean; ``None`` when every recipe has one run (each difference then holds the runs'
+            predictions fixed).
+        run_sd_df: the degrees of freedom of ``run_sd`` (runs less recipes, over those recipes).
+    """
+
+    rows: list[OofComparison]
+    run_sd: float | None
+    run_sd_df: int
+
+
 #: The name of the row that averages every compared run's probabilities.
 ENSEMBLE = "mean of the runs"
+
+#: A recipe's runs: one run's out-of-fold predictions, or several runs' by run name.
+Recipe = pd.DataFrame | Mapping[str, pd.DataFrame]
 
 
 def _aligned(runs: Mapping[str, pd.DataFrame]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -258,44 +289,100 @@ def _aligned(runs: Mapping[str, pd.DataFrame]) -> tuple[np.ndarray, dict[str, np
     return labels, {name: frames[name]["probability"].astype(float).to_numpy() for name in names}
 
 
+def _runs_of(recipes: Mapping[str, Recipe]) -> dict[str, dict[str, pd.DataFrame]]:
+    """Each recipe's runs by run name; a recipe given as one table is one run of its own name."""
+    out: dict[str, dict[str, pd.DataFrame]] = {}
+    seen: dict[str, str] = {}
+    for recipe, runs in recipes.items():
+        named = {recipe: runs} if isinstance(runs, pd.DataFrame) else dict(runs)
+        if not named:
+            raise CrossvalError(f"{recipe}: a recipe needs one run at least")
+        for run in named:
+            if run in seen:
+                raise CrossvalError(
+                    f"{run} is a run of both {seen[run]} and {recipe}: give each run to one recipe only"
+                )
+            seen[run] = recipe
+        out[recipe] = named
+    return out
+
+
 def compare_oof(
-    runs: Mapping[str, pd.DataFrame], ev: EvaluateParams, ensemble: bool = False, confidence: float = 0.95
-) -> list[OofComparison]:
-    """Recipes compared on their out-of-fold predictions: the same folds, the first run as reference.
+    recipes: Mapping[str, Recipe], ev: EvaluateParams, ensemble: bool = False, confidence: float = 0.95
+) -> OofComparisons:
+    """Recipes compared on their out-of-fold predictions: the same folds, the first recipe as reference.
 
     Every run is scored as :func:`summarise` scores it (pooled ROC AUC; sensitivity and
-    specificity at ``ev``'s threshold rule on the same predictions), and each other run against
-    the reference by DeLong's paired test on the same images, which a difference of the two
-    runs' bootstrap intervals would not be: the images are shared, so most of their noise cancels.
+    specificity at ``ev``'s threshold rule on the same predictions), a recipe by the mean over
+    its runs, and each other recipe against the reference on the same images
+    (:func:`fracture.evaluation.delong_mean_difference`), which a difference of the two runs'
+    bootstrap intervals would not be: the images are shared, so most of their noise cancels.
+
+    DeLong's test holds each run's predictions fixed, yet one recipe trained again under another
+    seed moves too. When some recipe is given with several runs (the same recipe, other
+    ``train.seed``), the spread of a run's AUC around its recipe's mean is pooled over those
+    recipes (:attr:`OofComparisons.run_sd`, assumed alike for every recipe) and each difference
+    adds its share, ``run_sd² (1/k_a + 1/k_b)`` for recipes of ``k_a`` and ``k_b`` runs, with
+    Student's t for the few runs it was estimated from.
 
     With ``ensemble``, one more row (:data:`ENSEMBLE`) is the mean of all runs' probabilities of
     each image. Each image's probabilities come from models whose fold held it out, so the row
-    is an honest estimate of what averaging those recipes' models would score.
+    is an honest estimate of what averaging those runs' models would score. Its own spread
+    between seeds is counted as one run's (an average of runs varies less, so its interval is
+    conservative).
 
     Args:
-        runs: out-of-fold predictions (:data:`OOF_COLUMNS`) by name, the reference first.
+        recipes: by name, the reference first: one run's out-of-fold predictions
+            (:data:`OOF_COLUMNS`), or several runs' by run name.
         ev: the threshold rule (``threshold``, ``target_sensitivity``).
         ensemble: add the mean of all runs.
         confidence: coverage of the differences' intervals.
 
     Raises:
-        CrossvalError: fewer than two runs, a column missing, or runs that held out other images,
-            other labels or other folds (no paired comparison is possible).
+        CrossvalError: fewer than two recipes, a recipe without runs or a run in two recipes, a
+            column missing, or runs that held out other images, other labels or other folds (no
+            paired comparison is possible).
     """
-    if len(runs) < 2:
-        raise CrossvalError(f"comparing needs two runs or more, the reference first; got {len(runs)}")
-    labels, probabilities = _aligned(runs)
+    if len(recipes) < 2:
+        raise CrossvalError(f"comparing needs two runs or more, the reference first; got {len(recipes)}")
+    runs = _runs_of(recipes)
+    labels, probabilities = _aligned({run: frame for named in runs.values() for run, frame in named.items()})
+    by_recipe = {recipe: [probabilities[run] for run in named] for recipe, named in runs.items()}
     if ensemble:
-        probabilities[ENSEMBLE] = np.mean(list(probabilities.values()), axis=0)
-    reference = next(iter(probabilities.values()))
+        by_recipe[ENSEMBLE] = [np.mean(list(probabilities.values()), axis=0)]
+    scored = {recipe: [_operating_point(labels, p, ev) for p in members] for recipe, members in by_recipe.items()}
+    aucs = {recipe: np.array([point["roc_auc"] for _, point in points]) for recipe, points in scored.items()}
+    several = [a for recipe, a in aucs.items() if recipe != ENSEMBLE and len(a) > 1]
+    df = sum(len(a) - 1 for a in several)
+    run_variance = sum(float(((a - a.mean()) ** 2).sum()) for a in several) / df if df else None
+    reference_name = next(iter(by_recipe))
     rows = []
-    for i, (name, probs) in enumerate(probabilities.items()):
-        threshold, point = _operating_point(labels, probs, ev)
-        paired = delong_paired(labels, probs, reference, confidence) if i else None
+    for recipe, members in by_recipe.items():
+        points = scored[recipe]
+        paired = None
+        if recipe != reference_name:
+            k_b = len(by_recipe[reference_name])
+            paired = delong_mean_difference(
+                labels,
+                members,
+                by_recipe[reference_name],
+                confidence,
+                between_run_variance=0.0 if run_variance is None else run_variance * (1 / len(members) + 1 / k_b),
+                between_run_df=df or None,
+            )
         rows.append(
-            OofComparison(name, point["roc_auc"], threshold, point["recall"], point["specificity"], paired)
+            OofComparison(
+                recipe,
+                len(members),
+                float(aucs[recipe].mean()),
+                float(aucs[recipe].std(ddof=1)) if len(members) > 1 else None,
+                float(np.mean([threshold for threshold, _ in points])),
+                float(np.mean([point["recall"] for _, point in points])),
+                float(np.mean([point["specificity"] for _, point in points])),
+                paired,
+            )
         )
-    return rows
+    return OofComparisons(rows, None if run_variance is None else run_variance**0.5, df)
 
 
 def read_oof(run: str, root: Path) -> pd.DataFrame:

@@ -3,17 +3,19 @@
 Besides the point metrics: stratified bootstrap confidence intervals (resampling with
 ``sklearn.utils.resample``), calibration (``sklearn.calibration.calibration_curve``, the
 expected calibration error and the Brier score), a breakdown by body part, and DeLong's test
-of two models' ROC AUCs on the same images (:func:`delong_paired`).
+of two models' ROC AUCs on the same images (:func:`delong_paired`), or of two recipes' means
+over several training runs each (:func:`delong_mean_difference`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 from scipy.stats import norm, rankdata
+from scipy.stats import t as student_t
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import (
     accuracy_score,
@@ -264,24 +266,73 @@ def delong_paired(
     Raises:
         ValueError: lengths differ, or one class is missing.
     """
+    return delong_mean_difference(labels, [scores_a], [scores_b], confidence)
+
+
+def delong_mean_difference(
+    labels: np.ndarray,
+    runs_a: Sequence[np.ndarray],
+    runs_b: Sequence[np.ndarray],
+    confidence: float = 0.95,
+    between_run_variance: float = 0.0,
+    between_run_df: int | None = None,
+) -> PairedAUC:
+    """The mean ROC AUC of A's runs minus that of B's, all scored on the same images.
+
+    One run per side is :func:`delong_paired`. With several (one recipe trained under several
+    seeds), the difference is of the means, and its variance over the images is DeLong's for
+    that contrast of correlated AUCs: ``c' S c``, where ``S`` is the covariance of every run's
+    AUC from their structural components and ``c`` weighs each of A's runs ``1/len(runs_a)``
+    and each of B's ``-1/len(runs_b)``. That variance holds the runs fixed; how far a recipe
+    moves between training runs is another source, added as ``between_run_variance`` (the
+    law of total variance: the images' part given the runs, plus the runs' part). When that
+    part is estimated from a few runs (``between_run_df`` degrees of freedom), the interval and
+    p-value use Student's t with the Welch-Satterthwaite degrees of freedom of the sum (the
+    images' part counted as exact), not the normal approximation.
+
+    Args:
+        labels: true labels, 0 or 1, both present.
+        runs_a: each of A's runs' fracture probabilities, in the images' order.
+        runs_b: B's, for the same images in the same order.
+        confidence: coverage of the difference's interval.
+        between_run_variance: the variance of the difference between training runs, on these
+            images (0: the runs' predictions are taken as fixed).
+        between_run_df: the degrees of freedom ``between_run_variance`` was estimated with;
+            ``None``: the normal approximation.
+
+    Returns:
+        The two means as ``auc_a`` and ``auc_b``, their difference, its interval (normal
+        approximation) and the two-sided p-value. Runs that rank every image alike, with no
+        between-run variance, differ by 0 with no spread: p-value 1.
+
+    Raises:
+        ValueError: a side without runs, lengths that differ, or one class missing.
+    """
     y = np.asarray(labels).astype(int)
-    a, b = np.asarray(scores_a, dtype=np.float64), np.asarray(scores_b, dtype=np.float64)
-    if not (len(y) == len(a) == len(b)):
-        raise ValueError(f"labels and scores differ in length: {len(y)}, {len(a)}, {len(b)}")
+    runs = [np.asarray(s, dtype=np.float64) for s in (*runs_a, *runs_b)]
+    if not runs_a or not runs_b:
+        raise ValueError(f"each side needs a run at least: {len(runs_a)} and {len(runs_b)}")
+    if any(len(s) != len(y) for s in runs):
+        raise ValueError(f"labels and scores differ in length: {len(y)}, {', '.join(str(len(s)) for s in runs)}")
     pos, neg = y == 1, y == 0
     m, n = int(pos.sum()), int(neg.sum())
     if m == 0 or n == 0:
         raise ValueError(f"DeLong's test needs both classes: {m} fractured, {n} not fractured")
     aucs, v_pos, v_neg = [], [], []
-    for s in (a, b):
+    for s in runs:
         x, z = s[pos], s[neg]
         rank_x, rank_z, rank_all = rankdata(x), rankdata(z), rankdata(np.concatenate([x, z]))
         aucs.append((rank_all[:m].sum() - m * (m + 1) / 2) / (m * n))
         v_pos.append((rank_all[:m] - rank_x) / n)  # per fractured image: share of negatives ranked below it
         v_neg.append(1.0 - (rank_all[m:] - rank_z) / m)  # per negative: share of fractured ranked above it
-    cov = np.atleast_2d(np.cov(np.vstack(v_pos))) / m + np.atleast_2d(np.cov(np.vstack(v_neg))) / n
-    variance = max(float(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1]), 0.0) if m > 1 and n > 1 else 0.0
-    difference = float(aucs[0] - aucs[1])
+    weights = np.array([1 / len(runs_a)] * len(runs_a) + [-1 / len(runs_b)] * len(runs_b))
+    images = 0.0
+    if m > 1 and n > 1:
+        cov = np.atleast_2d(np.cov(np.vstack(v_pos))) / m + np.atleast_2d(np.cov(np.vstack(v_neg))) / n
+        images = max(float(weights @ cov @ weights), 0.0)
+    variance = images + max(float(between_run_variance), 0.0)
+    auc_a, auc_b = float(np.mean(aucs[: len(runs_a)])), float(np.mean(aucs[len(runs_a):]))
+    difference = auc_a - auc_b
     if variance <= 1e-15:
         # Identical rankings (or too few images to estimate a spread): no evidence either way
         # unless the AUCs differ, which then they do with no uncertainty at all.
@@ -289,7 +340,11 @@ def delong_paired(
         p = 1.0 if abs(difference) < 1e-12 else 0.0
     else:
         se = variance**0.5
-        half = float(norm.ppf(0.5 + confidence / 2)) * se
+        runs_part = variance - images
+        law = norm
+        if between_run_df is not None and runs_part > 0:
+            law = student_t(df=variance**2 * between_run_df / runs_part**2)  # Welch-Satterthwaite
+        half = float(law.ppf(0.5 + confidence / 2)) * se
         low, high = difference - half, difference + half
-        p = float(2 * norm.sf(abs(difference) / se))
-    return PairedAUC(float(aucs[0]), float(aucs[1]), difference, low, high, p, confidence, m + n, m)
+        p = float(2 * law.sf(abs(difference) / se))
+    return PairedAUC(auc_a, auc_b, difference, low, high, p, confidence, m + n, m)

@@ -14,7 +14,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from scipy.stats import t as student_t
 from sklearn.metrics import recall_score, roc_auc_score
+from sklearn.utils import resample
 
 from fracture.config import (
     ConfigError,
@@ -31,7 +33,7 @@ from fracture.crossval import (
     pool_splits,
     read_oof,
 )
-from fracture.evaluation import choose_threshold
+from fracture.evaluation import choose_threshold, delong_mean_difference, delong_paired
 from fracture.imaging import Preprocessor
 from fracture.prepare import cache_key, prepare_images
 from fracture.stages.prepare import active_cache
@@ -400,7 +402,7 @@ def scored() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def test_comparing_a_run_with_itself_finds_no_difference(scored):
     labels, weak, _ = scored
     ev = load_params().evaluate
-    reference, same = compare_oof({"a": oof_frame(labels, weak), "b": oof_frame(labels, weak)}, ev)
+    reference, same = compare_oof({"a": oof_frame(labels, weak), "b": oof_frame(labels, weak)}, ev).rows
     assert reference.versus_reference is None and reference.roc_auc == pytest.approx(roc_auc_score(labels, weak))
     assert same.versus_reference.difference == 0 and same.versus_reference.p_value == 1
     # The rule of `fracture crossval`'s summary: the threshold reaching the target sensitivity.
@@ -413,7 +415,7 @@ def test_comparing_a_run_with_itself_finds_no_difference(scored):
 def test_a_better_recipe_is_found_better_whatever_order_its_images_are_listed_in(scored):
     labels, weak, strong = scored
     shuffled = oof_frame(labels, strong).sample(frac=1, random_state=1)
-    rows = compare_oof({"weak": oof_frame(labels, weak), "strong": shuffled}, load_params().evaluate)
+    rows = compare_oof({"weak": oof_frame(labels, weak), "strong": shuffled}, load_params().evaluate).rows
     paired = rows[1].versus_reference
     assert paired.auc_a == pytest.approx(roc_auc_score(labels, strong)) and paired.auc_b == pytest.approx(rows[0].roc_auc)
     assert paired.difference > 0 and paired.ci_low > 0 and paired.p_value < 0.05
@@ -424,7 +426,7 @@ def test_the_ensemble_row_scores_the_mean_of_every_runs_probabilities(scored):
     labels, weak, strong = scored
     rows = compare_oof(
         {"weak": oof_frame(labels, weak), "strong": oof_frame(labels, strong)}, load_params().evaluate, ensemble=True
-    )
+    ).rows
     assert [r.name for r in rows] == ["weak", "strong", ENSEMBLE]
     assert rows[2].roc_auc == pytest.approx(roc_auc_score(labels, (weak + strong) / 2))
     assert rows[2].versus_reference.auc_b == pytest.approx(rows[0].roc_auc)
@@ -451,6 +453,109 @@ def test_runs_on_other_folds_images_or_labels_are_not_compared(scored):
         compare_oof({"ref": reference, "new": twice}, ev)
     with pytest.raises(CrossvalError, match="two runs or more"):
         compare_oof({"ref": reference}, ev)
+
+
+def seed_runs(rng: np.random.Generator, labels: np.ndarray, runs: int, quality: float = 0.2) -> list[np.ndarray]:
+    """Runs of one recipe under other training seeds: every run scores the same images (whose
+    difficulty they share), and each fold's model of each run learned the task a little better or
+    worse and scores on a shifted scale, as the cross-validated networks do. 1 fractured in 6."""
+    folds = np.arange(len(labels)) % 3
+    difficulty = rng.normal(0, 1, len(labels))
+    return [
+        labels * (2.2 + rng.normal(0, quality, 3)[folds]) + difficulty + rng.normal(0, 0.5, len(labels))
+        + rng.normal(0, quality, 3)[folds]
+        for _ in range(runs)
+    ]
+
+
+def test_the_mean_difference_of_several_runs_has_the_spread_resampling_the_images_gives():
+    """DeLong's variance of a contrast of several correlated AUCs (2 runs against 3) is what
+    resampling the images gives, and one run a side is DeLong's paired test itself."""
+    rng = np.random.default_rng(5)
+    labels = (np.arange(600) < 100).astype(int)
+    a, b = seed_runs(rng, labels, 2), seed_runs(rng, labels, 3)
+    result = delong_mean_difference(labels, a, b)
+    assert result.auc_a == pytest.approx(np.mean([roc_auc_score(labels, x) for x in a]))
+    assert result.auc_b == pytest.approx(np.mean([roc_auc_score(labels, x) for x in b]))
+    state = np.random.RandomState(0)
+    diffs = []
+    for _ in range(400):
+        rows = resample(np.arange(600), stratify=labels, random_state=state)
+        y = labels[rows]
+        diffs.append(np.mean([roc_auc_score(y, x[rows]) for x in a]) - np.mean([roc_auc_score(y, x[rows]) for x in b]))
+    assert (result.ci_high - result.ci_low) / 2 / 1.959964 == pytest.approx(np.std(diffs), rel=0.15)
+    assert delong_mean_difference(labels, a[:1], b[:1]) == delong_paired(labels, a[0], b[0])
+    with pytest.raises(ValueError, match="each side needs a run at least: 2 and 0"):
+        delong_mean_difference(labels, a, [])
+
+
+def test_the_spread_between_runs_is_added_and_read_with_students_t():
+    rng = np.random.default_rng(6)
+    labels = (np.arange(600) < 100).astype(int)
+    a, b = seed_runs(rng, labels, 1), seed_runs(rng, labels, 3)
+    fixed = delong_mean_difference(labels, a, b)
+    images = ((fixed.ci_high - fixed.ci_low) / 2 / 1.959964) ** 2
+    runs = 4e-5
+    wider = delong_mean_difference(labels, a, b, between_run_variance=runs, between_run_df=2)
+    total = images + runs
+    half = student_t.ppf(0.975, total**2 * 2 / runs**2) * total**0.5  # Welch-Satterthwaite
+    assert wider.difference == fixed.difference
+    assert (wider.ci_high - wider.ci_low) / 2 == pytest.approx(half)
+    assert wider.p_value > fixed.p_value
+    # Without degrees of freedom the normal approximation, as for the images alone.
+    normal = delong_mean_difference(labels, a, b, between_run_variance=runs)
+    assert (normal.ci_high - normal.ci_low) / 2 == pytest.approx(1.959964 * total**0.5, rel=1e-6)
+
+
+def test_recipes_of_several_runs_pool_the_spread_between_seeds_into_each_difference():
+    rng = np.random.default_rng(7)
+    labels = (np.arange(600) < 100).astype(int)
+    three, two, one = seed_runs(rng, labels, 3), seed_runs(rng, labels, 2), seed_runs(rng, labels, 1)
+    compared = compare_oof(
+        {
+            "a": {f"a{i}": oof_frame(labels, x) for i, x in enumerate(three)},
+            "b": {f"b{i}": oof_frame(labels, x) for i, x in enumerate(two)},
+            "c": oof_frame(labels, one[0]),
+        },
+        load_params().evaluate,
+        ensemble=True,
+    )
+    aucs = {name: np.array([roc_auc_score(labels, x) for x in runs]) for name, runs in (("a", three), ("b", two))}
+    pooled = (((aucs["a"] - aucs["a"].mean()) ** 2).sum() + ((aucs["b"] - aucs["b"].mean()) ** 2).sum()) / 3
+    assert compared.run_sd == pytest.approx(pooled**0.5) and compared.run_sd_df == 3
+    a, b, c, mean = compared.rows
+    assert [r.name for r in compared.rows] == ["a", "b", "c", ENSEMBLE] and [r.runs for r in compared.rows] == [3, 2, 1, 1]
+    assert a.roc_auc == pytest.approx(aucs["a"].mean()) and a.roc_auc_sd == pytest.approx(aucs["a"].std(ddof=1))
+    assert c.roc_auc_sd is None and a.versus_reference is None
+    assert b.versus_reference == delong_mean_difference(
+        labels, two, three, between_run_variance=pooled * (1 / 2 + 1 / 3), between_run_df=3
+    )
+    assert c.versus_reference == delong_mean_difference(
+        labels, one, three, between_run_variance=pooled * (1 + 1 / 3), between_run_df=3
+    )
+    assert mean.roc_auc == pytest.approx(roc_auc_score(labels, np.mean(three + two + one, axis=0)))
+    assert mean.versus_reference == delong_mean_difference(
+        labels, [np.mean(three + two + one, axis=0)], three, between_run_variance=pooled * (1 + 1 / 3), between_run_df=3
+    )
+    with pytest.raises(CrossvalError, match="a1 is a run of both a and b: give each run to one recipe only"):
+        compare_oof({"a": {"a1": oof_frame(labels, three[0])}, "b": {"a1": oof_frame(labels, two[0])}}, load_params().evaluate)
+
+
+def test_one_recipe_under_other_seeds_is_not_found_different_once_their_spread_is_counted():
+    """Same recipe, other seeds, 100 times over: DeLong's test on one run each calls the runs
+    different far more often than its 5%, since each fold's model moves with the seed; counting
+    the spread of three more runs brings the rate back to about 5%. (Over 1,000 such draws: 26.2%
+    and 5.1%; the bounds below leave room for 100 draws' own spread.)"""
+    rng = np.random.default_rng(8)
+    labels = (np.arange(600) < 100).astype(int)
+    ev = load_params().evaluate
+    one_each = counted = 0
+    for _ in range(100):
+        runs = [oof_frame(labels, x) for x in seed_runs(rng, labels, 4)]
+        one_each += compare_oof({"a": runs[0], "b": runs[1]}, ev).rows[1].versus_reference.p_value < 0.05
+        compared = compare_oof({"a": runs[0], "b": {"b1": runs[1], "b2": runs[2], "b3": runs[3]}}, ev)
+        counted += compared.rows[1].versus_reference.p_value < 0.05
+    assert one_each >= 15 and counted <= 12
 
 
 def test_runs_are_read_from_dvc_experiments_revisions_and_files(tmp_path, scored):
@@ -501,3 +606,26 @@ def test_cli_prints_each_run_and_its_paired_difference(tmp_path, scored, monkeyp
     with pytest.raises(SystemExit) as exit_:
         main(["crossval-compare", "weak.csv"])
     assert str(exit_.value.code) == "fracture crossval-compare: comparing needs two runs or more, the reference first; got 1"
+
+
+def test_cli_takes_a_recipes_runs_joined_by_commas_and_counts_their_spread(tmp_path, monkeypatch, capsys):
+    from fracture.cli import main
+
+    rng = np.random.default_rng(9)
+    labels = (np.arange(600) < 100).astype(int)
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    for i, probs in enumerate(seed_runs(rng, labels, 4)):
+        oof_frame(labels, probs).to_csv(tmp_path / f"s{i}.csv", index=False)
+    monkeypatch.chdir(tmp_path)
+    main(["crossval-compare", "s0.csv,s1.csv,s2.csv", "s3.csv"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("out-of-fold, 600 images (100 fractured)")
+    assert lines[2].split()[:2] == ["s0.csv,s1.csv,s2.csv", "3"] and lines[3].split()[:2] == ["s3.csv", "1"]
+    sd = np.std([roc_auc_score(labels, pd.read_csv(tmp_path / f"s{i}.csv")["probability"]) for i in range(3)], ddof=1)
+    assert f"({sd:.4f})" in lines[2] and f"sd {sd:.4f}" in lines[4] and "2 degrees of freedom" in lines[4]
+    assert len(lines) == 5
+    with pytest.raises(SystemExit) as exit_:
+        main(["crossval-compare", "s0.csv,s0.csv", "s3.csv"])
+    assert str(exit_.value.code) == (
+        "fracture crossval-compare: 's0.csv,s0.csv': name each of a recipe's runs once, joined by commas"
+    )
