@@ -5,11 +5,19 @@ image becomes a small greyscale thumbnail, normalised to zero mean and unit vari
 whose thumbnails correlate above a threshold (Pearson's r, ``validate.near_duplicate_threshold``)
 are near-duplicates, and the connected components of those pairs are the groups the split keeps
 together. Byte-identical files correlate at 1 and always fall in one group.
+
+A truncated JPEG decodes with its missing bottom rows filled flat grey, which would keep a
+truncated re-encoded copy from matching its original (FracAtlas's truncated files are such
+copies), and could make two unrelated truncated images match by their grey bands. So a pair with
+a truncated image is compared on the top thumbnail rows both decoded, each image standardised
+over those rows.
 """
 
 from __future__ import annotations
 
 import io
+import logging
+import math
 import os
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -22,11 +30,16 @@ from PIL import Image, ImageFile
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from fracture.decoding import decode
+from fracture.decoding import decode, decode_truncated
 from fracture.dicom import is_dicom
 
 #: Side of the square thumbnail each image is compared by (32 x 32 = 1024 values).
 THUMBNAIL_SIDE = 32
+
+#: Fewest thumbnail rows a truncated image must have decoded to be compared at all (a quarter).
+MIN_ROWS = THUMBNAIL_SIDE // 4
+
+log = logging.getLogger(__name__)
 
 
 def _allow_truncated() -> None:
@@ -35,40 +48,100 @@ def _allow_truncated() -> None:
     ImageFile.LOAD_TRUNCATED_IMAGES = True
 
 
-def thumbnail(path: str | Path, side: int = THUMBNAIL_SIDE) -> np.ndarray:
-    """The image as a ``side * side`` greyscale vector with zero mean and unit variance.
+def _standardise(v: np.ndarray) -> np.ndarray:
+    """Rows of ``v`` with zero mean and unit variance; a constant row becomes zeros."""
+    v = np.atleast_2d(np.asarray(v, dtype=np.float64))
+    std = v.std(axis=1, keepdims=True)
+    return np.divide(v - v.mean(axis=1, keepdims=True), std, out=np.zeros_like(v), where=std > 0)
+
+
+def _decoded_height(grey: np.ndarray) -> int:
+    """Rows above the grey a truncated JPEG's missing part decodes to: the flat rows at the
+    bottom, and above them the rows of the last, partly decoded block row, whose pixels from some
+    column to the right edge hold that same grey."""
+    fill = grey[-1, -1]
+    flat = (grey == fill).all(axis=1)
+    height = len(grey)
+    while height > 0 and flat[height - 1]:
+        height -= 1
+    while height > 0 and grey[height - 1, -2:].tolist() == [fill, fill]:
+        height -= 1
+    return height
+
+
+def thumbnail_rows(path: str | Path, side: int = THUMBNAIL_SIDE, truncated: bool = False) -> tuple[np.ndarray, int]:
+    """The image as a ``side * side`` greyscale vector with zero mean and unit variance, and how
+    many of its ``side`` rows hold decoded pixels.
 
     JPEGs are decoded at a reduced scale (Pillow's ``draft``), which is what makes a pass over
     thousands of full-size X-rays take seconds. A DICOM file is read as a reader sees it
     (:func:`fracture.decoding.decode`), so a copy exported as DICOM and as JPEG still matches.
     A constant image gives a vector of zeros, which correlates with nothing.
+
+    Args:
+        path: the image file.
+        side: the thumbnail's side.
+        truncated: the file ends early (the manifest's ``truncated``): its rows are counted down
+            to the flat band its missing part decodes to. Otherwise every row counts.
+
+    Returns:
+        The vector (row by row), and the thumbnail rows lying wholly in the decoded part.
     """
     data = Path(path).read_bytes()
     if is_dicom(data):
         img = decode(data)
+    elif truncated:
+        img = decode_truncated(data, (side * 4, side * 4))
     else:
         img = Image.open(io.BytesIO(data))  # reads from memory: no file handle to close
         img.draft("L", (side * 4, side * 4))
-    small = img.convert("L").resize((side, side), Image.Resampling.BOX)
-    v = np.asarray(small, dtype=np.float64).ravel()
-    std = v.std()
-    return ((v - v.mean()) / std if std > 0 else np.zeros_like(v)).astype(np.float32)
+    grey = img.convert("L")
+    rows = side
+    if truncated:
+        full = np.asarray(grey)
+        rows = _decoded_height(full) * side // len(full)
+    small = grey.resize((side, side), Image.Resampling.BOX)
+    return _standardise(np.asarray(small).ravel())[0].astype(np.float32), rows
 
 
-def thumbnails(paths: Sequence[str | Path], side: int = THUMBNAIL_SIDE, workers: int | None = None) -> np.ndarray:
-    """Thumbnails of every path, one row each, decoded in parallel processes."""
+def thumbnail(path: str | Path, side: int = THUMBNAIL_SIDE) -> np.ndarray:
+    """The image as a ``side * side`` greyscale vector with zero mean and unit variance
+    (:func:`thumbnail_rows`, every row counted)."""
+    return thumbnail_rows(path, side)[0]
+
+
+def _thumbnail_rows(item: tuple[str, bool], side: int) -> tuple[np.ndarray, int]:
+    return thumbnail_rows(item[0], side, item[1])
+
+
+def thumbnails(
+    paths: Sequence[str | Path],
+    side: int = THUMBNAIL_SIDE,
+    workers: int | None = None,
+    truncated: Sequence[bool] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Thumbnails of every path, one row each, and each one's decoded rows (:func:`thumbnail_rows`),
+    decoded in parallel processes."""
+    flags = [bool(t) for t in truncated] if truncated is not None else [False] * len(paths)
     with ProcessPoolExecutor(max_workers=workers or os.cpu_count(), initializer=_allow_truncated) as pool:
-        rows = list(pool.map(partial(thumbnail, side=side), [str(p) for p in paths], chunksize=32))
-    return np.stack(rows) if rows else np.zeros((0, side * side), dtype=np.float32)
+        out = list(pool.map(partial(_thumbnail_rows, side=side), [(str(p), t) for p, t in zip(paths, flags)], chunksize=32))
+    if not out:
+        return np.zeros((0, side * side), dtype=np.float32), np.zeros(0, dtype=int)
+    return np.stack([v for v, _ in out]), np.array([r for _, r in out], dtype=int)
 
 
-def near_duplicate_pairs(vectors: np.ndarray, ids: Sequence[str], threshold: float) -> pd.DataFrame:
+def near_duplicate_pairs(
+    vectors: np.ndarray, ids: Sequence[str], threshold: float, rows: np.ndarray | None = None
+) -> pd.DataFrame:
     """Every pair of images whose thumbnails correlate above ``threshold``.
 
     Args:
         vectors: normalised thumbnails, one row per image (:func:`thumbnails`).
         ids: the image id of each row.
         threshold: Pearson's r above which two images count as the same radiograph.
+        rows: each thumbnail's decoded rows (:func:`thumbnails`; ``None``: all of them). A pair
+            in which one has fewer than all is compared on the top rows both decoded, each
+            standardised over them; an image with fewer than :data:`MIN_ROWS` is compared with none.
 
     Returns:
         ``image_id_a``, ``image_id_b`` (a before b in ``ids`` order) and ``correlation``, most
@@ -78,6 +151,18 @@ def near_duplicate_pairs(vectors: np.ndarray, ids: Sequence[str], threshold: flo
         return pd.DataFrame({"image_id_a": [], "image_id_b": [], "correlation": []})
     # Rows have zero mean and unit variance, so their dot product over the length is Pearson's r.
     corr = (vectors @ vectors.T) / vectors.shape[1]
+    side = math.isqrt(vectors.shape[1])
+    rows = np.full(len(ids), side) if rows is None else np.asarray(rows, dtype=int)
+    # Fewest decoded rows last, so a pair of two truncated images keeps the comparison on the rows
+    # both decoded.
+    for i in sorted(np.flatnonzero(rows < side), key=lambda i: -rows[i]):
+        if rows[i] < MIN_ROWS:
+            corr[i, :] = corr[:, i] = -1.0
+            continue
+        top = _standardise(vectors[:, : rows[i] * side])
+        r = top @ top[i] / top.shape[1]
+        others = rows >= rows[i]
+        corr[i, others] = corr[others, i] = r[others]
     a, b = np.nonzero(np.triu(corr > threshold, k=1))
     ids = np.asarray(ids)
     pairs = pd.DataFrame({"image_id_a": ids[a], "image_id_b": ids[b], "correlation": corr[a, b].astype(float)})
@@ -108,10 +193,11 @@ def add_near_duplicates(
 ) -> pd.DataFrame:
     """The manifest with each image's near-duplicate group and whether the group's labels disagree.
 
-    Only files that decode are compared; any other row is its own group.
+    Only files that decode are compared; any other row is its own group. A truncated file (the
+    manifest's ``truncated``) is compared on the rows it decoded (:func:`near_duplicate_pairs`).
 
     Args:
-        manifest: rows with ``image_id``, ``path``, ``has_file``, ``decodable`` and
+        manifest: rows with ``image_id``, ``path``, ``has_file``, ``decodable``, ``truncated`` and
             ``folder_label`` / ``csv_label``.
         dataset_dir: the folder the paths are relative to.
         threshold: Pearson's r of the thumbnails above which two images are one radiograph.
@@ -125,8 +211,15 @@ def add_near_duplicates(
     out = manifest.copy()
     usable = out[out["has_file"].fillna(False).astype(bool) & out["decodable"].fillna(False).astype(bool)]
     ids = usable["image_id"].tolist()
-    vectors = thumbnails([dataset_dir / p for p in usable["path"]], workers=workers)
-    groups = group_ids(ids, near_duplicate_pairs(vectors, ids, threshold))
+    truncated = usable["truncated"].fillna(False).astype(bool) if "truncated" in usable else None
+    vectors, rows = thumbnails([dataset_dir / p for p in usable["path"]], workers=workers, truncated=truncated)
+    short = [i for i, r in zip(ids, rows) if r < MIN_ROWS]
+    if short:
+        log.warning(
+            "%d truncated image(s) decode less than a quarter of their height, too little to find their near-duplicates "
+            "by; each is its own group: %s", len(short), ", ".join(short),
+        )
+    groups = group_ids(ids, near_duplicate_pairs(vectors, ids, threshold, rows))
     out["near_duplicate_group"] = out["image_id"].map(groups).fillna(out["image_id"])
     label = out["folder_label"].astype("Int64").fillna(out["csv_label"].astype("Int64"))
     labels_per_group = label.groupby(out["near_duplicate_group"]).transform("nunique")

@@ -8,7 +8,12 @@ from PIL import Image
 
 from fracture.config import SplitParams, load_params
 from fracture.manifest import build_manifest
-from fracture.near_duplicates import group_ids, near_duplicate_pairs, thumbnail
+from fracture.near_duplicates import (
+    group_ids,
+    near_duplicate_pairs,
+    thumbnail,
+    thumbnail_rows,
+)
 from fracture.split import SPLITS, split_manifest
 from fracture.validation import validate
 from tests.conftest import REPO
@@ -16,10 +21,11 @@ from tests.synthetic import make_dataset
 from tests.test_split import manifest_from, split_of
 
 
-def smooth_xray(path, seed: int, size: tuple[int, int] = (240, 288)) -> None:
-    """A picture with structure at every scale (noise upsampled), as an X-ray has; plain noise has none."""
+def smooth_xray(path, seed: int, size: tuple[int, int] = (240, 288), brightest: int = 255) -> None:
+    """A picture with structure at every scale (noise upsampled), as an X-ray has; plain noise has
+    none. Grey levels up to ``brightest``: a low one makes it dark, as most of an X-ray is."""
     rng = np.random.default_rng(seed)
-    coarse = Image.fromarray(rng.integers(0, 255, (9, 8), dtype=np.uint8), mode="L")
+    coarse = Image.fromarray(rng.integers(0, brightest, (9, 8), dtype=np.uint8), mode="L")
     coarse.resize(size, Image.Resampling.BICUBIC).save(path, quality=95)
 
 
@@ -73,6 +79,55 @@ def test_near_duplicates_are_grouped_and_conflicting_labels_excluded(tmp_path):
     assert report.counts["near_duplicates"] == {"groups": 2, "images_in_groups": 4, "label_conflict_groups": 1}
     assert sorted(report.excluded) == ["IMG0000002.jpg", "IMG0000031.jpg"]
     assert "near-duplicate" in report.excluded["IMG0000031.jpg"].reason
+
+
+def truncated_copy(src, dest, keep: float) -> None:
+    """The same JPEG cut short (no end-of-image marker): decoded, its missing part is flat grey,
+    as FracAtlas's truncated files are."""
+    data = src.read_bytes()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_bytes(data[: int(len(data) * keep)])
+
+
+def test_a_truncated_copy_is_compared_on_the_rows_it_decoded(tmp_path):
+    make_dataset(tmp_path, 4, 6)
+    for i, folder in enumerate(["Fractured"] * 4 + ["Non_fractured"] * 6):
+        smooth_xray(tmp_path / "images" / folder / f"IMG{i:07d}.jpg", i, size=(240, 480))
+    # A fractured X-ray stored again, cut short, in the other class folder (as IMG0004278 holds
+    # the top of IMG0003001); and another X-ray cut short, with no copy.
+    truncated_copy(tmp_path / "images/Fractured/IMG0000001.jpg", tmp_path / "images/Non_fractured/IMG0000020.jpg", 0.6)
+    truncated_copy(tmp_path / "images/Non_fractured/IMG0000008.jpg", tmp_path / "images/Non_fractured/IMG0000008.jpg", 0.6)
+    csv = pd.read_csv(tmp_path / "dataset.csv")
+    row = csv[csv["image_id"] == "IMG0000005.jpg"].iloc[0].copy()
+    row["image_id"] = "IMG0000020.jpg"
+    pd.concat([csv, row.to_frame().T]).to_csv(tmp_path / "dataset.csv", index=False)
+
+    copy, rows = thumbnail_rows(tmp_path / "images/Non_fractured/IMG0000020.jpg", truncated=True)
+    original = thumbnail(tmp_path / "images/Fractured/IMG0000001.jpg")
+    assert 8 <= rows < 32
+    assert float(copy @ original) / copy.size < 0.9  # whole thumbnails: the grey band hides the copy
+    params = load_params(REPO).validate
+    manifest = build_manifest(tmp_path, workers=1, near_duplicate_threshold=params.near_duplicate_threshold)
+    by_id = manifest.set_index("image_id")
+    assert by_id.loc[["IMG0000020.jpg", "IMG0000008.jpg"], "truncated"].all()
+    group = by_id["near_duplicate_group"]
+    assert group["IMG0000020.jpg"] == group["IMG0000001.jpg"] == "IMG0000001.jpg"
+    assert by_id.loc[["IMG0000001.jpg", "IMG0000020.jpg"], "near_duplicate_conflict"].all()
+    assert (group == group.index).sum() == len(group) - 1  # the cut-short X-ray without a copy stays alone
+    _, report = validate(manifest, params)
+    assert sorted(report.finding("near_duplicate_labels_agree").unexpected_ids) == ["IMG0000001.jpg", "IMG0000020.jpg"]
+
+
+def test_two_truncated_x_rays_do_not_match_by_their_grey_bands(tmp_path):
+    """Two different dark X-rays cut short are mostly dark above and flat grey below: whole
+    thumbnails would call them one radiograph. Compared on what they decoded, they are not."""
+    for i in (0, 1):
+        smooth_xray(tmp_path / f"full{i}.jpg", i, size=(240, 480), brightest=40)
+        truncated_copy(tmp_path / f"full{i}.jpg", tmp_path / f"cut{i}.jpg", 0.5)
+    (a, rows_a), (b, rows_b) = (thumbnail_rows(tmp_path / f"cut{i}.jpg", truncated=True) for i in (0, 1))
+    assert float(a @ b) / a.size > 0.97
+    assert near_duplicate_pairs(np.stack([a, b]), ["a", "b"], 0.97).shape[0] == 1
+    assert near_duplicate_pairs(np.stack([a, b]), ["a", "b"], 0.97, np.array([rows_a, rows_b])).empty
 
 
 def test_without_a_threshold_every_image_is_its_own_group(tmp_path):

@@ -457,7 +457,8 @@ def test_real_copy_passes_every_hard_rule(real):
         "fracture_count_matches_label": 1,
         "not_truncated": 49,
         "unique_content": 21,
-        "near_duplicate_labels_agree": 8,
+        # 9 X-rays stored twice under opposite class folders; 5 of them as a truncated copy.
+        "near_duplicate_labels_agree": 18,
     }
     assert 0.05 <= report.finding("fractured_share_in_range").observed <= 0.5
 
@@ -511,10 +512,11 @@ def test_real_copy_strict_policies(real, vparams):
     strict = policy(vparams, on_truncated="exclude", on_label_conflict="exclude", on_duplicate="keep_one")
     _, excluded = resolve(manifest, strict, report.findings)
     rules = pd.Series({i: e.rule for i, e in excluded.items()}).value_counts().to_dict()
-    # 49 truncated (a truncated pair among them), IMG0003298, and 11 extra copies of the
-    # other 8 groups (21 ids in 9 groups, less the truncated pair).
+    # 49 truncated (a truncated pair among them), IMG0003298, 11 extra copies of the other 8
+    # groups (21 ids in 9 groups, less the truncated pair), and the 18 members of the 9 groups
+    # whose labels disagree, less the 5 truncated copies already excluded.
     assert rules == {
-        "not_truncated": 49, "folder_label_matches_csv": 1, "unique_content": 11, "near_duplicate_labels_agree": 8
+        "not_truncated": 49, "folder_label_matches_csv": 1, "unique_content": 11, "near_duplicate_labels_agree": 13
     }
     _, keep_one = resolve(manifest, policy(vparams, on_duplicate="keep_one"), report.findings)
     assert sum(e.rule == "unique_content" for e in keep_one.values()) == 21 - 9
@@ -546,6 +548,11 @@ def test_real_copy_near_duplicates_are_grouped_and_conflicting_labels_flagged(re
     for a, b in [("IMG0002886.jpg", "IMG0004243.jpg"), ("IMG0002998.jpg", "IMG0004280.jpg"),
                  ("IMG0004262.jpg", "IMG0002952.jpg")]:
         assert group[a] == group[b] and {a, b} <= conflicting
+    # Truncated copies, compared on the rows they decoded: two under the other class folder, and
+    # one whose whole thumbnail (a quarter of it flat grey) correlates at 0.55 with its original.
+    for a, b in [("IMG0004278.jpg", "IMG0003001.jpg"), ("IMG0004279.jpg", "IMG0003000.jpg")]:
+        assert group[a] == group[b] and {a, b} <= conflicting
+    assert group["IMG0004297.jpg"] == group["IMG0003061.jpg"]
     labels = manifest.set_index("image_id")["folder_label"]
     assert all(labels[g].nunique() == 2 for g in manifest[manifest["near_duplicate_conflict"]].groupby("near_duplicate_group")["image_id"].apply(list))
     # Every byte-identical group lies inside one near-duplicate group.
