@@ -436,8 +436,43 @@ def parse_params(raw: dict[str, Any]) -> Params:
     return params
 
 
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _check(p: Params) -> None:
     # The allowed values of every choice were checked by _build; these are the numeric rules.
+    v = p.validate
+    if not (_whole(v.min_side) and _whole(v.max_side) and 0 < v.min_side <= v.max_side):
+        raise ConfigError(
+            f"params.yaml: validate.min_side and validate.max_side must be whole numbers of pixels with "
+            f"0 < min_side <= max_side, got {v.min_side!r} and {v.max_side!r}"
+        )
+    share = v.fractured_share
+    if not (isinstance(share, (list, tuple)) and len(share) == 2 and all(map(_number, share))
+            and 0 <= share[0] <= share[1] <= 1):
+        raise ConfigError(
+            f"params.yaml: validate.fractured_share must be [low, high] with 0 <= low <= high <= 1, got {share!r}"
+        )
+    if isinstance(v.colour_modes, str) or not all(isinstance(m, str) for m in v.colour_modes):
+        raise ConfigError(
+            f"params.yaml: validate.colour_modes must be a list of Pillow modes such as [L, RGB], got {v.colour_modes!r}"
+        )
+    ev = p.evaluate
+    if not (_number(ev.threshold) and 0 <= ev.threshold <= 1):
+        raise ConfigError(f"params.yaml: evaluate.threshold is a probability, from 0 to 1; got {ev.threshold!r}")
+    target = ev.target_sensitivity
+    if target is not None and not (_number(target) and 0 < target <= 1):
+        raise ConfigError(
+            f"params.yaml: evaluate.target_sensitivity is a fraction above 0 and at most 1 (0.85, not 85), or null; "
+            f"got {target!r}"
+        )
+    if not (_whole(p.train.batch_size) and p.train.batch_size >= 1):
+        raise ConfigError(f"params.yaml: train.batch_size must be a whole number of at least 1, got {p.train.batch_size!r}")
     t = p.validate.near_duplicate_threshold
     if t is not None and not (isinstance(t, (int, float)) and 0 < t < 1):
         raise ConfigError(f"params.yaml: validate.near_duplicate_threshold must lie in (0, 1) or be null, got {t!r}")
@@ -461,6 +496,11 @@ def _check(p: Params) -> None:
     for name, prof in p.profiles.items():
         if prof.epochs < 1:
             raise ConfigError(f"params.yaml: profiles.{name}.epochs must be at least 1")
+        if not (_whole(prof.image_size) and prof.image_size >= 32):
+            raise ConfigError(
+                f"params.yaml: profiles.{name}.image_size must be a whole number of pixels, at least 32, "
+                f"got {prof.image_size!r}"
+            )
         if prof.lr is not None and not (isinstance(prof.lr, (int, float)) and prof.lr > 0):
             raise ConfigError(f"params.yaml: profiles.{name}.lr must be a positive number or null, got {prof.lr!r}")
         for key in ("drop_rate", "drop_path_rate", "label_smoothing", "ema_decay"):

@@ -55,6 +55,38 @@ def test_a_layer_decay_outside_0_to_1_is_refused(value):
         parse_params(raw)
 
 
+@pytest.mark.parametrize(
+    ("section", "key", "value", "message"),
+    [
+        ("evaluate", "target_sensitivity", 85, r"evaluate.target_sensitivity is a fraction above 0 and at most 1 \(0.85, not 85\)"),
+        ("evaluate", "target_sensitivity", 0, "evaluate.target_sensitivity is a fraction"),
+        ("evaluate", "threshold", 50, "evaluate.threshold is a probability, from 0 to 1; got 50"),
+        ("evaluate", "threshold", "0.5", "evaluate.threshold is a probability"),
+        ("train", "batch_size", 0, "train.batch_size must be a whole number of at least 1, got 0"),
+        ("validate", "min_side", 9000, r"0 < min_side <= max_side, got 9000 and 8192"),
+        ("validate", "max_side", 0, "validate.min_side and validate.max_side"),
+        ("validate", "fractured_share", [0.05], r"validate.fractured_share must be \[low, high\]"),
+        ("validate", "fractured_share", [0.4, 0.1], r"validate.fractured_share must be \[low, high\]"),
+        ("validate", "colour_modes", "RGB", r"validate.colour_modes must be a list of Pillow modes such as \[L, RGB\], got 'RGB'"),
+    ],
+)
+def test_a_value_out_of_its_range_is_refused_when_params_load_naming_the_field(section, key, value, message):
+    """Refused before any stage runs: a target sensitivity of 85 would otherwise serve at threshold
+    1.0 (sensitivity 0), and a malformed fractured_share fail only after every image is decoded."""
+    raw = raw_params()
+    raw[section][key] = value
+    with pytest.raises(ConfigError, match=message):
+        parse_params(raw)
+
+
+@pytest.mark.parametrize("value", [0, 16, 224.0, "352"])
+def test_an_input_size_that_is_not_a_whole_number_of_at_least_32_pixels_is_refused(value):
+    raw = raw_params()
+    raw["profiles"]["cpu"]["image_size"] = value
+    with pytest.raises(ConfigError, match="profiles.cpu.image_size must be a whole number of pixels, at least 32"):
+        parse_params(raw)
+
+
 def test_unknown_key_is_named():
     raw = raw_params()
     raw["train"]["learning_rate"] = 0.1
