@@ -402,6 +402,11 @@ def _build(
     return cls(**kwargs)
 
 
+#: Keys of the active profile that dvc.yaml names one by one (``profiles.${train.profile}.<key>``):
+#: DVC fails a stage whose params file lacks one, so they are required even where a default exists.
+DVC_TRACKED_PROFILE_KEYS = ("model", "image_size", "decode", "tta")
+
+
 def parse_params(raw: dict[str, Any]) -> Params:
     """Builds :class:`Params` from the mapping in ``params.yaml``.
 
@@ -418,6 +423,15 @@ def parse_params(raw: dict[str, Any]) -> Params:
     if not isinstance(profiles_raw, dict) or not profiles_raw:
         raise ConfigError("params.yaml: section 'profiles' is missing or empty")
     profiles = {name: _build(Profile, name, profiles_raw, prefix="profiles.") for name in profiles_raw}
+    active = (raw.get("train") or {}).get("profile")
+    if isinstance(profiles_raw.get(active), dict):
+        # dvc.yaml tracks these of the active profile by name, and DVC refuses a stage whose params are absent.
+        unnamed = [key for key in DVC_TRACKED_PROFILE_KEYS if key not in profiles_raw[active]]
+        if unnamed:
+            raise ConfigError(
+                f"params.yaml: profiles.{active} lacks {unnamed}: dvc.yaml tracks them by name, so write them out "
+                f"(e.g. decode: full, tta: none)"
+            )
     params = Params(
         ingest=_build(IngestParams, "ingest", raw),
         validate=_build(ValidateParams, "validate", raw),

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import yaml
 
-from fracture.config import ConfigError, load_params, parse_params
+from fracture.config import (
+    DVC_TRACKED_PROFILE_KEYS,
+    ConfigError,
+    load_params,
+    parse_params,
+)
 from tests.conftest import REPO
 
 
@@ -85,6 +92,20 @@ def test_an_input_size_that_is_not_a_whole_number_of_at_least_32_pixels_is_refus
     raw["profiles"]["cpu"]["image_size"] = value
     with pytest.raises(ConfigError, match="profiles.cpu.image_size must be a whole number of pixels, at least 32"):
         parse_params(raw)
+
+
+def test_the_active_profile_writes_out_every_key_dvc_yaml_tracks_by_name():
+    """DVC refuses a stage whose params file lacks a key it names; params.yaml says which first."""
+    tracked = set(re.findall(r"profiles\.\$\{train\.profile\}\.(\w+)", (REPO / "dvc.yaml").read_text()))
+    assert tracked == set(DVC_TRACKED_PROFILE_KEYS)
+    raw = raw_params()
+    del raw["profiles"][raw["train"]["profile"]]["tta"]
+    with pytest.raises(ConfigError, match=r"profiles\.\w+ lacks \['tta'\]: dvc.yaml tracks them by name"):
+        parse_params(raw)
+    other = next(name for name in raw["profiles"] if name != raw["train"]["profile"])
+    raw = raw_params()
+    del raw["profiles"][other]["decode"]  # an inactive profile may rely on the default
+    assert parse_params(raw).profiles[other].decode == "full"
 
 
 def test_unknown_key_is_named():

@@ -1,0 +1,53 @@
+"""Every library module a pipeline stage runs is one of its DVC dependencies, so editing it reruns the stage."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from tests.conftest import REPO
+
+#: Modules a stage imports that cannot change its outputs, left out of the deps on purpose (as
+#: dvc.yaml's header says): paths, settings and their allowed values, the command line, MLflow
+#: logging, and the served model's input checks (stages decode through fracture.decoding).
+NOT_DEPENDENCIES = {"workspace", "config", "cli", "vocabulary", "tracking", "intake", "stages"}
+
+PIPELINES = ["dvc.yaml", "crossval/dvc.yaml"]
+
+
+def stages() -> list[tuple[str, str, list[str]]]:
+    out = []
+    for pipeline in PIPELINES:
+        for name, stage in yaml.safe_load((REPO / pipeline).read_text())["stages"].items():
+            command = stage["cmd"].split()
+            assert command[0] == "fracture", f"{pipeline}: stage {name} runs {stage['cmd']!r}, not a fracture command"
+            out.append((pipeline, command[1], [d for d in stage["deps"] if isinstance(d, str)]))
+    return out
+
+
+def imported_modules(*modules: str) -> set[str]:
+    """The fracture modules importing these loads, in a fresh interpreter."""
+    code = (
+        f"import sys, {', '.join(modules)}; "
+        "print(' '.join(m.split('.')[1] for m in sys.modules if m.startswith('fracture.') and m.count('.') == 1))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    return set(result.stdout.split())
+
+
+@pytest.fixture(scope="module")
+def through_the_others() -> set[str]:
+    """What the modules left out load themselves (the input checks load the decoders); a stage that
+    decodes lists the decoders on its own, which this test does not see."""
+    return imported_modules(*(f"fracture.{m}" for m in sorted(NOT_DEPENDENCIES - {"cli", "stages"})))
+
+
+@pytest.mark.parametrize(("pipeline", "stage", "deps"), stages(), ids=lambda v: v if isinstance(v, str) else "")
+def test_every_module_a_stage_imports_is_a_dependency_of_it(pipeline, stage, deps, through_the_others):
+    listed = {d.removeprefix("fracture/").removesuffix(".py") for d in deps if d.startswith("fracture/")}
+    assert f"stages/{stage}" in listed
+    missing = sorted(imported_modules(f"fracture.stages.{stage}") - through_the_others - NOT_DEPENDENCIES - listed)
+    assert not missing, f"{pipeline}: stage {stage} runs fracture/{missing[0]}.py, not in its deps: add {missing}"
