@@ -221,8 +221,24 @@ def add_near_duplicates(
         )
     groups = group_ids(ids, near_duplicate_pairs(vectors, ids, threshold, rows))
     out["near_duplicate_group"] = out["image_id"].map(groups).fillna(out["image_id"])
-    label = out["folder_label"].astype("Int64").fillna(out["csv_label"].astype("Int64"))
-    labels_per_group = label.groupby(out["near_duplicate_group"]).transform("nunique")
-    size = out.groupby("near_duplicate_group")["image_id"].transform("size")
-    out["near_duplicate_conflict"] = (size > 1) & (labels_per_group > 1)
+    out["near_duplicate_conflict"] = label_conflicts(out)
     return out
+
+
+def label_conflicts(manifest: pd.DataFrame, first: str = "folder") -> pd.Series:
+    """Whether each image's near-duplicate group holds both labels.
+
+    Args:
+        manifest: rows with ``near_duplicate_group``, ``folder_label`` and ``csv_label``.
+        first: whose label an image carries where both exist, as ``validate.on_label_conflict``
+            decides: ``folder`` or ``csv``; the other fills in where only it exists.
+
+    Returns:
+        One flag per row: its group has two or more members and they carry different labels.
+    """
+    order = ["folder_label", "csv_label"] if first != "csv" else ["csv_label", "folder_label"]
+    label = manifest[order[0]].astype("Int64").fillna(manifest[order[1]].astype("Int64"))
+    group = manifest["near_duplicate_group"]
+    labels_per_group = label.groupby(group).transform("nunique")
+    size = manifest.groupby("near_duplicate_group")["image_id"].transform("size")
+    return (size > 1) & (labels_per_group > 1)

@@ -102,6 +102,13 @@ def apply_policy(
     for source in ("folder", "csv"):
         bad = sorted(i for i in flagged[f"{source}_label_binary"] if rows.at[i, "label_source"] == source)
         exclude(bad, f"{source}_label_binary", lambda i: f"its label {rows.at[i, 'label']} is not 0 or 1")
+    # GX's value-set rules pass empty values, so a file no label reaches (no class folder, and no
+    # csv row when that rule is soft) is excluded here rather than trained on as label <NA>.
+    exclude(
+        sorted(out.loc[out["label"].isna(), "image_id"].unique()),
+        "csv_row_for_every_file",
+        "it has no label: no class folder gives one, and no csv row lists it",
+    )
     if params.on_label_conflict == "exclude":
         exclude(
             sorted(flagged["folder_label_matches_csv"]),

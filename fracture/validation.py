@@ -15,6 +15,7 @@ import pandas as pd
 
 from fracture.config import ValidateParams
 from fracture.manifest import BODY_PARTS, UNKNOWN_PART, VIEWS, body_part
+from fracture.near_duplicates import label_conflicts
 from fracture.policies import Exclusion, apply_policy, duplicate_groups
 from fracture.suite import HARD, RULES, Finding, run_suite
 
@@ -111,6 +112,9 @@ def validate(
     Raises:
         ConfigError: ``validate.severity`` does not name exactly the suite's rules.
     """
+    if "near_duplicate_group" in manifest:
+        # A group's labels are compared as the label policy resolves them (csv first under `csv`).
+        manifest = manifest.assign(near_duplicate_conflict=label_conflicts(manifest, params.on_label_conflict))
     run = run_suite(manifest, params, gx_dir, skipped)
     near = near_duplicate_groups(manifest)
     groups = duplicate_groups(manifest, next(f for f in run.findings if f.rule == "unique_content"))

@@ -133,6 +133,27 @@ def test_the_suite_runs_with_fracatlas_only_rules_skipped_and_reported(tmp_path,
         assert left_out and all(f"`{r}`: {FRACATLAS_ONLY[r]}" in notes for r in left_out)
 
 
+def test_a_file_without_a_label_is_excluded_and_listed_even_when_its_missing_row_is_a_soft_rule(tmp_path, params):
+    """GX's value-set rules pass empty values: a file labels.csv does not list is excluded by the
+    policies with its reason, never trained on as label <NA>."""
+    root = export(
+        tmp_path / "export",
+        "path,label\nimages/a.png,1\nimages/b.png,0\nimages/c.png,0\nimages/d.png,0\n",
+        {"a.png": 1, "b.png": 2, "c.png": 3, "d.png": 4, "extra.png": 5},
+    )
+    manifest = build_manifest(root, workers=1, layout="csv")
+    severity = {**params.validate.severity, "csv_row_for_every_file": "soft"}
+    vp = dataclasses.replace(params.validate, severity=severity, fractured_share=[0.0, 1.0])
+    resolved, report = validate(manifest, vp, None, skipped_rules("csv"))
+    assert report.success
+    assert report.excluded["images/extra.png"].rule == "csv_row_for_every_file"
+    assert "no csv row lists it" in report.excluded["images/extra.png"].reason
+    assert list(report.excluded) == ["images/extra.png"]
+    used = resolved[resolved["included"]]
+    assert sorted(used["image_id"]) == ["images/a.png", "images/b.png", "images/c.png", "images/d.png"]
+    assert used["label"].notna().all()
+
+
 def test_ingest_finds_the_csv_layout_and_says_which_layout_a_folder_is_in(tmp_path, params):
     root = export(tmp_path / "export", "path,label\nimages/a.png,1\n", {"a.png": 1})
     csv_params = dataclasses.replace(params.ingest, layout="csv")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 from PIL import Image
@@ -128,6 +130,27 @@ def test_two_truncated_x_rays_do_not_match_by_their_grey_bands(tmp_path):
     assert float(a @ b) / a.size > 0.97
     assert near_duplicate_pairs(np.stack([a, b]), ["a", "b"], 0.97).shape[0] == 1
     assert near_duplicate_pairs(np.stack([a, b]), ["a", "b"], 0.97, np.array([rows_a, rows_b])).empty
+
+
+def test_a_groups_labels_are_compared_as_the_label_policy_resolves_them(tmp_path):
+    """Both copies in the Fractured folder, dataset.csv saying 1 and 0: under on_label_conflict:
+    csv they would train as 1 and 0, so the group conflicts and is excluded; under folder, not."""
+    make_dataset(tmp_path, 6, 14)
+    for i, folder in enumerate(["Fractured"] * 6 + ["Non_fractured"] * 14):
+        smooth_xray(tmp_path / "images" / folder / f"IMG{i:07d}.jpg", i)
+    add_copy(tmp_path, "IMG0000002.jpg", "Fractured", "IMG0000031.jpg", "Fractured")
+    csv = pd.read_csv(tmp_path / "dataset.csv")
+    csv.loc[csv["image_id"] == "IMG0000031.jpg", ["fractured", "fracture_count"]] = 0
+    csv.to_csv(tmp_path / "dataset.csv", index=False)
+    params = load_params(REPO).validate
+    manifest = build_manifest(tmp_path, workers=1, near_duplicate_threshold=params.near_duplicate_threshold)
+    pair = ["IMG0000002.jpg", "IMG0000031.jpg"]
+    by_csv, report = validate(manifest, dataclasses.replace(params, on_label_conflict="csv"))
+    assert report.finding("near_duplicate_labels_agree").unexpected_ids == pair
+    assert not by_csv.set_index("image_id").loc[pair, "included"].any()
+    by_folder, report = validate(manifest, dataclasses.replace(params, on_label_conflict="folder"))
+    assert report.finding("near_duplicate_labels_agree").unexpected_ids == []
+    assert by_folder.set_index("image_id").loc[pair, "label"].tolist() == [1, 1]
 
 
 def test_without_a_threshold_every_image_is_its_own_group(tmp_path):

@@ -190,7 +190,9 @@ RULE_CASES: list[tuple[str, Callable[[pd.DataFrame], pd.DataFrame], list[str]]] 
     ("fracture_count_matches_label", lambda m: mutate(m, "IMG0000015.jpg", fracture_count=2), ["IMG0000015.jpg"]),
     ("not_truncated", lambda m: mutate(m, "IMG0000012.jpg", truncated=True), ["IMG0000012.jpg"]),
     ("unique_content", _same_hash, ["IMG0000011.jpg", "IMG0000013.jpg"]),
-    ("near_duplicate_labels_agree", lambda m: mutate(m, "IMG0000014.jpg", near_duplicate_conflict=True), ["IMG0000014.jpg"]),
+    # A non-fractured image in one near-duplicate group with a fractured one.
+    ("near_duplicate_labels_agree", lambda m: mutate(m, "IMG0000014.jpg", near_duplicate_group="IMG0000003.jpg"),
+     ["IMG0000003.jpg", "IMG0000014.jpg"]),
 ]
 
 
