@@ -66,7 +66,9 @@ def choose_threshold(labels: np.ndarray, probs: np.ndarray, target_sensitivity: 
     Returns:
         The threshold, in [0, 1].
     """
-    _, tpr, thresholds = roc_curve(labels, probs)
+    # Every distinct score is a candidate: roc_curve's default drops the points inside a run of
+    # fractured images, and the target is often reached inside one.
+    _, tpr, thresholds = roc_curve(labels, probs, drop_intermediate=False)
     index = int(np.argmax(tpr >= target_sensitivity))  # tpr rises as the threshold falls
     return float(min(thresholds[index], 1.0))
 

@@ -53,6 +53,10 @@ def test_threshold_for_a_target_sensitivity_is_the_highest_that_reaches_it():
     assert t == pytest.approx(0.35)  # 3 of 4 fractures found; no higher threshold finds 3
     assert evaluate_probabilities(labels, probs, t).metrics["recall"] >= 0.75
     assert choose_threshold(labels, probs, 1.0) == pytest.approx(0.2)
+    # The target reached inside a run of fractured images (0.9, 0.8, 0.7, 0.6 above every
+    # negative but one): 0.8 finds 2 of 5, and no higher threshold does.
+    run = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.65, 0.4, 0.3, 0.2, 0.1])
+    assert choose_threshold(np.array([1] * 5 + [0] * 5), run, 0.4) == pytest.approx(0.8)
 
 
 def test_the_operating_threshold_is_fixed_or_chosen_on_val_and_val_is_scored_only_when_chosen():
