@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 log = logging.getLogger(__name__)
@@ -149,7 +150,9 @@ def save(
         "run_id": run_id,
     }
     partial = directory / f"{TENSORS}.partial"
-    save_file(tensors, str(partial))
+    # The two files are replaced one after the other; each names the epoch it holds, so a run
+    # killed between the two replacements leaves a pair that load() refuses, not a mixed one.
+    save_file(tensors, str(partial), metadata={"fingerprint": key, "epoch": str(epoch)})
     os.replace(partial, directory / TENSORS)
     partial_json = directory / f"{STATE}.partial"
     partial_json.write_text(json.dumps(plain, indent=1))
@@ -168,6 +171,15 @@ def load(directory: Path, key: str) -> Checkpoint | None:
     plain = json.loads(state_path.read_text())
     if plain.get("format") != FORMAT or plain.get("fingerprint") != key:
         log.info("ignoring the checkpoint in %s: it belongs to a run with other params or data", directory)
+        return None
+    with safe_open(str(directory / TENSORS), framework="pt") as handle:
+        written = handle.metadata() or {}
+    if written.get("fingerprint") != key or written.get("epoch") != str(plain.get("epoch")):
+        log.warning(
+            "ignoring the checkpoint in %s: its tensors hold epoch %s and its state epoch %s (the run was stopped "
+            "while writing it); training starts again from the first epoch", directory, written.get("epoch"),
+            plain.get("epoch"),
+        )
         return None
     tensors = load_file(str(directory / TENSORS))
 

@@ -69,6 +69,27 @@ def test_a_run_killed_in_its_second_epoch_resumes_and_ends_as_an_uninterrupted_r
         assert torch.allclose(tensor.float(), resumed.model.state_dict()[name].float(), atol=1e-5), name
 
 
+def test_a_run_killed_between_writing_a_checkpoints_two_files_is_not_resumed_from_a_mixed_pair(tmp_path, monkeypatch):
+    """The tensors of epoch 2 written, the state of epoch 1 still in place: resuming would train
+    epoch 2 again on top of its own weights. The pair is refused and training starts over."""
+    data, config, profile, params = _setup(tmp_path)
+    replace = os.replace
+
+    def killed_before_the_state_of_epoch_two(src, dst):
+        if Path(dst).name == checkpoint.STATE and json.loads(Path(src).read_text())["epoch"] == 2:
+            raise Killed
+        replace(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", killed_before_the_state_of_epoch_two)
+    with pytest.raises(Killed):
+        train(data, data, config, profile, params, checkpoint_dir=tmp_path / "m", checkpoint_key="k")
+    monkeypatch.setattr(checkpoint.os, "replace", replace)
+    assert json.loads((tmp_path / "m" / checkpoint.STATE).read_text())["epoch"] == 1
+    assert checkpoint.load(tmp_path / "m", "k") is None
+    resumed = train(data, data, config, profile, params, checkpoint_dir=tmp_path / "m", checkpoint_key="k")
+    assert resumed.resumed_from == 0 and [h["epoch"] for h in resumed.history] == [1, 2, 3]
+
+
 def test_a_checkpoint_of_another_run_is_not_resumed(tmp_path):
     data, config, profile, params = _setup(tmp_path)
     short = dataclasses.replace(profile, epochs=1)
