@@ -186,9 +186,11 @@ def sum_over_ranks(*values: float, context: Context) -> list[float]:
     """Each value summed over the ranks (unchanged when not distributed)."""
     if not context.distributed:
         return list(values)
-    total = torch.tensor(values, dtype=torch.float64)
+    # NCCL reduces CUDA tensors only: on GPUs the sums travel on this process's device.
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    total = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(total)
-    return total.tolist()
+    return total.cpu().tolist()
 
 
 def from_main(value: T, context: Context) -> T:
