@@ -305,7 +305,8 @@ def delong_mean_difference(
     Returns:
         The two means as ``auc_a`` and ``auc_b``, their difference, its interval (normal
         approximation) and the two-sided p-value. Runs that rank every image alike, with no
-        between-run variance, differ by 0 with no spread: p-value 1.
+        between-run variance, differ by 0 with no spread: p-value 1. With fewer than two images
+        of a class no spread can be estimated: the interval is -1 to 1 and the p-value 1.
 
     Raises:
         ValueError: a side without runs, lengths that differ, or one class missing.
@@ -335,9 +336,12 @@ def delong_mean_difference(
     variance = images + max(float(between_run_variance), 0.0)
     auc_a, auc_b = float(np.mean(aucs[: len(runs_a)])), float(np.mean(aucs[len(runs_a):]))
     difference = auc_a - auc_b
-    if variance <= 1e-15:
-        # Identical rankings (or too few images to estimate a spread): no evidence either way
-        # unless the AUCs differ, which then they do with no uncertainty at all.
+    if m < 2 or n < 2:
+        # One image of a class: the images' spread cannot be estimated, so nothing is shown.
+        low, high, p = -1.0, 1.0, 1.0
+    elif variance <= 1e-15:
+        # Identical rankings: no evidence either way unless the AUCs differ, which then they do
+        # with no uncertainty at all.
         low = high = difference
         p = 1.0 if abs(difference) < 1e-12 else 0.0
     else:

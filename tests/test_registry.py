@@ -152,6 +152,15 @@ def test_a_better_ranking_that_costs_sensitivity_at_the_served_threshold_is_not_
     assert "-0.2500, beyond the tolerance 0.05" in sensitivity.detail
 
 
+def test_one_image_of_a_class_shows_no_difference_however_the_aucs_differ():
+    """With one fractured image DeLong's variance cannot be estimated; reading it as 0 would make
+    any higher AUC a certain one, and the gate would promote on it."""
+    y = np.array([1, 0, 0, 0, 0])
+    result = delong_paired(y, np.array([0.9, 0.1, 0.2, 0.3, 0.4]), np.array([0.35, 0.1, 0.2, 0.3, 0.4]))
+    assert result.difference == pytest.approx(0.25)
+    assert (result.ci_low, result.ci_high, result.p_value) == (-1.0, 1.0, 1.0)
+
+
 def test_a_pair_of_unequal_lengths_or_one_class_is_refused():
     with pytest.raises(ValueError, match="differ in length"):
         delong_paired(np.array([0, 1]), np.array([0.1, 0.9]), np.array([0.2]))
