@@ -233,11 +233,25 @@ def register(
     current = _alias(client, params.model_name, CHAMPION)
 
     outcome = _held_back(mv, current)
-    if outcome is None:
-        outcome = _decide(client, params, candidate, current, split, config.threshold)
+    while outcome is None:
+        decided = _decide(client, params, candidate, current, split, config.threshold)
+        # Scoring takes minutes; another registration against this registry may have moved the
+        # champion meanwhile. The aliases move only as decided against the champion they replace.
+        latest = _alias(client, params.model_name, CHAMPION)
+        if _version_of(latest) != _version_of(current):
+            log.warning(
+                "%s: champion moved from version %s to %s while version %s was scored; scoring it against the new one",
+                params.model_name, _version_of(current), _version_of(latest), mv.version,
+            )
+            current = latest
+            outcome = _held_back(mv, current)
+            continue
+        outcome = decided
         if outcome.comparison is not None:
             _tag_version(client, params.model_name, str(mv.version), outcome.comparison.tags())
         _apply(client, mv, current, outcome)
+    if outcome.decision == "unchanged" and current is not None and str(current.version) == str(mv.version):
+        _restore_previous(client, mv)
     return _registration(
         client, params.model_name, run_id, created, candidate, current, outcome, score_key=SCORE,
         confidence=params.confidence, floors=params.floors, sensitivity_tolerance=params.sensitivity_tolerance,
@@ -365,14 +379,36 @@ def _apply(client: MlflowClient, mv: ModelVersion, current: ModelVersion | None,
 def _promote(client: MlflowClient, mv: ModelVersion, current: ModelVersion | None, reason: str) -> None:
     """Moves ``champion`` to the version and ``previous-champion`` to the version it replaces."""
     name, version = mv.name, str(mv.version)
+    # The version it replaces is recorded first and champion moved next: a run stopped between
+    # the two alias moves leaves the old previous-champion in place, and registering the run
+    # again restores previous-champion from the record (_restore_previous).
     if current is not None:
         _tag_version(client, name, version, {TAG_REPLACED: current.version})
-        client.set_registered_model_alias(name, PREVIOUS_CHAMPION, current.version)
     client.set_registered_model_alias(name, CHAMPION, version)
+    if current is not None:
+        client.set_registered_model_alias(name, PREVIOUS_CHAMPION, current.version)
     if CHALLENGER in mv.aliases:
         client.delete_registered_model_alias(name, CHALLENGER)
     _tag_version(client, name, version, {TAG_DECISION: "promoted", TAG_REASON: reason})
     log.info("%s version %s is champion: %s", name, version, reason)
+
+
+def _restore_previous(client: MlflowClient, mv: ModelVersion) -> None:
+    """Points ``previous-champion`` at the version the champion ``mv`` replaced, when a stopped
+    promotion left it elsewhere (never at a version that was rolled back)."""
+    name, before = mv.name, mv.tags.get(TAG_REPLACED)
+    if not before or before == str(mv.version) or not _exists(client, name, before):
+        return
+    if TAG_ROLLED_BACK in client.get_model_version(name, before).tags:
+        return
+    previous = _alias(client, name, PREVIOUS_CHAMPION)
+    if _version_of(previous) != before:
+        client.set_registered_model_alias(name, PREVIOUS_CHAMPION, before)
+        log.warning("%s: previous-champion restored to version %s, the version champion %s replaced", name, before, mv.version)
+
+
+def _version_of(mv: ModelVersion | None) -> str | None:
+    return None if mv is None else str(mv.version)
 
 
 def _mark_challenger(client: MlflowClient, mv: ModelVersion, reason: str) -> None:

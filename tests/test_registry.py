@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from fracture import registry as registry_module
 from fracture.cli import main as cli
 from fracture.config import ConfigError, RegisterParams, load_params, parse_params
 from fracture.data_config import DataConfig
@@ -339,6 +340,57 @@ def test_rollback_steps_back_through_the_champions(client, ranked):
     assert aliases(client) == {"champion": "1"}
     with pytest.raises(RegistryError, match="no 'previous-champion'"):
         rollback(NAME, client)
+
+
+def test_a_champion_moved_by_another_registration_while_scoring_is_the_one_compared_with(client, ranked, monkeypatch):
+    """Two registrations against one registry: while version 3 is scored against champion 1,
+    another moves champion to version 2. Version 3 is then scored against 2 before any alias
+    moves, and loses to it, where it would have replaced 2 unseen."""
+    split, models = ranked
+    # Any gain promotes, above one floor.
+    params = RegisterParams(NAME, "t", confidence=0.0, sensitivity_tolerance=1.0, floors={"test_recall": 0.8})
+    register(params, evaluated_run(0.9), *models["bad"], split, client)
+    register(params, evaluated_run(0.9, recall=0.5), *models["good"], split, client)  # v2: below a floor
+    assert aliases(client) == {"champion": "1", "challenger": "2"}
+    real_decide, compared_with = registry_module._decide, []
+
+    def another_registration_promotes_version_2(client_, params_, candidate, current, *rest):
+        compared_with.append(str(current.version))
+        if len(compared_with) == 1:
+            client_.set_registered_model_alias(NAME, "champion", "2")
+        return real_decide(client_, params_, candidate, current, *rest)
+
+    monkeypatch.setattr(registry_module, "_decide", another_registration_promotes_version_2)
+    third = register(params, evaluated_run(0.9), *models["random"], split, client)
+    assert compared_with == ["1", "2"]
+    assert (third.decision, third.champion_version) == ("challenger", "2")
+    assert aliases(client)["champion"] == "2"
+
+
+def test_a_promotion_stopped_between_its_alias_moves_is_completed_when_the_run_is_registered_again(client, ranked, monkeypatch):
+    split, models = ranked
+    params = RegisterParams(NAME, "t", confidence=0.0, sensitivity_tolerance=1.0)
+    register(params, evaluated_run(0.9), *models["bad"], split, client)
+    register(params, evaluated_run(0.9), *models["random"], split, client)
+    assert aliases(client) == {"champion": "2", "previous-champion": "1"}
+    real_set = client.set_registered_model_alias
+
+    def stopped_after_champion(name, alias, version):
+        if alias == "previous-champion":
+            raise KeyboardInterrupt
+        real_set(name, alias, version)
+
+    monkeypatch.setattr(client, "set_registered_model_alias", stopped_after_champion)
+    run = evaluated_run(0.9)
+    with pytest.raises(KeyboardInterrupt):
+        register(params, run, *models["good"], split, client)
+    monkeypatch.setattr(client, "set_registered_model_alias", real_set)
+    # Champion moved; previous-champion still names the version before the one replaced.
+    assert aliases(client) == {"champion": "3", "previous-champion": "1"}
+    again = register(params, run, *models["good"], split, client)
+    assert (again.version, again.decision) == ("3", "unchanged")
+    assert aliases(client) == {"champion": "3", "previous-champion": "2"}
+    assert rollback(NAME, client).champion == "2"
 
 
 def test_a_pair_that_cannot_be_scored_and_a_model_that_fails_to_load_are_not_promoted(client, ranked, tmp_path, xray):
