@@ -21,14 +21,17 @@ from mlflow import MlflowClient
 from tqdm import tqdm
 
 from fracture.decoding import export_files
+from fracture.dicom import is_dicom
 from fracture.intake import InputPolicy, InputRejected, read_file
 from fracture.serving import FracturePyfunc
 
 log = logging.getLogger(__name__)
 
-#: File endings read from a folder; files without one are read too (a PACS export's DICOM files
-#: often have none). Hidden files and folders, and DICOMDIR indexes, are skipped.
-SUFFIXES = {".jpg", ".jpeg", ".png", ".dcm", ".dicom", ""}
+#: File endings read from a folder. Any other file is read when its first bytes say it is DICOM
+#: (the DICM marker at byte 128), JPEG or PNG: a PACS export's files often have no ending, or are
+#: named after their SOP Instance UID (1.2.840....320). Hidden files and folders, and DICOMDIR
+#: indexes, are skipped.
+SUFFIXES = {".jpg", ".jpeg", ".png", ".dcm", ".dicom"}
 COLUMNS = ["id", "fracture_probability", "label", "threshold", "model", "version", "error", "note"]
 
 _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
@@ -99,12 +102,21 @@ def collect(inputs: Iterable[Path]) -> list[Path]:
     files: list[Path] = []
     for item in inputs:
         if item.is_dir():
-            files.extend(p for p in export_files(item) if p.suffix.lower() in SUFFIXES)
+            files.extend(p for p in export_files(item) if p.suffix.lower() in SUFFIXES or _image_by_content(p))
         elif item.is_file():
             files.append(item)
         else:
             raise PredictError(f"{item} is neither a file nor a folder")
     return files
+
+
+def _image_by_content(path: Path) -> bool:
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(132)
+    except OSError:
+        return False
+    return is_dicom(head) or head.startswith((b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n"))
 
 
 def _batches(files: list[Path], size: int) -> Iterator[list[Path]]:
@@ -130,12 +142,13 @@ def score_files(model: LoadedModel, files: list[Path], batch_size: int = 16, pro
     """Scores files a batch at a time through the model's pyfunc; one row per file, in order.
 
     A file the model refuses gets its message in ``error`` (naming the file, not the batch
-    row), and the other files of its batch are scored as usual.
+    row), and the other files of its batch are scored as usual. A batch is at most the rows the
+    model takes in one request (its ``serve.max_rows``), whatever ``batch_size`` asks.
     """
     policy = model.policy
     parts = []
     with tqdm(total=len(files), unit="image", disable=not progress, desc="scoring") as bar:
-        for batch in _batches(files, batch_size):
+        for batch in _batches(files, max(1, min(batch_size, policy.max_rows))):
             read = [_read(p, policy) for p in batch]
             present = [i for i, (data, _) in enumerate(read) if data is not None]
             frame = pd.DataFrame({"id": [str(p) for p in batch], "error": [why for _, why in read]})
@@ -172,27 +185,40 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
     """Writes a DICOM SR (:mod:`fracture.dicom_sr`) for each scored DICOM input; returns the paths, one per row.
 
     Rows that were not scored, or whose file is not DICOM, get an empty path. Each report is
-    named after the source image's SOP Instance UID (``<uid>.sr.dcm``).
+    named after the source image's SOP Instance UID (``<uid>.sr.dcm``), or after its own when the
+    source's is not a valid UID (a name that is not one could lead outside ``folder``), and never
+    replaces a report written in this call. A source the report cannot be made for (a header
+    without the study's UID, say) gets no report, its reason in the row's ``note``, and the other
+    rows theirs.
     """
     from pydicom import dcmread  # noqa: PLC0415 - only --dicom-sr needs it here
+    from pydicom.uid import UID  # noqa: PLC0415
 
-    from fracture.dicom import is_dicom  # noqa: PLC0415
     from fracture.dicom_sr import structured_report  # noqa: PLC0415
 
     folder.mkdir(parents=True, exist_ok=True)
-    written = []
-    for path, row in zip(files, table.itertuples(index=False), strict=True):
+    written: list[str] = []
+    for index, (path, row) in enumerate(zip(files, table.itertuples(index=False), strict=True)):
         with path.open("rb") as fh:
             head = fh.read(132)
         if row.error or not is_dicom(head):
             written.append("")
             continue
-        source = dcmread(path, stop_before_pixels=True)
-        sr = structured_report(
-            source, float(row.fracture_probability), float(row.threshold), row.label == "fractured",
-            str(row.model), str(row.version),
-        )
-        target = folder / f"{source.SOPInstanceUID}.sr.dcm"
+        try:
+            source = dcmread(path, stop_before_pixels=True)
+            sr = structured_report(
+                source, float(row.fracture_probability), float(row.threshold), row.label == "fractured",
+                str(row.model), str(row.version),
+            )
+        except (AttributeError, KeyError, ValueError, TypeError) as exc:
+            reason = f"no structured report: {exc}"
+            log.warning("%s: %s", path, reason)
+            table.iloc[index, table.columns.get_loc("note")] = "; ".join(filter(None, [row.note if isinstance(row.note, str) else "", reason]))
+            written.append("")
+            continue
+        uid = str(source.get("SOPInstanceUID", ""))
+        name = uid if UID(uid).is_valid and f"{uid}.sr.dcm" not in {Path(w).name for w in written} else sr.SOPInstanceUID
+        target = folder / f"{name}.sr.dcm"
         sr.save_as(target, enforce_file_format=True)
         written.append(str(target))
     return written

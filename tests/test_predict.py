@@ -3,6 +3,7 @@ with DICOM Structured Reports written beside; run as a consumer runs it (the con
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import subprocess
@@ -71,11 +72,21 @@ def study(registry) -> Path:
     (folder / "series1" / "IM0002").write_bytes(dicom_from_jpeg(good[1], "12-bit rescaled"))
     (folder / "series1" / "IM0003").write_bytes(multiframe(good[1]))
     (folder / "series1" / "IM0004.dcm").write_bytes(dicom_from_jpeg(good[0], "8-bit", modality="CT"))
+    # Named after its SOP Instance UID, as PACS exports name files: its "ending" is .320.
+    (folder / "series1" / UID_NAMED).write_bytes(dicom_from_jpeg(good[1], "8-bit"))
+    no_study = dcmread(io.BytesIO(dicom_from_jpeg(good[0], "8-bit")))
+    del no_study.StudyInstanceUID
+    buffer = io.BytesIO()
+    no_study.save_as(buffer)
+    (folder / "series1" / "IM0005").write_bytes(buffer.getvalue())
     (folder / "series1" / "report.dcm").write_bytes(encapsulated_pdf())
     (folder / ".cache").mkdir()
     (folder / ".cache" / "thumb.png").write_bytes(b"skipped: inside a hidden folder")
     (folder / "series1" / "DICOMDIR").write_bytes(b"skipped: an index, not an image")
     return folder
+
+
+UID_NAMED = "1.2.840.113619.2.55.3.604688119.969.1268071029.320"
 
 
 def content_items(ds) -> list:
@@ -95,7 +106,7 @@ def test_a_study_folder_is_scored_row_by_row_with_structured_reports(registry, s
     out, reports = tmp_path / "rows.csv", tmp_path / "sr"
     proc = run_predict(registry, str(study), "--out", str(out), "--dicom-sr", str(reports), "--batch-size", "4")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"{NAME} version 1: scored 5 of 9 files; 4 with an error in their row" in proc.stderr
+    assert f"{NAME} version 1: scored 7 of 11 files; 4 with an error in their row" in proc.stderr
     rows = pd.read_csv(out, keep_default_na=False).set_index("id")
     rows.index = [Path(i).relative_to(study).as_posix() for i in rows.index]
     assert list(rows.columns) == ["fracture_probability", "label", "threshold", "model", "version", "error", "note", "sr"]
@@ -107,16 +118,22 @@ def test_a_study_folder_is_scored_row_by_row_with_structured_reports(registry, s
     assert errors["series1/IM0004.dcm"].startswith("the image is DICOM but has modality CT")
     assert errors["series1/report.dcm"].startswith("the image is DICOM but is an encapsulated PDF")
     scored = rows[rows["error"] == ""]
-    assert sorted(scored.index) == ["IMG0000009.jpg", "IMG0000019.jpg", "cut.jpg", "series1/IM0001", "series1/IM0002"]
+    assert sorted(scored.index) == [
+        "IMG0000009.jpg", "IMG0000019.jpg", "cut.jpg", f"series1/{UID_NAMED}", "series1/IM0001", "series1/IM0002",
+        "series1/IM0005",
+    ]
     assert "the file ends early" in rows.loc["cut.jpg", "note"]
     # Each DICOM file scores as the JPEG it was made from (MONOCHROME1 is not scored as a negative).
     p = scored["fracture_probability"].astype(float)
     assert p["series1/IM0001"] == pytest.approx(p["IMG0000019.jpg"], abs=1e-6)
     assert p["series1/IM0002"] == pytest.approx(p["IMG0000009.jpg"], abs=1e-6)
 
-    # One SR per scored DICOM input, none for the rest.
+    # One SR per scored DICOM input, none for the rest; one whose header lacks its study's UID
+    # is scored, and its row says why it has no report.
     written = {k: v for k, v in rows["sr"].items() if v}
-    assert sorted(written) == ["series1/IM0001", "series1/IM0002"]
+    assert sorted(written) == [f"series1/{UID_NAMED}", "series1/IM0001", "series1/IM0002"]
+    assert "no structured report:" in rows.loc["series1/IM0005", "note"]
+    assert "StudyInstanceUID" in rows.loc["series1/IM0005", "note"]
     for key, path in written.items():
         source = dcmread(study / key, stop_before_pixels=True)
         sr = dcmread(path)
@@ -170,3 +187,21 @@ def test_a_model_the_registry_lacks_is_named(registry, tmp_path):
     assert proc.returncode != 0 and f"models:/{NAME}@staging is not in the registry" in proc.stderr
     proc = run_predict(registry, str(image), "--model", "runs:/abc/model")
     assert proc.returncode != 0 and "is not a registry URI" in proc.stderr
+
+
+def test_batches_are_cut_to_the_rows_the_model_takes_in_one_request(registry, monkeypatch):
+    """A --batch-size above the model's serve.max_rows would be refused whole; each request holds
+    at most max_rows files instead."""
+    from fracture.predict import load, score_files
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry["uri"])
+    loaded = load(f"models:/{NAME}@champion")
+    inner = loaded.classifier.classifier
+    inner.config = dataclasses.replace(inner.config, input=dataclasses.replace(inner.config.input, max_rows=2))
+    requests: list[int] = []
+    predict = loaded.pyfunc.predict
+    monkeypatch.setattr(loaded.pyfunc, "predict", lambda frame, params=None: requests.append(len(frame)) or predict(frame, params=params))
+    image = require_fracatlas() / "images/Fractured/IMG0000019.jpg"
+    table = score_files(loaded, [image] * 5, batch_size=16, progress=False)
+    assert requests == [2, 2, 1]
+    assert (table["error"] == "").all() and table["fracture_probability"].notna().all()
