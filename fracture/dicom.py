@@ -10,8 +10,14 @@ export of it would look like, in the standard's order (PS3.4 Annex N, the graysc
    Sequence when there is one, else the first Window Center / Width pair (the one a viewer
    opens with; the others are alternatives the modality offers). Without either, the image's
    own minimum to maximum;
-3. MONOCHROME1 (white is low) is inverted after the VOI transform, so bone is bright;
-4. the VOI output range mapped linearly to 0-255.
+3. MONOCHROME1 (white is low), or a Presentation LUT Shape of INVERSE, is inverted after the
+   VOI transform, so bone is bright (DX requires INVERSE exactly when MONOCHROME1, which is
+   inverted once);
+4. the VOI output range mapped linearly to 0-255 (a negative Rescale Slope gives a reversed
+   range, which maps as it is).
+
+Images FOR PROCESSING (raw detector data, which no viewer displays) are refused, as are files
+without the tags that describe their pixels.
 
 Compressed transfer syntaxes decode through pydicom's pixel handlers: JPEG baseline, extended
 and lossless through ``pylibjpeg-libjpeg``, JPEG-LS through ``pyjpegls``, RLE natively.
@@ -31,6 +37,7 @@ from PIL import Image
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 #: Modalities of plain radiographs: computed and digital radiography, radiographic imaging
@@ -46,6 +53,16 @@ NOT_IMAGES = {
     "1.2.840.10008.5.1.4.1.1.88.33": "a structured report",
     "1.2.840.10008.5.1.4.1.1.11.1": "a presentation state",
 }
+
+
+#: SOP classes of images FOR PROCESSING: detector data before the modality's image processing.
+FOR_PROCESSING = {
+    "1.2.840.10008.5.1.4.1.1.1.1.1": "Digital X-Ray Image Storage - For Processing",
+    "1.2.840.10008.5.1.4.1.1.1.2.1": "Digital Mammography X-Ray Image Storage - For Processing",
+    "1.2.840.10008.5.1.4.1.1.1.3.1": "Digital Intra-Oral X-Ray Image Storage - For Processing",
+}
+#: Tags every image must hold for its pixels to be read, by keyword.
+PIXEL_TAGS = ("Rows", "Columns", "BitsAllocated", "BitsStored", "PixelRepresentation", "PhotometricInterpretation")
 
 
 class DicomRejected(ValueError):
@@ -84,6 +101,15 @@ def check_radiograph(ds: Dataset, modalities: Iterable[str] = RADIOGRAPHY) -> tu
     if sop in NOT_IMAGES or "PixelData" not in ds:
         what = NOT_IMAGES.get(sop, "a DICOM object without pixel data")
         raise DicomRejected(f"is {what}, not an image; send the radiograph's own DICOM file")
+    intent = str(ds.get("PresentationIntentType") or "").upper()
+    if sop in FOR_PROCESSING or intent == "FOR PROCESSING":
+        raise DicomRejected(
+            f"is an image FOR PROCESSING ({FOR_PROCESSING.get(sop, 'Presentation Intent Type FOR PROCESSING')}): raw "
+            "detector data that no viewer displays; send the FOR PRESENTATION image the PACS shows"
+        )
+    missing = [tag for tag in PIXEL_TAGS if ds.get(tag) is None]
+    if missing:
+        raise DicomRejected(f"lacks {', '.join(missing)}, which describe its pixels; the file is incomplete")
     frames = int(ds.get("NumberOfFrames") or 1)
     if frames > 1:
         raise DicomRejected(
@@ -103,6 +129,11 @@ def check_radiograph(ds: Dataset, modalities: Iterable[str] = RADIOGRAPHY) -> tu
             f"has photometric interpretation {photometric or '(none)'} ({bits}-bit); the model reads "
             "MONOCHROME1, MONOCHROME2 or 8-bit RGB radiographs"
         )
+    width = ds.get("WindowWidth")
+    if width is not None and ds.get("VOILUTSequence") is None:
+        first = float(width[0] if isinstance(width, MultiValue) else width)
+        if first < 1:
+            raise DicomRejected(f"has WindowWidth {first:g}; the standard requires at least 1 (PS3.3 C.11.2.1.2)")
     return int(ds.Columns), int(ds.Rows)
 
 
@@ -168,8 +199,9 @@ def to_display(ds: Dataset) -> np.ndarray:
     values = apply_modality_lut(pixels, ds)
     low, high = voi_range(ds, values)
     values = _apply_voi(values, ds).astype(np.float64)
-    scaled = (values - low) / (high - low) if high > low else np.zeros_like(values)
-    if str(ds.PhotometricInterpretation) == "MONOCHROME1":
+    # A negative Rescale Slope reverses the window's output range (high below low): it maps as it is.
+    scaled = (values - low) / (high - low) if high != low else np.zeros_like(values)
+    if str(ds.PhotometricInterpretation) == "MONOCHROME1" or str(ds.get("PresentationLUTShape") or "") == "INVERSE":
         scaled = 1.0 - scaled
     return np.clip(np.rint(scaled * 255.0), 0, 255).astype(np.uint8)
 

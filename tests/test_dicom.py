@@ -86,6 +86,39 @@ def without(data: bytes, keyword: str) -> bytes:
     return to_bytes(ds)
 
 
+def edited(data: bytes, **values: object) -> bytes:
+    """The DICOM file with attributes set, as an exporter might write them."""
+    import io
+
+    ds = dcmread(io.BytesIO(data))
+    for keyword, value in values.items():
+        setattr(ds, keyword, value)
+    return to_bytes(ds)
+
+
+def test_an_inverse_presentation_lut_is_shown_inverted_once(xrays):
+    """MONOCHROME2 with Presentation LUT Shape INVERSE is shown inverted; MONOCHROME1 carries INVERSE
+    in DX by rule and is inverted once, not twice."""
+    expected = grey_pixels(xrays[0])
+    inverse = dicom_to_image(edited(dicom_from_jpeg(xrays[0], "16-bit"), PresentationLUTShape="INVERSE"))
+    np.testing.assert_array_equal(np.asarray(inverse), 255 - expected)
+    mono1 = dicom_to_image(edited(dicom_from_jpeg(xrays[0], "MONOCHROME1 VOI LUT"), PresentationLUTShape="INVERSE"))
+    np.testing.assert_array_equal(np.asarray(mono1), expected)
+
+
+def test_a_negative_rescale_slope_with_a_window_is_shown_as_the_same_values_stored_the_other_way(xrays):
+    """Stored as 65535 - v with slope -1 and intercept 65535, the modality values are v again: the
+    window shows the JPEG's pixels (it came out black, refused as blank, before)."""
+    import io
+
+    ds = dcmread(io.BytesIO(dicom_from_jpeg(xrays[0], "16-bit")))
+    stored = ds.pixel_array.astype(np.int64)
+    ds.PixelData = (65535 - stored).astype(np.uint16).tobytes()
+    ds.RescaleSlope, ds.RescaleIntercept = -1, 65535
+    ds.WindowCenter, ds.WindowWidth = 32768, 65536
+    np.testing.assert_array_equal(np.asarray(dicom_to_image(to_bytes(ds))), grey_pixels(xrays[0]))
+
+
 @pytest.mark.parametrize(
     ("make", "message"),
     [
@@ -94,8 +127,16 @@ def without(data: bytes, keyword: str) -> bytes:
         (lambda jpeg: dicom_from_jpeg(jpeg, "8-bit", modality="CT"), "is DICOM but has modality CT; the model reads CR, DX, RG, XA"),
         (lambda jpeg: b"\0" * 128 + b"DICM" + b"\xff" * 64, "is DICOM but is a DICOM object without pixel data"),
         (lambda jpeg: dicom_from_jpeg(jpeg, "16-bit")[:-5000], "is DICOM but has pixel data that cannot be decoded"),
-        (lambda jpeg: without(dicom_from_jpeg(jpeg, "16-bit"), "Rows"), "is DICOM but its header or pixels cannot be read"),
-        (lambda jpeg: without(dicom_from_jpeg(jpeg, "16-bit"), "BitsStored"), "is DICOM but has pixel data that cannot be decoded"),
+        (lambda jpeg: without(dicom_from_jpeg(jpeg, "16-bit"), "Rows"), "is DICOM but lacks Rows, which describe its pixels"),
+        (lambda jpeg: without(dicom_from_jpeg(jpeg, "16-bit"), "BitsStored"), "is DICOM but lacks BitsStored"),
+        (lambda jpeg: without(dicom_from_jpeg(jpeg, "16-bit"), "PhotometricInterpretation"),
+         "is DICOM but lacks PhotometricInterpretation"),
+        (lambda jpeg: edited(dicom_from_jpeg(jpeg, "16-bit"), PresentationIntentType="FOR PROCESSING"),
+         "is DICOM but is an image FOR PROCESSING .*: raw detector data that no viewer displays"),
+        (lambda jpeg: edited(dicom_from_jpeg(jpeg, "16-bit"), SOPClassUID="1.2.840.10008.5.1.4.1.1.1.1.1"),
+         r"is DICOM but is an image FOR PROCESSING \(Digital X-Ray Image Storage - For Processing\)"),
+        (lambda jpeg: edited(dicom_from_jpeg(jpeg, "16-bit"), WindowCenter=32768, WindowWidth=0),
+         r"is DICOM but has WindowWidth 0; the standard requires at least 1"),
     ],
 )
 def test_objects_that_are_not_a_single_radiograph_are_refused(xrays, make, message):
