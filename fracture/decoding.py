@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import io
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from PIL import Image, ImageFile
@@ -19,7 +21,60 @@ from fracture.dicom import dicom_to_image, is_dicom
 __all__ = ["INDEX_FILES", "ImageLoadError", "decode", "decode_truncated", "export_files", "open_xray"]
 
 
-_TRUNCATED_LOCK = threading.Lock()
+class _DecodeGate:
+    """Decodes run side by side; a decode of a file that ends early runs alone.
+
+    Pillow reads whether to accept a truncated file from a module flag, ``LOAD_TRUNCATED_IMAGES``,
+    while it loads. A truncated decode sets it; any other decode running meanwhile would then
+    accept a truncated file too, and a policy that refuses them would let it through unnoticed.
+    So the flag is set only while no other decode runs. Turns alternate: a truncated decode
+    waiting goes before decodes that arrive after it, and the decodes that waited for it go
+    before the next truncated one, so neither kind starves the other.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._running = 0
+        self._alone = False
+        self._waiting_alone = 0
+        self._waiting_shared = 0
+        self._shared_turn = False
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            self._waiting_shared += 1
+            while self._alone or (self._waiting_alone and not self._shared_turn):
+                self._cond.wait()
+            self._waiting_shared -= 1
+            if not self._waiting_shared:
+                self._shared_turn = False
+            self._running += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._running -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def alone(self) -> Iterator[None]:
+        with self._cond:
+            self._waiting_alone += 1
+            while self._alone or self._running or self._shared_turn:
+                self._cond.wait()
+            self._waiting_alone -= 1
+            self._alone = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._alone = False
+                self._shared_turn = self._waiting_shared > 0
+                self._cond.notify_all()
+
+
+_GATE = _DecodeGate()
 
 
 class ImageLoadError(ValueError):
@@ -99,6 +154,11 @@ def decode(source: str | Path | bytes, draft: tuple[int, int] | None = None) -> 
     fraction of the time, and the resize after it does the rest. Files too small to reduce,
     other formats and DICOM decode in full.
     """
+    with _GATE.shared():
+        return _decode(source, draft)
+
+
+def _decode(source: str | Path | bytes, draft: tuple[int, int] | None) -> Image.Image:
     data = source if isinstance(source, bytes) else Path(source).read_bytes()
     if is_dicom(data):
         return dicom_to_image(data)
@@ -113,12 +173,13 @@ def decode_truncated(source: str | Path | bytes, draft: tuple[int, int] | None =
     """Like :func:`decode`, but decodes files that end early; the missing rows become grey.
 
     Pillow allows truncated files only through a module flag: it is set for this decode alone,
-    under a lock so that concurrent loader threads cannot leave it set.
+    while no other decode of this process runs (:class:`_DecodeGate`), so that no other file is
+    accepted truncated meanwhile and no thread leaves it set.
     """
-    with _TRUNCATED_LOCK:
+    with _GATE.alone():
         previous = ImageFile.LOAD_TRUNCATED_IMAGES
         ImageFile.LOAD_TRUNCATED_IMAGES = True
         try:
-            return decode(source, draft)
+            return _decode(source, draft)
         finally:
             ImageFile.LOAD_TRUNCATED_IMAGES = previous

@@ -132,3 +132,37 @@ def test_a_file_over_the_size_limit_is_refused_unread(tmp_path, monkeypatch):
     monkeypatch.setattr(type(big), "read_bytes", lambda self: pytest.fail("read"))
     with pytest.raises(InputRejected, match="^is 1.0 MB; the model accepts files up to 1 MB"):
         read_file(big, POLICY)
+
+
+def test_a_truncated_file_is_refused_even_while_another_thread_decodes_one(tmp_path):
+    """Pillow accepts truncated files through a module flag, which a truncated decode in another
+    thread (the pyfunc decodes rows in threads; the page serves sessions in threads) turns on.
+    Meanwhile a policy that refuses truncated files must still refuse them, and one that scores
+    them must still say so."""
+    import threading
+
+    from fracture.decoding import decode_truncated
+
+    data = (require_fracatlas() / "images/Fractured/IMG0000019.jpg").read_bytes()
+    cut = data[: len(data) // 2]
+    stop = threading.Event()
+
+    def decode_truncated_files() -> None:
+        while not stop.is_set():
+            decode_truncated(cut)
+
+    other = threading.Thread(target=decode_truncated_files)
+    other.start()
+    try:
+        accepted = noted = 0
+        for _ in range(40):
+            try:
+                read_xray(cut, InputPolicy(truncated="refuse"))
+                accepted += 1
+            except InputRejected:
+                pass
+            noted += any("ends early" in w for w in read_xray(cut, InputPolicy(truncated="score")).warnings)
+    finally:
+        stop.set()
+        other.join()
+    assert (accepted, noted) == (0, 40)
