@@ -118,7 +118,10 @@ def read_path(i: int, path: str, root: Path | None, policy: InputPolicy) -> byte
             f"row {i}: 'path' input is switched off on this model; send the file's bytes in 'image' "
             f"(a server reads paths only when {INPUT_ROOT_ENV} names a folder when the model is loaded)"
         )
-    target = Path(os.path.realpath(root / path))
+    try:
+        target = Path(os.path.realpath(root / path))
+    except (ValueError, OSError, TypeError):  # a NUL byte, a path the system cannot resolve
+        raise RowRefused(f"row {i}: 'path' is not a usable file path; give a path inside the folder") from None
     if not target.is_relative_to(root):
         raise RowRefused(f"row {i}: 'path' leads outside the folder this model reads from; give a path inside it")
     if not target.is_file():
