@@ -122,7 +122,33 @@ def open_xray(
 
 
 def _model_mode(img: Image.Image, rgb: bool) -> Image.Image:
-    return img if img.mode == "RGB" or (img.mode == "L" and not rgb) else img.convert("RGB")
+    if img.mode == "RGB" or (img.mode == "L" and not rgb):
+        return img
+    return img.convert("RGB") if img.mode == "L" else convert_for_model(img)[0]
+
+
+def convert_for_model(image: Image.Image) -> tuple[Image.Image, str]:
+    """Converts an image of a mode the model was not trained on (not L or RGB) to RGB, and says what was done.
+
+    Training (:func:`open_xray`) and the input checks (:mod:`fracture.intake`) both convert
+    through here, so a PNG with transparency trains on the pixels it is served with.
+    """
+    mode = image.mode
+    if image.mode == "P":
+        has_alpha = "transparency" in image.info
+        image = image.convert("RGBA" if has_alpha else "RGB")
+        if not has_alpha:
+            return image, "Palette (indexed-colour) image converted to RGB."
+    if image.mode in {"RGBA", "LA", "PA", "RGBa", "La"}:
+        rgba = image.convert("RGBA")
+        alpha = rgba.getchannel("A")
+        if alpha.getextrema() == (255, 255):
+            return rgba.convert("RGB"), f"{mode} image: its alpha channel is fully opaque and was dropped."
+        # X-ray background is black, so transparent pixels become background.
+        flat = Image.new("RGB", rgba.size, (0, 0, 0))
+        flat.paste(rgba, mask=alpha)
+        return flat, f"{mode} image with transparency: transparent pixels are shown to the model as black background."
+    return image.convert("RGB"), f"{mode} image converted to RGB."
 
 
 #: Files in an export that index the others rather than hold an image (a DICOM export's DICOMDIR).

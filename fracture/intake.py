@@ -35,7 +35,7 @@ from typing import Any, Literal, get_args
 
 from PIL import Image, ImageStat, UnidentifiedImageError
 
-from fracture.decoding import decode, decode_truncated
+from fracture.decoding import convert_for_model, decode, decode_truncated
 from fracture.dicom import (
     RADIOGRAPHY,
     DicomRejected,
@@ -255,7 +255,7 @@ def _read_picture(data: bytes, policy: InputPolicy, draft: tuple[int, int] | Non
         # copies it to RGB afterwards, the same pixels as training's.
         _check_content(image, policy)
         return Xray(image, fmt, mode, tuple(notes))
-    rgb, note = _convert(image)
+    rgb, note = convert_for_model(image)
     _check_content(rgb, policy)
     return Xray(rgb, fmt, mode, (*notes, note))
 
@@ -278,21 +278,3 @@ def _check_content(image: Image.Image, policy: InputPolicy) -> None:
         )
 
 
-def _convert(image: Image.Image) -> tuple[Image.Image, str]:
-    """Converts an image the model was not trained on to RGB, and says what was done."""
-    mode = image.mode
-    if image.mode == "P":
-        has_alpha = "transparency" in image.info
-        image = image.convert("RGBA" if has_alpha else "RGB")
-        if not has_alpha:
-            return image, "Palette (indexed-colour) image converted to RGB."
-    if image.mode in {"RGBA", "LA", "PA", "RGBa", "La"}:
-        rgba = image.convert("RGBA")
-        alpha = rgba.getchannel("A")
-        if alpha.getextrema() == (255, 255):
-            return rgba.convert("RGB"), f"{mode} image: its alpha channel is fully opaque and was dropped."
-        # X-ray background is black, so transparent pixels become background.
-        flat = Image.new("RGB", rgba.size, (0, 0, 0))
-        flat.paste(rgba, mask=alpha)
-        return flat, f"{mode} image with transparency: transparent pixels are shown to the model as black background."
-    return image.convert("RGB"), f"{mode} image converted to RGB."

@@ -166,3 +166,30 @@ def test_a_truncated_file_is_refused_even_while_another_thread_decodes_one(tmp_p
         stop.set()
         other.join()
     assert (accepted, noted) == (0, 40)
+
+
+@pytest.mark.parametrize("mode", ["LA", "RGBA", "P"])
+def test_an_image_with_transparency_trains_on_the_pixels_it_is_served_with(mode):
+    """Half transparent: the input checks paint transparent pixels black (an X-ray's background);
+    training reads the file through the same conversion, not Pillow's plain convert, which would
+    keep whatever values lie under the transparency."""
+    from fracture.decoding import open_xray
+
+    rng = np.random.default_rng(0)
+    grey = rng.integers(20, 235, (96, 96), dtype=np.uint8)
+    alpha = np.full((96, 96), 255, dtype=np.uint8)
+    alpha[:, :48] = 0
+    image = Image.merge("LA", (Image.fromarray(grey), Image.fromarray(alpha)))
+    if mode == "RGBA":
+        image = image.convert("RGBA")
+    elif mode == "P":
+        image = image.convert("RGBA").quantize(colors=255, method=Image.Quantize.FASTOCTREE)
+        image.info["transparency"] = 0
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    data = buffer.getvalue()
+    served = np.asarray(read_xray(data, InputPolicy()).image)
+    trained = np.asarray(open_xray(data))
+    np.testing.assert_array_equal(trained, served)
+    if mode != "P":
+        assert served[:, :48].max() == 0 and served[:, 48:].max() > 0
