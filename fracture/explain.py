@@ -9,6 +9,8 @@ and blends it over the X-ray.
 from __future__ import annotations
 
 import threading
+import weakref
+from copy import deepcopy
 
 import numpy as np
 import torch
@@ -19,9 +21,22 @@ from torch import nn
 
 from fracture.vocabulary import Aspect, choices
 
-# Captum registers hooks on the layer for the duration of one attribution; a model shared by
-# several page sessions must not have two attributions hooking it at the same time.
+# Captum registers hooks on the layer for the duration of one attribution. Attributions run on a
+# copy of the network that nothing else scores with (another page session's predict on the shared
+# network would fire the hooks and overwrite the saved activations), one attribution at a time.
 _LOCK = threading.Lock()
+_COPIES: weakref.WeakKeyDictionary[nn.Module, nn.Module] = weakref.WeakKeyDictionary()
+
+
+def _attribution_copy(model: nn.Module, layer: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The model's private copy for attributions, holding its current weights, and ``layer`` in it."""
+    copy = _COPIES.get(model)
+    if copy is None:
+        copy = _COPIES[model] = deepcopy(model).eval()
+    else:
+        copy.load_state_dict(model.state_dict())  # weights trained or loaded since the copy was made
+    name = next(n for n, m in model.named_modules() if m is layer)
+    return copy, copy.get_submodule(name)
 
 
 def target_layer(model: nn.Module) -> nn.Module:
@@ -66,7 +81,8 @@ def grad_cam(model: nn.Module, batch: torch.Tensor, target: int, layer: nn.Modul
     if batch.ndim != 4 or batch.shape[0] != 1:
         raise ValueError(f"grad_cam takes one image of shape (1, C, H, W), got {tuple(batch.shape)}")
     with _LOCK, torch.enable_grad():
-        cam = LayerGradCam(model, layer or target_layer(model)).attribute(
+        own, own_layer = _attribution_copy(model, layer or target_layer(model))
+        cam = LayerGradCam(own, own_layer).attribute(
             batch, target=target, relu_attributions=True
         )
         cam = LayerAttribution.interpolate(cam.detach(), tuple(batch.shape[-2:]), interpolate_mode="bilinear")

@@ -541,6 +541,36 @@ def test_grad_cam_covers_the_input_and_peaks_at_one():
     assert not model.bn2._forward_hooks and not model.bn2._backward_hooks  # Captum removed its hooks
 
 
+def test_grad_cam_hooks_a_copy_so_a_prediction_on_the_shared_network_meanwhile_changes_nothing(monkeypatch):
+    """Page sessions share one network. Another session's prediction during an attribution ran
+    through Captum's hooks on it and overwrote the saved activations (a failed heat map, and the
+    prediction lost with it). The attribution runs on a copy holding the network's weights."""
+    from captum.attr import LayerGradCam
+
+    from fracture import explain
+
+    model = create_classifier(load_params(REPO).profiles["cpu"]).eval()
+    x = torch.randn(1, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    quiet = grad_cam(model, x, target=1)
+    attribute = LayerGradCam.attribute
+
+    def another_session_predicts_meanwhile(self, inputs, **kwargs):
+        hooked = self.layer  # where Captum hooks
+        assert hooked is not model.bn2
+        with torch.no_grad():
+            model(torch.randn(4, 3, 96, 96))  # the shared network, mid-attribution
+        return attribute(self, inputs, **kwargs)
+
+    monkeypatch.setattr(LayerGradCam, "attribute", another_session_predicts_meanwhile)
+    np.testing.assert_allclose(grad_cam(model, x, target=1), quiet, atol=1e-6)
+    # New weights on the shared network reach the copy.
+    with torch.no_grad():
+        model.classifier.weight.neg_()
+    monkeypatch.setattr(LayerGradCam, "attribute", attribute)
+    assert not np.allclose(grad_cam(model, x, target=1), quiet)
+    assert explain._COPIES[model] is not model
+
+
 def test_heat_map_lands_where_the_padded_image_was():
     """With ``aspect: pad`` the heat map is cropped back from the square to the image."""
     cam = np.zeros((64, 64))
