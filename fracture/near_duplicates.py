@@ -155,11 +155,13 @@ def near_duplicate_pairs(
     rows = np.full(len(ids), side) if rows is None else np.asarray(rows, dtype=int)
     # Fewest decoded rows last, so a pair of two truncated images keeps the comparison on the rows
     # both decoded.
+    top, top_rows = None, None  # every thumbnail's top rows, standardised, for one row count at a time
     for i in sorted(np.flatnonzero(rows < side), key=lambda i: -rows[i]):
         if rows[i] < MIN_ROWS:
             corr[i, :] = corr[:, i] = -1.0
             continue
-        top = _standardise(vectors[:, : rows[i] * side])
+        if rows[i] != top_rows:
+            top, top_rows = _standardise(vectors[:, : rows[i] * side]), rows[i]
         r = top @ top[i] / top.shape[1]
         others = rows >= rows[i]
         corr[i, others] = corr[others, i] = r[others]
@@ -225,20 +227,18 @@ def add_near_duplicates(
     return out
 
 
-def label_conflicts(manifest: pd.DataFrame, first: str = "folder") -> pd.Series:
+def label_conflicts(manifest: pd.DataFrame, columns: tuple[str, str] = ("folder_label", "csv_label")) -> pd.Series:
     """Whether each image's near-duplicate group holds both labels.
 
     Args:
-        manifest: rows with ``near_duplicate_group``, ``folder_label`` and ``csv_label``.
-        first: whose label an image carries where both exist, as ``validate.on_label_conflict``
-            decides: ``folder`` or ``csv``; the other fills in where only it exists.
+        manifest: rows with ``near_duplicate_group`` and the two label columns.
+        columns: the label column an image's label comes from where both exist, then the one
+            that fills in (:func:`fracture.policies.label_columns`).
 
     Returns:
         One flag per row: its group has two or more members and they carry different labels.
     """
-    order = ["folder_label", "csv_label"] if first != "csv" else ["csv_label", "folder_label"]
-    label = manifest[order[0]].astype("Int64").fillna(manifest[order[1]].astype("Int64"))
+    first, second = columns
+    label = manifest[first].astype("Int64").fillna(manifest[second].astype("Int64"))
     group = manifest["near_duplicate_group"]
-    labels_per_group = label.groupby(group).transform("nunique")
-    size = manifest.groupby("near_duplicate_group")["image_id"].transform("size")
-    return (size > 1) & (labels_per_group > 1)
+    return (group.map(group.value_counts()) > 1) & (label.groupby(group).transform("nunique") > 1)

@@ -52,6 +52,12 @@ def duplicate_groups(manifest: pd.DataFrame, finding: Finding) -> list[list[str]
     return sorted(g for g in groups if len(g) > 1)
 
 
+def label_columns(on_label_conflict: str) -> tuple[str, str]:
+    """The manifest's label column an image's label comes from where both exist, then the one
+    that fills in where only it exists (``validate.on_label_conflict``: ``csv`` puts dataset.csv's first)."""
+    return ("csv_label", "folder_label") if on_label_conflict == "csv" else ("folder_label", "csv_label")
+
+
 def apply_policy(
     manifest: pd.DataFrame, params: ValidateParams, findings: list[Finding], duplicates: list[list[str]]
 ) -> tuple[pd.DataFrame, dict[str, Exclusion]]:
@@ -73,9 +79,7 @@ def apply_policy(
     flagged = {f.rule: set(f.unexpected_ids) for f in findings}
     out = manifest.copy()
     # The policy's label wins where both exist; the other fills in where only it exists.
-    first, second = ("folder_label", "csv_label")
-    if params.on_label_conflict == "csv":
-        first, second = second, first
+    first, second = label_columns(params.on_label_conflict)
     out["label"] = out[first].fillna(out[second])
     out["label_source"] = out[first].notna().map({True: first, False: second}).str.removesuffix("_label")
     out.loc[out["label"].isna(), "label_source"] = ""

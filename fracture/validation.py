@@ -16,7 +16,7 @@ import pandas as pd
 from fracture.config import ValidateParams
 from fracture.manifest import BODY_PARTS, UNKNOWN_PART, VIEWS, body_part
 from fracture.near_duplicates import label_conflicts
-from fracture.policies import Exclusion, apply_policy, duplicate_groups
+from fracture.policies import Exclusion, apply_policy, duplicate_groups, label_columns
 from fracture.suite import HARD, RULES, Finding, run_suite
 
 # failure_message names at most this many offending ids per rule.
@@ -114,7 +114,9 @@ def validate(
     """
     if "near_duplicate_group" in manifest:
         # A group's labels are compared as the label policy resolves them (csv first under `csv`).
-        manifest = manifest.assign(near_duplicate_conflict=label_conflicts(manifest, params.on_label_conflict))
+        manifest = manifest.assign(
+            near_duplicate_conflict=label_conflicts(manifest, label_columns(params.on_label_conflict))
+        )
     run = run_suite(manifest, params, gx_dir, skipped)
     near = near_duplicate_groups(manifest)
     groups = duplicate_groups(manifest, next(f for f in run.findings if f.rule == "unique_content"))
