@@ -519,11 +519,11 @@ def _check(p: Params) -> None:
             raise ConfigError(f"params.yaml: profiles.{name}.lr must be a positive number or null, got {prof.lr!r}")
         for key in ("drop_rate", "drop_path_rate", "label_smoothing", "ema_decay"):
             rate = getattr(prof, key)
-            if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
+            if not (_number(rate) and 0 <= rate < 1):
                 raise ConfigError(f"params.yaml: profiles.{name}.{key} must be a number from 0 up to (not including) 1, "
                                   f"got {rate!r}")
         decay = prof.layer_decay
-        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 < decay <= 1:
+        if not (_number(decay) and 0 < decay <= 1):
             raise ConfigError(f"params.yaml: profiles.{name}.layer_decay must be a number above 0 and at most 1 "
                               f"(1: off), got {decay!r}")
     _check_schedule(p.schedule)

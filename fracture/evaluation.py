@@ -304,7 +304,7 @@ def delong_mean_difference(
 
     Returns:
         The two means as ``auc_a`` and ``auc_b``, their difference, its interval (normal
-        approximation) and the two-sided p-value. Runs that rank every image alike, with no
+        approximation, or Student's t as above) and the two-sided p-value. Runs that rank every image alike, with no
         between-run variance, differ by 0 with no spread: p-value 1. With fewer than two images
         of a class no spread can be estimated: the interval is -1 to 1 and the p-value 1.
 

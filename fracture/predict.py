@@ -198,6 +198,7 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
 
     folder.mkdir(parents=True, exist_ok=True)
     written: list[str] = []
+    names: set[str] = set()
     for index, (path, row) in enumerate(zip(files, table.itertuples(index=False), strict=True)):
         with path.open("rb") as fh:
             head = fh.read(132)
@@ -213,12 +214,14 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
         except (AttributeError, KeyError, ValueError, TypeError) as exc:
             reason = f"no structured report: {exc}"
             log.warning("%s: %s", path, reason)
-            table.iloc[index, table.columns.get_loc("note")] = "; ".join(filter(None, [row.note if isinstance(row.note, str) else "", reason]))
+            note = row.note if isinstance(row.note, str) else ""
+            table.iloc[index, table.columns.get_loc("note")] = "; ".join(filter(None, [note, reason]))
             written.append("")
             continue
         uid = str(source.get("SOPInstanceUID", ""))
-        name = uid if UID(uid).is_valid and f"{uid}.sr.dcm" not in {Path(w).name for w in written} else sr.SOPInstanceUID
-        target = folder / f"{name}.sr.dcm"
+        name = f"{uid}.sr.dcm" if UID(uid).is_valid and f"{uid}.sr.dcm" not in names else f"{sr.SOPInstanceUID}.sr.dcm"
+        names.add(name)
+        target = folder / name
         sr.save_as(target, enforce_file_format=True)
         written.append(str(target))
     return written

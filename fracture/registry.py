@@ -250,7 +250,7 @@ def register(
         if outcome.comparison is not None:
             _tag_version(client, params.model_name, str(mv.version), outcome.comparison.tags())
         _apply(client, mv, current, outcome)
-    if outcome.decision == "unchanged" and current is not None and str(current.version) == str(mv.version):
+    if outcome.decision == "unchanged" and _version_of(current) == str(mv.version):
         _restore_previous(client, mv)
     return _registration(
         client, params.model_name, run_id, created, candidate, current, outcome, score_key=SCORE,
@@ -397,9 +397,13 @@ def _restore_previous(client: MlflowClient, mv: ModelVersion) -> None:
     """Points ``previous-champion`` at the version the champion ``mv`` replaced, when a stopped
     promotion left it elsewhere (never at a version that was rolled back)."""
     name, before = mv.name, mv.tags.get(TAG_REPLACED)
-    if not before or before == str(mv.version) or not _exists(client, name, before):
+    if not before or before == str(mv.version):
         return
-    if TAG_ROLLED_BACK in client.get_model_version(name, before).tags:
+    try:
+        replaced = client.get_model_version(name, before)
+    except MlflowException:
+        return  # deleted since
+    if TAG_ROLLED_BACK in replaced.tags:
         return
     previous = _alias(client, name, PREVIOUS_CHAMPION)
     if _version_of(previous) != before:
