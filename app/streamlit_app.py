@@ -112,13 +112,12 @@ def show_result(model: ServedModel, detector: ServedDetector | None, name: str, 
         return
     try:
         prediction = model.predict(data)
-        display = xray.image.copy()
-        display.thumbnail((DISPLAY_SIDE, DISPLAY_SIDE))
-        heat_overlay, heat = model.heat_map(data, prediction.class_index, display)
     except Exception as exc:  # the page must keep working for the next upload, whatever failed
         log.exception("analysing %s failed", name)
         st.error(f"{name} could not be analysed ({type(exc).__name__}: {exc}). Try another file.")
         return
+    display = xray.image.copy()
+    display.thumbnail((DISPLAY_SIDE, DISPLAY_SIDE))
 
     for note in xray.warnings:
         st.warning(note)
@@ -134,13 +133,26 @@ def show_result(model: ServedModel, detector: ServedDetector | None, name: str, 
     columns = st.columns(2 if detector is None else 3)
     width, height = xray.image.size
     columns[0].image(display, caption=f"{name} ({width} x {height} px, {xray.format} {xray.mode})", width="stretch")
-    if heat.max() > 0:
-        heat_caption = f"Grad-CAM heat map for '{label}': red marks the regions that raised that score most"
-    else:
-        heat_caption = f"Grad-CAM heat map for '{label}': no region raised that score above the rest"
-    columns[1].image(heat_overlay, caption=heat_caption, width="stretch")
+    show_heat_map(columns[1], model, name, data, prediction.class_index, label, display)
     if detector is not None:
         show_boxes(columns[2], detector, name, data, display, width)
+
+
+def show_heat_map(
+    column: DeltaGenerator, model: ServedModel, name: str, data: bytes, target: int, label: str, display: Image.Image
+) -> None:
+    """The Grad-CAM overlay for the predicted class; if it fails, the prediction above stays on the page."""
+    try:
+        heat_overlay, heat = model.heat_map(data, target, display)
+    except Exception as exc:  # an explanation failing must not take the scored answer with it
+        log.exception("the heat map failed on %s", name)
+        column.warning(f"No heat map for {name} ({type(exc).__name__}: {exc}); the prediction above stands.")
+        return
+    if heat.max() > 0:
+        caption = f"Grad-CAM heat map for '{label}': red marks the regions that raised that score most"
+    else:
+        caption = f"Grad-CAM heat map for '{label}': no region raised that score above the rest"
+    column.image(heat_overlay, caption=caption, width="stretch")
 
 
 def show_boxes(

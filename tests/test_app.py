@@ -394,6 +394,27 @@ def test_a_real_xray_shows_class_probability_threshold_and_heat_map(monkeypatch,
     assert shown_images[1].startswith(f"Grad-CAM heat map for '{shown['Predicted class']}'")
 
 
+def test_a_failing_heat_map_leaves_the_prediction_on_the_page(monkeypatch, page_registry):
+    """Grad-CAM is an explanation of the score, not the score: when it fails, the class and
+    probability are still shown, with a warning where the heat map would be."""
+    at = page(monkeypatch, page_registry).run()
+    import champion  # the module the page imported (APP is on sys.path)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no gradient reached the target layer")
+
+    monkeypatch.setattr(champion, "grad_cam", broken)
+    data = real_xray("Fractured").read_bytes()
+    at = upload(at, "xray.jpg", data, "image/jpeg")
+    assert not at.exception and not at.error
+    expected = consumer_prediction(page_registry, data)
+    assert metrics(at)["Fracture probability"] == f"{expected['fracture_probability']:.3f}"
+    assert len(captions(at)) == 1  # the X-ray, no overlay
+    assert [w.value for w in at.warning] == [
+        "No heat map for xray.jpg (RuntimeError: no gradient reached the target layer); the prediction above stands."
+    ]
+
+
 def test_heat_map_explains_the_pixels_the_prediction_scored(monkeypatch, page_registry):
     """The page shows a large X-ray shrunk to its display size; the heat map is still computed on
     the pixels the served model scored (the upload decoded in full, then resized), not on the
