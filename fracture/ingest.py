@@ -13,6 +13,7 @@ import http.client
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import zipfile
@@ -141,6 +142,9 @@ def safe_extract(archive: Path, target: Path, label: str | None = None) -> None:
         raise IngestError(f"{name} is not a readable zip file ({exc}); fetch it again") from exc
 
 
+SHA256SUMS_LINE = re.compile(r"([0-9A-Fa-f]{64}) [ *](.+)")  # `sha256sum`'s text and binary forms
+
+
 def verify_sha256sums(root: Path) -> int:
     """Checks every file listed in ``SHA256SUMS`` when the copy ships one.
 
@@ -148,19 +152,28 @@ def verify_sha256sums(root: Path) -> int:
         The number of files verified (0 when there is no SHA256SUMS).
 
     Raises:
-        IngestError: a listed file is missing or its hash differs.
+        IngestError: a line is not in `sha256sum`'s format or names a path outside the copy, or a
+            listed file is missing or its hash differs.
     """
     sums = root / "SHA256SUMS"
     if not sums.is_file():
         return 0
     bad: list[str] = []
     count = 0
-    for line in sums.read_text().splitlines():
+    top = root.resolve()
+    for number, line in enumerate(sums.read_text(errors="replace").splitlines(), start=1):
         if not line.strip():
             continue
-        expected, rel = line.split(maxsplit=1)
-        rel = rel.lstrip("*")
+        entry = SHA256SUMS_LINE.fullmatch(line)
+        if entry is None:
+            raise IngestError(
+                f"{sums}, line {number}: {line[:80]!r} is not '<64 hex digits>  <path>' as `sha256sum` writes "
+                "it; regenerate the file with `sha256sum`, or remove it to ingest without checksums"
+            )
+        expected, rel = entry.group(1).lower(), entry.group(2)
         path = root / rel
+        if not path.resolve().is_relative_to(top):
+            raise IngestError(f"{sums}, line {number}: {rel!r} points outside {root}; only the copy's own files are checked")
         if not path.is_file():
             bad.append(f"{rel} (missing)")
             continue

@@ -71,6 +71,28 @@ def test_checksums_are_verified_when_the_copy_ships_them(dataset, tmp_path, ipar
     assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("d41d8cd98f00b204e9800998ecf8427e  dataset.csv", r"line 2: 'd41d8cd9.*' is not '<64 hex digits>  <path>'"),
+        ("not-a-hash-line", r"line 2: 'not-a-hash-line' is not '<64 hex digits>  <path>'"),
+        (f"{'0' * 64}  ../outside.jpg", r"line 2: '../outside.jpg' points outside"),
+    ],
+)
+def test_a_malformed_checksum_file_is_refused_naming_its_line(dataset, tmp_path, iparams, line, message):
+    """An md5 list saved under the wrong name, a stray line or a path outside the copy: the ingest
+    says which line of which file, and leaves nothing behind."""
+    first = next(dataset.rglob("*.jpg"))
+    good = f"{hashlib.sha256(first.read_bytes()).hexdigest().upper()} *{first.relative_to(dataset)}"
+    (dataset / "SHA256SUMS").write_text(f"{good}\n{line}\n")
+    with pytest.raises(IngestError, match=message) as caught:
+        ingest(iparams, tmp_path / "bad", str(dataset))
+    assert "SHA256SUMS, line 2" in str(caught.value)
+    assert not (tmp_path / "bad").exists()
+    (dataset / "SHA256SUMS").write_text(f"{good}\n")  # upper-case hex and the binary marker are sha256sum's too
+    assert ingest(iparams, tmp_path / "ok", str(dataset)).checksums_verified == 1
+
+
 def test_wrong_layout_and_missing_source_say_what_to_do(tmp_path, iparams):
     (tmp_path / "empty").mkdir()
     with pytest.raises(IngestError, match="images/Fractured"):
