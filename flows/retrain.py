@@ -7,16 +7,12 @@ Run it with ``python -m flows.retrain [--source PATH] [--profile NAME]`` from th
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import socket
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from filelock import FileLock, Timeout
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
@@ -26,6 +22,7 @@ from flows.report import REPORT_KEY, no_champion_note, render_report
 from flows.result import DetectorResult, RetrainResult
 from fracture.config import PARAMS_FILE, load_params
 from fracture.ingest import SOURCE_ENV
+from fracture.project_lock import project_lock as fracture_project_lock
 from tasks.pipeline import (
     DVC_STAGES,
     detect_register_task,
@@ -37,51 +34,20 @@ from tasks.pipeline import (
     uncommitted,
 )
 
-#: Held by the run working in a project, beside a note of who holds it (``<lock>.json``).
-LOCK_FILE = Path("outputs") / "retrain.lock"
-
-
-class ProjectBusy(RuntimeError):
-    """Another retrain run is working in the project; this one changed nothing."""
-
 
 @contextmanager
 def project_lock(project: Path) -> Iterator[None]:
-    """One retrain run at a time per project: a second is refused at once, before it touches anything.
+    """One retrain run at a time per project (:func:`fracture.project_lock.project_lock`).
 
-    Two runs in one checkout would copy data under each other's stages and race for
-    ``dvc.lock`` and the registry. The lock is the operating system's (``filelock``), so a run
-    that dies, even killed, releases it. Scheduled runs never get here twice: the deployment's
-    ``schedule.concurrency_limit`` queues them.
+    Scheduled runs never get here twice: the deployment's ``schedule.concurrency_limit`` queues
+    them. A ``fracture`` command typed meanwhile in the project is refused too, while the flow's
+    own stage commands run under its hold.
 
     Raises:
-        ProjectBusy: another run holds the project; the message says which.
+        ProjectBusy: another run or command holds the project; the message says which.
     """
-    path = project / LOCK_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    note = path.with_suffix(".json")
-    lock = FileLock(str(path))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        try:
-            holder = json.loads(note.read_text())
-            who = (f"flow run {holder.get('flow_run') or '(outside Prefect)'}, process {holder['pid']} on "
-                   f"{holder['host']}, started {holder['started']}")
-        except (OSError, ValueError, KeyError):
-            who = "its details are not written yet"
-        raise ProjectBusy(
-            f"another retrain run is working in {project} ({who}). This run stopped without changing anything; "
-            "run it again once that one has finished (scheduled runs wait for each other: schedule.concurrency_limit)"
-        ) from None
-    try:
-        note.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                    "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-                                    "flow_run": flow_run.get_name()}))
+    with fracture_project_lock(project, f"flow run {flow_run.get_name() or '(outside Prefect)'}"):
         yield
-    finally:
-        note.unlink(missing_ok=True)
-        lock.release()
 
 
 def choose_profile(requested: str | None, cuda: bool) -> tuple[str, str]:

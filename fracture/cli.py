@@ -12,13 +12,14 @@ import errno
 import logging
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from fracture.config import EvaluateParams, Params, load_params
+from fracture.project_lock import project_lock
 from fracture.workspace import CrossvalResult, ValidateResult, Workspace
 
 if TYPE_CHECKING:
@@ -48,6 +49,7 @@ _KNOWN_ERRORS = {
     "fracture.manifest": "ManifestError",
     "fracture.model": "PretrainedWeightsError",
     "fracture.prepare": "StaleCacheError",
+    "fracture.project_lock": "ProjectBusy",
     "fracture.registry": "RegistryError",
     "fracture.split": "SplitError",
     "fracture.validation": "ValidationFailed",
@@ -70,10 +72,15 @@ def _known_errors() -> tuple[type[BaseException], ...]:
 
 
 @contextmanager
-def _stage(command: str) -> Iterator[tuple[Params, Workspace]]:
-    """Params and workspace for a command; a known error exits with a one-line message naming it."""
+def _stage(command: str, writes: bool = True) -> Iterator[tuple[Params, Workspace]]:
+    """Params and workspace for a command; a known error exits with a one-line message naming it.
+
+    A command that ``writes`` the project holds it (:func:`fracture.project_lock.project_lock`)
+    for its run, so it never works under a retrain run or another such command.
+    """
     try:
-        yield load_params(), Workspace(Path("."))
+        with project_lock(Path("."), f"`fracture {command}`") if writes else nullcontext():
+            yield load_params(), Workspace(Path("."))
     except _known_errors() as exc:
         sys.exit(f"fracture {command}: {exc}")
     except OSError as exc:
@@ -277,7 +284,7 @@ def crossval_compare(
     """Compare cross-validated recipes on the same out-of-fold images: DeLong's paired test against the first."""
     from fracture.crossval import CrossvalError, compare_oof, read_oof
 
-    with _stage("crossval-compare") as (params, workspace):
+    with _stage("crossval-compare", writes=False) as (params, workspace):
         read = {}
         for recipe in dict.fromkeys(recipes):
             runs = [run.strip() for run in recipe.split(",")]

@@ -192,7 +192,7 @@ def _fracture_commands_in_process(timings: list[float]) -> Iterator[None]:
 
     DVC has no option for this: its ``run_stage`` calls the module's ``cmd_run``, which is
     swapped for the time of one ``reproduce`` call and put back after it. The flow's run is the
-    only work in its process (``flows.retrain.project_lock``).
+    only work in its process (``fracture.project_lock``).
     """
     import dvc.stage.run as dvc_run  # noqa: PLC0415 - DVC's API loads slowly
 

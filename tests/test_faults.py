@@ -19,9 +19,10 @@ import yaml
 from mlflow import MlflowClient
 from prefect import flow, task
 
-from flows.retrain import LOCK_FILE, ProjectBusy, retrain
+from flows.retrain import retrain
 from fracture.config import RegisterParams
 from fracture.gate import EvaluatedSplit
+from fracture.project_lock import HELD_ENV, LOCK_FILE, ProjectBusy
 from fracture.registry import register
 from tasks.pipeline import retry_transient_registry
 from tests.conftest import dvc, run, shrink_params, untrained_model_files
@@ -53,7 +54,7 @@ def test_a_run_on_a_busy_project_is_refused_before_it_changes_anything(project, 
                               env=child_env(), start_new_session=True)
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "holding"
-        with pytest.raises(ProjectBusy, match=rf"another retrain run is working in {project} \(flow run "
+        with pytest.raises(ProjectBusy, match=rf"another run is working in {project} \(flow run "
                                                rf"\(outside Prefect\), process {holder.pid} on .*This run stopped "
                                                r"without changing anything"):
             retrain(project_dir=str(project), source=str(subset_source))
@@ -68,6 +69,47 @@ def test_a_run_on_a_busy_project_is_refused_before_it_changes_anything(project, 
 
     with project_lock(project):
         pass
+
+
+def test_a_command_typed_while_a_run_holds_the_project_is_refused_and_the_runs_own_commands_are_not(
+    project, subset_source
+):
+    """`fracture ingest` by hand under a retrain run would replace the data its stages are reading;
+    it is refused, naming the run. The run's own commands (in its process, or a child DVC starts)
+    go ahead under its hold, and once it ends the same command works."""
+    ingest = [sys.executable, "-m", "fracture.cli", "ingest", "--source", str(subset_source)]
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(project)], stdout=subprocess.PIPE, text=True,
+                              env=child_env(), start_new_session=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "holding"
+        refused = subprocess.run(ingest, cwd=project, capture_output=True, text=True, env=child_env(), check=False)
+        assert refused.returncode == 1 and "Traceback" not in refused.stderr
+        assert refused.stderr.startswith(f"fracture ingest: another run is working in {project} (flow run (outside Prefect), "
+                                         f"process {holder.pid} on "), refused.stderr
+        assert not (project / "data").exists()
+    finally:
+        os.killpg(holder.pid, signal.SIGKILL)
+        holder.wait()
+
+    from flows.retrain import project_lock
+
+    with project_lock(project):
+        # A child of the holder, as DVC starts a stage's command, carries the hold in its environment.
+        done = subprocess.run(ingest, cwd=project, capture_output=True, text=True, env=child_env(), check=False)
+        assert done.returncode == 0, done.stderr
+        assert (project / "data" / "fracatlas" / "images").is_dir()
+        # A command of another process is still refused while this one holds the project.
+        stranger = child_env()
+        stranger.pop(HELD_ENV, None)
+        refused = subprocess.run(ingest, cwd=project, capture_output=True, text=True, env=stranger, check=False)
+        assert refused.returncode == 1 and "another run is working in" in refused.stderr
+        # A forged or stale hold is not a hold.
+        stranger[HELD_ENV] = f"{(project / LOCK_FILE).resolve()}\t{'0' * 32}"
+        refused = subprocess.run(ingest, cwd=project, capture_output=True, text=True, env=stranger, check=False)
+        assert refused.returncode == 1 and "another run is working in" in refused.stderr
+    assert HELD_ENV not in os.environ
+    again = subprocess.run(ingest, cwd=project, capture_output=True, text=True, env=child_env(), check=False)
+    assert again.returncode == 0, again.stderr
 
 
 @pytest.mark.integration
@@ -89,7 +131,7 @@ def test_two_runs_started_together_one_trains_and_the_other_is_refused(project, 
         if first.poll() is None:
             first.kill()
     assert second.returncode != 0
-    assert "another retrain run is working in" in logs[1].read_text()
+    assert "another run is working in" in logs[1].read_text()
     # One run's worth of everything: DVC up to date, one version, and it is the champion.
     assert "Data and pipelines are up to date" in dvc(project, "status", "dvc.yaml")
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")

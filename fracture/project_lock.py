@@ -1,0 +1,93 @@
+"""One writer per project: the retrain flow and every ``fracture`` command that writes the project
+hold the same operating-system lock while they work.
+
+Two writers in one checkout would copy data under each other's stages and race for
+``dvc.lock``, the outputs and the registry: a retrain run and a ``fracture ingest`` or
+``dvc repro`` typed by hand meanwhile, for example. The lock is ``filelock``'s, so a holder
+that dies, even killed, releases it.
+
+The holder's own work is not refused: the flow runs each stage's command in its own process, and
+a stage DVC runs in a child process (a command DVC does not run in-process) inherits
+``FRACTURE_PROJECT_LOCK``, which names the lock and a token only the holder's note carries.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+#: Held by whoever is writing the project, beside a note of who holds it (``<lock>.json``).
+LOCK_FILE = Path("outputs") / "retrain.lock"
+#: Set while the lock is held, for the holder's own process and its children: ``<lock path>\t<token>``.
+HELD_ENV = "FRACTURE_PROJECT_LOCK"
+
+
+class ProjectBusy(RuntimeError):
+    """Another run or command is writing the project; this one changed nothing."""
+
+
+def _held_here(path: Path, note: Path) -> bool:
+    """Whether this process or one of its parents holds the lock at ``path``."""
+    held, _, token = os.environ.get(HELD_ENV, "").partition("\t")
+    if held != str(path) or not token:
+        return False
+    try:
+        return json.loads(note.read_text()).get("token") == token
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+@contextmanager
+def project_lock(project: Path, holder: str) -> Iterator[None]:
+    """Holds the project for the block; a second writer is refused at once, before it touches anything.
+
+    Args:
+        project: the project root.
+        holder: who is working, as the refusal names it to the other writer (``"flow run
+            smart-fox"``, ``"`fracture train`"``).
+
+    Raises:
+        ProjectBusy: another run or command holds the project; the message says which.
+    """
+    root = project.resolve()
+    path = root / LOCK_FILE
+    note = path.with_suffix(".json")
+    if _held_here(path, note):
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        try:
+            info = json.loads(note.read_text())
+            who = f"{info['holder']}, process {info['pid']} on {info['host']}, started {info['started']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            who = "its details are not written yet"
+        raise ProjectBusy(
+            f"another run is working in {root} ({who}). This run stopped without changing anything; "
+            "run it again once that one has finished (scheduled runs wait for each other: schedule.concurrency_limit)"
+        ) from None
+    token = secrets.token_hex(16)
+    before = os.environ.get(HELD_ENV)
+    try:
+        note.write_text(json.dumps({"holder": holder, "pid": os.getpid(), "host": socket.gethostname(),
+                                    "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "token": token}))
+        os.environ[HELD_ENV] = f"{path}\t{token}"
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(HELD_ENV, None)
+        else:
+            os.environ[HELD_ENV] = before
+        note.unlink(missing_ok=True)
+        lock.release()
