@@ -131,7 +131,7 @@ def thumbnails(
 
 
 def near_duplicate_pairs(
-    vectors: np.ndarray, ids: Sequence[str], threshold: float, rows: np.ndarray | None = None
+    vectors: np.ndarray, ids: Sequence[str], threshold: float, rows: np.ndarray | None = None, block: int = 2048
 ) -> pd.DataFrame:
     """Every pair of images whose thumbnails correlate above ``threshold``.
 
@@ -142,32 +142,51 @@ def near_duplicate_pairs(
         rows: each thumbnail's decoded rows (:func:`thumbnails`; ``None``: all of them). A pair
             in which one has fewer than all is compared on the top rows both decoded, each
             standardised over them; an image with fewer than :data:`MIN_ROWS` is compared with none.
+        block: images whose correlations with the others are computed at once. Memory grows
+            with ``block`` times the number of images, never with its square: for 30,000
+            thumbnails, 0.5 GB beyond the thumbnails themselves, where the whole matrix took 6.8 GB.
 
     Returns:
         ``image_id_a``, ``image_id_b`` (a before b in ``ids`` order) and ``correlation``, most
         similar first.
     """
-    if len(ids) < 2:
-        return pd.DataFrame({"image_id_a": [], "image_id_b": [], "correlation": []})
-    # Rows have zero mean and unit variance, so their dot product over the length is Pearson's r.
-    corr = (vectors @ vectors.T) / vectors.shape[1]
+    n = len(ids)
     side = math.isqrt(vectors.shape[1])
-    rows = np.full(len(ids), side) if rows is None else np.asarray(rows, dtype=int)
-    # Fewest decoded rows last, so a pair of two truncated images keeps the comparison on the rows
-    # both decoded.
+    rows = np.full(n, side) if rows is None else np.asarray(rows, dtype=int)
+    found_a, found_b, found_r = [], [], []
+
+    def keep(a: np.ndarray, b: np.ndarray, r: np.ndarray) -> None:
+        hit = r > threshold
+        found_a.append(a[hit])
+        found_b.append(b[hit])
+        found_r.append(r[hit].astype(float))
+
+    # Whole thumbnails: rows have zero mean and unit variance, so their dot product over the
+    # length is Pearson's r. Each block is compared with the whole images after it.
+    whole = np.flatnonzero(rows >= side)
+    whole_vectors = vectors[whole]
+    for start in range(0, len(whole), block):
+        size = min(block, len(whole) - start)
+        corr = whole_vectors[start : start + size] @ whole_vectors[start:].T
+        corr /= vectors.shape[1]
+        hit = corr > threshold
+        hit[:, :size] &= np.triu(np.ones((size, size), dtype=bool), k=1)  # each pair once, never an image with itself
+        i, j = np.nonzero(hit)
+        keep(whole[start + i], whole[start + j], corr[i, j])
+    # A truncated image against every image that decoded at least as many rows (the others
+    # compare with it on their own turn), on its rows, each thumbnail standardised over them.
     top, top_rows = None, None  # every thumbnail's top rows, standardised, for one row count at a time
-    for i in sorted(np.flatnonzero(rows < side), key=lambda i: -rows[i]):
-        if rows[i] < MIN_ROWS:
-            corr[i, :] = corr[:, i] = -1.0
-            continue
+    for i in sorted(np.flatnonzero((rows < side) & (rows >= MIN_ROWS)), key=lambda i: -rows[i]):
         if rows[i] != top_rows:
             top, top_rows = _standardise(vectors[:, : rows[i] * side]), rows[i]
-        r = top @ top[i] / top.shape[1]
-        others = rows >= rows[i]
-        corr[i, others] = corr[others, i] = r[others]
-    a, b = np.nonzero(np.triu(corr > threshold, k=1))
+        others = np.flatnonzero(rows >= rows[i])
+        # Equal row counts meet on both turns: the pair is kept once, on the turn of its later image.
+        others = others[(others != i) & ((rows[others] > rows[i]) | (others < i))]
+        r = top[others] @ top[i] / top.shape[1]
+        keep(np.minimum(others, i), np.maximum(others, i), r)
+    a, b, r = (np.concatenate(x) if x else np.zeros(0) for x in (found_a, found_b, found_r))
     ids = np.asarray(ids)
-    pairs = pd.DataFrame({"image_id_a": ids[a], "image_id_b": ids[b], "correlation": corr[a, b].astype(float)})
+    pairs = pd.DataFrame({"image_id_a": ids[a.astype(int)], "image_id_b": ids[b.astype(int)], "correlation": r.astype(float)})
     return pairs.sort_values(["correlation", "image_id_a"], ascending=[False, True]).reset_index(drop=True)
 
 

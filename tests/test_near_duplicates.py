@@ -11,6 +11,7 @@ from PIL import Image
 from fracture.config import SplitParams, load_params
 from fracture.manifest import build_manifest
 from fracture.near_duplicates import (
+    MIN_ROWS,
     group_ids,
     near_duplicate_pairs,
     thumbnail,
@@ -46,6 +47,41 @@ def add_copy(root, src_id: str, src_folder: str, new_id: str, new_folder: str) -
     row["image_id"] = new_id
     row["fractured"] = row["fracture_count"] = int(new_folder == "Fractured")
     pd.concat([csv, row.to_frame().T]).to_csv(root / "dataset.csv", index=False)
+
+
+def _standardised(v: np.ndarray) -> np.ndarray:
+    return (v - v.mean()) / v.std()
+
+
+def test_pairs_found_block_by_block_are_every_pair_a_whole_matrix_finds():
+    """The correlations are computed a block of images at a time, so memory never grows with the
+    square of the dataset. Any block size finds exactly the pairs, and the correlations, of
+    comparing every pair at once, truncated images (compared on the rows both decoded) included."""
+    rng = np.random.default_rng(3)
+    side, n = 32, 40
+    bases = rng.normal(size=(5, side * side))
+    vectors = np.stack([_standardised(bases[k % 5] + rng.uniform(0.2, 1.5) * rng.normal(size=side * side))
+                        for k in range(n)]).astype(np.float32)
+    rows = np.full(n, side)
+    rows[[3, 8, 13, 17, 30]] = [20, 12, 12, 4, 31]  # two with equal counts, one under MIN_ROWS
+    ids = [f"IMG{k:07d}" for k in range(n)]
+    expected = {}
+    for a in range(n):
+        for b in range(a + 1, n):
+            m = min(rows[a], rows[b])
+            if m < MIN_ROWS:
+                continue
+            u, v = (_standardised(vectors[k, : m * side].astype(float)) for k in (a, b))
+            r = float(u @ v) / u.size
+            if r > 0.4:
+                expected[ids[a], ids[b]] = r
+    assert len(expected) > 50 and ("IMG0000008", "IMG0000013") in expected
+    for block in (1, 7, 2048):
+        pairs = near_duplicate_pairs(vectors, ids, 0.4, rows, block=block)
+        found = {(a, b): r for a, b, r in pairs.itertuples(index=False)}
+        assert found.keys() == expected.keys(), block
+        assert max(abs(found[p] - expected[p]) for p in expected) < 1e-4
+        assert pairs["correlation"].is_monotonic_decreasing
 
 
 def test_a_reencoded_copy_correlates_and_a_different_image_does_not(tmp_path):
