@@ -193,6 +193,35 @@ def sum_over_ranks(*values: float, context: Context) -> list[float]:
     return total.cpu().tolist()
 
 
+class GlobalBatchLoss(torch.nn.Module):
+    """A class-weighted cross-entropy whose gradient, averaged over the ranks by DDP, is the
+    single-process gradient of the whole batch.
+
+    PyTorch's weighted mean divides by the weights of the batch it sees. Each rank sees its
+    share, so the ranks' means, averaged, weigh a share rich in the rare class differently from
+    one process over the whole batch. Here each rank sums its weighted losses and divides by the
+    whole batch's weight (one scalar summed over the ranks per step), times the number of ranks
+    that DDP's average divides by again. Unweighted cross-entropy needs none of this: the ranks'
+    shares are equal in size.
+    """
+
+    def __init__(self, criterion: torch.nn.CrossEntropyLoss, context: Context) -> None:
+        super().__init__()
+        if criterion.weight is None:
+            raise ValueError("GlobalBatchLoss is for a class-weighted cross-entropy; an unweighted one needs no wrapper")
+        self.summed = torch.nn.CrossEntropyLoss(
+            weight=criterion.weight, label_smoothing=criterion.label_smoothing, reduction="sum"
+        )
+        self.context = context
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        assert self.summed.weight is not None
+        batch_weight = self.summed.weight[target].sum().detach().to(torch.float64)
+        if self.context.distributed:
+            dist.all_reduce(batch_weight)
+        return self.summed(logits, target) * (self.context.world_size / batch_weight).to(logits.dtype)
+
+
 def from_main(value: T, context: Context) -> T:
     """Rank 0's ``value`` on every rank (pickled; for checkpoints and decisions, not batches)."""
     if not context.distributed:

@@ -463,6 +463,8 @@ def train(
     generator = torch.Generator().manual_seed(params.seed)
     criterion, sampler = class_balance(params.class_balance, labels_of(train_data), generator, profile.label_smoothing)
     criterion = criterion.to(device)
+    if context.distributed and getattr(criterion, "weight", None) is not None:
+        criterion = distributed.GlobalBatchLoss(criterion, context)
     lr = profile.learning_rate(params)
     optimizer = torch.optim.Adam(
         parameter_groups(model, lr, params.weight_decay, profile.layer_decay), lr=lr, weight_decay=params.weight_decay

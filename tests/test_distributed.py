@@ -71,8 +71,10 @@ def _rank_run(images, labels, config, profile, train_params):
         distributed.teardown()
 
 
-def test_two_gloo_processes_end_with_one_processs_weights(tmp_path, monkeypatch):
+@pytest.mark.parametrize("class_balance", ["none", "weighted_loss"])
+def test_two_gloo_processes_end_with_one_processs_weights(tmp_path, monkeypatch, class_balance):
     data, config, profile, train_params = _setup(tmp_path)
+    train_params = dataclasses.replace(train_params, class_balance=class_balance)
     images, labels = data.tensors
     # Spawned processes re-run the parent's __main__ script. In a full test session another
     # test may have left a Streamlit page there (its AppTest runs the page as __main__); the
@@ -102,7 +104,7 @@ def test_two_gloo_processes_end_with_one_processs_weights(tmp_path, monkeypatch)
 
     update = norm(reference[k] - start[k] for k in trained)
     difference = norm(zero["state"][k] - reference[k] for k in reference)
-    print(f"2 gloo processes vs 1 process: |weights difference| / |training update| = "
+    print(f"2 gloo processes vs 1 process ({class_balance}): |weights difference| / |training update| = "
           f"{difference / update:.2e} (tolerance {RELATIVE_TOLERANCE:g}); largest element "
           f"{max(float(np.abs(zero['state'][k] - reference[k]).max()) for k in reference):.2e}")
     assert update > 0.01  # training moved the weights
@@ -113,6 +115,21 @@ def test_two_gloo_processes_end_with_one_processs_weights(tmp_path, monkeypatch)
         # Each rank summed the other's loss and images in: the epoch's figures are the run's.
         assert mine["train_loss"] == pytest.approx(theirs["train_loss"], abs=1e-5)
         assert mine["val_roc_auc"] == pytest.approx(theirs["val_roc_auc"], abs=1e-9)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_one_process_global_batch_loss_is_the_weighted_mean(label_smoothing):
+    """Summed and divided by the batch's class weights, as PyTorch's weighted mean divides."""
+    weights = torch.tensor([0.6, 2.8])
+    criterion = torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=label_smoothing)
+    logits = torch.randn(7, 2, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    target = torch.tensor([0, 0, 1, 0, 0, 0, 1])
+    wrapped = distributed.GlobalBatchLoss(criterion, distributed.Context())
+    expected, got = criterion(logits, target), wrapped(logits, target)
+    assert float(got) == pytest.approx(float(expected), rel=1e-6)
+    (grad_expected,) = torch.autograd.grad(expected, logits)
+    (grad_got,) = torch.autograd.grad(got, logits)
+    torch.testing.assert_close(grad_got, grad_expected)
 
 
 def timm_start(profile) -> dict[str, np.ndarray]:
