@@ -127,7 +127,8 @@ class Localisation:
         per_image: one row per image: ``image_id``, ``boxes``, ``hit``, ``mass``, ``centre_hit``,
             ``centre_mass``, ``box_share`` (the boxes' share of the image area), ``empty_map``.
         metrics: the means with 95% bootstrap intervals over images (``*_ci_low``,
-            ``*_ci_high``), and the number of images.
+            ``*_ci_high``), the map's paired difference from the centre baseline on the same
+            images (``*_vs_centre``, with their intervals), and the number of images.
     """
 
     per_image: pd.DataFrame
@@ -182,6 +183,10 @@ def score_heat_maps(
     values = {name: per_image[column].to_numpy(dtype=np.float64) for name, column in names.items()}
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, len(per_image), size=(n_resamples, len(per_image)))
+    # The map against the centre baseline on the same images and the same draws: a paired
+    # difference, whose interval is narrower than the two separate ones when they go together.
+    values["pointing_game_vs_centre"] = values["pointing_game"] - values["pointing_game_centre"]
+    values["heat_mass_in_boxes_vs_centre"] = values["heat_mass_in_boxes"] - values["heat_mass_in_boxes_centre"]
     for name, v in values.items():
         means = v[draws].mean(axis=1)
         metrics[name] = float(v.mean())

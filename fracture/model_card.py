@@ -45,12 +45,15 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _compared(low: float, high: float, baseline: float) -> str:
-    if low > baseline:
-        return "lies above the centre baseline"
-    if high < baseline:
-        return "lies below the centre baseline: the image centre points better"
-    return "includes the centre baseline: the map points no better than the image centre"
+def _compared(m: dict[str, float], name: str, what: str) -> str:
+    """The map against the centre baseline, read from their paired difference on the same images."""
+    difference, low, high = m[f"{name}_vs_centre"], m[f"{name}_vs_centre_ci_low"], m[f"{name}_vs_centre_ci_high"]
+    paired = f"the map minus the centre on the same images: {difference:+.3f} (95% CI {low:+.3f} to {high:+.3f})"
+    if low > 0:
+        return f"{paired}, so the map {what} better than the image centre"
+    if high < 0:
+        return f"{paired}, so the image centre {what} better than the map"
+    return f"{paired}, so the map {what} no better than the image centre"
 
 
 def _localisation_lines(m: dict[str, float]) -> list[str]:
@@ -65,12 +68,11 @@ def _localisation_lines(m: dict[str, float]) -> list[str]:
         "FracAtlas fracture boxes:",
         f"- Pointing game (the map's maximum inside a fracture box): {m['pointing_game']:.3f} (95% CI "
         f"{m['pointing_game_ci_low']:.3f}–{m['pointing_game_ci_high']:.3f}); the image centre as the point: "
-        f"{m['pointing_game_centre']:.3f}. The interval "
-        f"{_compared(m['pointing_game_ci_low'], m['pointing_game_ci_high'], m['pointing_game_centre'])}.",
+        f"{m['pointing_game_centre']:.3f}; {_compared(m, 'pointing_game', 'points')}.",
         f"- Share of the map inside the boxes: {m['heat_mass_in_boxes']:.3f} (95% CI "
         f"{m['heat_mass_in_boxes_ci_low']:.3f}–{m['heat_mass_in_boxes_ci_high']:.3f}); a Gaussian on the image "
-        f"centre: {m['heat_mass_in_boxes_centre']:.3f}; a uniform map (the boxes' share of the image): "
-        f"{m['box_area_share']:.3f}.",
+        f"centre: {m['heat_mass_in_boxes_centre']:.3f}; {_compared(m, 'heat_mass_in_boxes', 'covers the boxes')}; "
+        f"a uniform map (the boxes' share of the image): {m['box_area_share']:.3f}.",
         "- Read the overlay as where the score came from, not as a fracture outline: boxes are small "
         f"(on average {m['box_area_share']:.1%} of the image), and the map is as coarse as the "
         "network's last feature map.",

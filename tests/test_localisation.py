@@ -91,12 +91,32 @@ def test_box_file_errors_name_the_file_and_the_fix(tmp_path):
         read_coco_boxes(bad)
 
 
+def test_the_map_is_compared_with_the_centre_image_by_image():
+    """On the same images, a map that hits wherever the centre hits, and on a few more, is
+    better by a paired interval that excludes 0, though the two separate intervals overlap."""
+    central = ImageBoxes((100, 80), np.array([[40.0, 30.0, 60.0, 50.0]]))
+    items = [(f"c{k}", central) for k in range(15)] + [(f"e{k}", CORNER) for k in range(35)]
+    heat = {f"c{k}": peak_at(50, 40) for k in range(15)} | {f"e{k}": peak_at(20, 15) if k < 5 else peak_at(80, 60)
+                                                              for k in range(35)}
+    m = score_heat_maps(items, lambda image_id, _: heat[image_id], n_resamples=500).metrics
+    assert m["pointing_game"] == pytest.approx(0.4) and m["pointing_game_centre"] == pytest.approx(0.3)
+    assert m["pointing_game_ci_low"] < m["pointing_game_centre"]  # the separate interval holds the baseline
+    assert m["pointing_game_vs_centre"] == pytest.approx(0.1) and m["pointing_game_vs_centre_ci_low"] > 0
+    assert "so the map points better than the image centre" in "\n".join(_localisation_lines(m))
+
+
 def test_model_card_says_whether_the_map_beats_the_centre():
     m = {"localised_images": 80, "pointing_game": 0.5, "pointing_game_ci_low": 0.4, "pointing_game_ci_high": 0.6,
-         "pointing_game_centre": 0.2, "heat_mass_in_boxes": 0.1, "heat_mass_in_boxes_ci_low": 0.08,
-         "heat_mass_in_boxes_ci_high": 0.12, "heat_mass_in_boxes_centre": 0.05, "box_area_share": 0.03}
+         "pointing_game_centre": 0.2, "pointing_game_vs_centre": 0.3, "pointing_game_vs_centre_ci_low": 0.15,
+         "pointing_game_vs_centre_ci_high": 0.45, "heat_mass_in_boxes": 0.1, "heat_mass_in_boxes_ci_low": 0.08,
+         "heat_mass_in_boxes_ci_high": 0.12, "heat_mass_in_boxes_centre": 0.05, "heat_mass_in_boxes_vs_centre": 0.05,
+         "heat_mass_in_boxes_vs_centre_ci_low": -0.01, "heat_mass_in_boxes_vs_centre_ci_high": 0.1,
+         "box_area_share": 0.03}
     text = "\n".join(_localisation_lines(m))
-    assert "80 fractured test images" in text and "The interval lies above the centre baseline." in text
-    assert "includes the centre baseline" in "\n".join(_localisation_lines(m | {"pointing_game_centre": 0.45}))
-    assert "lies below" in "\n".join(_localisation_lines(m | {"pointing_game_centre": 0.7}))
+    assert "80 fractured test images" in text
+    assert "the map minus the centre on the same images: +0.300 (95% CI +0.150 to +0.450), so the map points " \
+           "better than the image centre" in text
+    assert "so the map covers the boxes no better than the image centre" in text
+    worse = m | {"pointing_game_vs_centre_ci_low": -0.3, "pointing_game_vs_centre_ci_high": -0.1}
+    assert "so the image centre points better than the map" in "\n".join(_localisation_lines(worse))
     assert _localisation_lines({"roc_auc": 0.9}) == []
