@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -71,27 +72,38 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     return (FileNotFoundError, *loaded)
 
 
+def _later_rank() -> bool:
+    """Whether torchrun started this process as a rank other than 0 of a data-parallel run; rank 0
+    holds the project for them all (the ranks write nothing else: distributed.py)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("RANK", "0") != "0"
+
+
 @contextmanager
-def _stage(command: str, writes: bool = True) -> Iterator[tuple[Params, Workspace]]:
+def _stage(
+    command: str, writes: bool = True, outputs: str | None = None, target: str | None = None
+) -> Iterator[tuple[Params, Workspace]]:
     """Params and workspace for a command; a known error exits with a one-line message naming it.
 
     A command that ``writes`` the project holds it (:func:`fracture.project_lock.project_lock`)
-    for its run, so it never works under a retrain run or another such command.
+    for its run, so it never works under a retrain run or another such command. ``outputs`` is
+    the folder under ``outputs/`` it writes and ``target`` the DVC stage that checks them out
+    (default: ``command`` for both).
     """
     try:
-        with project_lock(Path("."), f"`fracture {command}`") if writes else nullcontext():
-            yield load_params(), Workspace(Path("."))
+        params = load_params()  # before the lock: outside a project this fails without writing anything
+        with project_lock(Path("."), f"`fracture {command}`") if writes and not _later_rank() else nullcontext():
+            yield params, Workspace(Path("."))
     except _known_errors() as exc:
         sys.exit(f"fracture {command}: {exc}")
     except OSError as exc:
         if exc.errno not in _WRITE_ERRORS:
             raise
         # A failed write() names no file; the stage's outputs folder is where it was writing.
-        where = exc.filename or f"its outputs in outputs/{command}/"
+        where = exc.filename or f"its outputs in outputs/{outputs or command}/"
         sys.exit(
             f"fracture {command}: could not write {where}: {exc.strerror}. Free disk space or fix the folder's "
             f"permissions, then run the stage again. Its previous outputs are in DVC's cache: "
-            f"`dvc checkout --force {command}` puts them back, and dvc.lock still describes them."
+            f"`dvc checkout --force {target or command}` puts them back, and dvc.lock still describes them."
         )
 
 
@@ -310,7 +322,7 @@ def detect_train() -> None:
     """Train the fracture detector on the classifier's backbone (detect/dvc.yaml, outside the main job)."""
     from fracture.stages.detect import run_detect_train
 
-    with _stage("detect") as (params, workspace):
+    with _stage("detect-train", outputs="detect", target="detect/dvc.yaml:detect_train") as (params, workspace):
         described = run_detect_train(params, workspace)
     print(
         f"detector ({described['architecture']} on {described['backbone']}, {described['image_size']} px): best val "
@@ -324,7 +336,7 @@ def detect_evaluate() -> None:
     """Score the detector on the test split once: COCO mAP with intervals, and its top box as a classifier."""
     from fracture.stages.detect import run_detect_evaluate
 
-    with _stage("detect") as (params, workspace):
+    with _stage("detect-evaluate", outputs="detect", target="detect/dvc.yaml:detect_evaluate") as (params, workspace):
         m = run_detect_evaluate(params, workspace)
     print(
         f"detector on {int(m['n_images'])} test images ({int(m['n_boxes'])} boxes): mAP@0.5 {m['map_50']:.4f} "
@@ -339,7 +351,7 @@ def detect_register() -> None:
     """Register the detector (detect.model_name); it becomes champion only if it passes its gate on mAP@0.5."""
     from fracture.stages.detect import run_detect_register
 
-    with _stage("detect") as (params, workspace):
+    with _stage("detect-register", outputs="detect", target="detect/dvc.yaml:detect_evaluate") as (params, workspace):
         registration = run_detect_register(params, workspace)
     print(registration.summary())
 

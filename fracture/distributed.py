@@ -219,7 +219,8 @@ class GlobalBatchLoss(torch.nn.Module):
         batch_weight = self.summed.weight[target].sum().detach().to(torch.float64)
         if self.context.distributed:
             dist.all_reduce(batch_weight)
-        return self.summed(logits, target) * (self.context.world_size / batch_weight).to(logits.dtype)
+        total = self.summed(logits, target)  # float32 under autocast too: PyTorch runs cross-entropy so
+        return total * (self.context.world_size / batch_weight).to(total.dtype)
 
 
 def from_main(value: T, context: Context) -> T:

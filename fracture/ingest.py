@@ -160,8 +160,7 @@ def verify_sha256sums(root: Path) -> int:
         return 0
     bad: list[str] = []
     count = 0
-    top = root.resolve()
-    for number, line in enumerate(sums.read_text(errors="replace").splitlines(), start=1):
+    for number, line in enumerate(sums.read_text(errors="surrogateescape").splitlines(), start=1):
         if not line.strip():
             continue
         entry = SHA256SUMS_LINE.fullmatch(line)
@@ -172,7 +171,8 @@ def verify_sha256sums(root: Path) -> int:
             )
         expected, rel = entry.group(1).lower(), entry.group(2)
         path = root / rel
-        if not path.resolve().is_relative_to(top):
+        # Judged as written: a listed file may be a link into another store, as the copy may hold.
+        if os.path.isabs(rel) or os.path.normpath(rel).split(os.sep)[0] == "..":
             raise IngestError(f"{sums}, line {number}: {rel!r} points outside {root}; only the copy's own files are checked")
         if not path.is_file():
             bad.append(f"{rel} (missing)")

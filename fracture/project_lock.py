@@ -35,7 +35,7 @@ class ProjectBusy(RuntimeError):
 
 
 def _held_here(path: Path, note: Path) -> bool:
-    """Whether this process or one of its parents holds the lock at ``path``."""
+    """Whether this process or one of its parents holds the lock at ``path`` (which is taken)."""
     held, _, token = os.environ.get(HELD_ENV, "").partition("\t")
     if held != str(path) or not token:
         return False
@@ -60,23 +60,24 @@ def project_lock(project: Path, holder: str) -> Iterator[None]:
     root = project.resolve()
     path = root / LOCK_FILE
     note = path.with_suffix(".json")
-    if _held_here(path, note):
-        yield
-        return
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(path))
     try:
         lock.acquire(timeout=0)
     except Timeout:
+        if _held_here(path, note):  # held by this process or a parent: its own work goes ahead
+            yield
+            return
         try:
             info = json.loads(note.read_text())
             who = f"{info['holder']}, process {info['pid']} on {info['host']}, started {info['started']}"
         except (OSError, ValueError, KeyError, TypeError):
             who = "its details are not written yet"
         raise ProjectBusy(
-            f"another run is working in {root} ({who}). This run stopped without changing anything; "
-            "run it again once that one has finished (scheduled runs wait for each other: schedule.concurrency_limit)"
+            f"another run is working in {root} ({who}). {holder} stopped without changing anything; run it "
+            "again once that one has finished (scheduled retrain runs queue for each other: schedule.concurrency_limit)"
         ) from None
+    # Taken: a note left by a holder that died (its children may still carry its token) is replaced.
     token = secrets.token_hex(16)
     before = os.environ.get(HELD_ENV)
     try:

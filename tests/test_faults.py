@@ -6,6 +6,7 @@ tracking server stopping in the middle of a registration.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -55,8 +56,8 @@ def test_a_run_on_a_busy_project_is_refused_before_it_changes_anything(project, 
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "holding"
         with pytest.raises(ProjectBusy, match=rf"another run is working in {project} \(flow run "
-                                               rf"\(outside Prefect\), process {holder.pid} on .*This run stopped "
-                                               r"without changing anything"):
+                                               rf"\(outside Prefect\), process {holder.pid} on .*\)\. flow run .* "
+                                               r"stopped without changing anything"):
             retrain(project_dir=str(project), source=str(subset_source))
         # Nothing was touched: no data, no lock file of DVC's, params.yaml as it was.
         assert not (project / "data").exists() and not (project / "dvc.lock").exists()
@@ -110,6 +111,44 @@ def test_a_command_typed_while_a_run_holds_the_project_is_refused_and_the_runs_o
     assert HELD_ENV not in os.environ
     again = subprocess.run(ingest, cwd=project, capture_output=True, text=True, env=child_env(), check=False)
     assert again.returncode == 0, again.stderr
+
+
+def test_a_holder_killed_leaves_no_hold_to_its_children_and_torchrun_ranks_follow_rank_zero(project, monkeypatch):
+    """A child still carrying a killed holder's token takes the lock itself (a new writer can no
+    longer slip in beside it); ranks 1 and up of a torchrun'd command do not contend for the
+    lock rank 0 holds for them."""
+    from fracture import cli
+
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(project)], stdout=subprocess.PIPE, text=True,
+                              env=child_env(), start_new_session=True)
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "holding"
+    note = (project / LOCK_FILE).with_suffix(".json")
+    token = json.loads(note.read_text())["token"]
+    monkeypatch.chdir(project)
+    try:
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("RANK", "1")
+        with cli._stage("train") as (params, _):  # rank 1 under a held project: no refusal
+            assert params.train.profile == "cpu"
+        monkeypatch.setenv("RANK", "0")
+        with pytest.raises(SystemExit, match="fracture train: another run is working in"), cli._stage("train"):
+            pass
+    finally:
+        os.killpg(holder.pid, signal.SIGKILL)
+        holder.wait()
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.delenv("RANK")
+    assert json.loads(note.read_text())["token"] == token  # the killed holder's note is still there
+    monkeypatch.setenv(HELD_ENV, f"{(project / LOCK_FILE).resolve()}\t{token}")
+    with cli._stage("ingest"):
+        # Not a pass on the old token: this command holds the lock now, under a note of its own.
+        mine = json.loads(note.read_text())
+        assert mine["holder"] == "`fracture ingest`" and mine["pid"] == os.getpid() and mine["token"] != token
+        stranger = child_env()
+        stranger.pop(HELD_ENV, None)
+        busy = subprocess.run([sys.executable, "-m", "fracture.cli", "ingest"], cwd=project, capture_output=True,
+                              text=True, env=stranger, check=False)
+        assert busy.returncode == 1 and "another run is working in" in busy.stderr
 
 
 @pytest.mark.integration

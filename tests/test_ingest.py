@@ -91,6 +91,12 @@ def test_a_malformed_checksum_file_is_refused_naming_its_line(dataset, tmp_path,
     assert not (tmp_path / "bad").exists()
     (dataset / "SHA256SUMS").write_text(f"{good}\n")  # upper-case hex and the binary marker are sha256sum's too
     assert ingest(iparams, tmp_path / "ok", str(dataset)).checksums_verified == 1
+    # A listed file that is a link into another store is the copy's own file, as written.
+    store = tmp_path / "store"
+    store.mkdir()
+    first.rename(store / first.name)
+    first.symlink_to(store / first.name)
+    assert ingest(iparams, tmp_path / "linked", str(dataset)).checksums_verified == 1
 
 
 def test_wrong_layout_and_missing_source_say_what_to_do(tmp_path, iparams):
