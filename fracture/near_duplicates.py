@@ -184,9 +184,10 @@ def near_duplicate_pairs(
         others = others[(others != i) & ((rows[others] > rows[i]) | (others < i))]
         r = top[others] @ top[i] / top.shape[1]
         keep(np.minimum(others, i), np.maximum(others, i), r)
-    a, b, r = (np.concatenate(x) if x else np.zeros(0) for x in (found_a, found_b, found_r))
+    a, b = (np.concatenate(x) if x else np.zeros(0, dtype=np.int64) for x in (found_a, found_b))
+    r = np.concatenate(found_r) if found_r else np.zeros(0)
     ids = np.asarray(ids)
-    pairs = pd.DataFrame({"image_id_a": ids[a.astype(int)], "image_id_b": ids[b.astype(int)], "correlation": r.astype(float)})
+    pairs = pd.DataFrame({"image_id_a": ids[a], "image_id_b": ids[b], "correlation": r})
     return pairs.sort_values(["correlation", "image_id_a"], ascending=[False, True]).reset_index(drop=True)
 
 
