@@ -68,6 +68,7 @@ bench: venv
 	$(PY) -m bench.cache_vs_decode --data "$(BENCH_DATA)"
 	$(PY) -m bench.train_loop
 	$(PY) -m bench.consumer_inference --data "$(BENCH_DATA)"
+	$(PY) -m bench.dicom_display
 	$(PY) -m bench.serving_latency --data "$(BENCH_DATA)"
 	$(PY) -m bench.orchestration --data "$(BENCH_DATA)"
 	@if [ -f outputs/evaluate/metrics.json ]; then $(PY) -m bench.noop_run --source "$(BENCH_DATA)" && \

@@ -196,8 +196,26 @@ def to_display(ds: Dataset) -> np.ndarray:
         raise DicomRejected(f"has pixel data that cannot be decoded (transfer syntax {name}): {exc}") from exc
     if str(ds.PhotometricInterpretation) == "RGB":
         return np.ascontiguousarray(pixels.astype(np.uint8))
-    values = apply_modality_lut(pixels, ds)
-    low, high = voi_range(ds, values)
+    if pixels.dtype.kind not in "iu":
+        return _display_values(pixels, ds, pixels)
+    # Stored values are integers: the pipeline runs once per level between the image's minimum
+    # and maximum (at most 65,536 of them), and the image is read through that table. The
+    # same values as running it on every pixel, without the per-pixel float64 copies (measured
+    # on a 20-megapixel detector image: 610 MB allocated per pixel, 153 MB per level;
+    # bench/dicom_display.py).
+    low, high = int(pixels.min()), int(pixels.max())
+    levels = np.arange(low, high + 1).astype(pixels.dtype)
+    offsets = pixels.astype(np.int32) - low if pixels.dtype.itemsize < 4 else (pixels - low).astype(np.int64)
+    present = np.zeros(len(levels), dtype=bool)
+    present[offsets.ravel()] = True
+    return _display_values(levels, ds, levels[present])[offsets]
+
+
+def _display_values(stored: np.ndarray, ds: Dataset, in_image: np.ndarray) -> np.ndarray:
+    """The display pipeline on stored values; ``in_image``: the stored values the image holds
+    (the range a VOI transform without window or LUT maps onto is theirs)."""
+    values = apply_modality_lut(stored, ds)
+    low, high = voi_range(ds, apply_modality_lut(in_image, ds))
     values = _apply_voi(values, ds).astype(np.float64)
     # A negative Rescale Slope reverses the window's output range (high below low): it maps as it is.
     scaled = (values - low) / (high - low) if high != low else np.zeros_like(values)

@@ -5,13 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
 
 from fracture.decoding import open_xray
-from fracture.dicom import DicomRejected, dicom_to_image
+from fracture.dicom import DicomRejected, _display_values, dicom_to_image, to_display
 from fracture.intake import InputPolicy, InputRejected, read_xray
 from tests.conftest import require_fracatlas
 from tests.dicom_files import (
     ENCODINGS,
+    _dataset,
     dicom_from_jpeg,
     encapsulated_pdf,
     grey_pixels,
@@ -156,3 +159,28 @@ def test_dicom_dimensions_are_checked_from_the_header(xrays):
         read_xray(dicom_from_jpeg(xrays[0], "16-bit"), InputPolicy(max_side=1000))
     with pytest.raises(InputRejected, match=r"declares 1152 x 1440 px \(2 megapixels\)"):
         read_xray(dicom_from_jpeg(xrays[0], "16-bit"), InputPolicy(max_pixels=1_000_000))
+
+
+@pytest.mark.parametrize(
+    "kind", ["window and rescale", "signed with a negative slope", "MONOCHROME1 VOI LUT", "no window"]
+)
+def test_the_per_level_table_gives_the_per_pixel_pipelines_values(kind):
+    rng = np.random.default_rng(1)
+    ds = _dataset()
+    if kind == "window and rescale":
+        ds.set_pixel_data(rng.integers(0, 4096, (60, 50), dtype=np.uint16), "MONOCHROME2", 12)
+        ds.RescaleSlope, ds.RescaleIntercept, ds.WindowCenter, ds.WindowWidth = 1, -1024, 900, 3000
+    elif kind == "signed with a negative slope":
+        ds.set_pixel_data(rng.integers(-20000, 20000, (60, 50), dtype=np.int16), "MONOCHROME2", 16)
+        ds.RescaleSlope, ds.RescaleIntercept, ds.WindowCenter, ds.WindowWidth = -0.5, 100, 0, 15000
+    elif kind == "MONOCHROME1 VOI LUT":
+        ds.set_pixel_data(rng.integers(0, 4096, (60, 50), dtype=np.uint16), "MONOCHROME1", 12)
+        item = Dataset()
+        item.LUTDescriptor, item.LUTData = [4096, 0, 16], [v * 16 for v in range(4096)]
+        item["LUTData"].VR = "US"
+        ds.VOILUTSequence = Sequence([item])
+    else:
+        ds.set_pixel_data(rng.integers(300, 3000, (60, 50), dtype=np.uint16), "MONOCHROME2", 12)
+    ds = dcmread(__import__("io").BytesIO(to_bytes(ds)))
+    pixels = ds.pixel_array
+    np.testing.assert_array_equal(to_display(ds), _display_values(pixels, ds, pixels))
