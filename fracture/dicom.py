@@ -34,11 +34,13 @@ from collections.abc import Iterable
 
 import numpy as np
 from PIL import Image
-from pydicom import dcmread
+from pydicom import dcmread, uid
 from pydicom.dataset import Dataset
+from pydicom.encaps import generate_frames
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
+from pydicom.valuerep import VR
 
 #: Modalities of plain radiographs: computed and digital radiography, radiographic imaging
 #: (conventional film/screen) and X-ray angiography.
@@ -61,6 +63,28 @@ FOR_PROCESSING = {
     "1.2.840.10008.5.1.4.1.1.1.2.1": "Digital Mammography X-Ray Image Storage - For Processing",
     "1.2.840.10008.5.1.4.1.1.1.3.1": "Digital Intra-Oral X-Ray Image Storage - For Processing",
 }
+#: Transfer syntaxes whose frames are JPEG, JPEG-LS or JPEG 2000 codestreams: each ends with the
+#: marker FF D9 (End of Image; JPEG 2000's End of Codestream), so a frame without it is cut short.
+MARKED_END = frozenset(
+    {
+        uid.JPEGBaseline8Bit,
+        uid.JPEGExtended12Bit,
+        uid.JPEGLossless,
+        uid.JPEGLosslessSV1,
+        uid.JPEGLSLossless,
+        uid.JPEGLSNearLossless,
+        uid.JPEG2000Lossless,
+        uid.JPEG2000,
+        uid.HTJ2KLossless,
+        uid.HTJ2KLosslessRPCL,
+        uid.HTJ2K,
+    }
+)
+#: Group numbers a dataset written without the Part 10 preamble starts with: its file meta
+#: information (0002), or, in files older than Part 10, the first data element (0008).
+_RAW_START_GROUPS = (b"\x02\x00", b"\x08\x00")
+#: The two-letter value representations of explicit VR encoding.
+_VRS = frozenset(v.value.encode() for v in VR if len(v.value) == 2)
 #: Tags every image must hold for its pixels to be read, by keyword.
 PIXEL_TAGS = ("Rows", "Columns", "BitsAllocated", "BitsStored", "PixelRepresentation", "PhotometricInterpretation")
 
@@ -73,20 +97,86 @@ class DicomRejected(ValueError):
 
 
 def is_dicom(data: bytes) -> bool:
-    """True when ``data`` starts like a DICOM Part 10 file (128-byte preamble, then ``DICM``)."""
-    return len(data) >= 132 and data[128:132] == b"DICM"
+    """True when ``data`` starts like a DICOM file.
+
+    That is a Part 10 file (128-byte preamble, then ``DICM``), or a little-endian dataset
+    written without the preamble, as some PACS exports and older (ACR-NEMA era) archives hold
+    them (:func:`_is_raw_dataset`; big-endian ones are not recognised). ``data`` needs only the
+    file's first 132 bytes.
+    """
+    if len(data) >= 132 and data[128:132] == b"DICM":
+        return True
+    return _is_raw_dataset(data)
+
+
+def _is_raw_dataset(data: bytes) -> bool:
+    """A little-endian dataset without the preamble: its first element, read as explicit VR
+    (a VR the standard defines), or as implicit VR (group 0008 only: file meta information is
+    always explicit) whose even-length value lies inside ``data`` and is followed, where
+    ``data`` reaches that far, by an element of the same group with a higher number."""
+    if len(data) < 8 or data[:2] not in _RAW_START_GROUPS:
+        return False
+    if data[4:6] in _VRS:
+        return True
+    if data[:2] != b"\x08\x00":
+        return False
+    length = int.from_bytes(data[4:8], "little")
+    if length % 2 or length > len(data) - 8:
+        return False
+    after = data[8 + length : 12 + length]
+    if len(after) < 4:
+        return True
+    return after[:2] == b"\x08\x00" and int.from_bytes(after[2:4], "little") > int.from_bytes(data[2:4], "little")
 
 
 def read_header(data: bytes) -> Dataset:
-    """Parses a DICOM file without decoding its pixels.
+    """Parses a DICOM file without decoding its pixels (with or without the Part 10 preamble).
 
     Raises:
         DicomRejected: the bytes are not a readable DICOM file.
     """
     try:
-        return dcmread(io.BytesIO(data))
+        # force: a dataset without the preamble (is_dicom has already told it from other files).
+        ds = dcmread(io.BytesIO(data), force=data[128:132] != b"DICM")
     except (InvalidDicomError, EOFError, ValueError, KeyError, OSError) as exc:
         raise DicomRejected(f"is not a readable DICOM file ({type(exc).__name__})") from exc
+    if "TransferSyntaxUID" not in ds.file_meta:
+        # A dataset without file meta information is uncompressed (an encapsulated one cannot be
+        # read without it); its transfer syntax is the encoding pydicom found it in.
+        implicit, little = ds.original_encoding
+        ds.file_meta.TransferSyntaxUID = (
+            uid.ImplicitVRLittleEndian if implicit else uid.ExplicitVRLittleEndian if little else uid.ExplicitVRBigEndian
+        )
+    return ds
+
+
+def check_complete(ds: Dataset) -> None:
+    """Checks that compressed pixel data is whole: its frame ends with the codestream's end marker.
+
+    pydicom hands a JPEG frame that stops early to pylibjpeg, which decodes it without complaint
+    and fills the rows past the end with whatever the decoder left there. Such a file can be
+    neither scored nor trained on as it stands, whatever ``on_truncated`` says for a JPEG file
+    (whose missing rows Pillow fills with grey, the same in training and serving).
+
+    Raises:
+        DicomRejected: the frame of a JPEG, JPEG-LS or JPEG 2000 transfer syntax lacks its end marker.
+    """
+    syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    if syntax not in MARKED_END or "PixelData" not in ds:
+        return
+    try:
+        frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    except (StopIteration, ValueError, KeyError) as exc:
+        raise DicomRejected(f"has compressed pixel data ({syntax.name}) whose fragments cannot be read: {exc}") from exc
+    # The marker ends the codestream; encoders pad a frame to even length (00), and some write
+    # fill bytes (FF) or a few bytes of their own after it. Inside the coded data FF D9 cannot
+    # occur (JPEG stuffs FF as FF 00; JPEG 2000 forbids FF followed by a byte above 8F), so the
+    # marker among the last bytes means the codestream is whole.
+    if b"\xff\xd9" not in frame.rstrip(b"\x00\xff")[-16:]:
+        raise DicomRejected(
+            f"has compressed pixel data ({syntax.name}) that ends early: the codestream stops before its end "
+            "marker, so the file is cut short (an interrupted transfer or export); send the complete file"
+        )
 
 
 def check_radiograph(ds: Dataset, modalities: Iterable[str] = RADIOGRAPHY) -> tuple[int, int]:
@@ -130,10 +220,13 @@ def check_radiograph(ds: Dataset, modalities: Iterable[str] = RADIOGRAPHY) -> tu
             "MONOCHROME1, MONOCHROME2 or 8-bit RGB radiographs"
         )
     width = ds.get("WindowWidth")
-    if width is not None and ds.get("VOILUTSequence") is None:
+    if width is not None and not ds.get("VOILUTSequence"):  # an empty sequence holds no LUT: the window applies
         first = float(width[0] if isinstance(width, MultiValue) else width)
         if first < 1:
             raise DicomRejected(f"has WindowWidth {first:g}; the standard requires at least 1 (PS3.3 C.11.2.1.2)")
+    slope = ds.get("RescaleSlope")
+    if slope is not None and not ds.get("ModalityLUTSequence") and float(slope) == 0:
+        raise DicomRejected("has RescaleSlope 0, which maps every pixel to one value; the header is corrupt")
     return int(ds.Columns), int(ds.Rows)
 
 
@@ -186,8 +279,10 @@ def to_display(ds: Dataset) -> np.ndarray:
     """Decodes a checked radiograph into 8-bit display values (H x W, or H x W x 3 for RGB).
 
     Raises:
-        DicomRejected: the pixel data cannot be decoded (a missing decoder names the package).
+        DicomRejected: the pixel data is cut short (:func:`check_complete`) or cannot be decoded
+            (a missing decoder names the package).
     """
+    check_complete(ds)
     try:
         pixels = ds.pixel_array
     except (ValueError, RuntimeError, NotImplementedError, AttributeError, OSError) as exc:

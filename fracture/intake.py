@@ -185,24 +185,32 @@ def _check_dimensions(width: int, height: int, policy: InputPolicy) -> None:
         )
 
 
+def _unreadable(part: str, exc: Exception) -> InputRejected:
+    """The refusal of a DICOM file pydicom fails on, with pydicom's own words (they name the
+    attribute: a VOI LUT descriptor, a value that does not parse), never a path."""
+    log.info("DICOM %s unreadable: %s: %s", part, type(exc).__name__, exc)
+    detail = " ".join(str(exc).split())[:200] or type(exc).__name__
+    return InputRejected(
+        f"is DICOM but its {part} cannot be read ({type(exc).__name__}: {detail}); send the file as the "
+        "modality or PACS wrote it"
+    )
+
+
 def _read_dicom(data: bytes, policy: InputPolicy) -> Xray:
-    unreadable = "is DICOM but its header or pixels cannot be read; send the file as the modality or PACS wrote it"
     try:
         ds = read_header(data)
         width, height = check_radiograph(ds, policy.modalities)
     except DicomRejected as exc:
         raise InputRejected(f"is DICOM but {exc}") from exc
     except Exception as exc:  # noqa: BLE001 - a malformed header (a missing Rows, a bad value) is this file's problem
-        log.info("DICOM header unreadable: %s: %s", type(exc).__name__, exc)
-        raise InputRejected(unreadable) from exc
+        raise _unreadable("header", exc) from exc
     _check_dimensions(width, height, policy)
     try:
         display = to_display(ds)
     except DicomRejected as exc:
         raise InputRejected(f"is DICOM but {exc}") from exc
     except Exception as exc:  # noqa: BLE001
-        log.info("DICOM pixels unreadable: %s: %s", type(exc).__name__, exc)
-        raise InputRejected(unreadable) from exc
+        raise _unreadable("pixel data", exc) from exc
     mode = f"{ds.PhotometricInterpretation} {int(ds.BitsStored)}-bit"
     return Xray(Image.fromarray(display), "DICOM", mode)
 

@@ -28,7 +28,8 @@ from fracture.serving import FracturePyfunc
 log = logging.getLogger(__name__)
 
 #: File endings read from a folder. Any other file is read when its first bytes say it is DICOM
-#: (the DICM marker at byte 128), JPEG or PNG: a PACS export's files often have no ending, or are
+#: (the DICM marker at byte 128, or a dataset without the preamble: :func:`fracture.dicom.is_dicom`),
+#: JPEG or PNG: a PACS export's files often have no ending, or are
 #: named after their SOP Instance UID (1.2.840....320). Hidden files and folders, and DICOMDIR
 #: indexes, are skipped.
 SUFFIXES = {".jpg", ".jpeg", ".png", ".dcm", ".dicom"}

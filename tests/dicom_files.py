@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image
+from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.sequence import Sequence
@@ -118,6 +119,36 @@ def dicom_from_jpeg(jpeg: Path, encoding: str, modality: str = "DX") -> bytes:
     else:
         raise ValueError(f"unknown encoding {encoding!r}; use one of {ENCODINGS}")
     return to_bytes(ds)
+
+
+def cut_short(jpeg: Path, keep: float = 1 / 3, trailer: bytes = b"") -> bytes:
+    """``jpeg`` encapsulated as JPEG baseline (see :func:`dicom_from_jpeg`), its stream cut to ``keep`` of its bytes.
+
+    As an interrupted transfer leaves it: the fragment ends without the JPEG's End of Image
+    marker. ``keep=1`` keeps the whole stream, followed by ``trailer`` (fill bytes some encoders
+    write after the marker).
+    """
+    ds = dcmread(io.BytesIO(dicom_from_jpeg(jpeg, "JPEG baseline")))
+    stream = jpeg.read_bytes()
+    ds.PixelData = encapsulate([stream[: int(len(stream) * keep)] + trailer])
+    return to_bytes(ds)
+
+
+def without_preamble(data: bytes, file_meta: bool = True) -> bytes:
+    """The same dataset written without the Part 10 preamble, as some PACS exports hold it.
+
+    ``file_meta=False`` drops the file meta information too and writes implicit VR little
+    endian, as a file from before Part 10 would be.
+    """
+    ds = dcmread(io.BytesIO(data))
+    ds.preamble = None
+    buf = io.BytesIO()
+    if file_meta:
+        ds.save_as(buf, enforce_file_format=False)
+    else:
+        del ds.file_meta
+        ds.save_as(buf, implicit_vr=True, little_endian=True)
+    return buf.getvalue()
 
 
 def multiframe(jpeg: Path) -> bytes:

@@ -9,17 +9,27 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
 from fracture.decoding import open_xray
-from fracture.dicom import DicomRejected, _display_values, dicom_to_image, to_display
+from fracture.dicom import (
+    DicomRejected,
+    _display_values,
+    dicom_to_image,
+    is_dicom,
+    to_display,
+)
 from fracture.intake import InputPolicy, InputRejected, read_xray
+from fracture.manifest import inspect_image
+from fracture.predict import collect
 from tests.conftest import require_fracatlas
 from tests.dicom_files import (
     ENCODINGS,
     _dataset,
+    cut_short,
     dicom_from_jpeg,
     encapsulated_pdf,
     grey_pixels,
     multiframe,
     to_bytes,
+    without_preamble,
 )
 
 
@@ -159,6 +169,82 @@ def test_dicom_dimensions_are_checked_from_the_header(xrays):
         read_xray(dicom_from_jpeg(xrays[0], "16-bit"), InputPolicy(max_side=1000))
     with pytest.raises(InputRejected, match=r"declares 1152 x 1440 px \(2 megapixels\)"):
         read_xray(dicom_from_jpeg(xrays[0], "16-bit"), InputPolicy(max_pixels=1_000_000))
+
+
+@pytest.mark.parametrize("truncated", ["score", "refuse"])
+def test_a_compressed_dicom_cut_short_is_refused_whatever_the_truncation_policy(xrays, tmp_path, truncated):
+    data = cut_short(xrays[0])
+    # pydicom's JPEG decoder returns a whole image for it: the rows past the cut are not the X-ray.
+    assert dcmread(__import__("io").BytesIO(data)).pixel_array.shape == grey_pixels(xrays[0]).shape
+    with pytest.raises(InputRejected, match="ends early.*send the complete file"):
+        read_xray(data, InputPolicy(truncated=truncated))
+    # Training lists it as undecodable, with the reason, rather than learning from those rows.
+    path = tmp_path / "cut.dcm"
+    path.write_bytes(data)
+    facts = inspect_image(str(path))
+    assert not facts.decodable
+    assert "ends early" in facts.error
+    # The complete stream is read, with fill bytes or a vendor's few bytes after its end marker too.
+    for trailer in (b"", b"\xff", b"\xff\xff\xff\x00", b"VENDOR\x00"):
+        whole = cut_short(xrays[0], keep=1, trailer=trailer)
+        assert np.asarray(read_xray(whole, InputPolicy()).image).shape == grey_pixels(xrays[0]).shape, trailer
+
+
+@pytest.mark.parametrize("file_meta", [True, False], ids=["file meta", "no file meta"])
+def test_a_dicom_file_without_the_preamble_is_read_and_found_in_a_folder(xrays, tmp_path, file_meta):
+    data = without_preamble(dicom_from_jpeg(xrays[0], "12-bit rescaled"), file_meta)
+    assert data[128:132] != b"DICM"
+    served = np.asarray(read_xray(data, InputPolicy()).image)
+    np.testing.assert_array_equal(served, grey_pixels(xrays[0]))
+    (tmp_path / "S1").mkdir()
+    (tmp_path / "S1" / "IM0001").write_bytes(data)  # no ending, as PACS exports name files
+    (tmp_path / "S1" / "notes.txt").write_text("not an image\n")
+    assert collect([tmp_path]) == [tmp_path / "S1" / "IM0001"]
+    np.testing.assert_array_equal(np.asarray(open_xray(tmp_path / "S1" / "IM0001", rgb=False)), served)
+
+
+def _nine_bit_voi_lut(ds):
+    item = Dataset()
+    item.LUTDescriptor = [4096, 0, 9]
+    item.LUTData = list(range(4096))
+    item["LUTData"].VR = "US"
+    ds.VOILUTSequence = Sequence([item])
+
+
+def _empty_voi_lut_and_window_width_0(ds):
+    ds.VOILUTSequence = Sequence([])
+    ds.WindowWidth = 0
+
+
+def _rescale_slope_0(ds):
+    ds.RescaleSlope = 0
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "message"),
+    [
+        (_nine_bit_voi_lut, r"pixel data cannot be read \(NotImplementedError: '9' bits per LUT entry"),
+        (_empty_voi_lut_and_window_width_0, "has WindowWidth 0; the standard requires at least 1"),
+        (_rescale_slope_0, "has RescaleSlope 0, which maps every pixel to one value"),
+    ],
+)
+def test_a_header_the_display_pipeline_cannot_use_is_refused_naming_what_is_wrong(xrays, corrupt, message):
+    ds = dcmread(__import__("io").BytesIO(dicom_from_jpeg(xrays[0], "12-bit rescaled")))
+    corrupt(ds)
+    with pytest.raises(InputRejected, match=f"^is DICOM but .*{message}"):
+        read_xray(to_bytes(ds), InputPolicy())
+
+
+def test_files_that_only_start_like_a_dataset_are_not_taken_for_dicom():
+    rng = np.random.default_rng(0)
+    # Raw 16-bit dumps and other binaries that happen to start with 08 00 or 02 00: only when
+    # the next bytes spell one of the standard's 34 VRs (about 1 in 2,000) do they pass.
+    taken = sum(
+        is_dicom(start + rng.integers(0, 256, 130, dtype=np.uint8).tobytes())
+        for start in (b"\x08\x00", b"\x02\x00")
+        for _ in range(500)
+    )
+    assert taken <= 3
 
 
 @pytest.mark.parametrize(
