@@ -195,7 +195,10 @@ def main() -> None:
     policy = model.config.input
     uploaded = st.file_uploader(
         "Choose an X-ray (JPG, JPEG, PNG or DICOM)",
-        type=["jpg", "jpeg", "png", "dcm", "dicom"],
+        # Any name: a PACS names DICOM files without an ending (IM0001) or after their UID
+        # (1.2.840....320), which a list of endings would refuse. The model's checks read the
+        # bytes and refuse what is not an X-ray, saying what to send.
+        type=None,
         help=(
             f"Up to {limit_mb} MB; 8-bit greyscale or RGB, or a single-frame DICOM radiograph "
             f"({', '.join(policy.modalities)}); sides between {policy.min_side} and {policy.max_side} px."

@@ -46,6 +46,7 @@ from fracture.serving import (
     _in_scoring_server,
     check_request,
     input_root,
+    on_input_index,
     read_row,
 )
 from fracture.vocabulary import CLASSES
@@ -133,4 +134,4 @@ class DetectorPyfunc(mlflow.pyfunc.PythonModel):
         if _in_scoring_server() and out["error"].ne("").any():
             # As the classifier's: an unscored row's score is null over HTTP, not a bare NaN.
             out["fracture_score"] = out["fracture_score"].astype(object).where(out["error"].eq(""), None)
-        return out
+        return on_input_index(out, model_input)

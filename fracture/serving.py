@@ -178,7 +178,9 @@ def read_row(
         data, what = read_path(i, str(path), root, policy), "the file at 'path'"
     elif isinstance(image, str):
         try:
-            data = base64.b64decode(image, validate=True)
+            # Encoders that wrap lines (base64.encodebytes, openssl base64, MIME) put newlines in
+            # the text; whitespace carries nothing, anything else that is not base64 is refused.
+            data = base64.b64decode("".join(image.split()), validate=True)
         except binascii.Error as exc:
             raise RowRefused(f"row {i}: 'image' is not base64 text; send the file's bytes base64-encoded") from exc
         what = "the image"
@@ -276,7 +278,20 @@ class FracturePyfunc(mlflow.pyfunc.PythonModel):
         if _in_scoring_server() and out["error"].ne("").any():
             # MLflow's server writes NaN as a bare NaN, which is not JSON; an unscored row gets null.
             out["fracture_probability"] = out["fracture_probability"].astype(object).where(out["error"].eq(""), None)
-        return out
+        return on_input_index(out, model_input)
+
+
+def on_input_index(out: pd.DataFrame, model_input: Any) -> pd.DataFrame:
+    """``out`` (one row per input row, in order) indexed as the request's rows were.
+
+    A consumer who scores a filtered manifest and assigns the result back
+    (``manifest.loc[rows.index, "p"] = model.predict(rows)["fracture_probability"]``) gets each
+    row's own answer; on a fresh 0..n-1 index pandas would align them to other rows. The
+    messages' "row N" counts rows by position, from 0.
+    """
+    if isinstance(model_input, pd.DataFrame) and len(model_input.index) == len(out):
+        out.index = model_input.index
+    return out
 
 
 def _in_scoring_server() -> bool:

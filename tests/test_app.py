@@ -326,7 +326,8 @@ def test_page_shows_the_registered_model_name_version_and_alias(monkeypatch, pag
     shown = " ".join(m.value for m in at.markdown)
     assert f"Model **{page_registry.name}**, version **1**, alias **@champion**" in shown
     assert f"decision threshold: {page_registry.threshold:.3f}" in shown
-    assert at.file_uploader[0].allowed_type == [".jpg", ".jpeg", ".png", ".dcm", ".dicom"]
+    # No list of endings: PACS files have none, or end in their UID's last number.
+    assert not at.file_uploader[0].allowed_type
     assert at.info[0].value.startswith("Upload an X-ray")
     # No detector registered in this store: the page says so and draws no boxes.
     assert "No detector at `fracture-detector@champion`: no boxes are drawn." in shown and not at.warning
@@ -515,7 +516,8 @@ def test_truncated_jpeg_is_scored_with_a_visible_note_as_every_consumer_scores_i
 def test_a_monochrome1_dicom_upload_scores_as_its_jpeg(monkeypatch, page_registry):
     jpeg = real_xray("Fractured")
     data = dicom_from_jpeg(jpeg, "MONOCHROME1 VOI LUT")
-    at = upload(page(monkeypatch, page_registry).run(), "study.dcm", data, "application/dicom")
+    # Named as a PACS names it, after its SOP Instance UID.
+    at = upload(page(monkeypatch, page_registry).run(), "1.2.840.113619.2.55.3.320", data, "application/dicom")
     assert not at.exception and not at.error and not at.warning
     assert "DICOM MONOCHROME1 12-bit" in captions(at)[0]
     expected = consumer_prediction(page_registry, png(Image.open(jpeg).convert("L")))

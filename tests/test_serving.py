@@ -177,6 +177,21 @@ def test_a_request_of_several_batches_answers_every_row_in_order(model):
         model.predict(pd.DataFrame(rows), params={"on_error": "raise"})
 
 
+def test_answers_keep_the_request_rows_index_and_wrapped_base64_is_read(model):
+    # A filtered manifest: its index is not 0..n-1. The answer for each row must land on that row.
+    xrays = [base64.encodebytes(p.read_bytes()).decode() for p in xray_paths()]  # wrapped at 76 columns
+    assert "\n" in xrays[0]
+    manifest = pd.DataFrame({"image": [xrays[0], "this is not base64!", xrays[1], xrays[0]]}, index=[10, 11, 12, 13])
+    rows = manifest.loc[[11, 12, 13]]
+    out = model.predict(rows)
+    assert list(out.index) == [11, 12, 13]
+    manifest["p"] = out["fracture_probability"]  # aligned by index, as pandas assigns
+    assert np.isnan(manifest.loc[10, "p"]) and np.isnan(manifest.loc[11, "p"])
+    alone = model.predict(pd.DataFrame({"image": [b64(p) for p in xray_paths()]}))["fracture_probability"]
+    np.testing.assert_allclose(manifest.loc[[12, 13], "p"], [alone[1], alone[0]], rtol=0, atol=1e-6)
+    assert out.loc[11, "error"].startswith("row 0: 'image' is not base64 text")
+
+
 def test_path_rows_are_refused_without_an_input_root(model):
     out = model.predict(pd.DataFrame({"path": [str(xray_paths()[0])]}))
     assert out["error"][0].startswith("row 0: 'path' input is switched off on this model; send the file's bytes")
