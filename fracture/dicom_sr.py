@@ -30,7 +30,8 @@ MANUFACTURER = "fracture (open-source research software)"
 
 
 def structured_report(
-    source: Dataset, probability: float, threshold: float, fractured: bool, model_name: str, model_version: str
+    source: Dataset, probability: float, threshold: float, fractured: bool, model_name: str, model_version: str,
+    *, series_uid: str | None = None, instance_number: int = 1, replaces: Dataset | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """The SR holding the model's answer for ``source``.
 
@@ -41,6 +42,11 @@ def structured_report(
         fractured: the label (``probability >= threshold``).
         model_name: the registered model's name.
         model_version: its registry version.
+        series_uid: the SR series it belongs to (one per study and scoring run, so a study's
+            reports from one run sit in one series); ``None``: a series of its own.
+        instance_number: its number within that series.
+        replaces: an earlier report of this run's for the same image, which this one
+            supersedes: it is listed in the Predecessor Documents Sequence.
     """
     source = _with_type2_attributes(source)
     algorithm = hd.sr.AlgorithmIdentification(name=model_name, version=model_version)
@@ -77,10 +83,11 @@ def structured_report(
     sr = hd.sr.Comprehensive3DSR(
         evidence=[source],
         content=report[0],
-        series_instance_uid=hd.UID(),
+        series_instance_uid=series_uid or hd.UID(),
         series_number=9901,
         sop_instance_uid=hd.UID(),
-        instance_number=1,
+        instance_number=instance_number,
+        previous_versions=[replaces] if replaces is not None else None,
         manufacturer=MANUFACTURER,
         is_complete=False,
         is_final=False,

@@ -10,10 +10,12 @@ and version, and the error (empty when it was scored).
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import pandas as pd
@@ -188,18 +190,24 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
     Rows that were not scored, or whose file is not DICOM, get an empty path. Each report is
     named after the source image's SOP Instance UID (``<uid>.sr.dcm``), or after its own when the
     source's is not a valid UID (a name that is not one could lead outside ``folder``), and never
-    replaces a report written in this call. A source the report cannot be made for (a header
+    replaces a report written in this call. A report an earlier call wrote there for the same
+    image is replaced, and the new one lists it as its predecessor (Predecessor Documents
+    Sequence), so a PACS holding both knows which is current. The reports of one study in one
+    call form one SR series, numbered in order. A source the report cannot be made for (a header
     without the study's UID, say) gets no report, its reason in the row's ``note``, and the other
     rows theirs.
     """
     from pydicom import dcmread  # noqa: PLC0415 - only --dicom-sr needs it here
-    from pydicom.uid import UID  # noqa: PLC0415
+    from pydicom.uid import UID, generate_uid  # noqa: PLC0415
 
     from fracture.dicom_sr import structured_report  # noqa: PLC0415
 
     folder.mkdir(parents=True, exist_ok=True)
     written: list[str] = []
     names: set[str] = set()
+    # One SR series per study in this call, its reports numbered in order.
+    series: dict[str, str] = {}
+    numbers: dict[str, int] = {}
     for index, (path, row) in enumerate(zip(files, table.itertuples(index=False), strict=True)):
         with path.open("rb") as fh:
             head = fh.read(132)
@@ -207,11 +215,20 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
             written.append("")
             continue
         try:
-            source = dcmread(path, stop_before_pixels=True)
+            source = dcmread(path, stop_before_pixels=True, force=True)  # is_dicom said it is DICOM, preamble or not
+            study = str(source.StudyInstanceUID)
+            uid = str(source.get("SOPInstanceUID", ""))
+            earlier = folder / f"{uid}.sr.dcm"
+            # A report an earlier run wrote for this image is superseded, and says so.
+            earlier_run = UID(uid).is_valid and earlier.name not in names and earlier.is_file()
+            replaces = _earlier_report(earlier) if earlier_run else None
             sr = structured_report(
                 source, float(row.fracture_probability), float(row.threshold), row.label == "fractured",
                 str(row.model), str(row.version),
+                series_uid=series.setdefault(study, generate_uid()), instance_number=numbers.get(study, 0) + 1,
+                replaces=replaces,
             )
+            numbers[study] = numbers.get(study, 0) + 1
         except (AttributeError, KeyError, ValueError, TypeError) as exc:
             reason = f"no structured report: {exc}"
             log.warning("%s: %s", path, reason)
@@ -219,10 +236,29 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
             table.iloc[index, table.columns.get_loc("note")] = "; ".join(filter(None, [note, reason]))
             written.append("")
             continue
-        uid = str(source.get("SOPInstanceUID", ""))
         name = f"{uid}.sr.dcm" if UID(uid).is_valid and f"{uid}.sr.dcm" not in names else f"{sr.SOPInstanceUID}.sr.dcm"
         names.add(name)
         target = folder / name
-        sr.save_as(target, enforce_file_format=True)
+        # Written beside and moved into place: a run stopped midway leaves the earlier report whole.
+        partial = target.with_name(f".{name}.partial")
+        sr.save_as(partial, enforce_file_format=True)
+        os.replace(partial, target)
         written.append(str(target))
     return written
+
+
+def _earlier_report(path: Path) -> Any:
+    """The report an earlier run left at ``path``, or ``None`` when it is not a readable DICOM file
+    (an empty or damaged file is then replaced without being named as the predecessor)."""
+    from pydicom import dcmread  # noqa: PLC0415
+    from pydicom.errors import InvalidDicomError  # noqa: PLC0415
+
+    try:
+        report = dcmread(path, stop_before_pixels=True)
+        report.SOPInstanceUID  # noqa: B018 - a predecessor is named by its UIDs
+        report.SeriesInstanceUID  # noqa: B018
+        report.StudyInstanceUID  # noqa: B018
+    except (InvalidDicomError, EOFError, OSError, AttributeError, ValueError, KeyError) as exc:
+        log.warning("%s: the earlier report cannot be read (%s); it is replaced without being named", path, exc)
+        return None
+    return report

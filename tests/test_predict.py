@@ -16,10 +16,11 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 from pydicom import dcmread
-from pydicom.uid import Comprehensive3DSRStorage
+from pydicom.uid import Comprehensive3DSRStorage, generate_uid
 
 from fracture.config import RegisterParams
 from fracture.gate import EvaluatedSplit
+from fracture.predict import write_structured_reports
 from fracture.registry import register
 from tests.conftest import require_fracatlas, untrained_model_files
 from tests.dicom_files import dicom_from_jpeg, encapsulated_pdf, multiframe
@@ -205,3 +206,37 @@ def test_batches_are_cut_to_the_rows_the_model_takes_in_one_request(registry, mo
     table = score_files(loaded, [image] * 5, batch_size=16, progress=False)
     assert requests == [2, 2, 1]
     assert (table["error"] == "").all() and table["fracture_probability"].notna().all()
+
+
+def test_a_studys_reports_form_one_series_and_a_rerun_names_the_report_it_replaces(fracatlas, tmp_path):
+    study_uid = generate_uid()
+    files = []
+    for n, name in enumerate(("Fractured/IMG0000019.jpg", "Non_fractured/IMG0000009.jpg")):
+        ds = dcmread(io.BytesIO(dicom_from_jpeg(fracatlas / "images" / name, "8-bit")))
+        ds.StudyInstanceUID = study_uid
+        files.append(tmp_path / f"IM000{n}")
+        ds.save_as(files[-1], enforce_file_format=True)
+
+    def table():
+        return pd.DataFrame({
+            "fracture_probability": [0.7, 0.2], "label": ["fractured", "not_fractured"], "threshold": 0.5,
+            "model": NAME, "version": "3", "error": "", "note": "",
+        })
+
+    first = [dcmread(p) for p in write_structured_reports(table(), files, tmp_path / "sr")]
+    assert first[0].SeriesInstanceUID == first[1].SeriesInstanceUID
+    assert [int(sr.InstanceNumber) for sr in first] == [1, 2]
+    assert "PredecessorDocumentsSequence" not in first[0]
+    # Scored again into the same folder: each report replaces the earlier one and names it.
+    again = [dcmread(p) for p in write_structured_reports(table(), files, tmp_path / "sr")]
+    assert sorted(p.name for p in (tmp_path / "sr").iterdir()) == sorted(f"{dcmread(f).SOPInstanceUID}.sr.dcm" for f in files)
+    for old, new in zip(first, again, strict=True):
+        assert new.SOPInstanceUID != old.SOPInstanceUID and new.SeriesInstanceUID != old.SeriesInstanceUID
+        before = new.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+        assert before.ReferencedSOPInstanceUID == old.SOPInstanceUID
+    # An earlier report that is damaged (empty here) is replaced without being named.
+    damaged = tmp_path / "sr" / f"{dcmread(files[0]).SOPInstanceUID}.sr.dcm"
+    damaged.write_bytes(b"")
+    third = [dcmread(p) for p in write_structured_reports(table(), files, tmp_path / "sr")]
+    assert "PredecessorDocumentsSequence" not in third[0] and "PredecessorDocumentsSequence" in third[1]
+    assert not list((tmp_path / "sr").glob(".*"))  # no partial file left
