@@ -11,7 +11,6 @@ them from the registry, runs the rules, loads the model back and moves the alias
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from sklearn.metrics import recall_score
 
 from fracture.config import DetectParams, RegisterParams
 from fracture.evaluation import PairedAUC, delong_paired
+from fracture.fingerprints import split_fingerprint
 
 
 class SplitTableError(ValueError):
@@ -87,15 +87,6 @@ class EvaluatedSplit:
             tuple(int(v) for v in frame.loc[paths.index, "label"]),
             allow_truncated,
         )
-
-
-def split_fingerprint(frame: pd.DataFrame) -> str:
-    """sha256 of the sorted ``image_id<TAB>label`` lines: the same images with the same labels.
-
-    Row order and path spelling do not matter; the image contents are covered by the data version.
-    """
-    lines = sorted(f"{i}\t{int(label)}" for i, label in zip(frame["image_id"], frame["label"], strict=True))
-    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
 @dataclass(frozen=True)

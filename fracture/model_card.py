@@ -162,7 +162,7 @@ def render_model_card(
 
 def version_description(
     architecture: str, profile: str, input_size: tuple[int, ...], aspect: str, metrics: dict[str, float],
-    run_id: str, data_version: str | None,
+    run_id: str, data_version: str | None, threshold_source: str | None = None,
 ) -> str:
     """The registered version's description, as the MLflow UI's registry page shows it: what the
     model is, its test figures with their intervals and the threshold, and where its card is.
@@ -175,6 +175,8 @@ def version_description(
         metrics: the run's metrics (the evaluate stage's ``test_*``, with ``_ci_low`` / ``_ci_high``).
         run_id: the training run, which holds the model card.
         data_version: the DVC version of the dataset.
+        threshold_source: how the evaluate stage chose the threshold (its run's ``threshold_source``
+            tag), or ``None`` when the run does not say.
     """
     m = metrics
 
@@ -194,7 +196,12 @@ def version_description(
             f"(DVC data version `{data_version or 'unversioned'}`).",
             f"Test split ({split}): ROC AUC {with_ci('roc_auc')}; sensitivity {with_ci('recall')}; "
             f"specificity {with_ci('specificity')}"
-            + (f"; at the decision threshold {threshold:.4f}, chosen on the validation split." if threshold is not None else "."),
+            + (
+                "."
+                if threshold is None
+                else f"; at the decision threshold {threshold:.4f}"
+                + (f" ({threshold_source})." if threshold_source else ".")
+            ),
             f"Model card: artifact `evaluation/model_card.md` of run `{run_id}`. Decision support for a trained "
             "reader, not a diagnosis; not for clinical use.",
         ]

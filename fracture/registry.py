@@ -154,6 +154,14 @@ class Rollback:
     previous_champion: str | None
 
 
+class _ChampionMoved(Exception):
+    """Another registration moved ``champion`` after this one decided against the old champion."""
+
+    def __init__(self, latest: ModelVersion | None) -> None:
+        super().__init__(f"champion is now version {_version_of(latest)}")
+        self.latest = latest
+
+
 @dataclass(frozen=True)
 class _Outcome:
     """What the gate decided for a version, before the aliases are read back.
@@ -217,13 +225,22 @@ def register(
     run = client.get_run(run_id)
     metrics = dict(run.data.metrics)
     _required_metrics(metrics, run_id, params)
+    evaluated_on = run.data.tags.get(TAG_SPLIT)
+    if evaluated_on and evaluated_on != split.fingerprint:
+        raise RegistryError(
+            f"run {run_id} was evaluated on another test split than the one given (fingerprint "
+            f"{split.fingerprint[:12]}, the run's {evaluated_on[:12]}: outputs/split/test.csv changed since its "
+            "evaluate stage ran); its test figures are not this "
+            "split's, and the gate would score it on images it may have been trained on. Reproduce the "
+            "pipeline (dvc repro) so that split, train and evaluate agree, then register"
+        )
 
     mv, created = _ensure_version(
         client, params.model_name, run, lambda: log_pyfunc(run_id, weights, config),
         lambda: version_description(
             config.architecture, str(config.extra.get("profile") or run.data.tags.get("profile") or "unknown"),
             config.data_config.input_size, config.data_config.aspect, metrics, run_id,
-            run.data.tags.get("data_version") or None,
+            run.data.tags.get("data_version") or None, run.data.tags.get("threshold_source") or None,
         ),
     )
     mv = _record_provenance(client, mv, created, _provenance_tags(run, config, split))
@@ -249,7 +266,15 @@ def register(
         outcome = decided
         if outcome.comparison is not None:
             _tag_version(client, params.model_name, str(mv.version), outcome.comparison.tags())
-        _apply(client, mv, current, outcome)
+        try:
+            _apply(client, mv, current, outcome)
+        except _ChampionMoved as moved:
+            log.warning(
+                "%s: champion moved from version %s to %s while version %s was being promoted; scoring it against "
+                "the new one", params.model_name, _version_of(current), _version_of(moved.latest), mv.version,
+            )
+            current = moved.latest
+            outcome = _held_back(mv, current)
     if outcome.decision == "unchanged" and _version_of(current) == str(mv.version):
         _restore_previous(client, mv)
     return _registration(
@@ -379,17 +404,31 @@ def _apply(client: MlflowClient, mv: ModelVersion, current: ModelVersion | None,
 def _promote(client: MlflowClient, mv: ModelVersion, current: ModelVersion | None, reason: str) -> None:
     """Moves ``champion`` to the version and ``previous-champion`` to the version it replaces."""
     name, version = mv.name, str(mv.version)
-    # The version it replaces is recorded first and champion moved next: a run stopped between
-    # the two alias moves leaves the old previous-champion in place, and registering the run
-    # again restores previous-champion from the record (_restore_previous).
+    # Everything about the decision is written before champion moves, and previous-champion
+    # after it: a run stopped at any point leaves champion either where it was or on a version
+    # that carries its decision and the version it replaced, and registering the run again
+    # (already champion) restores previous-champion from that record (_restore_previous).
+    tags = {TAG_DECISION: "promoted", TAG_REASON: reason}
     if current is not None:
-        _tag_version(client, name, version, {TAG_REPLACED: current.version})
+        tags[TAG_REPLACED] = current.version
+    elif TAG_REPLACED in mv.tags:
+        client.delete_model_version_tag(name, version, TAG_REPLACED)  # from a promotion that did not land
+    _tag_version(client, name, version, tags)
+    # MLflow has no compare-and-set for aliases: the champion is read once more right before it
+    # moves, so another registration's promotion since the decision is seen, not overwritten.
+    latest = _alias(client, name, CHAMPION)
+    if _version_of(latest) != _version_of(current):
+        # Nothing of this promotion stays: the version is decided again against the new champion.
+        if current is not None:
+            client.delete_model_version_tag(name, version, TAG_REPLACED)
+        moved = f"champion moved to version {_version_of(latest)} while this version was promoted; scored again"
+        _tag_version(client, name, version, {TAG_DECISION: "pending", TAG_REASON: moved})
+        raise _ChampionMoved(latest)
+    if CHALLENGER in mv.aliases:
+        client.delete_registered_model_alias(name, CHALLENGER)
     client.set_registered_model_alias(name, CHAMPION, version)
     if current is not None:
         client.set_registered_model_alias(name, PREVIOUS_CHAMPION, current.version)
-    if CHALLENGER in mv.aliases:
-        client.delete_registered_model_alias(name, CHALLENGER)
-    _tag_version(client, name, version, {TAG_DECISION: "promoted", TAG_REASON: reason})
     log.info("%s version %s is champion: %s", name, version, reason)
 
 
@@ -496,28 +535,42 @@ def rollback(name: str, client: MlflowClient | None = None) -> Rollback:
     if current is None:
         raise RegistryError(f"registered model '{name}' has no '{CHAMPION}' alias: nothing to roll back")
     previous = _alias(client, name, PREVIOUS_CHAMPION)
+    if previous is not None and str(previous.version) == str(current.version):
+        # A rollback stopped after champion moved back: finish it rather than step further.
+        demoted = client.search_model_versions(f"name = '{name}' and tags.rolled_back_to = '{current.version}'")
+        if demoted:
+            last = max(demoted, key=lambda v: (v.tags.get(TAG_ROLLED_BACK, ""), int(v.version)))
+            log.warning("%s: finishing the rollback from version %s to %s that was stopped", name, last.version, current.version)
+            return _finish_rollback(client, name, str(last.version), current)
     if previous is None or str(previous.version) == str(current.version):
         raise RegistryError(
             f"registered model '{name}' has no '{PREVIOUS_CHAMPION}' to roll back to (champion is version "
             f"{current.version}); to choose a version by hand: "
             f"MlflowClient().set_registered_model_alias('{name}', '{CHAMPION}', <version>)"
         )
-    client.set_registered_model_alias(name, CHAMPION, previous.version)
+    # The demoted version is tagged before champion leaves it: a rollback stopped at any point
+    # leaves no untagged version that a later registration of its run would promote again.
     _tag_version(
         client,
         name,
         current.version,
         {TAG_ROLLED_BACK: datetime.now(timezone.utc).isoformat(timespec="seconds"), "rolled_back_to": previous.version},
     )
+    client.set_registered_model_alias(name, CHAMPION, previous.version)
+    return _finish_rollback(client, name, str(current.version), previous)
+
+
+def _finish_rollback(client: MlflowClient, name: str, demoted: str, previous: ModelVersion) -> Rollback:
+    """Moves ``previous-champion`` one step back from the restored champion ``previous``."""
     before = previous.tags.get(TAG_REPLACED)
-    if before and before != str(current.version) and _exists(client, name, before):
+    if before and before != demoted and _exists(client, name, before):
         client.set_registered_model_alias(name, PREVIOUS_CHAMPION, before)
         new_previous: str | None = before
     else:
         client.delete_registered_model_alias(name, PREVIOUS_CHAMPION)
         new_previous = None
-    log.info("%s: champion rolled back from version %s to %s", name, current.version, previous.version)
-    return Rollback(name, str(current.version), str(previous.version), new_previous)
+    log.info("%s: champion rolled back from version %s to %s", name, demoted, previous.version)
+    return Rollback(name, demoted, str(previous.version), new_previous)
 
 
 # --- registry helpers -----------------------------------------------------------------------------
@@ -555,10 +608,21 @@ def _tag_version(client: MlflowClient, name: str, version: str, tags: dict[str, 
 
 
 def _alias(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
+    """The version ``alias`` points at, or ``None`` when the model or the alias does not exist.
+
+    Any other error (the tracking server down or overloaded) is raised, never read as "no
+    champion": a version judged against no champion would be promoted without a comparison.
+    The registered model's alias map tells a missing alias apart, which the by-alias lookup
+    does not (its error code is the one a malformed request gets).
+    """
     try:
-        return client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
+        aliases = client.get_registered_model(name).aliases
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    version = aliases.get(alias)
+    return None if version is None else client.get_model_version(name, str(version))
 
 
 def _exists(client: MlflowClient, name: str, version: str) -> bool:

@@ -137,7 +137,8 @@ def scored_with_champion(
         f"v{candidate.version} and champion v{v} scored through the registry on this test split's "
         f"{len(labels)} images ({int(labels.sum())} fractured)"
     )
-    if (champion.split_fingerprint, champion.data_version) != (candidate.split_fingerprint, candidate.data_version):
+    # Against the split scored now: the candidate was evaluated on it (fracture.registry checks).
+    if (champion.split_fingerprint, champion.data_version) != (split.fingerprint, candidate.data_version):
         detail += (
             "; the champion was evaluated on another test split or data version and may have been trained "
             "on some of these images, which favours it"

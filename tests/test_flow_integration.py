@@ -21,6 +21,7 @@ from prefect.artifacts import Artifact
 
 from flows.report import REPORT_KEY
 from fracture.config import tracking_uri
+from fracture.gate import EvaluatedSplit
 from fracture.suite import FRACATLAS_ONLY
 from tests.conftest import pick_ids
 from tests.dicom_files import hospital_export
@@ -69,6 +70,9 @@ def test_flow_registers_a_champion_then_reruns_nothing(project, subset_source, f
     # The machine it trained on, whose CPU kernels a bit-for-bit rerun needs (tracking.hardware_tags).
     assert run.data.tags["device"] and run.data.tags["cpu_capability"] and run.data.tags["cpu_model"]
     assert run.data.metrics["test_roc_auc"] == pytest.approx(metrics["roc_auc"])
+    # The split those figures are on, which registration checks against the workspace's.
+    test_split = EvaluatedSplit.from_csv(project / "outputs/split/test.csv", project / "data/fracatlas")
+    assert run.data.tags["split_fingerprint"] == test_split.fingerprint == champion.tags["split_fingerprint"]
     assert metrics["roc_auc_ci_low"] <= metrics["roc_auc"] <= metrics["roc_auc_ci_high"]
     assert 0.0 <= metrics["ece"] <= 1.0 and run.data.metrics["test_ece"] == pytest.approx(metrics["ece"])
     parts = json.loads((project / "outputs/evaluate/body_parts.json").read_text())

@@ -10,12 +10,17 @@ checked on hand-made score vectors whose answer is known.
 from __future__ import annotations
 
 import shutil
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import mlflow
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import REQUEST_LIMIT_EXCEEDED
 from safetensors.torch import save_file
 
 from fracture import registry as registry_module
@@ -367,12 +372,35 @@ def test_a_champion_moved_by_another_registration_while_scoring_is_the_one_compa
     assert aliases(client)["champion"] == "2"
 
 
-def test_a_promotion_stopped_between_its_alias_moves_is_completed_when_the_run_is_registered_again(client, ranked, monkeypatch):
+def test_a_champion_moved_by_another_registration_while_promoting_is_not_overwritten(client, ranked, monkeypatch):
+    """The other registration's promotion lands after this one decided but before its champion
+    alias moves: this one sees it, is scored against the new champion, and loses to it."""
     split, models = ranked
-    params = RegisterParams(NAME, "t", confidence=0.0, sensitivity_tolerance=1.0)
+    params = RegisterParams(NAME, "t", confidence=0.0, sensitivity_tolerance=1.0, floors={"test_recall": 0.8})
     register(params, evaluated_run(0.9), *models["bad"], split, client)
-    register(params, evaluated_run(0.9), *models["random"], split, client)
-    assert aliases(client) == {"champion": "2", "previous-champion": "1"}
+    register(params, evaluated_run(0.9, recall=0.5), *models["good"], split, client)  # v2: below a floor
+    assert aliases(client) == {"champion": "1", "challenger": "2"}
+    real_tag = registry_module._tag_version
+    moved = []
+
+    def another_registration_promotes_version_2(client_, name, version, tags):
+        real_tag(client_, name, version, tags)
+        if tags.get("gate_decision") == "promoted" and not moved:
+            moved.append(version)
+            client_.set_registered_model_alias(NAME, "champion", "2")
+
+    monkeypatch.setattr(registry_module, "_tag_version", another_registration_promotes_version_2)
+    third = register(params, evaluated_run(0.9), *models["random"], split, client)
+    assert moved == ["3"]
+    assert (third.decision, third.champion_version) == ("challenger", "2")
+    assert aliases(client)["champion"] == "2"
+    third_tags = client.get_model_version(NAME, "3").tags
+    assert third_tags["gate_decision"] == "challenger" and "replaced_version" not in third_tags
+
+
+@contextmanager
+def stopped_before_previous_champion_moves(client) -> Iterator[None]:
+    """The block stops (as Ctrl-C or a killed worker would) when ``previous-champion`` is about to move."""
     real_set = client.set_registered_model_alias
 
     def stopped_after_champion(name, alias, version):
@@ -380,17 +408,76 @@ def test_a_promotion_stopped_between_its_alias_moves_is_completed_when_the_run_i
             raise KeyboardInterrupt
         real_set(name, alias, version)
 
-    monkeypatch.setattr(client, "set_registered_model_alias", stopped_after_champion)
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(client, "set_registered_model_alias", stopped_after_champion)
+        yield
+
+
+def test_a_promotion_stopped_between_its_alias_moves_is_completed_when_the_run_is_registered_again(client, ranked):
+    split, models = ranked
+    params = RegisterParams(NAME, "t", confidence=0.0, sensitivity_tolerance=1.0)
+    register(params, evaluated_run(0.9), *models["bad"], split, client)
+    register(params, evaluated_run(0.9), *models["random"], split, client)
+    assert aliases(client) == {"champion": "2", "previous-champion": "1"}
     run = evaluated_run(0.9)
-    with pytest.raises(KeyboardInterrupt):
+    with stopped_before_previous_champion_moves(client):
         register(params, run, *models["good"], split, client)
-    monkeypatch.setattr(client, "set_registered_model_alias", real_set)
-    # Champion moved; previous-champion still names the version before the one replaced.
+    # Champion moved; previous-champion still names the version before the one replaced. The
+    # version already carries its decision: it was written before champion moved.
     assert aliases(client) == {"champion": "3", "previous-champion": "1"}
+    assert client.get_model_version(NAME, "3").tags["gate_decision"] == "promoted"
     again = register(params, run, *models["good"], split, client)
     assert (again.version, again.decision) == ("3", "unchanged")
     assert aliases(client) == {"champion": "3", "previous-champion": "2"}
     assert rollback(NAME, client).champion == "2"
+
+
+def test_a_registry_error_while_reading_the_champion_is_raised_not_read_as_no_champion(client, ranked, monkeypatch):
+    split, models = ranked
+    params = RegisterParams(NAME, "t", confidence=0.0, sensitivity_tolerance=1.0)
+    register(params, evaluated_run(0.9), *models["good"], split, client)
+    assert aliases(client) == {"champion": "1"}
+    real = {m: getattr(client, m) for m in ("get_registered_model", "get_model_version_by_alias")}
+
+    def overloaded(method):
+        def read(*args, **kwargs):
+            # The gate's own reads of the aliases fail, as they would with the tracking server
+            # overloaded; MLflow's internal checks (when an alias is set) still get through.
+            if sys._getframe(1).f_code.co_filename == registry_module.__file__:
+                raise MlflowException("the tracking server is overloaded", error_code=REQUEST_LIMIT_EXCEEDED)
+            return real[method](*args, **kwargs)
+
+        return read
+
+    with monkeypatch.context() as patch:
+        for method in real:
+            patch.setattr(client, method, overloaded(method))
+        with pytest.raises(MlflowException, match="overloaded"):
+            register(params, evaluated_run(0.9), *models["bad"], split, client)
+    # The worse model was not promoted as if there were no champion.
+    assert aliases(client)["champion"] == "1"
+    assert "gate_decision" not in client.get_model_version(NAME, "2").tags
+
+
+def test_a_rollback_stopped_after_champion_moved_is_finished_by_the_next_rollback(client, ranked):
+    split, models = ranked
+    params = RegisterParams(NAME, "t", confidence=0.0, sensitivity_tolerance=1.0)
+    runs = {}
+    for model in ("bad", "random", "good"):
+        runs[model] = evaluated_run(0.9)
+        register(params, runs[model], *models[model], split, client)
+    assert aliases(client) == {"champion": "3", "previous-champion": "2"}
+    with stopped_before_previous_champion_moves(client):
+        rollback(NAME, client)
+    assert aliases(client) == {"champion": "2", "previous-champion": "2"}
+    # The demoted version is already marked: registering its run again does not promote it back.
+    assert client.get_model_version(NAME, "3").tags["rolled_back_to"] == "2"
+    again = register(params, runs["good"], *models["good"], split, client)
+    assert again.decision == "unchanged" and "rolled back" in again.reason
+    # Rolling back again finishes the stopped rollback rather than failing or stepping further.
+    done = rollback(NAME, client)
+    assert (done.demoted, done.champion, done.previous_champion) == ("3", "2", "1")
+    assert aliases(client) == {"champion": "2", "previous-champion": "1"}
 
 
 def test_a_pair_that_cannot_be_scored_and_a_model_that_fails_to_load_are_not_promoted(client, ranked, tmp_path, xray):
@@ -478,10 +565,13 @@ def test_a_new_version_describes_itself_for_the_registry_page(client, model_file
                "test_recall": 0.814, "test_recall_ci_low": 0.733, "test_recall_ci_high": 0.884,
                "test_specificity": 0.838, "test_specificity_ci_low": 0.802, "test_specificity_ci_high": 0.873,
                "test_threshold": 0.0607, "test_n_images": 494, "test_n_fractured": 86}
-    with mlflow.start_run(tags={"data_version": DATA, "profile": "cpu"}) as run:
+    source = "fixed at evaluate.threshold 0.5"
+    with mlflow.start_run(tags={"data_version": DATA, "profile": "cpu", "threshold_source": source}) as run:
         mlflow.log_metrics(metrics)
     register(PARAMS, run.info.run_id, weights, config, EvaluatedSplit(SPLIT_A, 10, xray), client)
     description = client.get_model_version(NAME, "1").description
+    # How the threshold was chosen comes from the evaluate stage's run, not a fixed phrase.
+    assert f"at the decision threshold 0.0607 ({source})." in description and "validation" not in description
     assert f"{config.architecture} (cpu profile), 64×64 px (squash)" in description
     assert f"DVC data version `{DATA}`" in description
     assert "Test split (494 images, 86 fractured): ROC AUC 0.907 (95% CI 0.866–0.944); sensitivity 0.814 " in description
@@ -528,6 +618,19 @@ def test_a_champion_evaluated_on_another_split_is_compared_on_the_new_one(client
     assert "evaluated on another test split or data version" in scored.detail
     assert candidate.comparison.auc.auc_b == pytest.approx(champion_auc)
     assert candidate.decision == "promoted" and candidate.champion
+
+
+def test_a_run_evaluated_on_another_split_than_the_workspace_holds_is_not_registered(client, ranked):
+    """After `dvc repro split` alone, the run's test figures are another split's: refused, nothing registered."""
+    split, models = ranked
+    with mlflow.start_run(tags={"data_version": DATA, "split_fingerprint": SPLIT_A}) as run:
+        mlflow.log_metrics({"test_roc_auc": 0.9, "test_recall": 0.9, "test_specificity": 0.7})
+    with pytest.raises(RegistryError, match="evaluated on another test split.*dvc repro"):
+        register(PARAMS, run.info.run_id, *models["good"], split, client)
+    assert not client.search_model_versions(f"name = '{NAME}'")
+    # The same run evaluated on this split registers.
+    client.set_tag(run.info.run_id, "split_fingerprint", split.fingerprint)
+    assert register(PARAMS, run.info.run_id, *models["good"], split, client).version == "1"
 
 
 def test_a_model_trained_with_an_enhancement_requires_its_library():

@@ -27,6 +27,7 @@ from fracture.evaluation import (
     operating_threshold,
 )
 from fracture.explain import grad_cam, to_image_grid
+from fracture.fingerprints import split_fingerprint
 from fracture.imaging import CLASSES, Preprocessor
 from fracture.inference import load_network, probabilities
 from fracture.localisation import (
@@ -192,6 +193,9 @@ def run_evaluate(params: Params, workspace: Workspace) -> EvaluateResult:
         mlflow.log_metrics({f"test_{k}": v for k, v in metrics.items()})
         mlflow.log_metrics({f"test_{k}": v for k, v in result.confusion.items()})
         mlflow.set_tag("threshold_source", _threshold_source(params))
+        # The images and labels these figures are on: registration refuses the run when the
+        # workspace's test split has changed since (fracture.registry).
+        mlflow.set_tag("split_fingerprint", split_fingerprint(test))
         for path in (workspace.metrics, workspace.body_parts, workspace.model_card):
             mlflow.log_artifact(str(path), artifact_path="evaluation")
         mlflow.log_artifact(str(workspace.localisation), artifact_path="evaluation")
