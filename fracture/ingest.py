@@ -177,7 +177,9 @@ def verify_sha256sums(root: Path) -> int:
         if not path.is_file():
             bad.append(f"{rel} (missing)")
             continue
-        if _file_hash(path, hashlib.sha256()) != expected:
+        with path.open("rb") as fh:
+            actual = hashlib.file_digest(fh, "sha256").hexdigest()
+        if actual != expected:
             bad.append(f"{rel} (hash differs)")
         count += 1
     if bad:
@@ -186,13 +188,6 @@ def verify_sha256sums(root: Path) -> int:
             "damaged: fetch it again"
         )
     return count
-
-
-def _file_hash(path: Path, h: "hashlib._Hash") -> str:
-    with path.open("rb") as fh:
-        while chunk := fh.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # Failures of the transfer itself: the connection dropped or timed out, or the body ended

@@ -93,6 +93,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def rank_epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """The seed of one process's random draws in one epoch of a data-parallel run.
+
+    Mixed by NumPy's ``SeedSequence``, so nearby seeds, epochs and ranks give unrelated streams.
+    """
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+
+
 def light_augmentation() -> Callable[[torch.Tensor], torch.Tensor]:
     """Per-image flips, small rotations and shifts, and brightness/contrast changes.
 
@@ -426,7 +434,8 @@ def train(
             than the model's.
     """
     # Every rank is seeded alike: each draws the same image order and deals itself a share
-    # (distributed.ShardedSampler); DDP copies rank 0's initial weights to the others.
+    # (distributed.ShardedSampler); DDP copies rank 0's initial weights to the others. Each
+    # epoch's augmentation and masks are drawn per rank (rank_epoch_seed).
     seed_everything(params.seed)
     device = select_device(params.device)
     context = distributed.setup(use_cuda=device.type == "cuda")
@@ -535,6 +544,11 @@ def train(
         best_auc, best_epoch, best_state = saved.best_score, saved.best_epoch - 1, saved.best_state
         log.info("resuming from the checkpoint in %s after epoch %d of %d", checkpoint_dir, start, profile.epochs)
     for epoch in range(start, profile.epochs):
+        if context.distributed:
+            # Augmentation, dropout and stochastic depth draw from the global generators: one
+            # stream per process, or every rank's k-th image would get the same flip, rotation
+            # and masks. Seeded per epoch, so a resumed run draws as an uninterrupted one.
+            seed_everything(rank_epoch_seed(params.seed, epoch, context.rank))
         net.train()
         started, seen, loss_sum = time.perf_counter(), 0, 0.0
         # The bar draws on a terminal only; under DVC or Prefect progress goes to the log.

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -19,6 +20,7 @@ from safetensors.torch import load_file
 from fracture import checkpoint
 from fracture.config import load_params
 from fracture.model import profile_data_config
+from fracture.stages.train import run_key
 from fracture.training import train
 from tests.conftest import REPO, dvc, make_subset, pick_ids, run, shrink_params
 from tests.synthetic import make_dataset, training_frame
@@ -97,6 +99,32 @@ def test_a_checkpoint_of_another_run_is_not_resumed(tmp_path):
     assert checkpoint.load(tmp_path / "c", "new params") is None
     result = train(data, data, config, short, params, checkpoint_dir=tmp_path / "c", checkpoint_key="new params")
     assert result.resumed_from == 0
+
+
+def test_the_run_key_changes_with_the_pixels_code_and_weights_not_only_the_params(tmp_path, monkeypatch):
+    params = load_params(REPO)
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"first")
+    profile = dataclasses.replace(params.profile, weights="file", weights_file=str(weights))
+    params = dataclasses.replace(params, profiles=params.profiles | {params.train.profile: profile})
+    frame = pd.DataFrame({"image_id": ["a", "b"], "label": [1, 0], "sha256": ["11", "22"]})
+    frames = {"train": frame, "val": frame.iloc[:1]}
+
+    def key(**changes):
+        return run_key(params, {"size": 1}, {"n": 2}, frames | changes)
+
+    base = key()
+    assert key() == base  # stable
+    # The same ids and labels, another file's content (a new export): another run.
+    assert key(train=frame.assign(sha256=["11", "33"])) != base
+    # Other pretrained weights in the same file.
+    weights.write_bytes(b"second")
+    assert key() != base
+    weights.write_bytes(b"first")
+    assert key() == base
+    # Other code.
+    monkeypatch.setattr(checkpoint, "code_digest", lambda: "another version of the code")
+    assert key() != base
 
 
 def test_checkpoints_hold_no_pickles(tmp_path):

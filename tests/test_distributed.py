@@ -117,6 +117,41 @@ def test_two_gloo_processes_end_with_one_processs_weights(tmp_path, monkeypatch,
         assert mine["val_roc_auc"] == pytest.approx(theirs["val_roc_auc"], abs=1e-9)
 
 
+def _rank_augmentation_draws(images, labels, config, profile, train_params):
+    """One process's run, recording a draw from the global generator as each image is augmented."""
+    from fracture import training  # noqa: PLC0415 - patched in this process only
+
+    draws: list[float] = []
+
+    def recording(_name):
+        def augment(image):
+            draws.append(float(torch.rand(())))  # as a random flip or rotation draws
+            return image
+
+        return augment
+
+    training.augmentation = recording
+    data = TensorDataset(images, labels)
+    try:
+        train(data, data, config, profile, train_params)
+        return {"rank": torch.distributed.get_rank(), "draws": draws}
+    finally:
+        distributed.teardown()
+
+
+def test_each_process_draws_its_own_augmentation(tmp_path, monkeypatch):
+    data, config, profile, train_params = _setup(tmp_path)
+    profile = dataclasses.replace(profile, augment="light")
+    images, labels = data.tensors
+    monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))
+    ranks = distributed.launch(_rank_augmentation_draws, 2, images, labels, config, profile, train_params)
+    zero, one = ranks[0]["draws"], ranks[1]["draws"]
+    # Each rank augments its share of 2 epochs (16 images over 2 ranks).
+    assert len(zero) == len(one) == 16
+    # Alike, each rank's k-th image would get the other's flip and rotation.
+    assert not set(zero) & set(one)
+
+
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
 def test_one_process_global_batch_loss_is_the_weighted_mean(label_smoothing):
     """Summed and divided by the batch's class weights, as PyTorch's weighted mean divides."""

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import warnings
+from typing import Any
 
 import mlflow
 import pandas as pd
@@ -101,22 +103,39 @@ def _rank(params: Params, workspace: Workspace) -> None:
         distributed.teardown()
 
 
+def run_key(params: Params, data_config: dict[str, Any], cache_meta: dict[str, Any], frames: dict[str, pd.DataFrame]) -> str:
+    """Everything that makes the run what it is: a checkpoint of any other run is not resumed.
+
+    The params, the data config and prepared cache, the train and val images (ids, labels and
+    each file's sha256: a new export of the same ids is other pixels), the package's code, the
+    torch and timm versions, and the pretrained weights.
+    """
+    return checkpoint.fingerprint(
+        {
+            "profile": dataclasses.asdict(params.profile),
+            "train": dataclasses.asdict(params.train),
+            "data_config": data_config,
+            "cache": cache_meta,
+            "train_images": _images(frames["train"]),
+            "val_images": _images(frames["val"]),
+            "code": checkpoint.code_digest(),
+            "libraries": {name: importlib.metadata.version(name) for name in ("torch", "timm")},
+            "weights": checkpoint.weights_identity(params.profile.weights, params.profile.weights_file),
+        }
+    )
+
+
+def _images(frame: pd.DataFrame) -> list[list[str]]:
+    columns = [c for c in ("image_id", "label", "sha256") if c in frame.columns]
+    return frame[columns].astype(str).values.tolist()
+
+
 def _train(params: Params, workspace: Workspace) -> None:
     frames = workspace.read_split_tables()
     config, _ = active_cache(params)
     cache = open_cache(params, workspace, config)
     train_data, val_data = cache.reader(frames["train"]), cache.dataset(frames["val"])
-    # Everything that makes the run what it is: a checkpoint of any other run is not resumed.
-    key = checkpoint.fingerprint(
-        {
-            "profile": dataclasses.asdict(params.profile),
-            "train": dataclasses.asdict(params.train),
-            "data_config": config.to_dict(),
-            "cache": cache.meta,
-            "train_images": frames["train"][["image_id", "label"]].values.tolist(),
-            "val_images": frames["val"][["image_id", "label"]].values.tolist(),
-        }
-    )
+    key = run_key(params, config.to_dict(), cache.meta, frames)
     if distributed.launched():
         context = distributed.setup(use_cuda=select_device(params.train.device).type == "cuda")
         if not context.is_main:
