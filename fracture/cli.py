@@ -153,6 +153,14 @@ def _print_validation(result: ValidateResult, workspace: Workspace) -> None:
         f"near-duplicate X-rays ({near.get('images_in_groups', 0)} images, {near.get('label_conflict_groups', 0)} "
         f"with labels that disagree); {len(result.excluded)} images excluded"
     )
+    if near.get("not_compared"):
+        unseen = near["not_compared"]
+        print(
+            f"{len(unseen)} included truncated images decode too little to be compared for near-duplicates, so a copy "
+            f"of one in another split would go unnoticed: {', '.join(unseen[:10])}"
+            + (f" and {len(unseen) - 10} more" if len(unseen) > 10 else "")
+            + " (validate.on_truncated: exclude leaves them out)"
+        )
     comparison = result.comparison
     print(f"dataset version {result.data_version}: {comparison['status']}; {comparison.get('message', '')}")
     print(f"Great Expectations Data Docs: {result.gx_outputs.get('data_docs', workspace.gx_dir)}")

@@ -122,11 +122,47 @@ def _read_fracatlas_layout(dataset_dir: Path) -> pd.DataFrame:
             if p.is_file():
                 rows.append({"image_id": p.name, "path": p.relative_to(dataset_dir).as_posix(), "folder_label": label})
     files = pd.DataFrame(rows, columns=["image_id", "path", "folder_label"])
-    return join_files_and_csv(files, pd.read_csv(dataset_dir / "dataset.csv"))
+    return join_files_and_csv(files, read_dataset_csv(dataset_dir / "dataset.csv"))
+
+
+def read_dataset_csv(csv_file: Path) -> pd.DataFrame:
+    """FracAtlas's dataset.csv: ``image_id``, ``fractured`` and its other whole-number columns as numbers.
+
+    Raises:
+        ManifestError: the file cannot be read, lacks ``image_id`` or ``fractured``, names no
+            id on some row, or holds a cell in ``fractured``, ``fracture_count`` or a flag column
+            that is not a whole number; the message names the file, the column and the lines.
+    """
+    try:
+        csv = pd.read_csv(csv_file, dtype=str, keep_default_na=False).rename(columns=str.strip)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as exc:
+        raise ManifestError(f"{csv_file} is not a readable csv file ({exc}); copy it again from the FracAtlas release") from exc
+    missing = [c for c in ("image_id", "fractured") if c not in csv]
+    if missing:
+        raise ManifestError(
+            f"{csv_file} lacks the column(s) {', '.join(missing)} (it has {list(csv.columns)}); FracAtlas's "
+            "dataset.csv names each image (image_id) and its label (fractured: 1 or 0), with the flag columns "
+            f"{', '.join(FLAG_COLUMNS)} and fracture_count"
+        )
+    csv["image_id"] = csv["image_id"].str.strip()
+    empty = csv["image_id"] == ""
+    if empty.any():
+        raise ManifestError(f"{csv_file}: column image_id is empty on {_rows(empty)}; name each row's file")
+    for column in [c for c in ("fractured", "fracture_count", *FLAG_COLUMNS) if c in csv]:
+        text = csv[column].str.strip()
+        values = pd.to_numeric(text.replace("", None), errors="coerce")
+        bad = text.ne("") & (values.isna() | (values != values.round()))
+        if bad.any():
+            raise ManifestError(
+                f"{csv_file}: column {column} holds whole numbers (or is empty where unknown); "
+                f"{_rows(bad, text)} do not. Fix those cells, or copy the file again from the FracAtlas release"
+            )
+        csv[column] = values.astype("Int64")
+    return csv
 
 
 def _rows(where: pd.Series, values: pd.Series | None = None) -> str:
-    # labels.csv's line numbers (the header is line 1) of the first offending rows.
+    # A csv file's line numbers (the header is line 1) of the first offending rows.
     lines = [f"line {i + 2}" + (f" ({values[i]!r})" if values is not None else "") for i in where[where].index]
     more = f" and {len(lines) - MAX_ROWS} more" if len(lines) > MAX_ROWS else ""
     return ", ".join(lines[:MAX_ROWS]) + more

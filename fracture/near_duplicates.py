@@ -227,10 +227,21 @@ def add_near_duplicates(
 
     Returns:
         A copy with ``near_duplicate_group`` (the group's first image id; the image's own id when
-        it has no near-duplicate) and ``near_duplicate_conflict`` (the group's members carry
-        different labels: the class folder's, else dataset.csv's).
+        it has no near-duplicate), ``near_duplicate_conflict`` (the group's members carry
+        different labels: the class folder's, else dataset.csv's) and ``near_duplicate_compared``
+        (the image was compared with the others: False for a file that does not decode, or a
+        truncated one that decodes less than :data:`MIN_ROWS` thumbnail rows).
     """
     out = manifest.copy()
+    repeated = out["image_id"][out["image_id"].duplicated()]
+    if not repeated.empty:
+        # Groups are named and joined by id: with one id on two rows they are undefined. Each
+        # row stays its own group, and the suite's hard rule unique_image_id names the ids.
+        log.warning(
+            "image ids on more than one row (%s): near-duplicates are not looked for until each id is one image",
+            ", ".join(sorted(set(repeated))[:10]),
+        )
+        return out.assign(near_duplicate_group=out["image_id"], near_duplicate_conflict=False, near_duplicate_compared=False)
     usable = out[out["has_file"].fillna(False).astype(bool) & out["decodable"].fillna(False).astype(bool)]
     ids = usable["image_id"].tolist()
     truncated = usable["truncated"].fillna(False).astype(bool) if "truncated" in usable else None
@@ -243,6 +254,9 @@ def add_near_duplicates(
         )
     groups = group_ids(ids, near_duplicate_pairs(vectors, ids, threshold, rows))
     out["near_duplicate_group"] = out["image_id"].map(groups).fillna(out["image_id"])
+    # Which images were looked at: the report lists the decodable ones that were not (too short).
+    compared = {i for i, r in zip(ids, rows) if r >= MIN_ROWS}
+    out["near_duplicate_compared"] = out["image_id"].isin(compared)
     out["near_duplicate_conflict"] = label_conflicts(out)
     return out
 

@@ -153,14 +153,22 @@ def near_duplicate_groups(manifest: pd.DataFrame) -> list[list[str]]:
     return sorted(g for g in groups if len(g) > 1)
 
 
-def _near_duplicate_counts(manifest: pd.DataFrame, groups: list[list[str]]) -> dict[str, int]:
+def _near_duplicate_counts(manifest: pd.DataFrame, groups: list[list[str]]) -> dict[str, Any]:
     conflict = manifest.get("near_duplicate_conflict", pd.Series(False, index=manifest.index)).astype(bool)
     conflicts = manifest.loc[conflict, "near_duplicate_group"]
-    return {
+    counts: dict[str, Any] = {
         "groups": len(groups),
         "images_in_groups": sum(len(g) for g in groups),
         "label_conflict_groups": int(conflicts.nunique()),
     }
+    if "near_duplicate_compared" in manifest:
+        # Included images the search could not look at (a truncated file that decodes less than
+        # a quarter of its height): a near-duplicate of one of them would go unnoticed.
+        used = manifest["included"].astype(bool) if "included" in manifest else pd.Series(True, index=manifest.index)
+        decodable = manifest["decodable"].fillna(False).astype(bool)
+        unseen = used & decodable & ~manifest["near_duplicate_compared"].astype(bool)
+        counts["not_compared"] = sorted(manifest.loc[unseen, "image_id"])
+    return counts
 
 
 def failure_message(report: ValidationReport) -> str:

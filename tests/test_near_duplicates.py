@@ -114,7 +114,9 @@ def test_near_duplicates_are_grouped_and_conflicting_labels_excluded(tmp_path):
     resolved, report = validate(manifest, params)
     assert report.finding("near_duplicate_labels_agree").unexpected_ids == ["IMG0000002.jpg", "IMG0000031.jpg"]
     assert report.near_duplicate_groups == [["IMG0000002.jpg", "IMG0000031.jpg"], ["IMG0000010.jpg", "IMG0000030.jpg"]]
-    assert report.counts["near_duplicates"] == {"groups": 2, "images_in_groups": 4, "label_conflict_groups": 1}
+    assert report.counts["near_duplicates"] == {
+        "groups": 2, "images_in_groups": 4, "label_conflict_groups": 1, "not_compared": [],
+    }
     assert sorted(report.excluded) == ["IMG0000002.jpg", "IMG0000031.jpg"]
     assert "near-duplicate" in report.excluded["IMG0000031.jpg"].reason
 
@@ -135,10 +137,12 @@ def test_a_truncated_copy_is_compared_on_the_rows_it_decoded(tmp_path):
     # the top of IMG0003001); and another X-ray cut short, with no copy.
     truncated_copy(tmp_path / "images/Fractured/IMG0000001.jpg", tmp_path / "images/Non_fractured/IMG0000020.jpg", 0.6)
     truncated_copy(tmp_path / "images/Non_fractured/IMG0000008.jpg", tmp_path / "images/Non_fractured/IMG0000008.jpg", 0.6)
+    # A copy cut so short that too little of it decodes to compare it with anything.
+    truncated_copy(tmp_path / "images/Fractured/IMG0000002.jpg", tmp_path / "images/Non_fractured/IMG0000021.jpg", 0.08)
     csv = pd.read_csv(tmp_path / "dataset.csv")
-    row = csv[csv["image_id"] == "IMG0000005.jpg"].iloc[0].copy()
-    row["image_id"] = "IMG0000020.jpg"
-    pd.concat([csv, row.to_frame().T]).to_csv(tmp_path / "dataset.csv", index=False)
+    rows = [csv[csv["image_id"] == "IMG0000005.jpg"].iloc[0].copy() for _ in range(2)]
+    rows[0]["image_id"], rows[1]["image_id"] = "IMG0000020.jpg", "IMG0000021.jpg"
+    pd.concat([csv, pd.DataFrame(rows)]).to_csv(tmp_path / "dataset.csv", index=False)
 
     copy, rows = thumbnail_rows(tmp_path / "images/Non_fractured/IMG0000020.jpg", truncated=True)
     original = thumbnail(tmp_path / "images/Fractured/IMG0000001.jpg")
@@ -152,8 +156,14 @@ def test_a_truncated_copy_is_compared_on_the_rows_it_decoded(tmp_path):
     assert group["IMG0000020.jpg"] == group["IMG0000001.jpg"] == "IMG0000001.jpg"
     assert by_id.loc[["IMG0000001.jpg", "IMG0000020.jpg"], "near_duplicate_conflict"].all()
     assert (group == group.index).sum() == len(group) - 1  # the cut-short X-ray without a copy stays alone
+    assert thumbnail_rows(tmp_path / "images/Non_fractured/IMG0000021.jpg", truncated=True)[1] < MIN_ROWS
+    assert bool(by_id.loc["IMG0000021.jpg", "decodable"]) and group["IMG0000021.jpg"] == "IMG0000021.jpg"
+    assert not by_id.loc["IMG0000021.jpg", "near_duplicate_compared"]
+    assert by_id.drop(index="IMG0000021.jpg")["near_duplicate_compared"].all()
     _, report = validate(manifest, params)
     assert sorted(report.finding("near_duplicate_labels_agree").unexpected_ids) == ["IMG0000001.jpg", "IMG0000020.jpg"]
+    # The copy that could not be compared is trained on under on_truncated: keep, and the report names it.
+    assert report.counts["near_duplicates"]["not_compared"] == ["IMG0000021.jpg"]
 
 
 def test_two_truncated_x_rays_do_not_match_by_their_grey_bands(tmp_path):

@@ -271,6 +271,41 @@ def test_hard_rules_in_files_fail_naming_rule_and_ids(tmp_path, vparams):
     assert resolved.set_index("image_id").loc["IMG0000017.jpg", "included"]
 
 
+@pytest.mark.parametrize("where", ["both class folders", "a repeated dataset.csv row"])
+def test_an_id_on_two_rows_fails_its_rule_with_near_duplicates_on(tmp_path, vparams, where):
+    """The rule unique_image_id names the id; the near-duplicate search before it does not crash on it."""
+    csv = make_dataset(tmp_path)
+    if where == "both class folders":
+        shutil.copy(tmp_path / "images/Fractured/IMG0000001.jpg", tmp_path / "images/Non_fractured/IMG0000001.jpg")
+    else:
+        pd.concat([csv, csv[csv["image_id"] == "IMG0000001.jpg"]]).to_csv(tmp_path / "dataset.csv", index=False)
+    assert vparams.near_duplicate_threshold is not None
+    manifest = build_manifest(tmp_path, workers=1, near_duplicate_threshold=vparams.near_duplicate_threshold)
+    _, report = validate(manifest, vparams)
+    failed = {f.rule: f.unexpected_ids for f in report.failures()}
+    assert failed["unique_image_id"] == ["IMG0000001.jpg"]
+    assert "rule 'unique_image_id' failed" in failure_message(report)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda c: c.drop(columns="fractured"), r"lacks the column\(s\) fractured \(it has \['image_id', 'hand'"),
+        (lambda c: c.astype({"hip": object}).assign(hip=["yes"] + [0] * (len(c) - 1)),
+         r"column hip holds whole numbers .*; line 2 \('yes'\) do not"),
+        (lambda c: c.astype({"fractured": object}).assign(fractured=[1, 1, "1.5"] + [0] * (len(c) - 3)),
+         r"column fractured holds whole numbers .*; line 4 \('1.5'\) do not"),
+        (lambda c: c.assign(image_id=["IMG0000000.jpg", ""] + list(c["image_id"][2:])), r"image_id is empty on line 3"),
+    ],
+    ids=["no fractured column", "a flag that is a word", "a label that is a fraction", "a row without an id"],
+)
+def test_a_malformed_dataset_csv_is_refused_naming_the_file_column_and_line(tmp_path, change, message):
+    csv = make_dataset(tmp_path)
+    change(csv).to_csv(tmp_path / "dataset.csv", index=False)
+    with pytest.raises(ManifestError, match=f"dataset.csv.*{message}"):
+        build_manifest(tmp_path, workers=1)
+
+
 # ---- the policies ---------------------------------------------------------------------------------
 
 
