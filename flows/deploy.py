@@ -97,7 +97,7 @@ def serve(params: Params, project_dir: Path, source: str | None = None, profile:
         source: a FracAtlas folder or zip for the runs (default: $FRACATLAS_SOURCE, else figshare).
         profile: a training profile (default: by hardware).
     """
-    deployment = build_deployment(params, str(project_dir.resolve()), source, profile)
+    deployment = build_deployment(params, str(project_dir.resolve()), _absolute(source) if source else None, profile)
     # `limit` caps this runner too, so even a deployment edited in the UI never overlaps here.
     prefect.serve(deployment, limit=params.schedule.concurrency_limit)
 
@@ -113,10 +113,12 @@ def deploy(
 
     Args:
         params: the project's parameters.
-        project_dir: the project root on the worker's machine or in the image (default ``.``:
-            the worker's working directory).
+        project_dir: the project root on the worker's machine or in the image (``/opt/fracture``
+            in the Dockerfile's image). A relative path is resolved here, where the deployment is
+            made: a worker starts each run in a temporary folder of Prefect's, never in the
+            project, so the deployment names the project by its absolute path.
         work_pool: overrides ``schedule.work_pool``.
-        source: a FracAtlas folder or zip, as the worker sees it.
+        source: a FracAtlas folder or zip, as the worker sees it (a relative path is resolved here too).
         profile: a training profile (default: by the worker's hardware).
 
     Returns:
@@ -133,12 +135,21 @@ def deploy(
             "--work-pool NAME) after `prefect work-pool create NAME --type process|docker|kubernetes`, "
             "or run the schedule on this machine with `python -m flows.deploy serve`"
         )
+    project_dir = _absolute(project_dir)
+    source = _absolute(source) if source else None
     deployment = build_deployment(params, project_dir, source, profile, work_pool=pool)
     # The image is the team's own build of this project: used as is, never built or pushed here.
     (deployment_id,) = prefect.deploy(
         deployment, work_pool_name=pool, image=s.image, build=False, push=False, print_next_steps_message=False
     )
     return deployment_id
+
+
+def _absolute(path: str) -> str:
+    """``path`` as given when absolute (it may name a folder of another machine or an image), else
+    resolved against this directory."""
+    given = Path(path).expanduser()
+    return str(given if given.is_absolute() else given.resolve())
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -127,7 +127,12 @@ def _retrain(project: Path, source: str | None, profile: str | None) -> RetrainR
     # The flaky tasks (download, registry) retry after transient errors as params.yaml says.
     retry = {"retries": params.schedule.retries, "retry_delay_seconds": params.schedule.retry_delay_seconds}
 
-    ingested = ingest_task.with_options(**retry)(project, source or os.environ.get(SOURCE_ENV) or None)
+    source = source or os.environ.get(SOURCE_ENV) or None
+    if source:
+        # Against the directory the run started in, once: the listing that tells an unchanged
+        # source and the ingest command (which runs in the project) then read the same files.
+        source = str(Path(source).expanduser().resolve())
+    ingested = ingest_task.with_options(**retry)(project, source)
     runs, results = {}, {}
     # One status check for the whole pipeline: when DVC finds nothing changed, no stage is
     # reproduced. Otherwise DVC reproduces every stage in order, which reruns what an upstream
@@ -167,7 +172,8 @@ def _retrain(project: Path, source: str | None, profile: str | None) -> RetrainR
         logger.warning(note)
     if result.nothing_changed:
         print("nothing changed: data, code and params as in the last run; nothing retrained or registered")
-    if pending := uncommitted(project, ("data.dvc", "dvc.lock", "detect/dvc.lock")):
+    # params.yaml too: the run may have set train.profile, which dvc.lock already records.
+    if pending := uncommitted(project, (PARAMS_FILE, "data.dvc", "dvc.lock", "detect/dvc.lock")):
         # DVC's own reminder after each of its calls is left out (tasks.pipeline.open_repo); one suffices.
         print(
             f"not committed yet: {', '.join(pending)}. `git add {' '.join(pending)} && git commit` pins the data "

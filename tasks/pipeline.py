@@ -240,11 +240,17 @@ def open_repo(root: Path) -> Iterator[Repo]:
 
 
 def uncommitted(project: Path, paths: tuple[str, ...] = (DATA_DVC, "dvc.lock")) -> list[str]:
-    """Which of ``paths`` (and any ``.gitignore`` DVC wrote) git shows as new or changed; ``[]`` outside git."""
+    """Which of ``paths`` (and any ``.gitignore`` DVC wrote) git shows as new or changed; ``[]`` outside git.
+
+    The paths are relative to ``project``, as ``git add`` typed there takes them, also when the
+    project is a folder inside its git repository.
+    """
     from fracture.versions import git_output  # noqa: PLC0415 - it imports DVC's API, which loads slowly
 
     out = git_output(project, "status", "--porcelain", "--untracked-files=all", "--", *paths, ":(glob)**/.gitignore")
-    return [line[3:] for line in (out or "").splitlines() if line[3:]]
+    # Porcelain output names paths from the repository's root; the project's own prefix is dropped.
+    prefix = (git_output(project, "rev-parse", "--show-prefix") or "").strip()
+    return [path.removeprefix(prefix) for line in (out or "").splitlines() if (path := line[3:])]
 
 
 def dvc_status(project: Path, targets: list[str]) -> dict[str, Any]:

@@ -150,7 +150,9 @@ def test_flow_registers_a_champion_then_reruns_nothing(project, subset_source, f
     dest = project / yaml.safe_load((project / "params.yaml").read_text())["ingest"]["dest"]
     edited = dest / "images" / "Fractured" / rewritten.name
     edited.unlink()
-    fourth = retrain(project_dir=str(project), source=str(subset_source))
+    # Given relative to where the run starts (not the project, where ingest runs): read from there.
+    assert not (project / os.path.relpath(subset_source)).exists()
+    fourth = retrain(project_dir=str(project), source=os.path.relpath(subset_source))
     assert fourth.ingest.unchanged is None and edited.is_file() and fourth.nothing_changed
 
 

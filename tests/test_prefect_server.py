@@ -168,7 +168,7 @@ def test_served_deployment_has_the_schedule_and_concurrency_limit(api, project):
     assert dep.work_pool_name is None  # served by this machine's runner, no work pool
 
 
-def test_deploy_to_a_work_pool(api, project):
+def test_deploy_to_a_work_pool(api, project, monkeypatch):
     set_schedule(project, work_pool="gpu-pool", job_variables={"env": {"FRACATLAS_SOURCE": "/data/FracAtlas.zip"}})
     params = load_params(project)
     with pytest.raises(ValueError, match="gpu-pool"):  # Prefect refuses a pool that does not exist
@@ -183,6 +183,13 @@ def test_deploy_to_a_work_pool(api, project):
     assert dep.parameters == {"project_dir": "/srv/fracture"}
     assert dep.schedules[0].schedule.cron == params.schedule.cron
     assert dep.global_concurrency_limit is not None and dep.global_concurrency_limit.limit == 1
+    # A worker starts each run in a temporary folder: relative paths are made absolute here.
+    monkeypatch.chdir(project.parent)
+    deploy(params, project.name, source="FracAtlas.zip")
+    with get_client(sync_client=True) as client:
+        dep = client.read_deployment_by_name("retrain/weekly-retrain")
+    here = project.parent.resolve()
+    assert dep.parameters == {"project_dir": str(here / project.name), "source": str(here / "FracAtlas.zip")}
 
     set_schedule(project, work_pool=None)
     with pytest.raises(SystemExit, match=r"schedule\.work_pool is null"):

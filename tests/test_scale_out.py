@@ -59,3 +59,26 @@ def test_the_audit_summary_names_vulnerable_pins_and_counts_what_was_not_audited
     makefile = (REPO / "Makefile").read_text()
     assert "--requirement constraints.txt --no-deps" in makefile  # the pinned set, exactly as installed
     assert "make audit" in (REPO / ".ci" / "run").read_text()
+
+
+def test_a_work_pool_run_copies_the_projects_code_not_its_venv_or_data(tmp_path):
+    """Prefect copies a worker's working directory (the image's /opt/fracture) into each run's
+    temporary folder, honouring .prefectignore: the code comes along, the venv and data do not."""
+    from prefect.filesystems import LocalFileSystem
+
+    project = tmp_path / "opt-fracture"
+    for name in ("Makefile", "params.yaml", "dvc.yaml", ".prefectignore"):
+        (project / name).parent.mkdir(parents=True, exist_ok=True)
+        (project / name).write_bytes((REPO / name).read_bytes())
+    (project / "flows").mkdir()
+    (project / "flows" / "retrain.py").write_bytes((REPO / "flows" / "retrain.py").read_bytes())
+    heavy = [".venv/lib/python3.11/site-packages/torch/lib/libtorch_cpu.so", "data/images/Fractured/IMG0000019.jpg",
+             "outputs/prepare/cache.npy", ".dvc/cache/files/md5/ab/cdef", "mlflow.db", ".git/objects/pack/p.pack"]
+    for name in heavy:
+        (project / name).parent.mkdir(parents=True, exist_ok=True)
+        (project / name).write_bytes(b"\0" * 1024)
+
+    run_folder = tmp_path / "prefect-flow-run-1"
+    LocalFileSystem(basepath=str(project)).get_directory(from_path=str(project), local_path=str(run_folder))
+    copied = sorted(str(p.relative_to(run_folder)) for p in run_folder.rglob("*") if p.is_file())
+    assert copied == sorted([".prefectignore", "Makefile", "dvc.yaml", "flows/retrain.py", "params.yaml"])

@@ -178,3 +178,16 @@ def test_dvcs_messages_print_once_in_the_flows_process_and_git_sees_what_to_comm
     outside = tmp_path / "not-a-repo"
     outside.mkdir()
     assert uncommitted(outside) == []
+
+
+def test_what_to_commit_is_named_from_the_project_inside_its_repository(tmp_path):
+    """A project in a folder of its git repository: `git add <path>` typed in the project must find the file."""
+    from tasks.pipeline import uncommitted
+
+    project = tmp_path / "repo" / "fracture"
+    project.mkdir(parents=True)
+    run(tmp_path / "repo", "git", "init", "-q")
+    (project / "dvc.lock").write_text("schema: '2.0'\n")
+    (project / "params.yaml").write_text("train: {profile: cpu}\n")
+    assert uncommitted(project, ("params.yaml", "dvc.lock")) == ["dvc.lock", "params.yaml"]
+    run(project, "git", "add", *uncommitted(project, ("params.yaml", "dvc.lock")))  # typed as the flow's message says
