@@ -62,8 +62,9 @@ def draw_folds(pooled: pd.DataFrame, folds: int, seed: int) -> np.ndarray:
     as ``y`` and :func:`fracture.split.group_key` as ``groups``.
 
     Args:
-        pooled: the images (``image_id``, ``label`` and the ``sha256`` and
-            ``near_duplicate_group`` columns that link a group), e.g. :func:`pool_splits`.
+        pooled: the images (``image_id``, ``label`` and the ``sha256``,
+            ``near_duplicate_group`` and ``patient_id`` columns that link a group), e.g.
+            :func:`pool_splits`.
         folds: k, at least 2.
         seed: seeds the shuffle of the groups.
 

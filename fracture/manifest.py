@@ -7,8 +7,9 @@ Two layouts (``ingest.layout``) are read:
 * ``csv``: a hospital's own export, ``images/`` (DICOM, JPEG or PNG files, in any sub-folders)
   and ``labels.csv`` with a ``path`` (relative to the dataset folder) or an ``image_id`` (a
   file's name, with or without its extension), a ``label`` (1 fractured, 0 not) and optionally
-  ``body_part`` (:data:`BODY_PARTS`) and ``view`` (:data:`VIEWS`, or DICOM's AP, PA, LL, RL;
-  several joined with ``+``). :func:`read_csv_layout` turns it into the same columns.
+  ``body_part`` (:data:`BODY_PARTS`), ``view`` (:data:`VIEWS`, or DICOM's AP, PA, LL, RL;
+  several joined with ``+``) and ``patient_id`` (images of one patient are kept in one split).
+  :func:`read_csv_layout` turns it into the same columns.
 
 It also owns the manifest's schema: the class folders, the flag columns, and the one rule
 (:func:`body_part`) that gives each image a single body part, so that the split's strata, the
@@ -18,6 +19,7 @@ validation summary and the evaluation's per-part metrics all count alike.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 from concurrent.futures import ProcessPoolExecutor
@@ -31,6 +33,8 @@ from PIL import Image
 from fracture.decoding import decode, decode_truncated, export_files
 from fracture.near_duplicates import add_near_duplicates
 from fracture.vocabulary import Layout
+
+log = logging.getLogger(__name__)
 
 FOLDERS = {"Fractured": 1, "Non_fractured": 0}
 # dataset.csv's body-part flags: four regions, and `mixed` for a film showing two or three of
@@ -53,6 +57,8 @@ VIEW_WORDS = {
 }
 # How many offending rows an error about labels.csv names.
 MAX_ROWS = 10
+# labels.csv's columns: where the file is, its label, and what the manifest keeps of it.
+LABELS_COLUMNS = ("path", "image_id", "label", "body_part", "view", "patient_id")
 
 
 class ManifestError(ValueError):
@@ -231,9 +237,10 @@ def read_csv_layout(dataset_dir: Path) -> pd.DataFrame:
 
     Returns:
         ``image_id``, ``path`` (relative to ``dataset_dir``; empty when no file matched),
-        ``folder_label``, ``csv_label``, ``has_file``, ``in_csv``, and the flags of
+        ``folder_label``, ``csv_label``, ``has_file``, ``in_csv``, the flags of
         :data:`BODY_PARTS` and :data:`VIEWS` (NA where a cell is empty or labels.csv lacks the
-        column).
+        column), and ``patient_id`` when labels.csv has it (NA where a cell is empty). Other
+        columns are left out, with a warning naming them.
 
     Raises:
         ManifestError: labels.csv lacks ``label`` or both ``path`` and ``image_id``, or a
@@ -275,6 +282,14 @@ def read_csv_layout(dataset_dir: Path) -> pd.DataFrame:
     empty = pd.Series("", index=csv.index)
     rows = rows.join(_flags(csv.get("body_part", empty), {p: p for p in BODY_PARTS}, BODY_PARTS, "body_part", csv_file))
     rows = rows.join(_flags(csv.get("view", empty), VIEW_WORDS, VIEWS, "view", csv_file))
+    if "patient_id" in csv:
+        # Whatever the hospital's identifier is (pseudonymised or not): only equality is used.
+        rows["patient_id"] = csv["patient_id"].str.strip().replace("", pd.NA)
+    ignored = [c for c in csv.columns if c not in LABELS_COLUMNS]
+    if ignored:
+        log.warning(
+            "%s: column(s) %s are not read (labels.csv's columns: %s)", csv_file, ", ".join(ignored), ", ".join(LABELS_COLUMNS)
+        )
     listed = set(rows["path"])
     unlisted = pd.DataFrame({"image_id": [f for f in files if f not in listed]})
     unlisted = unlisted.assign(path=unlisted["image_id"], in_csv=False)

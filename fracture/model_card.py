@@ -8,10 +8,12 @@ if TYPE_CHECKING:
     from fracture.workspace import TrainedModel
 
 LIMITATIONS = (
-    "FracAtlas publishes no patient identifier, so the split is image-level. Byte-identical files "
-    "and near-duplicate X-rays (re-encoded copies and repeat exposures, found by thumbnail "
-    "correlation) are kept in one split, but other radiographs of the same patient can still sit "
-    "in training and test, which can make the test figures optimistic.",
+    "FracAtlas publishes no patient identifier, so on it the split is image-level (a hospital "
+    "export's labels.csv can name each image's patient_id, and then a patient's images share a "
+    "split). Byte-identical files and near-duplicate X-rays (re-encoded copies and repeat exposures, "
+    "found by thumbnail correlation) are kept in one split, but without patient ids other "
+    "radiographs of the same patient can still sit in training and test, which can make the test "
+    "figures optimistic.",
     "Test set: one public dataset (FracAtlas) from one region's hospitals; performance on other "
     "scanners, populations and protocols is unmeasured.",
     "Body parts with few fractured test images (see the table) have intervals too wide to rely on.",

@@ -122,8 +122,9 @@ class Splits(dict[str, pd.DataFrame]):
 def split_manifest(manifest: pd.DataFrame, params: SplitParams, published_dir: Path | None = None) -> Splits:
     """Splits the included images into train, val and test.
 
-    The unit of every decision is a group: byte-identical files (same ``sha256``) and
-    near-duplicate X-rays (same ``near_duplicate_group``, where the manifest has it), joined
+    The unit of every decision is a group: byte-identical files (same ``sha256``),
+    near-duplicate X-rays (same ``near_duplicate_group``, where the manifest has it) and one
+    patient's images (same ``patient_id``, where a hospital export's labels.csv names it), joined
     transitively; a group goes to one split whole, and is stratified by its highest label.
 
     ``strategy: stratified`` draws the groups with scikit-learn's ``train_test_split``, seeded,
@@ -194,23 +195,24 @@ def published_dir_of(dataset_dir: Path) -> Path:
 
 
 def group_key(used: pd.DataFrame) -> pd.Series:
-    """Each image's group: byte-identical files and near-duplicates, joined transitively.
+    """Each image's group: byte-identical files, near-duplicates and one patient's images, joined transitively.
 
     The unit the split draws, and the unit cross-validation keeps in one fold
     (:mod:`fracture.crossval`).
 
     Args:
-        used: the images, with ``image_id`` and, where known, ``sha256`` and
-            ``near_duplicate_group`` (a column that is absent links nothing).
+        used: the images, with ``image_id`` and, where known, ``sha256``,
+            ``near_duplicate_group`` and ``patient_id`` (a hospital export's labels.csv; a column
+            that is absent, or an empty cell, links nothing).
 
     Returns:
         The group's first image id, per row of ``used`` (same index).
     """
     pairs = []
-    for column in ("sha256", "near_duplicate_group"):
+    for column in ("sha256", "near_duplicate_group", "patient_id"):
         if column in used:
-            first = used.groupby(column)["image_id"].transform("min")
-            linked = first != used["image_id"]
+            first = used.groupby(column)["image_id"].transform("min")  # NA where the cell is empty
+            linked = first.notna() & (first != used["image_id"])
             pairs.append(pd.DataFrame({"image_id_a": first[linked], "image_id_b": used.loc[linked, "image_id"]}))
     ids = used["image_id"].tolist()
     pairs_frame = pd.concat(pairs) if pairs else pd.DataFrame({"image_id_a": [], "image_id_b": []})

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 SPLITS = ("train", "val", "test")
 #: Columns the split tables are read with as text (ids like ``IMG0000019.jpg``, hashes).
-_TEXT_COLUMNS = {"image_id": str, "path": str, "sha256": str}
+_TEXT_COLUMNS = {"image_id": str, "path": str, "sha256": str, "patient_id": str}
 
 
 def write_json(path: Path, data: Any) -> None:

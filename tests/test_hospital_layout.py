@@ -198,3 +198,38 @@ def test_export_of_real_xrays_as_dicom_reads_back_with_their_labels(tmp_path, fr
     # Near-duplicates are found across formats: the DICOM file and its JPEG are one group, alone.
     group = manifest.at[labels["path"][0], "near_duplicate_group"]
     assert manifest.index[manifest["near_duplicate_group"] == group].tolist() == sorted([labels["path"][0], "images/copy.jpg"])
+
+
+def test_a_patient_id_column_keeps_each_patients_images_in_one_split_and_fold(tmp_path, caplog):
+    from fracture.crossval import draw_folds
+    from fracture.split import SPLITS, split_manifest
+    from tests.test_split import PARAMS, manifest_from
+
+    root = export(
+        tmp_path / "export",
+        "path,label,patient_id,accession\n"
+        "images/p1/a.png,1, P-0001 ,A1\n"
+        "images/p1/b.png,0,P-0001,A2\n"
+        "images/p2/c.png,0,,A3\n",
+        {"p1/a.png": 1, "p1/b.png": 2, "p2/c.png": 3},
+    )
+    with caplog.at_level("WARNING", logger="fracture.manifest"):
+        frame = read_csv_layout(root).set_index("image_id")
+    assert frame["patient_id"].fillna("(empty)").tolist() == ["P-0001", "P-0001", "(empty)"]
+    # A column the manifest does not read is named, not dropped without a word.
+    assert "column(s) accession are not read" in caplog.text
+
+    # 40 patients with 3 X-rays each (distinct films), some patients' without an id.
+    manifest = manifest_from([(int(g % 4 == 0), 1) for g in range(120)])
+    manifest["patient_id"] = [f"P{n // 3:03d}" if n // 3 % 10 else pd.NA for n in range(120)]
+    splits = split_manifest(manifest, PARAMS)
+    where = {i: name for name in SPLITS for i in splits[name]["image_id"]}
+    patients = manifest.dropna(subset=["patient_id"]).assign(split=lambda f: f["image_id"].map(where))
+    assert (patients.groupby("patient_id")["split"].nunique() == 1).all()
+    pooled = pd.concat([splits["train"], splits["val"]]).sort_values("image_id").reset_index(drop=True)
+    folds = pooled.assign(fold=draw_folds(pooled, 3, 0)).dropna(subset=["patient_id"])
+    assert (folds.groupby("patient_id")["fold"].nunique() == 1).all()
+    # Without the column the same draw puts some patient's X-rays in two splits.
+    alone = split_manifest(manifest.drop(columns="patient_id"), PARAMS)
+    where = {i: name for name in SPLITS for i in alone[name]["image_id"]}
+    assert (patients.assign(split=patients["image_id"].map(where)).groupby("patient_id")["split"].nunique() > 1).any()
