@@ -160,14 +160,17 @@ def main(argv: list[str] | None = None) -> None:
         ("deploy", "create or update the deployment on a work pool"),
     ):
         cmd = sub.add_parser(name, help=text)
-        cmd.add_argument("--project-dir", default=".", help="the project root (default: .)")
+        where = "" if name == "serve" else " as the workers see it; params.yaml is read from ."
+        cmd.add_argument("--project-dir", default=".", help=f"the project root{where} (default: .)")
         cmd.add_argument("--source", default=None, help="FracAtlas folder or zip (default: $FRACATLAS_SOURCE, else figshare)")
         cmd.add_argument("--profile", default=None, help="a profile in params.yaml (default: by hardware)")
     sub.choices["deploy"].add_argument("--work-pool", default=None, help="overrides schedule.work_pool")
     args = parser.parse_args(argv)
 
     try:
-        params = load_params(args.project_dir)
+        # A deployment names the project where its workers see it (/opt/fracture in an image),
+        # which need not exist here: its schedule is read from this checkout.
+        params = load_params(args.project_dir if args.command == "serve" else ".")
         if not PREFECT_API_URL.value():
             print(
                 "PREFECT_API_URL is not set: the schedule lives only as long as a temporary local server. "

@@ -97,6 +97,21 @@ def set_profile(project: Path, profile: str) -> bool:
     return True
 
 
+def resolved_source(source: str | None, project: Path) -> str | None:
+    """The run's FracAtlas source as an absolute path, or ``None`` (figshare).
+
+    Resolved once, so the listing that tells an unchanged source and the ingest command (which
+    runs in the project) read the same files: ``source`` given to the run against the directory
+    it started in, $FRACATLAS_SOURCE (a worker's environment, whose runs start in a temporary
+    folder of Prefect's) against the project.
+    """
+    if source:
+        return str(Path(source).expanduser().resolve())
+    if os.environ.get(SOURCE_ENV):
+        return str((project / Path(os.environ[SOURCE_ENV]).expanduser()).resolve())
+    return None
+
+
 @flow(name="retrain", log_prints=True)
 def retrain(project_dir: str = ".", source: str | None = None, profile: str | None = None) -> RetrainResult:
     """Brings the data in, reproduces every DVC stage and registers the model.
@@ -127,12 +142,7 @@ def _retrain(project: Path, source: str | None, profile: str | None) -> RetrainR
     # The flaky tasks (download, registry) retry after transient errors as params.yaml says.
     retry = {"retries": params.schedule.retries, "retry_delay_seconds": params.schedule.retry_delay_seconds}
 
-    source = source or os.environ.get(SOURCE_ENV) or None
-    if source:
-        # Against the directory the run started in, once: the listing that tells an unchanged
-        # source and the ingest command (which runs in the project) then read the same files.
-        source = str(Path(source).expanduser().resolve())
-    ingested = ingest_task.with_options(**retry)(project, source)
+    ingested = ingest_task.with_options(**retry)(project, resolved_source(source, project))
     runs, results = {}, {}
     # One status check for the whole pipeline: when DVC finds nothing changed, no stage is
     # reproduced. Otherwise DVC reproduces every stage in order, which reruns what an upstream

@@ -140,7 +140,7 @@ def read_dataset_csv(csv_file: Path) -> pd.DataFrame:
             that is not a whole number; the message names the file, the column and the lines.
     """
     try:
-        csv = pd.read_csv(csv_file, dtype=str, keep_default_na=False).rename(columns=str.strip)
+        csv = _read_text_csv(csv_file)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as exc:
         raise ManifestError(f"{csv_file} is not a readable csv file ({exc}); copy it again from the FracAtlas release") from exc
     missing = [c for c in ("image_id", "fractured") if c not in csv]
@@ -157,7 +157,7 @@ def read_dataset_csv(csv_file: Path) -> pd.DataFrame:
     for column in [c for c in ("fractured", "fracture_count", *FLAG_COLUMNS) if c in csv]:
         text = csv[column].str.strip()
         values = pd.to_numeric(text.replace("", None), errors="coerce")
-        bad = text.ne("") & (values.isna() | (values != values.round()))
+        bad = text.ne("") & (values.isna() | ~np.isfinite(values) | (values != values.round()) | (values.abs() > 2**31))
         if bad.any():
             raise ManifestError(
                 f"{csv_file}: column {column} holds whole numbers (or is empty where unknown); "
@@ -165,6 +165,13 @@ def read_dataset_csv(csv_file: Path) -> pd.DataFrame:
             )
         csv[column] = values.astype("Int64")
     return csv
+
+
+def _read_text_csv(csv_file: Path) -> pd.DataFrame:
+    """Every cell as text ("" where empty), indexed by data line (the line after the header is 0):
+    blank lines are dropped but keep their numbers, so messages name the lines an editor shows."""
+    csv = pd.read_csv(csv_file, dtype=str, keep_default_na=False, skip_blank_lines=False).rename(columns=str.strip)
+    return csv[csv.ne("").any(axis=1)]
 
 
 def _rows(where: pd.Series, values: pd.Series | None = None) -> str:
@@ -249,7 +256,7 @@ def read_csv_layout(dataset_dir: Path) -> pd.DataFrame:
     """
     csv_file = dataset_dir / LABELS_CSV
     try:
-        csv = pd.read_csv(csv_file, dtype=str, keep_default_na=False).rename(columns=str.strip)
+        csv = _read_text_csv(csv_file)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise ManifestError(f"{csv_file} is not a readable csv file ({exc}); export it again as UTF-8 csv") from exc
     if "label" not in csv or not ({"path", "image_id"} & set(csv.columns)):

@@ -241,7 +241,7 @@ def add_near_duplicates(
             "image ids on more than one row (%s): near-duplicates are not looked for until each id is one image",
             ", ".join(sorted(set(repeated))[:10]),
         )
-        return out.assign(near_duplicate_group=out["image_id"], near_duplicate_conflict=False, near_duplicate_compared=False)
+        return out.assign(near_duplicate_group=out["image_id"], near_duplicate_conflict=False)
     usable = out[out["has_file"].fillna(False).astype(bool) & out["decodable"].fillna(False).astype(bool)]
     ids = usable["image_id"].tolist()
     truncated = usable["truncated"].fillna(False).astype(bool) if "truncated" in usable else None

@@ -166,7 +166,8 @@ def _near_duplicate_counts(manifest: pd.DataFrame, groups: list[list[str]]) -> d
         # a quarter of its height): a near-duplicate of one of them would go unnoticed.
         used = manifest["included"].astype(bool) if "included" in manifest else pd.Series(True, index=manifest.index)
         decodable = manifest["decodable"].fillna(False).astype(bool)
-        unseen = used & decodable & ~manifest["near_duplicate_compared"].astype(bool)
+        truncated = manifest["truncated"].fillna(False).astype(bool)
+        unseen = used & decodable & truncated & ~manifest["near_duplicate_compared"].astype(bool)
         counts["not_compared"] = sorted(manifest.loc[unseen, "image_id"])
     return counts
 

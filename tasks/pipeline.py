@@ -247,10 +247,18 @@ def uncommitted(project: Path, paths: tuple[str, ...] = (DATA_DVC, "dvc.lock")) 
     """
     from fracture.versions import git_output  # noqa: PLC0415 - it imports DVC's API, which loads slowly
 
-    out = git_output(project, "status", "--porcelain", "--untracked-files=all", "--", *paths, ":(glob)**/.gitignore")
+    # NUL-separated: names with spaces or non-ASCII letters come unquoted.
+    out = git_output(project, "status", "--porcelain", "-z", "--untracked-files=all", "--", *paths, ":(glob)**/.gitignore")
+    entries = iter((out or "").split("\0"))
+    found = []
+    for entry in entries:
+        if entry[3:]:
+            found.append(entry[3:])
+            if entry[0] in "RC":
+                next(entries, None)  # a rename's or copy's source path follows
     # Porcelain output names paths from the repository's root; the project's own prefix is dropped.
     prefix = (git_output(project, "rev-parse", "--show-prefix") or "").strip()
-    return [path.removeprefix(prefix) for line in (out or "").splitlines() if (path := line[3:])]
+    return [path.removeprefix(prefix) for path in found]
 
 
 def dvc_status(project: Path, targets: list[str]) -> dict[str, Any]:

@@ -190,6 +190,12 @@ def test_deploy_to_a_work_pool(api, project, monkeypatch):
         dep = client.read_deployment_by_name("retrain/weekly-retrain")
     here = project.parent.resolve()
     assert dep.parameters == {"project_dir": str(here / project.name), "source": str(here / "FracAtlas.zip")}
+    # Deployed from this checkout to where the workers see the project (an image's folder, absent here).
+    monkeypatch.chdir(project)
+    main(["deploy", "--project-dir", "/opt/fracture"])
+    with get_client(sync_client=True) as client:
+        dep = client.read_deployment_by_name("retrain/weekly-retrain")
+    assert dep.parameters == {"project_dir": "/opt/fracture"}
 
     set_schedule(project, work_pool=None)
     with pytest.raises(SystemExit, match=r"schedule\.work_pool is null"):

@@ -184,7 +184,7 @@ def test_what_to_commit_is_named_from_the_project_inside_its_repository(tmp_path
     """A project in a folder of its git repository: `git add <path>` typed in the project must find the file."""
     from tasks.pipeline import uncommitted
 
-    project = tmp_path / "repo" / "fracture"
+    project = tmp_path / "repo" / "fracture models é"  # a space and a non-ASCII letter, which git quotes
     project.mkdir(parents=True)
     run(tmp_path / "repo", "git", "init", "-q")
     (project / "dvc.lock").write_text("schema: '2.0'\n")

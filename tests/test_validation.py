@@ -285,6 +285,8 @@ def test_an_id_on_two_rows_fails_its_rule_with_near_duplicates_on(tmp_path, vpar
     failed = {f.rule: f.unexpected_ids for f in report.failures()}
     assert failed["unique_image_id"] == ["IMG0000001.jpg"]
     assert "rule 'unique_image_id' failed" in failure_message(report)
+    # Nothing was compared, and nothing is said to be too short to compare.
+    assert report.counts["near_duplicates"].get("not_compared", []) == []
 
 
 @pytest.mark.parametrize(
@@ -296,13 +298,30 @@ def test_an_id_on_two_rows_fails_its_rule_with_near_duplicates_on(tmp_path, vpar
         (lambda c: c.astype({"fractured": object}).assign(fractured=[1, 1, "1.5"] + [0] * (len(c) - 3)),
          r"column fractured holds whole numbers .*; line 4 \('1.5'\) do not"),
         (lambda c: c.assign(image_id=["IMG0000000.jpg", ""] + list(c["image_id"][2:])), r"image_id is empty on line 3"),
+        (lambda c: c.astype({"fracture_count": object}).assign(fracture_count=["inf"] + [0] * (len(c) - 1)),
+         r"column fracture_count holds whole numbers .*; line 2 \('inf'\) do not"),
+        (lambda c: c.astype({"leg": object}).assign(leg=[0, "99999999999999999999"] + [0] * (len(c) - 2)),
+         r"column leg holds whole numbers .*; line 3 \('99999999999999999999'\) do not"),
     ],
-    ids=["no fractured column", "a flag that is a word", "a label that is a fraction", "a row without an id"],
+    ids=["no fractured column", "a flag that is a word", "a label that is a fraction", "a row without an id",
+         "infinity", "a number too large"],
 )
 def test_a_malformed_dataset_csv_is_refused_naming_the_file_column_and_line(tmp_path, change, message):
     csv = make_dataset(tmp_path)
     change(csv).to_csv(tmp_path / "dataset.csv", index=False)
     with pytest.raises(ManifestError, match=f"dataset.csv.*{message}"):
+        build_manifest(tmp_path, workers=1)
+
+
+def test_a_dataset_csv_line_is_named_as_an_editor_numbers_it_blank_lines_counted(tmp_path):
+    make_dataset(tmp_path)
+    lines = (tmp_path / "dataset.csv").read_text().splitlines()
+    bad = lines[3].split(",")
+    bad[3] = "yes"  # hip
+    lines[3] = ",".join(bad)
+    lines.insert(2, "")  # a blank line 3: the bad row is now line 5
+    (tmp_path / "dataset.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ManifestError, match=r"column hip .*; line 5 \('yes'\) do not"):
         build_manifest(tmp_path, workers=1)
 
 
