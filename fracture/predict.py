@@ -218,17 +218,17 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
             source = dcmread(path, stop_before_pixels=True, force=True)  # is_dicom said it is DICOM, preamble or not
             study = str(source.StudyInstanceUID)
             uid = str(source.get("SOPInstanceUID", ""))
-            earlier = folder / f"{uid}.sr.dcm"
+            # Named after the source image unless its UID is invalid or already named a report of this call.
+            own = f"{uid}.sr.dcm" if UID(uid).is_valid and f"{uid}.sr.dcm" not in names else None
             # A report an earlier run wrote for this image is superseded, and says so.
-            earlier_run = UID(uid).is_valid and earlier.name not in names and earlier.is_file()
-            replaces = _earlier_report(earlier) if earlier_run else None
+            replaces = _earlier_report(folder / own) if own and (folder / own).is_file() else None
+            number = numbers.get(study, 0) + 1
             sr = structured_report(
                 source, float(row.fracture_probability), float(row.threshold), row.label == "fractured",
                 str(row.model), str(row.version),
-                series_uid=series.setdefault(study, generate_uid()), instance_number=numbers.get(study, 0) + 1,
-                replaces=replaces,
+                series_uid=series.setdefault(study, generate_uid()), instance_number=number, replaces=replaces,
             )
-            numbers[study] = numbers.get(study, 0) + 1
+            numbers[study] = number
         except (AttributeError, KeyError, ValueError, TypeError) as exc:
             reason = f"no structured report: {exc}"
             log.warning("%s: %s", path, reason)
@@ -236,7 +236,7 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
             table.iloc[index, table.columns.get_loc("note")] = "; ".join(filter(None, [note, reason]))
             written.append("")
             continue
-        name = f"{uid}.sr.dcm" if UID(uid).is_valid and f"{uid}.sr.dcm" not in names else f"{sr.SOPInstanceUID}.sr.dcm"
+        name = own or f"{sr.SOPInstanceUID}.sr.dcm"
         names.add(name)
         target = folder / name
         # Written beside and moved into place: a run stopped midway leaves the earlier report whole.
