@@ -150,14 +150,10 @@ def read_dataset_csv(csv_file: Path) -> pd.DataFrame:
             "dataset.csv names each image (image_id) and its label (fractured: 1 or 0), with the flag columns "
             f"{', '.join(FLAG_COLUMNS)} and fracture_count"
         )
-    csv["image_id"] = csv["image_id"].str.strip()
-    empty = csv["image_id"] == ""
-    if empty.any():
-        raise ManifestError(f"{csv_file}: column image_id is empty on {_rows(empty)}; name each row's file")
+    csv["image_id"] = _named_ids(csv["image_id"], csv_file)
     for column in [c for c in ("fractured", "fracture_count", *FLAG_COLUMNS) if c in csv]:
         text = csv[column].str.strip()
-        values = pd.to_numeric(text.replace("", None), errors="coerce")
-        bad = text.ne("") & (values.isna() | ~np.isfinite(values) | (values != values.round()) | (values.abs() > 2**31))
+        values, bad = _whole_numbers(text)
         if bad.any():
             raise ManifestError(
                 f"{csv_file}: column {column} holds whole numbers (or is empty where unknown); "
@@ -165,6 +161,23 @@ def read_dataset_csv(csv_file: Path) -> pd.DataFrame:
             )
         csv[column] = values.astype("Int64")
     return csv
+
+
+def _named_ids(raw: pd.Series, csv_file: Path) -> pd.Series:
+    """A csv file's image_id column, stripped; raises ManifestError naming the lines where it is empty."""
+    ids = raw.str.strip()
+    empty = ids == ""
+    if empty.any():
+        raise ManifestError(f"{csv_file}: column image_id is empty on {_rows(empty)}; name each row's file")
+    return ids
+
+
+def _whole_numbers(text: pd.Series) -> tuple[pd.Series, pd.Series]:
+    """A csv column's cells as numbers (NA where empty), and which non-empty cells are not whole
+    numbers an int64 holds with room (a word, a fraction, infinity, more than 2^31)."""
+    values = pd.to_numeric(text.replace("", None), errors="coerce")
+    bad = text.ne("") & (values.isna() | ~np.isfinite(values) | (values != values.round()) | (values.abs() > 2**31))
+    return values, bad
 
 
 def _read_text_csv(csv_file: Path) -> pd.DataFrame:
@@ -270,15 +283,11 @@ def read_csv_layout(dataset_dir: Path) -> pd.DataFrame:
     if "path" in csv:
         paths = _csv_paths(csv["path"], csv_file)
     else:
-        ids = csv["image_id"].str.strip()
-        empty = ids == ""
-        if empty.any():
-            raise ManifestError(f"{csv_file}: column image_id is empty on {_rows(empty)}; name each row's file")
-        paths = _match_ids(ids, files, csv_file)
+        paths = _match_ids(_named_ids(csv["image_id"], csv_file), files, csv_file)
     ids = csv["image_id"].str.strip() if "image_id" in csv else paths
     label_text = csv["label"].str.strip()
-    labels = pd.to_numeric(label_text, errors="coerce")
-    unreadable = labels.isna() | (labels != labels.round())
+    labels, not_whole = _whole_numbers(label_text)
+    unreadable = label_text.eq("") | not_whole  # every row needs its label
     if unreadable.any():
         raise ManifestError(
             f"{csv_file}: column label must be 1 (fractured) or 0 (not fractured); {_rows(unreadable, label_text)} "

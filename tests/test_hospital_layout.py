@@ -91,6 +91,7 @@ def test_image_ids_alone_are_matched_to_file_names(tmp_path):
     [
         ("path,body_part\nimages/a.png,hand\n", r"needs label .* and path"),
         ("path,label\nimages/a.png,yes\nimages/b.png,\n", r"line 2 \('yes'\), line 3 \(''\) are not whole numbers"),
+        ("path,label\nimages/a.png,1\n\nimages/b.png,inf\n", r"line 4 \('inf'\) are not whole numbers"),
         ("path,label\n../secret.png,1\n", r"no '\.\.'.*line 2 \('\.\./secret\.png'\)"),
         ("path,label,body_part\nimages/a.png,1,knee\n", r"body_part allows hand, hip, leg, mixed, shoulder.*line 2 \('knee'\)"),
         ("path,label,view\nimages/a.png,1,axial\n", r"view allows .*line 2 \('axial'\)"),
