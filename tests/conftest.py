@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 REPO = Path(__file__).resolve().parents[1]
 FRACATLAS = (REPO.parent / "shared" / "fracatlas").resolve()
-PROJECT_FILES = ("dvc.yaml", "params.yaml", ".dvcignore")
+PROJECT_FILES = ("dvc.yaml", "params.yaml", ".dvcignore", "pretrained/README.md")  # the train stage depends on pretrained/
 #: FracAtlas's fracture boxes (COCO JSON), where params.yaml's evaluate.boxes points.
 COCO_BOXES = Path("Annotations/COCO JSON/COCO_fracture_masks.json")
 
@@ -146,6 +146,7 @@ def copy_project(root: Path) -> Path:
     """A throwaway checkout of the project at ``root``: its pipeline, params and code, git and DVC."""
     root.mkdir(parents=True)
     for name in PROJECT_FILES:
+        (root / name).parent.mkdir(exist_ok=True)
         shutil.copy(REPO / name, root / name)
     shutil.copytree(REPO / "fracture", root / "fracture", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(REPO / ".dvc", root / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))

@@ -17,7 +17,11 @@ from fracture.model import (
     create_classifier,
     data_config,
     profile_data_config,
+    require_versioned_weights,
 )
+from fracture.stages.crossval import run_crossval
+from fracture.stages.train import run_train
+from fracture.workspace import Workspace
 from tests.conftest import REPO
 
 # ImageNet classes 281-285 are the domestic cats (tabby, tiger cat, Persian, Siamese, Egyptian).
@@ -77,6 +81,37 @@ def test_missing_weights_file_fails_instead_of_training_from_random(cpu_profile,
     profile = dataclasses.replace(cpu_profile, weights="file", weights_file=str(tmp_path / "nope.safetensors"))
     with pytest.raises(PretrainedWeightsError, match="nope.safetensors"):
         create_classifier(profile)
+
+
+def _with_weights_file(weights_file: str):
+    params = load_params(REPO)
+    profile = dataclasses.replace(params.profile, weights="file", weights_file=weights_file)
+    return dataclasses.replace(params, profiles=params.profiles | {params.train.profile: profile})
+
+
+@pytest.mark.parametrize(
+    "stage", [run_train, run_crossval], ids=["train", "crossval"]
+)
+def test_the_stages_refuse_a_weights_file_dvc_does_not_version(tmp_path, stage):
+    # Checked before anything is read: this project has no split tables or cache at all.
+    outside = tmp_path / "models" / "b6.safetensors"
+    params = _with_weights_file(str(outside))
+    with pytest.raises(PretrainedWeightsError) as err:
+        stage(params, Workspace(tmp_path))
+    message = str(err.value)
+    assert f"profiles.{params.train.profile}.weights_file: {outside}" in message
+    assert "dvc add pretrained/b6.safetensors" in message and "weights_file: pretrained/b6.safetensors" in message
+    # A path that only starts in the folder and leaves it is outside too.
+    with pytest.raises(PretrainedWeightsError):
+        require_versioned_weights(_with_weights_file("pretrained/../b6.safetensors").profile, "cpu", tmp_path)
+
+
+@pytest.mark.parametrize("relative", [True, False], ids=["relative", "absolute"])
+def test_a_weights_file_in_the_pretrained_folder_is_accepted(tmp_path, relative):
+    inside = "pretrained/b6.safetensors" if relative else str(tmp_path / "pretrained" / "b6.safetensors")
+    require_versioned_weights(_with_weights_file(inside).profile, "cpu", tmp_path)
+    # The other sources are not files: nothing to check.
+    require_versioned_weights(load_params(REPO).profiles["paper"], "paper", tmp_path)
 
 
 def test_lite0_package_refuses_another_architecture(cpu_profile):

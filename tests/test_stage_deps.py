@@ -51,3 +51,11 @@ def test_every_module_a_stage_imports_is_a_dependency_of_it(pipeline, stage, dep
     assert f"stages/{stage}" in listed
     missing = sorted(imported_modules(f"fracture.stages.{stage}") - through_the_others - NOT_DEPENDENCIES - listed)
     assert not missing, f"{pipeline}: stage {stage} runs fracture/{missing[0]}.py, not in its deps: add {missing}"
+
+
+@pytest.mark.parametrize("stage", ["train", "crossval"])
+def test_the_stages_that_read_a_weights_file_depend_on_its_folder(stage):
+    # fracture.model.require_versioned_weights keeps weights_file in pretrained/; this dependency
+    # is what makes `dvc repro` retrain when the file there changes.
+    (deps,) = [deps for _, name, deps in stages() if name == stage]
+    assert "pretrained" in deps

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 
 from fracture import checkpoint, distributed
 from fracture.config import Params
+from fracture.model import require_versioned_weights
 from fracture.stages.prepare import active_cache, open_cache
 from fracture.tracking import hardware_tags, setup_mlflow
 from fracture.training import FitResult, select_device, train
@@ -84,7 +85,11 @@ def run_train(params: Params, workspace: Workspace) -> TrainResult:
 
     Returns:
         The model's description and its MLflow run.
+
+    Raises:
+        PretrainedWeightsError: a ``weights_file`` outside ``pretrained/`` (:func:`fracture.model.require_versioned_weights`).
     """
+    require_versioned_weights(params.profile, params.train.profile, workspace.root)
     if params.train.processes > 1 and not distributed.launched():
         distributed.launch(_rank, params.train.processes, params, workspace)
         return workspace.read_train()
