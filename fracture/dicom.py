@@ -29,8 +29,10 @@ imported: the logged MLflow model carries this module.
 
 from __future__ import annotations
 
+import hashlib
 import io
 from collections.abc import Iterable
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -148,6 +150,37 @@ def read_header(data: bytes) -> Dataset:
             uid.ImplicitVRLittleEndian if implicit else uid.ExplicitVRLittleEndian if little else uid.ExplicitVRBigEndian
         )
     return ds
+
+
+def patient_key(path: Path) -> str | None:
+    """The patient a DICOM file belongs to, as a pseudonymous key, read from its header alone.
+
+    The key is ``dicom-`` and 16 hex digits of the sha256 of the file's Issuer of Patient ID and
+    Patient ID, so two files share it exactly when both attributes agree. Only equality is used
+    (a patient's images are kept in one split); the identifier itself is not copied into the
+    tables the pipeline writes. A hash of a short identifier is no anonymisation (every value
+    can be tried), so those tables stay where the export is kept.
+
+    Returns:
+        The key; None for a file that is not DICOM or cannot be read (the validate stage reports
+        that), or whose Patient ID is empty.
+    """
+    with path.open("rb") as handle:
+        start = handle.read(132)
+    if not is_dicom(start):
+        return None
+    try:
+        ds = dcmread(
+            path, stop_before_pixels=True, specific_tags=["IssuerOfPatientID", "PatientID"],
+            force=start[128:132] != b"DICM",
+        )
+        patient = str(ds.get("PatientID") or "").strip()
+        issuer = str(ds.get("IssuerOfPatientID") or "").strip()
+    except (InvalidDicomError, EOFError, ValueError, KeyError, OSError):
+        return None
+    if not patient:
+        return None
+    return "dicom-" + hashlib.sha256(f"{issuer}\0{patient}".encode()).hexdigest()[:16]
 
 
 def check_complete(ds: Dataset) -> None:

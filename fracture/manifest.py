@@ -31,6 +31,7 @@ import pandas as pd
 from PIL import Image
 
 from fracture.decoding import decode, decode_truncated, export_files
+from fracture.dicom import patient_key
 from fracture.near_duplicates import add_near_duplicates
 from fracture.vocabulary import Layout
 
@@ -259,13 +260,16 @@ def read_csv_layout(dataset_dir: Path) -> pd.DataFrame:
         ``image_id``, ``path`` (relative to ``dataset_dir``; empty when no file matched),
         ``folder_label``, ``csv_label``, ``has_file``, ``in_csv``, the flags of
         :data:`BODY_PARTS` and :data:`VIEWS` (NA where a cell is empty or labels.csv lacks the
-        column), and ``patient_id`` when labels.csv has it (NA where a cell is empty). Other
-        columns are left out, with a warning naming them.
+        column), and ``patient_id``: labels.csv's column where it has one (NA where a cell
+        is empty), else a key of each DICOM file's Patient ID and its issuer
+        (:func:`fracture.dicom.patient_key`; NA for other files), and no column when no file
+        has one. Other columns are left out, with a warning naming them.
 
     Raises:
         ManifestError: labels.csv lacks ``label`` or both ``path`` and ``image_id``, or a
             value cannot be read (a label that is not a number, a path outside the folder, an
             id that names two files, an unknown body part or view); the message names the lines.
+            Or, without a ``patient_id`` column, one DICOM Patient ID covers most files (a placeholder).
     """
     csv_file = dataset_dir / LABELS_CSV
     try:
@@ -312,9 +316,43 @@ def read_csv_layout(dataset_dir: Path) -> pd.DataFrame:
     frame = pd.concat([rows, unlisted], ignore_index=True)
     frame["in_csv"] = frame["in_csv"].astype(bool)
     frame["has_file"] = frame["path"].isin(set(files))
+    if "patient_id" not in csv:
+        patients = _dicom_patients(dataset_dir, files, csv_file)
+        if patients:
+            frame["patient_id"] = frame["path"].map(patients).astype("string")
     frame.loc[~frame["has_file"], "path"] = ""
     frame["folder_label"] = pd.NA
     return _typed(frame)
+
+
+#: A Patient ID shared by more than half of at least this many DICOM files is taken for an
+#: anonymiser's placeholder, not one patient (:func:`_dicom_patients`).
+PLACEHOLDER_MIN_FILES = 10
+
+
+def _dicom_patients(dataset_dir: Path, files: list[str], csv_file: Path) -> dict[str, str]:
+    """Each DICOM file's patient key (:func:`fracture.dicom.patient_key`), for an export whose
+    labels.csv has no ``patient_id`` column: the header's Patient ID links a patient's images.
+
+    Raises:
+        ManifestError: one Patient ID covers most of the files, as an anonymiser that writes one
+            placeholder for everyone leaves them; linked, every image would be one patient's.
+    """
+    patients = {f: key for f in files if (key := patient_key(dataset_dir / f)) is not None}
+    if not patients:
+        return patients
+    counts = pd.Series(patients).value_counts()
+    if len(patients) >= PLACEHOLDER_MIN_FILES and counts.iloc[0] > len(patients) / 2:
+        raise ManifestError(
+            f"{counts.iloc[0]} of the {len(patients)} DICOM files under {dataset_dir / IMAGES_DIR} carry one "
+            "Patient ID (with its Issuer), as an anonymiser's placeholder would; read as one patient's, they "
+            f"would all be kept in one split. Give {csv_file} a patient_id column saying which images share a "
+            "patient (an empty cell links nothing); it is used instead of the DICOM headers"
+        )
+    log.info(
+        "%s has no patient_id column: %d DICOM files' Patient ID links them as %d patients", csv_file, len(patients), len(counts)
+    )
+    return patients
 
 
 def build_manifest(

@@ -8,6 +8,7 @@ file sees what the JPEG shows, so the model must score both the same.
 from __future__ import annotations
 
 import io
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +43,9 @@ def _dataset(modality: str = "DX", sop_class: str = DigitalXRayImageStorageForPr
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
     ds.StudyInstanceUID = generate_uid()
     ds.SeriesInstanceUID = generate_uid()
-    ds.PatientID = "TEST0001"
+    # Each file its own patient unless a test says otherwise: an export without a patient_id
+    # column links files by this (fracture.dicom.patient_key).
+    ds.PatientID = f"TEST-{uuid.uuid4().hex[:12]}"
     ds.PatientName = "Test^Phantom"
     ds.StudyID = "1"
     ds.SeriesNumber = 1

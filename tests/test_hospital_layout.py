@@ -234,3 +234,65 @@ def test_a_patient_id_column_keeps_each_patients_images_in_one_split_and_fold(tm
     alone = split_manifest(manifest.drop(columns="patient_id"), PARAMS)
     where = {i: name for name in SPLITS for i in alone[name]["image_id"]}
     assert (patients.assign(split=patients["image_id"].map(where)).groupby("patient_id")["split"].nunique() > 1).any()
+
+
+def _set_patient(path: Path, patient: str, issuer: str | None = None, preamble: bool = True) -> None:
+    import io
+
+    from pydicom import dcmread
+
+    from tests.dicom_files import to_bytes, without_preamble
+
+    ds = dcmread(path)
+    ds.PatientID = patient
+    if issuer is not None:
+        ds.IssuerOfPatientID = issuer
+    data = to_bytes(ds)
+    path.write_bytes(data if preamble else without_preamble(data))
+    assert dcmread(io.BytesIO(path.read_bytes()), force=True).PatientID.strip() == patient.strip()
+
+
+def test_without_a_patient_id_column_the_dicom_patient_id_links_a_patients_images(tmp_path):
+    from fracture.split import group_key
+
+    files = {"a.dcm": 1, "b.dcm": 2, "c.dcm": 3, "d.dcm": 4, "e.dcm": 5, "f.png": 6}
+    root = export(tmp_path / "export", "path,label\n" + "".join(f"images/{f},0\n" for f in files), files)
+    _set_patient(root / "images/a.dcm", "MRN-7731", "HOSP-A")
+    _set_patient(root / "images/b.dcm", " MRN-7731 ", "HOSP-A", preamble=False)  # padded, and no preamble
+    _set_patient(root / "images/c.dcm", "MRN-7731", "HOSP-B")  # another hospital's patient 7731
+    _set_patient(root / "images/d.dcm", "")  # no Patient ID: links nothing
+    frame = read_csv_layout(root).set_index("image_id")
+    key = frame["patient_id"]
+    assert key["images/a.dcm"] == key["images/b.dcm"]
+    assert len({key["images/a.dcm"], key["images/c.dcm"], key["images/e.dcm"]}) == 3
+    assert pd.isna(key["images/d.dcm"]) and pd.isna(key["images/f.png"])
+    # The identifier itself is not copied into the manifest, only a key of it.
+    assert not key.dropna().str.contains("7731").any() and key.dropna().str.startswith("dicom-").all()
+    # The split's groups join a and b, and nothing else.
+    joined = frame.reset_index().assign(group=group_key(frame.reset_index())).groupby("group")["image_id"].apply(sorted)
+    assert sorted(joined.tolist()) == sorted(
+        [["images/a.dcm", "images/b.dcm"], ["images/c.dcm"], ["images/d.dcm"], ["images/e.dcm"], ["images/f.png"]]
+    )
+
+
+def test_a_patient_id_column_is_used_instead_of_the_dicom_headers(tmp_path):
+    root = export(tmp_path / "export", "path,label,patient_id\nimages/a.dcm,0,P1\nimages/b.dcm,0,\n", {"a.dcm": 1, "b.dcm": 2})
+    _set_patient(root / "images/a.dcm", "MRN-1")
+    _set_patient(root / "images/b.dcm", "MRN-1")
+    frame = read_csv_layout(root).set_index("image_id")
+    assert frame["patient_id"].fillna("(empty)").to_dict() == {"images/a.dcm": "P1", "images/b.dcm": "(empty)"}
+
+
+def test_one_placeholder_patient_id_on_most_files_is_refused(tmp_path):
+    files = {f"{n}.dcm": n for n in range(12)}
+    root = export(tmp_path / "export", "path,label\n" + "".join(f"images/{f},0\n" for f in files), files)
+    for name in list(files)[:7]:
+        _set_patient(root / "images" / name, "ANONYMOUS")
+    with pytest.raises(ManifestError) as err:
+        read_csv_layout(root)
+    message = str(err.value)
+    assert "7 of the 12 DICOM files" in message and "labels.csv a patient_id column" in message
+    assert "ANONYMOUS" not in message
+    # Six of twelve is not most of them: read as one patient's six images.
+    _set_patient(root / "images/0.dcm", "MRN-0")
+    assert read_csv_layout(root)["patient_id"].value_counts().iloc[0] == 6
