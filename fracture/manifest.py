@@ -25,6 +25,7 @@ import re
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import pandas as pd
@@ -132,8 +133,12 @@ def _read_fracatlas_layout(dataset_dir: Path) -> pd.DataFrame:
     return join_files_and_csv(files, read_dataset_csv(dataset_dir / "dataset.csv"))
 
 
-def read_dataset_csv(csv_file: Path) -> pd.DataFrame:
+def read_dataset_csv(csv_file: Path | str, handle: IO[bytes] | None = None) -> pd.DataFrame:
     """FracAtlas's dataset.csv: ``image_id``, ``fractured`` and its other whole-number columns as numbers.
+
+    Args:
+        csv_file: the file, or the name messages give it when ``handle`` is read instead.
+        handle: an open binary file to read (a past dataset version's, streamed through DVC).
 
     Raises:
         ManifestError: the file cannot be read, lacks ``image_id`` or ``fractured``, names no
@@ -141,7 +146,7 @@ def read_dataset_csv(csv_file: Path) -> pd.DataFrame:
             that is not a whole number; the message names the file, the column and the lines.
     """
     try:
-        csv = _read_text_csv(csv_file)
+        csv = _read_text_csv(csv_file if handle is None else handle)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as exc:
         raise ManifestError(f"{csv_file} is not a readable csv file ({exc}); copy it again from the FracAtlas release") from exc
     missing = [c for c in ("image_id", "fractured") if c not in csv]
@@ -181,7 +186,7 @@ def _whole_numbers(text: pd.Series) -> tuple[pd.Series, pd.Series]:
     return values, bad
 
 
-def _read_text_csv(csv_file: Path) -> pd.DataFrame:
+def _read_text_csv(csv_file: Path | IO[bytes]) -> pd.DataFrame:
     """Every cell as text ("" where empty), indexed by data line (the line after the header is 0):
     blank lines are dropped but keep their numbers, so messages name the lines an editor shows."""
     csv = pd.read_csv(csv_file, dtype=str, keep_default_na=False, skip_blank_lines=False).rename(columns=str.strip)

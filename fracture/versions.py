@@ -9,6 +9,7 @@ images themselves, so the comparison stays cheap even for the full dataset.
 
 from __future__ import annotations
 
+import io
 import posixpath
 import subprocess
 from collections.abc import Mapping
@@ -21,7 +22,7 @@ from dvc.api import DVCFileSystem
 from dvc.exceptions import DvcException
 from dvc_data.index.index import DataIndexError
 
-from fracture.manifest import BODY_PARTS, FOLDERS, VIEWS, join_files_and_csv
+from fracture.manifest import BODY_PARTS, FOLDERS, VIEWS, ManifestError, join_files_and_csv, read_dataset_csv
 from fracture.vocabulary import CLASSES
 
 STATUS_COMPARED = "compared"
@@ -224,15 +225,16 @@ def read_version(
             raise _not_fracatlas(rev, base, f"has no {csv_path}")
         try:
             with fs.open(csv_path, mode="rb") as f:
-                csv = pd.read_csv(f)
+                data = f.read()
         except _READ_ERRORS as exc:  # "No storage files available": listed, but not cached
             raise _not_cached(project_root, rev, dvc_file, f"reading {csv_path}", exc) from exc
-        except ValueError as exc:  # pandas' ParserError and EmptyDataError, a bad encoding
-            raise _not_fracatlas(rev, base, f"has an unreadable {csv_path} ({exc})") from exc
     finally:
         fs.close()
-    if "image_id" not in csv.columns:
-        raise _not_fracatlas(rev, base, f"has no image_id column in {csv_path}")
+    try:
+        # Read as the current data's dataset.csv is, with the same checks and messages.
+        csv = read_dataset_csv(csv_path, io.BytesIO(data))
+    except ManifestError as exc:  # a missing column, a word where a label belongs, ...
+        raise _not_fracatlas(rev, base, f"has a dataset.csv that cannot be read: {exc}") from exc
     files = pd.DataFrame(rows, columns=["image_id", "path", "folder_label"])
     # Joined the way build_manifest joins the current data, so both versions count alike.
     return join_files_and_csv(files, csv).sort_values("image_id").reset_index(drop=True)

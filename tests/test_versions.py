@@ -252,6 +252,28 @@ def test_read_version_matches_the_manifest_of_the_same_data(project: Path) -> No
     pd.testing.assert_frame_equal(committed[columns], manifest(project)[columns])
 
 
+def test_a_previous_dataset_csv_that_cannot_be_read_is_reported_with_its_line(project: Path) -> None:
+    # v1 as committed had a word where a label belongs; v2 (the current data) fixes it.
+    csv_file = dataset(project) / "dataset.csv"
+    good = csv_file.read_text()
+    lines = good.splitlines()
+    header = lines[0].split(",")
+    cells = lines[2].split(",")
+    cells[header.index("fractured")] = "yes"
+    csv_file.write_text("\n".join([*lines[:2], ",".join(cells), *lines[3:]]) + "\n")
+    dvc(project, "add", "-q", "data")
+    v1 = commit(project, "dataset v1 with a word for a label")
+    csv_file.write_text(good)
+    dvc(project, "add", "-q", "data")
+
+    result = compare_with_previous(manifest(project), project)
+
+    assert result["status"] == STATUS_UNAVAILABLE
+    assert result["previous"]["commit"] == v1
+    message = result["message"]
+    assert v1[:12] in message and "column fractured" in message and "line 3 ('yes')" in message, message
+
+
 def test_manifest_without_needed_columns_is_rejected(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="folder_label"):
         compare_with_previous(pd.DataFrame({"image_id": ["a.jpg"]}), tmp_path)
