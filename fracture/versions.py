@@ -22,7 +22,14 @@ from dvc.api import DVCFileSystem
 from dvc.exceptions import DvcException
 from dvc_data.index.index import DataIndexError
 
-from fracture.manifest import BODY_PARTS, FOLDERS, VIEWS, ManifestError, join_files_and_csv, read_dataset_csv
+from fracture.manifest import (
+    BODY_PARTS,
+    FOLDERS,
+    VIEWS,
+    ManifestError,
+    join_files_and_csv,
+    read_dataset_csv,
+)
 from fracture.vocabulary import CLASSES
 
 STATUS_COMPARED = "compared"
