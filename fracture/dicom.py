@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -43,6 +44,8 @@ from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.valuerep import VR
+
+log = logging.getLogger(__name__)
 
 #: Modalities of plain radiographs: computed and digital radiography, radiographic imaging
 #: (conventional film/screen) and X-ray angiography.
@@ -152,18 +155,13 @@ def read_header(data: bytes) -> Dataset:
     return ds
 
 
-def patient_key(path: Path) -> str | None:
-    """The patient a DICOM file belongs to, as a pseudonymous key, read from its header alone.
-
-    The key is ``dicom-`` and 16 hex digits of the sha256 of the file's Issuer of Patient ID and
-    Patient ID, so two files share it exactly when both attributes agree. Only equality is used
-    (a patient's images are kept in one split); the identifier itself is not copied into the
-    tables the pipeline writes. A hash of a short identifier is no anonymisation (every value
-    can be tried), so those tables stay where the export is kept.
+def patient_ids(path: Path) -> tuple[str, str] | None:
+    """A DICOM file's Issuer of Patient ID and Patient ID, read from its header alone.
 
     Returns:
-        The key; None for a file that is not DICOM or cannot be read (the validate stage reports
-        that), or whose Patient ID is empty.
+        Both, stripped (the issuer may be empty); None for a file that is not DICOM, whose
+        header cannot be read (the validate stage reports an unreadable file when it decodes
+        it), or whose Patient ID is empty.
     """
     with path.open("rb") as handle:
         start = handle.read(132)
@@ -176,10 +174,20 @@ def patient_key(path: Path) -> str | None:
         )
         patient = str(ds.get("PatientID") or "").strip()
         issuer = str(ds.get("IssuerOfPatientID") or "").strip()
-    except (InvalidDicomError, EOFError, ValueError, KeyError, OSError):
+    except Exception:  # noqa: BLE001 - a damaged header (unknown VR, short value) links nothing
+        log.debug("%s: no Patient ID could be read", path, exc_info=True)
         return None
-    if not patient:
-        return None
+    return (issuer, patient) if patient else None
+
+
+def patient_key(issuer: str, patient: str) -> str:
+    """A pseudonymous key of a patient: ``dicom-`` and 16 hex digits of the sha256 of the Issuer
+    of Patient ID and the Patient ID, so two files share it exactly when both agree.
+
+    Only equality is used (a patient's images are kept in one split); the identifier itself is
+    not copied into the tables the pipeline writes. A hash of a short identifier is no
+    anonymisation (every value can be tried), so those tables stay where the export is kept.
+    """
     return "dicom-" + hashlib.sha256(f"{issuer}\0{patient}".encode()).hexdigest()[:16]
 
 

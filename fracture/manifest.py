@@ -8,8 +8,9 @@ Two layouts (``ingest.layout``) are read:
   and ``labels.csv`` with a ``path`` (relative to the dataset folder) or an ``image_id`` (a
   file's name, with or without its extension), a ``label`` (1 fractured, 0 not) and optionally
   ``body_part`` (:data:`BODY_PARTS`), ``view`` (:data:`VIEWS`, or DICOM's AP, PA, LL, RL;
-  several joined with ``+``) and ``patient_id`` (images of one patient are kept in one split).
-  :func:`read_csv_layout` turns it into the same columns.
+  several joined with ``+``) and ``patient_id`` (images of one patient are kept in one split;
+  without the column, DICOM files' Patient ID). :func:`read_csv_layout` turns it into the same
+  columns.
 
 It also owns the manifest's schema: the class folders, the flag columns, and the one rule
 (:func:`body_part`) that gives each image a single body part, so that the split's strata, the
@@ -32,7 +33,7 @@ import pandas as pd
 from PIL import Image
 
 from fracture.decoding import decode, decode_truncated, export_files
-from fracture.dicom import patient_key
+from fracture.dicom import patient_ids, patient_key
 from fracture.near_duplicates import add_near_duplicates
 from fracture.vocabulary import Layout
 
@@ -330,9 +331,10 @@ def read_csv_layout(dataset_dir: Path) -> pd.DataFrame:
     return _typed(frame)
 
 
-#: A Patient ID shared by more than half of at least this many DICOM files is taken for an
-#: anonymiser's placeholder, not one patient (:func:`_dicom_patients`).
-PLACEHOLDER_MIN_FILES = 10
+#: One Patient ID on more than this share of an export's images, when it has at least
+#: PLACEHOLDER_MIN_IMAGES of them, is taken for an anonymiser's placeholder (:func:`_dicom_patients`).
+PLACEHOLDER_SHARE = 0.25
+PLACEHOLDER_MIN_IMAGES = 20
 
 
 def _dicom_patients(dataset_dir: Path, files: list[str], csv_file: Path) -> dict[str, str]:
@@ -340,22 +342,25 @@ def _dicom_patients(dataset_dir: Path, files: list[str], csv_file: Path) -> dict
     labels.csv has no ``patient_id`` column: the header's Patient ID links a patient's images.
 
     Raises:
-        ManifestError: one Patient ID covers most of the files, as an anonymiser that writes one
-            placeholder for everyone leaves them; linked, every image would be one patient's.
+        ManifestError: one Patient ID (under any issuer) is on more than :data:`PLACEHOLDER_SHARE`
+            of the export's images, as an anonymiser that writes one placeholder for everyone
+            leaves them; linked, they would all go to one split.
     """
-    patients = {f: key for f in files if (key := patient_key(dataset_dir / f)) is not None}
-    if not patients:
-        return patients
-    counts = pd.Series(patients).value_counts()
-    if len(patients) >= PLACEHOLDER_MIN_FILES and counts.iloc[0] > len(patients) / 2:
+    ids = {f: found for f in files if (found := patient_ids(dataset_dir / f)) is not None}
+    if not ids:
+        return {}
+    shared = pd.Series([patient for _, patient in ids.values()]).value_counts()
+    if len(files) >= PLACEHOLDER_MIN_IMAGES and shared.iloc[0] > PLACEHOLDER_SHARE * len(files):
         raise ManifestError(
-            f"{counts.iloc[0]} of the {len(patients)} DICOM files under {dataset_dir / IMAGES_DIR} carry one "
-            "Patient ID (with its Issuer), as an anonymiser's placeholder would; read as one patient's, they "
-            f"would all be kept in one split. Give {csv_file} a patient_id column saying which images share a "
-            "patient (an empty cell links nothing); it is used instead of the DICOM headers"
+            f"{shared.iloc[0]} of the {len(files)} images under {dataset_dir / IMAGES_DIR} are DICOM files with one "
+            "Patient ID, as an anonymiser's placeholder would leave them; read as one patient's, they would all be "
+            f"kept in one split. Give {csv_file} a patient_id column saying which images share a patient (an empty "
+            "cell links nothing); it is used instead of the DICOM headers"
         )
+    patients = {f: patient_key(*found) for f, found in ids.items()}
     log.info(
-        "%s has no patient_id column: %d DICOM files' Patient ID links them as %d patients", csv_file, len(patients), len(counts)
+        "%s has no patient_id column: %d DICOM files' Patient ID links them as %d patients",
+        csv_file, len(patients), len(set(patients.values())),
     )
     return patients
 

@@ -8,14 +8,16 @@ Two strategies (``split.strategy``):
   the rest (all non-fractured images and any fractured image no list names) are drawn as in
   ``stratified``.
 
-Either way the unit of the draw is a group: byte-identical files (same ``sha256``) and
+Either way the unit of the draw is a group: byte-identical files (same ``sha256``),
 near-duplicate X-rays (the validate stage's ``near_duplicate_group``, :mod:`fracture.near_duplicates`)
-joined into one, so neither a copy nor a re-encoded or repeated exposure of a test image can sit
-in training.
+and one patient's images (``patient_id``: a hospital export's labels.csv column, else its DICOM
+files' Patient ID) joined into one, so neither a copy, nor a re-encoded or repeated exposure, nor
+another view of a test patient can sit in training.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +31,8 @@ from fracture.config import SplitParams
 from fracture.manifest import ManifestError, body_part
 from fracture.near_duplicates import group_ids
 
+log = logging.getLogger(__name__)
+
 SPLITS = ("train", "val", "test")
 # Where the published lists live inside a FracAtlas folder, and which file holds each split.
 PUBLISHED_SUBDIR = Path("Utilities") / "Fracture Split"
@@ -39,6 +43,14 @@ OTHER_PARTS = "other parts"
 
 class SplitError(ValueError):
     """The included images cannot be split as asked."""
+
+
+GROUP_TOO_LARGE = (
+    "the largest group of linked images holds a larger share of the images than split.val_size or "
+    "split.test_size, so the split it goes to cannot have the size asked. One patient_id (or DICOM Patient ID) "
+    "shared by images of different patients, or a validate.near_duplicate_threshold that joins look-alikes, "
+    "does this; check those images"
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -61,6 +73,10 @@ class SplitReport:
             (excluded by validation, or absent from the manifest).
         listed_not_fractured: included ids a published list names although their label is
             non-fractured; they follow the list.
+        largest_group: the group of linked images (identical files, near-duplicates, one
+            patient's) with the most members: ``first_id``, ``images``, ``of`` (the included
+            images) and ``above_share`` (its share is more than ``val_size`` or ``test_size``,
+            so that split's size cannot come out as asked, wherever the group goes).
     """
 
     strategy: str
@@ -70,6 +86,7 @@ class SplitReport:
     unlisted_fractured: tuple[str, ...] = ()
     listed_left_out: tuple[str, ...] = ()
     listed_not_fractured: tuple[str, ...] = ()
+    largest_group: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> list[str]:
         """Human-readable lines: what the lists placed, what moved, what was left out."""
@@ -93,6 +110,13 @@ class SplitReport:
         ):
             if ids:
                 lines.append(f"{what}: {len(ids)}: {', '.join(ids[:10])}{' ...' if len(ids) > 10 else ''}")
+        if self.largest_group:
+            big = self.largest_group
+            lines.append(
+                f"largest group of linked images: {big['images']} of {big['of']} (first id {big['first_id']})"
+            )
+            if big["above_share"]:
+                lines.append(f"WARNING: {GROUP_TOO_LARGE}")
         return lines
 
     def to_dict(self) -> dict[str, Any]:
@@ -105,6 +129,7 @@ class SplitReport:
             "unlisted_fractured": list(self.unlisted_fractured),
             "listed_left_out": list(self.listed_left_out),
             "listed_not_fractured": list(self.listed_not_fractured),
+            "largest_group": dict(self.largest_group),
         }
 
 
@@ -124,7 +149,7 @@ def split_manifest(manifest: pd.DataFrame, params: SplitParams, published_dir: P
 
     The unit of every decision is a group: byte-identical files (same ``sha256``),
     near-duplicate X-rays (same ``near_duplicate_group``, where the manifest has it) and one
-    patient's images (same ``patient_id``, where a hospital export's labels.csv names it), joined
+    patient's images (same ``patient_id``, where a hospital export's labels.csv or DICOM headers name it), joined
     transitively; a group goes to one split whole, and is stratified by its highest label.
 
     ``strategy: stratified`` draws the groups with scikit-learn's ``train_test_split``, seeded,
@@ -186,7 +211,20 @@ def split_manifest(manifest: pd.DataFrame, params: SplitParams, published_dir: P
 
     assigned = used["group"].map(pd.concat([placed, drawn_where]))
     out = {name: used[assigned == name].sort_values("image_id").reset_index(drop=True) for name in SPLITS}
-    return Splits(out, SplitReport(params.strategy, _strata_table(drawn, drawn_where), **found))
+    report = SplitReport(params.strategy, _strata_table(drawn, drawn_where), **found, largest_group=_largest(used, params))
+    return Splits(out, report)
+
+
+def _largest(used: pd.DataFrame, params: SplitParams) -> dict[str, Any]:
+    """:attr:`SplitReport.largest_group`, with a warning in the log when it is above a split's share."""
+    if used.empty:
+        return {}
+    sizes = used.groupby("group").size()
+    images = int(sizes.max())
+    above = images > min(params.val_size, params.test_size) * len(used)
+    if above:
+        log.warning("%s (%d of %d images, first id %s)", GROUP_TOO_LARGE, images, len(used), sizes.idxmax())
+    return {"first_id": str(sizes.idxmax()), "images": images, "of": len(used), "above_share": bool(above)}
 
 
 def published_dir_of(dataset_dir: Path) -> Path:
@@ -202,8 +240,8 @@ def group_key(used: pd.DataFrame) -> pd.Series:
 
     Args:
         used: the images, with ``image_id`` and, where known, ``sha256``,
-            ``near_duplicate_group`` and ``patient_id`` (a hospital export's labels.csv; a column
-            that is absent, or an empty cell, links nothing).
+            ``near_duplicate_group`` and ``patient_id`` (a hospital export's labels.csv or its
+            DICOM files' Patient ID; a column that is absent, or an empty cell, links nothing).
 
     Returns:
         The group's first image id, per row of ``used`` (same index).

@@ -314,3 +314,20 @@ def test_real_published_lists_place_every_listed_included_id(real_manifest, frac
     assert report.listed_left_out == ("IMG0003298.jpg",)
     assert report.moved.empty and report.unlisted_fractured == ()
     assert report.published == {name: len(ids) - (name == "test") for name, ids in lists.items()}
+
+
+def test_the_report_names_the_largest_group_and_warns_when_a_split_cannot_hold_it(caplog):
+    small = split_manifest(manifest_from([(int(g % 4 == 0), 1) for g in range(97)] + [(0, 3)]), PARAMS)
+    assert small.report.largest_group == {"first_id": "IMG00097_0.jpg", "images": 3, "of": 100, "above_share": False}
+    assert not any(line.startswith("WARNING") for line in small.report.summary())
+    # One patient_id (an anonymiser's placeholder) on 20 of 100 images: more than val's or test's 15.
+    manifest = manifest_from([(int(g % 4 == 0), 1) for g in range(100)])
+    manifest["patient_id"] = pd.array(["ANON" if n < 20 else pd.NA for n in range(100)], dtype="string")
+    with caplog.at_level("WARNING", logger="fracture.split"):
+        big = split_manifest(manifest, PARAMS)
+    assert big.report.largest_group == {"first_id": "IMG00000_0.jpg", "images": 20, "of": 100, "above_share": True}
+    assert "WARNING: the largest group of linked images" in "\n".join(big.report.summary())
+    assert "patient_id" in caplog.text and "20 of 100 images" in caplog.text
+    assert json.loads(json.dumps(big.report.to_dict()))["largest_group"]["images"] == 20
+    # Kept whole in one split all the same.
+    assert sum(split_of(big)[f"IMG{g:05d}_0.jpg"] == split_of(big)["IMG00000_0.jpg"] for g in range(20)) == 20
