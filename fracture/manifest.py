@@ -191,6 +191,9 @@ def _read_text_csv(csv_file: Path | IO[bytes]) -> pd.DataFrame:
     """Every cell as text ("" where empty), indexed by data line (the line after the header is 0):
     blank lines are dropped but keep their numbers, so messages name the lines an editor shows."""
     csv = pd.read_csv(csv_file, dtype=str, keep_default_na=False, skip_blank_lines=False).rename(columns=str.strip)
+    named_twice = sorted({c for c in csv.columns if list(csv.columns).count(c) > 1})
+    if named_twice:  # " label" and "label": the same column once stripped
+        raise pd.errors.ParserError(f"the header names column(s) {', '.join(named_twice)} twice")
     return csv[csv.ne("").any(axis=1)]
 
 

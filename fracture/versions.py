@@ -239,9 +239,12 @@ def read_version(
         fs.close()
     try:
         # Read as the current data's dataset.csv is, with the same checks and messages.
-        csv = read_dataset_csv(csv_path, io.BytesIO(data))
+        csv = read_dataset_csv(f"{rev[:12]}:{csv_path}", io.BytesIO(data))
     except ManifestError as exc:  # a missing column, a word where a label belongs, ...
-        raise _not_fracatlas(rev, base, f"has a dataset.csv that cannot be read: {exc}") from exc
+        raise VersionUnavailableError(
+            f"the dataset version of commit {rev[:12]} cannot be compared with the current data: {exc}. That "
+            "version is history: this comparison is a report only (validate.compare_previous: false skips it)"
+        ) from exc
     files = pd.DataFrame(rows, columns=["image_id", "path", "folder_label"])
     # Joined the way build_manifest joins the current data, so both versions count alike.
     return join_files_and_csv(files, csv).sort_values("image_id").reset_index(drop=True)

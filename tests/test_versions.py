@@ -271,7 +271,8 @@ def test_a_previous_dataset_csv_that_cannot_be_read_is_reported_with_its_line(pr
     assert result["status"] == STATUS_UNAVAILABLE
     assert result["previous"]["commit"] == v1
     message = result["message"]
-    assert v1[:12] in message and "column fractured" in message and "line 3 ('yes')" in message, message
+    assert f"{v1[:12]}:data/fracatlas/dataset.csv: column fractured" in message, message
+    assert "line 3 ('yes')" in message and "validate.compare_previous: false" in message
 
 
 def test_manifest_without_needed_columns_is_rejected(tmp_path: Path) -> None:
