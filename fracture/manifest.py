@@ -278,7 +278,8 @@ def read_csv_layout(dataset_dir: Path) -> pd.DataFrame:
         ManifestError: labels.csv lacks ``label`` or both ``path`` and ``image_id``, or a
             value cannot be read (a label that is not a number, a path outside the folder, an
             id that names two files, an unknown body part or view); the message names the lines.
-            Or, without a ``patient_id`` column, one DICOM Patient ID covers most files (a placeholder).
+            Or, without a ``patient_id`` column, one DICOM Patient ID is on more than a quarter of
+            the images (an anonymiser's placeholder; :func:`_dicom_patients`).
     """
     csv_file = dataset_dir / LABELS_CSV
     try:

@@ -10,7 +10,8 @@ if TYPE_CHECKING:
 LIMITATIONS = (
     "FracAtlas publishes no patient identifier, so on it the split is image-level (a hospital "
     "export's labels.csv can name each image's patient_id, or its DICOM files' Patient ID is "
-    "used, and then a patient's images share a split). Byte-identical files and near-duplicate X-rays (re-encoded copies and repeat exposures, "
+    "used, and then a patient's images share a split). Byte-identical files and near-duplicate "
+    "X-rays (re-encoded copies and repeat exposures, "
     "found by thumbnail correlation) are kept in one split, but without patient ids other "
     "radiographs of the same patient can still sit in training and test, which can make the test "
     "figures optimistic.",

@@ -200,7 +200,8 @@ def read_version(
 
     Raises:
         VersionUnavailableError: the version's data is not cached and no remote provides it, or
-            the dataset folder, a class folder or ``dataset.csv`` does not exist at ``rev``.
+            the dataset folder, a class folder or ``dataset.csv`` does not exist at ``rev``, or
+            that ``dataset.csv`` fails the current one's checks (:func:`fracture.manifest.read_dataset_csv`).
     """
     data_dir = Path(data_dir).as_posix()
     dvc_file = f"{data_dir}.dvc"

@@ -63,7 +63,7 @@ def run_crossval(params: Params, workspace: Workspace) -> CrossvalResult:
     Raises:
         CrossvalError: the folds cannot be drawn with both classes in each.
         StaleCacheError: the prepared cache does not fit the active profile.
-        PretrainedWeightsError: a ``weights_file`` outside ``pretrained/``.
+        PretrainedWeightsError: a ``weights_file`` DVC does not version in ``pretrained/``.
     """
     require_versioned_weights(params.profile, params.train.profile, workspace.root)
     frames = {name: workspace.read_split_table(name) for name in ("train", "val")}

@@ -87,7 +87,8 @@ def run_train(params: Params, workspace: Workspace) -> TrainResult:
         The model's description and its MLflow run.
 
     Raises:
-        PretrainedWeightsError: a ``weights_file`` outside ``pretrained/`` (:func:`fracture.model.require_versioned_weights`).
+        PretrainedWeightsError: a ``weights_file`` DVC does not version in ``pretrained/``
+            (:func:`fracture.model.require_versioned_weights`).
     """
     require_versioned_weights(params.profile, params.train.profile, workspace.root)
     if params.train.processes > 1 and not distributed.launched():
