@@ -20,7 +20,7 @@ from ruamel.yaml import YAML
 
 from flows.report import REPORT_KEY, no_champion_note, render_report
 from flows.result import DetectorResult, RetrainResult
-from fracture.config import PARAMS_FILE, load_params
+from fracture.config import PARAMS_FILE, Profile, load_params
 from fracture.ingest import SOURCE_ENV
 from fracture.project_lock import project_lock as fracture_project_lock
 from tasks.pipeline import (
@@ -132,6 +132,17 @@ def retrain(project_dir: str = ".", source: str | None = None, profile: str | No
         return _retrain(project, source, profile)
 
 
+def pinned_files(profile: Profile) -> tuple[str, ...]:
+    """The files a commit must hold for `dvc repro` at that commit to rebuild a run's model.
+
+    params.yaml (the run may have set ``train.profile``, which dvc.lock already records), the
+    data's and the stages' DVC files, and a ``weights: file`` profile's ``.dvc`` file, without
+    which that commit could not pull the pretrained weights.
+    """
+    weights = (f"{profile.weights_file}.dvc",) if profile.weights == "file" and profile.weights_file else ()
+    return (PARAMS_FILE, "data.dvc", "dvc.lock", "detect/dvc.lock", *weights)
+
+
 def _retrain(project: Path, source: str | None, profile: str | None) -> RetrainResult:
     logger = get_run_logger()
     name, reason = choose_profile(profile, torch.cuda.is_available())
@@ -182,8 +193,7 @@ def _retrain(project: Path, source: str | None, profile: str | None) -> RetrainR
         logger.warning(note)
     if result.nothing_changed:
         print("nothing changed: data, code and params as in the last run; nothing retrained or registered")
-    # params.yaml too: the run may have set train.profile, which dvc.lock already records.
-    if pending := uncommitted(project, (PARAMS_FILE, "data.dvc", "dvc.lock", "detect/dvc.lock")):
+    if pending := uncommitted(project, pinned_files(params.profiles[name])):
         # DVC's own reminder after each of its calls is left out (tasks.pipeline.open_repo); one suffices.
         print(
             f"not committed yet: {', '.join(pending)}. `git add {' '.join(pending)} && git commit` pins the data "

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Any, NamedTuple
 
 import timm
@@ -62,7 +62,7 @@ PRETRAINED_DIR = "pretrained"
 def require_versioned_weights(profile: Profile, name: str, root: Path) -> None:
     """Refuses a ``weights_file`` that DVC does not version in the project's ``pretrained/`` folder.
 
-    The train and crossval stages of ``dvc.yaml`` depend on ``pretrained/``: a file there with
+    The train and crossval stages of ``dvc.yaml`` depend on ``pretrained/``: a file directly there with
     its ``.dvc`` file beside it (``dvc add``) is versioned, ``dvc pull`` brings it to another
     checkout and ``dvc repro`` retrains when it changes. A file elsewhere would be none of that,
     so the model could not be rebuilt from the repository. The path is read as written, relative
@@ -70,20 +70,23 @@ def require_versioned_weights(profile: Profile, name: str, root: Path) -> None:
     ``symlink`` cache type makes the file a link into the cache.
 
     Raises:
-        PretrainedWeightsError: the path is absolute or outside ``pretrained/``, or its ``.dvc``
+        PretrainedWeightsError: the path is absolute, not directly in ``pretrained/`` (a sub-folder
+            there is git-ignored, so `dvc add` refuses it), written with backslashes, or its ``.dvc``
             file is missing; the message names the field and the commands that fix it.
     """
     if profile.weights != "file" or not profile.weights_file:
         return
     field = f"profiles.{name}.weights_file: {profile.weights_file}"
     path = Path(profile.weights_file)
+    # A Windows path's name too (pretrained\x.safetensors), for the commands suggested below.
     parts = Path(os.path.normpath(path)).parts
-    if path.is_absolute() or len(parts) < 2 or parts[0] != PRETRAINED_DIR:
+    file_name = PureWindowsPath(profile.weights_file).name if parts[-1:] != (PRETRAINED_DIR,) else "<file>"
+    if path.is_absolute() or "\\" in profile.weights_file or len(parts) != 2 or parts[0] != PRETRAINED_DIR:
         raise PretrainedWeightsError(
-            f"{field} is not a path inside the project's {PRETRAINED_DIR}/ folder, relative to the project, so "
-            "DVC neither versions it nor retrains when it changes, and the model could not be rebuilt from the "
-            f"repository. Copy it there, run `dvc add {PRETRAINED_DIR}/{path.name}`, commit "
-            f"{PRETRAINED_DIR}/{path.name}.dvc and set weights_file: {PRETRAINED_DIR}/{path.name}"
+            f"{field} is not a file directly in the project's {PRETRAINED_DIR}/ folder, written relative to the "
+            "project with /, so DVC neither versions it nor retrains when it changes, and the model could not be "
+            f"rebuilt from the repository. Copy it there, run `dvc add {PRETRAINED_DIR}/{file_name}`, commit "
+            f"{PRETRAINED_DIR}/{file_name}.dvc and set weights_file: {PRETRAINED_DIR}/{file_name}"
         )
     if not (root / f"{path}.dvc").is_file():
         raise PretrainedWeightsError(

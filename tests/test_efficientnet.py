@@ -108,17 +108,23 @@ def test_the_stages_refuse_a_weights_file_dvc_does_not_version(tmp_path, stage):
 
 @pytest.mark.parametrize(
     "weights_file",
-    ["pretrained/../b6.safetensors", "b6.safetensors", "pretrained", "ABSOLUTE"],
-    ids=["leaves-the-folder", "beside-it", "the-folder-itself", "absolute-inside"],
+    ["pretrained/../b6.safetensors", "b6.safetensors", "pretrained", "ABSOLUTE", "pretrained/sub/b6.safetensors",
+     "pretrained\\b6.safetensors"],
+    ids=["leaves-the-folder", "beside-it", "the-folder-itself", "absolute-inside", "a-sub-folder", "backslash"],
 )
-def test_a_path_that_is_not_relative_and_inside_the_folder_is_refused(tmp_path, weights_file):
-    (tmp_path / "pretrained").mkdir()
-    for name in ("b6.safetensors", "b6.safetensors.dvc"):
-        (tmp_path / "pretrained" / name).write_text("x")
-    # An absolute path, even to this project's folder, would not name the file in another checkout.
+def test_a_path_that_is_not_relative_and_directly_in_the_folder_is_refused(tmp_path, weights_file):
+    # Every file the path could name exists, with its .dvc file: only the path is wrong.
+    for folder in (tmp_path / "pretrained", tmp_path / "pretrained" / "sub"):
+        folder.mkdir(exist_ok=True)
+        for name in ("b6.safetensors", "b6.safetensors.dvc"):
+            (folder / name).write_text("x")
+    # An absolute path, even to this project's folder, would not name the file in another checkout;
+    # a sub-folder is git-ignored there (pretrained/.gitignore), so `dvc add` refuses its .dvc file.
     path = str(tmp_path / "pretrained" / "b6.safetensors") if weights_file == "ABSOLUTE" else weights_file
-    with pytest.raises(PretrainedWeightsError, match="is not a path inside the project's pretrained/ folder"):
+    with pytest.raises(PretrainedWeightsError, match="is not a file directly in the project's pretrained/ folder") as err:
         require_versioned_weights(_with_weights_file(path).profile, "cpu", tmp_path)
+    name = "<file>" if weights_file == "pretrained" else "b6.safetensors"
+    assert f"`dvc add pretrained/{name}`" in str(err.value)
 
 
 def test_a_versioned_weights_file_is_accepted_as_dvc_links_it(tmp_path):

@@ -191,3 +191,20 @@ def test_what_to_commit_is_named_from_the_project_inside_its_repository(tmp_path
     (project / "params.yaml").write_text("train: {profile: cpu}\n")
     assert uncommitted(project, ("params.yaml", "dvc.lock")) == ["dvc.lock", "params.yaml"]
     run(project, "git", "add", *uncommitted(project, ("params.yaml", "dvc.lock")))  # typed as the flow's message says
+
+
+def test_a_weights_files_dvc_file_is_named_among_what_to_commit(tmp_path):
+    import dataclasses
+
+    from flows.retrain import pinned_files
+    from fracture.config import load_params
+    from tasks.pipeline import uncommitted
+
+    run(tmp_path, "git", "init", "-q")
+    (tmp_path / "pretrained").mkdir()
+    (tmp_path / "pretrained" / "b6.safetensors.dvc").write_text("outs:\n- md5: 0\n  path: b6.safetensors\n")
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\n")
+    profile = load_params(REPO).profiles["paper"]
+    assert uncommitted(tmp_path, pinned_files(profile)) == ["dvc.lock"]
+    from_file = dataclasses.replace(profile, weights="file", weights_file="pretrained/b6.safetensors")
+    assert uncommitted(tmp_path, pinned_files(from_file)) == ["dvc.lock", "pretrained/b6.safetensors.dvc"]
