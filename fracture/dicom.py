@@ -163,18 +163,18 @@ def patient_ids(path: Path) -> tuple[str, str] | None:
         header cannot be read (the validate stage reports an unreadable file when it decodes
         it), or whose Patient ID is empty.
     """
-    with path.open("rb") as handle:
-        start = handle.read(132)
-    if not is_dicom(start):
-        return None
     try:
+        with path.open("rb") as handle:
+            start = handle.read(132)
+        if not is_dicom(start):
+            return None
         ds = dcmread(
             path, stop_before_pixels=True, specific_tags=["IssuerOfPatientID", "PatientID"],
             force=start[128:132] != b"DICM",
         )
         patient = str(ds.get("PatientID") or "").strip()
         issuer = str(ds.get("IssuerOfPatientID") or "").strip()
-    except Exception:  # noqa: BLE001 - a damaged header (unknown VR, short value) links nothing
+    except Exception:  # noqa: BLE001 - an unreadable file or a damaged header (unknown VR) links nothing
         log.debug("%s: no Patient ID could be read", path, exc_info=True)
         return None
     return (issuer, patient) if patient else None

@@ -139,7 +139,8 @@ def read_dataset_csv(csv_file: Path | str, handle: IO[bytes] | None = None) -> p
 
     Args:
         csv_file: the file, or the name messages give it when ``handle`` is read instead.
-        handle: an open binary file to read (a past dataset version's, streamed through DVC).
+        handle: an open binary file to read (a past dataset version's, streamed through DVC);
+            the messages then say what is wrong and not how to fix the file, which is history.
 
     Raises:
         ManifestError: the file cannot be read, lacks ``image_id`` or ``fractured``, names no
@@ -149,7 +150,8 @@ def read_dataset_csv(csv_file: Path | str, handle: IO[bytes] | None = None) -> p
     try:
         csv = _read_text_csv(csv_file if handle is None else handle)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as exc:
-        raise ManifestError(f"{csv_file} is not a readable csv file ({exc}); copy it again from the FracAtlas release") from exc
+        fix = "; copy it again from the FracAtlas release" if handle is None else ""
+        raise ManifestError(f"{csv_file} is not a readable csv file ({exc}){fix}") from exc
     missing = [c for c in ("image_id", "fractured") if c not in csv]
     if missing:
         raise ManifestError(
@@ -162,9 +164,10 @@ def read_dataset_csv(csv_file: Path | str, handle: IO[bytes] | None = None) -> p
         text = csv[column].str.strip()
         values, bad = _whole_numbers(text)
         if bad.any():
+            fix = ". Fix those cells, or copy the file again from the FracAtlas release" if handle is None else ""
             raise ManifestError(
                 f"{csv_file}: column {column} holds whole numbers (or is empty where unknown); "
-                f"{_rows(bad, text)} do not. Fix those cells, or copy the file again from the FracAtlas release"
+                f"{_rows(bad, text)} do not{fix}"
             )
         csv[column] = values.astype("Int64")
     return csv
@@ -190,10 +193,15 @@ def _whole_numbers(text: pd.Series) -> tuple[pd.Series, pd.Series]:
 def _read_text_csv(csv_file: Path | IO[bytes]) -> pd.DataFrame:
     """Every cell as text ("" where empty), indexed by data line (the line after the header is 0):
     blank lines are dropped but keep their numbers, so messages name the lines an editor shows."""
-    csv = pd.read_csv(csv_file, dtype=str, keep_default_na=False, skip_blank_lines=False).rename(columns=str.strip)
-    named_twice = sorted({c for c in csv.columns if list(csv.columns).count(c) > 1})
-    if named_twice:  # " label" and "label": the same column once stripped
+    # The header as written: pandas renames a repeated name (label, label.1), and the first would win.
+    header = pd.read_csv(csv_file, header=None, nrows=1, dtype=str, keep_default_na=False)
+    if not isinstance(csv_file, Path):
+        csv_file.seek(0)
+    names = [str(name).strip() for name in header.iloc[0]] if len(header) else []
+    named_twice = sorted({name for name in names if name and names.count(name) > 1})
+    if named_twice:  # "label,label", or " label" and "label"
         raise pd.errors.ParserError(f"the header names column(s) {', '.join(named_twice)} twice")
+    csv = pd.read_csv(csv_file, dtype=str, keep_default_na=False, skip_blank_lines=False).rename(columns=str.strip)
     return csv[csv.ne("").any(axis=1)]
 
 

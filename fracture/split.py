@@ -47,9 +47,9 @@ class SplitError(ValueError):
 
 GROUP_TOO_LARGE = (
     "the largest group of linked images holds a larger share of the images than split.val_size or "
-    "split.test_size, so the split it goes to cannot have the size asked. One patient_id (or DICOM Patient ID) "
-    "shared by images of different patients, or a validate.near_duplicate_threshold that joins look-alikes, "
-    "does this; check those images"
+    "split.test_size, so should it go to val or test, that split cannot have the size asked. One "
+    "patient_id (or DICOM Patient ID) shared by images of different patients, or a "
+    "validate.near_duplicate_threshold that joins look-alikes, does this; check those images"
 )
 
 
@@ -76,7 +76,7 @@ class SplitReport:
         largest_group: the group of linked images (identical files, near-duplicates, one
             patient's) with the most members: ``first_id``, ``images``, ``of`` (the included
             images) and ``above_share`` (its share is more than ``val_size`` or ``test_size``,
-            so that split's size cannot come out as asked, wherever the group goes).
+            so val's or test's size cannot come out as asked should the group go there).
     """
 
     strategy: str

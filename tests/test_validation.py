@@ -303,9 +303,10 @@ def test_an_id_on_two_rows_fails_its_rule_with_near_duplicates_on(tmp_path, vpar
         (lambda c: c.astype({"leg": object}).assign(leg=[0, "99999999999999999999"] + [0] * (len(c) - 2)),
          r"column leg holds whole numbers .*; line 3 \('99999999999999999999'\) do not"),
         (lambda c: c.assign(**{" fractured": c["fractured"]}), r"names column\(s\) fractured twice"),
+        (lambda c: c.set_axis([*c.columns[:-1], "fractured"], axis=1), r"names column\(s\) fractured twice"),
     ],
     ids=["no fractured column", "a flag that is a word", "a label that is a fraction", "a row without an id",
-         "infinity", "a number too large", "a column named twice"],
+         "infinity", "a number too large", "a column named twice", "a column named twice exactly"],
 )
 def test_a_malformed_dataset_csv_is_refused_naming_the_file_column_and_line(tmp_path, change, message):
     csv = make_dataset(tmp_path)

@@ -273,6 +273,7 @@ def test_a_previous_dataset_csv_that_cannot_be_read_is_reported_with_its_line(pr
     message = result["message"]
     assert f"{v1[:12]}:data/fracatlas/dataset.csv: column fractured" in message, message
     assert "line 3 ('yes')" in message and "validate.compare_previous: false" in message
+    assert "Fix those cells" not in message  # that commit's file is history
 
 
 def test_manifest_without_needed_columns_is_rejected(tmp_path: Path) -> None:
