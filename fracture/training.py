@@ -294,8 +294,8 @@ class FrozenOutputs:
     image's pixels are the same in every epoch, so their output is too: on the CPU the same
     bits whichever batch the image comes in (a GPU's kernels, chosen per batch size, may differ
     in the last bits, as they may between two runs anyway). Later epochs run only the layers
-    that train, which skips the frozen layers' forward pass: at the CPU profile's 352 px, about
-    a third of a training step's time on two cores. Training keeps one for the training set and
+    that train, which skips the frozen layers' forward pass: at the CPU profile's 448 px with
+    blocks 0-3 frozen, epochs 2 and 3 train about 2x as fast on two cores (bench/RESULTS.md). Training keeps one for the training set and
     one for val, whose later passes score only the layers that train too. The outputs stay on
     the CPU in the dtype and channels-last layout they were computed in.
     """
