@@ -295,9 +295,10 @@ class FrozenOutputs:
     bits whichever batch the image comes in (a GPU's kernels, chosen per batch size, may differ
     in the last bits, as they may between two runs anyway). Later epochs run only the layers
     that train, which skips the frozen layers' forward pass: at the CPU profile's 448 px with
-    blocks 0-3 frozen, epochs 2 and 3 train about 2x as fast on two cores (bench/RESULTS.md). Training keeps one for the training set and
-    one for val, whose later passes score only the layers that train too. The outputs stay on
-    the CPU in the dtype and channels-last layout they were computed in.
+    blocks 0-3 frozen, epochs 2 and 3 train about 2x as fast on two cores (bench/RESULTS.md).
+    Training keeps one for the training set and one for val, whose later passes score only the
+    layers that train too. The outputs stay on the CPU in the dtype and channels-last layout
+    they were computed in.
     """
 
     def __init__(
