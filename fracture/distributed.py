@@ -40,6 +40,7 @@ class Context:
     world_size: int = 1
     local_rank: int = 0
     local_world_size: int = 1
+    machines: int = 1  # torchrun's launchers in the group (its --nnodes): one per machine
 
     @property
     def is_main(self) -> bool:
@@ -78,7 +79,8 @@ def setup(use_cuda: bool) -> Context:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size))
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
-    return Context(dist.get_rank(), dist.get_world_size(), local_rank, local_world_size)
+    machines = int(os.environ.get("GROUP_WORLD_SIZE", "1"))
+    return Context(dist.get_rank(), dist.get_world_size(), local_rank, local_world_size, machines)
 
 
 def teardown() -> None:

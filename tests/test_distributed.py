@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import re
+import shutil
+import subprocess
 import sys
 import types
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -22,7 +27,9 @@ from fracture.model import profile_data_config
 from fracture.training import train
 from tasks.pipeline import repro
 from tests.conftest import REPO, dvc, make_subset, pick_ids, run, shrink_params
+from tests.servers import free_port
 from tests.synthetic import make_dataset, training_frame
+from tests.test_dvc_remote import publish
 from tests.test_prepare import tensor_data
 
 # A tiny timm EfficientNet with group norm: no batch statistics, so splitting a batch over two
@@ -224,3 +231,71 @@ def test_train_stage_with_two_processes_logs_one_mlflow_run_from_rank_zero(proje
     assert steps == [1, 2]  # each epoch logged once, by rank 0
     assert json.loads((project / "outputs" / "train" / "run.json").read_text())["run_id"] == runs[0].info.run_id
     assert runs[0].data.params["train.processes"] == "2"
+    assert (runs[0].data.tags["world_size"], runs[0].data.tags["machines"]) == ("2", "1")
+
+
+def _readme_two_machine_command() -> list[str]:
+    """The torchrun command the README gives for training across machines, continuation joined."""
+    readme = (REPO / "README.md").read_text()
+    found = re.search(r"^ +(\.venv/bin/torchrun --nnodes 2 .*?)\n(?! +--)", readme, flags=re.MULTILINE | re.DOTALL)
+    assert found, "README.md: no `.venv/bin/torchrun --nnodes 2` command"
+    return re.sub(r"\\\n\s*", " ", found[1]).split()
+
+
+@pytest.mark.integration
+def test_the_readmes_two_machine_command_trains_once_with_rank_zeros_machine_writing(project, fracatlas, tmp_path):
+    """The README's steps across machines, each machine a torchrun launcher in its own clone, on loopback."""
+    shutil.copy(REPO / ".gitignore", project / ".gitignore")
+    source = make_subset(fracatlas, tmp_path / "source", pick_ids(fracatlas, 8, 8))
+    shrink_params(project, train__batch_size=4, profiles__cpu__image_size=32)
+    run(project, sys.executable, "-m", "fracture.cli", "ingest", "--source", str(source))
+    for stage in ("validate", "split", "prepare"):
+        assert repro(project, stage).ran
+    # The second machine: the same commit, the split and prepared images pulled from the DVC remote.
+    publish(project, tmp_path / "remote")
+    subprocess.run(["git", "clone", "-q", str(project), str(tmp_path / "node1")], check=True)
+    node1 = tmp_path / "node1"
+    dvc(node1, "pull", "split", "prepare")
+
+    command = _readme_two_machine_command()
+    assert command[command.index("--rdzv-backend") + 1] == "static"  # node 0 holds rank 0
+    port = str(free_port())
+    values = {"--nproc-per-node": "1", "--master-addr": "127.0.0.1", "--master-port": port}
+    launchers = []
+    for rank, cwd in enumerate((project, node1)):
+        args = [Path(sys.executable).parent / "torchrun", *command[1:]]
+        for option, value in {**values, "--node-rank": str(rank)}.items():
+            at = args.index(option) + 1
+            if option == "--node-rank":
+                assert args[at] == "<0" and args[at + 1:at + 3] == ["or", "1>"]
+                del args[at + 1:at + 3]
+            args[at] = value
+        log = (tmp_path / f"node{rank}.log").open("w")
+        env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+        launchers.append((subprocess.Popen([str(a) for a in args], cwd=cwd, env=env, stdout=log, stderr=log), log))
+    try:
+        for proc, _ in launchers:
+            proc.wait(timeout=600)
+    finally:  # a launcher left waiting for a failed one is stopped with the test
+        for proc, log in launchers:
+            proc.kill()
+            proc.wait()
+            log.close()
+    outputs = {rank: (tmp_path / f"node{rank}.log").read_text() for rank in (0, 1)}
+    assert [proc.returncode for proc, _ in launchers] == [0, 0], outputs
+
+    weights = "outputs/train/model.safetensors"
+    assert (project / weights).is_file()
+    assert not (node1 / weights).exists()  # rank 1 trained its share and wrote nothing
+    assert "best epoch 1" in outputs[0] and "best epoch" not in outputs[1]
+    # Then, on node 0: record the outputs in dvc.lock; `dvc repro` evaluates them and nothing else.
+    dvc(project, "commit", "--force", "train")
+    assert "Data and pipelines are up to date" in dvc(project, "status", "train")
+    reproduced = dvc(project, "repro")
+    assert "Running stage 'evaluate'" in reproduced and "Running stage 'train'" not in reproduced
+    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1  # rank 0's, on node 0
+    tags = runs[0].data.tags
+    assert (tags["world_size"], tags["machines"], runs[0].data.params["train.processes"]) == ("2", "2", "1")
+    assert not (node1 / "mlflow.db").exists()

@@ -72,7 +72,7 @@ def _run_params(params: Params, frames: dict[str, pd.DataFrame]) -> dict[str, ob
     return recipe_params(params) | {"n_train": len(frames["train"]), "n_val": len(frames["val"])}
 
 
-def run_train(params: Params, workspace: Workspace) -> TrainResult:
+def run_train(params: Params, workspace: Workspace) -> TrainResult | None:
     """Fine-tunes the profile's ImageNet model on the train split, choosing the epoch on val.
 
     Every epoch is checkpointed; a run killed part-way resumes after its last completed epoch
@@ -84,7 +84,8 @@ def run_train(params: Params, workspace: Workspace) -> TrainResult:
     (:mod:`fracture.distributed`).
 
     Returns:
-        The model's description and its MLflow run.
+        The model's description and its MLflow run; ``None`` in a process of rank above 0 that
+        torchrun started on another machine than rank 0's, where no outputs are written.
 
     Raises:
         PretrainedWeightsError: a ``weights_file`` DVC does not version in ``pretrained/``
@@ -95,10 +96,10 @@ def run_train(params: Params, workspace: Workspace) -> TrainResult:
         distributed.launch(_rank, params.train.processes, params, workspace)
         return workspace.read_train()
     try:
-        _train(params, workspace)
+        wrote = _train(params, workspace)
     finally:
         distributed.teardown()
-    return workspace.read_train()
+    return workspace.read_train() if wrote else None
 
 
 def _rank(params: Params, workspace: Workspace) -> None:
@@ -136,18 +137,20 @@ def _images(frame: pd.DataFrame) -> list[list[str]]:
     return frame[columns].astype(str).values.tolist()
 
 
-def _train(params: Params, workspace: Workspace) -> None:
+def _train(params: Params, workspace: Workspace) -> bool:
+    """Trains this process's share; returns whether it wrote the stage's outputs (rank 0 does)."""
     frames = workspace.read_split_tables()
     config, _ = active_cache(params)
     cache = open_cache(params, workspace, config)
     train_data, val_data = cache.reader(frames["train"]), cache.dataset(frames["val"])
     key = run_key(params, config.to_dict(), cache.meta, frames)
+    context = distributed.Context()
     if distributed.launched():
         context = distributed.setup(use_cuda=select_device(params.train.device).type == "cuda")
         if not context.is_main:
             # Trains its share; rank 0 logs, checkpoints and writes the outputs.
             train(train_data, val_data, config, params.profile, params.train)
-            return
+            return False
     resumable = checkpoint.load(workspace.checkpoint_dir, key)
     setup_mlflow(params, workspace.root)
     if resumable is not None and resumable.run_id:
@@ -176,7 +179,14 @@ def _train(params: Params, workspace: Workspace) -> None:
             run_id=run.info.run_id,
         )
         mlflow.log_metrics({"best_epoch": fit.best_epoch, "best_val_roc_auc": fit.best_val_roc_auc})
-        mlflow.set_tags({**hardware_tags(fit.device), "resumed_from_epoch": fit.resumed_from})
+        mlflow.set_tags({
+            **hardware_tags(fit.device),
+            "resumed_from_epoch": fit.resumed_from,
+            # How many processes trained it, on how many machines: a run that torchrun started on
+            # several machines is not in train.processes, which counts one machine's processes.
+            "world_size": context.world_size,
+            "machines": context.machines,
+        })
         workspace.train_dir.mkdir(parents=True, exist_ok=True)
         save_file(fit.model.state_dict(), str(workspace.weights))
         trained = TrainedModel(
@@ -192,3 +202,4 @@ def _train(params: Params, workspace: Workspace) -> None:
     checkpoint.clear(workspace.checkpoint_dir)
     resumed = f", resumed after epoch {fit.resumed_from}" if fit.resumed_from else ""
     print(f"best epoch {fit.best_epoch}: val ROC AUC {fit.best_val_roc_auc:.4f} (MLflow run {run.info.run_id}{resumed})")
+    return True
