@@ -53,6 +53,7 @@ _KNOWN_ERRORS = {
     "fracture.project_lock": "ProjectBusy",
     "fracture.registry": "RegistryError",
     "fracture.split": "SplitError",
+    "fracture.tracking": "TrainingRunMissing",
     "fracture.validation": "ValidationFailed",
 }
 

@@ -569,11 +569,27 @@ def load_params(root: Path | str = ".") -> Params:
         return parse_params(yaml.load(fh, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)))  # noqa: S506
 
 
+def store_root(root: Path | str = ".") -> Path:
+    """The project folder whose ``mlflow.db`` and ``mlartifacts/`` are the local MLflow store.
+
+    ``root`` itself, except in the temporary copy of the project that a queued or ``--temp``
+    ``dvc exp run`` runs its stages in (under ``.dvc/tmp/exps``, removed when the experiment
+    ends, and without the git-ignored store): there, DVC names the project it copied in
+    ``$DVC_ROOT``, and the runs land in that project's store, where ``dvc exp apply`` and
+    ``fracture register`` look for them.
+    """
+    root = Path(root).resolve()
+    project = os.environ.get("DVC_ROOT")
+    if project and root.is_relative_to(Path(project).resolve() / ".dvc" / "tmp"):
+        return Path(project).resolve()
+    return root
+
+
 def tracking_uri(root: Path | str = ".") -> str:
-    """The MLflow tracking URI: ``MLFLOW_TRACKING_URI`` if set, else the project's sqlite file."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
+    """The MLflow tracking URI: ``MLFLOW_TRACKING_URI`` if set, else the project's sqlite file (:func:`store_root`)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{store_root(root) / 'mlflow.db'}"
 
 
 def artifact_location(root: Path | str = ".") -> str:
     """Where a new experiment stores artifacts when the tracking store is the local sqlite file."""
-    return (Path(root).resolve() / "mlartifacts").as_uri()
+    return (store_root(root) / "mlartifacts").as_uri()

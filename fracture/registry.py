@@ -51,6 +51,7 @@ from fracture.inference import ServingConfig
 from fracture.model_card import version_description
 from fracture.packaging import log_pyfunc
 from fracture.scoring import load_check, scored_with_champion
+from fracture.tracking import training_run
 
 log = logging.getLogger(__name__)
 
@@ -220,9 +221,10 @@ def register(
 
     Raises:
         RegistryError: the run lacks its test ROC AUC or a floor's metric.
+        TrainingRunMissing: the tracking store does not hold the run.
     """
     client = client or MlflowClient()
-    run = client.get_run(run_id)
+    run = training_run(run_id, client)
     metrics = dict(run.data.metrics)
     _required_metrics(metrics, run_id, params)
     evaluated_on = run.data.tags.get(TAG_SPLIT)

@@ -7,8 +7,35 @@ import re
 from pathlib import Path
 
 import mlflow
+from mlflow import MlflowClient
+from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
 
 from fracture.config import Params, artifact_location, tracking_uri
+
+
+class TrainingRunMissing(RuntimeError):
+    """The MLflow run that trained the model (``outputs/train/run.json``) is not in the tracking store."""
+
+
+def training_run(run_id: str, client: MlflowClient | None = None) -> Run:
+    """The training run ``run_id`` from the current tracking store (or ``client``'s).
+
+    Raises:
+        TrainingRunMissing: the store does not hold it; the message says which store and what to do.
+    """
+    client = client or MlflowClient()
+    try:
+        return client.get_run(run_id)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise TrainingRunMissing(
+            f"run {run_id}, which trained the model (outputs/train/run.json), is not in the tracking store "
+            f"{client.tracking_uri}: it was logged to another store (MLFLOW_TRACKING_URI set otherwise, or "
+            "another copy's mlflow.db). Set MLFLOW_TRACKING_URI to that store, or train again here: "
+            "dvc repro --force --single-item train, then dvc repro"
+        ) from exc
 
 
 def setup_mlflow(params: Params, root: Path = Path(".")) -> None:

@@ -42,7 +42,7 @@ from fracture.model_card import render_model_card
 from fracture.plots import save_evaluation_plots
 from fracture.prepare import PreparedImages
 from fracture.stages.prepare import open_cache
-from fracture.tracking import setup_mlflow
+from fracture.tracking import setup_mlflow, training_run
 from fracture.vocabulary import Aspect
 from fracture.workspace import EvaluateResult, SplitResult, TrainResult, Workspace
 
@@ -177,7 +177,7 @@ def run_evaluate(params: Params, workspace: Workspace) -> EvaluateResult:
 
     setup_mlflow(params, workspace.root)
     # The card names the code and data the model was trained from, as the training run recorded them.
-    tags = mlflow.get_run(trained.run_id).data.tags
+    tags = training_run(trained.run_id).data.tags
     card = render_model_card(
         model,
         _recipe(params, model.profile),
