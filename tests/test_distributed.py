@@ -288,7 +288,9 @@ def test_the_readmes_two_machine_command_trains_once_with_rank_zeros_machine_wri
     assert (project / weights).is_file()
     assert not (node1 / weights).exists()  # rank 1 trained its share and wrote nothing
     assert "best epoch 1" in outputs[0] and "best epoch" not in outputs[1]
-    # Then, on node 0: record the outputs in dvc.lock; `dvc repro` evaluates them and nothing else.
+    # Then, on node 0: record the outputs in dvc.lock (as the README: --force, since no one is asked
+    # to confirm), and `dvc repro` evaluates them and nothing else.
+    assert ".venv/bin/dvc commit --force train" in (REPO / "README.md").read_text()
     dvc(project, "commit", "--force", "train")
     assert "Data and pipelines are up to date" in dvc(project, "status", "train")
     reproduced = dvc(project, "repro")
