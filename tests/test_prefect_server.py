@@ -202,6 +202,43 @@ def test_deploy_to_a_work_pool(api, project, monkeypatch):
         main(["deploy", "--project-dir", str(project)])
 
 
+def test_a_process_workers_run_retrains_and_registers(api, project, subset_source, monkeypatch):
+    """The README's work-pool commands: a process pool, the deployment on it, a worker that runs it."""
+    set_schedule(project, work_pool="cpu-pool")
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    raw["register"]["floors"] = {}  # a one-epoch 64 px model is to become champion, not to meet clinical floors
+    (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    env = os.environ | {"PREFECT_API_URL": api, "PREFECT_HOME": str(project.parent / "prefect-worker")}
+    created = subprocess.run(
+        [str(BIN / "prefect"), "work-pool", "create", "cpu-pool", "--type", "process"],
+        env=env, capture_output=True, text=True, check=False,
+    )
+    assert created.returncode == 0, created.stdout + created.stderr
+    monkeypatch.chdir(project)
+    main(["deploy", "--project-dir", str(project), "--source", str(subset_source)])
+    elsewhere = project.parent / "worker-cwd"  # a worker starts each run in a folder of its own, not the project
+    elsewhere.mkdir()
+    log = project.parent / "worker.log"
+    with log.open("w") as out:
+        worker = subprocess.Popen(
+            [str(BIN / "prefect"), "worker", "start", "--pool", "cpu-pool"],
+            cwd=elsewhere, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        flow_run, tasks, artifacts, _ = _trigger("retrain/weekly-retrain")
+    finally:
+        stop(worker, signal.SIGINT, grace=30)
+        print(f"--- worker log (end) ---\n{log.read_text()[-4000:]}")
+    assert flow_run.state.type == StateType.COMPLETED, flow_run.state
+    assert _task_states(tasks) == {s: StateType.COMPLETED for s in STAGES}
+    assert [a.key for a in artifacts] == [REPORT_KEY]
+    champion = MlflowClient(tracking_uri(project)).get_model_version_by_alias(
+        load_params(project).register.model_name, "champion"
+    )
+    assert str(champion.version) == "1"
+    assert (project / "dvc.lock").is_file() and not list(elsewhere.iterdir())  # the run worked in the project
+
+
 def _trigger(name: str) -> tuple:
     """Runs the deployment now; returns the finished flow run, its task runs, its report and the wall time."""
     started = time.perf_counter()
