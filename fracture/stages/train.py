@@ -85,7 +85,7 @@ def run_train(params: Params, workspace: Workspace) -> TrainResult | None:
 
     Returns:
         The model's description and its MLflow run; ``None`` in a process of rank above 0 that
-        torchrun started on another machine than rank 0's, where no outputs are written.
+        torchrun started itself: rank 0 writes the outputs, on its own machine.
 
     Raises:
         PretrainedWeightsError: a ``weights_file`` DVC does not version in ``pretrained/``
