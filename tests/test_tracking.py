@@ -70,6 +70,8 @@ def test_an_experiment_run_in_a_temporary_copy_is_registered_from_the_project(pr
         assert repro(project, stage).ran
     git(project, "add", "-A")
     git(project, "commit", "-qm", "pipeline state")
+    for key, value in (("user.name", "Pipeline"), ("user.email", "pipeline@example.org")):
+        run(project, "git", "config", key, value)  # DVC commits the experiment: a machine without a git identity
     dvc(project, "exp", "run", "--temp", "-n", "lr-3e-4", "-S", "profiles.cpu.lr=3e-4")
     store = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     runs = store.search_runs([e.experiment_id for e in store.search_experiments()])
