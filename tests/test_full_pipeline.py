@@ -1,4 +1,4 @@
-"""The main job on the whole real FracAtlas copy with the CPU profile (about 17 minutes here).
+"""The main job on the whole real FracAtlas copy with the CPU profile (12 to 17 minutes on two cores).
 
 Marked slow: `make test-all` runs it; `make test` does not.
 """
