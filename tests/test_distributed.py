@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -29,7 +28,7 @@ from tasks.pipeline import repro
 from tests.conftest import REPO, dvc, make_subset, pick_ids, run, shrink_params
 from tests.servers import free_port
 from tests.synthetic import make_dataset, training_frame
-from tests.test_dvc_remote import publish
+from tests.test_dvc_remote import git, publish
 from tests.test_prepare import tensor_data
 
 # A tiny timm EfficientNet with group norm: no batch statistics, so splitting a batch over two
@@ -253,8 +252,8 @@ def test_the_readmes_two_machine_command_trains_once_with_rank_zeros_machine_wri
         assert repro(project, stage).ran
     # The second machine: the same commit, the split and prepared images pulled from the DVC remote.
     publish(project, tmp_path / "remote")
-    subprocess.run(["git", "clone", "-q", str(project), str(tmp_path / "node1")], check=True)
     node1 = tmp_path / "node1"
+    git(tmp_path, "clone", "-q", str(project), str(node1))
     dvc(node1, "pull", "split", "prepare")
 
     command = _readme_two_machine_command()
@@ -270,9 +269,8 @@ def test_the_readmes_two_machine_command_trains_once_with_rank_zeros_machine_wri
                 assert args[at] == "<0" and args[at + 1:at + 3] == ["or", "1>"]
                 del args[at + 1:at + 3]
             args[at] = value
-        log = (tmp_path / f"node{rank}.log").open("w")
-        env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-        launchers.append((subprocess.Popen([str(a) for a in args], cwd=cwd, env=env, stdout=log, stderr=log), log))
+        log = (tmp_path / f"node{rank}.log").open("w")  # the project fixture left MLFLOW_TRACKING_URI unset
+        launchers.append((subprocess.Popen([str(a) for a in args], cwd=cwd, stdout=log, stderr=log), log))
     try:
         for proc, _ in launchers:
             proc.wait(timeout=600)
