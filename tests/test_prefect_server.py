@@ -104,19 +104,26 @@ def set_schedule(project: Path, **values: object) -> None:
 
 
 @contextmanager
-def serving(project: Path, api_url: str, *args: str) -> Iterator[subprocess.Popen]:
-    """``python -m flows.deploy serve`` for the project, stopped (Ctrl-C) on exit."""
+def serving(project: Path, api_url: str, *args: str, stop_with: int = signal.SIGINT) -> Iterator[subprocess.Popen]:
+    """``python -m flows.deploy serve`` for the project, stopped on exit by ``stop_with``: Ctrl-C's
+    SIGINT, or the SIGTERM of a service manager (systemd, ``docker stop``)."""
     env = os.environ | {"PREFECT_API_URL": api_url, "PREFECT_HOME": str(project.parent / "prefect-runner")}
     log = project.parent / "serve.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "flows.deploy", "serve", "--project-dir", str(project), *args],
-            cwd=project, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )
+    # As from a terminal: a test run started in the background of a script has SIGINT ignored, and a
+    # child inherits that; a handler of this process's own is reset to the default in the child.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with log.open("w") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "flows.deploy", "serve", "--project-dir", str(project), *args],
+                cwd=project, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+    finally:
+        signal.signal(signal.SIGINT, previous)
     try:
         yield proc
     finally:
-        stop(proc, signal.SIGINT, grace=30)
+        stop(proc, stop_with, grace=30)
         print(f"--- serve log (end) ---\n{log.read_text()[-4000:]}")
 
 
@@ -130,6 +137,15 @@ def wait_for_deployment(name: str, proc: subprocess.Popen, timeout: float = 240)
                 pass
             assert proc.poll() is None, f"`flows.deploy serve` exited with {proc.returncode}"
             assert time.monotonic() < deadline, f"deployment {name} did not appear in {timeout} s"
+            time.sleep(1)
+
+
+def wait_for_unpaused(name: str, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while client.read_deployment_by_name(name).paused:
+            assert proc.poll() is None, f"`flows.deploy serve` exited with {proc.returncode}"
+            assert time.monotonic() < deadline, f"deployment {name} was still paused after {timeout} s"
             time.sleep(1)
 
 
@@ -158,6 +174,17 @@ def test_served_deployment_has_the_schedule_and_concurrency_limit(api, project):
     set_schedule(project, deployment="nightly-retrain", cron="30 2 * * *", timezone="Europe/London")
     with serving(project, api, "--source", "/data/FracAtlas.zip") as proc:
         dep = wait_for_deployment("retrain/nightly-retrain", proc)
+        assert not dep.paused
+    assert proc.returncode is not None and proc.returncode != -signal.SIGKILL, "serve ignored Ctrl-C"
+    # Stopped, the schedule is paused: no run falls due while nothing serves it. Served again, it
+    # runs again; a service manager's SIGTERM pauses it as Ctrl-C does.
+    with get_client(sync_client=True) as client:
+        assert client.read_deployment_by_name("retrain/nightly-retrain").paused
+    with serving(project, api, "--source", "/data/FracAtlas.zip", stop_with=signal.SIGTERM) as proc:
+        wait_for_unpaused("retrain/nightly-retrain", proc)
+    assert proc.returncode is not None and proc.returncode != -signal.SIGKILL, "serve ignored SIGTERM"
+    with get_client(sync_client=True) as client:
+        assert client.read_deployment_by_name("retrain/nightly-retrain").paused
 
     (schedule,) = dep.schedules
     assert (schedule.schedule.cron, schedule.schedule.timezone) == ("30 2 * * *", "Europe/London")
