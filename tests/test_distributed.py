@@ -213,8 +213,7 @@ def test_the_global_batch_must_divide_over_the_processes():
         parse_params(raw)
 
 
-@pytest.mark.integration
-@pytest.mark.slow
+@pytest.mark.integration  # about 20 s: the switch in params.yaml, through DVC, as every run uses it
 def test_train_stage_with_two_processes_logs_one_mlflow_run_from_rank_zero(project, fracatlas, tmp_path):
     source = make_subset(fracatlas, tmp_path / "source", pick_ids(fracatlas, 8, 8))
     shrink_params(project, train__processes=2, train__batch_size=4, profiles__cpu__epochs=2, profiles__cpu__image_size=32)
