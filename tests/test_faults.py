@@ -151,8 +151,7 @@ def test_a_holder_killed_leaves_no_hold_to_its_children_and_torchrun_ranks_follo
         assert busy.returncode == 1 and "another run is working in" in busy.stderr
 
 
-@pytest.mark.integration
-@pytest.mark.slow
+@pytest.mark.integration  # about 40 s on two cores: the whole flow on real images, once
 def test_two_runs_started_together_one_trains_and_the_other_is_refused(project, subset_source, tmp_path):
     shrink_params(project, register__floors={})
     cmd = [sys.executable, "-m", "flows.retrain", "--project-dir", str(project), "--source", str(subset_source)]
@@ -178,8 +177,7 @@ def test_two_runs_started_together_one_trains_and_the_other_is_refused(project, 
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == "1"
 
 
-@pytest.mark.integration
-@pytest.mark.slow  # about 100 s on two cores: the pipeline up to evaluate on real images first
+@pytest.mark.integration  # about 40 s on two cores: the pipeline up to evaluate on real images first
 def test_a_stage_that_cannot_write_its_outputs_fails_clearly_and_the_previous_ones_come_back(project, subset_source):
     run(project, sys.executable, "-m", "fracture.cli", "ingest", "--source", str(subset_source))
     dvc(project, "repro", "evaluate")
