@@ -18,6 +18,7 @@ import hashlib
 import io
 import os
 import random
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -66,6 +67,14 @@ PAGE = APP / "streamlit_app.py"
 PAGE_TIMEOUT = 300  # the first run loads the model from the registry
 STREAMLIT_DEFAULT_UPLOAD_MB = 200
 LABEL_CONFLICTS = {"IMG0003298.jpg"}  # in images/Fractured, but dataset.csv says 0 (data card)
+
+
+@pytest.fixture(autouse=True)
+def _main_module_restored(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Streamlit's script runner installs the page as ``sys.modules["__main__"]`` and leaves it there.
+    Put back after each test: a process that spawns workers later in this run (the train stage with
+    ``train.processes: 2``) would otherwise have each worker run the page as its main module."""
+    monkeypatch.setitem(sys.modules, "__main__", sys.modules["__main__"])
 
 
 @dataclass(frozen=True)
