@@ -42,6 +42,8 @@ from fracture.registry import (
     RegistryError,
     _alias,
     _apply,
+    _basis,
+    _decided_before,
     _ensure_version,
     _held_back,
     _registration,
@@ -221,12 +223,12 @@ def register_detector(
     candidate = Evaluation(str(mv.version), metrics, mv.tags.get(TAG_SPLIT) or split.fingerprint,
                            run.data.tags.get("data_version") or None)
     current = _alias(client, name, CHAMPION)
-    outcome = _held_back(mv, current)
+    outcome = _held_back(mv, current) or _decided_before(mv, _basis(params, current, split))
     if outcome is None:
         checks = _gate(client, params, mv, metrics, current, split, threshold, seed)
         beat = next((c for c in checks if c.name == "beats champion" and current is not None), None)
         outcome = _verdict(checks, beat.detail if beat else "first version to pass the gate")
-        _apply(client, mv, current, outcome)
+        _apply(client, mv, current, outcome, _basis(params, current, split))
     return _registration(client, name, run_id, created, candidate, current, outcome, score_key=SCORE,
                          confidence=params.confidence, floors=params.floors)
 

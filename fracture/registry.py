@@ -66,6 +66,8 @@ TAG_DECISION = "gate_decision"
 TAG_REASON = "gate_reason"
 TAG_REPLACED = "replaced_version"
 TAG_ROLLED_BACK = "rolled_back_at"
+#: What a challenger was decided against: the champion, the test split and the gate's rules.
+TAG_BASIS = "gate_basis"
 
 #: The run metric every version needs: its test ROC AUC, reported next to the decision.
 SCORE = "test_roc_auc"
@@ -251,7 +253,7 @@ def register(
     candidate = Evaluation(str(mv.version), metrics, fingerprint, run.data.tags.get("data_version") or None)
     current = _alias(client, params.model_name, CHAMPION)
 
-    outcome = _held_back(mv, current)
+    outcome = _held_back(mv, current) or _decided_before(mv, _basis(params, current, split))
     while outcome is None:
         decided = _decide(client, params, candidate, current, split, config.threshold)
         # Scoring takes minutes; another registration against this registry may have moved the
@@ -269,7 +271,7 @@ def register(
         if outcome.comparison is not None:
             _tag_version(client, params.model_name, str(mv.version), outcome.comparison.tags())
         try:
-            _apply(client, mv, current, outcome)
+            _apply(client, mv, current, outcome, _basis(params, current, split))
         except _ChampionMoved as moved:
             log.warning(
                 "%s: champion moved from version %s to %s while version %s was being promoted; scoring it against "
@@ -335,6 +337,28 @@ def _record_provenance(client: MlflowClient, mv: ModelVersion, created: bool, ta
     return client.get_model_version(name, version)
 
 
+def _basis(params: Any, current: ModelVersion | None, split: Any) -> str:
+    """What the gate's decision rests on: the champion, the test split and the rules in ``params``.
+
+    ``params``: :class:`RegisterParams`, or the detector's :class:`fracture.config.DetectParams`.
+    """
+    keys = ("confidence", "sensitivity_tolerance", "floors", "bootstrap_resamples")
+    rules = {k: getattr(params, k) for k in keys if hasattr(params, k)}
+    return json.dumps({"champion": _version_of(current), "test_split": split.fingerprint} | rules, sort_keys=True)
+
+
+def _decided_before(mv: ModelVersion, basis: str) -> _Outcome | None:
+    """The recorded decision of a version that already lost the gate against the same champion, on the
+    same test split, under the same rules, or ``None``: scoring it again would decide the same, and
+    costs minutes in every scheduled run that finds nothing new."""
+    if mv.tags.get(TAG_DECISION) != "challenger" or mv.tags.get(TAG_BASIS) != basis:
+        return None
+    champion = json.loads(basis)["champion"]
+    against = f"against champion v{champion}" if champion else "with no champion"
+    return _Outcome("unchanged", f"already decided {against}, on this test split and these rules: stays "
+                                 f"challenger ({mv.tags.get(TAG_REASON, '')})")
+
+
 def _held_back(mv: ModelVersion, current: ModelVersion | None) -> _Outcome | None:
     """Why the gate does not run for this version (already champion, or rolled back), or ``None``."""
     if current is not None and str(current.version) == str(mv.version):
@@ -395,12 +419,14 @@ def _verdict(checks: tuple[GateCheck, ...], promoted_because: str, comparison: C
     return _Outcome("promoted", promoted_because, checks, comparison)
 
 
-def _apply(client: MlflowClient, mv: ModelVersion, current: ModelVersion | None, outcome: _Outcome) -> None:
-    """Moves the aliases as the gate decided."""
+def _apply(
+    client: MlflowClient, mv: ModelVersion, current: ModelVersion | None, outcome: _Outcome, basis: str | None = None,
+) -> None:
+    """Moves the aliases as the gate decided; a challenger records the ``basis`` of its decision."""
     if outcome.decision == "promoted":
         _promote(client, mv, current, outcome.reason)
     else:
-        _mark_challenger(client, mv, outcome.reason)
+        _mark_challenger(client, mv, outcome.reason, basis)
 
 
 def _promote(client: MlflowClient, mv: ModelVersion, current: ModelVersion | None, reason: str) -> None:
@@ -456,13 +482,16 @@ def _version_of(mv: ModelVersion | None) -> str | None:
     return None if mv is None else str(mv.version)
 
 
-def _mark_challenger(client: MlflowClient, mv: ModelVersion, reason: str) -> None:
-    """Gives the version that lost the gate ``challenger`` and tags it with the reason."""
+def _mark_challenger(client: MlflowClient, mv: ModelVersion, reason: str, basis: str | None = None) -> None:
+    """Gives the version that lost the gate ``challenger`` and tags it with the reason and the ``basis``."""
     name, version = mv.name, str(mv.version)
     # A version that holds previous-champion keeps that role rather than becoming the challenger.
     if PREVIOUS_CHAMPION not in mv.aliases:
         client.set_registered_model_alias(name, CHALLENGER, version)
+    # The basis last: a registration stopped before it is decided again when the run is registered again.
     _tag_version(client, name, version, {TAG_DECISION: "challenger", TAG_REASON: reason})
+    if basis is not None:
+        _tag_version(client, name, version, {TAG_BASIS: basis})
     log.info("%s version %s stays challenger: %s", name, version, reason)
 
 

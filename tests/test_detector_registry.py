@@ -92,7 +92,7 @@ def detector_run(tmp_path, seed: int, map_50: float) -> tuple[str, object, dict]
     return run.info.run_id, weights, CONFIG.to_dict() | {"threshold": 0.05, "input": InputPolicy().to_dict()}
 
 
-def test_the_first_detector_becomes_champion_and_an_identical_one_stays_challenger(client, split, tmp_path):
+def test_the_first_detector_becomes_champion_and_an_identical_one_stays_challenger(client, split, tmp_path, monkeypatch):
     params = dataclasses.replace(DetectParams(), floors={"test_map_50": 0.1}, bootstrap_resamples=20)
     run_id, weights, described = detector_run(tmp_path, 0, 0.4)
 
@@ -117,6 +117,12 @@ def test_the_first_detector_becomes_champion_and_an_identical_one_stays_challeng
     assert tags["gate_compared_with"] == first.version and tags["gate_map_50_difference"] == "0.0000"
     assert tags["gate_p_value"] == "1" and tags["gate_decision"] == "challenger"
     assert str(client.get_model_version_by_alias("fracture-detector", CHAMPION).version) == first.version
+    # Registered again against the same champion under the same rules: its decision stands, unscored.
+    with monkeypatch.context() as patch:
+        patch.setattr(detector_registry, "_gate", lambda *a, **k: pytest.fail("scored again"))
+        twin_again = register_detector(params, twin_id, weights, described, split)
+    assert twin_again.decision == "unchanged" and twin_again.reason.startswith(
+        f"already decided against champion v{first.version}, on this test split and these rules: stays challenger")
 
     # Below a floor: never compared, never champion.
     low_id, _, _ = detector_run(tmp_path, 1, 0.05)

@@ -326,6 +326,44 @@ def test_gate_promotes_keeps_previous_champion_and_rolls_back(client, ranked, tm
         cli(["rollback"])
 
 
+def test_a_challenger_registered_again_keeps_its_decision_until_the_champion_or_the_rules_change(
+        client, ranked, monkeypatch):
+    """A scheduled run that finds nothing new registers its run again. A challenger already decided
+    against this champion, on this split, under these rules, is not scored again (minutes on the
+    full test split): the same inputs decide the same. A new champion or new rules decide again."""
+    split, models = ranked
+    register(PARAMS, evaluated_run(0.90), *models["good"], split, client)
+    loser = evaluated_run(0.80)
+    first = register(PARAMS, loser, *models["bad"], split, client)
+    assert (first.version, first.decision) == ("2", "challenger") and first.comparison is not None
+    assert client.get_model_version(NAME, "2").tags["gate_basis"]
+
+    scored = []
+    real_decide = registry_module._decide
+    monkeypatch.setattr(registry_module, "_decide", lambda *a, **k: scored.append(a[3]) or real_decide(*a, **k))
+    again = register(PARAMS, loser, *models["bad"], split, client)
+    assert scored == [] and (again.version, again.created, again.decision, again.champion) == ("2", False, "unchanged", False)
+    assert again.reason.startswith("already decided against champion v1, on this test split and these rules: stays "
+                                   f"challenger ({first.reason})")
+    assert aliases(client) == {"champion": "1", "challenger": "2"}
+
+    # Other rules: decided again (and lost again).
+    stricter = RegisterParams(NAME, "t", confidence=0.99, sensitivity_tolerance=PARAMS.sensitivity_tolerance,
+                              floors=PARAMS.floors)
+    assert register(stricter, loser, *models["bad"], split, client).decision == "challenger" and len(scored) == 1
+
+    # A registration stopped after the decision but before its basis was written is decided again.
+    client.delete_model_version_tag(NAME, "2", "gate_basis")
+    assert register(PARAMS, loser, *models["bad"], split, client).decision == "challenger" and len(scored) == 2
+    assert register(PARAMS, loser, *models["bad"], split, client).decision == "unchanged" and len(scored) == 2
+
+    # Another champion: decided again, against it.
+    register(PARAMS, evaluated_run(0.95), *models["random"], split, client)  # version 3, against v1
+    client.set_registered_model_alias(NAME, "champion", "3")
+    redone = register(PARAMS, loser, *models["bad"], split, client)
+    assert redone.champion_version == "3" and str(scored[-1].version) == "3" and redone.decision != "unchanged"
+
+
 def test_rollback_steps_back_through_the_champions(client, ranked):
     split, models = ranked
     # Any gain promotes here: the test is about the aliases, not the evidence.
