@@ -47,6 +47,7 @@ from fracture.registry import (
     _ensure_version,
     _held_back,
     _registration,
+    _settled_basis,
     _tag_version,
     _test_metrics,
     _verdict,
@@ -228,7 +229,7 @@ def register_detector(
         checks = _gate(client, params, mv, metrics, current, split, threshold, seed)
         beat = next((c for c in checks if c.name == "beats champion" and current is not None), None)
         outcome = _verdict(checks, beat.detail if beat else "first version to pass the gate")
-        _apply(client, mv, current, outcome, _basis(params, current, split))
+        _apply(client, mv, current, outcome, _settled_basis(outcome, _basis(params, current, split)))
     return _registration(client, name, run_id, created, candidate, current, outcome, score_key=SCORE,
                          confidence=params.confidence, floors=params.floors)
 

@@ -271,7 +271,7 @@ def register(
         if outcome.comparison is not None:
             _tag_version(client, params.model_name, str(mv.version), outcome.comparison.tags())
         try:
-            _apply(client, mv, current, outcome, _basis(params, current, split))
+            _apply(client, mv, current, outcome, _settled_basis(outcome, _basis(params, current, split)))
         except _ChampionMoved as moved:
             log.warning(
                 "%s: champion moved from version %s to %s while version %s was being promoted; scoring it against "
@@ -345,6 +345,14 @@ def _basis(params: Any, current: ModelVersion | None, split: Any) -> str:
     keys = ("confidence", "sensitivity_tolerance", "floors", "bootstrap_resamples")
     rules = {k: getattr(params, k) for k in keys if hasattr(params, k)}
     return json.dumps({"champion": _version_of(current), "test_split": split.fingerprint} | rules, sort_keys=True)
+
+
+def _settled_basis(outcome: _Outcome, basis: str) -> str | None:
+    """``basis``, when the decision rests on the rules alone; ``None`` when a check that can fail
+    for a passing reason failed (a model that could not be loaded or scored: a registry or network
+    error), so that the next registration of the run tries again."""
+    retried = ("scored with champion", "load check")
+    return None if any(c.name in retried and not c.passed for c in outcome.checks) else basis
 
 
 def _decided_before(mv: ModelVersion, basis: str) -> _Outcome | None:
