@@ -493,10 +493,13 @@ def _version_of(mv: ModelVersion | None) -> str | None:
 def _mark_challenger(client: MlflowClient, mv: ModelVersion, reason: str, basis: str | None = None) -> None:
     """Gives the version that lost the gate ``challenger`` and tags it with the reason and the ``basis``."""
     name, version = mv.name, str(mv.version)
+    # The basis of an earlier decision goes first and this one's comes last: a registration stopped
+    # in between leaves none, and the run's next registration decides again.
+    if TAG_BASIS in mv.tags:
+        client.delete_model_version_tag(name, version, TAG_BASIS)
     # A version that holds previous-champion keeps that role rather than becoming the challenger.
     if PREVIOUS_CHAMPION not in mv.aliases:
         client.set_registered_model_alias(name, CHALLENGER, version)
-    # The basis last: a registration stopped before it is decided again when the run is registered again.
     _tag_version(client, name, version, {TAG_DECISION: "challenger", TAG_REASON: reason})
     if basis is not None:
         _tag_version(client, name, version, {TAG_BASIS: basis})

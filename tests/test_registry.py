@@ -361,7 +361,8 @@ def test_a_challenger_registered_again_keeps_its_decision_until_the_champion_or_
     register(PARAMS, evaluated_run(0.95), *models["random"], split, client)  # version 3, against v1
     client.set_registered_model_alias(NAME, "champion", "3")
     redone = register(PARAMS, loser, *models["bad"], split, client)
-    assert redone.champion_version == "3" and str(scored[-1].version) == "3" and redone.decision != "unchanged"
+    assert redone.champion_version == "3" and str(scored[-1].version) == "3" and redone.decision == "challenger"
+    assert '"champion": "3"' in client.get_model_version(NAME, "2").tags["gate_basis"]  # what it was decided against
 
 
 def test_rollback_steps_back_through_the_champions(client, ranked):
