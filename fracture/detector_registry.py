@@ -47,7 +47,6 @@ from fracture.registry import (
     _ensure_version,
     _held_back,
     _registration,
-    _settled_basis,
     _tag_version,
     _test_metrics,
     _verdict,
@@ -224,12 +223,13 @@ def register_detector(
     candidate = Evaluation(str(mv.version), metrics, mv.tags.get(TAG_SPLIT) or split.fingerprint,
                            run.data.tags.get("data_version") or None)
     current = _alias(client, name, CHAMPION)
-    outcome = _held_back(mv, current) or _decided_before(mv, _basis(params, current, split))
+    basis = _basis(params, current, split)
+    outcome = _held_back(mv, current) or _decided_before(mv, current, basis)
     if outcome is None:
         checks = _gate(client, params, mv, metrics, current, split, threshold, seed)
         beat = next((c for c in checks if c.name == "beats champion" and current is not None), None)
         outcome = _verdict(checks, beat.detail if beat else "first version to pass the gate")
-        _apply(client, mv, current, outcome, _settled_basis(outcome, _basis(params, current, split)))
+        _apply(client, mv, current, outcome, basis)
     return _registration(client, name, run_id, created, candidate, current, outcome, score_key=SCORE,
                          confidence=params.confidence, floors=params.floors)
 

@@ -253,7 +253,7 @@ def register(
     candidate = Evaluation(str(mv.version), metrics, fingerprint, run.data.tags.get("data_version") or None)
     current = _alias(client, params.model_name, CHAMPION)
 
-    outcome = _held_back(mv, current) or _decided_before(mv, _basis(params, current, split))
+    outcome = _held_back(mv, current) or _decided_before(mv, current, _basis(params, current, split))
     while outcome is None:
         decided = _decide(client, params, candidate, current, split, config.threshold)
         # Scoring takes minutes; another registration against this registry may have moved the
@@ -271,7 +271,7 @@ def register(
         if outcome.comparison is not None:
             _tag_version(client, params.model_name, str(mv.version), outcome.comparison.tags())
         try:
-            _apply(client, mv, current, outcome, _settled_basis(outcome, _basis(params, current, split)))
+            _apply(client, mv, current, outcome, _basis(params, current, split))
         except _ChampionMoved as moved:
             log.warning(
                 "%s: champion moved from version %s to %s while version %s was being promoted; scoring it against "
@@ -347,22 +347,13 @@ def _basis(params: Any, current: ModelVersion | None, split: Any) -> str:
     return json.dumps({"champion": _version_of(current), "test_split": split.fingerprint} | rules, sort_keys=True)
 
 
-def _settled_basis(outcome: _Outcome, basis: str) -> str | None:
-    """``basis``, when the decision rests on the rules alone; ``None`` when a check that can fail
-    for a passing reason failed (a model that could not be loaded or scored: a registry or network
-    error), so that the next registration of the run tries again."""
-    retried = ("scored with champion", "load check")
-    return None if any(c.name in retried and not c.passed for c in outcome.checks) else basis
-
-
-def _decided_before(mv: ModelVersion, basis: str) -> _Outcome | None:
-    """The recorded decision of a version that already lost the gate against the same champion, on the
-    same test split, under the same rules, or ``None``: scoring it again would decide the same, and
-    costs minutes in every scheduled run that finds nothing new."""
+def _decided_before(mv: ModelVersion, current: ModelVersion | None, basis: str) -> _Outcome | None:
+    """The recorded decision of a version that already lost the gate against the champion ``current``,
+    on the same test split, under the same rules (``basis``), or ``None``: scoring it again would
+    decide the same, and costs minutes in every scheduled run that finds nothing new."""
     if mv.tags.get(TAG_DECISION) != "challenger" or mv.tags.get(TAG_BASIS) != basis:
         return None
-    champion = json.loads(basis)["champion"]
-    against = f"against champion v{champion}" if champion else "with no champion"
+    against = f"against champion v{current.version}" if current is not None else "with no champion"
     return _Outcome("unchanged", f"already decided {against}, on this test split and these rules: stays "
                                  f"challenger ({mv.tags.get(TAG_REASON, '')})")
 
@@ -430,11 +421,16 @@ def _verdict(checks: tuple[GateCheck, ...], promoted_because: str, comparison: C
 def _apply(
     client: MlflowClient, mv: ModelVersion, current: ModelVersion | None, outcome: _Outcome, basis: str | None = None,
 ) -> None:
-    """Moves the aliases as the gate decided; a challenger records the ``basis`` of its decision."""
+    """Moves the aliases as the gate decided; a challenger records the ``basis`` of its decision when
+    the decision rests on the rules alone. It records none when a check that can fail for a passing
+    reason failed (a model that could not be loaded or scored: a registry or network error), so that
+    the next registration of the run tries again."""
     if outcome.decision == "promoted":
         _promote(client, mv, current, outcome.reason)
     else:
-        _mark_challenger(client, mv, outcome.reason, basis)
+        retried = ("scored with champion", "load check")
+        settled = not any(c.name in retried and not c.passed for c in outcome.checks)
+        _mark_challenger(client, mv, outcome.reason, basis if settled else None)
 
 
 def _promote(client: MlflowClient, mv: ModelVersion, current: ModelVersion | None, reason: str) -> None:

@@ -127,25 +127,19 @@ def serving(project: Path, api_url: str, *args: str, stop_with: int = signal.SIG
         print(f"--- serve log (end) ---\n{log.read_text()[-4000:]}")
 
 
-def wait_for_deployment(name: str, proc: subprocess.Popen, timeout: float = 240):
+def wait_for_deployment(name: str, proc: subprocess.Popen, timeout: float = 240, until=lambda dep: True):
+    """The deployment, once it exists and ``until(deployment)`` holds."""
     deadline = time.monotonic() + timeout
     with get_client(sync_client=True) as client:
         while True:
             try:
-                return client.read_deployment_by_name(name)
+                dep = client.read_deployment_by_name(name)
+                if until(dep):
+                    return dep
             except ObjectNotFound:
                 pass
             assert proc.poll() is None, f"`flows.deploy serve` exited with {proc.returncode}"
-            assert time.monotonic() < deadline, f"deployment {name} did not appear in {timeout} s"
-            time.sleep(1)
-
-
-def wait_for_unpaused(name: str, proc: subprocess.Popen, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    with get_client(sync_client=True) as client:
-        while client.read_deployment_by_name(name).paused:
-            assert proc.poll() is None, f"`flows.deploy serve` exited with {proc.returncode}"
-            assert time.monotonic() < deadline, f"deployment {name} was still paused after {timeout} s"
+            assert time.monotonic() < deadline, f"deployment {name} was not as expected within {timeout} s"
             time.sleep(1)
 
 
@@ -181,7 +175,7 @@ def test_served_deployment_has_the_schedule_and_concurrency_limit(api, project):
     with get_client(sync_client=True) as client:
         assert client.read_deployment_by_name("retrain/nightly-retrain").paused
     with serving(project, api, "--source", "/data/FracAtlas.zip", stop_with=signal.SIGTERM) as proc:
-        wait_for_unpaused("retrain/nightly-retrain", proc)
+        wait_for_deployment("retrain/nightly-retrain", proc, until=lambda dep: not dep.paused)
     assert proc.returncode is not None and proc.returncode != -signal.SIGKILL, "serve ignored SIGTERM"
     with get_client(sync_client=True) as client:
         assert client.read_deployment_by_name("retrain/nightly-retrain").paused
