@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 
 from fracture.config import RegisterParams
 from fracture.decoding import open_xray
-from fracture.detection import DetectorConfig, build_detector
+from fracture.detection import build_detector
 from fracture.gate import EvaluatedSplit
 from fracture.inference import Classifier
 from fracture.intake import InputPolicy
@@ -40,12 +40,12 @@ from tests.conftest import REPO, require_fracatlas, untrained_model_files
 from tests.dicom_files import ENCODINGS, dicom_from_jpeg
 from tests.servers import child_env, free_port, running
 from tests.synthetic import ihdr_png
+from tests.test_detection import CONFIG as DETECTOR
 
 pytestmark = pytest.mark.integration
 
 NAME = "fracture-classifier"
 THRESHOLD = 0.42
-DETECTOR = DetectorConfig("tf_efficientnet_lite0", "fcos", 128, 64, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 
 def xray_paths() -> list[Path]:
