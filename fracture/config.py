@@ -114,6 +114,10 @@ class Profile:
     # How JPEGs are decoded before the resize, in the prepared cache and in the served model alike
     # (a part of the model's data config): full, as the paper's profile, or draft (reduced scale)
     decode: Decode = "full"
+    # Networks trained under seeds train.seed, train.seed + 1, ...; the model scores the mean of their
+    # probabilities (fracture.model.SeedEnsemble). Frozen leading layers are the same weights in every
+    # member, so they run once per image, in training and scoring; 1: one network, as the paper's profile
+    members: int = 1
 
     def learning_rate(self, train: TrainParams) -> float:
         """The Adam learning rate this profile trains with."""
@@ -522,6 +526,9 @@ def _check(p: Params) -> None:
             if not (_number(rate) and 0 <= rate < 1):
                 raise ConfigError(f"params.yaml: profiles.{name}.{key} must be a number from 0 up to (not including) 1, "
                                   f"got {rate!r}")
+        if not (_whole(prof.members) and prof.members >= 1):
+            raise ConfigError(f"params.yaml: profiles.{name}.members must be a whole number of at least 1 (1: one "
+                              f"network), got {prof.members!r}")
         decay = prof.layer_decay
         if not (_number(decay) and 0 < decay <= 1):
             raise ConfigError(f"params.yaml: profiles.{name}.layer_decay must be a number above 0 and at most 1 "

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedGroupKFold
 
 from fracture.config import EvaluateParams, Profile, TrainParams
@@ -29,7 +30,7 @@ from fracture.evaluation import (
 )
 from fracture.prepare import PreparedImages
 from fracture.split import group_key
-from fracture.training import EpochCallback, FitResult, train
+from fracture.training import EpochCallback, FitResult, fit_members
 from fracture.workspace import CrossvalFold, Workspace
 
 #: Columns of the out-of-fold predictions.
@@ -115,22 +116,27 @@ def fit_fold(
         on_epoch: called after each epoch with its metrics.
 
     Returns:
-        The fold's record, its held-out predictions (:data:`OOF_COLUMNS`, the last epoch's) and
+        The fold's record, its held-out predictions (:data:`OOF_COLUMNS`, the last epoch's; an
+        ensemble's with each member's own, ``probability_member_<k>``) and
         the fit.
     """
     fit_frame, held_out = pooled[fold_of != number], pooled[fold_of == number]
-    fit = train(cache.reader(fit_frame), cache.dataset(held_out), config, profile, params, on_epoch=on_epoch)
+    fit = fit_members(cache.reader(fit_frame), cache.dataset(held_out), config, profile, params, on_epoch=on_epoch)
     assert fit.final_val_probabilities is not None  # no checkpoint: every epoch ran in this call
     record = CrossvalFold(
         fold=number,
         n_train=len(fit_frame),
         n_val=len(held_out),
         n_fractured_val=int(held_out["label"].astype(int).sum()),
-        roc_auc=float(fit.history[-1]["val_roc_auc"]),
+        # The last epoch's scores: one network's, or the mean of an ensemble's members'.
+        roc_auc=float(roc_auc_score(held_out["label"].astype(int), fit.final_val_probabilities)),
         best_roc_auc=float(fit.best_val_roc_auc),
         best_epoch=fit.best_epoch,
     )
     oof = held_out.assign(fold=number, probability=fit.final_val_probabilities)[OOF_COLUMNS]
+    # An ensemble's members each hold the fold out too: their own probabilities, to compare with one network.
+    for member, probs in enumerate(fit.member_final_val_probabilities, start=1):
+        oof[f"probability_member_{member}"] = probs
     return record, oof, fit
 
 

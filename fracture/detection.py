@@ -43,6 +43,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.transforms.functional import pil_to_tensor
 
 from fracture.decoding import open_xray
+from fracture.ensemble import ensemble_size
 from fracture.vocabulary import Detector
 
 log = logging.getLogger(__name__)
@@ -118,8 +119,9 @@ def build_detector(config: DetectorConfig, classifier_state: dict[str, torch.Ten
     Args:
         config: architecture and sizes.
         classifier_state: the classifier's state dict (``outputs/train/model.safetensors``); its
-            head is left out. None: the backbone starts untrained (for tests, and for rebuilding
-            a saved detector before its own weights are loaded).
+            head is left out, and of an ensemble's, every member but the first. None: the backbone
+            starts untrained (for tests, and for rebuilding a saved detector before its own weights
+            are loaded).
 
     Raises:
         DetectionError: the classifier's weights do not hold the backbone's tensors.
@@ -128,6 +130,10 @@ def build_detector(config: DetectorConfig, classifier_state: dict[str, torch.Ten
     # Frozen before loading: frozen batch norm holds no batch counter, so the classifier's weights
     # load whether its own layers were trained (with counters) or frozen (without, the CPU profile's stem).
     body = freeze_batch_norm_2d(body)
+    if classifier_state is not None and ensemble_size(classifier_state):
+        # An ensemble's members share their frozen layers and differ above them: the first one is the backbone.
+        classifier_state = {k.removeprefix("members.0."): v for k, v in classifier_state.items()
+                            if k.startswith("members.0.")}
     if classifier_state is not None:
         wanted = body.state_dict()
         missing = [k for k in wanted if k not in classifier_state]

@@ -19,6 +19,7 @@ from matplotlib import colormaps
 from PIL import Image
 from torch import nn
 
+from fracture.ensemble import SeedEnsemble
 from fracture.vocabulary import Aspect, choices
 
 # Captum registers hooks on the layer for the duration of one attribution. Attributions run on a
@@ -69,7 +70,8 @@ def grad_cam(model: nn.Module, batch: torch.Tensor, target: int, layer: nn.Modul
     """Grad-CAM of one class for one preprocessed image, upsampled to the model's input size.
 
     Args:
-        model: the classifier, in eval mode.
+        model: the classifier, in eval mode; for a :class:`~fracture.ensemble.SeedEnsemble` (and no
+            ``layer``), the mean of its members' maps.
         batch: one preprocessed image, shape ``(1, C, H, W)``.
         target: the class index to explain (index into :data:`fracture.imaging.CLASSES`).
         layer: the layer to attribute to (default: :func:`target_layer`).
@@ -80,6 +82,12 @@ def grad_cam(model: nn.Module, batch: torch.Tensor, target: int, layer: nn.Modul
     """
     if batch.ndim != 4 or batch.shape[0] != 1:
         raise ValueError(f"grad_cam takes one image of shape (1, C, H, W), got {tuple(batch.shape)}")
+    if isinstance(model, SeedEnsemble) and layer is None:
+        # The members' own maps, averaged as their probabilities are: each explains its share of the score.
+        cams = [grad_cam(member, batch, target) for member in model.members]
+        cam = np.mean(cams, axis=0)
+        peak = cam.max()
+        return cam / peak if peak > 0 else np.zeros_like(cam)
     with _LOCK, torch.enable_grad():
         own, own_layer = _attribution_copy(model, layer or target_layer(model))
         cam = LayerGradCam(own, own_layer).attribute(

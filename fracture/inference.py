@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from fracture.data_config import DataConfig
+from fracture.ensemble import SeedEnsemble, ensemble_size
 from fracture.imaging import Preprocessor, nchw
 from fracture.intake import InputPolicy
 from fracture.vocabulary import CLASSES, Tta, choices
@@ -105,10 +106,23 @@ def probabilities(
 
 
 def load_network(weights: Path | str, architecture: str) -> nn.Module:
-    """Builds the timm architecture and loads fine-tuned weights (safetensors) into it, on the CPU."""
-    network = timm.create_model(architecture, pretrained=False, num_classes=len(CLASSES))
-    network.load_state_dict(load_file(str(weights)))
-    return network.eval()
+    """Builds the timm architecture and loads fine-tuned weights (safetensors) into it, on the CPU.
+
+    Weights saved from a :class:`~fracture.model.SeedEnsemble` (keys ``members.<k>.…``) load as
+    one, with as many members as they hold.
+    """
+    state = load_file(str(weights))
+    members = ensemble_size(state)
+    if not members:
+        network = timm.create_model(architecture, pretrained=False, num_classes=len(CLASSES))
+        network.load_state_dict(state)
+        return network.eval()
+    ensemble = SeedEnsemble(
+        [timm.create_model(architecture, pretrained=False, num_classes=len(CLASSES)) for _ in range(members)], 0
+    )
+    ensemble.load_state_dict(state)
+    ensemble.check_shared()
+    return ensemble.eval()
 
 
 @dataclass(frozen=True)

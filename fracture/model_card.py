@@ -130,7 +130,11 @@ def render_model_card(
         f"{config.aspect}), enhancement: {config.enhance}, normalised with mean {list(config.mean)}; "
         f"JPEGs decoded {'in full' if config.decode == 'full' else 'at draft scale (DICOM in full)'}",
         *(f"- {k}: {v}" for k, v in recipe.items()),
-        f"- Model kept from epoch {model.best_epoch} (best validation ROC AUC {model.best_val_roc_auc:.4f})",
+        (f"- {model.members} networks trained under seeds train.seed onwards, scored as the mean of their "
+         f"probabilities; each kept from its best validation epoch ({', '.join(map(str, model.member_best_epochs))}); "
+         f"validation ROC AUC of the mean {model.best_val_roc_auc:.4f}"
+         if model.members > 1 else
+         f"- Model kept from epoch {model.best_epoch} (best validation ROC AUC {model.best_val_roc_auc:.4f})"),
         "",
         "## How the recipe was chosen",
         *(f"- {text}" for text in SELECTION_PROTOCOL),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import random
 import time
@@ -40,6 +41,7 @@ from tqdm import tqdm
 from fracture import checkpoint, distributed
 from fracture.config import Profile, TrainParams
 from fracture.data_config import DataConfig
+from fracture.ensemble import SeedEnsemble
 from fracture.imaging import Preprocessor
 from fracture.inference import autocast_for, probabilities, softmax
 from fracture.model import create_classifier, data_config
@@ -72,6 +74,12 @@ class FitResult:
     # selection on val (cross-validation's out-of-fold predictions). None when a resumed run
     # found every epoch already done, so no epoch ran in this call.
     final_val_probabilities: np.ndarray | None = None
+    # The best epoch's fracture probabilities of the val images (None as above, after a resume).
+    best_val_probabilities: np.ndarray | None = None
+    # An ensemble's (profile.members > 1): each member's best epoch, in seed order; empty for one network.
+    member_best_epochs: tuple[int, ...] = ()
+    # And each member's last-epoch val probabilities (``final_val_probabilities`` is their mean).
+    member_final_val_probabilities: tuple[np.ndarray, ...] = ()
 
 
 def select_device(preference: Device) -> torch.device:
@@ -383,6 +391,7 @@ def train(
     checkpoint_key: str = "",
     run_id: str | None = None,
     reuse_frozen_outputs: bool = True,
+    kept_outputs: dict[str, FrozenOutputs] | None = None,
 ) -> FitResult:
     """Fine-tunes the profile's ImageNet model and keeps the epoch with the best val ROC AUC.
 
@@ -425,6 +434,9 @@ def train(
             (:class:`FrozenOutputs`), and each val image's from the first val pass (without
             test-time augmentation, and for the trained weights, not their moving average); on
             the CPU the trained weights and val scores are the same, bit for bit, as without.
+        kept_outputs: where the kept outputs live between calls (keys ``train`` and ``val``):
+            filled by this call, or taken from an earlier one that trained a network with the same
+            frozen layers on the same images (an ensemble's members, :func:`fit_members`).
 
     Returns:
         The best model (on the CPU), its data config, the per-epoch history and the last
@@ -490,9 +502,13 @@ def train(
     rest: nn.Module = net
     if depth is not None and augment is None and profile.drop_path_rate == 0 and not context.distributed:
         prefix, rest = FrozenPrefix(model, depth), TrainedRest(model, depth)
-        kept = FrozenOutputs(prefix, len(train_data), autocast)
+        shared = kept_outputs if kept_outputs is not None else {}
+        kept = shared.setdefault("train", FrozenOutputs(prefix, len(train_data), autocast))
         if profile.tta == "none":  # a mirrored image's output would be another one to keep
-            kept_val = FrozenOutputs(prefix, len(val_data), autocast, what="val")
+            kept_val = shared.setdefault("val", FrozenOutputs(prefix, len(val_data), autocast, what="val"))
+        for outputs in (kept, kept_val):
+            if outputs is not None:  # an earlier member's: its frozen layers are this network's, on this device
+                outputs.prefix = prefix
     shard = distributed.ShardedSampler(
         sampler if sampler is not None else RandomSampler(train_data, generator=generator),
         context.rank,
@@ -529,6 +545,7 @@ def train(
     best_auc, best_epoch, best_state = -1.0, -1, None
     history: list[dict[str, float]] = []
     val_probs: np.ndarray | None = None
+    best_probs: np.ndarray | None = None
     start = 0
     saved = checkpoint.load(checkpoint_dir, checkpoint_key) if checkpoint_dir is not None and context.is_main else None
     saved = distributed.from_main(saved, context)  # other machines need not see rank 0's disk
@@ -611,7 +628,7 @@ def train(
             if on_epoch is not None:
                 on_epoch(epoch, metrics)
         if val_auc > best_auc:
-            best_auc, best_epoch = val_auc, epoch
+            best_auc, best_epoch, best_probs = val_auc, epoch, val_probs
             best_state = copy.deepcopy({k: v.detach().cpu() for k, v in scored.state_dict().items()})
         if checkpoint_dir is not None and context.is_main:
             checkpoint.save(
@@ -643,4 +660,90 @@ def train(
         device=str(device),
         resumed_from=start,
         final_val_probabilities=val_probs,
+        best_val_probabilities=best_probs,
+    )
+
+
+def member_checkpoint(checkpoint_dir: Path, checkpoint_key: str, profile: Profile, member: int) -> tuple[Path, str]:
+    """Where member ``member`` (from 1) of the profile's networks checkpoints, and under which key.
+
+    One network checkpoints in ``checkpoint_dir`` itself; an ensemble's members each in a folder of
+    their own, so a killed run resumes in the member it stopped in.
+    """
+    if profile.members == 1:
+        return checkpoint_dir, checkpoint_key
+    return checkpoint_dir / f"member-{member}", f"{checkpoint_key}/member-{member}"
+
+
+def fit_members(
+    train_data: TensorDataset | CachedImages,
+    val_data: TensorDataset,
+    config: DataConfig,
+    profile: Profile,
+    params: TrainParams,
+    on_epoch: EpochCallback | None = None,
+    checkpoint_dir: Path | None = None,
+    checkpoint_key: str = "",
+    run_id: str | None = None,
+) -> FitResult:
+    """Trains the profile's ``members`` networks and returns them as one model.
+
+    With one member this is :func:`train`. With several, member ``k`` (from 1) trains exactly
+    as one network does under ``train.seed + k - 1`` and picks its own epoch on val, so member 1
+    is the network ``members: 1`` trains. The frozen layers' output that the first member keeps
+    serves the others (:class:`FrozenOutputs`): each later member runs only the layers that
+    train, in every epoch. The model returned is their :class:`~fracture.ensemble.SeedEnsemble`.
+
+    Its val figures are the mean of the members' probabilities: at their best epochs for
+    ``best_val_roc_auc`` and ``best_val_probabilities``, at their last for
+    ``final_val_probabilities``; ``best_epoch`` is member 1's, ``member_best_epochs`` all of
+    theirs. Its history holds every member's epochs, each marked with its ``member``, and
+    ``on_epoch`` sees them numbered on across the members (member 2's first epoch follows
+    member 1's last). Each member checkpoints in a folder of its own (:func:`member_checkpoint`).
+
+    Args: as :func:`train`.
+    """
+    if profile.members == 1:
+        return train(train_data, val_data, config, profile, params, on_epoch, checkpoint_dir, checkpoint_key, run_id)
+    kept: dict[str, FrozenOutputs] = {}
+    fits: list[FitResult] = []
+    for index in range(profile.members):
+        member = index + 1
+
+        def numbered(epoch: int, metrics: dict[str, float], before: int = index * profile.epochs,
+                     member: int = member) -> None:
+            assert on_epoch is not None
+            on_epoch(before + epoch, {**metrics, "member": member})
+
+        folder, key = (
+            member_checkpoint(checkpoint_dir, checkpoint_key, profile, member) if checkpoint_dir is not None
+            else (None, checkpoint_key)
+        )
+        log.info("training member %d of %d (seed %d)", member, profile.members, params.seed + index)
+        fits.append(train(
+            train_data, val_data, config, profile, dataclasses.replace(params, seed=params.seed + index),
+            on_epoch=numbered if on_epoch is not None else None, checkpoint_dir=folder, checkpoint_key=key,
+            run_id=run_id, kept_outputs=kept,
+        ))
+    ensemble = SeedEnsemble([fit.model for fit in fits], frozen_prefix_depth(fits[0].model, profile.frozen) or 0).eval()
+    labels = val_data.tensors[1].numpy()
+    best = [fit.best_val_probabilities for fit in fits]
+    if any(p is None for p in best):  # a member restored whole from its checkpoint: score the ensemble once
+        best_probs = probabilities(ensemble, val_data.tensors[0], Preprocessor(config), torch.device("cpu"),
+                                   params.batch_size * 2, profile.tta)
+    else:
+        best_probs = np.mean(np.stack(best), axis=0)
+    final = [fit.final_val_probabilities for fit in fits]
+    return FitResult(
+        model=ensemble,
+        data_config=config,
+        best_epoch=fits[0].best_epoch,
+        best_val_roc_auc=float(roc_auc_score(labels, best_probs)),
+        history=[{**epoch, "member": number} for number, fit in enumerate(fits, start=1) for epoch in fit.history],
+        device=fits[0].device,
+        resumed_from=sum(fit.resumed_from for fit in fits),
+        final_val_probabilities=None if any(p is None for p in final) else np.mean(np.stack(final), axis=0),
+        best_val_probabilities=best_probs,
+        member_best_epochs=tuple(fit.best_epoch for fit in fits),
+        member_final_val_probabilities=() if any(p is None for p in final) else tuple(final),
     )

@@ -124,6 +124,10 @@ class TrainedModel:
     best_epoch: int
     best_val_roc_auc: float
     tta: Tta = "none"
+    # Networks in the model (fracture.ensemble.SeedEnsemble when more than one) and, then, each one's
+    # best epoch (best_epoch is the first's); a model.json written before they existed reads as one
+    members: int = 1
+    member_best_epochs: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self) | {"data_config": self.data_config.to_dict()}
@@ -480,9 +484,11 @@ class Workspace:
     # --- crossval -----------------------------------------------------------------------------
 
     def write_crossval(self, result: CrossvalResult, oof: pd.DataFrame) -> None:
-        """Writes ``metrics.json`` and the out-of-fold predictions (``oof.csv``, sorted by ``image_id``)."""
+        """Writes ``metrics.json`` and the out-of-fold predictions (``oof.csv``, sorted by ``image_id``;
+        an ensemble's also with each member's ``probability_member_<k>``)."""
         write_json(self.crossval_metrics, result.to_dict())
         columns = ["image_id", "fold", "label", "probability"]
+        columns += sorted((c for c in oof.columns if c.startswith("probability_member_")), key=lambda c: int(c.rsplit("_", 1)[1]))
         oof[columns].sort_values("image_id").to_csv(self.crossval_oof, index=False)
 
     def read_crossval(self) -> CrossvalResult:

@@ -16,7 +16,7 @@ from fracture.config import Params
 from fracture.model import require_versioned_weights
 from fracture.stages.prepare import active_cache, open_cache
 from fracture.tracking import hardware_tags, setup_mlflow
-from fracture.training import FitResult, select_device, train
+from fracture.training import FitResult, fit_members, member_checkpoint, select_device
 from fracture.vocabulary import CLASSES
 from fracture.workspace import TrainedModel, TrainResult, Workspace
 
@@ -149,9 +149,10 @@ def _train(params: Params, workspace: Workspace) -> bool:
         context = distributed.setup(use_cuda=select_device(params.train.device).type == "cuda")
         if not context.is_main:
             # Trains its share; rank 0 logs, checkpoints and writes the outputs.
-            train(train_data, val_data, config, params.profile, params.train)
+            fit_members(train_data, val_data, config, params.profile, params.train)
             return False
-    resumable = checkpoint.load(workspace.checkpoint_dir, key)
+    # An ensemble's MLflow run is in its first member's checkpoint.
+    resumable = checkpoint.load(*member_checkpoint(workspace.checkpoint_dir, key, params.profile, 1))
     setup_mlflow(params, workspace.root)
     if resumable is not None and resumable.run_id:
         print(f"resuming after epoch {resumable.epoch} of {params.profile.epochs} (MLflow run {resumable.run_id})")
@@ -167,7 +168,7 @@ def _train(params: Params, workspace: Workspace) -> bool:
         if resumable is None:
             log_dataset_inputs(params, workspace, frames)
             mlflow.log_params(_run_params(params, frames))
-        fit: FitResult = train(
+        fit: FitResult = fit_members(
             train_data,
             val_data,
             config,
@@ -179,6 +180,8 @@ def _train(params: Params, workspace: Workspace) -> bool:
             run_id=run.info.run_id,
         )
         mlflow.log_metrics({"best_epoch": fit.best_epoch, "best_val_roc_auc": fit.best_val_roc_auc})
+        if fit.member_best_epochs:
+            mlflow.log_metrics({f"member_{k}_best_epoch": e for k, e in enumerate(fit.member_best_epochs, start=1)})
         mlflow.set_tags({
             **hardware_tags(fit.device),
             "resumed_from_epoch": fit.resumed_from,
@@ -197,9 +200,13 @@ def _train(params: Params, workspace: Workspace) -> bool:
             best_epoch=fit.best_epoch,
             best_val_roc_auc=fit.best_val_roc_auc,
             tta=params.profile.tta,  # chose the epoch on val; evaluate and the served model apply it too
+            members=params.profile.members,
+            member_best_epochs=list(fit.member_best_epochs),
         )
         workspace.write_train(trained, run.info.run_id, run.info.experiment_id, fit.history)
     checkpoint.clear(workspace.checkpoint_dir)
     resumed = f", resumed after epoch {fit.resumed_from}" if fit.resumed_from else ""
-    print(f"best epoch {fit.best_epoch}: val ROC AUC {fit.best_val_roc_auc:.4f} (MLflow run {run.info.run_id}{resumed})")
+    epochs = (f"members' best epochs {', '.join(map(str, fit.member_best_epochs))}" if fit.member_best_epochs
+              else f"best epoch {fit.best_epoch}")
+    print(f"{epochs}: val ROC AUC {fit.best_val_roc_auc:.4f} (MLflow run {run.info.run_id}{resumed})")
     return True
