@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 
+import pytest
 import yaml
 
 from flows.retrain import choose_profile, set_profile
@@ -46,3 +47,32 @@ def test_a_relative_source_is_read_from_where_the_run_started_and_the_environmen
     monkeypatch.setenv("FRACATLAS_SOURCE", "data-in/FracAtlas.zip")
     assert resolved_source(None, project) == str(project / "data-in" / "FracAtlas.zip")
     assert resolved_source("/srv/FracAtlas", project) == "/srv/FracAtlas"  # given to the run: it wins
+
+
+def test_the_train_stage_refuses_the_papers_profile_on_a_machine_without_cuda_and_says_what_to_set(tmp_path, monkeypatch):
+    """What `dvc repro` meets in a fresh checkout on a CPU machine: B6 at 528 px would take days, so
+    it stops before loading any weights, and `train.device: cpu` still trains it when asked."""
+    import dataclasses  # noqa: PLC0415
+
+    import torch  # noqa: PLC0415
+
+    from fracture.config import ConfigError, load_params  # noqa: PLC0415
+    from fracture.stages import train as stage  # noqa: PLC0415
+    from fracture.workspace import Workspace  # noqa: PLC0415
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    params = load_params(REPO)
+    assert params.train.profile == "paper" and params.train.device == "auto"
+    with pytest.raises(ConfigError, match=r"train\.profile is 'paper' .* no CUDA device: set train\.profile: cpu"):
+        stage.run_train(params, Workspace(tmp_path))
+    asked = dataclasses.replace(params, train=dataclasses.replace(params.train, device="cpu"))
+    reached: list[str] = []
+
+    def weights_checked(profile, name, root):
+        reached.append(name)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(stage, "require_versioned_weights", weights_checked)
+    with pytest.raises(RuntimeError, match="stop here"):
+        stage.run_train(asked, Workspace(tmp_path))
+    assert reached == ["paper"]

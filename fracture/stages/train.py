@@ -9,10 +9,11 @@ from typing import Any
 
 import mlflow
 import pandas as pd
+import torch
 from safetensors.torch import save_file
 
 from fracture import checkpoint, distributed
-from fracture.config import Params
+from fracture.config import ConfigError, Params
 from fracture.model import require_versioned_weights
 from fracture.stages.prepare import active_cache, open_cache
 from fracture.tracking import hardware_tags, setup_mlflow
@@ -90,7 +91,17 @@ def run_train(params: Params, workspace: Workspace) -> TrainResult | None:
     Raises:
         PretrainedWeightsError: a ``weights_file`` DVC does not version in ``pretrained/``
             (:func:`fracture.model.require_versioned_weights`).
+        ConfigError: the paper's profile with ``train.device: auto`` on a machine without CUDA.
     """
+    if params.train.profile == "paper" and params.train.device == "auto" and not torch.cuda.is_available():
+        # What a checkout names until the main job or the flow has chosen for this machine: B6 at 528 px
+        # would take days on a few CPU cores, so say what to set instead of starting it.
+        raise ConfigError(
+            "params.yaml: train.profile is 'paper' (EfficientNet-B6 at 528 px, the paper's GPU recipe) and this "
+            "machine has no CUDA device: set train.profile: cpu (`make main` and `python -m flows.retrain` choose "
+            "it themselves; `dvc exp run -S train.profile=cpu` for one experiment), or train.device: cpu to train "
+            "the paper's profile on the CPU anyway"
+        )
     require_versioned_weights(params.profile, params.train.profile, workspace.root)
     if params.train.processes > 1 and not distributed.launched():
         distributed.launch(_rank, params.train.processes, params, workspace)
