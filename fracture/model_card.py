@@ -27,13 +27,13 @@ SELECTION_PROTOCOL = (
     "The split keeps byte-identical files and near-duplicate X-rays in one group, and every group "
     "in one of train, val and test (stratified by label).",
     "Recipe choices (learning rate, epochs, input size, aspect, augmentation, class balance, "
-    "test-time augmentation) are made on the validation split (`dvc exp run train -S ...`) or by "
+    "test-time augmentation, networks averaged) are made on the validation split (`dvc exp run train -S ...`) or by "
     "k-fold cross-validation on train+val, grouped and stratified like the split "
     "(`dvc exp run crossval/dvc.yaml -S ...`), two recipes compared on the same held-out images by "
     "DeLong's paired test (`fracture crossval-compare`); the comments in params.yaml record which, "
     "with the figures. The paper profile keeps the published recipe. No choice was made on the test split.",
-    "The epoch kept is the one with the best validation ROC AUC; the decision threshold is chosen "
-    "on the validation split.",
+    "The epoch kept (each averaged network's own) is the one with the best validation ROC AUC; the "
+    "decision threshold is chosen on the validation split.",
     "The test split is scored once per model, by the evaluate stage, to report the figures below. "
     "The promotion gate compares the model with the champion on the same test images (DeLong's "
     "paired test); it decides which model is served, never how one is trained.",

@@ -21,7 +21,7 @@ from fracture import checkpoint
 from fracture.config import load_params
 from fracture.model import profile_data_config
 from fracture.stages.train import run_key
-from fracture.training import train
+from fracture.training import member_checkpoint, train
 from tests.conftest import REPO, dvc, make_subset, pick_ids, run, shrink_params
 from tests.synthetic import make_dataset, training_frame
 from tests.test_prepare import tensor_data
@@ -145,7 +145,10 @@ def test_train_stage_killed_after_its_first_epoch_resumes_when_rerun(project, fr
     shrink_params(project, profiles__cpu__epochs=3)
     run(project, sys.executable, "-m", "fracture.cli", "ingest", "--source", str(source))
     dvc(project, "repro", "prepare")
-    state = project / "outputs" / "train" / "checkpoint" / checkpoint.STATE
+    # The CPU profile as the product ships it, an ensemble of members included: the first one's checkpoint.
+    profile = load_params(project).profiles["cpu"]
+    folder, _ = member_checkpoint(project / "outputs" / "train" / "checkpoint", "", profile, 1)
+    state = folder / checkpoint.STATE
 
     # The stage as DVC runs it, killed (SIGKILL: no clean-up) once its first epoch is saved.
     proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "train"], cwd=project,
@@ -166,14 +169,14 @@ def test_train_stage_killed_after_its_first_epoch_resumes_when_rerun(project, fr
     out = dvc(project, "repro", "train")
     assert f"resuming after epoch {killed_at} of 3" in out
     history = json.loads((project / "outputs" / "train" / "history.json").read_text())
-    assert [h["epoch"] for h in history] == [1, 2, 3]
-    assert not state.parent.exists()  # removed once the model is written
+    assert [h["epoch"] for h in history] == [1, 2, 3] * profile.members
+    assert not (project / "outputs" / "train" / "checkpoint").exists()  # removed once the model is written
 
-    # One MLflow run holds every epoch, logged once each.
+    # One MLflow run holds every epoch of every member, logged once each.
     run_id = json.loads((project / "outputs" / "train" / "run.json").read_text())["run_id"]
     client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     steps = [m.step for m in client.get_metric_history(run_id, "val_roc_auc")]
-    assert sorted(set(steps)) == [1, 2, 3]
+    assert sorted(set(steps)) == list(range(1, 3 * profile.members + 1))
     tags = client.get_run(run_id).data.tags
     assert tags["resumed_from_epoch"] == str(killed_at)
     # What the resumed run trained on (tracking.hardware_tags).

@@ -128,9 +128,9 @@ def test_crossval_folds_must_be_a_whole_number_of_at_least_two(folds):
 
 
 def tiny_params(folds: int = 3) -> Params:
-    """The real params with the CPU profile shrunk to 64 px and 2 epochs, on the CPU."""
+    """The real params with the CPU profile shrunk to one network at 64 px and 2 epochs, on the CPU."""
     base = load_params(REPO)
-    profile = dataclasses.replace(base.profiles["cpu"], image_size=64, epochs=2, lr=1e-3)
+    profile = dataclasses.replace(base.profiles["cpu"], image_size=64, epochs=2, lr=1e-3, members=1)
     return dataclasses.replace(
         base,
         train=dataclasses.replace(base.train, profile="cpu", batch_size=4, device="cpu"),

@@ -27,7 +27,9 @@ def test_train_outputs_round_trip_and_keep_model_json_layout(tmp_path):
         "input_size": [3, 224, 224], "interpolation": "bicubic", "mean": [0.5, 0.5, 0.5],
         "std": [0.5, 0.5, 0.5], "aspect": "squash", "enhance": "none", "decode": "full",
     }
-    assert set(raw) == {"architecture", "profile", "classes", "data_config", "best_epoch", "best_val_roc_auc", "tta"}
+    assert set(raw) == {"architecture", "profile", "classes", "data_config", "best_epoch", "best_val_roc_auc", "tta",
+                        "members", "member_best_epochs"}
+    assert (raw["members"], raw["member_best_epochs"]) == (1, [])
 
 
 def test_serving_config_is_the_trained_model_with_the_evaluated_threshold(tmp_path):
