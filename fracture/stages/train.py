@@ -93,6 +93,7 @@ def run_train(params: Params, workspace: Workspace) -> TrainResult | None:
             (:func:`fracture.model.require_versioned_weights`).
         ConfigError: the paper's profile with ``train.device: auto`` on a machine without CUDA.
     """
+    require_versioned_weights(params.profile, params.train.profile, workspace.root)
     if params.train.profile == "paper" and params.train.device == "auto" and not torch.cuda.is_available():
         # What a checkout names until the main job or the flow has chosen for this machine: B6 at 528 px
         # would take days on a few CPU cores, so say what to set instead of starting it.
@@ -102,7 +103,6 @@ def run_train(params: Params, workspace: Workspace) -> TrainResult | None:
             "it themselves; `dvc exp run -S train.profile=cpu` for one experiment), or train.device: cpu to train "
             "the paper's profile on the CPU anyway"
         )
-    require_versioned_weights(params.profile, params.train.profile, workspace.root)
     if params.train.processes > 1 and not distributed.launched():
         distributed.launch(_rank, params.train.processes, params, workspace)
         return workspace.read_train()
