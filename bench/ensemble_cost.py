@@ -1,6 +1,6 @@
 """What an ensemble of seeds (``profiles.<p>.members``) costs against one network, side by side.
 
-    .venv/bin/python -m bench.ensemble_cost [--profile cpu] [--batches 4] [--repeats 3]
+    .venv/bin/python -m bench.ensemble_cost [--profile cpu] [--batches 3] [--repeats 3]
 
 On the profile's architecture, input size and frozen layers (random input; the arithmetic is the
 same as on X-rays), it times, alternating so that drift in the machine's speed hits every side:
@@ -37,7 +37,7 @@ from fracture.training import FrozenPrefix, TrainedRest, frozen_prefix_depth
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", default="cpu")
-    parser.add_argument("--batches", type=int, default=4, help="batches per timed side and repeat")
+    parser.add_argument("--batches", type=int, default=3, help="batches per timed side and repeat")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     params = load_params(".")
@@ -95,23 +95,24 @@ def main() -> None:
             lambda: step(training, True), len(training)),
         "train step: on the kept output (later epochs, later members)": (lambda: step(kept, False), len(training)),
     }
-    for fn, _ in sides.values():  # warm-up
-        fn()
     times: dict[str, list[float]] = {name: [] for name in sides}
     for _ in range(args.repeats):
         for name, (fn, images) in sides.items():
+            fn()  # untimed: whatever the side before left in the allocator and caches is not this side's cost
             started = time.perf_counter()
             for _ in range(args.batches):
                 fn()
             times[name].append((time.perf_counter() - started) / (args.batches * images))
     print(f"profile {args.profile}: {profile.model}, {size} px, frozen {list(profile.frozen)}; "
-          f"{torch.get_num_threads()} threads, median of {args.repeats} alternating repeats of {args.batches} batches")
+          f"{torch.get_num_threads()} threads, median of {args.repeats} alternating repeats of {args.batches} batches "
+          "(each after one untimed batch)")
     one = statistics.median(times["score: one network"])
     first = statistics.median(times[next(k for k in sides if k.startswith("train step: first"))])
     for name, values in times.items():
         median = statistics.median(values)
         base = first if name.startswith("train") else one
-        print(f"{name}: {median * 1000:.1f} ms per image, {1 / median:.1f} images/s, {median / base:.2f}x")
+        runs = ", ".join(f"{v * 1000:.1f}" for v in values)
+        print(f"{name}: {median * 1000:.1f} ms per image ({runs}), {1 / median:.1f} images/s, {median / base:.2f}x")
 
 
 if __name__ == "__main__":
