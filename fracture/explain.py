@@ -84,17 +84,18 @@ def grad_cam(model: nn.Module, batch: torch.Tensor, target: int, layer: nn.Modul
         raise ValueError(f"grad_cam takes one image of shape (1, C, H, W), got {tuple(batch.shape)}")
     if isinstance(model, SeedEnsemble) and layer is None:
         # The members' own maps, averaged as their probabilities are: each explains its share of the score.
-        cams = [grad_cam(member, batch, target) for member in model.members]
-        cam = np.mean(cams, axis=0)
-        peak = cam.max()
-        return cam / peak if peak > 0 else np.zeros_like(cam)
+        return _peak_to_one(np.mean([grad_cam(member, batch, target) for member in model.members], axis=0))
     with _LOCK, torch.enable_grad():
         own, own_layer = _attribution_copy(model, layer or target_layer(model))
         cam = LayerGradCam(own, own_layer).attribute(
             batch, target=target, relu_attributions=True
         )
         cam = LayerAttribution.interpolate(cam.detach(), tuple(batch.shape[-2:]), interpolate_mode="bilinear")
-    cam = cam[0, 0].clamp_min(0).numpy().astype(np.float64)
+    return _peak_to_one(cam[0, 0].clamp_min(0).numpy().astype(np.float64))
+
+
+def _peak_to_one(cam: np.ndarray) -> np.ndarray:
+    """``cam`` scaled so its peak is 1; all zeros when nothing is above 0."""
     peak = cam.max()
     return cam / peak if peak > 0 else np.zeros_like(cam)
 

@@ -112,17 +112,13 @@ def load_network(weights: Path | str, architecture: str) -> nn.Module:
     one, with as many members as they hold.
     """
     state = load_file(str(weights))
-    members = ensemble_size(state)
-    if not members:
-        network = timm.create_model(architecture, pretrained=False, num_classes=len(CLASSES))
-        network.load_state_dict(state)
-        return network.eval()
-    ensemble = SeedEnsemble(
-        [timm.create_model(architecture, pretrained=False, num_classes=len(CLASSES)) for _ in range(members)], 0
-    )
-    ensemble.load_state_dict(state)
-    ensemble.check_shared()
-    return ensemble.eval()
+    members = [timm.create_model(architecture, pretrained=False, num_classes=len(CLASSES))
+               for _ in range(ensemble_size(state) or 1)]
+    network = SeedEnsemble(members, 0) if len(members) > 1 else members[0]
+    network.load_state_dict(state)
+    if isinstance(network, SeedEnsemble):
+        network.check_shared()  # against the loaded weights, now that they and the shared depth are in
+    return network.eval()
 
 
 @dataclass(frozen=True)

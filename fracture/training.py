@@ -734,6 +734,7 @@ def fit_members(
     else:
         best_probs = np.mean(np.stack(best), axis=0)
     final = [fit.final_val_probabilities for fit in fits]
+    finals = None if any(p is None for p in final) else tuple(final)  # None: a member restored whole
     return FitResult(
         model=ensemble,
         data_config=config,
@@ -742,8 +743,8 @@ def fit_members(
         history=[{**epoch, "member": number} for number, fit in enumerate(fits, start=1) for epoch in fit.history],
         device=fits[0].device,
         resumed_from=sum(fit.resumed_from for fit in fits),
-        final_val_probabilities=None if any(p is None for p in final) else np.mean(np.stack(final), axis=0),
+        final_val_probabilities=None if finals is None else np.mean(np.stack(finals), axis=0),
         best_val_probabilities=best_probs,
         member_best_epochs=tuple(fit.best_epoch for fit in fits),
-        member_final_val_probabilities=() if any(p is None for p in final) else tuple(final),
+        member_final_val_probabilities=finals or (),
     )

@@ -18,13 +18,13 @@ from fracture.detection import build_detector
 from fracture.ensemble import SeedEnsemble, ensemble_size
 from fracture.explain import grad_cam
 from fracture.inference import Classifier, ServingConfig, load_network
-from fracture.model import create_classifier, data_config
+from fracture.model import data_config
 from fracture.packaging import save_pyfunc
 from fracture.training import fit_members, train
 from tests.conftest import REPO
 from tests.test_detection import CONFIG
 from tests.test_serving import xray_paths
-from tests.test_training import tiny_run
+from tests.test_training import counting_stem, tiny_run
 
 FROZEN = ("conv_stem", "bn1", "blocks.0", "blocks.1")
 
@@ -39,14 +39,8 @@ def fitted(tmp_path_factory):
     params, profile, config, data = tiny_run(tmp_path, 6, 7, image_size=64, epochs=2, frozen=FROZEN, members=2)
     train_params = dataclasses.replace(params.train, lr=1e-3, batch_size=4)
     stem_images: list[int] = []
-
-    def counted(profile):
-        model = create_classifier(profile)
-        model.conv_stem.register_forward_hook(lambda _m, inputs, _out: stem_images.append(len(inputs[0])))
-        return model
-
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(training, "create_classifier", counted)
+        patch.setattr(training, "create_classifier", counting_stem(stem_images))
         logged: list[tuple[int, dict]] = []
         fit = fit_members(data, data, config, profile, train_params, on_epoch=lambda e, m: logged.append((e, m)))
         stem = sum(stem_images)

@@ -33,6 +33,17 @@ def tiny_run(tmp_path, fractured: int, healthy: int, **profile_changes):
     return params, profile, config, tensor_data(tmp_path, training_frame(tmp_path), config)
 
 
+def counting_stem(stem_images: list[int]):
+    """A model factory in place of ``create_classifier`` whose stem appends each batch's image count to ``stem_images``."""
+
+    def counted(profile):
+        model = create_classifier(profile)
+        model.conv_stem.register_forward_hook(lambda _m, inputs, _out: stem_images.append(len(inputs[0])))
+        return model
+
+    return counted
+
+
 def test_frozen_layers_keep_imagenet_weights_and_the_rest_learns(tmp_path):
     params, profile, config, data = tiny_run(
         tmp_path, 8, 8, image_size=64, epochs=2, augment="light", frozen=("conv_stem", "bn1", "blocks.0")
@@ -206,13 +217,7 @@ def test_keeping_the_frozen_layers_output_trains_the_same_weights_and_runs_them_
     )
     train_params = dataclasses.replace(params.train, lr=1e-3, batch_size=4)
     stem_images: list[int] = []
-
-    def counted(profile):
-        model = create_classifier(profile)
-        model.conv_stem.register_forward_hook(lambda _m, inputs, _out: stem_images.append(len(inputs[0])))
-        return model
-
-    monkeypatch.setattr(training, "create_classifier", counted)
+    monkeypatch.setattr(training, "create_classifier", counting_stem(stem_images))
     kept = train(data, data, config, profile, train_params)
     with_kept, stem_images[:] = sum(stem_images), []
     plain = train(data, data, config, profile, train_params, reuse_frozen_outputs=False)
