@@ -41,8 +41,9 @@ import yaml
 
 from fracture.config import Params, parse_params
 from fracture.crossval import draw_folds, fit_fold, pool_splits, summarise
+from fracture.data_config import DataConfig
 from fracture.imaging import Preprocessor
-from fracture.prepare import open_prepared, prepare_images
+from fracture.prepare import PreparedImages, open_prepared, prepare_images
 from fracture.stages.prepare import active_cache
 from fracture.workspace import Workspace
 
@@ -75,9 +76,10 @@ def apply(raw: dict[str, Any], overrides: dict[str, Any]) -> Params:
     return parse_params(raw)
 
 
-def run_variant(
-    name: str, params: Params, pooled: pd.DataFrame, images: Path, work: Path, workers: int
-) -> tuple[dict[str, Any], pd.DataFrame]:
+def prepared(
+    params: Params, pooled: pd.DataFrame, images: Path, work: Path, workers: int
+) -> tuple[PreparedImages, DataConfig, float]:
+    """The variant's cache under ``work`` (prepared unless a cache of the same key is there) and the seconds it took."""
     config, key = active_cache(params)
     cache_dir = work / ("cache-" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12])
     prepare_seconds = 0.0
@@ -85,7 +87,13 @@ def run_variant(
         started = time.perf_counter()
         prepare_images(pooled, images, Preprocessor(config), key["allow_truncated"], cache_dir, workers)
         prepare_seconds = time.perf_counter() - started
-    cache = open_prepared(cache_dir, key)
+    return open_prepared(cache_dir, key), config, prepare_seconds
+
+
+def run_variant(
+    name: str, params: Params, pooled: pd.DataFrame, images: Path, work: Path, workers: int
+) -> tuple[dict[str, Any], pd.DataFrame]:
+    cache, config, prepare_seconds = prepared(params, pooled, images, work, workers)
     fold_of = draw_folds(pooled, params.crossval.folds, params.crossval.seed)
     records, oofs, timings = [], [], []
     for number in range(1, params.crossval.folds + 1):
@@ -127,6 +135,11 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="key=value set in every variant (repeat)")
     parser.add_argument("--workers", type=int, default=8, help="decoding threads")
     parser.add_argument("--deadline", type=float, default=None, help="seconds; no variant starts after it")
+    parser.add_argument(
+        "--prepare-only",
+        action="store_true",
+        help="prepare each variant's cache under --work and stop: sweeps run side by side then share the caches",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     started = time.perf_counter()
@@ -138,6 +151,11 @@ def main() -> None:
     work = args.work or args.out / "work"
     results, oofs = [], []
     variants = [parse_variant(v) for v in args.variant]
+    if args.prepare_only:
+        for name, overrides in variants:
+            _, config, seconds = prepared(apply(raw, common | overrides), pooled, args.images, work, args.workers)
+            print(f"{name:<16} cache at {config.input_size[-1]} px ready ({seconds:.0f} s to prepare)", flush=True)
+        return
     for name, overrides in variants:
         if args.deadline is not None and time.perf_counter() - started > args.deadline:
             log.warning("deadline reached: %s and later variants not run", name)
