@@ -13,13 +13,19 @@ Both talk to the Prefect API in ``PREFECT_API_URL`` (start one with ``prefect se
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 import prefect
-from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+from prefect import get_client
+from prefect.client.schemas.objects import (
+    ConcurrencyLimitConfig,
+    ConcurrencyLimitStrategy,
+)
+from prefect.exceptions import ObjectNotFound
 from prefect.flows import EntrypointType
 from prefect.schedules import Cron
 from prefect.settings import PREFECT_API_URL
@@ -98,8 +104,37 @@ def serve(params: Params, project_dir: Path, source: str | None = None, profile:
         profile: a training profile (default: by hardware).
     """
     deployment = build_deployment(params, str(project_dir.resolve()), _absolute(source) if source else None, profile)
-    # `limit` caps this runner too, so even a deployment edited in the UI never overlaps here.
-    prefect.serve(deployment, limit=params.schedule.concurrency_limit)
+    # Prefect's runner pauses the schedule when it stops, but only once it has started: stopped
+    # while Prefect is still registering the deployment (a Ctrl-C right after starting, or a
+    # service manager's SIGTERM, which kills outright until the runner installs its own handler),
+    # the schedule would stay live with nothing serving it. So it is paused here on the way out,
+    # however serving ends (pausing twice is harmless).
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        # `limit` caps this runner too, so even a deployment edited in the UI never overlaps here.
+        prefect.serve(deployment, limit=params.schedule.concurrency_limit)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        name = f"{retrain.name}/{params.schedule.deployment}"
+        try:
+            if PREFECT_API_URL.value():  # else the schedule lived in a temporary server, gone with it
+                pause_schedule(name)
+        except Exception as exc:  # noqa: BLE001 - the API gone, say: whatever stopped serving is the error to see
+            print(f"could not pause {name} ({type(exc).__name__}: {exc}): pause it in the Prefect UI, or its "
+                  "runs fall due with nothing to run them", file=sys.stderr)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def pause_schedule(name: str) -> None:
+    """Pauses the deployment ``flow/deployment`` if it exists (no run falls due while nothing serves it)."""
+    with get_client(sync_client=True) as client:
+        try:
+            client.pause_deployment(client.read_deployment_by_name(name).id)
+        except ObjectNotFound:
+            pass  # stopped before Prefect created it: nothing is scheduled
 
 
 def deploy(
@@ -180,7 +215,10 @@ def main(argv: list[str] | None = None) -> None:
         s = params.schedule
         if args.command == "serve":
             print(f"serving retrain/{s.deployment}: cron {s.cron!r} ({s.timezone}), at most {s.concurrency_limit} run(s) at once")
-            serve(params, Path(args.project_dir), args.source, args.profile)
+            try:
+                serve(params, Path(args.project_dir), args.source, args.profile)
+            except KeyboardInterrupt:  # stopped before Prefect's runner had started; serve paused it
+                raise SystemExit(f"stopped: retrain/{s.deployment} is paused") from None
         else:
             deployment_id = deploy(params, args.project_dir, args.work_pool, args.source, args.profile)
             pool = args.work_pool or s.work_pool

@@ -189,6 +189,39 @@ def test_served_deployment_has_the_schedule_and_concurrency_limit(api, project):
     assert dep.work_pool_name is None  # served by this machine's runner, no work pool
 
 
+@pytest.mark.parametrize("stop_with", ["ctrl-c", "sigterm"])
+def test_serving_stopped_while_prefect_registers_the_deployment_leaves_it_paused(api, project, monkeypatch, stop_with):
+    """Prefect's runner pauses the schedule only once it has started; stopped between creating the
+    deployment and starting (a Ctrl-C, or a service manager's SIGTERM, right after launch), serve
+    pauses it on the way out, so no run falls due with nothing serving it."""
+    import flows.deploy
+
+    set_schedule(project, deployment="nightly-retrain")
+    params = load_params(project)
+
+    def registered_then_stopped(deployment, limit):
+        deployment.apply()  # what the runner does first: the deployment exists, live
+        if stop_with == "ctrl-c":
+            raise KeyboardInterrupt
+        os.kill(os.getpid(), signal.SIGTERM)  # before any handler of Prefect's own
+        time.sleep(5)
+        pytest.fail("SIGTERM did not stop serving")
+
+    def unhandled(signum, frame):  # serve should have put its own handler in front of this one
+        pytest.fail("serve left SIGTERM to the handler it found")
+
+    monkeypatch.setattr(flows.deploy.prefect, "serve", registered_then_stopped)
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            flows.deploy.serve(params, project)
+        assert signal.getsignal(signal.SIGTERM) is unhandled  # serve put back the handler it found
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    with get_client(sync_client=True) as client:
+        assert client.read_deployment_by_name("retrain/nightly-retrain").paused
+
+
 def test_deploy_to_a_work_pool(api, project, monkeypatch):
     set_schedule(project, work_pool="gpu-pool", job_variables={"env": {"FRACATLAS_SOURCE": "/data/FracAtlas.zip"}})
     params = load_params(project)
