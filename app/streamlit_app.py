@@ -74,9 +74,18 @@ def the_detector(settings: PageSettings) -> ServedDetector | None:
         return None
 
 
+def members_of(model: ServedModel) -> int:
+    """How many networks the model averages (``members`` in its ``model.json``; 1 for older models)."""
+    return int(model.config.extra.get("members", 1))
+
+
 def show_model(model: ServedModel, settings: PageSettings, detector: ServedDetector | None) -> None:
     config = model.config
     data_config = config.data_config
+    members = members_of(model)
+    epochs = config.extra.get("member_best_epochs") or []
+    averaged = ([f"- networks: the mean of {members}, one recipe trained under different seeds"
+                 + (f" (best epochs {', '.join(map(str, epochs))})" if epochs else "")] if members > 1 else [])
     st.markdown(
         f"Model **{model.name}**, version **{model.version}**, alias **@{model.alias}**",
         help=f"Loaded from the MLflow registry at {settings.shown_uri}",
@@ -89,6 +98,7 @@ def show_model(model: ServedModel, settings: PageSettings, detector: ServedDetec
                     f"- registered model: `{model.name}`",
                     f"- version: `{model.version}` (alias `@{model.alias}`)",
                     f"- architecture: `{config.architecture}`",
+                    *averaged,
                     f"- input: {data_config.input_size[1]} x {data_config.input_size[2]} px, `{data_config.aspect}`",
                     f"- decision threshold: {config.threshold:.3f}",
                     f"- training run: `{model.run_id}`",
@@ -152,6 +162,8 @@ def show_heat_map(
         caption = f"Grad-CAM heat map for '{label}': red marks the regions that raised that score most"
     else:
         caption = f"Grad-CAM heat map for '{label}': no region raised that score above the rest"
+    if members_of(model) > 1:
+        caption += f" (the mean of its {members_of(model)} networks' maps)"
     column.image(heat_overlay, caption=caption, width="stretch")
 
 

@@ -47,6 +47,7 @@ from fracture.detection import (
     train_detector,
 )
 from fracture.detector_registry import DetectorTestSplit, register_detector
+from fracture.ensemble import SeedEnsemble
 from fracture.evaluation import choose_threshold
 from fracture.explain import grad_cam, overlay, target_layer, to_image_grid
 from fracture.gate import split_fingerprint
@@ -107,14 +108,21 @@ class TrainedPage:
 
 
 def register_for_page(
-    root: Path, model: torch.nn.Module, architecture: str, data: DataConfig, threshold: float, name: str
+    root: Path,
+    model: torch.nn.Module,
+    architecture: str,
+    data: DataConfig,
+    threshold: float,
+    name: str,
+    extra: dict | None = None,
 ) -> PageRegistry:
-    """Registers ``model`` as the first version (hence champion) of ``name`` in a new sqlite store."""
+    """Registers ``model`` as the first version (hence champion) of ``name`` in a new sqlite store;
+    ``extra``: more keys of its ``model.json``."""
     root.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{root / 'mlflow.db'}"
     weights = root / "model.safetensors"
     save_file(model.state_dict(), str(weights))
-    serving = ServingConfig(architecture, data, threshold, {"profile": "cpu", "classes": list(CLASSES)})
+    serving = ServingConfig(architecture, data, threshold, {"profile": "cpu", "classes": list(CLASSES)} | (extra or {}))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mlflow.set_tracking_uri(uri)
@@ -138,6 +146,21 @@ def page_registry(tmp_path_factory: pytest.TempPathFactory) -> PageRegistry:
     model = create_classifier(profile).eval()
     root = tmp_path_factory.mktemp("page-registry")
     return register_for_page(root, model, profile.model, data_config(model, 96), 0.5, "page-untrained")
+
+
+@pytest.fixture(scope="session")
+def ensemble_page_registry(tmp_path_factory: pytest.TempPathFactory) -> PageRegistry:
+    """Two members of the CPU profile (equal ImageNet layers, heads drawn under two seeds) as one champion."""
+    profile = load_params(REPO).profiles["cpu"]
+    members = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        members.append(create_classifier(profile).eval())
+    shared = sum(name.startswith("blocks.") for name in profile.frozen)
+    model = SeedEnsemble(members, shared).eval()
+    root = tmp_path_factory.mktemp("page-ensemble")
+    return register_for_page(root, model, profile.model, data_config(members[0], 96), 0.5, "page-ensemble",
+                             extra={"members": 2, "member_best_epochs": [2, 3]})
 
 
 def _distinct(paths: list[Path]) -> list[Path]:
@@ -340,6 +363,21 @@ def test_page_shows_the_registered_model_name_version_and_alias(monkeypatch, pag
     assert at.info[0].value.startswith("Upload an X-ray")
     # No detector registered in this store: the page says so and draws no boxes.
     assert "No detector at `fracture-detector@champion`: no boxes are drawn." in shown and not at.warning
+    assert "- networks:" not in shown  # one network: nothing said about averaging
+
+
+def test_an_ensemble_champion_says_it_averages_networks_and_shows_what_consumers_get(
+    monkeypatch, ensemble_page_registry
+):
+    data = real_xray("Fractured").read_bytes()
+    at = upload(page(monkeypatch, ensemble_page_registry).run(), "xray.jpg", data, "image/jpeg")
+    assert not at.exception and not at.error
+    sidebar = " ".join(m.value for m in at.sidebar.markdown)
+    assert "- networks: the mean of 2, one recipe trained under different seeds (best epochs 2, 3)" in sidebar
+    expected = consumer_prediction(ensemble_page_registry, data)
+    assert metrics(at)["Fracture probability"] == f"{expected['fracture_probability']:.3f}"
+    shown_images = captions(at)
+    assert len(shown_images) == 2 and shown_images[1].endswith("(the mean of its 2 networks' maps)")
 
 
 def test_page_says_what_to_do_when_the_alias_does_not_exist(monkeypatch, page_registry):
