@@ -168,6 +168,9 @@ def test_train_stage_killed_after_its_first_epoch_resumes_when_rerun(project, fr
 
     out = dvc(project, "repro", "train")
     assert f"resuming after epoch {killed_at} of 3" in out
+    members = profile.members  # an ensemble's epochs count on across its members
+    assert (f", resumed after epoch {killed_at})" if members == 1
+            else f", resumed after {killed_at} of its members' {3 * members} epochs)") in out
     history = json.loads((project / "outputs" / "train" / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2, 3] * profile.members
     assert not (project / "outputs" / "train" / "checkpoint").exists()  # removed once the model is written
