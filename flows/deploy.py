@@ -217,8 +217,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"serving retrain/{s.deployment}: cron {s.cron!r} ({s.timezone}), at most {s.concurrency_limit} run(s) at once")
             try:
                 serve(params, Path(args.project_dir), args.source, args.profile)
-            except KeyboardInterrupt:  # stopped before Prefect's runner had started; serve paused it
-                raise SystemExit(f"stopped: retrain/{s.deployment} is paused") from None
+            except KeyboardInterrupt:  # stopped before Prefect's runner had started (serve paused the schedule)
+                raise SystemExit(f"stopped before serving retrain/{s.deployment} had begun") from None
         else:
             deployment_id = deploy(params, args.project_dir, args.work_pool, args.source, args.profile)
             pool = args.work_pool or s.work_pool
