@@ -15,11 +15,33 @@ import pytest
 import yaml
 
 if TYPE_CHECKING:
+    from fracture.config import Params
     from fracture.inference import ServingConfig
     from fracture.vocabulary import Decode
 
 REPO = Path(__file__).resolve().parents[1]
 FRACATLAS = (REPO.parent / "shared" / "fracatlas").resolve()
+
+
+def shipped_params_text() -> str:
+    """``params.yaml`` as the project ships it (committed), whatever this checkout's main job made of it.
+
+    The main job writes the machine's profile into ``train.profile`` (``flows.retrain.set_profile``),
+    so after ``make main`` on a CPU machine the file names ``cpu``; tests of the shipped defaults read
+    the committed file. Without git history (an exported tree) the file as it is.
+    """
+    try:
+        return subprocess.run(["git", "-C", str(REPO), "show", "HEAD:params.yaml"], capture_output=True,
+                              text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return (REPO / "params.yaml").read_text()
+
+
+def shipped_params() -> Params:
+    """The parsed :func:`shipped_params_text`."""
+    from fracture.config import parse_params  # noqa: PLC0415 - conftest stays importable without the package's deps
+
+    return parse_params(yaml.safe_load(shipped_params_text()))
 PROJECT_FILES = ("dvc.yaml", "params.yaml", ".dvcignore", "pretrained/README.md")  # the train stage depends on pretrained/
 #: FracAtlas's fracture boxes (COCO JSON), where params.yaml's evaluate.boxes points.
 COCO_BOXES = Path("Annotations/COCO JSON/COCO_fracture_masks.json")

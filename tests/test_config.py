@@ -13,15 +13,15 @@ from fracture.config import (
     load_params,
     parse_params,
 )
-from tests.conftest import REPO
+from tests.conftest import REPO, shipped_params, shipped_params_text
 
 
 def raw_params() -> dict:
-    return yaml.safe_load((REPO / "params.yaml").read_text())
+    return yaml.safe_load(shipped_params_text())
 
 
 def test_defaults_are_the_papers_recipe():
-    params = load_params(REPO)
+    params = shipped_params()
     assert params.train.profile == "paper"
     assert params.profile.model == "tf_efficientnet_b6.aa_in1k"
     assert params.profile.weights == "hub"
@@ -161,7 +161,7 @@ def test_every_choice_is_checked_once_against_its_literal_type():
 
 
 def test_tta_is_off_by_default_and_checked():
-    params = load_params(REPO)
+    params = shipped_params()
     assert params.profiles["paper"].tta == "none"  # the paper scores each image once
     assert params.profiles["cpu"].tta == "none"
     raw = raw_params()
@@ -175,7 +175,7 @@ def test_tta_is_off_by_default_and_checked():
 
 
 def test_decode_is_full_for_the_paper_and_older_params_and_checked():
-    params = load_params(REPO)
+    params = shipped_params()
     assert params.profiles["paper"].decode == "full"  # the paper decodes every image in full
     raw = raw_params()
     del raw["profiles"]["cpu"]["decode"]  # params written before the setting existed

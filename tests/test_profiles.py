@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import yaml
 
 from flows.retrain import choose_profile, set_profile
-from tests.conftest import REPO
+from tests.conftest import shipped_params, shipped_params_text
 
 
 def test_cpu_machine_gets_the_cpu_profile_and_is_told_why():
@@ -22,7 +20,7 @@ def test_cuda_machine_gets_the_papers_profile():
 
 
 def test_set_profile_rewrites_only_that_value_and_keeps_comments(tmp_path):
-    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text(shipped_params_text())
     before = (tmp_path / "params.yaml").read_text()
     assert set_profile(tmp_path, "cpu") is True
     after = (tmp_path / "params.yaml").read_text()
@@ -56,12 +54,12 @@ def test_the_train_stage_refuses_the_papers_profile_on_a_machine_without_cuda_an
 
     import torch  # noqa: PLC0415
 
-    from fracture.config import ConfigError, load_params  # noqa: PLC0415
+    from fracture.config import ConfigError  # noqa: PLC0415
     from fracture.stages import train as stage  # noqa: PLC0415
     from fracture.workspace import Workspace  # noqa: PLC0415
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    params = load_params(REPO)
+    params = shipped_params()
     assert params.train.profile == "paper" and params.train.device == "auto"
     with pytest.raises(ConfigError, match=r"train\.profile is 'paper' .* no CUDA device: set train\.profile: cpu"):
         stage.run_train(params, Workspace(tmp_path))
