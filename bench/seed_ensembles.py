@@ -21,15 +21,18 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import roc_auc_score, roc_curve
+from sklearn.metrics import recall_score, roc_auc_score
+
+from fracture.evaluation import choose_threshold
 
 SENSITIVITY = 0.85
 
 
 def specificity_at(labels: np.ndarray, probs: np.ndarray, sensitivity: float = SENSITIVITY) -> float:
-    """Specificity at the highest threshold whose sensitivity reaches ``sensitivity`` on these predictions."""
-    fpr, tpr, _ = roc_curve(labels, probs)
-    return float(1 - fpr[np.argmax(tpr >= sensitivity)])
+    """Specificity at the highest threshold whose sensitivity reaches ``sensitivity`` on these
+    predictions: the rule the evaluate stage and cross-validation pick their threshold by."""
+    threshold = choose_threshold(labels, probs, sensitivity)
+    return float(recall_score(labels, probs >= threshold, pos_label=0, zero_division=0))
 
 
 def read_runs(paths: list[Path]) -> pd.DataFrame:
