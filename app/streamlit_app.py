@@ -162,8 +162,9 @@ def show_heat_map(
         caption = f"Grad-CAM heat map for '{label}': red marks the regions that raised that score most"
     else:
         caption = f"Grad-CAM heat map for '{label}': no region raised that score above the rest"
-    if members_of(model) > 1:
-        caption += f" (the mean of its {members_of(model)} networks' maps)"
+    members = members_of(model)
+    if members > 1:
+        caption += f" (the mean of its {members} networks' maps)"
     column.image(heat_overlay, caption=caption, width="stretch")
 
 

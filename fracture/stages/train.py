@@ -216,10 +216,11 @@ def _train(params: Params, workspace: Workspace) -> bool:
         )
         workspace.write_train(trained, run.info.run_id, run.info.experiment_id, fit.history)
     checkpoint.clear(workspace.checkpoint_dir)
-    members = params.profile.members
-    # An ensemble's members train one after another, so its restored epochs count on across them.
-    resumed = ("" if not fit.resumed_from else f", resumed after epoch {fit.resumed_from}" if members == 1
-               else f", resumed after {fit.resumed_from} of its members' {members * params.profile.epochs} epochs")
+    members, resumed = params.profile.members, ""
+    if fit.resumed_from and members == 1:
+        resumed = f", resumed after epoch {fit.resumed_from}"
+    elif fit.resumed_from:  # an ensemble's members train one after another: its epochs count on across them
+        resumed = f", resumed after {fit.resumed_from} of its members' {members * params.profile.epochs} epochs"
     epochs = (f"members' best epochs {', '.join(map(str, fit.member_best_epochs))}" if fit.member_best_epochs
               else f"best epoch {fit.best_epoch}")
     print(f"{epochs}: val ROC AUC {fit.best_val_roc_auc:.4f} (MLflow run {run.info.run_id}{resumed})")
