@@ -22,6 +22,16 @@ if TYPE_CHECKING:
 REPO = Path(__file__).resolve().parents[1]
 FRACATLAS = (REPO.parent / "shared" / "fracatlas").resolve()
 
+PROJECT_FILES = ("dvc.yaml", "params.yaml", ".dvcignore", "pretrained/README.md")  # the train stage depends on pretrained/
+#: FracAtlas's fracture boxes (COCO JSON), where params.yaml's evaluate.boxes points.
+COCO_BOXES = Path("Annotations/COCO JSON/COCO_fracture_masks.json")
+
+# Each test process gets its own Prefect home, so concurrent runs never share one sqlite file.
+os.environ.setdefault("PREFECT_HOME", str(Path(os.environ.get("TMPDIR", "/tmp")) / f"fracture-prefect-{os.getpid()}"))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+
 
 def shipped_params_text() -> str:
     """``params.yaml`` as the project ships it (committed), whatever this checkout's main job made of it.
@@ -42,15 +52,6 @@ def shipped_params() -> Params:
     from fracture.config import parse_params  # noqa: PLC0415 - conftest stays importable without the package's deps
 
     return parse_params(yaml.safe_load(shipped_params_text()))
-PROJECT_FILES = ("dvc.yaml", "params.yaml", ".dvcignore", "pretrained/README.md")  # the train stage depends on pretrained/
-#: FracAtlas's fracture boxes (COCO JSON), where params.yaml's evaluate.boxes points.
-COCO_BOXES = Path("Annotations/COCO JSON/COCO_fracture_masks.json")
-
-# Each test process gets its own Prefect home, so concurrent runs never share one sqlite file.
-os.environ.setdefault("PREFECT_HOME", str(Path(os.environ.get("TMPDIR", "/tmp")) / f"fracture-prefect-{os.getpid()}"))
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("DO_NOT_TRACK", "1")
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 
 @pytest.fixture(scope="session", autouse=True)
