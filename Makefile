@@ -63,7 +63,7 @@ test-all: venv browser
 	$(PY) -m pytest -m 'slow or not slow'
 
 ## bench: the benchmarks of bench/RESULTS.md, each printing its sides and their ratio (never part of the tests).
-## The no-op run and draft_decode need a project whose main job has run (make main) with the same FRACATLAS_SOURCE.
+## The no-op run, draft_decode and process_exit need a project whose main job has run (make main) with the same FRACATLAS_SOURCE.
 BENCH_DATA = $(or $(FRACATLAS_SOURCE),../shared/fracatlas)
 bench: venv
 	$(PY) -m bench.cache_vs_decode --data "$(BENCH_DATA)"
@@ -74,8 +74,9 @@ bench: venv
 	$(PY) -m bench.serving_latency --data "$(BENCH_DATA)"
 	$(PY) -m bench.orchestration --data "$(BENCH_DATA)"
 	@if [ -f outputs/evaluate/metrics.json ]; then $(PY) -m bench.noop_run --source "$(BENCH_DATA)" && \
-	$(PY) -m bench.draft_decode --project .; \
-	else echo "bench.noop_run and bench.draft_decode skipped: run make main FRACATLAS_SOURCE=$(BENCH_DATA) first"; fi
+	$(PY) -m bench.draft_decode --project . && \
+	$(PY) -m bench.process_exit --source "$(BENCH_DATA)"; \
+	else echo "bench.noop_run, bench.draft_decode and bench.process_exit skipped: run make main FRACATLAS_SOURCE=$(BENCH_DATA) first"; fi
 
 ## audit: pip-audit of every pin in constraints.txt against PyPI's advisories; the report goes to audit/pip-audit.json.
 ## Fails when a pinned version has a known vulnerability; says so when packages could not be audited.

@@ -14,7 +14,8 @@ Two throwaway projects get the same real FracAtlas subset and the CPU profile cu
   work pool starts one such process per run;
 - ``direct``: one Python process calling the same stage functions in order (``run_ingest``,
   ``run_validate``, ``run_split``, ``run_prepare``, ``run_train``, ``run_evaluate``,
-  ``run_register``), with the same MLflow logging, without DVC and Prefect.
+  ``run_register``), with the same MLflow logging, without DVC and Prefect, ending as the
+  flow's process ends (:func:`fracture.cli.skip_exit_collection`).
 
 The ratio flow / direct is the orchestration's overhead. Its difference in seconds does not
 grow with the epochs (the Prefect server and its API calls, DVC's checks), only DVC's hashing and
@@ -71,6 +72,8 @@ for name in ("validate", "split", "prepare", "train", "evaluate"):
     getattr(importlib.import_module(f"fracture.stages.{name}"), f"run_{name}")(params, workspace)
     print(f"{name:<9} {'ran':<10} {time.perf_counter() - started:7.1f} s")  # as the flow prints its stages
 importlib.import_module("fracture.stages.register").run_register(params, workspace)
+# Ends as the flow's process does (python -m flows.retrain), without the last collections.
+importlib.import_module("fracture.cli").skip_exit_collection()
 """
 STAGES = ("validate", "split", "prepare", "train", "evaluate")
 

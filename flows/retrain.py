@@ -20,6 +20,7 @@ from ruamel.yaml import YAML
 
 from flows.report import REPORT_KEY, no_champion_note, render_report
 from flows.result import DetectorResult, RetrainResult
+from fracture.cli import skip_exit_collection
 from fracture.config import PARAMS_FILE, Profile, load_params
 from fracture.ingest import SOURCE_ENV
 from fracture.project_lock import project_lock as fracture_project_lock
@@ -219,4 +220,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        skip_exit_collection()  # the process ends here: no last garbage collections

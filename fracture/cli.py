@@ -9,6 +9,7 @@ compares cross-validated recipes (``dvc exp`` runs of crossval/dvc.yaml) on the 
 from __future__ import annotations
 
 import errno
+import gc
 import logging
 import os
 import sys
@@ -427,7 +428,7 @@ def predict(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Runs one command, as the ``fracture`` console script does.
+    """Runs one command; the ``fracture`` console script runs it through :func:`console`.
 
     Args:
         argv: the arguments after ``fracture`` (default: the process's).
@@ -440,5 +441,29 @@ def main(argv: list[str] | None = None) -> None:
             raise
 
 
+def skip_exit_collection() -> None:
+    """Lets a process that is about to end exit without the interpreter's last garbage collections.
+
+    As it exits, Python runs full garbage collections over every object the process still holds
+    while it clears the modules. With torch, MLflow and timm loaded that is most of the exit: 1.6
+    s of a 8.7 s ``fracture predict`` of 16 X-rays, 3.0 s of a 17.9 s retrain flow run that found
+    nothing to do (``python -m bench.process_exit``; 0.25 s and 0.50 s after this call).
+    ``gc.freeze()`` moves those objects out of the collector's reach; the rest of the exit is
+    unchanged: atexit handlers (MLflow's, Prefect's, logging's flush) run, modules are cleared
+    and files closed. Call it last, and only in a process's own entry point: frozen objects are
+    never collected, which would leak in a process that goes on (a flow calling :func:`main`).
+    """
+    gc.freeze()
+
+
+def console() -> None:
+    """The ``fracture`` console script: :func:`main` on the process's arguments, then a quick exit
+    (:func:`skip_exit_collection`)."""
+    try:
+        main()
+    finally:
+        skip_exit_collection()
+
+
 if __name__ == "__main__":
-    main()
+    console()
