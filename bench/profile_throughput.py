@@ -10,6 +10,10 @@ Two sides per profile, measured in one run and alternated ``--repeats`` times (m
   supported), Adam, cross-entropy, the batch size from params;
 - ``fp32``: the same step in float32 with the default (NCHW) layout and no autocast.
 
+On the CPU the pipeline has no autocast, so there the ``mixed`` side differs from ``fp32`` only in
+layout; ``--cpu-bf16`` runs it under the CPU's bf16 autocast instead, to weigh that on CPUs with
+AMX or AVX-512 BF16.
+
 Each side reports training and inference images/s (inference at the evaluate stage's batch
 size) and, on CUDA, the peak memory the allocator held during its training steps. Weights are
 random (``pretrained=False``): speed does not depend on them, and this runs without the hub.
@@ -65,14 +69,21 @@ def timed(device: torch.device, run: Callable[[], None], steps: int, warmup: int
 
 
 def measure(
-    name: str, size: int, batch: int, eval_batch: int, steps: int, device: torch.device, side: str
+    name: str, size: int, batch: int, eval_batch: int, steps: int, device: torch.device, side: str,
+    cpu_bf16: bool = False,
 ) -> dict[str, float]:
-    """One side's training and inference images/s (and peak CUDA memory of training, MiB)."""
+    """One side's training and inference images/s (and peak CUDA memory of training, MiB).
+
+    With ``cpu_bf16`` on the CPU, the ``mixed`` side runs under the CPU's bf16 autocast, which the
+    pipeline does not use (on CPUs with AMX or AVX-512 BF16 it is the candidate to weigh).
+    """
     if device.type == "cuda":  # the previous side's network is gone; its cached blocks go too
         torch.cuda.empty_cache()
     torch.manual_seed(0)
     layout = torch.channels_last if side == "mixed" else torch.contiguous_format
     autocast, scaler = autocast_for(device) if side == "mixed" else (None, None)
+    if side == "mixed" and cpu_bf16 and device.type == "cpu":
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16)
     model = timm.create_model(name, pretrained=False, num_classes=len(CLASSES))
     model = model.to(device, memory_format=layout).train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
@@ -140,6 +151,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=None, help="a FracAtlas-layout folder, to measure the loader")
     parser.add_argument("--limit", type=int, default=800, help="images the loader reads (first N by id)")
     parser.add_argument("--workers", type=int, default=None, help="threads preparing its cache (default: prepare.workers)")
+    parser.add_argument("--cpu-bf16", action="store_true",
+                        help="on the CPU, run the mixed side under bf16 autocast (not what the pipeline runs there)")
     args = parser.parse_args()
     params = load_params()
     device = select_device(args.device)
@@ -147,7 +160,8 @@ def main() -> None:
         torch.backends.cudnn.benchmark = True
         print(f"device: {torch.cuda.get_device_name()} (torch {torch.__version__})")
     else:
-        print(f"device: cpu, {torch.get_num_threads()} threads (torch {torch.__version__})")
+        print(f"device: cpu, {torch.get_num_threads()} threads (torch {torch.__version__}); mixed side: channels_last"
+              + (", bf16 autocast" if args.cpu_bf16 else ", float32 (the pipeline has no autocast on the CPU)"))
     print(f"batch {params.train.batch_size} (training), {params.evaluate.batch_size} (inference); "
           f"{args.steps} timed steps per side, {args.repeats} alternations, medians")
     head = (f"{'profile':>8} {'model':>24} {'size':>5} {'side':>6} {'train img/s':>12} {'infer img/s':>12} "
@@ -160,7 +174,7 @@ def main() -> None:
         for _ in range(args.repeats):
             for side in SIDES:
                 runs[side].append(measure(model_name, profile.image_size, params.train.batch_size,
-                                          params.evaluate.batch_size, args.steps, device, side))
+                                          params.evaluate.batch_size, args.steps, device, side, args.cpu_bf16))
         med = {side: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for side, rs in runs.items()}
         for side in SIDES:
             m = med[side]
