@@ -445,9 +445,9 @@ def skip_exit_collection() -> None:
     """Lets a process that is about to end exit without the interpreter's last garbage collections.
 
     As it exits, Python runs full garbage collections over every object the process still holds
-    while it clears the modules. With torch, MLflow and timm loaded that is most of the exit: 1.6
-    s of a 8.7 s ``fracture predict`` of 16 X-rays, 3.0 s of a 17.9 s retrain flow run that found
-    nothing to do (``python -m bench.process_exit``; 0.25 s and 0.50 s after this call).
+    while it clears the modules. With torch, MLflow and timm loaded that is most of the exit:
+    1.6 s of an 8.7 s ``fracture predict`` of 16 X-rays, 3.0 s of a 17.9 s retrain flow run that
+    found nothing to do (``python -m bench.process_exit``; 0.25 s and 0.50 s after this call).
     ``gc.freeze()`` moves those objects out of the collector's reach; the rest of the exit is
     unchanged: atexit handlers (MLflow's, Prefect's, logging's flush) run, modules are cleared
     and files closed. Call it last, and only in a process's own entry point: frozen objects are
