@@ -73,7 +73,7 @@ for name in ("validate", "split", "prepare", "train", "evaluate"):
     print(f"{name:<9} {'ran':<10} {time.perf_counter() - started:7.1f} s")  # as the flow prints its stages
 importlib.import_module("fracture.stages.register").run_register(params, workspace)
 # Ends as the flow's process does (python -m flows.retrain), without the last collections.
-importlib.import_module("fracture.cli").skip_exit_collection()
+fracture.cli.skip_exit_collection()
 """
 STAGES = ("validate", "split", "prepare", "train", "evaluate")
 
