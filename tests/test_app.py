@@ -58,7 +58,7 @@ from fracture.localisation import read_coco_boxes
 from fracture.model import create_classifier, data_config, profile_data_config
 from fracture.packaging import log_pyfunc
 from fracture.registry import CHAMPION
-from fracture.training import train
+from fracture.training import frozen_prefix_depth, train
 from tests.conftest import COCO_BOXES, REPO, require_fracatlas
 from tests.dicom_files import dicom_from_jpeg
 from tests.synthetic import ihdr_png
@@ -157,8 +157,7 @@ def ensemble_page_registry(tmp_path_factory: pytest.TempPathFactory) -> PageRegi
         for seed in (0, 1):
             torch.manual_seed(seed)
             members.append(create_classifier(profile).eval())
-    shared = sum(name.startswith("blocks.") for name in profile.frozen)
-    model = SeedEnsemble(members, shared).eval()
+    model = SeedEnsemble(members, frozen_prefix_depth(members[0], profile.frozen) or 0).eval()  # as fit_members builds it
     root = tmp_path_factory.mktemp("page-ensemble")
     return register_for_page(root, model, profile.model, data_config(members[0], 96), 0.5, "page-ensemble",
                              extra={"members": 2, "member_best_epochs": [2, 3]})
