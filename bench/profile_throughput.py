@@ -14,6 +14,11 @@ On the CPU the pipeline has no autocast, so there the ``mixed`` side differs fro
 layout; ``--cpu-bf16`` runs it under the CPU's bf16 autocast instead, to weigh that on CPUs with
 AMX or AVX-512 BF16.
 
+``--compile`` adds a third side, ``compiled``: the ``mixed`` step with the network under
+``torch.compile`` (TorchInductor, default mode), which the pipeline does not use; it weighs that
+against both. Its first training step and first inference call, where the compiling happens, are
+timed apart and reported as the compile time a run would pay once per process.
+
 Each side reports training and inference images/s (inference at the evaluate stage's batch
 size) and, on CUDA, the peak memory the allocator held during its training steps. Weights are
 random (``pretrained=False``): speed does not depend on them, and this runs without the hub.
@@ -56,37 +61,47 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def timed(device: torch.device, run: Callable[[], None], steps: int, warmup: int = 3) -> float:
-    """Seconds for ``steps`` calls of ``run`` after ``warmup`` untimed ones (allocator, cuDNN's choice)."""
-    for _ in range(warmup):
+def timed(device: torch.device, run: Callable[[], None], steps: int, warmup: int = 3) -> tuple[float, float]:
+    """Seconds for ``steps`` calls of ``run`` after ``warmup`` untimed ones (allocator, cuDNN's choice,
+    compiling), and the seconds of the first warm-up call alone."""
+    t0 = time.perf_counter()
+    run()
+    sync(device)
+    first = time.perf_counter() - t0
+    for _ in range(warmup - 1):
         run()
     sync(device)
     t0 = time.perf_counter()
     for _ in range(steps):
         run()
     sync(device)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, first
 
 
 def measure(
     name: str, size: int, batch: int, eval_batch: int, steps: int, device: torch.device, side: str,
     cpu_bf16: bool = False,
 ) -> dict[str, float]:
-    """One side's training and inference images/s (and peak CUDA memory of training, MiB).
+    """One side's training and inference images/s (and peak CUDA memory of training, MiB), and the
+    seconds of its first training step and first inference call (where ``compiled`` compiles).
 
-    With ``cpu_bf16`` on the CPU, the ``mixed`` side runs under the CPU's bf16 autocast, which the
-    pipeline does not use (on CPUs with AMX or AVX-512 BF16 it is the candidate to weigh).
+    With ``cpu_bf16`` on the CPU, the ``mixed`` and ``compiled`` sides run under the CPU's bf16
+    autocast, which the pipeline does not use (on CPUs with AMX or AVX-512 BF16 it is the candidate
+    to weigh). The ``compiled`` side is the ``mixed`` one with the network under ``torch.compile``.
     """
     if device.type == "cuda":  # the previous side's network is gone; its cached blocks go too
         torch.cuda.empty_cache()
     torch.manual_seed(0)
-    layout = torch.channels_last if side == "mixed" else torch.contiguous_format
-    autocast, scaler = autocast_for(device) if side == "mixed" else (None, None)
-    if side == "mixed" and cpu_bf16 and device.type == "cpu":
+    pipeline = side in ("mixed", "compiled")
+    layout = torch.channels_last if pipeline else torch.contiguous_format
+    autocast, scaler = autocast_for(device) if pipeline else (None, None)
+    if pipeline and cpu_bf16 and device.type == "cpu":
         autocast = torch.autocast("cpu", dtype=torch.bfloat16)
     model = timm.create_model(name, pretrained=False, num_classes=len(CLASSES))
     model = model.to(device, memory_format=layout).train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    if side == "compiled":
+        model = torch.compile(model)  # the optimizer holds the same parameters
     images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
     labels = torch.randint(0, 2, (batch,), device=device)
     criterion = nn.CrossEntropyLoss()
@@ -97,7 +112,7 @@ def measure(
 
     if device.type == "cuda":  # the peak of this side's steps, not an earlier side's
         torch.cuda.reset_peak_memory_stats(device)
-    train_s = timed(device, step, steps)
+    train_s, train_first_s = timed(device, step, steps)
     peak_mb = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
 
     model.eval()
@@ -112,8 +127,9 @@ def measure(
             else:
                 model(x)
 
-    infer_s = timed(device, infer, steps)
-    return {"train": steps * batch / train_s, "infer": steps * eval_batch / infer_s, "peak_mb": peak_mb}
+    infer_s, infer_first_s = timed(device, infer, steps)
+    return {"train": steps * batch / train_s, "infer": steps * eval_batch / infer_s, "peak_mb": peak_mb,
+            "train_first_s": train_first_s, "infer_first_s": infer_first_s}
 
 
 def loader_rate(data: Path, limit: int, config: DataConfig, batch: int, workers: int, device: torch.device) -> float:
@@ -153,7 +169,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=None, help="threads preparing its cache (default: prepare.workers)")
     parser.add_argument("--cpu-bf16", action="store_true",
                         help="on the CPU, run the mixed side under bf16 autocast (not what the pipeline runs there)")
+    parser.add_argument("--compile", action="store_true",
+                        help="add a third side: the mixed step with the network under torch.compile")
     args = parser.parse_args()
+    sides = (*SIDES, "compiled") if args.compile else SIDES
     params = load_params()
     device = select_device(args.device)
     if device.type == "cuda":
@@ -164,27 +183,36 @@ def main() -> None:
               + (", bf16 autocast" if args.cpu_bf16 else ", float32 (the pipeline has no autocast on the CPU)"))
     print(f"batch {params.train.batch_size} (training), {params.evaluate.batch_size} (inference); "
           f"{args.steps} timed steps per side, {args.repeats} alternations, medians")
-    head = (f"{'profile':>8} {'model':>24} {'size':>5} {'side':>6} {'train img/s':>12} {'infer img/s':>12} "
-            f"{'peak MiB':>9}")
+    head = (f"{'profile':>8} {'model':>24} {'size':>5} {'side':>8} {'train img/s':>12} {'infer img/s':>12} "
+            f"{'peak MiB':>9} {'1st step (s)':>15} {'1st infer (s)':>15}")
     print(head)
     for name in args.profiles:
         profile = params.profiles[name]
         model_name = profile.model.split(".")[0]
-        runs: dict[str, list[dict[str, float]]] = {side: [] for side in SIDES}
+        runs: dict[str, list[dict[str, float]]] = {side: [] for side in sides}
         for _ in range(args.repeats):
-            for side in SIDES:
+            for side in sides:
                 runs[side].append(measure(model_name, profile.image_size, params.train.batch_size,
                                           params.evaluate.batch_size, args.steps, device, side, args.cpu_bf16))
         med = {side: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for side, rs in runs.items()}
-        for side in SIDES:
+        for side in sides:
             m = med[side]
-            print(f"{name:>8} {model_name:>24} {profile.image_size:>5} {side:>6} {m['train']:12.1f} "
-                  f"{m['infer']:12.1f} {m['peak_mb']:9.0f}")
+            print(f"{name:>8} {model_name:>24} {profile.image_size:>5} {side:>8} {m['train']:12.1f} "
+                  f"{m['infer']:12.1f} {m['peak_mb']:9.0f} {m['train_first_s']:15.1f} {m['infer_first_s']:15.1f}")
         print(f"{name:>8}: mixed / fp32: training {med['mixed']['train'] / med['fp32']['train']:.2f}x, "
               f"inference {med['mixed']['infer'] / med['fp32']['infer']:.2f}x "
               f"(each repeat's training ratio: "
               + ", ".join(f"{a['train'] / b['train']:.2f}" for a, b in zip(runs['mixed'], runs['fp32'], strict=True))
               + ")")
+        if args.compile:
+            c, mx, f = med["compiled"], med["mixed"], med["fp32"]
+            print(f"{name:>8}: compiled / mixed: training {c['train'] / mx['train']:.2f}x, inference "
+                  f"{c['infer'] / mx['infer']:.2f}x; compiled / fp32: training {c['train'] / f['train']:.2f}x, "
+                  f"inference {c['infer'] / f['infer']:.2f}x (each repeat's training ratio to mixed: "
+                  + ", ".join(f"{a['train'] / b['train']:.2f}"
+                              for a, b in zip(runs['compiled'], runs['mixed'], strict=True))
+                  + f"); compiling: the first training step {c['train_first_s'] - mx['train_first_s']:.1f} s "
+                  f"and the first inference call {c['infer_first_s'] - mx['infer_first_s']:.1f} s longer than mixed's")
         if args.data is not None:
             config = profile_data_config(profile, params.prepare.aspect, params.prepare.enhance)
             rate = loader_rate(args.data, args.limit, config, params.train.batch_size,
