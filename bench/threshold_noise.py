@@ -51,7 +51,7 @@ def held_out_rates(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("oof", type=Path, help="the crossval stage's oof.csv (label and probability columns)")
     parser.add_argument("--column", action="append", default=None,
                         help="probability column(s) to read (default: probability)")
