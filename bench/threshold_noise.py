@@ -63,15 +63,22 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     oof = pd.read_csv(args.oof)
+    if "label" not in oof:
+        raise SystemExit(f"{args.oof}: no label column; it has {', '.join(oof.columns)}")
     labels = oof["label"].to_numpy()
-    rng = np.random.default_rng(args.seed)
+    sizes = []
+    for size in args.val or ["85:404", "240:1140"]:
+        counts = size.split(":")
+        if len(counts) != 2 or not all(c.isdigit() and int(c) > 0 for c in counts):
+            raise SystemExit(f"--val {size}: give the val set's size as fractured:other, e.g. 85:404")
+        sizes.append((int(counts[0]), int(counts[1])))
     print(f"{args.oof}: {len(oof)} images, {int(labels.sum())} fractured; {args.draws} draws per val size; "
           f"threshold: the highest reaching sensitivity {args.sensitivity} on the drawn val set")
     for column in args.column or ["probability"]:
         if column not in oof:
             raise SystemExit(f"{args.oof}: no column {column!r}; it has {', '.join(oof.columns)}")
-        for size in args.val or ["85:404", "240:1140"]:
-            n_fractured, n_other = (int(n) for n in size.split(":"))
+        for n_fractured, n_other in sizes:
+            rng = np.random.default_rng(args.seed)  # the same draws for every column and size given
             rates = held_out_rates(labels, oof[column].to_numpy(), n_fractured, n_other, args.draws,
                                    args.sensitivity, rng)
             spread = [f"{np.median(r):.3f} ({np.quantile(r, 0.05):.3f}-{np.quantile(r, 0.95):.3f})" for r in rates.T]
