@@ -26,7 +26,7 @@ import logging
 import os
 import random
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +99,8 @@ class Checkpoint:
     ema_state: dict[str, torch.Tensor]  # the weights' moving average (empty when the profile keeps none)
     rng: dict[str, Any]
     run_id: str | None
+    # A snapshot ensemble's networks taken so far, one state dict per cosine cycle ended (profile.snapshots)
+    snapshot_states: list[dict[str, torch.Tensor]] = field(default_factory=list)
 
 
 def _rng_state(generator: torch.Generator) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -161,12 +163,15 @@ def save(
     generator: torch.Generator,
     run_id: str | None,
     ema_state: dict[str, torch.Tensor] | None = None,
+    snapshot_states: list[dict[str, torch.Tensor]] | None = None,
 ) -> None:
     """Writes the checkpoint after ``epoch`` completed epochs, replacing the previous one."""
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tensors |= {f"best.{k}": v.contiguous() for k, v in best_state.items()}
     tensors |= {f"ema.{k}": v.detach().cpu().contiguous() for k, v in (ema_state or {}).items()}
+    for index, state in enumerate(snapshot_states or []):
+        tensors |= {f"snapshot.{index}.{k}": v.contiguous() for k, v in state.items()}
     opt_tensors, opt_plain = _split_optimizer(optimizer.state_dict())
     tensors |= {k: v.cpu() for k, v in opt_tensors.items()}
     rng_tensors, rng_plain = _rng_state(generator)
@@ -186,6 +191,7 @@ def save(
         "scaler": scaler_state,
         "rng": rng_plain,
         "run_id": run_id,
+        "snapshots": len(snapshot_states or []),
     }
     partial = directory / f"{TENSORS}.partial"
     # The two files are replaced one after the other; each names the epoch it holds, so a run
@@ -237,6 +243,7 @@ def load(directory: Path, key: str) -> Checkpoint | None:
         ema_state=part("ema."),
         rng={"tensors": {k: v for k, v in tensors.items() if k.startswith("rng.")}, "plain": plain["rng"]},
         run_id=plain["run_id"],
+        snapshot_states=[part(f"snapshot.{index}.") for index in range(plain.get("snapshots", 0))],
     )
 
 

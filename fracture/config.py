@@ -118,10 +118,19 @@ class Profile:
     # probabilities (fracture.model.SeedEnsemble). Frozen leading layers are the same weights in every
     # member, so they run once per image, in training and scoring; 1: one network, as the paper's profile
     members: int = 1
+    # The cosine schedule restarts so that the epochs fall into this many cycles of equal length (its
+    # T_0), and the model scores the mean of the networks at the cycles' ends: a snapshot ensemble
+    # (Huang et al., 2017) for no more training. They share the frozen layers as members do; 1: one
+    # network, kept from its best val epoch, as the paper's profile
+    snapshots: int = 1
 
     def learning_rate(self, train: TrainParams) -> float:
         """The Adam learning rate this profile trains with."""
         return self.lr if self.lr is not None else train.lr
+
+    def cycle_epochs(self, train: TrainParams) -> int:
+        """Epochs until the cosine schedule's first restart (CosineAnnealingWarmRestarts' T_0)."""
+        return train.t_0 or self.epochs // self.snapshots
 
 
 @dataclass(frozen=True)
@@ -529,12 +538,31 @@ def _check(p: Params) -> None:
         if not (_whole(prof.members) and prof.members >= 1):
             raise ConfigError(f"params.yaml: profiles.{name}.members must be a whole number of at least 1 (1: one "
                               f"network), got {prof.members!r}")
+        _check_snapshots(name, prof, p.train)
         decay = prof.layer_decay
         if not (_number(decay) and 0 < decay <= 1):
             raise ConfigError(f"params.yaml: profiles.{name}.layer_decay must be a number above 0 and at most 1 "
                               f"(1: off), got {decay!r}")
     _check_schedule(p.schedule)
     p.profile  # noqa: B018 - raises ConfigError on an unknown profile name
+
+
+def _check_snapshots(name: str, prof: Profile, train: TrainParams) -> None:
+    k = prof.snapshots
+    if not (_whole(k) and k >= 1):
+        raise ConfigError(f"params.yaml: profiles.{name}.snapshots must be a whole number of at least 1 (1: one "
+                          f"network), got {k!r}")
+    if k == 1:
+        return
+    if prof.epochs % k:
+        raise ConfigError(f"params.yaml: profiles.{name}.snapshots {k} must divide its epochs {prof.epochs}: each "
+                          "snapshot ends a cosine cycle of equal length")
+    if (train.t_0 not in (None, prof.epochs // k)) or train.t_mult != 1:
+        raise ConfigError(f"params.yaml: profiles.{name}.snapshots {k} sets the cosine cycle to {prof.epochs // k} "
+                          f"epochs; set train.T_0 to null and train.T_mult to 1 (got {train.t_0!r} and {train.t_mult!r})")
+    if prof.members > 1:
+        raise ConfigError(f"params.yaml: profiles.{name} sets both members {prof.members} and snapshots {k}; an "
+                          "ensemble of seeds and one of snapshots cannot be combined yet: set one of them to 1")
 
 
 def _check_schedule(s: ScheduleParams) -> None:

@@ -76,7 +76,8 @@ class FitResult:
     final_val_probabilities: np.ndarray | None = None
     # The best epoch's fracture probabilities of the val images (None as above, after a resume).
     best_val_probabilities: np.ndarray | None = None
-    # An ensemble's (profile.members > 1): each member's best epoch, in seed order; empty for one network.
+    # An ensemble's (profile.members > 1): each member's best epoch, in seed order; a snapshot
+    # ensemble's (profile.snapshots > 1): the epochs its snapshots were taken after; empty for one network.
     member_best_epochs: tuple[int, ...] = ()
     # And each member's last-epoch val probabilities (``final_val_probabilities`` is their mean).
     member_final_val_probabilities: tuple[np.ndarray, ...] = ()
@@ -395,6 +396,12 @@ def train(
 ) -> FitResult:
     """Fine-tunes the profile's ImageNet model and keeps the epoch with the best val ROC AUC.
 
+    With a profile's ``snapshots`` above 1, the cosine schedule restarts so that the epochs fall into
+    that many cycles of equal length, and the model returned is the networks at the cycles' ends
+    as one :class:`~fracture.ensemble.SeedEnsemble` (a snapshot ensemble): no epoch is chosen on val,
+    its val figures are the mean of the snapshots' probabilities, and ``member_best_epochs`` holds
+    the epochs they were taken after.
+
     With a profile's ``ema_decay`` above 0, the network scored, chosen and returned is the
     moving average of the weights (:func:`moving_average`), and each epoch's metrics also hold
     the trained weights' own val ROC AUC (``val_roc_auc_raw``), so a run shows what the average
@@ -492,7 +499,7 @@ def train(
         parameter_groups(model, lr, params.weight_decay, profile.layer_decay), lr=lr, weight_decay=params.weight_decay
     )
     scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
-        optimizer, T_0=params.t_0 or profile.epochs, T_mult=params.t_mult
+        optimizer, T_0=profile.cycle_epochs(params), T_mult=params.t_mult
     )
     autocast, scaler = autocast_for(device)
     # Frozen leading layers whose output cannot change between epochs run once per image.
@@ -546,6 +553,10 @@ def train(
     history: list[dict[str, float]] = []
     val_probs: np.ndarray | None = None
     best_probs: np.ndarray | None = None
+    # A snapshot ensemble's (profile.snapshots > 1) networks at each cosine cycle's end, and their val scores.
+    cycle = profile.cycle_epochs(params)
+    snapshot_states: list[dict[str, torch.Tensor]] = []
+    snapshot_probs: list[np.ndarray | None] = []
     start = 0
     saved = checkpoint.load(checkpoint_dir, checkpoint_key) if checkpoint_dir is not None and context.is_main else None
     saved = distributed.from_main(saved, context)  # other machines need not see rank 0's disk
@@ -560,6 +571,8 @@ def train(
         checkpoint.restore_rng(saved.rng["tensors"], saved.rng["plain"], generator)
         start, history = saved.epoch, list(saved.history)
         best_auc, best_epoch, best_state = saved.best_score, saved.best_epoch - 1, saved.best_state
+        snapshot_states = list(saved.snapshot_states)
+        snapshot_probs = [None] * len(snapshot_states)  # scored again below, with the others
         log.info("resuming from the checkpoint in %s after epoch %d of %d", checkpoint_dir, start, profile.epochs)
     for epoch in range(start, profile.epochs):
         if context.distributed:
@@ -630,6 +643,9 @@ def train(
         if val_auc > best_auc:
             best_auc, best_epoch, best_probs = val_auc, epoch, val_probs
             best_state = copy.deepcopy({k: v.detach().cpu() for k, v in scored.state_dict().items()})
+        if profile.snapshots > 1 and (epoch + 1) % cycle == 0:  # the end of a cosine cycle: a snapshot
+            snapshot_states.append(copy.deepcopy({k: v.detach().cpu() for k, v in scored.state_dict().items()}))
+            snapshot_probs.append(val_probs)
         if checkpoint_dir is not None and context.is_main:
             checkpoint.save(
                 checkpoint_dir,
@@ -646,10 +662,14 @@ def train(
                 scaler=scaler,
                 generator=generator,
                 run_id=run_id,
+                snapshot_states=snapshot_states,
             )
 
     assert best_state is not None  # epochs >= 1 is enforced by the loop producing a state
     model = model.cpu().to(memory_format=torch.contiguous_format)
+    if profile.snapshots > 1:
+        return _snapshot_ensemble(model, snapshot_states, snapshot_probs, val_data, config, profile, params,
+                                  history=history, device=str(device), resumed_from=start)
     model.load_state_dict(best_state)
     return FitResult(
         model=model.eval(),
@@ -661,6 +681,45 @@ def train(
         resumed_from=start,
         final_val_probabilities=val_probs,
         best_val_probabilities=best_probs,
+    )
+
+
+def _snapshot_ensemble(
+    model: nn.Module,
+    states: list[dict[str, torch.Tensor]],
+    probs: list[np.ndarray | None],
+    val_data: TensorDataset,
+    config: DataConfig,
+    profile: Profile,
+    params: TrainParams,
+    **fit: object,
+) -> FitResult:
+    """The snapshots' networks as one model, with its val figures (the mean of their probabilities).
+
+    A snapshot taken before a resume has no val scores kept: the ensemble is then scored on val once.
+    """
+    networks = []
+    for state in states:
+        network = copy.deepcopy(model)
+        network.load_state_dict(state)
+        networks.append(network.eval())
+    ensemble = SeedEnsemble(networks, frozen_prefix_depth(model, profile.frozen) or 0).eval()
+    if all(p is not None for p in probs):
+        mean = np.mean(np.stack(probs), axis=0)
+    else:
+        mean = probabilities(ensemble, val_data.tensors[0], Preprocessor(config), torch.device("cpu"),
+                             params.batch_size * 2, profile.tta)
+    cycle = profile.cycle_epochs(params)
+    return FitResult(
+        model=ensemble,
+        data_config=config,
+        best_epoch=profile.epochs,
+        best_val_roc_auc=float(roc_auc_score(val_data.tensors[1].numpy(), mean)),
+        final_val_probabilities=mean,
+        best_val_probabilities=mean,
+        member_best_epochs=tuple(cycle * (k + 1) for k in range(len(states))),
+        member_final_val_probabilities=tuple(probs) if all(p is not None for p in probs) else (),
+        **fit,  # type: ignore[arg-type]
     )
 
 

@@ -54,7 +54,7 @@ def _recipe(params: Params, profile_name: str) -> dict[str, object]:
         "weights": f"ImageNet ({profile.weights})",
         "loss": "cross-entropy",
         "optimiser": f"Adam, lr {profile.learning_rate(train)}, weight decay {train.weight_decay}",
-        "scheduler": f"CosineAnnealingWarmRestarts, T_0 {train.t_0 or profile.epochs}, T_mult {train.t_mult}",
+        "scheduler": f"CosineAnnealingWarmRestarts, T_0 {profile.cycle_epochs(train)}, T_mult {train.t_mult}",
         "batch size": train.batch_size,
         "class balance": train.class_balance,
         "epochs": profile.epochs,
