@@ -84,8 +84,12 @@ def show_model(model: ServedModel, settings: PageSettings, detector: ServedDetec
     data_config = config.data_config
     members = members_of(model)
     epochs = config.extra.get("member_best_epochs") or []
-    averaged = ([f"- networks: the mean of {members}, one recipe trained under different seeds"
-                 + (f" (best epochs {', '.join(map(str, epochs))})" if epochs else "")] if members > 1 else [])
+    if int(config.extra.get("snapshots", 1)) > 1:
+        averaged = [f"- networks: the mean of {members} snapshots of one network, taken at the ends of its "
+                    f"cosine cycles (after epochs {', '.join(map(str, epochs))})"]
+    else:
+        averaged = ([f"- networks: the mean of {members}, one recipe trained under different seeds"
+                     + (f" (best epochs {', '.join(map(str, epochs))})" if epochs else "")] if members > 1 else [])
     st.markdown(
         f"Model **{model.name}**, version **{model.version}**, alias **@{model.alias}**",
         help=f"Loaded from the MLflow registry at {settings.shown_uri}",

@@ -117,7 +117,8 @@ def fit_fold(
 
     Returns:
         The fold's record, its held-out predictions (:data:`OOF_COLUMNS`, the last epoch's; an
-        ensemble's with each member's own, ``probability_member_<k>``) and
+        ensemble's with each member's own, ``probability_member_<k>``: a seed's, or under
+        ``snapshots`` the k-th snapshot's) and
         the fit.
     """
     fit_frame, held_out = pooled[fold_of != number], pooled[fold_of == number]

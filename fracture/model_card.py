@@ -133,6 +133,10 @@ def render_model_card(
         (f"- {model.members} networks trained under seeds train.seed onwards, scored as the mean of their "
          f"probabilities; each kept from its best validation epoch ({', '.join(map(str, model.member_best_epochs))}); "
          f"validation ROC AUC of the mean {model.best_val_roc_auc:.4f}"
+         if model.members > 1 and model.snapshots == 1 else
+         f"- {model.members} snapshots of one network, taken at the ends of its cosine cycles (after epochs "
+         f"{', '.join(map(str, model.member_best_epochs))}), scored as the mean of their probabilities; no epoch "
+         f"chosen on validation; validation ROC AUC of the mean {model.best_val_roc_auc:.4f}"
          if model.members > 1 else
          f"- Model kept from epoch {model.best_epoch} (best validation ROC AUC {model.best_val_roc_auc:.4f})"),
         "",

@@ -128,6 +128,9 @@ class TrainedModel:
     # best epoch (best_epoch is the first's); a model.json written before they existed reads as one
     members: int = 1
     member_best_epochs: list[int] = field(default_factory=list)
+    # Above 1: the networks are snapshots of one, taken at the ends of its cosine cycles
+    # (profiles.<p>.snapshots), and member_best_epochs holds the epochs they were taken after
+    snapshots: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self) | {"data_config": self.data_config.to_dict()}

@@ -191,7 +191,9 @@ def _train(params: Params, workspace: Workspace) -> bool:
             run_id=run.info.run_id,
         )
         mlflow.log_metrics({"best_epoch": fit.best_epoch, "best_val_roc_auc": fit.best_val_roc_auc})
-        if fit.member_best_epochs:
+        if params.profile.snapshots > 1:
+            mlflow.log_metrics({f"snapshot_{k}_epoch": e for k, e in enumerate(fit.member_best_epochs, start=1)})
+        elif fit.member_best_epochs:
             mlflow.log_metrics({f"member_{k}_best_epoch": e for k, e in enumerate(fit.member_best_epochs, start=1)})
         mlflow.set_tags({
             **hardware_tags(fit.device),
@@ -211,8 +213,9 @@ def _train(params: Params, workspace: Workspace) -> bool:
             best_epoch=fit.best_epoch,
             best_val_roc_auc=fit.best_val_roc_auc,
             tta=params.profile.tta,  # chose the epoch on val; evaluate and the served model apply it too
-            members=params.profile.members,
+            members=params.profile.members * params.profile.snapshots,
             member_best_epochs=list(fit.member_best_epochs),
+            snapshots=params.profile.snapshots,
         )
         workspace.write_train(trained, run.info.run_id, run.info.experiment_id, fit.history)
     checkpoint.clear(workspace.checkpoint_dir)
@@ -221,7 +224,8 @@ def _train(params: Params, workspace: Workspace) -> bool:
         resumed = f", resumed after epoch {fit.resumed_from}"
     elif fit.resumed_from:  # an ensemble's members train one after another: its epochs count on across them
         resumed = f", resumed after {fit.resumed_from} of its members' {members * params.profile.epochs} epochs"
-    epochs = (f"members' best epochs {', '.join(map(str, fit.member_best_epochs))}" if fit.member_best_epochs
+    epochs = (f"snapshots after epochs {', '.join(map(str, fit.member_best_epochs))}" if params.profile.snapshots > 1
+              else f"members' best epochs {', '.join(map(str, fit.member_best_epochs))}" if fit.member_best_epochs
               else f"best epoch {fit.best_epoch}")
     print(f"{epochs}: val ROC AUC {fit.best_val_roc_auc:.4f} (MLflow run {run.info.run_id}{resumed})")
     return True
