@@ -79,17 +79,22 @@ def members_of(model: ServedModel) -> int:
     return int(model.config.extra.get("members", 1))
 
 
+def averaging_note(extra: dict, members: int) -> list[str]:
+    """The sidebar's line on what the model averages: seeds, snapshots of one network, or nothing for one network."""
+    epochs = extra.get("member_best_epochs") or []
+    if members > 1 and int(extra.get("snapshots", 1)) > 1:
+        return [f"- networks: the mean of {members} snapshots of one network, taken at the ends of its cosine cycles"
+                + (f" (after epochs {', '.join(map(str, epochs))})" if epochs else "")]
+    if members > 1:
+        return [f"- networks: the mean of {members}, one recipe trained under different seeds"
+                + (f" (best epochs {', '.join(map(str, epochs))})" if epochs else "")]
+    return []
+
+
 def show_model(model: ServedModel, settings: PageSettings, detector: ServedDetector | None) -> None:
     config = model.config
     data_config = config.data_config
-    members = members_of(model)
-    epochs = config.extra.get("member_best_epochs") or []
-    if int(config.extra.get("snapshots", 1)) > 1:
-        averaged = [f"- networks: the mean of {members} snapshots of one network, taken at the ends of its "
-                    f"cosine cycles (after epochs {', '.join(map(str, epochs))})"]
-    else:
-        averaged = ([f"- networks: the mean of {members}, one recipe trained under different seeds"
-                     + (f" (best epochs {', '.join(map(str, epochs))})" if epochs else "")] if members > 1 else [])
+    averaged = averaging_note(config.extra, members_of(model))
     st.markdown(
         f"Model **{model.name}**, version **{model.version}**, alias **@{model.alias}**",
         help=f"Loaded from the MLflow registry at {settings.shown_uri}",

@@ -705,3 +705,15 @@ def test_page_shows_fractured_and_not_fractured_for_known_xrays(monkeypatch, tra
             "Fracture probability": f"{row['fracture_probability']:.3f}",
             "Threshold": f"{trained_page.registry.threshold:.3f}",
         }
+
+
+def test_the_sidebar_says_whether_the_networks_are_seeds_or_snapshots_of_one(monkeypatch):
+    monkeypatch.syspath_prepend(str(APP))
+    from streamlit_app import averaging_note
+
+    assert averaging_note({}, 1) == []
+    assert averaging_note({"members": 2, "member_best_epochs": [2, 3]}, 2) == [
+        "- networks: the mean of 2, one recipe trained under different seeds (best epochs 2, 3)"]
+    assert averaging_note({"members": 3, "snapshots": 3, "member_best_epochs": [1, 2, 3]}, 3) == [
+        "- networks: the mean of 3 snapshots of one network, taken at the ends of its cosine cycles "
+        "(after epochs 1, 2, 3)"]
