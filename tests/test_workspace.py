@@ -28,8 +28,12 @@ def test_train_outputs_round_trip_and_keep_model_json_layout(tmp_path):
         "std": [0.5, 0.5, 0.5], "aspect": "squash", "enhance": "none", "decode": "full",
     }
     assert set(raw) == {"architecture", "profile", "classes", "data_config", "best_epoch", "best_val_roc_auc", "tta",
-                        "members", "member_best_epochs"}
-    assert (raw["members"], raw["member_best_epochs"]) == (1, [])
+                        "members", "member_best_epochs", "snapshots"}
+    assert (raw["members"], raw["member_best_epochs"], raw["snapshots"]) == (1, [], 1)
+    # A model.json written before ensembles existed reads as one network.
+    ws.model_json.write_text(json.dumps({k: v for k, v in raw.items()
+                                         if k not in ("members", "member_best_epochs", "snapshots")}))
+    assert ws.read_train().model == model
 
 
 def test_serving_config_is_the_trained_model_with_the_evaluated_threshold(tmp_path):
