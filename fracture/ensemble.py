@@ -10,7 +10,8 @@ import torch
 
 class SeedEnsemble(torch.nn.Module):
     """Networks of one timm EfficientNet architecture, fine-tuned from the same ImageNet weights
-    under different seeds; the model's class probabilities are the mean of theirs.
+    under different seeds (``members``) or taken from one run at the ends of its cosine cycles
+    (``snapshots``); the model's class probabilities are the mean of theirs.
 
     The stem and the first ``shared`` blocks were frozen in training, so every member holds the
     same weights there: they run once per batch, on the first member, and each member runs only
