@@ -295,8 +295,9 @@ def crossval_compare(
         list[str],
         typer.Argument(
             help="The reference first, then the recipes to compare with it. Each a `dvc exp` name, a git revision "
-            "or an out-of-fold CSV file (outputs/crossval/oof.csv); or several, joined by commas, for one recipe "
-            "run under several training seeds (cv-a-1,cv-a-2,cv-a-3)."
+            "or an out-of-fold CSV file (outputs/crossval/oof.csv), followed by #member_<k> for one network of an "
+            "ensemble's run (cv8#member_1); or several, joined by commas, for one recipe run under several "
+            "training seeds (cv-a-1,cv-a-2,cv-a-3)."
         ),
     ],
     ensemble: Annotated[

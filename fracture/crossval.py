@@ -10,6 +10,7 @@ figures are those of :mod:`fracture.evaluation`; the stage that trains the folds
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -399,12 +400,33 @@ def read_oof(run: str, root: Path) -> pd.DataFrame:
     Args:
         run: a CSV file of :data:`OOF_COLUMNS`; else a ``dvc exp`` name or git revision of the
             project at ``root``, whose ``outputs/crossval/oof.csv`` DVC reads from its cache (or
-            its remote, when the cache lacks it).
+            its remote, when the cache lacks it). Either followed by ``#member_<k>`` reads an
+            ensemble's member k (a seed's or a snapshot's network, ``probability_member_<k>``) as
+            the run's ``probability``, so one run's members are compared as runs of their own.
         root: the project root.
 
     Raises:
-        CrossvalError: neither a file nor a revision holding the predictions, or a file that is not a CSV.
+        CrossvalError: neither a file nor a revision holding the predictions, a file that is not a
+            CSV, or a member the predictions do not hold.
     """
+    name, member = run, ""
+    if not Path(run).is_file() and "#" in run:
+        name, _, member = run.rpartition("#")
+    frame = _read_oof_file(name, root)
+    if not member:
+        return frame
+    column = f"probability_{member}"
+    held = sorted((c.removeprefix("probability_") for c in frame.columns if re.fullmatch(r"probability_member_\d+", c)),
+                  key=lambda m: int(m.rpartition("_")[2]))
+    if not re.fullmatch(r"member_[1-9][0-9]*", member) or column not in frame.columns:
+        raise CrossvalError(
+            f"{run}: {name}'s predictions hold no {member!r}; "
+            + (f"it holds {', '.join(f'#{m}' for m in held)}" if held else "it is one network's, with no members")
+        )
+    return frame.assign(probability=frame[column])
+
+
+def _read_oof_file(run: str, root: Path) -> pd.DataFrame:
     if Path(run).is_file():
         try:
             return pd.read_csv(run)

@@ -589,6 +589,22 @@ def test_runs_are_read_from_dvc_experiments_revisions_and_files(tmp_path, scored
         read_oof(str(tmp_path / "model.bin"), tmp_path)
 
 
+def test_one_member_of_an_ensembles_run_is_read_as_a_run_of_its_own(tmp_path, scored):
+    labels, weak, strong = scored
+    pair = oof_frame(labels, (weak + strong) / 2).assign(probability_member_1=weak, probability_member_2=strong)
+    path = tmp_path / "pair#1.csv"  # a file's own name is read whole, even with a # in it
+    pair.to_csv(path, index=False)
+    assert np.allclose(read_oof(str(path), tmp_path)["probability"], (weak + strong) / 2)
+    assert np.allclose(read_oof(f"{path}#member_2", tmp_path)["probability"], strong)
+    assert np.allclose(read_oof(f"{path}#member_1", tmp_path)["probability"], weak)
+    with pytest.raises(CrossvalError, match=r"pair#1.csv's predictions hold no 'member_3'; it holds #member_1, #member_2"):
+        read_oof(f"{path}#member_3", tmp_path)
+    one = tmp_path / "one.csv"
+    oof_frame(labels, weak).to_csv(one, index=False)
+    with pytest.raises(CrossvalError, match=r"one.csv's predictions hold no 'probability'; it is one network's"):
+        read_oof(f"{one}#probability", tmp_path)
+
+
 def test_cli_prints_each_run_and_its_paired_difference(tmp_path, scored, monkeypatch, capsys):
     from fracture.cli import main
 
