@@ -157,6 +157,18 @@ def tiny_workspace(root: Path, params: Params) -> Workspace:
     return workspace
 
 
+def tiny_ensemble_project(root: Path, monkeypatch: pytest.MonkeyPatch, folds: int = 3,
+                          **profile_changes: object) -> tuple[Params, Workspace]:
+    """The tiny recipe with ``profile_changes`` (an ensemble's ``members`` or ``snapshots``) and no fracture
+    boxes, its synthetic project at ``root`` as the working directory, MLflow in the project's own store."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(root)
+    base = tiny_params(folds)
+    params = dataclasses.replace(base, profiles={"cpu": dataclasses.replace(base.profiles["cpu"], **profile_changes)},
+                                 evaluate=dataclasses.replace(base.evaluate, boxes=None))
+    return params, tiny_workspace(root, params)
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """One real cross-validation of the tiny recipe, with the split tables it asked for."""

@@ -157,14 +157,9 @@ def test_the_stages_train_evaluate_and_cross_validate_an_ensemble(tmp_path, monk
     from fracture.stages.crossval import run_crossval  # noqa: PLC0415
     from fracture.stages.evaluate import run_evaluate  # noqa: PLC0415
     from fracture.stages.train import run_train  # noqa: PLC0415
-    from tests.test_crossval import tiny_params, tiny_workspace  # noqa: PLC0415
+    from tests.test_crossval import tiny_ensemble_project  # noqa: PLC0415
 
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.chdir(tmp_path)
-    base = tiny_params()
-    params = dataclasses.replace(base, profiles={"cpu": dataclasses.replace(base.profiles["cpu"], members=2)},
-                                 evaluate=dataclasses.replace(base.evaluate, boxes=None))
-    workspace = tiny_workspace(tmp_path, params)
+    params, workspace = tiny_ensemble_project(tmp_path, monkeypatch, members=2)
     trained = run_train(params, workspace)
     assert trained is not None
     model = json.loads((workspace.train_dir / "model.json").read_text())
