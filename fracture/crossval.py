@@ -416,9 +416,9 @@ def read_oof(run: str, root: Path) -> pd.DataFrame:
     if not member:
         return frame
     column = f"probability_{member}"
-    held = sorted((c.removeprefix("probability_") for c in frame.columns if re.fullmatch(r"probability_member_\d+", c)),
-                  key=lambda m: int(m.rpartition("_")[2]))
     if not re.fullmatch(r"member_[1-9][0-9]*", member) or column not in frame.columns:
+        held = sorted((c.removeprefix("probability_") for c in frame.columns
+                       if re.fullmatch(r"probability_member_\d+", c)), key=lambda m: int(m.rpartition("_")[2]))
         raise CrossvalError(
             f"{run}: {name}'s predictions hold no {member!r}; "
             + (f"it holds {', '.join(f'#{m}' for m in held)}" if held else "it is one network's, with no members")

@@ -642,9 +642,9 @@ def train(
                 on_epoch(epoch, metrics)
         if val_auc > best_auc:
             best_auc, best_epoch, best_probs = val_auc, epoch, val_probs
-            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in scored.state_dict().items()})
+            best_state = _cpu_state(scored)
         if profile.snapshots > 1 and (epoch + 1) % cycle == 0:  # the end of a cosine cycle: a snapshot
-            snapshot_states.append(copy.deepcopy({k: v.detach().cpu() for k, v in scored.state_dict().items()}))
+            snapshot_states.append(_cpu_state(scored))
             snapshot_probs.append(val_probs)
         if checkpoint_dir is not None and context.is_main:
             checkpoint.save(
@@ -684,6 +684,19 @@ def train(
     )
 
 
+def _cpu_state(network: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the network's weights on the CPU, kept apart from the training that goes on."""
+    return copy.deepcopy({k: v.detach().cpu() for k, v in network.state_dict().items()})
+
+
+def _val_probabilities(
+    model: nn.Module, val_data: TensorDataset, config: DataConfig, profile: Profile, params: TrainParams
+) -> np.ndarray:
+    """The model's fracture probabilities of the val images on the CPU, for val scores a checkpoint did not keep."""
+    return probabilities(model, val_data.tensors[0], Preprocessor(config), torch.device("cpu"), params.batch_size * 2,
+                         profile.tta)
+
+
 def _snapshot_ensemble(
     model: nn.Module,
     states: list[dict[str, torch.Tensor]],
@@ -704,11 +717,8 @@ def _snapshot_ensemble(
         network.load_state_dict(state)
         networks.append(network.eval())
     ensemble = SeedEnsemble(networks, frozen_prefix_depth(model, profile.frozen) or 0).eval()
-    if all(p is not None for p in probs):
-        mean = np.mean(np.stack(probs), axis=0)
-    else:
-        mean = probabilities(ensemble, val_data.tensors[0], Preprocessor(config), torch.device("cpu"),
-                             params.batch_size * 2, profile.tta)
+    complete = all(p is not None for p in probs)
+    mean = np.mean(np.stack(probs), axis=0) if complete else _val_probabilities(ensemble, val_data, config, profile, params)
     cycle = profile.cycle_epochs(params)
     return FitResult(
         model=ensemble,
@@ -718,7 +728,7 @@ def _snapshot_ensemble(
         final_val_probabilities=mean,
         best_val_probabilities=mean,
         member_best_epochs=tuple(cycle * (k + 1) for k in range(len(states))),
-        member_final_val_probabilities=tuple(probs) if all(p is not None for p in probs) else (),
+        member_final_val_probabilities=tuple(probs) if complete else (),
         **fit,  # type: ignore[arg-type]
     )
 
@@ -788,8 +798,7 @@ def fit_members(
     labels = val_data.tensors[1].numpy()
     best = [fit.best_val_probabilities for fit in fits]
     if any(p is None for p in best):  # a member restored whole from its checkpoint: score the ensemble once
-        best_probs = probabilities(ensemble, val_data.tensors[0], Preprocessor(config), torch.device("cpu"),
-                                   params.batch_size * 2, profile.tta)
+        best_probs = _val_probabilities(ensemble, val_data, config, profile, params)
     else:
         best_probs = np.mean(np.stack(best), axis=0)
     final = [fit.final_val_probabilities for fit in fits]
