@@ -306,8 +306,8 @@ class FrozenOutputs:
     that train, which skips the frozen layers' forward pass: at the CPU profile's 448 px with
     blocks 0-3 frozen, epochs 2 and 3 train about 2x as fast on two cores (bench/RESULTS.md).
     Training keeps one for the training set and one for val, whose later passes score only the
-    layers that train too. The outputs stay on the CPU in the dtype and channels-last layout
-    they were computed in.
+    layers that train too (under ``tta: hflip`` one more, for the val images' mirrors). The
+    outputs stay on the CPU in the dtype and channels-last layout they were computed in.
     """
 
     def __init__(
@@ -350,12 +350,14 @@ class FrozenOutputs:
 @torch.no_grad()
 def kept_probabilities(
     rest: TrainedRest, kept: FrozenOutputs, pixels: torch.Tensor, pre: Preprocessor, device: torch.device,
-    batch_size: int,
+    batch_size: int, mirrored: FrozenOutputs | None = None,
 ) -> np.ndarray:
-    """:func:`fracture.inference.probabilities` (no test-time augmentation) from kept frozen outputs.
+    """:func:`fracture.inference.probabilities` from kept frozen outputs.
 
     The frozen layers run on an image the first time it is scored; later passes run only the
-    layers after them. ``pixels`` are the same images, in the same order, at every call.
+    layers after them. ``pixels`` are the same images, in the same order, at every call. With
+    ``mirrored`` (the kept outputs of each image's horizontal mirror) it scores as ``tta: hflip``
+    does: the mean of the softmax probabilities of the image and its mirror.
     """
     rest.eval()
     autocast, _ = autocast_for(device)
@@ -363,8 +365,17 @@ def kept_probabilities(
     for start in range(0, len(pixels), batch_size):
         batch = pixels[start : start + batch_size]
         indices = torch.arange(start, start + len(batch))
-        out.append(softmax(rest, kept(indices, partial(pre.network_input, batch, device)), autocast)[:, 1].cpu())
+        probs = softmax(rest, kept(indices, partial(pre.network_input, batch, device)), autocast)
+        if mirrored is not None:
+            flipped = mirrored(indices, partial(_mirrored_input, pre, batch, device))
+            probs = (probs + softmax(rest, flipped, autocast)) / 2
+        out.append(probs[:, 1].cpu())
     return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
+
+
+def _mirrored_input(pre: Preprocessor, pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The network input of the images' horizontal mirrors, as :func:`fracture.inference.probabilities` makes it."""
+    return pre.network_input(pixels, device).flip(-1).contiguous(memory_format=torch.channels_last)
 
 
 class _WithIndices(torch.utils.data.Dataset):
@@ -506,14 +517,18 @@ def train(
     depth = frozen_prefix_depth(model, profile.frozen) if reuse_frozen_outputs else None
     kept: FrozenOutputs | None = None
     kept_val: FrozenOutputs | None = None
+    kept_val_mirrored: FrozenOutputs | None = None  # under tta: hflip, each val image's mirror
     rest: nn.Module = net
     if depth is not None and augment is None and profile.drop_path_rate == 0 and not context.distributed:
         prefix, rest = FrozenPrefix(model, depth), TrainedRest(model, depth)
         shared = kept_outputs if kept_outputs is not None else {}
         kept = shared.setdefault("train", FrozenOutputs(prefix, len(train_data), autocast))
-        if profile.tta == "none":  # a mirrored image's output would be another one to keep
-            kept_val = shared.setdefault("val", FrozenOutputs(prefix, len(val_data), autocast, what="val"))
-        for outputs in (kept, kept_val):
+        kept_val = shared.setdefault("val", FrozenOutputs(prefix, len(val_data), autocast, what="val"))
+        if profile.tta == "hflip":  # a mirrored image's output is another one to keep
+            kept_val_mirrored = shared.setdefault(
+                "val_mirrored", FrozenOutputs(prefix, len(val_data), autocast, what="mirrored val")
+            )
+        for outputs in (kept, kept_val, kept_val_mirrored):
             if outputs is not None:  # an earlier member's: its frozen layers are this network's, on this device
                 outputs.prefix = prefix
     shard = distributed.ShardedSampler(
@@ -543,7 +558,7 @@ def train(
     def val_scores(network: nn.Module) -> np.ndarray:
         if kept_val is not None and network is model:  # one process; the moving average is another network
             assert isinstance(rest, TrainedRest)
-            return kept_probabilities(rest, kept_val, val_share, pre, device, batch_size * 2)
+            return kept_probabilities(rest, kept_val, val_share, pre, device, batch_size * 2, kept_val_mirrored)
         return distributed.gather_scores(
             probabilities(network, val_share, pre, device, batch_size * 2, profile.tta), len(val_data), context
         )

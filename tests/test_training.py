@@ -226,9 +226,9 @@ def test_keeping_the_frozen_layers_output_trains_the_same_weights_and_runs_them_
     # Every epoch scores val (and the raw weights); with hflip, each image and its mirror.
     val_passes = 3 * len(data) * (2 if ema_decay else 1) * (2 if tta == "hflip" else 1)
     assert without == 3 * 12 + val_passes  # 13 images in batches of 4: the lone last one sits each epoch out
-    # The trained weights score each val image once; the moving average, another network, every
-    # epoch; with hflip val is scored in full every epoch.
-    kept_val_passes = val_passes if tta == "hflip" else len(data) + (3 * len(data) if ema_decay else 0)
+    # The trained weights score each val image (and with hflip its mirror) once; the moving
+    # average, another network, every epoch.
+    kept_val_passes = len(data) * (2 if tta == "hflip" else 1) + (3 * len(data) if ema_decay else 0)
     assert 12 <= with_kept - kept_val_passes <= 13  # each training image once (a lone last one may wait an epoch)
     for name, tensor in plain.model.state_dict().items():
         assert torch.equal(kept.model.state_dict()[name], tensor), name
