@@ -45,7 +45,8 @@ def fitted(tmp_path_factory):
         fit = fit_members(data, data, config, profile, train_params, on_epoch=lambda e, m: logged.append((e, m)))
         stem = sum(stem_images)
     one = train(data, data, config, dataclasses.replace(profile, members=1), train_params)
-    return {"fit": fit, "one": one, "data": data, "config": config, "stem": stem, "logged": logged}
+    return {"fit": fit, "one": one, "data": data, "config": config, "stem": stem, "logged": logged,
+            "profile": profile}
 
 
 def test_member_one_is_the_single_network_and_the_frozen_layers_run_once_per_image(fitted):
@@ -58,8 +59,10 @@ def test_member_one_is_the_single_network_and_the_frozen_layers_run_once_per_ima
     assert not torch.equal(first["blocks.3.0.conv_pw.weight"], second["blocks.3.0.conv_pw.weight"])  # another seed
     assert torch.equal(first["blocks.1.0.conv_pw.weight"], second["blocks.1.0.conv_pw.weight"])  # frozen, shared
     # 13 images, each the training set's and val's: the stem saw each once as a training image
-    # (a lone last one may wait an epoch) and once as a val image, over both members' 4 epochs.
-    assert 12 + 13 <= fitted["stem"] <= 13 + 13
+    # (a lone last one may wait an epoch) and once as a val image (and its mirror, under the CPU
+    # profile's tta: hflip), over both members' 4 epochs.
+    val = 13 * (2 if fitted["profile"].tta == "hflip" else 1)
+    assert 12 + val <= fitted["stem"] <= 13 + val
     assert [h["member"] for h in fit.history] == [1, 1, 2, 2]
     assert [e for e, _ in fitted["logged"]] == [0, 1, 2, 3]  # numbered on across the members
     assert fit.member_best_epochs == (fit.best_epoch, fit.member_best_epochs[1]) and fit.best_epoch == one.best_epoch
@@ -77,7 +80,8 @@ def test_the_ensemble_scores_the_mean_of_its_members_probabilities(fitted):
     classifier = Classifier(fit.model, ServingConfig("tf_efficientnet_lite0", fitted["config"], 0.5))
     from fracture.inference import probabilities  # noqa: PLC0415
 
-    again = probabilities(fit.model, data.tensors[0], classifier.preprocessor, torch.device("cpu"), 8, "none")
+    again = probabilities(fit.model, data.tensors[0], classifier.preprocessor, torch.device("cpu"), 8,
+                          fitted["profile"].tta)
     np.testing.assert_allclose(again, fit.best_val_probabilities, atol=1e-5)
 
 

@@ -70,7 +70,8 @@ def test_its_val_figures_are_the_mean_of_the_snapshots_and_what_the_saved_model_
     path = snapshots["tmp"] / "model.safetensors"
     save_file(fit.model.state_dict(), str(path))
     loaded = load_network(path, snapshots["profile"].model)
-    scored = probabilities(loaded, data.tensors[0], Preprocessor(snapshots["config"]), torch.device("cpu"), 8, "none")
+    scored = probabilities(loaded, data.tensors[0], Preprocessor(snapshots["config"]), torch.device("cpu"), 8,
+                           snapshots["profile"].tta)  # as the profile scores (the CPU profile: with the mirror)
     np.testing.assert_allclose(scored, mean, atol=1e-5)
 
 

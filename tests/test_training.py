@@ -163,7 +163,7 @@ def test_with_a_moving_average_training_is_unchanged_and_the_average_is_scored_a
     head = "classifier.weight"
     assert not torch.allclose(averaged.model.state_dict()[head], plain.model.state_dict()[head])
     images, labels = data.tensors
-    scores = probabilities(averaged.model, images, Preprocessor(config), torch.device("cpu"), 8)
+    scores = probabilities(averaged.model, images, Preprocessor(config), torch.device("cpu"), 8, profile.tta)
     assert averaged.best_val_roc_auc == pytest.approx(roc_auc_score(labels.numpy(), scores), abs=1e-9)
     assert averaged.history[averaged.best_epoch - 1]["val_roc_auc"] == averaged.best_val_roc_auc
 
