@@ -157,17 +157,25 @@ def test_two_runs_started_together_one_trains_and_the_other_is_refused(project, 
     cmd = [sys.executable, "-m", "flows.retrain", "--project-dir", str(project), "--source", str(subset_source)]
     logs = [tmp_path / "first.log", tmp_path / "second.log"]
     with logs[0].open("w") as out:
-        first = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+        first = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                  env=child_env(PREFECT_HOME=str(tmp_path / "prefect-1")))
     try:
         _wait_for((project / LOCK_FILE).with_suffix(".json").is_file, 300, "lock taken by the first run")
-        with logs[1].open("w") as out:
-            second = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, timeout=300,
-                                    env=child_env(PREFECT_HOME=str(tmp_path / "prefect-2")), check=False)
+        # On this shrunk subset the first run's whole flow can end before the second has imported
+        # Prefect and reached the lock, and the second would then find nothing to do. Freeze the
+        # first run (and its stage commands) while it holds the project, so the second meets it
+        # there every time; a stopped process keeps its lock.
+        os.killpg(first.pid, signal.SIGSTOP)
+        try:
+            with logs[1].open("w") as out:
+                second = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, timeout=300,
+                                        env=child_env(PREFECT_HOME=str(tmp_path / "prefect-2")), check=False)
+        finally:
+            os.killpg(first.pid, signal.SIGCONT)
         assert first.wait(timeout=900) == 0, logs[0].read_text()[-3000:]
     finally:
         if first.poll() is None:
-            first.kill()
+            os.killpg(first.pid, signal.SIGKILL)
     assert second.returncode != 0
     assert "another run is working in" in logs[1].read_text()
     # One run's worth of everything: DVC up to date, one version, and it is the champion.
