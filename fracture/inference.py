@@ -97,12 +97,16 @@ def probabilities(
         x = pre.network_input(pixels[start : start + batch_size], device)
         probs = softmax(network, x, autocast)
         if tta == "hflip":
-            mirrored = x.flip(-1).contiguous(memory_format=torch.channels_last)
-            probs = (probs + softmax(network, mirrored, autocast)) / 2
+            probs = (probs + softmax(network, mirror(x), autocast)) / 2
         out.append(probs[:, 1].cpu())
     if not out:
         return np.zeros(0, dtype=np.float32)
     return torch.cat(out).numpy()
+
+
+def mirror(x: torch.Tensor) -> torch.Tensor:
+    """The horizontal mirror of a batch of network inputs (NCHW), as ``tta: hflip`` scores it."""
+    return x.flip(-1).contiguous(memory_format=torch.channels_last)
 
 
 def load_network(weights: Path | str, architecture: str) -> nn.Module:

@@ -43,7 +43,7 @@ from fracture.config import Profile, TrainParams
 from fracture.data_config import DataConfig
 from fracture.ensemble import SeedEnsemble
 from fracture.imaging import Preprocessor
-from fracture.inference import autocast_for, probabilities, softmax
+from fracture.inference import autocast_for, mirror, probabilities, softmax
 from fracture.model import create_classifier, data_config
 from fracture.prepare import CachedImages, StaleCacheError
 from fracture.vocabulary import CLASSES, Augment, ClassBalance, Device, choices
@@ -375,7 +375,7 @@ def kept_probabilities(
 
 def _mirrored_input(pre: Preprocessor, pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
     """The network input of the images' horizontal mirrors, as :func:`fracture.inference.probabilities` makes it."""
-    return pre.network_input(pixels, device).flip(-1).contiguous(memory_format=torch.channels_last)
+    return mirror(pre.network_input(pixels, device))
 
 
 class _WithIndices(torch.utils.data.Dataset):
