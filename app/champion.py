@@ -137,9 +137,10 @@ class ServedModel:
 
         Returns:
             The overlay at ``display``'s size, and the heat map values in ``[0, 1]``. With
-            ``tta: hflip`` it explains the unmirrored image, one of the two the score averages.
+            ``tta: hflip`` it is the mean of the image's map and its mirror's, mirrored back, as
+            the score is the mean of their probabilities.
         """
-        cam = grad_cam(self._inner.classifier.network, self.scored_input(model_bytes), target)
+        cam = grad_cam(self._inner.classifier.network, self.scored_input(model_bytes), target, tta=self.config.tta)
         heat = to_image_grid(cam, display.size, self.config.data_config.aspect)
         return overlay(display, heat), heat
 

@@ -172,8 +172,12 @@ def show_heat_map(
     else:
         caption = f"Grad-CAM heat map for '{label}': no region raised that score above the rest"
     members = members_of(model)
-    if members > 1:
-        caption += f" (the mean of its {members} networks' maps)"
+    averaged = [f"the mean of its {members} networks' maps"] if members > 1 else []
+    if model.config.tta == "hflip":
+        averaged.append("each over the X-ray and its mirror, as the score" if members > 1 else
+                        "the mean over the X-ray and its mirror, as the score")
+    if averaged:
+        caption += f" ({'; '.join(averaged)})"
     column.image(heat_overlay, caption=caption, width="stretch")
 
 

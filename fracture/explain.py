@@ -3,7 +3,9 @@
 Captum's :class:`~captum.attr.LayerGradCam` computes the attribution on the network's last
 convolutional feature map; this module only picks that layer, maps the coarse map back onto the
 uploaded image (undoing the ``squash`` or ``pad`` resize of :func:`fracture.imaging.build_transform`)
-and blends it over the X-ray.
+and blends it over the X-ray. Where the score averages several forward passes (an ensemble's
+members, an image and its mirror under ``tta: hflip``), the map averages theirs, each on the
+uploaded image's own grid.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from PIL import Image
 from torch import nn
 
 from fracture.ensemble import SeedEnsemble
-from fracture.vocabulary import Aspect, choices
+from fracture.inference import check_tta, mirror
+from fracture.vocabulary import Aspect, Tta, choices
 
 # Captum registers hooks on the layer for the duration of one attribution. Attributions run on a
 # copy of the network that nothing else scores with (another page session's predict on the shared
@@ -66,7 +69,9 @@ def target_layer(model: nn.Module) -> nn.Module:
     )
 
 
-def grad_cam(model: nn.Module, batch: torch.Tensor, target: int, layer: nn.Module | None = None) -> np.ndarray:
+def grad_cam(
+    model: nn.Module, batch: torch.Tensor, target: int, layer: nn.Module | None = None, tta: Tta = "none"
+) -> np.ndarray:
     """Grad-CAM of one class for one preprocessed image, upsampled to the model's input size.
 
     Args:
@@ -75,13 +80,24 @@ def grad_cam(model: nn.Module, batch: torch.Tensor, target: int, layer: nn.Modul
         batch: one preprocessed image, shape ``(1, C, H, W)``.
         target: the class index to explain (index into :data:`fracture.imaging.CLASSES`).
         layer: the layer to attribute to (default: :func:`target_layer`).
+        tta: the test-time augmentation the model is scored with. ``hflip`` (the score is the mean
+            of the image's and its mirror's): the mean of the image's map and its mirror's map,
+            mirrored back onto the image, so the map explains both passes the score averages.
 
     Returns:
         An ``(H, W)`` float array in ``[0, 1]``; 1 marks the regions that raised the class
         score most. All zeros when no region raised it.
+
+    Raises:
+        ValueError: ``batch`` is not one image, or ``tta`` is not one of :data:`fracture.vocabulary.Tta`.
     """
     if batch.ndim != 4 or batch.shape[0] != 1:
         raise ValueError(f"grad_cam takes one image of shape (1, C, H, W), got {tuple(batch.shape)}")
+    check_tta(tta)
+    if tta == "hflip":
+        # Each map peaks at 1 before the mean, as the ensemble's members' maps do: both passes weigh alike.
+        seen, mirrored = grad_cam(model, batch, target, layer), grad_cam(model, mirror(batch), target, layer)
+        return _peak_to_one((seen + mirrored[:, ::-1]) / 2)
     if isinstance(model, SeedEnsemble) and layer is None:
         # The members' own maps, averaged as their probabilities are: each explains its share of the score.
         return _peak_to_one(np.mean([grad_cam(member, batch, target) for member in model.members], axis=0))

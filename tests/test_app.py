@@ -52,13 +52,14 @@ from fracture.evaluation import choose_threshold
 from fracture.explain import grad_cam, overlay, target_layer, to_image_grid
 from fracture.gate import split_fingerprint
 from fracture.imaging import CLASSES, Preprocessor
-from fracture.inference import ServingConfig, probabilities
+from fracture.inference import ServingConfig, mirror, probabilities
 from fracture.intake import InputPolicy
 from fracture.localisation import read_coco_boxes
 from fracture.model import create_classifier, data_config, profile_data_config
 from fracture.packaging import log_pyfunc
 from fracture.registry import CHAMPION
 from fracture.training import frozen_prefix_depth, train
+from fracture.vocabulary import Tta
 from tests.conftest import COCO_BOXES, REPO, require_fracatlas
 from tests.dicom_files import dicom_from_jpeg
 from tests.synthetic import ihdr_png
@@ -115,14 +116,17 @@ def register_for_page(
     threshold: float,
     name: str,
     extra: dict | None = None,
+    tta: Tta = "none",
 ) -> PageRegistry:
     """Registers ``model`` as the first version (hence champion) of ``name`` in a new sqlite store;
-    ``extra``: more keys of its ``model.json``."""
+    ``extra``: more keys of its ``model.json``; ``tta``: how it scores."""
     root.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{root / 'mlflow.db'}"
     weights = root / "model.safetensors"
     save_file(model.state_dict(), str(weights))
-    serving = ServingConfig(architecture, data, threshold, {"profile": "cpu", "classes": list(CLASSES)} | (extra or {}))
+    serving = ServingConfig(
+        architecture, data, threshold, {"profile": "cpu", "classes": list(CLASSES)} | (extra or {}), tta
+    )
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mlflow.set_tracking_uri(uri)
@@ -146,6 +150,15 @@ def page_registry(tmp_path_factory: pytest.TempPathFactory) -> PageRegistry:
     model = create_classifier(profile).eval()
     root = tmp_path_factory.mktemp("page-registry")
     return register_for_page(root, model, profile.model, data_config(model, 96), 0.5, "page-untrained")
+
+
+@pytest.fixture(scope="session")
+def page_registry_hflip(tmp_path_factory: pytest.TempPathFactory) -> PageRegistry:
+    """An untrained network served as the CPU profile serves, each X-ray with its mirror."""
+    profile = load_params(REPO).profiles["cpu"]
+    model = seeded_head(create_classifier(profile).eval(), 0)
+    root = tmp_path_factory.mktemp("page-registry-hflip")
+    return register_for_page(root, model, profile.model, data_config(model, 96), 0.5, "page-hflip", tta="hflip")
 
 
 @pytest.fixture(scope="session")
@@ -442,6 +455,16 @@ def test_a_real_xray_shows_class_probability_threshold_and_heat_map(monkeypatch,
     assert shown_images[1].startswith(f"Grad-CAM heat map for '{shown['Predicted class']}'")
 
 
+def test_the_heat_map_of_a_model_scored_with_its_mirror_says_so(monkeypatch, page_registry_hflip):
+    data = real_xray("Fractured").read_bytes()
+    at = upload(page(monkeypatch, page_registry_hflip).run(), "xray.jpg", data, "image/jpeg")
+    assert not at.exception and not at.error
+    shown = metrics(at)
+    assert shown["Fracture probability"] == f"{consumer_prediction(page_registry_hflip, data)['fracture_probability']:.3f}"
+    shown_images = captions(at)
+    assert len(shown_images) == 2 and shown_images[1].endswith("(the mean over the X-ray and its mirror, as the score)")
+
+
 def test_a_failing_heat_map_leaves_the_prediction_on_the_page(monkeypatch, page_registry):
     """Grad-CAM is an explanation of the score, not the score: when it fails, the class and
     probability are still shown, with a warning where the heat map would be."""
@@ -463,10 +486,13 @@ def test_a_failing_heat_map_leaves_the_prediction_on_the_page(monkeypatch, page_
     ]
 
 
-def test_heat_map_explains_the_pixels_the_prediction_scored(monkeypatch, page_registry):
+@pytest.mark.parametrize("registry", ["page_registry", "page_registry_hflip"])
+def test_heat_map_explains_the_pixels_the_prediction_scored(monkeypatch, request, registry):
     """The page shows a large X-ray shrunk to its display size; the heat map is still computed on
     the pixels the served model scored (the upload decoded in full, then resized), not on the
-    smaller display copy, whose resized pixels differ."""
+    smaller display copy, whose resized pixels differ. A model served with ``tta: hflip`` scores
+    the image and its mirror, and its map explains both."""
+    page_registry = request.getfixturevalue(registry)
     monkeypatch.syspath_prepend(str(APP))
     from champion import PageSettings, load_served_model
     from streamlit_app import DISPLAY_SIDE
@@ -479,16 +505,23 @@ def test_heat_map_explains_the_pixels_the_prediction_scored(monkeypatch, page_re
     display.thumbnail((DISPLAY_SIDE, DISPLAY_SIDE))
     served = load_served_model(PageSettings(page_registry.uri, page_registry.name, CHAMPION), page_registry.version, "")
     classifier = served.pyfunc.unwrap_python_model().classifier
+    tta = served.config.tta
+    assert tta == {"page_registry": "none", "page_registry_hflip": "hflip"}[registry]
     batch = served.scored_input(data)
     with torch.no_grad():
         explained = torch.softmax(classifier.network(batch), dim=1)[0, 1].item()
+        if tta == "hflip":
+            explained = (explained + torch.softmax(classifier.network(mirror(batch)), dim=1)[0, 1].item()) / 2
     assert explained == pytest.approx(consumer_prediction(page_registry, data)["fracture_probability"], abs=1e-6)
     assert not torch.equal(batch, classifier.batch([display]))
 
     overlaid, heat = served.heat_map(data, 1, display)
     assert overlaid.size == display.size and heat.shape == (display.height, display.width)
-    expected = to_image_grid(grad_cam(classifier.network, batch, 1), display.size, "squash")
+    expected = to_image_grid(grad_cam(classifier.network, batch, 1, tta=tta), display.size, "squash")
     assert np.allclose(heat, expected)
+    if tta == "hflip":  # not the unmirrored image's map alone
+        assert heat.max() > 0
+        assert not np.allclose(heat, to_image_grid(grad_cam(classifier.network, batch, 1), display.size, "squash"))
 
 
 # ---------------------------------------------------------------- bad uploads
@@ -592,12 +625,7 @@ def test_opaque_rgba_png_gives_the_same_answer_as_its_rgb_pixels(monkeypatch, pa
 
 def test_grad_cam_covers_the_input_and_peaks_at_one():
     profile = load_params(REPO).profiles["cpu"]
-    model = create_classifier(profile).eval()
-    # A head of its own, drawn from a seeded generator: one drawn from the global stream depends on
-    # what earlier tests drew, and some draws score no region above the rest for either class.
-    bound = model.classifier.in_features ** -0.5
-    with torch.no_grad():
-        torch.nn.init.uniform_(model.classifier.weight, -bound, bound, generator=torch.Generator().manual_seed(0))
+    model = seeded_head(create_classifier(profile).eval(), 0)
     assert target_layer(model) is model.bn2
     x = torch.randn(1, 3, 96, 96, generator=torch.Generator().manual_seed(0))
     cams = [grad_cam(model, x, target=t) for t in range(len(CLASSES))]
@@ -614,6 +642,41 @@ def test_grad_cam_covers_the_input_and_peaks_at_one():
         assert np.allclose(cam, expected, atol=1e-4)
     assert not np.allclose(cams[0], cams[1])
     assert not model.bn2._forward_hooks and not model.bn2._backward_hooks  # Captum removed its hooks
+
+
+def test_grad_cam_under_hflip_is_the_mean_of_the_image_s_map_and_its_mirror_s_mirrored_back():
+    """With ``tta: hflip`` the score averages an X-ray and its mirror, so the map does too: the
+    mirror's map is flipped back onto the X-ray before the mean, and so the map of a mirrored
+    upload is the mirror of the upload's map."""
+    model = seeded_head(create_classifier(load_params(REPO).profiles["cpu"]).eval(), 2)
+    x = torch.randn(1, 3, 96, 96, generator=torch.Generator().manual_seed(1))
+    seen, of_mirror = grad_cam(model, x, target=1), grad_cam(model, mirror(x), target=1)
+    assert seen.max() == pytest.approx(1.0) and of_mirror.max() == pytest.approx(1.0)  # both views raise the class
+    both = grad_cam(model, x, target=1, tta="hflip")
+    mean = (seen + of_mirror[:, ::-1]) / 2
+    assert both.shape == (96, 96) and both.max() == pytest.approx(1.0)
+    np.testing.assert_allclose(both, mean / mean.max(), atol=1e-6)
+    # Flipped back, not laid over the X-ray as the mirror's own pixels had it.
+    assert not np.allclose(both, _peak((seen + of_mirror) / 2), atol=1e-3)
+    assert not np.allclose(both, seen, atol=1e-3)
+    # Equal up to float rounding: the twice-mirrored input runs in channels-last layout, x does not.
+    np.testing.assert_allclose(grad_cam(model, mirror(x), target=1, tta="hflip"), both[:, ::-1], atol=2e-5)
+    with pytest.raises(ValueError, match=r"tta must be one of 'none', 'hflip'; got 'vflip'"):
+        grad_cam(model, x, target=1, tta="vflip")
+
+
+def seeded_head(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """``model`` with a classifier head of its own, drawn from a seeded generator: one drawn from the
+    global stream depends on what earlier tests drew, and some draws score no region above the
+    rest for either class."""
+    bound = model.classifier.in_features ** -0.5
+    with torch.no_grad():
+        torch.nn.init.uniform_(model.classifier.weight, -bound, bound, generator=torch.Generator().manual_seed(seed))
+    return model
+
+
+def _peak(cam: np.ndarray) -> np.ndarray:
+    return cam / cam.max()
 
 
 def test_grad_cam_hooks_a_copy_so_a_prediction_on_the_shared_network_meanwhile_changes_nothing(monkeypatch):

@@ -43,7 +43,7 @@ from fracture.plots import save_evaluation_plots
 from fracture.prepare import PreparedImages
 from fracture.stages.prepare import open_cache
 from fracture.tracking import setup_mlflow, training_run
-from fracture.vocabulary import Aspect
+from fracture.vocabulary import Aspect, Tta
 from fracture.workspace import EvaluateResult, SplitResult, TrainResult, Workspace
 
 
@@ -75,14 +75,16 @@ def _threshold_source(params: Params) -> str:
 log = logging.getLogger(__name__)
 
 
-def _localise(
-    params: Params, workspace: Workspace, test: pd.DataFrame, labels: np.ndarray, cache: PreparedImages,
-    network: torch.nn.Module, pre: Preprocessor, aspect: Aspect,
+def localise(
+    params: Params, workspace: Workspace, frame: pd.DataFrame, labels: np.ndarray, cache: PreparedImages,
+    network: torch.nn.Module, pre: Preprocessor, aspect: Aspect, tta: Tta,
 ) -> Localisation | None:
-    """The pointing game of the page's heat map on the test split's fractured images with boxes.
+    """The pointing game of the page's heat map on a split's fractured images with boxes.
 
-    The heat map is Grad-CAM for the fractured class on the cached pixels the model was scored
-    on, mapped back onto the image's own pixels as the page maps it.
+    The evaluate stage plays it on the test split; ``bench/heat_map_mirror.py`` on val. The heat
+    map is Grad-CAM for the fractured class on the cached pixels the model was scored on (with
+    its mirror's map under ``tta: hflip``, as the page shows it), mapped back onto the image's
+    own pixels as the page maps it.
 
     Returns:
         None when ``evaluate.boxes`` is null, or a hospital export (``ingest.layout: csv``) has no
@@ -96,7 +98,7 @@ def _localise(
         log.info("no fracture boxes at %s: the heat map's pointing game is not played", path)
         return None
     boxes = read_coco_boxes(path)
-    fractured = test[(labels == 1) & test["image_id"].isin(list(boxes)).to_numpy()]
+    fractured = frame[(labels == 1) & frame["image_id"].isin(list(boxes)).to_numpy()]
     pixels = cache.dataset(fractured).tensors[0]
     rows = {image_id: i for i, image_id in enumerate(fractured["image_id"])}
     paths = dict(zip(fractured["image_id"], fractured["path"], strict=True))
@@ -104,7 +106,7 @@ def _localise(
 
     def heat_map(image_id: str, image_boxes: ImageBoxes) -> np.ndarray:
         i = rows[image_id]
-        cam = grad_cam(network, pre(pixels[i : i + 1]), target)
+        cam = grad_cam(network, pre(pixels[i : i + 1]), target, tta=tta)
         with Image.open(dataset / paths[image_id]) as img:  # the header only: the size the page maps onto
             size = img.size
         return to_image_grid(cam, size, aspect)
@@ -163,7 +165,9 @@ def run_evaluate(params: Params, workspace: Workspace) -> EvaluateResult:
         | {f"{name}_ci_high": high for name, (_, high) in intervals.items()}
         | {"ece": calib.ece, "brier": calib.brier}
     )
-    localisation = _localise(params, workspace, test, labels, cache, network, pre, model.data_config.aspect)
+    localisation = localise(
+        params, workspace, test, labels, cache, network, pre, model.data_config.aspect, model.tta
+    )
     if localisation is not None:
         metrics |= localisation.metrics
     evaluated = EvaluateResult(metrics, result.confusion)
