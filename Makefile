@@ -75,8 +75,9 @@ bench: venv
 	$(PY) -m bench.orchestration --data "$(BENCH_DATA)"
 	@if [ -f outputs/evaluate/metrics.json ]; then $(PY) -m bench.noop_run --source "$(BENCH_DATA)" && \
 	$(PY) -m bench.draft_decode --project . && \
+	$(PY) -m bench.heat_map_mirror --project . && \
 	$(PY) -m bench.process_exit --source "$(BENCH_DATA)"; \
-	else echo "bench.noop_run, bench.draft_decode and bench.process_exit skipped: run make main FRACATLAS_SOURCE=$(BENCH_DATA) first"; fi
+	else echo "bench.noop_run, bench.draft_decode, bench.heat_map_mirror and bench.process_exit skipped: run make main FRACATLAS_SOURCE=$(BENCH_DATA) first"; fi
 
 ## audit: pip-audit of every pin in constraints.txt against PyPI's advisories; the report goes to audit/pip-audit.json.
 ## Fails when a pinned version has a known vulnerability; says so when packages could not be audited.
