@@ -155,15 +155,17 @@ def convert_for_model(image: Image.Image) -> tuple[Image.Image, str]:
 INDEX_FILES = {"DICOMDIR"}
 
 
-def export_files(folder: Path) -> list[Path]:
-    """Every file under ``folder`` (sub-folders too), sorted; hidden files and folders and index files aside.
+def export_files(folder: Path, indexes: bool = False) -> list[Path]:
+    """Every file under ``folder`` (sub-folders too), sorted; hidden files and folders aside, and
+    index files unless ``indexes``.
 
     How a folder of X-rays is listed wherever one is read: a hospital's export
-    (:mod:`fracture.manifest`) and the folders ``fracture predict`` scores.
+    (:mod:`fracture.manifest`), and with its indexes the folders ``fracture predict`` scores.
     """
     return [
         p for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name not in INDEX_FILES and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+        if p.is_file() and (indexes or p.name not in INDEX_FILES)
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     ]
 
 

@@ -16,8 +16,10 @@ export of it would look like, in the standard's order (PS3.4 Annex N, the graysc
 4. the VOI output range mapped linearly to 0-255 (a negative Rescale Slope gives a reversed
    range, which maps as it is).
 
-Images FOR PROCESSING (raw detector data, which no viewer displays) are refused, as are files
-without the tags that describe their pixels.
+Pixel Padding Value (and Range Limit) marks pixels that are not image: they are left out of the
+range step 2 takes from the image and shown black. Images FOR PROCESSING (raw detector data,
+which no viewer displays) are refused, as are files without the tags that describe their pixels
+and images of more than 16 bits per pixel.
 
 Compressed transfer syntaxes decode through pydicom's pixel handlers: JPEG baseline, extended
 and lossless through ``pylibjpeg-libjpeg``, JPEG-LS through ``pyjpegls``, RLE natively.
@@ -58,8 +60,19 @@ NOT_IMAGES = {
     "1.2.840.10008.5.1.4.1.1.88.11": "a structured report",
     "1.2.840.10008.5.1.4.1.1.88.22": "a structured report",
     "1.2.840.10008.5.1.4.1.1.88.33": "a structured report",
+    "1.2.840.10008.5.1.4.1.1.88.59": "a key object selection",
     "1.2.840.10008.5.1.4.1.1.11.1": "a presentation state",
+    "1.2.840.10008.1.3.10": "a DICOMDIR (the index of the files on a DICOM medium)",
 }
+#: Every SOP class under this root is a structured report of some kind (PS3.4 B.5: Basic Text SR,
+#: Comprehensive 3D SR, X-Ray Radiation Dose SR, Key Object Selection, ...).
+STRUCTURED_REPORTS = "1.2.840.10008.5.1.4.1.1.88."
+#: Colour photometric interpretations read as RGB: pydicom converts YCbCr to RGB as it decodes
+#: (lossy JPEG colour must be stored as YBR_FULL_422, PS3.5 8.2.1).
+COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422")
+#: Radiographs store at most 16 bits per pixel (DX and XA: Bits Allocated 8 or 16, PS3.3
+#: C.8.11.3 and C.8.7); more would make the per-level display table below unbounded.
+MAX_BITS = 16
 
 
 #: SOP classes of images FOR PROCESSING: detector data before the modality's image processing.
@@ -132,6 +145,12 @@ def _is_raw_dataset(data: bytes) -> bool:
     if len(after) < 4:
         return True
     return after[:2] == b"\x08\x00" and int.from_bytes(after[2:4], "little") > int.from_bytes(data[2:4], "little")
+
+
+def _file_meta(ds: Dataset) -> Dataset:
+    """The file meta information, or an empty dataset for a file written without it."""
+    meta = getattr(ds, "file_meta", None)
+    return meta if meta is not None else Dataset()
 
 
 def read_header(data: bytes) -> Dataset:
@@ -228,10 +247,10 @@ def check_radiograph(ds: Dataset, modalities: Iterable[str] = RADIOGRAPHY) -> tu
             frame, a modality not in ``modalities``, or a photometric interpretation other
             than MONOCHROME1, MONOCHROME2 or 8-bit RGB.
     """
-    sop = str(ds.get("SOPClassUID", ""))
-    if sop in NOT_IMAGES or "PixelData" not in ds:
-        what = NOT_IMAGES.get(sop, "a DICOM object without pixel data")
-        raise DicomRejected(f"is {what}, not an image; send the radiograph's own DICOM file")
+    sop = str(ds.get("SOPClassUID", "") or _file_meta(ds).get("MediaStorageSOPClassUID", ""))
+    what = NOT_IMAGES.get(sop) or ("a structured report" if sop.startswith(STRUCTURED_REPORTS) else None)
+    if what or "PixelData" not in ds:
+        raise DicomRejected(f"is {what or 'a DICOM object without pixel data'}, not an image; send the radiograph's own DICOM file")
     intent = str(ds.get("PresentationIntentType") or "").upper()
     if sop in FOR_PROCESSING or intent == "FOR PROCESSING":
         raise DicomRejected(
@@ -255,10 +274,16 @@ def check_radiograph(ds: Dataset, modalities: Iterable[str] = RADIOGRAPHY) -> tu
         )
     photometric = str(ds.get("PhotometricInterpretation") or "")
     bits = int(ds.get("BitsAllocated") or 0)
-    if photometric not in MONOCHROME and not (photometric == "RGB" and bits == 8):
+    if photometric not in MONOCHROME and not (photometric in COLOUR and bits == 8):
         raise DicomRejected(
             f"has photometric interpretation {photometric or '(none)'} ({bits}-bit); the model reads "
-            "MONOCHROME1, MONOCHROME2 or 8-bit RGB radiographs"
+            "MONOCHROME1, MONOCHROME2 or 8-bit colour (RGB, YBR_FULL, YBR_FULL_422) radiographs"
+        )
+    stored = int(ds.get("BitsStored") or 0)
+    if bits > MAX_BITS or stored > MAX_BITS:
+        raise DicomRejected(
+            f"has {bits} bits allocated and {stored} stored per pixel; radiographs hold at most {MAX_BITS} "
+            "(PS3.3 C.8.11.3): send the image as the modality stored it"
         )
     width = ds.get("WindowWidth")
     if width is not None and not ds.get("VOILUTSequence"):  # an empty sequence holds no LUT: the window applies
@@ -299,10 +324,12 @@ def voi_range(ds: Dataset, values: np.ndarray) -> tuple[float, float]:
 def _apply_voi(values: np.ndarray, ds: Dataset) -> np.ndarray:
     """pydicom's ``apply_voi_lut`` (the first VOI LUT, else the first window).
 
-    pydicom 3.0 indexes a VOI LUT of 8-bit entries with 8-bit integers, so stored values past
-    255 wrap round; such a LUT (more than 256 entries of 8 bits, as some CR modalities write)
-    is applied here with the standard's rule instead: values below the first mapped one take
-    the first entry, values past the last take the last.
+    pydicom 3.0 indexes a VOI LUT of 8-bit entries with 8-bit integers, so an index past 255
+    wraps round: a value more than 255 above the first mapped one, whatever the LUT's length.
+    For such a LUT the standard's rule (PS3.3 C.11.2.1.1: values below the first mapped one
+    take the first entry, values past the last take the last) is applied first: with at most
+    256 entries, by clipping the values into the mapped range before pydicom looks them up;
+    with more (as some CR modalities write), by looking them up here.
     """
     voi = ds.get("VOILUTSequence")
     if voi and voi[0].get("LUTDescriptor") is not None and voi[0].get("LUTData") is not None:
@@ -313,6 +340,8 @@ def _apply_voi(values: np.ndarray, ds: Dataset) -> np.ndarray:
             lut = np.frombuffer(data, dtype="<u2") if isinstance(data, bytes) else np.asarray(data)
             index = np.clip(values.astype(np.int64) - first, 0, entries - 1)
             return lut[:entries][index]
+        if bits == 8:
+            values = np.clip(values, first, first + entries - 1)
     return apply_voi_lut(values, ds, index=0)
 
 
@@ -329,8 +358,11 @@ def to_display(ds: Dataset) -> np.ndarray:
     except (ValueError, RuntimeError, NotImplementedError, AttributeError, OSError) as exc:
         syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
         name = getattr(syntax, "name", str(syntax))
-        raise DicomRejected(f"has pixel data that cannot be decoded (transfer syntax {name}): {exc}") from exc
-    if str(ds.PhotometricInterpretation) == "RGB":
+        raise DicomRejected(
+            f"has pixel data that cannot be decoded (transfer syntax {name}): {exc}. Send the image uncompressed "
+            "(Explicit VR Little Endian) or as JPEG, JPEG-LS, JPEG 2000 or RLE"
+        ) from exc
+    if str(ds.PhotometricInterpretation) in COLOUR:  # YCbCr arrives as RGB (pydicom's as_rgb)
         return np.ascontiguousarray(pixels.astype(np.uint8))
     if pixels.dtype.kind not in "iu":
         return _display_values(pixels, ds, pixels)
@@ -347,9 +379,25 @@ def to_display(ds: Dataset) -> np.ndarray:
     return _display_values(levels, ds, levels[present])[offsets]
 
 
+def padding(stored: np.ndarray, ds: Dataset) -> np.ndarray | None:
+    """Which stored values are padding, not image: Pixel Padding Value, up to Pixel Padding
+    Range Limit when the header gives one (PS3.3 C.7.5.1.1.2); ``None`` when it declares none."""
+    value = ds.get("PixelPaddingValue")
+    if value is None or str(ds.get("PhotometricInterpretation") or "") not in MONOCHROME:
+        return None
+    limit = ds.get("PixelPaddingRangeLimit")
+    low, high = sorted((int(value), int(value if limit is None else limit)))
+    return (stored >= low) & (stored <= high)
+
+
 def _display_values(stored: np.ndarray, ds: Dataset, in_image: np.ndarray) -> np.ndarray:
     """The display pipeline on stored values; ``in_image``: the stored values the image holds
-    (the range a VOI transform without window or LUT maps onto is theirs)."""
+    (the range a VOI transform without window or LUT maps onto is theirs, padding left out, as
+    the standard declares padding for: so that it does not set the dynamic range). Padding is
+    shown black."""
+    padded = padding(in_image, ds)
+    if padded is not None and not padded.all():
+        in_image = in_image[~padded]
     values = apply_modality_lut(stored, ds)
     low, high = voi_range(ds, apply_modality_lut(in_image, ds))
     values = _apply_voi(values, ds).astype(np.float64)
@@ -357,7 +405,11 @@ def _display_values(stored: np.ndarray, ds: Dataset, in_image: np.ndarray) -> np
     scaled = (values - low) / (high - low) if high != low else np.zeros_like(values)
     if str(ds.PhotometricInterpretation) == "MONOCHROME1" or str(ds.get("PresentationLUTShape") or "") == "INVERSE":
         scaled = 1.0 - scaled
-    return np.clip(np.rint(scaled * 255.0), 0, 255).astype(np.uint8)
+    shown = np.clip(np.rint(scaled * 255.0), 0, 255).astype(np.uint8)
+    pad = padding(stored, ds)
+    if pad is not None:
+        shown[pad] = 0
+    return shown
 
 
 def dicom_to_image(data: bytes, modalities: Iterable[str] = RADIOGRAPHY) -> Image.Image:

@@ -26,6 +26,8 @@ FRACTURE = hd.sr.CodedConcept("125605004", "SCT", "Fracture of bone")
 TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
          "ReferringPhysicianName", "AccessionNumber", "StudyID")
 NOT_FOR_CLINICAL_USE = "NOT FOR CLINICAL USE"
+#: The most characters a Long String (LO) value holds (PS3.5 6.2).
+LO_MAX = 64
 MANUFACTURER = "fracture (open-source research software)"
 
 
@@ -93,8 +95,18 @@ def structured_report(
         is_final=False,
         is_verified=False,
     )
-    sr.SeriesDescription = f"{NOT_FOR_CLINICAL_USE}: fracture classifier {model_name} v{model_version}"
+    sr.SeriesDescription = series_description(model_name, model_version)
     return sr
+
+
+def series_description(model_name: str, model_version: str) -> str:
+    """The SR series' description: not for clinical use, and the model's name and version, within
+    Series Description's 64 characters (VR LO, PS3.5 6.2); a longer model name is cut short there
+    (the report's content names the model in full)."""
+    head, tail = f"{NOT_FOR_CLINICAL_USE}: ", f" v{model_version}"
+    room = LO_MAX - len(head) - len(tail)
+    name = model_name if len(model_name) <= room else model_name[: max(room - 3, 0)] + "..."
+    return (head + name + tail)[:LO_MAX]
 
 
 def _with_type2_attributes(source: Dataset) -> Dataset:

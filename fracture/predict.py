@@ -29,12 +29,10 @@ from fracture.serving import FracturePyfunc
 
 log = logging.getLogger(__name__)
 
-#: File endings read from a folder. Any other file is read when its first bytes say it is DICOM
-#: (the DICM marker at byte 128, or a dataset without the preamble: :func:`fracture.dicom.is_dicom`),
-#: JPEG or PNG: a PACS export's files often have no ending, or are
-#: named after their SOP Instance UID (1.2.840....320). Hidden files and folders, and DICOMDIR
-#: indexes, are skipped.
-SUFFIXES = {".jpg", ".jpeg", ".png", ".dcm", ".dicom"}
+#: A folder's every file is a row, whatever its name: a PACS export's files often have no ending,
+#: or are named after their SOP Instance UID (1.2.840....320), and a file the model cannot read
+#: (empty, cut short, another format, a DICOMDIR or a report) gets its reason in the row rather
+#: than no row. Only hidden files and folders are left out.
 COLUMNS = ["id", "fracture_probability", "label", "threshold", "model", "version", "error", "note"]
 
 _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
@@ -97,7 +95,9 @@ def load(uri: str, client: MlflowClient | None = None) -> LoadedModel:
 
 
 def collect(inputs: Iterable[Path]) -> list[Path]:
-    """The files to score: each file given, and every image or DICOM file under each folder, sorted.
+    """The files to score: each file given, and every file under each folder (sorted; hidden
+    files and folders aside). Each becomes a row; what is not an image the model reads gets
+    its reason there.
 
     Raises:
         PredictError: an input does not exist.
@@ -105,21 +105,12 @@ def collect(inputs: Iterable[Path]) -> list[Path]:
     files: list[Path] = []
     for item in inputs:
         if item.is_dir():
-            files.extend(p for p in export_files(item) if p.suffix.lower() in SUFFIXES or _image_by_content(p))
+            files.extend(export_files(item, indexes=True))
         elif item.is_file():
             files.append(item)
         else:
             raise PredictError(f"{item} is neither a file nor a folder")
     return files
-
-
-def _image_by_content(path: Path) -> bool:
-    try:
-        with path.open("rb") as handle:
-            head = handle.read(132)
-    except OSError:
-        return False
-    return is_dicom(head) or head.startswith((b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n"))
 
 
 def _batches(files: list[Path], size: int) -> Iterator[list[Path]]:

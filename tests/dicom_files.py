@@ -168,6 +168,27 @@ def encapsulated_pdf() -> bytes:
     return to_bytes(ds)
 
 
+def dicomdir() -> bytes:
+    """A DICOM medium's index (Media Storage Directory Storage), with no records: no pixels, no SOP Class UID."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.1.3.10"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.FileSetID = "EXPORT"
+    ds.OffsetOfTheFirstDirectoryRecordOfTheRootDirectoryEntity = 0
+    ds.OffsetOfTheLastDirectoryRecordOfTheRootDirectoryEntity = 0
+    ds.FileSetConsistencyFlag = 0
+    ds.DirectoryRecordSequence = Sequence([])
+    return to_bytes(ds)
+
+
+def without_sop_pixels(sop_class: str, modality: str) -> bytes:
+    """A non-image object of ``sop_class`` (a report, say): the common header and no pixel data."""
+    return to_bytes(_dataset(modality, sop_class))
+
+
 #: The encodings a hospital export built by :func:`hospital_export` cycles through (FracAtlas's
 #: JPEGs are RGB, so the encapsulated JPEG, which needs a greyscale one, is left out).
 EXPORT_ENCODINGS = ("8-bit", "16-bit", "MONOCHROME1 VOI LUT", "12-bit rescaled")

@@ -25,11 +25,13 @@ from tests.dicom_files import (
     _dataset,
     cut_short,
     dicom_from_jpeg,
+    dicomdir,
     encapsulated_pdf,
     grey_pixels,
     multiframe,
     to_bytes,
     without_preamble,
+    without_sop_pixels,
 )
 
 
@@ -150,11 +152,39 @@ def test_a_negative_rescale_slope_with_a_window_is_shown_as_the_same_values_stor
          r"is DICOM but is an image FOR PROCESSING \(Digital X-Ray Image Storage - For Processing\)"),
         (lambda jpeg: edited(dicom_from_jpeg(jpeg, "16-bit"), WindowCenter=32768, WindowWidth=0),
          r"is DICOM but has WindowWidth 0; the standard requires at least 1"),
+        (lambda jpeg: dicomdir(), r"is DICOM but is a DICOMDIR \(the index of the files on a DICOM medium\), not an image"),
+        (lambda jpeg: without_sop_pixels("1.2.840.10008.5.1.4.1.1.88.34", "SR"), "is DICOM but is a structured report, not an image"),
+        (lambda jpeg: without_sop_pixels("1.2.840.10008.5.1.4.1.1.88.67", "SR"), "is DICOM but is a structured report, not an image"),
+        (lambda jpeg: without_sop_pixels("1.2.840.10008.5.1.4.1.1.88.59", "KO"), "is DICOM but is a key object selection, not an image"),
+        (lambda jpeg: wide_pixels(), r"is DICOM but has 32 bits allocated and 32 stored per pixel; radiographs hold at most 16"),
+        (lambda jpeg: undecodable_htj2k(jpeg), r"is DICOM but has pixel data that cannot be decoded \(transfer syntax "
+         r"[\s\S]*\. Send the image uncompressed \(Explicit VR Little Endian\) or as JPEG, JPEG-LS, JPEG 2000 or RLE$"),
     ],
 )
 def test_objects_that_are_not_a_single_radiograph_are_refused(xrays, make, message):
     with pytest.raises(InputRejected, match="^" + message):
         read_xray(make(xrays[0]), InputPolicy())
+
+
+def wide_pixels() -> bytes:
+    """32 bits a pixel, values spanning 2**26: the per-level table would need gigabytes (refused from the header)."""
+    ds = _dataset()
+    pixels = np.zeros((64, 64), dtype="<u4")
+    pixels[0, 0] = 2**26
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = 64, 64, 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 32, 32, 31, 0
+    ds.PixelData = pixels.tobytes()
+    ds["PixelData"].VR = "OW"
+    return to_bytes(ds)
+
+
+def undecodable_htj2k(jpeg) -> bytes:
+    """A radiograph whose transfer syntax says High-Throughput JPEG 2000, which this server has no decoder for."""
+    from pydicom.uid import HTJ2KLossless
+
+    ds = dcmread(__import__("io").BytesIO(dicom_from_jpeg(jpeg, "JPEG baseline")))
+    ds.file_meta.TransferSyntaxUID = HTJ2KLossless
+    return to_bytes(ds)
 
 
 def test_modalities_come_from_the_policy(xrays):
@@ -199,7 +229,9 @@ def test_a_dicom_file_without_the_preamble_is_read_and_found_in_a_folder(xrays, 
     (tmp_path / "S1").mkdir()
     (tmp_path / "S1" / "IM0001").write_bytes(data)  # no ending, as PACS exports name files
     (tmp_path / "S1" / "notes.txt").write_text("not an image\n")
-    assert collect([tmp_path]) == [tmp_path / "S1" / "IM0001"]
+    (tmp_path / ".hidden").write_bytes(data)
+    # Every file of the folder is a row (the text file's says why it was not scored); hidden ones are not.
+    assert collect([tmp_path]) == [tmp_path / "S1" / "IM0001", tmp_path / "S1" / "notes.txt"]
     np.testing.assert_array_equal(np.asarray(open_xray(tmp_path / "S1" / "IM0001", rgb=False)), served)
 
 
@@ -270,3 +302,64 @@ def test_the_per_level_table_gives_the_per_pixel_pipelines_values(kind):
     ds = dcmread(__import__("io").BytesIO(to_bytes(ds)))
     pixels = ds.pixel_array
     np.testing.assert_array_equal(to_display(ds), _display_values(pixels, ds, pixels))
+
+
+def _ramp(ds: Dataset, low: int, high: int) -> np.ndarray:
+    """A 12-bit horizontal ramp from ``low`` to ``high`` as the dataset's pixels."""
+    ramp = np.tile(np.linspace(low, high, 64).round().astype(np.uint16), (64, 1))
+    ds.set_pixel_data(ramp, "MONOCHROME2", 12)
+    return ramp
+
+
+def test_a_voi_lut_of_8_bit_entries_maps_values_past_its_end_to_its_last_entry():
+    """pydicom looks an 8-bit LUT up with 8-bit indices, so values more than 255 past its first
+    mapped value wrapped round to dark grey; the standard maps them to the last entry (PS3.3 C.11.2.1.1)."""
+    ds = _dataset()
+    ramp = _ramp(ds, 0, 4095)
+    item = Dataset()
+    item.LUTDescriptor = [256, 1000, 8]
+    item.LUTData = list(range(256))
+    item["LUTData"].VR = "US"
+    ds.VOILUTSequence = Sequence([item])
+    shown = np.asarray(dicom_to_image(to_bytes(ds)))[0].astype(int)
+    expected = np.clip(ramp[0].astype(int) - 1000, 0, 255)  # the LUT is the identity over its 256 entries
+    np.testing.assert_array_equal(shown, expected)
+    assert (shown[ramp[0] > 1255] == 255).all() and (ramp[0] > 1255).sum() > 30
+
+
+def test_pixel_padding_does_not_set_the_range_and_is_shown_black():
+    """Padding (PS3.3 C.7.5.1.1.2) is declared so that it does not set the displayed range: an image
+    padded with 0 shows the same grey levels as without the padding, and the padding black."""
+    plain = _dataset()
+    ramp = _ramp(plain, 1000, 3000)
+    within = ramp.copy()
+    within[:, :8] = ramp[:, 8:9]  # the first 8 columns hold no value outside the rest's range
+    plain.set_pixel_data(within, "MONOCHROME2", 12)
+    reference = np.asarray(dicom_to_image(to_bytes(plain)))
+    assert (reference.min(), reference.max()) == (0, 255)
+    for value, limit in ((0, None), (0, 999), (4000, None)):
+        padded = _dataset()
+        pixels = ramp.copy()
+        pixels[:, :8] = value if limit is None else np.linspace(value, limit, 8).round().astype(np.uint16)
+        padded.set_pixel_data(pixels, "MONOCHROME2", 12)
+        padded.PixelPaddingValue = value
+        if limit is not None:
+            padded.PixelPaddingRangeLimit = limit
+        shown = np.asarray(dicom_to_image(to_bytes(padded)))
+        np.testing.assert_array_equal(shown[:, 8:], reference[:, 8:])
+        assert (shown[:, :8] == 0).all()
+
+
+def test_a_colour_dicom_in_ycbcr_is_read_as_rgb():
+    """Lossy JPEG colour is stored as YBR_FULL_422 or YBR_FULL (PS3.5 8.2.1); pydicom hands it over as RGB."""
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file("SC_rgb_jpeg_dcmtk.dcm")
+    if path is None:
+        pytest.skip("pydicom's test file SC_rgb_jpeg_dcmtk.dcm is not installed")
+    ds = dcmread(path)
+    assert ds.PhotometricInterpretation == "YBR_FULL"
+    ds.Modality = "DX"
+    image = read_xray(to_bytes(ds), InputPolicy(min_side=32)).image
+    assert image.mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(image), dcmread(path).pixel_array)

@@ -23,7 +23,7 @@ from fracture.gate import EvaluatedSplit
 from fracture.predict import write_structured_reports
 from fracture.registry import register
 from tests.conftest import require_fracatlas, untrained_model_files
-from tests.dicom_files import dicom_from_jpeg, encapsulated_pdf, multiframe
+from tests.dicom_files import dicom_from_jpeg, dicomdir, encapsulated_pdf, multiframe
 
 pytestmark = pytest.mark.integration
 
@@ -83,7 +83,10 @@ def study(registry) -> Path:
     (folder / "series1" / "report.dcm").write_bytes(encapsulated_pdf())
     (folder / ".cache").mkdir()
     (folder / ".cache" / "thumb.png").write_bytes(b"skipped: inside a hidden folder")
-    (folder / "series1" / "DICOMDIR").write_bytes(b"skipped: an index, not an image")
+    # Files the model cannot read are rows too, each with its reason.
+    (folder / "series1" / "DICOMDIR").write_bytes(dicomdir())
+    (folder / "series1" / "IM0006").write_bytes(b"")  # an interrupted transfer
+    Image.open(good[0]).save(folder / "scan.tif")
     return folder
 
 
@@ -107,7 +110,7 @@ def test_a_study_folder_is_scored_row_by_row_with_structured_reports(registry, s
     out, reports = tmp_path / "rows.csv", tmp_path / "sr"
     proc = run_predict(registry, str(study), "--out", str(out), "--dicom-sr", str(reports), "--batch-size", "4")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"{NAME} version 1: scored 7 of 11 files; 4 with an error in their row" in proc.stderr
+    assert f"{NAME} version 1: scored 7 of 14 files; 7 with an error in their row" in proc.stderr
     rows = pd.read_csv(out, keep_default_na=False).set_index("id")
     rows.index = [Path(i).relative_to(study).as_posix() for i in rows.index]
     assert list(rows.columns) == ["fracture_probability", "label", "threshold", "model", "version", "error", "note", "sr"]
@@ -118,6 +121,10 @@ def test_a_study_folder_is_scored_row_by_row_with_structured_reports(registry, s
     assert errors["series1/IM0003"].startswith("the image is DICOM but holds 2 frames")
     assert errors["series1/IM0004.dcm"].startswith("the image is DICOM but has modality CT")
     assert errors["series1/report.dcm"].startswith("the image is DICOM but is an encapsulated PDF")
+    assert errors["series1/DICOMDIR"].startswith("the image is DICOM but is a DICOMDIR")
+    assert errors["series1/IM0006"] == "the image is empty (the file holds no bytes)"
+    assert errors["scan.tif"].startswith("the image is a TIFF file, not JPEG, PNG or DICOM")
+    assert not any(i.startswith(".cache") for i in rows.index)  # hidden folders are not the export's
     scored = rows[rows["error"] == ""]
     assert sorted(scored.index) == [
         "IMG0000009.jpg", "IMG0000019.jpg", "cut.jpg", f"series1/{UID_NAMED}", "series1/IM0001", "series1/IM0002",
@@ -240,3 +247,14 @@ def test_a_studys_reports_form_one_series_and_a_rerun_names_the_report_it_replac
     third = [dcmread(p) for p in write_structured_reports(table(), files, tmp_path / "sr")]
     assert "PredecessorDocumentsSequence" not in third[0] and "PredecessorDocumentsSequence" in third[1]
     assert not list((tmp_path / "sr").glob(".*"))  # no partial file left
+
+
+def test_the_reports_series_description_fits_a_long_string_whatever_the_model_name_and_version():
+    """Series Description is a Long String: 64 characters at most (PS3.5 6.2), also from version 10 on."""
+    from fracture.dicom_sr import series_description
+
+    assert series_description(NAME, "123") == "NOT FOR CLINICAL USE: fracture-classifier v123"
+    for name, version in ((NAME, "1"), (NAME, "12345"), ("hospital-a-wrist-fracture-classifier-efficientnet", "7")):
+        text = series_description(name, version)
+        assert len(text) <= 64 and text.startswith("NOT FOR CLINICAL USE: ") and text.endswith(f" v{version}")
+    assert series_description("hospital-a-wrist-fracture-classifier-efficientnet", "7").endswith("... v7")
