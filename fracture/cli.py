@@ -368,12 +368,16 @@ def detect_register() -> None:
 
 
 @app.command()
-def rollback() -> None:
-    """Move the champion alias back to the previous-champion version."""
+def rollback(
+    reason: Annotated[str, typer.Option(help="Why, for the registry's record (tagged on both versions).")],
+) -> None:
+    """Move the champion alias back to the previous-champion version, once it loads."""
     from fracture.stages.register import run_rollback
 
+    if not reason.strip():
+        raise SystemExit("fracture rollback: --reason must say why (it is recorded on both versions)")
     with _stage("rollback") as (params, workspace):
-        done = run_rollback(params, workspace)
+        done = run_rollback(params, workspace, reason.strip())
     previous = f"version {done.previous_champion}" if done.previous_champion else "none"
     print(
         f"{done.name}: champion rolled back from version {done.demoted} to version {done.champion}; "

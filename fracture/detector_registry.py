@@ -206,8 +206,9 @@ def register_detector(
             + (f", or name one of its metrics in detect.floors: {sorted(metrics)}" if SCORE not in missing else "")
         )
     threshold = float(described["threshold"])
+    served = {"threshold": str(threshold), "metrics": json.dumps(_test_metrics(metrics), sort_keys=True)}
     mv, created = _ensure_version(
-        client, name, run, lambda: log_detector_pyfunc(run_id, weights, described),
+        client, name, run, served, lambda: log_detector_pyfunc(run_id, weights, described),
         lambda: _description(run, described),
     )
     if created:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -68,6 +69,9 @@ TAG_REPLACED = "replaced_version"
 TAG_ROLLED_BACK = "rolled_back_at"
 #: What a challenger was decided against: the champion, the test split and the gate's rules.
 TAG_BASIS = "gate_basis"
+
+#: The provenance tags that say what a version serves: a run whose evaluation changed them is a new version.
+SERVED = ("threshold", "metrics")
 
 #: The run metric every version needs: its test ROC AUC, reported next to the decision.
 SCORE = "test_roc_auc"
@@ -239,15 +243,16 @@ def register(
             "pipeline (dvc repro) so that split, train and evaluate agree, then register"
         )
 
+    provenance = _provenance_tags(run, config, split)
     mv, created = _ensure_version(
-        client, params.model_name, run, lambda: log_pyfunc(run_id, weights, config),
+        client, params.model_name, run, {k: str(provenance[k]) for k in SERVED}, lambda: log_pyfunc(run_id, weights, config),
         lambda: version_description(
             config.architecture, str(config.extra.get("profile") or run.data.tags.get("profile") or "unknown"),
             config.data_config.input_size, config.data_config.aspect, metrics, run_id,
             run.data.tags.get("data_version") or None, run.data.tags.get("threshold_source") or None,
         ),
     )
-    mv = _record_provenance(client, mv, created, _provenance_tags(run, config, split))
+    mv = _record_provenance(client, mv, created, provenance)
     # The split the version was evaluated on, as recorded when it was first registered.
     fingerprint = mv.tags.get(TAG_SPLIT) or split.fingerprint
     candidate = Evaluation(str(mv.version), metrics, fingerprint, run.data.tags.get("data_version") or None)
@@ -287,15 +292,29 @@ def register(
     )
 
 
+def _serves(mv: ModelVersion, served: dict[str, str]) -> bool:
+    """Whether the version was registered with the run's threshold and test figures as they are now
+    (a tag it lacks, from before the tag existed, counts as the same)."""
+    return all(mv.tags.get(key) in (None, "", value) for key, value in served.items())
+
+
 def _ensure_version(
-    client: MlflowClient, name: str, run: Run, log_model: Callable[[], str], describe: Callable[[], str]
+    client: MlflowClient, name: str, run: Run, served: dict[str, str], log_model: Callable[[], str],
+    describe: Callable[[], str],
 ) -> tuple[ModelVersion, bool]:
-    """The run's registered version, logged and registered first when it has none.
+    """The run's registered version, logged and registered first when it has none that serves as the run now says.
+
+    A run whose evaluate stage ran again (another threshold rule, say) has another threshold or
+    other test figures than its version was registered with, and that version's model serves
+    the old threshold: the run is registered as a new version, which the gate then decides on.
+    The new version inherits a rollback of the old one, so re-running evaluate does not promote a
+    rolled-back run again.
 
     Args:
         client: the registry's client.
         name: the registered model.
         run: the training run.
+        served: the ``threshold`` and ``metrics`` tags the run's version must carry.
         log_model: logs the run's model and returns its URI (called only for a new version).
         describe: the new version's description for the registry's page (what it is, its test
             figures with intervals, its threshold).
@@ -305,11 +324,32 @@ def _ensure_version(
     """
     run_id = run.info.run_id
     existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
-    if existing:
-        mv = max(existing, key=lambda v: int(v.version))
+    current = [v for v in existing if _serves(v, served)]
+    if current:
+        mv = max(current, key=lambda v: int(v.version))
         log.info("run %s is already registered as %s version %s", run_id, name, mv.version)
         return mv, False
+    if existing:
+        log.warning(
+            "run %s is registered as %s version(s) %s with another threshold or other test figures than it has "
+            "now (its evaluate stage ran again); registering it as a new version", run_id, name,
+            ", ".join(str(v.version) for v in existing),
+        )
     mv = mlflow.register_model(log_model(), name, tags={"run_id": run_id})
+    # Two registrations of one run at once (two checkouts sharing a registry) both found none and
+    # both registered: the first version stays the run's, and a later one is removed again.
+    before = {str(v.version) for v in existing}
+    mine = [v for v in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+            if str(v.version) not in before]
+    first = min(mine, key=lambda v: int(v.version), default=mv)
+    if str(first.version) != str(mv.version):
+        log.warning("run %s was registered twice at once (versions %s and %s); version %s is removed",
+                    run_id, first.version, mv.version, mv.version)
+        client.delete_model_version(name, str(mv.version))
+        return first, False
+    rolled_back = [v for v in existing if v.tags.get(TAG_ROLLED_BACK)]
+    if rolled_back:
+        _tag_version(client, name, str(mv.version), {TAG_ROLLED_BACK: rolled_back[0].tags[TAG_ROLLED_BACK]})
     return client.update_model_version(name, str(mv.version), description=describe()), True
 
 
@@ -394,9 +434,15 @@ def _decide(
     elif all(c.passed for c in checks):
         scores, scored = scored_with_champion(params.model_name, candidate, _evaluation_of(client, current), split)
         checks += (scored,)
-        if scores is not None:
-            comparison = compare(scores, params.confidence)
-            checks += against_champion(params, comparison)
+        if scores is None:
+            _require_loadable(params.model_name, str(current.version), CHAMPION)
+        else:
+            try:
+                comparison = compare(scores, params.confidence)
+            except ValueError as exc:  # a split the two cannot be compared on (one class only)
+                checks += (GateCheck("compared with champion", False, str(exc)),)
+            else:
+                checks += against_champion(params, comparison)
     if all(c.passed for c in checks):
         checks += (load_check(params.model_name, str(candidate.version), split.check_image, threshold),)
     if comparison is None:
@@ -408,6 +454,27 @@ def _decide(
         f"DeLong p = {a.p_value:.3g})"
     )
     return _verdict(checks, reason, comparison)
+
+
+def _require_loadable(name: str, version: str, role: str) -> None:
+    """Raises when ``models:/<name>/<version>`` (holding ``role``) cannot be loaded from the registry.
+
+    A champion that cannot be loaded fails every consumer of ``@champion``, and would keep every
+    later version a challenger without a word; the registration fails instead, naming it.
+
+    Raises:
+        RegistryError: the version cannot be loaded (its artifacts are gone, its code does not
+            import, or the tracking server does not answer).
+    """
+    try:
+        mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+    except Exception as exc:  # noqa: BLE001 - whatever stops a consumer from loading it
+        raise RegistryError(
+            f"{role} {name} version {version} cannot be loaded from the registry ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); a consumer of @{role} cannot load it either. If the "
+            "tracking server is down, run again when it answers; if the version is broken, roll back "
+            f"(`fracture rollback --reason ...`) or point '{role}' at a version by hand"
+        ) from exc
 
 
 def _verdict(checks: tuple[GateCheck, ...], promoted_because: str, comparison: Comparison | None = None) -> _Outcome:
@@ -550,23 +617,28 @@ def _registration(
 # --- rollback -------------------------------------------------------------------------------------
 
 
-def rollback(name: str, client: MlflowClient | None = None) -> Rollback:
+def rollback(name: str, client: MlflowClient | None = None, reason: str = "") -> Rollback:
     """Moves ``champion`` back to the ``previous-champion`` version.
 
-    The demoted version loses ``champion``, keeps no alias and is tagged ``rolled_back_at``, so
-    a later registration of its run does not promote it again. ``previous-champion`` moves to
+    The version to return to is loaded from the registry first, as a consumer would load it; one
+    that cannot be loaded is refused and ``champion`` stays. The demoted version loses
+    ``champion``, keeps no alias and is tagged ``rolled_back_at``, ``rolled_back_to`` and
+    ``rolled_back_reason``, so a later registration of its run does not promote it again; the
+    restored version's gate tags say it was restored, when and why. ``previous-champion`` moves to
     the version the restored champion had itself replaced, or is removed when there is none, so
     rolling back again steps further back through the champions.
 
     Args:
         name: the registered model name.
         client: an MLflow client (default: one for the current tracking URI).
+        reason: why, for the registry's record (the command asks for it).
 
     Returns:
         Which version was demoted and where the aliases point now.
 
     Raises:
-        RegistryError: the model has no champion or no previous champion to return to.
+        RegistryError: the model has no champion or no previous champion to return to, or that
+            version cannot be loaded.
     """
     client = client or MlflowClient()
     current = _alias(client, name, CHAMPION)
@@ -586,14 +658,19 @@ def rollback(name: str, client: MlflowClient | None = None) -> Rollback:
             f"{current.version}); to choose a version by hand: "
             f"MlflowClient().set_registered_model_alias('{name}', '{CHAMPION}', <version>)"
         )
+    _require_loadable(name, str(previous.version), PREVIOUS_CHAMPION)
     # The demoted version is tagged before champion leaves it: a rollback stopped at any point
     # leaves no untagged version that a later registration of its run would promote again.
+    when = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    why = reason or "not given"
     _tag_version(
-        client,
-        name,
-        current.version,
-        {TAG_ROLLED_BACK: datetime.now(timezone.utc).isoformat(timespec="seconds"), "rolled_back_to": previous.version},
+        client, name, current.version,
+        {TAG_ROLLED_BACK: when, "rolled_back_to": previous.version, "rolled_back_reason": why},
     )
+    _tag_version(client, name, previous.version, {
+        TAG_DECISION: "restored",
+        TAG_REASON: f"restored by rollback from version {current.version} at {when}: {why}",
+    })
     client.set_registered_model_alias(name, CHAMPION, previous.version)
     return _finish_rollback(client, name, str(current.version), previous)
 
@@ -622,6 +699,11 @@ def _test_metrics(metrics: dict[str, float]) -> dict[str, float]:
 def _required_metrics(metrics: dict[str, float], run_id: str, params: RegisterParams) -> None:
     if SCORE not in metrics:
         raise RegistryError(f"run {run_id} has no metric '{SCORE}'; run the evaluate stage first")
+    if not math.isfinite(metrics[SCORE]):
+        raise RegistryError(
+            f"run {run_id} has {SCORE} {metrics[SCORE]}: its test split cannot rank the model (one class only?). "
+            "Split again so that the test split holds fractured and non-fractured X-rays, then register"
+        )
     for key in params.floors:
         if key not in metrics:
             raise RegistryError(

@@ -95,6 +95,27 @@ def test_delong_agrees_with_a_paired_stratified_bootstrap():
     assert swapped.difference == pytest.approx(-result.difference) and swapped.p_value == pytest.approx(result.p_value)
 
 
+def test_where_delong_has_no_spread_to_estimate_a_randomisation_test_decides():
+    """A perfect separation against constant scores leaves DeLong's variance at zero whether or not
+    the difference is real (p = 0 let a random model beat a constant one in 1 draw of 6 at 2 images
+    a class). Swapping each image's two scores at random gives the evidence instead: none at 2
+    images a class, overwhelming at 10 when one model ranks every image right and the other wrong."""
+    y = np.array([1, 1, 0, 0])
+    small = delong_paired(y, np.array([0.9, 0.8, 0.2, 0.1]), np.full(4, 0.5))
+    assert small.difference == pytest.approx(0.5) and small.p_value > 0.1
+    y = np.r_[np.ones(10), np.zeros(10)].astype(int)
+    right = np.r_[np.linspace(0.9, 0.6, 10), np.linspace(0.4, 0.1, 10)]
+    large = delong_paired(y, right, 1 - right)
+    assert (large.difference, large.ci_low, large.ci_high) == (1.0, 1.0, 1.0) and large.p_value < 0.001
+    same = delong_paired(y, right, right * 0.5)
+    assert (same.difference, same.p_value) == (0.0, 1.0)
+    # Random models against a constant one at 2 images a class: "beats" at p < 0.05 rarely, not 1 in 6.
+    rng = np.random.default_rng(0)
+    y = np.array([1, 1, 0, 0])
+    wins = sum(delong_paired(y, rng.random(4), np.full(4, 0.5)).p_value < 0.05 for _ in range(60))
+    assert wins == 0
+
+
 def hand_made(champion: np.ndarray, candidate: np.ndarray, y: np.ndarray, thresholds=(0.5, 0.5)) -> PairedScores:
     return PairedScores(y, candidate, thresholds[0], champion, thresholds[1], "1")
 
@@ -310,11 +331,17 @@ def test_gate_promotes_keeps_previous_champion_and_rolls_back(client, ranked, tm
     # `fracture rollback` in a project directory, against the same registry.
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     monkeypatch.chdir(tmp_path)
-    cli(["rollback"])
+    with pytest.raises(SystemExit, match="--reason must say why"):
+        cli(["rollback", "--reason", " "])
+    cli(["rollback", "--reason", "wrist X-rays from the new detector scored low"])
     out = capsys.readouterr().out
     assert "champion rolled back from version 3 to version 1; previous-champion: none" in out
     assert aliases(client) == {"champion": "1", "challenger": "4"}
-    assert client.get_model_version(NAME, "3").tags["rolled_back_to"] == "1"
+    demoted, restored = client.get_model_version(NAME, "3").tags, client.get_model_version(NAME, "1").tags
+    assert demoted["rolled_back_to"] == "1" and demoted["rolled_back_reason"] == "wrist X-rays from the new detector scored low"
+    assert restored["gate_decision"] == "restored"
+    assert restored["gate_reason"].startswith("restored by rollback from version 3 at ")
+    assert restored["gate_reason"].endswith(": wrist X-rays from the new detector scored low")
 
     # The rolled-back run is not promoted again when the flow registers it once more.
     rerun = register(PARAMS, better_run, *good, split, client)
@@ -323,7 +350,7 @@ def test_gate_promotes_keeps_previous_champion_and_rolls_back(client, ranked, tm
     assert aliases(client)["champion"] == "1"
 
     with pytest.raises(SystemExit, match="no 'previous-champion' to roll back to"):
-        cli(["rollback"])
+        cli(["rollback", "--reason", "again"])
 
 
 def test_a_challenger_registered_again_keeps_its_decision_until_the_champion_or_the_rules_change(
@@ -684,3 +711,79 @@ def test_a_model_trained_with_an_enhancement_requires_its_library():
     assert "opencv-contrib-python-headless" in requirements(config("clahe"))
     assert "opencv-contrib-python-headless" in requirements(config("canny"))
     assert "SimpleITK" in requirements(config("anisotropic_diffusion"))
+
+
+def _break_artifacts(client, version: str) -> None:
+    """Removes a registered version's model files, as a cleaned-up artifact store leaves them."""
+    source = client.get_model_version(NAME, version).source  # models:/<logged model id>
+    location = mlflow.get_logged_model(source.removeprefix("models:/")).artifact_location
+    shutil.rmtree(location.removeprefix("file://"))
+
+
+def test_a_rollback_to_a_version_that_cannot_be_loaded_is_refused_and_champion_stays(client, ranked):
+    split, models = ranked
+    params = RegisterParams(NAME, "t", confidence=0.0, sensitivity_tolerance=1.0)
+    for model in ("bad", "good"):
+        assert register(params, evaluated_run(0.9), *models[model], split, client).decision == "promoted"
+    _break_artifacts(client, "1")
+    with pytest.raises(RegistryError, match=r"previous-champion fracture-classifier version 1 cannot be loaded"):
+        rollback(NAME, client, "checking the refusal")
+    assert aliases(client) == {"champion": "2", "previous-champion": "1"}
+    assert "rolled_back_at" not in client.get_model_version(NAME, "2").tags
+
+
+def test_a_champion_that_cannot_be_loaded_fails_the_registration_loudly(client, ranked):
+    """Before, the gate read "could not both be scored" as a failed check: every new version became a
+    challenger while no consumer could load @champion, and the flow ended as if all was well."""
+    split, models = ranked
+    register(PARAMS, evaluated_run(0.85), *models["bad"], split, client)
+    _break_artifacts(client, "1")
+    with pytest.raises(RegistryError, match=r"champion fracture-classifier version 1 cannot be loaded from the registry"):
+        register(PARAMS, evaluated_run(0.90), *models["good"], split, client)
+    assert aliases(client) == {"champion": "1"}  # the new version earned nothing
+
+
+def test_a_run_whose_evaluation_changed_is_registered_as_a_new_version(client, ranked):
+    """The evaluate stage ran again (another threshold rule): the run's version serves the old
+    threshold, so the run is registered again, and the gate decides on the new version."""
+    import dataclasses
+
+    split, models = ranked
+    weights, config = models["good"]
+    run_id = evaluated_run(0.90)
+    first = register(PARAMS, run_id, weights, config, split, client)
+    assert (first.version, first.created) == ("1", True)
+    assert register(PARAMS, run_id, weights, config, split, client).created is False  # nothing changed
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_metrics({"test_recall": 0.95, "test_specificity": 0.6})
+    again = register(PARAMS, run_id, weights, dataclasses.replace(config, threshold=0.2), split, client)
+    assert (again.version, again.created) == ("2", True)
+    tags = client.get_model_version(NAME, "2").tags
+    assert float(tags["threshold"]) == 0.2 and '"test_recall": 0.95' in tags["metrics"]
+    # The same network against itself: no evidence, so the champion stays, and says why.
+    assert again.decision == "challenger" and "beats champion" in again.reason
+    assert float(client.get_model_version(NAME, "1").tags["threshold"]) == 0.5
+
+
+def test_one_run_registered_twice_at_once_keeps_one_version(client, ranked, monkeypatch):
+    """Two checkouts sharing a registry registered the same run at the same moment: both found no
+    version and both registered one. The run keeps the first; the later one is removed."""
+    split, models = ranked
+    real = registry_module.mlflow.register_model
+
+    def another_checkout_registers_it_first(uri, name, **kwargs):
+        real(uri, name, **kwargs)  # the other registration, between our search and ours
+        return real(uri, name, **kwargs)
+
+    monkeypatch.setattr(registry_module.mlflow, "register_model", another_checkout_registers_it_first)
+    run_id = evaluated_run(0.9)
+    done = register(PARAMS, run_id, *models["good"], split, client)
+    assert (done.version, done.created) == ("1", False)
+    assert [str(v.version) for v in client.search_model_versions(f"name = '{NAME}'")] == ["1"]
+
+
+def test_a_test_split_that_cannot_rank_is_refused_before_anything_is_registered(client, ranked):
+    split, models = ranked
+    with pytest.raises(RegistryError, match=r"has test_roc_auc nan: its test split cannot rank the model"):
+        register(PARAMS, evaluated_run(float("nan")), *models["good"], split, client)
+    assert client.search_model_versions(f"name = '{NAME}'") == []

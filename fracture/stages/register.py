@@ -58,7 +58,7 @@ def run_register(params: Params, workspace: Workspace) -> Registration:
     return register(params.register, run_id, workspace.weights, config, split)
 
 
-def run_rollback(params: Params, workspace: Workspace) -> Rollback:
+def run_rollback(params: Params, workspace: Workspace, reason: str = "") -> Rollback:
     """Moves ``champion`` back to the ``previous-champion`` version.
 
     Args:
@@ -72,4 +72,4 @@ def run_rollback(params: Params, workspace: Workspace) -> Rollback:
         fracture.registry.RegistryError: there is no champion, or no previous champion to return to.
     """
     setup_mlflow(params, workspace.root)
-    return rollback(params.register.model_name)
+    return rollback(params.register.model_name, reason=reason)
