@@ -39,6 +39,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from fracture.config import RegisterParams
+from fracture.consumer import predict_as_consumer
 from fracture.gate import (
     Comparison,
     EvaluatedSplit,
@@ -196,6 +197,7 @@ def register(
     config: ServingConfig,
     split: EvaluatedSplit,
     client: MlflowClient | None = None,
+    isolated: bool = True,
 ) -> Registration:
     """Registers the run's model once and promotes it when it passes the gate.
 
@@ -221,6 +223,9 @@ def register(
         config: the serving config (see :func:`fracture.packaging.log_pyfunc`).
         split: the test split the run was evaluated on.
         client: an MLflow client for the current tracking URI (default: a new one).
+        isolated: load and score each version in a consumer's Python with its own packaged code
+            (:mod:`fracture.consumer`, the default); ``False`` in this process, with this
+            installation's code (faster; for tests of the gate's rules).
 
     Returns:
         The version, the gate's decision and each check.
@@ -260,7 +265,7 @@ def register(
 
     outcome = _held_back(mv, current) or _decided_before(mv, current, _basis(params, current, split))
     while outcome is None:
-        decided = _decide(client, params, candidate, current, split, config.threshold)
+        decided = _decide(client, params, candidate, current, split, config.threshold, isolated)
         # Scoring takes minutes; another registration against this registry may have moved the
         # champion meanwhile. The aliases move only as decided against the champion they replace.
         latest = _alias(client, params.model_name, CHAMPION)
@@ -419,6 +424,7 @@ def _decide(
     current: ModelVersion | None,
     split: EvaluatedSplit,
     threshold: float,
+    isolated: bool = True,
 ) -> _Outcome:
     """Runs the gate against the champion, and the load check when every rule passed.
 
@@ -432,10 +438,12 @@ def _decide(
     if current is None:
         checks += (GateCheck("beats champion", True, "no champion yet"),)
     elif all(c.passed for c in checks):
-        scores, scored = scored_with_champion(params.model_name, candidate, _evaluation_of(client, current), split)
+        scores, scored = scored_with_champion(
+            params.model_name, candidate, _evaluation_of(client, current), split, isolated
+        )
         checks += (scored,)
         if scores is None:
-            _require_loadable(params.model_name, str(current.version), CHAMPION)
+            _require_loadable(params.model_name, str(current.version), CHAMPION, isolated)
         else:
             try:
                 comparison = compare(scores, params.confidence)
@@ -444,7 +452,7 @@ def _decide(
             else:
                 checks += against_champion(params, comparison)
     if all(c.passed for c in checks):
-        checks += (load_check(params.model_name, str(candidate.version), split.check_image, threshold),)
+        checks += (load_check(params.model_name, str(candidate.version), split.check_image, threshold, isolated),)
     if comparison is None:
         return _verdict(checks, "first version to pass the gate")
     a = comparison.auc
@@ -456,8 +464,9 @@ def _decide(
     return _verdict(checks, reason, comparison)
 
 
-def _require_loadable(name: str, version: str, role: str) -> None:
-    """Raises when ``models:/<name>/<version>`` (holding ``role``) cannot be loaded from the registry.
+def _require_loadable(name: str, version: str, role: str, isolated: bool = True) -> None:
+    """Raises when ``models:/<name>/<version>`` (holding ``role``) cannot be loaded from the registry
+    (``isolated``: in a consumer's Python, with its own packaged code).
 
     A champion that cannot be loaded fails every consumer of ``@champion``, and would keep every
     later version a challenger without a word; the registration fails instead, naming it.
@@ -466,8 +475,12 @@ def _require_loadable(name: str, version: str, role: str) -> None:
         RegistryError: the version cannot be loaded (its artifacts are gone, its code does not
             import, or the tracking server does not answer).
     """
+    uri = f"models:/{name}/{version}"
     try:
-        mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+        if isolated:
+            predict_as_consumer(uri, [])
+        else:
+            mlflow.pyfunc.load_model(uri)
     except Exception as exc:  # noqa: BLE001 - whatever stops a consumer from loading it
         raise RegistryError(
             f"{role} {name} version {version} cannot be loaded from the registry ({type(exc).__name__}: "
@@ -617,7 +630,7 @@ def _registration(
 # --- rollback -------------------------------------------------------------------------------------
 
 
-def rollback(name: str, client: MlflowClient | None = None, reason: str = "") -> Rollback:
+def rollback(name: str, client: MlflowClient | None = None, reason: str = "", isolated: bool = True) -> Rollback:
     """Moves ``champion`` back to the ``previous-champion`` version.
 
     The version to return to is loaded from the registry first, as a consumer would load it; one
@@ -632,6 +645,7 @@ def rollback(name: str, client: MlflowClient | None = None, reason: str = "") ->
         name: the registered model name.
         client: an MLflow client (default: one for the current tracking URI).
         reason: why, for the registry's record (the command asks for it).
+        isolated: load the version to return to in a consumer's Python (default) or in this one.
 
     Returns:
         Which version was demoted and where the aliases point now.
@@ -658,7 +672,7 @@ def rollback(name: str, client: MlflowClient | None = None, reason: str = "") ->
             f"{current.version}); to choose a version by hand: "
             f"MlflowClient().set_registered_model_alias('{name}', '{CHAMPION}', <version>)"
         )
-    _require_loadable(name, str(previous.version), PREVIOUS_CHAMPION)
+    _require_loadable(name, str(previous.version), PREVIOUS_CHAMPION, isolated)
     # The demoted version is tagged before champion leaves it: a rollback stopped at any point
     # leaves no untagged version that a later registration of its run would promote again.
     when = datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -3,7 +3,10 @@
 :func:`load_check` loads ``models:/<name>/<version>`` and predicts one real image before any
 alias moves; :func:`paired_scores` scores a version and the champion on the version's test
 split, each through the registry and the one inference path, so that the gate compares the
-two on the same images.
+two on the same images. By default (``isolated``) each version loads and scores in a Python of
+its own that sees only its requirements and its own packaged code (:mod:`fracture.consumer`),
+as a consumer loads it: a version whose packaged code is broken fails the load check, and a
+champion logged by older code is scored by that code, not by this process's.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import mlflow
 import numpy as np
 import pandas as pd
 
+import fracture
+from fracture.consumer import ConsumerError, predict_as_consumer
 from fracture.gate import (
     EvaluatedSplit,
     Evaluation,
@@ -25,7 +30,7 @@ from fracture.gate import (
 from fracture.serving import FracturePyfunc
 
 
-def load_check(name: str, version: str, image: Path, threshold: float) -> GateCheck:
+def load_check(name: str, version: str, image: Path, threshold: float, isolated: bool = True) -> GateCheck:
     """Loads ``models:/<name>/<version>`` as a consumer would and predicts one real image.
 
     Args:
@@ -33,16 +38,23 @@ def load_check(name: str, version: str, image: Path, threshold: float) -> GateCh
         version: the version to load.
         image: a real X-ray file.
         threshold: the decision threshold the model must report.
+        isolated: in a consumer's Python with the version's own code (:mod:`fracture.consumer`);
+            ``False``: in this process, whose installed code the version then runs.
 
     Returns:
         A passed check naming the prediction, or a failed one naming what went wrong.
     """
     uri = f"models:/{name}/{version}"
     try:
-        model = mlflow.pyfunc.load_model(uri)
-        out = model.predict(pd.DataFrame({"image": [image.read_bytes()]}))
-        prob = float(out["fracture_probability"].iloc[0])
         problems = []
+        if isolated:
+            answer = predict_as_consumer(uri, [image])
+            out = answer.rows
+            if Path(answer.code).resolve().parent == Path(fracture.__file__).resolve().parent:
+                problems.append(f"it ran this installation's code ({answer.code}), not its own")
+        else:
+            out = mlflow.pyfunc.load_model(uri).predict(pd.DataFrame({"image": [image.read_bytes()]}))
+        prob = float(out["fracture_probability"].iloc[0])
         if len(out) != 1:
             problems.append(f"{len(out)} rows for one image")
         if "error" in out and out["error"].iloc[0]:
@@ -61,18 +73,25 @@ def load_check(name: str, version: str, image: Path, threshold: float) -> GateCh
     return GateCheck("load check", True, f"{uri} predicted {image.name}: fracture_probability {prob:.4f}")
 
 
-def served_scores(name: str, version: str, split: EvaluatedSplit, batch_size: int = 32) -> tuple[np.ndarray, float]:
+def served_scores(
+    name: str, version: str, split: EvaluatedSplit, batch_size: int = 32, isolated: bool = True
+) -> tuple[np.ndarray, float]:
     """Scores a registered version on every image of ``split``, as a consumer of the registry would.
 
     The version is loaded through ``models:/<name>/<version>`` and scores through its own
-    classifier, with the preprocessing it was logged with; images are decoded as its prepared
-    cache was (files that end early are kept when ``split.allow_truncated``).
+    classifier, with the preprocessing and input checks it was logged with. ``isolated``
+    (default): in a consumer's Python with the version's own packaged code
+    (:mod:`fracture.consumer`); a file its checks refuse fails the scoring. ``False``: in this
+    process, with this installation's code, images decoded as the prepared cache was (files
+    that end early are kept when ``split.allow_truncated``).
 
     Args:
         name: the registered model name.
         version: the version to score.
         split: the test split, with every image path and label.
-        batch_size: images decoded and scored together; bounds the memory full-size X-rays take.
+        batch_size: images decoded and scored together in this process; bounds the memory
+            full-size X-rays take.
+        isolated: see above.
 
     Returns:
         The fracture probability of each image (float64, in the split's order) and the
@@ -81,6 +100,7 @@ def served_scores(name: str, version: str, split: EvaluatedSplit, batch_size: in
     Raises:
         SplitTableError: the split carries no images to score, or rows without an image path.
         TypeError: the version is no fracture classifier.
+        ConsumerError: isolated, the version did not load or answer, or refused a file.
     """
     if not split.paths:
         raise SplitTableError("the test split carries no image paths to score on")
@@ -90,6 +110,15 @@ def served_scores(name: str, version: str, split: EvaluatedSplit, batch_size: in
             "rebuild it with `dvc repro split`"
         )
     uri = f"models:/{name}/{version}"
+    if isolated:
+        rows = predict_as_consumer(uri, list(split.paths)).rows
+        refused = [(p, e) for p, e in zip(split.paths, rows["error"], strict=True) if e]
+        if refused:
+            raise ConsumerError(
+                f"{uri} refused {len(refused)} of the test split's {len(split.paths)} images, e.g. "
+                f"{Path(refused[0][0]).name}: {refused[0][1]}"
+            )
+        return rows["fracture_probability"].to_numpy(dtype=np.float64), float(rows["threshold"].iloc[0])
     served = mlflow.pyfunc.load_model(uri).unwrap_python_model()
     if not isinstance(served, FracturePyfunc):
         raise TypeError(f"{uri} is a {type(served).__name__}, not a model logged by fracture.packaging")
@@ -104,19 +133,22 @@ def served_scores(name: str, version: str, split: EvaluatedSplit, batch_size: in
     return np.concatenate(probs).astype(np.float64), float(classifier.threshold)
 
 
-def paired_scores(name: str, candidate: str, champion: str, split: EvaluatedSplit) -> PairedScores:
+def paired_scores(
+    name: str, candidate: str, champion: str, split: EvaluatedSplit, isolated: bool = True
+) -> PairedScores:
     """The version and the champion, each loaded from the registry and scored on ``split``'s images.
 
     Both go through the same path, so the comparison does not depend on how either was
-    evaluated when it was trained, nor on which split that was.
+    evaluated when it was trained, nor on which split that was; ``isolated``: each with its own
+    packaged code, as its consumers score it (:func:`served_scores`).
     """
-    ours, our_threshold = served_scores(name, candidate, split)
-    theirs, their_threshold = served_scores(name, champion, split)
+    ours, our_threshold = served_scores(name, candidate, split, isolated=isolated)
+    theirs, their_threshold = served_scores(name, champion, split, isolated=isolated)
     return PairedScores(np.array(split.labels), ours, our_threshold, theirs, their_threshold, champion)
 
 
 def scored_with_champion(
-    name: str, candidate: Evaluation, champion: Evaluation, split: EvaluatedSplit
+    name: str, candidate: Evaluation, champion: Evaluation, split: EvaluatedSplit, isolated: bool = True
 ) -> tuple[PairedScores | None, GateCheck]:
     """Scores the version and the champion on the same images, and the check saying how it went.
 
@@ -126,7 +158,7 @@ def scored_with_champion(
     """
     v = champion.version
     try:
-        scores = paired_scores(name, str(candidate.version), str(v), split)
+        scores = paired_scores(name, str(candidate.version), str(v), split, isolated)
     except Exception as exc:  # noqa: BLE001 - a pair that cannot be scored is not compared
         return None, GateCheck(
             "scored with champion", False, f"v{candidate.version} and champion v{v} could not both be scored on "

@@ -13,6 +13,7 @@ import shutil
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -38,7 +39,9 @@ from fracture.gate import (
 )
 from fracture.inference import ServingConfig
 from fracture.packaging import REQUIREMENTS, requirements
-from fracture.registry import RegistryError, register, rollback
+from fracture.registry import RegistryError
+from fracture.registry import register as register_isolated
+from fracture.registry import rollback as rollback_isolated
 from fracture.scoring import served_scores
 from fracture.stages.register import input_policy, run_register
 from fracture.workspace import EvaluateResult, TrainedModel, Workspace
@@ -46,6 +49,18 @@ from tests.conftest import REPO, pick_ids, ranking_model_files, untrained_model_
 
 NAME = "fracture-classifier"
 SPLIT_A = "a" * 64
+
+
+def register(*args, **kwargs):
+    """The gate's rules, with each version loaded and scored in this process: a consumer's Python
+    of its own per version (the product's default, tested apart below) costs 10-20 s each."""
+    return register_isolated(*args, **{"isolated": False} | kwargs)
+
+
+def rollback(*args, **kwargs):
+    return rollback_isolated(*args, **{"isolated": False} | kwargs)
+
+
 SPLIT_B = "b" * 64
 DATA = "0123456789abcdef0123456789abcdef.dir"
 PARAMS = RegisterParams(
@@ -787,3 +802,51 @@ def test_a_test_split_that_cannot_rank_is_refused_before_anything_is_registered(
     with pytest.raises(RegistryError, match=r"has test_roc_auc nan: its test split cannot rank the model"):
         register(PARAMS, evaluated_run(float("nan")), *models["good"], split, client)
     assert client.search_model_versions(f"name = '{NAME}'") == []
+
+
+def _break_packaged_code(monkeypatch) -> None:
+    """Every version logged from now on carries a copy of the code whose serving module cannot be
+    imported, as a packaging mistake leaves it; this installation's code is untouched."""
+    real = registry_module.log_pyfunc
+
+    def logged_broken(*args, **kwargs):
+        uri = real(*args, **kwargs)
+        root = Path(mlflow.get_logged_model(uri.removeprefix("models:/")).artifact_location.removeprefix("file://"))
+        (serving,) = root.rglob("code/fracture/serving.py")
+        serving.write_text(serving.read_text() + "\nraise ImportError('a module left out of the package')\n")
+        return uri
+
+    monkeypatch.setattr(registry_module, "log_pyfunc", logged_broken)
+
+
+def test_a_version_whose_packaged_code_is_broken_fails_the_load_check_in_a_consumers_python(client, ranked, monkeypatch):
+    """The load check ran in the pipeline's process, whose installed code the version then used, so
+    a version with broken packaged code passed it and became champion while no consumer could load
+    it. Loaded in a Python of its own, with its own code, it fails, and earns no alias."""
+    split, models = ranked
+    _break_packaged_code(monkeypatch)
+    run_id = evaluated_run(0.90)
+    assert register(PARAMS, run_id, *models["good"], split, client).champion  # in this process: not caught
+    client.delete_registered_model_alias(NAME, "champion")
+    fresh = register_isolated(PARAMS, evaluated_run(0.90), *models["good"], split, client)
+    assert (fresh.version, fresh.decision, fresh.champion) == ("2", "challenger", False)
+    load = fresh.checks[-1]
+    assert load.name == "load check" and not load.passed
+    assert "failed in a consumer's Python" in load.detail and "a module left out of the package" in load.detail
+
+
+def test_versions_load_and_score_with_their_own_code_in_a_consumers_python(client, ranked):
+    """The default gate: the champion and the version each scored in a Python of their own, with
+    the code packaged with them, giving the scores this process gives with the same code."""
+    split, models = ranked
+    first = register_isolated(PARAMS, evaluated_run(0.85), *models["bad"], split, client)
+    assert first.champion and "predicted" in first.checks[-1].detail
+    better = register_isolated(PARAMS, evaluated_run(0.90), *models["good"], split, client)
+    assert (better.decision, better.champion) == ("promoted", True)
+    assert (better.comparison.auc.auc_a, better.comparison.auc.auc_b) == (1.0, 0.0)
+    ours, threshold = served_scores(NAME, "2", split, isolated=False)
+    theirs, their_threshold = served_scores(NAME, "2", split)
+    np.testing.assert_allclose(theirs, ours, rtol=0, atol=1e-6)
+    assert threshold == their_threshold == 0.5
+    done = rollback_isolated(NAME, client, "checking the consumer's load")
+    assert (done.demoted, done.champion) == ("2", "1")

@@ -11,7 +11,6 @@ import base64
 import io
 import json
 import os
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +27,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from fracture.config import RegisterParams
+from fracture.consumer import predict_as_consumer
 from fracture.decoding import open_xray
 from fracture.detection import build_detector
 from fracture.gate import EvaluatedSplit
@@ -322,80 +322,13 @@ def test_models_serve_answers_as_in_process_prediction(model, champion):
     assert "row 0: 'path' leads outside the folder" in raised.json()["message"]
 
 
-# Run as a consumer would: in a Python that can import only what the model's requirements.txt
-# installs (those packages and what they require), and the model's own code. Every other
-# distribution of this venv is hidden behind an import hook, this project included.
-CONSUMER = r"""
-import importlib.abc, importlib.machinery, importlib.metadata as md, json, sys
-from packaging.requirements import Requirement
-from packaging.utils import canonicalize_name
-
-uri, out_file, *files = sys.argv[1:]
-import mlflow
-
-requirements = mlflow.pyfunc.get_model_dependencies(uri)
-closure, todo = set(), [Requirement(line.strip()).name for line in open(requirements) if line.strip()]
-while todo:
-    name = canonicalize_name(todo.pop())
-    if name in closure:
-        continue
-    closure.add(name)
-    try:
-        requires = md.distribution(name).requires or []
-    except md.PackageNotFoundError:
-        continue
-    for spec in map(Requirement, requires):
-        if spec.marker is None or spec.marker.evaluate({"extra": ""}):
-            todo.append(spec.name)
-hidden = {top for top, dists in md.packages_distributions().items()
-          if not any(canonicalize_name(d) in closure for d in dists)}
-refused = []
-
-# One of Python's finders, which finds nothing of a hidden distribution: absent, as
-# importlib.util.find_spec sees it too (torch asks it whether hypothesis is installed).
-class Hidden(importlib.abc.MetaPathFinder):
-    def __init__(self, inner):
-        self.inner = inner
-
-    def find_spec(self, name, path=None, target=None):
-        spec = self.inner.find_spec(name, path, target)
-        # This project's package only as the model's own copy, on the sys.path code_paths extends.
-        if spec is not None and "." not in name and name in hidden and not (
-                name == "fracture" and self.inner is importlib.machinery.PathFinder):
-            refused.append(name)
-            return None
-        return spec
-
-    def find_distributions(self, context=md.DistributionFinder.Context()):
-        found = getattr(self.inner, "find_distributions", lambda context: ())(context)
-        return (d for d in found if canonicalize_name(d.metadata["Name"] or "") in closure)
-
-    def invalidate_caches(self):
-        getattr(self.inner, "invalidate_caches", lambda: None)()
-
-sys.meta_path[:] = [Hidden(finder) for finder in sys.meta_path]
-for absent in ("cv2", "prefect", "fracture"):  # the hook works: not importable before the model loads
-    try:
-        __import__(absent)
-    except ModuleNotFoundError:
-        pass
-    else:
-        raise SystemExit(f"{absent} imported")
-refused.clear()
-import pandas as pd
-model = mlflow.pyfunc.load_model(uri)
-answer = model.predict(pd.DataFrame({"image": [open(f, "rb").read() for f in files]}))
-json.dump({"answer": answer.to_dict(orient="list"), "refused": sorted(set(refused)),
-           "code": sys.modules["fracture"].__file__, "closure": sorted(closure)}, open(out_file, "w"))
-"""
-
-
 @pytest.mark.parametrize("kind", ["classifier", "detector"])
-def test_a_consumer_with_only_the_models_requirements_loads_and_scores_it(model, champion, tmp_path, kind):
+def test_a_consumer_with_only_the_models_requirements_loads_and_scores_it(model, champion, tmp_path, kind, monkeypatch):
     """The README's promise to a consumer: MLflow and the packages of the model's requirements.txt
     are all it needs. In a Python that hides every other package of this venv (this project, the
-    pipeline's and the page's libraries), the registered classifier and a saved fracture detector
-    load and score a JPEG and a DICOM file exactly as in this process."""
+    pipeline's and the page's libraries; :mod:`fracture.consumer`, which the gate loads versions
+    with), the registered classifier and a saved fracture detector load and score a JPEG and a
+    DICOM file exactly as in this process."""
     jpeg = xray_paths()[0]
     dicom = tmp_path / "xray.dcm"
     dicom.write_bytes(dicom_from_jpeg(jpeg, "12-bit rescaled"))
@@ -409,19 +342,12 @@ def test_a_consumer_with_only_the_models_requirements_loads_and_scores_it(model,
         described = DETECTOR.to_dict() | {"threshold": 0.0, "input": InputPolicy().to_dict()}
         uri = str(save_detector_pyfunc(tmp_path / "detector", tmp_path / "detector.safetensors", described))
         local, score = mlflow.pyfunc.load_model(uri), "fracture_score"
-    out = tmp_path / "answer.json"
-    script = tmp_path / "consumer.py"
-    script.write_text(CONSUMER)
-    done = subprocess.run(
-        [sys.executable, str(script), uri, str(out), str(jpeg), str(dicom)],
-        cwd=tmp_path, env=child_env(MLFLOW_TRACKING_URI=champion["uri"]), capture_output=True, text=True,
-        timeout=300, check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(out.read_text())
-    assert "prefect" not in result["closure"] and "opencv-contrib-python-headless" not in result["closure"]
-    assert not Path(result["code"]).is_relative_to(REPO), result["code"]  # the model's copy of the code
-    answer = result["answer"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", champion["uri"])  # the registry the consumer's Python reads
+    result = predict_as_consumer(uri, [jpeg, dicom])
+    assert "prefect" not in result.closure and "opencv-contrib-python-headless" not in result.closure
+    assert "fracture" not in result.closure
+    assert not Path(result.code).is_relative_to(REPO), result.code  # the model's copy of the code
+    answer = result.rows.to_dict(orient="list")
     assert answer["error"] == ["", ""], answer["error"]
     expected = local.predict(pd.DataFrame({"image": [jpeg.read_bytes(), dicom.read_bytes()]}))
     np.testing.assert_allclose(answer[score], expected[score], rtol=0, atol=1e-6)
@@ -430,4 +356,4 @@ def test_a_consumer_with_only_the_models_requirements_loads_and_scores_it(model,
             theirs, ours = json.loads(theirs), json.loads(ours)
             assert len(theirs) == len(ours) > 0
             np.testing.assert_allclose(theirs, ours, rtol=0, atol=0.011)  # [x0, y0, x1, y1] to 0.01 px, score
-    print("hidden modules the consumer's imports asked for (each optional):", result["refused"])
+    print("hidden modules the consumer's imports asked for (each optional):", result.refused)

@@ -1,0 +1,154 @@
+"""A registered version scored as its consumers score it: in a Python of its own, with its own code.
+
+MLflow puts a model's packaged code (``code_paths``) on ``sys.path`` when it loads the model, but
+a process that has already imported this project (the pipeline, the gate) keeps running the
+installed copy: a version whose packaged code is broken, or a champion logged by older code,
+would be judged by today's code. :func:`predict_as_consumer` loads the version in a new Python
+that can import only what the model's ``requirements.txt`` installs (those distributions and
+what they require) plus the model's own code; every other distribution of this environment,
+this project included, is hidden behind an import hook. It reads each file's bytes there and
+returns the model's answer rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+
+__all__ = ["ConsumerAnswer", "ConsumerError", "predict_as_consumer"]
+
+#: Run by ``python -I`` (no script folder, user site or PYTHON* variables on the path).
+SCRIPT = r'''
+import importlib.abc, importlib.machinery, importlib.metadata as md, json, sys
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+uri, request_file, out_file = sys.argv[1:]
+with open(request_file) as fh:
+    files = json.load(fh)["files"]
+import mlflow
+
+requirements = mlflow.pyfunc.get_model_dependencies(uri)
+closure, todo = set(), [Requirement(line.strip()).name for line in open(requirements) if line.strip()]
+while todo:
+    name = canonicalize_name(todo.pop())
+    if name in closure:
+        continue
+    closure.add(name)
+    try:
+        requires = md.distribution(name).requires or []
+    except md.PackageNotFoundError:
+        continue
+    for spec in map(Requirement, requires):
+        if spec.marker is None or spec.marker.evaluate({"extra": ""}):
+            todo.append(spec.name)
+hidden = {top for top, dists in md.packages_distributions().items()
+          if not any(canonicalize_name(d) in closure for d in dists)}
+refused = []
+
+
+class Hidden(importlib.abc.MetaPathFinder):
+    """One of Python's finders, finding nothing of a hidden distribution (absent to find_spec too)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def find_spec(self, name, path=None, target=None):
+        spec = self.inner.find_spec(name, path, target)
+        # This project's package only as the model's own copy, on the sys.path code_paths extends.
+        if spec is not None and "." not in name and name in hidden and not (
+                name == "fracture" and self.inner is importlib.machinery.PathFinder):
+            refused.append(name)
+            return None
+        return spec
+
+    def find_distributions(self, context=md.DistributionFinder.Context()):
+        found = getattr(self.inner, "find_distributions", lambda context: ())(context)
+        return (d for d in found if canonicalize_name(d.metadata["Name"] or "") in closure)
+
+    def invalidate_caches(self):
+        getattr(self.inner, "invalidate_caches", lambda: None)()
+
+
+sys.meta_path[:] = [Hidden(finder) for finder in sys.meta_path]
+import pandas as pd
+
+model = mlflow.pyfunc.load_model(uri)
+rows = int(getattr(getattr(model.unwrap_python_model(), "policy", None), "max_rows", 32) or 32)
+parts = []
+for start in range(0, len(files), rows):
+    batch = []
+    for path in files[start : start + rows]:
+        with open(path, "rb") as fh:
+            batch.append(fh.read())
+    parts.append(model.predict(pd.DataFrame({"image": batch}), params={"on_error": "report"}))
+answer = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+with open(out_file, "w") as fh:
+    json.dump({"answer": answer.to_dict(orient="list"), "code": sys.modules["fracture"].__file__,
+               "refused": sorted(set(refused)), "closure": sorted(closure)}, fh)
+'''
+
+
+class ConsumerError(RuntimeError):
+    """The version could not be loaded or could not answer in a consumer's Python; the message
+    holds the end of that Python's error output."""
+
+
+@dataclass(frozen=True)
+class ConsumerAnswer:
+    """What the version answered in its own Python.
+
+    Attributes:
+        rows: the model's answer rows, one per file, in order (``fracture_probability``,
+            ``label``, ``threshold``, ``error``, ...).
+        code: the file the ``fracture`` package was imported from there: the version's own copy.
+        closure: the distributions that Python could import (the requirements and theirs).
+        refused: hidden top-level modules that something asked for (each optional to its asker).
+    """
+
+    rows: pd.DataFrame
+    code: str
+    closure: tuple[str, ...] = ()
+    refused: tuple[str, ...] = ()
+
+
+def predict_as_consumer(uri: str, files: list[Path], timeout: float = 3600.0) -> ConsumerAnswer:
+    """Loads ``uri`` (``models:/<name>/<version>``) in a consumer's Python and predicts each file.
+
+    The registry is the one this process uses (``mlflow.get_tracking_uri()``, and its registry
+    URI). Files are read there, a request of the model's ``max_rows`` at a time, with
+    ``on_error: report``, so a file the model refuses is a row with its error.
+
+    Raises:
+        ConsumerError: that Python failed (the model did not load, its code did not import) or
+            ran past ``timeout`` seconds.
+    """
+    with tempfile.TemporaryDirectory(prefix="fracture-consumer-") as tmp:
+        folder = Path(tmp)
+        script, request, out = folder / "consumer.py", folder / "request.json", folder / "answer.json"
+        script.write_text(SCRIPT)
+        request.write_text(json.dumps({"files": [str(Path(f).resolve()) for f in files]}))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")} | {
+            "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(),
+            "MLFLOW_REGISTRY_URI": mlflow.get_registry_uri(),
+        }
+        try:
+            done = subprocess.run(
+                [sys.executable, "-I", str(script), uri, str(request), str(out)],
+                env=env, capture_output=True, text=True, timeout=timeout, check=False,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise ConsumerError(f"{uri} did not answer within {timeout:.0f} s in a consumer's Python") from exc
+        if done.returncode != 0:
+            tail = done.stderr.strip().splitlines()[-1:] or ["(no error output)"]
+            raise ConsumerError(f"{uri} failed in a consumer's Python (exit {done.returncode}): {tail[0]}")
+        result = json.loads(out.read_text())
+    return ConsumerAnswer(pd.DataFrame(result["answer"]), result["code"], tuple(result["closure"]), tuple(result["refused"]))
