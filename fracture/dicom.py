@@ -244,8 +244,9 @@ def check_radiograph(ds: Dataset, modalities: Iterable[str] = RADIOGRAPHY) -> tu
 
     Raises:
         DicomRejected: no pixel data (a report, PDF or other non-image object), more than one
-            frame, a modality not in ``modalities``, or a photometric interpretation other
-            than MONOCHROME1, MONOCHROME2 or 8-bit RGB.
+            frame, a modality not in ``modalities``, a photometric interpretation other
+            than MONOCHROME1, MONOCHROME2 or 8-bit colour (RGB, YBR_FULL, YBR_FULL_422), or
+            more than 16 bits a pixel.
     """
     sop = str(ds.get("SOPClassUID", "") or _file_meta(ds).get("MediaStorageSOPClassUID", ""))
     what = NOT_IMAGES.get(sop) or ("a structured report" if sop.startswith(STRUCTURED_REPORTS) else None)
