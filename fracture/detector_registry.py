@@ -31,6 +31,7 @@ from mlflow.entities import Run
 from mlflow.entities.model_registry import ModelVersion
 
 from fracture.config import DetectParams
+from fracture.consumer import predict_as_consumer
 from fracture.detection import Detections, PairedMAP, paired_bootstrap_map
 from fracture.gate import Evaluation, GateCheck, floors, paired_verdict
 from fracture.packaging import log_detector_pyfunc
@@ -114,11 +115,16 @@ def served_detections(name: str, version: str, split: DetectorTestSplit) -> tupl
     return Detections(boxes, scores), threshold
 
 
-def load_check(name: str, version: str, image: Path, threshold: float) -> GateCheck:
-    """Loads ``models:/<name>/<version>`` and finds boxes on one fractured X-ray in the served format."""
+def load_check(name: str, version: str, image: Path, threshold: float, isolated: bool = True) -> GateCheck:
+    """Loads ``models:/<name>/<version>`` and finds boxes on one fractured X-ray in the served format:
+    ``isolated`` (default), in a consumer's Python with the version's own packaged code
+    (:mod:`fracture.consumer`); otherwise in this process, with this installation's code."""
     uri = f"models:/{name}/{version}"
     try:
-        out = mlflow.pyfunc.load_model(uri).predict(pd.DataFrame({"image": [image.read_bytes()]}))
+        if isolated:
+            out = predict_as_consumer(uri, [image]).rows
+        else:
+            out = mlflow.pyfunc.load_model(uri).predict(pd.DataFrame({"image": [image.read_bytes()]}))
         row = out.iloc[0]
         boxes = json.loads(row["boxes"])
         score = float(row["fracture_score"])
@@ -173,6 +179,7 @@ def register_detector(
     split: DetectorTestSplit,
     seed: int = 0,
     client: MlflowClient | None = None,
+    isolated: bool = True,
 ) -> Registration:
     """Registers the detector run's model once and promotes it when it passes the detector's gate.
 
@@ -188,6 +195,8 @@ def register_detector(
         split: the test images it was scored on, with their boxes.
         seed: seeds the paired bootstrap.
         client: an MLflow client for the current tracking URI.
+        isolated: the load check in a consumer's Python with the version's own code (default);
+            ``False``: in this process (tests of the gate's rules).
 
     Returns:
         The version, the gate's decision and each check.
@@ -227,7 +236,7 @@ def register_detector(
     basis = _basis(params, current, split)
     outcome = _held_back(mv, current) or _decided_before(mv, current, basis)
     if outcome is None:
-        checks = _gate(client, params, mv, metrics, current, split, threshold, seed)
+        checks = _gate(client, params, mv, metrics, current, split, threshold, seed, isolated)
         beat = next((c for c in checks if c.name == "beats champion" and current is not None), None)
         outcome = _verdict(checks, beat.detail if beat else "first version to pass the gate")
         _apply(client, mv, current, outcome, basis)
@@ -258,6 +267,7 @@ def _gate(
     split: DetectorTestSplit,
     threshold: float,
     seed: int,
+    isolated: bool = True,
 ) -> tuple[GateCheck, ...]:
     name, version = params.model_name, str(mv.version)
     checks = floors(params, metrics)
@@ -282,5 +292,5 @@ def _gate(
             checks += (GateCheck("scored with champion", True, detail),
                        beats_champion(paired, champion, params.confidence))
     if all(c.passed for c in checks):
-        checks += (load_check(name, version, split.check_image, threshold),)
+        checks += (load_check(name, version, split.check_image, threshold, isolated),)
     return checks
