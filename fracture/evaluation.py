@@ -363,12 +363,8 @@ def delong_mean_difference(
         # in 1 draw of 6. The interval has no width to show; the p-value comes from a paired
         # randomisation test instead (each image's two scores swapped at random).
         low = high = difference
-        if abs(difference) < 1e-12:
-            p = 1.0
-        elif len(runs_a) == len(runs_b) == 1:
-            p = _swap_test(y, runs[0], runs[1], difference)
-        else:
-            p = 1.0
+        single = len(runs_a) == len(runs_b) == 1
+        p = _swap_test(y, runs[0], runs[1], difference) if single and abs(difference) >= 1e-12 else 1.0
     else:
         se = variance**0.5
         runs_part = variance - images
