@@ -112,12 +112,14 @@ class ConsumerAnswer:
         code: the file the ``fracture`` package was imported from there: the version's own copy.
         closure: the distributions that Python could import (the requirements and theirs).
         refused: hidden top-level modules that something asked for (each optional to its asker).
+        files: the files it predicted, resolved, in the order of ``rows``.
     """
 
     rows: pd.DataFrame
     code: str
     closure: tuple[str, ...] = ()
     refused: tuple[str, ...] = ()
+    files: tuple[str, ...] = ()
 
 
 def predict_as_consumer(uri: str, files: list[Path], timeout: float = 3600.0) -> ConsumerAnswer:
@@ -135,7 +137,8 @@ def predict_as_consumer(uri: str, files: list[Path], timeout: float = 3600.0) ->
         folder = Path(tmp)
         script, request, out = folder / "consumer.py", folder / "request.json", folder / "answer.json"
         script.write_text(SCRIPT)
-        request.write_text(json.dumps({"files": [str(Path(f).resolve()) for f in files]}))
+        resolved = [str(Path(f).resolve()) for f in files]
+        request.write_text(json.dumps({"files": resolved}))
         env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")} | {
             "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(),
             "MLFLOW_REGISTRY_URI": mlflow.get_registry_uri(),
@@ -151,4 +154,5 @@ def predict_as_consumer(uri: str, files: list[Path], timeout: float = 3600.0) ->
             tail = done.stderr.strip().splitlines()[-1:] or ["(no error output)"]
             raise ConsumerError(f"{uri} failed in a consumer's Python (exit {done.returncode}): {tail[0]}")
         result = json.loads(out.read_text())
-    return ConsumerAnswer(pd.DataFrame(result["answer"]), result["code"], tuple(result["closure"]), tuple(result["refused"]))
+    return ConsumerAnswer(pd.DataFrame(result["answer"]), result["code"], tuple(result["closure"]),
+                          tuple(result["refused"]), tuple(resolved))

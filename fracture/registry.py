@@ -433,12 +433,12 @@ def _decide(
         champion when the two were scored.
     """
     checks = floors(params, candidate.metrics)
-    comparison = None
+    comparison = answer = None
     # Scoring both models is the slow part: only a version that clears the floors is compared.
     if current is None:
         checks += (GateCheck("beats champion", True, "no champion yet"),)
     elif all(c.passed for c in checks):
-        scores, scored = scored_with_champion(
+        scores, scored, answer = scored_with_champion(
             params.model_name, candidate, _evaluation_of(client, current), split, isolated
         )
         checks += (scored,)
@@ -452,7 +452,10 @@ def _decide(
             else:
                 checks += against_champion(params, comparison)
     if all(c.passed for c in checks):
-        checks += (load_check(params.model_name, str(candidate.version), split.check_image, threshold, isolated),)
+        # Isolated, the version's scoring above already loaded it as a consumer does: its answer
+        # for the check image is read, not a third consumer's Python started.
+        checks += (load_check(params.model_name, str(candidate.version), split.check_image, threshold, isolated,
+                              answer),)
     if comparison is None:
         return _verdict(checks, "first version to pass the gate")
     a = comparison.auc

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 import fracture
-from fracture.consumer import ConsumerError, predict_as_consumer
+from fracture.consumer import ConsumerAnswer, ConsumerError, predict_as_consumer
 from fracture.gate import (
     EvaluatedSplit,
     Evaluation,
@@ -30,7 +30,9 @@ from fracture.gate import (
 from fracture.serving import FracturePyfunc
 
 
-def load_check(name: str, version: str, image: Path, threshold: float, isolated: bool = True) -> GateCheck:
+def load_check(
+    name: str, version: str, image: Path, threshold: float, isolated: bool = True, answer: ConsumerAnswer | None = None
+) -> GateCheck:
     """Loads ``models:/<name>/<version>`` as a consumer would and predicts one real image.
 
     Args:
@@ -40,6 +42,9 @@ def load_check(name: str, version: str, image: Path, threshold: float, isolated:
         threshold: the decision threshold the model must report.
         isolated: in a consumer's Python with the version's own code (:mod:`fracture.consumer`);
             ``False``: in this process, whose installed code the version then runs.
+        answer: what the version already answered in a consumer's Python (its scoring on the
+            test split): when it holds ``image``, that row is checked instead of loading the
+            version a second time; the same load, the same code, the same row.
 
     Returns:
         A passed check naming the prediction, or a failed one naming what went wrong.
@@ -47,9 +52,10 @@ def load_check(name: str, version: str, image: Path, threshold: float, isolated:
     uri = f"models:/{name}/{version}"
     try:
         problems = []
-        if isolated:
-            answer = predict_as_consumer(uri, [image])
-            out = answer.rows
+        if isolated or answer is not None:
+            if answer is None or str(image.resolve()) not in answer.files:
+                answer = predict_as_consumer(uri, [image])
+            out = answer.rows.iloc[[answer.files.index(str(image.resolve()))]] if answer.files else answer.rows
             if Path(answer.code).resolve().parent == Path(fracture.__file__).resolve().parent:
                 problems.append(f"it ran this installation's code ({answer.code}), not its own")
         else:
@@ -102,6 +108,14 @@ def served_scores(
         TypeError: the version is no fracture classifier.
         ConsumerError: isolated, the version did not load or answer, or refused a file.
     """
+    probs, threshold, _ = _scored(name, version, split, batch_size, isolated)
+    return probs, threshold
+
+
+def _scored(
+    name: str, version: str, split: EvaluatedSplit, batch_size: int, isolated: bool
+) -> tuple[np.ndarray, float, ConsumerAnswer | None]:
+    """:func:`served_scores`, and the consumer's answer it read them from (``None``: in this process)."""
     if not split.paths:
         raise SplitTableError("the test split carries no image paths to score on")
     if len(split.paths) != split.images:
@@ -111,14 +125,15 @@ def served_scores(
         )
     uri = f"models:/{name}/{version}"
     if isolated:
-        rows = predict_as_consumer(uri, list(split.paths)).rows
+        answer = predict_as_consumer(uri, list(split.paths))
+        rows = answer.rows
         refused = [(p, e) for p, e in zip(split.paths, rows["error"], strict=True) if e]
         if refused:
             raise ConsumerError(
                 f"{uri} refused {len(refused)} of the test split's {len(split.paths)} images, e.g. "
                 f"{Path(refused[0][0]).name}: {refused[0][1]}"
             )
-        return rows["fracture_probability"].to_numpy(dtype=np.float64), float(rows["threshold"].iloc[0])
+        return rows["fracture_probability"].to_numpy(dtype=np.float64), float(rows["threshold"].iloc[0]), answer
     served = mlflow.pyfunc.load_model(uri).unwrap_python_model()
     if not isinstance(served, FracturePyfunc):
         raise TypeError(f"{uri} is a {type(served).__name__}, not a model logged by fracture.packaging")
@@ -130,7 +145,7 @@ def served_scores(
         images = [classifier.preprocessor.open(p, split.allow_truncated) for p in chunk]
         probs.append(classifier.probabilities(images, batch_size))
     # float64 as the evaluate stage compares them with the threshold.
-    return np.concatenate(probs).astype(np.float64), float(classifier.threshold)
+    return np.concatenate(probs).astype(np.float64), float(classifier.threshold), None
 
 
 def paired_scores(
@@ -142,28 +157,37 @@ def paired_scores(
     evaluated when it was trained, nor on which split that was; ``isolated``: each with its own
     packaged code, as its consumers score it (:func:`served_scores`).
     """
-    ours, our_threshold = served_scores(name, candidate, split, isolated=isolated)
-    theirs, their_threshold = served_scores(name, champion, split, isolated=isolated)
-    return PairedScores(np.array(split.labels), ours, our_threshold, theirs, their_threshold, champion)
+    return _paired(name, candidate, champion, split, isolated)[0]
+
+
+def _paired(
+    name: str, candidate: str, champion: str, split: EvaluatedSplit, isolated: bool
+) -> tuple[PairedScores, ConsumerAnswer | None]:
+    """:func:`paired_scores`, and the candidate's answer in its consumer's Python (``None``: in this process)."""
+    ours, our_threshold, answer = _scored(name, candidate, split, 32, isolated)
+    theirs, their_threshold, _ = _scored(name, champion, split, 32, isolated)
+    return PairedScores(np.array(split.labels), ours, our_threshold, theirs, their_threshold, champion), answer
 
 
 def scored_with_champion(
     name: str, candidate: Evaluation, champion: Evaluation, split: EvaluatedSplit, isolated: bool = True
-) -> tuple[PairedScores | None, GateCheck]:
+) -> tuple[PairedScores | None, GateCheck, ConsumerAnswer | None]:
     """Scores the version and the champion on the same images, and the check saying how it went.
 
     A pair that cannot be scored gives no scores and a failed check, so the champion stays.
     The check notes when the champion was evaluated on another test split or data version:
     it may then have been trained on some of these images, which favours the champion.
+    The third item is the version's answer in its consumer's Python (``isolated``), which
+    :func:`load_check` reads instead of loading the version once more.
     """
     v = champion.version
     try:
-        scores = paired_scores(name, str(candidate.version), str(v), split, isolated)
+        scores, answer = _paired(name, str(candidate.version), str(v), split, isolated)
     except Exception as exc:  # noqa: BLE001 - a pair that cannot be scored is not compared
         return None, GateCheck(
             "scored with champion", False, f"v{candidate.version} and champion v{v} could not both be scored on "
             f"this test split: {type(exc).__name__}: {exc}"
-        )
+        ), None
     labels = scores.labels
     detail = (
         f"v{candidate.version} and champion v{v} scored through the registry on this test split's "
@@ -175,4 +199,4 @@ def scored_with_champion(
             "; the champion was evaluated on another test split or data version and may have been trained "
             "on some of these images, which favours it"
         )
-    return scores, GateCheck("scored with champion", True, detail)
+    return scores, GateCheck("scored with champion", True, detail), answer

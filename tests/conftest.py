@@ -149,12 +149,19 @@ def subset_source(tmp_path: Path, fracatlas: Path) -> Path:
     return make_subset(fracatlas, tmp_path / "source", pick_ids(fracatlas, 30, 30))
 
 
+#: The evaluate stage's bootstrap resamples in a shrunk project: its intervals on a few dozen images
+#: in a fifth of the 1,000 resamples' time (about 4 s a run on two cores).
+SHRUNK_RESAMPLES = 200
+
+
 def shrink_params(project: Path, **overrides: object) -> None:
-    """Starts from the real params.yaml and shrinks it: CPU profile, tiny images, one epoch."""
+    """Starts from the real params.yaml and shrinks it: CPU profile, tiny images, one epoch, and
+    :data:`SHRUNK_RESAMPLES` bootstrap resamples for the evaluate stage's intervals."""
     path = project / "params.yaml"
     params = yaml.safe_load(path.read_text())
     params["train"]["profile"] = "cpu"
     params["profiles"]["cpu"].update(image_size=64, epochs=1)
+    params["evaluate"]["bootstrap_resamples"] = SHRUNK_RESAMPLES
     for dotted, value in overrides.items():
         *parents, leaf = dotted.split("__")
         node = params

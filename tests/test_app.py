@@ -295,7 +295,8 @@ def train_page_detector(
             mp.setenv("MLFLOW_TRACKING_URI", registry.uri)
             with mlflow.start_run(tags={"classifier_run_id": "page"}) as run:
                 mlflow.log_metric("test_map_50", mean_average_precision(detect(model, test_set), test_truth)["map_50"])
-            reg = register_detector(replace(DetectParams(), floors={}), run.info.run_id, weights, described, split)
+            reg = register_detector(replace(DetectParams(), floors={}), run.info.run_id, weights, described, split,
+                                    isolated=False)  # the page's registry: the gate is test_detector_registry's
             assert reg.champion, reg.summary()
             served = mlflow.pyfunc.load_model(f"models:/{reg.name}@{CHAMPION}")
             paths = [Path(p) for p, _ in chosen["held_out"]]

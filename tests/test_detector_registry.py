@@ -138,13 +138,14 @@ def test_a_detector_better_on_the_same_images_replaces_the_champion(client, spli
     params = dataclasses.replace(DetectParams(), bootstrap_resamples=100)
     truth = list(split.truth)
     run_id, weights, described = detector_run(tmp_path, 0, 0.3)
-    first = register_detector(params, run_id, weights, described, split)
+    # In this process: the load check in a consumer's Python is the first test's.
+    first = register_detector(params, run_id, weights, described, split, isolated=False)
     better_id, _, _ = detector_run(tmp_path, 2, 0.9)
     # Each version's boxes on the split's images, as known answers: the new one finds all four fractures.
     answers = {first.version: finds(truth, {0}, seed=0), str(int(first.version) + 1): finds(truth, {0, 1, 2, 3}, seed=0)}
     monkeypatch.setattr(detector_registry, "served_detections", lambda name, version, s: (answers[version], 0.05))
 
-    second = register_detector(params, better_id, weights, described, split)
+    second = register_detector(params, better_id, weights, described, split, isolated=False)
     assert second.decision == "promoted" and second.champion, second.summary()
     assert second.aliases == (CHAMPION,) and second.previous_champion == first.version
     assert "beats champion" in [c.name for c in second.checks] and "higher with 95% confidence" in second.reason

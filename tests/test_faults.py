@@ -16,7 +16,6 @@ from pathlib import Path
 
 import mlflow
 import pytest
-import yaml
 from mlflow import MlflowClient
 from prefect import flow, task
 
@@ -26,7 +25,13 @@ from fracture.gate import EvaluatedSplit
 from fracture.project_lock import HELD_ENV, LOCK_FILE, ProjectBusy
 from fracture.registry import register
 from tasks.pipeline import retry_transient_registry
-from tests.conftest import dvc, run, shrink_params, untrained_model_files
+from tests.conftest import (
+    SHRUNK_RESAMPLES,
+    dvc,
+    run,
+    shrink_params,
+    untrained_model_files,
+)
 from tests.servers import child_env, free_port, mlflow_server_cmd, start, stop
 from tests.test_serving import xray_paths
 
@@ -194,7 +199,7 @@ def test_a_stage_that_cannot_write_its_outputs_fails_clearly_and_the_previous_on
 
     # The evaluate stage's command again, with other params, where no file may grow past 1 KiB
     # (a full disk). The limit is the command's alone: DVC's own database would hit it first.
-    shrink_params(project, evaluate__bootstrap_resamples=200)
+    shrink_params(project, evaluate__bootstrap_resamples=SHRUNK_RESAMPLES // 2)
     command = [str(Path(sys.executable).parent / "fracture"), "evaluate"]
     failed = subprocess.run(["prlimit", "--fsize=1024", *command],
                             cwd=project, capture_output=True, text=True, env=child_env(), check=False)
@@ -207,8 +212,7 @@ def test_a_stage_that_cannot_write_its_outputs_fails_clearly_and_the_previous_on
     assert (project / "dvc.lock").read_text() == lock_before  # DVC recorded nothing of the failed run
 
     # The previous outputs are whole in DVC's cache and come back as they were.
-    shrink_params(project, evaluate__bootstrap_resamples=yaml.safe_load(
-        (Path(__file__).parents[1] / "params.yaml").read_text())["evaluate"]["bootstrap_resamples"])
+    shrink_params(project)
     dvc(project, "checkout", "--force", "evaluate")
     assert metrics.read_text() == before
     assert "Data and pipelines are up to date" in dvc(project, "status", "evaluate")
@@ -237,7 +241,9 @@ def test_the_tracking_server_stopping_mid_registration_moves_no_alias(tmp_path, 
             with mlflow.start_run(tags={"data_version": "d" * 32 + ".dir"}) as r:
                 mlflow.log_metrics({"test_roc_auc": auc})
             runs.append(r.info.run_id)
-        assert register(params, runs[0], weights, config, split, MlflowClient(url)).champion
+        # In this process (isolated=False) throughout: the fault is the server's, and a consumer's Python
+        # for each load (test_registry) would only lengthen the test.
+        assert register(params, runs[0], weights, config, split, MlflowClient(url), isolated=False).champion
 
         # The server stops once the second version is registered, while the gate compares it.
         decide, attempts = registry._decide, []
@@ -251,7 +257,7 @@ def test_the_tracking_server_stopping_mid_registration_moves_no_alias(tmp_path, 
         @task(retries=2, retry_delay_seconds=1, retry_condition_fn=retry_transient_registry)
         def register_once() -> None:
             attempts.append(time.monotonic())
-            register(params, runs[1], weights, config, split, MlflowClient(url))
+            register(params, runs[1], weights, config, split, MlflowClient(url), isolated=False)
 
         @flow
         def registration() -> None:
@@ -271,7 +277,7 @@ def test_the_tracking_server_stopping_mid_registration_moves_no_alias(tmp_path, 
         assert str(client.get_model_version_by_alias(NAME, "champion").version) == "1"
         # Run again with the server up, the interrupted registration completes through the gate.
         monkeypatch.setattr(registry, "_decide", decide)
-        done = register(params, runs[1], weights, config, split, client)
+        done = register(params, runs[1], weights, config, split, client, isolated=False)
         assert done.version == "2" and not done.created and done.decision in {"promoted", "challenger"}
         assert client.get_model_version(NAME, "2").aliases  # champion or challenger, as the gate decided
     finally:

@@ -24,9 +24,12 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import REQUEST_LIMIT_EXCEEDED
 from safetensors.torch import save_file
 
+import fracture
 from fracture import registry as registry_module
+from fracture import scoring as scoring_module
 from fracture.cli import main as cli
 from fracture.config import ConfigError, RegisterParams, load_params, parse_params
+from fracture.consumer import ConsumerAnswer, ConsumerError, predict_as_consumer
 from fracture.data_config import DataConfig
 from fracture.evaluation import delong_paired
 from fracture.gate import (
@@ -42,7 +45,7 @@ from fracture.packaging import REQUIREMENTS, requirements
 from fracture.registry import RegistryError
 from fracture.registry import register as register_isolated
 from fracture.registry import rollback as rollback_isolated
-from fracture.scoring import served_scores
+from fracture.scoring import load_check, served_scores
 from fracture.stages.register import input_policy, run_register
 from fracture.workspace import EvaluateResult, TrainedModel, Workspace
 from tests.conftest import REPO, pick_ids, ranking_model_files, untrained_model_files
@@ -819,6 +822,39 @@ def _break_packaged_code(monkeypatch) -> None:
     monkeypatch.setattr(registry_module, "log_pyfunc", logged_broken)
 
 
+def test_the_load_check_reads_a_consumers_answer_as_strictly_as_its_own_load(tmp_path, monkeypatch):
+    """Given the version's answer from its scoring, the load check judges the check image's row
+    by the same rules; an answer that does not hold the image is not trusted, the version loads."""
+    image = tmp_path / "xray.jpg"
+    image.write_bytes(b"not read: the answer holds its row")
+    other = tmp_path / "other.jpg"
+
+    def answer(**row) -> ConsumerAnswer:
+        rows = pd.DataFrame([{"fracture_probability": 0.2, "label": "fractured", "threshold": 0.5, "error": ""},
+                             {"fracture_probability": 0.7, "label": "fractured", "threshold": 0.5, "error": ""} | row])
+        return ConsumerAnswer(rows, "/models/v2/code/fracture/__init__.py", files=(str(other), str(image.resolve())))
+
+    assert load_check(NAME, "2", image, 0.5, answer=answer()).passed  # the second row, the image's
+    wrong = load_check(NAME, "2", image, 0.3, answer=answer())
+    assert not wrong.passed and "threshold 0.5 instead of 0.3" in wrong.detail
+    refused = load_check(NAME, "2", image, 0.5, answer=answer(error="not an X-ray", label="not_fractured"))
+    assert not refused.passed and "error 'not an X-ray'" in refused.detail
+    ours = ConsumerAnswer(answer().rows, str(Path(fracture.__file__)), files=answer().files)
+    assert "ran this installation's code" in load_check(NAME, "2", image, 0.5, answer=ours).detail
+    loads = []
+
+    def load(uri, files, *args, **kwargs):
+        loads.append((uri, files))
+        raise ConsumerError(f"{uri} failed in a consumer's Python (exit 1): no such version here")
+
+    monkeypatch.setattr(scoring_module, "predict_as_consumer", load)
+    assert load_check(NAME, "2", image, 0.5, answer=answer()).passed and loads == []
+    elsewhere = ConsumerAnswer(answer().rows, answer().code, files=(str(other),))
+    loaded = load_check(NAME, "2", image, 0.5, answer=elsewhere)
+    assert loads == [(f"models:/{NAME}/2", [image])]
+    assert not loaded.passed and loaded.detail.startswith(f"models:/{NAME}/2 failed on xray.jpg: ConsumerError")
+
+
 def test_a_version_whose_packaged_code_is_broken_fails_the_load_check_in_a_consumers_python(client, ranked, monkeypatch):
     """The load check ran in the pipeline's process, whose installed code the version then used, so
     a version with broken packaged code passed it and became champion while no consumer could load
@@ -835,14 +871,28 @@ def test_a_version_whose_packaged_code_is_broken_fails_the_load_check_in_a_consu
     assert "failed in a consumer's Python" in load.detail and "a module left out of the package" in load.detail
 
 
-def test_versions_load_and_score_with_their_own_code_in_a_consumers_python(client, ranked):
+def test_versions_load_and_score_with_their_own_code_in_a_consumers_python(client, ranked, monkeypatch):
     """The default gate: the champion and the version each scored in a Python of their own, with
-    the code packaged with them, giving the scores this process gives with the same code."""
+    the code packaged with them, giving the scores this process gives with the same code. A
+    challenge starts two such Pythons: the load check reads the version's answer from its scoring."""
     split, models = ranked
+    started = []
+
+    def counted(uri, files, *args, **kwargs):
+        started.append((uri, len(files)))
+        return predict_as_consumer(uri, files, *args, **kwargs)
+
+    monkeypatch.setattr(scoring_module, "predict_as_consumer", counted)
     first = register_isolated(PARAMS, evaluated_run(0.85), *models["bad"], split, client)
     assert first.champion and "predicted" in first.checks[-1].detail
+    assert started == [(f"models:/{NAME}/1", 1)]  # a first version: its load check alone
+    started.clear()
     better = register_isolated(PARAMS, evaluated_run(0.90), *models["good"], split, client)
     assert (better.decision, better.champion) == ("promoted", True)
+    assert started == [(f"models:/{NAME}/2", len(split.paths)), (f"models:/{NAME}/1", len(split.paths))]
+    load = better.checks[-1]
+    assert load.name == "load check" and load.passed
+    assert load.detail.startswith(f"models:/{NAME}/2 predicted {split.check_image.name}: fracture_probability ")
     assert (better.comparison.auc.auc_a, better.comparison.auc.auc_b) == (1.0, 0.0)
     ours, threshold = served_scores(NAME, "2", split, isolated=False)
     theirs, their_threshold = served_scores(NAME, "2", split)

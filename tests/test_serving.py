@@ -73,7 +73,10 @@ def champion(tmp_path_factory) -> Iterator[dict]:
         with mlflow.start_run(tags={"data_version": "d" * 32 + ".dir"}) as run:
             mlflow.log_metrics({"test_roc_auc": 0.9})
         params = RegisterParams(NAME, "t")
-        reg = register(params, run.info.run_id, weights, config, EvaluatedSplit("s" * 64, 1, xrays[0]), MlflowClient(uri))
+        # Registered in this process (the gate's consumer Python is tested in test_registry); the
+        # consumer test below loads it in one.
+        reg = register(params, run.info.run_id, weights, config, EvaluatedSplit("s" * 64, 1, xrays[0]), MlflowClient(uri),
+                       isolated=False)
         assert reg.champion
         yield {"uri": uri, "weights": weights, "config": config, "tmp": tmp}
     finally:
