@@ -876,11 +876,12 @@ def test_versions_load_and_score_with_their_own_code_in_a_consumers_python(clien
     the code packaged with them, giving the scores this process gives with the same code. A
     challenge starts two such Pythons: the load check reads the version's answer from its scoring."""
     split, models = ranked
-    started = []
+    started, answers = [], {}
 
     def counted(uri, files, *args, **kwargs):
         started.append((uri, len(files)))
-        return predict_as_consumer(uri, files, *args, **kwargs)
+        answers[uri] = predict_as_consumer(uri, files, *args, **kwargs)
+        return answers[uri]
 
     monkeypatch.setattr(scoring_module, "predict_as_consumer", counted)
     first = register_isolated(PARAMS, evaluated_run(0.85), *models["bad"], split, client)
@@ -894,9 +895,10 @@ def test_versions_load_and_score_with_their_own_code_in_a_consumers_python(clien
     assert load.name == "load check" and load.passed
     assert load.detail.startswith(f"models:/{NAME}/2 predicted {split.check_image.name}: fracture_probability ")
     assert (better.comparison.auc.auc_a, better.comparison.auc.auc_b) == (1.0, 0.0)
+    # The gate's scores of version 2 in its consumer's Python are this process's scores of it.
     ours, threshold = served_scores(NAME, "2", split, isolated=False)
-    theirs, their_threshold = served_scores(NAME, "2", split)
-    np.testing.assert_allclose(theirs, ours, rtol=0, atol=1e-6)
-    assert threshold == their_threshold == 0.5
+    theirs = answers[f"models:/{NAME}/2"].rows
+    np.testing.assert_allclose(theirs["fracture_probability"], ours, rtol=0, atol=1e-6)
+    assert threshold == 0.5 and set(theirs["threshold"]) == {0.5}
     done = rollback_isolated(NAME, client, "checking the consumer's load")
     assert (done.demoted, done.champion) == ("2", "1")
