@@ -246,4 +246,8 @@ def _comparison_rows(reg: Registration) -> list[str]:
             f"| Sensitivity change at served thresholds (tolerance {reg.sensitivity_tolerance:g}) | "
             f"{c.sensitivity_change:+.4f} ({_num(c.candidate_sensitivity)} vs {_num(c.champion_sensitivity)}) |"
         ),
+        (
+            f"| Specificity change at served thresholds (tolerance {reg.specificity_tolerance:g}) | "
+            f"{c.specificity_change:+.4f} ({_num(c.candidate_specificity)} vs {_num(c.champion_specificity)}) |"
+        ),
     ]

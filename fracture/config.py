@@ -289,6 +289,8 @@ class RegisterParams:
             confidence (two-sided p-value below ``1 - confidence``).
         sensitivity_tolerance: ... and its sensitivity at its served threshold is at most this
             much below the champion's at its own.
+        specificity_tolerance: ... and its specificity at its served threshold is at most this
+            much below the champion's at its own.
         floors: run metric -> minimum value every champion must reach (e.g. ``test_recall``).
     """
 
@@ -296,6 +298,7 @@ class RegisterParams:
     experiment: str
     confidence: float = 0.95
     sensitivity_tolerance: float = 0.02
+    specificity_tolerance: float = 0.05
     floors: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -303,11 +306,12 @@ class RegisterParams:
             raise ConfigError(
                 f"params.yaml: register.confidence must be a number in [0, 1), e.g. 0.95; got {self.confidence!r}"
             )
-        if not _number(self.sensitivity_tolerance) or not 0 <= self.sensitivity_tolerance <= 1:
-            raise ConfigError(
-                "params.yaml: register.sensitivity_tolerance must be a number in [0, 1], e.g. 0.02; "
-                f"got {self.sensitivity_tolerance!r}"
-            )
+        for key, example in (("sensitivity_tolerance", 0.02), ("specificity_tolerance", 0.05)):
+            value = getattr(self, key)
+            if not _number(value) or not 0 <= value <= 1:
+                raise ConfigError(
+                    f"params.yaml: register.{key} must be a number in [0, 1], e.g. {example}; got {value!r}"
+                )
         if not isinstance(self.floors, dict) or not all(isinstance(k, str) and _number(v) for k, v in self.floors.items()):
             raise ConfigError(
                 "params.yaml: register.floors must map run metric names to numbers, "

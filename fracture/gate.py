@@ -2,8 +2,9 @@
 
 A version beats the champion only on the same test images: both are scored through the
 registry (:mod:`fracture.scoring`), and DeLong's paired test of their ROC AUCs must show the
-version higher with the confidence ``register.confidence`` sets, while its sensitivity at its
-served threshold falls by no more than ``register.sensitivity_tolerance``.
+version higher with the confidence ``register.confidence`` sets, while its sensitivity and its
+specificity at its served threshold fall by no more than ``register.sensitivity_tolerance`` and
+``register.specificity_tolerance``.
 
 Pure functions of the scores and metrics; no MLflow calls. :mod:`fracture.registry` gathers
 them from the registry, runs the rules, loads the model back and moves the aliases.
@@ -95,7 +96,7 @@ class GateCheck:
 
     Attributes:
         name: e.g. ``floor test_recall``, ``scored with champion``, ``beats champion``,
-            ``sensitivity held``, ``load check``.
+            ``sensitivity held``, ``specificity held``, ``load check``.
         passed: whether the version passed it.
         detail: the numbers behind it, in words.
     """
@@ -152,17 +153,26 @@ class Comparison:
         auc: DeLong's paired test, the version as model A and the champion as model B.
         candidate_sensitivity: the version's sensitivity at its served threshold.
         champion_sensitivity: the champion's, at its own served threshold.
+        candidate_specificity: the version's specificity at its served threshold.
+        champion_specificity: the champion's, at its own served threshold.
     """
 
     champion_version: str
     auc: PairedAUC
     candidate_sensitivity: float
     champion_sensitivity: float
+    candidate_specificity: float
+    champion_specificity: float
 
     @property
     def sensitivity_change(self) -> float:
         """The version's sensitivity minus the champion's."""
         return self.candidate_sensitivity - self.champion_sensitivity
+
+    @property
+    def specificity_change(self) -> float:
+        """The version's specificity minus the champion's."""
+        return self.candidate_specificity - self.champion_specificity
 
     def tags(self) -> dict[str, str]:
         """The comparison as registered-model version tags (``gate_*``)."""
@@ -174,21 +184,25 @@ class Comparison:
             "gate_auc_difference_ci": f"[{a.ci_low:.4f}, {a.ci_high:.4f}] ({a.confidence:.0%})",
             "gate_p_value": f"{a.p_value:.4g}",
             "gate_sensitivity_change": f"{self.sensitivity_change:.4f}",
+            "gate_specificity_change": f"{self.specificity_change:.4f}",
         }
 
 
 def compare(scores: PairedScores, confidence: float) -> Comparison:
-    """DeLong's paired test of the two ROC AUCs, and each model's sensitivity at its served threshold."""
+    """DeLong's paired test of the two ROC AUCs, and each model's sensitivity and specificity at its
+    served threshold."""
     y = np.asarray(scores.labels).astype(int)
 
-    def sensitivity(probs: np.ndarray, threshold: float) -> float:
-        return float(recall_score(y, np.asarray(probs) >= threshold, zero_division=0))
+    def recall(probs: np.ndarray, threshold: float, label: int) -> float:
+        return float(recall_score(y, (np.asarray(probs) >= threshold).astype(int), pos_label=label, zero_division=0))
 
     return Comparison(
         scores.champion_version,
         delong_paired(y, scores.candidate, scores.champion, confidence),
-        sensitivity(scores.candidate, scores.candidate_threshold),
-        sensitivity(scores.champion, scores.champion_threshold),
+        recall(scores.candidate, scores.candidate_threshold, 1),
+        recall(scores.champion, scores.champion_threshold, 1),
+        recall(scores.candidate, scores.candidate_threshold, 0),
+        recall(scores.champion, scores.champion_threshold, 0),
     )
 
 
@@ -217,13 +231,15 @@ def paired_verdict(difference: float, p_value: float, confidence: float) -> tupl
     return False, "not higher"
 
 
-def against_champion(params: RegisterParams, comparison: Comparison) -> tuple[GateCheck, GateCheck]:
-    """Whether the version beats the champion on the same images without losing sensitivity.
+def against_champion(params: RegisterParams, comparison: Comparison) -> tuple[GateCheck, GateCheck, GateCheck]:
+    """Whether the version beats the champion on the same images without losing sensitivity or specificity.
 
     ``beats champion`` passes when the AUC difference is positive and DeLong's two-sided
     p-value is below ``1 - register.confidence`` (the interval at that confidence lies above 0).
     ``sensitivity held`` passes when the version's sensitivity at its served threshold is at most
-    ``register.sensitivity_tolerance`` below the champion's at its own.
+    ``register.sensitivity_tolerance`` below the champion's at its own; ``specificity held``
+    likewise with ``register.specificity_tolerance``: a better ranking whose threshold lands
+    where readers clear many more false alarms is no gain in use either.
     """
     a, v = comparison.auc, comparison.champion_version
     wins, verdict = paired_verdict(a.difference, a.p_value, params.confidence)
@@ -234,13 +250,20 @@ def against_champion(params: RegisterParams, comparison: Comparison) -> tuple[Ga
         f"{a.difference:+.4f} ({a.confidence:.0%} CI {a.ci_low:+.4f} to {a.ci_high:+.4f}, DeLong p = {a.p_value:.3g}), "
         f"{verdict}",
     )
-    change, tolerance = comparison.sensitivity_change, params.sensitivity_tolerance
-    held = change >= -tolerance - 1e-12
-    sensitivity = GateCheck(
-        "sensitivity held",
-        held,
-        f"sensitivity {comparison.candidate_sensitivity:.4f} vs champion v{v}'s "
-        f"{comparison.champion_sensitivity:.4f} at their served thresholds: {change:+.4f}, "
-        f"{'within' if held else 'beyond'} the tolerance {tolerance:g}",
+
+    def held(name: str, ours: float, theirs: float, tolerance: float) -> GateCheck:
+        change = ours - theirs
+        kept = change >= -tolerance - 1e-12
+        return GateCheck(
+            f"{name} held",
+            kept,
+            f"{name} {ours:.4f} vs champion v{v}'s {theirs:.4f} at their served thresholds: {change:+.4f}, "
+            f"{'within' if kept else 'beyond'} the tolerance {tolerance:g}",
+        )
+
+    c = comparison
+    return (
+        auc,
+        held("sensitivity", c.candidate_sensitivity, c.champion_sensitivity, params.sensitivity_tolerance),
+        held("specificity", c.candidate_specificity, c.champion_specificity, params.specificity_tolerance),
     )
-    return auc, sensitivity

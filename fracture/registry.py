@@ -12,8 +12,8 @@ A version becomes champion only when its evaluation clears every floor in ``regi
 (:func:`fracture.gate.floors`); when there is a champion, when the two, each loaded from the
 registry and scored on the version's test split (:func:`fracture.scoring.paired_scores`), show
 the version's ROC AUC higher by DeLong's paired test at ``register.confidence`` and its
-sensitivity no more than ``register.sensitivity_tolerance`` below the champion's
-(:func:`fracture.gate.against_champion`); and when, loaded back through
+sensitivity and specificity no more than ``register.sensitivity_tolerance`` and
+``register.specificity_tolerance`` below the champion's (:func:`fracture.gate.against_champion`); and when, loaded back through
 ``models:/<name>/<version>``, it predicts a real image (:func:`fracture.scoring.load_check`).
 Recorded metrics of runs evaluated at different times are never compared with each other.
 
@@ -103,6 +103,7 @@ class Registration:
             champion, or the two were not scored).
         confidence: the confidence its AUC gain had to reach (``register.confidence``).
         sensitivity_tolerance: how far its sensitivity could fall below the champion's.
+        specificity_tolerance: how far its specificity could fall below the champion's.
         floors: the floors it had to clear (metric -> minimum).
         metrics: the version's test metrics (``test_*`` run metrics).
         checks: every gate rule evaluated, in order; the failed ones say why it lost.
@@ -124,6 +125,7 @@ class Registration:
     comparison: Comparison | None = None
     confidence: float = 0.95
     sensitivity_tolerance: float = 0.0
+    specificity_tolerance: float = 0.0
     floors: dict[str, float] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     checks: tuple[GateCheck, ...] = ()
@@ -207,16 +209,17 @@ def register(
 
     The gate, in order: every floor; with a champion, the version and the champion are each
     loaded from the registry and scored on ``split``'s images, and DeLong's paired test must
-    show the version's ROC AUC higher at ``params.confidence`` while its sensitivity at its
-    served threshold falls by no more than ``params.sensitivity_tolerance``; then the version,
+    show the version's ROC AUC higher at ``params.confidence`` while its sensitivity and
+    specificity at its served threshold fall by no more than ``params.sensitivity_tolerance``
+    and ``params.specificity_tolerance``; then the version,
     loaded through ``models:/<name>/<version>``, predicts ``split.check_image``. Only then do
     the aliases move: ``champion`` to the version and ``previous-champion`` to the version it
     replaced. A version that fails gets ``challenger``. Either way the decision, the reason and
     the comparison (``gate_auc_difference``, its interval, ``gate_p_value``,
-    ``gate_sensitivity_change``) become version tags.
+    ``gate_sensitivity_change``, ``gate_specificity_change``) become version tags.
 
     Args:
-        params: model name, confidence, sensitivity tolerance and floors.
+        params: model name, confidence, sensitivity and specificity tolerances, and floors.
         run_id: the training run (holding the evaluation's ``test_*`` metrics and the
             ``git_commit``, ``data_version`` and ``profile`` tags).
         weights: fine-tuned weights (safetensors).
@@ -294,6 +297,7 @@ def register(
     return _registration(
         client, params.model_name, run_id, created, candidate, current, outcome, score_key=SCORE,
         confidence=params.confidence, floors=params.floors, sensitivity_tolerance=params.sensitivity_tolerance,
+        specificity_tolerance=params.specificity_tolerance,
     )
 
 
@@ -387,7 +391,7 @@ def _basis(params: Any, current: ModelVersion | None, split: Any) -> str:
 
     ``params``: :class:`RegisterParams`, or the detector's :class:`fracture.config.DetectParams`.
     """
-    keys = ("confidence", "sensitivity_tolerance", "floors", "bootstrap_resamples")
+    keys = ("confidence", "sensitivity_tolerance", "specificity_tolerance", "floors", "bootstrap_resamples")
     rules = {k: getattr(params, k) for k in keys if hasattr(params, k)}
     return json.dumps({"champion": _version_of(current), "test_split": split.fingerprint} | rules, sort_keys=True)
 
@@ -598,6 +602,7 @@ def _registration(
     confidence: float,
     floors: dict[str, float],
     sensitivity_tolerance: float = 0.0,
+    specificity_tolerance: float = 0.0,
 ) -> Registration:
     """The :class:`Registration` report, with the aliases read back from the registry.
 
@@ -621,6 +626,7 @@ def _registration(
         comparison=outcome.comparison,
         confidence=confidence,
         sensitivity_tolerance=sensitivity_tolerance,
+        specificity_tolerance=specificity_tolerance,
         floors=dict(floors),
         metrics=_test_metrics(candidate.metrics),
         checks=outcome.checks,

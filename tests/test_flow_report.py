@@ -56,7 +56,8 @@ METRICS = {
 
 
 CONFIG = DataConfig((3, 224, 224), "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-COMPARISON = Comparison("2", PairedAUC(0.9012, 0.8875, 0.0137, 0.0021, 0.0253, 0.0207, 0.95, 37, 8), 0.875, 0.8571)
+COMPARISON = Comparison("2", PairedAUC(0.9012, 0.8875, 0.0137, 0.0021, 0.0253, 0.0207, 0.95, 37, 8), 0.875, 0.8571,
+                        0.7931, 0.8276)
 
 
 def result(*, ran: bool, previous: str | None, created: bool, champion: bool = True, reason: str = "") -> RetrainResult:
@@ -72,6 +73,7 @@ def result(*, ran: bool, previous: str | None, created: bool, champion: bool = T
         comparison=COMPARISON if created else None,
         confidence=0.95,
         sensitivity_tolerance=0.02,
+        specificity_tolerance=0.05,
     )
     return RetrainResult(
         profile="cpu",
@@ -135,6 +137,7 @@ def test_new_data_version_reports_the_retraining_and_the_gate():
     assert table_row(text, "AUC difference (95% CI)")[1] == "+0.0137 (+0.0021 to +0.0253)"
     assert table_row(text, "DeLong p-value (needs < 0.05)")[1] == "0.0207"
     assert table_row(text, "Sensitivity change at served thresholds (tolerance 0.02)")[1] == "+0.0179 (0.8750 vs 0.8571)"
+    assert table_row(text, "Specificity change at served thresholds (tolerance 0.05)")[1] == "-0.0345 (0.7931 vs 0.8276)"
     assert table_row(text, "Reason")[1] == "ROC AUC 0.9012 beats champion v2's 0.8875"
 
 

@@ -150,9 +150,10 @@ def test_identical_models_are_not_promoted():
     comparison = compare(hand_made(champion, champion.copy(), y), 0.95)
     a = comparison.auc
     assert (a.difference, a.ci_low, a.ci_high, a.p_value) == (0.0, 0.0, 0.0, 1.0)
-    beats, sensitivity = against_champion(PARAMS, comparison)
+    beats, sensitivity, specificity = against_champion(PARAMS, comparison)
     assert not beats.passed and beats.detail.endswith("not higher")
     assert sensitivity.passed and "+0.0000" in sensitivity.detail
+    assert specificity.passed and "+0.0000" in specificity.detail
 
 
 def test_a_clearly_better_model_is_promoted():
@@ -178,7 +179,7 @@ def test_a_model_better_only_by_noise_is_not_promoted():
     comparison = compare(hand_made(champion, candidate, y), 0.95)
     a = comparison.auc
     assert a.difference == pytest.approx(1 / (60 * 300)) and a.p_value > 0.05 and a.ci_low < 0 < a.ci_high
-    beats, _ = against_champion(PARAMS, comparison)
+    beats, *_ = against_champion(PARAMS, comparison)
     assert not beats.passed and "higher, but not with 95% confidence" in beats.detail
     # With no confidence asked for, any gain is enough.
     lenient = RegisterParams(NAME, "t", confidence=0.0)
@@ -192,9 +193,29 @@ def test_a_better_ranking_that_costs_sensitivity_at_the_served_threshold_is_not_
     # The candidate serves at a threshold that misses a quarter of the fractures; the champion at one that misses none.
     comparison = compare(hand_made(champion, better, y, thresholds=(fractured[15], 0.0)), 0.95)
     assert comparison.candidate_sensitivity == pytest.approx(0.75) and comparison.champion_sensitivity == 1.0
-    beats, sensitivity = against_champion(PARAMS, comparison)
-    assert beats.passed and not sensitivity.passed
+    beats, sensitivity, specificity = against_champion(PARAMS, comparison)
+    assert beats.passed and not sensitivity.passed and specificity.passed
     assert "-0.2500, beyond the tolerance 0.05" in sensitivity.detail
+
+
+def test_a_better_ranking_whose_threshold_costs_specificity_is_not_promoted():
+    """The threshold bought sensitivity with false alarms: readers clear a tenth more normal X-rays."""
+    y, champion, rng = scores_of_a_task()
+    better = 1 / (1 + np.exp(-(rng.normal(size=len(y)) + 3.0 * y - 1.5)))
+    negatives = np.sort(better[y == 0])
+    theirs = np.sort(champion[y == 0])
+    # The champion's threshold flags 30 of the 300 normal X-rays, the candidate's 60: it alarms twice as often.
+    thresholds = ((negatives[239] + negatives[240]) / 2, (theirs[269] + theirs[270]) / 2)
+    comparison = compare(hand_made(champion, better, y, thresholds=thresholds), 0.95)
+    assert comparison.candidate_specificity == pytest.approx(0.8) and comparison.champion_specificity == pytest.approx(0.9)
+    beats, sensitivity, specificity = against_champion(PARAMS, comparison)
+    assert beats.passed and sensitivity.passed and not specificity.passed
+    assert specificity.detail == (
+        "specificity 0.8000 vs champion v1's 0.9000 at their served thresholds: -0.1000, beyond the tolerance 0.05"
+    )
+    assert comparison.tags()["gate_specificity_change"] == "-0.1000"
+    # Within a looser tolerance it passes.
+    assert against_champion(RegisterParams(NAME, "t", specificity_tolerance=0.1), comparison)[2].passed
 
 
 def test_one_image_of_a_class_shows_no_difference_however_the_aucs_differ():
@@ -234,6 +255,9 @@ def test_register_params_are_checked():
         parse_params(raw)
     raw["register"].update(confidence=0.95, sensitivity_tolerance=-0.1)
     with pytest.raises(ConfigError, match="register.sensitivity_tolerance"):
+        parse_params(raw)
+    raw["register"].update(sensitivity_tolerance=0.02, specificity_tolerance="5%")
+    with pytest.raises(ConfigError, match=r"register.specificity_tolerance must be a number in \[0, 1\], e.g. 0.05; got '5%'"):
         parse_params(raw)
     real = load_params(REPO).register
     assert 0.9 <= real.confidence < 1 and {"test_roc_auc", "test_recall"} <= set(real.floors)
@@ -326,12 +350,14 @@ def test_gate_promotes_keeps_previous_champion_and_rolls_back(client, ranked, tm
     assert (a.auc_a, a.auc_b, a.n_images) == (1.0, 0.0, 20) and a.ci_low > 0 and a.p_value < 0.05
     assert better.reason.startswith("ROC AUC 1.0000 beats champion v1's 0.0000 on the same 20 images by +1.0000")
     assert [c.name for c in better.checks] == [
-        "floor test_roc_auc", "floor test_recall", "scored with champion", "beats champion", "sensitivity held", "load check"
+        "floor test_roc_auc", "floor test_recall", "scored with champion", "beats champion", "sensitivity held",
+        "specificity held", "load check",
     ]
     tags = client.get_model_version(NAME, "3").tags
     assert (tags["gate_compared_with"], tags["gate_images"], tags["gate_auc_difference"]) == ("1", "20", "1.0000")
     assert float(tags["gate_p_value"]) < 0.05 and tags["gate_auc_difference_ci"].endswith("(95%)")
     assert float(tags["gate_sensitivity_change"]) == pytest.approx(better.comparison.sensitivity_change)
+    assert float(tags["gate_specificity_change"]) == pytest.approx(better.comparison.specificity_change)
     assert aliases(client) == {"champion": "3", "previous-champion": "1", "challenger": "2"}
     assert "promoted - ROC AUC 1.0000" in better.summary()
 
