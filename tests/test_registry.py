@@ -294,13 +294,10 @@ def aliases(client) -> dict[str, str]:
     return {a: str(v) for a, v in client.get_registered_model(NAME).aliases.items()}
 
 
-@pytest.fixture()
-def ranked(fracatlas, tmp_path):
-    """A test split of 10 fractured and 10 other real X-rays, and models that rank them well, badly, at random.
-
-    Returns the split and ``{"good": ..., "bad": ..., "random": ...}`` of (weights, serving config),
-    each served at threshold 0.5.
-    """
+@pytest.fixture(scope="module")
+def ranked_files(fracatlas, tmp_path_factory):
+    """:func:`ranked`'s split and models, built once for the module: every test only reads them."""
+    folder = tmp_path_factory.mktemp("ranked")
     ids = pick_ids(fracatlas, 10, 10)
     frame = pd.DataFrame(
         {
@@ -309,16 +306,27 @@ def ranked(fracatlas, tmp_path):
             "label": [1] * 10 + [0] * 10,
         }
     )
-    frame.to_csv(tmp_path / "test.csv", index=False)
-    split = EvaluatedSplit.from_csv(tmp_path / "test.csv", fracatlas)
+    frame.to_csv(folder / "test.csv", index=False)
+    split = EvaluatedSplit.from_csv(folder / "test.csv", fracatlas)
     labels = list(split.labels)
-    torch.manual_seed(0)  # the untrained model's new head
-    models = {
-        "good": ranking_model_files(tmp_path, 0.5, list(split.paths), labels, 1.0),
-        "bad": ranking_model_files(tmp_path, 0.5, list(split.paths), labels, -1.0),
-        "random": untrained_model_files(tmp_path, 0.5),
-    }
+    with torch.random.fork_rng():
+        torch.manual_seed(0)  # the untrained model's new head
+        models = {
+            "good": ranking_model_files(folder, 0.5, list(split.paths), labels, 1.0),
+            "bad": ranking_model_files(folder, 0.5, list(split.paths), labels, -1.0),
+            "random": untrained_model_files(folder, 0.5),
+        }
     return split, models
+
+
+@pytest.fixture()
+def ranked(ranked_files):
+    """A test split of 10 fractured and 10 other real X-rays, and models that rank them well, badly, at random.
+
+    Returns the split and ``{"good": ..., "bad": ..., "random": ...}`` of (weights, serving config),
+    each served at threshold 0.5.
+    """
+    return ranked_files
 
 
 def test_gate_promotes_keeps_previous_champion_and_rolls_back(client, ranked, tmp_path, monkeypatch, capsys):
