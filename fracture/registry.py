@@ -13,8 +13,9 @@ A version becomes champion only when its evaluation clears every floor in ``regi
 registry and scored on the version's test split (:func:`fracture.scoring.paired_scores`), show
 the version's ROC AUC higher by DeLong's paired test at ``register.confidence`` and its
 sensitivity and specificity no more than ``register.sensitivity_tolerance`` and
-``register.specificity_tolerance`` below the champion's (:func:`fracture.gate.against_champion`); and when, loaded back through
-``models:/<name>/<version>``, it predicts a real image (:func:`fracture.scoring.load_check`).
+``register.specificity_tolerance`` below the champion's (:func:`fracture.gate.against_champion`);
+and when, loaded back through ``models:/<name>/<version>``, it predicts a real image
+(:func:`fracture.scoring.load_check`).
 Recorded metrics of runs evaluated at different times are never compared with each other.
 
 How the model is logged is :mod:`fracture.packaging`'s business, the rules are :mod:`fracture.gate`'s, and
@@ -211,8 +212,8 @@ def register(
     loaded from the registry and scored on ``split``'s images, and DeLong's paired test must
     show the version's ROC AUC higher at ``params.confidence`` while its sensitivity and
     specificity at its served threshold fall by no more than ``params.sensitivity_tolerance``
-    and ``params.specificity_tolerance``; then the version,
-    loaded through ``models:/<name>/<version>``, predicts ``split.check_image``. Only then do
+    and ``params.specificity_tolerance``; then the version, loaded through
+    ``models:/<name>/<version>``, predicts ``split.check_image``. Only then do
     the aliases move: ``champion`` to the version and ``previous-champion`` to the version it
     replaced. A version that fails gets ``challenger``. Either way the decision, the reason and
     the comparison (``gate_auc_difference``, its interval, ``gate_p_value``,
