@@ -150,7 +150,7 @@ def subset_source(tmp_path: Path, fracatlas: Path) -> Path:
 
 
 #: The evaluate stage's bootstrap resamples in a shrunk project: its intervals on a few dozen images
-#: in a fifth of the 1,000 resamples' time (about 4 s a run on two cores).
+#: in a fifth of the time params.yaml's 1,000 take (about 5 s an evaluate run on two cores).
 SHRUNK_RESAMPLES = 200
 
 
