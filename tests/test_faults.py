@@ -156,7 +156,11 @@ def test_a_holder_killed_leaves_no_hold_to_its_children_and_torchrun_ranks_follo
         assert busy.returncode == 1 and "another run is working in" in busy.stderr
 
 
-@pytest.mark.integration  # about 40 s on two cores: the whole flow on real images, once
+# About a minute on two cores: two flow processes, one through the whole flow on real images. Slow
+# (make test-all); the default run keeps its twin, a flow run refused by a held project
+# (test_a_run_on_a_busy_project_is_refused_before_it_changes_anything).
+@pytest.mark.slow
+@pytest.mark.integration
 def test_two_runs_started_together_one_trains_and_the_other_is_refused(project, subset_source, tmp_path):
     shrink_params(project, register__floors={})
     cmd = [sys.executable, "-m", "flows.retrain", "--project-dir", str(project), "--source", str(subset_source)]
