@@ -46,6 +46,7 @@ from fracture.registry import RegistryError
 from fracture.registry import register as register_isolated
 from fracture.registry import rollback as rollback_isolated
 from fracture.scoring import load_check, served_scores
+from fracture.stages import register as stage_register
 from fracture.stages.register import input_policy, run_register
 from fracture.workspace import EvaluateResult, TrainedModel, Workspace
 from tests.conftest import REPO, pick_ids, ranking_model_files, untrained_model_files
@@ -662,11 +663,14 @@ def project_after_evaluate(root, weights, config: ServingConfig, run_id: str, xr
     return test
 
 
-def test_the_register_stage_registers_the_workspace_model(client, model_files, xray, tmp_path):
+def test_the_register_stage_registers_the_workspace_model(client, model_files, xray, tmp_path, monkeypatch):
     """run_register reads the run, weights, threshold and test split from the stages' outputs."""
     weights, config = model_files
     run_id = evaluated_run(0.9)
     test = project_after_evaluate(tmp_path, weights, config, run_id, xray)
+    # Registered in this process; `fracture register` loads it in a consumer's Python
+    # (test_fracture_register_prints_the_decision).
+    monkeypatch.setattr(stage_register, "register", register)
 
     reg = run_register(load_params(tmp_path), Workspace(tmp_path))
     assert (reg.name, reg.version, reg.run_id, reg.decision) == (NAME, "1", run_id, "promoted")
@@ -724,7 +728,7 @@ def test_a_champion_evaluated_on_another_split_is_compared_on_the_new_one(client
     assert first.champion
 
     # On the new split's images, scored as a consumer of the registry scores them.
-    probs, threshold = served_scores(NAME, "1", split)
+    probs, threshold = served_scores(NAME, "1", split, isolated=False)
     assert probs.shape == (20,) and probs.dtype == np.float64 and threshold == 0.5
     champion_auc = delong_paired(np.array(split.labels), probs, probs).auc_a
 
