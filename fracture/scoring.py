@@ -53,9 +53,10 @@ def load_check(
     try:
         problems = []
         if isolated or answer is not None:
-            if answer is None or str(image.resolve()) not in answer.files:
+            key = str(image.resolve())
+            if answer is None or key not in answer.files:
                 answer = predict_as_consumer(uri, [image])
-            out = answer.rows.iloc[[answer.files.index(str(image.resolve()))]] if answer.files else answer.rows
+            out = answer.rows.iloc[[answer.files.index(key)]]
             if Path(answer.code).resolve().parent == Path(fracture.__file__).resolve().parent:
                 problems.append(f"it ran this installation's code ({answer.code}), not its own")
         else:
@@ -113,7 +114,7 @@ def served_scores(
 
 
 def _scored(
-    name: str, version: str, split: EvaluatedSplit, batch_size: int, isolated: bool
+    name: str, version: str, split: EvaluatedSplit, batch_size: int = 32, isolated: bool = True
 ) -> tuple[np.ndarray, float, ConsumerAnswer | None]:
     """:func:`served_scores`, and the consumer's answer it read them from (``None``: in this process)."""
     if not split.paths:
@@ -164,8 +165,8 @@ def _paired(
     name: str, candidate: str, champion: str, split: EvaluatedSplit, isolated: bool
 ) -> tuple[PairedScores, ConsumerAnswer | None]:
     """:func:`paired_scores`, and the candidate's answer in its consumer's Python (``None``: in this process)."""
-    ours, our_threshold, answer = _scored(name, candidate, split, 32, isolated)
-    theirs, their_threshold, _ = _scored(name, champion, split, 32, isolated)
+    ours, our_threshold, answer = _scored(name, candidate, split, isolated=isolated)
+    theirs, their_threshold, _ = _scored(name, champion, split, isolated=isolated)
     return PairedScores(np.array(split.labels), ours, our_threshold, theirs, their_threshold, champion), answer
 
 
