@@ -121,6 +121,12 @@ class ConsumerAnswer:
     refused: tuple[str, ...] = ()
     files: tuple[str, ...] = ()
 
+    @property
+    def ran_installed_code(self) -> bool:
+        """Whether the version imported this installation's ``fracture`` package, not its own
+        packaged copy: then its answer says nothing of whether its consumers can load it."""
+        return Path(self.code).resolve().parent == Path(__file__).resolve().parent
+
 
 def predict_as_consumer(uri: str, files: list[Path], timeout: float = 3600.0) -> ConsumerAnswer:
     """Loads ``uri`` (``models:/<name>/<version>``) in a consumer's Python and predicts each file.

@@ -121,14 +121,17 @@ def load_check(name: str, version: str, image: Path, threshold: float, isolated:
     (:mod:`fracture.consumer`); otherwise in this process, with this installation's code."""
     uri = f"models:/{name}/{version}"
     try:
+        problems = []
         if isolated:
-            out = predict_as_consumer(uri, [image]).rows
+            answer = predict_as_consumer(uri, [image])
+            out = answer.rows
+            if answer.ran_installed_code:
+                problems.append(f"it ran this installation's code ({answer.code}), not its own")
         else:
             out = mlflow.pyfunc.load_model(uri).predict(pd.DataFrame({"image": [image.read_bytes()]}))
         row = out.iloc[0]
         boxes = json.loads(row["boxes"])
         score = float(row["fracture_score"])
-        problems = []
         if len(out) != 1:
             problems.append(f"{len(out)} rows for one image")
         if row["error"]:

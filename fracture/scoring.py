@@ -18,7 +18,6 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-import fracture
 from fracture.consumer import ConsumerAnswer, ConsumerError, predict_as_consumer
 from fracture.gate import (
     EvaluatedSplit,
@@ -57,7 +56,7 @@ def load_check(
             if answer is None or key not in answer.files:
                 answer = predict_as_consumer(uri, [image])
             out = answer.rows.iloc[[answer.files.index(key)]]
-            if Path(answer.code).resolve().parent == Path(fracture.__file__).resolve().parent:
+            if answer.ran_installed_code:
                 problems.append(f"it ran this installation's code ({answer.code}), not its own")
         else:
             out = mlflow.pyfunc.load_model(uri).predict(pd.DataFrame({"image": [image.read_bytes()]}))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -12,8 +13,10 @@ import timm
 import torch
 from safetensors.torch import save_file
 
+import fracture
 from fracture import detector_registry
 from fracture.config import DetectParams
+from fracture.consumer import ConsumerAnswer
 from fracture.detection import Detections, build_detector, paired_bootstrap_map
 from fracture.detector_registry import (
     DetectorTestSplit,
@@ -159,3 +162,23 @@ def test_a_detector_run_without_its_test_map_is_refused(client, split, tmp_path)
         register_detector(DetectParams(), run.info.run_id, tmp_path / "w.safetensors", {}, split)
     with pytest.raises(RegistryError, match="no fracture box"):
         DetectorTestSplit("f", (tmp_path / "a.png",), (np.zeros((0, 4)),))
+
+
+def test_the_detectors_load_check_fails_a_version_that_ran_this_installations_code(tmp_path, monkeypatch):
+    """As the classifier's: a consumer's answer counts only when the version imported its own
+    packaged code; one that ran this installation's says nothing of what its consumers can load."""
+    image = tmp_path / "fractured.png"
+    row = pd.DataFrame([{"boxes": "[[1.0, 2.0, 30.0, 40.0, 0.9]]", "fracture_score": 0.9, "label": "fractured",
+                         "threshold": 0.05, "error": ""}])
+    answers = {"own": ConsumerAnswer(row, "/models/v2/code/fracture/__init__.py", files=(str(image),)),
+               "ours": ConsumerAnswer(row, str(Path(fracture.__file__)), files=(str(image),))}
+    which = []
+    monkeypatch.setattr(detector_registry, "predict_as_consumer", lambda uri, files: answers[which[-1]])
+
+    which.append("own")
+    assert detector_registry.load_check("fracture-detector", "2", image, 0.05).passed
+    which.append("ours")
+    check = detector_registry.load_check("fracture-detector", "2", image, 0.05)
+    assert not check.passed
+    assert check.detail == (f"models:/fracture-detector/2 on fractured.png: it ran this installation's code "
+                            f"({fracture.__file__}), not its own")
