@@ -38,6 +38,7 @@ from timm.utils.model import freeze
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from fracture.allocator import keep_freed_memory
 from fracture.config import load_params
 from fracture.model import profile_data_config
 from fracture.training import FitResult, train
@@ -78,6 +79,7 @@ def main() -> None:
     parser.add_argument("--frozen-val", type=int, default=35)
     args = parser.parse_args()
 
+    keep_freed_memory()  # as the train stage's process does (both loops run in this process)
     params = load_params()
     profile = dataclasses.replace(params.profiles["cpu"], epochs=1)
     config = profile_data_config(profile, params.prepare.aspect)

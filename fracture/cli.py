@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from fracture.allocator import keep_freed_memory
 from fracture.config import EvaluateParams, Params, load_params
 from fracture.project_lock import project_lock
 from fracture.workspace import CrossvalResult, ValidateResult, Workspace
@@ -91,6 +92,7 @@ def _stage(
     the folder under ``outputs/`` it writes and ``target`` the DVC stage that checks them out
     (default: ``command`` for both).
     """
+    keep_freed_memory()  # tensors reuse freed memory instead of the kernel mapping it again (fracture/allocator.py)
     try:
         params = load_params()  # before the lock: outside a project this fails without writing anything
         with project_lock(Path("."), f"`fracture {command}`") if writes and not _later_rank() else nullcontext():
@@ -411,6 +413,7 @@ def predict(
         write_structured_reports,
     )
 
+    keep_freed_memory()
     try:
         files = collect(inputs)
         if not files:
