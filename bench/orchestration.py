@@ -14,8 +14,9 @@ Two throwaway projects get the same real FracAtlas subset and the CPU profile cu
   work pool starts one such process per run;
 - ``direct``: one Python process calling the same stage functions in order (``run_ingest``,
   ``run_validate``, ``run_split``, ``run_prepare``, ``run_train``, ``run_evaluate``,
-  ``run_register``), with the same MLflow logging, without DVC and Prefect, ending as the
-  flow's process ends (:func:`fracture.cli.skip_exit_collection`).
+  ``run_register``), with the same MLflow logging, without DVC and Prefect, keeping freed
+  memory as the stage commands do (:func:`fracture.allocator.keep_freed_memory`) and ending as
+  the flow's process ends (:func:`fracture.cli.skip_exit_collection`).
 
 The ratio flow / direct is the orchestration's overhead. Its difference in seconds does not
 grow with the epochs (the Prefect server and its API calls, DVC's checks), only DVC's hashing and
@@ -61,9 +62,11 @@ from pathlib import Path
 # What the flow's module imports before the flow starts, less Prefect and DVC.
 import torch
 import fracture.cli, fracture.ingest, fracture.registry, fracture.stages.register
+from fracture.allocator import keep_freed_memory
 from fracture.config import load_params
 from fracture.workspace import Workspace
 
+keep_freed_memory()  # as every stage command does (fracture.cli), so both sides' tensors reuse freed memory
 params, workspace = load_params(), Workspace(Path("."))
 importlib.import_module("fracture.stages.ingest").run_ingest(params, workspace, sys.argv[1])
 for name in ("validate", "split", "prepare", "train", "evaluate"):
