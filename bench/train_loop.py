@@ -1,15 +1,18 @@
 """The product's training loop vs a bare timm + PyTorch loop on identical tensors, side by side.
 
-    .venv/bin/python -m bench.train_loop [--images 320] [--repeats 2] [--memory-epochs 3]
+    .venv/bin/python -m bench.train_loop [--images 320] [--repeats 2] [--warmup 32] [--memory-epochs 3]
 
 Both train the CPU profile's network (its architecture, input size and frozen layers) for one
 epoch over the same uint8 images in batches of ``train.batch_size`` with Adam and
 CosineAnnealingWarmRestarts. The product's loop is :func:`fracture.training.train` (sampler,
 preprocessing, progress, per-epoch validation on 16 images, checkpoint-free); its images per
 second are the training part of the epoch, as it logs them. The bare loop is the textbook one:
-a ``DataLoader`` with ``shuffle=True``, normalise, forward, loss, backward, step. The runs
-alternate (product, bare, product, bare, ...) so drift in the machine's speed hits both; the
-ratio is of the medians.
+a ``DataLoader`` with ``shuffle=True``, normalise, forward, loss, backward, step. The process
+keeps freed memory as the train stage's does (:mod:`fracture.allocator`), and first runs one
+uncounted epoch of each side on ``--warmup`` images: a process's first fits grow its heap and
+oneDNN's caches, which would otherwise fall on whichever side ran first. The runs then
+alternate, each pair in the other order from the last (product, bare, bare, product, ...) so
+drift in the machine's speed hits both; the ratio is of the medians.
 
 Then the product's loop trains ``--memory-epochs`` epochs and prints the process's resident
 memory after each (the ``rss_mb`` it logs to MLflow): it must not grow from epoch to epoch.
@@ -73,6 +76,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--images", type=int, default=320)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=32, help="images of the uncounted first epoch of each side")
     parser.add_argument("--memory-epochs", type=int, default=3)
     parser.add_argument("--frozen-epochs", type=int, default=3)
     parser.add_argument("--frozen-images", type=int, default=160)
@@ -93,15 +97,29 @@ def main() -> None:
     print(f"{args.images} random images at {size} px, {profile.model}, frozen {list(profile.frozen)}, "
           f"batch {params.train.batch_size}, {torch.get_num_threads()} threads")
 
-    product, bare = [], []
+    def product_epoch(on: TensorDataset) -> float:
+        return train(on, val, config, profile, params.train).history[0]["train_images_per_s"]
+
+    def bare(on: TensorDataset) -> float:
+        return bare_epoch(on, profile.model, profile.frozen, config.mean, config.std, params.train.batch_size,
+                          profile.learning_rate(params.train))
+
+    # One short epoch of each, not counted: the process's first fits grow the heap and oneDNN's
+    # caches, a cost that would fall on whichever side ran first.
+    warm = TensorDataset(images[: args.warmup], labels[: args.warmup])
+    if args.warmup:
+        product_epoch(warm), bare(warm)
+    rates: dict[str, list[float]] = {"product": [], "bare": []}
+    sides = {"product": product_epoch, "bare": bare}
     for r in range(args.repeats):
-        fit = train(data, val, config, profile, params.train)
-        product.append(fit.history[0]["train_images_per_s"])
-        bare.append(bare_epoch(data, profile.model, profile.frozen, config.mean, config.std,
-                               params.train.batch_size, profile.learning_rate(params.train)))
-        print(f"repeat {r + 1}: product {product[-1]:.2f} images/s, bare {bare[-1]:.2f} images/s")
-    ratio = statistics.median(product) / statistics.median(bare)
-    print(f"training loop: product {statistics.median(product):.2f} vs bare {statistics.median(bare):.2f} "
+        order = ("product", "bare") if r % 2 == 0 else ("bare", "product")  # each pair in the other order
+        for side in order:
+            rates[side].append(sides[side](data))
+        print(f"repeat {r + 1} ({order[0]} first): product {rates['product'][-1]:.2f} images/s, "
+              f"bare {rates['bare'][-1]:.2f} images/s")
+    product, bare_rates = rates["product"], rates["bare"]
+    ratio = statistics.median(product) / statistics.median(bare_rates)
+    print(f"training loop: product {statistics.median(product):.2f} vs bare {statistics.median(bare_rates):.2f} "
           f"images/s (medians): ratio {ratio:.3f}")
 
     if args.memory_epochs:
