@@ -68,6 +68,7 @@ BENCH_DATA = $(or $(FRACATLAS_SOURCE),../shared/fracatlas)
 bench: venv
 	$(PY) -m bench.cache_vs_decode --data "$(BENCH_DATA)"
 	$(PY) -m bench.train_loop
+	$(PY) -m bench.allocator
 	$(PY) -m bench.ensemble_cost
 	$(PY) -m bench.consumer_inference --data "$(BENCH_DATA)"
 	$(PY) -m bench.dicom_display
