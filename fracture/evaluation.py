@@ -130,7 +130,9 @@ def evaluate_probabilities(labels: np.ndarray, probs: np.ndarray, threshold: flo
     )
 
 
-def _point_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, float]:
+def point_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, float]:
+    """ROC AUC, and sensitivity (``recall``) and specificity at ``threshold``: what the bootstrap
+    resamples and what the promotion gate compares between a version and its champion."""
     pred = (probs >= threshold).astype(int)
     return {
         "roc_auc": roc_auc_score(labels, probs),
@@ -167,7 +169,7 @@ def bootstrap_intervals(
     draws = {name: [] for name in CI_METRICS}
     for _ in range(n_resamples):
         y, p = resample(labels, probs, stratify=labels, random_state=rng)
-        for name, value in _point_metrics(y, p, threshold).items():
+        for name, value in point_metrics(y, p, threshold).items():
             draws[name].append(value)
     tail = (1 - confidence) / 2 * 100
     return {name: (float(np.percentile(v, tail)), float(np.percentile(v, 100 - tail))) for name, v in draws.items()}

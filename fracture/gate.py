@@ -17,10 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import recall_score
 
 from fracture.config import DetectParams, RegisterParams
-from fracture.evaluation import PairedAUC, delong_paired
+from fracture.evaluation import PairedAUC, delong_paired, point_metrics
 from fracture.fingerprints import split_fingerprint
 
 
@@ -192,17 +191,15 @@ def compare(scores: PairedScores, confidence: float) -> Comparison:
     """DeLong's paired test of the two ROC AUCs, and each model's sensitivity and specificity at its
     served threshold."""
     y = np.asarray(scores.labels).astype(int)
-
-    def recall(probs: np.ndarray, threshold: float, label: int) -> float:
-        return float(recall_score(y, (np.asarray(probs) >= threshold).astype(int), pos_label=label, zero_division=0))
-
+    ours = point_metrics(y, np.asarray(scores.candidate), scores.candidate_threshold)
+    theirs = point_metrics(y, np.asarray(scores.champion), scores.champion_threshold)
     return Comparison(
         scores.champion_version,
         delong_paired(y, scores.candidate, scores.champion, confidence),
-        recall(scores.candidate, scores.candidate_threshold, 1),
-        recall(scores.champion, scores.champion_threshold, 1),
-        recall(scores.candidate, scores.candidate_threshold, 0),
-        recall(scores.champion, scores.champion_threshold, 0),
+        float(ours["recall"]),
+        float(theirs["recall"]),
+        float(ours["specificity"]),
+        float(theirs["specificity"]),
     )
 
 
