@@ -97,13 +97,15 @@ def main() -> None:
                   f"{run['kernel_s']:.1f} s kernel; {run['minor_faults']:,} minor faults; peak resident "
                   f"{run['peak_rss_mib']:,.0f} MiB; weights {run['weights_sha256'][:12]}", flush=True)
 
-    def median(keep: bool, key: str, reduce=sum) -> float:
-        return statistics.median(reduce(r[key]) if isinstance(r[key], list) else r[key] for r in runs[keep])
+    def fit_rate(run: dict) -> float:
+        """Training images per second over the whole fit (the epochs' training time summed)."""
+        return args.images * args.epochs / sum(args.images / v for v in run["images_per_s"])
 
-    kept_rate = statistics.median(args.images * args.epochs / sum(args.images / v for v in r["images_per_s"])
-                                  for r in runs[True])
-    default_rate = statistics.median(args.images * args.epochs / sum(args.images / v for v in r["images_per_s"])
-                                     for r in runs[False])
+    def median(keep: bool, key: str) -> float:
+        return statistics.median(sum(r[key]) if isinstance(r[key], list) else r[key] for r in runs[keep])
+
+    kept_rate = statistics.median(fit_rate(r) for r in runs[True])
+    default_rate = statistics.median(fit_rate(r) for r in runs[False])
     same = len({r["weights_sha256"] for r in runs[True] + runs[False]}) == 1
     print(f"{args.images} images at the CPU profile's size, {args.epochs} epochs, {args.val} val (medians of "
           f"{args.repeats}): training {kept_rate:.2f} vs {default_rate:.2f} images/s, ratio "
