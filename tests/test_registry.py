@@ -296,8 +296,12 @@ def aliases(client) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def ranked_files(fracatlas, tmp_path_factory):
-    """:func:`ranked`'s split and models, built once for the module: every test only reads them."""
+def ranked(fracatlas, tmp_path_factory):
+    """A test split of 10 fractured and 10 other real X-rays, and models that rank them well, badly, at random.
+
+    Returns the split and ``{"good": ..., "bad": ..., "random": ...}`` of (weights, serving config),
+    each served at threshold 0.5. Built once for the module: every test only reads them.
+    """
     folder = tmp_path_factory.mktemp("ranked")
     ids = pick_ids(fracatlas, 10, 10)
     frame = pd.DataFrame(
@@ -318,16 +322,6 @@ def ranked_files(fracatlas, tmp_path_factory):
             "random": untrained_model_files(folder, 0.5),
         }
     return split, models
-
-
-@pytest.fixture()
-def ranked(ranked_files):
-    """A test split of 10 fractured and 10 other real X-rays, and models that rank them well, badly, at random.
-
-    Returns the split and ``{"good": ..., "bad": ..., "random": ...}`` of (weights, serving config),
-    each served at threshold 0.5.
-    """
-    return ranked_files
 
 
 def test_gate_promotes_keeps_previous_champion_and_rolls_back(client, ranked, tmp_path, monkeypatch, capsys):
