@@ -1,4 +1,4 @@
-"""Keeps the memory a pipeline process frees for its next tensors, instead of handing it back.
+"""Keeps the memory a pipeline command frees for its next tensors, and hands it back when it ends.
 
 glibc's malloc serves a request above its mmap threshold (128 KiB, rising with what is freed to
 at most 32 MiB) with pages mapped fresh from the kernel, and unmaps them when the block is freed;
@@ -8,15 +8,19 @@ activations of up to about 100 MB dozens of times, so each step the kernel maps 
 again and zeroes every one of them: on two cores, 30% of the main job's CPU time went to the
 kernel (624 of 2,057 s). PyTorch's CPU performance guide answers this by preloading jemalloc or
 tcmalloc, which pip does not install; glibc's own ``mallopt(3)`` does the same job here: no mmap
-for any block (``M_MMAP_MAX`` 0) and at most :data:`TRIM_THRESHOLD` of free memory kept at the
-top of the heap (``M_TRIM_THRESHOLD``). Freed blocks then serve the next step's tensors, already
-mapped (bench/allocator.py: a fit 1.34x faster; the main job 19 min 38 s -> 15 min 06 s).
+for any block (``M_MMAP_MAX`` 0) and no trimming of the heap's top (``M_TRIM_THRESHOLD`` -1).
+Freed blocks then serve the next step's tensors, already mapped. A trim threshold, even of 1 GiB,
+is not enough: the end of a step frees more than that at the top of the heap, which the next step
+maps in again (about 20 times in one epoch of 320 images; bench/allocator.py).
 
-It changes where memory comes from, not what is computed: the same weights, bit for bit. The
-process holds more than it uses at the moment: up to :data:`TRIM_THRESHOLD` at the heap's top,
-and freed blocks between live ones (the main job's peak resident memory 7.5 -> 8.7 GiB). It is
-set by every pipeline command (the stages, cross-validation, ``fracture predict``), once per
-process; the served model leaves the allocator as the consumer's process has it.
+When a stage ends, :func:`give_back_freed_memory` (``malloc_trim(3)``) returns the free memory
+to the kernel: the flow runs its stages in its own process (tasks/pipeline.py), and a process that
+serves a schedule would otherwise hold its largest stage's peak until the next run.
+
+It changes where memory comes from, not what is computed: the same weights, bit for bit. While a
+command runs, its process holds its peak: freed blocks stay mapped for the next ones. It is set by
+every pipeline command (the stages, cross-validation, ``fracture predict``), once per process; the
+served model leaves the allocator as the consumer's process has it.
 ``FRACTURE_KEEP_FREED_MEMORY=0`` in the environment leaves it too. Elsewhere than glibc (macOS,
 musl) it does nothing.
 """
@@ -32,10 +36,24 @@ log = logging.getLogger(__name__)
 #: mallopt(3) parameters, from glibc's malloc.h.
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
-#: Free memory the heap keeps at its top before giving it back to the kernel.
-TRIM_THRESHOLD = 1 << 30
+#: ``M_TRIM_THRESHOLD``'s value that never trims the heap's top (mallopt(3)).
+NEVER_TRIM = -1
 #: The environment variable that leaves the allocator as it is when set to 0.
 SWITCH = "FRACTURE_KEEP_FREED_MEMORY"
+
+
+def _glibc() -> ctypes.CDLL | None:
+    """The C library when it is glibc and the switch is not 0; else ``None``."""
+    if os.environ.get(SWITCH, "1").strip() == "0":
+        log.debug("%s=0: the allocator is left as it is", SWITCH)
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # noqa: B018 - present in glibc only; musl's mallopt does nothing
+    except (OSError, AttributeError):
+        log.debug("not glibc: the allocator is left as it is")
+        return None
+    return libc
 
 
 def keep_freed_memory() -> bool:
@@ -43,15 +61,23 @@ def keep_freed_memory() -> bool:
 
     Safe to call again: the settings are the same each time.
     """
-    if os.environ.get(SWITCH, "1").strip() == "0":
-        log.debug("%s=0: the allocator is left as it is", SWITCH)
+    libc = _glibc()
+    if libc is None:
         return False
-    try:
-        libc = ctypes.CDLL(None)
-        libc.gnu_get_libc_version  # noqa: B018 - present in glibc only; musl's mallopt does nothing
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        log.debug("not glibc: the allocator is left as it is")
-        return False
+    mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    return mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+    return mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, NEVER_TRIM) == 1
+
+
+def give_back_freed_memory() -> bool:
+    """Returns the heap's free memory to the kernel (``malloc_trim(0)``), as a stage ends.
+
+    What is still in use stays; the next tensors map memory in again. Returns whether any was
+    returned; ``False`` also where :func:`keep_freed_memory` does nothing.
+    """
+    libc = _glibc()
+    if libc is None:
+        return False
+    trim = libc.malloc_trim
+    trim.argtypes, trim.restype = (ctypes.c_size_t,), ctypes.c_int
+    return trim(0) == 1

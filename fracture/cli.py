@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from fracture.allocator import keep_freed_memory
+from fracture.allocator import give_back_freed_memory, keep_freed_memory
 from fracture.config import EvaluateParams, Params, load_params
 from fracture.project_lock import project_lock
 from fracture.workspace import CrossvalResult, ValidateResult, Workspace
@@ -90,9 +90,11 @@ def _stage(
     A command that ``writes`` the project holds it (:func:`fracture.project_lock.project_lock`)
     for its run, so it never works under a retrain run or another such command. ``outputs`` is
     the folder under ``outputs/`` it writes and ``target`` the DVC stage that checks them out
-    (default: ``command`` for both).
+    (default: ``command`` for both). While it runs, freed memory serves its next tensors; when it
+    ends, the process hands that memory back (fracture/allocator.py): the flow runs every stage in
+    its own process.
     """
-    keep_freed_memory()  # tensors reuse freed memory instead of the kernel mapping it again (fracture/allocator.py)
+    keep_freed_memory()  # tensors reuse freed memory instead of the kernel mapping it again
     try:
         params = load_params()  # before the lock: outside a project this fails without writing anything
         with project_lock(Path("."), f"`fracture {command}`") if writes and not _later_rank() else nullcontext():
@@ -109,6 +111,8 @@ def _stage(
             f"permissions, then run the stage again. Its previous outputs are in DVC's cache: "
             f"`dvc checkout --force {target or command}` puts them back, and dvc.lock still describes them."
         )
+    finally:
+        give_back_freed_memory()
 
 
 @app.callback()
