@@ -10,8 +10,8 @@ kernel (624 of 2,057 s). PyTorch's CPU performance guide answers this by preload
 tcmalloc, which pip does not install; glibc's own ``mallopt(3)`` does the same job here: no mmap
 for any block (``M_MMAP_MAX`` 0) and no trimming of the heap's top (``M_TRIM_THRESHOLD`` -1).
 Freed blocks then serve the next step's tensors, already mapped. A trim threshold, even of 1 GiB,
-is not enough: the end of a step frees more than that at the top of the heap, which the next step
-maps in again (about 20 times in one epoch of 320 images; bench/allocator.py).
+is not enough: a step can free more than that at the top of the heap, which the next step maps in
+again (traced: 22 times 1.0-1.2 GB over four one-epoch fits of 32 to 96 images at 448 px).
 
 When a stage ends, :func:`give_back_freed_memory` (``malloc_trim(3)``) returns the free memory
 to the kernel: the flow runs its stages in its own process (tasks/pipeline.py), and a process that

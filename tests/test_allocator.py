@@ -85,9 +85,9 @@ def test_every_pipeline_command_keeps_freed_memory_also_when_it_fails(argv, tmp_
 
 
 def test_freed_memory_at_the_top_of_the_heap_is_kept_whatever_its_size():
-    """The end of a training step frees more than 1 GiB at the heap's top: a trim threshold that
-    size gave it back to the kernel about 20 times an epoch, only for the next step to map it in
-    again (fracture/allocator.py). Kept, a 1.25 GiB block freed there serves the next one."""
+    """A training step can free more than 1 GiB at the heap's top: a trim threshold that size gave
+    it back to the kernel, only for the next step to map it in again (fracture/allocator.py).
+    Kept, a 1.25 GiB block freed there serves the next one."""
     size = 5 * 2**28
     setting = "from fracture.allocator import keep_freed_memory; assert keep_freed_memory() == {}\n"
     assert faults_after(setting.format(True), "1", size=size) < size // 4096 // 20
