@@ -20,6 +20,7 @@ from ruamel.yaml import YAML
 
 from flows.report import REPORT_KEY, no_champion_note, render_report
 from flows.result import DetectorResult, RetrainResult
+from fracture.allocator import freed_memory_kept
 from fracture.cli import skip_exit_collection
 from fracture.config import PARAMS_FILE, Profile, load_params
 from fracture.ingest import SOURCE_ENV
@@ -129,7 +130,8 @@ def retrain(project_dir: str = ".", source: str | None = None, profile: str | No
         Every stage's typed result and the registry outcome.
     """
     project = Path(project_dir).resolve()
-    with project_lock(project):
+    # Each stage reuses the memory the one before freed; the run hands it back when it ends.
+    with freed_memory_kept(), project_lock(project):
         return _retrain(project, source, profile)
 
 

@@ -13,9 +13,10 @@ Freed blocks then serve the next step's tensors, already mapped. A trim threshol
 is not enough: a step can free more than that at the top of the heap, which the next step maps in
 again (traced: 22 times 1.0-1.2 GB over four one-epoch fits of 32 to 96 images at 448 px).
 
-When a stage ends, :func:`give_back_freed_memory` (``malloc_trim(3)``) returns the free memory
-to the kernel: the flow runs its stages in its own process (tasks/pipeline.py), and a process that
-serves a schedule would otherwise hold its largest stage's peak until the next run.
+:func:`freed_memory_kept` holds it for a block of work and hands the free memory back to the
+kernel (``malloc_trim(3)``) when the outermost such block ends: a stage command is one, and the
+retrain flow, which runs its stages in its own process (tasks/pipeline.py), is one around them, so
+each stage reuses what the one before freed and the process keeps none of it once the run ends.
 
 It changes where memory comes from, not what is computed: the same weights, bit for bit. While a
 command runs, its process holds its peak: freed blocks stay mapped for the next ones. It is set by
@@ -30,6 +31,9 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +44,9 @@ M_MMAP_MAX = -4
 NEVER_TRIM = -1
 #: The environment variable that leaves the allocator as it is when set to 0.
 SWITCH = "FRACTURE_KEEP_FREED_MEMORY"
+
+_blocks = 0  # freed_memory_kept blocks open in this process
+_blocks_lock = threading.Lock()
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -70,7 +77,7 @@ def keep_freed_memory() -> bool:
 
 
 def give_back_freed_memory() -> bool:
-    """Returns the heap's free memory to the kernel (``malloc_trim(0)``), as a stage ends.
+    """Returns the heap's free memory to the kernel (``malloc_trim(0)``).
 
     What is still in use stays; the next tensors map memory in again. Returns whether any was
     returned; ``False`` also where :func:`keep_freed_memory` does nothing.
@@ -81,3 +88,24 @@ def give_back_freed_memory() -> bool:
     trim = libc.malloc_trim
     trim.argtypes, trim.restype = (ctypes.c_size_t,), ctypes.c_int
     return trim(0) == 1
+
+
+@contextmanager
+def freed_memory_kept() -> Iterator[bool]:
+    """Keeps freed memory for the block's next tensors (:func:`keep_freed_memory`), and hands it
+    back (:func:`give_back_freed_memory`) when the outermost such block in the process ends.
+
+    Yields whether the setting is in force.
+    """
+    global _blocks
+    kept = keep_freed_memory()
+    with _blocks_lock:
+        _blocks += 1
+    try:
+        yield kept
+    finally:
+        with _blocks_lock:
+            _blocks -= 1
+            last = _blocks == 0
+        if last:
+            give_back_freed_memory()

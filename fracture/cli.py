@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from fracture.allocator import give_back_freed_memory, keep_freed_memory
+from fracture.allocator import freed_memory_kept, keep_freed_memory
 from fracture.config import EvaluateParams, Params, load_params
 from fracture.project_lock import project_lock
 from fracture.workspace import CrossvalResult, ValidateResult, Workspace
@@ -91,28 +91,26 @@ def _stage(
     for its run, so it never works under a retrain run or another such command. ``outputs`` is
     the folder under ``outputs/`` it writes and ``target`` the DVC stage that checks them out
     (default: ``command`` for both). While it runs, freed memory serves its next tensors; when it
-    ends, the process hands that memory back (fracture/allocator.py): the flow runs every stage in
-    its own process.
+    ends, the process hands that memory back, unless the retrain flow runs it and hands it back
+    after its last stage (fracture/allocator.py).
     """
-    keep_freed_memory()  # tensors reuse freed memory instead of the kernel mapping it again
-    try:
-        params = load_params()  # before the lock: outside a project this fails without writing anything
-        with project_lock(Path("."), f"`fracture {command}`") if writes and not _later_rank() else nullcontext():
-            yield params, Workspace(Path("."))
-    except _known_errors() as exc:
-        sys.exit(f"fracture {command}: {exc}")
-    except OSError as exc:
-        if exc.errno not in _WRITE_ERRORS:
-            raise
-        # A failed write() names no file; the stage's outputs folder is where it was writing.
-        where = exc.filename or f"its outputs in outputs/{outputs or command}/"
-        sys.exit(
-            f"fracture {command}: could not write {where}: {exc.strerror}. Free disk space or fix the folder's "
-            f"permissions, then run the stage again. Its previous outputs are in DVC's cache: "
-            f"`dvc checkout --force {target or command}` puts them back, and dvc.lock still describes them."
-        )
-    finally:
-        give_back_freed_memory()
+    with freed_memory_kept():  # tensors reuse freed memory instead of the kernel mapping it again
+        try:
+            params = load_params()  # before the lock: outside a project this fails without writing anything
+            with project_lock(Path("."), f"`fracture {command}`") if writes and not _later_rank() else nullcontext():
+                yield params, Workspace(Path("."))
+        except _known_errors() as exc:
+            sys.exit(f"fracture {command}: {exc}")
+        except OSError as exc:
+            if exc.errno not in _WRITE_ERRORS:
+                raise
+            # A failed write() names no file; the stage's outputs folder is where it was writing.
+            where = exc.filename or f"its outputs in outputs/{outputs or command}/"
+            sys.exit(
+                f"fracture {command}: could not write {where}: {exc.strerror}. Free disk space or fix the folder's "
+                f"permissions, then run the stage again. Its previous outputs are in DVC's cache: "
+                f"`dvc checkout --force {target or command}` puts them back, and dvc.lock still describes them."
+            )
 
 
 @app.callback()

@@ -131,3 +131,33 @@ def test_a_stage_hands_the_memory_it_kept_back_when_it_ends(tmp_path):
     assert line, "the probe printed no resident memory"
     before, after = map(int, line[-1].split()[1:])
     assert before - after > 200, f"resident memory {before} MiB before the stage, {after} MiB after it"
+
+
+#: Frees a 256 MiB block inside two nested blocks of kept memory and prints the resident memory
+#: (MiB) after the inner one ends and after the outer one ends.
+NESTED = """
+import ctypes
+from fracture.allocator import freed_memory_kept
+def resident():
+    return int(open('/proc/self/statm').read().split()[1]) * 4096 // 2**20
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
+libc.free.argtypes, libc.memset.argtypes = (ctypes.c_void_p,), (ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t)
+with freed_memory_kept() as outer:
+    with freed_memory_kept() as inner:
+        assert outer and inner
+        block = libc.malloc(2**28)
+        libc.memset(block, 1, 2**28)
+        libc.free(block)
+    after_inner = resident()
+print('resident', after_inner, resident(), flush=True)
+"""
+
+
+def test_a_stage_inside_the_flow_leaves_the_memory_to_the_next_stage_and_the_run_hands_it_back():
+    """The retrain flow runs its stages in its own process inside a block of its own: a stage's end
+    must not hand back what the next stage would map in again; the run's end hands it back."""
+    line = [ln for ln in probe(NESTED, "1") if ln.startswith("resident ")]
+    assert line, "the probe printed no resident memory"
+    after_inner, after_outer = map(int, line[-1].split()[1:])
+    assert after_inner - after_outer > 200, f"resident memory {after_inner} MiB after the inner block, {after_outer} MiB after the outer one"

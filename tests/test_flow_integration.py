@@ -39,8 +39,13 @@ print(json.dumps(out.to_dict(orient="list")))
 """
 
 
-def test_flow_registers_a_champion_then_reruns_nothing(project, subset_source, fracatlas):
+def test_flow_registers_a_champion_then_reruns_nothing(project, subset_source, fracatlas, monkeypatch):
+    import fracture.allocator
     from flows.retrain import retrain
+
+    # The stages reuse each other's freed memory; the run hands it back once, as it ends.
+    given_back = []
+    monkeypatch.setattr(fracture.allocator, "give_back_freed_memory", lambda: given_back.append(1))
 
     # A one-epoch 64 px model cannot reach clinical floors; the gate's rules are tested with the
     # registry. Here the first version must become champion.
@@ -53,6 +58,7 @@ def test_flow_registers_a_champion_then_reruns_nothing(project, subset_source, f
 
     assert (project / "dvc.lock").is_file() and (project / "data.dvc").is_file()
     assert first.stages_ran == ["validate", "split", "prepare", "train", "evaluate"]
+    assert given_back == [1], "the run handed its memory back after each stage, not once at its end"
     assert sum(first.split.sizes.values()) == 60
     assert first.prepare.images == 60 and first.prepare.input_size == [3, 64, 64]
     assert first.train.model.data_config.input_size == (3, 64, 64)
