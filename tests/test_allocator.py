@@ -1,6 +1,7 @@
 """Pipeline commands keep the memory they free for their next tensors (fracture/allocator.py):
-a freed block serves the next one without the kernel mapping and zeroing its pages again; and a
-stage hands that memory back when it ends."""
+a freed block serves the next one without the kernel mapping and zeroing its pages again; and the
+outermost block of work that kept it (a stage command, or the retrain flow's run around its
+stages) hands it back when it ends."""
 
 from __future__ import annotations
 
@@ -125,8 +126,8 @@ print('resident', before, resident(), flush=True)
 
 
 def test_a_stage_hands_the_memory_it_kept_back_when_it_ends(tmp_path):
-    """The flow runs its stages in its own process, which may serve a schedule for weeks: what a
-    stage kept must not stay with it until the next run."""
+    """A process that runs a stage command and goes on (a notebook, an application calling the
+    commands) must not keep what the stage freed."""
     line = [ln for ln in probe(STAGE_GIVES_BACK, "1", cwd=tmp_path) if ln.startswith("resident ")]
     assert line, "the probe printed no resident memory"
     before, after = map(int, line[-1].split()[1:])
@@ -160,4 +161,6 @@ def test_a_stage_inside_the_flow_leaves_the_memory_to_the_next_stage_and_the_run
     line = [ln for ln in probe(NESTED, "1") if ln.startswith("resident ")]
     assert line, "the probe printed no resident memory"
     after_inner, after_outer = map(int, line[-1].split()[1:])
-    assert after_inner - after_outer > 200, f"resident memory {after_inner} MiB after the inner block, {after_outer} MiB after the outer one"
+    assert after_inner - after_outer > 200, (
+        f"resident memory {after_inner} MiB after the inner block, {after_outer} MiB after the outer one"
+    )
