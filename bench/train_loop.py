@@ -8,7 +8,9 @@ CosineAnnealingWarmRestarts. The product's loop is :func:`fracture.training.trai
 preprocessing, progress, per-epoch validation on 16 images, checkpoint-free); its images per
 second are the training part of the epoch, as it logs them. The bare loop is the textbook one:
 a ``DataLoader`` with ``shuffle=True``, normalise, forward, loss, backward, step. The process
-keeps freed memory as the train stage's does (:mod:`fracture.allocator`), and first runs one
+keeps freed memory as the train stage's does (:mod:`fracture.allocator`; each run prints the
+pages the kernel mapped in for it and the kernel's CPU time, which were the gap between the two
+while the heap's top was still trimmed), and first runs one
 uncounted epoch of each side on ``--warmup`` images: a process's first fits grow its heap and
 oneDNN's caches, which would otherwise fall on whichever side ran first. The runs then
 alternate, each pair in the other order from the last (product, bare, bare, product, ...) so
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import resource
 import statistics
 import time
 
@@ -113,10 +116,15 @@ def main() -> None:
     sides = {"product": product_epoch, "bare": bare}
     for r in range(args.repeats):
         order = ("product", "bare") if r % 2 == 0 else ("bare", "product")  # each pair in the other order
+        kernel = {}
         for side in order:
+            before = resource.getrusage(resource.RUSAGE_SELF)
             rates[side].append(sides[side](data))
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            kernel[side] = (after.ru_minflt - before.ru_minflt, after.ru_stime - before.ru_stime)
         print(f"repeat {r + 1} ({order[0]} first): product {rates['product'][-1]:.2f} images/s, "
-              f"bare {rates['bare'][-1]:.2f} images/s")
+              f"bare {rates['bare'][-1]:.2f} images/s; pages the kernel mapped in (minor faults) and its CPU: "
+              + ", ".join(f"{side} {faults:,} in {stime:.1f} s" for side, (faults, stime) in kernel.items()))
     product, bare_rates = rates["product"], rates["bare"]
     ratio = statistics.median(product) / statistics.median(bare_rates)
     print(f"training loop: product {statistics.median(product):.2f} vs bare {statistics.median(bare_rates):.2f} "
