@@ -20,23 +20,32 @@ from tests.conftest import REPO
 BLOCK_BYTES = 64 * 2**20
 PAGES = BLOCK_BYTES // 4096
 
-#: Writes and frees two blocks of ``{size}`` bytes through the C library's malloc (as torch's CPU
-#: allocator does), then counts the pages the kernel maps in for a third.
-COUNT_FAULTS = """
+#: What every probe starts with: blocks written and freed through the C library's malloc (as
+#: torch's CPU allocator does), and the process's minor page faults and resident memory (MiB).
+PRELUDE = """
 import ctypes, resource
 libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
 libc.free.argtypes, libc.memset.argtypes = (ctypes.c_void_p,), (ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t)
-def write_block():
-    block = libc.malloc({size})
-    libc.memset(block, 1, {size})
+def write_block(size):
+    block = libc.malloc(size)
+    libc.memset(block, 1, size)
     return block
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+def resident():
+    return int(open('/proc/self/statm').read().split()[1]) * 4096 // 2**20
+"""
+
+#: Sets the allocator (``{}``: whether it must take).
+SETTING = "from fracture.allocator import keep_freed_memory; assert keep_freed_memory() == {}\n"
+
+#: Writes and frees two blocks of ``{size}`` bytes, then counts the pages the kernel maps in for a third.
+COUNT_FAULTS = """
 for _ in range(2):
-    libc.free(write_block())
+    libc.free(write_block({size}))
 before = faults()
-write_block()
+write_block({size})
 print('faults', faults() - before, flush=True)
 """
 
@@ -44,20 +53,21 @@ pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ve
                                 reason="the allocator's settings are glibc's")
 
 
-def probe(code: str, keep: str, cwd: Path = REPO) -> list[str]:
-    """The words of each line ``code`` prints, run in a Python of its own."""
+def printed(code: str, word: str, keep: str, cwd: Path = REPO) -> list[int]:
+    """The numbers on the last line starting with ``word`` that ``code`` prints, run after
+    :data:`PRELUDE` in a Python of its own."""
     env = os.environ | {SWITCH: keep}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", PRELUDE + code], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=300, check=False)
     assert proc.returncode == 0, f"the probe failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
-    return proc.stdout.splitlines()
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(f"{word} ")]
+    assert lines, f"the probe printed no {word}"
+    return [int(value) for value in lines[-1].split()[1:]]
 
 
 def faults_after(code: str, keep: str, cwd: Path = REPO, size: int = BLOCK_BYTES) -> int:
     """Pages mapped in for a new block of ``size`` bytes after ``code`` ran, in a Python of its own."""
-    line = [ln for ln in probe(code + COUNT_FAULTS.format(size=size), keep, cwd) if ln.startswith("faults ")]
-    assert line, "the probe printed no count"
-    return int(line[-1].split()[1])
+    return printed(code + COUNT_FAULTS.format(size=size), "faults", keep, cwd)[0]
 
 
 def transparent_huge_pages_always() -> bool:
@@ -67,10 +77,9 @@ def transparent_huge_pages_always() -> bool:
 
 
 def test_a_freed_block_serves_the_next_one_without_the_kernel_mapping_its_pages_again():
-    setting = "from fracture.allocator import keep_freed_memory; assert keep_freed_memory() == {}\n"
-    assert faults_after(setting.format(True), "1") < PAGES // 20
+    assert faults_after(SETTING.format(True), "1") < PAGES // 20
     # Switched off, glibc maps every block this large afresh and unmaps it when freed.
-    returned = faults_after(setting.format(False), "0")
+    returned = faults_after(SETTING.format(False), "0")
     if not transparent_huge_pages_always():
         assert returned > PAGES * 9 // 10
 
@@ -90,25 +99,18 @@ def test_freed_memory_at_the_top_of_the_heap_is_kept_whatever_its_size():
     it back to the kernel, only for the next step to map it in again (fracture/allocator.py).
     Kept, a 1.25 GiB block freed there serves the next one."""
     size = 5 * 2**28
-    setting = "from fracture.allocator import keep_freed_memory; assert keep_freed_memory() == {}\n"
-    assert faults_after(setting.format(True), "1", size=size) < size // 4096 // 20
+    assert faults_after(SETTING.format(True), "1", size=size) < size // 4096 // 20
     # glibc's default maps a block this large afresh each time.
     if not transparent_huge_pages_always():
-        assert faults_after(setting.format(False), "0", size=size) > size // 4096 * 9 // 10
+        assert faults_after(SETTING.format(False), "0", size=size) > size // 4096 * 9 // 10
 
 
 #: Runs a stage command once (outside a project it fails at once), frees a 256 MiB block while
 #: memory is kept, runs the command again and prints the resident memory before and after that
 #: second run, in MiB (the first run's imports would take some of the block's pages).
 STAGE_GIVES_BACK = """
-import ctypes
 from fracture.allocator import keep_freed_memory
 from fracture.cli import main
-def resident():
-    return int(open('/proc/self/statm').read().split()[1]) * 4096 // 2**20
-libc = ctypes.CDLL(None)
-libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
-libc.free.argtypes, libc.memset.argtypes = (ctypes.c_void_p,), (ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t)
 def stage():
     try:
         main(['validate'])
@@ -116,9 +118,7 @@ def stage():
         pass
 stage()
 assert keep_freed_memory()
-block = libc.malloc(2**28)
-libc.memset(block, 1, 2**28)
-libc.free(block)
+libc.free(write_block(2**28))
 before = resident()
 stage()
 print('resident', before, resident(), flush=True)
@@ -128,28 +128,18 @@ print('resident', before, resident(), flush=True)
 def test_a_stage_hands_the_memory_it_kept_back_when_it_ends(tmp_path):
     """A process that runs a stage command and goes on (a notebook, an application calling the
     commands) must not keep what the stage freed."""
-    line = [ln for ln in probe(STAGE_GIVES_BACK, "1", cwd=tmp_path) if ln.startswith("resident ")]
-    assert line, "the probe printed no resident memory"
-    before, after = map(int, line[-1].split()[1:])
+    before, after = printed(STAGE_GIVES_BACK, "resident", "1", cwd=tmp_path)
     assert before - after > 200, f"resident memory {before} MiB before the stage, {after} MiB after it"
 
 
 #: Frees a 256 MiB block inside two nested blocks of kept memory and prints the resident memory
 #: (MiB) after the inner one ends and after the outer one ends.
 NESTED = """
-import ctypes
 from fracture.allocator import freed_memory_kept
-def resident():
-    return int(open('/proc/self/statm').read().split()[1]) * 4096 // 2**20
-libc = ctypes.CDLL(None)
-libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
-libc.free.argtypes, libc.memset.argtypes = (ctypes.c_void_p,), (ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t)
 with freed_memory_kept() as outer:
     with freed_memory_kept() as inner:
         assert outer and inner
-        block = libc.malloc(2**28)
-        libc.memset(block, 1, 2**28)
-        libc.free(block)
+        libc.free(write_block(2**28))
     after_inner = resident()
 print('resident', after_inner, resident(), flush=True)
 """
@@ -158,9 +148,7 @@ print('resident', after_inner, resident(), flush=True)
 def test_a_stage_inside_the_flow_leaves_the_memory_to_the_next_stage_and_the_run_hands_it_back():
     """The retrain flow runs its stages in its own process inside a block of its own: a stage's end
     must not hand back what the next stage would map in again; the run's end hands it back."""
-    line = [ln for ln in probe(NESTED, "1") if ln.startswith("resident ")]
-    assert line, "the probe printed no resident memory"
-    after_inner, after_outer = map(int, line[-1].split()[1:])
+    after_inner, after_outer = printed(NESTED, "resident", "1")
     assert after_inner - after_outer > 200, (
         f"resident memory {after_inner} MiB after the inner block, {after_outer} MiB after the outer one"
     )
