@@ -64,6 +64,9 @@ class ValidateParams:
     compare_previous: bool = True
     # Pearson's r of 32 x 32 thumbnails above which two images are one radiograph (null: off).
     near_duplicate_threshold: float | None = None
+    # Pearson's r of the thumbnails' top halves above which two images are one radiograph whatever
+    # their lower parts hold (a copy corrupt in its lower part); null: not compared so.
+    near_duplicate_top_threshold: float | None = None
     on_near_duplicate_conflict: OnNearDuplicateConflict = "exclude"
 
 
@@ -507,6 +510,16 @@ def _check(p: Params) -> None:
     t = p.validate.near_duplicate_threshold
     if t is not None and not (isinstance(t, (int, float)) and 0 < t < 1):
         raise ConfigError(f"params.yaml: validate.near_duplicate_threshold must lie in (0, 1) or be null, got {t!r}")
+    top = p.validate.near_duplicate_top_threshold
+    if top is not None and not (isinstance(top, (int, float)) and not isinstance(top, bool) and 0 < top < 1):
+        raise ConfigError(
+            f"params.yaml: validate.near_duplicate_top_threshold must lie in (0, 1) or be null, got {top!r}"
+        )
+    if top is not None and t is None:
+        raise ConfigError(
+            "params.yaml: validate.near_duplicate_top_threshold needs validate.near_duplicate_threshold: set both, "
+            "or set the top threshold to null"
+        )
     if not 0 < p.split.val_size < 1 or not 0 < p.split.test_size < 1:
         raise ConfigError("params.yaml: split.val_size and split.test_size must lie in (0, 1)")
     if p.split.val_size + p.split.test_size >= 1:

@@ -382,6 +382,7 @@ def build_manifest(
     workers: int | None = None,
     near_duplicate_threshold: float | None = None,
     layout: Layout = "fracatlas",
+    near_duplicate_top_threshold: float | None = None,
 ) -> pd.DataFrame:
     """Lists every image id from the dataset's files and its csv, with its facts.
 
@@ -390,6 +391,8 @@ def build_manifest(
         workers: decoding processes (default: all cores).
         near_duplicate_threshold: find near-duplicate X-rays at this thumbnail correlation
             (:mod:`fracture.near_duplicates`); ``None`` makes every image its own group.
+        near_duplicate_top_threshold: ... and at this correlation of the thumbnails' top halves
+            (a copy corrupt in its lower part); ``None``: not compared so.
         layout: ``fracatlas`` (class folders and ``dataset.csv``) or ``csv`` (``images/`` and
             ``labels.csv``, :func:`read_csv_layout`).
 
@@ -417,7 +420,7 @@ def build_manifest(
     frame = frame.sort_values("image_id").reset_index(drop=True)
     if near_duplicate_threshold is None:
         return frame.assign(near_duplicate_group=frame["image_id"], near_duplicate_conflict=False)
-    return add_near_duplicates(frame, dataset_dir, near_duplicate_threshold, workers)
+    return add_near_duplicates(frame, dataset_dir, near_duplicate_threshold, workers, near_duplicate_top_threshold)
 
 
 def body_part(frame: pd.DataFrame) -> pd.Series:

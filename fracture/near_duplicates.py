@@ -11,6 +11,12 @@ truncated re-encoded copy from matching its original (FracAtlas's truncated file
 copies), and could make two unrelated truncated images match by their grey bands. So a pair with
 a truncated image is compared on the top thumbnail rows both decoded, each image standardised
 over those rows.
+
+A copy can also be corrupt without ending early: its lower part decodes as blocks of grey and
+noise, yet the file ends as a JPEG should, so nothing marks it truncated (FracAtlas holds such
+re-saved copies). Its whole thumbnail then correlates too little with its original's, but its
+top half still matches it. So every pair is also compared on the top half of the thumbnails, each
+standardised over it, at a stricter threshold (``validate.near_duplicate_top_threshold``).
 """
 
 from __future__ import annotations
@@ -131,9 +137,15 @@ def thumbnails(
 
 
 def near_duplicate_pairs(
-    vectors: np.ndarray, ids: Sequence[str], threshold: float, rows: np.ndarray | None = None, block: int = 2048
+    vectors: np.ndarray,
+    ids: Sequence[str],
+    threshold: float,
+    rows: np.ndarray | None = None,
+    block: int = 2048,
+    top_threshold: float | None = None,
 ) -> pd.DataFrame:
-    """Every pair of images whose thumbnails correlate above ``threshold``.
+    """Every pair of images whose thumbnails correlate above ``threshold``, or whose top halves
+    correlate above ``top_threshold``.
 
     Args:
         vectors: normalised thumbnails, one row per image (:func:`thumbnails`).
@@ -145,34 +157,42 @@ def near_duplicate_pairs(
         block: images whose correlations with the others are computed at once. Memory grows
             with ``block`` times the number of images, never with its square: for 30,000
             thumbnails, 0.5 GB beyond the thumbnails themselves, where the whole matrix took 6.8 GB.
+        top_threshold: Pearson's r of the top halves (each standardised over its half) above which
+            two images that both decoded them are one radiograph whatever their lower parts hold;
+            ``None``: not compared so.
 
     Returns:
-        ``image_id_a``, ``image_id_b`` (a before b in ``ids`` order) and ``correlation``, most
-        similar first.
+        ``image_id_a``, ``image_id_b`` (a before b in ``ids`` order), ``correlation`` and
+        ``compared_on``: ``whole``, ``top rows`` (a truncated image, on the rows both decoded) or
+        ``top half`` (matched only there); most similar first, each pair once, as first found in
+        that order.
     """
     n = len(ids)
     side = math.isqrt(vectors.shape[1])
     rows = np.full(n, side) if rows is None else np.asarray(rows, dtype=int)
-    found_a, found_b, found_r = [], [], []
+    found_a, found_b, found_r, found_on = [], [], [], []
 
-    def keep(a: np.ndarray, b: np.ndarray, r: np.ndarray) -> None:
-        hit = r > threshold
+    def keep(a: np.ndarray, b: np.ndarray, r: np.ndarray, on: str, cut: float = threshold) -> None:
+        hit = r > cut
         found_a.append(a[hit])
         found_b.append(b[hit])
         found_r.append(r[hit].astype(float))
+        found_on.append(np.full(int(hit.sum()), on, dtype=object))
 
-    # Whole thumbnails: rows have zero mean and unit variance, so their dot product over the
-    # length is Pearson's r. Each block is compared with the whole images after it.
+    def every_pair(members: np.ndarray, standardised: np.ndarray, on: str, cut: float) -> None:
+        # Rows have zero mean and unit variance, so their dot product over the length is
+        # Pearson's r. Each block is compared with the images after it.
+        for start in range(0, len(members), block):
+            size = min(block, len(members) - start)
+            corr = standardised[start : start + size] @ standardised[start:].T
+            corr /= standardised.shape[1]
+            hit = corr > cut
+            hit[:, :size] &= np.triu(np.ones((size, size), dtype=bool), k=1)  # each pair once, never an image with itself
+            i, j = np.nonzero(hit)
+            keep(members[start + i], members[start + j], corr[i, j], on, cut)
+
     whole = np.flatnonzero(rows >= side)
-    whole_vectors = vectors[whole]
-    for start in range(0, len(whole), block):
-        size = min(block, len(whole) - start)
-        corr = whole_vectors[start : start + size] @ whole_vectors[start:].T
-        corr /= vectors.shape[1]
-        hit = corr > threshold
-        hit[:, :size] &= np.triu(np.ones((size, size), dtype=bool), k=1)  # each pair once, never an image with itself
-        i, j = np.nonzero(hit)
-        keep(whole[start + i], whole[start + j], corr[i, j])
+    every_pair(whole, vectors[whole], "whole", threshold)
     # A truncated image against every image that decoded at least as many rows (the others
     # compare with it on their own turn), on its rows, each thumbnail standardised over them.
     top, top_rows = None, None  # every thumbnail's top rows, standardised, for one row count at a time
@@ -183,11 +203,18 @@ def near_duplicate_pairs(
         # Equal row counts meet on both turns: the pair is kept once, on the turn of its later image.
         others = others[(others != i) & ((rows[others] > rows[i]) | (others < i))]
         r = top[others] @ top[i] / top.shape[1]
-        keep(np.minimum(others, i), np.maximum(others, i), r)
+        keep(np.minimum(others, i), np.maximum(others, i), r, "top rows")
+    if top_threshold is not None:
+        # Every image that decoded its top half, on that half: a copy whose lower part is corrupt.
+        half = side // 2
+        tall = np.flatnonzero(rows >= half)
+        every_pair(tall, _standardise(vectors[tall, : half * side]).astype(np.float32), "top half", top_threshold)
     a, b = (np.concatenate(x) if x else np.zeros(0, dtype=np.int64) for x in (found_a, found_b))
     r = np.concatenate(found_r) if found_r else np.zeros(0)
+    on = np.concatenate(found_on) if found_on else np.zeros(0, dtype=object)
     ids = np.asarray(ids)
-    pairs = pd.DataFrame({"image_id_a": ids[a], "image_id_b": ids[b], "correlation": r})
+    pairs = pd.DataFrame({"image_id_a": ids[a], "image_id_b": ids[b], "correlation": r, "compared_on": on})
+    pairs = pairs.drop_duplicates(["image_id_a", "image_id_b"])  # kept as first found: whole, top rows, top half
     return pairs.sort_values(["correlation", "image_id_a"], ascending=[False, True]).reset_index(drop=True)
 
 
@@ -211,7 +238,11 @@ def group_ids(ids: Sequence[str], pairs: pd.DataFrame) -> pd.Series:
 
 
 def add_near_duplicates(
-    manifest: pd.DataFrame, dataset_dir: Path, threshold: float, workers: int | None = None
+    manifest: pd.DataFrame,
+    dataset_dir: Path,
+    threshold: float,
+    workers: int | None = None,
+    top_threshold: float | None = None,
 ) -> pd.DataFrame:
     """The manifest with each image's near-duplicate group and whether the group's labels disagree.
 
@@ -224,13 +255,18 @@ def add_near_duplicates(
         dataset_dir: the folder the paths are relative to.
         threshold: Pearson's r of the thumbnails above which two images are one radiograph.
         workers: decoding processes (default: all cores).
+        top_threshold: Pearson's r of the thumbnails' top halves above which two images are one
+            radiograph whatever their lower parts hold (:func:`near_duplicate_pairs`); ``None``: not
+            compared so.
 
     Returns:
         A copy with ``near_duplicate_group`` (the group's first image id; the image's own id when
         it has no near-duplicate), ``near_duplicate_conflict`` (the group's members carry
         different labels: the class folder's, else dataset.csv's) and ``near_duplicate_compared``
         (the image was compared with the others: False for a file that does not decode, or a
-        truncated one that decodes less than :data:`MIN_ROWS` thumbnail rows).
+        truncated one that decodes less than :data:`MIN_ROWS` thumbnail rows) and
+        ``near_duplicate_top_half`` (the image matched another only on the top half: one of
+        them is likely corrupt in its lower part).
     """
     out = manifest.copy()
     repeated = out["image_id"][out["image_id"].duplicated()]
@@ -252,8 +288,17 @@ def add_near_duplicates(
             "%d truncated image(s) decode less than a quarter of their height, too little to find their near-duplicates "
             "by; each is its own group: %s", len(short), ", ".join(short),
         )
-    groups = group_ids(ids, near_duplicate_pairs(vectors, ids, threshold, rows))
+    pairs = near_duplicate_pairs(vectors, ids, threshold, rows, top_threshold=top_threshold)
+    top_half = pairs[pairs["compared_on"] == "top half"]
+    if not top_half.empty:
+        log.info(
+            "%d pair(s) of X-rays match on the top half only, their lower parts differing (one of each is likely "
+            "corrupt there): %s", len(top_half),
+            ", ".join(f"{a} / {b} ({r:.4f})" for a, b, r in top_half[["image_id_a", "image_id_b", "correlation"]].itertuples(index=False)),
+        )
+    groups = group_ids(ids, pairs)
     out["near_duplicate_group"] = out["image_id"].map(groups).fillna(out["image_id"])
+    out["near_duplicate_top_half"] = out["image_id"].isin(set(top_half["image_id_a"]) | set(top_half["image_id_b"]))
     # Which images were looked at: the report lists the decodable ones that were not (too short).
     compared = {i for i, r in zip(ids, rows) if r >= MIN_ROWS}
     out["near_duplicate_compared"] = out["image_id"].isin(compared)

@@ -37,7 +37,9 @@ class ValidationReport:
         excluded: image id -> the rule and reason that excluded it.
         duplicate_groups: ids of byte-identical files, two or more per group, sorted.
         counts: totals, and per class, body part and view for all ids and included images;
-            ``near_duplicates``: groups, images in groups and groups whose labels disagree.
+            ``near_duplicates``: groups, images in groups and groups whose labels disagree, the
+            included truncated images that could not be compared, and the images matched on
+            their thumbnails' top half only.
         gx_outputs: where the GX validation result, suite and Data Docs index were written
             (empty when no directory was given).
         near_duplicate_groups: ids of near-duplicate X-rays (:mod:`fracture.near_duplicates`),
@@ -169,6 +171,9 @@ def _near_duplicate_counts(manifest: pd.DataFrame, groups: list[list[str]]) -> d
         truncated = manifest["truncated"].fillna(False).astype(bool)
         unseen = used & decodable & truncated & ~manifest["near_duplicate_compared"].astype(bool)
         counts["not_compared"] = sorted(manifest.loc[unseen, "image_id"])
+    if "near_duplicate_top_half" in manifest:
+        # Images grouped only by their top halves: one of each such pair is likely corrupt below.
+        counts["matched_on_top_half"] = sorted(manifest.loc[manifest["near_duplicate_top_half"].astype(bool), "image_id"])
     return counts
 
 

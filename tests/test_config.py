@@ -75,6 +75,9 @@ def test_a_layer_decay_outside_0_to_1_is_refused(value):
         ("validate", "fractured_share", [0.05], r"validate.fractured_share must be \[low, high\]"),
         ("validate", "fractured_share", [0.4, 0.1], r"validate.fractured_share must be \[low, high\]"),
         ("validate", "colour_modes", "RGB", r"validate.colour_modes must be a list of Pillow modes such as \[L, RGB\], got 'RGB'"),
+        ("validate", "near_duplicate_threshold", 1.5, r"validate.near_duplicate_threshold must lie in \(0, 1\)"),
+        ("validate", "near_duplicate_top_threshold", 99.5, r"validate.near_duplicate_top_threshold must lie in \(0, 1\) or be null, got 99.5"),
+        ("validate", "near_duplicate_top_threshold", True, r"validate.near_duplicate_top_threshold must lie in \(0, 1\)"),
     ],
 )
 def test_a_value_out_of_its_range_is_refused_when_params_load_naming_the_field(section, key, value, message):
@@ -208,3 +211,12 @@ def test_params_read_with_libyaml_equal_the_pure_parsers_reading():
     """load_params parses with PyYAML's libyaml loader; the result is the pure-Python loader's."""
     assert hasattr(yaml, "CSafeLoader"), "PyYAML without libyaml: reinstall it from its wheel (make venv)"
     assert load_params(REPO) == parse_params(yaml.load((REPO / "params.yaml").read_text(), Loader=yaml.SafeLoader))
+
+
+def test_a_top_half_threshold_without_the_whole_thumbnail_threshold_is_refused():
+    raw = raw_params()
+    raw["validate"]["near_duplicate_threshold"] = None
+    with pytest.raises(ConfigError, match="near_duplicate_top_threshold needs validate.near_duplicate_threshold"):
+        parse_params(raw)
+    raw["validate"]["near_duplicate_top_threshold"] = None
+    assert parse_params(raw).validate.near_duplicate_top_threshold is None

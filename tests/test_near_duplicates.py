@@ -76,12 +76,30 @@ def test_pairs_found_block_by_block_are_every_pair_a_whole_matrix_finds():
             if r > 0.4:
                 expected[ids[a], ids[b]] = r
     assert len(expected) > 50 and ("IMG0000008", "IMG0000013") in expected
+    # The top-half comparison (here at a lower threshold, so that it finds pairs of its own): pairs
+    # both of whose images decoded their top 16 rows, on those rows; each pair kept once, as found
+    # first: the whole thumbnails' (or the decoded rows') finding stands.
+    top_expected = {}
+    for a in range(n):
+        for b in range(a + 1, n):
+            if min(rows[a], rows[b]) < side // 2 or (ids[a], ids[b]) in expected:
+                continue
+            u, v = (_standardised(vectors[k, : side // 2 * side].astype(float)) for k in (a, b))
+            r = float(u @ v) / u.size
+            if r > 0.3:
+                top_expected[ids[a], ids[b]] = r
+    assert len(top_expected) >= 3
     for block in (1, 7, 2048):
         pairs = near_duplicate_pairs(vectors, ids, 0.4, rows, block=block)
-        found = {(a, b): r for a, b, r in pairs.itertuples(index=False)}
+        found = {(a, b): r for a, b, r, _ in pairs.itertuples(index=False)}
         assert found.keys() == expected.keys(), block
         assert max(abs(found[p] - expected[p]) for p in expected) < 1e-4
         assert pairs["correlation"].is_monotonic_decreasing
+        with_top = near_duplicate_pairs(vectors, ids, 0.4, rows, block=block, top_threshold=0.3)
+        on = {(a, b): (r, how) for a, b, r, how in with_top.itertuples(index=False)}
+        assert on.keys() == expected.keys() | top_expected.keys(), block
+        assert all(on[p][1] != "top half" and abs(on[p][0] - expected[p]) < 1e-4 for p in expected)
+        assert all(on[p][1] == "top half" and abs(on[p][0] - top_expected[p]) < 1e-4 for p in top_expected)
 
 
 def test_a_reencoded_copy_correlates_and_a_different_image_does_not(tmp_path):
@@ -115,7 +133,7 @@ def test_near_duplicates_are_grouped_and_conflicting_labels_excluded(tmp_path):
     assert report.finding("near_duplicate_labels_agree").unexpected_ids == ["IMG0000002.jpg", "IMG0000031.jpg"]
     assert report.near_duplicate_groups == [["IMG0000002.jpg", "IMG0000031.jpg"], ["IMG0000010.jpg", "IMG0000030.jpg"]]
     assert report.counts["near_duplicates"] == {
-        "groups": 2, "images_in_groups": 4, "label_conflict_groups": 1, "not_compared": [],
+        "groups": 2, "images_in_groups": 4, "label_conflict_groups": 1, "not_compared": [], "matched_on_top_half": [],
     }
     assert sorted(report.excluded) == ["IMG0000002.jpg", "IMG0000031.jpg"]
     assert "near-duplicate" in report.excluded["IMG0000031.jpg"].reason
@@ -164,6 +182,53 @@ def test_a_truncated_copy_is_compared_on_the_rows_it_decoded(tmp_path):
     assert sorted(report.finding("near_duplicate_labels_agree").unexpected_ids) == ["IMG0000001.jpg", "IMG0000020.jpg"]
     # The copy that could not be compared is trained on under on_truncated: keep, and the report names it.
     assert report.counts["near_duplicates"]["not_compared"] == ["IMG0000021.jpg"]
+
+
+def corrupt_below(src, dest, keep: float, seed: int = 0) -> None:
+    """The same picture re-saved with its lower part replaced by 8 x 8 blocks of grey levels, as
+    FracAtlas's corrupt copies decode (IMG0004187 below IMG0002834's top): a whole JPEG, so
+    nothing marks it truncated."""
+    with Image.open(src) as img:
+        pixels = np.asarray(img.convert("L")).copy()
+    top = int(len(pixels) * keep)
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(90, 170, ((len(pixels) - top + 7) // 8, (pixels.shape[1] + 7) // 8), dtype=np.uint8)
+    pixels[top:] = np.kron(blocks, np.ones((8, 8), dtype=np.uint8))[: len(pixels) - top, : pixels.shape[1]]
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(dest, quality=90)
+
+
+def test_a_copy_corrupt_below_matches_its_original_on_the_top_half(tmp_path):
+    make_dataset(tmp_path, 4, 6)
+    for i, folder in enumerate(["Fractured"] * 4 + ["Non_fractured"] * 6):
+        smooth_xray(tmp_path / "images" / folder / f"IMG{i:07d}.jpg", i, size=(240, 480))
+    corrupt_below(tmp_path / "images/Fractured/IMG0000001.jpg", tmp_path / "images/Fractured/IMG0000020.jpg", 0.6)
+    csv = pd.read_csv(tmp_path / "dataset.csv")
+    row = csv[csv["image_id"] == "IMG0000001.jpg"].iloc[0].copy()
+    row["image_id"] = "IMG0000020.jpg"
+    pd.concat([csv, row.to_frame().T]).to_csv(tmp_path / "dataset.csv", index=False)
+    copy, original = (thumbnail(tmp_path / f"images/Fractured/IMG00000{n}.jpg") for n in ("20", "01"))
+    params = load_params(REPO).validate
+    assert params.near_duplicate_top_threshold is not None
+    assert float(copy @ original) / copy.size < params.near_duplicate_threshold  # the whole thumbnails miss it
+
+    found = near_duplicate_pairs(np.stack([original, copy]), ["a", "b"], params.near_duplicate_threshold,
+                                 top_threshold=params.near_duplicate_top_threshold)
+    assert found[["image_id_a", "image_id_b", "compared_on"]].values.tolist() == [["a", "b", "top half"]]
+    assert found["correlation"].iloc[0] > params.near_duplicate_top_threshold
+
+    manifest = build_manifest(tmp_path, workers=1, near_duplicate_threshold=params.near_duplicate_threshold,
+                              near_duplicate_top_threshold=params.near_duplicate_top_threshold)
+    by_id = manifest.set_index("image_id")
+    assert not by_id.loc["IMG0000020.jpg", "truncated"]
+    assert by_id.loc["IMG0000020.jpg", "near_duplicate_group"] == "IMG0000001.jpg"
+    assert sorted(by_id.index[by_id["near_duplicate_top_half"]]) == ["IMG0000001.jpg", "IMG0000020.jpg"]
+    _, report = validate(manifest, params)
+    assert report.near_duplicate_groups == [["IMG0000001.jpg", "IMG0000020.jpg"]]
+    assert report.counts["near_duplicates"]["matched_on_top_half"] == ["IMG0000001.jpg", "IMG0000020.jpg"]
+    # Without the top-half comparison the copy is a group of its own, and could land in another split.
+    alone = build_manifest(tmp_path, workers=1, near_duplicate_threshold=params.near_duplicate_threshold)
+    assert (alone["near_duplicate_group"] == alone["image_id"]).all()
 
 
 def test_two_truncated_x_rays_do_not_match_by_their_grey_bands(tmp_path):

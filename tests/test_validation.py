@@ -500,7 +500,8 @@ def test_data_docs_load_nothing_from_the_internet(tmp_path, vparams, quirky):
 @pytest.fixture(scope="module")
 def real(fracatlas, vparams, tmp_path_factory):
     """The real copy's manifest and its validation under the default params (built once)."""
-    manifest = build_manifest(fracatlas, near_duplicate_threshold=vparams.near_duplicate_threshold)
+    manifest = build_manifest(fracatlas, near_duplicate_threshold=vparams.near_duplicate_threshold,
+                              near_duplicate_top_threshold=vparams.near_duplicate_top_threshold)
     resolved, report = validate(manifest, vparams, tmp_path_factory.mktemp("real_gx"))
     return manifest, resolved, report
 
@@ -611,6 +612,16 @@ def test_real_copy_near_duplicates_are_grouped_and_conflicting_labels_flagged(re
     for a, b in [("IMG0004278.jpg", "IMG0003001.jpg"), ("IMG0004279.jpg", "IMG0003000.jpg")]:
         assert group[a] == group[b] and {a, b} <= conflicting
     assert group["IMG0004297.jpg"] == group["IMG0003061.jpg"]
+    # Re-saved copies whose lower part decodes as grey blocks though each file ends as a JPEG
+    # should (so none is truncated): found on the top half of the thumbnails only. Before, the
+    # first lay in test with its copy in train, the second in val with its copy in train.
+    corrupt_below = [("IMG0002904.jpg", "IMG0004232.jpg"), ("IMG0002746.jpg", "IMG0004117.jpg"),
+                     ("IMG0002834.jpg", "IMG0004187.jpg"), ("IMG0002791.jpg", "IMG0004150.jpg")]
+    truncated = manifest.set_index("image_id")["truncated"]
+    for a, b in corrupt_below:
+        assert group[a] == group[b] and not truncated[a] and not truncated[b]
+    assert report.counts["near_duplicates"]["matched_on_top_half"] == sorted(i for pair in corrupt_below for i in pair)
+    assert report.counts["near_duplicates"]["not_compared"] == []
     labels = manifest.set_index("image_id")["folder_label"]
     assert all(labels[g].nunique() == 2 for g in manifest[manifest["near_duplicate_conflict"]].groupby("near_duplicate_group")["image_id"].apply(list))
     # Every byte-identical group lies inside one near-duplicate group.

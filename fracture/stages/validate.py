@@ -32,6 +32,7 @@ def run_validate(params: Params, workspace: Workspace) -> ValidateResult:
     manifest = build_manifest(
         workspace.root / params.ingest.dest,
         near_duplicate_threshold=params.validate.near_duplicate_threshold,
+        near_duplicate_top_threshold=params.validate.near_duplicate_top_threshold,
         layout=layout,
     )
     resolved, report = validate(manifest, params.validate, workspace.gx_dir, skipped_rules(layout))
