@@ -114,6 +114,21 @@ class DicomRejected(ValueError):
     """
 
 
+def unreadable(part: str, exc: Exception) -> DicomRejected:
+    """The refusal of a DICOM file pydicom fails on, in pydicom's own words (they name the
+    attribute: a VOI LUT descriptor, a value that does not parse), never a path.
+
+    Args:
+        part: ``header`` or ``pixel data``.
+        exc: what pydicom (or the display pipeline on its values) raised.
+    """
+    log.info("DICOM %s unreadable: %s: %s", part, type(exc).__name__, exc)
+    detail = " ".join(str(exc).split())[:200] or type(exc).__name__
+    return DicomRejected(
+        f"its {part} cannot be read ({type(exc).__name__}: {detail}); send the file as the modality or PACS wrote it"
+    )
+
+
 def is_dicom(data: bytes) -> bool:
     """True when ``data`` starts like a DICOM file.
 
@@ -286,11 +301,29 @@ def check_radiograph(ds: Dataset, modalities: Iterable[str] = RADIOGRAPHY) -> tu
             f"has {bits} bits allocated and {stored} stored per pixel; radiographs hold at most {MAX_BITS} "
             "(PS3.3 C.8.11.3): send the image as the modality stored it"
         )
+    for tag in ("RescaleSlope", "RescaleIntercept"):
+        if tag in ds and ds.get(tag) in (None, ""):
+            raise DicomRejected(f"has an empty {tag}, which the modality transform needs; the header is corrupt")
+    high_bit = ds.get("HighBit")
+    if high_bit is not None and stored and int(high_bit) != stored - 1:
+        # pydicom reads the low Bits Stored bits and ignores High Bit: a shifted layout would
+        # decode into other values, silently.
+        raise DicomRejected(
+            f"has High Bit {int(high_bit)} with {stored} bits stored; the standard requires High Bit to be one "
+            "less than Bits Stored (PS3.3 C.7.6.3.1), as pre-DICOM (ACR-NEMA) layouts were not: re-export the "
+            "image from the PACS"
+        )
     width = ds.get("WindowWidth")
     if width is not None and not ds.get("VOILUTSequence"):  # an empty sequence holds no LUT: the window applies
         first = float(width[0] if isinstance(width, MultiValue) else width)
-        if first < 1:
+        function = str(ds.get("VOILUTFunction") or "LINEAR").upper()
+        if function == "LINEAR" and first < 1:
             raise DicomRejected(f"has WindowWidth {first:g}; the standard requires at least 1 (PS3.3 C.11.2.1.2)")
+        if first <= 0:
+            raise DicomRejected(
+                f"has WindowWidth {first:g} with VOI LUT Function {function}; the standard requires more than 0 "
+                "(PS3.3 C.11.2.1.3)"
+            )
     slope = ds.get("RescaleSlope")
     if slope is not None and not ds.get("ModalityLUTSequence") and float(slope) == 0:
         raise DicomRejected("has RescaleSlope 0, which maps every pixel to one value; the header is corrupt")
@@ -373,7 +406,9 @@ def to_display(ds: Dataset) -> np.ndarray:
     # on a 20-megapixel detector image: 610 MB allocated per pixel, 153 MB per level;
     # bench/dicom_display.py).
     low, high = int(pixels.min()), int(pixels.max())
-    levels = np.arange(low, high + 1).astype(pixels.dtype)
+    # Wider than 8 bits: pydicom subtracts a LUT's first mapped value in the array's own type, so
+    # signed 8-bit levels past 127 - |first| would wrap round.
+    levels = np.arange(low, high + 1).astype(pixels.dtype if pixels.dtype.itemsize > 1 else np.int16)
     offsets = pixels.astype(np.int32) - low if pixels.dtype.itemsize < 4 else (pixels - low).astype(np.int64)
     present = np.zeros(len(levels), dtype=bool)
     present[offsets.ravel()] = True
@@ -423,7 +458,17 @@ def dicom_to_image(data: bytes, modalities: Iterable[str] = RADIOGRAPHY) -> Imag
     Raises:
         DicomRejected: not a readable single-frame radiograph of an accepted modality.
     """
-    ds = read_header(data)
-    check_radiograph(ds, modalities)
-    display = to_display(ds)
+    try:
+        ds = read_header(data)
+        check_radiograph(ds, modalities)
+    except DicomRejected:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a malformed header (a missing Rows, a bad value) is this file's problem
+        raise unreadable("header", exc) from exc
+    try:
+        display = to_display(ds)
+    except DicomRejected:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a LUT or value the display pipeline fails on
+        raise unreadable("pixel data", exc) from exc
     return Image.fromarray(display)  # uint8 H x W is L, H x W x 3 is RGB

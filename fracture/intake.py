@@ -43,6 +43,7 @@ from fracture.dicom import (
     is_dicom,
     read_header,
     to_display,
+    unreadable,
 )
 
 log = logging.getLogger(__name__)
@@ -186,14 +187,8 @@ def _check_dimensions(width: int, height: int, policy: InputPolicy) -> None:
 
 
 def _unreadable(part: str, exc: Exception) -> InputRejected:
-    """The refusal of a DICOM file pydicom fails on, with pydicom's own words (they name the
-    attribute: a VOI LUT descriptor, a value that does not parse), never a path."""
-    log.info("DICOM %s unreadable: %s: %s", part, type(exc).__name__, exc)
-    detail = " ".join(str(exc).split())[:200] or type(exc).__name__
-    return InputRejected(
-        f"is DICOM but its {part} cannot be read ({type(exc).__name__}: {detail}); send the file as the "
-        "modality or PACS wrote it"
-    )
+    """The refusal of a DICOM file pydicom fails on (:func:`fracture.dicom.unreadable`)."""
+    return InputRejected(f"is DICOM but {unreadable(part, exc)}")
 
 
 def _read_dicom(data: bytes, policy: InputPolicy) -> Xray:

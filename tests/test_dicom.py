@@ -252,19 +252,86 @@ def _rescale_slope_0(ds):
     ds.RescaleSlope = 0
 
 
-@pytest.mark.parametrize(
-    ("corrupt", "message"),
-    [
-        (_nine_bit_voi_lut, r"pixel data cannot be read \(NotImplementedError: '9' bits per LUT entry"),
-        (_empty_voi_lut_and_window_width_0, "has WindowWidth 0; the standard requires at least 1"),
-        (_rescale_slope_0, "has RescaleSlope 0, which maps every pixel to one value"),
-    ],
-)
+def _empty_rescale(ds):
+    ds.RescaleSlope = None
+    ds.RescaleIntercept = None
+
+
+def _voi_lut_descriptor_of_two_values(ds):
+    item = Dataset()
+    item.LUTDescriptor = [4096, 0]
+    item.LUTData = list(range(4096))
+    item["LUTData"].VR = "US"
+    ds.VOILUTSequence = Sequence([item])
+
+
+def _shifted_high_bit(ds):
+    # 12 bits stored in the top of each 16-bit word, as ACR-NEMA layouts did: pydicom would read
+    # the low 12 bits and show a sawtooth.
+    ds.PixelData = (ds.pixel_array.astype(np.uint16) << 4).tobytes()
+    ds.HighBit = 15
+
+
+def _sigmoid_width_0(ds):
+    ds.WindowCenter, ds.WindowWidth, ds.VOILUTFunction = 2048, 0, "SIGMOID"
+
+
+HEADERS_REFUSED = [
+    (_nine_bit_voi_lut, r"pixel data cannot be read \(NotImplementedError: '9' bits per LUT entry"),
+    (_voi_lut_descriptor_of_two_values, r"pixel data cannot be read \(IndexError"),
+    (_empty_voi_lut_and_window_width_0, "has WindowWidth 0; the standard requires at least 1"),
+    (_sigmoid_width_0, "has WindowWidth 0 with VOI LUT Function SIGMOID; the standard requires more than 0"),
+    (_rescale_slope_0, "has RescaleSlope 0, which maps every pixel to one value"),
+    (_empty_rescale, "has an empty RescaleSlope, which the modality transform needs"),
+    (_shifted_high_bit, r"has High Bit 15 with 12 bits stored; the standard requires High Bit to be one less"),
+]
+
+
+@pytest.mark.parametrize(("corrupt", "message"), HEADERS_REFUSED)
 def test_a_header_the_display_pipeline_cannot_use_is_refused_naming_what_is_wrong(xrays, corrupt, message):
     ds = dcmread(__import__("io").BytesIO(dicom_from_jpeg(xrays[0], "12-bit rescaled")))
     corrupt(ds)
     with pytest.raises(InputRejected, match=f"^is DICOM but .*{message}"):
         read_xray(to_bytes(ds), InputPolicy())
+
+
+@pytest.mark.parametrize(("corrupt", "message"), HEADERS_REFUSED)
+def test_training_lists_such_a_file_as_undecodable_with_the_reason(xrays, tmp_path, corrupt, message):
+    """The validate stage decodes every file of a hospital's export: one malformed header is that
+    row's finding, named in the report, not an error that stops the stage."""
+    ds = dcmread(__import__("io").BytesIO(dicom_from_jpeg(xrays[0], "12-bit rescaled")))
+    corrupt(ds)
+    path = tmp_path / "IM0001.dcm"
+    path.write_bytes(to_bytes(ds))
+    facts = inspect_image(str(path))
+    assert not facts.decodable and not facts.truncated
+    assert __import__("re").search(message, facts.error), facts.error
+    with pytest.raises(DicomRejected, match=message):
+        dicom_to_image(path.read_bytes())
+
+
+def test_signed_8_bit_levels_go_through_a_voi_lut_without_wrapping_round():
+    ds = _dataset("CR")
+    ds.set_pixel_data(np.tile(np.arange(-100, 101, dtype=np.int8), (8, 1)), "MONOCHROME2", 8)
+    item = Dataset()
+    item.LUTDescriptor = [201, -100, 16]
+    item["LUTDescriptor"].VR = "SS"
+    item.LUTData = [round(i * 65535 / 200) for i in range(201)]
+    item["LUTData"].VR = "US"
+    ds.VOILUTSequence = Sequence([item])
+    shown = np.asarray(dicom_to_image(to_bytes(ds)))[0]
+    # The LUT is a straight ramp from the first stored value (-100) to the last (+100).
+    np.testing.assert_array_equal(shown, np.rint(np.arange(201) * 255 / 200).astype(np.uint8))
+
+
+def test_a_window_narrower_than_1_is_read_under_linear_exact():
+    """LINEAR_EXACT (PS3.3 C.11.2.1.3.2) allows any width above 0, unlike LINEAR."""
+    ds = _dataset()
+    ds.set_pixel_data(np.tile(np.arange(2040, 2057, dtype=np.uint16), (4, 1)), "MONOCHROME2", 12)
+    ds.WindowCenter, ds.WindowWidth, ds.VOILUTFunction = 2048, 0.5, "LINEAR_EXACT"
+    shown = np.asarray(dicom_to_image(to_bytes(ds)))[0]
+    np.testing.assert_array_equal(shown[:8], 0)
+    np.testing.assert_array_equal(shown[9:], 255)
 
 
 def test_files_that_only_start_like_a_dataset_are_not_taken_for_dicom():
