@@ -50,6 +50,7 @@ from fracture.registry import (
     _registration,
     _tag_version,
     _test_metrics,
+    _untag_version,
     _verdict,
 )
 
@@ -149,8 +150,20 @@ def load_check(name: str, version: str, image: Path, threshold: float, isolated:
     return GateCheck("load check", True, f"{uri} found {len(boxes)} boxes on {image.name} (top score {score:.4f})")
 
 
+#: The version tags a comparison with the champion writes (:func:`map_tags`): a decision taken
+#: without one removes those an earlier decision left.
+MAP_COMPARISON_TAGS = (
+    "gate_compared_with",
+    "gate_images",
+    "gate_map_50_difference",
+    "gate_map_50_difference_ci",
+    "gate_p_value",
+    "gate_resamples",
+)
+
+
 def map_tags(paired: PairedMAP, champion: str) -> dict[str, str]:
-    """The paired comparison as version tags (``gate_*``)."""
+    """The paired comparison as version tags (:data:`MAP_COMPARISON_TAGS`)."""
     return {
         "gate_compared_with": champion,
         "gate_images": str(paired.n_images),
@@ -294,6 +307,9 @@ def _gate(
             _tag_version(client, name, version, map_tags(paired, champion))
             checks += (GateCheck("scored with champion", True, detail),
                        beats_champion(paired, champion, params.confidence))
+    if not any(c.name == "scored with champion" and c.passed for c in checks):
+        # Decided without a comparison: the figures of an earlier decision would contradict this one.
+        _untag_version(client, name, version, MAP_COMPARISON_TAGS)
     if all(c.passed for c in checks):
         checks += (load_check(name, version, split.check_image, threshold, isolated),)
     return checks

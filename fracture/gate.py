@@ -24,7 +24,7 @@ from fracture.fingerprints import split_fingerprint
 
 
 class SplitTableError(ValueError):
-    """The test split table cannot be compared on: a column or every image path is missing."""
+    """The test split table cannot be compared on: a column, an image path or a label is missing."""
 
 
 @dataclass(frozen=True)
@@ -64,27 +64,34 @@ class EvaluatedSplit:
 
         Raises:
             FileNotFoundError: the table does not exist.
-            SplitTableError: the table lacks a column or holds no image path.
+            SplitTableError: the table lacks a column, or a row lacks its image path or a label of 0
+                or 1; the message names the table and the rows.
         """
-        # Raised as the registry's error, which the register command and task report as such;
-        # imported here so that the gate's rules load without MLflow.
-
         if not test_csv.is_file():
             raise FileNotFoundError(f"{test_csv} not found: run the split stage first (dvc repro)")
         frame = pd.read_csv(test_csv, dtype={"image_id": str, "path": str})
         missing = {"image_id", "path", "label"} - set(frame.columns)
         if missing:
             raise SplitTableError(f"{test_csv}: columns {sorted(missing)} missing; rebuild it with `dvc repro split`")
-        paths = frame["path"].dropna()
-        paths = paths[paths != ""]
-        if paths.empty:
+        if frame.empty:
             raise SplitTableError(f"{test_csv}: no image paths; rebuild it with `dvc repro split`")
+        # The fingerprint covers every row, so every row must be scored: none may lack its image
+        # or its label. Line numbers count the header as line 1, as an editor shows them.
+        no_path = frame["path"].isna() | (frame["path"].str.strip() == "")
+        label = pd.to_numeric(frame["label"], errors="coerce")
+        bad_label = ~label.isin([0, 1])
+        for bad, what in ((no_path, "no image path"), (bad_label, "a label other than 0 or 1")):
+            if bad.any():
+                lines = ", ".join(str(i + 2) for i in frame.index[bad][:10])
+                raise SplitTableError(
+                    f"{test_csv}: {int(bad.sum())} row(s) with {what} (lines {lines}); rebuild it with `dvc repro split`"
+                )
         return cls(
             split_fingerprint(frame),
             len(frame),
-            dataset_dir / paths.iloc[0],
-            tuple(dataset_dir / p for p in paths),
-            tuple(int(v) for v in frame.loc[paths.index, "label"]),
+            dataset_dir / frame["path"].iloc[0],
+            tuple(dataset_dir / p for p in frame["path"]),
+            tuple(int(v) for v in label),
             allow_truncated,
         )
 
@@ -143,6 +150,19 @@ class PairedScores:
     champion_version: str
 
 
+#: The version tags a comparison with the champion writes (:meth:`Comparison.tags`): a decision
+#: taken without one removes those an earlier decision left.
+COMPARISON_TAGS = (
+    "gate_compared_with",
+    "gate_images",
+    "gate_auc_difference",
+    "gate_auc_difference_ci",
+    "gate_p_value",
+    "gate_sensitivity_change",
+    "gate_specificity_change",
+)
+
+
 @dataclass(frozen=True)
 class Comparison:
     """How a version compares with the champion on the same test images.
@@ -174,7 +194,7 @@ class Comparison:
         return self.candidate_specificity - self.champion_specificity
 
     def tags(self) -> dict[str, str]:
-        """The comparison as registered-model version tags (``gate_*``)."""
+        """The comparison as registered-model version tags (:data:`COMPARISON_TAGS`)."""
         a = self.auc
         return {
             "gate_compared_with": self.champion_version,

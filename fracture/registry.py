@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -42,6 +42,7 @@ from mlflow.exceptions import MlflowException
 from fracture.config import RegisterParams
 from fracture.consumer import predict_as_consumer
 from fracture.gate import (
+    COMPARISON_TAGS,
     Comparison,
     EvaluatedSplit,
     Evaluation,
@@ -284,6 +285,10 @@ def register(
         outcome = decided
         if outcome.comparison is not None:
             _tag_version(client, params.model_name, str(mv.version), outcome.comparison.tags())
+        else:
+            # Decided without a comparison (no champion, a floor, a champion that could not be
+            # scored): the figures of an earlier decision would contradict this one.
+            _untag_version(client, params.model_name, str(mv.version), COMPARISON_TAGS)
         try:
             _apply(client, mv, current, outcome, _basis(params, current, split))
         except _ChampionMoved as moved:
@@ -533,6 +538,7 @@ def _promote(client: MlflowClient, mv: ModelVersion, current: ModelVersion | Non
         tags[TAG_REPLACED] = current.version
     elif TAG_REPLACED in mv.tags:
         client.delete_model_version_tag(name, version, TAG_REPLACED)  # from a promotion that did not land
+    _untag_version(client, name, version, (TAG_BASIS,))  # the rules an earlier challenger decision rested on
     _tag_version(client, name, version, tags)
     # MLflow has no compare-and-set for aliases: the champion is read once more right before it
     # moves, so another registration's promotion since the decision is seen, not overwritten.
@@ -558,10 +564,9 @@ def _restore_previous(client: MlflowClient, mv: ModelVersion) -> None:
     name, before = mv.name, mv.tags.get(TAG_REPLACED)
     if not before or before == str(mv.version):
         return
-    try:
-        replaced = client.get_model_version(name, before)
-    except MlflowException:
+    if not _exists(client, name, before):
         return  # deleted since
+    replaced = client.get_model_version(name, before)
     if TAG_ROLLED_BACK in replaced.tags:
         return
     previous = _alias(client, name, PREVIOUS_CHAMPION)
@@ -751,6 +756,14 @@ def _tag_version(client: MlflowClient, name: str, version: str, tags: dict[str, 
         client.set_model_version_tag(name, version, key, "" if value is None else str(value))
 
 
+def _untag_version(client: MlflowClient, name: str, version: str, keys: Iterable[str]) -> None:
+    """Deletes those of ``keys`` the version carries now (read afresh, not from a snapshot)."""
+    held = client.get_model_version(name, version).tags
+    for key in keys:
+        if key in held:
+            client.delete_model_version_tag(name, version, key)
+
+
 def _alias(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
     """The version ``alias`` points at, or ``None`` when the model or the alias does not exist.
 
@@ -770,8 +783,12 @@ def _alias(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
 
 
 def _exists(client: MlflowClient, name: str, version: str) -> bool:
+    """Whether the version exists. Any error but "does not exist" (the tracking server down or
+    overloaded) is raised, never read as a deleted version."""
     try:
         client.get_model_version(name, version)
-    except MlflowException:
-        return False
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise
     return True

@@ -155,6 +155,25 @@ def test_a_detector_better_on_the_same_images_replaces_the_champion(client, spli
     assert str(client.get_model_version_by_alias("fracture-detector", PREVIOUS_CHAMPION).version) == first.version
 
 
+def test_a_detector_decided_without_a_comparison_keeps_no_figures_of_an_earlier_one(client, split, tmp_path, monkeypatch):
+    params = dataclasses.replace(DetectParams(), bootstrap_resamples=100)
+    truth = list(split.truth)
+    run_id, weights, described = detector_run(tmp_path, 0, 0.3)
+    first = register_detector(params, run_id, weights, described, split, isolated=False)
+    worse_id, _, _ = detector_run(tmp_path, 2, 0.2)
+    answers = {first.version: finds(truth, {0, 1, 2, 3}, seed=0), str(int(first.version) + 1): finds(truth, {0}, seed=0)}
+    monkeypatch.setattr(detector_registry, "served_detections", lambda name, version, s: (answers[version], 0.05))
+    lost = register_detector(params, worse_id, weights, described, split, isolated=False)
+    assert lost.decision == "challenger"
+    assert float(client.get_model_version("fracture-detector", lost.version).tags["gate_map_50_difference"]) < 0
+    # The champion deleted by hand: the run registered again is decided with nothing to compare with.
+    client.delete_model_version("fracture-detector", first.version)
+    again = register_detector(params, worse_id, weights, described, split, isolated=False)
+    assert again.decision == "promoted", again.summary()
+    tags = client.get_model_version("fracture-detector", lost.version).tags
+    assert not set(detector_registry.MAP_COMPARISON_TAGS) & set(tags), tags
+
+
 def test_a_detector_run_without_its_test_map_is_refused(client, split, tmp_path):
     with mlflow.start_run() as run:
         mlflow.log_metric("best_val_map_50", 0.3)

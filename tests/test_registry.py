@@ -35,6 +35,7 @@ from fracture.evaluation import delong_paired
 from fracture.gate import (
     EvaluatedSplit,
     PairedScores,
+    SplitTableError,
     against_champion,
     compare,
     floors,
@@ -244,6 +245,25 @@ def test_split_fingerprint_ignores_row_order_and_paths_but_not_images_or_labels(
     frame.to_csv(tmp_path / "test.csv", index=False)
     split = EvaluatedSplit.from_csv(tmp_path / "test.csv", tmp_path / "data")
     assert (split.fingerprint, split.images, split.check_image) == (split_fingerprint(frame), 2, tmp_path / "data/x/b.jpg")
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({"path": ""}, r"1 row\(s\) with no image path \(lines 3\)"),
+        ({"label": ""}, r"1 row\(s\) with a label other than 0 or 1 \(lines 3\)"),
+        ({"label": 2}, r"1 row\(s\) with a label other than 0 or 1 \(lines 3\)"),
+    ],
+)
+def test_a_test_split_table_with_a_row_lacking_its_image_or_label_is_refused_naming_the_lines(tmp_path, row, message):
+    """The split's fingerprint covers every row, so every row must be scored by the gate."""
+    frame = pd.DataFrame({"image_id": ["a.jpg", "b.jpg", "c.jpg"], "path": ["a.jpg", "b.jpg", "c.jpg"], "label": [1, 0, 0]})
+    for column, value in row.items():
+        frame[column] = frame[column].astype(object)
+        frame.loc[1, column] = value
+    frame.to_csv(tmp_path / "test.csv", index=False)
+    with pytest.raises(SplitTableError, match=f"test.csv: {message}; rebuild it with `dvc repro split`"):
+        EvaluatedSplit.from_csv(tmp_path / "test.csv", tmp_path)
 
 
 def test_register_params_are_checked():
@@ -593,6 +613,48 @@ def test_a_rollback_stopped_after_champion_moved_is_finished_by_the_next_rollbac
     assert aliases(client) == {"champion": "2", "previous-champion": "1"}
 
 
+def test_a_registry_error_while_finishing_a_rollback_is_raised_not_read_as_a_deleted_version(client, ranked, monkeypatch):
+    split, models = ranked
+    params = RegisterParams(NAME, "t", confidence=0.0, sensitivity_tolerance=1.0)
+    for model in ("bad", "random", "good"):
+        register(params, evaluated_run(0.9), *models[model], split, client)
+    assert aliases(client) == {"champion": "3", "previous-champion": "2"}
+    real = client.get_model_version
+
+    def overloaded(name, version):
+        # Version 1, the one previous-champion steps back to, cannot be read for the moment.
+        if str(version) == "1":
+            raise MlflowException("the tracking server is overloaded", error_code=REQUEST_LIMIT_EXCEEDED)
+        return real(name, version)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(client, "get_model_version", overloaded)
+        with pytest.raises(MlflowException, match="overloaded"):
+            rollback(NAME, client)
+    # previous-champion was not deleted as if version 1 were gone: the next rollback finishes the step.
+    assert aliases(client)["champion"] == "2" and "previous-champion" in aliases(client)
+    done = rollback(NAME, client)
+    assert (done.demoted, done.champion, done.previous_champion) == ("3", "2", "1")
+
+
+def test_a_decision_without_a_comparison_leaves_no_figures_of_an_earlier_one(client, ranked):
+    split, models = ranked
+    params = RegisterParams(NAME, "t", confidence=0.95, sensitivity_tolerance=0.05)
+    register(params, evaluated_run(0.9), *models["good"], split, client)
+    run = evaluated_run(0.9)
+    lost = register(params, run, *models["bad"], split, client)
+    assert lost.decision == "challenger"
+    tags = client.get_model_version(NAME, "2").tags
+    assert tags["gate_compared_with"] == "1" and float(tags["gate_auc_difference"]) < 0 and "gate_basis" in tags
+    # The champion is deleted by hand; the run registered again is decided with no champion to compare with.
+    client.delete_model_version(NAME, "1")
+    again = register(params, run, *models["bad"], split, client)
+    assert again.decision == "promoted" and aliases(client) == {"champion": "2"}
+    tags = client.get_model_version(NAME, "2").tags
+    assert tags["gate_decision"] == "promoted"
+    assert not {k for k in tags if k.startswith("gate_")} - {"gate_decision", "gate_reason"}, tags
+
+
 def test_a_pair_that_cannot_be_scored_and_a_model_that_fails_to_load_are_not_promoted(client, ranked, tmp_path, xray):
     split, models = ranked
     bad, good = models["bad"], models["good"]
@@ -639,7 +701,8 @@ def test_a_run_without_the_metrics_is_not_registered(client, model_files, xray):
 def project_after_evaluate(root, weights, config: ServingConfig, run_id: str, xray) -> pd.DataFrame:
     """A project whose train, split and evaluate stages have run, written through the workspace.
 
-    The test split holds ``xray`` and a row without a path; returns the split table.
+    The test split holds ``xray`` and a second row whose file is absent: with no champion to
+    compare with, only the load check reads an image, the first one. Returns the split table.
     """
     workspace = Workspace(root)
     trained = TrainedModel(config.architecture, "cpu", list(config.extra["classes"]), config.data_config, 1, 0.9)
@@ -650,7 +713,7 @@ def project_after_evaluate(root, weights, config: ServingConfig, run_id: str, xr
     dataset = root / load_params(REPO).ingest.dest
     (dataset / "images/Fractured").mkdir(parents=True)
     shutil.copy(xray, dataset / "images/Fractured" / xray.name)
-    test = pd.DataFrame({"image_id": [xray.name, "IMG9.jpg"], "path": [f"images/Fractured/{xray.name}", ""], "label": [1, 0]})
+    test = pd.DataFrame({"image_id": [xray.name, "IMG9.jpg"], "path": [f"images/Fractured/{xray.name}", "images/Non_fractured/IMG9.jpg"], "label": [1, 0]})
     workspace.split_dir.mkdir(parents=True)
     test.to_csv(workspace.split_table("test"), index=False)
     shutil.copy(REPO / "params.yaml", root / "params.yaml")

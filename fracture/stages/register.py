@@ -43,8 +43,9 @@ def run_register(params: Params, workspace: Workspace) -> Registration:
 
     Raises:
         FileNotFoundError: a stage's output is missing; the message names the stage to run.
-        fracture.registry.RegistryError: the run lacks a metric the gate needs, or the test
-            split table is unusable.
+        fracture.registry.RegistryError: the run lacks a metric the gate needs.
+        fracture.gate.SplitTableError: the test split table lacks a column, an image path or a
+            label; the message names the table and the rows.
     """
     # Every stage output is read first, so a missing one fails before the tracking store is touched.
     run_id = workspace.read_train().run_id
