@@ -199,10 +199,23 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
     # One SR series per study in this call, its reports numbered in order.
     series: dict[str, str] = {}
     numbers: dict[str, int] = {}
+    def no_report(index: int, row: Any, path: Path, reason: str) -> None:
+        log.warning("%s: %s", path, reason)
+        note = row.note if isinstance(row.note, str) else ""
+        table.iloc[index, table.columns.get_loc("note")] = "; ".join(filter(None, [note, reason]))
+        written.append("")
+
     for index, (path, row) in enumerate(zip(files, table.itertuples(index=False), strict=True)):
-        with path.open("rb") as fh:
-            head = fh.read(132)
-        if row.error or not is_dicom(head):
+        if row.error:  # not scored: its row already says why
+            written.append("")
+            continue
+        try:
+            with path.open("rb") as fh:
+                head = fh.read(132)
+        except OSError as exc:  # gone or locked since it was scored
+            no_report(index, row, path, f"no structured report: the file cannot be read again ({type(exc).__name__})")
+            continue
+        if not is_dicom(head):
             written.append("")
             continue
         try:
@@ -220,12 +233,8 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
                 series_uid=series.setdefault(study, generate_uid()), instance_number=number, replaces=replaces,
             )
             numbers[study] = number
-        except (AttributeError, KeyError, ValueError, TypeError) as exc:
-            reason = f"no structured report: {exc}"
-            log.warning("%s: %s", path, reason)
-            note = row.note if isinstance(row.note, str) else ""
-            table.iloc[index, table.columns.get_loc("note")] = "; ".join(filter(None, [note, reason]))
-            written.append("")
+        except (AttributeError, KeyError, ValueError, TypeError, OSError) as exc:
+            no_report(index, row, path, f"no structured report: {exc}")
             continue
         name = own or f"{sr.SOPInstanceUID}.sr.dcm"
         names.add(name)

@@ -124,7 +124,14 @@ def read_path(i: int, path: str, root: Path | None, policy: InputPolicy) -> byte
         raise RowRefused(f"row {i}: 'path' is not a usable file path; give a path inside the folder") from None
     if not target.is_relative_to(root):
         raise RowRefused(f"row {i}: 'path' leads outside the folder this model reads from; give a path inside it")
-    if not target.is_file():
+    try:
+        # Past ENOENT and ENOTDIR, is_file raises (a name too long, a folder the server may not
+        # enter): that row's refusal, and its message never repeats the path.
+        found = target.is_file()
+    except OSError as exc:
+        raise RowRefused(f"row {i}: 'path' cannot be looked up in the folder this model reads from "
+                         f"({type(exc).__name__}); give a readable file's path") from None
+    if not found:
         raise RowRefused(f"row {i}: 'path' names no file in the folder this model reads from")
     try:
         return read_file(target, policy)
@@ -181,7 +188,7 @@ def read_row(
             # Encoders that wrap lines (base64.encodebytes, openssl base64, MIME) put newlines in
             # the text; whitespace carries nothing, anything else that is not base64 is refused.
             data = base64.b64decode("".join(image.split()), validate=True)
-        except binascii.Error as exc:
+        except (binascii.Error, ValueError) as exc:  # ValueError: text with characters outside ASCII
             raise RowRefused(f"row {i}: 'image' is not base64 text; send the file's bytes base64-encoded") from exc
         what = "the image"
     else:

@@ -250,6 +250,26 @@ def test_a_studys_reports_form_one_series_and_a_rerun_names_the_report_it_replac
     assert not list((tmp_path / "sr").glob(".*"))  # no partial file left
 
 
+def test_a_file_gone_after_scoring_or_never_read_costs_its_report_only(fracatlas, tmp_path):
+    """Reports are written after every file is scored: a file removed meanwhile, or one whose row
+    already holds an error (a file that could not be read), gets no report and the others theirs."""
+    files = []
+    for n, name in enumerate(("Fractured/IMG0000019.jpg", "Non_fractured/IMG0000009.jpg", "Non_fractured/IMG0000010.jpg")):
+        files.append(tmp_path / f"IM000{n}")
+        files[-1].write_bytes(dicom_from_jpeg(fracatlas / "images" / name, "8-bit"))
+    table = pd.DataFrame({
+        "fracture_probability": [0.7, 0.2, float("nan")], "label": ["fractured", "not_fractured", ""], "threshold": 0.5,
+        "model": NAME, "version": "3", "error": ["", "", "the file cannot be read (PermissionError)"], "note": "",
+    })
+    files[1].unlink()
+    files[2].unlink()
+    written = write_structured_reports(table, files, tmp_path / "sr")
+    assert written[0].endswith(".sr.dcm") and written[1:] == ["", ""]
+    assert dcmread(written[0]).StudyInstanceUID
+    assert table["note"][1] == "no structured report: the file cannot be read again (FileNotFoundError)"
+    assert table["note"][2] == ""  # its error says it all
+
+
 def test_the_reports_series_description_fits_a_long_string_whatever_the_model_name_and_version():
     """Series Description is a Long String: 64 characters at most (PS3.5 6.2), also from version 10 on."""
     from fracture.dicom_sr import series_description

@@ -154,6 +154,7 @@ BAD_ROWS = [
     ({"image": base64.b64encode(b"not an image").decode()}, "row 1: the image is not an image file that can be read"),
     ({"image": b"\xff\xd8\xff\xe0 cut short"}, "row 1: the image is not an image file that can be read"),
     ({"image": "this is not base64!"}, "row 1: 'image' is not base64 text"),
+    ({"image": "bild\u00e9"}, "row 1: 'image' is not base64 text"),  # text beyond ASCII, which b64decode refuses apart
     ({"image": "", "path": ""}, "row 1: give exactly one of 'image'"),
     ({"image": base64.b64encode(ihdr_png(12_000, 12_000)).decode()}, "row 1: the image declares 12000 x 12000 px"),
 ]
@@ -216,12 +217,14 @@ def test_path_rows_are_refused_without_an_input_root(model):
         ("escape.jpg", "leads outside the folder this model reads from"),
         ("missing.jpg", "names no file in the folder this model reads from"),
         ("a\x00b.jpg", "is not a usable file path"),  # costs its row only, not the request
+        ("x" * 300, "cannot be looked up in the folder this model reads from (OSError)"),  # a name too long
     ],
 )
 def test_paths_outside_the_root_are_refused_without_echoing_them(root_model, path, message):
     out = root_model.predict(pd.DataFrame({"path": [xray_paths()[1].name, path]}))
     assert out["error"][0] == "" and out["fracture_probability"][0] > 0
-    assert out["error"][1] in {f"row 1: 'path' {message}{end}" for end in ("", "; give a path inside it", "; give a path inside the folder")}
+    ends = ("", "; give a path inside it", "; give a path inside the folder", "; give a readable file's path")
+    assert out["error"][1] in {f"row 1: 'path' {message}{end}" for end in ends}
     assert "etc" not in out["error"][1] and "inputs" not in out["error"][1]
 
 
