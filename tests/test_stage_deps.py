@@ -59,3 +59,18 @@ def test_the_stages_that_read_a_weights_file_depend_on_its_folder(stage):
     # is what makes `dvc repro` retrain when the file there changes.
     (deps,) = [deps for _, name, deps in stages() if name == stage]
     assert "pretrained" in deps
+
+
+#: The stages that build or read a model's data config (input size, mean and std, aspect): the
+#: workspace loads fracture/data_config.py for every stage, so the import test above, which leaves
+#: out what the workspace loads, cannot tell these from the others.
+READS_A_DATA_CONFIG = {
+    ("dvc.yaml", "prepare"), ("dvc.yaml", "train"), ("dvc.yaml", "evaluate"),
+    ("crossval/dvc.yaml", "crossval"), ("detect/dvc.yaml", "detect_train"),
+}
+
+
+@pytest.mark.parametrize(("pipeline", "stage"), sorted(READS_A_DATA_CONFIG))
+def test_the_stages_that_read_a_data_config_depend_on_its_module(pipeline, stage):
+    deps = yaml.safe_load((REPO / pipeline).read_text())["stages"][stage]["deps"]
+    assert "fracture/data_config.py" in deps, f"{pipeline}: stage {stage} reads a data config; add fracture/data_config.py"
