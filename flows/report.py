@@ -82,9 +82,12 @@ def render_report(result: RetrainResult) -> str:
             if ingest.changed
             else f"same data version {_code(ingest.data_version)}"
         )
+        restored = result.stages_restored
         outcome = (
-            f"**Retrained**: {data}; DVC ran {', '.join(ran) if ran else 'no stage'}; "
-            f"{reg.name} version {reg.version} {'registered' if reg.created else 'was already registered'}."
+            f"**{'Retrained' if ran else 'Restored'}**: {data}; DVC ran {', '.join(ran) if ran else 'no stage'}"
+            + (f" and restored {', '.join(restored)} from its run cache (an earlier run with the same data, code "
+               "and parameters)" if restored else "")
+            + f"; {reg.name} version {reg.version} {'registered' if reg.created else 'was already registered'}."
         )
 
     lines = [

@@ -64,12 +64,19 @@ class RetrainResult:
 
     @property
     def stages_ran(self) -> list[str]:
-        """The DVC stages this run executed, in pipeline order (the detector's last)."""
-        runs = {**self.runs, **(self.detector.runs if self.detector else {})}
-        return [name for name, run in runs.items() if run.ran]
+        """The DVC stages whose command this run executed, in pipeline order (the detector's last)."""
+        return [name for name, run in self._all_runs().items() if run.ran and not run.restored]
+
+    @property
+    def stages_restored(self) -> list[str]:
+        """The DVC stages whose outputs DVC restored from its run cache, their command not run."""
+        return [name for name, run in self._all_runs().items() if run.restored]
+
+    def _all_runs(self) -> dict[str, StageRun]:
+        return {**self.runs, **(self.detector.runs if self.detector else {})}
 
     @property
     def nothing_changed(self) -> bool:
         """Same data version, every DVC stage up to date, and no model version created."""
         created = self.registration.created or (self.detector is not None and self.detector.registration.created)
-        return not self.ingest.changed and not self.stages_ran and not created
+        return not self.ingest.changed and not self.stages_ran and not self.stages_restored and not created

@@ -94,9 +94,15 @@ class StageRun:
     command_seconds: float | None = None
 
     @property
+    def restored(self) -> bool:
+        """DVC restored the stage's outputs from its run cache (an earlier run with these
+        dependencies and params): its command did not run."""
+        return self.ran and self.command_seconds is None
+
+    @property
     def outcome(self) -> str:
-        """``ran`` or ``up to date``, as DVC's run reports are worded."""
-        return "ran" if self.ran else "up to date"
+        """``ran``, ``restored`` (from DVC's run cache) or ``up to date``, as DVC's run reports are worded."""
+        return "restored" if self.restored else "ran" if self.ran else "up to date"
 
     @property
     def dvc_seconds(self) -> float | None:
@@ -106,7 +112,7 @@ class StageRun:
         return None if self.command_seconds is None else self.seconds - self.command_seconds
 
     def describe(self) -> str:
-        """``ran`` or ``up to date``, and the seconds: of the call, and of the command and DVC's work when it ran one."""
+        """The outcome and the seconds: of the call, and of the command and DVC's work when it ran one."""
         line = f"{self.outcome:<10} {self.seconds:7.1f} s"
         if self.command_seconds is not None:
             line += f" (command {self.command_seconds:.1f} s, DVC {self.dvc_seconds:.1f} s)"

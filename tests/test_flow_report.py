@@ -205,6 +205,22 @@ def test_same_data_but_changed_params_is_a_retraining():
     assert "**Retrained**: same data version `new-md5.dir`" in render_report(rerun)
 
 
+def test_stages_restored_from_dvcs_run_cache_are_not_reported_as_retrained():
+    # The data went back to an earlier version: DVC restored every stage's outputs from its run
+    # cache, and the version those outputs belong to was registered before.
+    back = dataclasses.replace(
+        result(ran=True, previous="newer-md5.dir", created=False),
+        runs={name: StageRun(name, True, 0.9) for name in DVC_STAGES},
+    )
+    assert back.stages_ran == [] and back.stages_restored == list(DVC_STAGES) and not back.nothing_changed
+    text = render_report(back)
+    assert "Retrained" not in text
+    assert text.count("**Restored**: new data version `new-md5.dir` (was `newer-md5.dir`); DVC ran no stage and "
+                      "restored validate, split, prepare, train, evaluate from its run cache") == 1
+    for stage in DVC_STAGES:
+        assert table_row(text, stage)[1:] == ["restored", "0.9", "", ""]
+
+
 def test_missing_metrics_render_as_not_available():
     old = result(ran=True, previous=None, created=True)
     metrics = {k: v for k, v in METRICS.items() if k not in {"ece", "brier", "roc_auc_ci_low"}}

@@ -90,6 +90,15 @@ def test_a_fracture_command_runs_in_this_process_and_dvc_records_it_as_dvc_repro
     assert repro(project, "probe").ran and repro(project, "shell").ran
     assert (project / "out.txt").read_text().split()[1] == "second"
     assert "Data and pipelines are up to date" in dvc(project, "status")
+    assert repro(project, "probe").outcome == "up to date"
+
+    # Back to the first input: DVC restores that run's outputs from its run cache; no command runs,
+    # and the run says so rather than that the stage ran.
+    (project / "in.txt").write_text("first")
+    restored = repro(project, "probe")
+    assert restored.ran and restored.restored and restored.command_seconds is None
+    assert restored.outcome == "restored" and restored.describe().startswith("restored ")
+    assert (project / "out.txt").read_text() == f"{pid} first"  # the first run's output, written by no new run
 
 
 def test_a_failed_fracture_command_fails_the_stage_with_its_message_and_dvc_records_nothing(
