@@ -317,7 +317,10 @@ def source_listing(source: str | Path) -> dict[str, object]:
 
     Two listings are equal when no file was added, removed, resized or rewritten (writing a
     file updates its modification time), so copying and re-hashing the source would bring in
-    nothing new. A zip is listed as one file.
+    nothing new. Files in linked folders are listed, as the copy takes them. A zip is listed as
+    one file. The limit: a file rewritten with its size unchanged and its old modification time
+    put back (``cp -p``, ``rsync -a`` or ``touch -r`` from an older copy, an archive unpacked with
+    its stored times) lists as before; ``fracture ingest --source`` by hand always copies.
 
     Args:
         source: a local folder or zip.
@@ -331,7 +334,15 @@ def source_listing(source: str | Path) -> dict[str, object]:
         entries = [[path.name, stat.st_size, stat.st_mtime_ns]]
     else:
         entries = []
-        for dirpath, _, names in os.walk(path):
+        seen: set[tuple[int, int]] = set()
+        # Into linked folders too, as the copy goes (shutil.copytree copies what they hold); a
+        # folder reached twice (a link loop) is listed once.
+        for dirpath, dirnames, names in os.walk(path, followlinks=True):
+            here = os.stat(dirpath)
+            if (here.st_dev, here.st_ino) in seen:
+                dirnames.clear()
+                continue
+            seen.add((here.st_dev, here.st_ino))
             for name in names:
                 full = os.path.join(dirpath, name)
                 stat = os.stat(full)
@@ -345,10 +356,30 @@ def source_listing(source: str | Path) -> dict[str, object]:
     }
 
 
+#: The staging folders' names, ``.<dest name>.ingest-<random>``, beside ``dest``. The project's
+#: ``.dvcignore`` leaves them out of ``dvc add data``: a copy killed midway (SIGKILL, the OOM killer, a
+#: cancelled run) is never versioned, and the next ingest removes it.
+STAGING_INFIX = ".ingest-"
+
+
+def _recover_staging(dest: Path) -> None:
+    """Removes the staging folders an ingest killed midway left beside ``dest``; when ``dest`` is
+    missing (killed between its two renames), first puts the previous copy back from one."""
+    for stale in sorted(dest.parent.glob(f".{dest.name}{STAGING_INFIX}*")):
+        old = stale / "old"
+        if not dest.exists() and old.is_dir():
+            old.replace(dest)
+            log.warning("%s was missing after an interrupted ingest: the previous copy is back from %s", dest, stale)
+        log.info("removing %s, left by an interrupted ingest", stale)
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 def _replace_dir(src: Path, dest: Path) -> None:
-    """Copies ``src`` to ``dest`` through a sibling temporary folder, then swaps it in."""
+    """Copies ``src`` to ``dest`` through a sibling temporary folder (on the same file system, so
+    the swap is two renames), then swaps it in."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    _recover_staging(dest)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}{STAGING_INFIX}", dir=dest.parent))
     try:
         shutil.copytree(src, staging / "copy")
         # Copies of a read-only source are read-only too; DVC must be able to replace them.

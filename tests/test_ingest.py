@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import subprocess
+import sys
 import tempfile
 import threading
 import zipfile
@@ -15,7 +17,16 @@ from pathlib import Path
 import pytest
 
 from fracture.config import IngestParams, load_params
-from fracture.ingest import EX_TEMPFAIL, DownloadError, IngestError, download_figshare, ingest, safe_extract
+from fracture.ingest import (
+    EX_TEMPFAIL,
+    DownloadError,
+    IngestError,
+    _recover_staging,
+    download_figshare,
+    ingest,
+    safe_extract,
+    source_listing,
+)
 from tests.conftest import FRACATLAS, REPO, make_subset, pick_ids
 from tests.synthetic import make_dataset
 
@@ -51,6 +62,40 @@ def test_ingest_from_folder_mirrors_the_source(dataset, tmp_path, iparams):
     (dataset / "images/Fractured/IMG0000000.jpg").unlink()
     ingest(iparams, dest, str(dataset))
     assert not (dest / "images/Fractured/IMG0000000.jpg").exists()
+
+
+def test_a_copy_killed_midway_is_never_versioned_and_the_next_ingest_clears_it(dataset, tmp_path, iparams):
+    dest = tmp_path / "project/data/fracatlas"
+    ingest(iparams, dest, str(dataset))
+    # What an ingest killed while copying leaves (SIGKILL runs no clean-up): half a copy beside dest.
+    stale = dest.parent / ".fracatlas.ingest-k1ll3d"
+    (stale / "copy/images").mkdir(parents=True)
+    (stale / "copy/images/IMG0000000.jpg").write_bytes(b"half")
+    # DVC leaves it out of `dvc add data`, by the project's .dvcignore, so no data version holds it.
+    checked = subprocess.run(
+        [sys.executable, "-m", "dvc", "check-ignore", "data/.fracatlas.ingest-k1ll3d/copy/images/IMG0000000.jpg"],
+        cwd=REPO, capture_output=True, text=True, check=False,
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    ingest(iparams, dest, str(dataset))
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["fracatlas"]
+    # Killed between its two renames: dest is gone and the previous copy sits in the staging folder.
+    (dest.parent / ".fracatlas.ingest-r3nam3").mkdir()
+    dest.replace(dest.parent / ".fracatlas.ingest-r3nam3/old")
+    _recover_staging(dest)
+    assert (dest / "dataset.csv").read_bytes() == (dataset / "dataset.csv").read_bytes()
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["fracatlas"]
+
+
+def test_the_listing_sees_a_file_added_in_a_linked_folder_as_the_copy_does(dataset, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    (dataset / "images/Fractured").rename(elsewhere)
+    (dataset / "images/Fractured").symlink_to(elsewhere, target_is_directory=True)
+    (elsewhere / "loop").symlink_to(elsewhere, target_is_directory=True)  # listed once, not forever
+    before = source_listing(dataset)
+    (elsewhere / "IMG0000099.jpg").write_bytes((elsewhere / "IMG0000000.jpg").read_bytes())
+    after = source_listing(dataset)
+    assert after["files"] == before["files"] + 1 and after["digest"] != before["digest"]
 
 
 def test_ingest_from_zip_finds_the_layout_one_level_down(dataset, tmp_path, iparams):
