@@ -207,7 +207,10 @@ _TRANSIENT = (
 def _request_error(what: str, exc: Exception, params: IngestParams) -> IngestError:
     """Turns a failed request into a DownloadError when retrying may help, else an IngestError."""
     status = exc.response.status_code if isinstance(exc, requests.HTTPError) and exc.response is not None else None
-    transient = isinstance(exc, _TRANSIENT) or (status is not None and (status >= 500 or status == 429))
+    # A certificate the client does not trust (requests' SSLError is a ConnectionError) stays untrusted.
+    transient = (isinstance(exc, _TRANSIENT) and not isinstance(exc, requests.exceptions.SSLError)) or (
+        status is not None and (status >= 500 or status == 429)
+    )
     if transient:
         return DownloadError(
             f"{what} failed: {exc}. This is usually temporary (network or server trouble): run "

@@ -53,7 +53,8 @@ DVC_STAGES = tuple(READERS)
 DATA_DVC = "data.dvc"
 
 # MLflow error codes a later try may not meet: the tracking server or its database was down,
-# overloaded or timed out (MLflow reports an unreachable server as INTERNAL_ERROR).
+# overloaded or timed out (MLflow reports an unreachable server as INTERNAL_ERROR, which is also its
+# code for any other error: retry_transient_registry reads those apart).
 TRANSIENT_MLFLOW_ERRORS = frozenset(
     {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED", "ABORTED"}
 )
@@ -388,7 +389,15 @@ def retry_transient_registry(task: Task[..., Any], task_run: TaskRun, state: Sta
     """
     exc = _failure(state)
     if isinstance(exc, MlflowException):
+        if exc.error_code == "INTERNAL_ERROR":
+            # MLflow's code for any error raised without one of its own (an out-of-date database
+            # schema, say): transient only where the request itself failed (MLflow's REST client
+            # words those "API request to ...") or the database was busy.
+            text = str(exc.message)
+            return text.startswith("API request to") or "database is locked" in text
         return exc.error_code in TRANSIENT_MLFLOW_ERRORS
+    if isinstance(exc, requests.exceptions.SSLError):
+        return False  # a certificate the client does not trust stays untrusted
     return isinstance(exc, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError))
 
 

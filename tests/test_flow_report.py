@@ -7,6 +7,7 @@ import dataclasses
 import socket
 
 import pytest
+import requests
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from prefect.states import exception_to_failed_state
@@ -258,3 +259,11 @@ def test_register_does_not_retry_what_a_retry_cannot_fix(tmp_path):
     missing_metric = KeyError("run 0123abcd has no metric 'test_roc_auc'; run the evaluate stage first")
     assert not retry_transient_registry(register_task, None, _failed(missing_metric))  # type: ignore[arg-type]
     assert register_task.retry_condition_fn is retry_transient_registry
+    # INTERNAL_ERROR is MLflow's code for any error raised without one: an out-of-date schema stays.
+    stale_schema = MlflowException("Detected out-of-date database schema (found version 1, but expected 2)")
+    assert stale_schema.error_code == "INTERNAL_ERROR"
+    assert not retry_transient_registry(register_task, None, _failed(stale_schema))  # type: ignore[arg-type]
+    busy = MlflowException("(sqlite3.OperationalError) database is locked")
+    assert retry_transient_registry(register_task, None, _failed(busy))  # type: ignore[arg-type]
+    untrusted = requests.exceptions.SSLError("certificate verify failed: self-signed certificate")
+    assert not retry_transient_registry(register_task, None, _failed(untrusted))  # type: ignore[arg-type]

@@ -15,6 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import requests
 
 from fracture.config import IngestParams, load_params
 from fracture.ingest import (
@@ -311,6 +312,15 @@ def test_http_errors_are_transient_only_when_the_server_is_at_fault(figshare, tm
     assert "FRACATLAS_SOURCE" in str(err.value)
     assert not (tmp_path / "d").exists()
     assert not any(tmpdir_root.iterdir())
+
+
+def test_a_certificate_the_client_does_not_trust_is_not_retried(iparams):
+    """requests' SSLError is a ConnectionError, which is worth a retry; an untrusted certificate is not."""
+    from fracture.ingest import _request_error
+
+    untrusted = _request_error("listing", requests.exceptions.SSLError("certificate verify failed"), iparams)
+    assert type(untrusted) is IngestError and "certificate verify failed" in str(untrusted)
+    assert isinstance(_request_error("listing", requests.ConnectionError("reset by peer"), iparams), DownloadError)
 
 
 def test_downloaded_zip_without_the_layout_is_refused(figshare, few_real_images, tmp_path, tmpdir_root):
