@@ -20,6 +20,8 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt fracture/docs_assets.lock.json
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# pip and setuptools too are pinned: the interpreter's bundled pip would stay unaudited and old.
+	$(PY) -m pip install --quiet --constraint constraints.txt pip setuptools
 	$(PY) -m pip install --quiet --constraint constraints.txt --editable '.[dev]'
 	$(PY) -m fracture.docs_assets fetch
 	touch $@
