@@ -12,7 +12,10 @@ processes, and each epoch's images are the single-process run's order dealt out 
 batch norm is synchronised over the processes (timm's ``convert_sync_batchnorm``); PyTorch's
 SyncBatchNorm needs CUDA, so on CPU workers each process normalises its own share of the batch
 and the run equals the single-process run only for models without batch norm in training
-mode (group or layer norm, or frozen batch norm).
+mode (group or layer norm, or frozen batch norm). There every rank takes rank 0's running
+statistics before the ranks score their shares of val (:func:`share_buffers`), so the scores that
+pick the epoch are those of the model rank 0 saves, and an epoch's last batch sits out when each
+process's share of it would be one image (:func:`drops_lone_last`).
 """
 
 from __future__ import annotations
@@ -182,6 +185,40 @@ def gather_scores(scores: np.ndarray, n: int, context: Context) -> np.ndarray:
     for rank, share in enumerate(shares):
         whole[rank :: context.world_size] = share
     return whole
+
+
+def drops_lone_last(images: int, batch_size: int, world_size: int, synced_batch_norm: bool) -> bool:
+    """Whether an epoch's last batch sits out because batch norm would train on one image.
+
+    The batch is the global one, as one process trains it: ``images`` in batches of
+    ``batch_size`` ending on one image. With batch norm per process (DDP on CPUs, without
+    synchronised statistics), also when each process's last share would hold one image.
+
+    Args:
+        images: the images an epoch draws.
+        batch_size: the global batch (``train.batch_size``).
+        world_size: the number of processes.
+        synced_batch_norm: batch norm's statistics are over the global batch (SyncBatchNorm).
+    """
+    lone = images % batch_size == 1 and images > 1
+    if world_size > 1 and not synced_batch_norm:
+        share = math.ceil(images / world_size)
+        lone = lone or (share % per_process_batch(batch_size, world_size) == 1 and share > 1)
+    return lone
+
+
+def share_buffers(module: torch.nn.Module, context: Context) -> None:
+    """Rank 0's buffers (batch norm's running statistics) on every rank.
+
+    Without synchronised batch norm (PyTorch's SyncBatchNorm is CUDA only) each rank updates its
+    running statistics from its own share of the batches; DDP copies rank 0's to the others only
+    at the next forward pass in training. Called before the ranks score their shares of val, it
+    makes every rank score with the statistics of the model rank 0 saves. Training is unchanged.
+    """
+    if not context.distributed:
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer, 0)
 
 
 def sum_over_ranks(*values: float, context: Context) -> list[float]:

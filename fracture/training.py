@@ -12,7 +12,7 @@ import dataclasses
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -152,6 +152,15 @@ def augmentation(name: Augment) -> Callable[[torch.Tensor], torch.Tensor] | None
     if name == "central_crop":
         return RandomCentralCrop()
     raise ValueError(f"augment must be one of {choices(Augment)}, got {name!r}")
+
+
+def train_mode(net: nn.Module, model: nn.Module, frozen: Sequence[str]) -> None:
+    """``net`` (the model, or DDP around it) in training mode, but the ``frozen`` modules of
+    ``model`` as at inference: no stochastic depth or dropout in the layers kept at their
+    pretrained weights (their batch norm is frozen by timm's ``freeze`` anyway)."""
+    net.train()
+    for name in frozen:
+        model.get_submodule(name).eval()
 
 
 def moving_average(model: nn.Module, decay: float) -> ModelEmaV3 | None:
@@ -488,7 +497,8 @@ def train(
     pre = Preprocessor(config)
 
     model = model.to(device, memory_format=torch.channels_last)
-    if context.distributed and device.type == "cuda":
+    synced_batch_norm = context.distributed and device.type == "cuda"
+    if synced_batch_norm:
         # Statistics over the global batch, as one GPU computes them. timm's conversion keeps
         # the activation of its fused BatchNormAct layers; PyTorch's SyncBatchNorm is CUDA only.
         model = convert_sync_batchnorm(model)
@@ -538,7 +548,11 @@ def train(
     )
     # Batch norm cannot train on a batch of one image: when an epoch would end on one, that
     # image sits this epoch out (the order is redrawn every epoch, so it is a different one).
-    lone_last = len(shard) % batch_size == 1 and len(shard) > 1
+    # The batch is the global one, as one process trains it; with batch norm per process (DDP on
+    # CPUs, without synchronised statistics) a last share of one image per process sits out too.
+    lone_last = distributed.drops_lone_last(
+        len(sampler if sampler is not None else train_data), params.batch_size, context.world_size, synced_batch_norm
+    )
     if lone_last and context.is_main:
         log.info("%d images per epoch and process in batches of %d: each epoch's last image, alone in its "
                  "batch, is skipped that epoch", len(shard), batch_size)
@@ -595,7 +609,7 @@ def train(
             # stream per process, or every rank's k-th image would get the same flip, rotation
             # and masks. Seeded per epoch, so a resumed run draws as an uninterrupted one.
             seed_everything(rank_epoch_seed(params.seed, epoch, context.rank))
-        net.train()
+        train_mode(net, model, profile.frozen)
         started, seen, loss_sum = time.perf_counter(), 0, 0.0
         # The bar draws on a terminal only; under DVC or Prefect progress goes to the log.
         # Other ranks stay quiet: rank 0's rate times the number of processes is the run's.
@@ -625,6 +639,11 @@ def train(
                          epoch + 1, profile.epochs, i + 1, len(loader), loss.item(), rate)
         loss_sum, seen = distributed.sum_over_ranks(loss_sum, seen, context=context)
         train_time = time.perf_counter() - started
+        if not synced_batch_norm:
+            # Every rank scores its share of val with the statistics of the model rank 0 saves.
+            distributed.share_buffers(model, context)
+            if ema is not None:
+                distributed.share_buffers(ema.module, context)
         val_probs = val_scores(scored)
         val_auc = float(roc_auc_score(val_labels, val_probs))
         val_loss = float(

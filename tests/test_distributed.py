@@ -22,8 +22,9 @@ from torch.utils.data import RandomSampler, TensorDataset, WeightedRandomSampler
 
 from fracture import distributed
 from fracture.config import ConfigError, load_params, parse_params
+from fracture.imaging import Preprocessor
 from fracture.model import profile_data_config
-from fracture.training import train
+from fracture.training import train, train_mode
 from tasks.pipeline import repro
 from tests.conftest import REPO, dvc, make_subset, pick_ids, run, shrink_params
 from tests.servers import free_port
@@ -121,6 +122,59 @@ def test_two_gloo_processes_end_with_one_processs_weights(tmp_path, monkeypatch,
         # Each rank summed the other's loss and images in: the epoch's figures are the run's.
         assert mine["train_loss"] == pytest.approx(theirs["train_loss"], abs=1e-5)
         assert mine["val_roc_auc"] == pytest.approx(theirs["val_roc_auc"], abs=1e-9)
+
+
+def test_two_gloo_processes_of_a_batch_norm_model_end_with_one_set_of_statistics(tmp_path, monkeypatch):
+    """Without synchronised batch norm (CUDA only) each process updates its running statistics
+    from its own share; before the ranks score their shares of val they take rank 0's, so every
+    rank holds the model rank 0 saves and the val scores that picked the epoch are that model's."""
+    _, _, profile, train_params = _setup(tmp_path)
+    network = timm.create_model("test_efficientnet", pretrained=False)
+    weights = tmp_path / "bn.safetensors"
+    save_file(network.state_dict(), str(weights))
+    profile = dataclasses.replace(profile, model="test_efficientnet", weights_file=str(weights))
+    config = profile_data_config(profile)
+    images, labels = tensor_data(tmp_path, training_frame(tmp_path), config).tensors
+    monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))
+    ranks = distributed.launch(_rank_run, 2, images, labels, config, profile, train_params)
+    zero, one = ranks[0], ranks[1]
+    statistics = [k for k in zero["state"] if k.endswith(("running_mean", "running_var"))]
+    assert statistics
+    for key in zero["state"]:
+        assert np.array_equal(zero["state"][key], one["state"][key]), key
+    # The val scores both ranks gathered are rank 0's model's, scored here on its own.
+    model = timm.create_model("test_efficientnet", pretrained=False, num_classes=2)
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in zero["state"].items()})
+    with torch.no_grad():
+        x = Preprocessor(config).network_input(images, torch.device("cpu"))
+        own = torch.softmax(model.eval()(x), dim=1)[:, 1].numpy()
+    np.testing.assert_allclose(zero["val"], own, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("images", "batch", "world", "synced", "drops"),
+    [
+        (10, 4, 1, False, False),  # one process: last batch of 2
+        (9, 4, 1, False, True),  # one process: last batch of 1
+        (10, 4, 2, True, False),  # GPUs, synchronised: the global last batch of 2, as one process
+        (9, 4, 2, True, True),  # GPUs: the global last batch of 1, as one process
+        (10, 4, 2, False, True),  # CPUs: each process's last share would be 1 image
+    ],
+)
+def test_the_last_batch_sits_out_only_where_batch_norm_would_train_on_one_image(images, batch, world, synced, drops):
+    assert distributed.drops_lone_last(images, batch, world, synced) is drops
+
+
+def test_frozen_layers_train_as_at_inference():
+    """Stochastic depth and dropout stay off in the layers kept at their pretrained weights."""
+    model = timm.create_model("test_efficientnet", pretrained=False, drop_path_rate=0.5)
+    frozen = ("conv_stem", "bn1", "blocks.0")
+    train_mode(model, model, frozen)
+    assert all(not m.training for name in frozen for m in model.get_submodule(name).modules())
+    assert model.get_submodule("blocks.1").training and model.training
+    x = torch.randn(2, 3, 32, 32)
+    prefix = torch.nn.Sequential(model.conv_stem, model.bn1, model.blocks[0])
+    assert torch.equal(prefix(x), prefix(x))  # no stochastic depth drawn in them
 
 
 def _rank_augmentation_draws(images, labels, config, profile, train_params):
