@@ -7,6 +7,11 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from fracture.workspace import TrainedModel
 
+INTENDED_USE = (
+    "Research and decision support for a trained reader, who reads every image: NOT FOR CLINICAL USE. "
+    "It has not been cleared by any regulator as a medical device."
+)
+
 LIMITATIONS = (
     "FracAtlas publishes no patient identifier, so on it the split is image-level (a hospital "
     "export's labels.csv can name each image's patient_id, or its DICOM files' Patient ID is "
@@ -32,8 +37,7 @@ SELECTION_PROTOCOL = (
     "(`dvc exp run crossval/dvc.yaml -S ...`), two recipes compared on the same held-out images by "
     "DeLong's paired test (`fracture crossval-compare`); the comments in params.yaml record which, "
     "with the figures. The paper profile keeps the published recipe. No choice was made on the test split.",
-    "The epoch kept (each averaged network's own) is the one with the best validation ROC AUC; the "
-    "decision threshold is chosen on the validation split.",
+    "The epoch kept (each averaged network's own) is the one with the best validation ROC AUC.",
     "The test split is scored once per model, by the evaluate stage, to report the figures below. "
     "The promotion gate compares the model with the champion on the same test images (DeLong's "
     "paired test); it decides which model is served, never how one is trained.",
@@ -117,7 +121,15 @@ def render_model_card(
         f"# Model card: {model.architecture} ({model.profile} profile)",
         "",
         "Fractured / not fractured classifier for musculoskeletal X-rays, fine-tuned from ImageNet "
-        "weights on FracAtlas (Gupta & Sharma, 2024 recipe).",
+        + (
+            "weights on FracAtlas (Gupta & Sharma, 2024 recipe)."
+            if model.profile == "paper"
+            else f"weights on FracAtlas (the {model.profile} profile's recipe, below; the paper profile keeps Gupta & "
+            "Sharma's, 2024)."
+        ),
+        "",
+        "## Intended use",
+        f"- {INTENDED_USE}",
         "",
         "## Provenance",
         f"- MLflow run: `{run_id}`",
@@ -142,6 +154,7 @@ def render_model_card(
         "",
         "## How the recipe was chosen",
         *(f"- {text}" for text in SELECTION_PROTOCOL),
+        f"- The decision threshold: {threshold_source}.",
         "",
         "## Test metrics",
         f"- ROC AUC: {with_ci('roc_auc')}",

@@ -304,6 +304,15 @@ def _classes_by_id(frame: pd.DataFrame) -> dict[str, str | list[str]]:
     return result
 
 
+def _csv_classes_by_id(frame: pd.DataFrame) -> dict[str, str]:
+    """Class name of each id dataset.csv (or labels.csv) labels; the label
+    ``validate.on_label_conflict: csv`` trains on."""
+    if "csv_label" not in frame:
+        return {}
+    rows = frame[frame["csv_label"].notna()].drop_duplicates("image_id")
+    return {str(i): CLASSES[int(label)] for i, label in zip(rows["image_id"], rows["csv_label"], strict=True)}
+
+
 # --- the comparison the validate report carries -----------------------------------------------
 
 
@@ -336,7 +345,9 @@ def compare_with_previous(
         version, ``previous`` (``md5``, ``commit``, and ``counts`` once compared). Once
         compared: ``difference`` (current minus previous counts), ``new_ids`` and
         ``removed_ids`` (sorted, complete), ``class_changed`` (``image_id``, ``previous``,
-        ``current`` class) and their lengths ``n_new``, ``n_removed``, ``n_class_changed``.
+        ``current`` class folder), ``csv_label_changed`` (the same for the csv's label, which
+        ``validate.on_label_conflict: csv`` trains on) and their lengths ``n_new``, ``n_removed``,
+        ``n_class_changed``, ``n_csv_label_changed``.
 
     Raises:
         ValueError: ``current`` lacks the ``image_id`` or ``folder_label`` column.
@@ -387,10 +398,21 @@ def compare_with_previous(
         for i in sorted(now_classes.keys() & before_classes.keys())
         if now_classes[i] != before_classes[i]
     ]
+    # The csv's own label, relabelled with or without a move between folders (what the model
+    # trains on under validate.on_label_conflict: csv).
+    now_csv, before_csv = _csv_classes_by_id(current), _csv_classes_by_id(before)
+    csv_changed = [
+        {"image_id": i, "previous": before_csv[i], "current": now_csv[i]}
+        for i in sorted(now_csv.keys() & before_csv.keys())
+        if now_csv[i] != before_csv[i]
+    ]
     return result | {
         "status": STATUS_COMPARED,
         "message": f"compared with the dataset version of commit {prev_commit[:12]} (md5 {prev_md5}): "
-        f"{len(new_ids)} new, {len(removed_ids)} removed, {len(changed)} changed class",
+        f"{len(new_ids)} new, {len(removed_ids)} removed, {len(changed)} changed class folder, "
+        f"{len(csv_changed)} changed label in the csv",
+        "csv_label_changed": csv_changed,
+        "n_csv_label_changed": len(csv_changed),
         "difference": _difference(result["current"]["counts"], prev_counts),
         "new_ids": new_ids,
         "removed_ids": removed_ids,

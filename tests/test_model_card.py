@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from fracture.data_config import DataConfig
 from fracture.model_card import render_model_card
 from fracture.workspace import TrainedModel
@@ -51,3 +53,19 @@ def test_card_states_what_a_reviewer_needs():
     protocol = card.index("## How the recipe was chosen")
     assert protocol < card.index("## Test metrics")
     assert "No choice was made on the test split" in card[protocol:] and "crossval/dvc.yaml" in card
+
+
+def test_the_card_names_its_own_recipe_its_intended_use_and_how_its_threshold_was_set():
+    def card(profile: str, threshold_source: str) -> str:
+        model = dataclasses.replace(MODEL, profile=profile)
+        return render_model_card(model, {}, {"splits": {}}, METRICS, PARTS, threshold_source, "run42")
+
+    cpu = card("cpu", "fixed at evaluate.threshold 0.5")
+    # Only the paper profile trains the paper's recipe; another profile's card says whose recipe it is.
+    assert "Gupta & Sharma, 2024 recipe)" not in cpu and "the cpu profile's recipe" in cpu
+    assert "(Gupta & Sharma, 2024 recipe)." in card("paper", "fixed at evaluate.threshold 0.5")
+    assert "## Intended use" in cpu and "NOT FOR CLINICAL USE" in cpu
+    # How the threshold was set comes from the evaluate stage, never a fixed phrase.
+    protocol = cpu[cpu.index("## How the recipe was chosen"):cpu.index("## Test metrics")]
+    assert "- The decision threshold: fixed at evaluate.threshold 0.5." in protocol
+    assert "chosen on the validation split" not in protocol

@@ -159,6 +159,9 @@ def test_uncommitted_version_reports_new_removed_and_changed_ids(project: Path) 
         {"image_id": "IMG0000004.jpg", "previous": "not_fractured", "current": "fractured"}
     ]
     assert (result["n_new"], result["n_removed"], result["n_class_changed"]) == (2, 1, 1)
+    assert result["csv_label_changed"] == [
+        {"image_id": "IMG0000004.jpg", "previous": "not_fractured", "current": "fractured"}
+    ]
     assert result["previous"]["counts"] == {
         "images": 7,
         "class": {"not_fractured": 4, "fractured": 3},
@@ -177,6 +180,24 @@ def test_uncommitted_version_reports_new_removed_and_changed_ids(project: Path) 
     elsewhere = compare_with_previous(manifest(project), project, dataset_subdir="elsewhere")
     assert elsewhere["status"] == STATUS_UNAVAILABLE
     assert "data/elsewhere" in elsewhere["message"] and "dvc fetch" not in elsewhere["message"]
+
+
+def test_a_label_changed_in_the_csv_alone_is_reported(project: Path) -> None:
+    """Under validate.on_label_conflict: csv the csv's label is the one trained on: a relabel there,
+    the file left in its folder, is a change of the data too."""
+    csv = pd.read_csv(dataset(project) / "dataset.csv")
+    csv.loc[csv["image_id"] == "IMG0000004.jpg", "fractured"] = 1
+    csv.to_csv(dataset(project) / "dataset.csv", index=False)
+    dvc(project, "add", "-q", "data")
+
+    result = compare_with_previous(manifest(project), project)
+
+    assert result["status"] == STATUS_COMPARED, result["message"]
+    assert result["n_class_changed"] == 0
+    assert result["csv_label_changed"] == [
+        {"image_id": "IMG0000004.jpg", "previous": "not_fractured", "current": "fractured"}
+    ]
+    assert "0 changed class folder, 1 changed label in the csv" in result["message"]
 
 
 def test_committed_version_compares_with_the_one_before(project: Path) -> None:
