@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +70,7 @@ class PreparedImages:
     images: np.ndarray
     rows: dict[str, int]
     meta: dict[str, Any]
+    digests: dict[str, str] = field(default_factory=dict)  # each image's file sha256 when it was decoded
 
     def _rows(self, frame: pd.DataFrame) -> np.ndarray:
         missing = [i for i in frame["image_id"] if i not in self.rows]
@@ -78,6 +79,19 @@ class PreparedImages:
                 f"{len(missing)} images are not in the prepared cache (e.g. {missing[:5]}); "
                 "it was built from another manifest: run `dvc repro prepare`"
             )
+        if "sha256" in frame.columns:
+            # The same id is not the same image: a new export may hold other bytes under it.
+            if not self.digests:
+                raise StaleCacheError(
+                    "the prepared cache records no checksum of the files it decoded (built by an older "
+                    "version): run `dvc repro prepare`"
+                )
+            changed = [i for i, d in zip(frame["image_id"], frame["sha256"], strict=True) if self.digests.get(i) != str(d)]
+            if changed:
+                raise StaleCacheError(
+                    f"{len(changed)} images changed since the prepared cache was built (e.g. {changed[:5]}): their "
+                    "files hold other bytes than the ones decoded into it; run `dvc repro prepare`"
+                )
         return np.array([self.rows[i] for i in frame["image_id"]], dtype=np.int64)
 
     def reader(self, frame: pd.DataFrame) -> CachedImages:
@@ -157,7 +171,10 @@ def prepare_images(
     del array
     partial.replace(out_dir / IMAGES)
     seconds = max(time.perf_counter() - started, 1e-6)
-    pd.DataFrame({"image_id": ids, "row": range(len(ids))}).to_csv(out_dir / INDEX, index=False)
+    index = {"image_id": ids, "row": range(len(ids))}
+    if "sha256" in frame.columns:  # which bytes each row was decoded from, checked when read
+        index["sha256"] = frame["sha256"].astype(str).tolist()
+    pd.DataFrame(index).to_csv(out_dir / INDEX, index=False)
     meta = key | {"images": len(ids)}
     (out_dir / META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     rate = len(ids) / seconds
@@ -186,6 +203,9 @@ def open_prepared(out_dir: Path, key: dict[str, Any]) -> PreparedImages:
             f"the prepared cache in {out_dir} was built for {built}, but this model needs {key}: "
             "run `dvc repro prepare` (or `dvc repro`) to rebuild it"
         )
-    index = pd.read_csv(out_dir / INDEX, dtype={"image_id": str})
+    index = pd.read_csv(out_dir / INDEX, dtype={"image_id": str, "sha256": str})
     images = np.load(out_dir / IMAGES, mmap_mode="r")
-    return PreparedImages(images=images, rows=dict(zip(index["image_id"], index["row"], strict=True)), meta=meta)
+    digests = dict(zip(index["image_id"], index["sha256"], strict=True)) if "sha256" in index else {}
+    return PreparedImages(
+        images=images, rows=dict(zip(index["image_id"], index["row"], strict=True)), meta=meta, digests=digests
+    )

@@ -101,6 +101,30 @@ def test_a_cache_built_for_another_key_is_refused(tmp_path, change):
         open_prepared(out, cache_key(CONFIG, False))
 
 
+def test_a_file_replaced_under_the_same_id_makes_the_cache_stale(tmp_path):
+    """Ids name images, bytes are images: a new export may hold another X-ray under an old id, and
+    training on the cached pixels would then not be training on the file the model is served."""
+    import hashlib
+
+    make_dataset(tmp_path, 2, 2)
+    frame = training_frame(tmp_path)
+    frame["sha256"] = [hashlib.sha256((tmp_path / p).read_bytes()).hexdigest() for p in frame["path"]]
+    out = build(tmp_path, frame)
+    cache = open_prepared(out, cache_key(CONFIG, True))
+    assert len(cache.dataset(frame)) == len(frame)  # the same files: accepted
+    replaced = tmp_path / frame["path"].iloc[1]
+    with Image.open(replaced) as img:
+        img.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(replaced)
+    frame.loc[1, "sha256"] = hashlib.sha256(replaced.read_bytes()).hexdigest()  # as the validate stage lists it
+    for read in (cache.dataset, cache.reader):
+        with pytest.raises(StaleCacheError, match=f"1 images changed .*{frame['image_id'].iloc[1]}.*dvc repro prepare"):
+            read(frame)
+    # A cache that recorded no checksums cannot vouch for the files either.
+    (out / "index.csv").write_text(pd.read_csv(out / "index.csv").drop(columns="sha256").to_csv(index=False))
+    with pytest.raises(StaleCacheError, match="records no checksum"):
+        open_prepared(out, cache_key(CONFIG, True)).dataset(frame)
+
+
 def test_missing_cache_and_unknown_ids_say_to_rebuild(tmp_path):
     with pytest.raises(FileNotFoundError, match="dvc repro prepare"):
         open_prepared(tmp_path / "nowhere", cache_key(CONFIG, True))
