@@ -18,7 +18,29 @@ from PIL import Image, ImageFile
 
 from fracture.dicom import dicom_to_image, is_dicom
 
-__all__ = ["INDEX_FILES", "ImageLoadError", "decode", "decode_truncated", "export_files", "open_xray"]
+__all__ = [
+    "FORMATS", "HIGH_BIT_DEPTH", "INDEX_FILES", "ImageLoadError", "decode", "decode_truncated", "export_files",
+    "open_xray", "unservable",
+]
+
+#: The picture formats the served model reads besides DICOM (Pillow's names); training takes the same.
+FORMATS = ("JPEG", "PNG")
+#: Pillow modes of more than 8 bits a sample, which only a display window turns into 8 bits.
+HIGH_BIT_DEPTH = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I", "F"})
+
+
+def unservable(fmt: str | None, mode: str) -> str | None:
+    """Why the served model (:mod:`fracture.intake`) refuses a picture of this Pillow format and
+    mode, in its words, or ``None``: training takes no file the model would refuse when served.
+    A DICOM file's decoded image (format ``None``) is 8-bit by then, and always served."""
+    if fmt is not None and fmt not in FORMATS:
+        return f"is a {fmt} file, not JPEG, PNG or DICOM: the served model refuses it; export it as one of those"
+    if mode in HIGH_BIT_DEPTH:
+        return (f"is a {mode} image of more than 8 bits a sample: the served model refuses it; send the DICOM "
+                "file, which carries its display window, or an 8-bit export")
+    if mode == "1":
+        return "is a 1-bit black-and-white image: the served model refuses it; send the X-ray's greyscale"
+    return None
 
 
 class _DecodeGate:

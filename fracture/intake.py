@@ -35,7 +35,13 @@ from typing import Any, Literal, get_args
 
 from PIL import Image, ImageStat, UnidentifiedImageError
 
-from fracture.decoding import convert_for_model, decode, decode_truncated
+from fracture.decoding import (
+    FORMATS,
+    HIGH_BIT_DEPTH,
+    convert_for_model,
+    decode,
+    decode_truncated,
+)
 from fracture.dicom import (
     RADIOGRAPHY,
     DicomRejected,
@@ -49,9 +55,7 @@ from fracture.dicom import (
 log = logging.getLogger(__name__)
 
 Truncated = Literal["score", "refuse"]
-FORMATS = ("JPEG", "PNG")
 AS_TRAINED = {"L", "RGB"}
-HIGH_BIT_DEPTH = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}
 SEND_INSTEAD = "Send an X-ray as an 8-bit JPEG or PNG, or as its DICOM file."
 
 

@@ -52,6 +52,32 @@ def test_refusals_say_what_is_wrong_and_what_to_send(data, message):
     assert "Send" in str(info.value) or "send" in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (lambda: encode(xray_like(), "TIFF"), "is a TIFF file, not JPEG, PNG or DICOM"),
+        (lambda: encode(xray_like(), "BMP"), "is a BMP file, not JPEG, PNG or DICOM"),
+        (lambda: encode(xray_like(), "WEBP"), "is a WEBP file, not JPEG, PNG or DICOM"),
+        (lambda: encode(Image.new("I;16", (300, 300), 40000)), "is a I;16 image of more than 8 bits a sample"),
+        (lambda: encode(xray_like().convert("1")), "is a 1-bit black-and-white image"),
+    ],
+)
+def test_training_lists_a_file_the_served_model_refuses_as_undecodable(tmp_path, data, reason):
+    """A file in a hospital's export that Pillow decodes but the served model refuses is not
+    trained on either: the validate stage lists it as undecodable, with the reason."""
+    from fracture.manifest import inspect_image
+
+    path = tmp_path / "IM0001"
+    path.write_bytes(data())
+    with pytest.raises(InputRejected):
+        read_xray(path.read_bytes(), POLICY)
+    facts = inspect_image(str(path))
+    assert not facts.decodable and facts.error.startswith(reason) and "served model refuses it" in facts.error
+    # What it serves, it trains on.
+    path.write_bytes(encode(xray_like(), "PNG"))
+    assert inspect_image(str(path)).decodable
+
+
 def test_a_bomb_is_refused_before_its_pixels_are_decoded(monkeypatch):
     from fracture import intake
 
