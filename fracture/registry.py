@@ -564,9 +564,9 @@ def _restore_previous(client: MlflowClient, mv: ModelVersion) -> None:
     name, before = mv.name, mv.tags.get(TAG_REPLACED)
     if not before or before == str(mv.version):
         return
-    if not _exists(client, name, before):
+    replaced = _version_or_none(client, name, before)
+    if replaced is None:
         return  # deleted since
-    replaced = client.get_model_version(name, before)
     if TAG_ROLLED_BACK in replaced.tags:
         return
     previous = _alias(client, name, PREVIOUS_CHAMPION)
@@ -782,13 +782,17 @@ def _alias(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
     return None if version is None else client.get_model_version(name, str(version))
 
 
-def _exists(client: MlflowClient, name: str, version: str) -> bool:
-    """Whether the version exists. Any error but "does not exist" (the tracking server down or
-    overloaded) is raised, never read as a deleted version."""
+def _version_or_none(client: MlflowClient, name: str, version: str) -> ModelVersion | None:
+    """The version, or ``None`` when it does not exist. Any other error (the tracking server down
+    or overloaded) is raised, never read as a deleted version."""
     try:
-        client.get_model_version(name, version)
+        return client.get_model_version(name, version)
     except MlflowException as exc:
         if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-            return False
+            return None
         raise
-    return True
+
+
+def _exists(client: MlflowClient, name: str, version: str) -> bool:
+    """Whether the version exists (:func:`_version_or_none`)."""
+    return _version_or_none(client, name, version) is not None

@@ -294,23 +294,27 @@ def _difference(current: dict[str, Any], previous: dict[str, Any]) -> dict[str, 
     return diff
 
 
-def _classes_by_id(frame: pd.DataFrame) -> dict[str, str | list[str]]:
-    """Class name of each id with a file; a list of names for an id filed in both folders."""
-    files = frame[frame["folder_label"].notna()]
+def _classes_by_id(frame: pd.DataFrame, column: str = "folder_label") -> dict[str, str | list[str]]:
+    """Class name of each id ``column`` labels (``folder_label``: each id with a file;
+    ``csv_label``: each id dataset.csv labels, the label ``validate.on_label_conflict: csv``
+    trains on); a list of names for an id labelled both ways (filed in both folders)."""
+    if column not in frame:
+        return {}
+    files = frame[frame[column].notna()]
     result: dict[str, str | list[str]] = {}
-    for image_id, labels in files.groupby("image_id")["folder_label"]:
+    for image_id, labels in files.groupby("image_id")[column]:
         names = sorted({CLASSES[int(label)] for label in labels})
         result[str(image_id)] = names[0] if len(names) == 1 else names
     return result
 
 
-def _csv_classes_by_id(frame: pd.DataFrame) -> dict[str, str]:
-    """Class name of each id dataset.csv (or labels.csv) labels; the label
-    ``validate.on_label_conflict: csv`` trains on."""
-    if "csv_label" not in frame:
-        return {}
-    rows = frame[frame["csv_label"].notna()].drop_duplicates("image_id")
-    return {str(i): CLASSES[int(label)] for i, label in zip(rows["image_id"], rows["csv_label"], strict=True)}
+def _changed(now: dict[str, Any], before: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ids both versions label, whose label changed: ``image_id``, ``previous``, ``current``."""
+    return [
+        {"image_id": i, "previous": before[i], "current": now[i]}
+        for i in sorted(now.keys() & before.keys())
+        if now[i] != before[i]
+    ]
 
 
 # --- the comparison the validate report carries -----------------------------------------------
@@ -393,19 +397,10 @@ def compare_with_previous(
     result["previous"]["counts"] = prev_counts
     new_ids = sorted(now_classes.keys() - before_classes.keys())
     removed_ids = sorted(before_classes.keys() - now_classes.keys())
-    changed = [
-        {"image_id": i, "previous": before_classes[i], "current": now_classes[i]}
-        for i in sorted(now_classes.keys() & before_classes.keys())
-        if now_classes[i] != before_classes[i]
-    ]
+    changed = _changed(now_classes, before_classes)
     # The csv's own label, relabelled with or without a move between folders (what the model
     # trains on under validate.on_label_conflict: csv).
-    now_csv, before_csv = _csv_classes_by_id(current), _csv_classes_by_id(before)
-    csv_changed = [
-        {"image_id": i, "previous": before_csv[i], "current": now_csv[i]}
-        for i in sorted(now_csv.keys() & before_csv.keys())
-        if now_csv[i] != before_csv[i]
-    ]
+    csv_changed = _changed(_classes_by_id(current, "csv_label"), _classes_by_id(before, "csv_label"))
     return result | {
         "status": STATUS_COMPARED,
         "message": f"compared with the dataset version of commit {prev_commit[:12]} (md5 {prev_md5}): "
