@@ -137,17 +137,31 @@ def test_the_first_detector_becomes_champion_and_an_identical_one_stays_challeng
     assert not again.created and again.version == first.version and again.reason == "already champion"
 
 
-def test_a_detector_better_on_the_same_images_replaces_the_champion(client, split, tmp_path, monkeypatch):
+def champion_and_contender(split, tmp_path, monkeypatch, champion_hits: set[int], contender_hits: set[int], map_50: float):
+    """A first detector registered as champion, and a second run whose boxes (on the split's images,
+    as known answers) find the fractures ``contender_hits`` where the champion finds ``champion_hits``.
+
+    Returns the params, the champion's registration, the second run's id, its weights and config.
+    """
     params = dataclasses.replace(DetectParams(), bootstrap_resamples=100)
     truth = list(split.truth)
     run_id, weights, described = detector_run(tmp_path, 0, 0.3)
     # In this process: the load check in a consumer's Python is the first test's.
     first = register_detector(params, run_id, weights, described, split, isolated=False)
-    better_id, _, _ = detector_run(tmp_path, 2, 0.9)
-    # Each version's boxes on the split's images, as known answers: the new one finds all four fractures.
-    answers = {first.version: finds(truth, {0}, seed=0), str(int(first.version) + 1): finds(truth, {0, 1, 2, 3}, seed=0)}
+    second_id, _, _ = detector_run(tmp_path, 2, map_50)
+    answers = {
+        first.version: finds(truth, champion_hits, seed=0),
+        str(int(first.version) + 1): finds(truth, contender_hits, seed=0),
+    }
     monkeypatch.setattr(detector_registry, "served_detections", lambda name, version, s: (answers[version], 0.05))
+    return params, first, second_id, weights, described
 
+
+def test_a_detector_better_on_the_same_images_replaces_the_champion(client, split, tmp_path, monkeypatch):
+    # The new one finds all four fractures, the champion one.
+    params, first, better_id, weights, described = champion_and_contender(
+        split, tmp_path, monkeypatch, {0}, {0, 1, 2, 3}, 0.9
+    )
     second = register_detector(params, better_id, weights, described, split, isolated=False)
     assert second.decision == "promoted" and second.champion, second.summary()
     assert second.aliases == (CHAMPION,) and second.previous_champion == first.version
@@ -156,13 +170,9 @@ def test_a_detector_better_on_the_same_images_replaces_the_champion(client, spli
 
 
 def test_a_detector_decided_without_a_comparison_keeps_no_figures_of_an_earlier_one(client, split, tmp_path, monkeypatch):
-    params = dataclasses.replace(DetectParams(), bootstrap_resamples=100)
-    truth = list(split.truth)
-    run_id, weights, described = detector_run(tmp_path, 0, 0.3)
-    first = register_detector(params, run_id, weights, described, split, isolated=False)
-    worse_id, _, _ = detector_run(tmp_path, 2, 0.2)
-    answers = {first.version: finds(truth, {0, 1, 2, 3}, seed=0), str(int(first.version) + 1): finds(truth, {0}, seed=0)}
-    monkeypatch.setattr(detector_registry, "served_detections", lambda name, version, s: (answers[version], 0.05))
+    params, first, worse_id, weights, described = champion_and_contender(
+        split, tmp_path, monkeypatch, {0, 1, 2, 3}, {0}, 0.2
+    )
     lost = register_detector(params, worse_id, weights, described, split, isolated=False)
     assert lost.decision == "challenger"
     assert float(client.get_model_version("fracture-detector", lost.version).tags["gate_map_50_difference"]) < 0

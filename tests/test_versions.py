@@ -135,6 +135,13 @@ def test_outside_git_is_a_first_version(tmp_path: Path) -> None:
     assert previous_version(tmp_path, None) is None
 
 
+def relabel_in_csv(project: Path, image_id: str, fractured: int) -> None:
+    """Sets an image's label in the project's dataset.csv, its file left where it is."""
+    csv = pd.read_csv(dataset(project) / "dataset.csv")
+    csv.loc[csv["image_id"] == image_id, "fractured"] = fractured
+    csv.to_csv(dataset(project) / "dataset.csv", index=False)
+
+
 def test_uncommitted_version_reports_new_removed_and_changed_ids(project: Path) -> None:
     v1_commit, v1_md5 = run(project, "git", "rev-parse", "HEAD").strip(), dvc_file_md5(project)
     remove_image(project, "IMG0000000.jpg")  # fractured, hand, frontal
@@ -142,9 +149,7 @@ def test_uncommitted_version_reports_new_removed_and_changed_ids(project: Path) 
     add_image(project, "IMG0000101.jpg", 0, hand=1, frontal=1, oblique=1)
     # IMG0000004 (hand, frontal) moves from Non_fractured to Fractured.
     shutil.move(dataset(project) / "images/Non_fractured/IMG0000004.jpg", dataset(project) / "images/Fractured")
-    csv = pd.read_csv(dataset(project) / "dataset.csv")
-    csv.loc[csv["image_id"] == "IMG0000004.jpg", "fractured"] = 1
-    csv.to_csv(dataset(project) / "dataset.csv", index=False)
+    relabel_in_csv(project, "IMG0000004.jpg", 1)
     dvc(project, "add", "-q", "data")
 
     result = compare_with_previous(manifest(project), project)
@@ -185,9 +190,7 @@ def test_uncommitted_version_reports_new_removed_and_changed_ids(project: Path) 
 def test_a_label_changed_in_the_csv_alone_is_reported(project: Path) -> None:
     """Under validate.on_label_conflict: csv the csv's label is the one trained on: a relabel there,
     the file left in its folder, is a change of the data too."""
-    csv = pd.read_csv(dataset(project) / "dataset.csv")
-    csv.loc[csv["image_id"] == "IMG0000004.jpg", "fractured"] = 1
-    csv.to_csv(dataset(project) / "dataset.csv", index=False)
+    relabel_in_csv(project, "IMG0000004.jpg", 1)
     dvc(project, "add", "-q", "data")
 
     result = compare_with_previous(manifest(project), project)
