@@ -1,4 +1,4 @@
-"""Reading X-ray files: JPEG, PNG and DICOM decoded as stored, and a folder of them listed.
+"""Reading X-ray files: JPEG, PNG and DICOM decoded upright, and a folder of them listed.
 
 What every path that opens an image shares: the manifest and validation, the input checks,
 the prepared cache, evaluation and the served model. It imports no torch, so the stages that
@@ -14,13 +14,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from PIL import Image, ImageFile
+from PIL import ExifTags, Image, ImageFile, ImageOps
 
 from fracture.dicom import dicom_to_image, is_dicom
 
 __all__ = [
     "FORMATS", "HIGH_BIT_DEPTH", "INDEX_FILES", "ImageLoadError", "decode", "decode_truncated", "export_files",
-    "open_xray", "unservable",
+    "open_xray", "unservable", "upright_size",
 ]
 
 #: The picture formats the served model reads besides DICOM (Pillow's names); training takes the same.
@@ -191,8 +191,15 @@ def export_files(folder: Path, indexes: bool = False) -> list[Path]:
     ]
 
 
-def decode(source: str | Path | bytes, draft: tuple[int, int] | None = None) -> Image.Image:
-    """Opens and fully decodes an image as stored (mode unchanged; size too, unless ``draft``).
+def decode(source: str | Path | bytes, draft: tuple[int, int] | None = None, upright: bool = True) -> Image.Image:
+    """Opens and fully decodes an image upright (mode unchanged; size too, unless ``draft``).
+
+    A JPEG or PNG whose EXIF Orientation tag says its pixels are stored turned or mirrored is
+    turned upright, as every viewer and browser shows it, and as whoever labelled it or drew its
+    fracture boxes saw it: in FracAtlas, 18 X-rays stored on their side and two upside down,
+    one a forearm whose fracture boxes lie on its fractures only once it is turned. Training,
+    validation, evaluation, the page and the served model all decode through here, so they see
+    the same upright pixels.
 
     A DICOM file becomes the 8-bit image a reader sees (:func:`fracture.dicom.dicom_to_image`:
     modality LUT, VOI transform, MONOCHROME1 inverted), so a dataset of DICOM files trains on
@@ -203,12 +210,15 @@ def decode(source: str | Path | bytes, draft: tuple[int, int] | None = None) -> 
     DCT domain). A 2304 x 2880 X-ray meant for a 352 px input is decoded at 576 x 720 in a
     fraction of the time, and the resize after it does the rest. Files too small to reduce,
     other formats and DICOM decode in full.
+
+    ``upright=False`` keeps the stored orientation, for a reader that must know where in the
+    stored rows a truncated file stops.
     """
     with _GATE.shared():
-        return _decode(source, draft)
+        return _decode(source, draft, upright)
 
 
-def _decode(source: str | Path | bytes, draft: tuple[int, int] | None) -> Image.Image:
+def _decode(source: str | Path | bytes, draft: tuple[int, int] | None, upright: bool = True) -> Image.Image:
     data = source if isinstance(source, bytes) else Path(source).read_bytes()
     if is_dicom(data):
         return dicom_to_image(data)
@@ -216,10 +226,25 @@ def _decode(source: str | Path | bytes, draft: tuple[int, int] | None) -> Image.
         if draft is not None:
             img.draft(img.mode, draft)  # JPEG only; other formats ignore it
         img.load()
+        if upright:
+            ImageOps.exif_transpose(img, in_place=True)  # keeps the format, which the callers check
         return img
 
 
-def decode_truncated(source: str | Path | bytes, draft: tuple[int, int] | None = None) -> Image.Image:
+#: EXIF orientations whose upright image is the stored one turned a quarter: width and height swap.
+_QUARTER_TURNS = frozenset({5, 6, 7, 8})
+
+
+def upright_size(img: Image.Image) -> tuple[int, int]:
+    """``(width, height)`` of an opened, not necessarily decoded, picture once :func:`decode` has
+    turned it upright: the header's size, swapped when its EXIF orientation turns it a quarter."""
+    turned = img.getexif().get(ExifTags.Base.Orientation, 1) in _QUARTER_TURNS
+    return (img.height, img.width) if turned else img.size
+
+
+def decode_truncated(
+    source: str | Path | bytes, draft: tuple[int, int] | None = None, upright: bool = True
+) -> Image.Image:
     """Like :func:`decode`, but decodes files that end early; the missing rows become grey.
 
     Pillow allows truncated files only through a module flag: it is set for this decode alone,
@@ -230,6 +255,6 @@ def decode_truncated(source: str | Path | bytes, draft: tuple[int, int] | None =
         previous = ImageFile.LOAD_TRUNCATED_IMAGES
         ImageFile.LOAD_TRUNCATED_IMAGES = True
         try:
-            return _decode(source, draft)
+            return _decode(source, draft, upright)
         finally:
             ImageFile.LOAD_TRUNCATED_IMAGES = previous

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
@@ -81,8 +81,11 @@ def thumbnail_rows(path: str | Path, side: int = THUMBNAIL_SIDE, truncated: bool
 
     JPEGs are decoded at a reduced scale (Pillow's ``draft``), which is what makes a pass over
     thousands of full-size X-rays take seconds. A DICOM file is read as a reader sees it
-    (:func:`fracture.decoding.decode`), so a copy exported as DICOM and as JPEG still matches.
-    A constant image gives a vector of zeros, which correlates with nothing.
+    (:func:`fracture.decoding.decode`), so a copy exported as DICOM and as JPEG still matches;
+    a picture is turned upright by its EXIF orientation, as the model sees it, so a copy whose
+    turn was written into its pixels still matches one that only states it. A truncated picture
+    is compared as stored (its decoded rows are counted from the stored top). A constant image
+    gives a vector of zeros, which correlates with nothing.
 
     Args:
         path: the image file.
@@ -97,10 +100,12 @@ def thumbnail_rows(path: str | Path, side: int = THUMBNAIL_SIDE, truncated: bool
     if is_dicom(data):
         img = decode(data)
     elif truncated:
-        img = decode_truncated(data, (side * 4, side * 4))
+        # As stored, not turned upright: the rows that decoded are counted from the stored top.
+        img = decode_truncated(data, (side * 4, side * 4), upright=False)
     else:
         img = Image.open(io.BytesIO(data))  # reads from memory: no file handle to close
         img.draft("L", (side * 4, side * 4))
+        img = ImageOps.exif_transpose(img)  # upright, as the model sees it (fracture.decoding.decode)
     grey = img.convert("L")
     rows = side
     if truncated:

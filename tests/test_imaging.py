@@ -5,11 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import ExifTags, Image
 
 from fracture.data_config import DataConfig
-from fracture.decoding import ImageLoadError, open_xray
+from fracture.decoding import ImageLoadError, decode, open_xray, upright_size
 from fracture.imaging import Preprocessor, build_transform
+from fracture.intake import InputPolicy, read_xray
+from fracture.manifest import inspect_image
+from fracture.near_duplicates import thumbnail
 from tests.conftest import require_fracatlas
 
 CONFIG = DataConfig((3, 64, 64), "bilinear", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
@@ -155,3 +158,72 @@ def test_concurrent_truncated_loads_leave_pillows_flag_unset(tmp_path):
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False
     with pytest.raises(ImageLoadError):
         open_xray(path)
+
+
+def _turned_by_exif(path, upright: Image.Image, orientation: int, fmt: str = "JPEG") -> None:
+    """Saves ``upright`` stored as a camera or viewer export does: the pixels turned, and an EXIF
+    Orientation tag saying how to turn them back (Pillow's ``exif_transpose`` table inverted)."""
+    stored = {
+        3: upright.transpose(Image.Transpose.ROTATE_180),
+        6: upright.transpose(Image.Transpose.ROTATE_90),
+        8: upright.transpose(Image.Transpose.ROTATE_270),
+    }[orientation]
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = orientation
+    stored.save(path, fmt, exif=exif, **({"quality": 95} if fmt == "JPEG" else {}))
+
+
+def _upright_xray(width: int = 120, height: int = 80) -> Image.Image:
+    """No turn or mirror of it equals it: a bright square at the top-left, a grey bar along the bottom."""
+    a = np.full((height, width), 40, dtype=np.uint8)
+    a[:20, :20] = 250
+    a[-10:, :] = 140
+    return Image.fromarray(a, mode="L")
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_a_picture_stored_turned_is_decoded_upright_as_its_exif_orientation_says(tmp_path, orientation, fmt):
+    """A viewer, a browser and whoever drew the fracture boxes see it upright; so do training
+    (the manifest and the prepared cache decode through ``open_xray``) and the served model."""
+    upright = _upright_xray()
+    path = tmp_path / f"x.{fmt.lower()}"
+    _turned_by_exif(path, upright, orientation, fmt)
+    with Image.open(path) as stored:
+        assert stored.size == ((80, 120) if orientation in (6, 8) else (120, 80))
+        assert upright_size(stored) == (120, 80)  # from the header, undecoded
+    for decoded in (open_xray(path, rgb=False), decode(path.read_bytes())):
+        assert decoded.size == (120, 80)
+        assert np.abs(np.asarray(decoded, dtype=int) - np.asarray(upright, dtype=int)).max() <= 12
+    if fmt == "JPEG":  # decoded at half scale, then turned
+        half = open_xray(path, rgb=False, draft=(32, 32))
+        assert half.size == (60, 40)
+        assert np.abs(np.asarray(half, dtype=int) - np.asarray(upright.reduce(2), dtype=int)).max() <= 12
+    served = read_xray(path.read_bytes(), InputPolicy())
+    np.testing.assert_array_equal(np.asarray(served.image), np.asarray(open_xray(path, rgb=False)))
+    facts = inspect_image(str(path))
+    assert (facts.width, facts.height, facts.decodable) == (120, 80, True)
+
+
+def test_a_copy_whose_turn_is_written_into_its_pixels_is_the_near_duplicate_of_one_that_only_states_it(tmp_path):
+    xray = Image.fromarray(
+        (np.random.default_rng(3).integers(0, 255, (12, 9)).repeat(16, 0).repeat(16, 1)).astype(np.uint8), mode="L"
+    )
+    _turned_by_exif(tmp_path / "stated.jpg", xray, 6)
+    xray.save(tmp_path / "written.jpg", quality=95)
+    a, b = thumbnail(tmp_path / "stated.jpg"), thumbnail(tmp_path / "written.jpg")
+    assert float(a @ b) / len(a) > 0.99
+
+
+def test_fracatlas_x_rays_stored_on_their_side_are_decoded_upright(fracatlas):
+    """18 X-rays of FracAtlas are stored on their side with an EXIF orientation (6 or 8), such as
+    the pelvis IMG0001753, and two upside down (3), such as the forearm IMG0002588, whose fracture
+    boxes lie on its radius and ulna only once it is turned."""
+    pelvis = fracatlas / "images" / "Non_fractured" / "IMG0001753.jpg"
+    with Image.open(pelvis) as stored:
+        assert stored.size == (373, 454)
+    assert open_xray(pelvis).size == (454, 373)
+    forearm = fracatlas / "images" / "Fractured" / "IMG0002588.jpg"
+    with Image.open(forearm) as stored:
+        raw = np.asarray(stored)
+    np.testing.assert_array_equal(np.asarray(open_xray(forearm, rgb=False)), raw[::-1, ::-1])

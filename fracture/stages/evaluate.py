@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from fracture.config import Params
+from fracture.decoding import upright_size
 from fracture.evaluation import (
     Calibration,
     Evaluation,
@@ -108,7 +109,7 @@ def localise(
         i = rows[image_id]
         cam = grad_cam(network, pre(pixels[i : i + 1]), target, tta=tta)
         with Image.open(dataset / paths[image_id]) as img:  # the header only: the size the page maps onto
-            size = img.size
+            size = upright_size(img)
         return to_image_grid(cam, size, aspect)
 
     return score_heat_maps(
