@@ -408,6 +408,7 @@ def predict(
     """
     from fracture.predict import (
         PredictError,
+        check_outputs,
         collect,
         load,
         score_files,
@@ -420,13 +421,18 @@ def predict(
         files = collect(inputs)
         if not files:
             raise PredictError(f"no image or DICOM files in {', '.join(map(str, inputs))}")
+        check_outputs(out, dicom_sr)
         loaded = load(model)
     except PredictError as exc:
         sys.exit(f"fracture predict: {exc}")
     table = score_files(loaded, files, batch_size, progress)
     if dicom_sr is not None:
         table["sr"] = write_structured_reports(table, files, dicom_sr)
-    write(table, out)
+    try:
+        write(table, out)
+    except OSError as exc:  # checked before scoring, yet failed (a full disk): the rows go to stdout instead
+        write(table, None)
+        sys.exit(f"fracture predict: the rows cannot be written to {out} ({exc.strerror or exc}); they are on stdout above")
     scored = int((table["error"] == "").sum())
     print(
         f"{loaded.name} version {loaded.version}: scored {scored} of {len(table)} files; "

@@ -20,6 +20,7 @@ import highdicom as hd
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
+from pydicom.valuerep import DA, TM
 
 FRACTURE = hd.sr.CodedConcept("125605004", "SCT", "Fracture of bone")
 #: Patient and study attributes of type 2 (present, possibly empty) the SR copies from its source.
@@ -84,6 +85,9 @@ def structured_report(
     )
     sr = hd.sr.Comprehensive3DSR(
         evidence=[source],
+        # pydicom has decoded the source's text whatever its character set (ISO 2022 escapes of
+        # a Japanese or Korean PACS included); UTF-8 holds all of it, which highdicom then writes.
+        specific_character_set="ISO_IR 192",
         content=report[0],
         series_instance_uid=series_uid or hd.UID(),
         series_number=9901,
@@ -109,13 +113,35 @@ def series_description(model_name: str, model_version: str) -> str:
     return (head + name + tail)[:LO_MAX]
 
 
+def invalid_type2_values(source: Dataset) -> dict[str, str]:
+    """The source's type 2 patient and study values the SR cannot carry, by keyword: a date or
+    time not in DICOM's form (an ACR-NEMA ``10:10:10``, an unknown birth date written
+    ``19800000``) or a Patient's Sex other than M, F or O. The SR leaves them empty, as type 2
+    allows, rather than being refused whole (:func:`structured_report`)."""
+    invalid: dict[str, str] = {}
+    for keyword, parse in (("PatientBirthDate", DA), ("StudyDate", DA), ("StudyTime", TM)):
+        value = source.get(keyword)
+        if value not in (None, ""):
+            try:
+                parse(str(value))
+            except ValueError:
+                invalid[keyword] = str(value)
+    sex = source.get("PatientSex")
+    if sex not in (None, "") and str(sex) not in ("M", "F", "O"):
+        invalid["PatientSex"] = str(sex)
+    return invalid
+
+
 def _with_type2_attributes(source: Dataset) -> Dataset:
     """A copy of the source's header with every type 2 patient and study attribute present.
 
-    Some modalities leave them out; the SR must carry them, empty if the source has no value.
+    Some modalities leave them out; the SR must carry them, empty if the source has no value or
+    one the SR cannot carry (:func:`invalid_type2_values`).
     """
     header = Dataset()
     header.update({elem.tag: elem for elem in source if elem.keyword != "PixelData"})
+    for keyword in invalid_type2_values(header):
+        delattr(header, keyword)  # the element is the source's: a new, empty one replaces it here
     for keyword in TYPE2:
         if keyword not in header:
             setattr(header, keyword, "")

@@ -165,6 +165,33 @@ def score_files(model: LoadedModel, files: list[Path], batch_size: int = 16, pro
     return table[COLUMNS]
 
 
+def check_outputs(out: Path | None, dicom_sr: Path | None) -> None:
+    """Makes sure the rows and the reports can be written, before any file is scored: a typo in
+    a path then costs seconds, not a night of scoring. Makes the report folder.
+
+    Raises:
+        PredictError: ``out``'s folder does not exist or cannot be written, ``out`` is a folder,
+            or ``dicom_sr`` cannot be made or written into; the message names the path.
+    """
+    if out is not None:
+        if out.is_dir():
+            raise PredictError(f"--out {out} is a folder; name a .csv or .json file to write the rows to")
+        folder = out.parent
+        if not folder.is_dir():
+            raise PredictError(f"--out {out}: the folder {folder} does not exist; make it, or name another file")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise PredictError(f"--out {out}: the folder {folder} cannot be written to; name another file")
+    if dicom_sr is not None:
+        try:
+            dicom_sr.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise PredictError(
+                f"--dicom-sr {dicom_sr}: the report folder cannot be made ({exc.strerror or exc}); name a folder"
+            ) from exc
+        if not os.access(dicom_sr, os.W_OK | os.X_OK):
+            raise PredictError(f"--dicom-sr {dicom_sr}: the report folder cannot be written to; name another")
+
+
 def write(table: pd.DataFrame, out: Path | None) -> None:
     """Writes the table as CSV, or JSON records when ``out`` ends in ``.json``; stdout CSV without ``out``."""
     if out is None:
@@ -184,14 +211,17 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
     replaces a report written in this call. A report an earlier call wrote there for the same
     image is replaced, and the new one lists it as its predecessor (Predecessor Documents
     Sequence), so a PACS holding both knows which is current. The reports of one study in one
-    call form one SR series, numbered in order. A source the report cannot be made for (a header
-    without the study's UID, say) gets no report, its reason in the row's ``note``, and the other
-    rows theirs.
+    call form one SR series, numbered in order. A file holding an image already reported in this
+    call (the same SOP Instance UID, exported twice) gets no second report: its row points to the
+    first's, and its note says so. A source the report cannot be made for (a header without the
+    study's UID, say) or written for (a full disk) gets no report, its reason in the row's
+    ``note``, and the other rows theirs. A patient or study value the SR cannot carry is left
+    empty there, and the row's note names it (:func:`fracture.dicom_sr.invalid_type2_values`).
     """
     from pydicom import dcmread  # noqa: PLC0415 - only --dicom-sr needs it here
     from pydicom.uid import UID, generate_uid  # noqa: PLC0415
 
-    from fracture.dicom_sr import structured_report  # noqa: PLC0415
+    from fracture.dicom_sr import invalid_type2_values, structured_report  # noqa: PLC0415
 
     folder.mkdir(parents=True, exist_ok=True)
     written: list[str] = []
@@ -199,10 +229,16 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
     # One SR series per study in this call, its reports numbered in order.
     series: dict[str, str] = {}
     numbers: dict[str, int] = {}
+    # The file and report of each source image reported in this call, by its SOP Instance UID.
+    reported: dict[str, tuple[Path, Path]] = {}
+
+    def add_note(index: int, row: Any, text: str) -> None:
+        note = row.note if isinstance(row.note, str) else ""
+        table.iloc[index, table.columns.get_loc("note")] = "; ".join(filter(None, [note, text]))
+
     def no_report(index: int, row: Any, path: Path, reason: str) -> None:
         log.warning("%s: %s", path, reason)
-        note = row.note if isinstance(row.note, str) else ""
-        table.iloc[index, table.columns.get_loc("note")] = "; ".join(filter(None, [note, reason]))
+        add_note(index, row, reason)
         written.append("")
 
     for index, (path, row) in enumerate(zip(files, table.itertuples(index=False), strict=True)):
@@ -222,8 +258,14 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
             source = dcmread(path, stop_before_pixels=True, force=True)  # is_dicom said it is DICOM, preamble or not
             study = str(source.StudyInstanceUID)
             uid = str(source.get("SOPInstanceUID", ""))
+            if uid and uid in reported:
+                first, report = reported[uid]
+                add_note(index, row, f"the same image (SOP Instance UID) as {first}, whose report {report.name} is this row's")
+                written.append(str(report))
+                continue
             # Named after the source image unless its UID is invalid or already named a report of this call.
             own = f"{uid}.sr.dcm" if UID(uid).is_valid and f"{uid}.sr.dcm" not in names else None
+            blanked = invalid_type2_values(source)
             # A report an earlier run wrote for this image is superseded, and says so.
             replaces = _earlier_report(folder / own) if own and (folder / own).is_file() else None
             number = numbers.get(study, 0) + 1
@@ -237,12 +279,24 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
             no_report(index, row, path, f"no structured report: {exc}")
             continue
         name = own or f"{sr.SOPInstanceUID}.sr.dcm"
-        names.add(name)
         target = folder / name
         # Written beside and moved into place: a run stopped midway leaves the earlier report whole.
         partial = target.with_name(f".{name}.partial")
-        sr.save_as(partial, enforce_file_format=True)
-        os.replace(partial, target)
+        try:
+            sr.save_as(partial, enforce_file_format=True)
+            os.replace(partial, target)
+        except OSError as exc:  # a full disk, a report folder gone: this row's report, not the run
+            partial.unlink(missing_ok=True)
+            numbers[study] -= 1
+            no_report(index, row, path, f"no structured report: it cannot be written to {target} ({exc.strerror or exc})")
+            continue
+        names.add(name)
+        if uid:
+            reported[uid] = (path, target)
+        if blanked:
+            add_note(index, row, "left empty in the structured report, not valid DICOM values: " + ", ".join(
+                f"{keyword} {value!r}" for keyword, value in blanked.items()
+            ))
         written.append(str(target))
     return written
 

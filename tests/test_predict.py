@@ -279,3 +279,122 @@ def test_the_reports_series_description_fits_a_long_string_whatever_the_model_na
         text = series_description(name, version)
         assert len(text) <= 64 and text.startswith("NOT FOR CLINICAL USE: ") and text.endswith(f" v{version}")
     assert series_description("hospital-a-wrist-fracture-classifier-efficientnet", "7").endswith("... v7")
+
+
+def _reported_table(n: int) -> pd.DataFrame:
+    return pd.DataFrame({
+        "fracture_probability": [0.7] * n, "label": ["fractured"] * n, "threshold": 0.5,
+        "model": NAME, "version": "3", "error": [""] * n, "note": [""] * n,
+    })
+
+
+def _edited_dicom(jpeg: Path, **values: object) -> bytes:
+    ds = dcmread(io.BytesIO(dicom_from_jpeg(jpeg, "8-bit")))
+    for keyword, value in values.items():
+        setattr(ds, keyword, value)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("charset", "name"),
+    [
+        (["", "ISO 2022 IR 87"], "Yamada^Tarou=山田^太郎=やまだ^たろう"),  # PS3.5 Annex H
+        (["", "ISO 2022 IR 149"], "Hong^Gildong=洪^吉洞=홍^길동"),  # PS3.5 Annex I
+        ("ISO_IR 100", "Müller^Jürgen"),
+    ],
+    ids=["japanese", "korean", "latin-1"],
+)
+def test_a_report_carries_the_patients_name_whatever_the_sources_character_set(fracatlas, tmp_path, charset, name):
+    """A Japanese or Korean PACS declares ISO 2022 with an empty first value, as the standard's
+    examples do; the report is written in UTF-8, which holds every name pydicom decoded."""
+    import highdicom as hd
+
+    source = tmp_path / "IM0001"
+    source.write_bytes(_edited_dicom(fracatlas / "images/Fractured/IMG0000019.jpg", SpecificCharacterSet=charset,
+                                     PatientName=name))
+    table = _reported_table(1)
+    [written] = write_structured_reports(table, [source], tmp_path / "sr")
+    assert written, table["note"][0]
+    sr = dcmread(written)
+    assert sr.SpecificCharacterSet == "ISO_IR 192" and str(sr.PatientName) == name
+    hd.sr.srread(written)  # highdicom reads it back as an SR
+
+
+def test_patient_and_study_values_a_report_cannot_carry_are_left_empty_and_named(fracatlas, tmp_path):
+    """ACR-NEMA times, an unknown birth date written 19800000 and a sex spelled out are common in
+    old archives; the image still gets its report, with those values empty, and its row says so."""
+    jpeg = fracatlas / "images/Fractured/IMG0000019.jpg"
+    files = [tmp_path / "IM0001", tmp_path / "IM0002"]
+    files[0].write_bytes(_edited_dicom(jpeg, StudyTime="10:10:10", PatientBirthDate="19800000", PatientSex="male"))
+    files[1].write_bytes(_edited_dicom(jpeg, StudyTime="101010.123456", PatientBirthDate="19800101", PatientSex="M"))
+    table = _reported_table(2)
+    written = write_structured_reports(table, files, tmp_path / "sr")
+    assert all(written), list(table["note"])
+    legacy, conformant = (dcmread(p) for p in written)
+    assert (legacy.StudyTime, legacy.PatientBirthDate, legacy.PatientSex) == ("", "", "")
+    assert (conformant.StudyTime, conformant.PatientBirthDate, conformant.PatientSex) == ("101010.123456", "19800101", "M")
+    assert table["note"][0] == (
+        "left empty in the structured report, not valid DICOM values: "
+        "PatientBirthDate '19800000', StudyTime '10:10:10', PatientSex 'male'"
+    )
+    assert table["note"][1] == ""
+
+
+def test_the_same_image_exported_twice_gets_one_report_which_a_rerun_replaces(fracatlas, tmp_path):
+    data = dicom_from_jpeg(fracatlas / "images/Fractured/IMG0000019.jpg", "8-bit")
+    files = [tmp_path / "a" / "IM0001", tmp_path / "b" / "IM0001"]
+    for f in files:
+        f.parent.mkdir()
+        f.write_bytes(data)
+    uid = dcmread(files[0]).SOPInstanceUID
+    for _ in range(3):
+        table = _reported_table(2)
+        written = write_structured_reports(table, files, tmp_path / "sr")
+        assert written == [str(tmp_path / "sr" / f"{uid}.sr.dcm")] * 2
+        assert table["note"][1] == f"the same image (SOP Instance UID) as {files[0]}, whose report {uid}.sr.dcm is this row's"
+        assert [p.name for p in (tmp_path / "sr").iterdir()] == [f"{uid}.sr.dcm"]
+
+
+def test_a_report_that_cannot_be_written_costs_its_row_only(fracatlas, tmp_path, monkeypatch):
+    from pydicom.dataset import Dataset
+
+    images = fracatlas / "images"
+    files = [tmp_path / "IM0001", tmp_path / "IM0002"]
+    files[0].write_bytes(dicom_from_jpeg(images / "Fractured/IMG0000019.jpg", "8-bit"))
+    files[1].write_bytes(dicom_from_jpeg(images / "Non_fractured/IMG0000009.jpg", "8-bit"))
+    save_as, calls = Dataset.save_as, []
+
+    def disk_full_once(self, filename, *args, **kwargs):
+        calls.append(filename)
+        if len(calls) == 1:
+            Path(filename).write_bytes(b"half a report")
+            raise OSError(28, "No space left on device")
+        return save_as(self, filename, *args, **kwargs)
+
+    monkeypatch.setattr(Dataset, "save_as", disk_full_once)
+    table = _reported_table(2)
+    written = write_structured_reports(table, files, tmp_path / "sr")
+    assert written[0] == "" and written[1].endswith(".sr.dcm")
+    assert table["note"][0].startswith("no structured report: it cannot be written to ")
+    assert table["note"][0].endswith("(No space left on device)")
+    assert int(dcmread(written[1]).InstanceNumber) == 1  # the number the unwritten one would have had
+    assert [p.name for p in (tmp_path / "sr").iterdir()] == [Path(written[1]).name]  # no partial file left
+
+
+@pytest.mark.parametrize("where", ["out's folder missing", "out is a folder", "dicom-sr is a file"])
+def test_an_output_path_that_cannot_be_written_is_refused_before_any_file_is_scored(registry, tmp_path, where):
+    image = require_fracatlas() / "images/Fractured/IMG0000019.jpg"
+    (tmp_path / "taken").write_text("a file, not a folder")
+    args = {
+        "out's folder missing": ["--out", str(tmp_path / "missing" / "rows.csv")],
+        "out is a folder": ["--out", str(tmp_path)],
+        "dicom-sr is a file": ["--out", str(tmp_path / "rows.csv"), "--dicom-sr", str(tmp_path / "taken")],
+    }[where]
+    proc = run_predict(registry, str(image), *args)
+    assert proc.returncode != 0
+    message = proc.stderr.strip().splitlines()[-1]
+    assert message.startswith("fracture predict: --")
+    assert "Traceback" not in proc.stderr and "scored" not in proc.stderr  # refused before scoring
+    assert not (tmp_path / "rows.csv").exists()
