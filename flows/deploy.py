@@ -5,7 +5,8 @@ section of params.yaml, so pointing the job at another machine (a Docker or Kube
 pool, a GPU node) is a change of parameters, not of code::
 
     python -m flows.deploy serve                        # runs the schedule in this process
-    python -m flows.deploy deploy [--work-pool NAME]    # registers it with a work pool's workers
+    python -m flows.deploy deploy [--work-pool NAME] [--project-dir DIR]
+                                                        # registers it with a work pool's workers
 
 Both talk to the Prefect API in ``PREFECT_API_URL`` (start one with ``prefect server start``).
 """
@@ -102,7 +103,23 @@ def serve(params: Params, project_dir: Path, source: str | None = None, profile:
         project_dir: the project root.
         source: a FracAtlas folder or zip for the runs (default: $FRACATLAS_SOURCE, else figshare).
         profile: a training profile (default: by hardware).
+
+    Raises:
+        ConfigError: ``schedule.deployment`` names a deployment of a work pool, which serving
+            here would take over.
     """
+    s = params.schedule
+    name = f"{retrain.name}/{s.deployment}"
+    # Serving registers the deployment under its name, whoever made it: a work pool's would then
+    # send its runs to this checkout, and be paused when serving stops. (A temporary server holds
+    # no one else's deployment.)
+    if PREFECT_API_URL.value() and (pool := deployed_work_pool(name)):
+        raise ConfigError(
+            f"params.yaml: schedule.deployment {s.deployment!r} names {name}, which is deployed to work pool "
+            f"{pool!r}: serving it here would send that pool's runs to this checkout, and pause its schedule when "
+            "serving stops. Set schedule.deployment to another name to serve a schedule of this machine's own, "
+            f"or delete the pool's deployment first (`prefect deployment delete {name}`)"
+        )
     deployment = build_deployment(params, str(project_dir.resolve()), _absolute(source) if source else None, profile)
     # Prefect's runner pauses the schedule when it stops, but only once it has started: stopped
     # while Prefect is still registering the deployment (a Ctrl-C right after starting, or a
@@ -112,10 +129,9 @@ def serve(params: Params, project_dir: Path, source: str | None = None, profile:
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         # `limit` caps this runner too, so even a deployment edited in the UI never overlaps here.
-        prefect.serve(deployment, limit=params.schedule.concurrency_limit)
+        prefect.serve(deployment, limit=s.concurrency_limit)
     finally:
         signal.signal(signal.SIGTERM, previous)
-        name = f"{retrain.name}/{params.schedule.deployment}"
         try:
             if PREFECT_API_URL.value():  # else the schedule lived in a temporary server, gone with it
                 pause_schedule(name)
@@ -126,6 +142,15 @@ def serve(params: Params, project_dir: Path, source: str | None = None, profile:
 
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
+
+
+def deployed_work_pool(name: str) -> str | None:
+    """The work pool of the deployment ``flow/deployment``; ``None`` if it has none or does not exist."""
+    with get_client(sync_client=True) as client:
+        try:
+            return client.read_deployment_by_name(name).work_pool_name
+        except ObjectNotFound:
+            return None
 
 
 def pause_schedule(name: str) -> None:
@@ -139,7 +164,7 @@ def pause_schedule(name: str) -> None:
 
 def deploy(
     params: Params,
-    project_dir: str,
+    project_dir: str | None,
     work_pool: str | None = None,
     source: str | None = None,
     profile: str | None = None,
@@ -151,7 +176,8 @@ def deploy(
         project_dir: the project root on the worker's machine or in the image (``/opt/fracture``
             in the Dockerfile's image). A relative path is resolved here, where the deployment is
             made: a worker starts each run in a temporary folder of Prefect's, never in the
-            project, so the deployment names the project by its absolute path.
+            project, so the deployment names the project by its absolute path. ``None``: this
+            directory, unless ``schedule.image`` is set: then it must be given.
         work_pool: overrides ``schedule.work_pool``.
         source: a FracAtlas folder or zip, as the worker sees it (a relative path is resolved here too).
         profile: a training profile (default: by the worker's hardware).
@@ -160,7 +186,8 @@ def deploy(
         The deployment's id.
 
     Raises:
-        ConfigError: no work pool is named.
+        ConfigError: no work pool is named; ``schedule.image`` is set and ``project_dir`` is
+            not; Prefect refuses the pool (none of that name, or one whose jobs take no image).
     """
     s = params.schedule
     pool = work_pool or s.work_pool
@@ -170,13 +197,33 @@ def deploy(
             "--work-pool NAME) after `prefect work-pool create NAME --type process|docker|kubernetes`, "
             "or run the schedule on this machine with `python -m flows.deploy serve`"
         )
+    if project_dir is None:
+        if s.image:
+            # This checkout's path is not in the image, where every run would fail on it. Refused
+            # rather than guessed: the image is used as is and may be a build other than the
+            # Dockerfile's, with the project elsewhere than its /opt/fracture.
+            raise ConfigError(
+                f"params.yaml: schedule.image is {s.image!r}, so the runs work in that image, where this checkout "
+                f"({Path.cwd()}) does not exist. Name the project folder as the image holds it: "
+                "`make deploy-schedule PROJECT_DIR=/opt/fracture` (`--project-dir /opt/fracture`; the Dockerfile's "
+                "WORKDIR), or your image's folder"
+            )
+        project_dir = "."
     project_dir = _absolute(project_dir)
     source = _absolute(source) if source else None
     deployment = build_deployment(params, project_dir, source, profile, work_pool=pool)
-    # The image is the team's own build of this project: used as is, never built or pushed here.
-    (deployment_id,) = prefect.deploy(
-        deployment, work_pool_name=pool, image=s.image, build=False, push=False, print_next_steps_message=False
-    )
+    try:
+        # The image is the team's own build of this project: used as is, never built or pushed here.
+        (deployment_id,) = prefect.deploy(
+            deployment, work_pool_name=pool, image=s.image, build=False, push=False, print_next_steps_message=False
+        )
+    except ValueError as exc:  # Prefect's: no pool of that name, or a pool whose jobs take no image
+        named = "--work-pool (make deploy-schedule WORK_POOL=NAME)" if work_pool else "params.yaml: schedule.work_pool"
+        raise ConfigError(
+            f"cannot deploy to work pool {pool!r}, named by {named}: {exc} `prefect work-pool ls` lists the pools "
+            "there are; create one with `prefect work-pool create NAME --type process|docker|kubernetes` "
+            "(schedule.image needs a docker or kubernetes one)"
+        ) from None
     return deployment_id
 
 
@@ -195,8 +242,13 @@ def main(argv: list[str] | None = None) -> None:
         ("deploy", "create or update the deployment on a work pool"),
     ):
         cmd = sub.add_parser(name, help=text)
-        where = "" if name == "serve" else " as the workers see it; params.yaml is read from ."
-        cmd.add_argument("--project-dir", default=".", help=f"the project root{where} (default: .)")
+        if name == "serve":
+            cmd.add_argument("--project-dir", default=".", help="the project root (default: .)")
+        else:
+            cmd.add_argument(
+                "--project-dir", default=None, help="the project root as the workers see it; params.yaml is read from "
+                ". (default: .; required with schedule.image: /opt/fracture in the Dockerfile's image)"
+            )
         cmd.add_argument("--source", default=None, help="FracAtlas folder or zip (default: $FRACATLAS_SOURCE, else figshare)")
         cmd.add_argument("--profile", default=None, help="a profile in params.yaml (default: by hardware)")
     sub.choices["deploy"].add_argument("--work-pool", default=None, help="overrides schedule.work_pool")

@@ -128,8 +128,20 @@ def retrain(project_dir: str = ".", source: str | None = None, profile: str | No
 
     Returns:
         Every stage's typed result and the registry outcome.
+
+    Raises:
+        FileNotFoundError: ``project_dir`` holds no params.yaml on the machine the run is on.
     """
     project = Path(project_dir).resolve()
+    # Checked before the lock, which would make <project_dir>/outputs in a folder that is no project.
+    if not (project / PARAMS_FILE).is_file():
+        raise FileNotFoundError(
+            f"the retrain flow's project_dir parameter is {project_dir!r}, and {project / PARAMS_FILE} does not exist "
+            "on the machine this run is on: project_dir must name the project folder as that machine sees it. A "
+            "deployment names the folder `make deploy-schedule` ran in unless given PROJECT_DIR=/path: redeploy "
+            "with it (`make deploy-schedule PROJECT_DIR=/opt/fracture` for the Dockerfile's image), or pass "
+            "--project-dir to `python -m flows.retrain`"
+        )
     # Each stage reuses the memory the one before freed; the run hands it back when it ends.
     with freed_memory_kept(), project_lock(project):
         return _retrain(project, source, profile)

@@ -3,16 +3,18 @@
 ``data.dvc`` records the md5 of the ``data`` directory after each ingest (``dvc add data``), so
 the dataset's versions are the distinct md5s in the git history of ``data.dvc``. The previous
 version is read back through DVC at that commit (``dvc.api.DVCFileSystem``), from the local
-cache or a configured remote; only its file listing and ``dataset.csv`` are read, never the
-images themselves, so the comparison stays cheap even for the full dataset.
+cache or a configured remote; only its file listing (which carries each file's md5) and
+``dataset.csv`` are read, never the images themselves, so the comparison stays cheap even for the
+full dataset.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import posixpath
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -196,7 +198,8 @@ def read_version(
     Returns:
         One row per id, like :func:`fracture.manifest.build_manifest` without the decoded
         facts: ``image_id``, ``path`` (relative to the dataset folder), ``folder_label``,
-        ``csv_label``, ``has_file``, ``in_csv`` and the csv's flags.
+        ``md5`` (of the file's content, as DVC recorded it), ``csv_label``, ``has_file``,
+        ``in_csv`` and the csv's flags.
 
     Raises:
         VersionUnavailableError: the version's data is not cached and no remote provides it, or
@@ -227,7 +230,10 @@ def read_version(
             for info in ls(f"{base}/images/{folder}"):
                 if info["type"] == "file":
                     name = posixpath.basename(info["name"])
-                    rows.append({"image_id": name, "path": f"images/{folder}/{name}", "folder_label": label})
+                    rows.append({
+                        "image_id": name, "path": f"images/{folder}/{name}", "folder_label": label,
+                        "md5": info.get("md5"),  # from the version's .dir listing: the image is not read
+                    })
         csv_path = f"{base}/dataset.csv"
         if top.get("dataset.csv") != "file":
             raise _not_fracatlas(rev, base, f"has no {csv_path}")
@@ -246,7 +252,7 @@ def read_version(
             f"the dataset version of commit {rev[:12]} cannot be compared with the current data: {exc}. That "
             "version is history: this comparison is a report only (validate.compare_previous: false skips it)"
         ) from exc
-    files = pd.DataFrame(rows, columns=["image_id", "path", "folder_label"])
+    files = pd.DataFrame(rows, columns=["image_id", "path", "folder_label", "md5"])
     # Joined the way build_manifest joins the current data, so both versions count alike.
     return join_files_and_csv(files, csv).sort_values("image_id").reset_index(drop=True)
 
@@ -308,8 +314,28 @@ def _classes_by_id(frame: pd.DataFrame, column: str = "folder_label") -> dict[st
     return result
 
 
+def _file_md5(path: Path) -> str:
+    """The md5 of a file's content, as DVC records it for a file of a tracked directory.
+
+    DVC 3 (``hash: md5`` in the ``.dvc`` file) hashes a file's bytes as they are; DVC 2's
+    ``md5-dos2unix`` converts line endings of text files only, so an image's is the same.
+    """
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "md5").hexdigest()
+
+
+def _md5s_by_id(frame: pd.DataFrame, md5_of: Callable[[str], str | None]) -> dict[str, str | list[str]]:
+    """The md5 of each id's file (``md5_of`` its ``path``); a sorted list for an id with several
+    files (filed in both folders). Ids with no file, or no md5 known, are left out."""
+    result: dict[str, set[str]] = {}
+    for image_id, path in zip(frame["image_id"], frame["path"], strict=True):
+        if path and (md5 := md5_of(path)):
+            result.setdefault(str(image_id), set()).add(md5)
+    return {i: min(md5s) if len(md5s) == 1 else sorted(md5s) for i, md5s in result.items()}
+
+
 def _changed(now: dict[str, Any], before: dict[str, Any]) -> list[dict[str, Any]]:
-    """The ids both versions label, whose label changed: ``image_id``, ``previous``, ``current``."""
+    """The ids both versions hold, whose value changed: ``image_id``, ``previous``, ``current``."""
     return [
         {"image_id": i, "previous": before[i], "current": now[i]}
         for i in sorted(now.keys() & before.keys())
@@ -335,7 +361,8 @@ def compare_with_previous(
     Args:
         current: the manifest of the current data, as built from the folders by
             :func:`fracture.manifest.build_manifest` (before any policy drops rows, so both
-            versions are counted the same way); needs ``image_id`` and ``folder_label``.
+            versions are counted the same way); needs ``image_id``, ``folder_label`` and
+            ``path`` (relative to the dataset folder, whose files are hashed).
         project_root: the DVC project directory, holding ``<data_dir>.dvc``.
         data_dir: the DVC-tracked directory, relative to ``project_root``.
         dataset_subdir: the FracAtlas-layout folder inside ``data_dir``.
@@ -350,13 +377,15 @@ def compare_with_previous(
         compared: ``difference`` (current minus previous counts), ``new_ids`` and
         ``removed_ids`` (sorted, complete), ``class_changed`` (``image_id``, ``previous``,
         ``current`` class folder), ``csv_label_changed`` (the same for the csv's label, which
-        ``validate.on_label_conflict: csv`` trains on) and their lengths ``n_new``, ``n_removed``,
-        ``n_class_changed``, ``n_csv_label_changed``.
+        ``validate.on_label_conflict: csv`` trains on), ``content_changed`` (the same for the
+        md5 of the image's file: an image replaced under its id, e.g. by a re-export) and their
+        lengths ``n_new``, ``n_removed``, ``n_class_changed``, ``n_csv_label_changed``,
+        ``n_content_changed``.
 
     Raises:
-        ValueError: ``current`` lacks the ``image_id`` or ``folder_label`` column.
+        ValueError: ``current`` lacks the ``image_id``, ``folder_label`` or ``path`` column.
     """
-    missing = [c for c in ("image_id", "folder_label") if c not in current.columns]
+    missing = [c for c in ("image_id", "folder_label", "path") if c not in current.columns]
     if missing:
         raise ValueError(
             f"the current manifest lacks column(s) {missing}: pass the frame build_manifest returns"
@@ -401,13 +430,22 @@ def compare_with_previous(
     # The csv's own label, relabelled with or without a move between folders (what the model
     # trains on under validate.on_label_conflict: csv).
     csv_changed = _changed(_classes_by_id(current, "csv_label"), _classes_by_id(before, "csv_label"))
+    # Other pixels under the same id (a re-export, a corrected image): ids and labels alike, only
+    # the files' md5s tell. The previous version's come with its listing; only the current files
+    # that version also holds are hashed.
+    dataset_dir = project_root / data_dir / dataset_subdir
+    before_md5s = _md5s_by_id(before, dict(zip(before["path"], before["md5"], strict=True)).get)
+    kept = current[current["image_id"].astype(str).isin(before_md5s.keys())]
+    content_changed = _changed(_md5s_by_id(kept, lambda path: _file_md5(dataset_dir / path)), before_md5s)
     return result | {
         "status": STATUS_COMPARED,
         "message": f"compared with the dataset version of commit {prev_commit[:12]} (md5 {prev_md5}): "
         f"{len(new_ids)} new, {len(removed_ids)} removed, {len(changed)} changed class folder, "
-        f"{len(csv_changed)} changed label in the csv",
+        f"{len(csv_changed)} changed label in the csv, {len(content_changed)} changed image content",
         "csv_label_changed": csv_changed,
         "n_csv_label_changed": len(csv_changed),
+        "content_changed": content_changed,
+        "n_content_changed": len(content_changed),
         "difference": _difference(result["current"]["counts"], prev_counts),
         "new_ids": new_ids,
         "removed_ids": removed_ids,

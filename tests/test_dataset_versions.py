@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -11,7 +13,10 @@ import mlflow
 import pytest
 import yaml
 
+from fracture.versions import STATUS_COMPARED, compare_with_previous
 from tests.conftest import dvc, make_subset, pick_ids, run
+from tests.synthetic import write_image
+from tests.test_versions import dataset, first_version, isolate, manifest  # noqa: F401 - a committed tiny DVC dataset
 
 pytestmark = pytest.mark.integration
 
@@ -79,3 +84,27 @@ def test_added_images_are_a_new_version_that_reruns_validate_onward(project, fra
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     stale = dvc(project, "status", "prepare")
     assert "params.yaml" in stale and re.search(r"modified:\s+prepare\.aspect", stale), stale
+
+
+def test_an_image_replaced_under_its_id_is_reported_as_changed_content(first_version, tmp_path, monkeypatch):  # noqa: F811
+    """A re-export replaces an X-ray's pixels under the same id, folder and csv row: data.dvc's md5
+    changes, and the comparison names the id whose file changed, from DVC's per-file md5s."""
+    isolate(monkeypatch, tmp_path)
+    root = tmp_path / "project"
+    shutil.copytree(first_version, root, symlinks=True)
+    image = dataset(root) / "images" / "Fractured" / "IMG0000001.jpg"
+    previous = hashlib.md5(image.read_bytes()).hexdigest()
+    image.unlink()  # not written through: DVC may have linked it to its cache
+    write_image(image, seed=101)  # another patient's X-ray under the same id
+    current = hashlib.md5(image.read_bytes()).hexdigest()
+    dvc(root, "add", "-q", "data")
+
+    result = compare_with_previous(manifest(root), root)
+
+    assert result["status"] == STATUS_COMPARED
+    assert (result["n_new"], result["n_removed"], result["n_class_changed"], result["n_csv_label_changed"]) == (
+        0, 0, 0, 0,
+    )
+    assert result["content_changed"] == [{"image_id": "IMG0000001.jpg", "previous": previous, "current": current}]
+    assert result["n_content_changed"] == 1
+    assert result["message"].endswith(", 0 changed label in the csv, 1 changed image content"), result["message"]

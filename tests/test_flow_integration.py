@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -37,6 +38,21 @@ image = base64.b64encode(open(path, "rb").read()).decode()
 out = model.predict(pd.DataFrame({"image": [image, None], "path": [None, path]}))
 print(json.dumps(out.to_dict(orient="list")))
 """
+
+
+def test_a_run_whose_project_dir_holds_no_params_fails_naming_it_and_makes_nothing_there(tmp_path):
+    """A deployment made without PROJECT_DIR names the deploying machine's checkout, absent where the
+    run lands (in an image): the run names the parameter to fix, before it takes the project's lock."""
+    from flows.retrain import retrain
+
+    absent = tmp_path / "home" / "alice" / "fracture"
+    empty = tmp_path / "opt" / "fracture"
+    empty.mkdir(parents=True)
+    for folder in (absent, empty):
+        named = re.escape(f"project_dir parameter is '{folder}', and {folder / 'params.yaml'} does not exist")
+        with pytest.raises(FileNotFoundError, match=rf"{named}.*`make deploy-schedule PROJECT_DIR=/opt/fracture`"):
+            retrain.fn(project_dir=str(folder))
+    assert not absent.exists() and not any(empty.iterdir())  # no outputs/retrain.lock left there
 
 
 def test_flow_registers_a_champion_then_reruns_nothing(project, subset_source, fracatlas, monkeypatch):

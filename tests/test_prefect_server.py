@@ -37,6 +37,7 @@ from prefect.client.schemas.objects import ConcurrencyLimitStrategy, StateType
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.workers.process import ProcessWorker
 
 from flows.deploy import build_deployment, deploy, main
 from flows.report import REPORT_KEY
@@ -254,6 +255,79 @@ def test_deploy_to_a_work_pool(api, project, monkeypatch):
     set_schedule(project, work_pool=None)
     with pytest.raises(SystemExit, match=r"schedule\.work_pool is null"):
         main(["deploy", "--project-dir", str(project)])
+
+
+def test_deploying_to_an_unknown_work_pool_says_where_its_name_came_from(api, project, monkeypatch):
+    """`make deploy-schedule WORK_POOL=no-such-pool`: Prefect's refusal, and the setting to change."""
+    monkeypatch.chdir(project)
+    with pytest.raises(SystemExit, match=r"^error: cannot deploy to work pool 'no-such-pool', named by --work-pool "
+                       r"\(make deploy-schedule WORK_POOL=NAME\): Could not find work pool 'no-such-pool'"):
+        main(["deploy", "--work-pool", "no-such-pool", "--project-dir", "/srv/fracture"])
+    set_schedule(project, work_pool="no-such-pool")
+    with pytest.raises(SystemExit, match=r"^error: cannot deploy to work pool 'no-such-pool', named by "
+                       r"params\.yaml: schedule\.work_pool: Could not find work pool"):
+        main(["deploy", "--project-dir", "/srv/fracture"])
+
+
+def test_deploying_an_image_needs_the_project_folder_the_image_holds(api, project, monkeypatch):
+    """Without PROJECT_DIR a deployment names this checkout, which is not in the image: every run
+    would fail on it. So `deploy` with schedule.image set needs the image's folder named."""
+    image = "registry.example.org/fracture:abc123"
+    set_schedule(project, deployment="image-retrain", work_pool="image-pool", image=image)
+    # A pool whose jobs take an image, as a docker or kubernetes pool's template has it.
+    template = ProcessWorker.get_default_base_job_template()
+    template["variables"]["properties"]["image"] = {"type": "string", "title": "Image"}
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name="image-pool", type="docker", base_job_template=template))
+    monkeypatch.chdir(project)
+    with pytest.raises(SystemExit, match=r"schedule\.image is 'registry\.example\.org/fracture:abc123'.*"
+                       r"`make deploy-schedule PROJECT_DIR=/opt/fracture`"):
+        main(["deploy"])  # `make deploy-schedule` without PROJECT_DIR
+    with get_client(sync_client=True) as client, pytest.raises(ObjectNotFound):
+        client.read_deployment_by_name("retrain/image-retrain")
+
+    main(["deploy", "--project-dir", "/opt/fracture"])
+    with get_client(sync_client=True) as client:
+        dep = client.read_deployment_by_name("retrain/image-retrain")
+    assert dep.parameters == {"project_dir": "/opt/fracture"}
+    assert dep.job_variables == {"image": image}
+
+
+def test_serving_refuses_a_deployment_a_work_pool_runs(api, project, monkeypatch):
+    """`serve` and `deploy` name the same retrain/<schedule.deployment>: served from another checkout,
+    a pool's deployment would send its runs there, and be paused when serving stops."""
+    import flows.deploy
+
+    set_schedule(project, deployment="pool-retrain", work_pool="shared-pool")
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name="shared-pool", type="process"))
+    monkeypatch.chdir(project)
+    main(["deploy", "--project-dir", "/srv/fracture"])
+
+    served = []
+
+    def registered_then_stopped(deployment, limit):
+        served.append(deployment.name)
+        deployment.apply()  # what the runner does first: the deployment made anew, from this checkout
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(flows.deploy.prefect, "serve", registered_then_stopped)
+    with pytest.raises(SystemExit, match=r"^error: params\.yaml: schedule\.deployment 'pool-retrain' names "
+                       r"retrain/pool-retrain, which is deployed to work pool 'shared-pool'.*Set schedule\.deployment "
+                       r"to another name"):
+        main(["serve", "--project-dir", str(project)])
+    assert served == []
+    with get_client(sync_client=True) as client:
+        dep = client.read_deployment_by_name("retrain/pool-retrain")
+    assert (dep.work_pool_name, dep.parameters, dep.paused) == ("shared-pool", {"project_dir": "/srv/fracture"}, False)
+
+    # Under a name of its own, this machine's schedule is served beside the pool's.
+    set_schedule(project, deployment="laptop-retrain")
+    with pytest.raises(SystemExit, match="stopped before serving retrain/laptop-retrain"):
+        main(["serve", "--project-dir", str(project)])
+    assert served == ["laptop-retrain"]
+    with get_client(sync_client=True) as client:
+        assert not client.read_deployment_by_name("retrain/pool-retrain").paused
 
 
 def test_a_process_workers_run_retrains_and_registers(api, project, subset_source, monkeypatch):

@@ -44,6 +44,17 @@ def test_the_dockerfile_installs_with_the_readmes_install_step():
     assert {".venv/", "data/", "outputs/", "mlflow.db", "mlartifacts/"} <= set(ignored)
 
 
+def test_the_readmes_image_recipe_deploys_with_the_images_project_folder():
+    """A deployment names the project as its runs see it: in the image, the Dockerfile's WORKDIR,
+    never the checkout `make deploy-schedule` runs in (absent from the image)."""
+    readme = (REPO / "README.md").read_text()
+    workdir = next(args for keyword, args in _instructions((REPO / "Dockerfile").read_text()) if keyword == "WORKDIR")
+    recipe = readme.split("**The training image.**", 1)[1].split("\n\n**", 1)[0]
+    assert "schedule.image" in recipe
+    deploys = [line.split("#", 1)[0].split() for line in recipe.splitlines() if "make deploy-schedule" in line]
+    assert deploys and all(f"PROJECT_DIR={workdir}" in command for command in deploys), deploys
+
+
 def test_the_audit_summary_names_vulnerable_pins_and_counts_what_was_not_audited():
     from fracture.audit_report import summarise
 
