@@ -274,7 +274,7 @@ def _aligned(runs: Mapping[str, pd.DataFrame]) -> tuple[np.ndarray, dict[str, np
         if frame["image_id"].duplicated().any():
             raise CrossvalError(f"{name}: image_id {frame['image_id'][frame['image_id'].duplicated()].iloc[0]} "
                                 "is listed twice in the out-of-fold predictions")
-        frames[name] = frame.set_index("image_id").sort_index()
+        frames[name] = _checked_values(name, frame.set_index("image_id").sort_index())
     reference = frames[names[0]]
     for name in names[1:]:
         frame = frames[name]
@@ -296,6 +296,44 @@ def _aligned(runs: Mapping[str, pd.DataFrame]) -> tuple[np.ndarray, dict[str, np
                 )
     labels = reference["label"].astype(int).to_numpy()
     return labels, {name: frames[name]["probability"].astype(float).to_numpy() for name in names}
+
+
+def _checked_values(name: str, frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with numeric ``label`` and ``probability``, refused where a value cannot be scored.
+
+    An empty or non-numeric cell, or a file of one class, would otherwise stop scikit-learn or
+    DeLong's test with a message that names neither the run nor the image.
+
+    Args:
+        name: the run, for the messages.
+        frame: its out-of-fold predictions, indexed by ``image_id`` (sorted, so "first" is by id).
+
+    Raises:
+        CrossvalError: a label other than 0 or 1, a probability empty, not finite or outside
+            [0, 1], or labels of one class only.
+    """
+    fix = "give the oof.csv `fracture crossval` wrote (outputs/crossval/oof.csv), or cross-validate the run again"
+    labels = pd.to_numeric(frame["label"], errors="coerce")
+    probabilities = pd.to_numeric(frame["probability"], errors="coerce")
+    for column, values, bad, expected in (
+        ("label", labels, ~labels.isin([0, 1]), "0 (not fractured) or 1 (fractured)"),
+        ("probability", probabilities, ~probabilities.between(0, 1), "a probability in [0, 1]"),
+    ):
+        if bad.any():
+            first = values.index[bad.to_numpy()][0]
+            raw = frame.at[first, column]
+            shown = "empty" if pd.isna(raw) else repr(raw) if isinstance(raw, str) else str(raw)
+            raise CrossvalError(
+                f"{name}: `{column}` of {first} is {shown}, not {expected} ({int(bad.sum())} image(s) in all); {fix}"
+            )
+    fractured = int((labels == 1).sum())
+    if fractured in (0, len(labels)):
+        raise CrossvalError(
+            f"{name}: `label` holds {fractured} fractured and {len(labels) - fractured} not fractured images: ROC AUC "
+            f"and DeLong's test need both classes (cross-validation holds out every train + val image, so its "
+            f"predictions hold both); {fix}"
+        )
+    return frame.assign(label=labels.astype(int), probability=probabilities.astype(float))
 
 
 def _runs_of(recipes: Mapping[str, Recipe]) -> dict[str, dict[str, pd.DataFrame]]:
@@ -349,8 +387,9 @@ def compare_oof(
 
     Raises:
         CrossvalError: fewer than two recipes, a recipe without runs or a run in two recipes, a
-            column missing, or runs that held out other images, other labels or other folds (no
-            paired comparison is possible).
+            column missing, a label other than 0 or 1, a probability empty, not finite or outside
+            [0, 1], a run of one class only, or runs that held out other images, other labels or
+            other folds (no paired comparison is possible).
     """
     if len(recipes) < 2:
         raise CrossvalError(f"comparing needs two runs or more, the reference first; got {len(recipes)}")

@@ -192,8 +192,10 @@ def split_manifest(manifest: pd.DataFrame, params: SplitParams, published_dir: P
         per-stratum counts of the draw.
 
     Raises:
-        SplitError: a duplicate group mixes labels, a class is too small to stratify, the
-            body-part flags are missing, or the published lists are missing or malformed.
+        SplitError: a duplicate group mixes labels, a class is too small to stratify (val or
+            test would hold no image of it: neither ROC AUC nor a threshold can be scored on
+            one class), the body-part flags are missing, or the published lists are missing
+            or malformed.
     """
     if params.strategy not in {"stratified", "published"}:
         raise SplitError(f"split.strategy is {params.strategy!r}; set it to 'stratified' or 'published'")
@@ -211,8 +213,35 @@ def split_manifest(manifest: pd.DataFrame, params: SplitParams, published_dir: P
 
     assigned = used["group"].map(pd.concat([placed, drawn_where]))
     out = {name: used[assigned == name].sort_values("image_id").reset_index(drop=True) for name in SPLITS}
+    _check_both_classes(out, used, params)
     report = SplitReport(params.strategy, _strata_table(drawn, drawn_where), **found, largest_group=_largest(used, params))
     return Splits(out, report)
+
+
+def _check_both_classes(out: dict[str, pd.DataFrame], used: pd.DataFrame, params: SplitParams) -> None:
+    """Raises :class:`SplitError` when val or test holds no image of a class.
+
+    Rounding a class of few groups to val's or test's share can give it none there, and no
+    stage says so until the train stage has spent an epoch and fails at ROC AUC on val (or the
+    evaluate stage on test): refusing here names the cause while it can still be fixed.
+    """
+    labels = used["label"].astype(int)
+    whole = f"{int((labels == 1).sum())} fractured and {int((labels == 0).sum())} not fractured images included"
+    for name in ("val", "test"):
+        held = out[name]["label"].astype(int)
+        counts = {label: int((held == label).sum()) for label in LABEL_NAMES}
+        lacking = [LABEL_NAMES[label] for label, count in counts.items() if count == 0]
+        if not lacking:
+            continue
+        what, kind = (f"the {lacking[0]} class is", f"{lacking[0]} ") if len(lacking) == 1 else ("both classes are", "")
+        fix = f"add {kind}images, or raise split.{name}_size (now {getattr(params, f'{name}_size')})"
+        if params.strategy == "published" and counts[1] == 0:
+            fix += f", or name fractured images in the published {PUBLISHED_FILES[name]}"
+        raise SplitError(
+            f"the {name} split holds {counts[1]} fractured and {counts[0]} not fractured images: {what} too small "
+            f"to stratify ({whole}, in {used['group'].nunique()} groups), and the {name} split needs both classes "
+            f"to score ROC AUC and a threshold; {fix}"
+        )
 
 
 def _largest(used: pd.DataFrame, params: SplitParams) -> dict[str, Any]:
@@ -311,7 +340,10 @@ def _label_only(groups: pd.DataFrame, params: SplitParams) -> pd.Series:
             random_state=params.seed,
         )
     except ValueError as exc:
-        raise SplitError(f"cannot split {len(keys)} distinct images stratified by label: {exc}") from exc
+        raise SplitError(
+            f"cannot split {len(keys)} distinct images stratified by label: {exc}; add images of the smaller "
+            "class, or raise split.val_size and split.test_size so that val and test can each hold one of its groups"
+        ) from exc
     return pd.concat([pd.Series(name, index=members) for name, members in zip(SPLITS, (train, val, test), strict=True)])
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from scipy.special import expit
 from scipy.stats import t as student_t
 from sklearn.metrics import recall_score, roc_auc_score
 from sklearn.utils import resample
@@ -404,11 +405,12 @@ def oof_frame(labels: np.ndarray, probs: np.ndarray, folds: np.ndarray | None = 
 
 @pytest.fixture(scope="module")
 def scored() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """400 images (80 fractured): one recipe's scores, and a better one's (less noise on the same signal)."""
+    """400 images (80 fractured): one recipe's probabilities, and a better one's (less noise on the same signal)."""
     rng = np.random.default_rng(0)
     labels = (np.arange(400) < 80).astype(int)
     signal = labels * 1.5
-    return labels, signal + rng.normal(0, 1.5, 400), signal + rng.normal(0, 0.6, 400)
+    # Through the logistic function, as a network's logits become probabilities: oof.csv holds [0, 1].
+    return labels, expit(signal + rng.normal(0, 1.5, 400)), expit(signal + rng.normal(0, 0.6, 400))
 
 
 def test_comparing_a_run_with_itself_finds_no_difference(scored):
@@ -467,15 +469,72 @@ def test_runs_on_other_folds_images_or_labels_are_not_compared(scored):
         compare_oof({"ref": reference}, ev)
 
 
+@pytest.mark.parametrize(
+    ("column", "value", "shown"),
+    [
+        ("probability", np.nan, "empty"),
+        ("probability", np.inf, "inf"),
+        ("probability", 1.5, "1.5"),
+        ("probability", -0.1, "-0.1"),
+        ("probability", "high", "'high'"),
+        ("label", 2, "2"),
+        ("label", np.nan, "empty"),
+    ],
+)
+def test_a_value_that_cannot_be_scored_is_refused_naming_the_run_column_and_image(scored, column, value, shown):
+    labels, weak, strong = scored
+    bad = oof_frame(labels, strong).astype({column: object})
+    bad.loc[[7, 9], column] = value
+    expected = re.escape("0 (not fractured) or 1 (fractured)" if column == "label" else "a probability in [0, 1]")
+    with pytest.raises(
+        CrossvalError,
+        match=rf"^new: `{column}` of IMG0000007\.jpg is {re.escape(shown)}, not {expected} \(2 image\(s\) in all\); "
+        r"give the oof\.csv `fracture crossval` wrote",
+    ):
+        compare_oof({"ref": oof_frame(labels, weak), "new": bad}, load_params().evaluate)
+
+
+def test_an_empty_probability_in_the_file_is_refused_by_the_cli_naming_the_file_and_image(tmp_path, scored, monkeypatch):
+    from fracture.cli import main
+
+    labels, weak, strong = scored
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    oof_frame(labels, weak).to_csv(tmp_path / "a.csv", index=False)
+    oof_frame(labels, strong).assign(probability=lambda f: f["probability"].where(f.index != 16)).to_csv(
+        tmp_path / "b.csv", index=False
+    )
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main(["crossval-compare", "a.csv", "b.csv"])
+    assert str(exit_.value.code).startswith(
+        "fracture crossval-compare: b.csv: `probability` of IMG0000016.jpg is empty, not a probability in [0, 1]"
+    )
+
+
+def test_runs_of_one_class_are_refused_naming_the_run_and_its_counts(scored):
+    labels, weak, strong = scored
+    ev = load_params().evaluate
+    intact = labels == 0
+    one_class = {name: oof_frame(labels[intact], probs[intact]) for name, probs in (("ref", weak), ("new", strong))}
+    with pytest.raises(
+        CrossvalError,
+        match=r"^ref: `label` holds 0 fractured and 320 not fractured images: ROC AUC and DeLong's test need both classes",
+    ):
+        compare_oof(one_class, ev)
+
+
 def seed_runs(rng: np.random.Generator, labels: np.ndarray, runs: int, quality: float = 0.2) -> list[np.ndarray]:
     """Runs of one recipe under other training seeds: every run scores the same images (whose
     difficulty they share), and each fold's model of each run learned the task a little better or
-    worse and scores on a shifted scale, as the cross-validated networks do. 1 fractured in 6."""
+    worse and scores on a shifted scale, as the cross-validated networks do. 1 fractured in 6.
+    Probabilities: the logistic function of those scores."""
     folds = np.arange(len(labels)) % 3
     difficulty = rng.normal(0, 1, len(labels))
     return [
-        labels * (2.2 + rng.normal(0, quality, 3)[folds]) + difficulty + rng.normal(0, 0.5, len(labels))
-        + rng.normal(0, quality, 3)[folds]
+        expit(
+            labels * (2.2 + rng.normal(0, quality, 3)[folds]) + difficulty + rng.normal(0, 0.5, len(labels))
+            + rng.normal(0, quality, 3)[folds]
+        )
         for _ in range(runs)
     ]
 

@@ -165,6 +165,38 @@ def test_body_part_stratification_needs_the_flag_columns():
     split_manifest(manifest, PARAMS)  # label-only stratification does not read them
 
 
+@by_part
+@pytest.mark.parametrize(
+    ("fractured", "intact", "empty", "images"),
+    [(2, 38, "val", 6), (3, 57, "test", 9)],
+    ids=["val", "test"],
+)
+def test_val_or_test_without_a_fractured_image_is_refused_naming_the_split_and_what_to_do(
+    by_part, fractured, intact, empty, images
+):
+    # Too few fractured groups: each draw's share of them rounds to none (2 x 0.15 = 0.3, and
+    # 3 x 0.15 = 0.45 for test). Training would fail at ROC AUC on val only after an epoch.
+    manifest = manifest_from([(1, 1)] * fractured + [(0, 1)] * intact)
+    params = SplitParams(seed=7, val_size=0.15, test_size=0.15, stratify_body_part=by_part)
+    with pytest.raises(
+        SplitError,
+        match=rf"the {empty} split holds 0 fractured and {images} not fractured images: the fractured class is too "
+        rf"small to stratify \({fractured} fractured and {intact} not fractured images included.*add fractured "
+        rf"images, or raise split\.{empty}_size \(now 0\.15\)$",
+    ):
+        split_manifest(manifest, params)
+
+
+@by_part
+def test_a_single_fractured_group_is_refused_in_both_modes(by_part):
+    # Label-only stratification has always refused it (scikit-learn needs two per class); with
+    # body parts the draw put it in train and left val and test without one.
+    manifest = manifest_from([(1, 1)] + [(0, 1)] * 40)
+    params = SplitParams(seed=7, val_size=0.15, test_size=0.15, stratify_body_part=by_part)
+    with pytest.raises(SplitError, match=r"add (images of the smaller class|fractured images), or raise split\.val_size"):
+        split_manifest(manifest, params)
+
+
 # --- published lists ---------------------------------------------------------------------------
 
 PUBLISHED = SplitParams(seed=7, val_size=0.15, test_size=0.15, strategy="published")
@@ -235,16 +267,29 @@ def test_published_group_follows_its_first_listed_member_and_reports_the_rest(tm
 
 
 def test_published_lists_that_place_everything_leave_nothing_to_draw(tmp_path):
-    manifest = manifest_from([(1, 1)] * 6 + [(1, 2)])
+    # IMG00007..IMG00009 are non-fractured ids the lists name (they follow the list), so that
+    # val and test hold both classes.
+    manifest = manifest_from([(1, 1)] * 6 + [(1, 2)] + [(0, 1)] * 3)
     lists = {
-        "train": [f"IMG{g:05d}_0.jpg" for g in range(4)],
-        "val": ["IMG00004_0.jpg"],
-        "test": ["IMG00005_0.jpg", "IMG00006_1.jpg"],
+        "train": [f"IMG{g:05d}_0.jpg" for g in (0, 1, 2, 3, 7)],
+        "val": ["IMG00004_0.jpg", "IMG00008_0.jpg"],
+        "test": ["IMG00005_0.jpg", "IMG00006_1.jpg", "IMG00009_0.jpg"],
     }
     splits = split_manifest(manifest, PUBLISHED, write_lists(tmp_path / "lists", lists))
-    assert {name: len(splits[name]) for name in SPLITS} == {"train": 4, "val": 1, "test": 3}
+    assert {name: len(splits[name]) for name in SPLITS} == {"train": 5, "val": 2, "test": 4}
     assert splits.report.strata.empty and splits.report.moved["image_id"].tolist() == ["IMG00006_0.jpg"]
     assert json.dumps(splits.report.to_dict()) and splits.report.summary()
+
+
+def test_published_lists_that_leave_test_without_a_fractured_image_are_refused_naming_the_list(tmp_path):
+    manifest = manifest_from([(0, 1)] * 40 + [(1, 1)] * 10)
+    lists = {"train": [f"IMG{g:05d}_0.jpg" for g in range(40, 48)], "val": ["IMG00048_0.jpg", "IMG00049_0.jpg"]}
+    with pytest.raises(
+        SplitError,
+        match=r"the test split holds 0 fractured and 6 not fractured images.*raise split\.test_size \(now 0\.15\), "
+        r"or name fractured images in the published test\.csv$",
+    ):
+        split_manifest(manifest, PUBLISHED, write_lists(tmp_path / "lists", lists))
 
 
 @by_part
@@ -252,8 +297,12 @@ def test_published_lists_that_place_everything_leave_nothing_to_draw(tmp_path):
 @given(groups=group_lists, seed=st.integers(0, 10_000), picks=st.lists(st.sampled_from(["train", "val", "test", None])))
 def test_published_places_listed_groups_and_draws_the_rest(by_part, groups, seed, picks):
     manifest = manifest_from(groups)
-    fractured = manifest.loc[manifest["label"] == 1, "image_id"].tolist()
-    lists: dict[str, list[str]] = {name: [] for name in SPLITS}
+    # Lists that leave val or test without a fractured image are refused, so each names one
+    # group's first id (a group follows its first listed member); the picks place the rest.
+    firsts = manifest.loc[manifest["label"] == 1].drop_duplicates("sha256")["image_id"].tolist()
+    lists: dict[str, list[str]] = {"train": [], "val": [firsts[0]], "test": [firsts[1]]}
+    reserved = manifest["sha256"].isin(manifest.loc[manifest["image_id"].isin(firsts[:2]), "sha256"])
+    fractured = manifest.loc[(manifest["label"] == 1) & ~reserved, "image_id"].tolist()
     for image_id, pick in zip(fractured, picks, strict=False):
         if pick:
             lists[pick].append(image_id)
