@@ -103,11 +103,12 @@ class ServedModel:
         self.alias = alias
         self.run_id = run_id
         self.pyfunc = pyfunc
-        inner = pyfunc.unwrap_python_model()
+        inner, kind = _python_model(pyfunc)
         if not isinstance(inner, FracturePyfunc):
             raise ModelUnavailable(
-                f"models:/{name}/{version} is a {type(inner).__name__}, not a fracture classifier "
-                "logged by this project's register step"
+                f"models:/{name}/{version} is a {kind}, not a fracture classifier logged by this project's "
+                "register step. Point FRACTURE_MODEL_NAME and FRACTURE_MODEL_ALIAS at one, or register one with "
+                "`make main`."
             )
         self._inner = inner
 
@@ -143,6 +144,19 @@ class ServedModel:
         cam = grad_cam(self._inner.classifier.network, self.scored_input(model_bytes), target, tta=self.config.tta)
         heat = to_image_grid(cam, display.size, self.config.data_config.aspect)
         return overlay(display, heat), heat
+
+
+def _python_model(pyfunc: mlflow.pyfunc.PyFuncModel) -> tuple[object | None, str]:
+    """The Python model a pyfunc wraps (``None`` for another flavour's model), and what it is, for a message.
+
+    A model of another flavour (sklearn, say) has no Python model to unwrap: MLflow raises, and
+    the page must say which model is wrong instead of failing whole, the classifier's answer with it.
+    """
+    try:
+        inner = pyfunc.unwrap_python_model()
+    except MlflowException:
+        return None, f"{pyfunc.loader_module.removeprefix('mlflow.')}-flavour MLflow model"
+    return inner, type(inner).__name__
 
 
 def resolve_version(settings: PageSettings) -> tuple[str, str]:
@@ -221,15 +235,16 @@ class FoundBoxes:
 class ServedDetector:
     """A registered fracture detector version, loaded through MLflow's pyfunc flavour."""
 
-    def __init__(self, name: str, version: str, pyfunc: mlflow.pyfunc.PyFuncModel) -> None:
+    def __init__(self, name: str, version: str, run_id: str, pyfunc: mlflow.pyfunc.PyFuncModel) -> None:
         self.name = name
         self.version = version
+        self.run_id = run_id
         self.pyfunc = pyfunc
-        inner = pyfunc.unwrap_python_model()
+        inner, kind = _python_model(pyfunc)
         if not isinstance(inner, DetectorPyfunc):
             raise ModelUnavailable(
-                f"models:/{name}/{version} is a {type(inner).__name__}, not a fracture detector logged by this "
-                "project's detect-register step"
+                f"models:/{name}/{version} is a {kind}, not a fracture detector logged by this project's "
+                "detect-register step. Point FRACTURE_DETECTOR_NAME at one, or set it empty for no boxes."
             )
         self.architecture = f"{inner.config.architecture} on {inner.config.backbone}"
 
@@ -264,10 +279,11 @@ def resolve_detector(settings: PageSettings) -> tuple[str, str] | None:
     return str(mv.version), mv.run_id
 
 
-def load_served_detector(settings: PageSettings, version: str) -> ServedDetector:
-    """Loads one registered detector version.
+def load_served_detector(settings: PageSettings, version: str, run_id: str) -> ServedDetector:
+    """Loads one registered detector version (``run_id``: the run :func:`resolve_detector` found it logged by).
 
     Raises:
         ModelUnavailable: its files cannot be loaded, or it is no fracture detector.
     """
-    return ServedDetector(settings.detector_name, version, _load_pyfunc(settings, settings.detector_name, version))
+    return ServedDetector(settings.detector_name, version, run_id,
+                          _load_pyfunc(settings, settings.detector_name, version))

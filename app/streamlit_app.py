@@ -36,6 +36,9 @@ LABELS = {"fractured": "Fractured", "not_fractured": "Not fractured"}
 DISPLAY_SIDE = 1024
 # The detector's highest-scoring boxes drawn on the X-ray; the caption counts every box at its threshold.
 MAX_BOXES_DRAWN = 5
+# Scores and thresholds are shown to 3 decimals, and to at most this many where 3 would show a
+# score below its threshold as equal to it.
+MAX_DECIMALS = 6
 
 
 @st.cache_data(ttl=30, show_spinner=False)
@@ -59,8 +62,10 @@ def current_detector(settings: PageSettings) -> tuple[str, str] | None:
 
 
 @st.cache_resource(show_spinner="Loading the fracture detector from the registry ...", max_entries=2)
-def served_detector(settings: PageSettings, version: str) -> ServedDetector:
-    return load_served_detector(settings, version)
+def served_detector(settings: PageSettings, version: str, run_id: str) -> ServedDetector:
+    """One loaded detector per registered version and run: a detector deleted and registered again
+    is version 1 again, but another run's model."""
+    return load_served_detector(settings, version, run_id)
 
 
 def the_detector(settings: PageSettings) -> ServedDetector | None:
@@ -68,10 +73,34 @@ def the_detector(settings: PageSettings) -> ServedDetector | None:
     the classifier's answer never waits on it."""
     try:
         found = current_detector(settings)
-        return None if found is None else served_detector(settings, found[0])
+        return None if found is None else served_detector(settings, *found)
     except ModelUnavailable as exc:
         st.warning(f"{exc} The page shows the classifier's answer without the detector's boxes.")
         return None
+
+
+def against_threshold(score: float, threshold: float) -> tuple[str, str]:
+    """``score`` and ``threshold`` as the page shows them, side by side.
+
+    To 3 decimals, or more where 3 round a score below the threshold to the same figure: beside
+    "Not fractured", "0.672" and "0.672" would contradict the rule the page states (the class is
+    Fractured when the probability is at least the threshold). A score at or above its threshold
+    never rounds below it, so only that side needs the care.
+
+    Args:
+        score: the fracture probability, or the detector's highest box score.
+        threshold: the decision threshold it is compared with.
+
+    Returns:
+        The two as text; a score still equal to the threshold at :data:`MAX_DECIMALS` places says
+        it lies below it.
+    """
+    for places in range(3, MAX_DECIMALS + 1):
+        shown, limit = f"{score:.{places}f}", f"{threshold:.{places}f}"
+        if score >= threshold or shown != limit:
+            return shown, limit
+    limit = f"{threshold:.{MAX_DECIMALS}f}"
+    return f"just below {limit}", limit
 
 
 def members_of(model: ServedModel) -> int:
@@ -141,10 +170,11 @@ def show_result(model: ServedModel, detector: ServedDetector | None, name: str, 
     for note in xray.warnings:
         st.warning(note)
     label = LABELS[prediction.label]
+    probability, threshold = against_threshold(prediction.fracture_probability, prediction.threshold)
     cols = st.columns(3)
     cols[0].metric("Predicted class", label)
-    cols[1].metric("Fracture probability", f"{prediction.fracture_probability:.3f}")
-    cols[2].metric("Threshold", f"{prediction.threshold:.3f}")
+    cols[1].metric("Fracture probability", probability)
+    cols[2].metric("Threshold", threshold)
     st.caption(
         "The class is Fractured when the fracture probability is at least the threshold. "
         "This is decision support for a trained reader, not a diagnosis."
@@ -198,8 +228,8 @@ def show_boxes(
         if n > MAX_BOXES_DRAWN:
             caption += f"; the {MAX_BOXES_DRAWN} highest are drawn"
     else:
-        caption = (f"Fracture detector v{detector.version}: no box scored at least {found.threshold:.3f} "
-                   f"(highest {found.fracture_score:.3f})")
+        highest, threshold = against_threshold(found.fracture_score, found.threshold)
+        caption = f"Fracture detector v{detector.version}: no box scored at least {threshold} (highest {highest})"
     drawn = draw_boxes(display, found.boxes[:MAX_BOXES_DRAWN], display.width / width)
     column.image(drawn, caption=caption, width="stretch")
 

@@ -20,7 +20,7 @@ from fracture.dicom import dicom_to_image, is_dicom
 
 __all__ = [
     "FORMATS", "HIGH_BIT_DEPTH", "INDEX_FILES", "ImageLoadError", "decode", "decode_truncated", "export_files",
-    "open_xray", "unservable", "upright_size",
+    "open_xray", "png_bit_depth", "unservable", "upright_size",
 ]
 
 #: The picture formats the served model reads besides DICOM (Pillow's names); training takes the same.
@@ -29,14 +29,39 @@ FORMATS = ("JPEG", "PNG")
 HIGH_BIT_DEPTH = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I", "F"})
 
 
-def unservable(fmt: str | None, mode: str) -> str | None:
+#: A PNG file's first bytes, then its IHDR chunk's length and type; the bit depth is the IHDR's 9th byte.
+_PNG_START = b"\x89PNG\r\n\x1a\n\x00\x00\x00\x0dIHDR"
+_PNG_BIT_DEPTH_AT = 24
+
+
+def png_bit_depth(data: bytes) -> int | None:
+    """The bits a sample a PNG's header (IHDR) declares, or ``None`` for any other file.
+
+    Pillow's mode does not tell: it opens a 16-bit greyscale PNG as ``I;16``, but a 16-bit RGB,
+    RGBA or grey-and-alpha one as 8-bit ``RGB`` or ``RGBA``, keeping only each sample's high
+    byte, so a 12-bit X-ray's 0..4080 decodes as 0..15.
+    """
+    if data.startswith(_PNG_START) and len(data) > _PNG_BIT_DEPTH_AT:
+        return data[_PNG_BIT_DEPTH_AT]
+    return None
+
+
+def unservable(fmt: str | None, mode: str, bit_depth: int | None = None) -> str | None:
     """Why the served model (:mod:`fracture.intake`) refuses a picture of this Pillow format and
     mode, in its words, or ``None``: training takes no file the model would refuse when served.
-    A DICOM file's decoded image (format ``None``) is 8-bit by then, and always served."""
+    A DICOM file's decoded image (format ``None``) is 8-bit by then, and always served.
+
+    Args:
+        fmt: Pillow's format name (``None`` for a decoded DICOM file).
+        mode: Pillow's mode of the decoded image.
+        bit_depth: the bits a sample the file itself declares (:func:`png_bit_depth`), which a
+            16-bit colour PNG's mode hides; ``None``: the mode tells.
+    """
     if fmt is not None and fmt not in FORMATS:
         return f"is a {fmt} file, not JPEG, PNG or DICOM: the served model refuses it; export it as one of those"
-    if mode in HIGH_BIT_DEPTH:
-        return (f"is a {mode} image of more than 8 bits a sample: the served model refuses it; send the DICOM "
+    if mode in HIGH_BIT_DEPTH or (bit_depth or 0) > 8:
+        stored = mode if mode in HIGH_BIT_DEPTH else f"{bit_depth}-bit {mode}"
+        return (f"is a {stored} image of more than 8 bits a sample: the served model refuses it; send the DICOM "
                 "file, which carries its display window, or an 8-bit export")
     if mode == "1":
         return "is a 1-bit black-and-white image: the served model refuses it; send the X-ray's greyscale"

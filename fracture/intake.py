@@ -9,8 +9,9 @@ wherever they are sent. In order:
 2. format: JPEG, PNG or DICOM (read by :mod:`fracture.dicom`); anything else is refused;
 3. dimensions, from the header alone: sides within ``min_side`` .. ``max_side`` and at most
    ``max_pixels`` pixels, so a decompression bomb is refused before a pixel is decoded;
-4. bit depth: 16- and 32-bit PNGs are refused (turning them into 8 bits needs the display
-   window a viewer applies; DICOM carries that window, PNG does not); 1-bit images too;
+4. bit depth: PNGs of more than 8 bits a sample are refused, colour ones too, whose depth
+   only their header tells (turning them into 8 bits needs the display window a viewer
+   applies; DICOM carries that window, PNG does not); 1-bit images too;
 5. decoding: a corrupt file is refused; a truncated one (it ends early) is scored with a
    warning when ``truncated`` is ``score`` (the pipeline's ``validate.on_truncated: keep``:
    the model was trained and evaluated on such files), refused when it is ``refuse``;
@@ -41,6 +42,7 @@ from fracture.decoding import (
     convert_for_model,
     decode,
     decode_truncated,
+    png_bit_depth,
 )
 from fracture.dicom import (
     RADIOGRAPHY,
@@ -232,9 +234,12 @@ def _read_picture(data: bytes, policy: InputPolicy, draft: tuple[int, int] | Non
     if fmt not in FORMATS:
         raise InputRejected(f"is a {fmt} file, not JPEG, PNG or DICOM. {SEND_INSTEAD}")
     _check_dimensions(width, height, policy)
-    if mode in HIGH_BIT_DEPTH:
-        # PNG stores at most 16 bits per sample; Pillow opens some 16-bit PNGs as mode I.
-        bits = 32 if mode == "F" or (mode == "I" and fmt != "PNG") else 16
+    # Pillow opens a 16-bit grey PNG as mode I;16 or I, but a 16-bit RGB, RGBA or grey-and-alpha
+    # one as 8-bit RGB or RGBA, keeping each sample's high byte (a 12-bit X-ray would be scored
+    # as 0..15): a PNG's own header tells its depth.
+    depth = png_bit_depth(data)
+    if mode in HIGH_BIT_DEPTH or (depth or 0) > 8:
+        bits = depth or (32 if mode in {"F", "I"} else 16)
         raise InputRejected(
             f"is a {bits}-bit {fmt} (mode {mode}). The model was trained on 8-bit X-rays, and turning "
             "higher bit depths into 8 bits needs the display window a viewer applies: send the DICOM file, "

@@ -32,7 +32,13 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from fracture.decoding import decode, decode_truncated, export_files, unservable
+from fracture.decoding import (
+    decode,
+    decode_truncated,
+    export_files,
+    png_bit_depth,
+    unservable,
+)
 from fracture.dicom import patient_ids, patient_key
 from fracture.near_duplicates import add_near_duplicates
 from fracture.vocabulary import Layout
@@ -85,7 +91,7 @@ def inspect_image(path: str) -> ImageFacts:
     digest = hashlib.sha256(data).hexdigest()
     try:
         img = decode(data)
-        refused = unservable(img.format, img.mode)
+        refused = unservable(img.format, img.mode, png_bit_depth(data))
         if refused:  # decoded, yet never served: not trained on either
             return ImageFacts(img.width, img.height, img.mode, digest, False, False, refused)
         return ImageFacts(img.width, img.height, img.mode, digest, True, False, None)

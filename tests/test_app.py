@@ -20,6 +20,7 @@ import os
 import random
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -30,7 +31,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from sklearn.metrics import roc_auc_score
 from streamlit import config as st_config
 from streamlit.testing.v1 import AppTest
@@ -56,7 +57,7 @@ from fracture.inference import ServingConfig, mirror, probabilities
 from fracture.intake import InputPolicy
 from fracture.localisation import read_coco_boxes
 from fracture.model import create_classifier, data_config, profile_data_config
-from fracture.packaging import log_pyfunc
+from fracture.packaging import log_detector_pyfunc, log_pyfunc
 from fracture.registry import CHAMPION
 from fracture.training import frozen_prefix_depth, train
 from fracture.vocabulary import Tta
@@ -414,6 +415,107 @@ def test_page_says_what_to_do_when_there_is_no_registry(monkeypatch, tmp_path):
     assert not missing.exists()  # the page does not create an empty store
 
 
+@contextmanager
+def registry_open(registry: PageRegistry) -> Iterator[MlflowClient]:
+    """MLflow pointed at ``registry``'s store, logging into its ``page`` experiment (artifacts beside the store)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", registry.uri)
+        mlflow.set_tracking_uri(registry.uri)
+        try:
+            mlflow.set_experiment("page")
+            yield MlflowClient(registry.uri)
+        finally:
+            mlflow.set_tracking_uri(None)
+
+
+def register_other_flavour(registry: PageRegistry, name: str) -> None:
+    """A scikit-learn model as ``name@champion`` in ``registry``'s store: an MLflow model, but none of this
+    project's pyfuncs, as an operator's slip (a name shared with another team's model) would put there."""
+    from sklearn.linear_model import LogisticRegression
+
+    with registry_open(registry) as client:
+        info = mlflow.sklearn.log_model(LogisticRegression().fit(np.eye(2), [0, 1]), name="model")
+        mv = mlflow.register_model(info.model_uri, name)
+        client.set_registered_model_alias(name, CHAMPION, mv.version)
+
+
+def test_a_model_of_another_flavour_at_the_classifier_s_alias_is_named_not_a_crash(monkeypatch, page_registry):
+    register_other_flavour(page_registry, "page-sklearn-classifier")
+    at = page(monkeypatch, replace(page_registry, name="page-sklearn-classifier")).run()
+    assert not at.exception, at.exception
+    assert [e.value for e in at.error] == [
+        "models:/page-sklearn-classifier/1 is a sklearn-flavour MLflow model, not a fracture classifier logged by "
+        "this project's register step. Point FRACTURE_MODEL_NAME and FRACTURE_MODEL_ALIAS at one, or register one "
+        "with `make main`."
+    ]
+    assert not at.file_uploader
+
+
+def test_a_model_of_another_flavour_at_the_detector_s_alias_leaves_the_classifier_working(monkeypatch, page_registry):
+    """The detector only adds boxes: a wrong model at its alias is named in a warning, and the
+    classifier's answer is shown as without a detector."""
+    register_other_flavour(page_registry, "page-sklearn-detector")
+    at = page(monkeypatch, page_registry)
+    monkeypatch.setenv("FRACTURE_DETECTOR_NAME", "page-sklearn-detector")
+    at.run()
+    assert not at.exception and not at.error, (at.exception, at.error)
+    assert [w.value for w in at.warning] == [
+        "models:/page-sklearn-detector/1 is a sklearn-flavour MLflow model, not a fracture detector logged by this "
+        "project's detect-register step. Point FRACTURE_DETECTOR_NAME at one, or set it empty for no boxes. "
+        "The page shows the classifier's answer without the detector's boxes."
+    ]
+    at = upload(at, "xray.jpg", real_xray("Fractured").read_bytes(), "image/jpeg")
+    assert not at.exception and not at.error
+    assert set(metrics(at)) == {"Predicted class", "Fracture probability", "Threshold"}
+    assert len(captions(at)) == 2  # the X-ray and its heat map; no boxes
+
+
+def test_a_detector_deleted_and_registered_again_is_the_new_one_though_its_version_is_1_again(
+    monkeypatch, page_registry, tmp_path
+):
+    """A registered model deleted and registered again (or a store rebuilt by ``make main``) starts at
+    version 1 again: the page must load the detector its run id names, not keep the one it loaded
+    for an earlier version 1."""
+    import streamlit as st
+
+    profile = load_params(REPO).profiles["cpu"]
+    config = DetectorConfig(profile.model, "fcos", 128, 64, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    weights = tmp_path / "detector.safetensors"
+    torch.manual_seed(0)
+    save_file(build_detector(config).state_dict(), str(weights))
+    name = "page-detector-registered-twice"
+
+    def register(threshold: float) -> None:
+        with registry_open(page_registry) as client:
+            with mlflow.start_run() as run:
+                pass
+            described = config.to_dict() | {"threshold": threshold, "input": InputPolicy().to_dict()}
+            mv = mlflow.register_model(log_detector_pyfunc(run.info.run_id, weights, described), name)
+            assert str(mv.version) == "1"
+            client.set_registered_model_alias(name, CHAMPION, mv.version)
+
+    def detector_caption() -> str:
+        """The caption under the detector's boxes, for an X-ray uploaded to a page started afresh."""
+        at = page(monkeypatch, page_registry)
+        monkeypatch.setenv("FRACTURE_DETECTOR_NAME", name)
+        at = upload(at.run(), "xray.jpg", real_xray("Fractured").read_bytes(), "image/jpeg")
+        assert not at.exception and not at.error and not at.warning, (at.exception, at.error, at.warning)
+        return captions(at)[2]
+
+    def threshold_shown() -> str:
+        caption = detector_caption()
+        assert caption.startswith("Fracture detector v1: "), caption
+        return caption.split("at least ")[1].split()[0]
+
+    register(0.25)
+    assert threshold_shown().startswith("0.250")
+    with registry_open(page_registry) as client:
+        client.delete_registered_model(name)
+    register(0.75)
+    st.cache_data.clear()  # the page looks its alias up again after 30 s; the test does not wait
+    assert threshold_shown().startswith("0.750")
+
+
 def test_page_never_shows_registry_credentials(monkeypatch):
     monkeypatch.syspath_prepend(str(APP))
     from champion import PageSettings
@@ -454,6 +556,45 @@ def test_a_real_xray_shows_class_probability_threshold_and_heat_map(monkeypatch,
     shown_images = captions(at)  # the X-ray and its Grad-CAM overlay
     assert len(shown_images) == 2 and shown_images[0].startswith("xray.jpg (")
     assert shown_images[1].startswith(f"Grad-CAM heat map for '{shown['Predicted class']}'")
+
+
+def test_a_probability_just_below_the_threshold_is_not_shown_equal_to_it(monkeypatch, page_registry, tmp_path):
+    """Beside "Not fractured", probability and threshold must not read alike: the page states that
+    the class is Fractured when the probability is at least the threshold. Here the threshold lies
+    just above the probability, within the same third decimal."""
+    data = real_xray("Fractured", 3).read_bytes()
+    probability = float(consumer_prediction(page_registry, data)["fracture_probability"])
+    bin_top = (np.floor(probability * 1000 + 0.5) + 0.5) / 1000  # where its 3-decimal figure ends
+    threshold = (probability + bin_top) / 2
+    assert f"{threshold:.3f}" == f"{probability:.3f}" and threshold - probability > 1e-5
+    # The same network as page_registry's (its weights file), served with that threshold.
+    profile = load_params(REPO).profiles["cpu"]
+    model = create_classifier(profile).eval()
+    model.load_state_dict(load_file(Path(page_registry.uri.removeprefix("sqlite:///")).parent / "model.safetensors"))
+    edge = register_for_page(tmp_path, model, profile.model, data_config(model, 96), threshold, "page-edge")
+    assert consumer_prediction(edge, data)["fracture_probability"] == pytest.approx(probability, abs=1e-7)
+
+    at = upload(page(monkeypatch, edge).run(), "xray.jpg", data, "image/jpeg")
+    assert not at.exception and not at.error
+    shown = metrics(at)
+    places = len(shown["Threshold"].split(".")[1])
+    assert shown["Predicted class"] == "Not fractured" and 3 < places <= 6
+    assert shown["Fracture probability"] == f"{probability:.{places}f}" and shown["Threshold"] == f"{threshold:.{places}f}"
+    assert float(shown["Fracture probability"]) < float(shown["Threshold"])
+
+
+def test_scores_are_shown_to_as_many_decimals_as_tell_them_from_their_threshold(monkeypatch):
+    monkeypatch.syspath_prepend(str(APP))
+    from streamlit_app import against_threshold
+
+    assert against_threshold(0.4213, 0.5) == ("0.421", "0.500")
+    assert against_threshold(0.67231, 0.67249) == ("0.6723", "0.6725")
+    assert against_threshold(0.6724991, 0.6724996) == ("0.672499", "0.672500")
+    # At or above the threshold a figure never rounds below it: 3 decimals, equal or not.
+    assert against_threshold(0.67249, 0.67231) == ("0.672", "0.672")
+    assert against_threshold(0.5, 0.5) == ("0.500", "0.500")
+    # Closer than 6 decimals tell: said in words.
+    assert against_threshold(0.5 - 1e-9, 0.5) == ("just below 0.500000", "0.500000")
 
 
 def test_the_heat_map_of_a_model_scored_with_its_mirror_says_so(monkeypatch, page_registry_hflip):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -26,6 +28,23 @@ def xray_like(size: tuple[int, int] = (300, 400), mode: str = "L") -> Image.Imag
     rng = np.random.default_rng(0)
     grey = (np.linspace(0, 200, size[0])[None, :] + rng.normal(0, 10, (size[1], size[0]))).clip(0, 255)
     return Image.fromarray(grey.astype(np.uint8)).convert(mode)
+
+
+def png_16bit(colour_type: int) -> bytes:
+    """:func:`xray_like` as a 12-bit detector's export holds it (0..4080 of 0..65535), in a 16-bit PNG
+    of this colour type (0 grey, 2 RGB, 4 grey and alpha, 6 RGBA; alpha opaque). Pillow writes
+    16-bit greyscale only, so the file is put together by hand."""
+    grey = np.asarray(xray_like()).astype(np.uint16) * 16
+    opaque = np.full_like(grey, 65535)
+    planes = {0: [grey], 2: [grey] * 3, 4: [grey, opaque], 6: [grey] * 3 + [opaque]}[colour_type]
+    pixels = np.dstack(planes).astype(">u2")  # PNG stores samples big-endian
+    rows = b"".join(b"\x00" + row.tobytes() for row in pixels)  # filter type 0 before each row
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", grey.shape[1], grey.shape[0], 16, colour_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
 
 
 @pytest.mark.parametrize(
@@ -59,6 +78,9 @@ def test_refusals_say_what_is_wrong_and_what_to_send(data, message):
         (lambda: encode(xray_like(), "BMP"), "is a BMP file, not JPEG, PNG or DICOM"),
         (lambda: encode(xray_like(), "WEBP"), "is a WEBP file, not JPEG, PNG or DICOM"),
         (lambda: encode(Image.new("I;16", (300, 300), 40000)), "is a I;16 image of more than 8 bits a sample"),
+        (lambda: png_16bit(2), "is a 16-bit RGB image of more than 8 bits a sample"),
+        (lambda: png_16bit(4), "is a 16-bit RGBA image of more than 8 bits a sample"),
+        (lambda: png_16bit(6), "is a 16-bit RGBA image of more than 8 bits a sample"),
         (lambda: encode(xray_like().convert("1")), "is a 1-bit black-and-white image"),
     ],
 )
@@ -76,6 +98,22 @@ def test_training_lists_a_file_the_served_model_refuses_as_undecodable(tmp_path,
     # What it serves, it trains on.
     path.write_bytes(encode(xray_like(), "PNG"))
     assert inspect_image(str(path)).decodable
+
+
+@pytest.mark.parametrize(("colour_type", "mode"), [(0, "I;16"), (2, "RGB"), (4, "RGBA"), (6, "RGBA")])
+def test_a_16_bit_colour_png_is_refused_as_a_16_bit_grey_one_is(colour_type, mode):
+    """Pillow opens a 16-bit RGB, RGBA or grey-and-alpha PNG as 8-bit RGB or RGBA, keeping each
+    sample's high byte: a 12-bit X-ray (0..4080) would decode as 0..15, near black, and be
+    scored. The header's bit depth refuses it as the 16-bit greyscale PNG is refused."""
+    data = png_16bit(colour_type)
+    with Image.open(io.BytesIO(data)) as opened:
+        assert opened.mode == mode  # what the mode alone says
+    with pytest.raises(InputRejected) as info:
+        read_xray(data, POLICY)
+    assert str(info.value).startswith(f"is a 16-bit PNG (mode {mode}). The model was trained on 8-bit X-rays")
+    assert "send the DICOM file" in str(info.value)
+    # The same X-ray in 8 bits is scored as it is.
+    assert read_xray(encode(xray_like(mode="RGB")), POLICY).mode == "RGB"
 
 
 def test_a_bomb_is_refused_before_its_pixels_are_decoded(monkeypatch):
