@@ -53,9 +53,16 @@ class LoadedModel:
 
     @property
     def classifier(self) -> FracturePyfunc:
-        inner = self.pyfunc.unwrap_python_model()
+        try:
+            inner = self.pyfunc.unwrap_python_model()
+            kind = type(inner).__name__
+        except mlflow.exceptions.MlflowException:  # another flavour's model (sklearn, say) wraps none
+            inner, kind = None, f"{self.pyfunc.loader_module.removeprefix('mlflow.')}-flavour MLflow model"
         if not isinstance(inner, FracturePyfunc):
-            raise PredictError(f"{self.uri} is a {type(inner).__name__}, not a fracture classifier")
+            raise PredictError(
+                f"{self.uri} is a {kind}, not a fracture classifier logged by this project's register step; "
+                "give --model a version of one"
+            )
         return inner
 
     @property

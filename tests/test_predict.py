@@ -398,3 +398,23 @@ def test_an_output_path_that_cannot_be_written_is_refused_before_any_file_is_sco
     assert message.startswith("fracture predict: --")
     assert "Traceback" not in proc.stderr and "scored" not in proc.stderr  # refused before scoring
     assert not (tmp_path / "rows.csv").exists()
+
+
+def test_a_model_of_another_flavour_is_named_not_a_traceback(registry, tmp_path):
+    """An operator's slip (a name shared with another team's model) puts a scikit-learn model at the alias."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+
+    mlflow.set_tracking_uri(registry["uri"])
+    try:
+        info = mlflow.sklearn.log_model(LogisticRegression().fit(np.eye(2), [0, 1]), name="model")
+        mlflow.register_model(info.model_uri, "other-team-model")
+    finally:
+        mlflow.set_tracking_uri(None)
+    image = require_fracatlas() / "images/Fractured/IMG0000019.jpg"
+    proc = run_predict(registry, str(image), "--model", "models:/other-team-model/1")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "fracture predict: models:/other-team-model/1 is a sklearn-flavour MLflow model, not a fracture classifier "
+        "logged by this project's register step; give --model a version of one"
+    )
