@@ -7,6 +7,7 @@ The file is read once at an entry point (a CLI command or a flow) and the result
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass
@@ -529,6 +530,7 @@ def _check(p: Params) -> None:
             f"params.yaml: split.strategy 'published' reads FracAtlas's own split lists, but ingest.layout is "
             f"{p.ingest.layout!r}; set split.strategy: stratified"
         )
+    _check_optimiser(p.train)
     processes = p.train.processes
     if not isinstance(processes, int) or processes < 1:
         raise ConfigError(f"params.yaml: train.processes must be a whole number of at least 1, got {processes!r}")
@@ -546,7 +548,16 @@ def _check(p: Params) -> None:
                 f"got {prof.image_size!r}"
             )
         if prof.lr is not None and not (isinstance(prof.lr, (int, float)) and prof.lr > 0):
-            raise ConfigError(f"params.yaml: profiles.{name}.lr must be a positive number or null, got {prof.lr!r}")
+            raise ConfigError(
+                f"params.yaml: profiles.{name}.lr must be a positive number or null, got {prof.lr!r}"
+                f"{_float_hint(prof.lr)}"
+            )
+        frozen = prof.frozen
+        if not (isinstance(frozen, tuple) and all(isinstance(m, str) and m for m in frozen)):
+            raise ConfigError(
+                f"params.yaml: profiles.{name}.frozen must be a list of the model's module names, as timm names them "
+                f"(e.g. [conv_stem, bn1, blocks.0]), or []; got {frozen!r}"
+            )
         for key in ("drop_rate", "drop_path_rate", "label_smoothing", "ema_decay"):
             rate = getattr(prof, key)
             if not (_number(rate) and 0 <= rate < 1):
@@ -562,6 +573,48 @@ def _check(p: Params) -> None:
                               f"(1: off), got {decay!r}")
     _check_schedule(p.schedule)
     p.profile  # noqa: B018 - raises ConfigError on an unknown profile name
+
+
+def _float_hint(value: object) -> str:
+    """What to write instead when YAML read a number as text (``1e-4``: YAML 1.1 wants ``1.0e-4``), else ``""``."""
+    if not isinstance(value, str):
+        return ""
+    try:
+        number = float(value)
+    except ValueError:
+        return ""
+    if not math.isfinite(number):
+        return ""
+    if "e" not in value.lower():
+        return f": YAML reads {value!r} as text; write it unquoted, e.g. {number!r}"
+    mantissa, exponent = f"{number:e}".split("e")
+    mantissa = mantissa.rstrip("0") + ("0" if mantissa.rstrip("0").endswith(".") else "")
+    # PyYAML's floats need a dot in the mantissa and a sign in the exponent.
+    return f": YAML reads {value} as text, not a number; write it as {mantissa}e{int(exponent):+d}"
+
+
+def _check_optimiser(t: TrainParams) -> None:
+    # Adam and PyTorch's warm-restart schedule refuse these only once training starts, naming no field;
+    # a T_0 of 0 would read as null (the profile's epochs).
+    if not (_number(t.lr) and math.isfinite(t.lr) and t.lr > 0):
+        raise ConfigError(
+            f"params.yaml: train.lr must be a number above 0, e.g. 1.0e-4; got {t.lr!r}{_float_hint(t.lr)}"
+        )
+    if not (_number(t.weight_decay) and math.isfinite(t.weight_decay) and t.weight_decay >= 0):
+        raise ConfigError(
+            f"params.yaml: train.weight_decay must be a number, 0 or more (0: none); got {t.weight_decay!r}"
+            f"{_float_hint(t.weight_decay)}"
+        )
+    if t.t_0 is not None and not (_whole(t.t_0) and t.t_0 >= 1):
+        raise ConfigError(
+            "params.yaml: train.T_0 must be a whole number of epochs, at least 1, or null (one cosine cycle over the "
+            f"profile's epochs); got {t.t_0!r}"
+        )
+    if not (_whole(t.t_mult) and t.t_mult >= 1):
+        raise ConfigError(
+            "params.yaml: train.T_mult must be a whole number of at least 1 (1: every cosine cycle as long as the "
+            f"first); got {t.t_mult!r}"
+        )
 
 
 def _check_snapshots(name: str, prof: Profile, train: TrainParams) -> None:

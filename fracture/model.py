@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Sequence
 from pathlib import Path, PureWindowsPath
 from typing import Any, NamedTuple
 
@@ -16,7 +17,7 @@ import torch
 from timm.data import resolve_data_config, resolve_model_data_config
 from timm.models import get_pretrained_cfg
 
-from fracture.config import Profile
+from fracture.config import ConfigError, Profile
 from fracture.data_config import DataConfig
 from fracture.vocabulary import CLASSES, Aspect, Decode, Enhancement, WeightsPackage
 
@@ -170,6 +171,44 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state.get("state_dict", state) if isinstance(state, dict) else state
 
 
+def _head_keys(model: torch.nn.Module) -> tuple[str, ...]:
+    """The state-dict key prefixes of the model's classifier (timm's ``pretrained_cfg["classifier"]``)."""
+    head = model.pretrained_cfg.get("classifier") or ()
+    return tuple(f"{name}." for name in ((head,) if isinstance(head, str) else head))
+
+
+def _load_weights_file(model: torch.nn.Module, path: Path, profile: Profile, keep_head: bool) -> None:
+    """Loads a ``weights: file`` state dict into ``model``, its backbone only unless ``keep_head``.
+
+    The head is replaced by a new one for the classes here, so the file may hold a head of any
+    size (ImageNet's, a fine-tuned model's) or none (a backbone saved on its own); every other
+    tensor must fit.
+
+    Raises:
+        PretrainedWeightsError: a backbone tensor is missing, unknown or of another shape; the
+            message names the file and the profile's ``weights_file``.
+    """
+    state = _read_state_dict(path)
+    head = () if keep_head else _head_keys(model)
+    state = {k: v for k, v in state.items() if not k.startswith(head)}
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        faults = []
+    except RuntimeError as exc:  # a tensor of another shape: another architecture or variant
+        # PyTorch lists one "size mismatch for <key>: ..." line per tensor under a heading.
+        missing, unexpected = [], []
+        faults = [line.strip().rstrip(".") for line in str(exc).splitlines()[1:] if line.strip()][:3] or [str(exc)]
+    missing = [k for k in missing if not k.startswith(head)]  # the new head's, not the file's to give
+    faults = [f"missing {missing[:5]}"] * bool(missing) + [f"unexpected {unexpected[:5]}"] * bool(unexpected) + faults
+    if faults:
+        raise PretrainedWeightsError(
+            f"params.yaml: the active profile's weights_file (profiles.<train.profile>.weights_file), {path}, does "
+            f"not fit {profile.model}: {'; '.join(faults)}. Give the state dict of timm's {profile.model} (its "
+            f"classifier may be of any size or left out: a new head is trained here), or set the profile's model "
+            f"to the architecture the file holds. {_how_to(profile)}"
+        )
+
+
 def _regularisers(profile: Profile) -> dict[str, float]:
     return {"drop_rate": profile.drop_rate, "drop_path_rate": profile.drop_path_rate}
 
@@ -199,8 +238,11 @@ def create_classifier(profile: Profile, num_classes: int = len(CLASSES)) -> torc
                 f"weights_file {profile.weights_file!r} not found. {_how_to(profile)}"
             )
         model = timm.create_model(profile.model, pretrained=False, **_regularisers(profile))
-        state = _read_state_dict(Path(profile.weights_file))
-    elif profile.weights in PACKAGE_WEIGHTS:
+        _load_weights_file(model, Path(profile.weights_file), profile, keep_head=num_classes == model.num_classes)
+        if num_classes != model.num_classes:
+            model.reset_classifier(num_classes)
+        return model
+    if profile.weights in PACKAGE_WEIGHTS:
         arch = PACKAGE_WEIGHTS[profile.weights].arch
         if timm.models.get_arch_name(profile.model) != arch:
             raise PretrainedWeightsError(
@@ -224,6 +266,62 @@ def create_classifier(profile: Profile, num_classes: int = len(CLASSES)) -> torc
     if num_classes != model.num_classes:
         model.reset_classifier(num_classes)
     return model
+
+
+def check_frozen(model: torch.nn.Module, frozen: Sequence[str], field: str) -> None:
+    """Refuses a ``frozen`` entry that names no module of ``model``, before timm's ``freeze`` meets it.
+
+    Args:
+        model: the profile's network (its architecture is all that counts: a model built on
+            PyTorch's ``meta`` device, without weights, does).
+        frozen: module names as timm spells them (``conv_stem``, ``blocks.0``, ``blocks.3.1``).
+        field: where the names come from, for the message (``profiles.cpu.frozen``).
+
+    Raises:
+        ConfigError: an entry names no module; the message names ``field``, the entry, the
+            model's top-level modules and, for a dotted name, those of the deepest module that exists.
+    """
+    top = ", ".join(name for name, _ in model.named_children())
+    architecture = getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
+    for name in frozen:
+        if name and _has_submodule(model, name):  # "" would be the whole network: never meant
+            continue
+        # The deepest module the name reaches (blocks, for blocks.7): the entry went wrong inside it.
+        parts = name.split(".")
+        reached = [".".join(parts[:k]) for k in range(len(parts) - 1, 0, -1)]
+        found = next((prefix for prefix in reached if _has_submodule(model, prefix)), None)
+        inside = ""
+        if found is not None:
+            children = ", ".join(f"{found}.{child}" for child, _ in model.get_submodule(found).named_children())
+            inside = f"; {found} holds {children}"
+        raise ConfigError(
+            f"params.yaml: {field} names {name!r}, which {architecture} does not have: its top-level modules are "
+            f"{top}{inside}. Name modules as timm does (e.g. [conv_stem, bn1, blocks.0])"
+        )
+
+
+def check_profile_frozen(profile: Profile, name: str) -> None:
+    """Checks ``profiles.<name>.frozen`` against the profile's architecture before any work is done.
+
+    The network is built on PyTorch's ``meta`` device: no weights are read or allocated, so it
+    takes a fraction of a second (B6 about 0.3 s), and no random number is drawn that training uses.
+
+    Raises:
+        ConfigError: an entry names no module of the architecture (:func:`check_frozen`).
+    """
+    if not profile.frozen:
+        return
+    with torch.device("meta"):
+        model = timm.create_model(profile.model, pretrained=False)
+    check_frozen(model, profile.frozen, f"profiles.{name}.frozen")
+
+
+def _has_submodule(model: torch.nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
 
 
 def data_config(

@@ -10,6 +10,7 @@ import contextlib
 import copy
 import dataclasses
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -44,7 +45,7 @@ from fracture.data_config import DataConfig
 from fracture.ensemble import SeedEnsemble
 from fracture.imaging import Preprocessor
 from fracture.inference import autocast_for, mirror, probabilities, softmax
-from fracture.model import create_classifier, data_config
+from fracture.model import check_frozen, create_classifier, data_config
 from fracture.prepare import CachedImages, StaleCacheError
 from fracture.vocabulary import CLASSES, Augment, ClassBalance, Device, choices
 
@@ -57,6 +58,10 @@ LOG_EVERY = 20  # batches between progress lines when no terminal shows the bar
 EMA_WARMUP_POWER = 3 / 4
 
 EpochCallback = Callable[[int, dict[str, float]], None]
+
+
+class TrainingDivergedError(RuntimeError):
+    """The training loss stopped being a number (NaN or infinite): the learning rate is too high."""
 
 
 @dataclass(frozen=True)
@@ -215,12 +220,16 @@ def parameter_groups(model: nn.Module, lr: float, weight_decay: float, layer_dec
     """The trainable parameters as the optimiser's groups, each holding its own learning rate.
 
     ``layer_decay`` 1 is one group at ``lr``, the paper's recipe. Below 1, timm's layer-wise
-    decay (``param_groups_layer_decay``, over the model's ``group_matcher``: the stem, each
-    block, the head) gives the head ``lr`` and every layer group below it ``layer_decay`` times
-    the rate of the one above, so the ImageNet features near the input move least. Each group's
-    rate is set here: timm's own schedulers read the ``lr_scale`` it returns, PyTorch's do not,
-    and PyTorch's cosine schedule then scales every group's rate alike. Frozen parameters are
-    in no group.
+    decay (``param_groups_layer_decay``, over the model's fine ``group_matcher``) gives the
+    classifier ``lr`` and every layer group below it ``layer_decay`` times the rate of the one
+    above, so the ImageNet features near the input move least. On an EfficientNet a layer group
+    is one sub-block (``blocks.4.1``), not a stage (``blocks.4``), so the rate falls by
+    ``layer_decay`` once per sub-block: Lite0's 7 stages hold 16. Its groups, from the top: the
+    classifier; ``conv_head`` and ``bn2`` together with the last sub-block, ``blocks.6.0``; then
+    ``blocks.5.3`` down to ``blocks.0.0``, one each; the stem last (``conv_stem``, ``bn1``), 17
+    groups below the classifier. Each group's rate is set here: timm's own schedulers read the
+    ``lr_scale`` it returns, PyTorch's do not, and PyTorch's cosine schedule then scales every
+    group's rate alike. Frozen parameters are in no group.
     """
     if layer_decay >= 1:
         return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}]
@@ -472,6 +481,9 @@ def train(
     Raises:
         StaleCacheError: the images were prepared for another input size or normalisation
             than the model's.
+        ConfigError: the profile's ``frozen`` names a module the model lacks.
+        TrainingDivergedError: a step's loss was not finite (without a gradient scaler, which
+            skips such a step itself); raised at that step, naming the epoch, batch and rate.
     """
     # Every rank is seeded alike: each draws the same image order and deals itself a share
     # (distributed.ShardedSampler); DDP copies rank 0's initial weights to the others. Each
@@ -490,6 +502,9 @@ def train(
             "run `dvc repro prepare` to rebuild the prepared cache"
         )
     if profile.frozen:
+        # The train stage checked the names already (check_profile_frozen); other callers meet a
+        # typo here, before any epoch, rather than as timm's bare AttributeError.
+        check_frozen(model, profile.frozen, "profiles.<train.profile>.frozen")
         # Freezing the high-resolution early layers skips most of their backward pass; their
         # ImageNet edge and texture filters transfer to X-rays as they are.
         freeze(model, list(profile.frozen))
@@ -631,12 +646,20 @@ def train(
             step_lr = max(group["lr"] for group in optimizer.param_groups)
             scheduler.step(epoch + (i + 1) / len(loader))
             seen += len(labels)
-            loss_sum += loss.item() * len(labels)
+            # Read here once a step for the epoch's sum and the bar anyway, so checking it adds no device sync.
+            step_loss = loss.item()
+            if not math.isfinite(step_loss) and scaler is None:  # a gradient scaler skips such a step instead
+                raise TrainingDivergedError(
+                    f"the training loss is {step_loss} at epoch {epoch + 1}/{profile.epochs}, batch {i + 1}/"
+                    f"{len(loader)}, learning rate {step_lr:.3g}: training diverged. Lower the learning rate (the "
+                    "profile's lr, or train.lr when it has none; a tenth is a start) and train again"
+                )
+            loss_sum += step_loss * len(labels)
             rate = seen / (time.perf_counter() - started)
-            bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{rate:.1f}")
+            bar.set_postfix(loss=f"{step_loss:.4f}", img_s=f"{rate:.1f}")
             if context.is_main and bar.disable and ((i + 1) % LOG_EVERY == 0 or i + 1 == len(loader)):
                 log.info("epoch %d/%d batch %d/%d loss %.4f %.1f images/s",
-                         epoch + 1, profile.epochs, i + 1, len(loader), loss.item(), rate)
+                         epoch + 1, profile.epochs, i + 1, len(loader), step_loss, rate)
         loss_sum, seen = distributed.sum_over_ranks(loss_sum, seen, context=context)
         train_time = time.perf_counter() - started
         if not synced_batch_norm:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -186,3 +187,64 @@ def test_train_stage_killed_after_its_first_epoch_resumes_when_rerun(project, fr
     assert tags["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and tags["cpu_model"]
     assert tags["torch_version"] == torch.__version__ and tags["torch_threads"].isdigit()
     assert "Data and pipelines are up to date" in dvc(project, "status", "train")
+
+
+def test_a_killed_run_whose_mlflow_run_is_gone_resumes_from_its_checkpoint_in_a_new_run(tmp_path, monkeypatch, caplog):
+    """MLflow reopens neither a deleted run nor one another tracking store holds, so a rerun that
+    insisted on the killed run's would fail every time until the checkpoint was removed. The
+    training resumes from the checkpoint instead and logs to a new run, with the params and
+    inputs a new run has and the checkpoint's epochs logged again: the curves start at epoch 1."""
+    from fracture.stages.train import run_train  # noqa: PLC0415 - the stage module imports MLflow
+    from tests.test_crossval import tiny_ensemble_project  # noqa: PLC0415 - a synthetic project, prepared
+
+    params, workspace = tiny_ensemble_project(tmp_path, monkeypatch, epochs=3, image_size=32)
+    save = checkpoint.save
+
+    def killed_after(epoch: int):
+        def saving(*args, **kwargs):
+            save(*args, **kwargs)
+            if kwargs["epoch"] == epoch:
+                raise Killed
+
+        return saving
+
+    def checkpointed_run() -> str:
+        return json.loads((workspace.checkpoint_dir / checkpoint.STATE).read_text())["run_id"]
+
+    store = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setattr(checkpoint, "save", killed_after(1))
+    with pytest.raises(Killed):
+        run_train(params, workspace)
+    first = checkpointed_run()
+    store.delete_run(first)  # deleted in the MLflow UI
+
+    monkeypatch.setattr(checkpoint, "save", killed_after(2))
+    with caplog.at_level(logging.WARNING, logger="fracture.stages.train"), pytest.raises(Killed):
+        run_train(params, workspace)
+    told = f"MLflow run {first}, which the checkpoint in {workspace.checkpoint_dir} was logged to, was deleted"
+    assert told in caplog.text
+    second = checkpointed_run()
+    assert second != first
+    assert sorted(m.step for m in store.get_metric_history(second, "val_roc_auc")) == [1, 2]
+
+    caplog.clear()
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", other)  # the tracking store switched
+    monkeypatch.setattr(checkpoint, "save", save)
+    with caplog.at_level(logging.WARNING, logger="fracture.stages.train"):
+        trained = run_train(params, workspace)
+    assert f"MLflow run {second}, which the checkpoint" in caplog.text
+    assert f"is not in the tracking store {other}" in caplog.text
+    assert trained is not None and trained.run_id not in (first, second)
+    assert not workspace.checkpoint_dir.exists()  # finished: the checkpoint is removed as after any run
+    client = mlflow.MlflowClient(other)
+    run = client.get_run(trained.run_id)
+    assert run.data.params["profile"] == "cpu" and run.data.params["n_train"] == "19"
+    inputs = {i.dataset.name for i in run.inputs.dataset_inputs}
+    assert inputs == {"fracatlas", "fracatlas-train", "fracatlas-val", "fracatlas-test"}
+    assert run.data.tags["resumed_from_epoch"] == "2" and run.data.tags["resumed_from_run"] == second
+    history = client.get_metric_history(trained.run_id, "val_roc_auc")
+    assert sorted(m.step for m in history) == [1, 2, 3]
+    # The epochs logged again are the checkpoint's: what the run they were trained in logged.
+    before = {m.step: m.value for m in store.get_metric_history(second, "val_roc_auc")}
+    assert {m.step: m.value for m in history if m.step < 3} == before

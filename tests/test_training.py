@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -303,3 +304,59 @@ def test_training_under_layer_decay_follows_the_heads_schedule_and_moves_the_ear
     early = "blocks.0.0.conv_dw.weight"
     assert moved(decayed, early) < moved(plain, early) / 100
     assert moved(decayed, "classifier.weight") > 0
+
+
+@pytest.mark.parametrize(
+    ("frozen", "told"),
+    [
+        (("conv_stem", "bn1", "blocks.7"), r"'blocks\.7', which tf_efficientnet_lite0 does not have: its top-level "
+                                           r"modules are conv_stem, bn1, blocks, conv_head, bn2, global_pool, "
+                                           r"classifier; blocks holds blocks\.0, .*, blocks\.6\."),
+        (("conv-stem", "bn1"), r"'conv-stem', which tf_efficientnet_lite0 does not have: its top-level modules are "
+                               r"conv_stem, bn1, blocks, conv_head, bn2, global_pool, classifier\. Name modules"),
+    ],
+)
+def test_a_frozen_module_the_model_lacks_is_refused_naming_the_field_and_the_modules_it_has(tmp_path, frozen, told):
+    """Lite0 has blocks 0-6, and timm spells its stem conv_stem: a typo is a ConfigError, not timm's bare
+    AttributeError. The train stage says so before it reads any data; train() before its first step."""
+    from fracture.config import ConfigError  # noqa: PLC0415 - this test's subject
+    from fracture.stages.train import run_train  # noqa: PLC0415 - the stage module imports MLflow
+    from fracture.workspace import Workspace  # noqa: PLC0415 - as above
+
+    params = load_params(REPO)
+    profile = dataclasses.replace(params.profiles["cpu"], frozen=frozen)
+    params = dataclasses.replace(params, train=dataclasses.replace(params.train, profile="cpu", device="cpu"),
+                                 profiles=params.profiles | {"cpu": profile})
+    # An empty project: the stage stops at the profile, before the split tables it would read first.
+    with pytest.raises(ConfigError, match=r"^params\.yaml: profiles\.cpu\.frozen names " + told):
+        run_train(params, Workspace(tmp_path))
+    params, profile, config, data = tiny_run(tmp_path, 2, 2, image_size=32, epochs=1, frozen=frozen)
+    with pytest.raises(ConfigError, match=r"profiles\.<train\.profile>\.frozen names " + told):
+        train(data, data, config, profile, params.train)
+
+
+def test_every_shipped_profiles_frozen_modules_are_in_its_model():
+    """Checked on the architecture alone (PyTorch's meta device): the paper's B6 with no weights fetched."""
+    from fracture.model import check_profile_frozen  # noqa: PLC0415 - this test's subject
+
+    params = load_params(REPO)
+    for name, profile in params.profiles.items():
+        check_profile_frozen(dataclasses.replace(profile, frozen=(*profile.frozen, "blocks.0.0", "conv_head")), name)
+
+
+def test_a_loss_that_stops_being_a_number_stops_training_at_that_step_naming_the_epoch_batch_and_rate(tmp_path):
+    """A rate far too high: the weights overflow after the first step and the second step's loss is NaN.
+    Training stops there, instead of training the rest on NaN and failing in scikit-learn's ROC AUC."""
+    params, profile, config, data = tiny_run(tmp_path, 6, 6, image_size=64, epochs=3, frozen=("conv_stem", "bn1"),
+                                             lr=1e30)
+    train_params = dataclasses.replace(params.train, batch_size=4)
+    seen: list[int] = []
+    with pytest.raises(RuntimeError) as err:
+        train(data, data, config, profile, train_params, on_epoch=lambda epoch, _: seen.append(epoch))
+    assert type(err.value).__name__ == "TrainingDivergedError"
+    assert re.fullmatch(
+        r"the training loss is nan at epoch 1/3, batch 2/3, learning rate \S+: training diverged\. Lower "
+        r"the learning rate \(the profile's lr, or train\.lr when it has none; a tenth is a start\) and train again",
+        str(err.value),
+    ), str(err.value)
+    assert seen == []  # no epoch finished

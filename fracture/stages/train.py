@@ -4,22 +4,27 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import logging
 import warnings
 from typing import Any
 
 import mlflow
 import pandas as pd
 import torch
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 from safetensors.torch import save_file
 
 from fracture import checkpoint, distributed
 from fracture.config import ConfigError, Params
-from fracture.model import require_versioned_weights
+from fracture.model import check_profile_frozen, require_versioned_weights
 from fracture.stages.prepare import active_cache, open_cache
 from fracture.tracking import hardware_tags, setup_mlflow
 from fracture.training import FitResult, fit_members, member_checkpoint, select_device
 from fracture.vocabulary import CLASSES
 from fracture.workspace import TrainedModel, TrainResult, Workspace
+
+log = logging.getLogger(__name__)
 
 
 def log_dataset_inputs(params: Params, workspace: Workspace, frames: dict[str, pd.DataFrame]) -> None:
@@ -91,9 +96,11 @@ def run_train(params: Params, workspace: Workspace) -> TrainResult | None:
     Raises:
         PretrainedWeightsError: a ``weights_file`` DVC does not version in ``pretrained/``
             (:func:`fracture.model.require_versioned_weights`).
-        ConfigError: the paper's profile with ``train.device: auto`` on a machine without CUDA.
+        ConfigError: the paper's profile with ``train.device: auto`` on a machine without CUDA, or
+            its ``frozen`` naming a module the model lacks (before any data is read).
     """
     require_versioned_weights(params.profile, params.train.profile, workspace.root)
+    check_profile_frozen(params.profile, params.train.profile)
     if params.train.profile == "paper" and params.train.device == "auto" and not torch.cuda.is_available():
         # What a checkout names until the main job or the flow has chosen for this machine: B6 at 528 px
         # would take days on a few CPU cores, so say what to set instead of starting it.
@@ -143,6 +150,52 @@ def run_key(params: Params, data_config: dict[str, Any], cache_meta: dict[str, A
     )
 
 
+def _can_continue(run_id: str, workspace: Workspace) -> bool:
+    """Whether the killed run's MLflow run ``run_id`` can take the resumed epochs.
+
+    Not when the tracking store lacks it (MLFLOW_TRACKING_URI points elsewhere, or mlflow.db was
+    replaced) or it was deleted: MLflow refuses to reopen either, so the resumed training logs to
+    a new run instead (warned here), rather than every rerun failing until the checkpoint is removed.
+    """
+    client = MlflowClient()
+    try:
+        run = client.get_run(run_id)
+        experiment = client.get_experiment(run.info.experiment_id)
+        deleted = "deleted" in (run.info.lifecycle_stage, experiment.lifecycle_stage)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        why = f"is not in the tracking store {client.tracking_uri}"
+    else:
+        if not deleted:
+            return True
+        why = "was deleted (or its experiment was)"
+    log.warning(
+        "MLflow run %s, which the checkpoint in %s was logged to, %s: the training resumes from the checkpoint "
+        "and logs to a new run, with the checkpoint's epochs logged again", run_id, workspace.checkpoint_dir, why,
+    )
+    return False
+
+
+def _log_checkpointed_epochs(params: Params, workspace: Workspace, key: str, first: checkpoint.Checkpoint) -> None:
+    """Logs the epochs the checkpoints hold to a new run that continues a lost one, as training numbers them.
+
+    So the new run's curves start at epoch 1, as an uninterrupted run's do. ``first`` is the
+    (first member's) checkpoint already read; an ensemble's other members each have one of their
+    own, and their epochs count on across them.
+    """
+    profile = params.profile
+    for member in range(1, profile.members + 1):
+        folder, member_key = member_checkpoint(workspace.checkpoint_dir, key, profile, member)
+        saved = first if member == 1 else checkpoint.load(folder, member_key)
+        if saved is None:  # this member had not started
+            break
+        before = (member - 1) * profile.epochs
+        for metrics in saved.history:
+            numbered = metrics if profile.members == 1 else {**metrics, "member": member}
+            mlflow.log_metrics(numbered, step=before + int(metrics["epoch"]))
+
+
 def _images(frame: pd.DataFrame) -> list[list[str]]:
     columns = [c for c in ("image_id", "label", "sha256") if c in frame.columns]
     return frame[columns].astype(str).values.tolist()
@@ -165,20 +218,26 @@ def _train(params: Params, workspace: Workspace) -> bool:
     # An ensemble's MLflow run is in its first member's checkpoint.
     resumable = checkpoint.load(*member_checkpoint(workspace.checkpoint_dir, key, params.profile, 1))
     setup_mlflow(params, workspace.root)
-    if resumable is not None and resumable.run_id:
-        print(f"resuming after epoch {resumable.epoch} of {params.profile.epochs} (MLflow run {resumable.run_id})")
-        run_context = mlflow.start_run(run_id=resumable.run_id, log_system_metrics=True)
+    earlier_run = resumable.run_id if resumable is not None else None
+    continued = bool(earlier_run and _can_continue(earlier_run, workspace))
+    if resumable is not None:
+        where = f"MLflow run {earlier_run}" if continued else "a new MLflow run"
+        print(f"resuming after epoch {resumable.epoch} of {params.profile.epochs} ({where})")
+    if continued:
+        run_context = mlflow.start_run(run_id=earlier_run, log_system_metrics=True)
     else:
         tags = {
             "profile": params.train.profile,
             "data_version": workspace.data_version() or "",
             "git_commit": workspace.git_commit() or "",
-        }
+        } | ({"resumed_from_run": earlier_run} if earlier_run else {})
         run_context = mlflow.start_run(tags=tags, log_system_metrics=True)
     with run_context as run:
-        if resumable is None:
+        if not continued:
             log_dataset_inputs(params, workspace, frames)
             mlflow.log_params(_run_params(params, frames))
+        if resumable is not None and not continued:
+            _log_checkpointed_epochs(params, workspace, key, resumable)
         fit: FitResult = fit_members(
             train_data,
             val_data,
