@@ -11,7 +11,7 @@ import math
 import os
 import typing
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -37,6 +37,8 @@ from fracture.vocabulary import (
 )
 
 PARAMS_FILE = "params.yaml"
+#: The folder data.dvc versions (`dvc add data`); every dataset is ingested into it.
+DATA_DIR = "data"
 
 
 class ConfigError(ValueError):
@@ -521,6 +523,7 @@ def _check(p: Params) -> None:
             "params.yaml: validate.near_duplicate_top_threshold needs validate.near_duplicate_threshold: set both, "
             "or set the top threshold to null"
         )
+    _check_dest(p.ingest.dest)
     if not 0 < p.split.val_size < 1 or not 0 < p.split.test_size < 1:
         raise ConfigError("params.yaml: split.val_size and split.test_size must lie in (0, 1)")
     if p.split.val_size + p.split.test_size >= 1:
@@ -573,6 +576,17 @@ def _check(p: Params) -> None:
                               f"(1: off), got {decay!r}")
     _check_schedule(p.schedule)
     p.profile  # noqa: B018 - raises ConfigError on an unknown profile name
+
+
+def _check_dest(dest: object) -> None:
+    # data.dvc versions the data/ folder (`dvc add data`): a dataset anywhere else would be copied,
+    # then never versioned, and every ingest would fail at `dvc add` naming no setting.
+    parts = PurePosixPath(dest).parts if isinstance(dest, str) else ()
+    if len(parts) < 2 or parts[0] != DATA_DIR or any(part in {"..", "."} for part in parts) or "\\" in str(dest):
+        raise ConfigError(
+            f"params.yaml: ingest.dest must be a folder inside {DATA_DIR}/, which data.dvc versions, given as "
+            f"{DATA_DIR}/<name> relative to the project (e.g. {DATA_DIR}/fracatlas); got {dest!r}"
+        )
 
 
 def _float_hint(value: object) -> str:

@@ -277,3 +277,19 @@ def test_frozen_must_be_a_list_of_module_names():
     raw["profiles"]["cpu"]["frozen"] = "conv_stem"  # one name, not a list: timm would freeze 'c', 'o', ...
     with pytest.raises(ConfigError, match=r"profiles\.cpu\.frozen must be a list of the model's module names"):
         parse_params(raw)
+
+
+@pytest.mark.parametrize("dest", ["hospital/export", "data", "/srv/data/fracatlas", "data/../export", "data\\\\fracatlas", 3])
+def test_a_dataset_folder_outside_what_data_dvc_versions_is_refused_naming_the_field(dest):
+    """data.dvc versions data/: a dataset anywhere else would be copied, never versioned, and every
+    ingest would then fail at `dvc add data` naming no setting."""
+    raw = raw_params()
+    raw["ingest"]["dest"] = dest
+    with pytest.raises(ConfigError, match=r"ingest\.dest must be a folder inside data/"):
+        parse_params(raw)
+
+
+def test_a_dataset_folder_inside_data_is_taken():
+    raw = raw_params()
+    raw["ingest"]["dest"] = "data/hospital-a"
+    assert parse_params(raw).ingest.dest == "data/hospital-a"
