@@ -597,14 +597,14 @@ def _float_hint(value: object) -> str:
         number = float(value)
     except ValueError:
         return ""
-    if not math.isfinite(number):
-        return ""
+    if not math.isfinite(number) or number < 0 or (number == 0 and any(c in "123456789" for c in value)):
+        return ""  # written as a number, it would be refused all the same (negative, or below a float's range)
     if "e" not in value.lower():
         return f": YAML reads {value!r} as text; write it unquoted, e.g. {number!r}"
     mantissa, exponent = f"{number:e}".split("e")
     mantissa = mantissa.rstrip("0") + ("0" if mantissa.rstrip("0").endswith(".") else "")
-    # PyYAML's floats need a dot in the mantissa and a sign in the exponent.
-    return f": YAML reads {value} as text, not a number; write it as {mantissa}e{int(exponent):+d}"
+    # PyYAML's floats need a dot in the mantissa and a sign in the exponent, and no quotes.
+    return f": YAML reads {value!r} as text, not a number; write it unquoted as {mantissa}e{int(exponent):+d}"
 
 
 def _check_optimiser(t: TrainParams) -> None:

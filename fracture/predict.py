@@ -219,8 +219,10 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
     image is replaced, and the new one lists it as its predecessor (Predecessor Documents
     Sequence), so a PACS holding both knows which is current. The reports of one study in one
     call form one SR series, numbered in order. A file holding an image already reported in this
-    call (the same SOP Instance UID, exported twice) gets no second report: its row points to the
-    first's, and its note says so. A source the report cannot be made for (a header without the
+    call (the same valid SOP Instance UID and study, scored alike: one image exported twice) gets
+    no second report: its row points to the first's, and its note says so. Files that share a UID
+    but differ (another study or another answer: an anonymiser's constant UID, a clash) each get
+    their own report. A source the report cannot be made for (a header without the
     study's UID, say) or written for (a full disk) gets no report, its reason in the row's
     ``note``, and the other rows theirs. A patient or study value the SR cannot carry is left
     empty there, and the row's note names it (:func:`fracture.dicom_sr.invalid_type2_values`).
@@ -236,8 +238,9 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
     # One SR series per study in this call, its reports numbered in order.
     series: dict[str, str] = {}
     numbers: dict[str, int] = {}
-    # The file and report of each source image reported in this call, by its SOP Instance UID.
-    reported: dict[str, tuple[Path, Path]] = {}
+    # The file and report of each source image reported in this call, by its SOP Instance UID, with
+    # what a second copy must match to be the same image: its study and its row's answer.
+    reported: dict[str, tuple[Path, Path, tuple[Any, ...]]] = {}
 
     def add_note(index: int, row: Any, text: str) -> None:
         note = row.note if isinstance(row.note, str) else ""
@@ -265,8 +268,9 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
             source = dcmread(path, stop_before_pixels=True, force=True)  # is_dicom said it is DICOM, preamble or not
             study = str(source.StudyInstanceUID)
             uid = str(source.get("SOPInstanceUID", ""))
-            if uid and uid in reported:
-                first, report = reported[uid]
+            same = (study, row.fracture_probability, row.label, row.threshold, row.model, row.version)
+            if UID(uid).is_valid and uid in reported and reported[uid][2] == same:
+                first, report, _ = reported[uid]
                 add_note(index, row, f"the same image (SOP Instance UID) as {first}, whose report {report.name} is this row's")
                 written.append(str(report))
                 continue
@@ -298,8 +302,11 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
             no_report(index, row, path, f"no structured report: it cannot be written to {target} ({exc.strerror or exc})")
             continue
         names.add(name)
-        if uid:
-            reported[uid] = (path, target)
+        if uid in reported:  # a UID two different images carry: the row says why its report is apart
+            add_note(index, row, f"shares its SOP Instance UID with {reported[uid][0]}, but not its study or answer: "
+                     f"reported apart, as {name}")
+        elif uid:
+            reported[uid] = (path, target, same)
         if blanked:
             add_note(index, row, "left empty in the structured report, not valid DICOM values: " + ", ".join(
                 f"{keyword} {value!r}" for keyword, value in blanked.items()

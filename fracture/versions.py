@@ -232,7 +232,10 @@ def read_version(
                     name = posixpath.basename(info["name"])
                     rows.append({
                         "image_id": name, "path": f"images/{folder}/{name}", "folder_label": label,
-                        "md5": info.get("md5"),  # from the version's .dir listing: the image is not read
+                        # From the version's .dir listing: the image is not read. DVC 3 names a
+                        # version DVC 2 recorded (no `hash: md5` in its .dvc) md5-dos2unix, which for
+                        # an image, not text, is the md5 of its bytes too.
+                        "md5": info.get("md5") or info.get("md5-dos2unix"),
                     })
         csv_path = f"{base}/dataset.csv"
         if top.get("dataset.csv") != "file":

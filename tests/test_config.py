@@ -226,13 +226,13 @@ def test_a_top_half_threshold_without_the_whole_thumbnail_threshold_is_refused()
     ("key", "value", "message"),
     [
         # YAML 1.1 reads a float without a dot as text: say how to write it so YAML reads a number.
-        ("lr", "1e-4", r"train\.lr must be a number above 0, e.g. 1\.0e-4; got '1e-4': YAML reads 1e-4 as text, "
-                       r"not a number; write it as 1\.0e-4"),
+        ("lr", "1e-4", r"train\.lr must be a number above 0, e.g. 1\.0e-4; got '1e-4': YAML reads '1e-4' as text, "
+                       r"not a number; write it unquoted as 1\.0e-4"),
         ("lr", 0, r"train\.lr must be a number above 0"),
         ("lr", -1.0e-4, r"train\.lr must be a number above 0"),
         ("lr", True, r"train\.lr must be a number above 0"),
         ("weight_decay", "1e-5", r"train\.weight_decay must be a number, 0 or more \(0: none\); got '1e-5': .*"
-                                 r"write it as 1\.0e-5"),
+                                 r"write it unquoted as 1\.0e-5"),
         ("weight_decay", -0.01, r"train\.weight_decay must be a number, 0 or more"),
         ("T_0", 0, r"train\.T_0 must be a whole number of epochs, at least 1, or null .*got 0"),
         ("T_0", -1, r"train\.T_0 must be a whole number of epochs, at least 1"),
@@ -254,15 +254,32 @@ def test_the_suggested_spelling_of_a_number_yaml_read_as_text_reads_as_that_numb
     text = shipped_params_text().replace("  lr: 1.0e-4\n", "  lr: 3e-4\n", 1)
     raw = yaml.safe_load(text)
     assert raw["train"]["lr"] == "3e-4"  # what PyYAML makes of it
-    with pytest.raises(ConfigError, match="write it as 3.0e-4") as err:
+    with pytest.raises(ConfigError, match="write it unquoted as 3.0e-4") as err:
         parse_params(raw)
-    suggested = str(err.value).rpartition("write it as ")[2]
+    suggested = str(err.value).rpartition("write it unquoted as ")[2]
     raw["train"]["lr"] = yaml.safe_load(f"lr: {suggested}")["lr"]
     assert raw["train"]["lr"] == 3e-4
     assert parse_params(raw).train.lr == 3e-4
     raw["profiles"]["cpu"]["lr"] = "6e-4"  # a profile's own rate is told alike
     with pytest.raises(ConfigError, match=r"profiles\.cpu\.lr must be a positive number or null, got '6e-4'.*6\.0e-4"):
         parse_params(raw)
+
+
+@pytest.mark.parametrize(
+    ("written", "hint"),
+    [
+        ("1.5e-3", "; write it unquoted as 1.5e-3"),  # quoted in params.yaml: the quotes are what to drop
+        ("-1e-4", ""),  # refused as a number too: no spelling to suggest
+        ("1e-400", ""),  # below a float's range: it would read as 0
+    ],
+)
+def test_a_spelling_is_suggested_only_where_it_would_be_taken(written, hint):
+    raw = raw_params()
+    raw["train"]["lr"] = written
+    with pytest.raises(ConfigError) as err:
+        parse_params(raw)
+    message = str(err.value)
+    assert message.endswith(f"got {written!r}" + (f": YAML reads {written!r} as text, not a number{hint}" if hint else ""))
 
 
 @pytest.mark.parametrize(("key", "value"), [("T_0", None), ("T_0", 3), ("T_mult", 2), ("weight_decay", 0)])

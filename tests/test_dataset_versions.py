@@ -86,12 +86,31 @@ def test_added_images_are_a_new_version_that_reruns_validate_onward(project, fra
     assert "params.yaml" in stale and re.search(r"modified:\s+prepare\.aspect", stale), stale
 
 
-def test_an_image_replaced_under_its_id_is_reported_as_changed_content(first_version, tmp_path, monkeypatch):  # noqa: F811
+def _as_dvc2_version(root: Path) -> None:
+    """Rewrites the committed data version as DVC 2 recorded it: no ``hash: md5`` in data.dvc, and
+    the cache in DVC 2's layout, where DVC 3 lists each file's md5 as ``md5-dos2unix``."""
+    data_dvc = root / "data.dvc"
+    data_dvc.write_text("".join(line for line in data_dvc.read_text().splitlines(keepends=True) if "hash: md5" not in line))
+    cache = root / ".dvc" / "cache"
+    for f in (cache / "files" / "md5").rglob("*"):
+        if f.is_file():
+            target = cache / f.relative_to(cache / "files" / "md5")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(f, target)
+    shutil.rmtree(cache / "files")
+    run(root, "git", "commit", "-qam", "dataset v1 as DVC 2 recorded it")
+
+
+@pytest.mark.parametrize("recorded_by", ["DVC 3", "DVC 2"])
+def test_an_image_replaced_under_its_id_is_reported_as_changed_content(first_version, tmp_path, monkeypatch, recorded_by):  # noqa: F811
     """A re-export replaces an X-ray's pixels under the same id, folder and csv row: data.dvc's md5
-    changes, and the comparison names the id whose file changed, from DVC's per-file md5s."""
+    changes, and the comparison names the id whose file changed, from DVC's per-file md5s (which
+    DVC 3 lists as ``md5-dos2unix`` for a version DVC 2 recorded)."""
     isolate(monkeypatch, tmp_path)
     root = tmp_path / "project"
     shutil.copytree(first_version, root, symlinks=True)
+    if recorded_by == "DVC 2":
+        _as_dvc2_version(root)
     image = dataset(root) / "images" / "Fractured" / "IMG0000001.jpg"
     previous = hashlib.md5(image.read_bytes()).hexdigest()
     image.unlink()  # not written through: DVC may have linked it to its cache

@@ -418,3 +418,22 @@ def test_a_model_of_another_flavour_is_named_not_a_traceback(registry, tmp_path)
         "fracture predict: models:/other-team-model/1 is a sklearn-flavour MLflow model, not a fracture classifier "
         "logged by this project's register step; give --model a version of one"
     )
+
+
+@pytest.mark.parametrize("uid", ["1.2.826.0.1.3680043.8.498.77", "ANONYMIZED"], ids=["valid", "an anonymiser's constant"])
+def test_two_images_sharing_a_uid_but_not_their_answer_each_get_their_own_report(fracatlas, tmp_path, uid):
+    """Only a copy of one image, scored alike, shares a report; an anonymiser's constant UID or a
+    clash between two images must not hand one image the other's finding."""
+    images = fracatlas / "images"
+    files = [tmp_path / "IM0001", tmp_path / "IM0002"]
+    for f, jpeg in zip(files, ("Non_fractured/IMG0000009.jpg", "Fractured/IMG0000019.jpg"), strict=True):
+        f.write_bytes(_edited_dicom(images / jpeg, SOPInstanceUID=uid))
+    table = _reported_table(2)
+    table["fracture_probability"], table["label"] = [0.05, 0.97], ["not_fractured", "fractured"]
+    written = write_structured_reports(table, files, tmp_path / "sr")
+    assert written[0] and written[1] and written[0] != written[1]
+    findings = [named(content_items(dcmread(p)), "Fracture of bone")[0].ConceptCodeSequence[0].CodeMeaning for p in written]
+    assert findings == ["Absent", "Present"]
+    assert table["note"][1] == (
+        f"shares its SOP Instance UID with {files[0]}, but not its study or answer: reported apart, as {Path(written[1]).name}"
+    )
