@@ -17,6 +17,7 @@ import re
 import shutil
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,8 @@ REQUIRED: dict[Layout, tuple[str, ...]] = {
 }
 LAYOUT_NAMES: dict[Layout, str] = {"fracatlas": "the FracAtlas layout", "csv": "the csv layout (a hospital's export)"}
 CHUNK = 1 << 20
+#: How much of an unexpected answer's body an error shows.
+HEAD_BYTES = 120
 # sysexits.h EX_TEMPFAIL: "temporary failure, try again later". The CLI exits with it for a
 # DownloadError so that callers (the Prefect ingest task) retry only what a retry can fix.
 EX_TEMPFAIL = 75
@@ -113,8 +116,8 @@ def find_dataset_root(tree: Path, label: str | None = None, layout: Layout = "fr
 def safe_extract(archive: Path, target: Path, label: str | None = None) -> None:
     """Extracts a zip, refusing members that would land outside ``target``.
 
-    Every member is checked before anything is written, so a refused archive leaves ``target``
-    untouched.
+    Every member's path is checked, and the unpacked size against the free space at ``target``,
+    before anything is written, so an archive refused for those leaves ``target`` untouched.
 
     Args:
         archive: the zip file.
@@ -123,13 +126,17 @@ def safe_extract(archive: Path, target: Path, label: str | None = None) -> None:
             to its path.
 
     Raises:
-        IngestError: a member's path escapes the target (zip-slip) or the file is no zip.
+        IngestError: a member's path escapes the target (zip-slip), the members would not fit in
+            the free space, the file is no zip, or a member cannot be extracted (damaged,
+            encrypted, packed with a method Python cannot read, or a file and a folder share a
+            path).
     """
     name = label or str(archive)
     target = target.resolve()
     try:
         with zipfile.ZipFile(archive) as zf:
-            for member in zf.infolist():
+            members = zf.infolist()
+            for member in members:
                 dest = (target / member.filename).resolve()
                 if not dest.is_relative_to(target):
                     raise IngestError(
@@ -137,12 +144,66 @@ def safe_extract(archive: Path, target: Path, label: str | None = None) -> None:
                         "extraction folder (zip-slip); refusing this archive. Get FracAtlas.zip "
                         "from its figshare article instead."
                     )
-            zf.extractall(target)
+            _check_room(name, members, target)
+            for member in members:
+                try:
+                    zf.extract(member, target)
+                except (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImplementedError, OSError) as exc:
+                    raise _member_error(name, member.filename, exc) from exc
     except zipfile.BadZipFile as exc:
         raise IngestError(f"{name} is not a readable zip file ({exc}); fetch it again") from exc
 
 
-SHA256SUMS_LINE = re.compile(r"([0-9A-Fa-f]{64}) [ *](.+)")  # `sha256sum`'s text and binary forms
+def _check_room(name: str, members: list[zipfile.ZipInfo], target: Path) -> None:
+    """Refuses an archive whose members would not fit in the free space at ``target``, before a
+    disk filled midway fails the extraction (or whatever else writes there)."""
+    needed = sum(m.file_size for m in members)
+    probe = target
+    while not probe.exists():  # the target itself may not be made yet
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if needed > free:
+        raise IngestError(
+            f"{name} unpacks to {needed:,} bytes, but {probe} has only {free:,} bytes free. Free "
+            f"space there or point TMPDIR at a folder with room, or extract the zip yourself and "
+            f"pass the extracted folder with --source or {SOURCE_ENV}."
+        )
+
+
+def _member_error(name: str, member: str, exc: BaseException) -> IngestError:
+    """Says why ``member`` of the zip ``name`` could not be extracted, and what to do about it."""
+    folder = f"pass the extracted folder with --source or {SOURCE_ENV}"
+    if isinstance(exc, (RuntimeError, NotImplementedError)):
+        # zipfile raises RuntimeError for an encrypted member, NotImplementedError for a method it
+        # lacks (Deflate64, which Windows Explorer uses for large zips, among them).
+        return IngestError(
+            f"{name}: member {member!r} cannot be extracted ({exc}): it is encrypted or packed with "
+            f"a compression method Python's zipfile cannot read. Re-zip the folder without a "
+            f"password using plain deflate (`zip -r FracAtlas.zip FracAtlas`), or extract it with "
+            f"the tool that made it and {folder}."
+        )
+    if isinstance(exc, (NotADirectoryError, IsADirectoryError, FileExistsError)):
+        return IngestError(
+            f"{name}: member {member!r} clashes with another member of the same path, one a file "
+            f"and the other a folder ({exc}); the archive is malformed. Re-zip the dataset folder, "
+            f"or {folder}."
+        )
+    if isinstance(exc, OSError):
+        return IngestError(
+            f"{name}: could not write member {member!r} ({exc}). Free space or fix the permissions "
+            f"of the extraction folder (it is under TMPDIR), or {folder}."
+        )
+    # zlib.error, EOFError or a CRC mismatch (BadZipFile): the stored bytes are damaged.
+    return IngestError(
+        f"{name}: member {member!r} is damaged ({exc}). Fetch the archive again, or {folder}."
+    )
+
+
+# `sha256sum`'s text and binary forms. A leading backslash marks a name written escaped, as GNU
+# sha256sum does for one holding a backslash, a newline or a carriage return.
+SHA256SUMS_LINE = re.compile(r"(\\?)([0-9A-Fa-f]{64}) [ *](.+)")
+_SUMS_ESCAPES = {"\\\\": "\\", "\\n": "\n", "\\r": "\r"}
+_SUMS_ESCAPED_NAME = re.compile(r"(?:[^\\]|\\[\\nr])+")
 
 
 def verify_sha256sums(root: Path) -> int:
@@ -160,16 +221,22 @@ def verify_sha256sums(root: Path) -> int:
         return 0
     bad: list[str] = []
     count = 0
-    for number, line in enumerate(sums.read_text(errors="surrogateescape").splitlines(), start=1):
+    # Split on newlines only: str.splitlines() would also split a name at \f, \x1c or \u2028,
+    # which sha256sum writes as they are.
+    for number, raw in enumerate(sums.read_text(errors="surrogateescape").split("\n"), start=1):
+        line = raw.removesuffix("\r")  # a CRLF file; sha256sum escapes a name's own \r
         if not line.strip():
             continue
         entry = SHA256SUMS_LINE.fullmatch(line)
-        if entry is None:
+        # An escaped name holds no backslash but the escapes sha256sum writes.
+        if entry is None or (entry.group(1) and not _SUMS_ESCAPED_NAME.fullmatch(entry.group(3))):
             raise IngestError(
                 f"{sums}, line {number}: {line[:80]!r} is not '<64 hex digits>  <path>' as `sha256sum` writes "
                 "it; regenerate the file with `sha256sum`, or remove it to ingest without checksums"
             )
-        expected, rel = entry.group(1).lower(), entry.group(2)
+        expected, rel = entry.group(2).lower(), entry.group(3)
+        if entry.group(1):
+            rel = re.sub(r"\\[\\nr]", lambda m: _SUMS_ESCAPES[m.group()], rel)
         path = root / rel
         # Judged as written: a listed file may be a link into another store, as the copy may hold.
         if os.path.isabs(rel) or os.path.normpath(rel).split(os.sep)[0] == "..":
@@ -219,6 +286,21 @@ def _request_error(what: str, exc: Exception, params: IngestParams) -> IngestErr
     return IngestError(f"{what} failed: {exc}. {_manual_hint(params)}")
 
 
+def _media_type(resp: requests.Response) -> str:
+    """The response's Content-Type without its parameters (``text/html; charset=utf-8`` -> ``text/html``)."""
+    return resp.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
+
+
+def _describe_answer(resp: requests.Response, head: bytes) -> str:
+    """What a server answered, for an error: status, Content-Type, the final URL after any
+    redirects and the body's first bytes."""
+    redirected = f" (redirected from {resp.history[0].url})" if resp.history else ""
+    return (
+        f"HTTP {resp.status_code} with Content-Type {resp.headers.get('Content-Type', '(none)')!r} from "
+        f"{resp.url}{redirected}, starting {head[:HEAD_BYTES]!r}"
+    )
+
+
 def download_figshare(params: IngestParams, workdir: Path, timeout: float = 60.0) -> Path:
     """Downloads the FracAtlas zip listed by the figshare API and checks its md5.
 
@@ -237,19 +319,27 @@ def download_figshare(params: IngestParams, workdir: Path, timeout: float = 60.0
     Raises:
         DownloadError: a transient failure: the server is unreachable or timed out, answered
             with HTTP 5xx or 429, or the transfer was cut short. Retrying may help.
-        IngestError: a permanent failure: HTTP 4xx, the API does not list the file, or the
-            complete file's md5 differs from the listed one.
+        IngestError: a permanent failure: HTTP 4xx, the API does not answer with JSON or does
+            not list the file, a complete answer is not the listed file (another size, or an
+            HTML page), or the complete file's md5 differs from the listed one.
     """
     api = f"{params.figshare_api.rstrip('/')}/articles/{params.figshare_article}"
     try:
         resp = requests.get(api, timeout=timeout)
         resp.raise_for_status()
-        files = resp.json()["files"]
     except requests.RequestException as exc:
         raise _request_error(f"listing the files of {api}", exc, params) from exc
+    # Parsed apart from the request: requests' JSONDecodeError is a RequestException too, and a
+    # proxy's login page answered with HTTP 200 is no network trouble a retry would cure.
+    try:
+        files = resp.json()["files"]
+        if not isinstance(files, list) or not all(isinstance(f, dict) for f in files):
+            raise TypeError(f"'files' is {type(files).__name__}, not a list of objects")
     except (KeyError, TypeError, ValueError) as exc:
         raise IngestError(
-            f"{api} did not answer with a figshare article (JSON with 'files'): {exc!r}. {_manual_hint(params)}"
+            f"{api} did not answer with a figshare article (JSON with 'files'): {exc!r}; it answered "
+            f"{_describe_answer(resp, resp.content)}. A proxy or firewall may be answering in "
+            f"figshare's place. {_manual_hint(params)}"
         ) from exc
     entry = next((f for f in files if f.get("name") == params.figshare_file), None)
     if entry is None or not entry.get("download_url"):
@@ -270,6 +360,7 @@ def download_figshare(params: IngestParams, workdir: Path, timeout: float = 60.0
     partial = Path(tmp_name)
     md5 = hashlib.md5()
     size = 0
+    head = b""  # the body's first bytes, to show what came instead of the zip
     try:
         with os.fdopen(fd, "wb") as out:
             try:
@@ -279,6 +370,8 @@ def download_figshare(params: IngestParams, workdir: Path, timeout: float = 60.0
                         out.write(chunk)
                         md5.update(chunk)
                         size += len(chunk)
+                        if len(head) < HEAD_BYTES:
+                            head += chunk[: HEAD_BYTES - len(head)]
             except (requests.RequestException, *_TRANSIENT) as exc:
                 raise _request_error(
                     f"download of {params.figshare_file} from {url} (after {size} of {expected_size} bytes)",
@@ -287,12 +380,28 @@ def download_figshare(params: IngestParams, workdir: Path, timeout: float = 60.0
                 ) from exc
             out.flush()
             os.fsync(out.fileno())  # the bytes are on disk before the name says "verified"
-        if isinstance(expected_size, int) and size < expected_size:
-            # A server that closes early without announcing a Content-Length ends "cleanly".
+        wrong_size = isinstance(expected_size, int) and size != expected_size
+        html = _media_type(r) == "text/html"
+        # urllib3 raises for a body that ends before its Content-Length or its last chunk, so
+        # only a body that ends when the server hangs up can arrive cut short without an error.
+        delimited = "Content-Length" in r.headers or "chunked" in r.headers.get("Transfer-Encoding", "").lower()
+        if wrong_size and size < expected_size and not delimited and not html:
             raise DownloadError(
                 f"download of {params.figshare_file} from {url} was cut short: {size} of "
                 f"{expected_size} bytes arrived. This is usually temporary (network or server "
                 f"trouble): run ingest again later. {_manual_hint(params)}"
+            )
+        # A complete answer that is not the listed file: an embargo, login or firewall page, or
+        # a redirect that ends at one. The next run gets the same page, so it is not retried.
+        # A body that matches the listed md5 is the file, whatever its Content-Type says.
+        if wrong_size or (html and md5.hexdigest() != expected_md5):
+            listed = f"{expected_size} bytes" if isinstance(expected_size, int) else "no size"
+            raise IngestError(
+                f"{url} did not send the {params.figshare_file} that {api} lists ({listed}): it "
+                f"answered {_describe_answer(r, head)}, {size} bytes in all. A complete answer of "
+                f"another kind (an embargo, login or firewall page, or another file) comes again on "
+                f"the next run, so an automatic retry will not help: open the URL in a browser to "
+                f"see what it serves. {_manual_hint(params)}"
             )
         if expected_md5 and md5.hexdigest() != expected_md5:
             raise IngestError(
@@ -320,7 +429,8 @@ def source_listing(source: str | Path) -> dict[str, object]:
 
     Two listings are equal when no file was added, removed, resized or rewritten (writing a
     file updates its modification time), so copying and re-hashing the source would bring in
-    nothing new. Files in linked folders are listed, as the copy takes them. A zip is listed as
+    nothing new. Files in linked folders are listed, as the copy takes them (a folder linked twice
+    twice; a link back to a folder above it, once). A zip is listed as
     one file. The limit: a file rewritten with its size unchanged and its old modification time
     put back (``cp -p``, ``rsync -a`` or ``touch -r`` from an older copy, an archive unpacked with
     its stored times) lists as before; ``fracture ingest --source`` by hand always copies.
@@ -330,6 +440,9 @@ def source_listing(source: str | Path) -> dict[str, object]:
 
     Returns:
         The resolved source, its number of files and bytes, and a digest of the listing.
+
+    Raises:
+        IngestError: a link in the folder is broken (the copy would fail on it too).
     """
     path = Path(source).expanduser().resolve()
     if path.is_file():
@@ -337,18 +450,28 @@ def source_listing(source: str | Path) -> dict[str, object]:
         entries = [[path.name, stat.st_size, stat.st_mtime_ns]]
     else:
         entries = []
-        seen: set[tuple[int, int]] = set()
-        # Into linked folders too, as the copy goes (shutil.copytree copies what they hold); a
-        # folder reached twice (a link loop) is listed once.
+        top = os.stat(path)
+        # Each folder's own (device, inode) and its ancestors'. Into linked folders too, as the
+        # copy goes: shutil.copytree copies every link to a folder, so a folder linked twice is
+        # listed twice, and only a link back to an ancestor (a loop) is not followed.
+        ancestry: dict[str, tuple[tuple[int, int], ...]] = {str(path): ((top.st_dev, top.st_ino),)}
         for dirpath, dirnames, names in os.walk(path, followlinks=True):
-            here = os.stat(dirpath)
-            if (here.st_dev, here.st_ino) in seen:
-                dirnames.clear()
-                continue
-            seen.add((here.st_dev, here.st_ino))
+            above = ancestry.pop(dirpath)
+            for dirname in list(dirnames):
+                sub = os.path.join(dirpath, dirname)
+                here = os.stat(sub)
+                if (here.st_dev, here.st_ino) in above:
+                    dirnames.remove(dirname)
+                else:
+                    ancestry[sub] = (*above, (here.st_dev, here.st_ino))
             for name in names:
                 full = os.path.join(dirpath, name)
-                stat = os.stat(full)
+                try:
+                    stat = os.stat(full)
+                except OSError as exc:
+                    if os.path.islink(full):
+                        raise _broken_link_error(full) from exc
+                    raise
                 entries.append([os.path.relpath(full, path), stat.st_size, stat.st_mtime_ns])
         entries.sort()
     return {
@@ -357,6 +480,14 @@ def source_listing(source: str | Path) -> dict[str, object]:
         "bytes": sum(e[1] for e in entries),
         "digest": hashlib.sha256(json.dumps(entries).encode()).hexdigest(),
     }
+
+
+def _broken_link_error(link: str) -> IngestError:
+    """Names a link in the source whose target is missing (or that loops), and what to do."""
+    return IngestError(
+        f"{link} is a broken link: it points to {os.readlink(link)!r}, which does not exist (or "
+        "leads back to itself). Fix the link or remove it from the source, then run ingest again."
+    )
 
 
 #: The staging folders' names, ``.<dest name>.ingest-<random>``, beside ``dest``. The project's
@@ -384,7 +515,18 @@ def _replace_dir(src: Path, dest: Path) -> None:
     _recover_staging(dest)
     staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}{STAGING_INFIX}", dir=dest.parent))
     try:
-        shutil.copytree(src, staging / "copy")
+        try:
+            shutil.copytree(src, staging / "copy")
+        except shutil.Error as exc:
+            # copytree copies what it can, then lists what it could not as (source, copy, reason).
+            failed = [e for e in (exc.args[0] if exc.args else []) if isinstance(e, tuple) and len(e) == 3]
+            broken = [s for s, _, _ in failed if os.path.islink(s) and not os.path.exists(s)]
+            if broken:
+                raise _broken_link_error(broken[0]) from exc
+            raise IngestError(
+                f"could not copy {src} to {dest.parent}: {[f'{s}: {why}' for s, _, why in failed[:3]] or exc}. "
+                "Make those files readable and free space there, then run ingest again."
+            ) from exc
         # Copies of a read-only source are read-only too; DVC must be able to replace them.
         for dirpath, _, names in os.walk(staging / "copy"):
             os.chmod(dirpath, 0o755)

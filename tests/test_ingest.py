@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
+import random
+import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -99,6 +103,37 @@ def test_the_listing_sees_a_file_added_in_a_linked_folder_as_the_copy_does(datas
     assert after["files"] == before["files"] + 1 and after["digest"] != before["digest"]
 
 
+def test_the_listing_counts_a_folder_linked_twice_as_the_copy_does(dataset, tmp_path, iparams):
+    """Only a link back to an ancestor is a loop: a second link to a folder is copied again, so a
+    second link added to the source is a change the unchanged-source shortcut must see."""
+    shared = tmp_path / "pacs_2023"
+    (dataset / "images/Fractured").rename(shared)
+    (dataset / "images/Fractured").symlink_to(shared, target_is_directory=True)
+    before = source_listing(dataset)
+    (dataset / "images/Fractured_again").symlink_to(shared, target_is_directory=True)
+    after = source_listing(dataset)
+    copied = ingest(iparams, tmp_path / "data/fracatlas", str(dataset))
+    assert after["files"] == copied.files == before["files"] + 3
+    assert after["digest"] != before["digest"]
+
+
+@pytest.mark.parametrize("target", ["/nonexistent/IMG0000099.jpg", "IMG0000099.jpg"], ids=["dangling", "self"])
+def test_a_broken_link_in_the_source_is_named(dataset, tmp_path, iparams, target):
+    """A link to nothing (or to itself) stops both the copy and the listing with its own name and
+    target, not a traceback of shutil's, and leaves no copy behind."""
+    link = dataset / "images/Fractured/IMG0000099.jpg"
+    link.symlink_to(target)
+    dest = tmp_path / "project/data/fracatlas"
+    with pytest.raises(IngestError, match="broken link") as copying:
+        ingest(iparams, dest, str(dataset))
+    with pytest.raises(IngestError, match="broken link") as listing:
+        source_listing(dataset)
+    for err in (copying, listing):
+        message = str(err.value)
+        assert str(link) in message and repr(target) in message and "Fix the link or remove it" in message
+    assert not dest.exists() and not any(dest.parent.iterdir())  # no staging folder either
+
+
 def test_ingest_from_zip_finds_the_layout_one_level_down(dataset, tmp_path, iparams):
     archive = zip_dir(dataset, tmp_path / "FracAtlas.zip")
     dest = tmp_path / "data/fracatlas"
@@ -145,6 +180,29 @@ def test_a_malformed_checksum_file_is_refused_naming_its_line(dataset, tmp_path,
     assert ingest(iparams, tmp_path / "linked", str(dataset)).checksums_verified == 1
 
 
+def test_checksum_lines_for_escaped_names_are_read_as_sha256sum_writes_them(dataset, tmp_path, iparams):
+    r"""GNU sha256sum marks a line whose name holds a backslash, a newline or a carriage return with
+    a leading backslash, and writes those as \\, \n and \r; other characters as they are."""
+    folder = dataset / "images/Fractured"
+    names = ["back\\slash.jpg", "new\nline.jpg", "carriage\rreturn.jpg", "form\x0cfeed.jpg"]
+    lines = []
+    for i, name in enumerate(names):
+        (folder / name).write_bytes(b"x" * (i + 1))
+        digest = hashlib.sha256(b"x" * (i + 1)).hexdigest()
+        escaped = name.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+        marker = "\\" if escaped != name else ""
+        lines.append(f"{marker}{digest}  images/Fractured/{escaped}")
+    (dataset / "SHA256SUMS").write_text("\n".join(lines) + "\n")
+    assert ingest(iparams, tmp_path / "ok", str(dataset)).checksums_verified == len(names)
+    (folder / "back\\slash.jpg").write_bytes(b"changed")
+    with pytest.raises(IngestError, match=r"back\\\\slash\.jpg \(hash differs\)"):
+        ingest(iparams, tmp_path / "changed", str(dataset))
+    # An escape sha256sum never writes is no checksum line.
+    (dataset / "SHA256SUMS").write_text(f"\\{'0' * 64}  images/Fractured/tab\\tname.jpg\n")
+    with pytest.raises(IngestError, match=r"line 1: .* is not '<64 hex digits>  <path>'"):
+        ingest(iparams, tmp_path / "bad", str(dataset))
+
+
 def test_wrong_layout_and_missing_source_say_what_to_do(tmp_path, iparams):
     (tmp_path / "empty").mkdir()
     with pytest.raises(IngestError, match="images/Fractured"):
@@ -161,6 +219,78 @@ def test_zip_slip_member_is_refused(tmp_path):
     with pytest.raises(IngestError, match="escaped.txt"):
         safe_extract(archive, tmp_path / "out")
     assert not (tmp_path / "escaped.txt").exists()
+
+
+def _patch_headers(data: bytes, local: int, central: int, value: int) -> bytes:
+    """Writes ``value`` (2 bytes) at offset ``local`` of every local file header and ``central`` of
+    every central directory entry: how a zip records a member's flags and compression method."""
+    out = bytearray(data)
+    for signature, offset in ((b"PK\x03\x04", local), (b"PK\x01\x02", central)):
+        at = out.find(signature)
+        while at != -1:
+            struct.pack_into("<H", out, at + offset, value)
+            at = out.find(signature, at + 4)
+    return bytes(out)
+
+
+def _members(*names: str, method: int = zipfile.ZIP_STORED) -> bytes:
+    """A zip of ``names`` (a trailing ``/`` makes a folder), each file holding 8000 hex digits,
+    which deflate cannot shrink below a few kilobytes."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", method) as zf:
+        for number, name in enumerate(names):
+            zf.writestr(name, "" if name.endswith("/") else random.Random(number).randbytes(4000).hex())
+    return buf.getvalue()
+
+
+def _bit_rot(data: bytes) -> bytes:
+    out = bytearray(data)
+    start = 30 + len("FracAtlas/dataset.csv") + 40  # inside the first member's deflate stream
+    out[start : start + 30] = bytes(b ^ 0xFF for b in out[start : start + 30])
+    return bytes(out)
+
+
+@pytest.mark.parametrize(
+    ("data", "member", "advice"),
+    [
+        pytest.param(_bit_rot(_members("FracAtlas/dataset.csv", method=zipfile.ZIP_DEFLATED)),
+                     "FracAtlas/dataset.csv", "is damaged", id="bit-rot"),
+        pytest.param(_patch_headers(_members("FracAtlas/dataset.csv"), 6, 8, 0x1),  # flag bit 0: encrypted
+                     "FracAtlas/dataset.csv", "without a password using plain deflate", id="encrypted"),
+        pytest.param(_patch_headers(_members("FracAtlas/dataset.csv"), 8, 10, 9),  # method 9: Deflate64
+                     "FracAtlas/dataset.csv", "without a password using plain deflate", id="deflate64"),
+        pytest.param(_members("FracAtlas/images", "FracAtlas/images/Fractured/x.jpg"),
+                     "FracAtlas/images/Fractured/x.jpg", "one a file and the other a folder", id="file-then-folder"),
+        pytest.param(_members("FracAtlas/images/", "FracAtlas/images"),
+                     "FracAtlas/images", "one a file and the other a folder", id="folder-then-file"),
+    ],
+)
+def test_a_zip_member_that_cannot_be_extracted_is_named(tmp_path, iparams, tmpdir_root, data, member, advice):
+    archive = tmp_path / "FracAtlas.zip"
+    archive.write_bytes(data)
+    dest = tmp_path / "data/fracatlas"
+    with pytest.raises(IngestError) as err:
+        ingest(iparams, dest, str(archive))
+    message = str(err.value)
+    assert str(archive) in message and repr(member) in message and advice in message
+    assert "pass the extracted folder" in message
+    assert not dest.exists()
+    assert not any(tmpdir_root.iterdir())
+
+
+def test_a_zip_larger_than_the_free_space_is_refused_before_extracting(dataset, tmp_path, monkeypatch):
+    archive = zip_dir(dataset, tmp_path / "FracAtlas.zip")
+    needed = sum(m.file_size for m in zipfile.ZipFile(archive).infolist())
+    real = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: real._replace(free=needed - 1))
+    target = tmp_path / "out"
+    with pytest.raises(IngestError, match="unpacks to") as err:
+        safe_extract(archive, target)
+    assert f"{needed:,} bytes" in str(err.value) and f"{needed - 1:,} bytes free" in str(err.value)
+    assert not target.exists()
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: real._replace(free=needed))
+    safe_extract(archive, target)
+    assert (target / "FracAtlas/dataset.csv").is_file()
 
 
 @pytest.fixture()
@@ -183,6 +313,7 @@ class Reply:
     status: int = 200
     cut_after: int | None = None  # send only this many bytes of the body, then hang up
     announce_length: bool = True  # send Content-Length for the whole body, cut or not
+    headers: dict[str, str] = dataclasses.field(default_factory=dict)  # e.g. Content-Type, Location
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -194,6 +325,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(reply.status)
         if reply.announce_length:
             self.send_header("Content-Length", str(len(reply.body)))
+        for name, value in reply.headers.items():
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(reply.body[: reply.cut_after])
         self.wfile.flush()
@@ -214,14 +347,24 @@ class Figshare:
     def url(self) -> str:
         return f"{self.params.figshare_api}/files/{self.params.figshare_file}"
 
-    def publish(self, archive: bytes, md5: str | None = None, **reply: object) -> None:
+    @property
+    def base(self) -> str:
+        return self.params.figshare_api
+
+    def publish(self, archive: bytes, md5: str | None = None, body: bytes | None = None, **reply: object) -> None:
+        """Lists ``archive`` (its size, and ``md5`` or its own; ``""`` lists none) and serves ``body``
+        (the archive itself unless given) at its download URL."""
         article = {"files": [{
             "name": self.params.figshare_file, "download_url": self.url, "size": len(archive),
-            "computed_md5": md5 or hashlib.md5(archive).hexdigest(),
+            "computed_md5": hashlib.md5(archive).hexdigest() if md5 is None else md5,
         }]}
         replies = self.server.replies  # type: ignore[attr-defined]
         replies[f"/articles/{self.params.figshare_article}"] = Reply(json.dumps(article).encode())
-        replies[f"/files/{self.params.figshare_file}"] = Reply(archive, **reply)  # type: ignore[arg-type]
+        replies[f"/files/{self.params.figshare_file}"] = Reply(archive if body is None else body, **reply)  # type: ignore[arg-type]
+
+    def serve(self, path: str, reply: Reply) -> None:
+        """Answers ``path`` (e.g. ``/login``) with ``reply``."""
+        self.server.replies[path] = reply  # type: ignore[attr-defined]
 
 
 @pytest.fixture()
@@ -311,6 +454,70 @@ def test_http_errors_are_transient_only_when_the_server_is_at_fault(figshare, tm
     assert isinstance(err.value, DownloadError) is transient
     assert "FRACATLAS_SOURCE" in str(err.value)
     assert not (tmp_path / "d").exists()
+    assert not any(tmpdir_root.iterdir())
+
+
+HTML_PAGE = b"<html><body><h1>Access denied</h1>This file is under embargo.</body></html>"
+
+
+@pytest.mark.parametrize("redirected", [False, True], ids=["direct", "redirect"])
+def test_a_complete_html_page_in_place_of_the_zip_is_not_retried(figshare, few_real_images, tmp_path, tmpdir_root,
+                                                                  redirected):
+    """An embargo, login or firewall page answered with HTTP 200 (straight away or at the end of a
+    redirect) comes whole, so a retry gets it again: a plain IngestError that shows the page."""
+    archive = zip_dir(few_real_images, tmp_path / "FracAtlas.zip").read_bytes()
+    page = Reply(HTML_PAGE, headers={"Content-Type": "text/html; charset=utf-8"})
+    if redirected:
+        figshare.publish(archive, body=b"", status=302, headers={"Location": f"{figshare.base}/login"})
+        figshare.serve("/login", page)
+    else:
+        figshare.publish(archive, body=page.body, headers=page.headers)
+    dest = tmp_path / "data/fracatlas"
+    with pytest.raises(IngestError) as err:
+        ingest(figshare.params, dest, None)
+    assert not isinstance(err.value, DownloadError)
+    message = str(err.value)
+    final = f"{figshare.base}/login" if redirected else figshare.url
+    assert "HTTP 200" in message and "'text/html; charset=utf-8'" in message and f"from {final}" in message
+    assert "Access denied" in message and f"lists ({len(archive)} bytes)" in message
+    assert "retry will not help" in message and "FRACATLAS_SOURCE" in message
+    assert not dest.exists()
+    assert not any(tmpdir_root.iterdir())
+
+    # Complete per its own Content-Length but not the listed size, whatever its Content-Type.
+    figshare.publish(archive, body=archive[:1000])
+    with pytest.raises(IngestError, match="1000 bytes in all") as err:
+        ingest(figshare.params, dest, None)
+    assert not isinstance(err.value, DownloadError)
+    # A body that matches the listed md5 is the zip, even if the server calls it text/html.
+    figshare.publish(archive, headers={"Content-Type": "text/html"})
+    ingest(figshare.params, dest, None)
+    assert tree(dest) == tree(few_real_images)
+
+
+def test_a_body_longer_than_listed_is_refused_when_no_md5_is_listed(figshare, few_real_images, tmp_path, tmpdir_root):
+    archive = zip_dir(few_real_images, tmp_path / "FracAtlas.zip").read_bytes()
+    # Still a readable zip (its directory sits before the junk); only the size gives it away.
+    figshare.publish(archive, md5="", body=archive + b"JUNK" * 1000)
+    with pytest.raises(IngestError) as err:
+        ingest(figshare.params, tmp_path / "d", None)
+    assert not isinstance(err.value, DownloadError)
+    message = str(err.value)
+    assert f"lists ({len(archive)} bytes)" in message and f"{len(archive) + 4000} bytes in all" in message
+    assert not (tmp_path / "d").exists()
+    assert not any(tmpdir_root.iterdir())
+
+
+def test_an_api_answer_that_is_not_json_is_not_retried(figshare, tmp_path, tmpdir_root):
+    """A proxy's login page answered with HTTP 200 where the article's JSON should be."""
+    login = Reply(b"<html>Proxy login required</html>", headers={"Content-Type": "text/html"})
+    figshare.serve(f"/articles/{figshare.params.figshare_article}", login)
+    with pytest.raises(IngestError, match="did not answer with a figshare article") as err:
+        ingest(figshare.params, tmp_path / "d", None)
+    assert not isinstance(err.value, DownloadError)
+    message = str(err.value)
+    assert "HTTP 200" in message and "'text/html'" in message and "Proxy login required" in message
+    assert "FRACATLAS_SOURCE" in message
     assert not any(tmpdir_root.iterdir())
 
 
