@@ -406,6 +406,7 @@ def predict(
 
     Reads MLFLOW_TRACKING_URI for the registry. Exits non-zero only when no file could be scored.
     """
+    from fracture.consumer import ConsumerError
     from fracture.predict import (
         PredictError,
         check_outputs,
@@ -425,7 +426,12 @@ def predict(
         loaded = load(model)
     except PredictError as exc:
         sys.exit(f"fracture predict: {exc}")
-    table = score_files(loaded, files, batch_size, progress)
+    try:
+        table = score_files(loaded, files, batch_size, progress)
+    except ConsumerError as exc:
+        sys.exit(f"fracture predict: {exc}")
+    finally:
+        loaded.close()
     if dicom_sr is not None:
         table["sr"] = write_structured_reports(table, files, dicom_sr)
     try:

@@ -14,26 +14,27 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import struct
 import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Self
 
 import mlflow
 import pandas as pd
 
-__all__ = ["ConsumerAnswer", "ConsumerError", "predict_as_consumer"]
+__all__ = ["ConsumerAnswer", "ConsumerError", "ConsumerModel", "predict_as_consumer"]
 
+#: Hides from imports every distribution the model at ``uri`` does not require, this project's
+#: installed copy among them, so that MLflow's ``code_paths`` give the version's own ``fracture``.
 #: Run by ``python -I`` (no script folder, user site or PYTHON* variables on the path).
-SCRIPT = r'''
+_HIDE_WHAT_THE_MODEL_DOES_NOT_REQUIRE = r'''
 import importlib.abc, importlib.machinery, importlib.metadata as md, json, sys
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
-
-uri, request_file, out_file = sys.argv[1:]
-with open(request_file) as fh:
-    files = json.load(fh)["files"]
 import mlflow
 
 requirements = mlflow.pyfunc.get_model_dependencies(uri)
@@ -79,6 +80,15 @@ class Hidden(importlib.abc.MetaPathFinder):
 
 
 sys.meta_path[:] = [Hidden(finder) for finder in sys.meta_path]
+'''
+
+#: A consumer's batch: reads the files there and writes every answer row at once.
+SCRIPT = r'''
+import json, sys
+uri, request_file, out_file = sys.argv[1:]
+with open(request_file) as fh:
+    files = json.load(fh)["files"]
+''' + _HIDE_WHAT_THE_MODEL_DOES_NOT_REQUIRE + r'''
 import pandas as pd
 
 model = mlflow.pyfunc.load_model(uri)
@@ -94,6 +104,56 @@ answer = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 with open(out_file, "w") as fh:
     json.dump({"answer": answer.to_dict(orient="list"), "code": sys.modules["fracture"].__file__,
                "refused": sorted(set(refused)), "closure": sorted(closure)}, fh)
+'''
+
+
+#: A consumer's model kept loaded: answers one request at a time, framed on its standard input
+#: and output (8 bytes of length, then a pickle), until its input ends. Its first frame says what
+#: the model is: ``kind``, and for this project's classifier its ``threshold`` and input ``policy``.
+WORKER = r'''
+import os, pickle, struct, sys
+uri = sys.argv[1]
+# The frames own the real standard output; anything printed goes to standard error.
+frames_out = os.fdopen(os.dup(1), "wb")
+os.dup2(2, 1)
+frames_in = sys.stdin.buffer
+''' + _HIDE_WHAT_THE_MODEL_DOES_NOT_REQUIRE + r'''
+import ctypes
+if os.environ.get("FRACTURE_KEEP_FREED_MEMORY", "1").strip() != "0":
+    try:  # as fracture.allocator does for every pipeline command: freed memory kept for the next batch
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version
+        libc.mallopt(-4, 0), libc.mallopt(-1, -1)
+    except (OSError, AttributeError):
+        pass
+
+
+def send(obj):
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    frames_out.write(struct.pack(">Q", len(data)) + data)
+    frames_out.flush()
+
+
+model = mlflow.pyfunc.load_model(uri)
+try:
+    inner = model.unwrap_python_model()
+    kind = type(inner).__name__
+except mlflow.exceptions.MlflowException:
+    inner, kind = None, model.loader_module.removeprefix("mlflow.") + "-flavour MLflow model"
+header = {"kind": kind, "code": getattr(sys.modules.get("fracture"), "__file__", None)}
+try:
+    from fracture.serving import FracturePyfunc
+except ImportError:
+    FracturePyfunc = None
+if FracturePyfunc is not None and isinstance(inner, FracturePyfunc):
+    header |= {"classifier": True, "threshold": float(inner.classifier.threshold), "policy": inner.policy.to_dict()}
+send(header)
+while True:
+    size = frames_in.read(8)
+    if len(size) < 8:
+        break
+    frame, params = pickle.loads(frames_in.read(struct.unpack(">Q", size)[0]))
+    send(model.predict(frame, params=params))
 '''
 
 
@@ -162,3 +222,79 @@ def predict_as_consumer(uri: str, files: list[Path], timeout: float = 3600.0) ->
         result = json.loads(out.read_text())
     return ConsumerAnswer(pd.DataFrame(result["answer"]), result["code"], tuple(result["closure"]),
                           tuple(result["refused"]), tuple(resolved))
+
+
+class ConsumerModel:
+    """A registered version kept loaded in a consumer's Python of its own (:data:`WORKER`), with its own code.
+
+    For a command of this project that scores with a version (``fracture predict``): its process
+    has imported the installed ``fracture`` package, which MLflow's ``code_paths`` cannot replace,
+    so a version loaded there would check and decode inputs with today's code, not its own, and
+    answer otherwise than the served model. Here each :meth:`predict` is sent to that Python and
+    its answer returned. Use it as a context manager; leaving it ends that Python.
+
+    Attributes:
+        uri: the version, ``models:/<name>/<version>``.
+        kind: the class of the Python model it wraps (``FracturePyfunc`` for this project's
+            classifier), or ``"<flavour>-flavour MLflow model"`` for another flavour's.
+        threshold: the classifier's decision threshold (``None`` for another model).
+        policy: the classifier's input policy as its ``model.json`` states it (``None`` for another).
+        code: the file the ``fracture`` package was imported from there: the version's own copy.
+    """
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self._errors = tempfile.TemporaryFile()  # noqa: SIM115 - held until close(), which closes it
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")} | {
+            "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(),
+            "MLFLOW_REGISTRY_URI": mlflow.get_registry_uri(),
+        }
+        self._process = subprocess.Popen(
+            [sys.executable, "-I", "-c", WORKER, uri], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=self._errors, env=env,
+        )
+        try:
+            header = self._receive()
+        except BaseException:
+            self.close()
+            raise
+        self.kind: str = header["kind"]
+        self.code: str | None = header["code"]
+        self.threshold: float | None = header.get("threshold")
+        self.policy: dict[str, Any] | None = header.get("policy")
+
+    def predict(self, frame: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        """The version's ``predict(frame, params=params)``, answered in its own Python."""
+        data = pickle.dumps((frame, params), protocol=pickle.HIGHEST_PROTOCOL)
+        try:
+            self._process.stdin.write(struct.pack(">Q", len(data)) + data)
+            self._process.stdin.flush()
+        except BrokenPipeError:
+            pass  # it has ended: _receive says why
+        return self._receive()
+
+    def _receive(self) -> Any:
+        size = self._process.stdout.read(8)
+        if len(size) < 8:
+            self._process.wait()
+            self._errors.seek(0)
+            tail = self._errors.read().decode(errors="replace").strip().splitlines()[-1:] or ["(no error output)"]
+            raise ConsumerError(f"{self.uri} failed in a consumer's Python (exit {self._process.returncode}): {tail[0]}")
+        return pickle.loads(self._process.stdout.read(struct.unpack(">Q", size)[0]))
+
+    def close(self) -> None:
+        """Ends that Python (its input closed, it returns)."""
+        if self._process.stdin and not self._process.stdin.closed:
+            self._process.stdin.close()
+        try:
+            self._process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+        self._errors.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,14 +1,16 @@
 """``fracture predict``: score files, folders or a DICOM study folder with a registered model.
 
 The model is loaded through MLflow exactly as any consumer loads it
-(``models:/<name>@<alias>`` or ``models:/<name>/<version>``) and every file goes through its
-own input checks; files are read and scored a batch at a time, so one bad file costs only its
+(``models:/<name>@<alias>`` or ``models:/<name>/<version>``), in a Python of its own with its own
+packaged code (:class:`fracture.consumer.ConsumerModel`), and every file goes through its own
+input checks; files are read and scored a batch at a time, so one bad file costs only its
 own row. Each row names the file, the probability, the label, the threshold, the model's name
 and version, and the error (empty when it was scored).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -22,10 +24,10 @@ import pandas as pd
 from mlflow import MlflowClient
 from tqdm import tqdm
 
+from fracture.consumer import ConsumerError, ConsumerModel
 from fracture.decoding import export_files
 from fracture.dicom import is_dicom
 from fracture.intake import InputPolicy, InputRejected, read_file
-from fracture.serving import FracturePyfunc
 
 log = logging.getLogger(__name__)
 
@@ -44,41 +46,29 @@ class PredictError(ValueError):
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A registered model version as ``fracture predict`` scores with it."""
+    """A registered version as ``fracture predict`` scores with it: loaded in a Python of its own
+    with its own packaged code (:class:`fracture.consumer.ConsumerModel`), as its consumers load
+    it. This process has imported the installed ``fracture``, which MLflow's ``code_paths`` cannot
+    replace here, so a version loaded here would check and decode inputs as this checkout does.
+    Close it (:meth:`close`) when done."""
 
     uri: str
     name: str
     version: str
-    pyfunc: mlflow.pyfunc.PyFuncModel
+    model: ConsumerModel
+    policy: InputPolicy
+    threshold: float
 
-    @property
-    def classifier(self) -> FracturePyfunc:
-        try:
-            inner = self.pyfunc.unwrap_python_model()
-            kind = type(inner).__name__
-        except mlflow.exceptions.MlflowException:  # another flavour's model (sklearn, say) wraps none
-            inner, kind = None, f"{self.pyfunc.loader_module.removeprefix('mlflow.')}-flavour MLflow model"
-        if not isinstance(inner, FracturePyfunc):
-            raise PredictError(
-                f"{self.uri} is a {kind}, not a fracture classifier logged by this project's register step; "
-                "give --model a version of one"
-            )
-        return inner
-
-    @property
-    def policy(self) -> InputPolicy:
-        return self.classifier.policy
-
-    @property
-    def threshold(self) -> float:
-        return float(self.classifier.classifier.threshold)
+    def close(self) -> None:
+        self.model.close()
 
 
 def load(uri: str, client: MlflowClient | None = None) -> LoadedModel:
     """Loads ``models:/<name>@<alias>`` or ``models:/<name>/<version>``, naming the version it resolved to.
 
     Raises:
-        PredictError: the URI is not a registry URI, or the registry has no such version.
+        PredictError: the URI is not a registry URI, the registry has no such version, or the
+            version is no fracture classifier or cannot be loaded.
     """
     match = _URI.match(uri)
     if not match:
@@ -95,10 +85,19 @@ def load(uri: str, client: MlflowClient | None = None) -> LoadedModel:
             "Set MLFLOW_TRACKING_URI to the registry, or register a model with `make main`"
         ) from exc
     # Loaded by its version, so the alias cannot move between the lookup and the load.
-    pyfunc = mlflow.pyfunc.load_model(f"models:/{name}/{version.version}")
-    loaded = LoadedModel(uri, name, str(version.version), pyfunc)
-    loaded.classifier  # noqa: B018 - raises PredictError for a model that is no fracture classifier
-    return loaded
+    try:
+        model = ConsumerModel(f"models:/{name}/{version.version}")
+    except ConsumerError as exc:
+        raise PredictError(str(exc)) from exc
+    if model.threshold is None or model.policy is None:
+        model.close()
+        raise PredictError(
+            f"{uri} is a {model.kind}, not a fracture classifier logged by this project's register step; "
+            "give --model a version of one"
+        )
+    known = {f.name for f in dataclasses.fields(InputPolicy)}  # a version's policy may hold more, or less
+    policy = InputPolicy.from_dict({k: v for k, v in model.policy.items() if k in known})
+    return LoadedModel(uri, name, str(version.version), model, policy, model.threshold)
 
 
 def collect(inputs: Iterable[Path]) -> list[Path]:
@@ -155,7 +154,7 @@ def score_files(model: LoadedModel, files: list[Path], batch_size: int = 16, pro
             frame = pd.DataFrame({"id": [str(p) for p in batch], "error": [why for _, why in read]})
             frame["fracture_probability"], frame["label"], frame["note"] = float("nan"), "", ""
             if present:
-                out = model.pyfunc.predict(
+                out = model.model.predict(
                     pd.DataFrame({"image": [read[i][0] for i in present]}), params={"on_error": "report"}
                 )
                 for j, i in enumerate(present):

@@ -205,13 +205,18 @@ def test_batches_are_cut_to_the_rows_the_model_takes_in_one_request(registry, mo
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", registry["uri"])
     loaded = load(f"models:/{NAME}@champion")
-    inner = loaded.classifier.classifier
-    inner.config = dataclasses.replace(inner.config, input=dataclasses.replace(inner.config.input, max_rows=2))
-    requests: list[int] = []
-    predict = loaded.pyfunc.predict
-    monkeypatch.setattr(loaded.pyfunc, "predict", lambda frame, params=None: requests.append(len(frame)) or predict(frame, params=params))
-    image = require_fracatlas() / "images/Fractured/IMG0000019.jpg"
-    table = score_files(loaded, [image] * 5, batch_size=16, progress=False)
+    try:
+        assert loaded.policy.max_rows == 64 and loaded.threshold == pytest.approx(THRESHOLD)
+        loaded = dataclasses.replace(loaded, policy=dataclasses.replace(loaded.policy, max_rows=2))
+        requests: list[int] = []
+        predict = loaded.model.predict
+        monkeypatch.setattr(
+            loaded.model, "predict", lambda frame, params=None: requests.append(len(frame)) or predict(frame, params=params)
+        )
+        image = require_fracatlas() / "images/Fractured/IMG0000019.jpg"
+        table = score_files(loaded, [image] * 5, batch_size=16, progress=False)
+    finally:
+        loaded.close()
     assert requests == [2, 2, 1]
     assert (table["error"] == "").all() and table["fracture_probability"].notna().all()
 
@@ -437,3 +442,35 @@ def test_two_images_sharing_a_uid_but_not_their_answer_each_get_their_own_report
     assert table["note"][1] == (
         f"shares its SOP Instance UID with {files[0]}, but not its study or answer: reported apart, as {Path(written[1]).name}"
     )
+
+
+def test_a_version_is_scored_with_its_own_packaged_code_not_this_checkouts(registry, tmp_path):
+    """As its consumers and the served model score it: a version logged by other code (older or
+    newer than this checkout's) answers as that code does. Here the version's packaged intake
+    notes every image it reads; this checkout's notes nothing for a plain JPEG."""
+    from fracture.registry import register as register_version
+
+    name = "fracture-classifier-own-code"
+    mlflow.set_tracking_uri(registry["uri"])
+    try:
+        weights, config = untrained_model_files(tmp_path, THRESHOLD)
+        with mlflow.start_run() as run:
+            mlflow.log_metrics({"test_roc_auc": 0.9})
+        check = require_fracatlas() / "images/Fractured/IMG0000019.jpg"
+        register_version(RegisterParams(name, "t"), run.info.run_id, weights, config, EvaluatedSplit("s" * 64, 1, check),
+                         MlflowClient(registry["uri"]), isolated=False)
+        model_id = MlflowClient(registry["uri"]).get_model_version(name, "1").source.removeprefix("models:/")
+        artifacts = Path(mlflow.get_logged_model(model_id).artifact_location.removeprefix("file://"))
+    finally:
+        mlflow.set_tracking_uri(None)
+    intake = artifacts / "code" / "fracture" / "intake.py"
+    intake.write_text(intake.read_text() + (
+        "\n\n_checked = read_xray\n\n\ndef read_xray(data, policy, draft=None):\n"
+        "    x = _checked(data, policy, draft)\n"
+        "    return Xray(x.image, x.format, x.mode, (*x.warnings, 'read by the version of 2026-12-05'))\n"
+    ))
+    proc = run_predict(registry, str(check), "--model", f"models:/{name}/1", "--out", str(tmp_path / "rows.csv"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = pd.read_csv(tmp_path / "rows.csv", keep_default_na=False)
+    assert list(rows["note"]) == ["read by the version of 2026-12-05"]
+    assert rows["error"].tolist() == [""] and 0 <= float(rows["fracture_probability"][0]) <= 1
