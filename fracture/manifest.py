@@ -9,8 +9,9 @@ Two layouts (``ingest.layout``) are read:
   file's name, with or without its extension), a ``label`` (1 fractured, 0 not) and optionally
   ``body_part`` (:data:`BODY_PARTS`), ``view`` (:data:`VIEWS`, or DICOM's AP, PA, LL, RL;
   several joined with ``+``) and ``patient_id`` (images of one patient are kept in one split;
-  without the column, DICOM files' Patient ID). :func:`read_csv_layout` turns it into the same
-  columns.
+  without the column, DICOM files' Patient ID). Headers are matched as
+  :func:`_labels_column` spells them (``Patient_ID`` and ``Patient ID`` read ``patient_id``), and
+  file names as Unicode NFC. :func:`read_csv_layout` turns it into the same columns.
 
 It also owns the manifest's schema: the class folders, the flag columns, and the one rule
 (:func:`body_part`) that gives each image a single body part, so that the split's strata, the
@@ -23,6 +24,8 @@ import hashlib
 import logging
 import os
 import re
+import unicodedata
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -137,7 +140,9 @@ def _read_fracatlas_layout(dataset_dir: Path) -> pd.DataFrame:
     rows = []
     for folder, label in FOLDERS.items():
         for p in sorted((dataset_dir / "images" / folder).iterdir()):
-            if p.is_file():
+            # A hidden file (Finder's .DS_Store, a copy's ._ resource fork) is no X-ray: skipped
+            # as export_files skips it in the csv layout, not failed as an undecodable image.
+            if p.is_file() and not p.name.startswith("."):
                 rows.append({"image_id": p.name, "path": p.relative_to(dataset_dir).as_posix(), "folder_label": label})
     files = pd.DataFrame(rows, columns=["image_id", "path", "folder_label"])
     return join_files_and_csv(files, read_dataset_csv(dataset_dir / "dataset.csv"))
@@ -182,12 +187,13 @@ def read_dataset_csv(csv_file: Path | str, handle: IO[bytes] | None = None) -> p
     return csv
 
 
-def _named_ids(raw: pd.Series, csv_file: Path) -> pd.Series:
-    """A csv file's image_id column, stripped; raises ManifestError naming the lines where it is empty."""
+def _named_ids(raw: pd.Series, csv_file: Path | str, fix: str = "name each row's file") -> pd.Series:
+    """A csv file's image_id column, stripped; raises ManifestError naming the lines where it is
+    empty, and ``fix``: what to do about them."""
     ids = raw.str.strip()
     empty = ids == ""
     if empty.any():
-        raise ManifestError(f"{csv_file}: column image_id is empty on {_rows(empty)}; name each row's file")
+        raise ManifestError(f"{csv_file}: column image_id is empty on {_rows(empty)}; {fix}")
     return ids
 
 
@@ -199,19 +205,52 @@ def _whole_numbers(text: pd.Series) -> tuple[pd.Series, pd.Series]:
     return values, bad
 
 
-def _read_text_csv(csv_file: Path | IO[bytes]) -> pd.DataFrame:
+def _labels_column(header: str) -> str:
+    """The column a header of labels.csv names: stripped, lower case, runs of spaces and hyphens
+    as ``_``. Exports spell headers as their system does (``Patient_ID``, ``Patient ID``,
+    ``body-part``); matched as written, such a column would be left out with a warning only."""
+    return re.sub(r"[\s-]+", "_", header.strip().lower())
+
+
+def _read_text_csv(csv_file: Path | IO[bytes], column: Callable[[str], str] = str.strip) -> pd.DataFrame:
     """Every cell as text ("" where empty), indexed by data line (the line after the header is 0):
-    blank lines are dropped but keep their numbers, so messages name the lines an editor shows."""
+    blank lines are dropped but keep their numbers, so messages name the lines an editor shows.
+    Each header is renamed by ``column`` (by default stripped)."""
     # The header as written: pandas renames a repeated name (label, label.1), and the first would win.
     header = pd.read_csv(csv_file, header=None, nrows=1, dtype=str, keep_default_na=False)
     if not isinstance(csv_file, Path):
         csv_file.seek(0)
-    names = [str(name).strip() for name in header.iloc[0]] if len(header) else []
+    written = [str(name) for name in header.iloc[0]] if len(header) else []
+    names = [column(name) for name in written]
     named_twice = sorted({name for name in names if name and names.count(name) > 1})
-    if named_twice:  # "label,label", or " label" and "label"
-        raise pd.errors.ParserError(f"the header names column(s) {', '.join(named_twice)} twice")
-    csv = pd.read_csv(csv_file, dtype=str, keep_default_na=False, skip_blank_lines=False).rename(columns=str.strip)
+    if named_twice:  # "label,label", " label" and "label", or "Label" and "label"
+        spellings = "; ".join(", ".join(repr(w) for w in written if column(w) == name) for name in named_twice)
+        raise pd.errors.ParserError(f"the header names column(s) {', '.join(named_twice)} twice ({spellings})")
+    csv = pd.read_csv(csv_file, dtype=str, keep_default_na=False, skip_blank_lines=False).rename(columns=column)
     return csv[csv.ne("").any(axis=1)]
+
+
+def _nfc(text: str) -> str:
+    # One spelling of each name: macOS writes "ö" decomposed (NFD), most exports composed (NFC).
+    return unicodedata.normalize("NFC", text)
+
+
+def _files_by_name(files: list[str], images: Path) -> dict[str, str]:
+    """Each file's path in NFC -> its path as on disk (to read it by).
+
+    Raises:
+        ManifestError: two files' paths differ only in their Unicode normalisation, so that no
+            labels.csv row could say which of them it means.
+    """
+    by_name: dict[str, str] = {}
+    for path in files:
+        other = by_name.setdefault(_nfc(path), path)
+        if other != path:
+            raise ManifestError(
+                f"{images}: the files {other!a} and {path!a} have one name written two ways "
+                "(Unicode NFC and NFD, as copies from two systems leave them); keep one of them"
+            )
+    return by_name
 
 
 def _rows(where: pd.Series, values: pd.Series | None = None) -> str:
@@ -234,11 +273,15 @@ def _csv_paths(raw: pd.Series, csv_file: Path) -> pd.Series:
     return paths
 
 
-def _match_ids(ids: pd.Series, files: list[str], csv_file: Path) -> pd.Series:
-    """Each id's file: the one whose name, or name without its extension, is the id ("" for none)."""
+def _match_ids(ids: pd.Series, files: dict[str, str], csv_file: Path) -> pd.Series:
+    """Each id's file: the one whose name, or name without its extension, is the id ("" for none).
+
+    ``ids`` are in NFC, and ``files`` maps each file's path in NFC to its path on disk
+    (:func:`_files_by_name`), which is what is returned.
+    """
     by_key: dict[str, list[str]] = {}
-    for path in files:
-        name = path.rsplit("/", 1)[-1]
+    for nfc_path, path in files.items():
+        name = nfc_path.rsplit("/", 1)[-1]
         for key in dict.fromkeys((name, name.rsplit(".", 1)[0])):
             by_key.setdefault(key, []).append(path)
     matches = ids.map(lambda i: by_key.get(i, []))
@@ -277,13 +320,16 @@ def read_csv_layout(dataset_dir: Path) -> pd.DataFrame:
     every row of ``labels.csv`` becomes a row, joined on the file: a row without a file gets
     ``has_file`` False, a file without a row ``in_csv`` False (its id is its path), and the suite
     reports both. There are no class folders, so ``folder_label`` is NA and ``labels.csv``'s
-    label is ``csv_label``.
+    label is ``csv_label``. Headers are read as :func:`_labels_column` spells them, and paths,
+    ids and file names are compared in Unicode NFC, so a name macOS wrote decomposed (NFD)
+    matches the same name typed in labels.csv.
 
     Args:
         dataset_dir: the folder holding ``images/`` and ``labels.csv``.
 
     Returns:
-        ``image_id``, ``path`` (relative to ``dataset_dir``; empty when no file matched),
+        ``image_id`` (in NFC: labels.csv's ``image_id``, else the path), ``path`` (relative to
+        ``dataset_dir``, as on disk; empty when no file matched),
         ``folder_label``, ``csv_label``, ``has_file``, ``in_csv``, the flags of
         :data:`BODY_PARTS` and :data:`VIEWS` (NA where a cell is empty or labels.csv lacks the
         column), and ``patient_id``: labels.csv's column where it has one (NA where a cell
@@ -292,15 +338,17 @@ def read_csv_layout(dataset_dir: Path) -> pd.DataFrame:
         has one. Other columns are left out, with a warning naming them.
 
     Raises:
-        ManifestError: labels.csv lacks ``label`` or both ``path`` and ``image_id``, or a
-            value cannot be read (a label that is not a number, a path outside the folder, an
-            id that names two files, an unknown body part or view); the message names the lines.
+        ManifestError: labels.csv lacks ``label`` or both ``path`` and ``image_id``, names a
+            column twice (in any spelling :func:`_labels_column` reads alike), or a value cannot be
+            read (a label that is not a number, a path outside the folder, an empty
+            ``image_id``, an id that names two files, an unknown body part or view); the message
+            names the lines. Or two files' names differ only in their Unicode normalisation.
             Or, without a ``patient_id`` column, one DICOM Patient ID is on more than a quarter of
             the images (an anonymiser's placeholder; :func:`_dicom_patients`).
     """
     csv_file = dataset_dir / LABELS_CSV
     try:
-        csv = _read_text_csv(csv_file)
+        csv = _read_text_csv(csv_file, _labels_column)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise ManifestError(f"{csv_file} is not a readable csv file ({exc}); export it again as UTF-8 csv") from exc
     if "label" not in csv or not ({"path", "image_id"} & set(csv.columns)):
@@ -311,11 +359,19 @@ def read_csv_layout(dataset_dir: Path) -> pd.DataFrame:
         )
     images = dataset_dir / IMAGES_DIR
     files = sorted(p.relative_to(dataset_dir).as_posix() for p in export_files(images))
-    if "path" in csv:
-        paths = _csv_paths(csv["path"], csv_file)
+    on_disk = _files_by_name(files, images)
+    written = _csv_paths(csv["path"], csv_file).map(_nfc) if "path" in csv else None
+    if written is not None and "image_id" not in csv:
+        ids = written
     else:
-        paths = _match_ids(_named_ids(csv["image_id"], csv_file), files, csv_file)
-    ids = csv["image_id"].str.strip() if "image_id" in csv else paths
+        # Beside a path column too: an empty id would pass every rule and then be lost, as ""
+        # reads back from manifest.csv as no id and the split drops the row.
+        fix = "name each row's file" if written is None else (
+            "give each row its id, or remove the column (each row's id is then its path)"
+        )
+        ids = _named_ids(csv["image_id"], csv_file, fix).map(_nfc)
+    # Each row's file by its name on disk, whichever normalisation the row wrote it in.
+    paths = _match_ids(ids, on_disk, csv_file) if written is None else written.map(lambda p: on_disk.get(p, p))
     label_text = csv["label"].str.strip()
     labels, not_whole = _whole_numbers(label_text)
     unreadable = label_text.eq("") | not_whole  # every row needs its label
@@ -338,8 +394,8 @@ def read_csv_layout(dataset_dir: Path) -> pd.DataFrame:
             "%s: column(s) %s are not read (labels.csv's columns: %s)", csv_file, ", ".join(ignored), ", ".join(LABELS_COLUMNS)
         )
     listed = set(rows["path"])
-    unlisted = pd.DataFrame({"image_id": [f for f in files if f not in listed]})
-    unlisted = unlisted.assign(path=unlisted["image_id"], in_csv=False)
+    unlisted = pd.DataFrame({"path": [f for f in files if f not in listed]})
+    unlisted = unlisted.assign(image_id=unlisted["path"].map(_nfc), in_csv=False)
     frame = pd.concat([rows, unlisted], ignore_index=True)
     frame["in_csv"] = frame["in_csv"].astype(bool)
     frame["has_file"] = frame["path"].isin(set(files))

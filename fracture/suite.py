@@ -16,10 +16,14 @@ What the real FracAtlas copy shows, and the rules follow:
   ``fractured`` on all but IMG0003298 (csv 0, count 1, in images/Fractured). So
   ``fracture_count_matches_label`` checks dataset.csv against itself (``fractured`` vs
   ``fracture_count``); together with ``folder_label_matches_csv`` this also covers the folder
-  label, and a failure shows which of the three sources is the odd one out.
+  label, and a failure shows which of the three sources is the odd one out. A fractured image
+  needs its count: GX's value checks pass an empty cell, so a not-null check says so.
 * ``mixed`` is not a fifth exclusive body part: a ``mixed`` image also has two or three of
   hand, leg, hip and shoulder set. So ``body_part_flags_valid`` expects exactly one of the four
   when ``mixed`` is 0 and at least two when it is 1, on a derived ``body_part_count`` column.
+  It also holds every flag column of dataset.csv (:data:`fracture.manifest.FLAG_COLUMNS`:
+  ``hardware``, ``multiscan`` and the views too) to 0 or 1: ``validate.severity`` names rules,
+  and a rule of its own per flag would need a name params.yaml does not have.
 
 A hospital's own export (``ingest.layout: csv``, :mod:`fracture.manifest`) has no class folders
 and no FracAtlas columns: the rules of :data:`FRACATLAS_ONLY` are not run on it, and their
@@ -48,7 +52,7 @@ from great_expectations.expectations.row_conditions import Column
 
 from fracture.config import ConfigError, ValidateParams
 from fracture.docs_assets import make_offline
-from fracture.manifest import BODY_PARTS, LABELS_CSV, REGIONS
+from fracture.manifest import FLAG_COLUMNS, LABELS_CSV, REGIONS
 from fracture.vocabulary import Layout
 
 log = logging.getLogger(__name__)
@@ -108,7 +112,8 @@ FRACATLAS_ONLY = {
     "folder_label_matches_csv": "no class folders in the csv layout: labels.csv is the only label",
     "fracture_count_matches_label": "fracture_count is a column of FracAtlas's dataset.csv; labels.csv has none",
     "body_part_flags_valid": (
-        "FracAtlas's dataset.csv body-part flags; labels.csv's body_part column is checked when it is read"
+        "FracAtlas's dataset.csv flag columns (body parts, hardware, multiscan, views); labels.csv's body_part "
+        "and view columns are checked when it is read"
     ),
 }
 
@@ -217,7 +222,8 @@ def _rule_expectations(params: ValidateParams) -> dict[str, list[tuple[str, gxe.
              gxe.ExpectColumnValuesToBeInSet(column="mode", value_set=modes)),
         ],
         "body_part_flags_valid": [
-            *[(f"flag {c} is 0 or 1", gxe.ExpectColumnValuesToBeInSet(column=c, value_set=[0, 1])) for c in BODY_PARTS],
+            *[(f"flag {c} is 0 or 1", gxe.ExpectColumnValuesToBeInSet(column=c, value_set=[0, 1]))
+              for c in FLAG_COLUMNS],
             (f"where mixed is 0, exactly one of {', '.join(REGIONS)} is set ({BODY_PART_COUNT} is 1)",
              gxe.ExpectColumnValuesToBeInSet(
                  column=BODY_PART_COUNT, value_set=[1], row_condition=Column("mixed") == 0
@@ -242,6 +248,9 @@ def _rule_expectations(params: ValidateParams) -> dict[str, list[tuple[str, gxe.
              gxe.ExpectColumnValuesToBeBetween(
                  column="fracture_count", min_value=1, row_condition=Column("csv_label") == 1
              )),
+            # The check above passes an empty count, as GX's value checks pass empty cells.
+            ("where dataset.csv's fractured is 1, its fracture_count is not empty",
+             gxe.ExpectColumnValuesToNotBeNull(column="fracture_count", row_condition=Column("csv_label") == 1)),
             ("where dataset.csv's fractured is 0, its fracture_count is 0",
              gxe.ExpectColumnValuesToBeInSet(
                  column="fracture_count", value_set=[0], row_condition=Column("csv_label") == 0

@@ -184,12 +184,13 @@ def failure_message(report: ValidationReport) -> str:
         report: a report whose :meth:`ValidationReport.failures` is not empty.
 
     Returns:
-        The rule and up to :data:`MAX_IDS` offending ids (or the observed value of a
-        whole-table rule) per failed hard rule, then what to do about it.
+        The rule and up to :data:`MAX_IDS` offending ids, quoted (or the observed value of a
+        whole-table rule), per failed hard rule, then what to do about it.
     """
     lines = []
     for f in report.failures():
-        ids = ", ".join(f.unexpected_ids[:MAX_IDS]) or f"observed {f.observed}"
+        # Quoted: an empty id reads '', not as nothing, and a space at either end shows.
+        ids = ", ".join(map(repr, f.unexpected_ids[:MAX_IDS])) or f"observed {f.observed}"
         more = f" and {len(f.unexpected_ids) - MAX_IDS} more" if len(f.unexpected_ids) > MAX_IDS else ""
         rows = f" for {f.unexpected_count} images" if f.unexpected_count else ""
         lines.append(f"rule '{f.rule}' failed{rows}: {ids}{more}")

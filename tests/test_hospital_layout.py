@@ -95,11 +95,99 @@ def test_image_ids_alone_are_matched_to_file_names(tmp_path):
         ("path,label\n../secret.png,1\n", r"no '\.\.'.*line 2 \('\.\./secret\.png'\)"),
         ("path,label,body_part\nimages/a.png,1,knee\n", r"body_part allows hand, hip, leg, mixed, shoulder.*line 2 \('knee'\)"),
         ("path,label,view\nimages/a.png,1,axial\n", r"view allows .*line 2 \('axial'\)"),
+        # Headers are matched in any case (_labels_column), so these two name one column.
+        ("path,Label,label\nimages/a.png,1,0\n", r"names column\(s\) label twice \('Label', 'label'\)"),
     ],
 )
 def test_unreadable_labels_csv_names_the_lines_and_what_to_do(tmp_path, labels, message):
     root = export(tmp_path / "export", labels, {"a.png": 1, "b.png": 2})
     with pytest.raises(ManifestError, match=message):
+        read_csv_layout(root)
+
+
+def test_an_empty_image_id_beside_a_path_is_refused_naming_its_lines(tmp_path):
+    """With both columns, an id "" would pass every rule, then read back from manifest.csv as no
+    id and be dropped by the split; two of them were one unnamed unique_image_id failure."""
+    root = export(
+        tmp_path / "export",
+        "path,image_id,label\nimages/a.png, ,1\nimages/b.png,B,0\nimages/c.png,,0\n",
+        {"a.png": 1, "b.png": 2, "c.png": 3},
+    )
+    with pytest.raises(ManifestError, match=r"labels.csv: column image_id is empty on line 2, line 4; give each row "
+                       r"its id, or remove the column \(each row's id is then its path\)"):
+        read_csv_layout(root)
+    # Without the column each row's id is its path, as the message says.
+    (root / "labels.csv").write_text("path,label\nimages/a.png,1\nimages/b.png,0\nimages/c.png,0\n")
+    assert read_csv_layout(root)["image_id"].tolist() == ["images/a.png", "images/b.png", "images/c.png"]
+
+
+@pytest.mark.parametrize(
+    "header",
+    ["path,label,Body_Part,View,Patient_ID,Accession-No", " Path ,LABEL,Body Part,view,patient-id,Accession No"],
+    ids=["optional columns capitalised", "every column in another spelling"],
+)
+def test_headers_are_read_in_any_case_with_spaces_or_hyphens(tmp_path, caplog, header):
+    """RIS/PACS exports write Patient_ID or Body Part: read as written, such a column was left out
+    with a log line only, and a patient's images spread over the splits."""
+    from fracture.split import group_key
+
+    root = export(
+        tmp_path / "export",
+        f"{header}\nimages/a.png,1,hand,AP,P1,A1\nimages/b.png,0,hand,LL,P1,A2\nimages/c.png,0,leg,,P2,A3\n",
+        {"a.png": 1, "b.png": 2, "c.png": 3},
+    )
+    with caplog.at_level("WARNING", logger="fracture.manifest"):
+        frame = read_csv_layout(root).set_index("image_id")
+    assert "patient_id" in frame, "the patient column was left out"
+    assert frame["patient_id"].to_dict() == {"images/a.png": "P1", "images/b.png": "P1", "images/c.png": "P2"}
+    assert frame["csv_label"].tolist() == [1, 0, 0] and frame["has_file"].all()
+    assert body_part(frame).tolist() == ["hand", "hand", "leg"]
+    assert frame[["frontal", "lateral"]].fillna(-1).values.tolist() == [[1, 0], [0, 1], [-1, -1]]
+    # The one column not read is named as it is matched, and only it.
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{root / 'labels.csv'}: column(s) accession_no are not read "
+        "(labels.csv's columns: path, image_id, label, body_part, view, patient_id)"
+    ]
+    groups = frame.reset_index().assign(group=group_key(frame.reset_index())).groupby("group")["image_id"].apply(sorted)
+    assert sorted(groups.tolist()) == [["images/a.png", "images/b.png"], ["images/c.png"]]
+
+
+@pytest.mark.parametrize(("on_disk", "in_csv"), [("NFD", "NFC"), ("NFC", "NFD")])
+def test_file_names_match_in_any_unicode_normalisation(tmp_path, params, on_disk, in_csv):
+    """macOS writes "ö" decomposed (NFD), an export's labels.csv mostly composed (NFC): one name
+    both ways failed twice, a file without its row and a row without its file, under ids that
+    print alike."""
+    import unicodedata
+
+    def spelt(form: str, text: str) -> str:
+        return unicodedata.normalize(form, text)
+
+    disk_names = {spelt(on_disk, "Röntgen_1.png"): 1, spelt(on_disk, "Röntgen_2.png"): 2, "b.png": 3}
+    root = export(
+        tmp_path / "export",
+        f"path,label\n{spelt(in_csv, 'images/Röntgen_1.png')},1\nimages/b.png,0\n"
+        f"{spelt(in_csv, 'images/Röntgen_2.png')},0\n",
+        disk_names,
+    )
+    manifest = build_manifest(root, workers=1, layout="csv")
+    assert manifest["has_file"].all() and manifest["in_csv"].all() and manifest["decodable"].all()
+    # Ids in NFC whichever way either side spelt them; the path as on disk, to read the file by.
+    assert manifest["image_id"].tolist() == [spelt("NFC", "images/Röntgen_1.png"), spelt("NFC", "images/Röntgen_2.png"),
+                                             "images/b.png"]
+    assert set(manifest["path"]) == {f"images/{name}" for name in disk_names}
+    vp = dataclasses.replace(params.validate, fractured_share=[0.0, 1.0])
+    assert validate(manifest, vp, None, skipped_rules("csv"))[1].success
+
+    # An image_id alone matches the file's name the same way.
+    (root / "labels.csv").write_text(f"image_id,label\n{spelt(in_csv, 'Röntgen_1')},1\nb,0\n"
+                                     f"{spelt(in_csv, 'Röntgen_2.png')},0\n")
+    frame = read_csv_layout(root)
+    assert frame["has_file"].all() and frame["in_csv"].all()
+    assert set(frame["path"]) == {f"images/{name}" for name in disk_names}
+
+    # Two files whose names differ only so: no row could say which it means.
+    write_image(root / "images" / spelt(in_csv, "Röntgen_1.png"), 4)
+    with pytest.raises(ManifestError, match=r"have one name written two ways \(Unicode NFC and NFD"):
         read_csv_layout(root)
 
 

@@ -220,7 +220,54 @@ def test_missing_column_fails_its_rule_with_gx_message(vparams, clean_manifest):
     assert "mixed" in failure_message(report)
 
 
+def test_failure_message_quotes_each_id_so_an_empty_one_shows(vparams, clean_manifest):
+    """Two rows with the id "" failed unique_image_id as "observed None", naming nothing."""
+    manifest = mutate(clean_manifest, "IMG0000010.jpg", decodable=False)
+    manifest.loc[manifest["image_id"].isin(["IMG0000003.jpg", "IMG0000004.jpg"]), "image_id"] = ""
+    _, report = validate(manifest, vparams)
+    assert report.finding("unique_image_id").unexpected_ids == [""]
+    message = failure_message(report)
+    assert "rule 'unique_image_id' failed for 1 images: ''\n" in message
+    assert "rule 'decodable' failed for 1 images: 'IMG0000010.jpg'\n" in message
+
+
+@pytest.mark.parametrize("flag", ["hardware", "multiscan", "frontal", "lateral", "oblique"])
+def test_every_flag_column_is_0_or_1_not_only_the_body_parts(vparams, clean_manifest, flag):
+    _, report = validate(mutate(clean_manifest, "IMG0000004.jpg", **{flag: 2}), vparams)
+    finding = report.finding("body_part_flags_valid")
+    assert not finding.success and finding.unexpected_ids == ["IMG0000004.jpg"]
+    assert not report.success  # a hard rule in params.yaml
+
+
 # ---- the same rules on real files ---------------------------------------------------------------
+
+
+def test_an_empty_fracture_count_on_a_fractured_image_and_a_flag_of_7_are_found(tmp_path, vparams):
+    """GX's value checks pass empty cells: fractured 1 with no fracture_count passed, though the
+    count is >= 1 exactly when fractured; and a hardware flag of 7 passed, only body parts being checked."""
+    csv = make_dataset(tmp_path).astype(object)
+    csv.loc[csv["image_id"] == "IMG0000000.jpg", "fracture_count"] = ""  # fractured
+    csv.loc[csv["image_id"] == "IMG0000014.jpg", "fracture_count"] = ""  # not fractured: no count says otherwise
+    csv.loc[csv["image_id"] == "IMG0000007.jpg", "hardware"] = 7
+    csv.to_csv(tmp_path / "dataset.csv", index=False)
+
+    manifest = build_manifest(tmp_path, workers=1)
+    assert manifest.set_index("image_id")["fracture_count"].isna().sum() == 2
+    _, report = validate(manifest, vparams)
+    assert report.finding("fracture_count_matches_label").unexpected_ids == ["IMG0000000.jpg"]
+    assert report.finding("body_part_flags_valid").unexpected_ids == ["IMG0000007.jpg"]
+    assert {f.rule for f in report.findings if not f.success} == {"fracture_count_matches_label", "body_part_flags_valid"}
+
+
+def test_hidden_files_in_the_class_folders_are_not_images(tmp_path, vparams):
+    """A Finder .DS_Store (or a copy's ._ file) was listed as an image, failing two hard rules."""
+    make_dataset(tmp_path)
+    (tmp_path / "images/Fractured/.DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1" + b"\x00" * 64)
+    (tmp_path / "images/Non_fractured/._IMG0000010.jpg").write_bytes(b"\x00\x05\x16\x07" + b"\x00" * 60)
+    manifest = build_manifest(tmp_path, workers=1)
+    assert len(manifest) == 20 and not manifest["image_id"].str.startswith(".").any()
+    _, report = validate(manifest, vparams)
+    assert report.success and all(f.success for f in report.findings), [f.rule for f in report.findings if not f.success]
 
 
 def test_soft_quirks_in_files_are_detected_and_reported_by_id(tmp_path, vparams):
