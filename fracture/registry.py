@@ -73,8 +73,11 @@ TAG_ROLLED_BACK = "rolled_back_at"
 #: What a challenger was decided against: the champion, the test split and the gate's rules.
 TAG_BASIS = "gate_basis"
 
-#: The provenance tags that say what a version serves: a run whose evaluation changed them is a new version.
-SERVED = ("threshold", "metrics")
+#: The input checks a version serves (``serve`` in params.yaml, its ``model.json``'s ``input``).
+TAG_POLICY = "input_policy"
+#: The provenance tags that say what a version serves: a run whose evaluation changed them, or
+#: registered again under another ``serve`` section, is a new version.
+SERVED = ("threshold", "metrics", TAG_POLICY)
 
 #: The run metric every version needs: its test ROC AUC, reported next to the decision.
 SCORE = "test_roc_auc"
@@ -329,7 +332,7 @@ def _ensure_version(
         client: the registry's client.
         name: the registered model.
         run: the training run.
-        served: the ``threshold`` and ``metrics`` tags the run's version must carry.
+        served: the ``threshold``, ``metrics`` and ``input_policy`` tags the run's version must carry.
         log_model: logs the run's model and returns its URI (called only for a new version).
         describe: the new version's description for the registry's page (what it is, its test
             figures with intervals, its threshold).
@@ -346,8 +349,9 @@ def _ensure_version(
         return mv, False
     if existing:
         log.warning(
-            "run %s is registered as %s version(s) %s with another threshold or other test figures than it has "
-            "now (its evaluate stage ran again); registering it as a new version", run_id, name,
+            "run %s is registered as %s version(s) %s with another threshold, other test figures or other input "
+            "checks than it has now (its evaluate stage ran again, or params.yaml's serve section changed); "
+            "registering it as a new version, which the gate decides on", run_id, name,
             ", ".join(str(v.version) for v in existing),
         )
     mv = mlflow.register_model(log_model(), name, tags={"run_id": run_id})
@@ -378,6 +382,7 @@ def _provenance_tags(run: Run, config: ServingConfig, split: EvaluatedSplit) -> 
         "threshold": config.threshold,
         TAG_SPLIT: split.fingerprint,
         "metrics": json.dumps(_test_metrics(run.data.metrics), sort_keys=True),
+        TAG_POLICY: json.dumps(config.input.to_dict(), sort_keys=True),
     }
 
 
@@ -388,7 +393,10 @@ def _record_provenance(client: MlflowClient, mv: ModelVersion, created: bool, ta
     evaluated on may no longer be the one in the workspace); only its missing tags are filled in.
     """
     name, version = mv.name, str(mv.version)
-    _tag_version(client, name, version, {k: v for k, v in tags.items() if created or not mv.tags.get(k)})
+    # A version registered before its input policy was tagged serves the policy its model.json
+    # holds, which need not be today's serve section: that tag is never filled in afterwards.
+    fill = {k: v for k, v in tags.items() if created or (not mv.tags.get(k) and k != TAG_POLICY)}
+    _tag_version(client, name, version, fill)
     return client.get_model_version(name, version)
 
 

@@ -9,6 +9,7 @@ checked on hand-made score vectors whose answer is known.
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from collections.abc import Iterator
@@ -876,6 +877,27 @@ def test_a_run_whose_evaluation_changed_is_registered_as_a_new_version(client, r
     # The same network against itself: no evidence, so the champion stays, and says why.
     assert again.decision == "challenger" and "beats champion" in again.reason
     assert float(client.get_model_version(NAME, "1").tags["threshold"]) == 0.5
+
+
+def test_a_run_registered_again_under_other_input_checks_is_a_new_version_that_serves_them(client, ranked):
+    """params.yaml's serve section changed (fewer rows a request, DX only) and `make main` ran
+    again: the version registered before serves the checks it was logged with, so reusing it would
+    leave the champion serving them as if the change had been applied."""
+    import dataclasses
+
+    from fracture.intake import InputPolicy
+
+    split, models = ranked
+    weights, config = models["good"]
+    run_id = evaluated_run(0.90)
+    assert register(PARAMS, run_id, weights, config, split, client).created
+    tightened = dataclasses.replace(config, input=InputPolicy(max_rows=4, modalities=("DX",)))
+    again = register(PARAMS, run_id, weights, tightened, split, client)
+    assert (again.version, again.created) == ("2", True)
+    policy = json.loads(client.get_model_version(NAME, "2").tags["input_policy"])
+    assert (policy["max_rows"], policy["modalities"]) == (4, ["DX"])
+    assert json.loads(client.get_model_version(NAME, "1").tags["input_policy"])["max_rows"] == 64
+    assert register(PARAMS, run_id, weights, tightened, split, client).created is False  # nothing changed since
 
 
 def test_one_run_registered_twice_at_once_keeps_one_version(client, ranked, monkeypatch):
