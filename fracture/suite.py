@@ -204,6 +204,10 @@ def _rule_expectations(params: ValidateParams) -> dict[str, list[tuple[str, gxe.
         "csv_label_binary": [
             (f"the csv's label is 0 or 1 (dataset.csv's fractured, or {LABELS_CSV}'s label)",
              gxe.ExpectColumnValuesToBeInSet(column="csv_label", value_set=[0, 1])),
+            # The check above passes an empty cell, as GX's value checks do: a row the csv has
+            # must give a label (a file it lacks is csv_row_for_every_file's).
+            ("every row the csv has gives a label",
+             gxe.ExpectColumnValuesToNotBeNull(column="csv_label", row_condition=Column("in_csv") == True)),  # noqa: E712
         ],
         "decodable": [
             ("every file decodes as an image",

@@ -228,8 +228,9 @@ def read_version(
         rows = []
         for folder, label in FOLDERS.items():
             for info in ls(f"{base}/images/{folder}"):
-                if info["type"] == "file":
-                    name = posixpath.basename(info["name"])
+                name = posixpath.basename(info["name"])
+                # A hidden file (.DS_Store) is no X-ray: skipped as the manifest skips it.
+                if info["type"] == "file" and not name.startswith("."):
                     rows.append({
                         "image_id": name, "path": f"images/{folder}/{name}", "folder_label": label,
                         # From the version's .dir listing: the image is not read. DVC 3 names a

@@ -678,3 +678,16 @@ def test_real_copy_near_duplicates_are_grouped_and_conflicting_labels_flagged(re
     assert counts["images_in_groups"] == sum(map(len, report.near_duplicate_groups))
     assert counts["label_conflict_groups"] == manifest.loc[manifest["near_duplicate_conflict"], "near_duplicate_group"].nunique()
     assert not resolved.set_index("image_id").loc[sorted(conflicting), "included"].any()
+
+
+def test_an_empty_fractured_cell_in_dataset_csv_fails_the_csv_label_rule(tmp_path, vparams):
+    """GX's value checks pass empty cells: a dataset.csv row whose fractured is empty passed
+    csv_label_binary, though the data card says every image is labelled 0 or 1."""
+    csv = make_dataset(tmp_path).astype(object)
+    csv.loc[csv["image_id"] == "IMG0000003.jpg", "fractured"] = ""
+    csv.to_csv(tmp_path / "dataset.csv", index=False)
+
+    manifest = build_manifest(tmp_path, workers=1)
+    assert manifest.set_index("image_id")["csv_label"].isna().sum() == 1
+    _, report = validate(manifest, vparams)
+    assert report.finding("csv_label_binary").unexpected_ids == ["IMG0000003.jpg"]

@@ -328,3 +328,19 @@ def test_runs_inside_a_dvc_repro_stage(project: Path) -> None:
     result = json.loads((project / "report.json").read_text())
     assert result["status"] == STATUS_COMPARED, result["message"]
     assert result["removed_ids"] == ["IMG0000003.jpg"]
+
+
+def test_a_hidden_file_in_a_past_versions_class_folder_is_no_image(project: Path) -> None:
+    """A Finder .DS_Store that a past version held in a class folder is no X-ray there either:
+    the manifest skips it now, so the comparison must not report it removed."""
+    (dataset(project) / "images" / "Fractured" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    dvc(project, "add", "-q", "data")
+    commit(project, "dataset v2: a .DS_Store copied in with the images")
+    (dataset(project) / "images" / "Fractured" / ".DS_Store").unlink()
+    dvc(project, "add", "-q", "data")
+
+    result = compare_with_previous(manifest(project), project)
+
+    assert result["status"] == STATUS_COMPARED, result["message"]
+    assert (result["removed_ids"], result["new_ids"]) == ([], [])
+    assert result["previous"]["counts"]["images"] == result["current"]["counts"]["images"] == 7
