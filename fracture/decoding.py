@@ -20,7 +20,7 @@ from fracture.dicom import dicom_to_image, is_dicom
 
 __all__ = [
     "FORMATS", "HIGH_BIT_DEPTH", "INDEX_FILES", "ImageLoadError", "decode", "decode_truncated", "export_files",
-    "open_xray", "png_bit_depth", "unservable", "upright_size",
+    "hidden", "more_than_8_bits", "open_xray", "png_bit_depth", "unservable", "upright_size",
 ]
 
 #: The picture formats the served model reads besides DICOM (Pillow's names); training takes the same.
@@ -46,6 +46,13 @@ def png_bit_depth(data: bytes) -> int | None:
     return None
 
 
+def more_than_8_bits(mode: str, bit_depth: int | None = None) -> bool:
+    """Whether a picture holds more than 8 bits a sample: by Pillow's mode, or by the depth its
+    file declares (:func:`png_bit_depth`), which a 16-bit colour PNG's mode hides. The served
+    model refuses such a picture (:mod:`fracture.intake`), and training takes none (:func:`unservable`)."""
+    return mode in HIGH_BIT_DEPTH or (bit_depth or 0) > 8
+
+
 def unservable(fmt: str | None, mode: str, bit_depth: int | None = None) -> str | None:
     """Why the served model (:mod:`fracture.intake`) refuses a picture of this Pillow format and
     mode, in its words, or ``None``: training takes no file the model would refuse when served.
@@ -59,7 +66,7 @@ def unservable(fmt: str | None, mode: str, bit_depth: int | None = None) -> str 
     """
     if fmt is not None and fmt not in FORMATS:
         return f"is a {fmt} file, not JPEG, PNG or DICOM: the served model refuses it; export it as one of those"
-    if mode in HIGH_BIT_DEPTH or (bit_depth or 0) > 8:
+    if more_than_8_bits(mode, bit_depth):
         stored = mode if mode in HIGH_BIT_DEPTH else f"{bit_depth}-bit {mode}"
         return (f"is a {stored} image of more than 8 bits a sample: the served model refuses it; send the DICOM "
                 "file, which carries its display window, or an 8-bit export")
@@ -202,6 +209,12 @@ def convert_for_model(image: Image.Image) -> tuple[Image.Image, str]:
 INDEX_FILES = {"DICOMDIR"}
 
 
+def hidden(name: str) -> bool:
+    """Whether a file or folder name is hidden (``.DS_Store``, a copy's ``._`` resource fork): no X-ray,
+    wherever a folder of them is listed (:func:`export_files`, the FracAtlas layout, a past version)."""
+    return name.startswith(".")
+
+
 def export_files(folder: Path, indexes: bool = False) -> list[Path]:
     """Every file under ``folder`` (sub-folders too), sorted; hidden files and folders aside, and
     index files unless ``indexes``.
@@ -212,7 +225,7 @@ def export_files(folder: Path, indexes: bool = False) -> list[Path]:
     return [
         p for p in sorted(folder.rglob("*"))
         if p.is_file() and (indexes or p.name not in INDEX_FILES)
-        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+        and not any(hidden(part) for part in p.relative_to(folder).parts)
     ]
 
 

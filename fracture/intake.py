@@ -38,10 +38,10 @@ from PIL import Image, ImageStat, UnidentifiedImageError
 
 from fracture.decoding import (
     FORMATS,
-    HIGH_BIT_DEPTH,
     convert_for_model,
     decode,
     decode_truncated,
+    more_than_8_bits,
     png_bit_depth,
 )
 from fracture.dicom import (
@@ -238,7 +238,7 @@ def _read_picture(data: bytes, policy: InputPolicy, draft: tuple[int, int] | Non
     # one as 8-bit RGB or RGBA, keeping each sample's high byte (a 12-bit X-ray would be scored
     # as 0..15): a PNG's own header tells its depth.
     depth = png_bit_depth(data)
-    if mode in HIGH_BIT_DEPTH or (depth or 0) > 8:
+    if more_than_8_bits(mode, depth):
         bits = depth or (32 if mode in {"F", "I"} else 16)
         raise InputRejected(
             f"is a {bits}-bit {fmt} (mode {mode}). The model was trained on 8-bit X-rays, and turning "

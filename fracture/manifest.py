@@ -39,6 +39,7 @@ from fracture.decoding import (
     decode,
     decode_truncated,
     export_files,
+    hidden,
     png_bit_depth,
     unservable,
 )
@@ -142,7 +143,7 @@ def _read_fracatlas_layout(dataset_dir: Path) -> pd.DataFrame:
         for p in sorted((dataset_dir / "images" / folder).iterdir()):
             # A hidden file (Finder's .DS_Store, a copy's ._ resource fork) is no X-ray: skipped
             # as export_files skips it in the csv layout, not failed as an undecodable image.
-            if p.is_file() and not p.name.startswith("."):
+            if p.is_file() and not hidden(p.name):
                 rows.append({"image_id": p.name, "path": p.relative_to(dataset_dir).as_posix(), "folder_label": label})
     files = pd.DataFrame(rows, columns=["image_id", "path", "folder_label"])
     return join_files_and_csv(files, read_dataset_csv(dataset_dir / "dataset.csv"))

@@ -24,6 +24,7 @@ from dvc.api import DVCFileSystem
 from dvc.exceptions import DvcException
 from dvc_data.index.index import DataIndexError
 
+from fracture.decoding import hidden
 from fracture.manifest import (
     BODY_PARTS,
     FOLDERS,
@@ -230,7 +231,7 @@ def read_version(
             for info in ls(f"{base}/images/{folder}"):
                 name = posixpath.basename(info["name"])
                 # A hidden file (.DS_Store) is no X-ray: skipped as the manifest skips it.
-                if info["type"] == "file" and not name.startswith("."):
+                if info["type"] == "file" and not hidden(name):
                     rows.append({
                         "image_id": name, "path": f"images/{folder}/{name}", "folder_label": label,
                         # From the version's .dir listing: the image is not read. DVC 3 names a
