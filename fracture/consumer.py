@@ -146,7 +146,7 @@ try:
 except ImportError:
     FracturePyfunc = None
 if FracturePyfunc is not None and isinstance(inner, FracturePyfunc):
-    header |= {"classifier": True, "threshold": float(inner.classifier.threshold), "policy": inner.policy.to_dict()}
+    header |= {"threshold": float(inner.classifier.threshold), "policy": inner.policy.to_dict()}
 send(header)
 while True:
     size = frames_in.read(8)
@@ -188,6 +188,14 @@ class ConsumerAnswer:
         return Path(self.code).resolve().parent == Path(__file__).resolve().parent
 
 
+def _consumer_env() -> dict[str, str]:
+    """A consumer's environment: this one without PYTHON* variables, with this process's registry."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")} | {
+        "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(),
+        "MLFLOW_REGISTRY_URI": mlflow.get_registry_uri(),
+    }
+
+
 def predict_as_consumer(uri: str, files: list[Path], timeout: float = 3600.0) -> ConsumerAnswer:
     """Loads ``uri`` (``models:/<name>/<version>``) in a consumer's Python and predicts each file.
 
@@ -205,10 +213,7 @@ def predict_as_consumer(uri: str, files: list[Path], timeout: float = 3600.0) ->
         script.write_text(SCRIPT)
         resolved = [str(Path(f).resolve()) for f in files]
         request.write_text(json.dumps({"files": resolved}))
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")} | {
-            "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(),
-            "MLFLOW_REGISTRY_URI": mlflow.get_registry_uri(),
-        }
+        env = _consumer_env()
         try:
             done = subprocess.run(
                 [sys.executable, "-I", str(script), uri, str(request), str(out)],
@@ -245,10 +250,7 @@ class ConsumerModel:
     def __init__(self, uri: str) -> None:
         self.uri = uri
         self._errors = tempfile.TemporaryFile()  # noqa: SIM115 - held until close(), which closes it
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")} | {
-            "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(),
-            "MLFLOW_REGISTRY_URI": mlflow.get_registry_uri(),
-        }
+        env = _consumer_env()
         self._process = subprocess.Popen(
             [sys.executable, "-I", "-c", WORKER, uri], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=self._errors, env=env,

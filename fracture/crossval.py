@@ -294,8 +294,8 @@ def _aligned(runs: Mapping[str, pd.DataFrame]) -> tuple[np.ndarray, dict[str, np
                     f"{frame.index[differ][0]}): a paired comparison needs the same folds; run both with the "
                     f"same split and {setting}"
                 )
-    labels = reference["label"].astype(int).to_numpy()
-    return labels, {name: frames[name]["probability"].astype(float).to_numpy() for name in names}
+    # Already int and float: _checked_values made them so.
+    return reference["label"].to_numpy(), {name: frames[name]["probability"].to_numpy() for name in names}
 
 
 def _checked_values(name: str, frame: pd.DataFrame) -> pd.DataFrame:

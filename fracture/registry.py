@@ -715,7 +715,7 @@ def rollback(name: str, client: MlflowClient | None = None, reason: str = "", is
 def _finish_rollback(client: MlflowClient, name: str, demoted: str, previous: ModelVersion) -> Rollback:
     """Moves ``previous-champion`` one step back from the restored champion ``previous``."""
     before = previous.tags.get(TAG_REPLACED)
-    if before and before != demoted and _exists(client, name, before):
+    if before and before != demoted and _version_or_none(client, name, before) is not None:
         client.set_registered_model_alias(name, PREVIOUS_CHAMPION, before)
         new_previous: str | None = before
     else:
@@ -800,7 +800,3 @@ def _version_or_none(client: MlflowClient, name: str, version: str) -> ModelVers
             return None
         raise
 
-
-def _exists(client: MlflowClient, name: str, version: str) -> bool:
-    """Whether the version exists (:func:`_version_or_none`)."""
-    return _version_or_none(client, name, version) is not None
