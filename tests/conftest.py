@@ -32,6 +32,25 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 
+#: Free disk the default run needs beside the venv: its temporary folders reach about 3.5 GiB (MLflow
+#: runs with real networks, DVC caches, Prefect homes), and a run short of it fails test after test.
+DISK_NEEDED_GIB = 4.0
+
+
+def _free_gib(path: Path) -> float:
+    return shutil.disk_usage(path).free / 2**30
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """The free disk where the tests write, so a run that ran out of it says so at its top."""
+    temp = Path(os.environ.get("TMPDIR", "/tmp"))
+    lines = [f"free disk: {_free_gib(temp):.1f} GiB at {temp}, {_free_gib(REPO):.1f} GiB at {REPO}"]
+    if _free_gib(temp) < DISK_NEEDED_GIB:
+        lines.append(f"WARNING: the default run needs about {DISK_NEEDED_GIB:.0f} GiB free at {temp}; "
+                     "free some, or set TMPDIR to a larger disk, or expect tests to fail on full-disk errors")
+    return lines
+
+
 def shipped_params_text() -> str:
     """``params.yaml`` as the project ships it (committed), whatever this checkout's main job made of it.
 
