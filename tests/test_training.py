@@ -318,9 +318,11 @@ def test_training_under_layer_decay_follows_the_heads_schedule_and_moves_the_ear
 )
 def test_a_frozen_module_the_model_lacks_is_refused_naming_the_field_and_the_modules_it_has(tmp_path, frozen, told):
     """Lite0 has blocks 0-6, and timm spells its stem conv_stem: a typo is a ConfigError, not timm's bare
-    AttributeError. The train stage says so before it reads any data; train() before its first step."""
+    AttributeError. The train and crossval stages say so before they read any data; train() before its
+    first step."""
     from fracture.config import ConfigError  # noqa: PLC0415 - this test's subject
-    from fracture.stages.train import run_train  # noqa: PLC0415 - the stage module imports MLflow
+    from fracture.stages.crossval import run_crossval  # noqa: PLC0415 - the stage module imports MLflow
+    from fracture.stages.train import run_train  # noqa: PLC0415 - as above
     from fracture.workspace import Workspace  # noqa: PLC0415 - as above
 
     params = load_params(REPO)
@@ -328,8 +330,9 @@ def test_a_frozen_module_the_model_lacks_is_refused_naming_the_field_and_the_mod
     params = dataclasses.replace(params, train=dataclasses.replace(params.train, profile="cpu", device="cpu"),
                                  profiles=params.profiles | {"cpu": profile})
     # An empty project: the stage stops at the profile, before the split tables it would read first.
-    with pytest.raises(ConfigError, match=r"^params\.yaml: profiles\.cpu\.frozen names " + told):
-        run_train(params, Workspace(tmp_path))
+    for stage in (run_train, run_crossval):
+        with pytest.raises(ConfigError, match=r"^params\.yaml: profiles\.cpu\.frozen names " + told):
+            stage(params, Workspace(tmp_path))
     params, profile, config, data = tiny_run(tmp_path, 2, 2, image_size=32, epochs=1, frozen=frozen)
     with pytest.raises(ConfigError, match=r"profiles\.<train\.profile>\.frozen names " + told):
         train(data, data, config, profile, params.train)

@@ -18,7 +18,7 @@ import pandas as pd
 from fracture.config import Params
 from fracture.crossval import draw_folds, fit_fold, pool_splits, summarise
 from fracture.data_config import DataConfig
-from fracture.model import require_versioned_weights
+from fracture.model import check_profile_frozen, require_versioned_weights
 from fracture.prepare import PreparedImages
 from fracture.stages.prepare import active_cache, open_cache
 from fracture.stages.train import log_dataset_inputs, recipe_params
@@ -64,8 +64,11 @@ def run_crossval(params: Params, workspace: Workspace) -> CrossvalResult:
         CrossvalError: the folds cannot be drawn with both classes in each.
         StaleCacheError: the prepared cache does not fit the active profile.
         PretrainedWeightsError: a ``weights_file`` DVC does not version in ``pretrained/``.
+        ConfigError: the profile's ``frozen`` names a module the model lacks (before any data is
+            read, as the train stage checks it, not once the first fold starts training).
     """
     require_versioned_weights(params.profile, params.train.profile, workspace.root)
+    check_profile_frozen(params.profile, params.train.profile)
     frames = {name: workspace.read_split_table(name) for name in ("train", "val")}
     pooled = pool_splits(frames["train"], frames["val"])
     cv = params.crossval
