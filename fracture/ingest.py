@@ -8,6 +8,7 @@ FracAtlas's published layout (``images/Fractured``, ``images/Non_fractured``, ``
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import http.client
 import json
@@ -199,44 +200,93 @@ def _member_error(name: str, member: str, exc: BaseException) -> IngestError:
     )
 
 
-# `sha256sum`'s text and binary forms. A leading backslash marks a name written escaped, as GNU
-# sha256sum does for one holding a backslash, a newline or a carriage return.
+# The two forms of line GNU `sha256sum -c` reads, each led by a backslash when the name is written
+# escaped, as GNU sha256sum writes one holding a backslash, a newline or a carriage return: the
+# text and binary form `<hex>  <name>` / `<hex> *<name>`, and the BSD tag form
+# `SHA256 (<name>) = <hex>` that `sha256sum --tag`, `shasum -a 256 --tag` and BSD's `sha256` write.
 SHA256SUMS_LINE = re.compile(r"(\\?)([0-9A-Fa-f]{64}) [ *](.+)")
+# A tag's name runs to the line's last ")", as GNU reads it, so a name may hold ") = " itself. The
+# algorithm is matched loosely so that another one's list is refused by name, not as a stray line.
+SHA256SUMS_TAG = re.compile(r"(\\?)([A-Za-z][A-Za-z0-9-]*) ?\((.+)\)[ \t]*=[ \t]*([0-9A-Fa-f]+)")
+# OpenSSL 3's `openssl dgst -sha256` names the same digest SHA2-256.
+_SHA256_TAGS = frozenset({"SHA256", "SHA2-256"})
 _SUMS_ESCAPES = {"\\\\": "\\", "\\n": "\n", "\\r": "\r"}
 _SUMS_ESCAPED_NAME = re.compile(r"(?:[^\\]|\\[\\nr])+")
+_SUMS_REDO = "regenerate the file with `sha256sum`, or remove it to ingest without checksums"
+
+
+def _sums_entry(sums: Path, number: int, line: str) -> tuple[str, str]:
+    """Reads one line of ``sums`` as GNU `sha256sum -c` does, in either form.
+
+    Args:
+        sums: The SHA256SUMS file, for the error messages.
+        number: The line's number in it, counted from 1.
+        line: The line, without its line ending.
+
+    Returns:
+        The expected digest in lower case, and the listed path with its escapes undone.
+
+    Raises:
+        IngestError: the line is in neither form, holds another algorithm's checksum, or marks its
+            name escaped but holds an escape sha256sum never writes.
+    """
+    if text := SHA256SUMS_LINE.fullmatch(line):
+        escaped, digest, rel = text.groups()
+    elif tag := SHA256SUMS_TAG.fullmatch(line):
+        escaped, algorithm, rel, digest = tag.groups()
+        if algorithm not in _SHA256_TAGS:
+            raise IngestError(
+                f"{sums}, line {number}: {line[:80]!r} is a {algorithm} checksum; only SHA256 is checked. "
+                "Make the list with `sha256sum` or `shasum -a 256`, or remove it to ingest without checksums"
+            )
+    else:
+        escaped, digest, rel = "", "", ""  # in neither form: refused below
+    # An escaped name holds no backslash but the escapes sha256sum writes.
+    if len(digest) != 64 or (escaped and not _SUMS_ESCAPED_NAME.fullmatch(rel)):
+        raise IngestError(
+            f"{sums}, line {number}: {line[:80]!r} is not '<64 hex digits>  <path>' or "
+            f"'SHA256 (<path>) = <64 hex digits>' as `sha256sum` writes it; {_SUMS_REDO}"
+        )
+    if escaped:
+        rel = re.sub(r"\\[\\nr]", lambda m: _SUMS_ESCAPES[m.group()], rel)
+    return digest.lower(), rel
 
 
 def verify_sha256sums(root: Path) -> int:
     """Checks every file listed in ``SHA256SUMS`` when the copy ships one.
 
+    The file may be in either of the forms GNU `sha256sum -c` reads, mixed as it allows, and may
+    start with the UTF-8 byte-order mark Windows tools write.
+
     Returns:
         The number of files verified (0 when there is no SHA256SUMS).
 
     Raises:
-        IngestError: a line is not in `sha256sum`'s format or names a path outside the copy, or a
-            listed file is missing or its hash differs.
+        IngestError: the file is UTF-16, a line is not in `sha256sum`'s format, holds another
+            algorithm's checksum or names a path outside the copy, or a listed file is missing or
+            its hash differs.
     """
     sums = root / "SHA256SUMS"
     if not sums.is_file():
         return 0
+    data = sums.read_bytes()
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        # What Windows PowerShell 5's `Out-File` and `>` write by default.
+        raise IngestError(
+            f"{sums} is UTF-16 text; save it as UTF-8 (PowerShell: `Out-File -Encoding utf8`), or "
+            f"{_SUMS_REDO}"
+        )
     bad: list[str] = []
     count = 0
-    # Split on newlines only: str.splitlines() would also split a name at \f, \x1c or \u2028,
-    # which sha256sum writes as they are.
-    for number, raw in enumerate(sums.read_text(errors="surrogateescape").split("\n"), start=1):
+    # Names decode as the file system's, so a listed path names the same bytes on disk. Split on
+    # newlines only: str.splitlines() would also split a name at \f, \x1c or \u2028, which
+    # sha256sum writes as they are.
+    lines = os.fsdecode(data.removeprefix(codecs.BOM_UTF8)).split("\n")
+    for number, raw in enumerate(lines, start=1):
         line = raw.removesuffix("\r")  # a CRLF file; sha256sum escapes a name's own \r
         if not line.strip():
             continue
-        entry = SHA256SUMS_LINE.fullmatch(line)
-        # An escaped name holds no backslash but the escapes sha256sum writes.
-        if entry is None or (entry.group(1) and not _SUMS_ESCAPED_NAME.fullmatch(entry.group(3))):
-            raise IngestError(
-                f"{sums}, line {number}: {line[:80]!r} is not '<64 hex digits>  <path>' as `sha256sum` writes "
-                "it; regenerate the file with `sha256sum`, or remove it to ingest without checksums"
-            )
-        expected, rel = entry.group(2).lower(), entry.group(3)
-        if entry.group(1):
-            rel = re.sub(r"\\[\\nr]", lambda m: _SUMS_ESCAPES[m.group()], rel)
+        expected, rel = _sums_entry(sums, number, line)
         path = root / rel
         # Judged as written: a listed file may be a link into another store, as the copy may hold.
         if os.path.isabs(rel) or os.path.normpath(rel).split(os.sep)[0] == "..":

@@ -203,6 +203,60 @@ def test_checksum_lines_for_escaped_names_are_read_as_sha256sum_writes_them(data
         ingest(iparams, tmp_path / "bad", str(dataset))
 
 
+@pytest.mark.skipif(shutil.which("sha256sum") is None, reason="needs GNU coreutils' sha256sum")
+def test_checksums_in_the_bsd_tag_form_are_verified_as_sha256sum_reads_them(dataset, tmp_path, iparams):
+    r"""`sha256sum --tag` (and `shasum -a 256 --tag`, BSD's `sha256`) write `SHA256 (<path>) = <hex>`,
+    escaping a name that holds a backslash or a newline as the text form does; GNU's `-c` reads
+    them, mixed with text-form lines in one file."""
+    folder = dataset / "images/Fractured"
+    odd = ["back\\slash.jpg", "new\nline.jpg", "scan (1) = copy.jpg"]
+    for i, name in enumerate(odd):
+        (folder / name).write_bytes(b"y" * (i + 1))
+    listed = sorted(str(p.relative_to(dataset)) for p in dataset.rglob("*.jpg"))
+    tagged = subprocess.run(["sha256sum", "--tag", "--", *listed], cwd=dataset, capture_output=True, check=True).stdout
+    assert b"\\SHA256 (images/Fractured/back\\\\slash.jpg) = " in tagged  # GNU escapes tag names too
+    text = subprocess.run(["sha256sum", "--", listed[0]], cwd=dataset, capture_output=True, check=True).stdout
+    (dataset / "SHA256SUMS").write_bytes(text + tagged)
+    assert ingest(iparams, tmp_path / "ok", str(dataset)).checksums_verified == len(listed) + 1
+    (folder / "back\\slash.jpg").write_bytes(b"changed")
+    with pytest.raises(IngestError, match=r"back\\\\slash\.jpg \(hash differs\)"):
+        ingest(iparams, tmp_path / "changed", str(dataset))
+    for line, message in [
+        (f"SHA256 (../outside.jpg) = {'0' * 64}", r"line 1: '../outside.jpg' points outside"),
+        (f"\\SHA256 (images/Fractured/tab\\tname.jpg) = {'0' * 64}", r"line 1: .* is not '<64 hex digits>  <path>'"),
+        (f"SHA256 (dataset.csv) = {'0' * 63}", r"line 1: .* is not '<64 hex digits>  <path>'"),
+    ]:
+        (dataset / "SHA256SUMS").write_text(f"{line}\n")
+        with pytest.raises(IngestError, match=message):
+            ingest(iparams, tmp_path / "bad", str(dataset))
+        assert not (tmp_path / "bad").exists()
+
+
+def test_a_checksum_file_with_a_byte_order_mark_is_read(dataset, tmp_path, iparams):
+    """Notepad and PowerShell's `Out-File -Encoding utf8` start the file with a UTF-8 byte-order
+    mark (and end lines with CRLF); the first line is still a checksum line. UTF-16, which Windows
+    PowerShell writes by default, is refused by name."""
+    lines = [f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.relative_to(dataset)}" for p in sorted(dataset.rglob("*.jpg"))]
+    text = "\r\n".join(lines) + "\r\n"
+    (dataset / "SHA256SUMS").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert ingest(iparams, tmp_path / "ok", str(dataset)).checksums_verified == 8
+    (dataset / "SHA256SUMS").write_bytes(text.encode("utf-16"))
+    with pytest.raises(IngestError, match=r"SHA256SUMS is UTF-16 text; save it as UTF-8"):
+        ingest(iparams, tmp_path / "bad", str(dataset))
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("algorithm", ["MD5", "SHA1", "SHA512"])
+def test_a_tag_line_for_another_algorithm_is_refused_naming_it(dataset, tmp_path, iparams, algorithm):
+    first = next(dataset.rglob("*.jpg"))
+    good = f"SHA256 ({first.relative_to(dataset)}) = {hashlib.sha256(first.read_bytes()).hexdigest()}"
+    other = f"{algorithm} ({first.relative_to(dataset)}) = {hashlib.new(algorithm.lower(), first.read_bytes()).hexdigest()}"
+    (dataset / "SHA256SUMS").write_text(f"{good}\n{other}\n")
+    with pytest.raises(IngestError, match=rf"SHA256SUMS, line 2: .* is a {algorithm} checksum; only SHA256 is checked"):
+        ingest(iparams, tmp_path / "bad", str(dataset))
+    assert not (tmp_path / "bad").exists()
+
+
 def test_wrong_layout_and_missing_source_say_what_to_do(tmp_path, iparams):
     (tmp_path / "empty").mkdir()
     with pytest.raises(IngestError, match="images/Fractured"):
