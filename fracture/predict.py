@@ -11,6 +11,7 @@ and version, and the error (empty when it was scored).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
 import re
@@ -212,9 +213,11 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
     """Writes a DICOM SR (:mod:`fracture.dicom_sr`) for each scored DICOM input; returns the paths, one per row.
 
     Rows that were not scored, or whose file is not DICOM, get an empty path. Each report is
-    named after the source image's SOP Instance UID (``<uid>.sr.dcm``), or after its own when the
-    source's is not a valid UID (a name that is not one could lead outside ``folder``), and never
-    replaces a report written in this call. A report an earlier call wrote there for the same
+    named after the source image's SOP Instance UID (``<uid>.sr.dcm``), or, when that is not a
+    valid UID (a name that is not one could lead outside ``folder``) or names another report of
+    this call (a clash), after a UID derived from the file's bytes (:func:`_content_name`), so a
+    rerun finds and replaces it there too rather than leaving it beside a new one; a report never
+    replaces one written in this call. A report an earlier call wrote there for the same
     image is replaced, and the new one lists it as its predecessor (Predecessor Documents
     Sequence), so a PACS holding both knows which is current. The reports of one study in one
     call form one SR series, numbered in order. A file holding an image already reported in this
@@ -275,9 +278,10 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
                 continue
             # Named after the source image unless its UID is invalid or already named a report of this call.
             own = f"{uid}.sr.dcm" if UID(uid).is_valid and f"{uid}.sr.dcm" not in names else None
+            name = own or _content_name(path, names)
             blanked = invalid_type2_values(source)
             # A report an earlier run wrote for this image is superseded, and says so.
-            replaces = _earlier_report(folder / own) if own and (folder / own).is_file() else None
+            replaces = _earlier_report(folder / name) if (folder / name).is_file() else None
             number = numbers.get(study, 0) + 1
             sr = structured_report(
                 source, float(row.fracture_probability), float(row.threshold), row.label == "fractured",
@@ -288,7 +292,6 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
         except (AttributeError, KeyError, ValueError, TypeError, OSError) as exc:
             no_report(index, row, path, f"no structured report: {exc}")
             continue
-        name = own or f"{sr.SOPInstanceUID}.sr.dcm"
         target = folder / name
         # Written beside and moved into place: a run stopped midway leaves the earlier report whole.
         partial = target.with_name(f".{name}.partial")
@@ -312,6 +315,27 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
             ))
         written.append(str(target))
     return written
+
+
+def _content_name(path: Path, taken: set[str]) -> str:
+    """The report's file name for a source whose SOP Instance UID cannot name it (invalid, or
+    already naming another report of this call): a UID derived from the file's bytes, the same on
+    every run over the same file, so a rerun replaces the report instead of leaving an orphan that
+    a PACS would hold as a second current finding. Files with the same bytes (one image exported
+    twice under an invalid UID) are told apart by their order in the call, which is the folder's
+    sorted order, and so the same on every run.
+
+    Raises:
+        OSError: the file cannot be read again.
+    """
+    from pydicom.uid import generate_uid  # noqa: PLC0415 - only --dicom-sr needs it here
+
+    with path.open("rb") as fh:
+        digest = hashlib.file_digest(fh, "sha256").hexdigest()
+    copy = 0
+    while (name := f"{generate_uid(entropy_srcs=['fracture structured report', digest, str(copy)])}.sr.dcm") in taken:
+        copy += 1
+    return name
 
 
 def _earlier_report(path: Path) -> Any:

@@ -474,3 +474,38 @@ def test_a_version_is_scored_with_its_own_packaged_code_not_this_checkouts(regis
     rows = pd.read_csv(tmp_path / "rows.csv", keep_default_na=False)
     assert list(rows["note"]) == ["read by the version of 2026-12-05"]
     assert rows["error"].tolist() == [""] and 0 <= float(rows["fracture_probability"][0]) <= 1
+
+
+def test_a_rerun_replaces_the_reports_of_images_whose_uid_cannot_name_them_instead_of_adding_new_ones(fracatlas, tmp_path):
+    """An image whose SOP Instance UID is invalid (an anonymiser's constant), and the second of two
+    images sharing one, get reports named after their files' bytes: a rerun replaces each and names
+    the one it replaces, as it does for an image named by its UID, and leaves no orphan that a PACS
+    would hold as a second current finding. Two copies of one file under an invalid UID, and two
+    different images under one UID, still get a report each."""
+    images = fracatlas / "images"
+    shared = "1.2.826.0.1.3680043.8.498.77"
+    files = [tmp_path / "in" / name for name in ("IM0001", "IM0002", "IM0003", "IM0004")]
+    files[0].parent.mkdir()
+    files[0].write_bytes(_edited_dicom(images / "Non_fractured/IMG0000009.jpg", SOPInstanceUID="ANONYMIZED"))
+    files[1].write_bytes(files[0].read_bytes())
+    files[2].write_bytes(_edited_dicom(images / "Non_fractured/IMG0000009.jpg", SOPInstanceUID=shared))
+    files[3].write_bytes(_edited_dicom(images / "Fractured/IMG0000019.jpg", SOPInstanceUID=shared))
+
+    def run() -> list[Path]:
+        table = _reported_table(4)
+        table["fracture_probability"], table["label"] = [0.05, 0.05, 0.05, 0.97], ["not_fractured"] * 3 + ["fractured"]
+        written = [Path(p) for p in write_structured_reports(table, files, tmp_path / "sr")]
+        assert all(p.name for p in written), list(table["note"])
+        assert len(set(written)) == 4 and written[2].name == f"{shared}.sr.dcm"
+        return written
+
+    first = run()
+    before = {p.name: dcmread(p).SOPInstanceUID for p in first}
+    again = run()
+    assert again == first
+    assert sorted(p.name for p in (tmp_path / "sr").iterdir()) == sorted(before)
+    for path in again:
+        predecessor = dcmread(path).PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+        assert predecessor.ReferencedSOPInstanceUID == before[path.name]
+    findings = [named(content_items(dcmread(p)), "Fracture of bone")[0].ConceptCodeSequence[0].CodeMeaning for p in again]
+    assert findings == ["Absent", "Absent", "Absent", "Present"]
