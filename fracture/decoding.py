@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import io
 import threading
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from PIL import ExifTags, Image, ImageFile, ImageOps
+from PIL import ExifTags, Image, ImageFile, ImageOps, ImageStat
 
-from fracture.dicom import dicom_to_image, is_dicom
+from fracture.dicom import dicom_to_image, is_dicom, read_header
 
 __all__ = [
     "FORMATS", "HIGH_BIT_DEPTH", "INDEX_FILES", "ImageLoadError", "decode", "decode_truncated", "export_files",
-    "hidden", "more_than_8_bits", "open_xray", "png_bit_depth", "unservable", "upright_size",
+    "grey_spread", "hidden", "more_than_8_bits", "near_constant", "open_xray", "png_bit_depth", "too_many_pixels",
+    "unservable", "upright_size",
 ]
 
 #: The picture formats the served model reads besides DICOM (Pillow's names); training takes the same.
@@ -56,7 +58,9 @@ def more_than_8_bits(mode: str, bit_depth: int | None = None) -> bool:
 def unservable(fmt: str | None, mode: str, bit_depth: int | None = None) -> str | None:
     """Why the served model (:mod:`fracture.intake`) refuses a picture of this Pillow format and
     mode, in its words, or ``None``: training takes no file the model would refuse when served.
-    A DICOM file's decoded image (format ``None``) is 8-bit by then, and always served.
+    A DICOM file's decoded image (format ``None``) is 8-bit by then, and always served. The
+    served model's two other refusals need more than the format and mode: the pixels the header
+    declares (:func:`too_many_pixels`) and the decoded pixels' spread (:func:`near_constant`).
 
     Args:
         fmt: Pillow's format name (``None`` for a decoded DICOM file).
@@ -72,6 +76,63 @@ def unservable(fmt: str | None, mode: str, bit_depth: int | None = None) -> str 
                 "file, which carries its display window, or an 8-bit export")
     if mode == "1":
         return "is a 1-bit black-and-white image: the served model refuses it; send the X-ray's greyscale"
+    return None
+
+
+def too_many_pixels(data: bytes, max_pixels: int) -> str | None:
+    """Why the served model refuses a file for the pixels its header declares, in its words, or
+    ``None``: more than ``max_pixels`` (``serve.max_megapixels``), the decompression-bomb guard
+    :mod:`fracture.intake` applies before a pixel is decoded. Read from the header alone, so a
+    bomb is listed without being decoded; a header that cannot be read is left to the decode.
+
+    Args:
+        data: the file's bytes (JPEG, PNG, ... or DICOM, whose Rows and Columns are read).
+        max_pixels: the most pixels (width x height) the served model decodes.
+    """
+    limit = f"serve.max_megapixels ({max_pixels / 1e6:g})"
+    fix = "export it at a lower resolution, or raise serve.max_megapixels in params.yaml"
+    try:
+        if is_dicom(data):
+            ds = read_header(data)
+            width, height = int(ds.Columns), int(ds.Rows)
+        else:
+            with warnings.catch_warnings():  # Pillow's bomb warning says less than this check
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(io.BytesIO(data)) as header:
+                    width, height = header.size
+    except Image.DecompressionBombError:  # Pillow's own guard, at twice its MAX_IMAGE_PIXELS
+        return f"declares absurd dimensions, far over {limit}: the served model refuses it; export it at a lower resolution"
+    except Exception:  # noqa: BLE001 - not readable as a header: the decode says why
+        return None
+    if width * height > max_pixels:
+        return (f"declares {width} x {height} px ({width * height / 1e6:.1f} megapixels), over {limit}: "
+                f"the served model refuses it; {fix}")
+    return None
+
+
+def grey_spread(image: Image.Image) -> float:
+    """The greyscale standard deviation (0-255) of a decoded picture, measured as the served model
+    measures it (:mod:`fracture.intake`): in the colours the model sees (:func:`convert_for_model`
+    for modes other than L and RGB), from at most 512 x 512 pixels of it."""
+    if image.mode not in {"L", "RGB"}:
+        image = convert_for_model(image)[0]
+    grey = image.convert("L")
+    grey.thumbnail((512, 512))
+    return float(ImageStat.Stat(grey).stddev[0])
+
+
+def near_constant(image: Image.Image, min_grey_std: float) -> str | None:
+    """Why the served model refuses a decoded picture as blank or near-constant, in its words, or
+    ``None``: its :func:`grey_spread` is below ``min_grey_std`` (``serve.min_grey_std``).
+
+    Args:
+        image: the decoded picture (:func:`decode`), in its stored mode.
+        min_grey_std: the least greyscale standard deviation the served model scores.
+    """
+    std = grey_spread(image)
+    if std < min_grey_std:
+        return (f"is blank or nearly constant (greyscale standard deviation {std:.2f}, under serve.min_grey_std "
+                f"{min_grey_std:g}): the served model refuses it; replace it with the X-ray itself, or remove it")
     return None
 
 

@@ -34,13 +34,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from PIL import Image, ImageStat, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from fracture.decoding import (
     FORMATS,
     convert_for_model,
     decode,
     decode_truncated,
+    grey_spread,
     more_than_8_bits,
     png_bit_depth,
 )
@@ -280,9 +281,7 @@ def _decode_truncated(data: bytes, draft: tuple[int, int] | None) -> Image.Image
 
 
 def _check_content(image: Image.Image, policy: InputPolicy) -> None:
-    grey = image.convert("L")
-    grey.thumbnail((512, 512))  # the spread of the whole image, read from at most 512 x 512 pixels
-    std = ImageStat.Stat(grey).stddev[0]
+    std = grey_spread(image)  # as training measures it, so it trains on no picture refused here
     if std < policy.min_grey_std:
         raise InputRejected(
             f"is blank or nearly constant (greyscale standard deviation {std:.2f}; an X-ray has at least "

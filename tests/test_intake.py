@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import re
 import struct
 import zlib
 
@@ -98,6 +100,54 @@ def test_training_lists_a_file_the_served_model_refuses_as_undecodable(tmp_path,
     # What it serves, it trains on.
     path.write_bytes(encode(xray_like(), "PNG"))
     assert inspect_image(str(path)).decodable
+
+
+def near_constant_noise(spread: float, size: tuple[int, int] = (300, 400)) -> Image.Image:
+    """Grey 128 with Gaussian noise of this spread: near-constant below ``min_grey_std``, a faint X-ray above."""
+    rng = np.random.default_rng(1)
+    return Image.fromarray((128 + rng.normal(0, spread, size[::-1])).round().clip(0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize(
+    ("data", "served", "listed"),
+    [
+        (lambda: encode(Image.new("L", (600, 800))), "is blank or nearly constant",
+         "is blank or nearly constant (greyscale standard deviation 0.00, under serve.min_grey_std 2)"),
+        (lambda: encode(near_constant_noise(1.0), "JPEG", quality=95), "is blank or nearly constant",
+         "is blank or nearly constant (greyscale standard deviation 0.8"),  # JPEG smooths the noise
+        (lambda: encode(Image.new("RGB", (600, 800), (200, 200, 200))), "is blank or nearly constant",
+         "is blank or nearly constant"),
+        # Transparent pixels are shown to the model as black: a fully transparent X-ray is blank.
+        (lambda: encode(Image.fromarray(np.dstack([np.asarray(xray_like())] * 3 + [np.zeros((400, 300), np.uint8)]))),
+         "is blank or nearly constant", "is blank or nearly constant (greyscale standard deviation 0.00"),
+        (lambda: encode(xray_like((1200, 1000)), "JPEG"), "declares 1200 x 1000 px",
+         "declares 1200 x 1000 px (1.2 megapixels), over serve.max_megapixels (1)"),
+        (lambda: ihdr_png(12_000, 12_000), "declares 12000 x 12000 px", "declares 12000 x 12000 px (144.0 megapixels)"),
+        (lambda: ihdr_png(100_000, 100_000), "declares absurd dimensions", "declares absurd dimensions, far over"),
+    ],
+)
+def test_training_lists_a_blank_or_over_limit_file_the_served_model_refuses(tmp_path, data, served, listed):
+    """The served model refuses a picture over ``serve.max_megapixels`` (a decompression bomb) and
+    a blank or near-constant one (below ``serve.min_grey_std``); training decoded and trained on
+    both. Now the manifest lists each as not decodable, with the served model's reason."""
+    from fracture.manifest import inspect_image
+
+    policy = dataclasses.replace(POLICY, max_pixels=1_000_000)
+    path = tmp_path / "IM0001"
+    path.write_bytes(data())
+    with pytest.raises(InputRejected, match="^" + re.escape(served)) as refused:
+        read_xray(path.read_bytes(), policy)
+    facts = inspect_image(str(path), max_pixels=policy.max_pixels, min_grey_std=policy.min_grey_std)
+    assert not facts.decodable and facts.error.startswith(listed), facts.error
+    assert "served model refuses it" in facts.error and "serve." in facts.error  # says which setting refused it
+    # Measured alike: the spread training lists is the one the served model refused.
+    spread = re.compile(r"standard deviation ([0-9.]+)")
+    assert spread.findall(facts.error) == spread.findall(str(refused.value))
+    # What it serves, it trains on: a faint X-ray, and one within the pixel limit.
+    for image in (near_constant_noise(4.0), xray_like((1000, 1000))):
+        path.write_bytes(encode(image))
+        read_xray(path.read_bytes(), policy)
+        assert inspect_image(str(path), max_pixels=policy.max_pixels, min_grey_std=policy.min_grey_std).decodable
 
 
 @pytest.mark.parametrize(("colour_type", "mode"), [(0, "I;16"), (2, "RGB"), (4, "RGBA"), (6, "RGBA")])

@@ -546,9 +546,12 @@ def test_data_docs_load_nothing_from_the_internet(tmp_path, vparams, quirky):
 
 @pytest.fixture(scope="module")
 def real(fracatlas, vparams, tmp_path_factory):
-    """The real copy's manifest and its validation under the default params (built once)."""
+    """The real copy's manifest and its validation under the default params (built once), with the
+    served model's limits as the validate stage applies them (none of its X-rays is over or under them)."""
+    serve = load_params(REPO).serve
     manifest = build_manifest(fracatlas, near_duplicate_threshold=vparams.near_duplicate_threshold,
-                              near_duplicate_top_threshold=vparams.near_duplicate_top_threshold)
+                              near_duplicate_top_threshold=vparams.near_duplicate_top_threshold,
+                              max_pixels=serve.max_megapixels * 1_000_000, min_grey_std=serve.min_grey_std)
     resolved, report = validate(manifest, vparams, tmp_path_factory.mktemp("real_gx"))
     return manifest, resolved, report
 

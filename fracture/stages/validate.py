@@ -15,6 +15,8 @@ from fracture.workspace import ValidateResult, Workspace
 def run_validate(params: Params, workspace: Workspace) -> ValidateResult:
     """Builds the manifest of ``ingest.dest``, runs the suite and writes the manifest and report.
 
+    An image the served model would refuse (``serve.max_megapixels``, ``serve.min_grey_std``, and
+    the formats and bit depths it reads) is excluded as not decodable, with the served model's reason.
     The dataset is read in ``ingest.layout``'s layout; for a hospital's export (``csv``) the rules
     that only FracAtlas's files can satisfy are skipped and listed so, and the comparison with
     the previous dataset version, which reads FracAtlas's layout, is skipped too.
@@ -34,6 +36,9 @@ def run_validate(params: Params, workspace: Workspace) -> ValidateResult:
         near_duplicate_threshold=params.validate.near_duplicate_threshold,
         near_duplicate_top_threshold=params.validate.near_duplicate_top_threshold,
         layout=layout,
+        # What the served model refuses is not trained on (the registered model's input checks).
+        max_pixels=params.serve.max_megapixels * 1_000_000,
+        min_grey_std=params.serve.min_grey_std,
     )
     resolved, report = validate(manifest, params.validate, workspace.gx_dir, skipped_rules(layout))
     version = workspace.data_version()
