@@ -221,15 +221,34 @@ def share_buffers(module: torch.nn.Module, context: Context) -> None:
         dist.broadcast(buffer, 0)
 
 
+def _collective_device() -> torch.device:
+    """Where a small tensor for a collective lives: NCCL reduces CUDA tensors only, on this process's device."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def sum_over_ranks(*values: float, context: Context) -> list[float]:
     """Each value summed over the ranks (unchanged when not distributed)."""
     if not context.distributed:
         return list(values)
-    # NCCL reduces CUDA tensors only: on GPUs the sums travel on this process's device.
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    total = torch.tensor(values, dtype=torch.float64, device=device)
+    total = torch.tensor(values, dtype=torch.float64, device=_collective_device())
     dist.all_reduce(total)
     return total.cpu().tolist()
+
+
+def each_rank(value: float, context: Context) -> list[float]:
+    """Every rank's ``value``, in rank order, on every rank (``[value]`` when not distributed).
+
+    For decisions every rank must take alike at the same point, such as stopping on a loss that
+    is not a number: a rank that stopped alone would leave the others waiting in their next
+    collective. One all-reduce of ``world_size`` float64 numbers: each rank fills its own slot
+    and leaves the others 0, so each value, NaN and infinity included, arrives exactly as sent.
+    """
+    if not context.distributed:
+        return [value]
+    slots = torch.zeros(context.world_size, dtype=torch.float64, device=_collective_device())
+    slots[context.rank] = value
+    dist.all_reduce(slots)
+    return slots.cpu().tolist()
 
 
 class GlobalBatchLoss(torch.nn.Module):

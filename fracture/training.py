@@ -267,6 +267,35 @@ def train_step(
     return loss
 
 
+def _stop_if_diverged(step_loss: float, context: distributed.Context, where: str) -> None:
+    """Raises :class:`TrainingDivergedError` when a step's loss is not finite, on every rank alike.
+
+    Under data parallelism each rank's loss is of its own share of the batch, so one rank's may be
+    NaN while the others' are not. Every rank therefore decides on all the ranks' losses (one
+    all-reduce of a number per rank; none in one process) and all stop at the same step: a rank
+    that stopped alone would leave the others waiting in their next collective until the process
+    group's timeout, and the run would fail with no word of the divergence.
+
+    Args:
+        step_loss: this rank's loss of the step.
+        context: this process's place in the run.
+        where: the step, as the message names it (``at epoch 1/3, batch 2/3, learning rate 0.001``).
+    """
+    losses = distributed.each_rank(step_loss, context)
+    diverged = [rank for rank, value in enumerate(losses) if not math.isfinite(value)]
+    if not diverged:
+        return
+    what = (
+        ", ".join(f"{losses[rank]} on rank {rank}" for rank in diverged) + f" (of {context.world_size} ranks)"
+        if context.distributed
+        else str(step_loss)
+    )
+    raise TrainingDivergedError(
+        f"the training loss is {what} {where}: training diverged. Lower the learning rate (the profile's lr, or "
+        "train.lr when it has none; a tenth is a start) and train again"
+    )
+
+
 def labels_of(data: TensorDataset | CachedImages) -> torch.Tensor:
     """A training set's labels, without reading its images."""
     return data.labels if isinstance(data, CachedImages) else data.tensors[1]
@@ -483,7 +512,8 @@ def train(
             than the model's.
         ConfigError: the profile's ``frozen`` names a module the model lacks.
         TrainingDivergedError: a step's loss was not finite (without a gradient scaler, which
-            skips such a step itself); raised at that step, naming the epoch, batch and rate.
+            skips such a step itself); raised at that step, naming the epoch, batch and rate, and
+            in a data-parallel run on every rank, naming the ranks whose loss it was.
     """
     # Every rank is seeded alike: each draws the same image order and deals itself a share
     # (distributed.ShardedSampler); DDP copies rank 0's initial weights to the others. Each
@@ -648,12 +678,9 @@ def train(
             seen += len(labels)
             # Read here once a step for the epoch's sum and the bar anyway, so checking it adds no device sync.
             step_loss = loss.item()
-            if not math.isfinite(step_loss) and scaler is None:  # a gradient scaler skips such a step instead
-                raise TrainingDivergedError(
-                    f"the training loss is {step_loss} at epoch {epoch + 1}/{profile.epochs}, batch {i + 1}/"
-                    f"{len(loader)}, learning rate {step_lr:.3g}: training diverged. Lower the learning rate (the "
-                    "profile's lr, or train.lr when it has none; a tenth is a start) and train again"
-                )
+            if scaler is None:  # a gradient scaler skips such a step instead (on every rank: DDP averages the gradients)
+                _stop_if_diverged(step_loss, context, f"at epoch {epoch + 1}/{profile.epochs}, batch {i + 1}/"
+                                  f"{len(loader)}, learning rate {step_lr:.3g}")
             loss_sum += step_loss * len(labels)
             rate = seen / (time.perf_counter() - started)
             bar.set_postfix(loss=f"{step_loss:.4f}", img_s=f"{rate:.1f}")
