@@ -157,6 +157,19 @@ class TrainParams:
 
 @dataclass(frozen=True)
 class EvaluateParams:
+    """``evaluate``: the decision threshold and the test figures' intervals and calibration.
+
+    Attributes:
+        threshold: the fixed decision threshold, used when ``target_sensitivity`` is null.
+        batch_size: images scored at once.
+        target_sensitivity: choose the threshold on the val split to reach this sensitivity, or null.
+        bootstrap_resamples: stratified bootstrap resamples of the test images for ROC AUC's
+            interval (sensitivity's and specificity's are Wilson score intervals, which need none).
+        calibration_bins: equal-width bins of the reliability diagram and the ECE.
+        seed: seeds the bootstrap.
+        boxes: COCO JSON of fracture boxes for the heat map's pointing game, or null.
+    """
+
     threshold: float
     batch_size: int
     target_sensitivity: float | None = None
@@ -508,6 +521,13 @@ def _check(p: Params) -> None:
             f"params.yaml: evaluate.target_sensitivity is a fraction above 0 and at most 1 (0.85, not 85), or null; "
             f"got {target!r}"
         )
+    # Both are counts the evaluate stage needs only after the test split is scored, so a 0 is refused here.
+    for key, usual in (("bootstrap_resamples", "1000 for the ROC AUC's 95% interval"), ("calibration_bins", "10")):
+        value = getattr(ev, key)
+        if not (_whole(value) and value >= 1):
+            raise ConfigError(
+                f"params.yaml: evaluate.{key} must be a whole number of at least 1 (usually {usual}), got {value!r}"
+            )
     if not (_whole(p.train.batch_size) and p.train.batch_size >= 1):
         raise ConfigError(f"params.yaml: train.batch_size must be a whole number of at least 1, got {p.train.batch_size!r}")
     t = p.validate.near_duplicate_threshold

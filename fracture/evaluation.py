@@ -1,7 +1,8 @@
 """Test-set metrics from predicted probabilities, computed by scikit-learn.
 
-Besides the point metrics: stratified bootstrap confidence intervals (resampling with
-``sklearn.utils.resample``), calibration (``sklearn.calibration.calibration_curve``, the
+Besides the point metrics: confidence intervals (ROC AUC's a stratified percentile bootstrap,
+resampling with ``sklearn.utils.resample``; sensitivity's and specificity's the Wilson score
+interval of a binomial proportion, from ``scipy.stats.binomtest``), calibration (``sklearn.calibration.calibration_curve``, the
 expected calibration error and the Brier score), a breakdown by body part, and DeLong's test
 of two models' ROC AUCs on the same images (:func:`delong_paired`), or of two recipes' means
 over several training runs each (:func:`delong_mean_difference`).
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from scipy.stats import norm, rankdata
+from scipy.stats import binomtest, norm, rankdata
 from scipy.stats import t as student_t
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import (
@@ -33,7 +34,7 @@ from sklearn.utils import resample
 
 from fracture.config import EvaluateParams
 
-#: Metrics that get a bootstrap confidence interval.
+#: Metrics that get a confidence interval: ROC AUC by bootstrap, sensitivity and specificity by Wilson score.
 CI_METRICS = ("roc_auc", "recall", "specificity")
 
 
@@ -65,7 +66,18 @@ def choose_threshold(labels: np.ndarray, probs: np.ndarray, target_sensitivity: 
 
     Returns:
         The threshold, in [0, 1].
+
+    Raises:
+        ValueError: the labels lack fractured or non-fractured images: no sensitivity can be
+            reached, or no specificity kept, so no threshold means anything.
     """
+    fractured = int(np.sum(np.asarray(labels) == 1))
+    if fractured == 0 or fractured == len(labels):
+        raise ValueError(
+            f"choosing a threshold for sensitivity {target_sensitivity} needs fractured and non-fractured "
+            f"images, got {fractured} fractured of {len(labels)}: score a validation split holding both "
+            "classes, or set evaluate.target_sensitivity: null to use evaluate.threshold"
+        )
     # Every distinct score is a candidate: roc_curve's default drops the points inside a run of
     # fractured images, and the target is often reached inside one.
     _, tpr, thresholds = roc_curve(labels, probs, drop_intermediate=False)
@@ -131,14 +143,49 @@ def evaluate_probabilities(labels: np.ndarray, probs: np.ndarray, threshold: flo
 
 
 def point_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, float]:
-    """ROC AUC, and sensitivity (``recall``) and specificity at ``threshold``: what the bootstrap
-    resamples and what the promotion gate compares between a version and its champion."""
+    """ROC AUC, and sensitivity (``recall``) and specificity at ``threshold``: what the promotion
+    gate compares between a version and its champion."""
     pred = (probs >= threshold).astype(int)
     return {
         "roc_auc": roc_auc_score(labels, probs),
         "recall": recall_score(labels, pred, zero_division=0),
         "specificity": recall_score(labels, pred, pos_label=0, zero_division=0),
     }
+
+
+def wilson_interval(successes: int, trials: int, confidence: float = 0.95) -> tuple[float, float]:
+    """The Wilson score interval of a binomial proportion, as diagnostic-accuracy reports (STARD) give
+    sensitivity and specificity at a fixed threshold.
+
+    Unlike a percentile bootstrap it keeps its width at a proportion of 0 or 1 (30 of 30 fractured
+    images caught: 0.886 to 1 at 95%), and it is computed by ``scipy.stats.binomtest``.
+
+    Args:
+        successes: images called correctly (true positives for sensitivity, true negatives for
+            specificity).
+        trials: images of that class, at least 1.
+        confidence: the interval's coverage.
+
+    Returns:
+        ``(low, high)``.
+
+    Raises:
+        ValueError: no images of the class, or more successes than images.
+    """
+    if trials < 1 or not 0 <= successes <= trials:
+        raise ValueError(f"a Wilson interval needs 0 <= successes <= trials and trials >= 1, got {successes} of {trials}")
+    ci = binomtest(int(successes), int(trials)).proportion_ci(confidence_level=confidence, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
+def _rate_intervals(
+    labels: np.ndarray, pred: np.ndarray, confidence: float
+) -> dict[str, tuple[float, float] | None]:
+    """Wilson intervals of sensitivity (``recall``) and specificity; ``None`` for a class with no images."""
+    positive, negative = labels == 1, labels == 0
+    hits = {"recall": (int(np.sum(pred[positive] == 1)), int(positive.sum())),
+            "specificity": (int(np.sum(pred[negative] == 0)), int(negative.sum()))}
+    return {name: wilson_interval(k, n, confidence) if n else None for name, (k, n) in hits.items()}
 
 
 def bootstrap_intervals(
@@ -149,30 +196,43 @@ def bootstrap_intervals(
     seed: int = 0,
     confidence: float = 0.95,
 ) -> dict[str, tuple[float, float]]:
-    """Percentile bootstrap confidence intervals for ROC AUC, sensitivity and specificity.
+    """Confidence intervals of the test figures: ROC AUC by bootstrap, sensitivity and specificity by Wilson.
 
-    Each resample draws the images with replacement, stratified by label, so every resample
-    keeps the test split's number of fractured images (and an AUC is always defined).
+    ROC AUC: a percentile bootstrap, each resample drawing the images with replacement,
+    stratified by label, so every resample keeps the test split's number of fractured images
+    (and an AUC is always defined). Sensitivity and specificity: at a threshold fixed before
+    the test split is scored (``evaluate.threshold``, or chosen on val) each is a binomial
+    proportion, given the Wilson score interval (:func:`wilson_interval`), which a percentile
+    bootstrap is not: its interval collapses to a point when every image of a class is called
+    right (or wrong).
 
     Args:
-        labels: true labels, 0 or 1.
+        labels: true labels, 0 or 1, both present.
         probs: predicted probability of class 1.
         threshold: the decision threshold for sensitivity and specificity.
-        n_resamples: bootstrap resamples.
+        n_resamples: bootstrap resamples for ROC AUC, at least 1.
         seed: seeds the resampling, so the intervals are reproducible.
-        confidence: the interval's coverage.
+        confidence: the intervals' coverage.
 
     Returns:
         ``metric -> (low, high)`` for each of :data:`CI_METRICS`.
+
+    Raises:
+        ValueError: fewer than 1 resample, or one class missing.
     """
+    if not isinstance(n_resamples, (int, np.integer)) or n_resamples < 1:
+        raise ValueError(f"the bootstrap needs at least 1 resample (evaluate.bootstrap_resamples), got {n_resamples!r}")
+    fractured = int(np.sum(labels == 1))
+    if fractured == 0 or fractured == len(labels):
+        raise ValueError(f"intervals need fractured and non-fractured images, got {fractured} fractured of {len(labels)}")
     rng = np.random.RandomState(seed)
-    draws = {name: [] for name in CI_METRICS}
+    aucs = []
     for _ in range(n_resamples):
         y, p = resample(labels, probs, stratify=labels, random_state=rng)
-        for name, value in point_metrics(y, p, threshold).items():
-            draws[name].append(value)
+        aucs.append(roc_auc_score(y, p))
     tail = (1 - confidence) / 2 * 100
-    return {name: (float(np.percentile(v, tail)), float(np.percentile(v, 100 - tail))) for name, v in draws.items()}
+    rates = _rate_intervals(labels, (probs >= threshold).astype(int), confidence)
+    return {"roc_auc": (float(np.percentile(aucs, tail)), float(np.percentile(aucs, 100 - tail)))} | rates
 
 
 def calibration(labels: np.ndarray, probs: np.ndarray, n_bins: int = 10) -> Calibration:
@@ -197,12 +257,25 @@ def calibration(labels: np.ndarray, probs: np.ndarray, n_bins: int = 10) -> Cali
 
 
 def by_group(
-    labels: np.ndarray, probs: np.ndarray, groups: np.ndarray, threshold: float
+    labels: np.ndarray, probs: np.ndarray, groups: np.ndarray, threshold: float, confidence: float = 0.95
 ) -> dict[str, dict[str, float | None]]:
     """Metrics per group (e.g. body part): images, fractured, ROC AUC, sensitivity, specificity.
 
-    A metric a group cannot define (AUC with one class only, sensitivity without fractures)
-    is ``None`` rather than a misleading number.
+    Sensitivity and specificity carry their Wilson score intervals (``recall_ci_low`` /
+    ``recall_ci_high``, ``specificity_ci_low`` / ``specificity_ci_high``), as the whole split's
+    do, so a group with few images shows how little its figures say. A metric a group cannot
+    define (AUC with one class only, sensitivity without fractures) is ``None``, with its
+    interval, rather than a misleading number.
+
+    Args:
+        labels: true labels, 0 or 1.
+        probs: predicted probability of class 1.
+        groups: each image's group.
+        threshold: the decision threshold for sensitivity and specificity.
+        confidence: the intervals' coverage.
+
+    Returns:
+        ``group -> metric -> value``, groups sorted by name.
     """
     out: dict[str, dict[str, float | None]] = {}
     for group in sorted(set(groups)):
@@ -210,13 +283,17 @@ def by_group(
         y, p = labels[mask], probs[mask]
         pred = (p >= threshold).astype(int)
         both = 0 < y.sum() < len(y)
-        out[str(group)] = {
+        intervals = _rate_intervals(y, pred, confidence)
+        row: dict[str, float | None] = {
             "n_images": int(mask.sum()),
             "n_fractured": int(y.sum()),
             "roc_auc": float(roc_auc_score(y, p)) if both else None,
             "recall": float(recall_score(y, pred, zero_division=0)) if y.sum() else None,
             "specificity": float(recall_score(y, pred, pos_label=0, zero_division=0)) if (y == 0).any() else None,
         }
+        for name, interval in intervals.items():
+            row[f"{name}_ci_low"], row[f"{name}_ci_high"] = interval if interval else (None, None)
+        out[str(group)] = row
     return out
 
 

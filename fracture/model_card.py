@@ -22,7 +22,8 @@ LIMITATIONS = (
     "figures optimistic.",
     "Test set: one public dataset (FracAtlas) from one region's hospitals; performance on other "
     "scanners, populations and protocols is unmeasured.",
-    "Body parts with few fractured test images (see the table) have intervals too wide to rely on.",
+    "Body parts with few test images of a class have sensitivity or specificity intervals too wide to rely on "
+    "(see the table's intervals).",
     "The output is a probability of any fracture on the image, not a diagnosis; the heat map is "
     "not a localisation: it shows where the score came from, which is not always the fracture (where it "
     "points on the test split, when measured, is above). A clinician reads every image.",
@@ -50,6 +51,19 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.3f}"
     return str(value)
+
+
+def _fmt_ci(row: dict[str, float | None], name: str) -> str:
+    """A body part's figure with its 95% interval, ``n/a`` where the part lacks the class."""
+    value, low, high = row.get(name), row.get(f"{name}_ci_low"), row.get(f"{name}_ci_high")
+    if value is None or low is None or high is None:
+        return _fmt(value)
+    return f"{value:.3f} ({low:.3f}–{high:.3f})"
+
+
+def _fmt_threshold(threshold: float) -> str:
+    """Four significant digits: a threshold chosen on val can be 8e-06, which four decimals print as 0."""
+    return f"{threshold:.4g}"
 
 
 def _compared(m: dict[str, float], name: str, what: str) -> str:
@@ -102,8 +116,10 @@ def render_model_card(
         recipe: the training parameters that define the recipe (optimiser, scheduler, epochs...).
         data: ``version`` (DVC md5 of the dataset) and ``git_commit`` the model was trained
             from, and the split sizes.
-        metrics: the evaluate stage's test metrics, with ``*_ci_low`` / ``*_ci_high`` intervals.
-        body_parts: metrics per body part.
+        metrics: the evaluate stage's test metrics, with ``*_ci_low`` / ``*_ci_high`` intervals
+            (ROC AUC's by bootstrap, sensitivity's and specificity's Wilson score intervals).
+        body_parts: metrics per body part (:func:`fracture.evaluation.by_group`), sensitivity and
+            specificity with their Wilson intervals.
         threshold_source: how the decision threshold was chosen.
         run_id: the MLflow run.
 
@@ -163,17 +179,20 @@ def render_model_card(
         f"- Average precision {m['average_precision']:.3f}, precision {m['precision']:.3f}, "
         f"F1 {m['f1']:.3f}, accuracy {m['accuracy']:.3f}",
         f"- Calibration: expected calibration error {m['ece']:.3f}, Brier score {m['brier']:.3f}",
-        f"- Decision threshold {m['threshold']:.4f} ({threshold_source}); "
+        "- Intervals: ROC AUC's is a stratified percentile bootstrap over the test images; sensitivity's and "
+        "specificity's (here and per body part) are Wilson score intervals of the proportions at the decision "
+        "threshold, which was fixed before the test split was scored.",
+        f"- Decision threshold {_fmt_threshold(m['threshold'])} ({threshold_source}); "
         f"{int(m['n_images'])} test images, {int(m['n_fractured'])} fractured",
         *_localisation_lines(m),
         "",
         "## By body part (test split)",
         "",
-        "| body part | images | fractured | ROC AUC | sensitivity | specificity |",
+        "| body part | images | fractured | ROC AUC | sensitivity (95% CI) | specificity (95% CI) |",
         "|---|---|---|---|---|---|",
         *(
             f"| {part} | {v['n_images']} | {v['n_fractured']} | {_fmt(v['roc_auc'])} | "
-            f"{_fmt(v['recall'])} | {_fmt(v['specificity'])} |"
+            f"{_fmt_ci(v, 'recall')} | {_fmt_ci(v, 'specificity')} |"
             for part, v in body_parts.items()
         ),
         "",
@@ -196,7 +215,8 @@ def version_description(
         profile: the training profile.
         input_size: (channels, height, width).
         aspect: ``squash`` or ``pad``.
-        metrics: the run's metrics (the evaluate stage's ``test_*``, with ``_ci_low`` / ``_ci_high``).
+        metrics: the run's metrics (the evaluate stage's ``test_*``, with ``_ci_low`` / ``_ci_high``:
+            ROC AUC's by bootstrap, sensitivity's and specificity's Wilson score intervals).
         run_id: the training run, which holds the model card.
         data_version: the DVC version of the dataset.
         threshold_source: how the evaluate stage chose the threshold (its run's ``threshold_source``
@@ -223,7 +243,7 @@ def version_description(
             + (
                 "."
                 if threshold is None
-                else f"; at the decision threshold {threshold:.4f}"
+                else f"; at the decision threshold {_fmt_threshold(threshold)}"
                 + (f" ({threshold_source})." if threshold_source else ".")
             ),
             f"Model card: artifact `evaluation/model_card.md` of run `{run_id}`. Decision support for a trained "

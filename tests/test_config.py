@@ -69,6 +69,10 @@ def test_a_layer_decay_outside_0_to_1_is_refused(value):
         ("evaluate", "target_sensitivity", 0, "evaluate.target_sensitivity is a fraction"),
         ("evaluate", "threshold", 50, "evaluate.threshold is a probability, from 0 to 1; got 50"),
         ("evaluate", "threshold", "0.5", "evaluate.threshold is a probability"),
+        ("evaluate", "bootstrap_resamples", 0, r"evaluate.bootstrap_resamples must be a whole number of at least 1 \(usually 1000"),
+        ("evaluate", "bootstrap_resamples", 100.5, "evaluate.bootstrap_resamples must be a whole number of at least 1"),
+        ("evaluate", "calibration_bins", 0, r"evaluate.calibration_bins must be a whole number of at least 1 \(usually 10\), got 0"),
+        ("evaluate", "calibration_bins", True, "evaluate.calibration_bins must be a whole number of at least 1"),
         ("train", "batch_size", 0, "train.batch_size must be a whole number of at least 1, got 0"),
         ("validate", "min_side", 9000, r"0 < min_side <= max_side, got 9000 and 8192"),
         ("validate", "max_side", 0, "validate.min_side and validate.max_side"),
@@ -82,7 +86,8 @@ def test_a_layer_decay_outside_0_to_1_is_refused(value):
 )
 def test_a_value_out_of_its_range_is_refused_when_params_load_naming_the_field(section, key, value, message):
     """Refused before any stage runs: a target sensitivity of 85 would otherwise serve at threshold
-    1.0 (sensitivity 0), and a malformed fractured_share fail only after every image is decoded."""
+    1.0 (sensitivity 0), a malformed fractured_share fail only after every image is decoded, and 0
+    bootstrap resamples or calibration bins only after the test split is scored."""
     raw = raw_params()
     raw[section][key] = value
     with pytest.raises(ConfigError, match=message):

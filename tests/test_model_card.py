@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from fracture.data_config import DataConfig
-from fracture.model_card import render_model_card
+from fracture.model_card import render_model_card, version_description
 from fracture.workspace import TrainedModel
 
 MODEL = TrainedModel(
@@ -23,9 +23,11 @@ METRICS = {
     "average_precision": 0.787, "precision": 0.432, "f1": 0.587, "accuracy": 0.775,
     "ece": 0.0213, "brier": 0.0726, "threshold": 0.0884, "n_images": 494.0, "n_fractured": 86.0,
 }
-PARTS = {
-    "hand": {"n_images": 144, "n_fractured": 44, "roc_auc": 0.884, "recall": 0.93, "specificity": 0.53},
-    "hip": {"n_images": 21, "n_fractured": 0, "roc_auc": None, "recall": None, "specificity": 1.0},
+PARTS = {  # as fracture.evaluation.by_group gives them: Wilson intervals (hand 41 of 44, 53 of 100; hip 21 of 21)
+    "hand": {"n_images": 144, "n_fractured": 44, "roc_auc": 0.884, "recall": 0.9318, "specificity": 0.53,
+             "recall_ci_low": 0.8177, "recall_ci_high": 0.9765, "specificity_ci_low": 0.4329, "specificity_ci_high": 0.6249},
+    "hip": {"n_images": 21, "n_fractured": 0, "roc_auc": None, "recall": None, "specificity": 1.0,
+            "recall_ci_low": None, "recall_ci_high": None, "specificity_ci_low": 0.8454, "specificity_ci_high": 1.0},
 }
 
 
@@ -45,7 +47,12 @@ def test_card_states_what_a_reviewer_needs():
     assert "Sensitivity: 0.919 (95% CI 0.861–0.977)" in card
     assert "Specificity: 0.745 (95% CI 0.701–0.784)" in card
     assert "expected calibration error 0.021" in card and "Decision threshold 0.0884" in card
-    assert "| hip | 21 | 0 | n/a | n/a | 1.000 |" in card
+    assert "| body part | images | fractured | ROC AUC | sensitivity (95% CI) | specificity (95% CI) |" in card
+    assert "| hand | 144 | 44 | 0.884 | 0.932 (0.818–0.977) | 0.530 (0.433–0.625) |" in card
+    assert "| hip | 21 | 0 | n/a | n/a | 1.000 (0.845–1.000) |" in card
+    # The card says which interval each figure carries.
+    assert "ROC AUC's is a stratified percentile bootstrap" in card
+    assert "sensitivity's and specificity's (here and per body part) are Wilson score intervals" in card
     assert "224×224 px" in card and "epoch 4" in card and "- batch size: 16" in card
     assert "aspect: squash), enhancement: none, normalised with mean [0.5, 0.5, 0.5]; JPEGs decoded in full" in card
     assert "image-level" in card and "no patient identifier" in card
@@ -69,3 +76,19 @@ def test_the_card_names_its_own_recipe_its_intended_use_and_how_its_threshold_wa
     protocol = cpu[cpu.index("## How the recipe was chosen"):cpu.index("## Test metrics")]
     assert "- The decision threshold: fixed at evaluate.threshold 0.5." in protocol
     assert "chosen on the validation split" not in protocol
+
+
+def test_a_tiny_threshold_keeps_its_digits_in_the_card_and_the_registry_description():
+    """An overconfident network's val-chosen threshold can be 8e-06; four decimals printed 0.0000,
+    which read as 'call every image fractured' (sensitivity 1, specificity 0)."""
+    metrics = METRICS | {"threshold": 7.974010259204078e-06}
+    card = render_model_card(MODEL, {}, {"splits": {}}, metrics, PARTS, "chosen on val", "run42")
+    assert "- Decision threshold 7.974e-06 (chosen on val);" in card and "0.0000" not in card
+    described = version_description(
+        "tf_efficientnet_lite0", "cpu", (3, 224, 224), "squash", {f"test_{k}": v for k, v in metrics.items()}, "run42", None
+    )
+    assert "at the decision threshold 7.974e-06." in described and "0.0000" not in described
+    # An ordinary threshold reads as before.
+    assert "Decision threshold 0.5 (fixed)" in render_model_card(
+        MODEL, {}, {"splits": {}}, METRICS | {"threshold": 0.5}, PARTS, "fixed", "run42"
+    )

@@ -1,8 +1,9 @@
 """The evaluate stage: the decision threshold on val, then the test split, scored once.
 
-Writes the metrics with bootstrap intervals, calibration, per-body-part metrics, where the
-page's heat map points on the fractured test images' boxes (:mod:`fracture.localisation`), DVC
-plot tables, PNG plots and the model card, and logs them to the training run in MLflow.
+Writes the metrics with their intervals (ROC AUC's bootstrap, sensitivity's and specificity's
+Wilson), calibration, per-body-part metrics, where the page's heat map points on the fractured
+test images' boxes (:mod:`fracture.localisation`), DVC plot tables, PNG plots and the model
+card, and logs them to the training run in MLflow.
 """
 
 from __future__ import annotations
