@@ -138,7 +138,7 @@ def show_model(model: ServedModel, settings: PageSettings, detector: ServedDetec
                     f"- architecture: `{config.architecture}`",
                     *averaged,
                     f"- input: {data_config.input_size[1]} x {data_config.input_size[2]} px, `{data_config.aspect}`",
-                    f"- decision threshold: {config.threshold:.3f}",
+                    f"- decision threshold: {config.threshold:.4g}",
                     f"- training run: `{model.run_id}`",
                     f"- registry: `{settings.shown_uri}`",
                 ]
@@ -224,7 +224,7 @@ def show_boxes(
     n = len(found.boxes)
     if n:
         caption = (f"Fracture detector v{detector.version}: {n} box{'es' if n > 1 else ''} scored at least "
-                   f"{found.threshold:.3f} (highest {found.fracture_score:.3f})")
+                   f"{found.threshold:.4g} (highest {found.fracture_score:.3f})")
         if n > MAX_BOXES_DRAWN:
             caption += f"; the {MAX_BOXES_DRAWN} highest are drawn"
     else:

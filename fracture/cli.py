@@ -245,7 +245,7 @@ def _print_crossval(result: CrossvalResult) -> None:
     print(
         f"out-of-fold, {s['n_images']} images ({s['n_fractured']} fractured): ROC AUC {s['oof_roc_auc']:.4f} "
         f"(95% CI {s['oof_roc_auc_ci_low']:.4f}-{s['oof_roc_auc_ci_high']:.4f}); at threshold "
-        f"{s['oof_threshold']:.3f} sensitivity {s['oof_recall']:.3f}, specificity {s['oof_specificity']:.3f}"
+        f"{s['oof_threshold']:.4g} sensitivity {s['oof_recall']:.3f}, specificity {s['oof_specificity']:.3f}"
     )
 
 

@@ -270,7 +270,7 @@ def _description(run: Run, described: dict[str, object]) -> str:
         f"Test split: mAP@0.5 {m[SCORE]:.3f} (95% CI {m.get('test_map_50_ci_low', math.nan):.3f}-"
         f"{m.get('test_map_50_ci_high', math.nan):.3f}), mAP@0.5:0.95 {m.get('test_map', math.nan):.3f}; the top box "
         f"as a classifier: sensitivity {m.get('test_image_sensitivity', math.nan):.3f}, specificity "
-        f"{m.get('test_image_specificity', math.nan):.3f} at threshold {float(described['threshold']):.4f} (chosen on val)."
+        f"{m.get('test_image_specificity', math.nan):.3f} at threshold {float(described['threshold']):.4g} (chosen on val)."
     )
 
 

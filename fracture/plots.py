@@ -58,7 +58,7 @@ def save_evaluation_plots(
         fig, ax = plt.subplots(figsize=(5, 5))
         draw(ax)
         if name == "confusion.png":
-            ax.set_title(f"threshold {threshold:.3f}")
+            ax.set_title(f"threshold {threshold:.4g}")
         fig.tight_layout()
         path = out_dir / name
         fig.savefig(path, dpi=100)

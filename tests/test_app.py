@@ -372,7 +372,7 @@ def test_page_shows_the_registered_model_name_version_and_alias(monkeypatch, pag
     assert not at.exception and not at.error
     shown = " ".join(m.value for m in at.markdown)
     assert f"Model **{page_registry.name}**, version **1**, alias **@champion**" in shown
-    assert f"decision threshold: {page_registry.threshold:.3f}" in shown
+    assert f"decision threshold: {page_registry.threshold:.4g}" in shown
     # No list of endings: PACS files have none, or end in their UID's last number.
     assert not at.file_uploader[0].allowed_type
     assert at.info[0].value.startswith("Upload an X-ray")
