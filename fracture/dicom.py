@@ -17,9 +17,12 @@ export of it would look like, in the standard's order (PS3.4 Annex N, the graysc
    range, which maps as it is).
 
 Pixel Padding Value (and Range Limit) marks pixels that are not image: they are left out of the
-range step 2 takes from the image and shown black. Images FOR PROCESSING (raw detector data,
-which no viewer displays) are refused, as are files without the tags that describe their pixels
-and images of more than 16 bits per pixel.
+range step 2 takes from the image and shown black. Pixels that are not square (Pixel Spacing,
+Imager Pixel Spacing or Pixel Aspect Ratio unequal by more than 1%) are resampled to square ones
+along the coarser axis, so a round bone stays round (:func:`square_pixels`). Images FOR
+PROCESSING (raw detector data, which no viewer displays) are refused, as are files without the
+tags that describe their pixels, compressed frames whose size is not the header's, and images of
+more than 16 bits per pixel.
 
 Compressed transfer syntaxes decode through pydicom's pixel handlers: JPEG baseline, extended
 and lossless through ``pylibjpeg-libjpeg``, JPEG-LS through ``pyjpegls``, RLE natively.
@@ -40,11 +43,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from pydicom import dcmread, uid
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
-from pydicom.pixels import apply_modality_lut, apply_voi_lut
+from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
+from pydicom.sequence import Sequence
 from pydicom.valuerep import VR
 
 log = logging.getLogger(__name__)
@@ -98,13 +103,30 @@ MARKED_END = frozenset(
         uid.HTJ2K,
     }
 )
+#: Transfer syntaxes whose frames are JPEG or JPEG-LS codestreams (their size in a SOF segment)
+#: and JPEG 2000 ones (in the SIZ segment).
+JPEG_FAMILY = MARKED_END - {uid.JPEG2000Lossless, uid.JPEG2000, uid.HTJ2KLossless, uid.HTJ2KLosslessRPCL, uid.HTJ2K}
+#: JPEG's Start of Frame markers (SOF0-SOF15 less DHT C4, JPG C8 and DAC CC) and JPEG-LS's SOF55 (F7).
+_SOF = frozenset({*range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC} | {0xF7})
+#: Pixels are resampled to square ones when their height and width differ by more than this fraction.
+ASPECT_TOLERANCE = 0.01
+#: Pixels more than this many times as tall as wide (or wide as tall) are no radiograph's: the
+#: header is corrupt, and resampling to square pixels would multiply the pixels decoded by as much.
+MAX_PIXEL_ASPECT = 4.0
+#: Where a pixel's height and width are read from, in order: the spacing in the patient (or
+#: the calibrated plane), the spacing at the detector, then the bare ratio (PS3.3 C.7.6.3.1.7).
+#: Each holds the vertical (between rows) value first.
+ASPECT_TAGS = ("PixelSpacing", "ImagerPixelSpacing", "PixelAspectRatio")
 #: Group numbers a dataset written without the Part 10 preamble starts with: its file meta
 #: information (0002), or, in files older than Part 10, the first data element (0008).
 _RAW_START_GROUPS = (b"\x02\x00", b"\x08\x00")
 #: The two-letter value representations of explicit VR encoding.
 _VRS = frozenset(v.value.encode() for v in VR if len(v.value) == 2)
 #: Tags every image must hold for its pixels to be read, by keyword.
-PIXEL_TAGS = ("Rows", "Columns", "BitsAllocated", "BitsStored", "PixelRepresentation", "PhotometricInterpretation")
+PIXEL_TAGS = (
+    "Rows", "Columns", "SamplesPerPixel", "BitsAllocated", "BitsStored", "PixelRepresentation",
+    "PhotometricInterpretation",
+)
 
 
 class DicomRejected(ValueError):
@@ -226,15 +248,22 @@ def patient_key(issuer: str, patient: str) -> str:
 
 
 def check_complete(ds: Dataset) -> None:
-    """Checks that compressed pixel data is whole: its frame ends with the codestream's end marker.
+    """Checks that compressed pixel data is whole and is the image its header describes.
 
     pydicom hands a JPEG frame that stops early to pylibjpeg, which decodes it without complaint
     and fills the rows past the end with whatever the decoder left there. Such a file can be
     neither scored nor trained on as it stands, whatever ``on_truncated`` says for a JPEG file
     (whose missing rows Pillow fills with grey, the same in training and serving).
 
+    The codestream's own size must be Columns x Rows (PS3.5 8.2): pydicom decodes whatever the
+    codestream holds and reshapes it to the header's size, so a header with Rows and Columns
+    swapped gave scrambled pixels, and a codestream larger than its header was decoded in full
+    before anything noticed (past the size checks made on the header). The size is read from the
+    codestream's header (:func:`codestream_size`), before a pixel is decoded.
+
     Raises:
-        DicomRejected: the frame of a JPEG, JPEG-LS or JPEG 2000 transfer syntax lacks its end marker.
+        DicomRejected: the frame of a JPEG, JPEG-LS or JPEG 2000 transfer syntax lacks its end
+            marker, or its size is not the header's Columns x Rows.
     """
     syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     if syntax not in MARKED_END or "PixelData" not in ds:
@@ -252,16 +281,99 @@ def check_complete(ds: Dataset) -> None:
             f"has compressed pixel data ({syntax.name}) that ends early: the codestream stops before its end "
             "marker, so the file is cut short (an interrupted transfer or export); send the complete file"
         )
+    size = codestream_size(frame, jpeg=syntax in JPEG_FAMILY)
+    if size is None:
+        return  # a header this reader does not follow: the decoder judges the codestream
+    width, height = size
+    columns, rows = int(ds.Columns), int(ds.Rows)
+    # A JPEG may leave its height to a DNL marker after the first scan (height 0 in its SOF).
+    if width != columns or (height and height != rows):
+        shown = f"{width} x {height}" if height else f"{width} px wide"
+        raise DicomRejected(
+            f"has compressed pixel data ({syntax.name}) whose image is {shown} px (width x height) while its header "
+            f"declares Columns {columns} and Rows {rows}; the two must agree (PS3.5 8.2), or the pixels would be "
+            "misplaced: re-export the image from the PACS"
+        )
+
+
+def codestream_size(frame: bytes, jpeg: bool) -> tuple[int, int] | None:
+    """The (width, height) a JPEG, JPEG-LS or JPEG 2000 codestream declares, read from its header.
+
+    Pillow reads neither JPEG-LS nor 12-bit or lossless JPEG headers, so the segments are
+    followed here: JPEG and JPEG-LS to their Start of Frame (SOF0-15, SOF55: ITU-T T.81 B.2.2),
+    JPEG 2000 (HTJ2K too) to its SIZ segment (ISO/IEC 15444-1 A.5.1), inside a JP2 file's
+    codestream box if an encoder wrapped it in one.
+
+    Args:
+        frame: the codestream.
+        jpeg: a JPEG or JPEG-LS codestream; else JPEG 2000.
+
+    Returns:
+        The size, with height 0 where a JPEG leaves it to a DNL marker; ``None`` for a header
+        that cannot be followed.
+    """
+    return _jpeg_size(frame) if jpeg else _j2k_size(frame)
+
+
+def _jpeg_size(frame: bytes) -> tuple[int, int] | None:
+    if frame[:2] != b"\xff\xd8":
+        return None
+    offset = 2
+    while offset + 9 <= len(frame):
+        if frame[offset] != 0xFF:
+            return None
+        marker = frame[offset + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            offset += 1
+            continue
+        if marker in _SOF:  # FF Cn, length, precision, then height and width
+            width, height = frame[offset + 7 : offset + 9], frame[offset + 5 : offset + 7]
+            return int.from_bytes(width, "big"), int.from_bytes(height, "big")
+        if marker in (0xDA, 0xD9):  # Start of Scan or End of Image before any frame header
+            return None
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
+            offset += 2
+            continue
+        offset += 2 + int.from_bytes(frame[offset + 2 : offset + 4], "big")
+    return None
+
+
+def _j2k_size(frame: bytes) -> tuple[int, int] | None:
+    offset = 0
+    if frame[4:8] == b"jP  ":  # a JP2 file: its boxes, up to the contiguous codestream box (jp2c)
+        offset = None
+        at = 0
+        while at + 8 <= len(frame):
+            length, box = int.from_bytes(frame[at : at + 4], "big"), frame[at + 4 : at + 8]
+            if box == b"jp2c":
+                offset = at + 8
+                break
+            if length < 8:
+                return None
+            at += length
+        if offset is None:
+            return None
+    # SOC, then SIZ: length, capabilities, then Xsiz, Ysiz, XOsiz, YOsiz (4 bytes each).
+    siz = frame[offset : offset + 24]
+    if len(siz) < 24 or siz[:4] != b"\xff\x4f\xff\x51":
+        return None
+    xsiz, ysiz, xosiz, yosiz = (int.from_bytes(siz[i : i + 4], "big") for i in (8, 12, 16, 20))
+    if xosiz > xsiz or yosiz > ysiz:
+        return None
+    return xsiz - xosiz, ysiz - yosiz
 
 
 def check_radiograph(ds: Dataset, modalities: Iterable[str] = RADIOGRAPHY) -> tuple[int, int]:
-    """Checks that ``ds`` is one grayscale (or RGB) radiograph; returns its (width, height).
+    """Checks that ``ds`` is one grayscale (or RGB) radiograph; returns the (width, height) of the
+    image :func:`to_display` makes of it (Columns x Rows, unless its pixels are resampled to square
+    ones: :func:`display_size`), so that size limits hold for what is decoded and shown.
 
     Raises:
         DicomRejected: no pixel data (a report, PDF or other non-image object), more than one
             frame, a modality not in ``modalities``, a photometric interpretation other
             than MONOCHROME1, MONOCHROME2 or 8-bit colour (RGB, YBR_FULL, YBR_FULL_422), or
-            more than 16 bits a pixel.
+            more than 16 bits a pixel; a missing tag that describes the pixels (named); pixels
+            more than :data:`MAX_PIXEL_ASPECT` times as tall as wide or the reverse.
     """
     sop = str(ds.get("SOPClassUID", "") or _file_meta(ds).get("MediaStorageSOPClassUID", ""))
     what = NOT_IMAGES.get(sop) or ("a structured report" if sop.startswith(STRUCTURED_REPORTS) else None)
@@ -295,6 +407,19 @@ def check_radiograph(ds: Dataset, modalities: Iterable[str] = RADIOGRAPHY) -> tu
             f"has photometric interpretation {photometric or '(none)'} ({bits}-bit); the model reads "
             "MONOCHROME1, MONOCHROME2 or 8-bit colour (RGB, YBR_FULL, YBR_FULL_422) radiographs"
         )
+    samples = int(ds.SamplesPerPixel)
+    if samples != (1 if photometric in MONOCHROME else 3):
+        raise DicomRejected(
+            f"has Samples per Pixel {samples} with photometric interpretation {photometric}, which has "
+            f"{1 if photometric in MONOCHROME else 3} (PS3.3 C.7.6.3.1.1); the header is corrupt: re-export the image "
+            "from the PACS"
+        )
+    # Type 1C for colour (PS3.3 C.7.6.3.1.3); pydicom's decoders need it, compressed or not.
+    if samples > 1 and ds.get("PlanarConfiguration") is None:
+        raise DicomRejected(
+            "lacks PlanarConfiguration, which says how its colour samples are laid out; the file is incomplete: "
+            "re-export the image from the PACS"
+        )
     stored = int(ds.get("BitsStored") or 0)
     if bits > MAX_BITS or stored > MAX_BITS:
         raise DicomRejected(
@@ -327,7 +452,73 @@ def check_radiograph(ds: Dataset, modalities: Iterable[str] = RADIOGRAPHY) -> tu
     slope = ds.get("RescaleSlope")
     if slope is not None and not ds.get("ModalityLUTSequence") and float(slope) == 0:
         raise DicomRejected("has RescaleSlope 0, which maps every pixel to one value; the header is corrupt")
-    return int(ds.Columns), int(ds.Rows)
+    aspect = pixel_aspect(ds)
+    if aspect is not None and max(aspect[0], 1 / aspect[0]) > MAX_PIXEL_ASPECT:
+        ratio, tag = aspect
+        raise DicomRejected(
+            f"has {tag} {_values(ds.get(tag))}: pixels {max(ratio, 1 / ratio):g} times as "
+            f"{'tall as wide' if ratio > 1 else 'wide as tall'}, where a radiograph's are square or nearly "
+            f"(at most {MAX_PIXEL_ASPECT:g} apart here); the header is corrupt: re-export the image from the PACS"
+        )
+    return display_size(ds)
+
+
+def _values(value: object) -> str:
+    """A multi-valued attribute as DICOM writes it (``0.2\\0.1``)."""
+    return "\\".join(f"{float(v):g}" for v in value) if isinstance(value, (MultiValue, list, tuple)) else str(value)
+
+
+def pixel_aspect(ds: Dataset) -> tuple[float, str] | None:
+    """A pixel's height over its width, and the attribute it is read from; ``None`` when the
+    header gives none (square pixels, as a viewer assumes).
+
+    From the first of :data:`ASPECT_TAGS` that holds two positive numbers: Pixel Spacing, Imager
+    Pixel Spacing (row spacing, then column spacing, in mm) or Pixel Aspect Ratio (vertical,
+    then horizontal). One that cannot be read (a wrong count, a value that is not a number, 0)
+    says nothing, and the next one is read.
+    """
+    for tag in ASPECT_TAGS:
+        try:
+            value = ds.get(tag)
+            if value is None:
+                continue
+            vertical, horizontal = (float(v) for v in value)
+        except (TypeError, ValueError, OverflowError):  # a count other than 2, or not numbers
+            log.debug("DICOM %s unreadable, ignored", tag, exc_info=True)
+            continue
+        if np.isfinite(vertical) and np.isfinite(horizontal) and vertical > 0 and horizontal > 0:
+            return vertical / horizontal, tag
+    return None
+
+
+def display_size(ds: Dataset) -> tuple[int, int]:
+    """The (width, height) :func:`to_display` gives ``ds``: Columns x Rows, with the axis along
+    which pixels are coarser stretched to square pixels when their height and width differ by
+    more than :data:`ASPECT_TOLERANCE` (upsampled, as MONAI's ``Spacing`` and viewers resample,
+    so no detail along the finer axis is lost)."""
+    width, height = int(ds.Columns), int(ds.Rows)
+    aspect = pixel_aspect(ds)
+    if aspect is None or max(aspect[0], 1 / aspect[0]) <= 1 + ASPECT_TOLERANCE:
+        return width, height
+    ratio = aspect[0]
+    if ratio > 1:  # taller than wide: more rows
+        return width, max(1, round(height * ratio))
+    return max(1, round(width / ratio)), height
+
+
+def square_pixels(display: np.ndarray, ds: Dataset) -> np.ndarray:
+    """``display`` resampled to :func:`display_size` (bilinear, MONAI's ``Spacing`` default), or
+    ``display`` itself when its pixels are square."""
+    height, width = display.shape[:2]
+    size = display_size(ds)
+    if size == (width, height):
+        return display
+    ratio, tag = pixel_aspect(ds) or (1.0, "")
+    log.info(
+        "DICOM pixels %g times as tall as wide (%s %s): resampled from %d x %d to %d x %d px, square pixels",
+        ratio, tag, _values(ds.get(tag)), width, height, *size,
+    )
+    return np.asarray(Image.fromarray(display).resize(size, Image.Resampling.BILINEAR))
 
 
 def voi_range(ds: Dataset, values: np.ndarray) -> tuple[float, float]:
@@ -355,8 +546,50 @@ def voi_range(ds: Dataset, values: np.ndarray) -> tuple[float, float]:
     return float(values.min()), float(values.max())
 
 
+def _signed(value: int) -> int:
+    """A 16-bit value of a signed image written with VR US read as the signed value it encodes
+    (32768 is -32768): the standard lets such values be US or SS, and a signed image's are SS in
+    meaning (PS3.3 C.7.5.1.1.2, C.11.2.1.1); pydicom resolves the VR only in implicit VR files."""
+    return value - 2**16 if value >= 2**15 else value
+
+
+def _voi_dataset(ds: Dataset) -> Dataset:
+    """``ds`` as pydicom's ``apply_voi_lut`` must see it; a shallow copy where it differs, so the
+    caller's dataset is never changed.
+
+    - With a Modality LUT Sequence, Rescale Slope and Intercept are left out: the LUT is the
+      modality transform (PS3.3 C.11.1), and pydicom's windowing would rescale its output range
+      with them all the same, squeezing the contrast.
+    - A signed image's VOI LUT Descriptor whose first mapped value was written as US (63488 for
+      -2048) gets its signed value: pydicom compares the image with it and overflows.
+    """
+    drop = [tag for tag in ("RescaleSlope", "RescaleIntercept") if tag in ds] if ds.get("ModalityLUTSequence") else []
+    voi = ds.get("VOILUTSequence")
+    item = voi[0] if voi else None
+    descriptor = item.get("LUTDescriptor") if item is not None else None
+    unsigned_first = (
+        descriptor is not None
+        and len(descriptor) == 3
+        and int(ds.PixelRepresentation) == 1
+        and int(descriptor[1]) >= 2**15
+    )
+    if not drop and not unsigned_first:
+        return ds
+    # Dataset(ds) and copy.copy share the elements' dictionary: a new one, of the same elements.
+    view = Dataset(dict(ds.items()))
+    for tag in drop:
+        del view[tag]
+    if unsigned_first:
+        fixed = Dataset(dict(item.items()))
+        entries, first, bits = (int(v) for v in descriptor)
+        fixed["LUTDescriptor"] = DataElement(0x00283002, "US or SS", [entries, _signed(first), bits])
+        view["VOILUTSequence"] = DataElement(0x00283010, "SQ", Sequence([fixed, *voi[1:]]))
+    return view
+
+
 def _apply_voi(values: np.ndarray, ds: Dataset) -> np.ndarray:
-    """pydicom's ``apply_voi_lut`` (the first VOI LUT, else the first window).
+    """pydicom's ``apply_voi_lut`` (the first VOI LUT, else the first window), on
+    :func:`_voi_dataset`.
 
     pydicom 3.0 indexes a VOI LUT of 8-bit entries with 8-bit integers, so an index past 255
     wraps round: a value more than 255 above the first mapped one, whatever the LUT's length.
@@ -365,6 +598,7 @@ def _apply_voi(values: np.ndarray, ds: Dataset) -> np.ndarray:
     256 entries, by clipping the values into the mapped range before pydicom looks them up;
     with more (as some CR modalities write), by looking them up here.
     """
+    ds = _voi_dataset(ds)
     voi = ds.get("VOILUTSequence")
     if voi and voi[0].get("LUTDescriptor") is not None and voi[0].get("LUTData") is not None:
         entries, first, bits = (int(v) for v in voi[0].LUTDescriptor)
@@ -380,22 +614,24 @@ def _apply_voi(values: np.ndarray, ds: Dataset) -> np.ndarray:
 
 
 def to_display(ds: Dataset) -> np.ndarray:
-    """Decodes a checked radiograph into 8-bit display values (H x W, or H x W x 3 for RGB).
+    """Decodes a checked radiograph into 8-bit display values (H x W, or H x W x 3 for RGB), with
+    square pixels (:func:`square_pixels`).
 
     Raises:
-        DicomRejected: the pixel data is cut short (:func:`check_complete`) or cannot be decoded
-            (a missing decoder names the package).
+        DicomRejected: the pixel data is cut short (:func:`check_complete`, :func:`check_length`),
+            disagrees with the header's size, or cannot be decoded (a missing decoder names the
+            transfer syntax; damaged compressed data says so).
     """
     check_complete(ds)
+    check_length(ds)
     try:
         pixels = ds.pixel_array
     except (ValueError, RuntimeError, NotImplementedError, AttributeError, OSError) as exc:
-        syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
-        name = getattr(syntax, "name", str(syntax))
-        raise DicomRejected(
-            f"has pixel data that cannot be decoded (transfer syntax {name}): {exc}. Send the image uncompressed "
-            "(Explicit VR Little Endian) or as JPEG, JPEG-LS, JPEG 2000 or RLE"
-        ) from exc
+        raise undecodable(ds, exc) from exc
+    return square_pixels(_display(pixels, ds), ds)
+
+
+def _display(pixels: np.ndarray, ds: Dataset) -> np.ndarray:
     if str(ds.PhotometricInterpretation) in COLOUR:  # YCbCr arrives as RGB (pydicom's as_rgb)
         return np.ascontiguousarray(pixels.astype(np.uint8))
     if pixels.dtype.kind not in "iu":
@@ -415,14 +651,75 @@ def to_display(ds: Dataset) -> np.ndarray:
     return _display_values(levels, ds, levels[present])[offsets]
 
 
+def check_length(ds: Dataset) -> None:
+    """Checks that uncompressed pixel data holds the bytes its header says it needs.
+
+    Raises:
+        DicomRejected: fewer bytes than Rows x Columns x Samples per Pixel x Bits Allocated:
+            the file is cut short.
+    """
+    syntax = _file_meta(ds).get("TransferSyntaxUID")
+    if syntax is None or syntax.is_encapsulated or "PixelData" not in ds:
+        return
+    rows, columns = int(ds.Rows), int(ds.Columns)
+    samples, bits = int(ds.get("SamplesPerPixel") or 1), int(ds.BitsAllocated)
+    needed = (rows * columns * samples * bits + 7) // 8
+    held = len(ds.PixelData)
+    if held < needed:
+        raise DicomRejected(
+            f"has pixel data that cannot be decoded: it is cut short, {held:,} bytes where Rows x Columns x "
+            f"Samples per Pixel x Bits Allocated ({rows} x {columns} x {samples} x {bits} bits) need {needed:,} "
+            "(an interrupted transfer or export); send the complete file"
+        )
+
+
+def undecodable(ds: Dataset, exc: Exception) -> DicomRejected:
+    """The refusal of pixel data pydicom fails to decode, saying what is wrong.
+
+    A compressed transfer syntax no installed decoder reads is told to come uncompressed or in
+    one that is read; compressed data the decoder is there for but fails on is damaged or cut
+    short (RLE has no end marker to tell it by beforehand); uncompressed data that fails
+    (:func:`check_length` has passed it) has a header that does not describe it.
+    """
+    syntax = _file_meta(ds).get("TransferSyntaxUID")
+    name = getattr(syntax, "name", str(syntax))
+    detail = " ".join(str(exc).split())
+    if syntax is not None and syntax.is_encapsulated and not _decoder_available(syntax):
+        return DicomRejected(
+            f"has pixel data that cannot be decoded (transfer syntax {name}): {detail}. Send the image uncompressed "
+            "(Explicit VR Little Endian) or as JPEG, JPEG-LS, JPEG 2000 or RLE"
+        )
+    if syntax is not None and syntax.is_encapsulated:
+        return DicomRejected(
+            f"has compressed pixel data ({name}) that cannot be decoded: {detail}. The data is damaged or cut short "
+            "(an interrupted transfer or export); send the complete file as the modality or PACS wrote it"
+        )
+    return DicomRejected(
+        f"has pixel data that cannot be decoded ({name}): {detail}. Its header (group 0028: rows, columns, "
+        "bits) does not describe the data; re-export the image from the PACS"
+    )
+
+
+def _decoder_available(syntax: uid.UID) -> bool:
+    """Whether pydicom has a decoder for ``syntax`` whose plugin's packages are installed."""
+    try:
+        return bool(get_decoder(syntax).is_available)
+    except NotImplementedError:
+        return False
+
+
 def padding(stored: np.ndarray, ds: Dataset) -> np.ndarray | None:
     """Which stored values are padding, not image: Pixel Padding Value, up to Pixel Padding
-    Range Limit when the header gives one (PS3.3 C.7.5.1.1.2); ``None`` when it declares none."""
+    Range Limit when the header gives one (PS3.3 C.7.5.1.1.2); ``None`` when it declares none.
+    A signed image's values written with VR US are read as the signed ones they encode."""
     value = ds.get("PixelPaddingValue")
     if value is None or str(ds.get("PhotometricInterpretation") or "") not in MONOCHROME:
         return None
     limit = ds.get("PixelPaddingRangeLimit")
-    low, high = sorted((int(value), int(value if limit is None else limit)))
+    bounds = [int(value), int(value if limit is None else limit)]
+    if int(ds.get("PixelRepresentation") or 0) == 1:  # written as US, as explicit VR files may
+        bounds = [_signed(v) for v in bounds]
+    low, high = sorted(bounds)
     return (stored >= low) & (stored <= high)
 
 

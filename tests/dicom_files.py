@@ -154,6 +154,45 @@ def without_preamble(data: bytes, file_meta: bool = True) -> bytes:
     return buf.getvalue()
 
 
+def codestream(pixels: np.ndarray, kind: str) -> bytes:
+    """``pixels`` (uint8, H x W) encoded as one frame of ``kind``: ``JPEG`` (baseline, Pillow),
+    ``JPEG 2000`` (lossless, Pillow's OpenJPEG, a bare codestream) or ``JPEG-LS`` (CharLS)."""
+    if kind == "JPEG-LS":
+        import jpeg_ls  # noqa: PLC0415 - pyjpegls, pydicom's JPEG-LS plugin
+
+        return jpeg_ls.encode(pixels).tobytes()
+    buf = io.BytesIO()
+    if kind == "JPEG":
+        Image.fromarray(pixels).save(buf, "JPEG", quality=95)
+    else:
+        Image.fromarray(pixels).save(buf, "JPEG2000", no_jp2=True, irreversible=False)
+    return buf.getvalue()
+
+
+#: The transfer syntax each :func:`codestream` kind is sent in.
+CODESTREAM_SYNTAX = {
+    "JPEG": "1.2.840.10008.1.2.4.50",
+    "JPEG 2000": "1.2.840.10008.1.2.4.90",
+    "JPEG-LS": "1.2.840.10008.1.2.4.80",
+}
+
+
+def encapsulated(frame: bytes, kind: str, rows: int, columns: int) -> bytes:
+    """An 8-bit MONOCHROME2 DX whose one frame is ``frame`` (a :func:`codestream` of ``kind``)
+    and whose header declares ``rows`` x ``columns``, which an exporter may get wrong. The
+    window (centre 128, width 256) shows the stored values as they are."""
+    ds = _dataset()
+    ds.WindowCenter, ds.WindowWidth = 128, 256
+    ds.file_meta.TransferSyntaxUID = CODESTREAM_SYNTAX[kind]
+    ds.Rows, ds.Columns = rows, columns
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit, ds.PixelRepresentation = 7, 0
+    ds.PixelData = encapsulate([frame])
+    ds["PixelData"].VR = "OB"
+    return to_bytes(ds)
+
+
 def multiframe(jpeg: Path) -> bytes:
     x = grey_pixels(jpeg)
     ds = _dataset()

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
+from PIL import Image
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
+from pydicom.uid import RLELossless
 
 from fracture.decoding import open_xray
 from fracture.dicom import (
@@ -23,9 +27,11 @@ from tests.conftest import require_fracatlas
 from tests.dicom_files import (
     ENCODINGS,
     _dataset,
+    codestream,
     cut_short,
     dicom_from_jpeg,
     dicomdir,
+    encapsulated,
     encapsulated_pdf,
     grey_pixels,
     multiframe,
@@ -430,3 +436,201 @@ def test_a_colour_dicom_in_ycbcr_is_read_as_rgb():
     image = read_xray(to_bytes(ds), InputPolicy(min_side=32)).image
     assert image.mode == "RGB"
     np.testing.assert_array_equal(np.asarray(image), dcmread(path).pixel_array)
+
+
+def _banded() -> np.ndarray:
+    """100 rows x 200 columns: the left half bright, a dark band across rows 40-59."""
+    pixels = np.zeros((100, 200), np.uint8)
+    pixels[:, :100] = 200
+    pixels[40:60, :] = 90
+    return pixels
+
+
+@pytest.mark.parametrize("kind", ["JPEG", "JPEG 2000", "JPEG-LS"])
+def test_a_compressed_frame_whose_size_disagrees_with_rows_and_columns_is_refused(kind):
+    """PS3.5 8.2: the codestream's size is the header's. pydicom reshaped a 200 x 100 frame into a
+    header's 100 x 200 and the scrambled pixels were scored."""
+    frame = codestream(_banded(), kind)
+    shown = np.asarray(read_xray(encapsulated(frame, kind, 100, 200), InputPolicy(min_side=32)).image).astype(int)
+    assert np.abs(shown - _banded()).max() <= 3  # the header agrees: read as before
+    with pytest.raises(
+        InputRejected,
+        match=r"^is DICOM but has compressed pixel data \(.*\) whose image is 200 x 100 px \(width x height\) while "
+        r"its header declares Columns 100 and Rows 200; the two must agree \(PS3.5 8.2\).*re-export the image",
+    ):
+        read_xray(encapsulated(frame, kind, 200, 100), InputPolicy(min_side=32))
+
+
+def test_a_codestream_larger_than_its_header_is_refused_before_it_is_decoded(monkeypatch):
+    """A 2000 x 1000 codestream behind a 200 x 100 header passed the header's size check and was
+    decoded in full (2 megapixels under a 0.1 megapixel limit) before pydicom failed on it."""
+    data = encapsulated(codestream(np.tile(_banded(), (10, 10)), "JPEG"), "JPEG", 100, 200)
+    monkeypatch.setattr(Dataset, "pixel_array", property(lambda ds: pytest.fail("the frame was decoded")))
+    with pytest.raises(InputRejected, match=r"whose image is 2000 x 1000 px .* Columns 200 and Rows 100"):
+        read_xray(data, InputPolicy(min_side=32, max_pixels=100_000))
+
+
+def _lut_ramp(ds: Dataset) -> None:
+    """A 12-bit ramp through a Modality LUT Sequence x 16, windowed over the LUT's whole output."""
+    _ramp(ds, 0, 4095)
+    item = Dataset()
+    item.LUTDescriptor, item.LUTData = [4096, 0, 16], list(range(0, 4096 * 16, 16))
+    item["LUTData"].VR = "US"
+    item.ModalityLUTType = "US"
+    ds.ModalityLUTSequence = Sequence([item])
+    ds.WindowCenter, ds.WindowWidth = 32768, 65536
+
+
+def test_a_modality_lut_sequence_outranks_a_rescale_in_the_window_too():
+    """PS3.3 C.11.1: with a Modality LUT Sequence, Rescale Slope and Intercept are not used. The
+    modality LUT step ignored them, but pydicom's window still rescaled its range with them, which
+    squeezed the image into 0..63."""
+    plain = _dataset()
+    _lut_ramp(plain)
+    expected = np.asarray(dicom_to_image(to_bytes(plain)))
+    assert (expected.min(), expected.max()) == (0, 255)
+    both = dcmread(io.BytesIO(to_bytes(plain)))
+    both.RescaleSlope, both.RescaleIntercept = 0.25, 0
+    np.testing.assert_array_equal(to_display(both), expected)
+    assert (both.RescaleSlope, both.RescaleIntercept) == (0.25, 0)  # the caller's dataset is left as it was
+
+
+def _signed_padded(vr: str) -> bytes:
+    """A signed 16-bit ramp (-1000..3000) padded with -32768 in its first 8 columns, the padding value written as ``vr``."""
+    pixels = np.tile(np.linspace(-1000, 3000, 64).round().astype(np.int16), (64, 1))
+    pixels[:, :8] = -32768
+    ds = _dataset()
+    ds.set_pixel_data(pixels, "MONOCHROME2", 16)
+    ds.PixelPaddingValue, ds.PixelPaddingRangeLimit = (-32768, -32000) if vr == "SS" else (32768, 33536)
+    ds["PixelPaddingValue"].VR = ds["PixelPaddingRangeLimit"].VR = vr
+    return to_bytes(ds)
+
+
+def test_a_signed_images_padding_written_as_us_is_read_as_the_signed_value():
+    """Pixel Padding Value may be US or SS; a signed image's 32768 is -32768. Read as 32768 the
+    padding went unrecognised and set the range, and the image came out near white."""
+    expected = np.asarray(dicom_to_image(_signed_padded("SS")))
+    assert (expected[:, :8] == 0).all() and (expected[:, 8:].min(), expected[:, 8:].max()) == (0, 255)
+    np.testing.assert_array_equal(np.asarray(dicom_to_image(_signed_padded("US"))), expected)
+
+
+def _signed_voi_lut(first: int, vr: str) -> bytes:
+    ds = _dataset()
+    ds.set_pixel_data(np.tile(np.linspace(-2048, 2047, 64).round().astype(np.int16), (64, 1)), "MONOCHROME2", 12)
+    item = Dataset()
+    item.LUTDescriptor = [4096, first, 16]
+    item["LUTDescriptor"].VR = vr
+    item.LUTData = [v * 16 for v in range(4096)]
+    item["LUTData"].VR = "US"
+    ds.VOILUTSequence = Sequence([item])
+    return to_bytes(ds)
+
+
+def test_a_signed_images_voi_lut_first_value_written_as_us_is_read_as_the_signed_value():
+    """A VOI LUT Descriptor's first mapped value may be US or SS; a signed image's 63488 is -2048.
+    pydicom overflowed on it and the file was refused as unreadable."""
+    expected = np.asarray(dicom_to_image(_signed_voi_lut(-2048, "SS")))
+    assert (expected.min(), expected.max()) == (0, 255)
+    ds = dcmread(io.BytesIO(_signed_voi_lut(63488, "US")))
+    np.testing.assert_array_equal(to_display(ds), expected)
+    assert list(ds.VOILUTSequence[0].LUTDescriptor) == [4096, 63488, 16]  # the caller's dataset is left as it was
+
+
+def _rle_cut_short() -> bytes:
+    from pydicom.encaps import encapsulate, generate_frames
+
+    ds = _dataset()
+    ds.set_pixel_data(np.random.default_rng(0).integers(0, 4096, (64, 64)).astype(np.uint16), "MONOCHROME2", 12)
+    ds.compress(RLELossless)
+    frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    ds.PixelData = encapsulate([frame[: len(frame) * 9 // 10 // 2 * 2]])
+    return to_bytes(ds)
+
+
+def _colour_without_planar(syntax) -> bytes:
+    """An RGB image whose Planar Configuration (type 1C for colour) is missing, as stored or compressed:
+    pydicom's decoders need it either way."""
+    ds = _dataset()
+    ds.set_pixel_data(np.random.default_rng(0).integers(0, 255, (32, 32, 3)).astype(np.uint8), "RGB", 8)
+    if syntax is not None:
+        ds.compress(syntax)
+    del ds.PlanarConfiguration
+    return to_bytes(ds)
+
+
+def _twelve_bit(edit) -> bytes:
+    ds = _dataset()
+    _ramp(ds, 0, 4095)
+    edit(ds)
+    return to_bytes(ds)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: _twelve_bit(lambda ds: delattr(ds, "SamplesPerPixel")),
+         r"lacks SamplesPerPixel, which describe its pixels; the file is incomplete$"),
+        (lambda: _twelve_bit(lambda ds: setattr(ds, "PixelData", ds.PixelData[:-2])),
+         r"has pixel data that cannot be decoded: it is cut short, 8,190 bytes where Rows x Columns x Samples per "
+         r"Pixel x Bits Allocated \(64 x 64 x 1 x 16 bits\) need 8,192 .*; send the complete file$"),
+        (lambda: _twelve_bit(lambda ds: setattr(ds, "SamplesPerPixel", 3)),
+         r"has Samples per Pixel 3 with photometric interpretation MONOCHROME2, which has 1"),
+        (_rle_cut_short, r"has compressed pixel data \(RLE Lossless\) that cannot be decoded: .*The data is damaged "
+         r"or cut short .*; send the complete file as the modality or PACS wrote it$"),
+        (lambda: _colour_without_planar(None), r"lacks PlanarConfiguration, which says how its colour samples"),
+        (lambda: _colour_without_planar(RLELossless), r"lacks PlanarConfiguration, which says how its colour samples"),
+    ],
+    ids=["no Samples per Pixel", "native cut short", "3 samples of MONOCHROME2", "RLE cut short",
+         "RGB without Planar Configuration", "RLE RGB without Planar Configuration"],
+)
+def test_a_broken_header_or_cut_short_pixel_data_is_told_what_is_wrong(make, message):
+    """Only a transfer syntax no decoder reads is told to send another one; these were all told
+    their transfer syntax (Explicit VR Little Endian, or RLE) could not be decoded."""
+    with pytest.raises(InputRejected, match="^is DICOM but " + message) as info:
+        read_xray(make(), InputPolicy())
+    assert "Send the image uncompressed" not in str(info.value)
+
+
+def _spaced(tag: str, value: list[float]) -> tuple[bytes, np.ndarray]:
+    """100 rows x 200 columns holding a disc 50 px tall and 100 px wide: round when a row is
+    twice as far apart as a column, as ``value`` (vertical first) may say."""
+    yy, xx = np.mgrid[0:100, 0:200]
+    pixels = np.where(((yy - 50) / 25) ** 2 + ((xx - 100) / 50) ** 2 <= 1, 220, 30).astype(np.uint8)
+    ds = _dataset()
+    ds.set_pixel_data(pixels, "MONOCHROME2", 8)
+    if tag:
+        setattr(ds, tag, value)
+    return to_bytes(ds), pixels
+
+
+@pytest.mark.parametrize(
+    ("tag", "value", "size"),
+    [
+        ("PixelSpacing", [0.2, 0.1], (200, 200)),
+        ("ImagerPixelSpacing", [0.2, 0.1], (200, 200)),
+        ("PixelAspectRatio", [2, 1], (200, 200)),
+        ("PixelSpacing", [0.1, 0.15], (300, 100)),
+    ],
+)
+def test_pixels_that_are_not_square_are_resampled_to_square_ones(tag, value, size):
+    """A physical square must stay square for ``aspect: pad`` and the detector: the coarser axis is
+    upsampled (bilinear), keeping the finer resolution, as MONAI's Spacing does."""
+    data, _ = _spaced(tag, value)
+    image = read_xray(data, InputPolicy()).image
+    assert image.size == size
+    stored = dicom_to_image(_spaced("", [])[0])  # the same pixels, square
+    np.testing.assert_array_equal(np.asarray(image), np.asarray(stored.resize(size, Image.Resampling.BILINEAR)))
+    if size == (200, 200):  # the disc is round again: as tall as it is wide
+        shown = np.asarray(image) > 125
+        assert abs(shown.any(axis=1).sum() - shown.any(axis=0).sum()) <= 2
+
+
+def test_pixels_square_within_1_percent_are_read_as_they_are():
+    data, _ = _spaced("PixelSpacing", [0.1005, 0.1])
+    np.testing.assert_array_equal(np.asarray(dicom_to_image(data)), np.asarray(dicom_to_image(_spaced("", [])[0])))
+
+
+def test_pixels_far_from_square_are_refused_as_a_corrupt_header():
+    data, _ = _spaced("PixelSpacing", [1.0, 0.1])
+    with pytest.raises(InputRejected, match=r"^is DICOM but has PixelSpacing 1\\0.1: pixels 10 times as tall as wide"):
+        read_xray(data, InputPolicy())
