@@ -214,7 +214,12 @@ def _read_dicom(data: bytes, policy: InputPolicy) -> Xray:
     except Exception as exc:  # noqa: BLE001
         raise _unreadable("pixel data", exc) from exc
     mode = f"{ds.PhotometricInterpretation} {int(ds.BitsStored)}-bit"
-    return Xray(Image.fromarray(display), "DICOM", mode)
+    stored = (int(ds.Columns), int(ds.Rows))
+    notes = () if (width, height) == stored else (
+        f"its pixels are not square (its header's spacing): resampled from {stored[0]} x {stored[1]} to "
+        f"{width} x {height} px before scoring",
+    )
+    return Xray(Image.fromarray(display), "DICOM", mode, notes)
 
 
 def _read_picture(data: bytes, policy: InputPolicy, draft: tuple[int, int] | None) -> Xray:

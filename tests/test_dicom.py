@@ -616,8 +616,12 @@ def test_pixels_that_are_not_square_are_resampled_to_square_ones(tag, value, siz
     """A physical square must stay square for ``aspect: pad`` and the detector: the coarser axis is
     upsampled (bilinear), keeping the finer resolution, as MONAI's Spacing does."""
     data, _ = _spaced(tag, value)
-    image = read_xray(data, InputPolicy()).image
+    xray = read_xray(data, InputPolicy())
+    image = xray.image
     assert image.size == size
+    # The consumer is told, in the row's notes, what was done to the pixels it sent.
+    assert xray.warnings == (f"its pixels are not square (its header's spacing): resampled from 200 x 100 to "
+                             f"{size[0]} x {size[1]} px before scoring",)
     stored = dicom_to_image(_spaced("", [])[0])  # the same pixels, square
     np.testing.assert_array_equal(np.asarray(image), np.asarray(stored.resize(size, Image.Resampling.BILINEAR)))
     if size == (200, 200):  # the disc is round again: as tall as it is wide
@@ -628,6 +632,7 @@ def test_pixels_that_are_not_square_are_resampled_to_square_ones(tag, value, siz
 def test_pixels_square_within_1_percent_are_read_as_they_are():
     data, _ = _spaced("PixelSpacing", [0.1005, 0.1])
     np.testing.assert_array_equal(np.asarray(dicom_to_image(data)), np.asarray(dicom_to_image(_spaced("", [])[0])))
+    assert read_xray(data, InputPolicy()).warnings == ()
 
 
 def test_pixels_far_from_square_are_refused_as_a_corrupt_header():
