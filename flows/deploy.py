@@ -30,9 +30,10 @@ from prefect.exceptions import ObjectNotFound
 from prefect.flows import EntrypointType
 from prefect.schedules import Cron
 from prefect.settings import PREFECT_API_URL
+from pydantic import ValidationError
 
 from flows.retrain import retrain
-from fracture.config import ConfigError, Params, load_params
+from fracture.config import ConfigError, Params, ScheduleParams, load_params
 
 if TYPE_CHECKING:
     from prefect.deployments.runner import RunnerDeployment
@@ -65,11 +66,14 @@ def build_deployment(
         The deployment, not yet sent to the Prefect API.
 
     Raises:
-        ConfigError: the cron string is not valid.
+        ConfigError: Prefect refuses the cron string, the time zone or another setting of the
+            schedule section; the message names the field.
     """
     s = params.schedule
     try:
         schedule = Cron(s.cron, timezone=s.timezone)
+    except ValidationError as exc:
+        raise _schedule_error(s, exc) from None
     except ValueError as exc:
         raise ConfigError(f"params.yaml: schedule.cron {s.cron!r} is not a valid cron string: {exc}") from None
     parameters: dict[str, Any] = {"project_dir": project_dir}
@@ -77,21 +81,47 @@ def build_deployment(
         parameters["source"] = source
     if profile:
         parameters["profile"] = profile
-    return retrain.to_deployment(
-        name=s.deployment,
-        schedule=schedule,
-        # A run that falls due while one is going waits for it instead of retraining in parallel
-        # on the same DVC workspace.
-        concurrency_limit=ConcurrencyLimitConfig(
-            limit=s.concurrency_limit, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE
-        ),
-        parameters=parameters,
-        description=f"Scheduled retraining ({s.cron}, {s.timezone}): reproduces the DVC pipeline and "
-        "registers the model; promotes it to champion only when it beats the current one.",
-        tags=TAGS,
-        work_pool_name=work_pool,
-        job_variables=dict(s.job_variables) if work_pool else None,
-        entrypoint_type=EntrypointType.MODULE_PATH,
+    try:
+        return retrain.to_deployment(
+            name=s.deployment,
+            schedule=schedule,
+            # A run that falls due while one is going waits for it instead of retraining in parallel
+            # on the same DVC workspace.
+            concurrency_limit=ConcurrencyLimitConfig(
+                limit=s.concurrency_limit, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE
+            ),
+            parameters=parameters,
+            description=f"Scheduled retraining ({s.cron}, {s.timezone}): reproduces the DVC pipeline and "
+            "registers the model; promotes it to champion only when it beats the current one.",
+            tags=TAGS,
+            work_pool_name=work_pool,
+            job_variables=dict(s.job_variables) if work_pool else None,
+            entrypoint_type=EntrypointType.MODULE_PATH,
+        )
+    except ValidationError as exc:  # Prefect validates the schedule only here (the time zone among others)
+        raise _schedule_error(s, exc) from None
+
+
+def _schedule_error(s: ScheduleParams, exc: ValidationError) -> ConfigError:
+    """Prefect's refusal of the schedule as one line naming the field of params.yaml to fix."""
+    errors = exc.errors()
+    fields = {str(loc) for error in errors for loc in error.get("loc", ())}
+    # Pydantic's "Value error, <validator's message>" reads as the validator's message.
+    why = " ".join(
+        "; ".join(str(error.get("msg", "")).removeprefix("Value error, ") for error in errors).split()
+    ) or " ".join(str(exc).split())
+    if "timezone" in fields:
+        return ConfigError(
+            f"params.yaml: schedule.timezone {s.timezone!r} is not a time zone Prefect can schedule in ({why}); "
+            "set an IANA name such as Europe/Berlin or UTC"
+        )
+    if "cron" in fields:
+        return ConfigError(f"params.yaml: schedule.cron {s.cron!r} is not a valid cron string: {why}")
+    where = ", ".join(".".join(map(str, error.get("loc", ()))) for error in errors)
+    return ConfigError(
+        f"params.yaml: Prefect refused the deployment made from the schedule section ({where}: {why}); check "
+        f"schedule.cron {s.cron!r}, schedule.timezone {s.timezone!r}, schedule.deployment {s.deployment!r} and "
+        "schedule.job_variables"
     )
 
 

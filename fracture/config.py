@@ -13,7 +13,7 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import available_timezones
 
 import yaml
 
@@ -675,12 +675,15 @@ def _check_schedule(s: ScheduleParams) -> None:
             f"params.yaml: schedule.cron is {s.cron!r}; give a cron string such as \"0 3 * * 1\" "
             "(minute hour day-of-month month day-of-week)"
         )
-    try:
-        ZoneInfo(s.timezone)
-    except (ZoneInfoNotFoundError, ValueError, TypeError):
+    # The names Prefect schedules in. ZoneInfo also loads tzdata's other files (posixrules, the
+    # posix/ and right/ copies), which Prefect refuses only when the deployment is made.
+    zones = available_timezones()
+    if not isinstance(s.timezone, str) or s.timezone not in zones:
+        like = sorted(z for z in zones if isinstance(s.timezone, str) and z.lower() == s.timezone.lower())
         raise ConfigError(
-            f"params.yaml: schedule.timezone {s.timezone!r} is not an IANA time zone; use e.g. UTC or Europe/London"
-        ) from None
+            f"params.yaml: schedule.timezone {s.timezone!r} is not an IANA time zone name; "
+            + (f"did you mean {like[0]}?" if like else "use one such as Europe/Berlin or UTC")
+        )
     if not isinstance(s.concurrency_limit, int) or s.concurrency_limit < 1:
         raise ConfigError("params.yaml: schedule.concurrency_limit must be a whole number of at least 1")
     if not isinstance(s.retries, int) or s.retries < 0:

@@ -252,11 +252,16 @@ def _sums_entry(sums: Path, number: int, line: str) -> tuple[str, str]:
     return digest.lower(), rel
 
 
-def verify_sha256sums(root: Path) -> int:
+def verify_sha256sums(root: Path, shown: Path | None = None) -> int:
     """Checks every file listed in ``SHA256SUMS`` when the copy ships one.
 
     The file may be in either of the forms GNU `sha256sum -c` reads, mixed as it allows, and may
     start with the UTF-8 byte-order mark Windows tools write.
+
+    Args:
+        root: the folder holding ``SHA256SUMS`` and the files it lists.
+        shown: the folder the messages name instead of ``root``: the source, when ``root`` is a
+            staging copy of it the user never sees.
 
     Returns:
         The number of files verified (0 when there is no SHA256SUMS).
@@ -266,10 +271,11 @@ def verify_sha256sums(root: Path) -> int:
             algorithm's checksum or names a path outside the copy, or a listed file is missing or
             its hash differs.
     """
-    sums = root / "SHA256SUMS"
-    if not sums.is_file():
+    shown = shown or root
+    if not (root / "SHA256SUMS").is_file():
         return 0
-    data = sums.read_bytes()
+    data = (root / "SHA256SUMS").read_bytes()
+    sums = shown / "SHA256SUMS"
     if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         # What Windows PowerShell 5's `Out-File` and `>` write by default.
         raise IngestError(
@@ -290,7 +296,7 @@ def verify_sha256sums(root: Path) -> int:
         path = root / rel
         # Judged as written: a listed file may be a link into another store, as the copy may hold.
         if os.path.isabs(rel) or os.path.normpath(rel).split(os.sep)[0] == "..":
-            raise IngestError(f"{sums}, line {number}: {rel!r} points outside {root}; only the copy's own files are checked")
+            raise IngestError(f"{sums}, line {number}: {rel!r} points outside {shown}; only the copy's own files are checked")
         if not path.is_file():
             bad.append(f"{rel} (missing)")
             continue
@@ -301,8 +307,9 @@ def verify_sha256sums(root: Path) -> int:
         count += 1
     if bad:
         raise IngestError(
-            f"{root}: {len(bad)} files do not match SHA256SUMS, e.g. {bad[:5]}; the copy is "
-            "damaged: fetch it again"
+            f"{shown}: {len(bad)} files do not match SHA256SUMS as copied, e.g. {bad[:5]}; the copy is "
+            "damaged, or was being written while ingest copied it: fetch it again (or let the export "
+            "finish), then run ingest again"
         )
     return count
 
@@ -558,9 +565,20 @@ def _recover_staging(dest: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def _replace_dir(src: Path, dest: Path) -> None:
+def _replace_dir(src: Path, dest: Path) -> int:
     """Copies ``src`` to ``dest`` through a sibling temporary folder (on the same file system, so
-    the swap is two renames), then swaps it in."""
+    the swap is two renames), checks that copy against its ``SHA256SUMS``, then swaps it in.
+
+    The copy is checked rather than ``src``: the files versioned are the ones checked, even when
+    one of ``src`` changes while it is read (an export still being written, a sync job).
+
+    Returns:
+        The number of files verified against ``SHA256SUMS`` (0 when the copy ships none).
+
+    Raises:
+        IngestError: a file could not be copied, or the copy does not match its ``SHA256SUMS``;
+            ``dest`` is left as it was.
+    """
     dest.parent.mkdir(parents=True, exist_ok=True)
     _recover_staging(dest)
     staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}{STAGING_INFIX}", dir=dest.parent))
@@ -582,6 +600,7 @@ def _replace_dir(src: Path, dest: Path) -> None:
             os.chmod(dirpath, 0o755)
             for n in names:
                 os.chmod(os.path.join(dirpath, n), 0o644)
+        verified = verify_sha256sums(staging / "copy", shown=src)
         old = staging / "old"
         if dest.exists():
             dest.replace(old)
@@ -594,6 +613,7 @@ def _replace_dir(src: Path, dest: Path) -> None:
             raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    return verified
 
 
 def ingest(params: IngestParams, dest: Path, source: str | None = None) -> IngestResult:
@@ -640,8 +660,7 @@ def ingest(params: IngestParams, dest: Path, source: str | None = None) -> Inges
             root = find_dataset_root(extracted, label, params.layout)
         else:
             root = find_dataset_root(path, layout=params.layout)
-        verified = verify_sha256sums(root)
-        _replace_dir(root, dest)
+        verified = _replace_dir(root, dest)
     files = [p for p in dest.rglob("*") if p.is_file()]
     return IngestResult(
         dest=dest,

@@ -211,6 +211,83 @@ def _fracture_commands_in_process(timings: list[float]) -> Iterator[None]:
         dvc_run.cmd_run = shell_run
 
 
+@contextlib.contextmanager
+def _params_unchanged_while_commands_run() -> Iterator[None]:
+    """While open, a stage whose params change while its command runs fails before DVC records it.
+
+    DVC reads a stage's params for ``dvc.lock`` and its run cache only once the command has
+    returned: params.yaml edited during a long stage (the next run's learning rate, say) would be
+    recorded as what the outputs were made with, and the next run would find nothing to do. So
+    the stage's params are read as its command starts and compared with what DVC reads after it
+    (``Stage.save_deps``, before it hashes the outputs, fills the run cache or writes
+    ``dvc.lock``); on a difference StageFailed is raised there, and DVC records nothing of the run:
+    ``dvc.lock`` keeps the stage's previous record, which the outputs no longer match, so the next
+    run reproduces the stage. Costs one read of the params file per command. Patched like
+    :func:`_fracture_commands_in_process`, for the time of one ``reproduce`` call.
+    """
+    import dvc.stage.run as dvc_run  # noqa: PLC0415 - DVC's API loads slowly
+    from dvc.dependency.param import ParamsDependency  # noqa: PLC0415
+    from dvc.stage import Stage  # noqa: PLC0415
+
+    def params_of(stage: Any, read: Callable[[Any], dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        return {str(dep): read(dep) for dep in stage.deps if isinstance(dep, ParamsDependency)}
+
+    started: dict[str, dict[str, dict[str, Any]]] = {}
+    command_run, save_deps = dvc_run.cmd_run, Stage.save_deps
+
+    def cmd_run(stage: Any, dry: bool = False, run_env: dict[str, str] | None = None) -> None:
+        if not dry:
+            started[stage.addressing] = params_of(stage, lambda dep: dep.read_params())
+        return command_run(stage, dry=dry, run_env=run_env)
+
+    def checked_save_deps(stage: Any, *args: Any, **kwargs: Any) -> None:
+        save_deps(stage, *args, **kwargs)
+        before = started.pop(stage.addressing, None)
+        if before is None:  # DVC's own read before the command, or outputs restored from its run cache
+            return
+        # What DVC just read is what it would record: each params dependency's hash_info.
+        changes = _changed_params(before, params_of(stage, lambda dep: dep.hash_info.value or {}))
+        if changes:
+            files = ", ".join(sorted({change.partition(": ")[0] for change in changes}))
+            raise StageFailed(
+                f"{files} changed while the stage ran ({'; '.join(changes[:5])}"
+                f"{f'; and {len(changes) - 5} more' if len(changes) > 5 else ''}). Its outputs were made with the "
+                "values as the stage started, so nothing of this run was recorded in dvc.lock or DVC's run cache. "
+                f"Rerun the stage with the params as they are now: run the flow again, or `dvc repro -s {stage.addressing}`"
+            )
+
+    dvc_run.cmd_run = cmd_run
+    Stage.save_deps = checked_save_deps  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        dvc_run.cmd_run = command_run
+        Stage.save_deps = save_deps  # type: ignore[method-assign]
+
+
+def _changed_params(before: dict[str, dict[str, Any]], after: dict[str, dict[str, Any]]) -> list[str]:
+    """``<file>: <key> <old> -> <new>`` for each param, nested sections' keys spelled out, that differs."""
+    changes = []
+    for path in sorted(before.keys() | after.keys()):
+        old, new = _flat(before.get(path, {})), _flat(after.get(path, {}))
+        for key in dict.fromkeys([*old, *new]):
+            if key not in old or key not in new or old[key] != new[key]:
+                shown = [repr(side[key])[:40] if key in side else "(absent)" for side in (old, new)]
+                changes.append(f"{path}: {key} {shown[0]} -> {shown[1]}")
+    return changes
+
+
+def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``values`` with nested mappings' keys joined by dots (``train.lr``), as dvc.yaml names params."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 #: The loggers DVC prints its messages through, each with its own console handlers (``dvc.logger.setup``).
 DVC_LOGGERS = ("dvc", "dvc_data", "dvc_objects")
 
@@ -335,8 +412,9 @@ def repro(project: Path, stage: str, dvc_file: str = "dvc.yaml") -> StageRun:
     params and outputs as ``dvc.lock`` records them.
 
     Raises:
-        StageFailed: the stage's command failed (its message and exit status), or DVC could not
-            reproduce it; DVC recorded nothing of the failed run in ``dvc.lock``.
+        StageFailed: the stage's command failed (its message and exit status), its params changed
+            while it ran, or DVC could not reproduce it; DVC recorded nothing of the failed run in
+            ``dvc.lock``.
     """
     from dvc.exceptions import DvcException  # noqa: PLC0415 - DVC's API loads slowly
 
@@ -347,7 +425,7 @@ def repro(project: Path, stage: str, dvc_file: str = "dvc.yaml") -> StageRun:
     commands: list[float] = []
     try:
         # From the project root, as the command line runs: DVC reads some paths against it.
-        with open_repo(root) as repo, _fracture_commands_in_process(commands):
+        with open_repo(root) as repo, _fracture_commands_in_process(commands), _params_unchanged_while_commands_run():
             reproduced = repo.reproduce(target, single_item=True)
     except DvcException as exc:
         cause = exc.__cause__

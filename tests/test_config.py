@@ -315,3 +315,23 @@ def test_a_dataset_folder_inside_data_is_taken():
     raw = raw_params()
     raw["ingest"]["dest"] = "data/hospital-a"
     assert parse_params(raw).ingest.dest == "data/hospital-a"
+
+
+@pytest.mark.parametrize(
+    ("zone", "hint"),
+    [
+        ("posixrules", "use one such as Europe/Berlin or UTC"),  # a tzdata file ZoneInfo loads, Prefect refuses
+        ("right/UTC", "use one such as Europe/Berlin or UTC"),
+        ("Mars/Olympus", "use one such as Europe/Berlin or UTC"),
+        ("europe/berlin", "did you mean Europe/Berlin?"),
+    ],
+)
+def test_a_timezone_prefect_cannot_schedule_in_is_refused_when_params_load(zone, hint):
+    """Prefect takes the names of ``zoneinfo.available_timezones()`` only; a name ZoneInfo loads
+    besides those passed here and then failed as a pydantic traceback when the deployment was made."""
+    raw = raw_params()
+    raw["schedule"]["timezone"] = zone
+    with pytest.raises(ConfigError, match=rf"params\.yaml: schedule\.timezone {zone!r} is not an IANA time zone name; {re.escape(hint)}"):
+        parse_params(raw)
+    raw["schedule"]["timezone"] = "Europe/Berlin"
+    assert parse_params(raw).schedule.timezone == "Europe/Berlin"

@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import random
+import re
 import shutil
 import struct
 import subprocess
@@ -150,6 +151,29 @@ def test_checksums_are_verified_when_the_copy_ships_them(dataset, tmp_path, ipar
     with pytest.raises(IngestError, match=victim.name):
         ingest(iparams, tmp_path / "bad", str(dataset))
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_file_changed_while_it_is_copied_is_caught_by_the_checksums(dataset, tmp_path, iparams, monkeypatch):
+    """The copy that is swapped into the project is what SHA256SUMS is checked against: a file the
+    export rewrites after it was listed (a sync job, an export still being written) fails the
+    ingest and leaves the previous dataset in place, instead of being versioned unchecked."""
+    lines = [f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.relative_to(dataset)}" for p in sorted(dataset.rglob("*.jpg"))]
+    (dataset / "SHA256SUMS").write_text("\n".join(lines) + "\n")
+    dest = tmp_path / "project/data/fracatlas"
+    assert ingest(iparams, dest, str(dataset)).checksums_verified == 8
+    before = {p.relative_to(dest): p.read_bytes() for p in dest.rglob("*") if p.is_file()}
+    victim = next(dataset.rglob("*.jpg"))
+    copytree = shutil.copytree
+
+    def rewritten_meanwhile(src, dst, *args, **kwargs):
+        victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+        return copytree(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "copytree", rewritten_meanwhile)
+    with pytest.raises(IngestError, match=rf"{re.escape(str(dataset))}: 1 files do not match SHA256SUMS.*{victim.name} \(hash differs\)"):
+        ingest(iparams, dest, str(dataset))
+    assert {p.relative_to(dest): p.read_bytes() for p in dest.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in dest.parent.iterdir()) == [dest.name]  # no staging folder left
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ changed, and a run after the dataset changed.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -163,6 +164,19 @@ def test_schedule_params_are_checked():
     raw["schedule"]["cron"] = "61 3 * * 1"
     with pytest.raises(ConfigError, match=r"schedule\.cron '61 3 \* \* 1' is not a valid cron"):
         build_deployment(parse_params(raw), ".")
+
+
+def test_a_time_zone_prefect_refuses_is_named_when_the_deployment_is_built():
+    """Prefect checks the time zone only when the deployment is made, against its own list; a
+    name it refuses there (``posixrules``, which ZoneInfo loads) is one line naming the field,
+    not pydantic's traceback, even when it got past the check of params.yaml."""
+    params = parse_params(yaml.safe_load((REPO / "params.yaml").read_text()))
+    odd = dataclasses.replace(params, schedule=dataclasses.replace(params.schedule, timezone="posixrules"))
+    with pytest.raises(ConfigError) as err:
+        build_deployment(odd, ".")
+    message = str(err.value)
+    assert message.startswith("params.yaml: schedule.timezone 'posixrules' is not a time zone Prefect can schedule in")
+    assert "Europe/Berlin" in message and "\n" not in message
 
 
 def test_served_deployment_has_the_schedule_and_concurrency_limit(api, project):
