@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flows.result import RetrainResult
+from flows.result import AliasMove, RetrainResult, registry_changed, was_promoted
 from fracture.registry import Registration
 
 REPORT_KEY = "retrain-report"
@@ -68,27 +68,7 @@ def render_report(result: RetrainResult) -> str:
         if ingest.unchanged
         else "dataset copied and hashed (`dvc add data`)"
     )
-    ran = result.stages_ran
-
-    if result.nothing_changed:
-        outcome = (
-            "**Nothing changed**: same data version, code and parameters as the last run. DVC found "
-            f"every stage up to date and nothing new was registered ({reg.name} version {reg.version} "
-            "is the model these outputs belong to)."
-        )
-    else:
-        data = (
-            f"new data version {_code(ingest.data_version)} (was {_code(ingest.previous_version)})"
-            if ingest.changed
-            else f"same data version {_code(ingest.data_version)}"
-        )
-        restored = result.stages_restored
-        outcome = (
-            f"**{'Retrained' if ran else 'Restored'}**: {data}; DVC ran {', '.join(ran) if ran else 'no stage'}"
-            + (f" and restored {', '.join(restored)} from its run cache (an earlier run with the same data, code "
-               "and parameters)" if restored else "")
-            + f"; {reg.name} version {reg.version} {'registered' if reg.created else 'was already registered'}."
-        )
+    outcome = _outcome(result)
 
     lines = [
         "# Retraining report",
@@ -147,6 +127,7 @@ def render_report(result: RetrainResult) -> str:
         f"| Decision | {reg.decision} |",
         f"| Champion before this run | {'none' if reg.champion_version is None else 'version ' + reg.champion_version} |",
         f"| Aliases now | {', '.join(reg.aliases) or 'none'} |",
+        f"| Aliases moved by this run | {_moves(result.moves)} |",
         f"| Reason | {_cell(reg.reason)} |",
         "",
     ]
@@ -156,6 +137,69 @@ def render_report(result: RetrainResult) -> str:
     if result.detector is not None:
         lines += _detector_lines(result)
     return "\n".join(lines)
+
+
+def _outcome(result: RetrainResult) -> str:
+    """The report's headline: what the run changed, a promotion or an alias move included."""
+    ingest, reg = result.ingest, result.registration
+    if result.nothing_changed:
+        return (
+            "**Nothing changed**: same data version, code and parameters as the last run. DVC found "
+            f"every stage up to date and the registry is as it was ({reg.name} version {reg.version} "
+            "is the model these outputs belong to)."
+        )
+    data = (
+        f"new data version {_code(ingest.data_version)} (was {_code(ingest.previous_version)})"
+        if ingest.changed
+        else f"same data version {_code(ingest.data_version)}"
+    )
+    ran, restored = result.stages_ran, result.stages_restored
+    registry = registry_summary(result)
+    if ran or restored:
+        return (
+            f"**{'Retrained' if ran else 'Restored'}**: {data}; DVC ran {', '.join(ran) if ran else 'no stage'}"
+            + (f" and restored {', '.join(restored)} from its run cache (an earlier run with the same data, code "
+               "and parameters)" if restored else "")
+            + f"; {registry}."
+        )
+    # Nothing reproduced, yet the registry changed: register.* in params.yaml is no DVC param, and a
+    # registration stopped before its gate ran completes in the next run.
+    title = "Promoted" if result.promoted else "Registry changed"
+    return f"**{title}**: {data}, and DVC found every stage up to date (nothing retrained); {registry}."
+
+
+def registry_summary(result: RetrainResult) -> str:
+    """What the run did to the registry: the classifier's version, promotion and alias moves, and the
+    detector's when the run changed its registry.
+
+    Args:
+        result: the flow's result.
+
+    Returns:
+        One clause, e.g. ``fracture-classifier version 2 was already registered and promoted to
+        `champion`; aliases moved: `champion` version 1 → version 2``.
+    """
+    text = _registry_clause(result.registration, result.moves)
+    d = result.detector
+    if d is not None and registry_changed(d.registration, d.moves):
+        text += "; " + _registry_clause(d.registration, d.moves)
+    return text
+
+
+def _registry_clause(reg: Registration, moves: tuple[AliasMove, ...]) -> str:
+    """What this run did to one registered model: the version, its promotion and the aliases it moved."""
+    text = f"{reg.name} version {reg.version} {'registered' if reg.created else 'was already registered'}"
+    if was_promoted(reg, moves):
+        text += " and promoted to `champion`"
+        if not moves:
+            text += f" (champion before: {'none' if reg.champion_version is None else 'version ' + reg.champion_version})"
+    if moves:
+        text += "; aliases moved: " + ", ".join(m.describe() for m in moves)
+    return text
+
+
+def _moves(moves: tuple[AliasMove, ...]) -> str:
+    return ", ".join(m.describe() for m in moves) or "none"
 
 
 def no_champion_note(reg: Registration) -> str | None:
@@ -228,6 +272,7 @@ def _detector_lines(result: RetrainResult) -> list[str]:
         f"| Holds `champion` | {'yes' if reg.champion else 'no'} |",
         f"| Decision | {reg.decision} |",
         f"| Aliases now | {', '.join(reg.aliases) or 'none'} |",
+        f"| Aliases moved by this run | {_moves(d.moves)} |",
         f"| Reason | {_cell(reg.reason)} |",
         "",
     ]

@@ -6,7 +6,7 @@ both import it and neither imports the other.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fracture.registry import Registration
 from fracture.workspace import (
@@ -20,18 +20,103 @@ from tasks.pipeline import IngestSummary, StageRun
 
 
 @dataclass(frozen=True)
+class RegistryState:
+    """A registered model's aliases and newest version, as the flow read them before or after registering.
+
+    Attributes:
+        aliases: alias -> the version holding it.
+        newest_version: the highest version number (0: the model has no version yet).
+    """
+
+    aliases: dict[str, str]
+    newest_version: int = 0
+
+
+@dataclass(frozen=True)
+class AliasMove:
+    """An alias that pointed elsewhere after this flow run registered than before it did.
+
+    Attributes:
+        alias: ``champion``, ``previous-champion``, ``challenger``, ...
+        before: the version holding it before (``None``: none did).
+        after: the version holding it afterwards (``None``: none does).
+    """
+
+    alias: str
+    before: str | None
+    after: str | None
+
+    def describe(self) -> str:
+        """``champion`` version 1 -> version 2, in words."""
+        def version(v: str | None) -> str:
+            return "none" if v is None else f"version {v}"
+
+        return f"`{self.alias}` {version(self.before)} → {version(self.after)}"
+
+
+def alias_moves(before: RegistryState, after: RegistryState) -> tuple[AliasMove, ...]:
+    """The aliases that moved between the two readings, ``champion`` first, then by name."""
+    names = sorted(set(before.aliases) | set(after.aliases), key=lambda a: (a != "champion", a))
+    return tuple(
+        AliasMove(a, before.aliases.get(a), after.aliases.get(a))
+        for a in names
+        if before.aliases.get(a) != after.aliases.get(a)
+    )
+
+
+def was_promoted(registration: Registration, moves: tuple[AliasMove, ...] = ()) -> bool:
+    """Whether the flow run moved ``champion`` to the registration's version.
+
+    The register task's own ``decision`` says so for its last try; ``moves`` also for a first try
+    that promoted before its connection dropped, whose retry finds the version already champion.
+    """
+    return registration.decision == "promoted" or any(
+        m.alias == "champion" and m.after == registration.version for m in moves
+    )
+
+
+def registry_changed(registration: Registration, moves: tuple[AliasMove, ...] = ()) -> bool:
+    """Whether the flow run changed the registry: created the version, promoted it, or moved an alias."""
+    return registration.created or was_promoted(registration, moves) or bool(moves)
+
+
+def as_of_run(
+    registration: Registration, before: RegistryState, after: RegistryState
+) -> tuple[Registration, tuple[AliasMove, ...]]:
+    """The register task's result as this flow run saw it, over all of the task's tries.
+
+    A try that created the version and then lost its connection is retried, and the retry finds
+    the version registered (``created=False``): the flow run still created it when the version is
+    newer than the newest one before the run registered.
+
+    Args:
+        registration: what the register task returned (its last try).
+        before: the model's state read before the register task ran.
+        after: the model's state read after it.
+
+    Returns:
+        The registration with ``created`` for the whole flow run, and the aliases the run moved.
+    """
+    created = registration.created or int(registration.version) > before.newest_version
+    return replace(registration, created=created), alias_moves(before, after)
+
+
+@dataclass(frozen=True)
 class DetectorResult:
     """The detector's part of a run (``detect.enabled``): its DVC stages, test metrics and registration.
 
     Attributes:
         runs: ``detect_train`` and ``detect_evaluate`` -> whether DVC ran each.
         metrics: ``outputs/detect/metrics.json`` (mAP with intervals, the top box as a classifier).
-        registration: the detector registry's decision (``detect.model_name``).
+        registration: the detector registry's decision (``detect.model_name``); ``created`` as in
+            :class:`RetrainResult`.
+        moves: the detector's aliases this flow run moved.
     """
 
     runs: dict[str, StageRun]
     metrics: dict[str, float]
     registration: Registration
+    moves: tuple[AliasMove, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -47,8 +132,12 @@ class RetrainResult:
         prepare: the prepared cache.
         train: the trained model and its MLflow run.
         evaluate: the test metrics.
-        registration: the registry's decision.
+        registration: the registry's decision. Its ``created`` says whether this flow run created
+            the version, over all of the register task's tries: a retry after a dropped connection
+            finds the version its first try created.
         detector: the detector's stages and registration, when ``detect.enabled``.
+        moves: the classifier's aliases this flow run moved (``champion``, ``previous-champion``,
+            ``challenger``), over all of the register task's tries.
     """
 
     profile: str
@@ -61,6 +150,7 @@ class RetrainResult:
     evaluate: EvaluateResult
     registration: Registration
     detector: DetectorResult | None = None
+    moves: tuple[AliasMove, ...] = ()
 
     @property
     def stages_ran(self) -> list[str]:
@@ -76,7 +166,21 @@ class RetrainResult:
         return {**self.runs, **(self.detector.runs if self.detector else {})}
 
     @property
+    def promoted(self) -> bool:
+        """Whether this flow run moved the classifier's ``champion`` to its version."""
+        return was_promoted(self.registration, self.moves)
+
+    @property
+    def registry_changed(self) -> bool:
+        """Whether this flow run created a version, promoted one or moved an alias, the detector's included."""
+        detector = self.detector is not None and registry_changed(self.detector.registration, self.detector.moves)
+        return registry_changed(self.registration, self.moves) or detector
+
+    @property
     def nothing_changed(self) -> bool:
-        """Same data version, every DVC stage up to date, and no model version created."""
-        created = self.registration.created or (self.detector is not None and self.detector.registration.created)
-        return not self.ingest.changed and not self.stages_ran and not self.stages_restored and not created
+        """Same data version, every DVC stage up to date, and the registry as it was.
+
+        A run that reproduced nothing can still promote: ``register.*`` in params.yaml is no DVC
+        param, and a registration stopped before its gate ran completes in the next run.
+        """
+        return not self.ingest.changed and not self.stages_ran and not self.stages_restored and not self.registry_changed

@@ -13,18 +13,21 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 from ruamel.yaml import YAML
 
-from flows.report import REPORT_KEY, no_champion_note, render_report
-from flows.result import DetectorResult, RetrainResult
+from flows.report import REPORT_KEY, no_champion_note, registry_summary, render_report
+from flows.result import DetectorResult, RegistryState, RetrainResult, as_of_run
 from fracture.allocator import freed_memory_kept
 from fracture.cli import skip_exit_collection
-from fracture.config import PARAMS_FILE, Profile, load_params
+from fracture.config import PARAMS_FILE, Profile, load_params, tracking_uri
 from fracture.ingest import SOURCE_ENV
 from fracture.project_lock import project_lock as fracture_project_lock
+from fracture.workspace import Workspace
 from tasks.pipeline import (
     DVC_STAGES,
     detect_register_task,
@@ -158,6 +161,59 @@ def pinned_files(profile: Profile) -> tuple[str, ...]:
     return (PARAMS_FILE, "data.dvc", "dvc.lock", "detect/dvc.lock", *weights)
 
 
+def commit_advice(pending: list[str], code: list[str]) -> str | None:
+    """The run's closing advice on what to commit, or ``None`` when nothing is left to commit.
+
+    Args:
+        pending: the pinned files (:func:`pinned_files`) git shows as new or changed.
+        code: other tracked files that differ from the checked-out commit
+            (:meth:`fracture.workspace.Workspace.git_dirty_files`): code no commit holds yet.
+    """
+    files = [*pending, *(path for path in code if path not in pending)]
+    if not files:
+        return None
+    dirty = [path for path in code if path not in pending]
+    warning = (
+        f" The code differs from the checked-out commit ({', '.join(dirty)}): a model trained from it carries "
+        "`git_commit` <commit>-dirty and those files in `git_dirty_files`, as no commit holds the code that "
+        "trained it."
+        if dirty
+        else ""
+    )
+    return (
+        f"not committed yet: {', '.join(files)}.{warning} `git add {' '.join(files)} && git commit` pins the data, "
+        "code and stage outputs this model was built from, so that `dvc repro` at that commit rebuilds it"
+    )
+
+
+def registry_states(project: Path, models: tuple[str, ...]) -> dict[str, RegistryState]:
+    """Each registered model's aliases and newest version (:func:`registry_state`), from the project's store.
+
+    Two reads in the flow's own process, not a task of their own: a task's state round trips
+    would cost more than the reads, and MLflow's client retries a request that fails in transit
+    itself (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``).
+    """
+    client = MlflowClient(tracking_uri(project))
+    return {model: registry_state(client, model) for model in models}
+
+
+def registry_state(client: MlflowClient, model: str) -> RegistryState:
+    """The registered model's aliases and its newest version; empty when the registry has no such model.
+
+    Args:
+        client: the registry's client.
+        model: the registered model's name.
+    """
+    try:
+        aliases = client.get_registered_model(model).aliases
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        return RegistryState({})
+    newest = client.search_model_versions(f"name = '{model}'", max_results=1, order_by=["version_number DESC"])
+    return RegistryState({alias: str(v) for alias, v in aliases.items()}, max((int(v.version) for v in newest), default=0))
+
+
 def _retrain(project: Path, source: str | None, profile: str | None) -> RetrainResult:
     logger = get_run_logger()
     name, reason = choose_profile(profile, torch.cuda.is_available())
@@ -183,18 +239,28 @@ def _retrain(project: Path, source: str | None, profile: str | None) -> RetrainR
         print("DVC status: every stage is as dvc.lock records it; nothing to reproduce")
     for stage in DVC_STAGES:
         runs[stage], results[stage] = stage_task(project, stage, up_to_date=not pending)
+    # The registry as it was before this run registered, so that the report tells what the run
+    # changed over all of the register tasks' tries, not what their last try found.
+    models = (params.register.model_name, *((params.detect.model_name,) if params.detect.enabled else ()))
+    before = registry_states(project, models)
     registration = register_task.with_options(**retry)(project)
     detector = None
     if params.detect.enabled:
         # After the classifier: the detector's backbone is the classifier this run trained.
         detect_runs, detect_metrics = detect_task(project)
         detector = DetectorResult(detect_runs, detect_metrics, detect_register_task.with_options(**retry)(project))
-        d = detector.registration
+    after = registry_states(project, models)
+    registration, moves = as_of_run(registration, before[models[0]], after[models[0]])
+    if detector is not None:
+        detector = DetectorResult(
+            detector.runs, detector.metrics, *as_of_run(detector.registration, before[models[1]], after[models[1]])
+        )
+        d, detect_metrics = detector.registration, detector.metrics
         print(
             f"detector: test mAP@0.5 {detect_metrics['map_50']:.4f} ({detect_metrics['map_50_ci_low']:.4f}-"
             f"{detect_metrics['map_50_ci_high']:.4f}); {d.name} version {d.version}, champion: {d.champion} ({d.reason})"
         )
-    result = RetrainResult(name, ingested, runs, registration=registration, detector=detector, **results)
+    result = RetrainResult(name, ingested, runs, registration=registration, detector=detector, moves=moves, **results)
 
     m = result.evaluate.metrics
     print(
@@ -207,13 +273,16 @@ def _retrain(project: Path, source: str | None, profile: str | None) -> RetrainR
     if note := no_champion_note(registration):
         logger.warning(note)
     if result.nothing_changed:
-        print("nothing changed: data, code and params as in the last run; nothing retrained or registered")
-    if pending := uncommitted(project, pinned_files(params.profiles[name])):
-        # DVC's own reminder after each of its calls is left out (tasks.pipeline.open_repo); one suffices.
-        print(
-            f"not committed yet: {', '.join(pending)}. `git add {' '.join(pending)} && git commit` pins the data "
-            "and stage outputs this model was built from, so that `dvc repro` at that commit rebuilds it"
-        )
+        print("nothing changed: data, code and params as in the last run; nothing retrained, the registry as it was")
+    elif result.registry_changed:
+        reproduced = ingested.changed or result.stages_ran or result.stages_restored
+        same = "" if reproduced else "data, code and params as in the last run, nothing retrained; "
+        print(f"{same}registry: {registry_summary(result)}")
+    # DVC's own reminder after each of its calls is left out (tasks.pipeline.open_repo); one suffices.
+    if advice := commit_advice(
+        uncommitted(project, pinned_files(params.profiles[name])), Workspace(project).git_dirty_files()
+    ):
+        print(advice)
     create_markdown_artifact(
         key=REPORT_KEY,
         markdown=render_report(result),

@@ -27,6 +27,13 @@ if TYPE_CHECKING:
     from fracture.validation import ValidationReport
 
 SPLITS = ("train", "val", "test")
+#: The MLflow tags naming the code a run ran: the commit, and the files that differ from it.
+GIT_COMMIT_TAG, GIT_DIRTY_FILES_TAG = "git_commit", "git_dirty_files"
+#: Tracked files the pipeline and the flow write (git pathspec globs, relative to the project): a
+#: change to them is not a change to the code. The flow's closing advice names them when uncommitted.
+PIPELINE_WRITTEN = ("**/dvc.lock", "**/*.dvc", "**/.gitignore", "params.yaml")
+#: How much of the dirty file list a ``git_dirty_files`` tag holds (MLflow takes up to 8000 characters).
+_DIRTY_TAG_CHARS = 1000
 #: Columns the split tables are read with as text (ids like ``IMG0000019.jpg``, hashes).
 _TEXT_COLUMNS = {"image_id": str, "path": str, "sha256": str, "patient_id": str}
 
@@ -47,6 +54,31 @@ def _read_frame(path: Path, stage: str) -> pd.DataFrame:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run the {stage} stage first (dvc repro {stage})")
     return pd.read_csv(path, dtype=_TEXT_COLUMNS)
+
+
+def _git(root: Path, *args: str) -> str | None:
+    """Stdout of a git command run in ``root``, or ``None`` when git fails or is missing."""
+    try:
+        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return out.stdout
+
+
+def dirty_files_tag(files: list[str], limit: int = _DIRTY_TAG_CHARS) -> str:
+    """``files`` as one tag value, ``a.py, b.py``, cut at ``limit`` characters with how many were left out.
+
+    Args:
+        files: the paths, in git's order.
+        limit: the most characters of paths kept (the count of the rest comes on top).
+    """
+    kept: list[str] = []
+    for path in files:
+        if kept and len(", ".join([*kept, path])) > limit:
+            break
+        kept.append(path)
+    rest = len(files) - len(kept)
+    return ", ".join(kept) + (f" and {rest} more (git status in the project lists them)" if rest else "")
 
 
 # --- what each stage leaves behind ------------------------------------------------------------
@@ -402,14 +434,50 @@ class Workspace:
         return dvc_file_md5(self.root)
 
     def git_commit(self) -> str | None:
-        """The checked-out commit, or ``None`` outside a git repository."""
-        try:
-            out = subprocess.run(
-                ["git", "rev-parse", "HEAD"], cwd=self.root, capture_output=True, text=True, check=True
-            )
-        except (OSError, subprocess.CalledProcessError):
-            return None
-        return out.stdout.strip()
+        """The checked-out commit, as ``<sha>-dirty`` when tracked files differ from it; ``None`` outside git.
+
+        ``-dirty`` (as ``git describe --dirty`` spells it) says that the commit does not hold the
+        code that ran: :meth:`git_dirty_files` names the files.
+        """
+        return self.git_tags().get(GIT_COMMIT_TAG)
+
+    def git_dirty_files(self) -> list[str]:
+        """Tracked files in the project whose content differs from the checked-out commit, staged or not.
+
+        Paths are relative to the project, as ``git add`` typed there takes them. Untracked files
+        are left out, and so are the files the pipeline and the flow write themselves
+        (:data:`PIPELINE_WRITTEN`: ``dvc.lock``, ``.dvc`` files, params.yaml's ``train.profile``),
+        which the flow's closing advice names anyway. ``[]`` outside git.
+        """
+        # --no-optional-locks: a status run by a stage never competes with the user's git for index.lock.
+        out = _git(self.root, "--no-optional-locks", "status", "--porcelain", "-z", "--untracked-files=no", "--", ".",
+                   *(f":(exclude,glob){pattern}" for pattern in PIPELINE_WRITTEN))
+        entries = iter((out or "").split("\0"))
+        found = []
+        for entry in entries:
+            if entry[3:]:
+                found.append(entry[3:])
+                if entry[0] in "RC":
+                    next(entries, None)  # a rename's or copy's source path follows
+        # Porcelain output names paths from the repository's root; the project's own prefix is dropped.
+        prefix = (_git(self.root, "rev-parse", "--show-prefix") or "").strip()
+        return [path.removeprefix(prefix) for path in found]
+
+    def git_tags(self) -> dict[str, str]:
+        """The code version as MLflow tags: ``git_commit``, and ``git_dirty_files`` when the tree is dirty.
+
+        Returns:
+            ``{}`` outside a git repository (or before its first commit); ``{"git_commit": sha}`` for a
+            clean tree; ``{"git_commit": "<sha>-dirty", "git_dirty_files": "a.py, b.py"}`` otherwise,
+            the list cut short (:func:`dirty_files_tag`).
+        """
+        sha = (_git(self.root, "rev-parse", "--verify", "HEAD") or "").strip()
+        if not sha:
+            return {}
+        dirty = self.git_dirty_files()
+        if not dirty:
+            return {GIT_COMMIT_TAG: sha}
+        return {GIT_COMMIT_TAG: f"{sha}-dirty", GIT_DIRTY_FILES_TAG: dirty_files_tag(dirty)}
 
     # --- validate -----------------------------------------------------------------------------
 

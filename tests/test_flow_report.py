@@ -267,3 +267,88 @@ def test_register_does_not_retry_what_a_retry_cannot_fix(tmp_path):
     assert retry_transient_registry(register_task, None, _failed(busy))  # type: ignore[arg-type]
     untrusted = requests.exceptions.SSLError("certificate verify failed: self-signed certificate")
     assert not retry_transient_registry(register_task, None, _failed(untrusted))  # type: ignore[arg-type]
+
+
+def test_a_run_that_reproduces_nothing_but_promotes_says_so_in_its_headline():
+    # register.floors lowered in params.yaml (no DVC param): DVC finds every stage up to date, and
+    # the gate now promotes last week's challenger, version 2, over version 1.
+    unchanged = result(ran=False, previous="new-md5.dir", created=False)
+    promoted = dataclasses.replace(unchanged, registration=dataclasses.replace(
+        unchanged.registration, decision="promoted", champion_version="1", reason="first version to pass the gate"
+    ))
+    assert not promoted.nothing_changed
+    text = render_report(promoted)
+    headline = text.splitlines()[2]
+    assert headline == (
+        "**Promoted**: same data version `new-md5.dir`, and DVC found every stage up to date (nothing retrained); "
+        "fracture-classifier version 2 was already registered and promoted to `champion` (champion before: version 1)."
+    )
+    assert "Nothing changed" not in text and "nothing new was registered" not in text
+    assert table_row(text, "Decision")[1] == "promoted"
+
+
+def test_an_alias_moved_by_a_run_that_reproduced_nothing_is_a_change():
+    from flows.result import AliasMove
+
+    # A promotion stopped before it set previous-champion: this run's registration restores it.
+    unchanged = result(ran=False, previous="new-md5.dir", created=False)
+    restored = dataclasses.replace(unchanged, moves=(AliasMove("previous-champion", None, "1"),))
+    assert unchanged.nothing_changed and not restored.nothing_changed and restored.registry_changed
+    text = render_report(restored)
+    assert text.splitlines()[2] == (
+        "**Registry changed**: same data version `new-md5.dir`, and DVC found every stage up to date (nothing "
+        "retrained); fracture-classifier version 2 was already registered; aliases moved: `previous-champion` "
+        "none → version 1."
+    )
+    assert table_row(text, "Aliases moved by this run")[1] == "`previous-champion` none → version 1"
+    assert table_row(render_report(unchanged), "Aliases moved by this run")[1] == "none"
+
+
+def test_a_version_the_register_task_s_first_try_created_is_registered_by_this_run():
+    from flows.result import RegistryState, as_of_run
+
+    # Try 1 registered version 2 and promoted it, then the connection dropped; try 2 found both done.
+    retried = result(ran=True, previous="old-md5.dir", created=False)
+    last_try = dataclasses.replace(retried.registration, champion_version="2", reason="already champion")
+    before = RegistryState({"champion": "1"}, newest_version=1)
+    after = RegistryState({"champion": "2", "previous-champion": "1"}, newest_version=2)
+    registration, moves = as_of_run(last_try, before, after)
+    assert registration.created and registration.version == "2"
+    assert [m.describe() for m in moves] == ["`champion` version 1 → version 2", "`previous-champion` none → version 1"]
+    text = render_report(dataclasses.replace(retried, registration=registration, moves=moves))
+    assert table_row(text, "Registered by this run")[1] == "yes"
+    assert "already registered" not in text
+    assert text.splitlines()[2].endswith(
+        "fracture-classifier version 2 registered and promoted to `champion`; aliases moved: `champion` version 1 → "
+        "version 2, `previous-champion` none → version 1."
+    )
+    # A version from an earlier run stays one: the newest version before this run registered was 2.
+    earlier, moved = as_of_run(last_try, after, after)
+    assert not earlier.created and moved == ()
+
+
+def test_the_registry_state_is_read_from_the_registry(tmp_path):
+    from flows.retrain import registry_state
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert registry_state(client, "fracture-classifier").aliases == {}
+    assert registry_state(client, "fracture-classifier").newest_version == 0
+    client.create_registered_model("fracture-classifier")
+    for _ in range(11):  # 11 > 9: versions compare as numbers, not as text
+        client.create_model_version("fracture-classifier", (tmp_path / "model").as_uri())
+    client.set_registered_model_alias("fracture-classifier", "champion", "10")
+    client.set_registered_model_alias("fracture-classifier", "previous-champion", "3")
+    state = registry_state(client, "fracture-classifier")
+    assert state.aliases == {"champion": "10", "previous-champion": "3"} and state.newest_version == 11
+
+
+def test_the_closing_advice_names_uncommitted_code_too():
+    from flows.retrain import commit_advice
+
+    assert commit_advice([], []) is None
+    pinned = commit_advice(["dvc.lock"], [])
+    assert pinned is not None and pinned.startswith("not committed yet: dvc.lock. `git add dvc.lock && git commit`")
+    advice = commit_advice(["dvc.lock"], ["fracture/training.py"])
+    assert advice is not None and advice.startswith("not committed yet: dvc.lock, fracture/training.py.")
+    assert "(fracture/training.py): a model trained from it carries `git_commit` <commit>-dirty" in advice
+    assert "`git add dvc.lock fracture/training.py && git commit`" in advice

@@ -94,3 +94,64 @@ def test_the_cli_and_the_stages_that_only_read_images_start_without_the_networks
     code = f"import sys, {module}; print(sorted({{'torch', 'timm', 'torchvision', 'mlflow'}} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def _git(root, *args: str) -> str:
+    return subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@example.org", *args],
+        cwd=root, capture_output=True, text=True, check=True,
+    ).stdout.strip()
+
+
+@pytest.fixture
+def checkout(tmp_path):
+    """A committed project inside a git repository (in a folder of it, as a monorepo holds one)."""
+    project = tmp_path / "repo" / "project"
+    files = ("fracture/training.py", "flows/retrain.py", "tasks/pipeline.py", "dvc.yaml", "dvc.lock",
+             "params.yaml", "data.dvc", "detect/dvc.lock", ".gitignore", "README.md")
+    for name in files:
+        (project / name).parent.mkdir(parents=True, exist_ok=True)
+        (project / name).write_text("1\n")
+    _git(tmp_path / "repo", "init", "-q")
+    _git(tmp_path / "repo", "add", "-A")
+    _git(tmp_path / "repo", "commit", "-qm", "release")
+    return project
+
+
+def test_a_clean_tree_is_tagged_with_its_commit_alone(checkout, tmp_path):
+    head = _git(checkout, "rev-parse", "HEAD")
+    ws = Workspace(checkout)
+    assert ws.git_commit() == head and ws.git_tags() == {"git_commit": head} and ws.git_dirty_files() == []
+    # What the pipeline and the flow write themselves, and files git does not track, leave it clean.
+    for name in ("dvc.lock", "params.yaml", "data.dvc", "detect/dvc.lock", ".gitignore"):
+        with (checkout / name).open("a") as f:
+            f.write("2\n")
+    (checkout / "fracture" / "scratch.py").write_text("untracked\n")
+    assert ws.git_commit() == head and ws.git_tags() == {"git_commit": head}
+    # Outside git: no commit to name.
+    assert Workspace(tmp_path / "nowhere").git_commit() is None and Workspace(tmp_path / "nowhere").git_tags() == {}
+
+
+def test_uncommitted_code_marks_the_commit_dirty_and_names_the_files(checkout):
+    head = _git(checkout, "rev-parse", "HEAD")
+    with (checkout / "fracture" / "training.py").open("a") as f:
+        f.write("# hot-fix: clip gradients at 0.5\n")
+    (checkout / "dvc.yaml").write_text("2\n")
+    _git(checkout, "add", "dvc.yaml")  # staged, not committed: still not in the commit
+    (checkout / "dvc.lock").write_text("2\n")  # the flow's advice names it; it is no code
+    ws = Workspace(checkout)
+    assert ws.git_commit() == f"{head}-dirty"
+    assert ws.git_dirty_files() == ["dvc.yaml", "fracture/training.py"]  # relative to the project, for `git add`
+    assert ws.git_tags() == {"git_commit": f"{head}-dirty", "git_dirty_files": "dvc.yaml, fracture/training.py"}
+
+
+def test_a_long_list_of_dirty_files_is_cut_short_with_a_count():
+    from fracture.workspace import dirty_files_tag
+
+    files = [f"fracture/module_{i:03d}.py" for i in range(200)]
+    tag = dirty_files_tag(files, limit=100)
+    assert tag.startswith("fracture/module_000.py, fracture/module_001.py, ")
+    kept = tag.split(" and ")[0].split(", ")
+    assert len(", ".join(kept)) <= 100 and tag.endswith(f" and {200 - len(kept)} more (git status in the project lists them)")
+    assert dirty_files_tag(files[:2]) == "fracture/module_000.py, fracture/module_001.py"
+    assert len(dirty_files_tag(files)) < 1100  # MLflow takes 8000 characters a tag

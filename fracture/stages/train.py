@@ -229,7 +229,9 @@ def _train(params: Params, workspace: Workspace) -> bool:
         tags = {
             "profile": params.train.profile,
             "data_version": workspace.data_version() or "",
-            "git_commit": workspace.git_commit() or "",
+            # ``<sha>-dirty`` and the files, when the code that trains is not the commit's.
+            "git_commit": "",
+            **workspace.git_tags(),
         } | ({"resumed_from_run": earlier_run} if earlier_run else {})
         run_context = mlflow.start_run(tags=tags, log_system_metrics=True)
     with run_context as run:
