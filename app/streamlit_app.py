@@ -9,6 +9,7 @@ Start it with ``make app`` (or ``cd app && streamlit run streamlit_app.py``, so 
 from __future__ import annotations
 
 import logging
+import math
 
 import streamlit as st
 from champion import (
@@ -92,14 +93,18 @@ def against_threshold(score: float, threshold: float) -> tuple[str, str]:
         threshold: the decision threshold it is compared with.
 
     Returns:
-        The two as text; a score still equal to the threshold at :data:`MAX_DECIMALS` places says
-        it lies below it.
+        The two as text; a score still equal to the threshold at :data:`MAX_DECIMALS` places
+        beyond the threshold's first (or beyond 3) says it lies below it.
     """
-    for places in range(3, MAX_DECIMALS + 1):
+    # A threshold under 0.001 (a val-chosen one can be 8e-06) starts with as many places as show
+    # its first significant digits, and the score's beside it: "0.000" and "0.000" would tell nothing.
+    first = 3 if threshold >= 0.001 or threshold <= 0 else 2 - math.floor(math.log10(threshold))
+    last = first + MAX_DECIMALS - 3
+    for places in range(first, last + 1):
         shown, limit = f"{score:.{places}f}", f"{threshold:.{places}f}"
         if score >= threshold or shown != limit:
             return shown, limit
-    limit = f"{threshold:.{MAX_DECIMALS}f}"
+    limit = f"{threshold:.{last}f}"
     return f"just below {limit}", limit
 
 

@@ -164,7 +164,7 @@ def _outcome(result: RetrainResult) -> str:
         )
     # Nothing reproduced, yet the registry changed: register.* in params.yaml is no DVC param, and a
     # registration stopped before its gate ran completes in the next run.
-    title = "Promoted" if result.promoted else "Registry changed"
+    title = "Promoted" if result.promoted else "Registry changed" if result.registry_changed else "Up to date"
     return f"**{title}**: {data}, and DVC found every stage up to date (nothing retrained); {registry}."
 
 

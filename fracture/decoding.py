@@ -17,7 +17,7 @@ from pathlib import Path
 
 from PIL import ExifTags, Image, ImageFile, ImageOps, ImageStat
 
-from fracture.dicom import dicom_to_image, is_dicom, read_header
+from fracture.dicom import dicom_to_image, display_size, is_dicom, read_header
 
 __all__ = [
     "FORMATS", "HIGH_BIT_DEPTH", "INDEX_FILES", "ImageLoadError", "decode", "decode_truncated", "export_files",
@@ -86,15 +86,16 @@ def too_many_pixels(data: bytes, max_pixels: int) -> str | None:
     bomb is listed without being decoded; a header that cannot be read is left to the decode.
 
     Args:
-        data: the file's bytes (JPEG, PNG, ... or DICOM, whose Rows and Columns are read).
+        data: the file's bytes (JPEG, PNG, ... or DICOM, whose Rows and Columns are read, as its
+            pixels resampled to square ones will be: :func:`fracture.dicom.display_size`).
         max_pixels: the most pixels (width x height) the served model decodes.
     """
     limit = f"serve.max_megapixels ({max_pixels / 1e6:g})"
     fix = "export it at a lower resolution, or raise serve.max_megapixels in params.yaml"
     try:
         if is_dicom(data):
-            ds = read_header(data)
-            width, height = int(ds.Columns), int(ds.Rows)
+            # The size the served model decodes it to: pixels that are not square are resampled first.
+            width, height = display_size(read_header(data))
         else:
             with warnings.catch_warnings():  # Pillow's bomb warning says less than this check
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)

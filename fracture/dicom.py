@@ -654,6 +654,9 @@ def _display(pixels: np.ndarray, ds: Dataset) -> np.ndarray:
 def check_length(ds: Dataset) -> None:
     """Checks that uncompressed pixel data holds the bytes its header says it needs.
 
+    Uncompressed YBR_FULL_422 holds two samples a pixel, not three: each pair of pixels shares
+    its Cb and Cr (PS3.3 C.7.6.3.1.2).
+
     Raises:
         DicomRejected: fewer bytes than Rows x Columns x Samples per Pixel x Bits Allocated:
             the file is cut short.
@@ -663,12 +666,13 @@ def check_length(ds: Dataset) -> None:
         return
     rows, columns = int(ds.Rows), int(ds.Columns)
     samples, bits = int(ds.get("SamplesPerPixel") or 1), int(ds.BitsAllocated)
-    needed = (rows * columns * samples * bits + 7) // 8
+    stored = 2 if str(ds.get("PhotometricInterpretation") or "") == "YBR_FULL_422" else samples
+    needed = (rows * columns * stored * bits + 7) // 8
     held = len(ds.PixelData)
     if held < needed:
         raise DicomRejected(
             f"has pixel data that cannot be decoded: it is cut short, {held:,} bytes where Rows x Columns x "
-            f"Samples per Pixel x Bits Allocated ({rows} x {columns} x {samples} x {bits} bits) need {needed:,} "
+            f"samples stored a pixel x Bits Allocated ({rows} x {columns} x {stored} x {bits} bits) need {needed:,} "
             "(an interrupted transfer or export); send the complete file"
         )
 

@@ -75,8 +75,8 @@ def choose_threshold(labels: np.ndarray, probs: np.ndarray, target_sensitivity: 
     if fractured == 0 or fractured == len(labels):
         raise ValueError(
             f"choosing a threshold for sensitivity {target_sensitivity} needs fractured and non-fractured "
-            f"images, got {fractured} fractured of {len(labels)}: score a validation split holding both "
-            "classes, or set evaluate.target_sensitivity: null to use evaluate.threshold"
+            f"images, got {fractured} fractured of {len(labels)}: the validation images it is chosen on must "
+            "hold both classes"
         )
     # Every distinct score is a candidate: roc_curve's default drops the points inside a run of
     # fractured images, and the target is often reached inside one.

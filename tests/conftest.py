@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -43,7 +44,7 @@ def _free_gib(path: Path) -> float:
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
     """The free disk where the tests write, so a run that ran out of it says so at its top."""
-    temp = Path(os.environ.get("TMPDIR", "/tmp"))
+    temp = Path(tempfile.gettempdir())  # where pytest writes: TMPDIR, or /tmp when TMPDIR names no folder
     lines = [f"free disk: {_free_gib(temp):.1f} GiB at {temp}, {_free_gib(REPO):.1f} GiB at {REPO}"]
     if _free_gib(temp) < DISK_NEEDED_GIB:
         lines.append(f"WARNING: the default run needs about {DISK_NEEDED_GIB:.0f} GiB free at {temp}; "

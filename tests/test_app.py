@@ -595,6 +595,9 @@ def test_scores_are_shown_to_as_many_decimals_as_tell_them_from_their_threshold(
     assert against_threshold(0.5, 0.5) == ("0.500", "0.500")
     # Closer than 6 decimals tell: said in words.
     assert against_threshold(0.5 - 1e-9, 0.5) == ("just below 0.500000", "0.500000")
+    # A threshold under 0.001 shows its first significant digits, and the score beside it as many places.
+    assert against_threshold(0.0004, 7.974e-06) == ("0.00040000", "0.00000797")
+    assert against_threshold(3e-06, 7.974e-06) == ("0.00000300", "0.00000797")
 
 
 def test_the_heat_map_of_a_model_scored_with_its_mirror_says_so(monkeypatch, page_registry_hflip):

@@ -571,8 +571,8 @@ def _twelve_bit(edit) -> bytes:
         (lambda: _twelve_bit(lambda ds: delattr(ds, "SamplesPerPixel")),
          r"lacks SamplesPerPixel, which describe its pixels; the file is incomplete$"),
         (lambda: _twelve_bit(lambda ds: setattr(ds, "PixelData", ds.PixelData[:-2])),
-         r"has pixel data that cannot be decoded: it is cut short, 8,190 bytes where Rows x Columns x Samples per "
-         r"Pixel x Bits Allocated \(64 x 64 x 1 x 16 bits\) need 8,192 .*; send the complete file$"),
+         r"has pixel data that cannot be decoded: it is cut short, 8,190 bytes where Rows x Columns x samples stored a "
+         r"pixel x Bits Allocated \(64 x 64 x 1 x 16 bits\) need 8,192 .*; send the complete file$"),
         (lambda: _twelve_bit(lambda ds: setattr(ds, "SamplesPerPixel", 3)),
          r"has Samples per Pixel 3 with photometric interpretation MONOCHROME2, which has 1"),
         (_rle_cut_short, r"has compressed pixel data \(RLE Lossless\) that cannot be decoded: .*The data is damaged "
@@ -639,3 +639,37 @@ def test_pixels_far_from_square_are_refused_as_a_corrupt_header():
     data, _ = _spaced("PixelSpacing", [1.0, 0.1])
     with pytest.raises(InputRejected, match=r"^is DICOM but has PixelSpacing 1\\0.1: pixels 10 times as tall as wide"):
         read_xray(data, InputPolicy())
+
+
+def test_uncompressed_ybr_full_422_holds_two_samples_a_pixel_and_is_read():
+    """Each pair of pixels shares its Cb and Cr (PS3.3 C.7.6.3.1.2): Rows x Columns x 2 bytes, which
+    the check for cut-short data once took for two thirds of a file."""
+    rows, cols = 64, 64
+    y = np.random.default_rng(0).integers(16, 235, (rows, cols), dtype=np.uint8)
+    pairs = np.empty((rows, cols // 2, 4), np.uint8)
+    pairs[..., 0], pairs[..., 1] = y[:, 0::2], y[:, 1::2]
+    pairs[..., 2] = pairs[..., 3] = 128  # no colour
+    ds = _dataset()
+    ds.Rows, ds.Columns = rows, cols
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "YBR_FULL_422", 0
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit, ds.PixelRepresentation = 7, 0
+    ds.PixelData = pairs.tobytes()
+    shown = np.asarray(dicom_to_image(to_bytes(ds)).convert("L")).astype(int)
+    assert np.abs(shown - y).max() == 0
+    ds.PixelData = pairs.tobytes()[:-64]
+    with pytest.raises(InputRejected, match=r"it is cut short, 8,128 bytes where .* \(64 x 64 x 2 x 8 bits\) need 8,192"):
+        read_xray(to_bytes(ds), InputPolicy())
+
+
+def test_training_counts_the_pixels_of_a_dicom_as_the_served_model_decodes_them(tmp_path):
+    """Pixels twice as tall as wide are resampled to twice the rows before the served model's pixel
+    limit is applied; training lists the file by the same count, not by the header's."""
+    data, _ = _spaced("PixelSpacing", [0.2, 0.1])  # 200 x 100 stored, 200 x 200 shown
+    path = tmp_path / "tall.dcm"
+    path.write_bytes(data)
+    with pytest.raises(InputRejected, match=r"declares 200 x 200 px"):
+        read_xray(data, InputPolicy(max_pixels=30_000))
+    facts = inspect_image(str(path), max_pixels=30_000)
+    assert not facts.decodable and "declares 200 x 200 px (0.0 megapixels)" in facts.error
+    assert inspect_image(str(path), max_pixels=40_000).decodable

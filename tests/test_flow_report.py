@@ -304,6 +304,17 @@ def test_an_alias_moved_by_a_run_that_reproduced_nothing_is_a_change():
     assert table_row(render_report(unchanged), "Aliases moved by this run")[1] == "none"
 
 
+def test_new_data_whose_stages_are_all_up_to_date_is_not_called_a_registry_change():
+    # A run on new data failed in validate after data.dvc was rewritten; this run brought back the
+    # old source: a data version other than the last ingest's, every stage as dvc.lock records it.
+    back = result(ran=False, previous="old-md5.dir", created=False)
+    assert not back.nothing_changed and not back.registry_changed
+    assert render_report(back).splitlines()[2] == (
+        "**Up to date**: new data version `new-md5.dir` (was `old-md5.dir`), and DVC found every stage up to "
+        "date (nothing retrained); fracture-classifier version 2 was already registered."
+    )
+
+
 def test_a_version_the_register_task_s_first_try_created_is_registered_by_this_run():
     from flows.result import RegistryState, as_of_run
 
