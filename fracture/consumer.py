@@ -19,6 +19,8 @@ import struct
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
@@ -188,12 +190,28 @@ class ConsumerAnswer:
         return Path(self.code).resolve().parent == Path(__file__).resolve().parent
 
 
-def _consumer_env() -> dict[str, str]:
-    """A consumer's environment: this one without PYTHON* variables, with this process's registry."""
+def _consumer_env(temp: str) -> dict[str, str]:
+    """A consumer's environment: this one without PYTHON* variables, with this process's registry,
+    and ``temp`` as its temporary folder. From a tracking server's artifact store MLflow downloads
+    a version it loads into a folder of its own there and never removes it; the caller removes
+    ``temp`` once that Python has ended, so each load leaves no copy of the version behind."""
     return {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")} | {
         "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(),
         "MLFLOW_REGISTRY_URI": mlflow.get_registry_uri(),
+        "TMPDIR": temp,
     }
+
+
+@contextmanager
+def loaded_version(uri: str) -> Iterator[Any]:
+    """``mlflow.pyfunc.load_model(uri)`` in this process, its downloaded files removed on leaving.
+
+    For a version loaded to be scored or checked and then dropped (the gate, the load check):
+    from a tracking server's artifact store MLflow would download it into a temporary folder of
+    its own and leave it there, a copy of the version (tens of MB) for every load.
+    """
+    with tempfile.TemporaryDirectory(prefix="fracture-version-") as folder:
+        yield mlflow.pyfunc.load_model(uri, dst_path=folder)
 
 
 def predict_as_consumer(uri: str, files: list[Path], timeout: float = 3600.0) -> ConsumerAnswer:
@@ -213,7 +231,7 @@ def predict_as_consumer(uri: str, files: list[Path], timeout: float = 3600.0) ->
         script.write_text(SCRIPT)
         resolved = [str(Path(f).resolve()) for f in files]
         request.write_text(json.dumps({"files": resolved}))
-        env = _consumer_env()
+        env = _consumer_env(tmp)
         try:
             done = subprocess.run(
                 [sys.executable, "-I", str(script), uri, str(request), str(out)],
@@ -250,7 +268,8 @@ class ConsumerModel:
     def __init__(self, uri: str) -> None:
         self.uri = uri
         self._errors = tempfile.TemporaryFile()  # noqa: SIM115 - held until close(), which closes it
-        env = _consumer_env()
+        self._temp = tempfile.TemporaryDirectory(prefix="fracture-consumer-")  # removed by close()
+        env = _consumer_env(self._temp.name)
         self._process = subprocess.Popen(
             [sys.executable, "-I", "-c", WORKER, uri], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=self._errors, env=env,
@@ -294,6 +313,7 @@ class ConsumerModel:
             self._process.kill()
             self._process.wait()
         self._errors.close()
+        self._temp.cleanup()
 
     def __enter__(self) -> Self:
         return self

@@ -23,7 +23,6 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pandas as pd
 from mlflow import MlflowClient
@@ -31,7 +30,7 @@ from mlflow.entities import Run
 from mlflow.entities.model_registry import ModelVersion
 
 from fracture.config import DetectParams
-from fracture.consumer import predict_as_consumer
+from fracture.consumer import loaded_version, predict_as_consumer
 from fracture.detection import Detections, PairedMAP, paired_bootstrap_map
 from fracture.gate import Evaluation, GateCheck, floors, paired_verdict
 from fracture.packaging import log_detector_pyfunc
@@ -101,18 +100,18 @@ def served_detections(name: str, version: str, split: DetectorTestSplit) -> tupl
     Raises:
         RegistryError: a row came back with an error.
     """
-    model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
     boxes, scores, threshold = [], [], math.nan
-    for start in range(0, len(split.paths), REQUEST_ROWS):
-        chunk = split.paths[start : start + REQUEST_ROWS]
-        out = model.predict(pd.DataFrame({"image": [p.read_bytes() for p in chunk]}), params={"min_score": 0.0})
-        for path, (_, row) in zip(chunk, out.iterrows(), strict=True):
-            if row["error"]:
-                raise RegistryError(f"models:/{name}/{version} refused {path}: {row['error']}")
-            found = np.array(json.loads(row["boxes"]), dtype=np.float64).reshape(-1, 5)
-            boxes.append(found[:, :4])
-            scores.append(found[:, 4])
-            threshold = float(row["threshold"])
+    with loaded_version(f"models:/{name}/{version}") as model:
+        for start in range(0, len(split.paths), REQUEST_ROWS):
+            chunk = split.paths[start : start + REQUEST_ROWS]
+            out = model.predict(pd.DataFrame({"image": [p.read_bytes() for p in chunk]}), params={"min_score": 0.0})
+            for path, (_, row) in zip(chunk, out.iterrows(), strict=True):
+                if row["error"]:
+                    raise RegistryError(f"models:/{name}/{version} refused {path}: {row['error']}")
+                found = np.array(json.loads(row["boxes"]), dtype=np.float64).reshape(-1, 5)
+                boxes.append(found[:, :4])
+                scores.append(found[:, 4])
+                threshold = float(row["threshold"])
     return Detections(boxes, scores), threshold
 
 
@@ -129,7 +128,8 @@ def load_check(name: str, version: str, image: Path, threshold: float, isolated:
             if answer.ran_installed_code:
                 problems.append(f"it ran this installation's code ({answer.code}), not its own")
         else:
-            out = mlflow.pyfunc.load_model(uri).predict(pd.DataFrame({"image": [image.read_bytes()]}))
+            with loaded_version(uri) as loaded:
+                out = loaded.predict(pd.DataFrame({"image": [image.read_bytes()]}))
         row = out.iloc[0]
         boxes = json.loads(row["boxes"])
         score = float(row["fracture_score"])

@@ -40,7 +40,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from fracture.config import RegisterParams
-from fracture.consumer import predict_as_consumer
+from fracture.consumer import loaded_version, predict_as_consumer
 from fracture.gate import (
     COMPARISON_TAGS,
     Comparison,
@@ -501,7 +501,8 @@ def _require_loadable(name: str, version: str, role: str, isolated: bool = True)
         if isolated:
             predict_as_consumer(uri, [])
         else:
-            mlflow.pyfunc.load_model(uri)
+            with loaded_version(uri):
+                pass
     except Exception as exc:  # noqa: BLE001 - whatever stops a consumer from loading it
         raise RegistryError(
             f"{role} {name} version {version} cannot be loaded from the registry ({type(exc).__name__}: "

@@ -14,11 +14,15 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pandas as pd
 
-from fracture.consumer import ConsumerAnswer, ConsumerError, predict_as_consumer
+from fracture.consumer import (
+    ConsumerAnswer,
+    ConsumerError,
+    loaded_version,
+    predict_as_consumer,
+)
 from fracture.gate import (
     EvaluatedSplit,
     Evaluation,
@@ -59,7 +63,8 @@ def load_check(
             if answer.ran_installed_code:
                 problems.append(f"it ran this installation's code ({answer.code}), not its own")
         else:
-            out = mlflow.pyfunc.load_model(uri).predict(pd.DataFrame({"image": [image.read_bytes()]}))
+            with loaded_version(uri) as loaded:
+                out = loaded.predict(pd.DataFrame({"image": [image.read_bytes()]}))
         prob = float(out["fracture_probability"].iloc[0])
         if len(out) != 1:
             problems.append(f"{len(out)} rows for one image")
@@ -134,7 +139,8 @@ def _scored(
                 f"{Path(refused[0][0]).name}: {refused[0][1]}"
             )
         return rows["fracture_probability"].to_numpy(dtype=np.float64), float(rows["threshold"].iloc[0]), answer
-    served = mlflow.pyfunc.load_model(uri).unwrap_python_model()
+    with loaded_version(uri) as loaded:  # the network is in memory once loaded; its files can go
+        served = loaded.unwrap_python_model()
     if not isinstance(served, FracturePyfunc):
         raise TypeError(f"{uri} is a {type(served).__name__}, not a model logged by fracture.packaging")
     classifier = served.classifier

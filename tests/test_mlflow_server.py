@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -71,6 +72,10 @@ def test_register_through_the_server_and_consume_champion_elsewhere(tracking_ser
     mlflow.set_tracking_uri(url)
     mlflow.set_experiment("fracture-classification")
     images = xray_paths()
+    temp = tmp_path / "temp"  # this process's and its children's temporary folder, watched below
+    temp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(temp))
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
 
     weights, config = untrained_model_files(tmp_path, 0.5)
     with mlflow.start_run(tags={"data_version": "d" * 32 + ".dir", "git_commit": "c0ffee"}) as run:
@@ -84,6 +89,9 @@ def test_register_through_the_server_and_consume_champion_elsewhere(tracking_ser
     stored = {p.name for p in files_under(artifacts)}
     assert {"MLmodel", "model.safetensors", "model.json", "pyfunc_entry.py"} <= stored
     assert MlflowClient(url).get_model_version_by_alias(NAME, "champion").tags["git_commit"] == "c0ffee"
+
+    # The gate scored and load-checked the version in consumers' Pythons and this one, and left no copy of it.
+    assert list(temp.iterdir()) == []
 
     out = consume(url, tmp_path, images)
     # The same numbers as the project's own weights and config give in this process.
