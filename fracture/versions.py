@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import io
 import posixpath
-import subprocess
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from fracture.manifest import (
     read_dataset_csv,
 )
 from fracture.vocabulary import CLASSES
+from fracture.workspace import git_output
 
 STATUS_COMPARED = "compared"
 STATUS_FIRST = "first version"
@@ -71,15 +71,6 @@ def dvc_file_md5(project_root: Path, dvc_file: str = "data.dvc") -> str | None:
     """
     path = Path(project_root) / dvc_file
     return _md5_from_dvc_file(path.read_text()) if path.is_file() else None
-
-
-def git_output(project_root: Path, *args: str) -> str | None:
-    """Stdout of a git command run in ``project_root``, or None when git fails or is missing."""
-    try:
-        out = subprocess.run(["git", *args], cwd=project_root, capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return out.stdout
 
 
 def dvc_file_history(project_root: Path, dvc_file: str = "data.dvc") -> list[tuple[str, str]] | None:

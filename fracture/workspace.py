@@ -56,13 +56,32 @@ def _read_frame(path: Path, stage: str) -> pd.DataFrame:
     return pd.read_csv(path, dtype=_TEXT_COLUMNS)
 
 
-def _git(root: Path, *args: str) -> str | None:
+def git_output(root: Path, *args: str) -> str | None:
     """Stdout of a git command run in ``root``, or ``None`` when git fails or is missing."""
     try:
         out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True)
     except (OSError, subprocess.CalledProcessError):
         return None
     return out.stdout
+
+
+def status_paths(root: Path, *args: str) -> list[str]:
+    """The paths ``git status --porcelain -z <args>`` run in ``root`` lists, relative to ``root``
+    (as ``git add`` typed there takes them, also when ``root`` is a folder inside its repository);
+    ``[]`` outside git. NUL-separated, so names with spaces or non-ASCII letters come unquoted;
+    ``--no-optional-locks``, so a status run by a stage never competes with the user's git for
+    ``index.lock``."""
+    out = git_output(root, "--no-optional-locks", "status", "--porcelain", "-z", *args)
+    entries = iter((out or "").split("\0"))
+    found = []
+    for entry in entries:
+        if entry[3:]:
+            found.append(entry[3:])
+            if entry[0] in "RC":
+                next(entries, None)  # a rename's or copy's source path follows
+    # Porcelain output names paths from the repository's root; the project's own prefix is dropped.
+    prefix = (git_output(root, "rev-parse", "--show-prefix") or "").strip()
+    return [path.removeprefix(prefix) for path in found]
 
 
 def dirty_files_tag(files: list[str], limit: int = _DIRTY_TAG_CHARS) -> str:
@@ -449,19 +468,8 @@ class Workspace:
         (:data:`PIPELINE_WRITTEN`: ``dvc.lock``, ``.dvc`` files, params.yaml's ``train.profile``),
         which the flow's closing advice names anyway. ``[]`` outside git.
         """
-        # --no-optional-locks: a status run by a stage never competes with the user's git for index.lock.
-        out = _git(self.root, "--no-optional-locks", "status", "--porcelain", "-z", "--untracked-files=no", "--", ".",
-                   *(f":(exclude,glob){pattern}" for pattern in PIPELINE_WRITTEN))
-        entries = iter((out or "").split("\0"))
-        found = []
-        for entry in entries:
-            if entry[3:]:
-                found.append(entry[3:])
-                if entry[0] in "RC":
-                    next(entries, None)  # a rename's or copy's source path follows
-        # Porcelain output names paths from the repository's root; the project's own prefix is dropped.
-        prefix = (_git(self.root, "rev-parse", "--show-prefix") or "").strip()
-        return [path.removeprefix(prefix) for path in found]
+        return status_paths(self.root, "--untracked-files=no", "--", ".",
+                            *(f":(exclude,glob){pattern}" for pattern in PIPELINE_WRITTEN))
 
     def git_tags(self) -> dict[str, str]:
         """The code version as MLflow tags: ``git_commit``, and ``git_dirty_files`` when the tree is dirty.
@@ -471,7 +479,7 @@ class Workspace:
             clean tree; ``{"git_commit": "<sha>-dirty", "git_dirty_files": "a.py, b.py"}`` otherwise,
             the list cut short (:func:`dirty_files_tag`).
         """
-        sha = (_git(self.root, "rev-parse", "--verify", "HEAD") or "").strip()
+        sha = (git_output(self.root, "rev-parse", "--verify", "HEAD") or "").strip()
         if not sha:
             return {}
         dirty = self.git_dirty_files()

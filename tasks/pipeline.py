@@ -38,7 +38,7 @@ from fracture.config import Params, load_params
 from fracture.ingest import EX_TEMPFAIL, source_listing
 from fracture.registry import Registration
 from fracture.stages.register import run_register
-from fracture.workspace import Workspace
+from fracture.workspace import Workspace, status_paths
 
 #: The DVC stages of dvc.yaml in pipeline order, each with the workspace reader of its outputs.
 READERS: dict[str, Callable[[Workspace], Any]] = {
@@ -329,20 +329,7 @@ def uncommitted(project: Path, paths: tuple[str, ...] = (DATA_DVC, "dvc.lock")) 
     The paths are relative to ``project``, as ``git add`` typed there takes them, also when the
     project is a folder inside its git repository.
     """
-    from fracture.versions import git_output  # noqa: PLC0415 - it imports DVC's API, which loads slowly
-
-    # NUL-separated: names with spaces or non-ASCII letters come unquoted.
-    out = git_output(project, "status", "--porcelain", "-z", "--untracked-files=all", "--", *paths, ":(glob)**/.gitignore")
-    entries = iter((out or "").split("\0"))
-    found = []
-    for entry in entries:
-        if entry[3:]:
-            found.append(entry[3:])
-            if entry[0] in "RC":
-                next(entries, None)  # a rename's or copy's source path follows
-    # Porcelain output names paths from the repository's root; the project's own prefix is dropped.
-    prefix = (git_output(project, "rev-parse", "--show-prefix") or "").strip()
-    return [path.removeprefix(prefix) for path in found]
+    return status_paths(project, "--untracked-files=all", "--", *paths, ":(glob)**/.gitignore")
 
 
 def dvc_status(project: Path, targets: list[str]) -> dict[str, Any]:
