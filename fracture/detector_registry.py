@@ -52,6 +52,7 @@ from fracture.registry import (
     _untag_version,
     _verdict,
 )
+from fracture.workspace import GIT_COMMIT_TAG, GIT_DIRTY_FILES_TAG
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +241,9 @@ def register_detector(
         _tag_version(client, name, str(mv.version), {
             "classifier_run_id": run.data.tags.get("classifier_run_id"),
             TAG_DATA: run.data.tags.get("data_version") or None,
-            "git_commit": run.data.tags.get("git_commit"),
+            GIT_COMMIT_TAG: run.data.tags.get(GIT_COMMIT_TAG),
+            **({GIT_DIRTY_FILES_TAG: run.data.tags[GIT_DIRTY_FILES_TAG]}
+               if run.data.tags.get(GIT_DIRTY_FILES_TAG) else {}),
             "threshold": threshold,
             TAG_SPLIT: split.fingerprint,
             "metrics": json.dumps(_test_metrics(metrics), sort_keys=True),

@@ -149,7 +149,8 @@ def render_model_card(
         "",
         "## Provenance",
         f"- MLflow run: `{run_id}`",
-        f"- Code: git commit `{data.get('git_commit') or 'unknown'}`",
+        f"- Code: git commit `{data.get('git_commit') or 'unknown'}`"
+        + (f", with uncommitted changes to {data['git_dirty_files']}" if data.get("git_dirty_files") else ""),
         f"- Data: FracAtlas, DVC version `{data.get('version') or 'unversioned'}`; split "
         + ", ".join(f"{k} {v}" for k, v in data.get("splits", {}).items()),
         "",

@@ -56,6 +56,7 @@ from fracture.model_card import version_description
 from fracture.packaging import log_pyfunc
 from fracture.scoring import load_check, scored_with_champion
 from fracture.tracking import training_run
+from fracture.workspace import GIT_COMMIT_TAG, GIT_DIRTY_FILES_TAG
 
 log = logging.getLogger(__name__)
 
@@ -376,7 +377,9 @@ def _provenance_tags(run: Run, config: ServingConfig, split: EvaluatedSplit) -> 
     """Where the version came from: code, data, profile, threshold, test split and test metrics."""
     tags = run.data.tags
     return {
-        "git_commit": tags.get("git_commit"),
+        GIT_COMMIT_TAG: tags.get(GIT_COMMIT_TAG),
+        # ``<sha>-dirty`` above: the files that differed from the commit, which no commit holds.
+        **({GIT_DIRTY_FILES_TAG: tags[GIT_DIRTY_FILES_TAG]} if tags.get(GIT_DIRTY_FILES_TAG) else {}),
         TAG_DATA: tags.get("data_version") or None,
         "profile": tags.get("profile") or config.extra.get("profile"),
         "threshold": config.threshold,

@@ -84,13 +84,15 @@ def split(tmp_path) -> DetectorTestSplit:
     return DetectorTestSplit(split_fingerprint(frame), tuple(paths), tuple(truth))
 
 
-def detector_run(tmp_path, seed: int, map_50: float) -> tuple[str, object, dict]:
-    """A detector's training run as ``detect_evaluate`` leaves it, with its weights and served config."""
+def detector_run(tmp_path, seed: int, map_50: float, code: dict[str, str] | None = None) -> tuple[str, object, dict]:
+    """A detector's training run as ``detect_evaluate`` leaves it, with its weights and served config
+    (``code``: its git tags, a clean commit unless given)."""
     torch.manual_seed(seed)
     model = build_detector(CONFIG, timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=2).state_dict())
     weights = tmp_path / f"detector-{seed}.safetensors"
     save_file(model.state_dict(), str(weights))
-    with mlflow.start_run(tags={"classifier_run_id": "c1", "data_version": "d1", "git_commit": "c0ffee"}) as run:
+    tags = {"classifier_run_id": "c1", "data_version": "d1"} | (code or {"git_commit": "c0ffee"})
+    with mlflow.start_run(tags=tags) as run:
         mlflow.log_metrics({"test_map_50": map_50, "test_map": map_50 / 2, "test_image_sensitivity": 0.9})
     return run.info.run_id, weights, CONFIG.to_dict() | {"threshold": 0.05, "input": InputPolicy().to_dict()}
 
@@ -105,15 +107,19 @@ def test_the_first_detector_becomes_champion_and_an_identical_one_stays_challeng
     assert all(c.passed for c in first.checks), first.summary()
     mv = client.get_model_version("fracture-detector", first.version)
     assert mv.tags["split_fingerprint"] == split.fingerprint and mv.tags["classifier_run_id"] == "c1"
+    assert mv.tags["git_commit"] == "c0ffee" and "git_dirty_files" not in mv.tags
     assert "mAP@0.5 0.400" in mv.description
 
     # Served as a registry consumer gets it: every box with min_score 0, in the images' pixels.
     found, threshold = served_detections("fracture-detector", first.version, split)
     assert threshold == 0.05 and len(found.boxes) == 6 and sum(len(b) for b in found.boxes) > 0
 
-    # The same weights again, from another run: scored with the champion, no gain, so challenger.
-    twin_id, _, _ = detector_run(tmp_path, 0, 0.45)
+    # The same weights again, from another run (trained from uncommitted code: the version names
+    # the files, as its run does): scored with the champion, no gain, so challenger.
+    dirty = {"git_commit": "c0ffee-dirty", "git_dirty_files": "fracture/detection.py"}
+    twin_id, _, _ = detector_run(tmp_path, 0, 0.45, code=dirty)
     twin = register_detector(params, twin_id, weights, described, split)
+    assert {k: client.get_model_version("fracture-detector", twin.version).tags[k] for k in dirty} == dirty
     assert twin.decision == "challenger" and not twin.champion and twin.aliases == (CHALLENGER,)
     assert "beats champion: mAP@0.5" in twin.reason and "not higher" in twin.reason
     tags = client.get_model_version("fracture-detector", twin.version).tags

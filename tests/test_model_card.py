@@ -43,6 +43,7 @@ def test_card_states_what_a_reviewer_needs():
     )
     assert card.startswith("# Model card: tf_efficientnet_lite0 (cpu profile)")
     assert "`run42`" in card and "`abc123`" in card and "`0e34281f.dir`" in card and "test 494" in card
+    assert "uncommitted" not in card
     assert "ROC AUC: 0.917 (95% CI 0.882–0.952)" in card
     assert "Sensitivity: 0.919 (95% CI 0.861–0.977)" in card
     assert "Specificity: 0.745 (95% CI 0.701–0.784)" in card
@@ -92,3 +93,9 @@ def test_a_tiny_threshold_keeps_its_digits_in_the_card_and_the_registry_descript
     assert "Decision threshold 0.5 (fixed)" in render_model_card(
         MODEL, {}, {"splits": {}}, METRICS | {"threshold": 0.5}, PARTS, "fixed", "run42"
     )
+
+
+def test_a_model_trained_from_uncommitted_code_names_the_files_no_commit_holds():
+    data = {"git_commit": "abc123-dirty", "git_dirty_files": "fracture/training.py, params.yaml", "splits": {}}
+    card = render_model_card(MODEL, {}, data, METRICS, PARTS, "fixed", "run42")
+    assert "- Code: git commit `abc123-dirty`, with uncommitted changes to fracture/training.py, params.yaml" in card

@@ -304,9 +304,10 @@ def xray(fracatlas):
     return fracatlas / "images/Fractured/IMG0000019.jpg"
 
 
-def evaluated_run(auc: float, recall: float = 0.9, data: str = DATA) -> str:
-    """A training run as the evaluate stage leaves it: test metrics and provenance tags."""
-    tags = {"data_version": data, "git_commit": "c0ffee", "profile": "cpu"}
+def evaluated_run(auc: float, recall: float = 0.9, data: str = DATA, code: dict[str, str] | None = None) -> str:
+    """A training run as the evaluate stage leaves it: test metrics and provenance tags (``code``:
+    its git tags, a clean commit unless given)."""
+    tags = {"data_version": data, "profile": "cpu"} | (code or {"git_commit": "c0ffee"})
     with mlflow.start_run(tags=tags) as run:
         mlflow.log_metrics({"test_roc_auc": auc, "test_recall": recall, "test_specificity": 0.7})
     return run.info.run_id
@@ -357,9 +358,12 @@ def test_gate_promotes_keeps_previous_champion_and_rolls_back(client, ranked, tm
     tags = client.get_model_version(NAME, "1").tags
     assert tags["split_fingerprint"] == split.fingerprint and tags["data_version"] == DATA and tags["git_commit"] == "c0ffee"
     assert tags["profile"] == "cpu" and float(tags["threshold"]) == 0.5 and tags["gate_decision"] == "promoted"
-    assert '"test_roc_auc": 0.85' in tags["metrics"]
+    assert '"test_roc_auc": 0.85' in tags["metrics"] and "git_dirty_files" not in tags
 
-    low = register(PARAMS, evaluated_run(0.95, recall=0.6), *good, split, client)
+    # Trained from uncommitted code: the version names the files no commit holds, as its run does.
+    dirty = {"git_commit": "c0ffee-dirty", "git_dirty_files": "fracture/training.py"}
+    low = register(PARAMS, evaluated_run(0.95, recall=0.6, code=dirty), *good, split, client)
+    assert {k: client.get_model_version(NAME, "2").tags[k] for k in dirty} == dirty
     assert (low.version, low.decision, low.champion) == ("2", "challenger", False)
     assert low.reason == "floor test_recall: 0.6000 < 0.8"
     # Neither scored against the champion nor loaded: it could not win anyway.

@@ -80,7 +80,9 @@ def run_crossval(params: Params, workspace: Workspace) -> CrossvalResult:
         "kind": "crossval",
         "profile": params.train.profile,
         "data_version": workspace.data_version() or "",
-        "git_commit": workspace.git_commit() or "",
+        # ``<sha>-dirty`` and the files, when the code that ran is not the commit's.
+        "git_commit": "",
+        **workspace.git_tags(),
     } | hardware_tags(str(select_device(params.train.device)))
     with mlflow.start_run(tags=tags) as run:
         log_dataset_inputs(params, workspace, frames)

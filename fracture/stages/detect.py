@@ -99,7 +99,7 @@ def run_detect_train(params: Params, workspace: Workspace) -> dict[str, object]:
     workspace.detect_dir.mkdir(parents=True, exist_ok=True)
     setup_mlflow(params, workspace.root)
     tags = {"model_kind": "fracture-detector", "classifier_run_id": trained.run_id,
-            "data_version": workspace.data_version() or "", "git_commit": workspace.git_commit() or ""}
+            "data_version": workspace.data_version() or "", "git_commit": ""} | workspace.git_tags()
     with mlflow.start_run(run_name=f"detector-{d.architecture}", tags=tags) as run:
         mlflow.log_params({f"detect.{k}": v for k, v in vars(d).items()} | {"backbone": config.backbone,
                           "train_images": len(train), "val_images": len(val)})

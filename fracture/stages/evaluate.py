@@ -188,6 +188,7 @@ def run_evaluate(params: Params, workspace: Workspace) -> EvaluateResult:
         model,
         _recipe(params, model.profile),
         {"version": tags.get("data_version"), "git_commit": tags.get("git_commit"),
+         "git_dirty_files": tags.get("git_dirty_files"),
          "splits": SplitResult.of(frames).sizes},
         metrics,
         per_part,
