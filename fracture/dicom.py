@@ -553,6 +553,52 @@ def _signed(value: int) -> int:
     return value - 2**16 if value >= 2**15 else value
 
 
+def _signed_lut(ds: Dataset, keyword: str) -> DataElement | None:
+    """``ds``'s LUT sequence ``keyword`` (a Modality or VOI LUT Sequence) with its first LUT
+    Descriptor's first mapped value, written as US (63488 for -2048), read as the signed value
+    it encodes; ``None`` when the image is unsigned or the value needs no change. The items are
+    new datasets of the same elements: the caller's are left as they were."""
+    lut = ds.get(keyword)
+    item = lut[0] if lut else None
+    descriptor = item.get("LUTDescriptor") if item is not None else None
+    if descriptor is None or len(descriptor) != 3 or int(ds.PixelRepresentation) != 1 or int(descriptor[1]) < 2**15:
+        return None
+    fixed = Dataset(dict(item.items()))
+    entries, first, bits = (int(v) for v in descriptor)
+    fixed["LUTDescriptor"] = DataElement(0x00283002, "US or SS", [entries, _signed(first), bits])
+    return DataElement(ds[keyword].tag, "SQ", Sequence([fixed, *lut[1:]]))
+
+
+def _modality_dataset(ds: Dataset) -> Dataset:
+    """``ds`` as pydicom's ``apply_modality_lut`` must see it; a shallow copy where it differs, so
+    the caller's dataset is never changed.
+
+    A signed image's Modality LUT Descriptor whose first mapped value was written as US (63488
+    for -2048) gets its signed value, which it is by Pixel Representation (PS3.3 C.11.1.1):
+    pydicom subtracts it from the image in the image's own type and overflows.
+    """
+    lut = _signed_lut(ds, "ModalityLUTSequence")
+    if lut is None:
+        return ds
+    # Dataset(ds) and copy.copy share the elements' dictionary: a new one, of the same elements.
+    view = Dataset(dict(ds.items()))
+    view["ModalityLUTSequence"] = lut
+    return view
+
+
+def _apply_modality(values: np.ndarray, ds: Dataset) -> np.ndarray:
+    """pydicom's ``apply_modality_lut`` on :func:`_modality_dataset`.
+
+    pydicom subtracts a Modality LUT's first mapped value from the stored values in their own
+    type: a signed 16-bit image's values past 32767 + first (0 and up for a LUT from -32768)
+    would wrap round to below the LUT, so signed values are widened first.
+    """
+    ds = _modality_dataset(ds)
+    if ds.get("ModalityLUTSequence") and values.dtype.kind == "i" and values.dtype.itemsize < 4:
+        values = values.astype(np.int32)
+    return apply_modality_lut(values, ds)
+
+
 def _voi_dataset(ds: Dataset) -> Dataset:
     """``ds`` as pydicom's ``apply_voi_lut`` must see it; a shallow copy where it differs, so the
     caller's dataset is never changed.
@@ -561,29 +607,21 @@ def _voi_dataset(ds: Dataset) -> Dataset:
       modality transform (PS3.3 C.11.1), and pydicom's windowing would rescale its output range
       with them all the same, squeezing the contrast.
     - A signed image's VOI LUT Descriptor whose first mapped value was written as US (63488 for
-      -2048) gets its signed value: pydicom compares the image with it and overflows.
+      -2048) gets its signed value: pydicom compares the image with it and overflows. Not after
+      a Modality LUT Sequence, whose output is unsigned: the VOI LUT's input, and so its first
+      mapped value, is then US (PS3.3 C.11.1.1.1, C.11.2.1.1).
     """
-    drop = [tag for tag in ("RescaleSlope", "RescaleIntercept") if tag in ds] if ds.get("ModalityLUTSequence") else []
-    voi = ds.get("VOILUTSequence")
-    item = voi[0] if voi else None
-    descriptor = item.get("LUTDescriptor") if item is not None else None
-    unsigned_first = (
-        descriptor is not None
-        and len(descriptor) == 3
-        and int(ds.PixelRepresentation) == 1
-        and int(descriptor[1]) >= 2**15
-    )
-    if not drop and not unsigned_first:
+    modality_lut = bool(ds.get("ModalityLUTSequence"))
+    drop = [tag for tag in ("RescaleSlope", "RescaleIntercept") if tag in ds] if modality_lut else []
+    voi = None if modality_lut else _signed_lut(ds, "VOILUTSequence")
+    if not drop and voi is None:
         return ds
     # Dataset(ds) and copy.copy share the elements' dictionary: a new one, of the same elements.
     view = Dataset(dict(ds.items()))
     for tag in drop:
         del view[tag]
-    if unsigned_first:
-        fixed = Dataset(dict(item.items()))
-        entries, first, bits = (int(v) for v in descriptor)
-        fixed["LUTDescriptor"] = DataElement(0x00283002, "US or SS", [entries, _signed(first), bits])
-        view["VOILUTSequence"] = DataElement(0x00283010, "SQ", Sequence([fixed, *voi[1:]]))
+    if voi is not None:
+        view["VOILUTSequence"] = voi
     return view
 
 
@@ -735,8 +773,8 @@ def _display_values(stored: np.ndarray, ds: Dataset, in_image: np.ndarray) -> np
     padded = padding(in_image, ds)
     if padded is not None and not padded.all():
         in_image = in_image[~padded]
-    values = apply_modality_lut(stored, ds)
-    low, high = voi_range(ds, apply_modality_lut(in_image, ds))
+    values = _apply_modality(stored, ds)
+    low, high = voi_range(ds, _apply_modality(in_image, ds))
     values = _apply_voi(values, ds).astype(np.float64)
     # A negative Rescale Slope reverses the window's output range (high below low): it maps as it is.
     scaled = (values - low) / (high - low) if high != low else np.zeros_like(values)

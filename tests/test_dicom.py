@@ -536,6 +536,76 @@ def test_a_signed_images_voi_lut_first_value_written_as_us_is_read_as_the_signed
     assert list(ds.VOILUTSequence[0].LUTDescriptor) == [4096, 63488, 16]  # the caller's dataset is left as it was
 
 
+def _signed_modality_lut(first: int, vr: str, window: bool) -> bytes:
+    """A signed 12-bit ramp (-2048..2047) through a Modality LUT Sequence x 16 from ``first``, written as ``vr``."""
+    ds = _dataset()
+    ds.set_pixel_data(np.tile(np.linspace(-2048, 2047, 64).round().astype(np.int16), (64, 1)), "MONOCHROME2", 12)
+    item = Dataset()
+    item.LUTDescriptor = [4096, first, 16]
+    item["LUTDescriptor"].VR = vr
+    item.LUTData = [v * 16 for v in range(4096)]
+    item["LUTData"].VR = "US"
+    item.ModalityLUTType = "US"
+    ds.ModalityLUTSequence = Sequence([item])
+    if window:
+        ds.WindowCenter, ds.WindowWidth = 32768, 65536
+    return to_bytes(ds)
+
+
+@pytest.mark.parametrize("window", [True, False], ids=["window", "own range"])
+def test_a_signed_images_modality_lut_first_value_written_as_us_is_read_as_the_signed_value(window):
+    """A Modality LUT Descriptor's first mapped value is SS for a signed image (PS3.3 C.11.1.1), but
+    some exporters write it as US: 63488 is -2048. pydicom subtracted 63488 from the 16-bit signed
+    image, overflowed, and the file was refused as unreadable."""
+    expected = np.asarray(dicom_to_image(_signed_modality_lut(-2048, "SS", window)))
+    assert (expected.min(), expected.max()) == (0, 255) and len(np.unique(expected)) == 64
+    ds = dcmread(io.BytesIO(_signed_modality_lut(63488, "US", window)))
+    np.testing.assert_array_equal(to_display(ds), expected)
+    assert list(ds.ModalityLUTSequence[0].LUTDescriptor) == [4096, 63488, 16]  # the caller's dataset is left as it was
+
+
+def test_a_signed_16_bit_image_through_a_modality_lut_from_its_lowest_value_does_not_wrap_round():
+    """pydicom subtracts the LUT's first mapped value in the image's own type: with -32768, every
+    value from 0 up wrapped round below the LUT and showed black. Shown as its unsigned twin is."""
+    ramp = np.tile(np.linspace(-30000, 30000, 64).round().astype(np.int16), (64, 1))
+    twin = _dataset()
+    twin.set_pixel_data((ramp.astype(np.int32) + 32768).astype(np.uint16), "MONOCHROME2", 16)
+    expected = np.asarray(dicom_to_image(to_bytes(twin)))
+    assert (expected.min(), expected.max()) == (0, 255) and len(np.unique(expected)) == 64
+    ds = _dataset()
+    ds.set_pixel_data(ramp, "MONOCHROME2", 16)
+    item = Dataset()
+    item.LUTDescriptor = [0, -32768, 16]  # 0 is 65,536 entries: stored value + 32768
+    item["LUTDescriptor"].VR = "SS"
+    item.LUTData = np.arange(2**16, dtype="<u2").tobytes()
+    item["LUTData"].VR = "OW"  # past 64 KiB, US cannot be written in explicit VR
+    ds.ModalityLUTSequence = Sequence([item])
+    np.testing.assert_array_equal(np.asarray(dicom_to_image(to_bytes(ds))), expected)
+
+
+def test_a_voi_lut_after_a_signed_images_modality_lut_reads_its_first_value_as_unsigned():
+    """A Modality LUT's output is unsigned (PS3.3 C.11.1.1.1), so a VOI LUT after it maps from a US
+    value (C.11.2.1.1) even in a signed image: 32768 is 32768, not -32768 (pydicom overflowed on it).
+    Shown as an unsigned image holding the Modality LUT's output is."""
+    ramp = np.tile(np.linspace(-2048, 2047, 64).round().astype(np.int16), (64, 1))
+
+    def with_voi_lut(ds: Dataset) -> bytes:
+        item = Dataset()
+        item.LUTDescriptor = [4096, 32768, 16]
+        item["LUTDescriptor"].VR = "US"
+        item.LUTData = [v * 16 for v in range(4096)]
+        item["LUTData"].VR = "US"
+        ds.VOILUTSequence = Sequence([item])
+        return to_bytes(ds)
+
+    twin = _dataset()
+    twin.set_pixel_data(((ramp.astype(np.int32) + 2048) * 16).astype(np.uint16), "MONOCHROME2", 16)
+    expected = np.asarray(dicom_to_image(with_voi_lut(twin)))
+    assert (expected.min(), expected.max()) == (0, 255) and len(np.unique(expected)) > 2
+    signed = dcmread(io.BytesIO(_signed_modality_lut(-2048, "SS", window=False)))
+    np.testing.assert_array_equal(np.asarray(dicom_to_image(with_voi_lut(signed))), expected)
+
+
 def _rle_cut_short() -> bytes:
     from pydicom.encaps import encapsulate, generate_frames
 
