@@ -26,8 +26,8 @@ from torch.utils.data import TensorDataset
 
 from fracture.config import load_params
 from fracture.evaluation import (
-    bootstrap_intervals,
     calibration,
+    confidence_intervals,
     evaluate_probabilities,
     operating_threshold,
 )
@@ -96,7 +96,7 @@ def main() -> None:
     infer_s = time.perf_counter() - started
     labels = data["test"].tensors[1].numpy()
     ev = evaluate_probabilities(labels, probs, threshold)
-    intervals = bootstrap_intervals(labels, probs, threshold, params.evaluate.bootstrap_resamples, params.evaluate.seed)
+    intervals = confidence_intervals(labels, probs, threshold, params.evaluate.bootstrap_resamples, params.evaluate.seed)
     calib = calibration(labels, probs, params.evaluate.calibration_bins)
 
     summary = {

@@ -24,7 +24,7 @@ from fracture.config import EvaluateParams, Profile, TrainParams
 from fracture.data_config import DataConfig
 from fracture.evaluation import (
     PairedAUC,
-    bootstrap_intervals,
+    confidence_intervals,
     delong_mean_difference,
     evaluate_probabilities,
     operating_threshold,
@@ -184,7 +184,7 @@ def summarise(folds: list[CrossvalFold], oof: pd.DataFrame, ev: EvaluateParams) 
     labels = oof["label"].astype(int).to_numpy()
     probs = oof["probability"].astype(float).to_numpy()
     threshold, point = _operating_point(labels, probs, ev)
-    intervals = bootstrap_intervals(labels, probs, threshold, ev.bootstrap_resamples, ev.seed)
+    intervals = confidence_intervals(labels, probs, threshold, ev.bootstrap_resamples, ev.seed)
     return (
         {
             "n_folds": len(folds),

@@ -188,7 +188,7 @@ def _rate_intervals(
     return {name: wilson_interval(k, n, confidence) if n else None for name, (k, n) in hits.items()}
 
 
-def bootstrap_intervals(
+def confidence_intervals(
     labels: np.ndarray,
     probs: np.ndarray,
     threshold: float,

@@ -12,10 +12,10 @@ from sklearn.metrics import roc_auc_score
 
 from fracture.config import EvaluateParams
 from fracture.evaluation import (
-    bootstrap_intervals,
     by_group,
     calibration,
     choose_threshold,
+    confidence_intervals,
     evaluate_probabilities,
     operating_threshold,
     wilson_interval,
@@ -93,18 +93,18 @@ def noisy_scores(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return labels, probs
 
 
-def test_bootstrap_intervals_hold_the_estimate_shrink_with_data_and_repeat_with_the_seed():
+def test_confidence_intervals_hold_the_estimate_shrink_with_data_and_repeat_with_the_seed():
     small = noisy_scores(200, 1)
     large = noisy_scores(3000, 1)
-    ci_small = bootstrap_intervals(*small, threshold=0.5, n_resamples=200, seed=3)
-    ci_large = bootstrap_intervals(*large, threshold=0.5, n_resamples=200, seed=3)
+    ci_small = confidence_intervals(*small, threshold=0.5, n_resamples=200, seed=3)
+    ci_large = confidence_intervals(*large, threshold=0.5, n_resamples=200, seed=3)
     point = evaluate_probabilities(*small, 0.5).metrics
     for name in ("roc_auc", "recall", "specificity"):
         low, high = ci_small[name]
         assert low <= point[name] <= high
         assert ci_large[name][1] - ci_large[name][0] < high - low
-    assert bootstrap_intervals(*small, threshold=0.5, n_resamples=200, seed=3) == ci_small
-    assert bootstrap_intervals(*small, threshold=0.5, n_resamples=200, seed=4) != ci_small
+    assert confidence_intervals(*small, threshold=0.5, n_resamples=200, seed=3) == ci_small
+    assert confidence_intervals(*small, threshold=0.5, n_resamples=200, seed=4) != ci_small
 
 
 def wilson(k: int, n: int) -> tuple[float, float]:
@@ -119,7 +119,7 @@ def test_sensitivity_and_specificity_carry_wilson_intervals_that_keep_their_widt
     probs = np.r_[np.linspace(0.5, 1.0, 30), np.linspace(0.0, 0.6, 170)]
     pred = probs >= 0.45
     tn = int(np.sum(~pred[30:]))
-    ci = bootstrap_intervals(labels, probs, threshold=0.45, n_resamples=50, seed=0)
+    ci = confidence_intervals(labels, probs, threshold=0.45, n_resamples=50, seed=0)
     assert ci["recall"] == pytest.approx(wilson(30, 30)) and ci["recall"][0] == pytest.approx(0.8865, abs=1e-4)
     assert ci["recall"][1] == 1.0
     assert ci["specificity"] == pytest.approx(wilson(tn, 170))
@@ -132,9 +132,9 @@ def test_sensitivity_and_specificity_carry_wilson_intervals_that_keep_their_widt
 def test_intervals_refuse_zero_resamples_and_a_missing_class():
     labels, probs = np.array([0, 1, 0, 1, 1, 0]), np.array([0.1, 0.9, 0.3, 0.6, 0.4, 0.2])
     with pytest.raises(ValueError, match=r"at least 1 resample \(evaluate.bootstrap_resamples\), got 0"):
-        bootstrap_intervals(labels, probs, 0.5, n_resamples=0)
+        confidence_intervals(labels, probs, 0.5, n_resamples=0)
     with pytest.raises(ValueError, match="got 0 fractured of 6"):
-        bootstrap_intervals(np.zeros(6, int), probs, 0.5)
+        confidence_intervals(np.zeros(6, int), probs, 0.5)
     with pytest.raises(ValueError, match="trials >= 1"):
         wilson_interval(0, 0)
 

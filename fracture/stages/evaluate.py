@@ -22,9 +22,9 @@ from fracture.decoding import upright_size
 from fracture.evaluation import (
     Calibration,
     Evaluation,
-    bootstrap_intervals,
     by_group,
     calibration,
+    confidence_intervals,
     evaluate_probabilities,
     operating_threshold,
 )
@@ -158,7 +158,7 @@ def run_evaluate(params: Params, workspace: Workspace) -> EvaluateResult:
     threshold = operating_threshold(ev, lambda: score("val")[1:])
     test, labels, probs = score("test")
     result = evaluate_probabilities(labels, probs, threshold)
-    intervals = bootstrap_intervals(labels, probs, threshold, ev.bootstrap_resamples, ev.seed)
+    intervals = confidence_intervals(labels, probs, threshold, ev.bootstrap_resamples, ev.seed)
     calib = calibration(labels, probs, ev.calibration_bins)
     parts = body_part(test).to_numpy()
     metrics = (
