@@ -253,6 +253,10 @@ def add_near_duplicates(
 
     Only files that decode are compared; any other row is its own group. A truncated file (the
     manifest's ``truncated``) is compared on the rows it decoded (:func:`near_duplicate_pairs`).
+    An id on more than one row (rule ``unique_image_id``) is not compared either: groups are
+    named and joined by id, and which file such an id stands for cannot be told. Its rows keep
+    the id as their group, and the validate stage excludes them whatever the rule's severity
+    (:func:`fracture.policies.apply_policy`); every other row is still compared.
 
     Args:
         manifest: rows with ``image_id``, ``path``, ``has_file``, ``decodable``, ``truncated`` and
@@ -274,16 +278,21 @@ def add_near_duplicates(
         them is likely corrupt in its lower part).
     """
     out = manifest.copy()
-    repeated = out["image_id"][out["image_id"].duplicated()]
-    if not repeated.empty:
-        # Groups are named and joined by id: with one id on two rows they are undefined. Each
-        # row stays its own group, and the suite's hard rule unique_image_id names the ids.
+    # Groups are named and joined by id: an id on two rows (the same file name in both class
+    # folders, a repeated csv row) cannot say which file it stands for. Its rows are left out of
+    # the search, each keeping the id as its group, and are excluded by the policy whatever
+    # unique_image_id's severity; the search still runs over every other row, so that their
+    # near-duplicates stay together in the split.
+    repeated = out["image_id"].duplicated(keep=False)
+    if repeated.any():
+        names = sorted(set(out.loc[repeated, "image_id"].astype(str)))
         log.warning(
-            "image ids on more than one row (%s): near-duplicates are not looked for until each id is one image",
-            ", ".join(sorted(set(repeated))[:10]),
+            "%d image id(s) on more than one row, not compared for near-duplicates and excluded by validate "
+            "(rule unique_image_id): %s%s", len(names), ", ".join(names[:10]), " ..." if len(names) > 10 else "",
         )
-        return out.assign(near_duplicate_group=out["image_id"], near_duplicate_conflict=False)
-    usable = out[out["has_file"].fillna(False).astype(bool) & out["decodable"].fillna(False).astype(bool)]
+    usable = out[
+        out["has_file"].fillna(False).astype(bool) & out["decodable"].fillna(False).astype(bool) & ~repeated
+    ]
     ids = usable["image_id"].tolist()
     truncated = usable["truncated"].fillna(False).astype(bool) if "truncated" in usable else None
     vectors, rows = thumbnails([dataset_dir / p for p in usable["path"]], workers=workers, truncated=truncated)
@@ -320,9 +329,12 @@ def label_conflicts(manifest: pd.DataFrame, columns: tuple[str, str] = ("folder_
             that fills in (:func:`fracture.policies.label_columns`).
 
     Returns:
-        One flag per row: its group has two or more members and they carry different labels.
+        One flag per row: its group holds two or more images (distinct ids) and they carry
+        different labels. Two rows of one repeated id are not near-duplicates of each other
+        (rule ``unique_image_id`` excludes them).
     """
     first, second = columns
     label = manifest[first].astype("Int64").fillna(manifest[second].astype("Int64"))
     group = manifest["near_duplicate_group"]
-    return (group.map(group.value_counts()) > 1) & (label.groupby(group).transform("nunique") > 1)
+    images = manifest["image_id"].groupby(group).transform("nunique")
+    return (images > 1) & (label.groupby(group).transform("nunique") > 1)

@@ -11,10 +11,13 @@ severity:
   labels disagree is left out: one radiograph cannot be both) or ``keep`` (each keeps its own
   label; the split still keeps the group together).
 
-Images that cannot be used at all are excluded whatever the severity: no file, a file that
-does not decode, or a label that is not 0 or 1. Soft findings of the other rules (sizes,
-colour modes, body-part flags, ``fracture_count``) are reported and the images kept. Every
-excluded image is listed in the report with the rule and the reason.
+Images that cannot be used at all are excluded whatever the severity: an id on more than one
+row (``unique_image_id``: the split, the groups and the exclusions are keyed by id, and which
+file the id's label belongs to cannot be told, so every row of it is left out), no file, a file
+that does not decode, or a label that is not 0 or 1; in that order of precedence, ahead of every
+policy above. Soft findings of the other rules (sizes, colour modes, body-part flags,
+``fracture_count``) are reported and the images kept. Every excluded image is listed in the
+report with the rule and the reason.
 """
 
 from __future__ import annotations
@@ -50,6 +53,30 @@ def duplicate_groups(manifest: pd.DataFrame, finding: Finding) -> list[list[str]
     flagged = manifest[manifest["image_id"].isin(finding.unexpected_ids)]
     groups = flagged.groupby("sha256")["image_id"].apply(sorted)
     return sorted(g for g in groups if len(g) > 1)
+
+
+def repeated_id_reason(rows: pd.DataFrame) -> str:
+    """Why the rows of one repeated image id are all excluded, naming where each row comes from.
+
+    Args:
+        rows: the manifest's rows of that id (``path``: empty where only the csv names it).
+
+    Returns:
+        The files (or csv rows without a file) sharing the id, and what to do.
+    """
+    paths = rows["path"].fillna("").astype(str).tolist() if "path" in rows else [""] * len(rows)
+    files = sorted({p for p in paths if p})
+    where = [f"{p} (on {paths.count(p)} rows)" if paths.count(p) > 1 else p for p in files]
+    if "" in paths:
+        where.append(f"{paths.count('')} csv row(s) without a file")
+    if len(files) > 1:
+        todo = "rename one of the files (and give it its own csv row), or remove the copy"
+    else:
+        todo = "remove the repeated row from the csv (dataset.csv, or labels.csv)"
+    return (
+        f"its id is on {len(paths)} rows ({'; '.join(where)}): which file its label, split and exclusions belong "
+        f"to cannot be told, so every row of it is left out whatever unique_image_id's severity; {todo}"
+    )
 
 
 def label_columns(on_label_conflict: str) -> tuple[str, str]:
@@ -93,6 +120,15 @@ def apply_policy(
                 excluded[image_id] = Exclusion(rule, reason(image_id) if callable(reason) else reason)
 
     rows = out.drop_duplicates("image_id").set_index("image_id")  # ids may repeat (unique_image_id)
+    # An id on two rows first: excluded by id, both rows go, and no later rule (a near-duplicate
+    # conflict between its two files, say) names it. Read from the manifest itself, so it holds
+    # whatever the suite ran.
+    repeated = out[out["image_id"].duplicated(keep=False)]
+    exclude(
+        sorted(repeated["image_id"].unique()),
+        "unique_image_id",
+        lambda i: repeated_id_reason(repeated[repeated["image_id"] == i]),
+    )
     exclude(
         sorted(flagged["file_for_every_csv_row"]),
         "file_for_every_csv_row",

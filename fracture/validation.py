@@ -148,10 +148,11 @@ def validate(
 
 
 def near_duplicate_groups(manifest: pd.DataFrame) -> list[list[str]]:
-    """The ids of each near-duplicate group of two or more images, sorted."""
+    """The ids of each near-duplicate group of two or more images, sorted. An id on two rows
+    (excluded under ``unique_image_id``) is one id, not a group of two."""
     if "near_duplicate_group" not in manifest:
         return []
-    groups = manifest.groupby("near_duplicate_group")["image_id"].apply(sorted)
+    groups = manifest.groupby("near_duplicate_group")["image_id"].apply(lambda ids: sorted(set(ids)))
     return sorted(g for g in groups if len(g) > 1)
 
 

@@ -285,3 +285,32 @@ def test_the_split_keeps_near_duplicate_groups_and_identical_files_together():
             assert len({where[i] for i in chain}) == 1, (seed, chain)
         assert where["IMG00080_0.jpg"] == where["IMG00003_0.jpg"]  # its identical copy joined the chain
         assert set(where.values()) == set(SPLITS)
+
+
+def test_a_repeated_id_leaves_the_other_near_duplicates_grouped_and_split_together(tmp_path):
+    """One file name in both class folders, with unique_image_id soft: the search was skipped for
+    every image, so a re-encoded pair elsewhere was two groups and could land in train and test."""
+    make_dataset(tmp_path, 6, 14)
+    for i, folder in enumerate(["Fractured"] * 6 + ["Non_fractured"] * 14):
+        smooth_xray(tmp_path / "images" / folder / f"IMG{i:07d}.jpg", i)
+    add_copy(tmp_path, "IMG0000010.jpg", "Non_fractured", "IMG0000030.jpg", "Non_fractured")
+    smooth_xray(tmp_path / "images/Non_fractured/IMG0000001.jpg", 99)  # IMG0000001.jpg is in Fractured too
+    params = load_params(REPO).validate
+    params = dataclasses.replace(params, severity={**params.severity, "unique_image_id": "soft"})
+    manifest = build_manifest(tmp_path, workers=1, near_duplicate_threshold=params.near_duplicate_threshold)
+    group = manifest.set_index("image_id")["near_duplicate_group"]
+    assert group["IMG0000030.jpg"] == group["IMG0000010.jpg"] == "IMG0000010.jpg"
+
+    resolved, report = validate(manifest, params)
+    assert report.success
+    # The pair is the one group: the repeated id's two rows are one id, not a group of two.
+    assert report.near_duplicate_groups == [["IMG0000010.jpg", "IMG0000030.jpg"]]
+    assert {i: e.rule for i, e in report.excluded.items()} == {"IMG0000001.jpg": "unique_image_id"}
+    assert "images/Fractured/IMG0000001.jpg; images/Non_fractured/IMG0000001.jpg" in report.excluded["IMG0000001.jpg"].reason
+    # Nothing dropped silently: every row is included, or excluded with its rule and reason.
+    left_out = resolved[~resolved["included"]]
+    assert left_out["image_id"].tolist() == ["IMG0000001.jpg"] * 2 and (left_out["exclude_rule"] == "unique_image_id").all()
+    for seed in range(4):
+        where = split_of(split_manifest(resolved, SplitParams(seed=seed, val_size=0.15, test_size=0.15)))
+        assert sorted(where) == sorted(resolved.loc[resolved["included"], "image_id"])
+        assert where["IMG0000010.jpg"] == where["IMG0000030.jpg"], seed

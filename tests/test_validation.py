@@ -332,8 +332,38 @@ def test_an_id_on_two_rows_fails_its_rule_with_near_duplicates_on(tmp_path, vpar
     failed = {f.rule: f.unexpected_ids for f in report.failures()}
     assert failed["unique_image_id"] == ["IMG0000001.jpg"]
     assert "rule 'unique_image_id' failed" in failure_message(report)
-    # Nothing was compared, and nothing is said to be too short to compare.
+    # Its rows were not compared, and are not said to be too short to compare; the others were.
     assert report.counts["near_duplicates"].get("not_compared", []) == []
+    compared = manifest.set_index("image_id")["near_duplicate_compared"]
+    assert not compared["IMG0000001.jpg"].any() and compared.drop("IMG0000001.jpg").all()
+    # Both rows are excluded, under the rule, with the files (or the repeated row) named.
+    assert {i: e.rule for i, e in report.excluded.items()} == {"IMG0000001.jpg": "unique_image_id"}
+    reason = report.excluded["IMG0000001.jpg"].reason
+    if where == "both class folders":
+        assert "images/Fractured/IMG0000001.jpg; images/Non_fractured/IMG0000001.jpg" in reason
+        assert "rename one of the files" in reason
+    else:
+        assert "images/Fractured/IMG0000001.jpg (on 2 rows)" in reason and "remove the repeated row" in reason
+
+
+def test_every_row_of_a_repeated_id_is_excluded_under_its_rule_whatever_the_severity(vparams, clean_manifest):
+    """The same file name in both class folders, with unique_image_id soft: validate passed and
+    both rows, in one "group" by id with two labels, were excluded as a near-duplicate conflict."""
+    copy = clean_manifest[clean_manifest["image_id"] == "IMG0000003.jpg"].assign(
+        path="images/Non_fractured/IMG0000003.jpg", folder_label=0, sha256="other"
+    )
+    manifest = pd.concat([clean_manifest, copy], ignore_index=True)
+    for severity in ("soft", "hard"):
+        resolved, report = validate(manifest, with_severity(vparams, unique_image_id=severity))
+        assert report.success == (severity == "soft")
+        assert report.finding("unique_image_id").unexpected_ids == ["IMG0000003.jpg"]
+        assert report.finding("near_duplicate_labels_agree").unexpected_ids == []
+        assert list(report.excluded) == ["IMG0000003.jpg"]
+        assert report.excluded["IMG0000003.jpg"].rule == "unique_image_id"
+        rows = resolved[resolved["image_id"] == "IMG0000003.jpg"]
+        assert len(rows) == 2 and not rows["included"].any() and (rows["exclude_rule"] == "unique_image_id").all()
+        assert report.counts["included"] == len(clean_manifest) - 1
+    assert "rule 'unique_image_id' failed for 1 images: 'IMG0000003.jpg'" in failure_message(report)
 
 
 @pytest.mark.parametrize(
