@@ -8,13 +8,23 @@ Settings come from the environment, with defaults from the project's ``params.ya
 - ``FRACTURE_DETECTOR_NAME``: the registered fracture detector whose boxes the page draws, at the
   same alias (default: ``detect.model_name``; empty: no boxes). Without a version at that alias
   the page shows the classifier alone.
+
+Each version the page loads is downloaded into a folder of its own under the page's folder (one
+per process, under the temporary directory), removed when the page drops that version (see
+:meth:`ServedModel.release`) and, with the page's folder, when the process exits.
 """
 
 from __future__ import annotations
 
+import atexit
 import base64
 import json
 import os
+import re
+import shutil
+import tempfile
+import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -95,22 +105,40 @@ class Prediction:
 
 
 class ServedModel:
-    """A registered model version, loaded through MLflow's pyfunc flavour."""
+    """A registered model version, loaded through MLflow's pyfunc flavour.
 
-    def __init__(self, name: str, version: str, alias: str, run_id: str, pyfunc: mlflow.pyfunc.PyFuncModel) -> None:
+    ``files``: removes the folder the version was loaded from (:func:`_load_pyfunc`); ``None``
+    for a pyfunc whose files are not the page's to remove.
+    """
+
+    def __init__(
+        self, name: str, version: str, alias: str, run_id: str, pyfunc: mlflow.pyfunc.PyFuncModel,
+        files: weakref.finalize | None = None,
+    ) -> None:
         self.name = name
         self.version = version
         self.alias = alias
         self.run_id = run_id
         self.pyfunc = pyfunc
+        self._files = files
         inner, kind = _python_model(pyfunc)
         if not isinstance(inner, FracturePyfunc):
+            self.release()  # never served: its copy goes now, not whenever the collector gets to it
             raise ModelUnavailable(
                 f"models:/{name}/{version} is a {kind}, not a fracture classifier logged by this project's "
                 "register step. Point FRACTURE_MODEL_NAME and FRACTURE_MODEL_ALIAS at one, or register one with "
                 "`make main`."
             )
         self._inner = inner
+
+    def release(self) -> None:
+        """Removes this version's downloaded files: the page's cache calls it when it drops the model.
+
+        The model keeps working: its network was read into memory at load. Without a call the files
+        go when the model is garbage-collected, or when the process exits.
+        """
+        if self._files is not None:
+            self._files()
 
     @property
     def config(self) -> ServingConfig:
@@ -199,21 +227,60 @@ def load_served_model(settings: PageSettings, version: str, run_id: str) -> Serv
         ModelUnavailable: the version's files cannot be loaded.
     """
     return ServedModel(settings.model_name, version, settings.alias, run_id,
-                       _load_pyfunc(settings, settings.model_name, version))
+                       *_load_pyfunc(settings, settings.model_name, version))
 
 
-def _load_pyfunc(settings: PageSettings, name: str, version: str) -> mlflow.pyfunc.PyFuncModel:
-    """``models:/<name>/<version>`` from the page's registry.
+_page_folder: Path | None = None
+_page_folder_lock = threading.Lock()
+
+
+def page_folder() -> Path:
+    """This process's folder for the versions it loads (``fracture-page-<pid>-*`` under the
+    temporary directory), made on first use and removed when the process exits."""
+    global _page_folder
+    with _page_folder_lock:
+        if _page_folder is None:
+            _page_folder = Path(tempfile.mkdtemp(prefix=f"fracture-page-{os.getpid()}-"))
+            atexit.register(shutil.rmtree, _page_folder, ignore_errors=True)
+        # Made again if something removed it (a cleaner of old temporary files) while the page ran.
+        _page_folder.mkdir(parents=True, exist_ok=True)
+        return _page_folder
+
+
+def _load_pyfunc(
+    settings: PageSettings, name: str, version: str
+) -> tuple[mlflow.pyfunc.PyFuncModel, weakref.finalize]:
+    """``models:/<name>/<version>`` from the page's registry, loaded from a folder of the page's own.
+
+    From a tracking server (or any artifact store MLflow downloads from), MLflow would download
+    the version into a temporary folder it never removes: a copy (tens of MB) left on the disk for
+    every version the page loads, for as long as the page runs and after. Loaded here into a
+    folder of its own under :func:`page_folder`, the copy lives as long as the model: the returned
+    finalizer removes it when called (:meth:`ServedModel.release`, when the page's cache drops
+    the model), when the pyfunc is garbage-collected, or at exit. Not sooner: the project's
+    pyfuncs read their files whole at load, but a model still served keeps what it was loaded
+    from (its packaged code stays on ``sys.path``, and a pyfunc may open its files later).
+    A local store's versions are copied too (MLflow would load them in place; given a folder, it
+    copies), so that every version the page serves is one it owns.
+
+    Returns:
+        The pyfunc, and the finalizer that removes its files.
 
     Raises:
         ModelUnavailable: its files cannot be loaded.
     """
     mlflow.set_tracking_uri(settings.tracking_uri)
     uri = f"models:/{name}/{version}"
+    folder = None
     try:
-        return mlflow.pyfunc.load_model(uri)
+        # Named after the version, for an operator looking at the disk: registered names may hold any character.
+        folder = tempfile.mkdtemp(prefix=f"{re.sub(r'[^A-Za-z0-9._-]+', '_', name)}-v{version}-", dir=page_folder())
+        pyfunc = mlflow.pyfunc.load_model(uri, dst_path=folder)
     except Exception as exc:  # artifact stores fail in many ways; the page must say so, not crash
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
         raise ModelUnavailable(f"{uri} could not be loaded from {settings.shown_uri}: {exc}") from exc
+    return pyfunc, weakref.finalize(pyfunc, shutil.rmtree, folder, ignore_errors=True)
 
 
 @dataclass(frozen=True)
@@ -233,20 +300,33 @@ class FoundBoxes:
 
 
 class ServedDetector:
-    """A registered fracture detector version, loaded through MLflow's pyfunc flavour."""
+    """A registered fracture detector version, loaded through MLflow's pyfunc flavour.
 
-    def __init__(self, name: str, version: str, run_id: str, pyfunc: mlflow.pyfunc.PyFuncModel) -> None:
+    ``files``: as :class:`ServedModel`'s.
+    """
+
+    def __init__(
+        self, name: str, version: str, run_id: str, pyfunc: mlflow.pyfunc.PyFuncModel,
+        files: weakref.finalize | None = None,
+    ) -> None:
         self.name = name
         self.version = version
         self.run_id = run_id
         self.pyfunc = pyfunc
+        self._files = files
         inner, kind = _python_model(pyfunc)
         if not isinstance(inner, DetectorPyfunc):
+            self.release()
             raise ModelUnavailable(
                 f"models:/{name}/{version} is a {kind}, not a fracture detector logged by this project's "
                 "detect-register step. Point FRACTURE_DETECTOR_NAME at one, or set it empty for no boxes."
             )
         self.architecture = f"{inner.config.architecture} on {inner.config.backbone}"
+
+    def release(self) -> None:
+        """Removes this version's downloaded files, as :meth:`ServedModel.release`."""
+        if self._files is not None:
+            self._files()
 
     def find(self, model_bytes: bytes) -> FoundBoxes:
         """The boxes on one image through the pyfunc, exactly as a registry consumer gets them."""
@@ -286,4 +366,4 @@ def load_served_detector(settings: PageSettings, version: str, run_id: str) -> S
         ModelUnavailable: its files cannot be loaded, or it is no fracture detector.
     """
     return ServedDetector(settings.detector_name, version, run_id,
-                          _load_pyfunc(settings, settings.detector_name, version))
+                          *_load_pyfunc(settings, settings.detector_name, version))

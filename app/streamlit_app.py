@@ -49,7 +49,13 @@ def current_version(settings: PageSettings) -> tuple[str, str]:
     return resolve_version(settings)
 
 
-@st.cache_resource(show_spinner="Loading the model from the registry ...", max_entries=2)
+def release(model: ServedModel | ServedDetector) -> None:
+    """Removes the files of a version the cache drops (the two it keeps keep theirs): each load
+    downloads the version from the registry, and a page that runs for months sees many champions."""
+    model.release()
+
+
+@st.cache_resource(show_spinner="Loading the model from the registry ...", max_entries=2, on_release=release)
 def served_model(settings: PageSettings, version: str, run_id: str) -> ServedModel:
     """One loaded model per registered version, shared by every browser session."""
     return load_served_model(settings, version, run_id)
@@ -62,7 +68,8 @@ def current_detector(settings: PageSettings) -> tuple[str, str] | None:
     return resolve_detector(settings)
 
 
-@st.cache_resource(show_spinner="Loading the fracture detector from the registry ...", max_entries=2)
+@st.cache_resource(show_spinner="Loading the fracture detector from the registry ...", max_entries=2,
+                   on_release=release)
 def served_detector(settings: PageSettings, version: str, run_id: str) -> ServedDetector:
     """One loaded detector per registered version and run: a detector deleted and registered again
     is version 1 again, but another run's model."""
