@@ -39,9 +39,11 @@ serve-schedule: venv
 	$(PY) -m flows.deploy serve $(if $(FRACATLAS_SOURCE),--source "$(FRACATLAS_SOURCE)")
 
 ## deploy-schedule: the same schedule on a work pool (schedule.work_pool, or WORK_POOL=name); its workers run it
-##   in this checkout, or in PROJECT_DIR=/path as the workers see the project (/opt/fracture in the image)
+##   in this checkout, or in PROJECT_DIR=/path as the workers see the project (/opt/fracture in the image).
+##   FRACATLAS_SOURCE=path given here, on make's command line, is fixed in the deployment; one set in this
+##   shell is not: this machine's path, it would override the workers' own FRACATLAS_SOURCE (the pool's env)
 deploy-schedule: venv
-	$(PY) -m flows.deploy deploy $(if $(WORK_POOL),--work-pool "$(WORK_POOL)") $(if $(PROJECT_DIR),--project-dir "$(PROJECT_DIR)") $(if $(FRACATLAS_SOURCE),--source "$(FRACATLAS_SOURCE)")
+	$(PY) -m flows.deploy deploy $(if $(WORK_POOL),--work-pool "$(WORK_POOL)") $(if $(PROJECT_DIR),--project-dir "$(PROJECT_DIR)") $(if $(filter command line,$(origin FRACATLAS_SOURCE)),$(if $(FRACATLAS_SOURCE),--source "$(FRACATLAS_SOURCE)"))
 
 ## app: the clinician's page on http://127.0.0.1:$(APP_PORT), serving models:/<name>@champion
 APP_PORT ?= 8501

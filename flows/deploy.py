@@ -304,9 +304,12 @@ def main(argv: list[str] | None = None) -> None:
         else:
             deployment_id = deploy(params, args.project_dir, args.work_pool, args.source, args.profile)
             pool = args.work_pool or s.work_pool
+            # Where the runs read the data from: a source fixed here overrides the workers' own.
+            source = (f"every run copies {_absolute(args.source)}" if args.source
+                      else "each run reads its worker's FRACATLAS_SOURCE (the pool's env job variable), else figshare")
             print(
                 f"deployed retrain/{s.deployment} ({deployment_id}) to work pool {pool!r}: cron {s.cron!r} "
-                f"({s.timezone}). Start a worker where it should run: prefect worker start --pool {pool}"
+                f"({s.timezone}); {source}. Start a worker where it should run: prefect worker start --pool {pool}"
             )
     except ConfigError as exc:
         raise SystemExit(f"error: {exc}") from None

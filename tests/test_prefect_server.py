@@ -237,7 +237,7 @@ def test_serving_stopped_while_prefect_registers_the_deployment_leaves_it_paused
         assert client.read_deployment_by_name("retrain/nightly-retrain").paused
 
 
-def test_deploy_to_a_work_pool(api, project, monkeypatch):
+def test_deploy_to_a_work_pool(api, project, monkeypatch, capsys):
     set_schedule(project, work_pool="gpu-pool", job_variables={"env": {"FRACATLAS_SOURCE": "/data/FracAtlas.zip"}})
     params = load_params(project)
     with pytest.raises(ValueError, match="gpu-pool"):  # Prefect refuses a pool that does not exist
@@ -261,10 +261,15 @@ def test_deploy_to_a_work_pool(api, project, monkeypatch):
     assert dep.parameters == {"project_dir": str(here / project.name), "source": str(here / "FracAtlas.zip")}
     # Deployed from this checkout to where the workers see the project (an image's folder, absent here).
     monkeypatch.chdir(project)
+    capsys.readouterr()
     main(["deploy", "--project-dir", "/opt/fracture"])
     with get_client(sync_client=True) as client:
         dep = client.read_deployment_by_name("retrain/weekly-retrain")
     assert dep.parameters == {"project_dir": "/opt/fracture"}
+    # The deployer is told where the runs will read their data from.
+    assert "each run reads its worker's FRACATLAS_SOURCE (the pool's env job variable), else figshare" in capsys.readouterr().out
+    main(["deploy", "--project-dir", "/opt/fracture", "--source", "/data/FracAtlas.zip"])
+    assert "; every run copies /data/FracAtlas.zip." in capsys.readouterr().out
 
     set_schedule(project, work_pool=None)
     with pytest.raises(SystemExit, match=r"schedule\.work_pool is null"):

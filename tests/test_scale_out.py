@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 
 from tests.conftest import REPO
 
@@ -42,6 +44,24 @@ def test_the_dockerfile_installs_with_the_readmes_install_step():
     # Files a run makes never enter the image.
     ignored = (REPO / ".dockerignore").read_text().split()
     assert {".venv/", "data/", "outputs/", "mlflow.db", "mlartifacts/"} <= set(ignored)
+    # Nor does a secret: DVC keeps a remote's credentials in .dvc/config.local, which git ignores.
+    assert {".dvc/config.local", ".env"} <= set(ignored)
+
+
+def test_deploy_schedule_fixes_only_a_source_given_on_makes_command_line(tmp_path):
+    """A FRACATLAS_SOURCE exported in the deploying shell names this machine's data: fixed in the
+    deployment, it would override the workers' own (the pool's env job variable) on every run."""
+    def deploy_command(*args: str, env: dict[str, str] | None = None) -> str:
+        done = subprocess.run(
+            ["make", "-n", "-C", str(REPO), "deploy-schedule", "WORK_POOL=pool", *args],
+            capture_output=True, text=True, check=True,
+            env={**os.environ, "FRACATLAS_SOURCE": "", **(env or {})},
+        )
+        return next(line for line in done.stdout.splitlines() if "flows.deploy deploy" in line)
+
+    assert "--source" not in deploy_command(env={"FRACATLAS_SOURCE": "/home/alice/FracAtlas.zip"})
+    assert '--source "/data/FracAtlas.zip"' in deploy_command("FRACATLAS_SOURCE=/data/FracAtlas.zip")
+    assert "--source" not in deploy_command()
 
 
 def test_the_readmes_image_recipe_deploys_with_the_images_project_folder():
