@@ -9,6 +9,7 @@ transform is in :mod:`fracture.imaging`.
 from __future__ import annotations
 
 import io
+import os
 import threading
 import warnings
 from collections.abc import Iterator
@@ -277,18 +278,53 @@ def hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def export_files(folder: Path, indexes: bool = False) -> list[Path]:
+def export_files(folder: Path, indexes: bool = False, unreadable: bool = False) -> list[Path]:
     """Every file under ``folder`` (sub-folders too), sorted; hidden files and folders aside, and
     index files unless ``indexes``.
 
     How a folder of X-rays is listed wherever one is read: a hospital's export
     (:mod:`fracture.manifest`), and with its indexes the folders ``fracture predict`` scores.
+
+    Folders linked into it are walked too: a study folder or a PACS share often links each series
+    from where it is stored, and ``Path.rglob`` leaves them out unseen. Each folder is walked once,
+    by where it resolves, so a link back to a folder above it (a loop) or a second link to one
+    folder lists no file twice.
+
+    With ``unreadable``, the entries that are no regular file to read are listed too, for
+    ``fracture predict`` to give each a row saying why rather than leave it out unseen: a link
+    whose target does not exist, a FIFO, socket or device, a linked folder not walked again
+    (above), and a folder that cannot be listed. Without it they are left out, as before.
     """
-    return [
-        p for p in sorted(folder.rglob("*"))
-        if p.is_file() and (indexes or p.name not in INDEX_FILES)
-        and not any(hidden(part) for part in p.relative_to(folder).parts)
-    ]
+    found: list[Path] = []
+    walked = {folder.resolve()}
+
+    def unlisted(exc: OSError) -> None:  # a folder os.walk cannot list (no permission)
+        if unreadable and exc.filename is not None:
+            found.append(Path(exc.filename))
+
+    for root, dirs, names in os.walk(folder, onerror=unlisted, followlinks=True):
+        here = Path(root)
+        walk = []
+        # In order, so that of two links to one folder the same one is walked on every run.
+        for name in sorted(dirs):
+            if hidden(name):
+                continue
+            try:
+                real = (here / name).resolve(strict=True)
+            except (OSError, RuntimeError):  # gone meanwhile, or a loop of links
+                real = None
+            if real is None or real in walked:
+                if unreadable:
+                    found.append(here / name)
+                continue
+            walked.add(real)
+            walk.append(name)
+        dirs[:] = walk
+        found.extend(
+            here / name for name in names
+            if not hidden(name) and (indexes or name not in INDEX_FILES) and (unreadable or (here / name).is_file())
+        )
+    return sorted(found)
 
 
 def decode(source: str | Path | bytes, draft: tuple[int, int] | None = None, upright: bool = True) -> Image.Image:

@@ -11,10 +11,13 @@ and version, and the error (empty when it was scored).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
+import json
 import logging
 import os
 import re
+import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +38,8 @@ log = logging.getLogger(__name__)
 #: A folder's every file is a row, whatever its name: a PACS export's files often have no ending,
 #: or are named after their SOP Instance UID (1.2.840....320), and a file the model cannot read
 #: (empty, cut short, another format, a DICOMDIR or a report) gets its reason in the row rather
-#: than no row. Only hidden files and folders are left out.
+#: than no row, as does an entry that is no file to read (a broken link, a FIFO, a link back up
+#: the tree: :func:`_not_a_file`). Only hidden files and folders are left out.
 COLUMNS = ["id", "fracture_probability", "label", "threshold", "model", "version", "error", "note"]
 
 _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
@@ -103,8 +107,10 @@ def load(uri: str, client: MlflowClient | None = None) -> LoadedModel:
 
 def collect(inputs: Iterable[Path]) -> list[Path]:
     """The files to score: each file given, and every file under each folder (sorted; hidden
-    files and folders aside). Each becomes a row; what is not an image the model reads gets
-    its reason there.
+    files and folders aside; linked folders walked, each once). Each becomes a row; what is not
+    an image the model reads gets its reason there, as does what a folder holds that is no file
+    to read (a link whose target is gone, a FIFO, a link back up the tree: :func:`_not_a_file`),
+    rather than being left out unseen.
 
     Raises:
         PredictError: an input does not exist.
@@ -112,12 +118,51 @@ def collect(inputs: Iterable[Path]) -> list[Path]:
     files: list[Path] = []
     for item in inputs:
         if item.is_dir():
-            files.extend(export_files(item, indexes=True))
-        elif item.is_file():
+            files.extend(export_files(item, indexes=True, unreadable=True))
+        elif item.exists() or item.is_symlink():  # a FIFO or a broken link named: a row saying so
             files.append(item)
         else:
             raise PredictError(f"{item} is neither a file nor a folder")
     return files
+
+
+def shown(path: Path | str) -> str:
+    """A path (or a message naming one) as text the rows can hold. A file name that is not UTF-8
+    (``R\\xd6NTGEN.jpg``, Latin-1 from a Windows or an old PACS share) reaches Python with its
+    bytes escaped as lone surrogates, which pandas' strings, CSV and JSON refuse, and which would
+    cost every row of the run: here its undecodable bytes are written ``\\xd6`` instead. The file
+    itself is read by its :class:`~pathlib.Path`, not by this text."""
+    text = os.fspath(path)
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte
+        raw = text.encode("utf-8", "backslashreplace")
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def _not_a_file(path: Path) -> str:
+    """Why ``path`` is no regular file to read, or ``""`` when it is one (or when reading it will
+    say why not). Checked before it is read: opening a FIFO would wait for a writer for ever."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        if path.is_symlink():
+            if exc.errno == errno.ELOOP:
+                return "the file is a link that leads back to itself (a loop of links); remove the link"
+            return f"the file is a link whose target does not exist ({shown(os.readlink(path))}); restore it or remove the link"
+        return ""
+    if stat.S_ISREG(mode):
+        return ""
+    if stat.S_ISDIR(mode):
+        try:
+            with os.scandir(path):
+                pass
+        except OSError as exc:
+            return f"the folder cannot be listed ({exc.strerror or type(exc).__name__}): its files are not scored"
+        return ("the folder is a link to a folder listed already (a link back to a folder above it, or a second "
+                "link to one folder): its files are rows once, under the first name")
+    kind = "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+    return f"the file is {kind}, not a regular file, and is not read; copy the image into a file"
 
 
 def _batches(files: list[Path], size: int) -> Iterator[list[Path]]:
@@ -126,7 +171,9 @@ def _batches(files: list[Path], size: int) -> Iterator[list[Path]]:
 
 
 def _read(path: Path, policy: InputPolicy) -> tuple[bytes | None, str]:
-    """The file's bytes, or ``None`` and why it was not read (empty, too large, unreadable)."""
+    """The file's bytes, or ``None`` and why it was not read (empty, too large, unreadable, no file)."""
+    if why := _not_a_file(path):
+        return None, why
     try:
         data = read_file(path, policy)
     except InputRejected as exc:
@@ -152,7 +199,7 @@ def score_files(model: LoadedModel, files: list[Path], batch_size: int = 16, pro
         for batch in _batches(files, max(1, min(batch_size, policy.max_rows))):
             read = [_read(p, policy) for p in batch]
             present = [i for i, (data, _) in enumerate(read) if data is not None]
-            frame = pd.DataFrame({"id": [str(p) for p in batch], "error": [why for _, why in read]})
+            frame = pd.DataFrame({"id": [shown(p) for p in batch], "error": [shown(why) for _, why in read]})
             frame["fracture_probability"], frame["label"], frame["note"] = float("nan"), "", ""
             if present:
                 out = model.model.predict(
@@ -204,7 +251,11 @@ def write(table: pd.DataFrame, out: Path | None) -> None:
     if out is None:
         print(table.to_csv(index=False), end="")
     elif out.suffix.lower() == ".json":
-        out.write_text(table.to_json(orient="records", indent=2))
+        # Not DataFrame.to_json, which rounds numbers to 10 digits: the probabilities and the
+        # threshold in full (the shortest text that reads back as the same float), as CSV,
+        # model.predict and the served model give them; a missing value is null.
+        records = table.astype(object).where(table.notna(), None).to_dict(orient="records")
+        out.write_text(json.dumps(records, indent=2))
     else:
         table.to_csv(out, index=False)
 
@@ -218,13 +269,16 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
     this call (a clash), after a UID derived from the file's bytes (:func:`_content_name`), so a
     rerun finds and replaces it there too rather than leaving it beside a new one; a report never
     replaces one written in this call. A report an earlier call wrote there for the same
-    image is replaced, and the new one lists it as its predecessor (Predecessor Documents
-    Sequence), so a PACS holding both knows which is current. The reports of one study in one
-    call form one SR series, numbered in order. A file holding an image already reported in this
-    call (the same valid SOP Instance UID and study, scored alike: one image exported twice) gets
-    no second report: its row points to the first's, and its note says so. Files that share a UID
-    but differ (another study or another answer: an anonymiser's constant UID, a clash) each get
-    their own report. A source the report cannot be made for (a header without the
+    image (its evidence names the image's SOP Instance UID, under the same study and patient:
+    :func:`_reports_on`) is replaced, and the new one lists it as its predecessor (Predecessor
+    Documents Sequence), so a PACS holding both knows which is current. One an earlier call
+    wrote there for another image (an anonymiser's constant UID on another day's patient) is
+    kept, and this image's report is named after its bytes instead, its row's note saying so.
+    The reports of one study in one call form one SR series, numbered in order. A file holding
+    an image already reported in this call (the same valid SOP Instance UID and study, scored
+    alike: one image exported twice) gets no second report: its row points to the first's, and
+    its note says so. Files that share a UID but differ (another study or another answer: an
+    anonymiser's constant UID, a clash) each get their own report. A source the report cannot be made for (a header without the
     study's UID, say) or written for (a full disk) gets no report, its reason in the row's
     ``note``, and the other rows theirs. A patient or study value the SR cannot carry is left
     empty there, and the row's note names it (:func:`fracture.dicom_sr.invalid_type2_values`).
@@ -244,13 +298,15 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
     # what a second copy must match to be the same image: its study and its row's answer.
     reported: dict[str, tuple[Path, Path, tuple[Any, ...]]] = {}
 
-    def add_note(index: int, row: Any, text: str) -> None:
-        note = row.note if isinstance(row.note, str) else ""
-        table.iloc[index, table.columns.get_loc("note")] = "; ".join(filter(None, [note, text]))
+    def add_note(index: int, text: str) -> None:
+        # The table's note as it is now, not the row's as the loop read it: a row may get several.
+        column = table.columns.get_loc("note")
+        note = table.iat[index, column]
+        table.iat[index, column] = "; ".join(filter(None, [note if isinstance(note, str) else "", shown(text)]))
 
-    def no_report(index: int, row: Any, path: Path, reason: str) -> None:
+    def no_report(index: int, path: Path, reason: str) -> None:
         log.warning("%s: %s", path, reason)
-        add_note(index, row, reason)
+        add_note(index, reason)
         written.append("")
 
     for index, (path, row) in enumerate(zip(files, table.itertuples(index=False), strict=True)):
@@ -261,7 +317,7 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
             with path.open("rb") as fh:
                 head = fh.read(132)
         except OSError as exc:  # gone or locked since it was scored
-            no_report(index, row, path, f"no structured report: the file cannot be read again ({type(exc).__name__})")
+            no_report(index, path, f"no structured report: the file cannot be read again ({type(exc).__name__})")
             continue
         if not is_dicom(head):
             written.append("")
@@ -273,15 +329,25 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
             same = (study, row.fracture_probability, row.label, row.threshold, row.model, row.version)
             if UID(uid).is_valid and uid in reported and reported[uid][2] == same:
                 first, report, _ = reported[uid]
-                add_note(index, row, f"the same image (SOP Instance UID) as {first}, whose report {report.name} is this row's")
-                written.append(str(report))
+                add_note(index, f"the same image (SOP Instance UID) as {first}, whose report {report.name} is this row's")
+                written.append(shown(report))
                 continue
             # Named after the source image unless its UID is invalid or already named a report of this call.
             own = f"{uid}.sr.dcm" if UID(uid).is_valid and f"{uid}.sr.dcm" not in names else None
             name = own or _content_name(path, names)
             blanked = invalid_type2_values(source)
-            # A report an earlier run wrote for this image is superseded, and says so.
-            replaces = _earlier_report(folder / name) if (folder / name).is_file() else None
+            # A report an earlier run wrote for this image is superseded, and says so. One written
+            # there for another image (an anonymiser's constant UID on another day's patient) is
+            # that image's: kept, and this one named after the file's bytes instead.
+            others: list[str] = []
+            while (folder / name).is_file():
+                replaces = _earlier_report(folder / name)
+                if replaces is None or _reports_on(replaces, source):
+                    break
+                others.append(name)
+                name = _content_name(path, names | set(others))
+            else:
+                replaces = None
             number = numbers.get(study, 0) + 1
             sr = structured_report(
                 source, float(row.fracture_probability), float(row.threshold), row.label == "fractured",
@@ -290,7 +356,7 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
             )
             numbers[study] = number
         except (AttributeError, KeyError, ValueError, TypeError, OSError) as exc:
-            no_report(index, row, path, f"no structured report: {exc}")
+            no_report(index, path, f"no structured report: {exc}")
             continue
         target = folder / name
         # Written beside and moved into place: a run stopped midway leaves the earlier report whole.
@@ -301,19 +367,22 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
         except OSError as exc:  # a full disk, a report folder gone: this row's report, not the run
             partial.unlink(missing_ok=True)
             numbers[study] -= 1
-            no_report(index, row, path, f"no structured report: it cannot be written to {target} ({exc.strerror or exc})")
+            no_report(index, path, f"no structured report: it cannot be written to {target} ({exc.strerror or exc})")
             continue
         names.add(name)
         if uid in reported:  # a UID two different images carry: the row says why its report is apart
-            add_note(index, row, f"shares its SOP Instance UID with {reported[uid][0]}, but not its study or answer: "
+            add_note(index, f"shares its SOP Instance UID with {reported[uid][0]}, but not its study or answer: "
                      f"reported apart, as {name}")
         elif uid:
             reported[uid] = (path, target, same)
+        if others:
+            add_note(index, f"an earlier report on another image (its source, study or patient differs) is "
+                     f"{' and '.join(others)} in {folder}: kept, and this one written as {name}")
         if blanked:
-            add_note(index, row, "left empty in the structured report, not valid DICOM values: " + ", ".join(
+            add_note(index, "left empty in the structured report, not valid DICOM values: " + ", ".join(
                 f"{keyword} {value!r}" for keyword, value in blanked.items()
             ))
-        written.append(str(target))
+        written.append(shown(target))
     return written
 
 
@@ -336,6 +405,25 @@ def _content_name(path: Path, taken: set[str]) -> str:
     while (name := f"{generate_uid(entropy_srcs=['fracture structured report', digest, str(copy)])}.sr.dcm") in taken:
         copy += 1
     return name
+
+
+def _reports_on(report: Any, source: Any) -> bool:
+    """Whether an earlier report is on ``source``: its evidence names the source's SOP Instance
+    UID, and it is filed under the source's study and patient. A file named after the UID is not
+    enough: an anonymiser writes one constant UID on every image, so another day's patient's
+    report can sit there, which this image's must neither replace nor name as its predecessor."""
+    uid = str(source.get("SOPInstanceUID", ""))
+    referenced = {
+        str(sop.get("ReferencedSOPInstanceUID", ""))
+        for study in report.get("CurrentRequestedProcedureEvidenceSequence", [])
+        for series in study.get("ReferencedSeriesSequence", [])
+        for sop in series.get("ReferencedSOPSequence", [])
+    }
+    return (
+        uid in referenced
+        and str(report.get("StudyInstanceUID", "")) == str(source.get("StudyInstanceUID", ""))
+        and str(report.get("PatientID", "")) == str(source.get("PatientID", ""))
+    )
 
 
 def _earlier_report(path: Path) -> Any:

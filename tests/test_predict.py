@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ from pydicom.uid import Comprehensive3DSRStorage, generate_uid
 
 from fracture.config import RegisterParams
 from fracture.gate import EvaluatedSplit
-from fracture.predict import write_structured_reports
+from fracture.predict import PredictError, collect, write, write_structured_reports
 from fracture.registry import register
 from tests.conftest import require_fracatlas, untrained_model_files
 from tests.dicom_files import dicom_from_jpeg, dicomdir, encapsulated_pdf, multiframe
@@ -509,3 +510,153 @@ def test_a_rerun_replaces_the_reports_of_images_whose_uid_cannot_name_them_inste
         assert predecessor.ReferencedSOPInstanceUID == before[path.name]
     findings = [named(content_items(dcmread(p)), "Fracture of bone")[0].ConceptCodeSequence[0].CodeMeaning for p in again]
     assert findings == ["Absent", "Absent", "Absent", "Present"]
+
+
+#: A file name in Latin-1, as a Windows or an old PACS share writes RÖNTGEN: not UTF-8.
+LATIN1 = b"R\xd6NTGEN"
+
+
+def test_every_entry_of_a_folder_is_a_row_whatever_its_name_or_kind(registry, tmp_path):
+    """A name that is not UTF-8, a series folder linked in, a link whose target is gone, a FIFO
+    and a link back up the tree: each is a row (the images scored, the rest with their reason),
+    and none costs the rows of the others."""
+    image = require_fracatlas() / "images/Fractured/IMG0000019.jpg"
+    folder, stored = tmp_path / "in", tmp_path / "stored" / "series2"
+    (folder / "sub").mkdir(parents=True)
+    stored.mkdir(parents=True)
+    for path in (folder / "a.jpg", Path(os.fsdecode(bytes(folder) + b"/" + LATIN1 + b".jpg")), stored / "b.jpg"):
+        path.write_bytes(image.read_bytes())
+    (folder / "series2").symlink_to(stored)
+    (folder / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    os.mkfifo(folder / "pipe")  # read, it would wait for a writer for ever
+    (folder / "sub" / "up").symlink_to("..")
+    out = tmp_path / "rows.json"
+    proc = run_predict(registry, str(folder), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = pd.DataFrame(json.loads(out.read_text())).set_index("id")
+    rows.index = [Path(i).relative_to(folder).as_posix() for i in rows.index]
+    assert sorted(rows.index) == ["R\\xd6NTGEN.jpg", "a.jpg", "gone.jpg", "pipe", "series2/b.jpg", "sub/up"]
+    assert (rows.loc[["R\\xd6NTGEN.jpg", "a.jpg", "series2/b.jpg"], "error"] == "").all()
+    assert rows.loc["gone.jpg", "error"] == (
+        f"the file is a link whose target does not exist ({tmp_path / 'nowhere.jpg'}); restore it or remove the link"
+    )
+    assert rows.loc["pipe", "error"].startswith("the file is a FIFO (named pipe), not a regular file")
+    assert rows.loc["sub/up", "error"].startswith("the folder is a link to a folder listed already")
+    assert f"scored 3 of 6 files; 3 with an error in their row; rows in {out}" in proc.stderr
+
+
+def test_linked_folders_are_walked_once_and_what_is_no_file_is_listed(tmp_path):
+    """Path.rglob leaves a linked series folder out, and is_file a broken link or a FIFO: each
+    is listed for its row. A folder reached twice (a link back up the tree, a second link to it)
+    is walked once, by where it resolves, and listed for its row the second time."""
+    stored = tmp_path / "stored"
+    (stored / "series2").mkdir(parents=True)
+    (stored / "series2" / "IM0001").write_bytes(b"x")
+    folder = tmp_path / "in"
+    (folder / "series1").mkdir(parents=True)
+    (folder / "series1" / "IM0001").write_bytes(b"x")
+    (folder / "series1" / "DICOMDIR").write_bytes(b"x")
+    (folder / "series2").symlink_to(stored / "series2")
+    (folder / "series3").symlink_to(stored / "series2")  # a second link to it
+    (folder / "series1" / "up").symlink_to("..")  # a loop
+    (folder / "gone").symlink_to(tmp_path / "nowhere")
+    (folder / "self").symlink_to("self")  # a loop of links
+    os.mkfifo(folder / "pipe")
+    (folder / ".hidden").symlink_to(tmp_path / "nowhere")
+    listed = [p.relative_to(folder).as_posix() for p in collect([folder])]
+    assert listed == [
+        "gone", "pipe", "self", "series1/DICOMDIR", "series1/IM0001", "series1/up", "series2/IM0001", "series3"
+    ]
+    from fracture.decoding import export_files
+    from fracture.predict import _not_a_file
+
+    # A dataset's export lists only the files to read, linked folders now included.
+    assert [p.relative_to(folder).as_posix() for p in export_files(folder)] == ["series1/IM0001", "series2/IM0001"]
+    reasons = {p.name: _not_a_file(p) for p in collect([folder])}
+    assert reasons["IM0001"] == "" and reasons["DICOMDIR"] == ""
+    assert reasons["gone"].startswith("the file is a link whose target does not exist")
+    assert reasons["self"].startswith("the file is a link that leads back to itself")
+    assert reasons["pipe"].startswith("the file is a FIFO")
+    assert reasons["up"].startswith("the folder is a link to a folder listed already")
+    assert reasons["series3"].startswith("the folder is a link to a folder listed already")
+    # Named on the command line, they are rows too; a path that is nothing at all is refused.
+    assert collect([folder / "gone", folder / "pipe"]) == [folder / "gone", folder / "pipe"]
+    with pytest.raises(PredictError, match="is neither a file nor a folder"):
+        collect([tmp_path / "nowhere"])
+
+
+def test_a_report_for_another_image_under_the_same_uid_is_kept_not_replaced(fracatlas, tmp_path):
+    """An anonymiser writes one constant (valid) SOP Instance UID on every image: day 1 reports
+    patient A's image at <uid>.sr.dcm, and day 2's patient B image must neither overwrite it nor
+    name it as its predecessor. B's report is named after its file's bytes, and a rerun of day 2
+    replaces that one."""
+    images, uid = fracatlas / "images", "1.2.826.0.1.3680043.8.498.77"
+    day1, day2 = tmp_path / "day1" / "IM0001", tmp_path / "day2" / "IM0001"
+    for path, jpeg, patient in ((day1, "Non_fractured/IMG0000009.jpg", "A"), (day2, "Fractured/IMG0000019.jpg", "B")):
+        path.parent.mkdir()
+        path.write_bytes(_edited_dicom(images / jpeg, SOPInstanceUID=uid, PatientID=patient))
+    [first] = write_structured_reports(_reported_table(1), [day1], tmp_path / "sr")
+    assert Path(first).name == f"{uid}.sr.dcm"
+    kept = Path(first).read_bytes()
+    reports = []
+    for _ in range(2):
+        table = _reported_table(1)
+        [written] = write_structured_reports(table, [day2], tmp_path / "sr")
+        reports.append(dcmread(written))
+        assert Path(written).name != f"{uid}.sr.dcm" and reports[-1].PatientID == "B"
+        assert Path(first).read_bytes() == kept  # patient A's report, untouched
+        assert table["note"][0] == (
+            f"an earlier report on another image (its source, study or patient differs) is {uid}.sr.dcm in "
+            f"{tmp_path / 'sr'}: kept, and this one written as {Path(written).name}"
+        )
+    assert "PredecessorDocumentsSequence" not in reports[0]
+    predecessor = reports[1].PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert predecessor.ReferencedSOPInstanceUID == reports[0].SOPInstanceUID
+    assert len(list((tmp_path / "sr").iterdir())) == 2
+
+
+def test_a_rows_notes_are_all_kept(fracatlas, tmp_path):
+    """A row may get several notes (its UID shared with another image, and values the report
+    cannot carry); the second is added to the first, not put in its place."""
+    images, uid = fracatlas / "images", "1.2.826.0.1.3680043.8.498.77"
+    files = [tmp_path / "IM0001", tmp_path / "IM0002"]
+    files[0].write_bytes(_edited_dicom(images / "Non_fractured/IMG0000009.jpg", SOPInstanceUID=uid))
+    files[1].write_bytes(_edited_dicom(images / "Fractured/IMG0000019.jpg", SOPInstanceUID=uid, PatientSex="male"))
+    table = _reported_table(2)
+    table["fracture_probability"], table["label"] = [0.05, 0.97], ["not_fractured", "fractured"]
+    written = write_structured_reports(table, files, tmp_path / "sr")
+    assert all(written)
+    assert table["note"][1] == (
+        f"shares its SOP Instance UID with {files[0]}, but not its study or answer: reported apart, "
+        f"as {Path(written[1]).name}; left empty in the structured report, not valid DICOM values: PatientSex 'male'"
+    )
+
+
+def test_a_note_naming_a_file_whose_name_is_not_utf8_costs_no_report(fracatlas, tmp_path):
+    """The note of the second copy of one image names the first, whose name is Latin-1: it is
+    written readably (\xd6), rather than failing the table and with it every row of the run."""
+    files = [Path(os.fsdecode(bytes(tmp_path) + b"/" + LATIN1)), tmp_path / "IM0002"]
+    data = dicom_from_jpeg(fracatlas / "images/Fractured/IMG0000019.jpg", "8-bit")
+    for path in files:
+        path.write_bytes(data)
+    table = _reported_table(2)
+    written = write_structured_reports(table, files, tmp_path / "sr")
+    assert written[0] and written[1] == written[0]
+    assert table["note"][1] == (
+        f"the same image (SOP Instance UID) as {tmp_path}/R\\xd6NTGEN, whose report {Path(written[0]).name} is this row's"
+    )
+
+
+def test_json_rows_hold_the_numbers_in_full(tmp_path):
+    """As CSV, model.predict and the served model give them; DataFrame.to_json would round to 10 digits."""
+    table = pd.DataFrame({
+        "id": ["a.jpg", "b.jpg"], "fracture_probability": [0.898809015750885, float("nan")],
+        "label": ["fractured", ""], "threshold": [0.30000000000000004, 0.30000000000000004],
+        "model": NAME, "version": "3", "error": ["", "the image is empty (the file holds no bytes)"], "note": "",
+    })
+    write(table, tmp_path / "rows.json")
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert rows[0]["fracture_probability"] == 0.898809015750885 and rows[0]["threshold"] == 0.30000000000000004
+    assert rows[1]["fracture_probability"] is None and rows[1]["error"].startswith("the image is empty")
+    write(table, tmp_path / "rows.csv")
+    assert pd.read_csv(tmp_path / "rows.csv")["fracture_probability"][0] == rows[0]["fracture_probability"]
