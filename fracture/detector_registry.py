@@ -33,23 +33,23 @@ from fracture.config import DetectParams
 from fracture.consumer import loaded_version, predict_as_consumer
 from fracture.detection import Detections, PairedMAP, paired_bootstrap_map
 from fracture.gate import Evaluation, GateCheck, floors, paired_verdict
+from fracture.intake import InputPolicy
 from fracture.packaging import log_detector_pyfunc
 from fracture.registry import (
     CHAMPION,
     TAG_DATA,
+    TAG_POLICY,
     TAG_SPLIT,
     Registration,
     RegistryError,
     _alias,
-    _apply,
     _basis,
-    _decided_before,
     _ensure_version,
-    _held_back,
+    _gate_until_settled,
+    _Outcome,
+    _record_provenance,
     _registration,
-    _tag_version,
     _test_metrics,
-    _untag_version,
     _verdict,
 )
 from fracture.workspace import GIT_COMMIT_TAG, GIT_DIRTY_FILES_TAG
@@ -202,7 +202,10 @@ def register_detector(
 
     As the classifier's :func:`fracture.registry.register`: a run registered before is not
     registered again but its gate runs again (an interrupted registration completes); the
-    champion stays as it is, and a rolled-back version is not promoted again.
+    champion stays as it is, and a rolled-back version is not promoted again. A run whose
+    threshold, test figures or input checks (``described["input"]``, ``serve`` in params.yaml)
+    changed is registered as a new version, which serves them. A champion moved by another
+    registration while this one scored or promoted is the one the version is scored against again.
 
     Args:
         params: ``detect``: the model name, the confidence, the floors and the bootstrap resamples.
@@ -232,33 +235,36 @@ def register_detector(
             + (f", or name one of its metrics in detect.floors: {sorted(metrics)}" if SCORE not in missing else "")
         )
     threshold = float(described["threshold"])
-    served = {"threshold": str(threshold), "metrics": json.dumps(_test_metrics(metrics), sort_keys=True)}
+    provenance = {
+        "classifier_run_id": run.data.tags.get("classifier_run_id"),
+        TAG_DATA: run.data.tags.get("data_version") or None,
+        GIT_COMMIT_TAG: run.data.tags.get(GIT_COMMIT_TAG),
+        **({GIT_DIRTY_FILES_TAG: run.data.tags[GIT_DIRTY_FILES_TAG]}
+           if run.data.tags.get(GIT_DIRTY_FILES_TAG) else {}),
+        "threshold": threshold,
+        TAG_SPLIT: split.fingerprint,
+        "metrics": json.dumps(_test_metrics(metrics), sort_keys=True),
+        # The checks the pyfunc enforces (fracture.detector_serving reads model.json's input so),
+        # in the classifier's form: a serve section changed since makes a new version.
+        TAG_POLICY: json.dumps(InputPolicy.from_dict(described.get("input")).to_dict(), sort_keys=True),  # type: ignore[arg-type]
+    }
     mv, created = _ensure_version(
-        client, name, run, served, lambda: log_detector_pyfunc(run_id, weights, described),
+        client, name, run, provenance, lambda: log_detector_pyfunc(run_id, weights, described),
         lambda: _description(run, described),
     )
-    if created:
-        _tag_version(client, name, str(mv.version), {
-            "classifier_run_id": run.data.tags.get("classifier_run_id"),
-            TAG_DATA: run.data.tags.get("data_version") or None,
-            GIT_COMMIT_TAG: run.data.tags.get(GIT_COMMIT_TAG),
-            **({GIT_DIRTY_FILES_TAG: run.data.tags[GIT_DIRTY_FILES_TAG]}
-               if run.data.tags.get(GIT_DIRTY_FILES_TAG) else {}),
-            "threshold": threshold,
-            TAG_SPLIT: split.fingerprint,
-            "metrics": json.dumps(_test_metrics(metrics), sort_keys=True),
-        })
-        mv = client.get_model_version(name, str(mv.version))
+    mv = _record_provenance(client, mv, provenance)
     candidate = Evaluation(str(mv.version), metrics, mv.tags.get(TAG_SPLIT) or split.fingerprint,
                            run.data.tags.get("data_version") or None)
-    current = _alias(client, name, CHAMPION)
-    basis = _basis(params, current, split)
-    outcome = _held_back(mv, current) or _decided_before(mv, current, basis)
-    if outcome is None:
-        checks = _gate(client, params, mv, metrics, current, split, threshold, seed, isolated)
+
+    def decide(current: ModelVersion | None) -> tuple[_Outcome, dict[str, str] | None]:
+        checks, compared = _gate(params, mv, metrics, current, split, threshold, seed, isolated)
         beat = next((c for c in checks if c.name == "beats champion" and current is not None), None)
-        outcome = _verdict(checks, beat.detail if beat else "first version to pass the gate")
-        _apply(client, mv, current, outcome, basis)
+        return _verdict(checks, beat.detail if beat else "first version to pass the gate"), compared
+
+    outcome, current = _gate_until_settled(
+        client, mv, _alias(client, name, CHAMPION), lambda current: _basis(params, current, split), decide,
+        MAP_COMPARISON_TAGS,
+    )
     return _registration(client, name, run_id, created, candidate, current, outcome, score_key=SCORE,
                          confidence=params.confidence, floors=params.floors)
 
@@ -278,7 +284,6 @@ def _description(run: Run, described: dict[str, object]) -> str:
 
 
 def _gate(
-    client: MlflowClient,
     params: DetectParams,
     mv: ModelVersion,
     metrics: dict[str, float],
@@ -287,8 +292,12 @@ def _gate(
     threshold: float,
     seed: int,
     isolated: bool = True,
-) -> tuple[GateCheck, ...]:
+) -> tuple[tuple[GateCheck, ...], dict[str, str] | None]:
+    """The detector's gate against the champion ``current``: every check, and the comparison's
+    version tags (:func:`map_tags`; ``None`` when the two were not compared). The tags are
+    written by the caller once the champion is known not to have moved meanwhile."""
     name, version = params.model_name, str(mv.version)
+    compared = None
     checks = floors(params, metrics)
     if current is None:
         checks += (GateCheck("beats champion", True, "no champion yet"),)
@@ -307,12 +316,9 @@ def _gate(
                 detail += ("; the champion was scored on another test split and may have been trained on some of "
                            "these images, which favours it")
             paired = paired_bootstrap_map(split.truth, ours, theirs, params.bootstrap_resamples, seed, params.confidence)
-            _tag_version(client, name, version, map_tags(paired, champion))
+            compared = map_tags(paired, champion)
             checks += (GateCheck("scored with champion", True, detail),
                        beats_champion(paired, champion, params.confidence))
-    if not any(c.name == "scored with champion" and c.passed for c in checks):
-        # Decided without a comparison: the figures of an earlier decision would contradict this one.
-        _untag_version(client, name, version, MAP_COMPARISON_TAGS)
     if all(c.passed for c in checks):
         checks += (load_check(name, version, split.check_image, threshold, isolated),)
-    return checks
+    return checks, compared

@@ -259,56 +259,91 @@ def register(
 
     provenance = _provenance_tags(run, config, split)
     mv, created = _ensure_version(
-        client, params.model_name, run, {k: str(provenance[k]) for k in SERVED}, lambda: log_pyfunc(run_id, weights, config),
+        client, params.model_name, run, provenance, lambda: log_pyfunc(run_id, weights, config),
         lambda: version_description(
             config.architecture, str(config.extra.get("profile") or run.data.tags.get("profile") or "unknown"),
             config.data_config.input_size, config.data_config.aspect, metrics, run_id,
             run.data.tags.get("data_version") or None, run.data.tags.get("threshold_source") or None,
         ),
     )
-    mv = _record_provenance(client, mv, created, provenance)
+    mv = _record_provenance(client, mv, provenance)
     # The split the version was evaluated on, as recorded when it was first registered.
     fingerprint = mv.tags.get(TAG_SPLIT) or split.fingerprint
     candidate = Evaluation(str(mv.version), metrics, fingerprint, run.data.tags.get("data_version") or None)
-    current = _alias(client, params.model_name, CHAMPION)
 
-    outcome = _held_back(mv, current) or _decided_before(mv, current, _basis(params, current, split))
-    while outcome is None:
-        decided = _decide(client, params, candidate, current, split, config.threshold, isolated)
-        # Scoring takes minutes; another registration against this registry may have moved the
-        # champion meanwhile. The aliases move only as decided against the champion they replace.
-        latest = _alias(client, params.model_name, CHAMPION)
-        if _version_of(latest) != _version_of(current):
-            log.warning(
-                "%s: champion moved from version %s to %s while version %s was scored; scoring it against the new one",
-                params.model_name, _version_of(current), _version_of(latest), mv.version,
-            )
-            current = latest
-            outcome = _held_back(mv, current)
-            continue
-        outcome = decided
-        if outcome.comparison is not None:
-            _tag_version(client, params.model_name, str(mv.version), outcome.comparison.tags())
-        else:
-            # Decided without a comparison (no champion, a floor, a champion that could not be
-            # scored): the figures of an earlier decision would contradict this one.
-            _untag_version(client, params.model_name, str(mv.version), COMPARISON_TAGS)
-        try:
-            _apply(client, mv, current, outcome, _basis(params, current, split))
-        except _ChampionMoved as moved:
-            log.warning(
-                "%s: champion moved from version %s to %s while version %s was being promoted; scoring it against "
-                "the new one", params.model_name, _version_of(current), _version_of(moved.latest), mv.version,
-            )
-            current = moved.latest
-            outcome = _held_back(mv, current)
-    if outcome.decision == "unchanged" and _version_of(current) == str(mv.version):
-        _restore_previous(client, mv)
+    def decide(current: ModelVersion | None) -> tuple[_Outcome, dict[str, str] | None]:
+        outcome = _decide(client, params, candidate, current, split, config.threshold, isolated)
+        return outcome, None if outcome.comparison is None else outcome.comparison.tags()
+
+    outcome, current = _gate_until_settled(
+        client, mv, _alias(client, params.model_name, CHAMPION), lambda current: _basis(params, current, split),
+        decide, COMPARISON_TAGS,
+    )
     return _registration(
         client, params.model_name, run_id, created, candidate, current, outcome, score_key=SCORE,
         confidence=params.confidence, floors=params.floors, sensitivity_tolerance=params.sensitivity_tolerance,
         specificity_tolerance=params.specificity_tolerance,
     )
+
+
+def _gate_until_settled(
+    client: MlflowClient,
+    mv: ModelVersion,
+    current: ModelVersion | None,
+    basis: Callable[[ModelVersion | None], str],
+    decide: Callable[[ModelVersion | None], tuple[_Outcome, dict[str, str] | None]],
+    comparison_tags: Iterable[str],
+) -> tuple[_Outcome, ModelVersion | None]:
+    """Runs the gate for ``mv`` against the champion ``current`` until its decision is applied
+    against the champion it was taken against (the classifier's and the detector's registration).
+
+    Args:
+        client: the registry's client.
+        mv: the version, its provenance recorded.
+        current: the champion read before the gate.
+        basis: what a decision against a champion rests on (:func:`_basis`).
+        decide: the gate against a champion: the outcome, and the comparison's version tags
+            (``None``: decided without one, so the tags in ``comparison_tags`` an earlier
+            decision left are removed).
+        comparison_tags: the tags a comparison writes.
+
+    Returns:
+        The outcome, and the champion it was decided against.
+    """
+    name = mv.name
+    outcome = _held_back(mv, current) or _decided_before(mv, current, basis(current))
+    while outcome is None:
+        decided, tags = decide(current)
+        # Scoring takes minutes; another registration against this registry may have moved the
+        # champion meanwhile. The aliases move only as decided against the champion they replace.
+        latest = _alias(client, name, CHAMPION)
+        if _version_of(latest) != _version_of(current):
+            log.warning(
+                "%s: champion moved from version %s to %s while version %s was scored; scoring it against the new one",
+                name, _version_of(current), _version_of(latest), mv.version,
+            )
+            current = latest
+            outcome = _held_back(mv, current)
+            continue
+        outcome = decided
+        if tags is not None:
+            _tag_version(client, name, str(mv.version), tags)
+        else:
+            # Decided without a comparison (no champion, a floor, a champion that could not be
+            # scored): the figures of an earlier decision would contradict this one.
+            _untag_version(client, name, str(mv.version), comparison_tags)
+        try:
+            _apply(client, mv, current, outcome, basis(current))
+        except _ChampionMoved as moved:
+            log.warning(
+                "%s: champion moved from version %s to %s while version %s was being promoted; scoring it against "
+                "the new one", name, _version_of(current), _version_of(moved.latest), mv.version,
+            )
+            current = moved.latest
+            outcome = _held_back(mv, current)
+    if outcome.decision == "unchanged" and _version_of(current) == str(mv.version):
+        _restore_previous(client, mv)
+    return outcome, current
 
 
 def _serves(mv: ModelVersion, served: dict[str, str]) -> bool:
@@ -318,7 +353,7 @@ def _serves(mv: ModelVersion, served: dict[str, str]) -> bool:
 
 
 def _ensure_version(
-    client: MlflowClient, name: str, run: Run, served: dict[str, str], log_model: Callable[[], str],
+    client: MlflowClient, name: str, run: Run, provenance: dict[str, Any], log_model: Callable[[], str],
     describe: Callable[[], str],
 ) -> tuple[ModelVersion, bool]:
     """The run's registered version, logged and registered first when it has none that serves as the run now says.
@@ -329,25 +364,36 @@ def _ensure_version(
     The new version inherits a rollback of the old one, so re-running evaluate does not promote a
     rolled-back run again.
 
+    A new version is created with its provenance and an inherited rollback as tags of the one
+    request that creates it: a registration stopped right after (a lost response, a locked
+    database, retried by the flow) leaves no version that lacks them, which the retry would
+    reuse as it is (a rollback missed, and promoted again; its input checks unrecorded, and
+    reused after ``serve`` changed). The description, which ``mlflow.register_model`` does not
+    take, and a rollback of another version of the run are given to the version this call
+    returns whenever it lacks them, whether this call created it or not.
+
     Args:
         client: the registry's client.
         name: the registered model.
         run: the training run.
-        served: the ``threshold``, ``metrics`` and ``input_policy`` tags the run's version must carry.
+        provenance: the version's provenance tags (:func:`_provenance_tags`), among them the
+            ``threshold``, ``metrics`` and ``input_policy`` (:data:`SERVED`) the run's version must carry.
         log_model: logs the run's model and returns its URI (called only for a new version).
-        describe: the new version's description for the registry's page (what it is, its test
+        describe: the version's description for the registry's page (what it is, its test
             figures with intervals, its threshold).
 
     Returns:
         The version, and whether this call created it.
     """
     run_id = run.info.run_id
+    served = {k: _tag_value(provenance[k]) for k in SERVED}
     existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    rolled_back = next((v.tags[TAG_ROLLED_BACK] for v in existing if v.tags.get(TAG_ROLLED_BACK)), None)
     current = [v for v in existing if _serves(v, served)]
     if current:
         mv = max(current, key=lambda v: int(v.version))
         log.info("run %s is already registered as %s version %s", run_id, name, mv.version)
-        return mv, False
+        return _completed(client, mv, rolled_back, describe), False
     if existing:
         log.warning(
             "run %s is registered as %s version(s) %s with another threshold, other test figures or other input "
@@ -355,7 +401,10 @@ def _ensure_version(
             "registering it as a new version, which the gate decides on", run_id, name,
             ", ".join(str(v.version) for v in existing),
         )
-    mv = mlflow.register_model(log_model(), name, tags={"run_id": run_id})
+    tags = {k: _tag_value(v) for k, v in provenance.items()} | {"run_id": run_id}
+    if rolled_back:
+        tags[TAG_ROLLED_BACK] = rolled_back
+    mv = mlflow.register_model(log_model(), name, tags=tags)
     # Two registrations of one run at once (two checkouts sharing a registry) both found none and
     # both registered: the first version stays the run's, and a later one is removed again.
     before = {str(v.version) for v in existing}
@@ -366,11 +415,25 @@ def _ensure_version(
         log.warning("run %s was registered twice at once (versions %s and %s); version %s is removed",
                     run_id, first.version, mv.version, mv.version)
         client.delete_model_version(name, str(mv.version))
-        return first, False
-    rolled_back = [v for v in existing if v.tags.get(TAG_ROLLED_BACK)]
-    if rolled_back:
-        _tag_version(client, name, str(mv.version), {TAG_ROLLED_BACK: rolled_back[0].tags[TAG_ROLLED_BACK]})
-    return client.update_model_version(name, str(mv.version), description=describe()), True
+        return _completed(client, first, rolled_back, describe), False
+    return _completed(client, mv, rolled_back, describe), True
+
+
+def _completed(
+    client: MlflowClient, mv: ModelVersion, rolled_back: str | None, describe: Callable[[], str],
+) -> ModelVersion:
+    """The run's version with the rollback of any version of its run (``rolled_back``, its time)
+    and its description: a version registered by an earlier release, which wrote them in
+    requests after the version's creation, may lack them when that registration stopped in
+    between, and is then reused as it is. Without the rollback it would be promoted again."""
+    name, version = mv.name, str(mv.version)
+    if rolled_back and not mv.tags.get(TAG_ROLLED_BACK):
+        log.warning("%s version %s: its run was rolled back at %s; the version carries that over", name, version,
+                    rolled_back)
+        _tag_version(client, name, version, {TAG_ROLLED_BACK: rolled_back})
+    if not mv.description:
+        return client.update_model_version(name, version, description=describe())
+    return mv
 
 
 def _provenance_tags(run: Run, config: ServingConfig, split: EvaluatedSplit) -> dict[str, Any]:
@@ -389,16 +452,23 @@ def _provenance_tags(run: Run, config: ServingConfig, split: EvaluatedSplit) -> 
     }
 
 
-def _record_provenance(client: MlflowClient, mv: ModelVersion, created: bool, tags: dict[str, Any]) -> ModelVersion:
-    """Tags the version with its provenance and reads it back.
+def _record_provenance(client: MlflowClient, mv: ModelVersion, tags: dict[str, Any]) -> ModelVersion:
+    """Fills in the provenance tags the version lacks and reads it back.
 
-    An existing version keeps what was recorded when it was registered (the split it was
-    evaluated on may no longer be the one in the workspace); only its missing tags are filled in.
+    A version is created with its provenance (:func:`_ensure_version`) and keeps what was
+    recorded then (the split it was evaluated on may no longer be the one in the workspace); only
+    its missing tags are filled in: one registered before a tag existed, or by an earlier release
+    that tagged it after creating it and stopped in between.
     """
     name, version = mv.name, str(mv.version)
     # A version registered before its input policy was tagged serves the policy its model.json
-    # holds, which need not be today's serve section: that tag is never filled in afterwards.
-    fill = {k: v for k, v in tags.items() if created or (not mv.tags.get(k) and k != TAG_POLICY)}
+    # holds, which need not be today's serve section: once the gate has decided on it, that tag
+    # is never filled in. One with no decision yet was left by a registration stopped before its
+    # gate (the one now retried, as a rule under this serve section): left untagged, its policy
+    # would match every later serve section, and a change would never make a new version.
+    undecided = not mv.tags.get(TAG_DECISION)
+    fill = {k: v for k, v in tags.items()
+            if _tag_value(v) and not mv.tags.get(k) and (k != TAG_POLICY or undecided)}
     _tag_version(client, name, version, fill)
     return client.get_model_version(name, version)
 
@@ -763,9 +833,14 @@ def _evaluation_of(client: MlflowClient, mv: ModelVersion) -> Evaluation:
     )
 
 
+def _tag_value(value: Any) -> str:
+    """A version tag's value: ``None`` is written as an empty string."""
+    return "" if value is None else str(value)
+
+
 def _tag_version(client: MlflowClient, name: str, version: str, tags: dict[str, Any]) -> None:
     for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, "" if value is None else str(value))
+        client.set_model_version_tag(name, version, key, _tag_value(value))
 
 
 def _untag_version(client: MlflowClient, name: str, version: str, keys: Iterable[str]) -> None:
