@@ -50,7 +50,8 @@ class IngestError(RuntimeError):
 
 
 class DownloadError(IngestError):
-    """A transient download failure (network, cut-short transfer, HTTP 5xx): retrying may help.
+    """A transient failure (network, cut-short transfer, HTTP 5xx, a local source that changed
+    while it was copied, as an export still being written does): retrying may help.
 
     Everything else (a wrong local path, a bad layout, a checksum mismatch, a zip-slip member,
     an HTTP 4xx) stays a plain :class:`IngestError`, because running again changes nothing.
@@ -79,22 +80,39 @@ def find_dataset_root(tree: Path, label: str | None = None, layout: Layout = "fr
 
     Args:
         tree: the folder to search.
-        label: how to name ``tree`` in errors (e.g. the zip it was extracted from); defaults
-            to its path.
+        label: how to name ``tree`` in errors when it is a copy the user never sees (the zip it
+            was extracted from); defaults to its path.
         layout: ``ingest.layout``: what the folder must hold (:data:`REQUIRED`).
 
     Returns:
         The folder that holds ``images/Fractured``, ``images/Non_fractured`` and ``dataset.csv``
-        (layout ``fracatlas``), or ``images`` and ``labels.csv`` (layout ``csv``).
+        (layout ``fracatlas``), or ``images`` and ``labels.csv`` (layout ``csv``): ``tree`` itself
+        when it does, else the one folder below it that does.
 
     Raises:
-        IngestError: no such folder was found.
+        IngestError: no such folder was found, or several folders below ``tree`` hold the layout
+            (a folder of monthly exports): taking one of them by name order would bring in the
+            same export on every scheduled run, so the user must name the one to ingest.
     """
     required = REQUIRED[layout]
     candidates = [tree, *sorted(p for p in tree.iterdir() if p.is_dir())]
-    for root in candidates:
-        if all((root / rel).exists() for rel in required):
-            return root
+    if all((tree / rel).exists() for rel in required):
+        return tree
+    matches = [root for root in candidates[1:] if all((root / rel).exists() for rel in required)]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        names = ", ".join(f"{m.name}/" for m in matches)
+        # A labelled tree is an extracted copy the user never sees: its folders are no paths to pass.
+        pick = (
+            f"extract the one to ingest and pass its folder with --source or {SOURCE_ENV}"
+            if label is not None
+            else f"pass the one to ingest with --source or {SOURCE_ENV}, e.g. {SOURCE_ENV}={matches[-1]}"
+        )
+        raise IngestError(
+            f"{label or tree} holds {len(matches)} datasets in {LAYOUT_NAMES[layout]}: {names}. Ingest "
+            f"brings in one and does not guess which: {pick}."
+        )
     found = sorted(p.name for p in tree.iterdir())[:10]
     other = next(name for name in REQUIRED if name != layout)
     hint = (
@@ -252,7 +270,7 @@ def _sums_entry(sums: Path, number: int, line: str) -> tuple[str, str]:
     return digest.lower(), rel
 
 
-def verify_sha256sums(root: Path, shown: Path | None = None) -> int:
+def verify_sha256sums(root: Path, shown: Path | None = None, above: tuple[Path, Path, str] | None = None) -> int:
     """Checks every file listed in ``SHA256SUMS`` when the copy ships one.
 
     The file may be in either of the forms GNU `sha256sum -c` reads, mixed as it allows, and may
@@ -262,6 +280,11 @@ def verify_sha256sums(root: Path, shown: Path | None = None) -> int:
         root: the folder holding ``SHA256SUMS`` and the files it lists.
         shown: the folder the messages name instead of ``root``: the source, when ``root`` is a
             staging copy of it the user never sees.
+        above: instead of ``root``'s own file, a ``SHA256SUMS`` in a folder above the dataset
+            folder (the export's top, when the dataset is one folder down): that file, how to name
+            it, and the dataset folder's path below it (``export``). Its entries under that path
+            are checked against ``root`` with the path taken off; the others name files that were
+            not copied, so they are left out with a warning rather than checked.
 
     Returns:
         The number of files verified (0 when there is no SHA256SUMS).
@@ -272,10 +295,12 @@ def verify_sha256sums(root: Path, shown: Path | None = None) -> int:
             its hash differs.
     """
     shown = shown or root
-    if not (root / "SHA256SUMS").is_file():
+    listed, sums, prefix = above or (root / "SHA256SUMS", shown / "SHA256SUMS", "")
+    if not listed.is_file():
         return 0
-    data = (root / "SHA256SUMS").read_bytes()
-    sums = shown / "SHA256SUMS"
+    data = listed.read_bytes()
+    under = Path(prefix).parts
+    outside: list[str] = []
     if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         # What Windows PowerShell 5's `Out-File` and `>` write by default.
         raise IngestError(
@@ -293,10 +318,16 @@ def verify_sha256sums(root: Path, shown: Path | None = None) -> int:
         if not line.strip():
             continue
         expected, rel = _sums_entry(sums, number, line)
-        path = root / rel
         # Judged as written: a listed file may be a link into another store, as the copy may hold.
         if os.path.isabs(rel) or os.path.normpath(rel).split(os.sep)[0] == "..":
-            raise IngestError(f"{sums}, line {number}: {rel!r} points outside {shown}; only the copy's own files are checked")
+            raise IngestError(f"{sums}, line {number}: {rel!r} points outside {sums.parent}; only the copy's own files are checked")
+        path = root / rel
+        if under:
+            parts = Path(rel).parts  # as written, less any "./"
+            if parts[: len(under)] != under or len(parts) == len(under):
+                outside.append(rel)
+                continue
+            path = root.joinpath(*parts[len(under) :])
         if not path.is_file():
             bad.append(f"{rel} (missing)")
             continue
@@ -305,9 +336,14 @@ def verify_sha256sums(root: Path, shown: Path | None = None) -> int:
         if actual != expected:
             bad.append(f"{rel} (hash differs)")
         count += 1
+    if outside:
+        log.warning(
+            "%s lists %d files outside %s/, the dataset folder ingest copies: they are not versioned, so not "
+            "checked, e.g. %s", sums, len(outside), prefix, outside[:3],
+        )
     if bad:
         raise IngestError(
-            f"{shown}: {len(bad)} files do not match SHA256SUMS as copied, e.g. {bad[:5]}; the copy is "
+            f"{shown}: {len(bad)} files do not match {sums if above else 'SHA256SUMS'} as copied, e.g. {bad[:5]}; the copy is "
             "damaged, or was being written while ingest copied it: fetch it again (or let the export "
             "finish), then run ingest again"
         )
@@ -502,6 +538,21 @@ def source_listing(source: str | Path) -> dict[str, object]:
         IngestError: a link in the folder is broken (the copy would fail on it too).
     """
     path = Path(source).expanduser().resolve()
+    entries = _listing_entries(path)
+    return {
+        "source": str(path),
+        "files": len(entries),
+        "bytes": sum(e[1] for e in entries),
+        "digest": hashlib.sha256(json.dumps(entries).encode()).hexdigest(),
+    }
+
+
+def _listing_entries(path: Path) -> list[list[object]]:
+    """:func:`source_listing`'s entries, ``[relative path, size, modification time]`` sorted by path.
+
+    A file or folder removed between the walk listing it and its stat (an export still being
+    written deletes its temporary files) is left out, as the copy would find it gone too.
+    """
     if path.is_file():
         stat = path.stat()
         entries = [[path.name, stat.st_size, stat.st_mtime_ns]]
@@ -516,7 +567,11 @@ def source_listing(source: str | Path) -> dict[str, object]:
             above = ancestry.pop(dirpath)
             for dirname in list(dirnames):
                 sub = os.path.join(dirpath, dirname)
-                here = os.stat(sub)
+                try:
+                    here = os.stat(sub)
+                except FileNotFoundError:  # removed since the walk listed it
+                    dirnames.remove(dirname)
+                    continue
                 if (here.st_dev, here.st_ino) in above:
                     dirnames.remove(dirname)
                 else:
@@ -528,15 +583,44 @@ def source_listing(source: str | Path) -> dict[str, object]:
                 except OSError as exc:
                     if os.path.islink(full):
                         raise _broken_link_error(full) from exc
+                    if isinstance(exc, FileNotFoundError):
+                        continue  # removed since the walk listed it
                     raise
                 entries.append([os.path.relpath(full, path), stat.st_size, stat.st_mtime_ns])
         entries.sort()
-    return {
-        "source": str(path),
-        "files": len(entries),
-        "bytes": sum(e[1] for e in entries),
-        "digest": hashlib.sha256(json.dumps(entries).encode()).hexdigest(),
-    }
+    return entries
+
+
+def _check_unchanged(source: Path, before: list[list[object]], shown: str | Path, doing: str) -> None:
+    """Refuses a copy of ``source`` made while it changed: its listing differs from ``before``.
+
+    Without ``SHA256SUMS`` nothing else sees a file still being written when it was read: the copy
+    would hold its first megabytes and be versioned as the dataset. The export is likely to be
+    complete on a later try, so this is a :class:`DownloadError`, which the flow retries.
+
+    Raises:
+        DownloadError: a file was added, removed, resized or rewritten since ``before``.
+    """
+    try:
+        after = {e[0]: e[1:] for e in _listing_entries(source)}
+    except FileNotFoundError:  # the source itself is gone
+        after = {}
+    old = {e[0]: e[1:] for e in before}
+    changed = sorted(rel for rel in old.keys() | after.keys() if old.get(rel) != after.get(rel))
+    if changed:
+        first = str(changed[0])
+        was, now = old.get(first), after.get(first)
+        how = (
+            "added" if was is None
+            else "removed" if now is None
+            else f"resized from {was[0]:,} to {now[0]:,} bytes" if was[0] != now[0]
+            else "rewritten"
+        )
+        more = f", and {len(changed) - 1} more" if len(changed) > 1 else ""
+        raise DownloadError(
+            f"{shown}: the source changed while it was {doing} ({first} {how}{more}); nothing was "
+            "ingested. Run ingest again once the export has finished."
+        )
 
 
 def _broken_link_error(link: str) -> IngestError:
@@ -565,27 +649,45 @@ def _recover_staging(dest: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def _replace_dir(src: Path, dest: Path) -> int:
+def _replace_dir(
+    src: Path, dest: Path, shown: Path | None = None, above: tuple[Path, Path, str] | None = None
+) -> int:
     """Copies ``src`` to ``dest`` through a sibling temporary folder (on the same file system, so
     the swap is two renames), checks that copy against its ``SHA256SUMS``, then swaps it in.
 
-    The copy is checked rather than ``src``: the files versioned are the ones checked, even when
-    one of ``src`` changes while it is read (an export still being written, a sync job).
+    ``src`` is listed (paths, sizes, modification times: no file is read) before and after the
+    copy, and a copy made while it changed is refused: an export still being written would
+    otherwise be versioned torn, since without ``SHA256SUMS`` nothing else notices. The copy,
+    not ``src``, is checked against ``SHA256SUMS``: the files versioned are the ones checked, even
+    when a file is rewritten with its size and modification time put back, which the listing
+    does not see.
+
+    Args:
+        src: the dataset folder to copy.
+        dest: the project's dataset folder it replaces.
+        shown: how the messages name ``src`` (an extracted zip is named by the zip); defaults to it.
+        above: a ``SHA256SUMS`` above ``src`` to check the copy against too
+            (:func:`verify_sha256sums`).
 
     Returns:
         The number of files verified against ``SHA256SUMS`` (0 when the copy ships none).
 
     Raises:
+        DownloadError: ``src`` changed while it was copied (worth a retry once the export is done).
         IngestError: a file could not be copied, or the copy does not match its ``SHA256SUMS``;
             ``dest`` is left as it was.
     """
+    shown = shown or src
     dest.parent.mkdir(parents=True, exist_ok=True)
     _recover_staging(dest)
+    before = _listing_entries(src)
     staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}{STAGING_INFIX}", dir=dest.parent))
     try:
         try:
             shutil.copytree(src, staging / "copy")
         except shutil.Error as exc:
+            # A file removed midway fails the copy too: that is the export still being written.
+            _check_unchanged(src, before, shown, "copied")
             # copytree copies what it can, then lists what it could not as (source, copy, reason).
             failed = [e for e in (exc.args[0] if exc.args else []) if isinstance(e, tuple) and len(e) == 3]
             broken = [s for s, _, _ in failed if os.path.islink(s) and not os.path.exists(s)]
@@ -595,12 +697,15 @@ def _replace_dir(src: Path, dest: Path) -> int:
                 f"could not copy {src} to {dest.parent}: {[f'{s}: {why}' for s, _, why in failed[:3]] or exc}. "
                 "Make those files readable and free space there, then run ingest again."
             ) from exc
+        _check_unchanged(src, before, shown, "copied")
         # Copies of a read-only source are read-only too; DVC must be able to replace them.
         for dirpath, _, names in os.walk(staging / "copy"):
             os.chmod(dirpath, 0o755)
             for n in names:
                 os.chmod(os.path.join(dirpath, n), 0o644)
-        verified = verify_sha256sums(staging / "copy", shown=src)
+        verified = verify_sha256sums(staging / "copy", shown=shown)
+        if above is not None:
+            verified += verify_sha256sums(staging / "copy", shown=shown, above=above)
         old = staging / "old"
         if dest.exists():
             dest.replace(old)
@@ -656,11 +761,29 @@ def ingest(params: IngestParams, dest: Path, source: str | None = None) -> Inges
         if archive is not None:
             extracted = tmpdir / "extracted"
             extracted.mkdir()
-            safe_extract(archive, extracted, label)
+            local = source is not None
+            before = _listing_entries(archive) if local else []
+            try:
+                safe_extract(archive, extracted, label)
+            except IngestError:
+                # A zip still being written reads as damaged or as no zip: worth a retry.
+                if local:
+                    _check_unchanged(archive, before, label, "extracted")
+                raise
+            if local:
+                _check_unchanged(archive, before, label, "extracted")
+            # Messages name the files as in the zip (FracAtlas.zip/FracAtlas/SHA256SUMS), not
+            # in the extracted copy, which is gone by then.
+            tree, shown_tree = extracted, Path(label if local else params.figshare_file)
             root = find_dataset_root(extracted, label, params.layout)
         else:
+            tree = shown_tree = path
             root = find_dataset_root(path, layout=params.layout)
-        verified = _replace_dir(root, dest)
+        # A SHA256SUMS at the export's top, when the dataset is the folder below it, lists the
+        # dataset's files under that folder's name: it is checked too, not left behind uncopied.
+        sub = root.relative_to(tree)
+        above = (tree / "SHA256SUMS", shown_tree / "SHA256SUMS", str(sub)) if sub.parts else None
+        verified = _replace_dir(root, dest, shown_tree / sub, above)
     files = [p for p in dest.rglob("*") if p.is_file()]
     return IngestResult(
         dest=dest,

@@ -435,7 +435,8 @@ def retry_transient_ingest(task: Task[..., Any], task_run: TaskRun, state: State
     """Prefect ``retry_condition_fn``: retries the ingest task only after a transient failure.
 
     ``fracture ingest`` exits with ``EX_TEMPFAIL`` (75) for network errors, cut-short
-    transfers and HTTP 5xx, which a later try may not meet. A wrong local path, a bad layout,
+    transfers, HTTP 5xx and a local source that changed while it was copied (an export still
+    being written), which a later try may not meet. A wrong local path, a bad layout,
     a checksum mismatch or a zip-slip member fail the same way every time, so they are
     reported at once instead of after the retry delays. ``task`` and ``task_run`` are part of
     Prefect's signature; ``state`` is the Failed state.

@@ -6,6 +6,8 @@ import dataclasses
 import hashlib
 import io
 import json
+import logging
+import os
 import random
 import re
 import shutil
@@ -142,6 +144,40 @@ def test_ingest_from_zip_finds_the_layout_one_level_down(dataset, tmp_path, ipar
     assert (dest / "images/Non_fractured").is_dir()
 
 
+def csv_export(root: Path, image: bytes) -> Path:
+    """A hospital's export (``ingest.layout: csv``) holding one image."""
+    (root / "images").mkdir(parents=True)
+    (root / "images/a.png").write_bytes(image)
+    (root / "labels.csv").write_text("path,label\nimages/a.png,1\n")
+    return root
+
+
+def test_a_folder_of_several_exports_is_refused_naming_them(tmp_path, iparams):
+    """A scheduled job pointed at a folder of monthly exports must not take the first by name
+    order on every run (2026-11 forever, "Data changed: no", while 2026-12 sits beside it): ingest
+    names them all and asks for the one to use."""
+    csv = dataclasses.replace(iparams, layout="csv")
+    exports = tmp_path / "exports"
+    csv_export(exports / "2026-11", b"november")
+    csv_export(exports / "2026-12", b"december")
+    (exports / "notes").mkdir()  # a folder in neither layout is no candidate
+    dest = tmp_path / "data/hospital"
+    with pytest.raises(IngestError, match=(
+        rf"^{re.escape(str(exports))} holds 2 datasets in the csv layout .*: 2026-11/, 2026-12/\. Ingest brings in "
+        rf"one and does not guess which: .* FRACATLAS_SOURCE={re.escape(str(exports / '2026-12'))}\.$"
+    )):
+        ingest(csv, dest, str(exports))
+    archive = shutil.make_archive(str(tmp_path / "exports"), "zip", exports)
+    with pytest.raises(IngestError, match=r"exports\.zip holds 2 datasets .*: 2026-11/, 2026-12/\. .*extract the one to ingest"):
+        ingest(csv, dest, archive)
+    assert not dest.exists()
+    ingest(csv, dest, str(exports / "2026-12"))  # named, it is the one taken
+    assert (dest / "images/a.png").read_bytes() == b"december"
+    shutil.rmtree(exports / "2026-12")  # the only one left is found without naming it
+    ingest(csv, dest, str(exports))
+    assert (dest / "images/a.png").read_bytes() == b"november"
+
+
 def test_checksums_are_verified_when_the_copy_ships_them(dataset, tmp_path, iparams):
     lines = [f"{hashlib.sha256(p.read_bytes()).hexdigest()}  ./{p.relative_to(dataset)}" for p in sorted(dataset.rglob("*.jpg"))]
     (dataset / "SHA256SUMS").write_text("\n".join(lines) + "\n")
@@ -155,8 +191,9 @@ def test_checksums_are_verified_when_the_copy_ships_them(dataset, tmp_path, ipar
 
 def test_a_file_changed_while_it_is_copied_is_caught_by_the_checksums(dataset, tmp_path, iparams, monkeypatch):
     """The copy that is swapped into the project is what SHA256SUMS is checked against: a file the
-    export rewrites after it was listed (a sync job, an export still being written) fails the
-    ingest and leaves the previous dataset in place, instead of being versioned unchecked."""
+    export rewrites while it is copied fails the ingest and leaves the previous dataset in place,
+    instead of being versioned unchecked, even when the rewrite keeps its size and puts its old
+    modification time back (`rsync -a` from an older copy), which the source's listing cannot see."""
     lines = [f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.relative_to(dataset)}" for p in sorted(dataset.rglob("*.jpg"))]
     (dataset / "SHA256SUMS").write_text("\n".join(lines) + "\n")
     dest = tmp_path / "project/data/fracatlas"
@@ -166,7 +203,9 @@ def test_a_file_changed_while_it_is_copied_is_caught_by_the_checksums(dataset, t
     copytree = shutil.copytree
 
     def rewritten_meanwhile(src, dst, *args, **kwargs):
-        victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+        stat = victim.stat()
+        victim.write_bytes(bytes(stat.st_size))
+        os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns))
         return copytree(src, dst, *args, **kwargs)
 
     monkeypatch.setattr(shutil, "copytree", rewritten_meanwhile)
@@ -174,6 +213,130 @@ def test_a_file_changed_while_it_is_copied_is_caught_by_the_checksums(dataset, t
         ingest(iparams, dest, str(dataset))
     assert {p.relative_to(dest): p.read_bytes() for p in dest.rglob("*") if p.is_file()} == before
     assert sorted(p.name for p in dest.parent.iterdir()) == [dest.name]  # no staging folder left
+
+
+@pytest.mark.parametrize("change", ["grown", "removed", "added"])
+def test_a_source_changed_while_it_is_copied_is_refused_for_a_retry(dataset, tmp_path, iparams, monkeypatch, change):
+    """Without SHA256SUMS the listing is all that sees an export still being written: a file that
+    grows after its first bytes were copied, or one removed or added meanwhile, fails the ingest
+    with a DownloadError (exit 75, which the flow's ingest task retries) naming the file, and
+    leaves the previous dataset in place instead of versioning a torn copy."""
+    dest = tmp_path / "project/data/fracatlas"
+    ingest(iparams, dest, str(dataset))
+    before = tree(dest)
+    copytree, copy2 = shutil.copytree, shutil.copy2
+    changed: list[str] = []
+
+    def copy_then_change(src, dst, **kwargs):  # the export's writer, between two files of the copy
+        result = copy2(src, dst, **kwargs)
+        if not changed:
+            first = Path(src)
+            victim = {
+                "grown": first,  # its copy holds only the bytes it had
+                "removed": next(p for p in sorted(dataset.rglob("*.jpg")) if p != first),
+                "added": first.with_name("IMG0000099.jpg"),
+            }[change]
+            if change == "grown":
+                with victim.open("ab") as fh:
+                    fh.write(b"more")
+            elif change == "removed":
+                victim.unlink()
+            else:
+                victim.write_bytes(b"new")
+            changed.append(str(victim.relative_to(dataset)))
+        return result
+
+    def copying(src, dst, *args, **kwargs):  # copytree's own recursion passes copy_function on
+        return copytree(src, dst, *args, **kwargs) if args else copytree(src, dst, copy_function=copy_then_change, **kwargs)
+
+    monkeypatch.setattr(shutil, "copytree", copying)
+    how = {"grown": r"resized from [\d,]+ to [\d,]+ bytes", "removed": "removed", "added": "added"}[change]
+    with pytest.raises(DownloadError) as caught:
+        ingest(iparams, dest, str(dataset))
+    assert re.fullmatch(
+        rf"{re.escape(str(dataset))}: the source changed while it was copied \({re.escape(changed[0])} {how}\); "
+        r"nothing was ingested\. Run ingest again once the export has finished\.",
+        str(caught.value),
+    )
+    assert tree(dest) == before
+    assert sorted(p.name for p in dest.parent.iterdir()) == [dest.name]  # no staging folder left
+    monkeypatch.undo()  # the export has finished: the retry brings it in
+    ingest(iparams, dest, str(dataset))
+    assert tree(dest) == tree(dataset)
+
+
+def test_a_zip_changed_while_it_is_extracted_is_refused_for_a_retry(dataset, tmp_path, iparams, monkeypatch):
+    """A zip rewritten while it is read, or one still being written (it reads as no zip at all),
+    is worth a retry once it is complete; the same unreadable zip left alone is not."""
+    archive = zip_dir(dataset, tmp_path / "FracAtlas.zip")
+    dest = tmp_path / "data/fracatlas"
+    extract = safe_extract
+
+    def appended_meanwhile(zip_path, target, label=None):
+        extract(zip_path, target, label)
+        with zipfile.ZipFile(zip_path, "a") as zf:
+            zf.writestr("FracAtlas/images/Fractured/IMG0000099.jpg", b"late")
+
+    monkeypatch.setattr("fracture.ingest.safe_extract", appended_meanwhile)
+    with pytest.raises(DownloadError, match=rf"^{re.escape(str(archive))}: the source changed while it was extracted \(FracAtlas\.zip resized"):
+        ingest(iparams, dest, str(archive))
+    whole = archive.read_bytes()
+    archive.write_bytes(whole[: len(whole) // 2])  # no central directory yet
+
+    def written_meanwhile(zip_path, target, label=None):
+        try:
+            extract(zip_path, target, label)
+        finally:
+            with open(zip_path, "ab") as fh:
+                fh.write(whole[len(whole) // 2 :])
+
+    monkeypatch.setattr("fracture.ingest.safe_extract", written_meanwhile)
+    with pytest.raises(DownloadError, match=r"changed while it was extracted"):
+        ingest(iparams, dest, str(archive))
+    monkeypatch.undo()
+    archive.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(IngestError, match="is not a readable zip file") as unchanged:
+        ingest(iparams, dest, str(archive))
+    assert not isinstance(unchanged.value, DownloadError)
+    assert not dest.exists()
+
+
+@pytest.mark.parametrize("as_zip", [False, True], ids=["folder", "zip"])
+def test_checksums_at_the_exports_top_are_verified_for_the_folder_below(dataset, tmp_path, iparams, caplog, as_zip):
+    """An export whose SHA256SUMS sits at its top, listing ``FracAtlas/images/...``, while the
+    dataset is the folder below: the list is checked against the copy under that folder's name,
+    not left behind uncopied with 0 files checked. Entries outside that folder name files ingest
+    does not copy (so never versions): they are left out, with a warning."""
+    top = tmp_path / "delivery"
+    top.mkdir()
+    dataset = dataset.rename(top / "FracAtlas")
+    (top / "README.txt").write_text("FracAtlas, exported 2026-12\n")
+    files = sorted(p for p in dataset.rglob("*") if p.is_file())
+    lines = [f"{hashlib.sha256(p.read_bytes()).hexdigest()}  ./{p.relative_to(top)}" for p in files]
+    lines.append(f"{hashlib.sha256((top / 'README.txt').read_bytes()).hexdigest()}  README.txt")
+
+    def source() -> str:
+        return shutil.make_archive(str(tmp_path / "delivery"), "zip", top) if as_zip else str(top)
+
+    (top / "SHA256SUMS").write_text("\n".join(lines) + "\n")
+    dest = tmp_path / "data/fracatlas"
+    with caplog.at_level(logging.WARNING, logger="fracture.ingest"):
+        assert ingest(iparams, dest, source()).checksums_verified == len(files) == 9
+    assert "lists 1 files outside FracAtlas/" in caplog.text and "README.txt" in caplog.text
+    before = tree(dest)
+    victim = files[0].relative_to(top)
+    lines[0] = f"{'0' * 64}  ./{victim}"
+    (top / "SHA256SUMS").write_text("\n".join(lines) + "\n")
+    shown = tmp_path / ("delivery.zip" if as_zip else "delivery")
+    with pytest.raises(IngestError, match=(
+        rf"^{re.escape(str(shown / 'FracAtlas'))}: 1 files do not match {re.escape(str(shown / 'SHA256SUMS'))} "
+        rf"as copied, e\.g\. \['\./{re.escape(str(victim))} \(hash differs\)'\]"
+    )):
+        ingest(iparams, dest, source())
+    assert tree(dest) == before
+    (top / "SHA256SUMS").write_text(f"{'0' * 64}  ../elsewhere.jpg\n")
+    with pytest.raises(IngestError, match=r"SHA256SUMS, line 1: '\.\./elsewhere\.jpg' points outside"):
+        ingest(iparams, dest, source())
 
 
 @pytest.mark.parametrize(
