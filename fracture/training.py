@@ -488,7 +488,8 @@ def train(
         profile: architecture, weights, input size, epochs and the val pass's test-time
             augmentation (``tta``).
         params: optimiser, scheduler, batch size, seed and device.
-        on_epoch: called after each epoch with its metrics (e.g. to log them to MLflow).
+        on_epoch: called after each epoch with its metrics (e.g. to log them to MLflow), once the
+            epoch's checkpoint is written.
         checkpoint_dir: where the per-epoch checkpoint lives (``None``: no checkpoints).
         checkpoint_key: fingerprint of the run (:func:`fracture.checkpoint.fingerprint`); a
             checkpoint with another key is ignored.
@@ -722,8 +723,6 @@ def train(
         history.append(metrics)
         if context.is_main:
             log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in metrics.items()})
-            if on_epoch is not None:
-                on_epoch(epoch, metrics)
         if val_auc > best_auc:
             best_auc, best_epoch, best_probs = val_auc, epoch, val_probs
             best_state = _cpu_state(scored)
@@ -748,6 +747,10 @@ def train(
                 run_id=run_id,
                 snapshot_states=snapshot_states,
             )
+        # Only once the epoch is in the checkpoint: a run killed before then trains it again, and one
+        # killed between the two finds it in the checkpoint's history (the train stage logs it then).
+        if context.is_main and on_epoch is not None:
+            on_epoch(epoch, metrics)
 
     assert best_state is not None  # epochs >= 1 is enforced by the loop producing a state
     model = model.cpu().to(memory_format=torch.contiguous_format)

@@ -42,18 +42,16 @@ def _setup(tmp_path: Path):
 
 
 @pytest.mark.parametrize("ema_decay", [0.0, 0.9])
-def test_a_run_killed_in_its_second_epoch_resumes_and_ends_as_an_uninterrupted_run(tmp_path, ema_decay):
+def test_a_run_killed_in_its_second_epoch_resumes_and_ends_as_an_uninterrupted_run(tmp_path, monkeypatch, ema_decay):
     data, config, profile, params = _setup(tmp_path)
     profile = dataclasses.replace(profile, ema_decay=ema_decay)  # 0.9: the weights' average resumes too
     whole = train(data, data, config, profile, params, checkpoint_dir=tmp_path / "a", checkpoint_key="k")
 
-    def die_in_epoch_two(epoch: int, metrics: dict) -> None:
-        if epoch == 1:
-            raise Killed
-
+    save = checkpoint.save
+    monkeypatch.setattr(checkpoint, "save", _killed_at(save, tmp_path / "b", 2, saved=False))  # epoch 2 trained
     with pytest.raises(Killed):
-        train(data, data, config, profile, params, on_epoch=die_in_epoch_two,
-              checkpoint_dir=tmp_path / "b", checkpoint_key="k")
+        train(data, data, config, profile, params, checkpoint_dir=tmp_path / "b", checkpoint_key="k")
+    monkeypatch.setattr(checkpoint, "save", save)
     state = json.loads((tmp_path / "b" / checkpoint.STATE).read_text())
     assert state["epoch"] == 1 and [h["epoch"] for h in state["history"]] == [1]
 
@@ -200,13 +198,8 @@ def test_a_killed_run_whose_mlflow_run_is_gone_resumes_from_its_checkpoint_in_a_
     params, workspace = tiny_ensemble_project(tmp_path, monkeypatch, epochs=3, image_size=32)
     save = checkpoint.save
 
-    def killed_after(epoch: int):
-        def saving(*args, **kwargs):
-            save(*args, **kwargs)
-            if kwargs["epoch"] == epoch:
-                raise Killed
-
-        return saving
+    def killed_after(epoch: int):  # while writing the next epoch's checkpoint: epochs 1 to ``epoch`` logged
+        return _killed_at(save, workspace.checkpoint_dir, epoch + 1, saved=False)
 
     def checkpointed_run() -> str:
         return json.loads((workspace.checkpoint_dir / checkpoint.STATE).read_text())["run_id"]
@@ -248,3 +241,56 @@ def test_a_killed_run_whose_mlflow_run_is_gone_resumes_from_its_checkpoint_in_a_
     # The epochs logged again are the checkpoint's: what the run they were trained in logged.
     before = {m.step: m.value for m in store.get_metric_history(second, "val_roc_auc")}
     assert {m.step: m.value for m in history if m.step < 3} == before
+
+
+def _killed_at(save, folder: Path, epoch: int, *, saved: bool):
+    """checkpoint.save, killed at ``epoch`` in ``folder``: while writing it (``saved`` False, the previous
+    checkpoint left in place) or just after it is written (True: before the epoch is logged to MLflow)."""
+
+    def saving(directory, *args, **kwargs):
+        if directory == folder and kwargs["epoch"] == epoch:
+            if saved:
+                save(directory, *args, **kwargs)
+            raise Killed
+        save(directory, *args, **kwargs)
+
+    return saving
+
+
+def _logged(client, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+@pytest.mark.parametrize("members", [1, 2])
+def test_a_continued_mlflow_run_logs_each_epoch_once_wherever_the_run_was_killed(tmp_path, monkeypatch, members):
+    """A run killed while an epoch's checkpoint was being written trains that epoch again when rerun,
+    and one killed once the checkpoint was written but before the epoch was logged finds it in the
+    checkpoint: either way the continued MLflow run holds every epoch once, with the values of an
+    uninterrupted run. An ensemble's epochs count on across its members (member 2's first is step 3)."""
+    from fracture.stages.train import run_train  # noqa: PLC0415 - the stage module imports MLflow
+    from tests.test_crossval import tiny_ensemble_project  # noqa: PLC0415 - a synthetic project, prepared
+
+    epochs = 3 if members == 1 else 2
+    params, workspace = tiny_ensemble_project(tmp_path, monkeypatch, epochs=epochs, image_size=32, members=members)
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    whole = run_train(params, workspace)
+    assert whole is not None
+    keys = ("epoch", "train_loss", "val_loss", "val_roc_auc", "lr") + (("member",) if members > 1 else ())
+    expected = {key: _logged(client, whole.run_id, key) for key in keys}
+    assert [step for step, _ in expected["epoch"]] == list(range(1, members * epochs + 1))
+
+    # The epoch killed: the second of one network, member 2's first of an ensemble.
+    folder, _ = member_checkpoint(workspace.checkpoint_dir, "", params.profile, members)
+    save = checkpoint.save
+    for saved in (False, True):
+        monkeypatch.setattr(checkpoint, "save", _killed_at(save, folder, 3 - members, saved=saved))
+        with pytest.raises(Killed):
+            run_train(params, workspace)
+        monkeypatch.setattr(checkpoint, "save", save)
+        trained = run_train(params, workspace)
+        assert trained is not None and trained.run_id != whole.run_id
+        for key in keys:
+            logged = _logged(client, trained.run_id, key)
+            assert [step for step, _ in logged] == [step for step, _ in expected[key]], (saved, key)
+            assert [value for _, value in logged] == pytest.approx([value for _, value in expected[key]],
+                                                                   rel=1e-5), (saved, key)

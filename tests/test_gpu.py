@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 
+from fracture import checkpoint
 from fracture.config import load_params
 from fracture.model import profile_data_config
 from fracture.training import train
@@ -36,7 +37,7 @@ class Killed(Exception):
     pass
 
 
-def test_a_cuda_run_killed_in_its_second_epoch_resumes_with_its_rng_and_optimiser(tmp_path):
+def test_a_cuda_run_killed_in_its_second_epoch_resumes_with_its_rng_and_optimiser(tmp_path, monkeypatch):
     make_dataset(tmp_path, 8, 8)
     params = load_params(REPO)
     profile = dataclasses.replace(params.profiles["cpu"], image_size=64, epochs=3)
@@ -44,12 +45,17 @@ def test_a_cuda_run_killed_in_its_second_epoch_resumes_with_its_rng_and_optimise
     data = tensor_data(tmp_path, training_frame(tmp_path), config)
     train_params = dataclasses.replace(params.train, device="cuda", batch_size=4, lr=1e-3)
 
-    def die(epoch: int, metrics: dict) -> None:
-        if epoch == 1:
-            raise Killed
+    save = checkpoint.save
 
+    def die(*args, **kwargs) -> None:  # killed while epoch 2's checkpoint is written
+        if kwargs["epoch"] == 2:
+            raise Killed
+        save(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save", die)
     with pytest.raises(Killed):
-        train(data, data, config, profile, train_params, on_epoch=die, checkpoint_dir=tmp_path / "ck", checkpoint_key="k")
+        train(data, data, config, profile, train_params, checkpoint_dir=tmp_path / "ck", checkpoint_key="k")
+    monkeypatch.setattr(checkpoint, "save", save)
     resumed = train(data, data, config, profile, train_params, checkpoint_dir=tmp_path / "ck", checkpoint_key="k")
     assert resumed.device == "cuda" and resumed.resumed_from == 1
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3]

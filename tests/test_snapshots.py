@@ -75,16 +75,20 @@ def test_its_val_figures_are_the_mean_of_the_snapshots_and_what_the_saved_model_
     np.testing.assert_allclose(scored, mean, atol=1e-5)
 
 
-def test_a_run_killed_after_the_first_snapshot_resumes_and_ends_with_both(snapshots):
+def test_a_run_killed_after_the_first_snapshot_resumes_and_ends_with_both(snapshots, monkeypatch):
     fit, data, config, profile, params = (snapshots[k] for k in ("fit", "data", "config", "profile", "params"))
     folder = snapshots["tmp"] / "killed"
+    save = checkpoint.save
 
-    def die_in_epoch_two(epoch: int, metrics: dict) -> None:
-        if epoch == 1:
+    def die_saving_epoch_two(*args, **kwargs) -> None:
+        if kwargs["epoch"] == 2:
             raise Killed
+        save(*args, **kwargs)
 
+    monkeypatch.setattr(checkpoint, "save", die_saving_epoch_two)
     with pytest.raises(Killed):
-        train(data, data, config, profile, params, on_epoch=die_in_epoch_two, checkpoint_dir=folder, checkpoint_key="k")
+        train(data, data, config, profile, params, checkpoint_dir=folder, checkpoint_key="k")
+    monkeypatch.setattr(checkpoint, "save", save)
     assert len(checkpoint.load(folder, "k").snapshot_states) == 1
     resumed = train(data, data, config, profile, params, checkpoint_dir=folder, checkpoint_key="k")
     assert resumed.resumed_from == 1 and resumed.member_best_epochs == (1, 2)

@@ -177,14 +177,23 @@ def _can_continue(run_id: str, workspace: Workspace) -> bool:
     return False
 
 
-def _log_checkpointed_epochs(params: Params, workspace: Workspace, key: str, first: checkpoint.Checkpoint) -> None:
-    """Logs the epochs the checkpoints hold to a new run that continues a lost one, as training numbers them.
+def _log_checkpointed_epochs(
+    params: Params, workspace: Workspace, key: str, first: checkpoint.Checkpoint, run_id: str
+) -> None:
+    """Logs the epochs the checkpoints hold that MLflow run ``run_id`` lacks, numbered as training numbers them.
 
-    So the new run's curves start at epoch 1, as an uninterrupted run's do. ``first`` is the
-    (first member's) checkpoint already read; an ensemble's other members each have one of their
-    own, and their epochs count on across them.
+    A new run that continues a lost one lacks them all: its curves then start at epoch 1, as an
+    uninterrupted run's do. The killed run itself, continued, lacks only an epoch it was killed
+    after checkpointing but before logging (training logs an epoch once its checkpoint is written,
+    :func:`fracture.training.train`): logged now, every epoch is in the run once, as in an
+    uninterrupted run, and none twice or not at all. Each metric's steps are read from the run, so
+    a row only partly logged is completed, not repeated.
+
+    ``first`` is the (first member's) checkpoint already read; an ensemble's other members each
+    have one of their own, and their epochs count on across them.
     """
     profile = params.profile
+    rows: list[tuple[int, dict[str, float]]] = []
     for member in range(1, profile.members + 1):
         folder, member_key = member_checkpoint(workspace.checkpoint_dir, key, profile, member)
         saved = first if member == 1 else checkpoint.load(folder, member_key)
@@ -193,7 +202,13 @@ def _log_checkpointed_epochs(params: Params, workspace: Workspace, key: str, fir
         before = (member - 1) * profile.epochs
         for metrics in saved.history:
             numbered = metrics if profile.members == 1 else {**metrics, "member": member}
-            mlflow.log_metrics(numbered, step=before + int(metrics["epoch"]))
+            rows.append((before + int(metrics["epoch"]), numbered))
+    client, names = MlflowClient(), {name for _, metrics in rows for name in metrics}
+    logged = {name: {m.step for m in client.get_metric_history(run_id, name)} for name in names}
+    for step, metrics in rows:
+        missing = {name: value for name, value in metrics.items() if step not in logged[name]}
+        if missing:
+            mlflow.log_metrics(missing, step=step)
 
 
 def _images(frame: pd.DataFrame) -> list[list[str]]:
@@ -238,8 +253,8 @@ def _train(params: Params, workspace: Workspace) -> bool:
         if not continued:
             log_dataset_inputs(params, workspace, frames)
             mlflow.log_params(_run_params(params, frames))
-        if resumable is not None and not continued:
-            _log_checkpointed_epochs(params, workspace, key, resumable)
+        if resumable is not None:  # what the checkpoints hold and the run lacks, before training goes on
+            _log_checkpointed_epochs(params, workspace, key, resumable, run.info.run_id)
         fit: FitResult = fit_members(
             train_data,
             val_data,
