@@ -286,44 +286,62 @@ def export_files(folder: Path, indexes: bool = False, unreadable: bool = False) 
     (:mod:`fracture.manifest`), and with its indexes the folders ``fracture predict`` scores.
 
     Folders linked into it are walked too: a study folder or a PACS share often links each series
-    from where it is stored, and ``Path.rglob`` leaves them out unseen. Each folder is walked once,
-    by where it resolves, so a link back to a folder above it (a loop) or a second link to one
-    folder lists no file twice.
+    from where it is stored, and ``Path.rglob`` leaves them out unseen. The folder's own tree is
+    walked first, then each linked folder, each once by where it resolves: a link to a folder
+    already walked (a second name for one of the tree's folders, or a second link) lists no file
+    twice, and its files keep their own folder's name; a link to the folder itself or to one
+    above it (a loop, or the root of a share) is not walked at all, so no file from outside
+    ``folder`` is listed.
 
     With ``unreadable``, the entries that are no regular file to read are listed too, for
     ``fracture predict`` to give each a row saying why rather than leave it out unseen: a link
-    whose target does not exist, a FIFO, socket or device, a linked folder not walked again
-    (above), and a folder that cannot be listed. Without it they are left out, as before.
+    whose target does not exist, a FIFO, socket or device, a linked folder not walked (above),
+    and a folder that cannot be listed. Without it they are left out, as before.
     """
     found: list[Path] = []
-    walked = {folder.resolve()}
+    top = folder.resolve()
+    walked: set[Path] = set()
+    links: list[Path] = []  # linked folders met, followed once the tree itself is walked
 
     def unlisted(exc: OSError) -> None:  # a folder os.walk cannot list (no permission)
         if unreadable and exc.filename is not None:
             found.append(Path(exc.filename))
 
-    for root, dirs, names in os.walk(folder, onerror=unlisted, followlinks=True):
-        here = Path(root)
-        walk = []
-        # In order, so that of two links to one folder the same one is walked on every run.
-        for name in sorted(dirs):
-            if hidden(name):
-                continue
-            try:
-                real = (here / name).resolve(strict=True)
-            except (OSError, RuntimeError):  # gone meanwhile, or a loop of links
-                real = None
-            if real is None or real in walked:
-                if unreadable:
-                    found.append(here / name)
-                continue
-            walked.add(real)
-            walk.append(name)
-        dirs[:] = walk
-        found.extend(
-            here / name for name in names
-            if not hidden(name) and (indexes or name not in INDEX_FILES) and (unreadable or (here / name).is_file())
-        )
+    def walk(start: Path) -> None:
+        for root, dirs, names in os.walk(start, onerror=unlisted):
+            here = Path(root)
+            walked.add(here.resolve())
+            walk_on = []
+            # In order, so that of two links to one folder the same one is walked on every run.
+            for name in sorted(dirs):
+                path = here / name
+                if hidden(name):
+                    continue
+                if path.is_symlink():
+                    links.append(path)
+                elif path.resolve() in walked:  # in a linked folder: reached already under another name
+                    if unreadable:
+                        found.append(path)
+                else:
+                    walk_on.append(name)
+            dirs[:] = walk_on
+            found.extend(
+                here / name for name in names
+                if not hidden(name) and (indexes or name not in INDEX_FILES) and (unreadable or (here / name).is_file())
+            )
+
+    walk(folder)
+    while links:
+        link = links.pop(0)
+        try:
+            real = link.resolve(strict=True)
+        except (OSError, RuntimeError):  # gone meanwhile, or a loop of links
+            real = None
+        if real is None or real in walked or top.is_relative_to(real):
+            if unreadable:
+                found.append(link)
+            continue
+        walk(link)
     return sorted(found)
 
 

@@ -159,8 +159,12 @@ def _not_a_file(path: Path) -> str:
                 pass
         except OSError as exc:
             return f"the folder cannot be listed ({exc.strerror or type(exc).__name__}): its files are not scored"
-        return ("the folder is a link to a folder listed already (a link back to a folder above it, or a second "
-                "link to one folder): its files are rows once, under the first name")
+        if path.is_symlink():
+            return ("the folder is a link to a folder listed already (a second name for one), or to the folder "
+                    "scored or one above it (a loop): not walked again, so each file is a row once, under its "
+                    "first name, and none from outside the folder scored")
+        return ("the folder was listed already under another name, through a link: each file is a row once, "
+                "under its first name")
     kind = "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
     return f"the file is {kind}, not a regular file, and is not read; copy the image into a file"
 

@@ -530,19 +530,21 @@ def test_every_entry_of_a_folder_is_a_row_whatever_its_name_or_kind(registry, tm
     (folder / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
     os.mkfifo(folder / "pipe")  # read, it would wait for a writer for ever
     (folder / "sub" / "up").symlink_to("..")
+    (folder / "sub" / "root").symlink_to(tmp_path)  # above the folder: nothing there is scored
     out = tmp_path / "rows.json"
     proc = run_predict(registry, str(folder), "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = pd.DataFrame(json.loads(out.read_text())).set_index("id")
     rows.index = [Path(i).relative_to(folder).as_posix() for i in rows.index]
-    assert sorted(rows.index) == ["R\\xd6NTGEN.jpg", "a.jpg", "gone.jpg", "pipe", "series2/b.jpg", "sub/up"]
+    assert sorted(rows.index) == ["R\\xd6NTGEN.jpg", "a.jpg", "gone.jpg", "pipe", "series2/b.jpg", "sub/root", "sub/up"]
     assert (rows.loc[["R\\xd6NTGEN.jpg", "a.jpg", "series2/b.jpg"], "error"] == "").all()
     assert rows.loc["gone.jpg", "error"] == (
         f"the file is a link whose target does not exist ({tmp_path / 'nowhere.jpg'}); restore it or remove the link"
     )
     assert rows.loc["pipe", "error"].startswith("the file is a FIFO (named pipe), not a regular file")
     assert rows.loc["sub/up", "error"].startswith("the folder is a link to a folder listed already")
-    assert f"scored 3 of 6 files; 3 with an error in their row; rows in {out}" in proc.stderr
+    assert rows.loc["sub/root", "error"] == rows.loc["sub/up", "error"]
+    assert f"scored 3 of 7 files; 4 with an error in their row; rows in {out}" in proc.stderr
 
 
 def test_linked_folders_are_walked_once_and_what_is_no_file_is_listed(tmp_path):
@@ -559,13 +561,20 @@ def test_linked_folders_are_walked_once_and_what_is_no_file_is_listed(tmp_path):
     (folder / "series2").symlink_to(stored / "series2")
     (folder / "series3").symlink_to(stored / "series2")  # a second link to it
     (folder / "series1" / "up").symlink_to("..")  # a loop
+    (folder / "series1" / "top").symlink_to(tmp_path)  # the folder above: a share's root, say
+    (tmp_path / "other-patient").mkdir()
+    (tmp_path / "other-patient" / "IM9").write_bytes(b"x")  # outside the folder: never listed
+    (folder / "current").symlink_to("series1")  # a second name for one of the tree's own folders
+    (folder / "zstored").symlink_to(stored)  # the store: its series2 was walked through the link before
     (folder / "gone").symlink_to(tmp_path / "nowhere")
     (folder / "self").symlink_to("self")  # a loop of links
     os.mkfifo(folder / "pipe")
     (folder / ".hidden").symlink_to(tmp_path / "nowhere")
     listed = [p.relative_to(folder).as_posix() for p in collect([folder])]
+    # The tree's own folders keep their names, whatever sorts first; linked ones come after.
     assert listed == [
-        "gone", "pipe", "self", "series1/DICOMDIR", "series1/IM0001", "series1/up", "series2/IM0001", "series3"
+        "current", "gone", "pipe", "self", "series1/DICOMDIR", "series1/IM0001", "series1/top", "series1/up",
+        "series2/IM0001", "series3", "zstored/series2",
     ]
     from fracture.decoding import export_files
     from fracture.predict import _not_a_file
@@ -577,8 +586,9 @@ def test_linked_folders_are_walked_once_and_what_is_no_file_is_listed(tmp_path):
     assert reasons["gone"].startswith("the file is a link whose target does not exist")
     assert reasons["self"].startswith("the file is a link that leads back to itself")
     assert reasons["pipe"].startswith("the file is a FIFO")
-    assert reasons["up"].startswith("the folder is a link to a folder listed already")
-    assert reasons["series3"].startswith("the folder is a link to a folder listed already")
+    for link in ("up", "top", "series3", "current"):
+        assert reasons[link].startswith("the folder is a link to a folder listed already"), link
+    assert reasons["series2"].startswith("the folder was listed already under another name, through a link")
     # Named on the command line, they are rows too; a path that is nothing at all is refused.
     assert collect([folder / "gone", folder / "pipe"]) == [folder / "gone", folder / "pipe"]
     with pytest.raises(PredictError, match="is neither a file nor a folder"):
