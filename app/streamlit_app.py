@@ -28,6 +28,7 @@ from streamlit.delta_generator import DeltaGenerator
 from upload_checks import UploadRejected, check_upload
 
 from fracture.config import ConfigError
+from fracture.dicom_sr import NOT_FOR_CLINICAL_USE
 from fracture.explain import draw_boxes
 
 log = logging.getLogger("fracture.app")
@@ -189,14 +190,14 @@ def show_result(model: ServedModel, detector: ServedDetector | None, name: str, 
     cols[2].metric("Threshold", threshold)
     st.caption(
         "The class is Fractured when the fracture probability is at least the threshold. "
-        "This is decision support for a trained reader, not a diagnosis."
+        f"This is decision support for a trained reader, not a diagnosis: {NOT_FOR_CLINICAL_USE}."
     )
     columns = st.columns(2 if detector is None else 3)
     width, height = xray.image.size
     columns[0].image(display, caption=f"{name} ({width} x {height} px, {xray.format} {xray.mode})", width="stretch")
     show_heat_map(columns[1], model, name, data, prediction.class_index, label, display)
     if detector is not None:
-        show_boxes(columns[2], detector, name, data, display, width)
+        show_boxes(columns[2], detector, name, data, display, (width, height))
 
 
 def show_heat_map(
@@ -224,7 +225,8 @@ def show_heat_map(
 
 
 def show_boxes(
-    column: DeltaGenerator, detector: ServedDetector, name: str, data: bytes, display: Image.Image, width: int
+    column: DeltaGenerator, detector: ServedDetector, name: str, data: bytes, display: Image.Image,
+    size: tuple[int, int],
 ) -> None:
     """The detector's boxes with their scores on the X-ray, beside the heat map."""
     try:
@@ -242,13 +244,18 @@ def show_boxes(
     else:
         highest, threshold = against_threshold(found.fracture_score, found.threshold)
         caption = f"Fracture detector v{detector.version}: no box scored at least {threshold} (highest {highest})"
-    drawn = draw_boxes(display, found.boxes[:MAX_BOXES_DRAWN], display.width / width)
+    # Each axis by its own scale: the shown image's sides are rounded apart.
+    drawn = draw_boxes(display, found.boxes[:MAX_BOXES_DRAWN], (display.width / size[0], display.height / size[1]))
     column.image(drawn, caption=caption, width="stretch")
 
 
 def main() -> None:
     st.set_page_config(page_title="Bone fracture classification", layout="wide")
     st.title("Bone fracture classification")
+    # On every state of the page, before anything is uploaded or refused, as the model card and
+    # the DICOM reports say it.
+    st.markdown(f":red[**{NOT_FOR_CLINICAL_USE}.**] Research and decision support for a trained reader, who "
+                "reads every image: not a diagnosis.")
     try:
         settings = settings_from_env()
         version, run_id = current_version(settings)

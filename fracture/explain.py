@@ -165,13 +165,14 @@ def overlay(image: Image.Image, heat: np.ndarray, strength: float = 0.6, cmap: s
 BOX_COLOUR = (0, 255, 64)
 
 
-def draw_boxes(image: Image.Image, boxes: np.ndarray, scale: float = 1.0) -> Image.Image:
+def draw_boxes(image: Image.Image, boxes: np.ndarray, scale: float | tuple[float, float] = 1.0) -> Image.Image:
     """Draws the detector's boxes with their scores on an X-ray.
 
     Args:
         image: the X-ray as shown (any mode).
         boxes: ``(n, 5)`` rows of ``x0, y0, x1, y1, score`` in the original image's pixels.
-        scale: the shown image's size over the original's (boxes are scaled by it).
+        scale: the shown image's size over the original's (boxes are scaled by it): one for both
+            axes, or ``(x, y)``, as a thumbnail's sides are rounded apart.
 
     Returns:
         An RGB copy of ``image`` with each box outlined and its score written above it.
@@ -182,8 +183,9 @@ def draw_boxes(image: Image.Image, boxes: np.ndarray, scale: float = 1.0) -> Ima
     draw = ImageDraw.Draw(shown)
     width = max(2, round(min(shown.size) / 200))
     font = ImageFont.load_default(size=max(12, round(min(shown.size) / 30)))
+    sx, sy = scale if isinstance(scale, tuple) else (scale, scale)
     for x0, y0, x1, y1, score in np.asarray(boxes, dtype=np.float64).reshape(-1, 5):
-        box = [x0 * scale, y0 * scale, x1 * scale, y1 * scale]
+        box = [x0 * sx, y0 * sy, x1 * sx, y1 * sy]
         draw.rectangle(box, outline=BOX_COLOUR, width=width)
         text = f"{score:.2f}"
         left, top, right, bottom = draw.textbbox((box[0], box[1]), text, font=font)

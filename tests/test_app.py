@@ -372,6 +372,7 @@ def test_page_shows_the_registered_model_name_version_and_alias(monkeypatch, pag
     assert not at.exception and not at.error
     shown = " ".join(m.value for m in at.markdown)
     assert f"Model **{page_registry.name}**, version **1**, alias **@champion**" in shown
+    assert at.markdown[0].value.startswith(":red[**NOT FOR CLINICAL USE.**]")  # before anything is uploaded
     assert f"decision threshold: {page_registry.threshold:.4g}" in shown
     # No list of endings: PACS files have none, or end in their UID's last number.
     assert not at.file_uploader[0].allowed_type
@@ -556,6 +557,7 @@ def test_a_real_xray_shows_class_probability_threshold_and_heat_map(monkeypatch,
     shown_images = captions(at)  # the X-ray and its Grad-CAM overlay
     assert len(shown_images) == 2 and shown_images[0].startswith("xray.jpg (")
     assert shown_images[1].startswith(f"Grad-CAM heat map for '{shown['Predicted class']}'")
+    assert "NOT FOR CLINICAL USE" in at.markdown[0].value and "NOT FOR CLINICAL USE" in at.caption[0].value
 
 
 def test_a_probability_just_below_the_threshold_is_not_shown_equal_to_it(monkeypatch, page_registry, tmp_path):
@@ -720,6 +722,7 @@ def test_bad_upload_gets_a_clear_message_and_the_page_keeps_working(monkeypatch,
     assert not at.exception, at.exception
     assert len(at.error) == 1 and name in at.error[0].value and expected in at.error[0].value
     assert not at.metric and not captions(at)
+    assert "NOT FOR CLINICAL USE" in at.markdown[0].value  # a refused upload too
 
     good = real_xray("Non_fractured").read_bytes()
     at = upload(at, "next.jpg", good, "image/jpeg")
@@ -925,3 +928,16 @@ def test_the_sidebar_says_whether_the_networks_are_seeds_or_snapshots_of_one(mon
     assert averaging_note({"members": 3, "snapshots": 3, "member_best_epochs": [1, 2, 3]}, 3) == [
         "- networks: the mean of 3 snapshots of one network, taken at the ends of its cosine cycles "
         "(after epochs 1, 2, 3)"]
+
+
+def test_boxes_are_drawn_where_they_are_on_a_thumbnail_whose_sides_were_rounded_apart():
+    """A 100 x 8000 X-ray is shown 13 x 1024: its width shrinks by 0.13, its height by 0.128, so a
+    box ending at row 6000 drawn with the width's scale alone would end 12 rows too low (780)."""
+    from fracture.explain import BOX_COLOUR, draw_boxes
+
+    display = Image.new("L", (100, 8000))
+    display.thumbnail((1024, 1024))
+    assert display.size == (13, 1024)
+    drawn = np.asarray(draw_boxes(display, np.array([[0, 4000, 100, 6000, 0.9]]), (13 / 100, 1024 / 8000)))
+    outlined = np.flatnonzero((drawn == BOX_COLOUR).all(axis=2).any(axis=1))
+    assert abs(outlined.max() - 6000 * 1024 / 8000) <= 1  # its bottom edge at row 768

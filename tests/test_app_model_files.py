@@ -61,7 +61,8 @@ for version in sys.argv[6:]:
     st.cache_data.clear()
     at = AppTest.from_file(page, default_timeout=300).run()
     assert not at.exception and not at.error, (at.exception, [e.value for e in at.error])
-    assert f"version **{version}**" in at.markdown[0].value, at.markdown[0].value
+    shown = " ".join(m.value for m in at.markdown)
+    assert f"version **{version}**" in shown, shown
     steps.append({"serves": version, "on_disk": on_disk()})
 at = at.file_uploader[0].set_value(("xray.png", Path(xray).read_bytes(), "image/png")).run()
 assert not at.exception and not at.error, (at.exception, [e.value for e in at.error])
