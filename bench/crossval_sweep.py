@@ -37,9 +37,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-import yaml
 
-from fracture.config import Params, parse_params
+from fracture.config import Params, parse_params, read_params_yaml
 from fracture.crossval import draw_folds, fit_fold, pool_splits, summarise
 from fracture.data_config import DataConfig
 from fracture.imaging import Preprocessor
@@ -58,7 +57,7 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"variant {name!r}: {item!r} is not key=value")
-        overrides[key] = yaml.safe_load(value)
+        overrides[key] = read_params_yaml(value)  # as params.yaml is read: 1e-05 is a number
     return name, overrides
 
 
@@ -143,7 +142,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     started = time.perf_counter()
-    raw = yaml.safe_load((args.project / "params.yaml").read_text())
+    raw = read_params_yaml((args.project / "params.yaml").read_text())
     common = parse_variant(" ".join(["common", *args.set]))[1]
     workspace = Workspace(args.project)
     pooled = pool_splits(workspace.read_split_table("train"), workspace.read_split_table("val"))

@@ -49,6 +49,7 @@ from pathlib import Path
 import psutil
 import yaml
 
+from fracture.config import read_params_yaml
 from tests.conftest import copy_project, make_subset, pick_ids
 from tests.servers import child_env, free_port, running
 
@@ -97,7 +98,7 @@ def stage_seconds(log: Path) -> tuple[dict[str, float], dict[str, float]]:
 def make_project(dest: Path) -> Path:
     """A project checkout (git and DVC) with the CPU profile cut to one epoch and no floors."""
     copy_project(dest)
-    params = yaml.safe_load((dest / "params.yaml").read_text())
+    params = read_params_yaml((dest / "params.yaml").read_text())
     params["train"]["profile"] = "cpu"
     params["profiles"]["cpu"]["epochs"] = 1
     params["register"]["floors"] = {}

