@@ -197,7 +197,8 @@ def show_result(model: ServedModel, detector: ServedDetector | None, name: str, 
     columns[0].image(display, caption=f"{name} ({width} x {height} px, {xray.format} {xray.mode})", width="stretch")
     show_heat_map(columns[1], model, name, data, prediction.class_index, label, display)
     if detector is not None:
-        show_boxes(columns[2], detector, name, data, display, (width, height))
+        # Boxes come in the file's own pixels: a DICOM's stored grid, not the square-pixel image shown.
+        show_boxes(columns[2], detector, name, data, display, xray.stored_size or (width, height))
 
 
 def show_heat_map(

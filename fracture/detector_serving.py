@@ -6,8 +6,10 @@ text) or ``path`` per row, JPEG, PNG or DICOM, through the same input checks
 
 Output: one row per input row, in order:
 
-- ``boxes``: JSON text, a list of ``[x0, y0, x1, y1, score]`` in the original image's pixels,
-  highest score first, holding every box scored at least ``threshold`` (``"[]"`` for none, and
+- ``boxes``: JSON text, a list of ``[x0, y0, x1, y1, score]`` in the file's own pixels (a JPEG's
+  or PNG's upright image, EXIF orientation applied; a DICOM's stored Columns x Rows grid, also
+  when its pixels are not square and were resampled to square ones for the detector), highest
+  score first, holding every box scored at least ``threshold`` (``"[]"`` for none, and
   for a row that was not scored); the request parameter ``min_score`` lowers or raises that
   bound (``min_score: 0`` returns every box the detector keeps, as mAP is computed on them);
 - ``fracture_score``: the top box's score, the detector's image-level answer (0 without a box;
@@ -120,6 +122,13 @@ class DetectorPyfunc(mlflow.pyfunc.PythonModel):
                 rows.append({"boxes": "[]", "fracture_score": np.nan, "label": "", "error": str(exc), "note": ""})
                 continue
             found = self._boxes(xray.image)
+            note = list(xray.warnings)
+            stored = xray.stored_size
+            if stored is not None and stored != xray.image.size:
+                # The network saw the DICOM resampled to square pixels; an overlay, or a DICOM SR or
+                # GSPS coordinate, uses the file's own grid.
+                found[:, :4] *= np.array(xray.to_stored() * 2)
+                note.append(f"boxes are in its stored {stored[0]} x {stored[1]} px")
             top = float(found[0, 4]) if len(found) else 0.0
             shown = found[found[:, 4] >= min_score]
             rows.append({
@@ -127,7 +136,7 @@ class DetectorPyfunc(mlflow.pyfunc.PythonModel):
                 "fracture_score": top,
                 "label": CLASSES[1] if top >= self.threshold else CLASSES[0],
                 "error": "",
-                "note": "; ".join(xray.warnings),
+                "note": "; ".join(note),
             })
         out = pd.DataFrame(rows, columns=[c for c in OUTPUT_COLUMNS if c != "threshold"])
         out.insert(3, "threshold", self.threshold)

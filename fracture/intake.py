@@ -128,12 +128,25 @@ class Xray:
         format: ``JPEG``, ``PNG`` or ``DICOM``.
         mode: the colour mode as stored (for DICOM, its photometric interpretation and bits stored).
         warnings: what was done to it on the way (conversions, a truncated file).
+        stored_size: a DICOM's own pixel grid, ``(Columns, Rows)``: ``image`` is resampled to
+            square pixels when the file's are not (:func:`fracture.dicom.display_size`), and a
+            position on ``image`` is mapped back to the file's grid by :meth:`to_stored`.
+            ``None`` for JPEG and PNG, whose grid is ``image``'s own (EXIF orientation applied).
     """
 
     image: Image.Image
     format: str
     mode: str
     warnings: tuple[str, ...] = field(default_factory=tuple)
+    stored_size: tuple[int, int] | None = None
+
+    def to_stored(self) -> tuple[float, float]:
+        """``(sx, sy)``: multiply an ``x`` and a ``y`` on :attr:`image` by these for the file's own
+        pixels (``(1, 1)`` unless a DICOM's pixels were resampled to square ones)."""
+        if self.stored_size is None:
+            return 1.0, 1.0
+        width, height = self.image.size
+        return self.stored_size[0] / width, self.stored_size[1] / height
 
 
 def read_xray(data: bytes, policy: InputPolicy, draft: tuple[int, int] | None = None) -> Xray:
@@ -173,18 +186,27 @@ def read_file(path: Path, policy: InputPolicy) -> bytes:
     return path.read_bytes()
 
 
+def _over(value: int, limit: int, unit: float, places: int, name: str, exact: str) -> tuple[str, str]:
+    """``value`` and the ``limit`` it is over, as a refusal shows them: in ``unit`` (``value`` to
+    ``places`` decimals, the limit as it is set), or in exact ``exact`` where rounding would show
+    ``value`` at or under the limit ("64.0 MB; files up to 64 MB")."""
+    shown, bound = f"{value / unit:.{places}f}", f"{limit / unit:g}"
+    if float(shown) > float(bound):
+        return f"{shown} {name}", f"{bound} {name}"
+    return f"{value:,} {exact}", f"{limit:,} {exact} ({bound} {name})"
+
+
 def _check_size(size: int, policy: InputPolicy) -> None:
     if size > policy.max_bytes:
-        raise InputRejected(
-            f"is {size / 2**20:.1f} MB; the model accepts files up to {policy.max_bytes / 2**20:.0f} MB. {SEND_INSTEAD}"
-        )
+        shown, limit = _over(size, policy.max_bytes, 2**20, 1, "MB", "bytes")
+        raise InputRejected(f"is {shown}; the model accepts files up to {limit}. {SEND_INSTEAD}")
 
 
 def _check_dimensions(width: int, height: int, policy: InputPolicy) -> None:
     if width * height > policy.max_pixels:
+        shown, limit = _over(width * height, policy.max_pixels, 1e6, 0, "megapixels", "pixels")
         raise InputRejected(
-            f"declares {width} x {height} px ({width * height / 1e6:.0f} megapixels); the model decodes at most "
-            f"{policy.max_pixels / 1e6:.0f} megapixels. {SEND_INSTEAD}"
+            f"declares {width} x {height} px ({shown}); the model decodes at most {limit}. {SEND_INSTEAD}"
         )
     if not (policy.min_side <= width <= policy.max_side and policy.min_side <= height <= policy.max_side):
         raise InputRejected(
@@ -219,7 +241,7 @@ def _read_dicom(data: bytes, policy: InputPolicy) -> Xray:
         f"its pixels are not square (its header's spacing): resampled from {stored[0]} x {stored[1]} to "
         f"{width} x {height} px before scoring",
     )
-    return Xray(Image.fromarray(display), "DICOM", mode, notes)
+    return Xray(Image.fromarray(display), "DICOM", mode, notes, stored)
 
 
 def _read_picture(data: bytes, policy: InputPolicy, draft: tuple[int, int] | None) -> Xray:
@@ -232,7 +254,7 @@ def _read_picture(data: bytes, policy: InputPolicy, draft: tuple[int, int] | Non
                 fmt, mode, (width, height) = header.format, header.mode, header.size
     except Image.DecompressionBombError as exc:
         raise InputRejected(
-            f"declares absurd dimensions; the model decodes at most {policy.max_pixels / 1e6:.0f} megapixels. "
+            f"declares absurd dimensions; the model decodes at most {policy.max_pixels / 1e6:g} megapixels. "
             f"{SEND_INSTEAD}"
         ) from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:

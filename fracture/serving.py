@@ -148,7 +148,8 @@ def check_request(
 
     Raises:
         RequestRefused: ``on_error`` is not allowed, the input has neither an ``image`` nor a
-            ``path`` column, or it holds more rows than the policy's ``max_rows``.
+            ``path`` column, it holds more rows than the policy's ``max_rows``, or a cell holds
+            several files (:func:`_one_file_a_row`).
     """
     on_error = (params or {}).get("on_error") or "report"
     if on_error not in ON_ERROR:
@@ -161,7 +162,38 @@ def check_request(
             f"the request holds {len(frame)} rows; this model scores at most {policy.max_rows} per "
             "request (params: serve.max_rows): send them in smaller requests"
         )
-    return on_error, frame.reset_index(drop=True)
+    return on_error, _one_file_a_row(frame.reset_index(drop=True))
+
+
+def _one_file_a_row(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with each ``image`` or ``path`` cell that holds a list of one value holding that value.
+
+    MLflow turns a dict of lists of text (``predict({"image": [b64, b64]})``) into ONE row whose
+    cell is the list; answering it as one row, or splitting it into several, would break one
+    answer per row sent, so such a request is refused, saying how to send one file per row. A
+    list of one file is that row's file (``predict({"image": [b64]})``).
+
+    Raises:
+        RequestRefused: a cell holds a list, tuple, array or series of other than one value.
+    """
+    for column in ("image", "path"):
+        if column not in frame.columns:
+            continue
+        cells, unwrapped = list(frame[column]), False
+        for i, value in enumerate(cells):
+            if not isinstance(value, (list, tuple, np.ndarray, pd.Series)):
+                continue
+            values = list(value.ravel()) if isinstance(value, np.ndarray) else list(value)
+            if len(values) != 1:
+                raise RequestRefused(
+                    f"row {i}: '{column}' holds {len(values)} values in one row; give one file per row, as a "
+                    f"DataFrame: pd.DataFrame({{'{column}': [...]}}) (a dict of lists of text reaches the model "
+                    "as one row)"
+                )
+            cells[i], unwrapped = values[0], True
+        if unwrapped:  # a new column: the caller's frame is left as it was sent
+            frame = frame.assign(**{column: pd.Series(cells, index=frame.index, dtype=object)})
+    return frame
 
 
 def read_row(

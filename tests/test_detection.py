@@ -243,3 +243,49 @@ def test_the_served_detector_returns_the_boxes_detect_finds_with_the_classifier_
     assert row["boxes"] == out["boxes"][0] and row["label"] == "not_fractured"
     with pytest.raises(Exception, match="min_score must be a number in"):
         strict.predict(pd.DataFrame({"image": [data]}), params={"min_score": 2.0})
+
+
+
+def test_the_served_detector_gives_a_dicom_s_boxes_in_its_stored_pixels_when_they_are_not_square(tmp_path):
+    """A DICOM whose pixels are not square is resampled to square ones for the detector; its boxes
+    come back on the file's own Columns x Rows grid (an overlay, or a DICOM SR or GSPS coordinate,
+    uses that grid): the boxes of its square-pixel twin (a DICOM storing the resampled pixels), scaled."""
+    import base64
+    import io
+
+    import mlflow.pyfunc
+    from pydicom import dcmread
+    from safetensors.torch import save_file
+
+    from fracture.intake import InputPolicy, read_xray
+    from fracture.packaging import save_detector_pyfunc
+    from fracture.serving import RequestRefused
+    from tests.dicom_files import dicom_from_jpeg, to_bytes
+
+    torch.manual_seed(0)
+    model = build_detector(CONFIG, timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=2).state_dict())
+    save_file(model.state_dict(), str(tmp_path / "detector.safetensors"))
+    described = CONFIG.to_dict() | {"threshold": 0.0, "input": InputPolicy().to_dict()}
+    served = mlflow.pyfunc.load_model(str(save_detector_pyfunc(tmp_path / "pyfunc", tmp_path / "detector.safetensors", described)))
+    xray_with_square(tmp_path / "x.png", size=(160, 200))
+    for spacing, shown in (([0.1, 0.2], (320, 200)), ([0.2, 0.1], (160, 400))):  # wider than tall, taller than wide
+        ds = dcmread(io.BytesIO(dicom_from_jpeg(tmp_path / "x.png", "8-bit")))  # 160 columns x 200 rows
+        ds.PixelSpacing = spacing
+        spaced = to_bytes(ds)
+        resampled = read_xray(spaced, InputPolicy()).image
+        assert resampled.size == shown
+        resampled.save(tmp_path / "twin.png")
+        twin = dicom_from_jpeg(tmp_path / "twin.png", "8-bit")  # square pixels: the resampled image as stored
+        out = served.predict(pd.DataFrame({"image": [spaced, twin]}))
+        assert (out["error"] == "").all(), out["error"].tolist()
+        boxes, twin_boxes = (np.array(json.loads(b)).reshape(-1, 5) for b in out["boxes"])
+        assert len(boxes) == len(twin_boxes) > 0
+        assert (boxes[:, :4] >= 0).all() and (boxes[:, [0, 2]] <= 160 + 0.01).all() and (boxes[:, [1, 3]] <= 200 + 0.01).all()
+        scale = np.array([160 / shown[0], 200 / shown[1]] * 2)
+        np.testing.assert_allclose(boxes[:, :4], twin_boxes[:, :4] * scale, atol=0.02)
+        np.testing.assert_allclose(boxes[:, 4], twin_boxes[:, 4], atol=1e-4)
+        assert out["note"][0].endswith("; boxes are in its stored 160 x 200 px") and out["note"][1] == ""
+    # A dict of lists of text reaches the model as one row holding the list: refused, not answered as one row.
+    text = base64.b64encode(twin).decode()
+    with pytest.raises(RequestRefused, match=r"^row 0: 'image' holds 2 values in one row; give one file per row"):
+        served.predict({"image": [text, text]})

@@ -53,7 +53,7 @@ def png_16bit(colour_type: int) -> bytes:
     ("data", "message"),
     [
         (lambda: b"", "is empty"),
-        (lambda: bytes(2**20 + 1), "is 1.0 MB; the model accepts files up to 1 MB"),
+        (lambda: bytes(2**20 + 1), "is 1,048,577 bytes; the model accepts files up to 1,048,576 bytes (1 MB)"),
         (lambda: b"patient notes, not an image\n" * 20, "is not an image file that can be read"),
         (lambda: encode(xray_like(), "GIF"), "is a GIF file, not JPEG, PNG or DICOM"),
         (lambda: encode(xray_like(), "BMP"), "is a BMP file"),
@@ -244,8 +244,42 @@ def test_a_file_over_the_size_limit_is_refused_unread(tmp_path, monkeypatch):
     big = tmp_path / "big.png"
     big.write_bytes(bytes(2**20 + 1))
     monkeypatch.setattr(type(big), "read_bytes", lambda self: pytest.fail("read"))
-    with pytest.raises(InputRejected, match="^is 1.0 MB; the model accepts files up to 1 MB"):
+    with pytest.raises(InputRejected, match="^is 1,048,577 bytes; the model accepts files up to 1,048,576 bytes"):
         read_file(big, POLICY)
+
+
+@pytest.mark.parametrize(
+    ("size", "limit", "message"),
+    [
+        (64 * 2**20 + 1, 64 * 2**20, "is 67,108,865 bytes; the model accepts files up to 67,108,864 bytes (64 MB)"),
+        (64 * 2**20 + 2**15, 64 * 2**20, "is 67,141,632 bytes; the model accepts files up to 67,108,864 bytes (64 MB)"),
+        (int(1.5 * 2**20), 2**20, "is 1.5 MB; the model accepts files up to 1 MB"),
+        (2**20 + 1, 2**19, "is 1.0 MB; the model accepts files up to 0.5 MB"),
+    ],
+)
+def test_a_file_over_the_size_limit_never_reads_as_the_limit_s_own_size(size, limit, message):
+    """Rounded to 0.1 MB, a file just over 64 MB read "is 64.0 MB; ... up to 64 MB": where the
+    rounded figures would read equal, the refusal gives both in bytes."""
+    with pytest.raises(InputRejected, match="^" + re.escape(message) + r"\. Send"):
+        read_xray(bytes(size), InputPolicy(max_bytes=limit))
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "limit", "message"),
+    [
+        (1000, 1001, 1_000_000, "declares 1000 x 1001 px (1,001,000 pixels); the model decodes at most 1,000,000 pixels "
+                                "(1 megapixels)"),
+        (1200, 1000, 1_100_000, "declares 1200 x 1000 px (1,200,000 pixels); the model decodes at most 1,100,000 pixels "
+                                "(1.1 megapixels)"),
+        (1000, 1000, 500_000, "declares 1000 x 1000 px (1 megapixels); the model decodes at most 0.5 megapixels"),
+        (12_000, 12_000, 50_000_000, "declares 12000 x 12000 px (144 megapixels); the model decodes at most 50 megapixels"),
+    ],
+)
+def test_an_image_over_the_pixel_limit_never_reads_as_the_limit_s_own_count(width, height, limit, message):
+    """Rounded to whole megapixels, 1000 x 1001 px read "(1 megapixels); ... at most 1 megapixels"
+    (and a limit under 1 megapixel read "at most 0")."""
+    with pytest.raises(InputRejected, match="^" + re.escape(message) + r"\. Send"):
+        read_xray(ihdr_png(width, height), InputPolicy(max_pixels=limit, max_side=12_000))
 
 
 def test_a_truncated_file_is_refused_even_while_another_thread_decodes_one(tmp_path):

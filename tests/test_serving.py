@@ -236,6 +236,31 @@ def test_a_request_over_the_row_limit_is_refused_whole(model):
         model.predict(pd.DataFrame({"image": ["x"]}), params={"on_error": "ignore"})
 
 
+def test_several_files_in_one_row_are_refused_whole_not_answered_as_one_row(model):
+    """MLflow makes a dict of lists of text (``predict({"image": [b64, b64]})``) ONE row whose cell
+    is the list: answering that row "give exactly one of 'image' or 'path'" misled the caller, and
+    two answers to one row would break one answer per row. The request is refused, saying how
+    to send one file per row; the DataFrame it names is answered row by row, and a list of one
+    file is that row's file."""
+    xrays = [b64(p) for p in xray_paths()]
+    requests_ = [({"image": xrays}, "image"), (pd.DataFrame({"image": [xrays]}), "image"),
+                 (pd.DataFrame({"image": [tuple(xrays)]}), "image"), (pd.DataFrame({"path": [["a.jpg", "b.jpg"]]}), "path")]
+    for request, column in requests_:
+        with pytest.raises(RequestRefused, match=rf"^row 0: '{column}' holds 2 values in one row; give one file per row, "
+                                                 rf"as a DataFrame: pd.DataFrame\(\{{'{column}': \[\.\.\.\]\}}\)"):
+            model.predict(request)
+    out = model.predict(pd.DataFrame({"image": xrays}))
+    assert len(out) == 2 and (out["error"] == "").all()
+    both = model.predict({"image": [p.read_bytes() for p in xray_paths()]})  # a dict of lists of bytes: one row each
+    np.testing.assert_allclose(both["fracture_probability"], out["fracture_probability"], rtol=0, atol=1e-6)
+    sent = pd.DataFrame({"image": [[xrays[1]]]}, index=[7])
+    for request in ({"image": [xrays[1]]}, sent):
+        one = model.predict(request)
+        assert len(one) == 1 and one["error"].iloc[0] == ""
+        assert one["fracture_probability"].iloc[0] == pytest.approx(out["fracture_probability"][1], abs=1e-6)
+    assert list(one.index) == [7] and sent["image"][7] == [xrays[1]]  # the caller's frame is left as sent
+
+
 @pytest.mark.parametrize("encoding", ENCODINGS)
 def test_a_dicom_radiograph_scores_as_its_jpeg(model, encoding):
     """Tolerance: 1e-6 where the DICOM holds the JPEG's pixels exactly; 0.02 for the encapsulated
