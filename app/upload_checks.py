@@ -8,7 +8,7 @@ model gets for the same bytes. The page adds its own upload limit and names the 
 
 from __future__ import annotations
 
-from fracture.intake import InputPolicy, InputRejected, Xray, read_xray
+from fracture.intake import InputPolicy, InputRejected, Xray, over_limit, read_xray
 
 WHAT_TO_DO = "Upload an X-ray exported as an 8-bit JPG or PNG, or its DICOM file."
 
@@ -34,9 +34,9 @@ def check_upload(name: str, data: bytes, policy: InputPolicy, max_bytes: int | N
             the message names the file, the problem and what to upload instead.
     """
     if max_bytes is not None and len(data) > max_bytes:
-        raise UploadRejected(
-            f"{name} is {len(data) / 2**20:.1f} MB; the limit is {max_bytes / 2**20:.0f} MB. {WHAT_TO_DO}"
-        )
+        # In bytes where a rounded size would read as the limit itself ("20.0 MB; the limit is 20 MB").
+        shown, limit = over_limit(len(data), max_bytes, 2**20, 1, "MB", "bytes")
+        raise UploadRejected(f"{name} is {shown}; the limit is {limit}. {WHAT_TO_DO}")
     try:
         return read_xray(data, policy)
     except InputRejected as exc:

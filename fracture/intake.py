@@ -186,7 +186,7 @@ def read_file(path: Path, policy: InputPolicy) -> bytes:
     return path.read_bytes()
 
 
-def _over(value: int, limit: int, unit: float, places: int, name: str, exact: str) -> tuple[str, str]:
+def over_limit(value: int, limit: int, unit: float, places: int, name: str, exact: str) -> tuple[str, str]:
     """``value`` and the ``limit`` it is over, as a refusal shows them: in ``unit`` (``value`` to
     ``places`` decimals, the limit as it is set), or in exact ``exact`` where rounding would show
     ``value`` at or under the limit ("64.0 MB; files up to 64 MB")."""
@@ -198,13 +198,13 @@ def _over(value: int, limit: int, unit: float, places: int, name: str, exact: st
 
 def _check_size(size: int, policy: InputPolicy) -> None:
     if size > policy.max_bytes:
-        shown, limit = _over(size, policy.max_bytes, 2**20, 1, "MB", "bytes")
+        shown, limit = over_limit(size, policy.max_bytes, 2**20, 1, "MB", "bytes")
         raise InputRejected(f"is {shown}; the model accepts files up to {limit}. {SEND_INSTEAD}")
 
 
 def _check_dimensions(width: int, height: int, policy: InputPolicy) -> None:
     if width * height > policy.max_pixels:
-        shown, limit = _over(width * height, policy.max_pixels, 1e6, 0, "megapixels", "pixels")
+        shown, limit = over_limit(width * height, policy.max_pixels, 1e6, 0, "megapixels", "pixels")
         raise InputRejected(
             f"declares {width} x {height} px ({shown}); the model decodes at most {limit}. {SEND_INSTEAD}"
         )

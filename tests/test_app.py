@@ -538,7 +538,7 @@ def test_upload_limit_comes_from_the_app_config(monkeypatch, page_registry):
         assert limit == 20 and limit < STREAMLIT_DEFAULT_UPLOAD_MB
         # The page refuses a larger file itself too, with a message naming the limit.
         upload(at, "huge.png", b"\x89PNG" + bytes(limit * 2**20))
-        assert "huge.png is 20.0 MB; the limit is 20 MB" in at.error[0].value
+        assert "huge.png is 20,971,524 bytes; the limit is 20,971,520 bytes (20 MB)" in at.error[0].value
         assert st_config.get_option("client.showErrorDetails") == "none"
     finally:
         os.chdir(before)
