@@ -25,6 +25,7 @@ import logging
 import os
 import re
 import unicodedata
+import warnings
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -75,6 +76,11 @@ VIEW_WORDS = {
 MAX_ROWS = 10
 # labels.csv's columns: where the file is, its label, and what the manifest keeps of it.
 LABELS_COLUMNS = ("path", "image_id", "label", "body_part", "view", "patient_id")
+# Headers that name one of them as DICOM spells its attribute (View Position, Body Part Examined).
+LABELS_ALIASES = {"view_position": "view", "body_part_examined": "body_part"}
+# Fields past the header's that a csv line may hold and still be read (a trailing delimiter
+# leaves one, empty): up to this many are looked at, so that those not empty are named.
+EXTRA_FIELDS = 16
 
 
 class ManifestError(ValueError):
@@ -233,28 +239,53 @@ def _whole_numbers(text: pd.Series) -> tuple[pd.Series, pd.Series]:
 
 
 def _labels_column(header: str) -> str:
-    """The column a header of labels.csv names: stripped, lower case, runs of spaces and hyphens
-    as ``_``. Exports spell headers as their system does (``Patient_ID``, ``Patient ID``,
-    ``body-part``); matched as written, such a column would be left out with a warning only."""
-    return re.sub(r"[\s-]+", "_", header.strip().lower())
+    """The column a header of labels.csv names: stripped, words of camelCase split (``PatientID``
+    reads ``Patient_ID``), lower case, runs of spaces, hyphens and underscores as ``_``, and
+    DICOM's attribute names for a column (:data:`LABELS_ALIASES`) as that column. Exports spell
+    headers as their system does (``Patient_ID``, ``Patient ID``, ``body-part``, ``PatientID``,
+    ``ViewPosition``); matched as written, such a column would be left out with a warning only."""
+    words = re.sub(r"(?<=[a-z])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", header.strip())
+    name = re.sub(r"[\s_-]+", "_", words.lower())
+    return LABELS_ALIASES.get(name, name)
 
 
 def _read_text_csv(csv_file: Path | IO[bytes], column: Callable[[str], str] = str.strip) -> pd.DataFrame:
     """Every cell as text ("" where empty), indexed by data line (the line after the header is 0):
     blank lines are dropped but keep their numbers, so messages name the lines an editor shows.
-    Each header is renamed by ``column`` (by default stripped)."""
+    Each header is renamed by ``column`` (by default stripped).
+
+    A line may end in delimiters past the header's fields (``a.png,1,hand,`` under ``path,label,
+    body_part``, as some exports write every line) when those fields are empty: pandas would
+    otherwise read the first column as the index and shift every other one left. A line whose
+    extra fields hold something is refused (a pandas ParserError naming its lines), as no column
+    says what they are."""
     # The header as written: pandas renames a repeated name (label, label.1), and the first would win.
-    header = pd.read_csv(csv_file, header=None, nrows=1, dtype=str, keep_default_na=False)
-    if not isinstance(csv_file, Path):
-        csv_file.seek(0)
+    header = pd.read_csv(csv_file, header=None, nrows=1, dtype=str, keep_default_na=False, index_col=False)
     written = [str(name) for name in header.iloc[0]] if len(header) else []
     names = [column(name) for name in written]
     named_twice = sorted({name for name in names if name and names.count(name) > 1})
     if named_twice:  # "label,label", " label" and "label", or "Label" and "label"
         spellings = "; ".join(", ".join(repr(w) for w in written if column(w) == name) for name in named_twice)
         raise pd.errors.ParserError(f"the header names column(s) {', '.join(named_twice)} twice ({spellings})")
-    csv = pd.read_csv(csv_file, dtype=str, keep_default_na=False, skip_blank_lines=False).rename(columns=column)
-    return csv[csv.ne("").any(axis=1)]
+    # Each line's fields past the header's (read by position, the header line skipped).
+    if not isinstance(csv_file, Path):
+        csv_file.seek(0)
+    fields = pd.read_csv(
+        csv_file, header=None, skiprows=1, names=range(len(written) + EXTRA_FIELDS), dtype=str,
+        keep_default_na=False, skip_blank_lines=False, index_col=False,
+    )
+    beyond = fields.iloc[:, len(written):].agg(",".join, axis=1).str.rstrip(",")
+    if beyond.ne("").any():
+        raise pd.errors.ParserError(
+            f"{_rows(beyond.ne(''), beyond)} hold fields past the header's {len(written)} ({', '.join(written)}); "
+            "name their column in the header, or remove them"
+        )
+    if not isinstance(csv_file, Path):
+        csv_file.seek(0)
+    with warnings.catch_warnings():  # "a loss of data with index_col=False": the fields dropped are empty
+        warnings.simplefilter("ignore", pd.errors.ParserWarning)
+        csv = pd.read_csv(csv_file, dtype=str, keep_default_na=False, skip_blank_lines=False, index_col=False)
+    return csv.rename(columns=column)[csv.ne("").any(axis=1)]
 
 
 def _nfc(text: str) -> str:
@@ -281,8 +312,12 @@ def _files_by_name(files: list[str], images: Path) -> dict[str, str]:
 
 
 def _rows(where: pd.Series, values: pd.Series | None = None) -> str:
-    # A csv file's line numbers (the header is line 1) of the first offending rows.
-    lines = [f"line {i + 2}" + (f" ({values[i]!r})" if values is not None else "") for i in where[where].index]
+    # A csv file's line numbers (the header is line 1) of the first offending rows: the rows are
+    # indexed by data line (_read_text_csv), and ``values`` holds theirs at the same positions.
+    at = np.flatnonzero(where.to_numpy(dtype=bool))
+    lines = [
+        f"line {int(where.index[i]) + 2}" + (f" ({values.iloc[i]!r})" if values is not None else "") for i in at
+    ]
     more = f" and {len(lines) - MAX_ROWS} more" if len(lines) > MAX_ROWS else ""
     return ", ".join(lines[:MAX_ROWS]) + more
 
@@ -337,6 +372,55 @@ def _flags(values: pd.Series, words: dict[str, str], names: tuple[str, ...], col
         {name: tokens.map(lambda ws, n=name: int(any(words[w] == n for w in ws))) for name in names}, index=values.index
     ).astype("Int64")
     return out.where(known, pd.NA)
+
+
+def _one_row_per_file(paths: pd.Series, csv_file: Path) -> None:
+    """Raises ManifestError when two rows of labels.csv name one file (``paths`` as resolved,
+    "" for a row whose id matched none): both would be kept, and the file trained on twice, under
+    two ids (a report joined into the export twice; ids ``a`` and ``a.png`` of one ``a.png``)."""
+    named = paths[paths.ne("")]
+    shared = named[named.duplicated(keep=False)]
+    if shared.empty:
+        return
+    files = list(dict.fromkeys(shared))
+    each = "; ".join(f"{_rows(paths.eq(f))} name the same file {f}" for f in files[:MAX_ROWS])
+    more = f"; and {len(files) - MAX_ROWS} more files" if len(files) > MAX_ROWS else ""
+    raise ManifestError(f"{csv_file}: {each}{more}; keep one row per file")
+
+
+def _check_unread(ignored: list[str], csv_file: Path) -> None:
+    """Raises ManifestError for a header left unread that spells a known column without its
+    underscores (``patientid``, ``PATIENTID``, ``bodypart``): left out with a warning only, its
+    column would be lost (a JPEG export's patients unlinked, every body part unknown)."""
+    known = {c.replace("_", ""): c for c in (*LABELS_COLUMNS, *LABELS_ALIASES)}
+    meant = {c: LABELS_ALIASES.get(known[c.replace("_", "")], known[c.replace("_", "")])
+             for c in ignored if c.replace("_", "") in known}
+    if meant:
+        named = ", ".join(f"{c} (read as {m})" for c, m in meant.items())
+        raise ManifestError(
+            f"{csv_file}: the header(s) {named} spell a column without the breaks between its words, so they "
+            f"would not be read; rename them as {', '.join(meant.values())} (headers are read in any case, with "
+            "spaces, hyphens or underscores between words, or in camelCase: patient_id, Patient ID, PatientID)"
+        )
+
+
+def _patient_column(patients: pd.Series, csv_file: Path) -> pd.Series:
+    """labels.csv's ``patient_id`` column, NA where empty.
+
+    Raises:
+        ManifestError: one value fills every row of an export of at least
+            :data:`PLACEHOLDER_MIN_IMAGES` rows, as an anonymiser that writes one placeholder for
+            everyone leaves it: read as one patient's, all the images would go to one split.
+    """
+    values = patients.unique()
+    if len(patients) >= PLACEHOLDER_MIN_IMAGES and len(values) == 1 and values[0] != "":
+        raise ManifestError(
+            f"{csv_file}: column patient_id holds {values[0]!r} on all its {len(patients)} rows, as an anonymiser's "
+            "placeholder would leave it; read as one patient's, all the images would be kept in one split and no "
+            "split could be drawn. Give each row its patient's (pseudonymised) identifier, leave the cells empty "
+            "(an empty cell links nothing), or remove the column (DICOM files are then linked by their Patient ID)"
+        )
+    return patients.replace("", pd.NA)
 
 
 def read_csv_layout(dataset_dir: Path) -> pd.DataFrame:
@@ -399,6 +483,7 @@ def read_csv_layout(dataset_dir: Path) -> pd.DataFrame:
         ids = _named_ids(csv["image_id"], csv_file, fix).map(_nfc)
     # Each row's file by its name on disk, whichever normalisation the row wrote it in.
     paths = _match_ids(ids, on_disk, csv_file) if written is None else written.map(lambda p: on_disk.get(p, p))
+    _one_row_per_file(paths, csv_file)
     label_text = csv["label"].str.strip()
     labels, not_whole = _whole_numbers(label_text)
     unreadable = label_text.eq("") | not_whole  # every row needs its label
@@ -414,8 +499,9 @@ def read_csv_layout(dataset_dir: Path) -> pd.DataFrame:
     rows = rows.join(_flags(csv.get("view", empty), VIEW_WORDS, VIEWS, "view", csv_file))
     if "patient_id" in csv:
         # Whatever the hospital's identifier is (pseudonymised or not): only equality is used.
-        rows["patient_id"] = csv["patient_id"].str.strip().replace("", pd.NA)
+        rows["patient_id"] = _patient_column(csv["patient_id"].str.strip(), csv_file)
     ignored = [c for c in csv.columns if c not in LABELS_COLUMNS]
+    _check_unread(ignored, csv_file)
     if ignored:
         log.warning(
             "%s: column(s) %s are not read (labels.csv's columns: %s)", csv_file, ", ".join(ignored), ", ".join(LABELS_COLUMNS)
@@ -445,10 +531,18 @@ def _dicom_patients(dataset_dir: Path, files: list[str], csv_file: Path) -> dict
     """Each DICOM file's patient key (:func:`fracture.dicom.patient_key`), for an export whose
     labels.csv has no ``patient_id`` column: the header's Patient ID links a patient's images.
 
+    The Issuer of Patient ID is optional, and one export often holds it from some devices and
+    not from others: a Patient ID written without an issuer, and under exactly one issuer
+    elsewhere in the export, is that issuer's patient (one patient's AP under ``HOSP-A`` and
+    lateral without an issuer are linked). Under two different issuers, the IDs stay apart (two
+    hospitals' patient 7731).
+
     Raises:
         ManifestError: one Patient ID (under any issuer) is on more than :data:`PLACEHOLDER_SHARE`
             of the export's images, as an anonymiser that writes one placeholder for everyone
-            leaves them; linked, they would all go to one split.
+            leaves them; linked, they would all go to one split. Or one Patient ID is written
+            under two or more issuers and also without one, so that the files without an issuer
+            cannot be given to either patient.
     """
     ids = {f: found for f in files if (found := patient_ids(dataset_dir / f)) is not None}
     if not ids:
@@ -461,7 +555,30 @@ def _dicom_patients(dataset_dir: Path, files: list[str], csv_file: Path) -> dict
             f"kept in one split. Give {csv_file} a patient_id column saying which images share a patient (an empty "
             "cell links nothing); it is used instead of the DICOM headers"
         )
-    patients = {f: patient_key(*found) for f, found in ids.items()}
+    issuers: dict[str, set[str]] = {}
+    for issuer, patient in ids.values():
+        issuers.setdefault(patient, set()).add(issuer)
+    unclear = sorted(patient for patient, named in issuers.items() if "" in named and len(named) > 2)
+    if unclear:
+        def files_of(issuer: str, patient: str) -> str:
+            found = [f for f, key in ids.items() if key == (issuer, patient)]
+            return ", ".join(found[:MAX_ROWS]) + (f" and {len(found) - MAX_ROWS} more" if len(found) > MAX_ROWS else "")
+
+        # The Patient ID itself is not named, as the manifest holds only a key of it (patient_key).
+        each = "; ".join(
+            f"{files_of('', patient)} without an issuer, beside "
+            + ", ".join(f"{files_of(issuer, patient)} under {issuer!r}" for issuer in sorted(issuers[patient] - {""}))
+            for patient in unclear[:MAX_ROWS]
+        )
+        raise ManifestError(
+            f"{dataset_dir / IMAGES_DIR}: DICOM files hold one Patient ID under two or more Issuers of Patient ID and "
+            f"without one, so those without cannot be told to be either issuer's patient: {each}. Give {csv_file} a "
+            "patient_id column saying which images share a patient (an empty cell links nothing); it is used instead "
+            "of the DICOM headers"
+        )
+    # A Patient ID without an issuer, beside one issuer's: that issuer's patient.
+    only = {patient: min(named - {""}) for patient, named in issuers.items() if len(named - {""}) == 1}
+    patients = {f: patient_key(issuer or only.get(patient, ""), patient) for f, (issuer, patient) in ids.items()}
     log.info(
         "%s has no patient_id column: %d DICOM files' Patient ID links them as %d patients",
         csv_file, len(patients), len(set(patients.values())),

@@ -205,25 +205,50 @@ def split_manifest(manifest: pd.DataFrame, params: SplitParams, published_dir: P
     groups = _groups(used, params)
     placed, found = (pd.Series(dtype=object), {}) if listed is None else _place_published(used, listed)
     drawn = groups.drop(index=placed.index)
-    if listed is None and not params.stratify_body_part:
-        # Label-only stratification: the two scikit-learn calls (test, then val from the rest).
-        drawn_where = _label_only(drawn, params)
-    else:
-        drawn_where = _by_strata(drawn, params)
+    # Known before the draw: a group too large for val's or test's share is why a draw fails.
+    largest = _largest(used, params)
+    try:
+        if listed is None and not params.stratify_body_part:
+            # Label-only stratification: the two scikit-learn calls (test, then val from the rest).
+            drawn_where = _label_only(drawn, params)
+        else:
+            drawn_where = _by_strata(drawn, params)
+    except (SplitError, ValueError) as exc:
+        if largest.get("above_share"):
+            raise SplitError(f"cannot split the included images: {_too_large(largest, params)}") from exc
+        raise
 
     assigned = used["group"].map(pd.concat([placed, drawn_where]))
     out = {name: used[assigned == name].sort_values("image_id").reset_index(drop=True) for name in SPLITS}
-    _check_both_classes(out, used, params)
-    report = SplitReport(params.strategy, _strata_table(drawn, drawn_where), **found, largest_group=_largest(used, params))
+    _check_both_classes(out, used, params, largest)
+    report = SplitReport(params.strategy, _strata_table(drawn, drawn_where), **found, largest_group=largest)
     return Splits(out, report)
 
 
-def _check_both_classes(out: dict[str, pd.DataFrame], used: pd.DataFrame, params: SplitParams) -> None:
+def _too_large(largest: dict[str, Any], params: SplitParams) -> str:
+    """Why no split can be drawn when the largest group of linked images is above a split's share."""
+    return (
+        f"{largest['images']} of the {largest['of']} included images are linked into one group (first id "
+        f"{largest['first_id']}), more than split.val_size ({params.val_size}) or split.test_size ({params.test_size}) "
+        "of them, so val or test cannot hold it. A patient_id (or DICOM Patient ID) shared by images of different "
+        "patients, as an anonymiser's placeholder leaves it, or near-duplicate links "
+        "(validate.near_duplicate_threshold) join them: give each image its own patient's id in labels.csv's "
+        "patient_id column (an empty cell links nothing; the column is used instead of the DICOM headers), or raise "
+        "validate.near_duplicate_threshold"
+    )
+
+
+def _check_both_classes(
+    out: dict[str, pd.DataFrame], used: pd.DataFrame, params: SplitParams, largest: dict[str, Any] | None = None
+) -> None:
     """Raises :class:`SplitError` when val or test holds no image of a class.
 
     Rounding a class of few groups to val's or test's share can give it none there, and no
     stage says so until the train stage has spent an epoch and fails at ROC AUC on val (or the
-    evaluate stage on test): refusing here names the cause while it can still be fixed.
+    evaluate stage on test): refusing here names the cause while it can still be fixed. When the
+    largest group of linked images (``largest``, :func:`_largest`) is above a split's share and
+    holds most of the lacking class's images, that group is named as the cause, as more images or
+    larger splits would not help.
     """
     labels = used["label"].astype(int)
     whole = f"{int((labels == 1).sum())} fractured and {int((labels == 0).sum())} not fractured images included"
@@ -237,11 +262,23 @@ def _check_both_classes(out: dict[str, pd.DataFrame], used: pd.DataFrame, params
         fix = f"add {kind}images, or raise split.{name}_size (now {getattr(params, f'{name}_size')})"
         if params.strategy == "published" and counts[1] == 0:
             fix += f", or name fractured images in the published {PUBLISHED_FILES[name]}"
+        if largest and largest["above_share"] and _holds_most(used, largest, [k for k, c in counts.items() if c == 0]):
+            raise SplitError(
+                f"the {name} split holds {counts[1]} fractured and {counts[0]} not fractured images: "
+                f"{_too_large(largest, params)}"
+            )
         raise SplitError(
             f"the {name} split holds {counts[1]} fractured and {counts[0]} not fractured images: {what} too small "
             f"to stratify ({whole}, in {used['group'].nunique()} groups), and the {name} split needs both classes "
             f"to score ROC AUC and a threshold; {fix}"
         )
+
+
+def _holds_most(used: pd.DataFrame, largest: dict[str, Any], labels: list[int]) -> bool:
+    """Whether the largest group holds at least half of the included images of one of ``labels``."""
+    label = used["label"].astype(int)
+    inside = used["group"] == largest["first_id"]
+    return any(int((inside & (label == k)).sum()) * 2 >= int((label == k).sum()) for k in labels)
 
 
 def _largest(used: pd.DataFrame, params: SplitParams) -> dict[str, Any]:

@@ -398,3 +398,131 @@ def test_a_damaged_patient_id_links_nothing_and_fails_nothing(tmp_path):
     frame = read_csv_layout(root).set_index("image_id")
     assert pd.isna(frame.at["images/a.dcm", "patient_id"])
     assert frame.at["images/b.dcm", "patient_id"].startswith("dicom-")
+
+
+def test_a_patient_id_without_its_issuer_beside_one_issuers_is_that_issuers_patient(tmp_path):
+    """Devices of one export write Issuer of Patient ID or leave it out: keyed as written, one
+    patient's AP (under HOSP-A) and lateral (no issuer) were two patients, free to sit in train and test."""
+    from fracture.split import group_key
+
+    files = {"ap.dcm": 1, "lat.dcm": 2, "other_site.dcm": 3, "other.dcm": 4}
+    root = export(tmp_path / "export", "path,label\n" + "".join(f"images/{f},0\n" for f in files), files)
+    _set_patient(root / "images/ap.dcm", "7731", "HOSP-A")
+    _set_patient(root / "images/lat.dcm", "7731")  # the same patient, from a device that writes no issuer
+    _set_patient(root / "images/other_site.dcm", "8842", "HOSP-B")
+    frame = read_csv_layout(root).set_index("image_id")
+    key = frame["patient_id"]
+    assert key["images/ap.dcm"] == key["images/lat.dcm"] != key["images/other_site.dcm"]
+    joined = frame.reset_index().assign(group=group_key(frame.reset_index())).groupby("group")["image_id"].apply(sorted)
+    assert ["images/ap.dcm", "images/lat.dcm"] in joined.tolist()
+
+    # Two hospitals' patient 7731 stay apart; a file of 7731 without an issuer is then either's.
+    _set_patient(root / "images/other_site.dcm", "7731", "HOSP-B")
+    with pytest.raises(ManifestError) as err:
+        read_csv_layout(root)
+    message = str(err.value)
+    assert (
+        "images/lat.dcm without an issuer, beside images/ap.dcm under 'HOSP-A', images/other_site.dcm under 'HOSP-B'"
+        in message
+    )
+    assert "labels.csv a patient_id column" in message and "7731" not in message
+    # Without the file lacking an issuer, the two hospitals' patients are two keys.
+    _set_patient(root / "images/lat.dcm", "7731", "HOSP-A")
+    key = read_csv_layout(root).set_index("image_id")["patient_id"]
+    assert key["images/ap.dcm"] == key["images/lat.dcm"] != key["images/other_site.dcm"]
+
+
+def test_headers_in_camel_case_or_dicoms_names_are_read(tmp_path, caplog):
+    """A RIS export writes PatientID, BodyPart, ViewPosition: read as patientid and the like, they
+    were left out with a log line only, and a JPEG export lost all its patient grouping."""
+    root = export(
+        tmp_path / "export",
+        "Path,Label,PatientID,BodyPartExamined,ViewPosition,AccessionNumber\n"
+        "images/a.png,1,P1,HAND,AP,A1\nimages/b.png,0,P1,hand,LL,A2\nimages/c.png,0,P2,leg,,A3\n",
+        {"a.png": 1, "b.png": 2, "c.png": 3},
+    )
+    with caplog.at_level("WARNING", logger="fracture.manifest"):
+        frame = read_csv_layout(root).set_index("image_id")
+    assert frame["patient_id"].to_dict() == {"images/a.png": "P1", "images/b.png": "P1", "images/c.png": "P2"}
+    assert body_part(frame).tolist() == ["hand", "hand", "leg"]
+    assert frame[["frontal", "lateral"]].fillna(-1).values.tolist() == [[1, 0], [0, 1], [-1, -1]]
+    assert "column(s) accession_number are not read" in caplog.text
+    (root / "labels.csv").write_text("ImageID,Label,BodyPart\na,1,hand\nb.png,0,leg\n")
+    frame = read_csv_layout(root).set_index("image_id")
+    assert frame.loc[["a", "b.png"], "path"].tolist() == ["images/a.png", "images/b.png"]
+    assert body_part(frame.loc[["a", "b.png"]]).tolist() == ["hand", "leg"]
+
+
+@pytest.mark.parametrize(
+    ("header", "message"),
+    [
+        ("path,label,PATIENTID", r"patientid \(read as patient_id\) spell a column without the breaks"),
+        ("path,label,bodypart,viewposition", r"bodypart \(read as body_part\), viewposition \(read as view\)"),
+        ("path,label,view,ViewPosition", r"names column\(s\) view twice \('view', 'ViewPosition'\)"),
+    ],
+)
+def test_a_header_that_spells_a_known_column_unread_is_refused(tmp_path, header, message):
+    """Left out with a warning only, such a column was lost without the stage failing."""
+    fields = header.count(",") - 1
+    root = export(tmp_path / "export", f"{header}\nimages/a.png,1{',x' * fields}\n", {"a.png": 1})
+    with pytest.raises(ManifestError, match=message):
+        read_csv_layout(root)
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        # A report joined into the export twice: two ids, one path.
+        ("image_id,path,label\nX1,images/p0/0.png,1\nX2,images/p1/1.png,0\nX3,images/p0/0.png,1\n",
+         r"line 2, line 4 name the same file images/p0/0.png; keep one row per file"),
+        # Ids alone: "0" and "0.png" both match 0.png; "./" and "\" spell one path too.
+        ("image_id,label\n0,1\n1,0\n0.png,1\n", r"line 2, line 4 name the same file images/p0/0.png"),
+        ("path,label\nimages/p1/1.png,1\n./images/p1\\1.png,1\n", r"line 2, line 3 name the same file images/p1/1.png"),
+    ],
+)
+def test_two_rows_naming_one_file_are_refused_naming_the_lines(tmp_path, labels, message):
+    """Both rows were kept, and the file trained on twice, with only a soft unique_content finding."""
+    root = export(tmp_path / "export", labels, {"p0/0.png": 1, "p1/1.png": 2})
+    with pytest.raises(ManifestError, match=message):
+        read_csv_layout(root)
+
+
+def test_a_trailing_delimiter_is_read_and_fields_past_the_header_are_refused(tmp_path):
+    """Every line ending in ',' made pandas read the path column as the index and shift every
+    column left, and naming the offending lines then crashed with a TypeError."""
+    from fracture.manifest import read_dataset_csv
+
+    root = export(
+        tmp_path / "export",
+        "path,label,body_part\nimages/p1/a.png,1,hand,\nimages/p1/b.png,0,leg,\n\nimages/c.png,0,,\n",
+        {"p1/a.png": 1, "p1/b.png": 2, "c.png": 3},
+    )
+    frame = read_csv_layout(root).set_index("image_id")
+    assert frame["csv_label"].tolist() == [1, 0, 0] and frame["has_file"].all() and frame["in_csv"].all()
+    assert body_part(frame).to_dict() == {"images/p1/a.png": "hand", "images/p1/b.png": "leg", "images/c.png": "unknown"}
+    # A bad cell is named at its line, past the blank one too.
+    (root / "labels.csv").write_text("path,label\nimages/p1/a.png,1,\n\nimages/p1/b.png,x,\n")
+    with pytest.raises(ManifestError, match=r"line 4 \('x'\) are not whole numbers"):
+        read_csv_layout(root)
+    # A field past the header's that holds something has no column to be read as: its lines are named.
+    (root / "labels.csv").write_text("path,label\nimages/p1/a.png,1,hand\nimages/p1/b.png,0,\nimages/c.png,0,,AP\n")
+    with pytest.raises(ManifestError, match=r"line 2 \('hand'\), line 4 \(',AP'\) hold fields past the header's 2"):
+        read_csv_layout(root)
+    # FracAtlas's dataset.csv is read by the same reader.
+    (root / "dataset.csv").write_text("image_id,fractured,hand\nIMG1.jpg,1,1,\nIMG2.jpg,0,0,\n")
+    assert read_dataset_csv(root / "dataset.csv")[["image_id", "fractured", "hand"]].values.tolist() == [
+        ["IMG1.jpg", 1, 1], ["IMG2.jpg", 0, 0]
+    ]
+
+
+def test_one_patient_id_on_every_row_of_a_sizeable_export_is_refused_naming_it(tmp_path):
+    """An anonymiser that writes ANON for everyone linked every image into one group, and the
+    split failed with scikit-learn's message and advice that could not help."""
+    files = {f"{n:02d}.png": n for n in range(20)}
+    rows = "".join(f"images/{f},{n % 2},ANON\n" for n, f in enumerate(files))
+    root = export(tmp_path / "export", "path,label,patient_id\n" + rows, files)
+    with pytest.raises(ManifestError, match=r"column patient_id holds 'ANON' on all its 20 rows.*leave the cells empty"):
+        read_csv_layout(root)
+    # One row with another patient (or an empty cell) is not one placeholder: the split's report judges it.
+    (root / "labels.csv").write_text("path,label,patient_id\n" + rows.replace(",ANON\n", ",\n", 1))
+    assert read_csv_layout(root)["patient_id"].notna().sum() == 19

@@ -380,3 +380,19 @@ def test_the_report_names_the_largest_group_and_warns_when_a_split_cannot_hold_i
     assert json.loads(json.dumps(big.report.to_dict()))["largest_group"]["images"] == 20
     # Kept whole in one split all the same.
     assert sum(split_of(big)[f"IMG{g:05d}_0.jpg"] == split_of(big)["IMG00000_0.jpg"] for g in range(20)) == 20
+
+
+@pytest.mark.parametrize("by_part", [False, True])
+def test_a_split_that_fails_for_a_group_too_large_names_the_group_and_its_links(by_part):
+    """One patient_id (an anonymiser's placeholder) on every image, or on most of them: the split
+    failed with scikit-learn's message, or 'add images or raise split sizes', which cannot help."""
+    params = SplitParams(seed=7, val_size=0.15, test_size=0.15, stratify_body_part=by_part)
+    manifest = manifest_from([(int(g % 4 == 0), 1) for g in range(40)])
+    for linked in (40, 30):
+        manifest["patient_id"] = pd.array(["ANON"] * linked + [pd.NA] * (40 - linked), dtype="string")
+        with pytest.raises(SplitError) as err:
+            split_manifest(manifest, params)
+        message = str(err.value)
+        assert f"{linked} of the 40 included images are linked into one group (first id IMG00000_0.jpg)" in message
+        assert "patient_id" in message and "near_duplicate_threshold" in message
+        assert "add images" not in message and "raise split.val_size" not in message
