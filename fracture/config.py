@@ -186,8 +186,10 @@ class EvaluateParams:
         threshold: the fixed decision threshold, used when ``target_sensitivity`` is null.
         batch_size: images scored at once.
         target_sensitivity: choose the threshold on the val split to reach this sensitivity, or null.
-        bootstrap_resamples: stratified bootstrap resamples of the test images for ROC AUC's
-            interval (sensitivity's and specificity's are Wilson score intervals, which need none).
+        bootstrap_resamples: stratified bootstrap resamples, over whole groups of linked test images,
+            for ROC AUC's interval (sensitivity's and specificity's at a threshold fixed before test
+            are Wilson score intervals, which need none; crossval's, at a threshold chosen on the same
+            predictions, are bootstrapped with it).
         calibration_bins: equal-width bins of the reliability diagram and the ECE.
         seed: seeds the bootstrap.
         boxes: COCO JSON of fracture boxes for the heat map's pointing game, or null.

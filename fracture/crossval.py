@@ -28,6 +28,7 @@ from fracture.evaluation import (
     delong_mean_difference,
     evaluate_probabilities,
     operating_threshold,
+    rechosen_rate_intervals,
 )
 from fracture.prepare import PreparedImages
 from fracture.split import group_key
@@ -92,6 +93,23 @@ def draw_folds(pooled: pd.DataFrame, folds: int, seed: int) -> np.ndarray:
         fold_of[rows] = number
     _check_both_classes(labels, fold_of, folds)
     return fold_of
+
+
+def oof_groups(pooled: pd.DataFrame, oof: pd.DataFrame) -> np.ndarray:
+    """Each out-of-fold row's group: :func:`fracture.split.group_key` of ``pooled``, as :func:`draw_folds` uses it.
+
+    Args:
+        pooled: the train and val images the folds were drawn from (:func:`pool_splits`).
+        oof: their out-of-fold predictions (``image_id``), in any order.
+
+    Raises:
+        CrossvalError: an out-of-fold image that ``pooled`` lacks.
+    """
+    key = pd.Series(group_key(pooled).to_numpy(), index=pooled["image_id"].to_numpy())
+    missing = sorted(set(oof["image_id"]) - set(key.index))
+    if missing:
+        raise CrossvalError(f"{len(missing)} out-of-fold image(s) are not in train + val (e.g. {missing[:5]})")
+    return oof["image_id"].map(key).to_numpy()
 
 
 def fit_fold(
@@ -159,22 +177,31 @@ def _operating_point(labels: np.ndarray, probs: np.ndarray, ev: EvaluateParams) 
     return threshold, evaluate_probabilities(labels, probs, threshold).metrics
 
 
-def summarise(folds: list[CrossvalFold], oof: pd.DataFrame, ev: EvaluateParams) -> dict[str, float | int]:
+def summarise(
+    folds: list[CrossvalFold], oof: pd.DataFrame, ev: EvaluateParams, groups: np.ndarray | None = None
+) -> dict[str, float | int]:
     """The summary of ``metrics.json``: the spread over the folds and the pooled out-of-fold figures.
 
     ``mean_roc_auc`` and ``std_roc_auc`` (sample standard deviation, ddof 1) are over the folds'
     last-epoch AUCs, the primary figures; ``*_best_roc_auc`` the same for the epochs the train
     stage would have selected on each held-out fold (optimistic). ``oof_roc_auc`` pools every
     image's last-epoch out-of-fold probability, with a stratified bootstrap 95% interval
-    (``evaluate.bootstrap_resamples``, ``evaluate.seed``). ``oof_recall`` (sensitivity) and
-    ``oof_specificity`` are at ``evaluate.threshold``, or, with ``evaluate.target_sensitivity``,
-    at the highest threshold reaching it on these same predictions (so the sensitivity meets the
-    target by construction; the specificity is the figure to compare).
+    (``evaluate.bootstrap_resamples``, ``evaluate.seed``) over whole groups of linked images
+    (``groups``, as the folds keep them together; :func:`fracture.evaluation.group_resamples`).
+    ``oof_recall`` (sensitivity) and ``oof_specificity`` are at ``evaluate.threshold``, with
+    Wilson intervals, or, with ``evaluate.target_sensitivity``, at the highest threshold
+    reaching it on these same predictions (so the sensitivity meets the target by construction;
+    the specificity is the figure to compare). That threshold is not fixed in advance, so their
+    intervals bootstrap the choice too: the threshold chosen again in every resample
+    (:func:`fracture.evaluation.rechosen_rate_intervals`, the same groups and seed).
 
     Args:
         folds: the per-fold records.
         oof: the out-of-fold predictions (``label``, ``probability``).
         ev: the threshold rule and the bootstrap settings.
+        groups: each ``oof`` row's group (:func:`fracture.split.group_key` of the pooled train
+            and val images, as :func:`draw_folds` draws them), e.g. :func:`oof_groups`; ``None``:
+            every image independent.
 
     Returns:
         Flat keys, for DVC metrics.
@@ -184,7 +211,11 @@ def summarise(folds: list[CrossvalFold], oof: pd.DataFrame, ev: EvaluateParams) 
     labels = oof["label"].astype(int).to_numpy()
     probs = oof["probability"].astype(float).to_numpy()
     threshold, point = _operating_point(labels, probs, ev)
-    intervals = confidence_intervals(labels, probs, threshold, ev.bootstrap_resamples, ev.seed)
+    intervals = confidence_intervals(labels, probs, threshold, ev.bootstrap_resamples, ev.seed, groups=groups)
+    if ev.target_sensitivity is not None:
+        intervals |= rechosen_rate_intervals(
+            labels, probs, ev.target_sensitivity, ev.bootstrap_resamples, ev.seed, groups=groups
+        )
     return (
         {
             "n_folds": len(folds),

@@ -117,7 +117,8 @@ def render_model_card(
         data: ``version`` (DVC md5 of the dataset) and ``git_commit`` the model was trained
             from, and the split sizes.
         metrics: the evaluate stage's test metrics, with ``*_ci_low`` / ``*_ci_high`` intervals
-            (ROC AUC's by bootstrap, sensitivity's and specificity's Wilson score intervals).
+            (ROC AUC's by bootstrap over groups of linked images, sensitivity's and specificity's
+            Wilson score intervals).
         body_parts: metrics per body part (:func:`fracture.evaluation.by_group`), sensitivity and
             specificity with their Wilson intervals.
         threshold_source: how the decision threshold was chosen.
@@ -180,7 +181,8 @@ def render_model_card(
         f"- Average precision {m['average_precision']:.3f}, precision {m['precision']:.3f}, "
         f"F1 {m['f1']:.3f}, accuracy {m['accuracy']:.3f}",
         f"- Calibration: expected calibration error {m['ece']:.3f}, Brier score {m['brier']:.3f}",
-        "- Intervals: ROC AUC's is a stratified percentile bootstrap over the test images; sensitivity's and "
+        "- Intervals: ROC AUC's is a stratified percentile bootstrap over the test images, drawing linked images "
+        "(copies, near-duplicates, one patient's) as one group; sensitivity's and "
         "specificity's (here and per body part) are Wilson score intervals of the proportions at the decision "
         "threshold, which was fixed before the test split was scored.",
         f"- Decision threshold {_fmt_threshold(m['threshold'])} ({threshold_source}); "

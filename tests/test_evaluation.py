@@ -5,10 +5,12 @@ the PNG figures."""
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 from scipy.stats import binomtest
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import roc_auc_score
+from sklearn.utils import resample
 
 from fracture.config import EvaluateParams
 from fracture.evaluation import (
@@ -17,7 +19,9 @@ from fracture.evaluation import (
     choose_threshold,
     confidence_intervals,
     evaluate_probabilities,
+    group_resamples,
     operating_threshold,
+    rechosen_rate_intervals,
     wilson_interval,
 )
 from fracture.plots import save_evaluation_plots
@@ -107,6 +111,78 @@ def test_confidence_intervals_hold_the_estimate_shrink_with_data_and_repeat_with
     assert confidence_intervals(*small, threshold=0.5, n_resamples=200, seed=4) != ci_small
 
 
+def test_without_groups_the_auc_interval_is_the_stratified_image_bootstrap_it_always_was():
+    """``groups=None`` draws exactly as before groups existed: the seeded ``sklearn.utils.resample``."""
+    labels, probs = noisy_scores(200, 1)
+    rng = np.random.RandomState(3)
+    aucs = [roc_auc_score(*resample(labels, probs, stratify=labels, random_state=rng)) for _ in range(200)]
+    expected = (float(np.percentile(aucs, 2.5)), float(np.percentile(aucs, 97.5)))
+    assert confidence_intervals(labels, probs, 0.5, n_resamples=200, seed=3)["roc_auc"] == expected
+    assert confidence_intervals(labels, probs, 0.5, n_resamples=200, seed=3, groups=None)["roc_auc"] == expected
+
+
+def separable_scores(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """About 30% fractured, scores that rank them well but not perfectly (AUC about 0.85)."""
+    rng = np.random.default_rng(seed)
+    labels = (rng.random(n) < 0.3).astype(int)
+    probs = 1 / (1 + np.exp(-(rng.normal(size=n) + 1.5 * labels - 0.8)))
+    return labels, probs
+
+
+def test_an_image_stored_twice_does_not_narrow_the_auc_interval_when_its_group_is_given():
+    """Each image and its copy in one group: the bootstrap over groups gives the interval of the
+    images stored once, while the bootstrap over images counts each copy as new evidence and
+    narrowed it by about a quarter."""
+    labels, probs = separable_scores(300, 0)
+    twice, twice_probs, pairs = np.repeat(labels, 2), np.repeat(probs, 2), np.repeat(np.arange(300), 2)
+
+    def width(ci: dict[str, tuple[float, float]]) -> float:
+        return ci["roc_auc"][1] - ci["roc_auc"][0]
+
+    once = confidence_intervals(labels, probs, 0.5, n_resamples=500, seed=0)
+    grouped = confidence_intervals(twice, twice_probs, 0.5, n_resamples=500, seed=0, groups=pairs)
+    by_image = confidence_intervals(twice, twice_probs, 0.5, n_resamples=500, seed=0)
+    # The same draw of groups as the images stored once, each a group of its own: the same interval.
+    assert grouped["roc_auc"] == pytest.approx(
+        confidence_intervals(labels, probs, 0.5, n_resamples=500, seed=0, groups=np.arange(300))["roc_auc"]
+    )
+    assert 0.9 < width(grouped) / width(once) < 1.1
+    assert width(by_image) / width(once) < 0.85  # what the image bootstrap did to copies
+    assert grouped["roc_auc"][0] <= roc_auc_score(labels, probs) <= grouped["roc_auc"][1]
+
+
+def test_the_group_bootstrap_draws_whole_groups_and_both_classes_even_when_every_group_mixes_them():
+    # Patients with one fractured and one intact X-ray each, and one patient of two intact ones.
+    labels = np.array([1, 0] * 6 + [0, 0])
+    groups = np.repeat([f"p{i}" for i in range(7)], 2)
+    for rows in group_resamples(labels, groups, 200, seed=1):
+        assert len(rows) == len(labels)
+        assert 0 < labels[rows].sum() < len(rows)
+        drawn = pd.Series(groups[rows]).value_counts()
+        assert (drawn % 2 == 0).all()  # a patient's two images come together, however often drawn
+    with pytest.raises(ValueError, match="3 keys for 14 images"):
+        next(group_resamples(labels, groups[:3], 1, seed=0))
+
+
+def test_sensitivity_and_specificity_at_a_threshold_chosen_on_the_same_images_bootstrap_the_choice():
+    """Chosen again in every resample, the threshold's own noise widens the specificity's interval
+    beyond Wilson's (which holds the threshold fixed); the sensitivity's sits at the target."""
+    labels, probs = separable_scores(300, 5)
+    threshold = choose_threshold(labels, probs, 0.85)
+    point = evaluate_probabilities(labels, probs, threshold).metrics
+    ci = rechosen_rate_intervals(labels, probs, 0.85, n_resamples=300, seed=0)
+    negatives = labels == 0
+    fixed = wilson_interval(int(np.sum(probs[negatives] < threshold)), int(negatives.sum()))
+    assert ci["specificity"][0] <= point["specificity"] <= ci["specificity"][1]
+    assert ci["specificity"][1] - ci["specificity"][0] > 1.5 * (fixed[1] - fixed[0])
+    assert 0.85 <= ci["recall"][0] <= point["recall"] <= ci["recall"][1]
+    # Reproducible, and a copy of each image in its group changes nothing.
+    assert rechosen_rate_intervals(labels, probs, 0.85, n_resamples=300, seed=0) == ci
+    twice = rechosen_rate_intervals(np.repeat(labels, 2), np.repeat(probs, 2), 0.85, n_resamples=300, seed=0,
+                                    groups=np.repeat(np.arange(300), 2))
+    assert all(twice[name] == pytest.approx(ci[name]) for name in ci)
+
+
 def wilson(k: int, n: int) -> tuple[float, float]:
     ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
     return ci.low, ci.high
@@ -187,3 +263,17 @@ def test_evaluation_plots_are_written_as_png(tmp_path):
     assert sorted(p.name for p in paths) == ["calibration.png", "confusion.png", "pr.png", "roc.png"]
     for path in paths:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+def test_the_evaluate_stage_bootstraps_the_test_splits_groups_from_its_table_or_as_the_split_links_them():
+    from fracture.split import group_key
+    from fracture.stages.evaluate import split_groups
+
+    test = pd.DataFrame({
+        "image_id": ["a.jpg", "b.jpg", "c.jpg", "d.jpg", "e.jpg"],
+        "sha256": ["h1", "h1", "h2", "h3", "h4"],
+        "near_duplicate_group": ["a.jpg", "a.jpg", "c.jpg", "c.jpg", "e.jpg"],
+    })
+    linked = ["a.jpg", "a.jpg", "c.jpg", "c.jpg", "e.jpg"]
+    assert list(split_groups(test)) == linked == list(group_key(test))  # a table written without `group`
+    assert list(split_groups(test.assign(group=["x", "x", "y", "z", "w"]))) == ["x", "x", "y", "z", "w"]

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from fracture.config import Params
-from fracture.crossval import draw_folds, fit_fold, pool_splits, summarise
+from fracture.crossval import draw_folds, fit_fold, oof_groups, pool_splits, summarise
 from fracture.data_config import DataConfig
 from fracture.model import check_profile_frozen, require_versioned_weights
 from fracture.prepare import PreparedImages
@@ -90,7 +90,7 @@ def run_crossval(params: Params, workspace: Workspace) -> CrossvalResult:
         fitted = [_fit_fold(params, cache, config, pooled, fold_of, n) for n in range(1, cv.folds + 1)]
         oof = pd.concat([predictions for _, predictions in fitted])
         records = [record for record, _ in fitted]
-        result = CrossvalResult(records, summarise(records, oof, params.evaluate))
+        result = CrossvalResult(records, summarise(records, oof, params.evaluate, oof_groups(pooled, oof)))
         workspace.write_crossval(result, oof)
         mlflow.log_metrics(
             {k: float(v) for k, v in result.to_dict().items() if k != "folds"}
