@@ -39,7 +39,7 @@ import pandas as pd
 import torch
 
 from fracture.config import Params, parse_params, read_params_yaml
-from fracture.crossval import draw_folds, fit_fold, pool_splits, summarise
+from fracture.crossval import draw_folds, fit_fold, oof_groups, pool_splits, summarise
 from fracture.data_config import DataConfig
 from fracture.imaging import Preprocessor
 from fracture.prepare import PreparedImages, open_prepared, prepare_images
@@ -111,7 +111,7 @@ def run_variant(
         )
         log.info("%s fold %d: ROC AUC %.4f in %.0f s", name, number, record.roc_auc, seconds)
     oof = pd.concat(oofs)
-    summary = summarise(records, oof, params.evaluate)
+    summary = summarise(records, oof, params.evaluate, groups=oof_groups(pooled, oof))  # as the crossval stage
     result = {
         "variant": name,
         "summary": summary,

@@ -34,6 +34,7 @@ from fracture.evaluation import (
 from fracture.imaging import Preprocessor
 from fracture.inference import probabilities
 from fracture.model import profile_data_config
+from fracture.stages.evaluate import split_groups
 from fracture.training import select_device, train
 
 
@@ -96,7 +97,8 @@ def main() -> None:
     infer_s = time.perf_counter() - started
     labels = data["test"].tensors[1].numpy()
     ev = evaluate_probabilities(labels, probs, threshold)
-    intervals = confidence_intervals(labels, probs, threshold, params.evaluate.bootstrap_resamples, params.evaluate.seed)
+    intervals = confidence_intervals(labels, probs, threshold, params.evaluate.bootstrap_resamples, params.evaluate.seed,
+                                     groups=split_groups(frames["test"]))  # as the evaluate stage
     calib = calibration(labels, probs, params.evaluate.calibration_bins)
 
     summary = {
