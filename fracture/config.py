@@ -566,10 +566,6 @@ def parse_params(raw: dict[str, Any]) -> Params:
     return params
 
 
-def _number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _whole(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 

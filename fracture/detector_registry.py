@@ -51,8 +51,8 @@ from fracture.registry import (
     _registration,
     _test_metrics,
     _verdict,
+    code_tags,
 )
-from fracture.workspace import GIT_COMMIT_TAG, GIT_DIRTY_FILES_TAG
 
 log = logging.getLogger(__name__)
 
@@ -238,9 +238,7 @@ def register_detector(
     provenance = {
         "classifier_run_id": run.data.tags.get("classifier_run_id"),
         TAG_DATA: run.data.tags.get("data_version") or None,
-        GIT_COMMIT_TAG: run.data.tags.get(GIT_COMMIT_TAG),
-        **({GIT_DIRTY_FILES_TAG: run.data.tags[GIT_DIRTY_FILES_TAG]}
-           if run.data.tags.get(GIT_DIRTY_FILES_TAG) else {}),
+        **code_tags(run),
         "threshold": threshold,
         TAG_SPLIT: split.fingerprint,
         "metrics": json.dumps(_test_metrics(metrics), sort_keys=True),

@@ -436,13 +436,19 @@ def _completed(
     return mv
 
 
+def code_tags(run: Run) -> dict[str, str | None]:
+    """The code a run trained with, as its version carries it: ``git_commit``, and with a
+    ``<sha>-dirty`` commit the ``git_dirty_files`` no commit holds (only when the run has them)."""
+    tags = run.data.tags
+    dirty = tags.get(GIT_DIRTY_FILES_TAG)
+    return {GIT_COMMIT_TAG: tags.get(GIT_COMMIT_TAG)} | ({GIT_DIRTY_FILES_TAG: dirty} if dirty else {})
+
+
 def _provenance_tags(run: Run, config: ServingConfig, split: EvaluatedSplit) -> dict[str, Any]:
     """Where the version came from: code, data, profile, threshold, test split and test metrics."""
     tags = run.data.tags
     return {
-        GIT_COMMIT_TAG: tags.get(GIT_COMMIT_TAG),
-        # ``<sha>-dirty`` above: the files that differed from the commit, which no commit holds.
-        **({GIT_DIRTY_FILES_TAG: tags[GIT_DIRTY_FILES_TAG]} if tags.get(GIT_DIRTY_FILES_TAG) else {}),
+        **code_tags(run),
         TAG_DATA: tags.get("data_version") or None,
         "profile": tags.get("profile") or config.extra.get("profile"),
         "threshold": config.threshold,
