@@ -514,7 +514,8 @@ def test_a_signed_images_padding_written_as_us_is_read_as_the_signed_value():
     np.testing.assert_array_equal(np.asarray(dicom_to_image(_signed_padded("US"))), expected)
 
 
-def _signed_voi_lut(first: int, vr: str) -> bytes:
+def _signed_ramp_lut(first: int, vr: str) -> tuple[Dataset, Dataset]:
+    """A signed 12-bit ramp (-2048..2047), and a LUT item x 16 from ``first``, its descriptor written as ``vr``."""
     ds = _dataset()
     ds.set_pixel_data(np.tile(np.linspace(-2048, 2047, 64).round().astype(np.int16), (64, 1)), "MONOCHROME2", 12)
     item = Dataset()
@@ -522,6 +523,11 @@ def _signed_voi_lut(first: int, vr: str) -> bytes:
     item["LUTDescriptor"].VR = vr
     item.LUTData = [v * 16 for v in range(4096)]
     item["LUTData"].VR = "US"
+    return ds, item
+
+
+def _signed_voi_lut(first: int, vr: str) -> bytes:
+    ds, item = _signed_ramp_lut(first, vr)
     ds.VOILUTSequence = Sequence([item])
     return to_bytes(ds)
 
@@ -538,13 +544,7 @@ def test_a_signed_images_voi_lut_first_value_written_as_us_is_read_as_the_signed
 
 def _signed_modality_lut(first: int, vr: str, window: bool) -> bytes:
     """A signed 12-bit ramp (-2048..2047) through a Modality LUT Sequence x 16 from ``first``, written as ``vr``."""
-    ds = _dataset()
-    ds.set_pixel_data(np.tile(np.linspace(-2048, 2047, 64).round().astype(np.int16), (64, 1)), "MONOCHROME2", 12)
-    item = Dataset()
-    item.LUTDescriptor = [4096, first, 16]
-    item["LUTDescriptor"].VR = vr
-    item.LUTData = [v * 16 for v in range(4096)]
-    item["LUTData"].VR = "US"
+    ds, item = _signed_ramp_lut(first, vr)
     item.ModalityLUTType = "US"
     ds.ModalityLUTSequence = Sequence([item])
     if window:

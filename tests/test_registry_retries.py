@@ -108,6 +108,16 @@ def response_lost_once(monkeypatch) -> list[str]:
     return created
 
 
+def retried_after_a_lost_response(register, run_id: str, monkeypatch) -> None:
+    """``register(run_id)`` whose first try loses the registry's answer after the version is created,
+    then the retry, which reuses that version as the first to pass the gate."""
+    response_lost_once(monkeypatch)
+    with pytest.raises(ConnectionError):
+        register(run_id)
+    again = register(run_id)
+    assert (again.version, again.created, again.decision) == ("1", False, "promoted")
+
+
 def test_a_rolled_back_run_registered_again_after_a_lost_response_is_not_promoted(stand_ins, monkeypatch):
     """The run's version 2 was rolled back; its evaluate stage ran again, so registering it logs
     version 3, whose creation's answer is lost. The retry finds version 3 and must not promote
@@ -167,13 +177,8 @@ def test_a_rolled_back_run_registered_again_while_the_registry_is_locked_is_not_
 def test_a_registration_retried_after_a_lost_response_keeps_its_input_checks_and_description(stand_ins, monkeypatch):
     """The retry reuses the version its first try created: it must carry the input checks it was
     logged with (or a later serve change would reuse it) and its description."""
-    client = stand_ins
-    run_id = evaluated_run()
-    response_lost_once(monkeypatch)
-    with pytest.raises(ConnectionError):
-        registered(run_id)
-    again = registered(run_id)
-    assert (again.version, again.created, again.decision) == ("1", False, "promoted")
+    client, run_id = stand_ins, evaluated_run()
+    retried_after_a_lost_response(registered, run_id, monkeypatch)
     mv = client.get_model_version(NAME, "1")
     assert json.loads(mv.tags[TAG_POLICY]) == InputPolicy().to_dict()
     assert mv.tags["split_fingerprint"] == SPLIT.fingerprint and mv.tags["git_commit"] == "c0ffee"
@@ -249,12 +254,7 @@ def finding(versions: set[str]):
 
 def test_a_detector_registration_retried_after_a_lost_response_keeps_its_provenance(stand_ins, monkeypatch):
     client = stand_ins
-    run_id = detector_run()
-    response_lost_once(monkeypatch)
-    with pytest.raises(ConnectionError):
-        detector_registered(run_id)
-    again = detector_registered(run_id)
-    assert (again.version, again.created, again.decision) == ("1", False, "promoted")
+    retried_after_a_lost_response(detector_registered, detector_run(), monkeypatch)
     mv = client.get_model_version(DETECTOR, "1")
     assert mv.tags["split_fingerprint"] == DETECTOR_SPLIT.fingerprint and mv.tags["threshold"] == "0.05"
     assert json.loads(mv.tags["metrics"]) == {"test_map": 0.2, "test_map_50": 0.4}
