@@ -34,7 +34,7 @@ from fracture.evaluation import (
 from fracture.imaging import Preprocessor
 from fracture.inference import probabilities
 from fracture.model import profile_data_config
-from fracture.stages.evaluate import split_groups
+from fracture.split import split_groups
 from fracture.training import select_device, train
 
 

@@ -2,9 +2,10 @@
 
 A version beats the champion only on the same test images: both are scored through the
 registry (:mod:`fracture.scoring`), and DeLong's paired test of their ROC AUCs must show the
-version higher with the confidence ``register.confidence`` sets, while its sensitivity and its
-specificity at its served threshold fall by no more than ``register.sensitivity_tolerance`` and
-``register.specificity_tolerance``.
+version higher with the confidence ``register.confidence`` sets (its variance estimated over the
+split's groups of linked images, which are not independent evidence), while its sensitivity and
+its specificity at its served threshold fall by no more than ``register.sensitivity_tolerance``
+and ``register.specificity_tolerance``.
 
 Pure functions of the scores and metrics; no MLflow calls. :mod:`fracture.registry` gathers
 them from the registry, runs the rules, loads the model back and moves the aliases.
@@ -21,6 +22,7 @@ import pandas as pd
 from fracture.config import DetectParams, RegisterParams
 from fracture.evaluation import PairedAUC, delong_paired, point_metrics
 from fracture.fingerprints import split_fingerprint
+from fracture.split import split_groups
 
 
 class SplitTableError(ValueError):
@@ -41,6 +43,8 @@ class EvaluatedSplit:
         labels: their labels (1: fractured), in the same order.
         allow_truncated: whether files that end early are scored (as ``validate.on_truncated:
             keep`` let the evaluate stage score them).
+        groups: each image's group of linked images (the table's ``group``), in the same order,
+            which DeLong's test counts as one piece of evidence each; empty: each image its own.
     """
 
     fingerprint: str
@@ -49,6 +53,7 @@ class EvaluatedSplit:
     paths: tuple[Path, ...] = ()
     labels: tuple[int, ...] = ()
     allow_truncated: bool = True
+    groups: tuple[str, ...] = ()
 
     @classmethod
     def from_csv(cls, test_csv: Path, dataset_dir: Path, allow_truncated: bool = True) -> EvaluatedSplit:
@@ -60,7 +65,10 @@ class EvaluatedSplit:
             allow_truncated: score files that end early (``validate.on_truncated: keep``).
 
         Returns:
-            The split's fingerprint, size, first image, and every image with its label.
+            The split's fingerprint, size, first image, and every image with its label and its
+            group of linked images (the ``group`` column; for a table written before the split
+            recorded it, :func:`fracture.split.split_groups` of its own rows, as the evaluate stage
+            takes it).
 
         Raises:
             FileNotFoundError: the table does not exist.
@@ -93,6 +101,7 @@ class EvaluatedSplit:
             tuple(dataset_dir / p for p in frame["path"]),
             tuple(int(v) for v in label),
             allow_truncated,
+            tuple(split_groups(frame)),
         )
 
 
@@ -140,6 +149,8 @@ class PairedScores:
         champion: the champion's fracture probability for the same images, in the same order.
         champion_threshold: the champion's served threshold.
         champion_version: the champion's registered version.
+        groups: each image's group of linked images (:attr:`EvaluatedSplit.groups`); ``None``:
+            each image independent.
     """
 
     labels: np.ndarray
@@ -148,6 +159,7 @@ class PairedScores:
     champion: np.ndarray
     champion_threshold: float
     champion_version: str
+    groups: np.ndarray | None = None
 
 
 #: The version tags a comparison with the champion writes (:meth:`Comparison.tags`): a decision
@@ -209,13 +221,17 @@ class Comparison:
 
 def compare(scores: PairedScores, confidence: float) -> Comparison:
     """DeLong's paired test of the two ROC AUCs, and each model's sensitivity and specificity at its
-    served threshold."""
+    served threshold.
+
+    With the split's ``groups`` of linked images the test is Obuchowski's clustered DeLong
+    (:func:`fracture.evaluation.delong_paired`): copies and one patient's images counted as
+    independent made the p-value too small, and the gate promoted on noise."""
     y = np.asarray(scores.labels).astype(int)
     ours = point_metrics(y, np.asarray(scores.candidate), scores.candidate_threshold)
     theirs = point_metrics(y, np.asarray(scores.champion), scores.champion_threshold)
     return Comparison(
         scores.champion_version,
-        delong_paired(y, scores.candidate, scores.champion, confidence),
+        delong_paired(y, scores.candidate, scores.champion, confidence, groups=scores.groups),
         float(ours["recall"]),
         float(theirs["recall"]),
         float(ours["specificity"]),
@@ -260,10 +276,11 @@ def against_champion(params: RegisterParams, comparison: Comparison) -> tuple[Ga
     """
     a, v = comparison.auc, comparison.champion_version
     wins, verdict = paired_verdict(a.difference, a.p_value, params.confidence)
+    linked = "" if a.n_groups is None else f" ({a.n_groups} groups of linked images)"
     auc = GateCheck(
         "beats champion",
         wins,
-        f"ROC AUC {a.auc_a:.4f} vs champion v{v}'s {a.auc_b:.4f} on the same {a.n_images} images: "
+        f"ROC AUC {a.auc_a:.4f} vs champion v{v}'s {a.auc_b:.4f} on the same {a.n_images} images{linked}: "
         f"{a.difference:+.4f} ({a.confidence:.0%} CI {a.ci_low:+.4f} to {a.ci_high:+.4f}, DeLong p = {a.p_value:.3g}), "
         f"{verdict}",
     )

@@ -118,7 +118,7 @@ def render_model_card(
             from, and the split sizes.
         metrics: the evaluate stage's test metrics, with ``*_ci_low`` / ``*_ci_high`` intervals
             (ROC AUC's by bootstrap over groups of linked images, sensitivity's and specificity's
-            Wilson score intervals).
+            Wilson score intervals over the effective number of images).
         body_parts: metrics per body part (:func:`fracture.evaluation.by_group`), sensitivity and
             specificity with their Wilson intervals.
         threshold_source: how the decision threshold was chosen.

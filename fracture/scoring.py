@@ -172,7 +172,8 @@ def _paired(
     """:func:`paired_scores`, and the candidate's answer in its consumer's Python (``None``: in this process)."""
     ours, our_threshold, answer = _scored(name, candidate, split, isolated=isolated)
     theirs, their_threshold, _ = _scored(name, champion, split, isolated=isolated)
-    return PairedScores(np.array(split.labels), ours, our_threshold, theirs, their_threshold, champion), answer
+    groups = np.array(split.groups) if split.groups else None
+    return PairedScores(np.array(split.labels), ours, our_threshold, theirs, their_threshold, champion, groups), answer
 
 
 def scored_with_champion(

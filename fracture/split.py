@@ -323,6 +323,19 @@ def group_key(used: pd.DataFrame) -> pd.Series:
     return used["image_id"].map(group_ids(ids, pairs_frame))
 
 
+def split_groups(frame: pd.DataFrame) -> np.ndarray:
+    """Each image's group of linked images in a split table: the unit ROC AUC's bootstrap
+    resamples, and the unit the Wilson intervals and the gate's DeLong test count as evidence.
+
+    The table's ``group`` column (:func:`group_key` over every included image; a group goes to
+    one split whole); a table written before the split recorded it gets the same key computed on
+    its own rows, which hold each of their groups whole.
+    """
+    if "group" in frame.columns and frame["group"].notna().all():
+        return frame["group"].astype(str).to_numpy()
+    return group_key(frame).astype(str).to_numpy()
+
+
 def _groups(used: pd.DataFrame, params: SplitParams) -> pd.DataFrame:
     """One row per group (index ``group``): ``label`` (its highest), ``first_id`` and ``stratum``."""
     ordered = used.sort_values("image_id")

@@ -1,9 +1,10 @@
 """The evaluate stage: the decision threshold on val, then the test split, scored once.
 
 Writes the metrics with their intervals (ROC AUC's bootstrap over the test split's groups of
-linked images, sensitivity's and specificity's Wilson), calibration, per-body-part metrics, where the page's heat map points on the fractured
-test images' boxes (:mod:`fracture.localisation`), DVC plot tables, PNG plots and the model
-card, and logs them to the training run in MLflow.
+linked images, sensitivity's and specificity's Wilson over the effective number of images),
+calibration, per-body-part metrics, where the page's heat map points on the fractured test
+images' boxes (:mod:`fracture.localisation`), DVC plot tables, PNG plots and the model card, and
+logs them to the training run in MLflow.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from fracture.manifest import body_part
 from fracture.model_card import render_model_card
 from fracture.plots import save_evaluation_plots
 from fracture.prepare import PreparedImages
-from fracture.split import group_key
+from fracture.split import split_groups
 from fracture.stages.prepare import open_cache
 from fracture.tracking import setup_mlflow, training_run
 from fracture.vocabulary import Aspect, Tta
@@ -135,18 +136,6 @@ def _write_curves(
     ].to_csv(workspace.curve("predictions"), index=False)
 
 
-def split_groups(frame: pd.DataFrame) -> np.ndarray:
-    """Each image's group of linked images in a split table, the unit ROC AUC's bootstrap resamples.
-
-    The table's ``group`` column (:func:`fracture.split.group_key` over every included image; a
-    group goes to one split whole); a table written before the split recorded it gets the same
-    key computed on its own rows, which hold each of their groups whole.
-    """
-    if "group" in frame.columns and frame["group"].notna().all():
-        return frame["group"].astype(str).to_numpy()
-    return group_key(frame).astype(str).to_numpy()
-
-
 def run_evaluate(params: Params, workspace: Workspace) -> EvaluateResult:
     """Chooses the threshold on val (``evaluate`` in params), then scores the test split once.
 
@@ -171,7 +160,8 @@ def run_evaluate(params: Params, workspace: Workspace) -> EvaluateResult:
     threshold = operating_threshold(ev, lambda: score("val")[1:])
     test, labels, probs = score("test")
     result = evaluate_probabilities(labels, probs, threshold)
-    intervals = confidence_intervals(labels, probs, threshold, ev.bootstrap_resamples, ev.seed, groups=split_groups(test))
+    linked = split_groups(test)
+    intervals = confidence_intervals(labels, probs, threshold, ev.bootstrap_resamples, ev.seed, groups=linked)
     calib = calibration(labels, probs, ev.calibration_bins)
     parts = body_part(test).to_numpy()
     metrics = (
@@ -186,7 +176,7 @@ def run_evaluate(params: Params, workspace: Workspace) -> EvaluateResult:
     if localisation is not None:
         metrics |= localisation.metrics
     evaluated = EvaluateResult(metrics, result.confusion)
-    per_part = by_group(labels, probs, parts, threshold)
+    per_part = by_group(labels, probs, parts, threshold, linked=linked)
     workspace.write_evaluate(evaluated, per_part)
     (localisation.per_image if localisation else pd.DataFrame(columns=list(COLUMNS))).to_csv(
         workspace.localisation, index=False
