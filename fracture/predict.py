@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import stat
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -277,7 +278,12 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
     :func:`_reports_on`) is replaced, and the new one lists it as its predecessor (Predecessor
     Documents Sequence), so a PACS holding both knows which is current. One an earlier call
     wrote there for another image (an anonymiser's constant UID on another day's patient) is
-    kept, and this image's report is named after its bytes instead, its row's note saying so.
+    kept, and this image's report is named after its bytes instead, its row's note saying so. One
+    that is damaged (empty, not DICOM, cut short, or without its UIDs, evidence or findings:
+    :func:`_earlier_report`) is not written over: it is moved aside as ``<name>.damaged``
+    (:func:`_set_aside`) and the new report takes its name, naming it as its predecessor only when
+    what is left of it shows it is on this image; the row's note names the file and why it was not
+    read, and a damaged report that cannot be moved aside costs this row its report, not the file.
     The reports of one study in one call form one SR series, numbered in order. A file holding
     an image already reported in this call (the same valid SOP Instance UID and study, scored
     alike: one image exported twice) gets no second report: its row points to the first's, and
@@ -343,15 +349,19 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
             # A report an earlier run wrote for this image is superseded, and says so. One written
             # there for another image (an anonymiser's constant UID on another day's patient) is
             # that image's: kept, and this one named after the file's bytes instead.
+            # A damaged one (cut short, not DICOM, or without what tells which image it is on) is
+            # neither; it is moved aside, not written over, once this one is ready to take its name.
             others: list[str] = []
+            replaces, damaged = None, ""
             while (folder / name).is_file():
-                replaces = _earlier_report(folder / name)
-                if replaces is None or _reports_on(replaces, source):
+                earlier, damaged = _earlier_report(folder / name)
+                if earlier is not None and all(k in earlier for k in REPORT_UIDS) and _reports_on(earlier, source):
+                    replaces = earlier
+                    break
+                if damaged:
                     break
                 others.append(name)
                 name = _content_name(path, names | set(others))
-            else:
-                replaces = None
             number = numbers.get(study, 0) + 1
             sr = structured_report(
                 source, float(row.fracture_probability), float(row.threshold), row.label == "fractured",
@@ -365,13 +375,24 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
         target = folder / name
         # Written beside and moved into place: a run stopped midway leaves the earlier report whole.
         partial = target.with_name(f".{name}.partial")
+        aside: Path | None = None
+        moving = False
         try:
             sr.save_as(partial, enforce_file_format=True)
+            moving = bool(damaged)
+            aside = _set_aside(target) if damaged else None
+            moving = False
             os.replace(partial, target)
         except OSError as exc:  # a full disk, a report folder gone: this row's report, not the run
             partial.unlink(missing_ok=True)
             numbers[study] -= 1
-            no_report(index, path, f"no structured report: it cannot be written to {target} ({exc.strerror or exc})")
+            reason = exc.strerror or exc
+            if moving:
+                no_report(index, path, f"no structured report: the earlier report {target} is damaged ({damaged}) "
+                          f"and cannot be moved aside ({reason}), so it is left as it is")
+            else:
+                no_report(index, path, f"no structured report: it cannot be written to {target} ({reason})" + (
+                    f"; the damaged earlier report there ({damaged}) is kept as {aside.name}" if aside else ""))
             continue
         names.add(name)
         if uid in reported:  # a UID two different images carry: the row says why its report is apart
@@ -382,6 +403,13 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
         if others:
             add_note(index, f"an earlier report on another image (its source, study or patient differs) is "
                      f"{' and '.join(others)} in {folder}: kept, and this one written as {name}")
+        if aside is not None:
+            log.warning("%s: the earlier report is damaged (%s); kept as %s", target, damaged, aside.name)
+            add_note(index, f"the earlier report {name} in {folder} is damaged ({damaged}): kept as {aside.name}, "
+                     "and this one written in its place, " + (
+                         "naming it as its predecessor" if replaces is not None else
+                         "not naming it as its predecessor, as what is left of it does not show it is on this image"
+                     ))
         if blanked:
             add_note(index, "left empty in the structured report, not valid DICOM values: " + ", ".join(
                 f"{keyword} {value!r}" for keyword, value in blanked.items()
@@ -430,18 +458,89 @@ def _reports_on(report: Any, source: Any) -> bool:
     )
 
 
-def _earlier_report(path: Path) -> Any:
-    """The report an earlier run left at ``path``, or ``None`` when it is not a readable DICOM file
-    (an empty or damaged file is then replaced without being named as the predecessor)."""
-    from pydicom import dcmread  # noqa: PLC0415
+#: The UIDs by which a report names the one it replaces as its predecessor.
+REPORT_UIDS = ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID")
+#: What an earlier report must hold to be whole: its UIDs; its evidence, which tells which image it
+#: is on (:func:`_reports_on`); its findings, the last of its elements.
+REPORT_PARTS = (*REPORT_UIDS, "CurrentRequestedProcedureEvidenceSequence", "ContentSequence")
+UNDEFINED_LENGTH = 0xFFFFFFFF
+
+
+def _earlier_report(path: Path) -> tuple[Any, str]:
+    """The report an earlier run left at ``path``, and why it is damaged (``""`` when it is whole).
+
+    Damaged: empty, not DICOM, cut short, or without one of :data:`REPORT_PARTS`. pydicom reads a
+    file cut short without a word when the cut falls between its elements or inside one of defined
+    length, and gives what it read: here a file is whole only when every element it holds is as
+    long as it says and its findings, the last of its elements, are there. What is left of a
+    damaged one (its elements that still read) comes with the reason, so a report whose evidence
+    still shows it is on the same image is named as the predecessor of the one that replaces it;
+    ``None`` when nothing of it can be read.
+    """
+    from pydicom import config, dcmread  # noqa: PLC0415
+    from pydicom.dataelem import RawDataElement  # noqa: PLC0415
     from pydicom.errors import InvalidDicomError  # noqa: PLC0415
 
     try:
-        report = dcmread(path, stop_before_pixels=True)
-        report.SOPInstanceUID  # noqa: B018 - a predecessor is named by its UIDs
-        report.SeriesInstanceUID  # noqa: B018
-        report.StudyInstanceUID  # noqa: B018
-    except (InvalidDicomError, EOFError, OSError, AttributeError, ValueError, KeyError) as exc:
-        log.warning("%s: the earlier report cannot be read (%s); it is replaced without being named", path, exc)
-        return None
-    return report
+        if path.stat().st_size == 0:
+            return None, "it is empty"
+        with config.strict_reading():  # an undefined length cut short raises, rather than warns
+            report = dcmread(path, stop_before_pixels=True)
+        short = [
+            tag for tag in report.keys()  # noqa: SIM118 - iterating a Dataset gives its elements, read
+            if isinstance(raw := report.get_item(tag), RawDataElement) and raw.length != UNDEFINED_LENGTH
+            and raw.value is not None and len(raw.value) != raw.length
+        ]
+        if short:
+            raise EOFError(f"the element {short[-1]} is cut short")
+        missing = [keyword for keyword in REPORT_PARTS if keyword not in report]
+    except InvalidDicomError:
+        return None, "it is not a DICOM file"
+    except EOFError:
+        why = "it is cut short"
+    except Exception as exc:  # noqa: BLE001 - a damaged file's bytes can fail pydicom anywhere
+        message = str(exc).splitlines()[0] if str(exc) else ""
+        why = f"it cannot be read as DICOM ({type(exc).__name__}: {message[:100]})"
+    else:
+        if not missing:
+            return report, ""
+        return report, f"it has no {', '.join(missing)}"
+    return _what_is_left(path), why
+
+
+def _what_is_left(path: Path) -> Any:
+    """The elements of a damaged file that still read (its header, before a cut), or ``None``."""
+    from pydicom import dcmread  # noqa: PLC0415
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom's warnings on the cut: the row's note says it
+        try:
+            left = dcmread(path, stop_before_pixels=True)
+        except Exception:  # noqa: BLE001 - nothing of it reads; the file is kept all the same
+            return None
+        for tag in list(left.keys()):
+            try:  # read now, a sequence to its last nested element, or dropped
+                element = left[tag]
+                for item in element.value if element.VR == "SQ" else ():
+                    for _ in item.iterall():
+                        pass
+            except Exception:  # noqa: BLE001 - the element the cut fell in
+                del left[tag]
+    return left
+
+
+def _set_aside(path: Path) -> Path:
+    """Moves a damaged earlier report out of its report's way, to ``<name>.damaged`` (``.damaged-2``
+    and on when that is taken), and returns where: kept for whoever looks into it, under a name that
+    says why and that no ``*.dcm`` pattern sending the folder to a PACS picks up.
+
+    Raises:
+        OSError: it cannot be moved.
+    """
+    copy = 1
+    while (aside := path.with_name(f"{path.name}.damaged{'' if copy == 1 else f'-{copy}'}")).exists() or (
+        aside.is_symlink()
+    ):
+        copy += 1
+    os.rename(path, aside)
+    return aside

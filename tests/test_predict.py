@@ -248,11 +248,12 @@ def test_a_studys_reports_form_one_series_and_a_rerun_names_the_report_it_replac
         assert new.SOPInstanceUID != old.SOPInstanceUID and new.SeriesInstanceUID != old.SeriesInstanceUID
         before = new.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
         assert before.ReferencedSOPInstanceUID == old.SOPInstanceUID
-    # An earlier report that is damaged (empty here) is replaced without being named.
+    # An earlier report that is damaged (empty here) is moved aside, not named: nothing in it to name.
     damaged = tmp_path / "sr" / f"{dcmread(files[0]).SOPInstanceUID}.sr.dcm"
     damaged.write_bytes(b"")
     third = [dcmread(p) for p in write_structured_reports(table(), files, tmp_path / "sr")]
     assert "PredecessorDocumentsSequence" not in third[0] and "PredecessorDocumentsSequence" in third[1]
+    assert damaged.with_name(f"{damaged.name}.damaged").read_bytes() == b""
     assert not list((tmp_path / "sr").glob(".*"))  # no partial file left
 
 
@@ -670,3 +671,128 @@ def test_json_rows_hold_the_numbers_in_full(tmp_path):
     assert rows[1]["fracture_probability"] is None and rows[1]["error"].startswith("the image is empty")
     write(table, tmp_path / "rows.csv")
     assert pd.read_csv(tmp_path / "rows.csv")["fracture_probability"][0] == rows[0]["fracture_probability"]
+
+
+def _cut_in_its_findings(report: bytes) -> bytes:
+    return report[: len(report) - 10]
+
+
+def _without_evidence(report: bytes) -> bytes:
+    ds = dcmread(io.BytesIO(report))
+    del ds.CurrentRequestedProcedureEvidenceSequence
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("damage", "why", "named"),
+    [
+        (lambda report: report[:100], "it is not a DICOM file", False),  # cut inside its header
+        (_cut_in_its_findings, "it is cut short", True),  # pydicom reads it without a word
+        (_without_evidence, "it has no CurrentRequestedProcedureEvidenceSequence", False),
+        (lambda report: b"", "it is empty", False),
+    ],
+    ids=["not-dicom", "cut-short", "no-evidence", "empty"],
+)
+def test_a_damaged_earlier_report_is_kept_aside_not_written_over(fracatlas, tmp_path, damage, why, named):
+    """A report an earlier run left that is damaged (cut short, not DICOM, without the evidence
+    that tells which image it is on) is neither replaced silently nor mistaken for another image's:
+    it is moved aside as <name>.damaged, byte for byte, the new report takes its name, and the row's
+    note says so. The new report names it as its predecessor only when what is left of it still
+    shows it is on this image; a second damaged one goes to .damaged-2, the first left alone."""
+    source = tmp_path / "IM0001"
+    source.write_bytes(dicom_from_jpeg(fracatlas / "images/Fractured/IMG0000019.jpg", "8-bit"))
+    folder = tmp_path / "sr"
+    [first] = write_structured_reports(_reported_table(1), [source], folder)
+    report = Path(first)
+    earlier = dcmread(report)
+    kept: list[bytes] = []
+    for aside in (f"{report.name}.damaged", f"{report.name}.damaged-2"):
+        kept.append(damage(report.read_bytes()))
+        report.write_bytes(kept[-1])
+        table = _reported_table(1)
+        [written] = write_structured_reports(table, [source], folder)
+        assert written == first  # the new report takes its name
+        names = [report.name, f"{report.name}.damaged", f"{report.name}.damaged-2"][: 1 + len(kept)]
+        assert sorted(p.name for p in folder.iterdir()) == names
+        assert [(folder / name).read_bytes() for name in names[1:]] == kept  # byte for byte, the first left alone
+        new = dcmread(written)
+        assert new.SOPInstanceUID != earlier.SOPInstanceUID
+        assert ("PredecessorDocumentsSequence" in new) == named
+        if named:
+            predecessor = new.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+            assert predecessor.ReferencedSOPInstanceUID == earlier.SOPInstanceUID
+        assert table["note"][0] == (
+            f"the earlier report {report.name} in {folder} is damaged ({why}): kept as {aside}, and this one "
+            "written in its place, " + ("naming it as its predecessor" if named else
+                                        "not naming it as its predecessor, as what is left of it does not show it "
+                                        "is on this image")
+        )
+        earlier = new
+
+
+def test_a_damaged_earlier_report_that_cannot_be_moved_aside_is_left_whole(fracatlas, tmp_path, monkeypatch):
+    """Moving the damaged report aside fails (a folder one may write files into but not rename in):
+    it is left as it was, byte for byte, and this row gets no report, its note saying why."""
+    source = tmp_path / "IM0001"
+    source.write_bytes(dicom_from_jpeg(fracatlas / "images/Fractured/IMG0000019.jpg", "8-bit"))
+    folder = tmp_path / "sr"
+    [first] = write_structured_reports(_reported_table(1), [source], folder)
+    Path(first).write_bytes(b"not a report")
+
+    def refused(src, dst):
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr("fracture.predict.os.rename", refused)
+    table = _reported_table(1)
+    assert write_structured_reports(table, [source], folder) == [""]
+    assert Path(first).read_bytes() == b"not a report" and [p.name for p in folder.iterdir()] == [Path(first).name]
+    assert table["note"][0] == (
+        f"no structured report: the earlier report {first} is damaged (it is not a DICOM file) and cannot be moved "
+        "aside (Operation not permitted), so it is left as it is"
+    )
+
+
+def test_the_rows_say_which_damaged_report_was_kept_aside(registry, tmp_path):
+    """As a consumer runs it: the JSON row names the damaged report kept aside, and its new report."""
+    source = tmp_path / "study" / "IM0001"
+    source.parent.mkdir()
+    source.write_bytes(dicom_from_jpeg(require_fracatlas() / "images/Fractured/IMG0000019.jpg", "8-bit"))
+    folder, out = tmp_path / "sr", tmp_path / "rows.json"
+    folder.mkdir()
+    damaged = folder / f"{dcmread(source).SOPInstanceUID}.sr.dcm"
+    damaged.write_bytes(b"\0" * 200)  # a transfer cut off after its first bytes: no DICM prefix
+    proc = run_predict(registry, str(source.parent), "--out", str(out), "--dicom-sr", str(folder),
+                       "--model", f"models:/{NAME}/1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [row] = json.loads(out.read_text())
+    assert row["error"] == "" and row["sr"] == str(damaged)
+    assert row["note"] == (
+        f"the earlier report {damaged.name} in {folder} is damaged (it is not a DICOM file): kept as "
+        f"{damaged.name}.damaged, and this one written in its place, not naming it as its predecessor, as what is "
+        "left of it does not show it is on this image"
+    )
+    assert (folder / f"{damaged.name}.damaged").read_bytes() == b"\0" * 200
+    assert dcmread(damaged).SOPClassUID == Comprehensive3DSRStorage
+
+
+def test_a_report_cut_short_anywhere_is_judged_damaged_and_what_is_left_of_it_reads(fracatlas, tmp_path):
+    """pydicom reads a file cut between its elements, or inside one of defined length, without a
+    word: wherever the cut falls, the earlier report is judged damaged (only the whole file is
+    not), and what is left of it can be asked which image it is on without raising."""
+    from fracture.predict import _earlier_report, _reports_on
+
+    source = tmp_path / "IM0001"
+    source.write_bytes(dicom_from_jpeg(fracatlas / "images/Fractured/IMG0000019.jpg", "8-bit"))
+    [first] = write_structured_reports(_reported_table(1), [source], tmp_path / "sr")
+    data, image, cut_file = Path(first).read_bytes(), dcmread(source), tmp_path / "cut.sr.dcm"
+    on_this_image = 0
+    for cut in [*range(0, len(data), 7), len(data) - 1]:
+        cut_file.write_bytes(data[:cut])
+        earlier, damaged = _earlier_report(cut_file)
+        assert damaged, cut
+        on_this_image += earlier is not None and _reports_on(earlier, image)
+    assert on_this_image  # a cut after its evidence leaves a predecessor to name
+    cut_file.write_bytes(data)
+    assert _earlier_report(cut_file)[1] == ""
