@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -47,6 +48,16 @@ EX_TEMPFAIL = 75
 
 class IngestError(RuntimeError):
     """The dataset could not be brought in; the message says what to do."""
+
+
+class _UnreadableZip(IngestError):
+    """A zip that cannot be read as one (no central directory yet, a member's data damaged or cut
+    short): what a zip still being copied looks like, as well as a damaged one. ``why`` is what
+    failed, without the advice."""
+
+    def __init__(self, message: str, why: str) -> None:
+        super().__init__(message)
+        self.why = why
 
 
 class DownloadError(IngestError):
@@ -170,7 +181,7 @@ def safe_extract(archive: Path, target: Path, label: str | None = None) -> None:
                 except (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImplementedError, OSError) as exc:
                     raise _member_error(name, member.filename, exc) from exc
     except zipfile.BadZipFile as exc:
-        raise IngestError(f"{name} is not a readable zip file ({exc}); fetch it again") from exc
+        raise _UnreadableZip(f"{name} is not a readable zip file ({exc}); fetch it again", str(exc)) from exc
 
 
 def _check_room(name: str, members: list[zipfile.ZipInfo], target: Path) -> None:
@@ -213,8 +224,9 @@ def _member_error(name: str, member: str, exc: BaseException) -> IngestError:
             f"of the extraction folder (it is under TMPDIR), or {folder}."
         )
     # zlib.error, EOFError or a CRC mismatch (BadZipFile): the stored bytes are damaged.
-    return IngestError(
-        f"{name}: member {member!r} is damaged ({exc}). Fetch the archive again, or {folder}."
+    return _UnreadableZip(
+        f"{name}: member {member!r} is damaged ({exc}). Fetch the archive again, or {folder}.",
+        f"member {member!r}: {exc}",
     )
 
 
@@ -591,6 +603,29 @@ def _listing_entries(path: Path) -> list[list[object]]:
     return entries
 
 
+def _change(source: Path, before: list[list[object]]) -> str:
+    """How ``source``'s listing differs from ``before`` (``"FracAtlas.zip resized from 1,024 to
+    2,048 bytes"``), or ``""`` when it does not."""
+    try:
+        after = {e[0]: e[1:] for e in _listing_entries(source)}
+    except FileNotFoundError:  # the source itself is gone
+        after = {}
+    old = {e[0]: e[1:] for e in before}
+    changed = sorted(rel for rel in old.keys() | after.keys() if old.get(rel) != after.get(rel))
+    if not changed:
+        return ""
+    first = str(changed[0])
+    was, now = old.get(first), after.get(first)
+    how = (
+        "added" if was is None
+        else "removed" if now is None
+        else f"resized from {was[0]:,} to {now[0]:,} bytes" if was[0] != now[0]
+        else "rewritten"
+    )
+    more = f", and {len(changed) - 1} more" if len(changed) > 1 else ""
+    return f"{first} {how}{more}"
+
+
 def _check_unchanged(source: Path, before: list[list[object]], shown: str | Path, doing: str) -> None:
     """Refuses a copy of ``source`` made while it changed: its listing differs from ``before``.
 
@@ -601,26 +636,41 @@ def _check_unchanged(source: Path, before: list[list[object]], shown: str | Path
     Raises:
         DownloadError: a file was added, removed, resized or rewritten since ``before``.
     """
-    try:
-        after = {e[0]: e[1:] for e in _listing_entries(source)}
-    except FileNotFoundError:  # the source itself is gone
-        after = {}
-    old = {e[0]: e[1:] for e in before}
-    changed = sorted(rel for rel in old.keys() | after.keys() if old.get(rel) != after.get(rel))
-    if changed:
-        first = str(changed[0])
-        was, now = old.get(first), after.get(first)
-        how = (
-            "added" if was is None
-            else "removed" if now is None
-            else f"resized from {was[0]:,} to {now[0]:,} bytes" if was[0] != now[0]
-            else "rewritten"
-        )
-        more = f", and {len(changed) - 1} more" if len(changed) > 1 else ""
+    if changed := _change(source, before):
         raise DownloadError(
-            f"{shown}: the source changed while it was {doing} ({first} {how}{more}); nothing was "
+            f"{shown}: the source changed while it was {doing} ({changed}); nothing was "
             "ingested. Run ingest again once the export has finished."
         )
+
+
+#: How long ingest watches a local zip it cannot read for a change, and how often it looks: a zip
+#: still being copied reads as damaged at once (its central directory, at its end, is not there
+#: yet), long before a copy in progress would change it while it is read.
+ZIP_SETTLE_S = 2.0
+ZIP_POLL_S = 0.2
+
+
+def _check_settled(archive: Path, before: list[list[object]], shown: str, error: _UnreadableZip) -> None:
+    """Tells a zip still being written from a damaged one: refuses ``archive`` as worth a retry
+    when it changes within :data:`ZIP_SETTLE_S` of failing to read.
+
+    Only a change seen is taken for a copy in progress; a zip left unchanged that long stays
+    ``error``, a permanent failure, which is what a copy stalled that long also gets.
+
+    Raises:
+        DownloadError: the archive changed since ``before`` (its size or modification time).
+    """
+    deadline = time.monotonic() + ZIP_SETTLE_S
+    while True:
+        if changed := _change(archive, before):
+            raise DownloadError(
+                f"{shown} cannot be read as a zip ({error.why}), and it changed meanwhile ({changed}): it is "
+                "still being written, as a copy onto a share in progress is. Nothing was ingested; run "
+                "ingest again once the copy has finished."
+            ) from error
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(ZIP_POLL_S)
 
 
 def _broken_link_error(link: str) -> IngestError:
@@ -733,9 +783,11 @@ def ingest(params: IngestParams, dest: Path, source: str | None = None) -> Inges
         What was brought in.
 
     Raises:
-        DownloadError: a transient download failure; running again may succeed.
-        IngestError: the source is missing, not in ``ingest.layout``'s layout, or damaged.
-            ``dest`` is left as it was.
+        DownloadError: a transient failure; running again may succeed: a download cut short, a
+            local source that changed while it was copied, or a local zip that cannot be read and
+            changes within :data:`ZIP_SETTLE_S` (a copy onto the share still in progress).
+        IngestError: the source is missing, not in ``ingest.layout``'s layout, or damaged (a zip
+            that cannot be read and stays unchanged). ``dest`` is left as it was.
     """
     with tempfile.TemporaryDirectory(prefix="fracture-ingest-") as tmp:
         tmpdir = Path(tmp)
@@ -765,8 +817,12 @@ def ingest(params: IngestParams, dest: Path, source: str | None = None) -> Inges
             before = _listing_entries(archive) if local else []
             try:
                 safe_extract(archive, extracted, label)
-            except IngestError:
+            except _UnreadableZip as exc:
                 # A zip still being written reads as damaged or as no zip: worth a retry.
+                if local:
+                    _check_settled(archive, before, label, exc)
+                raise
+            except IngestError:
                 if local:
                     _check_unchanged(archive, before, label, "extracted")
                 raise

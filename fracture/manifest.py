@@ -20,10 +20,12 @@ validation summary and the evaluation's per-part metrics all count alike.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
 import re
+import stat
 import unicodedata
 import warnings
 from collections.abc import Callable
@@ -87,19 +89,62 @@ class ManifestError(ValueError):
     """A dataset's csv cannot be read into the manifest, or a frame lacks the manifest columns an operation needs."""
 
 
+class _OtherSeparator(pd.errors.ParserError):
+    """A csv file whose header line holds no comma but another separator: one column, as read."""
+
+    def __init__(self, sep: str, header: str) -> None:
+        super().__init__(f"looks {OTHER_SEPARATORS[sep]}-separated: its header line is {header[:80]!r}")
+        self.sep = sep
+
+
+#: Separators a csv file is saved with instead of commas: Excel's where the decimal mark is a
+#: comma (most of continental Europe), and "Text (tab delimited)".
+OTHER_SEPARATORS = {";": "semicolon", "\t": "tab"}
+
+
 @dataclass(frozen=True)
 class ImageFacts:
     width: int | None
     height: int | None
     mode: str | None
-    sha256: str
+    sha256: str | None  # None: not read (no regular file)
     decodable: bool
     truncated: bool
     error: str | None
 
 
+def not_a_file(path: Path) -> str:
+    """Why ``path`` is no regular file to read, or ``""`` when it is one (or when reading it will
+    say why not). Judged by ``stat`` alone, before anything opens it: opening a FIFO would wait
+    for a writer for ever."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        if not path.is_symlink():
+            return ""
+        if exc.errno == errno.ELOOP:
+            return "the file is a link that leads back to itself (a loop of links); remove the link"
+        return (f"the file is a link whose target does not exist ({os.readlink(path)!a}); restore its target or "
+                "remove the link")
+    if stat.S_ISREG(mode):
+        return ""
+    if stat.S_ISDIR(mode):
+        try:
+            with os.scandir(path):
+                pass
+        except OSError as exc:
+            return (f"the folder cannot be listed ({exc.strerror or type(exc).__name__}), so its images are not read; "
+                    "make it readable to the user running the pipeline")
+        return "the entry is a folder, not an image file"
+    kind = "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+    return f"the file is {kind}, not a regular file, and is not read; copy the image into a file"
+
+
 def inspect_image(path: str, max_pixels: int | None = None, min_grey_std: float | None = None) -> ImageFacts:
     """Hashes and fully decodes one file, telling a truncated JPEG from an unreadable one.
+
+    An entry that is no regular file (a broken link, a FIFO: :func:`not_a_file`) is not opened:
+    it is listed as not decodable, with that reason and no ``sha256``.
 
     A file the served model refuses (:mod:`fracture.intake`) is not trained on either: it is
     listed as not decodable, its ``error`` the served model's reason. Besides the format and bit
@@ -115,6 +160,8 @@ def inspect_image(path: str, max_pixels: int | None = None, min_grey_std: float 
         min_grey_std: the served model's least greyscale standard deviation (``serve.min_grey_std``);
             ``None``: not checked.
     """
+    if why := not_a_file(Path(path)):
+        return ImageFacts(None, None, None, None, False, False, why)
     data = Path(path).read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     over = too_many_pixels(data, max_pixels) if max_pixels is not None else None
@@ -174,8 +221,10 @@ def _read_fracatlas_layout(dataset_dir: Path) -> pd.DataFrame:
     for folder, label in FOLDERS.items():
         for p in sorted((dataset_dir / "images" / folder).iterdir()):
             # A hidden file (Finder's .DS_Store, a copy's ._ resource fork) is no X-ray: skipped
-            # as export_files skips it in the csv layout, not failed as an undecodable image.
-            if p.is_file() and not hidden(p.name):
+            # as export_files skips it in the csv layout, not failed as an undecodable image. An
+            # entry that is no regular file (a broken link, a FIFO) is a row, which the decode
+            # check then excludes with its reason (inspect_image), rather than left out unseen.
+            if not p.is_dir() and not hidden(p.name):
                 rows.append({"image_id": p.name, "path": p.relative_to(dataset_dir).as_posix(), "folder_label": label})
     files = pd.DataFrame(rows, columns=["image_id", "path", "folder_label"])
     return join_files_and_csv(files, read_dataset_csv(dataset_dir / "dataset.csv"))
@@ -190,14 +239,20 @@ def read_dataset_csv(csv_file: Path | str, handle: IO[bytes] | None = None) -> p
             the messages then say what is wrong and not how to fix the file, which is history.
 
     Raises:
-        ManifestError: the file cannot be read, lacks ``image_id`` or ``fractured``, names no
-            id on some row, or holds a cell in ``fractured``, ``fracture_count`` or a flag column
+        ManifestError: the file cannot be read (or is saved with semicolons or tabs instead of
+            commas), lacks ``image_id`` or ``fractured``, holds its header row only, names no id
+            on some row, or holds a cell in ``fractured``, ``fracture_count`` or a flag column
             that is not a whole number; the message names the file, the column and the lines.
     """
+    fix = "; copy it again from the FracAtlas release" if handle is None else ""
     try:
         csv = _read_text_csv(csv_file if handle is None else handle)
+    except _OtherSeparator as exc:
+        raise ManifestError(
+            f"{csv_file} {exc}, as a spreadsheet saves csv where the decimal mark is a comma; FracAtlas's "
+            f"dataset.csv is comma-separated{fix}"
+        ) from exc
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as exc:
-        fix = "; copy it again from the FracAtlas release" if handle is None else ""
         raise ManifestError(f"{csv_file} is not a readable csv file ({exc}){fix}") from exc
     missing = [c for c in ("image_id", "fractured") if c not in csv]
     if missing:
@@ -205,6 +260,11 @@ def read_dataset_csv(csv_file: Path | str, handle: IO[bytes] | None = None) -> p
             f"{csv_file} lacks the column(s) {', '.join(missing)} (it has {list(csv.columns)}); FracAtlas's "
             "dataset.csv names each image (image_id) and its label (fractured: 1 or 0), with the flag columns "
             f"{', '.join(FLAG_COLUMNS)} and fracture_count"
+        )
+    if csv.empty:  # every image would be unlabelled: the whole file is missing, not some rows
+        raise ManifestError(
+            f"{csv_file} holds its header row but no rows of images, where FracAtlas's dataset.csv has one row "
+            f"per image{fix}"
         )
     csv["image_id"] = _named_ids(csv["image_id"], csv_file)
     for column in [c for c in ("fractured", "fracture_count", *FLAG_COLUMNS) if c in csv]:
@@ -262,6 +322,10 @@ def _read_text_csv(csv_file: Path | IO[bytes], column: Callable[[str], str] = st
     # The header as written: pandas renames a repeated name (label, label.1), and the first would win.
     header = pd.read_csv(csv_file, header=None, nrows=1, dtype=str, keep_default_na=False, index_col=False)
     written = [str(name) for name in header.iloc[0]] if len(header) else []
+    # One column whose name holds another separator: the file was saved with it (Excel writes ";"
+    # where the decimal mark is a comma). Refused naming it, not read with it (read_csv_layout says why).
+    if len(written) == 1 and (found := [sep for sep in OTHER_SEPARATORS if sep in written[0]]):
+        raise _OtherSeparator(found[0], written[0])
     names = [column(name) for name in written]
     named_twice = sorted({name for name in names if name and names.count(name) > 1})
     if named_twice:  # "label,label", " label" and "label", or "Label" and "label"
@@ -274,7 +338,9 @@ def _read_text_csv(csv_file: Path | IO[bytes], column: Callable[[str], str] = st
         csv_file, header=None, skiprows=1, names=range(len(written) + EXTRA_FIELDS), dtype=str,
         keep_default_na=False, skip_blank_lines=False, index_col=False,
     )
-    beyond = fields.iloc[:, len(written):].agg(",".join, axis=1).str.rstrip(",")
+    # Joined row by row: DataFrame.agg over no rows returns a frame, not a Series.
+    beyond = pd.Series([",".join(r) for r in fields.iloc[:, len(written):].itertuples(index=False)],
+                       index=fields.index, dtype=str).str.rstrip(",")
     if beyond.ne("").any():
         raise pd.errors.ParserError(
             f"{_rows(beyond.ne(''), beyond)} hold fields past the header's {len(written)} ({', '.join(written)}); "
@@ -423,11 +489,27 @@ def _patient_column(patients: pd.Series, csv_file: Path) -> pd.Series:
     return patients.replace("", pd.NA)
 
 
+def _a_row(entry: Path) -> bool:
+    """Whether an entry :func:`~fracture.decoding.export_files` lists under ``images/`` is a row of
+    the manifest: each file, and what is no file to read (a broken link, a FIFO, a folder that
+    cannot be listed) so that the decode check excludes it with its reason (:func:`not_a_file`);
+    but not a linked folder it did not walk (a second name for a folder walked, or a loop), whose
+    files are rows under their first name."""
+    if not entry.is_dir():
+        return True
+    try:
+        with os.scandir(entry):
+            return False
+    except OSError:
+        return True
+
+
 def read_csv_layout(dataset_dir: Path) -> pd.DataFrame:
     """A hospital's export (layout ``csv``) as the manifest's columns, before the decode.
 
     Every file under ``images/`` (:func:`fracture.decoding.export_files`: sub-folders too, hidden
-    files and DICOMDIR indexes aside) and
+    files and DICOMDIR indexes aside; what is no file to read too, a broken link, a FIFO or a folder
+    that cannot be listed, for the decode check to exclude with its reason: :func:`_a_row`) and
     every row of ``labels.csv`` becomes a row, joined on the file: a row without a file gets
     ``has_file`` False, a file without a row ``in_csv`` False (its id is its path), and the suite
     reports both. There are no class folders, so ``folder_label`` is NA and ``labels.csv``'s
@@ -449,7 +531,8 @@ def read_csv_layout(dataset_dir: Path) -> pd.DataFrame:
         has one. Other columns are left out, with a warning naming them.
 
     Raises:
-        ManifestError: labels.csv lacks ``label`` or both ``path`` and ``image_id``, names a
+        ManifestError: labels.csv is saved with semicolons or tabs instead of commas, holds its
+            header row only, lacks ``label`` or both ``path`` and ``image_id``, names a
             column twice (in any spelling :func:`_labels_column` reads alike), or a value cannot be
             read (a label that is not a number, a path outside the folder, an empty
             ``image_id``, an id that names two files, an unknown body part or view); the message
@@ -460,6 +543,17 @@ def read_csv_layout(dataset_dir: Path) -> pd.DataFrame:
     csv_file = dataset_dir / LABELS_CSV
     try:
         csv = _read_text_csv(csv_file, _labels_column)
+    except _OtherSeparator as exc:
+        # Refused, not read with the separator found: labels.csv is comma-separated wherever it
+        # is read (by the user's own tools too), and ingest reads what it is given, guessing nothing.
+        convert = (f"python -c \"import pandas as pd; pd.read_csv('{LABELS_CSV}', sep={exc.sep!r}, "
+                   f"dtype=str, keep_default_na=False).to_csv('{LABELS_CSV}', index=False)\"")
+        raise ManifestError(
+            f"{csv_file} {exc}, as Excel saves csv where the decimal mark is a comma; {LABELS_CSV} must be "
+            "comma-separated. Save it comma-separated in the export (LibreOffice Calc: File > Save As, Text CSV, "
+            f"Edit filter settings, field delimiter ','), or convert it in the export's folder with {convert}, "
+            "then run ingest again"
+        ) from exc
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise ManifestError(f"{csv_file} is not a readable csv file ({exc}); export it again as UTF-8 csv") from exc
     if "label" not in csv or not ({"path", "image_id"} & set(csv.columns)):
@@ -468,8 +562,14 @@ def read_csv_layout(dataset_dir: Path) -> pd.DataFrame:
             f"(relative to {dataset_dir.name}/, e.g. {IMAGES_DIR}/image1.dcm) or image_id (a file's name), "
             "and may have body_part and view"
         )
+    if csv.empty:  # every image would be unlabelled: the export lost its rows, not some labels
+        raise ManifestError(
+            f"{csv_file} holds its header row ({', '.join(csv.columns)}) but no rows of images; export it "
+            "again with one row per image (its path or image_id, and its label), then run ingest again"
+        )
     images = dataset_dir / IMAGES_DIR
-    files = sorted(p.relative_to(dataset_dir).as_posix() for p in export_files(images))
+    listed = export_files(images, unreadable=True)
+    files = sorted(p.relative_to(dataset_dir).as_posix() for p in listed if _a_row(p))
     on_disk = _files_by_name(files, images)
     written = _csv_paths(csv["path"], csv_file).map(_nfc) if "path" in csv else None
     if written is not None and "image_id" not in csv:
@@ -513,7 +613,8 @@ def read_csv_layout(dataset_dir: Path) -> pd.DataFrame:
     frame["in_csv"] = frame["in_csv"].astype(bool)
     frame["has_file"] = frame["path"].isin(set(files))
     if "patient_id" not in csv:
-        patients = _dicom_patients(dataset_dir, files, csv_file)
+        # Only regular files are opened: reading a FIFO would wait for a writer for ever.
+        patients = _dicom_patients(dataset_dir, [f for f in files if not not_a_file(dataset_dir / f)], csv_file)
         if patients:
             frame["patient_id"] = frame["path"].map(patients).astype("string")
     frame.loc[~frame["has_file"], "path"] = ""
@@ -616,10 +717,14 @@ def build_manifest(
         csv names it), ``folder_label`` and ``csv_label`` (NA where unknown), ``has_file``,
         ``in_csv``, the csv's flags (and ``fracture_count`` for FracAtlas), and the decoded
         ``width``, ``height``, ``mode``, ``sha256``, ``decodable``, ``truncated`` and ``error``;
-        then ``near_duplicate_group`` and ``near_duplicate_conflict``.
+        then ``near_duplicate_group`` and ``near_duplicate_conflict``. An entry of an image folder
+        that is no regular file (a broken link, a FIFO) is a row too, never opened: not
+        decodable, its ``error`` saying why (:func:`not_a_file`), so the validate stage lists it.
 
     Raises:
-        ManifestError: the csv layout's labels.csv cannot be read (:func:`read_csv_layout`).
+        ManifestError: the dataset's csv (dataset.csv or labels.csv) cannot be read, is saved with
+            another separator than commas, or holds its header row only (:func:`read_dataset_csv`,
+            :func:`read_csv_layout`).
     """
     frame = _read_fracatlas_layout(dataset_dir) if layout == "fracatlas" else read_csv_layout(dataset_dir)
     paths = [str(dataset_dir / p) for p in frame.loc[frame["has_file"], "path"]]

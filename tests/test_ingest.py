@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import zipfile
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -291,7 +292,7 @@ def test_a_zip_changed_while_it_is_extracted_is_refused_for_a_retry(dataset, tmp
                 fh.write(whole[len(whole) // 2 :])
 
     monkeypatch.setattr("fracture.ingest.safe_extract", written_meanwhile)
-    with pytest.raises(DownloadError, match=r"changed while it was extracted"):
+    with pytest.raises(DownloadError, match=r"cannot be read as a zip \(File is not a zip file\), and it changed"):
         ingest(iparams, dest, str(archive))
     monkeypatch.undo()
     archive.write_bytes(whole[: len(whole) // 2])
@@ -299,6 +300,40 @@ def test_a_zip_changed_while_it_is_extracted_is_refused_for_a_retry(dataset, tmp
         ingest(iparams, dest, str(archive))
     assert not isinstance(unchanged.value, DownloadError)
     assert not dest.exists()
+
+
+@pytest.mark.parametrize("state", ["truncated", "damaged-member"])
+def test_a_zip_still_being_copied_onto_the_share_is_refused_for_a_retry(dataset, tmp_path, iparams, state):
+    """A zip still being copied has no central directory yet (or, copied over an older one, a member
+    whose bytes are not all there), so it fails to open within milliseconds: it was called damaged
+    for good, as no write landed in so short a read. Now a zip that cannot be read is watched for a
+    moment: one that changes is a copy in progress, retried; one that does not stays a damaged zip."""
+    whole = zip_dir(dataset, tmp_path / "whole.zip").read_bytes()
+    archive = tmp_path / "share" / "FracAtlas.zip"
+    archive.parent.mkdir()
+    archive.write_bytes(whole[: len(whole) // 2] if state == "truncated" else _bit_rot(whole))
+    dest = tmp_path / "data/fracatlas"
+
+    def copy_finishes() -> None:  # the copy's last bytes land after ingest has failed to read it
+        time.sleep(0.5)
+        archive.write_bytes(whole)
+
+    copier = threading.Thread(target=copy_finishes)
+    copier.start()
+    try:
+        with pytest.raises(DownloadError) as caught:
+            ingest(iparams, dest, str(archive))
+    finally:
+        copier.join()
+    assert re.fullmatch(
+        rf"{re.escape(str(archive))} cannot be read as a zip \(.+\), and it changed meanwhile \(FracAtlas\.zip "
+        r"(resized from [\d,]+ to [\d,]+ bytes|rewritten)\): it is still being written, as a copy onto a share in "
+        r"progress is\. Nothing was ingested; run ingest again once the copy has finished\.",
+        str(caught.value),
+    )
+    assert not dest.exists()
+    ingest(iparams, dest, str(archive))  # the retry, once the copy has finished
+    assert tree(dest) == tree(dataset)
 
 
 @pytest.mark.parametrize("as_zip", [False, True], ids=["folder", "zip"])
