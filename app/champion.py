@@ -11,7 +11,10 @@ Settings come from the environment, with defaults from the project's ``params.ya
 
 Each version the page loads is downloaded into a folder of its own under the page's folder (one
 per process, under the temporary directory), removed when the page drops that version (see
-:meth:`ServedModel.release`) and, with the page's folder, when the process exits.
+:meth:`ServedModel.release`) and, with the page's folder, when the process exits. The code MLflow
+puts on ``sys.path`` for a version (its ``code_paths``) is taken off again when the version is
+dropped. A page that could not clean up (killed with SIGKILL, or at a power cut) leaves its folder
+behind: the next page to start on the machine removes it (:func:`remove_stale_page_folders`).
 """
 
 from __future__ import annotations
@@ -19,9 +22,11 @@ from __future__ import annotations
 import atexit
 import base64
 import json
+import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 import threading
 import weakref
@@ -32,6 +37,7 @@ from urllib.parse import urlsplit, urlunsplit
 import mlflow
 import numpy as np
 import pandas as pd
+import psutil
 import torch
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
@@ -47,6 +53,8 @@ from fracture.serving import FracturePyfunc
 from fracture.vocabulary import CLASSES
 
 ROOT = Path(__file__).resolve().parents[1]
+
+log = logging.getLogger(__name__)
 
 
 class ModelUnavailable(RuntimeError):
@@ -132,7 +140,8 @@ class ServedModel:
         self._inner = inner
 
     def release(self) -> None:
-        """Removes this version's downloaded files: the page's cache calls it when it drops the model.
+        """Removes this version's downloaded files, and takes its packaged code off ``sys.path`` and
+        out of ``sys.modules``: the page's cache calls it when it drops the model.
 
         The model keeps working: its network was read into memory at load. Without a call the files
         go when the model is garbage-collected, or when the process exits.
@@ -233,18 +242,147 @@ def load_served_model(settings: PageSettings, version: str, run_id: str) -> Serv
 _page_folder: Path | None = None
 _page_folder_lock = threading.Lock()
 
+#: A page folder's name: its process's pid and start time (``s``, in hundredths of a second since
+#: the epoch), which tell a dead page's folder from a live one's even when its pid has been reused.
+#: Folders of pages from before start times were recorded have none.
+_PAGE_FOLDER_NAME = re.compile(r"fracture-page-(?P<pid>[0-9]+)-(?:s(?P<started>[0-9]+)-)?[a-z0-9_]+")
+
+
+def _started(process: psutil.Process) -> int:
+    """When ``process`` started, in hundredths of a second: the stamp in its page folder's name."""
+    return round(process.create_time() * 100)
+
+
+def _runs(pid: int, started: int | None) -> bool:
+    """Whether the page process that named a folder ``pid`` (started at ``started``) still runs.
+
+    In doubt (the process cannot be inspected; a folder named without its start time whose pid
+    runs), it does: a live page's files are never removed.
+    """
+    try:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return False
+        # Within 10 ms: the stamp is rounded; another process with this pid started later.
+        return started is None or abs(_started(process) - started) <= 1
+    except psutil.NoSuchProcess:  # ZombieProcess among them
+        return False
+    except (psutil.AccessDenied, OSError):
+        return True
+
+
+def remove_stale_page_folders(temp: Path | None = None) -> list[Path]:
+    """Removes the page folders (and the versions in them) of page processes that no longer run.
+
+    A page removes its folder when it exits; one killed with SIGKILL (or by the OOM killer, or a
+    power cut) cannot, and each crash would leave its downloaded versions on the disk for good.
+    Only folders named as :func:`page_folder` names them, owned by this user, whose process is gone
+    (or whose pid now belongs to a process started later) are removed.
+
+    Args:
+        temp: where page folders are made (default: the temporary directory).
+
+    Returns:
+        The folders removed.
+    """
+    temp = Path(tempfile.gettempdir()) if temp is None else temp
+    removed = []
+    try:
+        entries = list(os.scandir(temp))
+    except OSError:
+        return removed
+    for entry in entries:
+        named = _PAGE_FOLDER_NAME.fullmatch(entry.name)
+        try:
+            if named is None or not entry.is_dir(follow_symlinks=False):
+                continue
+            if hasattr(os, "getuid") and entry.stat(follow_symlinks=False).st_uid != os.getuid():
+                continue  # another user's page: not this one's to judge, nor to remove
+        except OSError:
+            continue
+        started = named["started"]
+        if _runs(int(named["pid"]), None if started is None else int(started)):
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)
+        if not os.path.lexists(entry.path):
+            removed.append(Path(entry.path))
+    if removed:
+        log.info("Removed %d model folder(s) left by page processes that no longer run: %s",
+                 len(removed), ", ".join(map(str, removed)))
+    return removed
+
 
 def page_folder() -> Path:
-    """This process's folder for the versions it loads (``fracture-page-<pid>-*`` under the
-    temporary directory), made on first use and removed when the process exits."""
+    """This process's folder for the versions it loads (``fracture-page-<pid>-s<start>-*`` under the
+    temporary directory), made on first use and removed when the process exits. Made first, the
+    folders left by pages that were killed before they could remove theirs are removed
+    (:func:`remove_stale_page_folders`)."""
     global _page_folder
     with _page_folder_lock:
         if _page_folder is None:
-            _page_folder = Path(tempfile.mkdtemp(prefix=f"fracture-page-{os.getpid()}-"))
+            remove_stale_page_folders()
+            pid = os.getpid()
+            prefix = f"fracture-page-{pid}-s{_started(psutil.Process(pid))}-"
+            _page_folder = Path(tempfile.mkdtemp(prefix=prefix))
             atexit.register(shutil.rmtree, _page_folder, ignore_errors=True)
         # Made again if something removed it (a cleaner of old temporary files) while the page ran.
         _page_folder.mkdir(parents=True, exist_ok=True)
         return _page_folder
+
+
+#: Held while MLflow loads a version (and changes ``sys.path`` and ``sys.modules`` for it), and while
+#: a dropped version's entries are taken out of them. Re-entrant: a version's finalizer may run in
+#: the loading thread, when the collector runs mid-load.
+_code_lock = threading.RLock()
+
+
+def _under(path: object, folder: str) -> bool:
+    """Whether ``path`` is ``folder`` or lies inside it."""
+    return isinstance(path, str) and (path == folder or path.startswith(folder.rstrip(os.sep) + os.sep))
+
+
+def _from(module: object, folder: str) -> bool:
+    """Whether ``module`` was imported from a file (or is a package with a path) under ``folder``."""
+    try:
+        files = [getattr(module, "__file__", None)]
+        paths = getattr(module, "__path__", None)
+        if isinstance(paths, (list, tuple)) or type(paths).__name__ == "_NamespacePath":
+            files.extend(paths)
+        return any(_under(f, folder) for f in files)
+    except Exception:  # noqa: BLE001 - a module's attributes can be anything (lazy modules, C extensions' namespaces)
+        return False
+
+
+def _forget_modules_from(folder: str) -> None:
+    """Takes out of ``sys.modules`` every module imported from under ``folder``: a version loaded
+    later imports its own code, not a module of that name another version imported. The models
+    already loaded keep the modules they were built with."""
+    for name, module in list(sys.modules.items()):
+        if module is not None and _from(module, folder):
+            sys.modules.pop(name, None)
+
+
+def _load_with_own_code(local: str) -> mlflow.pyfunc.PyFuncModel:
+    """Loads the version downloaded to ``local`` (in the page's folder), importing its packaged code
+    from its own folder.
+
+    MLflow puts the version's code folder first on ``sys.path`` (``mlflow.pyfunc.load_model``,
+    through ``_add_code_from_conf_to_system_path``) and never takes it off: :func:`_drop_version`
+    does. A module another version imported stays in ``sys.modules`` and would be this version's
+    too, whatever ``sys.path`` says: the modules imported from the page's folder are forgotten first.
+    """
+    with _code_lock:
+        _forget_modules_from(str(page_folder()))
+        return mlflow.pyfunc.load_model(local)
+
+
+def _drop_version(folder: str) -> None:
+    """Takes a dropped version's code (the ``sys.path`` entries inside its folder, the modules imported
+    from there) off ``sys.path`` and out of ``sys.modules``, then removes its folder."""
+    with _code_lock:
+        sys.path[:] = [entry for entry in sys.path if not _under(entry, folder)]
+        _forget_modules_from(folder)
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def _load_pyfunc(
@@ -259,7 +397,9 @@ def _load_pyfunc(
     finalizer removes it when called (:meth:`ServedModel.release`, when the page's cache drops
     the model), when the pyfunc is garbage-collected, or at exit. Not sooner: the project's
     pyfuncs read their files whole at load, but a model still served keeps what it was loaded
-    from (its packaged code stays on ``sys.path``, and a pyfunc may open its files later).
+    from (its packaged code stays on ``sys.path``, and a pyfunc may open its files later). The
+    finalizer takes that code off ``sys.path`` too (:func:`_drop_version`): MLflow would leave it
+    there, one entry for every version the page ever loaded, naming folders long removed.
     A local store's versions are copied too (MLflow would load them in place; given a folder, it
     copies), so that every version the page serves is one it owns.
 
@@ -275,12 +415,15 @@ def _load_pyfunc(
     try:
         # Named after the version, for an operator looking at the disk: registered names may hold any character.
         folder = tempfile.mkdtemp(prefix=f"{re.sub(r'[^A-Za-z0-9._-]+', '_', name)}-v{version}-", dir=page_folder())
-        pyfunc = mlflow.pyfunc.load_model(uri, dst_path=folder)
+        # Downloaded first, outside the lock a load holds: a slow download delays no other version's load.
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=uri, dst_path=folder, tracking_uri=settings.tracking_uri)
+        pyfunc = _load_with_own_code(local)
     except Exception as exc:  # artifact stores fail in many ways; the page must say so, not crash
         if folder is not None:
-            shutil.rmtree(folder, ignore_errors=True)
+            _drop_version(folder)  # with what a load that failed half-way put on sys.path
         raise ModelUnavailable(f"{uri} could not be loaded from {settings.shown_uri}: {exc}") from exc
-    return pyfunc, weakref.finalize(pyfunc, shutil.rmtree, folder, ignore_errors=True)
+    return pyfunc, weakref.finalize(pyfunc, _drop_version, folder)
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,12 @@ its cache keeps two models, the last used, so two copies at most may be on the d
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -124,3 +128,164 @@ def test_the_page_keeps_a_copy_of_the_versions_its_cache_holds_and_none_after_it
     # The page's Python has ended: its copies went with it.
     assert list(temp.rglob("registered_model_meta")) == []
     assert [p.name for p in temp.iterdir() if p.name.startswith("fracture-page-")] == []
+
+
+def page_module(monkeypatch: pytest.MonkeyPatch, temp: Path):
+    """The page's :mod:`champion`, as a fresh page process would start it: its temporary directory
+    ``temp``, no page folder made yet, and ``sys.path`` (which loads change) put back afterwards."""
+    monkeypatch.syspath_prepend(str(REPO / "app"))  # also restores sys.path when the test ends
+    import champion
+
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    monkeypatch.setattr(champion, "_page_folder", None)
+    return champion
+
+
+def test_a_version_the_page_releases_leaves_nothing_of_its_own_on_sys_path(tracking_server, tmp_path, monkeypatch):
+    # MLflow prepends each loaded version's code folder (`code_paths`) to sys.path and never takes it
+    # off: a page reloading versions for weeks would grow sys.path without end, its entries naming
+    # folders long removed, ahead of the code of versions loaded later.
+    register_versions(tracking_server, tmp_path, 2)
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    champion = page_module(monkeypatch, temp)
+    settings = champion.PageSettings(tracking_server, NAME, "champion", "")
+    before = list(sys.path)
+
+    def ours() -> list[str]:
+        return [p for p in sys.path if p.startswith(str(temp))]
+
+    for version in ["1", "2", "1", "2"]:
+        model = champion.load_served_model(settings, version, "")
+        assert len(ours()) == 1 and Path(ours()[0]).is_dir()  # its own code, while it is served
+        model.release()
+        assert sys.path == before, f"after releasing version {version}: {ours()}"
+
+    # Two served at once (the cache keeps two): each keeps its own entry until it is dropped.
+    first = champion.load_served_model(settings, "1", "")
+    second = champion.load_served_model(settings, "2", "")
+    assert len(ours()) == 2
+    first.release()
+    assert len(ours()) == 1 and Path(ours()[0]).is_dir()
+    second.release()
+    assert sys.path == before
+
+
+#: A models-from-code pyfunc whose packaged code (``code_paths``) is one module, imported at load.
+PROBE_ENTRY = """
+from mlflow.models import set_model
+from mlflow.pyfunc import PythonModel
+import {module}
+
+
+class Probe(PythonModel):
+    version = {module}.VERSION
+    code = {module}.__file__
+
+    def predict(self, context, model_input, params=None):
+        return model_input
+
+
+set_model(Probe())
+"""
+
+
+def register_probes(url: str, folder: Path, module: str, versions: int) -> None:
+    """Versions 1 .. ``versions`` of ``module``'s probe, each packaging its own ``module`` (``VERSION = n``)."""
+    mlflow.set_tracking_uri(url)
+    try:
+        mlflow.set_experiment("page-model-code")
+        for version in range(1, versions + 1):
+            code = folder / f"v{version}" / f"{module}.py"
+            code.parent.mkdir()
+            code.write_text(f"VERSION = {version}\n")
+            entry = code.parent / "entry.py"
+            entry.write_text(PROBE_ENTRY.format(module=module))
+            # MLflow runs the entry when it logs it: its module must be importable here, then gone again.
+            sys.path.insert(0, str(code.parent))
+            try:
+                with mlflow.start_run():
+                    info = mlflow.pyfunc.log_model(name="model", python_model=str(entry), code_paths=[str(code)])
+            finally:
+                sys.path.remove(str(code.parent))
+                sys.modules.pop(module, None)
+            mlflow.register_model(info.model_uri, module)
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+def test_each_version_the_page_loads_imports_its_own_packaged_code(tracking_server, tmp_path, monkeypatch):
+    # A module the first version imported stays in sys.modules: a later version importing a module of
+    # that name would get the earlier version's, whether the earlier one is released or still served.
+    module = "page_probe_code"
+    register_probes(tracking_server, tmp_path, module, 3)
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    champion = page_module(monkeypatch, temp)
+    monkeypatch.delitem(sys.modules, module, raising=False)  # put back as it was (absent) afterwards
+    settings = champion.PageSettings(tracking_server, module, "champion", "")
+
+    def load(version: int):
+        pyfunc, files = champion._load_pyfunc(settings, module, str(version))
+        probe = pyfunc.unwrap_python_model()
+        assert probe.version == version
+        assert Path(probe.code).is_file()  # from its own copy, not a removed one
+        return pyfunc, files
+
+    _, files_1 = load(1)
+    files_1()  # released
+    _, files_2 = load(2)  # a fresh import, not version 1's module
+    _, files_3 = load(3)  # version 2 still served
+    files_2()
+    files_3()
+    assert module not in sys.modules  # nothing of a released version is left to import
+
+
+#: A page process that makes its folder and a version's folder in it, says where, and waits.
+PAGE_WITH_A_FOLDER = r"""
+import time
+import champion
+
+folder = champion.page_folder()
+(folder / "page-model-v1-abcdefgh").mkdir()
+(folder / "page-model-v1-abcdefgh" / "MLmodel").write_text("stands for a version's files")
+print(folder, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_starting_page_removes_the_folders_of_pages_killed_before_they_could_and_no_live_page_s(tmp_path, monkeypatch):
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    env = child_env(TMPDIR=str(temp), PYTHONPATH=str(REPO / "app"))
+    pages = [subprocess.Popen([sys.executable, "-c", PAGE_WITH_A_FOLDER], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        killed, live = pages
+        folders = [Path(page.stdout.readline().strip()) for page in pages]
+        assert all(f.is_dir() and f.parent == temp for f in folders), folders
+        killed_folder, live_folder = folders
+        os.kill(killed.pid, signal.SIGKILL)  # no atexit, no finalizer: its folder stays behind
+        killed.wait()
+        assert killed_folder.is_dir()
+
+        # The killed page's pid reused by a live process (this one): the folder is still a dead page's.
+        reused = temp / killed_folder.name.replace(f"-{killed.pid}-", f"-{os.getpid()}-", 1)
+        assert reused != killed_folder
+        shutil.copytree(killed_folder, reused)
+
+        champion = page_module(monkeypatch, temp)
+        this_page = champion.page_folder()  # a page (re)starting: this process
+        assert not killed_folder.exists()
+        assert not reused.exists()
+        assert live_folder.is_dir() and (live_folder / "page-model-v1-abcdefgh" / "MLmodel").is_file()
+        assert this_page.is_dir()
+
+        monkeypatch.setattr(champion, "_page_folder", None)  # another page starting, beside this one
+        assert champion.page_folder() != this_page
+        assert this_page.is_dir() and live_folder.is_dir()  # a live page's folder, its pid this very one
+    finally:
+        for page in pages:  # started here, ended here, by their own ids
+            if page.poll() is None:
+                page.kill()
+                page.wait()
