@@ -15,16 +15,23 @@ from pathlib import Path
 import torch
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
-from prefect import flow, get_run_logger
+from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 from ruamel.yaml import YAML
+from ruamel.yaml.representer import RoundTripRepresenter
 
 from flows.report import REPORT_KEY, no_champion_note, registry_summary, render_report
 from flows.result import DetectorResult, RegistryState, RetrainResult, as_of_run
 from fracture.allocator import freed_memory_kept
 from fracture.cli import skip_exit_collection
-from fracture.config import PARAMS_FILE, Profile, load_params, tracking_uri
+from fracture.config import (
+    PARAMS_FILE,
+    Profile,
+    load_params,
+    read_params_yaml,
+    tracking_uri,
+)
 from fracture.ingest import SOURCE_ENV
 from fracture.project_lock import project_lock as fracture_project_lock
 from fracture.workspace import Workspace
@@ -35,6 +42,7 @@ from tasks.pipeline import (
     dvc_status,
     ingest_task,
     register_task,
+    run_logger,
     stage_task,
     uncommitted,
 )
@@ -87,14 +95,18 @@ def set_profile(project: Path, profile: str) -> bool:
     Returns:
         Whether the file changed.
     """
+    path = project / PARAMS_FILE
+    # Read with the C parser first: ruamel's comment-keeping parser, ten times slower, only to write.
+    if read_params_yaml(path.read_text())["train"]["profile"] == profile:
+        return False
     yaml = YAML()
     yaml.preserve_quotes = True  # e.g. schedule.cron stays "0 3 * * 1" as written
-    # Write nulls as `null`, as the file spells them, rather than ruamel's empty value.
-    yaml.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
-    path = project / PARAMS_FILE
+    # Write nulls as `null`, as the file spells them, rather than ruamel's empty value. On a class
+    # of this YAML's own: ruamel's add_representer changes the class it is called on, and on
+    # RoundTripRepresenter itself it changed every later dump in the process, dvc.lock's included.
+    yaml.Representer = type("ParamsRepresenter", (RoundTripRepresenter,), {})
+    yaml.Representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
     data = yaml.load(path)
-    if data["train"]["profile"] == profile:
-        return False
     if profile not in data["profiles"]:
         raise ValueError(f"{path}: no profile named '{profile}' (profiles: {list(data['profiles'])})")
     data["train"]["profile"] = profile
@@ -215,7 +227,7 @@ def registry_state(client: MlflowClient, model: str) -> RegistryState:
 
 
 def _retrain(project: Path, source: str | None, profile: str | None) -> RetrainResult:
-    logger = get_run_logger()
+    logger = run_logger(__name__)  # the flow run's; a plain logger when called as retrain.fn(...)
     name, reason = choose_profile(profile, torch.cuda.is_available())
     print(reason)
     if set_profile(project, name):

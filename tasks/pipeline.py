@@ -32,6 +32,7 @@ import requests
 from mlflow.exceptions import MlflowException
 from prefect import get_run_logger, task
 from prefect.exceptions import MissingContextError
+from prefect.logging import get_logger
 
 from fracture import cli
 from fracture.config import Params, load_params
@@ -139,12 +140,20 @@ class IngestSummary:
 IN_PROCESS_COMMAND = re.compile(r"fracture(?:[ \t]+[\w./=-]+)*")
 
 
-def _logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
-    """The Prefect run's logger inside a flow or task run, else this module's."""
+def run_logger(name: str = __name__) -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
+    """The Prefect run's logger inside a flow or task run; outside one, Prefect's logger ``name``.
+
+    Outside a run (a flow's or task's function called as ``retrain.fn(...)`` from a notebook or a
+    test, a stage reproduced from a script) ``get_run_logger`` raises ``MissingContextError``;
+    Prefect's ``get_logger`` then prints with the same console format and sends nothing to the API.
+
+    Args:
+        name: the logger's name outside a run (under Prefect's ``prefect.`` logger).
+    """
     try:
         return get_run_logger()
     except MissingContextError:
-        return logging.getLogger(__name__)
+        return get_logger(name)
 
 
 def _exit_status(exc: SystemExit) -> tuple[int, str]:
@@ -160,7 +169,7 @@ def run_command(project: Path, argv: list[str]) -> None:
     Raises:
         StageFailed: the command exited with an error; the message is the one it printed.
     """
-    _logger().info("$ fracture %s", " ".join(argv))
+    run_logger().info("$ fracture %s", " ".join(argv))
     with contextlib.chdir(project):
         try:
             cli.main(argv)
@@ -291,7 +300,6 @@ def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 #: The loggers DVC prints its messages through, each with its own console handlers (``dvc.logger.setup``).
 DVC_LOGGERS = ("dvc", "dvc_data", "dvc_objects")
 
-
 @contextlib.contextmanager
 def open_repo(root: Path) -> Iterator[Repo]:
     """DVC's ``Repo`` at ``root``, opened from the root as the command line runs, each message printed once.
@@ -353,7 +361,7 @@ def dvc_status(project: Path, targets: list[str]) -> dict[str, Any]:
 def dvc_add_data(project: Path) -> None:
     """``dvc add data`` in this process: hashes the data directory, caches it and writes ``data.dvc``."""
     root, data = project.resolve(), DATA_DVC.removesuffix(".dvc")
-    _logger().info("dvc add %s", data)
+    run_logger().info("dvc add %s", data)
     with open_repo(root) as repo:
         repo.add(data)
 
@@ -408,7 +416,7 @@ def repro(project: Path, stage: str, dvc_file: str = "dvc.yaml") -> StageRun:
     started = time.perf_counter()
     root = project.resolve()
     target = f"{dvc_file}:{stage}"
-    _logger().info("dvc repro -s %s", target)
+    run_logger().info("dvc repro -s %s", target)
     commands: list[float] = []
     try:
         # From the project root, as the command line runs: DVC reads some paths against it.
@@ -467,7 +475,14 @@ def retry_transient_registry(task: Task[..., Any], task_run: TaskRun, state: Sta
     return isinstance(exc, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError))
 
 
-@task(name="ingest", retries=2, retry_delay_seconds=30, retry_condition_fn=retry_transient_ingest)
+# Every task returns what the flow reads at once and keeps nothing of it in Prefect
+# (persist_result=False): DVC caches the stages' outputs and MLflow the models, and without a
+# persisted result Prefect neither writes one (a profile or server may set
+# PREFECT_RESULTS_PERSIST_BY_DEFAULT) nor hashes each call's inputs and source for a cache key.
+@task(
+    name="ingest", retries=2, retry_delay_seconds=30, retry_condition_fn=retry_transient_ingest,
+    persist_result=False,
+)
 def ingest_task(project: Path, source: str | None) -> IngestSummary:
     """Brings FracAtlas in (local copy, zip or figshare) and versions it with ``dvc add``.
 
@@ -478,7 +493,7 @@ def ingest_task(project: Path, source: str | None) -> IngestSummary:
     previous = workspace.data_version()
     unchanged, listing = _unchanged_source(workspace, params, source)
     if unchanged is not None:
-        get_run_logger().info(unchanged)
+        run_logger().info(unchanged)
         return IngestSummary(previous, time.perf_counter() - started, previous, unchanged=unchanged)
     run_command(project, ["ingest", *(["--source", source] if source else [])])
     dvc_add_data(project)
@@ -492,7 +507,7 @@ def ingest_task(project: Path, source: str | None) -> IngestSummary:
     return IngestSummary(version, time.perf_counter() - started, previous)
 
 
-@task(name="stage", task_run_name="{stage}")
+@task(name="stage", task_run_name="{stage}", persist_result=False)
 def stage_task(project: Path, stage: str, up_to_date: bool = False) -> tuple[StageRun, Any]:
     """Reproduces one DVC stage (:func:`repro`) and reads its outputs back as the stage's typed result.
 
@@ -511,7 +526,7 @@ DETECT_DVC = "detect/dvc.yaml"
 DETECT_STAGES = ("detect_train", "detect_evaluate")
 
 
-@task(name="detect")
+@task(name="detect", persist_result=False)
 def detect_task(project: Path) -> tuple[dict[str, StageRun], dict[str, float]]:
     """Reproduces the detector's stages through DVC (``dvc repro -s detect/dvc.yaml:<stage>``, :func:`repro`).
 
@@ -522,7 +537,10 @@ def detect_task(project: Path) -> tuple[dict[str, StageRun], dict[str, float]]:
     return runs, json.loads(Workspace(project).detect_metrics.read_text())
 
 
-@task(name="detect-register", retries=2, retry_delay_seconds=30, retry_condition_fn=retry_transient_registry)
+@task(
+    name="detect-register", retries=2, retry_delay_seconds=30, retry_condition_fn=retry_transient_registry,
+    persist_result=False,
+)
 def detect_register_task(project: Path) -> Registration:
     """Registers the detector (``detect.model_name``) and moves its ``champion`` when it passes its gate."""
     from fracture.stages.detect import run_detect_register  # noqa: PLC0415 - torchvision's detection loads slowly
@@ -530,7 +548,10 @@ def detect_register_task(project: Path) -> Registration:
     return run_detect_register(load_params(project), Workspace(project))
 
 
-@task(name="register", retries=2, retry_delay_seconds=30, retry_condition_fn=retry_transient_registry)
+@task(
+    name="register", retries=2, retry_delay_seconds=30, retry_condition_fn=retry_transient_registry,
+    persist_result=False,
+)
 def register_task(project: Path) -> Registration:
     """Registers the trained run's model and moves ``champion`` when it passes the promotion gate.
 
