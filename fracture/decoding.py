@@ -8,8 +8,10 @@ transform is in :mod:`fracture.imaging`.
 
 from __future__ import annotations
 
+import errno
 import io
 import os
+import stat
 import threading
 import warnings
 from collections.abc import Iterator
@@ -276,6 +278,55 @@ def hidden(name: str) -> bool:
     """Whether a file or folder name is hidden (``.DS_Store``, a copy's ``._`` resource fork): no X-ray,
     wherever a folder of them is listed (:func:`export_files`, the FracAtlas layout, a past version)."""
     return name.startswith(".")
+
+
+def shown(path: Path | str) -> str:
+    """A path (or a message naming one) as text the rows can hold. A file name that is not UTF-8
+    (``R\\xd6NTGEN.jpg``, Latin-1 from a Windows or an old PACS share) reaches Python with its
+    bytes escaped as lone surrogates, which pandas' strings, CSV and JSON refuse, and which would
+    cost every row of the run: here its undecodable bytes are written ``\\xd6`` instead. The file
+    itself is read by its :class:`~pathlib.Path`, not by this text."""
+    text = os.fspath(path)
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte
+        raw = text.encode("utf-8", "backslashreplace")
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def not_a_regular_file(path: Path) -> str | None:
+    """Why ``path`` is no regular file to read, judged by ``stat`` alone, before anything opens it:
+    opening a FIFO would wait for a writer for ever.
+
+    Returns:
+        ``""`` for a regular file (or an entry ``stat`` cannot read that is no link: reading it
+        will say why), the reason for a broken link, a loop of links, a FIFO, socket or device,
+        and ``None`` for a folder, which each caller names in its own terms (:func:`unlistable`).
+    """
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        if not path.is_symlink():
+            return ""
+        if exc.errno == errno.ELOOP:
+            return "the file is a link that leads back to itself (a loop of links); remove the link"
+        return (f"the file is a link whose target does not exist ({shown(os.readlink(path))}); restore its target "
+                "or remove the link")
+    if stat.S_ISREG(mode):
+        return ""
+    if stat.S_ISDIR(mode):
+        return None
+    kind = "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+    return f"the file is {kind}, not a regular file, and is not read; copy the image into a file"
+
+
+def unlistable(folder: Path) -> str:
+    """Why ``folder`` cannot be listed (``"Permission denied"``), or ``""`` when it can."""
+    try:
+        with os.scandir(folder):
+            return ""
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
 
 
 def export_files(folder: Path, indexes: bool = False, unreadable: bool = False) -> list[Path]:

@@ -20,12 +20,10 @@ validation summary and the evaluation's per-part metrics all count alike.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import logging
 import os
 import re
-import stat
 import unicodedata
 import warnings
 from collections.abc import Callable
@@ -45,8 +43,10 @@ from fracture.decoding import (
     export_files,
     hidden,
     near_constant,
+    not_a_regular_file,
     png_bit_depth,
     too_many_pixels,
+    unlistable,
     unservable,
 )
 from fracture.dicom import patient_ids, patient_key
@@ -115,29 +115,14 @@ class ImageFacts:
 
 def not_a_file(path: Path) -> str:
     """Why ``path`` is no regular file to read, or ``""`` when it is one (or when reading it will
-    say why not). Judged by ``stat`` alone, before anything opens it: opening a FIFO would wait
-    for a writer for ever."""
-    try:
-        mode = path.stat().st_mode
-    except OSError as exc:
-        if not path.is_symlink():
-            return ""
-        if exc.errno == errno.ELOOP:
-            return "the file is a link that leads back to itself (a loop of links); remove the link"
-        return (f"the file is a link whose target does not exist ({os.readlink(path)!a}); restore its target or "
-                "remove the link")
-    if stat.S_ISREG(mode):
-        return ""
-    if stat.S_ISDIR(mode):
-        try:
-            with os.scandir(path):
-                pass
-        except OSError as exc:
-            return (f"the folder cannot be listed ({exc.strerror or type(exc).__name__}), so its images are not read; "
-                    "make it readable to the user running the pipeline")
-        return "the entry is a folder, not an image file"
-    kind = "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
-    return f"the file is {kind}, not a regular file, and is not read; copy the image into a file"
+    say why not): :func:`~fracture.decoding.not_a_regular_file`, and for a folder why it is no image."""
+    why = not_a_regular_file(path)
+    if why is not None:
+        return why
+    if cannot := unlistable(path):
+        return (f"the folder cannot be listed ({cannot}), so its images are not read; make it readable to the "
+                "user running the pipeline")
+    return "the entry is a folder, not an image file"
 
 
 def inspect_image(path: str, max_pixels: int | None = None, min_grey_std: float | None = None) -> ImageFacts:

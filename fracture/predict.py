@@ -11,13 +11,11 @@ and version, and the error (empty when it was scored).
 from __future__ import annotations
 
 import dataclasses
-import errno
 import hashlib
 import json
 import logging
 import os
 import re
-import stat
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -30,7 +28,7 @@ from mlflow import MlflowClient
 from tqdm import tqdm
 
 from fracture.consumer import ConsumerError, ConsumerModel
-from fracture.decoding import export_files
+from fracture.decoding import export_files, not_a_regular_file, shown, unlistable
 from fracture.dicom import is_dicom
 from fracture.intake import InputPolicy, InputRejected, read_file
 
@@ -127,47 +125,20 @@ def collect(inputs: Iterable[Path]) -> list[Path]:
     return files
 
 
-def shown(path: Path | str) -> str:
-    """A path (or a message naming one) as text the rows can hold. A file name that is not UTF-8
-    (``R\\xd6NTGEN.jpg``, Latin-1 from a Windows or an old PACS share) reaches Python with its
-    bytes escaped as lone surrogates, which pandas' strings, CSV and JSON refuse, and which would
-    cost every row of the run: here its undecodable bytes are written ``\\xd6`` instead. The file
-    itself is read by its :class:`~pathlib.Path`, not by this text."""
-    text = os.fspath(path)
-    try:
-        raw = text.encode("utf-8", "surrogateescape")
-    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte
-        raw = text.encode("utf-8", "backslashreplace")
-    return raw.decode("utf-8", "backslashreplace")
-
-
 def _not_a_file(path: Path) -> str:
     """Why ``path`` is no regular file to read, or ``""`` when it is one (or when reading it will
-    say why not). Checked before it is read: opening a FIFO would wait for a writer for ever."""
-    try:
-        mode = path.stat().st_mode
-    except OSError as exc:
-        if path.is_symlink():
-            if exc.errno == errno.ELOOP:
-                return "the file is a link that leads back to itself (a loop of links); remove the link"
-            return f"the file is a link whose target does not exist ({shown(os.readlink(path))}); restore it or remove the link"
-        return ""
-    if stat.S_ISREG(mode):
-        return ""
-    if stat.S_ISDIR(mode):
-        try:
-            with os.scandir(path):
-                pass
-        except OSError as exc:
-            return f"the folder cannot be listed ({exc.strerror or type(exc).__name__}): its files are not scored"
-        if path.is_symlink():
-            return ("the folder is a link to a folder listed already (a second name for one), or to the folder "
-                    "scored or one above it (a loop): not walked again, so each file is a row once, under its "
-                    "first name, and none from outside the folder scored")
-        return ("the folder was listed already under another name, through a link: each file is a row once, "
-                "under its first name")
-    kind = "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
-    return f"the file is {kind}, not a regular file, and is not read; copy the image into a file"
+    say why not): :func:`~fracture.decoding.not_a_regular_file`, and for a folder why it is a row."""
+    why = not_a_regular_file(path)
+    if why is not None:
+        return why
+    if cannot := unlistable(path):
+        return f"the folder cannot be listed ({cannot}): its files are not scored"
+    if path.is_symlink():
+        return ("the folder is a link to a folder listed already (a second name for one), or to the folder "
+                "scored or one above it (a loop): not walked again, so each file is a row once, under its "
+                "first name, and none from outside the folder scored")
+    return ("the folder was listed already under another name, through a link: each file is a row once, "
+            "under its first name")
 
 
 def _batches(files: list[Path], size: int) -> Iterator[list[Path]]:

@@ -141,7 +141,7 @@ def test_broken_links_and_fifos_in_the_class_folders_are_excluded_with_their_rea
     assert manifest.loc[odd, "sha256"].isna().all()
     target = tmp_path / "nowhere.jpg"
     broken = manifest.at["IMG0000098.jpg", "error"]
-    assert broken.startswith(f"the file is a link whose target does not exist ('{target}'); restore its target")
+    assert broken.startswith(f"the file is a link whose target does not exist ({target}); restore its target")
     assert "a loop of links" in manifest.at["IMG0000097.jpg", "error"]
     assert manifest.at["IMG0000099.jpg", "error"].startswith("the file is a FIFO (named pipe), not a regular file")
 

@@ -540,7 +540,7 @@ def test_every_entry_of_a_folder_is_a_row_whatever_its_name_or_kind(registry, tm
     assert sorted(rows.index) == ["R\\xd6NTGEN.jpg", "a.jpg", "gone.jpg", "pipe", "series2/b.jpg", "sub/root", "sub/up"]
     assert (rows.loc[["R\\xd6NTGEN.jpg", "a.jpg", "series2/b.jpg"], "error"] == "").all()
     assert rows.loc["gone.jpg", "error"] == (
-        f"the file is a link whose target does not exist ({tmp_path / 'nowhere.jpg'}); restore it or remove the link"
+        f"the file is a link whose target does not exist ({tmp_path / 'nowhere.jpg'}); restore its target or remove the link"
     )
     assert rows.loc["pipe", "error"].startswith("the file is a FIFO (named pipe), not a regular file")
     assert rows.loc["sub/up", "error"].startswith("the folder is a link to a folder listed already")
