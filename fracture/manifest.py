@@ -100,6 +100,11 @@ class _OtherSeparator(pd.errors.ParserError):
 #: Separators a csv file is saved with instead of commas: Excel's where the decimal mark is a
 #: comma (most of continental Europe), and "Text (tab delimited)".
 OTHER_SEPARATORS = {";": "semicolon", "\t": "tab"}
+#: Where a spreadsheet writes each of them.
+SEPARATOR_ORIGINS = {
+    ";": "as a spreadsheet saves csv where the decimal mark is a comma",
+    "\t": "as a spreadsheet saves \"Text (tab delimited)\"",
+}
 
 
 @dataclass(frozen=True)
@@ -234,7 +239,7 @@ def read_dataset_csv(csv_file: Path | str, handle: IO[bytes] | None = None) -> p
         csv = _read_text_csv(csv_file if handle is None else handle)
     except _OtherSeparator as exc:
         raise ManifestError(
-            f"{csv_file} {exc}, as a spreadsheet saves csv where the decimal mark is a comma; FracAtlas's "
+            f"{csv_file} {exc}, {SEPARATOR_ORIGINS[exc.sep]}; FracAtlas's "
             f"dataset.csv is comma-separated{fix}"
         ) from exc
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as exc:
@@ -534,7 +539,7 @@ def read_csv_layout(dataset_dir: Path) -> pd.DataFrame:
         convert = (f"python -c \"import pandas as pd; pd.read_csv('{LABELS_CSV}', sep={exc.sep!r}, "
                    f"dtype=str, keep_default_na=False).to_csv('{LABELS_CSV}', index=False)\"")
         raise ManifestError(
-            f"{csv_file} {exc}, as Excel saves csv where the decimal mark is a comma; {LABELS_CSV} must be "
+            f"{csv_file} {exc}, {SEPARATOR_ORIGINS[exc.sep]}; {LABELS_CSV} must be "
             "comma-separated. Save it comma-separated in the export (LibreOffice Calc: File > Save As, Text CSV, "
             f"Edit filter settings, field delimiter ','), or convert it in the export's folder with {convert}, "
             "then run ingest again"

@@ -106,6 +106,8 @@ def test_a_labels_csv_saved_with_semicolons_is_refused_naming_the_separator_and_
     assert message.startswith(f"{root / 'labels.csv'} looks {name}-separated: its header line is "
                               f"{f'path{sep}label{sep}body_part'!r}")
     assert "labels.csv must be comma-separated" in message and "field delimiter ','" in message
+    origin = "decimal mark is a comma" if sep == ";" else "Text (tab delimited)"
+    assert origin in message
     # The conversion the message gives, run in the export's folder, makes a file that is read.
     command = message.split("python -c ", 1)[1].split(", then run ingest again")[0]
     code = command.strip('"')
