@@ -10,29 +10,46 @@ Settings come from the environment, with defaults from the project's ``params.ya
   the page shows the classifier alone.
 
 Each version the page loads is downloaded into a folder of its own under the page's folder (one
-per process, under the temporary directory), removed when the page drops that version (see
-:meth:`ServedModel.release`) and, with the page's folder, when the process exits. The code MLflow
-puts on ``sys.path`` for a version (its ``code_paths``) is taken off again when the version is
-dropped. A page that could not clean up (killed with SIGKILL, or at a power cut) leaves its folder
-behind: the next page to start on the machine removes it (:func:`remove_stale_page_folders`).
+per process, under the temporary directory, locked by its process while it runs), removed when the
+page drops that version (see :meth:`ServedModel.release`) and, with the page's folder, when the
+process exits. The code MLflow puts on ``sys.path`` for a version (its ``code_paths``) is taken off
+again when the version is dropped, and the modules imported from it are forgotten.
+
+That code is not what scores the project's models here. The page imports this project's
+``fracture`` package from its installation when it starts, and ``import fracture`` then finds it in
+``sys.modules``: a version's packaged copy of ``fracture`` is never imported, and every version the
+page serves runs the installed ``fracture``. Only a version's other packaged modules are its own.
+A version's own code is what :mod:`fracture.consumer` tests, loading the version in a Python of its
+own (the promotion gate's load check and the scoring of versions).
+
+A page that could not clean up (killed with SIGKILL, or at a power cut) leaves its folder behind:
+the next page to start on the machine removes it (:func:`remove_stale_page_folders`).
 """
 
 from __future__ import annotations
 
 import atexit
 import base64
+import contextlib
 import json
 import logging
 import os
 import re
 import shutil
+import stat
 import sys
 import tempfile
 import threading
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
+
+try:
+    import fcntl
+except ImportError:  # Windows: folders are judged by pid alone
+    fcntl = None  # type: ignore[assignment]
 
 import mlflow
 import numpy as np
@@ -140,8 +157,10 @@ class ServedModel:
         self._inner = inner
 
     def release(self) -> None:
-        """Removes this version's downloaded files, and takes its packaged code off ``sys.path`` and
-        out of ``sys.modules``: the page's cache calls it when it drops the model.
+        """Removes this version's downloaded files, and takes its packaged code folder off ``sys.path``
+        and the modules imported from there out of ``sys.modules`` (never the installed ``fracture``,
+        which the page runs for every version: see the module's docstring): the page's cache calls it
+        when it drops the model.
 
         The model keeps working: its network was read into memory at load. Without a call the files
         go when the model is garbage-collected, or when the process exits.
@@ -241,30 +260,80 @@ def load_served_model(settings: PageSettings, version: str, run_id: str) -> Serv
 
 _page_folder: Path | None = None
 _page_folder_lock = threading.Lock()
+#: The open owner lock files by which this process holds its page folders (:func:`_hold`), for its
+#: whole life: one, unless a test starts several pages in one process.
+_held: dict[str, int] = {}
 
-#: A page folder's name: its process's pid and start time (``s``, in hundredths of a second since
-#: the epoch), which tell a dead page's folder from a live one's even when its pid has been reused.
-#: Folders of pages from before start times were recorded have none.
-_PAGE_FOLDER_NAME = re.compile(r"fracture-page-(?P<pid>[0-9]+)-(?:s(?P<started>[0-9]+)-)?[a-z0-9_]+")
+#: A page folder's name: its process's pid, for an operator looking at the disk. Pages of earlier
+#: releases added their start time (``-s<hundredths of a second>``); their folders are judged by pid.
+_PAGE_FOLDER_NAME = re.compile(r"fracture-page-(?P<pid>[0-9]+)-(?:s[0-9]+-)?[a-z0-9_]+")
+
+#: The file in a page folder that its page holds an exclusive ``flock`` on while it runs. The kernel
+#: lets go of the lock when the process ends, however it ends (SIGKILL and the OOM killer included),
+#: and a lock is no clock: a page is judged by it, not by a start time that psutil reckons from the
+#: wall clock, which moves when the clock is stepped (NTP, chrony's makestep, a VM resumed).
+_OWNER_LOCK = ".owner.lock"
 
 
-def _started(process: psutil.Process) -> int:
-    """When ``process`` started, in hundredths of a second: the stamp in its page folder's name."""
-    return round(process.create_time() * 100)
+def _hold(folder: Path) -> None:
+    """Takes the exclusive lock on ``folder``'s owner lock file, held until this process ends.
+
+    The file is locked under a name of its own, then renamed into place: no cleaner ever finds the
+    owner lock file unlocked while its page runs. Without ``flock`` (Windows) there is none.
+    """
+    if fcntl is None:
+        return
+    fd, made = tempfile.mkstemp(prefix=f"{_OWNER_LOCK}-", dir=folder)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a file just made: no one else holds it
+        os.replace(made, folder / _OWNER_LOCK)
+    except OSError:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(made)
+        raise
+    previous = _held.pop(os.path.realpath(folder), None)
+    _held[os.path.realpath(folder)] = fd
+    if previous is not None:  # the lock of a lock file something removed
+        os.close(previous)
 
 
-def _runs(pid: int, started: int | None) -> bool:
-    """Whether the page process that named a folder ``pid`` (started at ``started``) still runs.
+@contextlib.contextmanager
+def _claimed(folder: str) -> Iterator[bool | None]:
+    """Whether the page that made ``folder`` has ended, told by its owner lock file: ``True`` when
+    its lock could be taken (and it is held until the block ends: the folder is removed under it),
+    ``False`` while a page holds it, ``None`` without a lock file to judge by (or without ``flock``)."""
+    if fcntl is None:
+        yield None
+        return
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)  # no link, no FIFO's wait
+    try:
+        fd = os.open(os.path.join(folder, _OWNER_LOCK), flags)
+    except OSError:
+        yield None  # a folder of an earlier release, or one whose page is taking its lock this instant
+        return
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            gone = None
+        else:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                gone = True
+            except OSError:  # held (EWOULDBLOCK): its page runs
+                gone = False
+        yield gone
+    finally:
+        os.close(fd)
 
-    In doubt (the process cannot be inspected; a folder named without its start time whose pid
-    runs), it does: a live page's files are never removed.
+
+def _runs(pid: int) -> bool:
+    """Whether a process ``pid`` runs: how a folder without an owner lock file is judged.
+
+    In doubt (the process cannot be inspected), it does: a live page's files are never removed.
+    Such a folder whose pid now belongs to another process is kept until that process ends.
     """
     try:
-        process = psutil.Process(pid)
-        if process.status() == psutil.STATUS_ZOMBIE:
-            return False
-        # Within 10 ms: the stamp is rounded; another process with this pid started later.
-        return started is None or abs(_started(process) - started) <= 1
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:  # ZombieProcess among them
         return False
     except (psutil.AccessDenied, OSError):
@@ -276,8 +345,11 @@ def remove_stale_page_folders(temp: Path | None = None) -> list[Path]:
 
     A page removes its folder when it exits; one killed with SIGKILL (or by the OOM killer, or a
     power cut) cannot, and each crash would leave its downloaded versions on the disk for good.
-    Only folders named as :func:`page_folder` names them, owned by this user, whose process is gone
-    (or whose pid now belongs to a process started later) are removed.
+    Only folders named as :func:`page_folder` names them and owned by this user are judged. A page
+    holds an exclusive ``flock`` on its folder's owner lock file for as long as it runs: a folder
+    whose lock this process can take is a dead page's, and is removed under that lock (so a reused
+    pid, or a stepped clock, misleads no one). A folder without the lock file (made by an earlier
+    release, or by a page taking its lock this instant) is removed only if no process has its pid.
 
     Args:
         temp: where page folders are made (default: the temporary directory).
@@ -300,10 +372,14 @@ def remove_stale_page_folders(temp: Path | None = None) -> list[Path]:
                 continue  # another user's page: not this one's to judge, nor to remove
         except OSError:
             continue
-        started = named["started"]
-        if _runs(int(named["pid"]), None if started is None else int(started)):
+        if os.path.realpath(entry.path) in _held:
+            # This process's own. Its second open file would not get the lock where flock is
+            # emulated by per-process fcntl locks (NFS), and closing it would let go of the lock held.
             continue
-        shutil.rmtree(entry.path, ignore_errors=True)
+        with _claimed(entry.path) as gone:
+            if gone is False or (gone is None and _runs(int(named["pid"]))):
+                continue
+            shutil.rmtree(entry.path, ignore_errors=True)
         if not os.path.lexists(entry.path):
             removed.append(Path(entry.path))
     if removed:
@@ -313,20 +389,22 @@ def remove_stale_page_folders(temp: Path | None = None) -> list[Path]:
 
 
 def page_folder() -> Path:
-    """This process's folder for the versions it loads (``fracture-page-<pid>-s<start>-*`` under the
-    temporary directory), made on first use and removed when the process exits. Made first, the
-    folders left by pages that were killed before they could remove theirs are removed
-    (:func:`remove_stale_page_folders`)."""
+    """This process's folder for the versions it loads (``fracture-page-<pid>-*`` under the temporary
+    directory), made on first use and removed when the process exits; the process holds the lock on
+    its owner lock file as long as it runs. Made first, the folders left by pages that were killed
+    before they could remove theirs are removed (:func:`remove_stale_page_folders`)."""
     global _page_folder
     with _page_folder_lock:
         if _page_folder is None:
             remove_stale_page_folders()
-            pid = os.getpid()
-            prefix = f"fracture-page-{pid}-s{_started(psutil.Process(pid))}-"
-            _page_folder = Path(tempfile.mkdtemp(prefix=prefix))
+            _page_folder = Path(tempfile.mkdtemp(prefix=f"fracture-page-{os.getpid()}-"))
             atexit.register(shutil.rmtree, _page_folder, ignore_errors=True)
-        # Made again if something removed it (a cleaner of old temporary files) while the page ran.
+        # Made again if something removed it (a cleaner of old temporary files) while the page ran, and
+        # its lock file with it: until then the folder is judged by pid alone.
         _page_folder.mkdir(parents=True, exist_ok=True)
+        held = os.path.realpath(_page_folder) in _held
+        if fcntl is not None and (not held or not (_page_folder / _OWNER_LOCK).is_file()):
+            _hold(_page_folder)
         return _page_folder
 
 
@@ -355,21 +433,27 @@ def _from(module: object, folder: str) -> bool:
 
 def _forget_modules_from(folder: str) -> None:
     """Takes out of ``sys.modules`` every module imported from under ``folder``: a version loaded
-    later imports its own code, not a module of that name another version imported. The models
-    already loaded keep the modules they were built with."""
+    later imports its own packaged module, not one of that name another version imported. The
+    installed ``fracture`` is not under ``folder`` and stays. The models already loaded keep the
+    modules they were built with."""
     for name, module in list(sys.modules.items()):
         if module is not None and _from(module, folder):
             sys.modules.pop(name, None)
 
 
 def _load_with_own_code(local: str) -> mlflow.pyfunc.PyFuncModel:
-    """Loads the version downloaded to ``local`` (in the page's folder), importing its packaged code
-    from its own folder.
+    """Loads the version downloaded to ``local`` (in the page's folder); the packaged modules it
+    imports that the page has not imported already come from its own folder.
 
     MLflow puts the version's code folder first on ``sys.path`` (``mlflow.pyfunc.load_model``,
     through ``_add_code_from_conf_to_system_path``) and never takes it off: :func:`_drop_version`
-    does. A module another version imported stays in ``sys.modules`` and would be this version's
-    too, whatever ``sys.path`` says: the modules imported from the page's folder are forgotten first.
+    does. A module already in ``sys.modules`` is the one any import gets, whatever ``sys.path`` says.
+    So a module another version imported would be this version's too: the modules imported from the
+    page's folder are forgotten first. And the ``fracture`` package, which the page imported from its
+    installation at start, is this version's too: its packaged copy of ``fracture`` is never
+    imported, and the project's model entry (``from fracture.serving import FracturePyfunc``) builds
+    the version from the installed code. Only its other packaged modules are its own;
+    :mod:`fracture.consumer` loads a version with its own ``fracture``.
     """
     with _code_lock:
         _forget_modules_from(str(page_folder()))

@@ -269,21 +269,67 @@ def test_a_starting_page_removes_the_folders_of_pages_killed_before_they_could_a
         killed.wait()
         assert killed_folder.is_dir()
 
+        # Each page holds its folder's owner lock while it runs; the kernel let go of the killed one's.
+        assert all((f / ".owner.lock").is_file() for f in folders)
+
         # The killed page's pid reused by a live process (this one): the folder is still a dead page's.
         reused = temp / killed_folder.name.replace(f"-{killed.pid}-", f"-{os.getpid()}-", 1)
         assert reused != killed_folder
         shutil.copytree(killed_folder, reused)
+        # Folders of an earlier release (named with a start time, without a lock file) are judged by
+        # pid: kept while a process has it, whatever its start time, removed once none has.
+        older_live = temp / f"fracture-page-{live.pid}-s1-abcdefgh"
+        older_dead = temp / f"fracture-page-{killed.pid}-s1-abcdefgh"
+        for older in (older_live, older_dead):
+            shutil.copytree(killed_folder, older, ignore=shutil.ignore_patterns(".owner.lock"))
 
         champion = page_module(monkeypatch, temp)
         this_page = champion.page_folder()  # a page (re)starting: this process
         assert not killed_folder.exists()
         assert not reused.exists()
+        assert not older_dead.exists()
+        assert older_live.is_dir()
         assert live_folder.is_dir() and (live_folder / "page-model-v1-abcdefgh" / "MLmodel").is_file()
-        assert this_page.is_dir()
+        assert this_page.is_dir() and this_page.name.startswith(f"fracture-page-{os.getpid()}-")
+        assert (this_page / ".owner.lock").is_file()
 
         monkeypatch.setattr(champion, "_page_folder", None)  # another page starting, beside this one
         assert champion.page_folder() != this_page
         assert this_page.is_dir() and live_folder.is_dir()  # a live page's folder, its pid this very one
+    finally:
+        for page in pages:  # started here, ended here, by their own ids
+            if page.poll() is None:
+                page.kill()
+                page.wait()
+
+
+def test_a_running_page_keeps_its_folder_when_the_system_clock_is_stepped(tmp_path, monkeypatch):
+    # psutil reckons a process's start time as the boot time, in wall-clock time, plus the ticks from
+    # boot to its start: when the clock is stepped (chrony's makestep, NTP, a VM resumed) every running
+    # process seems to have started at another time. A running page must keep its folder all the same.
+    if not sys.platform.startswith("linux"):
+        pytest.skip("psutil reckons start times from the wall-clock boot time on Linux")
+    import psutil._pslinux
+
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    env = child_env(TMPDIR=str(temp), PYTHONPATH=str(REPO / "app"))
+    pages = [subprocess.Popen([sys.executable, "-c", PAGE_WITH_A_FOLDER], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        killed, live = pages
+        killed_folder, live_folder = [Path(page.stdout.readline().strip()) for page in pages]
+        assert killed_folder.is_dir() and live_folder.is_dir()
+        os.kill(killed.pid, signal.SIGKILL)
+        killed.wait()
+
+        champion = page_module(monkeypatch, temp)
+        boot_time = psutil._pslinux.boot_time
+        for step in (1.0, -1.0):  # the clock stepped forward, then back
+            monkeypatch.setattr(psutil._pslinux, "boot_time", lambda step=step: boot_time() + step)
+            champion.remove_stale_page_folders()
+            assert live_folder.is_dir() and (live_folder / "page-model-v1-abcdefgh" / "MLmodel").is_file(), step
+            assert not killed_folder.exists()  # a page that is gone is still told from one that runs
     finally:
         for page in pages:  # started here, ended here, by their own ids
             if page.poll() is None:
