@@ -58,13 +58,15 @@ browser:
 	  || echo "WARNING: apt-get could not install chromium; the browser test will skip"; \
 	else echo "WARNING: /usr/bin/chromium is missing and this is not root; install it with 'sudo apt-get install chromium', or the browser test skips"; fi
 
-## test: the default suite (unit and integration, without tests marked slow)
+## test: the default suite (unit and integration, without tests marked slow), in TEST_WORKERS processes
+##   (pytest-xdist; each test file runs whole in one of them, so its fixtures are built once)
+TEST_WORKERS ?= 2
 test: venv browser
-	$(PY) -m pytest
+	$(PY) -m pytest --numprocesses $(TEST_WORKERS) --dist loadfile
 
 ## test-all: everything, including tests marked slow
 test-all: venv browser
-	$(PY) -m pytest -m 'slow or not slow'
+	$(PY) -m pytest --numprocesses $(TEST_WORKERS) --dist loadfile -m 'slow or not slow'
 
 ## bench: the benchmarks of bench/RESULTS.md, each printing its sides and their ratio (never part of the tests).
 ## The no-op run, draft_decode and process_exit need a project whose main job has run (make main) with the same FRACATLAS_SOURCE.

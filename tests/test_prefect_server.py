@@ -349,6 +349,7 @@ def test_serving_refuses_a_deployment_a_work_pool_runs(api, project, monkeypatch
         assert not client.read_deployment_by_name("retrain/pool-retrain").paused
 
 
+@pytest.mark.slow  # over a minute on two cores beside another test process: a whole run through a worker
 def test_a_process_workers_run_retrains_and_registers(api, project, subset_source, monkeypatch):
     """The README's work-pool commands: a process pool, the deployment on it, a worker that runs it."""
     set_schedule(project, work_pool="cpu-pool")

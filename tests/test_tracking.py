@@ -59,6 +59,7 @@ def test_a_training_run_missing_from_the_store_names_the_store_and_what_to_do(cl
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # over a minute on two cores beside another test process: the pipeline in DVC's temporary copy
 def test_an_experiment_run_in_a_temporary_copy_is_registered_from_the_project(project, fracatlas, tmp_path):
     """`dvc exp run --temp` (as `--queue`) runs the stages in a copy under .dvc/tmp/exps, removed afterwards."""
     shutil.copy(REPO / ".gitignore", project / ".gitignore")
