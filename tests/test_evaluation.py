@@ -266,8 +266,7 @@ def test_evaluation_plots_are_written_as_png(tmp_path):
 
 
 def test_the_evaluate_stage_bootstraps_the_test_splits_groups_from_its_table_or_as_the_split_links_them():
-    from fracture.split import group_key
-    from fracture.split import split_groups
+    from fracture.split import group_key, split_groups
 
     test = pd.DataFrame({
         "image_id": ["a.jpg", "b.jpg", "c.jpg", "d.jpg", "e.jpg"],
