@@ -485,13 +485,7 @@ def _a_row(entry: Path) -> bool:
     cannot be listed) so that the decode check excludes it with its reason (:func:`not_a_file`);
     but not a linked folder it did not walk (a second name for a folder walked, or a loop), whose
     files are rows under their first name."""
-    if not entry.is_dir():
-        return True
-    try:
-        with os.scandir(entry):
-            return False
-    except OSError:
-        return True
+    return not entry.is_dir() or bool(unlistable(entry))
 
 
 def read_csv_layout(dataset_dir: Path) -> pd.DataFrame:
