@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
@@ -254,20 +255,33 @@ time.sleep(600)
 """
 
 
-def test_a_starting_page_removes_the_folders_of_pages_killed_before_they_could_and_no_live_page_s(tmp_path, monkeypatch):
+@contextmanager
+def two_pages_one_killed(tmp_path: Path) -> Iterator[tuple[Path, list[subprocess.Popen], list[Path]]]:
+    """Two page processes, each with its folder (and a version's folder in it) under ``tmp_path/temp``;
+    the first killed with SIGKILL (no atexit, no finalizer: its folder stays behind), the second left
+    running. Yields the temporary directory, the processes and their folders; ends both."""
     temp = tmp_path / "temp"
     temp.mkdir()
     env = child_env(TMPDIR=str(temp), PYTHONPATH=str(REPO / "app"))
     pages = [subprocess.Popen([sys.executable, "-c", PAGE_WITH_A_FOLDER], cwd=tmp_path, env=env,
                               stdout=subprocess.PIPE, text=True) for _ in range(2)]
     try:
-        killed, live = pages
         folders = [Path(page.stdout.readline().strip()) for page in pages]
         assert all(f.is_dir() and f.parent == temp for f in folders), folders
+        os.kill(pages[0].pid, signal.SIGKILL)
+        pages[0].wait()
+        assert folders[0].is_dir()
+        yield temp, pages, folders
+    finally:
+        for page in pages:  # started here, ended here, by their own ids
+            if page.poll() is None:
+                page.kill()
+                page.wait()
+
+
+def test_a_starting_page_removes_the_folders_of_pages_killed_before_they_could_and_no_live_page_s(tmp_path, monkeypatch):
+    with two_pages_one_killed(tmp_path) as (temp, (killed, live), folders):
         killed_folder, live_folder = folders
-        os.kill(killed.pid, signal.SIGKILL)  # no atexit, no finalizer: its folder stays behind
-        killed.wait()
-        assert killed_folder.is_dir()
 
         # Each page holds its folder's owner lock while it runs; the kernel let go of the killed one's.
         assert all((f / ".owner.lock").is_file() for f in folders)
@@ -296,11 +310,6 @@ def test_a_starting_page_removes_the_folders_of_pages_killed_before_they_could_a
         monkeypatch.setattr(champion, "_page_folder", None)  # another page starting, beside this one
         assert champion.page_folder() != this_page
         assert this_page.is_dir() and live_folder.is_dir()  # a live page's folder, its pid this very one
-    finally:
-        for page in pages:  # started here, ended here, by their own ids
-            if page.poll() is None:
-                page.kill()
-                page.wait()
 
 
 def test_a_running_page_keeps_its_folder_when_the_system_clock_is_stepped(tmp_path, monkeypatch):
@@ -311,18 +320,7 @@ def test_a_running_page_keeps_its_folder_when_the_system_clock_is_stepped(tmp_pa
         pytest.skip("psutil reckons start times from the wall-clock boot time on Linux")
     import psutil._pslinux
 
-    temp = tmp_path / "temp"
-    temp.mkdir()
-    env = child_env(TMPDIR=str(temp), PYTHONPATH=str(REPO / "app"))
-    pages = [subprocess.Popen([sys.executable, "-c", PAGE_WITH_A_FOLDER], cwd=tmp_path, env=env,
-                              stdout=subprocess.PIPE, text=True) for _ in range(2)]
-    try:
-        killed = pages[0]
-        killed_folder, live_folder = [Path(page.stdout.readline().strip()) for page in pages]
-        assert killed_folder.is_dir() and live_folder.is_dir()
-        os.kill(killed.pid, signal.SIGKILL)
-        killed.wait()
-
+    with two_pages_one_killed(tmp_path) as (temp, _, (killed_folder, live_folder)):
         champion = page_module(monkeypatch, temp)
         boot_time = psutil._pslinux.boot_time
         for step in (1.0, -1.0):  # the clock stepped forward, then back
@@ -330,8 +328,3 @@ def test_a_running_page_keeps_its_folder_when_the_system_clock_is_stepped(tmp_pa
             champion.remove_stale_page_folders()
             assert live_folder.is_dir() and (live_folder / "page-model-v1-abcdefgh" / "MLmodel").is_file(), step
             assert not killed_folder.exists()  # a page that is gone is still told from one that runs
-    finally:
-        for page in pages:  # started here, ended here, by their own ids
-            if page.poll() is None:
-                page.kill()
-                page.wait()
