@@ -10,12 +10,15 @@ and version, and the error (empty when it was scored).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import os
 import re
+import secrets
+import shutil
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -345,7 +348,9 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
             continue
         target = folder / name
         # Written beside and moved into place: a run stopped midway leaves the earlier report whole.
-        partial = target.with_name(f".{name}.partial")
+        # Under a name of its own, so that another run writing this report into the folder at the
+        # same time (a batch re-run while the first still goes) neither writes into nor moves it.
+        partial = target.with_name(f".{name}.{secrets.token_hex(8)}.partial")
         aside: Path | None = None
         moving = False
         try:
@@ -503,15 +508,70 @@ def _what_is_left(path: Path) -> Any:
 def _set_aside(path: Path) -> Path:
     """Moves a damaged earlier report out of its report's way, to ``<name>.damaged`` (``.damaged-2``
     and on when that is taken), and returns where: kept for whoever looks into it, under a name that
-    says why and that no ``*.dcm`` pattern sending the folder to a PACS picks up.
+    says why and that no ``*.dcm`` pattern sending the folder to a PACS picks up. A name is taken
+    only if it is free at the moment of the move (:func:`_move_unless_there`), not after a look: a
+    run writing into the same folder at the same time may keep a damaged report of its own there
+    in between, which a move after a look would write over.
 
     Raises:
-        OSError: it cannot be moved.
+        OSError: it cannot be moved; it is left where it was.
     """
     copy = 1
-    while (aside := path.with_name(f"{path.name}.damaged{'' if copy == 1 else f'-{copy}'}")).exists() or (
-        aside.is_symlink()
-    ):
-        copy += 1
-    os.rename(path, aside)
-    return aside
+    while True:
+        aside = path.with_name(f"{path.name}.damaged{'' if copy == 1 else f'-{copy}'}")
+        try:
+            _move_unless_there(path, aside)
+        except FileExistsError:  # kept there by an earlier run, or by one running beside this one
+            copy += 1
+        else:
+            return aside
+
+
+def _move_unless_there(path: Path, to: Path) -> None:
+    """Moves the file ``path`` to ``to`` unless anything is at ``to``, whenever it came there.
+
+    ``to`` is made as a hard link, which the file system makes only where the name is free; on one
+    without hard links (a FAT drive, an SMB share: EPERM, ENOTSUP) as a file created only where the
+    name is free (``O_EXCL``), into which ``path`` is copied and synced to disk. ``path`` is removed
+    only once it is whole at ``to``.
+
+    Raises:
+        FileExistsError: something is at ``to``; nothing was changed.
+        OSError: it cannot be moved; ``path`` is left where it was, and nothing of it at ``to``.
+    """
+    try:
+        os.link(path, to, follow_symlinks=False)
+    except FileExistsError:
+        raise
+    except OSError:
+        # No hard links here. Any other reason (a folder this user cannot write in, the file gone)
+        # fails the copy too, with its own error, so the copy is tried whatever the reason.
+        _copy_unless_there(path, to)
+    try:
+        os.unlink(path)
+    except OSError:  # a shared folder whose files only their owner may remove: left as it was
+        with contextlib.suppress(OSError):
+            os.unlink(to)
+        raise
+
+
+def _copy_unless_there(path: Path, to: Path) -> None:
+    """Copies the file ``path`` to ``to``, byte for byte and with its times, unless anything is at
+    ``to``; synced to disk, so that removing ``path`` next cannot lose it to a power cut.
+
+    Raises:
+        FileExistsError: something is at ``to``; nothing was changed.
+        OSError: it cannot be copied; nothing of it is left at ``to``.
+    """
+    with path.open("rb") as source:
+        copy = to.open("xb")  # created only where nothing is, a dangling link included
+        try:
+            with copy:
+                shutil.copyfileobj(source, copy)
+                copy.flush()
+                os.fsync(copy.fileno())
+        except BaseException:  # a full disk, or a stop: only what this call made is removed
+            to.unlink(missing_ok=True)
+            raise
+    with contextlib.suppress(OSError):  # its times tell when it was written; a share may refuse them
+        shutil.copystat(path, to)

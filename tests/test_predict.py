@@ -4,6 +4,7 @@ with DICOM Structured Reports written beside; run as a consumer runs it (the con
 from __future__ import annotations
 
 import dataclasses
+import errno
 import io
 import json
 import os
@@ -732,19 +733,36 @@ def test_a_damaged_earlier_report_is_kept_aside_not_written_over(fracatlas, tmp_
         earlier = new
 
 
-def test_a_damaged_earlier_report_that_cannot_be_moved_aside_is_left_whole(fracatlas, tmp_path, monkeypatch):
-    """Moving the damaged report aside fails (a folder one may write files into but not rename in):
-    it is left as it was, byte for byte, and this row gets no report, its note saying why."""
+def _without_hard_links(monkeypatch) -> None:
+    """The report folder is on a file system without hard links (a FAT drive, an SMB share)."""
+
+    def refused(src, dst, **kwargs):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr("fracture.predict.os.link", refused)
+
+
+@pytest.mark.parametrize("links", [True, False], ids=["hard-links", "no-hard-links"])
+def test_a_damaged_earlier_report_that_cannot_be_moved_aside_is_left_whole(fracatlas, tmp_path, monkeypatch, links):
+    """Moving the damaged report aside fails (a shared folder one may write files into but not
+    remove another user's from): it is left as it was, byte for byte, with no copy of it aside, and
+    this row gets no report, its note saying why."""
     source = tmp_path / "IM0001"
     source.write_bytes(dicom_from_jpeg(fracatlas / "images/Fractured/IMG0000019.jpg", "8-bit"))
     folder = tmp_path / "sr"
     [first] = write_structured_reports(_reported_table(1), [source], folder)
     Path(first).write_bytes(b"not a report")
+    unlink = os.unlink
 
-    def refused(src, dst):
-        raise OSError(1, "Operation not permitted")
+    def refused(path, *args, **kwargs):
+        if Path(path) == Path(first):
+            raise OSError(errno.EPERM, "Operation not permitted")
+        unlink(path, *args, **kwargs)
 
-    monkeypatch.setattr("fracture.predict.os.rename", refused)
+    monkeypatch.setattr("fracture.predict.os.rename", refused)  # as an earlier way of moving it met it
+    monkeypatch.setattr("fracture.predict.os.unlink", refused)
+    if not links:
+        _without_hard_links(monkeypatch)
     table = _reported_table(1)
     assert write_structured_reports(table, [source], folder) == [""]
     assert Path(first).read_bytes() == b"not a report" and [p.name for p in folder.iterdir()] == [Path(first).name]
@@ -752,6 +770,82 @@ def test_a_damaged_earlier_report_that_cannot_be_moved_aside_is_left_whole(fraca
         f"no structured report: the earlier report {first} is damaged (it is not a DICOM file) and cannot be moved "
         "aside (Operation not permitted), so it is left as it is"
     )
+
+
+def _checked_before_another_run_made(monkeypatch, *made: Path) -> None:
+    """Whatever asks whether one of ``made`` is there hears it is not: it asked just before another
+    ``fracture predict`` writing into the same folder made it."""
+
+    def lying(real):
+        def check(path, *args, **kwargs):
+            return False if Path(path) in made else real(path, *args, **kwargs)
+
+        return check
+
+    for owner, name in ((Path, "exists"), (Path, "is_symlink"), (Path, "is_file"), (os.path, "exists"),
+                        (os.path, "lexists"), (os.path, "isfile"), (os.path, "islink")):
+        monkeypatch.setattr(owner, name, lying(getattr(owner, name)))
+
+
+@pytest.mark.parametrize("links", [True, False], ids=["hard-links", "no-hard-links"])
+def test_a_damaged_report_is_never_moved_aside_over_one_another_run_made_meanwhile(tmp_path, monkeypatch, links):
+    """Two runs scoring into one report folder (a batch re-run while the first still goes): the
+    other run keeps its damaged reports aside as <name>.damaged and .damaged-2 between this run's
+    look at those names and its move, and this one's damaged report goes to .damaged-3, neither of
+    theirs written over; byte for byte and with its time, with or without hard links there."""
+    from fracture.predict import _set_aside
+
+    report = tmp_path / "1.2.826.0.1.3680043.8.498.1.sr.dcm"
+    report.write_bytes(b"a report cut short")
+    os.utime(report, (1_000_000_000, 1_000_000_000))
+    theirs = {report.with_name(f"{report.name}.damaged{suffix}"): f"another run's {suffix}".encode()
+              for suffix in ("", "-2")}
+    for path, data in theirs.items():
+        path.write_bytes(data)
+    _checked_before_another_run_made(monkeypatch, *theirs)
+    if not links:
+        _without_hard_links(monkeypatch)
+    aside = _set_aside(report)
+    assert {path: path.read_bytes() for path in theirs} == theirs  # the other run's, as it left them
+    assert aside == report.with_name(f"{report.name}.damaged-3")
+    assert aside.read_bytes() == b"a report cut short" and aside.stat().st_mtime == 1_000_000_000
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in [*theirs, aside])
+
+
+def test_a_damaged_report_whose_copy_aside_fails_is_left_where_it_was(tmp_path, monkeypatch):
+    """Without hard links the damaged report is copied aside, then removed: a copy cut short (a
+    full disk) leaves it where it was, byte for byte, and no part of it aside."""
+    from fracture.predict import _set_aside
+
+    report = tmp_path / "1.2.826.0.1.3680043.8.498.1.sr.dcm"
+    report.write_bytes(b"a report cut short")
+    _without_hard_links(monkeypatch)
+
+    def full(src, dst, *args, **kwargs):
+        dst.write(src.read(4))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("fracture.predict.shutil.copyfileobj", full)
+    with pytest.raises(OSError, match="No space left on device"):
+        _set_aside(report)
+    assert report.read_bytes() == b"a report cut short" and [p.name for p in tmp_path.iterdir()] == [report.name]
+
+
+def test_a_report_another_run_is_writing_beside_this_one_is_left_to_it(fracatlas, tmp_path):
+    """Two runs writing the same image's report into one folder at once: each writes its own file
+    beside the report and moves it into place, so neither writes into, moves or removes the
+    other's while it is still being written (which would put a report cut short in place)."""
+    source = tmp_path / "IM0001"
+    source.write_bytes(dicom_from_jpeg(fracatlas / "images/Fractured/IMG0000019.jpg", "8-bit"))
+    folder = tmp_path / "sr"
+    folder.mkdir()
+    name = f"{dcmread(source).SOPInstanceUID}.sr.dcm"
+    theirs = folder / f".{name}.partial"  # as this version names the file it writes before moving it
+    theirs.write_bytes(b"the other run's report, half written")
+    [written] = write_structured_reports(_reported_table(1), [source], folder)
+    assert written == str(folder / name) and dcmread(written).SOPClassUID == Comprehensive3DSRStorage
+    assert theirs.read_bytes() == b"the other run's report, half written"
+    assert sorted(p.name for p in folder.iterdir()) == sorted([name, theirs.name])
 
 
 def test_the_rows_say_which_damaged_report_was_kept_aside(registry, tmp_path):
