@@ -5,8 +5,9 @@
 The project's trained model (``outputs/train``) scores its val split twice, through the
 product's own decoding and resize (:class:`fracture.imaging.Preprocessor`): once with its data
 config as trained, once with ``decode`` switched. Printed: each side's ROC AUC, DeLong's paired
-test of the difference, how far the probabilities and the pixels moved, and each side's decode
-and resize rate. The test split is not read.
+test of the difference (over the val split's groups of linked images, as the promotion gate
+counts them), how far the probabilities and the pixels moved, and each side's decode and resize
+rate. The test split is not read.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from fracture.config import load_params
 from fracture.evaluation import delong_paired
 from fracture.imaging import Preprocessor
 from fracture.inference import load_network, probabilities
+from fracture.split import split_groups
 from fracture.workspace import Workspace
 
 
@@ -54,9 +56,9 @@ def main() -> None:
         scores[name] = probabilities(network, pixels[name], pre, torch.device("cpu"), 32, trained.tta)
         print(f"{name:>18}: ROC AUC {roc_auc_score(labels, scores[name]):.4f}, decode and resize {rate:.1f} images/s")
     (a, b), (pa, pb) = scores.values(), pixels.values()
-    paired = delong_paired(labels, b, a)
+    paired = delong_paired(labels, b, a, groups=split_groups(val))
     print(f"{other} minus as trained: {paired.difference:+.4f} (95% CI {paired.ci_low:+.4f} to {paired.ci_high:+.4f}, "
-          f"p = {paired.p_value:.2f})")
+          f"p = {paired.p_value:.2f}, over {paired.n_groups} groups of linked images)")
     print(f"probabilities: largest change {np.abs(a - b).max():.4f}, correlation {np.corrcoef(a, b)[0, 1]:.5f}")
     diff = (pa.int() - pb.int()).abs().float()
     print(f"pixels: mean change {diff.mean():.3f} grey levels, largest {int(diff.max())}")

@@ -277,6 +277,19 @@ def _print_comparison(compared: OofComparisons, ev: EvaluateParams) -> None:
         )
         sd = f"({r.roc_auc_sd:.4f})" if r.roc_auc_sd is not None else ""
         print(f"{r.name:<{width}}  {r.runs:4d}  {r.roc_auc:.4f} {sd:<8}  {r.recall:11.3f}  {r.specificity:11.3f}  {versus}")
+    if compared.ungrouped:
+        one = len(compared.ungrouped) == 1
+        print(
+            f"Each difference counts every image as independent evidence, because the predictions of "
+            f"{', '.join(compared.ungrouped)} name no groups of linked images (re-run {'its' if one else 'their'} "
+            "crossval to get them); copies, near-duplicates and one patient's X-rays then narrow its interval and "
+            "shrink its p-value more than they should."
+        )
+    else:
+        print(
+            f"Each difference counts linked images (copies, near-duplicates, one patient's X-rays) as one: its "
+            f"variance is over their {paired.n_groups} groups, not the {paired.n_images} images."
+        )
     if compared.run_sd is None:
         print(
             "DeLong's test holds each run's predictions fixed: it leaves out how far one recipe moves between "

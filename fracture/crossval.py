@@ -35,8 +35,14 @@ from fracture.split import group_key
 from fracture.training import EpochCallback, FitResult, fit_members
 from fracture.workspace import CrossvalFold, Workspace
 
-#: Columns of the out-of-fold predictions.
+#: Columns of the out-of-fold predictions, those every run's must hold. The crossval stage writes
+#: each image's ``group`` of linked images (:func:`oof_groups`) after them; predictions written
+#: before it did lack it, and are compared image by image (:func:`compare_oof`).
 OOF_COLUMNS = ["image_id", "fold", "label", "probability"]
+
+#: The out-of-fold predictions' column of each image's group of linked images (:func:`oof_groups`),
+#: as the split tables name theirs.
+GROUP_COLUMN = "group"
 
 
 class CrossvalError(ValueError):
@@ -277,11 +283,16 @@ class OofComparisons:
             own mean; ``None`` when every recipe has one run (each difference then holds the runs'
             predictions fixed).
         run_sd_df: the degrees of freedom of ``run_sd`` (runs less recipes, over those recipes).
+        ungrouped: the runs whose predictions name no ``group`` (written before the crossval stage
+            wrote it): then each difference counts every image as independent evidence. Empty when
+            every run's name them, and each difference is over those groups
+            (:attr:`fracture.evaluation.PairedAUC.n_groups`).
     """
 
     rows: list[OofComparison]
     run_sd: float | None
     run_sd_df: int
+    ungrouped: tuple[str, ...] = ()
 
 
 #: The name of the row that averages every compared run's probabilities.
@@ -291,8 +302,13 @@ ENSEMBLE = "mean of the runs"
 Recipe = pd.DataFrame | Mapping[str, pd.DataFrame]
 
 
-def _aligned(runs: Mapping[str, pd.DataFrame]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """The runs' labels and probabilities in one image order, checked to be the same folds."""
+def _aligned(
+    runs: Mapping[str, pd.DataFrame],
+) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray | None, tuple[str, ...]]:
+    """The runs' labels, probabilities and groups in one image order, checked to be the same folds.
+
+    The groups are ``None`` when some run's predictions name none; the last item names those runs.
+    """
     names = list(runs)
     frames = {}
     for name, frame in runs.items():
@@ -325,8 +341,41 @@ def _aligned(runs: Mapping[str, pd.DataFrame]) -> tuple[np.ndarray, dict[str, np
                     f"{frame.index[differ][0]}): a paired comparison needs the same folds; run both with the "
                     f"same split and {setting}"
                 )
+    groups, ungrouped = _shared_groups(frames)
     # Already int and float: _checked_values made them so.
-    return reference["label"].to_numpy(), {name: frames[name]["probability"].to_numpy() for name in names}
+    probabilities = {name: frames[name]["probability"].to_numpy() for name in names}
+    return reference["label"].to_numpy(), probabilities, groups, ungrouped
+
+
+def _shared_groups(frames: Mapping[str, pd.DataFrame]) -> tuple[np.ndarray | None, tuple[str, ...]]:
+    """Each image's group of linked images, as every run's predictions name it; ``None`` and the
+    runs whose predictions name none, when some do not.
+
+    Args:
+        frames: each run's predictions, indexed by ``image_id`` in one order (:func:`_aligned`).
+
+    Raises:
+        CrossvalError: two runs link the images into other groups. The keys themselves may differ
+            (a group is named by one of its images); the partition of the images may not.
+    """
+    ungrouped = tuple(name for name, frame in frames.items() if GROUP_COLUMN not in frame.columns)
+    if ungrouped:
+        return None, ungrouped
+    names = list(frames)
+    reference = pd.Series(pd.factorize(frames[names[0]][GROUP_COLUMN].astype(str))[0])
+    for name in names[1:]:
+        other = pd.Series(pd.factorize(frames[name][GROUP_COLUMN].astype(str))[0])
+        # An image is grouped otherwise when its group in one run is split, or joined with others, in the other.
+        differ = ((reference.map(other.groupby(reference).nunique()) > 1)
+                  | (other.map(reference.groupby(other).nunique()) > 1)).to_numpy()
+        if differ.any():
+            raise CrossvalError(
+                f"{name} and {names[0]} link the images into other groups in `{GROUP_COLUMN}` ({int(differ.sum())} "
+                f"image(s) grouped otherwise, first: {frames[name].index[differ][0]}): a paired comparison counts "
+                "each group of linked images once and needs one grouping; cross-validate both on the same split "
+                "(the same validate settings that link copies, near-duplicates and one patient's X-rays)"
+            )
+    return frames[names[0]][GROUP_COLUMN].astype(str).to_numpy(), ()
 
 
 def _checked_values(name: str, frame: pd.DataFrame) -> pd.DataFrame:
@@ -341,7 +390,7 @@ def _checked_values(name: str, frame: pd.DataFrame) -> pd.DataFrame:
 
     Raises:
         CrossvalError: a label other than 0 or 1, a probability empty, not finite or outside
-            [0, 1], or labels of one class only.
+            [0, 1], an empty ``group`` (where the column is given), or labels of one class only.
     """
     fix = "give the oof.csv `fracture crossval` wrote (outputs/crossval/oof.csv), or cross-validate the run again"
     labels = pd.to_numeric(frame["label"], errors="coerce")
@@ -357,6 +406,12 @@ def _checked_values(name: str, frame: pd.DataFrame) -> pd.DataFrame:
             raise CrossvalError(
                 f"{name}: `{column}` of {first} is {shown}, not {expected} ({int(bad.sum())} image(s) in all); {fix}"
             )
+    if GROUP_COLUMN in frame.columns and frame[GROUP_COLUMN].isna().any():
+        empty = frame[GROUP_COLUMN].isna().to_numpy()
+        raise CrossvalError(
+            f"{name}: `{GROUP_COLUMN}` of {frame.index[empty][0]} is empty, not the image's group of linked images "
+            f"({int(empty.sum())} image(s) in all); {fix}"
+        )
     fractured = int((labels == 1).sum())
     if fractured in (0, len(labels)):
         raise CrossvalError(
@@ -409,9 +464,16 @@ def compare_oof(
     between seeds is counted as one run's (an average of runs varies less, so its interval is
     conservative).
 
+    Linked images (copies, near-duplicates, one patient's X-rays) are one piece of evidence, not
+    several: when every run's predictions name each image's ``group`` (:func:`oof_groups`, as the
+    crossval stage writes it), each difference's variance is over those groups (Obuchowski's
+    clustered DeLong, ``groups`` of :func:`fracture.evaluation.delong_mean_difference`), as the
+    promotion gate counts them. Predictions written before the stage named them are compared
+    image by image, and :attr:`OofComparisons.ungrouped` names their runs.
+
     Args:
         recipes: by name, the reference first: one run's out-of-fold predictions
-            (:data:`OOF_COLUMNS`), or several runs' by run name.
+            (:data:`OOF_COLUMNS`, and ``group``), or several runs' by run name.
         ev: the threshold rule (``threshold``, ``target_sensitivity``).
         ensemble: add the mean of all runs.
         confidence: coverage of the differences' intervals.
@@ -419,13 +481,16 @@ def compare_oof(
     Raises:
         CrossvalError: fewer than two recipes, a recipe without runs or a run in two recipes, a
             column missing, a label other than 0 or 1, a probability empty, not finite or outside
-            [0, 1], a run of one class only, or runs that held out other images, other labels or
-            other folds (no paired comparison is possible).
+            [0, 1], an empty group, a run of one class only, or runs that held out other images,
+            other labels or other folds, or that link the images into other groups (no paired
+            comparison is possible).
     """
     if len(recipes) < 2:
         raise CrossvalError(f"comparing needs two runs or more, the reference first; got {len(recipes)}")
     runs = _runs_of(recipes)
-    labels, probabilities = _aligned({run: frame for named in runs.values() for run, frame in named.items()})
+    labels, probabilities, groups, ungrouped = _aligned(
+        {run: frame for named in runs.values() for run, frame in named.items()}
+    )
     by_recipe = {recipe: [probabilities[run] for run in named] for recipe, named in runs.items()}
     if ensemble:
         by_recipe[ENSEMBLE] = [np.mean(list(probabilities.values()), axis=0)]
@@ -448,6 +513,7 @@ def compare_oof(
                 confidence,
                 between_run_variance=0.0 if run_variance is None else run_variance * (1 / len(members) + 1 / k_b),
                 between_run_df=df or None,
+                groups=groups,
             )
         rows.append(
             OofComparison(
@@ -461,7 +527,7 @@ def compare_oof(
                 paired,
             )
         )
-    return OofComparisons(rows, None if run_variance is None else run_variance**0.5, df)
+    return OofComparisons(rows, None if run_variance is None else run_variance**0.5, df, ungrouped)
 
 
 def read_oof(run: str, root: Path) -> pd.DataFrame:

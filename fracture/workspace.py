@@ -441,7 +441,7 @@ class Workspace:
 
     @property
     def crossval_oof(self) -> Path:
-        """Out-of-fold predictions: ``image_id``, ``fold``, ``label``, ``probability``."""
+        """Out-of-fold predictions: ``image_id``, ``fold``, ``label``, ``probability``, ``group``."""
         return self.crossval_dir / "oof.csv"
 
     # --- provenance ---------------------------------------------------------------------------
@@ -564,9 +564,10 @@ class Workspace:
 
     def write_crossval(self, result: CrossvalResult, oof: pd.DataFrame) -> None:
         """Writes ``metrics.json`` and the out-of-fold predictions (``oof.csv``, sorted by ``image_id``;
-        an ensemble's also with each member's ``probability_member_<k>``)."""
+        with each image's ``group`` of linked images where ``oof`` holds it; an ensemble's also with
+        each member's ``probability_member_<k>``)."""
         write_json(self.crossval_metrics, result.to_dict())
-        columns = ["image_id", "fold", "label", "probability"]
+        columns = ["image_id", "fold", "label", "probability"] + (["group"] if "group" in oof.columns else [])
         columns += sorted((c for c in oof.columns if c.startswith("probability_member_")), key=lambda c: int(c.rsplit("_", 1)[1]))
         oof[columns].sort_values("image_id").to_csv(self.crossval_oof, index=False)
 

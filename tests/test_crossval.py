@@ -277,10 +277,16 @@ def test_crossval_never_reads_the_test_split(tiny_run):
     tables = {name: workspace.read_split_table(name) for name in ("train", "val", "test")}
     assert sorted(oof["image_id"]) == sorted(pd.concat([tables["train"], tables["val"]])["image_id"])
     assert not set(oof["image_id"]) & set(tables["test"]["image_id"])
-    assert list(oof.columns) == ["image_id", "fold", "label", "probability"]
-    # The two near-duplicates are held out together.
+    assert list(oof.columns) == ["image_id", "fold", "label", "probability", "group"]
+    # The two near-duplicates are held out together, and named as one group of linked images.
     folds = oof.set_index("image_id")["fold"]
     assert folds["IMG0000000.jpg"] == folds["IMG0000001.jpg"]
+    pooled = pool_splits(tables["train"], tables["val"])
+    assert oof["group"].tolist() == oof_groups(pooled, oof).tolist()
+    assert oof.set_index("image_id").loc[["IMG0000000.jpg", "IMG0000001.jpg"], "group"].nunique() == 1
+    # So comparing the stage's runs counts that pair once.
+    paired = compare_oof({"a": oof, "b": oof}, load_params().evaluate).rows[1].versus_reference
+    assert (paired.n_images, paired.n_groups) == (len(oof), len(oof) - 1)
 
 
 def test_metrics_are_the_figures_of_the_out_of_fold_predictions(tiny_run):
@@ -560,6 +566,107 @@ def test_runs_on_other_folds_images_or_labels_are_not_compared(scored):
         compare_oof({"ref": reference}, ev)
 
 
+def copies_of(labels: np.ndarray, probs: np.ndarray, copies: int) -> pd.DataFrame:
+    """Out-of-fold predictions of each image stored ``copies`` times, the copies one group (named by
+    the first of them, as :func:`fracture.split.group_key` names a group) in one fold."""
+    folds = np.repeat(np.arange(len(labels)) % 3 + 1, copies)
+    frame = oof_frame(np.repeat(labels, copies), np.repeat(probs, copies), folds)
+    return frame.assign(group=frame["image_id"].to_numpy()[np.arange(len(frame)) // copies * copies])
+
+
+@pytest.fixture(scope="module")
+def undecided() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """60 images (20 fractured) on which a better recipe's lead is too small for DeLong's test to call."""
+    rng = np.random.default_rng(2)
+    labels = (np.arange(60) < 20).astype(int)
+    signal = labels * 1.2
+    return labels, expit(signal + rng.normal(0, 1.3, 60)), expit(signal + rng.normal(0, 1.0, 60))
+
+
+def test_linked_images_count_as_one_so_copies_find_no_difference_the_images_themselves_do_not_show(undecided):
+    """Each of 60 X-rays stored 10 times: counted as 600 independent images, DeLong's test "finds"
+    a difference; counted as their 60 groups, the test gives what the 60 X-rays alone give."""
+    labels, weak, strong = undecided
+    ev = load_params().evaluate
+    alone = delong_paired(labels, strong, weak)
+    assert alone.p_value > 0.2
+    grouped = compare_oof({"weak": copies_of(labels, weak, 10), "strong": copies_of(labels, strong, 10)}, ev)
+    paired = grouped.rows[1].versus_reference
+    assert grouped.ungrouped == () and (paired.n_images, paired.n_groups) == (600, 60)
+    assert paired.difference == pytest.approx(alone.difference)
+    assert (paired.ci_low, paired.ci_high, paired.p_value) == pytest.approx(
+        (alone.ci_low, alone.ci_high, alone.p_value)
+    )
+    as_images = compare_oof(
+        {"weak": copies_of(labels, weak, 10).drop(columns="group"), "strong": copies_of(labels, strong, 10)}, ev
+    ).rows[1].versus_reference
+    assert as_images.difference == pytest.approx(alone.difference) and as_images.p_value < 0.01
+
+
+def test_groups_of_one_image_give_the_per_image_difference(scored):
+    labels, weak, strong = scored
+    ev = load_params().evaluate
+    runs = {"weak": oof_frame(labels, weak), "strong": oof_frame(labels, strong)}
+    per_image = compare_oof(runs, ev, ensemble=True)
+    grouped = {name: frame.assign(group=frame["image_id"]) for name, frame in runs.items()}
+    alone = compare_oof(grouped, ev, ensemble=True)
+    assert per_image.ungrouped == ("weak", "strong") and alone.ungrouped == ()
+    for image, group in zip(per_image.rows[1:], alone.rows[1:], strict=True):
+        d, g = image.versus_reference, group.versus_reference
+        assert (d.n_groups, g.n_groups) == (None, 400)
+        assert (g.difference, g.ci_low, g.ci_high, g.p_value) == pytest.approx(
+            (d.difference, d.ci_low, d.ci_high, d.p_value), rel=1e-9
+        )
+
+
+def test_runs_that_link_the_images_into_other_groups_are_refused_naming_both_and_the_first_image(undecided):
+    labels, weak, strong = undecided
+    ev = load_params().evaluate
+    reference = copies_of(labels, weak, 2)
+    # The same groups named otherwise are the same grouping.
+    renamed = copies_of(labels, strong, 2).assign(group=lambda f: "patient-" + f["group"])
+    assert compare_oof({"ref": reference, "new": renamed}, ev).rows[1].versus_reference.n_groups == 60
+    split_up = copies_of(labels, strong, 2)
+    split_up.loc[5, "group"] = split_up.loc[5, "image_id"]  # IMG0000005.jpg apart from its copy IMG0000004.jpg
+    with pytest.raises(
+        CrossvalError,
+        match=r"^new and ref link the images into other groups in `group` \(2 image\(s\) grouped otherwise, first: "
+        r"IMG0000004\.jpg\): .*cross-validate both on the same split",
+    ):
+        compare_oof({"ref": reference, "new": split_up}, ev)
+    empty = copies_of(labels, strong, 2).astype({"group": object})
+    empty.loc[[3, 8], "group"] = np.nan
+    with pytest.raises(CrossvalError, match=r"^new: `group` of IMG0000003\.jpg is empty.*\(2 image\(s\) in all\)"):
+        compare_oof({"ref": reference, "new": empty}, ev)
+
+
+def test_predictions_written_before_groups_were_are_compared_per_image_and_the_cli_says_so(
+    tmp_path, undecided, monkeypatch, capsys
+):
+    from fracture.cli import main
+
+    labels, weak, strong = undecided
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    copies_of(labels, weak, 10).to_csv(tmp_path / "weak.csv", index=False)
+    copies_of(labels, strong, 10).to_csv(tmp_path / "strong.csv", index=False)
+    copies_of(labels, strong, 10).drop(columns="group").to_csv(tmp_path / "old.csv", index=False)
+    monkeypatch.chdir(tmp_path)
+    main(["crossval-compare", "weak.csv", "strong.csv"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[4] == (
+        "Each difference counts linked images (copies, near-duplicates, one patient's X-rays) as one: its variance "
+        "is over their 60 groups, not the 600 images."
+    )
+    assert float(lines[3].rpartition("p = ")[2]) > 0.2
+    main(["crossval-compare", "weak.csv", "old.csv"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[4].startswith(
+        "Each difference counts every image as independent evidence, because the predictions of old.csv name no "
+        "groups of linked images (re-run its crossval to get them)"
+    )
+    assert float(lines[3].rpartition("p = ")[2]) < 0.01
+
+
 @pytest.mark.parametrize(
     ("column", "value", "shown"),
     [
@@ -779,7 +886,10 @@ def test_cli_prints_each_run_and_its_paired_difference(tmp_path, scored, monkeyp
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("out-of-fold, 400 images (80 fractured)")
     assert [line.split()[0] for line in lines[2:5]] == ["weak.csv", "strong.csv", "mean"]
-    assert lines[5].startswith("DeLong's test holds each run's predictions fixed") and len(lines) == 6
+    # Files written before the crossval stage named each image's group: compared image by image, and said so.
+    assert lines[5].startswith("Each difference counts every image as independent evidence, because the predictions "
+                               "of weak.csv, strong.csv name no groups of linked images (re-run their crossval")
+    assert lines[6].startswith("DeLong's test holds each run's predictions fixed") and len(lines) == 7
     assert lines[2].rstrip().endswith("reference") and ", p = " in lines[3]
     with pytest.raises(SystemExit) as exit_:
         main(["crossval-compare", "weak.csv"])
@@ -800,8 +910,8 @@ def test_cli_takes_a_recipes_runs_joined_by_commas_and_counts_their_spread(tmp_p
     assert lines[0].startswith("out-of-fold, 600 images (100 fractured)")
     assert lines[2].split()[:2] == ["s0.csv,s1.csv,s2.csv", "3"] and lines[3].split()[:2] == ["s3.csv", "1"]
     sd = np.std([roc_auc_score(labels, pd.read_csv(tmp_path / f"s{i}.csv")["probability"]) for i in range(3)], ddof=1)
-    assert f"({sd:.4f})" in lines[2] and f"sd {sd:.4f}" in lines[4] and "2 degrees of freedom" in lines[4]
-    assert len(lines) == 5
+    assert f"({sd:.4f})" in lines[2] and f"sd {sd:.4f}" in lines[5] and "2 degrees of freedom" in lines[5]
+    assert len(lines) == 6
     with pytest.raises(SystemExit) as exit_:
         main(["crossval-compare", "s0.csv,s0.csv", "s3.csv"])
     assert str(exit_.value.code) == (

@@ -181,7 +181,7 @@ def test_the_stages_train_evaluate_and_cross_validate_an_ensemble(tmp_path, monk
     assert "2 networks trained under seeds train.seed onwards" in card
     folds = run_crossval(params, workspace)
     oof = pd.read_csv(workspace.crossval_dir / "oof.csv")
-    assert list(oof.columns) == ["image_id", "fold", "label", "probability", "probability_member_1",
+    assert list(oof.columns) == ["image_id", "fold", "label", "probability", "group", "probability_member_1",
                                  "probability_member_2"]
     np.testing.assert_allclose(oof["probability"], oof[["probability_member_1", "probability_member_2"]].mean(axis=1),
                                atol=1e-6)

@@ -16,7 +16,14 @@ import numpy as np
 import pandas as pd
 
 from fracture.config import Params
-from fracture.crossval import draw_folds, fit_fold, oof_groups, pool_splits, summarise
+from fracture.crossval import (
+    GROUP_COLUMN,
+    draw_folds,
+    fit_fold,
+    oof_groups,
+    pool_splits,
+    summarise,
+)
 from fracture.data_config import DataConfig
 from fracture.model import check_profile_frozen, require_versioned_weights
 from fracture.prepare import PreparedImages
@@ -54,8 +61,10 @@ def run_crossval(params: Params, workspace: Workspace) -> CrossvalResult:
     Pools ``outputs/split/train.csv`` and ``val.csv`` (never ``test.csv``), draws the folds
     (:func:`fracture.crossval.draw_folds`), trains one model per fold on the prepared cache and
     keeps each held-out image's last-epoch probability. Writes ``outputs/crossval/metrics.json``
-    and ``oof.csv`` and logs one MLflow run (experiment ``register.experiment``, tag
-    ``kind=crossval``) with the recipe's params, each fold's per-epoch curves and the figures.
+    and ``oof.csv`` (with each image's ``group`` of linked images, :func:`fracture.crossval.oof_groups`:
+    the unit ``fracture crossval-compare`` counts as one piece of evidence) and logs one MLflow
+    run (experiment ``register.experiment``, tag ``kind=crossval``) with the recipe's params, each
+    fold's per-epoch curves and the figures.
 
     Returns:
         The per-fold records and the summary, as written to ``metrics.json``.
@@ -89,8 +98,9 @@ def run_crossval(params: Params, workspace: Workspace) -> CrossvalResult:
         mlflow.log_params(recipe_params(params) | {"crossval.folds": cv.folds, "crossval.seed": cv.seed})
         fitted = [_fit_fold(params, cache, config, pooled, fold_of, n) for n in range(1, cv.folds + 1)]
         oof = pd.concat([predictions for _, predictions in fitted])
+        oof[GROUP_COLUMN] = oof_groups(pooled, oof)
         records = [record for record, _ in fitted]
-        result = CrossvalResult(records, summarise(records, oof, params.evaluate, oof_groups(pooled, oof)))
+        result = CrossvalResult(records, summarise(records, oof, params.evaluate, oof[GROUP_COLUMN].to_numpy()))
         workspace.write_crossval(result, oof)
         mlflow.log_metrics(
             {k: float(v) for k, v in result.to_dict().items() if k != "folds"}
