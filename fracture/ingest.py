@@ -62,7 +62,8 @@ class _UnreadableZip(IngestError):
 
 class DownloadError(IngestError):
     """A transient failure (network, cut-short transfer, HTTP 5xx, a local source that changed
-    while it was copied, as an export still being written does): retrying may help.
+    while it was copied, as an export still being written does, a local zip that cannot be read and
+    was modified moments ago, as a copy onto a share that stalled is): retrying may help.
 
     Everything else (a wrong local path, a bad layout, a checksum mismatch, a zip-slip member,
     an HTTP 4xx) stays a plain :class:`IngestError`, because running again changes nothing.
@@ -648,17 +649,27 @@ def _check_unchanged(source: Path, before: list[list[object]], shown: str | Path
 #: yet), long before a copy in progress would change it while it is read.
 ZIP_SETTLE_S = 2.0
 ZIP_POLL_S = 0.2
+#: How recently a local zip that cannot be read, and does not change while it is watched, may have
+#: been modified and still be taken for a copy in progress rather than a damaged zip: a copy onto a
+#: share over SMB or NFS stalls for longer than :data:`ZIP_SETTLE_S` (a busy file server, a network
+#: dropping packets), and its zip is unfinished, not damaged. Past it, the zip is damaged.
+ZIP_RECENT_S = 300.0
 
 
 def _check_settled(archive: Path, before: list[list[object]], shown: str, error: _UnreadableZip) -> None:
     """Tells a zip still being written from a damaged one: refuses ``archive`` as worth a retry
-    when it changes within :data:`ZIP_SETTLE_S` of failing to read.
+    when it changes within :data:`ZIP_SETTLE_S` of failing to read, or when it was modified within
+    :data:`ZIP_RECENT_S` (a copy stalled for longer than it is watched).
 
-    Only a change seen is taken for a copy in progress; a zip left unchanged that long stays
-    ``error``, a permanent failure, which is what a copy stalled that long also gets.
+    Only an old zip left unchanged stays ``error``, a permanent failure. A modification time ahead
+    of this machine's clock (a file server whose clock runs ahead) says nothing of how long ago the
+    zip was written, so it counts as recent: a retry costs little, and a copy still in progress
+    called damaged for good waits for a person.
 
     Raises:
-        DownloadError: the archive changed since ``before`` (its size or modification time).
+        DownloadError: the archive changed since ``before`` (its size or modification time), or it
+            was modified less than :data:`ZIP_RECENT_S` ago, or its modification time is ahead of
+            this machine's clock.
     """
     deadline = time.monotonic() + ZIP_SETTLE_S
     while True:
@@ -669,8 +680,26 @@ def _check_settled(archive: Path, before: list[list[object]], shown: str, error:
                 "ingest again once the copy has finished."
             ) from error
         if time.monotonic() >= deadline:
-            return
+            break
         time.sleep(ZIP_POLL_S)
+    try:
+        age = time.time() - archive.stat().st_mtime
+    except FileNotFoundError:  # removed since it was last looked at: a copy starting over
+        age = 0.0
+    if age >= ZIP_RECENT_S:
+        return
+    when = (
+        f"it was last modified {age:,.0f} s ago" if age >= 0
+        else f"its modification time is {-age:,.0f} s ahead of this machine's clock (the file server's clock runs "
+        "ahead of this machine's; set both by NTP), so how long ago it was written is not known"
+    )
+    raise DownloadError(
+        f"{shown} cannot be read as a zip ({error.why}), and {when}: it may still be being copied onto "
+        f"the share, a copy that stalled for longer than the {ZIP_SETTLE_S:g} s ingest watched it for a change. "
+        "Nothing was ingested; the scheduled flow retries it, or run ingest again once the copy has finished. "
+        f"A zip that still cannot be read once it is {ZIP_RECENT_S:,.0f} s past its modification time is taken "
+        "as damaged."
+    ) from error
 
 
 def _broken_link_error(link: str) -> IngestError:
@@ -785,9 +814,11 @@ def ingest(params: IngestParams, dest: Path, source: str | None = None) -> Inges
     Raises:
         DownloadError: a transient failure; running again may succeed: a download cut short, a
             local source that changed while it was copied, or a local zip that cannot be read and
-            changes within :data:`ZIP_SETTLE_S` (a copy onto the share still in progress).
+            changes within :data:`ZIP_SETTLE_S` or was modified within :data:`ZIP_RECENT_S` (a
+            copy onto the share still in progress, or stalled).
         IngestError: the source is missing, not in ``ingest.layout``'s layout, or damaged (a zip
-            that cannot be read and stays unchanged). ``dest`` is left as it was.
+            that cannot be read, stays unchanged and was modified longer ago than
+            :data:`ZIP_RECENT_S`). ``dest`` is left as it was.
     """
     with tempfile.TemporaryDirectory(prefix="fracture-ingest-") as tmp:
         tmpdir = Path(tmp)

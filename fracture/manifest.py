@@ -20,7 +20,9 @@ validation summary and the evaluation's per-part metrics all count alike.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
+import io
 import logging
 import os
 import re
@@ -90,11 +92,13 @@ class ManifestError(ValueError):
 
 
 class _OtherSeparator(pd.errors.ParserError):
-    """A csv file whose header line holds no comma but another separator: one column, as read."""
+    """A csv file whose header line holds no comma but another separator: one column, as read.
+    ``not_utf8`` says why its bytes are not UTF-8 too, if they are not."""
 
-    def __init__(self, sep: str, header: str) -> None:
+    def __init__(self, sep: str, header: str, not_utf8: _NotUtf8 | None = None) -> None:
         super().__init__(f"looks {OTHER_SEPARATORS[sep]}-separated: its header line is {header[:80]!r}")
         self.sep = sep
+        self.not_utf8 = not_utf8
 
 
 #: Separators a csv file is saved with instead of commas: Excel's where the decimal mark is a
@@ -105,6 +109,54 @@ SEPARATOR_ORIGINS = {
     ";": "as a spreadsheet saves csv where the decimal mark is a comma",
     "\t": "as a spreadsheet saves \"Text (tab delimited)\"",
 }
+#: The encoding Windows saves text in for Western European languages (Excel's "CSV (Comma
+#: delimited)", "CSV (semicolon delimited)" and "Text (tab delimited)", Notepad's "ANSI"): a csv
+#: file that is not UTF-8 and whose bytes all read in it is offered a conversion from it, the
+#: message saying it is taken for one.
+WINDOWS_CODE_PAGE = "cp1252"
+
+
+class _NotUtf8(pd.errors.ParserError):
+    """A csv file whose bytes are not UTF-8: where the first byte UTF-8 does not read is (its offset
+    in the file and its line), and the encoding it can be converted from, if one is known.
+
+    That encoding is UTF-16 where the file begins with its byte order mark (Excel's "Unicode
+    Text"), else :data:`WINDOWS_CODE_PAGE` where every byte reads in it and none is NUL (a
+    UTF-16 file without its mark); ``None`` otherwise. Only the conversion command a message
+    gives reads it so: the file itself is read as UTF-8 or refused.
+    """
+
+    def __init__(self, data: bytes, error: UnicodeDecodeError) -> None:
+        self.encoding: str | None = None
+        if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+            self.encoding = "utf-16"
+            self.detail = "it begins with UTF-16's byte order mark, as Excel saves \"Unicode Text\""
+        else:
+            bad = data[error.start:error.end]
+            line = data.count(b"\n", 0, error.start) + 1
+            self.detail = f"byte offset {error.start:,} (line {line}) is 0x{bad.hex()}"
+            if b"\x00" not in data and not data.startswith(codecs.BOM_UTF8) and _decodes(data, WINDOWS_CODE_PAGE):
+                self.encoding = WINDOWS_CODE_PAGE
+                self.detail += (f"; it reads as {bad.decode(WINDOWS_CODE_PAGE)!r} in {WINDOWS_CODE_PAGE}, the "
+                                "code page Windows saves text in for Western European languages")
+        super().__init__(f"is not UTF-8: {self.detail}")
+
+
+def _decodes(data: bytes, encoding: str) -> bool:
+    try:
+        data.decode(encoding)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _utf8_error(data: bytes) -> _NotUtf8 | None:
+    """Why ``data`` is not UTF-8 (:class:`_NotUtf8`), or ``None`` when it is."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return _NotUtf8(data, exc)
+    return None
 
 
 @dataclass(frozen=True)
@@ -230,9 +282,10 @@ def read_dataset_csv(csv_file: Path | str, handle: IO[bytes] | None = None) -> p
 
     Raises:
         ManifestError: the file cannot be read (or is saved with semicolons or tabs instead of
-            commas), lacks ``image_id`` or ``fractured``, holds its header row only, names no id
-            on some row, or holds a cell in ``fractured``, ``fracture_count`` or a flag column
-            that is not a whole number; the message names the file, the column and the lines.
+            commas, or in another encoding than UTF-8), lacks ``image_id`` or ``fractured``, holds
+            its header row only, names no id on some row, or holds a cell in ``fractured``,
+            ``fracture_count`` or a flag column that is not a whole number; the message names the
+            file, the column and the lines.
     """
     fix = "; copy it again from the FracAtlas release" if handle is None else ""
     try:
@@ -242,7 +295,9 @@ def read_dataset_csv(csv_file: Path | str, handle: IO[bytes] | None = None) -> p
             f"{csv_file} {exc}, {SEPARATOR_ORIGINS[exc.sep]}; FracAtlas's "
             f"dataset.csv is comma-separated{fix}"
         ) from exc
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as exc:
+    except _NotUtf8 as exc:
+        raise ManifestError(f"{csv_file} {exc}; FracAtlas's dataset.csv is UTF-8{fix}") from exc
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, OSError) as exc:
         raise ManifestError(f"{csv_file} is not a readable csv file ({exc}){fix}") from exc
     missing = [c for c in ("image_id", "fractured") if c not in csv]
     if missing:
@@ -308,24 +363,34 @@ def _read_text_csv(csv_file: Path | IO[bytes], column: Callable[[str], str] = st
     body_part``, as some exports write every line) when those fields are empty: pandas would
     otherwise read the first column as the index and shift every other one left. A line whose
     extra fields hold something is refused (a pandas ParserError naming its lines), as no column
-    says what they are."""
+    says what they are.
+
+    A file whose bytes are not UTF-8 is refused (:class:`_NotUtf8`, naming the first byte that is
+    not and its line), never read in an encoding guessed from them; one saved with another
+    separator is refused as such first (:class:`_OtherSeparator`), saying that too."""
+    data = csv_file.read_bytes() if isinstance(csv_file, Path) else csv_file.read()
+    not_utf8 = _utf8_error(data)
     # The header as written: pandas renames a repeated name (label, label.1), and the first would win.
-    header = pd.read_csv(csv_file, header=None, nrows=1, dtype=str, keep_default_na=False, index_col=False)
+    # In a file that is not UTF-8 it is read only to find its separator and show it.
+    header = pd.read_csv(
+        io.BytesIO(data), header=None, nrows=1, dtype=str, keep_default_na=False, index_col=False,
+        encoding=not_utf8.encoding if not_utf8 and not_utf8.encoding else "utf-8", encoding_errors="replace",
+    )
     written = [str(name) for name in header.iloc[0]] if len(header) else []
     # One column whose name holds another separator: the file was saved with it (Excel writes ";"
     # where the decimal mark is a comma). Refused naming it, not read with it (read_csv_layout says why).
     if len(written) == 1 and (found := [sep for sep in OTHER_SEPARATORS if sep in written[0]]):
-        raise _OtherSeparator(found[0], written[0])
+        raise _OtherSeparator(found[0], written[0], not_utf8)
+    if not_utf8 is not None:
+        raise not_utf8
     names = [column(name) for name in written]
     named_twice = sorted({name for name in names if name and names.count(name) > 1})
     if named_twice:  # "label,label", " label" and "label", or "Label" and "label"
         spellings = "; ".join(", ".join(repr(w) for w in written if column(w) == name) for name in named_twice)
         raise pd.errors.ParserError(f"the header names column(s) {', '.join(named_twice)} twice ({spellings})")
     # Each line's fields past the header's (read by position, the header line skipped).
-    if not isinstance(csv_file, Path):
-        csv_file.seek(0)
     fields = pd.read_csv(
-        csv_file, header=None, skiprows=1, names=range(len(written) + EXTRA_FIELDS), dtype=str,
+        io.BytesIO(data), header=None, skiprows=1, names=range(len(written) + EXTRA_FIELDS), dtype=str,
         keep_default_na=False, skip_blank_lines=False, index_col=False,
     )
     # Joined row by row: DataFrame.agg over no rows returns a frame, not a Series.
@@ -336,11 +401,9 @@ def _read_text_csv(csv_file: Path | IO[bytes], column: Callable[[str], str] = st
             f"{_rows(beyond.ne(''), beyond)} hold fields past the header's {len(written)} ({', '.join(written)}); "
             "name their column in the header, or remove them"
         )
-    if not isinstance(csv_file, Path):
-        csv_file.seek(0)
     with warnings.catch_warnings():  # "a loss of data with index_col=False": the fields dropped are empty
         warnings.simplefilter("ignore", pd.errors.ParserWarning)
-        csv = pd.read_csv(csv_file, dtype=str, keep_default_na=False, skip_blank_lines=False, index_col=False)
+        csv = pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False, skip_blank_lines=False, index_col=False)
     return csv.rename(columns=column)[csv.ne("").any(axis=1)]
 
 
@@ -488,6 +551,23 @@ def _a_row(entry: Path) -> bool:
     return not entry.is_dir() or bool(unlistable(entry))
 
 
+def _conversion(sep: str, not_utf8: _NotUtf8 | None) -> str:
+    """The advice, led by ", or", to convert labels.csv saved with ``sep`` (and, where ``not_utf8``
+    is given, in its encoding) with a one-line command: "" where the encoding is not known."""
+    if not_utf8 is not None and not_utf8.encoding is None:
+        return ""
+    options = "".join((
+        f"sep={sep!r}, " if sep != "," else "",
+        f"encoding={not_utf8.encoding!r}, " if not_utf8 is not None else "",
+    ))
+    command = (f"python -c \"import pandas as pd; pd.read_csv('{LABELS_CSV}', {options}dtype=str, "
+               f"keep_default_na=False).to_csv('{LABELS_CSV}', index=False)\"")
+    # cp1252 is taken for the encoding of bytes that are not UTF-8 (see _NotUtf8): the message says so.
+    guess = not_utf8 is not None and not_utf8.encoding == WINDOWS_CODE_PAGE
+    return f", or{f', if it was saved in {WINDOWS_CODE_PAGE},' if guess else ''} convert it in the export's folder " \
+        f"with {command}"
+
+
 def read_csv_layout(dataset_dir: Path) -> pd.DataFrame:
     """A hospital's export (layout ``csv``) as the manifest's columns, before the decode.
 
@@ -515,14 +595,16 @@ def read_csv_layout(dataset_dir: Path) -> pd.DataFrame:
         has one. Other columns are left out, with a warning naming them.
 
     Raises:
-        ManifestError: labels.csv is saved with semicolons or tabs instead of commas, holds its
-            header row only, lacks ``label`` or both ``path`` and ``image_id``, names a
-            column twice (in any spelling :func:`_labels_column` reads alike), or a value cannot be
-            read (a label that is not a number, a path outside the folder, an empty
-            ``image_id``, an id that names two files, an unknown body part or view); the message
-            names the lines. Or two files' names differ only in their Unicode normalisation.
-            Or, without a ``patient_id`` column, one DICOM Patient ID is on more than a quarter of
-            the images (an anonymiser's placeholder; :func:`_dicom_patients`).
+        ManifestError: labels.csv is saved with semicolons or tabs instead of commas, or in another
+            encoding than UTF-8 (the message names the first byte that is not UTF-8, its line, and
+            a command that converts a file Windows saved), holds its header row only, lacks
+            ``label`` or both ``path`` and ``image_id``, names a column twice (in any spelling
+            :func:`_labels_column` reads alike), or a value cannot be read (a label that is not a
+            number, a path outside the folder, an empty ``image_id``, an id that names two files,
+            an unknown body part or view); the message names the lines. Or two files' names differ
+            only in their Unicode normalisation. Or, without a ``patient_id`` column, one DICOM
+            Patient ID is on more than a quarter of the images (an anonymiser's placeholder;
+            :func:`_dicom_patients`).
     """
     csv_file = dataset_dir / LABELS_CSV
     try:
@@ -530,15 +612,22 @@ def read_csv_layout(dataset_dir: Path) -> pd.DataFrame:
     except _OtherSeparator as exc:
         # Refused, not read with the separator found: labels.csv is comma-separated wherever it
         # is read (by the user's own tools too), and ingest reads what it is given, guessing nothing.
-        convert = (f"python -c \"import pandas as pd; pd.read_csv('{LABELS_CSV}', sep={exc.sep!r}, "
-                   f"dtype=str, keep_default_na=False).to_csv('{LABELS_CSV}', index=False)\"")
+        not_utf8 = exc.not_utf8
+        utf8 = f" and UTF-8, and its bytes are not UTF-8 either: {not_utf8.detail}" if not_utf8 else ""
         raise ManifestError(
-            f"{csv_file} {exc}, {SEPARATOR_ORIGINS[exc.sep]}; {LABELS_CSV} must be "
-            "comma-separated. Save it comma-separated in the export (LibreOffice Calc: File > Save As, Text CSV, "
-            f"Edit filter settings, field delimiter ','), or convert it in the export's folder with {convert}, "
-            "then run ingest again"
+            f"{csv_file} {exc}, {SEPARATOR_ORIGINS[exc.sep]}; {LABELS_CSV} must be comma-separated{utf8}. Save it "
+            f"comma-separated{' as UTF-8' if not_utf8 else ''} in the export (LibreOffice Calc: File > Save As, Text "
+            "CSV, Edit filter settings, field delimiter ','"
+            f"{', character set Unicode (UTF-8)' if not_utf8 else ''}){_conversion(exc.sep, not_utf8)}, then run "
+            "ingest again"
         ) from exc
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+    except _NotUtf8 as exc:
+        raise ManifestError(
+            f"{csv_file} {exc}. {LABELS_CSV} must be UTF-8: save it so in the export (Excel: Save As, \"CSV UTF-8 "
+            "(Comma delimited)\"; LibreOffice Calc: File > Save As, Text CSV, Edit filter settings, character set "
+            f"Unicode (UTF-8)){_conversion(',', exc)}, then run ingest again"
+        ) from exc
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise ManifestError(f"{csv_file} is not a readable csv file ({exc}); export it again as UTF-8 csv") from exc
     if "label" not in csv or not ({"path", "image_id"} & set(csv.columns)):
         raise ManifestError(

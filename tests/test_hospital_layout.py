@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
+import shlex
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -119,6 +123,92 @@ def test_an_empty_image_id_beside_a_path_is_refused_naming_its_lines(tmp_path):
     # Without the column each row's id is its path, as the message says.
     (root / "labels.csv").write_text("path,label\nimages/a.png,1\nimages/b.png,0\nimages/c.png,0\n")
     assert read_csv_layout(root)["image_id"].tolist() == ["images/a.png", "images/b.png", "images/c.png"]
+
+
+def _run_command_given(message: str, folder: Path) -> None:
+    """Runs, in a shell in ``folder`` (the export's), the conversion command a message about labels.csv gives."""
+    command = message.split("python -c ", 1)[1].split(", then run ingest again")[0]
+    subprocess.run(f"{shlex.quote(sys.executable)} -c {command}", shell=True, cwd=folder, check=True)
+
+
+# A body part's file, and a note, written with a letter outside ASCII: the bytes that tell the encodings apart.
+ACCENTED_ROWS = [
+    ["path", "label", "body_part", "note"],
+    ["images/péroné.png", "1", "leg", "fracture du péroné"],
+    ["images/b.png", "0", "", "épaule"],
+]
+
+# How the message names the first of those bytes, the 'é' of péroné, in cp1252.
+CP1252_E = (r"byte offset 35 \(line 2\) is 0xe9; it reads as 'é' in cp1252, the code page Windows saves text in "
+            r"for Western European languages")
+
+
+@pytest.mark.parametrize(
+    ("sep", "encoding", "how"),
+    [
+        (";", "cp1252", CP1252_E),
+        ("\t", "cp1252", CP1252_E),
+        ("\t", "utf-16", r"it begins with UTF-16's byte order mark, as Excel saves \"Unicode Text\""),
+    ],
+    ids=["semicolon-cp1252", "tab-cp1252", "unicode-text"],
+)
+def test_a_labels_csv_in_a_windows_encoding_converts_with_the_command_given(tmp_path, params, sep, encoding, how):
+    """Excel on Windows saves "CSV (semicolon delimited)" and "Text (tab delimited)" in the ANSI code
+    page (cp1252 in Western Europe), and "Unicode Text" in UTF-16: the conversion command the
+    message gave read them as UTF-8 and failed with UnicodeDecodeError (a UTF-16 file was not even
+    seen to be tab-separated)."""
+    root = export(tmp_path / "export", "", {"péroné.png": 1, "b.png": 2})
+    labels = root / "labels.csv"
+    labels.write_bytes("".join(sep.join(row) + "\r\n" for row in ACCENTED_ROWS).encode(encoding))
+    with pytest.raises(ManifestError) as caught:
+        read_csv_layout(root)
+    message = str(caught.value)
+    name = "semicolon" if sep == ";" else "tab"
+    assert message.startswith(f"{labels} looks {name}-separated: its header line is "
+                              f"{f'path{sep}label{sep}body_part{sep}note'!r}")
+    assert re.search(rf"labels.csv must be comma-separated and UTF-8, and its bytes are not UTF-8 either: {how}\. "
+                     r"Save it comma-separated as UTF-8 in the export \(.+, character set Unicode \(UTF-8\)\), or"
+                     + (", if it was saved in cp1252," if encoding == "cp1252" else "") + " convert it", message)
+    assert f"pd.read_csv('labels.csv', sep={sep!r}, encoding={encoding!r}, dtype=str" in message
+    _run_command_given(message, root)
+    assert "fracture du péroné" in labels.read_text(encoding="utf-8")
+    # The converted export ingests, and its rows are read with their files.
+    dest = ingest(dataclasses.replace(params.ingest, layout="csv"), tmp_path / "data" / "hospital", str(root)).dest
+    frame = read_csv_layout(dest).set_index("image_id")
+    assert frame["csv_label"].to_dict() == {"images/b.png": 0, "images/péroné.png": 1}
+    assert frame["has_file"].all() and frame.at["images/péroné.png", "leg"] == 1
+
+
+def test_a_comma_separated_labels_csv_not_in_utf8_is_refused_naming_the_byte_its_line_and_the_fix(tmp_path, params):
+    """A labels.csv saved as "CSV (Comma delimited)" by Excel on Windows is in cp1252: it was refused
+    as "not a readable csv file ('utf-8' codec can't decode byte 0xe9 in position 13 ...)", a
+    position within a field that names no line, and no way to convert it."""
+    root = export(tmp_path / "export", "", {"péroné.png": 1, "b.png": 2})
+    labels = root / "labels.csv"
+    labels.write_bytes("".join(",".join(row) + "\r\n" for row in ACCENTED_ROWS).encode("cp1252"))
+    with pytest.raises(ManifestError) as caught:
+        read_csv_layout(root)
+    message = str(caught.value)
+    convert = ("python -c \"import pandas as pd; pd.read_csv('labels.csv', encoding='cp1252', dtype=str, "
+               "keep_default_na=False).to_csv('labels.csv', index=False)\"")
+    assert message == (
+        f"{labels} is not UTF-8: byte offset 35 (line 2) is 0xe9; it reads as 'é' in cp1252, the code page "
+        "Windows saves text in for Western European languages. labels.csv must be UTF-8: save it so in the "
+        "export (Excel: Save As, \"CSV UTF-8 (Comma delimited)\"; LibreOffice Calc: File > Save As, Text CSV, "
+        "Edit filter settings, character set Unicode (UTF-8)), or, if it was saved in cp1252, convert it in the "
+        f"export's folder with {convert}, then run ingest again"
+    )
+    assert labels.read_bytes().index(b"\xe9") == 35  # the byte the message names
+    _run_command_given(message, root)
+    frame = read_csv_layout(root).set_index("image_id")
+    assert frame["csv_label"].to_dict() == {"images/b.png": 0, "images/péroné.png": 1}
+    assert frame["has_file"].all()
+    # Bytes that are neither UTF-8 nor cp1252 (0x81 is unassigned in it): no conversion is offered.
+    labels.write_bytes(b"path,label,note\r\nimages/b.png,0,\x81\r\n")
+    with pytest.raises(ManifestError, match=r"is not UTF-8: byte offset 32 \(line 2\) is 0x81\. labels.csv must "
+                       r"be UTF-8: save it so in the export \(.+\), then run ingest again$") as unknown:
+        read_csv_layout(root)
+    assert "python -c" not in str(unknown.value)
 
 
 @pytest.mark.parametrize(

@@ -28,6 +28,7 @@ import requests
 from fracture.config import IngestParams, load_params
 from fracture.ingest import (
     EX_TEMPFAIL,
+    ZIP_RECENT_S,
     DownloadError,
     IngestError,
     _recover_staging,
@@ -296,6 +297,10 @@ def test_a_zip_changed_while_it_is_extracted_is_refused_for_a_retry(dataset, tmp
         ingest(iparams, dest, str(archive))
     monkeypatch.undo()
     archive.write_bytes(whole[: len(whole) // 2])
+    # Modified long ago, as a zip that has stayed damaged is: one modified moments ago may be a
+    # copy onto the share that stalled, worth a retry.
+    old = time.time() - ZIP_RECENT_S - 60
+    os.utime(archive, (old, old))
     with pytest.raises(IngestError, match="is not a readable zip file") as unchanged:
         ingest(iparams, dest, str(archive))
     assert not isinstance(unchanged.value, DownloadError)
@@ -333,6 +338,48 @@ def test_a_zip_still_being_copied_onto_the_share_is_refused_for_a_retry(dataset,
     )
     assert not dest.exists()
     ingest(iparams, dest, str(archive))  # the retry, once the copy has finished
+    assert tree(dest) == tree(dataset)
+
+
+@pytest.mark.parametrize("skew", [0, 90], ids=["modified-now", "server-clock-ahead"])
+def test_a_zip_whose_copy_onto_the_share_stalls_is_refused_for_a_retry(dataset, tmp_path, iparams, skew):
+    """A copy over SMB or NFS that stalls for longer than the moment ingest watches an unreadable zip
+    left it unchanged, so it was called damaged for good and waited for a person. A zip modified
+    within ZIP_RECENT_S is now refused as worth a retry; so is one stamped ahead of this machine's
+    clock (a file server whose clock runs ahead), which must neither crash nor count as old."""
+    whole = zip_dir(dataset, tmp_path / "whole.zip").read_bytes()
+    archive = tmp_path / "share" / "FracAtlas.zip"
+    archive.parent.mkdir()
+    archive.write_bytes(whole[: len(whole) // 2])  # the copy stalls here: nothing lands while ingest watches
+    if skew:
+        stamp = time.time() + skew
+        os.utime(archive, (stamp, stamp))
+    dest = tmp_path / "data/fracatlas"
+    with pytest.raises(DownloadError) as caught:
+        ingest(iparams, dest, str(archive))
+    when = (
+        r"its modification time is [\d,]+ s ahead of this machine's clock \(the file server's clock runs ahead of "
+        r"this machine's; set both by NTP\), so how long ago it was written is not known" if skew
+        else r"it was last modified [\d,]+ s ago"
+    )
+    assert re.fullmatch(
+        rf"{re.escape(str(archive))} cannot be read as a zip \(File is not a zip file\), and {when}: it may "
+        r"still be being copied onto the share, a copy that stalled for longer than the 2 s ingest watched it for "
+        r"a change\. Nothing was ingested; the scheduled flow retries it, or run ingest again once the copy has "
+        r"finished\. A zip that still cannot be read once it is 300 s past its modification time is taken as "
+        r"damaged\.",
+        str(caught.value),
+    )
+    assert not dest.exists()
+    # The same zip, last modified longer ago than that: damaged, not retried.
+    old = time.time() - ZIP_RECENT_S - 60
+    os.utime(archive, (old, old))
+    damaged_message = r"is not a readable zip file \(File is not a zip file\); fetch it again$"
+    with pytest.raises(IngestError, match=damaged_message) as damaged:
+        ingest(iparams, dest, str(archive))
+    assert not isinstance(damaged.value, DownloadError)
+    archive.write_bytes(whole)  # the copy resumes and finishes
+    ingest(iparams, dest, str(archive))
     assert tree(dest) == tree(dataset)
 
 
@@ -544,6 +591,9 @@ def _bit_rot(data: bytes) -> bytes:
 def test_a_zip_member_that_cannot_be_extracted_is_named(tmp_path, iparams, tmpdir_root, data, member, advice):
     archive = tmp_path / "FracAtlas.zip"
     archive.write_bytes(data)
+    # Modified long ago: a damaged zip modified moments ago may be a stalled copy, refused for a retry.
+    old = time.time() - ZIP_RECENT_S - 60
+    os.utime(archive, (old, old))
     dest = tmp_path / "data/fracatlas"
     with pytest.raises(IngestError) as err:
         ingest(iparams, dest, str(archive))
