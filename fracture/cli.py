@@ -299,7 +299,8 @@ def _print_comparison(compared: OofComparisons, ev: EvaluateParams) -> None:
         )
     else:
         print(
-            f"Each difference counts DeLong's paired variance over the images and the spread between training "
+            f"Each difference counts DeLong's paired variance over the {'images' if compared.ungrouped else 'groups'} "
+            f"and the spread between training "
             f"seeds: one run's ROC AUC moves by sd {compared.run_sd:.4f} around its recipe's mean (pooled over the "
             f"recipes given with several runs; {compared.run_sd_df} degrees of freedom, so Student's t); the "
             f"ensemble row, if any, counts it as one run's."

@@ -911,7 +911,16 @@ def test_cli_takes_a_recipes_runs_joined_by_commas_and_counts_their_spread(tmp_p
     assert lines[2].split()[:2] == ["s0.csv,s1.csv,s2.csv", "3"] and lines[3].split()[:2] == ["s3.csv", "1"]
     sd = np.std([roc_auc_score(labels, pd.read_csv(tmp_path / f"s{i}.csv")["probability"]) for i in range(3)], ddof=1)
     assert f"({sd:.4f})" in lines[2] and f"sd {sd:.4f}" in lines[5] and "2 degrees of freedom" in lines[5]
+    assert "paired variance over the images and" in lines[5] and "name no groups" in lines[4]
     assert len(lines) == 6
+    # The same runs naming their groups (pairs of linked images): every line speaks of groups.
+    for i in range(4):
+        frame = pd.read_csv(tmp_path / f"s{i}.csv")
+        frame.assign(group=np.arange(600) // 2).to_csv(tmp_path / f"s{i}.csv", index=False)
+    main(["crossval-compare", "s0.csv,s1.csv,s2.csv", "s3.csv"])
+    lines = capsys.readouterr().out.splitlines()
+    assert "over their 300 groups, not the 600 images" in lines[4]
+    assert "paired variance over the groups and" in lines[5] and "over the images" not in lines[5]
     with pytest.raises(SystemExit) as exit_:
         main(["crossval-compare", "s0.csv,s0.csv", "s3.csv"])
     assert str(exit_.value.code) == (
