@@ -45,12 +45,17 @@ def _share_cores_between_test_processes() -> int | None:
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers <= 1:
         return None
-    share = max(1, len(os.sched_getaffinity(0)) // workers)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    share = max(1, cores // workers)
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ.setdefault(name, str(share))
-    import torch  # noqa: PLC0415 - after the environment is set, for the libraries it loads
+    share = int(os.environ["OMP_NUM_THREADS"])
+    # NumPy's BLAS read its variable when pandas loaded it, above: limited where it runs now.
+    import threadpoolctl  # noqa: PLC0415
+    import torch  # noqa: PLC0415
 
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    threadpoolctl.threadpool_limits(share)
+    torch.set_num_threads(share)
     return share
 
 
