@@ -114,6 +114,11 @@ SEPARATOR_ORIGINS = {
 #: file that is not UTF-8 and whose bytes all read in it is offered a conversion from it, the
 #: message saying it is taken for one.
 WINDOWS_CODE_PAGE = "cp1252"
+#: The encoding Excel for Mac saves "CSV (Macintosh)" in, its lines ended by a carriage return
+#: alone: a file not UTF-8 whose lines end so is offered a conversion from it instead.
+MAC_ENCODING = "mac_roman"
+#: Where each line of a csv file ends: CRLF (Windows), LF, or CR alone (classic Mac).
+_LINE_END = re.compile(rb"\r\n|\r|\n")
 
 
 class _NotUtf8(pd.errors.ParserError):
@@ -121,8 +126,9 @@ class _NotUtf8(pd.errors.ParserError):
     in the file and its line), and the encoding it can be converted from, if one is known.
 
     That encoding is UTF-16 where the file begins with its byte order mark (Excel's "Unicode
-    Text"), else :data:`WINDOWS_CODE_PAGE` where every byte reads in it and none is NUL (a
-    UTF-16 file without its mark); ``None`` otherwise. Only the conversion command a message
+    Text"), else :data:`MAC_ENCODING` where the lines end with a carriage return alone (Excel for
+    Mac's "CSV (Macintosh)"), else :data:`WINDOWS_CODE_PAGE` where every byte reads in it; in
+    either case only where no byte is NUL (a UTF-16 file without its mark); ``None`` otherwise. Only the conversion command a message
     gives reads it so: the file itself is read as UTF-8 or refused.
     """
 
@@ -133,12 +139,16 @@ class _NotUtf8(pd.errors.ParserError):
             self.detail = "it begins with UTF-16's byte order mark, as Excel saves \"Unicode Text\""
         else:
             bad = data[error.start:error.end]
-            line = data.count(b"\n", 0, error.start) + 1
+            line = len(_LINE_END.findall(data, 0, error.start)) + 1
             self.detail = f"byte offset {error.start:,} (line {line}) is 0x{bad.hex()}"
-            if b"\x00" not in data and not data.startswith(codecs.BOM_UTF8) and _decodes(data, WINDOWS_CODE_PAGE):
-                self.encoding = WINDOWS_CODE_PAGE
-                self.detail += (f"; it reads as {bad.decode(WINDOWS_CODE_PAGE)!r} in {WINDOWS_CODE_PAGE}, the "
-                                "code page Windows saves text in for Western European languages")
+            mac = b"\r" in data and b"\n" not in data
+            candidate = MAC_ENCODING if mac else WINDOWS_CODE_PAGE
+            if b"\x00" not in data and not data.startswith(codecs.BOM_UTF8) and _decodes(data, candidate):
+                self.encoding = candidate
+                self.detail += f"; it reads as {bad.decode(candidate)!r} in {candidate}, " + (
+                    "the encoding Excel for Mac saves \"CSV (Macintosh)\" in, whose lines end with a carriage "
+                    "return alone, as this file's do" if mac
+                    else "the code page Windows saves text in for Western European languages")
         super().__init__(f"is not UTF-8: {self.detail}")
 
 
@@ -562,9 +572,9 @@ def _conversion(sep: str, not_utf8: _NotUtf8 | None) -> str:
     ))
     command = (f"python -c \"import pandas as pd; pd.read_csv('{LABELS_CSV}', {options}dtype=str, "
                f"keep_default_na=False).to_csv('{LABELS_CSV}', index=False)\"")
-    # cp1252 is taken for the encoding of bytes that are not UTF-8 (see _NotUtf8): the message says so.
-    guess = not_utf8 is not None and not_utf8.encoding == WINDOWS_CODE_PAGE
-    return f", or{f', if it was saved in {WINDOWS_CODE_PAGE},' if guess else ''} convert it in the export's folder " \
+    # cp1252 or Mac Roman is taken for the encoding of bytes that are not UTF-8 (see _NotUtf8): the message says so.
+    guess = not_utf8 is not None and not_utf8.encoding in (WINDOWS_CODE_PAGE, MAC_ENCODING)
+    return f", or{f', if it was saved in {not_utf8.encoding},' if guess else ''} convert it in the export's folder " \
         f"with {command}"
 
 

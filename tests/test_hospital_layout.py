@@ -203,6 +203,24 @@ def test_a_comma_separated_labels_csv_not_in_utf8_is_refused_naming_the_byte_its
     frame = read_csv_layout(root).set_index("image_id")
     assert frame["csv_label"].to_dict() == {"images/b.png": 0, "images/péroné.png": 1}
     assert frame["has_file"].all()
+    # Excel for Mac's "CSV (Macintosh)": Mac Roman, each line ended by a carriage return alone. The
+    # line is counted by those ends, and the conversion reads Mac Roman ('ü' is 0x9f there, 'Ÿ' in cp1252).
+    labels.write_bytes("".join(",".join(row) + "\r" for row in [*ACCENTED_ROWS, ["images/c.png", "0", "", "Gelenk für"]])
+                       .encode("mac_roman"))
+    (root / "images" / "c.png").write_bytes((root / "images" / "b.png").read_bytes())
+    with pytest.raises(ManifestError) as caught:
+        read_csv_layout(root)
+    message = str(caught.value)
+    assert message.startswith(
+        f"{labels} is not UTF-8: byte offset 34 (line 2) is 0x8e; it reads as 'é' in mac_roman, the encoding Excel "
+        "for Mac saves \"CSV (Macintosh)\" in, whose lines end with a carriage return alone, as this file's do."
+    ) and ", or, if it was saved in mac_roman, convert it" in message and "encoding='mac_roman'" in message
+    _run_command_given(message, root)
+    assert "Gelenk für" in labels.read_text(encoding="utf-8") and "fracture du péroné" in labels.read_text(encoding="utf-8")
+    assert read_csv_layout(root).set_index("image_id")["csv_label"].to_dict()["images/c.png"] == 0
+    labels.write_bytes(b"path,label,note\rimages/b.png,0,\rimages/c.png,0,\x9f\r")
+    with pytest.raises(ManifestError, match=r"byte offset 47 \(line 3\) is 0x9f; it reads as 'ü' in mac_roman"):
+        read_csv_layout(root)
     # Bytes that are neither UTF-8 nor cp1252 (0x81 is unassigned in it): no conversion is offered.
     labels.write_bytes(b"path,label,note\r\nimages/b.png,0,\x81\r\n")
     with pytest.raises(ManifestError, match=r"is not UTF-8: byte offset 32 \(line 2\) is 0x81\. labels.csv must "
