@@ -19,6 +19,7 @@ import os
 import re
 import secrets
 import shutil
+import time
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -257,7 +258,11 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
     :func:`_earlier_report`) is not written over: it is moved aside as ``<name>.damaged``
     (:func:`_set_aside`) and the new report takes its name, naming it as its predecessor only when
     what is left of it shows it is on this image; the row's note names the file and why it was not
-    read, and a damaged report that cannot be moved aside costs this row its report, not the file.
+    read, and a damaged report that cannot be moved aside costs this row its report, not the file,
+    as does one that another run writing into the folder at the same time moved aside first, to put
+    its own report for the image in its place. A report is written beside, under a temporary name
+    of its own, and moved into place: one a run stopped by Ctrl-C leaves is removed, and so is one
+    a killed run left once it is old (:func:`_remove_stale_partials`).
     The reports of one study in one call form one SR series, numbered in order. A file holding
     an image already reported in this call (the same valid SOP Instance UID and study, scored
     alike: one image exported twice) gets no second report: its row points to the first's, and
@@ -273,6 +278,7 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
     from fracture.dicom_sr import invalid_type2_values, structured_report  # noqa: PLC0415
 
     folder.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(folder)
     written: list[str] = []
     names: set[str] = set()
     # One SR series per study in this call, its reports numbered in order.
@@ -350,6 +356,8 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
         # Written beside and moved into place: a run stopped midway leaves the earlier report whole.
         # Under a name of its own, so that another run writing this report into the folder at the
         # same time (a batch re-run while the first still goes) neither writes into nor moves it.
+        # Removed here whatever stops this run (a full disk, Ctrl-C); one a killed run leaves is
+        # removed by a later run once it is old (:func:`_remove_stale_partials`).
         partial = target.with_name(f".{name}.{secrets.token_hex(8)}.partial")
         aside: Path | None = None
         moving = False
@@ -359,8 +367,17 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
             aside = _set_aside(target) if damaged else None
             moving = False
             os.replace(partial, target)
+        except _MovedMeanwhile as exc:
+            # The other run's report for this image goes in its place: this one's would either
+            # write over it or stand beside it as a second current report, neither naming the other.
+            numbers[study] -= 1
+            no_report(index, path, f"no structured report: the earlier report {target} is damaged ({damaged}), and "
+                      f"another run writing into {folder} at the same time moved it aside first, to put its own "
+                      "report for this image in its place" + (
+                          f"; that run's report, taken for the damaged one, is kept as {exc.kept.name}"
+                          if exc.kept else ""))
+            continue
         except OSError as exc:  # a full disk, a report folder gone: this row's report, not the run
-            partial.unlink(missing_ok=True)
             numbers[study] -= 1
             reason = exc.strerror or exc
             if moving:
@@ -370,6 +387,9 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
                 no_report(index, path, f"no structured report: it cannot be written to {target} ({reason})" + (
                     f"; the damaged earlier report there ({damaged}) is kept as {aside.name}" if aside else ""))
             continue
+        finally:
+            with contextlib.suppress(OSError):  # this run's own file; gone once moved into place
+                partial.unlink(missing_ok=True)
         names.add(name)
         if uid in reported:  # a UID two different images carry: the row says why its report is apart
             add_note(index, f"shares its SOP Instance UID with {reported[uid][0]}, but not its study or answer: "
@@ -392,6 +412,33 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
             ))
         written.append(shown(target))
     return written
+
+
+#: How old (by its modification time) a report's temporary file must be for a run to remove it as
+#: one a run stopped before moving it into place (a kill, a power cut) left, not as one a run still
+#: going is writing: a run moves its file into place as soon as it is written, within seconds.
+STALE_PARTIAL_SECONDS = 3600
+#: A report's temporary file (``.<name>.<random>.partial``; ``.<name>.partial`` from earlier versions).
+_PARTIAL = re.compile(r"\..+\.sr\.dcm(?:\.[0-9a-f]{16})?\.partial")
+
+
+def _remove_stale_partials(folder: Path) -> None:
+    """Removes from ``folder`` the reports' temporary files that runs stopped before moving them into
+    place left there (a run stopped by Ctrl-C removes its own), once they are
+    :data:`STALE_PARTIAL_SECONDS` old; nothing else, a damaged report kept aside included. One
+    that cannot be removed (another user's) is left."""
+    removed = 0
+    now = time.time()
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            with contextlib.suppress(OSError):  # removed by another run meanwhile, or not this user's
+                if (_PARTIAL.fullmatch(entry.name) and entry.is_file(follow_symlinks=False)
+                        and now - entry.stat(follow_symlinks=False).st_mtime > STALE_PARTIAL_SECONDS):
+                    os.unlink(entry.path)
+                    removed += 1
+    if removed:
+        log.info("%s: removed %d report file(s) left half written by runs stopped over %d s ago",
+                 folder, removed, STALE_PARTIAL_SECONDS)
 
 
 def _content_name(path: Path, taken: set[str]) -> str:
@@ -505,35 +552,88 @@ def _what_is_left(path: Path) -> Any:
     return left
 
 
+class _MovedMeanwhile(Exception):  # noqa: N818 - not an error: another run got there first
+    """Another run writing into the same folder moved a damaged report aside between this run's
+    look at it and its own move, to put its own report for the image in its place."""
+
+    def __init__(self, kept: Path | None = None) -> None:
+        super().__init__("another run moved the damaged report aside first" + (
+            f"; its own report, taken for it, is kept as {kept}" if kept else ""))
+        #: Where that run's report is when this run took it for the damaged one and could not put it
+        #: back, something else having taken its name since; ``None`` when it is where it was.
+        self.kept = kept
+
+
 def _set_aside(path: Path) -> Path:
     """Moves a damaged earlier report out of its report's way, to ``<name>.damaged`` (``.damaged-2``
     and on when that is taken), and returns where: kept for whoever looks into it, under a name that
-    says why and that no ``*.dcm`` pattern sending the folder to a PACS picks up. A name is taken
-    only if it is free at the moment of the move (:func:`_move_unless_there`), not after a look: a
-    run writing into the same folder at the same time may keep a damaged report of its own there
-    in between, which a move after a look would write over.
+    says why and that no ``*.dcm`` pattern sending the folder to a PACS picks up.
+
+    Another run writing into the same folder at the same time may be setting the same report aside
+    and putting its own in its place: nothing this run did not make or claim is removed or written
+    over. The report is first claimed, renamed in one step to a hidden name of this run's own
+    (``.<name>.<random>.aside``), which only one run can do: the other finds nothing there. What was
+    claimed is read again: when it is whole, it is the report another run put there since this run
+    looked, and it goes back. Then it takes the first ``.damaged`` name that is free at the moment
+    of the move (:func:`_move_unless_there`), not after a look, so no damaged report another run
+    keeps there is written over. When that fails, or the run is stopped (Ctrl-C) meanwhile, the
+    report goes back to ``path`` unless something took that name since.
+
+    Returns:
+        Where the report is kept: its ``.damaged`` name, or, when it can neither take one nor go
+        back (a full disk without hard links), its hidden name.
 
     Raises:
-        OSError: it cannot be moved; it is left where it was.
+        _MovedMeanwhile: another run moved it aside first, or put its own report in its place since
+            this run looked (where that report is: :attr:`_MovedMeanwhile.kept`).
+        OSError: it cannot be moved aside; it is where it was.
     """
-    copy = 1
-    while True:
-        aside = path.with_name(f"{path.name}.damaged{'' if copy == 1 else f'-{copy}'}")
-        try:
-            _move_unless_there(path, aside)
-        except FileExistsError:  # kept there by an earlier run, or by one running beside this one
-            copy += 1
-        else:
-            return aside
+    claimed = path.with_name(f".{path.name}.{secrets.token_hex(8)}.aside")
+    try:
+        os.rename(path, claimed)  # a name of this run's own: it writes over nothing
+    except FileNotFoundError:
+        raise _MovedMeanwhile from None
+    try:
+        whole = not _earlier_report(claimed)[1]
+        copy = 1
+        while not whole:
+            aside = path.with_name(f"{path.name}.damaged{'' if copy == 1 else f'-{copy}'}")
+            try:
+                _move_unless_there(claimed, aside)
+            except FileExistsError:  # kept there by an earlier run, or by one running beside this one
+                copy += 1
+            else:
+                return aside
+    except BaseException as exc:
+        if _put_back(claimed, path):
+            raise
+        log.warning("%s: the damaged report can be neither moved aside nor put back; it is kept as %s",
+                    path, claimed.name)
+        if not isinstance(exc, OSError):
+            raise
+        return claimed
+    raise _MovedMeanwhile(None if _put_back(claimed, path) else claimed)
+
+
+def _put_back(claimed: Path, path: Path) -> bool:
+    """Moves a file this run claimed back to ``path`` unless anything is there now
+    (:func:`_move_unless_there`); whether it did."""
+    try:
+        _move_unless_there(claimed, path)
+    except OSError:
+        return False
+    return True
 
 
 def _move_unless_there(path: Path, to: Path) -> None:
-    """Moves the file ``path`` to ``to`` unless anything is at ``to``, whenever it came there.
+    """Moves the file ``path``, which this run claimed, to ``to`` unless anything is at ``to``,
+    whenever it came there.
 
     ``to`` is made as a hard link, which the file system makes only where the name is free; on one
     without hard links (a FAT drive, an SMB share: EPERM, ENOTSUP) as a file created only where the
     name is free (``O_EXCL``), into which ``path`` is copied and synced to disk. ``path`` is removed
-    only once it is whole at ``to``.
+    only once it is whole at ``to``; where even that fails, it is left beside as a second name of
+    the same file, or a copy.
 
     Raises:
         FileExistsError: something is at ``to``; nothing was changed.
@@ -549,10 +649,8 @@ def _move_unless_there(path: Path, to: Path) -> None:
         _copy_unless_there(path, to)
     try:
         os.unlink(path)
-    except OSError:  # a shared folder whose files only their owner may remove: left as it was
-        with contextlib.suppress(OSError):
-            os.unlink(to)
-        raise
+    except OSError as exc:  # not ``to``: another run may have put its own report there since
+        log.warning("%s: moved to %s, but cannot be removed (%s); left beside it", path, to.name, exc.strerror or exc)
 
 
 def _copy_unless_there(path: Path, to: Path) -> None:
@@ -565,13 +663,18 @@ def _copy_unless_there(path: Path, to: Path) -> None:
     """
     with path.open("rb") as source:
         copy = to.open("xb")  # created only where nothing is, a dangling link included
+        made = os.fstat(copy.fileno())
         try:
             with copy:
                 shutil.copyfileobj(source, copy)
                 copy.flush()
                 os.fsync(copy.fileno())
-        except BaseException:  # a full disk, or a stop: only what this call made is removed
-            to.unlink(missing_ok=True)
+        except BaseException:
+            # A full disk, or a stop: only what this call made is removed, not a report another run
+            # put at that name since (one moved into place over this copy).
+            with contextlib.suppress(OSError):
+                if os.path.samestat(made, os.stat(to, follow_symlinks=False)):
+                    os.unlink(to)
             raise
     with contextlib.suppress(OSError):  # its times tell when it was written; a share may refuse them
         shutil.copystat(path, to)

@@ -8,8 +8,10 @@ import errno
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -812,23 +814,193 @@ def test_a_damaged_report_is_never_moved_aside_over_one_another_run_made_meanwhi
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in [*theirs, aside])
 
 
-def test_a_damaged_report_whose_copy_aside_fails_is_left_where_it_was(tmp_path, monkeypatch):
-    """Without hard links the damaged report is copied aside, then removed: a copy cut short (a
-    full disk) leaves it where it was, byte for byte, and no part of it aside."""
-    from fracture.predict import _set_aside
+def _damaged_report(fracatlas: Path, tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A DICOM source, its report folder, and its report there, damaged (emptied) since."""
+    source = tmp_path / "IM0001"
+    source.write_bytes(dicom_from_jpeg(fracatlas / "images/Fractured/IMG0000019.jpg", "8-bit"))
+    folder = tmp_path / "sr"
+    [first] = write_structured_reports(_reported_table(1), [source], folder)
+    Path(first).write_bytes(b"")
+    return source, folder, Path(first)
 
-    report = tmp_path / "1.2.826.0.1.3680043.8.498.1.sr.dcm"
-    report.write_bytes(b"a report cut short")
-    _without_hard_links(monkeypatch)
+
+def _kept_aside_note(report: Path, aside: str) -> str:
+    return (
+        f"the earlier report {report.name} in {report.parent} is damaged (it is empty): kept as {aside}, and this "
+        "one written in its place, not naming it as its predecessor, as what is left of it does not show it is on "
+        "this image"
+    )
+
+
+@pytest.mark.parametrize("links", [True, False], ids=["hard-links", "no-hard-links"])
+def test_a_damaged_report_that_cannot_take_its_damaged_name_goes_back_or_keeps_this_runs_name(
+        fracatlas, tmp_path, monkeypatch, links):
+    """The damaged report cannot take its .damaged name (a copy cut short by a full disk): where
+    hard links can put it back it goes back where it was, byte for byte, no part of it aside, and
+    the row gets no report. Without hard links it could go back only by a copy, which the full disk
+    cuts short too: it stays whole under the hidden name this run moved it to first, the new
+    report takes its name, and the row's note names where the damaged one is kept."""
+    source, folder, report = _damaged_report(fracatlas, tmp_path)
 
     def full(src, dst, *args, **kwargs):
         dst.write(src.read(4))
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr("fracture.predict.shutil.copyfileobj", full)
-    with pytest.raises(OSError, match="No space left on device"):
-        _set_aside(report)
-    assert report.read_bytes() == b"a report cut short" and [p.name for p in tmp_path.iterdir()] == [report.name]
+    if links:
+        link = os.link
+
+        def not_to_its_damaged_name(src, dst, **kwargs):
+            if Path(dst).name.endswith(".damaged"):
+                raise OSError(errno.EMLINK, "Too many links")
+            link(src, dst, **kwargs)
+
+        monkeypatch.setattr("fracture.predict.os.link", not_to_its_damaged_name)
+    else:
+        _without_hard_links(monkeypatch)
+    table = _reported_table(1)
+    written = write_structured_reports(table, [source], folder)
+    if links:
+        assert written == [""] and report.read_bytes() == b"" and [p.name for p in folder.iterdir()] == [report.name]
+        assert table["note"][0] == (f"no structured report: the earlier report {report} is damaged (it is empty) and "
+                                    "cannot be moved aside (No space left on device), so it is left as it is")
+        return
+    [kept] = [p for p in folder.iterdir() if p != report]
+    assert kept.name.startswith(f".{report.name}.") and kept.name.endswith(".aside") and kept.read_bytes() == b""
+    assert written == [str(report)] and dcmread(report).SOPClassUID == Comprehensive3DSRStorage
+    assert table["note"][0] == _kept_aside_note(report, kept.name)
+
+
+@pytest.mark.parametrize("links", [True, False], ids=["hard-links", "no-hard-links"])
+def test_a_run_moving_a_damaged_report_aside_never_removes_the_report_another_run_put_there(
+        fracatlas, tmp_path, monkeypatch, links):
+    """Two runs scoring one image into one report folder (a batch re-run while the first still
+    goes), its earlier report damaged: the other run goes through, from its look at the folder to
+    its new report, while this one links the damaged report to its .damaged name (without hard
+    links: copies it there). A report is in place at the end, and the damaged one is kept once, as
+    .damaged: neither removed from under the other run's new report nor kept twice."""
+    source, folder, report = _damaged_report(fracatlas, tmp_path)
+    theirs: list[list[str]] = []
+
+    def other_run() -> None:
+        theirs.append(write_structured_reports(_reported_table(1), [source], folder))
+
+    if links:
+        link = os.link
+
+        def linking(src, dst, **kwargs):
+            link(src, dst, **kwargs)
+            monkeypatch.setattr("fracture.predict.os.link", link)
+            other_run()
+
+        monkeypatch.setattr("fracture.predict.os.link", linking)
+    else:
+        _without_hard_links(monkeypatch)
+        copyfileobj = shutil.copyfileobj
+
+        def copying(src, dst, *args, **kwargs):
+            copyfileobj(src, dst, *args, **kwargs)
+            monkeypatch.setattr("fracture.predict.shutil.copyfileobj", copyfileobj)
+            other_run()
+
+        monkeypatch.setattr("fracture.predict.shutil.copyfileobj", copying)
+    table = _reported_table(1)
+    assert write_structured_reports(table, [source], folder) == [str(report)]
+    assert theirs == [[str(report)]]
+    assert sorted(p.name for p in folder.iterdir()) == [report.name, f"{report.name}.damaged"]
+    assert (folder / f"{report.name}.damaged").read_bytes() == b""
+    assert dcmread(report).SOPClassUID == Comprehensive3DSRStorage
+    assert table["note"][0] == _kept_aside_note(report, f"{report.name}.damaged")
+
+
+@pytest.mark.parametrize("links", [True, False], ids=["hard-links", "no-hard-links"])
+@pytest.mark.parametrize("other", ["moved-it-aside", "put-its-report-there"])
+def test_a_damaged_report_another_run_moved_aside_first_costs_this_rows_report_only(
+        fracatlas, tmp_path, monkeypatch, links, other):
+    """Two runs scoring one image into one report folder, its earlier report damaged: both find it
+    damaged, and the other moves it aside first, to put its own report in its place, here before
+    this run has written its report or after. This run moves neither the other's report (taking it
+    for the damaged one) nor the damaged one a second time: the row gets no report, its note saying
+    why, and the other run's report keeps the name."""
+    from pydicom.dataset import Dataset
+
+    source, folder, report = _damaged_report(fracatlas, tmp_path)
+    if not links:
+        _without_hard_links(monkeypatch)
+    save_as, theirs = Dataset.save_as, []
+
+    def saving(self, filename, *args, **kwargs):  # this run has looked at the damaged report: it writes its own
+        save_as(self, filename, *args, **kwargs)
+        monkeypatch.setattr(Dataset, "save_as", save_as)
+        if other == "moved-it-aside":
+            os.rename(report, report.with_name(f"{report.name}.damaged"))
+        else:
+            assert write_structured_reports(_reported_table(1), [source], folder) == [str(report)]
+            theirs.append(report.read_bytes())
+
+    monkeypatch.setattr(Dataset, "save_as", saving)
+    table = _reported_table(1)
+    assert write_structured_reports(table, [source], folder) == [""]
+    assert table["note"][0] == (
+        f"no structured report: the earlier report {report} is damaged (it is empty), and another run writing into "
+        f"{folder} at the same time moved it aside first, to put its own report for this image in its place"
+    )
+    assert (folder / f"{report.name}.damaged").read_bytes() == b""
+    if other == "moved-it-aside":
+        assert [p.name for p in folder.iterdir()] == [f"{report.name}.damaged"]
+    else:
+        assert sorted(p.name for p in folder.iterdir()) == [report.name, f"{report.name}.damaged"]
+        assert theirs == [report.read_bytes()]
+
+
+@pytest.mark.parametrize("when", ["writing-it", "moving-the-damaged-one-aside"])
+def test_a_run_stopped_while_writing_a_report_leaves_no_part_of_it(fracatlas, tmp_path, monkeypatch, when):
+    """A run stopped (Ctrl-C) while it writes a report, or while it moves the damaged earlier report
+    aside, leaves no part of its new report in the folder, and the earlier report where it was."""
+    from pydicom.dataset import Dataset
+
+    source, folder, report = _damaged_report(fracatlas, tmp_path)
+    if when == "writing-it":
+        def stopped(self, filename, *args, **kwargs):
+            Path(filename).write_bytes(b"half a report")
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(Dataset, "save_as", stopped)
+    else:
+        link = os.link
+
+        def stopped(src, dst, **kwargs):
+            monkeypatch.setattr("fracture.predict.os.link", link)
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr("fracture.predict.os.link", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        write_structured_reports(_reported_table(1), [source], folder)
+    assert [p.name for p in folder.iterdir()] == [report.name] and report.read_bytes() == b""
+
+
+def test_report_files_left_half_written_by_runs_stopped_long_ago_are_removed(fracatlas, tmp_path):
+    """A run killed while writing a report (a kill or a power cut gives it no time to clean up)
+    leaves its temporary file; a later run writing into the folder removes those that have not
+    changed for a day, whichever image they were for and whichever version named them, and leaves
+    a recent one (another run may be writing it now), a damaged report kept under a run's own
+    name, and files not its own."""
+    source = tmp_path / "IM0001"
+    source.write_bytes(dicom_from_jpeg(fracatlas / "images/Fractured/IMG0000019.jpg", "8-bit"))
+    folder = tmp_path / "sr"
+    folder.mkdir()
+    name, other = f"{dcmread(source).SOPInstanceUID}.sr.dcm", "1.2.826.0.1.3680043.8.498.1.sr.dcm"
+    stale = [folder / f".{name}.0123456789abcdef.partial", folder / f".{other}.fedcba9876543210.partial",
+             folder / f".{name}.partial"]
+    recent = folder / f".{name}.00112233445566ff.partial"
+    kept = [recent, folder / f".{other}.0123456789abcdef.aside", folder / "notes.partial"]
+    day_ago = time.time() - 24 * 3600
+    for path in [*stale, *kept]:
+        path.write_bytes(b"half a report")
+        if path != recent:
+            os.utime(path, (day_ago, day_ago))
+    assert write_structured_reports(_reported_table(1), [source], folder) == [str(folder / name)]
+    assert sorted(p.name for p in folder.iterdir()) == sorted([name, *(p.name for p in kept)])
 
 
 def test_a_report_another_run_is_writing_beside_this_one_is_left_to_it(fracatlas, tmp_path):
