@@ -148,8 +148,9 @@ def register_for_page(
 @pytest.fixture(scope="session")
 def page_registry(tmp_path_factory: pytest.TempPathFactory) -> PageRegistry:
     profile = load_params(REPO).profiles["cpu"]
-    # Its head seeded: drawn from the process's random state, it depended on the tests run before
-    # it in that process, and so did the probabilities the page's tests build their cases around.
+    # Its head seeded: drawn from the process's random state (which PyTorch seeds afresh in every
+    # process), it depended on that seed and on the tests run before it in the process, and so did
+    # the probabilities the page's tests build their cases around.
     model = seeded_head(create_classifier(profile).eval(), 0)
     root = tmp_path_factory.mktemp("page-registry")
     return register_for_page(root, model, profile.model, data_config(model, 96), 0.5, "page-untrained")
@@ -816,12 +817,15 @@ def test_grad_cam_under_hflip_is_the_mean_of_the_image_s_map_and_its_mirror_s_mi
 
 
 def seeded_head(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """``model`` with a classifier head of its own, drawn from a seeded generator: one drawn from the
-    global stream depends on what earlier tests drew, and some draws score no region above the
-    rest for either class."""
+    """``model`` with a classifier head of its own, weights and bias, drawn from a seeded generator as
+    ``nn.Linear`` draws them: one drawn from the global stream depends on the seed PyTorch gave the
+    process and on what earlier tests drew, and some draws score no region above the rest for either
+    class. The bias moves every probability the page's tests build their cases around."""
     bound = model.classifier.in_features ** -0.5
+    generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        torch.nn.init.uniform_(model.classifier.weight, -bound, bound, generator=torch.Generator().manual_seed(seed))
+        torch.nn.init.uniform_(model.classifier.weight, -bound, bound, generator=generator)
+        torch.nn.init.uniform_(model.classifier.bias, -bound, bound, generator=generator)
     return model
 
 

@@ -45,9 +45,17 @@ RELATIVE_TOLERANCE = 0.01
 SCORE_ATOL = 1e-4
 
 
+def seeded_network(name: str) -> torch.nn.Module:
+    """timm's ``name``, randomly initialised under a fixed seed: the start both runs train from, drawn
+    from the process's stream, would change from run to run, and the differences measured with it."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return timm.create_model(name, pretrained=False)
+
+
 def _setup(tmp_path):
     make_dataset(tmp_path, 6, 10)
-    network = timm.create_model(GN_MODEL, pretrained=False)
+    network = seeded_network(GN_MODEL)
     weights = tmp_path / "gn.safetensors"
     save_file(network.state_dict(), str(weights))
     params = load_params(REPO)
@@ -129,7 +137,7 @@ def test_two_gloo_processes_of_a_batch_norm_model_end_with_one_set_of_statistics
     from its own share; before the ranks score their shares of val they take rank 0's, so every
     rank holds the model rank 0 saves and the val scores that picked the epoch are that model's."""
     _, _, profile, train_params = _setup(tmp_path)
-    network = timm.create_model("test_efficientnet", pretrained=False)
+    network = seeded_network("test_efficientnet")
     weights = tmp_path / "bn.safetensors"
     save_file(network.state_dict(), str(weights))
     profile = dataclasses.replace(profile, model="test_efficientnet", weights_file=str(weights))
