@@ -368,12 +368,12 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
             moving = False
             os.replace(partial, target)
         except _MovedMeanwhile as exc:
-            # The other run's report for this image goes in its place: this one's would either
-            # write over it or stand beside it as a second current report, neither naming the other.
+            # The name is left to the other run: this one's report would either write over that
+            # run's or stand beside it as a second current report, neither naming the other.
             numbers[study] -= 1
             no_report(index, path, f"no structured report: the earlier report {target} is damaged ({damaged}), and "
-                      f"another run writing into {folder} at the same time moved it aside first, to put its own "
-                      "report for this image in its place" + (
+                      f"another run writing into {folder} at the same time moved it aside first; the name is "
+                      "left to that run's report, so score this file again if none is there" + (
                           f"; that run's report, taken for the damaged one, is kept as {exc.kept.name}"
                           if exc.kept else ""))
             continue
@@ -426,16 +426,21 @@ def _remove_stale_partials(folder: Path) -> None:
     """Removes from ``folder`` the reports' temporary files that runs stopped before moving them into
     place left there (a run stopped by Ctrl-C removes its own), once they are
     :data:`STALE_PARTIAL_SECONDS` old; nothing else, a damaged report kept aside included. One
-    that cannot be removed (another user's) is left."""
+    that cannot be removed (another user's) is left, and a folder this user may write in but not
+    list (a drop box) is not swept: the reports are written all the same."""
     removed = 0
     now = time.time()
-    with os.scandir(folder) as entries:
-        for entry in entries:
-            with contextlib.suppress(OSError):  # removed by another run meanwhile, or not this user's
-                if (_PARTIAL.fullmatch(entry.name) and entry.is_file(follow_symlinks=False)
-                        and now - entry.stat(follow_symlinks=False).st_mtime > STALE_PARTIAL_SECONDS):
-                    os.unlink(entry.path)
-                    removed += 1
+    try:
+        entries = list(os.scandir(folder))
+    except OSError as exc:
+        log.info("%s: not swept for reports' temporary files left by stopped runs (%s)", folder, exc.strerror or exc)
+        return
+    for entry in entries:
+        with contextlib.suppress(OSError):  # removed by another run meanwhile, or not this user's
+            if (_PARTIAL.fullmatch(entry.name) and entry.is_file(follow_symlinks=False)
+                    and now - entry.stat(follow_symlinks=False).st_mtime > STALE_PARTIAL_SECONDS):
+                os.unlink(entry.path)
+                removed += 1
     if removed:
         log.info("%s: removed %d report file(s) left half written by runs stopped over %d s ago",
                  folder, removed, STALE_PARTIAL_SECONDS)

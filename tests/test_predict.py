@@ -943,7 +943,8 @@ def test_a_damaged_report_another_run_moved_aside_first_costs_this_rows_report_o
     assert write_structured_reports(table, [source], folder) == [""]
     assert table["note"][0] == (
         f"no structured report: the earlier report {report} is damaged (it is empty), and another run writing into "
-        f"{folder} at the same time moved it aside first, to put its own report for this image in its place"
+        f"{folder} at the same time moved it aside first; the name is left to that run's report, so score this "
+        "file again if none is there"
     )
     assert (folder / f"{report.name}.damaged").read_bytes() == b""
     if other == "moved-it-aside":
@@ -951,6 +952,27 @@ def test_a_damaged_report_another_run_moved_aside_first_costs_this_rows_report_o
     else:
         assert sorted(p.name for p in folder.iterdir()) == [report.name, f"{report.name}.damaged"]
         assert theirs == [report.read_bytes()]
+
+
+def test_a_report_folder_that_can_be_written_but_not_listed_gets_its_reports(fracatlas, tmp_path, monkeypatch, caplog):
+    """A drop box (a folder this user may write in but not list, mode 0333) is not swept for reports'
+    temporary files left by stopped runs: the sweep's listing failed with a traceback, and the
+    run lost every row's report and its results table."""
+    source, folder, report = _damaged_report(fracatlas, tmp_path)
+    report.unlink()
+    scandir = os.scandir
+
+    def unlistable(path=".", *args, **kwargs):
+        if Path(path) == folder:
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "scandir", unlistable)
+    table = _reported_table(1)
+    with caplog.at_level("INFO", logger="fracture.predict"):
+        assert write_structured_reports(table, [source], folder) == [str(report)]
+    assert report.is_file() and table["note"][0] == ""
+    assert f"{folder}: not swept for reports' temporary files left by stopped runs (Permission denied)" in caplog.text
 
 
 @pytest.mark.parametrize("when", ["writing-it", "moving-the-damaged-one-aside"])
