@@ -500,14 +500,22 @@ def oof_frame(labels: np.ndarray, probs: np.ndarray, folds: np.ndarray | None = 
     })
 
 
+def two_recipes(
+    images: int, fractured: int, signal: float, noise: tuple[float, float], seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Labels (the first ``fractured`` images fractured), and two recipes' probabilities: the same
+    ``signal`` on the fractured images under each recipe's own ``noise`` (the weaker first)."""
+    rng = np.random.default_rng(seed)
+    labels = (np.arange(images) < fractured).astype(int)
+    # Through the logistic function, as a network's logits become probabilities: oof.csv holds [0, 1].
+    weak, strong = (expit(labels * signal + rng.normal(0, sd, images)) for sd in noise)
+    return labels, weak, strong
+
+
 @pytest.fixture(scope="module")
 def scored() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """400 images (80 fractured): one recipe's probabilities, and a better one's (less noise on the same signal)."""
-    rng = np.random.default_rng(0)
-    labels = (np.arange(400) < 80).astype(int)
-    signal = labels * 1.5
-    # Through the logistic function, as a network's logits become probabilities: oof.csv holds [0, 1].
-    return labels, expit(signal + rng.normal(0, 1.5, 400)), expit(signal + rng.normal(0, 0.6, 400))
+    return two_recipes(400, 80, 1.5, (1.5, 0.6), seed=0)
 
 
 def test_comparing_a_run_with_itself_finds_no_difference(scored):
@@ -577,10 +585,7 @@ def copies_of(labels: np.ndarray, probs: np.ndarray, copies: int) -> pd.DataFram
 @pytest.fixture(scope="module")
 def undecided() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """60 images (20 fractured) on which a better recipe's lead is too small for DeLong's test to call."""
-    rng = np.random.default_rng(2)
-    labels = (np.arange(60) < 20).astype(int)
-    signal = labels * 1.2
-    return labels, expit(signal + rng.normal(0, 1.3, 60)), expit(signal + rng.normal(0, 1.0, 60))
+    return two_recipes(60, 20, 1.2, (1.3, 1.0), seed=2)
 
 
 def test_linked_images_count_as_one_so_copies_find_no_difference_the_images_themselves_do_not_show(undecided):
