@@ -127,9 +127,9 @@ class _NotUtf8(pd.errors.ParserError):
 
     That encoding is UTF-16 where the file begins with its byte order mark (Excel's "Unicode
     Text"), else :data:`MAC_ENCODING` where the lines end with a carriage return alone (Excel for
-    Mac's "CSV (Macintosh)"), else :data:`WINDOWS_CODE_PAGE` where every byte reads in it; in
-    either case only where no byte is NUL (a UTF-16 file without its mark); ``None`` otherwise. Only the conversion command a message
-    gives reads it so: the file itself is read as UTF-8 or refused.
+    Mac's "CSV (Macintosh)"), else :data:`WINDOWS_CODE_PAGE`; either only where every byte reads
+    in it and none is NUL (a UTF-16 file without its mark); ``None`` otherwise. Only the conversion
+    command a message gives reads it so: the file itself is read as UTF-8 or refused.
     """
 
     def __init__(self, data: bytes, error: UnicodeDecodeError) -> None:
@@ -607,7 +607,7 @@ def read_csv_layout(dataset_dir: Path) -> pd.DataFrame:
     Raises:
         ManifestError: labels.csv is saved with semicolons or tabs instead of commas, or in another
             encoding than UTF-8 (the message names the first byte that is not UTF-8, its line, and
-            a command that converts a file Windows saved), holds its header row only, lacks
+            a command that converts a file Windows or Excel for Mac saved), holds its header row only, lacks
             ``label`` or both ``path`` and ``image_id``, names a column twice (in any spelling
             :func:`_labels_column` reads alike), or a value cannot be read (a label that is not a
             number, a path outside the folder, an empty ``image_id``, an id that names two files,
