@@ -1,22 +1,30 @@
 """Latency and throughput of one X-ray per request through ``mlflow models serve`` on 127.0.0.1.
 
     .venv/bin/python -m bench.serving_latency --data ../shared/fracatlas [--requests 40] [--clients 4]
+    .venv/bin/python -m bench.serving_latency --data ../shared/fracatlas --servers 1:all 2:1 2:all [--repeats 2]
 
 Serves the CPU profile's network as the registry's pyfunc (:func:`bench.common.save_cpu_model`)
-with ``mlflow models serve --env-manager local -w 1`` on a free loopback port, then:
+with ``mlflow models serve --env-manager local`` on a free loopback port, then:
 
 - one client, one request at a time: p50 and p95 latency for a 373 x 454 and a large X-ray
   (:func:`bench.common.pick_large`) (``--requests`` each, at most ``--seconds`` each, after 3 warm-up requests);
 - ``--clients`` clients at once, each sending the 373 x 454 X-ray ``--requests`` times, within
   ``--seconds``: requests per second over all, and p50 / p95 under that load.
 
-The server is stopped at the end, whatever happened (:func:`tests.servers.running`).
+``--servers`` names the servers to compare, each as ``WORKERS:THREADS``: ``-w WORKERS``, and
+PyTorch's threads in each worker (``OMP_NUM_THREADS``; ``all``: not set, so each worker takes one
+thread per core, PyTorch's default). They are measured one after the other, in turn, ``--repeats``
+times, so that each meets the machine's changing speed alike; the throughput's ratio to the first
+server's is printed for each round. Default: one server of 1 worker and PyTorch's default threads.
+
+Each server is stopped when it has been measured, whatever happened (:func:`tests.servers.running`).
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import os
 import statistics
 import sys
 import tempfile
@@ -47,46 +55,95 @@ def timed_requests(url: str, body: dict, count: int, seconds: float) -> list[flo
     return latencies
 
 
+def server(spec: str) -> tuple[int, int | None]:
+    """``WORKERS:THREADS`` as (workers, threads per worker or ``None`` for PyTorch's default)."""
+    workers, _, threads = spec.partition(":")
+    try:
+        return int(workers), None if threads in ("", "all") else int(threads)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{spec!r}: give WORKERS:THREADS, e.g. 2:1 or 1:all") from None
+
+
+def described(workers: int, threads: int | None) -> str:
+    each = "PyTorch's default threads" if threads is None else f"{threads} thread{'s' if threads > 1 else ''}"
+    return f"{workers} worker{'s' if workers > 1 else ''}, {each} each"
+
+
+def measure(model: Path, workers: int, threads: int | None, small: Path, large: Path, body: dict,
+            args: argparse.Namespace, log: Path) -> float:
+    """Serves ``model`` as given, prints its latencies and throughput, and returns the requests/s of
+    ``args.clients`` clients at once."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", str(model),
+           "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", str(workers)]
+    env = child_env()
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env.pop(name, None)
+        if threads is not None:
+            env[name] = str(threads)
+    with running(cmd, env, f"{url}/ping", log):
+        print(f"mlflow models serve on {url}, {described(workers, threads)}")
+        invocations = f"{url}/invocations"
+        # Warm-up: every worker loads the model and runs it once; clients at once reach them all.
+        with ThreadPoolExecutor(max(args.clients, 2 * workers)) as pool:
+            list(pool.map(lambda _: timed_requests(invocations, body[small], 3, args.seconds),
+                          range(max(args.clients, 2 * workers))))
+        for path in (small, large):
+            timed_requests(invocations, body[path], 3, args.seconds)  # warm-up
+            lat = timed_requests(invocations, body[path], args.requests, args.seconds)
+            kind = "small" if path == small else "large"
+            print(f"  one client, {path.name} ({kind}, {path.stat().st_size // 1024} KiB): "
+                  f"{len(lat)} requests, p50 {1000 * percentile(lat, 50):.0f} ms, "
+                  f"p95 {1000 * percentile(lat, 95):.0f} ms")
+        started = time.perf_counter()
+        with ThreadPoolExecutor(args.clients) as pool:
+            per_client = list(pool.map(
+                lambda _: timed_requests(invocations, body[small], args.requests, args.seconds),
+                range(args.clients),
+            ))
+        elapsed = time.perf_counter() - started
+        lat = [x for client in per_client for x in client]
+        rate = len(lat) / elapsed
+        print(f"  {args.clients} clients at once, {small.name}: {len(lat)} requests in {elapsed:.1f} s = "
+              f"{rate:.1f} requests/s; p50 {1000 * percentile(lat, 50):.0f} ms, "
+              f"p95 {1000 * percentile(lat, 95):.0f} ms")
+    return rate
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", type=Path, required=True, help="a FracAtlas-layout folder")
     parser.add_argument("--requests", type=int, default=40)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=120.0)
+    parser.add_argument("--servers", type=server, nargs="+", default=[(1, None)],
+                        help="servers to compare, each WORKERS:THREADS (threads per worker; all: PyTorch's default)")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds over the servers, in turn")
     args = parser.parse_args()
 
     params = load_params()
     small, large = pick(args.data, (373, 454), 1)[0], pick_large(args.data, 1)[0]
     body = {p: {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(p.read_bytes()).decode()]]}}
             for p in (small, large)}
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
+    profile = params.profiles["cpu"]
+    print(f"{profile.model} at {profile.image_size} px, tta {profile.tta}, on {os.cpu_count()} cores")
     with tempfile.TemporaryDirectory() as tmp:
         model = save_cpu_model(params, Path(tmp))
-        cmd = [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", str(model),
-               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"]
-        with running(cmd, child_env(), f"{url}/ping", Path(tmp) / "serve.log"):
-            print(f"mlflow models serve on {url}, 1 worker, {params.profiles['cpu'].model} at "
-                  f"{params.profiles['cpu'].image_size} px, tta {params.profiles['cpu'].tta}")
-            invocations = f"{url}/invocations"
-            for path in (small, large):
-                timed_requests(invocations, body[path], 3, args.seconds)  # warm-up
-                lat = timed_requests(invocations, body[path], args.requests, args.seconds)
-                kind = "small" if path == small else "large"
-                print(f"one client, {path.name} ({kind}, {path.stat().st_size // 1024} KiB): "
-                      f"{len(lat)} requests, p50 {1000 * percentile(lat, 50):.0f} ms, "
-                      f"p95 {1000 * percentile(lat, 95):.0f} ms")
-            started = time.perf_counter()
-            with ThreadPoolExecutor(args.clients) as pool:
-                per_client = list(pool.map(
-                    lambda _: timed_requests(invocations, body[small], args.requests, args.seconds),
-                    range(args.clients),
-                ))
-            elapsed = time.perf_counter() - started
-            lat = [x for client in per_client for x in client]
-            print(f"{args.clients} clients at once, {small.name}: {len(lat)} requests in {elapsed:.1f} s = "
-                  f"{len(lat) / elapsed:.1f} requests/s; p50 {1000 * percentile(lat, 50):.0f} ms, "
-                  f"p95 {1000 * percentile(lat, 95):.0f} ms")
+        rates: dict[tuple[int, int | None], list[float]] = {s: [] for s in args.servers}
+        for round_ in range(1, args.repeats + 1):
+            for workers, threads in args.servers:
+                rates[workers, threads].append(
+                    measure(model, workers, threads, small, large, body, args, Path(tmp) / "serve.log"))
+            if len(args.servers) > 1:
+                first = rates[args.servers[0]][-1]
+                print(f"round {round_}: requests/s against {described(*args.servers[0])}: " + "; ".join(
+                    f"{described(*s)} {rates[s][-1] / first:.2f}x" for s in args.servers[1:]))
+        if len(args.servers) > 1 and args.repeats > 1:
+            first = statistics.median(rates[args.servers[0]])
+            print("medians: " + "; ".join(
+                f"{described(*s)} {statistics.median(rates[s]):.1f} requests/s ({statistics.median(rates[s]) / first:.2f}x)"
+                for s in args.servers))
 
 
 if __name__ == "__main__":
