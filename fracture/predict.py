@@ -28,6 +28,7 @@ from typing import Any
 
 import mlflow
 import pandas as pd
+from filelock import BaseFileLock, FileLock, Timeout
 from mlflow import MlflowClient
 from tqdm import tqdm
 
@@ -258,11 +259,20 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
     :func:`_earlier_report`) is not written over: it is moved aside as ``<name>.damaged``
     (:func:`_set_aside`) and the new report takes its name, naming it as its predecessor only when
     what is left of it shows it is on this image; the row's note names the file and why it was not
-    read, and a damaged report that cannot be moved aside costs this row its report, not the file,
-    as does one that another run writing into the folder at the same time moved aside first, to put
-    its own report for the image in its place. A report is written beside, under a temporary name
-    of its own, and moved into place: one a run stopped by Ctrl-C leaves is removed, and so is one
-    a killed run left once it is old (:func:`_remove_stale_partials`).
+    read, and a damaged report that cannot be moved aside costs this row its report, not the file.
+    Runs writing into one folder at the same time (a batch re-run while the first still goes) take
+    turns report by report: each holds the folder's lock (:data:`REPORT_LOCK`, :class:`_FolderLock`)
+    from its look at what is at a report's name to its report's move into place, so the second finds
+    the first's report whole there and replaces it, naming it as its predecessor (the same image), or
+    keeps it and names its own after the file's bytes (another image under the same UID), and a
+    damaged report is moved aside once. A row whose run waits :data:`REPORT_LOCK_SECONDS` for the
+    folder in vain gets no report, its note saying to score the file again; a folder whose file
+    system cannot lock gets its reports without the lock, with a warning in the log. There, and
+    against a run of an earlier version, which does not lock, a damaged report that the other run
+    moved aside first, to put its own report for the image in its place, costs this row its report.
+    A report is written beside, under a temporary name of its own, and moved into place: one a run
+    stopped by Ctrl-C leaves is removed, and so is one a killed run left once it is old
+    (:func:`_remove_stale_partials`); the lock file stays.
     The reports of one study in one call form one SR series, numbered in order. A file holding
     an image already reported in this call (the same valid SOP Instance UID and study, scored
     alike: one image exported twice) gets no second report: its row points to the first's, and
@@ -279,6 +289,9 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
 
     folder.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(folder)
+    folder_lock = _FolderLock(folder)
+    # What costs a row its report (a header without the study's UID, a file that cannot be read again).
+    unreportable = (AttributeError, KeyError, ValueError, TypeError, OSError)
     written: list[str] = []
     names: set[str] = set()
     # One SR series per study in this call, its reports numbered in order.
@@ -326,70 +339,85 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
             own = f"{uid}.sr.dcm" if UID(uid).is_valid and f"{uid}.sr.dcm" not in names else None
             name = own or _content_name(path, names)
             blanked = invalid_type2_values(source)
-            # A report an earlier run wrote for this image is superseded, and says so. One written
-            # there for another image (an anonymiser's constant UID on another day's patient) is
-            # that image's: kept, and this one named after the file's bytes instead.
-            # A damaged one (cut short, not DICOM, or without what tells which image it is on) is
-            # neither; it is moved aside, not written over, once this one is ready to take its name.
-            others: list[str] = []
-            replaces, damaged = None, ""
-            while (folder / name).is_file():
-                earlier, damaged = _earlier_report(folder / name)
-                if earlier is not None and all(k in earlier for k in REPORT_UIDS) and _reports_on(earlier, source):
-                    replaces = earlier
-                    break
-                if damaged:
-                    break
-                others.append(name)
-                name = _content_name(path, names | set(others))
-            number = numbers.get(study, 0) + 1
-            sr = structured_report(
-                source, float(row.fracture_probability), float(row.threshold), row.label == "fractured",
-                str(row.model), str(row.version),
-                series_uid=series.setdefault(study, generate_uid()), instance_number=number, replaces=replaces,
-            )
-            numbers[study] = number
-        except (AttributeError, KeyError, ValueError, TypeError, OSError) as exc:
+        except unreportable as exc:
             no_report(index, path, f"no structured report: {exc}")
             continue
-        target = folder / name
-        # Written beside and moved into place: a run stopped midway leaves the earlier report whole.
-        # Under a name of its own, so that another run writing this report into the folder at the
-        # same time (a batch re-run while the first still goes) neither writes into nor moves it.
-        # Removed here whatever stops this run (a full disk, Ctrl-C); one a killed run leaves is
-        # removed by a later run once it is old (:func:`_remove_stale_partials`).
-        partial = target.with_name(f".{name}.{secrets.token_hex(8)}.partial")
-        aside: Path | None = None
-        moving = False
-        try:
-            sr.save_as(partial, enforce_file_format=True)
-            moving = bool(damaged)
-            aside = _set_aside(target) if damaged else None
+        # From the look at what is at the report's name to its move into place, this run holds the
+        # folder (:class:`_FolderLock`): another run writing into it at the same time waits, then
+        # finds this one's report whole in place, never one half put there.
+        with contextlib.ExitStack() as holding:
+            try:
+                holding.enter_context(folder_lock.held())
+            except Timeout:
+                no_report(index, path, f"no structured report: another run writing into {folder} at the same time "
+                          f"held the folder ({REPORT_LOCK}) through the {REPORT_LOCK_SECONDS:g} s this run waited for "
+                          "it; score this file again")
+                continue
+            try:
+                # A report an earlier run wrote for this image is superseded, and says so. One written
+                # there for another image (an anonymiser's constant UID on another day's patient) is
+                # that image's: kept, and this one named after the file's bytes instead.
+                # A damaged one (cut short, not DICOM, or without what tells which image it is on) is
+                # neither; it is moved aside, not written over, once this one is ready to take its name.
+                others: list[str] = []
+                replaces, damaged = None, ""
+                while (folder / name).is_file():
+                    earlier, damaged = _earlier_report(folder / name)
+                    if earlier is not None and all(k in earlier for k in REPORT_UIDS) and _reports_on(earlier, source):
+                        replaces = earlier
+                        break
+                    if damaged:
+                        break
+                    others.append(name)
+                    name = _content_name(path, names | set(others))
+                number = numbers.get(study, 0) + 1
+                sr = structured_report(
+                    source, float(row.fracture_probability), float(row.threshold), row.label == "fractured",
+                    str(row.model), str(row.version),
+                    series_uid=series.setdefault(study, generate_uid()), instance_number=number, replaces=replaces,
+                )
+                numbers[study] = number
+            except unreportable as exc:
+                no_report(index, path, f"no structured report: {exc}")
+                continue
+            target = folder / name
+            # Written beside and moved into place: a run stopped midway leaves the earlier report whole.
+            # Under a name of its own, so that another run writing this report into the folder at the
+            # same time (a batch re-run while the first still goes) neither writes into nor moves it.
+            # Removed here whatever stops this run (a full disk, Ctrl-C); one a killed run leaves is
+            # removed by a later run once it is old (:func:`_remove_stale_partials`).
+            partial = target.with_name(f".{name}.{secrets.token_hex(8)}.partial")
+            aside: Path | None = None
             moving = False
-            os.replace(partial, target)
-        except _MovedMeanwhile as exc:
-            # The name is left to the other run: this one's report would either write over that
-            # run's or stand beside it as a second current report, neither naming the other.
-            numbers[study] -= 1
-            no_report(index, path, f"no structured report: the earlier report {target} is damaged ({damaged}), and "
-                      f"another run writing into {folder} at the same time moved it aside first; the name is "
-                      "left to that run's report, so score this file again if none is there" + (
-                          f"; that run's report, taken for the damaged one, is kept as {exc.kept.name}"
-                          if exc.kept else ""))
-            continue
-        except OSError as exc:  # a full disk, a report folder gone: this row's report, not the run
-            numbers[study] -= 1
-            reason = exc.strerror or exc
-            if moving:
-                no_report(index, path, f"no structured report: the earlier report {target} is damaged ({damaged}) "
-                          f"and cannot be moved aside ({reason}), so it is left as it is")
-            else:
-                no_report(index, path, f"no structured report: it cannot be written to {target} ({reason})" + (
-                    f"; the damaged earlier report there ({damaged}) is kept as {aside.name}" if aside else ""))
-            continue
-        finally:
-            with contextlib.suppress(OSError):  # this run's own file; gone once moved into place
-                partial.unlink(missing_ok=True)
+            try:
+                sr.save_as(partial, enforce_file_format=True)
+                moving = bool(damaged)
+                aside = _set_aside(target) if damaged else None
+                moving = False
+                os.replace(partial, target)
+            except _MovedMeanwhile as exc:
+                # The name is left to the other run: this one's report would either write over that
+                # run's or stand beside it as a second current report, neither naming the other.
+                numbers[study] -= 1
+                no_report(index, path, f"no structured report: the earlier report {target} is damaged ({damaged}), and "
+                          f"another run writing into {folder} at the same time moved it aside first; the name is "
+                          "left to that run's report, so score this file again if none is there" + (
+                              f"; that run's report, taken for the damaged one, is kept as {exc.kept.name}"
+                              if exc.kept else ""))
+                continue
+            except OSError as exc:  # a full disk, a report folder gone: this row's report, not the run
+                numbers[study] -= 1
+                reason = exc.strerror or exc
+                if moving:
+                    no_report(index, path, f"no structured report: the earlier report {target} is damaged ({damaged}) "
+                              f"and cannot be moved aside ({reason}), so it is left as it is")
+                else:
+                    no_report(index, path, f"no structured report: it cannot be written to {target} ({reason})" + (
+                        f"; the damaged earlier report there ({damaged}) is kept as {aside.name}" if aside else ""))
+                continue
+            finally:
+                with contextlib.suppress(OSError):  # this run's own file; gone once moved into place
+                    partial.unlink(missing_ok=True)
         names.add(name)
         if uid in reported:  # a UID two different images carry: the row says why its report is apart
             add_note(index, f"shares its SOP Instance UID with {reported[uid][0]}, but not its study or answer: "
@@ -412,6 +440,68 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
             ))
         written.append(shown(target))
     return written
+
+
+#: The report folder's lock file, held by a run from its look at what is at a report's name to its
+#: report's move into place (:class:`_FolderLock`): hidden, and named so that no ``*.dcm`` pattern
+#: sending the folder to a PACS picks it up. It stays in the folder once the run is done.
+REPORT_LOCK = ".fracture-sr.lock"
+#: How long a run waits for another run writing into the same folder to let go of it before the
+#: row gets no report: a run holds the folder for one report at a time, a fraction of a second.
+REPORT_LOCK_SECONDS = 120.0
+
+
+class _FolderLock:
+    """The report folder's operating-system lock (:data:`REPORT_LOCK`, ``filelock``'s), held for one
+    report at a time, never for a whole run: two runs writing into one folder at the same time (a
+    batch re-run while the first still goes) take turns report by report, so each looks at what is
+    at a report's name only once the other's report there is whole, and names it as its predecessor
+    or keeps it. A run that dies, even killed, lets go of it.
+
+    A folder whose file system cannot lock (no ``flock``: some network shares), or where the lock
+    file cannot be made or opened, gets its reports all the same, without the lock, and one warning
+    in the log: the claims by rename and hard link (:func:`_set_aside`) still keep a damaged
+    report whole, as they do against versions of this product that do not lock.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / REPORT_LOCK
+        self.works = True
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Holds the folder for the block (without the lock where it does not work here).
+
+        Raises:
+            filelock.Timeout: another run held the folder for :data:`REPORT_LOCK_SECONDS`.
+        """
+        lock = self._take()
+        try:
+            yield
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _take(self) -> BaseFileLock | None:
+        if not self.works:
+            return None
+        # A lock of its own each time, which a second call in this process waits for as another
+        # run's does. Writable by every user (whatever their umask), so that a second user's run
+        # in a shared folder can take it. Not filelock's soft lock where flock is missing: a marker
+        # file, which a run on another machine that dies leaves holding the folder.
+        lock = FileLock(str(self.path), mode=0o666, fallback_to_soft=False)
+        try:
+            lock.acquire(timeout=REPORT_LOCK_SECONDS)
+        except Timeout:
+            raise
+        except (NotImplementedError, OSError) as exc:
+            self.works = False
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
+            log.warning("%s: reports written without holding the folder's lock %s (%s): another run writing reports "
+                        "into the folder at the same time may write over one of this run's, or this run over one of "
+                        "its, without naming it as its predecessor", self.path.parent, REPORT_LOCK, reason)
+            return None
+        return lock
 
 
 #: How old (by its modification time) a report's temporary file must be for a run to remove it as

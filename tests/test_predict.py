@@ -9,8 +9,10 @@ import io
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -24,7 +26,13 @@ from pydicom.uid import Comprehensive3DSRStorage, generate_uid
 
 from fracture.config import RegisterParams
 from fracture.gate import EvaluatedSplit
-from fracture.predict import PredictError, collect, write, write_structured_reports
+from fracture.predict import (
+    REPORT_LOCK,
+    PredictError,
+    collect,
+    write,
+    write_structured_reports,
+)
 from fracture.registry import register
 from tests.conftest import require_fracatlas, untrained_model_files
 from tests.dicom_files import dicom_from_jpeg, dicomdir, encapsulated_pdf, multiframe
@@ -246,7 +254,7 @@ def test_a_studys_reports_form_one_series_and_a_rerun_names_the_report_it_replac
     assert "PredecessorDocumentsSequence" not in first[0]
     # Scored again into the same folder: each report replaces the earlier one and names it.
     again = [dcmread(p) for p in write_structured_reports(table(), files, tmp_path / "sr")]
-    assert sorted(p.name for p in (tmp_path / "sr").iterdir()) == sorted(f"{dcmread(f).SOPInstanceUID}.sr.dcm" for f in files)
+    assert _listed(tmp_path / "sr") == sorted(f"{dcmread(f).SOPInstanceUID}.sr.dcm" for f in files)
     for old, new in zip(first, again, strict=True):
         assert new.SOPInstanceUID != old.SOPInstanceUID and new.SeriesInstanceUID != old.SeriesInstanceUID
         before = new.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
@@ -257,7 +265,7 @@ def test_a_studys_reports_form_one_series_and_a_rerun_names_the_report_it_replac
     third = [dcmread(p) for p in write_structured_reports(table(), files, tmp_path / "sr")]
     assert "PredecessorDocumentsSequence" not in third[0] and "PredecessorDocumentsSequence" in third[1]
     assert damaged.with_name(f"{damaged.name}.damaged").read_bytes() == b""
-    assert not list((tmp_path / "sr").glob(".*"))  # no partial file left
+    assert not [name for name in _listed(tmp_path / "sr") if name.startswith(".")]  # no partial file left
 
 
 def test_a_file_gone_after_scoring_or_never_read_costs_its_report_only(fracatlas, tmp_path):
@@ -289,6 +297,11 @@ def test_the_reports_series_description_fits_a_long_string_whatever_the_model_na
         text = series_description(name, version)
         assert len(text) <= 64 and text.startswith("NOT FOR CLINICAL USE: ") and text.endswith(f" v{version}")
     assert series_description("hospital-a-wrist-fracture-classifier-efficientnet", "7").endswith("... v7")
+
+
+def _listed(folder: Path) -> list[str]:
+    """What a report folder holds, sorted, but for the lock runs writing into it take turns on, which stays."""
+    return sorted(p.name for p in folder.iterdir() if p.name != REPORT_LOCK)
 
 
 def _reported_table(n: int) -> pd.DataFrame:
@@ -364,7 +377,7 @@ def test_the_same_image_exported_twice_gets_one_report_which_a_rerun_replaces(fr
         written = write_structured_reports(table, files, tmp_path / "sr")
         assert written == [str(tmp_path / "sr" / f"{uid}.sr.dcm")] * 2
         assert table["note"][1] == f"the same image (SOP Instance UID) as {files[0]}, whose report {uid}.sr.dcm is this row's"
-        assert [p.name for p in (tmp_path / "sr").iterdir()] == [f"{uid}.sr.dcm"]
+        assert _listed(tmp_path / "sr") == [f"{uid}.sr.dcm"]
 
 
 def test_a_report_that_cannot_be_written_costs_its_row_only(fracatlas, tmp_path, monkeypatch):
@@ -390,7 +403,7 @@ def test_a_report_that_cannot_be_written_costs_its_row_only(fracatlas, tmp_path,
     assert table["note"][0].startswith("no structured report: it cannot be written to ")
     assert table["note"][0].endswith("(No space left on device)")
     assert int(dcmread(written[1]).InstanceNumber) == 1  # the number the unwritten one would have had
-    assert [p.name for p in (tmp_path / "sr").iterdir()] == [Path(written[1]).name]  # no partial file left
+    assert _listed(tmp_path / "sr") == [Path(written[1]).name]  # no partial file left
 
 
 @pytest.mark.parametrize("where", ["out's folder missing", "out is a folder", "dicom-sr is a file"])
@@ -508,7 +521,7 @@ def test_a_rerun_replaces_the_reports_of_images_whose_uid_cannot_name_them_inste
     before = {p.name: dcmread(p).SOPInstanceUID for p in first}
     again = run()
     assert again == first
-    assert sorted(p.name for p in (tmp_path / "sr").iterdir()) == sorted(before)
+    assert _listed(tmp_path / "sr") == sorted(before)
     for path in again:
         predecessor = dcmread(path).PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
         assert predecessor.ReferencedSOPInstanceUID == before[path.name]
@@ -626,7 +639,7 @@ def test_a_report_for_another_image_under_the_same_uid_is_kept_not_replaced(frac
     assert "PredecessorDocumentsSequence" not in reports[0]
     predecessor = reports[1].PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
     assert predecessor.ReferencedSOPInstanceUID == reports[0].SOPInstanceUID
-    assert len(list((tmp_path / "sr").iterdir())) == 2
+    assert len(_listed(tmp_path / "sr")) == 2
 
 
 def test_a_rows_notes_are_all_kept(fracatlas, tmp_path):
@@ -718,7 +731,7 @@ def test_a_damaged_earlier_report_is_kept_aside_not_written_over(fracatlas, tmp_
         [written] = write_structured_reports(table, [source], folder)
         assert written == first  # the new report takes its name
         names = [report.name, f"{report.name}.damaged", f"{report.name}.damaged-2"][: 1 + len(kept)]
-        assert sorted(p.name for p in folder.iterdir()) == names
+        assert _listed(folder) == names
         assert [(folder / name).read_bytes() for name in names[1:]] == kept  # byte for byte, the first left alone
         new = dcmread(written)
         assert new.SOPInstanceUID != earlier.SOPInstanceUID
@@ -744,6 +757,17 @@ def _without_hard_links(monkeypatch) -> None:
     monkeypatch.setattr("fracture.predict.os.link", refused)
 
 
+def _without_locks(monkeypatch, error: int = errno.ENOSYS) -> None:
+    """The report folder is on a file system that cannot lock (no flock: some network shares), so
+    runs writing into it at the same time do not take turns, as runs of versions that did not lock."""
+    import fcntl
+
+    def refused(fd, operation):
+        raise OSError(error, os.strerror(error))
+
+    monkeypatch.setattr(fcntl, "flock", refused)
+
+
 @pytest.mark.parametrize("links", [True, False], ids=["hard-links", "no-hard-links"])
 def test_a_damaged_earlier_report_that_cannot_be_moved_aside_is_left_whole(fracatlas, tmp_path, monkeypatch, links):
     """Moving the damaged report aside fails (a shared folder one may write files into but not
@@ -767,7 +791,7 @@ def test_a_damaged_earlier_report_that_cannot_be_moved_aside_is_left_whole(fraca
         _without_hard_links(monkeypatch)
     table = _reported_table(1)
     assert write_structured_reports(table, [source], folder) == [""]
-    assert Path(first).read_bytes() == b"not a report" and [p.name for p in folder.iterdir()] == [Path(first).name]
+    assert Path(first).read_bytes() == b"not a report" and _listed(folder) == [Path(first).name]
     assert table["note"][0] == (
         f"no structured report: the earlier report {first} is damaged (it is not a DICOM file) and cannot be moved "
         "aside (Operation not permitted), so it is left as it is"
@@ -861,11 +885,11 @@ def test_a_damaged_report_that_cannot_take_its_damaged_name_goes_back_or_keeps_t
     table = _reported_table(1)
     written = write_structured_reports(table, [source], folder)
     if links:
-        assert written == [""] and report.read_bytes() == b"" and [p.name for p in folder.iterdir()] == [report.name]
+        assert written == [""] and report.read_bytes() == b"" and _listed(folder) == [report.name]
         assert table["note"][0] == (f"no structured report: the earlier report {report} is damaged (it is empty) and "
                                     "cannot be moved aside (No space left on device), so it is left as it is")
         return
-    [kept] = [p for p in folder.iterdir() if p != report]
+    [kept] = [folder / name for name in _listed(folder) if name != report.name]
     assert kept.name.startswith(f".{report.name}.") and kept.name.endswith(".aside") and kept.read_bytes() == b""
     assert written == [str(report)] and dcmread(report).SOPClassUID == Comprehensive3DSRStorage
     assert table["note"][0] == _kept_aside_note(report, kept.name)
@@ -875,11 +899,13 @@ def test_a_damaged_report_that_cannot_take_its_damaged_name_goes_back_or_keeps_t
 def test_a_run_moving_a_damaged_report_aside_never_removes_the_report_another_run_put_there(
         fracatlas, tmp_path, monkeypatch, links):
     """Two runs scoring one image into one report folder (a batch re-run while the first still
-    goes), its earlier report damaged: the other run goes through, from its look at the folder to
-    its new report, while this one links the damaged report to its .damaged name (without hard
-    links: copies it there). A report is in place at the end, and the damaged one is kept once, as
-    .damaged: neither removed from under the other run's new report nor kept twice."""
+    goes) that cannot be locked, its earlier report damaged: the other run goes through, from its
+    look at the folder to its new report, while this one links the damaged report to its .damaged
+    name (without hard links: copies it there). A report is in place at the end, and the damaged
+    one is kept once, as .damaged: neither removed from under the other run's new report nor kept
+    twice."""
     source, folder, report = _damaged_report(fracatlas, tmp_path)
+    _without_locks(monkeypatch)
     theirs: list[list[str]] = []
 
     def other_run() -> None:
@@ -907,7 +933,7 @@ def test_a_run_moving_a_damaged_report_aside_never_removes_the_report_another_ru
     table = _reported_table(1)
     assert write_structured_reports(table, [source], folder) == [str(report)]
     assert theirs == [[str(report)]]
-    assert sorted(p.name for p in folder.iterdir()) == [report.name, f"{report.name}.damaged"]
+    assert _listed(folder) == [report.name, f"{report.name}.damaged"]
     assert (folder / f"{report.name}.damaged").read_bytes() == b""
     assert dcmread(report).SOPClassUID == Comprehensive3DSRStorage
     assert table["note"][0] == _kept_aside_note(report, f"{report.name}.damaged")
@@ -917,14 +943,15 @@ def test_a_run_moving_a_damaged_report_aside_never_removes_the_report_another_ru
 @pytest.mark.parametrize("other", ["moved-it-aside", "put-its-report-there"])
 def test_a_damaged_report_another_run_moved_aside_first_costs_this_rows_report_only(
         fracatlas, tmp_path, monkeypatch, links, other):
-    """Two runs scoring one image into one report folder, its earlier report damaged: both find it
-    damaged, and the other moves it aside first, to put its own report in its place, here before
-    this run has written its report or after. This run moves neither the other's report (taking it
-    for the damaged one) nor the damaged one a second time: the row gets no report, its note saying
-    why, and the other run's report keeps the name."""
+    """Two runs scoring one image into one report folder that cannot be locked, its earlier report
+    damaged: both find it damaged, and the other moves it aside first, to put its own report in its
+    place, here before this run has written its report or after. This run moves neither the other's
+    report (taking it for the damaged one) nor the damaged one a second time: the row gets no
+    report, its note saying why, and the other run's report keeps the name."""
     from pydicom.dataset import Dataset
 
     source, folder, report = _damaged_report(fracatlas, tmp_path)
+    _without_locks(monkeypatch)
     if not links:
         _without_hard_links(monkeypatch)
     save_as, theirs = Dataset.save_as, []
@@ -948,9 +975,9 @@ def test_a_damaged_report_another_run_moved_aside_first_costs_this_rows_report_o
     )
     assert (folder / f"{report.name}.damaged").read_bytes() == b""
     if other == "moved-it-aside":
-        assert [p.name for p in folder.iterdir()] == [f"{report.name}.damaged"]
+        assert _listed(folder) == [f"{report.name}.damaged"]
     else:
-        assert sorted(p.name for p in folder.iterdir()) == [report.name, f"{report.name}.damaged"]
+        assert _listed(folder) == [report.name, f"{report.name}.damaged"]
         assert theirs == [report.read_bytes()]
 
 
@@ -998,7 +1025,7 @@ def test_a_run_stopped_while_writing_a_report_leaves_no_part_of_it(fracatlas, tm
         monkeypatch.setattr("fracture.predict.os.link", stopped)
     with pytest.raises(KeyboardInterrupt):
         write_structured_reports(_reported_table(1), [source], folder)
-    assert [p.name for p in folder.iterdir()] == [report.name] and report.read_bytes() == b""
+    assert _listed(folder) == [report.name] and report.read_bytes() == b""
 
 
 def test_report_files_left_half_written_by_runs_stopped_long_ago_are_removed(fracatlas, tmp_path):
@@ -1022,7 +1049,7 @@ def test_report_files_left_half_written_by_runs_stopped_long_ago_are_removed(fra
         if path != recent:
             os.utime(path, (day_ago, day_ago))
     assert write_structured_reports(_reported_table(1), [source], folder) == [str(folder / name)]
-    assert sorted(p.name for p in folder.iterdir()) == sorted([name, *(p.name for p in kept)])
+    assert sorted(p.name for p in folder.iterdir()) == sorted([name, REPORT_LOCK, *(p.name for p in kept)])
 
 
 def test_a_report_another_run_is_writing_beside_this_one_is_left_to_it(fracatlas, tmp_path):
@@ -1039,7 +1066,7 @@ def test_a_report_another_run_is_writing_beside_this_one_is_left_to_it(fracatlas
     [written] = write_structured_reports(_reported_table(1), [source], folder)
     assert written == str(folder / name) and dcmread(written).SOPClassUID == Comprehensive3DSRStorage
     assert theirs.read_bytes() == b"the other run's report, half written"
-    assert sorted(p.name for p in folder.iterdir()) == sorted([name, theirs.name])
+    assert _listed(folder) == sorted([name, theirs.name])
 
 
 def test_the_rows_say_which_damaged_report_was_kept_aside(registry, tmp_path):
@@ -1084,3 +1111,247 @@ def test_a_report_cut_short_anywhere_is_judged_damaged_and_what_is_left_of_it_re
     assert on_this_image  # a cut after its evidence leaves a predecessor to name
     cut_file.write_bytes(data)
     assert _earlier_report(cut_file)[1] == ""
+
+
+#: How long a run lets another it started meanwhile (a second `fracture predict` writing into the
+#: same folder) go on before it goes on itself: the other's report takes a fraction of it, unless
+#: that run waits for the folder.
+_A_FEW_SECONDS = 3
+
+
+class _AnotherRun(threading.Thread):
+    """A second ``fracture predict`` writing reports into the same folder, in a thread of this
+    process: it takes the folder's lock as a run in another process does."""
+
+    def __init__(self, table: pd.DataFrame, files: list[Path], folder: Path) -> None:
+        super().__init__(daemon=True)
+        self.table, self.files, self.folder = table, files, folder
+        self.written: list[str] | None = None
+        self.stopped: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.written = write_structured_reports(self.table, self.files, self.folder)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test by finished()
+            self.stopped = exc
+
+    def meanwhile(self) -> None:
+        """Starts the run, and lets it go on until it is done, or for a few seconds (it waits for the folder)."""
+        self.start()
+        self.join(_A_FEW_SECONDS)
+
+    def finished(self) -> list[str] | None:
+        """What the run wrote, once it is done; raises what stopped it."""
+        self.join(60)
+        assert not self.is_alive(), "the other run is still waiting for the report folder"
+        if self.stopped is not None:
+            raise self.stopped
+        return self.written
+
+
+def _predecessor(report: Path) -> str:
+    """The SOP Instance UID of the report that ``report`` names as its predecessor."""
+    ds = dcmread(report)
+    assert "PredecessorDocumentsSequence" in ds, f"{report.name} names no predecessor"
+    return ds.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+
+
+def test_two_runs_writing_one_images_report_at_once_take_turns_and_the_second_names_the_first(
+        fracatlas, tmp_path, monkeypatch):
+    """Two runs scoring one image into one folder at once (a batch re-run while the first still
+    goes): the second starts while the first writes its report, after the first looked and found no
+    report there. It waits for the folder, then finds the first's report and replaces it, naming it
+    as its predecessor, so a PACS that already received the first knows which one is current. The
+    last to move its report into place won, naming no other, when both looked before either wrote."""
+    from pydicom.dataset import Dataset
+
+    source = tmp_path / "IM0001"
+    source.write_bytes(dicom_from_jpeg(fracatlas / "images/Fractured/IMG0000019.jpg", "8-bit"))
+    folder = tmp_path / "sr"
+    report = folder / f"{dcmread(source).SOPInstanceUID}.sr.dcm"
+    other = _AnotherRun(_reported_table(1), [source], folder)
+    save_as, saved = Dataset.save_as, []
+
+    def saving(self, filename, *args, **kwargs):  # a run has looked at the report's name: it writes its report
+        saved.append(self.SOPInstanceUID)
+        save_as(self, filename, *args, **kwargs)
+        if len(saved) == 1:
+            other.meanwhile()
+
+    monkeypatch.setattr(Dataset, "save_as", saving)
+    assert write_structured_reports(_reported_table(1), [source], folder) == [str(report)]
+    assert other.finished() == [str(report)]
+    assert _listed(folder) == [report.name]
+    [replaced] = [uid for uid in saved if uid != dcmread(report).SOPInstanceUID]
+    assert _predecessor(report) == replaced
+
+
+def test_two_runs_reporting_two_images_under_one_constant_uid_at_once_keep_both_reports(
+        fracatlas, tmp_path, monkeypatch):
+    """An anonymiser writes one constant (valid) SOP Instance UID on every image, and two runs at
+    once score two patients' images into one folder: the second starts while the first writes its
+    report at <uid>.sr.dcm, after the first found nothing there. It waits for the folder, then finds
+    the first's report on another image: kept, and its own named after its file's bytes, its row's
+    note saying so. When both looked before either wrote, both moved their reports onto one name,
+    and one patient's report was lost."""
+    from pydicom.dataset import Dataset
+
+    images, uid = fracatlas / "images", "1.2.826.0.1.3680043.8.498.77"
+    day1, day2 = tmp_path / "day1" / "IM0001", tmp_path / "day2" / "IM0001"
+    for path, jpeg, patient in ((day1, "Non_fractured/IMG0000009.jpg", "A"), (day2, "Fractured/IMG0000019.jpg", "B")):
+        path.parent.mkdir()
+        path.write_bytes(_edited_dicom(images / jpeg, SOPInstanceUID=uid, PatientID=patient))
+    folder, theirs = tmp_path / "sr", _reported_table(1)
+    other = _AnotherRun(theirs, [day2], folder)
+    save_as = Dataset.save_as
+
+    def saving(self, filename, *args, **kwargs):  # a run has looked at the report's name: it writes its report
+        save_as(self, filename, *args, **kwargs)
+        if other.ident is None:
+            other.meanwhile()
+
+    monkeypatch.setattr(Dataset, "save_as", saving)
+    [ours] = write_structured_reports(_reported_table(1), [day1], folder)
+    [written] = other.finished()
+    assert Path(ours).name == f"{uid}.sr.dcm" and written != ours
+    assert [dcmread(p).PatientID for p in (ours, written)] == ["A", "B"]
+    assert _listed(folder) == sorted([Path(ours).name, Path(written).name])
+    assert theirs["note"][0] == (
+        f"an earlier report on another image (its source, study or patient differs) is {uid}.sr.dcm in {folder}: "
+        f"kept, and this one written as {Path(written).name}"
+    )
+
+
+@pytest.mark.parametrize("links", [True, False], ids=["hard-links", "no-hard-links"])
+@pytest.mark.parametrize("runs", [2, 3])
+def test_runs_finding_one_damaged_report_at_once_set_it_aside_once_and_the_image_keeps_a_report(
+        fracatlas, tmp_path, monkeypatch, runs, links):
+    """Two or three runs scoring one image into one folder at once, its earlier report damaged: each
+    starts while the one before writes its report, after that one found the damaged report, and the
+    last is stopped (Ctrl-C, a crash) before it moves its report into place. Each waits for the
+    folder: the first sets the damaged report aside and puts its report in its place, the next
+    replaces that one naming it, and the one stopped costs no other run its report. When all looked
+    before any wrote, the last moved the damaged report aside first, and the others left the name
+    to its report, which never came: the image had none. With hard links and without."""
+    from pydicom.dataset import Dataset
+
+    source, folder, report = _damaged_report(fracatlas, tmp_path)
+    if not links:
+        _without_hard_links(monkeypatch)
+    others = [_AnotherRun(_reported_table(1), [source], folder) for _ in range(runs - 1)]
+    save_as, replace, saved = Dataset.save_as, os.replace, []
+
+    def saving(self, filename, *args, **kwargs):  # a run has looked at the report's name: it writes its report
+        saved.append(self.SOPInstanceUID)
+        count = len(saved)
+        save_as(self, filename, *args, **kwargs)
+        if count < runs:
+            others[count - 1].meanwhile()
+
+    def replacing(src, dst, *args, **kwargs):
+        if threading.current_thread() is others[-1]:
+            raise KeyboardInterrupt
+        replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(Dataset, "save_as", saving)
+    monkeypatch.setattr("fracture.predict.os.replace", replacing)
+    table = _reported_table(1)
+    assert write_structured_reports(table, [source], folder) == [str(report)]
+    assert table["note"][0] == _kept_aside_note(report, f"{report.name}.damaged")
+    assert [other.finished() for other in others[:-1]] == [[str(report)]] * (runs - 2)
+    with pytest.raises(KeyboardInterrupt):
+        others[-1].finished()
+    assert _listed(folder) == [report.name, f"{report.name}.damaged"]
+    assert (folder / f"{report.name}.damaged").read_bytes() == b""
+    assert len(saved) == runs and dcmread(report).SOPInstanceUID == saved[-2]  # the last report moved into place
+    if runs == 3:
+        assert _predecessor(report) == saved[0]
+
+
+def test_a_folder_another_run_holds_past_the_wait_costs_that_rows_report_only(fracatlas, tmp_path, monkeypatch):
+    """Another run holds the report folder for longer than a run waits for it (a run stuck on a
+    slow share): the row whose report waited gets none, its note saying to score the file again,
+    and the rows after it get theirs once the folder is free."""
+    from filelock import FileLock, Timeout
+
+    images = fracatlas / "images"
+    files = [tmp_path / "IM0001", tmp_path / "IM0002"]
+    files[0].write_bytes(dicom_from_jpeg(images / "Fractured/IMG0000019.jpg", "8-bit"))
+    files[1].write_bytes(dicom_from_jpeg(images / "Non_fractured/IMG0000009.jpg", "8-bit"))
+    folder = tmp_path / "sr"
+    folder.mkdir()
+    theirs = FileLock(str(folder / REPORT_LOCK))
+    theirs.acquire()
+
+    def lock(*args, **kwargs):  # the other run lets go of the folder just as this one gives up on a report
+        ours = FileLock(*args, **kwargs)
+        acquire = ours.acquire
+
+        def acquiring(*args, **kwargs):
+            try:
+                return acquire(*args, **kwargs)
+            except Timeout:
+                theirs.release()
+                raise
+
+        ours.acquire = acquiring
+        return ours
+
+    monkeypatch.setattr("fracture.predict.FileLock", lock)
+    monkeypatch.setattr("fracture.predict.REPORT_LOCK_SECONDS", 0.2)
+    table = _reported_table(2)
+    written = write_structured_reports(table, files, folder)
+    assert written == ["", str(folder / f"{dcmread(files[1]).SOPInstanceUID}.sr.dcm")]
+    assert list(table["note"]) == [
+        f"no structured report: another run writing into {folder} at the same time held the folder ({REPORT_LOCK}) "
+        "through the 0.2 s this run waited for it; score this file again",
+        "",
+    ]
+    assert _listed(folder) == [Path(written[1]).name]
+
+
+@pytest.mark.parametrize("failure", [errno.ENOSYS, errno.ENOLCK, "NotImplementedError"],
+                         ids=["no-flock", "no-lock-daemon", "no-native-lock"])
+def test_a_folder_whose_file_system_cannot_lock_gets_its_reports_without_the_lock(
+        fracatlas, tmp_path, monkeypatch, caplog, failure):
+    """A report folder on a file system that cannot lock (no flock on an SMB share, NFS without its
+    lock daemon, a platform whose lock is not there): every row gets its report all the same,
+    written as before runs took turns, and the log says once that the folder's lock is not held."""
+    images = fracatlas / "images"
+    files = [tmp_path / "IM0001", tmp_path / "IM0002"]
+    files[0].write_bytes(dicom_from_jpeg(images / "Fractured/IMG0000019.jpg", "8-bit"))
+    files[1].write_bytes(dicom_from_jpeg(images / "Non_fractured/IMG0000009.jpg", "8-bit"))
+    folder = tmp_path / "sr"
+    if isinstance(failure, int):
+        _without_locks(monkeypatch, failure)
+        reason = os.strerror(failure)
+    else:
+        def missing(self, *args, **kwargs):
+            raise NotImplementedError
+
+        monkeypatch.setattr("fracture.predict.FileLock.acquire", missing)
+        reason = "NotImplementedError"
+    table = _reported_table(2)
+    with caplog.at_level("WARNING", logger="fracture.predict"):
+        written = write_structured_reports(table, files, folder)
+    assert written == [str(folder / f"{dcmread(f).SOPInstanceUID}.sr.dcm") for f in files]
+    assert list(table["note"]) == ["", ""]
+    assert [record.getMessage() for record in caplog.records] == [
+        f"{folder}: reports written without holding the folder's lock {REPORT_LOCK} ({reason}): another run writing "
+        "reports into the folder at the same time may write over one of this run's, or this run over one of its, "
+        "without naming it as its predecessor"
+    ]
+
+
+def test_the_report_folders_lock_can_be_taken_by_another_user_of_a_shared_folder(fracatlas, tmp_path):
+    """A report folder several users' runs write into: the lock file the first run leaves there is
+    open to every user to lock, whatever that run's umask, so a second user's run takes turns too."""
+    source = tmp_path / "IM0001"
+    source.write_bytes(dicom_from_jpeg(fracatlas / "images/Fractured/IMG0000019.jpg", "8-bit"))
+    folder = tmp_path / "sr"
+    umask = os.umask(0o077)
+    try:
+        [written] = write_structured_reports(_reported_table(1), [source], folder)
+    finally:
+        os.umask(umask)
+    assert written and stat.S_IMODE((folder / REPORT_LOCK).stat().st_mode) == 0o666
