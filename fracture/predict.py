@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
@@ -19,6 +20,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import time
 import warnings
 from collections.abc import Iterable, Iterator
@@ -449,6 +451,15 @@ REPORT_LOCK = ".fracture-sr.lock"
 #: How long a run waits for another run writing into the same folder to let go of it before the
 #: row gets no report: a run holds the folder for one report at a time, a fraction of a second.
 REPORT_LOCK_SECONDS = 120.0
+#: How long a run waits for the folder for each of its later reports once one wait ran out: a run
+#: stuck holding it (on a slow share) costs the run one full wait, not one per row.
+REPORT_LOCK_RETRY_SECONDS = 5.0
+#: Why a lock cannot be had in a folder for as long as the run goes on: its file system has no
+#: ``flock``, or the lock file cannot be made or opened (read-only, a link planted there, another
+#: account's). Any other error (a network file system's lock service busy a moment) costs only
+#: the report it came on the lock, and the next one tries again.
+_CANNOT_LOCK = frozenset({errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EACCES, errno.EPERM, errno.ELOOP,
+                          errno.EROFS})
 
 
 class _FolderLock:
@@ -456,51 +467,75 @@ class _FolderLock:
     report at a time, never for a whole run: two runs writing into one folder at the same time (a
     batch re-run while the first still goes) take turns report by report, so each looks at what is
     at a report's name only once the other's report there is whole, and names it as its predecessor
-    or keeps it. A run that dies, even killed, lets go of it.
+    or keeps it. A run that dies, even killed, lets go of it. A run waits for it
+    :data:`REPORT_LOCK_SECONDS`, and once such a wait ran out, :data:`REPORT_LOCK_RETRY_SECONDS` for
+    each later report, until it has the folder again.
 
     A folder whose file system cannot lock (no ``flock``: some network shares), or where the lock
-    file cannot be made or opened, gets its reports all the same, without the lock, and one warning
-    in the log: the claims by rename and hard link (:func:`_set_aside`) still keep a damaged
-    report whole, as they do against versions of this product that do not lock.
+    file cannot be made or opened (:data:`_CANNOT_LOCK`), gets its reports all the same, without the
+    lock, and one warning in the log; an error of another kind, one report written without it and a
+    warning. The claims by rename and hard link (:func:`_set_aside`) still keep a damaged report
+    whole, as they do against versions of this product that do not lock. In a folder with the
+    sticky bit (``/tmp``'s mode, some shared drop boxes) filelock takes a lock file only from this
+    account or the folder's owner, since another account could replace it while it is held: there
+    the folder's owner makes it once for every account (the warning says how).
     """
 
     def __init__(self, folder: Path) -> None:
         self.path = folder / REPORT_LOCK
         self.works = True
+        self.wait = REPORT_LOCK_SECONDS
 
     @contextlib.contextmanager
     def held(self) -> Iterator[None]:
-        """Holds the folder for the block (without the lock where it does not work here).
+        """Holds the folder for the block (without the lock where it cannot be had here).
 
         Raises:
-            filelock.Timeout: another run held the folder for :data:`REPORT_LOCK_SECONDS`.
+            filelock.Timeout: another run held the folder for as long as this run waits for it.
         """
         lock = self._take()
         try:
             yield
         finally:
             if lock is not None:
-                lock.release()
+                try:
+                    lock.release()
+                except OSError as exc:  # the report is in place; a network file system's lock service may fail here
+                    log.warning("%s: the folder's lock %s could not be let go of (%s); a run that dies lets go of it",
+                                self.path.parent, REPORT_LOCK, exc.strerror or exc)
 
     def _take(self) -> BaseFileLock | None:
         if not self.works:
             return None
         # A lock of its own each time, which a second call in this process waits for as another
-        # run's does. Writable by every user (whatever their umask), so that a second user's run
-        # in a shared folder can take it. Not filelock's soft lock where flock is missing: a marker
-        # file, which a run on another machine that dies leaves holding the folder.
+        # run's does. Writable by every account (whatever its umask), so that another account's
+        # run in a shared folder without the sticky bit can take it. Not filelock's soft lock where
+        # flock is missing: a marker file, which a run on another machine that dies leaves holding
+        # the folder.
         lock = FileLock(str(self.path), mode=0o666, fallback_to_soft=False)
         try:
-            lock.acquire(timeout=REPORT_LOCK_SECONDS)
+            lock.acquire(timeout=self.wait)
         except Timeout:
+            self.wait = REPORT_LOCK_RETRY_SECONDS
             raise
         except (NotImplementedError, OSError) as exc:
-            self.works = False
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
-            log.warning("%s: reports written without holding the folder's lock %s (%s): another run writing reports "
-                        "into the folder at the same time may write over one of this run's, or this run over one of "
-                        "its, without naming it as its predecessor", self.path.parent, REPORT_LOCK, reason)
+            risk = ("another run writing reports into the folder at the same time may write over one of this run's, "
+                    "or this run over one of its, without naming it as its predecessor")
+            if isinstance(exc, OSError) and exc.errno not in _CANNOT_LOCK:
+                log.warning("%s: a report written without holding the folder's lock %s (%s): %s",
+                            self.path.parent, REPORT_LOCK, reason, risk)
+                return None
+            self.works = False
+            sticky = ""
+            with contextlib.suppress(OSError):
+                if self.path.parent.stat().st_mode & stat.S_ISVTX and self.path.stat().st_uid != os.geteuid():
+                    sticky = (f"; in a folder with the sticky bit, the folder's owner makes the lock file once for "
+                              f"every account: touch {self.path} && chmod 666 {self.path}")
+            log.warning("%s: reports written without holding the folder's lock %s (%s): %s%s",
+                        self.path.parent, REPORT_LOCK, reason, risk, sticky)
             return None
+        self.wait = REPORT_LOCK_SECONDS
         return lock
 
 

@@ -1310,21 +1310,75 @@ def test_a_folder_another_run_holds_past_the_wait_costs_that_rows_report_only(fr
     assert _listed(folder) == [Path(written[1]).name]
 
 
-@pytest.mark.parametrize("failure", [errno.ENOSYS, errno.ENOLCK, "NotImplementedError"],
-                         ids=["no-flock", "no-lock-daemon", "no-native-lock"])
+def _sources(fracatlas: Path, tmp_path: Path, n: int) -> list[Path]:
+    """``n`` DICOM images of one X-ray, each under a SOP Instance UID of its own."""
+    files = [tmp_path / f"IM{i:04d}" for i in range(1, n + 1)]
+    for path in files:
+        path.write_bytes(dicom_from_jpeg(fracatlas / "images/Fractured/IMG0000019.jpg", "8-bit"))
+    return files
+
+
+def _reports_of(files: list[Path], folder: Path) -> list[str]:
+    return [str(folder / f"{dcmread(f).SOPInstanceUID}.sr.dcm") for f in files]
+
+
+def test_a_run_stuck_holding_the_folder_costs_one_full_wait_not_one_per_row(fracatlas, tmp_path, monkeypatch):
+    """Another run holds the report folder and does not let go (stuck on a slow share): this run
+    waits the full time for its first report only, and a short time for each one after, until it
+    has the folder again; then it waits the full time again. Before, every row waited the full time
+    (500 rows: hours, and no reports)."""
+    from filelock import FileLock, Timeout
+
+    files = _sources(fracatlas, tmp_path, 4)
+    folder = tmp_path / "sr"
+    folder.mkdir()
+    theirs = FileLock(str(folder / REPORT_LOCK))
+    theirs.acquire()
+    waits: list[float] = []
+
+    def lock(*args, **kwargs):  # the other run lets go of the folder once this one gave up on two reports
+        ours = FileLock(*args, **kwargs)
+        acquire = ours.acquire
+
+        def acquiring(*args, timeout=None, **kwargs):
+            waits.append(timeout)
+            try:
+                return acquire(*args, timeout=timeout, **kwargs)
+            except Timeout:
+                if len(waits) == 2:
+                    theirs.release()
+                raise
+
+        ours.acquire = acquiring
+        return ours
+
+    monkeypatch.setattr("fracture.predict.FileLock", lock)
+    monkeypatch.setattr("fracture.predict.REPORT_LOCK_SECONDS", 0.4)
+    monkeypatch.setattr("fracture.predict.REPORT_LOCK_RETRY_SECONDS", 0.1)
+    table = _reported_table(4)
+    assert write_structured_reports(table, files, folder) == ["", "", *_reports_of(files[2:], folder)]
+    assert waits == [0.4, 0.1, 0.1, 0.4]
+    assert [note.endswith("waited for it; score this file again") for note in table["note"]] == [True, True, False, False]
+
+
+@pytest.mark.parametrize("failure", [errno.ENOSYS, "a link planted there", "NotImplementedError"],
+                         ids=["no-flock", "lock-file-a-link", "no-native-lock"])
 def test_a_folder_whose_file_system_cannot_lock_gets_its_reports_without_the_lock(
         fracatlas, tmp_path, monkeypatch, caplog, failure):
-    """A report folder on a file system that cannot lock (no flock on an SMB share, NFS without its
-    lock daemon, a platform whose lock is not there): every row gets its report all the same,
-    written as before runs took turns, and the log says once that the folder's lock is not held."""
-    images = fracatlas / "images"
-    files = [tmp_path / "IM0001", tmp_path / "IM0002"]
-    files[0].write_bytes(dicom_from_jpeg(images / "Fractured/IMG0000019.jpg", "8-bit"))
-    files[1].write_bytes(dicom_from_jpeg(images / "Non_fractured/IMG0000009.jpg", "8-bit"))
+    """A report folder on a file system that cannot lock (no flock on an SMB share, a platform
+    whose lock is not there), or whose lock file is a link someone planted there (which is never
+    followed, so nothing it points to is touched): every row gets its report all the same, written
+    as before runs took turns, and the log says once that the folder's lock is not held."""
+    files = _sources(fracatlas, tmp_path, 2)
     folder = tmp_path / "sr"
     if isinstance(failure, int):
         _without_locks(monkeypatch, failure)
         reason = os.strerror(failure)
+    elif failure == "a link planted there":
+        folder.mkdir()
+        (tmp_path / "elsewhere").write_bytes(b"another file")
+        (folder / REPORT_LOCK).symlink_to(tmp_path / "elsewhere")
+        reason = os.strerror(errno.ELOOP)
     else:
         def missing(self, *args, **kwargs):
             raise NotImplementedError
@@ -1334,18 +1388,97 @@ def test_a_folder_whose_file_system_cannot_lock_gets_its_reports_without_the_loc
     table = _reported_table(2)
     with caplog.at_level("WARNING", logger="fracture.predict"):
         written = write_structured_reports(table, files, folder)
-    assert written == [str(folder / f"{dcmread(f).SOPInstanceUID}.sr.dcm") for f in files]
+    assert written == _reports_of(files, folder)
     assert list(table["note"]) == ["", ""]
     assert [record.getMessage() for record in caplog.records] == [
         f"{folder}: reports written without holding the folder's lock {REPORT_LOCK} ({reason}): another run writing "
         "reports into the folder at the same time may write over one of this run's, or this run over one of its, "
         "without naming it as its predecessor"
     ]
+    if failure == "a link planted there":
+        assert (tmp_path / "elsewhere").read_bytes() == b"another file"
 
 
-def test_the_report_folders_lock_can_be_taken_by_another_user_of_a_shared_folder(fracatlas, tmp_path):
-    """A report folder several users' runs write into: the lock file the first run leaves there is
-    open to every user to lock, whatever that run's umask, so a second user's run takes turns too."""
+def test_a_lock_that_fails_once_is_taken_again_for_the_next_report(fracatlas, tmp_path, monkeypatch, caplog):
+    """The folder's lock fails once with an error that passes (NFS's lock service busy a moment:
+    ENOLCK): that report is written without it, the log says so, and the next report takes the lock
+    again. Before, one such error left the rest of the run writing without the lock."""
+    import fcntl
+
+    flock, calls = fcntl.flock, []
+
+    def once_busy(fd, operation):
+        calls.append(operation)
+        if len(calls) == 1:
+            raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+        return flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", once_busy)
+    files = _sources(fracatlas, tmp_path, 3)
+    folder = tmp_path / "sr"
+    table = _reported_table(3)
+    with caplog.at_level("WARNING", logger="fracture.predict"):
+        assert write_structured_reports(table, files, folder) == _reports_of(files, folder)
+    assert list(table["note"]) == ["", "", ""]
+    assert [record.getMessage() for record in caplog.records] == [
+        f"{folder}: a report written without holding the folder's lock {REPORT_LOCK} (No locks available): another "
+        "run writing reports into the folder at the same time may write over one of this run's, or this run over "
+        "one of its, without naming it as its predecessor"
+    ]
+    assert calls.count(fcntl.LOCK_UN) == 2  # the second and third reports held it, and let go
+
+
+def test_a_lock_that_cannot_be_let_go_of_costs_no_report_and_no_row(fracatlas, tmp_path, monkeypatch, caplog):
+    """Letting go of the folder's lock fails (a network file system's lock service restarted): the
+    report is in place, so the run goes on with a warning. Before, the error ended the run with a
+    traceback, and its results table, with every row's score, was never written."""
+    import fcntl
+
+    flock = fcntl.flock
+
+    def unlock_fails(fd, operation):
+        if operation == fcntl.LOCK_UN:
+            flock(fd, operation)
+            raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+        return flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", unlock_fails)
+    files = _sources(fracatlas, tmp_path, 2)
+    folder = tmp_path / "sr"
+    with caplog.at_level("WARNING", logger="fracture.predict"):
+        assert write_structured_reports(_reported_table(2), files, folder) == _reports_of(files, folder)
+    assert [record.getMessage() for record in caplog.records] == [
+        f"{folder}: the folder's lock {REPORT_LOCK} could not be let go of (No locks available); a run that dies "
+        "lets go of it"
+    ] * 2
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="gives the lock file to another account: needs root")
+def test_a_lock_file_another_account_left_in_a_sticky_folder_is_named_with_what_to_do(
+        fracatlas, tmp_path, caplog):
+    """A shared report folder with the sticky bit (mode 1777), where another account's run left the
+    lock file: filelock refuses it, since that account could replace it while it is held, so the
+    reports are written without the lock, and the warning tells the folder's owner how to make a
+    lock file every account can take."""
+    files = _sources(fracatlas, tmp_path, 1)
+    folder = tmp_path / "sr"
+    folder.mkdir()
+    folder.chmod(0o1777)
+    lock = folder / REPORT_LOCK
+    lock.touch(mode=0o666)
+    os.chown(lock, 12345, 12345)
+    with caplog.at_level("WARNING", logger="fracture.predict"):
+        assert write_structured_reports(_reported_table(1), files, folder) == _reports_of(files, folder)
+    [message] = [record.getMessage() for record in caplog.records]
+    assert message.startswith(f"{folder}: reports written without holding the folder's lock {REPORT_LOCK} (")
+    assert message.endswith(f"; in a folder with the sticky bit, the folder's owner makes the lock file once for "
+                            f"every account: touch {lock} && chmod 666 {lock}")
+
+
+def test_the_report_folders_lock_file_is_open_to_every_account_whatever_the_umask(fracatlas, tmp_path):
+    """A report folder several accounts' runs write into: the lock file the first run leaves there
+    is open to every account, whatever that run's umask, so another account's run can take it in a
+    folder without the sticky bit (with it, see the test above)."""
     source = tmp_path / "IM0001"
     source.write_bytes(dicom_from_jpeg(fracatlas / "images/Fractured/IMG0000019.jpg", "8-bit"))
     folder = tmp_path / "sr"
