@@ -267,9 +267,11 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
     from its look at what is at a report's name to its report's move into place, so the second finds
     the first's report whole there and replaces it, naming it as its predecessor (the same image), or
     keeps it and names its own after the file's bytes (another image under the same UID), and a
-    damaged report is moved aside once. A row whose run waits :data:`REPORT_LOCK_SECONDS` for the
-    folder in vain gets no report, its note saying to score the file again; a folder whose file
-    system cannot lock gets its reports without the lock, with a warning in the log. There, and
+    damaged report is moved aside once. A row whose run waits for the folder in vain
+    (:data:`REPORT_LOCK_SECONDS`, then :data:`REPORT_LOCK_RETRY_SECONDS` until it has it again) gets
+    no report, its note saying to score the file again; a folder whose file system cannot lock, or
+    whose lock file cannot be opened, gets its reports without the lock, with a warning in the log
+    (:class:`_FolderLock`). There, and
     against a run of an earlier version, which does not lock, a damaged report that the other run
     moved aside first, to put its own report for the image in its place, costs this row its report.
     A report is written beside, under a temporary name of its own, and moved into place: one a run
