@@ -183,6 +183,16 @@ def deployed_work_pool(name: str) -> str | None:
             return None
 
 
+def served_here(name: str) -> bool:
+    """Whether the deployment ``flow/deployment`` exists with no work pool: one ``serve`` made,
+    which a serving process runs in its own checkout."""
+    with get_client(sync_client=True) as client:
+        try:
+            return client.read_deployment_by_name(name).work_pool_name is None
+        except ObjectNotFound:
+            return False
+
+
 def pause_schedule(name: str) -> None:
     """Pauses the deployment ``flow/deployment`` if it exists (no run falls due while nothing serves it)."""
     with get_client(sync_client=True) as client:
@@ -217,7 +227,8 @@ def deploy(
 
     Raises:
         ConfigError: no work pool is named; ``schedule.image`` is set and ``project_dir`` is
-            not; Prefect refuses the pool (none of that name, or one whose jobs take no image).
+            not; ``schedule.deployment`` names a deployment ``serve`` runs, which deploying would
+            take over; Prefect refuses the pool (none of that name, or one whose jobs take no image).
     """
     s = params.schedule
     pool = work_pool or s.work_pool
@@ -239,6 +250,17 @@ def deploy(
                 "WORKDIR), or your image's folder"
             )
         project_dir = "."
+    name = f"{retrain.name}/{s.deployment}"
+    # The mirror of serve's check: deployed over a served deployment, the serving process would
+    # still pick up its runs in its own checkout, and pause the pool's schedule when it stops.
+    if PREFECT_API_URL.value() and served_here(name):
+        raise ConfigError(
+            f"params.yaml: schedule.deployment {s.deployment!r} names {name}, which `python -m flows.deploy serve` "
+            f"serves with no work pool: deploying it to {pool!r} would leave that process running its runs in its own "
+            f"checkout, and it would pause the pool's schedule when it stops. Stop that `serve` process and delete its "
+            f"deployment (`prefect deployment delete {name}`), then deploy again; or set schedule.deployment to "
+            "another name"
+        )
     project_dir = _absolute(project_dir)
     source = _absolute(source) if source else None
     deployment = build_deployment(params, project_dir, source, profile, work_pool=pool)

@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
-from prefect.runtime import flow_run
+from prefect.runtime import deployment, flow_run
 from ruamel.yaml import YAML
 from ruamel.yaml.representer import RoundTripRepresenter
 
@@ -49,18 +49,35 @@ from tasks.pipeline import (
 
 
 @contextmanager
-def project_lock(project: Path) -> Iterator[None]:
+def project_lock(project: Path, wait: float = 0) -> Iterator[None]:
     """One retrain run at a time per project (:func:`fracture.project_lock.project_lock`).
 
     Scheduled runs never get here twice: the deployment's ``schedule.concurrency_limit`` queues
     them. A ``fracture`` command typed meanwhile in the project is refused too, while the flow's
     own stage commands run under its hold.
 
+    Args:
+        project: the project root.
+        wait: seconds to wait for another holder (a ``fracture`` command, a one-shot run) to
+            finish, saying once whom the run waits for (:func:`busy_wait`); 0 refuses at once.
+
     Raises:
-        ProjectBusy: another run or command holds the project; the message says which.
+        ProjectBusy: another run or command holds the project (still, after ``wait``); the message says which.
     """
-    with fracture_project_lock(project, f"flow run {flow_run.get_name() or '(outside Prefect)'}"):
+    holder = f"flow run {flow_run.get_name() or '(outside Prefect)'}"
+    with fracture_project_lock(project, holder, wait, run_logger(__name__).warning):
         yield
+
+
+def busy_wait(project: Path, from_deployment: bool) -> float:
+    """Seconds a run waits for the project when another run or command holds it.
+
+    A deployment's run (scheduled, or started from the UI or ``prefect deployment run``) has no
+    one to start it again, so it waits ``schedule.busy_wait_seconds`` for a ``fracture`` command
+    or a one-shot run to finish. A one-shot run (``python -m flows.retrain``, ``make main``) is
+    refused at once, as a command typed by hand is: whoever started it is there to run it again.
+    """
+    return load_params(project).schedule.busy_wait_seconds if from_deployment else 0
 
 
 def choose_profile(requested: str | None, cuda: bool) -> tuple[str, str]:
@@ -158,7 +175,7 @@ def retrain(project_dir: str = ".", source: str | None = None, profile: str | No
             "--project-dir to `python -m flows.retrain`"
         )
     # Each stage reuses the memory the one before freed; the run hands it back when it ends.
-    with freed_memory_kept(), project_lock(project):
+    with freed_memory_kept(), project_lock(project, busy_wait(project, deployment.id is not None)):
         return _retrain(project, source, profile)
 
 

@@ -432,6 +432,7 @@ class ScheduleParams:
     concurrency_limit: int = 1
     retries: int = 2
     retry_delay_seconds: float = 30
+    busy_wait_seconds: float = 3600
 
 
 @dataclass(frozen=True)
@@ -807,6 +808,12 @@ def _check_schedule(s: ScheduleParams) -> None:
         raise ConfigError(
             f"params.yaml: schedule.retry_delay_seconds must be a number of seconds, 0 or more (30, not 30s); "
             f"got {delay!r}"
+        )
+    wait = s.busy_wait_seconds
+    if not (_number(wait) and math.isfinite(wait) and wait >= 0):
+        raise ConfigError(
+            f"params.yaml: schedule.busy_wait_seconds must be a number of seconds, 0 or more (3600, not 1h); "
+            f"got {wait!r}"
         )
     if not isinstance(s.job_variables, dict):
         raise ConfigError("params.yaml: schedule.job_variables must be a mapping (use {} for none)")

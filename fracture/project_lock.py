@@ -1,5 +1,7 @@
 """One writer per project: the retrain flow and every ``fracture`` command that writes the project
-hold the same operating-system lock while they work.
+hold the same operating-system lock while they work. A command typed by hand, or a one-shot run,
+is refused at once while another holds it; a run of the deployment waits for it a while
+(``schedule.busy_wait_seconds``).
 
 Two writers in one checkout would copy data under each other's stages and race for
 ``dvc.lock``, the outputs and the registry: a retrain run and a ``fracture ingest`` or
@@ -18,7 +20,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -45,17 +47,41 @@ def _held_here(path: Path, note: Path) -> bool:
         return False
 
 
+def _holder(note: Path) -> str:
+    """Who holds the project, from the note its holder writes once it has taken the lock."""
+    try:
+        info = json.loads(note.read_text())
+        return f"{info['holder']}, process {info['pid']} on {info['host']}, started {info['started']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "its details are not written yet"
+
+
+def _busy(root: Path, note: Path, holder: str, waited: float) -> ProjectBusy:
+    """The refusal of a writer that found the project busy (after waiting ``waited`` seconds)."""
+    after = f" after waiting {waited:g} s (schedule.busy_wait_seconds)" if waited > 0 else ""
+    return ProjectBusy(
+        f"another run is working in {root} ({_holder(note)}). {holder} stopped{after} without changing anything; "
+        "run it again once that one has finished (scheduled retrain runs queue for each other: "
+        "schedule.concurrency_limit)"
+    )
+
+
 @contextmanager
-def project_lock(project: Path, holder: str) -> Iterator[None]:
-    """Holds the project for the block; a second writer is refused at once, before it touches anything.
+def project_lock(
+    project: Path, holder: str, wait: float = 0, say: Callable[[str], None] | None = None
+) -> Iterator[None]:
+    """Holds the project for the block; a second writer is refused before it touches anything.
 
     Args:
         project: the project root.
         holder: who is working, as the refusal names it to the other writer (``"flow run
             smart-fox"``, ``"`fracture train`"``).
+        wait: seconds to wait for a busy project to come free before refusing; 0 refuses at
+            once (a command typed by hand, a one-shot run).
+        say: told once, when the project is busy and this writer starts waiting, whom it waits for.
 
     Raises:
-        ProjectBusy: another run or command holds the project; the message says which.
+        ProjectBusy: another run or command holds the project (still, after ``wait``); the message says which.
     """
     root = project.resolve()
     path = root / LOCK_FILE
@@ -68,15 +94,15 @@ def project_lock(project: Path, holder: str) -> Iterator[None]:
         if _held_here(path, note):  # held by this process or a parent: its own work goes ahead
             yield
             return
+        if wait <= 0:
+            raise _busy(root, note, holder, 0) from None
+        if say is not None:
+            say(f"another run is working in {root} ({_holder(note)}); {holder} waits up to {wait:g} s for it to "
+                "finish (schedule.busy_wait_seconds)")
         try:
-            info = json.loads(note.read_text())
-            who = f"{info['holder']}, process {info['pid']} on {info['host']}, started {info['started']}"
-        except (OSError, ValueError, KeyError, TypeError):
-            who = "its details are not written yet"
-        raise ProjectBusy(
-            f"another run is working in {root} ({who}). {holder} stopped without changing anything; run it "
-            "again once that one has finished (scheduled retrain runs queue for each other: schedule.concurrency_limit)"
-        ) from None
+            lock.acquire(timeout=wait)
+        except Timeout:
+            raise _busy(root, note, holder, wait) from None
     # Taken: a note left by a holder that died (its children may still carry its token) is replaced.
     token = secrets.token_hex(16)
     before = os.environ.get(HELD_ENV)

@@ -394,6 +394,9 @@ SEED = r"must be a whole number from 0 to 4294967295, e\.g\. 42; got "
         ("schedule.retry_delay_seconds", "30s", r"schedule\.retry_delay_seconds must be a number of seconds, 0 or more "
                                                 r"\(30, not 30s\); got '30s'"),
         ("schedule.retry_delay_seconds", True, r"schedule\.retry_delay_seconds must be a number of seconds"),
+        ("schedule.busy_wait_seconds", "1h", r"schedule\.busy_wait_seconds must be a number of seconds, 0 or more "
+                                             r"\(3600, not 1h\); got '1h'"),
+        ("schedule.busy_wait_seconds", -1, r"schedule\.busy_wait_seconds must be a number of seconds"),
         ("train.processes", True, r"train\.processes must be a whole number of at least 1, got True"),
         ("profiles.cpu.lr", float("inf"), r"profiles\.cpu\.lr must be a positive number or null, got inf"),
         ("profiles.cpu.lr", True, r"profiles\.cpu\.lr must be a positive number or null, got True"),

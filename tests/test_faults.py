@@ -12,20 +12,25 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
 import pytest
+import yaml
 from mlflow import MlflowClient
 from prefect import flow, task
 
+import flows.retrain
 from flows.retrain import retrain
 from fracture.config import RegisterParams
 from fracture.gate import EvaluatedSplit
-from fracture.project_lock import HELD_ENV, LOCK_FILE, ProjectBusy
+from fracture.project_lock import HELD_ENV, LOCK_FILE, ProjectBusy, project_lock
 from fracture.registry import register
 from tasks.pipeline import retry_transient_registry
 from tests.conftest import (
+    REPO,
     SHRUNK_RESAMPLES,
     dvc,
     run,
@@ -45,6 +50,101 @@ with project_lock(Path(sys.argv[1])):
     print("holding", flush=True)
     time.sleep(600)
 """
+
+#: A command typed by hand (`fracture rollback`): holds the project until told on stdin that it is done.
+TYPED = """
+import sys
+from pathlib import Path
+from fracture.project_lock import project_lock
+with project_lock(Path(sys.argv[1]), "`fracture rollback`"):
+    print("holding", flush=True)
+    sys.stdin.readline()
+"""
+
+
+def _typed_command(project: Path) -> subprocess.Popen:
+    holder = subprocess.Popen([sys.executable, "-c", TYPED, str(project)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env=child_env(), start_new_session=True)
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "holding"
+    return holder
+
+
+def test_a_deployment_run_that_meets_a_typed_command_waits_for_it_and_then_takes_the_project(tmp_path):
+    """A scheduled run falling due while `fracture rollback` works says once whom it waits for,
+    and goes on when the command finishes, under a note of its own."""
+    holder = _typed_command(tmp_path)
+    said = []
+
+    def waiting(message: str) -> None:
+        said.append(message)
+        assert holder.stdin is not None
+        holder.stdin.write("done\n")  # the command finishes while the run waits
+        holder.stdin.flush()
+
+    try:
+        with project_lock(tmp_path, "flow run normal-herring", wait=600, say=waiting):
+            note = json.loads((tmp_path / LOCK_FILE).with_suffix(".json").read_text())
+            assert (note["holder"], note["pid"]) == ("flow run normal-herring", os.getpid())
+        assert holder.wait(timeout=60) == 0
+    finally:
+        if holder.poll() is None:
+            os.killpg(holder.pid, signal.SIGKILL)
+            holder.wait()
+    assert len(said) == 1, said
+    assert said[0].startswith(f"another run is working in {tmp_path.resolve()} (`fracture rollback`, process "
+                              f"{holder.pid} on "), said[0]
+    assert said[0].endswith("; flow run normal-herring waits up to 600 s for it to finish (schedule.busy_wait_seconds)")
+
+
+def test_a_deployment_run_that_waited_its_time_is_refused_naming_the_holder(tmp_path):
+    holder = _typed_command(tmp_path)
+    said = []
+    try:
+        refused = (rf"^another run is working in {tmp_path.resolve()} \(`fracture rollback`, process {holder.pid} on "
+                   r".*\)\. flow run normal-herring stopped after waiting 0\.5 s \(schedule\.busy_wait_seconds\) "
+                   r"without changing anything; run it again once that one has finished")
+        with pytest.raises(ProjectBusy, match=refused), project_lock(tmp_path, "flow run normal-herring", wait=0.5,
+                                                                     say=said.append):
+            pytest.fail("the project was taken while the command held it")
+        assert len(said) == 1
+        # Without a wait (a one-shot run, a command typed by hand) it is refused at once, as before.
+        with pytest.raises(ProjectBusy, match=r"\. `fracture ingest` stopped without changing anything"), \
+                project_lock(tmp_path, "`fracture ingest`", say=said.append):
+            pass
+        assert len(said) == 1
+        assert json.loads((tmp_path / LOCK_FILE).with_suffix(".json").read_text())["pid"] == holder.pid
+    finally:
+        os.killpg(holder.pid, signal.SIGKILL)
+        holder.wait()
+
+
+def test_a_run_of_the_deployment_waits_as_params_say_and_a_one_shot_run_does_not(tmp_path, monkeypatch):
+    from flows.retrain import busy_wait
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["schedule"]["busy_wait_seconds"] = 42
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    assert busy_wait(tmp_path, from_deployment=True) == 42
+    assert busy_wait(tmp_path, from_deployment=False) == 0
+
+    waits = []
+
+    @contextmanager
+    def recorded(project: Path, wait: float = 0) -> Iterator[None]:
+        waits.append(wait)
+        raise ProjectBusy("recorded")
+        yield
+
+    # The flow asks Prefect's runtime whether a deployment started it.
+    monkeypatch.setattr(flows.retrain, "project_lock", recorded)
+    for deployment_id in ("0b6e7d3c-8f3a-4b8e-9a53-1f0b2c7d9e11", None):
+        if deployment_id:
+            monkeypatch.setenv("PREFECT__RUNTIME__DEPLOYMENT__ID", deployment_id)
+        else:
+            monkeypatch.delenv("PREFECT__RUNTIME__DEPLOYMENT__ID")
+        with pytest.raises(ProjectBusy, match="recorded"):
+            retrain.fn(project_dir=str(tmp_path))
+    assert waits == [42, 0]
 
 
 def _wait_for(predicate, seconds: float, what: str) -> None:

@@ -349,6 +349,32 @@ def test_serving_refuses_a_deployment_a_work_pool_runs(api, project, monkeypatch
         assert not client.read_deployment_by_name("retrain/pool-retrain").paused
 
 
+def test_deploying_refuses_a_deployment_serve_runs(api, project, monkeypatch):
+    """The mirror of serve's refusal: deployed to a pool, a served deployment's runs would still go
+    to the serving process's checkout, and its schedule be paused when serving stops."""
+    set_schedule(project, deployment="served-retrain")
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name="review-pool", type="process"))
+    build_deployment(load_params(project), str(project)).apply()  # what `serve` registers first
+    monkeypatch.chdir(project)
+    with pytest.raises(SystemExit, match=r"^error: params\.yaml: schedule\.deployment 'served-retrain' names "
+                       r"retrain/served-retrain, which `python -m flows\.deploy serve` serves with no work pool: "
+                       r"deploying it to 'review-pool'.*Stop that `serve` process and delete its deployment "
+                       r"\(`prefect deployment delete retrain/served-retrain`\), then deploy again; or set "
+                       r"schedule\.deployment to another name$"):
+        main(["deploy", "--work-pool", "review-pool", "--project-dir", "/srv/fracture"])
+    with get_client(sync_client=True) as client:
+        dep = client.read_deployment_by_name("retrain/served-retrain")
+    assert (dep.work_pool_name, dep.parameters) == (None, {"project_dir": str(project)})
+
+    # Under a name of its own, the pool's deployment is made beside the served one.
+    set_schedule(project, deployment="pool-retrain-2")
+    main(["deploy", "--work-pool", "review-pool", "--project-dir", "/srv/fracture"])
+    with get_client(sync_client=True) as client:
+        assert client.read_deployment_by_name("retrain/pool-retrain-2").work_pool_name == "review-pool"
+        assert client.read_deployment_by_name("retrain/served-retrain").work_pool_name is None
+
+
 @pytest.mark.slow  # over a minute on two cores beside another test process: a whole run through a worker
 def test_a_process_workers_run_retrains_and_registers(api, project, subset_source, monkeypatch):
     """The README's work-pool commands: a process pool, the deployment on it, a worker that runs it."""
