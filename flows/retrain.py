@@ -11,10 +11,13 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlparse
 
+import requests
 import torch
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+from mlflow.utils.credentials import get_default_host_creds
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import deployment, flow_run
@@ -24,11 +27,12 @@ from ruamel.yaml.representer import RoundTripRepresenter
 from flows.report import REPORT_KEY, no_champion_note, registry_summary, render_report
 from flows.result import DetectorResult, RegistryState, RetrainResult, as_of_run
 from fracture.allocator import freed_memory_kept
-from fracture.cli import skip_exit_collection
+from fracture.cli import _known_errors, skip_exit_collection
 from fracture.config import (
     PARAMS_FILE,
     Profile,
     load_params,
+    parse_params,
     read_params_yaml,
     tracking_uri,
 )
@@ -46,6 +50,13 @@ from tasks.pipeline import (
     stage_task,
     uncommitted,
 )
+
+#: How long the check before a run waits for the MLflow tracking server to answer, in seconds.
+TRACKING_CHECK_TIMEOUT_S = 5
+
+
+class TrackingServerUnreachable(RuntimeError):
+    """The MLflow tracking server ``MLFLOW_TRACKING_URI`` names does not answer; the run changed nothing."""
 
 
 @contextmanager
@@ -131,6 +142,78 @@ def set_profile(project: Path, profile: str) -> bool:
     return True
 
 
+def require_tracking_server(project: Path) -> None:
+    """Fails at once, before a run changes anything, when the tracking server it registers with does not answer.
+
+    Without this check a run whose ``MLFLOW_TRACKING_URI`` names a server that is down or mistyped
+    would work until its first registry read, then spend minutes in MLflow's own retries. One
+    request, no retries, a short timeout (:data:`TRACKING_CHECK_TIMEOUT_S`); any HTTP answer, an
+    error status included, counts: MLflow's own calls report what the server says. Only an
+    http(s) URI is checked: the project's ``mlflow.db`` or another local store needs no server.
+    The run does not retry this check (``schedule.retries``): the next run checks again, and the
+    register tasks still retry a server that goes away in the middle of a run.
+
+    Raises:
+        TrackingServerUnreachable: the server sent no answer; the message names the URI and what to do.
+    """
+    uri = tracking_uri(project)
+    if urlparse(uri).scheme not in ("http", "https"):
+        return
+    creds = get_default_host_creds(uri)  # MLflow's TLS settings: MLFLOW_TRACKING_INSECURE_TLS and the like
+    try:
+        requests.get(
+            f"{uri.rstrip('/')}/health", timeout=TRACKING_CHECK_TIMEOUT_S, verify=creds.verify,
+            cert=creds.client_cert_path, allow_redirects=False,
+        )
+    except requests.RequestException as exc:
+        cause: BaseException = exc
+        while (inner := cause.__cause__ or cause.__context__) is not None:
+            cause = inner  # the socket's own error: connection refused, timed out, unknown host
+        raise TrackingServerUnreachable(
+            f"the MLflow tracking server at {uri} (MLFLOW_TRACKING_URI) does not answer ({str(cause) or type(cause).__name__}). "
+            "Start that server, or set MLFLOW_TRACKING_URI to one that runs (unset it to use the project's own "
+            "mlflow.db), then run again; nothing was changed"
+        ) from None
+
+
+def require_project(project: Path, project_dir: str) -> None:
+    """Fails when ``project`` holds no params.yaml, naming the ``project_dir`` to fix.
+
+    Raises:
+        FileNotFoundError: ``project_dir`` holds no params.yaml on the machine the run is on.
+    """
+    if not (project / PARAMS_FILE).is_file():
+        raise FileNotFoundError(
+            f"the retrain flow's project_dir parameter is {project_dir!r}, and {project / PARAMS_FILE} does not exist "
+            "on the machine this run is on: project_dir must name the project folder as that machine sees it. A "
+            "deployment names the folder `make deploy-schedule` ran in unless given PROJECT_DIR=/path: redeploy "
+            "with it (`make deploy-schedule PROJECT_DIR=/opt/fracture` for the Dockerfile's image), or pass "
+            "--project-dir to `python -m flows.retrain`"
+        )
+
+
+def check_before_run(project_dir: str, profile: str | None) -> None:
+    """What ``python -m flows.retrain`` checks before it starts the flow run, so that an error the user
+    can fix reads as one line rather than a failed run's tracebacks: the project and its params.yaml
+    (with the profile the run would set), the tracking server, and that no other run holds the project.
+
+    The flow checks each again itself (a scheduled run comes without this check); this one writes only
+    the lock file (``outputs/retrain.lock``) the run takes anyway.
+
+    Raises:
+        FileNotFoundError, ConfigError, TrackingServerUnreachable, ProjectBusy: the message says what to fix.
+    """
+    project = Path(project_dir).resolve()
+    require_project(project, project_dir)
+    data = read_params_yaml((project / PARAMS_FILE).read_text())
+    if isinstance(data, dict) and isinstance(data.get("train"), dict):
+        data["train"]["profile"] = choose_profile(profile, torch.cuda.is_available())[0]
+    parse_params(data)
+    require_tracking_server(project)
+    with fracture_project_lock(project, "`python -m flows.retrain`"):
+        pass
+
+
 def resolved_source(source: str | None, project: Path) -> str | None:
     """The run's FracAtlas source as an absolute path, or ``None`` (figshare).
 
@@ -163,17 +246,12 @@ def retrain(project_dir: str = ".", source: str | None = None, profile: str | No
 
     Raises:
         FileNotFoundError: ``project_dir`` holds no params.yaml on the machine the run is on.
+        TrackingServerUnreachable: ``MLFLOW_TRACKING_URI`` names a server that does not answer.
     """
     project = Path(project_dir).resolve()
     # Checked before the lock, which would make <project_dir>/outputs in a folder that is no project.
-    if not (project / PARAMS_FILE).is_file():
-        raise FileNotFoundError(
-            f"the retrain flow's project_dir parameter is {project_dir!r}, and {project / PARAMS_FILE} does not exist "
-            "on the machine this run is on: project_dir must name the project folder as that machine sees it. A "
-            "deployment names the folder `make deploy-schedule` ran in unless given PROJECT_DIR=/path: redeploy "
-            "with it (`make deploy-schedule PROJECT_DIR=/opt/fracture` for the Dockerfile's image), or pass "
-            "--project-dir to `python -m flows.retrain`"
-        )
+    require_project(project, project_dir)
+    require_tracking_server(project)
     # Each stage reuses the memory the one before freed; the run hands it back when it ends.
     with freed_memory_kept(), project_lock(project, busy_wait(project, deployment.id is not None)):
         return _retrain(project, source, profile)
@@ -326,7 +404,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--source", default=None, help=f"FracAtlas folder or zip (default: ${SOURCE_ENV}, else figshare)")
     parser.add_argument("--profile", default=None, help="a profile in params.yaml (default: by hardware)")
     args = parser.parse_args(argv)
-    result = retrain(project_dir=args.project_dir, source=args.source, profile=args.profile)
+    try:
+        check_before_run(args.project_dir, args.profile)
+        result = retrain(project_dir=args.project_dir, source=args.source, profile=args.profile)
+    except (*_known_errors(), TrackingServerUnreachable) as exc:
+        raise SystemExit(f"error: {exc}") from None
     for run in [*result.runs.values(), *(result.detector.runs.values() if result.detector else [])]:
         print(f"{run.stage:<9} {run.describe()}")
 

@@ -1,17 +1,94 @@
-"""The retrain flow's function outside a flow run, and how it rewrites params.yaml.
+"""The retrain flow's function outside a flow run, how it rewrites params.yaml, and the one-line
+errors of ``python -m flows.retrain``.
 
-No Prefect server: nothing here starts a flow run.
+No Prefect server: nothing here starts a flow run (each error here stops the run before it starts).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from tests.conftest import shipped_params_text
+from tests.servers import child_env, free_port
+
+HOLDER = """
+import sys, time
+from pathlib import Path
+from fracture.project_lock import project_lock
+with project_lock(Path(sys.argv[1]), "test"):
+    print("holding", flush=True)
+    time.sleep(600)
+"""
+
+
+def _retrain_process(project: Path, tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """``python -m flows.retrain`` on ``project`` as a user runs it, its Prefect home in ``tmp_path``."""
+    cmd = [sys.executable, "-m", "flows.retrain", "--project-dir", str(project), "--source", str(tmp_path / "absent")]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False,
+                          env=child_env(PREFECT_HOME=str(tmp_path / "prefect"), **env))
+
+
+def _one_line_error(done: subprocess.CompletedProcess[str]) -> str:
+    """The single line a refused run prints; fails the test on a traceback or a longer output."""
+    output = done.stdout + done.stderr
+    assert done.returncode != 0 and "Traceback" not in output, output[-3000:]
+    assert done.stdout == "" and len(done.stderr.splitlines()) == 1, output[-3000:]
+    return done.stderr.strip()
+
+
+def test_a_run_on_a_busy_project_exits_with_one_line_naming_the_holder(project: Path, tmp_path: Path) -> None:
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(project)], stdout=subprocess.PIPE, text=True,
+                              env=child_env(), start_new_session=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "holding"
+        line = _one_line_error(_retrain_process(project, tmp_path))
+    finally:
+        os.killpg(holder.pid, signal.SIGKILL)
+        holder.wait()
+    assert line.startswith(f"error: another run is working in {project} (test, process {holder.pid} "), line
+    assert not (project / "data").exists()
+
+
+def test_a_run_with_a_bad_params_value_exits_with_one_line_naming_the_field(project: Path, tmp_path: Path) -> None:
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["schedule"]["retry_delay_seconds"] = "30s"
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    line = _one_line_error(_retrain_process(project, tmp_path))
+    assert line.startswith("error: params.yaml: schedule.retry_delay_seconds must be a number of seconds"), line
+
+
+def test_a_run_whose_tracking_server_does_not_answer_exits_at_once_naming_the_uri_and_variable(
+    project: Path, tmp_path: Path
+) -> None:
+    """Nothing listens on the port: the run stops before any work, not after MLflow's retries."""
+    uri = f"http://127.0.0.1:{free_port()}"
+    line = _one_line_error(_retrain_process(project, tmp_path, MLFLOW_TRACKING_URI=uri))
+    assert f"the MLflow tracking server at {uri} (MLFLOW_TRACKING_URI) does not answer" in line, line
+    assert "Start that server, or set MLFLOW_TRACKING_URI" in line, line
+    assert not (project / "data").exists() and not (project / "outputs").exists()
+
+
+def test_a_scheduled_run_fails_before_any_work_when_its_tracking_server_does_not_answer(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A deployment's run calls the flow without ``python -m flows.retrain``'s checks: the flow
+    itself fails, with the message Prefect shows as the run's state, before it writes anything."""
+    from flows.retrain import TrackingServerUnreachable, retrain
+
+    uri = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    params_before = (project / "params.yaml").read_text()
+    with pytest.raises(TrackingServerUnreachable, match=rf"tracking server at {uri} \(MLFLOW_TRACKING_URI\)"):
+        retrain.fn(project_dir=str(project), profile="paper")
+    assert (project / "params.yaml").read_text() == params_before and not (project / "outputs").exists()
 
 
 class _Stop(Exception):
