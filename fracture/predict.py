@@ -350,11 +350,12 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
         # folder (:class:`_FolderLock`): another run writing into it at the same time waits, then
         # finds this one's report whole in place, never one half put there.
         with contextlib.ExitStack() as holding:
+            waits = folder_lock.wait
             try:
                 holding.enter_context(folder_lock.held())
             except Timeout:
                 no_report(index, path, f"no structured report: another run writing into {folder} at the same time "
-                          f"held the folder ({REPORT_LOCK}) through the {REPORT_LOCK_SECONDS:g} s this run waited for "
+                          f"held the folder ({REPORT_LOCK}) through the {waits:g} s this run waited for "
                           "it; score this file again")
                 continue
             try:
@@ -480,7 +481,8 @@ class _FolderLock:
     whole, as they do against versions of this product that do not lock. In a folder with the
     sticky bit (``/tmp``'s mode, some shared drop boxes) filelock takes a lock file only from this
     account or the folder's owner, since another account could replace it while it is held: there
-    the folder's owner makes it once for every account (the warning says how).
+    the folder's owner makes it once for every account (the warning says how: remove the other
+    account's, then create it and open it to all).
     """
 
     def __init__(self, folder: Path) -> None:
@@ -503,8 +505,15 @@ class _FolderLock:
                 try:
                     lock.release()
                 except OSError as exc:  # the report is in place; a network file system's lock service may fail here
-                    log.warning("%s: the folder's lock %s could not be let go of (%s); a run that dies lets go of it",
-                                self.path.parent, REPORT_LOCK, exc.strerror or exc)
+                    # Closing the lock file lets go of the lock wherever the kernel still holds it, so the
+                    # next report (and other runs) need not wait for this run to end. filelock keeps the
+                    # descriptor when the unlock fails and offers no public way to close it.
+                    fd = getattr(getattr(lock, "_context", None), "lock_file_fd", None)
+                    if isinstance(fd, int):
+                        with contextlib.suppress(OSError):
+                            os.close(fd)
+                    log.warning("%s: the folder's lock %s could not be let go of (%s); its file is closed, which lets "
+                                "go of it", self.path.parent, REPORT_LOCK, exc.strerror or exc)
 
     def _take(self) -> BaseFileLock | None:
         if not self.works:
@@ -531,9 +540,10 @@ class _FolderLock:
             self.works = False
             sticky = ""
             with contextlib.suppress(OSError):
-                if self.path.parent.stat().st_mode & stat.S_ISVTX and self.path.stat().st_uid != os.geteuid():
+                folder = self.path.parent.stat()
+                if folder.st_mode & stat.S_ISVTX and self.path.lstat().st_uid not in (os.geteuid(), folder.st_uid):
                     sticky = (f"; in a folder with the sticky bit, the folder's owner makes the lock file once for "
-                              f"every account: touch {self.path} && chmod 666 {self.path}")
+                              f"every account: rm -f {self.path} && touch {self.path} && chmod 666 {self.path}")
             log.warning("%s: reports written without holding the folder's lock %s (%s): %s%s",
                         self.path.parent, REPORT_LOCK, reason, risk, sticky)
             return None
