@@ -53,6 +53,8 @@ from tasks.pipeline import (
 
 #: How long the check before a run waits for the MLflow tracking server to answer, in seconds.
 TRACKING_CHECK_TIMEOUT_S = 5
+#: What a reverse proxy or load balancer answers for a tracking server behind it that is down.
+GATEWAY_DOWN = frozenset({502, 503, 504})
 
 
 class TrackingServerUnreachable(RuntimeError):
@@ -148,7 +150,8 @@ def require_tracking_server(project: Path) -> None:
     Without this check a run whose ``MLFLOW_TRACKING_URI`` names a server that is down or mistyped
     would work until its first registry read, then spend minutes in MLflow's own retries. One
     request, no retries, a short timeout (:data:`TRACKING_CHECK_TIMEOUT_S`); any HTTP answer, an
-    error status included, counts: MLflow's own calls report what the server says. Only an
+    error status included, counts: MLflow's own calls report what the server says; but a proxy's
+    502, 503 or 504 (:data:`GATEWAY_DOWN`) says the server behind it does not answer. Only an
     http(s) URI is checked: the project's ``mlflow.db`` or another local store needs no server.
     The run does not retry this check (``schedule.retries``): the next run checks again, and the
     register tasks still retry a server that goes away in the middle of a run.
@@ -161,10 +164,12 @@ def require_tracking_server(project: Path) -> None:
         return
     creds = get_default_host_creds(uri)  # MLflow's TLS settings: MLFLOW_TRACKING_INSECURE_TLS and the like
     try:
-        requests.get(
+        answer = requests.get(
             f"{uri.rstrip('/')}/health", timeout=TRACKING_CHECK_TIMEOUT_S, verify=creds.verify,
             cert=creds.client_cert_path, allow_redirects=False,
         )
+        if answer.status_code in GATEWAY_DOWN:  # a proxy in front answered for a server behind it that does not
+            raise requests.ConnectionError(f"HTTP {answer.status_code} {answer.reason} from the proxy in front of it")
     except requests.RequestException as exc:
         cause: BaseException = exc
         while (inner := cause.__cause__ or cause.__context__) is not None:
@@ -197,8 +202,8 @@ def check_before_run(project_dir: str, profile: str | None) -> None:
     can fix reads as one line rather than a failed run's tracebacks: the project and its params.yaml
     (with the profile the run would set), the tracking server, and that no other run holds the project.
 
-    The flow checks each again itself (a scheduled run comes without this check); this one writes only
-    the lock file (``outputs/retrain.lock``) the run takes anyway.
+    The flow checks each again itself (a scheduled run comes without this check); this one leaves only
+    the lock file (``outputs/retrain.lock``) the run takes anyway (its holder's note is written and removed).
 
     Raises:
         FileNotFoundError, ConfigError, TrackingServerUnreachable, ProjectBusy: the message says what to fix.

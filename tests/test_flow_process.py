@@ -91,6 +91,45 @@ def test_a_scheduled_run_fails_before_any_work_when_its_tracking_server_does_not
     assert (project / "params.yaml").read_text() == params_before and not (project / "outputs").exists()
 
 
+@pytest.mark.parametrize(("status", "answers"), [(503, False), (502, False), (401, True), (404, True)])
+def test_a_proxys_gateway_error_is_a_tracking_server_that_does_not_answer(
+    project: Path, monkeypatch: pytest.MonkeyPatch, status: int, answers: bool
+) -> None:
+    """A reverse proxy in front of a tracking server that is down answers 502 or 503 for it: that
+    is no server, and the run fails before any work, naming the status. Any other answer (a 401 of a
+    server that wants a login, a 404 of one without /health) is a server that answers, whose own
+    calls then report what it says."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from flows.retrain import TrackingServerUnreachable, require_tracking_server
+
+    class Proxy(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            self.send_response(status)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        uri = f"http://127.0.0.1:{server.server_address[1]}"
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        monkeypatch.delenv("HTTP_PROXY", raising=False)
+        monkeypatch.delenv("http_proxy", raising=False)
+        if answers:
+            require_tracking_server(project)
+        else:
+            with pytest.raises(TrackingServerUnreachable, match=rf"at {uri} \(MLFLOW_TRACKING_URI\) does not answer "
+                               rf"\(HTTP {status} .* from the proxy in front of it\)"):
+                require_tracking_server(project)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 class _Stop(Exception):
     """Raised in place of the flow's next step, once what is tested has happened."""
 
