@@ -64,8 +64,17 @@ ParamsLoader.add_implicit_resolver("tag:yaml.org,2002:float", _YAML_12_FLOAT, li
 
 
 def read_params_yaml(text: str | typing.IO[str]) -> Any:
-    """The document in ``params.yaml``'s text (or open file) as :func:`load_params` reads it (:class:`ParamsLoader`)."""
-    return yaml.load(text, Loader=ParamsLoader)  # noqa: S506 - a safe loader
+    """The document in ``params.yaml``'s text (or open file) as :func:`load_params` reads it (:class:`ParamsLoader`).
+
+    Raises:
+        ConfigError: the text is not YAML (an unclosed bracket, a tab in the indentation); the
+            message gives the line and what the parser found, as a hand edit needs.
+    """
+    try:
+        return yaml.load(text, Loader=ParamsLoader)  # noqa: S506 - a safe loader
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"params.yaml is not valid YAML: {' '.join(str(exc).split())}. Fix it there "
+                          "(`git diff params.yaml` shows what changed)") from None
 
 
 @dataclass(frozen=True)
@@ -534,8 +543,11 @@ def parse_params(raw: dict[str, Any]) -> Params:
         The frozen parameters.
 
     Raises:
-        ConfigError: a section or key is missing or unknown.
+        ConfigError: a section or key is missing or unknown, or the file holds no mapping (it is empty).
     """
+    if not isinstance(raw, dict):
+        raise ConfigError(f"params.yaml holds no sections (it is {'empty' if raw is None else type(raw).__name__}): "
+                          "restore it (`git checkout params.yaml`)")
     profiles_raw = raw.get("profiles")
     if not isinstance(profiles_raw, dict) or not profiles_raw:
         raise ConfigError("params.yaml: section 'profiles' is missing or empty")

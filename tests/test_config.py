@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -482,3 +483,32 @@ def test_the_params_loader_reads_ints_text_and_yaml_1_1s_floats_as_before():
     assert read_params_yaml("v: 1e3") == {"v": 1000.0} and isinstance(read_params_yaml("v: 7")["v"], int)
     assert read_params_yaml(shipped_params_text()) == yaml.safe_load(shipped_params_text())
     assert yaml.safe_load("v: 1e-05") == {"v": "1e-05"}  # PyYAML's own loaders are left as they are
+
+
+@pytest.mark.parametrize(("text", "says"), [
+    ("train: [unclosed\n", r"params.yaml is not valid YAML: .* line 1, column 8 .*Fix it there"),
+    ("train:\n\tprofile: cpu\n", r"params.yaml is not valid YAML: .*line 2"),
+    ("", r"params.yaml holds no sections \(it is empty\): restore it"),
+    ("- a list\n", r"params.yaml holds no sections \(it is list\)"),
+])
+def test_a_params_file_that_is_no_yaml_mapping_is_refused_naming_the_line(tmp_path, text, says):
+    """A hand edit that breaks params.yaml (an unclosed bracket, a tab in the indentation, an emptied
+    file) is refused as a ConfigError, which commands print as one line, naming where the parser
+    stopped. Before, the parser's own error (or an AttributeError for an empty file) came out as a
+    traceback."""
+    (tmp_path / "params.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=says):
+        load_params(tmp_path)
+
+
+def test_a_command_meeting_a_broken_params_file_prints_one_line(tmp_path):
+    """As a user meets it: `fracture split` in a project whose params.yaml is not YAML."""
+    import subprocess
+    import sys
+
+    (tmp_path / "params.yaml").write_text("train: [unclosed\n")
+    fracture = Path(sys.executable).parent / "fracture"
+    proc = subprocess.run([str(fracture), "split"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "params.yaml is not valid YAML" in proc.stderr
