@@ -1268,36 +1268,49 @@ def test_runs_finding_one_damaged_report_at_once_set_it_aside_once_and_the_image
         assert _predecessor(report) == saved[0]
 
 
-def test_a_folder_another_run_holds_past_the_wait_costs_that_rows_report_only(fracatlas, tmp_path, monkeypatch):
-    """Another run holds the report folder for longer than a run waits for it (a run stuck on a
-    slow share): the row whose report waited gets none, its note saying to score the file again,
-    and the rows after it get theirs once the folder is free."""
+def _held_by_another_run(monkeypatch, folder: Path, gives_up: int) -> list[float]:
+    """Another run holds ``folder``'s lock, and lets go of it just as this run gives up waiting for
+    it the ``gives_up``-th time. Returns the waits this run asks for, one per report, as it asks."""
     from filelock import FileLock, Timeout
 
-    images = fracatlas / "images"
-    files = [tmp_path / "IM0001", tmp_path / "IM0002"]
-    files[0].write_bytes(dicom_from_jpeg(images / "Fractured/IMG0000019.jpg", "8-bit"))
-    files[1].write_bytes(dicom_from_jpeg(images / "Non_fractured/IMG0000009.jpg", "8-bit"))
-    folder = tmp_path / "sr"
-    folder.mkdir()
     theirs = FileLock(str(folder / REPORT_LOCK))
     theirs.acquire()
+    waits: list[float] = []
+    timeouts = 0
 
-    def lock(*args, **kwargs):  # the other run lets go of the folder just as this one gives up on a report
+    def lock(*args, **kwargs):
         ours = FileLock(*args, **kwargs)
         acquire = ours.acquire
 
-        def acquiring(*args, **kwargs):
+        def acquiring(*args, timeout=None, **kwargs):
+            nonlocal timeouts
+            waits.append(timeout)
             try:
-                return acquire(*args, **kwargs)
+                return acquire(*args, timeout=timeout, **kwargs)
             except Timeout:
-                theirs.release()
+                timeouts += 1
+                if timeouts == gives_up:
+                    theirs.release()
                 raise
 
         ours.acquire = acquiring
         return ours
 
     monkeypatch.setattr("fracture.predict.FileLock", lock)
+    return waits
+
+
+def test_a_folder_another_run_holds_past_the_wait_costs_that_rows_report_only(fracatlas, tmp_path, monkeypatch):
+    """Another run holds the report folder for longer than a run waits for it (a run stuck on a
+    slow share): the row whose report waited gets none, its note saying to score the file again,
+    and the rows after it get theirs once the folder is free."""
+    images = fracatlas / "images"
+    files = [tmp_path / "IM0001", tmp_path / "IM0002"]
+    files[0].write_bytes(dicom_from_jpeg(images / "Fractured/IMG0000019.jpg", "8-bit"))
+    files[1].write_bytes(dicom_from_jpeg(images / "Non_fractured/IMG0000009.jpg", "8-bit"))
+    folder = tmp_path / "sr"
+    folder.mkdir()
+    _held_by_another_run(monkeypatch, folder, gives_up=1)
     monkeypatch.setattr("fracture.predict.REPORT_LOCK_SECONDS", 0.2)
     table = _reported_table(2)
     written = write_structured_reports(table, files, folder)
@@ -1327,32 +1340,10 @@ def test_a_run_stuck_holding_the_folder_costs_one_full_wait_not_one_per_row(frac
     waits the full time for its first report only, and a short time for each one after, until it
     has the folder again; then it waits the full time again. Before, every row waited the full time
     (500 rows: hours, and no reports)."""
-    from filelock import FileLock, Timeout
-
     files = _sources(fracatlas, tmp_path, 4)
     folder = tmp_path / "sr"
     folder.mkdir()
-    theirs = FileLock(str(folder / REPORT_LOCK))
-    theirs.acquire()
-    waits: list[float] = []
-
-    def lock(*args, **kwargs):  # the other run lets go of the folder once this one gave up on two reports
-        ours = FileLock(*args, **kwargs)
-        acquire = ours.acquire
-
-        def acquiring(*args, timeout=None, **kwargs):
-            waits.append(timeout)
-            try:
-                return acquire(*args, timeout=timeout, **kwargs)
-            except Timeout:
-                if len(waits) == 2:
-                    theirs.release()
-                raise
-
-        ours.acquire = acquiring
-        return ours
-
-    monkeypatch.setattr("fracture.predict.FileLock", lock)
+    waits = _held_by_another_run(monkeypatch, folder, gives_up=2)
     monkeypatch.setattr("fracture.predict.REPORT_LOCK_SECONDS", 0.4)
     monkeypatch.setattr("fracture.predict.REPORT_LOCK_RETRY_SECONDS", 0.1)
     table = _reported_table(4)
