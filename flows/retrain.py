@@ -7,10 +7,14 @@ Run it with ``python -m flows.retrain [--source PATH] [--profile NAME]`` from th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
-from collections.abc import Iterator
+import stat
+import tempfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TextIO
 from urllib.parse import urlparse
 
 import requests
@@ -140,8 +144,40 @@ def set_profile(project: Path, profile: str) -> bool:
     if profile not in data["profiles"]:
         raise ValueError(f"{path}: no profile named '{profile}' (profiles: {list(data['profiles'])})")
     data["train"]["profile"] = profile
-    yaml.dump(data, path)
+    _replace_text(path, lambda out: yaml.dump(data, out))
     return True
+
+
+def _replace_text(path: Path, write: Callable[[TextIO], None]) -> None:
+    """Replaces the text file ``path`` with what ``write`` writes, all at once.
+
+    params.yaml is read at any time: by a scheduled run before it takes the project lock, by
+    ``dvc`` and by ``fracture`` commands. Written in place, a reader could meet half a file, and a
+    run stopped midway (a full disk, a kill) would leave it cut short, the user's settings and
+    comments lost. So the text goes to a hidden file beside it, with the file's permissions, is
+    synced to disk and then moved over it: a reader sees the old file or the new one, and a write
+    that fails leaves the old one as it was and nothing beside it. A link to the file stays a link;
+    the file it names is replaced.
+
+    Raises:
+        OSError: the file could not be written (a full disk, a folder this account cannot write
+            to); ``path`` is unchanged.
+    """
+    target = path.resolve()
+    mode = stat.S_IMODE(target.stat().st_mode)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+    partial = Path(name)
+    try:
+        with os.fdopen(fd, "w") as out:
+            os.fchmod(out.fileno(), mode)
+            write(out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(partial, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            partial.unlink()
+        raise
 
 
 def require_tracking_server(project: Path) -> None:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import stat
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -29,6 +33,55 @@ def test_set_profile_rewrites_only_that_value_and_keeps_comments(tmp_path):
     changed = [(a, b) for a, b in zip(before.splitlines(), after.splitlines(), strict=True) if a != b]
     assert len(changed) == 1 and "profile: cpu" in changed[0][1]
     assert set_profile(tmp_path, "cpu") is False
+
+
+def test_set_profile_that_fails_midway_leaves_params_as_they_were_and_nothing_beside_them(tmp_path, monkeypatch):
+    """A full disk while params.yaml is written: the user's file stays whole (a reader meanwhile
+    sees it whole too), no half-written copy is left in the project, and the error is raised."""
+    import errno  # noqa: PLC0415
+    import io  # noqa: PLC0415
+
+    from ruamel.yaml import YAML  # noqa: PLC0415
+
+    dump = YAML.dump
+
+    def half_then_disk_full(self, data, stream):
+        text = io.StringIO()
+        dump(self, data, text)
+        with stream.open("w") if isinstance(stream, Path) else contextlib.nullcontext(stream) as out:
+            out.write(text.getvalue()[: len(text.getvalue()) // 2])
+            out.flush()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    (tmp_path / "params.yaml").write_text(shipped_params_text())
+    before = (tmp_path / "params.yaml").read_bytes()
+    monkeypatch.setattr(YAML, "dump", half_then_disk_full)
+    with pytest.raises(OSError, match="No space left") as failed:
+        set_profile(tmp_path, "cpu")
+    assert failed.value.errno == errno.ENOSPC
+    assert (tmp_path / "params.yaml").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["params.yaml"]
+
+
+def test_set_profile_keeps_the_files_permissions_and_a_link_to_it(tmp_path):
+    """params.yaml is replaced by a new file: it keeps the mode the user gave it, and a params.yaml
+    that links to a file elsewhere stays that link, the file it names taking the profile."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "params.yaml").write_text(shipped_params_text())
+    (shared / "params.yaml").chmod(0o640)
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "params.yaml").symlink_to(shared / "params.yaml")
+    before = (shared / "params.yaml").read_text()
+    assert set_profile(project, "cpu") is True
+    assert (project / "params.yaml").is_symlink()
+    after = (shared / "params.yaml").read_text()
+    assert yaml.safe_load(after)["train"]["profile"] == "cpu" and after.count("#") == before.count("#")
+    assert stat.S_IMODE((shared / "params.yaml").stat().st_mode) == 0o640
+    assert sorted(p.name for p in shared.iterdir()) == ["params.yaml"]
+    assert set_profile(project, "paper") is True
+    assert stat.S_IMODE((shared / "params.yaml").stat().st_mode) == 0o640
 
 
 def test_a_relative_source_is_read_from_where_the_run_started_and_the_environments_from_the_project(tmp_path, monkeypatch):
