@@ -285,8 +285,9 @@ def _comparison_rows(reg: Registration) -> list[str]:
     if c is None:
         return ["| Compared with the champion | no (no champion, or not scored) |"]
     a = c.auc
+    left_out = f" ({c.left_out} it was trained or validated on, or linked to such, left out)" if c.left_out else ""
     return [
-        f"| Compared with | champion version {c.champion_version}, on the same {a.n_images} test images |",
+        f"| Compared with | champion version {c.champion_version}, on the same {a.n_images} test images{left_out} |",
         f"| ROC AUC, this version vs champion | {_num(a.auc_a)} vs {_num(a.auc_b)} |",
         f"| AUC difference ({a.confidence:.0%} CI) | {a.difference:+.4f} ({a.ci_low:+.4f} to {a.ci_high:+.4f}) |",
         f"| DeLong p-value (needs < {1 - reg.confidence:.3g}) | {a.p_value:.3g} |",

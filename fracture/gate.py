@@ -13,7 +13,8 @@ them from the registry, runs the rules, loads the model back and moves the alias
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import io
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,47 @@ from fracture.split import split_groups
 
 class SplitTableError(ValueError):
     """The test split table cannot be compared on: a column, an image path or a label is missing."""
+
+
+#: The training run's artifact that lists the images the model was trained and validated on
+#: (:meth:`SeenImages.table`). When the model is champion, a later gate leaves those images, and
+#: every image linked to one of them, out of the comparison (:meth:`EvaluatedSplit.seen_by`).
+SEEN_ARTIFACT = "split/seen_in_training.csv"
+
+
+@dataclass(frozen=True)
+class SeenImages:
+    """The images a model was trained or validated on, by file name and by content.
+
+    Attributes:
+        image_ids: their ``image_id``s.
+        sha256: their contents' sha256 (a renamed or re-exported copy is still recognised).
+    """
+
+    image_ids: frozenset[str]
+    sha256: frozenset[str]
+
+    @staticmethod
+    def table(frames: dict[str, pd.DataFrame]) -> str:
+        """The train and val split tables as :data:`SEEN_ARTIFACT`'s csv: ``image_id``, ``sha256``, ``split``.
+
+        Raises:
+            KeyError: a table lacks ``image_id`` or ``sha256``.
+        """
+        rows = [frame[["image_id", "sha256"]].assign(split=name) for name, frame in frames.items() if name != "test"]
+        return pd.concat(rows).sort_values(["split", "image_id"]).to_csv(index=False)
+
+    @classmethod
+    def from_table(cls, text: str, where: str) -> SeenImages:
+        """Reads :meth:`table`'s csv.
+
+        Raises:
+            SplitTableError: the csv lacks a column; the message names ``where`` it came from.
+        """
+        frame = pd.read_csv(io.StringIO(text), dtype=str)
+        if not {"image_id", "sha256"} <= set(frame.columns):
+            raise SplitTableError(f"{where}: columns image_id and sha256 expected, found {list(frame.columns)}")
+        return cls(frozenset(frame["image_id"].dropna()), frozenset(frame["sha256"].dropna()))
 
 
 @dataclass(frozen=True)
@@ -45,6 +87,9 @@ class EvaluatedSplit:
             keep`` let the evaluate stage score them).
         groups: each image's group of linked images (the table's ``group``), in the same order,
             which DeLong's test counts as one piece of evidence each; empty: each image its own.
+        image_ids: each image's ``image_id``, in the same order; empty for a split built without them.
+        sha256: each image's content sha256 (the table's ``sha256``), in the same order; empty
+            where the table has none.
     """
 
     fingerprint: str
@@ -54,6 +99,8 @@ class EvaluatedSplit:
     labels: tuple[int, ...] = ()
     allow_truncated: bool = True
     groups: tuple[str, ...] = ()
+    image_ids: tuple[str, ...] = ()
+    sha256: tuple[str, ...] = ()
 
     @classmethod
     def from_csv(cls, test_csv: Path, dataset_dir: Path, allow_truncated: bool = True) -> EvaluatedSplit:
@@ -102,7 +149,29 @@ class EvaluatedSplit:
             tuple(int(v) for v in label),
             allow_truncated,
             tuple(split_groups(frame)),
+            tuple(frame["image_id"].astype(str)),
+            tuple(frame["sha256"].fillna("").astype(str)) if "sha256" in frame.columns else (),
         )
+
+    def seen_by(self, seen: SeenImages) -> np.ndarray | None:
+        """Which of the split's images a model trained or validated on, itself or through its group.
+
+        An image counts as seen when its ``image_id`` or its content's sha256 is in ``seen``, and
+        so does every image of its group of linked images (copies, near-duplicates, one
+        patient's X-rays): a near-duplicate of a training image is no unseen evidence either.
+
+        Returns:
+            A boolean mask in the split's order; ``None`` when the split does not know its image
+            ids, so that what the model saw cannot be told.
+        """
+        if not self.image_ids:
+            return None
+        ids = np.array(self.image_ids, dtype=object)
+        hit = np.isin(ids, list(seen.image_ids))
+        if self.sha256:
+            hit |= np.isin(np.array(self.sha256, dtype=object), list(seen.sha256 - {""}))
+        groups = np.array(self.groups, dtype=object) if self.groups else ids
+        return np.isin(groups, list(set(groups[hit])))
 
 
 @dataclass(frozen=True)
@@ -130,12 +199,15 @@ class Evaluation:
         metrics: the training run's metrics (``test_*`` from the evaluate stage).
         split_fingerprint: the test split it was evaluated on (see :func:`split_fingerprint`).
         data_version: the dataset version (DVC md5 of ``data``) it was trained and evaluated on.
+        seen: the images it was trained and validated on (its run's :data:`SEEN_ARTIFACT`);
+            ``None``: its run did not record them (registered before the train stage did).
     """
 
     version: str | None
     metrics: dict[str, float]
     split_fingerprint: str | None
     data_version: str | None
+    seen: SeenImages | None = None
 
 
 @dataclass(frozen=True)
@@ -151,6 +223,8 @@ class PairedScores:
         champion_version: the champion's registered version.
         groups: each image's group of linked images (:attr:`EvaluatedSplit.groups`); ``None``:
             each image independent.
+        left_out: how many of the split's images were left out because the champion trained or
+            validated on them (:meth:`without`).
     """
 
     labels: np.ndarray
@@ -160,6 +234,19 @@ class PairedScores:
     champion_threshold: float
     champion_version: str
     groups: np.ndarray | None = None
+    left_out: int = 0
+
+    def without(self, out: np.ndarray) -> PairedScores:
+        """The same pair on the images ``out`` does not mark (a boolean mask in the split's order)."""
+        keep = ~np.asarray(out, dtype=bool)
+        return replace(
+            self,
+            labels=np.asarray(self.labels)[keep],
+            candidate=np.asarray(self.candidate)[keep],
+            champion=np.asarray(self.champion)[keep],
+            groups=None if self.groups is None else np.asarray(self.groups)[keep],
+            left_out=self.left_out + int((~keep).sum()),
+        )
 
 
 #: The version tags a comparison with the champion writes (:meth:`Comparison.tags`): a decision
@@ -172,6 +259,7 @@ COMPARISON_TAGS = (
     "gate_p_value",
     "gate_sensitivity_change",
     "gate_specificity_change",
+    "gate_images_left_out",
 )
 
 
@@ -186,6 +274,8 @@ class Comparison:
         champion_sensitivity: the champion's, at its own served threshold.
         candidate_specificity: the version's specificity at its served threshold.
         champion_specificity: the champion's, at its own served threshold.
+        left_out: the test images left out because the champion trained or validated on them,
+            or on an image linked to them (:attr:`PairedScores.left_out`).
     """
 
     champion_version: str
@@ -194,6 +284,7 @@ class Comparison:
     champion_sensitivity: float
     candidate_specificity: float
     champion_specificity: float
+    left_out: int = 0
 
     @property
     def sensitivity_change(self) -> float:
@@ -216,6 +307,7 @@ class Comparison:
             "gate_p_value": f"{a.p_value:.4g}",
             "gate_sensitivity_change": f"{self.sensitivity_change:.4f}",
             "gate_specificity_change": f"{self.specificity_change:.4f}",
+            "gate_images_left_out": str(self.left_out),
         }
 
 
@@ -236,6 +328,7 @@ def compare(scores: PairedScores, confidence: float) -> Comparison:
         float(theirs["recall"]),
         float(ours["specificity"]),
         float(theirs["specificity"]),
+        scores.left_out,
     )
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -43,10 +44,12 @@ from fracture.config import RegisterParams
 from fracture.consumer import loaded_version, predict_as_consumer
 from fracture.gate import (
     COMPARISON_TAGS,
+    SEEN_ARTIFACT,
     Comparison,
     EvaluatedSplit,
     Evaluation,
     GateCheck,
+    SeenImages,
     against_champion,
     compare,
     floors,
@@ -836,7 +839,19 @@ def _evaluation_of(client: MlflowClient, mv: ModelVersion) -> Evaluation:
         dict(run.data.metrics),
         mv.tags.get(TAG_SPLIT) or None,
         mv.tags.get(TAG_DATA) or run.data.tags.get("data_version") or None,
+        _seen_in_training(client, mv.run_id),
     )
+
+
+def _seen_in_training(client: MlflowClient, run_id: str) -> SeenImages | None:
+    """The images run ``run_id`` trained and validated on (its :data:`SEEN_ARTIFACT`), or ``None``
+    when the run did not record them; a store that cannot be read raises, as every registry read does."""
+    folder, _, _ = SEEN_ARTIFACT.rpartition("/")
+    if SEEN_ARTIFACT not in {f.path for f in client.list_artifacts(run_id, folder)}:
+        return None
+    with tempfile.TemporaryDirectory(prefix="fracture-seen-") as tmp:
+        local = Path(client.download_artifacts(run_id, SEEN_ARTIFACT, tmp))
+        return SeenImages.from_table(local.read_text(), f"run {run_id}'s artifact {SEEN_ARTIFACT}")
 
 
 def _tag_value(value: Any) -> str:

@@ -182,8 +182,13 @@ def scored_with_champion(
     """Scores the version and the champion on the same images, and the check saying how it went.
 
     A pair that cannot be scored gives no scores and a failed check, so the champion stays.
-    The check notes when the champion was evaluated on another test split or data version:
-    it may then have been trained on some of these images, which favours the champion.
+    Images the champion was trained or validated on (its run's list,
+    :data:`fracture.gate.SEEN_ARTIFACT`), and every image linked to one of them, are left out of
+    both models' scores: after a grown export's split is drawn afresh, the champion would otherwise
+    be scored on what it learnt, which favours it. When too few are left to rank (no image of a
+    class), the pair is not compared and the check fails. A champion whose run does not list its
+    images is compared on every image, and the check notes when it was evaluated on another test
+    split or data version.
     The third item is the version's answer in its consumer's Python (``isolated``), which
     :func:`load_check` reads instead of loading the version once more.
     """
@@ -200,10 +205,28 @@ def scored_with_champion(
         f"v{candidate.version} and champion v{v} scored through the registry on this test split's "
         f"{len(labels)} images ({int(labels.sum())} fractured)"
     )
-    # Against the split scored now: the candidate was evaluated on it (fracture.registry checks).
-    if (champion.split_fingerprint, champion.data_version) != (split.fingerprint, candidate.data_version):
+    seen = None if champion.seen is None else split.seen_by(champion.seen)
+    if seen is not None and seen.any():
+        # A grown export draws its split afresh: the champion may have trained on some of these
+        # images, or on their near-duplicates, and would be scored on what it learnt.
+        scores = scores.without(seen)
+        kept = scores.labels
+        if kept.sum() == 0 or kept.sum() == len(kept):
+            return None, GateCheck(
+                "scored with champion", False, f"{detail}; champion v{v} was trained or validated on {int(seen.sum())} "
+                f"of them (or on images linked to them), and the other {len(kept)} ({int(kept.sum())} fractured) "
+                "cannot rank the two: they are not compared, and the champion stays. Weigh the newcomer by its "
+                "cross-validated (out-of-fold) figures"
+            ), answer
+        detail += (
+            f"; {int(seen.sum())} of them, which champion v{v} was trained or validated on (or which are linked "
+            f"to such an image), are left out: the two are compared on the other {len(kept)} "
+            f"({int(kept.sum())} fractured)"
+        )
+    elif seen is None and (champion.split_fingerprint, champion.data_version) != (split.fingerprint, candidate.data_version):
+        # Against the split scored now: the candidate was evaluated on it (fracture.registry checks).
         detail += (
             "; the champion was evaluated on another test split or data version and may have been trained "
-            "on some of these images, which favours it"
+            "on some of these images, which favours it (its run does not list the images it trained on)"
         )
     return scores, GateCheck("scored with champion", True, detail), answer

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from fracture import checkpoint
 from fracture.config import load_params
+from fracture.gate import SEEN_ARTIFACT, SeenImages
 from fracture.model import profile_data_config
 from fracture.stages.train import run_key
 from fracture.training import member_checkpoint, train
@@ -235,6 +236,11 @@ def test_a_killed_run_whose_mlflow_run_is_gone_resumes_from_its_checkpoint_in_a_
     assert run.data.params["profile"] == "cpu" and run.data.params["n_train"] == "19"
     inputs = {i.dataset.name for i in run.inputs.dataset_inputs}
     assert inputs == {"fracatlas", "fracatlas-train", "fracatlas-val", "fracatlas-test"}
+    # The images it learnt from, for a later gate that scores it as champion (not the test split's).
+    seen = SeenImages.from_table(Path(client.download_artifacts(trained.run_id, SEEN_ARTIFACT, str(tmp_path))).read_text(), "")
+    frames = workspace.read_split_tables()
+    assert seen.image_ids == set(frames["train"]["image_id"]) | set(frames["val"]["image_id"])
+    assert seen.sha256 == set(frames["train"]["sha256"]) | set(frames["val"]["sha256"])
     assert run.data.tags["resumed_from_epoch"] == "2" and run.data.tags["resumed_from_run"] == second
     history = client.get_metric_history(trained.run_id, "val_roc_auc")
     assert sorted(m.step for m in history) == [1, 2, 3]

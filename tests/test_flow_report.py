@@ -61,7 +61,10 @@ COMPARISON = Comparison("2", PairedAUC(0.9012, 0.8875, 0.0137, 0.0021, 0.0253, 0
                         0.7931, 0.8276)
 
 
-def result(*, ran: bool, previous: str | None, created: bool, champion: bool = True, reason: str = "") -> RetrainResult:
+def result(
+    *, ran: bool, previous: str | None, created: bool, champion: bool = True, reason: str = "",
+    comparison: Comparison = COMPARISON,
+) -> RetrainResult:
 
     registration = Registration(
         name="fracture-classifier",
@@ -71,7 +74,7 @@ def result(*, ran: bool, previous: str | None, created: bool, champion: bool = T
         champion=champion,
         score=0.9012,
         reason=reason or ("ROC AUC 0.9012 beats champion v2's 0.8875" if created else "already champion"),
-        comparison=COMPARISON if created else None,
+        comparison=comparison if created else None,
         confidence=0.95,
         sensitivity_tolerance=0.02,
         specificity_tolerance=0.05,
@@ -134,6 +137,11 @@ def test_new_data_version_reports_the_retraining_and_the_gate():
     assert table_row(text, "Holds `champion`")[1] == "yes"
     assert table_row(text, "Test ROC AUC (evaluate stage)")[1] == "0.9012"
     assert table_row(text, "Compared with")[1] == "champion version 2, on the same 37 test images"
+    # The champion is compared on the images it never learnt from, and the report says how many it had.
+    seen = result(ran=True, previous="old-md5.dir", created=True, comparison=dataclasses.replace(COMPARISON, left_out=6))
+    assert table_row(render_report(seen), "Compared with")[1] == (
+        "champion version 2, on the same 37 test images (6 it was trained or validated on, or linked to such, left out)"
+    )
     assert table_row(text, "ROC AUC, this version vs champion")[1] == "0.9012 vs 0.8875"
     assert table_row(text, "AUC difference (95% CI)")[1] == "+0.0137 (+0.0021 to +0.0253)"
     assert table_row(text, "DeLong p-value (needs < 0.05)")[1] == "0.0207"

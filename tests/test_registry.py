@@ -34,8 +34,10 @@ from fracture.consumer import ConsumerAnswer, ConsumerError, predict_as_consumer
 from fracture.data_config import DataConfig
 from fracture.evaluation import delong_paired
 from fracture.gate import (
+    SEEN_ARTIFACT,
     EvaluatedSplit,
     PairedScores,
+    SeenImages,
     SplitTableError,
     against_champion,
     compare,
@@ -805,6 +807,75 @@ def test_a_champion_evaluated_on_another_split_is_compared_on_the_new_one(client
     assert "evaluated on another test split or data version" in scored.detail
     assert candidate.comparison.auc.auc_b == pytest.approx(champion_auc)
     assert candidate.decision == "promoted" and candidate.champion
+
+
+def test_an_image_the_champion_saw_leaves_its_whole_group_out_of_the_comparison():
+    """Seen by name or by content (a renamed copy); a near-duplicate or the same patient's image goes with it."""
+    split = EvaluatedSplit(
+        "f" * 64, 6, Path("a.jpg"),
+        groups=("a", "a", "c", "d", "d", "f"),
+        image_ids=("a", "b", "c", "d", "e", "f"),
+        sha256=("1", "2", "3", "4", "5", "6"),
+    )
+    seen = SeenImages(frozenset({"a", "z"}), frozenset({"5", "9"}))  # "e" was trained on under another name
+    assert split.seen_by(seen).tolist() == [True, True, False, True, True, False]
+    assert not split.seen_by(SeenImages(frozenset({"x"}), frozenset({"0"}))).any()
+    assert EvaluatedSplit("f" * 64, 6, Path("a.jpg")).seen_by(seen) is None  # no ids: cannot be told
+
+    table = SeenImages.table({
+        "train": pd.DataFrame({"image_id": ["a"], "sha256": ["1"], "label": [1]}),
+        "val": pd.DataFrame({"image_id": ["b"], "sha256": ["2"], "label": [0]}),
+        "test": pd.DataFrame({"image_id": ["c"], "sha256": ["3"], "label": [0]}),
+    })
+    assert SeenImages.from_table(table, "t") == SeenImages(frozenset({"a", "b"}), frozenset({"1", "2"}))
+    with pytest.raises(SplitTableError, match="run r's artifact: columns image_id and sha256 expected"):
+        SeenImages.from_table("image_id\na\n", "run r's artifact")
+
+
+def champion_that_trained_on(ids: list[str], data: str = "old-version.dir") -> str:
+    """A training run evaluated on an older split and data version, whose train split held ``ids``."""
+    run_id = evaluated_run(0.99, data=data)
+    table = SeenImages.table({"train": pd.DataFrame({"image_id": ids, "sha256": [f"sha-{i}" for i in ids]})})
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_text(table, SEEN_ARTIFACT)
+    return run_id
+
+
+def test_test_images_the_champion_trained_on_are_left_out_of_the_comparison(client, ranked):
+    """After a grown export's split is drawn afresh, the champion is not scored on what it learnt."""
+    split, models = ranked
+    learnt = [split.image_ids[i] for i in (0, 1, 2, 10, 11, 12)]  # 3 fractured, 3 not
+    first = register(PARAMS, champion_that_trained_on([*learnt, "IMG-not-in-this-split.jpg"]), *models["random"],
+                     EvaluatedSplit(SPLIT_A, 10, split.check_image), client)
+    assert first.champion
+
+    params = RegisterParams(NAME, "t", confidence=0.95, sensitivity_tolerance=0.15, floors=PARAMS.floors)
+    candidate = register(params, evaluated_run(0.90), *models["good"], split, client)
+    scored = candidate.checks[2]
+    assert scored.name == "scored with champion" and scored.passed
+    assert ("on this test split's 20 images (10 fractured); 6 of them, which champion v1 was trained or validated "
+            "on (or which are linked to such an image), are left out: the two are compared on the other 14 (7 fractured)"
+            ) in scored.detail
+    c = candidate.comparison
+    assert (c.auc.n_images, c.left_out) == (14, 6)
+    # The champion's AUC is its AUC on the 14 it never saw, scored as a consumer scores it.
+    keep = ~np.isin(np.array(split.image_ids), learnt)
+    probs, _ = served_scores(NAME, "1", split, isolated=False)
+    assert c.auc.auc_b == pytest.approx(delong_paired(np.array(split.labels)[keep], probs[keep], probs[keep]).auc_a)
+    tags = client.get_model_version(NAME, candidate.version).tags
+    assert (tags["gate_images"], tags["gate_images_left_out"]) == ("14", "6")
+
+
+def test_a_champion_that_trained_on_every_fractured_test_image_is_not_compared_and_stays(client, ranked):
+    split, models = ranked
+    register(PARAMS, champion_that_trained_on(list(split.image_ids[:10])), *models["random"],
+             EvaluatedSplit(SPLIT_A, 10, split.check_image), client)
+    candidate = register(PARAMS, evaluated_run(0.90), *models["good"], split, client)
+    assert candidate.decision == "challenger" and aliases(client)["champion"] == "1"
+    scored = candidate.checks[2]
+    assert scored.name == "scored with champion" and not scored.passed
+    assert "the other 10 (0 fractured) cannot rank the two: they are not compared, and the champion stays" in scored.detail
+    assert "gate_images" not in client.get_model_version(NAME, candidate.version).tags
 
 
 def test_a_run_evaluated_on_another_split_than_the_workspace_holds_is_not_registered(client, ranked):

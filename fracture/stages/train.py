@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from fracture import checkpoint, distributed
 from fracture.config import ConfigError, Params
+from fracture.gate import SEEN_ARTIFACT, SeenImages
 from fracture.model import check_profile_frozen, require_versioned_weights
 from fracture.stages.prepare import active_cache, open_cache
 from fracture.tracking import hardware_tags, setup_mlflow
@@ -252,6 +253,8 @@ def _train(params: Params, workspace: Workspace) -> bool:
     with run_context as run:
         if not continued:
             log_dataset_inputs(params, workspace, frames)
+            # What the model learnt from, for a later gate that scores it as champion on a new split.
+            mlflow.log_text(SeenImages.table(frames), SEEN_ARTIFACT)
             mlflow.log_params(_run_params(params, frames))
         if resumable is not None:  # what the checkpoints hold and the run lacks, before training goes on
             _log_checkpointed_epochs(params, workspace, key, resumable, run.info.run_id)
