@@ -11,6 +11,7 @@ import contextlib
 import os
 import stat
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -57,6 +58,12 @@ from tasks.pipeline import (
 
 #: How long the check before a run waits for the MLflow tracking server to answer, in seconds.
 TRACKING_CHECK_TIMEOUT_S = 5
+#: How many times that check asks before the run fails: a server restarting or a proxy reloading
+#: for a second or two does not fail the week's run (``schedule.retries`` does not repeat this check).
+TRACKING_CHECK_ATTEMPTS = 3
+#: Seconds between those attempts. With the timeout, a server that never answers fails the run
+#: within 3 x 5 + 2 x 2 = 19 s, not after MLflow's own minutes of retries.
+TRACKING_CHECK_PAUSE_S = 2
 #: What a reverse proxy or load balancer answers for a tracking server behind it that is down.
 GATEWAY_DOWN = frozenset({502, 503, 504})
 
@@ -180,41 +187,60 @@ def _replace_text(path: Path, write: Callable[[TextIO], None]) -> None:
         raise
 
 
-def require_tracking_server(project: Path) -> None:
-    """Fails at once, before a run changes anything, when the tracking server it registers with does not answer.
+def require_tracking_server(project: Path, say: Callable[[str], None] | None = None) -> None:
+    """Fails before a run changes anything when the tracking server it registers with does not answer.
 
     Without this check a run whose ``MLFLOW_TRACKING_URI`` names a server that is down or mistyped
-    would work until its first registry read, then spend minutes in MLflow's own retries. One
-    request, no retries, a short timeout (:data:`TRACKING_CHECK_TIMEOUT_S`); any HTTP answer, an
-    error status included, counts: MLflow's own calls report what the server says; but a proxy's
+    would work until its first registry read, then spend minutes in MLflow's own retries. Each
+    attempt is one request with a short timeout (:data:`TRACKING_CHECK_TIMEOUT_S`); any HTTP answer,
+    an error status included, counts: MLflow's own calls report what the server says; but a proxy's
     502, 503 or 504 (:data:`GATEWAY_DOWN`) says the server behind it does not answer. Only an
     http(s) URI is checked: the project's ``mlflow.db`` or another local store needs no server.
-    The run does not retry this check (``schedule.retries``): the next run checks again, and the
-    register tasks still retry a server that goes away in the middle of a run.
+    A server that does not answer is asked again, :data:`TRACKING_CHECK_ATTEMPTS` times in all,
+    :data:`TRACKING_CHECK_PAUSE_S` apart, so a server restarting or a proxy reloading for a second
+    or two does not fail the run; the run itself does not repeat this check (``schedule.retries``):
+    the next run checks again, and the register tasks still retry a server that goes away in the
+    middle of a run.
+
+    Args:
+        project: the project root (its ``MLFLOW_TRACKING_URI``, or its own ``mlflow.db``).
+        say: told of each attempt that got no answer and is tried again; ``None`` says nothing
+            (``python -m flows.retrain``'s check, whose error is one line).
 
     Raises:
-        TrackingServerUnreachable: the server sent no answer; the message names the URI and what to do.
+        TrackingServerUnreachable: no attempt got an answer; the message names the URI, what to do and
+            how many attempts were made.
     """
     uri = tracking_uri(project)
     if urlparse(uri).scheme not in ("http", "https"):
         return
     creds = get_default_host_creds(uri)  # MLflow's TLS settings: MLFLOW_TRACKING_INSECURE_TLS and the like
-    try:
-        answer = requests.get(
-            f"{uri.rstrip('/')}/health", timeout=TRACKING_CHECK_TIMEOUT_S, verify=creds.verify,
-            cert=creds.client_cert_path, allow_redirects=False,
-        )
-        if answer.status_code in GATEWAY_DOWN:  # a proxy in front answered for a server behind it that does not
-            raise requests.ConnectionError(f"HTTP {answer.status_code} {answer.reason} from the proxy in front of it")
-    except requests.RequestException as exc:
-        cause: BaseException = exc
-        while (inner := cause.__cause__ or cause.__context__) is not None:
-            cause = inner  # the socket's own error: connection refused, timed out, unknown host
-        raise TrackingServerUnreachable(
-            f"the MLflow tracking server at {uri} (MLFLOW_TRACKING_URI) does not answer ({str(cause) or type(cause).__name__}). "
-            "Start that server, or set MLFLOW_TRACKING_URI to one that runs (unset it to use the project's own "
-            "mlflow.db), then run again; nothing was changed"
-        ) from None
+    attempts = max(1, TRACKING_CHECK_ATTEMPTS)
+    for attempt in range(1, attempts + 1):
+        try:
+            answer = requests.get(
+                f"{uri.rstrip('/')}/health", timeout=TRACKING_CHECK_TIMEOUT_S, verify=creds.verify,
+                cert=creds.client_cert_path, allow_redirects=False,
+            )
+            if answer.status_code in GATEWAY_DOWN:  # a proxy in front answered for a server behind it that does not
+                raise requests.ConnectionError(f"HTTP {answer.status_code} {answer.reason} from the proxy in front of it")
+            return
+        except requests.RequestException as exc:
+            cause: BaseException = exc
+            while (inner := cause.__cause__ or cause.__context__) is not None:
+                cause = inner  # the socket's own error: connection refused, timed out, unknown host
+            reason = str(cause) or type(cause).__name__
+        if attempt < attempts:
+            if say is not None:
+                say(f"the MLflow tracking server at {uri} (MLFLOW_TRACKING_URI) does not answer ({reason}); "
+                    f"asking again in {TRACKING_CHECK_PAUSE_S:g} s (attempt {attempt} of {attempts})")
+            time.sleep(TRACKING_CHECK_PAUSE_S)
+    tries = f"{attempts} attempts, {TRACKING_CHECK_PAUSE_S:g} s apart" if attempts > 1 else "1 attempt"
+    raise TrackingServerUnreachable(
+        f"the MLflow tracking server at {uri} (MLFLOW_TRACKING_URI) does not answer ({reason}) after {tries}. "
+        "Start that server, or set MLFLOW_TRACKING_URI to one that runs (unset it to use the project's own "
+        "mlflow.db), then run again; nothing was changed"
+    )
 
 
 def require_project(project: Path, project_dir: str) -> None:
@@ -292,7 +318,7 @@ def retrain(project_dir: str = ".", source: str | None = None, profile: str | No
     project = Path(project_dir).resolve()
     # Checked before the lock, which would make <project_dir>/outputs in a folder that is no project.
     require_project(project, project_dir)
-    require_tracking_server(project)
+    require_tracking_server(project, run_logger(__name__).warning)
     # Each stage reuses the memory the one before freed; the run hands it back when it ends.
     with freed_memory_kept(), project_lock(project, busy_wait(project, deployment.id is not None)):
         return _retrain(project, source, profile)

@@ -11,6 +11,10 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -85,12 +89,46 @@ def test_a_scheduled_run_fails_before_any_work_when_its_tracking_server_does_not
 
     uri = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setattr("flows.retrain.TRACKING_CHECK_PAUSE_S", 0)
     params_before = (project / "params.yaml").read_text()
     with pytest.raises(TrackingServerUnreachable, match=rf"tracking server at {uri} \(MLFLOW_TRACKING_URI\)"):
         retrain.fn(project_dir=str(project), profile="paper")
     assert (project / "params.yaml").read_text() == params_before and not (project / "outputs").exists()
 
 
+@contextmanager
+def _health_server(statuses: list[int], port: int = 0) -> Iterator[tuple[str, list[str]]]:
+    """A tracking server's stand-in on 127.0.0.1: answers each request with the next of ``statuses``
+    (the last one again once they run out); yields its URI and the paths it was asked for."""
+    seen: list[str] = []
+
+    class Health(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            seen.append(self.path)
+            self.send_response(statuses[min(len(seen), len(statuses)) - 1])
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", port), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def quick_tracking_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No pause between the tracking server check's attempts, and no proxy between it and 127.0.0.1."""
+    monkeypatch.setattr("flows.retrain.TRACKING_CHECK_PAUSE_S", 0)
+    monkeypatch.delenv("HTTP_PROXY", raising=False)
+    monkeypatch.delenv("http_proxy", raising=False)
+
+
+@pytest.mark.usefixtures("quick_tracking_check")
 @pytest.mark.parametrize(("status", "answers"), [(503, False), (502, False), (401, True), (404, True)])
 def test_a_proxys_gateway_error_is_a_tracking_server_that_does_not_answer(
     project: Path, monkeypatch: pytest.MonkeyPatch, status: int, answers: bool
@@ -99,35 +137,85 @@ def test_a_proxys_gateway_error_is_a_tracking_server_that_does_not_answer(
     is no server, and the run fails before any work, naming the status. Any other answer (a 401 of a
     server that wants a login, a 404 of one without /health) is a server that answers, whose own
     calls then report what it says."""
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
     from flows.retrain import TrackingServerUnreachable, require_tracking_server
 
-    class Proxy(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's name
-            self.send_response(status)
-            self.end_headers()
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        uri = f"http://127.0.0.1:{server.server_address[1]}"
+    with _health_server([status]) as (uri, _):
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-        monkeypatch.delenv("HTTP_PROXY", raising=False)
-        monkeypatch.delenv("http_proxy", raising=False)
         if answers:
             require_tracking_server(project)
         else:
             with pytest.raises(TrackingServerUnreachable, match=rf"at {uri} \(MLFLOW_TRACKING_URI\) does not answer "
                                rf"\(HTTP {status} .* from the proxy in front of it\)"):
                 require_tracking_server(project)
-    finally:
-        server.shutdown()
-        server.server_close()
+
+
+@pytest.mark.usefixtures("quick_tracking_check")
+def test_a_tracking_server_behind_a_proxy_that_answers_the_second_attempt_passes_the_check(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A proxy reloading, or the server behind it restarting, answers 503 for a second: the check
+    asks again and the run goes ahead, saying once what the first attempt got."""
+    from flows.retrain import TRACKING_CHECK_ATTEMPTS, require_tracking_server
+
+    said: list[str] = []
+    with _health_server([503, 200]) as (uri, seen):
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        require_tracking_server(project, said.append)
+    assert seen == ["/health", "/health"]
+    assert said == [f"the MLflow tracking server at {uri} (MLFLOW_TRACKING_URI) does not answer (HTTP 503 Service "
+                    f"Unavailable from the proxy in front of it); asking again in 0 s (attempt 1 of "
+                    f"{TRACKING_CHECK_ATTEMPTS})"]
+
+
+@pytest.mark.usefixtures("quick_tracking_check")
+def test_a_tracking_server_that_starts_after_the_first_attempt_passes_the_check(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing listens on the port at the first attempt (a server restarting); it is up by the second."""
+    from flows.retrain import require_tracking_server
+
+    port = free_port()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    said: list[str] = []
+    asked: list[list[str]] = []  # the paths the server was asked for, once it runs
+    with ExitStack() as servers:
+
+        def restarted(message: str) -> None:  # told after the attempt that got no answer
+            said.append(message)
+            asked.append(servers.enter_context(_health_server([200], port))[1])
+
+        require_tracking_server(project, restarted)
+    assert len(said) == 1 and "(attempt 1 of " in said[0], said
+    assert asked == [["/health"]]
+
+
+@pytest.mark.usefixtures("quick_tracking_check")
+def test_a_tracking_server_that_never_answers_fails_the_check_after_every_attempt(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A proxy whose server stays down: each attempt asks once, each but the last is told, and the
+    error still names the address, the variable and what to do, with the attempts made."""
+    from flows.retrain import (
+        TRACKING_CHECK_ATTEMPTS,
+        TrackingServerUnreachable,
+        require_tracking_server,
+    )
+
+    said: list[str] = []
+    with _health_server([503]) as (uri, seen):
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        with pytest.raises(TrackingServerUnreachable) as raised:
+            require_tracking_server(project, said.append)
+    assert TRACKING_CHECK_ATTEMPTS > 1 and len(seen) == TRACKING_CHECK_ATTEMPTS
+    assert [m[m.index("(attempt"):] for m in said] == [
+        f"(attempt {n} of {TRACKING_CHECK_ATTEMPTS})" for n in range(1, TRACKING_CHECK_ATTEMPTS)
+    ]
+    assert str(raised.value) == (
+        f"the MLflow tracking server at {uri} (MLFLOW_TRACKING_URI) does not answer (HTTP 503 Service Unavailable "
+        f"from the proxy in front of it) after {TRACKING_CHECK_ATTEMPTS} attempts, 0 s apart. Start that server, or "
+        "set MLFLOW_TRACKING_URI to one that runs (unset it to use the project's own mlflow.db), then run again; "
+        "nothing was changed"
+    )
 
 
 class _Stop(Exception):
