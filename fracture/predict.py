@@ -23,6 +23,7 @@ import shutil
 import stat
 import time
 import warnings
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -271,7 +272,8 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
     (:data:`REPORT_LOCK_SECONDS`, then :data:`REPORT_LOCK_RETRY_SECONDS` until it has it again) gets
     no report, its note saying to score the file again; a folder whose file system cannot lock, or
     whose lock file cannot be opened, gets its reports without the lock, with a warning in the log
-    (:class:`_FolderLock`). There, and
+    (:class:`_FolderLock`); one whose lock fails report by report with an error that passes (NFS's
+    lock service), a warning for each kind of error and a count of those reports. There, and
     against a run of an earlier version, which does not lock, a damaged report that the other run
     moved aside first, to put its own report for the image in its place, costs this row its report.
     A report is written beside, under a temporary name of its own, and moved into place: one a run
@@ -444,6 +446,7 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
                 f"{keyword} {value!r}" for keyword, value in blanked.items()
             ))
         written.append(shown(target))
+    folder_lock.tell_unlocked()
     return written
 
 
@@ -476,19 +479,30 @@ class _FolderLock:
 
     A folder whose file system cannot lock (no ``flock``: some network shares), or where the lock
     file cannot be made or opened (:data:`_CANNOT_LOCK`), gets its reports all the same, without the
-    lock, and one warning in the log; an error of another kind, one report written without it and a
-    warning. The claims by rename and hard link (:func:`_set_aside`) still keep a damaged report
-    whole, as they do against versions of this product that do not lock. In a folder with the
-    sticky bit (``/tmp``'s mode, some shared drop boxes) filelock takes a lock file only from this
-    account or the folder's owner, since another account could replace it while it is held: there
-    the folder's owner makes it once for every account (the warning says how: remove the other
-    account's, then create it and open it to all).
+    lock, and one warning in the log. An error of another kind (NFS's lock service: ENOLCK) costs
+    only the report it came on the lock, and the next report tries again. The log warns of each
+    such error once a run, not once a report (a share mounted without its lock service fails every
+    report of a batch of thousands), and counts the reports written without the lock, by error:
+    when the lock is held again (said once a run), and at the end of the run for those not counted
+    there (:meth:`tell_unlocked`). The claims by rename and hard link (:func:`_set_aside`) still
+    keep a damaged report whole, as they do against versions of this product that do not lock. In a
+    folder with the sticky bit (``/tmp``'s mode, some shared drop boxes) filelock takes a lock file
+    only from this account or the folder's owner, since another account could replace it while it
+    is held: there the folder's owner makes it once for every account (the warning says how: remove
+    the other account's, then create it and open it to all).
     """
 
     def __init__(self, folder: Path) -> None:
         self.path = folder / REPORT_LOCK
         self.works = True
         self.wait = REPORT_LOCK_SECONDS
+        # The reports of this run written without the lock for an error that passes, by its reason;
+        # the errors warned of; how many of those reports the log told of; and whether it said the
+        # lock is held again, which it says once a run.
+        self.unlocked: Counter[str] = Counter()
+        self.warned: set[int | None] = set()
+        self.told = 0
+        self.back = False
 
     @contextlib.contextmanager
     def held(self) -> Iterator[None]:
@@ -534,8 +548,11 @@ class _FolderLock:
             risk = ("another run writing reports into the folder at the same time may write over one of this run's, "
                     "or this run over one of its, without naming it as its predecessor")
             if isinstance(exc, OSError) and exc.errno not in _CANNOT_LOCK:
-                log.warning("%s: a report written without holding the folder's lock %s (%s): %s",
-                            self.path.parent, REPORT_LOCK, reason, risk)
+                if exc.errno not in self.warned:
+                    self.warned.add(exc.errno)
+                    log.warning("%s: a report written without holding the folder's lock %s (%s): %s",
+                                self.path.parent, REPORT_LOCK, reason, risk)
+                self.unlocked[reason] += 1
                 return None
             self.works = False
             sticky = ""
@@ -548,7 +565,23 @@ class _FolderLock:
                         self.path.parent, REPORT_LOCK, reason, risk, sticky)
             return None
         self.wait = REPORT_LOCK_SECONDS
+        if not self.back and self.told < self.unlocked.total():
+            self.back = True
+            log.info("%s: the folder's lock %s is held again; %s", self.path.parent, REPORT_LOCK, self._count())
+            self.told = self.unlocked.total()
         return lock
+
+    def tell_unlocked(self) -> None:
+        """Logs, at the end of the run, how many of its reports were written without the folder's lock
+        for an error that passes, and why, unless the log told of them all when the lock was held again."""
+        if self.told < self.unlocked.total():
+            log.warning("%s: %s", self.path.parent, self._count())
+            self.told = self.unlocked.total()
+
+    def _count(self) -> str:
+        total = self.unlocked.total()
+        return (f"{total} of this run's reports written without holding the folder's lock {REPORT_LOCK} (" +
+                "; ".join(f"{reason}: {count}" for reason, count in self.unlocked.items()) + ")")
 
 
 #: How old (by its modification time) a report's temporary file must be for a run to remove it as

@@ -1423,6 +1423,79 @@ def test_a_lock_that_fails_once_is_taken_again_for_the_next_report(fracatlas, tm
     assert calls.count(fcntl.LOCK_UN) == 2  # the second and third reports held it, and let go
 
 
+def _lock_fails(monkeypatch, failures: list[int | None]) -> list[int]:
+    """Each report's try at the folder's lock fails with the next of ``failures`` (an errno; None:
+    the lock is taken), and with the last of them once they run out. Returns the descriptors let go
+    of: one for each report that held the lock."""
+    import fcntl
+
+    flock, tries, lets_go = fcntl.flock, [], []
+
+    def failing(fd, operation):
+        if operation == fcntl.LOCK_UN:
+            lets_go.append(fd)
+        else:
+            tries.append(operation)
+            failure = failures[min(len(tries), len(failures)) - 1]
+            if failure is not None:
+                raise OSError(failure, os.strerror(failure))
+        return flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", failing)
+    return lets_go
+
+
+def _unlocked(folder: Path, reason: str) -> str:
+    return (f"{folder}: a report written without holding the folder's lock {REPORT_LOCK} ({reason}): another run "
+            "writing reports into the folder at the same time may write over one of this run's, or this run over "
+            "one of its, without naming it as its predecessor")
+
+
+def test_a_lock_that_fails_for_every_report_is_warned_of_once_and_counted_at_the_end(
+        fracatlas, tmp_path, monkeypatch, caplog):
+    """A report folder on NFS mounted without its lock service: the lock fails for every report
+    (ENOLCK). Each report still tries it, and every row gets its report, but the log warns once,
+    and says at the end of the run how many reports were written without the lock, and why. Before,
+    it warned once a report: a batch of 5,000 images, 5,000 times the same warning."""
+    lets_go = _lock_fails(monkeypatch, [errno.ENOLCK])
+    files = _sources(fracatlas, tmp_path, 4)
+    folder = tmp_path / "sr"
+    table = _reported_table(4)
+    with caplog.at_level("INFO", logger="fracture.predict"):
+        assert write_structured_reports(table, files, folder) == _reports_of(files, folder)
+    assert list(table["note"]) == ["", "", "", ""]
+    assert [(record.levelname, record.getMessage()) for record in caplog.records] == [
+        ("WARNING", _unlocked(folder, "No locks available")),
+        ("WARNING", f"{folder}: 4 of this run's reports written without holding the folder's lock {REPORT_LOCK} "
+                    "(No locks available: 4)"),
+    ]
+    assert lets_go == []
+
+
+def test_a_lock_that_fails_with_several_errors_is_warned_of_once_for_each_and_said_once_to_be_back(
+        fracatlas, tmp_path, monkeypatch, caplog):
+    """The folder's lock fails for some reports with one error, for others with another, and is
+    taken between: the log warns once for each error, says once that the lock is held again and how
+    many reports were written without it till then, and at the end counts those written without it
+    since, with the rest."""
+    lets_go = _lock_fails(monkeypatch, [errno.ENOLCK, errno.EIO, errno.ENOLCK, None, errno.ENOLCK, None])
+    files = _sources(fracatlas, tmp_path, 6)
+    folder = tmp_path / "sr"
+    table = _reported_table(6)
+    with caplog.at_level("INFO", logger="fracture.predict"):
+        assert write_structured_reports(table, files, folder) == _reports_of(files, folder)
+    assert list(table["note"]) == [""] * 6
+    assert [(record.levelname, record.getMessage()) for record in caplog.records] == [
+        ("WARNING", _unlocked(folder, "No locks available")),
+        ("WARNING", _unlocked(folder, "Input/output error")),
+        ("INFO", f"{folder}: the folder's lock {REPORT_LOCK} is held again; 3 of this run's reports written without "
+                 f"holding the folder's lock {REPORT_LOCK} (No locks available: 2; Input/output error: 1)"),
+        ("WARNING", f"{folder}: 4 of this run's reports written without holding the folder's lock {REPORT_LOCK} "
+                    "(No locks available: 3; Input/output error: 1)"),
+    ]
+    assert len(lets_go) == 2  # the fourth and sixth reports held it, and let go
+
+
 @pytest.mark.parametrize("kernel", ["let-go", "kept-it"])
 def test_a_lock_that_cannot_be_let_go_of_costs_no_report_and_no_row(fracatlas, tmp_path, monkeypatch, caplog, kernel):
     """Letting go of the folder's lock fails (a network file system's lock service restarted),
