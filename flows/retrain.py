@@ -32,7 +32,7 @@ from ruamel.yaml.representer import RoundTripRepresenter
 from flows.report import REPORT_KEY, no_champion_note, registry_summary, render_report
 from flows.result import DetectorResult, RegistryState, RetrainResult, as_of_run
 from fracture.allocator import freed_memory_kept
-from fracture.cli import _known_errors, skip_exit_collection
+from fracture.cli import known_errors, skip_exit_collection
 from fracture.config import (
     PARAMS_FILE,
     Profile,
@@ -474,7 +474,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         check_before_run(args.project_dir, args.profile)
         result = retrain(project_dir=args.project_dir, source=args.source, profile=args.profile)
-    except (*_known_errors(), TrackingServerUnreachable) as exc:
+    except (*known_errors(), TrackingServerUnreachable) as exc:
         raise SystemExit(f"error: {exc}") from None
     for run in [*result.runs.values(), *(result.detector.runs.values() if result.detector else [])]:
         print(f"{run.stage:<9} {run.describe()}")

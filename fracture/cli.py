@@ -65,8 +65,10 @@ _KNOWN_ERRORS = {
 _WRITE_ERRORS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS, errno.EDQUOT})
 
 
-def _known_errors() -> tuple[type[BaseException], ...]:
+def known_errors() -> tuple[type[BaseException], ...]:
     """The user-fixable errors a failed command can have raised; anything else keeps its traceback.
+
+    Also what ``python -m flows.retrain`` prints as one line rather than a traceback.
 
     Only modules the command imported can have raised one, so no other module (Great
     Expectations, MLflow) is loaded just to build this list.
@@ -99,7 +101,7 @@ def _stage(
             params = load_params()  # before the lock: outside a project this fails without writing anything
             with project_lock(Path("."), f"`fracture {command}`") if writes and not _later_rank() else nullcontext():
                 yield params, Workspace(Path("."))
-        except _known_errors() as exc:
+        except known_errors() as exc:
             sys.exit(f"fracture {command}: {exc}")
         except OSError as exc:
             if exc.errno not in _WRITE_ERRORS:

@@ -135,7 +135,9 @@ def test_a_run_of_the_deployment_waits_as_params_say_and_a_one_shot_run_does_not
         raise ProjectBusy("recorded")
         yield
 
-    # The flow asks Prefect's runtime whether a deployment started it.
+    # The flow asks Prefect's runtime whether a deployment started it. The project's own mlflow.db,
+    # whatever tracking server the shell names: the flow checks that server before it waits.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setattr(flows.retrain, "project_lock", recorded)
     for deployment_id in ("0b6e7d3c-8f3a-4b8e-9a53-1f0b2c7d9e11", None):
         if deployment_id:
