@@ -390,14 +390,25 @@ def detect_register() -> None:
 @app.command()
 def rollback(
     reason: Annotated[str, typer.Option(help="Why, for the registry's record (tagged on both versions).")],
+    to: Annotated[
+        int | None,
+        typer.Option(min=1, help="Make this version champion instead, chosen by hand (it must load); "
+                     "the champion it replaces becomes previous-champion."),
+    ] = None,
 ) -> None:
-    """Move the champion alias back to the previous-champion version, once it loads."""
+    """Move the champion alias back to the previous-champion version (or to --to VERSION), once it loads."""
     from fracture.stages.register import run_rollback
 
     if not reason.strip():
         raise SystemExit("fracture rollback: --reason must say why (it is recorded on both versions)")
     with _stage("rollback") as (params, workspace):
-        done = run_rollback(params, workspace, reason.strip())
+        done = run_rollback(params, workspace, reason.strip(), to)
+    if done.chosen:
+        print(
+            f"{done.name}: champion moved from version {done.demoted} to version {done.champion}, chosen by hand; "
+            f"previous-champion: version {done.demoted}, tagged rolled_back_at (`fracture rollback` returns to it)"
+        )
+        return
     previous = f"version {done.previous_champion}" if done.previous_champion else "none"
     print(
         f"{done.name}: champion rolled back from version {done.demoted} to version {done.champion}; "

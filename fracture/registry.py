@@ -4,7 +4,7 @@ Aliases of the registered model:
 
 - ``champion``: the version consumers load (``models:/<name>@champion``).
 - ``previous-champion``: the version the current champion replaced; :func:`rollback` moves
-  ``champion`` back to it.
+  ``champion`` back to it, or, given a version, to the version chosen by hand.
 - ``challenger``: the latest version that did not pass the gate (the reason is in its
   ``gate_reason`` tag and in the returned :class:`Registration`).
 
@@ -74,6 +74,10 @@ TAG_DECISION = "gate_decision"
 TAG_REASON = "gate_reason"
 TAG_REPLACED = "replaced_version"
 TAG_ROLLED_BACK = "rolled_back_at"
+#: What a rollback or a hand pick tags the demoted champion with: when, to which version, why.
+ROLLED_BACK_TAGS = (TAG_ROLLED_BACK, "rolled_back_to", "rolled_back_reason")
+#: The ``gate_decision`` of a version made champion by hand (``fracture rollback --to``).
+CHOSEN = "chosen"
 #: What a challenger was decided against: the champion, the test split and the gate's rules.
 TAG_BASIS = "gate_basis"
 
@@ -160,17 +164,22 @@ class Rollback:
 
     Attributes:
         name: the registered model name.
-        demoted: the version that was champion; it keeps no alias and gets a ``rolled_back_at``
-            tag, so re-registering its run never promotes it again.
-        champion: the version now holding ``champion`` (the former ``previous-champion``).
-        previous_champion: the version now holding ``previous-champion`` (the one the new
-            champion had itself replaced), or ``None`` when the alias was removed.
+        demoted: the version that was champion; it gets a ``rolled_back_at`` tag, so
+            re-registering its run never promotes it again. After a rollback it keeps no alias;
+            after a hand pick it holds ``previous-champion``.
+        champion: the version now holding ``champion`` (the former ``previous-champion``, or
+            the version chosen by hand).
+        previous_champion: the version now holding ``previous-champion`` (after a rollback the
+            one the new champion had itself replaced, after a hand pick the demoted version), or
+            ``None`` when the alias was removed.
+        chosen: whether the new champion was chosen by hand (``fracture rollback --to``).
     """
 
     name: str
     demoted: str
     champion: str
     previous_champion: str | None
+    chosen: bool = False
 
 
 class _ChampionMoved(Exception):
@@ -578,6 +587,19 @@ def _require_loadable(name: str, version: str, role: str, isolated: bool = True)
         RegistryError: the version cannot be loaded (its artifacts are gone, its code does not
             import, or the tracking server does not answer).
     """
+    failure = _load_failure(name, version, isolated)
+    if failure is not None:
+        raise RegistryError(
+            f"{role} {name} version {version} cannot be loaded from the registry ({_described(failure)}); a consumer "
+            f"of @{role} cannot load it either. If the tracking server is down, run again when it answers; if the "
+            f"version is broken, roll back (`fracture rollback --reason ...`) or choose a version by hand "
+            f"(`fracture rollback --to <version> --reason ...`)"
+        ) from failure
+
+
+def _load_failure(name: str, version: str, isolated: bool = True) -> Exception | None:
+    """Why ``models:/<name>/<version>`` cannot be loaded from the registry as a consumer would load
+    it (``isolated``: in a consumer's Python, with its own packaged code), or ``None`` when it loads."""
     uri = f"models:/{name}/{version}"
     try:
         if isolated:
@@ -586,12 +608,13 @@ def _require_loadable(name: str, version: str, role: str, isolated: bool = True)
             with loaded_version(uri):
                 pass
     except Exception as exc:  # noqa: BLE001 - whatever stops a consumer from loading it
-        raise RegistryError(
-            f"{role} {name} version {version} cannot be loaded from the registry ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}); a consumer of @{role} cannot load it either. If the "
-            "tracking server is down, run again when it answers; if the version is broken, roll back "
-            f"(`fracture rollback --reason ...`) or point '{role}' at a version by hand"
-        ) from exc
+        return exc
+    return None
+
+
+def _described(exc: Exception) -> str:
+    """The error's type and the first line of its message."""
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
 def _verdict(checks: tuple[GateCheck, ...], promoted_because: str, comparison: Comparison | None = None) -> _Outcome:
@@ -736,35 +759,56 @@ def _registration(
 # --- rollback -------------------------------------------------------------------------------------
 
 
-def rollback(name: str, client: MlflowClient | None = None, reason: str = "", isolated: bool = True) -> Rollback:
-    """Moves ``champion`` back to the ``previous-champion`` version.
+def rollback(
+    name: str, client: MlflowClient | None = None, reason: str = "", isolated: bool = True, to: str | int | None = None,
+) -> Rollback:
+    """Moves ``champion`` back to the ``previous-champion`` version, or to version ``to``.
 
     The version to return to is loaded from the registry first, as a consumer would load it; one
     that cannot be loaded is refused and ``champion`` stays. The demoted version loses
     ``champion``, keeps no alias and is tagged ``rolled_back_at``, ``rolled_back_to`` and
     ``rolled_back_reason``, so a later registration of its run does not promote it again; the
-    restored version's gate tags say it was restored, when and why. ``previous-champion`` moves to
-    the version the restored champion had itself replaced, or is removed when there is none, so
-    rolling back again steps further back through the champions.
+    restored version's gate tags say it was restored, when and why, and it loses ``rolled_back_*``
+    tags of its own (a version a hand pick replaced, returned to on purpose). ``previous-champion``
+    moves to the version the restored champion had itself replaced, or is removed when there is
+    none, so rolling back again steps further back through the champions.
+
+    With ``to``, the version chosen by hand replaces the champion (:func:`_choose`): the demoted
+    champion is tagged as above and becomes ``previous-champion``, so a later rollback without
+    ``to`` undoes the pick.
 
     Args:
         name: the registered model name.
         client: an MLflow client (default: one for the current tracking URI).
         reason: why, for the registry's record (the command asks for it).
         isolated: load the version to return to in a consumer's Python (default) or in this one.
+        to: the version to make champion (default: ``previous-champion``).
 
     Returns:
         Which version was demoted and where the aliases point now.
 
     Raises:
-        RegistryError: the model has no champion or no previous champion to return to, or that
-            version cannot be loaded.
+        RegistryError: the model has no champion or no previous champion to return to, version
+            ``to`` does not exist or already is champion, or the version cannot be loaded.
     """
     client = client or MlflowClient()
     current = _alias(client, name, CHAMPION)
     if current is None:
-        raise RegistryError(f"registered model '{name}' has no '{CHAMPION}' alias: nothing to roll back")
+        raise RegistryError(
+            f"registered model '{name}' has no '{CHAMPION}' alias: nothing to roll back"
+            + (", and --to only replaces a champion; registering a run that passes the gate makes the first"
+               if to is not None else "")
+        )
+    if to is not None:
+        return _choose(client, name, current, str(to).strip(), reason, isolated)
     previous = _alias(client, name, PREVIOUS_CHAMPION)
+    replaced = _unfinished_choice(client, name, current, previous)
+    if replaced is not None:
+        # A hand pick stopped before previous-champion moved: it is finished, and this rollback
+        # then undoes it as it would a finished one (back to the version the pick replaced).
+        log.warning("%s: finishing the hand pick of version %s that was stopped", name, current.version)
+        _finish_choice(client, name, str(replaced.version), str(current.version))
+        previous = replaced
     if previous is not None and str(previous.version) == str(current.version):
         # A rollback stopped after champion moved back: finish it rather than step further.
         demoted = client.search_model_versions(f"name = '{name}' and tags.rolled_back_to = '{current.version}'")
@@ -775,18 +819,13 @@ def rollback(name: str, client: MlflowClient | None = None, reason: str = "", is
     if previous is None or str(previous.version) == str(current.version):
         raise RegistryError(
             f"registered model '{name}' has no '{PREVIOUS_CHAMPION}' to roll back to (champion is version "
-            f"{current.version}); to choose a version by hand: "
-            f"MlflowClient().set_registered_model_alias('{name}', '{CHAMPION}', <version>)"
+            f"{current.version}); to choose a version by hand: fracture rollback --to <version> --reason \"...\""
         )
     _require_loadable(name, str(previous.version), PREVIOUS_CHAMPION, isolated)
     # The demoted version is tagged before champion leaves it: a rollback stopped at any point
     # leaves no untagged version that a later registration of its run would promote again.
-    when = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    why = reason or "not given"
-    _tag_version(
-        client, name, current.version,
-        {TAG_ROLLED_BACK: when, "rolled_back_to": previous.version, "rolled_back_reason": why},
-    )
+    when, why = _now(), reason or "not given"
+    _tag_version(client, name, current.version, _rolled_back(when, str(previous.version), why))
     _tag_version(client, name, previous.version, {
         TAG_DECISION: "restored",
         TAG_REASON: f"restored by rollback from version {current.version} at {when}: {why}",
@@ -796,7 +835,10 @@ def rollback(name: str, client: MlflowClient | None = None, reason: str = "", is
 
 
 def _finish_rollback(client: MlflowClient, name: str, demoted: str, previous: ModelVersion) -> Rollback:
-    """Moves ``previous-champion`` one step back from the restored champion ``previous``."""
+    """Clears the restored champion ``previous``'s own ``rolled_back_*`` tags and moves
+    ``previous-champion`` one step back from it."""
+    # The restored version is champion by now: its run, registered again, stays as it is anyway.
+    _untag_version(client, name, str(previous.version), ROLLED_BACK_TAGS)
     before = previous.tags.get(TAG_REPLACED)
     if before and before != demoted and _version_or_none(client, name, before) is not None:
         client.set_registered_model_alias(name, PREVIOUS_CHAMPION, before)
@@ -806,6 +848,96 @@ def _finish_rollback(client: MlflowClient, name: str, demoted: str, previous: Mo
         new_previous = None
     log.info("%s: champion rolled back from version %s to %s", name, demoted, previous.version)
     return Rollback(name, demoted, str(previous.version), new_previous)
+
+
+def _choose(client: MlflowClient, name: str, current: ModelVersion, version: str, reason: str, isolated: bool) -> Rollback:
+    """Makes ``version``, chosen by hand, champion in place of ``current`` (``fracture rollback --to``).
+
+    The version is loaded first as a consumer would load it. The champion it replaces is tagged
+    ``rolled_back_*`` before ``champion`` leaves it, as a rollback tags it, so the flow does not
+    promote it again. The chosen version's ``gate_decision`` becomes ``chosen`` (``gate_reason``:
+    in place of which version, when, why) and its ``replaced_version`` the replaced champion;
+    a ``challenger`` alias on it is removed. After ``champion`` moves, its own ``rolled_back_*``
+    tags (it is chosen again on purpose) are removed and ``previous-champion`` moves to the
+    replaced champion, where a rollback without a version returns. Run again after a stop, it
+    finishes the pick.
+
+    Raises:
+        RegistryError: the version does not exist, already is champion, or cannot be loaded;
+            ``champion`` stays.
+    """
+    champion = str(current.version)
+    chosen = _version_or_none(client, name, version) if version.isdigit() else None
+    if chosen is None:
+        known = sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
+        raise RegistryError(
+            f"registered model '{name}' has no version {version!r} (its versions: "
+            f"{', '.join(map(str, known))}); champion stays at version {champion}. Give one of those to --to"
+        )
+    version = str(chosen.version)
+    if str(chosen.version) == champion:
+        replaced = _unfinished_choice(client, name, current, _alias(client, name, PREVIOUS_CHAMPION))
+        if replaced is not None:
+            log.warning("%s: finishing the hand pick of version %s that was stopped", name, version)
+            return _finish_choice(client, name, str(replaced.version), version)
+        raise RegistryError(
+            f"version {version} of '{name}' already is champion: nothing to change. To go back to the version it "
+            "replaced: fracture rollback --reason \"...\""
+        )
+    failure = _load_failure(name, version, isolated)
+    if failure is not None:
+        raise RegistryError(
+            f"{name} version {version} cannot be loaded from the registry ({_described(failure)}); a consumer "
+            f"could not load it either, so champion stays at version {champion}. If the tracking server is down, "
+            "run again when it answers; otherwise choose another version"
+        ) from failure
+    when, why = _now(), reason or "not given"
+    # As in a rollback, everything is written before champion moves, and the demoted version first:
+    # a pick stopped at any point leaves no untagged demoted version, and a chosen version that
+    # says what it replaced, from which the pick is finished.
+    _tag_version(client, name, champion, _rolled_back(when, version, why))
+    _untag_version(client, name, version, (TAG_BASIS,))  # the rules an earlier challenger decision rested on
+    _tag_version(client, name, version, {
+        TAG_DECISION: CHOSEN,
+        TAG_REASON: f"chosen by hand in place of version {champion} at {when}: {why}",
+        TAG_REPLACED: champion,
+    })
+    if CHALLENGER in chosen.aliases:
+        client.delete_registered_model_alias(name, CHALLENGER)
+    client.set_registered_model_alias(name, CHAMPION, version)
+    return _finish_choice(client, name, champion, version)
+
+
+def _unfinished_choice(
+    client: MlflowClient, name: str, current: ModelVersion, previous: ModelVersion | None,
+) -> ModelVersion | None:
+    """The version a hand pick of the champion ``current`` replaced, when the pick stopped after
+    ``champion`` moved and before ``previous-champion`` did; ``None`` otherwise."""
+    before = current.tags.get(TAG_REPLACED)
+    if current.tags.get(TAG_DECISION) != CHOSEN or not before or before in (_version_of(previous), str(current.version)):
+        return None
+    replaced = _version_or_none(client, name, before)
+    if replaced is None or replaced.tags.get("rolled_back_to") != str(current.version):
+        return None
+    return replaced
+
+
+def _finish_choice(client: MlflowClient, name: str, replaced: str, chosen: str) -> Rollback:
+    """Removes the chosen champion's own ``rolled_back_*`` tags, then points ``previous-champion``
+    at the version it replaced (last: until then a stopped pick is found and finished)."""
+    _untag_version(client, name, chosen, ROLLED_BACK_TAGS)
+    client.set_registered_model_alias(name, PREVIOUS_CHAMPION, replaced)
+    log.info("%s: version %s chosen by hand as champion in place of version %s", name, chosen, replaced)
+    return Rollback(name, replaced, chosen, replaced, chosen=True)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _rolled_back(when: str, to: str, why: str) -> dict[str, str]:
+    """The tags of a champion demoted at ``when`` in favour of version ``to``, for reason ``why``."""
+    return dict(zip(ROLLED_BACK_TAGS, (when, to, why), strict=True))
 
 
 # --- registry helpers -----------------------------------------------------------------------------

@@ -483,7 +483,7 @@ def test_rollback_steps_back_through_the_champions(client, ranked):
     done = rollback(NAME, client)
     assert (done.demoted, done.champion, done.previous_champion) == ("2", "1", None)
     assert aliases(client) == {"champion": "1"}
-    with pytest.raises(RegistryError, match="no 'previous-champion'"):
+    with pytest.raises(RegistryError, match=r"no 'previous-champion'.*to choose a version by hand: fracture rollback --to"):
         rollback(NAME, client)
 
 
@@ -930,6 +930,132 @@ def test_a_champion_that_cannot_be_loaded_fails_the_registration_loudly(client, 
     with pytest.raises(RegistryError, match=r"champion fracture-classifier version 1 cannot be loaded from the registry"):
         register(PARAMS, evaluated_run(0.90), *models["good"], split, client)
     assert aliases(client) == {"champion": "1"}  # the new version earned nothing
+
+
+# --- a version chosen by hand (`fracture rollback --to`) -------------------------------------------
+
+ANY_GAIN = RegisterParams(NAME, "t", confidence=0.0, sensitivity_tolerance=1.0)  # the aliases, not the evidence
+ROLLED_BACK = ("rolled_back_at", "rolled_back_to", "rolled_back_reason")
+
+
+def three_champions(client, split, models) -> dict[str, str]:
+    """Versions 1, 2 and 3, each promoted over the one before: champion 3, previous-champion 2."""
+    runs = {}
+    for model in ("bad", "random", "good"):  # each ranks these images better than the one before
+        runs[model] = evaluated_run(0.9)
+        assert register(ANY_GAIN, runs[model], *models[model], split, client).decision == "promoted"
+    assert aliases(client) == {"champion": "3", "previous-champion": "2"}
+    return runs
+
+
+def test_a_version_chosen_by_hand_replaces_the_champion_and_a_rollback_undoes_the_pick(client, ranked):
+    """Two versions back by hand: the replaced champion is tagged as a rollback tags it and becomes
+    previous-champion, so its run is not promoted again and a plain rollback returns to it."""
+    split, models = ranked
+    runs = three_champions(client, split, models)
+
+    done = rollback(NAME, client, "clinical sign-off of version 1", to=1)
+    assert (done.demoted, done.champion, done.previous_champion, done.chosen) == ("3", "1", "3", True)
+    assert aliases(client) == {"champion": "1", "previous-champion": "3"}
+    demoted, chosen = client.get_model_version(NAME, "3").tags, client.get_model_version(NAME, "1").tags
+    assert demoted["rolled_back_at"] and demoted["rolled_back_to"] == "1"
+    assert demoted["rolled_back_reason"] == "clinical sign-off of version 1"
+    assert (chosen["gate_decision"], chosen["replaced_version"]) == ("chosen", "3")
+    assert chosen["gate_reason"].startswith("chosen by hand in place of version 3 at ")
+    assert chosen["gate_reason"].endswith(": clinical sign-off of version 1")
+
+    # The flow registering the replaced champion's run again does not promote it back.
+    again = register(ANY_GAIN, runs["good"], *models["good"], split, client)
+    assert (again.version, again.decision, again.champion) == ("3", "unchanged", False) and "rolled back" in again.reason
+    assert aliases(client) == {"champion": "1", "previous-champion": "3"}
+
+    # A plain rollback undoes the pick: back to version 3, returned to on purpose, so it loses its
+    # rolled_back_* tags; previous-champion steps back to the version 3 replaced.
+    done = rollback(NAME, client, "the sign-off was withdrawn")
+    assert (done.demoted, done.champion, done.previous_champion, done.chosen) == ("1", "3", "2", False)
+    assert aliases(client) == {"champion": "3", "previous-champion": "2"}
+    restored = client.get_model_version(NAME, "3").tags
+    assert restored["gate_decision"] == "restored" and not set(ROLLED_BACK) & set(restored)
+    assert client.get_model_version(NAME, "1").tags["rolled_back_to"] == "3"
+
+    # Version 1, rolled back since, chosen again on purpose: its own rolled_back_* tags go.
+    rollback(NAME, client, "signed off again", to=1)
+    assert aliases(client) == {"champion": "1", "previous-champion": "3"}
+    assert not set(ROLLED_BACK) & set(client.get_model_version(NAME, "1").tags)
+    assert client.get_model_version(NAME, "3").tags["rolled_back_reason"] == "signed off again"
+
+
+def test_a_hand_pick_of_a_missing_current_or_broken_version_is_refused_and_champion_stays(client, ranked):
+    split, models = ranked
+    params = RegisterParams(NAME, "t", confidence=0.0, sensitivity_tolerance=1.0, floors={"test_recall": 0.8})
+    register(params, evaluated_run(0.9), *models["bad"], split, client)
+    register(params, evaluated_run(0.9, recall=0.5), *models["good"], split, client)  # v2: below a floor
+    register(params, evaluated_run(0.9), *models["random"], split, client)
+    assert aliases(client) == {"champion": "3", "previous-champion": "1", "challenger": "2"}
+    assert client.get_model_version(NAME, "2").tags["gate_basis"]
+
+    with pytest.raises(RegistryError, match=r"has no version '7' \(its versions: 1, 2, 3\); champion stays at version 3"):
+        rollback(NAME, client, "a typo", to=7)
+    with pytest.raises(RegistryError, match=r"version 3 of 'fracture-classifier' already is champion"):
+        rollback(NAME, client, "already", to=3)
+    _break_artifacts(client, "1")
+    with pytest.raises(RegistryError, match=r"version 1 cannot be loaded from the registry .*champion stays at version 3"):
+        rollback(NAME, client, "its files are gone", to=1)
+    assert aliases(client) == {"champion": "3", "previous-champion": "1", "challenger": "2"}
+    assert not set(ROLLED_BACK) & set(client.get_model_version(NAME, "3").tags)
+    assert client.get_model_version(NAME, "1").tags["gate_decision"] == "promoted"
+
+    # The challenger, chosen by hand, is champion and challenger no more.
+    rollback(NAME, client, "signed off despite its recall", to=2)
+    assert aliases(client) == {"champion": "2", "previous-champion": "3"}
+    tags = client.get_model_version(NAME, "2").tags
+    assert tags["gate_decision"] == "chosen" and "gate_basis" not in tags
+
+
+def test_a_hand_pick_stopped_before_previous_champion_moves_is_finished_by_the_next_rollback(client, ranked):
+    split, models = ranked
+    three_champions(client, split, models)
+    with stopped_before_previous_champion_moves(client):
+        rollback(NAME, client, "sign-off", to=1)
+    assert aliases(client) == {"champion": "1", "previous-champion": "2"}
+    assert client.get_model_version(NAME, "3").tags["rolled_back_to"] == "1"
+    # A plain rollback finishes the pick, then undoes it as it would a finished one.
+    done = rollback(NAME, client, "undo")
+    assert (done.demoted, done.champion, done.previous_champion) == ("1", "3", "2")
+    assert aliases(client) == {"champion": "3", "previous-champion": "2"}
+
+    with stopped_before_previous_champion_moves(client):
+        rollback(NAME, client, "sign-off", to=1)
+    assert aliases(client) == {"champion": "1", "previous-champion": "2"}
+    # The same pick run again finishes it rather than refusing a version that already is champion.
+    done = rollback(NAME, client, "sign-off", to=1)
+    assert (done.demoted, done.champion, done.previous_champion, done.chosen) == ("3", "1", "3", True)
+    assert aliases(client) == {"champion": "1", "previous-champion": "3"}
+    assert not set(ROLLED_BACK) & set(client.get_model_version(NAME, "1").tags)
+    with pytest.raises(RegistryError, match="already is champion"):
+        rollback(NAME, client, "sign-off", to=1)
+
+
+def test_fracture_rollback_to_chooses_a_version_by_hand(client, ranked, tmp_path, monkeypatch, capsys):
+    split, models = ranked
+    for model in ("bad", "good"):
+        register(ANY_GAIN, evaluated_run(0.9), *models[model], split, client)
+    assert aliases(client) == {"champion": "2", "previous-champion": "1"}
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(stage_register, "rollback", rollback)  # loaded in this process (the default: test above)
+
+    with pytest.raises(SystemExit, match=r"fracture rollback: registered model 'fracture-classifier' has no version '5'"):
+        cli(["rollback", "--to", "5", "--reason", "a typo"])
+    cli(["rollback", "--to", "1", "--reason", "clinical sign-off"])
+    out = capsys.readouterr().out
+    assert ("fracture-classifier: champion moved from version 2 to version 1, chosen by hand; previous-champion: "
+            "version 2, tagged rolled_back_at") in out
+    assert aliases(client) == {"champion": "1", "previous-champion": "2"}
+    assert client.get_model_version(NAME, "2").tags["rolled_back_reason"] == "clinical sign-off"
+    cli(["rollback", "--reason", "sign-off withdrawn"])
+    assert "champion rolled back from version 1 to version 2; previous-champion: none" in capsys.readouterr().out
+    assert aliases(client) == {"champion": "2"}
 
 
 def test_a_run_whose_evaluation_changed_is_registered_as_a_new_version(client, ranked):

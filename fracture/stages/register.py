@@ -1,6 +1,7 @@
 """The register stage: the trained model into the MLflow registry, champion only through the gate.
 
-Also the way back: :func:`run_rollback` returns ``champion`` to the version it replaced.
+Also the way back: :func:`run_rollback` returns ``champion`` to the version it replaced, or
+makes a version chosen by hand champion.
 """
 
 from __future__ import annotations
@@ -59,18 +60,21 @@ def run_register(params: Params, workspace: Workspace) -> Registration:
     return register(params.register, run_id, workspace.weights, config, split)
 
 
-def run_rollback(params: Params, workspace: Workspace, reason: str = "") -> Rollback:
-    """Moves ``champion`` back to the ``previous-champion`` version.
+def run_rollback(params: Params, workspace: Workspace, reason: str = "", to: int | None = None) -> Rollback:
+    """Moves ``champion`` back to the ``previous-champion`` version, or to version ``to``.
 
     Args:
         params: ``register.model_name`` names the registered model.
         workspace: the project (its MLflow store, unless ``MLFLOW_TRACKING_URI`` names another).
+        reason: why, for the registry's record.
+        to: the version to make champion, chosen by hand (default: ``previous-champion``).
 
     Returns:
         Which version was demoted and where the aliases point now.
 
     Raises:
-        fracture.registry.RegistryError: there is no champion, or no previous champion to return to.
+        fracture.registry.RegistryError: there is no champion, or no previous champion to return
+            to; version ``to`` does not exist or already is champion; the version does not load.
     """
     setup_mlflow(params, workspace.root)
-    return rollback(params.register.model_name, reason=reason)
+    return rollback(params.register.model_name, reason=reason, to=to)
