@@ -10,7 +10,10 @@ Its gate, in order:
 - with a champion: the version and the champion, each loaded through the registry, find boxes
   on the same test images (every box, ``min_score: 0``); a paired bootstrap of their mAP@0.5
   difference (:func:`fracture.detection.paired_bootstrap_map`) must put it above 0 at
-  ``detect.confidence``;
+  ``detect.confidence``. Test images the champion learnt from (its run's
+  :data:`fracture.gate.SEEN_ARTIFACT`: its own train and val images and its backbone's), with
+  every image linked to them, are left out of both; when no fracture box is left, the two are
+  not compared and the champion stays;
 - the version, loaded through ``models:/<name>/<version>``, answers a fractured test X-ray in
   the served format (the load check).
 """
@@ -20,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +35,7 @@ from mlflow.entities.model_registry import ModelVersion
 from fracture.config import DetectParams
 from fracture.consumer import loaded_version, predict_as_consumer
 from fracture.detection import Detections, PairedMAP, paired_bootstrap_map
-from fracture.gate import Evaluation, GateCheck, floors, paired_verdict
+from fracture.gate import Evaluation, GateCheck, SeenImages, floors, paired_verdict
 from fracture.intake import InputPolicy
 from fracture.packaging import log_detector_pyfunc
 from fracture.registry import (
@@ -49,6 +52,7 @@ from fracture.registry import (
     _Outcome,
     _record_provenance,
     _registration,
+    _seen_in_training,
     _test_metrics,
     _verdict,
     code_tags,
@@ -70,11 +74,20 @@ class DetectorTestSplit:
         fingerprint: :func:`fracture.gate.split_fingerprint` of these images and their labels.
         paths: every image (fractured ones with boxes, and non-fractured ones).
         truth: each image's boxes in its own pixels (none for a non-fractured image).
+        image_ids: each image's ``image_id`` in the test split table, in the same order; empty:
+            not known, and the gate cannot tell which of them a champion learnt from.
+        sha256: each image's content sha256 (the table's ``sha256``), in the same order; empty
+            where the table has none.
+        groups: each image's group of linked images (the table's ``group``), in the same order;
+            empty: each image its own.
     """
 
     fingerprint: str
     paths: tuple[Path, ...]
     truth: tuple[np.ndarray, ...]
+    image_ids: tuple[str, ...] = ()
+    sha256: tuple[str, ...] = ()
+    groups: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.paths or len(self.paths) != len(self.truth):
@@ -82,8 +95,37 @@ class DetectorTestSplit:
                 f"the detector's test split needs images with their boxes: {len(self.paths)} images, "
                 f"{len(self.truth)} box lists; run `dvc repro detect/dvc.yaml`"
             )
+        for field, values in (("image_ids", self.image_ids), ("sha256", self.sha256), ("groups", self.groups)):
+            if values and len(values) != len(self.paths):
+                raise RegistryError(f"the detector's test split has {len(self.paths)} images and {len(values)} "
+                                    f"{field}: give one per image, or none")
         if not any(len(t) for t in self.truth):
             raise RegistryError("the detector's test split holds no fracture box: mAP is not defined on it")
+
+    def seen_by(self, seen: SeenImages) -> np.ndarray | None:
+        """Which of these images a detector learnt from, itself or through its group
+        (:meth:`fracture.gate.SeenImages.among`); ``None`` when the split does not know its image ids."""
+        return seen.among(self.image_ids, self.sha256, self.groups)
+
+    def without(self, out: np.ndarray) -> DetectorTestSplit:
+        """The same split on the images ``out`` does not mark (a boolean mask in the split's order),
+        under the same fingerprint: the test split the version was scored on, less some of its images.
+
+        Raises:
+            RegistryError: no image with a fracture box is left.
+        """
+        keep = np.flatnonzero(~np.asarray(out, dtype=bool))
+
+        def kept(values: tuple) -> tuple:
+            return tuple(values[i] for i in keep) if values else ()
+
+        return replace(self, paths=kept(self.paths), truth=kept(self.truth), image_ids=kept(self.image_ids),
+                       sha256=kept(self.sha256), groups=kept(self.groups))
+
+    @property
+    def n_fractured(self) -> int:
+        """Images with at least one fracture box."""
+        return sum(len(t) > 0 for t in self.truth)
 
     @property
     def check_image(self) -> Path:
@@ -160,14 +202,17 @@ MAP_COMPARISON_TAGS = (
     "gate_map_50_difference_ci",
     "gate_p_value",
     "gate_resamples",
+    "gate_images_left_out",
 )
 
 
-def map_tags(paired: PairedMAP, champion: str) -> dict[str, str]:
-    """The paired comparison as version tags (:data:`MAP_COMPARISON_TAGS`)."""
+def map_tags(paired: PairedMAP, champion: str, left_out: int = 0) -> dict[str, str]:
+    """The paired comparison as version tags (:data:`MAP_COMPARISON_TAGS`); ``left_out``: the test
+    images left out because the champion learnt from them, or from an image linked to them."""
     return {
         "gate_compared_with": champion,
         "gate_images": str(paired.n_images),
+        "gate_images_left_out": str(left_out),
         "gate_map_50_difference": f"{paired.difference:.4f}",
         "gate_map_50_difference_ci": f"[{paired.ci_low:.4f}, {paired.ci_high:.4f}] ({paired.confidence:.0%})",
         "gate_p_value": f"{paired.p_value:.4g}",
@@ -255,7 +300,7 @@ def register_detector(
                            run.data.tags.get("data_version") or None)
 
     def decide(current: ModelVersion | None) -> tuple[_Outcome, dict[str, str] | None]:
-        checks, compared = _gate(params, mv, metrics, current, split, threshold, seed, isolated)
+        checks, compared = _gate(client, params, mv, metrics, current, split, threshold, seed, isolated)
         beat = next((c for c in checks if c.name == "beats champion" and current is not None), None)
         return _verdict(checks, beat.detail if beat else "first version to pass the gate"), compared
 
@@ -265,6 +310,11 @@ def register_detector(
     )
     return _registration(client, name, run_id, created, candidate, current, outcome, score_key=SCORE,
                          confidence=params.confidence, floors=params.floors)
+
+
+def _fractured_among(split: DetectorTestSplit, mask: np.ndarray) -> int:
+    """How many of the images ``mask`` marks hold a fracture box."""
+    return sum(len(t) > 0 for t, marked in zip(split.truth, mask, strict=True) if marked)
 
 
 def _description(run: Run, described: dict[str, object]) -> str:
@@ -282,6 +332,7 @@ def _description(run: Run, described: dict[str, object]) -> str:
 
 
 def _gate(
+    client: MlflowClient,
     params: DetectParams,
     mv: ModelVersion,
     metrics: dict[str, float],
@@ -293,7 +344,16 @@ def _gate(
 ) -> tuple[tuple[GateCheck, ...], dict[str, str] | None]:
     """The detector's gate against the champion ``current``: every check, and the comparison's
     version tags (:func:`map_tags`; ``None`` when the two were not compared). The tags are
-    written by the caller once the champion is known not to have moved meanwhile."""
+    written by the caller once the champion is known not to have moved meanwhile.
+
+    Test images the champion learnt from (its run's :data:`fracture.gate.SEEN_ARTIFACT`), and every
+    image linked to one of them, are left out of both detectors' scores: after a grown export's
+    split is drawn afresh, the champion would otherwise find boxes on images it was trained on, or
+    whose near-duplicates it was, which favours it. When no image with a fracture box is left,
+    mAP cannot rank the two: they are not compared and the champion stays. A champion whose run
+    does not list its images is scored on every image, and the check notes when it was scored on
+    another test split.
+    """
     name, version = params.model_name, str(mv.version)
     compared = None
     checks = floors(params, metrics)
@@ -301,22 +361,44 @@ def _gate(
         checks += (GateCheck("beats champion", True, "no champion yet"),)
     elif all(c.passed for c in checks):
         champion = str(current.version)
-        try:
-            ours, _ = served_detections(name, version, split)
-            theirs, _ = served_detections(name, champion, split)
-        except Exception as exc:  # noqa: BLE001 - a pair that cannot be scored is not compared
-            checks += (GateCheck("scored with champion", False, f"v{version} and champion v{champion} could not both "
-                                 f"be scored on this test split: {type(exc).__name__}: {exc}"),)
+        learnt = _seen_in_training(client, current.run_id)
+        seen = None if learnt is None else split.seen_by(learnt)
+        left_out = 0 if seen is None else int(seen.sum())
+        # A grown export draws its split afresh: the champion may have learnt some of these images,
+        # or their near-duplicates, and would be scored on what it learnt.
+        if left_out and not _fractured_among(split, ~seen):
+            checks += (GateCheck(
+                "scored with champion", False,
+                f"champion v{champion} was trained or validated on {left_out} of this test split's "
+                f"{len(split.paths)} images (or on images linked to them), and the other "
+                f"{len(split.paths) - left_out} hold no fracture box: mAP@0.5 cannot rank the two, so they are not "
+                f"compared, and the champion stays. Weigh v{version} by its own test figures, on images it never "
+                "learnt from",
+            ),)
         else:
-            detail = (f"v{version} and champion v{champion} found boxes through the registry on this test split's "
-                      f"{len(split.paths)} images")
-            if current.tags.get(TAG_SPLIT) != split.fingerprint:
-                detail += ("; the champion was scored on another test split and may have been trained on some of "
-                           "these images, which favours it")
-            paired = paired_bootstrap_map(split.truth, ours, theirs, params.bootstrap_resamples, seed, params.confidence)
-            compared = map_tags(paired, champion)
-            checks += (GateCheck("scored with champion", True, detail),
-                       beats_champion(paired, champion, params.confidence))
+            scored = split.without(seen) if left_out else split
+            try:
+                ours, _ = served_detections(name, version, scored)
+                theirs, _ = served_detections(name, champion, scored)
+            except Exception as exc:  # noqa: BLE001 - a pair that cannot be scored is not compared
+                checks += (GateCheck("scored with champion", False, f"v{version} and champion v{champion} could not "
+                                     f"both be scored on this test split: {type(exc).__name__}: {exc}"),)
+            else:
+                detail = f"v{version} and champion v{champion} found boxes through the registry on "
+                if left_out:
+                    detail += (f"{len(scored.paths)} of this test split's {len(split.paths)} images "
+                               f"({scored.n_fractured} with boxes): the other {left_out}, which champion v{champion} "
+                               "was trained or validated on (or which are linked to such an image), are left out")
+                else:
+                    detail += f"this test split's {len(split.paths)} images"
+                if seen is None and current.tags.get(TAG_SPLIT) != split.fingerprint:
+                    detail += ("; the champion was scored on another test split and may have been trained on some "
+                               "of these images, which favours it (its run does not list the images it learnt from)")
+                paired = paired_bootstrap_map(scored.truth, ours, theirs, params.bootstrap_resamples, seed,
+                                              params.confidence)
+                compared = map_tags(paired, champion, left_out)
+                checks += (GateCheck("scored with champion", True, detail),
+                           beats_champion(paired, champion, params.confidence))
     if all(c.passed for c in checks):
         checks += (load_check(name, version, split.check_image, threshold, isolated),)
     return checks, compared

@@ -14,6 +14,7 @@ them from the registry, runs the rules, loads the model back and moves the alias
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -69,6 +70,28 @@ class SeenImages:
         if not {"image_id", "sha256"} <= set(frame.columns):
             raise SplitTableError(f"{where}: columns image_id and sha256 expected, found {list(frame.columns)}")
         return cls(frozenset(frame["image_id"].dropna()), frozenset(frame["sha256"].dropna()))
+
+    def among(self, image_ids: Sequence[str], sha256: Sequence[str] = (), groups: Sequence[str] = ()) -> np.ndarray | None:
+        """Which of a test split's images these are, themselves or through their group
+        (:meth:`EvaluatedSplit.seen_by`, and the detector's test split).
+
+        Args:
+            image_ids: each image's ``image_id``; empty: the split does not know them.
+            sha256: each image's content sha256, in the same order; empty: not known.
+            groups: each image's group of linked images, in the same order; empty: each its own.
+
+        Returns:
+            A boolean mask in the split's order; ``None`` without image ids, as what a model saw
+            cannot then be told.
+        """
+        if not image_ids:
+            return None
+        ids = np.array(image_ids, dtype=object)
+        hit = np.isin(ids, list(self.image_ids))
+        if sha256:
+            hit |= np.isin(np.array(sha256, dtype=object), list(self.sha256 - {""}))
+        linked = np.array(groups, dtype=object) if groups else ids
+        return np.isin(linked, list(set(linked[hit])))
 
 
 @dataclass(frozen=True)
@@ -164,14 +187,7 @@ class EvaluatedSplit:
             A boolean mask in the split's order; ``None`` when the split does not know its image
             ids, so that what the model saw cannot be told.
         """
-        if not self.image_ids:
-            return None
-        ids = np.array(self.image_ids, dtype=object)
-        hit = np.isin(ids, list(seen.image_ids))
-        if self.sha256:
-            hit |= np.isin(np.array(self.sha256, dtype=object), list(seen.sha256 - {""}))
-        groups = np.array(self.groups, dtype=object) if self.groups else ids
-        return np.isin(groups, list(set(groups[hit])))
+        return seen.among(self.image_ids, self.sha256, self.groups)
 
 
 @dataclass(frozen=True)

@@ -977,13 +977,22 @@ def _evaluation_of(client: MlflowClient, mv: ModelVersion) -> Evaluation:
 
 def _seen_in_training(client: MlflowClient, run_id: str) -> SeenImages | None:
     """The images run ``run_id`` trained and validated on (its :data:`SEEN_ARTIFACT`), or ``None``
-    when the run did not record them; a store that cannot be read raises, as every registry read does."""
+    when the run did not record them; a store that cannot be read raises, as every registry read does.
+
+    A classifier's run or a detector's: both record the list (the detector's counts its backbone's
+    images too, :func:`fracture.stages.detect.seen_by_detector`)."""
+    text = seen_table(client, run_id)
+    return None if text is None else SeenImages.from_table(text, f"run {run_id}'s artifact {SEEN_ARTIFACT}")
+
+
+def seen_table(client: MlflowClient, run_id: str) -> str | None:
+    """Run ``run_id``'s :data:`SEEN_ARTIFACT` as its csv text (:meth:`SeenImages.table`), or ``None``
+    when the run did not record it; a store that cannot be read, or a run it lacks, raises."""
     folder, _, _ = SEEN_ARTIFACT.rpartition("/")
     if SEEN_ARTIFACT not in {f.path for f in client.list_artifacts(run_id, folder)}:
         return None
     with tempfile.TemporaryDirectory(prefix="fracture-seen-") as tmp:
-        local = Path(client.download_artifacts(run_id, SEEN_ARTIFACT, tmp))
-        return SeenImages.from_table(local.read_text(), f"run {run_id}'s artifact {SEEN_ARTIFACT}")
+        return Path(client.download_artifacts(run_id, SEEN_ARTIFACT, tmp)).read_text()
 
 
 def _tag_value(value: Any) -> str:

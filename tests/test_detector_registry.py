@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import mlflow
@@ -17,15 +18,22 @@ import fracture
 from fracture import detector_registry
 from fracture.config import DetectParams
 from fracture.consumer import ConsumerAnswer
-from fracture.detection import Detections, build_detector, paired_bootstrap_map
+from fracture.detection import (
+    Detections,
+    DetectorTraining,
+    build_detector,
+    paired_bootstrap_map,
+)
 from fracture.detector_registry import (
     DetectorTestSplit,
     register_detector,
     served_detections,
 )
-from fracture.gate import split_fingerprint
+from fracture.gate import SEEN_ARTIFACT, SeenImages, split_fingerprint
 from fracture.intake import InputPolicy
 from fracture.registry import CHALLENGER, CHAMPION, PREVIOUS_CHAMPION, RegistryError
+from tests.conftest import REPO
+from tests.synthetic import make_dataset, training_frame
 from tests.test_detection import CONFIG, xray_with_square
 
 
@@ -217,3 +225,156 @@ def test_the_detectors_load_check_fails_a_version_that_ran_this_installations_co
     assert not check.passed
     assert check.detail == (f"models:/fracture-detector/2 on fractured.png: it ran this installation's code "
                             f"({fracture.__file__}), not its own")
+
+
+# --- the images a champion learnt from --------------------------------------------------------------
+
+
+def listing(split: DetectorTestSplit) -> DetectorTestSplit:
+    """The split as ``detect-register`` builds it: each image's id, content hash and group (images 0
+    and 1 are near-duplicates, one group)."""
+    ids = tuple(p.name for p in split.paths)
+    return dataclasses.replace(split, image_ids=ids, sha256=tuple(f"sha-{i}" for i in ids),
+                               groups=("g0", "g0", "g2", "g3", "g4", "g5"))
+
+
+def learnt_from(run_id: str, ids: list[str], sha256: list[str]) -> None:
+    """Run ``run_id`` lists ``ids`` (and files with the contents ``sha256``) as the images it learnt from."""
+    frame = pd.DataFrame({"image_id": ids + [f"renamed-{h}.png" for h in sha256],
+                          "sha256": [f"sha-{i}" for i in ids] + sha256})
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_text(SeenImages.table({"train": frame}), SEEN_ARTIFACT)
+
+
+def answering(truth: list[np.ndarray], paths: tuple[Path, ...], hits: dict[str, set[int]], scored: list):
+    """``served_detections`` where version ``v`` finds the boxes of the images ``hits[v]`` (by their
+    place in the whole split), answering for the images it is sent; ``scored`` records them."""
+    everything = {v: finds(truth, found, seed=0) for v, found in hits.items()}
+
+    def served(name, version, s):
+        scored.append((str(version), [p.name for p in s.paths]))
+        at = [paths.index(p) for p in s.paths]
+        found = everything[str(version)]
+        return Detections([found.boxes[i] for i in at], [found.scores[i] for i in at]), 0.05
+
+    return served
+
+
+def test_test_images_the_champion_detector_learnt_from_are_left_out_of_the_comparison(client, split, tmp_path,
+                                                                                       monkeypatch):
+    """After a grown export's split is drawn afresh, the champion is not scored on what it learnt:
+    image 0 by name, its near-duplicate 1 with it, and image 4 under another name (by content)."""
+    split = listing(split)
+    params, first, second_id, weights, described = champion_and_contender(
+        split, tmp_path, monkeypatch, {0, 1}, {2, 3}, 0.9
+    )
+    learnt_from(first.run_id, [split.image_ids[0], "IMG-not-in-this-split.png"], [split.sha256[4]])
+    # Memorised: the champion finds the boxes of the images it trained on, and only those.
+    truth, scored = list(split.truth), []
+    second = str(int(first.version) + 1)
+    monkeypatch.setattr(detector_registry, "served_detections",
+                        answering(truth, split.paths, {first.version: {0, 1}, second: {2, 3}}, scored))
+
+    new = register_detector(params, second_id, weights, described, split, isolated=False)
+    unseen = [split.image_ids[i] for i in (2, 3, 5)]
+    assert scored == [(second, unseen), (first.version, unseen)]  # neither scored on the other 3
+    check = next(c for c in new.checks if c.name == "scored with champion")
+    assert check.passed and check.detail == (
+        f"v{second} and champion v{first.version} found boxes through the registry on 3 of this test split's 6 images "
+        f"(2 with boxes): the other 3, which champion v{first.version} was trained or validated on (or which are "
+        "linked to such an image), are left out")
+    assert new.decision == "promoted", new.summary()
+    tags = client.get_model_version("fracture-detector", new.version).tags
+    assert (tags["gate_images"], tags["gate_images_left_out"]) == ("3", "3")
+    # Its figures are those of the 3 images alone, where the champion finds no fracture.
+    found = {v: finds(truth, hits, seed=0) for v, hits in ((second, {2, 3}), (first.version, {0, 1}))}
+    kept = [truth[i] for i in (2, 3, 5)]
+    ours, theirs = (Detections([found[v].boxes[i] for i in (2, 3, 5)], [found[v].scores[i] for i in (2, 3, 5)])
+                    for v in (second, first.version))
+    expected = paired_bootstrap_map(kept, ours, theirs, 100, seed=0)
+    assert tags["gate_map_50_difference"] == f"{expected.difference:.4f}" and expected.map_b == 0
+
+
+def test_a_champion_detector_that_learnt_every_fractured_test_image_is_not_compared_and_stays(client, split, tmp_path,
+                                                                                              monkeypatch):
+    split = listing(split)
+    params, first, second_id, weights, described = champion_and_contender(
+        split, tmp_path, monkeypatch, {0, 1, 2, 3}, {0, 1, 2, 3}, 0.9
+    )
+    learnt_from(first.run_id, list(split.image_ids[:4]), [])
+    scored = []
+    monkeypatch.setattr(detector_registry, "served_detections", lambda *a: scored.append(a) or pytest.fail("scored"))
+
+    new = register_detector(params, second_id, weights, described, split, isolated=False)
+    assert new.decision == "challenger" and not scored
+    assert str(client.get_model_version_by_alias("fracture-detector", CHAMPION).version) == first.version
+    check = new.checks[-1]
+    assert check.name == "scored with champion" and not check.passed
+    assert check.detail.startswith(f"champion v{first.version} was trained or validated on 4 of this test split's 6 "
+                                   "images (or on images linked to them), and the other 2 hold no fracture box: "
+                                   "mAP@0.5 cannot rank the two, so they are not compared, and the champion stays")
+    tags = client.get_model_version("fracture-detector", new.version).tags
+    assert not {"gate_images", "gate_images_left_out"} & set(tags), tags
+
+
+def test_the_detector_run_lists_what_it_and_its_backbone_learnt_from_and_register_knows_each_test_image(
+    client, tmp_path, monkeypatch
+):
+    """The train and val tables it learns from, and what the classifier whose weights it starts from
+    learnt besides (here a test image: the classifier was trained before ``dvc repro split`` drew
+    the split again); ``detect-register`` then gives the gate each test image's id, hash and group."""
+    from fracture.config import load_params
+    from fracture.data_config import DataConfig
+    from fracture.stages import detect as stage
+    from fracture.workspace import TrainedModel, Workspace
+
+    params = load_params(REPO)
+    params = dataclasses.replace(params, detect=dataclasses.replace(params.detect, image_size=128, fpn_channels=64))
+    root = tmp_path / "project"
+    dataset = root / params.ingest.dest
+    make_dataset(dataset, 6, 6)
+    frame = training_frame(dataset).assign(sha256=lambda f: "h" + f["image_id"], group=lambda f: f["image_id"])
+    frame.loc[frame["image_id"] == "IMG0000005.jpg", "group"] = "IMG0000004.jpg"  # near-duplicates
+    tables = {"train": [0, 1, 6, 7], "val": [2, 8, 9], "test": [3, 4, 5, 10, 11]}
+    workspace = Workspace(root)
+    workspace.write_split({k: frame.iloc[rows] for k, rows in tables.items()}, {})
+    boxed = [i for i in range(6) if i != 3]  # IMG0000003.jpg: fractured, but no box
+    coco = {"images": [{"id": i, "file_name": f"IMG{i:07d}.jpg", "width": 80, "height": 96} for i in boxed],
+            "annotations": [{"id": i, "image_id": i, "bbox": [10, 10, 30, 30]} for i in boxed]}
+    (dataset / params.evaluate.boxes).parent.mkdir(parents=True)
+    (dataset / params.evaluate.boxes).write_text(json.dumps(coco))
+
+    with mlflow.start_run() as classifier:
+        before = frame.iloc[[0, 1, 6, 7, 4]]  # IMG0000004.jpg was in the train split it trained on
+        mlflow.log_text(SeenImages.table({"train": before, "val": frame.iloc[[2, 8, 9]]}), SEEN_ARTIFACT)
+    workspace.train_dir.mkdir(parents=True)
+    save_file(timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=2).state_dict(),
+              str(workspace.weights))
+    data = DataConfig((3, 64, 64), "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    model = TrainedModel("tf_efficientnet_lite0", "cpu", ["not_fractured", "fractured"], data, 1, 0.5)
+    workspace.write_train(model, classifier.info.run_id, classifier.info.experiment_id, [])
+
+    def trained(model, train, val, val_truth, **kwargs):  # the recipe's own test, not this one's
+        return DetectorTraining(model.state_dict(), 1, 0.0, [{"epoch": 1, "val_map_50": 0.0}], 0.0, np.zeros(len(val)))
+
+    monkeypatch.setattr(stage, "train_detector", trained)
+    described = stage.run_detect_train(params, workspace)
+
+    listed = pd.read_csv(Path(client.download_artifacts(str(described["run_id"]), SEEN_ARTIFACT, str(tmp_path))))
+    assert listed.groupby("split")["image_id"].apply(sorted).to_dict() == {
+        "backbone": ["IMG0000004.jpg"],
+        "train": ["IMG0000000.jpg", "IMG0000001.jpg", "IMG0000006.jpg", "IMG0000007.jpg"],
+        "val": ["IMG0000002.jpg", "IMG0000008.jpg", "IMG0000009.jpg"],
+    }
+
+    (workspace.detect_metrics).write_text(json.dumps({"image_threshold": 0.5}))
+    given = []
+    monkeypatch.setattr(stage, "register_detector", lambda *args: given.append(args[4]))
+    stage.run_detect_register(params, workspace)
+    test = given[0]
+    assert test.image_ids == ("IMG0000004.jpg", "IMG0000005.jpg", "IMG0000010.jpg", "IMG0000011.jpg")
+    assert test.sha256 == tuple(f"h{i}" for i in test.image_ids)
+    assert test.groups == ("IMG0000004.jpg", "IMG0000004.jpg", "IMG0000010.jpg", "IMG0000011.jpg")
+    # As champion, the detector is not scored on IMG0000004.jpg, which its backbone learnt, nor on its near-duplicate.
+    seen = SeenImages.from_table(listed.to_csv(index=False), "")
+    assert test.seen_by(seen).tolist() == [True, True, False, False]

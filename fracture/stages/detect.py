@@ -9,6 +9,7 @@ and listed with its reason in ``outputs/detect/excluded.csv``.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from pathlib import Path
@@ -16,6 +17,8 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 from safetensors.torch import load_file, save_file
 from sklearn.metrics import roc_auc_score
 
@@ -32,9 +35,10 @@ from fracture.detection import (
 )
 from fracture.detector_registry import DetectorTestSplit, register_detector
 from fracture.evaluation import choose_threshold
-from fracture.gate import split_fingerprint
+from fracture.gate import SEEN_ARTIFACT, SeenImages, split_fingerprint
 from fracture.localisation import ImageBoxes, read_coco_boxes
-from fracture.registry import Registration
+from fracture.registry import Registration, seen_table
+from fracture.split import split_groups
 from fracture.stages.register import input_policy
 from fracture.tracking import setup_mlflow
 from fracture.workspace import Workspace, write_json
@@ -83,7 +87,8 @@ def run_detect_train(params: Params, workspace: Workspace) -> dict[str, object]:
 
     Writes ``outputs/detect/model.safetensors``, ``model.json`` (the detector's config, its best
     epoch, its MLflow run), ``history.json`` and ``excluded.csv``; logs the run to MLflow, tagged
-    with the classifier's run.
+    with the classifier's run, with the images it learnt from (:func:`seen_by_detector`) as its
+    :data:`fracture.gate.SEEN_ARTIFACT`.
 
     Returns:
         What ``model.json`` holds.
@@ -98,11 +103,14 @@ def run_detect_train(params: Params, workspace: Workspace) -> dict[str, object]:
     model = build_detector(config, load_file(str(workspace.weights)))
     workspace.detect_dir.mkdir(parents=True, exist_ok=True)
     setup_mlflow(params, workspace.root)
+    seen = seen_by_detector(workspace, trained.run_id, MlflowClient())
     tags = {"model_kind": "fracture-detector", "classifier_run_id": trained.run_id,
             "data_version": workspace.data_version() or "", "git_commit": ""} | workspace.git_tags()
     with mlflow.start_run(run_name=f"detector-{d.architecture}", tags=tags) as run:
         mlflow.log_params({f"detect.{k}": v for k, v in vars(d).items()} | {"backbone": config.backbone,
                           "train_images": len(train), "val_images": len(val)})
+        # What it learnt from, for a later gate that scores it as champion on a new split.
+        mlflow.log_text(seen, SEEN_ARTIFACT)
 
         def on_epoch(row: dict[str, float]) -> None:
             mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
@@ -124,6 +132,42 @@ def run_detect_train(params: Params, workspace: Workspace) -> dict[str, object]:
                   "top_score": result.val_scores}).to_csv(workspace.detect_val_scores, index=False)
     pd.concat([left_train, left_val]).to_csv(workspace.detect_excluded, index=False)
     return described
+
+
+def seen_by_detector(workspace: Workspace, classifier_run_id: str, client: MlflowClient) -> str:
+    """The images the detector learns from, as its run's :data:`fracture.gate.SEEN_ARTIFACT` csv.
+
+    Its own train and val split tables, every image of them (those left out for want of a box
+    included): it trains on the one and keeps the epoch the other scores best. And every image
+    its backbone was trained or validated on, as the classifier's run ``classifier_run_id`` lists
+    them (with ``split`` ``backbone`` where the split tables do not hold them): the detector
+    starts from the classifier's fine-tuned weights, so what the classifier learnt shaped the
+    detector too, and a test image the classifier trained on is no unseen evidence for the
+    detector either. Through ``dvc repro`` both stages read the same split tables and the two
+    lists are the same images; they differ when ``fracture detect-train`` runs by hand on split
+    tables drawn after the classifier was trained. A classifier run that lists nothing (trained
+    before its runs did), or that the tracking store does not hold (warned), adds nothing.
+
+    Raises:
+        fracture.gate.SplitTableError: the classifier run's list lacks a column.
+    """
+    frames = {name: workspace.read_split_table(name) for name in ("train", "val")}
+    try:
+        inherited = seen_table(client, classifier_run_id)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        log.warning("classifier run %s (outputs/train/run.json) is not in the tracking store %s: the detector's run "
+                    "lists the images of its own train and val split tables only, not the ones its backbone may have "
+                    "learnt besides", classifier_run_id, client.tracking_uri)
+        inherited = None
+    if inherited is not None:
+        SeenImages.from_table(inherited, f"classifier run {classifier_run_id}'s artifact {SEEN_ARTIFACT}")  # its columns
+        backbone = pd.read_csv(io.StringIO(inherited), dtype=str)
+        own = pd.concat(frames.values())
+        listed = backbone["image_id"].isin(own["image_id"].astype(str)) & backbone["sha256"].isin(own["sha256"].astype(str))
+        frames["backbone"] = backbone[~listed]
+    return SeenImages.table(frames)
 
 
 def load_trained_detector(workspace: Workspace) -> tuple[DetectorConfig, dict[str, object], object]:
@@ -218,7 +262,13 @@ def run_detect_register(params: Params, workspace: Workspace) -> Registration:
     metrics = json.loads(Path(workspace.detect_metrics).read_text())
     test, truth, labels, _ = boxed_split(params, workspace, "test", _boxes(params, workspace))
     frame = pd.DataFrame({"image_id": [p.stem for p in test.paths], "label": labels})
-    split = DetectorTestSplit(split_fingerprint(frame), tuple(test.paths), tuple(truth))
+    # Each scored image's row of the test split table: the gate leaves out those a champion learnt from.
+    table = workspace.read_split_table("test")
+    rows = table.assign(group=split_groups(table)).set_index("path").loc[_relative(params, workspace, test)]
+    split = DetectorTestSplit(
+        split_fingerprint(frame), tuple(test.paths), tuple(truth), tuple(rows["image_id"].astype(str)),
+        tuple(rows["sha256"].fillna("").astype(str)) if "sha256" in rows.columns else (), tuple(rows["group"]),
+    )
     served = DetectorConfig.from_dict(described).to_dict() | {
         "threshold": float(metrics["image_threshold"]), "input": input_policy(params).to_dict(),
     }
