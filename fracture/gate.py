@@ -386,12 +386,17 @@ def against_champion(params: RegisterParams, comparison: Comparison) -> tuple[Ga
     a, v = comparison.auc, comparison.champion_version
     wins, verdict = paired_verdict(a.difference, a.p_value, params.confidence)
     linked = "" if a.n_groups is None else f" ({a.n_groups} groups of linked images)"
+    if comparison.left_out:
+        linked += f", {comparison.left_out} it was trained or validated on left out"
     auc = GateCheck(
         "beats champion",
         wins,
         f"ROC AUC {a.auc_a:.4f} vs champion v{v}'s {a.auc_b:.4f} on the same {a.n_images} images{linked}: "
         f"{a.difference:+.4f} ({a.confidence:.0%} CI {a.ci_low:+.4f} to {a.ci_high:+.4f}, DeLong p = {a.p_value:.3g}), "
-        f"{verdict}",
+        f"{verdict}" + (
+            "; with most of the test split left out, weigh the newcomer by its cross-validated (out-of-fold) "
+            "figures too" if not wins and comparison.left_out > a.n_images else ""
+        ),
     )
 
     def held(name: str, ours: float, theirs: float, tolerance: float) -> GateCheck:

@@ -9,6 +9,7 @@ checked on hand-made score vectors whose answer is known.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -186,6 +187,12 @@ def test_a_model_better_only_by_noise_is_not_promoted():
     assert a.difference == pytest.approx(1 / (60 * 300)) and a.p_value > 0.05 and a.ci_low < 0 < a.ci_high
     beats, *_ = against_champion(PARAMS, comparison)
     assert not beats.passed and "higher, but not with 95% confidence" in beats.detail
+    assert beats.detail.endswith("(p must be < 0.05)")
+    # Most of a grown export's test split was the champion's training images: the few left say little.
+    beats, *_ = against_champion(PARAMS, dataclasses.replace(comparison, left_out=361))
+    assert "on the same 360 images, 361 it was trained or validated on left out: " in beats.detail
+    assert beats.detail.endswith("; with most of the test split left out, weigh the newcomer by its cross-validated "
+                                 "(out-of-fold) figures too")
     # With no confidence asked for, any gain is enough.
     lenient = RegisterParams(NAME, "t", confidence=0.0)
     assert against_champion(lenient, comparison)[0].passed
@@ -858,6 +865,11 @@ def test_test_images_the_champion_trained_on_are_left_out_of_the_comparison(clie
             ) in scored.detail
     c = candidate.comparison
     assert (c.auc.n_images, c.left_out) == (14, 6)
+    # What the flow's log shows, the decision's reason and the gate's check, names them too.
+    beats = next(check for check in candidate.checks if check.name == "beats champion")
+    assert "on the same 14 images (14 groups of linked images), 6 it was trained or validated on left out:" in beats.detail
+    assert candidate.decision == "promoted"
+    assert "on the same 14 images (6 it was trained or validated on left out) by" in candidate.reason
     # The champion's AUC is its AUC on the 14 it never saw, scored as a consumer scores it.
     keep = ~np.isin(np.array(split.image_ids), learnt)
     probs, _ = served_scores(NAME, "1", split, isolated=False)
