@@ -11,7 +11,7 @@ Its gate, in order:
   on the same test images (every box, ``min_score: 0``); a paired bootstrap of their mAP@0.5
   difference (:func:`fracture.detection.paired_bootstrap_map`) must put it above 0 at
   ``detect.confidence``. Test images the champion learnt from (its run's
-  :data:`fracture.gate.SEEN_ARTIFACT`: its own train and val images and its backbone's), with
+  :data:`fracture.seen.SEEN_ARTIFACT`: its own train and val images and its backbone's), with
   every image linked to them, are left out of both; when no fracture box is left, the two are
   not compared and the champion stays;
 - the version, loaded through ``models:/<name>/<version>``, answers a fractured test X-ray in
@@ -35,7 +35,7 @@ from mlflow.entities.model_registry import ModelVersion
 from fracture.config import DetectParams
 from fracture.consumer import loaded_version, predict_as_consumer
 from fracture.detection import Detections, PairedMAP, paired_bootstrap_map
-from fracture.gate import Evaluation, GateCheck, SeenImages, floors, paired_verdict
+from fracture.gate import Evaluation, GateCheck, floors, paired_verdict
 from fracture.intake import InputPolicy
 from fracture.packaging import log_detector_pyfunc
 from fracture.registry import (
@@ -57,6 +57,7 @@ from fracture.registry import (
     _verdict,
     code_tags,
 )
+from fracture.seen import SeenImages
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ class DetectorTestSplit:
 
     def seen_by(self, seen: SeenImages) -> np.ndarray | None:
         """Which of these images a detector learnt from, itself or through its group
-        (:meth:`fracture.gate.SeenImages.among`); ``None`` when the split does not know its image ids."""
+        (:meth:`fracture.seen.SeenImages.among`); ``None`` when the split does not know its image ids."""
         return seen.among(self.image_ids, self.sha256, self.groups)
 
     def without(self, out: np.ndarray) -> DetectorTestSplit:
@@ -346,7 +347,7 @@ def _gate(
     version tags (:func:`map_tags`; ``None`` when the two were not compared). The tags are
     written by the caller once the champion is known not to have moved meanwhile.
 
-    Test images the champion learnt from (its run's :data:`fracture.gate.SEEN_ARTIFACT`), and every
+    Test images the champion learnt from (its run's :data:`fracture.seen.SEEN_ARTIFACT`), and every
     image linked to one of them, are left out of both detectors' scores: after a grown export's
     split is drawn afresh, the champion would otherwise find boxes on images it was trained on, or
     whose near-duplicates it was, which favours it. When no image with a fracture box is left,

@@ -13,8 +13,6 @@ them from the registry, runs the rules, loads the model back and moves the alias
 
 from __future__ import annotations
 
-import io
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -24,74 +22,12 @@ import pandas as pd
 from fracture.config import DetectParams, RegisterParams
 from fracture.evaluation import PairedAUC, delong_paired, point_metrics
 from fracture.fingerprints import split_fingerprint
+from fracture.seen import SeenImages
 from fracture.split import split_groups
 
 
 class SplitTableError(ValueError):
     """The test split table cannot be compared on: a column, an image path or a label is missing."""
-
-
-#: The training run's artifact that lists the images the model was trained and validated on
-#: (:meth:`SeenImages.table`). When the model is champion, a later gate leaves those images, and
-#: every image linked to one of them, out of the comparison (:meth:`EvaluatedSplit.seen_by`).
-SEEN_ARTIFACT = "split/seen_in_training.csv"
-
-
-@dataclass(frozen=True)
-class SeenImages:
-    """The images a model was trained or validated on, by file name and by content.
-
-    Attributes:
-        image_ids: their ``image_id``s.
-        sha256: their contents' sha256 (a renamed or re-exported copy is still recognised).
-    """
-
-    image_ids: frozenset[str]
-    sha256: frozenset[str]
-
-    @staticmethod
-    def table(frames: dict[str, pd.DataFrame]) -> str:
-        """The train and val split tables as :data:`SEEN_ARTIFACT`'s csv: ``image_id``, ``sha256``, ``split``.
-
-        Raises:
-            KeyError: a table lacks ``image_id`` or ``sha256``.
-        """
-        rows = [frame[["image_id", "sha256"]].assign(split=name) for name, frame in frames.items() if name != "test"]
-        return pd.concat(rows).sort_values(["split", "image_id"]).to_csv(index=False)
-
-    @classmethod
-    def from_table(cls, text: str, where: str) -> SeenImages:
-        """Reads :meth:`table`'s csv.
-
-        Raises:
-            SplitTableError: the csv lacks a column; the message names ``where`` it came from.
-        """
-        frame = pd.read_csv(io.StringIO(text), dtype=str)
-        if not {"image_id", "sha256"} <= set(frame.columns):
-            raise SplitTableError(f"{where}: columns image_id and sha256 expected, found {list(frame.columns)}")
-        return cls(frozenset(frame["image_id"].dropna()), frozenset(frame["sha256"].dropna()))
-
-    def among(self, image_ids: Sequence[str], sha256: Sequence[str] = (), groups: Sequence[str] = ()) -> np.ndarray | None:
-        """Which of a test split's images these are, themselves or through their group
-        (:meth:`EvaluatedSplit.seen_by`, and the detector's test split).
-
-        Args:
-            image_ids: each image's ``image_id``; empty: the split does not know them.
-            sha256: each image's content sha256, in the same order; empty: not known.
-            groups: each image's group of linked images, in the same order; empty: each its own.
-
-        Returns:
-            A boolean mask in the split's order; ``None`` without image ids, as what a model saw
-            cannot then be told.
-        """
-        if not image_ids:
-            return None
-        ids = np.array(image_ids, dtype=object)
-        hit = np.isin(ids, list(self.image_ids))
-        if sha256:
-            hit |= np.isin(np.array(sha256, dtype=object), list(self.sha256 - {""}))
-        linked = np.array(groups, dtype=object) if groups else ids
-        return np.isin(linked, list(set(linked[hit])))
 
 
 @dataclass(frozen=True)
@@ -215,7 +151,7 @@ class Evaluation:
         metrics: the training run's metrics (``test_*`` from the evaluate stage).
         split_fingerprint: the test split it was evaluated on (see :func:`split_fingerprint`).
         data_version: the dataset version (DVC md5 of ``data``) it was trained and evaluated on.
-        seen: the images it was trained and validated on (its run's :data:`SEEN_ARTIFACT`);
+        seen: the images it was trained and validated on (its run's :data:`fracture.seen.SEEN_ARTIFACT`);
             ``None``: its run did not record them (registered before the train stage did).
     """
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -44,12 +43,10 @@ from fracture.config import RegisterParams
 from fracture.consumer import loaded_version, predict_as_consumer
 from fracture.gate import (
     COMPARISON_TAGS,
-    SEEN_ARTIFACT,
     Comparison,
     EvaluatedSplit,
     Evaluation,
     GateCheck,
-    SeenImages,
     against_champion,
     compare,
     floors,
@@ -58,6 +55,7 @@ from fracture.inference import ServingConfig
 from fracture.model_card import version_description
 from fracture.packaging import log_pyfunc
 from fracture.scoring import load_check, scored_with_champion
+from fracture.seen import SEEN_ARTIFACT, SeenImages, seen_table
 from fracture.tracking import training_run
 from fracture.workspace import GIT_COMMIT_TAG, GIT_DIRTY_FILES_TAG
 
@@ -985,15 +983,6 @@ def _seen_in_training(client: MlflowClient, run_id: str) -> SeenImages | None:
     text = seen_table(client, run_id)
     return None if text is None else SeenImages.from_table(text, f"run {run_id}'s artifact {SEEN_ARTIFACT}")
 
-
-def seen_table(client: MlflowClient, run_id: str) -> str | None:
-    """Run ``run_id``'s :data:`SEEN_ARTIFACT` as its csv text (:meth:`SeenImages.table`), or ``None``
-    when the run did not record it; a store that cannot be read, or a run it lacks, raises."""
-    folder, _, _ = SEEN_ARTIFACT.rpartition("/")
-    if SEEN_ARTIFACT not in {f.path for f in client.list_artifacts(run_id, folder)}:
-        return None
-    with tempfile.TemporaryDirectory(prefix="fracture-seen-") as tmp:
-        return Path(client.download_artifacts(run_id, SEEN_ARTIFACT, tmp)).read_text()
 
 
 def _tag_value(value: Any) -> str:

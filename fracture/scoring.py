@@ -183,7 +183,7 @@ def scored_with_champion(
 
     A pair that cannot be scored gives no scores and a failed check, so the champion stays.
     Images the champion was trained or validated on (its run's list,
-    :data:`fracture.gate.SEEN_ARTIFACT`), and every image linked to one of them, are left out of
+    :data:`fracture.seen.SEEN_ARTIFACT`), and every image linked to one of them, are left out of
     both models' scores: after a grown export's split is drawn afresh, the champion would otherwise
     be scored on what it learnt, which favours it. When too few are left to rank (no image of a
     class), the pair is not compared and the check fails. A champion whose run does not list its

@@ -20,8 +20,8 @@ from safetensors.torch import load_file
 
 from fracture import checkpoint
 from fracture.config import load_params
-from fracture.gate import SEEN_ARTIFACT, SeenImages
 from fracture.model import profile_data_config
+from fracture.seen import SEEN_ARTIFACT, SeenImages
 from fracture.stages.train import run_key
 from fracture.training import member_checkpoint, train
 from tests.conftest import REPO, dvc, make_subset, pick_ids, run, shrink_params

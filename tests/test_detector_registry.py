@@ -29,9 +29,10 @@ from fracture.detector_registry import (
     register_detector,
     served_detections,
 )
-from fracture.gate import SEEN_ARTIFACT, SeenImages, split_fingerprint
+from fracture.gate import split_fingerprint
 from fracture.intake import InputPolicy
 from fracture.registry import CHALLENGER, CHAMPION, PREVIOUS_CHAMPION, RegistryError
+from fracture.seen import SEEN_ARTIFACT, SeenImages
 from tests.conftest import REPO
 from tests.synthetic import make_dataset, training_frame
 from tests.test_detection import CONFIG, xray_with_square

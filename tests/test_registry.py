@@ -35,10 +35,8 @@ from fracture.consumer import ConsumerAnswer, ConsumerError, predict_as_consumer
 from fracture.data_config import DataConfig
 from fracture.evaluation import delong_paired
 from fracture.gate import (
-    SEEN_ARTIFACT,
     EvaluatedSplit,
     PairedScores,
-    SeenImages,
     SplitTableError,
     against_champion,
     compare,
@@ -51,6 +49,7 @@ from fracture.registry import RegistryError
 from fracture.registry import register as register_isolated
 from fracture.registry import rollback as rollback_isolated
 from fracture.scoring import load_check, served_scores
+from fracture.seen import SEEN_ARTIFACT, SeenImages, SeenListError
 from fracture.stages import register as stage_register
 from fracture.stages.register import input_policy, run_register
 from fracture.workspace import EvaluateResult, TrainedModel, Workspace
@@ -835,7 +834,7 @@ def test_an_image_the_champion_saw_leaves_its_whole_group_out_of_the_comparison(
         "test": pd.DataFrame({"image_id": ["c"], "sha256": ["3"], "label": [0]}),
     })
     assert SeenImages.from_table(table, "t") == SeenImages(frozenset({"a", "b"}), frozenset({"1", "2"}))
-    with pytest.raises(SplitTableError, match="run r's artifact: columns image_id and sha256 expected"):
+    with pytest.raises(SeenListError, match="run r's artifact: columns image_id and sha256 expected"):
         SeenImages.from_table("image_id\na\n", "run r's artifact")
 
 

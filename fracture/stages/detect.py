@@ -35,9 +35,10 @@ from fracture.detection import (
 )
 from fracture.detector_registry import DetectorTestSplit, register_detector
 from fracture.evaluation import choose_threshold
-from fracture.gate import SEEN_ARTIFACT, SeenImages, split_fingerprint
+from fracture.gate import split_fingerprint
 from fracture.localisation import ImageBoxes, read_coco_boxes
-from fracture.registry import Registration, seen_table
+from fracture.registry import Registration
+from fracture.seen import SEEN_ARTIFACT, SeenImages, seen_table
 from fracture.split import split_groups
 from fracture.stages.register import input_policy
 from fracture.tracking import setup_mlflow
@@ -88,7 +89,7 @@ def run_detect_train(params: Params, workspace: Workspace) -> dict[str, object]:
     Writes ``outputs/detect/model.safetensors``, ``model.json`` (the detector's config, its best
     epoch, its MLflow run), ``history.json`` and ``excluded.csv``; logs the run to MLflow, tagged
     with the classifier's run, with the images it learnt from (:func:`seen_by_detector`) as its
-    :data:`fracture.gate.SEEN_ARTIFACT`.
+    :data:`fracture.seen.SEEN_ARTIFACT`.
 
     Returns:
         What ``model.json`` holds.
@@ -135,7 +136,7 @@ def run_detect_train(params: Params, workspace: Workspace) -> dict[str, object]:
 
 
 def seen_by_detector(workspace: Workspace, classifier_run_id: str, client: MlflowClient) -> str:
-    """The images the detector learns from, as its run's :data:`fracture.gate.SEEN_ARTIFACT` csv.
+    """The images the detector learns from, as its run's :data:`fracture.seen.SEEN_ARTIFACT` csv.
 
     Its own train and val split tables, every image of them (those left out for want of a box
     included): it trains on the one and keeps the epoch the other scores best. And every image

@@ -17,8 +17,8 @@ from safetensors.torch import save_file
 
 from fracture import checkpoint, distributed
 from fracture.config import ConfigError, Params
-from fracture.gate import SEEN_ARTIFACT, SeenImages
 from fracture.model import check_profile_frozen, require_versioned_weights
+from fracture.seen import SEEN_ARTIFACT, SeenImages
 from fracture.stages.prepare import active_cache, open_cache
 from fracture.tracking import hardware_tags, setup_mlflow
 from fracture.training import FitResult, fit_members, member_checkpoint, select_device
