@@ -164,7 +164,8 @@ def _replace_text(path: Path, write: Callable[[TextIO], None]) -> None:
     comments lost. So the text goes to a hidden file beside it, with the file's permissions, is
     synced to disk and then moved over it: a reader sees the old file or the new one, and a write
     that fails leaves the old one as it was and nothing beside it. A link to the file stays a link;
-    the file it names is replaced.
+    the file it names is replaced. Its owner and group are kept where this account may set them
+    (a shared checkout's group keeps its write access).
 
     Raises:
         OSError: the file could not be written (a full disk, a folder this account cannot write
@@ -177,6 +178,9 @@ def _replace_text(path: Path, write: Callable[[TextIO], None]) -> None:
     try:
         with os.fdopen(fd, "w") as out:
             os.fchmod(out.fileno(), mode)
+            owner = target.stat()
+            with contextlib.suppress(PermissionError):  # only root may give a file away; a group, its members
+                os.fchown(out.fileno(), owner.st_uid, owner.st_gid)
             write(out)
             out.flush()
             os.fsync(out.fileno())

@@ -368,8 +368,8 @@ def _gate(
         # A grown export draws its split afresh: the champion may have learnt some of these images,
         # or their near-duplicates, and would be scored on what it learnt.
         if left_out and not _fractured_among(split, ~seen):
-            checks += (GateCheck(
-                "scored with champion", False,
+            checks += (GateCheck(  # settled: not scored again until the champion or the split changes
+                "compared with champion", False,
                 f"champion v{champion} was trained or validated on {left_out} of this test split's "
                 f"{len(split.paths)} images (or on images linked to them), and the other "
                 f"{len(split.paths) - left_out} hold no fracture box: mAP@0.5 cannot rank the two, so they are not "

@@ -482,7 +482,7 @@ class _FolderLock:
     lock, and one warning in the log. An error of another kind (NFS's lock service: ENOLCK) costs
     only the report it came on the lock, and the next report tries again. The log warns of each
     such error once a run, not once a report (a share mounted without its lock service fails every
-    report of a batch of thousands), and counts the reports written without the lock, by error:
+    report of a batch of thousands), and counts the reports that went without the lock (written or not), by error:
     when the lock is held again (said once a run), and at the end of the run for those not counted
     there (:meth:`tell_unlocked`). The claims by rename and hard link (:func:`_set_aside`) still
     keep a damaged report whole, as they do against versions of this product that do not lock. In a
@@ -580,7 +580,7 @@ class _FolderLock:
 
     def _count(self) -> str:
         total = self.unlocked.total()
-        return (f"{total} of this run's reports written without holding the folder's lock {REPORT_LOCK} (" +
+        return (f"{total} of this run's reports went without the folder's lock {REPORT_LOCK} (" +
                 "; ".join(f"{reason}: {count}" for reason, count in self.unlocked.items()) + ")")
 
 

@@ -55,7 +55,7 @@ from fracture.inference import ServingConfig
 from fracture.model_card import version_description
 from fracture.packaging import log_pyfunc
 from fracture.scoring import load_check, scored_with_champion
-from fracture.seen import SEEN_ARTIFACT, SeenImages, seen_table
+from fracture.seen import SEEN_ARTIFACT, SeenImages, SeenListError, seen_table
 from fracture.tracking import training_run
 from fracture.workspace import GIT_COMMIT_TAG, GIT_DIRTY_FILES_TAG
 
@@ -398,7 +398,11 @@ def _ensure_version(
     run_id = run.info.run_id
     served = {k: _tag_value(provenance[k]) for k in SERVED}
     existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
-    rolled_back = next((v.tags[TAG_ROLLED_BACK] for v in existing if v.tags.get(TAG_ROLLED_BACK)), None)
+    # A version replaced by another version of the same run (chosen by hand after `serve` changed)
+    # is no rollback of the run: the run still serves.
+    versions = {str(v.version) for v in existing}
+    rolled_back = next((v.tags[TAG_ROLLED_BACK] for v in existing
+                        if v.tags.get(TAG_ROLLED_BACK) and v.tags.get("rolled_back_to") not in versions), None)
     current = [v for v in existing if _serves(v, served)]
     if current:
         mv = max(current, key=lambda v: int(v.version))
@@ -437,7 +441,7 @@ def _completed(
     requests after the version's creation, may lack them when that registration stopped in
     between, and is then reused as it is. Without the rollback it would be promoted again."""
     name, version = mv.name, str(mv.version)
-    if rolled_back and not mv.tags.get(TAG_ROLLED_BACK):
+    if rolled_back and not mv.tags.get(TAG_ROLLED_BACK) and CHAMPION not in mv.aliases:
         log.warning("%s version %s: its run was rolled back at %s; the version carries that over", name, version,
                     rolled_back)
         _tag_version(client, name, version, {TAG_ROLLED_BACK: rolled_back})
@@ -808,6 +812,18 @@ def rollback(
         log.warning("%s: finishing the hand pick of version %s that was stopped", name, current.version)
         _finish_choice(client, name, str(replaced.version), str(current.version))
         previous = replaced
+    picked = current.tags.get("rolled_back_to")
+    if replaced is None and picked and picked != _version_of(previous):
+        pick = _version_or_none(client, name, picked)
+        if pick is not None and pick.tags.get(TAG_DECISION) == CHOSEN and pick.tags.get(TAG_REPLACED) == str(current.version):
+            # A hand pick stopped before champion moved: the champion is tagged as replaced by it.
+            # Undoing the last change would demote a champion the pick never replaced.
+            raise RegistryError(
+                f"a hand pick of version {picked} in place of champion version {current.version} was stopped before "
+                f"champion moved: finish it with `fracture rollback --to {picked} --reason ...` (then a plain rollback "
+                "undoes it), or choose another version with --to; champion stays at version "
+                f"{current.version}"
+            )
     if previous is not None and str(previous.version) == str(current.version):
         # A rollback stopped after champion moved back: finish it rather than step further.
         demoted = client.search_model_versions(f"name = '{name}' and tags.rolled_back_to = '{current.version}'")
@@ -976,12 +992,21 @@ def _evaluation_of(client: MlflowClient, mv: ModelVersion) -> Evaluation:
 
 def _seen_in_training(client: MlflowClient, run_id: str) -> SeenImages | None:
     """The images run ``run_id`` trained and validated on (its :data:`SEEN_ARTIFACT`), or ``None``
-    when the run did not record them; a store that cannot be read raises, as every registry read does.
+    when the run did not record them, or its list cannot be read (damaged: warned, and the gate
+    compares on every image, as for a champion registered before runs recorded it); a store that
+    cannot be read raises, as every registry read does.
 
     A classifier's run or a detector's: both record the list (the detector's counts its backbone's
     images too, :func:`fracture.stages.detect.seen_by_detector`)."""
     text = seen_table(client, run_id)
-    return None if text is None else SeenImages.from_table(text, f"run {run_id}'s artifact {SEEN_ARTIFACT}")
+    if text is None:
+        return None
+    try:
+        return SeenImages.from_table(text, f"run {run_id}'s artifact {SEEN_ARTIFACT}")
+    except SeenListError as exc:
+        log.warning("%s: the gate cannot tell which test images that model learnt from, and scores it on every "
+                    "one, which may favour it", exc)
+        return None
 
 
 

@@ -212,8 +212,10 @@ def scored_with_champion(
         scores = scores.without(seen)
         kept = scores.labels
         if kept.sum() == 0 or kept.sum() == len(kept):
+            # Settled, unlike a pair that could not be scored: the same images give the same answer
+            # until the champion or the split changes, so it is not scored again on every run.
             return None, GateCheck(
-                "scored with champion", False, f"{detail}; champion v{v} was trained or validated on {int(seen.sum())} "
+                "compared with champion", False, f"{detail}; champion v{v} was trained or validated on {int(seen.sum())} "
                 f"of them (or on images linked to them), and the other {len(kept)} ({int(kept.sum())} fractured) "
                 "cannot rank the two: they are not compared, and the champion stays. Weigh the newcomer by its "
                 "cross-validated (out-of-fold) figures"
@@ -227,6 +229,7 @@ def scored_with_champion(
         # Against the split scored now: the candidate was evaluated on it (fracture.registry checks).
         detail += (
             "; the champion was evaluated on another test split or data version and may have been trained "
-            "on some of these images, which favours it (its run does not list the images it trained on)"
+            "on some of these images, which favours it (its run does not list the images it trained on, or the "
+            "list could not be read)"
         )
     return scores, GateCheck("scored with champion", True, detail), answer

@@ -59,9 +59,13 @@ class SeenImages:
         """Reads :meth:`table`'s csv.
 
         Raises:
-            SeenListError: the csv lacks a column; the message names ``where`` it came from.
+            SeenListError: the csv is empty, cannot be parsed or lacks a column; the message names
+                ``where`` it came from.
         """
-        frame = pd.read_csv(io.StringIO(text), dtype=str)
+        try:
+            frame = pd.read_csv(io.StringIO(text), dtype=str)
+        except (pd.errors.EmptyDataError, pd.errors.ParserError) as exc:
+            raise SeenListError(f"{where}: not a csv of image_id and sha256 ({exc})") from exc
         if not {"image_id", "sha256"} <= set(frame.columns):
             raise SeenListError(f"{where}: columns image_id and sha256 expected, found {list(frame.columns)}")
         return cls(frozenset(frame["image_id"].dropna()), frozenset(frame["sha256"].dropna()))

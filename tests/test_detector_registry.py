@@ -310,7 +310,7 @@ def test_a_champion_detector_that_learnt_every_fractured_test_image_is_not_compa
     assert new.decision == "challenger" and not scored
     assert str(client.get_model_version_by_alias("fracture-detector", CHAMPION).version) == first.version
     check = new.checks[-1]
-    assert check.name == "scored with champion" and not check.passed
+    assert check.name == "compared with champion" and not check.passed
     assert check.detail.startswith(f"champion v{first.version} was trained or validated on 4 of this test split's 6 "
                                    "images (or on images linked to them), and the other 2 hold no fracture box: "
                                    "mAP@0.5 cannot rank the two, so they are not compared, and the champion stays")

@@ -1466,7 +1466,7 @@ def test_a_lock_that_fails_for_every_report_is_warned_of_once_and_counted_at_the
     assert list(table["note"]) == ["", "", "", ""]
     assert [(record.levelname, record.getMessage()) for record in caplog.records] == [
         ("WARNING", _unlocked(folder, "No locks available")),
-        ("WARNING", f"{folder}: 4 of this run's reports written without holding the folder's lock {REPORT_LOCK} "
+        ("WARNING", f"{folder}: 4 of this run's reports went without the folder's lock {REPORT_LOCK} "
                     "(No locks available: 4)"),
     ]
     assert lets_go == []
@@ -1488,9 +1488,9 @@ def test_a_lock_that_fails_with_several_errors_is_warned_of_once_for_each_and_sa
     assert [(record.levelname, record.getMessage()) for record in caplog.records] == [
         ("WARNING", _unlocked(folder, "No locks available")),
         ("WARNING", _unlocked(folder, "Input/output error")),
-        ("INFO", f"{folder}: the folder's lock {REPORT_LOCK} is held again; 3 of this run's reports written without "
-                 f"holding the folder's lock {REPORT_LOCK} (No locks available: 2; Input/output error: 1)"),
-        ("WARNING", f"{folder}: 4 of this run's reports written without holding the folder's lock {REPORT_LOCK} "
+        ("INFO", f"{folder}: the folder's lock {REPORT_LOCK} is held again; 3 of this run's reports went without "
+                 f"the folder's lock {REPORT_LOCK} (No locks available: 2; Input/output error: 1)"),
+        ("WARNING", f"{folder}: 4 of this run's reports went without the folder's lock {REPORT_LOCK} "
                     "(No locks available: 3; Input/output error: 1)"),
     ]
     assert len(lets_go) == 2  # the fourth and sixth reports held it, and let go

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import stat
 from pathlib import Path
 
@@ -61,6 +62,17 @@ def test_set_profile_that_fails_midway_leaves_params_as_they_were_and_nothing_be
     assert failed.value.errno == errno.ENOSPC
     assert (tmp_path / "params.yaml").read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["params.yaml"]
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="only root may give a file away")
+def test_set_profile_keeps_the_files_owner_and_group(tmp_path):
+    """A shared checkout's params.yaml, owned by another account and group: replaced by root's flow
+    run, it stays theirs, so the group keeps its write access."""
+    (tmp_path / "params.yaml").write_text(shipped_params_text())
+    os.chown(tmp_path / "params.yaml", 65534, 65534)
+    assert set_profile(tmp_path, "cpu") is True
+    after = (tmp_path / "params.yaml").stat()
+    assert (after.st_uid, after.st_gid) == (65534, 65534)
 
 
 def test_set_profile_keeps_the_files_permissions_and_a_link_to_it(tmp_path):

@@ -44,6 +44,7 @@ from fracture.gate import (
     split_fingerprint,
 )
 from fracture.inference import ServingConfig
+from fracture.intake import InputPolicy
 from fracture.packaging import REQUIREMENTS, requirements
 from fracture.registry import RegistryError
 from fracture.registry import register as register_isolated
@@ -877,6 +878,22 @@ def test_test_images_the_champion_trained_on_are_left_out_of_the_comparison(clie
     assert (tags["gate_images"], tags["gate_images_left_out"]) == ("14", "6")
 
 
+def test_a_champion_whose_list_is_damaged_is_scored_on_every_image_with_a_warning(client, ranked, caplog):
+    """A list that cannot be read does not stop every weekly registration: the gate compares as it
+    did before runs recorded one, and says so."""
+    split, models = ranked
+    run_id = evaluated_run(0.99, data="old-version.dir")
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_text("", SEEN_ARTIFACT)
+    register(PARAMS, run_id, *models["random"], EvaluatedSplit(SPLIT_A, 10, split.check_image), client)
+    with caplog.at_level("WARNING", logger="fracture.registry"):
+        candidate = register(PARAMS, evaluated_run(0.90), *models["good"], split, client)
+    assert f"run {run_id}'s artifact {SEEN_ARTIFACT}: not a csv of image_id and sha256" in caplog.text
+    assert "scores it on every one, which may favour it" in caplog.text
+    assert candidate.comparison.auc.n_images == 20 and candidate.comparison.left_out == 0
+    assert "(its run does not list the images it trained on, or the list could not be read)" in candidate.checks[2].detail
+
+
 def test_a_champion_that_trained_on_every_fractured_test_image_is_not_compared_and_stays(client, ranked):
     split, models = ranked
     register(PARAMS, champion_that_trained_on(list(split.image_ids[:10])), *models["random"],
@@ -884,9 +901,11 @@ def test_a_champion_that_trained_on_every_fractured_test_image_is_not_compared_a
     candidate = register(PARAMS, evaluated_run(0.90), *models["good"], split, client)
     assert candidate.decision == "challenger" and aliases(client)["champion"] == "1"
     scored = candidate.checks[2]
-    assert scored.name == "scored with champion" and not scored.passed
+    assert scored.name == "compared with champion" and not scored.passed
     assert "the other 10 (0 fractured) cannot rank the two: they are not compared, and the champion stays" in scored.detail
-    assert "gate_images" not in client.get_model_version(NAME, candidate.version).tags
+    tags = client.get_model_version(NAME, candidate.version).tags
+    # Settled, unlike a pair that could not be scored: the next run does not score the two again.
+    assert "gate_images" not in tags and tags["gate_basis"]
 
 
 def test_a_run_evaluated_on_another_split_than_the_workspace_holds_is_not_registered(client, ranked):
@@ -1045,6 +1064,50 @@ def test_a_hand_pick_stopped_before_previous_champion_moves_is_finished_by_the_n
     assert not set(ROLLED_BACK) & set(client.get_model_version(NAME, "1").tags)
     with pytest.raises(RegistryError, match="already is champion"):
         rollback(NAME, client, "sign-off", to=1)
+
+
+def test_a_version_of_the_champions_run_chosen_by_hand_keeps_no_rollback_when_the_flow_registers_the_run_again(
+    client, ranked
+):
+    """After `serve` changed, the champion's run is a new version; chosen by hand (as the README
+    says), the version it replaced is tagged rolled back, but the run is not: the next flow run
+    finds the chosen champion as it is, not tagged rolled back."""
+    split, models = ranked
+    weights, config = models["good"]
+    run_id = evaluated_run(0.90)
+    assert register(PARAMS, run_id, weights, config, split, client).champion
+    tightened = dataclasses.replace(config, input=InputPolicy(max_rows=4, modalities=("DX",)))
+    assert register(PARAMS, run_id, weights, tightened, split, client).version == "2"
+    rollback(NAME, client, "serve the new checks", to=2)
+    again = register(PARAMS, run_id, weights, tightened, split, client)
+    assert (again.version, again.reason) == ("2", "already champion")
+    assert not set(ROLLED_BACK) & set(client.get_model_version(NAME, "2").tags)
+    assert aliases(client) == {"champion": "2", "previous-champion": "1"}
+
+
+def test_a_hand_pick_stopped_before_champion_moves_is_not_undone_by_a_plain_rollback(client, ranked, monkeypatch):
+    """The champion is already tagged as replaced by the pick: a plain rollback would demote a
+    champion the pick never replaced. It refuses, naming the pick to finish; the pick run again does."""
+    split, models = ranked
+    three_champions(client, split, models)
+    moves = client.set_registered_model_alias
+
+    def stopped(name, alias, version):
+        if alias == "champion":
+            raise KeyboardInterrupt
+        moves(name, alias, version)
+
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(client, "set_registered_model_alias", stopped)
+        rollback(NAME, client, "sign-off of version 1", to=1)
+    assert aliases(client) == {"champion": "3", "previous-champion": "2"}
+    with pytest.raises(RegistryError, match=r"a hand pick of version 1 in place of champion version 3 was stopped "
+                                            r"before champion moved: finish it with `fracture rollback --to 1"):
+        rollback(NAME, client, "undo")
+    assert aliases(client) == {"champion": "3", "previous-champion": "2"}
+    done = rollback(NAME, client, "sign-off of version 1", to=1)
+    assert (done.demoted, done.champion, done.previous_champion) == ("3", "1", "3")
+    assert aliases(client) == {"champion": "1", "previous-champion": "3"}
 
 
 def test_fracture_rollback_to_chooses_a_version_by_hand(client, ranked, tmp_path, monkeypatch, capsys):

@@ -38,7 +38,7 @@ from fracture.evaluation import choose_threshold
 from fracture.gate import split_fingerprint
 from fracture.localisation import ImageBoxes, read_coco_boxes
 from fracture.registry import Registration
-from fracture.seen import SEEN_ARTIFACT, SeenImages, seen_table
+from fracture.seen import SEEN_ARTIFACT, SeenImages, SeenListError, seen_table
 from fracture.split import split_groups
 from fracture.stages.register import input_policy
 from fracture.tracking import setup_mlflow
@@ -149,8 +149,7 @@ def seen_by_detector(workspace: Workspace, classifier_run_id: str, client: Mlflo
     tables drawn after the classifier was trained. A classifier run that lists nothing (trained
     before its runs did), or that the tracking store does not hold (warned), adds nothing.
 
-    Raises:
-        fracture.gate.SplitTableError: the classifier run's list lacks a column.
+    A classifier run's list that cannot be read (damaged) adds nothing either, with a warning.
     """
     frames = {name: workspace.read_split_table(name) for name in ("train", "val")}
     try:
@@ -163,7 +162,12 @@ def seen_by_detector(workspace: Workspace, classifier_run_id: str, client: Mlflo
                     "learnt besides", classifier_run_id, client.tracking_uri)
         inherited = None
     if inherited is not None:
-        SeenImages.from_table(inherited, f"classifier run {classifier_run_id}'s artifact {SEEN_ARTIFACT}")  # its columns
+        try:  # its columns
+            SeenImages.from_table(inherited, f"classifier run {classifier_run_id}'s artifact {SEEN_ARTIFACT}")
+        except SeenListError as exc:
+            log.warning("%s: the detector's run lists the images of its own train and val split tables only", exc)
+            inherited = None
+    if inherited is not None:
         backbone = pd.read_csv(io.StringIO(inherited), dtype=str)
         own = pd.concat(frames.values())
         listed = backbone["image_id"].isin(own["image_id"].astype(str)) & backbone["sha256"].isin(own["sha256"].astype(str))
