@@ -3,7 +3,9 @@
 The train stage (and the detector's) logs the list as :data:`SEEN_ARTIFACT`; the promotion gates
 read it from the champion's run and leave those test images, with every image linked to them,
 out of the comparison (:mod:`fracture.gate`, :mod:`fracture.detector_registry`). A module of its
-own, light to import, so that the train stage depends on this file and not on the gate's rules.
+own, light to import, so that the train stage loads none of the gate's rules; like
+:mod:`fracture.tracking` it is no DVC dependency of the stage (dvc.yaml's header), since it
+changes what is logged on the run, not the model.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ if TYPE_CHECKING:
 
 
 class SeenListError(ValueError):
-    """A run's list of the images its model learnt from lacks a column."""
+    """A run's list of the images its model learnt from cannot be read: empty, not a csv, or a column missing."""
 
 
 #: The training run's artifact that lists the images the model was trained and validated on
