@@ -493,14 +493,22 @@ def _record_provenance(client: MlflowClient, mv: ModelVersion, tags: dict[str, A
     return client.get_model_version(name, version)
 
 
+#: The version of the gate's comparison, part of every decision's basis (:func:`_basis`): raised
+#: when what the gate compares changes, so that a challenger an earlier gate decided is decided
+#: again. 2: the test images the champion learnt from are left out (:mod:`fracture.seen`).
+GATE_VERSION = 2
+
+
 def _basis(params: Any, current: ModelVersion | None, split: Any) -> str:
-    """What the gate's decision rests on: the champion, the test split and the rules in ``params``.
+    """What the gate's decision rests on: the champion, the test split, the rules in ``params`` and
+    the gate's own version (:data:`GATE_VERSION`).
 
     ``params``: :class:`RegisterParams`, or the detector's :class:`fracture.config.DetectParams`.
     """
     keys = ("confidence", "sensitivity_tolerance", "specificity_tolerance", "floors", "bootstrap_resamples")
     rules = {k: getattr(params, k) for k in keys if hasattr(params, k)}
-    return json.dumps({"champion": _version_of(current), "test_split": split.fingerprint} | rules, sort_keys=True)
+    basis = {"champion": _version_of(current), "test_split": split.fingerprint, "gate": GATE_VERSION}
+    return json.dumps(basis | rules, sort_keys=True)
 
 
 def _decided_before(mv: ModelVersion, current: ModelVersion | None, basis: str) -> _Outcome | None:

@@ -465,6 +465,12 @@ def test_a_challenger_registered_again_keeps_its_decision_until_the_champion_or_
     assert register(PARAMS, loser, *models["bad"], split, client).decision == "challenger" and len(scored) == 2
     assert register(PARAMS, loser, *models["bad"], split, client).decision == "unchanged" and len(scored) == 2
 
+    # Decided by an earlier gate, which scored a champion on the images it learnt from too: decided again.
+    basis = json.loads(client.get_model_version(NAME, "2").tags["gate_basis"])
+    client.set_model_version_tag(NAME, "2", "gate_basis", json.dumps(basis | {"gate": 1}, sort_keys=True))
+    assert register(PARAMS, loser, *models["bad"], split, client).decision == "challenger" and len(scored) == 3
+    assert json.loads(client.get_model_version(NAME, "2").tags["gate_basis"])["gate"] == registry_module.GATE_VERSION
+
     # Another champion: decided again, against it.
     register(PARAMS, evaluated_run(0.95), *models["random"], split, client)  # version 3, against v1
     client.set_registered_model_alias(NAME, "champion", "3")
