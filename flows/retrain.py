@@ -172,15 +172,14 @@ def _replace_text(path: Path, write: Callable[[TextIO], None]) -> None:
             to); ``path`` is unchanged.
     """
     target = path.resolve()
-    mode = stat.S_IMODE(target.stat().st_mode)
+    before = target.stat()
     fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
     partial = Path(name)
     try:
         with os.fdopen(fd, "w") as out:
-            os.fchmod(out.fileno(), mode)
-            owner = target.stat()
+            os.fchmod(out.fileno(), stat.S_IMODE(before.st_mode))
             with contextlib.suppress(PermissionError):  # only root may give a file away; a group, its members
-                os.fchown(out.fileno(), owner.st_uid, owner.st_gid)
+                os.fchown(out.fileno(), before.st_uid, before.st_gid)
             write(out)
             out.flush()
             os.fsync(out.fileno())
