@@ -218,7 +218,7 @@ def require_tracking_server(project: Path, say: Callable[[str], None] | None = N
     if urlparse(uri).scheme not in ("http", "https"):
         return
     creds = get_default_host_creds(uri)  # MLflow's TLS settings: MLFLOW_TRACKING_INSECURE_TLS and the like
-    attempts = max(1, TRACKING_CHECK_ATTEMPTS)
+    attempts = TRACKING_CHECK_ATTEMPTS
     for attempt in range(1, attempts + 1):
         try:
             answer = requests.get(
@@ -238,9 +238,9 @@ def require_tracking_server(project: Path, say: Callable[[str], None] | None = N
                 say(f"the MLflow tracking server at {uri} (MLFLOW_TRACKING_URI) does not answer ({reason}); "
                     f"asking again in {TRACKING_CHECK_PAUSE_S:g} s (attempt {attempt} of {attempts})")
             time.sleep(TRACKING_CHECK_PAUSE_S)
-    tries = f"{attempts} attempts, {TRACKING_CHECK_PAUSE_S:g} s apart" if attempts > 1 else "1 attempt"
     raise TrackingServerUnreachable(
-        f"the MLflow tracking server at {uri} (MLFLOW_TRACKING_URI) does not answer ({reason}) after {tries}. "
+        f"the MLflow tracking server at {uri} (MLFLOW_TRACKING_URI) does not answer ({reason}) after {attempts} "
+        f"attempts, {TRACKING_CHECK_PAUSE_S:g} s apart. "
         "Start that server, or set MLFLOW_TRACKING_URI to one that runs (unset it to use the project's own "
         "mlflow.db), then run again; nothing was changed"
     )
