@@ -56,9 +56,9 @@ class SeenImages:
         rows = [frame[["image_id", "sha256"]].assign(split=name) for name, frame in frames.items() if name != "test"]
         return pd.concat(rows).sort_values(["split", "image_id"]).to_csv(index=False)
 
-    @classmethod
-    def from_table(cls, text: str, where: str) -> SeenImages:
-        """Reads :meth:`table`'s csv.
+    @staticmethod
+    def rows(text: str, where: str) -> pd.DataFrame:
+        """:meth:`table`'s csv as its rows (every column as text).
 
         Raises:
             SeenListError: the csv is empty, cannot be parsed or lacks a column; the message names
@@ -70,6 +70,16 @@ class SeenImages:
             raise SeenListError(f"{where}: not a csv of image_id and sha256 ({exc})") from exc
         if not {"image_id", "sha256"} <= set(frame.columns):
             raise SeenListError(f"{where}: columns image_id and sha256 expected, found {list(frame.columns)}")
+        return frame
+
+    @classmethod
+    def from_table(cls, text: str, where: str) -> SeenImages:
+        """Reads :meth:`table`'s csv.
+
+        Raises:
+            SeenListError: as :meth:`rows`.
+        """
+        frame = cls.rows(text, where)
         return cls(frozenset(frame["image_id"].dropna()), frozenset(frame["sha256"].dropna()))
 
     def among(self, image_ids: Sequence[str], sha256: Sequence[str] = (), groups: Sequence[str] = ()) -> np.ndarray | None:

@@ -9,7 +9,6 @@ and listed with its reason in ``outputs/detect/excluded.csv``.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 from pathlib import Path
@@ -161,14 +160,13 @@ def seen_by_detector(workspace: Workspace, classifier_run_id: str, client: Mlflo
                     "lists the images of its own train and val split tables only, not the ones its backbone may have "
                     "learnt besides", classifier_run_id, client.tracking_uri)
         inherited = None
+    backbone = None
     if inherited is not None:
-        try:  # its columns
-            SeenImages.from_table(inherited, f"classifier run {classifier_run_id}'s artifact {SEEN_ARTIFACT}")
+        try:
+            backbone = SeenImages.rows(inherited, f"classifier run {classifier_run_id}'s artifact {SEEN_ARTIFACT}")
         except SeenListError as exc:
             log.warning("%s: the detector's run lists the images of its own train and val split tables only", exc)
-            inherited = None
-    if inherited is not None:
-        backbone = pd.read_csv(io.StringIO(inherited), dtype=str)
+    if backbone is not None:
         own = pd.concat(frames.values())
         listed = backbone["image_id"].isin(own["image_id"].astype(str)) & backbone["sha256"].isin(own["sha256"].astype(str))
         frames["backbone"] = backbone[~listed]
