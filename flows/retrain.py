@@ -7,15 +7,11 @@ Run it with ``python -m flows.retrain [--source PATH] [--profile NAME]`` from th
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import stat
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TextIO
 from urllib.parse import urlparse
 
 import requests
@@ -43,7 +39,7 @@ from fracture.config import (
 )
 from fracture.ingest import SOURCE_ENV
 from fracture.project_lock import project_lock as fracture_project_lock
-from fracture.workspace import Workspace
+from fracture.workspace import ASSIGNMENTS_FILE, Workspace, replace_text
 from tasks.pipeline import (
     DVC_STAGES,
     detect_register_task,
@@ -151,43 +147,8 @@ def set_profile(project: Path, profile: str) -> bool:
     if profile not in data["profiles"]:
         raise ValueError(f"{path}: no profile named '{profile}' (profiles: {list(data['profiles'])})")
     data["train"]["profile"] = profile
-    _replace_text(path, lambda out: yaml.dump(data, out))
+    replace_text(path, lambda out: yaml.dump(data, out))
     return True
-
-
-def _replace_text(path: Path, write: Callable[[TextIO], None]) -> None:
-    """Replaces the text file ``path`` with what ``write`` writes, all at once.
-
-    params.yaml is read at any time: by a scheduled run before it takes the project lock, by
-    ``dvc`` and by ``fracture`` commands. Written in place, a reader could meet half a file, and a
-    run stopped midway (a full disk, a kill) would leave it cut short, the user's settings and
-    comments lost. So the text goes to a hidden file beside it, with the file's permissions, is
-    synced to disk and then moved over it: a reader sees the old file or the new one, and a write
-    that fails leaves the old one as it was and nothing beside it. A link to the file stays a link;
-    the file it names is replaced. Its owner and group are kept where this account may set them
-    (a shared checkout's group keeps its write access).
-
-    Raises:
-        OSError: the file could not be written (a full disk, a folder this account cannot write
-            to); ``path`` is unchanged.
-    """
-    target = path.resolve()
-    before = target.stat()
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
-    partial = Path(name)
-    try:
-        with os.fdopen(fd, "w") as out:
-            os.fchmod(out.fileno(), stat.S_IMODE(before.st_mode))
-            with contextlib.suppress(PermissionError):  # only root may give a file away; a group, its members
-                os.fchown(out.fileno(), before.st_uid, before.st_gid)
-            write(out)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(partial, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            partial.unlink()
-        raise
 
 
 def require_tracking_server(project: Path, say: Callable[[str], None] | None = None) -> None:
@@ -331,11 +292,12 @@ def pinned_files(profile: Profile) -> tuple[str, ...]:
     """The files a commit must hold for `dvc repro` at that commit to rebuild a run's model.
 
     params.yaml (the run may have set ``train.profile``, which dvc.lock already records), the
-    data's and the stages' DVC files, and a ``weights: file`` profile's ``.dvc`` file, without
+    data's and the stages' DVC files, the splits ingest recorded (``split_assignments.csv``, a
+    dependency of the split stage), and a ``weights: file`` profile's ``.dvc`` file, without
     which that commit could not pull the pretrained weights.
     """
     weights = (f"{profile.weights_file}.dvc",) if profile.weights == "file" and profile.weights_file else ()
-    return (PARAMS_FILE, "data.dvc", "dvc.lock", "detect/dvc.lock", *weights)
+    return (PARAMS_FILE, "data.dvc", ASSIGNMENTS_FILE, "dvc.lock", "detect/dvc.lock", *weights)
 
 
 def commit_advice(pending: list[str], code: list[str]) -> str | None:

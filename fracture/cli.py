@@ -133,9 +133,12 @@ def ingest(
 ) -> None:
     """Bring the dataset into the project (ingest.dest); `dvc add data` versions it afterwards."""
     from fracture.ingest import EX_TEMPFAIL, DownloadError
-    from fracture.stages.ingest import run_ingest
+    from fracture.stages.ingest import record_split, run_ingest
 
     with _stage("ingest") as (params, workspace):
+        # Before the copy: should it fail, the split recorded is still the one the data had.
+        if recorded := record_split(params, workspace):
+            print(recorded)
         try:
             result = run_ingest(params, workspace, source)
         except DownloadError as exc:

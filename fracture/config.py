@@ -112,6 +112,9 @@ class SplitParams:
     test_size: float
     strategy: SplitStrategy = "stratified"
     stratify_body_part: bool = False
+    # Each image stays in the split split_assignments.csv names for it (fracture.split.ASSIGNMENTS_FILE),
+    # so a grown export keeps earlier images where they were; false: every run draws afresh.
+    keep: bool = True
 
 
 @dataclass(frozen=True)

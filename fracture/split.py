@@ -13,6 +13,11 @@ near-duplicate X-rays (the validate stage's ``near_duplicate_group``, :mod:`frac
 and one patient's images (``patient_id``: a hospital export's labels.csv column, else its DICOM
 files' Patient ID) joined into one, so neither a copy, nor a re-encoded or repeated exposure, nor
 another view of a test patient can sit in training.
+
+With ``split.keep`` the images :data:`ASSIGNMENTS_FILE` names stay in the split it records for
+them (by image id, else by content), their groups with them, and only the rest are drawn, with
+the same shares: when the export grows, earlier test images stay unseen by every later model.
+``fracture ingest`` records each split there before new data replaces it (:func:`keep_assignments`).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from sklearn.model_selection import train_test_split
 from fracture.config import SplitParams
 from fracture.manifest import ManifestError, body_part
 from fracture.near_duplicates import group_ids
+from fracture.workspace import ASSIGNMENTS_FILE, replace_text
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +45,7 @@ PUBLISHED_SUBDIR = Path("Utilities") / "Fracture Split"
 PUBLISHED_FILES = {"train": "train.csv", "val": "valid.csv", "test": "test.csv"}
 LABEL_NAMES = {0: "not fractured", 1: "fractured"}
 OTHER_PARTS = "other parts"
+ASSIGNMENT_COLUMNS = ("image_id", "sha256", "split")
 
 
 class SplitError(ValueError):
@@ -77,6 +84,13 @@ class SplitReport:
             patient's) with the most members: ``first_id``, ``images``, ``of`` (the included
             images) and ``above_share`` (its share is more than ``val_size`` or ``test_size``,
             so val's or test's size cannot come out as asked should the group go there).
+        kept: included images placed where :data:`ASSIGNMENTS_FILE` records them, per split
+            (with the members of their groups it does not name); empty when nothing was kept.
+        kept_moved: ids whose recorded split their group overrode (a new link joined groups
+            recorded in different splits; the group follows its first recorded member):
+            ``image_id``, ``recorded`` and ``assigned``.
+        kept_absent: ids the file names that are not among the included images (left out of
+            the export, or excluded by validation); they keep their row for when they return.
     """
 
     strategy: str
@@ -87,10 +101,24 @@ class SplitReport:
     listed_left_out: tuple[str, ...] = ()
     listed_not_fractured: tuple[str, ...] = ()
     largest_group: dict[str, Any] = field(default_factory=dict)
+    kept: dict[str, int] = field(default_factory=dict)
+    kept_moved: pd.DataFrame = field(
+        default_factory=lambda: pd.DataFrame(columns=["image_id", "recorded", "assigned"])
+    )
+    kept_absent: int = 0
 
     def summary(self) -> list[str]:
         """Human-readable lines: what the lists placed, what moved, what was left out."""
         lines = []
+        if self.kept:
+            counts = ", ".join(f"{name} {self.kept.get(name, 0)}" for name in SPLITS)
+            lines.append(f"kept where {ASSIGNMENTS_FILE} records them: {sum(self.kept.values())} images ({counts})")
+        if self.kept_absent:
+            lines.append(f"{ASSIGNMENTS_FILE} names {self.kept_absent} ids that are not among the included images")
+        for row in self.kept_moved.itertuples(index=False):
+            lines.append(
+                f"moved to keep its group together: {row.image_id} ({ASSIGNMENTS_FILE}: {row.recorded}) -> {row.assigned}"
+            )
         if self.strategy == "published":
             counts = ", ".join(f"{name} {self.published.get(name, 0)}" for name in SPLITS)
             lines.append(f"published lists placed {sum(self.published.values())} images ({counts})")
@@ -130,6 +158,9 @@ class SplitReport:
             "listed_left_out": list(self.listed_left_out),
             "listed_not_fractured": list(self.listed_not_fractured),
             "largest_group": dict(self.largest_group),
+            "kept": dict(self.kept),
+            "kept_moved": self.kept_moved.to_dict(orient="records"),
+            "kept_absent": self.kept_absent,
         }
 
 
@@ -144,7 +175,12 @@ class Splits(dict[str, pd.DataFrame]):
         self.report = report
 
 
-def split_manifest(manifest: pd.DataFrame, params: SplitParams, published_dir: Path | None = None) -> Splits:
+def split_manifest(
+    manifest: pd.DataFrame,
+    params: SplitParams,
+    published_dir: Path | None = None,
+    assigned: pd.DataFrame | None = None,
+) -> Splits:
     """Splits the included images into train, val and test.
 
     The unit of every decision is a group: byte-identical files (same ``sha256``),
@@ -180,11 +216,20 @@ def split_manifest(manifest: pd.DataFrame, params: SplitParams, published_dir: P
     * an included id a list names follows the list whatever its label
       (``report.listed_not_fractured`` names those labelled non-fractured).
 
+    ``assigned`` (:func:`read_assignments`, with ``split.keep``) comes before either strategy: an
+    included image it names by ``image_id``, else by ``sha256`` (a copy under a new name), stays
+    in the split it records, whatever its label now; its group follows its first recorded
+    member (by ``image_id``), and a member recorded elsewhere shows in ``report.kept_moved``.
+    The groups it places nothing of are drawn as above, from those groups only, with the same
+    shares (by strata, as the published strategy's rest), so when the export grows the earlier
+    images keep their split and val and test take their shares of the new ones.
+
     Args:
         manifest: the validated manifest (``image_id``, ``included``, ``label``, ``sha256``;
             with ``stratify_body_part`` also the flags hand, leg, hip, shoulder and mixed).
         params: strategy, seed, the val and test shares and whether to stratify by body part.
         published_dir: the ``Utilities/Fracture Split`` folder; read only for ``published``.
+        assigned: the recorded splits (``image_id``, ``sha256``, ``split``), or ``None``.
 
     Returns:
         The three frames, keyed ``train``, ``val``, ``test``, each sorted by ``image_id``;
@@ -203,12 +248,15 @@ def split_manifest(manifest: pd.DataFrame, params: SplitParams, published_dir: P
     used = manifest[manifest["included"]]
     used = used.assign(group=group_key(used))
     groups = _groups(used, params)
-    placed, found = (pd.Series(dtype=object), {}) if listed is None else _place_published(used, listed)
+    kept, kept_found = (pd.Series(dtype=object), {}) if assigned is None else _place_kept(used, assigned)
+    rest = used[~used["group"].isin(kept.index)]
+    placed, found = (pd.Series(dtype=object), {}) if listed is None else _place_published(rest, listed, used)
+    placed = pd.concat([kept, placed])
     drawn = groups.drop(index=placed.index)
     # Known before the draw: a group too large for val's or test's share is why a draw fails.
     largest = _largest(used, params)
     try:
-        if listed is None and not params.stratify_body_part:
+        if listed is None and kept.empty and not params.stratify_body_part:
             # Label-only stratification: the two scikit-learn calls (test, then val from the rest).
             drawn_where = _label_only(drawn, params)
         else:
@@ -221,7 +269,9 @@ def split_manifest(manifest: pd.DataFrame, params: SplitParams, published_dir: P
     assigned = used["group"].map(pd.concat([placed, drawn_where]))
     out = {name: used[assigned == name].sort_values("image_id").reset_index(drop=True) for name in SPLITS}
     _check_both_classes(out, used, params, largest)
-    report = SplitReport(params.strategy, _strata_table(drawn, drawn_where), **found, largest_group=largest)
+    report = SplitReport(
+        params.strategy, _strata_table(drawn, drawn_where), **found, **kept_found, largest_group=largest
+    )
     return Splits(out, report)
 
 
@@ -493,8 +543,15 @@ def _read_published(published_dir: Path | None) -> pd.Series:
     return listed.set_index("image_id")["split"]
 
 
-def _place_published(used: pd.DataFrame, listed: pd.Series) -> tuple[pd.Series, dict[str, Any]]:
-    """The split of each group a list places (by ``group``), and the report's list fields."""
+def _place_published(
+    used: pd.DataFrame, listed: pd.Series, included: pd.DataFrame | None = None
+) -> tuple[pd.Series, dict[str, Any]]:
+    """The split of each group a list places (by ``group``), and the report's list fields.
+
+    ``used`` holds the groups the lists may place; ``included`` (default ``used``) every included
+    image, so that an id placed otherwise (kept where it was recorded) is not reported as left out.
+    """
+    included = used if included is None else included
     rows = used.sort_values("image_id").assign(listed=lambda f: f["image_id"].map(listed))
     # A group follows its first listed member; the rest of it comes along.
     group_split = rows.dropna(subset=["listed"]).groupby("group")["listed"].first()
@@ -506,9 +563,95 @@ def _place_published(used: pd.DataFrame, listed: pd.Series) -> tuple[pd.Series, 
         "published": {name: int((placed["assigned"] == name).sum()) for name in SPLITS},
         "moved": moved.fillna({"listed": ""}).reset_index(drop=True),
         "unlisted_fractured": tuple(rows.loc[fractured & rows["listed"].isna(), "image_id"]),
-        "listed_left_out": tuple(sorted(set(listed.index) - set(used["image_id"]))),
+        "listed_left_out": tuple(sorted(set(listed.index) - set(included["image_id"]))),
         "listed_not_fractured": tuple(rows.loc[~fractured & rows["listed"].notna(), "image_id"]),
     }
+
+
+def _place_kept(used: pd.DataFrame, assigned: pd.DataFrame) -> tuple[pd.Series, dict[str, Any]]:
+    """The split of each group :data:`ASSIGNMENTS_FILE` places (by ``group``), and the report's fields."""
+    by_id = assigned.drop_duplicates("image_id").set_index("image_id")["split"]
+    contents = assigned[assigned["sha256"].fillna("") != ""].drop_duplicates("sha256")
+    by_content = contents.set_index("sha256")["split"]
+    rows = used.sort_values("image_id")
+    rows = rows.assign(recorded=rows["image_id"].map(by_id).fillna(rows["sha256"].map(by_content)))
+    group_split = rows.dropna(subset=["recorded"]).groupby("group")["recorded"].first()
+    rows["assigned"] = rows["group"].map(group_split)
+    placed = rows.dropna(subset=["assigned"])
+    moved = placed.loc[placed["recorded"].notna() & (placed["recorded"] != placed["assigned"])]
+    found: dict[str, Any] = {"kept_absent": len(set(by_id.index) - set(used["image_id"]))}
+    if not group_split.empty:
+        found["kept"] = {name: int((placed["assigned"] == name).sum()) for name in SPLITS}
+        found["kept_moved"] = moved[["image_id", "recorded", "assigned"]].reset_index(drop=True)
+    return group_split, found
+
+
+def read_assignments(path: Path) -> pd.DataFrame:
+    """The recorded splits in ``path`` (:data:`ASSIGNMENTS_FILE`): ``image_id``, ``sha256``, ``split``.
+
+    A missing file records nothing (an empty frame). ``sha256`` may be empty.
+
+    Raises:
+        SplitError: the file cannot be read, lacks a column, names a split other than train,
+            val or test, or names an id twice.
+    """
+    if not path.is_file():
+        return pd.DataFrame(columns=list(ASSIGNMENT_COLUMNS), dtype=str)
+    fix = (
+        f"restore it from git (git checkout -- {path.name}), or set split.keep: false to draw every image afresh"
+    )
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (OSError, ValueError) as exc:
+        raise SplitError(f"{path}: cannot be read as CSV ({exc}); {fix}") from exc
+    missing = [c for c in ("image_id", "split") if c not in frame.columns]
+    if missing:
+        raise SplitError(
+            f"{path}: no {' or '.join(repr(c) for c in missing)} column (columns: {list(frame.columns)}); "
+            f"its header is {','.join(ASSIGNMENT_COLUMNS)}; {fix}"
+        )
+    if "sha256" not in frame.columns:
+        frame["sha256"] = ""
+    frame = frame[list(ASSIGNMENT_COLUMNS)].apply(lambda column: column.str.strip())
+    wrong = frame[~frame["split"].isin(SPLITS) | (frame["image_id"] == "")]
+    if len(wrong):
+        rows = ", ".join(f"line {i + 2} ({r.image_id!r}: {r.split!r})" for i, r in zip(wrong.index[:5], wrong.itertuples()))
+        raise SplitError(
+            f"{path}: {len(wrong)} rows name no image id or a split other than {', '.join(SPLITS)}: {rows}; {fix}"
+        )
+    twice = sorted(frame.loc[frame["image_id"].duplicated(), "image_id"].unique())
+    if twice:
+        raise SplitError(f"{path}: ids named twice: {', '.join(twice[:10])}; keep one row per id, or {fix}")
+    return frame
+
+
+def keep_assignments(path: Path, tables: dict[str, pd.DataFrame]) -> tuple[int, int]:
+    """Records in ``path`` the split of each image of ``tables`` it does not name yet.
+
+    The rows already there stay as they are (an image keeps its first split), and the file is
+    replaced whole at once, so a failed write leaves the old one.
+
+    Args:
+        path: :data:`ASSIGNMENTS_FILE` in the project.
+        tables: a split's frames keyed ``train``, ``val``, ``test`` (``image_id``, ``sha256``).
+
+    Returns:
+        The rows added and the rows the file now holds.
+    """
+    recorded = read_assignments(path)
+    new = pd.concat(
+        [table.reindex(columns=["image_id", "sha256"]).assign(split=name) for name, table in tables.items()],
+        ignore_index=True,
+    ).fillna("")
+    new = new[~new["image_id"].isin(recorded["image_id"])].drop_duplicates("image_id")
+    if new.empty:
+        return 0, len(recorded)
+    merged = pd.concat([recorded, new[list(ASSIGNMENT_COLUMNS)]], ignore_index=True).sort_values(
+        "image_id", kind="stable"
+    )
+    path.touch(exist_ok=True)  # created with the umask's permissions, which replace_text then keeps
+    replace_text(path, lambda out: merged.to_csv(out, index=False, lineterminator="\n"))
+    return len(new), len(merged)
 
 
 def _strata_table(drawn: pd.DataFrame, where: pd.Series) -> pd.DataFrame:

@@ -10,11 +10,16 @@ Reading a file that is not there raises :class:`FileNotFoundError` naming the st
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import stat
 import subprocess
+import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 import pandas as pd
 
@@ -27,6 +32,9 @@ if TYPE_CHECKING:
     from fracture.validation import ValidationReport
 
 SPLITS = ("train", "val", "test")
+# Every image's split as first recorded (split.keep), at the project's root: a dependency of the
+# split stage and a file to commit with dvc.lock, as params.yaml is (fracture.split).
+ASSIGNMENTS_FILE = "split_assignments.csv"
 #: The MLflow tags naming the code a run ran: the commit, and the files that differ from it.
 GIT_COMMIT_TAG, GIT_DIRTY_FILES_TAG = "git_commit", "git_dirty_files"
 #: Tracked files the pipeline and the flow write (git pathspec globs, relative to the project): a
@@ -42,6 +50,41 @@ def write_json(path: Path, data: Any) -> None:
     """Writes ``data`` as sorted, indented JSON with a final newline (stable bytes for DVC)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def replace_text(path: Path, write: Callable[[TextIO], None]) -> None:
+    """Replaces the text file ``path`` with what ``write`` writes, all at once.
+
+    params.yaml and split_assignments.csv are read at any time: by a scheduled run before it takes
+    the project lock, by ``dvc`` and by ``fracture`` commands. Written in place, a reader could
+    meet half a file, and a run stopped midway (a full disk, a kill) would leave it cut short. So
+    the text goes to a hidden file beside it, with the file's permissions, is synced to disk and
+    then moved over it: a reader sees the old file or the new one, and a write that fails leaves
+    the old one as it was and nothing beside it. A link to the file stays a link; the file it names
+    is replaced. Its owner and group are kept where this account may set them (a shared
+    checkout's group keeps its write access).
+
+    Raises:
+        OSError: the file could not be written (a full disk, a folder this account cannot write
+            to); ``path`` is unchanged.
+    """
+    target = path.resolve()
+    before = target.stat()
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+    partial = Path(name)
+    try:
+        with os.fdopen(fd, "w") as out:
+            os.fchmod(out.fileno(), stat.S_IMODE(before.st_mode))
+            with contextlib.suppress(PermissionError):  # only root may give a file away; a group, its members
+                os.fchown(out.fileno(), before.st_uid, before.st_gid)
+            write(out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(partial, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            partial.unlink()
+        raise
 
 
 def _read_json(path: Path, stage: str) -> Any:
@@ -327,6 +370,11 @@ class Workspace:
     @property
     def split_report(self) -> Path:
         return self.split_dir / "report.json"
+
+    @property
+    def split_assignments(self) -> Path:
+        """Each image's split as first recorded: :data:`ASSIGNMENTS_FILE` (:mod:`fracture.split`)."""
+        return self.root / ASSIGNMENTS_FILE
 
     # prepare
     @property

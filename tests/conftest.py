@@ -22,7 +22,9 @@ if TYPE_CHECKING:
 
 REPO = Path(__file__).resolve().parents[1]
 FRACATLAS = (REPO.parent / "shared" / "fracatlas").resolve()
-PROJECT_FILES = ("dvc.yaml", "params.yaml", ".dvcignore", "pretrained/README.md")  # the train stage depends on pretrained/
+PROJECT_FILES = (  # the train stage depends on pretrained/, the split stage on split_assignments.csv
+    "dvc.yaml", "params.yaml", ".dvcignore", "pretrained/README.md", "split_assignments.csv"
+)
 #: FracAtlas's fracture boxes (COCO JSON), where params.yaml's evaluate.boxes points.
 COCO_BOXES = Path("Annotations/COCO JSON/COCO_fracture_masks.json")
 

@@ -445,7 +445,7 @@ def calls(root: Path) -> list[str]:
 def test_dvc_runs_crossval_only_when_its_file_is_named(tmp_path, monkeypatch):
     """With the real dvc and the real pipeline files: a root `dvc repro` never runs crossval; naming
     crossval/dvc.yaml runs it from the repository root, with params from the root params.yaml."""
-    for name in ("dvc.yaml", "params.yaml", "crossval/dvc.yaml", "pretrained/README.md"):
+    for name in ("dvc.yaml", "params.yaml", "crossval/dvc.yaml", "pretrained/README.md", "split_assignments.csv"):
         (tmp_path / name).parent.mkdir(exist_ok=True)
         shutil.copy(REPO / name, tmp_path / name)
     shutil.copytree(REPO / "fracture", tmp_path / "fracture", ignore=shutil.ignore_patterns("__pycache__"))

@@ -10,10 +10,12 @@ import sys
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 import pytest
 import yaml
 
 from fracture.versions import STATUS_COMPARED, compare_with_previous
+from fracture.workspace import ASSIGNMENTS_FILE, SPLITS
 from tests.conftest import dvc, make_subset, pick_ids, run
 from tests.synthetic import write_image
 from tests.test_versions import dataset, first_version, isolate, manifest  # noqa: F401 - a committed tiny DVC dataset
@@ -54,7 +56,10 @@ def test_added_images_are_a_new_version_that_reruns_validate_onward(project, fra
     # A new version of the source: four more images, as a hospital's next export would add.
     added = pick_ids(fracatlas, 14, 30)[12:14] + pick_ids(fracatlas, 14, 30)[-2:]
     v2 = make_subset(fracatlas, tmp_path / "v2", pick_ids(fracatlas, 14, 30))
-    fracture(project, "ingest", "--source", str(v2))
+    v1_split = {name: set(pd.read_csv(project / "outputs" / "split" / f"{name}.csv")["image_id"]) for name in SPLITS}
+    ingested = fracture(project, "ingest", "--source", str(v2))
+    # The split v1's model was trained and tested on is recorded before the new data comes in.
+    assert f"recorded the split of {sum(map(len, v1_split.values()))} more images in {ASSIGNMENTS_FILE}" in ingested
     status = dvc(project, "status", "data.dvc")
     assert "modified:" in status and "data" in status
 
@@ -65,6 +70,9 @@ def test_added_images_are_a_new_version_that_reruns_validate_onward(project, fra
     repro = dvc(project, "repro", "train")
     for stage in ("validate", "split", "prepare", "train"):
         assert f"Running stage '{stage}'" in repro
+    # Every v1 image stays where it was; only the added ones are drawn.
+    v2_split = {name: set(pd.read_csv(project / "outputs" / "split" / f"{name}.csv")["image_id"]) for name in SPLITS}
+    assert all(v1_split[name] <= v2_split[name] for name in SPLITS)
 
     v2_md5 = data_md5(project)
     inputs = dataset_inputs(project)

@@ -18,9 +18,12 @@ from fracture.split import (
     PUBLISHED_FILES,
     SPLITS,
     SplitError,
+    keep_assignments,
     published_dir_of,
+    read_assignments,
     split_manifest,
 )
+from fracture.workspace import ASSIGNMENTS_FILE
 
 PARAMS = SplitParams(seed=7, val_size=0.15, test_size=0.15)
 SHARES = {"train": 0.7, "val": 0.15, "test": 0.15}
@@ -396,3 +399,134 @@ def test_a_split_that_fails_for_a_group_too_large_names_the_group_and_its_links(
         assert f"{linked} of the 40 included images are linked into one group (first id IMG00000_0.jpg)" in message
         assert "patient_id" in message and "near_duplicate_threshold" in message
         assert "add images" not in message and "raise split.val_size" not in message
+
+
+# --- split.keep: a grown export keeps each recorded image where it was -------------------------
+
+
+def recorded(tmp_path: Path, splits: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """The splits as ``fracture ingest`` records them before new data comes in, read back."""
+    path = tmp_path / ASSIGNMENTS_FILE
+    keep_assignments(path, splits)
+    return read_assignments(path)
+
+
+def test_a_grown_export_keeps_every_recorded_image_and_draws_the_new_ones(tmp_path):
+    grown = manifest_from([(1 if g % 5 == 0 else 0, 1 + (g % 7 == 0) if g < 200 else 1) for g in range(280)])
+    is_new = grown["image_id"].str[3:8].astype(int) >= 200
+    first, new = grown[~is_new], grown[is_new]
+    before = split_of(split_manifest(first, PARAMS))
+
+    # Drawn afresh, growth moves earlier images between splits: a later model trains on images an
+    # earlier one was tested on.
+    afresh = split_of(split_manifest(grown, PARAMS))
+    assert any(afresh[i] != where for i, where in before.items())
+
+    splits = split_manifest(grown, PARAMS, None, recorded(tmp_path, split_manifest(first, PARAMS)))
+    after = split_of(splits)
+    assert_partition(grown, splits)
+    assert {i: after[i] for i in before} == before
+    # The 80 new images take the shares of their own draw: ceil(0.15 * 80) = 12 to test, then
+    # ceil(0.15 / 0.85 * 68) = 12 of the rest to val.
+    drawn = pd.Series({i: after[i] for i in new["image_id"]}).value_counts()
+    assert drawn["test"] == 12 and drawn["val"] == 12 and drawn["train"] == 56
+    assert splits.report.kept == {name: int((pd.Series(before) == name).sum()) for name in SPLITS}
+    assert splits.report.kept_absent == 0 and splits.report.kept_moved.empty
+    assert splits.report.to_dict()["kept"] == splits.report.kept
+    assert any(line.startswith(f"kept where {ASSIGNMENTS_FILE} records them: {len(before)} images")
+               for line in splits.report.summary())
+
+
+def test_an_empty_record_draws_as_before(tmp_path):
+    manifest = manifest_from([(1 if g % 5 == 0 else 0, 1) for g in range(120)])
+    empty = read_assignments(tmp_path / ASSIGNMENTS_FILE)  # no file: nothing recorded
+    assert empty.empty
+    assert split_of(split_manifest(manifest, PARAMS, None, empty)) == split_of(split_manifest(manifest, PARAMS))
+
+
+def test_a_new_link_between_recorded_splits_keeps_the_group_whole_and_says_so(tmp_path):
+    first = manifest_from([(1 if g % 5 == 0 else 0, 1) for g in range(100)])
+    where = split_of(split_manifest(first, PARAMS))
+    in_test = min(i for i, s in where.items() if s == "test")
+    in_train = max(i for i, s in where.items() if s == "train")
+    # The new export names one patient on the two: they must now share a split.
+    grown = first.assign(patient_id=pd.array(
+        ["P1" if i in (in_test, in_train) else pd.NA for i in first["image_id"]], dtype="string"))
+    splits = split_manifest(grown, PARAMS, None, recorded(tmp_path, split_manifest(first, PARAMS)))
+    after = split_of(splits)
+    first_recorded = min(in_test, in_train)
+    assert after[in_test] == after[in_train] == where[first_recorded]
+    other = max(in_test, in_train)
+    assert splits.report.kept_moved.to_dict(orient="records") == [
+        {"image_id": other, "recorded": where[other], "assigned": where[first_recorded]}
+    ]
+    assert f"moved to keep its group together: {other} ({ASSIGNMENTS_FILE}: {where[other]})" in "\n".join(
+        splits.report.summary())
+
+
+def test_a_recorded_image_under_a_new_name_keeps_its_split_and_a_removed_one_is_counted(tmp_path):
+    first = manifest_from([(1 if g % 5 == 0 else 0, 1) for g in range(100)])
+    where = split_of(split_manifest(first, PARAMS))
+    tested = sorted(i for i, s in where.items() if s == "test")
+    renamed = first.copy()
+    renamed.loc[renamed["image_id"] == tested[0], "image_id"] = "ZZZ_renamed.jpg"  # same content, new id
+    renamed = renamed[renamed["image_id"] != tested[1]]  # gone from the export
+    splits = split_manifest(renamed, PARAMS, None, recorded(tmp_path, split_manifest(first, PARAMS)))
+    assert split_of(splits)["ZZZ_renamed.jpg"] == "test"
+    assert splits.report.kept_absent == 2  # the old name and the removed image
+    assert f"{ASSIGNMENTS_FILE} names 2 ids that are not among the included images" in splits.report.summary()
+
+
+def test_recording_keeps_each_image_s_first_split_and_adds_the_new(tmp_path):
+    path = tmp_path / ASSIGNMENTS_FILE
+    table = lambda *ids: pd.DataFrame({"image_id": list(ids), "sha256": [f"h{i}" for i in ids], "label": 0})  # noqa: E731
+    assert keep_assignments(path, {"train": table("a", "b"), "val": table("c"), "test": table("d")}) == (4, 4)
+    # The next split placed "a" in test and added "e": "a" keeps its first split.
+    assert keep_assignments(path, {"train": table("b", "e"), "val": table("c"), "test": table("a", "d")}) == (1, 5)
+    assert path.read_text() == "image_id,sha256,split\na,ha,train\nb,hb,train\nc,hc,val\nd,hd,test\ne,he,train\n"
+    assert keep_assignments(path, {"train": table("a", "b"), "val": table("c"), "test": table("d")}) == (0, 5)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("image_id,sha256,split\na,ha,train\nb,hb,holdout\n", r"line 3 \('b': 'holdout'\)"),
+        ("image_id,sha256\na,ha\n", r"no 'split' column"),
+        ("image_id,sha256,split\na,ha,train\na,hb,test\n", r"ids named twice: a"),
+    ],
+    ids=["unknown split", "no split column", "id twice"],
+)
+def test_a_damaged_record_is_refused_naming_the_file_and_the_fix(tmp_path, text, message):
+    path = tmp_path / ASSIGNMENTS_FILE
+    path.write_text(text)
+    with pytest.raises(SplitError, match=message) as caught:
+        read_assignments(path)
+    assert str(path) in str(caught.value) and "split.keep: false" in str(caught.value)
+
+
+def test_ingest_records_the_project_s_split_once_and_warns_when_dvc_lock_names_one_it_lacks(tmp_path):
+    import dataclasses
+
+    from fracture.config import load_params
+    from fracture.stages.ingest import record_split
+    from fracture.workspace import Workspace
+    from tests.conftest import REPO
+
+    params, workspace = load_params(REPO), Workspace(tmp_path)
+    assert record_split(params, workspace) is None  # a new project: no split to keep
+    (tmp_path / "dvc.lock").write_text("stages:\n  split:\n    outs:\n    - path: outputs/split/test.csv\n")
+    assert "`dvc pull outputs/split` before ingesting keeps them" in record_split(params, workspace)
+
+    manifest = manifest_from([(1 if g % 5 == 0 else 0, 1) for g in range(60)])
+    splits = split_manifest(manifest, PARAMS)
+    workspace.write_split(splits, splits.report.to_dict())
+    assert record_split(params, workspace) == (
+        f"recorded the split of 60 more images in {ASSIGNMENTS_FILE} (60 in all): they keep it when the new "
+        "data is split; commit it with dvc.lock"
+    )
+    recorded_split = read_assignments(workspace.split_assignments).set_index("image_id")["split"].to_dict()
+    assert recorded_split == split_of(splits)
+    assert record_split(params, workspace) is None  # each image keeps its first row
+    off = dataclasses.replace(params, split=dataclasses.replace(params.split, keep=False))
+    (tmp_path / ASSIGNMENTS_FILE).unlink()
+    assert record_split(off, workspace) is None and not (tmp_path / ASSIGNMENTS_FILE).exists()

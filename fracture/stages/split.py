@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from fracture.config import Params
-from fracture.split import Splits, published_dir_of, split_manifest
+from fracture.split import Splits, published_dir_of, read_assignments, split_manifest
 from fracture.workspace import SplitResult, Workspace
 
 
 def run_split(params: Params, workspace: Workspace) -> tuple[SplitResult, Splits]:
     """Splits the included images (``split`` in params) and writes the tables and the report.
+
+    With ``split.keep``, the images the project's ``split_assignments.csv`` names stay in the
+    split it records.
 
     Returns:
         The sizes written, and the frames with the report of how they were drawn.
@@ -16,5 +19,6 @@ def run_split(params: Params, workspace: Workspace) -> tuple[SplitResult, Splits
     manifest = workspace.read_manifest()
     dataset = workspace.root / params.ingest.dest
     published = published_dir_of(dataset) if params.split.strategy == "published" else None
-    splits = split_manifest(manifest, params.split, published)
+    assigned = read_assignments(workspace.split_assignments) if params.split.keep else None
+    splits = split_manifest(manifest, params.split, published, assigned)
     return workspace.write_split(splits, splits.report.to_dict()), splits
