@@ -31,7 +31,9 @@ LIMITATIONS = (
 
 SELECTION_PROTOCOL = (
     "The split keeps byte-identical files and near-duplicate X-rays in one group, and every group "
-    "in one of train, val and test (stratified by label).",
+    "in one of train, val and test (stratified by label). With `split.keep` (the default), when the "
+    "data grows every earlier image keeps its split (`split_assignments.csv`) and only new images "
+    "are drawn, so no later model trains on an earlier model's test images.",
     "Recipe choices (learning rate, epochs, input size, aspect, augmentation, class balance, "
     "test-time augmentation, networks averaged) are made on the validation split (`dvc exp run train -S ...`) or by "
     "k-fold cross-validation on train+val, grouped and stratified like the split "
