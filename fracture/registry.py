@@ -914,6 +914,7 @@ def _choose(client: MlflowClient, name: str, current: ModelVersion, version: str
             f"could not load it either, so champion stays at version {champion}. If the tracking server is down, "
             "run again when it answers; otherwise choose another version"
         ) from failure
+    _drop_stopped_pick(client, name, current, version)
     when, why = _now(), reason or "not given"
     # As in a rollback, everything is written before champion moves, and the demoted version first:
     # a pick stopped at any point leaves no untagged demoted version, and a chosen version that
@@ -929,6 +930,24 @@ def _choose(client: MlflowClient, name: str, current: ModelVersion, version: str
         client.delete_registered_model_alias(name, CHALLENGER)
     client.set_registered_model_alias(name, CHAMPION, version)
     return _finish_choice(client, name, champion, version)
+
+
+def _drop_stopped_pick(client: MlflowClient, name: str, current: ModelVersion, version: str) -> None:
+    """Removes the choice tags of a hand pick of another version stopped before ``champion`` moved.
+
+    Such a pick tagged the champion ``current`` as replaced by it and itself ``chosen``, but never
+    became champion; when another version is chosen instead, it would keep a ``gate_decision`` and
+    ``gate_reason`` that say it was. A pick that became champion and was rolled back is the
+    ``previous-champion``, and keeps its record.
+    """
+    stopped = current.tags.get("rolled_back_to")
+    if not stopped or stopped == version or stopped == _version_of(_alias(client, name, PREVIOUS_CHAMPION)):
+        return
+    pick = _version_or_none(client, name, stopped)
+    if pick is not None and pick.tags.get(TAG_DECISION) == CHOSEN and pick.tags.get(TAG_REPLACED) == str(current.version):
+        log.warning("%s: the hand pick of version %s was stopped before champion moved; its choice is undone",
+                    name, stopped)
+        _untag_version(client, name, stopped, (TAG_DECISION, TAG_REASON, TAG_REPLACED))
 
 
 def _unfinished_choice(

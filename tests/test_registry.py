@@ -1116,6 +1116,32 @@ def test_a_hand_pick_stopped_before_champion_moves_is_not_undone_by_a_plain_roll
     assert aliases(client) == {"champion": "1", "previous-champion": "3"}
 
 
+def test_another_version_picked_after_a_stopped_pick_leaves_the_first_without_its_choice(client, ranked, monkeypatch):
+    """A pick of version 1 stopped before champion moved, then version 2 picked instead: version 1
+    never became champion, so it no longer says it was chosen in place of the champion."""
+    split, models = ranked
+    three_champions(client, split, models)
+    moves = client.set_registered_model_alias
+
+    def stopped(name, alias, version):
+        if alias == "champion":
+            raise KeyboardInterrupt
+        moves(name, alias, version)
+
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(client, "set_registered_model_alias", stopped)
+        rollback(NAME, client, "sign-off of version 1", to=1)
+    assert client.get_model_version(NAME, "1").tags["gate_decision"] == "chosen"
+    done = rollback(NAME, client, "sign-off of version 2 instead", to=2)
+    assert (done.demoted, done.champion) == ("3", "2")
+    first = client.get_model_version(NAME, "1").tags
+    assert "replaced_version" not in first and first.get("gate_decision") != "chosen"
+    assert "chosen by hand" not in first.get("gate_reason", "")
+    second = client.get_model_version(NAME, "2").tags
+    assert second["gate_decision"] == "chosen" and second["replaced_version"] == "3"
+    assert client.get_model_version(NAME, "3").tags["rolled_back_to"] == "2"
+
+
 def test_fracture_rollback_to_chooses_a_version_by_hand(client, ranked, tmp_path, monkeypatch, capsys):
     split, models = ranked
     for model in ("bad", "good"):
