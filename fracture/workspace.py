@@ -39,7 +39,7 @@ ASSIGNMENTS_FILE = "split_assignments.csv"
 GIT_COMMIT_TAG, GIT_DIRTY_FILES_TAG = "git_commit", "git_dirty_files"
 #: Tracked files the pipeline and the flow write (git pathspec globs, relative to the project): a
 #: change to them is not a change to the code. The flow's closing advice names them when uncommitted.
-PIPELINE_WRITTEN = ("**/dvc.lock", "**/*.dvc", "**/.gitignore", "params.yaml")
+PIPELINE_WRITTEN = ("**/dvc.lock", "**/*.dvc", "**/.gitignore", "params.yaml", ASSIGNMENTS_FILE)
 #: How much of the dirty file list a ``git_dirty_files`` tag holds (MLflow takes up to 8000 characters).
 _DIRTY_TAG_CHARS = 1000
 #: Columns the split tables are read with as text (ids like ``IMG0000019.jpg``, hashes).
@@ -513,7 +513,8 @@ class Workspace:
 
         Paths are relative to the project, as ``git add`` typed there takes them. Untracked files
         are left out, and so are the files the pipeline and the flow write themselves
-        (:data:`PIPELINE_WRITTEN`: ``dvc.lock``, ``.dvc`` files, params.yaml's ``train.profile``),
+        (:data:`PIPELINE_WRITTEN`: ``dvc.lock``, ``.dvc`` files, params.yaml's ``train.profile``,
+        the splits ingest records),
         which the flow's closing advice names anyway. ``[]`` outside git.
         """
         return status_paths(self.root, "--untracked-files=no", "--", ".",

@@ -108,7 +108,7 @@ def checkout(tmp_path):
     """A committed project inside a git repository (in a folder of it, as a monorepo holds one)."""
     project = tmp_path / "repo" / "project"
     files = ("fracture/training.py", "flows/retrain.py", "tasks/pipeline.py", "dvc.yaml", "dvc.lock",
-             "params.yaml", "data.dvc", "detect/dvc.lock", ".gitignore", "README.md")
+             "params.yaml", "data.dvc", "detect/dvc.lock", ".gitignore", "README.md", "split_assignments.csv")
     for name in files:
         (project / name).parent.mkdir(parents=True, exist_ok=True)
         (project / name).write_text("1\n")
@@ -123,7 +123,7 @@ def test_a_clean_tree_is_tagged_with_its_commit_alone(checkout, tmp_path):
     ws = Workspace(checkout)
     assert ws.git_commit() == head and ws.git_tags() == {"git_commit": head} and ws.git_dirty_files() == []
     # What the pipeline and the flow write themselves, and files git does not track, leave it clean.
-    for name in ("dvc.lock", "params.yaml", "data.dvc", "detect/dvc.lock", ".gitignore"):
+    for name in ("dvc.lock", "params.yaml", "data.dvc", "detect/dvc.lock", ".gitignore", "split_assignments.csv"):
         with (checkout / name).open("a") as f:
             f.write("2\n")
     (checkout / "fracture" / "scratch.py").write_text("untracked\n")
