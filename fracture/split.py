@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,8 +88,8 @@ class SplitReport:
         kept: included images placed where :data:`ASSIGNMENTS_FILE` records them, per split
             (with the members of their groups it does not name); empty when nothing was kept.
         kept_moved: ids whose recorded split their group overrode (a new link joined groups
-            recorded in different splits; the group follows its first recorded member):
-            ``image_id``, ``recorded`` and ``assigned``.
+            recorded in different splits; the group goes to the split nearest test among
+            theirs): ``image_id``, ``recorded`` and ``assigned``.
         kept_absent: ids the file names that are not among the included images (left out of
             the export, or excluded by validation); they keep their row for when they return.
     """
@@ -218,11 +219,12 @@ def split_manifest(
 
     ``assigned`` (:func:`read_assignments`, with ``split.keep``) comes before either strategy: an
     included image it names by ``image_id``, else by ``sha256`` (a copy under a new name), stays
-    in the split it records, whatever its label now; its group follows its first recorded
-    member (by ``image_id``), and a member recorded elsewhere shows in ``report.kept_moved``.
-    The groups it places nothing of are drawn as above, from those groups only, with the same
-    shares (by strata, as the published strategy's rest), so when the export grows the earlier
-    images keep their split and val and test take their shares of the new ones.
+    in the split it records, whatever its label now, and its group with it. A group whose members
+    are recorded in different splits (a new link joined them) goes to the one nearest test
+    (test, then val, then train), and the members recorded elsewhere show in
+    ``report.kept_moved``. Of the groups it places nothing of, test and then val take, per label,
+    what their shares of all the groups lack among the kept ones (:func:`_fill`), and train the
+    rest: when the export grows the earlier images keep their split, and the shares hold.
 
     Args:
         manifest: the validated manifest (``image_id``, ``included``, ``label``, ``sha256``;
@@ -256,7 +258,10 @@ def split_manifest(
     # Known before the draw: a group too large for val's or test's share is why a draw fails.
     largest = _largest(used, params)
     try:
-        if listed is None and kept.empty and not params.stratify_body_part:
+        if not kept.empty:
+            # Val and test take what their shares of all the groups lack, not their shares of the new.
+            drawn_where = _fill(groups.drop(index=placed.index.difference(kept.index)), kept, params)
+        elif listed is None and not params.stratify_body_part:
             # Label-only stratification: the two scikit-learn calls (test, then val from the rest).
             drawn_where = _label_only(drawn, params)
         else:
@@ -268,7 +273,7 @@ def split_manifest(
 
     assigned = used["group"].map(pd.concat([placed, drawn_where]))
     out = {name: used[assigned == name].sort_values("image_id").reset_index(drop=True) for name in SPLITS}
-    _check_both_classes(out, used, params, largest)
+    _check_both_classes(out, used, params, largest, kept=not kept.empty)
     report = SplitReport(
         params.strategy, _strata_table(drawn, drawn_where), **found, **kept_found, largest_group=largest
     )
@@ -289,7 +294,11 @@ def _too_large(largest: dict[str, Any], params: SplitParams) -> str:
 
 
 def _check_both_classes(
-    out: dict[str, pd.DataFrame], used: pd.DataFrame, params: SplitParams, largest: dict[str, Any] | None = None
+    out: dict[str, pd.DataFrame],
+    used: pd.DataFrame,
+    params: SplitParams,
+    largest: dict[str, Any] | None = None,
+    kept: bool = False,
 ) -> None:
     """Raises :class:`SplitError` when val or test holds no image of a class.
 
@@ -298,7 +307,8 @@ def _check_both_classes(
     evaluate stage on test): refusing here names the cause while it can still be fixed. When the
     largest group of linked images (``largest``, :func:`_largest`) is above a split's share and
     holds most of the lacking class's images, that group is named as the cause, as more images or
-    larger splits would not help.
+    larger splits would not help. With images ``kept`` where :data:`ASSIGNMENTS_FILE` records
+    them, larger splits only reach new images, so the message says how to draw afresh.
     """
     labels = used["label"].astype(int)
     whole = f"{int((labels == 1).sum())} fractured and {int((labels == 0).sum())} not fractured images included"
@@ -312,6 +322,11 @@ def _check_both_classes(
         fix = f"add {kind}images, or raise split.{name}_size (now {getattr(params, f'{name}_size')})"
         if params.strategy == "published" and counts[1] == 0:
             fix += f", or name fractured images in the published {PUBLISHED_FILES[name]}"
+        if kept:
+            fix += (
+                f"; the images {ASSIGNMENTS_FILE} records keep their split, so a larger split reaches only new "
+                "images: to draw every image afresh, empty it to its header line (or set split.keep: false)"
+            )
         if largest and largest["above_share"] and _holds_most(used, largest, [k for k, c in counts.items() if c == 0]):
             raise SplitError(
                 f"the {name} split holds {counts[1]} fractured and {counts[0]} not fractured images: "
@@ -458,12 +473,47 @@ def _by_strata(groups: pd.DataFrame, params: SplitParams) -> pd.Series:
     return where
 
 
+def _fill(pool: pd.DataFrame, kept: pd.Series, params: SplitParams) -> pd.Series:
+    """The split per group of ``pool`` that ``kept`` does not place: test, then val, takes of each
+    label what its share of the pool's groups of that label (rounded) lacks among the kept ones,
+    and train the rest.
+
+    So a few new images at a time go where the shares are short, mostly to train, rather than each
+    draw rounding val's and test's share of the new images up; over many small ingests each
+    split's share of every label stays as asked. Kept groups never move, so a split already
+    above its share (a smaller ``test_size`` since) takes no new group.
+
+    Args:
+        pool: one row per group (``label``, ``stratum``), the kept groups and those to draw.
+        kept: the split of each kept group (index: group).
+        params: the shares and the seed.
+    """
+    drawn = pool.drop(index=kept.index)
+    where = pd.Series("train", index=drawn.index, dtype=object)
+    kept_labels = pool.loc[kept.index, "label"]
+    for name, share in (("test", params.test_size), ("val", params.val_size)):
+        counts = {}
+        for label, total in pool["label"].value_counts().sort_index().items():
+            have = int(((kept == name) & (kept_labels == label)).sum())
+            available = int((drawn["label"] == label).sum())
+            counts[label] = min(max(0, math.floor(share * total + 0.5) - have), available)
+        picked = _draw_counts(drawn, pd.Series(counts, dtype=int), params.seed)
+        where[picked] = name
+        drawn = drawn.drop(index=picked)
+    return where
+
+
 def _draw(groups: pd.DataFrame, share: float, seed: int) -> list[str]:
     """Keys of ``share`` of the groups, each label's count fixed, stratified within each label."""
     # scikit-learn's own rounding for a float test_size, so both strategies size splits alike.
     n_draw = math.ceil(share * len(groups))
+    return _draw_counts(groups, _apportion(n_draw, groups["label"].value_counts().sort_index()), seed)
+
+
+def _draw_counts(groups: pd.DataFrame, counts: pd.Series, seed: int) -> list[str]:
+    """Keys of ``counts[label]`` groups of each label, stratified by ``stratum`` within each label."""
     drawn: list[str] = []
-    for label, count in _apportion(n_draw, groups["label"].value_counts().sort_index()).items():
+    for label, count in counts.items():
         members = groups[groups["label"] == label]
         if count == 0:
             continue
@@ -575,7 +625,13 @@ def _place_kept(used: pd.DataFrame, assigned: pd.DataFrame) -> tuple[pd.Series, 
     by_content = contents.set_index("sha256")["split"]
     rows = used.sort_values("image_id")
     rows = rows.assign(recorded=rows["image_id"].map(by_id).fillna(rows["sha256"].map(by_content)))
-    group_split = rows.dropna(subset=["recorded"]).groupby("group")["recorded"].first()
+    # A group recorded in several splits (a new link joined them) goes to the one nearest test:
+    # no later model may train on an image an earlier one was tested on, and the gate leaves out
+    # of the comparison the test images the champion trained on.
+    recorded = rows.dropna(subset=["recorded"])
+    nearest_test = recorded["recorded"].map({name: rank for rank, name in enumerate(reversed(SPLITS))})
+    group_split = recorded.assign(rank=nearest_test).sort_values(["rank", "image_id"], kind="stable").groupby(
+        "group")["recorded"].first()
     rows["assigned"] = rows["group"].map(group_split)
     placed = rows.dropna(subset=["assigned"])
     moved = placed.loc[placed["recorded"].notna() & (placed["recorded"] != placed["assigned"])]
@@ -589,19 +645,23 @@ def _place_kept(used: pd.DataFrame, assigned: pd.DataFrame) -> tuple[pd.Series, 
 def read_assignments(path: Path) -> pd.DataFrame:
     """The recorded splits in ``path`` (:data:`ASSIGNMENTS_FILE`): ``image_id``, ``sha256``, ``split``.
 
-    A missing file records nothing (an empty frame). ``sha256`` may be empty.
+    A missing or empty file records nothing (an empty frame). ``sha256`` may be empty.
 
     Raises:
         SplitError: the file cannot be read, lacks a column, names a split other than train,
             val or test, or names an id twice.
     """
-    if not path.is_file():
+    if not path.is_file() or path.stat().st_size == 0:  # 0 bytes: a first write that never finished
         return pd.DataFrame(columns=list(ASSIGNMENT_COLUMNS), dtype=str)
     fix = (
         f"restore it from git (git checkout -- {path.name}), or set split.keep: false to draw every image afresh"
     )
     try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        # index_col=False: a row with a trailing comma (a spreadsheet's) is read by its header, not
+        # shifted by one column; fields past the header's, which nothing reads, are dropped.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", pd.errors.ParserWarning)
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False, index_col=False)
     except (OSError, ValueError) as exc:
         raise SplitError(f"{path}: cannot be read as CSV ({exc}); {fix}") from exc
     missing = [c for c in ("image_id", "split") if c not in frame.columns]

@@ -426,10 +426,13 @@ def test_a_grown_export_keeps_every_recorded_image_and_draws_the_new_ones(tmp_pa
     after = split_of(splits)
     assert_partition(grown, splits)
     assert {i: after[i] for i in before} == before
-    # The 80 new images take the shares of their own draw: ceil(0.15 * 80) = 12 to test, then
-    # ceil(0.15 / 0.85 * 68) = 12 of the rest to val.
-    drawn = pd.Series({i: after[i] for i in new["image_id"]}).value_counts()
-    assert drawn["test"] == 12 and drawn["val"] == 12 and drawn["train"] == 56
+    # The 80 new images fill val and test up to their shares of all 280 groups, in each class.
+    distinct = grown.drop_duplicates("sha256")
+    for label in (0, 1):
+        ids = distinct.loc[distinct["label"] == label, "image_id"]
+        counts = pd.Series([after[i] for i in ids]).value_counts()
+        assert abs(counts["test"] - 0.15 * len(ids)) <= 1.5 and abs(counts["val"] - 0.15 * len(ids)) <= 1.5
+    assert pd.Series([after[i] for i in new["image_id"]]).value_counts()["train"] >= 50
     assert splits.report.kept == {name: int((pd.Series(before) == name).sum()) for name in SPLITS}
     assert splits.report.kept_absent == 0 and splits.report.kept_moved.empty
     assert splits.report.to_dict()["kept"] == splits.report.kept
@@ -444,24 +447,46 @@ def test_an_empty_record_draws_as_before(tmp_path):
     assert split_of(split_manifest(manifest, PARAMS, None, empty)) == split_of(split_manifest(manifest, PARAMS))
 
 
-def test_a_new_link_between_recorded_splits_keeps_the_group_whole_and_says_so(tmp_path):
+@pytest.mark.parametrize("first_sorted", ["train", "test"])
+def test_a_new_link_between_recorded_splits_sends_the_group_to_test_and_says_so(tmp_path, first_sorted):
+    """No later model may train on an image an earlier one was tested on, whichever id sorts first."""
     first = manifest_from([(1 if g % 5 == 0 else 0, 1) for g in range(100)])
     where = split_of(split_manifest(first, PARAMS))
-    in_test = min(i for i, s in where.items() if s == "test")
-    in_train = max(i for i, s in where.items() if s == "train")
+    ids = {name: sorted(i for i, s in where.items() if s == name) for name in ("train", "test")}
+    # The train image's id sorts before the test image's, or after it.
+    in_train, in_test = (ids["train"][0], ids["test"][-1]) if first_sorted == "train" else (ids["train"][-1], ids["test"][0])
+    assert (in_train < in_test) == (first_sorted == "train")
     # The new export names one patient on the two: they must now share a split.
     grown = first.assign(patient_id=pd.array(
         ["P1" if i in (in_test, in_train) else pd.NA for i in first["image_id"]], dtype="string"))
     splits = split_manifest(grown, PARAMS, None, recorded(tmp_path, split_manifest(first, PARAMS)))
     after = split_of(splits)
-    first_recorded = min(in_test, in_train)
-    assert after[in_test] == after[in_train] == where[first_recorded]
-    other = max(in_test, in_train)
+    assert after[in_test] == after[in_train] == "test"
     assert splits.report.kept_moved.to_dict(orient="records") == [
-        {"image_id": other, "recorded": where[other], "assigned": where[first_recorded]}
+        {"image_id": in_train, "recorded": "train", "assigned": "test"}
     ]
-    assert f"moved to keep its group together: {other} ({ASSIGNMENTS_FILE}: {where[other]})" in "\n".join(
+    assert f"moved to keep its group together: {in_train} ({ASSIGNMENTS_FILE}: train) -> test" in "\n".join(
         splits.report.summary())
+
+
+def test_images_added_a_few_at_a_time_take_the_shares_and_mostly_go_to_train(tmp_path):
+    """Each ingest's few new images go where the shares are short, not one to val and test each."""
+    every = manifest_from([(1 if g % 5 == 0 else 0, 1) for g in range(400)])
+    path = tmp_path / ASSIGNMENTS_FILE
+    keep_assignments(path, split_manifest(every.iloc[:200], PARAMS))
+    for end in range(202, 401, 2):  # 100 ingests of two images each
+        keep_assignments(path, split_manifest(every.iloc[:end], PARAMS, None, read_assignments(path)))
+    where = read_assignments(path).set_index("image_id")["split"]
+    added = where.loc[every["image_id"].iloc[200:]]
+    labels = every.set_index("image_id")["label"].loc[added.index]
+    # Of the 200 added (40 fractured), val and test take 15% of each class, as the first 200's split did.
+    for label, total in ((1, 40), (0, 160)):
+        counts = added[labels == label].value_counts()
+        assert abs(counts.get("test", 0) - 0.15 * total) <= 1 and abs(counts.get("val", 0) - 0.15 * total) <= 1
+    # and one new image goes to train when train is short of its share.
+    (tmp_path / "one").mkdir()
+    one = split_manifest(every.iloc[:201], PARAMS, None, recorded(tmp_path / "one", split_manifest(every.iloc[:200], PARAMS)))
+    assert split_of(one)[every["image_id"].iloc[200]] == "train"
 
 
 def test_a_recorded_image_under_a_new_name_keeps_its_split_and_a_removed_one_is_counted(tmp_path):
@@ -485,6 +510,27 @@ def test_recording_keeps_each_image_s_first_split_and_adds_the_new(tmp_path):
     assert keep_assignments(path, {"train": table("b", "e"), "val": table("c"), "test": table("a", "d")}) == (1, 5)
     assert path.read_text() == "image_id,sha256,split\na,ha,train\nb,hb,train\nc,hc,val\nd,hd,test\ne,he,train\n"
     assert keep_assignments(path, {"train": table("a", "b"), "val": table("c"), "test": table("d")}) == (0, 5)
+
+
+def test_a_record_with_trailing_commas_or_no_bytes_is_read_as_written(tmp_path):
+    path = tmp_path / ASSIGNMENTS_FILE
+    path.write_text("image_id,sha256,split\na,ha,train,\nb,hb,test,\n")  # a spreadsheet's trailing commas
+    assert read_assignments(path).to_dict(orient="records") == [
+        {"image_id": "a", "sha256": "ha", "split": "train"}, {"image_id": "b", "sha256": "hb", "split": "test"}
+    ]
+    path.write_text("")  # a first write that never finished
+    assert read_assignments(path).empty
+
+
+def test_a_class_missing_from_test_says_how_to_draw_afresh_when_images_are_kept(tmp_path):
+    first = manifest_from([(1 if g % 5 == 0 else 0, 1) for g in range(60)])
+    where = split_of(split_manifest(first, PARAMS))
+    # The fractured test images are relabelled: test keeps them, and holds no fractured image.
+    relabelled = first.assign(label=[0 if where[i] == "test" else label for i, label in zip(first["image_id"], first["label"])])
+    with pytest.raises(SplitError, match=r"the test split holds 0 fractured") as caught:
+        split_manifest(relabelled, PARAMS, None, recorded(tmp_path, split_manifest(first, PARAMS)))
+    assert f"{ASSIGNMENTS_FILE} records keep their split" in str(caught.value)
+    assert "empty it to its header line (or set split.keep: false)" in str(caught.value)
 
 
 @pytest.mark.parametrize(
