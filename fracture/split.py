@@ -15,8 +15,9 @@ files' Patient ID) joined into one, so neither a copy, nor a re-encoded or repea
 another view of a test patient can sit in training.
 
 With ``split.keep`` the images :data:`ASSIGNMENTS_FILE` names stay in the split it records for
-them (by image id, else by content), their groups with them, and only the rest are drawn, with
-the same shares: when the export grows, earlier test images stay unseen by every later model.
+them (by image id, else by content), their groups with them, and only the rest are drawn, filling
+what each split's share lacks: when the export grows, earlier test images stay unseen by every
+later model.
 ``fracture ingest`` records each split there before new data replaces it (:func:`keep_assignments`).
 """
 
