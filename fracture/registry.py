@@ -820,18 +820,16 @@ def rollback(
         log.warning("%s: finishing the hand pick of version %s that was stopped", name, current.version)
         _finish_choice(client, name, str(replaced.version), str(current.version))
         previous = replaced
-    picked = current.tags.get("rolled_back_to")
-    if replaced is None and picked and picked != _version_of(previous):
-        pick = _version_or_none(client, name, picked)
-        if pick is not None and pick.tags.get(TAG_DECISION) == CHOSEN and pick.tags.get(TAG_REPLACED) == str(current.version):
-            # A hand pick stopped before champion moved: the champion is tagged as replaced by it.
-            # Undoing the last change would demote a champion the pick never replaced.
-            raise RegistryError(
-                f"a hand pick of version {picked} in place of champion version {current.version} was stopped before "
-                f"champion moved: finish it with `fracture rollback --to {picked} --reason ...` (then a plain rollback "
-                "undoes it), or choose another version with --to; champion stays at version "
-                f"{current.version}"
-            )
+    pick = _stopped_pick(client, name, current, previous) if replaced is None else None
+    if pick is not None:
+        # The champion is tagged as replaced by a pick that never became champion: undoing the last
+        # change would demote a champion the pick never replaced.
+        raise RegistryError(
+            f"a hand pick of version {pick.version} in place of champion version {current.version} was stopped before "
+            f"champion moved: finish it with `fracture rollback --to {pick.version} --reason ...` (then a plain "
+            "rollback undoes it), or choose another version with --to; champion stays at version "
+            f"{current.version}"
+        )
     if previous is not None and str(previous.version) == str(current.version):
         # A rollback stopped after champion moved back: finish it rather than step further.
         demoted = client.search_model_versions(f"name = '{name}' and tags.rolled_back_to = '{current.version}'")
@@ -932,22 +930,40 @@ def _choose(client: MlflowClient, name: str, current: ModelVersion, version: str
     return _finish_choice(client, name, champion, version)
 
 
-def _drop_stopped_pick(client: MlflowClient, name: str, current: ModelVersion, version: str) -> None:
-    """Removes the choice tags of a hand pick of another version stopped before ``champion`` moved.
+def _stopped_pick(
+    client: MlflowClient, name: str, current: ModelVersion, previous: ModelVersion | None
+) -> ModelVersion | None:
+    """The version a hand pick of which was stopped before ``champion`` left ``current``; ``None`` otherwise.
 
-    Such a pick tagged the champion ``current`` as replaced by it and itself ``chosen``, but never
-    became champion; when another version is chosen instead, it would keep a ``gate_decision`` and
-    ``gate_reason`` that say it was. A pick that became champion and was rolled back is the
-    ``previous-champion``, and keeps its record.
+    Such a pick tagged the champion ``current`` as rolled back to it, and itself ``chosen`` in
+    place of ``current``, and never became champion. A pick that did become champion is either the
+    ``previous-champion`` (rolled back since) or carries ``rolled_back_to`` ``current`` itself
+    (demoted in favour of ``current`` by a rollback or pick stopped before it cleared
+    ``current``'s old tags); neither is a stopped pick.
     """
     stopped = current.tags.get("rolled_back_to")
-    if not stopped or stopped == version or stopped == _version_of(_alias(client, name, PREVIOUS_CHAMPION)):
-        return
+    if not stopped or stopped == _version_of(previous):
+        return None
     pick = _version_or_none(client, name, stopped)
-    if pick is not None and pick.tags.get(TAG_DECISION) == CHOSEN and pick.tags.get(TAG_REPLACED) == str(current.version):
+    if (
+        pick is None
+        or pick.tags.get(TAG_DECISION) != CHOSEN
+        or pick.tags.get(TAG_REPLACED) != str(current.version)
+        or pick.tags.get("rolled_back_to") == str(current.version)
+    ):
+        return None
+    return pick
+
+
+def _drop_stopped_pick(client: MlflowClient, name: str, current: ModelVersion, version: str) -> None:
+    """Removes the choice tags of a hand pick of another version stopped before ``champion`` moved
+    (:func:`_stopped_pick`): it never became champion, and with another version chosen instead it
+    would keep a ``gate_decision`` and ``gate_reason`` that say it was."""
+    pick = _stopped_pick(client, name, current, _alias(client, name, PREVIOUS_CHAMPION))
+    if pick is not None and str(pick.version) != version:
         log.warning("%s: the hand pick of version %s was stopped before champion moved; its choice is undone",
-                    name, stopped)
-        _untag_version(client, name, stopped, (TAG_DECISION, TAG_REASON, TAG_REPLACED))
+                    name, pick.version)
+        _untag_version(client, name, str(pick.version), (TAG_DECISION, TAG_REASON, TAG_REPLACED))
 
 
 def _unfinished_choice(

@@ -1325,3 +1325,37 @@ def test_versions_load_and_score_with_their_own_code_in_a_consumers_python(clien
     np.testing.assert_allclose(theirs["fracture_probability"], ours, rtol=0, atol=1e-6)
     assert threshold == 0.5 and set(theirs["threshold"]) == {0.5}
     # A rollback's load in a consumer's Python: `fracture rollback` in the gate's end-to-end test.
+
+
+def stop_right_after_champion_moves(client, patch):
+    """Stops the command (as a kill would) just after ``champion`` moves, before its tags are tidied."""
+    moves = client.set_registered_model_alias
+
+    def moved_then_stopped(name, alias, version):
+        moves(name, alias, version)
+        if alias == "champion":
+            raise KeyboardInterrupt
+
+    patch.setattr(client, "set_registered_model_alias", moved_then_stopped)
+
+
+@pytest.mark.parametrize("stopped", ["plain rollback", "pick of version 3"])
+def test_a_pick_that_became_champion_keeps_its_record_when_a_later_change_stopped_midway(client, ranked, monkeypatch,
+                                                                                        stopped):
+    """Version 1, chosen by hand, served as champion; a rollback (or a pick of 3) back to version 3
+    stopped just after champion moved leaves 3 tagged as rolled back to 1. Neither a plain rollback
+    nor a pick of version 2 then takes version 1 for a pick that never became champion."""
+    split, models = ranked
+    three_champions(client, split, models)
+    rollback(NAME, client, "sign-off of version 1", to=1)
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        stop_right_after_champion_moves(client, patch)
+        rollback(NAME, client, "withdrawn", **({} if stopped == "plain rollback" else {"to": 3}))
+    assert aliases(client)["champion"] == "3"
+    if stopped == "plain rollback":
+        rollback(NAME, client, "the rollback again")  # finishes it rather than refusing for a stopped pick of 1
+        assert aliases(client)["champion"] == "3"
+    rollback(NAME, client, "sign-off of version 2", to=2)
+    first = client.get_model_version(NAME, "1").tags
+    assert first["gate_decision"] == "chosen" and first["replaced_version"] == "3"
+    assert aliases(client)["champion"] == "2"
