@@ -48,6 +48,9 @@ PUBLISHED_FILES = {"train": "train.csv", "val": "valid.csv", "test": "test.csv"}
 LABEL_NAMES = {0: "not fractured", 1: "fractured"}
 OTHER_PARTS = "other parts"
 ASSIGNMENT_COLUMNS = ("image_id", "sha256", "split")
+# The splits from the one nearest test, which a recorded image never leaves for a farther one.
+_BY_NEAREST_TEST = ("test", "val", "train")
+_NEAREST_TEST = {name: rank for rank, name in enumerate(_BY_NEAREST_TEST)}
 
 
 class SplitError(ValueError):
@@ -260,8 +263,11 @@ def split_manifest(
     largest = _largest(used, params)
     try:
         if not kept.empty:
-            # Val and test take what their shares of all the groups lack, not their shares of the new.
-            drawn_where = _fill(groups.drop(index=placed.index.difference(kept.index)), kept, params)
+            # Val and test take what their shares of all the groups lack, not their shares of the new;
+            # as in a first split, the groups the published lists name are not counted.
+            named = used.loc[used["image_id"].isin(listed.index), "group"] if listed is not None else []
+            pool = groups.drop(index=placed.index.difference(kept.index).union(pd.Index(named)))
+            drawn_where = _fill(pool, kept[kept.index.isin(pool.index)], params)
         elif listed is None and not params.stratify_body_part:
             # Label-only stratification: the two scikit-learn calls (test, then val from the rest).
             drawn_where = _label_only(drawn, params)
@@ -624,14 +630,16 @@ def _place_kept(used: pd.DataFrame, assigned: pd.DataFrame) -> tuple[pd.Series, 
     by_id = assigned.drop_duplicates("image_id").set_index("image_id")["split"]
     contents = assigned[assigned["sha256"].fillna("") != ""].drop_duplicates("sha256")
     by_content = contents.set_index("sha256")["split"]
+    # An image recorded in several splits (its name and its content in different rows, a new link
+    # joining groups) goes to the one nearest test, and its group with it: no later model may
+    # train on an image an earlier one was tested on, and the gate leaves out of the comparison
+    # the test images the champion trained on.
     rows = used.sort_values("image_id")
-    rows = rows.assign(recorded=rows["image_id"].map(by_id).fillna(rows["sha256"].map(by_content)))
-    # A group recorded in several splits (a new link joined them) goes to the one nearest test:
-    # no later model may train on an image an earlier one was tested on, and the gate leaves out
-    # of the comparison the test images the champion trained on.
+    ranks = pd.concat([rows["image_id"].map(by_id).map(_NEAREST_TEST),
+                       rows["sha256"].map(by_content).map(_NEAREST_TEST)], axis=1).min(axis=1)
+    rows = rows.assign(recorded=ranks.map(dict(enumerate(_BY_NEAREST_TEST))))
     recorded = rows.dropna(subset=["recorded"])
-    nearest_test = recorded["recorded"].map({name: rank for rank, name in enumerate(reversed(SPLITS))})
-    group_split = recorded.assign(rank=nearest_test).sort_values(["rank", "image_id"], kind="stable").groupby(
+    group_split = recorded.assign(rank=ranks).sort_values(["rank", "image_id"], kind="stable").groupby(
         "group")["recorded"].first()
     rows["assigned"] = rows["group"].map(group_split)
     placed = rows.dropna(subset=["assigned"])
@@ -662,7 +670,7 @@ def read_assignments(path: Path) -> pd.DataFrame:
         # shifted by one column; fields past the header's, which nothing reads, are dropped.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", pd.errors.ParserWarning)
-            frame = pd.read_csv(path, dtype=str, keep_default_na=False, index_col=False)
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False, index_col=False, skip_blank_lines=False)
     except (OSError, ValueError) as exc:
         raise SplitError(f"{path}: cannot be read as CSV ({exc}); {fix}") from exc
     missing = [c for c in ("image_id", "split") if c not in frame.columns]
@@ -674,6 +682,8 @@ def read_assignments(path: Path) -> pd.DataFrame:
     if "sha256" not in frame.columns:
         frame["sha256"] = ""
     frame = frame[list(ASSIGNMENT_COLUMNS)].apply(lambda column: column.str.strip())
+    # Blank lines read as empty rows, so that a row's index gives its line number; then dropped.
+    frame = frame[(frame != "").any(axis=1)]
     wrong = frame[~frame["split"].isin(SPLITS) | (frame["image_id"] == "")]
     if len(wrong):
         rows = ", ".join(f"line {i + 2} ({r.image_id!r}: {r.split!r})" for i, r in zip(wrong.index[:5], wrong.itertuples()))
@@ -683,36 +693,42 @@ def read_assignments(path: Path) -> pd.DataFrame:
     twice = sorted(frame.loc[frame["image_id"].duplicated(), "image_id"].unique())
     if twice:
         raise SplitError(f"{path}: ids named twice: {', '.join(twice[:10])}; keep one row per id, or {fix}")
-    return frame
+    return frame.reset_index(drop=True)
 
 
-def keep_assignments(path: Path, tables: dict[str, pd.DataFrame]) -> tuple[int, int]:
-    """Records in ``path`` the split of each image of ``tables`` it does not name yet.
+def keep_assignments(path: Path, tables: dict[str, pd.DataFrame]) -> tuple[int, int, int]:
+    """Records in ``path`` the split of each image of ``tables`` it does not name yet, and of each
+    it names in a split farther from test.
 
-    The rows already there stay as they are (an image keeps its first split), and the file is
-    replaced whole at once, so a failed write leaves the old one.
+    An image keeps its row otherwise: a recorded split only ever moves nearer test (a new link
+    put a train image in a test image's group, say), so when the link goes again the image stays
+    out of training. The file is replaced whole at once, so a failed write leaves the old one.
 
     Args:
         path: :data:`ASSIGNMENTS_FILE` in the project.
         tables: a split's frames keyed ``train``, ``val``, ``test`` (``image_id``, ``sha256``).
 
     Returns:
-        The rows added and the rows the file now holds.
+        The rows added, the rows moved nearer test, and the rows the file now holds.
     """
     recorded = read_assignments(path)
-    new = pd.concat(
+    split = pd.concat(
         [table.reindex(columns=["image_id", "sha256"]).assign(split=name) for name, table in tables.items()],
         ignore_index=True,
-    ).fillna("")
-    new = new[~new["image_id"].isin(recorded["image_id"])].drop_duplicates("image_id")
-    if new.empty:
-        return 0, len(recorded)
+    ).fillna("").drop_duplicates("image_id").set_index("image_id")
+    before = recorded.set_index("image_id")["split"]
+    now = split["split"].reindex(before.index)
+    nearer = now.notna() & (now.map(_NEAREST_TEST) < before.map(_NEAREST_TEST))
+    new = split.loc[~split.index.isin(before.index)].reset_index()
+    if new.empty and not nearer.any():
+        return 0, 0, len(recorded)
+    recorded.loc[nearer.to_numpy(), "split"] = now[nearer].to_numpy()
     merged = pd.concat([recorded, new[list(ASSIGNMENT_COLUMNS)]], ignore_index=True).sort_values(
         "image_id", kind="stable"
     )
     path.touch(exist_ok=True)  # created with the umask's permissions, which replace_text then keeps
     replace_text(path, lambda out: merged.to_csv(out, index=False, lineterminator="\n"))
-    return len(new), len(merged)
+    return len(new), int(nearer.sum()), len(merged)
 
 
 def _strata_table(drawn: pd.DataFrame, where: pd.Series) -> pd.DataFrame:

@@ -504,12 +504,46 @@ def test_a_recorded_image_under_a_new_name_keeps_its_split_and_a_removed_one_is_
 
 def test_recording_keeps_each_image_s_first_split_and_adds_the_new(tmp_path):
     path = tmp_path / ASSIGNMENTS_FILE
-    table = lambda *ids: pd.DataFrame({"image_id": list(ids), "sha256": [f"h{i}" for i in ids], "label": 0})  # noqa: E731
-    assert keep_assignments(path, {"train": table("a", "b"), "val": table("c"), "test": table("d")}) == (4, 4)
-    # The next split placed "a" in test and added "e": "a" keeps its first split.
-    assert keep_assignments(path, {"train": table("b", "e"), "val": table("c"), "test": table("a", "d")}) == (1, 5)
-    assert path.read_text() == "image_id,sha256,split\na,ha,train\nb,hb,train\nc,hc,val\nd,hd,test\ne,he,train\n"
-    assert keep_assignments(path, {"train": table("a", "b"), "val": table("c"), "test": table("d")}) == (0, 5)
+    table = lambda *ids: pd.DataFrame({"image_id": list(ids), "sha256": [f"h{i}" for i in ids], "label": 0},  # noqa: E731
+                                      dtype=object)
+    assert keep_assignments(path, {"train": table("a", "b"), "val": table("c"), "test": table("d")}) == (4, 0, 4)
+    # The next split put "a" in test (a new link to a test image) and "c" in train, and added "e":
+    # "a" is recorded in test from now on, and "c" keeps val, the split nearer test.
+    assert keep_assignments(path, {"train": table("b", "c", "e"), "val": table(), "test": table("a", "d")}) == (1, 1, 5)
+    assert path.read_text() == "image_id,sha256,split\na,ha,test\nb,hb,train\nc,hc,val\nd,hd,test\ne,he,train\n"
+    # The link gone again, "a" is drawn in train: it stays recorded in test, where it goes back.
+    assert keep_assignments(path, {"train": table("a", "b"), "val": table("c"), "test": table("d")}) == (0, 0, 5)
+    assert read_assignments(path).set_index("image_id")["split"]["a"] == "test"
+
+
+def test_a_test_image_moved_by_a_new_link_never_returns_to_train_when_the_link_goes(tmp_path):
+    first = manifest_from([(1 if g % 5 == 0 else 0, 1) for g in range(100)])
+    path = tmp_path / ASSIGNMENTS_FILE
+    keep_assignments(path, split_manifest(first, PARAMS))
+    where = split_of(split_manifest(first, PARAMS))
+    in_train, in_test = min(i for i, s in where.items() if s == "train"), min(i for i, s in where.items() if s == "test")
+    linked = first.assign(patient_id=pd.array(
+        ["P1" if i in (in_test, in_train) else pd.NA for i in first["image_id"]], dtype="string"))
+    second = split_manifest(linked, PARAMS, None, read_assignments(path))
+    assert split_of(second)[in_train] == "test"
+    assert keep_assignments(path, second) == (0, 1, 100)  # as ingest records it before the next data
+    third = split_manifest(first, PARAMS, None, read_assignments(path))  # the patient id corrected
+    assert split_of(third)[in_train] == "test"
+
+
+def test_published_lists_and_kept_images_give_new_images_the_shares_of_a_first_split(tmp_path):
+    """The groups the lists name are not counted in the shares new images fill, as in a first split."""
+    groups = [(1, 1)] * 60 + [(0, 1)] * 200 + [(1, 1)] * 20 + [(0, 1)] * 20
+    every = manifest_from(groups)
+    first = every.iloc[:260]
+    fractured = first.loc[first["label"] == 1, "image_id"].tolist()
+    # Most fractured images listed in train, few in test, as FracAtlas's lists do.
+    lists = write_lists(tmp_path / "lists", {"train": fractured[:50], "val": fractured[50:55], "test": fractured[55:60]})
+    params = SplitParams(seed=7, val_size=0.15, test_size=0.15, strategy="published")
+    record = recorded(tmp_path, split_manifest(first, params, lists))
+    after = split_of(split_manifest(every, params, lists, record))
+    added = pd.Series([after[i] for i in every["image_id"].iloc[260:280]]).value_counts()  # 20 new fractured
+    assert added.get("train", 0) >= 12 and added.get("test", 0) <= 5
 
 
 def test_a_record_with_trailing_commas_or_no_bytes_is_read_as_written(tmp_path):
@@ -520,6 +554,9 @@ def test_a_record_with_trailing_commas_or_no_bytes_is_read_as_written(tmp_path):
     ]
     path.write_text("")  # a first write that never finished
     assert read_assignments(path).empty
+    path.write_text("image_id,sha256,split\n\na,ha,train\n\nb,hb,holdout\n")  # blank lines
+    with pytest.raises(SplitError, match=r"line 5 \('b': 'holdout'\)"):
+        read_assignments(path)
 
 
 def test_a_class_missing_from_test_says_how_to_draw_afresh_when_images_are_kept(tmp_path):

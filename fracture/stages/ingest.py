@@ -33,7 +33,7 @@ def record_split(params: Params, workspace: Workspace) -> str | None:
 
     With ``split.keep``, the split stage then leaves every image it names where it was, and draws
     only the new ones (:func:`fracture.split.split_manifest`). Images it names already keep their
-    row.
+    row, unless the last split put them nearer test.
 
     Returns:
         What was recorded, or a warning when dvc.lock records a split that ``outputs/split/`` does
@@ -51,10 +51,11 @@ def record_split(params: Params, workspace: Workspace) -> str | None:
                 "before ingesting keeps them where they were"
             )
         return None
-    added, total = keep_assignments(workspace.split_assignments, workspace.read_split_tables())
-    if not added:
+    added, nearer, total = keep_assignments(workspace.split_assignments, workspace.read_split_tables())
+    if not added and not nearer:
         return None
+    moved = f" and moved {nearer} nearer test, where the last split put them," if nearer else ""
     return (
-        f"recorded the split of {added} more images in {ASSIGNMENTS_FILE} ({total} in all): they keep it "
+        f"recorded the split of {added} more images{moved} in {ASSIGNMENTS_FILE} ({total} in all): they keep it "
         "when the new data is split; commit it with dvc.lock"
     )
