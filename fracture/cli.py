@@ -133,22 +133,18 @@ def ingest(
 ) -> None:
     """Bring the dataset into the project (ingest.dest); `dvc add data` versions it afterwards."""
     from fracture.ingest import EX_TEMPFAIL, DownloadError
-    from fracture.stages.ingest import record_split, run_ingest, unrecord_split
+    from fracture.stages.ingest import record_split, run_ingest
 
     with _stage("ingest") as (params, workspace):
         # Before the copy: should it fail, the split recorded is still the one the data had.
-        record = workspace.split_assignments.read_bytes() if workspace.split_assignments.is_file() else None
-        recorded = record_split(params, workspace)
+        if recorded := record_split(params, workspace):
+            print(recorded)
         try:
             result = run_ingest(params, workspace, source)
         except DownloadError as exc:
             # A distinct exit status, so schedulers retry this and only this (see tasks/pipeline.py).
             print(f"fracture ingest: {exc}", file=sys.stderr)
             raise SystemExit(EX_TEMPFAIL) from exc
-        if result.same_as_before and recorded is not None and unrecord_split(workspace, record):
-            recorded = None
-    if recorded:
-        print(recorded)
     print(
         f"ingested {result.files} files ({result.bytes / 1e6:.1f} MB) from {result.source} into "
         f"{result.dest}; {result.checksums_verified} verified against SHA256SUMS"

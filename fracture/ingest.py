@@ -9,7 +9,6 @@ FracAtlas's published layout (``images/Fractured``, ``images/Non_fractured``, ``
 from __future__ import annotations
 
 import codecs
-import filecmp
 import hashlib
 import http.client
 import json
@@ -78,8 +77,6 @@ class IngestResult:
     files: int
     bytes: int
     checksums_verified: int
-    # The copy holds the same files, byte for byte, as the dataset folder it replaced.
-    same_as_before: bool = False
 
 
 def _manual_hint(params: IngestParams) -> str:
@@ -731,26 +728,9 @@ def _recover_staging(dest: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def _same_tree(a: Path, b: Path) -> bool:
-    """Whether folders ``a`` and ``b`` hold the same files (relative paths and bytes)."""
-    if not b.is_dir():
-        return False
-
-    def files(root: Path) -> list[str]:
-        return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
-
-    names = files(a)
-    if names != files(b):
-        return False
-    # Sizes first, which differ for most changed files, then the bytes.
-    return all((a / n).stat().st_size == (b / n).stat().st_size for n in names) and all(
-        filecmp.cmp(a / n, b / n, shallow=False) for n in names
-    )
-
-
 def _replace_dir(
     src: Path, dest: Path, shown: Path | None = None, above: tuple[Path, Path, str] | None = None
-) -> tuple[int, bool]:
+) -> int:
     """Copies ``src`` to ``dest`` through a sibling temporary folder (on the same file system, so
     the swap is two renames), checks that copy against its ``SHA256SUMS``, then swaps it in.
 
@@ -769,8 +749,7 @@ def _replace_dir(
             (:func:`verify_sha256sums`).
 
     Returns:
-        The number of files verified against ``SHA256SUMS`` (0 when the copy ships none), and
-        whether the copy holds the same files, byte for byte, as the ``dest`` it replaced.
+        The number of files verified against ``SHA256SUMS`` (0 when the copy ships none).
 
     Raises:
         DownloadError: ``src`` changed while it was copied (worth a retry once the export is done).
@@ -806,7 +785,6 @@ def _replace_dir(
         verified = verify_sha256sums(staging / "copy", shown=shown)
         if above is not None:
             verified += verify_sha256sums(staging / "copy", shown=shown, above=above)
-        same = _same_tree(staging / "copy", dest)
         old = staging / "old"
         if dest.exists():
             dest.replace(old)
@@ -819,7 +797,7 @@ def _replace_dir(
             raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return verified, same
+    return verified
 
 
 def ingest(params: IngestParams, dest: Path, source: str | None = None) -> IngestResult:
@@ -831,7 +809,7 @@ def ingest(params: IngestParams, dest: Path, source: str | None = None) -> Inges
         source: a local folder or zip in ``params.layout``'s layout; ``None`` downloads FracAtlas.
 
     Returns:
-        What was brought in, and whether it is byte for byte the dataset it replaced.
+        What was brought in.
 
     Raises:
         DownloadError: a transient failure; running again may succeed: a download cut short, a
@@ -892,7 +870,7 @@ def ingest(params: IngestParams, dest: Path, source: str | None = None) -> Inges
         # dataset's files under that folder's name: it is checked too, not left behind uncopied.
         sub = root.relative_to(tree)
         above = (tree / "SHA256SUMS", shown_tree / "SHA256SUMS", str(sub)) if sub.parts else None
-        verified, same = _replace_dir(root, dest, shown_tree / sub, above)
+        verified = _replace_dir(root, dest, shown_tree / sub, above)
     files = [p for p in dest.rglob("*") if p.is_file()]
     return IngestResult(
         dest=dest,
@@ -900,5 +878,4 @@ def ingest(params: IngestParams, dest: Path, source: str | None = None) -> Inges
         files=len(files),
         bytes=sum(p.stat().st_size for p in files),
         checksums_verified=verified,
-        same_as_before=same,
     )

@@ -38,7 +38,6 @@ from fracture import cli
 from fracture.config import Params, load_params
 from fracture.ingest import EX_TEMPFAIL, source_listing
 from fracture.registry import Registration
-from fracture.stages.ingest import unrecord_split
 from fracture.stages.register import run_register
 from fracture.workspace import Workspace, status_paths
 
@@ -496,14 +495,9 @@ def ingest_task(project: Path, source: str | None) -> IngestSummary:
     if unchanged is not None:
         run_logger().info(unchanged)
         return IngestSummary(previous, time.perf_counter() - started, previous, unchanged=unchanged)
-    record = workspace.split_assignments.read_bytes() if workspace.split_assignments.is_file() else None
     run_command(project, ["ingest", *(["--source", source] if source else [])])
     dvc_add_data(project)
     version = workspace.data_version()
-    if version == previous:
-        # The data version the split was drawn on (a data folder edited by hand, restored): the
-        # split ingest recorded would be drawn the same, and would only rerun the split stage.
-        unrecord_split(workspace, record)
     if listing is not None:
         # Listed before copying: a file changed during the copy makes the next run copy again.
         record = {"listing": listing, "layout": params.ingest.layout, "dest": params.ingest.dest,

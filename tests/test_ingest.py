@@ -22,7 +22,6 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import requests
 
@@ -73,41 +72,6 @@ def test_ingest_from_folder_mirrors_the_source(dataset, tmp_path, iparams):
     (dataset / "images/Fractured/IMG0000000.jpg").unlink()
     ingest(iparams, dest, str(dataset))
     assert not (dest / "images/Fractured/IMG0000000.jpg").exists()
-
-
-def test_ingest_says_whether_the_copy_is_the_data_it_replaced_byte_for_byte(dataset, tmp_path, iparams):
-    dest = tmp_path / "project/data/fracatlas"
-    assert not ingest(iparams, dest, str(dataset)).same_as_before  # nothing there before
-    assert ingest(iparams, dest, str(dataset)).same_as_before
-    image = dataset / "images/Fractured/IMG0000000.jpg"
-    image.write_bytes(image.read_bytes()[:-1] + bytes([image.read_bytes()[-1] ^ 1]))  # one bit, same size
-    assert not ingest(iparams, dest, str(dataset)).same_as_before
-    (dataset / "images/Fractured/new.jpg").write_bytes(image.read_bytes())
-    assert not ingest(iparams, dest, str(dataset)).same_as_before
-
-
-def test_fracture_ingest_records_the_split_only_when_the_data_changes(dataset, tmp_path):
-    """The record is a dependency of the split stage: ingesting the same files again must leave it
-    as it was, or the split stage would rerun for nothing."""
-    from fracture.workspace import ASSIGNMENTS_FILE
-    from tests.conftest import copy_project, run
-
-    project = copy_project(tmp_path / "project")
-    split = project / "outputs" / "split"
-    split.mkdir(parents=True)
-    for name, ids in {"train": ["IMG0000000.jpg"], "val": ["IMG0000001.jpg"], "test": ["IMG0000002.jpg"]}.items():
-        pd.DataFrame({"image_id": ids, "sha256": ["h"]}).to_csv(split / f"{name}.csv", index=False)
-    command = [sys.executable, "-m", "fracture.cli", "ingest", "--source", str(dataset)]
-    header = (project / ASSIGNMENTS_FILE).read_bytes()
-    # The first ingest replaces no data of its own... but a split is there: it is recorded.
-    assert "recorded the split of 3 more images" in run(project, *command)
-    (project / ASSIGNMENTS_FILE).write_bytes(header)
-    out = run(project, *command)  # the same files again
-    assert "recorded the split" not in out and (project / ASSIGNMENTS_FILE).read_bytes() == header
-    image = dataset / "images/Fractured/IMG0000000.jpg"
-    image.write_bytes(image.read_bytes() + b"\0")
-    assert "recorded the split of 3 more images" in run(project, *command)
-    assert (project / ASSIGNMENTS_FILE).read_text().count("\n") == 4
 
 
 def test_a_copy_killed_midway_is_never_versioned_and_the_next_ingest_clears_it(dataset, tmp_path, iparams):

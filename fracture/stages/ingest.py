@@ -7,7 +7,7 @@ import os
 from fracture.config import Params
 from fracture.ingest import SOURCE_ENV, IngestResult, ingest
 from fracture.split import keep_assignments
-from fracture.workspace import ASSIGNMENTS_FILE, SPLITS, Workspace, replace_text
+from fracture.workspace import ASSIGNMENTS_FILE, SPLITS, Workspace
 
 
 def run_ingest(params: Params, workspace: Workspace, source: str | None = None) -> IngestResult:
@@ -59,27 +59,3 @@ def record_split(params: Params, workspace: Workspace) -> str | None:
         f"recorded the split of {added} more images{moved} in {ASSIGNMENTS_FILE} ({total} in all): they keep it "
         "when the new data is split; commit it with dvc.lock"
     )
-
-
-def unrecord_split(workspace: Workspace, record: bytes | None) -> bool:
-    """Puts ``split_assignments.csv`` back as it was (``record``; ``None``: no file) after an ingest
-    that brought the data the split was drawn on again (the same files, byte for byte, or the same
-    data version): the split it recorded would be drawn the same, and keeping the record would
-    change a dependency of the split stage, rerunning it for nothing.
-
-    Returns:
-        Whether the file is as it was; ``False`` leaves the record (the split stage then runs once
-        more and writes the same tables).
-    """
-    path = workspace.split_assignments
-    try:
-        if (path.read_bytes() if path.is_file() else None) == record:
-            return True
-        if record is None:
-            path.unlink(missing_ok=True)
-        else:
-            text = record.decode("utf-8")  # read as UTF-8 by the record before
-            replace_text(path, lambda out: out.write(text))
-    except (OSError, UnicodeDecodeError):
-        return False
-    return True
