@@ -292,8 +292,8 @@ def pinned_files(profile: Profile) -> tuple[str, ...]:
     """The files a commit must hold for `dvc repro` at that commit to rebuild a run's model.
 
     params.yaml (the run may have set ``train.profile``, which dvc.lock already records), the
-    data's and the stages' DVC files, the splits ingest recorded (``split_assignments.csv``, a
-    dependency of the split stage), and a ``weights: file`` profile's ``.dvc`` file, without
+    data's and the stages' DVC files, the splits the split stage recorded (``split_assignments.csv``,
+    a dependency of that stage), and a ``weights: file`` profile's ``.dvc`` file, without
     which that commit could not pull the pretrained weights.
     """
     weights = (f"{profile.weights_file}.dvc",) if profile.weights == "file" and profile.weights_file else ()

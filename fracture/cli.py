@@ -23,7 +23,12 @@ import typer
 from fracture.allocator import freed_memory_kept, keep_freed_memory
 from fracture.config import EvaluateParams, Params, load_params
 from fracture.project_lock import project_lock
-from fracture.workspace import CrossvalResult, ValidateResult, Workspace
+from fracture.workspace import (
+    ASSIGNMENTS_FILE,
+    CrossvalResult,
+    ValidateResult,
+    Workspace,
+)
 
 if TYPE_CHECKING:
     from fracture.crossval import OofComparisons
@@ -133,12 +138,9 @@ def ingest(
 ) -> None:
     """Bring the dataset into the project (ingest.dest); `dvc add data` versions it afterwards."""
     from fracture.ingest import EX_TEMPFAIL, DownloadError
-    from fracture.stages.ingest import record_split, run_ingest
+    from fracture.stages.ingest import run_ingest
 
     with _stage("ingest") as (params, workspace):
-        # Before the copy: should it fail, the split recorded is still the one the data had.
-        if recorded := record_split(params, workspace):
-            print(recorded)
         try:
             result = run_ingest(params, workspace, source)
         except DownloadError as exc:
@@ -203,6 +205,12 @@ def split() -> None:
         print(f"{name}: {size} images, {result.fractured[name]} fractured")
     for line in splits.report.summary():
         print(line)
+    if splits.recorded is not None and any(splits.recorded[:2]):
+        added, moved, total = splits.recorded
+        print(
+            f"recorded in {ASSIGNMENTS_FILE}: {added} images added" + (f", {moved} moved nearer test" if moved else "")
+            + f" ({total} in all); they keep their split when the data grows: commit it with dvc.lock"
+        )
 
 
 @app.command()

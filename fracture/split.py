@@ -17,8 +17,7 @@ another view of a test patient can sit in training.
 With ``split.keep`` the images :data:`ASSIGNMENTS_FILE` names stay in the split it records for
 them (by image id, else by content), their groups with them, and only the rest are drawn, filling
 what each split's share lacks: when the export grows, earlier test images stay unseen by every
-later model.
-``fracture ingest`` records each split there before new data replaces it (:func:`keep_assignments`).
+later model. The split stage records each split it draws there (:func:`keep_assignments`).
 """
 
 from __future__ import annotations
@@ -178,6 +177,8 @@ class Splits(dict[str, pd.DataFrame]):
     def __init__(self, frames: dict[str, pd.DataFrame], report: SplitReport) -> None:
         super().__init__(frames)
         self.report = report
+        # What the split stage recorded in ASSIGNMENTS_FILE: added, moved and all rows (split.keep).
+        self.recorded: tuple[int, int, int] | None = None
 
 
 def split_manifest(
@@ -697,38 +698,39 @@ def read_assignments(path: Path) -> pd.DataFrame:
 
 
 def keep_assignments(path: Path, tables: dict[str, pd.DataFrame]) -> tuple[int, int, int]:
-    """Records in ``path`` the split of each image of ``tables`` it does not name yet, and of each
-    it names in a split farther from test.
+    """Records in ``path`` the split of each image of ``tables``: the rows of images it does not
+    name yet are added, and those in another split now are moved; the other rows stay (images
+    left out of this export keep their split for when they return).
 
-    An image keeps its row otherwise: a recorded split only ever moves nearer test (a new link
-    put a train image in a test image's group, say), so when the link goes again the image stays
-    out of training. The file is replaced whole at once, so a failed write leaves the old one.
+    The split stage calls it with the split it drew with the file (``split.keep``), which keeps
+    every recorded image where it was but for the groups a new link joined, which go nearer test:
+    so a recorded split only ever moves nearer test. The file is replaced whole at once, so a
+    failed write leaves the old one.
 
     Args:
         path: :data:`ASSIGNMENTS_FILE` in the project.
         tables: a split's frames keyed ``train``, ``val``, ``test`` (``image_id``, ``sha256``).
 
     Returns:
-        The rows added, the rows moved nearer test, and the rows the file now holds.
+        The rows added, the rows moved, and the rows the file now holds.
     """
     recorded = read_assignments(path)
     split = pd.concat(
         [table.reindex(columns=["image_id", "sha256"]).assign(split=name) for name, table in tables.items()],
         ignore_index=True,
     ).fillna("").drop_duplicates("image_id").set_index("image_id")
-    before = recorded.set_index("image_id")["split"]
-    now = split["split"].reindex(before.index)
-    nearer = now.notna() & (now.map(_NEAREST_TEST) < before.map(_NEAREST_TEST))
-    new = split.loc[~split.index.isin(before.index)].reset_index()
-    if new.empty and not nearer.any():
+    now = split["split"].reindex(recorded["image_id"]).to_numpy()
+    moved = pd.notna(now) & (now != recorded["split"].to_numpy())
+    new = split.loc[~split.index.isin(recorded["image_id"])].reset_index()
+    if new.empty and not moved.any():
         return 0, 0, len(recorded)
-    recorded.loc[nearer.to_numpy(), "split"] = now[nearer].to_numpy()
+    recorded.loc[moved, "split"] = now[moved]
     merged = pd.concat([recorded, new[list(ASSIGNMENT_COLUMNS)]], ignore_index=True).sort_values(
         "image_id", kind="stable"
     )
     path.touch(exist_ok=True)  # created with the umask's permissions, which replace_text then keeps
     replace_text(path, lambda out: merged.to_csv(out, index=False, lineterminator="\n"))
-    return len(new), int(nearer.sum()), len(merged)
+    return len(new), int(moved.sum()), len(merged)
 
 
 def _strata_table(drawn: pd.DataFrame, where: pd.Series) -> pd.DataFrame:

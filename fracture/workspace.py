@@ -32,8 +32,8 @@ if TYPE_CHECKING:
     from fracture.validation import ValidationReport
 
 SPLITS = ("train", "val", "test")
-# Every image's split as first recorded (split.keep), at the project's root: a dependency of the
-# split stage and a file to commit with dvc.lock, as params.yaml is (fracture.split).
+# Every image's split as the split stage recorded it (split.keep), at the project's root: a
+# dependency of that stage and a file to commit with dvc.lock, as params.yaml is (fracture.split).
 ASSIGNMENTS_FILE = "split_assignments.csv"
 #: The MLflow tags naming the code a run ran: the commit, and the files that differ from it.
 GIT_COMMIT_TAG, GIT_DIRTY_FILES_TAG = "git_commit", "git_dirty_files"
@@ -514,7 +514,7 @@ class Workspace:
         Paths are relative to the project, as ``git add`` typed there takes them. Untracked files
         are left out, and so are the files the pipeline and the flow write themselves
         (:data:`PIPELINE_WRITTEN`: ``dvc.lock``, ``.dvc`` files, params.yaml's ``train.profile``,
-        the splits ingest records),
+        the splits the split stage records),
         which the flow's closing advice names anyway. ``[]`` outside git.
         """
         return status_paths(self.root, "--untracked-files=no", "--", ".",

@@ -57,9 +57,10 @@ def test_added_images_are_a_new_version_that_reruns_validate_onward(project, fra
     added = pick_ids(fracatlas, 14, 30)[12:14] + pick_ids(fracatlas, 14, 30)[-2:]
     v2 = make_subset(fracatlas, tmp_path / "v2", pick_ids(fracatlas, 14, 30))
     v1_split = {name: set(pd.read_csv(project / "outputs" / "split" / f"{name}.csv")["image_id"]) for name in SPLITS}
-    ingested = fracture(project, "ingest", "--source", str(v2))
-    # The split v1's model was trained and tested on is recorded before the new data comes in.
-    assert f"recorded the split of {sum(map(len, v1_split.values()))} more images in {ASSIGNMENTS_FILE}" in ingested
+    # The split stage recorded the split v1's model was trained and tested on, and dvc.lock the record.
+    record = pd.read_csv(project / ASSIGNMENTS_FILE).groupby("split")["image_id"].apply(set).to_dict()
+    assert record == v1_split
+    fracture(project, "ingest", "--source", str(v2))
     status = dvc(project, "status", "data.dvc")
     assert "modified:" in status and "data" in status
 
@@ -70,9 +71,11 @@ def test_added_images_are_a_new_version_that_reruns_validate_onward(project, fra
     repro = dvc(project, "repro", "train")
     for stage in ("validate", "split", "prepare", "train"):
         assert f"Running stage '{stage}'" in repro
-    # Every v1 image stays where it was; only the added ones are drawn.
+    # Every v1 image stays where it was; only the added ones are drawn, and recorded with them.
     v2_split = {name: set(pd.read_csv(project / "outputs" / "split" / f"{name}.csv")["image_id"]) for name in SPLITS}
     assert all(v1_split[name] <= v2_split[name] for name in SPLITS)
+    assert pd.read_csv(project / ASSIGNMENTS_FILE).groupby("split")["image_id"].apply(set).to_dict() == v2_split
+    assert "Data and pipelines are up to date" in dvc(project, "status", "--with-deps", "train")
 
     v2_md5 = data_md5(project)
     inputs = dataset_inputs(project)

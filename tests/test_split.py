@@ -502,18 +502,15 @@ def test_a_recorded_image_under_a_new_name_keeps_its_split_and_a_removed_one_is_
     assert f"{ASSIGNMENTS_FILE} names 2 ids that are not among the included images" in splits.report.summary()
 
 
-def test_recording_keeps_each_image_s_first_split_and_adds_the_new(tmp_path):
+def test_recording_adds_new_images_moves_changed_ones_and_keeps_the_absent(tmp_path):
     path = tmp_path / ASSIGNMENTS_FILE
     table = lambda *ids: pd.DataFrame({"image_id": list(ids), "sha256": [f"h{i}" for i in ids], "label": 0},  # noqa: E731
                                       dtype=object)
     assert keep_assignments(path, {"train": table("a", "b"), "val": table("c"), "test": table("d")}) == (4, 0, 4)
-    # The next split put "a" in test (a new link to a test image) and "c" in train, and added "e":
-    # "a" is recorded in test from now on, and "c" keeps val, the split nearer test.
-    assert keep_assignments(path, {"train": table("b", "c", "e"), "val": table(), "test": table("a", "d")}) == (1, 1, 5)
+    # The next split put "a" in test (a new link to a test image), added "e", and left "c" out.
+    assert keep_assignments(path, {"train": table("b", "e"), "val": table(), "test": table("a", "d")}) == (1, 1, 5)
     assert path.read_text() == "image_id,sha256,split\na,ha,test\nb,hb,train\nc,hc,val\nd,hd,test\ne,he,train\n"
-    # The link gone again, "a" is drawn in train: it stays recorded in test, where it goes back.
-    assert keep_assignments(path, {"train": table("a", "b"), "val": table("c"), "test": table("d")}) == (0, 0, 5)
-    assert read_assignments(path).set_index("image_id")["split"]["a"] == "test"
+    assert keep_assignments(path, {"train": table("b", "e"), "val": table("c"), "test": table("a", "d")}) == (0, 0, 5)
 
 
 def test_a_test_image_moved_by_a_new_link_never_returns_to_train_when_the_link_goes(tmp_path):
@@ -526,7 +523,7 @@ def test_a_test_image_moved_by_a_new_link_never_returns_to_train_when_the_link_g
         ["P1" if i in (in_test, in_train) else pd.NA for i in first["image_id"]], dtype="string"))
     second = split_manifest(linked, PARAMS, None, read_assignments(path))
     assert split_of(second)[in_train] == "test"
-    assert keep_assignments(path, second) == (0, 1, 100)  # as ingest records it before the next data
+    assert keep_assignments(path, second) == (0, 1, 100)  # as the split stage records it
     third = split_manifest(first, PARAMS, None, read_assignments(path))  # the patient id corrected
     assert split_of(third)[in_train] == "test"
 
@@ -587,29 +584,31 @@ def test_a_damaged_record_is_refused_naming_the_file_and_the_fix(tmp_path, text,
     assert str(path) in str(caught.value) and "split.keep: false" in str(caught.value)
 
 
-def test_ingest_records_the_project_s_split_once_and_warns_when_dvc_lock_names_one_it_lacks(tmp_path):
+def test_the_split_stage_records_its_draw_and_draws_the_same_tables_from_that_record(tmp_path):
+    """DVC hashes the record after the stage's command ran: run again on it, the stage must write
+    the same tables and leave the record as it is, or dvc.lock would not describe the split."""
     import dataclasses
 
     from fracture.config import load_params
-    from fracture.stages.ingest import record_split
+    from fracture.stages.split import run_split
     from fracture.workspace import Workspace
     from tests.conftest import REPO
 
     params, workspace = load_params(REPO), Workspace(tmp_path)
-    assert record_split(params, workspace) is None  # a new project: no split to keep
-    (tmp_path / "dvc.lock").write_text("stages:\n  split:\n    outs:\n    - path: outputs/split/test.csv\n")
-    assert "`dvc pull outputs/split` before ingesting keeps them" in record_split(params, workspace)
-
-    manifest = manifest_from([(1 if g % 5 == 0 else 0, 1) for g in range(60)])
-    splits = split_manifest(manifest, PARAMS)
-    workspace.write_split(splits, splits.report.to_dict())
-    assert record_split(params, workspace) == (
-        f"recorded the split of 60 more images in {ASSIGNMENTS_FILE} (60 in all): they keep it when the new "
-        "data is split; commit it with dvc.lock"
-    )
-    recorded_split = read_assignments(workspace.split_assignments).set_index("image_id")["split"].to_dict()
-    assert recorded_split == split_of(splits)
-    assert record_split(params, workspace) is None  # each image keeps its first row
-    off = dataclasses.replace(params, split=dataclasses.replace(params.split, keep=False))
-    (tmp_path / ASSIGNMENTS_FILE).unlink()
-    assert record_split(off, workspace) is None and not (tmp_path / ASSIGNMENTS_FILE).exists()
+    manifest = manifest_from([(1 if g % 5 == 0 else 0, 1 + (g % 9 == 0)) for g in range(80)])
+    workspace.manifest.parent.mkdir(parents=True)
+    manifest.to_csv(workspace.manifest, index=False)
+    workspace.split_assignments.write_text("image_id,sha256,split\n")  # as a new project ships it
+    _, first = run_split(params, workspace)
+    assert first.recorded == (len(manifest), 0, len(manifest))
+    record = workspace.split_assignments.read_bytes()
+    tables = {name: workspace.split_table(name).read_bytes() for name in SPLITS}
+    _, again = run_split(params, workspace)
+    assert again.recorded == (0, 0, len(manifest)) and workspace.split_assignments.read_bytes() == record
+    assert {name: workspace.split_table(name).read_bytes() for name in SPLITS} == tables
+    assert split_of(again) == split_of(first) == split_of(split_manifest(manifest, params.split))
+    # split.keep: false neither reads nor writes the record.
+    off = dataclasses.replace(params, split=dataclasses.replace(params.split, keep=False, seed=params.split.seed + 1))
+    _, fresh = run_split(off, workspace)
+    assert fresh.recorded is None and workspace.split_assignments.read_bytes() == record
+    assert split_of(fresh) != split_of(first)
