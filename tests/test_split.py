@@ -405,7 +405,7 @@ def test_a_split_that_fails_for_a_group_too_large_names_the_group_and_its_links(
 
 
 def recorded(tmp_path: Path, splits: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    """The splits as ``fracture ingest`` records them before new data comes in, read back."""
+    """The splits as the split stage records them after drawing, read back for the next draw."""
     path = tmp_path / ASSIGNMENTS_FILE
     keep_assignments(path, splits)
     return read_assignments(path)
