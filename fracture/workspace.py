@@ -373,7 +373,7 @@ class Workspace:
 
     @property
     def split_assignments(self) -> Path:
-        """Each image's split as first recorded: :data:`ASSIGNMENTS_FILE` (:mod:`fracture.split`)."""
+        """Each image's split as the split stage recorded it: :data:`ASSIGNMENTS_FILE` (:mod:`fracture.split`)."""
         return self.root / ASSIGNMENTS_FILE
 
     # prepare
