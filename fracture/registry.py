@@ -1052,7 +1052,6 @@ def _seen_in_training(client: MlflowClient, run_id: str) -> SeenImages | None:
         return None
 
 
-
 def _tag_value(value: Any) -> str:
     """A version tag's value: ``None`` is written as an empty string."""
     return "" if value is None else str(value)

@@ -552,18 +552,26 @@ def test_a_champion_moved_by_another_registration_while_promoting_is_not_overwri
 
 
 @contextmanager
-def stopped_before_previous_champion_moves(client) -> Iterator[None]:
-    """The block stops (as Ctrl-C or a killed worker would) when ``previous-champion`` is about to move."""
+def stopped_when_moving(client, alias: str, after: bool = False) -> Iterator[None]:
+    """The block stops (as Ctrl-C or a killed worker would) when ``alias`` is about to move, or,
+    ``after``, just after it moved (before the command tidies the tags around it)."""
     real_set = client.set_registered_model_alias
 
-    def stopped_after_champion(name, alias, version):
-        if alias == "previous-champion":
+    def stopped(name, moving, version):
+        if moving == alias and not after:
             raise KeyboardInterrupt
-        real_set(name, alias, version)
+        real_set(name, moving, version)
+        if moving == alias:
+            raise KeyboardInterrupt
 
     with pytest.MonkeyPatch.context() as patch, pytest.raises(KeyboardInterrupt):
-        patch.setattr(client, "set_registered_model_alias", stopped_after_champion)
+        patch.setattr(client, "set_registered_model_alias", stopped)
         yield
+
+
+def stopped_before_previous_champion_moves(client):
+    """The block stops when ``previous-champion`` is about to move (:func:`stopped_when_moving`)."""
+    return stopped_when_moving(client, "previous-champion")
 
 
 def test_a_promotion_stopped_between_its_alias_moves_is_completed_when_the_run_is_registered_again(client, ranked):
@@ -1091,20 +1099,12 @@ def test_a_version_of_the_champions_run_chosen_by_hand_keeps_no_rollback_when_th
     assert aliases(client) == {"champion": "2", "previous-champion": "1"}
 
 
-def test_a_hand_pick_stopped_before_champion_moves_is_not_undone_by_a_plain_rollback(client, ranked, monkeypatch):
+def test_a_hand_pick_stopped_before_champion_moves_is_not_undone_by_a_plain_rollback(client, ranked):
     """The champion is already tagged as replaced by the pick: a plain rollback would demote a
     champion the pick never replaced. It refuses, naming the pick to finish; the pick run again does."""
     split, models = ranked
     three_champions(client, split, models)
-    moves = client.set_registered_model_alias
-
-    def stopped(name, alias, version):
-        if alias == "champion":
-            raise KeyboardInterrupt
-        moves(name, alias, version)
-
-    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
-        patch.setattr(client, "set_registered_model_alias", stopped)
+    with stopped_when_moving(client, "champion"):
         rollback(NAME, client, "sign-off of version 1", to=1)
     assert aliases(client) == {"champion": "3", "previous-champion": "2"}
     with pytest.raises(RegistryError, match=r"a hand pick of version 1 in place of champion version 3 was stopped "
@@ -1116,20 +1116,12 @@ def test_a_hand_pick_stopped_before_champion_moves_is_not_undone_by_a_plain_roll
     assert aliases(client) == {"champion": "1", "previous-champion": "3"}
 
 
-def test_another_version_picked_after_a_stopped_pick_leaves_the_first_without_its_choice(client, ranked, monkeypatch):
+def test_another_version_picked_after_a_stopped_pick_leaves_the_first_without_its_choice(client, ranked):
     """A pick of version 1 stopped before champion moved, then version 2 picked instead: version 1
     never became champion, so it no longer says it was chosen in place of the champion."""
     split, models = ranked
     three_champions(client, split, models)
-    moves = client.set_registered_model_alias
-
-    def stopped(name, alias, version):
-        if alias == "champion":
-            raise KeyboardInterrupt
-        moves(name, alias, version)
-
-    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
-        patch.setattr(client, "set_registered_model_alias", stopped)
+    with stopped_when_moving(client, "champion"):
         rollback(NAME, client, "sign-off of version 1", to=1)
     assert client.get_model_version(NAME, "1").tags["gate_decision"] == "chosen"
     done = rollback(NAME, client, "sign-off of version 2 instead", to=2)
@@ -1327,29 +1319,15 @@ def test_versions_load_and_score_with_their_own_code_in_a_consumers_python(clien
     # A rollback's load in a consumer's Python: `fracture rollback` in the gate's end-to-end test.
 
 
-def stop_right_after_champion_moves(client, patch):
-    """Stops the command (as a kill would) just after ``champion`` moves, before its tags are tidied."""
-    moves = client.set_registered_model_alias
-
-    def moved_then_stopped(name, alias, version):
-        moves(name, alias, version)
-        if alias == "champion":
-            raise KeyboardInterrupt
-
-    patch.setattr(client, "set_registered_model_alias", moved_then_stopped)
-
-
 @pytest.mark.parametrize("stopped", ["plain rollback", "pick of version 3"])
-def test_a_pick_that_became_champion_keeps_its_record_when_a_later_change_stopped_midway(client, ranked, monkeypatch,
-                                                                                        stopped):
+def test_a_pick_that_became_champion_keeps_its_record_when_a_later_change_stopped_midway(client, ranked, stopped):
     """Version 1, chosen by hand, served as champion; a rollback (or a pick of 3) back to version 3
     stopped just after champion moved leaves 3 tagged as rolled back to 1. Neither a plain rollback
     nor a pick of version 2 then takes version 1 for a pick that never became champion."""
     split, models = ranked
     three_champions(client, split, models)
     rollback(NAME, client, "sign-off of version 1", to=1)
-    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
-        stop_right_after_champion_moves(client, patch)
+    with stopped_when_moving(client, "champion", after=True):
         rollback(NAME, client, "withdrawn", **({} if stopped == "plain rollback" else {"to": 3}))
     assert aliases(client)["champion"] == "3"
     if stopped == "plain rollback":
