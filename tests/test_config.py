@@ -342,6 +342,8 @@ def test_a_timezone_prefect_cannot_schedule_in_is_refused_when_params_load(zone,
 
 
 SEED = r"must be a whole number from 0 to 4294967295, e\.g\. 42; got "
+#: train.seed's upper bound leaves room for the seeds of the shipped profiles' members (train.seed + k - 1).
+TRAIN_SEED = r"must be a whole number from 0 to \d+(?: \(profiles\.\w+\.members \d+ trains under [^)]*\))?, e\.g\. 42; got "
 
 
 @pytest.mark.parametrize(
@@ -352,10 +354,10 @@ SEED = r"must be a whole number from 0 to 4294967295, e\.g\. 42; got "
         ("evaluate.seed", -1, r"evaluate\.seed " + SEED + "-1"),
         ("evaluate.seed", "0", r"evaluate\.seed " + SEED + "'0'"),
         ("evaluate.seed", 2**32, r"evaluate\.seed " + SEED + "4294967296"),
-        ("train.seed", -1, r"train\.seed " + SEED + "-1"),
-        ("train.seed", 4.2, r"train\.seed " + SEED + "4.2"),
-        ("train.seed", "42", r"train\.seed " + SEED + "'42'"),
-        ("train.seed", True, r"train\.seed " + SEED + "True"),
+        ("train.seed", -1, r"train\.seed " + TRAIN_SEED + "-1"),
+        ("train.seed", 4.2, r"train\.seed " + TRAIN_SEED + "4.2"),
+        ("train.seed", "42", r"train\.seed " + TRAIN_SEED + "'42'"),
+        ("train.seed", True, r"train\.seed " + TRAIN_SEED + "True"),
         ("split.seed", -1, r"split\.seed " + SEED + "-1"),
         ("crossval.seed", -1, r"crossval\.seed " + SEED + "-1"),
         ("detect.seed", 2**32, r"detect\.seed " + SEED + "4294967296"),
@@ -429,6 +431,7 @@ def test_a_value_a_stage_would_fail_on_later_is_refused_when_params_load_naming_
 
 def test_the_last_seed_a_profiles_members_train_under_is_a_seed_too():
     raw = raw_params()
+    raw["profiles"]["cpu"]["members"] = 1  # one network: train.seed alone
     raw["train"]["seed"] = 2**32 - 1
     assert parse_params(raw).train.seed == 2**32 - 1
     raw["profiles"]["cpu"]["members"] = 2  # members train under train.seed and train.seed + 1

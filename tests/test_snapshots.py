@@ -122,7 +122,7 @@ def test_snapshots_that_do_not_fit_the_schedule_are_refused_by_name(changes, mes
 
 def test_three_snapshots_of_three_epochs_restart_the_schedule_every_epoch():
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    raw["profiles"]["cpu"].update(epochs=3, snapshots=3)
+    raw["profiles"]["cpu"].update(epochs=3, snapshots=3, members=1)  # snapshots of one network
     params = parse_params(raw)
     assert params.profiles["cpu"].cycle_epochs(params.train) == 1
     assert params.profiles["paper"].cycle_epochs(params.train) == params.profiles["paper"].epochs
