@@ -569,11 +569,6 @@ def stopped_when_moving(client, alias: str, after: bool = False) -> Iterator[Non
         yield
 
 
-def stopped_before_previous_champion_moves(client):
-    """The block stops when ``previous-champion`` is about to move (:func:`stopped_when_moving`)."""
-    return stopped_when_moving(client, "previous-champion")
-
-
 def test_a_promotion_stopped_between_its_alias_moves_is_completed_when_the_run_is_registered_again(client, ranked):
     split, models = ranked
     params = RegisterParams(NAME, "t", confidence=0.0, sensitivity_tolerance=1.0)
@@ -581,7 +576,7 @@ def test_a_promotion_stopped_between_its_alias_moves_is_completed_when_the_run_i
     register(params, evaluated_run(0.9), *models["random"], split, client)
     assert aliases(client) == {"champion": "2", "previous-champion": "1"}
     run = evaluated_run(0.9)
-    with stopped_before_previous_champion_moves(client):
+    with stopped_when_moving(client, "previous-champion"):
         register(params, run, *models["good"], split, client)
     # Champion moved; previous-champion still names the version before the one replaced. The
     # version already carries its decision: it was written before champion moved.
@@ -628,7 +623,7 @@ def test_a_rollback_stopped_after_champion_moved_is_finished_by_the_next_rollbac
         runs[model] = evaluated_run(0.9)
         register(params, runs[model], *models[model], split, client)
     assert aliases(client) == {"champion": "3", "previous-champion": "2"}
-    with stopped_before_previous_champion_moves(client):
+    with stopped_when_moving(client, "previous-champion"):
         rollback(NAME, client)
     assert aliases(client) == {"champion": "2", "previous-champion": "2"}
     # The demoted version is already marked: registering its run again does not promote it back.
@@ -1059,7 +1054,7 @@ def test_a_hand_pick_of_a_missing_current_or_broken_version_is_refused_and_champ
 def test_a_hand_pick_stopped_before_previous_champion_moves_is_finished_by_the_next_rollback(client, ranked):
     split, models = ranked
     three_champions(client, split, models)
-    with stopped_before_previous_champion_moves(client):
+    with stopped_when_moving(client, "previous-champion"):
         rollback(NAME, client, "sign-off", to=1)
     assert aliases(client) == {"champion": "1", "previous-champion": "2"}
     assert client.get_model_version(NAME, "3").tags["rolled_back_to"] == "1"
@@ -1068,7 +1063,7 @@ def test_a_hand_pick_stopped_before_previous_champion_moves_is_finished_by_the_n
     assert (done.demoted, done.champion, done.previous_champion) == ("1", "3", "2")
     assert aliases(client) == {"champion": "3", "previous-champion": "2"}
 
-    with stopped_before_previous_champion_moves(client):
+    with stopped_when_moving(client, "previous-champion"):
         rollback(NAME, client, "sign-off", to=1)
     assert aliases(client) == {"champion": "1", "previous-champion": "2"}
     # The same pick run again finishes it rather than refusing a version that already is champion.
