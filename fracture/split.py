@@ -697,7 +697,9 @@ def read_assignments(path: Path) -> pd.DataFrame:
     return frame.reset_index(drop=True)
 
 
-def keep_assignments(path: Path, tables: dict[str, pd.DataFrame]) -> tuple[int, int, int]:
+def keep_assignments(
+    path: Path, tables: dict[str, pd.DataFrame], recorded: pd.DataFrame | None = None
+) -> tuple[int, int, int]:
     """Records in ``path`` the split of each image of ``tables``: the rows of images it does not
     name yet are added, and those in another split now are moved; the other rows stay (images
     left out of this export keep their split for when they return).
@@ -710,11 +712,13 @@ def keep_assignments(path: Path, tables: dict[str, pd.DataFrame]) -> tuple[int, 
     Args:
         path: :data:`ASSIGNMENTS_FILE` in the project.
         tables: a split's frames keyed ``train``, ``val``, ``test`` (``image_id``, ``sha256``).
+        recorded: the file as :func:`read_assignments` read it for this split, which is not
+            changed; ``None``: read it here.
 
     Returns:
         The rows added, the rows moved, and the rows the file now holds.
     """
-    recorded = read_assignments(path)
+    recorded = read_assignments(path) if recorded is None else recorded.copy()
     split = pd.concat(
         [table.reindex(columns=["image_id", "sha256"]).assign(split=name) for name, table in tables.items()],
         ignore_index=True,

@@ -32,5 +32,5 @@ def run_split(params: Params, workspace: Workspace) -> tuple[SplitResult, Splits
     splits = split_manifest(manifest, params.split, published, assigned)
     result = workspace.write_split(splits, splits.report.to_dict())
     if params.split.keep:
-        splits.recorded = keep_assignments(workspace.split_assignments, splits)
+        splits.recorded = keep_assignments(workspace.split_assignments, splits, assigned)
     return result, splits
