@@ -20,8 +20,9 @@ each stage reuses what the one before freed and the process keeps none of it onc
 
 It changes where memory comes from, not what is computed: the same weights, bit for bit. While a
 command runs, its process holds its peak: freed blocks stay mapped for the next ones. It is set by
-every pipeline command (the stages, cross-validation, ``fracture predict``), once per process; the
-served model leaves the allocator as the consumer's process has it.
+every pipeline command (the stages, cross-validation, ``fracture predict``), once per process, and by
+the Python of its own in which the gate scores a version and ``fracture predict`` keeps one loaded
+(:mod:`fracture.consumer`); the served model leaves the allocator as the consumer's process has it.
 ``FRACTURE_KEEP_FREED_MEMORY=0`` in the environment leaves it too. Elsewhere than glibc (macOS,
 musl) it does nothing.
 """

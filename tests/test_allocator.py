@@ -94,6 +94,19 @@ def test_every_pipeline_command_keeps_freed_memory_also_when_it_fails(argv, tmp_
         assert faults_after(run, "0", cwd=tmp_path) > PAGES * 9 // 10
 
 
+def test_a_consumers_python_keeps_freed_memory_before_it_loads_the_model(tmp_path):
+    """The gate scores each version on the test split in a Python of its own that cannot import
+    this installation's ``fracture`` (fracture/consumer.py), and ``fracture predict`` keeps one
+    loaded: both set the allocator themselves, before the model loads, as the commands do."""
+    from fracture.consumer import _KEEP_FREED_MEMORY, SCRIPT, WORKER
+
+    assert faults_after(_KEEP_FREED_MEMORY, "1", cwd=tmp_path) < PAGES // 20
+    if not transparent_huge_pages_always():
+        assert faults_after(_KEEP_FREED_MEMORY, "0", cwd=tmp_path) > PAGES * 9 // 10
+    for program in (SCRIPT, WORKER):
+        assert 0 <= program.find(_KEEP_FREED_MEMORY) < program.index("mlflow.pyfunc.load_model(uri)")
+
+
 def test_freed_memory_at_the_top_of_the_heap_is_kept_whatever_its_size():
     """A training step can free more than 1 GiB at the heap's top: a trim threshold that size gave
     it back to the kernel, only for the next step to map it in again (fracture/allocator.py).
