@@ -77,6 +77,7 @@ bench: venv
 	$(PY) -m bench.allocator
 	$(PY) -m bench.ensemble_cost
 	$(PY) -m bench.consumer_inference --data "$(BENCH_DATA)"
+	$(PY) -m bench.gate_scoring --data "$(BENCH_DATA)"
 	$(PY) -m bench.dicom_display
 	$(PY) -m bench.serving_latency --data "$(BENCH_DATA)"
 	$(PY) -m bench.orchestration --data "$(BENCH_DATA)"

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
+import torch
 from PIL import Image
 from safetensors.torch import save_file
 
 from fracture.config import Params
+from fracture.ensemble import SeedEnsemble
 from fracture.inference import ServingConfig
 from fracture.model import create_classifier, data_config
 from fracture.packaging import save_pyfunc
 from fracture.stages.register import input_policy
+from fracture.training import frozen_prefix_depth
 from fracture.vocabulary import Decode
 
 
@@ -41,17 +45,23 @@ def pick_large(root: Path, n: int) -> list[Path]:
     raise SystemExit(f"fewer than {n} images of any of {LARGE_SIZES} in {root}")
 
 
-def save_cpu_model(params: Params, folder: Path, decode: Decode | None = None) -> Path:
+def save_cpu_model(params: Params, folder: Path, decode: Decode | None = None, members: int = 1) -> Path:
     """The CPU profile's network (ImageNet weights, untrained head) saved as the registry's pyfunc.
 
     Speed does not depend on the weights' values, so no training is needed to measure it.
-    ``decode`` overrides the profile's (how JPEGs are decoded), to compare the two.
+    ``decode`` overrides the profile's (how JPEGs are decoded), to compare the two. ``members``
+    above 1 saves a :class:`~fracture.ensemble.SeedEnsemble` of that many copies of the network,
+    sharing its frozen layers as trained members do (``profiles.cpu.members``).
     """
     profile = params.profiles["cpu"]
     network = create_classifier(profile)
+    served: torch.nn.Module = network
+    if members > 1:
+        depth = frozen_prefix_depth(network, profile.frozen) or 0
+        served = SeedEnsemble([network, *(copy.deepcopy(network) for _ in range(members - 1))], depth)
     folder.mkdir(parents=True, exist_ok=True)
     weights = folder / "model.safetensors"
-    save_file(network.state_dict(), str(weights))
+    save_file(served.state_dict(), str(weights))
     config = ServingConfig(
         profile.model,
         data_config(network, profile.image_size, params.prepare.aspect, params.prepare.enhance,
