@@ -4,8 +4,9 @@
 
 The images are real FracAtlas X-rays, half at 373 x 454 and half large (2304 x 2880 as
 published, 1152 x 1440 in a copy shrunk by half: :func:`bench.common.pick_large`), sent as file bytes in one DataFrame, as a batch job
-does. The model is the CPU profile's network (ImageNet weights, untrained head: speed does not
-depend on the weights) saved as the registry's pyfunc (:func:`fracture.packaging.save_pyfunc`).
+does. The model is the CPU profile's network, as many members as the profile trains (ImageNet
+weights, untrained head: speed does not depend on the weights), saved as the registry's pyfunc
+(:func:`fracture.packaging.save_pyfunc`).
 
 - ``pyfunc``: ``model.predict(frame)``: input checks, decoding, resizing and the forward pass;
 - ``decode``: the same checks, decoding and resizing alone (:func:`fracture.intake.read_xray`
@@ -56,12 +57,14 @@ def main() -> None:
     models = {}
     with tempfile.TemporaryDirectory() as tmp:
         for decode in choices(Decode):
-            models[decode] = mlflow.pyfunc.load_model(str(save_cpu_model(params, Path(tmp) / decode, decode)))
+            models[decode] = mlflow.pyfunc.load_model(
+                str(save_cpu_model(params, Path(tmp) / decode, decode, members=profile.members))
+            )
     frame = pd.DataFrame({"image": files})
     with Image.open(large[0]) as img:
         big = f"{img.width} x {img.height}"
     print(f"{n} X-rays ({args.per_size} at 373 x 454, {args.per_size} at {big}), {profile.model} at "
-          f"{profile.image_size} px, tta {profile.tta}, batches of {BATCH_SIZE}, {torch.get_num_threads()} threads; "
+          f"{profile.image_size} px, {profile.members} member(s), tta {profile.tta}, batches of {BATCH_SIZE}, {torch.get_num_threads()} threads; "
           f"JPEGs decoded in full and at draft scale (the profile: {profile.decode})")
 
     def run_pyfunc(decode: str) -> float:

@@ -3,8 +3,9 @@
     .venv/bin/python -m bench.serving_latency --data ../shared/fracatlas [--requests 40] [--clients 4]
     .venv/bin/python -m bench.serving_latency --data ../shared/fracatlas --servers 1:all 2:1 2:all [--repeats 2]
 
-Serves the CPU profile's network as the registry's pyfunc (:func:`bench.common.save_cpu_model`)
-with ``mlflow models serve --env-manager local`` on a free loopback port, then:
+Serves the CPU profile's model (its network, as many members as it trains) as the registry's
+pyfunc (:func:`bench.common.save_cpu_model`) with ``mlflow models serve --env-manager local`` on a
+free loopback port, then:
 
 - one client, one request at a time: p50 and p95 latency for a 373 x 454 and a large X-ray
   (:func:`bench.common.pick_large`) (``--requests`` each, at most ``--seconds`` each, after 3 warm-up requests);
@@ -127,9 +128,10 @@ def main() -> None:
     body = {p: {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(p.read_bytes()).decode()]]}}
             for p in (small, large)}
     profile = params.profiles["cpu"]
-    print(f"{profile.model} at {profile.image_size} px, tta {profile.tta}, on {os.cpu_count()} cores")
+    print(f"{profile.model} at {profile.image_size} px, {profile.members} member(s), tta {profile.tta}, "
+          f"on {os.cpu_count()} cores")
     with tempfile.TemporaryDirectory() as tmp:
-        model = save_cpu_model(params, Path(tmp))
+        model = save_cpu_model(params, Path(tmp), members=profile.members)
         rates: dict[tuple[int, int | None], list[float]] = {s: [] for s in args.servers}
         for round_ in range(1, args.repeats + 1):
             for workers, threads in args.servers:
