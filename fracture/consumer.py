@@ -28,6 +28,8 @@ from typing import Any, Self
 import mlflow
 import pandas as pd
 
+from fracture.allocator import give_back_freed_memory
+
 __all__ = ["ConsumerAnswer", "ConsumerError", "ConsumerModel", "predict_as_consumer"]
 
 #: Hides from imports every distribution the model at ``uri`` does not require, this project's
@@ -241,6 +243,11 @@ def predict_as_consumer(uri: str, files: list[Path], timeout: float = 3600.0) ->
         resolved = [str(Path(f).resolve()) for f in files]
         request.write_text(json.dumps({"files": resolved}))
         env = _consumer_env(tmp)
+        # That Python takes memory of its own (4 GiB for the CPU profile's two networks on batches of
+        # full-size X-rays): what this process keeps free for its next tensors (fracture.allocator;
+        # the retrain flow's, after training, several GiB) goes back to the kernel first, so that
+        # the two processes do not hold both.
+        give_back_freed_memory()
         try:
             done = subprocess.run(
                 [sys.executable, "-I", str(script), uri, str(request), str(out)],

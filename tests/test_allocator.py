@@ -145,6 +145,30 @@ def test_a_stage_hands_the_memory_it_kept_back_when_it_ends(tmp_path):
     assert before - after > 200, f"resident memory {before} MiB before the stage, {after} MiB after it"
 
 
+#: Keeps freed memory, frees a 256 MiB block, then has a consumer's Python score nothing with a
+#: version that does not exist, and prints the resident memory (MiB) before and after.
+CONSUMER_GIVES_BACK = """
+from fracture.allocator import keep_freed_memory
+from fracture.consumer import ConsumerError, predict_as_consumer
+assert keep_freed_memory()
+libc.free(write_block(2**28))
+before = resident()
+try:
+    predict_as_consumer('models:/no-such-model/1', [])
+except ConsumerError:
+    pass
+print('resident', before, resident(), flush=True)
+"""
+
+
+def test_a_process_gives_back_what_it_kept_before_a_consumers_python_starts(tmp_path):
+    """The gate scores two versions in consumers' Pythons of their own, each holding gigabytes,
+    after the retrain flow's process has trained and kept what training freed: that process hands
+    its free memory back first, so the machine does not hold both."""
+    before, after = printed(CONSUMER_GIVES_BACK, "resident", "1", cwd=tmp_path)
+    assert before - after > 200, f"resident memory {before} MiB before the consumer's Python, {after} MiB after it"
+
+
 #: Frees a 256 MiB block inside two nested blocks of kept memory and prints the resident memory
 #: (MiB) after the inner one ends and after the outer one ends.
 NESTED = """
