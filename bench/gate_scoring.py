@@ -6,18 +6,22 @@ The promotion gate scores the new version and the champion on the test split, ea
 its own with its own packaged code (:func:`fracture.consumer.predict_as_consumer`). That Python
 keeps the memory it frees for its next batch, as every pipeline command does
 (:mod:`fracture.allocator`); ``FRACTURE_KEEP_FREED_MEMORY=0`` leaves glibc's malloc as it comes,
-which maps and zeroes each batch's full-size X-rays and activations afresh. Both sides score the
-same real X-rays (``--small`` at 373 x 454, ``--large`` of the largest size the copy holds, as the
-test split mixes them) through the CPU profile's model as the registry serves it (its network,
-input size, ``members`` and test-time augmentation; ImageNet weights and an untrained head, since
-speed does not depend on the weights' values), saved as the registry's pyfunc.
+which maps and zeroes each batch's full-size X-rays and activations afresh. A third side leaves
+the consumer's own setting off and sets glibc's tunables for the same (:data:`TUNABLES`) in its
+environment instead, as a process that only scores with the model and runs none of this
+project's set-up (``mlflow models serve``, a hospital's batch job) can. Every side scores the same
+real X-rays (``--small`` at 373 x 454, ``--large`` of the largest size the copy holds, as the test
+split mixes them) through the CPU profile's model as the registry serves it (its network, input
+size, ``members`` and test-time augmentation; ImageNet weights and an untrained head, since speed
+does not depend on the weights' values), saved as the registry's pyfunc.
 
-The runs alternate (kept, default, then default, kept, ...) so drift in the machine's speed hits
-both. Each prints its seconds (the consumer's Python from start to end, the model's load
-included, as the gate pays it), images per second, that Python's CPU time in user space and in
-the kernel, its minor page faults (pages the kernel mapped in) and its peak resident memory (each
-run is a process of its own around its consumer's Python, so that peak is that Python's); the
-summary prints the ratio of the medians and whether every run answered the same probabilities.
+The runs alternate (kept, default, tunables, then tunables, default, kept, ...) so drift in the
+machine's speed hits every side. Each prints its seconds (the consumer's Python from start to end,
+the model's load included, as the gate pays it), images per second, that Python's CPU time in
+user space and in the kernel, its minor page faults (pages the kernel mapped in) and its peak
+resident memory (each run is a process of its own around its consumer's Python, so that peak is
+that Python's); the summary prints each side's median against glibc's default and whether every
+run answered the same probabilities.
 """
 
 from __future__ import annotations
@@ -33,7 +37,12 @@ import tempfile
 import time
 from pathlib import Path
 
-SIDES = {"kept": "1", "default": "0"}
+#: glibc's own settings for what :mod:`fracture.allocator` sets (no mmap, never trim), from the
+#: environment: how a process that only scores with the model (``mlflow models serve``, a batch job)
+#: gets the same without code. 18446744073709551615 is ``M_TRIM_THRESHOLD``'s -1 as glibc reads it.
+TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=18446744073709551615"
+#: Each side: the consumer's own switch (fracture.consumer) and ``GLIBC_TUNABLES`` (``None``: unset).
+SIDES = {"kept": ("1", None), "default": ("0", None), "tunables": ("0", TUNABLES)}
 
 
 def child(model: str, files: list[str]) -> dict:
@@ -86,8 +95,11 @@ def main() -> None:
         listed.write_text(json.dumps(files))
         for i in range(args.repeats):
             for side in list(SIDES) if i % 2 == 0 else list(SIDES)[::-1]:
-                # The consumer's Python inherits the switch (fracture.consumer).
-                env = os.environ | {SWITCH: SIDES[side]}
+                # The consumer's Python inherits the switch (fracture.consumer) and glibc's tunables.
+                switch, tunables = SIDES[side]
+                env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"} | {SWITCH: switch}
+                if tunables:
+                    env["GLIBC_TUNABLES"] = tunables
                 proc = subprocess.run([sys.executable, "-m", "bench.gate_scoring", "--child", str(model), str(listed)],
                                       env=env, capture_output=True, text=True, check=False)
                 if proc.returncode:
@@ -101,10 +113,11 @@ def main() -> None:
     peaks = {side: max(r["peak_kib"] for r in runs[side]) / 1024 for side in SIDES}
     every = [r["probabilities"] for side in SIDES for r in runs[side]]
     same = all(a == every[0] for a in every)
-    kept, default = medians["kept"], medians["default"]
-    print(f"medians: kept {kept:.1f} s ({len(files) / kept:.2f} images/s, peak {peaks['kept']:,.0f} MiB), "
-          f"glibc's default {default:.1f} s ({len(files) / default:.2f} images/s, peak {peaks['default']:,.0f} MiB): "
-          f"kept is {default / kept:.2f}x as fast; the same probabilities in every run: {'yes' if same else 'NO'}")
+    default = medians["default"]
+    for side in SIDES:
+        print(f"median {side:<8} {medians[side]:6.1f} s ({len(files) / medians[side]:.2f} images/s, peak "
+              f"{peaks[side]:,.0f} MiB): {default / medians[side]:.2f}x as fast as glibc's default")
+    print(f"the same probabilities in every run: {'yes' if same else 'NO'}")
 
 
 if __name__ == "__main__":
