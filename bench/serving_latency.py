@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.serving_latency --data ../shared/fracatlas [--requests 40] [--clients 4]
     .venv/bin/python -m bench.serving_latency --data ../shared/fracatlas --servers 1:all 2:1 2:all [--repeats 2]
+    .venv/bin/python -m bench.serving_latency --data ../shared/fracatlas --servers 1:all 1:all:tunables --repeats 2
 
 Serves the CPU profile's model (its network, as many members as it trains) as the registry's
 pyfunc (:func:`bench.common.save_cpu_model`) with ``mlflow models serve --env-manager local`` on a
@@ -12,9 +13,11 @@ free loopback port, then:
 - ``--clients`` clients at once, each sending the 373 x 454 X-ray ``--requests`` times, within
   ``--seconds``: requests per second over all, and p50 / p95 under that load.
 
-``--servers`` names the servers to compare, each as ``WORKERS:THREADS``: ``-w WORKERS``, and
+``--servers`` names the servers to compare, each as ``WORKERS:THREADS[:tunables]``: ``-w WORKERS``,
 PyTorch's threads in each worker (``OMP_NUM_THREADS``; ``all``: not set, so each worker takes one
-thread per core, PyTorch's default). They are measured one after the other, in turn, ``--repeats``
+thread per core, PyTorch's default), and with ``tunables`` the server started with glibc's tunables
+that keep freed memory for the next request (``GLIBC_TUNABLES``, :data:`bench.gate_scoring.TUNABLES`,
+as the README tells a process that only scores). They are measured one after the other, in turn, ``--repeats``
 times, so that each meets the machine's changing speed alike; the throughput's ratio to the first
 server's is printed for each round. Default: one server of 1 worker and PyTorch's default threads.
 
@@ -36,6 +39,7 @@ from pathlib import Path
 import requests
 
 from bench.common import pick, pick_large, save_cpu_model
+from bench.gate_scoring import TUNABLES
 from fracture.config import load_params
 from tests.servers import child_env, free_port, running
 
@@ -56,21 +60,28 @@ def timed_requests(url: str, body: dict, count: int, seconds: float) -> list[flo
     return latencies
 
 
-def server(spec: str) -> tuple[int, int | None]:
-    """``WORKERS:THREADS`` as (workers, threads per worker or ``None`` for PyTorch's default)."""
-    workers, _, threads = spec.partition(":")
+def server(spec: str) -> tuple[int, int | None, bool]:
+    """``WORKERS:THREADS[:tunables]`` as (workers, threads per worker or ``None`` for PyTorch's
+    default, whether the server starts with glibc's tunables that keep freed memory)."""
+    workers, _, rest = spec.partition(":")
+    threads, _, tunables = rest.partition(":")
     try:
-        return int(workers), None if threads in ("", "all") else int(threads)
+        if tunables not in ("", "tunables"):
+            raise ValueError(tunables)
+        return int(workers), None if threads in ("", "all") else int(threads), tunables == "tunables"
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{spec!r}: give WORKERS:THREADS, e.g. 2:1 or 1:all") from None
+        raise argparse.ArgumentTypeError(
+            f"{spec!r}: give WORKERS:THREADS[:tunables], e.g. 2:1, 1:all or 1:all:tunables"
+        ) from None
 
 
-def described(workers: int, threads: int | None) -> str:
+def described(workers: int, threads: int | None, tunables: bool = False) -> str:
     each = "PyTorch's default threads" if threads is None else f"{threads} thread{'s' if threads > 1 else ''}"
-    return f"{workers} worker{'s' if workers > 1 else ''}, {each} each"
+    kept = ", glibc's tunables keeping freed memory" if tunables else ""
+    return f"{workers} worker{'s' if workers > 1 else ''}, {each} each{kept}"
 
 
-def measure(model: Path, workers: int, threads: int | None, small: Path, large: Path, body: dict,
+def measure(model: Path, workers: int, threads: int | None, tunables: bool, small: Path, large: Path, body: dict,
             args: argparse.Namespace, log: Path) -> float:
     """Serves ``model`` as given, prints its latencies and throughput, and returns the requests/s of
     ``args.clients`` clients at once."""
@@ -83,8 +94,11 @@ def measure(model: Path, workers: int, threads: int | None, small: Path, large: 
         env.pop(name, None)
         if threads is not None:
             env[name] = str(threads)
+    env.pop("GLIBC_TUNABLES", None)
+    if tunables:
+        env["GLIBC_TUNABLES"] = TUNABLES
     with running(cmd, env, f"{url}/ping", log):
-        print(f"mlflow models serve on {url}, {described(workers, threads)}")
+        print(f"mlflow models serve on {url}, {described(workers, threads, tunables)}")
         invocations = f"{url}/invocations"
         # Warm-up: every worker loads the model and runs it once; clients at once reach them all.
         with ThreadPoolExecutor(max(args.clients, 2 * workers)) as pool:
@@ -118,8 +132,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=40)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=120.0)
-    parser.add_argument("--servers", type=server, nargs="+", default=[(1, None)],
-                        help="servers to compare, each WORKERS:THREADS (threads per worker; all: PyTorch's default)")
+    parser.add_argument("--servers", type=server, nargs="+", default=[(1, None, False)],
+                        help="servers to compare, each WORKERS:THREADS[:tunables] (threads per worker; all: PyTorch's "
+                             "default; tunables: glibc's that keep freed memory, bench.gate_scoring.TUNABLES)")
     parser.add_argument("--repeats", type=int, default=1, help="rounds over the servers, in turn")
     args = parser.parse_args()
 
@@ -132,11 +147,11 @@ def main() -> None:
           f"on {os.cpu_count()} cores")
     with tempfile.TemporaryDirectory() as tmp:
         model = save_cpu_model(params, Path(tmp), members=profile.members)
-        rates: dict[tuple[int, int | None], list[float]] = {s: [] for s in args.servers}
+        rates: dict[tuple[int, int | None, bool], list[float]] = {s: [] for s in args.servers}
         for round_ in range(1, args.repeats + 1):
-            for workers, threads in args.servers:
-                rates[workers, threads].append(
-                    measure(model, workers, threads, small, large, body, args, Path(tmp) / "serve.log"))
+            for workers, threads, tunables in args.servers:
+                rates[workers, threads, tunables].append(
+                    measure(model, workers, threads, tunables, small, large, body, args, Path(tmp) / "serve.log"))
             if len(args.servers) > 1:
                 first = rates[args.servers[0]][-1]
                 print(f"round {round_}: requests/s against {described(*args.servers[0])}: " + "; ".join(
