@@ -28,7 +28,13 @@ from typing import Any, Self
 import mlflow
 import pandas as pd
 
-from fracture.allocator import give_back_freed_memory
+from fracture.allocator import (
+    M_MMAP_MAX,
+    M_TRIM_THRESHOLD,
+    NEVER_TRIM,
+    SWITCH,
+    give_back_freed_memory,
+)
 
 __all__ = ["ConsumerAnswer", "ConsumerError", "ConsumerModel", "predict_as_consumer"]
 
@@ -90,14 +96,15 @@ sys.meta_path[:] = [Hidden(finder) for finder in sys.meta_path]
 #: for every pipeline command (``FRACTURE_KEEP_FREED_MEMORY=0`` leaves glibc's default): each batch
 #: of full-size X-rays and 448 px activations would otherwise be mapped and zeroed afresh by the
 #: kernel. The gate scores two versions on the test split this way. The process ends after its
-#: batches (:data:`SCRIPT`) or its requests (:data:`WORKER`), so nothing is handed back.
-_KEEP_FREED_MEMORY = r'''
+#: batches (:data:`SCRIPT`) or its requests (:data:`WORKER`), so nothing is handed back. That Python
+#: cannot import this installation's ``fracture``: the allocator's switch and settings are written in.
+_KEEP_FREED_MEMORY = f'''
 import ctypes, os
-if os.environ.get("FRACTURE_KEEP_FREED_MEMORY", "1").strip() != "0":
+if os.environ.get({SWITCH!r}, "1").strip() != "0":
     try:  # a C library of its own, so the program's names are left as they are
         _glibc = ctypes.CDLL(None)
         _glibc.gnu_get_libc_version  # glibc only: musl's mallopt does nothing
-        _glibc.mallopt(-4, 0), _glibc.mallopt(-1, -1)  # M_MMAP_MAX 0, M_TRIM_THRESHOLD -1 (never trim)
+        _glibc.mallopt({M_MMAP_MAX}, 0), _glibc.mallopt({M_TRIM_THRESHOLD}, {NEVER_TRIM})
     except (OSError, AttributeError):
         pass
 '''
