@@ -45,6 +45,18 @@ def pick_large(root: Path, n: int) -> list[Path]:
     raise SystemExit(f"fewer than {n} images of any of {LARGE_SIZES} in {root}")
 
 
+#: glibc's own settings for what :mod:`fracture.allocator` sets (no mmap, never trim), from the
+#: environment: how a process that only scores with the model (``mlflow models serve``, a batch job)
+#: gets the same without code. 18446744073709551615 is ``M_TRIM_THRESHOLD``'s -1 as glibc reads it.
+TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=18446744073709551615"
+
+
+def with_tunables(env: dict[str, str], tunables: bool) -> dict[str, str]:
+    """``env`` with ``GLIBC_TUNABLES`` set to :data:`TUNABLES`, or without it (glibc's default)."""
+    out = {k: v for k, v in env.items() if k != "GLIBC_TUNABLES"}
+    return out | {"GLIBC_TUNABLES": TUNABLES} if tunables else out
+
+
 def save_cpu_model(params: Params, folder: Path, decode: Decode | None = None, members: int = 1) -> Path:
     """The CPU profile's network (ImageNet weights, untrained head) saved as the registry's pyfunc.
 

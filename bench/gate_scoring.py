@@ -7,7 +7,7 @@ its own with its own packaged code (:func:`fracture.consumer.predict_as_consumer
 keeps the memory it frees for its next batch, as every pipeline command does
 (:mod:`fracture.allocator`); ``FRACTURE_KEEP_FREED_MEMORY=0`` leaves glibc's malloc as it comes,
 which maps and zeroes each batch's full-size X-rays and activations afresh. A third side leaves
-the consumer's own setting off and sets glibc's tunables for the same (:data:`TUNABLES`) in its
+the consumer's own setting off and sets glibc's tunables for the same (:data:`bench.common.TUNABLES`) in its
 environment instead, as a process that only scores with the model and runs none of this
 project's set-up (``mlflow models serve``, a hospital's batch job) can. Every side scores the same
 real X-rays (``--small`` at 373 x 454, ``--large`` of the largest size the copy holds, as the test
@@ -37,12 +37,9 @@ import tempfile
 import time
 from pathlib import Path
 
-#: glibc's own settings for what :mod:`fracture.allocator` sets (no mmap, never trim), from the
-#: environment: how a process that only scores with the model (``mlflow models serve``, a batch job)
-#: gets the same without code. 18446744073709551615 is ``M_TRIM_THRESHOLD``'s -1 as glibc reads it.
-TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=18446744073709551615"
-#: Each side: the consumer's own switch (fracture.consumer) and ``GLIBC_TUNABLES`` (``None``: unset).
-SIDES = {"kept": ("1", None), "default": ("0", None), "tunables": ("0", TUNABLES)}
+#: Each side: the consumer's own switch (fracture.consumer), and whether ``GLIBC_TUNABLES`` is set
+#: to :data:`bench.common.TUNABLES`.
+SIDES = {"kept": ("1", False), "default": ("0", False), "tunables": ("0", True)}
 
 
 def child(model: str, files: list[str]) -> dict:
@@ -77,7 +74,7 @@ def main() -> None:
     if args.data is None:
         parser.error("--data is required")
 
-    from bench.common import pick, pick_large, save_cpu_model
+    from bench.common import pick, pick_large, save_cpu_model, with_tunables
     from fracture.allocator import SWITCH
     from fracture.config import load_params
 
@@ -97,9 +94,7 @@ def main() -> None:
             for side in list(SIDES) if i % 2 == 0 else list(SIDES)[::-1]:
                 # The consumer's Python inherits the switch (fracture.consumer) and glibc's tunables.
                 switch, tunables = SIDES[side]
-                env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"} | {SWITCH: switch}
-                if tunables:
-                    env["GLIBC_TUNABLES"] = tunables
+                env = with_tunables(dict(os.environ), tunables) | {SWITCH: switch}
                 proc = subprocess.run([sys.executable, "-m", "bench.gate_scoring", "--child", str(model), str(listed)],
                                       env=env, capture_output=True, text=True, check=False)
                 if proc.returncode:

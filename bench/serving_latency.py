@@ -16,7 +16,7 @@ free loopback port, then:
 ``--servers`` names the servers to compare, each as ``WORKERS:THREADS[:tunables]``: ``-w WORKERS``,
 PyTorch's threads in each worker (``OMP_NUM_THREADS``; ``all``: not set, so each worker takes one
 thread per core, PyTorch's default), and with ``tunables`` the server started with glibc's tunables
-that keep freed memory for the next request (``GLIBC_TUNABLES``, :data:`bench.gate_scoring.TUNABLES`,
+that keep freed memory for the next request (``GLIBC_TUNABLES``, :data:`bench.common.TUNABLES`,
 as the README tells a process that only scores). They are measured one after the other, in turn, ``--repeats``
 times, so that each meets the machine's changing speed alike; the throughput's ratio to the first
 server's is printed for each round. Default: one server of 1 worker and PyTorch's default threads.
@@ -38,8 +38,7 @@ from pathlib import Path
 
 import requests
 
-from bench.common import pick, pick_large, save_cpu_model
-from bench.gate_scoring import TUNABLES
+from bench.common import pick, pick_large, save_cpu_model, with_tunables
 from fracture.config import load_params
 from tests.servers import child_env, free_port, running
 
@@ -94,10 +93,7 @@ def measure(model: Path, workers: int, threads: int | None, tunables: bool, smal
         env.pop(name, None)
         if threads is not None:
             env[name] = str(threads)
-    env.pop("GLIBC_TUNABLES", None)
-    if tunables:
-        env["GLIBC_TUNABLES"] = TUNABLES
-    with running(cmd, env, f"{url}/ping", log):
+    with running(cmd, with_tunables(env, tunables), f"{url}/ping", log):
         print(f"mlflow models serve on {url}, {described(workers, threads, tunables)}")
         invocations = f"{url}/invocations"
         # Warm-up: every worker loads the model and runs it once; clients at once reach them all.
@@ -134,7 +130,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=120.0)
     parser.add_argument("--servers", type=server, nargs="+", default=[(1, None, False)],
                         help="servers to compare, each WORKERS:THREADS[:tunables] (threads per worker; all: PyTorch's "
-                             "default; tunables: glibc's that keep freed memory, bench.gate_scoring.TUNABLES)")
+                             "default; tunables: glibc's that keep freed memory, bench.common.TUNABLES)")
     parser.add_argument("--repeats", type=int, default=1, help="rounds over the servers, in turn")
     args = parser.parse_args()
 
