@@ -10,12 +10,11 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from fracture.config import Params
-from fracture.ensemble import SeedEnsemble
 from fracture.inference import ServingConfig
 from fracture.model import create_classifier, data_config
 from fracture.packaging import save_pyfunc
 from fracture.stages.register import input_policy
-from fracture.training import frozen_prefix_depth
+from fracture.training import seed_ensemble
 from fracture.vocabulary import Decode
 
 
@@ -69,8 +68,7 @@ def save_cpu_model(params: Params, folder: Path, decode: Decode | None = None, m
     network = create_classifier(profile)
     served: torch.nn.Module = network
     if members > 1:
-        depth = frozen_prefix_depth(network, profile.frozen) or 0
-        served = SeedEnsemble([network, *(copy.deepcopy(network) for _ in range(members - 1))], depth)
+        served = seed_ensemble([network, *(copy.deepcopy(network) for _ in range(members - 1))], profile.frozen)
     folder.mkdir(parents=True, exist_ok=True)
     weights = folder / "model.safetensors"
     save_file(served.state_dict(), str(weights))

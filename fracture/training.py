@@ -317,6 +317,12 @@ def frozen_prefix_depth(model: nn.Module, frozen: tuple[str, ...]) -> int | None
     return depth if names == leading and len(frozen) == len(names) else None
 
 
+def seed_ensemble(networks: list[nn.Module], frozen: tuple[str, ...]) -> SeedEnsemble:
+    """``networks`` as one :class:`~fracture.ensemble.SeedEnsemble` in eval mode, running the
+    leading layers the profile froze (``frozen``, :func:`frozen_prefix_depth`) once for all of them."""
+    return SeedEnsemble(networks, frozen_prefix_depth(networks[0], frozen) or 0).eval()
+
+
 class FrozenPrefix(nn.Module):
     """The frozen leading layers of an EfficientNet-style timm model (see :func:`frozen_prefix_depth`)."""
 
@@ -803,7 +809,7 @@ def _snapshot_ensemble(
         network = copy.deepcopy(model)
         network.load_state_dict(state)
         networks.append(network.eval())
-    ensemble = SeedEnsemble(networks, frozen_prefix_depth(model, profile.frozen) or 0).eval()
+    ensemble = seed_ensemble(networks, profile.frozen)
     complete = all(p is not None for p in probs)
     mean = np.mean(np.stack(probs), axis=0) if complete else _val_probabilities(ensemble, val_data, config, profile, params)
     cycle = profile.cycle_epochs(params)
@@ -881,7 +887,7 @@ def fit_members(
             on_epoch=numbered if on_epoch is not None else None, checkpoint_dir=folder, checkpoint_key=key,
             run_id=run_id, kept_outputs=kept,
         ))
-    ensemble = SeedEnsemble([fit.model for fit in fits], frozen_prefix_depth(fits[0].model, profile.frozen) or 0).eval()
+    ensemble = seed_ensemble([fit.model for fit in fits], profile.frozen)
     labels = val_data.tensors[1].numpy()
     best = [fit.best_val_probabilities for fit in fits]
     if any(p is None for p in best):  # a member restored whole from its checkpoint: score the ensemble once

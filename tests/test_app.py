@@ -48,7 +48,6 @@ from fracture.detection import (
     train_detector,
 )
 from fracture.detector_registry import DetectorTestSplit, register_detector
-from fracture.ensemble import SeedEnsemble
 from fracture.evaluation import choose_threshold
 from fracture.explain import grad_cam, overlay, target_layer, to_image_grid
 from fracture.gate import split_fingerprint
@@ -59,7 +58,7 @@ from fracture.localisation import read_coco_boxes
 from fracture.model import create_classifier, data_config, profile_data_config
 from fracture.packaging import log_detector_pyfunc, log_pyfunc
 from fracture.registry import CHAMPION
-from fracture.training import frozen_prefix_depth, train
+from fracture.training import seed_ensemble, train
 from fracture.vocabulary import Tta
 from tests.conftest import COCO_BOXES, REPO, require_fracatlas
 from tests.dicom_files import dicom_from_jpeg
@@ -174,7 +173,7 @@ def ensemble_page_registry(tmp_path_factory: pytest.TempPathFactory) -> PageRegi
         for seed in (0, 1):
             torch.manual_seed(seed)
             members.append(create_classifier(profile).eval())
-    model = SeedEnsemble(members, frozen_prefix_depth(members[0], profile.frozen) or 0).eval()  # as fit_members builds it
+    model = seed_ensemble(members, profile.frozen)  # as fit_members builds it
     root = tmp_path_factory.mktemp("page-ensemble")
     return register_for_page(root, model, profile.model, data_config(members[0], 96), 0.5, "page-ensemble",
                              extra={"members": 2, "member_best_epochs": [2, 3]})
