@@ -154,8 +154,14 @@ def test_training_runs_and_keeps_the_best_val_epoch(tmp_path):
 def test_the_flow_trains_scores_and_registers_the_detector_when_params_enable_it(project, subset_source):
     """The retrain flow with ``detect.enabled`` on real X-rays and boxes: the classifier's pipeline, then
     ``detect/dvc.yaml`` through DVC, then the detector's own registered model; a second run changes nothing."""
+    import mlflow.pyfunc
+
     from flows.report import render_report
     from flows.retrain import retrain
+    from fracture.config import load_params
+    from fracture.decoding import decode
+    from fracture.stages.detect import load_trained_detector
+    from fracture.workspace import Workspace
 
     shutil.copytree(REPO / "detect", project / "detect")
     shrink_params(project, detect__image_size=128, detect__epochs=1, detect__batch_size=4, detect__workers=0,
@@ -189,6 +195,30 @@ def test_the_flow_trains_scores_and_registers_the_detector_when_params_enable_it
     # A consumer loads the champion detector: boxes above the threshold, in the X-ray's own pixels.
     mv = client.get_model_version_by_alias("fracture-detector", "champion")
     assert mv.run_id == described["run_id"] and float(mv.tags["threshold"]) == metrics["image_threshold"]
+    served = mlflow.pyfunc.load_model(client.get_model_version_download_uri("fracture-detector", mv.version))
+    params = load_params(project)
+    picked = pd.concat([test[test["label"] == 1].head(2), test[test["label"] == 0].head(1)])
+    paths = [project / params.ingest.dest / path for path in picked["path"]]
+    requests = pd.DataFrame({"image": [path.read_bytes() for path in paths]})
+    every_box, listed = served.predict(requests, params={"min_score": 0.0}), served.predict(requests)
+    # The trained weights through evaluation's own path (detect) find the same boxes, in the X-ray's pixels.
+    _, _, trained = load_trained_detector(Workspace(project))
+    found = detect(trained, BoxedImages(paths, [np.zeros((0, 4))] * len(paths), params.detect.image_size))
+    threshold = metrics["image_threshold"]
+    for path, everything, shown, boxes, scores in zip(
+        paths, every_box.itertuples(), listed.itertuples(), found.boxes, found.scores, strict=True
+    ):
+        order = np.argsort(-scores, kind="stable")
+        assert everything.error == shown.error == "" and len(order) > 0, path
+        every = np.array(json.loads(everything.boxes)).reshape(-1, 5)
+        np.testing.assert_allclose(every[:, :4], boxes[order], atol=0.01)
+        np.testing.assert_allclose(every[:, 4], scores[order], atol=1e-4)
+        width, height = decode(path.read_bytes()).size
+        assert (every[:, [0, 2]] <= width + 0.01).all() and (every[:, [1, 3]] <= height + 0.01).all(), path
+        # By default the list holds the boxes at or above the champion's threshold, and the label follows the top one.
+        assert json.loads(shown.boxes) == [box for box in json.loads(everything.boxes) if box[4] >= threshold]
+        assert shown.fracture_score == pytest.approx(scores.max(), abs=1e-4)
+        assert shown.label == ("fractured" if scores.max() >= threshold else "not_fractured"), path
 
     again = retrain(project_dir=str(project), source=str(subset_source))
     assert again.stages_ran == [] and again.nothing_changed, again.stages_ran
