@@ -19,6 +19,9 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt fracture/docs_assets.lock.json
+	# constraints.txt is the set resolved on Python 3.11: a venv of another Python would get other libraries, or none.
+	test -x $(PY) || $(PYTHON) -c 'import sys; v = "%d.%d" % sys.version_info[:2]; sys.exit(None if v == "3.11" else \
+		f"$(PYTHON) is Python {v}; constraints.txt pins the libraries resolved on Python 3.11: run make with PYTHON=python3.11")'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# pip and setuptools too are pinned: the interpreter's bundled pip would stay unaudited and old.
 	$(PY) -m pip install --quiet --constraint constraints.txt pip setuptools

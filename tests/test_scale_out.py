@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 
 from tests.conftest import REPO
 
@@ -90,6 +94,27 @@ def test_the_audit_summary_names_vulnerable_pins_and_counts_what_was_not_audited
     makefile = (REPO / "Makefile").read_text()
     assert "--requirement constraints.txt --no-deps" in makefile  # the pinned set, exactly as installed
     assert "make audit" in (REPO / ".ci" / "run").read_text()
+
+
+def _another_python() -> Path | None:
+    """An interpreter of another Python than 3.11 on this machine (pyenv's), or ``None``."""
+    found = sorted((Path.home() / ".pyenv" / "versions").glob("3.*/bin/python3"))
+    return next((path for path in found if not path.parent.parent.name.startswith("3.11")), None)
+
+
+def test_the_venv_is_refused_on_another_python_than_the_pinned_set_was_resolved_on(tmp_path):
+    """constraints.txt is resolved on Python 3.11: `make` names the interpreter and the fix before creating a venv."""
+    assert sys.version_info[:2] == (3, 11)  # the suite's own venv, made by the same rule
+    other = _another_python()
+    if other is None:
+        pytest.skip("no Python other than 3.11 on this machine (pyenv's versions) to create a venv with")
+    venv = tmp_path / "venv"
+    made = subprocess.run(["make", "-C", str(REPO), "venv", f"VENV={venv}", f"PYTHON={other}"],
+                          capture_output=True, text=True, check=False)
+    assert made.returncode != 0 and not venv.exists()
+    version = other.parent.parent.name.rsplit(".", 1)[0]
+    assert f"{other} is Python {version}; constraints.txt pins the libraries resolved on Python 3.11" in made.stderr
+    assert "run make with PYTHON=python3.11" in made.stderr
 
 
 def test_a_work_pool_run_copies_the_projects_code_not_its_venv_or_data(tmp_path):
