@@ -266,6 +266,12 @@ def test_a_groups_labels_are_compared_as_the_label_policy_resolves_them(tmp_path
 
 def test_without_a_threshold_every_image_is_its_own_group(tmp_path):
     make_dataset(tmp_path, 2, 2)
+    for i, folder in enumerate(["Fractured"] * 2 + ["Non_fractured"] * 2):
+        smooth_xray(tmp_path / "images" / folder / f"IMG{i:07d}.jpg", i)
+    add_copy(tmp_path, "IMG0000000.jpg", "Fractured", "IMG0000010.jpg", "Non_fractured")  # opposite label
+    threshold = load_params(REPO).validate.near_duplicate_threshold
+    searched = build_manifest(tmp_path, workers=1, near_duplicate_threshold=threshold).set_index("image_id")
+    assert searched.loc["IMG0000010.jpg", "near_duplicate_group"] == "IMG0000000.jpg"  # the copy is there to find
     manifest = build_manifest(tmp_path, workers=1)
     assert (manifest["near_duplicate_group"] == manifest["image_id"]).all()
     assert not manifest["near_duplicate_conflict"].any()
