@@ -157,17 +157,19 @@ def test_a_rolled_back_run_registered_again_while_the_registry_is_locked_is_not_
         mlflow.log_metric("test_threshold", 0.4)
     real_tag, failed = registry_module._tag_version, []
 
-    def locked_once(client_, name, version, tags):
-        if TAG_ROLLED_BACK in tags and not failed:
-            failed.append(version)
+    def locked_once(client_, name, version, tags):  # the first tagging request after the creation fails
+        if not failed:
+            failed.append((version, set(tags)))
             raise MlflowException("database is locked")
         real_tag(client_, name, version, tags)
 
     monkeypatch.setattr(registry_module, "_tag_version", locked_once)
-    try:
+    with pytest.raises(MlflowException, match="database is locked"):
         registered(second)
-    except MlflowException:
-        assert failed == ["3"]
+    # The version was created carrying the rollback: the request that failed was not the one to copy it.
+    assert failed[0][0] == "3" and TAG_ROLLED_BACK not in failed[0][1], failed
+    assert client.get_model_version(NAME, "3").tags.get(TAG_ROLLED_BACK)
+    assert aliases(client) == {CHAMPION: "1"}
     again = registered(second)
     assert again.version == "3" and again.decision == "unchanged" and "rolled back" in again.reason
     assert aliases(client) == {CHAMPION: "1"}
