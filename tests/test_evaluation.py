@@ -4,6 +4,8 @@ the PNG figures."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -265,7 +267,7 @@ def test_evaluation_plots_are_written_as_png(tmp_path):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
 
 
-def test_the_evaluate_stage_bootstraps_the_test_splits_groups_from_its_table_or_as_the_split_links_them():
+def test_the_test_splits_groups_come_from_its_table_or_as_the_split_links_them():
     from fracture.split import group_key, split_groups
 
     test = pd.DataFrame({
@@ -276,3 +278,47 @@ def test_the_evaluate_stage_bootstraps_the_test_splits_groups_from_its_table_or_
     linked = ["a.jpg", "a.jpg", "c.jpg", "c.jpg", "e.jpg"]
     assert list(split_groups(test)) == linked == list(group_key(test))  # a table written without `group`
     assert list(split_groups(test.assign(group=["x", "x", "y", "z", "w"]))) == ["x", "x", "y", "z", "w"]
+
+
+def test_the_evaluate_stage_counts_the_test_splits_linked_images_once_in_its_intervals(tmp_path, monkeypatch):
+    """A trained model through the evaluate stage, on a test split holding linked pairs: the AUC's
+    bootstrap draws whole groups, and the Wilson intervals, the split's and each body part's, count
+    the effective images, as the split table's groups say; unlinked, the same scores give other intervals."""
+    from fracture.evaluation import by_group
+    from fracture.manifest import body_part
+    from fracture.split import split_groups
+    from fracture.stages.evaluate import run_evaluate
+    from fracture.stages.train import run_train
+    from tests.test_crossval import tiny_ensemble_project
+
+    params, workspace = tiny_ensemble_project(tmp_path, monkeypatch)
+    tables = workspace.read_split_tables()
+    pool = pd.concat([tables["train"], tables["test"]], ignore_index=True)
+    test_ids = [*pool.loc[pool["label"] == 1, "image_id"][:6], *pool.loc[pool["label"] == 0, "image_id"][:8]]
+    test = pool[pool["image_id"].isin(test_ids)].sort_values("image_id").reset_index(drop=True)
+    # Pairs of linked images (near-duplicates of one X-ray), each pair of one label and body part.
+    parts = body_part(test).to_numpy()
+    for _, ids in test.groupby(["label", parts])["image_id"]:
+        for first, second in zip(ids.to_list()[0::2], ids.to_list()[1::2], strict=False):
+            test.loc[test["image_id"] == second, "near_duplicate_group"] = first
+    linked = split_groups(test)
+    assert len(set(linked)) <= len(test) - 4
+    workspace.write_split({"train": pool[~pool["image_id"].isin(test_ids)], "val": tables["val"], "test": test}, {})
+    run_train(params, workspace)
+    metrics = run_evaluate(params, workspace).metrics
+
+    predictions = pd.read_csv(workspace.curve("predictions"))
+    assert predictions["image_id"].to_list() == test["image_id"].to_list()
+    labels, probs = predictions["label"].to_numpy(), predictions["fracture_probability"].to_numpy()
+    ev, threshold = params.evaluate, metrics["threshold"]
+    grouped = confidence_intervals(labels, probs, threshold, ev.bootstrap_resamples, ev.seed, groups=linked)
+    unlinked = confidence_intervals(labels, probs, threshold, ev.bootstrap_resamples, ev.seed)
+    assert grouped != unlinked
+    for name, (low, high) in grouped.items():
+        assert (metrics[f"{name}_ci_low"], metrics[f"{name}_ci_high"]) == pytest.approx((low, high)), name
+    written = json.loads(workspace.body_parts.read_text())
+    expected = by_group(labels, probs, parts, threshold, linked=linked)
+    assert expected != by_group(labels, probs, parts, threshold)
+    assert written.keys() == expected.keys()
+    for part, figures in expected.items():
+        assert written[part] == pytest.approx(figures), part
