@@ -126,8 +126,13 @@ class SplitReport:
         if self.strategy == "published":
             counts = ", ".join(f"{name} {self.published.get(name, 0)}" for name in SPLITS)
             lines.append(f"published lists placed {sum(self.published.values())} images ({counts})")
-        drawn = ", ".join(f"{name} {int(self.strata[name].sum())}" for name in SPLITS)
-        lines.append(f"seeded draw over {int(self.strata['groups'].sum())} distinct images ({drawn}) in strata:")
+        if self.strata.empty:
+            placed = " and ".join([*(["the published lists"] if self.strategy == "published" else []),
+                                   *([ASSIGNMENTS_FILE] if self.kept else [])]) or "nothing"
+            lines.append(f"seeded draw: none, {placed} placed every image")
+        else:
+            drawn = ", ".join(f"{name} {int(self.strata[name].sum())}" for name in SPLITS)
+            lines.append(f"seeded draw over {int(self.strata['groups'].sum())} distinct images ({drawn}) in strata:")
         for row in self.strata.itertuples(index=False):
             lines.append(
                 f"  {row.stratum} [{row.parts}]: {row.groups} -> train {row.train}, val {row.val}, test {row.test}"

@@ -281,7 +281,14 @@ def test_published_lists_that_place_everything_leave_nothing_to_draw(tmp_path):
     splits = split_manifest(manifest, PUBLISHED, write_lists(tmp_path / "lists", lists))
     assert {name: len(splits[name]) for name in SPLITS} == {"train": 5, "val": 2, "test": 4}
     assert splits.report.strata.empty and splits.report.moved["image_id"].tolist() == ["IMG00006_0.jpg"]
-    assert json.dumps(splits.report.to_dict()) and splits.report.summary()
+    written = json.loads(json.dumps(splits.report.to_dict()))  # as the split stage writes report.json
+    assert written["strata"] == [] and written["published"] == {"train": 5, "val": 2, "test": 4}
+    assert written["moved"] == [{"image_id": "IMG00006_0.jpg", "listed": "", "assigned": "test"}]
+    assert splits.report.summary()[:3] == [
+        "published lists placed 11 images (train 5, val 2, test 4)",
+        "seeded draw: none, the published lists placed every image",
+        "moved to keep its group together: IMG00006_0.jpg (in no list) -> test",
+    ]
 
 
 def test_published_lists_that_leave_test_without_a_fractured_image_are_refused_naming_the_list(tmp_path):
@@ -607,6 +614,8 @@ def test_the_split_stage_records_its_draw_and_draws_the_same_tables_from_that_re
     assert again.recorded == (0, 0, len(manifest)) and workspace.split_assignments.read_bytes() == record
     assert {name: workspace.split_table(name).read_bytes() for name in SPLITS} == tables
     assert split_of(again) == split_of(first) == split_of(split_manifest(manifest, params.split))
+    assert "seeded draw: none, split_assignments.csv placed every image" in again.report.summary()
+    assert first.report.summary()[0].startswith("seeded draw over 80 distinct images")  # the 80 groups
     # split.keep: false neither reads nor writes the record.
     off = dataclasses.replace(params, split=dataclasses.replace(params.split, keep=False, seed=params.split.seed + 1))
     _, fresh = run_split(off, workspace)
