@@ -11,6 +11,13 @@ that dies, even killed, releases it.
 The holder's own work is not refused: the flow runs each stage's command in its own process, and
 a stage DVC runs in a child process (a command DVC does not run in-process) inherits
 ``FRACTURE_PROJECT_LOCK``, which names the lock and a token only the holder's note carries.
+
+A ``dvc repro`` typed by hand holds the project only while one of its stages' ``fracture``
+commands runs, but DVC's own repository lock (:data:`DVC_LOCK`) for the whole of its run. So the
+project counts as busy while another process holds that lock too: a deployment's run waiting for
+the project does not take it between two of those stages (which would refuse the next one), and a
+command or one-shot run is refused at once, as it would be during a stage. A ``fracture`` command
+that DVC runs as a stage (``DVC_STAGE`` set in its environment) is the DVC command's own work.
 """
 
 from __future__ import annotations
@@ -24,12 +31,19 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import zc.lockfile
 from filelock import FileLock, Timeout
 
 #: Held by whoever is writing the project, beside a note of who holds it (``<lock>.json``).
 LOCK_FILE = Path("outputs") / "retrain.lock"
 #: Set while the lock is held, for the holder's own process and its children: ``<lock path>\t<token>``.
 HELD_ENV = "FRACTURE_PROJECT_LOCK"
+#: DVC's repository lock (``dvc.lock.Lock``, on zc.lockfile), held by a DVC command for its whole run.
+DVC_LOCK = Path(".dvc") / "tmp" / "lock"
+#: What DVC sets in the environment of each stage command it runs.
+DVC_STAGE_ENV = "DVC_STAGE"
+#: Seconds between a waiting writer's looks at DVC's repository lock.
+DVC_POLL_S = 1.0
 
 
 class ProjectBusy(RuntimeError):
@@ -56,11 +70,34 @@ def _holder(note: Path) -> str:
         return "its details are not written yet"
 
 
-def _busy(root: Path, note: Path, holder: str, waited: float) -> ProjectBusy:
+def dvc_running(root: Path) -> bool:
+    """Whether another process holds DVC's repository lock in ``root`` (a ``dvc repro``, ``dvc exp run``
+    or ``dvc add`` running), unless this process is a stage command DVC runs (:data:`DVC_STAGE_ENV`).
+
+    Looked at as DVC takes it: a non-blocking lock of the file, let go at once, writing nothing to it.
+    """
+    path = root / DVC_LOCK
+    if os.environ.get(DVC_STAGE_ENV) or not path.is_file():
+        return False
+    try:
+        zc.lockfile.SimpleLockFile(str(path)).close()
+    except zc.lockfile.LockError:
+        return True
+    except OSError:  # unreadable: no DVC command could hold it either
+        return False
+    return False
+
+
+def _dvc_holder(root: Path) -> str:
+    return f"a DVC command holds DVC's repository lock, {root / DVC_LOCK}: a `dvc repro` or `dvc exp run` between stages"
+
+
+def _busy(root: Path, note: Path, holder: str, waited: float, dvc: bool = False) -> ProjectBusy:
     """The refusal of a writer that found the project busy (after waiting ``waited`` seconds)."""
     after = f" after waiting {waited:g} s (schedule.busy_wait_seconds)" if waited > 0 else ""
     return ProjectBusy(
-        f"another run is working in {root} ({_holder(note)}). {holder} stopped{after} without changing anything; "
+        f"another run is working in {root} ({_dvc_holder(root) if dvc else _holder(note)}). {holder} stopped{after} "
+        "without changing anything; "
         "run it again once that one has finished (scheduled retrain runs queue for each other: "
         "schedule.concurrency_limit)"
     )
@@ -96,13 +133,13 @@ def project_lock(
             return
         if wait <= 0:
             raise _busy(root, note, holder, 0) from None
-        if say is not None:
-            say(f"another run is working in {root} ({_holder(note)}); {holder} waits up to {wait:g} s for it to "
-                "finish (schedule.busy_wait_seconds)")
-        try:
-            lock.acquire(timeout=wait)
-        except Timeout:
-            raise _busy(root, note, holder, wait) from None
+        _wait_for(lock, root, note, holder, wait, say, dvc=False)
+    else:
+        if dvc_running(root):
+            lock.release()
+            if wait <= 0:
+                raise _busy(root, note, holder, 0, dvc=True)
+            _wait_for(lock, root, note, holder, wait, say, dvc=True)
     # Taken: a note left by a holder that died (its children may still carry its token) is replaced.
     token = secrets.token_hex(16)
     before = os.environ.get(HELD_ENV)
@@ -118,3 +155,30 @@ def project_lock(
             os.environ[HELD_ENV] = before
         note.unlink(missing_ok=True)
         lock.release()
+
+
+def _wait_for(
+    lock: FileLock, root: Path, note: Path, holder: str, wait: float, say: Callable[[str], None] | None, dvc: bool
+) -> None:
+    """Takes ``lock`` once the project is free, at most ``wait`` seconds from now: its holder gone and
+    no DVC command holding DVC's repository lock (:func:`dvc_running`). Says once whom it waits for.
+
+    Raises:
+        ProjectBusy: still busy after ``wait``; the message names who holds it.
+    """
+    if say is not None:
+        whom = _dvc_holder(root) if dvc else _holder(note)
+        say(f"another run is working in {root} ({whom}); {holder} waits up to {wait:g} s for it to finish "
+            "(schedule.busy_wait_seconds)")
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            lock.acquire(timeout=max(deadline - time.monotonic(), 0))
+        except Timeout:
+            raise _busy(root, note, holder, wait) from None
+        if not dvc_running(root):
+            return
+        lock.release()  # between two stages of a DVC command: not free yet
+        if time.monotonic() >= deadline:
+            raise _busy(root, note, holder, wait, dvc=True)
+        time.sleep(min(DVC_POLL_S, max(deadline - time.monotonic(), 0)))

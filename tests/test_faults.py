@@ -26,7 +26,13 @@ import flows.retrain
 from flows.retrain import retrain
 from fracture.config import RegisterParams
 from fracture.gate import EvaluatedSplit
-from fracture.project_lock import HELD_ENV, LOCK_FILE, ProjectBusy, project_lock
+from fracture.project_lock import (
+    DVC_STAGE_ENV,
+    HELD_ENV,
+    LOCK_FILE,
+    ProjectBusy,
+    project_lock,
+)
 from fracture.registry import register
 from tasks.pipeline import retry_transient_registry
 from tests.conftest import (
@@ -116,6 +122,84 @@ def test_a_deployment_run_that_waited_its_time_is_refused_naming_the_holder(tmp_
     finally:
         os.killpg(holder.pid, signal.SIGKILL)
         holder.wait()
+
+
+#: A `dvc repro` typed by hand between two of its stages: DVC's repository lock held, the project's not.
+DVC_BETWEEN_STAGES = """
+import sys, time
+from dvc.repo import Repo
+repo = Repo(sys.argv[1])
+with repo.lock:
+    print("holding", flush=True)
+    sys.stdin.readline()
+    letting_go = time.time()
+print(letting_go, flush=True)
+"""
+
+
+@contextmanager
+def _dvc_between_stages(project: Path) -> Iterator[subprocess.Popen]:
+    from dvc.repo import Repo  # noqa: PLC0415 - DVC's API loads slowly
+
+    Repo.init(str(project), no_scm=True).close()
+    holder = subprocess.Popen([sys.executable, "-c", DVC_BETWEEN_STAGES, str(project)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env=child_env(), start_new_session=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "holding"
+        yield holder
+    finally:
+        if holder.poll() is None:
+            os.killpg(holder.pid, signal.SIGKILL)
+        holder.wait()
+
+
+def test_a_command_typed_while_a_dvc_repro_is_between_stages_is_refused_and_that_repros_own_stages_are_not(
+    tmp_path, monkeypatch
+):
+    """A hand-typed `dvc repro` holds the project only while each stage's command runs, DVC's own lock
+    throughout: a writer coming between two stages would take the project from its next stage."""
+    monkeypatch.delenv(DVC_STAGE_ENV, raising=False)
+    with _dvc_between_stages(tmp_path) as holder:
+        dvc_lock = tmp_path.resolve() / ".dvc" / "tmp" / "lock"
+        refused = (rf"^another run is working in {tmp_path.resolve()} \(a DVC command holds DVC's repository lock, "
+                   rf"{dvc_lock}: a `dvc repro` or `dvc exp run` between stages\)\. `fracture ingest` stopped without "
+                   "changing anything")
+        with pytest.raises(ProjectBusy, match=refused), project_lock(tmp_path, "`fracture ingest`"):
+            pytest.fail("the project was taken while a DVC command ran in it")
+        assert not (tmp_path / LOCK_FILE).with_suffix(".json").exists()  # nothing was written
+        # That `dvc repro`'s own next stage: DVC runs its command with DVC_STAGE set.
+        monkeypatch.setenv(DVC_STAGE_ENV, "train")
+        with project_lock(tmp_path, "`fracture train`"):
+            assert json.loads((tmp_path / LOCK_FILE).with_suffix(".json").read_text())["holder"] == "`fracture train`"
+        assert holder.poll() is None
+    monkeypatch.delenv(DVC_STAGE_ENV)
+    with project_lock(tmp_path, "`fracture ingest`"):  # the DVC command has finished
+        pass
+
+
+def test_a_deployment_run_waits_for_a_dvc_repro_to_finish_not_for_its_stage_to_end(tmp_path, monkeypatch):
+    monkeypatch.delenv(DVC_STAGE_ENV, raising=False)
+    said = []
+    with _dvc_between_stages(tmp_path) as holder:
+        refused = (r"\(a DVC command holds DVC's repository lock, .*\)\. flow run normal-herring stopped after "
+                   r"waiting 0\.5 s \(schedule\.busy_wait_seconds\) without changing anything")
+        with pytest.raises(ProjectBusy, match=refused), project_lock(tmp_path, "flow run normal-herring", wait=0.5,
+                                                                     say=said.append):
+            pytest.fail("the project was taken while a DVC command ran in it")
+        assert len(said) == 1 and "a DVC command holds DVC's repository lock" in said[0]
+
+        def finish(message: str) -> None:
+            said.append(message)
+            assert holder.stdin is not None
+            holder.stdin.write("done\n")  # the `dvc repro` finishes while the run waits
+            holder.stdin.flush()
+
+        started = time.monotonic()
+        with project_lock(tmp_path, "flow run normal-herring", wait=600, say=finish):
+            taken = time.time()
+            assert json.loads((tmp_path / LOCK_FILE).with_suffix(".json").read_text())["holder"] == "flow run normal-herring"
+        assert holder.stdout is not None and taken >= float(holder.stdout.readline())  # once DVC's lock was let go
+        assert len(said) == 2 and time.monotonic() - started < 60
 
 
 def test_a_run_of_the_deployment_waits_as_params_say_and_a_one_shot_run_does_not(tmp_path, monkeypatch):
