@@ -177,13 +177,18 @@ RULE_CASES: list[tuple[str, Callable[[pd.DataFrame], pd.DataFrame], list[str]]] 
     ("csv_label_binary", lambda m: mutate(m, "IMG0000009.jpg", csv_label=3), ["IMG0000009.jpg"]),
     ("decodable", lambda m: mutate(m, "IMG0000010.jpg", decodable=False), ["IMG0000010.jpg"]),
     ("width_in_bounds", lambda m: mutate(m, "IMG0000004.jpg", width=9000), ["IMG0000004.jpg"]),
+    ("width_in_bounds", lambda m: mutate(m, "IMG0000004.jpg", width=20), ["IMG0000004.jpg"]),
     ("height_in_bounds", lambda m: mutate(m, "IMG0000005.jpg", height=20), ["IMG0000005.jpg"]),
+    ("height_in_bounds", lambda m: mutate(m, "IMG0000005.jpg", height=9000), ["IMG0000005.jpg"]),
     ("colour_mode_allowed", lambda m: mutate(m, "IMG0000006.jpg", mode="CMYK"), ["IMG0000006.jpg"]),
     ("body_part_flags_valid", lambda m: mutate(m, "IMG0000001.jpg", hip=2), ["IMG0000001.jpg"]),
     # Two parts without `mixed`, and `mixed` with a single part.
     ("body_part_flags_valid", lambda m: mutate(m, "IMG0000002.jpg", hand=1), ["IMG0000002.jpg"]),
     ("body_part_flags_valid", lambda m: mutate(m, "IMG0000003.jpg", mixed=1), ["IMG0000003.jpg"]),
     ("fractured_share_in_range", lambda m: m.assign(folder_label=m["folder_label"] * 0), []),
+    # Every image fractured, consistently so (folders, csv and fracture counts agree).
+    ("fractured_share_in_range", lambda m: m.assign(folder_label=1, csv_label=1, fracture_count=m["fracture_count"].clip(1)),
+     []),
     ("folder_label_matches_csv", lambda m: mutate(m, "IMG0000002.jpg", csv_label=0, fracture_count=0), ["IMG0000002.jpg"]),
     # fracture_count must agree with dataset.csv's fractured both ways.
     ("fracture_count_matches_label", lambda m: mutate(m, "IMG0000000.jpg", fracture_count=0), ["IMG0000000.jpg"]),
@@ -205,7 +210,26 @@ def test_each_rule_fails_on_the_rows_that_break_it(vparams, clean_manifest, rule
     assert finding.unexpected_count == len(ids)
     assert report.success == (vparams.severity[rule] == "soft")
     if rule == "fractured_share_in_range":
-        assert finding.observed == 0.0
+        assert finding.observed == break_it(clean_manifest)["folder_label"].mean() in (0.0, 1.0)
+
+
+@pytest.mark.parametrize(("source", "changes", "label"), [
+    ("folder", {"folder_label": 2}, 2),
+    ("csv", {"folder_label": pd.NA, "csv_label": 3}, 3),  # no class folder: the csv's label is the one trained on
+])
+def test_an_image_whose_label_is_not_0_or_1_is_excluded_naming_it_whatever_the_severity(
+    vparams, clean_manifest, source, changes, label
+):
+    rule = f"{source}_label_binary"
+    for severity in ("soft", "hard"):
+        resolved, report = validate(mutate(clean_manifest, "IMG0000009.jpg", **changes),
+                                    with_severity(vparams, **{rule: severity}))
+        assert report.finding(rule).unexpected_ids == ["IMG0000009.jpg"]
+        assert {i: (e.rule, e.reason) for i, e in report.excluded.items()} == {
+            "IMG0000009.jpg": (rule, f"its label {label} is not 0 or 1")
+        }
+        row = resolved.set_index("image_id").loc["IMG0000009.jpg"]
+        assert row["label_source"] == source and not row["included"] and row["exclude_rule"] == rule
 
 
 def test_rule_cases_cover_every_rule():
