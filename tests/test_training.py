@@ -58,6 +58,38 @@ def test_frozen_layers_keep_imagenet_weights_and_the_rest_learns(tmp_path):
     assert 1 <= result.best_epoch <= 2
 
 
+def test_the_epoch_with_the_best_val_auc_is_kept_not_the_last(tmp_path, monkeypatch):
+    """Val ROC AUC rising then falling (0.6, 0.9, 0.7 over three epochs): the network returned is the
+    one after epoch 2, with epoch 2's val figures, though epoch 3 trained on."""
+    from fracture import training  # noqa: PLC0415 - patched in this test only
+
+    params, profile, config, data = tiny_run(tmp_path, 6, 6, image_size=64, epochs=3, members=1, snapshots=1,
+                                             ema_decay=0.0)
+    built, states, scored = [], [], []
+    scripted = iter([0.6, 0.9, 0.7])
+
+    def building(profile_):
+        built.append(create_classifier(profile_))
+        return built[-1]
+
+    def val_auc(labels, probabilities):  # the val pass's score, as the epoch's val images would give it
+        scored.append(np.array(probabilities))
+        return next(scripted)
+
+    monkeypatch.setattr(training, "create_classifier", building)
+    monkeypatch.setattr(training, "roc_auc_score", val_auc)
+    result = train(data, data, config, profile, dataclasses.replace(params.train, lr=1e-3),
+                   on_epoch=lambda _epoch, _metrics: states.append(
+                       {k: v.detach().clone() for k, v in built[0].state_dict().items()}))
+    assert [h["val_roc_auc"] for h in result.history] == [0.6, 0.9, 0.7] and len(states) == 3
+    assert (result.best_epoch, result.best_val_roc_auc) == (2, 0.9)
+    np.testing.assert_array_equal(result.best_val_probabilities, scored[1])
+    np.testing.assert_array_equal(result.final_val_probabilities, scored[2])
+    kept = result.model.state_dict()
+    assert all(torch.equal(kept[k], states[1][k]) for k in states[1])
+    assert not all(torch.equal(kept[k], states[2][k]) for k in states[2])  # epoch 3 did change the weights
+
+
 def test_light_augmentation_keeps_size_and_dtype():
     torch.manual_seed(0)
     image = torch.randint(0, 256, (3, 64, 80), dtype=torch.uint8)
