@@ -65,7 +65,30 @@ def test_member_one_is_the_single_network_and_the_frozen_layers_run_once_per_ima
     assert 12 + val <= fitted["stem"] <= 13 + val
     assert [h["member"] for h in fit.history] == [1, 1, 2, 2]
     assert [e for e, _ in fitted["logged"]] == [0, 1, 2, 3]  # numbered on across the members
-    assert fit.member_best_epochs == (fit.best_epoch, fit.member_best_epochs[1]) and fit.best_epoch == one.best_epoch
+    assert fit.member_best_epochs[0] == fit.best_epoch == one.best_epoch and len(fit.member_best_epochs) == 2
+
+
+def test_each_member_keeps_its_own_best_epoch_and_the_ensemble_scores_those(tmp_path, monkeypatch):
+    """Member 1's val ROC AUC peaks at epoch 2 and member 2's at epoch 1 (scripted): each keeps its
+    own, and the ensemble's val figures are the mean of those epochs' probabilities."""
+    from fracture import training  # noqa: PLC0415 - patched in this test only
+
+    params, profile, config, data = tiny_run(tmp_path, 6, 7, image_size=64, epochs=2, frozen=FROZEN, members=2,
+                                             snapshots=1, ema_decay=0.0)
+    scripted, scored = iter([0.6, 0.9, 0.8, 0.5]), []
+
+    def val_auc(labels, probabilities):  # each member's epochs in turn, then the ensemble's own (computed)
+        scored.append(np.array(probabilities))
+        return next(scripted, None) or roc_auc_score(labels, probabilities)
+
+    monkeypatch.setattr(training, "roc_auc_score", val_auc)
+    fit = fit_members(data, data, config, profile, dataclasses.replace(params.train, lr=1e-3, batch_size=4))
+    assert [h["val_roc_auc"] for h in fit.history] == [0.6, 0.9, 0.8, 0.5]
+    assert fit.member_best_epochs == (2, 1) and fit.best_epoch == 2
+    best = (scored[1] + scored[2]) / 2  # member 1 after epoch 2, member 2 after epoch 1
+    np.testing.assert_allclose(fit.best_val_probabilities, best, rtol=1e-6)
+    assert fit.best_val_roc_auc == pytest.approx(roc_auc_score(data.tensors[1].numpy(), best))
+    np.testing.assert_allclose(fit.final_val_probabilities, (scored[1] + scored[3]) / 2, rtol=1e-6)
 
 
 def test_the_ensemble_scores_the_mean_of_its_members_probabilities(fitted):
