@@ -118,8 +118,9 @@ def rank_epoch_seed(seed: int, epoch: int, rank: int) -> int:
 def light_augmentation() -> Callable[[torch.Tensor], torch.Tensor]:
     """Per-image flips, small rotations and shifts, and brightness/contrast changes.
 
-    Works on one uint8 CHW tensor and never crops: the whole image stays in view, as the
-    paper's preprocessing requires.
+    Works on one uint8 CHW tensor and never crops: a shift of at most 5% and a zoom of at most 5%
+    move only the border, and the X-ray stays in view at its size, as the paper's preprocessing
+    (no centre crop) requires.
     """
     return transforms.Compose(
         [

@@ -97,6 +97,21 @@ def test_light_augmentation_keeps_size_and_dtype():
     assert out.shape == image.shape and out.dtype == torch.uint8
 
 
+def test_light_augmentation_moves_and_mirrors_the_x_ray_but_keeps_it_whole_in_view():
+    """A bright bone 16 x 16 px in a 64 x 80 image, off centre: each draw shifts, turns, zooms by at most
+    5% or mirrors it, so it stays whole in view at about its size (a crop would enlarge it, or cut it off)."""
+    torch.manual_seed(0)
+    image = torch.full((3, 64, 80), 30, dtype=torch.uint8)
+    image[:, 20:36, 12:28] = 220  # left of centre
+    augment = light_augmentation()
+    draws = [augment(image) for _ in range(40)]
+    sizes = [int((d[0] > 125).sum()) for d in draws]
+    assert all(0.8 * 256 <= size <= 1.25 * 256 for size in sizes), sizes
+    left = [int((d[0, :, :40] > 125).sum()) > int((d[0, :, 40:] > 125).sum()) for d in draws]
+    assert 5 <= sum(left) <= 35  # mirrored in some draws, not in others
+    assert sum(not torch.equal(d, image) and not torch.equal(d, image.flip(-1)) for d in draws) >= 35  # moved
+
+
 def test_images_prepared_for_another_model_are_refused(tmp_path):
     make_dataset(tmp_path, 2, 2)
     params = load_params(REPO)
