@@ -9,7 +9,7 @@ import torch
 
 from fracture import checkpoint
 from fracture.config import load_params
-from fracture.model import profile_data_config
+from fracture.model import create_classifier, profile_data_config
 from fracture.training import train
 from tests.conftest import REPO
 from tests.synthetic import make_dataset, training_frame
@@ -28,9 +28,24 @@ def test_training_runs_on_cuda_with_mixed_precision(tmp_path):
     profile = dataclasses.replace(params.profiles["cpu"], image_size=64, epochs=1)
     config = profile_data_config(profile)
     data = tensor_data(tmp_path, frame, config)
-    result = train(data, data, config, profile, dataclasses.replace(params.train, device="cuda"))
+    from fracture import training  # noqa: PLC0415 - the model factory is wrapped in this test only
+
+    seen: list[tuple[torch.dtype, bool, bool]] = []
+
+    def watched(profile_):  # the layer after the frozen ones, as each training batch reaches it
+        model = create_classifier(profile_)
+        model.conv_head.register_forward_hook(lambda m, inputs, out: seen.append(
+            (out.dtype, inputs[0].is_contiguous(memory_format=torch.channels_last), m.training)))
+        return model
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(training, "create_classifier", watched)
+        result = train(data, data, config, profile, dataclasses.replace(params.train, device="cuda"))
     assert result.device == "cuda"
     assert 0.0 <= result.best_val_roc_auc <= 1.0
+    trained = [(dtype, last) for dtype, last, in_training in seen if in_training]
+    half = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    assert trained and all(step == (half, True) for step in trained), set(trained)  # autocast, channels_last
 
 
 class Killed(Exception):
