@@ -359,10 +359,22 @@ def test_one_mlflow_run_of_kind_crossval_holds_the_recipe_and_the_figures(tiny_r
 def test_cli_prints_one_line_per_fold_and_the_summary(tiny_run, capsys):
     from fracture.cli import _print_crossval
 
-    _print_crossval(tiny_run[2])
+    _, workspace, result, _ = tiny_run
+    _print_crossval(result)
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in lines[:3]] == ["fold 1", "fold 2", "fold 3"]
-    assert lines[3].startswith("3 folds: ROC AUC") and lines[4].startswith("out-of-fold, 24 images")
+    # Each figure as the held-out predictions written to oof.csv give it (the last epoch's).
+    oof = workspace.read_crossval_oof()
+    folds = []
+    for fold, line in enumerate(lines[:3], start=1):
+        held = oof[oof["fold"] == fold]
+        folds.append(roc_auc_score(held["label"], held["probability"]))
+        assert f"held out {len(held)} ({int(held['label'].sum())} fractured): ROC AUC {folds[-1]:.4f} after the " \
+               "last epoch (best " in line, line
+    assert lines[3].startswith(f"3 folds: ROC AUC {np.mean(folds):.4f} +/- "), lines[3]
+    everything = roc_auc_score(oof["label"], oof["probability"])
+    assert lines[4].startswith(f"out-of-fold, 24 images ({int(oof['label'].sum())} fractured): ROC AUC "
+                               f"{everything:.4f} (95% CI "), lines[4]
 
 
 def test_cli_exits_with_one_line_when_the_folds_cannot_be_drawn(tmp_path, monkeypatch):
