@@ -298,7 +298,7 @@ def test_the_logged_learning_rate_is_the_last_step_of_each_epoch_not_the_restart
     assert history[1]["lr"] < 0.1 * base
 
 
-def test_layer_decay_gives_each_block_a_fraction_of_the_rate_of_the_block_above_and_the_schedule_keeps_it():
+def test_layer_decay_gives_each_block_a_fraction_of_the_rate_of_the_block_above():
     params = load_params(REPO)
     profile = dataclasses.replace(params.profiles["cpu"], frozen=("conv_stem", "bn1", "blocks.0", "blocks.1", "blocks.2"))
     model = create_classifier(profile)
@@ -321,17 +321,6 @@ def test_layer_decay_gives_each_block_a_fraction_of_the_rate_of_the_block_above_
     # Lite0's blocks 3-6 hold 11 sub-blocks, each one layer group: the first trainable is 11 below the head's.
     assert rate["blocks.3.0.conv_pw.weight"] == pytest.approx(1e-3 * 0.5**11)
     assert rate["blocks.3.0.bn1.weight"] == rate["blocks.3.0.conv_pw.weight"]
-
-    # PyTorch's cosine schedule scales every group's rate alike: the ratios hold all the way.
-    set_rates = [g["lr"] for g in groups]
-    optimizer = torch.optim.Adam(groups, lr=1e-3)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=3)
-    for step in range(1, 6):
-        scheduler.step(step / 2)
-        head = max(g["lr"] for g in optimizer.param_groups)
-        assert head < 1e-3
-        for group, set_rate in zip(optimizer.param_groups, set_rates, strict=True):
-            assert group["lr"] / head == pytest.approx(set_rate / 1e-3)
 
 
 def test_training_under_layer_decay_follows_the_heads_schedule_and_moves_the_early_blocks_less(tmp_path):
