@@ -89,7 +89,8 @@ def dvc_running(root: Path) -> bool:
 
 
 def _dvc_holder(root: Path) -> str:
-    return f"a DVC command holds DVC's repository lock, {root / DVC_LOCK}: a `dvc repro` or `dvc exp run` between stages"
+    return (f"a DVC command holds DVC's repository lock, {root / DVC_LOCK}: a `dvc repro` or `dvc exp run` between "
+            "two stages, or another DVC command")
 
 
 def _busy(root: Path, note: Path, holder: str, waited: float, dvc: bool = False) -> ProjectBusy:
