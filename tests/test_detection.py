@@ -105,6 +105,17 @@ def test_map_is_one_for_exact_boxes_and_zero_for_misplaced_ones():
     assert 0.3 < mean_average_precision(noisy, truth)["map_50"] < 1.0
     low, high = bootstrap_map(noisy, truth, 50, seed=0)["map_50"]
     assert 0.0 <= low <= high <= 1.0
+    assert bootstrap_map(exact, truth, 50, seed=0)["map_50"] == (pytest.approx(1.0), pytest.approx(1.0))
+    # Twenty X-rays, ten with a fracture found exactly and ten without, half of those with a false box
+    # scored among the true ones: the resampled images give an interval around the whole set's figure.
+    rng = np.random.default_rng(0)
+    many_truth = [np.array([[10, 10, 50, 50]], dtype=np.float32)] * 10 + [np.zeros((0, 4), dtype=np.float32)] * 10
+    scores = rng.uniform(0.2, 0.9, 20)
+    many = Detections([t.copy() for t in many_truth[:10]] + [np.array([[0, 0, 30, 30]], dtype=np.float32)] * 5
+                      + [np.zeros((0, 4))] * 5, [np.array([s]) for s in scores[:15]] + [np.zeros(0)] * 5)
+    whole = mean_average_precision(many, many_truth)["map_50"]
+    low, high = bootstrap_map(many, many_truth, 200, seed=0)["map_50"]
+    assert 0.3 < low < whole < high <= 1.0, (low, whole, high)
     np.testing.assert_array_equal(noisy.top_scores(), [0.9, 0.5, 0.95])
 
 
