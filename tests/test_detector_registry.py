@@ -12,16 +12,18 @@ import pandas as pd
 import pytest
 import timm
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import fracture
 from fracture import detector_registry
 from fracture.config import DetectParams
 from fracture.consumer import ConsumerAnswer
 from fracture.detection import (
+    BoxedImages,
     Detections,
     DetectorTraining,
     build_detector,
+    detect,
     paired_bootstrap_map,
 )
 from fracture.detector_registry import (
@@ -109,6 +111,7 @@ def detector_run(tmp_path, seed: int, map_50: float, code: dict[str, str] | None
 def test_the_first_detector_becomes_champion_and_an_identical_one_stays_challenger(client, split, tmp_path, monkeypatch):
     params = dataclasses.replace(DetectParams(), floors={"test_map_50": 0.1}, bootstrap_resamples=20)
     run_id, weights, described = detector_run(tmp_path, 0, 0.4)
+    described |= {"threshold": 0.9}  # above some of the untrained detector's boxes
 
     first = register_detector(params, run_id, weights, described, split)
     assert first.decision == "promoted" and first.champion and first.created and first.score == 0.4
@@ -119,9 +122,18 @@ def test_the_first_detector_becomes_champion_and_an_identical_one_stays_challeng
     assert mv.tags["git_commit"] == "c0ffee" and "git_dirty_files" not in mv.tags
     assert "mAP@0.5 0.400" in mv.description
 
-    # Served as a registry consumer gets it: every box with min_score 0, in the images' pixels.
+    # Served as a registry consumer gets it: every box with min_score 0, in the images' pixels, as
+    # evaluation's own path (detect) finds them with the same weights, highest score first.
     found, threshold = served_detections("fracture-detector", first.version, split)
-    assert threshold == 0.05 and len(found.boxes) == 6 and sum(len(b) for b in found.boxes) > 0
+    assert threshold == 0.9 and len(found.boxes) == 6 and sum(len(b) for b in found.boxes) > 0
+    network = build_detector(CONFIG)
+    network.load_state_dict(load_file(str(weights)))
+    expected = detect(network, BoxedImages(list(split.paths), [np.zeros((0, 4))] * 6, CONFIG.image_size))
+    for boxes, scores, want, want_scores in zip(found.boxes, found.scores, expected.boxes, expected.scores, strict=True):
+        order = np.argsort(-want_scores, kind="stable")
+        np.testing.assert_allclose(boxes, want[order], atol=0.01)
+        np.testing.assert_allclose(scores, want_scores[order], atol=1e-4)
+    assert min(scores.min() for scores in found.scores if len(scores)) < threshold  # not only those above it
 
     # The same weights again, from another run (trained from uncommitted code: the version names
     # the files, as its run does): scored with the champion, no gain, so challenger.
