@@ -62,6 +62,18 @@ def test_a_map_peaked_in_the_box_hits_and_one_elsewhere_misses():
     assert m["box_area_share"] == pytest.approx(400 / 8000)
     # The centre (50, 40) lies outside the corner box; the centre Gaussian puts little mass there.
     assert m["pointing_game_centre"] == 0 and 0 < m["heat_mass_in_boxes_centre"] < m["box_area_share"]
+    # The mass inside the box, summed by hand over its rows 5..24 and columns 10..29, per image and on average;
+    # the centre's from a Gaussian with sd a quarter of each side; the map's lead over it, positive here.
+    by_hand = {k: float(v[5:25, 10:30].sum() / v.sum()) if v.sum() else 0.0 for k, v in maps.items()}
+    assert rows["mass"].to_dict() == pytest.approx(by_hand)
+    ys, xs = (np.arange(80) + 0.5 - 40) / 20, (np.arange(100) + 0.5 - 50) / 25
+    centre = np.exp(-0.5 * (ys[:, None] ** 2 + xs[None, :] ** 2))
+    centre_mass = float(centre[5:25, 10:30].sum() / centre.sum())
+    assert m["heat_mass_in_boxes"] == pytest.approx(np.mean(list(by_hand.values())))
+    assert m["heat_mass_in_boxes_centre"] == pytest.approx(centre_mass)
+    assert m["heat_mass_in_boxes_vs_centre"] == pytest.approx(np.mean(list(by_hand.values())) - centre_mass)
+    assert m["heat_mass_in_boxes_ci_low"] <= m["heat_mass_in_boxes"] <= m["heat_mass_in_boxes_ci_high"]
+    assert m["heat_mass_in_boxes_vs_centre_ci_low"] < m["heat_mass_in_boxes_vs_centre_ci_high"]
 
 
 def test_the_centre_baseline_hits_a_central_box():
