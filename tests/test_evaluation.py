@@ -259,12 +259,35 @@ def test_each_body_parts_sensitivity_and_specificity_carry_their_wilson_interval
     assert hip["recall"] == 1.0 and hip["recall_ci_low"] == pytest.approx(0.2065, abs=1e-4)
 
 
-def test_evaluation_plots_are_written_as_png(tmp_path):
+def test_evaluation_plots_are_written_as_png_and_draw_the_test_splits_curves_and_counts(tmp_path, monkeypatch):
+    from matplotlib import pyplot as plt
+    from sklearn.calibration import calibration_curve as reliability
+    from sklearn.metrics import confusion_matrix, precision_recall_curve, roc_curve
+
     labels, probs = noisy_scores(300, 5)
+    drawn, close = [], plt.close
+    monkeypatch.setattr(plt, "close", drawn.append)  # each figure as it was saved, kept to be read
     paths = save_evaluation_plots(labels, probs, 0.4, 10, tmp_path)
-    assert sorted(p.name for p in paths) == ["calibration.png", "confusion.png", "pr.png", "roc.png"]
+    assert [p.name for p in paths] == ["roc.png", "pr.png", "calibration.png", "confusion.png"]
     for path in paths:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+    roc, pr, calibration, confusion = (figure.axes[0] for figure in drawn)
+
+    def curve(ax):  # the test split's line (the others are the chance or perfect-calibration references)
+        (line,) = [line for line in ax.lines if line.get_label().startswith("test")]
+        return line.get_xydata()
+
+    fpr, tpr, _ = roc_curve(labels, probs)
+    np.testing.assert_allclose(curve(roc), np.column_stack([fpr, tpr]))
+    precision, recall, _ = precision_recall_curve(labels, probs)
+    np.testing.assert_allclose(curve(pr), np.column_stack([recall, precision]))
+    observed, predicted = reliability(labels, probs, n_bins=10, strategy="uniform")
+    np.testing.assert_allclose(curve(calibration), np.column_stack([predicted, observed]))
+    counts = confusion_matrix(labels, (probs >= 0.4).astype(int), labels=[0, 1])
+    assert [text.get_text() for text in confusion.texts] == [str(n) for n in counts.ravel()]
+    assert confusion.get_title() == "threshold 0.4"
+    for figure in drawn:
+        close(figure)
 
 
 def test_the_test_splits_groups_come_from_its_table_or_as_the_split_links_them():
