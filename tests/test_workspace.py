@@ -39,11 +39,15 @@ def test_train_outputs_round_trip_and_keep_model_json_layout(tmp_path):
 def test_serving_config_is_the_trained_model_with_the_evaluated_threshold(tmp_path):
     ws = Workspace(tmp_path)
     ws.write_train(TrainedModel("tf_efficientnet_lite0", "cpu", ["n", "f"], CONFIG, 2, 0.8), "r", "1", [])
-    ws.write_evaluate(EvaluateResult({"threshold": 0.123, "roc_auc": 0.9}, {"tn": 1, "fp": 0, "fn": 0, "tp": 1}), {})
+    written = EvaluateResult({"threshold": 0.123, "roc_auc": 0.9}, {"tn": 3, "fp": 1, "fn": 2, "tp": 5})
+    ws.write_evaluate(written, {})
     config = ws.serving_config()
     assert (config.architecture, config.data_config, config.threshold) == ("tf_efficientnet_lite0", CONFIG, 0.123)
     assert config.to_dict()["profile"] == "cpu"
-    assert ws.read_evaluate().to_dict() == json.loads(ws.metrics.read_text())
+    # metrics.json holds the metrics and the confusion counts as written, and reads back as the same result.
+    assert json.loads(ws.metrics.read_text()) == {"threshold": 0.123, "roc_auc": 0.9,
+                                                  "confusion": {"tn": 3, "fp": 1, "fn": 2, "tp": 5}}
+    assert ws.read_evaluate() == written
 
 
 def test_split_sizes_are_read_from_the_tables(tmp_path):
