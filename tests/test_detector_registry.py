@@ -240,6 +240,26 @@ def test_the_detectors_load_check_fails_a_version_that_ran_this_installations_co
                             f"({fracture.__file__}), not its own")
 
 
+@pytest.mark.parametrize(("row", "problem"), [
+    ({"threshold": 0.5}, "threshold 0.5 instead of 0.05"),
+    ({"boxes": "[[1.0, 2.0, 30.0, 40.0]]"}, "boxes not [x0, y0, x1, y1, score >= threshold]: [[1.0, 2.0, 30.0, 40.0]]"),
+    ({"boxes": "[[1.0, 2.0, 30.0, 40.0, 0.01]]"},
+     "boxes not [x0, y0, x1, y1, score >= threshold]: [[1.0, 2.0, 30.0, 40.0, 0.01]]"),
+    ({"label": "not_fractured"}, "label 'not_fractured' for score 0.9000"),
+    ({"error": "row 0: the image is not a PNG"}, "error 'row 0: the image is not a PNG'"),
+])
+def test_the_detectors_load_check_fails_an_answer_not_in_the_served_format(tmp_path, monkeypatch, row, problem):
+    """A version that loads but answers out of its format (another threshold, a box without its score or
+    under the threshold, a label that does not follow the top score, an error) does not pass."""
+    image = tmp_path / "fractured.png"
+    good = {"boxes": "[[1.0, 2.0, 30.0, 40.0, 0.9]]", "fracture_score": 0.9, "label": "fractured", "threshold": 0.05,
+            "error": ""}
+    answer = ConsumerAnswer(pd.DataFrame([good | row]), "/models/v2/code/fracture/__init__.py", files=(str(image),))
+    monkeypatch.setattr(detector_registry, "predict_as_consumer", lambda uri, files: answer)
+    check = detector_registry.load_check("fracture-detector", "2", image, 0.05)
+    assert not check.passed and check.detail == f"models:/fracture-detector/2 on fractured.png: {problem}"
+
+
 # --- the images a champion learnt from --------------------------------------------------------------
 
 
