@@ -13,11 +13,11 @@ a stage DVC runs in a child process (a command DVC does not run in-process) inhe
 ``FRACTURE_PROJECT_LOCK``, which names the lock and a token only the holder's note carries.
 
 A ``dvc repro`` typed by hand holds the project only while one of its stages' ``fracture``
-commands runs, but DVC's own repository lock (:data:`DVC_LOCK`) for the whole of its run. So the
-project counts as busy while another process holds that lock too: a deployment's run waiting for
-the project does not take it between two of those stages (which would refuse the next one), and a
-command or one-shot run is refused at once, as it would be during a stage. A ``fracture`` command
-that DVC runs as a stage (``DVC_STAGE`` set in its environment) is the DVC command's own work.
+commands runs. So the project counts as busy while another DVC command runs in it
+(:func:`dvc_running`): a deployment's run waiting for the project does not take it between two of
+those stages (which would refuse the next one), and a command or one-shot run is refused at once,
+as it would be during a stage. A ``fracture`` command that DVC runs as a stage (``DVC_STAGE`` set in
+its environment) is the DVC command's own work.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import psutil
 import zc.lockfile
 from filelock import FileLock, Timeout
 
@@ -71,10 +72,14 @@ def _holder(note: Path) -> str:
 
 
 def dvc_running(root: Path) -> bool:
-    """Whether another process holds DVC's repository lock in ``root`` (a ``dvc repro``, ``dvc exp run``
-    or ``dvc add`` running), unless this process is a stage command DVC runs (:data:`DVC_STAGE_ENV`).
+    """Whether another DVC command (a ``dvc repro``, ``dvc exp run`` or ``dvc add``) is running in ``root``,
+    unless this process is a stage command DVC runs (:data:`DVC_STAGE_ENV`).
 
-    Looked at as DVC takes it: a non-blocking lock of the file, let go at once, writing nothing to it.
+    A DVC command holds its repository lock, except while each stage's command runs: DVC lets it go
+    then and takes it again once the command's process has ended, which leaves a moment with neither
+    lock held after the command lets the project go. So the command counts as running while it holds
+    the lock (a non-blocking lock of the file, let go at once, writing nothing to it), and while the
+    process the file names, the last to take it, is alive and is ``dvc``.
     """
     path = root / DVC_LOCK
     if os.environ.get(DVC_STAGE_ENV) or not path.is_file():
@@ -85,7 +90,20 @@ def dvc_running(root: Path) -> bool:
         return True
     except OSError:  # unreadable: no DVC command could hold it either
         return False
-    return False
+    return _dvc_alive(path)
+
+
+def _dvc_alive(path: Path) -> bool:
+    """Whether the process whose id DVC's lock file holds (zc.lockfile writes it on taking the lock) is a
+    ``dvc`` command still running, other than this process or one that started it."""
+    try:
+        pid = int(path.read_text().split()[0])
+        here = psutil.Process()
+        if pid == here.pid or pid in {parent.pid for parent in here.parents()}:
+            return False
+        return any(Path(arg).name == "dvc" for arg in psutil.Process(pid).cmdline()[:3])
+    except (OSError, ValueError, IndexError, psutil.Error):  # no id written, or that process has ended
+        return False
 
 
 def _dvc_holder(root: Path) -> str:

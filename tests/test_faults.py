@@ -205,6 +205,53 @@ def test_a_deployment_run_waits_for_a_dvc_repro_to_finish_not_for_its_stage_to_e
         assert len(said) == 2 and time.monotonic() - started < 60
 
 
+#: A stage's `fracture` command as DVC runs it: it holds the project for its work, then its process
+#: takes a while to end after letting the project go, as a Python with PyTorch loaded does.
+STAGE = """
+import sys, time
+from pathlib import Path
+from fracture.project_lock import project_lock
+with project_lock(Path("."), f"`fracture {sys.argv[1]}`"):
+    Path(sys.argv[1] + ".started").write_text(str(time.time()))
+    time.sleep(1)
+    Path(sys.argv[1] + ".out").write_text(sys.argv[1])
+time.sleep(1.5)
+"""
+
+
+def test_a_deployment_run_waits_for_a_hand_typed_dvc_repro_to_end_not_only_its_stage(tmp_path, monkeypatch):
+    """A real two-stage `dvc repro`: DVC lets its own lock go while each stage's command runs and takes it
+    again once the command's process has ended, so for a moment neither lock is held. A run of the
+    deployment waiting meanwhile takes the project only when the `dvc repro` has ended, and both stages run."""
+    from dvc.repo import Repo  # noqa: PLC0415 - DVC's API loads slowly
+
+    monkeypatch.delenv(DVC_STAGE_ENV, raising=False)
+    Repo.init(str(tmp_path), no_scm=True).close()
+    (tmp_path / "stage.py").write_text(STAGE)
+    python = sys.executable
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
+        "a": {"cmd": f"{python} stage.py a", "outs": ["a.out"]},
+        "b": {"cmd": f"{python} stage.py b", "deps": ["a.out"], "outs": ["b.out"]},
+    }}))
+    repro = subprocess.Popen([python, "-m", "dvc", "repro"], cwd=tmp_path, env=child_env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "a.started").exists():
+            assert repro.poll() is None and time.monotonic() < deadline, repro.stdout.read() if repro.stdout else ""
+            time.sleep(0.05)
+        said = []
+        with project_lock(tmp_path, "flow run normal-herring", wait=120, say=said.append):
+            ended = repro.poll()
+        output = repro.communicate(timeout=120)[0]
+    finally:
+        if repro.poll() is None:
+            os.killpg(repro.pid, signal.SIGKILL)
+            repro.wait()
+    assert ended == 0, output  # the whole `dvc repro` had ended, its second stage too, when the run took the project
+    assert (tmp_path / "b.out").read_text() == "b" and len(said) == 1, said
+
+
 def test_a_run_of_the_deployment_waits_as_params_say_and_a_one_shot_run_does_not(tmp_path, monkeypatch):
     from flows.retrain import busy_wait
 
