@@ -32,7 +32,7 @@ def test_training_runs_on_cuda_with_mixed_precision(tmp_path):
 
     seen: list[tuple[torch.dtype, bool, bool]] = []
 
-    def watched(profile_):  # the layer after the frozen ones, as each training batch reaches it
+    def watched(profile_):  # the network's last convolution, which trains, as each training batch reaches it
         model = create_classifier(profile_)
         model.conv_head.register_forward_hook(lambda m, inputs, out: seen.append(
             (out.dtype, inputs[0].is_contiguous(memory_format=torch.channels_last), m.training)))

@@ -90,6 +90,25 @@ def test_the_epoch_with_the_best_val_auc_is_kept_not_the_last(tmp_path, monkeypa
     assert not all(torch.equal(kept[k], states[2][k]) for k in states[2])  # epoch 3 did change the weights
 
 
+def test_on_the_cpu_training_batches_reach_the_trained_layers_channels_last_in_float32(tmp_path, monkeypatch):
+    """The CPU's side of tests/test_gpu.py's check (bf16 there): no autocast, the channels_last layout kept."""
+    from fracture import training  # noqa: PLC0415 - the model factory is wrapped in this test only
+
+    params, profile, config, data = tiny_run(tmp_path, 4, 4, image_size=64, epochs=1, members=1)
+    seen = []
+
+    def watched(profile_):  # the network's last convolution, which trains, as each batch reaches it
+        model = create_classifier(profile_)
+        model.conv_head.register_forward_hook(lambda m, inputs, out: seen.append(
+            (out.dtype, inputs[0].is_contiguous(memory_format=torch.channels_last), m.training)))
+        return model
+
+    monkeypatch.setattr(training, "create_classifier", watched)
+    train(data, data, config, profile, dataclasses.replace(params.train, device="cpu"))
+    assert {(dtype, last) for dtype, last, in_training in seen if in_training} == {(torch.float32, True)}
+    assert any(not in_training for *_, in_training in seen)  # the val passes, in eval mode
+
+
 def test_light_augmentation_keeps_size_and_dtype():
     torch.manual_seed(0)
     image = torch.randint(0, 256, (3, 64, 80), dtype=torch.uint8)
