@@ -39,7 +39,8 @@ from filelock import FileLock, Timeout
 LOCK_FILE = Path("outputs") / "retrain.lock"
 #: Set while the lock is held, for the holder's own process and its children: ``<lock path>\t<token>``.
 HELD_ENV = "FRACTURE_PROJECT_LOCK"
-#: DVC's repository lock (``dvc.lock.Lock``, on zc.lockfile), held by a DVC command for its whole run.
+#: DVC's repository lock (``dvc.lock.Lock``, on zc.lockfile), held by a DVC command while it runs, but for
+#: its stages' commands; the file holds the process id of the last command to take it.
 DVC_LOCK = Path(".dvc") / "tmp" / "lock"
 #: What DVC sets in the environment of each stage command it runs.
 DVC_STAGE_ENV = "DVC_STAGE"
@@ -107,8 +108,8 @@ def _dvc_alive(path: Path) -> bool:
 
 
 def _dvc_holder(root: Path) -> str:
-    return (f"a DVC command holds DVC's repository lock, {root / DVC_LOCK}: a `dvc repro` or `dvc exp run` between "
-            "two stages, or another DVC command")
+    return (f"a DVC command is running in it (DVC's repository lock, {root / DVC_LOCK}): a `dvc repro` or "
+            "`dvc exp run` between two stages, or another DVC command")
 
 
 def _busy(root: Path, note: Path, holder: str, waited: float, dvc: bool = False) -> ProjectBusy:
@@ -180,7 +181,7 @@ def _wait_for(
     lock: FileLock, root: Path, note: Path, holder: str, wait: float, say: Callable[[str], None] | None, dvc: bool
 ) -> None:
     """Takes ``lock`` once the project is free, at most ``wait`` seconds from now: its holder gone and
-    no DVC command holding DVC's repository lock (:func:`dvc_running`). Says once whom it waits for.
+    no other DVC command running in it (:func:`dvc_running`). Says once whom it waits for.
 
     Raises:
         ProjectBusy: still busy after ``wait``; the message names who holds it.

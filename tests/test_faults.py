@@ -163,9 +163,9 @@ def test_a_command_typed_while_a_dvc_repro_is_between_stages_is_refused_and_that
     with _dvc_between_stages(tmp_path) as holder:
         dvc_lock = tmp_path.resolve() / ".dvc" / "tmp" / "lock"
         refused = "^" + re.escape(
-            f"another run is working in {tmp_path.resolve()} (a DVC command holds DVC's repository lock, {dvc_lock}: "
-            "a `dvc repro` or `dvc exp run` between two stages, or another DVC command). `fracture ingest` stopped "
-            "without changing anything"
+            f"another run is working in {tmp_path.resolve()} (a DVC command is running in it (DVC's repository lock, "
+            f"{dvc_lock}): a `dvc repro` or `dvc exp run` between two stages, or another DVC command). `fracture "
+            "ingest` stopped without changing anything"
         )
         with pytest.raises(ProjectBusy, match=refused), project_lock(tmp_path, "`fracture ingest`"):
             pytest.fail("the project was taken while a DVC command ran in it")
@@ -184,12 +184,12 @@ def test_a_deployment_run_waits_for_a_dvc_repro_to_finish_not_for_its_stage_to_e
     monkeypatch.delenv(DVC_STAGE_ENV, raising=False)
     said = []
     with _dvc_between_stages(tmp_path) as holder:
-        refused = (r"\(a DVC command holds DVC's repository lock, .*\)\. flow run normal-herring stopped after "
+        refused = (r"\(a DVC command is running in it \(DVC's repository lock, .*\)\. flow run normal-herring stopped after "
                    r"waiting 0\.5 s \(schedule\.busy_wait_seconds\) without changing anything")
         with pytest.raises(ProjectBusy, match=refused), project_lock(tmp_path, "flow run normal-herring", wait=0.5,
                                                                      say=said.append):
             pytest.fail("the project was taken while a DVC command ran in it")
-        assert len(said) == 1 and "a DVC command holds DVC's repository lock" in said[0]
+        assert len(said) == 1 and "a DVC command is running in it (DVC's repository lock" in said[0]
 
         def finish(message: str) -> None:
             said.append(message)
