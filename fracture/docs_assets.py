@@ -113,6 +113,7 @@ def fetch(target: Path | None = None, lock: Path = LOCK, timeout: float = 120) -
                 dest.write_bytes(tar.extractfile(member).read())  # type: ignore[union-attr]
         missing = [p for p in asset.files.values() if not (partial / p).is_file()]
         if missing:
+            shutil.rmtree(partial, ignore_errors=True)
             raise AssetsError(f"{asset.package}@{asset.version} has no {missing}; fix docs_assets.lock.json")
         shutil.rmtree(folder, ignore_errors=True)
         partial.replace(folder)

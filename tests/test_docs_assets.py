@@ -66,10 +66,10 @@ def test_a_tarball_that_does_not_match_its_integrity_installs_nothing(tmp_path):
 
 def test_a_tarball_without_a_pinned_file_is_refused_naming_it(tmp_path):
     tgz = tmp_path / "widget-1.2.3.tgz"
-    integrity = tarball(tgz, {"dist/other.js": b"other()"})
+    integrity = tarball(tgz, {"dist/other.js": b"other()", "fonts/a.woff2": b"font"})
     with pytest.raises(AssetsError, match=r"@scope/widget@1\.2\.3 has no \['dist/widget\.min\.js'\]"):
         fetch(tmp_path / "assets", lock_file(tmp_path, integrity, tgz))
-    assert not (tmp_path / "assets" / "@scope__widget@1.2.3").exists()
+    assert list((tmp_path / "assets").iterdir()) == []  # neither the folder nor the part already copied
 
 
 def test_the_data_docs_pages_are_pointed_at_their_local_copies(tmp_path):
