@@ -89,8 +89,8 @@ def dvc_running(root: Path) -> bool:
         zc.lockfile.SimpleLockFile(str(path)).close()
     except zc.lockfile.LockError:
         return True
-    except OSError:  # unreadable: no DVC command could hold it either
-        return False
+    except OSError:  # not writable by this user (another user's DVC made it): the process it names tells
+        pass
     return _dvc_alive(path)
 
 

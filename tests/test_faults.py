@@ -252,6 +252,42 @@ def test_a_deployment_run_waits_for_a_hand_typed_dvc_repro_to_end_not_only_its_s
     assert (tmp_path / "b.out").read_text() == "b" and len(said) == 1, said
 
 
+@pytest.mark.parametrize("writable", [True, False])
+def test_a_dvc_command_between_stages_is_seen_by_the_process_its_lock_file_names(tmp_path, monkeypatch, writable):
+    """Between two stages DVC holds no lock: the process the lock file names tells, while it lives and is
+    `dvc`; also when this user cannot open the file to lock it (another user's DVC made it)."""
+    import zc.lockfile  # noqa: PLC0415
+
+    from fracture.project_lock import DVC_LOCK, dvc_running  # noqa: PLC0415
+
+    monkeypatch.delenv(DVC_STAGE_ENV, raising=False)
+    (tmp_path / DVC_LOCK).parent.mkdir(parents=True)
+    if not writable:
+        def not_writable(path: str) -> None:
+            raise PermissionError(13, "Permission denied", path)
+
+        monkeypatch.setattr(zc.lockfile, "SimpleLockFile", not_writable)
+    (tmp_path / "dvc").write_text("import time\ntime.sleep(120)\n")  # a process whose program is `dvc`
+    (tmp_path / "other").write_text("import time\ntime.sleep(120)\n")
+    running = {name: subprocess.Popen([sys.executable, str(tmp_path / name)]) for name in ("dvc", "other")}
+    try:
+        (tmp_path / DVC_LOCK).write_text(f" {running['dvc'].pid}\n")  # as zc.lockfile writes it
+        assert dvc_running(tmp_path)
+        monkeypatch.setenv(DVC_STAGE_ENV, "train")  # that command's own stage
+        assert not dvc_running(tmp_path)
+        monkeypatch.delenv(DVC_STAGE_ENV)
+        (tmp_path / DVC_LOCK).write_text(f" {running['other'].pid}\n")  # the id now another program's
+        assert not dvc_running(tmp_path)
+        (tmp_path / DVC_LOCK).write_text(f" {running['dvc'].pid}\n")
+        running["dvc"].kill()
+        running["dvc"].wait()
+        assert not dvc_running(tmp_path)  # that DVC command has ended
+    finally:
+        for proc in running.values():
+            proc.kill()
+            proc.wait()
+
+
 def test_a_run_of_the_deployment_waits_as_params_say_and_a_one_shot_run_does_not(tmp_path, monkeypatch):
     from flows.retrain import busy_wait
 
