@@ -9,11 +9,12 @@ import torch
 
 from fracture import checkpoint
 from fracture.config import load_params
-from fracture.model import create_classifier, profile_data_config
+from fracture.model import profile_data_config
 from fracture.training import train
 from tests.conftest import REPO
 from tests.synthetic import make_dataset, training_frame
 from tests.test_prepare import tensor_data
+from tests.test_training import watching_head
 
 pytestmark = [
     pytest.mark.gpu,
@@ -31,15 +32,8 @@ def test_training_runs_on_cuda_with_mixed_precision(tmp_path):
     from fracture import training  # noqa: PLC0415 - the model factory is wrapped in this test only
 
     seen: list[tuple[torch.dtype, bool, bool]] = []
-
-    def watched(profile_):  # the network's last convolution, which trains, as each training batch reaches it
-        model = create_classifier(profile_)
-        model.conv_head.register_forward_hook(lambda m, inputs, out: seen.append(
-            (out.dtype, inputs[0].is_contiguous(memory_format=torch.channels_last), m.training)))
-        return model
-
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(training, "create_classifier", watched)
+        patch.setattr(training, "create_classifier", watching_head(seen))
         result = train(data, data, config, profile, dataclasses.replace(params.train, device="cuda"))
     assert result.device == "cuda"
     assert 0.0 <= result.best_val_roc_auc <= 1.0

@@ -45,6 +45,20 @@ def counting_stem(stem_images: list[int]):
     return counted
 
 
+def watching_head(seen: list[tuple[torch.dtype, bool, bool]]):
+    """A model factory in place of ``create_classifier`` whose last convolution (``conv_head``, which trains)
+    appends, for each batch reaching it, its output's dtype, whether its input is channels_last, and
+    whether it was in training mode."""
+
+    def watched(profile):
+        model = create_classifier(profile)
+        model.conv_head.register_forward_hook(lambda m, inputs, out: seen.append(
+            (out.dtype, inputs[0].is_contiguous(memory_format=torch.channels_last), m.training)))
+        return model
+
+    return watched
+
+
 def test_frozen_layers_keep_imagenet_weights_and_the_rest_learns(tmp_path):
     params, profile, config, data = tiny_run(
         tmp_path, 8, 8, image_size=64, epochs=2, augment="light", frozen=("conv_stem", "bn1", "blocks.0")
@@ -95,15 +109,8 @@ def test_on_the_cpu_training_batches_reach_the_trained_layers_channels_last_in_f
     from fracture import training  # noqa: PLC0415 - the model factory is wrapped in this test only
 
     params, profile, config, data = tiny_run(tmp_path, 4, 4, image_size=64, epochs=1, members=1)
-    seen = []
-
-    def watched(profile_):  # the network's last convolution, which trains, as each batch reaches it
-        model = create_classifier(profile_)
-        model.conv_head.register_forward_hook(lambda m, inputs, out: seen.append(
-            (out.dtype, inputs[0].is_contiguous(memory_format=torch.channels_last), m.training)))
-        return model
-
-    monkeypatch.setattr(training, "create_classifier", watched)
+    seen: list[tuple[torch.dtype, bool, bool]] = []
+    monkeypatch.setattr(training, "create_classifier", watching_head(seen))
     train(data, data, config, profile, dataclasses.replace(params.train, device="cpu"))
     assert {(dtype, last) for dtype, last, in_training in seen if in_training} == {(torch.float32, True)}
     assert any(not in_training for *_, in_training in seen)  # the val passes, in eval mode
