@@ -119,14 +119,20 @@ def test_map_is_one_for_exact_boxes_and_zero_for_misplaced_ones():
     np.testing.assert_array_equal(noisy.top_scores(), [0.9, 0.5, 0.95])
 
 
-def test_training_runs_and_keeps_the_best_val_epoch(tmp_path):
+def squares(tmp_path, n: int) -> tuple[list, list]:
+    """``n`` synthetic X-rays, two of each three with a 40 px square fracture box moving across them: paths and boxes."""
     paths, truth = [], []
-    for i in range(12):
+    for i in range(n):
         x, y = 20 + 7 * i, 30 + 5 * i
         box = (x, y, x + 40, y + 40) if i % 3 else None
         path = tmp_path / f"{i}.png"
         truth.append(xray_with_square(path, box=box, seed=i))
         paths.append(path)
+    return paths, truth
+
+
+def test_training_runs_and_keeps_the_best_val_epoch(tmp_path):
+    paths, truth = squares(tmp_path, 12)
     train = BoxedImages(paths[:8], truth[:8], 128, flip=True)
     val = BoxedImages(paths[8:], truth[8:], 128)
     torch.manual_seed(0)
@@ -165,12 +171,7 @@ def test_the_detector_keeps_the_epoch_with_the_best_val_map_not_the_first_or_the
     epochs of synthetic X-rays): the weights kept are epoch 2's, with epoch 2's val scores."""
     from fracture import detection  # noqa: PLC0415 - patched in this test only
 
-    paths, truth = [], []
-    for i in range(8):
-        x, y = 20 + 7 * i, 30 + 5 * i
-        path = tmp_path / f"{i}.png"
-        truth.append(xray_with_square(path, box=(x, y, x + 40, y + 40) if i % 3 else None, seed=i))
-        paths.append(path)
+    paths, truth = squares(tmp_path, 8)
     scripted, found_per_epoch = iter([0.1, 0.3, 0.2]), []
 
     def planted(found, _truth):
