@@ -47,7 +47,10 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 import mlflow
 
-requirements = mlflow.pyfunc.get_model_dependencies(uri)
+# The version's files, fetched once (in place from a local artifact store): its requirements are
+# read from them and the model is loaded from them, rather than fetching the whole version twice.
+model_dir = mlflow.artifacts.download_artifacts(artifact_uri=uri)
+requirements = mlflow.pyfunc.get_model_dependencies(model_dir)
 closure, todo = set(), [Requirement(line.strip()).name for line in open(requirements) if line.strip()]
 while todo:
     name = canonicalize_name(todo.pop())
@@ -110,6 +113,15 @@ if os.environ.get({SWITCH!r}, "1").strip() != "0":
 '''
 
 
+#: Ends a consumer's Python without the interpreter's last garbage collections over the objects
+#: torch, timm and MLflow hold, most of its exit, as the ``fracture`` command ends
+#: (:func:`fracture.cli.skip_exit_collection`, which that Python cannot import). Last in a program.
+_EXIT_WITHOUT_LAST_COLLECTIONS = r'''
+import gc
+gc.freeze()
+'''
+
+
 #: A consumer's batch: reads the files there and writes every answer row at once.
 SCRIPT = r'''
 import json, sys
@@ -119,7 +131,7 @@ with open(request_file) as fh:
 ''' + _HIDE_WHAT_THE_MODEL_DOES_NOT_REQUIRE + _KEEP_FREED_MEMORY + r'''
 import pandas as pd
 
-model = mlflow.pyfunc.load_model(uri)
+model = mlflow.pyfunc.load_model(model_dir)
 rows = int(getattr(getattr(model.unwrap_python_model(), "policy", None), "max_rows", 32) or 32)
 parts = []
 for start in range(0, len(files), rows):
@@ -132,7 +144,7 @@ answer = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 with open(out_file, "w") as fh:
     json.dump({"answer": answer.to_dict(orient="list"), "code": sys.modules["fracture"].__file__,
                "refused": sorted(set(refused)), "closure": sorted(closure)}, fh)
-'''
+''' + _EXIT_WITHOUT_LAST_COLLECTIONS
 
 
 #: A consumer's model kept loaded: answers one request at a time, framed on its standard input
@@ -154,7 +166,7 @@ def send(obj):
     frames_out.flush()
 
 
-model = mlflow.pyfunc.load_model(uri)
+model = mlflow.pyfunc.load_model(model_dir)
 try:
     inner = model.unwrap_python_model()
     kind = type(inner).__name__
@@ -174,7 +186,7 @@ while True:
         break
     frame, params = pickle.loads(frames_in.read(struct.unpack(">Q", size)[0]))
     send(model.predict(frame, params=params))
-'''
+''' + _EXIT_WITHOUT_LAST_COLLECTIONS
 
 
 class ConsumerError(RuntimeError):

@@ -104,7 +104,7 @@ def test_a_consumers_python_keeps_freed_memory_before_it_loads_the_model(tmp_pat
     if not transparent_huge_pages_always():
         assert faults_after(_KEEP_FREED_MEMORY, "0", cwd=tmp_path) > PAGES * 9 // 10
     for program in (SCRIPT, WORKER):
-        assert 0 <= program.find(_KEEP_FREED_MEMORY) < program.index("mlflow.pyfunc.load_model(uri)")
+        assert 0 <= program.find(_KEEP_FREED_MEMORY) < program.index("mlflow.pyfunc.load_model(model_dir)")
 
 
 def test_freed_memory_at_the_top_of_the_heap_is_kept_whatever_its_size():
