@@ -29,6 +29,16 @@ def child_env(**extra: str) -> dict[str, str]:
     return env | extra
 
 
+def mlflow_server_env(**extra: str) -> dict[str, str]:
+    """:func:`child_env` for `mlflow server`, without MLflow 3's job runner.
+
+    By default the server also starts a job runner and seven huey consumers for MLflow's GenAI
+    jobs, which this product never submits: ten processes holding 2.4 GiB instead of two holding
+    0.5 GiB, each importing MLflow while the tests run.
+    """
+    return child_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", **extra)
+
+
 def mlflow_server_cmd(db: Path, artifacts: Path, port: int) -> list[str]:
     """`mlflow server` on 127.0.0.1 with a sqlite backend and proxied local artifacts, one worker."""
     return [

@@ -32,7 +32,13 @@ from fracture.model import data_config
 from fracture.packaging import log_pyfunc
 from fracture.vocabulary import CLASSES
 from tests.conftest import REPO
-from tests.servers import child_env, free_port, mlflow_server_cmd, running
+from tests.servers import (
+    child_env,
+    free_port,
+    mlflow_server_cmd,
+    mlflow_server_env,
+    running,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -81,7 +87,7 @@ def tracking_server(tmp_path: Path) -> Iterator[str]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = mlflow_server_cmd(tmp_path / "server.db", tmp_path / "server-artifacts", port)
-    with running(cmd, child_env(), f"{url}/health", tmp_path / "server.log"):
+    with running(cmd, mlflow_server_env(), f"{url}/health", tmp_path / "server.log"):
         yield url
 
 

@@ -44,7 +44,14 @@ from tests.conftest import (
     shrink_params,
     untrained_model_files,
 )
-from tests.servers import child_env, free_port, mlflow_server_cmd, start, stop
+from tests.servers import (
+    child_env,
+    free_port,
+    mlflow_server_cmd,
+    mlflow_server_env,
+    start,
+    stop,
+)
 from tests.test_serving import xray_paths
 
 NAME = "fracture-classifier"
@@ -505,7 +512,7 @@ def test_the_tracking_server_stopping_mid_registration_moves_no_alias(tmp_path, 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail fast; the task's retries are the test
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     cmd, health = mlflow_server_cmd(db, artifacts, port), f"{url}/health"
-    server = start(cmd, child_env(), health, log)
+    server = start(cmd, mlflow_server_env(), health, log)
     try:
         mlflow.set_tracking_uri(url)
         mlflow.set_experiment("fracture-classification")
@@ -545,7 +552,7 @@ def test_the_tracking_server_stopping_mid_registration_moves_no_alias(tmp_path, 
         print(f"after {len(attempts)} tries: {type(failure.value).__name__}: {str(failure.value)[:300]}")
 
         # Back up: version 2 exists and holds no alias; version 1 is still the champion.
-        server = start(cmd, child_env(), health, log)
+        server = start(cmd, mlflow_server_env(), health, log)
         client = MlflowClient(url)
         versions = sorted(str(v.version) for v in client.search_model_versions(f"name = '{NAME}'"))
         assert versions == ["1", "2"]

@@ -25,7 +25,13 @@ from fracture.gate import EvaluatedSplit
 from fracture.inference import Classifier
 from fracture.registry import register
 from tests.conftest import shrink_params, untrained_model_files
-from tests.servers import child_env, free_port, mlflow_server_cmd, running
+from tests.servers import (
+    child_env,
+    free_port,
+    mlflow_server_cmd,
+    mlflow_server_env,
+    running,
+)
 from tests.test_serving import xray_paths
 
 pytestmark = pytest.mark.integration
@@ -48,7 +54,7 @@ def tracking_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = mlflow_server_cmd(tmp_path / "server.db", artifacts, port)
-    with running(cmd, child_env(), f"{url}/health", tmp_path / "server.log"):
+    with running(cmd, mlflow_server_env(), f"{url}/health", tmp_path / "server.log"):
         yield url, artifacts
 
 
