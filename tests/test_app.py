@@ -1,14 +1,15 @@
 """The clinician's page (app/) through Streamlit's AppTest, with real models in a real registry.
 
-Two registries are built once per test process:
+Registries the tests read:
 
-- ``page_registry``: the CPU profile's ImageNet model with a fresh two-class head, registered
-  as ``@champion`` in a throwaway sqlite MLflow store. Enough for everything that does not need
-  a model that has learned fractures: bad uploads, the size limit, what the page shows.
-- ``trained_page``: the same architecture fine-tuned for a few epochs on a small balanced set
-  of real FracAtlas images, registered the way the pipeline registers, with the decision
-  threshold chosen on its validation images. It proves the label order on held-out images
-  the model never saw.
+- ``page_registry``, once per test process: the CPU profile's ImageNet model with a fresh
+  two-class head, registered as ``@champion`` in a throwaway sqlite MLflow store. Enough for
+  everything that does not need a model that has learned fractures: bad uploads, the size
+  limit, what the page shows.
+- ``trained_page``, once per test run, read by all its processes: the same architecture
+  fine-tuned for a few epochs on a small balanced set of real FracAtlas images, registered the
+  way the pipeline registers, with the decision threshold chosen on its validation images. It
+  proves the label order on held-out images the model never saw.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import base64
 import hashlib
 import io
 import os
+import pickle
 import random
 import sys
 from collections.abc import Iterator
@@ -29,6 +31,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from filelock import FileLock
 from mlflow import MlflowClient
 from PIL import Image
 from safetensors.torch import load_file, save_file
@@ -203,15 +206,36 @@ def _complete(path: Path) -> bool:
 _TRAINED: dict[str, TrainedPage] = {}
 
 
-def trained_page_for(root: Path) -> TrainedPage:
-    """Fine-tunes and registers a small real model once per test process.
+def trained_page_for(tmp_path_factory: pytest.TempPathFactory) -> TrainedPage:
+    """The trained page (:func:`train_page`), built once per test run and read by every test process.
+
+    pytest-xdist's processes of one run make their temporary folders side by side: the first to
+    get here trains into a folder beside them, under a file lock, and leaves the result there;
+    the others wait on the lock and read it. The registry is only read from then on.
+    """
+    if "model" in _TRAINED:
+        return _TRAINED["model"]
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent
+    root, done = base / "trained-page", base / "trained-page.pickle"
+    with FileLock(base / "trained-page.lock"):
+        if done.is_file():
+            trained = pickle.loads(done.read_bytes())
+        else:
+            trained = train_page(root)
+            done.write_bytes(pickle.dumps(trained))
+    _TRAINED["model"] = trained
+    return trained
+
+
+def train_page(root: Path) -> TrainedPage:
+    """Fine-tunes and registers a small real model in a registry under ``root``.
 
     150 + 150 training, 30 + 30 validation and 40 + 40 held-out images, drawn by a seeded
     shuffle from the two class folders; 128 px, 4 epochs, early layers frozen at their ImageNet
     weights (about 40 s on two idle cores).
     """
-    if "model" in _TRAINED:
-        return _TRAINED["model"]
     src = require_fracatlas() / "images"
     pools = {}
     for label, folder in ((1, "Fractured"), (0, "Non_fractured")):
@@ -255,8 +279,7 @@ def trained_page_for(root: Path) -> TrainedPage:
     held_out = pd.concat([frame, pd.Series([y for _, y in chosen["held_out"]], name="fractured"), out], axis=1)
     detector, found = train_page_detector(root, registry, result.model, profile.model, cfg, chosen)
     held_out = pd.concat([held_out, found], axis=1)
-    _TRAINED["model"] = TrainedPage(registry, held_out, detector)
-    return _TRAINED["model"]
+    return TrainedPage(registry, held_out, detector)
 
 
 def train_page_detector(
@@ -314,7 +337,7 @@ def train_page_detector(
 
 @pytest.fixture(scope="session")
 def trained_page(tmp_path_factory: pytest.TempPathFactory) -> TrainedPage:
-    return trained_page_for(tmp_path_factory.mktemp("trained-page"))
+    return trained_page_for(tmp_path_factory)
 
 
 def page(monkeypatch: pytest.MonkeyPatch, registry: PageRegistry) -> AppTest:

@@ -49,7 +49,7 @@ RESULT_TIMEOUT_MS = 180_000  # first upload: the server loads the model from the
 
 @pytest.fixture(scope="module")
 def trained_page(tmp_path_factory: pytest.TempPathFactory) -> TrainedPage:
-    return trained_page_for(tmp_path_factory.mktemp("trained-page"))
+    return trained_page_for(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
