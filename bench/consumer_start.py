@@ -49,18 +49,19 @@ def program_at(commit: str) -> str:
 
 def seconds(program: str, uri: str) -> float:
     """One consumer's Python loading ``uri``, told there is nothing to score, to its end."""
-    with tempfile.TemporaryDirectory(prefix="fracture-consumer-") as tmp:
+    # Its error output goes to a file, as ConsumerModel's does: a pipe left unread until the end could fill.
+    with tempfile.TemporaryDirectory(prefix="fracture-consumer-") as tmp, tempfile.TemporaryFile() as errors:
         started = time.perf_counter()
         proc = subprocess.Popen([sys.executable, "-I", "-c", program, uri], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=consumer._consumer_env(tmp))
+                                stdout=subprocess.PIPE, stderr=errors, env=consumer._consumer_env(tmp))
         header = proc.stdout.read(8)  # the first frame's length: the version has loaded
         proc.stdin.close()
         proc.stdout.read()
-        err = proc.stderr.read()
         proc.wait()
         ended = time.perf_counter()
-    if proc.returncode or len(header) < 8:
-        raise SystemExit(f"{uri} did not load ({proc.returncode}):\n{err.decode(errors='replace')[-3000:]}")
+        if proc.returncode or len(header) < 8:
+            errors.seek(0)
+            raise SystemExit(f"{uri} did not load ({proc.returncode}):\n{errors.read().decode(errors='replace')[-3000:]}")
     return ended - started
 
 
