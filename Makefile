@@ -82,6 +82,7 @@ bench: venv
 	$(PY) -m bench.consumer_inference --data "$(BENCH_DATA)"
 	$(PY) -m bench.gate_scoring --data "$(BENCH_DATA)"
 	$(PY) -m bench.dicom_display
+	$(PY) -m bench.map_bootstrap
 	$(PY) -m bench.serving_latency --data "$(BENCH_DATA)"
 	$(PY) -m bench.orchestration --data "$(BENCH_DATA)"
 	@if [ -f outputs/evaluate/metrics.json ]; then $(PY) -m bench.noop_run --source "$(BENCH_DATA)" && \

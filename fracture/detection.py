@@ -313,6 +313,115 @@ def _coco_inputs(detections: Detections, truth: Sequence[np.ndarray]) -> tuple[l
     return predicted, targets
 
 
+@dataclass(frozen=True)
+class MatchedImages:
+    """Each image's detections matched to its boxes once, as COCO matches them, for resampling.
+
+    COCO matches a detection to a box within its own image (pycocotools' ``evaluateImg``); only
+    the precision-recall curve is over all images. So a bootstrap resample, a list of image
+    indices with repeats, needs no new matching: its curve is the images' matches put together in
+    that order and ranked by score, as pycocotools' ``accumulate`` ranks them. This holds each
+    image's matches from pycocotools, made once with torchmetrics' own IoU and recall
+    thresholds, and :meth:`precision` ranks them for a resample: the same mAP torchmetrics gives
+    on the resampled images, without a COCO evaluation per resample.
+
+    Attributes:
+        iou_thresholds: torchmetrics' default IoU thresholds (0.5:0.95).
+        rec_thresholds: torchmetrics' recall thresholds (101).
+        scores: per image, its detections' scores from high to low (at most 100, COCO's maxDets).
+        matched: per image, (IoU thresholds, detections): matched to a box at that threshold.
+        counted: per image, (IoU thresholds, detections): not ignored.
+        n_boxes: per image, its boxes that count (not ignored).
+    """
+
+    iou_thresholds: np.ndarray
+    rec_thresholds: np.ndarray
+    scores: list[np.ndarray]
+    matched: list[np.ndarray]
+    counted: list[np.ndarray]
+    n_boxes: np.ndarray
+
+    @classmethod
+    def of(cls, detections: Detections, truth: Sequence[np.ndarray]) -> MatchedImages:
+        """Matches every image's detections to its boxes (pycocotools), with torchmetrics' settings."""
+        import contextlib
+        import io
+
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval
+        from torchmetrics.detection import MeanAveragePrecision
+        from torchvision.ops import box_convert
+
+        metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox")
+        predicted, targets = _coco_inputs(detections, truth)
+
+        def dataset(items: list[dict]) -> COCO:
+            # As torchmetrics builds it: boxes as xywh from float32, ids from 1, every image listed.
+            annotations = []
+            for image_id, item in enumerate(items):
+                boxes = box_convert(item["boxes"], "xyxy", "xywh").tolist() if len(item["boxes"]) else []
+                scores = item["scores"].tolist() if "scores" in item else [None] * len(boxes)
+                for box, score in zip(boxes, scores, strict=True):
+                    annotations.append({"id": len(annotations) + 1, "image_id": image_id, "bbox": box,
+                                        "area": box[2] * box[3], "category_id": FRACTURE, "iscrowd": 0}
+                                       | ({} if score is None else {"score": score}))
+            coco = COCO()
+            coco.dataset = {"images": [{"id": i} for i in range(len(items))], "annotations": annotations,
+                            "categories": [{"id": FRACTURE, "name": "fracture"}]}
+            coco.createIndex()
+            return coco
+
+        with contextlib.redirect_stdout(io.StringIO()):
+            evaluation = COCOeval(dataset(targets), dataset(predicted), iouType="bbox")
+            p = evaluation.params
+            p.iouThrs = np.array(metric.iou_thresholds, dtype=np.float64)
+            p.recThrs = np.array(metric.rec_thresholds, dtype=np.float64)
+            p.maxDets = [max(metric.max_detection_thresholds)]
+            p.areaRng, p.areaRngLbl = [p.areaRng[p.areaRngLbl.index("all")]], ["all"]
+            evaluation.evaluate()
+        n_thresholds = len(p.iouThrs)
+        scores, matched, counted, n_boxes = [], [], [], []
+        for image in evaluation.evalImgs:  # one category, one area range: one entry per image, in order
+            if image is None:  # neither boxes nor detections
+                image = {"dtScores": [], "dtMatches": np.zeros((n_thresholds, 0)),
+                         "dtIgnore": np.zeros((n_thresholds, 0)), "gtIgnore": np.zeros(0)}
+            scores.append(np.asarray(image["dtScores"], dtype=np.float64))
+            matched.append(np.asarray(image["dtMatches"]) > 0)
+            counted.append(~np.asarray(image["dtIgnore"], dtype=bool))
+            n_boxes.append(int(np.count_nonzero(np.asarray(image["gtIgnore"]) == 0)))
+        return cls(p.iouThrs, p.recThrs, scores, matched, counted, np.array(n_boxes))
+
+    def precision(self, idx: np.ndarray) -> np.ndarray:
+        """COCO's interpolated precision, (IoU thresholds, recall thresholds), on the images ``idx``
+        (repeats allowed, each a copy of the image); all -1 when none of them has a box."""
+        n_boxes = int(self.n_boxes[idx].sum())
+        out = np.zeros((len(self.iou_thresholds), len(self.rec_thresholds)))
+        if n_boxes == 0:
+            return out - 1
+        scores = np.concatenate([self.scores[i] for i in idx])
+        order = np.argsort(-scores, kind="mergesort")  # pycocotools' ranking, ties in image order
+        matched = np.concatenate([self.matched[i] for i in idx], axis=1)[:, order]
+        counted = np.concatenate([self.counted[i] for i in idx], axis=1)[:, order]
+        tp = np.cumsum(matched & counted, axis=1, dtype=np.float64)
+        fp = np.cumsum(~matched & counted, axis=1, dtype=np.float64)
+        recall = tp / n_boxes
+        # The precision envelope: at each rank the highest precision at this recall or beyond.
+        envelope = np.maximum.accumulate((tp / (fp + tp + np.spacing(1)))[:, ::-1], axis=1)[:, ::-1]
+        for t in range(len(out)):
+            at = np.searchsorted(recall[t], self.rec_thresholds, side="left")
+            reached = at < recall.shape[1]
+            out[t, reached] = envelope[t, at[reached]]
+        return out
+
+    def maps(self, idx: np.ndarray) -> tuple[float, float]:
+        """mAP@0.5 and mAP@0.5:0.95 on the images ``idx``, as torchmetrics computes them on those images."""
+        precision = self.precision(idx)
+        if (precision < 0).all():
+            return -1.0, -1.0
+        at_half = int(np.flatnonzero(self.iou_thresholds == 0.5)[0])
+        return float(np.mean(precision[at_half])), float(np.mean(precision))
+
+
 def _resampled_images(truth: Sequence[np.ndarray], n_resamples: int, seed: int) -> Iterator[np.ndarray]:
     """Stratified bootstrap draws of image indices: images with boxes and images without apart,
     so every resample keeps the number of fractured images (and an mAP is always defined)."""
@@ -320,10 +429,6 @@ def _resampled_images(truth: Sequence[np.ndarray], n_resamples: int, seed: int) 
     groups = [np.flatnonzero([len(t) > 0 for t in truth]), np.flatnonzero([len(t) == 0 for t in truth])]
     for _ in range(n_resamples):
         yield np.concatenate([rng.choice(g, size=len(g)) for g in groups if len(g)])
-
-
-def _subset(detections: Detections, idx: np.ndarray) -> Detections:
-    return Detections([detections.boxes[i] for i in idx], [detections.scores[i] for i in idx])
 
 
 @dataclass(frozen=True)
@@ -369,9 +474,9 @@ def paired_bootstrap_map(
     if n_resamples < 1:
         raise DetectionError(f"the paired bootstrap needs at least one resample, got {n_resamples}")
     map_a, map_b = _map_at(a, truth, 0.5), _map_at(b, truth, 0.5)
+    matched_a, matched_b = MatchedImages.of(a, truth), MatchedImages.of(b, truth)
     diffs = np.array([
-        _map_at(_subset(a, idx), [truth[i] for i in idx], 0.5) - _map_at(_subset(b, idx), [truth[i] for i in idx], 0.5)
-        for idx in _resampled_images(truth, n_resamples, seed)
+        matched_a.maps(idx)[0] - matched_b.maps(idx)[0] for idx in _resampled_images(truth, n_resamples, seed)
     ])
     tail = (1 - confidence) / 2 * 100
     below, above = int((diffs <= 0).sum()), int((diffs >= 0).sum())
@@ -391,11 +496,12 @@ def bootstrap_map(
     resampled apart, so every resample keeps the number of fractured images (and an mAP is
     always defined).
     """
+    matched = MatchedImages.of(detections, truth)
     draws: dict[str, list[float]] = {"map_50": [], "map": []}
     for idx in _resampled_images(truth, n_resamples, seed):
-        values = mean_average_precision(_subset(detections, idx), [truth[i] for i in idx])
-        for name, kept in draws.items():
-            kept.append(values[name])
+        map_50, map_all = matched.maps(idx)
+        draws["map_50"].append(map_50)
+        draws["map"].append(map_all)
     tail = (1 - confidence) / 2 * 100
     return {k: (float(np.percentile(v, tail)), float(np.percentile(v, 100 - tail))) for k, v in draws.items()}
 

@@ -18,6 +18,7 @@ from fracture.detection import (
     DetectionError,
     Detections,
     DetectorConfig,
+    MatchedImages,
     bootstrap_map,
     build_detector,
     detect,
@@ -117,6 +118,58 @@ def test_map_is_one_for_exact_boxes_and_zero_for_misplaced_ones():
     low, high = bootstrap_map(many, many_truth, 200, seed=0)["map_50"]
     assert 0.3 < low < whole < high <= 1.0, (low, whole, high)
     np.testing.assert_array_equal(noisy.top_scores(), [0.9, 0.5, 0.95])
+
+
+def jittered_detections(n_images: int, seed: int) -> tuple[Detections, list[np.ndarray]]:
+    """Detections that test every part of COCO's matching: boxes found at every overlap from a near
+    miss to exact (so each IoU threshold matches differently), two boxes on one fracture, false
+    boxes on fractured and negative images, scores tied across images, images with neither, and
+    one image with more than COCO's 100 detections."""
+    rng = np.random.default_rng(seed)
+    truth, boxes, scores = [], [], []
+    for i in range(n_images):
+        n_true = int(rng.integers(1, 4)) if i % 2 == 0 else 0
+        corner = rng.uniform(0, 400, (n_true, 2))
+        true = np.hstack([corner, corner + rng.uniform(20, 120, (n_true, 2))]).astype(np.float32)
+        found = [t + rng.normal(0, 0.08, 4) * np.tile(t[2:] - t[:2], 2) for t in true if rng.random() < 0.85]
+        found += [t + 2 for t in true[:1] if rng.random() < 0.3]  # a second box on the same fracture
+        n_false = int(rng.integers(0, 3)) if i % 7 else 0
+        found += [np.r_[c, c + 50] for c in rng.uniform(0, 400, (n_false, 2))]
+        # One decimal: scores tied across images. False boxes mostly score lower than found ones.
+        score = np.r_[rng.uniform(0.4, 1.0, len(found) - n_false), rng.uniform(0.0, 0.7, n_false)]
+        if i == 3:
+            found += [np.r_[c, c + 30] for c in rng.uniform(0, 400, (105, 2))]
+            score = np.r_[score, rng.uniform(0.0, 0.3, 105)]
+        truth.append(true.reshape(-1, 4))
+        boxes.append(np.array(found, dtype=np.float32).reshape(-1, 4))
+        scores.append(np.round(score, 1))
+    return Detections(boxes, scores), truth
+
+
+@pytest.mark.filterwarnings("ignore:Encountered more than 100 detections")  # on purpose, on one image
+def test_resampled_map_is_torchmetrics_on_the_resampled_images():
+    """The bootstraps rank each image's matches, made once, for every resample: the same mAP@0.5
+    and mAP@0.5:0.95 as torchmetrics' COCO evaluation of the resampled images themselves."""
+    detections, truth = jittered_detections(40, seed=0)
+    matched = MatchedImages.of(detections, truth)
+    rng = np.random.default_rng(1)
+    draws = [np.arange(40), rng.integers(0, 40, 40), rng.integers(0, 40, 40), np.array([3, 3, 0, 0, 5]),
+             *(rng.integers(0, 40, 25) for _ in range(4))]
+    figures = set()
+    for idx in draws:
+        expected = mean_average_precision(Detections([detections.boxes[i] for i in idx],
+                                                     [detections.scores[i] for i in idx]), [truth[i] for i in idx])
+        map_50, map_all = matched.maps(idx)
+        # torchmetrics hands its result back as float32: equal to its last digit.
+        assert map_50 == pytest.approx(expected["map_50"], rel=2e-7), idx
+        assert map_all == pytest.approx(expected["map"], rel=2e-7), idx
+        figures.add(round(map_all, 6))
+    assert len(figures) == len(draws) and 0.1 < min(figures) and max(figures) < 0.95  # no resample trivial
+    negatives = np.flatnonzero([len(t) == 0 for t in truth])
+    assert matched.maps(negatives) == (-1.0, -1.0) == tuple(
+        mean_average_precision(Detections([detections.boxes[i] for i in negatives],
+                                          [detections.scores[i] for i in negatives]),
+                               [truth[i] for i in negatives])[k] for k in ("map_50", "map"))
 
 
 def squares(tmp_path, n: int) -> tuple[list, list]:
