@@ -294,7 +294,7 @@ class DetectParams:
     flip: bool = True
     seed: int = 42
     workers: int = 2
-    bootstrap_resamples: int = 200
+    bootstrap_resamples: int = 1000
     enabled: bool = False
     model_name: str = "fracture-detector"
     confidence: float = 0.95
@@ -313,7 +313,7 @@ class DetectParams:
         # The detector's training settings, refused here rather than by torch or the data loader once the
         # stage (or the retrain flow, after the classifier is trained and registered) reaches them.
         for key, least, usual in (("epochs", 1, "10"), ("batch_size", 1, "8"), ("image_size", 32, "384 pixels"),
-                                  ("bootstrap_resamples", 1, "200")):
+                                  ("bootstrap_resamples", 1, "1000")):
             value = getattr(self, key)
             if not (_whole(value) and value >= least):
                 raise ConfigError(

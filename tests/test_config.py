@@ -379,7 +379,7 @@ TRAIN_SEED = r"must be a whole number from 0 to \d+(?: \(profiles\.\w+\.members 
         ("detect.image_size", "384", r"detect\.image_size must be a whole number of at least 32"),
         ("detect.fpn_channels", 48, r"detect\.fpn_channels must be a whole multiple of 32, at least 64 \(e\.g\. 128\); got 48"),
         ("detect.fpn_channels", 32, r"detect\.fpn_channels must be a whole multiple of 32, at least 64"),
-        ("detect.bootstrap_resamples", 0, r"detect\.bootstrap_resamples must be a whole number of at least 1 \(e\.g\. 200\); got 0"),
+        ("detect.bootstrap_resamples", 0, r"detect\.bootstrap_resamples must be a whole number of at least 1 \(e\.g\. 1000\); got 0"),
         ("detect.workers", -1, r"detect\.workers must be a whole number, 0 or more .*got -1"),
         ("detect.workers", True, r"detect\.workers must be a whole number, 0 or more"),
         ("detect.warmup_epochs", -1, r"detect\.warmup_epochs must be a number, 0 or more \(0: no warm-up\); got -1"),
