@@ -460,7 +460,9 @@ def register_other_flavour(registry: PageRegistry, name: str) -> None:
     from sklearn.linear_model import LogisticRegression
 
     with registry_open(registry) as client:
-        info = mlflow.sklearn.log_model(LogisticRegression().fit(np.eye(2), [0, 1]), name="model")
+        # Its requirements given: MLflow would otherwise infer them by loading the model in a Python of its own.
+        info = mlflow.sklearn.log_model(LogisticRegression().fit(np.eye(2), [0, 1]), name="model",
+                                        pip_requirements=["scikit-learn"])
         mv = mlflow.register_model(info.model_uri, name)
         client.set_registered_model_alias(name, CHAMPION, mv.version)
 

@@ -212,7 +212,9 @@ def register_probes(url: str, folder: Path, module: str, versions: int) -> None:
             sys.path.insert(0, str(code.parent))
             try:
                 with mlflow.start_run():
-                    info = mlflow.pyfunc.log_model(name="model", python_model=str(entry), code_paths=[str(code)])
+                    # Its requirements given: MLflow would otherwise infer them in a Python of its own.
+                    info = mlflow.pyfunc.log_model(name="model", python_model=str(entry), code_paths=[str(code)],
+                                                   pip_requirements=["mlflow"])
             finally:
                 sys.path.remove(str(code.parent))
                 sys.modules.pop(module, None)

@@ -430,7 +430,9 @@ def test_a_model_of_another_flavour_is_named_not_a_traceback(registry, tmp_path)
 
     mlflow.set_tracking_uri(registry["uri"])
     try:
-        info = mlflow.sklearn.log_model(LogisticRegression().fit(np.eye(2), [0, 1]), name="model")
+        # Its requirements given: MLflow would otherwise infer them by loading the model in a Python of its own.
+        info = mlflow.sklearn.log_model(LogisticRegression().fit(np.eye(2), [0, 1]), name="model",
+                                        pip_requirements=["scikit-learn"])
         mlflow.register_model(info.model_uri, "other-team-model")
     finally:
         mlflow.set_tracking_uri(None)
