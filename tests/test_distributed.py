@@ -72,31 +72,70 @@ def _setup(tmp_path):
 def _rank_run(images, labels, config, profile, train_params):
     """One process's run (module level, so the launcher can pickle it into each process)."""
     data = TensorDataset(images, labels)
+    fit = train(data, data, config, profile, train_params)
+    return {
+        "rank": torch.distributed.get_rank(),
+        "world_size": torch.distributed.get_world_size(),
+        "state": {k: v.numpy().copy() for k, v in fit.model.state_dict().items()},
+        "history": fit.history,
+        "best_epoch": fit.best_epoch,
+        "val": fit.final_val_probabilities,
+    }
+
+
+def _rank_runs(runs):
+    """One process's share of each of ``runs`` (name -> function and its arguments), one after
+    another in the same process group: ``train`` joins the group the first run set up."""
     try:
-        fit = train(data, data, config, profile, train_params)
-        return {
-            "rank": torch.distributed.get_rank(),
-            "world_size": torch.distributed.get_world_size(),
-            "state": {k: v.numpy().copy() for k, v in fit.model.state_dict().items()},
-            "history": fit.history,
-            "best_epoch": fit.best_epoch,
-            "val": fit.final_val_probabilities,
-        }
+        return {name: run(*args) for name, (run, args) in runs.items()}
     finally:
         distributed.teardown()
 
 
-@pytest.mark.parametrize("class_balance", ["none", "weighted_loss"])
-def test_two_gloo_processes_end_with_one_processs_weights(tmp_path, monkeypatch, class_balance):
-    data, config, profile, train_params = _setup(tmp_path)
-    train_params = dataclasses.replace(train_params, class_balance=class_balance)
+@dataclasses.dataclass(frozen=True)
+class GlooRuns:
+    """The two-process runs the tests below check: each one's arguments, and what each rank returned."""
+
+    inputs: dict[str, tuple]
+    ranks: dict[str, dict[int, dict]]
+
+
+@pytest.fixture(scope="module")
+def gloo_runs(tmp_path_factory) -> GlooRuns:
+    """Every two-process run the tests below check, in one launch of two gloo processes: starting
+    them (each importing torch, timm and this package) takes longer than these small runs."""
+    folder = tmp_path_factory.mktemp("gloo")
+    data, config, profile, train_params = _setup(folder)
     images, labels = data.tensors
+    weights = folder / "bn.safetensors"
+    save_file(seeded_network("test_efficientnet").state_dict(), str(weights))
+    batch_norm = dataclasses.replace(profile, model="test_efficientnet", weights_file=str(weights))
+    bn_config = profile_data_config(batch_norm)
+    bn_images, bn_labels = tensor_data(folder, training_frame(folder), bn_config).tensors
+    runs = {
+        **{balance: (_rank_run, (images, labels, config, profile, dataclasses.replace(train_params, class_balance=balance)))
+           for balance in ("none", "weighted_loss")},
+        "batch_norm": (_rank_run, (bn_images, bn_labels, bn_config, batch_norm, train_params)),
+        # Last: it replaces the augmentation in the processes it runs in.
+        "augmentation": (_rank_augmentation_draws,
+                         (images, labels, config, dataclasses.replace(profile, augment="light"), train_params)),
+    }
     # Spawned processes re-run the parent's __main__ script. In a full test session another
     # test may have left a Streamlit page there (its AppTest runs the page as __main__); the
     # entry point here is importable, so the children need no main script at all.
-    monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))
+        ranks = distributed.launch(_rank_runs, 2, runs)
+    return GlooRuns({name: args for name, (_, args) in runs.items()},
+                    {name: {rank: answers[name] for rank, answers in ranks.items()} for name in runs})
 
-    ranks = distributed.launch(_rank_run, 2, images, labels, config, profile, train_params)
+
+@pytest.mark.parametrize("class_balance", ["none", "weighted_loss"])
+def test_two_gloo_processes_end_with_one_processs_weights(gloo_runs, class_balance):
+    images, labels, config, profile, train_params = gloo_runs.inputs[class_balance]
+    assert train_params.class_balance == class_balance
+    ranks = gloo_runs.ranks[class_balance]
+    data = TensorDataset(images, labels)
     single = train(data, data, config, profile, train_params)
 
     assert sorted((r["rank"], r["world_size"]) for r in ranks.values()) == [(0, 2), (1, 2)]
@@ -132,19 +171,14 @@ def test_two_gloo_processes_end_with_one_processs_weights(tmp_path, monkeypatch,
         assert mine["val_roc_auc"] == pytest.approx(theirs["val_roc_auc"], abs=1e-9)
 
 
-def test_two_gloo_processes_of_a_batch_norm_model_end_with_one_set_of_statistics(tmp_path, monkeypatch):
+def test_two_gloo_processes_of_a_batch_norm_model_end_with_one_set_of_statistics(gloo_runs):
     """Without synchronised batch norm (CUDA only) each process updates its running statistics
     from its own share; before the ranks score their shares of val they take rank 0's, so every
     rank holds the model rank 0 saves and the val scores that picked the epoch are that model's."""
-    _, _, profile, train_params = _setup(tmp_path)
-    network = seeded_network("test_efficientnet")
-    weights = tmp_path / "bn.safetensors"
-    save_file(network.state_dict(), str(weights))
-    profile = dataclasses.replace(profile, model="test_efficientnet", weights_file=str(weights))
-    config = profile_data_config(profile)
-    images, labels = tensor_data(tmp_path, training_frame(tmp_path), config).tensors
-    monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))
-    ranks = distributed.launch(_rank_run, 2, images, labels, config, profile, train_params)
+    images, _, config, profile, _ = gloo_runs.inputs["batch_norm"]
+    assert profile.model == "test_efficientnet"
+    ranks = gloo_runs.ranks["batch_norm"]
+    assert sorted((r["rank"], r["world_size"]) for r in ranks.values()) == [(0, 2), (1, 2)]
     zero, one = ranks[0], ranks[1]
     statistics = [k for k in zero["state"] if k.endswith(("running_mean", "running_var"))]
     assert statistics
@@ -205,19 +239,12 @@ def _rank_augmentation_draws(images, labels, config, profile, train_params):
 
     training.augmentation = recording
     data = TensorDataset(images, labels)
-    try:
-        train(data, data, config, profile, train_params)
-        return {"rank": torch.distributed.get_rank(), "draws": draws}
-    finally:
-        distributed.teardown()
+    train(data, data, config, profile, train_params)
+    return {"rank": torch.distributed.get_rank(), "draws": draws}
 
 
-def test_each_process_draws_its_own_augmentation(tmp_path, monkeypatch):
-    data, config, profile, train_params = _setup(tmp_path)
-    profile = dataclasses.replace(profile, augment="light")
-    images, labels = data.tensors
-    monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))
-    ranks = distributed.launch(_rank_augmentation_draws, 2, images, labels, config, profile, train_params)
+def test_each_process_draws_its_own_augmentation(gloo_runs):
+    ranks = gloo_runs.ranks["augmentation"]
     zero, one = ranks[0]["draws"], ranks[1]["draws"]
     # Each rank augments its share of 2 epochs (16 images over 2 ranks).
     assert len(zero) == len(one) == 16
