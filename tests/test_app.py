@@ -20,6 +20,7 @@ import io
 import os
 import pickle
 import random
+import shutil
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -223,6 +224,7 @@ def trained_page_for(tmp_path_factory: pytest.TempPathFactory) -> TrainedPage:
         if done.is_file():
             trained = pickle.loads(done.read_bytes())
         else:
+            shutil.rmtree(root, ignore_errors=True)  # a registry half made by a try that failed
             trained = train_page(root)
             done.write_bytes(pickle.dumps(trained))
     _TRAINED["model"] = trained
