@@ -423,9 +423,24 @@ class MatchedImages:
         return float(np.mean(precision[at_half])), float(np.mean(precision))
 
 
-def _resampled_images(truth: Sequence[np.ndarray], n_resamples: int, seed: int) -> Iterator[np.ndarray]:
+def _resampled_images(
+    truth: Sequence[np.ndarray], n_resamples: int, seed: int, groups: Sequence[str] | None = None
+) -> Iterator[np.ndarray]:
     """Stratified bootstrap draws of image indices: images with boxes and images without apart,
-    so every resample keeps the number of fractured images (and an mAP is always defined)."""
+    so every resample keeps the number of fractured images (and an mAP is always defined).
+
+    With ``groups`` (each image's group of linked images, the split's ``group``), each resample
+    draws whole groups, as the classifier's intervals do (:func:`fracture.evaluation.group_resamples`):
+    near-duplicates of one X-ray are one piece of evidence, not several.
+    """
+    if groups is not None and len(groups):
+        from fracture.evaluation import group_resamples  # noqa: PLC0415 - scikit-learn and SciPy, for this alone
+
+        if len(groups) != len(truth):
+            raise DetectionError(f"one group per image is needed: {len(groups)} groups for {len(truth)} images")
+        yield from group_resamples(np.array([len(t) > 0 for t in truth], dtype=int), np.asarray(groups),
+                                   n_resamples, seed)
+        return
     rng = np.random.default_rng(seed)
     groups = [np.flatnonzero([len(t) > 0 for t in truth]), np.flatnonzero([len(t) == 0 for t in truth])]
     for _ in range(n_resamples):
@@ -463,12 +478,14 @@ class PairedMAP:
 
 
 def paired_bootstrap_map(
-    truth: Sequence[np.ndarray], a: Detections, b: Detections, n_resamples: int, seed: int, confidence: float = 0.95
+    truth: Sequence[np.ndarray], a: Detections, b: Detections, n_resamples: int, seed: int, confidence: float = 0.95,
+    groups: Sequence[str] | None = None,
 ) -> PairedMAP:
     """The mAP@0.5 difference of two detectors on the same images, with a paired bootstrap.
 
-    Each resample draws the same images for both (stratified as :func:`bootstrap_map`), so what
-    the two share (easy and hard images) cancels in the difference.
+    Each resample draws the same images for both (stratified as :func:`bootstrap_map`, over
+    whole ``groups`` of linked images where they are given), so what the two share (easy and
+    hard images) cancels in the difference.
     """
     if not (len(truth) == len(a.boxes) == len(b.boxes)):
         raise DetectionError(f"paired detections need the same images: {len(truth)}, {len(a.boxes)} and {len(b.boxes)}")
@@ -477,7 +494,7 @@ def paired_bootstrap_map(
     map_a, map_b = _map_at(a, truth, 0.5), _map_at(b, truth, 0.5)
     matched_a, matched_b = MatchedImages.of(a, truth), MatchedImages.of(b, truth)
     diffs = np.array([
-        matched_a.maps(idx)[0] - matched_b.maps(idx)[0] for idx in _resampled_images(truth, n_resamples, seed)
+        matched_a.maps(idx)[0] - matched_b.maps(idx)[0] for idx in _resampled_images(truth, n_resamples, seed, groups)
     ])
     tail = (1 - confidence) / 2 * 100
     below, above = int((diffs <= 0).sum()), int((diffs >= 0).sum())
@@ -489,17 +506,19 @@ def paired_bootstrap_map(
 
 
 def bootstrap_map(
-    detections: Detections, truth: Sequence[np.ndarray], n_resamples: int, seed: int, confidence: float = 0.95
+    detections: Detections, truth: Sequence[np.ndarray], n_resamples: int, seed: int, confidence: float = 0.95,
+    groups: Sequence[str] | None = None,
 ) -> dict[str, tuple[float, float]]:
     """Percentile bootstrap intervals of mAP@0.5 and mAP@0.5:0.95, resampling images.
 
     Stratified like the classifier's intervals: images with boxes and images without are
     resampled apart, so every resample keeps the number of fractured images (and an mAP is
-    always defined).
+    always defined); with ``groups``, each image's group of linked images, whole groups are
+    resampled, as the classifier's are.
     """
     matched = MatchedImages.of(detections, truth)
     draws: dict[str, list[float]] = {"map_50": [], "map": []}
-    for idx in _resampled_images(truth, n_resamples, seed):
+    for idx in _resampled_images(truth, n_resamples, seed, groups):
         map_50, map_all = matched.maps(idx)
         draws["map_50"].append(map_50)
         draws["map"].append(map_all)

@@ -396,7 +396,7 @@ def _gate(
                     detail += ("; the champion was scored on another test split and may have been trained on some "
                                "of these images, which favours it (its run does not list the images it learnt from)")
                 paired = paired_bootstrap_map(scored.truth, ours, theirs, params.bootstrap_resamples, seed,
-                                              params.confidence)
+                                              params.confidence, groups=scored.groups or None)
                 compared = map_tags(paired, champion, left_out)
                 checks += (GateCheck("scored with champion", True, detail),
                            beats_champion(paired, champion, params.confidence))

@@ -25,6 +25,7 @@ from fracture.detection import (
     epoch_indices,
     fit_longer_side,
     mean_average_precision,
+    paired_bootstrap_map,
     train_detector,
 )
 from tests.conftest import REPO, dvc, shrink_params
@@ -170,6 +171,29 @@ def test_resampled_map_is_torchmetrics_on_the_resampled_images():
         mean_average_precision(Detections([detections.boxes[i] for i in negatives],
                                           [detections.scores[i] for i in negatives]),
                                [truth[i] for i in negatives])[k] for k in ("map_50", "map"))
+
+
+@pytest.mark.filterwarnings("ignore:Encountered more than 100 detections")  # on purpose, on one image
+def test_linked_copies_count_once_in_the_map_interval():
+    """Five linked copies of each of 20 X-rays are 20 pieces of evidence, not 100: resampled over
+    their groups the mAP interval is as wide as the 20 X-rays' own; image by image, far narrower."""
+    detections, truth = jittered_detections(20, seed=2)
+    copies = np.repeat(np.arange(20), 5)
+    copied = Detections([detections.boxes[i] for i in copies], [detections.scores[i] for i in copies])
+    copied_truth, groups = [truth[i] for i in copies], [f"xray-{i}" for i in copies]
+
+    def widths(*args, **kwargs) -> np.ndarray:
+        return np.array([high - low for low, high in bootstrap_map(*args, 1000, seed=0, **kwargs).values()])
+
+    own, grouped = widths(detections, truth), widths(copied, copied_truth, groups=groups)
+    by_image = widths(copied, copied_truth)
+    assert np.all((0.7 * own < grouped) & (grouped < 1.3 * own)), (own, grouped)
+    assert np.all(by_image < 0.6 * grouped), (by_image, grouped)
+    # The paired comparison resamples the same groups for both detectors.
+    other = Detections(copied.boxes, [s * 0.5 for s in copied.scores])
+    assert paired_bootstrap_map(copied_truth, copied, other, 50, seed=0, groups=groups).difference == 0
+    with pytest.raises(DetectionError, match="one group per image is needed: 3 groups for 100 images"):
+        bootstrap_map(copied, copied_truth, 10, seed=0, groups=groups[:3])
 
 
 def squares(tmp_path, n: int) -> tuple[list, list]:

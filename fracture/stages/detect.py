@@ -204,7 +204,9 @@ def run_detect_evaluate(params: Params, workspace: Workspace) -> dict[str, float
     threshold = choose_threshold(val_scores["label"].to_numpy(), val_scores["top_score"].to_numpy(), target)
     found = detect(model, test, d.batch_size, d.workers)
     maps = mean_average_precision(found, truth)
-    intervals = bootstrap_map(found, truth, d.bootstrap_resamples, params.evaluate.seed)
+    # Resampled over the test split's groups of linked images, as the classifier's intervals are.
+    intervals = bootstrap_map(found, truth, d.bootstrap_resamples, params.evaluate.seed,
+                              groups=_test_groups(params, workspace, test))
     top = found.top_scores()
     predicted = top >= threshold
     metrics = maps | {f"{k}_ci_low": low for k, (low, _) in intervals.items()} | {
@@ -246,6 +248,18 @@ def _relative(params: Params, workspace: Workspace, images: BoxedImages) -> list
     return [p.relative_to(dataset).as_posix() for p in images.paths]
 
 
+def _test_rows(params: Params, workspace: Workspace, test: BoxedImages) -> pd.DataFrame:
+    """The test split table's row of each of ``test``'s images, in their order, with its ``group``
+    of linked images (:func:`fracture.split.split_groups`)."""
+    table = workspace.read_split_table("test")
+    return table.assign(group=split_groups(table)).set_index("path").loc[_relative(params, workspace, test)]
+
+
+def _test_groups(params: Params, workspace: Workspace, test: BoxedImages) -> list[str]:
+    """Each of ``test``'s images' group of linked images, in their order."""
+    return _test_rows(params, workspace, test)["group"].astype(str).tolist()
+
+
 def run_detect_register(params: Params, workspace: Workspace) -> Registration:
     """Registers the detector under ``detect.model_name``; it becomes champion only through its gate.
 
@@ -266,8 +280,7 @@ def run_detect_register(params: Params, workspace: Workspace) -> Registration:
     test, truth, labels, _ = boxed_split(params, workspace, "test", _boxes(params, workspace))
     frame = pd.DataFrame({"image_id": [p.stem for p in test.paths], "label": labels})
     # Each scored image's row of the test split table: the gate leaves out those a champion learnt from.
-    table = workspace.read_split_table("test")
-    rows = table.assign(group=split_groups(table)).set_index("path").loc[_relative(params, workspace, test)]
+    rows = _test_rows(params, workspace, test)
     split = DetectorTestSplit(
         split_fingerprint(frame), tuple(test.paths), tuple(truth), tuple(rows["image_id"].astype(str)),
         tuple(rows["sha256"].fillna("").astype(str)) if "sha256" in rows.columns else (), tuple(rows["group"]),
