@@ -14,9 +14,9 @@ torchvision's feature pyramid (plus P6 and P7) and its FCOS or RetinaNet head do
 - The backbone's batch norm is frozen (timm's ``freeze_batch_norm_2d``): detection batches are
   small, and the classifier's statistics are kept.
 - Scored with COCO mean average precision (torchmetrics ``MeanAveragePrecision``, pycocotools)
-  at IoU 0.5 and 0.5:0.95, with bootstrap intervals over images (each image's detections
-  matched to its boxes once, :class:`MatchedImages`), and as an image-level classifier whose
-  score is the top box's.
+  at IoU 0.5 and 0.5:0.95, with bootstrap intervals over groups of linked images (each image's
+  detections matched to its boxes once, :class:`MatchedImages`), and as an image-level
+  classifier whose score is the top box's.
 """
 
 from __future__ import annotations
