@@ -97,3 +97,14 @@ def running(
         yield proc
     finally:
         stop(proc)
+
+
+@contextmanager
+def running_mlflow_server(folder: Path) -> Iterator[tuple[str, Path]]:
+    """`mlflow server` (:func:`mlflow_server_cmd`, :func:`mlflow_server_env`) on a free loopback port,
+    its sqlite store, artifacts and log in ``folder``; yields its URL and its artifact folder."""
+    artifacts, port = folder / "server-artifacts", free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = mlflow_server_cmd(folder / "server.db", artifacts, port)
+    with running(cmd, mlflow_server_env(), f"{url}/health", folder / "server.log"):
+        yield url, artifacts

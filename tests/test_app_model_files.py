@@ -32,13 +32,7 @@ from fracture.model import data_config
 from fracture.packaging import log_pyfunc
 from fracture.vocabulary import CLASSES
 from tests.conftest import REPO
-from tests.servers import (
-    child_env,
-    free_port,
-    mlflow_server_cmd,
-    mlflow_server_env,
-    running,
-)
+from tests.servers import child_env, running_mlflow_server
 
 pytestmark = pytest.mark.integration
 
@@ -84,10 +78,7 @@ print(json.dumps({"steps": steps, "metrics": {m.label: m.value for m in at.metri
 @pytest.fixture()
 def tracking_server(tmp_path: Path) -> Iterator[str]:
     """`mlflow server` on a free loopback port; yields its URL."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd = mlflow_server_cmd(tmp_path / "server.db", tmp_path / "server-artifacts", port)
-    with running(cmd, mlflow_server_env(), f"{url}/health", tmp_path / "server.log"):
+    with running_mlflow_server(tmp_path) as (url, _):
         yield url
 
 

@@ -25,13 +25,7 @@ from fracture.gate import EvaluatedSplit
 from fracture.inference import Classifier
 from fracture.registry import register
 from tests.conftest import shrink_params, untrained_model_files
-from tests.servers import (
-    child_env,
-    free_port,
-    mlflow_server_cmd,
-    mlflow_server_env,
-    running,
-)
+from tests.servers import child_env, running_mlflow_server
 from tests.test_serving import xray_paths
 
 pytestmark = pytest.mark.integration
@@ -50,12 +44,8 @@ print(json.dumps(model.predict(pd.DataFrame({"image": images})).to_dict(orient="
 @pytest.fixture()
 def tracking_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     """`mlflow server` on a free loopback port; yields its URL and artifact folder."""
-    artifacts = tmp_path / "server-artifacts"
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd = mlflow_server_cmd(tmp_path / "server.db", artifacts, port)
-    with running(cmd, mlflow_server_env(), f"{url}/health", tmp_path / "server.log"):
-        yield url, artifacts
+    with running_mlflow_server(tmp_path) as server:
+        yield server
 
 
 def consume(url: str, cwd: Path, images: list[Path]) -> dict[str, list]:
