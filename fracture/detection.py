@@ -442,9 +442,9 @@ def _resampled_images(
                                    n_resamples, seed)
         return
     rng = np.random.default_rng(seed)
-    groups = [np.flatnonzero([len(t) > 0 for t in truth]), np.flatnonzero([len(t) == 0 for t in truth])]
+    strata = [np.flatnonzero([len(t) > 0 for t in truth]), np.flatnonzero([len(t) == 0 for t in truth])]
     for _ in range(n_resamples):
-        yield np.concatenate([rng.choice(g, size=len(g)) for g in groups if len(g)])
+        yield np.concatenate([rng.choice(s, size=len(s)) for s in strata if len(s)])
 
 
 @dataclass(frozen=True)

@@ -206,7 +206,7 @@ def run_detect_evaluate(params: Params, workspace: Workspace) -> dict[str, float
     maps = mean_average_precision(found, truth)
     # Resampled over the test split's groups of linked images, as the classifier's intervals are.
     intervals = bootstrap_map(found, truth, d.bootstrap_resamples, params.evaluate.seed,
-                              groups=_test_groups(params, workspace, test))
+                              groups=_test_rows(params, workspace, test)["group"].tolist())
     top = found.top_scores()
     predicted = top >= threshold
     metrics = maps | {f"{k}_ci_low": low for k, (low, _) in intervals.items()} | {
@@ -253,11 +253,6 @@ def _test_rows(params: Params, workspace: Workspace, test: BoxedImages) -> pd.Da
     of linked images (:func:`fracture.split.split_groups`)."""
     table = workspace.read_split_table("test")
     return table.assign(group=split_groups(table)).set_index("path").loc[_relative(params, workspace, test)]
-
-
-def _test_groups(params: Params, workspace: Workspace, test: BoxedImages) -> list[str]:
-    """Each of ``test``'s images' group of linked images, in their order."""
-    return _test_rows(params, workspace, test)["group"].astype(str).tolist()
 
 
 def run_detect_register(params: Params, workspace: Workspace) -> Registration:
