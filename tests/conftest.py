@@ -104,6 +104,38 @@ def shipped_params() -> Params:
     return parse_params(yaml.safe_load(shipped_params_text()))
 
 
+#: The environment variables MLflow's process-wide settings write, so that child processes inherit them.
+MLFLOW_SETTINGS_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_settings_as_each_test_found_them():
+    """Puts MLflow's tracking URI, registry URI and active experiment back as the test found them.
+
+    ``mlflow.set_tracking_uri`` and ``mlflow.set_experiment`` set module globals and also write
+    ``MLFLOW_TRACKING_URI`` and ``MLFLOW_EXPERIMENT_ID`` into the environment. A test that sets
+    them (the ``client`` fixture), or that runs a stage command in its own process (the flow
+    and fault tests: the stage's ``setup_mlflow``), would otherwise leave the next tests of its
+    worker, and every process they start, pointed at its store and experiment: a run started
+    there without naming an experiment would land in experiment 1 of another store.
+    """
+    env = {name: os.environ.get(name) for name in MLFLOW_SETTINGS_ENV}
+    yield
+    if "mlflow" in sys.modules:  # a test that never imported MLflow changed none of its settings
+        # Private names, reset as MLflow's own test suite resets them: the public setters cannot
+        # put back "not set" for the experiment.
+        from mlflow.tracking import _model_registry, _tracking_service, fluent
+
+        _tracking_service.utils._tracking_uri = None
+        _model_registry.utils._registry_uri = None
+        fluent._active_experiment_id = None
+    for name, value in env.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _prefect_temporary_servers_stop_while_output_is_open():
     """Stops the temporary Prefect server a flow run in this process started, at the session's end.
