@@ -569,6 +569,21 @@ def _signed_lut(ds: Dataset, keyword: str) -> DataElement | None:
     return DataElement(ds[keyword].tag, "SQ", Sequence([fixed, *lut[1:]]))
 
 
+def _view(ds: Dataset) -> Dataset:
+    """A shallow copy of ``ds`` whose elements can be replaced without changing the caller's.
+
+    ``Dataset(ds)`` and ``copy.copy`` share the elements' dictionary: this is a new one, of the
+    same elements, with the file meta and the encoding ``ds`` was read with. pydicom needs them to
+    unpack a LUT Data element of VR OW (the VR most writers give it, and the only one explicit VR
+    allows for a 16-bit LUT of 65,536 entries): without them it cannot tell the bytes' order.
+    """
+    view = Dataset(dict(ds.items()))
+    if (meta := getattr(ds, "file_meta", None)) is not None:
+        view.file_meta = meta
+    view.set_original_encoding(*ds.original_encoding, ds.original_character_set)
+    return view
+
+
 def _modality_dataset(ds: Dataset) -> Dataset:
     """``ds`` as pydicom's ``apply_modality_lut`` must see it; a shallow copy where it differs, so
     the caller's dataset is never changed.
@@ -580,8 +595,7 @@ def _modality_dataset(ds: Dataset) -> Dataset:
     lut = _signed_lut(ds, "ModalityLUTSequence")
     if lut is None:
         return ds
-    # Dataset(ds) and copy.copy share the elements' dictionary: a new one, of the same elements.
-    view = Dataset(dict(ds.items()))
+    view = _view(ds)
     view["ModalityLUTSequence"] = lut
     return view
 
@@ -616,8 +630,7 @@ def _voi_dataset(ds: Dataset) -> Dataset:
     voi = None if modality_lut else _signed_lut(ds, "VOILUTSequence")
     if not drop and voi is None:
         return ds
-    # Dataset(ds) and copy.copy share the elements' dictionary: a new one, of the same elements.
-    view = Dataset(dict(ds.items()))
+    view = _view(ds)
     for tag in drop:
         del view[tag]
     if voi is not None:

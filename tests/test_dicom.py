@@ -514,37 +514,44 @@ def test_a_signed_images_padding_written_as_us_is_read_as_the_signed_value():
     np.testing.assert_array_equal(np.asarray(dicom_to_image(_signed_padded("US"))), expected)
 
 
-def _signed_ramp_lut(first: int, vr: str) -> tuple[Dataset, Dataset]:
-    """A signed 12-bit ramp (-2048..2047), and a LUT item x 16 from ``first``, its descriptor written as ``vr``."""
+def _signed_ramp_lut(first: int, vr: str, data_vr: str = "US") -> tuple[Dataset, Dataset]:
+    """A signed 12-bit ramp (-2048..2047), and a LUT item x 16 from ``first``, its descriptor written
+    as ``vr``, its LUT Data as ``data_vr`` (US: numbers; OW: bytes, which pydicom unpacks by the
+    file's transfer syntax)."""
     ds = _dataset()
     ds.set_pixel_data(np.tile(np.linspace(-2048, 2047, 64).round().astype(np.int16), (64, 1)), "MONOCHROME2", 12)
     item = Dataset()
     item.LUTDescriptor = [4096, first, 16]
     item["LUTDescriptor"].VR = vr
-    item.LUTData = [v * 16 for v in range(4096)]
-    item["LUTData"].VR = "US"
+    data = [v * 16 for v in range(4096)]
+    item.LUTData = np.asarray(data, dtype="<u2").tobytes() if data_vr == "OW" else data
+    item["LUTData"].VR = data_vr
     return ds, item
 
 
-def _signed_voi_lut(first: int, vr: str) -> bytes:
-    ds, item = _signed_ramp_lut(first, vr)
+def _signed_voi_lut(first: int, vr: str, data_vr: str = "US") -> bytes:
+    ds, item = _signed_ramp_lut(first, vr, data_vr)
     ds.VOILUTSequence = Sequence([item])
     return to_bytes(ds)
 
 
-def test_a_signed_images_voi_lut_first_value_written_as_us_is_read_as_the_signed_value():
+@pytest.mark.parametrize("data_vr", ["US", "OW"])
+def test_a_signed_images_voi_lut_first_value_written_as_us_is_read_as_the_signed_value(data_vr):
     """A VOI LUT Descriptor's first mapped value may be US or SS; a signed image's 63488 is -2048.
-    pydicom overflowed on it and the file was refused as unreadable."""
-    expected = np.asarray(dicom_to_image(_signed_voi_lut(-2048, "SS")))
+    pydicom overflowed on it and the file was refused as unreadable. With LUT Data written as OW
+    (as most writers write it) the file was refused all the same: the dataset with the value
+    read as signed had lost the transfer syntax pydicom unpacks OW by."""
+    expected = np.asarray(dicom_to_image(_signed_voi_lut(-2048, "SS", data_vr)))
     assert (expected.min(), expected.max()) == (0, 255)
-    ds = dcmread(io.BytesIO(_signed_voi_lut(63488, "US")))
+    np.testing.assert_array_equal(np.asarray(dicom_to_image(_signed_voi_lut(-2048, "SS"))), expected)
+    ds = dcmread(io.BytesIO(_signed_voi_lut(63488, "US", data_vr)))
     np.testing.assert_array_equal(to_display(ds), expected)
     assert list(ds.VOILUTSequence[0].LUTDescriptor) == [4096, 63488, 16]  # the caller's dataset is left as it was
 
 
-def _signed_modality_lut(first: int, vr: str, window: bool) -> bytes:
+def _signed_modality_lut(first: int, vr: str, window: bool, data_vr: str = "US") -> bytes:
     """A signed 12-bit ramp (-2048..2047) through a Modality LUT Sequence x 16 from ``first``, written as ``vr``."""
-    ds, item = _signed_ramp_lut(first, vr)
+    ds, item = _signed_ramp_lut(first, vr, data_vr)
     item.ModalityLUTType = "US"
     ds.ModalityLUTSequence = Sequence([item])
     if window:
@@ -552,14 +559,17 @@ def _signed_modality_lut(first: int, vr: str, window: bool) -> bytes:
     return to_bytes(ds)
 
 
+@pytest.mark.parametrize("data_vr", ["US", "OW"])
 @pytest.mark.parametrize("window", [True, False], ids=["window", "own range"])
-def test_a_signed_images_modality_lut_first_value_written_as_us_is_read_as_the_signed_value(window):
+def test_a_signed_images_modality_lut_first_value_written_as_us_is_read_as_the_signed_value(window, data_vr):
     """A Modality LUT Descriptor's first mapped value is SS for a signed image (PS3.3 C.11.1.1), but
     some exporters write it as US: 63488 is -2048. pydicom subtracted 63488 from the 16-bit signed
-    image, overflowed, and the file was refused as unreadable."""
-    expected = np.asarray(dicom_to_image(_signed_modality_lut(-2048, "SS", window)))
+    image, overflowed, and the file was refused as unreadable. LUT Data written as OW: as for the
+    VOI LUT above."""
+    expected = np.asarray(dicom_to_image(_signed_modality_lut(-2048, "SS", window, data_vr)))
     assert (expected.min(), expected.max()) == (0, 255) and len(np.unique(expected)) == 64
-    ds = dcmread(io.BytesIO(_signed_modality_lut(63488, "US", window)))
+    np.testing.assert_array_equal(np.asarray(dicom_to_image(_signed_modality_lut(-2048, "SS", window))), expected)
+    ds = dcmread(io.BytesIO(_signed_modality_lut(63488, "US", window, data_vr)))
     np.testing.assert_array_equal(to_display(ds), expected)
     assert list(ds.ModalityLUTSequence[0].LUTDescriptor) == [4096, 63488, 16]  # the caller's dataset is left as it was
 
