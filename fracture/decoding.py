@@ -14,7 +14,7 @@ import os
 import stat
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -396,7 +396,10 @@ def export_files(folder: Path, indexes: bool = False, unreadable: bool = False) 
     return sorted(found)
 
 
-def decode(source: str | Path | bytes, draft: tuple[int, int] | None = None, upright: bool = True) -> Image.Image:
+def decode(
+    source: str | Path | bytes, draft: tuple[int, int] | None = None, upright: bool = True,
+    modalities: Iterable[str] | None = None,
+) -> Image.Image:
     """Opens and fully decodes an image upright (mode unchanged; size too, unless ``draft``).
 
     A JPEG or PNG whose EXIF Orientation tag says its pixels are stored turned or mirrored is
@@ -418,15 +421,23 @@ def decode(source: str | Path | bytes, draft: tuple[int, int] | None = None, upr
 
     ``upright=False`` keeps the stored orientation, for a reader that must know where in the
     stored rows a truncated file stops.
+
+    ``modalities``: the DICOM modalities accepted, ``serve.modalities`` where a file is accepted
+    or not (the validate stage, as the served model's :mod:`fracture.intake` does); ``None``
+    (the default) accepts any, as the stages after validate do: they decode only the files it
+    accepted.
     """
     with _GATE.shared():
-        return _decode(source, draft, upright)
+        return _decode(source, draft, upright, modalities)
 
 
-def _decode(source: str | Path | bytes, draft: tuple[int, int] | None, upright: bool = True) -> Image.Image:
+def _decode(
+    source: str | Path | bytes, draft: tuple[int, int] | None, upright: bool = True,
+    modalities: Iterable[str] | None = None,
+) -> Image.Image:
     data = source if isinstance(source, bytes) else Path(source).read_bytes()
     if is_dicom(data):
-        return dicom_to_image(data)
+        return dicom_to_image(data, modalities)
     with Image.open(io.BytesIO(data)) as img:
         if draft is not None:
             img.draft(img.mode, draft)  # JPEG only; other formats ignore it
@@ -448,7 +459,8 @@ def upright_size(img: Image.Image) -> tuple[int, int]:
 
 
 def decode_truncated(
-    source: str | Path | bytes, draft: tuple[int, int] | None = None, upright: bool = True
+    source: str | Path | bytes, draft: tuple[int, int] | None = None, upright: bool = True,
+    modalities: Iterable[str] | None = None,
 ) -> Image.Image:
     """Like :func:`decode`, but decodes files that end early; the missing rows become grey.
 
@@ -460,6 +472,6 @@ def decode_truncated(
         previous = ImageFile.LOAD_TRUNCATED_IMAGES
         ImageFile.LOAD_TRUNCATED_IMAGES = True
         try:
-            return _decode(source, draft, upright)
+            return _decode(source, draft, upright, modalities)
         finally:
             ImageFile.LOAD_TRUNCATED_IMAGES = previous

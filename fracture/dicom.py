@@ -363,10 +363,13 @@ def _j2k_size(frame: bytes) -> tuple[int, int] | None:
     return xsiz - xosiz, ysiz - yosiz
 
 
-def check_radiograph(ds: Dataset, modalities: Iterable[str] = RADIOGRAPHY) -> tuple[int, int]:
+def check_radiograph(ds: Dataset, modalities: Iterable[str] | None = RADIOGRAPHY) -> tuple[int, int]:
     """Checks that ``ds`` is one grayscale (or RGB) radiograph; returns the (width, height) of the
     image :func:`to_display` makes of it (Columns x Rows, unless its pixels are resampled to square
     ones: :func:`display_size`), so that size limits hold for what is decoded and shown.
+
+    ``modalities``: the modalities accepted; ``None`` accepts any, for a file whose modality was
+    accepted before (the stages after validate decode only the files it accepted).
 
     Raises:
         DicomRejected: no pixel data (a report, PDF or other non-image object), more than one
@@ -393,9 +396,9 @@ def check_radiograph(ds: Dataset, modalities: Iterable[str] = RADIOGRAPHY) -> tu
         raise DicomRejected(
             f"holds {frames} frames; the model reads single-frame radiographs (CR, DX): send one frame per file"
         )
-    allowed = tuple(modalities)
+    allowed = tuple(modalities) if modalities is not None else None
     modality = str(ds.get("Modality") or "")
-    if modality not in allowed:
+    if allowed is not None and modality not in allowed:
         raise DicomRejected(
             f"has modality {modality or '(none)'}; the model reads {', '.join(allowed)} radiographs only "
             "(params: serve.modalities)"
@@ -800,12 +803,12 @@ def _display_values(stored: np.ndarray, ds: Dataset, in_image: np.ndarray) -> np
     return shown
 
 
-def dicom_to_image(data: bytes, modalities: Iterable[str] = RADIOGRAPHY) -> Image.Image:
+def dicom_to_image(data: bytes, modalities: Iterable[str] | None = RADIOGRAPHY) -> Image.Image:
     """A DICOM radiograph as the 8-bit PIL image (``L``, or ``RGB``) a JPEG export would hold.
 
     Args:
         data: the DICOM Part 10 file's bytes.
-        modalities: the modalities accepted.
+        modalities: the modalities accepted; ``None``: any (:func:`check_radiograph`).
 
     Raises:
         DicomRejected: not a readable single-frame radiograph of an accepted modality.

@@ -28,7 +28,7 @@ import os
 import re
 import unicodedata
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -51,7 +51,7 @@ from fracture.decoding import (
     unlistable,
     unservable,
 )
-from fracture.dicom import patient_ids, patient_key
+from fracture.dicom import RADIOGRAPHY, patient_ids, patient_key
 from fracture.near_duplicates import add_near_duplicates
 from fracture.vocabulary import Layout
 
@@ -192,7 +192,10 @@ def not_a_file(path: Path) -> str:
     return "the entry is a folder, not an image file"
 
 
-def inspect_image(path: str, max_pixels: int | None = None, min_grey_std: float | None = None) -> ImageFacts:
+def inspect_image(
+    path: str, max_pixels: int | None = None, min_grey_std: float | None = None,
+    modalities: Iterable[str] | None = RADIOGRAPHY,
+) -> ImageFacts:
     """Hashes and fully decodes one file, telling a truncated JPEG from an unreadable one.
 
     An entry that is no regular file (a broken link, a FIFO: :func:`not_a_file`) is not opened:
@@ -201,9 +204,9 @@ def inspect_image(path: str, max_pixels: int | None = None, min_grey_std: float 
     A file the served model refuses (:mod:`fracture.intake`) is not trained on either: it is
     listed as not decodable, its ``error`` the served model's reason. Besides the format and bit
     depth (:func:`~fracture.decoding.unservable`), that is more pixels than ``max_pixels``, read
-    from the header before any decode, and a blank or near-constant picture, measured on the
-    decode made here anyway: no second decode, about 1.5 ms more a FracAtlas X-ray (as much again
-    as its decode; some 5 s of CPU over the 3,267).
+    from the header before any decode, a DICOM file of a modality not in ``modalities``, and a
+    blank or near-constant picture, measured on the decode made here anyway: no second decode,
+    about 1.5 ms more a FracAtlas X-ray (as much again as its decode; some 5 s of CPU over the 3,267).
 
     Args:
         path: the file.
@@ -211,6 +214,8 @@ def inspect_image(path: str, max_pixels: int | None = None, min_grey_std: float 
             ``None``: not checked.
         min_grey_std: the served model's least greyscale standard deviation (``serve.min_grey_std``);
             ``None``: not checked.
+        modalities: the DICOM modalities the served model reads (``serve.modalities``); ``None``:
+            not checked.
     """
     if why := not_a_file(Path(path)):
         return ImageFacts(None, None, None, None, False, False, why)
@@ -221,7 +226,7 @@ def inspect_image(path: str, max_pixels: int | None = None, min_grey_std: float 
         return ImageFacts(None, None, None, digest, False, False, over)
     truncated = False
     try:
-        img = decode(data)
+        img = decode(data, modalities=modalities)
     except OSError as exc:
         if "truncated" not in str(exc):
             return ImageFacts(None, None, None, digest, False, False, str(exc))
@@ -230,7 +235,7 @@ def inspect_image(path: str, max_pixels: int | None = None, min_grey_std: float 
         return ImageFacts(None, None, None, digest, False, False, str(exc))
     if truncated:
         try:
-            img = decode_truncated(data)
+            img = decode_truncated(data, modalities=modalities)
         except (OSError, SyntaxError, ValueError) as exc:
             return ImageFacts(None, None, None, digest, False, True, str(exc))
     # Decoded, yet refused when served (a truncated file too, as the served model checks it): not trained on either.
@@ -778,6 +783,7 @@ def build_manifest(
     near_duplicate_top_threshold: float | None = None,
     max_pixels: int | None = None,
     min_grey_std: float | None = None,
+    modalities: Iterable[str] | None = RADIOGRAPHY,
 ) -> pd.DataFrame:
     """Lists every image id from the dataset's files and its csv, with its facts.
 
@@ -794,6 +800,8 @@ def build_manifest(
             (``serve.max_megapixels`` x 10^6; :func:`inspect_image`); ``None``: not checked.
         min_grey_std: a picture whose greyscale standard deviation is below this is not decodable,
             as the served model refuses it (``serve.min_grey_std``); ``None``: not checked.
+        modalities: a DICOM file of another modality is not decodable, as the served model
+            refuses it (``serve.modalities``); ``None``: not checked.
 
     Returns:
         One row per id, sorted by id: ``path`` (relative to ``dataset_dir``, empty when only the
@@ -812,7 +820,7 @@ def build_manifest(
     frame = _read_fracatlas_layout(dataset_dir) if layout == "fracatlas" else read_csv_layout(dataset_dir)
     paths = [str(dataset_dir / p) for p in frame.loc[frame["has_file"], "path"]]
     with ProcessPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
-        inspect = partial(inspect_image, max_pixels=max_pixels, min_grey_std=min_grey_std)
+        inspect = partial(inspect_image, max_pixels=max_pixels, min_grey_std=min_grey_std, modalities=modalities)
         facts = list(pool.map(inspect, paths, chunksize=32))
     facts_frame = pd.DataFrame([asdict(f) for f in facts], index=frame.index[frame["has_file"]])
     frame = frame.join(facts_frame)

@@ -102,6 +102,42 @@ def test_training_lists_a_file_the_served_model_refuses_as_undecodable(tmp_path,
     assert inspect_image(str(path)).decodable
 
 
+@pytest.mark.parametrize(
+    ("modality", "modalities"),
+    [("CR", ("DX",)), ("OT", ("CR", "DX", "RG", "XA", "OT"))],
+    ids=["narrowed: CR refused", "widened: OT read"],
+)
+def test_training_reads_the_dicom_modalities_the_served_model_reads(tmp_path, modality, modalities):
+    """``serve.modalities`` decides which DICOM modalities the served model reads. Training decoded
+    with a fixed list of its own (CR, DX, RG, XA): narrowed, it trained on files the served model
+    refused; widened, it refused the files the served model read, naming serve.modalities, which
+    did not change that. Now the validate stage lists a file of another modality as the served
+    model refuses it, and takes one it reads; the stages after it decode what validate took."""
+    from fracture.decoding import open_xray
+    from fracture.manifest import inspect_image
+    from tests.dicom_files import dicom_from_jpeg
+
+    policy = dataclasses.replace(POLICY, modalities=modalities)
+    jpeg = tmp_path / "xray.jpg"
+    jpeg.write_bytes(encode(xray_like(), "JPEG", quality=95))
+    path = tmp_path / "IM0001"
+    path.write_bytes(dicom_from_jpeg(jpeg, "8-bit", modality=modality))
+    facts = inspect_image(str(path), min_grey_std=policy.min_grey_std, modalities=modalities)
+    if modality not in modalities:
+        with pytest.raises(InputRejected, match=f"modality {modality}") as refused:
+            read_xray(path.read_bytes(), policy)
+        assert not facts.decodable and facts.error in str(refused.value)
+        assert "serve.modalities" in facts.error
+        # Under the shipped list the same file is read: the list is what refuses it.
+        assert inspect_image(str(path), min_grey_std=policy.min_grey_std).decodable
+    else:
+        served = read_xray(path.read_bytes(), policy)
+        assert facts.decodable and facts.error is None
+        # The prepare stage (and the detector's data) decode it as the served model does.
+        trained = open_xray(path, rgb=False)
+        assert served.format == "DICOM" and np.array_equal(np.asarray(trained), np.asarray(served.image))
+
+
 def near_constant_noise(spread: float, size: tuple[int, int] = (300, 400)) -> Image.Image:
     """Grey 128 with Gaussian noise of this spread: near-constant below ``min_grey_std``, a faint X-ray above."""
     rng = np.random.default_rng(1)

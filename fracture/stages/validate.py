@@ -39,6 +39,7 @@ def run_validate(params: Params, workspace: Workspace) -> ValidateResult:
         # What the served model refuses is not trained on (the registered model's input checks).
         max_pixels=params.serve.max_megapixels * 1_000_000,
         min_grey_std=params.serve.min_grey_std,
+        modalities=params.serve.modalities,
     )
     resolved, report = validate(manifest, params.validate, workspace.gx_dir, skipped_rules(layout))
     version = workspace.data_version()
