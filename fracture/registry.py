@@ -87,6 +87,8 @@ SERVED = ("threshold", "metrics", TAG_POLICY)
 
 #: The run metric every version needs: its test ROC AUC, reported next to the decision.
 SCORE = "test_roc_auc"
+#: The threshold the run's test figures were taken at (the evaluate stage logs it with them).
+TEST_THRESHOLD = "test_threshold"
 
 
 class RegistryError(RuntimeError):
@@ -265,6 +267,15 @@ def register(
             "evaluate stage ran); its test figures are not this "
             "split's, and the gate would score it on images it may have been trained on. Reproduce the "
             "pipeline (dvc repro) so that split, train and evaluate agree, then register"
+        )
+    logged = metrics.get(TEST_THRESHOLD)
+    if logged is not None and not math.isclose(logged, config.threshold, rel_tol=1e-9, abs_tol=1e-12):
+        raise RegistryError(
+            f"run {run_id}'s test figures were taken at threshold {logged:.6g}, but the model would be served at "
+            f"{config.threshold:.6g} (outputs/evaluate/metrics.json): the evaluate stage's outputs come from another "
+            "evaluation than the one logged to the run, as when DVC restores an earlier evaluation's outputs from its "
+            "run cache without running the command that logs them. The gate would judge the version on figures taken "
+            "at a threshold it does not serve. Run the evaluate stage again (`dvc repro --force evaluate`), then register"
         )
 
     provenance = _provenance_tags(run, config, split)

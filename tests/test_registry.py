@@ -766,6 +766,7 @@ def test_the_register_stage_registers_the_workspace_model(client, model_files, x
 
 def test_a_new_version_describes_itself_for_the_registry_page(client, model_files, xray):
     weights, config = model_files
+    config = dataclasses.replace(config, threshold=0.0607)  # served at the threshold its figures were taken at
     metrics = {"test_roc_auc": 0.907, "test_roc_auc_ci_low": 0.866, "test_roc_auc_ci_high": 0.944,
                "test_recall": 0.814, "test_recall_ci_low": 0.733, "test_recall_ci_high": 0.884,
                "test_specificity": 0.838, "test_specificity_ci_low": 0.802, "test_specificity_ci_high": 0.873,
@@ -928,6 +929,24 @@ def test_a_run_evaluated_on_another_split_than_the_workspace_holds_is_not_regist
     # The same run evaluated on this split registers.
     client.set_tag(run.info.run_id, "split_fingerprint", split.fingerprint)
     assert register(PARAMS, run.info.run_id, *models["good"], split, client).version == "1"
+
+
+def test_a_run_whose_test_figures_are_another_thresholds_than_the_served_one_is_not_registered(client, ranked):
+    """DVC can restore an earlier evaluation's outputs (metrics.json, and the threshold served from
+    it) from its run cache without running the command that logs the figures to the run: the gate
+    judged the floors on figures taken at another threshold than the version serves. Refused,
+    nothing registered; the run holding this threshold's figures registers."""
+    split, models = ranked
+    weights, config = models["good"]
+    with mlflow.start_run(tags={"data_version": DATA, "split_fingerprint": split.fingerprint}) as run:
+        mlflow.log_metrics({"test_roc_auc": 0.9, "test_recall": 0.9, "test_specificity": 0.7, "test_threshold": 0.2})
+    assert config.threshold == 0.5
+    with pytest.raises(RegistryError, match=r"taken at threshold 0\.2, but the model would be served at 0\.5 "
+                                            r".*dvc repro --force evaluate"):
+        register(PARAMS, run.info.run_id, weights, config, split, client)
+    assert not client.search_model_versions(f"name = '{NAME}'")
+    client.log_metric(run.info.run_id, "test_threshold", 0.5)  # the evaluation at the served threshold, logged
+    assert register(PARAMS, run.info.run_id, weights, config, split, client).version == "1"
 
 
 def test_a_model_trained_with_an_enhancement_requires_its_library():

@@ -46,6 +46,8 @@ CONFIG = ServingConfig(
     0.5,
     {"profile": "cpu"},
 )
+#: CONFIG after the evaluate stage ran again and chose threshold 0.4 (its run logs ``test_threshold`` 0.4).
+REEVALUATED = dataclasses.replace(CONFIG, threshold=0.4)
 LABELS = np.r_[np.ones(20), np.zeros(20)].astype(int)
 
 
@@ -133,8 +135,8 @@ def test_a_rolled_back_run_registered_again_after_a_lost_response_is_not_promote
 
     created = response_lost_once(monkeypatch)
     with pytest.raises(ConnectionError):
-        registered(second)
-    again = registered(second)
+        registered(second, REEVALUATED)
+    again = registered(second, REEVALUATED)
     assert created == ["3"] and (again.version, again.created) == ("3", False)
     assert again.decision == "unchanged" and "rolled back" in again.reason
     assert aliases(client) == {CHAMPION: "1"}
@@ -165,12 +167,12 @@ def test_a_rolled_back_run_registered_again_while_the_registry_is_locked_is_not_
 
     monkeypatch.setattr(registry_module, "_tag_version", locked_once)
     with pytest.raises(MlflowException, match="database is locked"):
-        registered(second)
+        registered(second, REEVALUATED)
     # The version was created carrying the rollback: the request that failed was not the one to copy it.
     assert failed[0][0] == "3" and TAG_ROLLED_BACK not in failed[0][1], failed
     assert client.get_model_version(NAME, "3").tags.get(TAG_ROLLED_BACK)
     assert aliases(client) == {CHAMPION: "1"}
-    again = registered(second)
+    again = registered(second, REEVALUATED)
     assert again.version == "3" and again.decision == "unchanged" and "rolled back" in again.reason
     assert aliases(client) == {CHAMPION: "1"}
     assert client.get_model_version(NAME, "3").tags.get(TAG_ROLLED_BACK)
@@ -205,13 +207,13 @@ def test_a_version_an_earlier_release_left_half_tagged_is_completed_when_its_run
     rollback(NAME, client, isolated=False)
     with mlflow.start_run(run_id=second):
         mlflow.log_metric("test_threshold", 0.4)
-    assert registered(second).version == "3"
+    assert registered(second, REEVALUATED).version == "3"
     # As the earlier release left it when stopped after mlflow.register_model.
     for key in (TAG_ROLLED_BACK, TAG_POLICY, "gate_decision", "gate_reason"):
         client.delete_model_version_tag(NAME, "3", key)
     client.update_model_version(NAME, "3", description="")
 
-    again = registered(second)
+    again = registered(second, REEVALUATED)
     assert again.version == "3" and again.decision == "unchanged" and "rolled back" in again.reason
     assert aliases(client) == {CHAMPION: "1"}
     mv = client.get_model_version(NAME, "3")
