@@ -74,7 +74,10 @@ NOT_IMAGES = {
 STRUCTURED_REPORTS = "1.2.840.10008.5.1.4.1.1.88."
 #: Colour photometric interpretations read as RGB: pydicom converts YCbCr to RGB as it decodes
 #: (lossy JPEG colour must be stored as YBR_FULL_422, PS3.5 8.2.1).
-COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422")
+COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT")
+#: JPEG 2000's colour transforms, reversible and irreversible (PS3.5 8.2.4): only its codestreams
+#: hold them, and pydicom's JPEG 2000 decoder gives RGB.
+JPEG2000_COLOUR = ("YBR_RCT", "YBR_ICT")
 #: Radiographs store at most 16 bits per pixel (DX and XA: Bits Allocated 8 or 16, PS3.3
 #: C.8.11.3 and C.8.7); more would make the per-level display table below unbounded.
 MAX_BITS = 16
@@ -372,7 +375,8 @@ def check_radiograph(ds: Dataset, modalities: Iterable[str] | None = RADIOGRAPHY
     accepted before (the stages after validate decode only the files it accepted).
 
     Raises:
-        DicomRejected: no pixel data (a report, PDF or other non-image object), more than one
+        DicomRejected: no pixel data (a report, PDF or other non-image object), a transfer
+            syntax that is not the standard's (a vendor's private one), more than one
             frame, a modality not in ``modalities``, a photometric interpretation other
             than MONOCHROME1, MONOCHROME2 or 8-bit colour (RGB, YBR_FULL, YBR_FULL_422), or
             more than 16 bits a pixel; a missing tag that describes the pixels (named); pixels
@@ -382,6 +386,13 @@ def check_radiograph(ds: Dataset, modalities: Iterable[str] | None = RADIOGRAPHY
     what = NOT_IMAGES.get(sop) or ("a structured report" if sop.startswith(STRUCTURED_REPORTS) else None)
     if what or "PixelData" not in ds:
         raise DicomRejected(f"is {what or 'a DICOM object without pixel data'}, not an image; send the radiograph's own DICOM file")
+    syntax = _file_meta(ds).get("TransferSyntaxUID")
+    if syntax is not None and uid.UID(str(syntax)) not in uid.AllTransferSyntaxes:
+        whose = "a vendor's private one" if uid.UID(str(syntax)).is_private else "one this reader does not know"
+        raise DicomRejected(
+            f"has its pixel data in transfer syntax {syntax}, {whose}, which this reader cannot decode; send the "
+            "image uncompressed (Explicit VR Little Endian) or as JPEG, JPEG-LS, JPEG 2000 or RLE, as the PACS exports it"
+        )
     intent = str(ds.get("PresentationIntentType") or "").upper()
     if sop in FOR_PROCESSING or intent == "FOR PROCESSING":
         raise DicomRejected(
@@ -408,7 +419,13 @@ def check_radiograph(ds: Dataset, modalities: Iterable[str] | None = RADIOGRAPHY
     if photometric not in MONOCHROME and not (photometric in COLOUR and bits == 8):
         raise DicomRejected(
             f"has photometric interpretation {photometric or '(none)'} ({bits}-bit); the model reads "
-            "MONOCHROME1, MONOCHROME2 or 8-bit colour (RGB, YBR_FULL, YBR_FULL_422) radiographs"
+            "MONOCHROME1, MONOCHROME2 or 8-bit colour (RGB, YBR_FULL, YBR_FULL_422; JPEG 2000's YBR_RCT and "
+            "YBR_ICT) radiographs"
+        )
+    if photometric in JPEG2000_COLOUR and syntax not in uid.JPEG2000TransferSyntaxes:
+        raise DicomRejected(
+            f"has photometric interpretation {photometric}, which only JPEG 2000 pixel data holds (PS3.5 8.2.4), in "
+            f"transfer syntax {getattr(syntax, 'name', syntax)}; the header is corrupt: re-export the image from the PACS"
         )
     samples = int(ds.SamplesPerPixel)
     if samples != (1 if photometric in MONOCHROME else 3):

@@ -364,6 +364,10 @@ def _gate_until_settled(
             outcome = _held_back(mv, current)
     if outcome.decision == "unchanged" and _version_of(current) == str(mv.version):
         _restore_previous(client, mv)
+    elif outcome.decision != "promoted" and current is not None and current.tags.get(TAG_DECISION) == "promoted":
+        # Another run's promotion stopped before previous-champion moved: put right by the next
+        # registration, whichever run it registers, not only by that run's.
+        _restore_previous(client, current)
     return outcome, current
 
 
@@ -679,6 +683,13 @@ def _promote(client: MlflowClient, mv: ModelVersion, current: ModelVersion | Non
     # MLflow has no compare-and-set for aliases: the champion is read once more right before it
     # moves, so another registration's promotion since the decision is seen, not overwritten.
     latest = _alias(client, name, CHAMPION)
+    if _version_of(latest) == version and current is not None:
+        # Another registration of the same run promoted this version meanwhile, against the same
+        # champion (it re-reads the champion before moving it, as this one does): what it wrote is
+        # what this one wrote. Only previous-champion may be left to move, if it was stopped.
+        client.set_registered_model_alias(name, PREVIOUS_CHAMPION, current.version)
+        log.info("%s version %s is champion (another registration of its run promoted it): %s", name, version, reason)
+        return
     if _version_of(latest) != _version_of(current):
         # Nothing of this promotion stays: the version is decided again against the new champion.
         if current is not None:
@@ -823,6 +834,10 @@ def rollback(
         )
     if to is not None:
         return _choose(client, name, current, str(to).strip(), reason, isolated)
+    if current.tags.get(TAG_DECISION) == "promoted":
+        # A promotion stopped after champion moved and before previous-champion did left it on the
+        # version before (or on none): the champion's own record names the version it replaced.
+        _restore_previous(client, current)
     previous = _alias(client, name, PREVIOUS_CHAMPION)
     replaced = _unfinished_choice(client, name, current, previous)
     if replaced is not None:
@@ -854,6 +869,7 @@ def rollback(
             f"{current.version}); to choose a version by hand: fracture rollback --to <version> --reason \"...\""
         )
     _require_loadable(name, str(previous.version), PREVIOUS_CHAMPION, isolated)
+    _require_champion_unmoved(client, name, current, str(previous.version))
     # The demoted version is tagged before champion leaves it: a rollback stopped at any point
     # leaves no untagged version that a later registration of its run would promote again.
     when, why = _now(), reason or "not given"
@@ -864,6 +880,25 @@ def rollback(
     })
     client.set_registered_model_alias(name, CHAMPION, previous.version)
     return _finish_rollback(client, name, str(current.version), previous)
+
+
+def _require_champion_unmoved(client: MlflowClient, name: str, current: ModelVersion, target: str) -> None:
+    """Refuses to go on when ``champion`` is no longer on ``current``, the version a rollback or a hand
+    pick replaces: loading ``target`` takes seconds, and a registration may have promoted another
+    version meanwhile, which moving ``champion`` now would displace without a word. MLflow has no
+    compare-and-set for aliases: the champion is read once more right before anything is written.
+
+    Raises:
+        RegistryError: ``champion`` moved (or was removed); nothing was changed.
+    """
+    latest = _version_of(_alias(client, name, CHAMPION))
+    if latest != str(current.version):
+        moved = f"moved from version {current.version} to {latest}" if latest is not None else "was removed"
+        raise RegistryError(
+            f"the champion of '{name}' {moved} while version {target} was loaded (a registration promoted "
+            "another version, say): nothing was changed. Look at the registry as it is now, and run the command "
+            "again if it still applies"
+        )
 
 
 def _finish_rollback(client: MlflowClient, name: str, demoted: str, previous: ModelVersion) -> Rollback:
@@ -923,6 +958,7 @@ def _choose(client: MlflowClient, name: str, current: ModelVersion, version: str
             f"could not load it either, so champion stays at version {champion}. If the tracking server is down, "
             "run again when it answers; otherwise choose another version"
         ) from failure
+    _require_champion_unmoved(client, name, current, version)
     _drop_stopped_pick(client, name, current, version)
     when, why = _now(), reason or "not given"
     # As in a rollback, everything is written before champion moves, and the demoted version first:

@@ -588,6 +588,88 @@ def test_a_promotion_stopped_between_its_alias_moves_is_completed_when_the_run_i
     assert rollback(NAME, client).champion == "2"
 
 
+@pytest.mark.parametrize("first", [True, False], ids=["first replacement", "later replacement"])
+def test_a_rollback_after_a_stopped_promotion_returns_to_the_version_it_replaced(client, ranked, first):
+    """A promotion stopped between its alias moves left previous-champion on the version before
+    the one replaced (or on none, the first time): a rollback then skipped a champion, or refused
+    for want of a previous one. The champion's record names the version it replaced, and a
+    rollback, or the registration of any other run, returns previous-champion to it."""
+    split, models = ranked
+    params = RegisterParams(NAME, "t", confidence=0.0, sensitivity_tolerance=1.0)
+    register(params, evaluated_run(0.9), *models["bad"], split, client)
+    if not first:
+        register(params, evaluated_run(0.9), *models["random"], split, client)
+    before = aliases(client)
+    replaced = before["champion"]
+    with stopped_when_moving(client, "previous-champion"):
+        register(params, evaluated_run(0.9), *models["good"], split, client)
+    new = str(len(client.search_model_versions(f"name = '{NAME}'")))
+    assert aliases(client) == {**before, "champion": new}  # previous-champion where it was, or none
+    if first:
+        done = rollback(NAME, client)
+        assert (done.demoted, done.champion) == (new, replaced)
+        assert aliases(client) == {"champion": replaced}
+        return
+    # Another run's registration (a losing one) puts it right before any rollback is asked for.
+    loser = register(params, evaluated_run(0.9, recall=0.5), *models["random"], split, client)
+    assert loser.decision == "challenger"
+    assert aliases(client) == {"champion": new, "previous-champion": replaced, "challenger": loser.version}
+    done = rollback(NAME, client)
+    assert (done.demoted, done.champion, done.previous_champion) == (new, replaced, "1")
+
+
+def test_a_promotion_landing_while_a_rollback_loads_its_version_is_not_displaced(client, ranked, monkeypatch):
+    """Loading the version to return to takes seconds; a registration that promotes another
+    version meanwhile is seen, and the rollback (or hand pick) changes nothing, where it moved
+    champion over the new one and left it without an alias, still tagged promoted."""
+    split, models = ranked
+    params = RegisterParams(NAME, "t", confidence=0.0, sensitivity_tolerance=1.0)
+    for model in ("bad", "random", "good"):
+        register(params, evaluated_run(0.9), *models[model], split, client)
+    client.set_registered_model_alias(NAME, "champion", "2")
+    client.set_registered_model_alias(NAME, "previous-champion", "1")
+    state = aliases(client)
+
+    def promoted_meanwhile(*args, **kwargs):
+        client.set_registered_model_alias(NAME, "champion", "3")  # another registration's promotion lands
+
+    for how in ({}, {"to": 1}):
+        client.set_registered_model_alias(NAME, "champion", "2")
+        with monkeypatch.context() as patch:
+            patch.setattr(registry_module, "_require_loadable", promoted_meanwhile)
+            patch.setattr(registry_module, "_load_failure", lambda *a, **k: promoted_meanwhile())
+            with pytest.raises(RegistryError, match="champion of 'fracture-classifier' moved from version 2 to 3 while "
+                                                    "version 1 was loaded.*nothing was changed"):
+                rollback(NAME, client, **how)
+        assert aliases(client) == {**state, "champion": "3"}
+        for version in ("1", "2", "3"):
+            assert "rolled_back_at" not in client.get_model_version(NAME, version).tags
+
+
+def test_a_version_two_registrations_of_its_run_promote_at_once_keeps_its_record(client, ranked, monkeypatch):
+    """Both registrations of one run decide to promote the version against the same champion; the
+    other's promotion lands between this one's last read and its own: this one took it for
+    another champion, tagged the champion "pending" and dropped the version it replaced."""
+    split, models = ranked
+    params = RegisterParams(NAME, "t", confidence=0.0, sensitivity_tolerance=1.0)
+    register(params, evaluated_run(0.9), *models["bad"], split, client)
+    run = evaluated_run(0.9)
+    real_tag = registry_module._tag_version
+
+    def the_other_registration_lands(client_, name, version, tags):
+        real_tag(client_, name, version, tags)
+        if tags.get("gate_decision") == "promoted":
+            client_.set_registered_model_alias(NAME, "champion", version)  # and stops before previous-champion
+
+    with monkeypatch.context() as patch:
+        patch.setattr(registry_module, "_tag_version", the_other_registration_lands)
+        done = register(params, run, *models["good"], split, client)
+    assert (done.version, done.decision, done.champion) == ("2", "promoted", True)
+    assert aliases(client) == {"champion": "2", "previous-champion": "1"}
+    tags = client.get_model_version(NAME, "2").tags
+    assert tags["gate_decision"] == "promoted" and tags["replaced_version"] == "1"
+
+
 def test_a_registry_error_while_reading_the_champion_is_raised_not_read_as_no_champion(client, ranked, monkeypatch):
     split, models = ranked
     params = RegisterParams(NAME, "t", confidence=0.0, sensitivity_tolerance=1.0)
