@@ -163,6 +163,9 @@ def test_a_negative_rescale_slope_with_a_window_is_shown_as_the_same_values_stor
         (lambda jpeg: without_sop_pixels("1.2.840.10008.5.1.4.1.1.88.67", "SR"), "is DICOM but is a structured report, not an image"),
         (lambda jpeg: without_sop_pixels("1.2.840.10008.5.1.4.1.1.88.59", "KO"), "is DICOM but is a key object selection, not an image"),
         (lambda jpeg: wide_pixels(), r"is DICOM but has 32 bits allocated and 32 stored per pixel; radiographs hold at most 16"),
+        (lambda jpeg: private_syntax(jpeg), r"is DICOM but has its pixel data in transfer syntax 1\.3\.46\.670589\.33\.1\.4\.1, "
+         r"a vendor's private one, which this reader cannot decode; send the image uncompressed \(Explicit VR Little "
+         r"Endian\) or as JPEG"),
         (lambda jpeg: undecodable_htj2k(jpeg), r"is DICOM but has pixel data that cannot be decoded \(transfer syntax "
          r"[\s\S]*\. Send the image uncompressed \(Explicit VR Little Endian\) or as JPEG, JPEG-LS, JPEG 2000 or RLE$"),
     ],
@@ -182,6 +185,18 @@ def wide_pixels() -> bytes:
     ds.PixelData = pixels.tobytes()
     ds["PixelData"].VR = "OW"
     return to_bytes(ds)
+
+
+def private_syntax(jpeg) -> bytes:
+    """A radiograph whose transfer syntax is a vendor's private one (Philips'): pydicom raised "UID is not a
+    transfer syntax" on it, and the refusal asked for the file as the PACS wrote it, which it was."""
+    from pydicom.uid import UID
+
+    ds = dcmread(__import__("io").BytesIO(dicom_from_jpeg(jpeg, "16-bit")))
+    ds.file_meta.TransferSyntaxUID = UID("1.3.46.670589.33.1.4.1")
+    buffer = __import__("io").BytesIO()
+    ds.save_as(buffer, enforce_file_format=True, implicit_vr=False, little_endian=True)
+    return buffer.getvalue()
 
 
 def undecodable_htj2k(jpeg) -> bytes:
@@ -436,6 +451,45 @@ def test_a_colour_dicom_in_ycbcr_is_read_as_rgb():
     image = read_xray(to_bytes(ds), InputPolicy(min_side=32)).image
     assert image.mode == "RGB"
     np.testing.assert_array_equal(np.asarray(image), dcmread(path).pixel_array)
+
+
+@pytest.mark.parametrize(("photometric", "irreversible"), [("YBR_RCT", False), ("YBR_ICT", True)])
+def test_a_colour_jpeg_2000_dicom_is_read_as_rgb(photometric, irreversible):
+    """JPEG 2000 colour is stored as YBR_RCT (lossless) or YBR_ICT (lossy), its codestream's own
+    colour transforms (PS3.5 8.2.4); pydicom's decoder gives RGB. Such files were refused for
+    their photometric interpretation, while the same pixels labelled RGB were read. The label
+    without JPEG 2000 pixel data is a corrupt header, refused so."""
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEG2000, UID, JPEG2000Lossless
+
+    rgb = np.zeros((96, 96, 3), np.uint8)
+    rgb[..., 0], rgb[..., 1], rgb[30:60, 30:60] = np.arange(96)[None, :] * 2, 90, (200, 180, 40)
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, "JPEG2000", no_jp2=True, irreversible=irreversible, mct=1)
+    ds = _dataset()
+    ds.file_meta.TransferSyntaxUID = JPEG2000 if irreversible else JPEG2000Lossless
+    ds.Rows = ds.Columns = 96
+    ds.SamplesPerPixel, ds.PlanarConfiguration, ds.PixelRepresentation = 3, 0, 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    ds.PixelData = encapsulate([buffer.getvalue()])
+    ds["PixelData"].VR = "OB"
+    ds.PhotometricInterpretation = photometric
+    image = read_xray(to_bytes(ds), InputPolicy(min_side=32)).image
+    assert image.mode == "RGB"
+    if irreversible:
+        assert np.abs(np.asarray(image).astype(int) - rgb).max() <= 8
+    else:
+        np.testing.assert_array_equal(np.asarray(image), rgb)
+    ds.PhotometricInterpretation = "RGB"  # the same pixels labelled RGB: read alike
+    np.testing.assert_array_equal(np.asarray(read_xray(to_bytes(ds), InputPolicy(min_side=32)).image), np.asarray(image))
+
+    native = _dataset()
+    native.set_pixel_data(rgb, "RGB", 8)
+    native.PhotometricInterpretation = photometric
+    native.file_meta.TransferSyntaxUID = UID("1.2.840.10008.1.2.1")
+    with pytest.raises(InputRejected, match=f"has photometric interpretation {photometric}, which only JPEG 2000 pixel "
+                                            "data holds .* the header is corrupt"):
+        read_xray(to_bytes(native), InputPolicy(min_side=32))
 
 
 def _banded() -> np.ndarray:
