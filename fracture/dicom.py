@@ -378,8 +378,8 @@ def check_radiograph(ds: Dataset, modalities: Iterable[str] | None = RADIOGRAPHY
         DicomRejected: no pixel data (a report, PDF or other non-image object), a transfer
             syntax that is not the standard's (a vendor's private one), more than one
             frame, a modality not in ``modalities``, a photometric interpretation other
-            than MONOCHROME1, MONOCHROME2 or 8-bit colour (RGB, YBR_FULL, YBR_FULL_422), or
-            more than 16 bits a pixel; a missing tag that describes the pixels (named); pixels
+            than MONOCHROME1, MONOCHROME2 or 8-bit colour (RGB, YBR_FULL, YBR_FULL_422, and
+            YBR_RCT or YBR_ICT in JPEG 2000 pixel data), or more than 16 bits a pixel; a missing tag that describes the pixels (named); pixels
             more than :data:`MAX_PIXEL_ASPECT` times as tall as wide or the reverse.
     """
     sop = str(ds.get("SOPClassUID", "") or _file_meta(ds).get("MediaStorageSOPClassUID", ""))

@@ -683,11 +683,12 @@ def _promote(client: MlflowClient, mv: ModelVersion, current: ModelVersion | Non
     # MLflow has no compare-and-set for aliases: the champion is read once more right before it
     # moves, so another registration's promotion since the decision is seen, not overwritten.
     latest = _alias(client, name, CHAMPION)
-    if _version_of(latest) == version and current is not None:
+    if _version_of(latest) == version:
         # Another registration of the same run promoted this version meanwhile, against the same
         # champion (it re-reads the champion before moving it, as this one does): what it wrote is
         # what this one wrote. Only previous-champion may be left to move, if it was stopped.
-        client.set_registered_model_alias(name, PREVIOUS_CHAMPION, current.version)
+        if current is not None:
+            client.set_registered_model_alias(name, PREVIOUS_CHAMPION, current.version)
         log.info("%s version %s is champion (another registration of its run promoted it): %s", name, version, reason)
         return
     if _version_of(latest) != _version_of(current):

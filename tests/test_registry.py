@@ -646,13 +646,15 @@ def test_a_promotion_landing_while_a_rollback_loads_its_version_is_not_displaced
             assert "rolled_back_at" not in client.get_model_version(NAME, version).tags
 
 
-def test_a_version_two_registrations_of_its_run_promote_at_once_keeps_its_record(client, ranked, monkeypatch):
+@pytest.mark.parametrize("first", [False, True], ids=["replacing a champion", "the first champion"])
+def test_a_version_two_registrations_of_its_run_promote_at_once_keeps_its_record(client, ranked, monkeypatch, first):
     """Both registrations of one run decide to promote the version against the same champion; the
     other's promotion lands between this one's last read and its own: this one took it for
     another champion, tagged the champion "pending" and dropped the version it replaced."""
     split, models = ranked
     params = RegisterParams(NAME, "t", confidence=0.0, sensitivity_tolerance=1.0)
-    register(params, evaluated_run(0.9), *models["bad"], split, client)
+    if not first:
+        register(params, evaluated_run(0.9), *models["bad"], split, client)
     run = evaluated_run(0.9)
     real_tag = registry_module._tag_version
 
@@ -664,10 +666,11 @@ def test_a_version_two_registrations_of_its_run_promote_at_once_keeps_its_record
     with monkeypatch.context() as patch:
         patch.setattr(registry_module, "_tag_version", the_other_registration_lands)
         done = register(params, run, *models["good"], split, client)
-    assert (done.version, done.decision, done.champion) == ("2", "promoted", True)
-    assert aliases(client) == {"champion": "2", "previous-champion": "1"}
-    tags = client.get_model_version(NAME, "2").tags
-    assert tags["gate_decision"] == "promoted" and tags["replaced_version"] == "1"
+    version = "1" if first else "2"
+    assert (done.version, done.decision, done.champion) == (version, "promoted", True)
+    assert aliases(client) == ({"champion": "1"} if first else {"champion": "2", "previous-champion": "1"})
+    tags = client.get_model_version(NAME, version).tags
+    assert tags["gate_decision"] == "promoted" and tags.get("replaced_version") == (None if first else "1")
 
 
 def test_a_registry_error_while_reading_the_champion_is_raised_not_read_as_no_champion(client, ranked, monkeypatch):
