@@ -634,8 +634,11 @@ def _place_published(
 def _place_kept(used: pd.DataFrame, assigned: pd.DataFrame) -> tuple[pd.Series, dict[str, Any]]:
     """The split of each group :data:`ASSIGNMENTS_FILE` places (by ``group``), and the report's fields."""
     by_id = assigned.drop_duplicates("image_id").set_index("image_id")["split"]
-    contents = assigned[assigned["sha256"].fillna("") != ""].drop_duplicates("sha256")
-    by_content = contents.set_index("sha256")["split"]
+    # A content recorded under several ids (a renamed copy that moved nearer test with a new link)
+    # is looked up in its row nearest test, not the first by id.
+    contents = assigned[assigned["sha256"].fillna("") != ""]
+    by_content = contents.assign(rank=contents["split"].map(_NEAREST_TEST)).sort_values(
+        ["rank", "image_id"], kind="stable").drop_duplicates("sha256").set_index("sha256")["split"]
     # An image recorded in several splits (its name and its content in different rows, a new link
     # joining groups) goes to the one nearest test, and its group with it: no later model may
     # train on an image an earlier one was tested on, and the gate leaves out of the comparison

@@ -509,6 +509,35 @@ def test_a_recorded_image_under_a_new_name_keeps_its_split_and_a_removed_one_is_
     assert f"{ASSIGNMENTS_FILE} names 2 ids that are not among the included images" in splits.report.summary()
 
 
+def test_a_content_recorded_in_two_splits_is_placed_by_its_row_nearest_test(tmp_path):
+    """A trained-on film renamed, and linked by a patient id to a test image, moves to test; the
+    file then holds its content twice (the old name in train, the new one in test). Exported once
+    more under a third name, without the link, it went back to train: the content was looked up in
+    its first row by id. A film a model was tested on never trains a later one."""
+    path = tmp_path / ASSIGNMENTS_FILE
+    first = manifest_from([(1 if g % 5 == 0 else 0, 1) for g in range(100)])
+    drawn = split_manifest(first, PARAMS)
+    keep_assignments(path, drawn)
+    where = split_of(drawn)
+    trained = min(i for i, s in where.items() if s == "train")
+    tested = min(i for i, s in where.items() if s == "test")
+    film = first.loc[first["image_id"] == trained, "sha256"].item()
+
+    second = first.copy()
+    second.loc[second["image_id"] == trained, "image_id"] = "NEWNAME.jpg"
+    second["patient_id"] = pd.array(
+        ["P1" if i in ("NEWNAME.jpg", tested) else pd.NA for i in second["image_id"]], dtype="string")
+    drawn = split_manifest(second, PARAMS, None, read_assignments(path))
+    assert split_of(drawn)["NEWNAME.jpg"] == "test"
+    keep_assignments(path, drawn, read_assignments(path))
+    rows = read_assignments(path).set_index("image_id")
+    assert rows.loc[rows["sha256"] == film, "split"].to_dict() == {trained: "train", "NEWNAME.jpg": "test"}
+
+    third = first.copy()
+    third.loc[third["image_id"] == trained, "image_id"] = "ZZ_third_name.jpg"
+    assert split_of(split_manifest(third, PARAMS, None, read_assignments(path)))["ZZ_third_name.jpg"] == "test"
+
+
 def test_recording_adds_new_images_moves_changed_ones_and_keeps_the_absent(tmp_path):
     path = tmp_path / ASSIGNMENTS_FILE
     table = lambda *ids: pd.DataFrame({"image_id": list(ids), "sha256": [f"h{i}" for i in ids], "label": 0},  # noqa: E731
