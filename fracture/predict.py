@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import errno
 import hashlib
+import io
 import json
 import logging
 import os
@@ -48,6 +49,9 @@ log = logging.getLogger(__name__)
 #: than no row, as does an entry that is no file to read (a broken link, a FIFO, a link back up
 #: the tree: :func:`_not_a_file`). Only hidden files and folders are left out.
 COLUMNS = ["id", "fracture_probability", "label", "threshold", "model", "version", "error", "note"]
+#: ``score_files``'s table keeps, in ``attrs``, the sha256 of the bytes each row was scored from
+#: ("" for a row not scored): a structured report is made only from a file that still holds them.
+SCORED_SHA256 = "scored_sha256"
 
 _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 
@@ -175,13 +179,17 @@ def score_files(model: LoadedModel, files: list[Path], batch_size: int = 16, pro
 
     A file the model refuses gets its message in ``error`` (naming the file, not the batch
     row), and the other files of its batch are scored as usual. A batch is at most the rows the
-    model takes in one request (its ``serve.max_rows``), whatever ``batch_size`` asks.
+    model takes in one request (its ``serve.max_rows``), whatever ``batch_size`` asks. The
+    sha256 of the bytes each row was scored from is kept in the table's ``attrs``
+    (:data:`SCORED_SHA256`), for :func:`write_structured_reports`.
     """
     policy = model.policy
     parts = []
+    digests: list[str] = []
     with tqdm(total=len(files), unit="image", disable=not progress, desc="scoring") as bar:
         for batch in _batches(files, max(1, min(batch_size, policy.max_rows))):
             read = [_read(p, policy) for p in batch]
+            digests += [hashlib.sha256(data).hexdigest() if data is not None else "" for data, _ in read]
             present = [i for i, (data, _) in enumerate(read) if data is not None]
             frame = pd.DataFrame({"id": [shown(p) for p in batch], "error": [shown(why) for _, why in read]})
             frame["fracture_probability"], frame["label"], frame["note"] = float("nan"), "", ""
@@ -200,7 +208,9 @@ def score_files(model: LoadedModel, files: list[Path], batch_size: int = 16, pro
             bar.update(len(batch))
     table = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=COLUMNS)
     table["threshold"], table["model"], table["version"] = model.threshold, model.name, model.version
-    return table[COLUMNS]
+    table = table[COLUMNS].copy()
+    table.attrs[SCORED_SHA256] = digests
+    return table
 
 
 def check_outputs(out: Path | None, dicom_sr: Path | None) -> None:
@@ -287,6 +297,10 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
     study's UID, say) or written for (a full disk) gets no report, its reason in the row's
     ``note``, and the other rows theirs. A patient or study value the SR cannot carry is left
     empty there, and the row's note names it (:func:`fracture.dicom_sr.invalid_type2_values`).
+    A table :func:`score_files` made knows the bytes each row was scored from (:data:`SCORED_SHA256`):
+    a file that holds other bytes by the time its report is made (a folder a PACS router writes into
+    under reused names, IM0001 now another patient's image) gets no report, its note saying to score
+    it again, and every report is made from the bytes checked, read once.
     """
     from pydicom import dcmread  # noqa: PLC0415 - only --dicom-sr needs it here
     from pydicom.uid import UID, generate_uid  # noqa: PLC0415
@@ -318,21 +332,27 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
         add_note(index, reason)
         written.append("")
 
+    scored = table.attrs.get(SCORED_SHA256)
     for index, (path, row) in enumerate(zip(files, table.itertuples(index=False), strict=True)):
         if row.error:  # not scored: its row already says why
             written.append("")
             continue
         try:
-            with path.open("rb") as fh:
-                head = fh.read(132)
+            data = path.read_bytes()
         except OSError as exc:  # gone or locked since it was scored
             no_report(index, path, f"no structured report: the file cannot be read again ({type(exc).__name__})")
             continue
-        if not is_dicom(head):
+        digest = hashlib.sha256(data).hexdigest()
+        if scored is not None and scored[index] != digest:
+            no_report(index, path, "no structured report: the file changed since it was scored (it holds other bytes "
+                      "now, another image perhaps); this row's answer is the earlier file's: score the file again")
+            continue
+        if not is_dicom(data[:132]):
             written.append("")
             continue
         try:
-            source = dcmread(path, stop_before_pixels=True, force=True)  # is_dicom said it is DICOM, preamble or not
+            # is_dicom said it is DICOM, preamble or not; read from the bytes checked, not the file again.
+            source = dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
             study = str(source.StudyInstanceUID)
             uid = str(source.get("SOPInstanceUID", ""))
             same = (study, row.fracture_probability, row.label, row.threshold, row.model, row.version)
@@ -343,7 +363,7 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
                 continue
             # Named after the source image unless its UID is invalid or already named a report of this call.
             own = f"{uid}.sr.dcm" if UID(uid).is_valid and f"{uid}.sr.dcm" not in names else None
-            name = own or _content_name(path, names)
+            name = own or _content_name(digest, names)
             blanked = invalid_type2_values(source)
         except unreportable as exc:
             no_report(index, path, f"no structured report: {exc}")
@@ -376,7 +396,7 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
                     if damaged:
                         break
                     others.append(name)
-                    name = _content_name(path, names | set(others))
+                    name = _content_name(digest, names | set(others))
                 number = numbers.get(study, 0) + 1
                 sr = structured_report(
                     source, float(row.fracture_probability), float(row.threshold), row.label == "fractured",
@@ -616,21 +636,16 @@ def _remove_stale_partials(folder: Path) -> None:
                  folder, removed, STALE_PARTIAL_SECONDS)
 
 
-def _content_name(path: Path, taken: set[str]) -> str:
+def _content_name(digest: str, taken: set[str]) -> str:
     """The report's file name for a source whose SOP Instance UID cannot name it (invalid, or
-    already naming another report of this call): a UID derived from the file's bytes, the same on
-    every run over the same file, so a rerun replaces the report instead of leaving an orphan that
-    a PACS would hold as a second current finding. Files with the same bytes (one image exported
-    twice under an invalid UID) are told apart by their order in the call, which is the folder's
-    sorted order, and so the same on every run.
-
-    Raises:
-        OSError: the file cannot be read again.
+    already naming another report of this call): a UID derived from the file's bytes (``digest``,
+    their sha256), the same on every run over the same file, so a rerun replaces the report instead
+    of leaving an orphan that a PACS would hold as a second current finding. Files with the same
+    bytes (one image exported twice under an invalid UID) are told apart by their order in the
+    call, which is the folder's sorted order, and so the same on every run.
     """
     from pydicom.uid import generate_uid  # noqa: PLC0415 - only --dicom-sr needs it here
 
-    with path.open("rb") as fh:
-        digest = hashlib.file_digest(fh, "sha256").hexdigest()
     copy = 0
     while (name := f"{generate_uid(entropy_srcs=['fracture structured report', digest, str(copy)])}.sr.dcm") in taken:
         copy += 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import hashlib
 import io
 import json
 import os
@@ -28,6 +29,7 @@ from fracture.config import RegisterParams
 from fracture.gate import EvaluatedSplit
 from fracture.predict import (
     REPORT_LOCK,
+    SCORED_SHA256,
     PredictError,
     collect,
     write,
@@ -231,6 +233,8 @@ def test_batches_are_cut_to_the_rows_the_model_takes_in_one_request(registry, mo
         loaded.close()
     assert requests == [2, 2, 1]
     assert (table["error"] == "").all() and table["fracture_probability"].notna().all()
+    # What each row was scored from, for its structured report (write_structured_reports).
+    assert table.attrs[SCORED_SHA256] == [hashlib.sha256(image.read_bytes()).hexdigest()] * 5
 
 
 def test_a_studys_reports_form_one_series_and_a_rerun_names_the_report_it_replaces(fracatlas, tmp_path):
@@ -286,6 +290,33 @@ def test_a_file_gone_after_scoring_or_never_read_costs_its_report_only(fracatlas
     assert dcmread(written[0]).StudyInstanceUID
     assert table["note"][1] == "no structured report: the file cannot be read again (FileNotFoundError)"
     assert table["note"][2] == ""  # its error says it all
+
+
+def test_a_file_that_changed_since_it_was_scored_gets_no_report_carrying_another_images_patient(fracatlas, tmp_path):
+    """Reports are made after the whole batch is scored, from the files read again: in a folder a
+    PACS router writes into under reused names, IM0000 had become another patient's image by then,
+    and its report carried that patient and image with the first image's answer. The bytes each row
+    was scored from are checked; a file that holds others gets no report, and the rest theirs."""
+    files, scored = [], []
+    for n, (name, patient) in enumerate((("Fractured/IMG0000019.jpg", "ALICE"), ("Non_fractured/IMG0000009.jpg", "CAROL"))):
+        ds = dcmread(io.BytesIO(dicom_from_jpeg(fracatlas / "images" / name, "8-bit")))
+        ds.PatientID = patient
+        files.append(tmp_path / f"IM000{n}")
+        ds.save_as(files[-1], enforce_file_format=True)
+        scored.append(hashlib.sha256(files[-1].read_bytes()).hexdigest())
+    table = pd.DataFrame({
+        "fracture_probability": [0.7, 0.2], "label": ["fractured", "not_fractured"], "threshold": 0.5,
+        "model": NAME, "version": "3", "error": "", "note": "",
+    })
+    table.attrs[SCORED_SHA256] = scored
+    bob = dcmread(io.BytesIO(dicom_from_jpeg(fracatlas / "images/Non_fractured/IMG0000010.jpg", "8-bit")))
+    bob.PatientID = "BOB"
+    bob.save_as(files[0], enforce_file_format=True)  # the router reuses the name for the next patient
+    written = write_structured_reports(table, files, tmp_path / "sr")
+    assert written[0] == "" and table["note"][0].startswith("no structured report: the file changed since it was scored")
+    assert "score the file again" in table["note"][0]
+    assert dcmread(written[1]).PatientID == "CAROL"
+    assert [dcmread(p).PatientID for p in (tmp_path / "sr").glob("*.sr.dcm")] == ["CAROL"]
 
 
 def test_the_reports_series_description_fits_a_long_string_whatever_the_model_name_and_version():
