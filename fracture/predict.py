@@ -121,7 +121,9 @@ def collect(inputs: Iterable[Path]) -> list[Path]:
     files and folders aside; linked folders walked, each once). Each becomes a row; what is not
     an image the model reads gets its reason there, as does what a folder holds that is no file
     to read (a link whose target is gone, a FIFO, a link back up the tree: :func:`_not_a_file`),
-    rather than being left out unseen.
+    rather than being left out unseen. Inputs that overlap (a folder and a folder or file inside
+    it, one given twice) give each file once, where it came first: the same entry of the same
+    folder, however the path to the folder is spelt, is one row.
 
     Raises:
         PredictError: an input does not exist.
@@ -134,7 +136,15 @@ def collect(inputs: Iterable[Path]) -> list[Path]:
             files.append(item)
         else:
             raise PredictError(f"{item} is neither a file nor a folder")
-    return files
+    seen: set[Path] = set()
+    once = []
+    for path in files:
+        # The entry itself is not resolved: a link is a name of its own, as a folder's listing keeps it.
+        entry = Path(os.path.realpath(path.parent)) / path.name
+        if entry not in seen:
+            seen.add(entry)
+            once.append(path)
+    return once
 
 
 def _not_a_file(path: Path) -> str:

@@ -645,6 +645,23 @@ def test_linked_folders_are_walked_once_and_what_is_no_file_is_listed(tmp_path):
         collect([tmp_path / "nowhere"])
 
 
+def test_overlapping_inputs_give_each_file_one_row(tmp_path):
+    """A folder with a folder or file inside it, or one folder given twice or under another path:
+    each file was a row per time it was reached, and the summary counted it as many files."""
+    study = tmp_path / "study"
+    (study / "series1").mkdir(parents=True)
+    for rel in ("IM0001", "series1/IM0002", "series1/IM0003"):
+        (study / rel).write_bytes(b"x")
+    (tmp_path / "alias").symlink_to(study)  # the same folder under another path
+    inputs = [study, study / "series1", study / "series1" / "IM0002", study, tmp_path / "alias", tmp_path / "alias" / "IM0001"]
+    assert [p.relative_to(study).as_posix() for p in collect(inputs)] == ["IM0001", "series1/IM0002", "series1/IM0003"]
+    # Where a file comes first is the name its row keeps; a link to a file is a name of its own.
+    (study / "link").symlink_to(study / "IM0001")
+    assert collect([study / "series1", study]) == [
+        study / "series1" / "IM0002", study / "series1" / "IM0003", study / "IM0001", study / "link"
+    ]
+
+
 def test_a_report_for_another_image_under_the_same_uid_is_kept_not_replaced(fracatlas, tmp_path):
     """An anonymiser writes one constant (valid) SOP Instance UID on every image: day 1 reports
     patient A's image at <uid>.sr.dcm, and day 2's patient B image must neither overwrite it nor
