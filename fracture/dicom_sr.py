@@ -20,7 +20,7 @@ import highdicom as hd
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
-from pydicom.valuerep import DA, TM
+from pydicom.valuerep import DA, TM, validate_value
 
 FRACTURE = hd.sr.CodedConcept("125605004", "SCT", "Fracture of bone")
 #: Patient and study attributes of type 2 (present, possibly empty) the SR copies from its source.
@@ -115,15 +115,17 @@ def series_description(model_name: str, model_version: str) -> str:
 
 def invalid_type2_values(source: Dataset) -> dict[str, str]:
     """The source's type 2 patient and study values the SR cannot carry, by keyword: a date or
-    time not in DICOM's form (an ACR-NEMA ``10:10:10``, an unknown birth date written
-    ``19800000``) or a Patient's Sex other than M, F or O. The SR leaves them empty, as type 2
-    allows, rather than being refused whole (:func:`structured_report`)."""
+    time not in DICOM's form (an ACR-NEMA ``10:10:10`` or ``2026.12.07``, which pydicom reads but
+    DICOM 3.0 does not allow, an unknown birth date written ``19800000``) or a Patient's Sex other
+    than M, F or O. The SR leaves them empty, as type 2 allows, rather than being refused whole
+    (:func:`structured_report`)."""
     invalid: dict[str, str] = {}
-    for keyword, parse in (("PatientBirthDate", DA), ("StudyDate", DA), ("StudyTime", TM)):
+    for keyword, vr, parse in (("PatientBirthDate", "DA", DA), ("StudyDate", "DA", DA), ("StudyTime", "TM", TM)):
         value = source.get(keyword)
         if value not in (None, ""):
             try:
-                parse(str(value))
+                validate_value(vr, str(value), 2)  # 2: raise; the form DICOM 3.0 allows (PS3.5 6.2)
+                parse(str(value))  # a real date or time
             except ValueError:
                 invalid[keyword] = str(value)
     sex = source.get("PatientSex")

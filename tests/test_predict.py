@@ -377,21 +377,26 @@ def test_a_report_carries_the_patients_name_whatever_the_sources_character_set(f
 
 
 def test_patient_and_study_values_a_report_cannot_carry_are_left_empty_and_named(fracatlas, tmp_path):
-    """ACR-NEMA times, an unknown birth date written 19800000 and a sex spelled out are common in
-    old archives; the image still gets its report, with those values empty, and its row says so."""
+    """ACR-NEMA times and dates, an unknown birth date written 19800000 and a sex spelled out are
+    common in old archives; the image still gets its report, with those values empty, and its row
+    says so. pydicom reads an ACR-NEMA date (2026.12.07), so it was copied into the report, which a
+    strict PACS then refused."""
     jpeg = fracatlas / "images/Fractured/IMG0000019.jpg"
     files = [tmp_path / "IM0001", tmp_path / "IM0002"]
-    files[0].write_bytes(_edited_dicom(jpeg, StudyTime="10:10:10", PatientBirthDate="19800000", PatientSex="male"))
-    files[1].write_bytes(_edited_dicom(jpeg, StudyTime="101010.123456", PatientBirthDate="19800101", PatientSex="M"))
+    files[0].write_bytes(_edited_dicom(
+        jpeg, StudyDate="2026.12.07", StudyTime="10:10:10", PatientBirthDate="19800000", PatientSex="male"))
+    files[1].write_bytes(_edited_dicom(
+        jpeg, StudyDate="20261207", StudyTime="101010.123456", PatientBirthDate="19800101", PatientSex="M"))
     table = _reported_table(2)
     written = write_structured_reports(table, files, tmp_path / "sr")
     assert all(written), list(table["note"])
     legacy, conformant = (dcmread(p) for p in written)
-    assert (legacy.StudyTime, legacy.PatientBirthDate, legacy.PatientSex) == ("", "", "")
+    assert (legacy.StudyDate, legacy.StudyTime, legacy.PatientBirthDate, legacy.PatientSex) == ("", "", "", "")
+    assert conformant.StudyDate == "20261207"
     assert (conformant.StudyTime, conformant.PatientBirthDate, conformant.PatientSex) == ("101010.123456", "19800101", "M")
     assert table["note"][0] == (
         "left empty in the structured report, not valid DICOM values: "
-        "PatientBirthDate '19800000', StudyTime '10:10:10', PatientSex 'male'"
+        "PatientBirthDate '19800000', StudyDate '2026.12.07', StudyTime '10:10:10', PatientSex 'male'"
     )
     assert table["note"][1] == ""
 
