@@ -444,8 +444,8 @@ def predict(
 
     Reads MLFLOW_TRACKING_URI for the registry. Exits non-zero only when no file could be scored.
     """
-    from fracture.consumer import ConsumerError
     from fracture.predict import (
+        STOPPED,
         PredictError,
         check_outputs,
         collect,
@@ -465,13 +465,17 @@ def predict(
     except PredictError as exc:
         sys.exit(f"fracture predict: {exc}")
     try:
+        # The model's Python ending midway leaves the rows scored so far, the rest saying so (STOPPED).
         table = score_files(loaded, files, batch_size, progress)
-    except ConsumerError as exc:
-        sys.exit(f"fracture predict: {exc}")
     finally:
         loaded.close()
     if dicom_sr is not None:
-        table["sr"] = write_structured_reports(table, files, dicom_sr)
+        try:
+            table["sr"] = write_structured_reports(table, files, dicom_sr)
+        except OSError as exc:  # the report folder gone or unwritable since it was checked: the rows still count
+            table["sr"] = ""
+            why = f"no structured report: {dicom_sr} cannot be written to ({exc.strerror or exc})"
+            table["note"] = [f"{note}; {why}" if note else why for note in table["note"]]
     try:
         write(table, out)
     except OSError as exc:  # checked before scoring, yet failed (a full disk): the rows go to stdout instead
@@ -483,6 +487,9 @@ def predict(
         f"{len(table) - scored} with an error in their row" + (f"; rows in {out}" if out else ""),
         file=sys.stderr,
     )
+    if stopped := table.attrs.get(STOPPED):
+        sys.exit(f"fracture predict: the model's Python ended after {scored} of {len(table)} files were scored "
+                 f"({stopped}); the rows scored are written, and the others say to score them again")
     if scored == 0:
         sys.exit("fracture predict: no file could be scored; see the error column")
 

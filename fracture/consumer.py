@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import signal
 import struct
 import subprocess
 import sys
@@ -334,8 +335,15 @@ class ConsumerModel:
         if len(size) < 8:
             self._process.wait()
             self._errors.seek(0)
+            code = self._process.returncode
+            if code is not None and code < 0:  # killed: its last output line is whatever it printed before
+                name = signal.Signals(-code).name if -code in signal.Signals.__members__.values() else str(-code)
+                raise ConsumerError(
+                    f"{self.uri} failed in a consumer's Python: killed by signal {name}"
+                    + (" (the system's out-of-memory killer, or a user)" if -code == signal.SIGKILL else "")
+                )
             tail = self._errors.read().decode(errors="replace").strip().splitlines()[-1:] or ["(no error output)"]
-            raise ConsumerError(f"{self.uri} failed in a consumer's Python (exit {self._process.returncode}): {tail[0]}")
+            raise ConsumerError(f"{self.uri} failed in a consumer's Python (exit {code}): {tail[0]}")
         return pickle.loads(self._process.stdout.read(struct.unpack(">Q", size)[0]))
 
     def close(self) -> None:

@@ -52,6 +52,8 @@ COLUMNS = ["id", "fracture_probability", "label", "threshold", "model", "version
 #: ``score_files``'s table keeps, in ``attrs``, the sha256 of the bytes each row was scored from
 #: ("" for a row not scored): a structured report is made only from a file that still holds them.
 SCORED_SHA256 = "scored_sha256"
+#: ... and, when the model's Python ended before every file was scored, why (``attrs``).
+STOPPED = "stopped"
 
 _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 
@@ -192,21 +194,39 @@ def score_files(model: LoadedModel, files: list[Path], batch_size: int = 16, pro
     model takes in one request (its ``serve.max_rows``), whatever ``batch_size`` asks. The
     sha256 of the bytes each row was scored from is kept in the table's ``attrs``
     (:data:`SCORED_SHA256`), for :func:`write_structured_reports`.
+
+    When the model's Python ends midway (killed for memory, a decoder crashing it), the rows
+    scored so far are kept: the files of that batch and of every later one get an error saying
+    they were not scored and why, and the reason is kept in ``attrs`` (:data:`STOPPED`), so the
+    caller writes the rows and then fails.
     """
     policy = model.policy
     parts = []
     digests: list[str] = []
+    stopped = ""
     with tqdm(total=len(files), unit="image", disable=not progress, desc="scoring") as bar:
         for batch in _batches(files, max(1, min(batch_size, policy.max_rows))):
+            if stopped:
+                parts.append(_not_scored(batch, stopped))
+                digests += [""] * len(batch)
+                bar.update(len(batch))
+                continue
             read = [_read(p, policy) for p in batch]
-            digests += [hashlib.sha256(data).hexdigest() if data is not None else "" for data, _ in read]
             present = [i for i, (data, _) in enumerate(read) if data is not None]
             frame = pd.DataFrame({"id": [shown(p) for p in batch], "error": [shown(why) for _, why in read]})
             frame["fracture_probability"], frame["label"], frame["note"] = float("nan"), "", ""
             if present:
-                out = model.model.predict(
-                    pd.DataFrame({"image": [read[i][0] for i in present]}), params={"on_error": "report"}
-                )
+                try:
+                    out = model.model.predict(
+                        pd.DataFrame({"image": [read[i][0] for i in present]}), params={"on_error": "report"}
+                    )
+                except ConsumerError as exc:
+                    stopped = str(exc)
+                    frame.loc[present, "error"] = not_scored(stopped)  # a file not read keeps its own reason
+                    parts.append(frame)
+                    digests += [""] * len(batch)
+                    bar.update(len(batch))
+                    continue
                 for j, i in enumerate(present):
                     row = out.iloc[j]
                     # The model names the row of its request; here the file is the row.
@@ -214,13 +234,28 @@ def score_files(model: LoadedModel, files: list[Path], batch_size: int = 16, pro
                     frame.loc[i, ["fracture_probability", "label", "note", "error"]] = [
                         row["fracture_probability"], row["label"], row["note"], error
                     ]
+            digests += [hashlib.sha256(data).hexdigest() if data is not None else "" for data, _ in read]
             parts.append(frame)
             bar.update(len(batch))
     table = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=COLUMNS)
     table["threshold"], table["model"], table["version"] = model.threshold, model.name, model.version
     table = table[COLUMNS].copy()
     table.attrs[SCORED_SHA256] = digests
+    if stopped:
+        table.attrs[STOPPED] = stopped
     return table
+
+
+def not_scored(why: str) -> str:
+    """The error of a file left unscored when the model's Python ended (``why``): to score it again."""
+    return f"not scored: the model's Python ended before this file's answer ({why}); score the file again"
+
+
+def _not_scored(batch: list[Path], why: str) -> pd.DataFrame:
+    """The rows of a batch left unscored when the model's Python ended (:func:`not_scored`)."""
+    frame = pd.DataFrame({"id": [shown(p) for p in batch], "error": not_scored(why)})
+    frame["fracture_probability"], frame["label"], frame["note"] = float("nan"), "", ""
+    return frame
 
 
 def check_outputs(out: Path | None, dicom_sr: Path | None) -> None:

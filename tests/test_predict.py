@@ -237,6 +237,51 @@ def test_batches_are_cut_to_the_rows_the_model_takes_in_one_request(registry, mo
     assert table.attrs[SCORED_SHA256] == [hashlib.sha256(image.read_bytes()).hexdigest()] * 5
 
 
+def test_a_model_python_that_ends_midway_keeps_the_rows_scored_and_names_the_rest(tmp_path, monkeypatch, capsys):
+    """The model's Python killed on the second batch (the system's out-of-memory killer, say): the
+    run stopped with that Python's last log line and wrote no row, losing every file scored before.
+    Now the rows scored are written, the others say to score them again, and the run fails saying so."""
+    import fracture.predict as predict_module
+    from fracture.cli import main
+    from fracture.consumer import ConsumerError
+    from fracture.intake import InputPolicy
+
+    class EndsOnSecondRequest:
+        def __init__(self) -> None:
+            self.requests = 0
+
+        def predict(self, frame, params=None):
+            self.requests += 1
+            if self.requests == 2:
+                raise ConsumerError("models:/m/1 failed in a consumer's Python: killed by signal SIGKILL")
+            return pd.DataFrame({"fracture_probability": 0.25, "label": "not_fractured", "note": "", "error": ""},
+                                index=range(len(frame)))
+
+        def close(self) -> None:
+            pass
+
+    folder = tmp_path / "study"
+    folder.mkdir()
+    for n in range(5):
+        (folder / f"IM{n:04d}").write_bytes(b"x" * 10)
+    (folder / "IM0002e").write_bytes(b"")  # in the batch that ended, not read: keeps its own reason
+    loaded = predict_module.LoadedModel("models:/m/1", "m", "1", EndsOnSecondRequest(), InputPolicy(), 0.5)
+    monkeypatch.setattr(predict_module, "load", lambda uri: loaded)
+    out = tmp_path / "rows.csv"
+    with pytest.raises(SystemExit, match=r"the model's Python ended after 2 of 6 files were scored \(.*killed by "
+                                         r"signal SIGKILL\); the rows scored are written, and the others say to score"):
+        main(["predict", str(folder), "--out", str(out), "--batch-size", "2", "--no-progress"])
+    rows = pd.read_csv(out, keep_default_na=False)
+    names = ["IM0000", "IM0001", "IM0002", "IM0002e", "IM0003", "IM0004"]
+    assert rows["id"].tolist() == [str(folder / name) for name in names]
+    assert rows["error"][:2].tolist() == ["", ""] and rows["fracture_probability"][:2].tolist() == ["0.25", "0.25"]
+    ended = rows["error"].str.startswith("not scored: the model's Python ended before this file's answer (")
+    assert ended.tolist() == [False, False, True, False, True, True]
+    assert rows["error"][ended].str.endswith("score the file again").all()
+    assert rows["error"][3] == "the image is empty (the file holds no bytes)"
+    assert "scored 2 of 6 files" in capsys.readouterr().err
+
+
 def test_a_studys_reports_form_one_series_and_a_rerun_names_the_report_it_replaces(fracatlas, tmp_path):
     study_uid = generate_uid()
     files = []
