@@ -18,7 +18,7 @@ level of the second measure. Everything is measured in the original image's pixe
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,8 +126,8 @@ class Localisation:
     Attributes:
         per_image: one row per image: ``image_id``, ``boxes``, ``hit``, ``mass``, ``centre_hit``,
             ``centre_mass``, ``box_share`` (the boxes' share of the image area), ``empty_map``.
-        metrics: the means with 95% bootstrap intervals over images (``*_ci_low``,
-            ``*_ci_high``), the map's paired difference from the centre baseline on the same
+        metrics: the means with 95% bootstrap intervals over images, linked ones drawn together
+            (``*_ci_low``, ``*_ci_high``), the map's paired difference from the centre baseline on the same
             images (``*_vs_centre``, with their intervals), and the number of images.
     """
 
@@ -140,6 +140,7 @@ def score_heat_maps(
     heat_map: Callable[[str, ImageBoxes], np.ndarray],
     n_resamples: int = 1000,
     seed: int = 0,
+    groups: Mapping[str, str] | None = None,
 ) -> Localisation:
     """Plays the pointing game and measures the mass inside the boxes, with the centre baseline.
 
@@ -147,8 +148,12 @@ def score_heat_maps(
         items: ``(image_id, boxes)`` of the images to score.
         heat_map: ``(image_id, boxes) -> (height, width)`` non-negative heat map at the size
             ``boxes.size`` states.
-        n_resamples: bootstrap resamples over images for the intervals.
+        n_resamples: bootstrap resamples for the intervals.
         seed: seeds the bootstrap.
+        groups: each image's group of linked images (the split's ``group``: copies, near-duplicates,
+            one patient's), whole groups drawn together (:func:`fracture.evaluation.group_resamples`),
+            so that two copies of one X-ray count as one piece of evidence, as in the evaluate
+            stage's other intervals; ``None`` (or an image it does not name): each image its own.
 
     Raises:
         BoxesError: a heat map does not have its image's size.
@@ -181,14 +186,17 @@ def score_heat_maps(
     if per_image.empty:
         return Localisation(per_image, metrics)
     values = {name: per_image[column].to_numpy(dtype=np.float64) for name, column in names.items()}
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, len(per_image), size=(n_resamples, len(per_image)))
+    from fracture.evaluation import group_resamples  # noqa: PLC0415 - scikit-learn loads slowly
+
+    keys = [(groups or {}).get(image_id, image_id) for image_id in per_image["image_id"]]
+    # Every image here is fractured: one stratum, all groups drawn from it.
+    draws = list(group_resamples(np.ones(len(per_image), dtype=int), np.asarray(keys, dtype=object), n_resamples, seed))
     # The map against the centre baseline on the same images and the same draws: a paired
     # difference, whose interval is narrower than the two separate ones when they go together.
     values["pointing_game_vs_centre"] = values["pointing_game"] - values["pointing_game_centre"]
     values["heat_mass_in_boxes_vs_centre"] = values["heat_mass_in_boxes"] - values["heat_mass_in_boxes_centre"]
     for name, v in values.items():
-        means = v[draws].mean(axis=1)
+        means = np.array([v[rows].mean() for rows in draws])
         metrics[name] = float(v.mean())
         metrics[f"{name}_ci_low"] = float(np.percentile(means, 2.5))
         metrics[f"{name}_ci_high"] = float(np.percentile(means, 97.5))

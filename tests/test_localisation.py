@@ -117,6 +117,26 @@ def test_the_map_is_compared_with_the_centre_image_by_image():
     assert "so the map points better than the image centre" in "\n".join(_localisation_lines(m))
 
 
+def test_linked_copies_count_once_in_the_pointing_games_interval():
+    """Copies of one X-ray kept together in the test split are one piece of evidence: the pointing
+    game's interval was drawn over single images, so 40 films stored twice came out narrower than
+    the 40 films alone, unlike every other interval of the evaluate stage. Drawn by group, it is
+    the films' own width."""
+    hits = [k % 20 < 13 for k in range(40)]  # 26 of 40 films hit
+    heat = {f"f{k}": peak_at(20, 15) if hit else peak_at(80, 60) for k, hit in enumerate(hits)}
+
+    def width(items, groups=None):
+        m = score_heat_maps(items, lambda image_id, _: heat[image_id.split("/")[0]], n_resamples=2000, groups=groups)
+        assert m.metrics["pointing_game"] == pytest.approx(0.65)
+        return m.metrics["pointing_game_ci_high"] - m.metrics["pointing_game_ci_low"]
+
+    films = [(f"f{k}", CORNER) for k in range(40)]
+    twice = [(f"f{k}/{copy}", CORNER) for k in range(40) for copy in ("a", "b")]
+    alone, linked = width(films), width(twice, {image_id: image_id.split("/")[0] for image_id, _ in twice})
+    assert 0.85 < linked / alone < 1.15, (linked, alone)
+    assert width(twice) / alone < 0.85  # each copy counted as a film: too narrow
+
+
 def test_model_card_says_whether_the_map_beats_the_centre():
     m = {"localised_images": 80, "pointing_game": 0.5, "pointing_game_ci_low": 0.4, "pointing_game_ci_high": 0.6,
          "pointing_game_centre": 0.2, "pointing_game_vs_centre": 0.3, "pointing_game_vs_centre_ci_low": 0.15,

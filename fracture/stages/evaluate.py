@@ -120,6 +120,8 @@ def localise(
         heat_map,
         params.evaluate.bootstrap_resamples,
         params.evaluate.seed,
+        # Linked test images (copies, near-duplicates) resampled together, as the other intervals are.
+        groups=dict(zip(fractured["image_id"], split_groups(fractured), strict=True)),
     )
 
 
