@@ -709,8 +709,9 @@ def keep_assignments(
     path: Path, tables: dict[str, pd.DataFrame], recorded: pd.DataFrame | None = None
 ) -> tuple[int, int, int]:
     """Records in ``path`` the split of each image of ``tables``: the rows of images it does not
-    name yet are added, and those in another split now are moved; the other rows stay (images
-    left out of this export keep their split for when they return).
+    name yet are added, those in another split now are moved, and those whose file holds other
+    bytes now take its new sha256; the other rows stay (images left out of this export keep their
+    split for when they return).
 
     The split stage calls it with the split it drew with the file (``split.keep``), which keeps
     every recorded image where it was but for the groups a new link joined, which go nearer test:
@@ -733,10 +734,15 @@ def keep_assignments(
     ).fillna("").drop_duplicates("image_id").set_index("image_id")
     now = split["split"].reindex(recorded["image_id"]).to_numpy()
     moved = pd.notna(now) & (now != recorded["split"].to_numpy())
+    # An image whose file was exported again with other bytes is recorded with what it holds now:
+    # renamed later, it is still found by its content (the bytes this split's model was scored on).
+    content = split["sha256"].reindex(recorded["image_id"]).fillna("").to_numpy()
+    rewritten = (content != "") & (content != recorded["sha256"].fillna("").to_numpy())
     new = split.loc[~split.index.isin(recorded["image_id"])].reset_index()
-    if new.empty and not moved.any():
+    if new.empty and not moved.any() and not rewritten.any():
         return 0, 0, len(recorded)
     recorded.loc[moved, "split"] = now[moved]
+    recorded.loc[rewritten, "sha256"] = content[rewritten]
     merged = pd.concat([recorded, new[list(ASSIGNMENT_COLUMNS)]], ignore_index=True).sort_values(
         "image_id", kind="stable"
     )
