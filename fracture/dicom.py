@@ -573,20 +573,37 @@ def _signed(value: int) -> int:
     return value - 2**16 if value >= 2**15 else value
 
 
-def _signed_lut(ds: Dataset, keyword: str) -> DataElement | None:
+def _signed_lut(ds: Dataset, keyword: str, signed: bool) -> DataElement | None:
     """``ds``'s LUT sequence ``keyword`` (a Modality or VOI LUT Sequence) with its first LUT
     Descriptor's first mapped value, written as US (63488 for -2048), read as the signed value
-    it encodes; ``None`` when the image is unsigned or the value needs no change. The items are
-    new datasets of the same elements: the caller's are left as they were."""
+    it encodes; ``None`` when the LUT's input is unsigned (``signed`` false) or the value needs no
+    change. The items are new datasets of the same elements: the caller's are left as they were."""
     lut = ds.get(keyword)
     item = lut[0] if lut else None
     descriptor = item.get("LUTDescriptor") if item is not None else None
-    if descriptor is None or len(descriptor) != 3 or int(ds.PixelRepresentation) != 1 or int(descriptor[1]) < 2**15:
+    if descriptor is None or len(descriptor) != 3 or not signed or int(descriptor[1]) < 2**15:
         return None
     fixed = Dataset(dict(item.items()))
     entries, first, bits = (int(v) for v in descriptor)
     fixed["LUTDescriptor"] = DataElement(0x00283002, "US or SS", [entries, _signed(first), bits])
     return DataElement(ds[keyword].tag, "SQ", Sequence([fixed, *lut[1:]]))
+
+
+def _voi_input_signed(ds: Dataset) -> bool:
+    """Whether the VOI transform's input, the modality transform's output, can be negative, which
+    makes a VOI LUT's first mapped value SS (PS3.3 C.11.2.1.1): with a rescale, the stored values'
+    range taken through it (signed values 0x8000 and up, shifted by an intercept of 32768, come
+    out unsigned; unsigned ones less an intercept of 1024 come out signed); without one, the
+    stored values' own sign (Pixel Representation)."""
+    signed = int(ds.PixelRepresentation) == 1
+    slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+    if slope in (None, "") and intercept in (None, ""):
+        return signed
+    bits = int(ds.BitsStored)
+    low, high = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    k = float(slope) if slope not in (None, "") else 1.0
+    b = float(intercept) if intercept not in (None, "") else 0.0
+    return min(k * low + b, k * high + b) < 0
 
 
 def _view(ds: Dataset) -> Dataset:
@@ -612,7 +629,7 @@ def _modality_dataset(ds: Dataset) -> Dataset:
     for -2048) gets its signed value, which it is by Pixel Representation (PS3.3 C.11.1.1):
     pydicom subtracts it from the image in the image's own type and overflows.
     """
-    lut = _signed_lut(ds, "ModalityLUTSequence")
+    lut = _signed_lut(ds, "ModalityLUTSequence", int(ds.PixelRepresentation) == 1)
     if lut is None:
         return ds
     view = _view(ds)
@@ -640,14 +657,16 @@ def _voi_dataset(ds: Dataset) -> Dataset:
     - With a Modality LUT Sequence, Rescale Slope and Intercept are left out: the LUT is the
       modality transform (PS3.3 C.11.1), and pydicom's windowing would rescale its output range
       with them all the same, squeezing the contrast.
-    - A signed image's VOI LUT Descriptor whose first mapped value was written as US (63488 for
-      -2048) gets its signed value: pydicom compares the image with it and overflows. Not after
-      a Modality LUT Sequence, whose output is unsigned: the VOI LUT's input, and so its first
-      mapped value, is then US (PS3.3 C.11.1.1.1, C.11.2.1.1).
+    - A VOI LUT Descriptor whose first mapped value was written as US (63488 for -2048) gets its
+      signed value where the VOI's input can be negative (:func:`_voi_input_signed`: a signed
+      image's stored values, or what its rescale makes of them): pydicom compares the image with
+      it and overflows. Not after a Modality LUT Sequence, whose output is unsigned: the VOI LUT's
+      input, and so its first mapped value, is then US (PS3.3 C.11.1.1.1, C.11.2.1.1); nor after a
+      rescale whose output cannot be negative (signed values shifted by 32768).
     """
     modality_lut = bool(ds.get("ModalityLUTSequence"))
     drop = [tag for tag in ("RescaleSlope", "RescaleIntercept") if tag in ds] if modality_lut else []
-    voi = None if modality_lut else _signed_lut(ds, "VOILUTSequence")
+    voi = None if modality_lut else _signed_lut(ds, "VOILUTSequence", _voi_input_signed(ds))
     if not drop and voi is None:
         return ds
     view = _view(ds)

@@ -603,6 +603,33 @@ def test_a_signed_images_voi_lut_first_value_written_as_us_is_read_as_the_signed
     assert list(ds.VOILUTSequence[0].LUTDescriptor) == [4096, 63488, 16]  # the caller's dataset is left as it was
 
 
+@pytest.mark.parametrize("pixel_representation", [1, 0], ids=["signed, shifted up", "unsigned, shifted down"])
+def test_a_voi_lut_first_value_follows_the_sign_of_the_rescales_output_not_of_the_stored_values(pixel_representation):
+    """PS3.3 C.11.2.1.1: a VOI LUT's first mapped value is SS when its input, the rescale's output,
+    can be negative, and US when it cannot. Signed values shifted up by 32768 (0..65535) had 40000
+    read as -25536, so values below the LUT showed white; unsigned ones shifted down by 32768
+    (-32768..32767) had 57768 (-7768) read as 57768, every value below it, so the image black."""
+    signed = pixel_representation == 1
+    stored = np.tile(np.linspace(-32768 if signed else 0, 32767 if signed else 65535, 256).round()
+                     .astype(np.int16 if signed else np.uint16), (64, 1))
+    ds = _dataset()
+    ds.set_pixel_data(stored, "MONOCHROME2", 16)
+    ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = 1, 32768 if signed else -32768, "US"
+    first = 40000 if signed else 57768  # written as US: 57768 is -7768 as SS
+    item = Dataset()
+    item.LUTDescriptor = [16384, first, 16]
+    item["LUTDescriptor"].VR = "US"
+    item.LUTData = np.linspace(0, 65535, 16384).round().astype(int).tolist()
+    item["LUTData"].VR = "US"
+    ds.VOILUTSequence = Sequence([item])
+    shown = np.asarray(dicom_to_image(to_bytes(ds))).astype(int)[0]
+    modality = stored[0].astype(np.int64) + (32768 if signed else -32768)
+    mapped = first if signed else first - 2**16
+    expected = np.rint(np.clip(modality - mapped, 0, 16383) / 16383 * 255).astype(int)
+    assert np.abs(shown - expected).max() <= 1, (shown[::32], expected[::32])
+    assert shown[0] == 0 and shown[-1] == 255
+
+
 def _signed_modality_lut(first: int, vr: str, window: bool, data_vr: str = "US") -> bytes:
     """A signed 12-bit ramp (-2048..2047) through a Modality LUT Sequence x 16 from ``first``, written as ``vr``."""
     ds, item = _signed_ramp_lut(first, vr, data_vr)
