@@ -442,7 +442,8 @@ def predict(
 ) -> None:
     """Score X-rays (JPEG, PNG, DICOM) with a registered model; one row per file, errors in their rows.
 
-    Reads MLFLOW_TRACKING_URI for the registry. Exits non-zero only when no file could be scored.
+    Reads MLFLOW_TRACKING_URI for the registry. Exits non-zero when no file could be scored, or when the
+    model's Python ended midway (the rows scored are written; the others say to score them again).
     """
     from fracture.predict import (
         STOPPED,
