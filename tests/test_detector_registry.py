@@ -220,6 +220,32 @@ def test_a_detector_run_without_its_test_map_is_refused(client, split, tmp_path)
         DetectorTestSplit("f", (tmp_path / "a.png",), (np.zeros((0, 4)),))
 
 
+def test_a_detector_run_whose_figures_are_another_thresholds_than_the_served_one_is_refused(client, split, tmp_path,
+                                                                                            monkeypatch):
+    """As the classifier's: DVC can restore an earlier detect_evaluate's outputs (and the served
+    image threshold) from its run cache without logging their figures to the run. Refused before
+    anything is registered; the run holding this threshold's figures goes on to registration."""
+    from fracture import detector_registry
+
+    run_id, weights, described = detector_run(tmp_path, 0, 0.4)
+    client.log_metric(run_id, "test_image_threshold", 0.2)
+    with pytest.raises(RegistryError, match=r"taken at image threshold 0\.2, but the detector would be served at "
+                                            r"0\.05 .*dvc repro --force detect/dvc\.yaml:detect_evaluate"):
+        register_detector(DetectParams(), run_id, weights, described, split)
+    assert not client.search_model_versions("name = 'fracture-detector'")
+
+    class Registering(Exception):
+        pass
+
+    def registering(*args, **kwargs):
+        raise Registering
+
+    monkeypatch.setattr(detector_registry, "_ensure_version", registering)
+    client.log_metric(run_id, "test_image_threshold", 0.05)
+    with pytest.raises(Registering):
+        register_detector(DetectParams(), run_id, weights, described, split)
+
+
 def test_the_detectors_load_check_fails_a_version_that_ran_this_installations_code(tmp_path, monkeypatch):
     """As the classifier's: a consumer's answer counts only when the version imported its own
     packaged code; one that ran this installation's says nothing of what its consumers can load."""
