@@ -554,16 +554,24 @@ def voi_range(ds: Dataset, values: np.ndarray) -> tuple[float, float]:
     if ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
         modality_lut = ds.get("ModalityLUTSequence")
         if modality_lut:
-            low, high = 0.0, float(2 ** int(modality_lut[0].LUTDescriptor[2]) - 1)
-        elif int(ds.PixelRepresentation) == 0:
-            low, high = 0.0, float(2 ** int(ds.BitsStored) - 1)
-        else:
-            low, high = float(-(2 ** (int(ds.BitsStored) - 1))), float(2 ** (int(ds.BitsStored) - 1) - 1)
-        slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
-        if not modality_lut and slope is not None and intercept is not None:
-            low, high = low * float(slope) + float(intercept), high * float(slope) + float(intercept)
-        return low, high
+            return 0.0, float(2 ** int(modality_lut[0].LUTDescriptor[2]) - 1)
+        return _rescaled_range(ds)
     return float(values.min()), float(values.max())
+
+
+def _rescaled_range(ds: Dataset) -> tuple[float, float]:
+    """The stored values' range (Bits Stored, signed or not) taken through the rescale, as pydicom
+    applies it (both Rescale Slope and Intercept given; otherwise the stored range itself). The
+    ends are in stored order: a negative slope gives ``low`` above ``high``."""
+    bits = int(ds.BitsStored)
+    if int(ds.PixelRepresentation) == 0:
+        low, high = 0.0, float(2**bits - 1)
+    else:
+        low, high = float(-(2 ** (bits - 1))), float(2 ** (bits - 1) - 1)
+    slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+    if slope is not None and intercept is not None:
+        low, high = low * float(slope) + float(intercept), high * float(slope) + float(intercept)
+    return low, high
 
 
 def _signed(value: int) -> int:
@@ -595,15 +603,7 @@ def _voi_input_signed(ds: Dataset) -> bool:
     range taken through it (signed values 0x8000 and up, shifted by an intercept of 32768, come
     out unsigned; unsigned ones less an intercept of 1024 come out signed); without one, the
     stored values' own sign (Pixel Representation)."""
-    signed = int(ds.PixelRepresentation) == 1
-    slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
-    if slope in (None, "") and intercept in (None, ""):
-        return signed
-    bits = int(ds.BitsStored)
-    low, high = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
-    k = float(slope) if slope not in (None, "") else 1.0
-    b = float(intercept) if intercept not in (None, "") else 0.0
-    return min(k * low + b, k * high + b) < 0
+    return min(_rescaled_range(ds)) < 0
 
 
 def _view(ds: Dataset) -> Dataset:
