@@ -56,6 +56,7 @@ from fracture.registry import (
     _test_metrics,
     _verdict,
     code_tags,
+    require_served_threshold,
 )
 from fracture.seen import SeenImages
 
@@ -281,16 +282,11 @@ def register_detector(
             + (f", or name one of its metrics in detect.floors: {sorted(metrics)}" if SCORE not in missing else "")
         )
     threshold = float(described["threshold"])
-    logged = metrics.get("test_image_threshold")
-    if logged is not None and not math.isclose(logged, threshold, rel_tol=1e-9, abs_tol=1e-12):
-        # As the classifier's register: DVC restored an earlier detect_evaluate's outputs from its run
-        # cache without running the command that logs the figures to the run.
-        raise RegistryError(
-            f"detector run {run_id}'s test figures were taken at image threshold {logged:.6g}, but the detector would "
-            f"be served at {threshold:.6g} (outputs/detect/metrics.json): detect_evaluate's outputs come from another "
-            "evaluation than the one logged to the run. Run it again (`dvc repro --force detect/dvc.yaml:detect_evaluate`), "
-            "then register"
-        )
+    require_served_threshold(
+        metrics.get("test_image_threshold"), threshold,
+        f"detector run {run_id}'s test figures were taken at image threshold", "the detector",
+        "outputs/detect/metrics.json", "detect_evaluate", "detect/dvc.yaml:detect_evaluate",
+    )
     provenance = {
         "classifier_run_id": run.data.tags.get("classifier_run_id"),
         TAG_DATA: run.data.tags.get("data_version") or None,

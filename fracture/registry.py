@@ -268,15 +268,10 @@ def register(
             "split's, and the gate would score it on images it may have been trained on. Reproduce the "
             "pipeline (dvc repro) so that split, train and evaluate agree, then register"
         )
-    logged = metrics.get(TEST_THRESHOLD)
-    if logged is not None and not math.isclose(logged, config.threshold, rel_tol=1e-9, abs_tol=1e-12):
-        raise RegistryError(
-            f"run {run_id}'s test figures were taken at threshold {logged:.6g}, but the model would be served at "
-            f"{config.threshold:.6g} (outputs/evaluate/metrics.json): the evaluate stage's outputs come from another "
-            "evaluation than the one logged to the run, as when DVC restores an earlier evaluation's outputs from its "
-            "run cache without running the command that logs them. The gate would judge the version on figures taken "
-            "at a threshold it does not serve. Run the evaluate stage again (`dvc repro --force evaluate`), then register"
-        )
+    require_served_threshold(
+        metrics.get(TEST_THRESHOLD), config.threshold, f"run {run_id}'s test figures were taken at threshold",
+        "the model", "outputs/evaluate/metrics.json", "the evaluate stage", "evaluate",
+    )
 
     provenance = _provenance_tags(run, config, split)
     mv, created = _ensure_version(
@@ -305,6 +300,38 @@ def register(
         confidence=params.confidence, floors=params.floors, sensitivity_tolerance=params.sensitivity_tolerance,
         specificity_tolerance=params.specificity_tolerance,
     )
+
+
+def require_served_threshold(
+    logged: float | None, served: float, taken: str, what: str, metrics_file: str, stage: str, target: str
+) -> None:
+    """Refuses a run whose test figures were taken at another threshold than the one it would serve.
+
+    DVC restores an earlier evaluation's outputs (the metrics file, and the threshold served from it)
+    from its run cache without running the command that logs the figures to the run: after a param
+    is tried and undone, the run can hold another evaluation's figures, and a gate would judge the
+    version on figures taken at a threshold it does not serve. A run that logged no threshold passes.
+
+    Args:
+        logged: the threshold the run's test figures were taken at; ``None``: not logged.
+        served: the threshold the version would serve (``metrics_file``'s).
+        taken: the message's start, naming the run and its figures.
+        what: what would be served (``the model``, ``the detector``).
+        metrics_file: the stage output the served threshold comes from.
+        stage: the stage that writes it, as the message names it.
+        target: the stage's DVC address, for ``dvc repro --force``.
+
+    Raises:
+        RegistryError: the two differ; the message says how to log this evaluation's figures.
+    """
+    if logged is not None and not math.isclose(logged, served, rel_tol=1e-9, abs_tol=1e-12):
+        raise RegistryError(
+            f"{taken} {logged:.6g}, but {what} would be served at {served:.6g} ({metrics_file}): {stage}'s outputs "
+            "come from another evaluation than the one logged to the run, as when DVC restores an earlier "
+            "evaluation's outputs from its run cache without running the command that logs them. The gate would "
+            f"judge the version on figures taken at a threshold it does not serve. Run it again (`dvc repro --force "
+            f"{target}`), then register"
+        )
 
 
 def _gate_until_settled(
