@@ -17,7 +17,7 @@ free loopback port, then:
 PyTorch's threads in each worker (``OMP_NUM_THREADS``; ``all``: not set, so each worker takes one
 thread per core, PyTorch's default), and with ``tunables`` the server started with glibc's tunables
 that keep freed memory for the next request (``GLIBC_TUNABLES``, :data:`bench.common.TUNABLES`,
-as the README tells a process that only scores). They are measured one after the other, in turn, ``--repeats``
+as docs/consumers.md tells a process that only scores). They are measured one after the other, in turn, ``--repeats``
 times, so that each meets the machine's changing speed alike; the throughput's ratio to the first
 server's is printed for each round. Default: one server of 1 worker and PyTorch's default threads.
 

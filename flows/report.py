@@ -216,7 +216,7 @@ def no_champion_note(reg: Registration) -> str | None:
         f"until a version passes the gate; version {reg.version} stays `challenger` ({failed}). The floors "
         "(`register.floors` in params.yaml) are what a clinical consumer needs, not a figure to chase: training "
         "again until one run's test figures clear them would choose the model on the test split. Improve the "
-        "recipe without the test split (README, \"Cross-validating a recipe\"), or train the paper profile on a "
+        "recipe without the test split (docs/recipe.md, \"Cross-validating a recipe\"), or train the paper profile on a "
         "GPU, and let the gate judge the next run."
     )
 

@@ -173,7 +173,7 @@ def test_every_choice_is_checked_once_against_its_literal_type():
 def test_tta_is_off_by_default_and_checked():
     params = shipped_params()
     assert params.profiles["paper"].tta == "none"  # the paper scores each image once
-    assert params.profiles["cpu"].tta == "hflip"  # chosen by cross-validation (README)
+    assert params.profiles["cpu"].tta == "hflip"  # chosen by cross-validation (docs/recipe.md)
     raw = raw_params()
     del raw["profiles"]["cpu"]["tta"]
     assert parse_params(raw).profiles["cpu"].tta == "none"

@@ -328,10 +328,10 @@ def test_train_stage_with_two_processes_logs_one_mlflow_run_from_rank_zero(proje
 
 
 def _readme_two_machine_command() -> list[str]:
-    """The torchrun command the README gives for training across machines, continuation joined."""
-    readme = (REPO / "README.md").read_text()
+    """The torchrun command docs/operations.md gives for training across machines, continuation joined."""
+    readme = (REPO / "docs" / "operations.md").read_text()
     found = re.search(r"^ +(\.venv/bin/torchrun --nnodes 2 .*?)\n(?! +--)", readme, flags=re.MULTILINE | re.DOTALL)
-    assert found, "README.md: no `.venv/bin/torchrun --nnodes 2` command"
+    assert found, "docs/operations.md: no `.venv/bin/torchrun --nnodes 2` command"
     return re.sub(r"\\\n\s*", " ", found[1]).split()
 
 
@@ -341,7 +341,7 @@ def _readme_two_machine_command() -> list[str]:
 @pytest.mark.slow
 @pytest.mark.integration
 def test_the_readmes_two_machine_command_trains_once_with_rank_zeros_machine_writing(project, fracatlas, tmp_path):
-    """The README's steps across machines, each machine a torchrun launcher in its own clone, on loopback."""
+    """The steps across machines in docs/operations.md, each machine a torchrun launcher in its own clone, on loopback."""
     shutil.copy(REPO / ".gitignore", project / ".gitignore")
     source = make_subset(fracatlas, tmp_path / "source", pick_ids(fracatlas, 8, 8))
     shrink_params(project, train__batch_size=4, profiles__cpu__image_size=32)
@@ -384,9 +384,9 @@ def test_the_readmes_two_machine_command_trains_once_with_rank_zeros_machine_wri
     assert (project / weights).is_file()
     assert not (node1 / weights).exists()  # rank 1 trained its share and wrote nothing
     assert "best epoch 1" in outputs[0] and "best epoch" not in outputs[1]
-    # Then, on node 0: record the outputs in dvc.lock (as the README: --force, since no one is asked
+    # Then, on node 0: record the outputs in dvc.lock (as docs/operations.md: --force, since no one is asked
     # to confirm), and `dvc repro` evaluates them and nothing else.
-    assert ".venv/bin/dvc commit --force train" in (REPO / "README.md").read_text()
+    assert ".venv/bin/dvc commit --force train" in (REPO / "docs" / "operations.md").read_text()
     dvc(project, "commit", "--force", "train")
     assert "Data and pipelines are up to date" in dvc(project, "status", "train")
     reproduced = dvc(project, "repro")

@@ -377,7 +377,7 @@ def test_deploying_refuses_a_deployment_serve_runs(api, project, monkeypatch):
 
 @pytest.mark.slow  # over a minute on two cores beside another test process: a whole run through a worker
 def test_a_process_workers_run_retrains_and_registers(api, project, subset_source, monkeypatch):
-    """The README's work-pool commands: a process pool, the deployment on it, a worker that runs it."""
+    """The work-pool commands of docs/operations.md: a process pool, the deployment on it, a worker that runs it."""
     set_schedule(project, work_pool="cpu-pool")
     raw = yaml.safe_load((project / "params.yaml").read_text())
     raw["register"]["floors"] = {}  # a one-epoch 64 px model is to become champion, not to meet clinical floors

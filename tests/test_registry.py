@@ -1182,7 +1182,7 @@ def test_a_hand_pick_stopped_before_previous_champion_moves_is_finished_by_the_n
 def test_a_version_of_the_champions_run_chosen_by_hand_keeps_no_rollback_when_the_flow_registers_the_run_again(
     client, ranked
 ):
-    """After `serve` changed, the champion's run is a new version; chosen by hand (as the README
+    """After `serve` changed, the champion's run is a new version; chosen by hand (as docs/registry.md
     says), the version it replaced is tagged rolled back, but the run is not: the next flow run
     finds the chosen champion as it is, not tagged rolled back."""
     split, models = ranked

@@ -41,10 +41,11 @@ def test_the_dockerfile_installs_with_the_readmes_install_step():
     venv_rule = makefile.split("$(STAMP):", 1)[1].split("\n\n", 1)[0]
     assert "--constraint constraints.txt" in venv_rule  # the pinned set
 
-    # The image's Python is the one the venv is made with, and the README names the image's build.
+    # The image's Python is the one the venv is made with, and docs/operations.md names the image's build.
     base = next(args for keyword, args in steps if keyword == "FROM")
     assert base.startswith("python:3.11")
-    assert "docker build -t" in readme and "schedule.image" in readme
+    operations = (REPO / "docs" / "operations.md").read_text()
+    assert "docker build -t" in operations and "schedule.image" in operations
     # Files a run makes never enter the image.
     ignored = (REPO / ".dockerignore").read_text().split()
     assert {".venv/", "data/", "outputs/", "mlflow.db", "mlartifacts/"} <= set(ignored)
@@ -71,9 +72,9 @@ def test_deploy_schedule_fixes_only_a_source_given_on_makes_command_line(tmp_pat
 def test_the_readmes_image_recipe_deploys_with_the_images_project_folder():
     """A deployment names the project as its runs see it: in the image, the Dockerfile's WORKDIR,
     never the checkout `make deploy-schedule` runs in (absent from the image)."""
-    readme = (REPO / "README.md").read_text()
+    operations = (REPO / "docs" / "operations.md").read_text()
     workdir = next(args for keyword, args in _instructions((REPO / "Dockerfile").read_text()) if keyword == "WORKDIR")
-    recipe = readme.split("**The training image.**", 1)[1].split("\n\n**", 1)[0]
+    recipe = operations.split("**The training image.**", 1)[1].split("\n\n**", 1)[0]
     assert "schedule.image" in recipe
     deploys = [line.split("#", 1)[0].split() for line in recipe.splitlines() if "make deploy-schedule" in line]
     assert deploys and all(f"PROJECT_DIR={workdir}" in command for command in deploys), deploys

@@ -359,7 +359,7 @@ def test_models_serve_answers_as_in_process_prediction(model, champion):
 
 @pytest.mark.parametrize("kind", ["classifier", "detector"])
 def test_a_consumer_with_only_the_models_requirements_loads_and_scores_it(model, champion, tmp_path, kind, monkeypatch):
-    """The README's promise to a consumer: MLflow and the packages of the model's requirements.txt
+    """The promise docs/consumers.md makes to a consumer: MLflow and the packages of the model's requirements.txt
     are all it needs. In a Python that hides every other package of this venv (this project, the
     pipeline's and the page's libraries; :mod:`fracture.consumer`, which the gate loads versions
     with), the registered classifier and a saved fracture detector load and score a JPEG and a
