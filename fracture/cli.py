@@ -12,6 +12,7 @@ import errno
 import gc
 import logging
 import os
+import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -443,13 +444,16 @@ def predict(
     """Score X-rays (JPEG, PNG, DICOM) with a registered model; one row per file, errors in their rows.
 
     Reads MLFLOW_TRACKING_URI for the registry. Exits non-zero when no file could be scored, or when the
-    model's Python ended midway (the rows scored are written; the others say to score them again).
+    model's Python ended midway or the run was interrupted (Ctrl-C, SIGTERM): the rows scored are
+    written, and the others say to score them again.
     """
     from fracture.predict import (
+        INTERRUPTED,
         STOPPED,
         PredictError,
         check_outputs,
         collect,
+        interruptible,
         load,
         score_files,
         write,
@@ -466,8 +470,9 @@ def predict(
     except PredictError as exc:
         sys.exit(f"fracture predict: {exc}")
     try:
-        # The model's Python ending midway leaves the rows scored so far, the rest saying so (STOPPED).
-        table = score_files(loaded, files, batch_size, progress)
+        # The model's Python ending midway, or a signal, leaves the rows scored so far, the rest saying so (STOPPED).
+        with interruptible():
+            table = score_files(loaded, files, batch_size, progress)
     finally:
         loaded.close()
     if dicom_sr is not None:
@@ -488,6 +493,10 @@ def predict(
         f"{len(table) - scored} with an error in their row" + (f"; rows in {out}" if out else ""),
         file=sys.stderr,
     )
+    if signal_name := table.attrs.get(INTERRUPTED):
+        print(f"fracture predict: interrupted by {signal_name} after {scored} of {len(table)} files were scored; "
+              "the rows scored are written, and the others say to score them again", file=sys.stderr)
+        raise SystemExit(128 + signal.Signals[signal_name].value)  # as a shell reports a command a signal ended
     if stopped := table.attrs.get(STOPPED):
         sys.exit(f"fracture predict: the model's Python ended after {scored} of {len(table)} files were scored "
                  f"({stopped}); the rows scored are written, and the others say to score them again")

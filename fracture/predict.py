@@ -21,7 +21,9 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import stat
+import threading
 import time
 import warnings
 from collections import Counter
@@ -52,14 +54,46 @@ COLUMNS = ["id", "fracture_probability", "label", "threshold", "model", "version
 #: ``score_files``'s table keeps, in ``attrs``, the sha256 of the bytes each row was scored from
 #: ("" for a row not scored): a structured report is made only from a file that still holds them.
 SCORED_SHA256 = "scored_sha256"
-#: ... and, when the model's Python ended before every file was scored, why (``attrs``).
+#: ... and, when the run stopped before every file was scored, why (``attrs``): how the model's
+#: Python ended, or the signal that interrupted the run.
 STOPPED = "stopped"
+#: ... and, when it stopped on a signal (Ctrl-C's SIGINT, or a scheduler's SIGTERM), which (``attrs``).
+INTERRUPTED = "interrupted"
 
 _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 
 
 class PredictError(ValueError):
     """Nothing to score, or the model cannot be loaded; the message says what to do."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """The run was asked to stop by a signal (:func:`interruptible`); ``signal_name`` says which."""
+
+    def __init__(self, signal_name: str) -> None:
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+    """Within it, SIGINT (Ctrl-C) and SIGTERM (a batch scheduler's time limit, ``kill``) raise
+    :class:`Interrupted`, so that :func:`score_files` can keep the rows scored before the signal
+    instead of the process ending with none written. The handlers before are put back after; off
+    the main thread, where Python cannot set them, nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def raise_interrupted(signum: int, frame: object) -> None:
+        raise Interrupted(signal.Signals(signum).name)
+
+    before = {s: signal.signal(s, raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
 
 
 @dataclass(frozen=True)
@@ -195,65 +229,85 @@ def score_files(model: LoadedModel, files: list[Path], batch_size: int = 16, pro
     sha256 of the bytes each row was scored from is kept in the table's ``attrs``
     (:data:`SCORED_SHA256`), for :func:`write_structured_reports`.
 
-    When the model's Python ends midway (killed for memory, a decoder crashing it), the rows
-    scored so far are kept: the files of that batch and of every later one get an error saying
-    they were not scored and why, and the reason is kept in ``attrs`` (:data:`STOPPED`), so the
-    caller writes the rows and then fails.
+    When the run stops midway, the rows scored so far are kept, and every file left gets an error
+    saying it was not scored, why, and to score it again; the reason is kept in ``attrs``
+    (:data:`STOPPED`), so the caller writes the rows and then fails. It stops when the model's
+    Python ends (killed for memory, a decoder crashing it; a file of that batch the model never
+    got keeps its own reason), and on a ``KeyboardInterrupt`` (Ctrl-C; under :func:`interruptible`
+    also SIGTERM), whose signal is kept too (:data:`INTERRUPTED`).
     """
     policy = model.policy
-    parts = []
+    parts: list[pd.DataFrame] = []
     digests: list[str] = []
-    stopped = ""
+    done = 0  # the files parts holds a row for
+    stopped = interrupted = why = ""
     with tqdm(total=len(files), unit="image", disable=not progress, desc="scoring") as bar:
-        for batch in _batches(files, max(1, min(batch_size, policy.max_rows))):
-            if stopped:
-                parts.append(_not_scored(batch, stopped))
-                digests += [""] * len(batch)
+        try:
+            for batch in _batches(files, max(1, min(batch_size, policy.max_rows))):
+                frame, batch_digests, stopped = _score_batch(model, batch)
+                parts.append(frame)
+                digests += batch_digests
+                done += len(batch)
                 bar.update(len(batch))
-                continue
-            read = [_read(p, policy) for p in batch]
-            present = [i for i, (data, _) in enumerate(read) if data is not None]
-            frame = pd.DataFrame({"id": [shown(p) for p in batch], "error": [shown(why) for _, why in read]})
-            frame["fracture_probability"], frame["label"], frame["note"] = float("nan"), "", ""
-            if present:
-                try:
-                    out = model.model.predict(
-                        pd.DataFrame({"image": [read[i][0] for i in present]}), params={"on_error": "report"}
-                    )
-                except ConsumerError as exc:
-                    stopped = str(exc)
-                    frame.loc[present, "error"] = not_scored(stopped)  # a file not read keeps its own reason
-                    parts.append(frame)
-                    digests += [""] * len(batch)
-                    bar.update(len(batch))
-                    continue
-                for j, i in enumerate(present):
-                    row = out.iloc[j]
-                    # The model names the row of its request; here the file is the row.
-                    error = re.sub(r"^row \d+: ", "", str(row["error"]))
-                    frame.loc[i, ["fracture_probability", "label", "note", "error"]] = [
-                        row["fracture_probability"], row["label"], row["note"], error
-                    ]
-            digests += [hashlib.sha256(data).hexdigest() if data is not None else "" for data, _ in read]
-            parts.append(frame)
-            bar.update(len(batch))
+                if stopped:
+                    why = _ended(stopped)
+                    break
+        except KeyboardInterrupt as exc:
+            interrupted = getattr(exc, "signal_name", "SIGINT")
+            stopped = f"interrupted by {interrupted}"
+            why = f"the run was interrupted ({interrupted}{', Ctrl-C' if interrupted == 'SIGINT' else ''}) before this file's answer"
+    if why and done < len(files):
+        left = files[done:]
+        parts.append(_not_scored(left, why))
+        digests += [""] * len(left)
     table = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=COLUMNS)
     table["threshold"], table["model"], table["version"] = model.threshold, model.name, model.version
     table = table[COLUMNS].copy()
     table.attrs[SCORED_SHA256] = digests
     if stopped:
         table.attrs[STOPPED] = stopped
+    if interrupted:
+        table.attrs[INTERRUPTED] = interrupted
     return table
 
 
+def _score_batch(model: LoadedModel, batch: list[Path]) -> tuple[pd.DataFrame, list[str], str]:
+    """One batch's rows, the sha256 each was scored from, and how the model's Python ended when it
+    ended on this batch ("" when it answered)."""
+    read = [_read(p, model.policy) for p in batch]
+    present = [i for i, (data, _) in enumerate(read) if data is not None]
+    frame = pd.DataFrame({"id": [shown(p) for p in batch], "error": [shown(why) for _, why in read]})
+    frame["fracture_probability"], frame["label"], frame["note"] = float("nan"), "", ""
+    if not present:
+        return frame, [""] * len(batch), ""
+    try:
+        out = model.model.predict(pd.DataFrame({"image": [read[i][0] for i in present]}), params={"on_error": "report"})
+    except ConsumerError as exc:
+        frame.loc[present, "error"] = not_scored(_ended(str(exc)))  # a file not read keeps its own reason
+        return frame, [""] * len(batch), str(exc)
+    for j, i in enumerate(present):
+        row = out.iloc[j]
+        # The model names the row of its request; here the file is the row.
+        error = re.sub(r"^row \d+: ", "", str(row["error"]))
+        frame.loc[i, ["fracture_probability", "label", "note", "error"]] = [
+            row["fracture_probability"], row["label"], row["note"], error
+        ]
+    return frame, [hashlib.sha256(data).hexdigest() if data is not None else "" for data, _ in read], ""
+
+
 def not_scored(why: str) -> str:
-    """The error of a file left unscored when the model's Python ended (``why``): to score it again."""
-    return f"not scored: the model's Python ended before this file's answer ({why}); score the file again"
+    """The error of a file left unscored when the run stopped (``why``): to score it again."""
+    return f"not scored: {why}; score the file again"
 
 
-def _not_scored(batch: list[Path], why: str) -> pd.DataFrame:
-    """The rows of a batch left unscored when the model's Python ended (:func:`not_scored`)."""
-    frame = pd.DataFrame({"id": [shown(p) for p in batch], "error": not_scored(why)})
+def _ended(how: str) -> str:
+    """Why a file is not scored when the model's Python ended (``how``: the consumer's error)."""
+    return f"the model's Python ended before this file's answer ({how})"
+
+
+def _not_scored(files: list[Path], why: str) -> pd.DataFrame:
+    """The rows of files left unscored when the run stopped (:func:`not_scored`)."""
+    frame = pd.DataFrame({"id": [shown(p) for p in files], "error": not_scored(why)})
     frame["fracture_probability"], frame["label"], frame["note"] = float("nan"), "", ""
     return frame
 

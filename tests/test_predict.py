@@ -282,6 +282,62 @@ def test_a_model_python_that_ends_midway_keeps_the_rows_scored_and_names_the_res
     assert "scored 2 of 6 files" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_an_interrupted_run_keeps_the_rows_scored_and_names_the_rest(tmp_path, monkeypatch, capsys, signal_name):
+    """Ctrl-C (SIGINT), or a batch scheduler's time limit (SIGTERM), midway through a folder: the
+    run ended with a traceback, or silently, and wrote no row, losing every file scored before.
+    Now the rows scored are written, the others say the run was interrupted and to score them
+    again, and the run exits as a shell reports a command that signal ended (128 + its number)."""
+    import signal
+
+    import fracture.predict as predict_module
+    from fracture.cli import main
+    from fracture.intake import InputPolicy
+
+    if threading.current_thread() is not threading.main_thread():  # a signal handler needs the main thread
+        pytest.skip("tests run off the main thread here, where Python takes no signal handler")
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    class SignalledOnSecondRequest:
+        def __init__(self) -> None:
+            self.requests = 0
+
+        def predict(self, frame, params=None):
+            self.requests += 1
+            if self.requests == 2:
+                os.kill(os.getpid(), signal.Signals[signal_name])
+                time.sleep(5)  # the handler raises before this ends
+                raise AssertionError("the signal was not delivered")
+            return pd.DataFrame({"fracture_probability": 0.25, "label": "not_fractured", "note": "", "error": ""},
+                                index=range(len(frame)))
+
+        def close(self) -> None:
+            pass
+
+    folder = tmp_path / "study"
+    folder.mkdir()
+    for n in range(5):
+        (folder / f"IM{n:04d}").write_bytes(b"x" * 10)
+    loaded = predict_module.LoadedModel("models:/m/1", "m", "1", SignalledOnSecondRequest(), InputPolicy(), 0.5)
+    monkeypatch.setattr(predict_module, "load", lambda uri: loaded)
+    out = tmp_path / "rows.csv"
+    with pytest.raises(SystemExit) as ended:
+        main(["predict", str(folder), "--out", str(out), "--batch-size", "2", "--no-progress"])
+    assert ended.value.code == 128 + signal.Signals[signal_name].value
+    rows = pd.read_csv(out, keep_default_na=False)
+    assert rows["id"].tolist() == [str(folder / f"IM{n:04d}") for n in range(5)]
+    assert rows["error"][:2].tolist() == ["", ""] and rows["fracture_probability"][:2].tolist() == ["0.25", "0.25"]
+    assert rows["fracture_probability"][2:].tolist() == [""] * 3
+    assert rows["error"][2:].str.fullmatch(
+        rf"not scored: the run was interrupted \({signal_name}.*\) before this file's answer; score the file again"
+    ).all()
+    err = capsys.readouterr().err
+    assert "scored 2 of 5 files" in err
+    assert f"interrupted by {signal_name} after 2 of 5 files were scored; the rows scored are written" in err
+    # The handlers in place before the run are back.
+    assert {s: signal.getsignal(s) for s in handlers} == handlers
+
+
 def test_a_studys_reports_form_one_series_and_a_rerun_names_the_report_it_replaces(fracatlas, tmp_path):
     study_uid = generate_uid()
     files = []
