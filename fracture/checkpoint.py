@@ -11,10 +11,11 @@ A checkpoint is two safetensors files and one JSON file in a directory:
   MLflow run id and a fingerprint of everything that defines the run.
 
 Nothing is read with pickle, so loading a checkpoint cannot execute code. The JSON file is
-written last and replaced atomically: a run killed while writing leaves the previous complete
+written last and replaced atomically, each file flushed to the disk before it replaces the
+last: a run killed while writing, or a machine that loses power, leaves the previous complete
 checkpoint in place. A checkpoint whose fingerprint differs from the current run's (other
 params, images, code, libraries or pretrained weights) is ignored, so a changed experiment
-never resumes a stale one.
+never resumes a stale one, and so is one that cannot be read (a damaged file), with a warning.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 log = logging.getLogger(__name__)
@@ -197,21 +198,47 @@ def save(
     # The two files are replaced one after the other; each names the epoch it holds, so a run
     # killed between the two replacements leaves a pair that load() refuses, not a mixed one.
     save_file(tensors, str(partial), metadata={"fingerprint": key, "epoch": str(epoch)})
-    os.replace(partial, directory / TENSORS)
+    _replace_durably(partial, directory / TENSORS)
     partial_json = directory / f"{STATE}.partial"
     partial_json.write_text(json.dumps(plain, indent=1))
-    os.replace(partial_json, directory / STATE)
+    _replace_durably(partial_json, directory / STATE)
+
+
+def _replace_durably(partial: Path, path: Path) -> None:
+    """Moves ``partial`` over ``path`` once its bytes are on the disk, and the move after it: without
+    the flushes, a machine that loses power can keep the new name over a file still empty."""
+    with partial.open("rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(partial, path)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 def load(directory: Path, key: str) -> Checkpoint | None:
     """The checkpoint in ``directory`` if it belongs to the run with fingerprint ``key``.
 
     Returns:
-        ``None`` when there is no complete checkpoint or it belongs to another run (logged).
+        ``None`` when there is no complete checkpoint, it belongs to another run, or it cannot be
+        read (a damaged file; logged as a warning): training then starts from the first epoch.
     """
     state_path = directory / STATE
     if not state_path.is_file() or not (directory / TENSORS).is_file():
         return None
+    try:
+        return _read(directory, key)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, SafetensorError) as exc:
+        # A file cut short or emptied (a full disk, a machine that lost power before these writes were
+        # flushed) would otherwise stop every rerun until someone found and removed the folder.
+        log.warning("ignoring the checkpoint in %s: it cannot be read (%s: %s); training starts again from the "
+                    "first epoch", directory, type(exc).__name__, exc)
+        return None
+
+
+def _read(directory: Path, key: str) -> Checkpoint | None:
+    state_path = directory / STATE
     plain = json.loads(state_path.read_text())
     if plain.get("format") != FORMAT or plain.get("fingerprint") != key:
         log.info("ignoring the checkpoint in %s: it belongs to a run with other params or data", directory)

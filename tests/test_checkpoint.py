@@ -92,6 +92,63 @@ def test_a_run_killed_between_writing_a_checkpoints_two_files_is_not_resumed_fro
     assert resumed.resumed_from == 0 and [h["epoch"] for h in resumed.history] == [1, 2, 3]
 
 
+@pytest.mark.parametrize("damage", ["state emptied", "state cut short", "state lacks a key", "state not a mapping",
+                                    "tensors emptied", "tensors cut short"])
+def test_a_damaged_checkpoint_is_ignored_with_a_warning_and_training_starts_over(tmp_path, caplog, damage):
+    """A checkpoint file emptied or cut short (a full disk, a machine that lost power before the
+    writes reached the disk) raised a bare JSONDecodeError or SafetensorError that named no file,
+    on every rerun until someone found the folder and removed it. Now it is ignored, as another
+    run's checkpoint is, with a warning naming the folder, and training starts over."""
+    data, config, profile, params = _setup(tmp_path)
+    short = dataclasses.replace(profile, epochs=1)
+    folder = tmp_path / "c"
+    train(data, data, config, short, params, checkpoint_dir=folder, checkpoint_key="k")
+    assert checkpoint.load(folder, "k") is not None
+    state, tensors = folder / checkpoint.STATE, folder / checkpoint.TENSORS
+    if damage == "state emptied":
+        state.write_bytes(b"")
+    elif damage == "state cut short":
+        state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    elif damage == "state lacks a key":
+        state.write_text(json.dumps({k: v for k, v in json.loads(state.read_text()).items() if k != "history"}))
+    elif damage == "state not a mapping":
+        state.write_text("[1, 2]")
+    elif damage == "tensors emptied":
+        tensors.write_bytes(b"")
+    else:
+        tensors.write_bytes(tensors.read_bytes()[: tensors.stat().st_size // 2])
+    with caplog.at_level(logging.WARNING, logger="fracture.checkpoint"):
+        assert checkpoint.load(folder, "k") is None
+    assert f"ignoring the checkpoint in {folder}: it cannot be read" in caplog.text
+    assert "training starts again from the first epoch" in caplog.text
+    result = train(data, data, config, short, params, checkpoint_dir=folder, checkpoint_key="k")
+    assert result.resumed_from == 0 and [h["epoch"] for h in result.history] == [1]
+
+
+def test_each_checkpoint_file_is_on_the_disk_before_it_replaces_the_last(tmp_path, monkeypatch):
+    """Without a flush, a machine that loses power can keep the new name over a file still empty."""
+    data, config, profile, params = _setup(tmp_path)
+    events: list[str] = []
+    fsync, replace = os.fsync, os.replace
+
+    def recorded_fsync(fd):
+        events.append("fsync " + Path(os.readlink(f"/proc/self/fd/{fd}")).name)
+        fsync(fd)
+
+    def recorded_replace(src, dst):
+        events.append(f"replace {Path(src).name}")
+        replace(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "fsync", recorded_fsync)
+    monkeypatch.setattr(checkpoint.os, "replace", recorded_replace)
+    train(data, data, config, dataclasses.replace(profile, epochs=1), params, checkpoint_dir=tmp_path / "c",
+          checkpoint_key="k")
+    assert events == [
+        f"fsync {checkpoint.TENSORS}.partial", f"replace {checkpoint.TENSORS}.partial", "fsync c",
+        f"fsync {checkpoint.STATE}.partial", f"replace {checkpoint.STATE}.partial", "fsync c",
+    ]
+
+
 def test_a_checkpoint_of_another_run_is_not_resumed(tmp_path):
     data, config, profile, params = _setup(tmp_path)
     short = dataclasses.replace(profile, epochs=1)
