@@ -63,6 +63,25 @@ class ParamsLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
 ParamsLoader.add_implicit_resolver("tag:yaml.org,2002:float", _YAML_12_FLOAT, list("-+0123456789."))
 
 
+def _construct_mapping_once(loader: ParamsLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    """A mapping whose keys are each written once: PyYAML keeps the last of two (a value added at
+    the top of a section while the old line stays further down is silently overridden), and DVC's
+    reader refuses the file without naming the key."""
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"the key {key!r} is written twice in one mapping (first on line {seen[key]}); keep one of them",
+                key_node.start_mark,
+            )
+        seen[key] = key_node.start_mark.line + 1
+    return loader.construct_mapping(node, deep=deep)
+
+
+ParamsLoader.add_constructor("tag:yaml.org,2002:map", _construct_mapping_once)
+
+
 def read_params_yaml(text: str | typing.IO[str]) -> Any:
     """The document in ``params.yaml``'s text (or open file) as :func:`load_params` reads it (:class:`ParamsLoader`).
 
@@ -510,12 +529,13 @@ def _build(
         raise ConfigError(f"params.yaml: section '{label}' is missing or not a mapping")
     renames = renames or {}
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    spelled = {v: k for k, v in renames.items()}
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         name = renames.get(key, key)
-        if name not in fields:
+        if name not in fields or (key in spelled and key not in renames):  # t_0 is written T_0
             raise ConfigError(
-                f"params.yaml: unknown key '{label}.{key}'; known keys are {sorted(fields)}"
+                f"params.yaml: unknown key '{label}.{key}'; known keys are {sorted(spelled.get(n, n) for n in fields)}"
             )
         kwargs[name] = tuple(value) if isinstance(value, list) else value
     missing = [
@@ -551,11 +571,18 @@ def parse_params(raw: dict[str, Any]) -> Params:
     if not isinstance(raw, dict):
         raise ConfigError(f"params.yaml holds no sections (it is {'empty' if raw is None else type(raw).__name__}): "
                           "restore it (`git checkout params.yaml`)")
+    sections = [f.name for f in dataclasses.fields(Params)]
+    unknown = [key for key in raw if key not in sections]
+    if unknown:
+        raise ConfigError(f"params.yaml: unknown section {', '.join(map(repr, unknown))}; the sections are {sections}")
     profiles_raw = raw.get("profiles")
     if not isinstance(profiles_raw, dict) or not profiles_raw:
         raise ConfigError("params.yaml: section 'profiles' is missing or empty")
     profiles = {name: _build(Profile, name, profiles_raw, prefix="profiles.") for name in profiles_raw}
-    active = (raw.get("train") or {}).get("profile")
+    active = raw["train"].get("profile") if isinstance(raw.get("train"), dict) else None
+    if active is not None and not isinstance(active, str):
+        raise ConfigError(f"params.yaml: train.profile names one profile, written as its name (e.g. cpu), one of "
+                          f"{sorted(profiles)}; got {active!r}")
     if isinstance(profiles_raw.get(active), dict):
         # dvc.yaml tracks these of the active profile by name, and DVC refuses a stage whose params are absent.
         unnamed = [key for key in DVC_TRACKED_PROFILE_KEYS if key not in profiles_raw[active]]
@@ -639,6 +666,9 @@ def _check(p: Params) -> None:
             "or set the top threshold to null"
         )
     _check_dest(p.ingest.dest)
+    if not (_whole(p.prepare.workers) and p.prepare.workers >= 1):
+        raise ConfigError(f"params.yaml: prepare.workers must be a whole number of decoding threads, at least 1 "
+                          f"(e.g. 2), got {p.prepare.workers!r}")
     for key in ("val_size", "test_size"):
         size = getattr(p.split, key)
         if not (_number(size) and 0 < size < 1):
@@ -668,6 +698,9 @@ def _check(p: Params) -> None:
             f"train.processes {processes}"
         )
     for name, prof in p.profiles.items():
+        if not (isinstance(prof.model, str) and prof.model.strip()):
+            raise ConfigError(f"params.yaml: profiles.{name}.model must be a timm model name such as "
+                              f"tf_efficientnet_lite0, got {prof.model!r}")
         if not (_whole(prof.epochs) and prof.epochs >= 1):
             raise ConfigError(
                 f"params.yaml: profiles.{name}.epochs must be a whole number of at least 1, e.g. 3; got {prof.epochs!r}"

@@ -125,6 +125,52 @@ def test_unknown_key_is_named():
         parse_params(raw)
 
 
+def test_unknown_keys_are_listed_as_params_yaml_spells_them_and_an_internal_spelling_is_refused():
+    """The message listed t_0 and t_mult, the code's names for T_0 and T_mult, and a t_0 written as
+    it suggested was taken beside the real keys."""
+    raw = raw_params()
+    raw["train"]["lr_rate"] = 0.1
+    with pytest.raises(ConfigError, match=r"unknown key 'train\.lr_rate'; known keys are \['T_0', 'T_mult', 'batch_size'"):
+        parse_params(raw)
+    raw = raw_params()
+    raw["train"]["t_0"] = 2
+    with pytest.raises(ConfigError, match=r"unknown key 'train\.t_0'"):
+        parse_params(raw)
+
+
+def test_an_unknown_section_is_named():
+    """A misspelt section (trian:) was ignored without a word, while unknown keys inside a section were refused."""
+    raw = raw_params()
+    raw["trian"] = {"profile": "cpu"}
+    with pytest.raises(ConfigError, match=r"^params\.yaml: unknown section 'trian'; the sections are \['ingest'"):
+        parse_params(raw)
+
+
+@pytest.mark.parametrize("profile", [["cpu"], {"cpu": 1}])
+def test_a_profile_that_is_not_written_as_a_name_is_refused(profile):
+    """train.profile: [cpu] stopped every command with TypeError: unhashable type: 'list'."""
+    raw = raw_params()
+    raw["train"]["profile"] = profile
+    with pytest.raises(ConfigError, match=r"train\.profile names one profile, written as its name .*\['cpu', 'paper'\]"):
+        parse_params(raw)
+
+
+def test_a_key_written_twice_is_refused_naming_both_lines(tmp_path):
+    """A value added at the top of a section while the old line stays below: PyYAML kept the last
+    (epochs 3, where the user wrote 5) and trained with it, and DVC refused the file naming neither."""
+    text = shipped_params_text()
+    head = "  cpu:"
+    at = text.index(head)
+    line_end = text.index("\n", at) + 1
+    (tmp_path / "params.yaml").write_text(text[:line_end] + "    epochs: 5\n" + text[line_end:])
+    first = text[:line_end].count("\n") + 1
+    second = next(n for n, line in enumerate((tmp_path / "params.yaml").read_text().splitlines(), 1)
+                  if n > first and line.strip().startswith("epochs:"))
+    with pytest.raises(ConfigError, match=rf"the key 'epochs' is written twice in one mapping \(first on line {first}\); "
+                                          rf"keep one of them.* line {second}, column 5"):
+        load_params(tmp_path)
+
+
 def test_unknown_profile_is_named():
     raw = raw_params()
     raw["train"]["profile"] = "tpu"
@@ -407,6 +453,12 @@ TRAIN_SEED = r"must be a whole number from 0 to \d+(?: \(profiles\.\w+\.members 
         ("detect.flip", 0, r"detect\.flip must be true or false, unquoted; got 0"),
         ("validate.compare_previous", "false", r"validate\.compare_previous must be true or false, unquoted; got 'false'"),
         ("split.stratify_body_part", "no", r"split\.stratify_body_part must be true or false"),
+        # prepare.workers 'two' stopped the prepare stage with a TypeError naming no field; 0 and -3 were taken.
+        ("prepare.workers", "two", r"prepare\.workers must be a whole number of decoding threads, at least 1 .*'two'"),
+        ("prepare.workers", 0, r"prepare\.workers must be a whole number of decoding threads, at least 1 .*got 0"),
+        ("prepare.workers", 2.5, r"prepare\.workers must be a whole number .*got 2\.5"),
+        # A model that is not a name: AttributeError 'int' object has no attribute 'split'.
+        ("profiles.cpu.model", 123, r"profiles\.cpu\.model must be a timm model name such as tf_efficientnet_lite0, got 123"),
         # weights_file is read only with weights: file, which needs one.
         ("profiles.cpu.weights", "file", r"profiles\.cpu\.weights is file, but the profile sets no weights_file; set "
                                          r"weights_file: pretrained/<name>"),
