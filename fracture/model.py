@@ -300,15 +300,30 @@ def check_frozen(model: torch.nn.Module, frozen: Sequence[str], field: str) -> N
         )
 
 
+def check_profile_model(profile: Profile, name: str) -> None:
+    """Checks that ``profiles.<name>.model`` names an architecture timm has, before any work is done.
+
+    Raises:
+        ConfigError: it does not (a misspelt name would otherwise be reported as a weights problem).
+    """
+    if not timm.is_model(profile.model):
+        raise ConfigError(
+            f"params.yaml: profiles.{name}.model {profile.model!r} is not a model timm {timm.__version__} knows; "
+            f"write a name `timm.list_models()` lists, such as tf_efficientnet_lite0 or tf_efficientnet_b6.aa_in1k"
+        )
+
+
 def check_profile_frozen(profile: Profile, name: str) -> None:
-    """Checks ``profiles.<name>.frozen`` against the profile's architecture before any work is done.
+    """Checks ``profiles.<name>.model`` (:func:`check_profile_model`) and ``profiles.<name>.frozen``
+    against the profile's architecture before any work is done.
 
     The network is built on PyTorch's ``meta`` device: no weights are read or allocated, so it
     takes a fraction of a second (B6 about 0.3 s), and no random number is drawn that training uses.
 
     Raises:
-        ConfigError: an entry names no module of the architecture (:func:`check_frozen`).
+        ConfigError: the model is not timm's, or an entry names no module of the architecture (:func:`check_frozen`).
     """
+    check_profile_model(profile, name)
     if not profile.frozen:
         return
     with torch.device("meta"):

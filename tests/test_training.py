@@ -10,7 +10,7 @@ import pytest
 import torch
 from timm.utils.model import freeze
 
-from fracture.config import load_params
+from fracture.config import ConfigError, load_params
 from fracture.model import create_classifier, profile_data_config
 from fracture.prepare import StaleCacheError
 from fracture.training import (
@@ -407,6 +407,26 @@ def test_every_shipped_profiles_frozen_modules_are_in_its_model():
     params = load_params(REPO)
     for name, profile in params.profiles.items():
         check_profile_frozen(dataclasses.replace(profile, frozen=(*profile.frozen, "blocks.0.0", "conv_head")), name)
+
+
+def test_a_misspelt_model_is_named_as_the_profiles_model_before_any_stage_works():
+    """profiles.cpu.model: tf_efficientnet_lite00 sent the prepare stage's user to fix the weights
+    ("timm knows no pretrained config ... Give them one of three ways"), and train and crossval
+    stopped with timm's bare RuntimeError: Unknown model."""
+    from fracture.model import check_profile_frozen  # noqa: PLC0415 - this test's subject
+    from fracture.stages.prepare import active_cache  # noqa: PLC0415
+
+    params = load_params(REPO)
+    cpu = dataclasses.replace(params.profiles["cpu"], model="tf_efficientnet_lite00")
+    params = dataclasses.replace(params, profiles={**params.profiles, "cpu": cpu},
+                                 train=dataclasses.replace(params.train, profile="cpu"))
+    told = r"^params\.yaml: profiles\.cpu\.model 'tf_efficientnet_lite00' is not a model timm .* knows; write a name"
+    with pytest.raises(ConfigError, match=told):
+        active_cache(params)  # prepare, and every stage that reads the cache
+    with pytest.raises(ConfigError, match=told):
+        check_profile_frozen(cpu, "cpu")  # train and crossval
+    with pytest.raises(ConfigError, match=told):
+        check_profile_frozen(dataclasses.replace(cpu, frozen=()), "cpu")
 
 
 def test_a_loss_that_stops_being_a_number_stops_training_at_that_step_naming_the_epoch_batch_and_rate(tmp_path):

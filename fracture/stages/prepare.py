@@ -7,13 +7,14 @@ from typing import Any
 from fracture.config import Params
 from fracture.data_config import DataConfig
 from fracture.imaging import Preprocessor
-from fracture.model import profile_data_config
+from fracture.model import check_profile_model, profile_data_config
 from fracture.prepare import PreparedImages, cache_key, open_prepared, prepare_images
 from fracture.workspace import PrepareResult, Workspace
 
 
 def active_cache(params: Params) -> tuple[DataConfig, dict[str, Any]]:
     """The active profile's data config and the key of the prepared cache it needs."""
+    check_profile_model(params.profile, params.train.profile)
     config = profile_data_config(params.profile, params.prepare.aspect, params.prepare.enhance)
     return config, cache_key(config, params.validate.on_truncated == "keep")
 
