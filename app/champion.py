@@ -33,6 +33,7 @@ import base64
 import contextlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -40,10 +41,12 @@ import stat
 import sys
 import tempfile
 import threading
+import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 try:
@@ -76,6 +79,16 @@ log = logging.getLogger(__name__)
 
 class ModelUnavailable(RuntimeError):
     """The registry, the model or its alias cannot be reached; the message says what to do."""
+
+
+class RegistryUnreachable(ModelUnavailable):
+    """The registry did not answer, or its store cannot be read (a tracking server down, a network
+    outage, a file that is no MLflow store): unlike a missing model or alias, nothing a user of the
+    page did, and the version the page loaded before can go on being served (:class:`AliasWatch`)."""
+
+
+#: MLflow's answers for a registered model or alias that does not exist (its REST and SQL stores alike).
+_NOT_FOUND = frozenset({"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"})
 
 
 @dataclass(frozen=True)
@@ -229,22 +242,83 @@ def resolve_version(settings: PageSettings) -> tuple[str, str]:
                 f"No MLflow store at {store}. Train and register a model with `make main`, or point "
                 "the page at your registry with MLFLOW_TRACKING_URI."
             )
-    client = MlflowClient(tracking_uri=settings.tracking_uri)
     try:
+        # Inside: opening a store that is no MLflow store (a Git LFS pointer for mlflow.db) raises here.
+        client = MlflowClient(tracking_uri=settings.tracking_uri)
         mv = client.get_model_version_by_alias(settings.model_name, settings.alias)
     except MlflowException as exc:
+        if exc.error_code not in _NOT_FOUND:  # MLflow wraps a server that does not answer as INTERNAL_ERROR
+            raise _unreachable(settings, exc) from exc
         raise ModelUnavailable(
             f"No model version '{settings.model_name}@{settings.alias}' in the registry at "
             f"{settings.shown_uri} ({exc.message.splitlines()[0]}). Train and register one with "
             "`make main`, or point the page elsewhere with MLFLOW_TRACKING_URI, FRACTURE_MODEL_NAME "
             "and FRACTURE_MODEL_ALIAS."
         ) from exc
-    except Exception as exc:  # connection errors come in many types
-        reason = str(exc).replace(settings.tracking_uri, settings.shown_uri)
-        raise ModelUnavailable(
-            f"The MLflow registry at {settings.shown_uri} cannot be reached ({reason}). Check MLFLOW_TRACKING_URI."
-        ) from exc
+    except Exception as exc:  # connection and database errors come in many types
+        raise _unreachable(settings, exc) from exc
     return str(mv.version), mv.run_id
+
+
+def _unreachable(settings: PageSettings, exc: Exception) -> RegistryUnreachable:
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0].replace(settings.tracking_uri, settings.shown_uri)
+    return RegistryUnreachable(
+        f"The MLflow registry at {settings.shown_uri} cannot be reached or read ({reason}). Check that it is up "
+        "and that MLFLOW_TRACKING_URI names it."
+    )
+
+
+def _now() -> float:
+    """The clock :class:`AliasWatch` reads (looked up at each call, so a test can move it)."""
+    return time.monotonic()
+
+
+class AliasWatch:
+    """The version the page serves at its alias, for one registered model, shared by every browser session.
+
+    The alias is looked up (``look_up``: :func:`resolve_version`, or :func:`resolve_detector`) at most
+    every ``every`` seconds, so a moved alias reaches the page without a restart. While the registry
+    cannot be reached (:class:`RegistryUnreachable`), the answer found last goes on being served,
+    with the reason, and the registry is asked again only after ``every`` seconds: a clinician's
+    page should neither go blank nor wait on a registry that is down at every click because of a
+    network outage. Any other failure (no such model or alias) is raised and not kept.
+    """
+
+    _NEVER = object()
+
+    def __init__(
+        self,
+        settings: PageSettings,
+        look_up: Callable[[PageSettings], Any] = resolve_version,
+        every: float = 30.0,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.every = every
+        self._look_up = look_up
+        self._clock = clock or (lambda: _now())
+        self._lock = threading.Lock()
+        self._found: Any = self._NEVER
+        self._failure: RegistryUnreachable | None = None
+        self._asked = -math.inf
+
+    def current(self) -> tuple[Any, RegistryUnreachable | None]:
+        """What ``look_up`` found last, and why the registry did not answer this time (``None`` when it did).
+
+        Raises:
+            ModelUnavailable: the registry never answered for these settings, or the model or alias is gone.
+        """
+        with self._lock:  # one lookup at a time: every session needs its answer
+            if self._clock() - self._asked >= self.every:
+                try:
+                    found = self._look_up(self.settings)
+                except RegistryUnreachable as exc:
+                    self._failure, self._asked = exc, self._clock()
+                else:
+                    self._found, self._failure, self._asked = found, None, self._clock()
+            if self._found is self._NEVER:  # a lookup that failed otherwise raised its error above
+                raise self._failure or ModelUnavailable(f"{self.settings.shown_uri} gave no answer")
+            return self._found, self._failure
 
 
 def load_served_model(settings: PageSettings, version: str, run_id: str) -> ServedModel:
@@ -506,7 +580,12 @@ def _load_pyfunc(
     except Exception as exc:  # artifact stores fail in many ways; the page must say so, not crash
         if folder is not None:
             _drop_version(folder)  # with what a load that failed half-way put on sys.path
-        raise ModelUnavailable(f"{uri} could not be loaded from {settings.shown_uri}: {exc}") from exc
+        reason = str(exc).replace(str(folder), "<the page's copy>") if folder is not None else str(exc)
+        raise ModelUnavailable(
+            f"{uri} could not be loaded from {settings.shown_uri}: {reason}. Its files in the registry's artifact "
+            "store are missing or damaged: register the model again, or move the alias to a version that loads "
+            "(`fracture rollback --to <version>`)."
+        ) from exc
     return pyfunc, weakref.finalize(pyfunc, _drop_version, folder)
 
 
@@ -573,16 +652,15 @@ def resolve_detector(settings: PageSettings) -> tuple[str, str] | None:
     """
     if not settings.detector_name:
         return None
-    client = MlflowClient(tracking_uri=settings.tracking_uri)
     try:
+        client = MlflowClient(tracking_uri=settings.tracking_uri)
         mv = client.get_model_version_by_alias(settings.detector_name, settings.alias)
     except MlflowException as exc:
-        if exc.error_code in {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}:
+        if exc.error_code in _NOT_FOUND:
             return None
-        raise ModelUnavailable(
-            f"The fracture detector '{settings.detector_name}@{settings.alias}' could not be looked up at "
-            f"{settings.shown_uri}: {exc.message.splitlines()[0]}"
-        ) from exc
+        raise _unreachable(settings, exc) from exc
+    except Exception as exc:  # connection and database errors come in many types
+        raise _unreachable(settings, exc) from exc
     return str(mv.version), mv.run_id
 
 

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 
 import streamlit as st
 from champion import (
+    AliasWatch,
     ModelUnavailable,
     PageSettings,
+    RegistryUnreachable,
     ServedDetector,
     ServedModel,
     load_served_detector,
@@ -33,6 +36,12 @@ from fracture.explain import draw_boxes
 
 log = logging.getLogger("fracture.app")
 
+# MLflow retries a tracking server that does not answer 7 times, backing off to 2 minutes: a page
+# started during an outage waited about 4 minutes for its first answer. Unless the operator sets them,
+# the page retries twice and waits at most 30 s for a reply, then says the registry cannot be reached.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+
 LABELS = {"fractured": "Fractured", "not_fractured": "Not fractured"}
 # Shown images and heat maps are drawn at most this large; the model sees the full upload.
 DISPLAY_SIDE = 1024
@@ -43,11 +52,11 @@ MAX_BOXES_DRAWN = 5
 MAX_DECIMALS = 6
 
 
-@st.cache_data(ttl=30, show_spinner=False)
-def current_version(settings: PageSettings) -> tuple[str, str]:
+@st.cache_resource(show_spinner=False)
+def classifier_alias(settings: PageSettings) -> AliasWatch:
     """The version the alias points to, looked up again at most every 30 s so a moved alias
-    reaches the page without a restart."""
-    return resolve_version(settings)
+    reaches the page without a restart; the version found last while the registry cannot be reached."""
+    return AliasWatch(settings, resolve_version)
 
 
 def release(model: ServedModel | ServedDetector) -> None:
@@ -62,11 +71,16 @@ def served_model(settings: PageSettings, version: str, run_id: str) -> ServedMod
     return load_served_model(settings, version, run_id)
 
 
-@st.cache_data(ttl=30, show_spinner=False)
-def current_detector(settings: PageSettings) -> tuple[str, str] | None:
+@st.cache_resource(show_spinner=False)
+def detector_alias(settings: PageSettings) -> AliasWatch:
     """The detector version at the page's alias (``None``: no detector registered), looked up again
-    at most every 30 s."""
-    return resolve_detector(settings)
+    at most every 30 s; the version found last while the registry cannot be reached."""
+    return AliasWatch(settings, resolve_detector)
+
+
+def still_serving(what: str, version: str, unreachable: RegistryUnreachable) -> None:
+    st.warning(f"{unreachable} The page goes on serving {what} version {version}, loaded when the registry last "
+               "answered; it asks the registry again every 30 s.")
 
 
 @st.cache_resource(show_spinner="Loading the fracture detector from the registry ...", max_entries=2,
@@ -81,7 +95,9 @@ def the_detector(settings: PageSettings) -> ServedDetector | None:
     """The registered detector, or ``None`` (with a warning when one is registered but unusable):
     the classifier's answer never waits on it."""
     try:
-        found = current_detector(settings)
+        found, unreachable = detector_alias(settings).current()
+        if found is not None and unreachable is not None:
+            still_serving("the fracture detector's", found[0], unreachable)
         return None if found is None else served_detector(settings, *found)
     except ModelUnavailable as exc:
         st.warning(f"{exc} The page shows the classifier's answer without the detector's boxes.")
@@ -259,11 +275,13 @@ def main() -> None:
                 "reads every image: not a diagnosis.")
     try:
         settings = settings_from_env()
-        version, run_id = current_version(settings)
+        (version, run_id), unreachable = classifier_alias(settings).current()
         model = served_model(settings, version, run_id)
     except (ModelUnavailable, ConfigError) as exc:
         st.error(str(exc))
         return
+    if unreachable is not None:
+        still_serving("the model's", version, unreachable)
     detector = the_detector(settings)
     show_model(model, settings, detector)
 

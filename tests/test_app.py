@@ -641,6 +641,85 @@ def test_the_heat_map_of_a_model_scored_with_its_mirror_says_so(monkeypatch, pag
     assert len(shown_images) == 2 and shown_images[1].endswith("(the mean over the X-ray and its mirror, as the score)")
 
 
+def test_the_alias_watch_serves_the_version_found_last_while_the_registry_cannot_be_reached():
+    from champion import AliasWatch, ModelUnavailable, PageSettings, RegistryUnreachable
+
+    now = [0.0]
+    answers: list[object] = [RegistryUnreachable("down at start"), ("1", "run-1"), RegistryUnreachable("outage"),
+                             ("2", "run-2"), ModelUnavailable("alias deleted")]
+    asked: list[float] = []
+
+    def look_up(settings):
+        asked.append(now[0])
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    watch = AliasWatch(PageSettings("sqlite:///x.db", "m", "champion"), look_up, every=30, clock=lambda: now[0])
+    with pytest.raises(RegistryUnreachable, match="down at start"):  # nothing found yet: nothing to serve
+        watch.current()
+    now[0] = 10  # a failure is kept too: no click waits on a registry that is down
+    with pytest.raises(RegistryUnreachable, match="down at start"):
+        watch.current()
+    now[0] = 30
+    assert watch.current() == (("1", "run-1"), None)
+    now[0] = 60
+    found, unreachable = watch.current()
+    assert found == ("1", "run-1") and str(unreachable) == "outage"  # the version found last, and why
+    now[0] = 89
+    assert watch.current()[0] == ("1", "run-1") and asked == [0, 30, 60]
+    now[0] = 90
+    assert watch.current() == (("2", "run-2"), None)  # the registry back: the alias moved meanwhile
+    now[0] = 120
+    with pytest.raises(ModelUnavailable, match="alias deleted"):  # not an outage: said, not covered up
+        watch.current()
+
+
+def test_a_registry_outage_leaves_the_page_serving_the_version_it_loaded(monkeypatch, page_registry):
+    """A tracking server that stopped answering while the page ran: after 30 s the page said "No model
+    version ... Train and register one with make main", dropped the result and the uploader, and
+    waited minutes on MLflow's retries at every click. Now it goes on serving the version it loaded,
+    saying why, and asks the registry again every 30 s."""
+    import champion  # the module the page imported (APP is on sys.path)
+
+    now = [champion._now()]
+    monkeypatch.setattr(champion, "_now", lambda: now[0])
+    # A detector name of its own: settings no other test's page shares, so its alias watch is this test's.
+    monkeypatch.setenv("FRACTURE_DETECTOR_NAME", "detector-of-the-outage-test")
+    at = page(monkeypatch, page_registry)
+    monkeypatch.setenv("FRACTURE_DETECTOR_NAME", "detector-of-the-outage-test")
+    at = at.run()
+    assert not at.exception and not at.error and not at.warning and at.file_uploader
+    calls: list[str] = []
+
+    class Down:
+        def __init__(self, tracking_uri: str) -> None:
+            calls.append(tracking_uri)
+            raise ConnectionRefusedError(f"connection to {tracking_uri} refused")
+
+    monkeypatch.setattr(champion, "MlflowClient", Down)
+    now[0] += 31
+    data = real_xray("Fractured").read_bytes()
+    at = upload(at.run(), "xray.jpg", data, "image/jpeg")
+    assert not at.exception and not at.error
+    warned = [w.value for w in at.warning]
+    assert len(warned) == 1 and warned[0].startswith(
+        f"The MLflow registry at {page_registry.uri} cannot be reached or read (connection to {page_registry.uri} refused)."
+    ) and warned[0].endswith("The page goes on serving the model's version 1, loaded when the registry last answered; "
+                             "it asks the registry again every 30 s.")
+    expected = consumer_prediction(page_registry, data)
+    assert metrics(at)["Fracture probability"] == f"{expected['fracture_probability']:.3f}"
+    looked_up = len(calls)  # the classifier's alias, and the detector's
+    now[0] += 5
+    at.run()
+    assert len(calls) == looked_up  # within 30 s the registry is not asked again
+    monkeypatch.setattr(champion, "MlflowClient", MlflowClient)
+    now[0] += 31
+    at = at.run()
+    assert not at.warning and not at.error and at.file_uploader
+
+
 def test_a_failing_heat_map_leaves_the_prediction_on_the_page(monkeypatch, page_registry):
     """Grad-CAM is an explanation of the score, not the score: when it fails, the class and
     probability are still shown, with a warning where the heat map would be."""
