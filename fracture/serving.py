@@ -100,7 +100,15 @@ def input_root(environ: Mapping[str, str] = os.environ) -> Path | None:
 
 
 def _present(value: Any) -> bool:
-    return isinstance(value, (str, bytes, bytearray)) and len(value) > 0
+    return isinstance(value, (str, bytes, bytearray, memoryview)) and len(value) > 0
+
+
+def _missing(value: Any) -> bool:
+    """An empty cell as pandas fills one in: None, NaN, NaT or pd.NA."""
+    try:
+        return bool(pd.isna(value))
+    except (TypeError, ValueError):  # an array or other container: not one missing value
+        return False
 
 
 def read_path(i: int, path: str, root: Path | None, policy: InputPolicy) -> bytes:
@@ -155,6 +163,8 @@ def check_request(
     if on_error not in ON_ERROR:
         raise RequestRefused(f"parameter on_error must be one of {', '.join(ON_ERROR)}; got {on_error!r}")
     frame = pd.DataFrame(model_input)
+    if len(frame) == 0:  # an empty batch gets an empty answer, whichever JSON form sent it (some carry no column)
+        return on_error, frame.reset_index(drop=True)
     if not {"image", "path"} & set(frame.columns):
         raise RequestRefused("input needs a column 'image' (file bytes, or base64 text) or 'path'")
     if len(frame) > policy.max_rows:
@@ -210,6 +220,12 @@ def read_row(
     """
     image = row.get("image")
     path = row.get("path")
+    for column, value in (("image", image), ("path", path)):
+        if not (value is None or isinstance(value, (str, bytes, bytearray, memoryview)) or _missing(value)):
+            raise RowRefused(
+                f"row {i}: '{column}' holds a value of type {type(value).__name__}; give "
+                + ("the file's bytes, or base64 text" if column == "image" else "a file path, as text")
+            )
     has_image, has_path = _present(image), _present(path)
     if has_image == has_path:
         raise RowRefused(f"row {i}: give exactly one of 'image' (file bytes, or base64 text) or 'path' (a file path)")

@@ -149,8 +149,13 @@ def test_a_draft_model_reads_jpegs_at_draft_scale_and_dicom_in_full(tmp_path):
     assert abs(out["fracture_probability"][1] - full) <= 1e-6
 
 
-def test_an_empty_frame_gives_an_empty_answer(model):
-    out = model.predict(pd.DataFrame({"path": pd.Series([], dtype=object)}))
+@pytest.mark.parametrize("frame", [pd.DataFrame({"path": pd.Series([], dtype=object)}), pd.DataFrame(),
+                                   pd.DataFrame.from_records([])])
+def test_an_empty_frame_gives_an_empty_answer(model, frame):
+    """Also one without columns, as `{"dataframe_records": []}`, `{"instances": []}` and `{"inputs": []}`
+    reach the model: those were refused for want of an 'image' column, while the other JSON forms of
+    an empty batch were answered with no rows."""
+    out = model.predict(frame)
     assert out.empty and list(out.columns) == ["fracture_probability", "label", "threshold", "error", "note"]
 
 
@@ -160,6 +165,8 @@ BAD_ROWS = [
     ({"image": "this is not base64!"}, "row 1: 'image' is not base64 text"),
     ({"image": "bild\u00e9"}, "row 1: 'image' is not base64 text"),  # text beyond ASCII, which b64decode refuses apart
     ({"image": "", "path": ""}, "row 1: give exactly one of 'image'"),
+    # Was told it gave neither an image nor a path.
+    ({"image": 5}, "row 1: 'image' holds a value of type int; give the file's bytes, or base64 text"),
     ({"image": base64.b64encode(ihdr_png(12_000, 12_000)).decode()}, "row 1: the image declares 12000 x 12000 px"),
 ]
 
