@@ -37,7 +37,7 @@ from typing import IO
 
 import numpy as np
 import pandas as pd
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from fracture.decoding import (
     decode,
@@ -219,7 +219,13 @@ def inspect_image(
     """
     if why := not_a_file(Path(path)):
         return ImageFacts(None, None, None, None, False, False, why)
-    data = Path(path).read_bytes()
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:  # a file this user may not read: a fault of the copy, not of the disk the stage writes to
+        return ImageFacts(None, None, None, None, False, False,
+                          f"it cannot be read ({exc.strerror or exc}): make it readable by the user the pipeline runs as")
+    if not data:
+        return ImageFacts(None, None, None, None, False, False, "the file is empty (it holds no bytes): export it again")
     digest = hashlib.sha256(data).hexdigest()
     over = too_many_pixels(data, max_pixels) if max_pixels is not None else None
     if over:  # refused unread, as the served model refuses a decompression bomb
@@ -229,15 +235,15 @@ def inspect_image(
         img = decode(data, modalities=modalities)
     except OSError as exc:
         if "truncated" not in str(exc):
-            return ImageFacts(None, None, None, digest, False, False, str(exc))
+            return ImageFacts(None, None, None, digest, False, False, _reason(exc))
         truncated = True
     except (SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        return ImageFacts(None, None, None, digest, False, False, str(exc))
+        return ImageFacts(None, None, None, digest, False, False, _reason(exc))
     if truncated:
         try:
             img = decode_truncated(data, modalities=modalities)
         except (OSError, SyntaxError, ValueError) as exc:
-            return ImageFacts(None, None, None, digest, False, True, str(exc))
+            return ImageFacts(None, None, None, digest, False, True, _reason(exc))
     # Decoded, yet refused when served (a truncated file too, as the served model checks it): not trained on either.
     refused = unservable(img.format, img.mode, png_bit_depth(data)) or (
         near_constant(img, min_grey_std) if min_grey_std is not None else None
@@ -245,6 +251,17 @@ def inspect_image(
     if refused:
         return ImageFacts(img.width, img.height, img.mode, digest, False, truncated, refused)
     return ImageFacts(img.width, img.height, img.mode, digest, True, truncated, "image file is truncated" if truncated else None)
+
+
+def _reason(exc: BaseException) -> str:
+    """A decoder's error as the manifest records it: the same for the same file on every run.
+
+    Pillow names the in-memory buffer it read by its address ("cannot identify image file
+    <_io.BytesIO object at 0x7f63...>"), which changed ``manifest.csv``'s bytes from run to run.
+    """
+    if isinstance(exc, UnidentifiedImageError):
+        return "it is not an image file that can be read (JPEG, PNG or DICOM)"
+    return re.sub(r" ?<[^<>]* object at 0x[0-9a-fA-F]+>", "", str(exc))
 
 
 def _typed(frame: pd.DataFrame) -> pd.DataFrame:
@@ -274,6 +291,7 @@ def join_files_and_csv(files: pd.DataFrame, csv: pd.DataFrame) -> pd.DataFrame:
 
 
 def _read_fracatlas_layout(dataset_dir: Path) -> pd.DataFrame:
+    _require_fracatlas_folders(dataset_dir)
     rows = []
     for folder, label in FOLDERS.items():
         for p in sorted((dataset_dir / "images" / folder).iterdir()):
@@ -285,6 +303,34 @@ def _read_fracatlas_layout(dataset_dir: Path) -> pd.DataFrame:
                 rows.append({"image_id": p.name, "path": p.relative_to(dataset_dir).as_posix(), "folder_label": label})
     files = pd.DataFrame(rows, columns=["image_id", "path", "folder_label"])
     return join_files_and_csv(files, read_dataset_csv(dataset_dir / "dataset.csv"))
+
+
+def _require_fracatlas_folders(dataset_dir: Path) -> None:
+    """FracAtlas's layout: each image directly in ``images/Fractured`` or ``images/Non_fractured``.
+
+    Raises:
+        ManifestError: a class folder is missing, or ``images/`` holds anything else (a file beside
+            the class folders, another folder, a sub-folder of a class folder): its images would be
+            read by no one, so they are named rather than left out unseen.
+    """
+    images = dataset_dir / "images"
+    missing = [folder for folder in FOLDERS if not (images / folder).is_dir()]
+    if missing:
+        raise ManifestError(
+            f"{images} lacks {', '.join(f'{f}/' for f in missing)}: FracAtlas's layout (ingest.layout: fracatlas) "
+            f"keeps each image in images/Fractured or images/Non_fractured. Ingest the FracAtlas release again, or, "
+            "for a hospital's export with a labels.csv, set ingest.layout: csv"
+        )
+    stray = [p for p in sorted(images.iterdir()) if p.name not in FOLDERS and not hidden(p.name)]
+    stray += [p for folder in FOLDERS for p in sorted((images / folder).iterdir()) if p.is_dir() and not hidden(p.name)]
+    if stray:
+        shown = ", ".join(p.relative_to(dataset_dir).as_posix() + ("/" if p.is_dir() else "") for p in stray[:10])
+        more = f" and {len(stray) - 10} more" if len(stray) > 10 else ""
+        raise ManifestError(
+            f"{images} holds what FracAtlas's layout does not, whose images no one would read: {shown}{more}. Each "
+            "image lies directly in images/Fractured or images/Non_fractured, with its row in dataset.csv: move "
+            "them there, or out of images/, and run ingest again"
+        )
 
 
 def read_dataset_csv(csv_file: Path | str, handle: IO[bytes] | None = None) -> pd.DataFrame:
@@ -622,6 +668,14 @@ def read_csv_layout(dataset_dir: Path) -> pd.DataFrame:
             :func:`_dicom_patients`).
     """
     csv_file = dataset_dir / LABELS_CSV
+    for needed, what in ((csv_file, "its labels (a row per image: path or image_id, and label)"),
+                         (dataset_dir / IMAGES_DIR, "its images")):
+        if not (needed.is_dir() if needed.name == IMAGES_DIR else needed.is_file()):
+            raise ManifestError(
+                f"{needed} is missing: a hospital's export (ingest.layout: csv) holds {what} in {needed.name}"
+                f"{'/' if needed.name == IMAGES_DIR else ''} beside {'images/' if needed == csv_file else LABELS_CSV}. "
+                "Add it to the export and run ingest again; for FracAtlas's release, set ingest.layout: fracatlas"
+            )
     try:
         csv = _read_text_csv(csv_file, _labels_column)
     except _OtherSeparator as exc:

@@ -294,6 +294,64 @@ def test_hidden_files_in_the_class_folders_are_not_images(tmp_path, vparams):
     assert report.success and all(f.success for f in report.findings), [f.rule for f in report.findings if not f.success]
 
 
+@pytest.mark.parametrize("stray", ["images/NEW0000002.jpg", "images/Unsure/NEW0000003.jpg",
+                                   "images/Fractured/batch2/NEW0000001.jpg"])
+def test_an_image_outside_the_class_folders_stops_the_stage_naming_it(tmp_path, stray):
+    """FracAtlas's layout reads images/Fractured and images/Non_fractured, each flat: an image
+    anywhere else under images/ was left out without a word (and, listed in dataset.csv, said
+    to have no file)."""
+    make_dataset(tmp_path)
+    (tmp_path / stray).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(tmp_path / "images/Fractured/IMG0000001.jpg", tmp_path / stray)
+    named = stray if stray.count("/") == 1 else stray.rsplit("/", 1)[0] + "/"
+    with pytest.raises(ManifestError, match=rf"holds what FracAtlas's layout does not, whose images no one would read: "
+                                            rf"{re.escape(named)}\. Each image lies directly in images/Fractured"):
+        build_manifest(tmp_path, workers=1)
+
+
+@pytest.mark.parametrize("layout", ["fracatlas", "csv"])
+def test_a_missing_class_folder_or_labels_file_is_named_with_what_to_do(tmp_path, layout):
+    """These stopped the stage with a bare "[Errno 2] No such file or directory"."""
+    if layout == "fracatlas":
+        make_dataset(tmp_path)
+        shutil.rmtree(tmp_path / "images/Fractured")
+        told = r"images lacks Fractured/: FracAtlas's layout \(ingest.layout: fracatlas\) keeps each image"
+    else:
+        (tmp_path / "images").mkdir()
+        told = r"labels\.csv is missing: a hospital's export \(ingest.layout: csv\) holds its labels"
+    with pytest.raises(ManifestError, match=told):
+        build_manifest(tmp_path, workers=1, layout=layout)
+
+
+def test_an_unreadable_or_empty_file_is_excluded_with_a_reason_that_is_the_same_on_every_run(tmp_path, vparams,
+                                                                                           monkeypatch):
+    """Pillow's "cannot identify image file <_io.BytesIO object at 0x7f63...>" went into the manifest,
+    whose bytes then changed from run to run; a file this user may not read stopped the stage as a
+    failure to write."""
+    make_dataset(tmp_path)
+    (tmp_path / "images/Non_fractured/IMG0000008.jpg").write_bytes(b"")
+    (tmp_path / "images/Non_fractured/IMG0000009.jpg").write_text("a report, not an image\n")
+    locked = tmp_path / "images/Non_fractured/IMG0000012.jpg"
+    read_bytes = Path.read_bytes
+
+    def as_another_user(self):
+        if self == locked:
+            raise PermissionError(13, "Permission denied", str(self))
+        return read_bytes(self)
+
+    monkeypatch.setattr(Path, "read_bytes", as_another_user)
+    manifests = [build_manifest(tmp_path, workers=1) for _ in range(2)]
+    assert manifests[0].to_csv() == manifests[1].to_csv()
+    errors = manifests[0].set_index("image_id")["error"]
+    assert errors["IMG0000008.jpg"] == "the file is empty (it holds no bytes): export it again"
+    assert errors["IMG0000009.jpg"] == "it is not an image file that can be read (JPEG, PNG or DICOM)"
+    assert errors["IMG0000012.jpg"] == ("it cannot be read (Permission denied): make it readable by the user the "
+                                        "pipeline runs as")
+    _, report = validate(manifests[0], with_severity(vparams, decodable="soft"))
+    assert {i for i, e in report.excluded.items() if e.rule == "decodable"} == {
+        "IMG0000008.jpg", "IMG0000009.jpg", "IMG0000012.jpg"}
+
+
 def test_soft_quirks_in_files_are_detected_and_reported_by_id(tmp_path, vparams):
     csv = make_dataset(tmp_path)
     truncate(tmp_path / "images/Non_fractured/IMG0000010.jpg")
