@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import posixpath
+import stat
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -310,14 +311,22 @@ def _classes_by_id(frame: pd.DataFrame, column: str = "folder_label") -> dict[st
     return result
 
 
-def _file_md5(path: Path) -> str:
-    """The md5 of a file's content, as DVC records it for a file of a tracked directory.
+def _file_md5(path: Path) -> str | None:
+    """The md5 of a file's content, as DVC records it for a file of a tracked directory; ``None``
+    for an entry that is no regular file to read (a link whose target is gone, a FIFO, which
+    reading would wait on forever, a file this user cannot read): the manifest never opens those
+    either, and excludes each with its reason.
 
     DVC 3 (``hash: md5`` in the ``.dvc`` file) hashes a file's bytes as they are; DVC 2's
     ``md5-dos2unix`` converts line endings of text files only, so an image's is the same.
     """
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "md5").hexdigest()
+    try:
+        if not stat.S_ISREG(path.stat().st_mode):
+            return None
+        with path.open("rb") as f:
+            return hashlib.file_digest(f, "md5").hexdigest()
+    except OSError:
+        return None
 
 
 def _md5s_by_id(frame: pd.DataFrame, md5_of: Callable[[str], str | None]) -> dict[str, str | list[str]]:

@@ -187,6 +187,27 @@ def test_uncommitted_version_reports_new_removed_and_changed_ids(project: Path) 
     assert "data/elsewhere" in elsewhere["message"] and "dvc fetch" not in elsewhere["message"]
 
 
+@pytest.mark.parametrize("entry", ["a broken link", "a FIFO"])
+def test_an_entry_that_is_no_file_to_read_is_not_opened_to_compare_its_content(project: Path, entry: str) -> None:
+    """An image of the previous version turned into a link whose target is gone, or a FIFO: the
+    manifest excludes it with its reason without opening it, but the comparison opened it, and the
+    stage stopped on "[Errno 2] No such file or directory", or waited on the FIFO forever."""
+    add_image(project, "IMG0000100.jpg", 1, shoulder=1, lateral=1)
+    dvc(project, "add", "-q", "data")
+    commit(project, "dataset v2")
+    path = dataset(project) / "images/Non_fractured/IMG0000005.jpg"  # in both versions; since broken on disk
+    path.unlink()
+    if entry == "a broken link":
+        path.symlink_to(path.with_name("gone.jpg"))
+    else:
+        os.mkfifo(path)
+    rows = manifest(project)
+    assert not rows.set_index("image_id").at["IMG0000005.jpg", "decodable"]
+    result = compare_with_previous(rows, project)
+    assert result["status"] == STATUS_COMPARED, result["message"]
+    assert "IMG0000005.jpg" not in result["new_ids"] + result["removed_ids"]
+
+
 def test_a_label_changed_in_the_csv_alone_is_reported(project: Path) -> None:
     """Under validate.on_label_conflict: csv the csv's label is the one trained on: a relabel there,
     the file left in its folder, is a change of the data too."""
