@@ -33,7 +33,7 @@ from fracture.evaluation import (
 from fracture.prepare import PreparedImages
 from fracture.split import group_key
 from fracture.training import EpochCallback, FitResult, fit_members
-from fracture.workspace import CrossvalFold, Workspace
+from fracture.workspace import CrossvalFold, Workspace, read_table
 
 #: Columns of the out-of-fold predictions, those every run's must hold. The crossval stage writes
 #: each image's ``group`` of linked images (:func:`oof_groups`) after them; predictions written
@@ -565,7 +565,7 @@ def read_oof(run: str, root: Path) -> pd.DataFrame:
 def _read_oof_file(run: str, root: Path) -> pd.DataFrame:
     if Path(run).is_file():
         try:
-            return pd.read_csv(run)
+            return read_table(Path(run))
         except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
             raise CrossvalError(
                 f"{run}: not a CSV of out-of-fold predictions ({exc}); give the oof.csv `fracture crossval` wrote"
@@ -575,7 +575,7 @@ def _read_oof_file(run: str, root: Path) -> pd.DataFrame:
 
     path = Workspace(root).crossval_oof.relative_to(root).as_posix()
     try:
-        return pd.read_csv(io.StringIO(dvc.api.read(path, repo=str(root), rev=run)))
+        return read_table(io.StringIO(dvc.api.read(path, repo=str(root), rev=run)))
     except (DvcException, FileNotFoundError) as exc:
         raise CrossvalError(
             f"{run}: no file of that name, and no revision or `dvc exp` name of this project with {path} ({exc}); "

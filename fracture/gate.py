@@ -24,6 +24,7 @@ from fracture.evaluation import PairedAUC, delong_paired, point_metrics
 from fracture.fingerprints import split_fingerprint
 from fracture.seen import SeenImages
 from fracture.split import split_groups
+from fracture.workspace import read_table
 
 
 class SplitTableError(ValueError):
@@ -83,7 +84,7 @@ class EvaluatedSplit:
         """
         if not test_csv.is_file():
             raise FileNotFoundError(f"{test_csv} not found: run the split stage first (dvc repro)")
-        frame = pd.read_csv(test_csv, dtype={"image_id": str, "path": str})
+        frame = read_table(test_csv)
         missing = {"image_id", "path", "label"} - set(frame.columns)
         if missing:
             raise SplitTableError(f"{test_csv}: columns {sorted(missing)} missing; rebuild it with `dvc repro split`")

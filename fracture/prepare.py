@@ -25,6 +25,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from fracture.data_config import DataConfig
 from fracture.imaging import Preprocessor, nchw
+from fracture.workspace import read_table
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +204,7 @@ def open_prepared(out_dir: Path, key: dict[str, Any]) -> PreparedImages:
             f"the prepared cache in {out_dir} was built for {built}, but this model needs {key}: "
             "run `dvc repro prepare` (or `dvc repro`) to rebuild it"
         )
-    index = pd.read_csv(out_dir / INDEX, dtype={"image_id": str, "sha256": str})
+    index = read_table(out_dir / INDEX)
     images = np.load(out_dir / IMAGES, mmap_mode="r")
     digests = dict(zip(index["image_id"], index["sha256"], strict=True)) if "sha256" in index else {}
     return PreparedImages(

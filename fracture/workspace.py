@@ -11,6 +11,7 @@ Reading a file that is not there raises :class:`FileNotFoundError` naming the st
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import stat
@@ -96,7 +97,26 @@ def _read_json(path: Path, stage: str) -> Any:
 def _read_frame(path: Path, stage: str) -> pd.DataFrame:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run the {stage} stage first (dvc repro {stage})")
-    return pd.read_csv(path, dtype=_TEXT_COLUMNS)
+    return read_table(path)
+
+
+def read_table(source: Path | TextIO) -> pd.DataFrame:
+    """A csv the pipeline wrote (the manifest, a split table, the prepared cache's index), with its
+    text columns (``image_id``, ``path``, ``sha256``, ``patient_id``) read as written.
+
+    pandas reads the text ``NA``, ``null``, ``None`` (and other spellings) as a missing value, and
+    an export may name an image or a patient so: three such ids came back from the manifest as
+    missing, and the split stopped on pandas' "Reindexing only valid with uniquely valued Index
+    objects" (one came back as an image without an id). An empty cell stays missing.
+    """
+    text = source.read_text() if isinstance(source, Path) else source.read()
+    frame = pd.read_csv(io.StringIO(text), dtype=_TEXT_COLUMNS)
+    names = [name for name in _TEXT_COLUMNS if name in frame.columns]
+    if names:
+        written = pd.read_csv(io.StringIO(text), usecols=names, dtype=str, keep_default_na=False)
+        for name in names:
+            frame[name] = written[name].mask(written[name] == "")
+    return frame
 
 
 def git_output(root: Path, *args: str) -> str | None:

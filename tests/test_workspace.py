@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from fracture.data_config import DataConfig
-from fracture.workspace import EvaluateResult, TrainedModel, Workspace
+from fracture.workspace import EvaluateResult, TrainedModel, Workspace, read_table
 
 CONFIG = DataConfig((3, 224, 224), "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
@@ -159,3 +159,19 @@ def test_a_long_list_of_dirty_files_is_cut_short_with_a_count():
     assert len(", ".join(kept)) <= 100 and tag.endswith(f" and {200 - len(kept)} more (git status in the project lists them)")
     assert dirty_files_tag(files[:2]) == "fracture/module_000.py, fracture/module_001.py"
     assert len(dirty_files_tag(files)) < 1100  # MLflow takes 8000 characters a tag
+
+
+def test_a_table_reads_back_ids_spelt_as_pandas_missing_values(tmp_path):
+    """pandas reads the text NA, None and null as missing: three images so named validated, then came
+    back from the manifest as missing ids, and the split stopped on "Reindexing only valid with
+    uniquely valued Index objects"."""
+    written = pd.DataFrame({"image_id": ["NA", "None", "null", "IMG1.jpg"], "path": ["images/NA", "", "images/null",
+                                                                                       "images/IMG1.jpg"],
+                            "patient_id": ["NA", "n/a", "", "P1"], "label": [1, 0, 1, None]})
+    written.to_csv(tmp_path / "manifest.csv", index=False)
+    read = read_table(tmp_path / "manifest.csv")
+    assert read["image_id"].tolist() == ["NA", "None", "null", "IMG1.jpg"]
+    assert read["patient_id"].tolist()[:2] == ["NA", "n/a"] and read["patient_id"].isna().tolist() == [False, False,
+                                                                                                      True, False]
+    assert read["path"].isna().tolist() == [False, True, False, False]  # an empty cell stays missing
+    assert read["label"].isna().tolist() == [False, False, False, True]  # other columns as pandas reads them
