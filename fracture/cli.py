@@ -157,7 +157,9 @@ def ingest(
 def _print_validation(result: ValidateResult, workspace: Workspace) -> None:
     for f in result.findings:
         if not f["success"]:
-            print(f"[{f['severity']}] {f['rule']}: {f['unexpected_count']} images, e.g. {f['unexpected_ids'][:5]}")
+            found = (f"{f['unexpected_count']} images, e.g. {f['unexpected_ids'][:5]}" if f["unexpected_ids"]
+                     else f"observed {f.get('observed')}")  # a whole-table rule: the fractured share
+            print(f"[{f['severity']}] {f['rule']}: {found}")
     skipped = [f["rule"] for f in result.findings if f.get("skipped")]
     if skipped:
         print(f"skipped for this dataset's layout (ingest.layout), see the report: {', '.join(skipped)}")

@@ -125,8 +125,10 @@ def validate(
     resolved, excluded = apply_policy(manifest, params, run.findings, groups)
     used = resolved[resolved["included"]]
     counts = {
-        "ids": int(len(resolved)),
-        "files": int(resolved["has_file"].sum()),
+        # Distinct: an id on two csv rows (or filed in both class folders) is one id, excluded whole, so
+        # ids = included + excluded.
+        "ids": int(resolved["image_id"].nunique()),
+        "files": int(resolved.loc[resolved["has_file"].astype(bool), "path"].nunique()),
         "included": int(len(used)),
         "excluded": len(excluded),
         "fractured_included": int((used["label"] == 1).sum()),
@@ -178,11 +180,13 @@ def _near_duplicate_counts(manifest: pd.DataFrame, groups: list[list[str]]) -> d
     return counts
 
 
-def failure_message(report: ValidationReport) -> str:
+def failure_message(report: ValidationReport, allowed: dict[str, str] | None = None) -> str:
     """What failed, for the stage's error: one line per failed hard rule.
 
     Args:
         report: a report whose :meth:`ValidationReport.failures` is not empty.
+        allowed: for a whole-table rule, what it allows and the setting that says so, shown
+            beside what was observed (the fractured share: "allowed 0.05 to 0.5 (validate.fractured_share)").
 
     Returns:
         The rule and up to :data:`MAX_IDS` offending ids, quoted (or the observed value of a
@@ -191,7 +195,9 @@ def failure_message(report: ValidationReport) -> str:
     lines = []
     for f in report.failures():
         # Quoted: an empty id reads '', not as nothing, and a space at either end shows.
-        ids = ", ".join(map(repr, f.unexpected_ids[:MAX_IDS])) or f"observed {f.observed}"
+        ids = ", ".join(map(repr, f.unexpected_ids[:MAX_IDS])) or (
+            f"observed {f.observed}" + (f", {allowed[f.rule]}" if f.rule in (allowed or {}) else "")
+        )
         more = f" and {len(f.unexpected_ids) - MAX_IDS} more" if len(f.unexpected_ids) > MAX_IDS else ""
         rows = f" for {f.unexpected_count} images" if f.unexpected_count else ""
         lines.append(f"rule '{f.rule}' failed{rows}: {ids}{more}")

@@ -255,6 +255,16 @@ def test_failure_message_quotes_each_id_so_an_empty_one_shows(vparams, clean_man
     assert "rule 'decodable' failed for 1 images: 'IMG0000010.jpg'\n" in message
 
 
+def test_a_fractured_share_outside_its_range_says_what_it_allows_and_where_that_is_set(vparams, clean_manifest):
+    """It said "observed 0.6", then "fix the data": a hospital cannot fix its case mix."""
+    manifest = clean_manifest.copy()
+    manifest["folder_label"] = manifest["csv_label"] = 1
+    _, report = validate(manifest, vparams)
+    low, high = vparams.fractured_share
+    message = failure_message(report, {"fractured_share_in_range": f"allowed {low} to {high} (validate.fractured_share)"})
+    assert f"rule 'fractured_share_in_range' failed: observed 1.0, allowed {low} to {high} (validate.fractured_share)\n" in message
+
+
 @pytest.mark.parametrize("flag", ["hardware", "multiscan", "frontal", "lateral", "oblique"])
 def test_every_flag_column_is_0_or_1_not_only_the_body_parts(vparams, clean_manifest, flag):
     _, report = validate(mutate(clean_manifest, "IMG0000004.jpg", **{flag: 2}), vparams)
@@ -426,6 +436,12 @@ def test_an_id_on_two_rows_fails_its_rule_with_near_duplicates_on(tmp_path, vpar
         assert "rename one of the files" in reason
     else:
         assert "images/Fractured/IMG0000001.jpg (on 2 rows)" in reason and "remove the repeated row" in reason
+    # Distinct ids and files: the repeated id is one id, excluded whole, and one file is no byte-identical
+    # group (the counts read 21 ids, 21 files, 19 included and 1 excluded, and "1 groups of byte-identical files").
+    counts = report.counts
+    files = 21 if where == "both class folders" else 20
+    assert (counts["ids"], counts["files"], counts["included"], counts["excluded"]) == (20, files, 19, 1)
+    assert report.duplicate_groups == []
 
 
 def test_every_row_of_a_repeated_id_is_excluded_under_its_rule_whatever_the_severity(vparams, clean_manifest):

@@ -59,5 +59,8 @@ def run_validate(params: Params, workspace: Workspace) -> ValidateResult:
         comparison = {"status": "disabled", "message": "validate.compare_previous is false"}
     result = workspace.write_validate(resolved, report, version, comparison)
     if not report.success:
-        raise ValidationFailed(failure_message(report) + f"\nfull report: {workspace.validation_report}")
+        low, high = params.validate.fractured_share
+        allowed = {"fractured_share_in_range": f"allowed {low} to {high} (validate.fractured_share in params.yaml: "
+                                               "widen it for a case mix unlike FracAtlas's)"}
+        raise ValidationFailed(failure_message(report, allowed) + f"\nfull report: {workspace.validation_report}")
     return result
