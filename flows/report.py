@@ -80,7 +80,7 @@ def render_report(result: RetrainResult) -> str:
         "| | |",
         "|---|---|",
         f"| Data version (DVC md5 of `data`) | {_code(ingest.data_version)} |",
-        f"| Previous data version | {_code(ingest.previous_version)} |",
+        f"| Data version of the last completed run | {_code(ingest.previous_version)} |",
         f"| Data changed | {'yes' if ingest.changed else 'no'} |",
         "| Split (images) | " + ", ".join(f"{k} {v}" for k, v in result.split.sizes.items()) + " |",
         f"| Excluded by validation | {len(result.validate.excluded)} |",

@@ -400,6 +400,7 @@ def _retrain(project: Path, source: str | None, profile: str | None) -> RetrainR
             f"{detect_metrics['map_50_ci_high']:.4f}); {d.name} version {d.version}, champion: {d.champion} ({d.reason})"
         )
     result = RetrainResult(name, ingested, runs, registration=registration, detector=detector, moves=moves, **results)
+    Workspace(project).record_completed_run(ingested.data_version)
 
     m = result.evaluate.metrics
     print(

@@ -365,6 +365,27 @@ class Workspace:
         """
         return self.outputs / "ingest" / "source.json"
 
+    @property
+    def completed_run_record(self) -> Path:
+        """The data version the retraining flow's last completed run ended with (:meth:`completed_data_version`)."""
+        return self.outputs / "ingest" / "completed-run.json"
+
+    def completed_data_version(self) -> str | None:
+        """The data version of the retraining flow's last completed run; ``None`` before one completed.
+
+        A run that failed after its ingest leaves ``data.dvc`` at the new version: compared with
+        ``data.dvc`` alone, the run after it would report the same data as before, though no
+        model was trained on it yet.
+        """
+        try:
+            return json.loads(self.completed_run_record.read_text()).get("data_version")
+        except (OSError, ValueError, AttributeError):
+            return None
+
+    def record_completed_run(self, data_version: str | None) -> None:
+        """Records the data version a retraining run completed with (the next run's "previous")."""
+        write_json(self.completed_run_record, {"data_version": data_version})
+
     # validate
 
     @property

@@ -123,7 +123,8 @@ class StageRun:
 
 @dataclass(frozen=True)
 class IngestSummary:
-    """The dataset version (DVC's md5 of ``data``) after ingest, and the one before it."""
+    """The dataset version (DVC's md5 of ``data``) after ingest, and the one the last completed run
+    ended with (before any run completed: the one before this ingest)."""
 
     data_version: str | None
     seconds: float
@@ -132,7 +133,7 @@ class IngestSummary:
 
     @property
     def changed(self) -> bool:
-        """Whether this ingest brought in a dataset other than the one the project had."""
+        """Whether the run has a dataset other than the one the last completed run ended with."""
         return self.data_version != self.previous_version
 
 
@@ -490,11 +491,14 @@ def ingest_task(project: Path, source: str | None) -> IngestSummary:
     """
     started = time.perf_counter()
     workspace, params = Workspace(project), load_params(project)
-    previous = workspace.data_version()
+    current = workspace.data_version()
+    # The data the last completed run ended with: after a run that failed past its ingest, data.dvc
+    # already holds the new version, which no model was trained on yet.
+    previous = workspace.completed_data_version() or current
     unchanged, listing = _unchanged_source(workspace, params, source)
     if unchanged is not None:
         run_logger().info(unchanged)
-        return IngestSummary(previous, time.perf_counter() - started, previous, unchanged=unchanged)
+        return IngestSummary(current, time.perf_counter() - started, previous, unchanged=unchanged)
     run_command(project, ["ingest", *(["--source", source] if source else [])])
     dvc_add_data(project)
     version = workspace.data_version()

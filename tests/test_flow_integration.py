@@ -177,6 +177,19 @@ def test_flow_registers_a_champion_then_reruns_nothing(project, subset_source, f
     fourth = retrain(project_dir=str(project), source=os.path.relpath(subset_source))
     assert fourth.ingest.unchanged is None and edited.is_file() and fourth.nothing_changed
 
+    # A run that fails after its ingest (a stage's command failing on the new data) leaves data.dvc at the
+    # new version. The run after it reported "same data version", its report "Data changed: no", for a
+    # model that was the first trained on that data; now the data is compared with the last completed run's.
+    from tasks.pipeline import ingest_task
+
+    rewritten.unlink()
+    failed = ingest_task.fn(project, str(subset_source))  # the failed run's ingest; no run completes
+    assert failed.changed and failed.previous_version == first.ingest.data_version
+    rerun = ingest_task.fn(project, str(subset_source))
+    assert rerun.unchanged is not None  # the source as that ingest left it: nothing copied again
+    assert rerun.data_version == failed.data_version != first.ingest.data_version
+    assert rerun.previous_version == first.ingest.data_version and rerun.changed
+
 
 
 def test_flow_trains_and_registers_on_a_hospital_export_of_dicom_files(project, fracatlas, tmp_path):

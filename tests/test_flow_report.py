@@ -239,7 +239,7 @@ def test_missing_metrics_render_as_not_available():
     text = render_report(dataclasses.replace(old, evaluate=EvaluateResult(metrics, old.evaluate.confusion)))
     assert table_row(text, "Expected calibration error")[1] == "n/a"
     assert table_row(text, "ROC AUC")[1:] == ["0.9012", ""]
-    assert table_row(text, "Previous data version")[1] == "none"
+    assert table_row(text, "Data version of the last completed run")[1] == "none"
 
 
 def _failed(exc: BaseException):
