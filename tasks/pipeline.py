@@ -158,9 +158,14 @@ def run_logger(name: str = __name__) -> logging.Logger | logging.LoggerAdapter[l
 
 
 def _exit_status(exc: SystemExit) -> tuple[int, str]:
-    """A failed command's exit status and message, as its process would have ended with them."""
+    """A failed command's exit status and message, as its process would have ended with them.
+
+    A status the command chose for a cause (``fracture ingest``'s 75 for a transient failure:
+    a download cut short, an export still being copied) carries the cause's message, which the
+    command printed: a run that fails after its retries says why, not only "exit 75".
+    """
     if isinstance(exc.code, int):
-        return exc.code, f"exit {exc.code}"
+        return exc.code, f"exit {exc.code}" + (f": {exc.__cause__}" if exc.__cause__ is not None else "")
     return 1, str(exc.code)  # sys.exit("message"): the message on stderr, exit status 1
 
 

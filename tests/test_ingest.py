@@ -899,6 +899,14 @@ def test_cli_exit_status_tells_transient_from_permanent(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as unreachable:
         cli.main(["ingest"])
     assert unreachable.value.code == EX_TEMPFAIL
+    # In the flow the command runs in its process: its failure says why, not only "exit 75", which
+    # is all a run that failed after its retries said (the reason only in earlier attempts' log lines).
+    from tasks.pipeline import StageFailed, run_command  # noqa: PLC0415 - heavy import
+
+    with pytest.raises(StageFailed, match=r"^`fracture ingest` failed: exit 75: .*http://127\.0\.0\.1:9/articles/.*"
+                                          r"--source PATH or the FRACATLAS_SOURCE") as failed:
+        run_command(tmp_path, ["ingest"])
+    assert failed.value.returncode == EX_TEMPFAIL
     with pytest.raises(SystemExit) as wrong_path:
         cli.main(["ingest", "--source", str(tmp_path / "nowhere")])
     assert wrong_path.value.code != EX_TEMPFAIL and "does not exist" in str(wrong_path.value.code)
