@@ -830,7 +830,22 @@ def _check_snapshots(name: str, prof: Profile, train: TrainParams) -> None:
                           "ensemble of seeds and one of snapshots cannot be combined yet: set one of them to 1")
 
 
+#: The characters Prefect refuses in a deployment's or a work pool's name (``prefect.types.names.BANNED_CHARACTERS``;
+#: not imported: reading params.yaml should not import Prefect).
+PREFECT_BANNED_CHARACTERS = ("/", "%", "&", ">", "<")
+
+
 def _check_schedule(s: ScheduleParams) -> None:
+    for key in ("deployment", "work_pool"):
+        name = getattr(s, key)
+        if key == "work_pool" and name is None:
+            continue
+        if not (isinstance(name, str) and name.strip()) or any(c in name for c in PREFECT_BANNED_CHARACTERS):
+            raise ConfigError(
+                f"params.yaml: schedule.{key} {name!r} is no name Prefect takes: give text without "
+                f"{' '.join(PREFECT_BANNED_CHARACTERS)} (e.g. weekly-retrain)"
+                + ("" if key == "deployment" else ", or null for this machine")
+            )
     if not isinstance(s.cron, str) or len(s.cron.split()) not in (5, 6):
         raise ConfigError(
             f"params.yaml: schedule.cron is {s.cron!r}; give a cron string such as \"0 3 * * 1\" "

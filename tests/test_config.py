@@ -446,6 +446,9 @@ TRAIN_SEED = r"must be a whole number from 0 to \d+(?: \(profiles\.\w+\.members 
         ("schedule.busy_wait_seconds", "1h", r"schedule\.busy_wait_seconds must be a number of seconds, 0 or more "
                                              r"\(3600, not 1h\); got '1h'"),
         ("schedule.busy_wait_seconds", -1, r"schedule\.busy_wait_seconds must be a number of seconds"),
+        # Prefect's InvalidNameError (or "Invalid deployment name format" against a server), as a traceback.
+        ("schedule.deployment", "hospital/weekly", r"schedule\.deployment 'hospital/weekly' is no name Prefect takes"),
+        ("schedule.work_pool", "gpu&cpu", r"schedule\.work_pool 'gpu&cpu' is no name Prefect takes: .*or null"),
         ("train.processes", True, r"train\.processes must be a whole number of at least 1, got True"),
         ("profiles.cpu.lr", float("inf"), r"profiles\.cpu\.lr must be a positive number or null, got inf"),
         ("profiles.cpu.lr", True, r"profiles\.cpu\.lr must be a positive number or null, got True"),
@@ -567,3 +570,11 @@ def test_a_command_meeting_a_broken_params_file_prints_one_line(tmp_path):
                           check=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "params.yaml is not valid YAML" in proc.stderr
+
+
+def test_the_names_prefect_refuses_are_prefects_own():
+    from prefect.types.names import BANNED_CHARACTERS  # noqa: PLC0415 - heavy; only this test needs it
+
+    from fracture.config import PREFECT_BANNED_CHARACTERS  # noqa: PLC0415
+
+    assert list(PREFECT_BANNED_CHARACTERS) == BANNED_CHARACTERS
