@@ -223,10 +223,11 @@ def require_project(project: Path, project_dir: str) -> None:
         )
 
 
-def check_before_run(project_dir: str, profile: str | None) -> None:
+def check_before_run(project_dir: str, profile: str | None, source: str | None = None) -> None:
     """What ``python -m flows.retrain`` checks before it starts the flow run, so that an error the user
     can fix reads as one line rather than a failed run's tracebacks: the project and its params.yaml
-    (with the profile the run would set), the tracking server, and that no other run holds the project.
+    (with the profile the run would set), the tracking server, that no other run holds the project,
+    and that the source given exists.
 
     The flow checks each again itself (a scheduled run comes without this check); this one leaves only
     the lock file (``outputs/retrain.lock``) the run takes anyway (its holder's note is written and removed).
@@ -243,6 +244,13 @@ def check_before_run(project_dir: str, profile: str | None) -> None:
     require_tracking_server(project)
     with fracture_project_lock(project, "`python -m flows.retrain`"):
         pass
+    given = resolved_source(source, project)
+    if given is not None and not Path(given).exists():
+        where = f"--source {source}" if source else f"{SOURCE_ENV}={os.environ.get(SOURCE_ENV)}"
+        raise FileNotFoundError(
+            f"{where}: {given} does not exist. Give a FracAtlas folder or zip with --source or {SOURCE_ENV}, "
+            "or leave both unset to download from figshare"
+        )
 
 
 def resolved_source(source: str | None, project: Path) -> str | None:
@@ -438,7 +446,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", default=None, help="a profile in params.yaml (default: by hardware)")
     args = parser.parse_args(argv)
     try:
-        check_before_run(args.project_dir, args.profile)
+        check_before_run(args.project_dir, args.profile, args.source)
         result = retrain(project_dir=args.project_dir, source=args.source, profile=args.profile)
     except (*known_errors(), TrackingServerUnreachable) as exc:
         raise SystemExit(f"error: {exc}") from None

@@ -61,6 +61,14 @@ def test_a_run_on_a_busy_project_exits_with_one_line_naming_the_holder(project: 
     assert not (project / "data").exists()
 
 
+def test_a_run_whose_source_does_not_exist_exits_with_one_line_naming_it(project: Path, tmp_path: Path) -> None:
+    """It printed two or three tracebacks (173 lines) around the same message, from the failed flow run."""
+    line = _one_line_error(_retrain_process(project, tmp_path))
+    assert line == (f"error: --source {tmp_path / 'absent'}: {tmp_path / 'absent'} does not exist. Give a FracAtlas "
+                    "folder or zip with --source or FRACATLAS_SOURCE, or leave both unset to download from figshare")
+    assert not (project / "data").exists()
+
+
 def test_a_run_with_a_bad_params_value_exits_with_one_line_naming_the_field(project: Path, tmp_path: Path) -> None:
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["schedule"]["retry_delay_seconds"] = "30s"
