@@ -728,6 +728,27 @@ def _recover_staging(dest: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
+def _links_to_ancestors(folder: str, names: list[str]) -> set[str]:
+    """``shutil.copytree``'s ``ignore``: the links in ``folder`` back to it or to a folder above it.
+
+    Followed, each would be copied into itself until the path grew too long, and the copy failed
+    naming a path of a thousand characters; the listing that tells an unchanged source does not
+    follow them either (:func:`_listing_entries`). Nothing is lost: every file under such a link
+    is copied once, through the folder it points to.
+    """
+    here = os.path.realpath(folder)
+    loops = set()
+    for name in names:
+        full = os.path.join(folder, name)
+        if os.path.islink(full) and os.path.isdir(full):
+            target = os.path.realpath(full)
+            if here == target or here.startswith(target.rstrip(os.sep) + os.sep):
+                log.warning("not copying %s: a link back to %s, a folder above it, whose files are copied once",
+                            full, target)
+                loops.add(name)
+    return loops
+
+
 def _replace_dir(
     src: Path, dest: Path, shown: Path | None = None, above: tuple[Path, Path, str] | None = None
 ) -> int:
@@ -763,7 +784,7 @@ def _replace_dir(
     staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}{STAGING_INFIX}", dir=dest.parent))
     try:
         try:
-            shutil.copytree(src, staging / "copy")
+            shutil.copytree(src, staging / "copy", ignore=_links_to_ancestors)
         except shutil.Error as exc:
             # A file removed midway fails the copy too: that is the export still being written.
             _check_unchanged(src, before, shown, "copied")

@@ -108,6 +108,19 @@ def test_the_listing_sees_a_file_added_in_a_linked_folder_as_the_copy_does(datas
     assert after["files"] == before["files"] + 1 and after["digest"] != before["digest"]
 
 
+def test_a_link_back_to_a_folder_above_it_is_copied_once_through_that_folder(dataset, tmp_path, iparams, caplog):
+    """The listing left such a loop out, but the copy followed it into itself until the path grew
+    too long, and failed naming a path of a thousand characters as a broken link."""
+    before = source_listing(dataset)
+    (dataset / "images/Fractured/up").symlink_to("../..", target_is_directory=True)
+    assert source_listing(dataset)["files"] == before["files"]
+    dest = tmp_path / "project/data/fracatlas"
+    with caplog.at_level("WARNING", logger="fracture.ingest"):
+        copied = ingest(iparams, dest, str(dataset))
+    assert copied.files == before["files"] and not (dest / "images/Fractured/up").exists()
+    assert f"not copying {dataset / 'images/Fractured/up'}: a link back to {dataset.resolve()}" in caplog.text
+
+
 def test_the_listing_counts_a_folder_linked_twice_as_the_copy_does(dataset, tmp_path, iparams):
     """Only a link back to an ancestor is a loop: a second link to a folder is copied again, so a
     second link added to the source is a change the unchanged-source shortcut must see."""
