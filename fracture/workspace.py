@@ -44,7 +44,10 @@ PIPELINE_WRITTEN = ("**/dvc.lock", "**/*.dvc", "**/.gitignore", "params.yaml", A
 #: How much of the dirty file list a ``git_dirty_files`` tag holds (MLflow takes up to 8000 characters).
 _DIRTY_TAG_CHARS = 1000
 #: Columns the split tables are read with as text (ids like ``IMG0000019.jpg``, hashes).
-_TEXT_COLUMNS = {"image_id": str, "path": str, "sha256": str, "patient_id": str}
+#: The columns of the pipeline's tables that hold ids, paths and hashes: text, whatever pandas would make of them.
+#: ``near_duplicate_group`` (the manifest) and ``group`` (the split tables, oof.csv) name an image of the group.
+_TEXT_COLUMNS = {"image_id": str, "path": str, "sha256": str, "patient_id": str, "near_duplicate_group": str,
+                 "group": str}
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -102,7 +105,8 @@ def _read_frame(path: Path, stage: str) -> pd.DataFrame:
 
 def read_table(source: Path | TextIO) -> pd.DataFrame:
     """A csv the pipeline wrote (the manifest, a split table, the prepared cache's index), with its
-    text columns (``image_id``, ``path``, ``sha256``, ``patient_id``) read as written.
+    text columns (``image_id``, ``path``, ``sha256``, ``patient_id``, and the groups named by an
+    image's id, ``near_duplicate_group`` and ``group``) read as written.
 
     pandas reads the text ``NA``, ``null``, ``None`` (and other spellings) as a missing value, and
     an export may name an image or a patient so: three such ids came back from the manifest as

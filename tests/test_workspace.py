@@ -167,11 +167,16 @@ def test_a_table_reads_back_ids_spelt_as_pandas_missing_values(tmp_path):
     uniquely valued Index objects"."""
     written = pd.DataFrame({"image_id": ["NA", "None", "null", "IMG1.jpg"], "path": ["images/NA", "", "images/null",
                                                                                        "images/IMG1.jpg"],
-                            "patient_id": ["NA", "n/a", "", "P1"], "label": [1, 0, 1, None]})
+                            "patient_id": ["NA", "n/a", "", "P1"], "label": [1, 0, 1, None],
+                            # Groups are named by one of their images: a link through NA was lost, and the
+                            # folds split a near-duplicate pair.
+                            "near_duplicate_group": ["NA", "None", "NA", "IMG1.jpg"], "group": ["NA"] * 3 + ["IMG1.jpg"]})
     written.to_csv(tmp_path / "manifest.csv", index=False)
     read = read_table(tmp_path / "manifest.csv")
     assert read["image_id"].tolist() == ["NA", "None", "null", "IMG1.jpg"]
     assert read["patient_id"].tolist()[:2] == ["NA", "n/a"] and read["patient_id"].isna().tolist() == [False, False,
                                                                                                       True, False]
     assert read["path"].isna().tolist() == [False, True, False, False]  # an empty cell stays missing
+    assert read["near_duplicate_group"].tolist() == ["NA", "None", "NA", "IMG1.jpg"]
+    assert read["group"].tolist() == ["NA", "NA", "NA", "IMG1.jpg"]
     assert read["label"].isna().tolist() == [False, False, False, True]  # other columns as pandas reads them
