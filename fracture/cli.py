@@ -342,9 +342,13 @@ def crossval_compare(
     from fracture.crossval import CrossvalError, compare_oof, read_oof
 
     with _stage("crossval-compare", writes=False) as (params, workspace):
+        twice = sorted({recipe for recipe in recipes if recipes.count(recipe) > 1})
+        if twice:  # each would be read once, then "comparing needs two runs or more" for the two given
+            raise CrossvalError(f"{', '.join(map(repr, twice))} given twice; give each recipe once, the reference first")
         read = {}
-        for recipe in dict.fromkeys(recipes):
-            runs = [run.strip() for run in recipe.split(",")]
+        for recipe in recipes:
+            # A file whose name holds a comma is one run; otherwise commas join one recipe's runs.
+            runs = [recipe] if Path(recipe).is_file() else [run.strip() for run in recipe.split(",")]
             if "" in runs or len(set(runs)) < len(runs):
                 raise CrossvalError(f"{recipe!r}: name each of a recipe's runs once, joined by commas")
             read[recipe] = {run: read_oof(run, workspace.root) for run in runs}

@@ -911,6 +911,16 @@ def test_cli_prints_each_run_and_its_paired_difference(tmp_path, scored, monkeyp
     with pytest.raises(SystemExit) as exit_:
         main(["crossval-compare", "weak.csv"])
     assert str(exit_.value.code) == "fracture crossval-compare: comparing needs two runs or more, the reference first; got 1"
+    # The same run given twice was read once, then refused as "got 1".
+    with pytest.raises(SystemExit) as exit_:
+        main(["crossval-compare", "weak.csv", "weak.csv"])
+    assert str(exit_.value.code) == ("fracture crossval-compare: 'weak.csv' given twice; give each recipe once, the "
+                                     "reference first")
+    # A file whose name holds a comma is one run, not two (the error named a fragment of the path).
+    (tmp_path / "seed 7, lr 6e-4.csv").write_bytes((tmp_path / "strong.csv").read_bytes())
+    capsys.readouterr()
+    main(["crossval-compare", "weak.csv", "seed 7, lr 6e-4.csv"])
+    assert capsys.readouterr().out.splitlines()[3].startswith("seed 7, lr 6e-4.csv ")
 
 
 def test_cli_takes_a_recipes_runs_joined_by_commas_and_counts_their_spread(tmp_path, monkeypatch, capsys):
