@@ -398,6 +398,13 @@ def test_the_served_detector_returns_the_boxes_detect_finds_with_the_classifier_
     assert row["boxes"] == out["boxes"][0] and row["label"] == "not_fractured"
     with pytest.raises(Exception, match="min_score must be a number in"):
         strict.predict(pd.DataFrame({"image": [data]}), params={"min_score": 2.0})
+    # A threshold at a box's own score (as val chooses it: one val image's top score): the box is listed with a
+    # score at least the threshold; rounded to 4 places it was listed below it, and the gate's load check failed.
+    top = float(out["fracture_score"][0])
+    at_top = mlflow.pyfunc.load_model(str(save_detector_pyfunc(tmp_path / "at-top", tmp_path / "detector.safetensors",
+                                                               described | {"threshold": top})))
+    listed = np.array(json.loads(at_top.predict(pd.DataFrame({"image": [data]}))["boxes"][0]))
+    assert len(listed) >= 1 and (listed[:, 4] >= top).all()
 
 
 
