@@ -64,7 +64,8 @@ log = logging.getLogger(__name__)
 
 #: The run metric every detector version needs, reported next to the decision.
 SCORE = "test_map_50"
-#: Rows sent to the served detector per request (below any ``serve.max_rows``).
+#: Rows sent to the served detector per request, at most: fewer where the version takes fewer
+#: (its ``serve.max_rows``), which it would otherwise refuse whole.
 REQUEST_ROWS = 16
 
 
@@ -147,8 +148,10 @@ def served_detections(name: str, version: str, split: DetectorTestSplit) -> tupl
     """
     boxes, scores, threshold = [], [], math.nan
     with loaded_version(f"models:/{name}/{version}") as model:
-        for start in range(0, len(split.paths), REQUEST_ROWS):
-            chunk = split.paths[start : start + REQUEST_ROWS]
+        policy = getattr(model.unwrap_python_model(), "policy", None)
+        rows = max(1, min(REQUEST_ROWS, getattr(policy, "max_rows", REQUEST_ROWS)))
+        for start in range(0, len(split.paths), rows):
+            chunk = split.paths[start : start + rows]
             out = model.predict(pd.DataFrame({"image": [p.read_bytes() for p in chunk]}), params={"min_score": 0.0})
             for path, (_, row) in zip(chunk, out.iterrows(), strict=True):
                 if row["error"]:
@@ -269,7 +272,8 @@ def register_detector(
         The version, the gate's decision and each check.
 
     Raises:
-        RegistryError: the run lacks its test mAP@0.5 or a floor's metric.
+        RegistryError: the run lacks its test mAP@0.5 or a floor's metric, was evaluated on another
+            test split (its ``split_fingerprint`` tag), or at another threshold than it would serve.
     """
     client = client or MlflowClient()
     name = params.model_name
@@ -280,6 +284,17 @@ def register_detector(
         raise RegistryError(
             f"detector run {run_id} has no metric {missing}: run `dvc repro detect/dvc.yaml` (detect_evaluate) first"
             + (f", or name one of its metrics in detect.floors: {sorted(metrics)}" if SCORE not in missing else "")
+        )
+    evaluated_on = run.data.tags.get(TAG_SPLIT)
+    if evaluated_on and evaluated_on != split.fingerprint:
+        # As the classifier's registration refuses: the split was drawn again (the main job ran on new data)
+        # and detect/dvc.yaml was not, so its figures are another split's and the gate would score it on
+        # images it was trained on.
+        raise RegistryError(
+            f"detector run {run_id} was evaluated on another test split than the one given (fingerprint "
+            f"{split.fingerprint[:12]}, the run's {evaluated_on[:12]}: outputs/split/test.csv changed since "
+            "detect_evaluate ran); its test figures are not this split's, and the gate would score it on images "
+            "it may have been trained on. Reproduce the detector's stages (dvc repro detect/dvc.yaml), then register"
         )
     threshold = float(described["threshold"])
     require_served_threshold(

@@ -302,7 +302,8 @@ def paired_verdict(difference: float, p_value: float, confidence: float) -> tupl
 
     The classifier's gate (ROC AUC, DeLong) and the detector's (mAP@0.5, paired bootstrap) both decide by it.
     """
-    alpha = 1 - confidence
+    # Rounded: 1 - 0.95 is 0.05000000000000004 in floating point, which let p = 0.05 pass "p < 0.05".
+    alpha = round(1 - confidence, 12)
     if difference > 0 and p_value < alpha:
         return True, f"higher with {confidence:.0%} confidence"
     if difference > 0:

@@ -82,6 +82,44 @@ def test_the_paired_bootstrap_knows_identical_detectors_a_better_one_and_noise()
         paired_bootstrap_map(truth[:3], half, half, 10, seed=0)
 
 
+def test_a_p_value_at_the_confidence_s_own_level_does_not_pass():
+    """1 - 0.95 is 0.05000000000000004 in floating point: p = 0.05 (the least 39 resamples can give)
+    passed "p must be < 0.05"."""
+    from fracture.gate import paired_verdict
+
+    assert paired_verdict(0.3, 0.05, 0.95) == (False, "higher, but not with 95% confidence (p must be < 0.05)")
+    assert paired_verdict(0.3, 0.0499, 0.95)[0] and not paired_verdict(0.3, 0.01, 0.99)[0]
+
+
+def test_the_gate_asks_a_detector_for_no_more_rows_at_once_than_it_takes(tmp_path, monkeypatch, split):
+    """With serve.max_rows below 16, every request of 16 was refused, and no detector could ever be compared."""
+    from fracture.detection import Detections
+
+    sizes: list[int] = []
+
+    class Served:
+        policy = InputPolicy(max_rows=4)
+
+        def unwrap_python_model(self):
+            return self
+
+        def predict(self, frame, params=None):
+            sizes.append(len(frame))
+            return pd.DataFrame({"boxes": "[]", "fracture_score": 0.0, "label": "not_fractured", "threshold": 0.5,
+                                 "error": "", "note": ""}, index=range(len(frame)))
+
+    class Loaded:
+        def __enter__(self):
+            return Served()
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(detector_registry, "loaded_version", lambda uri: Loaded())
+    found, threshold = detector_registry.served_detections("fracture-detector", "1", split)
+    assert sizes == [4, 2] and isinstance(found, Detections) and threshold == 0.5
+
+
 @pytest.fixture()
 def split(tmp_path) -> DetectorTestSplit:
     """Four synthetic X-rays with a bright square each, and two without."""
@@ -242,6 +280,32 @@ def test_a_detector_run_whose_figures_are_another_thresholds_than_the_served_one
 
     monkeypatch.setattr(detector_registry, "_ensure_version", registering)
     client.log_metric(run_id, "test_image_threshold", 0.05)
+    with pytest.raises(Registering):
+        register_detector(DetectParams(), run_id, weights, described, split)
+
+
+def test_a_detector_run_evaluated_on_another_test_split_is_refused(client, split, tmp_path, monkeypatch):
+    """The main job drew the split again (new data) and detect/dvc.yaml was not rerun: the detector's
+    figures were the old split's, and the gate scored it on images it had trained on. Refused, as
+    the classifier's run is, before anything is registered; the run of this split goes on."""
+    from fracture import detector_registry
+
+    run_id, weights, described = detector_run(tmp_path, 0, 0.4)
+    client.set_tag(run_id, "split_fingerprint", "5b8b9ee4a7ea" + "0" * 52)
+    with pytest.raises(RegistryError, match=rf"detector run {run_id} was evaluated on another test split than the one "
+                                            rf"given \(fingerprint {split.fingerprint[:12]}, the run's 5b8b9ee4a7ea.*"
+                                            r"dvc repro detect/dvc\.yaml\), then register"):
+        register_detector(DetectParams(), run_id, weights, described, split)
+    assert not client.search_model_versions("name = 'fracture-detector'")
+
+    class Registering(Exception):
+        pass
+
+    def registering(*args, **kwargs):
+        raise Registering
+
+    monkeypatch.setattr(detector_registry, "_ensure_version", registering)
+    client.set_tag(run_id, "split_fingerprint", split.fingerprint)
     with pytest.raises(Registering):
         register_detector(DetectParams(), run_id, weights, described, split)
 
@@ -426,11 +490,15 @@ def test_the_detector_run_lists_what_it_and_its_backbone_learnt_from_and_registe
         "val": ["IMG0000002.jpg", "IMG0000008.jpg", "IMG0000009.jpg"],
     }
 
+    # detect_evaluate tags the run with the test split it scored, which registration checks the split against.
+    stage.run_detect_evaluate(params, workspace)
+    evaluated_on = client.get_run(str(described["run_id"])).data.tags["split_fingerprint"]
     (workspace.detect_metrics).write_text(json.dumps({"image_threshold": 0.5}))
     given = []
     monkeypatch.setattr(stage, "register_detector", lambda *args: given.append(args[4]))
     stage.run_detect_register(params, workspace)
     test = given[0]
+    assert test.fingerprint == evaluated_on
     assert test.image_ids == ("IMG0000004.jpg", "IMG0000005.jpg", "IMG0000010.jpg", "IMG0000011.jpg")
     assert test.sha256 == tuple(f"h{i}" for i in test.image_ids)
     assert test.groups == ("IMG0000004.jpg", "IMG0000004.jpg", "IMG0000010.jpg", "IMG0000011.jpg")

@@ -224,8 +224,11 @@ def run_detect_evaluate(params: Params, workspace: Workspace) -> dict[str, float
     write_json(workspace.detect_metrics, metrics)
     left_test.to_csv(workspace.detect_test_excluded, index=False)
     setup_mlflow(params, workspace.root)
+    fingerprint = split_fingerprint(pd.DataFrame({"image_id": [p.stem for p in test.paths], "label": labels}))
     with mlflow.start_run(run_id=str(described["run_id"])):
         mlflow.log_metrics({f"test_{k}": v for k, v in metrics.items()})
+        # The split these figures are on: registration refuses them for another (detect-register).
+        mlflow.set_tag("split_fingerprint", fingerprint)
     return metrics
 
 
