@@ -338,6 +338,18 @@ class DetectParams:
                 raise ConfigError(
                     f"params.yaml: detect.{key} must be a whole number of at least {least} (e.g. {usual}); got {value!r}"
                 )
+        # The paired bootstrap's p-value is never below 2 / (resamples + 1): fewer resamples than this and
+        # the gate could never find a detector better "with confidence", however much better it is.
+        least = math.floor(round(2 / (1 - self.confidence), 9))
+        if self.bootstrap_resamples < least:
+            raise ConfigError(
+                f"params.yaml: detect.bootstrap_resamples {self.bootstrap_resamples} cannot give a p-value below "
+                f"{1 - self.confidence:.3g} (detect.confidence {self.confidence}): the paired bootstrap's least is "
+                f"2 / (resamples + 1), so the gate could never promote a detector. Use at least {least} (e.g. 1000)"
+            )
+        if not (isinstance(self.model_name, str) and self.model_name.strip()):
+            raise ConfigError(f"params.yaml: detect.model_name must be a registered model's name, e.g. "
+                              f"fracture-detector; got {self.model_name!r}")
         if not (_whole(self.workers) and self.workers >= 0):
             raise ConfigError(
                 f"params.yaml: detect.workers must be a whole number, 0 or more (e.g. 2; 0: decode in the training "
@@ -736,6 +748,12 @@ def _check(p: Params) -> None:
             raise ConfigError(f"params.yaml: profiles.{name}.layer_decay must be a number above 0 and at most 1 "
                               f"(1: off), got {decay!r}")
     _check_schedule(p.schedule)
+    if p.detect.model_name == p.register.model_name:
+        raise ConfigError(
+            f"params.yaml: detect.model_name and register.model_name are both {p.register.model_name!r}: the detector "
+            "and the classifier would be versions of one registered model, each moving the other's champion; name "
+            "the detector apart (e.g. fracture-detector)"
+        )
     p.profile  # noqa: B018 - raises ConfigError on an unknown profile name
 
 

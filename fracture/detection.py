@@ -567,11 +567,18 @@ def train_detector(
             high-resolution early layers, whose backward pass is most of a CPU step's cost.
 
     Raises:
-        DetectionError: the training split holds no image with a box.
+        DetectionError: the training or the val split holds no image with a box.
     """
     has_boxes = np.array([len(b) > 0 for b in train.boxes])
     if not has_boxes.any():
         raise DetectionError("the training split holds no image with a fracture box; the detector has nothing to learn")
+    if not any(len(t) > 0 for t in val_truth):
+        # Its val mAP would be -1 at every epoch, the epoch kept for nothing, and detect_evaluate would fail
+        # choosing the image threshold on val after the training's time was spent.
+        raise DetectionError(
+            "the val split holds no image with a fracture box, so no epoch can be chosen and no image threshold "
+            "either: check that evaluate.boxes names the boxes of val's fractured images"
+        )
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     if frozen:

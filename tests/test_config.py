@@ -425,6 +425,12 @@ TRAIN_SEED = r"must be a whole number from 0 to \d+(?: \(profiles\.\w+\.members 
         ("detect.image_size", "384", r"detect\.image_size must be a whole number of at least 32"),
         ("detect.fpn_channels", 48, r"detect\.fpn_channels must be a whole multiple of 32, at least 64 \(e\.g\. 128\); got 48"),
         ("detect.fpn_channels", 32, r"detect\.fpn_channels must be a whole multiple of 32, at least 64"),
+        # Fewer than 40 resamples cannot give p < 0.05: the gate refused every detector, however much better.
+        ("detect.bootstrap_resamples", 39, r"detect\.bootstrap_resamples 39 cannot give a p-value below 0\.05 "
+                                           r"\(detect\.confidence 0\.95\).* Use at least 40"),
+        ("detect.model_name", "fracture-classifier", r"detect\.model_name and register\.model_name are both "
+                                                     r"'fracture-classifier'"),
+        ("detect.model_name", "", r"detect\.model_name must be a registered model's name"),
         ("detect.bootstrap_resamples", 0, r"detect\.bootstrap_resamples must be a whole number of at least 1 \(e\.g\. 1000\); got 0"),
         ("detect.workers", -1, r"detect\.workers must be a whole number, 0 or more .*got -1"),
         ("detect.workers", True, r"detect\.workers must be a whole number, 0 or more"),

@@ -244,6 +244,11 @@ def test_training_runs_and_keeps_the_best_val_epoch(tmp_path):
     with pytest.raises(DetectionError, match="no image with a fracture box"):
         train_detector(model, BoxedImages(paths[:1], [np.zeros((0, 4))], 128), val, truth[8:], epochs=1,
                        batch_size=2, lr=1e-3, weight_decay=0, negatives_per_positive=1, seed=0)
+    # A val split without boxes trained, logged val mAP@0.5 -1 for every epoch, and detect_evaluate then failed.
+    boxless = [np.zeros((0, 4))] * len(truth[8:])
+    with pytest.raises(DetectionError, match="the val split holds no image with a fracture box.*evaluate.boxes"):
+        train_detector(model, train, BoxedImages(val.paths, boxless, 128), boxless, epochs=1, batch_size=4, lr=1e-3,
+                       weight_decay=0, negatives_per_positive=1, seed=0)
 
 
 def test_the_detector_keeps_the_epoch_with_the_best_val_map_not_the_first_or_the_last(tmp_path, monkeypatch):
@@ -290,7 +295,7 @@ def test_the_flow_trains_scores_and_registers_the_detector_when_params_enable_it
 
     shutil.copytree(REPO / "detect", project / "detect")
     shrink_params(project, detect__image_size=128, detect__epochs=1, detect__batch_size=4, detect__workers=0,
-                  detect__fpn_channels=64, detect__bootstrap_resamples=20, detect__enabled=True, detect__floors={},
+                  detect__fpn_channels=64, detect__bootstrap_resamples=40, detect__enabled=True, detect__floors={},
                   register__floors={})
     result = retrain(project_dir=str(project), source=str(subset_source))
     assert result.stages_ran == ["validate", "split", "prepare", "train", "evaluate", "detect_train", "detect_evaluate"]

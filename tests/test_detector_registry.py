@@ -147,7 +147,7 @@ def detector_run(tmp_path, seed: int, map_50: float, code: dict[str, str] | None
 
 
 def test_the_first_detector_becomes_champion_and_an_identical_one_stays_challenger(client, split, tmp_path, monkeypatch):
-    params = dataclasses.replace(DetectParams(), floors={"test_map_50": 0.1}, bootstrap_resamples=20)
+    params = dataclasses.replace(DetectParams(), floors={"test_map_50": 0.1}, bootstrap_resamples=40)
     run_id, weights, described = detector_run(tmp_path, 0, 0.4)
     described |= {"threshold": 0.9}  # above some of the untrained detector's boxes
 
