@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 
 import streamlit as st
 from champion import (
@@ -50,6 +51,20 @@ MAX_BOXES_DRAWN = 5
 # Scores and thresholds are shown to 3 decimals, and to at most this many where 3 would show a
 # score below its threshold as equal to it.
 MAX_DECIMALS = 6
+#: What Streamlit's Markdown reads as syntax: links and images, emphasis, code, its :color[...] directives,
+#: :emoji: and :material/...: codes, and $ for LaTeX.
+_MARKDOWN = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~:$])")
+
+
+def plain(text: str) -> str:
+    """``text`` as Streamlit shows it literally: every character its Markdown reads as syntax escaped.
+
+    For what the page does not write itself: an upload's name, a DICOM header's values in a model's
+    note, an exception's message, a registry's error. Streamlit renders Markdown in alerts and
+    captions, so a file named ``![x](https://host/t.png)`` made the clinician's browser fetch that
+    address, and ``[Open the result](https://...)`` showed a link the page never wrote.
+    """
+    return _MARKDOWN.sub(r"\\\1", text)
 
 
 @st.cache_resource(show_spinner=False)
@@ -79,7 +94,7 @@ def detector_alias(settings: PageSettings) -> AliasWatch:
 
 
 def still_serving(what: str, version: str, unreachable: RegistryUnreachable) -> None:
-    st.warning(f"{unreachable} The page goes on serving {what} version {version}, loaded when the registry last "
+    st.warning(f"{plain(str(unreachable))} The page goes on serving {what} version {version}, loaded when the registry last "
                "answered; it asks the registry again every 30 s.")
 
 
@@ -100,7 +115,7 @@ def the_detector(settings: PageSettings) -> ServedDetector | None:
             still_serving("the fracture detector's", found[0], unreachable)
         return None if found is None else served_detector(settings, *found)
     except ModelUnavailable as exc:
-        st.warning(f"{exc} The page shows the classifier's answer without the detector's boxes.")
+        st.warning(f"{plain(str(exc))} The page shows the classifier's answer without the detector's boxes.")
         return None
 
 
@@ -185,19 +200,19 @@ def show_result(model: ServedModel, detector: ServedDetector | None, name: str, 
     try:
         xray = check_upload(name, data, model.config.input, max_bytes=limit_mb * 2**20)
     except UploadRejected as exc:
-        st.error(str(exc))
+        st.error(plain(str(exc)))
         return
     try:
         prediction = model.predict(data)
     except Exception as exc:  # the page must keep working for the next upload, whatever failed
         log.exception("analysing %s failed", name)
-        st.error(f"{name} could not be analysed ({type(exc).__name__}: {exc}). Try another file.")
+        st.error(plain(f"{name} could not be analysed ({type(exc).__name__}: {exc}). Try another file."))
         return
     display = xray.image.copy()
     display.thumbnail((DISPLAY_SIDE, DISPLAY_SIDE))
 
     for note in xray.warnings:
-        st.warning(note)
+        st.warning(plain(note))
     label = LABELS[prediction.label]
     probability, threshold = against_threshold(prediction.fracture_probability, prediction.threshold)
     cols = st.columns(3)
@@ -210,7 +225,7 @@ def show_result(model: ServedModel, detector: ServedDetector | None, name: str, 
     )
     columns = st.columns(2 if detector is None else 3)
     width, height = xray.image.size
-    columns[0].image(display, caption=f"{name} ({width} x {height} px, {xray.format} {xray.mode})", width="stretch")
+    columns[0].image(display, caption=plain(f"{name} ({width} x {height} px, {xray.format} {xray.mode})"), width="stretch")
     show_heat_map(columns[1], model, name, data, prediction.class_index, label, display)
     if detector is not None:
         # Boxes come in the file's own pixels: a DICOM's stored grid, not the square-pixel image shown.
@@ -225,7 +240,7 @@ def show_heat_map(
         heat_overlay, heat = model.heat_map(data, target, display)
     except Exception as exc:  # an explanation failing must not take the scored answer with it
         log.exception("the heat map failed on %s", name)
-        column.warning(f"No heat map for {name} ({type(exc).__name__}: {exc}); the prediction above stands.")
+        column.warning(plain(f"No heat map for {name} ({type(exc).__name__}: {exc}); the prediction above stands."))
         return
     if heat.max() > 0:
         caption = f"Grad-CAM heat map for '{label}': red marks the regions that raised that score most"
@@ -250,7 +265,7 @@ def show_boxes(
         found = detector.find(data)
     except Exception as exc:  # the classifier's answer stays on the page whatever the detector does
         log.exception("the detector failed on %s", name)
-        column.warning(f"The fracture detector could not analyse {name} ({type(exc).__name__}: {exc}).")
+        column.warning(plain(f"The fracture detector could not analyse {name} ({type(exc).__name__}: {exc})."))
         return
     n = len(found.boxes)
     if n:
@@ -278,7 +293,7 @@ def main() -> None:
         (version, run_id), unreachable = classifier_alias(settings).current()
         model = served_model(settings, version, run_id)
     except (ModelUnavailable, ConfigError) as exc:
-        st.error(str(exc))
+        st.error(plain(str(exc)))
         return
     if unreachable is not None:
         still_serving("the model's", version, unreachable)

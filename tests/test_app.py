@@ -20,6 +20,7 @@ import io
 import os
 import pickle
 import random
+import re
 import shutil
 import sys
 from collections.abc import Iterator
@@ -360,7 +361,7 @@ def _no_global_tracking_uri(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 def upload(at: AppTest, name: str, data: bytes, mime: str = "image/png") -> AppTest:
-    assert at.file_uploader, f"no uploader on the page: {[e.value for e in at.error]} {at.exception}"
+    assert at.file_uploader, f"no uploader on the page: {[shown(e.value) for e in at.error]} {at.exception}"
     return at.file_uploader[0].set_value((name, data, mime)).run()
 
 
@@ -380,8 +381,13 @@ def metrics(at: AppTest) -> dict[str, str]:
 
 
 def captions(at: AppTest) -> list[str]:
-    """Captions of the images on the page, one per image."""
-    return [c for el in at.get("image") for c in el.captions]
+    """Captions of the images on the page, one per image, as they read (:func:`shown`)."""
+    return [shown(c) for el in at.get("image") for c in el.captions]
+
+
+def shown(text: str) -> str:
+    """Text the page escaped for Streamlit's Markdown (``plain``), as a reader sees it."""
+    return re.sub(r"\\(.)", r"\1", text)
 
 
 def consumer_prediction(registry: PageRegistry, data: bytes) -> pd.Series:
@@ -430,7 +436,7 @@ def test_page_says_what_to_do_when_the_alias_does_not_exist(monkeypatch, page_re
     monkeypatch.syspath_prepend(str(APP))
     at = AppTest.from_file(str(PAGE), default_timeout=PAGE_TIMEOUT).run()
     assert not at.exception
-    message = at.error[0].value
+    message = shown(at.error[0].value)
     assert f"'{page_registry.name}@no-such-alias'" in message and "make main" in message
     assert "FRACTURE_MODEL_ALIAS" in message and not at.file_uploader
 
@@ -439,7 +445,7 @@ def test_page_says_what_to_do_when_there_is_no_registry(monkeypatch, tmp_path):
     missing = tmp_path / "mlflow.db"
     at = page(monkeypatch, PageRegistry(f"sqlite:///{missing}", "fracture-classifier", "1", 0.5)).run()
     assert not at.exception and not at.file_uploader
-    assert at.error[0].value.startswith(f"No MLflow store at {missing}") and "make main" in at.error[0].value
+    assert shown(at.error[0].value).startswith(f"No MLflow store at {missing}") and "make main" in shown(at.error[0].value)
     assert not missing.exists()  # the page does not create an empty store
 
 
@@ -473,7 +479,7 @@ def test_a_model_of_another_flavour_at_the_classifier_s_alias_is_named_not_a_cra
     register_other_flavour(page_registry, "page-sklearn-classifier")
     at = page(monkeypatch, replace(page_registry, name="page-sklearn-classifier")).run()
     assert not at.exception, at.exception
-    assert [e.value for e in at.error] == [
+    assert [shown(e.value) for e in at.error] == [
         "models:/page-sklearn-classifier/1 is a sklearn-flavour MLflow model, not a fracture classifier logged by "
         "this project's register step. Point FRACTURE_MODEL_NAME and FRACTURE_MODEL_ALIAS at one, or register one "
         "with `make main`."
@@ -489,7 +495,7 @@ def test_a_model_of_another_flavour_at_the_detector_s_alias_leaves_the_classifie
     monkeypatch.setenv("FRACTURE_DETECTOR_NAME", "page-sklearn-detector")
     at.run()
     assert not at.exception and not at.error, (at.exception, at.error)
-    assert [w.value for w in at.warning] == [
+    assert [shown(w.value) for w in at.warning] == [
         "models:/page-sklearn-detector/1 is a sklearn-flavour MLflow model, not a fracture detector logged by this "
         "project's detect-register step. Point FRACTURE_DETECTOR_NAME at one, or set it empty for no boxes. "
         "The page shows the classifier's answer without the detector's boxes."
@@ -506,7 +512,6 @@ def test_a_detector_deleted_and_registered_again_is_the_new_one_though_its_versi
     """A registered model deleted and registered again (or a store rebuilt by ``make main``) starts at
     version 1 again: the page must load the detector its run id names, not keep the one it loaded
     for an earlier version 1."""
-    import streamlit as st
 
     profile = load_params(REPO).profiles["cpu"]
     config = DetectorConfig(profile.model, "fcos", 128, 64, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
@@ -542,7 +547,10 @@ def test_a_detector_deleted_and_registered_again_is_the_new_one_though_its_versi
     with registry_open(page_registry) as client:
         client.delete_registered_model(name)
     register(0.75)
-    st.cache_data.clear()  # the page looks its alias up again after 30 s; the test does not wait
+    import champion  # the module the page imported (APP is on sys.path)
+
+    later = champion._now() + 31
+    monkeypatch.setattr(champion, "_now", lambda: later)  # the page looks its alias up again after 30 s; the test does not wait
     assert threshold_shown().startswith("0.750")
 
 
@@ -567,7 +575,7 @@ def test_upload_limit_comes_from_the_app_config(monkeypatch, page_registry):
         assert limit == 20 and limit < STREAMLIT_DEFAULT_UPLOAD_MB
         # The page refuses a larger file itself too, with a message naming the limit.
         upload(at, "huge.png", b"\x89PNG" + bytes(limit * 2**20))
-        assert "huge.png is 20,971,524 bytes; the limit is 20,971,520 bytes (20 MB)" in at.error[0].value
+        assert "huge.png is 20,971,524 bytes; the limit is 20,971,520 bytes (20 MB)" in shown(at.error[0].value)
         assert st_config.get_option("client.showErrorDetails") == "none"
     finally:
         os.chdir(before)
@@ -703,7 +711,7 @@ def test_a_registry_outage_leaves_the_page_serving_the_version_it_loaded(monkeyp
     data = real_xray("Fractured").read_bytes()
     at = upload(at.run(), "xray.jpg", data, "image/jpeg")
     assert not at.exception and not at.error
-    warned = [w.value for w in at.warning]
+    warned = [shown(w.value) for w in at.warning]
     assert len(warned) == 1 and warned[0].startswith(
         f"The MLflow registry at {page_registry.uri} cannot be reached or read (connection to {page_registry.uri} refused)."
     ) and warned[0].endswith("The page goes on serving the model's version 1, loaded when the registry last answered; "
@@ -736,7 +744,7 @@ def test_a_failing_heat_map_leaves_the_prediction_on_the_page(monkeypatch, page_
     expected = consumer_prediction(page_registry, data)
     assert metrics(at)["Fracture probability"] == f"{expected['fracture_probability']:.3f}"
     assert len(captions(at)) == 1  # the X-ray, no overlay
-    assert [w.value for w in at.warning] == [
+    assert [shown(w.value) for w in at.warning] == [
         "No heat map for xray.jpg (RuntimeError: no gradient reached the target layer); the prediction above stands."
     ]
 
@@ -823,12 +831,26 @@ def _gif() -> bytes:
     return buf.getvalue()
 
 
+def test_an_uploads_name_is_shown_as_written_never_read_as_markdown(monkeypatch, page_registry):
+    """Streamlit renders Markdown in alerts and captions: an upload named ![x](https://...) made the
+    clinician's browser fetch that address, and [text](https://...) showed a link the page never wrote."""
+    name = "![x](https://attacker.example/t.png) [Open the report](https://attacker.example) :red[NORMAL] $x$.png"
+    at = upload(page(monkeypatch, page_registry).run(), name, b"not an image")
+    raw = at.error[0].value
+    assert "![x](" not in raw and "[Open the report](" not in raw and ":red[" not in raw and "$x$" not in raw
+    assert shown(raw).startswith(name + " is not an image file that can be read")
+    at = upload(at, name, real_xray("Non_fractured").read_bytes(), "image/jpeg")
+    assert not at.error and captions(at)[0].startswith(name + " (")
+    raw_caption = at.get("image")[0].captions[0]
+    assert "](" not in raw_caption and ":red[" not in raw_caption
+
+
 @pytest.mark.parametrize("case", list(BAD_UPLOADS))
 def test_bad_upload_gets_a_clear_message_and_the_page_keeps_working(monkeypatch, page_registry, case):
     name, make, expected = BAD_UPLOADS[case]
     at = upload(page(monkeypatch, page_registry).run(), name, make())
     assert not at.exception, at.exception
-    assert len(at.error) == 1 and name in at.error[0].value and expected in at.error[0].value
+    assert len(at.error) == 1 and name in shown(at.error[0].value) and expected in shown(at.error[0].value)
     assert not at.metric and not captions(at)
     assert "NOT FOR CLINICAL USE" in at.markdown[0].value  # a refused upload too
 
@@ -844,7 +866,7 @@ def test_truncated_jpeg_is_scored_with_a_visible_note_as_every_consumer_scores_i
     data = _truncated()
     at = upload(page(monkeypatch, page_registry).run(), "cut.jpg", data, "image/jpeg")
     assert not at.exception and not at.error
-    assert "the file ends early" in at.warning[0].value
+    assert "the file ends early" in shown(at.warning[0].value)
     expected = consumer_prediction(page_registry, data)
     assert metrics(at)["Fracture probability"] == f"{expected['fracture_probability']:.3f}"
 
@@ -864,14 +886,14 @@ def test_rgba_png_is_converted_with_a_visible_note(monkeypatch, page_registry):
     data = _transparent_rgba()
     at = upload(page(monkeypatch, page_registry).run(), "rgba.png", data)
     assert not at.exception and not at.error
-    assert "transparent pixels are shown to the model as black background" in at.warning[0].value
+    assert "transparent pixels are shown to the model as black background" in shown(at.warning[0].value)
     assert "Predicted class" in metrics(at) and len(captions(at)) == 2
 
 
 def test_opaque_rgba_png_gives_the_same_answer_as_its_rgb_pixels(monkeypatch, page_registry):
     rgb = Image.open(real_xray("Fractured")).convert("RGB")
     at = upload(page(monkeypatch, page_registry).run(), "opaque.png", png(rgb.convert("RGBA")))
-    assert "alpha channel is fully opaque and was dropped" in at.warning[0].value
+    assert "alpha channel is fully opaque and was dropped" in shown(at.warning[0].value)
     expected = consumer_prediction(page_registry, png(rgb))
     assert metrics(at)["Fracture probability"] == f"{expected['fracture_probability']:.3f}"
 
