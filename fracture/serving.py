@@ -163,10 +163,15 @@ def check_request(
     if on_error not in ON_ERROR:
         raise RequestRefused(f"parameter on_error must be one of {', '.join(ON_ERROR)}; got {on_error!r}")
     frame = pd.DataFrame(model_input)
-    if len(frame) == 0:  # an empty batch gets an empty answer, whichever JSON form sent it (some carry no column)
-        return on_error, frame.reset_index(drop=True)
     if not {"image", "path"} & set(frame.columns):
-        raise RequestRefused("input needs a column 'image' (file bytes, or base64 text) or 'path'")
+        # MLflow drops the columns its signature does not name before the model sees the request: a
+        # request whose columns are all misnamed ('file', 'images') arrives as no rows and no columns, as an
+        # empty batch sent as records, instances or inputs does. Neither is answered with no rows, which
+        # would read as every file scored.
+        raise RequestRefused(
+            "input needs a column 'image' (file bytes, or base64 text) or 'path', and at least one row; the model "
+            "gets no other column (MLflow drops those its signature does not name)"
+        )
     if len(frame) > policy.max_rows:
         raise RequestRefused(
             f"the request holds {len(frame)} rows; this model scores at most {policy.max_rows} per "

@@ -149,14 +149,19 @@ def test_a_draft_model_reads_jpegs_at_draft_scale_and_dicom_in_full(tmp_path):
     assert abs(out["fracture_probability"][1] - full) <= 1e-6
 
 
-@pytest.mark.parametrize("frame", [pd.DataFrame({"path": pd.Series([], dtype=object)}), pd.DataFrame(),
-                                   pd.DataFrame.from_records([])])
-def test_an_empty_frame_gives_an_empty_answer(model, frame):
-    """Also one without columns, as `{"dataframe_records": []}`, `{"instances": []}` and `{"inputs": []}`
-    reach the model: those were refused for want of an 'image' column, while the other JSON forms of
-    an empty batch were answered with no rows."""
-    out = model.predict(frame)
+def test_an_empty_frame_gives_an_empty_answer(model):
+    out = model.predict(pd.DataFrame({"path": pd.Series([], dtype=object)}))
     assert out.empty and list(out.columns) == ["fracture_probability", "label", "threshold", "error", "note"]
+
+
+@pytest.mark.parametrize("frame", [pd.DataFrame({"file": ["x.jpg"]}), pd.DataFrame.from_records([])])
+def test_a_request_without_an_image_or_path_column_is_refused_saying_what_the_model_gets(model, frame):
+    """MLflow drops a column its signature does not name: a request of misnamed columns reaches the model
+    as no rows and no columns, as `{"dataframe_records": []}` does. Answered with no rows, it would read
+    as every file scored; the message says what the model gets."""
+    with pytest.raises(Exception, match=r"input needs a column 'image' \(file bytes, or base64 text\) or 'path', and "
+                                        r"at least one row; the model gets no other column"):
+        model.predict(frame)
 
 
 BAD_ROWS = [
