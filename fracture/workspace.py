@@ -113,7 +113,7 @@ def read_table(source: Path | TextIO) -> pd.DataFrame:
     missing, and the split stopped on pandas' "Reindexing only valid with uniquely valued Index
     objects" (one came back as an image without an id). An empty cell stays missing.
     """
-    text = source.read_text() if isinstance(source, Path) else source.read()
+    text = source.read_text(encoding="utf-8") if isinstance(source, Path) else source.read()
     frame = pd.read_csv(io.StringIO(text), dtype=_TEXT_COLUMNS)
     names = [name for name in _TEXT_COLUMNS if name in frame.columns]
     if names:
