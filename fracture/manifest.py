@@ -512,6 +512,15 @@ def _csv_paths(raw: pd.Series, csv_file: Path) -> pd.Series:
             f"{LABELS_CSV} (e.g. {IMAGES_DIR}/study1/image1.dcm), with no '..' and not absolute or empty; "
             f"{_rows(outside, paths)} are not"
         )
+    # Only images/ is read: a row naming a file elsewhere was excluded as one whose file does not exist.
+    elsewhere = ~paths.str.startswith(f"{IMAGES_DIR}/")
+    if elsewhere.any():
+        raise ManifestError(
+            f"{csv_file}: column path names files outside {IMAGES_DIR}/, where the export's images are read from "
+            f"(paths are relative to the folder holding {LABELS_CSV}, e.g. {IMAGES_DIR}/study1/image1.dcm); "
+            f"{_rows(elsewhere, paths)} are not under it. Move those files into {IMAGES_DIR}/ and give their paths "
+            "there, then run ingest again"
+        )
     return paths
 
 

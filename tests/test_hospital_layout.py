@@ -97,6 +97,9 @@ def test_image_ids_alone_are_matched_to_file_names(tmp_path):
         ("path,label\nimages/a.png,yes\nimages/b.png,\n", r"line 2 \('yes'\), line 3 \(''\) are not whole numbers"),
         ("path,label\nimages/a.png,1\n\nimages/b.png,inf\n", r"line 4 \('inf'\) are not whole numbers"),
         ("path,label\n../secret.png,1\n", r"no '\.\.'.*line 2 \('\.\./secret\.png'\)"),
+        # A file outside images/ was excluded as "the csv lists it, but no image file exists", though it exists.
+        ("path,label\nimages/a.png,1\nother/b.png,0\n", r"names files outside images/, where the export's images are "
+                                                         r"read from .*line 3 \('other/b\.png'\) are not under it"),
         ("path,label,body_part\nimages/a.png,1,knee\n", r"body_part allows hand, hip, leg, mixed, shoulder.*line 2 \('knee'\)"),
         ("path,label,view\nimages/a.png,1,axial\n", r"view allows .*line 2 \('axial'\)"),
         # Headers are matched in any case (_labels_column), so these two name one column.
