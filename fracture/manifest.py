@@ -525,15 +525,18 @@ def _csv_paths(raw: pd.Series, csv_file: Path) -> pd.Series:
 
 
 def _match_ids(ids: pd.Series, files: dict[str, str], csv_file: Path) -> pd.Series:
-    """Each id's file: the one whose name, or name without its extension, is the id ("" for none).
+    """Each id's file: the one whose name, or name without its extension, or path (``images/...``)
+    is the id ("" for none).
 
     ``ids`` are in NFC, and ``files`` maps each file's path in NFC to its path on disk
-    (:func:`_files_by_name`), which is what is returned.
+    (:func:`_files_by_name`), which is what is returned. An id that is a file's path matched no
+    file before: each file then took its path as its id, and the same ids failed three rules at
+    once (a file without a row, a row without a file, a repeated id).
     """
     by_key: dict[str, list[str]] = {}
     for nfc_path, path in files.items():
         name = nfc_path.rsplit("/", 1)[-1]
-        for key in dict.fromkeys((name, name.rsplit(".", 1)[0])):
+        for key in dict.fromkeys((name, name.rsplit(".", 1)[0], nfc_path)):
             by_key.setdefault(key, []).append(path)
     matches = ids.map(lambda i: by_key.get(i, []))
     ambiguous = matches.map(len) > 1

@@ -112,6 +112,18 @@ def test_unreadable_labels_csv_names_the_lines_and_what_to_do(tmp_path, labels, 
         read_csv_layout(root)
 
 
+def test_an_image_id_that_is_a_files_path_names_that_file(tmp_path):
+    """Each such id matched no file, so each file took its path as its id: the same ids failed
+    unique_image_id, file_for_every_csv_row and csv_row_for_every_file at once, all excluded."""
+    root = export(tmp_path / "export", "image_id,label\nimages/p000/a.png,1\nimages/p001/a.png,0\n",
+                  {"p000/a.png": 1, "p001/a.png": 2})
+    frame = read_csv_layout(root)
+    assert sorted(frame["image_id"]) == ["images/p000/a.png", "images/p001/a.png"]
+    assert frame["has_file"].all() and frame["in_csv"].all()
+    assert frame.set_index("image_id")["path"].to_dict() == {"images/p000/a.png": "images/p000/a.png",
+                                                             "images/p001/a.png": "images/p001/a.png"}
+
+
 def test_an_empty_image_id_beside_a_path_is_refused_naming_its_lines(tmp_path):
     """With both columns, an id "" would pass every rule, then read back from manifest.csv as no
     id and be dropped by the split; two of them were one unnamed unique_image_id failure."""
