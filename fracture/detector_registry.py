@@ -56,6 +56,7 @@ from fracture.registry import (
     _test_metrics,
     _verdict,
     code_tags,
+    require_same_split,
     require_served_threshold,
 )
 from fracture.seen import SeenImages
@@ -285,17 +286,9 @@ def register_detector(
             f"detector run {run_id} has no metric {missing}: run `dvc repro detect/dvc.yaml` (detect_evaluate) first"
             + (f", or name one of its metrics in detect.floors: {sorted(metrics)}" if SCORE not in missing else "")
         )
-    evaluated_on = run.data.tags.get(TAG_SPLIT)
-    if evaluated_on and evaluated_on != split.fingerprint:
-        # As the classifier's registration refuses: the split was drawn again (the main job ran on new data)
-        # and detect/dvc.yaml was not, so its figures are another split's and the gate would score it on
-        # images it was trained on.
-        raise RegistryError(
-            f"detector run {run_id} was evaluated on another test split than the one given (fingerprint "
-            f"{split.fingerprint[:12]}, the run's {evaluated_on[:12]}: outputs/split/test.csv changed since "
-            "detect_evaluate ran); its test figures are not this split's, and the gate would score it on images "
-            "it may have been trained on. Reproduce the detector's stages (dvc repro detect/dvc.yaml), then register"
-        )
+    # The main job drew the split again (new data) and detect/dvc.yaml was not rerun: refused, as the classifier's run.
+    require_same_split(run.data.tags.get(TAG_SPLIT), split.fingerprint, f"detector run {run_id}", "detect_evaluate",
+                       "the detector's stages (dvc repro detect/dvc.yaml)")
     threshold = float(described["threshold"])
     require_served_threshold(
         metrics.get("test_image_threshold"), threshold,

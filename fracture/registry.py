@@ -259,15 +259,8 @@ def register(
     run = training_run(run_id, client)
     metrics = dict(run.data.metrics)
     _required_metrics(metrics, run_id, params)
-    evaluated_on = run.data.tags.get(TAG_SPLIT)
-    if evaluated_on and evaluated_on != split.fingerprint:
-        raise RegistryError(
-            f"run {run_id} was evaluated on another test split than the one given (fingerprint "
-            f"{split.fingerprint[:12]}, the run's {evaluated_on[:12]}: outputs/split/test.csv changed since its "
-            "evaluate stage ran); its test figures are not this "
-            "split's, and the gate would score it on images it may have been trained on. Reproduce the "
-            "pipeline (dvc repro) so that split, train and evaluate agree, then register"
-        )
+    require_same_split(run.data.tags.get(TAG_SPLIT), split.fingerprint, f"run {run_id}", "its evaluate stage",
+                       "the pipeline (dvc repro) so that split, train and evaluate agree")
     require_served_threshold(
         metrics.get(TEST_THRESHOLD), config.threshold, f"run {run_id}'s test figures were taken at threshold",
         "the model", "outputs/evaluate/metrics.json", "the evaluate stage", "evaluate",
@@ -300,6 +293,32 @@ def register(
         confidence=params.confidence, floors=params.floors, sensitivity_tolerance=params.sensitivity_tolerance,
         specificity_tolerance=params.specificity_tolerance,
     )
+
+
+def require_same_split(evaluated_on: str | None, fingerprint: str, run: str, stage: str, reproduce: str) -> None:
+    """Refuses a run whose test figures were taken on another test split than the one given.
+
+    The split was drawn again (new data, another seed) and the stages that evaluate were not
+    rerun: the figures are another split's, and the gate would score the version on images it may
+    have been trained on. A run that recorded no split passes.
+
+    Args:
+        evaluated_on: the run's ``split_fingerprint`` tag; ``None``: not recorded.
+        fingerprint: the given test split's.
+        run: the run, as the message names it.
+        stage: the stage that evaluated it.
+        reproduce: what to reproduce (the stages and their ``dvc repro``).
+
+    Raises:
+        RegistryError: the two differ; the message says what to reproduce.
+    """
+    if evaluated_on and evaluated_on != fingerprint:
+        raise RegistryError(
+            f"{run} was evaluated on another test split than the one given (fingerprint {fingerprint[:12]}, the "
+            f"run's {evaluated_on[:12]}: outputs/split/test.csv changed since {stage} ran); its test figures are "
+            "not this split's, and the gate would score it on images it may have been trained on. Reproduce "
+            f"{reproduce}, then register"
+        )
 
 
 def require_served_threshold(
