@@ -258,13 +258,19 @@ def test_a_detector_run_without_its_test_map_is_refused(client, split, tmp_path)
         DetectorTestSplit("f", (tmp_path / "a.png",), (np.zeros((0, 4)),))
 
 
+class Registering(Exception):
+    """Raised where registration would create the version: the run passed every check before it."""
+
+
+def _registering(*args, **kwargs):
+    raise Registering
+
+
 def test_a_detector_run_whose_figures_are_another_thresholds_than_the_served_one_is_refused(client, split, tmp_path,
                                                                                             monkeypatch):
     """As the classifier's: DVC can restore an earlier detect_evaluate's outputs (and the served
     image threshold) from its run cache without logging their figures to the run. Refused before
     anything is registered; the run holding this threshold's figures goes on to registration."""
-    from fracture import detector_registry
-
     run_id, weights, described = detector_run(tmp_path, 0, 0.4)
     client.log_metric(run_id, "test_image_threshold", 0.2)
     with pytest.raises(RegistryError, match=r"taken at image threshold 0\.2, but the detector would be served at "
@@ -272,13 +278,7 @@ def test_a_detector_run_whose_figures_are_another_thresholds_than_the_served_one
         register_detector(DetectParams(), run_id, weights, described, split)
     assert not client.search_model_versions("name = 'fracture-detector'")
 
-    class Registering(Exception):
-        pass
-
-    def registering(*args, **kwargs):
-        raise Registering
-
-    monkeypatch.setattr(detector_registry, "_ensure_version", registering)
+    monkeypatch.setattr(detector_registry, "_ensure_version", _registering)
     client.log_metric(run_id, "test_image_threshold", 0.05)
     with pytest.raises(Registering):
         register_detector(DetectParams(), run_id, weights, described, split)
@@ -288,8 +288,6 @@ def test_a_detector_run_evaluated_on_another_test_split_is_refused(client, split
     """The main job drew the split again (new data) and detect/dvc.yaml was not rerun: the detector's
     figures were the old split's, and the gate scored it on images it had trained on. Refused, as
     the classifier's run is, before anything is registered; the run of this split goes on."""
-    from fracture import detector_registry
-
     run_id, weights, described = detector_run(tmp_path, 0, 0.4)
     client.set_tag(run_id, "split_fingerprint", "5b8b9ee4a7ea" + "0" * 52)
     with pytest.raises(RegistryError, match=rf"detector run {run_id} was evaluated on another test split than the one "
@@ -298,13 +296,7 @@ def test_a_detector_run_evaluated_on_another_test_split_is_refused(client, split
         register_detector(DetectParams(), run_id, weights, described, split)
     assert not client.search_model_versions("name = 'fracture-detector'")
 
-    class Registering(Exception):
-        pass
-
-    def registering(*args, **kwargs):
-        raise Registering
-
-    monkeypatch.setattr(detector_registry, "_ensure_version", registering)
+    monkeypatch.setattr(detector_registry, "_ensure_version", _registering)
     client.set_tag(run_id, "split_fingerprint", split.fingerprint)
     with pytest.raises(Registering):
         register_detector(DetectParams(), run_id, weights, described, split)

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
@@ -237,23 +238,20 @@ def test_batches_are_cut_to_the_rows_the_model_takes_in_one_request(registry, mo
     assert table.attrs[SCORED_SHA256] == [hashlib.sha256(image.read_bytes()).hexdigest()] * 5
 
 
-def test_a_model_python_that_ends_midway_keeps_the_rows_scored_and_names_the_rest(tmp_path, monkeypatch, capsys):
-    """The model's Python killed on the second batch (the system's out-of-memory killer, say): the
-    run stopped with that Python's last log line and wrote no row, losing every file scored before.
-    Now the rows scored are written, the others say to score them again, and the run fails saying so."""
+def _study_served_until_its_second_request(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, second: Callable[[], None]) -> Path:
+    """A study folder of five files, and ``fracture predict``'s model a stand-in for the model's
+    Python that answers its first request (every file 0.25) and calls ``second`` on the next."""
     import fracture.predict as predict_module
-    from fracture.cli import main
-    from fracture.consumer import ConsumerError
     from fracture.intake import InputPolicy
 
-    class EndsOnSecondRequest:
+    class StandIn:
         def __init__(self) -> None:
             self.requests = 0
 
         def predict(self, frame, params=None):
             self.requests += 1
             if self.requests == 2:
-                raise ConsumerError("models:/m/1 failed in a consumer's Python: killed by signal SIGKILL")
+                second()
             return pd.DataFrame({"fracture_probability": 0.25, "label": "not_fractured", "note": "", "error": ""},
                                 index=range(len(frame)))
 
@@ -264,9 +262,23 @@ def test_a_model_python_that_ends_midway_keeps_the_rows_scored_and_names_the_res
     folder.mkdir()
     for n in range(5):
         (folder / f"IM{n:04d}").write_bytes(b"x" * 10)
-    (folder / "IM0002e").write_bytes(b"")  # in the batch that ended, not read: keeps its own reason
-    loaded = predict_module.LoadedModel("models:/m/1", "m", "1", EndsOnSecondRequest(), InputPolicy(), 0.5)
+    loaded = predict_module.LoadedModel("models:/m/1", "m", "1", StandIn(), InputPolicy(), 0.5)
     monkeypatch.setattr(predict_module, "load", lambda uri: loaded)
+    return folder
+
+
+def test_a_model_python_that_ends_midway_keeps_the_rows_scored_and_names_the_rest(tmp_path, monkeypatch, capsys):
+    """The model's Python killed on the second batch (the system's out-of-memory killer, say): the
+    run stopped with that Python's last log line and wrote no row, losing every file scored before.
+    Now the rows scored are written, the others say to score them again, and the run fails saying so."""
+    from fracture.cli import main
+    from fracture.consumer import ConsumerError
+
+    def killed() -> None:
+        raise ConsumerError("models:/m/1 failed in a consumer's Python: killed by signal SIGKILL")
+
+    folder = _study_served_until_its_second_request(tmp_path, monkeypatch, killed)
+    (folder / "IM0002e").write_bytes(b"")  # in the batch that ended, not read: keeps its own reason
     out = tmp_path / "rows.csv"
     with pytest.raises(SystemExit, match=r"the model's Python ended after 2 of 6 files were scored \(.*killed by "
                                          r"signal SIGKILL\); the rows scored are written, and the others say to score"):
@@ -290,36 +302,18 @@ def test_an_interrupted_run_keeps_the_rows_scored_and_names_the_rest(tmp_path, m
     again, and the run exits as a shell reports a command that signal ended (128 + its number)."""
     import signal
 
-    import fracture.predict as predict_module
     from fracture.cli import main
-    from fracture.intake import InputPolicy
 
     if threading.current_thread() is not threading.main_thread():  # a signal handler needs the main thread
         pytest.skip("tests run off the main thread here, where Python takes no signal handler")
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
 
-    class SignalledOnSecondRequest:
-        def __init__(self) -> None:
-            self.requests = 0
+    def signalled() -> None:
+        os.kill(os.getpid(), signal.Signals[signal_name])
+        time.sleep(5)  # the handler raises before this ends
+        raise AssertionError("the signal was not delivered")
 
-        def predict(self, frame, params=None):
-            self.requests += 1
-            if self.requests == 2:
-                os.kill(os.getpid(), signal.Signals[signal_name])
-                time.sleep(5)  # the handler raises before this ends
-                raise AssertionError("the signal was not delivered")
-            return pd.DataFrame({"fracture_probability": 0.25, "label": "not_fractured", "note": "", "error": ""},
-                                index=range(len(frame)))
-
-        def close(self) -> None:
-            pass
-
-    folder = tmp_path / "study"
-    folder.mkdir()
-    for n in range(5):
-        (folder / f"IM{n:04d}").write_bytes(b"x" * 10)
-    loaded = predict_module.LoadedModel("models:/m/1", "m", "1", SignalledOnSecondRequest(), InputPolicy(), 0.5)
-    monkeypatch.setattr(predict_module, "load", lambda uri: loaded)
+    folder = _study_served_until_its_second_request(tmp_path, monkeypatch, signalled)
     out = tmp_path / "rows.csv"
     with pytest.raises(SystemExit) as ended:
         main(["predict", str(folder), "--out", str(out), "--batch-size", "2", "--no-progress"])
