@@ -291,12 +291,10 @@ class AliasWatch:
         settings: PageSettings,
         look_up: Callable[[PageSettings], Any] = resolve_version,
         every: float = 30.0,
-        clock: Callable[[], float] | None = None,
     ) -> None:
         self.settings = settings
         self.every = every
         self._look_up = look_up
-        self._clock = clock or (lambda: _now())
         self._lock = threading.Lock()
         self._found: Any = self._NEVER
         self._failure: RegistryUnreachable | None = None
@@ -309,13 +307,13 @@ class AliasWatch:
             ModelUnavailable: the registry never answered for these settings, or the model or alias is gone.
         """
         with self._lock:  # one lookup at a time: every session needs its answer
-            if self._clock() - self._asked >= self.every:
+            if _now() - self._asked >= self.every:
                 try:
                     found = self._look_up(self.settings)
                 except RegistryUnreachable as exc:
-                    self._failure, self._asked = exc, self._clock()
+                    self._failure, self._asked = exc, _now()
                 else:
-                    self._found, self._failure, self._asked = found, None, self._clock()
+                    self._found, self._failure, self._asked = found, None, _now()
             if self._found is self._NEVER:  # a lookup that failed otherwise raised its error above
                 raise self._failure or ModelUnavailable(f"{self.settings.shown_uri} gave no answer")
             return self._found, self._failure

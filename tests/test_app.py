@@ -649,7 +649,8 @@ def test_the_heat_map_of_a_model_scored_with_its_mirror_says_so(monkeypatch, pag
     assert len(shown_images) == 2 and shown_images[1].endswith("(the mean over the X-ray and its mirror, as the score)")
 
 
-def test_the_alias_watch_serves_the_version_found_last_while_the_registry_cannot_be_reached():
+def test_the_alias_watch_serves_the_version_found_last_while_the_registry_cannot_be_reached(monkeypatch):
+    import champion
     from champion import AliasWatch, ModelUnavailable, PageSettings, RegistryUnreachable
 
     now = [0.0]
@@ -664,7 +665,8 @@ def test_the_alias_watch_serves_the_version_found_last_while_the_registry_cannot
             raise answer
         return answer
 
-    watch = AliasWatch(PageSettings("sqlite:///x.db", "m", "champion"), look_up, every=30, clock=lambda: now[0])
+    monkeypatch.setattr(champion, "_now", lambda: now[0])
+    watch = AliasWatch(PageSettings("sqlite:///x.db", "m", "champion"), look_up, every=30)
     with pytest.raises(RegistryUnreachable, match="down at start"):  # nothing found yet: nothing to serve
         watch.current()
     now[0] = 10  # a failure is kept too: no click waits on a registry that is down
