@@ -562,6 +562,21 @@ def read_oof(run: str, root: Path) -> pd.DataFrame:
     return frame.assign(probability=frame[column])
 
 
+def _declared_in(run: str, path: str, root: Path) -> bool:
+    """Whether revision ``run`` of the project records ``path`` (in a dvc.lock or .dvc file), whatever its cache holds.
+
+    DVC's read says the same "does not exist … neither as a DVC output nor as a Git-tracked file"
+    for an output whose content is missing from the cache as for a revision without it.
+    """
+    from dvc.api import DVCFileSystem  # noqa: PLC0415 - DVC's API loads slowly
+    from dvc.exceptions import DvcException  # noqa: PLC0415
+
+    try:
+        return DVCFileSystem(str(root), rev=run).exists(path)
+    except (DvcException, OSError):
+        return False
+
+
 def _read_oof_file(run: str, root: Path) -> pd.DataFrame:
     if Path(run).is_file():
         try:
@@ -577,6 +592,12 @@ def _read_oof_file(run: str, root: Path) -> pd.DataFrame:
     try:
         return read_table(io.StringIO(dvc.api.read(path, repo=str(root), rev=run)))
     except (DvcException, FileNotFoundError) as exc:
+        if _declared_in(run, path, root):
+            raise CrossvalError(
+                f"{run}: this revision of the project has {path}, but neither DVC's cache nor its remote holds the "
+                f"file's content ({exc}); `dvc exp pull <remote> {run}` or `dvc pull` fetches it, else run "
+                "`dvc exp apply` and `dvc repro crossval/dvc.yaml` again"
+            ) from exc
         raise CrossvalError(
             f"{run}: no file of that name, and no revision or `dvc exp` name of this project with {path} ({exc}); "
             "`dvc exp list` names the experiments, `dvc exp pull` fetches a colleague's"

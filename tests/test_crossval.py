@@ -873,6 +873,12 @@ def test_runs_are_read_from_dvc_experiments_revisions_and_files(tmp_path, scored
     (tmp_path / "model.bin").write_bytes(bytes(range(256)) * 4)
     with pytest.raises(CrossvalError, match=r"model.bin: not a CSV of out-of-fold predictions"):
         read_oof(str(tmp_path / "model.bin"), tmp_path)
+    shutil.rmtree(tmp_path / ".dvc" / "cache")  # the experiment stays; its file's content is gone
+    with pytest.raises(CrossvalError, match=r"cv-strong: this revision of the project has outputs/crossval/oof.csv, "
+                       r"but neither DVC's cache nor its remote holds the file's content .*`dvc exp pull <remote> cv-strong`"):
+        read_oof("cv-strong", tmp_path)
+    with pytest.raises(CrossvalError, match=r"cv-missing: no file of that name, and no revision or `dvc exp`"):
+        read_oof("cv-missing", tmp_path)
 
 
 def test_one_member_of_an_ensembles_run_is_read_as_a_run_of_its_own(tmp_path, scored):
