@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # A FracAtlas folder or zip; empty downloads FracAtlas.zip from figshare (article 22363012).
 FRACATLAS_SOURCE ?=
 
-export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 # Prefect's temporary local server migrates its database on first start, which on a fresh
@@ -20,6 +20,11 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt fracture/docs_assets.lock.json
 	# constraints.txt is the set resolved on Python 3.11: a venv of another Python would get other libraries, or none.
+	# A venv there already (made by hand, or left without pip by a machine that lacks ensurepip) is checked as well.
+	test ! -x $(PY) || $(PY) -c 'import sys; v = "%d.%d" % sys.version_info[:2]; sys.exit(None if v == "3.11" else \
+		f"$(VENV) is a venv of Python {v}; constraints.txt pins the libraries resolved on Python 3.11: remove it (rm -rf $(VENV)) and run make again")'
+	test ! -x $(PY) || $(PY) -m pip --version >/dev/null 2>&1 || { echo "$(VENV) has no pip, as python3 -m venv leaves it where \
+		ensurepip is missing (on Debian and Ubuntu: apt-get install python3.11-venv): remove it (rm -rf $(VENV)) and run make again" >&2; exit 1; }
 	test -x $(PY) || $(PYTHON) -c 'import sys; v = "%d.%d" % sys.version_info[:2]; sys.exit(None if v == "3.11" else \
 		f"$(PYTHON) is Python {v}; constraints.txt pins the libraries resolved on Python 3.11: run make with PYTHON=python3.11")'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -59,6 +64,7 @@ browser:
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
 	  || echo "WARNING: apt-get could not install chromium; the browser test will skip"; \
+	elif [ "$$(id -u)" = 0 ]; then echo "WARNING: /usr/bin/chromium is missing and this machine has no apt-get; install Chromium there with its own package manager, or the browser test skips"; \
 	else echo "WARNING: /usr/bin/chromium is missing and this is not root; install it with 'sudo apt-get install chromium', or the browser test skips"; fi
 
 ## test: the default suite (unit and integration, without tests marked slow), in TEST_WORKERS processes
@@ -95,9 +101,13 @@ bench: venv
 ## Fails when a pinned version has a known vulnerability; says so when packages could not be audited.
 audit: venv
 	mkdir -p audit
+	# No earlier report is left to be read as this run's when pip-audit writes none (PyPI unreachable).
+	rm -f audit/pip-audit.json
 	$(PY) -m pip_audit --requirement constraints.txt --no-deps --disable-pip --progress-spinner off \
 	  --format json --output audit/pip-audit.json; status=$$?; \
 	  $(PY) -m fracture.audit_report audit/pip-audit.json; exit $$status
 
+## clean: removes the venv (the next make creates it again). The registry and its runs (mlflow.db, mlartifacts/), the
+##   stages' outputs and the data stay: remove those yourself to start the project over, every registered version with them
 clean:
-	rm -rf $(VENV) outputs mlartifacts mlflow.db
+	rm -rf $(VENV)

@@ -33,6 +33,9 @@ def summarise(report: dict) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     path = Path((argv or sys.argv[1:])[0])
+    if not path.is_file():
+        # pip-audit stops without a report when it cannot reach PyPI at all (a proxy, no network).
+        sys.exit(f"NOT AUDITED: pip-audit wrote no report to {path} (its error is above); no package was audited")
     print("\n".join(summarise(json.loads(path.read_text()))))
 
 

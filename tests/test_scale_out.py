@@ -118,6 +118,51 @@ def test_the_venv_is_refused_on_another_python_than_the_pinned_set_was_resolved_
     assert "run make with PYTHON=python3.11" in made.stderr
 
 
+def test_a_venv_there_already_is_checked_before_anything_is_installed_into_it(tmp_path):
+    """A venv left without pip (python3 -m venv where ensurepip is missing) or made by another
+    Python is named with the fix, instead of every make failing in pip or installing into it."""
+    bare = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True)
+    made = subprocess.run(["make", "-C", str(REPO), "venv", f"VENV={bare}"], capture_output=True, text=True, check=False)
+    assert made.returncode != 0 and not (bare / ".installed").exists()
+    assert f"{bare} has no pip" in made.stderr and f"remove it (rm -rf {bare}) and run make again" in made.stderr
+    other = _another_python()
+    if other is None:
+        pytest.skip("no Python other than 3.11 on this machine (pyenv's versions) to create a venv with")
+    foreign = tmp_path / "foreign"
+    subprocess.run([str(other), "-m", "venv", "--without-pip", str(foreign)], check=True)
+    made = subprocess.run(["make", "-C", str(REPO), "venv", f"VENV={foreign}"], capture_output=True, text=True, check=False)
+    assert made.returncode != 0 and not (foreign / ".installed").exists()
+    version = other.parent.parent.name.rsplit(".", 1)[0]
+    assert f"{foreign} is a venv of Python {version}; constraints.txt pins the libraries resolved on Python 3.11" in made.stderr
+
+
+def test_the_stages_commands_are_found_in_the_venv_wherever_it_is_named(tmp_path):
+    """make puts the venv's bin first on PATH, for the stages' `fracture` and `dvc` commands, relative or absolute."""
+    show = ["--eval", "path: ; @echo \"$$PATH\"", "path"]
+    for venv, bin_dir in ((str(tmp_path / "venv"), tmp_path / "venv" / "bin"), (".venv", REPO / ".venv" / "bin")):
+        made = subprocess.run(["make", "-s", "-C", str(REPO), *show, f"VENV={venv}"],
+                              capture_output=True, text=True, check=True)
+        assert made.stdout.split(":", 1)[0] == str(bin_dir)
+
+
+def test_make_clean_removes_the_venv_and_leaves_the_registry_and_outputs():
+    dry = subprocess.run(["make", "-n", "-C", str(REPO), "clean"], capture_output=True, text=True, check=True)
+    assert [line for line in dry.stdout.splitlines() if not line.startswith("make")] == ["rm -rf .venv"]
+
+
+def test_an_audit_that_wrote_no_report_is_no_audit(tmp_path):
+    """pip-audit that cannot reach PyPI stops without a report; the summary fails, naming it,
+    and `make audit` removes the last report first so it is never read as this run's."""
+    missing = tmp_path / "pip-audit.json"
+    summary = subprocess.run([sys.executable, "-m", "fracture.audit_report", str(missing)],
+                             capture_output=True, text=True, check=False, cwd=REPO)
+    assert summary.returncode == 1
+    assert summary.stderr.strip() == f"NOT AUDITED: pip-audit wrote no report to {missing} (its error is above); no package was audited"
+    dry = subprocess.run(["make", "-n", "-C", str(REPO), "audit"], capture_output=True, text=True, check=True).stdout
+    assert dry.index("rm -f audit/pip-audit.json") < dry.index("pip_audit")
+
+
 def test_a_work_pool_run_copies_the_projects_code_not_its_venv_or_data(tmp_path):
     """Prefect copies a worker's working directory (the image's /opt/fracture) into each run's
     temporary folder, honouring .prefectignore: the code comes along, the venv and data do not."""
