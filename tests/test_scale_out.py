@@ -51,6 +51,12 @@ def test_the_dockerfile_installs_with_the_readmes_install_step():
     assert {".venv/", "data/", "outputs/", "mlflow.db", "mlartifacts/"} <= set(ignored)
     # Nor does a secret: DVC keeps a remote's credentials in .dvc/config.local, which git ignores.
     assert {".dvc/config.local", ".env"} <= set(ignored)
+    # Nor git's remotes, where a CI checkout leaves its token: read as `docker build` reads .dockerignore.
+    from docker.utils.build import exclude_paths
+
+    sent = exclude_paths(str(REPO), [line for line in (REPO / ".dockerignore").read_text().splitlines()
+                                     if line.strip() and not line.startswith("#")])
+    assert ".git/config" not in sent and {".git/HEAD", "Makefile", "constraints.txt"} <= sent
 
 
 def test_deploy_schedule_fixes_only_a_source_given_on_makes_command_line(tmp_path):
