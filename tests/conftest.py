@@ -21,7 +21,9 @@ if TYPE_CHECKING:
     from fracture.vocabulary import Decode
 
 REPO = Path(__file__).resolve().parents[1]
-FRACATLAS = (REPO.parent / "shared" / "fracatlas").resolve()
+#: The real FracAtlas copy the integration tests read: ../shared/fracatlas beside the checkout, as CI
+#: has it, or the extracted folder FRACATLAS_TEST_DATA names.
+FRACATLAS = Path(os.environ.get("FRACATLAS_TEST_DATA") or REPO.parent / "shared" / "fracatlas").resolve()
 PROJECT_FILES = (  # the train stage depends on pretrained/, the split stage on split_assignments.csv
     "dvc.yaml", "params.yaml", ".dvcignore", "pretrained/README.md", "split_assignments.csv"
 )
@@ -172,7 +174,7 @@ def dvc(cwd: Path, *args: str) -> str:
 
 def require_fracatlas() -> Path:
     if not (FRACATLAS / "dataset.csv").is_file():
-        pytest.skip(f"real FracAtlas copy not found at {FRACATLAS}")
+        pytest.skip(f"real FracAtlas copy not found at {FRACATLAS}: set FRACATLAS_TEST_DATA to an extracted FracAtlas folder")
     return FRACATLAS
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -167,6 +168,23 @@ def test_an_audit_that_wrote_no_report_is_no_audit(tmp_path):
     assert summary.stderr.strip() == f"NOT AUDITED: pip-audit wrote no report to {missing} (its error is above); no package was audited"
     dry = subprocess.run(["make", "-n", "-C", str(REPO), "audit"], capture_output=True, text=True, check=True).stdout
     assert dry.index("rm -f audit/pip-audit.json") < dry.index("pip_audit")
+
+
+def test_the_integration_tests_read_the_fracatlas_copy_named_and_ci_stops_without_one(tmp_path):
+    """Without a real copy the integration tests skip; CI, whose contract is ../shared/fracatlas
+    beside the clone, stops before testing rather than pass on a suite that skipped them."""
+    elsewhere = tmp_path / "FracAtlas"
+    env = {**os.environ, "FRACATLAS_TEST_DATA": str(elsewhere)}
+    named = subprocess.run([sys.executable, "-c", "import tests.conftest as c; print(c.FRACATLAS)"],
+                           cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    assert named.stdout.strip() == str(elsewhere)
+    clone = tmp_path / "clone"
+    (clone / ".ci").mkdir(parents=True)
+    shutil.copy(REPO / ".ci" / "run", clone / ".ci" / "run")
+    env.pop("FRACATLAS_TEST_DATA")
+    ran = subprocess.run(["bash", str(clone / ".ci" / "run")], env=env, capture_output=True, text=True, check=False)
+    assert ran.returncode == 1
+    assert "no FracAtlas copy at ../shared/fracatlas (dataset.csv): CI runs the integration tests on it" in ran.stderr
 
 
 def test_a_work_pool_run_copies_the_projects_code_not_its_venv_or_data(tmp_path):
