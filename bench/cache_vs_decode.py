@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
+from bench.args import fracatlas_folder
 from fracture.config import load_params
 from fracture.imaging import Preprocessor
 from fracture.model import profile_data_config
@@ -39,7 +40,7 @@ def image_frame(root: Path, limit: int) -> pd.DataFrame:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--data", type=Path, required=True, help="a FracAtlas-layout folder")
+    parser.add_argument("--data", type=fracatlas_folder, required=True, help="a FracAtlas-layout folder")
     parser.add_argument("--size", type=int, default=None, help="input size (default: the cpu profile's)")
     parser.add_argument("--limit", type=int, default=0, help="first N images by id (0: all)")
     parser.add_argument("--workers", type=int, default=None, help="decoding threads (default: prepare.workers)")

@@ -32,6 +32,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from bench.args import fracatlas_folder
 from bench.common import pick, pick_large, save_cpu_model
 from fracture.config import load_params
 from fracture.inference import probabilities
@@ -42,7 +43,7 @@ from fracture.vocabulary import Decode, choices
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--data", type=Path, required=True, help="a FracAtlas-layout folder")
+    parser.add_argument("--data", type=fracatlas_folder, required=True, help="a FracAtlas-layout folder")
     parser.add_argument("--per-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()

@@ -37,6 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.args import fracatlas_folder
+
 #: Each side: the consumer's own switch (fracture.consumer), and whether ``GLIBC_TUNABLES`` is set
 #: to :data:`bench.common.TUNABLES`.
 SIDES = {"kept": ("1", False), "default": ("0", False), "tunables": ("0", True)}
@@ -61,7 +63,7 @@ def child(model: str, files: list[str]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, help="a FracAtlas-layout folder")
+    parser.add_argument("--data", type=fracatlas_folder, help="a FracAtlas-layout folder")
     parser.add_argument("--small", type=int, default=96, help="X-rays of 373 x 454")
     parser.add_argument("--large", type=int, default=32, help="X-rays of the largest size the copy holds")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each side, alternating")

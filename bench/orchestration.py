@@ -49,6 +49,7 @@ from pathlib import Path
 import psutil
 import yaml
 
+from bench.args import fracatlas_folder
 from fracture.config import read_params_yaml
 from tests.conftest import copy_project, make_subset, pick_ids
 from tests.servers import child_env, free_port, running
@@ -129,7 +130,7 @@ def server_cpu_seconds(port: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--data", type=Path, required=True, help="a FracAtlas-layout folder")
+    parser.add_argument("--data", type=fracatlas_folder, required=True, help="a FracAtlas-layout folder")
     parser.add_argument("--fractured", type=int, default=60)
     parser.add_argument("--not-fractured", type=int, default=240)
     parser.add_argument("--repeats", type=int, default=3, help="runs of each side against the server, alternating")

@@ -44,6 +44,7 @@ import torch
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
+from bench.args import fracatlas_folder
 from bench.cache_vs_decode import image_frame
 from fracture.config import load_params
 from fracture.data_config import DataConfig
@@ -164,7 +165,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=2, help="alternations of the two sides")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--data", type=Path, default=None, help="a FracAtlas-layout folder, to measure the loader")
+    parser.add_argument("--data", type=fracatlas_folder, default=None, help="a FracAtlas-layout folder, to measure the loader")
     parser.add_argument("--limit", type=int, default=800, help="images the loader reads (first N by id)")
     parser.add_argument("--workers", type=int, default=None, help="threads preparing its cache (default: prepare.workers)")
     parser.add_argument("--cpu-bf16", action="store_true",

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import requests
 
+from bench.args import fracatlas_folder
 from bench.common import pick, pick_large, save_cpu_model, with_tunables
 from fracture.config import load_params
 from tests.servers import child_env, free_port, running
@@ -124,7 +125,7 @@ def measure(model: Path, workers: int, threads: int | None, tunables: bool, smal
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--data", type=Path, required=True, help="a FracAtlas-layout folder")
+    parser.add_argument("--data", type=fracatlas_folder, required=True, help="a FracAtlas-layout folder")
     parser.add_argument("--requests", type=int, default=40)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=120.0)
