@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -73,6 +74,26 @@ DISK_NEEDED_GIB = 4.0
 
 def _free_gib(path: Path) -> float:
     return shutil.disk_usage(path).free / 2**30
+
+
+_PYTEST_PID = os.getpid()
+
+
+def _stop_as_on_ctrl_c(signum: int, frame: object) -> None:
+    """SIGTERM (a CI runner's timeout or cancel) ends the run as Ctrl-C does: the running test's
+    ``running`` blocks and every fixture's teardown stop the servers the tests started, which run in
+    sessions of their own, out of reach of a signal to pytest's process group. A process forked from
+    this one ends as SIGTERM ends it by default."""
+    if os.getpid() != _PYTEST_PID:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _stop_as_on_ctrl_c)
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:

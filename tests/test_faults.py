@@ -567,3 +567,39 @@ def test_the_tracking_server_stopping_mid_registration_moves_no_alias(tmp_path, 
         assert client.get_model_version(NAME, "2").aliases  # champion or challenger, as the gate decided
     finally:
         stop(server)
+
+
+HOLDING_A_SERVER = '''
+import sys, time
+from pathlib import Path
+from tests.servers import free_port, running
+
+def test_holds_a_server(tmp_path):
+    port = free_port()
+    cmd = [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(port)]
+    with running(cmd, {}, f"http://127.0.0.1:{port}/", tmp_path / "log") as proc:
+        Path(PID_FILE).write_text(str(proc.pid))
+        time.sleep(300)
+'''
+
+
+def test_a_test_run_ended_by_sigterm_stops_the_servers_its_tests_started(tmp_path):
+    """A CI runner's timeout or cancel sends SIGTERM: the servers the tests started, in sessions of
+    their own, are stopped as on Ctrl-C rather than left running on the runner."""
+    pid_file = tmp_path / "server.pid"
+    test_file = tmp_path / "test_holding.py"
+    test_file.write_text(HOLDING_A_SERVER.replace("PID_FILE", repr(str(pid_file))))
+    held = subprocess.Popen([sys.executable, "-m", "pytest", "-p", "tests.conftest", "-p", "no:cacheprovider", "-q",
+                            str(test_file)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (pid_file.exists() and pid_file.read_text()) and held.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        server = int(pid_file.read_text())
+        held.send_signal(signal.SIGTERM)
+        out, _ = held.communicate(timeout=60)
+    finally:
+        held.kill()
+    assert "KeyboardInterrupt: signal SIGTERM" in out, out
+    with pytest.raises(ProcessLookupError):
+        os.kill(server, 0)
