@@ -26,6 +26,24 @@ def _make_prerequisites(makefile: str, target: str) -> list[str]:
     return match[1].split()
 
 
+def test_the_venv_holds_exactly_the_pinned_set():
+    """Every distribution in the venv the tests run in is pinned in constraints.txt at the version
+    installed, and every pin is installed: a dependency added to pyproject.toml without its pin, or
+    one a pin no longer names (pip never removes it), fails here rather than ship unpinned and unaudited."""
+    import importlib.metadata
+
+    def canonical(name: str) -> str:
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    pins = dict(line.split("#", 1)[0].strip().split("==") for line in (REPO / "constraints.txt").read_text().splitlines()
+                if line.split("#", 1)[0].strip())
+    pins = {canonical(name): version.strip() for name, version in pins.items()}
+    installed = {canonical(d.metadata["Name"]): d.version for d in importlib.metadata.distributions()}
+    installed.pop("fracture")  # the project itself, installed editable
+    assert {name: version for name, version in installed.items() if pins.get(name) != version} == {}
+    assert sorted(set(pins) - set(installed)) == []
+
+
 def test_the_dockerfile_installs_with_the_readmes_install_step():
     readme = (REPO / "README.md").read_text()
     makefile = (REPO / "Makefile").read_text()
