@@ -539,9 +539,32 @@ def skip_exit_collection() -> None:
     gc.freeze()
 
 
+def run_the_projects_own_code() -> None:
+    """In the copy of the project a queued or ``--temp`` ``dvc exp run`` runs its stages in, runs
+    the copy's code rather than the workspace's.
+
+    The venv's ``fracture`` script imports the package ``make venv`` installed, editable, from the
+    workspace. DVC runs a queued experiment's stages in a copy of the project made when it was
+    queued (under ``.dvc/tmp/exps``), and records that copy's code in the experiment's
+    ``dvc.lock``: without this, the stages would run whatever the workspace holds when the queue
+    reaches them, code edited since or half-way through an edit. So in a DVC stage (``$DVC_ROOT``
+    set) whose folder holds the package, and not the one imported, the command starts again as
+    ``python -m fracture.cli`` from that folder, which imports the folder's package first.
+    """
+    here = Path.cwd()
+    if not os.environ.get("DVC_ROOT") or not (here / "fracture" / "__init__.py").is_file():
+        return
+    if (here / "fracture").resolve() == Path(__file__).resolve().parent or os.environ.get("FRACTURE_CODE_FROM") == str(here):
+        return
+    env = {**os.environ, "FRACTURE_CODE_FROM": str(here),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(here), os.environ.get("PYTHONPATH")]))}
+    os.execve(sys.executable, [sys.executable, "-m", "fracture.cli", *sys.argv[1:]], env)
+
+
 def console() -> None:
     """The ``fracture`` console script: :func:`main` on the process's arguments, then a quick exit
     (:func:`skip_exit_collection`)."""
+    run_the_projects_own_code()
     try:
         main()
     finally:

@@ -54,3 +54,28 @@ def test_the_retrain_module_run_as_a_process_freezes_what_is_left():
 
     frozen, status, out = frozen_at_exit("from flows.retrain import main; main(['--help'])")
     assert status == 0 and frozen == 0
+
+
+def test_a_stage_in_a_copy_of_the_project_runs_the_copys_code(tmp_path):
+    """A queued or --temp `dvc exp run` runs its stages in a copy of the project made when it was
+    queued: there the venv's `fracture` (installed from the workspace) runs the copy's code, which
+    the experiment's dvc.lock records, not the workspace's as it is when the queue reaches it."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    copy = tmp_path / ".dvc" / "tmp" / "exps" / "run" / "q1"
+    shutil.copytree(REPO / "fracture", copy / "fracture", ignore=shutil.ignore_patterns("__pycache__"))
+    init = copy / "fracture" / "__init__.py"
+    init.write_text(init.read_text() + "\nimport sys as _sys\nprint('the copy s code', file=_sys.stderr)\n")
+    script = Path(sys.executable).with_name("fracture")
+    env = {key: value for key, value in os.environ.items() if key not in {"DVC_ROOT", "FRACTURE_CODE_FROM"}}
+
+    in_stage = subprocess.run([str(script), "predict", "--help"], cwd=copy, env={**env, "DVC_ROOT": str(tmp_path)},
+                              capture_output=True, text=True, timeout=300, check=False)
+    assert in_stage.returncode == 0 and "Score X-rays" in in_stage.stdout
+    assert in_stage.stderr.count("the copy s code") == 1, in_stage.stderr
+    # Outside a DVC stage the command is the installed one, wherever it is run from.
+    outside = subprocess.run([str(script), "predict", "--help"], cwd=copy, env=env,
+                             capture_output=True, text=True, timeout=300, check=False)
+    assert outside.returncode == 0 and "the copy s code" not in outside.stderr
