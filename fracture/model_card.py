@@ -12,16 +12,34 @@ INTENDED_USE = (
     "It has not been cleared by any regulator as a medical device."
 )
 
+#: The dataset a card names when the run does not say which (FracAtlas's layout, the default).
+FRACATLAS = "FracAtlas"
+
+#: What a card says of the split's patients and of the test set, by the dataset trained on.
+DATASET_LIMITATIONS = {
+    True: (
+        "FracAtlas publishes no patient identifier, so on it the split is image-level (a hospital "
+        "export's labels.csv can name each image's patient_id, or its DICOM files' Patient ID is "
+        "used, and then a patient's images share a split). Byte-identical files and near-duplicate "
+        "X-rays (re-encoded copies and repeat exposures, "
+        "found by thumbnail correlation) are kept in one split, but without patient ids other "
+        "radiographs of the same patient can still sit in training and test, which can make the test "
+        "figures optimistic.",
+        "Test set: one public dataset (FracAtlas) from one region's hospitals; performance on other "
+        "scanners, populations and protocols is unmeasured.",
+    ),
+    False: (
+        "A patient's images share a split where labels.csv names each image's patient_id or the DICOM "
+        "files' Patient ID is used; byte-identical files and near-duplicate X-rays (re-encoded copies "
+        "and repeat exposures, found by thumbnail correlation) are kept in one split too. Images "
+        "without a patient id are split one by one, so other radiographs of the same patient can still "
+        "sit in training and test, which can make the test figures optimistic.",
+        "Test set: held-out images of the same export, from the sites, scanners and period it covers; "
+        "performance elsewhere is unmeasured.",
+    ),
+}
+
 LIMITATIONS = (
-    "FracAtlas publishes no patient identifier, so on it the split is image-level (a hospital "
-    "export's labels.csv can name each image's patient_id, or its DICOM files' Patient ID is "
-    "used, and then a patient's images share a split). Byte-identical files and near-duplicate "
-    "X-rays (re-encoded copies and repeat exposures, "
-    "found by thumbnail correlation) are kept in one split, but without patient ids other "
-    "radiographs of the same patient can still sit in training and test, which can make the test "
-    "figures optimistic.",
-    "Test set: one public dataset (FracAtlas) from one region's hospitals; performance on other "
-    "scanners, populations and protocols is unmeasured.",
     "Body parts with few test images of a class have sensitivity or specificity intervals too wide to rely on "
     "(see the table's intervals).",
     "The output is a probability of any fracture on the image, not a diagnosis; the heat map is "
@@ -45,6 +63,12 @@ SELECTION_PROTOCOL = (
     "The promotion gate compares the model with the champion on the same test images (DeLong's "
     "paired test); it decides which model is served, never how one is trained.",
 )
+
+
+def dataset_name(layout: str, dest: str) -> str:
+    """What a card and a version's description say the model was trained on: FracAtlas for its
+    published layout (``ingest.layout: fracatlas``), else the export ingested into ``dest``."""
+    return FRACATLAS if layout == "fracatlas" else f"the hospital export in `{dest}` (ingest.layout: {layout})"
 
 
 def _fmt(value: Any) -> str:
@@ -117,7 +141,8 @@ def render_model_card(
         model: the train stage's model (architecture, profile, best epoch, data config).
         recipe: the training parameters that define the recipe (optimiser, scheduler, epochs...).
         data: ``version`` (DVC md5 of the dataset) and ``git_commit`` the model was trained
-            from, and the split sizes.
+            from, the split sizes, and ``dataset``, what it was trained on (:func:`dataset_name`;
+            default FracAtlas).
         metrics: the evaluate stage's test metrics, with ``*_ci_low`` / ``*_ci_high`` intervals
             (ROC AUC's by bootstrap over groups of linked images, sensitivity's and specificity's
             Wilson score intervals over the effective number of images).
@@ -136,14 +161,15 @@ def render_model_card(
 
     config = model.data_config
     size = config.input_size
+    dataset = data.get("dataset") or FRACATLAS
     lines = [
         f"# Model card: {model.architecture} ({model.profile} profile)",
         "",
         "Fractured / not fractured classifier for musculoskeletal X-rays, fine-tuned from ImageNet "
         + (
-            "weights on FracAtlas (Gupta & Sharma, 2024 recipe)."
+            f"weights on {dataset} (Gupta & Sharma, 2024 recipe)."
             if model.profile == "paper"
-            else f"weights on FracAtlas (the {model.profile} profile's recipe, below; the paper profile keeps Gupta & "
+            else f"weights on {dataset} (the {model.profile} profile's recipe, below; the paper profile keeps Gupta & "
             "Sharma's, 2024)."
         ),
         "",
@@ -154,7 +180,7 @@ def render_model_card(
         f"- MLflow run: `{run_id}`",
         f"- Code: git commit `{data.get('git_commit') or 'unknown'}`"
         + (f", with uncommitted changes to {data['git_dirty_files']}" if data.get("git_dirty_files") else ""),
-        f"- Data: FracAtlas, DVC version `{data.get('version') or 'unversioned'}`; split "
+        f"- Data: {dataset}, DVC version `{data.get('version') or 'unversioned'}`; split "
         + ", ".join(f"{k} {v}" for k, v in data.get("splits", {}).items()),
         "",
         "## Recipe",
@@ -202,7 +228,7 @@ def render_model_card(
         ),
         "",
         "## Known limitations",
-        *(f"- {text}" for text in LIMITATIONS),
+        *(f"- {text}" for text in (*DATASET_LIMITATIONS[dataset == FRACATLAS], *LIMITATIONS)),
         "",
     ]
     return "\n".join(lines)
@@ -210,7 +236,8 @@ def render_model_card(
 
 def version_description(
     architecture: str, profile: str, input_size: tuple[int, ...], aspect: str, metrics: dict[str, float],
-    run_id: str, data_version: str | None, threshold_source: str | None = None,
+    run_id: str, data_version: str | None, threshold_source: str | None = None, dataset: str | None = None,
+    card_packed: bool = False,
 ) -> str:
     """The registered version's description, as the MLflow UI's registry page shows it: what the
     model is, its test figures with their intervals and the threshold, and where its card is.
@@ -226,6 +253,10 @@ def version_description(
         data_version: the DVC version of the dataset.
         threshold_source: how the evaluate stage chose the threshold (its run's ``threshold_source``
             tag), or ``None`` when the run does not say.
+        dataset: what the model was trained on (the run's ``dataset`` tag, :func:`dataset_name`),
+            or ``None`` when the run does not say.
+        card_packed: the version's model files hold the card of the evaluation it was registered
+            with (``artifacts/model_card.md``); else the description names the run's card.
     """
     m = metrics
 
@@ -241,8 +272,8 @@ def version_description(
     return "\n\n".join(
         [
             f"Fractured / not fractured classifier for musculoskeletal X-rays: {architecture} ({profile} profile), "
-            f"{input_size[1]}×{input_size[2]} px ({aspect}), fine-tuned from ImageNet weights on FracAtlas "
-            f"(DVC data version `{data_version or 'unversioned'}`).",
+            f"{input_size[1]}×{input_size[2]} px ({aspect}), fine-tuned from ImageNet weights on "
+            f"{dataset or 'its dataset'} (DVC data version `{data_version or 'unversioned'}`).",
             f"Test split ({split}): ROC AUC {with_ci('roc_auc')}; sensitivity {with_ci('recall')}; "
             f"specificity {with_ci('specificity')}"
             + (
@@ -251,7 +282,9 @@ def version_description(
                 else f"; at the decision threshold {_fmt_threshold(threshold)}"
                 + (f" ({threshold_source})." if threshold_source else ".")
             ),
-            f"Model card: artifact `evaluation/model_card.md` of run `{run_id}`. Decision support for a trained "
-            "reader, not a diagnosis; not for clinical use.",
+            (f"Model card: `artifacts/model_card.md` among this version's model files, as evaluated when it was "
+             f"registered (run `{run_id}`). " if card_packed else
+             f"Model card: artifact `evaluation/model_card.md` of run `{run_id}`. ")
+            + "Decision support for a trained reader, not a diagnosis; not for clinical use.",
         ]
     )

@@ -81,7 +81,7 @@ def _model_kwargs(weights: Path, config: ServingConfig, folder: Path) -> dict[st
     return _pyfunc_kwargs(ENTRY, SIGNATURE, weights, config.to_dict(), requirements(config), folder)
 
 
-def log_pyfunc(run_id: str, weights: Path, config: ServingConfig) -> str:
+def log_pyfunc(run_id: str, weights: Path, config: ServingConfig, card: Path | None = None) -> str:
     """Logs the model with its preprocessing code into the training run.
 
     Args:
@@ -89,11 +89,19 @@ def log_pyfunc(run_id: str, weights: Path, config: ServingConfig) -> str:
         weights: the safetensors file of the fine-tuned model.
         config: architecture, data config and decision threshold (``model.json`` plus the
             threshold the evaluate stage chose); stored as the model's ``config`` artifact.
+        card: the model card of the evaluation the model is logged with, stored as its
+            ``artifacts/model_card.md`` (the model's ``model_card`` artifact).
 
     Returns:
         The logged model's URI. The run's experiment becomes the active one.
     """
-    return _log_into_run(run_id, lambda folder: _model_kwargs(weights, config, folder))
+    def kwargs(folder: Path) -> dict[str, object]:
+        given = _model_kwargs(weights, config, folder)
+        if card is not None:
+            given["artifacts"] = {**given["artifacts"], "model_card": str(card)}
+        return given
+
+    return _log_into_run(run_id, kwargs)
 
 
 def _log_into_run(run_id: str, kwargs: Callable[[Path], dict[str, object]]) -> str:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -267,12 +268,23 @@ def register(
     )
 
     provenance = _provenance_tags(run, config, split)
+    packed: dict[str, bool] = {}
+
+    def log_model() -> str:
+        # The card of the evaluation the version is registered with goes into its own files: the
+        # run's card is the latest evaluation's, which a later evaluate stage overwrites.
+        with tempfile.TemporaryDirectory() as tmp:
+            card = _evaluation_card(client, run_id, Path(tmp))
+            packed["card"] = card is not None
+            return log_pyfunc(run_id, weights, config, card)
+
     mv, created = _ensure_version(
-        client, params.model_name, run, provenance, lambda: log_pyfunc(run_id, weights, config),
+        client, params.model_name, run, provenance, log_model,
         lambda: version_description(
             config.architecture, str(config.extra.get("profile") or run.data.tags.get("profile") or "unknown"),
             config.data_config.input_size, config.data_config.aspect, metrics, run_id,
             run.data.tags.get("data_version") or None, run.data.tags.get("threshold_source") or None,
+            run.data.tags.get("dataset") or None, packed.get("card", False),
         ),
     )
     mv = _record_provenance(client, mv, provenance)
@@ -293,6 +305,14 @@ def register(
         confidence=params.confidence, floors=params.floors, sensitivity_tolerance=params.sensitivity_tolerance,
         specificity_tolerance=params.specificity_tolerance,
     )
+
+
+def _evaluation_card(client: MlflowClient, run_id: str, folder: Path) -> Path | None:
+    """The run's model card (its evaluate stage's ``evaluation/model_card.md``) downloaded into
+    ``folder``, or ``None`` when the run has none."""
+    if not any(f.path == "evaluation/model_card.md" for f in client.list_artifacts(run_id, "evaluation")):
+        return None
+    return Path(client.download_artifacts(run_id, "evaluation/model_card.md", str(folder)))
 
 
 def require_same_split(evaluated_on: str | None, fingerprint: str, run: str, stage: str, reproduce: str) -> None:

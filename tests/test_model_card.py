@@ -99,3 +99,23 @@ def test_a_model_trained_from_uncommitted_code_names_the_files_no_commit_holds()
     data = {"git_commit": "abc123-dirty", "git_dirty_files": "fracture/training.py, params.yaml", "splits": {}}
     card = render_model_card(MODEL, {}, data, METRICS, PARTS, "fixed", "run42")
     assert "- Code: git commit `abc123-dirty`, with uncommitted changes to fracture/training.py, params.yaml" in card
+
+
+def test_a_hospitals_export_is_named_as_what_the_model_was_trained_on():
+    """A card of a model trained on a hospital's own export (ingest.layout: csv) names that export,
+    not FracAtlas, and its limitations are the export's; FracAtlas's layout keeps FracAtlas's."""
+    from fracture.model_card import dataset_name
+
+    export = dataset_name("csv", "data/north")
+    assert export == "the hospital export in `data/north` (ingest.layout: csv)"
+    assert dataset_name("fracatlas", "data/fracatlas") == "FracAtlas"
+    card = render_model_card(MODEL, {}, {"splits": {}, "dataset": export, "version": "ab.dir"}, METRICS, PARTS,
+                             "fixed at evaluate.threshold 0.5", "run42")
+    assert "FracAtlas" not in card
+    assert f"weights on {export} (the cpu profile's recipe" in card and f"- Data: {export}, DVC version `ab.dir`" in card
+    assert "Images without a patient id are split one by one" in card and "held-out images of the same export" in card
+    public = render_model_card(MODEL, {}, {"splits": {}}, METRICS, PARTS, "fixed at evaluate.threshold 0.5", "run42")
+    assert "- Data: FracAtlas, DVC version" in public and "one public dataset (FracAtlas)" in public
+    described = version_description("tf_efficientnet_lite0", "cpu", (3, 224, 224), "squash", {}, "run42", "ab.dir",
+                                    dataset=export)
+    assert f"weights on {export} (DVC data version `ab.dir`)" in described

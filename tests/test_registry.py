@@ -857,14 +857,16 @@ def test_a_new_version_describes_itself_for_the_registry_page(client, model_file
                "test_specificity": 0.838, "test_specificity_ci_low": 0.802, "test_specificity_ci_high": 0.873,
                "test_threshold": 0.0607, "test_n_images": 494, "test_n_fractured": 86}
     source = "fixed at evaluate.threshold 0.5"
-    with mlflow.start_run(tags={"data_version": DATA, "profile": "cpu", "threshold_source": source}) as run:
+    dataset = "the hospital export in `data/north` (ingest.layout: csv)"
+    with mlflow.start_run(tags={"data_version": DATA, "profile": "cpu", "threshold_source": source,
+                                "dataset": dataset}) as run:
         mlflow.log_metrics(metrics)
     register(PARAMS, run.info.run_id, weights, config, EvaluatedSplit(SPLIT_A, 10, xray), client)
     description = client.get_model_version(NAME, "1").description
     # How the threshold was chosen comes from the evaluate stage's run, not a fixed phrase.
     assert f"at the decision threshold 0.0607 ({source})." in description and "validation" not in description
     assert f"{config.architecture} (cpu profile), 64×64 px (squash)" in description
-    assert f"DVC data version `{DATA}`" in description
+    assert f"fine-tuned from ImageNet weights on {dataset} (DVC data version `{DATA}`)" in description
     assert "Test split (494 images, 86 fractured): ROC AUC 0.907 (95% CI 0.866–0.944); sensitivity 0.814 " in description
     assert "(95% CI 0.733–0.884); specificity 0.838 (95% CI 0.802–0.873); at the decision threshold 0.0607" in description
     assert f"`evaluation/model_card.md` of run `{run.info.run_id}`" in description
@@ -1255,7 +1257,7 @@ def test_fracture_rollback_to_chooses_a_version_by_hand(client, ranked, tmp_path
     assert aliases(client) == {"champion": "2"}
 
 
-def test_a_run_whose_evaluation_changed_is_registered_as_a_new_version(client, ranked):
+def test_a_run_whose_evaluation_changed_is_registered_as_a_new_version(client, ranked, tmp_path):
     """The evaluate stage ran again (another threshold rule): the run's version serves the old
     threshold, so the run is registered again, and the gate decides on the new version."""
     import dataclasses
@@ -1263,11 +1265,25 @@ def test_a_run_whose_evaluation_changed_is_registered_as_a_new_version(client, r
     split, models = ranked
     weights, config = models["good"]
     run_id = evaluated_run(0.90)
+
+    def evaluate_card(threshold: float, folder: Path) -> None:  # as the evaluate stage logs its card into the run
+        folder.mkdir()
+        card = folder / "model_card.md"
+        card.write_text(f"# Model card\n- Decision threshold {threshold}\n")
+        with mlflow.start_run(run_id=run_id):
+            mlflow.log_artifact(str(card), artifact_path="evaluation")
+
+    def packed_card(version: str) -> str:
+        folder = mlflow.artifacts.download_artifacts(f"models:/{NAME}/{version}")
+        return (Path(folder) / "artifacts" / "model_card.md").read_text()
+
+    evaluate_card(0.5, (tmp_path / "first"))
     first = register(PARAMS, run_id, weights, config, split, client)
     assert (first.version, first.created) == ("1", True)
     assert register(PARAMS, run_id, weights, config, split, client).created is False  # nothing changed
     with mlflow.start_run(run_id=run_id):
         mlflow.log_metrics({"test_recall": 0.95, "test_specificity": 0.6})
+    evaluate_card(0.2, (tmp_path / "again"))
     again = register(PARAMS, run_id, weights, dataclasses.replace(config, threshold=0.2), split, client)
     assert (again.version, again.created) == ("2", True)
     tags = client.get_model_version(NAME, "2").tags
@@ -1275,6 +1291,11 @@ def test_a_run_whose_evaluation_changed_is_registered_as_a_new_version(client, r
     # The same network against itself: no evidence, so the champion stays, and says why.
     assert again.decision == "challenger" and "beats champion" in again.reason
     assert float(client.get_model_version(NAME, "1").tags["threshold"]) == 0.5
+    # Each version keeps the card of the evaluation it was registered with, which its description
+    # names; the run's own card is the latest evaluation's.
+    assert packed_card("1").endswith("Decision threshold 0.5\n") and packed_card("2").endswith("Decision threshold 0.2\n")
+    for version in ("1", "2"):
+        assert "`artifacts/model_card.md` among this version's model files" in client.get_model_version(NAME, version).description
 
 
 def test_a_run_registered_again_under_other_input_checks_is_a_new_version_that_serves_them(client, ranked):

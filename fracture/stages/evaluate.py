@@ -41,7 +41,7 @@ from fracture.localisation import (
     score_heat_maps,
 )
 from fracture.manifest import body_part
-from fracture.model_card import render_model_card
+from fracture.model_card import dataset_name, render_model_card
 from fracture.plots import save_evaluation_plots
 from fracture.prepare import PreparedImages
 from fracture.split import split_groups
@@ -189,12 +189,13 @@ def run_evaluate(params: Params, workspace: Workspace) -> EvaluateResult:
     setup_mlflow(params, workspace.root)
     # The card names the code and data the model was trained from, as the training run recorded them.
     tags = training_run(trained.run_id).data.tags
+    dataset = dataset_name(params.ingest.layout, params.ingest.dest)
     card = render_model_card(
         model,
         _recipe(params, model.profile),
         {"version": tags.get("data_version"), "git_commit": tags.get("git_commit"),
          "git_dirty_files": tags.get("git_dirty_files"),
-         "splits": SplitResult.of(frames).sizes},
+         "splits": SplitResult.of(frames).sizes, "dataset": dataset},
         metrics,
         per_part,
         _threshold_source(params),
@@ -205,6 +206,7 @@ def run_evaluate(params: Params, workspace: Workspace) -> EvaluateResult:
         mlflow.log_metrics({f"test_{k}": v for k, v in metrics.items()})
         mlflow.log_metrics({f"test_{k}": v for k, v in result.confusion.items()})
         mlflow.set_tag("threshold_source", _threshold_source(params))
+        mlflow.set_tag("dataset", dataset)  # what the registered version's description names
         # The images and labels these figures are on: registration refuses the run when the
         # workspace's test split has changed since (fracture.registry).
         mlflow.set_tag("split_fingerprint", split_fingerprint(test))
