@@ -23,6 +23,7 @@ from PIL import Image
 
 import fracture
 from fracture.inference import ServingConfig
+from fracture.intake import InputPolicy
 from fracture.serving import SIGNATURE
 
 #: MLflow's models-from-code entry file: it builds the :class:`fracture.serving.FracturePyfunc`.
@@ -40,10 +41,12 @@ ENHANCE_REQUIREMENTS = {
 }
 
 
-def _input_example() -> pd.DataFrame:
-    # A small synthetic greyscale image: the example must not carry patient data.
+def _input_example(policy: InputPolicy) -> pd.DataFrame:
+    """A small synthetic greyscale image the model accepts (its sides at least ``policy.min_side``):
+    the example must not carry patient data, and a consumer trying the model with it gets an answer."""
+    side = min(max(policy.min_side, 64), policy.max_side)
     buf = io.BytesIO()
-    Image.linear_gradient("L").resize((64, 64)).save(buf, format="PNG")
+    Image.linear_gradient("L").resize((side, side)).save(buf, format="PNG")
     return pd.DataFrame({"image": [base64.b64encode(buf.getvalue()).decode()]})
 
 
@@ -71,7 +74,7 @@ def _pyfunc_kwargs(
         "artifacts": {"weights": str(weights), "config": str(config_path)},
         "code_paths": [str(Path(fracture.__file__).parent)],
         "signature": signature,
-        "input_example": _input_example(),
+        "input_example": _input_example(InputPolicy.from_dict(described.get("input"))),
         "pip_requirements": [f"{pkg}=={metadata.version(pkg)}" for pkg in packages],
     }
 

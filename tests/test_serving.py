@@ -8,6 +8,7 @@ and with what the scoring server answers over HTTP on 127.0.0.1.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import os
@@ -147,6 +148,22 @@ def test_a_draft_model_reads_jpegs_at_draft_scale_and_dicom_in_full(tmp_path):
     assert abs(draft - full) > 1e-4
     assert abs(out["fracture_probability"][0] - draft) <= 1e-6
     assert abs(out["fracture_probability"][1] - full) <= 1e-6
+
+
+def test_the_models_own_input_example_is_answered_whatever_its_smallest_side(tmp_path):
+    """The example logged with the model (MLflow's input_example, which the UI's snippets and
+    `mlflow models predict` use) passes the model's input checks, also when validate.min_side is
+    above the 64 px example of before."""
+    from mlflow.models import Model
+
+    from fracture.intake import InputPolicy
+
+    weights, config = untrained_model_files(tmp_path, THRESHOLD)
+    config = dataclasses.replace(config, input=InputPolicy(min_side=128))
+    folder = save_pyfunc(tmp_path / "pyfunc", weights, config)
+    example = Model.load(str(folder)).load_input_example(str(folder))
+    out = mlflow.pyfunc.load_model(str(folder)).predict(example)
+    assert out["error"].tolist() == [""]
 
 
 def test_an_empty_frame_gives_an_empty_answer(model):
