@@ -184,14 +184,6 @@ class Profile:
     # network, kept from its best val epoch, as the paper's profile
     snapshots: int = 1
 
-    def learning_rate(self, train: TrainParams) -> float:
-        """The Adam learning rate this profile trains with."""
-        return self.lr if self.lr is not None else train.lr
-
-    def cycle_epochs(self, train: TrainParams) -> int:
-        """Epochs until the cosine schedule's first restart (CosineAnnealingWarmRestarts' T_0)."""
-        return train.t_0 or self.epochs // self.snapshots
-
 
 @dataclass(frozen=True)
 class TrainParams:

@@ -47,6 +47,7 @@ from fracture.imaging import Preprocessor
 from fracture.inference import autocast_for, mirror, probabilities, softmax
 from fracture.model import check_frozen, create_classifier, data_config
 from fracture.prepare import CachedImages, StaleCacheError
+from fracture.recipe import cycle_epochs, learning_rate
 from fracture.vocabulary import CLASSES, Augment, ClassBalance, Device, choices
 
 log = logging.getLogger(__name__)
@@ -568,12 +569,12 @@ def train(
     criterion = criterion.to(device)
     if context.distributed and getattr(criterion, "weight", None) is not None:
         criterion = distributed.GlobalBatchLoss(criterion, context)
-    lr = profile.learning_rate(params)
+    lr = learning_rate(profile, params)
     optimizer = torch.optim.Adam(
         parameter_groups(model, lr, params.weight_decay, profile.layer_decay), lr=lr, weight_decay=params.weight_decay
     )
     scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
-        optimizer, T_0=profile.cycle_epochs(params), T_mult=params.t_mult
+        optimizer, T_0=cycle_epochs(profile, params), T_mult=params.t_mult
     )
     autocast, scaler = autocast_for(device)
     # Frozen leading layers whose output cannot change between epochs run once per image.
@@ -636,7 +637,7 @@ def train(
     val_probs: np.ndarray | None = None
     best_probs: np.ndarray | None = None
     # A snapshot ensemble's (profile.snapshots > 1) networks at each cosine cycle's end, and their val scores.
-    cycle = profile.cycle_epochs(params)
+    cycle = cycle_epochs(profile, params)
     snapshot_states: list[dict[str, torch.Tensor]] = []
     snapshot_probs: list[np.ndarray | None] = []
     start = 0
@@ -813,7 +814,7 @@ def _snapshot_ensemble(
     ensemble = seed_ensemble(networks, profile.frozen)
     complete = all(p is not None for p in probs)
     mean = np.mean(np.stack(probs), axis=0) if complete else _val_probabilities(ensemble, val_data, config, profile, params)
-    cycle = profile.cycle_epochs(params)
+    cycle = cycle_epochs(profile, params)
     return FitResult(
         model=ensemble,
         data_config=config,

@@ -15,6 +15,7 @@ from fracture.config import (
     parse_params,
     read_params_yaml,
 )
+from fracture.recipe import learning_rate
 from tests.conftest import REPO, shipped_params, shipped_params_text
 
 
@@ -39,8 +40,8 @@ def test_cpu_profile_uses_offline_lite0_weights():
 
 def test_a_profile_may_set_its_own_learning_rate():
     params = load_params(REPO)
-    assert params.profiles["paper"].learning_rate(params.train) == params.train.lr  # the paper's recipe
-    assert params.profiles["cpu"].learning_rate(params.train) == params.profiles["cpu"].lr
+    assert learning_rate(params.profiles["paper"], params.train) == params.train.lr  # the paper's recipe
+    assert learning_rate(params.profiles["cpu"], params.train) == params.profiles["cpu"].lr
     raw = raw_params()
     raw["profiles"]["cpu"]["lr"] = -1
     with pytest.raises(ConfigError, match="profiles.cpu.lr must be a positive number"):
@@ -584,3 +585,35 @@ def test_the_names_prefect_refuses_are_prefects_own():
     from fracture.config import PREFECT_BANNED_CHARACTERS  # noqa: PLC0415
 
     assert list(PREFECT_BANNED_CHARACTERS) == BANNED_CHARACTERS
+
+
+def test_no_default_of_config_py_decides_a_run_of_the_shipped_params():
+    """config.py is no stage's dependency (dvc.yaml), so none of its defaults may decide a run:
+    the shipped params.yaml writes every key whose default is a value (a default of None says
+    "not set", as the file's own null would)."""
+    import dataclasses
+
+    raw = yaml.safe_load(shipped_params_text())
+    params = shipped_params()
+
+    def unwritten(section: object, written: dict, where: str) -> list[str]:
+        spelt = {key.lower(): key for key in written}
+        missing = []
+        for field in dataclasses.fields(section):
+            key = spelt.get(field.name.lower())
+            value = getattr(section, field.name)
+            if key is None:
+                missing += [] if value is None else [f"{where}.{field.name}"]
+            elif dataclasses.is_dataclass(value) and isinstance(written[key], dict):
+                missing += unwritten(value, written[key], f"{where}.{key}")
+        return missing
+
+    missing = []
+    for name, written in raw.items():
+        section = getattr(params, name)
+        if isinstance(section, dict):
+            missing += [m for profile, value in section.items() for m in unwritten(value, written[profile], f"{name}.{profile}")]
+        elif dataclasses.is_dataclass(section):
+            missing += unwritten(section, written, name)
+    assert missing == []
+    assert {"train", "profiles", "prepare", "split", "evaluate"} <= set(raw)

@@ -16,6 +16,7 @@ from fracture.config import ConfigError, parse_params
 from fracture.ensemble import SeedEnsemble
 from fracture.imaging import Preprocessor
 from fracture.inference import load_network, probabilities
+from fracture.recipe import cycle_epochs, learning_rate
 from fracture.training import train
 from tests.conftest import REPO
 from tests.test_checkpoint import Killed
@@ -49,7 +50,7 @@ def test_the_snapshots_are_the_network_at_each_cycles_end_sharing_the_frozen_lay
     assert fit.member_best_epochs == (1, 2) and fit.best_epoch == 2
     # The schedule restarts every epoch: each epoch's last step is at the same point of its own cosine
     # cycle, near its end (one cycle over both epochs would end the first at three quarters of the rate).
-    base = snapshots["profile"].learning_rate(snapshots["params"])
+    base = learning_rate(snapshots["profile"], snapshots["params"])
     assert fit.history[0]["lr"] == pytest.approx(fit.history[1]["lr"]) and fit.history[0]["lr"] < 0.5 * base
     first, second = (m.state_dict() for m in ensemble.members)
     for name, tensor in snapshots["first"].model.state_dict().items():
@@ -124,8 +125,8 @@ def test_three_snapshots_of_three_epochs_restart_the_schedule_every_epoch():
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     raw["profiles"]["cpu"].update(epochs=3, snapshots=3, members=1)  # snapshots of one network
     params = parse_params(raw)
-    assert params.profiles["cpu"].cycle_epochs(params.train) == 1
-    assert params.profiles["paper"].cycle_epochs(params.train) == params.profiles["paper"].epochs
+    assert cycle_epochs(params.profiles["cpu"], params.train) == 1
+    assert cycle_epochs(params.profiles["paper"], params.train) == params.profiles["paper"].epochs
 
 
 def test_the_stages_train_evaluate_and_cross_validate_a_snapshot_ensemble(tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ from timm.utils.model import freeze
 from fracture.config import ConfigError, load_params
 from fracture.model import create_classifier, profile_data_config
 from fracture.prepare import StaleCacheError
+from fracture.recipe import learning_rate
 from fracture.training import (
     class_balance,
     light_augmentation,
@@ -318,7 +319,7 @@ def test_the_logged_learning_rate_is_the_last_step_of_each_epoch_not_the_restart
     the scheduler's next rate (a warm restart at the full rate) is not what the run trained with."""
     params, profile, config, data = tiny_run(tmp_path, 6, 6, image_size=32, epochs=2, frozen=())
     train_params = dataclasses.replace(params.train, batch_size=4)
-    base = profile.learning_rate(train_params)
+    base = learning_rate(profile, train_params)
     history = train(data, data, config, profile, train_params).history
     assert 0.5 * base < history[0]["lr"] < 0.9 * base  # 3 steps an epoch: the first epoch ends at (1 + cos(pi/3)) / 2
     assert history[1]["lr"] < 0.1 * base

@@ -44,6 +44,7 @@ from fracture.manifest import body_part
 from fracture.model_card import dataset_name, render_model_card
 from fracture.plots import save_evaluation_plots
 from fracture.prepare import PreparedImages
+from fracture.recipe import cycle_epochs, learning_rate
 from fracture.split import split_groups
 from fracture.stages.prepare import open_cache
 from fracture.tracking import setup_mlflow, training_run
@@ -57,8 +58,8 @@ def _recipe(params: Params, profile_name: str) -> dict[str, object]:
     return {
         "weights": f"ImageNet ({profile.weights})",
         "loss": "cross-entropy",
-        "optimiser": f"Adam, lr {profile.learning_rate(train)}, weight decay {train.weight_decay}",
-        "scheduler": f"CosineAnnealingWarmRestarts, T_0 {profile.cycle_epochs(train)}, T_mult {train.t_mult}",
+        "optimiser": f"Adam, lr {learning_rate(profile, train)}, weight decay {train.weight_decay}",
+        "scheduler": f"CosineAnnealingWarmRestarts, T_0 {cycle_epochs(profile, train)}, T_mult {train.t_mult}",
         "batch size": train.batch_size,
         "class balance": train.class_balance,
         "epochs": profile.epochs,
