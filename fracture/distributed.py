@@ -281,6 +281,13 @@ class GlobalBatchLoss(torch.nn.Module):
         return total * (self.context.world_size / batch_weight).to(total.dtype)
 
 
+def ranks_unlike_main(value: str, context: Context) -> list[int]:
+    """The ranks whose ``value`` differs from rank 0's, known alike on every rank (``[]`` when not
+    distributed): every rank can then stop at the same point, none left waiting in a collective."""
+    same = from_main(value, context) == value
+    return [rank for rank, agreed in enumerate(each_rank(float(same), context)) if not agreed]
+
+
 def from_main(value: T, context: Context) -> T:
     """Rank 0's ``value`` on every rank (pickled; for checkpoints and decisions, not batches)."""
     if not context.distributed:

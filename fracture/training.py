@@ -608,8 +608,10 @@ def train(
         len(sampler if sampler is not None else train_data), params.batch_size, context.world_size, synced_batch_norm
     )
     if lone_last and context.is_main:
-        log.info("%d images per epoch and process in batches of %d: each epoch's last image, alone in its "
-                 "batch, is skipped that epoch", len(shard), batch_size)
+        left = len(shard) % batch_size
+        log.info("%d images per epoch and process in batches of %d: each process's last batch, of %d image(s), is "
+                 "skipped each epoch (%d of the epoch's %d draws)", len(shard), batch_size, left,
+                 left * context.world_size, len(shard) * context.world_size)
     # Each batch is fetched with one indexing call (a gather from the memory-mapped cache),
     # not image by image and stacked.
     loader = DataLoader(

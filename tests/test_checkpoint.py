@@ -179,9 +179,18 @@ def test_the_run_key_changes_with_the_pixels_code_and_weights_not_only_the_param
     assert key() != base
     weights.write_bytes(b"first")
     assert key() == base
+    # Another device than the run was killed on (train.device: auto, a GPU gone or added): another run,
+    # whose kernels' numbers differ from the killed one's.
+    params = dataclasses.replace(params, train=dataclasses.replace(params.train, device="auto"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    on_cpu = key()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert key() != on_cpu
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert key() == on_cpu
     # Other code.
     monkeypatch.setattr(checkpoint, "code_digest", lambda: "another version of the code")
-    assert key() != base
+    assert key() != on_cpu
 
 
 def test_checkpoints_hold_no_pickles(tmp_path):
@@ -230,6 +239,7 @@ def test_train_stage_killed_after_its_first_epoch_resumes_when_rerun(project, fr
             else f", resumed after {killed_at} of its members' {3 * members} epochs)") in out
     history = json.loads((project / "outputs" / "train" / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2, 3] * profile.members
+    assert [h["step"] for h in history] == list(range(1, 3 * profile.members + 1))  # as MLflow's steps
     assert not (project / "outputs" / "train" / "checkpoint").exists()  # removed once the model is written
 
     # One MLflow run holds every epoch of every member, logged once each.

@@ -16,7 +16,7 @@ import yaml
 
 from fracture.versions import STATUS_COMPARED, compare_with_previous
 from fracture.workspace import ASSIGNMENTS_FILE, SPLITS
-from tests.conftest import dvc, make_subset, pick_ids, run
+from tests.conftest import REPO, dvc, make_subset, pick_ids, run
 from tests.synthetic import write_image
 from tests.test_versions import dataset, first_version, isolate, manifest  # noqa: F401 - a committed tiny DVC dataset
 
@@ -138,3 +138,23 @@ def test_an_image_replaced_under_its_id_is_reported_as_changed_content(first_ver
     assert result["content_changed"] == [{"image_id": "IMG0000001.jpg", "previous": previous, "current": current}]
     assert result["n_content_changed"] == 1
     assert result["message"].endswith(", 0 changed label in the csv, 1 changed image content"), result["message"]
+
+
+def test_a_hospitals_export_is_logged_under_its_own_name_not_fracatlas(tmp_path):
+    """The train run's dataset inputs name the folder the data was ingested into (ingest.dest), so a
+    hospital's export is not recorded in MLflow as FracAtlas."""
+    import dataclasses
+
+    from fracture.config import load_params
+    from fracture.stages.train import log_dataset_inputs
+    from fracture.workspace import Workspace
+
+    params = load_params(REPO)
+    params = dataclasses.replace(params, ingest=dataclasses.replace(params.ingest, dest="data/north", layout="csv"))
+    frame = pd.DataFrame({"image_id": ["a", "b"], "path": ["images/a.png", "images/b.png"], "label": [1, 0],
+                          "sha256": ["11", "22"]})
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with mlflow.start_run() as run:
+        log_dataset_inputs(params, Workspace(tmp_path), {"train": frame, "val": frame.iloc[:1]})
+    names = {i.dataset.name for i in mlflow.get_run(run.info.run_id).inputs.dataset_inputs}
+    assert names == {"north", "north-train", "north-val"}

@@ -83,6 +83,13 @@ def _rank_run(images, labels, config, profile, train_params):
     }
 
 
+def _rank_projects_compared():
+    """Which ranks each rank finds unlike rank 0: all the same, then rank 1's project another."""
+    context = distributed.setup(use_cuda=False)
+    return {"same": distributed.ranks_unlike_main("project", context),
+            "one_differs": distributed.ranks_unlike_main("project" if context.rank == 0 else "stale copy", context)}
+
+
 def _rank_runs(runs):
     """One process's share of each of ``runs`` (name -> function and its arguments), one after
     another in the same process group: ``train`` joins the group the first run set up."""
@@ -116,6 +123,7 @@ def gloo_runs(tmp_path_factory) -> GlooRuns:
         **{balance: (_rank_run, (images, labels, config, profile, dataclasses.replace(train_params, class_balance=balance)))
            for balance in ("none", "weighted_loss")},
         "batch_norm": (_rank_run, (bn_images, bn_labels, bn_config, batch_norm, train_params)),
+        "projects": (_rank_projects_compared, ()),
         # Last: it replaces the augmentation in the processes it runs in.
         "augmentation": (_rank_augmentation_draws,
                          (images, labels, config, dataclasses.replace(profile, augment="light"), train_params)),
@@ -128,6 +136,12 @@ def gloo_runs(tmp_path_factory) -> GlooRuns:
         ranks = distributed.launch(_rank_runs, 2, runs)
     return GlooRuns({name: args for name, (_, args) in runs.items()},
                     {name: {rank: answers[name] for rank, answers in ranks.items()} for name in runs})
+
+
+def test_every_rank_learns_which_machines_project_is_not_rank_0s(gloo_runs):
+    """The train stage compares each rank's run key (split, cache, params, code) with rank 0's:
+    every rank learns of a machine whose project differs, so all stop at once, none left waiting."""
+    assert gloo_runs.ranks["projects"] == {rank: {"same": [], "one_differs": [1]} for rank in (0, 1)}
 
 
 @pytest.mark.parametrize("class_balance", ["none", "weighted_loss"])

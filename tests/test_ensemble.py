@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 from safetensors.torch import save_file
 from sklearn.metrics import roc_auc_score
 
@@ -193,6 +194,11 @@ def test_the_stages_train_evaluate_and_cross_validate_an_ensemble(tmp_path, monk
     assert model["members"] == 2 and len(model["member_best_epochs"]) == 2
     history = json.loads((workspace.train_dir / "history.json").read_text())
     assert [h["member"] for h in history] == [1, 1, 2, 2]
+    # dvc.yaml plots the history over each row's MLflow step: the two networks' epochs apart, not over one another.
+    assert [h["step"] for h in history] == [1, 2, 3, 4]
+    stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train"]
+    (plot,) = stage["plots"]
+    assert plot["outputs/train/history.json"]["x"] == "step"
     assert isinstance(load_network(workspace.weights, model["architecture"]), SeedEnsemble)
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = client.get_run(trained.run_id).data

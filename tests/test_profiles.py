@@ -133,3 +133,23 @@ def test_the_train_stage_refuses_the_papers_profile_on_a_machine_without_cuda_an
     monkeypatch.setattr(stage, "_train", lambda p, _w: trained.append((p.train.profile, p.train.device)) or False)
     assert stage.run_train(asked, Workspace(tmp_path)) is None
     assert trained == [("paper", "cpu")]
+
+
+def test_the_prepare_stage_refuses_the_papers_profile_on_a_machine_without_cuda_before_decoding_anything(
+    tmp_path, monkeypatch
+):
+    """The prepare stage runs first: it would build B6's 528 px cache (gigabytes, in the workspace and
+    DVC's cache) that the train stage then refuses; it stops before reading the manifest."""
+    import torch  # noqa: PLC0415
+
+    from fracture.config import ConfigError  # noqa: PLC0415
+    from fracture.stages import prepare as stage  # noqa: PLC0415
+    from fracture.workspace import Workspace  # noqa: PLC0415
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    params = shipped_params()
+    decoded: list[int] = []
+    monkeypatch.setattr(stage, "prepare_images", lambda *args, **kwargs: decoded.append(1))
+    with pytest.raises(ConfigError, match=r"train\.profile is 'paper' .* no CUDA device: set train\.profile: cpu"):
+        stage.run_prepare(params, Workspace(tmp_path))  # no manifest there: refused before it is read
+    assert decoded == []

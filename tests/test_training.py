@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 
 import numpy as np
@@ -201,12 +202,15 @@ def test_the_val_pass_that_picks_the_epoch_scores_with_the_profiles_tta(tmp_path
     assert not np.allclose(hflip, plain)  # the mirror pass did change the scores
 
 
-def test_an_epoch_that_would_end_on_a_batch_of_one_image_skips_it(tmp_path):
+def test_an_epoch_that_would_end_on_a_batch_of_one_image_skips_it(tmp_path, caplog):
     # 17 images in batches of 16: batch norm cannot train on the 17th alone.
     params, profile, config, data = tiny_run(tmp_path, 8, 9, image_size=32, epochs=1, frozen=())
     assert len(data) == 17
-    result = train(data, data, config, profile, dataclasses.replace(params.train, batch_size=16))
+    with caplog.at_level(logging.INFO, logger="fracture.training"):
+        result = train(data, data, config, profile, dataclasses.replace(params.train, batch_size=16))
     assert result.history[0]["epoch"] == 1
+    assert ("17 images per epoch and process in batches of 16: each process's last batch, of 1 image(s), is "
+            "skipped each epoch (1 of the epoch's 17 draws)") in caplog.text
 
 
 def test_the_weights_moving_average_warms_up_and_is_capped_at_the_profiles_decay():

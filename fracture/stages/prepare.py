@@ -4,12 +4,31 @@ from __future__ import annotations
 
 from typing import Any
 
-from fracture.config import Params
+import torch
+
+from fracture.config import ConfigError, Params
 from fracture.data_config import DataConfig
 from fracture.imaging import Preprocessor
 from fracture.model import check_profile_model, profile_data_config
 from fracture.prepare import PreparedImages, cache_key, open_prepared, prepare_images
 from fracture.workspace import PrepareResult, Workspace
+
+
+def require_a_device_for_the_profile(params: Params) -> None:
+    """Refuses the paper's profile with ``train.device: auto`` on a machine without CUDA, before
+    its cache is built: what a checkout names until the main job or the flow has chosen for this
+    machine, and B6 at 528 px would take days on a few CPU cores. The train stage asks it too.
+
+    Raises:
+        ConfigError: saying what to set instead.
+    """
+    if params.train.profile == "paper" and params.train.device == "auto" and not torch.cuda.is_available():
+        raise ConfigError(
+            "params.yaml: train.profile is 'paper' (EfficientNet-B6 at 528 px, the paper's GPU recipe) and this "
+            "machine has no CUDA device: set train.profile: cpu (`make main` and `python -m flows.retrain` choose "
+            "it themselves; `dvc exp run -S train.profile=cpu` for one experiment), or train.device: cpu to train "
+            "the paper's profile on the CPU anyway"
+        )
 
 
 def active_cache(params: Params) -> tuple[DataConfig, dict[str, Any]]:
@@ -29,7 +48,12 @@ def run_prepare(params: Params, workspace: Workspace) -> PrepareResult:
 
     Returns:
         How many images, at what size, and the decode rate.
+
+    Raises:
+        ConfigError: the paper's profile on a machine without CUDA
+            (:func:`require_a_device_for_the_profile`), before any image is decoded.
     """
+    require_a_device_for_the_profile(params)
     manifest = workspace.read_manifest()
     config, key = active_cache(params)
     meta = prepare_images(

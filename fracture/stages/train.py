@@ -5,12 +5,13 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import logging
+import os
 import warnings
+from pathlib import PurePosixPath
 from typing import Any
 
 import mlflow
 import pandas as pd
-import torch
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from safetensors.torch import save_file
@@ -19,7 +20,11 @@ from fracture import checkpoint, distributed
 from fracture.config import ConfigError, Params
 from fracture.model import check_profile_frozen, require_versioned_weights
 from fracture.seen import SEEN_ARTIFACT, SeenImages
-from fracture.stages.prepare import active_cache, open_cache
+from fracture.stages.prepare import (
+    active_cache,
+    open_cache,
+    require_a_device_for_the_profile,
+)
 from fracture.tracking import hardware_tags, setup_mlflow
 from fracture.training import FitResult, fit_members, member_checkpoint, select_device
 from fracture.vocabulary import CLASSES
@@ -31,9 +36,11 @@ log = logging.getLogger(__name__)
 def log_dataset_inputs(params: Params, workspace: Workspace, frames: dict[str, pd.DataFrame]) -> None:
     """Records the dataset version and the split tables as MLflow dataset inputs of the active run.
 
-    The whole dataset is one input named ``fracatlas`` whose digest is DVC's md5 of ``data``
-    (the version in ``data.dvc``); each split is an input with its own content digest.
+    The whole dataset is one input named after its folder (``fracatlas`` for ``ingest.dest``
+    ``data/fracatlas``; a hospital's export by its own) whose digest is DVC's md5 of ``data``
+    (the version in ``data.dvc``); each split is an input ``<name>-<split>`` with its own content digest.
     """
+    name = PurePosixPath(params.ingest.dest).name
     version = workspace.data_version() or "unversioned"
     source = (workspace.root / params.ingest.dest).resolve().as_uri()
     columns = ["image_id", "path", "label", "sha256"]
@@ -49,13 +56,13 @@ def log_dataset_inputs(params: Params, workspace: Workspace, frames: dict[str, p
         )
         mlflow.log_input(
             # DVC's directory md5 ("<32 hex>.dir") fits MLflow's 36-character digest column.
-            mlflow.data.from_pandas(everything, source=source, targets="label", name="fracatlas", digest=version),
+            mlflow.data.from_pandas(everything, source=source, targets="label", name=name, digest=version),
             context="dataset",
             tags={"data_version": version},
         )
         for split, frame in frames.items():
             mlflow.log_input(
-                mlflow.data.from_pandas(frame[columns], source=source, targets="label", name=f"fracatlas-{split}"),
+                mlflow.data.from_pandas(frame[columns], source=source, targets="label", name=f"{name}-{split}"),
                 context=split,
                 tags={"data_version": version},
             )
@@ -102,15 +109,7 @@ def run_train(params: Params, workspace: Workspace) -> TrainResult | None:
     """
     require_versioned_weights(params.profile, params.train.profile, workspace.root)
     check_profile_frozen(params.profile, params.train.profile)
-    if params.train.profile == "paper" and params.train.device == "auto" and not torch.cuda.is_available():
-        # What a checkout names until the main job or the flow has chosen for this machine: B6 at 528 px
-        # would take days on a few CPU cores, so say what to set instead of starting it.
-        raise ConfigError(
-            "params.yaml: train.profile is 'paper' (EfficientNet-B6 at 528 px, the paper's GPU recipe) and this "
-            "machine has no CUDA device: set train.profile: cpu (`make main` and `python -m flows.retrain` choose "
-            "it themselves; `dvc exp run -S train.profile=cpu` for one experiment), or train.device: cpu to train "
-            "the paper's profile on the CPU anyway"
-        )
+    require_a_device_for_the_profile(params)
     if params.train.processes > 1 and not distributed.launched():
         distributed.launch(_rank, params.train.processes, params, workspace)
         return workspace.read_train()
@@ -123,6 +122,11 @@ def run_train(params: Params, workspace: Workspace) -> TrainResult | None:
 
 def _rank(params: Params, workspace: Workspace) -> None:
     """One process of a data-parallel run (pickled into each process by the launcher)."""
+    # A spawned process starts with logging unset: rank 0 logs progress (each epoch's loss, val ROC
+    # AUC and images/s, a resumption) as the `fracture` command sets it up in a process of its own.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if os.environ.get("RANK", "0") == "0":
+        logging.getLogger("fracture").setLevel(logging.INFO)
     try:
         _train(params, workspace)
     finally:
@@ -134,7 +138,7 @@ def run_key(params: Params, data_config: dict[str, Any], cache_meta: dict[str, A
 
     The params, the data config and prepared cache, the train and val images (ids, labels and
     each file's sha256: a new export of the same ids is other pixels), the package's code, the
-    torch and timm versions, and the pretrained weights.
+    torch and timm versions, the pretrained weights, and the kind of device it trains on.
     """
     return checkpoint.fingerprint(
         {
@@ -147,6 +151,9 @@ def run_key(params: Params, data_config: dict[str, Any], cache_meta: dict[str, A
             "code": checkpoint.code_digest(),
             "libraries": {name: importlib.metadata.version(name) for name in ("torch", "timm")},
             "weights": checkpoint.weights_identity(params.profile.weights, params.profile.weights_file),
+            # The device it trains on, which train.device: auto leaves to the machine: a run killed on
+            # a GPU is not resumed on the CPU, nor the other way round.
+            "device": select_device(params.train.device).type,
         }
     )
 
@@ -227,6 +234,17 @@ def _train(params: Params, workspace: Workspace) -> bool:
     context = distributed.Context()
     if distributed.launched():
         context = distributed.setup(use_cuda=select_device(params.train.device).type == "cuda")
+        # The key names each machine's split, prepared cache, params and code: a machine whose project
+        # is not rank 0's would train on other images or labels without a word, or wait on the others
+        # until the process group times out (30 minutes).
+        unlike = distributed.ranks_unlike_main(key, context)
+        if unlike:
+            raise ConfigError(
+                f"rank {context.rank}: the project on the machine(s) of rank(s) {', '.join(map(str, unlike))} is not "
+                "rank 0's (its split tables, prepared cache, params.yaml or code differ): every machine of a run "
+                "needs the same commit and data; run `git pull` and `dvc pull` there (dvc.lock's split and prepare "
+                "outputs), then start the run again"
+            )
         if not context.is_main:
             # Trains its share; rank 0 logs, checkpoints and writes the outputs.
             fit_members(train_data, val_data, config, params.profile, params.train)
@@ -296,7 +314,11 @@ def _train(params: Params, workspace: Workspace) -> bool:
             member_best_epochs=list(fit.member_best_epochs),
             snapshots=params.profile.snapshots,
         )
-        workspace.write_train(trained, run.info.run_id, run.info.experiment_id, fit.history)
+        # Each row's step is its MLflow step: with several networks, member after member, so a plot of
+        # the history over it draws each network's epochs apart (over `epoch` they would interleave).
+        history = [{**row, "step": (int(row.get("member", 1)) - 1) * params.profile.epochs + int(row["epoch"])}
+                   for row in fit.history]
+        workspace.write_train(trained, run.info.run_id, run.info.experiment_id, history)
     checkpoint.clear(workspace.checkpoint_dir)
     members, resumed = params.profile.members, ""
     if fit.resumed_from and members == 1:
