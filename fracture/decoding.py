@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import io
 import os
+import re
 import stat
 import threading
 import warnings
@@ -18,12 +19,13 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from PIL import ExifTags, Image, ImageFile, ImageOps, ImageStat
+from PIL import ExifTags, Image, ImageFile, ImageOps, ImageStat, UnidentifiedImageError
 
 from fracture.dicom import dicom_to_image, display_size, is_dicom, read_header
 
 __all__ = [
     "FORMATS", "HIGH_BIT_DEPTH", "INDEX_FILES", "ImageLoadError", "decode", "decode_truncated", "export_files",
+    "failure_reason",
     "grey_spread", "hidden", "more_than_8_bits", "near_constant", "open_xray", "png_bit_depth", "too_many_pixels",
     "unservable", "upright_size",
 ]
@@ -231,13 +233,24 @@ def open_xray(
         raise ImageLoadError(f"{name}: file not found") from exc
     except OSError as exc:
         if not (allow_truncated and "truncated" in str(exc)):
-            raise ImageLoadError(f"{name}: not a decodable image ({exc})") from exc
+            raise ImageLoadError(f"{name}: not a decodable image ({failure_reason(exc)})") from exc
     except (SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise ImageLoadError(f"{name}: not a decodable image ({exc})") from exc
+        raise ImageLoadError(f"{name}: not a decodable image ({failure_reason(exc)})") from exc
     try:
         return _model_mode(decode_truncated(source, draft), rgb)
     except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageLoadError(f"{name}: not a decodable image ({exc})") from exc
+        raise ImageLoadError(f"{name}: not a decodable image ({failure_reason(exc)})") from exc
+
+
+def failure_reason(exc: BaseException) -> str:
+    """A decoder's error as the pipeline reports it: the same for the same file on every run.
+
+    Pillow names the in-memory buffer it read by its address ("cannot identify image file
+    <_io.BytesIO object at 0x7f63...>"), which changed ``manifest.csv``'s bytes from run to run.
+    """
+    if isinstance(exc, UnidentifiedImageError):
+        return "it is not an image file that can be read (JPEG, PNG or DICOM)"
+    return re.sub(r" ?<[^<>]* object at 0x[0-9a-fA-F]+>", "", str(exc))
 
 
 def _model_mode(img: Image.Image, rgb: bool) -> Image.Image:

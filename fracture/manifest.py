@@ -37,12 +37,13 @@ from typing import IO
 
 import numpy as np
 import pandas as pd
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from fracture.decoding import (
     decode,
     decode_truncated,
     export_files,
+    failure_reason,
     hidden,
     near_constant,
     not_a_regular_file,
@@ -235,15 +236,15 @@ def inspect_image(
         img = decode(data, modalities=modalities)
     except OSError as exc:
         if "truncated" not in str(exc):
-            return ImageFacts(None, None, None, digest, False, False, _reason(exc))
+            return ImageFacts(None, None, None, digest, False, False, failure_reason(exc))
         truncated = True
     except (SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        return ImageFacts(None, None, None, digest, False, False, _reason(exc))
+        return ImageFacts(None, None, None, digest, False, False, failure_reason(exc))
     if truncated:
         try:
             img = decode_truncated(data, modalities=modalities)
         except (OSError, SyntaxError, ValueError) as exc:
-            return ImageFacts(None, None, None, digest, False, True, _reason(exc))
+            return ImageFacts(None, None, None, digest, False, True, failure_reason(exc))
     # Decoded, yet refused when served (a truncated file too, as the served model checks it): not trained on either.
     refused = unservable(img.format, img.mode, png_bit_depth(data)) or (
         near_constant(img, min_grey_std) if min_grey_std is not None else None
@@ -251,17 +252,6 @@ def inspect_image(
     if refused:
         return ImageFacts(img.width, img.height, img.mode, digest, False, truncated, refused)
     return ImageFacts(img.width, img.height, img.mode, digest, True, truncated, "image file is truncated" if truncated else None)
-
-
-def _reason(exc: BaseException) -> str:
-    """A decoder's error as the manifest records it: the same for the same file on every run.
-
-    Pillow names the in-memory buffer it read by its address ("cannot identify image file
-    <_io.BytesIO object at 0x7f63...>"), which changed ``manifest.csv``'s bytes from run to run.
-    """
-    if isinstance(exc, UnidentifiedImageError):
-        return "it is not an image file that can be read (JPEG, PNG or DICOM)"
-    return re.sub(r" ?<[^<>]* object at 0x[0-9a-fA-F]+>", "", str(exc))
 
 
 def _typed(frame: pd.DataFrame) -> pd.DataFrame:

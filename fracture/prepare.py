@@ -166,11 +166,16 @@ def prepare_images(
         img = pre.resize(pre.open(paths[i], allow_truncated))
         array[i] = np.asarray(img)
 
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        list(pool.map(one, range(len(ids))))
-    array.flush()
-    del array
-    partial.replace(out_dir / IMAGES)
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            list(pool.map(one, range(len(ids))))
+        array.flush()
+        del array
+        partial.replace(out_dir / IMAGES)
+    finally:
+        # A build that failed (an undecodable file, Ctrl-C) leaves no half-written array beside the
+        # cache: at FracAtlas's size, gigabytes.
+        partial.unlink(missing_ok=True)
     seconds = max(time.perf_counter() - started, 1e-6)
     index = {"image_id": ids, "row": range(len(ids))}
     if "sha256" in frame.columns:  # which bytes each row was decoded from, checked when read

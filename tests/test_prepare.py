@@ -182,3 +182,21 @@ def test_draft_decoding_caches_the_pixels_the_served_model_reads(tmp_path):
     np.testing.assert_array_equal(cached, np.asarray(Preprocessor(draft).resize(xray.image)))
     full = Preprocessor(CONFIG).load([tmp_path / "large.jpg"], allow_truncated=False, workers=1)[0]
     assert not np.array_equal(cached, full.permute(1, 2, 0).numpy())
+
+
+def test_a_build_stopped_by_an_undecodable_file_names_it_the_same_every_run_and_leaves_no_partial_array(tmp_path):
+    """A file that went bad after validation stops the build, named with a reason free of Pillow's
+    buffer address, and neither the half-written array nor a cache a reader would accept is left."""
+    from fracture.decoding import ImageLoadError
+
+    make_dataset(tmp_path, 4, 6)
+    frame = training_frame(tmp_path)
+    out = build(tmp_path, frame)
+    bad = tmp_path / frame["path"].iloc[3]
+    bad.write_bytes(b"garbage")
+    with pytest.raises(ImageLoadError) as raised:
+        build(tmp_path, frame)
+    assert str(raised.value) == f"{bad}: not a decodable image (it is not an image file that can be read (JPEG, PNG or DICOM))"
+    assert sorted(p.name for p in out.iterdir()) == ["images.npy", "index.csv"]  # no meta.json: no cache is accepted
+    with pytest.raises(FileNotFoundError, match="run `dvc repro prepare` first"):
+        open_prepared(out, cache_key(CONFIG, True))
