@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
+import httpx
 import prefect
 from prefect import get_client
 from prefect.client.schemas.objects import (
@@ -150,7 +151,17 @@ def serve(params: Params, project_dir: Path, source: str | None = None, profile:
             "serving stops. Set schedule.deployment to another name to serve a schedule of this machine's own, "
             f"or delete the pool's deployment first (`prefect deployment delete {name}`)"
         )
-    deployment = build_deployment(params, str(project_dir.resolve()), _absolute(source) if source else None, profile)
+    here = str(project_dir.resolve())
+    # Nor one that `serve` runs for another checkout (a second machine sharing the server, or a second
+    # terminal): Prefect lets the last `serve` take its runs over, and stopping either pauses both.
+    if PREFECT_API_URL.value() and (there := served_project(name)) not in (None, here):
+        raise ConfigError(
+            f"params.yaml: schedule.deployment {s.deployment!r} names {name}, which `serve` runs for another "
+            f"checkout, {there}: serving it here too would send its runs here, and stopping either would pause "
+            "both. Give this checkout's schedule a name of its own (schedule.deployment: laptop-retrain), or stop "
+            f"that `serve` and delete its deployment (`prefect deployment delete {name}`)"
+        )
+    deployment = build_deployment(params, here, _absolute(source) if source else None, profile)
     # Prefect's runner pauses the schedule when it stops, but only once it has started: stopped
     # while Prefect is still registering the deployment (a Ctrl-C right after starting, or a
     # service manager's SIGTERM, which kills outright until the runner installs its own handler),
@@ -191,6 +202,17 @@ def served_here(name: str) -> bool:
             return client.read_deployment_by_name(name).work_pool_name is None
         except ObjectNotFound:
             return False
+
+
+def served_project(name: str) -> str | None:
+    """The project folder of the deployment ``flow/deployment`` when ``serve`` made it (no work
+    pool); ``None`` if it does not exist or a work pool runs it."""
+    with get_client(sync_client=True) as client:
+        try:
+            found = client.read_deployment_by_name(name)
+        except ObjectNotFound:
+            return None
+    return None if found.work_pool_name else (found.parameters or {}).get("project_dir")
 
 
 def pause_schedule(name: str) -> None:
@@ -310,6 +332,13 @@ def main(argv: list[str] | None = None) -> None:
         # A deployment names the project where its workers see it (/opt/fracture in an image),
         # which need not exist here: its schedule is read from this checkout.
         params = load_params(args.project_dir if args.command == "serve" else ".")
+        # What every run of the schedule would fail on, at 3 in the morning: said now instead.
+        if args.profile is not None and args.profile not in params.profiles:
+            raise ConfigError(f"--profile {args.profile!r}: params.yaml has no such profile "
+                              f"(profiles: {', '.join(params.profiles)})")
+        if args.command == "serve" and args.source and not Path(args.source).expanduser().exists():
+            raise ConfigError(f"--source {args.source}: no such file or folder on this machine, whose runs would "
+                              "copy it; give a FracAtlas folder or zip, or leave it out for $FRACATLAS_SOURCE")
         if not PREFECT_API_URL.value():
             print(
                 "PREFECT_API_URL is not set: the schedule lives only as long as a temporary local server. "
@@ -335,6 +364,11 @@ def main(argv: list[str] | None = None) -> None:
             )
     except ConfigError as exc:
         raise SystemExit(f"error: {exc}") from None
+    except httpx.RequestError as exc:
+        raise SystemExit(
+            f"error: the Prefect API at {PREFECT_API_URL.value()} cannot be reached ({type(exc).__name__}: {exc}): "
+            "start it (`prefect server start --host 127.0.0.1`), or set PREFECT_API_URL to the server's address"
+        ) from None
 
 
 if __name__ == "__main__":

@@ -431,11 +431,18 @@ def _retrain(project: Path, source: str | None, profile: str | None) -> RetrainR
         uncommitted(project, pinned_files(params.profiles[name])), Workspace(project).git_dirty_files()
     ):
         print(advice)
-    create_markdown_artifact(
-        key=REPORT_KEY,
-        markdown=render_report(result),
-        description=f"data {ingested.data_version}; {registration.name} v{registration.version}: {registration.reason}",
-    )
+    report = render_report(result)
+    try:
+        create_markdown_artifact(
+            key=REPORT_KEY,
+            markdown=report,
+            description=f"data {ingested.data_version}; {registration.name} v{registration.version}: {registration.reason}",
+        )
+    except Exception as exc:  # noqa: BLE001 - the run's work is done: a report that cannot be published fails nothing
+        # The Prefect API gone as the run ends (a server restarting): the retraining and its
+        # registration are done and recorded, so the run is no failure; the report goes to its log.
+        logger.warning("the run's report could not be published to the Prefect API (%s: %s); it follows here:\n%s",
+                       type(exc).__name__, exc, report)
     return result
 
 

@@ -856,10 +856,12 @@ def _check_schedule(s: ScheduleParams) -> None:
                 f"{' '.join(PREFECT_BANNED_CHARACTERS)} (e.g. weekly-retrain)"
                 + ("" if key == "deployment" else ", or null for this machine")
             )
-    if not isinstance(s.cron, str) or len(s.cron.split()) not in (5, 6):
+    # Five fields: Prefect reads a sixth as seconds after them, so Quartz's or Spring's seconds-first
+    # "0 0 3 * * 1" would run monthly, at 00:00:01 on the 3rd.
+    if not isinstance(s.cron, str) or len(s.cron.split()) != 5:
         raise ConfigError(
-            f"params.yaml: schedule.cron is {s.cron!r}; give a cron string such as \"0 3 * * 1\" "
-            "(minute hour day-of-month month day-of-week)"
+            f"params.yaml: schedule.cron is {s.cron!r}; give a cron string of five fields such as \"0 3 * * 1\" "
+            "(minute hour day-of-month month day-of-week; no seconds)"
         )
     # The names Prefect schedules in. ZoneInfo also loads tzdata's other files (posixrules, the
     # posix/ and right/ copies), which Prefect refuses only when the deployment is made.

@@ -485,6 +485,17 @@ def retry_transient_registry(task: Task[..., Any], task_run: TaskRun, state: Sta
 # (persist_result=False): DVC caches the stages' outputs and MLflow the models, and without a
 # persisted result Prefect neither writes one (a profile or server may set
 # PREFECT_RESULTS_PERSIST_BY_DEFAULT) nor hashes each call's inputs and source for a cache key.
+def evaluated_on(project: Path, version: str | None) -> bool:
+    """Whether dvc.lock records the evaluate stage, the pipeline's last, run on data version ``version``."""
+    import yaml  # noqa: PLC0415
+
+    try:
+        deps = yaml.safe_load((project / "dvc.lock").read_text())["stages"]["evaluate"]["deps"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return False
+    return version is not None and any(dep.get("path") == "data" and dep.get("md5") == version for dep in deps)
+
+
 @task(
     name="ingest", retries=2, retry_delay_seconds=30, retry_condition_fn=retry_transient_ingest,
     persist_result=False,
@@ -498,8 +509,10 @@ def ingest_task(project: Path, source: str | None) -> IngestSummary:
     workspace, params = Workspace(project), load_params(project)
     current = workspace.data_version()
     # The data the last completed run ended with: after a run that failed past its ingest, data.dvc
-    # already holds the new version, which no model was trained on yet.
-    previous = workspace.completed_data_version() or current
+    # already holds the new version, which no model was trained on yet. A project with no completed
+    # run on record (its runs made before the record existed) counts data.dvc's version only when
+    # dvc.lock has the pipeline evaluated on it: after a first run that failed, the data is new.
+    previous = workspace.completed_data_version() or (current if evaluated_on(project, current) else None)
     unchanged, listing = _unchanged_source(workspace, params, source)
     if unchanged is not None:
         run_logger().info(unchanged)

@@ -165,7 +165,19 @@ def test_flow_registers_a_champion_then_reruns_nothing(project, subset_source, f
     rewritten = next((subset_source / "images" / "Fractured").iterdir())
     stat = rewritten.stat()
     os.utime(rewritten, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    # (The Prefect API gone as this run ends: its work is done and recorded, so the report it cannot
+    # publish goes to its log and the run does not fail.)
+    import flows.retrain  # noqa: PLC0415
+    import httpx  # noqa: PLC0415
+
+    publish = flows.retrain.create_markdown_artifact
+
+    def api_gone(**kwargs):
+        raise httpx.ConnectError("[Errno 111] Connection refused")
+
+    monkeypatch.setattr(flows.retrain, "create_markdown_artifact", api_gone)
     third = retrain(project_dir=str(project), source=str(subset_source))
+    monkeypatch.setattr(flows.retrain, "create_markdown_artifact", publish)
     assert third.ingest.unchanged is None and third.ingest.data_version == first.ingest.data_version
     assert third.nothing_changed  # same bytes: the same data version, nothing retrained
     # ...and a data folder changed by hand is restored from the source, though the source is as it was.
@@ -189,6 +201,13 @@ def test_flow_registers_a_champion_then_reruns_nothing(project, subset_source, f
     assert rerun.unchanged is not None  # the source as that ingest left it: nothing copied again
     assert rerun.data_version == failed.data_version != first.ingest.data_version
     assert rerun.previous_version == first.ingest.data_version and rerun.changed
+    # A project with no completed run on record (its runs made before the record existed) takes data.dvc's
+    # version as the last completed run's only where dvc.lock has the pipeline evaluated on it: not here.
+    from fracture.workspace import Workspace  # noqa: PLC0415
+
+    Workspace(project).completed_run_record.unlink()
+    unrecorded = ingest_task.fn(project, str(subset_source))
+    assert unrecorded.previous_version is None and unrecorded.changed
 
 
 

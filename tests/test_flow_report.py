@@ -8,6 +8,7 @@ import socket
 
 import pytest
 import requests
+import yaml
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from prefect.states import exception_to_failed_state
@@ -374,3 +375,18 @@ def test_the_closing_advice_names_uncommitted_code_too():
     assert advice is not None and advice.startswith("not committed yet: dvc.lock, fracture/training.py.")
     assert "(fracture/training.py): a model trained from it carries `git_commit` <commit>-dirty" in advice
     assert "`git add dvc.lock fracture/training.py && git commit`" in advice
+
+
+def test_data_counts_as_evaluated_only_where_dvc_lock_has_the_evaluate_stage_run_on_it(tmp_path):
+    """A project with no completed run on record: data.dvc's version is the last completed run's only
+    if dvc.lock has the pipeline's last stage run on it (a first run that failed at evaluate has not)."""
+    from tasks.pipeline import evaluated_on
+
+    assert not evaluated_on(tmp_path, "abc.dir")  # no dvc.lock
+    lock = {"schema": "2.0", "stages": {
+        "validate": {"deps": [{"path": "data", "md5": "new.dir"}]},
+        "evaluate": {"deps": [{"path": "outputs/train/run.json", "md5": "r"}, {"path": "data", "md5": "old.dir"}]},
+    }}
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
+    assert evaluated_on(tmp_path, "old.dir")
+    assert not evaluated_on(tmp_path, "new.dir") and not evaluated_on(tmp_path, None)

@@ -52,6 +52,24 @@ BIN = Path(sys.executable).parent
 STAGES = ("ingest", "validate", "split", "prepare", "train", "evaluate", "register")
 
 
+#: Keeps the deployment's concurrency slots on the server's disk, so a restarted server does not
+#: cancel a run that holds one (docs/operations.md).
+LEASE_STORAGE = "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE=prefect.server.concurrency.lease_storage.filesystem"
+
+
+def test_the_documented_prefect_server_keeps_concurrency_slots_across_a_restart():
+    """Prefect 3 holds a deployment's concurrency slots in the server's memory by default: restarted
+    while a run trains, the server forgets the run's slot and Prefect cancels the run at its next
+    renewal. The documented commands start the server with the slots on disk, with a module Prefect has."""
+    import importlib
+
+    for page in (REPO / "docs" / "operations.md", REPO / "README.md"):
+        (line,) = [ln for ln in page.read_text().splitlines() if "prefect server start" in ln or LEASE_STORAGE in ln][:1]
+        assert LEASE_STORAGE in line, page
+    module = importlib.import_module(LEASE_STORAGE.split("=")[1])
+    assert hasattr(module, "ConcurrencyLeaseStorage")
+
+
 @pytest.fixture(scope="module")
 def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``prefect server start`` on a free loopback port with its own home and sqlite database."""
@@ -64,6 +82,7 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_UI_ENABLED": "false",
         "DO_NOT_TRACK": "1",
+        **dict([LEASE_STORAGE.split("=")]),  # as docs/operations.md starts the server
     }
     env.pop("PREFECT_API_URL", None)
     log = home / "server.log"
@@ -150,6 +169,7 @@ def test_schedule_params_are_checked():
     assert parse_params(raw).schedule.concurrency_limit == 1
     for key, value, message in (
         ("cron", "weekly", "schedule.cron"),
+        ("cron", "0 0 3 * * 1", "schedule.cron is '0 0 3 * * 1'; give a cron string of five fields"),  # seconds first
         ("timezone", "Mars/Olympus", "schedule.timezone"),
         ("concurrency_limit", 0, "schedule.concurrency_limit"),
         ("retries", -1, "schedule.retries"),
@@ -158,12 +178,30 @@ def test_schedule_params_are_checked():
     ):
         bad = yaml.safe_load((REPO / "params.yaml").read_text())
         bad["schedule"][key] = value
-        with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
             parse_params(bad)
     # Five fields, but not a cron Prefect can schedule: refused with the field named.
     raw["schedule"]["cron"] = "61 3 * * 1"
     with pytest.raises(ConfigError, match=r"schedule\.cron '61 3 \* \* 1' is not a valid cron"):
         build_deployment(parse_params(raw), ".")
+
+
+def test_a_schedule_whose_every_run_would_fail_is_refused_when_it_is_made(project, monkeypatch, tmp_path):
+    """A profile params.yaml lacks, or a --source missing on the serving machine, failed each
+    scheduled run at its hour; and a Prefect API that cannot be reached printed httpx's tracebacks."""
+    monkeypatch.chdir(project)
+    with pytest.raises(SystemExit, match=r"error: --profile 'nosuch': params.yaml has no such profile \(profiles: paper, cpu"):
+        main(["serve", "--profile", "nosuch"])
+    with pytest.raises(SystemExit, match=r"error: --profile 'nosuch'"):
+        main(["deploy", "--profile", "nosuch", "--work-pool", "gpu-pool", "--project-dir", "/srv/fracture"])
+    missing = tmp_path / "FracAtlas.zip"
+    with pytest.raises(SystemExit, match=rf"error: --source {re.escape(str(missing))}: no such file or folder on this machine"):
+        main(["serve", "--source", str(missing)])
+    closed = f"http://127.0.0.1:{free_port()}/api"
+    with temporary_settings({PREFECT_API_URL: closed}), \
+            pytest.raises(SystemExit, match=rf"error: the Prefect API at {re.escape(closed)} cannot be reached "
+                                            r"\(ConnectError: .*\): start it \(`prefect server start --host 127.0.0.1`\)"):
+        main(["serve"])
 
 
 def test_a_time_zone_prefect_refuses_is_named_when_the_deployment_is_built():
@@ -347,6 +385,28 @@ def test_serving_refuses_a_deployment_a_work_pool_runs(api, project, monkeypatch
     assert served == ["laptop-retrain"]
     with get_client(sync_client=True) as client:
         assert not client.read_deployment_by_name("retrain/pool-retrain").paused
+
+
+def test_serving_refuses_a_deployment_another_checkout_serves(api, project, monkeypatch, tmp_path):
+    """Two `serve` processes under one deployment name (two machines sharing the server, or a second
+    terminal): Prefect let the second take the runs over, and stopping the first paused both."""
+    import flows.deploy
+
+    set_schedule(project, deployment="weekly-retrain")
+    build_deployment(load_params(project), str(tmp_path / "other-checkout")).apply()  # what another `serve` registered
+    served: list[str] = []
+    monkeypatch.setattr(flows.deploy.prefect, "serve", lambda deployment, **kwargs: served.append(deployment.name))
+    with pytest.raises(SystemExit, match=r"^error: params\.yaml: schedule\.deployment 'weekly-retrain' names "
+                       r"retrain/weekly-retrain, which `serve` runs for another checkout, .*other-checkout: "
+                       r".*Give this checkout's schedule a name of its own"):
+        main(["serve", "--project-dir", str(project)])
+    assert served == []
+    with get_client(sync_client=True) as client:
+        assert not client.read_deployment_by_name("retrain/weekly-retrain").paused
+    # The same checkout serving it again (after a restart) is no other checkout.
+    build_deployment(load_params(project), str(project.resolve())).apply()
+    main(["serve", "--project-dir", str(project)])
+    assert served == ["weekly-retrain"]
 
 
 def test_deploying_refuses_a_deployment_serve_runs(api, project, monkeypatch):
