@@ -345,3 +345,17 @@ def test_the_evaluate_stage_counts_the_test_splits_linked_images_once_in_its_int
     assert written.keys() == expected.keys()
     for part, figures in expected.items():
         assert written[part] == pytest.approx(figures), part
+
+    # A clone whose tracking store lacks the training run (the outputs pulled from a DVC remote, not
+    # the MLflow store): the stage stops naming the run before it scores an image or writes an output.
+    import shutil
+
+    from fracture.tracking import TrainingRunMissing
+
+    shutil.rmtree(workspace.evaluate_dir)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'another-store.db'}")
+    scored = []
+    monkeypatch.setattr("fracture.stages.evaluate.probabilities", lambda *a, **k: scored.append(1))
+    with pytest.raises(TrainingRunMissing, match=workspace.read_train().run_id):
+        run_evaluate(params, workspace)
+    assert scored == [] and not workspace.evaluate_dir.exists()

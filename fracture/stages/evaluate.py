@@ -147,6 +147,11 @@ def run_evaluate(params: Params, workspace: Workspace) -> EvaluateResult:
     """
     trained: TrainResult = workspace.read_train()
     model = trained.model
+    # The figures go into the training run: one the tracking store lacks (a clone that pulled the
+    # outputs from a DVC remote but not the MLflow store) stops the stage before any image is scored
+    # and any output written, naming the run.
+    setup_mlflow(params, workspace.root)
+    training_run(trained.run_id)
     network = load_network(workspace.weights, model.architecture)
     pre = Preprocessor(model.data_config)
     # The cache must hold exactly the pixels the trained model's own transform produces.
@@ -187,7 +192,6 @@ def run_evaluate(params: Params, workspace: Workspace) -> EvaluateResult:
     _write_curves(workspace, result, calib, test, parts, probs, threshold)
     pngs = save_evaluation_plots(labels, probs, threshold, ev.calibration_bins, workspace.plots_dir)
 
-    setup_mlflow(params, workspace.root)
     # The card names the code and data the model was trained from, as the training run recorded them.
     tags = training_run(trained.run_id).data.tags
     dataset = dataset_name(params.ingest.layout, params.ingest.dest)
