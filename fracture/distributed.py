@@ -79,7 +79,8 @@ def setup(use_cuda: bool) -> Context:
     if use_cuda:
         torch.cuda.set_device(local_rank)
     else:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size))
+        # The cores this process may run on (a container's or taskset's share), not the machine's.
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_world_size))
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
     machines = int(os.environ.get("GROUP_WORLD_SIZE", "1"))
