@@ -167,8 +167,9 @@ def test_flow_registers_a_champion_then_reruns_nothing(project, subset_source, f
     os.utime(rewritten, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     # (The Prefect API gone as this run ends: its work is done and recorded, so the report it cannot
     # publish goes to its log and the run does not fail.)
-    import flows.retrain  # noqa: PLC0415
     import httpx  # noqa: PLC0415
+
+    import flows.retrain  # noqa: PLC0415
 
     publish = flows.retrain.create_markdown_artifact
 
