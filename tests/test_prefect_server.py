@@ -112,8 +112,12 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture()
 def api(prefect_server: str) -> Iterator[str]:
-    """Points this process's Prefect client at the test server."""
+    """Points this process's Prefect client at the test server, with no deployment an earlier test
+    made: each test's project is a checkout of its own, which `serve` refuses to take another's over."""
     with temporary_settings(updates={PREFECT_API_URL: prefect_server}):
+        with get_client(sync_client=True) as client:
+            for deployment in client.read_deployments():
+                client.delete_deployment(deployment.id)
         yield prefect_server
 
 
@@ -219,7 +223,9 @@ def test_a_time_zone_prefect_refuses_is_named_when_the_deployment_is_built():
 
 def test_served_deployment_has_the_schedule_and_concurrency_limit(api, project):
     set_schedule(project, deployment="nightly-retrain", cron="30 2 * * *", timezone="Europe/London")
-    with serving(project, api, "--source", "/data/FracAtlas.zip") as proc:
+    source = project.parent / "FracAtlas.zip"  # serve checks it exists on this machine, where the runs copy it
+    source.write_bytes(b"PK")
+    with serving(project, api, "--source", str(source)) as proc:
         dep = wait_for_deployment("retrain/nightly-retrain", proc)
         assert not dep.paused
     assert proc.returncode is not None and proc.returncode != -signal.SIGKILL, "serve ignored Ctrl-C"
@@ -227,7 +233,7 @@ def test_served_deployment_has_the_schedule_and_concurrency_limit(api, project):
     # runs again; a service manager's SIGTERM pauses it as Ctrl-C does.
     with get_client(sync_client=True) as client:
         assert client.read_deployment_by_name("retrain/nightly-retrain").paused
-    with serving(project, api, "--source", "/data/FracAtlas.zip", stop_with=signal.SIGTERM) as proc:
+    with serving(project, api, "--source", str(source), stop_with=signal.SIGTERM) as proc:
         wait_for_deployment("retrain/nightly-retrain", proc, until=lambda dep: not dep.paused)
     assert proc.returncode is not None and proc.returncode != -signal.SIGKILL, "serve ignored SIGTERM"
     with get_client(sync_client=True) as client:
@@ -237,7 +243,7 @@ def test_served_deployment_has_the_schedule_and_concurrency_limit(api, project):
     assert (schedule.schedule.cron, schedule.schedule.timezone) == ("30 2 * * *", "Europe/London")
     assert dep.global_concurrency_limit is not None and dep.global_concurrency_limit.limit == 1
     assert dep.concurrency_options.collision_strategy == ConcurrencyLimitStrategy.ENQUEUE
-    assert dep.parameters == {"project_dir": str(project), "source": "/data/FracAtlas.zip"}
+    assert dep.parameters == {"project_dir": str(project), "source": str(source)}
     assert dep.entrypoint == "flows.retrain.retrain"
     assert dep.work_pool_name is None  # served by this machine's runner, no work pool
 
