@@ -140,7 +140,7 @@ def test_an_image_replaced_under_its_id_is_reported_as_changed_content(first_ver
     assert result["message"].endswith(", 0 changed label in the csv, 1 changed image content"), result["message"]
 
 
-def test_a_hospitals_export_is_logged_under_its_own_name_not_fracatlas(tmp_path):
+def test_a_hospitals_export_is_logged_under_its_own_name_not_fracatlas(tmp_path, monkeypatch):
     """The train run's dataset inputs name the folder the data was ingested into (ingest.dest), so a
     hospital's export is not recorded in MLflow as FracAtlas."""
     import dataclasses
@@ -153,8 +153,11 @@ def test_a_hospitals_export_is_logged_under_its_own_name_not_fracatlas(tmp_path)
     params = dataclasses.replace(params, ingest=dataclasses.replace(params.ingest, dest="data/north", layout="csv"))
     frame = pd.DataFrame({"image_id": ["a", "b"], "path": ["images/a.png", "images/b.png"], "label": [1, 0],
                           "sha256": ["11", "22"]})
+    for name in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):  # an earlier test's, in this process
+        monkeypatch.delenv(name, raising=False)
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    with mlflow.start_run() as run:
+    experiment = mlflow.create_experiment("inputs", artifact_location=(tmp_path / "artifacts").as_uri())
+    with mlflow.start_run(experiment_id=experiment) as run:
         log_dataset_inputs(params, Workspace(tmp_path), {"train": frame, "val": frame.iloc[:1]})
     names = {i.dataset.name for i in mlflow.get_run(run.info.run_id).inputs.dataset_inputs}
     assert names == {"north", "north-train", "north-val"}
