@@ -481,21 +481,23 @@ def retry_transient_registry(task: Task[..., Any], task_run: TaskRun, state: Sta
     return isinstance(exc, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError))
 
 
-# Every task returns what the flow reads at once and keeps nothing of it in Prefect
-# (persist_result=False): DVC caches the stages' outputs and MLflow the models, and without a
-# persisted result Prefect neither writes one (a profile or server may set
-# PREFECT_RESULTS_PERSIST_BY_DEFAULT) nor hashes each call's inputs and source for a cache key.
 def evaluated_on(project: Path, version: str | None) -> bool:
     """Whether dvc.lock records the evaluate stage, the pipeline's last, run on data version ``version``."""
     import yaml  # noqa: PLC0415
 
+    if version is None:
+        return False
     try:
         deps = yaml.safe_load((project / "dvc.lock").read_text())["stages"]["evaluate"]["deps"]
-    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return any(dep.get("path") == "data" and dep.get("md5") == version for dep in deps)
+    except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError):
         return False
-    return version is not None and any(dep.get("path") == "data" and dep.get("md5") == version for dep in deps)
 
 
+# Every task returns what the flow reads at once and keeps nothing of it in Prefect
+# (persist_result=False): DVC caches the stages' outputs and MLflow the models, and without a
+# persisted result Prefect neither writes one (a profile or server may set
+# PREFECT_RESULTS_PERSIST_BY_DEFAULT) nor hashes each call's inputs and source for a cache key.
 @task(
     name="ingest", retries=2, retry_delay_seconds=30, retry_condition_fn=retry_transient_ingest,
     persist_result=False,
