@@ -37,6 +37,7 @@ from flows.retrain import retrain
 from fracture.config import ConfigError, Params, ScheduleParams, load_params
 
 if TYPE_CHECKING:
+    from prefect.client.schemas.responses import DeploymentResponse
     from prefect.deployments.runner import RunnerDeployment
 
 TAGS = ["fracture", "retrain"]
@@ -142,19 +143,20 @@ def serve(params: Params, project_dir: Path, source: str | None = None, profile:
     s = params.schedule
     name = f"{retrain.name}/{s.deployment}"
     # Serving registers the deployment under its name, whoever made it: a work pool's would then
-    # send its runs to this checkout, and be paused when serving stops. (A temporary server holds
-    # no one else's deployment.)
-    if PREFECT_API_URL.value() and (pool := deployed_work_pool(name)):
+    # send its runs to this checkout, and be paused when serving stops.
+    found = existing_deployment(name)
+    if found is not None and found.work_pool_name:
         raise ConfigError(
             f"params.yaml: schedule.deployment {s.deployment!r} names {name}, which is deployed to work pool "
-            f"{pool!r}: serving it here would send that pool's runs to this checkout, and pause its schedule when "
-            "serving stops. Set schedule.deployment to another name to serve a schedule of this machine's own, "
+            f"{found.work_pool_name!r}: serving it here would send that pool's runs to this checkout, and pause its "
+            "schedule when serving stops. Set schedule.deployment to another name to serve a schedule of this machine's own, "
             f"or delete the pool's deployment first (`prefect deployment delete {name}`)"
         )
     here = str(project_dir.resolve())
     # Nor one that `serve` runs for another checkout (a second machine sharing the server, or a second
     # terminal): Prefect lets the last `serve` take its runs over, and stopping either pauses both.
-    if PREFECT_API_URL.value() and (there := served_project(name)) not in (None, here):
+    there = None if found is None else (found.parameters or {}).get("project_dir")
+    if there not in (None, here):
         raise ConfigError(
             f"params.yaml: schedule.deployment {s.deployment!r} names {name}, which `serve` runs for another "
             f"checkout, {there}: serving it here too would send its runs here, and stopping either would pause "
@@ -185,34 +187,16 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def deployed_work_pool(name: str) -> str | None:
-    """The work pool of the deployment ``flow/deployment``; ``None`` if it has none or does not exist."""
+def existing_deployment(name: str) -> DeploymentResponse | None:
+    """The deployment ``flow/deployment`` on the Prefect API, or ``None`` when there is none (or no
+    API: a temporary server holds no one else's deployment)."""
+    if not PREFECT_API_URL.value():
+        return None
     with get_client(sync_client=True) as client:
         try:
-            return client.read_deployment_by_name(name).work_pool_name
+            return client.read_deployment_by_name(name)
         except ObjectNotFound:
             return None
-
-
-def served_here(name: str) -> bool:
-    """Whether the deployment ``flow/deployment`` exists with no work pool: one ``serve`` made,
-    which a serving process runs in its own checkout."""
-    with get_client(sync_client=True) as client:
-        try:
-            return client.read_deployment_by_name(name).work_pool_name is None
-        except ObjectNotFound:
-            return False
-
-
-def served_project(name: str) -> str | None:
-    """The project folder of the deployment ``flow/deployment`` when ``serve`` made it (no work
-    pool); ``None`` if it does not exist or a work pool runs it."""
-    with get_client(sync_client=True) as client:
-        try:
-            found = client.read_deployment_by_name(name)
-        except ObjectNotFound:
-            return None
-    return None if found.work_pool_name else (found.parameters or {}).get("project_dir")
 
 
 def pause_schedule(name: str) -> None:
@@ -275,7 +259,7 @@ def deploy(
     name = f"{retrain.name}/{s.deployment}"
     # The mirror of serve's check: deployed over a served deployment, the serving process would
     # still pick up its runs in its own checkout, and pause the pool's schedule when it stops.
-    if PREFECT_API_URL.value() and served_here(name):
+    if (found := existing_deployment(name)) is not None and found.work_pool_name is None:
         raise ConfigError(
             f"params.yaml: schedule.deployment {s.deployment!r} names {name}, which `python -m flows.deploy serve` "
             f"serves with no work pool: deploying it to {pool!r} would leave that process running its runs in its own "
