@@ -49,6 +49,8 @@ def build_deployment(
     source: str | None = None,
     profile: str | None = None,
     work_pool: str | None = None,
+    paused: bool = False,
+    schedule_active: bool = True,
 ) -> RunnerDeployment:
     """The retrain flow's deployment: cron schedule, concurrency limit and default parameters.
 
@@ -63,6 +65,9 @@ def build_deployment(
             else figshare, on that machine.
         profile: a training profile; ``None`` picks by the hardware the run lands on.
         work_pool: the work pool for ``deploy``; ``None`` for ``serve``.
+        paused: the deployment is created (or updated) paused (the Prefect UI's toggle).
+        schedule_active: ``False``: its cron schedule is created inactive
+            (``prefect deployment schedule pause``).
 
     Returns:
         The deployment, not yet sent to the Prefect API.
@@ -73,7 +78,7 @@ def build_deployment(
     """
     s = params.schedule
     try:
-        schedule = Cron(s.cron, timezone=s.timezone)
+        schedule = Cron(s.cron, timezone=s.timezone, active=schedule_active)
     except ValidationError as exc:
         raise _schedule_error(s, exc) from None
     except ValueError as exc:
@@ -99,6 +104,7 @@ def build_deployment(
             work_pool_name=work_pool,
             job_variables=dict(s.job_variables) if work_pool else None,
             entrypoint_type=EntrypointType.MODULE_PATH,
+            paused=paused,
         )
     except ValidationError as exc:  # Prefect validates the schedule only here (the time zone among others)
         raise _schedule_error(s, exc) from None
@@ -199,6 +205,19 @@ def existing_deployment(name: str) -> DeploymentResponse | None:
             return None
 
 
+def still_paused(name: str) -> str | None:
+    """What keeps the deployment ``flow/deployment`` from running, and how to resume it; ``None``
+    when its schedule is live."""
+    found = existing_deployment(name)
+    if found is None:
+        return None
+    how = ["the deployment's toggle in the Prefect UI"] if found.paused else []
+    how += [f"`prefect deployment schedule resume {name} {sc.id}`" for sc in found.schedules if not sc.active]
+    if not how:
+        return None
+    return f"{name} was paused before and stays paused: no run falls due until it is resumed ({'; '.join(how)})"
+
+
 def pause_schedule(name: str) -> None:
     """Pauses the deployment ``flow/deployment`` if it exists (no run falls due while nothing serves it)."""
     with get_client(sync_client=True) as client:
@@ -215,7 +234,9 @@ def deploy(
     source: str | None = None,
     profile: str | None = None,
 ) -> UUID:
-    """Creates or updates the deployment on a work pool; the pool's workers run it.
+    """Creates or updates the deployment on a work pool; the pool's workers run it. A deployment
+    paused before (in the Prefect UI, or its schedule paused) stays paused: redeploying new code
+    or a new cron does not resume a schedule someone stopped on purpose.
 
     Args:
         params: the project's parameters.
@@ -269,7 +290,14 @@ def deploy(
         )
     project_dir = _absolute(project_dir)
     source = _absolute(source) if source else None
-    deployment = build_deployment(params, project_dir, source, profile, work_pool=pool)
+    # Prefect updates a deployment unpaused unless told otherwise, and replaces its schedules with
+    # active ones: an update would resume a schedule paused during a PACS outage or a data audit.
+    # Each of the two switches is kept as it was, so the one its user turns back on resumes it.
+    paused = found is not None and found.paused
+    schedule_active = found is None or not found.schedules or any(sc.active for sc in found.schedules)
+    deployment = build_deployment(
+        params, project_dir, source, profile, work_pool=pool, paused=paused, schedule_active=schedule_active
+    )
     try:
         # The image is the team's own build of this project: used as is, never built or pushed here.
         (deployment_id,) = prefect.deploy(
@@ -346,6 +374,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"deployed retrain/{s.deployment} ({deployment_id}) to work pool {pool!r}: cron {s.cron!r} "
                 f"({s.timezone}); {source}. Start a worker where it should run: prefect worker start --pool {pool}"
             )
+            if (paused := still_paused(f"{retrain.name}/{s.deployment}")) is not None:
+                print(paused)
     except ConfigError as exc:
         raise SystemExit(f"error: {exc}") from None
     except httpx.RequestError as exc:

@@ -320,6 +320,45 @@ def test_deploy_to_a_work_pool(api, project, monkeypatch, capsys):
         main(["deploy", "--project-dir", str(project)])
 
 
+def test_redeploying_keeps_a_paused_schedule_paused(api, project, monkeypatch, capsys):
+    """Paused in the Prefect UI (or its schedule paused) during a PACS outage, then deployed again with
+    new code or a new cron: Prefect's update resumed it, and runs fell due that someone had stopped.
+    Each switch stays as it was, so the one its user turns back on resumes the schedule."""
+    set_schedule(project, work_pool="paused-pool")
+    monkeypatch.chdir(project)
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name="paused-pool", type="process"))
+    name = "retrain/weekly-retrain"
+
+    def read():
+        with get_client(sync_client=True) as client:
+            return client.read_deployment_by_name(name)
+
+    main(["deploy", "--project-dir", "/srv/fracture"])
+    assert "stays paused" not in capsys.readouterr().out
+    with get_client(sync_client=True) as client:
+        client.pause_deployment(read().id)  # what the UI's toggle does
+    set_schedule(project, cron="0 4 * * 2")
+    main(["deploy", "--project-dir", "/srv/fracture"])
+    dep = read()
+    assert dep.paused and dep.schedules[0].schedule.cron == "0 4 * * 2" and dep.schedules[0].active
+    assert f"{name} was paused before and stays paused: no run falls due until it is resumed (the deployment's " \
+           "toggle in the Prefect UI)" in capsys.readouterr().out
+    with get_client(sync_client=True) as client:
+        client.resume_deployment(dep.id)
+        client.update_deployment_schedule(dep.id, dep.schedules[0].id, active=False)  # `prefect deployment schedule pause`
+    main(["deploy", "--project-dir", "/srv/fracture"])
+    dep = read()
+    assert not dep.paused and [sc.active for sc in dep.schedules] == [False]
+    assert f"(`prefect deployment schedule resume {name} {dep.schedules[0].id}`)" in capsys.readouterr().out
+    with get_client(sync_client=True) as client:
+        client.update_deployment_schedule(dep.id, dep.schedules[0].id, active=True)
+    main(["deploy", "--project-dir", "/srv/fracture"])
+    dep = read()
+    assert not dep.paused and [sc.active for sc in dep.schedules] == [True]
+    assert "stays paused" not in capsys.readouterr().out
+
+
 def test_deploying_to_an_unknown_work_pool_says_where_its_name_came_from(api, project, monkeypatch):
     """`make deploy-schedule WORK_POOL=no-such-pool`: Prefect's refusal, and the setting to change."""
     monkeypatch.chdir(project)
