@@ -100,7 +100,7 @@ def too_many_pixels(data: bytes, max_pixels: int) -> str | None:
     try:
         if is_dicom(data):
             # The size the served model decodes it to: pixels that are not square are resampled first.
-            width, height = display_size(read_header(data))
+            width, height = display_size(read_header(data, max_pixels))
         else:
             with warnings.catch_warnings():  # Pillow's bomb warning says less than this check
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)

@@ -25,7 +25,10 @@ tags that describe their pixels, compressed frames whose size is not the header'
 more than 16 bits per pixel.
 
 Compressed transfer syntaxes decode through pydicom's pixel handlers: JPEG baseline, extended
-and lossless through ``pylibjpeg-libjpeg``, JPEG-LS through ``pyjpegls``, RLE natively.
+and lossless through ``pylibjpeg-libjpeg``, JPEG-LS through ``pyjpegls``, RLE natively. A
+deflated dataset (Deflated Explicit VR Little Endian) is inflated here, to at most
+:func:`max_inflated` bytes, before pydicom parses it: pydicom inflates the whole of it first, and
+a small file of zeros inflates to gigabytes before any size or pixel check could refuse it.
 
 Training (a dataset holding ``.dcm`` files), the served model and the page all read DICOM
 through :func:`dicom_to_image`, so they see the same pixels. Only third-party packages are
@@ -37,6 +40,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import zlib
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -47,6 +51,8 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
 from pydicom.errors import InvalidDicomError
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
 from pydicom.sequence import Sequence
@@ -193,15 +199,77 @@ def _file_meta(ds: Dataset) -> Dataset:
     return meta if meta is not None else Dataset()
 
 
-def read_header(data: bytes) -> Dataset:
-    """Parses a DICOM file without decoding its pixels (with or without the Part 10 preamble).
+#: The most pixels a radiograph is decoded with when no limit is given: ``serve.max_megapixels``' default.
+MAX_PIXELS = 50_000_000
+
+
+def max_inflated(max_pixels: int = MAX_PIXELS) -> int:
+    """The most bytes a deflated dataset may inflate to: an image of ``max_pixels`` at 16 bits, the
+    most this module decodes, and 16 MiB of header around it."""
+    return 2 * max_pixels + 16 * 2**20
+
+
+def _parse(data: bytes, max_pixels: int, **kwargs: object) -> Dataset:
+    """``dcmread`` of a Part 10 file's bytes (with or without the preamble), inflating a deflated
+    dataset here, to at most :func:`max_inflated` bytes, rather than in pydicom, which inflates all
+    of it.
 
     Raises:
-        DicomRejected: the bytes are not a readable DICOM file.
+        DicomRejected: a deflated dataset inflates to more than that, or is not deflate data.
+    """
+    # force: a dataset without the preamble (is_dicom has already told it from other files).
+    force = data[128:132] != b"DICM"
+    fp = DicomBytesIO(data)
+    read_preamble(fp, force)
+    meta = _read_file_meta_info(fp)
+    if meta.get("TransferSyntaxUID") != uid.DeflatedExplicitVRLittleEndian:
+        return dcmread(io.BytesIO(data), force=force, **kwargs)
+    limit = max_inflated(max_pixels)
+    deflated = f"is deflated (transfer syntax {uid.DeflatedExplicitVRLittleEndian})"
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    pending, parts, total = memoryview(data)[fp.tell():], [], 0
+    try:
+        while not inflater.eof:  # in pieces, so a bomb is refused holding no more than the bound
+            part = inflater.decompress(pending, 2**20)
+            pending = inflater.unconsumed_tail
+            if not part and not pending:
+                raise DicomRejected(f"{deflated} but its deflate data ends early (a damaged or cut-off file); "
+                                    "export it again")
+            total += len(part)
+            if total > limit:
+                raise DicomRejected(
+                    f"{deflated} and inflates to more than {limit / 2**20:.0f} MB, more than a radiograph of "
+                    f"{max_pixels / 1e6:g} megapixels at 16 bits holds: a decompression bomb, or a dataset carrying "
+                    "far more than its image; export it uncompressed or JPEG-compressed"
+                )
+            parts.append(part)
+    except zlib.error as exc:
+        raise DicomRejected(f"{deflated} but its deflate data is damaged ({exc}); export it again") from exc
+    body = b"".join(parts)
+    del parts
+    # The inflated dataset is Explicit VR Little Endian (PS3.5 A.5), which pydicom reads without its
+    # file meta; the meta, the deflated transfer syntax among it, is the file's own.
+    ds = dcmread(DicomBytesIO(body), force=True, **kwargs)
+    ds.file_meta = meta
+    return ds
+
+
+def read_header(data: bytes, max_pixels: int | None = None) -> Dataset:
+    """Parses a DICOM file without decoding its pixels (with or without the Part 10 preamble).
+
+    Args:
+        data: the file's bytes.
+        max_pixels: bounds what a deflated dataset may inflate to (:func:`max_inflated`);
+            ``None``: :data:`MAX_PIXELS`.
+
+    Raises:
+        DicomRejected: the bytes are not a readable DICOM file, or a deflated one inflates past
+            that bound.
     """
     try:
-        # force: a dataset without the preamble (is_dicom has already told it from other files).
-        ds = dcmread(io.BytesIO(data), force=data[128:132] != b"DICM")
+        ds = _parse(data, MAX_PIXELS if max_pixels is None else max_pixels)
+    except DicomRejected:
+        raise
     except (InvalidDicomError, EOFError, ValueError, KeyError, OSError) as exc:
         raise DicomRejected(f"is not a readable DICOM file ({type(exc).__name__})") from exc
     if "TransferSyntaxUID" not in ds.file_meta:
@@ -223,14 +291,18 @@ def patient_ids(path: Path) -> tuple[str, str] | None:
         it), or whose Patient ID is empty.
     """
     try:
+        tags = {"stop_before_pixels": True, "specific_tags": ["IssuerOfPatientID", "PatientID"]}
         with path.open("rb") as handle:
             start = handle.read(132)
-        if not is_dicom(start):
-            return None
-        ds = dcmread(
-            path, stop_before_pixels=True, specific_tags=["IssuerOfPatientID", "PatientID"],
-            force=start[128:132] != b"DICM",
-        )
+            if not is_dicom(start):
+                return None
+            handle.seek(0)
+            read_preamble(handle, start[128:132] != b"DICM")
+            deflated = _read_file_meta_info(handle).get("TransferSyntaxUID") == uid.DeflatedExplicitVRLittleEndian
+        if deflated:  # pydicom would inflate all of it to read two tags: inflated here, bounded
+            ds = _parse(path.read_bytes(), MAX_PIXELS, **tags)
+        else:
+            ds = dcmread(path, force=start[128:132] != b"DICM", **tags)
         patient = str(ds.get("PatientID") or "").strip()
         issuer = str(ds.get("IssuerOfPatientID") or "").strip()
     except Exception:  # noqa: BLE001 - an unreadable file or a damaged header (unknown VR) links nothing

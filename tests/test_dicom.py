@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from PIL import Image
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
-from pydicom.uid import RLELossless
+from pydicom.uid import DeflatedExplicitVRLittleEndian, RLELossless
 
 from fracture.decoding import open_xray
 from fracture.dicom import (
@@ -18,6 +19,8 @@ from fracture.dicom import (
     _display_values,
     dicom_to_image,
     is_dicom,
+    max_inflated,
+    patient_ids,
     to_display,
 )
 from fracture.intake import InputPolicy, InputRejected, read_xray
@@ -834,3 +837,61 @@ def test_training_counts_the_pixels_of_a_dicom_as_the_served_model_decodes_them(
     facts = inspect_image(str(path), max_pixels=30_000)
     assert not facts.decodable and "declares 200 x 200 px (0.0 megapixels)" in facts.error
     assert inspect_image(str(path), max_pixels=40_000).decodable
+
+
+def _deflated(data: bytes) -> bytes:
+    """The same dataset in Deflated Explicit VR Little Endian (PS3.5 A.5), as pydicom writes it."""
+    ds = dcmread(io.BytesIO(data))
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    return to_bytes(ds)
+
+
+def test_a_deflated_dicom_reads_as_its_uncompressed_twin(xrays, tmp_path):
+    plain = dicom_from_jpeg(xrays[0], "16-bit")
+    deflated = _deflated(plain)
+    assert len(deflated) < len(plain) / 2  # deflated indeed
+    shown = np.asarray(dicom_to_image(plain))
+    assert np.array_equal(np.asarray(dicom_to_image(deflated)), shown)
+    assert np.array_equal(np.asarray(read_xray(deflated, InputPolicy()).image), shown)
+    path = tmp_path / "deflated.dcm"
+    path.write_bytes(deflated)
+    assert patient_ids(path) == ("", str(dcmread(io.BytesIO(plain)).PatientID))
+    with pytest.raises(DicomRejected, match=r"is deflated .* but its deflate data ends early \(a damaged or cut-off file\)"):
+        dicom_to_image(deflated[: len(deflated) // 2])
+
+
+def test_a_deflated_dicom_inflating_past_any_radiograph_is_refused_holding_no_more_than_its_bound(tmp_path, monkeypatch):
+    """A file of a few kilobytes whose deflated dataset carries 48 MiB of zeros: pydicom inflated all
+    of it before any size or pixel check ran (about 2,000 times the file's size in memory, through
+    the page, the scoring server, `fracture predict` and validate's patient links alike)."""
+    ds = _dataset()
+    ds.Rows = ds.Columns = 64
+    ds.SamplesPerPixel, ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 1, 8, 8, 7, 0
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PixelData = bytes(range(256)) * 16
+    ds.private_block(0x0009, "ACME", create=True).add_new(0x00, "OB", bytes(48 * 2**20))
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    bomb = to_bytes(ds)
+    del ds
+    assert len(bomb) < 2**20
+    path = tmp_path / "bomb.dcm"
+    path.write_bytes(bomb)
+    # The served model's bound follows serve.max_megapixels; training's and validate's its default,
+    # 50 megapixels (111 MB), made 1 here so that a small bomb exceeds it.
+    policy = InputPolicy(max_pixels=1_000_000)
+    monkeypatch.setattr("fracture.dicom.MAX_PIXELS", policy.max_pixels)
+    limit = max_inflated(policy.max_pixels)
+    assert limit < 24 * 2**20
+    refusal = (r"is deflated \(transfer syntax 1\.2\.840\.10008\.1\.2\.1\.99\) and inflates to more than 18 MB, more "
+               r"than a radiograph of 1 megapixels at 16 bits holds: a decompression bomb")
+    tracemalloc.start()
+    try:
+        with pytest.raises(InputRejected, match="is DICOM but " + refusal):
+            read_xray(bomb, policy)
+        with pytest.raises(DicomRejected, match=refusal):
+            dicom_to_image(bomb)
+        assert patient_ids(path) is None  # validate's decode says why
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * limit, peak
