@@ -24,7 +24,7 @@ from PIL import ExifTags, Image, ImageFile, ImageOps, ImageStat, UnidentifiedIma
 from fracture.dicom import dicom_to_image, display_size, is_dicom, read_header
 
 __all__ = [
-    "FORMATS", "HIGH_BIT_DEPTH", "INDEX_FILES", "ImageLoadError", "decode", "decode_truncated", "export_files",
+    "FORMATS", "HIGH_BIT_DEPTH", "INDEX_FILES", "MAX_JPEG_SCANS", "ImageLoadError", "TooManyScans", "decode", "decode_truncated", "export_files",
     "failure_reason",
     "grey_spread", "hidden", "more_than_8_bits", "near_constant", "open_xray", "png_bit_depth", "too_many_pixels",
     "unservable", "upright_size",
@@ -39,6 +39,17 @@ HIGH_BIT_DEPTH = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I", "F"})
 #: A PNG file's first bytes, then its IHDR chunk's length and type; the bit depth is the IHDR's 9th byte.
 _PNG_START = b"\x89PNG\r\n\x1a\n\x00\x00\x00\x0dIHDR"
 _PNG_BIT_DEPTH_AT = 24
+
+#: The most scans (SOS markers) a JPEG file may hold. A progressive JPEG's decoder passes over
+#: every block of the image once a scan, so a small file of thousands of tiny scans takes minutes
+#: to decode (libjpeg-turbo's djpeg has ``-maxscans`` for this). libjpeg's progressive scripts
+#: write 6 (greyscale) to 10 (colour) scans; every FracAtlas X-ray holds 1. An embedded
+#: thumbnail's own scan counts too.
+MAX_JPEG_SCANS = 100
+
+
+class TooManyScans(ValueError):
+    """A JPEG file with more than :data:`MAX_JPEG_SCANS` scans, refused before it is decoded."""
 
 
 def png_bit_depth(data: bytes) -> int | None:
@@ -452,6 +463,13 @@ def _decode(
     if is_dicom(data):
         return dicom_to_image(data, modalities)
     with Image.open(io.BytesIO(data)) as img:
+        # Entropy-coded data stuffs every 0xFF byte, so only a marker reads FF DA.
+        if img.format == "JPEG" and (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:
+            raise TooManyScans(
+                f"is a JPEG of {scans} scans, more than the {MAX_JPEG_SCANS} any X-ray export writes: the served "
+                "model refuses it, since decoding passes over the whole image once a scan (minutes for thousands "
+                "of them); send it exported again as a plain JPEG"
+            )
         if draft is not None:
             img.draft(img.mode, draft)  # JPEG only; other formats ignore it
         img.load()

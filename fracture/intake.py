@@ -42,6 +42,7 @@ from fracture.decoding import (
     decode,
     decode_truncated,
     grey_spread,
+    TooManyScans,
     more_than_8_bits,
     png_bit_depth,
 )
@@ -279,6 +280,8 @@ def _read_picture(data: bytes, policy: InputPolicy, draft: tuple[int, int] | Non
     notes: list[str] = []
     try:
         image = decode(data, draft)
+    except TooManyScans as exc:
+        raise InputRejected(str(exc)) from exc
     except OSError as exc:
         if "truncated" not in str(exc):
             raise InputRejected("is corrupt and cannot be decoded. Send the complete file.") from exc

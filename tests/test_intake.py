@@ -32,6 +32,23 @@ def xray_like(size: tuple[int, int] = (300, 400), mode: str = "L") -> Image.Imag
     return Image.fromarray(grey.astype(np.uint8)).convert(mode)
 
 
+def many_scans(extra: int) -> bytes:
+    """:func:`xray_like` as a progressive JPEG with ``extra`` more AC scans of a few bytes each, each
+    one end-of-band run over every block: valid, and each makes the decoder pass over the whole
+    image again (so thousands of them, on a large image, take minutes to decode)."""
+    base = encode(xray_like((304, 400)), "JPEG", progressive=True, quality=90)
+    end = base.rindex(b"\xff\xd9")
+    # AC table 1 with one symbol, 0xA0 (an EOB run of 2^10 + 10 more bits), coded "0".
+    dht = b"\xff\xc4" + struct.pack(">H", 20) + bytes([0x11, 1] + [0] * 15) + b"\xa0"
+    blocks = (304 // 8) * (400 // 8)
+    bits = "0" + format(blocks - 2**10, "010b")
+    bits += "1" * (-len(bits) % 8)
+    entropy = bytes(int(bits[k : k + 8], 2) for k in range(0, len(bits), 8)).replace(b"\xff", b"\xff\x00")
+    # Component 1, AC table 1, spectral selection 1-63, successive approximation 0.
+    scan = b"\xff\xda" + struct.pack(">HB", 8, 1) + bytes([1, 0x01, 1, 63, 0x00]) + entropy
+    return base[:end] + dht + scan * extra + base[end:]
+
+
 def png_16bit(colour_type: int) -> bytes:
     """:func:`xray_like` as a 12-bit detector's export holds it (0..4080 of 0..65535), in a 16-bit PNG
     of this colour type (0 grey, 2 RGB, 4 grey and alpha, 6 RGBA; alpha opaque). Pillow writes
@@ -65,6 +82,7 @@ def png_16bit(colour_type: int) -> bytes:
         (lambda: encode(xray_like().convert("1")), "is a 1-bit black-and-white image"),
         (lambda: encode(Image.new("L", (600, 800))), "is blank or nearly constant (greyscale standard deviation 0.00"),
         (lambda: encode(Image.new("RGB", (600, 800), (200, 200, 200))), "is blank or nearly constant"),
+        (lambda: many_scans(95), "is a JPEG of 101 scans, more than the 100 any X-ray export writes: the served model"),
     ],
 )
 def test_refusals_say_what_is_wrong_and_what_to_send(data, message):
@@ -84,6 +102,7 @@ def test_refusals_say_what_is_wrong_and_what_to_send(data, message):
         (lambda: png_16bit(4), "is a 16-bit RGBA image of more than 8 bits a sample"),
         (lambda: png_16bit(6), "is a 16-bit RGBA image of more than 8 bits a sample"),
         (lambda: encode(xray_like().convert("1")), "is a 1-bit black-and-white image"),
+        (lambda: many_scans(150), "is a JPEG of 156 scans, more than the 100 any X-ray export writes"),
     ],
 )
 def test_training_lists_a_file_the_served_model_refuses_as_undecodable(tmp_path, data, reason):
@@ -200,6 +219,14 @@ def test_a_16_bit_colour_png_is_refused_as_a_16_bit_grey_one_is(colour_type, mod
     assert "send the DICOM file" in str(info.value)
     # The same X-ray in 8 bits is scored as it is.
     assert read_xray(encode(xray_like(mode="RGB")), POLICY).mode == "RGB"
+
+
+def test_a_progressive_jpeg_of_as_many_scans_as_any_export_writes_is_read():
+    """Pillow's progressive greyscale JPEG holds 6 scans; 90 scans more of the kind a decoding bomb repeats
+    still decode, as the image they refine (every scan passes over the image, adding nothing)."""
+    plain = read_xray(encode(xray_like((304, 400)), "JPEG", progressive=True, quality=90), POLICY).image
+    scanned = read_xray(many_scans(90), POLICY).image
+    assert np.array_equal(np.asarray(scanned), np.asarray(plain))
 
 
 def test_a_bomb_is_refused_before_its_pixels_are_decoded(monkeypatch):
