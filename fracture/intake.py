@@ -38,11 +38,11 @@ from PIL import Image, UnidentifiedImageError
 
 from fracture.decoding import (
     FORMATS,
+    TooManyScans,
     convert_for_model,
     decode,
     decode_truncated,
     grey_spread,
-    TooManyScans,
     more_than_8_bits,
     png_bit_depth,
 )
