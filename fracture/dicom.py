@@ -456,8 +456,21 @@ def check_radiograph(ds: Dataset, modalities: Iterable[str] | None = RADIOGRAPHY
     """
     sop = str(ds.get("SOPClassUID", "") or _file_meta(ds).get("MediaStorageSOPClassUID", ""))
     what = NOT_IMAGES.get(sop) or ("a structured report" if sop.startswith(STRUCTURED_REPORTS) else None)
-    if what or "PixelData" not in ds:
-        raise DicomRejected(f"is {what or 'a DICOM object without pixel data'}, not an image; send the radiograph's own DICOM file")
+    if what:
+        raise DicomRejected(f"is {what}, not an image; send the radiograph's own DICOM file")
+    if "PixelData" not in ds:
+        # An image's SOP class, or the tags that describe pixels, without the pixels: a file cut
+        # short inside its header (an interrupted transfer), not a report or a document.
+        # The file meta's class too: a file cut inside the dataset's own SOP Class UID.
+        classes = [uid.UID(str(c)).name for c in (ds.get("SOPClassUID"), _file_meta(ds).get("MediaStorageSOPClassUID")) if c]
+        image = next((name for name in classes if "Image Storage" in name), None)
+        if image or any(tag in ds for tag in PIXEL_TAGS):
+            kind = f"a {image} object" if image else "an image"
+            raise DicomRejected(
+                f"is {kind} that ends before its pixel data: the file is cut short or damaged (an interrupted "
+                "transfer or export); send the complete file"
+            )
+        raise DicomRejected("is a DICOM object without pixel data, not an image; send the radiograph's own DICOM file")
     syntax = _file_meta(ds).get("TransferSyntaxUID")
     if syntax is not None and uid.UID(str(syntax)) not in uid.AllTransferSyntaxes:
         whose = "a vendor's private one" if uid.UID(str(syntax)).is_private else "one this reader does not know"

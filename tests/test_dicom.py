@@ -150,6 +150,11 @@ def test_a_negative_rescale_slope_with_a_window_is_shown_as_the_same_values_stor
         (lambda jpeg: encapsulated_pdf(), "is DICOM but is an encapsulated PDF, not an image"),
         (lambda jpeg: dicom_from_jpeg(jpeg, "8-bit", modality="CT"), "is DICOM but has modality CT; the model reads CR, DX, RG, XA"),
         (lambda jpeg: b"\0" * 128 + b"DICM" + b"\xff" * 64, "is DICOM but is a DICOM object without pixel data"),
+        (lambda jpeg: dicom_from_jpeg(jpeg, "16-bit")[:400], r"is DICOM but is a Digital X-Ray Image Storage - For "
+         r"Presentation object that ends before its pixel data: the file is cut short or damaged \(an interrupted "
+         r"transfer or export\); send the complete file"),
+        (lambda jpeg: without(edited(dicom_from_jpeg(jpeg, "16-bit"), SOPClassUID="1.2.840.10008.5.1.4.1.1.1.1.99"),
+                              "PixelData"), "is DICOM but is an image that ends before its pixel data"),
         (lambda jpeg: dicom_from_jpeg(jpeg, "16-bit")[:-5000], "is DICOM but has pixel data that cannot be decoded"),
         (lambda jpeg: without(dicom_from_jpeg(jpeg, "16-bit"), "Rows"), "is DICOM but lacks Rows, which describe its pixels"),
         (lambda jpeg: without(dicom_from_jpeg(jpeg, "16-bit"), "BitsStored"), "is DICOM but lacks BitsStored"),
