@@ -63,6 +63,7 @@ _KNOWN_ERRORS = {
     "fracture.split": "SplitError",
     "fracture.tracking": "TrainingRunMissing",
     "fracture.validation": "ValidationFailed",
+    "fracture.workspace": "SplitTablesMixed",
 }
 
 

@@ -33,6 +33,12 @@ if TYPE_CHECKING:
     from fracture.validation import ValidationReport
 
 SPLITS = ("train", "val", "test")
+
+
+class SplitTablesMixed(ValueError):
+    """Two split tables share an image (:meth:`Workspace.read_split_tables`)."""
+
+
 # Every image's split as the split stage recorded it (split.keep), at the project's root: a
 # dependency of that stage and a file to commit with dvc.lock, as params.yaml is (fracture.split).
 ASSIGNMENTS_FILE = "split_assignments.csv"
@@ -602,18 +608,50 @@ class Workspace:
     # --- split --------------------------------------------------------------------------------
 
     def write_split(self, frames: dict[str, pd.DataFrame], report: dict[str, Any]) -> SplitResult:
+        """Writes the three tables, then ``report.json``. The report goes first and comes back last
+        (as the prepared cache's ``meta.json``): a split stopped between tables, which a command
+        typed by hand can be (under DVC its outputs are gone before it starts), leaves no report,
+        and the tables are not read without it; they would mix two draws, an image in train and test."""
         self.split_dir.mkdir(parents=True, exist_ok=True)
+        self.split_report.unlink(missing_ok=True)
         for name in SPLITS:
             frames[name].to_csv(self.split_table(name), index=False)
         write_json(self.split_report, report)
         return SplitResult.of(frames)
 
     def read_split_table(self, name: str) -> pd.DataFrame:
-        return _read_frame(self.split_table(name), "split")
+        """One split table, once the split that wrote it finished (its ``report.json`` is there).
+
+        Raises:
+            FileNotFoundError: the table, or the report written after the tables, is missing.
+        """
+        table = _read_frame(self.split_table(name), "split")
+        if not self.split_report.is_file():
+            raise FileNotFoundError(
+                f"{self.split_report} not found: the split stage that wrote {self.split_table(name)} did not finish "
+                "(its tables may come from two draws, an image in train and test); run the split stage again "
+                "(dvc repro split)"
+            )
+        return table
 
     def read_split_tables(self) -> dict[str, pd.DataFrame]:
-        """The train, val and test tables."""
-        return {name: self.read_split_table(name) for name in SPLITS}
+        """The train, val and test tables.
+
+        Raises:
+            SplitTablesMixed: two tables share an image (edited by hand, or two draws' tables
+                mixed): the test figures would count images the model trained or chose on.
+        """
+        tables = {name: self.read_split_table(name) for name in SPLITS}
+        for i, first in enumerate(SPLITS):
+            for second in SPLITS[i + 1 :]:
+                shared = sorted(set(tables[first]["image_id"]) & set(tables[second]["image_id"]))
+                if shared:
+                    raise SplitTablesMixed(
+                        f"{self.split_table(first)} and {self.split_table(second)} share {len(shared)} images "
+                        f"({', '.join(shared[:5])}{' ...' if len(shared) > 5 else ''}): an image belongs to one split; "
+                        "run the split stage again (dvc repro split), or `dvc checkout split` for dvc.lock's tables"
+                    )
+        return tables
 
     def read_split(self) -> SplitResult:
         return SplitResult.of(self.read_split_tables())

@@ -367,3 +367,27 @@ def test_a_continued_mlflow_run_logs_each_epoch_once_wherever_the_run_was_killed
             assert [step for step, _ in logged] == [step for step, _ in expected[key]], (saved, key)
             assert [value for _, value in logged] == pytest.approx([value for _, value in expected[key]],
                                                                    rel=1e-5), (saved, key)
+
+
+def test_a_train_stopped_after_saving_its_weights_leaves_no_earlier_runs_record_beside_them(tmp_path, monkeypatch):
+    """`fracture train` typed by hand, stopped between saving the new weights and recording their run:
+    run.json named the run before, so evaluate scored the new weights into that run's test metrics
+    and register made a version of it holding weights that run never trained. run.json now goes
+    first and comes back last, so the next command stops, naming the stage to run."""
+    from fracture.stages.train import run_train  # noqa: PLC0415 - the stage module imports MLflow
+    from fracture.workspace import write_json  # noqa: PLC0415
+    from tests.test_crossval import tiny_ensemble_project  # noqa: PLC0415 - a synthetic project, prepared
+
+    params, workspace = tiny_ensemble_project(tmp_path, monkeypatch, epochs=1, image_size=32)
+    write_json(workspace.run_json, {"run_id": "0" * 32, "experiment_id": "0"})  # the previous train's record
+
+    def stopped(*_args, **_kwargs):
+        raise Killed
+
+    monkeypatch.setattr(type(workspace), "write_train", stopped)
+    with pytest.raises(Killed):
+        run_train(params, workspace)
+    assert workspace.weights.is_file()  # the new weights, saved
+    assert not workspace.run_json.exists()
+    with pytest.raises(FileNotFoundError, match=r"\.json not found: run the train stage first"):
+        workspace.read_train()

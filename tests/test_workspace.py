@@ -10,7 +10,13 @@ import pandas as pd
 import pytest
 
 from fracture.data_config import DataConfig
-from fracture.workspace import EvaluateResult, TrainedModel, Workspace, read_table
+from fracture.workspace import (
+    EvaluateResult,
+    SplitTablesMixed,
+    TrainedModel,
+    Workspace,
+    read_table,
+)
 
 CONFIG = DataConfig((3, 224, 224), "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
@@ -59,6 +65,44 @@ def test_split_sizes_are_read_from_the_tables(tmp_path):
     result = ws.write_split(frames, {"strategy": "stratified"})
     assert result.sizes == {"train": 5, "val": 3, "test": 2}
     assert result.fractured == {"train": 2, "val": 1, "test": 0}
+
+
+def test_a_split_stopped_between_its_tables_is_not_read(tmp_path, monkeypatch):
+    """`fracture split` typed by hand with a new seed, stopped while writing val.csv: train.csv was the
+    new draw's and test.csv the old one's, sharing images, and train read them without a word. The
+    report goes first and comes back last, and the tables are not read without it."""
+    ws = Workspace(tmp_path)
+
+    def tables(seed: int) -> dict[str, pd.DataFrame]:
+        ids = pd.Series([f"IMG{i}" for i in range(12)]).sample(frac=1, random_state=seed).tolist()
+        return {name: pd.DataFrame({"image_id": ids[a:b], "label": [0, 1] * ((b - a) // 2)})
+                for name, a, b in (("train", 0, 6), ("val", 6, 8), ("test", 8, 12))}
+
+    ws.write_split(tables(1), {"seed": 1})
+    assert set(ws.read_split_tables()) == {"train", "val", "test"}
+    written = pd.DataFrame.to_csv
+
+    def stopped(frame, path, *args, **kwargs):
+        if str(path).endswith("val.csv"):
+            raise KeyboardInterrupt
+        return written(frame, path, *args, **kwargs)
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        ws.write_split(tables(2), {"seed": 2})
+    monkeypatch.undo()
+    for name in ("train", "test"):
+        with pytest.raises(FileNotFoundError, match=r"split/report\.json not found: the split stage that wrote .*"
+                                                    rf"{name}\.csv did not finish .* run the split stage again"):
+            ws.read_split_table(name)
+    # Tables that share an image, whatever made them so, are refused by name.
+    mixed = tables(1)
+    mixed["test"] = pd.concat([mixed["test"], mixed["train"].iloc[:2]])
+    ws.write_split(mixed, {"seed": 1})
+    shared = ", ".join(sorted(mixed["train"]["image_id"].iloc[:2]))
+    with pytest.raises(SplitTablesMixed, match=rf"train\.csv and .*test\.csv share 2 images \({shared}\): an image "
+                                              r"belongs to one split; run the split stage again"):
+        ws.read_split_tables()
 
 
 def test_a_missing_output_names_the_stage_to_run(tmp_path):

@@ -249,6 +249,11 @@ def _train(params: Params, workspace: Workspace) -> bool:
             # Trains its share; rank 0 logs, checkpoints and writes the outputs.
             fit_members(train_data, val_data, config, params.profile, params.train)
             return False
+    # run.json ties the weights to their MLflow run, which evaluate scores into and register registers:
+    # it goes first and comes back last (as the prepared cache's meta.json), so a stage stopped after
+    # saving new weights but before recording their run, which a command typed by hand can be (under
+    # DVC its outputs are gone before it starts), leaves no earlier run's record beside them.
+    workspace.run_json.unlink(missing_ok=True)
     # An ensemble's MLflow run is in its first member's checkpoint.
     resumable = checkpoint.load(*member_checkpoint(workspace.checkpoint_dir, key, params.profile, 1))
     setup_mlflow(params, workspace.root)
