@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -483,8 +483,15 @@ def predict(
     finally:
         loaded.close()
     if dicom_sr is not None:
+        table["sr"] = ""
+        if out is not None:
+            # The rows first, without their reports: a run killed while it writes the reports (a
+            # scheduler's SIGKILL after its SIGTERM) leaves the scores; they are written again after.
+            with suppress(OSError):  # the write below says what failed
+                write(table, out)
         try:
-            table["sr"] = write_structured_reports(table, files, dicom_sr)
+            with interruptible():  # Ctrl-C or SIGTERM: the rows still written, those left without a report saying so
+                table["sr"] = write_structured_reports(table, files, dicom_sr)
         except OSError as exc:  # the report folder gone or unwritable since it was checked: the rows still count
             table["sr"] = ""
             why = f"no structured report: {dicom_sr} cannot be written to ({exc.strerror or exc})"

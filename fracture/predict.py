@@ -432,139 +432,147 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
         written.append("")
 
     scored = table.attrs.get(SCORED_SHA256)
-    for index, (path, row) in enumerate(zip(files, table.itertuples(index=False), strict=True)):
-        if row.error:  # not scored: its row already says why
-            written.append("")
-            continue
-        try:
-            data = path.read_bytes()
-        except OSError as exc:  # gone or locked since it was scored
-            no_report(index, path, f"no structured report: the file cannot be read again ({type(exc).__name__})")
-            continue
-        digest = hashlib.sha256(data).hexdigest()
-        if scored is not None and scored[index] != digest:
-            no_report(index, path, "no structured report: the file changed since it was scored (it holds other bytes "
-                      "now, another image perhaps); this row's answer is the earlier file's: score the file again")
-            continue
-        if not is_dicom(data[:132]):
-            written.append("")
-            continue
-        try:
-            # is_dicom said it is DICOM, preamble or not; read from the bytes checked, not the file again.
-            source = dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
-            study = str(source.StudyInstanceUID)
-            uid = str(source.get("SOPInstanceUID", ""))
-            same = (study, row.fracture_probability, row.label, row.threshold, row.model, row.version)
-            if UID(uid).is_valid and uid in reported and reported[uid][2] == same:
-                first, report, _ = reported[uid]
-                add_note(index, f"the same image (SOP Instance UID) as {first}, whose report {report.name} is this row's")
-                written.append(shown(report))
-                continue
-            # Named after the source image unless its UID is invalid or already named a report of this call.
-            own = f"{uid}.sr.dcm" if UID(uid).is_valid and f"{uid}.sr.dcm" not in names else None
-            name = own or _content_name(digest, names)
-            blanked = invalid_type2_values(source)
-        except unreportable as exc:
-            no_report(index, path, f"no structured report: {exc}")
-            continue
-        # From the look at what is at the report's name to its move into place, this run holds the
-        # folder (:class:`_FolderLock`): another run writing into it at the same time waits, then
-        # finds this one's report whole in place, never one half put there.
-        with contextlib.ExitStack() as holding:
-            waits = folder_lock.wait
-            try:
-                holding.enter_context(folder_lock.held())
-            except Timeout:
-                no_report(index, path, f"no structured report: another run writing into {folder} at the same time "
-                          f"held the folder ({REPORT_LOCK}) through the {waits:g} s this run waited for "
-                          "it; score this file again")
+    try:
+        for index, (path, row) in enumerate(zip(files, table.itertuples(index=False), strict=True)):
+            if row.error:  # not scored: its row already says why
+                written.append("")
                 continue
             try:
-                # A report an earlier run wrote for this image is superseded, and says so. One written
-                # there for another image (an anonymiser's constant UID on another day's patient) is
-                # that image's: kept, and this one named after the file's bytes instead.
-                # A damaged one (cut short, not DICOM, or without what tells which image it is on) is
-                # neither; it is moved aside, not written over, once this one is ready to take its name.
-                others: list[str] = []
-                replaces, damaged = None, ""
-                while (folder / name).is_file():
-                    earlier, damaged = _earlier_report(folder / name)
-                    if earlier is not None and all(k in earlier for k in REPORT_UIDS) and _reports_on(earlier, source):
-                        replaces = earlier
-                        break
-                    if damaged:
-                        break
-                    others.append(name)
-                    name = _content_name(digest, names | set(others))
-                number = numbers.get(study, 0) + 1
-                sr = structured_report(
-                    source, float(row.fracture_probability), float(row.threshold), row.label == "fractured",
-                    str(row.model), str(row.version),
-                    series_uid=series.setdefault(study, generate_uid()), instance_number=number, replaces=replaces,
-                )
-                numbers[study] = number
+                data = path.read_bytes()
+            except OSError as exc:  # gone or locked since it was scored
+                no_report(index, path, f"no structured report: the file cannot be read again ({type(exc).__name__})")
+                continue
+            digest = hashlib.sha256(data).hexdigest()
+            if scored is not None and scored[index] != digest:
+                no_report(index, path, "no structured report: the file changed since it was scored (it holds other bytes "
+                          "now, another image perhaps); this row's answer is the earlier file's: score the file again")
+                continue
+            if not is_dicom(data[:132]):
+                written.append("")
+                continue
+            try:
+                # is_dicom said it is DICOM, preamble or not; read from the bytes checked, not the file again.
+                source = dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+                study = str(source.StudyInstanceUID)
+                uid = str(source.get("SOPInstanceUID", ""))
+                same = (study, row.fracture_probability, row.label, row.threshold, row.model, row.version)
+                if UID(uid).is_valid and uid in reported and reported[uid][2] == same:
+                    first, report, _ = reported[uid]
+                    add_note(index, f"the same image (SOP Instance UID) as {first}, whose report {report.name} is this row's")
+                    written.append(shown(report))
+                    continue
+                # Named after the source image unless its UID is invalid or already named a report of this call.
+                own = f"{uid}.sr.dcm" if UID(uid).is_valid and f"{uid}.sr.dcm" not in names else None
+                name = own or _content_name(digest, names)
+                blanked = invalid_type2_values(source)
             except unreportable as exc:
                 no_report(index, path, f"no structured report: {exc}")
                 continue
-            target = folder / name
-            # Written beside and moved into place: a run stopped midway leaves the earlier report whole.
-            # Under a name of its own, so that another run writing this report into the folder at the
-            # same time (a batch re-run while the first still goes) neither writes into nor moves it.
-            # Removed here whatever stops this run (a full disk, Ctrl-C); one a killed run leaves is
-            # removed by a later run once it is old (:func:`_remove_stale_partials`).
-            partial = target.with_name(f".{name}.{secrets.token_hex(8)}.partial")
-            aside: Path | None = None
-            moving = False
-            try:
-                sr.save_as(partial, enforce_file_format=True)
-                moving = bool(damaged)
-                aside = _set_aside(target) if damaged else None
+            # From the look at what is at the report's name to its move into place, this run holds the
+            # folder (:class:`_FolderLock`): another run writing into it at the same time waits, then
+            # finds this one's report whole in place, never one half put there.
+            with contextlib.ExitStack() as holding:
+                waits = folder_lock.wait
+                try:
+                    holding.enter_context(folder_lock.held())
+                except Timeout:
+                    no_report(index, path, f"no structured report: another run writing into {folder} at the same time "
+                              f"held the folder ({REPORT_LOCK}) through the {waits:g} s this run waited for "
+                              "it; score this file again")
+                    continue
+                try:
+                    # A report an earlier run wrote for this image is superseded, and says so. One written
+                    # there for another image (an anonymiser's constant UID on another day's patient) is
+                    # that image's: kept, and this one named after the file's bytes instead.
+                    # A damaged one (cut short, not DICOM, or without what tells which image it is on) is
+                    # neither; it is moved aside, not written over, once this one is ready to take its name.
+                    others: list[str] = []
+                    replaces, damaged = None, ""
+                    while (folder / name).is_file():
+                        earlier, damaged = _earlier_report(folder / name)
+                        if earlier is not None and all(k in earlier for k in REPORT_UIDS) and _reports_on(earlier, source):
+                            replaces = earlier
+                            break
+                        if damaged:
+                            break
+                        others.append(name)
+                        name = _content_name(digest, names | set(others))
+                    number = numbers.get(study, 0) + 1
+                    sr = structured_report(
+                        source, float(row.fracture_probability), float(row.threshold), row.label == "fractured",
+                        str(row.model), str(row.version),
+                        series_uid=series.setdefault(study, generate_uid()), instance_number=number, replaces=replaces,
+                    )
+                    numbers[study] = number
+                except unreportable as exc:
+                    no_report(index, path, f"no structured report: {exc}")
+                    continue
+                target = folder / name
+                # Written beside and moved into place: a run stopped midway leaves the earlier report whole.
+                # Under a name of its own, so that another run writing this report into the folder at the
+                # same time (a batch re-run while the first still goes) neither writes into nor moves it.
+                # Removed here whatever stops this run (a full disk, Ctrl-C); one a killed run leaves is
+                # removed by a later run once it is old (:func:`_remove_stale_partials`).
+                partial = target.with_name(f".{name}.{secrets.token_hex(8)}.partial")
+                aside: Path | None = None
                 moving = False
-                os.replace(partial, target)
-            except _MovedMeanwhile as exc:
-                # The name is left to the other run: this one's report would either write over that
-                # run's or stand beside it as a second current report, neither naming the other.
-                numbers[study] -= 1
-                no_report(index, path, f"no structured report: the earlier report {target} is damaged ({damaged}), and "
-                          f"another run writing into {folder} at the same time moved it aside first; the name is "
-                          "left to that run's report, so score this file again if none is there" + (
-                              f"; that run's report, taken for the damaged one, is kept as {exc.kept.name}"
-                              if exc.kept else ""))
-                continue
-            except OSError as exc:  # a full disk, a report folder gone: this row's report, not the run
-                numbers[study] -= 1
-                reason = exc.strerror or exc
-                if moving:
-                    no_report(index, path, f"no structured report: the earlier report {target} is damaged ({damaged}) "
-                              f"and cannot be moved aside ({reason}), so it is left as it is")
-                else:
-                    no_report(index, path, f"no structured report: it cannot be written to {target} ({reason})" + (
-                        f"; the damaged earlier report there ({damaged}) is kept as {aside.name}" if aside else ""))
-                continue
-            finally:
-                with contextlib.suppress(OSError):  # this run's own file; gone once moved into place
-                    partial.unlink(missing_ok=True)
-        names.add(name)
-        if uid in reported:  # a UID two different images carry: the row says why its report is apart
-            add_note(index, f"shares its SOP Instance UID with {reported[uid][0]}, but not its study or answer: "
-                     f"reported apart, as {name}")
-        elif uid:
-            reported[uid] = (path, target, same)
-        if others:
-            add_note(index, f"an earlier report on another image (its source, study or patient differs) is "
-                     f"{' and '.join(others)} in {folder}: kept, and this one written as {name}")
-        if aside is not None:
-            log.warning("%s: the earlier report is damaged (%s); kept as %s", target, damaged, aside.name)
-            add_note(index, f"the earlier report {name} in {folder} is damaged ({damaged}): kept as {aside.name}, "
-                     "and this one written in its place, " + (
-                         "naming it as its predecessor" if replaces is not None else
-                         "not naming it as its predecessor, as what is left of it does not show it is on this image"
-                     ))
-        if blanked:
-            add_note(index, "left empty in the structured report, not valid DICOM values: " + ", ".join(
-                f"{keyword} {value!r}" for keyword, value in blanked.items()
-            ))
-        written.append(shown(target))
+                try:
+                    sr.save_as(partial, enforce_file_format=True)
+                    moving = bool(damaged)
+                    aside = _set_aside(target) if damaged else None
+                    moving = False
+                    os.replace(partial, target)
+                except _MovedMeanwhile as exc:
+                    # The name is left to the other run: this one's report would either write over that
+                    # run's or stand beside it as a second current report, neither naming the other.
+                    numbers[study] -= 1
+                    no_report(index, path, f"no structured report: the earlier report {target} is damaged ({damaged}), and "
+                              f"another run writing into {folder} at the same time moved it aside first; the name is "
+                              "left to that run's report, so score this file again if none is there" + (
+                                  f"; that run's report, taken for the damaged one, is kept as {exc.kept.name}"
+                                  if exc.kept else ""))
+                    continue
+                except OSError as exc:  # a full disk, a report folder gone: this row's report, not the run
+                    numbers[study] -= 1
+                    reason = exc.strerror or exc
+                    if moving:
+                        no_report(index, path, f"no structured report: the earlier report {target} is damaged ({damaged}) "
+                                  f"and cannot be moved aside ({reason}), so it is left as it is")
+                    else:
+                        no_report(index, path, f"no structured report: it cannot be written to {target} ({reason})" + (
+                            f"; the damaged earlier report there ({damaged}) is kept as {aside.name}" if aside else ""))
+                    continue
+                finally:
+                    with contextlib.suppress(OSError):  # this run's own file; gone once moved into place
+                        partial.unlink(missing_ok=True)
+            names.add(name)
+            if uid in reported:  # a UID two different images carry: the row says why its report is apart
+                add_note(index, f"shares its SOP Instance UID with {reported[uid][0]}, but not its study or answer: "
+                         f"reported apart, as {name}")
+            elif uid:
+                reported[uid] = (path, target, same)
+            if others:
+                add_note(index, f"an earlier report on another image (its source, study or patient differs) is "
+                         f"{' and '.join(others)} in {folder}: kept, and this one written as {name}")
+            if aside is not None:
+                log.warning("%s: the earlier report is damaged (%s); kept as %s", target, damaged, aside.name)
+                add_note(index, f"the earlier report {name} in {folder} is damaged ({damaged}): kept as {aside.name}, "
+                         "and this one written in its place, " + (
+                             "naming it as its predecessor" if replaces is not None else
+                             "not naming it as its predecessor, as what is left of it does not show it is on this image"
+                         ))
+            if blanked:
+                add_note(index, "left empty in the structured report, not valid DICOM values: " + ", ".join(
+                    f"{keyword} {value!r}" for keyword, value in blanked.items()
+                ))
+            written.append(shown(target))
+    except Interrupted as exc:  # Ctrl-C or SIGTERM: the rows are written all the same, these without a report
+        table.attrs[INTERRUPTED] = exc.signal_name
+        for index in range(len(written), len(table)):
+            if not table["error"].iat[index]:
+                add_note(index, f"no structured report: the run was interrupted by {exc.signal_name} before it was "
+                         "written; score the file again with --dicom-sr")
+            written.append("")
     folder_lock.tell_unlocked()
     return written
 

@@ -332,6 +332,52 @@ def test_an_interrupted_run_keeps_the_rows_scored_and_names_the_rest(tmp_path, m
     assert {s: signal.getsignal(s) for s in handlers} == handlers
 
 
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_a_run_interrupted_while_it_writes_its_reports_keeps_every_row(tmp_path, monkeypatch, capsys, signal_name):
+    """`--dicom-sr`, stopped after scoring, while the reports are written (minutes for a large folder):
+    the run ended with no rows file and no word, every file's score lost. The rows are written before
+    the reports (so a SIGKILL after a scheduler's SIGTERM leaves them), and again after: those left
+    without a report say so, and the run exits as a shell reports a command that signal ended."""
+    import signal
+
+    import fracture.dicom_sr
+    from fracture.cli import main
+
+    if threading.current_thread() is not threading.main_thread():  # a signal handler needs the main thread
+        pytest.skip("tests run off the main thread here, where Python takes no signal handler")
+    folder = _study_served_until_its_second_request(tmp_path, monkeypatch, lambda: None)
+    xray = require_fracatlas() / "images" / "Fractured" / "IMG0000019.jpg"
+    for n in range(5):
+        (folder / f"IM{n:04d}").write_bytes(dicom_from_jpeg(xray, "8-bit"))  # five images of one X-ray, each its UID
+    out, reports = tmp_path / "rows.csv", tmp_path / "sr"
+    made = fracture.dicom_sr.structured_report
+    seen: list[pd.DataFrame] = []
+
+    def report(*args, **kwargs):
+        if seen:  # the second report: the rows are on disk already
+            os.kill(os.getpid(), signal.Signals[signal_name])
+            time.sleep(5)  # the handler raises before this ends
+            raise AssertionError("the signal was not delivered")
+        seen.append(pd.read_csv(out, keep_default_na=False, dtype=str))
+        return made(*args, **kwargs)
+
+    monkeypatch.setattr(fracture.dicom_sr, "structured_report", report)
+    with pytest.raises(SystemExit) as ended:
+        main(["predict", str(folder), "--out", str(out), "--dicom-sr", str(reports), "--no-progress"])
+    assert ended.value.code == 128 + signal.Signals[signal_name].value
+    assert seen[0]["fracture_probability"].tolist() == ["0.25"] * 5 and seen[0]["sr"].tolist() == [""] * 5
+    rows = pd.read_csv(out, keep_default_na=False, dtype=str)
+    assert rows["error"].tolist() == [""] * 5 and rows["fracture_probability"].tolist() == ["0.25"] * 5
+    assert rows["sr"][0] and (Path(rows["sr"][0]).is_file() or (tmp_path / rows["sr"][0]).is_file())
+    assert rows["sr"][1:].tolist() == [""] * 4
+    assert rows["note"][1:].str.fullmatch(
+        f"no structured report: the run was interrupted by {signal_name} before it was written; score the file "
+        "again with --dicom-sr"
+    ).all()
+    assert sorted(p.name for p in reports.iterdir() if p.name.endswith(".sr.dcm")) == [Path(rows["sr"][0]).name]
+    assert f"interrupted by {signal_name} after 5 of 5 files were scored" in capsys.readouterr().err
+
+
 def test_a_studys_reports_form_one_series_and_a_rerun_names_the_report_it_replaces(fracatlas, tmp_path):
     study_uid = generate_uid()
     files = []
