@@ -126,14 +126,28 @@ def load(uri: str, client: MlflowClient | None = None) -> LoadedModel:
     if not match:
         raise PredictError(f"--model {uri!r} is not a registry URI; give models:/<name>@<alias> or models:/<name>/<version>")
     name = match["name"]
+    where = mlflow.get_tracking_uri()
+    if client is None and where.startswith("sqlite:///") and not Path(where.removeprefix("sqlite:///")).is_file():
+        # MLflow would create an empty store there (in the folder of images, say) and find nothing in it.
+        raise PredictError(
+            f"no MLflow store at {where.removeprefix('sqlite:///')}: set MLFLOW_TRACKING_URI to the registry "
+            "(sqlite:///$PWD/mlflow.db in the project, or its tracking server's address), or register a model "
+            "with `make main`"
+        )
     client = client or MlflowClient()
     try:
         version = client.get_model_version_by_alias(name, match["alias"]) if match["alias"] else (
             client.get_model_version(name, match["version"])
         )
     except mlflow.exceptions.MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            # MLflow reports a server that does not answer as INTERNAL_ERROR, after its retries.
+            raise PredictError(
+                f"the registry at {where} cannot be reached or read ({exc.message.splitlines()[0]}): check that it "
+                "is up and that MLFLOW_TRACKING_URI names it"
+            ) from exc
         raise PredictError(
-            f"{uri} is not in the registry at {mlflow.get_tracking_uri()}: {exc.message.splitlines()[0]}. "
+            f"{uri} is not in the registry at {where}: {exc.message.splitlines()[0]}. "
             "Set MLFLOW_TRACKING_URI to the registry, or register a model with `make main`"
         ) from exc
     # Loaded by its version, so the alias cannot move between the lookup and the load.

@@ -213,6 +213,30 @@ def test_a_model_the_registry_lacks_is_named(registry, tmp_path):
     assert proc.returncode != 0 and "is not a registry URI" in proc.stderr
 
 
+def test_a_registry_that_is_missing_or_down_is_told_apart_from_a_missing_model(tmp_path):
+    """Run where no MLflow store is (no MLFLOW_TRACKING_URI, in the folder of images): MLflow made an
+    empty mlflow.db there, which a later run scored as an input, and found no model in it. Against a
+    tracking server that is down it waited about 4 minutes (MLflow's 7 retries), then said the model
+    was not in the registry, which it never reached."""
+    from tests.servers import free_port
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    shutil.copy(require_fracatlas() / "images/Fractured/IMG0000019.jpg", folder)
+    env = {"PATH": str(Path(sys.executable).parent), "HOME": str(tmp_path / "home")}
+    cmd = [str(Path(sys.executable).parent / "fracture"), "predict", "--no-progress", "."]
+    proc = subprocess.run(cmd, env=env, cwd=folder, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode != 0 and f"fracture predict: no MLflow store at {folder / 'mlflow.db'}: set MLFLOW_TRACKING_URI" in proc.stderr
+    assert sorted(p.name for p in folder.iterdir()) == ["IMG0000019.jpg"]
+    down = f"http://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    proc = subprocess.run(cmd, env=env | {"MLFLOW_TRACKING_URI": down}, cwd=folder, capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert proc.returncode != 0 and f"fracture predict: the registry at {down} cannot be reached or read (" in proc.stderr
+    assert "check that it is up and that MLFLOW_TRACKING_URI names it" in proc.stderr
+    assert time.monotonic() - started < 120  # 2 retries, not MLflow's 7 (about 4 minutes): not a speed claim
+
+
 def test_batches_are_cut_to_the_rows_the_model_takes_in_one_request(registry, monkeypatch):
     """A --batch-size above the model's serve.max_rows would be refused whole; each request holds
     at most max_rows files instead."""
