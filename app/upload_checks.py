@@ -8,9 +8,12 @@ model gets for the same bytes. The page adds its own upload limit and names the 
 
 from __future__ import annotations
 
+from fracture.dicom import is_dicom
 from fracture.intake import InputPolicy, InputRejected, Xray, over_limit, read_xray
 
 WHAT_TO_DO = "Upload an X-ray exported as an 8-bit JPG or PNG, or its DICOM file."
+TOO_LARGE_DICOM = ("Export the image from the PACS JPEG-compressed (lossless JPEG, JPEG-LS or JPEG 2000), or as an "
+                   "8-bit JPG or PNG, and upload that.")
 
 
 class UploadRejected(ValueError):
@@ -36,7 +39,9 @@ def check_upload(name: str, data: bytes, policy: InputPolicy, max_bytes: int | N
     if max_bytes is not None and len(data) > max_bytes:
         # In bytes where a rounded size would read as the limit itself ("20.0 MB; the limit is 20 MB").
         shown, limit = over_limit(len(data), max_bytes, 2**20, 1, "MB", "bytes")
-        raise UploadRejected(f"{name} is {shown}; the limit is {limit}. {WHAT_TO_DO}")
+        # A DICOM file over it is told how to make it smaller, not to upload the DICOM file it is.
+        fix = TOO_LARGE_DICOM if is_dicom(data[:132]) else WHAT_TO_DO
+        raise UploadRejected(f"{name} is {shown}; the limit is {limit}. {fix}")
     try:
         return read_xray(data, policy)
     except InputRejected as exc:

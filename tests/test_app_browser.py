@@ -151,7 +151,7 @@ def test_fractured_xray_shows_fractured_with_probability_heat_map_and_boxes(brow
             timeout=RESULT_TIMEOUT_MS
         )
         # The upload limit from app/.streamlit/config.toml, as the browser enforces it.
-        expect(page.get_by_test_id("stFileUploaderDropzoneInstructions")).to_contain_text("20MB per file")
+        expect(page.get_by_test_id("stFileUploaderDropzoneInstructions")).to_contain_text("64MB per file")
 
         page.get_by_test_id("stFileUploaderDropzoneInput").set_input_files(str(xray))
         expect(metric_value(page, "Predicted class")).to_have_text("Fractured", timeout=RESULT_TIMEOUT_MS)
