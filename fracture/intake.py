@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from fracture.decoding import (
@@ -242,7 +243,8 @@ def _read_dicom(data: bytes, policy: InputPolicy) -> Xray:
         f"its pixels are not square (its header's spacing): resampled from {stored[0]} x {stored[1]} to "
         f"{width} x {height} px before scoring",
     )
-    return Xray(Image.fromarray(display), "DICOM", mode, notes, stored)
+    image = Image.fromarray(display)
+    return Xray(image, "DICOM", mode, (*notes, *filter(None, [colour_note(image)])), stored)
 
 
 def _read_picture(data: bytes, policy: InputPolicy, draft: tuple[int, int] | None) -> Xray:
@@ -297,10 +299,10 @@ def _read_picture(data: bytes, policy: InputPolicy, draft: tuple[int, int] | Non
         # A greyscale X-ray stays greyscale: the model's transform resizes the one channel and
         # copies it to RGB afterwards, the same pixels as training's.
         _check_content(image, policy)
-        return Xray(image, fmt, mode, tuple(notes))
+        return Xray(image, fmt, mode, (*notes, *filter(None, [colour_note(image)])))
     rgb, note = convert_for_model(image)
     _check_content(rgb, policy)
-    return Xray(rgb, fmt, mode, (*notes, note))
+    return Xray(rgb, fmt, mode, (*notes, note, *filter(None, [colour_note(rgb)])))
 
 
 def _decode_truncated(data: bytes, draft: tuple[int, int] | None) -> Image.Image:
@@ -308,6 +310,24 @@ def _decode_truncated(data: bytes, draft: tuple[int, int] | None) -> Image.Image
         return decode_truncated(data, draft)
     except Exception as exc:
         raise InputRejected("is cut short and too little of it decodes. Send the complete file.") from exc
+
+
+#: Mean |R - G| + |G - B| (of 510) above which a picture holds colour. FracAtlas's RGB JPEGs are
+#: greyscale X-rays saved in colour and measure 0.00; a photograph measures tens to a hundred and more.
+COLOUR_SPREAD = 5.0
+
+
+def colour_note(image: Image.Image) -> str | None:
+    """A warning for an RGB picture that holds colour (:data:`COLOUR_SPREAD`), or ``None``. It is
+    scored, as the model answers any picture, but the answer says nothing of a fracture."""
+    if image.mode != "RGB":
+        return None
+    small = np.asarray(image.reduce(max(1, max(image.size) // 256)), dtype=np.int16)  # a few hundred px a side
+    spread = float((np.abs(small[..., 0] - small[..., 1]) + np.abs(small[..., 1] - small[..., 2])).mean())
+    if spread <= COLOUR_SPREAD:
+        return None
+    return (f"the image holds colour (mean channel difference {spread:.0f} of 510; an X-ray has none): the model was "
+            "trained on greyscale radiographs only, so its answer on a photograph or a coloured picture means nothing")
 
 
 def _check_content(image: Image.Image, policy: InputPolicy) -> None:

@@ -404,3 +404,20 @@ def test_an_image_with_transparency_trains_on_the_pixels_it_is_served_with(mode)
     trained = np.asarray(open_xray(data))
     np.testing.assert_array_equal(trained, served)
     assert served[:, :48].max() == 0 and served[:, 48:].max() > 0
+
+
+def test_a_picture_in_colour_is_scored_with_a_warning_an_xray_saved_in_colour_is_not():
+    """A phone photograph or any coloured picture was scored and classified with no word that it is
+    unlike every X-ray the model learnt from; FracAtlas's RGB JPEGs are greyscale saved in colour."""
+    grey = xray_like(mode="RGB")
+    assert read_xray(encode(grey, "JPEG", quality=95), POLICY).warnings == ()
+    real = require_fracatlas() / "images" / "Non_fractured" / "IMG0000000.jpg"  # an RGB JPEG of FracAtlas
+    assert read_xray(real.read_bytes(), POLICY).mode == "RGB" and read_xray(real.read_bytes(), POLICY).warnings == ()
+    tinted = np.asarray(grey).astype(int)
+    tinted[..., 0] = np.clip(tinted[..., 0] + 40, 0, 255)  # a reddish photograph of a film, say
+    for data in (encode(Image.fromarray(tinted.astype(np.uint8)), "JPEG", quality=95),
+                 encode(Image.fromarray(tinted.astype(np.uint8)).convert("P"))):
+        (warning,) = [w for w in read_xray(data, POLICY).warnings if "colour" in w and "palette" not in w.lower()]
+        assert re.fullmatch(r"the image holds colour \(mean channel difference \d+ of 510; an X-ray has none\): the "
+                            r"model was trained on greyscale radiographs only, so its answer on a photograph or a "
+                            r"coloured picture means nothing", warning), warning
