@@ -19,6 +19,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 from PIL import ExifTags, Image, ImageFile, ImageOps, ImageStat, UnidentifiedImageError
 
 from fracture.dicom import dicom_to_image, display_size, is_dicom, read_header
@@ -27,7 +28,7 @@ __all__ = [
     "FORMATS", "HIGH_BIT_DEPTH", "INDEX_FILES", "MAX_JPEG_SCANS", "ImageLoadError", "TooManyScans", "decode", "decode_truncated", "export_files",
     "failure_reason",
     "grey_spread", "hidden", "more_than_8_bits", "near_constant", "open_xray", "png_bit_depth", "too_many_pixels",
-    "unservable", "upright_size",
+    "decoded_height", "unservable", "upright_size",
 ]
 
 #: The picture formats the served model reads besides DICOM (Pillow's names); training takes the same.
@@ -476,6 +477,20 @@ def _decode(
         if upright:
             ImageOps.exif_transpose(img, in_place=True)  # keeps the format, which the callers check
         return img
+
+
+def decoded_height(grey: np.ndarray) -> int:
+    """Rows above the grey a truncated JPEG's missing part decodes to: the flat rows at the
+    bottom, and above them the rows of the last, partly decoded block row, whose pixels from some
+    column to the right edge hold that same grey."""
+    fill = grey[-1, -1]
+    flat = (grey == fill).all(axis=1)
+    height = len(grey)
+    while height > 0 and flat[height - 1]:
+        height -= 1
+    while height > 0 and grey[height - 1, -2:].tolist() == [fill, fill]:
+        height -= 1
+    return height
 
 
 #: EXIF orientations whose upright image is the stored one turned a quarter: width and height swap.

@@ -36,7 +36,7 @@ from PIL import Image, ImageFile, ImageOps
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from fracture.decoding import decode, decode_truncated
+from fracture.decoding import decode, decode_truncated, decoded_height
 from fracture.dicom import is_dicom
 
 #: Side of the square thumbnail each image is compared by (32 x 32 = 1024 values).
@@ -59,20 +59,6 @@ def _standardise(v: np.ndarray) -> np.ndarray:
     v = np.atleast_2d(np.asarray(v, dtype=np.float64))
     std = v.std(axis=1, keepdims=True)
     return np.divide(v - v.mean(axis=1, keepdims=True), std, out=np.zeros_like(v), where=std > 0)
-
-
-def _decoded_height(grey: np.ndarray) -> int:
-    """Rows above the grey a truncated JPEG's missing part decodes to: the flat rows at the
-    bottom, and above them the rows of the last, partly decoded block row, whose pixels from some
-    column to the right edge hold that same grey."""
-    fill = grey[-1, -1]
-    flat = (grey == fill).all(axis=1)
-    height = len(grey)
-    while height > 0 and flat[height - 1]:
-        height -= 1
-    while height > 0 and grey[height - 1, -2:].tolist() == [fill, fill]:
-        height -= 1
-    return height
 
 
 def thumbnail_rows(path: str | Path, side: int = THUMBNAIL_SIDE, truncated: bool = False) -> tuple[np.ndarray, int]:
@@ -110,7 +96,7 @@ def thumbnail_rows(path: str | Path, side: int = THUMBNAIL_SIDE, truncated: bool
     rows = side
     if truncated:
         full = np.asarray(grey)
-        rows = _decoded_height(full) * side // len(full)
+        rows = decoded_height(full) * side // len(full)
     small = grey.resize((side, side), Image.Resampling.BOX)
     return _standardise(np.asarray(small).ravel())[0].astype(np.float32), rows
 
