@@ -25,10 +25,26 @@ from PIL import ExifTags, Image, ImageFile, ImageOps, ImageStat, UnidentifiedIma
 from fracture.dicom import dicom_to_image, display_size, is_dicom, read_header
 
 __all__ = [
-    "FORMATS", "HIGH_BIT_DEPTH", "INDEX_FILES", "MAX_JPEG_SCANS", "ImageLoadError", "TooManyScans", "decode", "decode_truncated", "export_files",
+    "FORMATS",
+    "HIGH_BIT_DEPTH",
+    "INDEX_FILES",
+    "MAX_JPEG_SCANS",
+    "ImageLoadError",
+    "TooManyScans",
+    "decode",
+    "decode_truncated",
+    "decoded_height",
+    "export_files",
     "failure_reason",
-    "grey_spread", "hidden", "more_than_8_bits", "near_constant", "open_xray", "png_bit_depth", "too_many_pixels",
-    "decoded_height", "unservable", "upright_size",
+    "grey_spread",
+    "hidden",
+    "more_than_8_bits",
+    "near_constant",
+    "open_xray",
+    "png_bit_depth",
+    "too_many_pixels",
+    "unservable",
+    "upright_size",
 ]
 
 #: The picture formats the served model reads besides DICOM (Pillow's names); training takes the same.
