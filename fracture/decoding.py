@@ -278,6 +278,10 @@ def failure_reason(exc: BaseException) -> str:
     """
     if isinstance(exc, UnidentifiedImageError):
         return "it is not an image file that can be read (JPEG, PNG or DICOM)"
+    if isinstance(exc, OSError) and str(exc).startswith(("Truncated File Read", "image file is truncated")):
+        # Pillow's words for a file that stops before enough of its image data to decode anything.
+        return ("none of its image data decodes: it stops early, or holds something else after a JPEG's start "
+                "(an interrupted transfer or a damaged export); export it again")
     return re.sub(r" ?<[^<>]* object at 0x[0-9a-fA-F]+>", "", str(exc))
 
 

@@ -341,6 +341,8 @@ def test_an_unreadable_or_empty_file_is_excluded_with_a_reason_that_is_the_same_
     make_dataset(tmp_path)
     (tmp_path / "images/Non_fractured/IMG0000008.jpg").write_bytes(b"")
     (tmp_path / "images/Non_fractured/IMG0000009.jpg").write_text("a report, not an image\n")
+    header_only = tmp_path / "images/Non_fractured/IMG0000010.jpg"  # a transfer that stopped after 300 bytes
+    header_only.write_bytes(header_only.read_bytes()[:300])
     locked = tmp_path / "images/Non_fractured/IMG0000012.jpg"
     read_bytes = Path.read_bytes
 
@@ -355,11 +357,14 @@ def test_an_unreadable_or_empty_file_is_excluded_with_a_reason_that_is_the_same_
     errors = manifests[0].set_index("image_id")["error"]
     assert errors["IMG0000008.jpg"] == "the file is empty (it holds no bytes): export it again"
     assert errors["IMG0000009.jpg"] == "it is not an image file that can be read (JPEG, PNG or DICOM)"
+    # Pillow's bare "Truncated File Read", which said neither why nor what to do.
+    assert errors["IMG0000010.jpg"] == ("none of its image data decodes: it stops early, or holds something else after "
+                                        "a JPEG's start (an interrupted transfer or a damaged export); export it again")
     assert errors["IMG0000012.jpg"] == ("it cannot be read (Permission denied): make it readable by the user the "
                                         "pipeline runs as")
     _, report = validate(manifests[0], with_severity(vparams, decodable="soft"))
     assert {i for i, e in report.excluded.items() if e.rule == "decodable"} == {
-        "IMG0000008.jpg", "IMG0000009.jpg", "IMG0000012.jpg"}
+        "IMG0000008.jpg", "IMG0000009.jpg", "IMG0000010.jpg", "IMG0000012.jpg"}
 
 
 def test_soft_quirks_in_files_are_detected_and_reported_by_id(tmp_path, vparams):
