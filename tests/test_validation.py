@@ -816,6 +816,28 @@ def test_real_copy_near_duplicates_are_grouped_and_conflicting_labels_flagged(re
     assert not resolved.set_index("image_id").loc[sorted(conflicting), "included"].any()
 
 
+def test_a_file_the_served_model_refuses_for_its_mode_is_counted_once_under_decodable(tmp_path, vparams):
+    """A 16-bit greyscale PNG in a hospital's export: `decodable` lists it (the served model refuses it),
+    and set soft, as the stage advises, leaves it out; `colour_mode_allowed` counted it again and
+    failed the stage for a file already left out. A file that decodes in a mode not allowed still fails it."""
+    import numpy as np
+    from PIL import Image
+
+    make_dataset(tmp_path)
+    sixteen = tmp_path / "images/Non_fractured/IMG0000008.jpg"
+    Image.fromarray((np.arange(96 * 80).reshape(96, 80) * 7).astype(np.uint16)).save(sixteen, format="PNG")
+    manifest = build_manifest(tmp_path, workers=1)
+    assert manifest.set_index("image_id").loc["IMG0000008.jpg", "mode"] == "I;16"
+    ok, report = validate(manifest, with_severity(vparams, decodable="soft"))
+    failed = {f.rule for f in report.findings if not f.success}
+    assert "colour_mode_allowed" not in failed and report.excluded["IMG0000008.jpg"].rule == "decodable", failed
+    palette = tmp_path / "images/Non_fractured/IMG0000009.jpg"
+    Image.open(palette).convert("P").save(palette, format="PNG")
+    _, report = validate(build_manifest(tmp_path, workers=1), with_severity(vparams, decodable="soft"))
+    (colour,) = [f for f in report.findings if f.rule == "colour_mode_allowed"]
+    assert not colour.success and colour.unexpected_ids == ["IMG0000009.jpg"]
+
+
 def test_an_empty_fractured_cell_in_dataset_csv_fails_the_csv_label_rule(tmp_path, vparams):
     """GX's value checks pass empty cells: a dataset.csv row whose fractured is empty passed
     csv_label_binary, though the data card says every image is labelled 0 or 1."""
