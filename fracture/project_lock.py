@@ -91,18 +91,32 @@ def dvc_running(root: Path) -> bool:
         return True
     except OSError:  # not writable by this user (another user's DVC made it): the process it names tells
         pass
-    return _dvc_alive(path)
+    return _dvc_alive(path, root)
 
 
-def _dvc_alive(path: Path) -> bool:
+def _dvc_alive(path: Path, root: Path) -> bool:
     """Whether the process whose id DVC's lock file holds (zc.lockfile writes it on taking the lock) is a
-    ``dvc`` command still running, other than this process or one that started it."""
+    ``dvc`` command still running in ``root``, other than this process or one that started it.
+
+    The file keeps the id after its command ends, and the system gives ids out again: a ``dvc``
+    command in another checkout that got it counted as this project's, which was busy for as long
+    as that command ran. So the process works in ``root`` or a folder of it; one whose folder this
+    user may not read (another user's) counts, as it did.
+    """
     try:
         pid = int(path.read_text().split()[0])
         here = psutil.Process()
         if pid == here.pid or pid in {parent.pid for parent in here.parents()}:
             return False
-        return any(Path(arg).name == "dvc" for arg in psutil.Process(pid).cmdline()[:3])
+        process = psutil.Process(pid)
+        if not any(Path(arg).name == "dvc" for arg in process.cmdline()[:3]):
+            return False
+        try:
+            folder = Path(process.cwd()).resolve()
+        except psutil.AccessDenied:
+            return True
+        project = root.resolve()
+        return folder == project or project in folder.parents
     except (OSError, ValueError, IndexError, psutil.Error):  # no id written, or that process has ended
         return False
 

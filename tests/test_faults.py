@@ -261,8 +261,9 @@ def test_a_deployment_run_waits_for_a_hand_typed_dvc_repro_to_end_not_only_its_s
 
 @pytest.mark.parametrize("writable", [True, False])
 def test_a_dvc_command_between_stages_is_seen_by_the_process_its_lock_file_names(tmp_path, monkeypatch, writable):
-    """Between two stages DVC holds no lock: the process the lock file names tells, while it lives and is
-    `dvc`; also when this user cannot open the file to lock it (another user's DVC made it)."""
+    """Between two stages DVC holds no lock: the process the lock file names tells, while it lives, is
+    `dvc` and works in this project (a folder of it counts); also when this user cannot open the file to
+    lock it (another user's DVC made it)."""
     import zc.lockfile  # noqa: PLC0415
 
     from fracture.project_lock import DVC_LOCK, dvc_running  # noqa: PLC0415
@@ -276,8 +277,15 @@ def test_a_dvc_command_between_stages_is_seen_by_the_process_its_lock_file_names
         monkeypatch.setattr(zc.lockfile, "SimpleLockFile", not_writable)
     (tmp_path / "dvc").write_text("import time\ntime.sleep(120)\n")  # a process whose program is `dvc`
     (tmp_path / "other").write_text("import time\ntime.sleep(120)\n")
-    running = {name: subprocess.Popen([sys.executable, str(tmp_path / name)]) for name in ("dvc", "other")}
+    elsewhere = tmp_path.parent / f"{tmp_path.name}-another-checkout"
+    elsewhere.mkdir()
+    running = {name: subprocess.Popen([sys.executable, str(tmp_path / name)], cwd=tmp_path / (".dvc" if name == "dvc" else ""))
+               for name in ("dvc", "other")}
+    # A `dvc` command of another checkout that got the id the lock file kept from this project's last one.
+    running["reused"] = subprocess.Popen([sys.executable, str(tmp_path / "dvc")], cwd=elsewhere)
     try:
+        (tmp_path / DVC_LOCK).write_text(f" {running['reused'].pid}\n")
+        assert not dvc_running(tmp_path)
         (tmp_path / DVC_LOCK).write_text(f" {running['dvc'].pid}\n")  # as zc.lockfile writes it
         assert dvc_running(tmp_path)
         monkeypatch.setenv(DVC_STAGE_ENV, "train")  # that command's own stage
