@@ -32,6 +32,7 @@ from streamlit.delta_generator import DeltaGenerator
 from upload_checks import UploadRejected, check_upload
 
 from fracture.config import ConfigError
+from fracture.detection import MAX_DETECTIONS
 from fracture.dicom_sr import NOT_FOR_CLINICAL_USE
 from fracture.explain import draw_boxes
 
@@ -190,7 +191,9 @@ def show_model(model: ServedModel, settings: PageSettings, detector: ServedDetec
         )
         st.header("Fracture detector")
         if detector is None:
-            st.markdown(f"No detector at `{settings.detector_name or '(off)'}@{model.alias}`: no boxes are drawn.")
+            st.markdown(f"No detector at `{settings.detector_name}@{model.alias}`: no boxes are drawn."
+                        if settings.detector_name else
+                        "The detector is switched off (`FRACTURE_DETECTOR_NAME` is empty): no boxes are drawn.")
         else:
             st.markdown(f"- registered model: `{detector.name}`\n- version: `{detector.version}`\n"
                         f"- architecture: `{detector.architecture}`")
@@ -211,8 +214,8 @@ def show_result(model: ServedModel, detector: ServedDetector | None, name: str, 
     display = xray.image.copy()
     display.thumbnail((DISPLAY_SIDE, DISPLAY_SIDE))
 
-    for note in xray.warnings:
-        st.warning(plain(note))
+    for note in xray.warnings:  # each names the file: a note may start mid-sentence ("its pixels are not square")
+        st.warning(plain(f"{name}: {note}"))
     label = LABELS[prediction.label]
     probability, threshold = against_threshold(prediction.fracture_probability, prediction.threshold)
     cols = st.columns(3)
@@ -269,7 +272,9 @@ def show_boxes(
         return
     n = len(found.boxes)
     if n:
-        caption = (f"Fracture detector v{detector.version}: {n} box{'es' if n > 1 else ''} scored at least "
+        # The detector keeps its MAX_DETECTIONS highest boxes: at the cap, more may have scored as high.
+        counted = f"at least {n} boxes" if n >= MAX_DETECTIONS else f"{n} box{'es' if n > 1 else ''}"
+        caption = (f"Fracture detector v{detector.version}: {counted} scored at least "
                    f"{found.threshold:.4g} (highest {found.fracture_score:.3f})")
         if n > MAX_BOXES_DRAWN:
             caption += f"; the {MAX_BOXES_DRAWN} highest are drawn"

@@ -114,6 +114,10 @@ class TimmPyramid(nn.Module):
         return self.fpn(OrderedDict((f"p{i}", f) for i, f in enumerate(self.body(x))))
 
 
+#: The most boxes the detector keeps on one X-ray, its highest-scoring (torchvision's ``detections_per_img``).
+MAX_DETECTIONS = 20
+
+
 def build_detector(config: DetectorConfig, classifier_state: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """The detector, its backbone loaded from the classifier's fine-tuned weights.
 
@@ -153,7 +157,7 @@ def build_detector(config: DetectorConfig, classifier_state: dict[str, torch.Ten
         "image_mean": list(config.mean),
         "image_std": list(config.std),
         "score_thresh": 0.01,  # low, so the top box also ranks images the detector is unsure of
-        "detections_per_img": 20,
+        "detections_per_img": MAX_DETECTIONS,
     }
     if config.architecture == "fcos":
         return FCOS(pyramid, **common)

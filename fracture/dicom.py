@@ -490,7 +490,7 @@ def check_radiograph(ds: Dataset, modalities: Iterable[str] | None = RADIOGRAPHY
     frames = int(ds.get("NumberOfFrames") or 1)
     if frames > 1:
         raise DicomRejected(
-            f"holds {frames} frames; the model reads single-frame radiographs (CR, DX): send one frame per file"
+            f"holds {frames} frames; the model reads single-frame radiographs: send one frame per file"
         )
     allowed = tuple(modalities) if modalities is not None else None
     modality = str(ds.get("Modality") or "")

@@ -45,6 +45,7 @@ from torch.utils.data import TensorDataset
 from fracture.config import DetectParams, load_params
 from fracture.data_config import DataConfig
 from fracture.detection import (
+    MAX_DETECTIONS,
     BoxedImages,
     DetectorConfig,
     build_detector,
@@ -552,6 +553,19 @@ def test_a_detector_deleted_and_registered_again_is_the_new_one_though_its_versi
     later = champion._now() + 31
     monkeypatch.setattr(champion, "_now", lambda: later)  # the page looks its alias up again after 30 s; the test does not wait
     assert threshold_shown().startswith("0.750")
+    # At a threshold every box passes, the detector's cap: the caption said "20 boxes" of hundreds.
+    with registry_open(page_registry) as client:
+        client.delete_registered_model(name)
+    register(0.01)
+    latest = later + 31
+    monkeypatch.setattr(champion, "_now", lambda: latest)
+    assert detector_caption().startswith(f"Fracture detector v1: at least {MAX_DETECTIONS} boxes scored at least 0.01 ")
+    # Switched off, the sidebar says so, not "No detector at `(off)@champion`".
+    at = page(monkeypatch, page_registry)
+    monkeypatch.setenv("FRACTURE_DETECTOR_NAME", "")
+    at = at.run()
+    assert "The detector is switched off (`FRACTURE_DETECTOR_NAME` is empty): no boxes are drawn." in " ".join(
+        m.value for m in at.markdown)
 
 
 def test_page_never_shows_registry_credentials(monkeypatch):
@@ -874,7 +888,7 @@ def test_truncated_jpeg_is_scored_with_a_visible_note_as_every_consumer_scores_i
     data = _truncated()
     at = upload(page(monkeypatch, page_registry).run(), "cut.jpg", data, "image/jpeg")
     assert not at.exception and not at.error
-    assert "the file ends early" in shown(at.warning[0].value)
+    assert shown(at.warning[0].value).startswith("cut.jpg: the file ends early: ")  # each note names its file
     expected = consumer_prediction(page_registry, data)
     assert metrics(at)["Fracture probability"] == f"{expected['fracture_probability']:.3f}"
 
