@@ -26,6 +26,7 @@ from champion import (
     resolve_detector,
     resolve_version,
     settings_from_env,
+    test_figures,
 )
 from PIL import Image
 from streamlit.delta_generator import DeltaGenerator
@@ -85,6 +86,12 @@ def release(model: ServedModel | ServedDetector) -> None:
 def served_model(settings: PageSettings, version: str, run_id: str) -> ServedModel:
     """One loaded model per registered version, shared by every browser session."""
     return load_served_model(settings, version, run_id)
+
+
+@st.cache_resource(show_spinner=False)
+def measured_at_threshold(settings: PageSettings, run_id: str) -> str | None:
+    """What the threshold means (:func:`champion.test_figures`), read once per training run."""
+    return test_figures(settings, run_id)
 
 
 @st.cache_resource(show_spinner=False)
@@ -165,7 +172,7 @@ def averaging_note(extra: dict, members: int) -> list[str]:
     return []
 
 
-def show_model(model: ServedModel, settings: PageSettings, detector: ServedDetector | None) -> None:
+def show_model(model: ServedModel, settings: PageSettings, detector: ServedDetector | None, figures: str | None) -> None:
     config = model.config
     data_config = config.data_config
     averaged = averaging_note(config.extra, members_of(model))
@@ -183,7 +190,7 @@ def show_model(model: ServedModel, settings: PageSettings, detector: ServedDetec
                     f"- architecture: `{config.architecture}`",
                     *averaged,
                     f"- input: {data_config.input_size[1]} x {data_config.input_size[2]} px, `{data_config.aspect}`",
-                    f"- decision threshold: {config.threshold:.4g}",
+                    f"- decision threshold: {config.threshold:.4g}" + (f". {plain(figures)}" if figures else ""),
                     f"- training run: `{model.run_id}`",
                     f"- registry: `{settings.shown_uri}`",
                 ]
@@ -199,7 +206,9 @@ def show_model(model: ServedModel, settings: PageSettings, detector: ServedDetec
                         f"- architecture: `{detector.architecture}`")
 
 
-def show_result(model: ServedModel, detector: ServedDetector | None, name: str, data: bytes, limit_mb: int) -> None:
+def show_result(
+    model: ServedModel, detector: ServedDetector | None, name: str, data: bytes, limit_mb: int, figures: str | None
+) -> None:
     try:
         xray = check_upload(name, data, model.config.input, max_bytes=limit_mb * 2**20)
     except UploadRejected as exc:
@@ -224,7 +233,8 @@ def show_result(model: ServedModel, detector: ServedDetector | None, name: str, 
     cols[2].metric("Threshold", threshold)
     st.caption(
         "The class is Fractured when the fracture probability is at least the threshold. "
-        f"This is decision support for a trained reader, not a diagnosis: {NOT_FOR_CLINICAL_USE}."
+        + (plain(figures) + " " if figures else "")
+        + f"This is decision support for a trained reader, not a diagnosis: {NOT_FOR_CLINICAL_USE}."
     )
     columns = st.columns(2 if detector is None else 3)
     width, height = xray.image.size
@@ -303,7 +313,8 @@ def main() -> None:
     if unreachable is not None:
         still_serving("the model's", version, unreachable)
     detector = the_detector(settings)
-    show_model(model, settings, detector)
+    figures = measured_at_threshold(settings, run_id)
+    show_model(model, settings, detector, figures)
 
     limit_mb = int(st.get_option("server.maxUploadSize"))
     policy = model.config.input
@@ -321,7 +332,7 @@ def main() -> None:
     if uploaded is None:
         st.info("Upload an X-ray to see the predicted class, the fracture probability and a heat map.")
         return
-    show_result(model, detector, uploaded.name, uploaded.getvalue(), limit_mb)
+    show_result(model, detector, uploaded.name, uploaded.getvalue(), limit_mb, figures)
 
 
 main()
