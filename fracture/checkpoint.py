@@ -198,6 +198,10 @@ def save(
     # The two files are replaced one after the other; each names the epoch it holds, so a run
     # killed between the two replacements leaves a pair that load() refuses, not a mixed one.
     save_file(tensors, str(partial), metadata={"fingerprint": key, "epoch": str(epoch)})
+    # The file's digest, checked when it is read: a block of it changed on the disk (its header and
+    # size intact) was resumed from as good, the weights and the optimizer's moments partly other values.
+    with partial.open("rb") as handle:
+        plain["tensors_sha256"] = hashlib.file_digest(handle, "sha256").hexdigest()
     _replace_durably(partial, directory / TENSORS)
     partial_json = directory / f"{STATE}.partial"
     partial_json.write_text(json.dumps(plain, indent=1))
@@ -252,6 +256,13 @@ def _read(directory: Path, key: str) -> Checkpoint | None:
             plain.get("epoch"),
         )
         return None
+    if "tensors_sha256" in plain:  # checkpoints written before the digest was kept are read as they are
+        with (directory / TENSORS).open("rb") as handle:
+            found = hashlib.file_digest(handle, "sha256").hexdigest()
+        if found != plain["tensors_sha256"]:
+            log.warning("ignoring the checkpoint in %s: %s is not the file written (its sha256 differs: damaged on the "
+                        "disk); training starts again from the first epoch", directory, TENSORS)
+            return None
     tensors = load_file(str(directory / TENSORS))
 
     def part(prefix: str) -> dict[str, torch.Tensor]:

@@ -93,7 +93,7 @@ def test_a_run_killed_between_writing_a_checkpoints_two_files_is_not_resumed_fro
 
 
 @pytest.mark.parametrize("damage", ["state emptied", "state cut short", "state lacks a key", "state not a mapping",
-                                    "tensors emptied", "tensors cut short"])
+                                    "tensors emptied", "tensors cut short", "tensors changed inside"])
 def test_a_damaged_checkpoint_is_ignored_with_a_warning_and_training_starts_over(tmp_path, caplog, damage):
     """A checkpoint file emptied or cut short (a full disk, a machine that lost power before the
     writes reached the disk) raised a bare JSONDecodeError or SafetensorError that named no file,
@@ -115,11 +115,18 @@ def test_a_damaged_checkpoint_is_ignored_with_a_warning_and_training_starts_over
         state.write_text("[1, 2]")
     elif damage == "tensors emptied":
         tensors.write_bytes(b"")
-    else:
+    elif damage == "tensors cut short":
         tensors.write_bytes(tensors.read_bytes()[: tensors.stat().st_size // 2])
+    else:  # 4 KiB in the middle overwritten, its header and size intact: it was resumed from as good
+        written = bytearray(tensors.read_bytes())
+        middle = len(written) // 2
+        written[middle : middle + 4096] = bytes(4096)
+        tensors.write_bytes(bytes(written))
     with caplog.at_level(logging.WARNING, logger="fracture.checkpoint"):
         assert checkpoint.load(folder, "k") is None
-    assert f"ignoring the checkpoint in {folder}: it cannot be read" in caplog.text
+    assert f"ignoring the checkpoint in {folder}: " + (
+        f"{checkpoint.TENSORS} is not the file written (its sha256 differs: damaged on the disk)"
+        if damage == "tensors changed inside" else "it cannot be read") in caplog.text
     assert "training starts again from the first epoch" in caplog.text
     result = train(data, data, config, short, params, checkpoint_dir=folder, checkpoint_key="k")
     assert result.resumed_from == 0 and [h["epoch"] for h in result.history] == [1]
