@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from fracture.allocator import keep_freed_memory
 from fracture.config import load_params
 from fracture.model import profile_data_config
+from fracture.recipe import learning_rate
 from fracture.training import FitResult, train
 
 
@@ -105,7 +106,7 @@ def main() -> None:
 
     def bare(on: TensorDataset) -> float:
         return bare_epoch(on, profile.model, profile.frozen, config.mean, config.std, params.train.batch_size,
-                          profile.learning_rate(params.train))
+                          learning_rate(profile, params.train))
 
     # One short epoch of each, not counted: the process's first fits grow the heap and oneDNN's
     # caches, a cost that would fall on whichever side ran first.
