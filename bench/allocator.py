@@ -7,7 +7,7 @@ first allocation they apply to): one calls :func:`fracture.allocator.keep_freed_
 pipeline command does, the other runs with ``FRACTURE_KEEP_FREED_MEMORY=0``, glibc's malloc as it
 comes. Both train the CPU profile (its network, input size, frozen layers and test-time
 augmentation) with :func:`fracture.training.train` on the same random uint8 images, the last
-``--val`` as val, for ``--epochs`` epochs. The runs alternate (kept, default, kept, ...) so drift
+``--val`` as val, for ``--epochs`` epochs. The runs alternate (kept, default, default, kept, ...) so drift
 in the machine's speed hits both. Each run prints its training images per second by epoch, the
 process's CPU time in user space and in the kernel, its minor page faults (pages the kernel
 mapped in), its peak resident memory and a hash of the trained weights; the summary prints the
@@ -84,7 +84,7 @@ def main() -> None:
     command = [sys.executable, "-m", "bench.allocator", "--child", "--images", str(args.images),
                "--val", str(args.val), "--epochs", str(args.epochs)]
     for r in range(args.repeats):
-        for keep in (True, False):
+        for keep in (True, False) if r % 2 == 0 else (False, True):  # neither side always first
             env = os.environ | {"FRACTURE_KEEP_FREED_MEMORY": "1" if keep else "0"}
             out = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
             run = json.loads(out.stdout.strip().splitlines()[-1])

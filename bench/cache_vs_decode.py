@@ -1,6 +1,6 @@
 """Loading one epoch from the prepared cache vs decoding the original JPEGs, side by side.
 
-    .venv/bin/python bench/cache_vs_decode.py --data ../shared/fracatlas [--size 224] [--limit 0]
+    .venv/bin/python -m bench.cache_vs_decode --data ../shared/fracatlas [--size 224] [--limit 0]
 
 Both paths produce the same uint8 tensors at the input size (the script checks they are
 equal): ``decode`` is JPEG decoding plus resizing with the stage's thread count, what

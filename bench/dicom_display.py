@@ -7,11 +7,12 @@ every pixel (fracture.dicom._display_values on the whole array, as the code did 
 whether the pixels are identical, the peak memory each side allocates (tracemalloc) and its
 seconds, from the second of two runs, and the ratio.
 
-    python -m bench.dicom_display
+    python -m bench.dicom_display [--height 5000] [--width 4000]
 """
 
 from __future__ import annotations
 
+import argparse
 import io
 import time
 import tracemalloc
@@ -66,11 +67,15 @@ def measure(display: Callable[[Dataset], np.ndarray], data: bytes) -> tuple[np.n
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--height", type=int, default=5000, help="rows of each synthetic image")
+    parser.add_argument("--width", type=int, default=4000, help="columns of each synthetic image")
+    args = parser.parse_args()
     rng = np.random.default_rng(0)
     print(f"{'case':40s} {'same':>5s} {'per-pixel MB':>12s} {'per-level MB':>12s} {'per-pixel s':>11s} "
           f"{'per-level s':>11s} {'ratio':>6s}")
     for kind in CASES:
-        data = make(kind, rng)
+        data = make(kind, rng, args.height, args.width)
         for _ in range(2):  # the second run is reported
             pixel, pixel_mb, pixel_s = measure(per_pixel, data)
             level, level_mb, level_s = measure(to_display, data)

@@ -96,8 +96,8 @@ def main() -> None:
         "train step: on the kept output (later epochs, later members)": (lambda: step(kept, False), len(training)),
     }
     times: dict[str, list[float]] = {name: [] for name in sides}
-    for _ in range(args.repeats):
-        for name, (fn, images) in sides.items():
+    for r in range(args.repeats):
+        for name, (fn, images) in list(sides.items())[:: 1 if r % 2 == 0 else -1]:  # neither side always first
             fn()  # untimed: whatever the side before left in the allocator and caches is not this side's cost
             started = time.perf_counter()
             for _ in range(args.batches):

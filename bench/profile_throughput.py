@@ -191,8 +191,8 @@ def main() -> None:
         profile = params.profiles[name]
         model_name = profile.model.split(".")[0]
         runs: dict[str, list[dict[str, float]]] = {side: [] for side in sides}
-        for _ in range(args.repeats):
-            for side in sides:
+        for r in range(args.repeats):
+            for side in sides if r % 2 == 0 else sides[::-1]:  # neither side always first
                 runs[side].append(measure(model_name, profile.image_size, params.train.batch_size,
                                           params.evaluate.batch_size, args.steps, device, side, args.cpu_bf16))
         med = {side: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for side, rs in runs.items()}

@@ -146,7 +146,7 @@ def main() -> None:
         val_seconds: dict[bool, list[float]] = {True: [], False: []}  # the val passes after the first
         fits: dict[bool, FitResult] = {}
         for r in range(args.repeats):
-            for reuse in (True, False):
+            for reuse in (True, False) if r % 2 == 0 else (False, True):  # alternating: neither side always first
                 fit = train(subset, held_out, config, several, params.train, reuse_frozen_outputs=reuse)
                 trained = [len(subset) / h["train_images_per_s"] for h in fit.history]
                 scored = [h["epoch_seconds"] - t for h, t in zip(fit.history, trained, strict=True)]
