@@ -20,6 +20,7 @@ import tempfile
 import time
 import zipfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -728,6 +729,31 @@ def _recover_staging(dest: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
+def _links_out_of(root: Path) -> Callable[[str, list[str]], set[str]]:
+    """``shutil.copytree``'s ``ignore`` for a copy of ``root``: the links back up the tree
+    (:func:`_links_to_ancestors`), after a warning for each link that leads out of ``root``.
+
+    Such a link is followed, as a link into another store of the hospital's is meant to be (a
+    series folder linked from its archive): what it names is copied into the dataset, versioned by
+    ``dvc add`` and sent to a DVC remote by ``dvc push``. So each is named, with where it leads,
+    where whoever runs the ingest sees it: a link to a file the export was never meant to hold
+    would otherwise be copied without a word.
+    """
+    top = os.path.realpath(root)
+
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        for name in names:
+            full = os.path.join(folder, name)
+            if os.path.islink(full):
+                target = os.path.realpath(full)
+                if target != top and not target.startswith(top.rstrip(os.sep) + os.sep):
+                    log.warning("copying %s, a link out of the export, from %s: what it names joins the dataset "
+                                "(and a DVC remote after dvc push)", full, target)
+        return _links_to_ancestors(folder, names)
+
+    return ignore
+
+
 def _links_to_ancestors(folder: str, names: list[str]) -> set[str]:
     """``shutil.copytree``'s ``ignore``: the links in ``folder`` back to it or to a folder above it.
 
@@ -784,7 +810,7 @@ def _replace_dir(
     staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}{STAGING_INFIX}", dir=dest.parent))
     try:
         try:
-            shutil.copytree(src, staging / "copy", ignore=_links_to_ancestors)
+            shutil.copytree(src, staging / "copy", ignore=_links_out_of(src))
         except shutil.Error as exc:
             # A file removed midway fails the copy too: that is the export still being written.
             _check_unchanged(src, before, shown, "copied")

@@ -135,6 +135,25 @@ def test_the_listing_counts_a_folder_linked_twice_as_the_copy_does(dataset, tmp_
     assert after["digest"] != before["digest"]
 
 
+
+def test_a_link_out_of_the_export_is_copied_and_named(dataset, tmp_path, iparams, caplog):
+    """A link in an export to a file it was never meant to hold (a key, another patient's file) was
+    copied into the dataset without a word, ready for dvc add and dvc push. Links are followed, as a
+    folder linked from the hospital's archive is meant to be, and each one out of the export is named."""
+    secret = tmp_path / "outside" / "notes.txt"
+    secret.parent.mkdir()
+    secret.write_text("not part of the export\n")
+    link = dataset / "images/Fractured/IMG0000099.jpg"
+    link.symlink_to(secret)
+    dest = tmp_path / "project/data/fracatlas"
+    with caplog.at_level("WARNING", logger="fracture.ingest"):
+        ingest(iparams, dest, str(dataset))
+    assert (dest / "images/Fractured/IMG0000099.jpg").read_text() == "not part of the export\n"
+    assert (f"copying {link}, a link out of the export, from {secret.resolve()}: what it names joins the dataset "
+            "(and a DVC remote after dvc push)") in caplog.text
+    assert caplog.text.count("a link out of the export") == 1  # links inside the export are not named
+
+
 @pytest.mark.parametrize("target", ["/nonexistent/IMG0000099.jpg", "IMG0000099.jpg"], ids=["dangling", "self"])
 def test_a_broken_link_in_the_source_is_named(dataset, tmp_path, iparams, target):
     """A link to nothing (or to itself) stops both the copy and the listing with its own name and
