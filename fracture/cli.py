@@ -156,11 +156,22 @@ def ingest(
 
 
 def _print_validation(result: ValidateResult, workspace: Workspace) -> None:
+    # Why each file named below failed (the manifest's error: "is DICOM but has modality CT", a 16-bit
+    # PNG, a corrupt file), so that a failed run says what to fix without opening manifest.csv.
+    failing = any(not f["success"] and f["unexpected_ids"] for f in result.findings)
+    errors: dict[str, str] = {}
+    if failing and workspace.manifest.is_file():
+        manifest = workspace.read_manifest()
+        if "error" in manifest.columns:
+            errors = {i: e for i, e in zip(manifest["image_id"], manifest["error"], strict=True) if isinstance(e, str) and e}
     for f in result.findings:
         if not f["success"]:
             found = (f"{f['unexpected_count']} images, e.g. {f['unexpected_ids'][:5]}" if f["unexpected_ids"]
                      else f"observed {f.get('observed')}")  # a whole-table rule: the fractured share
             print(f"[{f['severity']}] {f['rule']}: {found}")
+            for image_id in f["unexpected_ids"][:5]:
+                if image_id in errors:
+                    print(f"    {image_id}: {errors[image_id]}")
     skipped = [f["rule"] for f in result.findings if f.get("skipped")]
     if skipped:
         print(f"skipped for this dataset's layout (ingest.layout), see the report: {', '.join(skipped)}")

@@ -78,7 +78,7 @@ def test_validate_lists_a_blank_and_an_over_limit_image_and_they_are_neither_spl
     assert len(prepared) == 20 and not {BLANK, LARGE} & prepared
 
 
-def test_with_decodable_hard_the_stage_fails_naming_both_and_the_report_lists_them(tmp_path):
+def test_with_decodable_hard_the_stage_fails_naming_both_and_the_report_lists_them(tmp_path, capsys):
     params = served_limits_project(tmp_path / "project")  # validate.severity.decodable: hard, as shipped
     workspace = Workspace(tmp_path / "project")
     with pytest.raises(ValidationFailed) as failed:
@@ -88,3 +88,11 @@ def test_with_decodable_hard_the_stage_fails_naming_both_and_the_report_lists_th
     assert {i: e["rule"] for i, e in report.excluded.items()} == {BLANK: "decodable", LARGE: "decodable"}
     assert "serve.min_grey_std" in report.excluded[BLANK]["reason"]
     assert "serve.max_megapixels" in report.excluded[LARGE]["reason"]
+    # `fracture validate` says why each named file failed, not only which (the reasons were in report.json alone).
+    from fracture.cli import _print_validation  # noqa: PLC0415
+
+    _print_validation(report, workspace)
+    printed = capsys.readouterr().out.splitlines()
+    at = printed.index(next(line for line in printed if line.startswith("[hard] decodable: 2 images")))
+    assert printed[at + 1].startswith(f"    {BLANK}: is blank or nearly constant")
+    assert printed[at + 2].startswith(f"    {LARGE}: declares 1200 x 1000 px")
