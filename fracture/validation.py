@@ -201,6 +201,11 @@ def failure_message(report: ValidationReport, allowed: dict[str, str] | None = N
         more = f" and {len(f.unexpected_ids) - MAX_IDS} more" if len(f.unexpected_ids) > MAX_IDS else ""
         rows = f" for {f.unexpected_count} images" if f.unexpected_count else ""
         lines.append(f"rule '{f.rule}' failed{rows}: {ids}{more}")
+        if f.rule == "colour_mode_allowed":
+            # A palette PNG, or grey or RGB with an opaque alpha channel: the served model converts
+            # each to RGB and scores it (fracture.decoding.convert_for_model), and training does the same.
+            lines.append("  (a mode the model converts, such as P, LA or RGBA, is taken once listed in "
+                         "validate.colour_modes)")
     return (
         "data validation failed:\n  "
         + "\n  ".join(lines)

@@ -836,6 +836,12 @@ def test_a_file_the_served_model_refuses_for_its_mode_is_counted_once_under_deco
     _, report = validate(build_manifest(tmp_path, workers=1), with_severity(vparams, decodable="soft"))
     (colour,) = [f for f in report.findings if f.rule == "colour_mode_allowed"]
     assert not colour.success and colour.unexpected_ids == ["IMG0000009.jpg"]
+    # The message says how to take it: the served model converts a palette image and scores it.
+    assert ("rule 'colour_mode_allowed' failed for 1 images: 'IMG0000009.jpg'\n    (a mode the model converts, such as "
+            "P, LA or RGBA, is taken once listed in validate.colour_modes)") in failure_message(report)
+    listed = dataclasses.replace(with_severity(vparams, decodable="soft"), colour_modes=["L", "RGB", "P"])
+    _, report = validate(build_manifest(tmp_path, workers=1), listed)
+    assert [f.success for f in report.findings if f.rule == "colour_mode_allowed"] == [True]
 
 
 def test_an_empty_fractured_cell_in_dataset_csv_fails_the_csv_label_rule(tmp_path, vparams):
