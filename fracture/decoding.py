@@ -128,7 +128,7 @@ def too_many_pixels(data: bytes, max_pixels: int) -> str | None:
     try:
         if is_dicom(data):
             # The size the served model decodes it to: pixels that are not square are resampled first.
-            width, height = display_size(read_header(data, max_pixels))
+            width, height = display_size(read_header(data))
         else:
             with warnings.catch_warnings():  # Pillow's bomb warning says less than this check
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -485,7 +485,7 @@ def _decode(
         return dicom_to_image(data, modalities)
     with Image.open(io.BytesIO(data)) as img:
         # Entropy-coded data stuffs every 0xFF byte, so only a marker reads FF DA.
-        if img.format == "JPEG" and (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:
+        if img.format in ("JPEG", "MPO") and (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:
             raise TooManyScans(
                 f"is a JPEG of {scans} scans, more than the {MAX_JPEG_SCANS} any X-ray export writes: the served "
                 "model refuses it, since decoding passes over the whole image once a scan (minutes for thousands "

@@ -199,17 +199,19 @@ def _file_meta(ds: Dataset) -> Dataset:
     return meta if meta is not None else Dataset()
 
 
-#: The most pixels a radiograph is decoded with when no limit is given: ``serve.max_megapixels``' default.
+#: The pixels of the largest radiograph a deflated dataset is inflated for: ``serve.max_megapixels``'
+#: default. One bound for training, validation and every consumer, whatever the policy says, so
+#: that a file is accepted or refused alike everywhere (the policy's own pixel limit applies after).
 MAX_PIXELS = 50_000_000
 
 
 def max_inflated(max_pixels: int = MAX_PIXELS) -> int:
-    """The most bytes a deflated dataset may inflate to: an image of ``max_pixels`` at 16 bits, the
-    most this module decodes, and 16 MiB of header around it."""
-    return 2 * max_pixels + 16 * 2**20
+    """The most bytes a deflated dataset may inflate to: an image of ``max_pixels`` at 24 bits (RGB;
+    a greyscale one takes 16 at most), and 16 MiB of header around it."""
+    return 3 * max_pixels + 16 * 2**20
 
 
-def _parse(data: bytes, max_pixels: int, **kwargs: object) -> Dataset:
+def _parse(data: bytes, **kwargs: object) -> Dataset:
     """``dcmread`` of a Part 10 file's bytes (with or without the preamble), inflating a deflated
     dataset here, to at most :func:`max_inflated` bytes, rather than in pydicom, which inflates all
     of it.
@@ -224,7 +226,7 @@ def _parse(data: bytes, max_pixels: int, **kwargs: object) -> Dataset:
     meta = _read_file_meta_info(fp)
     if meta.get("TransferSyntaxUID") != uid.DeflatedExplicitVRLittleEndian:
         return dcmread(io.BytesIO(data), force=force, **kwargs)
-    limit = max_inflated(max_pixels)
+    limit = max_inflated(MAX_PIXELS)  # read at each call, so a test can lower it
     deflated = f"is deflated (transfer syntax {uid.DeflatedExplicitVRLittleEndian})"
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     pending, parts, total = memoryview(data)[fp.tell():], [], 0
@@ -239,8 +241,8 @@ def _parse(data: bytes, max_pixels: int, **kwargs: object) -> Dataset:
             if total > limit:
                 raise DicomRejected(
                     f"{deflated} and inflates to more than {limit / 2**20:.0f} MB, more than a radiograph of "
-                    f"{max_pixels / 1e6:g} megapixels at 16 bits holds: a decompression bomb, or a dataset carrying "
-                    "far more than its image; export it uncompressed or JPEG-compressed"
+                    f"{MAX_PIXELS / 1e6:g} megapixels holds: a decompression bomb, or a dataset carrying far more "
+                    "than its image; export it uncompressed or JPEG-compressed"
                 )
             parts.append(part)
     except zlib.error as exc:
@@ -254,20 +256,15 @@ def _parse(data: bytes, max_pixels: int, **kwargs: object) -> Dataset:
     return ds
 
 
-def read_header(data: bytes, max_pixels: int | None = None) -> Dataset:
+def read_header(data: bytes) -> Dataset:
     """Parses a DICOM file without decoding its pixels (with or without the Part 10 preamble).
-
-    Args:
-        data: the file's bytes.
-        max_pixels: bounds what a deflated dataset may inflate to (:func:`max_inflated`);
-            ``None``: :data:`MAX_PIXELS`.
 
     Raises:
         DicomRejected: the bytes are not a readable DICOM file, or a deflated one inflates past
-            that bound.
+            :func:`max_inflated`.
     """
     try:
-        ds = _parse(data, MAX_PIXELS if max_pixels is None else max_pixels)
+        ds = _parse(data)
     except DicomRejected:
         raise
     except (InvalidDicomError, EOFError, ValueError, KeyError, OSError) as exc:
@@ -300,7 +297,7 @@ def patient_ids(path: Path) -> tuple[str, str] | None:
             read_preamble(handle, start[128:132] != b"DICM")
             deflated = _read_file_meta_info(handle).get("TransferSyntaxUID") == uid.DeflatedExplicitVRLittleEndian
         if deflated:  # pydicom would inflate all of it to read two tags: inflated here, bounded
-            ds = _parse(path.read_bytes(), MAX_PIXELS, **tags)
+            ds = _parse(path.read_bytes(), **tags)
         else:
             ds = dcmread(path, force=start[128:132] != b"DICM", **tags)
         patient = str(ds.get("PatientID") or "").strip()

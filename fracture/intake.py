@@ -225,7 +225,7 @@ def _unreadable(part: str, exc: Exception) -> InputRejected:
 
 def _read_dicom(data: bytes, policy: InputPolicy) -> Xray:
     try:
-        ds = read_header(data, policy.max_pixels)
+        ds = read_header(data)
         width, height = check_radiograph(ds, policy.modalities)
     except DicomRejected as exc:
         raise InputRejected(f"is DICOM but {exc}") from exc

@@ -881,14 +881,15 @@ def test_a_deflated_dicom_inflating_past_any_radiograph_is_refused_holding_no_mo
     assert len(bomb) < 2**20
     path = tmp_path / "bomb.dcm"
     path.write_bytes(bomb)
-    # The served model's bound follows serve.max_megapixels; training's and validate's its default,
-    # 50 megapixels (111 MB), made 1 here so that a small bomb exceeds it.
-    policy = InputPolicy(max_pixels=1_000_000)
-    monkeypatch.setattr("fracture.dicom.MAX_PIXELS", policy.max_pixels)
-    limit = max_inflated(policy.max_pixels)
+    # One bound everywhere (training, validate, every consumer, whatever serve.max_megapixels says),
+    # so a file is accepted or refused alike: 50 megapixels at 24 bits (166 MB), made 1 here so
+    # that a small bomb exceeds it.
+    monkeypatch.setattr("fracture.dicom.MAX_PIXELS", 1_000_000)
+    limit = max_inflated(1_000_000)
     assert limit < 24 * 2**20
-    refusal = (r"is deflated \(transfer syntax 1\.2\.840\.10008\.1\.2\.1\.99\) and inflates to more than 18 MB, more "
-               r"than a radiograph of 1 megapixels at 16 bits holds: a decompression bomb")
+    policy = InputPolicy(max_pixels=100_000_000)  # a policy raised past it changes nothing
+    refusal = (r"is deflated \(transfer syntax 1\.2\.840\.10008\.1\.2\.1\.99\) and inflates to more than 19 MB, more "
+               r"than a radiograph of 1 megapixels holds: a decompression bomb")
     tracemalloc.start()
     try:
         with pytest.raises(InputRejected, match="is DICOM but " + refusal):
