@@ -319,28 +319,38 @@ class AliasWatch:
             return self._found, self._failure
 
 
-def test_figures(settings: PageSettings, run_id: str) -> str | None:
-    """What the decision threshold means, from the version's training run: how the threshold was
-    chosen, and the sensitivity and specificity measured at it on the test split, with their 95%
-    intervals. ``None`` when the run lacks them (a model registered by other means) or cannot be read:
-    the page then shows the threshold alone, as before."""
-    try:
-        run = MlflowClient(settings.tracking_uri).get_run(run_id)
-    except Exception:  # noqa: BLE001 - the page works without them
-        log.warning("the test figures of run %s could not be read", run_id, exc_info=True)
-        return None
-    m, source = run.data.metrics, run.data.tags.get("threshold_source")
+def test_figures(settings: PageSettings, name: str, version: str, threshold: float) -> str | None:
+    """What the decision threshold means for this registered version: the sensitivity and
+    specificity measured at it on the test split, with their 95% intervals, from the figures the
+    version was registered with (its ``metrics`` tag), and how the threshold was chosen when its
+    training run says so for this threshold. Evaluate may run again on the same training run, under
+    another threshold rule, and register another version: that run's figures are then another
+    threshold's, and the version keeps its own.
+
+    Returns:
+        ``None`` when the version carries no such figures, or carries them for another threshold.
+
+    Raises:
+        Exception: the registry cannot be read (the page shows the threshold alone, and asks again
+            on the next rerun: a failure is not cached).
+    """
+    client = MlflowClient(settings.tracking_uri)
+    mv = client.get_model_version(name, version)
+    m = json.loads(mv.tags.get("metrics") or "{}")
     names = ("test_recall", "test_recall_ci_low", "test_recall_ci_high", "test_specificity",
-             "test_specificity_ci_low", "test_specificity_ci_high")
-    if not all(name in m for name in names):
+             "test_specificity_ci_low", "test_specificity_ci_high", "test_threshold")
+    if not all(isinstance(m.get(key), int | float) for key in names) or not math.isclose(m["test_threshold"], threshold):
         return None
+    run = client.get_run(mv.run_id)
+    source = run.data.tags.get("threshold_source")
+    same = math.isclose(run.data.metrics.get("test_threshold", math.nan), threshold)
     missed = 1 - m["test_recall"]
     return (
-        (f"Threshold chosen as {source}. " if source else "")
+        (f"Threshold chosen as {source}. " if source and same else "")
         + f"At it, on the test split (scored once, never used to choose): sensitivity {m['test_recall']:.2f} "
         f"(95% CI {m['test_recall_ci_low']:.2f}-{m['test_recall_ci_high']:.2f}), specificity "
         f"{m['test_specificity']:.2f} ({m['test_specificity_ci_low']:.2f}-{m['test_specificity_ci_high']:.2f})"
-        + (f": a Not fractured answer still misses about 1 fracture in {round(1 / missed)}." if missed > 0 else ".")
+        + (f": about {missed:.0%} of fractured X-rays were called Not fractured." if missed > 0 else ".")
     )
 
 

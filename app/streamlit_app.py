@@ -89,9 +89,18 @@ def served_model(settings: PageSettings, version: str, run_id: str) -> ServedMod
 
 
 @st.cache_resource(show_spinner=False)
-def measured_at_threshold(settings: PageSettings, run_id: str) -> str | None:
-    """What the threshold means (:func:`champion.test_figures`), read once per training run."""
-    return test_figures(settings, run_id)
+def _test_figures(settings: PageSettings, name: str, version: str, threshold: float) -> str | None:
+    return test_figures(settings, name, version, threshold)
+
+
+def measured_at_threshold(settings: PageSettings, model: ServedModel) -> str | None:
+    """What the served version's threshold means (:func:`champion.test_figures`), read once per
+    version; a registry that cannot be read now gives none, and is asked again on the next rerun."""
+    try:
+        return _test_figures(settings, model.name, model.version, model.config.threshold)
+    except Exception:  # noqa: BLE001 - the page serves without them
+        log.warning("the test figures of %s version %s could not be read", model.name, model.version, exc_info=True)
+        return None
 
 
 @st.cache_resource(show_spinner=False)
@@ -313,7 +322,7 @@ def main() -> None:
     if unreachable is not None:
         still_serving("the model's", version, unreachable)
     detector = the_detector(settings)
-    figures = measured_at_threshold(settings, run_id)
+    figures = measured_at_threshold(settings, model)
     show_model(model, settings, detector, figures)
 
     limit_mb = int(st.get_option("server.maxUploadSize"))
