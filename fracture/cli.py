@@ -467,6 +467,7 @@ def predict(
     """
     from fracture.predict import (
         INTERRUPTED,
+        REPORTS_INTERRUPTED,
         STOPPED,
         PredictError,
         check_outputs,
@@ -523,8 +524,13 @@ def predict(
         file=sys.stderr,
     )
     if signal_name := table.attrs.get(INTERRUPTED):
-        print(f"fracture predict: interrupted by {signal_name} after {scored} of {len(table)} files were scored; "
-              "the rows scored are written, and the others say to score them again", file=sys.stderr)
+        if table.attrs.get(REPORTS_INTERRUPTED):
+            print(f"fracture predict: interrupted by {signal_name} while writing the structured reports, after "
+                  f"{scored} of {len(table)} files were scored; every row is written, and those left without a "
+                  "report say so in note", file=sys.stderr)
+        else:
+            print(f"fracture predict: interrupted by {signal_name} after {scored} of {len(table)} files were scored; "
+                  "the rows scored are written, and the others say to score them again", file=sys.stderr)
         raise SystemExit(128 + signal.Signals[signal_name].value)  # as a shell reports a command a signal ended
     if stopped := table.attrs.get(STOPPED):
         sys.exit(f"fracture predict: the model's Python ended after {scored} of {len(table)} files were scored "

@@ -67,6 +67,10 @@ class PredictError(ValueError):
     """Nothing to score, or the model cannot be loaded; the message says what to do."""
 
 
+#: A table attribute: the run was interrupted while it wrote the structured reports, every row scored.
+REPORTS_INTERRUPTED = "reports_interrupted"
+
+
 class Interrupted(KeyboardInterrupt):
     """The run was asked to stop by a signal (:func:`interruptible`); ``signal_name`` says which."""
 
@@ -126,7 +130,7 @@ def load(uri: str, client: MlflowClient | None = None) -> LoadedModel:
     if not match:
         raise PredictError(f"--model {uri!r} is not a registry URI; give models:/<name>@<alias> or models:/<name>/<version>")
     name = match["name"]
-    where = mlflow.get_tracking_uri()
+    where = mlflow.get_registry_uri()  # MLFLOW_REGISTRY_URI, else the tracking URI
     if client is None and where.startswith("sqlite:///") and not Path(where.removeprefix("sqlite:///")).is_file():
         # MLflow would create an empty store there (in the folder of images, say) and find nothing in it.
         raise PredictError(
@@ -582,6 +586,7 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
             written.append(shown(target))
     except Interrupted as exc:  # Ctrl-C or SIGTERM: the rows are written all the same, these without a report
         table.attrs[INTERRUPTED] = exc.signal_name
+        table.attrs[REPORTS_INTERRUPTED] = True
         for index in range(len(written), len(table)):
             if not table["error"].iat[index]:
                 add_note(index, f"no structured report: the run was interrupted by {exc.signal_name} before it was "

@@ -213,7 +213,7 @@ def test_a_model_the_registry_lacks_is_named(registry, tmp_path):
     assert proc.returncode != 0 and "is not a registry URI" in proc.stderr
 
 
-def test_a_registry_that_is_missing_or_down_is_told_apart_from_a_missing_model(tmp_path):
+def test_a_registry_that_is_missing_or_down_is_told_apart_from_a_missing_model(registry, tmp_path):
     """Run where no MLflow store is (no MLFLOW_TRACKING_URI, in the folder of images): MLflow made an
     empty mlflow.db there, which a later run scored as an input, and found no model in it. Against a
     tracking server that is down it waited about 4 minutes (MLflow's 7 retries), then said the model
@@ -235,6 +235,11 @@ def test_a_registry_that_is_missing_or_down_is_told_apart_from_a_missing_model(t
     assert proc.returncode != 0 and f"fracture predict: the registry at {down} cannot be reached or read (" in proc.stderr
     assert "check that it is up and that MLFLOW_TRACKING_URI names it" in proc.stderr
     assert time.monotonic() - started < 120  # 2 retries, not MLflow's 7 (about 4 minutes): not a speed claim
+    # A registry of its own (MLFLOW_REGISTRY_URI), with no tracking store here: it is the registry read.
+    proc = subprocess.run([*cmd, "--model", f"models:/{NAME}@champion"], env=env | {"MLFLOW_REGISTRY_URI": registry["uri"]},
+                          cwd=folder, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"{NAME} version 1: scored 1 of 1 files" in proc.stderr
 
 
 def test_batches_are_cut_to_the_rows_the_model_takes_in_one_request(registry, monkeypatch):
@@ -399,7 +404,8 @@ def test_a_run_interrupted_while_it_writes_its_reports_keeps_every_row(tmp_path,
         "again with --dicom-sr"
     ).all()
     assert sorted(p.name for p in reports.iterdir() if p.name.endswith(".sr.dcm")) == [Path(rows["sr"][0]).name]
-    assert f"interrupted by {signal_name} after 5 of 5 files were scored" in capsys.readouterr().err
+    assert (f"interrupted by {signal_name} while writing the structured reports, after 5 of 5 files were scored; every "
+            "row is written, and those left without a report say so in note") in capsys.readouterr().err
 
 
 def test_a_studys_reports_form_one_series_and_a_rerun_names_the_report_it_replaces(fracatlas, tmp_path):
