@@ -63,6 +63,8 @@ log = logging.getLogger(__name__)
 Truncated = Literal["score", "refuse"]
 AS_TRAINED = {"L", "RGB"}
 SEND_INSTEAD = "Send an X-ray as an 8-bit JPEG or PNG, or as its DICOM file."
+COMPRESS_DICOM = ("Send it exported from the PACS JPEG-compressed (lossless JPEG, JPEG-LS or JPEG 2000), or as an "
+                  "8-bit JPEG or PNG.")
 
 
 class InputRejected(ValueError):
@@ -170,7 +172,7 @@ def read_xray(data: bytes, policy: InputPolicy, draft: tuple[int, int] | None = 
     """
     if not data:
         raise InputRejected(f"is empty. {SEND_INSTEAD}")
-    _check_size(len(data), policy)
+    _check_size(len(data), policy, data[:132])
     if is_dicom(data):
         xray = _read_dicom(data, policy)
         _check_content(xray.image, policy)
@@ -185,7 +187,10 @@ def read_file(path: Path, policy: InputPolicy) -> bytes:
         InputRejected: the file is larger than ``policy.max_bytes``.
         OSError: the file cannot be read.
     """
-    _check_size(path.stat().st_size, policy)
+    size = path.stat().st_size
+    if size > policy.max_bytes:
+        with path.open("rb") as handle:  # its start only: whether it is DICOM, for what to send instead
+            _check_size(size, policy, handle.read(132))
     return path.read_bytes()
 
 
@@ -199,10 +204,12 @@ def over_limit(value: int, limit: int, unit: float, places: int, name: str, exac
     return f"{value:,} {exact}", f"{limit:,} {exact} ({bound} {name})"
 
 
-def _check_size(size: int, policy: InputPolicy) -> None:
+def _check_size(size: int, policy: InputPolicy, start: bytes) -> None:
     if size > policy.max_bytes:
         shown, limit = over_limit(size, policy.max_bytes, 2**20, 1, "MB", "bytes")
-        raise InputRejected(f"is {shown}; the model accepts files up to {limit}. {SEND_INSTEAD}")
+        # A DICOM file over the limit is told how to make it smaller, not to send the DICOM file it is.
+        fix = COMPRESS_DICOM if is_dicom(start) else SEND_INSTEAD
+        raise InputRejected(f"is {shown}; the model accepts files up to {limit}. {fix}")
 
 
 def _check_dimensions(width: int, height: int, policy: InputPolicy) -> None:

@@ -315,7 +315,14 @@ def test_a_file_over_the_size_limit_is_refused_unread(tmp_path, monkeypatch):
     big = tmp_path / "big.png"
     big.write_bytes(bytes(2**20 + 1))
     monkeypatch.setattr(type(big), "read_bytes", lambda self: pytest.fail("read"))
-    with pytest.raises(InputRejected, match="^is 1,048,577 bytes; the model accepts files up to 1,048,576 bytes"):
+    with pytest.raises(InputRejected, match="^is 1,048,577 bytes; the model accepts files up to 1,048,576 bytes") as png:
+        read_file(big, POLICY)
+    assert str(png.value).endswith("or as its DICOM file.")
+    # An uncompressed DICOM over the limit was told to send its DICOM file: it is told how to make it smaller.
+    big.write_bytes(bytes(128) + b"DICM" + bytes(2**20))
+    with pytest.raises(InputRejected, match=r"the model accepts files up to 1,048,576 bytes \(1 MB\)\. Send it exported "
+                                            r"from the PACS JPEG-compressed \(lossless JPEG, JPEG-LS or JPEG 2000\), "
+                                            r"or as an 8-bit JPEG or PNG\.$"):
         read_file(big, POLICY)
 
 
