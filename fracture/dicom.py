@@ -455,6 +455,9 @@ def check_radiograph(ds: Dataset, modalities: Iterable[str] | None = RADIOGRAPHY
     what = NOT_IMAGES.get(sop) or ("a structured report" if sop.startswith(STRUCTURED_REPORTS) else None)
     if what:
         raise DicomRejected(f"is {what}, not an image; send the radiograph's own DICOM file")
+    if "PixelData" not in ds and ("FloatPixelData" in ds or "DoubleFloatPixelData" in ds):
+        raise DicomRejected("holds floating-point pixel data, which no radiograph is stored as (a parametric map, "
+                            "say); send the radiograph's own DICOM file")
     if "PixelData" not in ds:
         # An image's SOP class, or the tags that describe pixels, without the pixels: a file cut
         # short inside its header (an interrupted transfer), not a report or a document.

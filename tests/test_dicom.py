@@ -110,6 +110,17 @@ def without(data: bytes, keyword: str) -> bytes:
     return to_bytes(ds)
 
 
+def float_pixels(data: bytes) -> bytes:
+    """The DICOM file with its pixels as Float Pixel Data (32-bit), as a parametric map holds them."""
+    import io
+
+    ds = dcmread(io.BytesIO(data))
+    ds.FloatPixelData = ds.pixel_array.astype(np.float32).tobytes()
+    del ds.PixelData
+    ds.BitsAllocated = 32
+    return to_bytes(ds)
+
+
 def edited(data: bytes, **values: object) -> bytes:
     """The DICOM file with attributes set, as an exporter might write them."""
     import io
@@ -155,6 +166,8 @@ def test_a_negative_rescale_slope_with_a_window_is_shown_as_the_same_values_stor
          r"transfer or export\); send the complete file"),
         (lambda jpeg: without(edited(dicom_from_jpeg(jpeg, "16-bit"), SOPClassUID="1.2.840.10008.5.1.4.1.1.1.1.99"),
                               "PixelData"), "is DICOM but is an image that ends before its pixel data"),
+        (lambda jpeg: float_pixels(dicom_from_jpeg(jpeg, "16-bit")), "is DICOM but holds floating-point pixel data, "
+         "which no radiograph is stored as"),
         (lambda jpeg: dicom_from_jpeg(jpeg, "16-bit")[:-5000], "is DICOM but has pixel data that cannot be decoded"),
         (lambda jpeg: without(dicom_from_jpeg(jpeg, "16-bit"), "Rows"), "is DICOM but lacks Rows, which describe its pixels"),
         (lambda jpeg: without(dicom_from_jpeg(jpeg, "16-bit"), "BitsStored"), "is DICOM but lacks BitsStored"),
