@@ -47,6 +47,14 @@ LIMITATIONS = (
     "points on the test split, when measured, is above). A clinician reads every image.",
 )
 
+#: How the weights were kept: an epoch chosen on validation, or (snapshots) the ends of the cycles.
+EPOCH_KEPT = "The epoch kept (each averaged network's own) is the one with the best validation ROC AUC."
+SNAPSHOTS_KEPT = ("The snapshots are the network at the ends of its cosine cycles, fixed before training; no epoch "
+                  "is chosen on validation.")
+
+#: A body part's ROC AUC is shown from this many images of each class (fewer: the figure says little).
+MIN_CLASS_FOR_AUC = 5
+
 SELECTION_PROTOCOL = (
     "The split keeps byte-identical files and near-duplicate X-rays in one group, and every group "
     "in one of train, val and test (stratified by label). With `split.keep` (the default), when the "
@@ -58,7 +66,7 @@ SELECTION_PROTOCOL = (
     "(`dvc exp run crossval/dvc.yaml -S ...`), two recipes compared on the same held-out images by "
     "DeLong's paired test (`fracture crossval-compare`); the comments in params.yaml record which, "
     "with the figures. The paper profile keeps the published recipe. No choice was made on the test split.",
-    "The epoch kept (each averaged network's own) is the one with the best validation ROC AUC.",
+    EPOCH_KEPT,
     "The test split is scored once per model, by the evaluate stage, to report the figures below. "
     "The promotion gate compares the model with the champion on the same test images (DeLong's "
     "paired test); it decides which model is served, never how one is trained.",
@@ -85,6 +93,16 @@ def _fmt_ci(row: dict[str, float | None], name: str) -> str:
     if value is None or low is None or high is None:
         return _fmt(value)
     return f"{value:.3f} ({low:.3f}–{high:.3f})"
+
+
+def _part_auc(row: dict[str, float | None]) -> str:
+    """A body part's ROC AUC, or why it is not shown: ``n/a (1 fractured)`` below
+    :data:`MIN_CLASS_FOR_AUC` images of either class (an AUC of 1.000 from one fractured image)."""
+    fractured = int(row.get("n_fractured") or 0)
+    others = int(row.get("n_images") or 0) - fractured
+    if row.get("roc_auc") is None or min(fractured, others) < MIN_CLASS_FOR_AUC:
+        return f"n/a ({fractured} fractured, {others} not)" if row.get("n_images") else "n/a"
+    return _fmt(row["roc_auc"])
 
 
 def _fmt_threshold(threshold: float) -> str:
@@ -126,6 +144,59 @@ def _localisation_lines(m: dict[str, float]) -> list[str]:
     ]
 
 
+def _composition_lines(composition: dict[str, dict[str, Any]] | None) -> list[str]:
+    """The section on what each split holds: images, fractured, truncated files, DICOM files."""
+    if not composition:
+        return []
+    rows = composition["splits"]
+    parts = composition.get("train_fractured_by_part") or {}
+    return [
+        "",
+        "## Data composition",
+        "",
+        "| split | images | fractured (share) | truncated files | DICOM files |",
+        "|---|---|---|---|---|",
+        *(f"| {name} | {r['images']} | {r['fractured']} ({r['fractured'] / max(r['images'], 1):.3f}) | "
+          f"{r['truncated']} | {_fmt(r['dicom'])} |" for name, r in rows.items()),
+        "",
+        "Fractured training images by body part: " + ", ".join(f"{k} {v}" for k, v in parts.items()) + "."
+        if parts else "",
+        "Images validation left out (undecodable, label conflicts among near-duplicates, and the rest) are "
+        "listed with their reasons in `outputs/validate/report.json`.",
+    ]
+
+
+def _data_limitations(composition: dict[str, dict[str, Any]] | None, metrics: dict[str, float],
+                      body_parts: dict[str, dict[str, float | None]]) -> list[str]:
+    """What this run's data leaves unmeasured or shaped, read from its composition and test figures."""
+    lines = []
+    if composition:
+        rows = composition["splits"]
+        if all(r["dicom"] == 0 for r in rows.values()):  # None: the files were not there to look at
+            lines.append("Trained and tested on JPEG and PNG exports only: the served model also reads DICOM "
+                         "(CR, DX, RG, XA) through the display pipeline a viewer applies, which no figure here "
+                         "measures.")
+        truncated = {name: r["truncated"] for name, r in rows.items() if r["truncated"]}
+        if truncated:
+            lines.append("Truncated files (their missing rows decoded as grey) are in the splits ("
+                         + ", ".join(f"{k} {v}" for k, v in truncated.items())
+                         + "), and the served model scores such files too, with a note.")
+        parts = composition.get("train_fractured_by_part") or {}
+        few = [part for part, v in body_parts.items() if (v.get("n_fractured") or 0) < MIN_CLASS_FOR_AUC]
+        if few:
+            lines.append("Fracture detection on " + ", ".join(
+                f"{part} ({body_parts[part]['n_fractured']} fractured test image"
+                + ("" if body_parts[part]["n_fractured"] == 1 else "s")
+                + (f", {parts[part]} in training" if part in parts else "") + ")" for part in few
+            ) + " is unmeasured or too imprecise to rely on.")
+    if "n_images" in metrics and metrics.get("n_images"):
+        prevalence = metrics["n_fractured"] / metrics["n_images"]
+        lines.append(f"Precision (positive predictive value) {metrics['precision']:.3f} holds at the test split's "
+                     f"share of fractured images, {prevalence:.3f}; where fractures are more or less common it "
+                     "differs. Sensitivity and specificity carry over; predictive values do not.")
+    return lines
+
+
 def render_model_card(
     model: TrainedModel,
     recipe: dict[str, Any],
@@ -134,6 +205,7 @@ def render_model_card(
     body_parts: dict[str, dict[str, float | None]],
     threshold_source: str,
     run_id: str,
+    composition: dict[str, dict[str, Any]] | None = None,
 ) -> str:
     """The model card as Markdown.
 
@@ -150,6 +222,8 @@ def render_model_card(
             specificity with their Wilson intervals.
         threshold_source: how the decision threshold was chosen.
         run_id: the MLflow run.
+        composition: ``splits``, per split its ``images``, ``fractured``, ``truncated`` and
+            ``dicom`` files, and ``train_fractured_by_part``; ``None`` leaves the section out.
 
     Returns:
         Markdown text.
@@ -184,8 +258,9 @@ def render_model_card(
         + ", ".join(f"{k} {v}" for k, v in data.get("splits", {}).items()),
         "",
         "## Recipe",
-        f"- Input: {size[1]}×{size[2]} px, resized without cropping (aspect: "
-        f"{config.aspect}), enhancement: {config.enhance}, normalised with mean {list(config.mean)}; "
+        f"- Input: {size[1]}×{size[2]} px, resized without cropping ({config.interpolation}; aspect: "
+        f"{config.aspect}), enhancement: {config.enhance}, normalised with mean {list(config.mean)} and std "
+        f"{list(config.std)}; "
         f"JPEGs decoded {'in full' if config.decode == 'full' else 'at draft scale (DICOM in full)'}",
         *(f"- {k}: {v}" for k, v in recipe.items()),
         (f"- {model.members} networks trained under seeds train.seed onwards, scored as the mean of their "
@@ -199,7 +274,7 @@ def render_model_card(
          f"- Model kept from epoch {model.best_epoch} (best validation ROC AUC {model.best_val_roc_auc:.4f})"),
         "",
         "## How the recipe was chosen",
-        *(f"- {text}" for text in SELECTION_PROTOCOL),
+        *(f"- {SNAPSHOTS_KEPT if text is EPOCH_KEPT and model.snapshots > 1 else text}" for text in SELECTION_PROTOCOL),
         f"- The decision threshold: {threshold_source}.",
         "",
         "## Test metrics",
@@ -212,23 +287,29 @@ def render_model_card(
         "- Intervals: ROC AUC's is a stratified percentile bootstrap over the test images, drawing linked images "
         "(copies, near-duplicates, one patient's) as one group; sensitivity's and "
         "specificity's (here and per body part) are Wilson score intervals of the proportions at the decision "
-        "threshold, which was fixed before the test split was scored.",
+        "threshold, which was fixed before the test split was scored, over each class's effective number of "
+        "images (its count divided by the design effect of its linked images, Rao & Scott 1992): wider than "
+        "Wilson's over the images where images are linked, the same where none are.",
         f"- Decision threshold {_fmt_threshold(m['threshold'])} ({threshold_source}); "
         f"{int(m['n_images'])} test images, {int(m['n_fractured'])} fractured",
         *_localisation_lines(m),
+        *_composition_lines(composition),
         "",
         "## By body part (test split)",
         "",
         "| body part | images | fractured | ROC AUC | sensitivity (95% CI) | specificity (95% CI) |",
         "|---|---|---|---|---|---|",
         *(
-            f"| {part} | {v['n_images']} | {v['n_fractured']} | {_fmt(v['roc_auc'])} | "
+            f"| {part} | {v['n_images']} | {v['n_fractured']} | {_part_auc(v)} | "
             f"{_fmt_ci(v, 'recall')} | {_fmt_ci(v, 'specificity')} |"
             for part, v in body_parts.items()
         ),
         "",
+        f"A body part's ROC AUC is shown from {MIN_CLASS_FOR_AUC} images of each class; it carries no interval.",
+        "",
         "## Known limitations",
-        *(f"- {text}" for text in (*DATASET_LIMITATIONS[dataset == FRACATLAS], *LIMITATIONS)),
+        *(f"- {text}" for text in (*DATASET_LIMITATIONS[dataset == FRACATLAS], *_data_limitations(composition, m, body_parts),
+                                   *LIMITATIONS)),
         "",
     ]
     return "\n".join(lines)

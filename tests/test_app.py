@@ -433,11 +433,11 @@ def test_the_threshold_is_shown_with_how_it_was_chosen_and_what_it_gives_on_the_
         run_id = client.get_model_version(registry.name, "1").run_id
         for name, value in figures.items():
             client.log_metric(run_id, name, value)
-        client.set_tag(run_id, "threshold_source", "the highest reaching sensitivity 0.85 on the validation split")
+        client.set_tag(run_id, "threshold_source", "the highest threshold reaching sensitivity 0.85 on the validation split")
         client.set_model_version_tag(registry.name, "1", "metrics", json.dumps(figures))  # as register records them
     measured = ("At it, on the test split (scored once, never used to choose): sensitivity 0.84 (95% CI 0.75-0.91), "
                 "specificity 0.92 (0.90-0.94): about 16% of fractured X-rays were called Not fractured.")
-    chosen = "Threshold chosen as the highest reaching sensitivity 0.85 on the validation split. "
+    chosen = "Threshold chosen as the highest threshold reaching sensitivity 0.85 on the validation split. "
 
     def shown_beside_the_result() -> tuple[str, str]:
         at = upload(page(monkeypatch, registry).run(), "xray.jpg", real_xray("Fractured").read_bytes(), "image/jpeg")

@@ -38,7 +38,7 @@ def test_card_states_what_a_reviewer_needs():
         {"version": "0e34281f.dir", "git_commit": "abc123", "splits": {"train": 2283, "val": 490, "test": 494}},
         METRICS,
         PARTS,
-        "the highest reaching sensitivity 0.85 on the validation split",
+        "the highest threshold reaching sensitivity 0.85 on the validation split",
         "run42",
     )
     assert card.startswith("# Model card: tf_efficientnet_lite0 (cpu profile)")
@@ -50,12 +50,14 @@ def test_card_states_what_a_reviewer_needs():
     assert "expected calibration error 0.021" in card and "Decision threshold 0.0884" in card
     assert "| body part | images | fractured | ROC AUC | sensitivity (95% CI) | specificity (95% CI) |" in card
     assert "| hand | 144 | 44 | 0.884 | 0.932 (0.818–0.977) | 0.530 (0.433–0.625) |" in card
-    assert "| hip | 21 | 0 | n/a | n/a | 1.000 (0.845–1.000) |" in card
+    assert "| hip | 21 | 0 | n/a (0 fractured, 21 not) | n/a | 1.000 (0.845–1.000) |" in card
     # The card says which interval each figure carries.
     assert "ROC AUC's is a stratified percentile bootstrap" in card
     assert "sensitivity's and specificity's (here and per body part) are Wilson score intervals" in card
+    assert "over each class's effective number of images (its count divided by the design effect" in card
     assert "224×224 px" in card and "epoch 4" in card and "- batch size: 16" in card
-    assert "aspect: squash), enhancement: none, normalised with mean [0.5, 0.5, 0.5]; JPEGs decoded in full" in card
+    assert ("(bicubic; aspect: squash), enhancement: none, normalised with mean [0.5, 0.5, 0.5] and std [0.5, 0.5, 0.5]; "
+            "JPEGs decoded in full") in card
     assert "image-level" in card and "no patient identifier" in card
     # The selection protocol sits before the test figures it explains.
     protocol = card.index("## How the recipe was chosen")
@@ -119,3 +121,44 @@ def test_a_hospitals_export_is_named_as_what_the_model_was_trained_on():
     described = version_description("tf_efficientnet_lite0", "cpu", (3, 224, 224), "squash", {}, "run42", "ab.dir",
                                     dataset=export)
     assert f"weights on {export} (DVC data version `ab.dir`)" in described
+
+
+def test_the_card_says_what_this_runs_data_leaves_unmeasured():
+    """A reviewer was not told that the training data held no DICOM file though the model reads DICOM,
+    that truncated files were trained and tested on, that precision holds at the test split's share of
+    fractures only, that hip fractures were unmeasured (none in test, 3 in training), or given an ROC
+    AUC of 1.000 from one fractured image."""
+    composition = {
+        "splits": {"train": {"images": 2283, "fractured": 400, "truncated": 30, "dicom": 0},
+                   "val": {"images": 490, "fractured": 84, "truncated": 11, "dicom": 0},
+                   "test": {"images": 494, "fractured": 86, "truncated": 3, "dicom": 0}},
+        "train_fractured_by_part": {"hand": 213, "hip": 3, "leg": 118},
+    }
+    parts = PARTS | {"shoulder": {"n_images": 13, "n_fractured": 1, "roc_auc": 1.0, "recall": 1.0, "specificity": 0.9,
+                                  "recall_ci_low": 0.2, "recall_ci_high": 1.0, "specificity_ci_low": 0.6,
+                                  "specificity_ci_high": 0.98}}
+    card = render_model_card(MODEL, {}, {"splits": {}}, METRICS, parts, "rule", "run42", composition)
+    assert "| train | 2283 | 400 (0.175) | 30 | 0 |" in card and "| test | 494 | 86 (0.174) | 3 | 0 |" in card
+    assert "Fractured training images by body part: hand 213, hip 3, leg 118." in card
+    assert "Trained and tested on JPEG and PNG exports only: the served model also reads DICOM" in card
+    assert "Truncated files (their missing rows decoded as grey) are in the splits (train 30, val 11, test 3)" in card
+    assert ("Fracture detection on hip (0 fractured test images, 3 in training), shoulder (1 fractured test image) "
+            "is unmeasured or too imprecise to rely on.") in card
+    assert "| shoulder | 13 | 1 | n/a (1 fractured, 12 not) |" in card
+    assert ("Precision (positive predictive value) 0.432 holds at the test split's share of fractured images, 0.174"
+            in card)
+    assert card.index("## Data composition") < card.index("## By body part")
+    # With DICOM in the data, no such line; without the composition, no section.
+    composition["splits"]["train"]["dicom"] = 12
+    assert "JPEG and PNG exports only" not in render_model_card(MODEL, {}, {"splits": {}}, METRICS, parts, "r", "x",
+                                                                 composition)
+    assert "## Data composition" not in render_model_card(MODEL, {}, {"splits": {}}, METRICS, parts, "r", "x")
+
+
+def test_a_snapshot_ensembles_card_does_not_say_an_epoch_was_chosen_on_validation():
+    snapshots = dataclasses.replace(MODEL, members=3, snapshots=3, member_best_epochs=[3, 6, 9])
+    card = render_model_card(snapshots, {}, {"splits": {}}, METRICS, PARTS, "rule", "run42")
+    assert "no epoch chosen on validation" in card and "fixed before training; no epoch is chosen on validation" in card
+    assert "is the one with the best validation ROC AUC" not in card
+    assert "is the one with the best validation ROC AUC" in render_model_card(MODEL, {}, {"splits": {}}, METRICS, PARTS,
+                                                                               "rule", "run42")

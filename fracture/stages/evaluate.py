@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -20,6 +21,7 @@ from PIL import Image
 
 from fracture.config import Params
 from fracture.decoding import upright_size
+from fracture.dicom import is_dicom
 from fracture.evaluation import (
     Calibration,
     Evaluation,
@@ -57,7 +59,7 @@ def _recipe(params: Params, profile_name: str) -> dict[str, object]:
     profile, train = params.profiles[profile_name], params.train
     return {
         "weights": f"ImageNet ({profile.weights})",
-        "loss": "cross-entropy",
+        "loss": "cross-entropy" + (f", label smoothing {profile.label_smoothing}" if profile.label_smoothing else ""),
         "optimiser": f"Adam, lr {learning_rate(profile, train)}, weight decay {train.weight_decay}",
         "scheduler": f"CosineAnnealingWarmRestarts, T_0 {cycle_epochs(profile, train)}, T_mult {train.t_mult}",
         "batch size": train.batch_size,
@@ -66,6 +68,10 @@ def _recipe(params: Params, profile_name: str) -> dict[str, object]:
         "augmentation": profile.augment,
         "test-time augmentation": profile.tta,
         "frozen layers": ", ".join(profile.frozen) or "none",
+        # Each changes the model when set; the card says so, so two recipes never read alike.
+        "dropout / stochastic depth": f"{profile.drop_rate} / {profile.drop_path_rate}",
+        "weights averaged (EMA decay)": profile.ema_decay or "no",
+        "layer-wise learning-rate decay": profile.layer_decay if profile.layer_decay != 1 else "no",
         "seed": train.seed,
     }
 
@@ -74,10 +80,31 @@ def _threshold_source(params: Params) -> str:
     ev = params.evaluate
     if ev.target_sensitivity is None:
         return f"fixed at evaluate.threshold {ev.threshold}"
-    return f"the highest reaching sensitivity {ev.target_sensitivity} on the validation split"
+    return f"the highest threshold reaching sensitivity {ev.target_sensitivity} on the validation split"
 
 
 log = logging.getLogger(__name__)
+
+
+def _composition(frames: dict[str, pd.DataFrame], dataset: Path) -> dict[str, dict[str, object]]:
+    """What each split holds, as the model card shows it: images, fractured, truncated and DICOM
+    files (read from each file's first bytes), and the fractured training images by body part."""
+    rows = {}
+    for name, frame in frames.items():
+        dicom: int | None = 0
+        for path in frame["path"]:
+            try:
+                with (dataset / path).open("rb") as handle:
+                    dicom += is_dicom(handle.read(132))
+            except OSError:  # the dataset not where ingest.dest says (outputs pulled without it): not counted
+                dicom = None
+                break
+        truncated = frame["truncated"].astype(str).str.lower().isin(["true", "1"]).sum() if "truncated" in frame else 0
+        rows[name] = {"images": len(frame), "fractured": int(frame["label"].sum()), "truncated": int(truncated),
+                      "dicom": dicom}
+    train = frames["train"]
+    parts = body_part(train[train["label"] == 1]).value_counts().sort_index()
+    return {"splits": rows, "train_fractured_by_part": {str(k): int(v) for k, v in parts.items()}}
 
 
 def localise(
@@ -205,6 +232,7 @@ def run_evaluate(params: Params, workspace: Workspace) -> EvaluateResult:
         per_part,
         _threshold_source(params),
         trained.run_id,
+        _composition(frames, workspace.root / params.ingest.dest),
     )
     workspace.model_card.write_text(card)
     with mlflow.start_run(run_id=trained.run_id):
