@@ -110,6 +110,14 @@ def render_report(result: RetrainResult) -> str:
         low, high = m.get(f"{key}_ci_low"), m.get(f"{key}_ci_high")
         ci = f"{_num(low)} – {_num(high)}" if has_ci and low is not None and high is not None else ""
         lines.append(f"| {label} | {_num(m.get(key))} | {ci} |")
+    lines += [
+        "",
+        "Intervals: ROC AUC's by a bootstrap over the test images, linked images (copies, near-duplicates, one "
+        "patient's) drawn together; sensitivity's and specificity's Wilson score intervals over each class's "
+        "effective number of images. The model card (`outputs/evaluate/model_card.md`, and each registered "
+        "version's `artifacts/model_card.md`) says how the threshold was chosen, what the data holds and where "
+        "not to trust the model. NOT FOR CLINICAL USE.",
+    ]
 
     champion = "yes" if reg.champion else "no"
     lines += [

@@ -122,6 +122,9 @@ def test_new_data_version_reports_the_retraining_and_the_gate():
     assert "**Retrained**: new data version `new-md5.dir` (was `old-md5.dir`)" in text
     assert "DVC ran validate, split, prepare, train, evaluate" in text
     assert "Test split: 37 images, 8 fractured" in text
+    # The intervals' methods, where the card is, and what the model is not for (the report named none).
+    assert "sensitivity's and specificity's Wilson score intervals over each class's effective number" in text
+    assert "`outputs/evaluate/model_card.md`" in text and "NOT FOR CLINICAL USE." in text
     # The command's seconds and DVC's work around it, when DVC ran it; the up-to-date check alone otherwise.
     assert table_row(text, "train")[1:] == ["ran", "12.5", "11.2", "1.2"]
     assert table_row(text, "Data version (DVC md5 of `data`)")[1] == "`new-md5.dir`"
