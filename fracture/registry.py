@@ -85,6 +85,14 @@ TAG_POLICY = "input_policy"
 #: The provenance tags that say what a version serves: a run whose evaluation changed them, or
 #: registered again under another ``serve`` section, is a new version.
 SERVED = ("threshold", "metrics", TAG_POLICY)
+#: The registered model's own description (the registry's page of the model, above its versions).
+MODEL_DESCRIPTION = (
+    "Fractured / not fractured classifier for musculoskeletal X-rays (JPEG, PNG or DICOM), registered by the "
+    "fracture pipeline's register step. Consumers load `models:/{name}@champion`; a version becomes champion only "
+    "through the promotion gate, and `fracture rollback` moves the alias back. Each version's description gives its "
+    "test figures, their intervals and its decision threshold, and its model files hold its model card "
+    "(`artifacts/model_card.md`). NOT FOR CLINICAL USE: research and decision support for a trained reader."
+)
 
 #: The run metric every version needs: its test ROC AUC, reported next to the decision.
 SCORE = "test_roc_auc"
@@ -500,6 +508,8 @@ def _ensure_version(
     if rolled_back:
         tags[TAG_ROLLED_BACK] = rolled_back
     mv = mlflow.register_model(log_model(), name, tags=tags)
+    if not client.get_registered_model(name).description:  # the registry's page of the model: one a team wrote stays
+        client.update_registered_model(name, description=MODEL_DESCRIPTION.format(name=name))
     # Two registrations of one run at once (two checkouts sharing a registry) both found none and
     # both registered: the first version stays the run's, and a later one is removed again.
     before = {str(v.version) for v in existing}

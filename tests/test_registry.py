@@ -871,6 +871,14 @@ def test_a_new_version_describes_itself_for_the_registry_page(client, model_file
     assert "Test split (494 images, 86 fractured): ROC AUC 0.907 (95% CI 0.866–0.944); sensitivity 0.814 " in description
     assert "(95% CI 0.733–0.884); specificity 0.838 (95% CI 0.802–0.873); at the decision threshold 0.0607" in description
     assert f"`evaluation/model_card.md` of run `{run.info.run_id}`" in description
+    # The model's own page in the registry says what it is and how its champion is chosen; a team's own stays.
+    page = client.get_registered_model(NAME).description
+    assert page.startswith("Fractured / not fractured classifier") and f"`models:/{NAME}@champion`" in page
+    client.update_registered_model(NAME, description="Ours: see the wiki.")
+    with mlflow.start_run(tags={"data_version": DATA, "profile": "cpu"}) as second:
+        mlflow.log_metrics(metrics)
+    register(PARAMS, second.info.run_id, weights, config, EvaluatedSplit(SPLIT_A, 10, xray), client)
+    assert client.get_registered_model(NAME).description == "Ours: see the wiki."
 
 
 def test_fracture_register_prints_the_decision(client, model_files, xray, tmp_path, monkeypatch, capsys):
