@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import time
+import tomllib
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,6 +45,8 @@ CHROMIUM_ARGS = [
 ]
 SCREENSHOT = REPO / "outputs" / "app" / "screenshot.png"
 pytestmark = pytest.mark.integration
+#: The page's upload limit, as `streamlit run` reads it from app/.streamlit/config.toml.
+UPLOAD_MB = tomllib.loads((APP / ".streamlit" / "config.toml").read_text())["server"]["maxUploadSize"]
 RESULT_TIMEOUT_MS = 180_000  # first upload: the server loads the model from the registry
 
 
@@ -151,7 +154,7 @@ def test_fractured_xray_shows_fractured_with_probability_heat_map_and_boxes(brow
             timeout=RESULT_TIMEOUT_MS
         )
         # The upload limit from app/.streamlit/config.toml, as the browser enforces it.
-        expect(page.get_by_test_id("stFileUploaderDropzoneInstructions")).to_contain_text("64MB per file")
+        expect(page.get_by_test_id("stFileUploaderDropzoneInstructions")).to_contain_text(f"{UPLOAD_MB}MB per file")
 
         page.get_by_test_id("stFileUploaderDropzoneInput").set_input_files(str(xray))
         expect(metric_value(page, "Predicted class")).to_have_text("Fractured", timeout=RESULT_TIMEOUT_MS)
@@ -191,7 +194,7 @@ def test_bad_uploads_get_a_message_and_the_page_keeps_working(browser, page_url,
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"this is not a JPEG\n" * 100)
     too_big = tmp_path / "too-big.png"
-    too_big.write_bytes(b"\x89PNG" + bytes(21 * 2**20))
+    too_big.write_bytes(b"\x89PNG" + bytes((UPLOAD_MB + 1) * 2**20))
     expect = sync_api.expect
 
     page = browser.new_page(viewport={"width": 1400, "height": 1100})
@@ -207,7 +210,7 @@ def test_bad_uploads_get_a_message_and_the_page_keeps_working(browser, page_url,
 
         # Over the configured limit: the browser refuses it before it reaches the server.
         uploader.set_input_files(str(too_big))
-        expect(page.get_by_text("File must be 20.0MB or smaller")).to_be_visible(timeout=30_000)
+        expect(page.get_by_text(f"File must be {UPLOAD_MB}.0MB or smaller")).to_be_visible(timeout=30_000)
 
         uploader.set_input_files(str(good))
         label = held[held["path"] == str(good)]["label"].iloc[0]
