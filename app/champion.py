@@ -70,6 +70,7 @@ from fracture.inference import ServingConfig
 from fracture.intake import read_xray
 from fracture.registry import CHAMPION
 from fracture.serving import FracturePyfunc
+from fracture.tracking import NOT_FOUND
 from fracture.vocabulary import CLASSES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,10 +86,6 @@ class RegistryUnreachable(ModelUnavailable):
     """The registry did not answer, or its store cannot be read (a tracking server down, a network
     outage, a file that is no MLflow store): unlike a missing model or alias, nothing a user of the
     page did, and the version the page loaded before can go on being served (:class:`AliasWatch`)."""
-
-
-#: MLflow's answers for a registered model or alias that does not exist (its REST and SQL stores alike).
-_NOT_FOUND = frozenset({"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"})
 
 
 @dataclass(frozen=True)
@@ -247,7 +244,7 @@ def resolve_version(settings: PageSettings) -> tuple[str, str]:
         client = MlflowClient(tracking_uri=settings.tracking_uri)
         mv = client.get_model_version_by_alias(settings.model_name, settings.alias)
     except MlflowException as exc:
-        if exc.error_code not in _NOT_FOUND:  # MLflow wraps a server that does not answer as INTERNAL_ERROR
+        if exc.error_code not in NOT_FOUND:  # MLflow wraps a server that does not answer as INTERNAL_ERROR
             raise _unreachable(settings, exc) from exc
         raise ModelUnavailable(
             f"No model version '{settings.model_name}@{settings.alias}' in the registry at "
@@ -689,7 +686,7 @@ def resolve_detector(settings: PageSettings) -> tuple[str, str] | None:
         client = MlflowClient(tracking_uri=settings.tracking_uri)
         mv = client.get_model_version_by_alias(settings.detector_name, settings.alias)
     except MlflowException as exc:
-        if exc.error_code in _NOT_FOUND:
+        if exc.error_code in NOT_FOUND:
             return None
         raise _unreachable(settings, exc) from exc
     except Exception as exc:  # connection and database errors come in many types

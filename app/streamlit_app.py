@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import re
 
 import streamlit as st
@@ -36,14 +35,13 @@ from fracture.config import ConfigError
 from fracture.detection import MAX_DETECTIONS
 from fracture.dicom_sr import NOT_FOR_CLINICAL_USE
 from fracture.explain import draw_boxes
+from fracture.tracking import bound_registry_waits
 
 log = logging.getLogger("fracture.app")
 
-# MLflow retries a tracking server that does not answer 7 times, backing off to 2 minutes: a page
-# started during an outage waited about 4 minutes for its first answer. Unless the operator sets them,
-# the page retries twice and waits at most 30 s for a reply, then says the registry cannot be reached.
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+# A page started during an outage waited about 4 minutes for its first answer: it retries twice and
+# waits at most 30 s for a reply, then says the registry cannot be reached.
+bound_registry_waits()
 
 LABELS = {"fractured": "Fractured", "not_fractured": "Not fractured"}
 # Shown images and heat maps are drawn at most this large; the model sees the full upload.

@@ -478,12 +478,10 @@ def predict(
         write,
         write_structured_reports,
     )
+    from fracture.tracking import bound_registry_waits
 
     keep_freed_memory()
-    # MLflow retries a tracking server that does not answer 7 times, backing off to 2 minutes: about
-    # 4 minutes before a word. Unless the operator sets them, 2 retries and 30 s a reply, as the page.
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    bound_registry_waits()  # as the page: a registry that is down is said so in a minute, not in four
     try:
         files = collect(inputs)
         if not files:

@@ -42,6 +42,7 @@ from fracture.consumer import ConsumerError, ConsumerModel
 from fracture.decoding import export_files, not_a_regular_file, shown, unlistable
 from fracture.dicom import is_dicom
 from fracture.intake import InputPolicy, InputRejected, read_file
+from fracture.tracking import NOT_FOUND
 
 log = logging.getLogger(__name__)
 
@@ -144,8 +145,7 @@ def load(uri: str, client: MlflowClient | None = None) -> LoadedModel:
             client.get_model_version(name, match["version"])
         )
     except mlflow.exceptions.MlflowException as exc:
-        if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-            # MLflow reports a server that does not answer as INTERNAL_ERROR, after its retries.
+        if exc.error_code not in NOT_FOUND:  # a store that cannot be reached or read
             raise PredictError(
                 f"the registry at {where} cannot be reached or read ({exc.message.splitlines()[0]}): check that it "
                 "is up and that MLFLOW_TRACKING_URI names it"

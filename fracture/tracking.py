@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import re
 from pathlib import Path
@@ -12,6 +13,20 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
 from fracture.config import Params, artifact_location, tracking_uri
+
+#: MLflow's error codes for a registered model, version or alias that is not there (an alias the
+#: model lacks is INVALID_PARAMETER_VALUE), as against a store that cannot be reached or read (MLflow
+#: reports a server that does not answer as INTERNAL_ERROR, after its retries).
+NOT_FOUND = frozenset({"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"})
+
+
+def bound_registry_waits() -> None:
+    """Two retries and 30 s a reply for a tracking server that does not answer, unless the operator
+    set ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` and ``MLFLOW_HTTP_REQUEST_TIMEOUT`` otherwise: MLflow's
+    own 7 retries, backing off to 2 minutes, waited about 4 minutes before a word. For what a person
+    waits on: the page, and ``fracture predict``."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
 
 class TrainingRunMissing(RuntimeError):
