@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fracture.decoding import (
     FORMATS,
@@ -297,8 +297,10 @@ def _read_picture(data: bytes, policy: InputPolicy, draft: tuple[int, int] | Non
             raise InputRejected("is corrupt and cannot be decoded. Send the complete file.") from exc
         if policy.truncated == "refuse":
             raise InputRejected("is cut short (the file ends early) and cannot be decoded. Send the complete file.") from exc
-        image = _decode_truncated(data, draft)
-        notes.append(_missing_rows_note(data, draft))
+        # Decoded once, as stored (where its missing rows are counted), then turned upright as decode turns it.
+        stored = _decode_truncated(data, draft, upright=False)
+        image = ImageOps.exif_transpose(stored)
+        notes.append(_missing_rows_note(stored))
     except Exception as exc:
         log.info("decoding failed: %s: %s", type(exc).__name__, exc)
         raise InputRejected("is corrupt and cannot be decoded. Send the complete file.") from exc
@@ -318,11 +320,11 @@ def _read_picture(data: bytes, policy: InputPolicy, draft: tuple[int, int] | Non
 MISSING_ROWS_WARNED = 0.6
 
 
-def _missing_rows_note(data: bytes, draft: tuple[int, int] | None) -> str:
+def _missing_rows_note(stored: Image.Image) -> str:
     """The note of a file that ends early, with the share of its rows missing, counted as stored
     (a turned picture's missing part is a band of its stored rows, not of its upright ones)."""
-    stored = np.asarray(_decode_truncated(data, draft, upright=False).convert("L"))
-    missing = 1 - decoded_height(stored) / len(stored)
+    grey = np.asarray(stored.convert("L"))
+    missing = 1 - decoded_height(grey) / len(grey)
     note = f"the file ends early: {missing:.0%} of its rows are missing and were scored as grey, as in training"
     if missing > MISSING_ROWS_WARNED:
         note += ("; so little of the X-ray is there that the answer means little: send the complete file "
