@@ -17,7 +17,7 @@ from mlflow.exceptions import MlflowException
 from safetensors.torch import save_file
 
 from fracture import checkpoint, distributed
-from fracture.config import ConfigError, Params
+from fracture.config import ConfigError, Params, Profile
 from fracture.model import check_profile_frozen, require_versioned_weights
 from fracture.seen import SEEN_ARTIFACT, SeenImages
 from fracture.stages.prepare import (
@@ -207,16 +207,22 @@ def _log_checkpointed_epochs(
         saved = first if member == 1 else checkpoint.load(folder, member_key)
         if saved is None:  # this member had not started
             break
-        before = (member - 1) * profile.epochs
         for metrics in saved.history:
             numbered = metrics if profile.members == 1 else {**metrics, "member": member}
-            rows.append((before + int(metrics["epoch"]), numbered))
+            rows.append((run_step(profile, member, int(metrics["epoch"])), numbered))
     client, names = MlflowClient(), {name for _, metrics in rows for name in metrics}
     logged = {name: {m.step for m in client.get_metric_history(run_id, name)} for name in names}
     for step, metrics in rows:
         missing = {name: value for name, value in metrics.items() if step not in logged[name]}
         if missing:
             mlflow.log_metrics(missing, step=step)
+
+
+def run_step(profile: Profile, member: int, epoch: int) -> int:
+    """Epoch ``epoch`` (from 1) of network ``member``'s as the run numbers it, MLflow's step and the
+    history's ``step``: on across an ensemble's members, member 2's first epoch after member 1's last,
+    as :func:`fracture.training.fit_members` hands them to ``on_epoch``."""
+    return (member - 1) * profile.epochs + epoch
 
 
 def _images(frame: pd.DataFrame) -> list[list[str]]:
@@ -321,7 +327,7 @@ def _train(params: Params, workspace: Workspace) -> bool:
         )
         # Each row's step is its MLflow step: with several networks, member after member, so a plot of
         # the history over it draws each network's epochs apart (over `epoch` they would interleave).
-        history = [{**row, "step": (int(row.get("member", 1)) - 1) * params.profile.epochs + int(row["epoch"])}
+        history = [{**row, "step": run_step(params.profile, int(row.get("member", 1)), int(row["epoch"]))}
                    for row in fit.history]
         workspace.write_train(trained, run.info.run_id, run.info.experiment_id, history)
     checkpoint.clear(workspace.checkpoint_dir)
