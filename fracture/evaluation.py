@@ -342,6 +342,25 @@ def confidence_intervals(
         ValueError: fewer than 1 resample, one class missing, or ``groups`` of another length.
     """
     _check_bootstrap(labels, n_resamples)
+    rates = _rate_intervals(labels, (probs >= threshold).astype(int), confidence, groups)
+    return {"roc_auc": auc_interval(labels, probs, n_resamples, seed, confidence, groups)} | rates
+
+
+def auc_interval(
+    labels: np.ndarray,
+    probs: np.ndarray,
+    n_resamples: int,
+    seed: int,
+    confidence: float = 0.95,
+    groups: np.ndarray | None = None,
+) -> tuple[float, float]:
+    """ROC AUC's percentile bootstrap interval, as :func:`confidence_intervals` draws it: whole
+    groups of linked images with ``groups`` (:func:`group_resamples`), else images stratified by label.
+
+    Raises:
+        ValueError: fewer than 1 resample, or one class missing.
+    """
+    _check_bootstrap(labels, n_resamples)
     if groups is None:
         rng = np.random.RandomState(seed)
         aucs = []
@@ -351,8 +370,7 @@ def confidence_intervals(
     else:
         y, p = np.asarray(labels), np.asarray(probs)
         aucs = [roc_auc_score(y[rows], p[rows]) for rows in group_resamples(y, groups, n_resamples, seed)]
-    rates = _rate_intervals(labels, (probs >= threshold).astype(int), confidence, groups)
-    return {"roc_auc": _percentile_interval(aucs, confidence)} | rates
+    return _percentile_interval(aucs, confidence)
 
 
 def _check_bootstrap(labels: np.ndarray, n_resamples: int) -> None:
@@ -440,13 +458,18 @@ def by_group(
     threshold: float,
     confidence: float = 0.95,
     linked: np.ndarray | None = None,
+    n_resamples: int = 0,
+    seed: int = 0,
 ) -> dict[str, dict[str, float | None]]:
     """Metrics per group (e.g. body part): images, fractured, ROC AUC, sensitivity, specificity.
 
     Sensitivity and specificity carry their Wilson score intervals (``recall_ci_low`` /
     ``recall_ci_high``, ``specificity_ci_low`` / ``specificity_ci_high``), as the whole split's
     do (over the effective number of images where ``linked`` groups them, :func:`design_effect`,
-    each part's own), so a group with few images shows how little its figures say. A metric a
+    each part's own), so a group with few images shows how little its figures say. With
+    ``n_resamples``, ROC AUC carries its bootstrap interval (``roc_auc_ci_low`` /
+    ``roc_auc_ci_high``, :func:`auc_interval` over the group's own images, drawing linked ones
+    together), as the whole split's does. A metric a
     group cannot define (AUC with one class only, sensitivity without fractures) is ``None``,
     with its interval, rather than a misleading number.
 
@@ -458,22 +481,28 @@ def by_group(
         confidence: the intervals' coverage.
         linked: each image's group of linked images (the split table's ``group``); ``None``:
             every image independent.
+        n_resamples: bootstrap resamples of each group's ROC AUC; 0: no interval (``None``).
+        seed: seeds each group's bootstrap.
 
     Returns:
         ``group -> metric -> value``, groups sorted by name.
 
     Raises:
-        ValueError: ``linked`` of another length than ``labels``.
+        ValueError: ``linked`` of another length than ``labels``, or negative ``n_resamples``.
     """
     if linked is not None and len(linked) != len(labels):
         raise ValueError(f"one linked-images group per image is needed: {len(linked)} for {len(labels)} images")
+    if n_resamples < 0:
+        raise ValueError(f"the bootstrap needs 0 (no interval) or more resamples (evaluate.bootstrap_resamples), got {n_resamples}")
     out: dict[str, dict[str, float | None]] = {}
     for group in sorted(set(groups)):
         mask = groups == group
         y, p = labels[mask], probs[mask]
         pred = (p >= threshold).astype(int)
         both = 0 < y.sum() < len(y)
-        intervals = _rate_intervals(y, pred, confidence, None if linked is None else np.asarray(linked)[mask])
+        links = None if linked is None else np.asarray(linked)[mask]
+        intervals = _rate_intervals(y, pred, confidence, links)
+        intervals["roc_auc"] = auc_interval(y, p, n_resamples, seed, confidence, links) if both and n_resamples else None
         row: dict[str, float | None] = {
             "n_images": int(mask.sum()),
             "n_fractured": int(y.sum()),

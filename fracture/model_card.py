@@ -96,13 +96,13 @@ def _fmt_ci(row: dict[str, float | None], name: str) -> str:
 
 
 def _part_auc(row: dict[str, float | None]) -> str:
-    """A body part's ROC AUC, or why it is not shown: ``n/a (1 fractured)`` below
+    """A body part's ROC AUC with its interval, or why it is not shown: ``n/a (1 fractured)`` below
     :data:`MIN_CLASS_FOR_AUC` images of either class (an AUC of 1.000 from one fractured image)."""
     fractured = int(row.get("n_fractured") or 0)
     others = int(row.get("n_images") or 0) - fractured
     if row.get("roc_auc") is None or min(fractured, others) < MIN_CLASS_FOR_AUC:
         return f"n/a ({fractured} fractured, {others} not)" if row.get("n_images") else "n/a"
-    return _fmt(row["roc_auc"])
+    return _fmt_ci(row, "roc_auc")
 
 
 def _fmt_threshold(threshold: float) -> str:
@@ -297,7 +297,7 @@ def render_model_card(
         "",
         "## By body part (test split)",
         "",
-        "| body part | images | fractured | ROC AUC | sensitivity (95% CI) | specificity (95% CI) |",
+        "| body part | images | fractured | ROC AUC (95% CI) | sensitivity (95% CI) | specificity (95% CI) |",
         "|---|---|---|---|---|---|",
         *(
             f"| {part} | {v['n_images']} | {v['n_fractured']} | {_part_auc(v)} | "
@@ -305,7 +305,8 @@ def render_model_card(
             for part, v in body_parts.items()
         ),
         "",
-        f"A body part's ROC AUC is shown from {MIN_CLASS_FOR_AUC} images of each class; it carries no interval.",
+        f"A body part's ROC AUC is shown from {MIN_CLASS_FOR_AUC} images of each class, with its 95% bootstrap "
+        "interval over the part's own test images, linked images drawn together as for the whole split.",
         "",
         "## Known limitations",
         *(f"- {text}" for text in (*DATASET_LIMITATIONS[dataset == FRACATLAS], *_data_limitations(composition, m, body_parts),

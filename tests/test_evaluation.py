@@ -238,11 +238,38 @@ def test_metrics_by_body_part_match_each_subset_and_leave_undefined_ones_empty()
     assert out["hand"]["recall"] == 0.5 and out["hand"]["specificity"] == 0.5
     assert out["hip"] == {
         "n_images": 2, "n_fractured": 0, "roc_auc": None, "recall": None, "specificity": 1.0,
-        "recall_ci_low": None, "recall_ci_high": None,
+        "recall_ci_low": None, "recall_ci_high": None, "roc_auc_ci_low": None, "roc_auc_ci_high": None,
         "specificity_ci_low": pytest.approx(wilson(2, 2)[0]), "specificity_ci_high": 1.0,
     }
     assert out["leg"]["roc_auc"] is None and out["leg"]["specificity"] is None and out["leg"]["recall"] == 1.0
     assert out["leg"]["specificity_ci_low"] is None and out["leg"]["specificity_ci_high"] is None
+
+
+def test_each_body_parts_roc_auc_carries_the_bootstrap_interval_of_its_own_images():
+    """As the whole split's: the same draw over the part's images alone, and none for a part of one class."""
+    rng = np.random.default_rng(3)
+    labels = (rng.random(120) < 0.3).astype(int)
+    probs = np.clip(0.2 * labels + 0.8 * rng.random(120), 0, 1)
+    parts = np.array(["hand"] * 80 + ["leg"] * 30 + ["hip"] * 10)
+    labels[110:] = 0
+    linked = np.arange(120) // 2
+    for groups in (None, linked):
+        out = by_group(labels, probs, parts, 0.5, linked=groups, n_resamples=200, seed=5)
+        for part in ("hand", "leg"):
+            mask = parts == part
+            own = confidence_intervals(labels[mask], probs[mask], 0.5, 200, 5,
+                                       groups=None if groups is None else groups[mask])["roc_auc"]
+            assert (out[part]["roc_auc_ci_low"], out[part]["roc_auc_ci_high"]) == pytest.approx(own), part
+            assert out[part]["roc_auc_ci_low"] <= out[part]["roc_auc"] <= out[part]["roc_auc_ci_high"]
+            assert out[part]["roc_auc_ci_high"] - out[part]["roc_auc_ci_low"] > 0.05
+        assert out["hip"]["roc_auc"] is None and out["hip"]["roc_auc_ci_low"] is None
+    # The leg's 30 images give a wider interval than the hand's 80.
+    out = by_group(labels, probs, parts, 0.5, n_resamples=200, seed=5)
+    width = {part: out[part]["roc_auc_ci_high"] - out[part]["roc_auc_ci_low"] for part in ("hand", "leg")}
+    assert width["leg"] > width["hand"]
+    assert by_group(labels, probs, parts, 0.5)["hand"]["roc_auc_ci_low"] is None
+    with pytest.raises(ValueError, match="evaluate.bootstrap_resamples"):
+        by_group(labels, probs, parts, 0.5, n_resamples=-1)
 
 
 def test_each_body_parts_sensitivity_and_specificity_carry_their_wilson_interval():
@@ -340,8 +367,8 @@ def test_the_evaluate_stage_counts_the_test_splits_linked_images_once_in_its_int
     for name, (low, high) in grouped.items():
         assert (metrics[f"{name}_ci_low"], metrics[f"{name}_ci_high"]) == pytest.approx((low, high)), name
     written = json.loads(workspace.body_parts.read_text())
-    expected = by_group(labels, probs, parts, threshold, linked=linked)
-    assert expected != by_group(labels, probs, parts, threshold)
+    expected = by_group(labels, probs, parts, threshold, linked=linked, n_resamples=ev.bootstrap_resamples, seed=ev.seed)
+    assert expected != by_group(labels, probs, parts, threshold, n_resamples=ev.bootstrap_resamples, seed=ev.seed)
     assert written.keys() == expected.keys()
     for part, figures in expected.items():
         assert written[part] == pytest.approx(figures), part

@@ -220,13 +220,18 @@ def test_each_body_parts_intervals_count_linked_images_once():
     labels = (rng.random(200) < 0.4).astype(int)
     probs = np.clip(0.3 * labels + 0.7 * rng.random(200), 0, 1)
     parts = rng.choice(["hand", "leg", "hip"], 200)
-    once = by_group(labels, probs, parts, 0.5)
+    once = by_group(labels, probs, parts, 0.5, n_resamples=200, seed=1)
     y2, p2, parts2, pairs = twice(labels, probs, parts)
-    grouped = by_group(y2, p2, parts2, 0.5, linked=pairs)
-    by_image = by_group(y2, p2, parts2, 0.5)
-    assert by_group(labels, probs, parts, 0.5, linked=np.arange(200)) == once
+    grouped = by_group(y2, p2, parts2, 0.5, linked=pairs, n_resamples=200, seed=1)
+    by_image = by_group(y2, p2, parts2, 0.5, n_resamples=200, seed=1)
+    assert by_group(labels, probs, parts, 0.5, linked=np.arange(200)) == by_group(labels, probs, parts, 0.5)
     for part, row in once.items():
         assert grouped[part]["n_images"] == 2 * row["n_images"]
+        # The ROC AUC's bootstrap: drawing copies together keeps it as wide as for the images
+        # stored once, where drawing them apart narrows it.
+        low, high = "roc_auc_ci_low", "roc_auc_ci_high"
+        assert grouped[part][high] - grouped[part][low] > 0.85 * (row[high] - row[low])
+        assert by_image[part][high] - by_image[part][low] < 0.85 * (row[high] - row[low])
         for name in ("recall", "specificity"):
             low, high = f"{name}_ci_low", f"{name}_ci_high"
             assert grouped[part][low] <= row[low] and grouped[part][high] >= row[high]

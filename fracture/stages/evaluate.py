@@ -211,7 +211,7 @@ def run_evaluate(params: Params, workspace: Workspace) -> EvaluateResult:
     if localisation is not None:
         metrics |= localisation.metrics
     evaluated = EvaluateResult(metrics, result.confusion)
-    per_part = by_group(labels, probs, parts, threshold, linked=linked)
+    per_part = by_group(labels, probs, parts, threshold, linked=linked, n_resamples=ev.bootstrap_resamples, seed=ev.seed)
     workspace.write_evaluate(evaluated, per_part)
     (localisation.per_image if localisation else pd.DataFrame(columns=list(COLUMNS))).to_csv(
         workspace.localisation, index=False
