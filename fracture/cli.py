@@ -446,6 +446,11 @@ def rollback(
     )
 
 
+PARTLY_SCORED = 3
+"""``fracture predict --strict``'s exit status when some file has an error in its row: apart from
+1 (nothing scored, or the model's Python ended) and 130/143 (interrupted)."""
+
+
 @app.command()
 def predict(
     inputs: Annotated[list[Path], typer.Argument(help="Image files, folders of them, or DICOM study folders.")],
@@ -458,12 +463,16 @@ def predict(
         Path | None, typer.Option(help="A folder: write a DICOM Structured Report for each scored DICOM input.")
     ] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
+    strict: Annotated[
+        bool, typer.Option(help=f"Exit {PARTLY_SCORED} when any file has an error in its row (every row still written).")
+    ] = False,
 ) -> None:
     """Score X-rays (JPEG, PNG, DICOM) with a registered model; one row per file, errors in their rows.
 
     Reads MLFLOW_TRACKING_URI for the registry. Exits non-zero when no file could be scored, or when the
     model's Python ended midway or the run was interrupted (Ctrl-C, SIGTERM): the rows scored are
-    written, and the others say to score them again.
+    written, and the others say to score them again. With --strict, also when some file could not
+    be scored (exit 3), for a scheduler that alerts on a failed run.
     """
     from fracture.predict import (
         INTERRUPTED,
@@ -535,6 +544,10 @@ def predict(
                  f"({stopped}); the rows scored are written, and the others say to score them again")
     if scored == 0:
         sys.exit("fracture predict: no file could be scored; see the error column")
+    if strict and scored < len(table):
+        print(f"fracture predict: {len(table) - scored} of {len(table)} files could not be scored (--strict); "
+              "see the error column", file=sys.stderr)
+        raise SystemExit(PARTLY_SCORED)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -205,6 +205,24 @@ def test_exits_non_zero_only_when_nothing_could_be_scored(registry, tmp_path):
     assert rows["error"].str.startswith("the image is blank or nearly constant").sum() == 1
 
 
+def test_strict_exits_3_when_some_file_could_not_be_scored_and_writes_every_row(registry, tmp_path):
+    """A scheduler alerts on the exit status: by default a folder with one file unread still exits 0."""
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"")
+    shutil.copy(require_fracatlas() / "images/Fractured/IMG0000019.jpg", folder / "b.jpg")
+    lenient = run_predict(registry, str(folder))
+    assert lenient.returncode == 0, lenient.stderr[-3000:]
+    out = tmp_path / "rows.csv"
+    strict = run_predict(registry, str(folder), "--strict", "--out", str(out))
+    assert strict.returncode == 3, strict.stderr[-3000:]
+    assert "1 of 2 files could not be scored (--strict)" in strict.stderr
+    rows = pd.read_csv(out, keep_default_na=False)
+    assert rows["error"].str.startswith("the image is empty").sum() == 1 and (rows["error"] == "").sum() == 1
+    # Every file scored: --strict exits 0.
+    assert run_predict(registry, str(folder / "b.jpg"), "--strict").returncode == 0
+
+
 def test_a_model_the_registry_lacks_is_named(registry, tmp_path):
     image = require_fracatlas() / "images/Fractured/IMG0000019.jpg"
     proc = run_predict(registry, str(image), "--model", f"models:/{NAME}@staging")
