@@ -134,8 +134,9 @@ def load(uri: str, client: MlflowClient | None = None) -> LoadedModel:
     where = mlflow.get_registry_uri()  # MLFLOW_REGISTRY_URI, else the tracking URI
     if client is None and where.startswith("sqlite:///") and not Path(where.removeprefix("sqlite:///")).is_file():
         # MLflow would create an empty store there (in the folder of images, say) and find nothing in it.
+        variable = "MLFLOW_REGISTRY_URI" if os.environ.get("MLFLOW_REGISTRY_URI") else "MLFLOW_TRACKING_URI"
         raise PredictError(
-            f"no MLflow store at {where.removeprefix('sqlite:///')}: set MLFLOW_TRACKING_URI to the registry "
+            f"no MLflow store at {where.removeprefix('sqlite:///')}: set {variable} to the registry "
             "(sqlite:///$PWD/mlflow.db in the project, or its tracking server's address), or register a model "
             "with `make main`"
         )

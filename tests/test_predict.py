@@ -246,6 +246,11 @@ def test_a_registry_that_is_missing_or_down_is_told_apart_from_a_missing_model(r
     proc = subprocess.run(cmd, env=env, cwd=folder, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode != 0 and f"fracture predict: no MLflow store at {folder / 'mlflow.db'}: set MLFLOW_TRACKING_URI" in proc.stderr
     assert sorted(p.name for p in folder.iterdir()) == ["IMG0000019.jpg"]
+    # A registry of its own that names no store: the variable to set is that one.
+    missing = tmp_path / "registry" / "mlflow.db"
+    proc = subprocess.run(cmd, env=env | {"MLFLOW_REGISTRY_URI": f"sqlite:///{missing}"}, cwd=folder,
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert f"fracture predict: no MLflow store at {missing}: set MLFLOW_REGISTRY_URI" in proc.stderr, proc.stderr[-2000:]
     down = f"http://127.0.0.1:{free_port()}"
     started = time.monotonic()
     proc = subprocess.run(cmd, env=env | {"MLFLOW_TRACKING_URI": down}, cwd=folder, capture_output=True, text=True,
