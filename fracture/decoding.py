@@ -22,7 +22,13 @@ from pathlib import Path
 import numpy as np
 from PIL import ExifTags, Image, ImageFile, ImageOps, ImageStat, UnidentifiedImageError
 
-from fracture.dicom import dicom_to_image, display_size, is_dicom, read_header
+from fracture.dicom import (
+    MAX_JPEG_SCANS,
+    dicom_to_image,
+    display_size,
+    is_dicom,
+    read_header,
+)
 
 __all__ = [
     "FORMATS",
@@ -56,14 +62,6 @@ HIGH_BIT_DEPTH = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I", "F"})
 #: A PNG file's first bytes, then its IHDR chunk's length and type; the bit depth is the IHDR's 9th byte.
 _PNG_START = b"\x89PNG\r\n\x1a\n\x00\x00\x00\x0dIHDR"
 _PNG_BIT_DEPTH_AT = 24
-
-#: The most scans (SOS markers) a JPEG file may hold. A progressive JPEG's decoder passes over
-#: every block of the image once a scan, so a small file of thousands of tiny scans takes minutes
-#: to decode (libjpeg-turbo's djpeg has ``-maxscans`` for this). libjpeg's progressive scripts
-#: write 6 (greyscale) to 10 (colour) scans; every FracAtlas X-ray holds 1. An embedded
-#: thumbnail's own scan counts too.
-MAX_JPEG_SCANS = 100
-
 
 class TooManyScans(ValueError):
     """A JPEG file with more than :data:`MAX_JPEG_SCANS` scans, refused before it is decoded."""

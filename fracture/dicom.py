@@ -115,6 +115,13 @@ MARKED_END = frozenset(
 #: Transfer syntaxes whose frames are JPEG or JPEG-LS codestreams (their size in a SOF segment)
 #: and JPEG 2000 ones (in the SIZ segment).
 JPEG_FAMILY = MARKED_END - {uid.JPEG2000Lossless, uid.JPEG2000, uid.HTJ2KLossless, uid.HTJ2KLosslessRPCL, uid.HTJ2K}
+#: The most scans (SOS markers, FF DA) a JPEG file, or a DICOM file's JPEG or JPEG-LS frame, may
+#: hold. A progressive JPEG's decoder passes over every block of the image once a scan, so a small
+#: file of thousands of tiny scans takes minutes to decode (libjpeg-turbo's djpeg has
+#: ``-maxscans`` for this). libjpeg's progressive scripts write 6 (greyscale) to 10 (colour)
+#: scans; every FracAtlas X-ray holds 1. An embedded thumbnail's own scan counts too.
+#: Entropy-coded data stuffs every FF byte, so only a marker reads FF DA.
+MAX_JPEG_SCANS = 100
 #: JPEG's Start of Frame markers (SOF0-SOF15 less DHT C4, JPG C8 and DAC CC) and JPEG-LS's SOF55 (F7).
 _SOF = frozenset({*range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC} | {0xF7})
 #: Pixels are resampled to square ones when their height and width differ by more than this fraction.
@@ -333,9 +340,12 @@ def check_complete(ds: Dataset) -> None:
     before anything noticed (past the size checks made on the header). The size is read from the
     codestream's header (:func:`codestream_size`), before a pixel is decoded.
 
+    A JPEG or JPEG-LS frame of more than :data:`MAX_JPEG_SCANS` scans is refused before it is
+    decoded, as such a JPEG file is.
+
     Raises:
         DicomRejected: the frame of a JPEG, JPEG-LS or JPEG 2000 transfer syntax lacks its end
-            marker, or its size is not the header's Columns x Rows.
+            marker, holds too many scans, or its size is not the header's Columns x Rows.
     """
     syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     if syntax not in MARKED_END or "PixelData" not in ds:
@@ -352,6 +362,12 @@ def check_complete(ds: Dataset) -> None:
         raise DicomRejected(
             f"has compressed pixel data ({syntax.name}) that ends early: the codestream stops before its end "
             "marker, so the file is cut short (an interrupted transfer or export); send the complete file"
+        )
+    if syntax in JPEG_FAMILY and (scans := frame.count(b"\xff\xda")) > MAX_JPEG_SCANS:
+        raise DicomRejected(
+            f"has compressed pixel data ({syntax.name}) of {scans} scans, more than the {MAX_JPEG_SCANS} any X-ray "
+            "export writes: it is refused, since decoding passes over the whole image once a scan (minutes for "
+            "thousands of them); send it exported again uncompressed or as a plain JPEG"
         )
     size = codestream_size(frame, jpeg=syntax in JPEG_FAMILY)
     if size is None:

@@ -229,6 +229,25 @@ def test_a_progressive_jpeg_of_as_many_scans_as_any_export_writes_is_read():
     assert np.array_equal(np.asarray(scanned), np.asarray(plain))
 
 
+def test_a_dicom_files_jpeg_frame_of_too_many_scans_is_refused_as_a_jpeg_file_is(monkeypatch):
+    """The scan limit held for JPEG files only: the same frame inside a DICOM file (JPEG baseline)
+    was decoded, a few seconds a thousand scans, on the page, the server, predict and in training."""
+    from fracture import dicom
+    from tests.dicom_files import encapsulated
+
+    as_dicom = lambda extra: encapsulated(many_scans(extra), "JPEG", 400, 304)  # noqa: E731
+    # 96 scans decode to the image of Pillow's 6, as in a JPEG file.
+    assert np.array_equal(np.asarray(read_xray(as_dicom(90), POLICY).image), np.asarray(read_xray(as_dicom(0), POLICY).image))
+    def never(_):
+        raise AssertionError("decoded")
+
+    monkeypatch.setattr(dicom.Dataset, "pixel_array", property(never))  # refused before a pixel is decoded
+    with pytest.raises(InputRejected) as info:
+        read_xray(as_dicom(95), POLICY)
+    assert "has compressed pixel data (JPEG Baseline (Process 1)) of 101 scans, more than the 100" in str(info.value)
+    assert "send it exported again uncompressed or as a plain JPEG" in str(info.value)
+
+
 def test_a_bomb_is_refused_before_its_pixels_are_decoded(monkeypatch):
     from fracture import intake
 
