@@ -276,10 +276,14 @@ def failure_reason(exc: BaseException) -> str:
     """
     if isinstance(exc, UnidentifiedImageError):
         return "it is not an image file that can be read (JPEG, PNG or DICOM)"
-    if isinstance(exc, OSError) and str(exc).startswith(("Truncated File Read", "image file is truncated")):
+    if isinstance(exc, OSError) and str(exc).startswith("Truncated File Read"):
         # Pillow's words for a file that stops before enough of its image data to decode anything.
         return ("none of its image data decodes: it stops early, or holds something else after a JPEG's start "
                 "(an interrupted transfer or a damaged export); export it again")
+    if isinstance(exc, OSError) and str(exc).startswith("image file is truncated"):
+        # Pillow's words for any file that ends before its last rows, read where such files are refused.
+        return ("it ends early: its image data stops before the last rows (an interrupted transfer or a damaged "
+                "export); export it again")
     return re.sub(r" ?<[^<>]* object at 0x[0-9a-fA-F]+>", "", str(exc))
 
 
