@@ -48,14 +48,15 @@ import numpy as np
 from PIL import Image
 from pydicom import dcmread, uid
 from pydicom.dataelem import DataElement
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileDataset
 from pydicom.encaps import generate_frames
 from pydicom.errors import InvalidDicomError
 from pydicom.filebase import DicomBytesIO
-from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
 from pydicom.sequence import Sequence
+from pydicom.tag import BaseTag, Tag
 from pydicom.valuerep import VR
 
 log = logging.getLogger(__name__)
@@ -236,31 +237,51 @@ def _parse(data: bytes, **kwargs: object) -> Dataset:
     limit = max_inflated(MAX_PIXELS)  # read at each call, so a test can lower it
     deflated = f"is deflated (transfer syntax {uid.DeflatedExplicitVRLittleEndian})"
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    pending, parts, total = memoryview(data)[fp.tell():], [], 0
+    source, start = memoryview(data), fp.tell()
+    pending, parts, total = source[start:start], [], 0
     try:
         while not inflater.eof:  # in pieces, so a bomb is refused holding no more than the bound
+            if not pending:
+                # The input fed in slices too: unconsumed_tail copies what is left of the input given.
+                if start >= len(source):
+                    raise DicomRejected(f"{deflated} but its deflate data ends early (a damaged or cut-off file); "
+                                        "export it again")
+                pending, start = source[start : start + _INFLATE_FEED], start + _INFLATE_FEED
             part = inflater.decompress(pending, 2**20)
             pending = inflater.unconsumed_tail
-            if not part and not pending:
-                raise DicomRejected(f"{deflated} but its deflate data ends early (a damaged or cut-off file); "
-                                    "export it again")
             total += len(part)
             if total > limit:
                 raise DicomRejected(
-                    f"{deflated} and inflates to more than {limit / 2**20:.0f} MB, more than a radiograph of "
+                    f"{deflated} and inflates to more than {limit / 1e6:.0f} MB, more than a radiograph of "
                     f"{MAX_PIXELS / 1e6:g} megapixels holds: a decompression bomb, or a dataset carrying far more "
                     "than its image; export it uncompressed or JPEG-compressed"
                 )
             parts.append(part)
     except zlib.error as exc:
         raise DicomRejected(f"{deflated} but its deflate data is damaged ({exc}); export it again") from exc
-    body = b"".join(parts)
+    body = DicomBytesIO(b"".join(parts))
     del parts
-    # The inflated dataset is Explicit VR Little Endian (PS3.5 A.5), which pydicom reads without its
-    # file meta; the meta, the deflated transfer syntax among it, is the file's own.
-    ds = dcmread(DicomBytesIO(body), force=True, **kwargs)
-    ds.file_meta = meta
+    # The inflated dataset is Explicit VR Little Endian (PS3.5 A.5), read as pydicom reads it, not
+    # searched for a preamble (a value reading DICM at byte 128 would be taken for one); the meta,
+    # the deflated transfer syntax among it, is the file's own.
+    tags = kwargs.get("specific_tags")
+    dataset = read_dataset(
+        body, is_implicit_VR=False, is_little_endian=True,
+        stop_when=_at_pixel_data if kwargs.get("stop_before_pixels") else None,
+        specific_tags=None if tags is None else [Tag(t) for t in tags],
+    )
+    ds = FileDataset(body, dataset, None, meta, is_implicit_VR=False, is_little_endian=True)
+    ds.set_original_encoding(False, True, dataset._character_set)
     return ds
+
+
+#: How much deflated input is handed to zlib at a time.
+_INFLATE_FEED = 2**18
+
+
+def _at_pixel_data(tag: BaseTag, vr: str | None, length: int) -> bool:
+    """``stop_before_pixels``, as ``dcmread`` has it: stop at the pixel data (float ones too)."""
+    return tag in {0x7FE00010, 0x7FE00009, 0x7FE00008}
 
 
 def read_header(data: bytes) -> Dataset:

@@ -10,6 +10,8 @@ import pytest
 from PIL import Image
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import DeflatedExplicitVRLittleEndian, RLELossless
 
@@ -21,6 +23,7 @@ from fracture.dicom import (
     is_dicom,
     max_inflated,
     patient_ids,
+    read_header,
     to_display,
 )
 from fracture.intake import InputPolicy, InputRejected, read_xray
@@ -878,6 +881,30 @@ def test_a_deflated_dicom_reads_as_its_uncompressed_twin(xrays, tmp_path):
         dicom_to_image(deflated[: len(deflated) // 2])
 
 
+def test_a_deflated_dataset_is_read_as_explicit_vr_little_endian_not_searched_for_a_preamble(xrays):
+    """The inflated dataset was read as a file whose preamble may be missing: a value reading DICM
+    at its byte 128 was taken for a Part 10 preamble, and the elements before it were lost."""
+    ds = dcmread(io.BytesIO(dicom_from_jpeg(xrays[0], "8-bit")))
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+
+    def inflated(ds) -> bytes:
+        body = DicomBytesIO()
+        body.is_little_endian, body.is_implicit_VR = True, False
+        write_dataset(body, ds)
+        return body.getvalue()
+
+    for n in range(1, 129):  # a value of n letters before DICM, until DICM lands at byte 128
+        ds.ImageType = ["ORIGINAL", "PRIMARY", *(["A" * 16] * (n // 17)), "A" * (n % 17), "DICM"]
+        if inflated(ds)[128:132] == b"DICM":
+            break
+    assert inflated(ds)[128:132] == b"DICM"
+    data = to_bytes(ds)
+    ours, pydicoms = read_header(data), dcmread(io.BytesIO(data))
+    assert [e.tag for e in ours] == [e.tag for e in pydicoms]
+    assert list(ours.ImageType) == list(ds.ImageType) and ours.preamble is None
+    assert np.array_equal(np.asarray(dicom_to_image(data)), np.asarray(dicom_to_image(dicom_from_jpeg(xrays[0], "8-bit"))))
+
+
 def test_a_deflated_dicom_inflating_past_any_radiograph_is_refused_holding_no_more_than_its_bound(tmp_path, monkeypatch):
     """A file of a few kilobytes whose deflated dataset carries 48 MiB of zeros: pydicom inflated all
     of it before any size or pixel check ran (about 2,000 times the file's size in memory, through
@@ -895,13 +922,13 @@ def test_a_deflated_dicom_inflating_past_any_radiograph_is_refused_holding_no_mo
     path = tmp_path / "bomb.dcm"
     path.write_bytes(bomb)
     # One bound everywhere (training, validate, every consumer, whatever serve.max_megapixels says),
-    # so a file is accepted or refused alike: 50 megapixels at 24 bits (166 MB), made 1 here so
+    # so a file is accepted or refused alike: 50 megapixels at 24 bits (167 MB), made 1 here so
     # that a small bomb exceeds it.
     monkeypatch.setattr("fracture.dicom.MAX_PIXELS", 1_000_000)
     limit = max_inflated(1_000_000)
     assert limit < 24 * 2**20
     policy = InputPolicy(max_pixels=100_000_000)  # a policy raised past it changes nothing
-    refusal = (r"is deflated \(transfer syntax 1\.2\.840\.10008\.1\.2\.1\.99\) and inflates to more than 19 MB, more "
+    refusal = (r"is deflated \(transfer syntax 1\.2\.840\.10008\.1\.2\.1\.99\) and inflates to more than 20 MB, more "
                r"than a radiograph of 1 megapixels holds: a decompression bomb")
     tracemalloc.start()
     try:
