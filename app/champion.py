@@ -70,7 +70,7 @@ from fracture.inference import ServingConfig
 from fracture.intake import read_xray
 from fracture.registry import CHAMPION
 from fracture.serving import FracturePyfunc
-from fracture.tracking import NOT_FOUND
+from fracture.tracking import NOT_FOUND, sqlite_store
 from fracture.vocabulary import CLASSES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -231,14 +231,13 @@ def resolve_version(settings: PageSettings) -> tuple[str, str]:
     Raises:
         ModelUnavailable: the registry cannot be reached, or has no such model or alias.
     """
-    if settings.tracking_uri.startswith("sqlite:///"):
-        # MLflow would create an empty store; a missing file means nothing was registered yet.
-        store = Path(settings.tracking_uri.removeprefix("sqlite:///"))
-        if not store.is_file():
-            raise ModelUnavailable(
-                f"No MLflow store at {store}. Train and register a model with `make main`, or point "
-                "the page at your registry with MLFLOW_TRACKING_URI."
-            )
+    store = sqlite_store(settings.tracking_uri)
+    # MLflow would create an empty store; a missing file means nothing was registered yet.
+    if store is not None and not store.is_file():
+        raise ModelUnavailable(
+            f"No MLflow store at {store}. Train and register a model with `make main`, or point "
+            "the page at your registry with MLFLOW_TRACKING_URI."
+        )
     try:
         # Inside: opening a store that is no MLflow store (a Git LFS pointer for mlflow.db) raises here.
         client = MlflowClient(tracking_uri=settings.tracking_uri)

@@ -42,7 +42,7 @@ from fracture.consumer import ConsumerError, ConsumerModel
 from fracture.decoding import export_files, not_a_regular_file, shown, unlistable
 from fracture.dicom import is_dicom
 from fracture.intake import InputPolicy, InputRejected, read_file
-from fracture.tracking import NOT_FOUND
+from fracture.tracking import NOT_FOUND, sqlite_store
 
 log = logging.getLogger(__name__)
 
@@ -132,16 +132,17 @@ def load(uri: str, client: MlflowClient | None = None) -> LoadedModel:
         raise PredictError(f"--model {uri!r} is not a registry URI; give models:/<name>@<alias> or models:/<name>/<version>")
     name = match["name"]
     where = mlflow.get_registry_uri()  # MLFLOW_REGISTRY_URI, else the tracking URI
-    if client is None and where.startswith("sqlite:///") and not Path(where.removeprefix("sqlite:///")).is_file():
+    store = sqlite_store(where)
+    if client is None and store is not None and not store.is_file():
         # MLflow would create an empty store there (in the folder of images, say) and find nothing in it.
         variable = "MLFLOW_REGISTRY_URI" if os.environ.get("MLFLOW_REGISTRY_URI") else "MLFLOW_TRACKING_URI"
         raise PredictError(
-            f"no MLflow store at {where.removeprefix('sqlite:///')}: set {variable} to the registry "
+            f"no MLflow store at {store}: set {variable} to the registry "
             "(sqlite:///$PWD/mlflow.db in the project, or its tracking server's address), or register a model "
             "with `make main`"
         )
-    client = client or MlflowClient()
     try:
+        client = client or MlflowClient()  # opening a file that is no MLflow store raises here
         version = client.get_model_version_by_alias(name, match["alias"]) if match["alias"] else (
             client.get_model_version(name, match["version"])
         )
@@ -154,6 +155,11 @@ def load(uri: str, client: MlflowClient | None = None) -> LoadedModel:
         raise PredictError(
             f"{uri} is not in the registry at {where}: {exc.message.splitlines()[0]}. "
             "Set MLFLOW_TRACKING_URI to the registry, or register a model with `make main`"
+        ) from exc
+    except Exception as exc:  # a file that is no MLflow store (a Git LFS pointer for mlflow.db): SQLAlchemy's error
+        raise PredictError(
+            f"the registry at {where} cannot be reached or read ({type(exc).__name__}: {str(exc).splitlines()[0]}): "
+            "check that it is an MLflow store (`git lfs pull` or `dvc pull` where it is kept as a pointer)"
         ) from exc
     # Loaded by its version, so the alias cannot move between the lookup and the load.
     try:

@@ -29,6 +29,20 @@ def bound_registry_waits() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
 
+def sqlite_store(uri: str) -> Path | None:
+    """The file a ``sqlite:`` store URI names, as MLflow's database layer reads it (SQLAlchemy: a
+    query such as ``?timeout=60`` left out, ``%20`` escapes decoded); ``None`` for another kind of
+    store, or an in-memory one."""
+    if not uri.startswith("sqlite:"):
+        return None
+    from sqlalchemy.engine import (
+        make_url,  # MLflow's own dependency, imported only when needed
+    )
+
+    database = make_url(uri).database
+    return None if database in (None, "", ":memory:") else Path(database)
+
+
 class TrainingRunMissing(RuntimeError):
     """The MLflow run that trained the model (``outputs/train/run.json``) is not in the tracking store."""
 

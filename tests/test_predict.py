@@ -265,6 +265,32 @@ def test_a_registry_that_is_missing_or_down_is_told_apart_from_a_missing_model(r
     assert f"{NAME} version 1: scored 1 of 1 files" in proc.stderr
 
 
+def test_a_store_uri_is_read_as_mlflow_reads_it_and_a_file_that_is_no_store_is_named(registry, tmp_path, monkeypatch):
+    """A sqlite URI with a query or %20 escapes, which MLflow opens, was refused as naming no store;
+    an mlflow.db that is a Git LFS pointer ended predict in SQLAlchemy's traceback."""
+    from fracture.predict import PredictError, load
+    from fracture.tracking import sqlite_store
+
+    store = sqlite_store(registry["uri"])
+    assert store is not None and store.is_file()
+    spaced = tmp_path / "a b"
+    spaced.mkdir()
+    shutil.copy(store, spaced / "mlflow.db")
+    for uri in (f"{registry['uri']}?timeout=60", f"sqlite:///{tmp_path}/a%20b/mlflow.db"):
+        assert sqlite_store(uri) in (store, spaced / "mlflow.db")
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        with pytest.raises(PredictError, match="is not in the registry at"):  # the store read, the model not in it
+            load(f"models:/{NAME}@no-such-alias")
+    assert sqlite_store("sqlite://") is None and sqlite_store("http://127.0.0.1:5000") is None
+    pointer = tmp_path / "lfs" / "mlflow.db"
+    pointer.parent.mkdir()
+    pointer.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64 + "\nsize 1234567\n")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{pointer}")
+    with pytest.raises(PredictError, match=r"cannot be reached or read \(DatabaseError: .*file is not a database\): "
+                                           r"check that it is an MLflow store"):
+        load(f"models:/{NAME}@champion")
+
+
 def test_batches_are_cut_to_the_rows_the_model_takes_in_one_request(registry, monkeypatch):
     """A --batch-size above the model's serve.max_rows would be refused whole; each request holds
     at most max_rows files instead."""
