@@ -337,16 +337,21 @@ def test_figures(settings: PageSettings, name: str, version: str, threshold: flo
              "test_specificity_ci_low", "test_specificity_ci_high", "test_threshold")
     if not all(isinstance(m.get(key), int | float) for key in names) or not math.isclose(m["test_threshold"], threshold):
         return None
-    run = client.get_run(mv.run_id)
-    source = run.data.tags.get("threshold_source")
-    same = math.isclose(run.data.metrics.get("test_threshold", math.nan), threshold)
+    try:
+        run = client.get_run(mv.run_id)
+    except Exception:  # noqa: BLE001 - the run deleted since (the version stays): its figures are the version's own
+        source, same = None, False
+    else:
+        source = run.data.tags.get("threshold_source")
+        same = math.isclose(run.data.metrics.get("test_threshold", math.nan), threshold)
     missed = 1 - m["test_recall"]
+    share = f"about {missed:.0%}" if missed >= 0.01 else f"{missed:.1%}"  # 1 in 250 is not "about 0%"
     return (
         (f"Threshold chosen as {source}. " if source and same else "")
-        + f"At it, on the test split (scored once, never used to choose): sensitivity {m['test_recall']:.2f} "
-        f"(95% CI {m['test_recall_ci_low']:.2f}-{m['test_recall_ci_high']:.2f}), specificity "
-        f"{m['test_specificity']:.2f} ({m['test_specificity_ci_low']:.2f}-{m['test_specificity_ci_high']:.2f})"
-        + (f": about {missed:.0%} of fractured X-rays were called Not fractured." if missed > 0 else ".")
+        + f"At it, on the test split (scored once, never used to choose): sensitivity {m['test_recall']:.3f} "
+        f"(95% CI {m['test_recall_ci_low']:.3f}-{m['test_recall_ci_high']:.3f}), specificity "
+        f"{m['test_specificity']:.3f} ({m['test_specificity_ci_low']:.3f}-{m['test_specificity_ci_high']:.3f})"
+        + (f": {share} of fractured X-rays were called Not fractured." if missed > 0 else ".")
     )
 
 
