@@ -504,15 +504,22 @@ def _decode(
 def decoded_height(grey: np.ndarray) -> int:
     """Rows above the grey a truncated JPEG's missing part decodes to: the flat rows at the
     bottom, and above them the rows of the last, partly decoded block row, whose pixels from some
-    column to the right edge hold that same grey."""
+    column to the right edge hold that same grey: at most :data:`_MCU_ROWS`, so that a picture
+    whose right margin is that grey is not counted as missing all its rows."""
     fill = grey[-1, -1]
     flat = (grey == fill).all(axis=1)
     height = len(grey)
     while height > 0 and flat[height - 1]:
         height -= 1
-    while height > 0 and grey[height - 1, -2:].tolist() == [fill, fill]:
+    floor = max(0, height - _MCU_ROWS)
+    while height > floor and grey[height - 1, -2:].tolist() == [fill, fill]:
         height -= 1
     return height
+
+
+#: The most rows one block row of a JPEG spans: 8 times the largest vertical sampling factor, 4
+#: (ITU-T T.81 A.1.1). FracAtlas's 49 truncated files' partly decoded rows span 16 at most.
+_MCU_ROWS = 32
 
 
 #: EXIF orientations whose upright image is the stored one turned a quarter: width and height swap.

@@ -302,6 +302,14 @@ def test_truncated_files_follow_the_policy():
                          "(FracAtlas's truncated X-rays miss at most about half)")
     with pytest.raises(InputRejected, match="is cut short"):
         read_xray(cut, InputPolicy(truncated="refuse"))
+    # An export padded with the very grey the missing rows decode to, cut by a tenth: counted as
+    # missing every row, with the warning, while its flat band at the bottom is under a tenth.
+    padded = np.full((512, 512), 128, np.uint8)
+    padded[:, 64:448] = np.asarray(xray_like((384, 512)))
+    whole = encode(Image.fromarray(padded), "JPEG", quality=90)
+    (note,) = read_xray(whole[: int(len(whole) * 0.9)], POLICY).warnings
+    assert 3 <= int(re.match(r"the file ends early: (\d+)%", note)[1]) <= 20, note
+    assert "means little" not in note
 
 
 def test_corrupt_jpeg_is_refused_without_server_detail():
