@@ -115,10 +115,12 @@ def _stage(
                 raise
             # A failed write() names no file; the stage's outputs folder is where it was writing.
             where = exc.filename or f"its outputs in outputs/{outputs or command}/"
+            stage = target or command
+            lock = (Path(stage.partition(":")[0]).parent / "dvc.lock").as_posix() if ":" in stage else "dvc.lock"
             sys.exit(
                 f"fracture {command}: could not write {where}: {exc.strerror}. Free disk space or fix the folder's "
                 f"permissions, then run the stage again. Its previous outputs are in DVC's cache: "
-                f"`dvc checkout --force {target or command}` puts them back, and dvc.lock still describes them."
+                f"`dvc checkout --force {stage}` puts them back, and {lock} still describes them."
             )
 
 
@@ -282,7 +284,7 @@ def crossval() -> None:
     """Cross-validate the recipe on train + val, never test (crossval/dvc.yaml, outside the main pipeline)."""
     from fracture.stages.crossval import run_crossval
 
-    with _stage("crossval") as (params, workspace):
+    with _stage("crossval", target="crossval/dvc.yaml:crossval") as (params, workspace):
         result = run_crossval(params, workspace)
     _print_crossval(result)
 

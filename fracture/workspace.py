@@ -697,11 +697,18 @@ class Workspace:
     def write_crossval(self, result: CrossvalResult, oof: pd.DataFrame) -> None:
         """Writes ``metrics.json`` and the out-of-fold predictions (``oof.csv``, sorted by ``image_id``;
         with each image's ``group`` of linked images where ``oof`` holds it; an ensemble's also with
-        each member's ``probability_member_<k>``)."""
-        write_json(self.crossval_metrics, result.to_dict())
+        each member's ``probability_member_<k>``).
+
+        ``metrics.json`` is removed first and written last, as the split's report is: a run stopped
+        between the two (a full disk, a kill) leaves no figures beside another run's predictions, and
+        ``fracture crossval-compare`` refuses predictions without them.
+        """
+        self.crossval_metrics.unlink(missing_ok=True)
         columns = ["image_id", "fold", "label", "probability"] + (["group"] if "group" in oof.columns else [])
         columns += sorted((c for c in oof.columns if c.startswith("probability_member_")), key=lambda c: int(c.rsplit("_", 1)[1]))
+        self.crossval_oof.parent.mkdir(parents=True, exist_ok=True)
         oof[columns].sort_values("image_id").to_csv(self.crossval_oof, index=False)
+        write_json(self.crossval_metrics, result.to_dict())
 
     def read_crossval(self) -> CrossvalResult:
         return CrossvalResult.from_dict(_read_json(self.crossval_metrics, "crossval/dvc.yaml:crossval"))

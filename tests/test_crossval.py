@@ -392,6 +392,41 @@ def test_cli_exits_with_one_line_when_the_folds_cannot_be_drawn(tmp_path, monkey
     assert "\n" not in message
 
 
+def test_a_crossval_stopped_writing_leaves_no_figures_and_its_predictions_are_refused(tiny_run, tmp_path, monkeypatch):
+    """metrics.json was written before oof.csv: a full disk between them left the new figures beside
+    the previous run's predictions, which crossval-compare then compared as this run's."""
+    import errno
+
+    from fracture.cli import main
+
+    _, done, result, _ = tiny_run
+    oof = done.read_crossval_oof()
+    workspace = Workspace(tmp_path)
+    workspace.write_crossval(result, oof)
+    before = workspace.crossval_oof.read_bytes()
+    assert read_oof(str(workspace.crossval_oof), tmp_path).equals(read_oof(str(done.crossval_oof), done.root))
+
+    def full(*_, **__):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pd.DataFrame, "to_csv", full)
+        with pytest.raises(OSError, match="No space left"):
+            workspace.write_crossval(result, oof.assign(probability=0.5))
+    assert not workspace.crossval_metrics.exists() and workspace.crossval_oof.read_bytes() == before
+    with pytest.raises(CrossvalError, match=r"the cross-validation that wrote it did not finish .*metrics\.json is "
+                                            r"written last and is missing.*`dvc repro crossval/dvc\.yaml` again"):
+        read_oof(str(workspace.crossval_oof), tmp_path)
+    # By hand, the stage's own message names the DVC stage and the lock file that describe its outputs.
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("fracture.stages.crossval.run_crossval", lambda *_: full())
+    with pytest.raises(SystemExit) as exit_:
+        main(["crossval"])
+    message = str(exit_.value.code)
+    assert "`dvc checkout --force crossval/dvc.yaml:crossval` puts them back, and crossval/dvc.lock still" in message
+
+
 # --- the DVC pipeline file ------------------------------------------------------------------------
 
 
