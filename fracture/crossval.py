@@ -579,13 +579,13 @@ def _declared_in(run: str, path: str, root: Path) -> bool:
 
 def _read_oof_file(run: str, root: Path) -> pd.DataFrame:
     workspace = Workspace(root)
-    if Path(run).is_file() and Path(run).resolve() == workspace.crossval_oof.resolve():
-        if not workspace.crossval_metrics.is_file():  # written after the predictions: the run stopped between
-            raise CrossvalError(
-                f"{run}: the cross-validation that wrote it did not finish ({workspace.crossval_metrics} is written "
-                "last and is missing), so its predictions may be an earlier run's; run `dvc repro crossval/dvc.yaml` "
-                "again"
-            )
+    ours = Path(run).is_file() and Path(run).resolve() == workspace.crossval_oof.resolve()
+    if ours and not workspace.crossval_metrics.is_file():  # written after the predictions: the run stopped between
+        raise CrossvalError(
+            f"{run}: the cross-validation that wrote it did not finish ({workspace.crossval_metrics} is written "
+            "last and is missing), so its predictions may be an earlier run's; run `dvc repro crossval/dvc.yaml` "
+            "again"
+        )
     if Path(run).is_file():
         try:
             return read_table(Path(run))

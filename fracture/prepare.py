@@ -207,7 +207,8 @@ def open_prepared(out_dir: Path, key: dict[str, Any]) -> PreparedImages:
     if built != key:
         raise StaleCacheError(
             f"the prepared cache in {out_dir} was built for {built}, but this model needs {key}: "
-            "run `dvc repro prepare` (or `dvc repro`) to rebuild it"
+            "run `dvc repro prepare` to rebuild it (then `dvc repro` for the pipeline, or `dvc repro "
+            "crossval/dvc.yaml` for cross-validation)"
         )
     index = read_table(out_dir / INDEX)
     images = np.load(out_dir / IMAGES, mmap_mode="r")
