@@ -118,7 +118,9 @@ class TimmPyramid(nn.Module):
 MAX_DETECTIONS = 20
 
 
-def build_detector(config: DetectorConfig, classifier_state: dict[str, torch.Tensor] | None = None) -> nn.Module:
+def build_detector(
+    config: DetectorConfig, classifier_state: dict[str, torch.Tensor] | None = None, seed: int | None = None
+) -> nn.Module:
     """The detector, its backbone loaded from the classifier's fine-tuned weights.
 
     Args:
@@ -127,10 +129,15 @@ def build_detector(config: DetectorConfig, classifier_state: dict[str, torch.Ten
             head is left out, and of an ensemble's, every member but the first. None: the backbone
             starts untrained (for tests, and for rebuilding a saved detector before its own weights
             are loaded).
+        seed: seeds the new layers' first weights (the feature pyramid and the head: ``detect.seed``),
+            so that training again on the same data gives the same detector; ``None``: torch's state
+            as it is (a saved detector's weights are loaded over them).
 
     Raises:
         DetectionError: the classifier's weights do not hold the backbone's tensors.
     """
+    if seed is not None:
+        torch.manual_seed(seed)
     body = timm.create_model(config.backbone, pretrained=False, features_only=True, out_indices=FEATURE_LEVELS)
     # Frozen before loading: frozen batch norm holds no batch counter, so the classifier's weights
     # load whether its own layers were trained (with counters) or frozen (without, the CPU profile's stem).

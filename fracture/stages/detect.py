@@ -100,7 +100,7 @@ def run_detect_train(params: Params, workspace: Workspace) -> dict[str, object]:
     val, val_truth, _, left_val = boxed_split(params, workspace, "val", boxes)
     data = trained.model.data_config
     config = DetectorConfig(trained.model.architecture, d.architecture, d.image_size, d.fpn_channels, data.mean, data.std)
-    model = build_detector(config, load_file(str(workspace.weights)))
+    model = build_detector(config, load_file(str(workspace.weights)), seed=d.seed)
     workspace.detect_dir.mkdir(parents=True, exist_ok=True)
     setup_mlflow(params, workspace.root)
     seen = seen_by_detector(workspace, trained.run_id, MlflowClient())
