@@ -48,11 +48,12 @@ from bench.args import fracatlas_folder
 from bench.cache_vs_decode import image_frame
 from fracture.config import load_params
 from fracture.data_config import DataConfig
+from fracture.devices import select_device
 from fracture.imaging import CLASSES, Preprocessor
 from fracture.inference import autocast_for
 from fracture.model import profile_data_config
 from fracture.prepare import cache_key, open_prepared, prepare_images
-from fracture.training import select_device, train_step
+from fracture.training import train_step
 
 SIDES = ("mixed", "fp32")
 

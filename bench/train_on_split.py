@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from fracture.config import load_params
+from fracture.devices import select_device
 from fracture.evaluation import (
     calibration,
     confidence_intervals,
@@ -35,7 +36,7 @@ from fracture.imaging import Preprocessor
 from fracture.inference import probabilities
 from fracture.model import profile_data_config
 from fracture.split import split_groups
-from fracture.training import select_device, train
+from fracture.training import train
 
 
 def _coerce(value: str) -> object:

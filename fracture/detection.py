@@ -265,11 +265,13 @@ def fracture_boxes(model: nn.Module, image: torch.Tensor) -> tuple[np.ndarray, n
 
     One image per forward pass, wherever the detector scores: torchvision pads a batch to its
     largest image, and the padding changes the boxes. Evaluation (:func:`detect`) and the served
-    model both call this, so their boxes are the same.
+    model both call this, so their boxes are the same. The image goes to the device the detector
+    is on; the boxes come back to the CPU.
     """
-    result = model([image])[0]
+    device = next(model.parameters()).device
+    result = model([image.to(device)])[0]
     keep = result["labels"] == FRACTURE
-    return result["boxes"][keep].numpy(), result["scores"][keep].numpy()
+    return result["boxes"][keep].cpu().numpy(), result["scores"][keep].cpu().numpy()
 
 
 def detect(model: nn.Module, images: BoxedImages, batch_size: int = 8, workers: int = 0) -> Detections:
@@ -565,6 +567,7 @@ def train_detector(
     frozen: Sequence[str] = (),
     warmup_epochs: float = 0.0,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
+    device: torch.device | str = "cpu",
 ) -> DetectorTraining:
     """Fine-tunes the detector; the epoch kept is the one with the best val mAP@0.5.
 
@@ -576,6 +579,8 @@ def train_detector(
     Args:
         frozen: backbone modules kept as they are (timm's ``freeze``, e.g. ``blocks.0``): the
             high-resolution early layers, whose backward pass is most of a CPU step's cost.
+        device: where the detector trains and scores val (``train.device``'s choice, as the
+            classifier's); the kept weights are on the CPU.
 
     Raises:
         DetectionError: the training or the val split holds no image with a box.
@@ -598,6 +603,7 @@ def train_detector(
         except AttributeError as err:
             raise DetectionError(f"detect.frozen names a module the backbone lacks ({err}); name its modules as timm "
                                  "does, e.g. conv_stem, bn1, blocks.0") from err
+    model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimiser = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     per_epoch = math.ceil(len(epoch_indices(has_boxes, negatives_per_positive, np.random.default_rng(0))) / batch_size)
@@ -618,6 +624,8 @@ def train_detector(
                             num_workers=workers, collate_fn=_collate, drop_last=len(order) % batch_size == 1)
         losses = []
         for images, targets in loader:
+            images = [image.to(device) for image in images]
+            targets = [{k: v.to(device) for k, v in target.items()} for target in targets]
             loss = sum(model(images, targets).values())
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
@@ -633,7 +641,7 @@ def train_detector(
         if on_epoch is not None:
             on_epoch(row)
         if best is None or row["val_map_50"] > best[0]:
-            state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
             best = (row["val_map_50"], epoch, state, found.top_scores())
     assert best is not None
     return DetectorTraining(best[2], best[1], best[0], history, time.perf_counter() - started, best[3])

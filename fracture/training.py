@@ -42,13 +42,14 @@ from tqdm import tqdm
 from fracture import checkpoint, distributed
 from fracture.config import Profile, TrainParams
 from fracture.data_config import DataConfig
+from fracture.devices import select_device
 from fracture.ensemble import SeedEnsemble
 from fracture.imaging import Preprocessor
 from fracture.inference import autocast_for, mirror, probabilities, softmax
 from fracture.model import check_frozen, create_classifier, data_config
 from fracture.prepare import CachedImages, StaleCacheError
 from fracture.recipe import cycle_epochs, learning_rate
-from fracture.vocabulary import CLASSES, Augment, ClassBalance, Device, choices
+from fracture.vocabulary import CLASSES, Augment, ClassBalance, choices
 
 log = logging.getLogger(__name__)
 
@@ -87,19 +88,6 @@ class FitResult:
     member_best_epochs: tuple[int, ...] = ()
     # And each member's last-epoch val probabilities (``final_val_probabilities`` is their mean).
     member_final_val_probabilities: tuple[np.ndarray, ...] = ()
-
-
-def select_device(preference: Device) -> torch.device:
-    """CUDA when present (or required), else the CPU.
-
-    Raises:
-        RuntimeError: ``cuda`` was required but no CUDA device is visible.
-    """
-    if preference == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device is 'cuda' but no CUDA device is visible; set it to 'auto' or 'cpu'")
-    if preference in {"auto", "cuda"} and torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
 
 
 def seed_everything(seed: int) -> None:

@@ -68,3 +68,24 @@ def test_a_cuda_run_killed_in_its_second_epoch_resumes_with_its_rng_and_optimise
     resumed = train(data, data, config, profile, train_params, checkpoint_dir=tmp_path / "ck", checkpoint_key="k")
     assert resumed.device == "cuda" and resumed.resumed_from == 1
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
+
+
+def test_the_detector_trains_and_scores_on_cuda_and_keeps_its_weights_on_the_cpu(tmp_path):
+    """The detector trained and scored on the CPU wherever it ran: detect.enabled on a GPU machine
+    trained for over an hour on its CPU."""
+    import timm
+
+    from fracture.detection import BoxedImages, build_detector, detect, train_detector
+    from tests.test_detection import CONFIG, squares
+
+    paths, truth = squares(tmp_path, 9)
+    train = BoxedImages(paths[:6], truth[:6], 128, flip=True)
+    val = BoxedImages(paths[6:], truth[6:], 128)
+    classifier = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=2).state_dict()
+    model = build_detector(CONFIG, classifier, seed=0)
+    result = train_detector(model, train, val, truth[6:], epochs=1, batch_size=3, lr=1e-3, weight_decay=0,
+                            negatives_per_positive=1, seed=0, device="cuda")
+    assert all(p.is_cuda for p in model.parameters())
+    assert all(t.device.type == "cpu" for t in result.state.values())
+    found = detect(model, val)  # the images go to the detector's device; the boxes come back as arrays
+    assert len(found.boxes) == 3 and all(b.shape[1:] == (4,) for b in found.boxes)

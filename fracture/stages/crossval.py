@@ -25,12 +25,12 @@ from fracture.crossval import (
     summarise,
 )
 from fracture.data_config import DataConfig
+from fracture.devices import select_device
 from fracture.model import check_profile_frozen, require_versioned_weights
 from fracture.prepare import PreparedImages
 from fracture.stages.prepare import active_cache, open_cache
 from fracture.stages.train import log_dataset_inputs, recipe_params
 from fracture.tracking import hardware_tags, setup_mlflow
-from fracture.training import select_device
 from fracture.workspace import CrossvalFold, CrossvalResult, Workspace
 
 log = logging.getLogger(__name__)

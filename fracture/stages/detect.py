@@ -33,6 +33,7 @@ from fracture.detection import (
     train_detector,
 )
 from fracture.detector_registry import DetectorTestSplit, register_detector
+from fracture.devices import select_device
 from fracture.evaluation import choose_threshold
 from fracture.gate import split_fingerprint
 from fracture.localisation import ImageBoxes, read_coco_boxes
@@ -119,6 +120,7 @@ def run_detect_train(params: Params, workspace: Workspace) -> dict[str, object]:
             model, train, val, val_truth, epochs=d.epochs, batch_size=d.batch_size, lr=d.lr,
             weight_decay=d.weight_decay, negatives_per_positive=d.negatives_per_positive, seed=d.seed,
             workers=d.workers, frozen=d.frozen, warmup_epochs=d.warmup_epochs, on_epoch=on_epoch,
+            device=select_device(params.train.device),
         )
         mlflow.log_metrics({"best_val_map_50": result.best_val_map_50, "train_seconds": result.seconds})
     save_file(result.state, str(workspace.detect_weights))
@@ -198,6 +200,7 @@ def run_detect_evaluate(params: Params, workspace: Workspace) -> dict[str, float
     d = params.detect
     boxes = _boxes(params, workspace)
     _, described, model = load_trained_detector(workspace)
+    model.to(select_device(params.train.device))
     val_scores = _val_scores(params, workspace, boxes)
     test, truth, labels, left_test = boxed_split(params, workspace, "test", boxes)
     target = params.evaluate.target_sensitivity or 0.85

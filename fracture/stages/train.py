@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 from fracture import checkpoint, distributed
 from fracture.config import ConfigError, Params, Profile
+from fracture.devices import select_device
 from fracture.model import check_profile_frozen, require_versioned_weights
 from fracture.seen import SEEN_ARTIFACT, SeenImages
 from fracture.stages.prepare import (
@@ -26,7 +27,7 @@ from fracture.stages.prepare import (
     require_a_device_for_the_profile,
 )
 from fracture.tracking import hardware_tags, setup_mlflow
-from fracture.training import FitResult, fit_members, member_checkpoint, select_device
+from fracture.training import FitResult, fit_members, member_checkpoint
 from fracture.vocabulary import CLASSES
 from fracture.workspace import TrainedModel, TrainResult, Workspace
 
