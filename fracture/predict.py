@@ -166,11 +166,19 @@ def load(uri: str, client: MlflowClient | None = None) -> LoadedModel:
         model = ConsumerModel(f"models:/{name}/{version.version}")
     except ConsumerError as exc:
         raise PredictError(str(exc)) from exc
-    if model.threshold is None or model.policy is None:
+    if model.threshold is None:
         model.close()
         raise PredictError(
             f"{uri} is a {model.kind}, not a fracture classifier logged by this project's register step; "
             "give --model a version of one"
+        )
+    if model.policy is None:
+        model.close()
+        raise PredictError(
+            f"{uri} (version {version.version}) was logged by a release of before 2026-11-30: its model carries no "
+            "input checks and stops at the first file it cannot read, where fracture predict gives every file a row. "
+            "Load it with mlflow.pyfunc, or give --model a version logged since (the gate scores it as champion; "
+            "`fracture rollback --to <version> --reason ...` serves a newer one)"
         )
     known = {f.name for f in dataclasses.fields(InputPolicy)}  # a version's policy may hold more, or less
     policy = InputPolicy.from_dict({k: v for k, v in model.policy.items() if k in known})
