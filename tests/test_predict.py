@@ -291,6 +291,30 @@ def test_a_store_uri_is_read_as_mlflow_reads_it_and_a_file_that_is_no_store_is_n
         load(f"models:/{NAME}@champion")
 
 
+def test_a_version_logged_before_input_checks_is_refused_naming_its_release(registry, monkeypatch):
+    """Its model has its threshold but no input policy (before 2026-11-30): predict ended in an
+    AttributeError from the consumer's Python, and then said it was no fracture classifier."""
+    from fracture import predict as predict_module
+
+    closed = []
+
+    class Old:  # the header such a version's consumer Python sends
+        kind, code, threshold, policy = "FracturePyfunc", "/models/v1/code/fracture/__init__.py", 0.5, None
+
+        def __init__(self, uri):
+            self.uri = uri
+
+        def close(self):
+            closed.append(self.uri)
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry["uri"])
+    monkeypatch.setattr(predict_module, "ConsumerModel", Old)
+    with pytest.raises(predict_module.PredictError, match=r"\(version 1\) was logged by a release of before "
+                                                         r"2026-11-30: its model carries no input checks"):
+        predict_module.load(f"models:/{NAME}@champion")
+    assert closed == [f"models:/{NAME}/1"]
+
+
 def test_batches_are_cut_to_the_rows_the_model_takes_in_one_request(registry, monkeypatch):
     """A --batch-size above the model's serve.max_rows would be refused whole; each request holds
     at most max_rows files instead."""

@@ -1400,6 +1400,22 @@ def test_the_load_check_reads_a_consumers_answer_as_strictly_as_its_own_load(tmp
     assert not loaded.passed and loaded.detail.startswith(f"models:/{NAME}/2 failed on xray.jpg: ConsumerError")
 
 
+def test_a_champion_logged_before_per_row_errors_is_scored_from_its_answer_without_them(tmp_path, monkeypatch):
+    """A version logged before 2026-11-30 answers fracture_probability, label and threshold only: the
+    gate stopped on KeyError 'error' at every run, and the new version stayed challenger."""
+    paths = [tmp_path / f"{i}.jpg" for i in range(3)]
+    rows = pd.DataFrame({"fracture_probability": [0.1, 0.8, 0.4], "label": ["n", "f", "n"], "threshold": [0.5] * 3})
+    monkeypatch.setattr(scoring_module, "predict_as_consumer",
+                        lambda uri, files: ConsumerAnswer(rows, "/models/v1/code/fracture/__init__.py", files=()))
+    probs, threshold = served_scores(NAME, "1", EvaluatedSplit("s" * 64, 3, paths[0], tuple(paths)))
+    assert probs.tolist() == [0.1, 0.8, 0.4] and threshold == 0.5
+    # A version of today's that refused a file still fails the scoring, naming it.
+    monkeypatch.setattr(scoring_module, "predict_as_consumer", lambda uri, files: ConsumerAnswer(
+        rows.assign(error=["", "not an X-ray", ""]), "/models/v2/code/fracture/__init__.py", files=()))
+    with pytest.raises(ConsumerError, match="refused 1 of the test split's 3 images, e.g. 1.jpg: not an X-ray"):
+        served_scores(NAME, "2", EvaluatedSplit("s" * 64, 3, paths[0], tuple(paths)))
+
+
 def test_a_version_whose_packaged_code_is_broken_fails_the_load_check_in_a_consumers_python(client, ranked, monkeypatch):
     """The load check ran in the pipeline's process, whose installed code the version then used, so
     a version with broken packaged code passed it and became champion while no consumer could load
