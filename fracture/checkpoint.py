@@ -245,7 +245,10 @@ def _read(directory: Path, key: str) -> Checkpoint | None:
     state_path = directory / STATE
     plain = json.loads(state_path.read_text())
     if plain.get("format") != FORMAT or plain.get("fingerprint") != key:
-        log.info("ignoring the checkpoint in %s: it belongs to a run with other params or data", directory)
+        # A warning: a GPU run stopped before the project's code was upgraded starts again from epoch 1.
+        log.warning("ignoring the checkpoint in %s: it belongs to another run (other params, data, pipeline code, "
+                    "torch or timm version, or pretrained weights); training starts again from the first epoch",
+                    directory)
         return None
     with safe_open(str(directory / TENSORS), framework="pt") as handle:
         written = handle.metadata() or {}

@@ -156,11 +156,15 @@ def test_each_checkpoint_file_is_on_the_disk_before_it_replaces_the_last(tmp_pat
     ]
 
 
-def test_a_checkpoint_of_another_run_is_not_resumed(tmp_path):
+def test_a_checkpoint_of_another_run_is_not_resumed(tmp_path, caplog):
     data, config, profile, params = _setup(tmp_path)
     short = dataclasses.replace(profile, epochs=1)
     train(data, data, config, short, params, checkpoint_dir=tmp_path / "c", checkpoint_key="old params")
-    assert checkpoint.load(tmp_path / "c", "new params") is None
+    with caplog.at_level("WARNING", logger="fracture.checkpoint"):
+        assert checkpoint.load(tmp_path / "c", "new params") is None
+    # Said where the command's log shows it (warnings): a run stopped before an upgrade starts over.
+    assert any(r.levelname == "WARNING" and "belongs to another run (other params, data, pipeline code" in r.message
+               for r in caplog.records)
     result = train(data, data, config, short, params, checkpoint_dir=tmp_path / "c", checkpoint_key="new params")
     assert result.resumed_from == 0
 
