@@ -48,6 +48,7 @@ __all__ = [
     "near_constant",
     "open_xray",
     "png_bit_depth",
+    "shown_size",
     "too_many_pixels",
     "unservable",
     "upright_size",
@@ -531,6 +532,22 @@ def upright_size(img: Image.Image) -> tuple[int, int]:
     turned it upright: the header's size, swapped when its EXIF orientation turns it a quarter."""
     turned = img.getexif().get(ExifTags.Base.Orientation, 1) in _QUARTER_TURNS
     return (img.height, img.width) if turned else img.size
+
+
+def shown_size(path: str | Path) -> tuple[int, int]:
+    """``(width, height)`` of a file as :func:`decode` gives it, read from its header: a picture
+    turned upright (:func:`upright_size`), a DICOM radiograph with square pixels
+    (:func:`~fracture.dicom.display_size`). The frame boxes drawn on the image are in.
+
+    Raises:
+        OSError, ValueError: the file cannot be read, or is neither a picture nor DICOM.
+    """
+    with Path(path).open("rb") as handle:
+        start = handle.read(132)
+    if is_dicom(start):
+        return display_size(read_header(Path(path).read_bytes()))
+    with Image.open(path) as img:
+        return upright_size(img)
 
 
 def decode_truncated(

@@ -33,6 +33,7 @@ from fracture.detector_registry import (
 )
 from fracture.gate import split_fingerprint
 from fracture.intake import InputPolicy
+from fracture.localisation import BoxesError
 from fracture.registry import CHALLENGER, CHAMPION, PREVIOUS_CHAMPION, RegistryError
 from fracture.seen import SEEN_ARTIFACT, SeenImages
 from tests.conftest import REPO
@@ -497,3 +498,10 @@ def test_the_detector_run_lists_what_it_and_its_backbone_learnt_from_and_registe
     # As champion, the detector is not scored on IMG0000004.jpg, which its backbone learnt, nor on its near-duplicate.
     seen = SeenImages.from_table(listed.to_csv(index=False), "")
     assert test.seen_by(seen).tolist() == [True, True, False, False]
+    # Boxes drawn on another frame than the image shows (here width and height swapped, as a tool that
+    # ignores a JPEG's EXIF orientation states them) were scaled onto it as they were: refused, named.
+    coco["images"][0] |= {"width": 96, "height": 80}
+    (dataset / params.evaluate.boxes).write_text(json.dumps(coco))
+    with pytest.raises(BoxesError, match=r"IMG0000000\.jpg: its boxes in .* are for a 96 x 80 px image, but "
+                                         r".*IMG0000000\.jpg shows 80 x 96 px"):
+        stage.run_detect_train(params, workspace)

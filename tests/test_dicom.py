@@ -15,7 +15,7 @@ from pydicom.filewriter import write_dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import DeflatedExplicitVRLittleEndian, RLELossless
 
-from fracture.decoding import open_xray
+from fracture.decoding import open_xray, shown_size
 from fracture.dicom import (
     DicomRejected,
     _display_values,
@@ -797,10 +797,14 @@ def _spaced(tag: str, value: list[float]) -> tuple[bytes, np.ndarray]:
         ("PixelSpacing", [0.1, 0.15], (300, 100)),
     ],
 )
-def test_pixels_that_are_not_square_are_resampled_to_square_ones(tag, value, size):
+def test_pixels_that_are_not_square_are_resampled_to_square_ones(tag, value, size, tmp_path):
     """A physical square must stay square for ``aspect: pad`` and the detector: the coarser axis is
     upsampled (bilinear), keeping the finer resolution, as MONAI's Spacing does."""
     data, _ = _spaced(tag, value)
+    # The size boxes are checked against, from the header alone (the evaluate stage opened a DICOM
+    # file with Pillow there, and failed after training).
+    (tmp_path / "x.dcm").write_bytes(data)
+    assert shown_size(tmp_path / "x.dcm") == size
     xray = read_xray(data, InputPolicy())
     image = xray.image
     assert image.size == size

@@ -8,7 +8,13 @@ import torch
 from PIL import ExifTags, Image
 
 from fracture.data_config import DataConfig
-from fracture.decoding import ImageLoadError, decode, open_xray, upright_size
+from fracture.decoding import (
+    ImageLoadError,
+    decode,
+    open_xray,
+    shown_size,
+    upright_size,
+)
 from fracture.imaging import Preprocessor, build_transform
 from fracture.intake import InputPolicy, read_xray
 from fracture.manifest import inspect_image
@@ -195,6 +201,7 @@ def test_a_picture_stored_turned_is_decoded_upright_as_its_exif_orientation_says
     with Image.open(path) as stored:
         assert stored.size == ((80, 120) if orientation in (6, 8) else (120, 80))
         assert upright_size(stored) == (120, 80)  # from the header, undecoded
+    assert shown_size(path) == (120, 80)
     for decoded in (open_xray(path, rgb=False), decode(path.read_bytes())):
         assert decoded.size == (120, 80)
         assert np.abs(np.asarray(decoded, dtype=int) - np.asarray(upright, dtype=int)).max() <= 12

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from sklearn.metrics import roc_auc_score
 
 from fracture.config import Params
+from fracture.decoding import shown_size
 from fracture.detection import (
     BoxedImages,
     DetectionError,
@@ -36,7 +37,7 @@ from fracture.detector_registry import DetectorTestSplit, register_detector
 from fracture.devices import select_device
 from fracture.evaluation import choose_threshold
 from fracture.gate import split_fingerprint
-from fracture.localisation import ImageBoxes, read_coco_boxes
+from fracture.localisation import BoxesError, ImageBoxes, read_coco_boxes
 from fracture.registry import Registration
 from fracture.seen import SEEN_ARTIFACT, SeenImages, SeenListError, seen_table
 from fracture.split import split_groups
@@ -75,6 +76,15 @@ def boxed_split(
     kept = frame[reasons.eq("").to_numpy()]
     excluded = pd.DataFrame({"split": split, "image_id": frame["image_id"][reasons.ne("")], "reason": reasons[reasons.ne("")]})
     dataset = workspace.root / params.ingest.dest
+    for image_id, path in zip(kept["image_id"][kept["label"] == 1], kept["path"][kept["label"] == 1], strict=True):
+        # The boxes are scaled with the image as decoded: drawn on another frame, they would fall elsewhere.
+        shown, stated = shown_size(dataset / path), boxes[image_id].size
+        if tuple(shown) != tuple(stated):
+            raise BoxesError(
+                f"{image_id}: its boxes in {where} are for a {stated[0]} x {stated[1]} px image, but {path} shows "
+                f"{shown[0]} x {shown[1]} px (turned upright by its EXIF orientation; a DICOM's pixels made square): "
+                "draw the boxes on the image as it is shown, or give its size as shown"
+            )
     truth = [boxes[i].boxes if int(lab) == 1 else np.zeros((0, 4)) for i, lab in zip(kept["image_id"], kept["label"], strict=True)]
     images = BoxedImages(
         [dataset / p for p in kept["path"]], truth, params.detect.image_size, flip=flip,

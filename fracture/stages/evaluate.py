@@ -17,10 +17,9 @@ import mlflow
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 
 from fracture.config import Params
-from fracture.decoding import upright_size
+from fracture.decoding import shown_size
 from fracture.dicom import is_dicom
 from fracture.evaluation import (
     Calibration,
@@ -139,8 +138,7 @@ def localise(
     def heat_map(image_id: str, image_boxes: ImageBoxes) -> np.ndarray:
         i = rows[image_id]
         cam = grad_cam(network, pre(pixels[i : i + 1]), target, tta=tta)
-        with Image.open(dataset / paths[image_id]) as img:  # the header only: the size the page maps onto
-            size = upright_size(img)
+        size = shown_size(dataset / paths[image_id])  # the header only: the size the page maps onto (DICOM too)
         return to_image_grid(cam, size, aspect)
 
     return score_heat_maps(
