@@ -303,6 +303,7 @@ def mean_average_precision(detections: Detections, truth: Sequence[np.ndarray]) 
     metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox")
     metric.update(*_coco_inputs(detections, truth))
     result = metric.compute()
+    # mar_100 is COCO's recall with up to 100 detections an image; the detector keeps MAX_DETECTIONS (20).
     return {"map_50": float(result["map_50"]), "map": float(result["map"]), "mar_100": float(result["mar_100"])}
 
 
