@@ -242,9 +242,9 @@ DETECTOR_ROWS = (
     ("mAP@0.5", "map_50", True),
     ("mAP@0.5:0.95", "map", True),
     ("Recall (at most 20 boxes an image; COCO's mar_100)", "mar_100", False),
-    ("Top box as a classifier: ROC AUC", "image_roc_auc", False),
-    ("Top box as a classifier: sensitivity", "image_sensitivity", False),
-    ("Top box as a classifier: specificity", "image_specificity", False),
+    ("Top box as a classifier: ROC AUC", "image_roc_auc", True),
+    ("Top box as a classifier: sensitivity", "image_sensitivity", True),
+    ("Top box as a classifier: specificity", "image_specificity", True),
     ("Image-level threshold (chosen on val)", "image_threshold", False),
 )
 

@@ -484,8 +484,12 @@ def test_the_detector_run_lists_what_it_and_its_backbone_learnt_from_and_registe
     }
 
     # detect_evaluate tags the run with the test split it scored, which registration checks the split against.
-    stage.run_detect_evaluate(params, workspace)
+    metrics = stage.run_detect_evaluate(params, workspace)
     evaluated_on = client.get_run(str(described["run_id"])).data.tags["split_fingerprint"]
+    # The top box as an image classifier carries the classifier's intervals, drawn over the test groups.
+    for name in ("image_roc_auc", "image_sensitivity", "image_specificity"):
+        assert metrics[f"{name}_ci_low"] <= metrics[name] <= metrics[f"{name}_ci_high"], name
+    assert metrics["image_sensitivity_ci_high"] - metrics["image_sensitivity_ci_low"] > 0.3  # 2 fractured images
     (workspace.detect_metrics).write_text(json.dumps({"image_threshold": 0.5}))
     given = []
     monkeypatch.setattr(stage, "register_detector", lambda *args: given.append(args[4]))

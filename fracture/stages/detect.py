@@ -35,7 +35,7 @@ from fracture.detection import (
 )
 from fracture.detector_registry import DetectorTestSplit, register_detector
 from fracture.devices import select_device
-from fracture.evaluation import choose_threshold
+from fracture.evaluation import choose_threshold, confidence_intervals
 from fracture.gate import split_fingerprint
 from fracture.localisation import BoxesError, ImageBoxes, read_coco_boxes
 from fracture.registry import Registration
@@ -222,6 +222,11 @@ def run_detect_evaluate(params: Params, workspace: Workspace) -> dict[str, float
                               groups=_test_rows(params, workspace, test)["group"].tolist())
     top = found.top_scores()
     predicted = top >= threshold
+    # The top box as an image classifier, with the classifier's intervals: ROC AUC's grouped bootstrap,
+    # sensitivity's and specificity's Wilson intervals over the effective number of images.
+    groups = _test_rows(params, workspace, test)["group"].to_numpy()
+    image = confidence_intervals(labels, top, threshold, d.bootstrap_resamples, params.evaluate.seed, groups=groups)
+    intervals |= {f"image_{name.replace('recall', 'sensitivity')}": bounds for name, bounds in image.items()}
     metrics = maps | {f"{k}_ci_low": low for k, (low, _) in intervals.items()} | {
         f"{k}_ci_high": high for k, (_, high) in intervals.items()
     } | {
