@@ -218,13 +218,12 @@ def run_detect_evaluate(params: Params, workspace: Workspace) -> dict[str, float
     found = detect(model, test, d.batch_size, d.workers)
     maps = mean_average_precision(found, truth)
     # Resampled over the test split's groups of linked images, as the classifier's intervals are.
-    intervals = bootstrap_map(found, truth, d.bootstrap_resamples, params.evaluate.seed,
-                              groups=_test_rows(params, workspace, test)["group"].tolist())
+    groups = _test_rows(params, workspace, test)["group"].to_numpy()
+    intervals = bootstrap_map(found, truth, d.bootstrap_resamples, params.evaluate.seed, groups=groups.tolist())
     top = found.top_scores()
     predicted = top >= threshold
     # The top box as an image classifier, with the classifier's intervals: ROC AUC's grouped bootstrap,
     # sensitivity's and specificity's Wilson intervals over the effective number of images.
-    groups = _test_rows(params, workspace, test)["group"].to_numpy()
     image = confidence_intervals(labels, top, threshold, d.bootstrap_resamples, params.evaluate.seed, groups=groups)
     intervals |= {f"image_{name.replace('recall', 'sensitivity')}": bounds for name, bounds in image.items()}
     metrics = maps | {f"{k}_ci_low": low for k, (low, _) in intervals.items()} | {
