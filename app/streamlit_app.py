@@ -12,6 +12,7 @@ import logging
 import math
 import re
 
+import numpy as np
 import streamlit as st
 from champion import (
     AliasWatch,
@@ -52,19 +53,29 @@ MAX_BOXES_DRAWN = 5
 # score below its threshold as equal to it.
 MAX_DECIMALS = 6
 #: What Streamlit's Markdown reads as syntax: links and images, emphasis, code, its :color[...] directives,
-#: :emoji: and :material/...: codes, and $ for LaTeX.
-_MARKDOWN = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~:$])")
+#: :emoji: and :material/...: codes, $ for LaTeX, and & for HTML's entities (&amp; shown as &).
+_MARKDOWN = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~:$&])")
+#: Unicode's bidirectional controls (marks, embeddings, overrides, isolates): inside a file's name
+#: they turn the page's own text around it (a name with U+202E showed "1152 x 1440" as "2511 x 0441").
+_BIDI_CONTROLS = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
 def plain(text: str) -> str:
-    """``text`` as Streamlit shows it literally: every character its Markdown reads as syntax escaped.
+    """``text`` as Streamlit shows it literally: every character its Markdown reads as syntax escaped,
+    and bidirectional controls written out (``\\u202e``) rather than obeyed.
 
     For what the page does not write itself: an upload's name, a DICOM header's values in a model's
     note, an exception's message, a registry's error. Streamlit renders Markdown in alerts and
     captions, so a file named ``![x](https://host/t.png)`` made the clinician's browser fetch that
     address, and ``[Open the result](https://...)`` showed a link the page never wrote.
     """
-    return _MARKDOWN.sub(r"\\\1", text)
+    return _MARKDOWN.sub(r"\\\1", readable(text))
+
+
+def readable(text: str) -> str:
+    """``text`` with its bidirectional controls written out as ``\\u202e``: for an image's alt text,
+    which is not Markdown, as for :func:`plain`."""
+    return _BIDI_CONTROLS.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 @st.cache_resource(show_spinner=False)
@@ -197,7 +208,8 @@ def show_model(model: ServedModel, settings: PageSettings, detector: ServedDetec
                     f"- architecture: `{config.architecture}`",
                     *averaged,
                     f"- input: {data_config.input_size[1]} x {data_config.input_size[2]} px, `{data_config.aspect}`",
-                    f"- decision threshold: {config.threshold:.4g}" + (f". {plain(figures)}" if figures else ""),
+                    f"- decision threshold: {against_threshold(config.threshold, config.threshold)[1]}"
+                    + (f". {plain(figures)}" if figures else ""),
                     f"- training run: `{model.run_id}`",
                     f"- registry: `{settings.shown_uri}`",
                 ]
@@ -238,14 +250,17 @@ def show_result(
     cols[0].metric("Predicted class", label)
     cols[1].metric("Fracture probability", probability)
     cols[2].metric("Threshold", threshold)
-    st.caption(
+    # Body text, not a caption: the rule and the test figures are read, and a caption's grey is too faint (3.9:1).
+    st.markdown(
         "The class is Fractured when the fracture probability is at least the threshold. "
         + (plain(figures) + " " if figures else "")
         + f"This is decision support for a trained reader, not a diagnosis: {NOT_FOR_CLINICAL_USE}."
     )
     columns = st.columns(2 if detector is None else 3)
     width, height = xray.image.size
-    columns[0].image(display, caption=plain(f"{name} ({width} x {height} px, {xray.format} {xray.mode})"), width="stretch")
+    kind = {"L": "greyscale", "RGB": "colour"}.get(xray.mode, xray.mode)
+    columns[0].image(display, caption=plain(f"{name} ({width} x {height} px, {xray.format} {xray.mode})"), width="stretch",
+                     alt=readable(f"X-ray {name}, {width} by {height} pixels, {kind} {xray.format}"))
     show_heat_map(columns[1], model, name, data, prediction.class_index, label, display)
     if detector is not None:
         # Boxes come in the file's own pixels: a DICOM's stored grid, not the square-pixel image shown.
@@ -263,9 +278,12 @@ def show_heat_map(
         column.warning(plain(f"No heat map for {name} ({type(exc).__name__}: {exc}); the prediction above stands."))
         return
     if heat.max() > 0:
-        caption = f"Grad-CAM heat map for '{label}': red marks the regions that raised that score most"
+        caption = (f"Grad-CAM heat map for '{label}': the brighter and yellower the colour, the more the region "
+                   "raised that score (dark purple least)")
+        alt = f"Grad-CAM heat map for {label} over the X-ray, strongest {where(heat)}"
     else:
         caption = f"Grad-CAM heat map for '{label}': no region raised that score above the rest"
+        alt = f"Grad-CAM heat map for {label}: no region raised that score above the rest"
     members = members_of(model)
     averaged = [f"the mean of its {members} networks' maps"] if members > 1 else []
     if model.config.tta == "hflip":
@@ -273,7 +291,16 @@ def show_heat_map(
                         "the mean over the X-ray and its mirror, as the score")
     if averaged:
         caption += f" ({'; '.join(averaged)})"
-    column.image(heat_overlay, caption=caption, width="stretch")
+    column.image(heat_overlay, caption=caption, width="stretch", alt=alt)
+
+
+def where(heat: np.ndarray) -> str:
+    """Where a heat map peaks, in words: ``in the upper third, on the left``."""
+    row, col = np.unravel_index(int(np.argmax(heat)), heat.shape)
+    height, width = heat.shape
+    band = ("upper", "middle", "lower")[min(2, 3 * row // height)]
+    side = ("on the left", "in the centre", "on the right")[min(2, 3 * col // width)]
+    return f"in the {band} third, {side}"
 
 
 def show_boxes(
@@ -291,8 +318,8 @@ def show_boxes(
     if n:
         # The detector keeps its MAX_DETECTIONS highest boxes: at the cap, more may have scored as high.
         counted = f"at least {n} boxes" if n >= MAX_DETECTIONS else f"{n} box{'es' if n > 1 else ''}"
-        caption = (f"Fracture detector v{detector.version}: {counted} scored at least "
-                   f"{found.threshold:.4g} (highest {found.fracture_score:.3f})")
+        highest, threshold = against_threshold(found.fracture_score, found.threshold)
+        caption = f"Fracture detector v{detector.version}: {counted} scored at least {threshold} (highest {highest})"
         if n > MAX_BOXES_DRAWN:
             caption += f"; the {MAX_BOXES_DRAWN} highest are drawn"
     else:
@@ -300,7 +327,7 @@ def show_boxes(
         caption = f"Fracture detector v{detector.version}: no box scored at least {threshold} (highest {highest})"
     # Each axis by its own scale: the shown image's sides are rounded apart.
     drawn = draw_boxes(display, found.boxes[:MAX_BOXES_DRAWN], (display.width / size[0], display.height / size[1]))
-    column.image(drawn, caption=caption, width="stretch")
+    column.image(drawn, caption=caption, width="stretch", alt=f"X-ray with the detector's boxes. {caption}")
 
 
 def main() -> None:

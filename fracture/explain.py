@@ -141,8 +141,12 @@ def to_image_grid(cam: np.ndarray, size: tuple[int, int], aspect: Aspect = "squa
     return np.asarray(square.crop((left, top, left + width, top + height)), dtype=np.float64).clip(0, 1)
 
 
-def overlay(image: Image.Image, heat: np.ndarray, strength: float = 0.6, cmap: str = "jet") -> Image.Image:
+def overlay(image: Image.Image, heat: np.ndarray, strength: float = 0.6, cmap: str = "inferno") -> Image.Image:
     """Blends a heat map over an X-ray; cold regions leave the X-ray as it is.
+
+    The colormap's lightness rises with the value (``inferno``: dark purple to pale yellow), so
+    the hottest region is the brightest on a greyscale reading display and to a reader who does
+    not tell red from green; ``jet``, the earlier one, was darkest at its peak.
 
     Args:
         image: the X-ray (any mode; shown in greyscale-as-RGB or RGB).
@@ -161,8 +165,10 @@ def overlay(image: Image.Image, heat: np.ndarray, strength: float = 0.6, cmap: s
     return Image.fromarray(np.round((1 - alpha) * base * 255 + alpha * colour * 255).astype(np.uint8))
 
 
-#: The detector's boxes are drawn in this colour (X-rays are grey; it stands out beside the heat map's reds).
+#: The detector's boxes are drawn in this colour (X-rays are grey; it stands out beside the heat map's
+#: colours), edged in :data:`BOX_EDGE` so that it stands out from bright bone too.
 BOX_COLOUR = (0, 255, 64)
+BOX_EDGE = (0, 0, 0)
 
 
 def draw_boxes(image: Image.Image, boxes: np.ndarray, scale: float | tuple[float, float] = 1.0) -> Image.Image:
@@ -186,6 +192,8 @@ def draw_boxes(image: Image.Image, boxes: np.ndarray, scale: float | tuple[float
     sx, sy = scale if isinstance(scale, tuple) else (scale, scale)
     for x0, y0, x1, y1, score in np.asarray(boxes, dtype=np.float64).reshape(-1, 5):
         box = [x0 * sx, y0 * sy, x1 * sx, y1 * sy]
+        # A dark edge a pixel wide each side of the stroke: green on bone alone is 1.1-1.9:1.
+        draw.rectangle([box[0] - 1, box[1] - 1, box[2] + 1, box[3] + 1], outline=BOX_EDGE, width=width + 2)
         draw.rectangle(box, outline=BOX_COLOUR, width=width)
         text = f"{score:.2f}"
         left, top, right, bottom = draw.textbbox((box[0], box[1]), text, font=font)

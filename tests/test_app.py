@@ -409,7 +409,7 @@ def test_page_shows_the_registered_model_name_version_and_alias(monkeypatch, pag
     shown = " ".join(m.value for m in at.markdown)
     assert f"Model **{page_registry.name}**, version **1**, alias **@champion**" in shown
     assert at.markdown[0].value.startswith(":red[**NOT FOR CLINICAL USE.**]")  # before anything is uploaded
-    assert f"decision threshold: {page_registry.threshold:.4g}" in shown
+    assert f"decision threshold: {page_registry.threshold:.3f}" in shown
     # No list of endings: PACS files have none, or end in their UID's last number.
     assert not at.file_uploader[0].allowed_type
     assert at.info[0].value.startswith("Upload an X-ray")
@@ -442,7 +442,7 @@ def test_the_threshold_is_shown_with_how_it_was_chosen_and_what_it_gives_on_the_
     def shown_beside_the_result() -> tuple[str, str]:
         at = upload(page(monkeypatch, registry).run(), "xray.jpg", real_xray("Fractured").read_bytes(), "image/jpeg")
         assert not at.exception and not at.error
-        result = [shown(c.value) for c in at.caption if "at least the threshold" in c.value]
+        result = [shown(c.value) for c in at.markdown if "at least the threshold" in c.value]
         return result[0], shown(" ".join(m.value for m in at.sidebar.markdown))
 
     caption, sidebar = shown_beside_the_result()
@@ -664,7 +664,8 @@ def test_a_real_xray_shows_class_probability_threshold_and_heat_map(monkeypatch,
     shown_images = captions(at)  # the X-ray and its Grad-CAM overlay
     assert len(shown_images) == 2 and shown_images[0].startswith("xray.jpg (")
     assert shown_images[1].startswith(f"Grad-CAM heat map for '{shown['Predicted class']}'")
-    assert "NOT FOR CLINICAL USE" in at.markdown[0].value and "NOT FOR CLINICAL USE" in at.caption[0].value
+    assert "NOT FOR CLINICAL USE" in at.markdown[0].value
+    assert any("at least the threshold" in m.value and "NOT FOR CLINICAL USE" in m.value for m in at.markdown)
 
 
 def test_a_probability_just_below_the_threshold_is_not_shown_equal_to_it(monkeypatch, page_registry, tmp_path):
@@ -917,6 +918,24 @@ def test_an_uploads_name_is_shown_as_written_never_read_as_markdown(monkeypatch,
     assert "](" not in raw_caption and ":red[" not in raw_caption
 
 
+def test_a_name_shows_its_entities_and_bidi_controls_as_written_and_every_image_has_alt_text(monkeypatch, page_registry):
+    """An & was read as an HTML entity (a&amp;b shown as a&b, &rlm; as an invisible mark), and a
+    right-to-left override in a name turned the page's own text around it (1152 x 1440 read
+    2511 x 0441, the file's ending shown as .jpg). The three images had no alt text."""
+    name = "Smith&amp;Jones patient\u202egpj.exe"
+    at = upload(page(monkeypatch, page_registry).run(), name, real_xray("Non_fractured").read_bytes(), "image/jpeg")
+    assert not at.exception and not at.error
+    caption = at.get("image")[0].captions[0]
+    assert "\u202e" not in caption and "\\&amp;" in caption
+    assert shown(caption).startswith("Smith&amp;Jones patient\\u202egpj.exe (")
+    images = [img for element in at.get("image") for img in element.proto.imgs]
+    alts = [img.alt for img in images]
+    assert len(alts) == 2 and all(alts), alts
+    assert alts[0].startswith("X-ray Smith&amp;Jones patient\\u202egpj.exe, ") and " by " in alts[0]
+    assert alts[0].endswith(("greyscale JPEG", "colour JPEG"))
+    assert alts[1].startswith("Grad-CAM heat map for ") and ("third, " in alts[1] or "no region" in alts[1])
+
+
 @pytest.mark.parametrize("case", list(BAD_UPLOADS))
 def test_bad_upload_gets_a_clear_message_and_the_page_keeps_working(monkeypatch, page_registry, case):
     name, make, expected = BAD_UPLOADS[case]
@@ -1084,6 +1103,13 @@ def test_overlay_leaves_cold_regions_untouched():
     assert out.shape == (50, 80, 3)
     assert (out[30:, 40:] == 120).all()
     assert not (out[12:18, 12:18] == 120).all()
+    # The hotter, the lighter, on a dark part of an X-ray as on a bright one: jet's peak was about as
+    # dark there as no heat at all, and read as nothing on a greyscale display.
+    for grey in (40, 200):
+        ramp = np.linspace(0, 1, 11)[None, :].repeat(4, 0)
+        shown = np.asarray(overlay(Image.fromarray(np.full((4, 11), grey, dtype=np.uint8)), ramp), dtype=float)[0]
+        luminance = shown @ np.array([0.2126, 0.7152, 0.0722])
+        assert luminance[-1] > luminance[0] + 20 and luminance[-1] == luminance.max(), (grey, luminance.round())
 
 
 # ---------------------------------------------------------------- a trained model: label order
@@ -1138,7 +1164,7 @@ def test_the_sidebar_says_whether_the_networks_are_seeds_or_snapshots_of_one(mon
 def test_boxes_are_drawn_where_they_are_on_a_thumbnail_whose_sides_were_rounded_apart():
     """A 100 x 8000 X-ray is shown 13 x 1024: its width shrinks by 0.13, its height by 0.128, so a
     box ending at row 6000 drawn with the width's scale alone would end 12 rows too low (780)."""
-    from fracture.explain import BOX_COLOUR, draw_boxes
+    from fracture.explain import BOX_COLOUR, BOX_EDGE, draw_boxes
 
     display = Image.new("L", (100, 8000))
     display.thumbnail((1024, 1024))
@@ -1146,3 +1172,7 @@ def test_boxes_are_drawn_where_they_are_on_a_thumbnail_whose_sides_were_rounded_
     drawn = np.asarray(draw_boxes(display, np.array([[0, 4000, 100, 6000, 0.9]]), (13 / 100, 1024 / 8000)))
     outlined = np.flatnonzero((drawn == BOX_COLOUR).all(axis=2).any(axis=1))
     assert abs(outlined.max() - 6000 * 1024 / 8000) <= 1  # its bottom edge at row 768
+    # Edged in black on bright bone: the row under the green stroke is dark.
+    bright = draw_boxes(Image.new("L", (200, 200), 220), np.array([[50, 50, 150, 150, 0.9]]))
+    below = np.asarray(bright)[151, 60:140]
+    assert (below == BOX_EDGE).all(), below[:3]
