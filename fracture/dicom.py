@@ -241,14 +241,16 @@ def _parse(data: bytes, **kwargs: object) -> Dataset:
     pending, parts, total = source[start:start], [], 0
     try:
         while not inflater.eof:  # in pieces, so a bomb is refused holding no more than the bound
-            if not pending:
+            if not pending and start < len(source):
                 # The input fed in slices too: unconsumed_tail copies what is left of the input given.
-                if start >= len(source):
-                    raise DicomRejected(f"{deflated} but its deflate data ends early (a damaged or cut-off file); "
-                                        "export it again")
                 pending, start = source[start : start + _INFLATE_FEED], start + _INFLATE_FEED
+            # With the input all given, zlib may still hold output (a piece stopped at 1 MiB inside a
+            # run of zeros): it comes with no more input, and only nothing coming means a cut stream.
             part = inflater.decompress(pending, 2**20)
             pending = inflater.unconsumed_tail
+            if not part and not pending and start >= len(source) and not inflater.eof:
+                raise DicomRejected(f"{deflated} but its deflate data ends early (a damaged or cut-off file); "
+                                    "export it again")
             total += len(part)
             if total > limit:
                 raise DicomRejected(

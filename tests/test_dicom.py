@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from pydicom import dcmread
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.sequence import Sequence
@@ -883,6 +883,33 @@ def test_a_deflated_dicom_reads_as_its_uncompressed_twin(xrays, tmp_path):
     assert patient_ids(path) == ("", str(dcmread(io.BytesIO(plain)).PatientID))
     with pytest.raises(DicomRejected, match=r"is deflated .* but its deflate data ends early \(a damaged or cut-off file\)"):
         dicom_to_image(deflated[: len(deflated) // 2])
+
+
+def test_a_deflated_dicom_ending_in_a_long_run_of_zeros_is_read_whole():
+    """Fed in slices, the inflate loop took its input's end for the stream's: zlib still held the
+    output of a piece stopped at 1 MiB inside the zeros that end the dataset (a black band, its
+    trailing padding), and 4 of these 6 files, which pydicom reads whole, were refused as cut short."""
+    rows, cols = 3199, 2048
+    pixels = np.random.default_rng(0).integers(0, 256, (rows, cols), dtype=np.uint8)
+    pixels[200:] = 0  # a collimated band below the content
+    for padding in (1700, 1776, 1820, 1850, 1900, 2000):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = "1.2.3.4"
+        ds.Modality, ds.PatientID, ds.ImageComments = "DX", "P1", ""
+        ds.Rows, ds.Columns = rows, cols
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated = ds.BitsStored = 8
+        ds.HighBit, ds.PixelRepresentation = 7, 0
+        ds.PixelData = pixels.tobytes()
+        ds.DataSetTrailingPadding = bytes(padding)
+        ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+        data = to_bytes(ds)
+        read = read_header(data)
+        assert read.PixelData == pixels.tobytes() and len(read.DataSetTrailingPadding) == padding, padding
+        with pytest.raises(DicomRejected, match="ends early"):
+            read_header(data[: len(data) - 40])
 
 
 def test_a_deflated_dataset_is_read_as_explicit_vr_little_endian_not_searched_for_a_preamble(xrays):
