@@ -539,15 +539,46 @@ def shown_size(path: str | Path) -> tuple[int, int]:
     turned upright (:func:`upright_size`), a DICOM radiograph with square pixels
     (:func:`~fracture.dicom.display_size`). The frame boxes drawn on the image are in.
 
+    A PNG's orientation is read from its eXIf chunk without decoding the image, wherever the chunk
+    lies (Pillow's ``getexif`` decodes the whole image to reach one after the image data, and
+    fails on a file that ends early, which training keeps).
+
     Raises:
-        OSError, ValueError: the file cannot be read, or is neither a picture nor DICOM.
+        ImageLoadError: the file cannot be read, or is neither a picture nor DICOM (named).
     """
-    with Path(path).open("rb") as handle:
-        start = handle.read(132)
-    if is_dicom(start):
-        return display_size(read_header(Path(path).read_bytes()))
-    with Image.open(path) as img:
-        return upright_size(img)
+    try:
+        with Path(path).open("rb") as handle:
+            start = handle.read(132)
+        if is_dicom(start):
+            return display_size(read_header(Path(path).read_bytes()))
+        if start.startswith(_PNG_START[:8]):
+            with Image.open(path) as img:
+                size = img.size
+            turned = _png_orientation(Path(path)) in _QUARTER_TURNS
+            return (size[1], size[0]) if turned else size
+        with Image.open(path) as img:
+            return upright_size(img)
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ImageLoadError(f"{path}: its size cannot be read ({failure_reason(exc)})") from exc
+
+
+def _png_orientation(path: Path) -> int:
+    """The EXIF orientation of a PNG (1 without one), from its eXIf chunk, read chunk by chunk
+    past the image data rather than decoding it."""
+    with path.open("rb") as handle:
+        handle.seek(8)  # the signature
+        while header := handle.read(8):
+            if len(header) < 8:
+                break
+            length, kind = int.from_bytes(header[:4], "big"), header[4:]
+            if kind == b"eXIf":
+                exif = Image.Exif()
+                exif.load(handle.read(length))
+                return int(exif.get(ExifTags.Base.Orientation, 1))
+            if kind == b"IEND":
+                break
+            handle.seek(length + 4, io.SEEK_CUR)  # the chunk's data and its CRC
+    return 1
 
 
 def decode_truncated(

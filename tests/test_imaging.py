@@ -11,6 +11,7 @@ from fracture.data_config import DataConfig
 from fracture.decoding import (
     ImageLoadError,
     decode,
+    decode_truncated,
     open_xray,
     shown_size,
     upright_size,
@@ -213,6 +214,36 @@ def test_a_picture_stored_turned_is_decoded_upright_as_its_exif_orientation_says
     np.testing.assert_array_equal(np.asarray(served.image), np.asarray(open_xray(path, rgb=False)))
     facts = inspect_image(str(path))
     assert (facts.width, facts.height, facts.decodable) == (120, 80, True)
+
+
+def test_a_pngs_shown_size_is_read_without_decoding_its_image_wherever_its_exif_lies(tmp_path):
+    """Pillow's getexif decodes a PNG whole to reach an eXIf chunk after the image data, and fails on
+    one that ends early: the detector's box check stopped on a truncated PNG with a traceback."""
+    import struct
+
+    _turned_by_exif(tmp_path / "before.png", _upright_xray(), 6, "PNG")
+    data = (tmp_path / "before.png").read_bytes()
+    chunks, at = [], 8
+    while at < len(data):
+        length = struct.unpack(">I", data[at : at + 4])[0]
+        chunks.append(data[at : at + 12 + length])
+        at += 12 + length
+    exif = next(c for c in chunks if c[4:8] == b"eXIf")
+    rest = [c for c in chunks if c is not exif]
+    after = tmp_path / "after.png"  # eXIf between the image data and IEND, as PNG allows
+    after.write_bytes(data[:8] + b"".join(rest[:-1]) + exif + rest[-1])
+    for path in (tmp_path / "before.png", after):
+        assert shown_size(path) == decode(path.read_bytes()).size == (120, 80), path.name
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(data[: len(data) - 60])  # ends inside its image data, which training keeps
+    assert shown_size(cut) == decode_truncated(cut.read_bytes()).size == (120, 80)
+    _upright_xray().save(tmp_path / "plain.png")  # no eXIf at all: getexif looked past the image data
+    plain = (tmp_path / "plain.png").read_bytes()
+    cut.write_bytes(plain[: len(plain) - 60])
+    assert shown_size(cut) == decode_truncated(cut.read_bytes()).size == (120, 80)
+    with pytest.raises(ImageLoadError, match=r"empty\.png: its size cannot be read"):
+        (tmp_path / "empty.png").write_bytes(b"")
+        shown_size(tmp_path / "empty.png")
 
 
 def test_a_copy_whose_turn_is_written_into_its_pixels_is_the_near_duplicate_of_one_that_only_states_it(tmp_path):
