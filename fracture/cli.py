@@ -466,7 +466,8 @@ def predict(
     ] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
     strict: Annotated[
-        bool, typer.Option(help=f"Exit {PARTLY_SCORED} when any file has an error in its row (every row still written).")
+        bool, typer.Option(help=f"Exit {PARTLY_SCORED} when any file has an error in its row, or with --dicom-sr a "
+                                "scored DICOM file has no report (every row still written).")
     ] = False,
 ) -> None:
     """Score X-rays (JPEG, PNG, DICOM) with a registered model; one row per file, errors in their rows.
@@ -474,7 +475,8 @@ def predict(
     Reads MLFLOW_TRACKING_URI for the registry. Exits non-zero when no file could be scored, or when the
     model's Python ended midway or the run was interrupted (Ctrl-C, SIGTERM): the rows scored are
     written, and the others say to score them again. With --strict, also when some file could not
-    be scored (exit 3), for a scheduler that alerts on a failed run.
+    be scored, or a report asked for could not be written (exit 3), for a scheduler that alerts on
+    a failed run.
     """
     from fracture.predict import (
         INTERRUPTED,
@@ -546,9 +548,11 @@ def predict(
                  f"({stopped}); the rows scored are written, and the others say to score them again")
     if scored == 0:
         sys.exit("fracture predict: no file could be scored; see the error column")
-    if strict and scored < len(table):
-        print(f"fracture predict: {len(table) - scored} of {len(table)} files could not be scored (--strict); "
-              "see the error column", file=sys.stderr)
+    unreported = int(table["note"].str.contains("no structured report: ", regex=False).sum()) if dicom_sr else 0
+    if strict and (scored < len(table) or unreported):
+        failed = [f"{len(table) - scored} of {len(table)} files could not be scored"] if scored < len(table) else []
+        failed += [f"{unreported} of the files scored have no structured report"] if unreported else []
+        print(f"fracture predict: {' and '.join(failed)} (--strict); see the error and note columns", file=sys.stderr)
         raise SystemExit(PARTLY_SCORED)
 
 

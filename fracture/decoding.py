@@ -283,8 +283,8 @@ def failure_reason(exc: BaseException) -> str:
                 "(an interrupted transfer or a damaged export); export it again")
     if isinstance(exc, OSError) and str(exc).startswith("image file is truncated"):
         # Pillow's words for any file that ends before its last rows, read where such files are refused.
-        return ("it ends early: its image data stops before the last rows (an interrupted transfer or a damaged "
-                "export); export it again")
+        return ("it ends early: its image data stops before its last rows, or before any (an interrupted transfer "
+                "or a damaged export); export it again")
     return re.sub(r" ?<[^<>]* object at 0x[0-9a-fA-F]+>", "", str(exc))
 
 

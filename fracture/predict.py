@@ -120,6 +120,11 @@ class LoadedModel:
         self.model.close()
 
 
+def first_line(message: str) -> str:
+    """A message's first line, or ``(no message)`` for an error raised without one."""
+    return message.strip().splitlines()[0] if message and message.strip() else "(no message)"
+
+
 def load(uri: str, client: MlflowClient | None = None) -> LoadedModel:
     """Loads ``models:/<name>@<alias>`` or ``models:/<name>/<version>``, naming the version it resolved to.
 
@@ -133,9 +138,9 @@ def load(uri: str, client: MlflowClient | None = None) -> LoadedModel:
     name = match["name"]
     where = mlflow.get_registry_uri()  # MLFLOW_REGISTRY_URI, else the tracking URI
     store = sqlite_store(where)
+    variable = "MLFLOW_REGISTRY_URI" if os.environ.get("MLFLOW_REGISTRY_URI") else "MLFLOW_TRACKING_URI"
     if client is None and store is not None and not store.is_file():
         # MLflow would create an empty store there (in the folder of images, say) and find nothing in it.
-        variable = "MLFLOW_REGISTRY_URI" if os.environ.get("MLFLOW_REGISTRY_URI") else "MLFLOW_TRACKING_URI"
         raise PredictError(
             f"no MLflow store at {store}: set {variable} to the registry "
             "(sqlite:///$PWD/mlflow.db in the project, or its tracking server's address), or register a model "
@@ -149,17 +154,18 @@ def load(uri: str, client: MlflowClient | None = None) -> LoadedModel:
     except mlflow.exceptions.MlflowException as exc:
         if exc.error_code not in NOT_FOUND:  # a store that cannot be reached or read
             raise PredictError(
-                f"the registry at {where} cannot be reached or read ({exc.message.splitlines()[0]}): check that it "
-                "is up and that MLFLOW_TRACKING_URI names it"
+                f"the registry at {where} cannot be reached or read ({first_line(exc.message)}): check that it "
+                f"is up and that {variable} names it"
             ) from exc
         raise PredictError(
-            f"{uri} is not in the registry at {where}: {exc.message.splitlines()[0]}. "
-            "Set MLFLOW_TRACKING_URI to the registry, or register a model with `make main`"
+            f"{uri} is not in the registry at {where}: {first_line(exc.message)}. "
+            f"Set {variable} to the registry, or register a model with `make main`"
         ) from exc
     except Exception as exc:  # a file that is no MLflow store (a Git LFS pointer for mlflow.db): SQLAlchemy's error
         raise PredictError(
-            f"the registry at {where} cannot be reached or read ({type(exc).__name__}: {str(exc).splitlines()[0]}): "
-            "check that it is an MLflow store (`git lfs pull` or `dvc pull` where it is kept as a pointer)"
+            f"the registry at {where} cannot be reached or read ({type(exc).__name__}: {first_line(str(exc))}): "
+            f"check that it is up, that {variable} names it, and that it is an MLflow store (`git lfs pull` or "
+            "`dvc pull` where it is kept as a pointer)"
         ) from exc
     # Loaded by its version, so the alias cannot move between the lookup and the load.
     try:

@@ -221,6 +221,15 @@ def test_strict_exits_3_when_some_file_could_not_be_scored_and_writes_every_row(
     assert rows["error"].str.startswith("the image is empty").sum() == 1 and (rows["error"] == "").sum() == 1
     # Every file scored: --strict exits 0.
     assert run_predict(registry, str(folder / "b.jpg"), "--strict").returncode == 0
+    # Scored, but the report asked for could not be made (its header lacks the study's UID): exit 3 too.
+    no_study = dcmread(io.BytesIO(dicom_from_jpeg(folder / "b.jpg", "8-bit")))
+    del no_study.StudyInstanceUID
+    no_study.save_as(folder / "IM0001")
+    (folder / "a.png").unlink()
+    (folder / "b.jpg").unlink()
+    reported = run_predict(registry, str(folder), "--strict", "--dicom-sr", str(tmp_path / "sr"))
+    assert reported.returncode == 3, reported.stderr[-3000:]
+    assert "fracture predict: 1 of the files scored have no structured report (--strict)" in reported.stderr
 
 
 def test_a_model_the_registry_lacks_is_named(registry, tmp_path):
@@ -287,8 +296,20 @@ def test_a_store_uri_is_read_as_mlflow_reads_it_and_a_file_that_is_no_store_is_n
     pointer.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64 + "\nsize 1234567\n")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{pointer}")
     with pytest.raises(PredictError, match=r"cannot be reached or read \(DatabaseError: .*file is not a database\): "
-                                           r"check that it is an MLflow store"):
+                                           r"check that it is up, .* and that it is an MLflow store"):
         load(f"models:/{NAME}@champion")
+
+    class Dropped:  # a proxy that drops the connection: an error without a message
+        def get_model_version_by_alias(self, *_):
+            raise ConnectionResetError
+
+    with pytest.raises(PredictError, match=r"cannot be reached or read \(ConnectionResetError: \(no message\)\)"):
+        load(f"models:/{NAME}@champion", client=Dropped())
+    # A registry of its own: the variable named is the one that names it.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry["uri"])
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", registry["uri"])
+    with pytest.raises(PredictError, match="is not in the registry at .*Set MLFLOW_REGISTRY_URI to the registry"):
+        load(f"models:/{NAME}@no-such-alias")
 
 
 def test_a_version_logged_before_input_checks_is_refused_naming_its_release(registry, monkeypatch):
