@@ -179,7 +179,7 @@ try:
 except ImportError:
     FracturePyfunc = None
 if FracturePyfunc is not None and isinstance(inner, FracturePyfunc):
-    # A version logged before 2026-11-30 keeps its threshold on the model itself and has no input policy.
+    # A version logged up to 2026-11-30 keeps its threshold on the model itself and has no input policy.
     held = getattr(inner, "classifier", inner)
     policy = getattr(inner, "policy", None)
     header |= {"threshold": float(held.threshold), "policy": None if policy is None else policy.to_dict()}

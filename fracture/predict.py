@@ -181,7 +181,7 @@ def load(uri: str, client: MlflowClient | None = None) -> LoadedModel:
     if model.policy is None:
         model.close()
         raise PredictError(
-            f"{uri} (version {version.version}) was logged by a release of before 2026-11-30: its model carries no "
+            f"{uri} (version {version.version}) was logged by a release of up to 2026-11-30: its model carries no "
             "input checks and stops at the first file it cannot read, where fracture predict gives every file a row. "
             "Load it with mlflow.pyfunc, or give --model a version logged since (the gate scores it as champion; "
             "`fracture rollback --to <version> --reason ...` serves a newer one)"

@@ -132,7 +132,7 @@ def _scored(
     if isolated:
         answer = predict_as_consumer(uri, list(split.paths))
         rows = answer.rows
-        # A version logged before 2026-11-30 answers without an error column: it raised on a file it refused.
+        # A version logged up to 2026-11-30 answers without an error column: it raised on a file it refused.
         errors = rows["error"] if "error" in rows else [""] * len(rows)
         refused = [(p, e) for p, e in zip(split.paths, errors, strict=True) if e]
         if refused:

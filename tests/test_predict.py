@@ -313,7 +313,7 @@ def test_a_store_uri_is_read_as_mlflow_reads_it_and_a_file_that_is_no_store_is_n
 
 
 def test_a_version_logged_before_input_checks_is_refused_naming_its_release(registry, monkeypatch):
-    """Its model has its threshold but no input policy (before 2026-11-30): predict ended in an
+    """Its model has its threshold but no input policy (up to 2026-11-30): predict ended in an
     AttributeError from the consumer's Python, and then said it was no fracture classifier."""
     from fracture import predict as predict_module
 
@@ -330,7 +330,7 @@ def test_a_version_logged_before_input_checks_is_refused_naming_its_release(regi
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", registry["uri"])
     monkeypatch.setattr(predict_module, "ConsumerModel", Old)
-    with pytest.raises(predict_module.PredictError, match=r"\(version 1\) was logged by a release of before "
+    with pytest.raises(predict_module.PredictError, match=r"\(version 1\) was logged by a release of up to "
                                                          r"2026-11-30: its model carries no input checks"):
         predict_module.load(f"models:/{NAME}@champion")
     assert closed == [f"models:/{NAME}/1"]

@@ -1401,7 +1401,7 @@ def test_the_load_check_reads_a_consumers_answer_as_strictly_as_its_own_load(tmp
 
 
 def test_a_champion_logged_before_per_row_errors_is_scored_from_its_answer_without_them(tmp_path, monkeypatch):
-    """A version logged before 2026-11-30 answers fracture_probability, label and threshold only: the
+    """A version logged up to 2026-11-30 answers fracture_probability, label and threshold only: the
     gate stopped on KeyError 'error' at every run, and the new version stayed challenger."""
     paths = [tmp_path / f"{i}.jpg" for i in range(3)]
     rows = pd.DataFrame({"fracture_probability": [0.1, 0.8, 0.4], "label": ["n", "f", "n"], "threshold": [0.5] * 3})
