@@ -609,7 +609,7 @@ def test_a_detector_deleted_and_registered_again_is_the_new_one_though_its_versi
     register(0.01)
     latest = later + 31
     monkeypatch.setattr(champion, "_now", lambda: latest)
-    assert detector_caption().startswith(f"Fracture detector v1: at least {MAX_DETECTIONS} boxes scored at least 0.01 ")
+    assert detector_caption().startswith(f"Fracture detector v1: at least {MAX_DETECTIONS} boxes scored at least 0.010 ")
     # Switched off, the sidebar says so, not "No detector at `(off)@champion`".
     at = page(monkeypatch, page_registry)
     monkeypatch.setenv("FRACTURE_DETECTOR_NAME", "")

@@ -171,7 +171,7 @@ def test_fractured_xray_shows_fractured_with_probability_heat_map_and_boxes(brow
         # The detector's boxes with their scores, beside the heat map.
         boxes = page.get_by_test_id("stImage").filter(
             has_text=f"Fracture detector v{detector.version}: {n_boxes} box{'es' if n_boxes > 1 else ''} scored at "
-            f"least {detector.threshold:.4g} (highest {fractured['fracture_score']:.3f})"
+            f"least {detector.threshold:.3f} (highest {fractured['fracture_score']:.3f})"
         )
         expect(boxes.locator("img")).to_be_visible(timeout=RESULT_TIMEOUT_MS)
         assert boxes.locator("img").evaluate("img => img.complete && img.naturalWidth > 0")
