@@ -480,6 +480,7 @@ def predict(
     """
     from fracture.predict import (
         INTERRUPTED,
+        NO_REPORT,
         REPORTS_INTERRUPTED,
         STOPPED,
         PredictError,
@@ -521,7 +522,7 @@ def predict(
                 table["sr"] = write_structured_reports(table, files, dicom_sr)
         except OSError as exc:  # the report folder gone or unwritable since it was checked: the rows still count
             table["sr"] = ""
-            why = f"no structured report: {dicom_sr} cannot be written to ({exc.strerror or exc})"
+            why = f"{NO_REPORT}: {dicom_sr} cannot be written to ({exc.strerror or exc})"
             table["note"] = [f"{note}; {why}" if note else why for note in table["note"]]
     try:
         write(table, out)
@@ -548,7 +549,7 @@ def predict(
                  f"({stopped}); the rows scored are written, and the others say to score them again")
     if scored == 0:
         sys.exit("fracture predict: no file could be scored; see the error column")
-    unreported = int(table["note"].str.contains("no structured report: ", regex=False).sum()) if dicom_sr else 0
+    unreported = int(table["note"].str.contains(f"{NO_REPORT}: ", regex=False).sum()) if dicom_sr else 0
     if strict and (scored < len(table) or unreported):
         failed = [f"{len(table) - scored} of {len(table)} files could not be scored"] if scored < len(table) else []
         failed += [f"{unreported} of the files scored have no structured report"] if unreported else []

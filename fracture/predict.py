@@ -46,6 +46,9 @@ from fracture.tracking import NOT_FOUND, sqlite_store
 
 log = logging.getLogger(__name__)
 
+#: How a row's note starts when the report ``--dicom-sr`` asked for could not be made.
+NO_REPORT = "no structured report"
+
 #: A folder's every file is a row, whatever its name: a PACS export's files often have no ending,
 #: or are named after their SOP Instance UID (1.2.840....320), and a file the model cannot read
 #: (empty, cut short, another format, a DICOMDIR or a report) gets its reason in the row rather
@@ -466,8 +469,8 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
         table.iat[index, column] = "; ".join(filter(None, [note if isinstance(note, str) else "", shown(text)]))
 
     def no_report(index: int, path: Path, reason: str) -> None:
-        log.warning("%s: %s", path, reason)
-        add_note(index, reason)
+        log.warning("%s: %s: %s", path, NO_REPORT, reason)
+        add_note(index, f"{NO_REPORT}: {reason}")
         written.append("")
 
     scored = table.attrs.get(SCORED_SHA256)
@@ -479,11 +482,11 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
             try:
                 data = path.read_bytes()
             except OSError as exc:  # gone or locked since it was scored
-                no_report(index, path, f"no structured report: the file cannot be read again ({type(exc).__name__})")
+                no_report(index, path, f"the file cannot be read again ({type(exc).__name__})")
                 continue
             digest = hashlib.sha256(data).hexdigest()
             if scored is not None and scored[index] != digest:
-                no_report(index, path, "no structured report: the file changed since it was scored (it holds other bytes "
+                no_report(index, path, "the file changed since it was scored (it holds other bytes "
                           "now, another image perhaps); this row's answer is the earlier file's: score the file again")
                 continue
             if not is_dicom(data[:132]):
@@ -505,7 +508,7 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
                 name = own or _content_name(digest, names)
                 blanked = invalid_type2_values(source)
             except unreportable as exc:
-                no_report(index, path, f"no structured report: {exc}")
+                no_report(index, path, str(exc))
                 continue
             # From the look at what is at the report's name to its move into place, this run holds the
             # folder (:class:`_FolderLock`): another run writing into it at the same time waits, then
@@ -515,7 +518,7 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
                 try:
                     holding.enter_context(folder_lock.held())
                 except Timeout:
-                    no_report(index, path, f"no structured report: another run writing into {folder} at the same time "
+                    no_report(index, path, f"another run writing into {folder} at the same time "
                               f"held the folder ({REPORT_LOCK}) through the {waits:g} s this run waited for "
                               "it; score this file again")
                     continue
@@ -544,7 +547,7 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
                     )
                     numbers[study] = number
                 except unreportable as exc:
-                    no_report(index, path, f"no structured report: {exc}")
+                    no_report(index, path, str(exc))
                     continue
                 target = folder / name
                 # Written beside and moved into place: a run stopped midway leaves the earlier report whole.
@@ -565,7 +568,7 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
                     # The name is left to the other run: this one's report would either write over that
                     # run's or stand beside it as a second current report, neither naming the other.
                     numbers[study] -= 1
-                    no_report(index, path, f"no structured report: the earlier report {target} is damaged ({damaged}), and "
+                    no_report(index, path, f"the earlier report {target} is damaged ({damaged}), and "
                               f"another run writing into {folder} at the same time moved it aside first; the name is "
                               "left to that run's report, so score this file again if none is there" + (
                                   f"; that run's report, taken for the damaged one, is kept as {exc.kept.name}"
@@ -575,10 +578,10 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
                     numbers[study] -= 1
                     reason = exc.strerror or exc
                     if moving:
-                        no_report(index, path, f"no structured report: the earlier report {target} is damaged ({damaged}) "
+                        no_report(index, path, f"the earlier report {target} is damaged ({damaged}) "
                                   f"and cannot be moved aside ({reason}), so it is left as it is")
                     else:
-                        no_report(index, path, f"no structured report: it cannot be written to {target} ({reason})" + (
+                        no_report(index, path, f"it cannot be written to {target} ({reason})" + (
                             f"; the damaged earlier report there ({damaged}) is kept as {aside.name}" if aside else ""))
                     continue
                 finally:
@@ -610,7 +613,7 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
         table.attrs[REPORTS_INTERRUPTED] = True
         for index in range(len(written), len(table)):
             if not table["error"].iat[index]:
-                add_note(index, f"no structured report: the run was interrupted by {exc.signal_name} before it was "
+                add_note(index, f"{NO_REPORT}: the run was interrupted by {exc.signal_name} before it was "
                          "written; score the file again with --dicom-sr")
             written.append("")
     folder_lock.tell_unlocked()
