@@ -52,11 +52,16 @@ from pydicom.dataset import Dataset, FileDataset
 from pydicom.encaps import generate_frames
 from pydicom.errors import InvalidDicomError
 from pydicom.filebase import DicomBytesIO
-from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
+from pydicom.filereader import (
+    _at_pixel_data,
+    _read_file_meta_info,
+    read_dataset,
+    read_preamble,
+)
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
 from pydicom.sequence import Sequence
-from pydicom.tag import BaseTag, Tag
+from pydicom.tag import Tag
 from pydicom.valuerep import VR
 
 log = logging.getLogger(__name__)
@@ -269,7 +274,7 @@ def _parse(data: bytes, **kwargs: object) -> Dataset:
     tags = kwargs.get("specific_tags")
     dataset = read_dataset(
         body, is_implicit_VR=False, is_little_endian=True,
-        stop_when=_at_pixel_data if kwargs.get("stop_before_pixels") else None,
+        stop_when=_at_pixel_data if kwargs.get("stop_before_pixels") else None,  # dcmread's own test
         specific_tags=None if tags is None else [Tag(t) for t in tags],
     )
     ds = FileDataset(body, dataset, None, meta, is_implicit_VR=False, is_little_endian=True)
@@ -279,11 +284,6 @@ def _parse(data: bytes, **kwargs: object) -> Dataset:
 
 #: How much deflated input is handed to zlib at a time.
 _INFLATE_FEED = 2**18
-
-
-def _at_pixel_data(tag: BaseTag, vr: str | None, length: int) -> bool:
-    """``stop_before_pixels``, as ``dcmread`` has it: stop at the pixel data (float ones too)."""
-    return tag in {0x7FE00010, 0x7FE00009, 0x7FE00008}
 
 
 def read_header(data: bytes) -> Dataset:
