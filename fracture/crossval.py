@@ -596,7 +596,7 @@ def _read_oof_file(run: str, root: Path) -> pd.DataFrame:
     import dvc.api  # noqa: PLC0415 - DVC's API loads slowly
     from dvc.exceptions import DvcException  # noqa: PLC0415
 
-    path = Workspace(root).crossval_oof.relative_to(root).as_posix()
+    path = workspace.crossval_oof.relative_to(root).as_posix()
     try:
         return read_table(io.StringIO(dvc.api.read(path, repo=str(root), rev=run)))
     except (DvcException, FileNotFoundError) as exc:

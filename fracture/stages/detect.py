@@ -76,7 +76,8 @@ def boxed_split(
     kept = frame[reasons.eq("").to_numpy()]
     excluded = pd.DataFrame({"split": split, "image_id": frame["image_id"][reasons.ne("")], "reason": reasons[reasons.ne("")]})
     dataset = workspace.root / params.ingest.dest
-    for image_id, path in zip(kept["image_id"][kept["label"] == 1], kept["path"][kept["label"] == 1], strict=True):
+    fractured = kept[kept["label"] == 1]
+    for image_id, path in zip(fractured["image_id"], fractured["path"], strict=True):
         # The boxes are scaled with the image as decoded: drawn on another frame, they would fall elsewhere.
         shown, stated = shown_size(dataset / path), boxes[image_id].size
         if tuple(shown) != tuple(stated):
