@@ -13,6 +13,7 @@ import io
 import os
 import re
 import stat
+import struct
 import threading
 import warnings
 from collections.abc import Iterable, Iterator
@@ -20,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-from PIL import ExifTags, Image, ImageFile, ImageOps, ImageStat, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageFile, ImageOps, ImageStat, PngImagePlugin, UnidentifiedImageError
 
 from fracture.dicom import (
     MAX_JPEG_SCANS,
@@ -539,9 +540,9 @@ def shown_size(path: str | Path) -> tuple[int, int]:
     turned upright (:func:`upright_size`), a DICOM radiograph with square pixels
     (:func:`~fracture.dicom.display_size`). The frame boxes drawn on the image are in.
 
-    A PNG's orientation is read from its eXIf chunk without decoding the image, wherever the chunk
-    lies (Pillow's ``getexif`` decodes the whole image to reach one after the image data, and
-    fails on a file that ends early, which training keeps).
+    A PNG's orientation is read from its chunks without decoding the image, wherever they lie
+    (Pillow's ``getexif`` decodes the whole image to reach one after the image data, and fails on
+    a file that ends early, which training keeps): :func:`_png_orientation`.
 
     Raises:
         ImageLoadError: the file cannot be read, or is neither a picture nor DICOM (named).
@@ -550,7 +551,10 @@ def shown_size(path: str | Path) -> tuple[int, int]:
         with Path(path).open("rb") as handle:
             start = handle.read(132)
         if is_dicom(start):
-            return display_size(read_header(Path(path).read_bytes()))
+            ds = read_header(Path(path).read_bytes())
+            if missing := [keyword for keyword in ("Rows", "Columns") if keyword not in ds]:
+                raise ValueError(f"its DICOM header has no {' or '.join(missing)}")
+            return display_size(ds)
         if start.startswith(_PNG_START[:8]):
             with Image.open(path) as img:
                 size = img.size
@@ -562,23 +566,37 @@ def shown_size(path: str | Path) -> tuple[int, int]:
         raise ImageLoadError(f"{path}: its size cannot be read ({failure_reason(exc)})") from exc
 
 
+#: The chunks from which Pillow reads a PNG's orientation: EXIF in an eXIf chunk, or in a text chunk
+#: "Raw profile type exif" (ImageMagick's), or XMP's tiff:Orientation in an iTXt chunk.
+_PNG_ORIENTATION_CHUNKS = frozenset({b"eXIf", b"tEXt", b"zTXt", b"iTXt"})
+
+
 def _png_orientation(path: Path) -> int:
-    """The EXIF orientation of a PNG (1 without one), from its eXIf chunk, read chunk by chunk
-    past the image data rather than decoding it."""
+    """The EXIF orientation of a PNG (1 without one) as :func:`decode` turns it: its chunks are read
+    one by one, past the image data rather than decoding it, with Pillow's own chunk readers, and
+    the orientation found with Pillow's own ``getexif`` (eXIf, the text chunk ImageMagick writes,
+    then XMP), so that the size boxes are checked against is the size of the image trained on."""
     with path.open("rb") as handle:
         handle.seek(8)  # the signature
-        while header := handle.read(8):
-            if len(header) < 8:
+        stream = PngImagePlugin.PngStream(handle)
+        while True:
+            try:
+                kind, position, length = stream.read()
+            except (struct.error, SyntaxError):  # the file ends, or what follows is no chunk
                 break
-            length, kind = int.from_bytes(header[:4], "big"), header[4:]
-            if kind == b"eXIf":
-                exif = Image.Exif()
-                exif.load(handle.read(length))
-                return int(exif.get(ExifTags.Base.Orientation, 1))
             if kind == b"IEND":
                 break
-            handle.seek(length + 4, io.SEEK_CUR)  # the chunk's data and its CRC
-    return 1
+            if kind in _PNG_ORIENTATION_CHUNKS:
+                try:
+                    stream.call(kind, position, length)
+                except OSError:  # the file ends inside the chunk
+                    break
+            else:
+                handle.seek(length, io.SEEK_CUR)
+            handle.seek(4, io.SEEK_CUR)  # the chunk's CRC
+    found = Image.new("1", (1, 1))
+    found.info = stream.im_info
+    return int(found.getexif().get(ExifTags.Base.Orientation, 1))
 
 
 def decode_truncated(

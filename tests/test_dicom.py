@@ -15,7 +15,7 @@ from pydicom.filewriter import write_dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import DeflatedExplicitVRLittleEndian, RLELossless
 
-from fracture.decoding import open_xray, shown_size
+from fracture.decoding import ImageLoadError, open_xray, shown_size
 from fracture.dicom import (
     DicomRejected,
     _display_values,
@@ -786,6 +786,16 @@ def _spaced(tag: str, value: list[float]) -> tuple[bytes, np.ndarray]:
     if tag:
         setattr(ds, tag, value)
     return to_bytes(ds), pixels
+
+
+def test_the_size_of_a_dicom_without_rows_or_columns_is_refused_naming_what_it_lacks(tmp_path):
+    """The detector's box check and evaluate read sizes with shown_size: a header without Columns
+    escaped as AttributeError, not the ImageLoadError naming the file its callers report."""
+    ds = _dataset()
+    ds.Rows = 10
+    (tmp_path / "x.dcm").write_bytes(to_bytes(ds))
+    with pytest.raises(ImageLoadError, match=r"x\.dcm: its size cannot be read \(its DICOM header has no Columns\)"):
+        shown_size(tmp_path / "x.dcm")
 
 
 @pytest.mark.parametrize(

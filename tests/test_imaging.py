@@ -247,6 +247,41 @@ def test_a_pngs_shown_size_is_read_without_decoding_its_image_wherever_its_exif_
         shown_size(tmp_path / "empty.png")
 
 
+@pytest.mark.parametrize("after_image_data", [False, True])
+@pytest.mark.parametrize("where", ["Raw profile type exif", "XMP"])
+def test_a_pngs_turn_stated_in_a_text_chunk_is_read_as_decode_reads_it(where, after_image_data, tmp_path):
+    """ImageMagick writes a PNG's EXIF as a "Raw profile type exif" text chunk, and XMP states
+    tiff:Orientation: decode turns the image by either, and shown_size, which read only an eXIf
+    chunk, gave the stored frame, so the detector's box check refused boxes drawn on the image."""
+    import struct
+
+    from PIL import PngImagePlugin
+
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6
+    info = PngImagePlugin.PngInfo()
+    if where == "XMP":
+        info.add_itxt("XML:com.adobe.xmp", '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf='
+                      '"http://www.w3.org/1999/02/22-rdf-syntax-ns#"><rdf:Description xmlns:tiff='
+                      '"http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>')
+    else:
+        raw = exif.tobytes()
+        info.add_text("Raw profile type exif", f"\nexif\n{len(raw):8}\n{raw.hex()}\n", zip=True)
+    path = tmp_path / "turned.png"
+    _upright_xray().transpose(Image.Transpose.ROTATE_90).save(path, pnginfo=info)  # stored 80 x 120
+    if after_image_data:
+        data, chunks, at = path.read_bytes(), [], 8
+        while at < len(data):
+            length = struct.unpack(">I", data[at : at + 4])[0]
+            chunks.append(data[at : at + 12 + length])
+            at += 12 + length
+        text = [c for c in chunks if c[4:8] in (b"zTXt", b"iTXt")]
+        rest = [c for c in chunks if c not in text]
+        path.write_bytes(data[:8] + b"".join(rest[:-1]) + b"".join(text) + rest[-1])
+    assert decode(path.read_bytes()).size == (120, 80)
+    assert shown_size(path) == (120, 80)
+
+
 def test_a_copy_whose_turn_is_written_into_its_pixels_is_the_near_duplicate_of_one_that_only_states_it(tmp_path):
     xray = Image.fromarray(
         (np.random.default_rng(3).integers(0, 255, (12, 9)).repeat(16, 0).repeat(16, 1)).astype(np.uint8), mode="L"
