@@ -21,7 +21,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-from PIL import ExifTags, Image, ImageFile, ImageOps, ImageStat, PngImagePlugin, UnidentifiedImageError
+from PIL import (
+    ExifTags,
+    Image,
+    ImageFile,
+    ImageOps,
+    ImageStat,
+    PngImagePlugin,
+    UnidentifiedImageError,
+)
 
 from fracture.dicom import (
     MAX_JPEG_SCANS,
