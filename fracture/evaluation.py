@@ -451,6 +451,18 @@ def calibration(labels: np.ndarray, probs: np.ndarray, n_bins: int = 10) -> Cali
     return Calibration(ece=ece, brier=float(brier_score_loss(labels, probs)), curve=curve)
 
 
+#: The fewest groups of linked images holding fractured images, and holding non-fractured ones,
+#: from which a body part's ROC AUC gets a bootstrap interval.
+MIN_GROUPS_FOR_AUC_INTERVAL = 2
+
+
+def _independent(labels: np.ndarray, links: np.ndarray | None) -> int:
+    """The fewer of the groups of linked images (each image its own without ``links``) holding a
+    fractured image and holding a non-fractured one."""
+    keys = np.arange(len(labels)) if links is None else np.asarray(links)
+    return min(len(set(keys[labels == 1].tolist())), len(set(keys[labels == 0].tolist())))
+
+
 def by_group(
     labels: np.ndarray,
     probs: np.ndarray,
@@ -469,9 +481,11 @@ def by_group(
     each part's own), so a group with few images shows how little its figures say. With
     ``n_resamples``, ROC AUC carries its bootstrap interval (``roc_auc_ci_low`` /
     ``roc_auc_ci_high``, :func:`auc_interval` over the group's own images, drawing linked ones
-    together), as the whole split's does. A metric a
-    group cannot define (AUC with one class only, sensitivity without fractures) is ``None``,
-    with its interval, rather than a misleading number.
+    together), as the whole split's does, when at least :data:`MIN_GROUPS_FOR_AUC_INTERVAL`
+    groups of linked images hold each class (a part whose X-rays are all one patient's would be
+    drawn alike in every resample: an interval of no width). A metric a group cannot define (AUC
+    with one class only, sensitivity without fractures) is ``None``, with its interval, rather
+    than a misleading number.
 
     Args:
         labels: true labels, 0 or 1.
@@ -502,7 +516,8 @@ def by_group(
         both = 0 < y.sum() < len(y)
         links = None if linked is None else np.asarray(linked)[mask]
         intervals = _rate_intervals(y, pred, confidence, links)
-        intervals["roc_auc"] = auc_interval(y, p, n_resamples, seed, confidence, links) if both and n_resamples else None
+        resampled = both and n_resamples and _independent(y, links) >= MIN_GROUPS_FOR_AUC_INTERVAL
+        intervals["roc_auc"] = auc_interval(y, p, n_resamples, seed, confidence, links) if resampled else None
         row: dict[str, float | None] = {
             "n_images": int(mask.sum()),
             "n_fractured": int(y.sum()),

@@ -102,6 +102,8 @@ def _part_auc(row: dict[str, float | None]) -> str:
     others = int(row.get("n_images") or 0) - fractured
     if row.get("roc_auc") is None or min(fractured, others) < MIN_CLASS_FOR_AUC:
         return f"n/a ({fractured} fractured, {others} not)" if row.get("n_images") else "n/a"
+    if "roc_auc_ci_low" in row and row["roc_auc_ci_low"] is None:  # a file of before intervals lacks the key
+        return f"{row['roc_auc']:.3f} (no interval: all its fractured, or all its other, X-rays are one patient's or linked)"
     return _fmt_ci(row, "roc_auc")
 
 

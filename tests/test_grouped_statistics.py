@@ -276,3 +276,31 @@ def test_calling_one_more_image_right_never_narrows_the_effective_count_by_a_jum
     low, high = wilson_interval(4, 6, design_effect=design_effect(six, np.zeros(6)))
     plain = wilson(4, 6)
     assert high - low > (plain[1] - plain[0]) + 0.2  # over images: 0.30-0.90; as the one patient it is: wider
+
+
+def test_a_body_part_whose_class_is_one_patients_gets_no_roc_auc_interval_and_the_card_says_why():
+    """Every resample draws a lone group alike: a part whose X-rays were all one patient's showed
+    a 95% interval of no width on the card, a point dressed as certainty."""
+    from fracture.model_card import _part_auc
+
+    rng = np.random.default_rng(1)
+    labels = np.array([1] * 6 + [0] * 6 + [1] * 30 + [0] * 30)
+    probs = np.clip(rng.normal(0.5 + 0.15 * (2 * labels - 1), 0.2), 0, 1)
+    parts = np.array(["hip"] * 12 + ["hand"] * 60)
+    one_patient = np.array(["patient-1"] * 12 + [f"img{i}" for i in range(60)])
+    # the hip's fractured X-rays one patient's, its others each their own
+    fractures_linked = np.array(["patient-1"] * 6 + [f"hip{i}" for i in range(6)] + [f"img{i}" for i in range(60)])
+    for linked in (one_patient, fractures_linked):
+        rows = by_group(labels, probs, parts, 0.5, linked=linked, n_resamples=200, seed=0)
+        hip, hand = rows["hip"], rows["hand"]
+        assert hip["roc_auc"] is not None and hip["roc_auc_ci_low"] is None and hip["roc_auc_ci_high"] is None
+        assert _part_auc(hip) == f"{hip['roc_auc']:.3f} (no interval: all its fractured, or all its other, X-rays are one patient's or linked)"
+        assert hand["roc_auc_ci_high"] - hand["roc_auc_ci_low"] > 0.05
+        assert hip["recall_ci_low"] is not None  # Wilson's, over the effective count, still shown
+    # two patients each side: resamples differ, and the interval is shown
+    two = np.array(["p1", "p2"] * 3 + ["p3", "p4"] * 3 + [f"img{i}" for i in range(60)])
+    hip = by_group(labels, probs, parts, 0.5, linked=two, n_resamples=200, seed=0)["hip"]
+    assert hip["roc_auc_ci_high"] > hip["roc_auc_ci_low"]
+    assert "no interval" not in _part_auc(hip)
+    # a body_parts.json written before the intervals: the figure alone, no false reason
+    assert _part_auc({"n_images": 12, "n_fractured": 6, "roc_auc": 0.75}) == "0.750"
