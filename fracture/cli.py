@@ -490,6 +490,7 @@ def predict(
         load,
         score_files,
         write,
+        wants_report,
         write_structured_reports,
     )
     from fracture.tracking import bound_registry_waits
@@ -523,7 +524,10 @@ def predict(
         except OSError as exc:  # the report folder gone or unwritable since it was checked: the rows still count
             table["sr"] = ""
             why = f"{NO_REPORT}: {dicom_sr} cannot be written to ({exc.strerror or exc})"
-            table["note"] = [f"{note}; {why}" if note else why for note in table["note"]]
+            table["note"] = [
+                (f"{note}; {why}" if note else why) if wanted else note
+                for note, wanted in zip(table["note"], wants_report(table, files), strict=True)
+            ]
     try:
         write(table, out)
     except OSError as exc:  # checked before scoring, yet failed (a full disk): the rows go to stdout instead

@@ -395,6 +395,20 @@ def write(table: pd.DataFrame, out: Path | None) -> None:
         table.to_csv(out, index=False)
 
 
+def wants_report(table: pd.DataFrame, files: list[Path]) -> list[bool]:
+    """Which rows :func:`write_structured_reports` makes a report for: those scored whose file is
+    DICOM (one that cannot be read again counts, as it costs its row the report)."""
+
+    def dicom(path: Path) -> bool:
+        try:
+            with path.open("rb") as handle:
+                return is_dicom(handle.read(132))
+        except OSError:
+            return True
+
+    return [not error and dicom(path) for path, error in zip(files, table["error"], strict=True)]
+
+
 def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Path) -> list[str]:
     """Writes a DICOM SR (:mod:`fracture.dicom_sr`) for each scored DICOM input; returns the paths, one per row.
 

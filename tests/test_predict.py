@@ -232,6 +232,47 @@ def test_strict_exits_3_when_some_file_could_not_be_scored_and_writes_every_row(
     assert "fracture predict: 1 of the files scored have no structured report (--strict)" in reported.stderr
 
 
+def test_a_report_folder_that_fails_whole_notes_and_counts_only_the_rows_that_wanted_a_report(tmp_path, monkeypatch, capsys):
+    """The folder gone or unwritable after the check: the note and --strict's count went to every
+    row, JPEGs and files not scored among them, which misled whoever triaged the alert."""
+    import fracture.predict as predict
+    from fracture import cli
+
+    files = [tmp_path / n for n in ("a.dcm", "b.jpg", "c.jpg", "d.dcm")]
+    data = dicom_from_jpeg(require_fracatlas() / "images/Fractured/IMG0000019.jpg", "8-bit")
+    for f in files:
+        f.write_bytes(data if f.suffix == ".dcm" else b"\xff\xd8 a JPEG")
+    (tmp_path / "sr").mkdir()
+
+    class Loaded:
+        name, version = "fracture-classifier", "1"
+
+        def close(self) -> None:
+            pass
+
+    def scored(loaded, paths, batch_size, progress):
+        return pd.DataFrame({
+            "id": [str(f) for f in paths], "fracture_probability": [0.9, 0.1, float("nan"), 0.8],
+            "label": ["Fractured", "Not fractured", "", "Fractured"], "threshold": 0.5, "model": "m",
+            "version": "1", "error": ["", "", "the image is corrupt", ""], "note": "",
+        })
+
+    def folder_gone(table, paths, folder):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(predict, "load", lambda uri: Loaded())
+    monkeypatch.setattr(predict, "score_files", scored)
+    monkeypatch.setattr(predict, "write_structured_reports", folder_gone)
+    out = tmp_path / "rows.csv"
+    with pytest.raises(SystemExit) as ended:
+        cli.main(["predict", *map(str, files), "--dicom-sr", str(tmp_path / "sr"), "--strict", "--no-progress",
+                  "--out", str(out)])
+    assert ended.value.code == 3
+    assert "1 of 4 files could not be scored and 2 of the files scored have no structured report" in capsys.readouterr().err
+    notes = pd.read_csv(out, keep_default_na=False)["note"].tolist()
+    assert [n.startswith("no structured report: ") for n in notes] == [True, False, False, True]
+
+
 def test_a_model_the_registry_lacks_is_named(registry, tmp_path):
     image = require_fracatlas() / "images/Fractured/IMG0000019.jpg"
     proc = run_predict(registry, str(image), "--model", f"models:/{NAME}@staging")
