@@ -489,8 +489,8 @@ def predict(
         interruptible,
         load,
         score_files,
-        write,
         wants_report,
+        write,
         write_structured_reports,
     )
     from fracture.tracking import bound_registry_waits

@@ -235,8 +235,7 @@ def test_strict_exits_3_when_some_file_could_not_be_scored_and_writes_every_row(
 def test_a_report_folder_that_fails_whole_notes_and_counts_only_the_rows_that_wanted_a_report(tmp_path, monkeypatch, capsys):
     """The folder gone or unwritable after the check: the note and --strict's count went to every
     row, JPEGs and files not scored among them, which misled whoever triaged the alert."""
-    import fracture.predict as predict
-    from fracture import cli
+    from fracture import cli, predict
 
     files = [tmp_path / n for n in ("a.dcm", "b.jpg", "c.jpg", "d.dcm")]
     data = dicom_from_jpeg(require_fracatlas() / "images/Fractured/IMG0000019.jpg", "8-bit")
