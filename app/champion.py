@@ -231,7 +231,10 @@ def resolve_version(settings: PageSettings) -> tuple[str, str]:
     Raises:
         ModelUnavailable: the registry cannot be reached, or has no such model or alias.
     """
-    store = sqlite_store(settings.tracking_uri)
+    try:
+        store = sqlite_store(settings.tracking_uri)
+    except ValueError as exc:
+        raise ModelUnavailable(f"MLFLOW_TRACKING_URI: {exc}.") from exc
     # MLflow would create an empty store; a missing file means nothing was registered yet.
     if store is not None and not store.is_file():
         raise ModelUnavailable(

@@ -140,8 +140,11 @@ def load(uri: str, client: MlflowClient | None = None) -> LoadedModel:
         raise PredictError(f"--model {uri!r} is not a registry URI; give models:/<name>@<alias> or models:/<name>/<version>")
     name = match["name"]
     where = mlflow.get_registry_uri()  # MLFLOW_REGISTRY_URI, else the tracking URI
-    store = sqlite_store(where)
     variable = "MLFLOW_REGISTRY_URI" if os.environ.get("MLFLOW_REGISTRY_URI") else "MLFLOW_TRACKING_URI"
+    try:
+        store = sqlite_store(where)
+    except ValueError as exc:
+        raise PredictError(f"{variable}: {exc}") from exc
     if client is None and store is not None and not store.is_file():
         # MLflow would create an empty store there (in the folder of images, say) and find nothing in it.
         raise PredictError(

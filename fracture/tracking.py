@@ -31,16 +31,27 @@ def bound_registry_waits() -> None:
 
 def sqlite_store(uri: str) -> Path | None:
     """The file a ``sqlite:`` store URI names, as MLflow's database layer reads it (SQLAlchemy: a
-    query such as ``?timeout=60`` left out, ``%20`` escapes decoded); ``None`` for another kind of
-    store, or an in-memory one."""
+    query such as ``?timeout=60`` left out, ``%20`` escapes decoded; with ``uri=true``, SQLite's
+    own ``file:`` URI read for its path); ``None`` for another kind of store, or an in-memory one.
+
+    Raises:
+        ValueError: ``uri`` is no sqlite URI SQLAlchemy reads (``sqlite:mlflow.db``), named.
+    """
     if not uri.startswith("sqlite:"):
         return None
-    from sqlalchemy.engine import (
-        make_url,  # MLflow's own dependency, imported only when needed
-    )
+    from urllib.parse import unquote, urlsplit  # noqa: PLC0415
 
-    database = make_url(uri).database
-    return None if database in (None, "", ":memory:") else Path(database)
+    from sqlalchemy.engine import make_url  # noqa: PLC0415 - MLflow's own dependency, imported only when needed
+    from sqlalchemy.exc import ArgumentError  # noqa: PLC0415
+
+    try:
+        url = make_url(uri)
+    except ArgumentError as exc:
+        raise ValueError(f"{uri} is no sqlite store URI: give sqlite:///<path to mlflow.db>") from exc
+    database = url.database
+    if database and database.startswith("file:") and str(url.query.get("uri", "")).lower() == "true":
+        database = unquote(urlsplit(database).path) or None  # SQLite's URI: file:/abs/path or file:rel?mode=ro
+    return None if database in (None, "", ":memory:") or database.startswith(":memory:") else Path(database)
 
 
 class TrainingRunMissing(RuntimeError):

@@ -325,12 +325,18 @@ def test_a_store_uri_is_read_as_mlflow_reads_it_and_a_file_that_is_no_store_is_n
     spaced = tmp_path / "a b"
     spaced.mkdir()
     shutil.copy(store, spaced / "mlflow.db")
-    for uri in (f"{registry['uri']}?timeout=60", f"sqlite:///{tmp_path}/a%20b/mlflow.db"):
+    # SQLite's own URI form (file:...?uri=true), which SQLAlchemy passes to SQLite: the path in it
+    for uri in (f"{registry['uri']}?timeout=60", f"sqlite:///{tmp_path}/a%20b/mlflow.db",
+                f"sqlite:///file:{store}?mode=ro&uri=true"):
         assert sqlite_store(uri) in (store, spaced / "mlflow.db")
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
         with pytest.raises(PredictError, match="is not in the registry at"):  # the store read, the model not in it
             load(f"models:/{NAME}@no-such-alias")
     assert sqlite_store("sqlite://") is None and sqlite_store("http://127.0.0.1:5000") is None
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:mlflow.db")  # no slashes: SQLAlchemy's ArgumentError escaped
+    with pytest.raises(PredictError, match=r"^MLFLOW_TRACKING_URI: sqlite:mlflow\.db is no sqlite store URI: give "
+                                           r"sqlite:///<path to mlflow\.db>$"):
+        load(f"models:/{NAME}@champion")
     pointer = tmp_path / "lfs" / "mlflow.db"
     pointer.parent.mkdir()
     pointer.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64 + "\nsize 1234567\n")
