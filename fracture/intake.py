@@ -172,7 +172,7 @@ def read_xray(data: bytes, policy: InputPolicy, draft: tuple[int, int] | None = 
     """
     if not data:
         raise InputRejected(f"is empty. {SEND_INSTEAD}")
-    _check_size(len(data), policy, data[:132])
+    check_size(len(data), policy, data[:132])
     if is_dicom(data):
         xray = _read_dicom(data, policy)
         _check_content(xray.image, policy)
@@ -190,7 +190,7 @@ def read_file(path: Path, policy: InputPolicy) -> bytes:
     size = path.stat().st_size
     if size > policy.max_bytes:
         with path.open("rb") as handle:  # its start only: whether it is DICOM, for what to send instead
-            _check_size(size, policy, handle.read(132))
+            check_size(size, policy, handle.read(132))
     return path.read_bytes()
 
 
@@ -204,7 +204,13 @@ def over_limit(value: int, limit: int, unit: float, places: int, name: str, exac
     return f"{value:,} {exact}", f"{limit:,} {exact} ({bound} {name})"
 
 
-def _check_size(size: int, policy: InputPolicy, start: bytes) -> None:
+def check_size(size: int, policy: InputPolicy, start: bytes) -> None:
+    """Refuses a file of ``size`` bytes over ``policy.max_bytes``; ``start``, its first 132 bytes,
+    says whether it is DICOM, for what to send instead.
+
+    Raises:
+        InputRejected: over the limit, with the size, the limit and what to send.
+    """
     if size > policy.max_bytes:
         shown, limit = over_limit(size, policy.max_bytes, 2**20, 1, "MB", "bytes")
         # A DICOM file over the limit is told how to make it smaller, not to send the DICOM file it is.

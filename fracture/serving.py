@@ -15,7 +15,8 @@ an HTTP request get the same answer for the same bytes. One bad row never costs 
 with the inference parameter ``on_error`` at ``report`` (the default) its error is returned in
 its row; ``raise`` refuses the whole request at the first bad row instead. A request over the
 policy's ``max_rows`` is refused as a whole. Messages never name a path on the server, and no
-refusal carries a stack trace over HTTP.
+refusal of the model's carries a stack trace over HTTP (MLflow's own, for a CSV or Parquet body
+it cannot parse, does: docs/consumers.md says to let only JSON through).
 
 It scores through the one inference path (:mod:`fracture.inference`). This package travels
 inside the logged model (``code_paths``), so a consumer needs nothing of this project installed.
@@ -23,11 +24,11 @@ inside the logged model (``code_paths``), so a consumer needs nothing of this pr
 
 from __future__ import annotations
 
-import base64
 import binascii
 import json
 import logging
 import os
+import re
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -44,7 +45,14 @@ from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
 from fracture.imaging import nchw
 from fracture.inference import Classifier, ServingConfig, probabilities
-from fracture.intake import InputPolicy, InputRejected, Xray, read_file, read_xray
+from fracture.intake import (
+    InputPolicy,
+    InputRejected,
+    Xray,
+    check_size,
+    read_file,
+    read_xray,
+)
 
 log = logging.getLogger(__name__)
 
@@ -211,6 +219,36 @@ def _one_file_a_row(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
+#: What encoders that wrap lines (base64.encodebytes, openssl base64, MIME) put in base64 text.
+_WRAPPING = re.compile(r"\s")
+
+
+def _from_base64(i: int, text: str, policy: InputPolicy) -> bytes:
+    """The bytes of row ``i``'s base64 ``image`` text. Whitespace carries nothing; anything else
+    that is not base64 is refused. A file over ``policy.max_bytes`` is refused from the text's
+    length, before it is decoded: decoding first held about four times the file in memory (the
+    text without its line breaks, its ASCII copy, the bytes), for a row then refused on its size.
+
+    Raises:
+        RowRefused: the text is not base64, or the file it holds is over the limit.
+    """
+    if _WRAPPING.search(text):
+        text = _WRAPPING.sub("", text)
+    padding = len(text[-2:]) - len(text[-2:].rstrip("="))
+    size = len(text) // 4 * 3 - padding  # the bytes it decodes to
+    try:
+        start = binascii.a2b_base64(text[:176], strict_mode=True) if size > policy.max_bytes else b""
+        data = b"" if start else binascii.a2b_base64(text, strict_mode=True)  # read from the str, not a copy
+    except (binascii.Error, ValueError) as exc:  # ValueError: text with characters outside ASCII
+        raise RowRefused(f"row {i}: 'image' is not base64 text; send the file's bytes base64-encoded") from exc
+    if start:
+        try:
+            check_size(size, policy, start)  # its start: whether it is DICOM, for what to send instead
+        except InputRejected as exc:
+            raise RowRefused(f"row {i}: the image {exc}") from exc
+    return data
+
+
 def read_row(
     i: int, row: pd.Series, root: Path | None, policy: InputPolicy, draft: tuple[int, int] | None = None
 ) -> Xray:
@@ -237,13 +275,7 @@ def read_row(
     if has_path:
         data, what = read_path(i, str(path), root, policy), "the file at 'path'"
     elif isinstance(image, str):
-        try:
-            # Encoders that wrap lines (base64.encodebytes, openssl base64, MIME) put newlines in
-            # the text; whitespace carries nothing, anything else that is not base64 is refused.
-            data = base64.b64decode("".join(image.split()), validate=True)
-        except (binascii.Error, ValueError) as exc:  # ValueError: text with characters outside ASCII
-            raise RowRefused(f"row {i}: 'image' is not base64 text; send the file's bytes base64-encoded") from exc
-        what = "the image"
+        data, what = _from_base64(i, image, policy), "the image"
     else:
         data, what = bytes(image), "the image"
     try:

@@ -421,3 +421,35 @@ def test_a_consumer_with_only_the_models_requirements_loads_and_scores_it(model,
             assert len(theirs) == len(ours) > 0
             np.testing.assert_allclose(theirs, ours, rtol=0, atol=0.011)  # [x0, y0, x1, y1] to 0.01 px, score
     print("hidden modules the consumer's imports asked for (each optional):", result.refused)
+
+
+@pytest.mark.parametrize("dicom", [False, True])
+def test_a_base64_row_over_the_size_limit_is_refused_from_its_length_before_it_is_decoded(dicom):
+    """Decoding first held about four times the file (the text without its line breaks, its ASCII
+    copy, the bytes) for a row then refused on its size: memory a request of a few such rows spent
+    for nothing. The refusal is the one read_xray gives, with what to send for a DICOM file."""
+    import tracemalloc
+
+    from fracture.intake import InputPolicy
+    from fracture.serving import RowRefused, read_row
+
+    policy = InputPolicy(max_bytes=8 * 2**20)
+    start = b"\0" * 128 + b"DICM" if dicom else b"\xff\xd8\xff\xe0"
+    text = base64.b64encode(start + b"\0" * (12 * 2**20)).decode()
+    row = pd.Series({"image": text}, dtype=object)
+    tracemalloc.start()
+    try:
+        with pytest.raises(RowRefused) as refused:
+            read_row(0, row, None, policy)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**20, f"{peak / 2**20:.1f} MiB allocated to refuse a {len(text) / 2**20:.0f} MiB cell"
+    with pytest.raises(RowRefused) as decoded:  # the same refusal as once decoded
+        read_row(0, pd.Series({"image": base64.b64decode(text)}, dtype=object), None, policy)
+    assert str(refused.value) == str(decoded.value)
+    assert str(refused.value).startswith("row 0: the image is 12.0 MB; the model accepts files up to 8 MB.")
+    # wrapped as MIME wraps it, the same
+    wrapped = pd.Series({"image": base64.encodebytes(base64.b64decode(text)).decode()}, dtype=object)
+    with pytest.raises(RowRefused, match=r"^row 0: the image is 12\.0 MB"):
+        read_row(0, wrapped, None, policy)
