@@ -20,7 +20,9 @@ RUN make venv
 
 ENV PATH=/opt/fracture/.venv/bin:$PATH \
     PREFECT_SERVER_ANALYTICS_ENABLED=false \
-    DO_NOT_TRACK=1
+    DO_NOT_TRACK=1 \
+    MLFLOW_DISABLE_TELEMETRY=true \
+    DVC_NO_ANALYTICS=1
 
 # A work pool's worker starts its flow runs itself; run by hand, the image retrains once.
 CMD ["python", "-m", "flows.retrain"]

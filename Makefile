@@ -10,6 +10,9 @@ FRACATLAS_SOURCE ?=
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
+# MLflow reads DO_NOT_TRACK only when it is "true"; DVC has its own switch.
+export MLFLOW_DISABLE_TELEMETRY ?= true
+export DVC_NO_ANALYTICS ?= 1
 # Prefect's temporary local server migrates its database on first start, which on a fresh
 # two-core machine takes longer than Prefect's default 20 s.
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
@@ -56,7 +59,7 @@ deploy-schedule: venv
 ## app: the clinician's page on http://127.0.0.1:$(APP_PORT), serving models:/<name>@champion
 APP_PORT ?= 8501
 app: venv
-	cd app && $(abspath $(PY)) -m streamlit run streamlit_app.py --server.address 127.0.0.1 --server.port $(APP_PORT)
+	cd app && "$(abspath $(PY))" -m streamlit run streamlit_app.py --server.address 127.0.0.1 --server.port $(APP_PORT)
 
 ## browser: Debian's Chromium for the page's end-to-end test (installed with apt when missing, as root)
 browser:

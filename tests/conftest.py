@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -31,10 +32,17 @@ PROJECT_FILES = (  # the train stage depends on pretrained/, the split stage on 
 #: FracAtlas's fracture boxes (COCO JSON), where params.yaml's evaluate.boxes points.
 COCO_BOXES = Path("Annotations/COCO JSON/COCO_fracture_masks.json")
 
-# Each test process gets its own Prefect home, so concurrent runs never share one sqlite file.
-os.environ.setdefault("PREFECT_HOME", str(Path(os.environ.get("TMPDIR", "/tmp")) / f"fracture-prefect-{os.getpid()}"))
+# Each test process gets its own Prefect home, so concurrent runs never share one sqlite file: an
+# xdist worker makes its own rather than inheriting the controller's (unless the user set one), and
+# each is removed when its process ends.
+if os.environ.get("PREFECT_HOME", "") in ("", os.environ.get("FRACTURE_TEST_PREFECT_HOME")):
+    _home = tempfile.mkdtemp(prefix="fracture-prefect-")
+    os.environ["PREFECT_HOME"] = os.environ["FRACTURE_TEST_PREFECT_HOME"] = _home
+    atexit.register(shutil.rmtree, _home, ignore_errors=True)
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # MLflow reads DO_NOT_TRACK only as "true"
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")  # the test projects made by `dvc init` would send analytics
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 

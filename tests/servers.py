@@ -68,23 +68,27 @@ def start(cmd: list[str], env: dict[str, str], ready_url: str, log: Path, timeou
 
     Raises:
         RuntimeError: the server exited, or did not answer within ``timeout``; the message
-            holds the end of its log. The server is stopped first.
+            holds the end of its log. The server is stopped first, as it is when the wait is
+            interrupted (Ctrl-C, or SIGTERM, which the tests' conftest turns into the same).
     """
     with log.open("a") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{' '.join(cmd)} exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            if requests.get(ready_url, timeout=5).status_code == 200:
-                return proc
-        except requests.RequestException:
-            pass
-        if time.monotonic() > deadline:
-            stop(proc)
-            raise RuntimeError(f"{ready_url} did not answer within {timeout:.0f}s:\n{log.read_text()[-4000:]}")
-        time.sleep(1)
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{' '.join(cmd)} exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+            try:
+                if requests.get(ready_url, timeout=5).status_code == 200:
+                    return proc
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{ready_url} did not answer within {timeout:.0f}s:\n{log.read_text()[-4000:]}")
+            time.sleep(1)
+    except BaseException:  # its deadline passed, or Ctrl-C or SIGTERM while it starts: not left running
+        stop(proc)
+        raise
 
 
 @contextmanager

@@ -617,3 +617,78 @@ def test_a_test_run_ended_by_sigterm_stops_the_servers_its_tests_started(tmp_pat
     assert "KeyboardInterrupt: signal SIGTERM" in out, out
     with pytest.raises(ProcessLookupError):
         os.kill(server, 0)
+
+
+STARTING_A_SERVER = '''
+import os, sys
+from pathlib import Path
+from tests.servers import free_port, start
+
+def test_starts_a_server(tmp_path):
+    port = free_port()  # nothing will answer there: the server never comes up
+    cmd = [sys.executable, "-c", "import os, time; open(PID_FILE, 'w').write(str(os.getpid())); time.sleep(300)"]
+    start(cmd, {}, f"http://127.0.0.1:{port}/", tmp_path / "log", timeout=300)
+'''
+
+
+def test_a_test_run_ended_while_a_server_is_still_starting_stops_that_server(tmp_path):
+    """A cancel during a server's start (an MLflow server takes 20-60 s) left it running in its own
+    session, holding its port and memory: the wait stopped only at its own deadline."""
+    pid_file = tmp_path / "server.pid"
+    test_file = tmp_path / "test_starting.py"
+    test_file.write_text(STARTING_A_SERVER.replace("PID_FILE", repr(str(pid_file))))
+    held = subprocess.Popen([sys.executable, "-m", "pytest", "-p", "tests.conftest", "-p", "no:cacheprovider", "-q",
+                            str(test_file)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (pid_file.exists() and pid_file.read_text()) and held.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        server = int(pid_file.read_text())
+        held.send_signal(signal.SIGTERM)
+        out, _ = held.communicate(timeout=60)
+    finally:
+        held.kill()
+    assert "KeyboardInterrupt: signal SIGTERM" in out, out
+    with pytest.raises(ProcessLookupError):
+        os.kill(server, 0)
+
+
+EACH_WORKERS_PREFECT_HOME = '''
+import os
+from pathlib import Path
+
+def test_home():
+    Path(OUT, os.environ["PYTEST_XDIST_WORKER"]).write_text(os.environ["PREFECT_HOME"])
+'''
+
+
+def test_each_test_process_has_its_own_prefect_home_removed_at_its_end(tmp_path):
+    """The xdist workers inherited the controller's Prefect home (one sqlite file for both, and
+    "database is locked" to come), and none was ever removed."""
+    test_file = tmp_path / "test_homes.py"
+    test_file.write_text(EACH_WORKERS_PREFECT_HOME.replace("OUT", repr(str(tmp_path))))
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_HOME", "FRACTURE_TEST_PREFECT_HOME")}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-p", "tests.conftest", "-p", "no:cacheprovider", "-q",
+                           "-n", "2", "--dist", "each", str(test_file)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    homes = {(tmp_path / worker).read_text() for worker in ("gw0", "gw1")}
+    assert len(homes) == 2
+    assert all(Path(home).name.startswith("fracture-prefect-") and not Path(home).exists() for home in homes)
+
+
+def test_the_main_job_and_the_tests_send_no_usage_data(tmp_path):
+    """MLflow reads DO_NOT_TRACK only as "true", so `make main` (DO_NOT_TRACK=1) sent MLflow's
+    telemetry; DVC has a switch of its own, which nothing set."""
+    recipe = subprocess.run(["make", "-s", "--no-print-directory", "--eval", "environment-probe: ; @env -0",
+                             "environment-probe"], cwd=REPO, capture_output=True, text=True, timeout=60, check=True)
+    made = dict(line.split("=", 1) for line in recipe.stdout.split("\0") if "=" in line)
+    testing = ("PYTEST_CURRENT_TEST", "CI", "MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK", "DVC_NO_ANALYTICS")
+    probe = ("from dvc.analytics import is_enabled; from mlflow.telemetry.utils import is_telemetry_disabled; "
+             "print(is_telemetry_disabled(), is_enabled())")
+    for name, env in (("make", made), ("the tests", os.environ)):
+        env = {k: v for k, v in env.items() if k not in testing} | {  # what they set, without what pytest sets
+            k: env[k] for k in testing[2:] if k in env}
+        seen = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=120, check=True)
+        assert seen.stdout.split() == ["True", "False"], (name, seen.stdout, seen.stderr[-2000:])

@@ -8,6 +8,7 @@ itself, after reading it, stands in for someone tuning the next run's settings m
 
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 
@@ -40,7 +41,7 @@ def project(tmp_path: Path) -> Path:
     dvc(root, "init", "-q")
     (root / "stage.py").write_text(STAGE_SCRIPT)
     (root / "params.yaml").write_text(_params(0.001))
-    stage = {"cmd": f"{sys.executable} stage.py", "params": ["train"], "outs": ["model.txt"]}
+    stage = {"cmd": f"{shlex.quote(sys.executable)} stage.py", "params": ["train"], "outs": ["model.txt"]}
     (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"train": stage}}))
     return root
 
