@@ -7,7 +7,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from flows.result import AliasMove, RetrainResult, registry_changed, was_promoted
+from flows.result import (
+    AliasMove,
+    RegistryState,
+    RetrainFailure,
+    RetrainResult,
+    alias_moves,
+    registry_changed,
+    was_promoted,
+)
 from fracture.registry import Registration
 
 REPORT_KEY = "retrain-report"
@@ -145,6 +153,75 @@ def render_report(result: RetrainResult) -> str:
     if result.detector is not None:
         lines += _detector_lines(result)
     return "\n".join(lines)
+
+
+def render_failure_report(failure: RetrainFailure) -> str:
+    """The report of a run that failed, published under the same key as a completed run's.
+
+    Without it, ``retrain-report`` would still show the last completed run's promotion the morning
+    after a run that failed. It says where the run stopped and why, what it finished, and what the
+    registry holds after the failure: the version consumers load (``champion``), the newest one,
+    and any version registered that the gate has not decided on.
+
+    Args:
+        failure: where and why the run failed, and what it had done.
+
+    Returns:
+        Markdown text for ``prefect.artifacts.create_markdown_artifact``.
+    """
+    f = failure
+    finished = [f"ingest ({'nothing copied' if f.ingest.unchanged else 'dataset copied and hashed'})"] if f.ingest else []
+    finished += [f"{s.stage} ({s.outcome})" for s in f.runs.values()]
+    lines = [
+        "# Retraining report",
+        "",
+        f"**Failed** at stage {f.stage}: {f.error}",
+        "",
+        "The stages after it did not run. The registry below is as the failure left it (the version consumers "
+        "load holds `champion`); the flow run's logs hold the error's full text.",
+        "",
+        "## Run",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| Failed at stage | {f.stage} |",
+        f"| Error | {_cell(f.error)} |",
+        f"| Stages finished | {', '.join(finished) or 'none'} |",
+        f"| Profile | {f.profile or 'not chosen yet'} |",
+        f"| Data version (DVC md5 of `data`) | {_code(f.ingest.data_version) if f.ingest else 'not known (ingest did not finish)'} |",
+        f"| Data version of the last completed run | {_code(f.previous_version)} |",
+    ]
+    if f.registration is not None:
+        r = f.registration
+        lines.append(f"| Registered before the failure | {r.name} version {r.version}: {r.decision} ({_cell(r.reason)}) |")
+    lines += ["", "## Registry after the failure", ""]
+    if f.registry_error is not None:
+        return "\n".join([*lines, f"Not read: {f.registry_error}.", ""])
+    lines += [
+        "| Model | Aliases | Newest version | Registered, not decided by the gate | Aliases moved by this run |",
+        "|---|---|---|---|---|",
+    ]
+    for name, state in f.registry.items():
+        before = f.registry_before.get(name)
+        # Read just before the register task: a run that failed earlier moved no alias.
+        moved = "none" if before is None else _moves(alias_moves(before, state))
+        lines.append(
+            f"| {name} | {_aliases(state)} | {state.newest_version or 'none'} | "
+            f"{', '.join('version ' + v for v in state.undecided) or 'none'} | {moved} |"
+        )
+    lines.append("")
+    if any(state.undecided for state in f.registry.values()):
+        lines += [
+            "A version registered but not decided is one whose registration stopped before the gate decided on "
+            "it: it holds no `champion`, and the next run's register task decides it.",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def _aliases(state: RegistryState) -> str:
+    champion_first = sorted(state.aliases, key=lambda a: (a != "champion", a))
+    return ", ".join(f"`{a}` version {state.aliases[a]}" for a in champion_first) or "none"
 
 
 def _outcome(result: RetrainResult) -> str:

@@ -6,7 +6,7 @@ both import it and neither imports the other.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from fracture.registry import Registration
 from fracture.workspace import (
@@ -26,10 +26,14 @@ class RegistryState:
     Attributes:
         aliases: alias -> the version holding it.
         newest_version: the highest version number (0: the model has no version yet).
+        undecided: the versions, among the newest, that the gate has not decided on (no
+            ``gate_decision``, or a promotion left ``pending``): a registration stopped before its
+            gate, which the next run's registration completes.
     """
 
     aliases: dict[str, str]
     newest_version: int = 0
+    undecided: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,36 @@ class DetectorResult:
     metrics: dict[str, float]
     registration: Registration
     moves: tuple[AliasMove, ...] = ()
+
+
+@dataclass(frozen=True)
+class RetrainFailure:
+    """A flow run that failed: where, why, what it finished, and the registry as it was left.
+
+    Attributes:
+        stage: where it failed: ``checks before the run``, ``ingest``, a DVC stage, ``register``,
+            ``detect``, ``detect-register`` or ``report`` (after the registrations).
+        error: the error's type and the first line of its message.
+        profile: the training profile, when the run got as far as choosing it.
+        ingest: the data version ingest left, when ingest finished.
+        previous_version: the data version of the last completed run, when known.
+        runs: the DVC stages that finished, in pipeline order (the detector's last).
+        registration: the classifier's registration, when the register task finished before the failure.
+        registry: each registered model's state read after the failure (model name -> state).
+        registry_before: the same, read before this run registered (only once the run got that far).
+        registry_error: why the registry was not read (``None``: it was).
+    """
+
+    stage: str
+    error: str
+    profile: str | None = None
+    ingest: IngestSummary | None = None
+    previous_version: str | None = None
+    runs: dict[str, StageRun] = field(default_factory=dict)
+    registration: Registration | None = None
+    registry: dict[str, RegistryState] = field(default_factory=dict)
+    registry_before: dict[str, RegistryState] = field(default_factory=dict)
+    registry_error: str | None = None
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,8 @@ import argparse
 import os
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -25,8 +26,20 @@ from prefect.runtime import deployment, flow_run
 from ruamel.yaml import YAML
 from ruamel.yaml.representer import RoundTripRepresenter
 
-from flows.report import REPORT_KEY, no_champion_note, registry_summary, render_report
-from flows.result import DetectorResult, RegistryState, RetrainResult, as_of_run
+from flows.report import (
+    REPORT_KEY,
+    no_champion_note,
+    registry_summary,
+    render_failure_report,
+    render_report,
+)
+from flows.result import (
+    DetectorResult,
+    RegistryState,
+    RetrainFailure,
+    RetrainResult,
+    as_of_run,
+)
 from fracture.allocator import freed_memory_kept
 from fracture.cli import known_errors, skip_exit_collection
 from fracture.config import (
@@ -39,9 +52,12 @@ from fracture.config import (
 )
 from fracture.ingest import SOURCE_ENV
 from fracture.project_lock import project_lock as fracture_project_lock
+from fracture.registry import TAG_DECISION, Registration
 from fracture.workspace import ASSIGNMENTS_FILE, Workspace, replace_text
 from tasks.pipeline import (
     DVC_STAGES,
+    IngestSummary,
+    StageRun,
     detect_register_task,
     detect_task,
     dvc_status,
@@ -273,7 +289,9 @@ def retrain(project_dir: str = ".", source: str | None = None, profile: str | No
     """Brings the data in, reproduces every DVC stage and registers the model.
 
     Publishes the run's report (metrics, data version, stages run, promotion decision) as the
-    Markdown artifact ``retrain-report``. Scheduled runs come from :mod:`flows.deploy`.
+    Markdown artifact ``retrain-report``; a run that fails publishes, under the same key, where it
+    failed, why, and the registry as the failure left it (:func:`publish_failure_report`), then
+    fails. Scheduled runs come from :mod:`flows.deploy`.
 
     Args:
         project_dir: the project root (holding dvc.yaml and params.yaml).
@@ -288,11 +306,17 @@ def retrain(project_dir: str = ".", source: str | None = None, profile: str | No
         TrackingServerUnreachable: ``MLFLOW_TRACKING_URI`` names a server that does not answer.
     """
     project = Path(project_dir).resolve()
-    # Checked before the lock, which would make <project_dir>/outputs in a folder that is no project.
-    require_project(project, project_dir)
-    require_tracking_server(project, run_logger(__name__).warning)
-    # Each stage reuses the memory the one before freed; the run hands it back when it ends.
-    with freed_memory_kept(), project_lock(project, busy_wait(project, deployment.id is not None)):
+    with ExitStack() as stack:
+        try:
+            # Checked before the lock, which would make <project_dir>/outputs in a folder that is no project.
+            require_project(project, project_dir)
+            require_tracking_server(project, run_logger(__name__).warning)
+            # Each stage reuses the memory the one before freed; the run hands it back when it ends.
+            stack.enter_context(freed_memory_kept())
+            stack.enter_context(project_lock(project, busy_wait(project, deployment.id is not None)))
+        except Exception as exc:
+            publish_failure_report(project, RunProgress(), exc)
+            raise
         return _retrain(project, source, profile)
 
 
@@ -344,8 +368,13 @@ def registry_states(project: Path, models: tuple[str, ...]) -> dict[str, Registr
     return {model: registry_state(client, model) for model in models}
 
 
+#: How many of a model's newest versions :func:`registry_state` looks through for versions the gate has not decided on.
+UNDECIDED_LOOKBACK = 20
+
+
 def registry_state(client: MlflowClient, model: str) -> RegistryState:
-    """The registered model's aliases and its newest version; empty when the registry has no such model.
+    """The registered model's aliases, its newest version and the versions among its newest
+    (:data:`UNDECIDED_LOOKBACK`) the gate has not decided on; empty when the registry has no such model.
 
     Args:
         client: the registry's client.
@@ -357,21 +386,117 @@ def registry_state(client: MlflowClient, model: str) -> RegistryState:
         if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
         return RegistryState({})
-    newest = client.search_model_versions(f"name = '{model}'", max_results=1, order_by=["version_number DESC"])
-    return RegistryState({alias: str(v) for alias, v in aliases.items()}, max((int(v.version) for v in newest), default=0))
+    newest = client.search_model_versions(
+        f"name = '{model}'", max_results=UNDECIDED_LOOKBACK, order_by=["version_number DESC"]
+    )
+    # No decision, or a promotion left "pending" (the champion moved under it): a registration stopped before its gate.
+    undecided = sorted(int(v.version) for v in newest if (v.tags or {}).get(TAG_DECISION) in (None, "", "pending"))
+    return RegistryState(
+        {alias: str(v) for alias, v in aliases.items()},
+        max((int(v.version) for v in newest), default=0),
+        tuple(str(v) for v in undecided),
+    )
+
+
+@dataclass
+class RunProgress:
+    """How far a flow run got, for the report of a run that fails (:func:`publish_failure_report`).
+
+    Attributes:
+        stage: the step under way (see :class:`flows.result.RetrainFailure`).
+        profile: the training profile, once chosen.
+        models: the registered models params.yaml names, once it was read.
+        ingest: what ingest did, once it finished.
+        runs: the DVC stages that finished, in order.
+        registration: the classifier's registration, once the register task finished.
+        before: the registry read before the register task ran.
+    """
+
+    stage: str = "checks before the run"
+    profile: str | None = None
+    models: tuple[str, ...] = ()
+    ingest: IngestSummary | None = None
+    runs: dict[str, StageRun] = field(default_factory=dict)
+    registration: Registration | None = None
+    before: dict[str, RegistryState] = field(default_factory=dict)
+
+
+def _first_line(exc: BaseException) -> str:
+    message = str(exc).strip()
+    return f"{type(exc).__name__}: {message.splitlines()[0]}" if message else type(exc).__name__
+
+
+def failure_of(project: Path, progress: RunProgress, exc: BaseException) -> RetrainFailure:
+    """What a failed run did (``progress``), why it failed (``exc``), and the registry read after the failure.
+
+    The registry is read only where params.yaml named the models, and only from a tracking
+    server that answers its health check (:func:`require_tracking_server`): a run that failed
+    because the server went away fails at once, not after MLflow's own minutes of retries.
+    """
+    registry: dict[str, RegistryState] = {}
+    registry_error = None
+    if not progress.models:
+        registry_error = "the run failed before it read params.yaml, which names the registered models"
+    else:
+        try:
+            require_tracking_server(project)
+            registry = registry_states(project, progress.models)
+        except Exception as read_exc:  # noqa: BLE001 - the report says why, and the run's own error follows
+            registry_error = _first_line(read_exc)
+    previous = progress.ingest.previous_version if progress.ingest else Workspace(project).completed_data_version()
+    return RetrainFailure(
+        stage=progress.stage, error=_first_line(exc), profile=progress.profile, ingest=progress.ingest,
+        previous_version=previous, runs=dict(progress.runs), registration=progress.registration,
+        registry=registry, registry_before=dict(progress.before), registry_error=registry_error,
+    )
+
+
+def publish_failure_report(project: Path, progress: RunProgress, exc: BaseException) -> None:
+    """Publishes the report of a run that failed as ``retrain-report`` (:func:`flows.report.render_failure_report`).
+
+    Without it the key would still show the last completed run's report, a promotion perhaps, the
+    morning after a run that failed. Never raises: a report that cannot be made or published is
+    logged, and the caller raises the run's own error, which this one must not hide.
+    """
+    logger = run_logger(__name__)
+    try:
+        failure = failure_of(project, progress, exc)
+        report = render_failure_report(failure)
+    except Exception as report_exc:  # noqa: BLE001 - the run's own error is what the run fails with
+        logger.warning("the failed run's report could not be made (%s); the run's error follows", _first_line(report_exc))
+        return
+    try:
+        create_markdown_artifact(key=REPORT_KEY, markdown=report,
+                                 description=f"FAILED at stage {failure.stage}: {failure.error}"[:500])
+    except Exception as publish_exc:  # noqa: BLE001 - as above
+        logger.warning("the failed run's report could not be published to the Prefect API (%s); it follows here:\n%s",
+                       _first_line(publish_exc), report)
 
 
 def _retrain(project: Path, source: str | None, profile: str | None) -> RetrainResult:
+    """The flow's work under the project's lock; a failure publishes the failed run's report, then fails the run."""
+    progress = RunProgress()
+    try:
+        return _run(project, source, profile, progress)
+    except Exception as exc:
+        publish_failure_report(project, progress, exc)
+        raise
+
+
+def _run(project: Path, source: str | None, profile: str | None, progress: RunProgress) -> RetrainResult:
     logger = run_logger(__name__)  # the flow run's; a plain logger when called as retrain.fn(...)
     name, reason = choose_profile(profile, torch.cuda.is_available())
     print(reason)
+    progress.profile = name
     if set_profile(project, name):
         logger.info("set train.profile: %s in %s", name, project / PARAMS_FILE)
     params = load_params(project)  # fail before any work on a broken params.yaml
+    models = (params.register.model_name, *((params.detect.model_name,) if params.detect.enabled else ()))
+    progress.models, progress.stage = models, "ingest"
     # The flaky tasks (download, registry) retry after transient errors as params.yaml says.
     retry = {"retries": params.schedule.retries, "retry_delay_seconds": params.schedule.retry_delay_seconds}
 
-    ingested = ingest_task.with_options(**retry)(project, resolved_source(source, project))
+    ingested = progress.ingest = ingest_task.with_options(**retry)(project, resolved_source(source, project))
     runs, results = {}, {}
     # One status check for the whole pipeline: when DVC finds nothing changed, no stage is
     # reproduced. Otherwise DVC reproduces every stage in order, which reruns what an upstream
@@ -385,19 +510,26 @@ def _retrain(project: Path, source: str | None, profile: str | None) -> RetrainR
     else:
         print("DVC status: every stage is as dvc.lock records it; nothing to reproduce")
     for stage in DVC_STAGES:
+        progress.stage = stage
         runs[stage], results[stage] = stage_task(project, stage, up_to_date=not pending)
+        progress.runs[stage] = runs[stage]
     # The registry as it was before this run registered, so that the report tells what the run
     # changed over all of the register tasks' tries, not what their last try found.
-    models = (params.register.model_name, *((params.detect.model_name,) if params.detect.enabled else ()))
-    before = registry_states(project, models)
-    registration = register_task.with_options(**retry)(project)
+    progress.stage = "register"
+    before = progress.before = registry_states(project, models)
+    registration = progress.registration = register_task.with_options(**retry)(project)
     detector = None
     if params.detect.enabled:
         # After the classifier: the detector's backbone is the classifier this run trained.
+        progress.stage = "detect"
         detect_runs, detect_metrics = detect_task(project)
+        progress.runs.update(detect_runs)
+        progress.stage = "detect-register"
         detector = DetectorResult(detect_runs, detect_metrics, detect_register_task.with_options(**retry)(project))
+    progress.stage = "report"
     after = registry_states(project, models)
     registration, moves = as_of_run(registration, before[models[0]], after[models[0]])
+    progress.registration = registration
     if detector is not None:
         detector = DetectorResult(
             detector.runs, detector.metrics, *as_of_run(detector.registration, before[models[1]], after[models[1]])

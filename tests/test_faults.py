@@ -330,6 +330,9 @@ def test_a_run_of_the_deployment_waits_as_params_say_and_a_one_shot_run_does_not
     # whatever tracking server the shell names: the flow checks that server before it waits.
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setattr(flows.retrain, "project_lock", recorded)
+    # The refused run's report says so, under the key that would otherwise show the last run's.
+    reports = []
+    monkeypatch.setattr(flows.retrain, "create_markdown_artifact", lambda **kw: reports.append(kw["markdown"]))
     for deployment_id in ("0b6e7d3c-8f3a-4b8e-9a53-1f0b2c7d9e11", None):
         if deployment_id:
             monkeypatch.setenv("PREFECT__RUNTIME__DEPLOYMENT__ID", deployment_id)
@@ -338,6 +341,7 @@ def test_a_run_of_the_deployment_waits_as_params_say_and_a_one_shot_run_does_not
         with pytest.raises(ProjectBusy, match="recorded"):
             retrain.fn(project_dir=str(tmp_path))
     assert waits == [42, 0]
+    assert [r.splitlines()[2] for r in reports] == ["**Failed** at stage checks before the run: ProjectBusy: recorded"] * 2
 
 
 def _wait_for(predicate, seconds: float, what: str) -> None:

@@ -40,11 +40,14 @@ print(json.dumps(out.to_dict(orient="list")))
 """
 
 
-def test_a_run_whose_project_dir_holds_no_params_fails_naming_it_and_makes_nothing_there(tmp_path):
+def test_a_run_whose_project_dir_holds_no_params_fails_naming_it_and_makes_nothing_there(tmp_path, monkeypatch):
     """A deployment made without PROJECT_DIR names the deploying machine's checkout, absent where the
     run lands (in an image): the run names the parameter to fix, before it takes the project's lock."""
+    import flows.retrain
     from flows.retrain import retrain
 
+    reports = []  # the failed run's report, which names the parameter too
+    monkeypatch.setattr(flows.retrain, "create_markdown_artifact", lambda **kw: reports.append(kw["markdown"]))
     absent = tmp_path / "home" / "alice" / "fracture"
     empty = tmp_path / "opt" / "fracture"
     empty.mkdir(parents=True)
@@ -53,6 +56,8 @@ def test_a_run_whose_project_dir_holds_no_params_fails_naming_it_and_makes_nothi
         with pytest.raises(FileNotFoundError, match=rf"{named}.*`make deploy-schedule PROJECT_DIR=/opt/fracture`"):
             retrain.fn(project_dir=str(folder))
     assert not absent.exists() and not any(empty.iterdir())  # no outputs/retrain.lock left there
+    assert len(reports) == 2 and all("**Failed** at stage checks before the run: FileNotFoundError: the retrain "
+                                     "flow's project_dir parameter" in r for r in reports)
 
 
 def test_flow_registers_a_champion_then_reruns_nothing(project, subset_source, fracatlas, monkeypatch):

@@ -98,10 +98,15 @@ def test_a_scheduled_run_fails_before_any_work_when_its_tracking_server_does_not
     uri = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setattr("flows.retrain.TRACKING_CHECK_PAUSE_S", 0)
+    reports = []  # the failed run's report: why, and no registry read from the server that does not answer
+    monkeypatch.setattr("flows.retrain.create_markdown_artifact", lambda **kw: reports.append(kw["markdown"]))
     params_before = (project / "params.yaml").read_text()
     with pytest.raises(TrackingServerUnreachable, match=rf"tracking server at {uri} \(MLFLOW_TRACKING_URI\)"):
         retrain.fn(project_dir=str(project), profile="paper")
     assert (project / "params.yaml").read_text() == params_before and not (project / "outputs").exists()
+    assert len(reports) == 1 and reports[0].splitlines()[2].startswith(
+        "**Failed** at stage checks before the run: TrackingServerUnreachable: the MLflow tracking server at"
+    )
 
 
 @contextmanager
@@ -244,6 +249,7 @@ def test_the_flows_function_runs_outside_a_flow_run_and_logs_through_prefects_pl
     set_profile(project, "cpu")
     # Stops the run after its first logged step: setting the profile the caller asked for.
     monkeypatch.setattr(flows.retrain, "load_params", lambda _project: (_ for _ in ()).throw(_Stop()))
+    monkeypatch.setattr(flows.retrain, "create_markdown_artifact", lambda **_kw: None)  # the stopped run's report
     prefect_logger = logging.getLogger("prefect")
     caplog.set_level(logging.INFO, logger="prefect")
     prefect_logger.addHandler(caplog.handler)

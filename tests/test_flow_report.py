@@ -13,7 +13,12 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from prefect.states import exception_to_failed_state
 
-from flows.report import METRIC_ROWS, no_champion_note, render_report
+from flows.report import (
+    METRIC_ROWS,
+    no_champion_note,
+    render_failure_report,
+    render_report,
+)
 from flows.result import RetrainResult
 from fracture.data_config import DataConfig
 from fracture.evaluation import PairedAUC
@@ -393,3 +398,107 @@ def test_data_counts_as_evaluated_only_where_dvc_lock_has_the_evaluate_stage_run
     (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
     assert evaluated_on(tmp_path, "old.dir")
     assert not evaluated_on(tmp_path, "new.dir") and not evaluated_on(tmp_path, None)
+
+
+class _Task:
+    """A stand-in for a Prefect task the flow calls with ``with_options(...)`` first."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def with_options(self, **_options):
+        return self.fn
+
+
+def test_a_failed_run_publishes_where_it_failed_and_the_registry_it_left_then_fails(tmp_path, client, monkeypatch):
+    """Last week's report said "promoted"; this week's run fails in train: ``retrain-report`` must say so."""
+    import flows.retrain
+    from flows.report import REPORT_KEY
+    from fracture.registry import TAG_DECISION
+    from tasks.pipeline import StageFailed
+    from tests.conftest import shipped_params_text
+
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "params.yaml").write_text(shipped_params_text())
+    model = "fracture-classifier"
+    client.create_registered_model(model)
+    for _ in range(3):
+        client.create_model_version(model, (tmp_path / "model").as_uri())
+    client.set_model_version_tag(model, "1", TAG_DECISION, "promoted")
+    client.set_model_version_tag(model, "2", TAG_DECISION, "challenger")
+    client.set_registered_model_alias(model, "champion", "1")
+    client.set_registered_model_alias(model, "challenger", "2")  # version 3: registered, its gate never ran
+
+    error = StageFailed("stage train: `fracture train` failed: exit 1: CUDA out of memory\nTraceback ...", 1)
+
+    def stage(project, name, up_to_date=False):
+        if name == "train":
+            raise error
+        return StageRun(name, True, 1.0, 0.5), None
+
+    published = []
+    monkeypatch.setattr(flows.retrain, "ingest_task", _Task(lambda project, source: IngestSummary("new.dir", 1.0, "old.dir")))
+    monkeypatch.setattr(flows.retrain, "stage_task", stage)
+    monkeypatch.setattr(flows.retrain, "create_markdown_artifact", lambda **kw: published.append(kw))
+    with pytest.raises(StageFailed) as info:
+        flows.retrain._retrain(project, None, "cpu")
+    assert info.value is error  # the run fails with its own error
+    assert [p["key"] for p in published] == [REPORT_KEY]
+    text = published[0]["markdown"]
+    assert text.splitlines()[2] == (
+        "**Failed** at stage train: StageFailed: stage train: `fracture train` failed: exit 1: CUDA out of memory"
+    )
+    assert published[0]["description"].startswith("FAILED at stage train: StageFailed")
+    assert table_row(text, "Stages finished")[1] == "ingest (dataset copied and hashed), validate (ran), split (ran), prepare (ran)"
+    assert table_row(text, "Data version (DVC md5 of `data`)")[1] == "`new.dir`"
+    assert table_row(text, "Data version of the last completed run")[1] == "`old.dir`"
+    assert table_row(text, model)[1:] == ["`champion` version 1, `challenger` version 2", "3", "version 3", "none"]
+    assert "**Retrained**" not in text and "## Promotion decision" not in text
+
+    # A report that cannot be made nor published hides nothing: the run still fails with its own error.
+    def gone(*_args, **_kwargs):
+        raise ConnectionError("the Prefect API is gone")
+
+    monkeypatch.setattr(flows.retrain, "registry_states", gone)
+    monkeypatch.setattr(flows.retrain, "create_markdown_artifact", gone)
+    with pytest.raises(StageFailed) as info:
+        flows.retrain._retrain(project, None, "cpu")
+    assert info.value is error
+    monkeypatch.setattr(flows.retrain, "render_failure_report", gone)
+    with pytest.raises(StageFailed) as info:
+        flows.retrain._retrain(project, None, "cpu")
+    assert info.value is error
+
+    # A run that fails before its pipeline (no project there) reports that too, reading no registry.
+    published.clear()
+    monkeypatch.setattr(flows.retrain, "create_markdown_artifact", lambda **kw: published.append(kw))
+    monkeypatch.setattr(flows.retrain, "render_failure_report", render_failure_report)
+    with pytest.raises(FileNotFoundError):
+        flows.retrain.retrain.fn(project_dir=str(tmp_path / "elsewhere"))
+    text = published[0]["markdown"]
+    assert text.splitlines()[2].startswith("**Failed** at stage checks before the run: FileNotFoundError: the retrain")
+    assert "Not read: the run failed before it read params.yaml" in text
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_the_failed_run_s_report_names_its_registration_and_the_aliases_it_moved():
+    from flows.result import RegistryState, RetrainFailure
+
+    registration = result(ran=True, previous="old-md5.dir", created=True).registration
+    failure = RetrainFailure(
+        stage="detect", error="StageFailed: stage detect_train: exit 1", profile="cpu",
+        ingest=IngestSummary("new-md5.dir", 1.0, "old-md5.dir"), previous_version="old-md5.dir",
+        runs={name: StageRun(name, False, 0.5) for name in DVC_STAGES}, registration=registration,
+        registry={"fracture-classifier": RegistryState({"champion": "3", "previous-champion": "2"}, 3)},
+        registry_before={"fracture-classifier": RegistryState({"champion": "2"}, 2)},
+    )
+    text = render_failure_report(failure)
+    assert table_row(text, "Registered before the failure")[1] == (
+        "fracture-classifier version 3: unchanged (ROC AUC 0.9012 beats champion v2's 0.8875)"
+    )
+    assert table_row(text, "fracture-classifier")[1:] == [
+        "`champion` version 3, `previous-champion` version 2", "3", "none",
+        "`champion` version 2 → version 3, `previous-champion` none → version 2",
+    ]
+    assert "not decided" in text and "the next run's register task decides it" not in text
