@@ -228,10 +228,11 @@ def _outcome(result: RetrainResult) -> str:
     """The report's headline: what the run changed, a promotion or an alias move included."""
     ingest, reg = result.ingest, result.registration
     if result.nothing_changed:
+        kept = _not_promoted(reg, result.moves)
         return (
             "**Nothing changed**: same data version, code and parameters as the last run. DVC found "
             f"every stage up to date and the registry is as it was ({reg.name} version {reg.version} "
-            "is the model these outputs belong to)."
+            f"is the model these outputs belong to).{' ' + kept[0].upper() + kept[1:] + '.' if kept else ''}"
         )
     data = (
         f"new data version {_code(ingest.data_version)} (was {_code(ingest.previous_version)})"
@@ -278,9 +279,31 @@ def _registry_clause(reg: Registration, moves: tuple[AliasMove, ...]) -> str:
         text += " and promoted to `champion`"
         if not moves:
             text += f" (champion before: {'none' if reg.champion_version is None else 'version ' + reg.champion_version})"
+    elif kept := _not_promoted(reg, moves):
+        text += f", {kept}"
     if moves:
         text += "; aliases moved: " + ", ".join(m.describe() for m in moves)
     return text
+
+
+def _not_promoted(reg: Registration, moves: tuple[AliasMove, ...] = ()) -> str | None:
+    """``not promoted: champion stays version 2 (failed: beats champion)`` for a version that does not
+    hold ``champion`` after the run; ``None`` for one that does."""
+    if reg.champion or was_promoted(reg, moves):
+        return None
+    stays = "no version holds `champion`" if reg.champion_version is None else f"champion stays version {reg.champion_version}"
+    return f"not promoted: {stays} ({_why_not(reg)})"
+
+
+def _why_not(reg: Registration) -> str:
+    """Why a version is not champion, in a few words: the gate checks it failed, or what held the gate back."""
+    if failed := [c.name for c in reg.checks if not c.passed]:
+        return "failed: " + ", ".join(failed)
+    if reg.reason.startswith("already decided"):
+        return "lost the gate before, on this test split and these rules"
+    if "rolled back" in reg.reason:
+        return "rolled back from champion before; not promoted again automatically"
+    return reg.reason or reg.decision
 
 
 def _moves(moves: tuple[AliasMove, ...]) -> str:
@@ -364,11 +387,26 @@ def _detector_lines(result: RetrainResult) -> list[str]:
     return lines + _checks(reg)
 
 
+def _not_compared(reg: Registration) -> str:
+    """Why the version was not compared with the champion, from the gate's decision and its reason."""
+    if reg.champion and reg.decision == "unchanged":
+        return "no: this version already is the champion"
+    if reg.champion_version is None:
+        return "no: there was no champion"
+    if reg.reason.startswith("already decided"):
+        return (f"no: decided before against champion version {reg.champion_version}, on this test split and these "
+                "rules; the recorded decision stands (see Reason)")
+    if "rolled back" in reg.reason:
+        return "no: this version was rolled back from champion; it is not scored again"
+    return (f"no: decided without scoring champion version {reg.champion_version} (a floor failed, or the champion "
+            "could not be scored: see the gate checks and Reason)")
+
+
 def _comparison_rows(reg: Registration) -> list[str]:
     """The paired comparison with the champion on the same test images, when there was one."""
     c = reg.comparison
     if c is None:
-        return ["| Compared with the champion | no (no champion, or not scored) |"]
+        return [f"| Compared with the champion | {_not_compared(reg)} |"]
     a = c.auc
     left_out = f" ({c.left_out} it was trained or validated on, or linked to such, left out)" if c.left_out else ""
     return [

@@ -117,7 +117,7 @@ def test_unchanged_run_says_nothing_changed():
     assert table_row(text, "Data changed")[1] == "no"
     assert table_row(text, "Registered by this run")[1] == "no (already registered)"
     assert table_row(text, "Reason")[1] == "already champion"
-    assert table_row(text, "Compared with the champion")[1] == "no (no champion, or not scored)"
+    assert table_row(text, "Compared with the champion")[1] == "no: this version already is the champion"
 
 
 def test_new_data_version_reports_the_retraining_and_the_gate():
@@ -175,6 +175,58 @@ def challenger(previous: str | None, **registration: object) -> RetrainResult:
     lost = result(ran=True, previous=previous, created=True, champion=False)
     changes = {"decision": "challenger", "aliases": ("challenger",)} | registration
     return dataclasses.replace(lost, registration=dataclasses.replace(lost.registration, **changes))
+
+
+def test_the_headline_says_a_version_that_lost_the_gate_was_not_promoted_and_why():
+    from flows.result import AliasMove
+    from fracture.gate import GateCheck
+
+    checks = (GateCheck("floor test_recall", True, "0.8750 >= 0.8"), GateCheck("beats champion", False, "not higher"),
+              GateCheck("sensitivity kept", False, "-0.0500 < -0.02"))
+    lost = challenger("old-md5.dir", champion_version="2", checks=checks)
+    moved = dataclasses.replace(lost, moves=(AliasMove("challenger", None, "3"),))
+    assert render_report(moved).splitlines()[2].endswith(
+        "fracture-classifier version 3 registered, not promoted: champion stays version 2 (failed: beats champion, "
+        "sensitivity kept); aliases moved: `challenger` none → version 3."
+    )
+    first = challenger(None, checks=(GateCheck("floor test_recall", False, "0.7791 < 0.8"),))
+    assert render_report(first).splitlines()[2].endswith(
+        "fracture-classifier version 3 registered, not promoted: no version holds `champion` (failed: floor test_recall)."
+    )
+    # A champion's headline and a promotion's say nothing of the kind.
+    assert "not promoted" not in render_report(result(ran=True, previous="old-md5.dir", created=True)).splitlines()[2]
+
+    # A scheduled run that finds nothing new keeps the challenger's recorded decision: it says so.
+    unchanged = result(ran=False, previous="new-md5.dir", created=False, champion=False)
+    decided = dataclasses.replace(unchanged.registration, champion_version="1", aliases=("challenger",), reason=(
+        "already decided against champion v1, on this test split and these rules: stays challenger (beats champion: "
+        "higher, but not with 95% confidence)"))
+    text = render_report(dataclasses.replace(unchanged, registration=decided))
+    assert text.splitlines()[2].endswith(
+        "(fracture-classifier version 2 is the model these outputs belong to). Not promoted: champion stays version 1 "
+        "(lost the gate before, on this test split and these rules)."
+    )
+    assert table_row(text, "Compared with the champion")[1] == (
+        "no: decided before against champion version 1, on this test split and these rules; the recorded decision "
+        "stands (see Reason)"
+    )
+
+
+def test_the_comparison_row_says_why_the_version_was_not_compared():
+    def compared(**changes: object) -> str:
+        r = result(ran=True, previous="old-md5.dir", created=True, comparison=None)
+        registration = dataclasses.replace(r.registration, comparison=None, **changes)
+        return table_row(render_report(dataclasses.replace(r, registration=registration)), "Compared with the champion")[1]
+
+    assert compared(decision="promoted", reason="first version to pass the gate") == "no: there was no champion"
+    assert compared(champion=False, decision="challenger", champion_version="2", reason="floor test_recall: 0.7 < 0.8") == (
+        "no: decided without scoring champion version 2 (a floor failed, or the champion could not be scored: see the "
+        "gate checks and Reason)"
+    )
+    rolled_back = "version 3 was rolled back from champion at 2026-11-30T08:00:00Z; it is not promoted again automatically"
+    assert compared(champion=False, champion_version="2", reason=rolled_back) == (
+        "no: this version was rolled back from champion; it is not scored again"
+    )
 
 
 def test_each_gate_check_is_a_row_of_the_report():
