@@ -16,6 +16,7 @@ from flows.result import (
     registry_changed,
     was_promoted,
 )
+from fracture.model_card import _fmt_threshold
 from fracture.registry import Registration
 
 REPORT_KEY = "retrain-report"
@@ -41,6 +42,16 @@ def _num(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4f}"
     return str(value)
+
+
+#: The metrics that are decision thresholds: printed as the model card prints them, to four significant
+#: digits, since a threshold chosen on val can be 8e-06, which four decimals print as 0.0000.
+THRESHOLD_KEYS = frozenset({"threshold", "image_threshold"})
+
+
+def _value(key: str, value: Any) -> str:
+    """A metric's value: a threshold as the model card prints it, any other to four decimals."""
+    return _fmt_threshold(value) if key in THRESHOLD_KEYS and isinstance(value, float) else _num(value)
 
 
 def _count(value: Any) -> str:
@@ -117,7 +128,7 @@ def render_report(result: RetrainResult) -> str:
     for label, key, has_ci in METRIC_ROWS:
         low, high = m.get(f"{key}_ci_low"), m.get(f"{key}_ci_high")
         ci = f"{_num(low)} – {_num(high)}" if has_ci and low is not None and high is not None else ""
-        lines.append(f"| {label} | {_num(m.get(key))} | {ci} |")
+        lines.append(f"| {label} | {_value(key, m.get(key))} | {ci} |")
     lines += [
         "",
         "Intervals: ROC AUC's by a bootstrap over the test images, linked images (copies, near-duplicates, one "
@@ -370,7 +381,7 @@ def _detector_lines(result: RetrainResult) -> list[str]:
     for label, key, has_ci in DETECTOR_ROWS:
         low, high = m.get(f"{key}_ci_low"), m.get(f"{key}_ci_high")
         ci = f"{_num(low)} – {_num(high)}" if has_ci and low is not None and high is not None else ""
-        lines.append(f"| {label} | {_num(m.get(key))} | {ci} |")
+        lines.append(f"| {label} | {_value(key, m.get(key))} | {ci} |")
     lines += [
         "",
         "| | |",

@@ -294,6 +294,19 @@ def test_stages_restored_from_dvcs_run_cache_are_not_reported_as_retrained():
         assert table_row(text, stage)[1:] == ["restored", "0.9", "", ""]
 
 
+def test_thresholds_are_printed_as_the_model_card_prints_them_not_rounded_to_zero():
+    from flows.result import DetectorResult
+    from fracture.model_card import _fmt_threshold
+
+    run = result(ran=True, previous="old-md5.dir", created=True)
+    tiny = dataclasses.replace(run, evaluate=EvaluateResult(dict(METRICS, threshold=8e-06), run.evaluate.confusion))
+    detector = DetectorResult({}, {"map_50": 0.41, "image_threshold": 3.2e-05}, run.registration)
+    text = render_report(dataclasses.replace(tiny, detector=detector))
+    assert table_row(text, "Decision threshold")[1] == "8e-06" == _fmt_threshold(8e-06)  # as the card says
+    assert table_row(text, "Image-level threshold (chosen on val)")[1] == "3.2e-05"
+    assert table_row(text, "mAP@0.5")[1] == "0.4100"  # other metrics keep four decimals
+
+
 def test_missing_metrics_render_as_not_available():
     old = result(ran=True, previous=None, created=True)
     metrics = {k: v for k, v in METRICS.items() if k not in {"ece", "brier", "roc_auc_ci_low"}}
