@@ -288,13 +288,23 @@ def compare(scores: PairedScores, confidence: float) -> Comparison:
 def floors(params: RegisterParams | DetectParams, metrics: dict[str, float]) -> tuple[GateCheck, ...]:
     """Every floor of ``register.floors`` (or the detector's ``detect.floors``) against the version's run metrics."""
     return tuple(
-        GateCheck(
-            f"floor {key}",
-            metrics[key] >= floor,
-            f"{metrics[key]:.4f} {'>=' if metrics[key] >= floor else '<'} {floor:g}",
-        )
+        GateCheck(f"floor {key}", metrics[key] >= floor, _floor_detail(metrics[key], floor))
         for key, floor in params.floors.items()
     )
+
+
+def _floor_detail(value: float, floor: float) -> str:
+    """``0.7900 < 0.8``: the metric to four decimals, or to as many more as show it on the side of the floor
+    it is on, so that 0.84996 against 0.85 reads ``0.84996 < 0.85``, not ``0.8500 < 0.85``."""
+    passed = value >= floor
+    shown_floor = f"{floor:g}" if float(f"{floor:g}") == floor else repr(floor)
+    for digits in range(4, 18):
+        shown = f"{value:.{digits}f}"
+        if (float(shown) >= floor) == passed:
+            break
+    else:
+        shown = repr(value)
+    return f"{shown} {'>=' if passed else '<'} {shown_floor}"
 
 
 def paired_verdict(difference: float, p_value: float, confidence: float) -> tuple[bool, str]:

@@ -96,6 +96,17 @@ def test_floors_read_the_run_metrics():
     assert failed(floors(PARAMS, {"test_roc_auc": 0.95, "test_recall": 0.5})) == ["floor test_recall"]
 
 
+def test_a_floor_check_shows_the_metric_on_the_side_of_the_floor_it_is_on():
+    # Four decimals round 0.84996 to the floor: "0.8500 < 0.85" read as a contradiction.
+    params = dataclasses.replace(PARAMS, floors={"test_roc_auc": 0.85, "test_recall": 0.8, "test_specificity": 0.60004})
+    auc, recall, specificity = floors(params, {"test_roc_auc": 0.84996, "test_recall": 0.8, "test_specificity": 0.60004})
+    assert not auc.passed and auc.detail == "0.84996 < 0.85"
+    assert recall.passed and recall.detail == "0.8000 >= 0.8"
+    assert specificity.passed and specificity.detail == "0.60004 >= 0.60004"  # 0.6000 would read as below it
+    (close,) = floors(dataclasses.replace(PARAMS, floors={"test_recall": 0.8}), {"test_recall": 0.8 - 1e-12})
+    assert close.detail == "0.799999999999 < 0.8"
+
+
 def test_delong_agrees_with_a_paired_stratified_bootstrap():
     """The DeLong standard error of an AUC difference is what resampling the images gives."""
     from sklearn.metrics import roc_auc_score
