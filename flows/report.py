@@ -5,6 +5,7 @@ A pure function of the flow's typed result, so the text can be tested without Pr
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 from flows.result import (
@@ -102,7 +103,7 @@ def render_report(result: RetrainResult) -> str:
         f"| Data version of the last completed run | {_code(ingest.previous_version)} |",
         f"| Data changed | {'yes' if ingest.changed else 'no'} |",
         "| Split (images) | " + ", ".join(f"{k} {v}" for k, v in result.split.sizes.items()) + " |",
-        f"| Excluded by validation | {len(result.validate.excluded)} |",
+        f"| Excluded by validation | {_excluded(result.validate.excluded)} |",
         "",
         "## Stages",
         "",
@@ -233,6 +234,16 @@ def render_failure_report(failure: RetrainFailure) -> str:
 def _aliases(state: RegistryState) -> str:
     champion_first = sorted(state.aliases, key=lambda a: (a != "champion", a))
     return ", ".join(f"`{a}` version {state.aliases[a]}" for a in champion_first) or "none"
+
+
+def _excluded(excluded: dict[str, dict[str, str]]) -> str:
+    """How many images validation left out, how many under each rule, and where each one's reason is listed."""
+    if not excluded:
+        return "0"
+    rules = Counter(e.get("rule") or "unknown rule" for e in excluded.values())
+    per_rule = ", ".join(f"{rule} {n}" for rule, n in sorted(rules.items(), key=lambda r: (-r[1], r[0])))
+    return (f"{len(excluded)} ({_cell(per_rule)}); each image with its rule and reason under `excluded` in "
+            "`outputs/validate/report.json`")
 
 
 def _outcome(result: RetrainResult) -> str:

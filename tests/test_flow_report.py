@@ -134,7 +134,9 @@ def test_new_data_version_reports_the_retraining_and_the_gate():
     assert table_row(text, "train")[1:] == ["ran", "12.5", "11.2", "1.2"]
     assert table_row(text, "Data version (DVC md5 of `data`)")[1] == "`new-md5.dir`"
     assert table_row(text, "Split (images)")[1] == "train 175, val 38, test 37"
-    assert table_row(text, "Excluded by validation")[1] == "3"
+    assert table_row(text, "Excluded by validation")[1] == (
+        "3 (decodable 3); each image with its rule and reason under `excluded` in `outputs/validate/report.json`"
+    )
     # Every metric row carries the value from metrics.json; intervals where the stage gives them.
     assert table_row(text, "ROC AUC")[1:] == ["0.9012", "0.8011 – 0.9733"]
     assert table_row(text, "Sensitivity (recall)")[1:] == ["0.8750", "0.6250 – 1.0000"]
@@ -305,6 +307,23 @@ def test_thresholds_are_printed_as_the_model_card_prints_them_not_rounded_to_zer
     assert table_row(text, "Decision threshold")[1] == "8e-06" == _fmt_threshold(8e-06)  # as the card says
     assert table_row(text, "Image-level threshold (chosen on val)")[1] == "3.2e-05"
     assert table_row(text, "mAP@0.5")[1] == "0.4100"  # other metrics keep four decimals
+
+
+def test_the_images_validation_left_out_are_counted_by_rule_and_the_list_named():
+    run = result(ran=True, previous="old-md5.dir", created=True)
+    excluded = {
+        "IMG1.jpg": {"rule": "decodable", "reason": "truncated JPEG"},
+        "IMG2.jpg": {"rule": "unique_content", "reason": "the same bytes as IMG9.jpg"},
+        "IMG3.jpg": {"rule": "unique_content", "reason": "the same bytes as IMG8.jpg"},
+        "IMG4.jpg": {"rule": "folder_label_matches_csv", "reason": "folder says fractured, dataset.csv not"},
+    }
+    text = render_report(dataclasses.replace(run, validate=dataclasses.replace(run.validate, excluded=excluded)))
+    assert table_row(text, "Excluded by validation")[1] == (
+        "4 (unique_content 2, decodable 1, folder_label_matches_csv 1); each image with its rule and reason under `excluded` in "
+        "`outputs/validate/report.json`"
+    )
+    none = render_report(dataclasses.replace(run, validate=dataclasses.replace(run.validate, excluded={})))
+    assert table_row(none, "Excluded by validation")[1] == "0"
 
 
 def test_missing_metrics_render_as_not_available():
