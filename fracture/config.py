@@ -19,6 +19,7 @@ from zoneinfo import available_timezones
 import yaml
 
 from fracture.vocabulary import (
+    LIMBS,
     Aspect,
     Augment,
     ClassBalance,
@@ -244,6 +245,8 @@ class ServeParams:
         min_grey_std: an image whose greyscale standard deviation (0-255) is below this is
             blank or near-constant, and refused.
         modalities: DICOM modalities accepted.
+        body_parts: Body Part Examined values a DICOM file may name (one naming none is read);
+            null: any.
     """
 
     max_rows: int = 64
@@ -251,6 +254,7 @@ class ServeParams:
     max_megapixels: int = 50
     min_grey_std: float = 2.0
     modalities: tuple[str, ...] = ("CR", "DX", "RG", "XA")
+    body_parts: tuple[str, ...] | None = LIMBS
 
     def __post_init__(self) -> None:
         for name in ("max_rows", "max_file_mb", "max_megapixels"):
@@ -262,6 +266,13 @@ class ServeParams:
         if not self.modalities or not all(isinstance(m, str) and m.isupper() for m in self.modalities):
             raise ConfigError(
                 f"params.yaml: serve.modalities must list DICOM modality codes such as [CR, DX]; got {self.modalities!r}"
+            )
+        if self.body_parts is not None and not (
+            self.body_parts and all(isinstance(b, str) and b.strip() and b == b.upper() for b in self.body_parts)
+        ):
+            raise ConfigError(
+                "params.yaml: serve.body_parts must list Body Part Examined values in capitals, such as [HAND, WRIST], "
+                f"or be null to read any; got {self.body_parts!r}"
             )
 
 

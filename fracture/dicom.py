@@ -31,8 +31,8 @@ deflated dataset (Deflated Explicit VR Little Endian) is inflated here, to at mo
 a small file of zeros inflates to gigabytes before any size or pixel check could refuse it.
 
 Training (a dataset holding ``.dcm`` files), the served model and the page all read DICOM
-through :func:`dicom_to_image`, so they see the same pixels. Only third-party packages are
-imported: the logged MLflow model carries this module.
+through :func:`dicom_to_image`, so they see the same pixels. Only third-party packages and
+:mod:`fracture.vocabulary` are imported: the logged MLflow model carries this module.
 """
 
 from __future__ import annotations
@@ -63,6 +63,8 @@ from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
 from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 from pydicom.valuerep import VR
+
+from fracture.vocabulary import LIMBS
 
 log = logging.getLogger(__name__)
 
@@ -472,6 +474,25 @@ def _j2k_size(frame: bytes) -> tuple[int, int] | None:
     if xosiz > xsiz or yosiz > ysiz:
         return None
     return xsiz - xosiz, ysiz - yosiz
+
+
+def check_body_part(ds: Dataset, body_parts: Iterable[str] | None = LIMBS) -> None:
+    """Refuses a radiograph whose Body Part Examined names a region outside ``body_parts`` (a chest,
+    a spine, a skull: X-rays the model never saw, on which its "not fractured" would read as a
+    finding). A header without the attribute is read: it cannot tell. ``None`` accepts any.
+
+    Raises:
+        DicomRejected: the region named, with the setting that lists those read.
+    """
+    if body_parts is None:
+        return
+    value = str(ds.get("BodyPartExamined") or "").strip()
+    if value and value.upper().replace(" ", "") not in {part.replace(" ", "") for part in body_parts}:
+        raise DicomRejected(
+            f"is an X-ray of {value} (its Body Part Examined); the model was trained on X-rays of the hand, leg, "
+            "hip and shoulder, and reads the body parts params' serve.body_parts lists only: send an X-ray of "
+            "one of them, or add the value to serve.body_parts where it names one"
+        )
 
 
 def check_radiograph(ds: Dataset, modalities: Iterable[str] | None = RADIOGRAPHY) -> tuple[int, int]:

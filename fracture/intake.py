@@ -6,7 +6,9 @@ the clinician's page read every input through :func:`read_xray`, with the
 wherever they are sent. In order:
 
 1. size: an empty file, or one over ``max_bytes``, is refused before it is parsed;
-2. format: JPEG, PNG or DICOM (read by :mod:`fracture.dicom`); anything else is refused;
+2. format: JPEG, PNG or DICOM (read by :mod:`fracture.dicom`: one frame of a radiograph of
+   ``modalities``, of a body part in ``body_parts`` where its header names one); anything else
+   is refused;
 3. dimensions, from the header alone: sides within ``min_side`` .. ``max_side`` and at most
    ``max_pixels`` pixels, so a decompression bomb is refused before a pixel is decoded;
 4. bit depth: PNGs of more than 8 bits a sample are refused, colour ones too, whose depth
@@ -51,12 +53,14 @@ from fracture.decoding import (
 from fracture.dicom import (
     RADIOGRAPHY,
     DicomRejected,
+    check_body_part,
     check_radiograph,
     is_dicom,
     read_header,
     to_display,
     unreadable,
 )
+from fracture.vocabulary import LIMBS
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +90,8 @@ class InputPolicy:
             warning; or ``refuse`` them.
         modalities: DICOM modalities accepted.
         max_rows: most rows one request may hold.
+        body_parts: the Body Part Examined values a DICOM file may name (one that names none is
+            read); ``None``: any (:func:`fracture.dicom.check_body_part`).
     """
 
     min_side: int = 64
@@ -96,6 +102,7 @@ class InputPolicy:
     truncated: Truncated = "score"
     modalities: tuple[str, ...] = RADIOGRAPHY
     max_rows: int = 64
+    body_parts: tuple[str, ...] | None = LIMBS
 
     def __post_init__(self) -> None:
         if self.truncated not in get_args(Truncated):
@@ -111,8 +118,9 @@ class InputPolicy:
     def from_dict(cls, data: dict[str, Any] | None) -> InputPolicy:
         """Reads ``model.json``'s ``input``; absent (a model registered before it existed): the defaults."""
         data = dict(data or {})
-        if "modalities" in data:
-            data["modalities"] = tuple(data["modalities"])
+        for name in ("modalities", "body_parts"):
+            if data.get(name) is not None:
+                data[name] = tuple(data[name])
         unknown = set(data) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"model config input has unknown keys {sorted(unknown)}")
@@ -240,6 +248,7 @@ def _read_dicom(data: bytes, policy: InputPolicy) -> Xray:
     try:
         ds = read_header(data)
         width, height = check_radiograph(ds, policy.modalities)
+        check_body_part(ds, policy.body_parts)
     except DicomRejected as exc:
         raise InputRejected(f"is DICOM but {exc}") from exc
     except Exception as exc:  # noqa: BLE001 - a malformed header (a missing Rows, a bad value) is this file's problem

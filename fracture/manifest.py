@@ -52,7 +52,15 @@ from fracture.decoding import (
     unlistable,
     unservable,
 )
-from fracture.dicom import RADIOGRAPHY, patient_ids, patient_key
+from fracture.dicom import (
+    RADIOGRAPHY,
+    DicomRejected,
+    check_body_part,
+    is_dicom,
+    patient_ids,
+    patient_key,
+    read_header,
+)
 from fracture.near_duplicates import add_near_duplicates
 from fracture.vocabulary import Layout
 
@@ -193,9 +201,21 @@ def not_a_file(path: Path) -> str:
     return "the entry is a folder, not an image file"
 
 
+def _other_body_part(data: bytes, body_parts: Iterable[str] | None) -> str | None:
+    """Why the served model refuses a DICOM file for the body part its header names, or ``None``."""
+    if body_parts is None or not is_dicom(data[:132]):
+        return None
+    try:
+        check_body_part(read_header(data), body_parts)
+    except DicomRejected as exc:
+        return str(exc)
+    return None
+
+
 def inspect_image(
     path: str, max_pixels: int | None = None, min_grey_std: float | None = None,
     modalities: Iterable[str] | None = RADIOGRAPHY,
+    body_parts: Iterable[str] | None = None,
 ) -> ImageFacts:
     """Hashes and fully decodes one file, telling a truncated JPEG from an unreadable one.
 
@@ -205,8 +225,8 @@ def inspect_image(
     A file the served model refuses (:mod:`fracture.intake`) is not trained on either: it is
     listed as not decodable, its ``error`` the served model's reason. Besides the format and bit
     depth (:func:`~fracture.decoding.unservable`), that is more pixels than ``max_pixels``, read
-    from the header before any decode, a DICOM file of a modality not in ``modalities``, and a
-    blank or near-constant picture, measured on the decode made here anyway: no second decode,
+    from the header before any decode, a DICOM file of a modality not in ``modalities`` or whose
+    header names a body part not in ``body_parts``, and a blank or near-constant picture, measured on the decode made here anyway: no second decode,
     about 1.5 ms more a FracAtlas X-ray (as much again as its decode; some 5 s of CPU over the 3,267).
 
     Args:
@@ -217,6 +237,8 @@ def inspect_image(
             ``None``: not checked.
         modalities: the DICOM modalities the served model reads (``serve.modalities``); ``None``:
             not checked.
+        body_parts: the Body Part Examined values the served model reads (``serve.body_parts``);
+            ``None``: not checked.
     """
     if why := not_a_file(Path(path)):
         return ImageFacts(None, None, None, None, False, False, why)
@@ -246,7 +268,7 @@ def inspect_image(
         except (OSError, SyntaxError, ValueError) as exc:
             return ImageFacts(None, None, None, digest, False, True, failure_reason(exc))
     # Decoded, yet refused when served (a truncated file too, as the served model checks it): not trained on either.
-    refused = unservable(img.format, img.mode, png_bit_depth(data)) or (
+    refused = unservable(img.format, img.mode, png_bit_depth(data)) or _other_body_part(data, body_parts) or (
         near_constant(img, min_grey_std) if min_grey_std is not None else None
     )
     if refused:
@@ -840,6 +862,7 @@ def build_manifest(
     max_pixels: int | None = None,
     min_grey_std: float | None = None,
     modalities: Iterable[str] | None = RADIOGRAPHY,
+    body_parts: Iterable[str] | None = None,
 ) -> pd.DataFrame:
     """Lists every image id from the dataset's files and its csv, with its facts.
 
@@ -858,6 +881,8 @@ def build_manifest(
             as the served model refuses it (``serve.min_grey_std``); ``None``: not checked.
         modalities: a DICOM file of another modality is not decodable, as the served model
             refuses it (``serve.modalities``); ``None``: not checked.
+        body_parts: a DICOM file whose header names a body part not in these is not decodable,
+            as the served model refuses it (``serve.body_parts``); ``None``: not checked.
 
     Returns:
         One row per id, sorted by id: ``path`` (relative to ``dataset_dir``, empty when only the
@@ -876,7 +901,8 @@ def build_manifest(
     frame = _read_fracatlas_layout(dataset_dir) if layout == "fracatlas" else read_csv_layout(dataset_dir)
     paths = [str(dataset_dir / p) for p in frame.loc[frame["has_file"], "path"]]
     with ProcessPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
-        inspect = partial(inspect_image, max_pixels=max_pixels, min_grey_std=min_grey_std, modalities=modalities)
+        inspect = partial(inspect_image, max_pixels=max_pixels, min_grey_std=min_grey_std, modalities=modalities,
+                          body_parts=body_parts)
         facts = list(pool.map(inspect, paths, chunksize=32))
     facts_frame = pd.DataFrame([asdict(f) for f in facts], index=frame.index[frame["has_file"]])
     frame = frame.join(facts_frame)

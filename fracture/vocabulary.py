@@ -12,6 +12,16 @@ from typing import Any, Literal, get_args
 #: Class index -> label. Index 1 is the positive class whose probability the model reports.
 CLASSES: tuple[str, str] = ("not_fractured", "fractured")
 
+#: Body Part Examined (0018,0015) values of the regions FracAtlas's X-rays show (the hand, leg, hip
+#: and shoulder: the limbs and their girdles), as DICOM's defined terms spell them (PS3.16 Annex L),
+#: with LEG and ARM, which sites write too. Compared without spaces (LOWER LIMB is LOWERLIMB).
+LIMBS = (
+    "HAND", "FINGER", "THUMB", "WRIST", "FOREARM", "RADIUS", "ULNA", "RADIUSULNA", "ELBOW", "ARM", "UPPERARM",
+    "HUMERUS", "SHOULDER", "ACJOINT", "CLAVICLE", "SCAPULA", "UPPERLIMB",
+    "HIP", "PELVIS", "PELVISLOWEXTREMT", "FEMUR", "THIGH", "KNEE", "PATELLA", "LEG", "LOWERLEG", "CALF", "TIBIA",
+    "FIBULA", "TIBIAFIBULA", "ANKLE", "FOOT", "CALCANEUS", "TOE", "SESAMOID", "LOWERLIMB", "EXTREMITY",
+)
+
 Aspect = Literal["squash", "pad"]
 """``squash``: resize the whole image to the square input (the paper); ``pad``: pad to a square first."""
 Enhancement = Literal["none", "clahe", "anisotropic_diffusion", "canny"]

@@ -85,6 +85,9 @@ def test_a_layer_decay_outside_0_to_1_is_refused(value):
         ("validate", "near_duplicate_threshold", 1.5, r"validate.near_duplicate_threshold must lie in \(0, 1\)"),
         ("validate", "near_duplicate_top_threshold", 99.5, r"validate.near_duplicate_top_threshold must lie in \(0, 1\) or be null, got 99.5"),
         ("validate", "near_duplicate_top_threshold", True, r"validate.near_duplicate_top_threshold must lie in \(0, 1\)"),
+        ("serve", "body_parts", ["hand"], r"serve.body_parts must list Body Part Examined values in capitals, such as "
+                                          r"\[HAND, WRIST\], or be null to read any; got \('hand',\)"),
+        ("serve", "body_parts", [], "serve.body_parts must list Body Part Examined values"),
     ],
 )
 def test_a_value_out_of_its_range_is_refused_when_params_load_naming_the_field(section, key, value, message):
@@ -617,3 +620,15 @@ def test_no_default_of_config_py_decides_a_run_of_the_shipped_params():
             missing += unwritten(section, written, name)
     assert missing == []
     assert {"train", "profiles", "prepare", "split", "evaluate"} <= set(raw)
+
+
+def test_the_served_models_body_parts_come_from_params_and_null_reads_any():
+    from fracture.stages.register import input_policy
+    from fracture.vocabulary import LIMBS
+
+    raw = raw_params()
+    assert input_policy(parse_params(raw)).body_parts == LIMBS == tuple(raw["serve"]["body_parts"])
+    raw["serve"]["body_parts"] = None
+    assert input_policy(parse_params(raw)).body_parts is None
+    raw["serve"]["body_parts"] = ["HAND", "CSPINE"]
+    assert input_policy(parse_params(raw)).body_parts == ("HAND", "CSPINE")

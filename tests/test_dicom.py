@@ -239,6 +239,29 @@ def test_modalities_come_from_the_policy(xrays):
         dicom_to_image(ct)
 
 
+def _of_body_part(jpeg, value: str | None) -> bytes:
+    ds = dcmread(io.BytesIO(dicom_from_jpeg(jpeg, "8-bit")))
+    if value is not None:
+        ds.BodyPartExamined = value
+    return to_bytes(ds)
+
+
+def test_a_radiograph_of_a_body_part_the_model_never_saw_is_refused_naming_it(xrays):
+    """A chest X-ray got "not fractured" in its structured report, a finding on a region the model
+    never learned (rib fractures): its header's Body Part Examined says what it shows."""
+    with pytest.raises(InputRejected, match=r"^is DICOM but is an X-ray of CHEST \(its Body Part Examined\); the model "
+                                           r"was trained on X-rays of the hand, leg, hip and shoulder, .*serve\.body_parts"):
+        read_xray(_of_body_part(xrays[0], "CHEST"), InputPolicy())
+    for value in ("HAND", "wrist", "LOWER LIMB", "", None):  # a limb, in any case or spacing; or not said
+        assert read_xray(_of_body_part(xrays[0], value), InputPolicy()).format == "DICOM", value
+    assert read_xray(_of_body_part(xrays[0], "CHEST"), InputPolicy(body_parts=None)).format == "DICOM"
+    assert read_xray(_of_body_part(xrays[0], "CSPINE"), InputPolicy(body_parts=("CSPINE",))).format == "DICOM"
+    # stored with the model, and read back
+    for policy in (InputPolicy(), InputPolicy(body_parts=None)):
+        assert InputPolicy.from_dict(policy.to_dict()) == policy
+    assert InputPolicy.from_dict({}).body_parts == InputPolicy().body_parts
+
+
 def test_dicom_dimensions_are_checked_from_the_header(xrays):
     with pytest.raises(InputRejected, match="is 1152 x 1440 px; the model accepts images whose sides are between 64 and 1000"):
         read_xray(dicom_from_jpeg(xrays[0], "16-bit"), InputPolicy(max_side=1000))

@@ -157,6 +157,31 @@ def test_training_reads_the_dicom_modalities_the_served_model_reads(tmp_path, mo
         assert served.format == "DICOM" and np.array_equal(np.asarray(trained), np.asarray(served.image))
 
 
+def test_training_takes_no_dicom_file_of_a_body_part_the_served_model_refuses(tmp_path):
+    """serve.body_parts refuses a chest X-ray when served: the validate stage lists it as not
+    decodable with the same reason, so the model trains on no file it would refuse."""
+    from pydicom import dcmread
+
+    from fracture.manifest import inspect_image
+    from tests.dicom_files import dicom_from_jpeg, to_bytes
+
+    jpeg = tmp_path / "xray.jpg"
+    jpeg.write_bytes(encode(xray_like(), "JPEG", quality=95))
+    for part, read in (("CHEST", False), ("KNEE", True), (None, True)):
+        ds = dcmread(io.BytesIO(dicom_from_jpeg(jpeg, "8-bit")))
+        if part:
+            ds.BodyPartExamined = part
+        path = tmp_path / f"IM{part}"
+        path.write_bytes(to_bytes(ds))
+        facts = inspect_image(str(path), min_grey_std=POLICY.min_grey_std, body_parts=POLICY.body_parts)
+        assert facts.decodable is read, part
+        if not read:
+            with pytest.raises(InputRejected) as refused:
+                read_xray(path.read_bytes(), POLICY)
+            assert facts.error and facts.error in str(refused.value) and "serve.body_parts" in facts.error
+            assert inspect_image(str(path), body_parts=None).decodable  # the list is what refuses it
+
+
 def near_constant_noise(spread: float, size: tuple[int, int] = (300, 400)) -> Image.Image:
     """Grey 128 with Gaussian noise of this spread: near-constant below ``min_grey_std``, a faint X-ray above."""
     rng = np.random.default_rng(1)

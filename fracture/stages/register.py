@@ -27,6 +27,7 @@ def input_policy(params: Params) -> InputPolicy:
         truncated="score" if v.on_truncated == "keep" else "refuse",
         modalities=tuple(s.modalities),
         max_rows=s.max_rows,
+        body_parts=None if s.body_parts is None else tuple(s.body_parts),
     )
 
 

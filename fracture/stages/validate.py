@@ -40,6 +40,7 @@ def run_validate(params: Params, workspace: Workspace) -> ValidateResult:
         max_pixels=params.serve.max_megapixels * 1_000_000,
         min_grey_std=params.serve.min_grey_std,
         modalities=params.serve.modalities,
+        body_parts=params.serve.body_parts,
     )
     resolved, report = validate(manifest, params.validate, workspace.gx_dir, skipped_rules(layout))
     version = workspace.data_version()
