@@ -8,7 +8,11 @@ Report holding one TID 1501 measurement group:
 - the finding "Fracture of bone" (SNOMED CT 125605004): Present or Absent, the model's label;
 - the fracture probability and the decision threshold (DCM "Probability" and "Threshold
   value", no units);
-- the algorithm's name and version: the registered model's name and registry version.
+- the algorithm's name and version (TID 4019): the registered model's name and registry version,
+  and as its parameter the MLflow run that trained the weights (``mlflow_run_id=<id>``), which
+  tells apart two models that share a name and version (every fresh registry's first champion is
+  version 1); the observing device's UID is derived from all three, so a PACS or an audit finds
+  which weights produced a stored result, and Software Versions names this product's release.
 
 It is a machine's unverified result (Completion Flag PARTIAL, Verification Flag UNVERIFIED)
 and says so: the series description reads "NOT FOR CLINICAL USE".
@@ -22,6 +26,8 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 from pydicom.valuerep import DA, TM, validate_value
 
+from fracture import __version__
+
 FRACTURE = hd.sr.CodedConcept("125605004", "SCT", "Fracture of bone")
 #: Patient and study attributes of type 2 (present, possibly empty) the SR copies from its source.
 TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
@@ -30,11 +36,13 @@ NOT_FOR_CLINICAL_USE = "NOT FOR CLINICAL USE"
 #: The most characters a Long String (LO) value holds (PS3.5 6.2).
 LO_MAX = 64
 MANUFACTURER = "fracture (open-source research software)"
+#: How the report's Algorithm Parameters (TID 4019) name the MLflow run that trained the weights.
+RUN_PARAMETER = "mlflow_run_id="
 
 
 def structured_report(
     source: Dataset, probability: float, threshold: float, fractured: bool, model_name: str, model_version: str,
-    *, series_uid: str | None = None, instance_number: int = 1, replaces: Dataset | None = None,
+    *, series_uid: str | None = None, instance_number: int = 1, replaces: Dataset | None = None, run_id: str = "",
 ) -> hd.sr.Comprehensive3DSR:
     """The SR holding the model's answer for ``source``.
 
@@ -50,14 +58,17 @@ def structured_report(
         instance_number: its number within that series.
         replaces: an earlier report of this run's for the same image, which this one
             supersedes: it is listed in the Predecessor Documents Sequence.
+        run_id: the MLflow run that trained the version's weights (``""``: not known, and then
+            the report names the model by its name and version only).
     """
     source = _with_type2_attributes(source)
-    algorithm = hd.sr.AlgorithmIdentification(name=model_name, version=model_version)
+    algorithm = hd.sr.AlgorithmIdentification(
+        name=model_name, version=model_version, parameters=[f"{RUN_PARAMETER}{run_id}"] if run_id else None,
+    )
     device = hd.sr.ObserverContext(
         observer_type=codes.cid270.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            # The same model version always observes as the same device.
-            uid=generate_uid(entropy_srcs=[model_name, model_version]),
+            uid=device_uid(model_name, model_version, run_id),
             name=f"{model_name} v{model_version}",
             manufacturer_name=MANUFACTURER,
             model_name=model_name,
@@ -95,12 +106,22 @@ def structured_report(
         instance_number=instance_number,
         previous_versions=[replaces] if replaces is not None else None,
         manufacturer=MANUFACTURER,
+        manufacturer_model_name=model_name,
+        software_versions=f"fracture {__version__}",
         is_complete=False,
         is_final=False,
         is_verified=False,
     )
     sr.SeriesDescription = series_description(model_name, model_version)
     return sr
+
+
+def device_uid(model_name: str, model_version: str, run_id: str) -> str:
+    """The Device Observer UID of a registered version: the same version always observes as the
+    same device, and two models that share a name and version (a staging and a production
+    registry, a registry rebuilt after its store was lost) as two, told apart by the run that
+    trained their weights. Without a run id, the name and version alone, as before it was recorded."""
+    return generate_uid(entropy_srcs=[model_name, model_version, *([run_id] if run_id else [])])
 
 
 def series_description(model_name: str, model_version: str) -> str:

@@ -58,6 +58,9 @@ COLUMNS = ["id", "fracture_probability", "label", "threshold", "model", "version
 #: ``score_files``'s table keeps, in ``attrs``, the sha256 of the bytes each row was scored from
 #: ("" for a row not scored): a structured report is made only from a file that still holds them.
 SCORED_SHA256 = "scored_sha256"
+#: ... and the MLflow run that trained the version's weights (``attrs``), which its structured
+#: reports name: two models registered under one name and version are told apart by it.
+MODEL_RUN_ID = "model_run_id"
 #: ... and, when the run stopped before every file was scored, why (``attrs``): how the model's
 #: Python ended, or the signal that interrupted the run.
 STOPPED = "stopped"
@@ -110,7 +113,8 @@ class LoadedModel:
     with its own packaged code (:class:`fracture.consumer.ConsumerModel`), as its consumers load
     it. This process has imported the installed ``fracture``, which MLflow's ``code_paths`` cannot
     replace here, so a version loaded here would check and decode inputs as this checkout does.
-    Close it (:meth:`close`) when done."""
+    Close it (:meth:`close`) when done. ``run_id`` is the MLflow run that trained its weights
+    (``""`` for a version registered from no run)."""
 
     uri: str
     name: str
@@ -118,6 +122,7 @@ class LoadedModel:
     model: ConsumerModel
     policy: InputPolicy
     threshold: float
+    run_id: str = ""
 
     def close(self) -> None:
         self.model.close()
@@ -194,7 +199,7 @@ def load(uri: str, client: MlflowClient | None = None) -> LoadedModel:
         )
     known = {f.name for f in dataclasses.fields(InputPolicy)}  # a version's policy may hold more, or less
     policy = InputPolicy.from_dict({k: v for k, v in model.policy.items() if k in known})
-    return LoadedModel(uri, name, str(version.version), model, policy, model.threshold)
+    return LoadedModel(uri, name, str(version.version), model, policy, model.threshold, version.run_id or "")
 
 
 def collect(inputs: Iterable[Path]) -> list[Path]:
@@ -272,7 +277,8 @@ def score_files(model: LoadedModel, files: list[Path], batch_size: int = 16, pro
     row), and the other files of its batch are scored as usual. A batch is at most the rows the
     model takes in one request (its ``serve.max_rows``), whatever ``batch_size`` asks. The
     sha256 of the bytes each row was scored from is kept in the table's ``attrs``
-    (:data:`SCORED_SHA256`), for :func:`write_structured_reports`.
+    (:data:`SCORED_SHA256`), for :func:`write_structured_reports`, and so is the run that trained
+    the model's weights (:data:`MODEL_RUN_ID`), which the reports name.
 
     When the run stops midway, the rows scored so far are kept, and every file left gets an error
     saying it was not scored, why, and to score it again; the reason is kept in ``attrs``
@@ -309,6 +315,7 @@ def score_files(model: LoadedModel, files: list[Path], batch_size: int = 16, pro
     table["threshold"], table["model"], table["version"] = model.threshold, model.name, model.version
     table = table[COLUMNS].copy()
     table.attrs[SCORED_SHA256] = digests
+    table.attrs[MODEL_RUN_ID] = model.run_id
     if stopped:
         table.attrs[STOPPED] = stopped
     if interrupted:
@@ -458,7 +465,9 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
     A table :func:`score_files` made knows the bytes each row was scored from (:data:`SCORED_SHA256`):
     a file that holds other bytes by the time its report is made (a folder a PACS router writes into
     under reused names, IM0001 now another patient's image) gets no report, its note saying to score
-    it again, and every report is made from the bytes checked, read once.
+    it again, and every report is made from the bytes checked, read once. Such a table also
+    names the MLflow run that trained the model's weights (:data:`MODEL_RUN_ID`), and the reports
+    name it (:func:`fracture.dicom_sr.structured_report`).
     """
     from pydicom import dcmread  # noqa: PLC0415 - only --dicom-sr needs it here
     from pydicom.uid import UID, generate_uid  # noqa: PLC0415
@@ -491,6 +500,7 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
         written.append("")
 
     scored = table.attrs.get(SCORED_SHA256)
+    run_id = str(table.attrs.get(MODEL_RUN_ID) or "")
     try:
         for index, (path, row) in enumerate(zip(files, table.itertuples(index=False), strict=True)):
             if row.error:  # not scored: its row already says why
@@ -561,6 +571,7 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
                         source, float(row.fracture_probability), float(row.threshold), row.label == "fractured",
                         str(row.model), str(row.version),
                         series_uid=series.setdefault(study, generate_uid()), instance_number=number, replaces=replaces,
+                        run_id=run_id,
                     )
                     numbers[study] = number
                 except unreportable as exc:

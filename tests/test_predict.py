@@ -26,9 +26,11 @@ from PIL import Image
 from pydicom import dcmread
 from pydicom.uid import Comprehensive3DSRStorage, generate_uid
 
+from fracture import __version__
 from fracture.config import RegisterParams
 from fracture.gate import EvaluatedSplit
 from fracture.predict import (
+    MODEL_RUN_ID,
     REPORT_LOCK,
     SCORED_SHA256,
     PredictError,
@@ -405,6 +407,8 @@ def test_batches_are_cut_to_the_rows_the_model_takes_in_one_request(registry, mo
     assert (table["error"] == "").all() and table["fracture_probability"].notna().all()
     # What each row was scored from, for its structured report (write_structured_reports).
     assert table.attrs[SCORED_SHA256] == [hashlib.sha256(image.read_bytes()).hexdigest()] * 5
+    # ... and the run that trained the version's weights, which the reports name.
+    assert table.attrs[MODEL_RUN_ID] == MlflowClient(registry["uri"]).get_model_version(NAME, "1").run_id != ""
 
 
 def _study_served_until_its_second_request(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, second: Callable[[], None]) -> Path:
@@ -639,6 +643,35 @@ def test_the_reports_series_description_fits_a_long_string_whatever_the_model_na
         text = series_description(name, version)
         assert len(text) <= 64 and text.startswith("NOT FOR CLINICAL USE: ") and text.endswith(f" v{version}")
     assert series_description("hospital-a-wrist-fracture-classifier-efficientnet", "7").endswith("... v7")
+
+
+def test_two_models_sharing_a_name_and_version_observe_as_two_devices_naming_their_runs(fracatlas, tmp_path):
+    """Every fresh registry's first champion is version 1 of fracture-classifier: a staging and a
+    production registry, or one rebuilt after its store was lost, hold two models of that name and
+    version, and their reports named the same device and algorithm. The MLflow run that trained the
+    weights tells them apart: the device UID is derived from it, and the algorithm's parameters name
+    it (TID 4019). One model's reports name one device, run after run."""
+    import highdicom as hd
+
+    source = tmp_path / "IM0001"
+    source.write_bytes(dicom_from_jpeg(fracatlas / "images/Fractured/IMG0000019.jpg", "8-bit"))
+
+    def identification(run_id: str, folder: str) -> tuple[str, list[str], str]:
+        table = _reported_table(1)
+        table.attrs[MODEL_RUN_ID] = run_id
+        [written] = write_structured_reports(table, [source], tmp_path / folder)
+        items = content_items(dcmread(written))
+        assert {str(i.TextValue) for i in named(items, "Algorithm Version")} == {"3"}
+        hd.sr.srread(written)  # highdicom reads it back as an SR
+        return (str(named(items, "Device Observer UID")[0].UID),
+                sorted({str(i.TextValue) for i in named(items, "Algorithm Parameters")}),
+                dcmread(written).SoftwareVersions)
+
+    staging, production = "3682a2d99b724f2aab882d79011a29dc", "9c0e5b7f1d2a4e6b8f3a1c5d7e9b0a2c"
+    first, second, again = identification(staging, "a"), identification(production, "b"), identification(staging, "c")
+    assert first[0] != second[0] and first[0] == again[0]
+    assert first[1] == [f"mlflow_run_id={staging}"] and second[1] == [f"mlflow_run_id={production}"]
+    assert first[2] == f"fracture {__version__}"
 
 
 def _listed(folder: Path) -> list[str]:
