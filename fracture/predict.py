@@ -455,10 +455,11 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
     stopped by Ctrl-C leaves is removed, and so is one a killed run left once it is old
     (:func:`_remove_stale_partials`); the lock file stays.
     The reports of one study in one call form one SR series, numbered in order. A file holding
-    an image already reported in this call (the same valid SOP Instance UID and study, scored
-    alike: one image exported twice) gets no second report: its row points to the first's, and
-    its note says so. Files that share a UID but differ (another study or another answer: an
-    anonymiser's constant UID, a clash) each get their own report. A source the report cannot be made for (a header without the
+    an image already reported in this call (the same valid SOP Instance UID, study and patient
+    (Patient ID and its issuer), scored alike: one image exported twice) gets no second report: its
+    row points to the first's, and its note says so. Files that share a UID but differ (another
+    study, patient or answer: an anonymiser's constant UID, a clash, one image exported before and
+    after a patient correction) each get their own report. A source the report cannot be made for (a header without the
     study's UID, say) or written for (a full disk) gets no report, its reason in the row's
     ``note``, and the other rows theirs. A patient or study value the SR cannot carry is left
     empty there, and the row's note names it (:func:`fracture.dicom_sr.invalid_type2_values`).
@@ -485,7 +486,7 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
     series: dict[str, str] = {}
     numbers: dict[str, int] = {}
     # The file and report of each source image reported in this call, by its SOP Instance UID, with
-    # what a second copy must match to be the same image: its study and its row's answer.
+    # what a second copy must match to be the same image: its study, its patient and its row's answer.
     reported: dict[str, tuple[Path, Path, tuple[Any, ...]]] = {}
 
     def add_note(index: int, text: str) -> None:
@@ -524,7 +525,10 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
                 source = dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
                 study = str(source.StudyInstanceUID)
                 uid = str(source.get("SOPInstanceUID", ""))
-                same = (study, row.fracture_probability, row.label, row.threshold, row.model, row.version)
+                # The patient too: one image exported before and after a patient correction (the same
+                # UID, study and pixels under another Patient ID) is each patient's, each with its report.
+                patient = (str(source.get("PatientID", "")), str(source.get("IssuerOfPatientID", "")))
+                same = (study, patient, row.fracture_probability, row.label, row.threshold, row.model, row.version)
                 if UID(uid).is_valid and uid in reported and reported[uid][2] == same:
                     first, report, _ = reported[uid]
                     add_note(index, f"the same image (SOP Instance UID) as {first}, whose report {report.name} is this row's")
@@ -617,7 +621,7 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
                         partial.unlink(missing_ok=True)
             names.add(name)
             if uid in reported:  # a UID two different images carry: the row says why its report is apart
-                add_note(index, f"shares its SOP Instance UID with {reported[uid][0]}, but not its study or answer: "
+                add_note(index, f"shares its SOP Instance UID with {reported[uid][0]}, but not its study, patient or answer: "
                          f"reported apart, as {name}")
             elif uid:
                 reported[uid] = (path, target, same)

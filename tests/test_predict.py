@@ -760,6 +760,37 @@ def test_the_same_image_exported_twice_gets_one_report_which_a_rerun_replaces(fr
         assert _listed(tmp_path / "sr") == [f"{uid}.sr.dcm"]
 
 
+@pytest.mark.parametrize(("keyword", "corrected"), [("PatientID", "PAT999"), ("IssuerOfPatientID", "OTHER-HOSPITAL")])
+def test_one_image_exported_before_and_after_a_patient_correction_gets_a_report_for_each_patient(
+    fracatlas, tmp_path, keyword, corrected,
+):
+    """A PACS export holding an image before and after its patient was corrected: the same SOP
+    Instance UID, study and pixels, another Patient ID (or issuer). The corrected file's row pointed
+    to the first file's report, which carries the other patient; each now gets its own, and a rerun
+    replaces each patient's report with that patient's."""
+    jpeg = fracatlas / "images/Fractured/IMG0000019.jpg"
+    files = [tmp_path / "before" / "IM0001", tmp_path / "after" / "IM0001"]
+    before = _edited_dicom(jpeg, PatientID="PAT001", IssuerOfPatientID="HOSPITAL")
+    ds = dcmread(io.BytesIO(before))
+    setattr(ds, keyword, corrected)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    for f, data in zip(files, (before, buffer.getvalue()), strict=True):
+        f.parent.mkdir()
+        f.write_bytes(data)
+    for _ in range(2):
+        table = _reported_table(2)
+        written = write_structured_reports(table, files, tmp_path / "sr")
+        assert written[0] and written[1] and written[0] != written[1], list(table["note"])
+        reports = [dcmread(p) for p in written]
+        for report, source in zip(reports, files, strict=True):
+            source = dcmread(source, stop_before_pixels=True)
+            assert (report.PatientID, report.IssuerOfPatientID) == (source.PatientID, source.IssuerOfPatientID)
+        assert table["note"][1] == (f"shares its SOP Instance UID with {files[0]}, but not its study, patient or "
+                                    f"answer: reported apart, as {Path(written[1]).name}")
+        assert _listed(tmp_path / "sr") == sorted(Path(p).name for p in written)
+
+
 def test_a_report_that_cannot_be_written_costs_its_row_only(fracatlas, tmp_path, monkeypatch):
     from pydicom.dataset import Dataset
 
@@ -840,7 +871,7 @@ def test_two_images_sharing_a_uid_but_not_their_answer_each_get_their_own_report
     findings = [named(content_items(dcmread(p)), "Fracture of bone")[0].ConceptCodeSequence[0].CodeMeaning for p in written]
     assert findings == ["Absent", "Present"]
     assert table["note"][1] == (
-        f"shares its SOP Instance UID with {files[0]}, but not its study or answer: reported apart, as {Path(written[1]).name}"
+        f"shares its SOP Instance UID with {files[0]}, but not its study, patient or answer: reported apart, as {Path(written[1]).name}"
     )
 
 
@@ -1053,7 +1084,7 @@ def test_a_rows_notes_are_all_kept(fracatlas, tmp_path):
     written = write_structured_reports(table, files, tmp_path / "sr")
     assert all(written)
     assert table["note"][1] == (
-        f"shares its SOP Instance UID with {files[0]}, but not its study or answer: reported apart, "
+        f"shares its SOP Instance UID with {files[0]}, but not its study, patient or answer: reported apart, "
         f"as {Path(written[1]).name}; left empty in the structured report, not valid DICOM values: PatientSex 'male'"
     )
 
