@@ -5,7 +5,9 @@ Report holding one TID 1501 measurement group:
 
 - the source image, referenced by its SOP Class and Instance UIDs (and, as evidence, its study
   and series), with the patient and study copied from it so the PACS files the report there;
-- the finding "Fracture of bone" (SNOMED CT 125605004): Present or Absent, the model's label;
+- the finding "Fracture of bone" (SNOMED CT 125605004): Present or Absent, the model's label,
+  tracked by a UID derived from the image and the model's name, so the report a rerun (or a newer
+  version) writes on the image tracks the same finding as the one it replaces;
 - the fracture probability and the decision threshold (DCM "Probability" and "Threshold
   value", no units);
 - the algorithm's name and version (TID 4019): the registered model's name and registry version,
@@ -19,6 +21,8 @@ and says so: the series description reads "NOT FOR CLINICAL USE".
 """
 
 from __future__ import annotations
+
+import datetime
 
 import highdicom as hd
 from pydicom.dataset import Dataset
@@ -43,6 +47,7 @@ RUN_PARAMETER = "mlflow_run_id="
 def structured_report(
     source: Dataset, probability: float, threshold: float, fractured: bool, model_name: str, model_version: str,
     *, series_uid: str | None = None, instance_number: int = 1, replaces: Dataset | None = None, run_id: str = "",
+    series_datetime: datetime.datetime | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """The SR holding the model's answer for ``source``.
 
@@ -53,13 +58,15 @@ def structured_report(
         fractured: the label (``probability >= threshold``).
         model_name: the registered model's name.
         model_version: its registry version.
-        series_uid: the SR series it belongs to (one per study and scoring run, so a study's
-            reports from one run sit in one series); ``None``: a series of its own.
+        series_uid: the SR series it belongs to (one per patient's study and scoring run, so a
+            study's reports from one run sit in one series); ``None``: a series of its own.
         instance_number: its number within that series.
         replaces: an earlier report of this run's for the same image, which this one
             supersedes: it is listed in the Predecessor Documents Sequence.
         run_id: the MLflow run that trained the version's weights (``""``: not known, and then
             the report names the model by its name and version only).
+        series_datetime: when its series was made (the scoring run's start), its Series Date and
+            Time, which tell a rerun's series from the one it replaces; ``None``: now.
     """
     source = _with_type2_attributes(source)
     algorithm = hd.sr.AlgorithmIdentification(
@@ -75,7 +82,8 @@ def structured_report(
         ),
     )
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="fracture classification"),
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid(source, model_name),
+                                                     identifier="fracture classification"),
         finding_type=FRACTURE,
         algorithm_id=algorithm,
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
@@ -102,6 +110,8 @@ def structured_report(
         content=report[0],
         series_instance_uid=series_uid or hd.UID(),
         series_number=9901,
+        series_date=(series_datetime := series_datetime or datetime.datetime.now()).date(),
+        series_time=series_datetime.time(),
         sop_instance_uid=hd.UID(),
         instance_number=instance_number,
         previous_versions=[replaces] if replaces is not None else None,
@@ -114,6 +124,16 @@ def structured_report(
     )
     sr.SeriesDescription = series_description(model_name, model_version)
     return sr
+
+
+def tracking_uid(source: Dataset, model_name: str) -> str:
+    """The Tracking Unique Identifier of the model's finding on ``source``: derived from the image
+    (its SOP Instance UID, study and patient) and the model's name, so every report the model writes
+    on that image, a rerun's and a newer version's included, tracks the same finding, and a PACS
+    reads the replacing report as the same finding, not a new one. The study and patient keep two
+    patients' images under an anonymiser's constant SOP Instance UID apart."""
+    keys = ("SOPInstanceUID", "StudyInstanceUID", "PatientID", "IssuerOfPatientID")
+    return generate_uid(entropy_srcs=["fracture finding", model_name, *(str(source.get(k, "")) for k in keys)])
 
 
 def device_uid(model_name: str, model_version: str, run_id: str) -> str:

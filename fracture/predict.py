@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import errno
 import hashlib
 import io
@@ -454,7 +455,10 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
     A report is written beside, under a temporary name of its own, and moved into place: one a run
     stopped by Ctrl-C leaves is removed, and so is one a killed run left once it is old
     (:func:`_remove_stale_partials`); the lock file stays.
-    The reports of one study in one call form one SR series, numbered in order. A file holding
+    The reports of one patient's study in one call form one SR series, numbered in order and dated
+    when the call began (two patients under an anonymiser's constant study UID get a series each);
+    a report tracks its finding by a UID derived from the image, so the report that replaces it
+    tracks the same finding (:func:`fracture.dicom_sr.tracking_uid`). A file holding
     an image already reported in this call (the same valid SOP Instance UID, study and patient
     (Patient ID and its issuer), scored alike: one image exported twice) gets no second report: its
     row points to the first's, and its note says so. Files that share a UID but differ (another
@@ -482,9 +486,13 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
     unreportable = (AttributeError, KeyError, ValueError, TypeError, OSError)
     written: list[str] = []
     names: set[str] = set()
-    # One SR series per study in this call, its reports numbered in order.
-    series: dict[str, str] = {}
-    numbers: dict[str, int] = {}
+    # One SR series per patient and study in this call, its reports numbered in order: two patients
+    # under one study UID (an anonymiser's constant one) are two series, never one of both. Each
+    # series is dated when this call began (Series Date and Time), so a rerun's series is told from
+    # the one it replaces.
+    series: dict[tuple[tuple[str, str], str], str] = {}
+    numbers: dict[tuple[tuple[str, str], str], int] = {}
+    began = datetime.datetime.now()
     # The file and report of each source image reported in this call, by its SOP Instance UID, with
     # what a second copy must match to be the same image: its study, its patient and its row's answer.
     reported: dict[str, tuple[Path, Path, tuple[Any, ...]]] = {}
@@ -570,14 +578,15 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
                             break
                         others.append(name)
                         name = _content_name(digest, names | set(others))
-                    number = numbers.get(study, 0) + 1
+                    key = (patient, study)
+                    number = numbers.get(key, 0) + 1
                     sr = structured_report(
                         source, float(row.fracture_probability), float(row.threshold), row.label == "fractured",
                         str(row.model), str(row.version),
-                        series_uid=series.setdefault(study, generate_uid()), instance_number=number, replaces=replaces,
-                        run_id=run_id,
+                        series_uid=series.setdefault(key, generate_uid()), instance_number=number, replaces=replaces,
+                        run_id=run_id, series_datetime=began,
                     )
-                    numbers[study] = number
+                    numbers[key] = number
                 except unreportable as exc:
                     no_report(index, path, str(exc))
                     continue
@@ -599,7 +608,7 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
                 except _MovedMeanwhile as exc:
                     # The name is left to the other run: this one's report would either write over that
                     # run's or stand beside it as a second current report, neither naming the other.
-                    numbers[study] -= 1
+                    numbers[key] -= 1
                     no_report(index, path, f"the earlier report {target} is damaged ({damaged}), and "
                               f"another run writing into {folder} at the same time moved it aside first; the name is "
                               "left to that run's report, so score this file again if none is there" + (
@@ -607,7 +616,7 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
                                   if exc.kept else ""))
                     continue
                 except OSError as exc:  # a full disk, a report folder gone: this row's report, not the run
-                    numbers[study] -= 1
+                    numbers[key] -= 1
                     reason = exc.strerror or exc
                     if moving:
                         no_report(index, path, f"the earlier report {target} is damaged ({damaged}) "

@@ -557,7 +557,7 @@ def test_a_studys_reports_form_one_series_and_a_rerun_names_the_report_it_replac
     files = []
     for n, name in enumerate(("Fractured/IMG0000019.jpg", "Non_fractured/IMG0000009.jpg")):
         ds = dcmread(io.BytesIO(dicom_from_jpeg(fracatlas / "images" / name, "8-bit")))
-        ds.StudyInstanceUID = study_uid
+        ds.StudyInstanceUID, ds.PatientID = study_uid, "PAT001"  # one patient's study
         files.append(tmp_path / f"IM000{n}")
         ds.save_as(files[-1], enforce_file_format=True)
 
@@ -585,6 +585,49 @@ def test_a_studys_reports_form_one_series_and_a_rerun_names_the_report_it_replac
     assert "PredecessorDocumentsSequence" not in third[0] and "PredecessorDocumentsSequence" in third[1]
     assert damaged.with_name(f"{damaged.name}.damaged").read_bytes() == b""
     assert not [name for name in _listed(tmp_path / "sr") if name.startswith(".")]  # no partial file left
+
+
+def _tracking_uid(report) -> str:
+    return str(named(content_items(report), "Tracking Unique Identifier")[0].UID)
+
+
+def test_a_reruns_reports_are_dated_and_track_the_findings_they_replace(fracatlas, tmp_path):
+    """Scored again into the same folder, a study's new SR series looked like the first run's (both
+    Series Number 9901, neither dated) and each new report tracked its finding under a new UID, so a
+    PACS holding both read the replacing report as a new finding. Each series is dated when its run
+    began, and a report tracks its finding by a UID derived from the image and the model, the same
+    in the report that replaces it, another for another image."""
+    from pydicom.valuerep import DA, TM
+
+    study_uid = generate_uid()
+    files = []
+    for n, name in enumerate(("Fractured/IMG0000019.jpg", "Non_fractured/IMG0000009.jpg")):
+        files.append(tmp_path / f"IM000{n}")
+        files[-1].write_bytes(_edited_dicom(fracatlas / "images" / name, StudyInstanceUID=study_uid, PatientID="PAT001"))
+    runs = [[dcmread(p) for p in write_structured_reports(_reported_table(2), files, tmp_path / "sr")] for _ in range(2)]
+    when = []
+    for reports in runs:
+        dated = {(sr.SeriesDate, sr.SeriesTime) for sr in reports}
+        assert len(dated) == 1 and all(dated.pop()), "one series, dated"
+        when.append(DA(reports[0].SeriesDate).isoformat() + "T" + TM(reports[0].SeriesTime).isoformat())
+    assert when[0] <= when[1]
+    first, again = ([_tracking_uid(sr) for sr in reports] for reports in runs)
+    assert first == again and first[0] != first[1]
+    assert again[0] != runs[1][0].SOPInstanceUID  # the finding's UID, not the report's
+
+
+def test_two_patients_under_one_study_uid_get_a_series_each(fracatlas, tmp_path):
+    """An anonymiser writes one constant Study Instance UID on every patient's images: their reports
+    formed one SR series holding two patients."""
+    files = []
+    for n, (name, patient) in enumerate((("Fractured/IMG0000019.jpg", "ANON-1"), ("Non_fractured/IMG0000009.jpg", "ANON-2"),
+                                         ("Non_fractured/IMG0000010.jpg", "ANON-1"))):
+        files.append(tmp_path / f"IM000{n}")
+        files[-1].write_bytes(_edited_dicom(fracatlas / "images" / name, StudyInstanceUID="1.2.3.4.5.6.7", PatientID=patient))
+    reports = [dcmread(p) for p in write_structured_reports(_reported_table(3), files, tmp_path / "sr")]
+    assert [sr.PatientID for sr in reports] == ["ANON-1", "ANON-2", "ANON-1"]
+    assert reports[0].SeriesInstanceUID == reports[2].SeriesInstanceUID != reports[1].SeriesInstanceUID
+    assert [int(sr.InstanceNumber) for sr in reports] == [1, 1, 2]
 
 
 def test_a_file_gone_after_scoring_or_never_read_costs_its_report_only(fracatlas, tmp_path):
