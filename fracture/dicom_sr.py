@@ -4,7 +4,8 @@ One Comprehensive 3D SR per scored image, built with highdicom as a TID 1500 Mea
 Report holding one TID 1501 measurement group:
 
 - the source image, referenced by its SOP Class and Instance UIDs (and, as evidence, its study
-  and series), with the patient and study copied from it so the PACS files the report there;
+  and series), with the patient and study copied from it so the PACS files the report there
+  (a value not valid for its VR left empty or out, but for the Patient ID and Accession Number);
 - the finding "Fracture of bone" (SNOMED CT 125605004): Present or Absent, the model's label,
   tracked by a UID derived from the image and the model's name, so the report a rerun (or a newer
   version) writes on the image tracks the same finding as the one it replaces;
@@ -26,9 +27,10 @@ import datetime
 
 import highdicom as hd
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
-from pydicom.valuerep import DA, TM, validate_value
+from pydicom.valuerep import DA, TM, PersonName, validate_value
 
 from fracture import __version__
 
@@ -36,6 +38,38 @@ FRACTURE = hd.sr.CodedConcept("125605004", "SCT", "Fracture of bone")
 #: Patient and study attributes of type 2 (present, possibly empty) the SR copies from its source.
 TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
          "ReferringPhysicianName", "AccessionNumber", "StudyID")
+#: The patient and study attributes the SR copies from its source (highdicom copies the root
+#: attributes of the Patient, Clinical Trial Subject, General Study, Patient Study and Clinical Trial
+#: Study modules, PS3.3 C.7.1.1, C.7.1.3, C.7.2.1, C.7.2.2, C.7.2.3, alike for CR, DX, RG and XA), but
+#: for their sequences and UIDs, which are kept as they are: each value is checked
+#: (:func:`invalid_values`).
+COPIED = frozenset({
+    "PatientName", "PatientID", "IssuerOfPatientID", "TypeOfPatientID", "PatientBirthDate", "PatientBirthTime",
+    "PatientBirthDateInAlternativeCalendar", "PatientDeathDateInAlternativeCalendar", "PatientAlternativeCalendar",
+    "PatientSex", "QualityControlSubject", "StrainDescription", "StrainNomenclature", "StrainAdditionalInformation",
+    "OtherPatientNames", "PatientSpeciesDescription", "PatientBreedDescription", "ResponsiblePerson",
+    "ResponsiblePersonRole", "ResponsibleOrganization", "PatientComments", "PatientIdentityRemoved",
+    "DeidentificationMethod",
+    "ClinicalTrialSponsorName", "ClinicalTrialProtocolID", "ClinicalTrialProtocolName",
+    "IssuerOfClinicalTrialProtocolID", "ClinicalTrialSiteID", "ClinicalTrialSiteName", "IssuerOfClinicalTrialSiteID",
+    "ClinicalTrialSubjectID", "IssuerOfClinicalTrialSubjectID", "ClinicalTrialSubjectReadingID",
+    "IssuerOfClinicalTrialSubjectReadingID", "ClinicalTrialProtocolEthicsCommitteeName",
+    "ClinicalTrialProtocolEthicsCommitteeApprovalNumber",
+    "StudyDate", "StudyTime", "AccessionNumber", "ReferringPhysicianName", "ConsultingPhysicianName",
+    "StudyDescription", "PhysiciansOfRecord", "NameOfPhysiciansReadingStudy", "StudyID", "RequestingService",
+    "AdmittingDiagnosesDescription", "PatientAge", "PatientSize", "PatientBodyMassIndex", "MeasuredAPDimension",
+    "MeasuredLateralDimension", "PatientWeight", "MedicalAlerts", "Allergies", "Occupation", "SmokingStatus",
+    "AdditionalPatientHistory", "PregnancyStatus", "LastMenstrualDate", "PatientSexNeutered", "ReasonForVisit",
+    "AdmissionID", "ServiceEpisodeID", "ServiceEpisodeDescription", "PatientState",
+    "ClinicalTrialTimePointID", "ClinicalTrialTimePointDescription", "LongitudinalTemporalOffsetFromEvent",
+    "LongitudinalTemporalEventType", "IssuerOfClinicalTrialTimePointID",
+})
+#: The values a PACS files a report by, which the SR keeps as the source has them even when they
+#: are not valid DICOM values (the row's note names them): left out, the report would be filed
+#: under no patient or order.
+IDENTITY = ("PatientID", "AccessionNumber")
+#: Date and time VRs whose value must also be a real date or time, not only of DICOM's form.
+REAL = {"DA": DA, "TM": TM}
 NOT_FOR_CLINICAL_USE = "NOT FOR CLINICAL USE"
 #: The most characters a Long String (LO) value holds (PS3.5 6.2).
 LO_MAX = 64
@@ -154,37 +188,66 @@ def series_description(model_name: str, model_version: str) -> str:
     return (head + name + tail)[:LO_MAX]
 
 
-def invalid_type2_values(source: Dataset) -> dict[str, str]:
-    """The source's type 2 patient and study values the SR cannot carry, by keyword: a date or
-    time not in DICOM's form (an ACR-NEMA ``10:10:10`` or ``2026.12.07``, which pydicom reads but
-    DICOM 3.0 does not allow, an unknown birth date written ``19800000``) or a Patient's Sex other
-    than M, F or O. The SR leaves them empty, as type 2 allows, rather than being refused whole
-    (:func:`structured_report`)."""
+def invalid_values(source: Dataset) -> dict[str, str]:
+    """The source's patient and study values (:data:`COPIED`) the SR should not carry as they
+    are, by keyword, in the source's order: a value pydicom's validation refuses for its VR
+    (``pydicom.valuerep.validate_value``: a Patient's Age ``56`` without its unit, a Short String
+    or Long String over 16 or 64 characters, a date or time not in DICOM's form, such as an
+    ACR-NEMA ``10:10:10`` or ``2026.12.07``, which pydicom reads but DICOM 3.0 does not allow), a
+    date or time that is none (an unknown birth date written ``19800000``), a Patient's Sex other
+    than M, F or O, or text that is not in the source's declared character set (Latin-1 bytes
+    under ``ISO_IR 192``, which pydicom decodes with replacement characters). The SR leaves them
+    empty or out rather than being refused whole, but for the identity keys (:data:`IDENTITY`),
+    which it keeps (:func:`structured_report`, :func:`invalid_value_notes`)."""
     invalid: dict[str, str] = {}
-    for keyword, vr, parse in (("PatientBirthDate", "DA", DA), ("StudyDate", "DA", DA), ("StudyTime", "TM", TM)):
-        value = source.get(keyword)
-        if value not in (None, ""):
-            try:
-                validate_value(vr, str(value), 2)  # 2: raise; the form DICOM 3.0 allows (PS3.5 6.2)
-                parse(str(value))  # a real date or time
-            except ValueError:
-                invalid[keyword] = str(value)
-    sex = source.get("PatientSex")
-    if sex not in (None, "") and str(sex) not in ("M", "F", "O"):
-        invalid["PatientSex"] = str(sex)
+    for elem in source:
+        if elem.keyword not in COPIED or elem.VR in ("SQ", "UI") or elem.value in (None, ""):
+            continue
+        values = elem.value if isinstance(elem.value, MultiValue) else [elem.value]
+        try:
+            for value in values:
+                # 2: raise. As text where pydicom holds another type: it passes any PersonName unchecked.
+                validate_value(elem.VR, str(value) if elem.VR in ("DA", "DS", "IS", "PN", "TM") else value, 2)
+                if elem.VR in REAL:
+                    REAL[elem.VR](str(value))  # a real date or time
+                if isinstance(value, (str, PersonName)) and "\ufffd" in str(value):
+                    raise ValueError("not text in the declared character set")
+        except (ValueError, TypeError, OverflowError):
+            invalid[elem.keyword] = str(elem.value)
+            continue
+        if elem.keyword == "PatientSex" and str(elem.value) not in ("M", "F", "O"):
+            invalid[elem.keyword] = str(elem.value)
     return invalid
+
+
+def invalid_value_notes(source: Dataset) -> list[str]:
+    """What a row's note says of the source's values the SR does not carry as they are
+    (:func:`invalid_values`): those left empty (type 2), those left out, and the identity keys
+    kept all the same; none when every value is valid."""
+    invalid = invalid_values(source)
+    groups = (
+        ("left empty in the structured report, not valid DICOM values",
+         [k for k in invalid if k in TYPE2 and k not in IDENTITY]),
+        ("left out of the structured report, not valid DICOM values",
+         [k for k in invalid if k not in TYPE2 and k not in IDENTITY]),
+        ("kept in the structured report though not valid DICOM values, as the PACS files it by them",
+         [k for k in invalid if k in IDENTITY]),
+    )
+    return [f"{head}: " + ", ".join(f"{k} {invalid[k]!r}" for k in keys) for head, keys in groups if keys]
 
 
 def _with_type2_attributes(source: Dataset) -> Dataset:
     """A copy of the source's header with every type 2 patient and study attribute present.
 
     Some modalities leave them out; the SR must carry them, empty if the source has no value or
-    one the SR cannot carry (:func:`invalid_type2_values`).
+    one the SR cannot carry (:func:`invalid_values`). Another invalid patient or study value is
+    left out, but for the identity keys (:data:`IDENTITY`), kept as they are.
     """
     header = Dataset()
     header.update({elem.tag: elem for elem in source if elem.keyword != "PixelData"})
-    for keyword in invalid_type2_values(header):
-        delattr(header, keyword)  # the element is the source's: a new, empty one replaces it here
+    for keyword in invalid_values(header):
+        if keyword not in IDENTITY:
+            delattr(header, keyword)  # the element is the source's: a new, empty one replaces a type 2 one here
     for keyword in TYPE2:
         if keyword not in header:
             setattr(header, keyword, "")

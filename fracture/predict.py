@@ -466,7 +466,8 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
     after a patient correction) each get their own report. A source the report cannot be made for (a header without the
     study's UID, say) or written for (a full disk) gets no report, its reason in the row's
     ``note``, and the other rows theirs. A patient or study value the SR cannot carry is left
-    empty there, and the row's note names it (:func:`fracture.dicom_sr.invalid_type2_values`).
+    empty or out there (a Patient ID or Accession Number, by which the PACS files the report, is
+    kept), and the row's note names it (:func:`fracture.dicom_sr.invalid_value_notes`).
     A table :func:`score_files` made knows the bytes each row was scored from (:data:`SCORED_SHA256`):
     a file that holds other bytes by the time its report is made (a folder a PACS router writes into
     under reused names, IM0001 now another patient's image) gets no report, its note saying to score
@@ -477,7 +478,7 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
     from pydicom import dcmread  # noqa: PLC0415 - only --dicom-sr needs it here
     from pydicom.uid import UID, generate_uid  # noqa: PLC0415
 
-    from fracture.dicom_sr import invalid_type2_values, structured_report  # noqa: PLC0415
+    from fracture.dicom_sr import invalid_value_notes, structured_report  # noqa: PLC0415
 
     folder.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(folder)
@@ -545,7 +546,7 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
                 # Named after the source image unless its UID is invalid or already named a report of this call.
                 own = f"{uid}.sr.dcm" if UID(uid).is_valid and f"{uid}.sr.dcm" not in names else None
                 name = own or _content_name(digest, names)
-                blanked = invalid_type2_values(source)
+                invalid = invalid_value_notes(source)
             except unreportable as exc:
                 no_report(index, path, str(exc))
                 continue
@@ -644,10 +645,8 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
                              "naming it as its predecessor" if replaces is not None else
                              "not naming it as its predecessor, as what is left of it does not show it is on this image"
                          ))
-            if blanked:
-                add_note(index, "left empty in the structured report, not valid DICOM values: " + ", ".join(
-                    f"{keyword} {value!r}" for keyword, value in blanked.items()
-                ))
+            for note in invalid:
+                add_note(index, note)
             written.append(shown(target))
     except Interrupted as exc:  # Ctrl-C or SIGTERM: the rows are written all the same, these without a report
         table.attrs[INTERRUPTED] = exc.signal_name

@@ -783,9 +783,55 @@ def test_patient_and_study_values_a_report_cannot_carry_are_left_empty_and_named
     assert (conformant.StudyTime, conformant.PatientBirthDate, conformant.PatientSex) == ("101010.123456", "19800101", "M")
     assert table["note"][0] == (
         "left empty in the structured report, not valid DICOM values: "
-        "PatientBirthDate '19800000', StudyDate '2026.12.07', StudyTime '10:10:10', PatientSex 'male'"
+        "StudyDate '2026.12.07', StudyTime '10:10:10', PatientBirthDate '19800000', PatientSex 'male'"
     )
     assert table["note"][1] == ""
+
+
+def test_every_patient_and_study_value_a_report_cannot_carry_is_left_out_or_named(fracatlas, tmp_path):
+    """PACS exports carry values outside their VR: a Patient's Age without its unit, Short and Long
+    Strings over their length, Latin-1 bytes under a declared UTF-8. They were copied into the report
+    unchanged and unnoted (a validator refuses it), where only four type 2 values were checked. Every
+    copied patient and study value is checked now: a type 2 one is left empty, another left out,
+    and the Patient ID and Accession Number, by which the PACS files the report, are kept; the row's
+    note names each. The UIDs are kept as they are."""
+    from pydicom.valuerep import validate_value
+
+    jpeg = fracatlas / "images/Fractured/IMG0000019.jpg"
+    files = [tmp_path / "IM0001", tmp_path / "IM0002", tmp_path / "IM0003"]
+    files[0].write_bytes(_edited_dicom(
+        jpeg, PatientAge="56", StudyID="STUDY-ID-TOO-LONG-20", StudyDescription="X" * 80,
+        ReferringPhysicianName="A" * 70 + "^B", PatientID="P" * 70, AccessionNumber="RAD-2026-0000012345"))
+    ds = dcmread(io.BytesIO(_edited_dicom(jpeg, SpecificCharacterSet="ISO_IR 192")))
+    ds["PatientName"].value = "Fran\xe7ois^Ren\xe9".encode("latin-1")  # a Latin-1 name under a declared UTF-8
+    ds.save_as(files[1], enforce_file_format=True)
+    files[2].write_bytes(_edited_dicom(
+        jpeg, PatientAge="056Y", StudyID="S1", StudyDescription="XR WRIST 2 VIEWS", ReferringPhysicianName="Doe^Jane",
+        AccessionNumber="RAD-2026-12345"))
+    table = _reported_table(3)
+    with pytest.warns(UserWarning, match="Failed to decode"):  # pydicom's, on the Latin-1 name
+        written = write_structured_reports(table, files, tmp_path / "sr")
+    assert all(written), list(table["note"])
+    odd, latin1, valid = (dcmread(p) for p in written)
+    assert "PatientAge" not in odd and "StudyDescription" not in odd
+    assert (odd.StudyID, odd.ReferringPhysicianName) == ("", "")
+    assert (odd.PatientID, odd.AccessionNumber) == ("P" * 70, "RAD-2026-0000012345")
+    assert table["note"][0] == (
+        "left empty in the structured report, not valid DICOM values: "
+        f"ReferringPhysicianName '{'A' * 70}^B', StudyID 'STUDY-ID-TOO-LONG-20'; "
+        f"left out of the structured report, not valid DICOM values: StudyDescription '{'X' * 80}', PatientAge '56'; "
+        "kept in the structured report though not valid DICOM values, as the PACS files it by them: "
+        f"AccessionNumber 'RAD-2026-0000012345', PatientID '{'P' * 70}'"
+    )
+    assert latin1.PatientName == "" and table["note"][1] == (
+        "left empty in the structured report, not valid DICOM values: PatientName 'Fran\ufffdois^Ren\ufffd'")
+    assert table["note"][2] == ""
+    assert (valid.PatientAge, valid.StudyID, valid.StudyDescription, str(valid.ReferringPhysicianName),
+            valid.AccessionNumber) == ("056Y", "S1", "XR WRIST 2 VIEWS", "Doe^Jane", "RAD-2026-12345")
+    for report in (latin1, valid):  # every value the report carries is valid for its VR
+        for elem in report:
+            if elem.VR not in ("SQ", "UI") and elem.value not in (None, ""):
+                validate_value(elem.VR, str(elem.value) if elem.VR in ("DA", "DS", "IS", "PN", "TM") else elem.value, 2)
 
 
 def test_the_same_image_exported_twice_gets_one_report_which_a_rerun_replaces(fracatlas, tmp_path):
