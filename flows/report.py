@@ -17,7 +17,7 @@ from flows.result import (
     registry_changed,
     was_promoted,
 )
-from fracture.model_card import _fmt_threshold
+from fracture.model_card import QUALITY_BAR, _fmt_threshold, quality_bar
 from fracture.registry import Registration
 
 REPORT_KEY = "retrain-report"
@@ -131,6 +131,8 @@ def render_report(result: RetrainResult) -> str:
         ci = f"{_num(low)} – {_num(high)}" if has_ci and low is not None and high is not None else ""
         lines.append(f"| {label} | {_value(key, m.get(key))} | {ci} |")
     lines += [
+        "",
+        *([quality_bar(m) + "."] if all(m.get(key) is not None for key, _, _ in QUALITY_BAR) else []),
         "",
         "Intervals: ROC AUC's by a bootstrap over the test images, linked images (copies, near-duplicates, one "
         "patient's) drawn together; sensitivity's and specificity's Wilson score intervals over each class's "

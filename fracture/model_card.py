@@ -107,6 +107,30 @@ def _part_auc(row: dict[str, float | None]) -> str:
     return _fmt_ci(row, "roc_auc")
 
 
+#: The project's quality bar (docs/recipe.md), on the test split at the decision threshold: (metric
+#: key, name, least value).
+QUALITY_BAR = (("roc_auc", "ROC AUC", 0.92), ("recall", "sensitivity", 0.85), ("specificity", "specificity", 0.85))
+
+
+def _beside(value: float, floor: float) -> str:
+    """``value`` to three decimals, or to as many more as keep it on its side of ``floor`` (0.84996, not 0.850)."""
+    for digits in range(3, 12):
+        shown = f"{value:.{digits}f}"
+        if (float(shown) >= floor) == (value >= floor):
+            return shown
+    return repr(value)
+
+
+def quality_bar(metrics: dict[str, float]) -> str:
+    """Whether the test figures meet the project's quality bar (:data:`QUALITY_BAR`), and which miss it."""
+    missed = [f"{name} {_beside(metrics[key], least)} < {least}" for key, name, least in QUALITY_BAR
+              if metrics[key] < least]
+    bar = ", ".join(f"{name} ≥ {least}" for _, name, least in QUALITY_BAR)
+    verdict = "**met**" if not missed else f"**not met** ({'; '.join(missed)})"
+    return (f"The project's quality bar ({bar}, at the decision threshold; docs/recipe.md): {verdict}, "
+            "on the point estimates; their intervals say how surely")
+
+
 def _fmt_threshold(threshold: float) -> str:
     """Four significant digits: a threshold chosen on val can be 8e-06, which four decimals print as 0."""
     return f"{threshold:.4g}"
@@ -191,6 +215,11 @@ def _data_limitations(composition: dict[str, dict[str, Any]] | None, metrics: di
                 + ("" if body_parts[part]["n_fractured"] == 1 else "s")
                 + (f", {parts[part]} in training" if part in parts else "") + ")" for part in few
             ) + " is unmeasured or too imprecise to rely on.")
+        others = {part: int(v.get("n_images") or 0) - int(v.get("n_fractured") or 0) for part, v in body_parts.items()}
+        if clear := [part for part, n in others.items() if n < MIN_CLASS_FOR_AUC]:
+            lines.append("Specificity on " + ", ".join(
+                f"{part} ({others[part]} non-fractured test image{'' if others[part] == 1 else 's'})" for part in clear
+            ) + " is unmeasured or too imprecise to rely on: how often the model calls a sound one fractured there.")
     if "n_images" in metrics and metrics.get("n_images"):
         prevalence = metrics["n_fractured"] / metrics["n_images"]
         lines.append(f"Precision (positive predictive value) {metrics['precision']:.3f} holds at the test split's "
@@ -283,6 +312,7 @@ def render_model_card(
         f"- ROC AUC: {with_ci('roc_auc')}",
         f"- Sensitivity: {with_ci('recall')}",
         f"- Specificity: {with_ci('specificity')}",
+        f"- {quality_bar(m)}",
         f"- Average precision {m['average_precision']:.3f}, precision {m['precision']:.3f}, "
         f"F1 {m['f1']:.3f}, accuracy {m['accuracy']:.3f}",
         f"- Calibration: expected calibration error {m['ece']:.3f}, Brier score {m['brier']:.3f}",

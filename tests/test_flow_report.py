@@ -130,6 +130,9 @@ def test_new_data_version_reports_the_retraining_and_the_gate():
     # The intervals' methods, where the card is, and what the model is not for (the report named none).
     assert "sensitivity's and specificity's Wilson score intervals over each class's effective number" in text
     assert "`outputs/evaluate/model_card.md`" in text and "NOT FOR CLINICAL USE." in text
+    # Whether the figures meet the project's bar, which the gate's floors are far below.
+    assert ("The project's quality bar (ROC AUC ≥ 0.92, sensitivity ≥ 0.85, specificity ≥ 0.85, at the decision "
+            "threshold; docs/recipe.md): **not met** (ROC AUC 0.901 < 0.92; specificity 0.793 < 0.85)") in text
     # The command's seconds and DVC's work around it, when DVC ran it; the up-to-date check alone otherwise.
     assert table_row(text, "train")[1:] == ["ran", "12.5", "11.2", "1.2"]
     assert table_row(text, "Data version (DVC md5 of `data`)")[1] == "`new-md5.dir`"
@@ -332,6 +335,10 @@ def test_missing_metrics_render_as_not_available():
     text = render_report(dataclasses.replace(old, evaluate=EvaluateResult(metrics, old.evaluate.confusion)))
     assert table_row(text, "Expected calibration error")[1] == "n/a"
     assert table_row(text, "ROC AUC")[1:] == ["0.9012", ""]
+    assert "quality bar" in text
+    without = {k: v for k, v in METRICS.items() if k != "specificity"}
+    text = render_report(dataclasses.replace(old, evaluate=EvaluateResult(without, old.evaluate.confusion)))
+    assert "quality bar" not in text  # not judged on a figure that is missing
     assert table_row(text, "Data version of the last completed run")[1] == "none"
 
 

@@ -149,6 +149,13 @@ def test_the_card_says_what_this_runs_data_leaves_unmeasured():
     assert ("Precision (positive predictive value) 0.432 holds at the test split's share of fractured images, 0.174"
             in card)
     assert card.index("## Data composition") < card.index("## By body part")
+    # A part with no sound X-ray in test: its specificity is unmeasured, which only its fractures were said to be.
+    parts["leg"] = {"n_images": 9, "n_fractured": 9, "roc_auc": None, "recall": 1.0, "specificity": None}
+    leg = render_model_card(MODEL, {}, {"splits": {}}, METRICS, parts, "rule", "run42", composition)
+    assert ("Specificity on leg (0 non-fractured test images) is unmeasured or too imprecise to rely on: how often "
+            "the model calls a sound one fractured there.") in leg
+    assert "Specificity on hand" not in leg and "Specificity on shoulder" not in leg
+    del parts["leg"]
     # With DICOM in the data, no such line; without the composition, no section.
     composition["splits"]["train"]["dicom"] = 12
     assert "JPEG and PNG exports only" not in render_model_card(MODEL, {}, {"splits": {}}, METRICS, parts, "r", "x",
@@ -163,3 +170,17 @@ def test_a_snapshot_ensembles_card_does_not_say_an_epoch_was_chosen_on_validatio
     assert "is the one with the best validation ROC AUC" not in card
     assert "is the one with the best validation ROC AUC" in render_model_card(MODEL, {}, {"splits": {}}, METRICS, PARTS,
                                                                                "rule", "run42")
+
+
+def test_the_card_says_whether_the_test_figures_meet_the_projects_quality_bar():
+    """Neither the card nor the retrain report named the bar (ROC AUC 0.92, sensitivity and
+    specificity 0.85), so a promoted model that missed it read as good enough."""
+    card = render_model_card(MODEL, {}, {"splits": {}}, METRICS, PARTS, "rule", "run42")
+    assert ("The project's quality bar (ROC AUC ≥ 0.92, sensitivity ≥ 0.85, specificity ≥ 0.85, at the decision "
+            "threshold; docs/recipe.md): **not met** (ROC AUC 0.917 < 0.92; specificity 0.745 < 0.85)") in card
+    met = METRICS | {"roc_auc": 0.9419, "recall": 0.869, "specificity": 0.899}
+    assert "docs/recipe.md): **met**, on the point estimates" in render_model_card(
+        MODEL, {}, {"splits": {}}, met, PARTS, "rule", "run42")
+    # a figure a hair under the bar is not printed as on it
+    assert "(sensitivity 0.84996 < 0.85)" in render_model_card(
+        MODEL, {}, {"splits": {}}, met | {"recall": 0.84996}, PARTS, "rule", "run42")
