@@ -247,7 +247,8 @@ def _read(directory: Path, key: str) -> Checkpoint | None:
     if plain.get("format") != FORMAT or plain.get("fingerprint") != key:
         # A warning: a GPU run stopped before the project's code was upgraded starts again from epoch 1.
         log.warning("ignoring the checkpoint in %s: it belongs to another run (other params, data, pipeline code, "
-                    "torch or timm version, or pretrained weights); training starts again from the first epoch",
+                    "torch or timm version, pretrained weights, or kind of device: a GPU run is not resumed on "
+                    "the CPU); training starts again from the first epoch",
                     directory)
         return None
     with safe_open(str(directory / TENSORS), framework="pt") as handle:
