@@ -75,6 +75,16 @@ TAG_REPLACED = "replaced_version"
 TAG_ROLLED_BACK = "rolled_back_at"
 #: What a rollback or a hand pick tags the demoted champion with: when, to which version, why.
 ROLLED_BACK_TAGS = (TAG_ROLLED_BACK, "rolled_back_to", "rolled_back_reason")
+#: Which version of the training run was demoted: on the run, and on a later version of the run
+#: that carries the rollback over.
+TAG_ROLLED_BACK_VERSION = "rolled_back_version"
+#: What a rollback or a hand pick tags the demoted champion's training run with (when, to which
+#: version, why, and which of its versions), so that every later version of the run is held back,
+#: even after the demoted version is deleted.
+RUN_ROLLED_BACK_TAGS = (*ROLLED_BACK_TAGS, TAG_ROLLED_BACK_VERSION)
+#: On a training run: when one of its versions was last made champion again by hand or by a
+#: rollback; rollbacks its versions record from before then no longer hold the run back.
+TAG_ROLLBACK_LIFTED = "rollback_lifted_at"
 #: The ``gate_decision`` of a version made champion by hand (``fracture rollback --to``).
 CHOSEN = "chosen"
 #: What a challenger was decided against: the champion, the test split and the gate's rules.
@@ -487,11 +497,7 @@ def _ensure_version(
     run_id = run.info.run_id
     served = {k: _tag_value(provenance[k]) for k in SERVED}
     existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
-    # A version replaced by another version of the same run (chosen by hand after `serve` changed)
-    # is no rollback of the run: the run still serves.
-    versions = {str(v.version) for v in existing}
-    rolled_back = next((v.tags[TAG_ROLLED_BACK] for v in existing
-                        if v.tags.get(TAG_ROLLED_BACK) and v.tags.get("rolled_back_to") not in versions), None)
+    rolled_back = _run_rollback(run, existing)
     current = [v for v in existing if _serves(v, served)]
     if current:
         mv = max(current, key=lambda v: int(v.version))
@@ -504,9 +510,7 @@ def _ensure_version(
             "registering it as a new version, which the gate decides on", run_id, name,
             ", ".join(str(v.version) for v in existing),
         )
-    tags = {k: _tag_value(v) for k, v in provenance.items()} | {"run_id": run_id}
-    if rolled_back:
-        tags[TAG_ROLLED_BACK] = rolled_back
+    tags = {k: _tag_value(v) for k, v in provenance.items()} | {"run_id": run_id} | (rolled_back or {})
     mv = mlflow.register_model(log_model(), name, tags=tags)
     if not client.get_registered_model(name).description:  # the registry's page of the model: one a team wrote stays
         client.update_registered_model(name, description=MODEL_DESCRIPTION.format(name=name))
@@ -524,18 +528,44 @@ def _ensure_version(
     return _completed(client, mv, rolled_back, describe), True
 
 
+def _run_rollback(run: Run, existing: list[ModelVersion]) -> dict[str, str] | None:
+    """The rollback that holds the training run back, as the version tags a new or reused version of
+    the run carries over (``rolled_back_at``, ``rolled_back_reason``, ``rolled_back_version``), or
+    ``None`` when the run is not rolled back.
+
+    The run's own tags say so first: a rollback or a hand pick records it on the demoted champion's
+    run too, so it holds after that version is deleted (a clean-up of the bad version), where the
+    versions' tags alone let the next registration of the run promote it again. A version of the
+    run rolled back before runs were tagged (an earlier release) counts too, unless one of the
+    run's versions was made champion again since (``rollback_lifted_at``); so does none that was
+    replaced by another version of the same run (chosen by hand after ``serve`` changed): the run
+    still serves."""
+    tags = run.data.tags
+    if tags.get(TAG_ROLLED_BACK):
+        return {TAG_ROLLED_BACK: tags[TAG_ROLLED_BACK], "rolled_back_reason": tags.get("rolled_back_reason", ""),
+                TAG_ROLLED_BACK_VERSION: tags.get(TAG_ROLLED_BACK_VERSION, "")}
+    lifted = tags.get(TAG_ROLLBACK_LIFTED, "")
+    versions = {str(v.version) for v in existing}
+    for v in existing:
+        when = v.tags.get(TAG_ROLLED_BACK)
+        if when and when > lifted and v.tags.get("rolled_back_to") not in versions:
+            return {TAG_ROLLED_BACK: when, "rolled_back_reason": v.tags.get("rolled_back_reason", ""),
+                    TAG_ROLLED_BACK_VERSION: v.tags.get(TAG_ROLLED_BACK_VERSION) or str(v.version)}
+    return None
+
+
 def _completed(
-    client: MlflowClient, mv: ModelVersion, rolled_back: str | None, describe: Callable[[], str],
+    client: MlflowClient, mv: ModelVersion, rolled_back: dict[str, str] | None, describe: Callable[[], str],
 ) -> ModelVersion:
-    """The run's version with the rollback of any version of its run (``rolled_back``, its time)
-    and its description: a version registered by an earlier release, which wrote them in
-    requests after the version's creation, may lack them when that registration stopped in
-    between, and is then reused as it is. Without the rollback it would be promoted again."""
+    """The run's version with the rollback of its run (``rolled_back``, :func:`_run_rollback`) and
+    its description: a version registered by an earlier release, which wrote them in requests
+    after the version's creation, may lack them when that registration stopped in between, and is
+    then reused as it is. Without the rollback it would be promoted again."""
     name, version = mv.name, str(mv.version)
     if rolled_back and not mv.tags.get(TAG_ROLLED_BACK) and CHAMPION not in mv.aliases:
         log.warning("%s version %s: its run was rolled back at %s; the version carries that over", name, version,
-                    rolled_back)
-        _tag_version(client, name, version, {TAG_ROLLED_BACK: rolled_back})
+                    rolled_back[TAG_ROLLED_BACK])
+        _tag_version(client, name, version, rolled_back)
     if not mv.description:
         return client.update_model_version(name, version, description=describe())
     return mv
@@ -619,9 +649,14 @@ def _held_back(mv: ModelVersion, current: ModelVersion | None) -> _Outcome | Non
         return _Outcome("unchanged", "already champion")
     rolled_back = mv.tags.get(TAG_ROLLED_BACK)
     if rolled_back:
+        demoted = mv.tags.get(TAG_ROLLED_BACK_VERSION) or str(mv.version)
+        what = (f"version {mv.version} was rolled back from champion at {rolled_back}" if demoted == str(mv.version)
+                else f"version {mv.version}'s training run was rolled back from champion at {rolled_back} (as "
+                     f"version {demoted})")
+        why = mv.tags.get("rolled_back_reason")
         reason = (
-            f"version {mv.version} was rolled back from champion at {rolled_back}; it is not "
-            "promoted again automatically"
+            f"{what}{f' ({why})' if why else ''}; it is not promoted again automatically. To serve it again, "
+            f"choose it by hand: fracture rollback --to {mv.version} --reason \"...\""
         )
         return _Outcome("unchanged", reason)
     return None
@@ -950,6 +985,7 @@ def rollback(
     # The demoted version is tagged before champion leaves it: a rollback stopped at any point
     # leaves no untagged version that a later registration of its run would promote again.
     when, why = _now(), reason or "not given"
+    _withdraw_run(client, current, previous, _rolled_back(when, str(previous.version), why))
     _tag_version(client, name, current.version, _rolled_back(when, str(previous.version), why))
     _tag_version(client, name, previous.version, {
         TAG_DECISION: "restored",
@@ -982,7 +1018,8 @@ def _finish_rollback(client: MlflowClient, name: str, demoted: str, previous: Mo
     """Clears the restored champion ``previous``'s own ``rolled_back_*`` tags and moves
     ``previous-champion`` one step back from it."""
     # The restored version is champion by now: its run, registered again, stays as it is anyway.
-    _untag_version(client, name, str(previous.version), ROLLED_BACK_TAGS)
+    _untag_version(client, name, str(previous.version), RUN_ROLLED_BACK_TAGS)
+    _lift_run_rollback(client, previous)
     before = previous.tags.get(TAG_REPLACED)
     if before and before != demoted and _version_or_none(client, name, before) is not None:
         client.set_registered_model_alias(name, PREVIOUS_CHAMPION, before)
@@ -1041,6 +1078,7 @@ def _choose(client: MlflowClient, name: str, current: ModelVersion, version: str
     # As in a rollback, everything is written before champion moves, and the demoted version first:
     # a pick stopped at any point leaves no untagged demoted version, and a chosen version that
     # says what it replaced, from which the pick is finished.
+    _withdraw_run(client, current, chosen, _rolled_back(when, version, why))
     _tag_version(client, name, champion, _rolled_back(when, version, why))
     _untag_version(client, name, version, (TAG_BASIS,))  # the rules an earlier challenger decision rested on
     _tag_version(client, name, version, {
@@ -1107,10 +1145,57 @@ def _unfinished_choice(
 def _finish_choice(client: MlflowClient, name: str, replaced: str, chosen: str) -> Rollback:
     """Removes the chosen champion's own ``rolled_back_*`` tags, then points ``previous-champion``
     at the version it replaced (last: until then a stopped pick is found and finished)."""
-    _untag_version(client, name, chosen, ROLLED_BACK_TAGS)
+    _untag_version(client, name, chosen, RUN_ROLLED_BACK_TAGS)
+    _lift_run_rollback(client, client.get_model_version(name, chosen))
     client.set_registered_model_alias(name, PREVIOUS_CHAMPION, replaced)
     log.info("%s: version %s chosen by hand as champion in place of version %s", name, chosen, replaced)
     return Rollback(name, replaced, chosen, replaced, chosen=True)
+
+
+def _withdraw_run(client: MlflowClient, demoted: ModelVersion, restored: ModelVersion, tags: dict[str, str]) -> None:
+    """Records the rollback of champion ``demoted`` on its training run too (``tags``, and which of
+    its versions), so that no later version of the run is promoted automatically: not once the
+    demoted version is deleted, nor when the run's evaluation changed. A rollback to another
+    version of the same run (chosen by hand after ``serve`` changed) is none of the run's."""
+    if demoted.run_id == restored.run_id:
+        return
+    _tag_run(client, demoted.run_id, tags | {TAG_ROLLED_BACK_VERSION: str(demoted.version)},
+             f"{demoted.name} version {demoted.version}'s rollback")
+
+
+def _lift_run_rollback(client: MlflowClient, restored: ModelVersion) -> None:
+    """Clears the rollback from the training run of ``restored``, made champion again on purpose (a
+    hand pick, or a rollback that undid a pick), and records when (``rollback_lifted_at``)."""
+    held = _run_or_none(client, restored.run_id)
+    if held is None:
+        return
+    for key in RUN_ROLLED_BACK_TAGS:
+        if key in held.data.tags:
+            client.delete_tag(restored.run_id, key)
+    _tag_run(client, restored.run_id, {TAG_ROLLBACK_LIFTED: _now()}, f"{restored.name} version {restored.version}'s restoration")
+
+
+def _run_or_none(client: MlflowClient, run_id: str) -> Run | None:
+    """The training run, or ``None`` when the tracking store no longer holds it (deleted, or
+    removed by ``mlflow gc``). Any other error is raised."""
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    return run if run.info.lifecycle_stage == "active" else None
+
+
+def _tag_run(client: MlflowClient, run_id: str, tags: dict[str, str], what: str) -> None:
+    """Sets the run's tags; a run the tracking store no longer holds, or holds deleted, cannot be
+    tagged: warned, and the version's own tags keep the record."""
+    if _run_or_none(client, run_id) is None:
+        log.warning("%s is not recorded on training run %s: the tracking store no longer holds it, or holds it "
+                    "deleted; the version's own tags keep the record", what, run_id)
+        return
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
 
 
 def _now() -> str:
