@@ -24,6 +24,7 @@ loading a version to score it is :mod:`fracture.scoring`'s.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -683,9 +684,14 @@ def _decide(
     if current is None:
         checks += (GateCheck("beats champion", True, "no champion yet"),)
     elif all(c.passed for c in checks):
-        scores, scored, answer = scored_with_champion(
-            params.model_name, candidate, _evaluation_of(client, current), split, isolated
-        )
+        champion = _evaluation_of(client, current)
+        scores, scored, answer = scored_with_champion(params.model_name, candidate, champion, split, isolated)
+        if _run_gone(champion):
+            scored = dataclasses.replace(scored, detail=(
+                f"{scored.detail}; champion v{current.version}'s training run {current.run_id} is gone from the "
+                "tracking store: it is compared from its version's own record, and the images it learnt from cannot "
+                "be left out"
+            ))
         checks += (scored,)
         if scores is None:
             _require_loadable(params.model_name, str(current.version), CHAMPION, isolated)
@@ -1232,7 +1238,30 @@ def _required_metrics(metrics: dict[str, float], run_id: str, params: RegisterPa
 
 
 def _evaluation_of(client: MlflowClient, mv: ModelVersion) -> Evaluation:
-    run = client.get_run(mv.run_id)
+    """The champion ``mv``'s evaluation, for the gate: its test split and data version as the version
+    records them, and the images its run trained on.
+
+    A champion whose training run the tracking store no longer holds (deleted, then removed by
+    ``mlflow gc``) still loads from the registry, as its consumers load it: it is compared from what
+    the version itself carries (its ``metrics``, ``split_fingerprint`` and ``data_version`` tags),
+    with a warning, rather than failing every later registration. The gate scores both models
+    from their registered files, so what is lost is the list of images the champion learnt from:
+    it is scored on every test image, which can only favour it, and the ``scored with champion``
+    check says so when it was evaluated on another split or data version.
+    """
+    try:
+        run = client.get_run(mv.run_id)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        log.warning(
+            "%s version %s (champion): its training run %s is gone from the tracking store; the gate compares with "
+            "it from the version's own tags, and scores it on every test image (the images it learnt from are no "
+            "longer listed), which can favour it", mv.name, mv.version, mv.run_id,
+        )
+        return _GoneRunEvaluation(
+            str(mv.version), _recorded_metrics(mv), mv.tags.get(TAG_SPLIT) or None, mv.tags.get(TAG_DATA) or None,
+        )
     return Evaluation(
         str(mv.version),
         dict(run.data.metrics),
@@ -1242,15 +1271,41 @@ def _evaluation_of(client: MlflowClient, mv: ModelVersion) -> Evaluation:
     )
 
 
+@dataclass(frozen=True)
+class _GoneRunEvaluation(Evaluation):
+    """A champion's evaluation read from its version's tags: its training run is gone from the store."""
+
+
+def _run_gone(evaluation: Evaluation) -> bool:
+    return isinstance(evaluation, _GoneRunEvaluation)
+
+
+def _recorded_metrics(mv: ModelVersion) -> dict[str, float]:
+    """The test metrics the version was registered with (its ``metrics`` tag), or none when unreadable."""
+    try:
+        recorded = json.loads(mv.tags.get("metrics") or "{}")
+        return {str(k): float(v) for k, v in recorded.items()}
+    except (ValueError, TypeError, AttributeError):
+        return {}
+
+
 def _seen_in_training(client: MlflowClient, run_id: str) -> SeenImages | None:
     """The images run ``run_id`` trained and validated on (its :data:`SEEN_ARTIFACT`), or ``None``
-    when the run did not record them, or its list cannot be read (damaged: warned, and the gate
-    compares on every image, as for a champion registered before runs recorded it); a store that
-    cannot be read raises, as every registry read does.
+    when the run did not record them, its list cannot be read (damaged: warned, and the gate
+    compares on every image, as for a champion registered before runs recorded it), or the
+    tracking store no longer holds the run (deleted and removed by ``mlflow gc``: warned alike); a
+    store that cannot be read raises, as every registry read does.
 
     A classifier's run or a detector's: both record the list (the detector's counts its backbone's
     images too, :func:`fracture.stages.detect.seen_by_detector`)."""
-    text = seen_table(client, run_id)
+    try:
+        text = seen_table(client, run_id)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        log.warning("the champion's training run %s is gone from the tracking store: the gate cannot tell which "
+                    "test images that model learnt from, and scores it on every one, which may favour it", run_id)
+        return None
     if text is None:
         return None
     try:

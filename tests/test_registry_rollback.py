@@ -6,6 +6,14 @@ real FracAtlas X-rays well, badly or at random), loaded and scored in this proce
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
+import mlflow
+import pytest
+from mlflow.exceptions import MlflowException
+
 from tests import test_registry
 from tests.test_registry import (
     ANY_GAIN,
@@ -57,3 +65,28 @@ def test_a_rolled_back_run_is_not_promoted_again_after_its_version_is_deleted(cl
     kept = register(ANY_GAIN, good_run, *models["good"], split, client)
     assert (kept.version, kept.reason) == ("3", "already champion")
     assert aliases(client) == {"champion": "3", "previous-champion": "1"}
+
+
+def test_a_champion_whose_training_run_was_garbage_collected_is_still_compared_with(client, ranked):
+    """The champion's training run deleted and removed by `mlflow gc`: the champion still loads
+    from the registry, as its consumers load it, so the gate compares with it from its version's
+    own record, and says so; every later registration failed with MLflow's "Run ... not found"."""
+    split, models = ranked
+    register(ANY_GAIN, evaluated_run(0.9), *models["bad"], split, client)
+    assert register(ANY_GAIN, evaluated_run(0.9), *models["random"], split, client).champion
+    gone = client.get_model_version(NAME, "2").run_id
+    client.delete_run(gone)
+    uri = mlflow.get_tracking_uri()
+    subprocess.run([sys.executable, "-m", "mlflow", "gc", "--backend-store-uri", uri, "--run-ids", gone],
+                   check=True, capture_output=True, env=os.environ | {"MLFLOW_TRACKING_URI": uri})
+    with pytest.raises(MlflowException, match="not found"):
+        client.get_run(gone)
+
+    better = register(ANY_GAIN, evaluated_run(0.9), *models["good"], split, client)
+    assert (better.version, better.decision, better.champion_version) == ("3", "promoted", "2")
+    assert better.comparison is not None and better.comparison.champion_version == "2"
+    scored = next(c for c in better.checks if c.name == "scored with champion")
+    assert scored.passed and f"champion v2's training run {gone} is gone from the tracking store" in scored.detail
+    assert aliases(client) == {"champion": "3", "previous-champion": "2"}
+    # Its version can still be returned to.
+    assert rollback(NAME, client, "back to the version whose run is gone").champion == "2"
