@@ -435,6 +435,12 @@ def rollback(
         raise SystemExit("fracture rollback: --reason must say why (it is recorded on both versions)")
     with _stage("rollback") as (params, workspace):
         done = run_rollback(params, workspace, reason.strip(), to)
+    if done.demoted is None:  # no version held champion (its version was deleted)
+        how = "chosen by hand" if done.chosen else "restored from previous-champion"
+        previous = f"version {done.previous_champion}" if done.previous_champion else "none"
+        print(f"{done.name}: no version held champion; version {done.champion} is champion now, {how}; "
+              f"previous-champion: {previous}")
+        return
     if done.chosen:
         print(
             f"{done.name}: champion moved from version {done.demoted} to version {done.champion}, chosen by hand; "

@@ -186,7 +186,8 @@ class Rollback:
         name: the registered model name.
         demoted: the version that was champion; it gets a ``rolled_back_at`` tag, so
             re-registering its run never promotes it again. After a rollback it keeps no alias;
-            after a hand pick it holds ``previous-champion``.
+            after a hand pick it holds ``previous-champion``. ``None`` where no version held
+            ``champion`` (its version was deleted) and the rollback or pick gave it back.
         champion: the version now holding ``champion`` (the former ``previous-champion``, or
             the version chosen by hand).
         previous_champion: the version now holding ``previous-champion`` (after a rollback the
@@ -196,7 +197,7 @@ class Rollback:
     """
 
     name: str
-    demoted: str
+    demoted: str | None
     champion: str
     previous_champion: str | None
     chosen: bool = False
@@ -311,14 +312,34 @@ def register(
     fingerprint = mv.tags.get(TAG_SPLIT) or split.fingerprint
     candidate = Evaluation(str(mv.version), metrics, fingerprint, run.data.tags.get("data_version") or None)
 
+    name = params.model_name
+    champion = _alias(client, name, CHAMPION)
+    if champion is None and _version_of(_alias(client, name, PREVIOUS_CHAMPION)) == str(mv.version):
+        # The last champion the registry still holds: restoring it is a rollback's business, and
+        # judging it against itself would overwrite its record with a lost decision.
+        outcome = _Outcome("unchanged", f"no version holds champion ({NO_CHAMPION_WHY}); this version is "
+                                        f"{PREVIOUS_CHAMPION}: `fracture rollback --reason \"...\"` restores it")
+        return _registration(
+            client, name, run_id, created, candidate, None, outcome, score_key=SCORE, confidence=params.confidence,
+            floors=params.floors, sensitivity_tolerance=params.sensitivity_tolerance,
+            specificity_tolerance=params.specificity_tolerance,
+        )
+
     def decide(current: ModelVersion | None) -> tuple[_Outcome, dict[str, str] | None]:
-        outcome = _decide(client, params, candidate, current, split, config.threshold, isolated)
+        if current is not None:
+            outcome = _decide(client, params, candidate, current, split, config.threshold, isolated)
+        else:
+            outcome = _decide_without_champion(client, params, candidate, split, config.threshold, isolated)
         return outcome, None if outcome.comparison is None else outcome.comparison.tags()
 
-    outcome, current = _gate_until_settled(
-        client, mv, _alias(client, params.model_name, CHAMPION), lambda current: _basis(params, current, split),
-        decide, COMPARISON_TAGS,
-    )
+    def basis(current: ModelVersion | None) -> str:
+        rules = _basis(params, current, split)
+        stand_in = None if current is not None else _alias(client, name, PREVIOUS_CHAMPION)
+        if stand_in is None:
+            return rules
+        return json.dumps(json.loads(rules) | {PREVIOUS_CHAMPION: str(stand_in.version)}, sort_keys=True)
+
+    outcome, current = _gate_until_settled(client, mv, champion, basis, decide, COMPARISON_TAGS)
     return _registration(
         client, params.model_name, run_id, created, candidate, current, outcome, score_key=SCORE,
         confidence=params.confidence, floors=params.floors, sensitivity_tolerance=params.sensitivity_tolerance,
@@ -671,8 +692,11 @@ def _decide(
     split: EvaluatedSplit,
     threshold: float,
     isolated: bool = True,
+    role: str = CHAMPION,
 ) -> _Outcome:
     """Runs the gate against the champion, and the load check when every rule passed.
+
+    ``role``: the alias ``current`` holds (``previous-champion`` where no version holds champion).
 
     Returns:
         ``promoted`` or ``challenger``, why, every check in order, and the comparison with the
@@ -694,7 +718,7 @@ def _decide(
             ))
         checks += (scored,)
         if scores is None:
-            _require_loadable(params.model_name, str(current.version), CHAMPION, isolated)
+            _require_loadable(params.model_name, str(current.version), role, isolated)
         else:
             try:
                 comparison = compare(scores, params.confidence)
@@ -717,6 +741,49 @@ def _decide(
         f"DeLong p = {a.p_value:.3g})"
     )
     return _verdict(checks, reason, comparison)
+
+
+#: Why a registered model that had a champion has none: MLflow removes an alias with its version.
+NO_CHAMPION_WHY = "the champion version was deleted from the registry, or its alias removed"
+#: The ``gate_decision`` values of a version that held ``champion``.
+WAS_CHAMPION = ("promoted", "restored", CHOSEN)
+
+
+def _decide_without_champion(
+    client: MlflowClient, params: RegisterParams, candidate: Evaluation, split: EvaluatedSplit, threshold: float,
+    isolated: bool = True,
+) -> _Outcome:
+    """The gate when no version holds ``champion``.
+
+    Where the champion's version was deleted (MLflow removes its alias with it) and
+    ``previous-champion`` remains, the version must beat that one, the last champion the registry
+    still holds, as it would a champion: a version that loses stays challenger, and ``fracture
+    rollback`` restores ``previous-champion``. Where earlier champions existed but neither alias
+    remains, the version is promoted on the floors and the load check alone, and the reason says
+    so rather than calling it the first version.
+    """
+    name = params.model_name
+    stand_in = _alias(client, name, PREVIOUS_CHAMPION)
+    if stand_in is not None:
+        outcome = _decide(client, params, candidate, stand_in, split, threshold, isolated, role=PREVIOUS_CHAMPION)
+        lead = (f"no version holds champion ({NO_CHAMPION_WHY}): compared with {PREVIOUS_CHAMPION} "
+                f"v{stand_in.version}, the last champion the registry holds, instead")
+        if outcome.decision == "promoted":
+            return dataclasses.replace(outcome, reason=f"{lead}; {outcome.reason}")
+        return dataclasses.replace(outcome, reason=(
+            f"{lead}; {outcome.reason}. `fracture rollback --reason \"...\"` restores v{stand_in.version} as champion"
+        ))
+    outcome = _decide(client, params, candidate, None, split, threshold, isolated)
+    earlier = sorted(
+        (int(v.version) for v in client.search_model_versions(f"name = '{name}'")
+         if v.tags.get(TAG_DECISION) in WAS_CHAMPION and str(v.version) != str(candidate.version)),
+    )
+    if not earlier or outcome.decision != "promoted":
+        return outcome
+    return dataclasses.replace(outcome, reason=(
+        f"no version holds champion or {PREVIOUS_CHAMPION} ({NO_CHAMPION_WHY}; earlier champions: "
+        f"{', '.join(map(str, earlier))}): promoted on the floors and the load check alone, compared with none"
+    ))
 
 
 def _require_loadable(name: str, version: str, role: str, isolated: bool = True) -> None:
@@ -928,6 +995,10 @@ def rollback(
     champion is tagged as above and becomes ``previous-champion``, so a later rollback without
     ``to`` undoes the pick.
 
+    Where no version holds ``champion`` (its version was deleted, which removes the alias), the
+    rollback gives it back to ``previous-champion``, and ``to`` to the version chosen, each loaded
+    first (:func:`_rollback_without_champion`); nothing is demoted.
+
     Args:
         name: the registered model name.
         client: an MLflow client (default: one for the current tracking URI).
@@ -939,17 +1010,14 @@ def rollback(
         Which version was demoted and where the aliases point now.
 
     Raises:
-        RegistryError: the model has no champion or no previous champion to return to, version
-            ``to`` does not exist or already is champion, or the version cannot be loaded.
+        RegistryError: the model has neither champion nor previous champion, or no previous
+            champion to return to; version ``to`` does not exist or already is champion, or the
+            version cannot be loaded.
     """
     client = client or MlflowClient()
     current = _alias(client, name, CHAMPION)
     if current is None:
-        raise RegistryError(
-            f"registered model '{name}' has no '{CHAMPION}' alias: nothing to roll back"
-            + (", and --to only replaces a champion; registering a run that passes the gate makes the first"
-               if to is not None else "")
-        )
+        return _rollback_without_champion(client, name, None if to is None else str(to).strip(), reason, isolated)
     if to is not None:
         return _choose(client, name, current, str(to).strip(), reason, isolated)
     if current.tags.get(TAG_DECISION) == "promoted":
@@ -1001,18 +1069,23 @@ def rollback(
     return _finish_rollback(client, name, str(current.version), previous)
 
 
-def _require_champion_unmoved(client: MlflowClient, name: str, current: ModelVersion, target: str) -> None:
+def _require_champion_unmoved(client: MlflowClient, name: str, current: ModelVersion | None, target: str) -> None:
     """Refuses to go on when ``champion`` is no longer on ``current``, the version a rollback or a hand
     pick replaces: loading ``target`` takes seconds, and a registration may have promoted another
     version meanwhile, which moving ``champion`` now would displace without a word. MLflow has no
     compare-and-set for aliases: the champion is read once more right before anything is written.
 
+    ``current`` is ``None`` where no version held ``champion``: one that does now was promoted meanwhile.
+
     Raises:
         RegistryError: ``champion`` moved (or was removed); nothing was changed.
     """
     latest = _version_of(_alias(client, name, CHAMPION))
-    if latest != str(current.version):
-        moved = f"moved from version {current.version} to {latest}" if latest is not None else "was removed"
+    if latest != _version_of(current):
+        if current is None:
+            moved = f"was given to version {latest}"
+        else:
+            moved = f"moved from version {current.version} to {latest}" if latest is not None else "was removed"
         raise RegistryError(
             f"the champion of '{name}' {moved} while version {target} was loaded (a registration promoted "
             "another version, say): nothing was changed. Look at the registry as it is now, and run the command "
@@ -1020,9 +1093,9 @@ def _require_champion_unmoved(client: MlflowClient, name: str, current: ModelVer
         )
 
 
-def _finish_rollback(client: MlflowClient, name: str, demoted: str, previous: ModelVersion) -> Rollback:
+def _finish_rollback(client: MlflowClient, name: str, demoted: str | None, previous: ModelVersion) -> Rollback:
     """Clears the restored champion ``previous``'s own ``rolled_back_*`` tags and moves
-    ``previous-champion`` one step back from it."""
+    ``previous-champion`` one step back from it (``demoted``: ``None`` where no version held champion)."""
     # The restored version is champion by now: its run, registered again, stays as it is anyway.
     _untag_version(client, name, str(previous.version), RUN_ROLLED_BACK_TAGS)
     _lift_run_rollback(client, previous)
@@ -1033,8 +1106,63 @@ def _finish_rollback(client: MlflowClient, name: str, demoted: str, previous: Mo
     else:
         client.delete_registered_model_alias(name, PREVIOUS_CHAMPION)
         new_previous = None
-    log.info("%s: champion rolled back from version %s to %s", name, demoted, previous.version)
+    log.info("%s: champion rolled back from version %s to %s", name, demoted or "none", previous.version)
     return Rollback(name, demoted, str(previous.version), new_previous)
+
+
+def _rollback_without_champion(
+    client: MlflowClient, name: str, to: str | None, reason: str, isolated: bool,
+) -> Rollback:
+    """Gives ``champion`` back where no version holds it (the champion's version was deleted, which
+    removes its alias, or the alias was removed): to ``previous-champion``, the last champion the
+    registry holds, or to version ``to``, chosen by hand. The version is loaded first, as a
+    consumer would load it; nothing is demoted, and ``previous-champion`` steps back from the
+    restored version as after any rollback (a hand pick leaves it where it is).
+
+    Raises:
+        RegistryError: no ``previous-champion`` and no ``to``, version ``to`` does not exist, the
+            version cannot be loaded, or a registration gave ``champion`` to a version meanwhile.
+    """
+    previous = _alias(client, name, PREVIOUS_CHAMPION)
+    if to is None and previous is None:
+        raise RegistryError(
+            f"registered model '{name}' has no '{CHAMPION}' alias and no '{PREVIOUS_CHAMPION}' to restore: nothing to "
+            "roll back to. To make a version champion by hand: fracture rollback --to <version> --reason \"...\""
+        )
+    target = previous if to is None else _version_or_none(client, name, to) if to.isdigit() else None
+    if target is None:
+        known = sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
+        raise RegistryError(
+            f"registered model '{name}' has no version {to!r} (its versions: {', '.join(map(str, known))}); no "
+            "version holds champion. Give one of those to --to"
+        )
+    version, role = str(target.version), PREVIOUS_CHAMPION if to is None else "chosen"
+    failure = _load_failure(name, version, isolated)
+    if failure is not None:
+        raise RegistryError(
+            f"{name} version {version} ({role}) cannot be loaded from the registry ({_described(failure)}); a consumer "
+            "could not load it either, so no version was made champion. If the tracking server is down, run again "
+            "when it answers; otherwise choose another version with --to"
+        ) from failure
+    _require_champion_unmoved(client, name, None, version)
+    when, why = _now(), reason or "not given"
+    _untag_version(client, name, version, (TAG_BASIS, TAG_REPLACED))
+    if to is None:
+        tags = {TAG_DECISION: "restored", TAG_REASON: f"restored by rollback at {when}, when no version held champion "
+                                                       f"({NO_CHAMPION_WHY}): {why}"}
+    else:
+        tags = {TAG_DECISION: CHOSEN, TAG_REASON: f"chosen by hand at {when}, when no version held champion "
+                                                  f"({NO_CHAMPION_WHY}): {why}"}
+    _tag_version(client, name, version, tags)
+    if CHALLENGER in target.aliases:
+        client.delete_registered_model_alias(name, CHALLENGER)
+    client.set_registered_model_alias(name, CHAMPION, version)
+    if to is None:
+        return _finish_rollback(client, name, None, client.get_model_version(name, version))
+    _untag_version(client, name, version, RUN_ROLLED_BACK_TAGS)
+    _lift_run_rollback(client, target)
+    log.info("%s: version %s chosen by hand as champion, where no version held it", name, version)
+    return Rollback(name, None, version, _version_of(_alias(client, name, PREVIOUS_CHAMPION)), chosen=True)
 
 
 def _choose(client: MlflowClient, name: str, current: ModelVersion, version: str, reason: str, isolated: bool) -> Rollback:

@@ -14,6 +14,7 @@ import mlflow
 import pytest
 from mlflow.exceptions import MlflowException
 
+from fracture.registry import RegistryError
 from tests import test_registry
 from tests.test_registry import (
     ANY_GAIN,
@@ -90,3 +91,63 @@ def test_a_champion_whose_training_run_was_garbage_collected_is_still_compared_w
     assert aliases(client) == {"champion": "3", "previous-champion": "2"}
     # Its version can still be returned to.
     assert rollback(NAME, client, "back to the version whose run is gone").champion == "2"
+
+
+def test_with_the_champion_version_deleted_the_gate_compares_with_previous_champion_and_rollback_restores_it(
+    client, ranked
+):
+    """Deleting the champion's version removes MLflow's champion alias; previous-champion remains.
+    The next registration must beat that one, and says why; `fracture rollback` gives champion
+    back to it, and --to to a version chosen, where both refused ("nothing to roll back") and the
+    next registration was promoted as "first version to pass the gate", compared with nothing."""
+    split, models = ranked
+    register(ANY_GAIN, evaluated_run(0.9), *models["bad"], split, client)
+    register(ANY_GAIN, evaluated_run(0.9), *models["random"], split, client)
+    client.delete_model_version(NAME, "2")
+    assert aliases(client) == {"previous-champion": "1"}
+
+    same = register(ANY_GAIN, evaluated_run(0.9), *models["bad"], split, client)  # version 1's network again
+    assert (same.version, same.decision, same.champion) == ("3", "challenger", False)
+    assert same.reason.startswith("no version holds champion (the champion version was deleted from the registry, "
+                                  "or its alias removed): compared with previous-champion v1")
+    assert 'fracture rollback --reason "..."` restores v1 as champion' in same.reason
+    assert same.comparison is not None and same.comparison.champion_version == "1"
+    assert aliases(client) == {"previous-champion": "1", "challenger": "3"}
+
+    better = register(ANY_GAIN, evaluated_run(0.9), *models["good"], split, client)
+    assert (better.version, better.decision) == ("4", "promoted")
+    assert "compared with previous-champion v1" in better.reason and "beats champion v1's" in better.reason
+    assert aliases(client) == {"champion": "4", "previous-champion": "1", "challenger": "3"}
+
+    # The new champion deleted too: a rollback restores previous-champion, once it loads.
+    client.delete_model_version(NAME, "4")
+    done = rollback(NAME, client, "version 4 withdrawn")
+    assert (done.demoted, done.champion, done.previous_champion, done.chosen) == (None, "1", None, False)
+    assert aliases(client) == {"champion": "1", "challenger": "3"}
+    tags = client.get_model_version(NAME, "1").tags
+    assert tags["gate_decision"] == "restored" and tags["gate_reason"].endswith("version 4 withdrawn")
+
+    # Neither alias left: a plain rollback names --to, which makes a version champion by hand.
+    client.delete_model_version(NAME, "1")
+    with pytest.raises(RegistryError, match=r"no 'champion' alias and no 'previous-champion'.*fracture rollback --to"):
+        rollback(NAME, client, "again")
+    with pytest.raises(RegistryError, match="has no version '9'"):
+        rollback(NAME, client, "a typo", to=9)
+    done = rollback(NAME, client, "clinical sign-off of version 3", to=3)
+    assert (done.demoted, done.champion, done.chosen) == (None, "3", True)
+    assert aliases(client) == {"champion": "3"}
+    assert client.get_model_version(NAME, "3").tags["gate_decision"] == "chosen"
+
+
+def test_with_every_champion_alias_gone_the_gate_says_it_compared_with_none(client, ranked):
+    """Earlier champions, but neither champion nor previous-champion left: promoted on the floors
+    and the load check, and the reason says so, not "first version to pass the gate"."""
+    split, models = ranked
+    register(ANY_GAIN, evaluated_run(0.9), *models["bad"], split, client)
+    register(ANY_GAIN, evaluated_run(0.9), *models["random"], split, client)
+    rollback(NAME, client, "version 2 withdrawn")
+    client.delete_model_version(NAME, "1")
+    assert aliases(client) == {}
+    new = register(ANY_GAIN, evaluated_run(0.9), *models["good"], split, client)
+    assert (new.version, new.decision) == ("3", "promoted")
+    assert new.reason.startswith("no version holds champion or previous-champion") and "earlier champions: 2" in new.reason
