@@ -350,9 +350,7 @@ class DetectParams:
                 f"{1 - self.confidence:.3g} (detect.confidence {self.confidence}): the paired bootstrap's least is "
                 f"2 / (resamples + 1), so the gate could never promote a detector. Use at least {least} (e.g. 1000)"
             )
-        if not (isinstance(self.model_name, str) and self.model_name.strip()):
-            raise ConfigError(f"params.yaml: detect.model_name must be a registered model's name, e.g. "
-                              f"fracture-detector; got {self.model_name!r}")
+        check_model_name("detect.model_name", self.model_name, "fracture-detector")
         if not (_whole(self.workers) and self.workers >= 0):
             raise ConfigError(
                 f"params.yaml: detect.workers must be a whole number, 0 or more (e.g. 2; 0: decode in the training "
@@ -429,6 +427,7 @@ class RegisterParams:
     floors: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        check_model_name("register.model_name", self.model_name, "fracture-classifier")
         if not _number(self.confidence) or not 0 <= self.confidence < 1:
             raise ConfigError(
                 f"params.yaml: register.confidence must be a number in [0, 1), e.g. 0.95; got {self.confidence!r}"
@@ -444,6 +443,31 @@ class RegisterParams:
                 "params.yaml: register.floors must map run metric names to numbers, "
                 f"e.g. {{test_roc_auc: 0.85}}; got {self.floors!r}"
             )
+
+
+def check_model_name(key: str, name: object, example: str) -> None:
+    """Refuses a registered model's name that MLflow refuses (empty; a ``/`` or ``:``; a name that
+    resolves to another as a path, such as ``.`` or ``..x``), or that the registry's searches cannot
+    quote (an apostrophe: the pipeline finds a run's versions with MLflow filter strings, which
+    quote names in ``'``, and a registration stopped at the first search with a parse error).
+
+    Raises:
+        ConfigError: naming params.yaml's field ``key``, what is wrong and an ``example``.
+    """
+    if not (isinstance(name, str) and name.strip()):
+        raise ConfigError(f"params.yaml: {key} must be a registered model's name, e.g. {example}; got {name!r}")
+    if "'" in name:
+        why = "a name with an apostrophe, which MLflow's search filters, quoted in ', cannot hold"
+    elif "/" in name or ":" in name:
+        why = "a name with '/' or ':', which MLflow refuses in a registered model's name"
+    elif name == "." or name.startswith(".."):  # with no '/', what MLflow's normpath check leaves
+        why = "a name MLflow refuses, as it would resolve to another when treated as a file path"
+    else:
+        return
+    raise ConfigError(
+        f"params.yaml: {key} {name!r} is {why}. Use letters, digits, '-', '_' or '.' (e.g. {example}; "
+        "st-marys-fracture rather than st-mary's-fracture)"
+    )
 
 
 def _number(value: object) -> bool:

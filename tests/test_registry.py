@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 import sys
 from collections.abc import Iterator
@@ -303,6 +304,24 @@ def test_register_params_are_checked():
         parse_params(raw)
     real = load_params(REPO).register
     assert 0.9 <= real.confidence < 1 and {"test_roc_auc", "test_recall"} <= set(real.floors)
+
+
+@pytest.mark.parametrize("section", ["register", "detect"])
+@pytest.mark.parametrize(("name", "message"), [
+    ("st-mary's-fracture", "apostrophe, which MLflow's search filters"),
+    ("radiology/fracture", "'/' or ':', which MLflow refuses"),
+    ("..fracture", "resolve to another when treated as a file path"),
+    (" ", "must be a registered model's name"),
+])
+def test_a_model_name_mlflow_or_its_search_filters_cannot_take_is_refused_naming_the_field(section, name, message):
+    """A hospital's name with an apostrophe passed, and registration then failed at MLflow's first
+    search with a filter parse error; '/' and ':' failed only when MLflow registered the model."""
+    raw = yaml_params()
+    raw[section]["model_name"] = name
+    with pytest.raises(ConfigError, match=rf"params.yaml: {section}.model_name .*{re.escape(message)}"):
+        parse_params(raw)
+    raw[section]["model_name"] = f"st-marys-fracture-{section}"
+    assert getattr(parse_params(raw), section).model_name == f"st-marys-fracture-{section}"
 
 
 def yaml_params() -> dict:
