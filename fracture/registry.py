@@ -25,9 +25,12 @@ loading a version to score it is :mod:`fracture.scoring`'s.
 from __future__ import annotations
 
 import dataclasses
+import getpass
 import json
 import logging
 import math
+import os
+import socket
 import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -90,6 +93,12 @@ TAG_ROLLBACK_LIFTED = "rollback_lifted_at"
 CHOSEN = "chosen"
 #: What a challenger was decided against: the champion, the test split and the gate's rules.
 TAG_BASIS = "gate_basis"
+
+#: The start of the version tags that keep its history, one per event (``event.<UTC time>``): each
+#: gate decision, rollback and hand pick, with who ran it and where (:func:`_record_event`).
+TAG_EVENT = "event."
+#: The longest reason an event keeps (the gate's reasons run to a few hundred characters).
+EVENT_REASON_CHARS = 4000
 
 #: The input checks a version serves (``serve`` in params.yaml, its ``model.json``'s ``input``).
 TAG_POLICY = "input_policy"
@@ -885,6 +894,7 @@ def _promote(client: MlflowClient, mv: ModelVersion, current: ModelVersion | Non
     if CHALLENGER in mv.aliases:
         client.delete_registered_model_alias(name, CHALLENGER)
     client.set_registered_model_alias(name, CHAMPION, version)
+    _record_event(client, name, version, "promoted", reason, replaced=_version_of(current))
     if current is not None:
         client.set_registered_model_alias(name, PREVIOUS_CHAMPION, current.version)
     log.info("%s version %s is champion: %s", name, version, reason)
@@ -924,6 +934,7 @@ def _mark_challenger(client: MlflowClient, mv: ModelVersion, reason: str, basis:
     _tag_version(client, name, version, {TAG_DECISION: "challenger", TAG_REASON: reason})
     if basis is not None:
         _tag_version(client, name, version, {TAG_BASIS: basis})
+    _record_event(client, name, version, "challenger", reason)
     log.info("%s version %s stays challenger: %s", name, version, reason)
 
 
@@ -1066,6 +1077,8 @@ def rollback(
         TAG_REASON: f"restored by rollback from version {current.version} at {when}: {why}",
     })
     client.set_registered_model_alias(name, CHAMPION, previous.version)
+    _record_event(client, name, str(current.version), "rolled back", why, to=str(previous.version))
+    _record_event(client, name, str(previous.version), "restored", why, replaced=str(current.version))
     return _finish_rollback(client, name, str(current.version), previous)
 
 
@@ -1157,6 +1170,7 @@ def _rollback_without_champion(
     if CHALLENGER in target.aliases:
         client.delete_registered_model_alias(name, CHALLENGER)
     client.set_registered_model_alias(name, CHAMPION, version)
+    _record_event(client, name, version, "restored" if to is None else CHOSEN, f"{why} (no version held champion)")
     if to is None:
         return _finish_rollback(client, name, None, client.get_model_version(name, version))
     _untag_version(client, name, version, RUN_ROLLED_BACK_TAGS)
@@ -1223,6 +1237,8 @@ def _choose(client: MlflowClient, name: str, current: ModelVersion, version: str
     if CHALLENGER in chosen.aliases:
         client.delete_registered_model_alias(name, CHALLENGER)
     client.set_registered_model_alias(name, CHAMPION, version)
+    _record_event(client, name, champion, "rolled back", why, to=version, by_hand=True)
+    _record_event(client, name, version, CHOSEN, why, replaced=champion)
     return _finish_choice(client, name, champion, version)
 
 
@@ -1330,6 +1346,37 @@ def _tag_run(client: MlflowClient, run_id: str, tags: dict[str, str], what: str)
         return
     for key, value in tags.items():
         client.set_tag(run_id, key, value)
+
+
+def _who() -> str:
+    """Who runs the command, for the record: ``MLFLOW_TRACKING_USERNAME`` when set (the account the
+    tracking server knows), else the operating-system user."""
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME", "").strip()
+    if user:
+        return user
+    try:
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001 - no user name known to the system (a container's uid alone)
+        return f"uid {os.getuid()}" if hasattr(os, "getuid") else "unknown"
+
+
+def _record_event(client: MlflowClient, name: str, version: str, event: str, reason: str, **about: Any) -> None:
+    """Adds an entry to the version's history: a tag ``event.<UTC time to the microsecond>`` whose value
+    is JSON (``event``, ``at``, ``by``, ``host``, ``reason`` and what ``about`` names: ``to``,
+    ``replaced``, ``by_hand``). Entries are only ever added, so an earlier rollback's or pick's
+    reason outlives the next one, which overwrites ``gate_reason`` and ``rolled_back_reason``.
+    Written once the alias has moved: the history never claims a move that did not happen."""
+    at = datetime.now(timezone.utc)
+    entry = {"event": event, "at": at.isoformat(timespec="seconds"), "by": _who(), "host": socket.gethostname(),
+             "reason": reason[:EVENT_REASON_CHARS]} | {k: v for k, v in about.items() if v is not None}
+    client.set_model_version_tag(name, version, f"{TAG_EVENT}{at.strftime('%Y-%m-%dT%H-%M-%S.%fZ')}",
+                                 json.dumps(entry, sort_keys=True))
+
+
+def history(client: MlflowClient, name: str, version: str | int) -> list[dict[str, Any]]:
+    """The version's history (:func:`_record_event`), oldest first."""
+    tags = client.get_model_version(name, str(version)).tags
+    return [json.loads(tags[k]) for k in sorted(k for k in tags if k.startswith(TAG_EVENT))]
 
 
 def _now() -> str:

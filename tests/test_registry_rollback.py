@@ -6,7 +6,9 @@ real FracAtlas X-rays well, badly or at random), loaded and scored in this proce
 
 from __future__ import annotations
 
+import getpass
 import os
+import socket
 import subprocess
 import sys
 
@@ -15,6 +17,7 @@ import pytest
 from mlflow.exceptions import MlflowException
 
 from fracture.registry import RegistryError
+from fracture.registry import history as registry_history
 from tests import test_registry
 from tests.test_registry import (
     ANY_GAIN,
@@ -151,3 +154,29 @@ def test_with_every_champion_alias_gone_the_gate_says_it_compared_with_none(clie
     new = register(ANY_GAIN, evaluated_run(0.9), *models["good"], split, client)
     assert (new.version, new.decision) == ("3", "promoted")
     assert new.reason.startswith("no version holds champion or previous-champion") and "earlier champions: 2" in new.reason
+
+
+def test_each_decision_rollback_and_pick_is_kept_in_the_versions_history_with_who_and_where(
+    client, ranked, monkeypatch
+):
+    """Promoted, rolled back (reason A), chosen again by hand (B), rolled back again (C): every
+    event stays on the version, with the account that ran it and the host, where the last
+    reason overwrote the others and nothing said who."""
+    split, models = ranked
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "dr.okafor")
+    register(ANY_GAIN, evaluated_run(0.9), *models["bad"], split, client)
+    register(ANY_GAIN, evaluated_run(0.9), *models["good"], split, client)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "j.smith")
+    rollback(NAME, client, "A: missed wrist fractures")
+    rollback(NAME, client, "B: the wrist misses were a PACS export fault", to=2)
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME")
+    rollback(NAME, client, "C: ankle false alarms")
+
+    events = registry_history(client, NAME, "2")
+    assert [(e["event"], e["reason"][:2]) for e in events] == [
+        ("promoted", "RO"), ("rolled back", "A:"), ("chosen", "B:"), ("rolled back", "C:")]
+    assert [e["by"] for e in events] == ["dr.okafor", "j.smith", "j.smith", getpass.getuser()]
+    assert all(e["host"] == socket.gethostname() and e["at"].endswith("+00:00") for e in events)
+    assert (events[1]["to"], events[2]["replaced"], events[3]["to"]) == ("1", "1", "1")
+    assert [(e["event"], e["reason"][:2]) for e in registry_history(client, NAME, "1")] == [
+        ("promoted", "fi"), ("restored", "A:"), ("rolled back", "B:"), ("restored", "C:")]
