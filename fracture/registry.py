@@ -317,6 +317,7 @@ def register(
         ),
     )
     mv = _record_provenance(client, mv, provenance)
+    require_ready(mv, "the gate cannot score it, and it cannot be made champion")
     # The split the version was evaluated on, as recorded when it was first registered.
     fingerprint = mv.tags.get(TAG_SPLIT) or split.fingerprint
     candidate = Evaluation(str(mv.version), metrics, fingerprint, run.data.tags.get("data_version") or None)
@@ -529,17 +530,24 @@ def _ensure_version(
     served = {k: _tag_value(provenance[k]) for k in SERVED}
     existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
     rolled_back = _run_rollback(run, existing)
-    current = [v for v in existing if _serves(v, served)]
+    # A version whose registration failed, or has not finished (its files still being copied), has
+    # no model to serve: the run is registered anew rather than that version reused and promoted.
+    current = [v for v in existing if _ready(v) and _serves(v, served)]
     if current:
         mv = max(current, key=lambda v: int(v.version))
         log.info("run %s is already registered as %s version %s", run_id, name, mv.version)
         return _completed(client, mv, rolled_back, describe), False
-    if existing:
+    unready = [v for v in existing if not _ready(v)]
+    if unready:
+        log.warning("run %s is registered as %s version(s) %s whose registration failed or has not finished (%s); "
+                    "registering it as a new version, which the gate decides on", run_id, name,
+                    ", ".join(str(v.version) for v in unready), ", ".join(sorted({str(v.status) for v in unready})))
+    if len(unready) < len(existing):
         log.warning(
             "run %s is registered as %s version(s) %s with another threshold, other test figures or other input "
             "checks than it has now (its evaluate stage ran again, or params.yaml's serve section changed); "
             "registering it as a new version, which the gate decides on", run_id, name,
-            ", ".join(str(v.version) for v in existing),
+            ", ".join(str(v.version) for v in existing if _ready(v)),
         )
     tags = {k: _tag_value(v) for k, v in provenance.items()} | {"run_id": run_id} | (rolled_back or {})
     mv = mlflow.register_model(log_model(), name, tags=tags)
@@ -557,6 +565,32 @@ def _ensure_version(
         client.delete_model_version(name, str(mv.version))
         return _completed(client, first, rolled_back, describe), False
     return _completed(client, mv, rolled_back, describe), True
+
+
+#: The status of a version whose registration finished (MLflow's ``ModelVersionStatus``).
+READY = "READY"
+
+
+def _ready(mv: ModelVersion) -> bool:
+    return mv.status in (None, "", READY)  # a store that reports no status holds only finished versions
+
+
+def require_ready(mv: ModelVersion, consequence: str) -> None:
+    """Refuses a version whose registration failed (``FAILED_REGISTRATION``) or has not finished
+    (``PENDING_REGISTRATION``: its files still being copied): it has no model a consumer could load.
+
+    Raises:
+        RegistryError: naming the version, its status and MLflow's message, and what to do.
+    """
+    if _ready(mv):
+        return
+    said = f": {mv.status_message}" if mv.status_message else ""
+    raise RegistryError(
+        f"{mv.name} version {mv.version} is {mv.status}{said}, not {READY}: {consequence}. A pending registration "
+        "may still finish (look again in a few minutes); a failed one is deleted in the registry "
+        f"(MlflowClient().delete_model_version({mv.name!r}, {str(mv.version)!r})), and registering its run again "
+        "makes a new version"
+    )
 
 
 def _run_rollback(run: Run, existing: list[ModelVersion]) -> dict[str, str] | None:
@@ -1065,6 +1099,7 @@ def rollback(
             f"registered model '{name}' has no '{PREVIOUS_CHAMPION}' to roll back to (champion is version "
             f"{current.version}); to choose a version by hand: fracture rollback --to <version> --reason \"...\""
         )
+    require_ready(previous, f"champion stays at version {current.version}")
     _require_loadable(name, str(previous.version), PREVIOUS_CHAMPION, isolated)
     _require_champion_unmoved(client, name, current, str(previous.version))
     # The demoted version is tagged before champion leaves it: a rollback stopped at any point
@@ -1150,6 +1185,7 @@ def _rollback_without_champion(
             "version holds champion. Give one of those to --to"
         )
     version, role = str(target.version), PREVIOUS_CHAMPION if to is None else "chosen"
+    require_ready(target, "no version was made champion")
     failure = _load_failure(name, version, isolated)
     if failure is not None:
         raise RegistryError(
@@ -1213,6 +1249,7 @@ def _choose(client: MlflowClient, name: str, current: ModelVersion, version: str
             f"version {version} of '{name}' already is champion: nothing to change. To go back to the version it "
             "replaced: fracture rollback --reason \"...\""
         )
+    require_ready(chosen, f"champion stays at version {champion}")
     failure = _load_failure(name, version, isolated)
     if failure is not None:
         raise RegistryError(

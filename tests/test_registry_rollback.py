@@ -9,14 +9,16 @@ from __future__ import annotations
 import getpass
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
+from contextlib import closing
 
 import mlflow
 import pytest
 from mlflow.exceptions import MlflowException
 
-from fracture.registry import RegistryError
+from fracture.registry import RegistryError, require_ready
 from fracture.registry import history as registry_history
 from tests import test_registry
 from tests.test_registry import (
@@ -180,3 +182,45 @@ def test_each_decision_rollback_and_pick_is_kept_in_the_versions_history_with_wh
     assert (events[1]["to"], events[2]["replaced"], events[3]["to"]) == ("1", "1", "1")
     assert [(e["event"], e["reason"][:2]) for e in registry_history(client, NAME, "1")] == [
         ("promoted", "fi"), ("restored", "A:"), ("rolled back", "B:"), ("restored", "C:")]
+
+
+def _set_status(status: str, version: str) -> None:
+    """What a registry plugin or an asynchronous copy that failed or has not finished leaves."""
+    database = mlflow.get_tracking_uri().removeprefix("sqlite:///")
+    with closing(sqlite3.connect(database)) as con, con:
+        con.execute("update model_versions set status = ?, status_message = 'copy failed' where version = ?",
+                    (status, int(version)))
+
+
+def test_a_version_whose_registration_failed_or_has_not_finished_is_neither_reused_nor_restored(client, ranked):
+    """A version of the run left FAILED_REGISTRATION or PENDING_REGISTRATION has no model to serve:
+    registering the run makes a new version, and a rollback or pick to such a version is refused,
+    naming its status; the version was reused and promoted to champion."""
+    split, models = ranked
+    register(ANY_GAIN, evaluated_run(0.9), *models["bad"], split, client)
+    register(ANY_GAIN, evaluated_run(0.9), *models["good"], split, client)
+    run_id = evaluated_run(0.9)
+    assert register(ANY_GAIN, run_id, *models["random"], split, client).decision == "challenger"
+    _set_status("FAILED_REGISTRATION", "3")
+    again = register(ANY_GAIN, run_id, *models["random"], split, client)
+    assert (again.version, again.created, again.decision) == ("4", True, "challenger")
+    assert aliases(client) == {"champion": "2", "previous-champion": "1", "challenger": "4"}
+
+    with pytest.raises(RegistryError, match=r"version 3 is FAILED_REGISTRATION: copy failed, not READY: champion "
+                                            r"stays at version 2"):
+        rollback(NAME, client, "signed off", to=3)
+    _set_status("PENDING_REGISTRATION", "1")
+    with pytest.raises(RegistryError, match=r"version 1 is PENDING_REGISTRATION: copy failed, not READY.*may still finish"):
+        rollback(NAME, client, "back")
+    assert aliases(client) == {"champion": "2", "previous-champion": "1", "challenger": "4"}
+
+
+def test_the_gate_refuses_a_version_whose_registration_has_not_finished():
+    """What register() requires of the version it decides on, before any alias moves."""
+    from mlflow.entities.model_registry import ModelVersion
+
+    pending = ModelVersion(NAME, "5", 0, status="PENDING_REGISTRATION")
+    with pytest.raises(RegistryError, match=r"fracture-classifier version 5 is PENDING_REGISTRATION, not READY: the "
+                                            r"gate cannot score it"):
+        require_ready(pending, "the gate cannot score it, and it cannot be made champion")
+    require_ready(ModelVersion(NAME, "5", 0, status="READY"), "")
