@@ -106,10 +106,15 @@ def test_with_the_champion_version_deleted_the_gate_compares_with_previous_champ
     back to it, and --to to a version chosen, where both refused ("nothing to roll back") and the
     next registration was promoted as "first version to pass the gate", compared with nothing."""
     split, models = ranked
-    register(ANY_GAIN, evaluated_run(0.9), *models["bad"], split, client)
+    first_run = evaluated_run(0.9)
+    register(ANY_GAIN, first_run, *models["bad"], split, client)
     register(ANY_GAIN, evaluated_run(0.9), *models["random"], split, client)
     client.delete_model_version(NAME, "2")
     assert aliases(client) == {"previous-champion": "1"}
+    # previous-champion's own run registered again is not judged against itself: restoring it is a rollback's.
+    kept = register(ANY_GAIN, first_run, *models["bad"], split, client)
+    assert (kept.version, kept.decision) == ("1", "unchanged") and "this version is previous-champion" in kept.reason
+    assert client.get_model_version(NAME, "1").tags["gate_decision"] == "promoted"
 
     same = register(ANY_GAIN, evaluated_run(0.9), *models["bad"], split, client)  # version 1's network again
     assert (same.version, same.decision, same.champion) == ("3", "challenger", False)
