@@ -463,6 +463,14 @@ def test_gate_promotes_keeps_previous_champion_and_rolls_back(client, ranked, tm
     with pytest.raises(SystemExit, match="no 'previous-champion' to roll back to"):
         cli(["rollback", "--reason", "again"])
 
+    # The champion's version deleted (its alias goes with it): --to makes a version champion, and says
+    # that none was demoted.
+    client.delete_model_version(NAME, "1")
+    cli(["rollback", "--to", "4", "--reason", "signed off by the reading radiologists"])
+    assert ("no version held champion; version 4 is champion now, chosen by hand; previous-champion: none"
+            in capsys.readouterr().out)
+    assert aliases(client) == {"champion": "4"}
+
 
 def test_a_challenger_registered_again_keeps_its_decision_until_the_champion_or_the_rules_change(
         client, ranked, monkeypatch):
