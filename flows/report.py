@@ -254,9 +254,11 @@ def _outcome(result: RetrainResult) -> str:
     if result.nothing_changed:
         kept = _not_promoted(reg, result.moves)
         return (
-            "**Nothing changed**: same data version, code and parameters as the last run. DVC found "
-            f"every stage up to date and the registry is as it was ({reg.name} version {reg.version} "
-            f"is the model these outputs belong to).{' ' + kept[0].upper() + kept[1:] + '.' if kept else ''}"
+            "**Nothing changed**: the data version of the last completed run, and DVC found every stage up to "
+            "date (their code and params as `dvc.lock` records them; installed packages, torch and timm among "
+            "them, are no DVC dependency, so an upgrade alone retrains nothing); the registry is as it was "
+            f"({reg.name} version {reg.version} is the model these outputs belong to)."
+            f"{' ' + kept[0].upper() + kept[1:] + '.' if kept else ''}"
         )
     data = (
         f"new data version {_code(ingest.data_version)} (was {_code(ingest.previous_version)})"

@@ -553,10 +553,11 @@ def _run(project: Path, source: str | None, profile: str | None, progress: RunPr
     if note := no_champion_note(registration):
         logger.warning(note)
     if result.nothing_changed:
-        print("nothing changed: data, code and params as in the last run; nothing retrained, the registry as it was")
+        print("nothing changed: the data version of the last completed run, every DVC stage up to date (its code and "
+              "params as dvc.lock records them; installed packages are no DVC dependency), the registry as it was")
     elif result.registry_changed:
         reproduced = ingested.changed or result.stages_ran or result.stages_restored
-        same = "" if reproduced else "data, code and params as in the last run, nothing retrained; "
+        same = "" if reproduced else "same data version and every DVC stage up to date, nothing retrained; "
         print(f"{same}registry: {registry_summary(result)}")
     # DVC's own reminder after each of its calls is left out (tasks.pipeline.open_repo); one suffices.
     if advice := commit_advice(

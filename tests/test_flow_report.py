@@ -112,6 +112,12 @@ def test_unchanged_run_says_nothing_changed():
     assert unchanged.nothing_changed
     text = render_report(unchanged)
     assert "**Nothing changed**" in text and "Retrained" not in text
+    # The headline claims what DVC checked (data, and the code and params its stages depend on), not
+    # the installed packages: an upgraded torch or timm is no DVC dependency.
+    headline = text.splitlines()[2]
+    assert "same data version, code and parameters" not in headline
+    assert "their code and params as `dvc.lock` records them" in headline
+    assert "installed packages, torch and timm among them, are no DVC dependency" in headline
     for stage in ("validate", "split", "prepare", "train", "evaluate"):
         assert table_row(text, stage)[1:] == ["up to date", "0.8", "", ""]
     assert table_row(text, "Data changed")[1] == "no"
