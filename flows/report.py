@@ -13,6 +13,8 @@ from flows.result import (
     RegistryState,
     RetrainFailure,
     RetrainResult,
+    SinceChampion,
+    VersionOrigin,
     alias_moves,
     registry_changed,
     was_promoted,
@@ -105,6 +107,7 @@ def render_report(result: RetrainResult) -> str:
         "| Split (images) | " + ", ".join(f"{k} {v}" for k, v in result.split.sizes.items()) + " |",
         f"| Excluded by validation | {_excluded(result.validate.excluded)} |",
         "",
+        *(_since_champion_lines(result.since_champion) if result.since_champion is not None else []),
         "## Stages",
         "",
         "| Stage | DVC | Seconds | of which the command | of which DVC's checks, hashing and caching |",
@@ -231,6 +234,110 @@ def render_failure_report(failure: RetrainFailure) -> str:
             "",
         ]
     return "\n".join(lines)
+
+
+#: How many params, and how many packages, that differ the "Since the champion" table lists; it counts the rest.
+MAX_DIFFERENCES = 15
+#: The longest param value a cell shows (a list of layers can run long); the run in MLflow has it whole.
+MAX_VALUE_CHARS = 60
+
+
+def _since_champion_lines(since: SinceChampion) -> list[str]:
+    """What the version this run registered was built from, against the champion it challenged.
+
+    The morning after a run this is what tells an engineer why the two models differ: new data, new
+    code, another profile, changed params, upgraded packages. Params and packages list only those
+    that differ, the first :data:`MAX_DIFFERENCES` of each, and count the rest.
+    """
+    old, new = since.champion, since.new
+    lines = [f"## Since the champion (version {old.version})", ""]
+    if since.error is not None:
+        return [*lines, (f"Not read from the registry ({_cell(since.error)}); the registration below stands. MLflow "
+                         "shows each version's tags and its training run's params and tags."), ""]
+    lines += [
+        (f"What version {new.version}, registered by this run, was built from, against champion version "
+         f"{old.version}: the versions' registry tags, their training runs' MLflow params, and the packages each "
+         "model pins (its `requirements.txt`, written when it was registered)."),
+        "",
+        f"| | Champion (version {old.version}) | This run's (version {new.version}) |",
+        "|---|---|---|",
+        f"| Trained in MLflow run | {_code(old.run_id) if old.run_id else 'none named'} | "
+        f"{_code(new.run_id) if new.run_id else 'none named'} |",
+        _pair("Data version", _code(old.data_version) if old.data_version else "not recorded",
+              _code(new.data_version) if new.data_version else "not recorded"),
+        _pair("Code commit", _commit(old), _commit(new)),
+        _pair("Training profile", old.profile or "not recorded", new.profile or "not recorded"),
+        *_params_rows(old, new),
+        *_packages_rows(old, new),
+        "",
+    ]
+    if old.params is not None and new.params is not None and old.packages is not None and new.packages is not None:
+        lines += [(f"Compared: {len(set(old.params) | set(new.params))} params and "
+                   f"{len(set(old.packages) | set(new.packages))} packages; the rows name those that differ."), ""]
+    return lines
+
+
+def _pair(label: str, old: str, new: str) -> str:
+    """A row of the champion's value and the new version's, the new one marked when it is the same."""
+    return f"| {label} | {old} | {new}{' (same)' if old == new and not old.startswith('not ') else ''} |"
+
+
+def _commit(origin: VersionOrigin) -> str:
+    """The commit, shortened as git shows it, with the files no commit held when the code was dirty."""
+    if not origin.git_commit:
+        return "not recorded"
+    sha, dirty, _ = origin.git_commit.partition("-dirty")
+    text = f"`{sha[:12]}{'-dirty' if dirty else ''}`"
+    return text + (f", not committed: {_cell(origin.dirty_files)}" if origin.dirty_files else "")
+
+
+def _unknown_params(origin: VersionOrigin) -> str:
+    if origin.run_id is None:
+        return "not known: the version names no training run"
+    return f"not known: its run {_code(origin.run_id)} is gone"
+
+
+def _value_cell(value: str | None, missing: str) -> str:
+    if value is None:
+        return missing
+    short = value if len(value) <= MAX_VALUE_CHARS else value[: MAX_VALUE_CHARS - 1] + "…"
+    return _cell(short)
+
+
+def _difference_rows(kind: str, old: dict[str, str], new: dict[str, str], missing: str) -> list[str]:
+    """A row for each key whose value differs (the first :data:`MAX_DIFFERENCES`, by name), and a count of the rest."""
+    differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    rows = [
+        f"| {kind.capitalize()} `{key}` | {_value_cell(old.get(key), missing)} | {_value_cell(new.get(key), missing)} |"
+        for key in differ[:MAX_DIFFERENCES]
+    ]
+    if (rest := len(differ) - MAX_DIFFERENCES) > 0:
+        rows.append(f"| {rest} more {kind}s differ, not listed | | |")
+    return rows
+
+
+def _params_rows(old: VersionOrigin, new: VersionOrigin) -> list[str]:
+    """The training params that differ between the two runs, or why they were not compared."""
+    if old.params is None or new.params is None:
+        def known(o: VersionOrigin) -> str:
+            return _unknown_params(o) if o.params is None else f"{len(o.params)} logged"
+
+        return [f"| Training params (MLflow) | {known(old)} | {known(new)} |"]
+    if rows := _difference_rows("param", old.params, new.params, "not logged"):
+        return rows
+    return [f"| Training params (MLflow) | {len(old.params)} logged | {len(new.params)} logged, none differs |"]
+
+
+def _packages_rows(old: VersionOrigin, new: VersionOrigin) -> list[str]:
+    """The package versions that differ between the two models' pins, or why they were not compared."""
+    if old.packages is None or new.packages is None:
+        def known(o: VersionOrigin) -> str:
+            return f"not recorded ({_cell(o.packages_unread or 'not read')})" if o.packages is None else f"{len(o.packages)} pinned"
+
+        return [f"| Packages | {known(old)} | {known(new)} |"]
+    if rows := _difference_rows("package", old.packages, new.packages, "not pinned"):
+        return rows
+    return [f"| Packages | {len(old.packages)} pinned | {len(new.packages)} pinned, none differs |"]
 
 
 def _aliases(state: RegistryState) -> str:

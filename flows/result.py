@@ -106,6 +106,55 @@ def as_of_run(
 
 
 @dataclass(frozen=True)
+class VersionOrigin:
+    """What one registered version was built from, as its version tags and its training run record it.
+
+    Attributes:
+        version: the registered version.
+        run_id: the MLflow run that trained it (``None``: the version names none).
+        data_version: the dataset version (DVC md5 of ``data``) its version tags name.
+        git_commit: the code's commit (``<sha>-dirty`` when the code differed from it).
+        dirty_files: with a ``-dirty`` commit, the files no commit holds.
+        profile: the training profile.
+        params: its training run's MLflow params; ``None`` when the run is not in the tracking store.
+        packages: package -> version, as pinned in the version's model (``requirements.txt``, written
+            when it was registered); ``None`` when it could not be read.
+        packages_unread: why ``packages`` is ``None``.
+    """
+
+    version: str
+    run_id: str | None = None
+    data_version: str | None = None
+    git_commit: str | None = None
+    dirty_files: str | None = None
+    profile: str | None = None
+    params: dict[str, str] | None = None
+    packages: dict[str, str] | None = None
+    packages_unread: str | None = None
+
+    @property
+    def run_gone(self) -> bool:
+        """Whether the version names a training run the tracking store no longer holds."""
+        return self.run_id is not None and self.params is None
+
+
+@dataclass(frozen=True)
+class SinceChampion:
+    """The champion a new version was compared with, and what each of the two was built from.
+
+    Attributes:
+        champion: the champion before this run registered.
+        new: the version this run registered.
+        error: why the two could not be read from the registry (``None``: they were); the run's
+            registration stands either way.
+    """
+
+    champion: VersionOrigin
+    new: VersionOrigin
+    error: str | None = None
+
+
+@dataclass(frozen=True)
 class DetectorResult:
     """The detector's part of a run (``detect.enabled``): its DVC stages, test metrics and registration.
 
@@ -172,6 +221,9 @@ class RetrainResult:
         detector: the detector's stages and registration, when ``detect.enabled``.
         moves: the classifier's aliases this flow run moved (``champion``, ``previous-champion``,
             ``challenger``), over all of the register task's tries.
+
+        since_champion: what the version this run registered was built from against the champion
+            it challenged (``None``: no champion before the run, or no new version).
     """
 
     profile: str
@@ -185,6 +237,7 @@ class RetrainResult:
     registration: Registration
     detector: DetectorResult | None = None
     moves: tuple[AliasMove, ...] = ()
+    since_champion: SinceChampion | None = None
 
     @property
     def stages_ran(self) -> list[str]:

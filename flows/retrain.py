@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -18,6 +19,7 @@ from urllib.parse import urlparse
 import requests
 import torch
 from mlflow import MlflowClient
+from mlflow.artifacts import download_artifacts
 from mlflow.exceptions import MlflowException
 from mlflow.utils.credentials import get_default_host_creds
 from prefect import flow
@@ -38,6 +40,8 @@ from flows.result import (
     RegistryState,
     RetrainFailure,
     RetrainResult,
+    SinceChampion,
+    VersionOrigin,
     as_of_run,
 )
 from fracture.allocator import freed_memory_kept
@@ -52,8 +56,15 @@ from fracture.config import (
 )
 from fracture.ingest import SOURCE_ENV
 from fracture.project_lock import project_lock as fracture_project_lock
-from fracture.registry import TAG_DECISION, Registration
-from fracture.workspace import ASSIGNMENTS_FILE, Workspace, replace_text
+from fracture.registry import CHAMPION, TAG_DATA, TAG_DECISION, Registration
+from fracture.tracking import TrainingRunMissing, training_run
+from fracture.workspace import (
+    ASSIGNMENTS_FILE,
+    GIT_COMMIT_TAG,
+    GIT_DIRTY_FILES_TAG,
+    Workspace,
+    replace_text,
+)
 from tasks.pipeline import (
     DVC_STAGES,
     IngestSummary,
@@ -398,6 +409,73 @@ def registry_state(client: MlflowClient, model: str) -> RegistryState:
     )
 
 
+def version_origin(client: MlflowClient, name: str, version: str) -> VersionOrigin:
+    """What a registered version was built from: its version tags (data, code, profile), its training
+    run's params, and the packages its model pins.
+
+    A version whose run the tracking store no longer holds (deleted for good, or logged to a store
+    since replaced) keeps what its version tags and model say; its params are then not known.
+
+    Raises:
+        MlflowException: the registry could not be read (the version itself, or a store that does not answer).
+    """
+    mv = client.get_model_version(name, version)
+    tags = mv.tags or {}
+    run_id = mv.run_id or tags.get("run_id") or None
+    params = None
+    if run_id:
+        try:
+            params = dict(training_run(run_id, client).data.params)
+        except TrainingRunMissing:
+            pass
+    packages, unread = pinned_packages(client, name, version)
+    return VersionOrigin(
+        version=str(version), run_id=run_id, data_version=tags.get(TAG_DATA) or None,
+        git_commit=tags.get(GIT_COMMIT_TAG) or None, dirty_files=tags.get(GIT_DIRTY_FILES_TAG) or None,
+        profile=tags.get("profile") or None, params=params, packages=packages, packages_unread=unread,
+    )
+
+
+def pinned_packages(client: MlflowClient, name: str, version: str) -> tuple[dict[str, str] | None, str | None]:
+    """The package versions a registered version's model pins (its ``requirements.txt``: torch,
+    timm, mlflow, ... as installed where it was registered), or ``None`` and why they were not read."""
+    try:
+        uri = client.get_model_version_download_uri(name, version).rstrip("/") + "/requirements.txt"
+        with tempfile.TemporaryDirectory() as folder:
+            text = Path(download_artifacts(artifact_uri=uri, dst_path=folder, tracking_uri=client.tracking_uri)).read_text()
+    except Exception as exc:  # noqa: BLE001 - the report says the versions were not read, and why
+        return None, _first_line(exc)
+    pins = (line.split(";")[0].strip().split("==", 1) for line in text.splitlines())
+    return {pin[0].strip().lower(): pin[1].strip() for pin in pins if len(pin) == 2}, None
+
+
+def since_champion(
+    project: Path, registration: Registration, before: RegistryState, read: Callable[..., VersionOrigin] = version_origin,
+) -> SinceChampion | None:
+    """What the version this run registered was built from, against the champion it challenged.
+
+    The morning after a run, the question is what changed since the model consumers were loading:
+    its data version, code commit, profile, params and packages. ``None`` where there is nothing to
+    compare: no version registered by this run, or no champion before it. Never raises: the
+    registration is done, and a registry that cannot be read now is named in the report.
+
+    Args:
+        project: the project root (its tracking store).
+        registration: the classifier's registration, over all of the register task's tries (:func:`as_of_run`).
+        before: the registry read before the register task ran.
+        read: reads one version (:func:`version_origin`).
+    """
+    compared = registration.comparison.champion_version if registration.comparison else None
+    champion = compared or before.aliases.get(CHAMPION) or registration.champion_version
+    if not registration.created or champion is None or champion == registration.version:
+        return None
+    try:
+        client = MlflowClient(tracking_uri(project))
+        return SinceChampion(read(client, registration.name, champion), read(client, registration.name, registration.version))
+    except Exception as exc:  # noqa: BLE001 - see above
+        return SinceChampion(VersionOrigin(champion), VersionOrigin(registration.version), error=_first_line(exc))
+
+
 @dataclass
 class RunProgress:
     """How far a flow run got, for the report of a run that fails (:func:`publish_failure_report`).
@@ -539,7 +617,8 @@ def _run(project: Path, source: str | None, profile: str | None, progress: RunPr
             f"detector: test mAP@0.5 {detect_metrics['map_50']:.4f} ({detect_metrics['map_50_ci_low']:.4f}-"
             f"{detect_metrics['map_50_ci_high']:.4f}); {d.name} version {d.version}, champion: {d.champion} ({d.reason})"
         )
-    result = RetrainResult(name, ingested, runs, registration=registration, detector=detector, moves=moves, **results)
+    result = RetrainResult(name, ingested, runs, registration=registration, detector=detector, moves=moves,
+                           since_champion=since_champion(project, registration, before[models[0]]), **results)
     Workspace(project).record_completed_run(ingested.data_version)
 
     m = result.evaluate.metrics

@@ -19,7 +19,7 @@ from flows.report import (
     render_failure_report,
     render_report,
 )
-from flows.result import RetrainResult
+from flows.result import RetrainResult, SinceChampion, VersionOrigin
 from fracture.data_config import DataConfig
 from fracture.evaluation import PairedAUC
 from fracture.gate import Comparison
@@ -118,6 +118,7 @@ def test_unchanged_run_says_nothing_changed():
     assert "same data version, code and parameters" not in headline
     assert "their code and params as `dvc.lock` records them" in headline
     assert "installed packages, torch and timm among them, are no DVC dependency" in headline
+    assert "## Since the champion" not in text  # no new version: nothing to set against the champion
     for stage in ("validate", "split", "prepare", "train", "evaluate"):
         assert table_row(text, stage)[1:] == ["up to date", "0.8", "", ""]
     assert table_row(text, "Data changed")[1] == "no"
@@ -599,3 +600,184 @@ def test_the_failed_run_s_report_names_its_registration_and_the_aliases_it_moved
         "`champion` version 2 → version 3, `previous-champion` none → version 2",
     ]
     assert "not decided" in text and "the next run's register task decides it" not in text
+
+
+def origin(version: str, run_id: str | None, **changes: object) -> VersionOrigin:
+    """A version built from the shipped recipe at commit 1111..., on ``old-md5.dir``, changed as given."""
+    params = {f"train.p{i:02d}": str(i) for i in range(30)} | {"profile": "cpu", "train.lr": "0.001"}
+    packages = {"mlflow": "3.1.0", "torch": "2.3.0", "timm": "1.0.9", "numpy": "2.0.2"}
+    base = VersionOrigin(version, run_id, "old-md5.dir", "1" * 40, None, "cpu", params, packages)
+    return dataclasses.replace(base, **changes)
+
+
+def test_the_report_says_what_changed_since_the_champion():
+    champion = origin("2", "champion-run")
+    params = dict(champion.params) | {"train.lr": "0.0003", "train.mixup": "0.2"}
+    new = origin("3", "0123abcd", data_version="new-md5.dir", git_commit="2" * 40 + "-dirty",
+                 dirty_files="fracture/training.py", params=params, packages=dict(champion.packages) | {"torch": "2.4.1"})
+    r = result(ran=True, previous="old-md5.dir", created=True)
+    text = render_report(dataclasses.replace(r, since_champion=SinceChampion(champion, new)))
+    assert "## Since the champion (version 2)" in text
+    assert "| | Champion (version 2) | This run's (version 3) |" in text
+    assert table_row(text, "Trained in MLflow run")[1:] == ["`champion-run`", "`0123abcd`"]
+    assert table_row(text, "Data version")[1:] == ["`old-md5.dir`", "`new-md5.dir`"]
+    assert table_row(text, "Code commit")[1:] == ["`111111111111`", "`222222222222-dirty`, not committed: fracture/training.py"]
+    assert table_row(text, "Training profile")[1:] == ["cpu", "cpu (same)"]
+    # Only the params and packages that differ, each on a row; a param one run lacks says so.
+    assert table_row(text, "Param `train.lr`")[1:] == ["0.001", "0.0003"]
+    assert table_row(text, "Param `train.mixup`")[1:] == ["not logged", "0.2"]
+    assert table_row(text, "Package `torch`")[1:] == ["2.3.0", "2.4.1"]
+    section = text.split("## Since the champion")[1].split("## Stages")[0]
+    assert section.count("| Param `") == 2 and section.count("| Package `") == 1
+    assert "Compared: 33 params and 4 packages; the rows name those that differ." in section
+
+    # Many params changed (another recipe): the first 15 by name, and how many more.
+    recipe = {k: v + "0" for k, v in champion.params.items()}
+    text = render_report(dataclasses.replace(r, since_champion=SinceChampion(champion, dataclasses.replace(new, params=recipe))))
+    section = text.split("## Since the champion")[1].split("## Stages")[0]
+    assert section.count("| Param `") == 15 and table_row(text, "Param `profile`")[1:] == ["cpu", "cpu0"]
+    assert table_row(text, "17 more params differ, not listed")
+
+    # Nothing differs: one row each says so, counting what was compared.
+    same = SinceChampion(champion, dataclasses.replace(champion, version="3", run_id="0123abcd"))
+    text = render_report(dataclasses.replace(r, since_champion=same))
+    assert table_row(text, "Training params (MLflow)")[1:] == ["32 logged", "32 logged, none differs"]
+    assert table_row(text, "Packages")[1:] == ["4 pinned", "4 pinned, none differs"]
+    assert table_row(text, "Data version")[1:] == ["`old-md5.dir`", "`old-md5.dir` (same)"]
+
+    # A champion whose run is gone keeps its registry tags; what only the run held is said to be unknown.
+    gone = dataclasses.replace(champion, params=None, packages=None, packages_unread="OSError: no requirements.txt")
+    text = render_report(dataclasses.replace(r, since_champion=SinceChampion(gone, new)))
+    assert table_row(text, "Training params (MLflow)")[1:] == ["not known: its run `champion-run` is gone", "33 logged"]
+    assert table_row(text, "Packages")[1:] == ["not recorded (OSError: no requirements.txt)", "4 pinned"]
+    assert table_row(text, "Code commit")[1] == "`111111111111`"
+    assert "Compared:" not in text
+
+    # A registry that could not be read is named; the registration stands.
+    unread = SinceChampion(VersionOrigin("2"), VersionOrigin("3"), error="MlflowException: the server is gone")
+    text = render_report(dataclasses.replace(r, since_champion=unread))
+    assert "Not read from the registry (MlflowException: the server is gone); the registration below stands." in text
+
+
+def register_version(client: MlflowClient, folder, params: dict[str, str], version_tags: dict[str, str],
+                     pins: str | None, run_id: str | None = None) -> str:
+    """A version of fracture-classifier as registration makes one: its provenance tags, its training
+    run's params (a new run in experiment ``t``, unless ``run_id`` names one), its model's pins."""
+    if run_id is None:
+        experiment = client.get_experiment_by_name("t").experiment_id
+        run_id = client.create_run(experiment, tags={"profile": version_tags["profile"]}).info.run_id
+        for key, value in params.items():
+            client.log_param(run_id, key, value)
+    model_dir = folder / f"model-{run_id}"
+    model_dir.mkdir()
+    if pins is not None:
+        (model_dir / "requirements.txt").write_text(pins)
+    version = client.create_model_version("fracture-classifier", model_dir.as_uri(), run_id=run_id,
+                                          tags=version_tags | {"run_id": run_id})
+    return str(version.version)
+
+
+def test_what_changed_since_the_champion_is_read_from_the_registry_and_the_runs(tmp_path, client):
+    from flows.result import RegistryState
+    from flows.retrain import since_champion
+    from fracture.registry import TAG_DATA
+    from fracture.workspace import GIT_COMMIT_TAG, GIT_DIRTY_FILES_TAG
+
+    model = "fracture-classifier"
+    client.create_registered_model(model)
+
+    def registered(params: dict[str, str], version_tags: dict[str, str], pins: str | None,
+                   run_id: str | None = None) -> str:
+        return register_version(client, tmp_path, params, version_tags, pins, run_id)
+
+    shared = {"profile": "cpu", "train.epochs": "8", "train.lr": "0.001"}
+    champion = registered(shared, {TAG_DATA: "old-md5.dir", GIT_COMMIT_TAG: "1" * 40, "profile": "cpu"},
+                          "mlflow==3.1.0\ntorch==2.3.0\ntimm==1.0.9\n")
+    new_params = shared | {"train.lr": "0.0003", "n_train": "190"}
+    new = registered(new_params, {TAG_DATA: "new-md5.dir", GIT_COMMIT_TAG: "2" * 40 + "-dirty",
+                                  GIT_DIRTY_FILES_TAG: "fracture/training.py", "profile": "cpu"},
+                     "mlflow==3.1.0\ntorch==2.4.1 ; sys_platform == 'linux'\ntimm==1.0.9\n")
+    new_run = client.get_model_version(model, new).run_id
+    r = result(ran=True, previous="old-md5.dir", created=True)
+    registration = dataclasses.replace(r.registration, version=new, run_id=new_run, champion_version=champion,
+                                       comparison=dataclasses.replace(COMPARISON, champion_version=champion))
+    before = RegistryState({"champion": champion}, int(champion))
+
+    since = since_champion(tmp_path, registration, before)
+    assert since is not None and since.error is None
+    assert (since.champion.version, since.new.version) == (champion, new)
+    assert since.champion.data_version == "old-md5.dir" and since.new.data_version == "new-md5.dir"
+    assert since.new.git_commit == "2" * 40 + "-dirty" and since.new.dirty_files == "fracture/training.py"
+    assert since.champion.params == shared and since.new.params == new_params
+    assert since.champion.packages == {"mlflow": "3.1.0", "torch": "2.3.0", "timm": "1.0.9"}
+    assert since.new.packages["torch"] == "2.4.1"
+    text = render_report(dataclasses.replace(r, registration=registration, since_champion=since))
+    assert table_row(text, "Param `train.lr`")[1:] == ["0.001", "0.0003"]
+    assert table_row(text, "Param `n_train`")[1:] == ["not logged", "190"]
+    assert table_row(text, "Package `torch`")[1:] == ["2.3.0", "2.4.1"]
+    assert table_row(text, "Code commit")[1:] == ["`111111111111`", "`222222222222-dirty`, not committed: fracture/training.py"]
+
+    # A champion whose run the store no longer holds (deleted for good, or logged to a store since
+    # replaced), its model without pins: what its version tags say, and what is not known.
+    lost = registered({}, {TAG_DATA: "older-md5.dir", GIT_COMMIT_TAG: "3" * 40, "profile": "paper"}, None,
+                      run_id="f" * 32)
+    since = since_champion(tmp_path, dataclasses.replace(registration, comparison=None), RegistryState({"champion": lost}, 3))
+    assert since is not None and since.error is None
+    assert since.champion.run_gone and since.champion.params is None and since.champion.profile == "paper"
+    assert since.champion.packages is None and since.champion.packages_unread
+    text = render_report(dataclasses.replace(r, registration=registration, since_champion=since))
+    assert table_row(text, "Training params (MLflow)")[1:] == [f"not known: its run `{'f' * 32}` is gone", "4 logged"]
+    assert table_row(text, "Packages")[1].startswith("not recorded (")
+    assert table_row(text, "Training profile")[1:] == ["paper", "cpu"]
+
+    # Nothing to set against: a version registered before this run, or no champion before it.
+    assert since_champion(tmp_path, dataclasses.replace(registration, created=False), before) is None
+    first = dataclasses.replace(registration, champion_version=None, comparison=None)
+    assert since_champion(tmp_path, first, RegistryState({}, 0)) is None
+
+    # A registry that cannot be read now: named, never raised (the registration is done).
+    def unreadable(*_args):
+        raise MlflowException("the tracking server is gone")
+
+    since = since_champion(tmp_path, registration, before, read=unreadable)
+    assert since is not None and since.error == "MlflowException: the tracking server is gone"
+
+
+def test_the_flow_run_s_report_says_what_changed_since_the_champion(tmp_path, client, monkeypatch):
+    """A scheduled run registers version 2 against champion version 1: its published report sets the two side by side."""
+    import flows.retrain
+    from fracture.registry import TAG_DATA
+    from fracture.workspace import GIT_COMMIT_TAG
+    from tests.conftest import shipped_params_text
+
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "params.yaml").write_text(shipped_params_text())
+    client.create_registered_model("fracture-classifier")
+    champion = register_version(client, tmp_path, {"train.lr": "0.001"},
+                                {TAG_DATA: "old.dir", GIT_COMMIT_TAG: "1" * 40, "profile": "cpu"}, "torch==2.3.0\n")
+    client.set_registered_model_alias("fracture-classifier", "champion", champion)
+    done = result(ran=True, previous="old.dir", created=True)
+
+    def register(project):
+        version = register_version(client, tmp_path, {"train.lr": "0.0003"},
+                                   {TAG_DATA: "new.dir", GIT_COMMIT_TAG: "2" * 40, "profile": "cpu"}, "torch==2.4.1\n")
+        client.set_registered_model_alias("fracture-classifier", "champion", version)
+        return dataclasses.replace(done.registration, version=version, champion_version=champion, comparison=None,
+                                   run_id=client.get_model_version("fracture-classifier", version).run_id)
+
+    stage_results = {"validate": done.validate, "split": done.split, "prepare": done.prepare, "train": done.train,
+                     "evaluate": done.evaluate}
+    published = []
+    monkeypatch.setattr(flows.retrain, "ingest_task", _Task(lambda project, source: IngestSummary("new.dir", 1.0, "old.dir")))
+    monkeypatch.setattr(flows.retrain, "stage_task", lambda project, name, up_to_date=False: (StageRun(name, True, 1.0, 0.5),
+                                                                                             stage_results[name]))
+    monkeypatch.setattr(flows.retrain, "register_task", _Task(register))
+    monkeypatch.setattr(flows.retrain, "create_markdown_artifact", lambda **kw: published.append(kw))
+    run = flows.retrain._retrain(project, None, "cpu")
+    assert run.since_champion is not None and run.since_champion.champion.version == champion == "1"
+    text = published[0]["markdown"]
+    assert "## Since the champion (version 1)" in text
+    assert table_row(text, "Data version")[1:] == ["`old.dir`", "`new.dir`"]
+    assert table_row(text, "Param `train.lr`")[1:] == ["0.001", "0.0003"]
+    assert table_row(text, "Package `torch`")[1:] == ["2.3.0", "2.4.1"]
