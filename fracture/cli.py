@@ -427,14 +427,24 @@ def rollback(
         typer.Option(min=1, help="Make this version champion instead, chosen by hand (it must load); "
                      "the champion it replaces becomes previous-champion."),
     ] = None,
+    detector: Annotated[
+        bool, typer.Option("--detector", help="Act on the fracture detector (detect.model_name) instead of the "
+                                              "classifier (register.model_name).")
+    ] = False,
 ) -> None:
-    """Move the champion alias back to the previous-champion version (or to --to VERSION), once it loads."""
+    """Move the champion alias back to the previous-champion version (or to --to VERSION), once it loads.
+
+    Move a champion only this way, never by hand in the MLflow UI: the demoted version (and its
+    training run) is tagged rolled_back_*, without which the next scheduled run that registers its
+    run again puts it through the gate and makes it champion again.
+    """
     from fracture.stages.register import run_rollback
 
+    command = "fracture rollback --detector" if detector else "fracture rollback"
     if not reason.strip():
-        raise SystemExit("fracture rollback: --reason must say why (it is recorded on both versions)")
+        raise SystemExit(f"{command}: --reason must say why (it is recorded on both versions)")
     with _stage("rollback") as (params, workspace):
-        done = run_rollback(params, workspace, reason.strip(), to)
+        done = run_rollback(params, workspace, reason.strip(), to, detector=detector)
     if done.demoted is None:  # no version held champion (its version was deleted)
         how = "chosen by hand" if done.chosen else "restored from previous-champion"
         previous = f"version {done.previous_champion}" if done.previous_champion else "none"
@@ -444,7 +454,7 @@ def rollback(
     if done.chosen:
         print(
             f"{done.name}: champion moved from version {done.demoted} to version {done.champion}, chosen by hand; "
-            f"previous-champion: version {done.demoted}, tagged rolled_back_at (`fracture rollback` returns to it)"
+            f"previous-champion: version {done.demoted}, tagged rolled_back_at (`{command}` returns to it)"
         )
         return
     previous = f"version {done.previous_champion}" if done.previous_champion else "none"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import mlflow
@@ -15,9 +16,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import fracture
-from fracture import detector_registry
+from fracture import detector_registry, registry
+from fracture.cli import main as cli
 from fracture.config import DetectParams
-from fracture.consumer import ConsumerAnswer
+from fracture.consumer import ConsumerAnswer, predict_as_consumer
 from fracture.detection import (
     BoxedImages,
     Detections,
@@ -34,7 +36,13 @@ from fracture.detector_registry import (
 from fracture.gate import split_fingerprint
 from fracture.intake import InputPolicy
 from fracture.localisation import BoxesError
-from fracture.registry import CHALLENGER, CHAMPION, PREVIOUS_CHAMPION, RegistryError
+from fracture.registry import (
+    CHALLENGER,
+    CHAMPION,
+    PREVIOUS_CHAMPION,
+    RegistryError,
+    history,
+)
 from fracture.seen import SEEN_ARTIFACT, SeenImages
 from tests.conftest import REPO
 from tests.synthetic import make_dataset, training_frame
@@ -233,6 +241,58 @@ def test_a_detector_better_on_the_same_images_replaces_the_champion(client, spli
     assert second.aliases == (CHAMPION,) and second.previous_champion == first.version
     assert "beats champion" in [c.name for c in second.checks] and "higher with 95% confidence" in second.reason
     assert str(client.get_model_version_by_alias("fracture-detector", PREVIOUS_CHAMPION).version) == first.version
+
+
+def test_fracture_rollback_detector_demotes_the_detector_and_its_run_is_not_promoted_again(
+    client, split, tmp_path, monkeypatch, capsys
+):
+    """``fracture rollback`` acted on register.model_name alone: an operator rolled the detector back
+    by moving its alias in the MLflow UI, which tags nothing, and the next scheduled run that
+    registered the demoted version's run promoted it again. ``--detector`` gives the detector the
+    classifier's rollback: the version to return to loaded in a consumer's Python first, the demoted
+    version and its run tagged, and the history of both."""
+    params, first, better_id, weights, described = champion_and_contender(
+        split, tmp_path, monkeypatch, {0}, {0, 1, 2, 3}, 0.9
+    )
+    second = register_detector(params, better_id, weights, described, split, isolated=False)
+    assert second.decision == "promoted"
+    name = params.model_name
+
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="registered model 'fracture-classifier'"):  # the classifier, as before
+        cli(["rollback", "--reason", "boxes drawn off the fracture on wrist X-rays"])
+    # The version returned to is loaded as a consumer loads it: the detector's pyfunc, in its own Python.
+    loaded = []
+    monkeypatch.setattr(registry, "predict_as_consumer", lambda uri, files: loaded.append(uri) or predict_as_consumer(uri, files))
+    cli(["rollback", "--detector", "--reason", "boxes drawn off the fracture on wrist X-rays"])
+    assert loaded == [f"models:/{name}/{first.version}"]
+    out = capsys.readouterr().out
+    assert (f"{name}: champion rolled back from version {second.version} to version {first.version}; "
+            "previous-champion: none") in out
+    assert str(client.get_model_version_by_alias(name, CHAMPION).version) == first.version
+    assert not client.get_model_version(name, second.version).aliases
+    demoted = client.get_model_version(name, second.version).tags
+    assert demoted["rolled_back_to"] == first.version
+    assert demoted["rolled_back_reason"] == "boxes drawn off the fracture on wrist X-rays"
+    run_tags = client.get_run(better_id).data.tags
+    assert (run_tags["rolled_back_version"], run_tags["rolled_back_to"]) == (second.version, first.version)
+    restored = client.get_model_version(name, first.version).tags
+    assert restored["gate_decision"] == "restored"
+    assert restored["gate_reason"].startswith(f"restored by rollback from version {second.version} at ")
+    assert history(client, name, second.version)[-1]["event"] == "rolled back"
+    assert history(client, name, first.version)[-1]["event"] == "restored"
+
+    # The next scheduled run registers the demoted version's run again: held back, not promoted.
+    again = register_detector(params, better_id, weights, described, split, isolated=False)
+    assert (again.version, again.created, again.decision, again.champion) == (second.version, False, "unchanged", False)
+    assert f"version {second.version} was rolled back from champion" in again.reason
+    assert str(client.get_model_version_by_alias(name, CHAMPION).version) == first.version
+
+    # A refusal's suggested commands act on the detector too, not on the classifier.
+    with pytest.raises(SystemExit, match=r"fracture rollback: registered model 'fracture-detector' has no "
+                                         r"'previous-champion' .*fracture rollback --detector --to <version>"):
+        cli(["rollback", "--detector", "--reason", "again"])
 
 
 def test_a_detector_decided_without_a_comparison_keeps_no_figures_of_an_earlier_one(client, split, tmp_path, monkeypatch):

@@ -6,10 +6,12 @@ makes a version chosen by hand champion.
 
 from __future__ import annotations
 
+import re
+
 from fracture.config import Params
 from fracture.gate import EvaluatedSplit
 from fracture.intake import InputPolicy
-from fracture.registry import Registration, Rollback, register, rollback
+from fracture.registry import Registration, RegistryError, Rollback, register, rollback
 from fracture.tracking import setup_mlflow
 from fracture.workspace import Workspace
 
@@ -61,14 +63,21 @@ def run_register(params: Params, workspace: Workspace) -> Registration:
     return register(params.register, run_id, workspace.weights, config, split)
 
 
-def run_rollback(params: Params, workspace: Workspace, reason: str = "", to: int | None = None) -> Rollback:
+def run_rollback(
+    params: Params, workspace: Workspace, reason: str = "", to: int | None = None, detector: bool = False,
+) -> Rollback:
     """Moves ``champion`` back to the ``previous-champion`` version, or to version ``to``.
 
     Args:
-        params: ``register.model_name`` names the registered model.
+        params: ``register.model_name`` names the registered model (``detect.model_name`` with
+            ``detector``).
         workspace: the project (its MLflow store, unless ``MLFLOW_TRACKING_URI`` names another).
         reason: why, for the registry's record.
         to: the version to make champion, chosen by hand (default: ``previous-champion``).
+        detector: act on the fracture detector's registered model instead of the classifier's:
+            the same rollback, load check (the version loaded in a consumer's Python), tags and
+            history, so that a later ``fracture detect-register`` does not promote the demoted
+            version's run again.
 
     Returns:
         Which version was demoted and where the aliases point now.
@@ -76,6 +85,13 @@ def run_rollback(params: Params, workspace: Workspace, reason: str = "", to: int
     Raises:
         fracture.registry.RegistryError: there is no champion, or no previous champion to return
             to; version ``to`` does not exist or already is champion; the version does not load.
+            For the detector, each ``fracture rollback`` the message suggests carries ``--detector``,
+            so that the command copied from it does not act on the classifier.
     """
     setup_mlflow(params, workspace.root)
-    return rollback(params.register.model_name, reason=reason, to=to)
+    if not detector:
+        return rollback(params.register.model_name, reason=reason, to=to)
+    try:
+        return rollback(params.detect.model_name, reason=reason, to=to)
+    except RegistryError as exc:
+        raise RegistryError(re.sub(r"fracture rollback(?= --)", "fracture rollback --detector", str(exc))) from exc
