@@ -89,6 +89,8 @@ RUN_ROLLED_BACK_TAGS = (*ROLLED_BACK_TAGS, TAG_ROLLED_BACK_VERSION)
 #: On a training run: when one of its versions was last made champion again by hand or by a
 #: rollback; rollbacks its versions record from before then no longer hold the run back.
 TAG_ROLLBACK_LIFTED = "rollback_lifted_at"
+#: The command that moves the classifier's aliases; the detector's adds ``--detector``.
+ROLLBACK_COMMAND = "fracture rollback"
 #: The ``gate_decision`` of a version made champion by hand (``fracture rollback --to``).
 CHOSEN = "chosen"
 #: What a challenger was decided against: the champion, the test split and the gate's rules.
@@ -430,6 +432,7 @@ def _gate_until_settled(
     basis: Callable[[ModelVersion | None], str],
     decide: Callable[[ModelVersion | None], tuple[_Outcome, dict[str, str] | None]],
     comparison_tags: Iterable[str],
+    rollback_command: str = ROLLBACK_COMMAND,
 ) -> tuple[_Outcome, ModelVersion | None]:
     """Runs the gate for ``mv`` against the champion ``current`` until its decision is applied
     against the champion it was taken against (the classifier's and the detector's registration).
@@ -443,12 +446,13 @@ def _gate_until_settled(
             (``None``: decided without one, so the tags in ``comparison_tags`` an earlier
             decision left are removed).
         comparison_tags: the tags a comparison writes.
+        rollback_command: the command a held-back version's reason names (:func:`_held_back`).
 
     Returns:
         The outcome, and the champion it was decided against.
     """
     name = mv.name
-    outcome = _held_back(mv, current) or _decided_before(mv, current, basis(current))
+    outcome = _held_back(mv, current, rollback_command) or _decided_before(mv, current, basis(current))
     while outcome is None:
         decided, tags = decide(current)
         # Scoring takes minutes; another registration against this registry may have moved the
@@ -460,7 +464,7 @@ def _gate_until_settled(
                 name, _version_of(current), _version_of(latest), mv.version,
             )
             current = latest
-            outcome = _held_back(mv, current)
+            outcome = _held_back(mv, current, rollback_command)
             continue
         outcome = decided
         if tags is not None:
@@ -477,7 +481,7 @@ def _gate_until_settled(
                 "the new one", name, _version_of(current), _version_of(moved.latest), mv.version,
             )
             current = moved.latest
-            outcome = _held_back(mv, current)
+            outcome = _held_back(mv, current, rollback_command)
     if outcome.decision == "unchanged" and _version_of(current) == str(mv.version):
         _restore_previous(client, mv)
     elif outcome.decision != "promoted" and current is not None and current.tags.get(TAG_DECISION) == "promoted":
@@ -708,8 +712,9 @@ def _decided_before(mv: ModelVersion, current: ModelVersion | None, basis: str) 
                                  f"challenger ({mv.tags.get(TAG_REASON, '')})")
 
 
-def _held_back(mv: ModelVersion, current: ModelVersion | None) -> _Outcome | None:
-    """Why the gate does not run for this version (already champion, or rolled back), or ``None``."""
+def _held_back(mv: ModelVersion, current: ModelVersion | None, rollback_command: str = ROLLBACK_COMMAND) -> _Outcome | None:
+    """Why the gate does not run for this version (already champion, or rolled back), or ``None``;
+    the reason names ``rollback_command``, the one that serves this model's version again."""
     if current is not None and str(current.version) == str(mv.version):
         return _Outcome("unchanged", "already champion")
     rolled_back = mv.tags.get(TAG_ROLLED_BACK)
@@ -721,7 +726,7 @@ def _held_back(mv: ModelVersion, current: ModelVersion | None) -> _Outcome | Non
         why = mv.tags.get("rolled_back_reason")
         reason = (
             f"{what}{f' ({why})' if why else ''}; it is not promoted again automatically. To serve it again, "
-            f"choose it by hand: fracture rollback --to {mv.version} --reason \"...\""
+            f"choose it by hand: {rollback_command} --to {mv.version} --reason \"...\""
         )
         return _Outcome("unchanged", reason)
     return None

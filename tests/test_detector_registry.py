@@ -287,6 +287,8 @@ def test_fracture_rollback_detector_demotes_the_detector_and_its_run_is_not_prom
     again = register_detector(params, better_id, weights, described, split, isolated=False)
     assert (again.version, again.created, again.decision, again.champion) == (second.version, False, "unchanged", False)
     assert f"version {second.version} was rolled back from champion" in again.reason
+    # ... and says how to serve it again with the detector's command, not the classifier's
+    assert f'choose it by hand: fracture rollback --detector --to {second.version} --reason "..."' in again.reason
     assert str(client.get_model_version_by_alias(name, CHAMPION).version) == first.version
 
     # A refusal's suggested commands act on the detector too, not on the classifier.
