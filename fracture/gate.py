@@ -22,6 +22,7 @@ import pandas as pd
 from fracture.config import DetectParams, RegisterParams
 from fracture.evaluation import PairedAUC, delong_paired, point_metrics
 from fracture.fingerprints import split_fingerprint
+from fracture.model_card import beside
 from fracture.seen import SeenImages
 from fracture.split import split_groups
 from fracture.workspace import read_table
@@ -295,16 +296,9 @@ def floors(params: RegisterParams | DetectParams, metrics: dict[str, float]) -> 
 
 def _floor_detail(value: float, floor: float) -> str:
     """``0.7900 < 0.8``: the metric to four decimals, or to as many more as show it on the side of the floor
-    it is on, so that 0.84996 against 0.85 reads ``0.84996 < 0.85``, not ``0.8500 < 0.85``."""
-    passed = value >= floor
+    it is on (:func:`fracture.model_card.beside`), so that 0.84996 against 0.85 reads ``0.84996 < 0.85``."""
     shown_floor = f"{floor:g}" if float(f"{floor:g}") == floor else repr(floor)
-    for digits in range(4, 18):
-        shown = f"{value:.{digits}f}"
-        if (float(shown) >= floor) == passed:
-            break
-    else:
-        shown = repr(value)
-    return f"{shown} {'>=' if passed else '<'} {shown_floor}"
+    return f"{beside(value, floor, 4)} {'>=' if value >= floor else '<'} {shown_floor}"
 
 
 def paired_verdict(difference: float, p_value: float, confidence: float) -> tuple[bool, str]:

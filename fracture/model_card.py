@@ -112,10 +112,11 @@ def _part_auc(row: dict[str, float | None]) -> str:
 QUALITY_BAR = (("roc_auc", "ROC AUC", 0.92), ("recall", "sensitivity", 0.85), ("specificity", "specificity", 0.85))
 
 
-def _beside(value: float, floor: float) -> str:
-    """``value`` to three decimals, or to as many more as keep it on its side of ``floor`` (0.84996, not 0.850)."""
-    for digits in range(3, 12):
-        shown = f"{value:.{digits}f}"
+def beside(value: float, floor: float, digits: int = 3) -> str:
+    """``value`` to ``digits`` decimals, or to as many more as keep it on its side of ``floor``
+    (0.84996 < 0.85, not 0.850 < 0.85): the card's quality bar and the gate's floors print it so."""
+    for places in range(digits, 18):
+        shown = f"{value:.{places}f}"
         if (float(shown) >= floor) == (value >= floor):
             return shown
     return repr(value)
@@ -123,7 +124,7 @@ def _beside(value: float, floor: float) -> str:
 
 def quality_bar(metrics: dict[str, float]) -> str:
     """Whether the test figures meet the project's quality bar (:data:`QUALITY_BAR`), and which miss it."""
-    missed = [f"{name} {_beside(metrics[key], least)} < {least}" for key, name, least in QUALITY_BAR
+    missed = [f"{name} {beside(metrics[key], least)} < {least}" for key, name, least in QUALITY_BAR
               if metrics[key] < least]
     bar = ", ".join(f"{name} ≥ {least}" for _, name, least in QUALITY_BAR)
     verdict = "**met**" if not missed else f"**not met** ({'; '.join(missed)})"
