@@ -601,12 +601,12 @@ def test_holds_a_server(tmp_path):
 '''
 
 
-def test_a_test_run_ended_by_sigterm_stops_the_servers_its_tests_started(tmp_path):
-    """A CI runner's timeout or cancel sends SIGTERM: the servers the tests started, in sessions of
-    their own, are stopped as on Ctrl-C rather than left running on the runner."""
+def _sigterm_while_a_server_runs(tmp_path: Path, source: str) -> None:
+    """Runs the test file ``source`` in a pytest of its own, sends that pytest SIGTERM once the
+    server its test starts has written its pid (``PID_FILE``), and checks that the server is gone."""
     pid_file = tmp_path / "server.pid"
-    test_file = tmp_path / "test_holding.py"
-    test_file.write_text(HOLDING_A_SERVER.replace("PID_FILE", repr(str(pid_file))))
+    test_file = tmp_path / "test_server.py"
+    test_file.write_text(source.replace("PID_FILE", repr(str(pid_file))))
     held = subprocess.Popen([sys.executable, "-m", "pytest", "-p", "tests.conftest", "-p", "no:cacheprovider", "-q",
                             str(test_file)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -621,6 +621,12 @@ def test_a_test_run_ended_by_sigterm_stops_the_servers_its_tests_started(tmp_pat
     assert "KeyboardInterrupt: signal SIGTERM" in out, out
     with pytest.raises(ProcessLookupError):
         os.kill(server, 0)
+
+
+def test_a_test_run_ended_by_sigterm_stops_the_servers_its_tests_started(tmp_path):
+    """A CI runner's timeout or cancel sends SIGTERM: the servers the tests started, in sessions of
+    their own, are stopped as on Ctrl-C rather than left running on the runner."""
+    _sigterm_while_a_server_runs(tmp_path, HOLDING_A_SERVER)
 
 
 STARTING_A_SERVER = '''
@@ -638,23 +644,7 @@ def test_starts_a_server(tmp_path):
 def test_a_test_run_ended_while_a_server_is_still_starting_stops_that_server(tmp_path):
     """A cancel during a server's start (an MLflow server takes 20-60 s) left it running in its own
     session, holding its port and memory: the wait stopped only at its own deadline."""
-    pid_file = tmp_path / "server.pid"
-    test_file = tmp_path / "test_starting.py"
-    test_file.write_text(STARTING_A_SERVER.replace("PID_FILE", repr(str(pid_file))))
-    held = subprocess.Popen([sys.executable, "-m", "pytest", "-p", "tests.conftest", "-p", "no:cacheprovider", "-q",
-                            str(test_file)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not (pid_file.exists() and pid_file.read_text()) and held.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        server = int(pid_file.read_text())
-        held.send_signal(signal.SIGTERM)
-        out, _ = held.communicate(timeout=60)
-    finally:
-        held.kill()
-    assert "KeyboardInterrupt: signal SIGTERM" in out, out
-    with pytest.raises(ProcessLookupError):
-        os.kill(server, 0)
+    _sigterm_while_a_server_runs(tmp_path, STARTING_A_SERVER)
 
 
 EACH_WORKERS_PREFECT_HOME = '''
