@@ -177,7 +177,8 @@ class RetrainFailure:
     """A flow run that failed: where, why, what it finished, and the registry as it was left.
 
     Attributes:
-        stage: where it failed: ``checks before the run``, ``ingest``, a DVC stage, ``register``,
+        stage: where it failed: ``checks before the run``, ``ingest``, ``dvc status`` (the check
+            that finds what changed), a DVC stage, ``register``,
             ``detect``, ``detect-register`` or ``report`` (after the registrations).
         error: the error's type and the first line of its message.
         profile: the training profile, when the run got as far as choosing it.

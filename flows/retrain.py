@@ -575,6 +575,7 @@ def _run(project: Path, source: str | None, profile: str | None, progress: RunPr
     retry = {"retries": params.schedule.retries, "retry_delay_seconds": params.schedule.retry_delay_seconds}
 
     ingested = progress.ingest = ingest_task.with_options(**retry)(project, resolved_source(source, project))
+    progress.stage = "dvc status"
     runs, results = {}, {}
     # One status check for the whole pipeline: when DVC finds nothing changed, no stage is
     # reproduced. Otherwise DVC reproduces every stage in order, which reruns what an upstream

@@ -580,6 +580,31 @@ def test_a_failed_run_publishes_where_it_failed_and_the_registry_it_left_then_fa
     assert not (tmp_path / "elsewhere").exists()
 
 
+def test_a_failure_of_dvc_s_status_check_after_ingest_is_not_reported_as_ingest_s(tmp_path, client, monkeypatch):
+    """Ingest finished and is listed as such; DVC's status check after it failed: the report said
+    "Failed at stage ingest" beside "Stages finished: ingest (...)"."""
+    import flows.retrain
+    from tests.conftest import shipped_params_text
+
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "params.yaml").write_text(shipped_params_text())
+
+    def status(project, stages):
+        raise RuntimeError("dvc status: ERROR: failed to read dvc.lock: unexpected key")
+
+    published = []
+    monkeypatch.setattr(flows.retrain, "ingest_task", _Task(lambda project, source: IngestSummary("same.dir", 1.0, "same.dir")))
+    monkeypatch.setattr(flows.retrain, "dvc_status", status)
+    monkeypatch.setattr(flows.retrain, "create_markdown_artifact", lambda **kw: published.append(kw))
+    with pytest.raises(RuntimeError):
+        flows.retrain._retrain(project, None, "cpu")
+    text = published[0]["markdown"]
+    assert text.splitlines()[2] == ("**Failed** at stage dvc status: RuntimeError: dvc status: ERROR: failed to read "
+                                    "dvc.lock: unexpected key")
+    assert table_row(text, "Stages finished")[1] == "ingest (dataset copied and hashed)"
+
+
 def test_the_failed_run_s_report_names_its_registration_and_the_aliases_it_moved():
     from flows.result import RegistryState, RetrainFailure
 
