@@ -18,6 +18,7 @@ level of the second measure. Everything is measured in the original image's pixe
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,8 @@ import numpy as np
 import pandas as pd
 
 __all__ = ["COLUMNS", "BoxesError", "ImageBoxes", "Localisation", "centre_map", "mass_inside", "read_coco_boxes", "score_heat_maps"]
+
+log = logging.getLogger(__name__)
 
 
 #: The per-image table's columns (``outputs/evaluate/localisation.csv``).
@@ -59,17 +62,45 @@ class ImageBoxes:
         return inside
 
 
+#: Category names a box file's fracture category may have, lower case (FracAtlas: ``fractured``).
+FRACTURE_CATEGORIES = ("fracture", "fractured", "fractures")
+
+
+def _fracture_category(path: Path, categories: list[dict]) -> int | None:
+    """The id of the box file's fracture category; None for a file that lists no categories (all
+    of its annotations are fractures)."""
+    if not categories:
+        return None
+    if len(categories) == 1:  # FracAtlas: one category, {"id": 0, "name": "fractured"}
+        return int(categories[0]["id"])
+    named = [c for c in categories if str(c.get("name", "")).strip().lower() in FRACTURE_CATEGORIES]
+    if len(named) != 1:
+        listed = ", ".join(f"{c.get('name')!r} (id {c['id']})" for c in categories)
+        raise BoxesError(
+            f"{path}: {len(categories)} categories ({listed}) and {len(named)} of them named a fracture "
+            f"({' or '.join(FRACTURE_CATEGORIES)}): name exactly one category so, or keep only the fracture "
+            "boxes in the file"
+        )
+    return int(named[0]["id"])
+
+
 def read_coco_boxes(path: Path) -> dict[str, ImageBoxes]:
-    """The boxes of a COCO JSON annotation file, by image file name.
+    """The fracture boxes of a COCO JSON annotation file, by image file name.
+
+    A file with one category (FracAtlas's ``fractured``), or none listed, holds fracture boxes
+    only; of a file with several, the boxes of the category named ``fracture`` (or ``fractured``,
+    ``fractures``) are read and the others' are left out, counted in a warning. A crowd annotation
+    (``iscrowd`` 1: one region around several objects, no box of its own) is refused.
 
     Args:
         path: the file (FracAtlas: ``Annotations/COCO JSON/COCO_fracture_masks.json``).
 
     Returns:
-        ``file name -> ImageBoxes`` for every image with at least one box.
+        ``file name -> ImageBoxes`` for every image with at least one fracture box.
 
     Raises:
-        BoxesError: the file is missing or not COCO JSON, or a box lies outside its image.
+        BoxesError: the file is missing or not COCO JSON, its fracture category cannot be told, an
+            annotation is a crowd's, or a box lies outside its image.
     """
     if not path.is_file():
         raise BoxesError(
@@ -79,11 +110,35 @@ def read_coco_boxes(path: Path) -> dict[str, ImageBoxes]:
     try:
         coco = json.loads(path.read_text())
         images = {int(im["id"]): (str(im["file_name"]), (int(im["width"]), int(im["height"]))) for im in coco["images"]}
+        categories = list(coco.get("categories") or [])
+        names = {int(c["id"]): str(c.get("name", "")) for c in categories}
+        fracture = _fracture_category(path, categories)
         by_image: dict[int, list[list[float]]] = {}
+        others: dict[str, int] = {}
         for ann in coco["annotations"]:
+            if fracture is not None:
+                category = int(ann["category_id"])
+                if category not in names:
+                    raise BoxesError(f"{path}: annotation {ann.get('id')} names category id {category}, which the "
+                                     f"file's categories do not list ({sorted(names)})")
+                if category != fracture:
+                    others[names[category]] = others.get(names[category], 0) + 1
+                    continue
+            if int(ann.get("iscrowd", 0)):
+                name = images.get(int(ann["image_id"]), (f"image id {ann['image_id']}",))[0]
+                raise BoxesError(
+                    f"{path}: annotation {ann.get('id')} of {name} is a crowd region (iscrowd 1), not one fracture's "
+                    "box: draw a box around each fracture instead, or remove it"
+                )
             by_image.setdefault(int(ann["image_id"]), []).append([float(v) for v in ann["bbox"]])
+    except BoxesError:
+        raise
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise BoxesError(f"{path}: not a COCO JSON annotation file ({type(exc).__name__}: {exc})") from exc
+    if others:
+        assert fracture is not None  # only a file with categories has others
+        log.warning("%s: %d annotations of other categories than %r left out (%s); only fracture boxes are read",
+                    path, sum(others.values()), names[fracture], ", ".join(f"{name}: {n}" for name, n in sorted(others.items())))
     out: dict[str, ImageBoxes] = {}
     for image_id, raw in by_image.items():
         if image_id not in images:
