@@ -247,6 +247,21 @@ def epoch_indices(has_boxes: np.ndarray, negatives_per_positive: float, rng: np.
     return rng.permutation(chosen)
 
 
+class _Loaded(Dataset):
+    """``images``' items as :meth:`BoxedImages.load` gives them: the resized image, its boxes and
+    its original size. A class of this module, not a lambda, so that worker processes started by
+    spawn (macOS's and Windows' default, and CUDA users') can unpickle it."""
+
+    def __init__(self, images: BoxedImages) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, np.ndarray, tuple[int, int]]:
+        return self.images.load(i)
+
+
 @dataclass(frozen=True)
 class Detections:
     """A detector's boxes and scores per image, in the original images' pixels."""
@@ -281,8 +296,7 @@ def detect(model: nn.Module, images: BoxedImages, batch_size: int = 8, workers: 
     """
     model.eval()
     out_boxes, out_scores = [], []
-    loader = DataLoader(range(len(images)), batch_size=batch_size, num_workers=workers,
-                        collate_fn=lambda idx: [images.load(i) for i in idx])
+    loader = DataLoader(_Loaded(images), batch_size=batch_size, num_workers=workers, collate_fn=list)
     for batch in loader:
         for image, _, size in batch:
             boxes, scores = fracture_boxes(model, image)

@@ -119,6 +119,26 @@ def test_boxes_follow_the_resize_and_the_flip(tmp_path):
     assert seen == {round(x0), round(102 - x1)}  # both the image and its mirror were drawn
 
 
+def test_detect_decodes_in_worker_processes_started_by_spawn(tmp_path, monkeypatch):
+    """The loader's collate_fn was a lambda: with detect.workers > 0 under the spawn start method
+    (macOS's and Windows' default; CUDA users set it) the workers could not unpickle it, and
+    training failed at its first val pass."""
+    import functools
+
+    from fracture import detection
+
+    truth = [xray_with_square(tmp_path / f"{i}.png", box=box, seed=i)
+             for i, box in enumerate([(40, 60, 80, 100), None, (10, 20, 50, 40)])]
+    images = BoxedImages([tmp_path / f"{i}.png" for i in range(3)], truth, 128)
+    model = build_detector(CONFIG, seed=0)
+    here = detect(model, images, batch_size=2, workers=0)
+    monkeypatch.setattr(detection, "DataLoader", functools.partial(detection.DataLoader, multiprocessing_context="spawn"))
+    spawned = detect(model, images, batch_size=2, workers=1)
+    assert len(spawned.boxes) == 3
+    for a, b in zip(here.boxes + here.scores, spawned.boxes + spawned.scores, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_an_epoch_takes_every_positive_and_a_fresh_draw_of_negatives():
     has_boxes = np.array([True] * 5 + [False] * 20)
     first = epoch_indices(has_boxes, 2.0, np.random.default_rng(0))
