@@ -58,9 +58,14 @@ def _boxes(params: Params, workspace: Workspace) -> dict[str, ImageBoxes]:
 
 
 def boxed_split(
-    params: Params, workspace: Workspace, split: str, boxes: dict[str, ImageBoxes], flip: bool = False
+    params: Params, workspace: Workspace, split: str, boxes: dict[str, ImageBoxes], flip: bool = False,
+    image_size: int | None = None,
 ) -> tuple[BoxedImages, list[np.ndarray], np.ndarray, pd.DataFrame]:
     """One split's images with their boxes (none for a non-fractured image).
+
+    Args:
+        image_size: the longer side the images are resized to: a saved detector's own (its
+            ``model.json``); None: ``detect.image_size``, the size the next detector trains at.
 
     Returns:
         The images, their boxes in original pixels, their labels, and the images left out, with
@@ -88,7 +93,7 @@ def boxed_split(
             )
     truth = [boxes[i].boxes if int(lab) == 1 else np.zeros((0, 4)) for i, lab in zip(kept["image_id"], kept["label"], strict=True)]
     images = BoxedImages(
-        [dataset / p for p in kept["path"]], truth, params.detect.image_size, flip=flip,
+        [dataset / p for p in kept["path"]], truth, image_size or params.detect.image_size, flip=flip,
         allow_truncated=params.validate.on_truncated == "keep",
     )
     return images, truth, kept["label"].astype(int).to_numpy(), excluded
@@ -201,6 +206,8 @@ def run_detect_evaluate(params: Params, workspace: Workspace) -> dict[str, float
     The image-level threshold is chosen on the val split to reach ``evaluate.target_sensitivity``
     (0.85 when that is null), as the classifier's is, from the val scores ``detect_train`` saved
     for the epoch it kept.
+    The images are resized to the saved detector's ``image_size`` (its ``model.json``), as it was
+    trained and is served, whatever ``detect.image_size`` says now (a warning says when they differ).
 
     Raises:
         DetectionError: the saved val scores are not those of the val split's images (stale).
@@ -210,10 +217,16 @@ def run_detect_evaluate(params: Params, workspace: Workspace) -> dict[str, float
     """
     d = params.detect
     boxes = _boxes(params, workspace)
-    _, described, model = load_trained_detector(workspace)
+    config, described, model = load_trained_detector(workspace)
     model.to(select_device(params.train.device))
+    if config.image_size != d.image_size:
+        log.warning("params.yaml's detect.image_size is %d px, but the saved detector (%s) was trained at %d px: it "
+                    "is scored at %d px, as it is served; rerun detect_train (dvc repro detect/dvc.yaml) for a detector "
+                    "of %d px", d.image_size, workspace.detect_model_json, config.image_size, config.image_size,
+                    d.image_size)
+    # Resized as the detector was trained and is served, whatever params.yaml says now.
+    test, truth, labels, left_test = boxed_split(params, workspace, "test", boxes, image_size=config.image_size)
     val_scores = _val_scores(params, workspace, boxes)
-    test, truth, labels, left_test = boxed_split(params, workspace, "test", boxes)
     target = params.evaluate.target_sensitivity or 0.85
     threshold = choose_threshold(val_scores["label"].to_numpy(), val_scores["top_score"].to_numpy(), target)
     found = detect(model, test, d.batch_size, d.workers)
