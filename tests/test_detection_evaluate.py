@@ -77,3 +77,13 @@ def test_detect_evaluate_resizes_as_the_saved_detector_was_trained_not_as_params
     assert sizes == [128]
     assert "detect.image_size is 512 px, but the saved detector" in caplog.text and "trained at 128 px" in caplog.text
 
+
+def test_detect_evaluate_takes_evaluate_threshold_when_no_sensitivity_is_targeted(trained):
+    """With evaluate.target_sensitivity null the classifier is served at evaluate.threshold; the
+    detector chose one on val for sensitivity 0.85 regardless."""
+    params, workspace = trained
+    fixed = dataclasses.replace(params, evaluate=dataclasses.replace(params.evaluate, target_sensitivity=None,
+                                                                     threshold=0.3))
+    assert stage.run_detect_evaluate(fixed, workspace)["image_threshold"] == 0.3
+    targeted = dataclasses.replace(params, evaluate=dataclasses.replace(params.evaluate, target_sensitivity=0.5))
+    assert stage.run_detect_evaluate(targeted, workspace)["image_threshold"] == pytest.approx(0.9)  # chosen on val

@@ -35,7 +35,7 @@ from fracture.detection import (
 )
 from fracture.detector_registry import DetectorTestSplit, register_detector
 from fracture.devices import select_device
-from fracture.evaluation import choose_threshold, confidence_intervals
+from fracture.evaluation import confidence_intervals, operating_threshold
 from fracture.gate import split_fingerprint
 from fracture.localisation import BoxesError, ImageBoxes, read_coco_boxes
 from fracture.registry import Registration
@@ -203,14 +203,15 @@ def load_trained_detector(workspace: Workspace) -> tuple[DetectorConfig, dict[st
 def run_detect_evaluate(params: Params, workspace: Workspace) -> dict[str, float]:
     """Scores the test split once: COCO mAP with bootstrap intervals, and the top box as a classifier.
 
-    The image-level threshold is chosen on the val split to reach ``evaluate.target_sensitivity``
-    (0.85 when that is null), as the classifier's is, from the val scores ``detect_train`` saved
-    for the epoch it kept.
+    The image-level threshold follows the classifier's rule (:func:`fracture.evaluation.operating_threshold`):
+    the highest threshold reaching ``evaluate.target_sensitivity`` on the val split, from the val
+    scores ``detect_train`` saved for the epoch it kept, or ``evaluate.threshold`` when that is null.
     The images are resized to the saved detector's ``image_size`` (its ``model.json``), as it was
     trained and is served, whatever ``detect.image_size`` says now (a warning says when they differ).
 
     Raises:
-        DetectionError: the saved val scores are not those of the val split's images (stale).
+        DetectionError: the threshold is chosen on val and the saved val scores are not those of
+            the val split's images (stale).
 
     Returns:
         The metrics written to ``outputs/detect/metrics.json``.
@@ -226,9 +227,13 @@ def run_detect_evaluate(params: Params, workspace: Workspace) -> dict[str, float
                     d.image_size)
     # Resized as the detector was trained and is served, whatever params.yaml says now.
     test, truth, labels, left_test = boxed_split(params, workspace, "test", boxes, image_size=config.image_size)
-    val_scores = _val_scores(params, workspace, boxes)
-    target = params.evaluate.target_sensitivity or 0.85
-    threshold = choose_threshold(val_scores["label"].to_numpy(), val_scores["top_score"].to_numpy(), target)
+
+    def val() -> tuple[np.ndarray, np.ndarray]:
+        scores = _val_scores(params, workspace, boxes)
+        return scores["label"].to_numpy(), scores["top_score"].to_numpy()
+
+    # evaluate.threshold, or the highest threshold reaching evaluate.target_sensitivity on val: the classifier's rule.
+    threshold = operating_threshold(params.evaluate, val)
     found = detect(model, test, d.batch_size, d.workers)
     maps = mean_average_precision(found, truth)
     # Resampled over the test split's groups of linked images, as the classifier's intervals are.
