@@ -1,7 +1,10 @@
 """The model's answer for a DICOM radiograph, as a DICOM Structured Report a PACS stores beside it.
 
-One Comprehensive 3D SR per scored image, built with highdicom as a TID 1500 Measurement
-Report holding one TID 1501 measurement group:
+One Comprehensive SR (1.2.840.10008.5.1.4.1.1.88.33) per scored image, built with highdicom as a
+TID 1500 Measurement Report holding one TID 1501 measurement group. Not Comprehensive 3D SR: the
+report holds no 3D coordinates (SCOORD3D), and many PACS and viewers store or show Comprehensive
+SR but not its 3D sibling; highdicom refuses 3D content in it, so a report that one day holds such
+coordinates must be written as Comprehensive 3D SR. It holds:
 
 - the source image, referenced by its SOP Class and Instance UIDs (and, as evidence, its study
   and series), with the patient and study copied from it so the PACS files the report there
@@ -82,7 +85,7 @@ def structured_report(
     source: Dataset, probability: float, threshold: float, fractured: bool, model_name: str, model_version: str,
     *, series_uid: str | None = None, instance_number: int = 1, replaces: Dataset | None = None, run_id: str = "",
     series_datetime: datetime.datetime | None = None,
-) -> hd.sr.Comprehensive3DSR:
+) -> hd.sr.ComprehensiveSR:
     """The SR holding the model's answer for ``source``.
 
     Args:
@@ -136,7 +139,7 @@ def structured_report(
         procedure_reported=codes.LN.XRUnspecifiedBodyRegion,
         imaging_measurements=[group],
     )
-    sr = hd.sr.Comprehensive3DSR(
+    sr = hd.sr.ComprehensiveSR(
         evidence=[source],
         # pydicom has decoded the source's text whatever its character set (ISO 2022 escapes of
         # a Japanese or Korean PACS included); UTF-8 holds all of it, which highdicom then writes.

@@ -24,7 +24,7 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 from pydicom import dcmread
-from pydicom.uid import Comprehensive3DSRStorage, generate_uid
+from pydicom.uid import ComprehensiveSRStorage, generate_uid
 
 from fracture import __version__
 from fracture.config import RegisterParams
@@ -163,7 +163,7 @@ def test_a_study_folder_is_scored_row_by_row_with_structured_reports(registry, s
     for key, path in written.items():
         source = dcmread(study / key, stop_before_pixels=True)
         sr = dcmread(path)
-        assert sr.SOPClassUID == Comprehensive3DSRStorage and Path(path).name == f"{source.SOPInstanceUID}.sr.dcm"
+        assert sr.SOPClassUID == ComprehensiveSRStorage and Path(path).name == f"{source.SOPInstanceUID}.sr.dcm"
         assert (sr.PatientID, sr.StudyInstanceUID) == (source.PatientID, source.StudyInstanceUID)
         assert sr.SeriesDescription.startswith("NOT FOR CLINICAL USE") and sr.VerificationFlag == "UNVERIFIED"
         evidence = sr.CurrentRequestedProcedureEvidenceSequence[0]
@@ -1410,7 +1410,7 @@ def test_a_damaged_report_that_cannot_take_its_damaged_name_goes_back_or_keeps_t
         return
     [kept] = [folder / name for name in _listed(folder) if name != report.name]
     assert kept.name.startswith(f".{report.name}.") and kept.name.endswith(".aside") and kept.read_bytes() == b""
-    assert written == [str(report)] and dcmread(report).SOPClassUID == Comprehensive3DSRStorage
+    assert written == [str(report)] and dcmread(report).SOPClassUID == ComprehensiveSRStorage
     assert table["note"][0] == _kept_aside_note(report, kept.name)
 
 
@@ -1454,7 +1454,7 @@ def test_a_run_moving_a_damaged_report_aside_never_removes_the_report_another_ru
     assert theirs == [[str(report)]]
     assert _listed(folder) == [report.name, f"{report.name}.damaged"]
     assert (folder / f"{report.name}.damaged").read_bytes() == b""
-    assert dcmread(report).SOPClassUID == Comprehensive3DSRStorage
+    assert dcmread(report).SOPClassUID == ComprehensiveSRStorage
     assert table["note"][0] == _kept_aside_note(report, f"{report.name}.damaged")
 
 
@@ -1583,7 +1583,7 @@ def test_a_report_another_run_is_writing_beside_this_one_is_left_to_it(fracatlas
     theirs = folder / f".{name}.partial"  # as this version names the file it writes before moving it
     theirs.write_bytes(b"the other run's report, half written")
     [written] = write_structured_reports(_reported_table(1), [source], folder)
-    assert written == str(folder / name) and dcmread(written).SOPClassUID == Comprehensive3DSRStorage
+    assert written == str(folder / name) and dcmread(written).SOPClassUID == ComprehensiveSRStorage
     assert theirs.read_bytes() == b"the other run's report, half written"
     assert _listed(folder) == sorted([name, theirs.name])
 
@@ -1608,7 +1608,7 @@ def test_the_rows_say_which_damaged_report_was_kept_aside(registry, tmp_path):
         "left of it does not show it is on this image"
     )
     assert (folder / f"{damaged.name}.damaged").read_bytes() == b"\0" * 200
-    assert dcmread(damaged).SOPClassUID == Comprehensive3DSRStorage
+    assert dcmread(damaged).SOPClassUID == ComprehensiveSRStorage
 
 
 def test_a_report_cut_short_anywhere_is_judged_damaged_and_what_is_left_of_it_reads(fracatlas, tmp_path):
