@@ -429,8 +429,8 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
     this call (a clash), after a UID derived from the file's bytes (:func:`_content_name`), so a
     rerun finds and replaces it there too rather than leaving it beside a new one; a report never
     replaces one written in this call. A report an earlier call wrote there for the same
-    image (its evidence names the image's SOP Instance UID, under the same study and patient:
-    :func:`_reports_on`) is replaced, and the new one lists it as its predecessor (Predecessor
+    image (its evidence names the image's SOP Instance UID, under the same study and patient, the
+    Patient ID's issuer included where both name one: :func:`_reports_on`) is replaced, and the new one lists it as its predecessor (Predecessor
     Documents Sequence), so a PACS holding both knows which is current. One an earlier call
     wrote there for another image (an anonymiser's constant UID on another day's patient) is
     kept, and this image's report is named after its bytes instead, its row's note saying so. One
@@ -846,7 +846,10 @@ def _reports_on(report: Any, source: Any) -> bool:
     """Whether an earlier report is on ``source``: its evidence names the source's SOP Instance
     UID, and it is filed under the source's study and patient. A file named after the UID is not
     enough: an anonymiser writes one constant UID on every image, so another day's patient's
-    report can sit there, which this image's must neither replace nor name as its predecessor."""
+    report can sit there, which this image's must neither replace nor name as its predecessor.
+    The patient is the Patient ID under its Issuer of Patient ID when both name one: one ID two
+    hospitals each gave (a merged archive) is two patients; an issuer on one side only does not
+    tell them apart (an export that leaves it out)."""
     uid = str(source.get("SOPInstanceUID", ""))
     referenced = {
         str(sop.get("ReferencedSOPInstanceUID", ""))
@@ -854,10 +857,12 @@ def _reports_on(report: Any, source: Any) -> bool:
         for series in study.get("ReferencedSeriesSequence", [])
         for sop in series.get("ReferencedSOPSequence", [])
     }
+    issuers = [str(ds.get("IssuerOfPatientID") or "").strip() for ds in (report, source)]
     return (
         uid in referenced
         and str(report.get("StudyInstanceUID", "")) == str(source.get("StudyInstanceUID", ""))
         and str(report.get("PatientID", "")) == str(source.get("PatientID", ""))
+        and (not all(issuers) or issuers[0] == issuers[1])
     )
 
 

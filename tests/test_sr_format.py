@@ -40,9 +40,10 @@ def table(*labels: str) -> pd.DataFrame:
     })
 
 
-def report(tmp_path: Path, label: str = "fractured", folder: str = "sr", **values: object) -> Path:
+def report(tmp_path: Path, label: str = "fractured", folder: Path | None = None, **values: object) -> Path:
+    """The report written for a radiograph (:func:`radiograph`) into ``folder`` (``tmp_path / "sr"``)."""
     rows = table(label)
-    [written] = write_structured_reports(rows, [radiograph(tmp_path, **values)], tmp_path / folder)
+    [written] = write_structured_reports(rows, [radiograph(tmp_path, **values)], folder or tmp_path / "sr")
     assert written, rows["note"][0]
     return Path(written)
 
@@ -68,3 +69,43 @@ def test_a_report_passes_dciodvfy_as_a_comprehensive_sr(tmp_path):
     output = done.stdout + done.stderr
     assert "Error" not in output, output
     assert "ComprehensiveSR" in output and "Comprehensive3DSR" not in output, output
+
+
+def _predecessors(path: Path) -> list[str]:
+    return [
+        str(sop.ReferencedSOPInstanceUID)
+        for study in dcmread(path).get("PredecessorDocumentsSequence", [])
+        for series in study.ReferencedSeriesSequence
+        for sop in series.ReferencedSOPSequence
+    ]
+
+
+HOSPITAL_A, HOSPITAL_B = {"IssuerOfPatientID": "HOSPITAL-A"}, {"IssuerOfPatientID": "HOSPITAL-B"}
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "replaced"),
+    [(HOSPITAL_A, HOSPITAL_B, False), (HOSPITAL_A, HOSPITAL_A, True), (HOSPITAL_A, {}, True)],
+    ids=["two-issuers", "one-issuer", "issuer-on-one-side-only"],
+)
+def test_an_earlier_report_on_another_issuers_patient_under_one_id_is_kept_not_replaced(
+    tmp_path, first, second, replaced,
+):
+    """Two hospitals' archives merged: one Patient ID that each hospital gave its own patient, under
+    an anonymiser's constant study and image UIDs. The earlier report on the other hospital's
+    patient was taken for this image's, replaced and named as its predecessor; only the Issuer of
+    Patient ID tells the two apart. Where one side names no issuer, the Patient ID decides alone."""
+    same = {"SOPInstanceUID": "1.2.826.0.1.3680043.8.498.77", "StudyInstanceUID": "1.2.826.0.1.3680043.8.498.78",
+            "PatientID": "12345"}
+    folder = tmp_path / "sr"
+    earlier = report(tmp_path / "day1", folder=folder, **same, **first)
+    kept = earlier.read_bytes()
+    rows = table("fractured")
+    [written] = write_structured_reports(rows, [radiograph(tmp_path / "day2", **same, **second)], folder)
+    if replaced:
+        assert Path(written) == earlier and _predecessors(earlier) == [dcmread(io.BytesIO(kept)).SOPInstanceUID]
+    else:
+        assert Path(written) != earlier and _predecessors(Path(written)) == []
+        assert earlier.read_bytes() == kept  # the other hospital's patient's report, untouched
+        assert rows["note"][0] == (f"an earlier report on another image (its source, study or patient differs) is "
+                                   f"{earlier.name} in {folder}: kept, and this one written as {Path(written).name}")
