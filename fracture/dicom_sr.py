@@ -22,11 +22,17 @@ coordinates must be written as Comprehensive 3D SR. It holds:
 
 It is a machine's unverified result (Completion Flag PARTIAL, Verification Flag UNVERIFIED)
 and says so: the series description reads "NOT FOR CLINICAL USE".
+
+Its dates and times say their zone (Timezone Offset From UTC, PS3.3 C.12.1.1.8), which covers
+every date and time in the report, those it copies from the source included: the source's offset
+when it names a valid one, the report's own times (series, content, instance creation) given in
+that zone; else this machine's, the source's study times taken to be local to it as well.
 """
 
 from __future__ import annotations
 
 import datetime
+import re
 
 import highdicom as hd
 from pydicom.dataset import Dataset
@@ -79,6 +85,8 @@ LO_MAX = 64
 MANUFACTURER = "fracture (open-source research software)"
 #: How the report's Algorithm Parameters (TID 4019) name the MLflow run that trained the weights.
 RUN_PARAMETER = "mlflow_run_id="
+#: A Timezone Offset From UTC: ``&ZZXX``, ``-1200`` to ``+1400`` (PS3.3 C.12.1.1.8).
+UTC_OFFSET = re.compile(r"([+-])(\d\d)(\d\d)")
 
 
 def structured_report(
@@ -103,8 +111,13 @@ def structured_report(
         run_id: the MLflow run that trained the version's weights (``""``: not known, and then
             the report names the model by its name and version only).
         series_datetime: when its series was made (the scoring run's start), its Series Date and
-            Time, which tell a rerun's series from the one it replaces; ``None``: now.
+            Time, which tell a rerun's series from the one it replaces; ``None``: now. One
+            without a zone is this machine's local time; given in the report's zone
+            (:func:`report_zone`).
     """
+    zone = report_zone(source)
+    now = datetime.datetime.now(zone)
+    began = (series_datetime or now).astimezone(zone)
     source = _with_type2_attributes(source)
     algorithm = hd.sr.AlgorithmIdentification(
         name=model_name, version=model_version, parameters=[f"{RUN_PARAMETER}{run_id}"] if run_id else None,
@@ -147,8 +160,10 @@ def structured_report(
         content=report[0],
         series_instance_uid=series_uid or hd.UID(),
         series_number=9901,
-        series_date=(series_datetime := series_datetime or datetime.datetime.now()).date(),
-        series_time=series_datetime.time(),
+        series_date=began.date(),
+        series_time=began.time(),
+        content_date=now.date(),
+        content_time=now.time(),
         sop_instance_uid=hd.UID(),
         instance_number=instance_number,
         previous_versions=[replaces] if replaces is not None else None,
@@ -160,7 +175,36 @@ def structured_report(
         is_verified=False,
     )
     sr.SeriesDescription = series_description(model_name, model_version)
+    # highdicom dates the instance's creation in this machine's local time, without its zone.
+    sr.InstanceCreationDate, sr.InstanceCreationTime = DA(now.date()), TM(now.time())
+    sr.TimezoneOffsetFromUTC = utc_offset(zone)
     return sr
+
+
+def source_zone(source: Dataset) -> datetime.timezone | None:
+    """The source's Timezone Offset From UTC, or ``None`` when it names none or one that is not
+    an offset (:data:`UTC_OFFSET`: ``+0100``, ``-0500``; at most 14 hours, minutes under 60)."""
+    match = UTC_OFFSET.fullmatch(str(source.get("TimezoneOffsetFromUTC") or "").strip())
+    if match is None or int(match[3]) >= 60:
+        return None
+    minutes = (60 * int(match[2]) + int(match[3])) * (-1 if match[1] == "-" else 1)
+    return datetime.timezone(datetime.timedelta(minutes=minutes)) if -12 * 60 <= minutes <= 14 * 60 else None
+
+
+def report_zone(source: Dataset) -> datetime.timezone:
+    """The zone of the report's dates and times: the source's (:func:`source_zone`), so the study's
+    dates and times it copies keep theirs, or else this machine's local one now."""
+    zone = source_zone(source)
+    if zone is not None:
+        return zone
+    local = datetime.datetime.now().astimezone()
+    return datetime.timezone(local.utcoffset() or datetime.timedelta())
+
+
+def utc_offset(zone: datetime.tzinfo) -> str:
+    """A zone's Timezone Offset From UTC as DICOM writes it: ``+0100``, ``-0500``, ``+0000``."""
+    minutes = round((zone.utcoffset(None) or datetime.timedelta()).total_seconds() / 60)
+    return f"{'-' if minutes < 0 else '+'}{abs(minutes) // 60:02d}{abs(minutes) % 60:02d}"
 
 
 def tracking_uid(source: Dataset, model_name: str) -> str:
@@ -226,8 +270,13 @@ def invalid_values(source: Dataset) -> dict[str, str]:
 def invalid_value_notes(source: Dataset) -> list[str]:
     """What a row's note says of the source's values the SR does not carry as they are
     (:func:`invalid_values`): those left empty (type 2), those left out, and the identity keys
-    kept all the same; none when every value is valid."""
+    kept all the same, and a Timezone Offset From UTC the report cannot take as its zone
+    (:func:`report_zone`); none when every value is valid."""
     invalid = invalid_values(source)
+    zone = [] if source_zone(source) is not None or not source.get("TimezoneOffsetFromUTC") else [
+        f"TimezoneOffsetFromUTC {str(source.TimezoneOffsetFromUTC)!r} is not a valid offset: the structured "
+        f"report's dates and times are in this machine's zone ({utc_offset(report_zone(source))})"
+    ]
     groups = (
         ("left empty in the structured report, not valid DICOM values",
          [k for k in invalid if k in TYPE2 and k not in IDENTITY]),
@@ -236,7 +285,7 @@ def invalid_value_notes(source: Dataset) -> list[str]:
         ("kept in the structured report though not valid DICOM values, as the PACS files it by them",
          [k for k in invalid if k in IDENTITY]),
     )
-    return [f"{head}: " + ", ".join(f"{k} {invalid[k]!r}" for k in keys) for head, keys in groups if keys]
+    return [f"{head}: " + ", ".join(f"{k} {invalid[k]!r}" for k in keys) for head, keys in groups if keys] + zone
 
 
 def _with_type2_attributes(source: Dataset) -> Dataset:

@@ -493,7 +493,7 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
     # the one it replaces.
     series: dict[tuple[tuple[str, str], str], str] = {}
     numbers: dict[tuple[tuple[str, str], str], int] = {}
-    began = datetime.datetime.now()
+    began = datetime.datetime.now().astimezone()  # with its zone: a report in another's converts it
     # The file and report of each source image reported in this call, by its SOP Instance UID, with
     # what a second copy must match to be the same image: its study, its patient and its row's answer.
     reported: dict[str, tuple[Path, Path, tuple[Any, ...]]] = {}

@@ -3,9 +3,11 @@ DICOM validator read them: built from small synthetic radiographs, so they run w
 
 from __future__ import annotations
 
+import datetime
 import io
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import highdicom as hd
@@ -13,6 +15,7 @@ import pandas as pd
 import pytest
 from pydicom import dcmread
 from pydicom.uid import ComprehensiveSRStorage
+from pydicom.valuerep import DA, TM
 
 from fracture.predict import write_structured_reports
 from tests.dicom_files import dicom_from_jpeg, to_bytes
@@ -109,3 +112,45 @@ def test_an_earlier_report_on_another_issuers_patient_under_one_id_is_kept_not_r
         assert earlier.read_bytes() == kept  # the other hospital's patient's report, untouched
         assert rows["note"][0] == (f"an earlier report on another image (its source, study or patient differs) is "
                                    f"{earlier.name} in {folder}: kept, and this one written as {Path(written).name}")
+
+
+@pytest.fixture
+def new_york(monkeypatch):
+    """This machine's local time is New York's (UTC-5 or -4), not UTC, as a hospital's batch server's may be."""
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+def _dated(sr, what: str) -> datetime.datetime:
+    """A report's ``what`` date and time (Series, Content, InstanceCreation) in its zone (Timezone Offset From UTC)."""
+    zone = datetime.datetime.strptime(sr.TimezoneOffsetFromUTC, "%z").tzinfo
+    return datetime.datetime.combine(DA(sr[f"{what}Date"].value), TM(sr[f"{what}Time"].value), zone)
+
+
+@pytest.mark.parametrize(("offset", "zone", "note"), [
+    (None, "local", ""), ("+0900", "+0900", ""), ("-0330", "-0330", ""),
+    ("+2500", "local", "TimezoneOffsetFromUTC '+2500' is not a valid offset: the structured report's dates and times "
+                       "are in this machine's zone ({local})"),
+], ids=["none", "tokyo", "newfoundland", "not-an-offset"])
+def test_a_reports_dates_and_times_say_their_zone_the_sources_when_it_names_one(tmp_path, new_york, offset, zone, note):
+    """The report's Series, Content and Instance Creation Date and Time were written without a zone
+    (this machine's local time, unsaid), beside the study's copied from the source in its own. The
+    report names its Timezone Offset From UTC, which covers them all: the source's, its own times
+    given in it, or, where the source names none or one that is no offset, this machine's."""
+    local = datetime.datetime.now().astimezone().strftime("%z")
+    assert local in ("-0500", "-0400")
+    before = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+    rows = table("fractured")
+    values = {"StudyDate": "20261207", "StudyTime": "091500"} | ({"TimezoneOffsetFromUTC": offset} if offset else {})
+    [written] = write_structured_reports(rows, [radiograph(tmp_path, **values)], tmp_path / "sr")
+    after = datetime.datetime.now(datetime.timezone.utc)
+    sr = dcmread(written)
+    assert sr.TimezoneOffsetFromUTC == (local if zone == "local" else zone)
+    for what in ("Series", "Content", "InstanceCreation"):
+        assert before <= _dated(sr, what) <= after, what
+    assert _dated(sr, "Series") <= _dated(sr, "Content")
+    assert (sr.StudyDate, sr.StudyTime) == ("20261207", "091500")  # the source's, in its zone, which the report's is
+    assert rows["note"][0] == note.format(local=local)
