@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from fracture.consumer import ConsumerError, ConsumerModel
 from fracture.decoding import export_files, not_a_regular_file, shown, unlistable
-from fracture.dicom import is_dicom
+from fracture.dicom import DicomRejected, is_dicom
 from fracture.intake import InputPolicy, InputRejected, read_file
 from fracture.tracking import NOT_FOUND, sqlite_store
 
@@ -434,8 +434,8 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
     Documents Sequence), so a PACS holding both knows which is current. One an earlier call
     wrote there for another image (an anonymiser's constant UID on another day's patient) is
     kept, and this image's report is named after its bytes instead, its row's note saying so. One
-    that is damaged (empty, not DICOM, cut short, or without its UIDs, evidence or findings:
-    :func:`_earlier_report`) is not written over: it is moved aside as ``<name>.damaged``
+    that is damaged (empty, not DICOM, cut short, without its UIDs, evidence or findings, or
+    deflated and inflating past the bound a deflated input is read within: :func:`_earlier_report`) is not written over: it is moved aside as ``<name>.damaged``
     (:func:`_set_aside`) and the new report takes its name, naming it as its predecessor only when
     what is left of it shows it is on this image; the row's note names the file and why it was not
     read, and a damaged report that cannot be moved aside costs this row its report, not the file.
@@ -877,7 +877,8 @@ UNDEFINED_LENGTH = 0xFFFFFFFF
 def _earlier_report(path: Path) -> tuple[Any, str]:
     """The report an earlier run left at ``path``, and why it is damaged (``""`` when it is whole).
 
-    Damaged: empty, not DICOM, cut short, or without one of :data:`REPORT_PARTS`. pydicom reads a
+    Damaged: empty, not DICOM, cut short, without one of :data:`REPORT_PARTS`, or deflated and
+    inflating past the bound every DICOM input is read within (:func:`_read_report`). pydicom reads a
     file cut short without a word when the cut falls between its elements or inside one of defined
     length, and gives what it read: here a file is whole only when every element it holds is as
     long as it says and its findings, the last of its elements, are there. What is left of a
@@ -885,7 +886,7 @@ def _earlier_report(path: Path) -> tuple[Any, str]:
     still shows it is on the same image is named as the predecessor of the one that replaces it;
     ``None`` when nothing of it can be read.
     """
-    from pydicom import config, dcmread  # noqa: PLC0415
+    from pydicom import config  # noqa: PLC0415
     from pydicom.dataelem import RawDataElement  # noqa: PLC0415
     from pydicom.errors import InvalidDicomError  # noqa: PLC0415
 
@@ -893,7 +894,7 @@ def _earlier_report(path: Path) -> tuple[Any, str]:
         if path.stat().st_size == 0:
             return None, "it is empty"
         with config.strict_reading():  # an undefined length cut short raises, rather than warns
-            report = dcmread(path, stop_before_pixels=True)
+            report = _read_report(path)
         short = [
             tag for tag in report.keys()  # noqa: SIM118 - iterating a Dataset gives its elements, read
             if isinstance(raw := report.get_item(tag), RawDataElement) and raw.length != UNDEFINED_LENGTH
@@ -904,6 +905,8 @@ def _earlier_report(path: Path) -> tuple[Any, str]:
         missing = [keyword for keyword in REPORT_PARTS if keyword not in report]
     except InvalidDicomError:
         return None, "it is not a DICOM file"
+    except DicomRejected as exc:  # deflated: a decompression bomb, or deflate data cut short
+        return None, f"it {exc}".rsplit("; ", 1)[0]  # without the advice to the sender of an image
     except EOFError:
         why = "it is cut short"
     except Exception as exc:  # noqa: BLE001 - a damaged file's bytes can fail pydicom anywhere
@@ -916,14 +919,36 @@ def _earlier_report(path: Path) -> tuple[Any, str]:
     return _what_is_left(path), why
 
 
+def _read_report(path: Path) -> Any:
+    """``dcmread(path, stop_before_pixels=True)`` of a report found in the report folder, but one
+    deflated (Deflated Explicit VR Little Endian) is inflated within the bound every DICOM input is
+    (:func:`fracture.dicom.max_inflated`), not whole as pydicom inflates it: a small file planted
+    there must not inflate to gigabytes.
+
+    Raises:
+        DicomRejected: it is deflated and inflates past that bound, or its deflate data is damaged.
+    """
+    from pydicom import dcmread  # noqa: PLC0415
+    from pydicom.filereader import read_file_meta_info  # noqa: PLC0415
+    from pydicom.uid import DeflatedExplicitVRLittleEndian  # noqa: PLC0415
+
+    from fracture.dicom import _parse  # noqa: PLC0415 - the bounded inflating read of fracture.dicom
+
+    try:
+        deflated = read_file_meta_info(path).get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
+    except Exception:  # noqa: BLE001 - not DICOM, or its meta damaged: dcmread says which below
+        deflated = False
+    if deflated:
+        return _parse(path.read_bytes(), stop_before_pixels=True)
+    return dcmread(path, stop_before_pixels=True)
+
+
 def _what_is_left(path: Path) -> Any:
     """The elements of a damaged file that still read (its header, before a cut), or ``None``."""
-    from pydicom import dcmread  # noqa: PLC0415
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pydicom's warnings on the cut: the row's note says it
         try:
-            left = dcmread(path, stop_before_pixels=True)
+            left = _read_report(path)
         except Exception:  # noqa: BLE001 - nothing of it reads; the file is kept all the same
             return None
         for tag in list(left.keys()):

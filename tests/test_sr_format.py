@@ -8,15 +8,17 @@ import io
 import shutil
 import subprocess
 import time
+import zlib
 from pathlib import Path
 
 import highdicom as hd
 import pandas as pd
 import pytest
 from pydicom import dcmread
-from pydicom.uid import ComprehensiveSRStorage
+from pydicom.uid import ComprehensiveSRStorage, DeflatedExplicitVRLittleEndian
 from pydicom.valuerep import DA, TM
 
+from fracture import dicom
 from fracture.predict import write_structured_reports
 from tests.dicom_files import dicom_from_jpeg, to_bytes
 from tests.synthetic import write_image
@@ -154,3 +156,48 @@ def test_a_reports_dates_and_times_say_their_zone_the_sources_when_it_names_one(
     assert _dated(sr, "Series") <= _dated(sr, "Content")
     assert (sr.StudyDate, sr.StudyTime) == ("20261207", "091500")  # the source's, in its zone, which the report's is
     assert rows["note"][0] == note.format(local=local)
+
+
+def _deflated(path: Path, padding: int = 0) -> None:
+    """Rewrites a report deflated (Deflated Explicit VR Little Endian), with ``padding`` zero bytes
+    in a private element: a few kilobytes on disk that inflate to that many."""
+    ds = dcmread(path)
+    if padding:
+        ds.private_block(0x0009, "FRACTURE TEST", create=True).add_new(0x10, "OB", bytes(padding))
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.save_as(path, enforce_file_format=True)
+
+
+@pytest.mark.parametrize("padding", [0, 24_000_000], ids=["whole", "inflating-past-the-bound"])
+def test_an_earlier_deflated_report_is_inflated_within_the_bound_of_every_dicom_input(tmp_path, monkeypatch, padding):
+    """An earlier report in the report folder was read with pydicom's own inflate, whole and without
+    a bound, where every DICOM input is inflated within one (fracture.dicom.max_inflated): a small
+    deflated file planted there inflated to gigabytes. One that inflates within it is read and
+    replaced as any report; one past it is kept aside as damaged, its row's note saying why."""
+    monkeypatch.setattr(dicom, "MAX_PIXELS", 1_000_000)  # a bound of 20 MB, which the padding passes
+
+    def unbounded(*args, **kwargs):
+        raise AssertionError("inflated whole, without a bound")
+
+    earlier = report(tmp_path)
+    _deflated(earlier, padding)
+    assert earlier.stat().st_size < 100_000
+    kept, uid = earlier.read_bytes(), dcmread(earlier).SOPInstanceUID
+    monkeypatch.setattr(zlib, "decompress", unbounded)
+    rows = table("fractured")
+    [written] = write_structured_reports(rows, [tmp_path / "IM0001"], earlier.parent)
+    assert Path(written) == earlier
+    if not padding:
+        monkeypatch.undo()
+        assert _predecessors(earlier) == [uid] and rows["note"][0] == ""
+        return
+    monkeypatch.undo()
+    aside = earlier.with_name(f"{earlier.name}.damaged")
+    assert aside.read_bytes() == kept and _predecessors(earlier) == []
+    assert rows["note"][0] == (
+        f"the earlier report {earlier.name} in {earlier.parent} is damaged (it is deflated (transfer syntax "
+        f"{DeflatedExplicitVRLittleEndian}) and inflates to more than 20 MB, more than a radiograph of 1 megapixels "
+        f"holds: a decompression bomb, or a dataset carrying far more than its image): kept as {aside.name}, and this "
+        "one written in its place, not naming it as its predecessor, as what is left of it does not show it is on "
+        "this image"
+    )
