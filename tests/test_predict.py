@@ -327,7 +327,10 @@ def test_a_store_uri_is_read_as_mlflow_reads_it_and_a_file_that_is_no_store_is_n
     spaced = tmp_path / "a b"
     spaced.mkdir()
     shutil.copy(store, spaced / "mlflow.db")
-    # SQLite's own URI form (file:...?uri=true), which SQLAlchemy passes to SQLite: the path in it
+    # SQLite's own URI form (file:...?uri=true), which SQLAlchemy passes to SQLite: the path in it.
+    # MLflow makes the parent folders of what follows sqlite:/// (here file:/tmp/...) relative to
+    # the working folder, so the test runs in its own.
+    monkeypatch.chdir(tmp_path)
     for uri in (f"{registry['uri']}?timeout=60", f"sqlite:///{tmp_path}/a%20b/mlflow.db",
                 f"sqlite:///file:{store}?mode=ro&uri=true"):
         assert sqlite_store(uri) in (store, spaced / "mlflow.db")
