@@ -5,7 +5,7 @@ The model was trained on 8-bit exports, so a DICOM image is turned into exactly 
 export of it would look like, in the standard's order (PS3.4 Annex N, the grayscale pipeline):
 
 1. the modality LUT: Rescale Slope and Intercept, or a Modality LUT Sequence
-   (:func:`pydicom.pixels.apply_modality_lut`);
+   (:func:`pydicom.pixels.apply_modality_lut`; entries of 10 to 15 bits read as 16-bit words);
 2. the VOI transform (:func:`pydicom.pixels.apply_voi_lut`): the first VOI LUT of the VOI LUT
    Sequence when there is one, else the first Window Center / Width pair (the one a viewer
    opens with; the others are alternatives the modality offers). Without either, the image's
@@ -726,19 +726,30 @@ def _signed(value: int) -> int:
     return value - 2**16 if value >= 2**15 else value
 
 
-def _signed_lut(ds: Dataset, keyword: str, signed: bool) -> DataElement | None:
-    """``ds``'s LUT sequence ``keyword`` (a Modality or VOI LUT Sequence) with its first LUT
-    Descriptor's first mapped value, written as US (63488 for -2048), read as the signed value
-    it encodes; ``None`` when the LUT's input is unsigned (``signed`` false) or the value needs no
-    change. The items are new datasets of the same elements: the caller's are left as they were."""
+def _fixed_lut(ds: Dataset, keyword: str, signed: bool, words: bool = False) -> DataElement | None:
+    """``ds``'s LUT sequence ``keyword`` (a Modality or VOI LUT Sequence) as pydicom must see it;
+    ``None`` when its first LUT Descriptor needs no change. The items are new datasets of the same
+    elements: the caller's are left as they were.
+
+    - ``signed`` (the LUT's input can be negative): the first mapped value, written as US (63488
+      for -2048), is read as the signed value it encodes.
+    - ``words``: 10 to 15 bits per entry are declared as 16. Such entries are 16-bit words
+      (PS3.3 C.11.1.1.1 allows only 8 or 16 for a Modality LUT, but files with 12 exist); pydicom
+      reads a Modality LUT's entries as ``uint<bits>``, which is no type for 12, as it already
+      does for a VOI LUT's 10 to 16 (pydicom issue #2317).
+    """
     lut = ds.get(keyword)
     item = lut[0] if lut else None
     descriptor = item.get("LUTDescriptor") if item is not None else None
-    if descriptor is None or len(descriptor) != 3 or not signed or int(descriptor[1]) < 2**15:
+    if descriptor is None or len(descriptor) != 3:
+        return None
+    entries, first, bits = (int(v) for v in descriptor)
+    read_first = _signed(first) if signed else first
+    read_bits = 16 if words and 10 <= bits < 16 else bits
+    if (read_first, read_bits) == (first, bits):
         return None
     fixed = Dataset(dict(item.items()))
-    entries, first, bits = (int(v) for v in descriptor)
-    fixed["LUTDescriptor"] = DataElement(0x00283002, "US or SS", [entries, _signed(first), bits])
+    fixed["LUTDescriptor"] = DataElement(0x00283002, "US or SS", [entries, read_first, read_bits])
     return DataElement(ds[keyword].tag, "SQ", Sequence([fixed, *lut[1:]]))
 
 
@@ -772,9 +783,22 @@ def _modality_dataset(ds: Dataset) -> Dataset:
 
     A signed image's Modality LUT Descriptor whose first mapped value was written as US (63488
     for -2048) gets its signed value, which it is by Pixel Representation (PS3.3 C.11.1.1):
-    pydicom subtracts it from the image in the image's own type and overflows.
+    pydicom subtracts it from the image in the image's own type and overflows. Entries of 10 to
+    15 bits are read as the 16-bit words they are stored in (:func:`_fixed_lut`); the output
+    range a window maps from stays the descriptor's (:func:`voi_range`).
+
+    Raises:
+        DicomRejected: a descriptor of bits per entry other than 8 or 10 to 16.
     """
-    lut = _signed_lut(ds, "ModalityLUTSequence", int(ds.PixelRepresentation) == 1)
+    sequence = ds.get("ModalityLUTSequence")
+    descriptor = sequence[0].get("LUTDescriptor") if sequence else None
+    if descriptor is not None and len(descriptor) == 3 and int(descriptor[2]) not in (8, *range(10, 17)):
+        raise DicomRejected(
+            f"has a Modality LUT Descriptor of {int(descriptor[2])} bits per entry ({_values(descriptor)}); the "
+            "standard allows 8 or 16 (PS3.3 C.11.1.1.1), and 10 to 15 are read as 16-bit words: the header is "
+            "corrupt: re-export the image from the PACS"
+        )
+    lut = _fixed_lut(ds, "ModalityLUTSequence", int(ds.PixelRepresentation) == 1, words=True)
     if lut is None:
         return ds
     view = _view(ds)
@@ -811,7 +835,7 @@ def _voi_dataset(ds: Dataset) -> Dataset:
     """
     modality_lut = bool(ds.get("ModalityLUTSequence"))
     drop = [tag for tag in ("RescaleSlope", "RescaleIntercept") if tag in ds] if modality_lut else []
-    voi = None if modality_lut else _signed_lut(ds, "VOILUTSequence", _voi_input_signed(ds))
+    voi = None if modality_lut else _fixed_lut(ds, "VOILUTSequence", _voi_input_signed(ds))
     if not drop and voi is None:
         return ds
     view = _view(ds)

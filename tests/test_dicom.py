@@ -596,6 +596,34 @@ def test_a_modality_lut_sequence_outranks_a_rescale_in_the_window_too():
     assert (both.RescaleSlope, both.RescaleIntercept) == (0.25, 0)  # the caller's dataset is left as it was
 
 
+def _inverting_modality_lut(bits: int) -> bytes:
+    """A 12-bit ramp through a Modality LUT of 4096 entries 4095..0 (written as OW), its descriptor
+    saying ``bits`` per entry, windowed over 0..4095."""
+    ds = _dataset()
+    _ramp(ds, 0, 4095)
+    item = Dataset()
+    item.LUTDescriptor = [4096, 0, bits]
+    item.ModalityLUTType = "US"
+    item.add_new(0x00283006, "OW", (4095 - np.arange(4096)).astype("<u2").tobytes())
+    ds.ModalityLUTSequence = Sequence([item])
+    ds.WindowCenter, ds.WindowWidth = 2048, 4096
+    return to_bytes(ds)
+
+
+def test_a_modality_lut_of_12_bit_entries_is_read_as_16_bit_words():
+    """The standard says 8 or 16 bits per Modality LUT entry, but files with 12 exist (pydicom issue
+    #2317): pydicom failed on them ("data type 'uint12' not understood") and the file was refused
+    with its internal error. Its entries are 16-bit words, as pydicom reads a VOI LUT's 10 to 16."""
+    plain = dcmread(io.BytesIO(_inverting_modality_lut(16)))
+    del plain.ModalityLUTSequence
+    expected = 255 - np.asarray(dicom_to_image(to_bytes(plain))).astype(int)
+    shown = np.asarray(dicom_to_image(_inverting_modality_lut(12))).astype(int)
+    assert (shown.min(), shown.max()) == (0, 255)
+    assert np.abs(shown - expected).max() <= 1  # the inverse of the image without the LUT, but for rounding
+    with pytest.raises(DicomRejected, match=r"Modality LUT Descriptor of 20 bits per entry \(4096\\0\\20\)"):
+        dicom_to_image(_inverting_modality_lut(20))
+
+
 def _signed_padded(vr: str) -> bytes:
     """A signed 16-bit ramp (-1000..3000) padded with -32768 in its first 8 columns, the padding value written as ``vr``."""
     pixels = np.tile(np.linspace(-1000, 3000, 64).round().astype(np.int16), (64, 1))
