@@ -40,6 +40,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import re
 import zlib
 from collections.abc import Iterable
 from pathlib import Path
@@ -476,23 +477,81 @@ def _j2k_size(frame: bytes) -> tuple[int, int] | None:
     return xsiz - xosiz, ysiz - yosiz
 
 
+#: Words of a Body Part Examined value that say which side, not which part ("HAND LT", "L WRIST",
+#: "KNEE RIGHT"): left out before the value is matched (:func:`names_body_part`).
+LATERALITY = frozenset({"L", "R", "LT", "RT", "LEFT", "RIGHT", "BILAT", "BILATERAL"})
+#: Plurals that are not the term with an S (FINGERS, HANDS), as a Body Part Examined value may be written.
+PLURALS = {"FEET": "FOOT"}
+
+
+def _compact(term: str) -> str:
+    """A body part term in capitals, without the spaces, underscores or other non-letters
+    between its words (LOWER LIMB and LOWER_LIMB are LOWERLIMB)."""
+    return re.sub(r"[^A-Z]", "", term.upper())
+
+
+def _listed_word(word: str, listed: frozenset[str]) -> bool:
+    """Whether one word is a listed term, or a plural of one (FINGERS, HANDS, FEET)."""
+    return word in listed or PLURALS.get(word) in listed or (word.endswith("S") and word[:-1] in listed)
+
+
+def names_body_part(value: str, body_parts: Iterable[str]) -> bool:
+    """Whether one Body Part Examined value names a part in ``body_parts``, written as modalities
+    and technologists write it.
+
+    The value is read in capitals and split into words on whatever is not a letter (spaces,
+    underscores, slashes); words of :data:`LATERALITY` are left out. It names a listed part when
+    its words, run together, are one listed term (LOWER_LIMB, "UPPER ARM", "HAND LT"), or when
+    every word is a listed term or its plural ("L WRIST", FINGERS, "ANKLE/FOOT"). So "CHEST PA",
+    THORAX or WHOLEBODY name no limb, and a term in another language (HANDGELENK) is not read as
+    one: a site that writes it adds it to ``serve.body_parts``.
+    """
+    listed = frozenset(_compact(part) for part in body_parts)
+    words = [word for word in re.split(r"[^A-Z]+", value.upper()) if word and word not in LATERALITY]
+    if not words:
+        return _compact(value) in listed
+    return "".join(words) in listed or all(_listed_word(word, listed) for word in words)
+
+
+def _multi(value: object) -> list[str]:
+    """An attribute's values as strings, stripped, empty ones left out (one, or several of a
+    multi-valued attribute such as ``HAND\\WRIST``)."""
+    values = value if isinstance(value, (MultiValue, list, tuple)) else [value]
+    return [text for v in values if v is not None and (text := str(v).strip())]
+
+
 def check_body_part(ds: Dataset, body_parts: Iterable[str] | None = LIMBS) -> None:
     """Refuses a radiograph whose Body Part Examined names a region outside ``body_parts`` (a chest,
     a spine, a skull: X-rays the model never saw, on which its "not fractured" would read as a
     finding). A header without the attribute is read: it cannot tell. ``None`` accepts any.
+
+    Each value (a multi-valued one, ``HAND\\WRIST``, has several) must name a listed part as
+    :func:`names_body_part` reads it: laterality and plurals allowed.
 
     Raises:
         DicomRejected: the region named, with the setting that lists those read.
     """
     if body_parts is None:
         return
-    value = str(ds.get("BodyPartExamined") or "").strip()
-    if value and value.upper().replace(" ", "") not in {part.replace(" ", "") for part in body_parts}:
-        raise DicomRejected(
-            f"is an X-ray of {value} (its Body Part Examined); the model was trained on X-rays of the hand, leg, "
-            "hip and shoulder, and reads the body parts params' serve.body_parts lists only: send an X-ray of "
-            "one of them, or add the value to serve.body_parts where it names one"
-        )
+    parts = tuple(body_parts)
+    values = _multi(ds.get("BodyPartExamined"))
+    if values and not all(names_body_part(value, parts) for value in values):
+        shown = "\\".join(values)  # as DICOM writes a multi-valued attribute
+        raise DicomRejected(f"is an X-ray of {shown} (its Body Part Examined); {_body_parts_read(parts)}")
+
+
+def _body_parts_read(body_parts: tuple[str, ...]) -> str:
+    """What a refusal for the body part says the model reads, and what to do: the regions
+    FracAtlas shows when ``body_parts`` is the default list, else the list itself."""
+    if frozenset(body_parts) == frozenset(LIMBS):
+        read = ("the model was trained on X-rays of the hand, leg, hip and shoulder, and reads the body parts "
+                "params' serve.body_parts lists only")
+    else:
+        read = f"the model reads the body parts params' serve.body_parts lists only ({', '.join(body_parts)})"
+    return (
+        f"{read}, with laterality (L, RIGHT) or a plural in the value allowed: send an X-ray of one of them, or, where "
+        "the value names one in other words (a local term such as HANDGELENK), add it to serve.body_parts"
+    )
 
 
 def check_radiograph(ds: Dataset, modalities: Iterable[str] | None = RADIOGRAPHY) -> tuple[int, int]:

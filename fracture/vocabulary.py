@@ -14,7 +14,8 @@ CLASSES: tuple[str, str] = ("not_fractured", "fractured")
 
 #: Body Part Examined (0018,0015) values of the regions FracAtlas's X-rays show (the hand, leg, hip
 #: and shoulder: the limbs and their girdles), as DICOM's defined terms spell them (PS3.16 Annex L),
-#: with LEG and ARM, which sites write too. Compared without spaces (LOWER LIMB is LOWERLIMB).
+#: with LEG and ARM, which sites write too. Compared as :func:`fracture.dicom.names_body_part` reads a
+#: value: without spaces or underscores (LOWER LIMB is LOWERLIMB), laterality and plurals allowed.
 LIMBS = (
     "HAND", "FINGER", "THUMB", "WRIST", "FOREARM", "RADIUS", "ULNA", "RADIUSULNA", "ELBOW", "ARM", "UPPERARM",
     "HUMERUS", "SHOULDER", "ACJOINT", "CLAVICLE", "SCAPULA", "UPPERLIMB",

@@ -1,0 +1,87 @@
+"""The body part a DICOM radiograph's header names, as the served model and training read it
+(fracture.dicom.check_body_part), on tiny synthetic files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+
+from fracture.dicom import DicomRejected, check_body_part
+from fracture.intake import InputPolicy, InputRejected, read_xray
+from fracture.manifest import inspect_image
+from fracture.vocabulary import LIMBS
+from tests.dicom_files import _dataset, to_bytes
+
+
+def radiograph(body_part: str | list[str] | None = None, region: tuple[str, str, str] | None = None) -> bytes:
+    """A 64 x 64 12-bit DX ramp whose Body Part Examined is ``body_part`` and whose Anatomic Region
+    Sequence holds ``region`` (code value, coding scheme, meaning); either left out when ``None``."""
+    ds = _dataset()
+    ds.set_pixel_data(np.tile(np.linspace(0, 4095, 64).round().astype(np.uint16), (64, 1)), "MONOCHROME2", 12)
+    if body_part is not None:
+        ds.BodyPartExamined = body_part
+    if region is not None:
+        item = Dataset()
+        item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = region
+        ds.AnatomicRegionSequence = Sequence([item])
+    return to_bytes(ds)
+
+
+def both_intakes(data: bytes, tmp_path, body_parts=LIMBS) -> tuple[str | None, str | None]:
+    """The served model's refusal and the training manifest's, ``None`` where the file is read."""
+    try:
+        read_xray(data, InputPolicy(body_parts=body_parts))
+        served = None
+    except InputRejected as exc:
+        served = str(exc).removeprefix("is DICOM but ")
+    path = tmp_path / "x.dcm"
+    path.write_bytes(data)
+    return served, inspect_image(str(path), body_parts=body_parts).error
+
+
+# As modalities and technologists write them: laterality in the value, plurals, separators, several values.
+WRITTEN = ["HAND LT", "L WRIST", "KNEE RIGHT", "SHOULDER L", "FINGERS", "HANDS", "FEET", "ANKLE/FOOT", "LOWER_LIMB",
+           "Lower Limb", "RT UPPER ARM", "BILAT HIPS", ["HAND", "WRIST"], "HAND\\WRIST"]
+
+
+@pytest.mark.parametrize("value", WRITTEN, ids=str)
+def test_a_limb_written_with_laterality_plurals_or_several_values_is_read_in_serving_and_training(value, tmp_path):
+    """These were refused as "an X-ray of HAND LT", the multi-valued one as "['HAND', 'WRIST']"."""
+    assert both_intakes(radiograph(value), tmp_path) == (None, None)
+
+
+@pytest.mark.parametrize("value", ["CHEST", "chest", "SKULL", "THORAX", "CHEST PA", "WHOLEBODY", "L SPINE", "LEFT",
+                                   "RIBS", "HANDGELENK", "HAND AND CHEST"])
+def test_a_region_the_model_never_saw_is_still_refused_in_serving_and_training(value, tmp_path):
+    served, trained = both_intakes(radiograph(value), tmp_path)
+    assert served == trained
+    assert served.startswith(f"is an X-ray of {value} (its Body Part Examined); the model was trained on X-rays of the "
+                             "hand, leg, hip and shoulder")
+
+
+def test_a_refusal_names_several_values_as_dicom_writes_them_and_says_what_to_do_with_a_local_term():
+    ds = Dataset()
+    ds.BodyPartExamined = ["CHEST", "HAND"]
+    with pytest.raises(DicomRejected, match=r"^is an X-ray of CHEST\\HAND \(its Body Part Examined\)"):
+        check_body_part(ds)
+    ds.BodyPartExamined = "HANDGELENK"
+    with pytest.raises(DicomRejected, match=r"a local term such as HANDGELENK\), add it to serve\.body_parts$"):
+        check_body_part(ds)
+    check_body_part(ds, ("HANDGELENK", *LIMBS))  # added, it is read
+    ds.BodyPartExamined = "HANDGELENK LINKS"  # a local laterality word is not known either
+    with pytest.raises(DicomRejected):
+        check_body_part(ds, ("HANDGELENK", *LIMBS))
+
+
+def test_with_its_own_body_parts_a_site_is_told_its_list_not_the_regions_fracatlas_shows():
+    ds = Dataset()
+    ds.BodyPartExamined = "KNEE"
+    with pytest.raises(DicomRejected) as refused:
+        check_body_part(ds, ("HAND", "WRIST"))
+    message = str(refused.value)
+    assert "hand, leg, hip and shoulder" not in message
+    assert "serve.body_parts lists only (HAND, WRIST)" in message
+    ds.BodyPartExamined = "WRISTS LT"
+    check_body_part(ds, ("HAND", "WRIST"))
