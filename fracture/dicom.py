@@ -65,7 +65,7 @@ from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 from pydicom.valuerep import VR
 
-from fracture.vocabulary import LIMBS
+from fracture.vocabulary import LIMB_CODES, LIMBS
 
 log = logging.getLogger(__name__)
 
@@ -520,24 +520,59 @@ def _multi(value: object) -> list[str]:
     return [text for v in values if v is not None and (text := str(v).strip())]
 
 
-def check_body_part(ds: Dataset, body_parts: Iterable[str] | None = LIMBS) -> None:
-    """Refuses a radiograph whose Body Part Examined names a region outside ``body_parts`` (a chest,
-    a spine, a skull: X-rays the model never saw, on which its "not fractured" would read as a
-    finding). A header without the attribute is read: it cannot tell. ``None`` accepts any.
+def coded_region(item: Dataset) -> tuple[str, str] | None:
+    """One Anatomic Region Sequence (0008,2218) item as (how a message names it: its meaning and
+    code; what it is matched as: the :data:`~fracture.vocabulary.LIMBS` term DICOM maps its code to
+    (PS3.16 Annex L, :data:`~fracture.vocabulary.LIMB_CODES`; a legacy SNOMED-RT code matches its
+    SNOMED CT one, as pydicom's :class:`~pydicom.sr.coding.Code` compares them), else its Code
+    Meaning, read as a Body Part Examined value). ``None``: an item with neither code nor meaning."""
+    value = str(item.get("CodeValue") or item.get("LongCodeValue") or item.get("URNCodeValue") or "").strip()
+    scheme = str(item.get("CodingSchemeDesignator") or "").strip()
+    meaning = str(item.get("CodeMeaning") or "").strip()
+    if not value and not meaning:
+        return None
+    from pydicom.sr.coding import Code  # noqa: PLC0415 - pydicom.sr loads SNOMED's tables (0.1 s): only where needed
 
-    Each value (a multi-valued one, ``HAND\\WRIST``, has several) must name a listed part as
-    :func:`names_body_part` reads it: laterality and plurals allowed.
+    code = Code(value, scheme, meaning)
+    term = next((term for sct, term in LIMB_CODES.items() if code == Code(sct, "SCT", term)), None)
+    named = ", ".join(part for part in (meaning, f"{scheme} {value}".strip()) if part)
+    return named, term or meaning
+
+
+def check_body_part(ds: Dataset, body_parts: Iterable[str] | None = LIMBS) -> None:
+    """Refuses a radiograph whose header names a region outside ``body_parts`` (a chest, a spine, a
+    skull: X-rays the model never saw, on which its "not fractured" would read as a finding). A
+    header that names none is read: it cannot tell. ``None`` accepts any.
+
+    The region is named in two places: Body Part Examined (0018,0015), a defined term, and Anatomic
+    Region Sequence (0008,2218), a code (:func:`coded_region`; the DX IOD's Type 2 anatomy, where
+    Body Part Examined is Type 3). Each value of the one (a multi-valued one, ``HAND\\WRIST``, has
+    several) and each item of the other must name a listed part, as :func:`names_body_part` reads
+    it: laterality and plurals allowed. A code outside the limbs is read by its Code Meaning
+    (``Chest``, ``Cervical spine``), which a site that reads such regions lists.
 
     Raises:
-        DicomRejected: the region named, with the setting that lists those read.
+        DicomRejected: the region named, with the setting that lists those read; where the two
+            attributes disagree (HAND, and a code for the thorax), both.
     """
     if body_parts is None:
         return
     parts = tuple(body_parts)
     values = _multi(ds.get("BodyPartExamined"))
-    if values and not all(names_body_part(value, parts) for value in values):
-        shown = "\\".join(values)  # as DICOM writes a multi-valued attribute
-        raise DicomRejected(f"is an X-ray of {shown} (its Body Part Examined); {_body_parts_read(parts)}")
+    regions = [region for item in ds.get("AnatomicRegionSequence") or () if (region := coded_region(item))]
+    examined_read = all(names_body_part(value, parts) for value in values)
+    coded_read = all(names_body_part(match, parts) for _, match in regions)
+    if examined_read and coded_read:
+        return
+    examined = "\\".join(values) + " (its Body Part Examined)"  # several values as DICOM writes them
+    coded = "; ".join(named for named, _ in regions) + " (its Anatomic Region Sequence)"
+    if values and regions and examined_read != coded_read:
+        raise DicomRejected(
+            f"names two regions that disagree, {examined} and {coded}, and the {'second' if examined_read else 'first'} "
+            f"is none the model reads: correct the header at the modality or PACS; {_body_parts_read(parts)}"
+        )
+    named = [what for what, read in ((examined, examined_read), (coded, coded_read)) if not read]
+    raise DicomRejected(f"is an X-ray of {' and '.join(named)}; {_body_parts_read(parts)}")
 
 
 def _body_parts_read(body_parts: tuple[str, ...]) -> str:
@@ -550,7 +585,8 @@ def _body_parts_read(body_parts: tuple[str, ...]) -> str:
         read = f"the model reads the body parts params' serve.body_parts lists only ({', '.join(body_parts)})"
     return (
         f"{read}, with laterality (L, RIGHT) or a plural in the value allowed: send an X-ray of one of them, or, where "
-        "the value names one in other words (a local term such as HANDGELENK), add it to serve.body_parts"
+        "the value or code meaning names one in other words (a local term such as HANDGELENK), add it to "
+        "serve.body_parts"
     )
 
 

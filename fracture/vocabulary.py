@@ -23,6 +23,21 @@ LIMBS = (
     "FIBULA", "TIBIAFIBULA", "ANKLE", "FOOT", "CALCANEUS", "TOE", "SESAMOID", "LOWERLIMB", "EXTREMITY",
 )
 
+#: The SNOMED CT code values an Anatomic Region Sequence (0008,2218) item holds for each :data:`LIMBS`
+#: term, as DICOM maps Body Part Examined to it (PS3.16 Annex L, Table L-1). highdicom holds the whole
+#: table (``highdicom/_standard/anatomic_regions.json``), which the served model does not carry; the
+#: tests check these against it. LEG and ARM are no defined terms, and have no code.
+LIMB_CODES: dict[str, str] = {
+    "85562004": "HAND", "7569003": "FINGER", "76505004": "THUMB", "74670003": "WRIST", "14975008": "FOREARM",
+    "62413002": "RADIUS", "23416004": "ULNA", "110535000": "RADIUSULNA", "16953009": "ELBOW", "40983000": "UPPERARM",
+    "85050009": "HUMERUS", "16982005": "SHOULDER", "85856004": "ACJOINT", "51299004": "CLAVICLE",
+    "79601000": "SCAPULA", "53120007": "UPPERLIMB", "24136001": "HIP", "816092008": "PELVIS",
+    "1231522001": "PELVISLOWEXTREMT", "71341001": "FEMUR", "68367000": "THIGH", "72696002": "KNEE",
+    "64234005": "PATELLA", "30021000": "LOWERLEG", "53840002": "CALF", "12611008": "TIBIA", "87342007": "FIBULA",
+    "110536004": "TIBIAFIBULA", "70258002": "ANKLE", "56459004": "FOOT", "80144004": "CALCANEUS", "29707007": "TOE",
+    "58742003": "SESAMOID", "61685007": "LOWERLIMB", "66019005": "EXTREMITY",
+}
+
 Aspect = Literal["squash", "pad"]
 """``squash``: resize the whole image to the square input (the paper); ``pad``: pad to a square first."""
 Enhancement = Literal["none", "clahe", "anisotropic_diffusion", "canny"]

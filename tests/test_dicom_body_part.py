@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from pydicom.dataset import Dataset
@@ -11,7 +13,7 @@ from pydicom.sequence import Sequence
 from fracture.dicom import DicomRejected, check_body_part
 from fracture.intake import InputPolicy, InputRejected, read_xray
 from fracture.manifest import inspect_image
-from fracture.vocabulary import LIMBS
+from fracture.vocabulary import LIMB_CODES, LIMBS
 from tests.dicom_files import _dataset, to_bytes
 
 
@@ -85,3 +87,60 @@ def test_with_its_own_body_parts_a_site_is_told_its_list_not_the_regions_fracatl
     assert "serve.body_parts lists only (HAND, WRIST)" in message
     ds.BodyPartExamined = "WRISTS LT"
     check_body_part(ds, ("HAND", "WRIST"))
+
+
+THORAX = ("51185008", "SCT", "Thorax")  # SNOMED CT's earlier code for the chest, as modalities still write it
+
+
+@pytest.mark.parametrize(("body_part", "region", "message"), [
+    (None, THORAX, r"^is an X-ray of Thorax, SCT 51185008 \(its Anatomic Region Sequence\); the model was trained"),
+    (None, ("89546000", "SCT", "Skull"), r"^is an X-ray of Skull, SCT 89546000 \(its Anatomic Region Sequence\)"),
+    (None, ("816094009", "SCT", "Chest"), r"^is an X-ray of Chest, SCT 816094009 \("),
+    (None, ("T-11100", "SRT", "Skull"), r"^is an X-ray of Skull, SRT T-11100 \("),  # SNOMED-RT
+    ("HAND", THORAX, r"^names two regions that disagree, HAND \(its Body Part Examined\) and Thorax, SCT 51185008 "
+                     r"\(its Anatomic Region Sequence\), and the second is none the model reads: correct the header"),
+    ("CHEST", ("85562004", "SCT", "Hand"), r"^names two regions that disagree, CHEST \(its Body Part Examined\) and "
+                                           r"Hand, SCT 85562004 \(its Anatomic Region Sequence\), and the first"),
+    ("CHEST", THORAX, r"^is an X-ray of CHEST \(its Body Part Examined\) and Thorax, SCT 51185008 \(its Anatomic"),
+])
+def test_a_region_coded_in_the_anatomic_region_sequence_is_checked_too(body_part, region, message, tmp_path):
+    """Anatomic Region Sequence is the DX IOD's Type 2 anatomy (Body Part Examined is Type 3): a
+    chest or skull coded only there was scored and trained on, and a HAND whose code said thorax
+    was read as a hand."""
+    served, trained = both_intakes(radiograph(body_part, region), tmp_path)
+    assert served == trained
+    assert re.search(message, served), served
+
+
+@pytest.mark.parametrize(("body_part", "region"), [
+    (None, ("85562004", "SCT", "Hand")),
+    (None, ("T-15460", "SRT", "Wrist joint")),  # SNOMED-RT, as older files code it: matched by its code
+    (None, ("70258002", "SCT", "Ankle joint")),  # matched by its code, whatever the meaning says
+    (None, ("12921003", "SCT", "Pelvis")),  # a retired code: matched by its meaning
+    (None, ("99999999", "99LOCAL", "Left wrist")),
+    ("HAND", ("74670003", "SCT", "Wrist joint")),  # two limbs: no disagreement the model minds
+    ("L WRIST", ("74670003", "SCT", "Wrist joint")),
+])
+def test_a_limb_coded_in_the_anatomic_region_sequence_is_read(body_part, region, tmp_path):
+    assert both_intakes(radiograph(body_part, region), tmp_path) == (None, None)
+
+
+def test_a_site_reading_another_region_lists_the_codes_meaning(tmp_path):
+    data = radiograph(None, ("122494005", "SCT", "Cervical spine"))
+    assert both_intakes(data, tmp_path, body_parts=("CERVICAL SPINE", "CSPINE")) == (None, None)
+    served, _ = both_intakes(data, tmp_path, body_parts=("CSPINE",))
+    assert served.startswith("is an X-ray of Cervical spine, SCT 122494005 (its Anatomic Region Sequence); the model "
+                             "reads the body parts params' serve.body_parts lists only (CSPINE)")
+    assert both_intakes(data, tmp_path, body_parts=None) == (None, None)
+
+
+def test_the_limb_codes_are_dicoms_as_highdicom_holds_them():
+    """PS3.16 Annex L's mapping of Body Part Examined to Anatomic Region Sequence codes, in highdicom
+    (which the served model does not carry)."""
+    from highdicom._standard_utils import get_anatomic_region_map
+
+    annex_l = get_anatomic_region_map()
+    expected = {annex_l[term][0].value: term for term in LIMBS if term in annex_l}
+    assert all(annex_l[term][0].scheme_designator == "SCT" for term in expected.values())
+    assert expected == LIMB_CODES
+    assert set(LIMBS) - set(LIMB_CODES.values()) == {"LEG", "ARM"}
