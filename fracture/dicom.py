@@ -14,7 +14,8 @@ export of it would look like, in the standard's order (PS3.4 Annex N, the graysc
    VOI transform, so bone is bright (DX requires INVERSE exactly when MONOCHROME1, which is
    inverted once);
 4. the VOI output range mapped linearly to 0-255 (a negative Rescale Slope gives a reversed
-   range, which maps as it is).
+   range, which maps as it is; a VOI LUT's range is that of its entries' bit depth where its
+   descriptor claims more, as viewers read it: :func:`voi_lut_bits`).
 
 Pixel Padding Value (and Range Limit) marks pixels that are not image: they are left out of the
 range step 2 takes from the image and shown black. Pixels that are not square (Pixel Spacing,
@@ -784,19 +785,43 @@ def square_pixels(display: np.ndarray, ds: Dataset) -> np.ndarray:
 def voi_range(ds: Dataset, values: np.ndarray) -> tuple[float, float]:
     """The range the VOI transform maps onto, as pydicom's ``apply_voi_lut`` produces it.
 
-    A VOI LUT gives 0 .. 2**bits - 1 (its descriptor's bits per entry); a window gives the
-    stored value range after the modality transform (pydicom's ``y_min`` / ``y_max``); with
+    A VOI LUT gives 0 .. 2**bits - 1 (its bits per entry: :func:`voi_lut_bits`); a window gives
+    the stored value range after the modality transform (pydicom's ``y_min`` / ``y_max``); with
     neither, the image's own minimum and maximum.
     """
     voi = ds.get("VOILUTSequence")
     if voi and voi[0].get("LUTDescriptor") is not None and voi[0].get("LUTData") is not None:
-        return 0.0, float(2 ** int(voi[0].LUTDescriptor[2]) - 1)
+        return 0.0, float(2 ** voi_lut_bits(ds) - 1)
     if ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
         modality_lut = ds.get("ModalityLUTSequence")
         if modality_lut:
             return 0.0, float(2 ** int(modality_lut[0].LUTDescriptor[2]) - 1)
         return _rescaled_range(ds)
     return float(values.min()), float(values.max())
+
+
+def voi_lut_bits(ds: Dataset) -> int:
+    """The bits per entry of ``ds``'s first VOI LUT: its descriptor's third value, unless that is
+    more than 8 and the largest entry is below 2**(bits - 1), in which case the entries' own bit
+    depth (the bits their largest value needs, at least 8).
+
+    Some CR modalities (Agfa's among them) write a descriptor of 16 bits per entry over entries
+    that only reach 4095: taken at its word, the output range 0..65535 leaves the image within
+    its darkest sixteenth, near-blank. Viewers take the range from the entries instead (dcmtk's
+    ``CIF_CheckLutBitDepth``, Horos, Cornerstone), and so does this reader; pydicom's
+    ``apply_voi_lut`` returns the entries as they are and leaves the range to its caller.
+    """
+    bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
+    if bits <= 8:
+        return bits
+    entries, first, _ = (int(v) for v in _voi_dataset(ds).VOILUTSequence[0].LUTDescriptor)
+    table = _apply_voi(np.arange(first, first + (entries or 2**16), dtype=np.int32), ds)
+    largest = int(table.max()) if table.size else 0
+    if largest >= 2 ** (bits - 1):
+        return bits
+    actual = max(largest.bit_length(), 8)
+    log.info("DICOM VOI LUT of %d bits per entry whose largest entry is %d: read as %d bits", bits, largest, actual)
+    return actual
 
 
 def _rescaled_range(ds: Dataset) -> tuple[float, float]:

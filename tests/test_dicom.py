@@ -13,7 +13,11 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.sequence import Sequence
-from pydicom.uid import DeflatedExplicitVRLittleEndian, RLELossless
+from pydicom.uid import (
+    ComputedRadiographyImageStorage,
+    DeflatedExplicitVRLittleEndian,
+    RLELossless,
+)
 
 from fracture.decoding import ImageLoadError, open_xray, shown_size
 from fracture.dicom import (
@@ -460,6 +464,34 @@ def test_a_voi_lut_of_8_bit_entries_maps_values_past_its_end_to_its_last_entry()
     expected = np.clip(ramp[0].astype(int) - 1000, 0, 255)  # the LUT is the identity over its 256 entries
     np.testing.assert_array_equal(shown, expected)
     assert (shown[ramp[0] > 1255] == 255).all() and (ramp[0] > 1255).sum() > 30
+
+
+def _voi_lut_over_12_bits(bits: int, photometric: str = "MONOCHROME2", scale: int = 1) -> bytes:
+    """A 12-bit CR ramp through a VOI LUT of 4096 entries 0..4095 x ``scale`` (written as OW), its
+    descriptor saying ``bits`` per entry."""
+    ds = _dataset(modality="CR", sop_class=ComputedRadiographyImageStorage)
+    ramp = np.tile(np.linspace(0, 4095, 64).round().astype(np.uint16), (64, 1))
+    ds.set_pixel_data(ramp, photometric, 12)
+    item = Dataset()
+    item.LUTDescriptor = [4096, 0, bits]
+    item.add_new(0x00283006, "OW", (np.arange(4096, dtype="<u2") * scale).tobytes())
+    ds.VOILUTSequence = Sequence([item])
+    return to_bytes(ds)
+
+
+@pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
+def test_a_voi_lut_whose_descriptor_claims_more_bits_than_its_entries_use_spans_the_grey_range(photometric):
+    """Some CRs (Agfa's) write LUT Descriptor 4096\\0\\16 over entries that reach 4095: read at its
+    declared 16 bits the image came out within grey 0..16 (239..255 for MONOCHROME1), near-blank,
+    and was scored. Viewers (dcmtk, Horos, Cornerstone) take the range from the largest entry."""
+    shown = np.asarray(dicom_to_image(_voi_lut_over_12_bits(16, photometric)))
+    assert (shown.min(), shown.max()) == (0, 255)
+    np.testing.assert_array_equal(shown, np.asarray(dicom_to_image(_voi_lut_over_12_bits(12, photometric))))
+    # A LUT whose entries reach into its top bit keeps its declared range (the same picture, but
+    # for rounding); one whose largest entry is 32760 is read as 15 bits, the same picture again.
+    for scale in (16, 8):
+        scaled = np.asarray(dicom_to_image(_voi_lut_over_12_bits(16, photometric, scale=scale))).astype(int)
+        assert np.abs(scaled - shown).max() <= 1, scale
 
 
 def test_pixel_padding_does_not_set_the_range_and_is_shown_black():
