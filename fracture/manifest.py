@@ -53,7 +53,10 @@ from fracture.decoding import (
     unservable,
 )
 from fracture.dicom import (
+    FOR_PROCESSING,
+    NOT_IMAGES,
     RADIOGRAPHY,
+    STRUCTURED_REPORTS,
     DicomRejected,
     check_body_part,
     is_dicom,
@@ -187,6 +190,9 @@ class ImageFacts:
     decodable: bool
     truncated: bool
     error: str | None
+    # The served model refuses the file for what it is (another body part or modality, FOR PROCESSING, too
+    # many pixels, a blank picture, ...), not for damage: not decodable, and listed under `servable`.
+    refused: bool = False
 
 
 def not_a_file(path: Path) -> str:
@@ -212,6 +218,28 @@ def _other_body_part(data: bytes, body_parts: Iterable[str] | None) -> str | Non
     return None
 
 
+def _refused_for_what_it_is(data: bytes, modalities: Iterable[str] | None) -> bool:
+    """Whether a DICOM file the decode refused is one the served model refuses for what it holds
+    rather than for damage: an object that is no image (a report, a PDF), an image FOR PROCESSING,
+    several frames, or a modality outside ``modalities`` (a CT, a mammogram). A PACS export holds
+    such files beside the radiographs; they are sound, so :func:`inspect_image` marks them
+    ``refused`` (rule ``servable``) and leaves a damaged file to ``decodable``. Read from the header
+    as :func:`fracture.dicom.check_radiograph` reads it; a header that does not read is damage."""
+    try:
+        ds = read_header(data)
+        meta = getattr(ds, "file_meta", None)
+        sop = str(ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta is not None else "") or "")
+        modality = str(ds.get("Modality") or "")
+        return (
+            sop in NOT_IMAGES or sop.startswith(STRUCTURED_REPORTS) or sop in FOR_PROCESSING
+            or str(ds.get("PresentationIntentType") or "").upper() == "FOR PROCESSING"
+            or int(ds.get("NumberOfFrames") or 1) > 1
+            or (modalities is not None and bool(modality) and modality not in modalities)
+        )
+    except Exception:  # noqa: BLE001 - a header that cannot be read, or a value that does not parse: damage
+        return False
+
+
 def inspect_image(
     path: str, max_pixels: int | None = None, min_grey_std: float | None = None,
     modalities: Iterable[str] | None = RADIOGRAPHY,
@@ -223,10 +251,13 @@ def inspect_image(
     it is listed as not decodable, with that reason and no ``sha256``.
 
     A file the served model refuses (:mod:`fracture.intake`) is not trained on either: it is
-    listed as not decodable, its ``error`` the served model's reason. Besides the format and bit
-    depth (:func:`~fracture.decoding.unservable`), that is more pixels than ``max_pixels``, read
-    from the header before any decode, a DICOM file of a modality not in ``modalities`` or whose
-    header names a body part not in ``body_parts``, and a blank or near-constant picture, measured on the decode made here anyway: no second decode,
+    listed as not decodable and ``refused``, its ``error`` the served model's reason (the validate
+    stage excludes it under rule ``servable``, which does not fail the stage as shipped, where a
+    damaged file fails ``decodable``). Besides the format and bit depth
+    (:func:`~fracture.decoding.unservable`), that is more pixels than ``max_pixels``, read
+    from the header before any decode, a DICOM file of a modality not in ``modalities``, FOR
+    PROCESSING, of several frames or no image (:func:`_refused_for_what_it_is`) or whose header
+    names a body part not in ``body_parts``, and a blank or near-constant picture, measured on the decode made here anyway: no second decode,
     about 1.5 ms more a FracAtlas X-ray (as much again as its decode; some 5 s of CPU over the 3,267).
 
     Args:
@@ -252,7 +283,7 @@ def inspect_image(
     digest = hashlib.sha256(data).hexdigest()
     over = too_many_pixels(data, max_pixels) if max_pixels is not None else None
     if over:  # refused unread, as the served model refuses a decompression bomb
-        return ImageFacts(None, None, None, digest, False, False, over)
+        return ImageFacts(None, None, None, digest, False, False, over, refused=True)
     truncated = False
     try:
         img = decode(data, modalities=modalities)
@@ -261,7 +292,8 @@ def inspect_image(
             return ImageFacts(None, None, None, digest, False, False, failure_reason(exc))
         truncated = True
     except (SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        return ImageFacts(None, None, None, digest, False, False, failure_reason(exc))
+        refused = isinstance(exc, DicomRejected) and _refused_for_what_it_is(data, modalities)
+        return ImageFacts(None, None, None, digest, False, False, failure_reason(exc), refused=refused)
     if truncated:
         try:
             img = decode_truncated(data, modalities=modalities)
@@ -272,7 +304,7 @@ def inspect_image(
         near_constant(img, min_grey_std) if min_grey_std is not None else None
     )
     if refused:
-        return ImageFacts(img.width, img.height, img.mode, digest, False, truncated, refused)
+        return ImageFacts(img.width, img.height, img.mode, digest, False, truncated, refused, refused=True)
     return ImageFacts(img.width, img.height, img.mode, digest, True, truncated, "image file is truncated" if truncated else None)
 
 
@@ -875,21 +907,21 @@ def build_manifest(
             (a copy corrupt in its lower part); ``None``: not compared so.
         layout: ``fracatlas`` (class folders and ``dataset.csv``) or ``csv`` (``images/`` and
             ``labels.csv``, :func:`read_csv_layout`).
-        max_pixels: a file over this many pixels is not decodable, as the served model refuses it
+        max_pixels: a file over this many pixels is refused, as the served model refuses it
             (``serve.max_megapixels`` x 10^6; :func:`inspect_image`); ``None``: not checked.
-        min_grey_std: a picture whose greyscale standard deviation is below this is not decodable,
+        min_grey_std: a picture whose greyscale standard deviation is below this is refused,
             as the served model refuses it (``serve.min_grey_std``); ``None``: not checked.
-        modalities: a DICOM file of another modality is not decodable, as the served model
+        modalities: a DICOM file of another modality is refused, as the served model
             refuses it (``serve.modalities``); ``None``: not checked.
-        body_parts: a DICOM file whose header names a body part not in these is not decodable,
+        body_parts: a DICOM file whose header names a body part not in these is refused,
             as the served model refuses it (``serve.body_parts``); ``None``: not checked.
 
     Returns:
         One row per id, sorted by id: ``path`` (relative to ``dataset_dir``, empty when only the
         csv names it), ``folder_label`` and ``csv_label`` (NA where unknown), ``has_file``,
         ``in_csv``, the csv's flags (and ``fracture_count`` for FracAtlas), and the decoded
-        ``width``, ``height``, ``mode``, ``sha256``, ``decodable``, ``truncated`` and ``error``;
-        then ``near_duplicate_group`` and ``near_duplicate_conflict``. An entry of an image folder
+        ``width``, ``height``, ``mode``, ``sha256``, ``decodable``, ``truncated``, ``error`` and
+        ``refused`` (a file the served model refuses, not decodable either: :func:`inspect_image`); then ``near_duplicate_group`` and ``near_duplicate_conflict``. An entry of an image folder
         that is no regular file (a broken link, a FIFO) is a row too, never opened: not
         decodable, its ``error`` saying why (:func:`not_a_file`), so the validate stage lists it.
 
@@ -909,6 +941,7 @@ def build_manifest(
     # Rows without a file stay NA here: the missing file is its own finding, not a decode error.
     frame["decodable"] = frame["decodable"].astype("boolean")
     frame["truncated"] = frame["truncated"].astype("boolean")
+    frame["refused"] = frame["refused"].astype("boolean")
     frame["width"] = frame["width"].astype("Int64")
     frame["height"] = frame["height"].astype("Int64")
     frame = frame.sort_values("image_id").reset_index(drop=True)

@@ -14,7 +14,10 @@ severity:
 Images that cannot be used at all are excluded whatever the severity: an id on more than one
 row (``unique_image_id``: the split, the groups and the exclusions are keyed by id, and which
 file the id's label belongs to cannot be told, so every row of it is left out), no file, a file
-that does not decode, or a label that is not 0 or 1; in that order of precedence, ahead of every
+that does not decode (``decodable``), a file the served model refuses for what it is
+(``servable``: another body part or modality, FOR PROCESSING, a blank picture, ..., with the
+served model's reason; soft as shipped, so one chest X-ray in a PACS export is left out
+without failing the stage), or a label that is not 0 or 1; in that order of precedence, ahead of every
 policy above. Soft findings of the other rules (sizes, colour modes, body-part flags,
 ``fracture_count``) are reported and the images kept. Every excluded image is listed in the
 report with the rule and the reason.
@@ -139,6 +142,11 @@ def apply_policy(
         sorted(flagged["decodable"]),
         "decodable",
         lambda i: f"the file does not decode as an image: {rows.at[i, 'error']}",
+    )
+    exclude(
+        sorted(flagged["servable"]),
+        "servable",
+        lambda i: f"the served model refuses the file, so it is not trained on: {rows.at[i, 'error']}",
     )
     for source in ("folder", "csv"):
         bad = sorted(i for i in flagged[f"{source}_label_binary"] if rows.at[i, "label_source"] == source)

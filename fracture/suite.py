@@ -92,6 +92,7 @@ RULES = (
     "folder_label_binary",
     "csv_label_binary",
     "decodable",
+    "servable",
     "width_in_bounds",
     "height_in_bounds",
     "colour_mode_allowed",
@@ -210,21 +211,33 @@ def _rule_expectations(params: ValidateParams) -> dict[str, list[tuple[str, gxe.
              gxe.ExpectColumnValuesToNotBeNull(column="csv_label", row_condition=Column("in_csv") == True)),  # noqa: E712
         ],
         "decodable": [
-            ("every file decodes as an image",
-             gxe.ExpectColumnValuesToBeInSet(column="decodable", value_set=[True])),
+            # A file the served model refuses for what it is (a chest, a CT, a blank film) is no
+            # damaged file: `servable` lists it, and a PACS export's stray chest does not fail the stage.
+            ("every file decodes as an image (of those the served model does not refuse for what they are)",
+             gxe.ExpectColumnValuesToBeInSet(column="decodable", value_set=[True],
+                                             row_condition=Column("refused") == False)),  # noqa: E712
         ],
+        "servable": [
+            ("no file is one the served model refuses (another body part or modality, FOR PROCESSING, several "
+             "frames, a format or bit depth it does not read, too many pixels, a blank picture)",
+             gxe.ExpectColumnValuesToBeInSet(column="refused", value_set=[False])),
+        ],
+        # Of the files that decode, as colour_mode_allowed: a file left out under `servable` (the
+        # served model refuses it) is not counted again here.
         "width_in_bounds": [
             (f"width is {lo} to {hi} px",
-             gxe.ExpectColumnValuesToBeBetween(column="width", min_value=lo, max_value=hi)),
+             gxe.ExpectColumnValuesToBeBetween(column="width", min_value=lo, max_value=hi,
+                                               row_condition=Column("decodable") == True)),  # noqa: E712
         ],
         "height_in_bounds": [
             (f"height is {lo} to {hi} px",
-             gxe.ExpectColumnValuesToBeBetween(column="height", min_value=lo, max_value=hi)),
+             gxe.ExpectColumnValuesToBeBetween(column="height", min_value=lo, max_value=hi,
+                                               row_condition=Column("decodable") == True)),  # noqa: E712
         ],
         "colour_mode_allowed": [
             # Of the files that decode: a mode the served model refuses (16-bit, 1-bit) makes a file
-            # undecodable already, and the decodable rule names it; counted here too, a file left out
-            # under `decodable: soft` still failed the stage under this rule.
+            # refused already, and the servable rule names it; counted here too, a file left out
+            # under `servable` still failed the stage under this rule.
             (f"colour mode is one of {modes}",
              gxe.ExpectColumnValuesToBeInSet(column="mode", value_set=modes,
                                              row_condition=Column("decodable") == True)),  # noqa: E712

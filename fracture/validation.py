@@ -19,8 +19,9 @@ from fracture.near_duplicates import label_conflicts
 from fracture.policies import Exclusion, apply_policy, duplicate_groups, label_columns
 from fracture.suite import HARD, RULES, Finding, run_suite
 
-# failure_message names at most this many offending ids per rule.
+# failure_message names at most this many offending ids per rule, and gives the reason of the first few.
 MAX_IDS = 50
+MAX_REASONS = 5
 
 
 class ValidationFailed(RuntimeError):
@@ -190,7 +191,9 @@ def failure_message(report: ValidationReport, allowed: dict[str, str] | None = N
 
     Returns:
         The rule and up to :data:`MAX_IDS` offending ids, quoted (or the observed value of a
-        whole-table rule), per failed hard rule, then what to do about it.
+        whole-table rule), per failed hard rule, each of the first :data:`MAX_REASONS` ids the rule
+        excluded on a line of its own with its reason (why the file does not decode, say), then
+        what to do about it.
     """
     lines = []
     for f in report.failures():
@@ -201,6 +204,12 @@ def failure_message(report: ValidationReport, allowed: dict[str, str] | None = N
         more = f" and {len(f.unexpected_ids) - MAX_IDS} more" if len(f.unexpected_ids) > MAX_IDS else ""
         rows = f" for {f.unexpected_count} images" if f.unexpected_count else ""
         lines.append(f"rule '{f.rule}' failed{rows}: {ids}{more}")
+        # Why each file failed, where the rule excluded it: the ids alone sent the reader to the full report.
+        why = [(i, report.excluded[i].reason) for i in f.unexpected_ids
+               if i in report.excluded and report.excluded[i].rule == f.rule]
+        lines += [f"  {i!r}: {reason}" for i, reason in why[:MAX_REASONS]]
+        if len(why) > MAX_REASONS:
+            lines.append(f"  (the reasons of the other {len(why) - MAX_REASONS} under `excluded` in the full report)")
         if f.rule == "colour_mode_allowed":
             # A palette PNG, or grey or RGB with an opaque alpha channel: the served model converts
             # each to RGB and scores it (fracture.decoding.convert_for_model), and training does the same.

@@ -176,6 +176,7 @@ RULE_CASES: list[tuple[str, Callable[[pd.DataFrame], pd.DataFrame], list[str]]] 
     ("folder_label_binary", lambda m: mutate(m, "IMG0000009.jpg", folder_label=2), ["IMG0000009.jpg"]),
     ("csv_label_binary", lambda m: mutate(m, "IMG0000009.jpg", csv_label=3), ["IMG0000009.jpg"]),
     ("decodable", lambda m: mutate(m, "IMG0000010.jpg", decodable=False), ["IMG0000010.jpg"]),
+    ("servable", lambda m: mutate(m, "IMG0000011.jpg", decodable=False, refused=True), ["IMG0000011.jpg"]),
     ("width_in_bounds", lambda m: mutate(m, "IMG0000004.jpg", width=9000), ["IMG0000004.jpg"]),
     ("width_in_bounds", lambda m: mutate(m, "IMG0000004.jpg", width=20), ["IMG0000004.jpg"]),
     ("height_in_bounds", lambda m: mutate(m, "IMG0000005.jpg", height=20), ["IMG0000005.jpg"]),
@@ -816,10 +817,10 @@ def test_real_copy_near_duplicates_are_grouped_and_conflicting_labels_flagged(re
     assert not resolved.set_index("image_id").loc[sorted(conflicting), "included"].any()
 
 
-def test_a_file_the_served_model_refuses_for_its_mode_is_counted_once_under_decodable(tmp_path, vparams):
-    """A 16-bit greyscale PNG in a hospital's export: `decodable` lists it (the served model refuses it),
-    and set soft, as the stage advises, leaves it out; `colour_mode_allowed` counted it again and
-    failed the stage for a file already left out. A file that decodes in a mode not allowed still fails it."""
+def test_a_file_the_served_model_refuses_for_its_mode_is_counted_once_under_servable(tmp_path, vparams):
+    """A 16-bit greyscale PNG in a hospital's export: `servable` lists it (the served model refuses it)
+    and leaves it out; `colour_mode_allowed` counted it again and failed the stage for a file already
+    left out. A file that decodes in a mode not allowed still fails it."""
     import numpy as np
     from PIL import Image
 
@@ -828,18 +829,18 @@ def test_a_file_the_served_model_refuses_for_its_mode_is_counted_once_under_deco
     Image.fromarray((np.arange(96 * 80).reshape(96, 80) * 7).astype(np.uint16)).save(sixteen, format="PNG")
     manifest = build_manifest(tmp_path, workers=1)
     assert manifest.set_index("image_id").loc["IMG0000008.jpg", "mode"] == "I;16"
-    ok, report = validate(manifest, with_severity(vparams, decodable="soft"))
+    ok, report = validate(manifest, vparams)
     failed = {f.rule for f in report.findings if not f.success}
-    assert "colour_mode_allowed" not in failed and report.excluded["IMG0000008.jpg"].rule == "decodable", failed
+    assert "colour_mode_allowed" not in failed and report.excluded["IMG0000008.jpg"].rule == "servable", failed
     palette = tmp_path / "images/Non_fractured/IMG0000009.jpg"
     Image.open(palette).convert("P").save(palette, format="PNG")
-    _, report = validate(build_manifest(tmp_path, workers=1), with_severity(vparams, decodable="soft"))
+    _, report = validate(build_manifest(tmp_path, workers=1), vparams)
     (colour,) = [f for f in report.findings if f.rule == "colour_mode_allowed"]
     assert not colour.success and colour.unexpected_ids == ["IMG0000009.jpg"]
     # The message says how to take it: the served model converts a palette image and scores it.
     assert ("rule 'colour_mode_allowed' failed for 1 images: 'IMG0000009.jpg'\n    (a mode the model converts, such as "
             "P, LA or RGBA, is taken once listed in validate.colour_modes)") in failure_message(report)
-    listed = dataclasses.replace(with_severity(vparams, decodable="soft"), colour_modes=["L", "RGB", "P"])
+    listed = dataclasses.replace(vparams, colour_modes=["L", "RGB", "P"])
     _, report = validate(build_manifest(tmp_path, workers=1), listed)
     assert [f.success for f in report.findings if f.rule == "colour_mode_allowed"] == [True]
 

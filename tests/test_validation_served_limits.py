@@ -53,13 +53,13 @@ def served_limits_project(root: Path, **overrides: object) -> Params:
 
 
 def test_validate_lists_a_blank_and_an_over_limit_image_and_they_are_neither_split_nor_prepared(tmp_path):
-    params = served_limits_project(tmp_path / "project", validate__severity__decodable="soft")
+    params = served_limits_project(tmp_path / "project")  # validate.severity.servable: soft, as shipped
     workspace = Workspace(tmp_path / "project")
     result = run_validate(params, workspace)
 
     assert set(result.excluded) == {BLANK, LARGE}
     blank, large = result.excluded[BLANK], result.excluded[LARGE]
-    assert blank["rule"] == large["rule"] == "decodable"
+    assert blank["rule"] == large["rule"] == "servable"
     assert "is blank or nearly constant (greyscale standard deviation 0." in blank["reason"]
     assert "under serve.min_grey_std 2" in blank["reason"] and "served model refuses it" in blank["reason"]
     assert "declares 1200 x 1000 px (1.2 megapixels), over serve.max_megapixels (1)" in large["reason"]
@@ -78,14 +78,17 @@ def test_validate_lists_a_blank_and_an_over_limit_image_and_they_are_neither_spl
     assert len(prepared) == 20 and not {BLANK, LARGE} & prepared
 
 
-def test_with_decodable_hard_the_stage_fails_naming_both_and_the_report_lists_them(tmp_path, capsys):
-    params = served_limits_project(tmp_path / "project")  # validate.severity.decodable: hard, as shipped
+def test_with_servable_hard_the_stage_fails_naming_both_and_the_report_lists_them(tmp_path, capsys):
+    params = served_limits_project(tmp_path / "project", validate__severity__servable="hard")
     workspace = Workspace(tmp_path / "project")
     with pytest.raises(ValidationFailed) as failed:
         run_validate(params, workspace)
-    assert f"rule 'decodable' failed for 2 images: '{BLANK}', '{LARGE}'" in str(failed.value)
+    assert f"rule 'servable' failed for 2 images: '{BLANK}', '{LARGE}'" in str(failed.value)
+    # ... each with the served model's reason, in the stage's own message.
+    assert f"\n    '{BLANK}': the served model refuses the file, so it is not trained on: is blank" in str(failed.value)
+    assert f"\n    '{LARGE}': the served model refuses the file, so it is not trained on: declares 1200" in str(failed.value)
     report = workspace.read_validate()
-    assert {i: e["rule"] for i, e in report.excluded.items()} == {BLANK: "decodable", LARGE: "decodable"}
+    assert {i: e["rule"] for i, e in report.excluded.items()} == {BLANK: "servable", LARGE: "servable"}
     assert "serve.min_grey_std" in report.excluded[BLANK]["reason"]
     assert "serve.max_megapixels" in report.excluded[LARGE]["reason"]
     # `fracture validate` says why each named file failed, not only which (the reasons were in report.json alone).
@@ -93,6 +96,6 @@ def test_with_decodable_hard_the_stage_fails_naming_both_and_the_report_lists_th
 
     _print_validation(report, workspace)
     printed = capsys.readouterr().out.splitlines()
-    at = printed.index(next(line for line in printed if line.startswith("[hard] decodable: 2 images")))
+    at = printed.index(next(line for line in printed if line.startswith("[hard] servable: 2 images")))
     assert printed[at + 1].startswith(f"    {BLANK}: is blank or nearly constant")
     assert printed[at + 2].startswith(f"    {LARGE}: declares 1200 x 1000 px")

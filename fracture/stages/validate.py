@@ -15,8 +15,9 @@ from fracture.workspace import ValidateResult, Workspace
 def run_validate(params: Params, workspace: Workspace) -> ValidateResult:
     """Builds the manifest of ``ingest.dest``, runs the suite and writes the manifest and report.
 
-    An image the served model would refuse (``serve.max_megapixels``, ``serve.min_grey_std``, and
-    the formats and bit depths it reads) is excluded as not decodable, with the served model's reason.
+    An image the served model would refuse (``serve.max_megapixels``, ``serve.min_grey_std``,
+    ``serve.modalities``, ``serve.body_parts``, and the formats and bit depths it reads) is excluded
+    under rule ``servable`` (soft as shipped: the stage goes on), with the served model's reason.
     The dataset is read in ``ingest.layout``'s layout; for a hospital's export (``csv``) the rules
     that only FracAtlas's files can satisfy are skipped and listed so, and the comparison with
     the previous dataset version, which reads FracAtlas's layout, is skipped too.

@@ -1,0 +1,149 @@
+"""A file the served model refuses for what it is (a chest X-ray, a CT, an image FOR PROCESSING, several
+frames) is left out under rule ``servable`` with the served model's reason, and does not fail the
+validate stage as shipped; a damaged file still fails it under ``decodable``, and the stage's message
+says why each named file failed."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from pydicom import dcmread
+
+from fracture.config import load_params
+from fracture.intake import InputRejected, read_xray
+from fracture.manifest import build_manifest
+from fracture.policies import Exclusion
+from fracture.stages.register import input_policy
+from fracture.suite import skipped_rules
+from fracture.validation import MAX_REASONS, ValidationReport, failure_message, validate
+from tests.conftest import REPO
+from tests.dicom_files import dicom_from_jpeg, multiframe, to_bytes
+from tests.synthetic import write_image
+
+PARAMS = load_params(REPO)
+
+#: What the served model says of each, as the exclusion's reason holds it.
+REFUSED = {
+    "images/chest.dcm": "is an X-ray of CHEST (its Body Part Examined)",
+    "images/ct.dcm": "has modality CT",
+    "images/for_processing.dcm": "is an image FOR PROCESSING",
+    "images/two_frames.dcm": "holds 2 frames",
+}
+
+
+def hospital_export(root: Path, damaged: bool = False) -> Path:
+    """images/ of 16 DICOM hand X-rays (4 fractured) and the four files of :data:`REFUSED`, with labels.csv;
+    ``damaged``: and a DICOM file cut off in its pixel data."""
+    images = root / "images"
+    images.mkdir(parents=True)
+    rows = ["path,label"]
+    for i in range(16):
+        write_image(root / "tmp.png", seed=i)
+        (images / f"hand{i}.dcm").write_bytes(dicom_from_jpeg(root / "tmp.png", "8-bit"))
+        rows.append(f"images/hand{i}.dcm,{int(i < 4)}")
+    write_image(root / "tmp.png", seed=100)
+    chest = dcmread(io.BytesIO(dicom_from_jpeg(root / "tmp.png", "8-bit")))
+    chest.BodyPartExamined = "CHEST"
+    (images / "chest.dcm").write_bytes(to_bytes(chest))
+    write_image(root / "tmp.png", seed=101)
+    (images / "ct.dcm").write_bytes(dicom_from_jpeg(root / "tmp.png", "8-bit", modality="CT"))
+    write_image(root / "tmp.png", seed=102)
+    raw = dcmread(io.BytesIO(dicom_from_jpeg(root / "tmp.png", "8-bit")))
+    raw.PresentationIntentType = "FOR PROCESSING"
+    (images / "for_processing.dcm").write_bytes(to_bytes(raw))
+    write_image(root / "tmp.png", seed=103)
+    (images / "two_frames.dcm").write_bytes(multiframe(root / "tmp.png"))
+    rows += [f"{path},0" for path in REFUSED]
+    if damaged:
+        write_image(root / "tmp.png", seed=104)
+        data = dicom_from_jpeg(root / "tmp.png", "8-bit")
+        (images / "damaged.dcm").write_bytes(data[: len(data) - 3000])  # an interrupted transfer
+        rows.append("images/damaged.dcm,0")
+    (root / "tmp.png").unlink()
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def run(root: Path) -> tuple[pd.DataFrame, ValidationReport]:
+    """The validate stage's manifest and suite on a csv-layout export, with the shipped params."""
+    serve = PARAMS.serve
+    manifest = build_manifest(root, workers=1, layout="csv", max_pixels=serve.max_megapixels * 10**6,
+                              min_grey_std=serve.min_grey_std, modalities=serve.modalities, body_parts=serve.body_parts)
+    return validate(manifest, PARAMS.validate, None, skipped_rules("csv"))
+
+
+def test_files_the_served_model_refuses_in_a_pacs_export_are_left_out_without_failing_the_stage(tmp_path):
+    """One chest X-ray in an export of hands failed the whole stage as "rule 'decodable' failed" (the
+    file decodes: the served model refuses it). Each is now excluded under `servable`, with the
+    served model's reason, and the stage goes on with the rest."""
+    root = hospital_export(tmp_path / "export")
+    policy = input_policy(PARAMS)
+    for path, said in REFUSED.items():  # the premise: the served model refuses each, saying so
+        with pytest.raises(InputRejected, match=re.escape(said)):
+            read_xray((root / path).read_bytes(), policy)
+
+    resolved, report = run(root)
+
+    assert report.success, failure_message(report)
+    assert report.finding("decodable").success
+    servable = report.finding("servable")
+    assert servable.severity == "soft" and servable.unexpected_ids == sorted(REFUSED)
+    assert {i: e.rule for i, e in report.excluded.items()} == dict.fromkeys(REFUSED, "servable")
+    for path, said in REFUSED.items():
+        reason = report.excluded[path].reason
+        assert reason.startswith("the served model refuses the file, so it is not trained on: "), reason
+        assert said in reason, reason
+    assert report.counts["included"] == 16 and report.counts["excluded"] == 4
+    assert resolved.set_index("image_id").loc[sorted(REFUSED), "exclude_rule"].eq("servable").all()
+
+
+def test_set_hard_servable_fails_the_stage_naming_each_file_and_its_reason(tmp_path):
+    root = hospital_export(tmp_path / "export")
+    serve = PARAMS.serve
+    manifest = build_manifest(root, workers=1, layout="csv", max_pixels=serve.max_megapixels * 10**6,
+                              min_grey_std=serve.min_grey_std, modalities=serve.modalities, body_parts=serve.body_parts)
+    strict = dataclasses.replace(PARAMS.validate, severity={**PARAMS.validate.severity, "servable": "hard"})
+    _, report = validate(manifest, strict, None, skipped_rules("csv"))
+    assert not report.success and [f.rule for f in report.failures()] == ["servable"]
+    message = failure_message(report)
+    assert "rule 'servable' failed for 4 images: 'images/chest.dcm', 'images/ct.dcm'" in message
+    for path, said in REFUSED.items():
+        line = next(line for line in message.splitlines() if line.startswith(f"    {path!r}: "))
+        assert said in line, line
+
+
+def test_a_damaged_file_still_fails_decodable_and_the_message_says_why(tmp_path):
+    """The message named the ids only ("rule 'decodable' failed for 1 images: 'images/chest_bpe.dcm'"),
+    the reason being in the full report alone."""
+    _, report = run(hospital_export(tmp_path / "export", damaged=True))
+    assert not report.success and [f.rule for f in report.failures()] == ["decodable"]
+    assert report.excluded["images/damaged.dcm"].rule == "decodable"
+    assert report.finding("servable").unexpected_ids == sorted(REFUSED)  # still listed, under their own rule
+    message = failure_message(report)
+    assert "rule 'decodable' failed for 1 images: 'images/damaged.dcm'\n" in message
+    (line,) = [line for line in message.splitlines() if line.startswith("    'images/damaged.dcm': ")]
+    assert line.startswith("    'images/damaged.dcm': the file does not decode as an image: ") and len(line) > 70
+    assert "servable" not in message and "chest" not in message
+
+
+def test_the_message_gives_the_reasons_of_the_first_few_files_and_points_to_the_rest(tmp_path):
+    from tests.synthetic import make_dataset
+
+    make_dataset(tmp_path)
+    manifest = build_manifest(tmp_path, workers=1)
+    broken = sorted(manifest["image_id"])[: MAX_REASONS + 2]
+    for n, image_id in enumerate(broken):
+        manifest.loc[manifest["image_id"] == image_id, ["decodable", "error"]] = [False, f"reason {n}"]
+    _, report = validate(manifest, PARAMS.validate)
+    assert report.excluded[broken[0]] == Exclusion("decodable", "the file does not decode as an image: reason 0")
+    lines = failure_message(report).splitlines()
+    at = lines.index(next(line for line in lines if line.startswith("  rule 'decodable' failed for 7 images")))
+    assert lines[at + 1 : at + 1 + MAX_REASONS] == [
+        f"    {image_id!r}: the file does not decode as an image: reason {n}" for n, image_id in enumerate(broken[:MAX_REASONS])
+    ]
+    assert lines[at + 1 + MAX_REASONS] == "    (the reasons of the other 2 under `excluded` in the full report)"
