@@ -240,10 +240,24 @@ def _refused_for_what_it_is(data: bytes, modalities: Iterable[str] | None) -> bo
         return False
 
 
+def _outside_sides(width: int, height: int, min_side: int | None, max_side: int | None) -> str | None:
+    """Why the served model refuses a picture of this displayed size for its sides, or ``None``: a side
+    under ``min_side`` or over ``max_side`` (``validate.min_side`` / ``max_side``, the served model's too)."""
+    lo = min_side if min_side is not None else 1
+    hi = max_side if max_side is not None else max(width, height)
+    if lo <= width <= hi and lo <= height <= hi:
+        return None
+    return (f"is {width} x {height} px, a side outside validate.min_side to validate.max_side ({lo} to {hi} px): "
+            "the served model refuses it; send the X-ray at a size within them, or change validate.min_side / "
+            "max_side in params.yaml")
+
+
 def inspect_image(
     path: str, max_pixels: int | None = None, min_grey_std: float | None = None,
     modalities: Iterable[str] | None = RADIOGRAPHY,
     body_parts: Iterable[str] | None = None,
+    min_side: int | None = None,
+    max_side: int | None = None,
 ) -> ImageFacts:
     """Hashes and fully decodes one file, telling a truncated JPEG from an unreadable one.
 
@@ -255,9 +269,11 @@ def inspect_image(
     stage excludes it under rule ``servable``, which does not fail the stage as shipped, where a
     damaged file fails ``decodable``). Besides the format and bit depth
     (:func:`~fracture.decoding.unservable`), that is more pixels than ``max_pixels``, read
-    from the header before any decode, a DICOM file of a modality not in ``modalities``, FOR
-    PROCESSING, of several frames or no image (:func:`_refused_for_what_it_is`) or whose header
-    names a body part not in ``body_parts``, and a blank or near-constant picture, measured on the decode made here anyway: no second decode,
+    from the header before any decode, a side outside ``min_side`` .. ``max_side`` (of the picture
+    as decoded and shown: upright, a DICOM file's pixels made square), a DICOM file of a modality
+    not in ``modalities``, FOR PROCESSING, of several frames or no image
+    (:func:`_refused_for_what_it_is`) or whose header names a body part not in ``body_parts``, and
+    a blank or near-constant picture, measured on the decode made here anyway: no second decode,
     about 1.5 ms more a FracAtlas X-ray (as much again as its decode; some 5 s of CPU over the 3,267).
 
     Args:
@@ -270,6 +286,8 @@ def inspect_image(
             not checked.
         body_parts: the Body Part Examined values the served model reads (``serve.body_parts``);
             ``None``: not checked.
+        min_side: the served model's shortest side in pixels (``validate.min_side``); ``None``: not checked.
+        max_side: its longest side (``validate.max_side``); ``None``: not checked.
     """
     if why := not_a_file(Path(path)):
         return ImageFacts(None, None, None, None, False, False, why)
@@ -300,7 +318,9 @@ def inspect_image(
         except (OSError, SyntaxError, ValueError) as exc:
             return ImageFacts(None, None, None, digest, False, True, failure_reason(exc))
     # Decoded, yet refused when served (a truncated file too, as the served model checks it): not trained on either.
-    refused = unservable(img.format, img.mode, png_bit_depth(data)) or _other_body_part(data, body_parts) or (
+    refused = _outside_sides(img.width, img.height, min_side, max_side) or unservable(
+        img.format, img.mode, png_bit_depth(data)
+    ) or _other_body_part(data, body_parts) or (
         near_constant(img, min_grey_std) if min_grey_std is not None else None
     )
     if refused:
@@ -895,6 +915,8 @@ def build_manifest(
     min_grey_std: float | None = None,
     modalities: Iterable[str] | None = RADIOGRAPHY,
     body_parts: Iterable[str] | None = None,
+    min_side: int | None = None,
+    max_side: int | None = None,
 ) -> pd.DataFrame:
     """Lists every image id from the dataset's files and its csv, with its facts.
 
@@ -915,13 +937,16 @@ def build_manifest(
             refuses it (``serve.modalities``); ``None``: not checked.
         body_parts: a DICOM file whose header names a body part not in these is refused,
             as the served model refuses it (``serve.body_parts``); ``None``: not checked.
+        min_side, max_side: a picture with a side outside these is refused, as the served model
+            refuses it (``validate.min_side`` / ``max_side``); ``None``: not checked.
 
     Returns:
         One row per id, sorted by id: ``path`` (relative to ``dataset_dir``, empty when only the
         csv names it), ``folder_label`` and ``csv_label`` (NA where unknown), ``has_file``,
         ``in_csv``, the csv's flags (and ``fracture_count`` for FracAtlas), and the decoded
         ``width``, ``height``, ``mode``, ``sha256``, ``decodable``, ``truncated``, ``error`` and
-        ``refused`` (a file the served model refuses, not decodable either: :func:`inspect_image`); then ``near_duplicate_group`` and ``near_duplicate_conflict``. An entry of an image folder
+        ``refused`` (a file the served model refuses, not decodable either: :func:`inspect_image`);
+        then ``near_duplicate_group`` and ``near_duplicate_conflict``. An entry of an image folder
         that is no regular file (a broken link, a FIFO) is a row too, never opened: not
         decodable, its ``error`` saying why (:func:`not_a_file`), so the validate stage lists it.
 
@@ -934,7 +959,7 @@ def build_manifest(
     paths = [str(dataset_dir / p) for p in frame.loc[frame["has_file"], "path"]]
     with ProcessPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
         inspect = partial(inspect_image, max_pixels=max_pixels, min_grey_std=min_grey_std, modalities=modalities,
-                          body_parts=body_parts)
+                          body_parts=body_parts, min_side=min_side, max_side=max_side)
         facts = list(pool.map(inspect, paths, chunksize=32))
     facts_frame = pd.DataFrame([asdict(f) for f in facts], index=frame.index[frame["has_file"]])
     frame = frame.join(facts_frame)

@@ -219,7 +219,7 @@ def _rule_expectations(params: ValidateParams) -> dict[str, list[tuple[str, gxe.
         ],
         "servable": [
             ("no file is one the served model refuses (another body part or modality, FOR PROCESSING, several "
-             "frames, a format or bit depth it does not read, too many pixels, a blank picture)",
+             "frames, a format or bit depth it does not read, too many pixels, a side out of bounds, a blank picture)",
              gxe.ExpectColumnValuesToBeInSet(column="refused", value_set=[False])),
         ],
         # Of the files that decode, as colour_mode_allowed: a file left out under `servable` (the

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import re
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -19,11 +20,13 @@ from fracture.intake import InputRejected, read_xray
 from fracture.manifest import build_manifest
 from fracture.policies import Exclusion
 from fracture.stages.register import input_policy
+from fracture.stages.validate import run_validate
 from fracture.suite import skipped_rules
 from fracture.validation import MAX_REASONS, ValidationReport, failure_message, validate
-from tests.conftest import REPO
+from fracture.workspace import Workspace
+from tests.conftest import REPO, shrink_params
 from tests.dicom_files import dicom_from_jpeg, multiframe, to_bytes
-from tests.synthetic import write_image
+from tests.synthetic import FLAGS, make_dataset, write_image
 
 PARAMS = load_params(REPO)
 
@@ -132,8 +135,6 @@ def test_a_damaged_file_still_fails_decodable_and_the_message_says_why(tmp_path)
 
 
 def test_the_message_gives_the_reasons_of_the_first_few_files_and_points_to_the_rest(tmp_path):
-    from tests.synthetic import make_dataset
-
     make_dataset(tmp_path)
     manifest = build_manifest(tmp_path, workers=1)
     broken = sorted(manifest["image_id"])[: MAX_REASONS + 2]
@@ -147,3 +148,44 @@ def test_the_message_gives_the_reasons_of_the_first_few_files_and_points_to_the_
         f"    {image_id!r}: the file does not decode as an image: reason {n}" for n, image_id in enumerate(broken[:MAX_REASONS])
     ]
     assert lines[at + 1 + MAX_REASONS] == "    (the reasons of the other 2 under `excluded` in the full report)"
+
+
+TALL = "IMG0000020.jpg"  # a stitched long-leg film: 100 x 8300 px, over validate.max_side 8192
+NARROW = "IMG0000021.jpg"  # 40 x 300 px, under validate.min_side 64
+
+
+@pytest.mark.parametrize("bounds", ["hard", "soft"])
+def test_the_stage_leaves_out_an_image_whose_side_the_served_model_refuses(tmp_path, bounds):
+    """The served model refuses a side outside validate.min_side .. max_side; training did not: such an
+    image failed the stage under the hard width/height rules, and was trained on with them soft."""
+    root = tmp_path / "project"
+    root.mkdir()
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    shrink_params(root, validate__compare_previous=False, validate__severity__width_in_bounds=bounds,
+                  validate__severity__height_in_bounds=bounds)
+    params = load_params(root)
+    dataset = root / params.ingest.dest
+    csv = make_dataset(dataset, 6, 14)
+    write_image(dataset / "images/Non_fractured" / TALL, seed=50, size=(100, 8300))
+    write_image(dataset / "images/Non_fractured" / NARROW, seed=51, size=(40, 300))
+    extra = [{"image_id": image_id, **dict.fromkeys(FLAGS, 0), "leg": 1, "frontal": 1, "fractured": 0, "fracture_count": 0}
+             for image_id in (TALL, NARROW)]
+    pd.concat([csv, pd.DataFrame(extra)[csv.columns]]).to_csv(dataset / "dataset.csv", index=False)
+    policy = input_policy(params)
+    for image_id, said in ((TALL, "is 100 x 8300 px"), (NARROW, "is 40 x 300 px")):  # the premise
+        with pytest.raises(InputRejected, match=said):
+            read_xray((dataset / "images/Non_fractured" / image_id).read_bytes(), policy)
+
+    result = run_validate(params, Workspace(root))
+
+    assert {i: e["rule"] for i, e in result.excluded.items()} == {TALL: "servable", NARROW: "servable"}
+    assert result.excluded[TALL]["reason"] == (
+        "the served model refuses the file, so it is not trained on: is 100 x 8300 px, a side outside "
+        "validate.min_side to validate.max_side (64 to 8192 px): the served model refuses it; send the X-ray at a "
+        "size within them, or change validate.min_side / max_side in params.yaml"
+    )
+    assert "is 40 x 300 px, a side outside" in result.excluded[NARROW]["reason"]
+    findings = {f["rule"]: f for f in result.findings}
+    assert findings["width_in_bounds"]["success"] and findings["height_in_bounds"]["success"]
+    assert findings["servable"]["unexpected_ids"] == [TALL, NARROW]
+    assert result.counts["included"] == 20

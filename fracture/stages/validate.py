@@ -16,8 +16,9 @@ def run_validate(params: Params, workspace: Workspace) -> ValidateResult:
     """Builds the manifest of ``ingest.dest``, runs the suite and writes the manifest and report.
 
     An image the served model would refuse (``serve.max_megapixels``, ``serve.min_grey_std``,
-    ``serve.modalities``, ``serve.body_parts``, and the formats and bit depths it reads) is excluded
-    under rule ``servable`` (soft as shipped: the stage goes on), with the served model's reason.
+    ``serve.modalities``, ``serve.body_parts``, ``validate.min_side`` / ``max_side``, and the formats
+    and bit depths it reads) is excluded under rule ``servable`` (soft as shipped: the stage goes
+    on), with the served model's reason.
     The dataset is read in ``ingest.layout``'s layout; for a hospital's export (``csv``) the rules
     that only FracAtlas's files can satisfy are skipped and listed so, and the comparison with
     the previous dataset version, which reads FracAtlas's layout, is skipped too.
@@ -42,6 +43,8 @@ def run_validate(params: Params, workspace: Workspace) -> ValidateResult:
         min_grey_std=params.serve.min_grey_std,
         modalities=params.serve.modalities,
         body_parts=params.serve.body_parts,
+        min_side=params.validate.min_side,
+        max_side=params.validate.max_side,
     )
     resolved, report = validate(manifest, params.validate, workspace.gx_dir, skipped_rules(layout))
     version = workspace.data_version()
