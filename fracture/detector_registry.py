@@ -40,7 +40,7 @@ from fracture.intake import InputPolicy
 from fracture.packaging import log_detector_pyfunc
 from fracture.registry import (
     CHAMPION,
-    ROLLBACK_COMMAND,
+    DETECTOR_ROLLBACK_COMMAND,
     TAG_DATA,
     TAG_POLICY,
     TAG_SPLIT,
@@ -322,7 +322,7 @@ def register_detector(
 
     outcome, current = _gate_until_settled(
         client, mv, _alias(client, name, CHAMPION), lambda current: _basis(params, current, split), decide,
-        MAP_COMPARISON_TAGS, rollback_command=f"{ROLLBACK_COMMAND} --detector",
+        MAP_COMPARISON_TAGS, rollback_command=DETECTOR_ROLLBACK_COMMAND,
     )
     return _registration(client, name, run_id, created, candidate, current, outcome, score_key=SCORE,
                          confidence=params.confidence, floors=params.floors)

@@ -91,6 +91,8 @@ RUN_ROLLED_BACK_TAGS = (*ROLLED_BACK_TAGS, TAG_ROLLED_BACK_VERSION)
 TAG_ROLLBACK_LIFTED = "rollback_lifted_at"
 #: The command that moves the classifier's aliases; the detector's adds ``--detector``.
 ROLLBACK_COMMAND = "fracture rollback"
+#: The command that moves the fracture detector's aliases (:mod:`fracture.detector_registry`).
+DETECTOR_ROLLBACK_COMMAND = f"{ROLLBACK_COMMAND} --detector"
 #: The ``gate_decision`` of a version made champion by hand (``fracture rollback --to``).
 CHOSEN = "chosen"
 #: What a challenger was decided against: the champion, the test split and the gate's rules.
@@ -834,9 +836,12 @@ def _decide_without_champion(
     ))
 
 
-def _require_loadable(name: str, version: str, role: str, isolated: bool = True) -> None:
+def _require_loadable(
+    name: str, version: str, role: str, isolated: bool = True, command: str = ROLLBACK_COMMAND,
+) -> None:
     """Raises when ``models:/<name>/<version>`` (holding ``role``) cannot be loaded from the registry
-    (``isolated``: in a consumer's Python, with its own packaged code).
+    (``isolated``: in a consumer's Python, with its own packaged code). The message suggests
+    ``command``, the one that moves this model's aliases.
 
     A champion that cannot be loaded fails every consumer of ``@champion``, and would keep every
     later version a challenger without a word; the registration fails instead, naming it.
@@ -850,8 +855,8 @@ def _require_loadable(name: str, version: str, role: str, isolated: bool = True)
         raise RegistryError(
             f"{role} {name} version {version} cannot be loaded from the registry ({_described(failure)}); a consumer "
             f"of @{role} cannot load it either. If the tracking server is down, run again when it answers; if the "
-            f"version is broken, roll back (`fracture rollback --reason ...`) or choose a version by hand "
-            f"(`fracture rollback --to <version> --reason ...`)"
+            f"version is broken, roll back (`{command} --reason ...`) or choose a version by hand "
+            f"(`{command} --to <version> --reason ...`)"
         ) from failure
 
 
@@ -1028,7 +1033,12 @@ def _registration(
 
 
 def rollback(
-    name: str, client: MlflowClient | None = None, reason: str = "", isolated: bool = True, to: str | int | None = None,
+    name: str,
+    client: MlflowClient | None = None,
+    reason: str = "",
+    isolated: bool = True,
+    to: str | int | None = None,
+    command: str = ROLLBACK_COMMAND,
 ) -> Rollback:
     """Moves ``champion`` back to the ``previous-champion`` version, or to version ``to``.
 
@@ -1055,6 +1065,8 @@ def rollback(
         reason: why, for the registry's record (the command asks for it).
         isolated: load the version to return to in a consumer's Python (default) or in this one.
         to: the version to make champion (default: ``previous-champion``).
+        command: the command that moves this model's aliases, as the messages suggest it
+            (:data:`DETECTOR_ROLLBACK_COMMAND` for the fracture detector's).
 
     Returns:
         Which version was demoted and where the aliases point now.
@@ -1062,14 +1074,15 @@ def rollback(
     Raises:
         RegistryError: the model has neither champion nor previous champion, or no previous
             champion to return to; version ``to`` does not exist or already is champion, or the
-            version cannot be loaded.
+            version cannot be loaded. Each command the message suggests is ``command``.
     """
     client = client or MlflowClient()
     current = _alias(client, name, CHAMPION)
     if current is None:
-        return _rollback_without_champion(client, name, None if to is None else str(to).strip(), reason, isolated)
+        return _rollback_without_champion(client, name, None if to is None else str(to).strip(), reason, isolated,
+                                          command)
     if to is not None:
-        return _choose(client, name, current, str(to).strip(), reason, isolated)
+        return _choose(client, name, current, str(to).strip(), reason, isolated, command)
     if current.tags.get(TAG_DECISION) == "promoted":
         # A promotion stopped after champion moved and before previous-champion did left it on the
         # version before (or on none): the champion's own record names the version it replaced.
@@ -1088,7 +1101,7 @@ def rollback(
         # change would demote a champion the pick never replaced.
         raise RegistryError(
             f"a hand pick of version {pick.version} in place of champion version {current.version} was stopped before "
-            f"champion moved: finish it with `fracture rollback --to {pick.version} --reason ...` (then a plain "
+            f"champion moved: finish it with `{command} --to {pick.version} --reason ...` (then a plain "
             "rollback undoes it), or choose another version with --to; champion stays at version "
             f"{current.version}"
         )
@@ -1102,10 +1115,10 @@ def rollback(
     if previous is None or str(previous.version) == str(current.version):
         raise RegistryError(
             f"registered model '{name}' has no '{PREVIOUS_CHAMPION}' to roll back to (champion is version "
-            f"{current.version}); to choose a version by hand: fracture rollback --to <version> --reason \"...\""
+            f"{current.version}); to choose a version by hand: {command} --to <version> --reason \"...\""
         )
     require_ready(previous, f"champion stays at version {current.version}")
-    _require_loadable(name, str(previous.version), PREVIOUS_CHAMPION, isolated)
+    _require_loadable(name, str(previous.version), PREVIOUS_CHAMPION, isolated, command)
     _require_champion_unmoved(client, name, current, str(previous.version))
     # The demoted version is tagged before champion leaves it: a rollback stopped at any point
     # leaves no untagged version that a later registration of its run would promote again.
@@ -1164,7 +1177,7 @@ def _finish_rollback(client: MlflowClient, name: str, demoted: str | None, previ
 
 
 def _rollback_without_champion(
-    client: MlflowClient, name: str, to: str | None, reason: str, isolated: bool,
+    client: MlflowClient, name: str, to: str | None, reason: str, isolated: bool, command: str = ROLLBACK_COMMAND,
 ) -> Rollback:
     """Gives ``champion`` back where no version holds it (the champion's version was deleted, which
     removes its alias, or the alias was removed): to ``previous-champion``, the last champion the
@@ -1180,7 +1193,7 @@ def _rollback_without_champion(
     if to is None and previous is None:
         raise RegistryError(
             f"registered model '{name}' has no '{CHAMPION}' alias and no '{PREVIOUS_CHAMPION}' to restore: nothing to "
-            "roll back to. To make a version champion by hand: fracture rollback --to <version> --reason \"...\""
+            f"roll back to. To make a version champion by hand: {command} --to <version> --reason \"...\""
         )
     target = previous if to is None else _version_or_none(client, name, to) if to.isdigit() else None
     if target is None:
@@ -1220,8 +1233,12 @@ def _rollback_without_champion(
     return Rollback(name, None, version, _version_of(_alias(client, name, PREVIOUS_CHAMPION)), chosen=True)
 
 
-def _choose(client: MlflowClient, name: str, current: ModelVersion, version: str, reason: str, isolated: bool) -> Rollback:
-    """Makes ``version``, chosen by hand, champion in place of ``current`` (``fracture rollback --to``).
+def _choose(
+    client: MlflowClient, name: str, current: ModelVersion, version: str, reason: str, isolated: bool,
+    command: str = ROLLBACK_COMMAND,
+) -> Rollback:
+    """Makes ``version``, chosen by hand, champion in place of ``current`` (``fracture rollback --to``;
+    ``command`` is the one the messages suggest).
 
     The version is loaded first as a consumer would load it. The champion it replaces is tagged
     ``rolled_back_*`` before ``champion`` leaves it, as a rollback tags it, so the flow does not
@@ -1252,7 +1269,7 @@ def _choose(client: MlflowClient, name: str, current: ModelVersion, version: str
             return _finish_choice(client, name, str(replaced.version), version)
         raise RegistryError(
             f"version {version} of '{name}' already is champion: nothing to change. To go back to the version it "
-            "replaced: fracture rollback --reason \"...\""
+            f"replaced: {command} --reason \"...\""
         )
     require_ready(chosen, f"champion stays at version {champion}")
     failure = _load_failure(name, version, isolated)

@@ -18,7 +18,7 @@ import mlflow
 import pytest
 from mlflow.exceptions import MlflowException
 
-from fracture.registry import RegistryError, require_ready
+from fracture.registry import DETECTOR_ROLLBACK_COMMAND, RegistryError, require_ready
 from fracture.registry import history as registry_history
 from tests import test_registry
 from tests.test_registry import (
@@ -229,3 +229,36 @@ def test_the_gate_refuses_a_version_whose_registration_has_not_finished():
                                             r"gate cannot score it"):
         require_ready(pending, "the gate cannot score it, and it cannot be made champion")
     require_ready(ModelVersion(NAME, "5", 0, status="READY"), "")
+
+
+def test_every_command_a_rollback_suggests_is_the_one_it_was_given(client, tmp_path):
+    """The detector's rollback suggests `fracture rollback --detector` in each of its messages,
+    composed where the message is written: `fracture rollback --detector` rewrote the classifier's
+    messages with a pattern afterwards, which any new wording could slip past."""
+    command = DETECTOR_ROLLBACK_COMMAND
+    client.create_registered_model(NAME)
+    for _ in range(3):  # models that were never logged: none of them loads
+        client.create_model_version(NAME, (tmp_path / "never-logged").as_uri())
+
+    def refused(**how) -> str:
+        with pytest.raises(RegistryError) as refusal:
+            rollback(NAME, client, "why", command=command, **how)
+        message = str(refusal.value)
+        assert message.count("fracture rollback") == message.count(f"{command} ") >= 1, message
+        return message
+
+    # Neither alias.
+    assert f"To make a version champion by hand: {command} --to <version>" in refused()
+    client.set_registered_model_alias(NAME, "champion", "2")
+    # No previous champion; the champion itself chosen.
+    assert f"to choose a version by hand: {command} --to <version>" in refused()
+    assert f"To go back to the version it replaced: {command} --reason" in refused(to=2)
+    # previous-champion does not load.
+    client.set_registered_model_alias(NAME, "previous-champion", "1")
+    assert f"roll back (`{command} --reason ...`) or choose a version by hand (`{command} --to <version>" in refused()
+    # A hand pick of version 3 stopped before champion moved.
+    client.set_model_version_tag(NAME, "2", "rolled_back_to", "3")
+    client.set_model_version_tag(NAME, "3", "gate_decision", "chosen")
+    client.set_model_version_tag(NAME, "3", "replaced_version", "2")
+    assert f"finish it with `{command} --to 3 --reason ...`" in refused()
+    assert aliases(client) == {"champion": "2", "previous-champion": "1"}

@@ -6,12 +6,17 @@ makes a version chosen by hand champion.
 
 from __future__ import annotations
 
-import re
-
 from fracture.config import Params
 from fracture.gate import EvaluatedSplit
 from fracture.intake import InputPolicy
-from fracture.registry import Registration, RegistryError, Rollback, register, rollback
+from fracture.registry import (
+    DETECTOR_ROLLBACK_COMMAND,
+    ROLLBACK_COMMAND,
+    Registration,
+    Rollback,
+    register,
+    rollback,
+)
 from fracture.tracking import setup_mlflow
 from fracture.workspace import Workspace
 
@@ -85,13 +90,10 @@ def run_rollback(
     Raises:
         fracture.registry.RegistryError: there is no champion, or no previous champion to return
             to; version ``to`` does not exist or already is champion; the version does not load.
-            For the detector, each ``fracture rollback`` the message suggests carries ``--detector``,
+            For the detector, each command the message suggests is ``fracture rollback --detector``,
             so that the command copied from it does not act on the classifier.
     """
     setup_mlflow(params, workspace.root)
     if not detector:
-        return rollback(params.register.model_name, reason=reason, to=to)
-    try:
-        return rollback(params.detect.model_name, reason=reason, to=to)
-    except RegistryError as exc:
-        raise RegistryError(re.sub(r"fracture rollback(?= --)", "fracture rollback --detector", str(exc))) from exc
+        return rollback(params.register.model_name, reason=reason, to=to, command=ROLLBACK_COMMAND)
+    return rollback(params.detect.model_name, reason=reason, to=to, command=DETECTOR_ROLLBACK_COMMAND)
