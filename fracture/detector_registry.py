@@ -258,6 +258,8 @@ def register_detector(
     threshold, test figures or input checks (``described["input"]``, ``serve`` in params.yaml)
     changed is registered as a new version, which serves them. A champion moved by another
     registration while this one scored or promoted is the one the version is scored against again.
+    Where no version holds champion (its version was deleted), the version must beat
+    ``previous-champion`` instead, and ``previous-champion``'s own run is left as it is.
 
     Args:
         params: ``detect``: the model name, the confidence, the floors and the bootstrap resamples.
@@ -315,7 +317,8 @@ def register_detector(
     candidate = Evaluation(str(mv.version), metrics, mv.tags.get(TAG_SPLIT) or split.fingerprint,
                            run.data.tags.get("data_version") or None)
 
-    def decide(current: ModelVersion | None) -> tuple[_Outcome, dict[str, str] | None]:
+    def decide(current: ModelVersion | None, role: str) -> tuple[_Outcome, dict[str, str] | None]:
+        # ``role``: previous-champion where no version holds champion, compared with in its stead.
         checks, compared = _gate(client, params, mv, metrics, current, split, threshold, seed, isolated)
         beat = next((c for c in checks if c.name == "beats champion" and current is not None), None)
         return _verdict(checks, beat.detail if beat else "first version to pass the gate"), compared

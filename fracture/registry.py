@@ -326,34 +326,14 @@ def register(
     fingerprint = mv.tags.get(TAG_SPLIT) or split.fingerprint
     candidate = Evaluation(str(mv.version), metrics, fingerprint, run.data.tags.get("data_version") or None)
 
-    name = params.model_name
-    champion = _alias(client, name, CHAMPION)
-    if champion is None and _version_of(_alias(client, name, PREVIOUS_CHAMPION)) == str(mv.version):
-        # The last champion the registry still holds: restoring it is a rollback's business, and
-        # judging it against itself would overwrite its record with a lost decision.
-        outcome = _Outcome("unchanged", f"no version holds champion ({NO_CHAMPION_WHY}); this version is "
-                                        f"{PREVIOUS_CHAMPION}: `fracture rollback --reason \"...\"` restores it")
-        return _registration(
-            client, name, run_id, created, candidate, None, outcome, score_key=SCORE, confidence=params.confidence,
-            floors=params.floors, sensitivity_tolerance=params.sensitivity_tolerance,
-            specificity_tolerance=params.specificity_tolerance,
-        )
-
-    def decide(current: ModelVersion | None) -> tuple[_Outcome, dict[str, str] | None]:
-        if current is not None:
-            outcome = _decide(client, params, candidate, current, split, config.threshold, isolated)
-        else:
-            outcome = _decide_without_champion(client, params, candidate, split, config.threshold, isolated)
+    def decide(current: ModelVersion | None, role: str) -> tuple[_Outcome, dict[str, str] | None]:
+        outcome = _decide(client, params, candidate, current, split, config.threshold, isolated, role)
         return outcome, None if outcome.comparison is None else outcome.comparison.tags()
 
-    def basis(current: ModelVersion | None) -> str:
-        rules = _basis(params, current, split)
-        stand_in = None if current is not None else _alias(client, name, PREVIOUS_CHAMPION)
-        if stand_in is None:
-            return rules
-        return json.dumps(json.loads(rules) | {PREVIOUS_CHAMPION: str(stand_in.version)}, sort_keys=True)
-
-    outcome, current = _gate_until_settled(client, mv, champion, basis, decide, COMPARISON_TAGS)
+    outcome, current = _gate_until_settled(
+        client, mv, _alias(client, params.model_name, CHAMPION), lambda current: _basis(params, current, split), decide,
+        COMPARISON_TAGS,
+    )
     return _registration(
         client, params.model_name, run_id, created, candidate, current, outcome, score_key=SCORE,
         confidence=params.confidence, floors=params.floors, sensitivity_tolerance=params.sensitivity_tolerance,
@@ -432,31 +412,49 @@ def _gate_until_settled(
     mv: ModelVersion,
     current: ModelVersion | None,
     basis: Callable[[ModelVersion | None], str],
-    decide: Callable[[ModelVersion | None], tuple[_Outcome, dict[str, str] | None]],
+    decide: Callable[[ModelVersion | None, str], tuple[_Outcome, dict[str, str] | None]],
     comparison_tags: Iterable[str],
     rollback_command: str = ROLLBACK_COMMAND,
 ) -> tuple[_Outcome, ModelVersion | None]:
     """Runs the gate for ``mv`` against the champion ``current`` until its decision is applied
     against the champion it was taken against (the classifier's and the detector's registration).
 
+    Where no version holds ``champion``, ``mv`` is decided against ``previous-champion`` instead
+    (:func:`_without_champion`), and a ``mv`` that holds ``previous-champion`` is left as it is.
+
     Args:
         client: the registry's client.
         mv: the version, its provenance recorded.
         current: the champion read before the gate.
         basis: what a decision against a champion rests on (:func:`_basis`).
-        decide: the gate against a champion: the outcome, and the comparison's version tags
-            (``None``: decided without one, so the tags in ``comparison_tags`` an earlier
-            decision left are removed).
+        decide: the gate against a champion, or against ``None`` (no champion to compare with),
+            holding the role given (``champion``, or ``previous-champion`` in its stead): the
+            outcome, and the comparison's version tags (``None``: decided without one, so the
+            tags in ``comparison_tags`` an earlier decision left are removed).
         comparison_tags: the tags a comparison writes.
-        rollback_command: the command a held-back version's reason names (:func:`_held_back`).
+        rollback_command: the command that moves this model's aliases, as the reasons name it.
 
     Returns:
         The outcome, and the champion it was decided against.
     """
     name = mv.name
-    outcome = _held_back(mv, current, rollback_command) or _decided_before(mv, current, basis(current))
+
+    def held_back(current: ModelVersion | None) -> _Outcome | None:
+        return (_kept_as_previous(client, mv, rollback_command) if current is None else None) or _held_back(
+            mv, current, rollback_command)
+
+    def settled_basis(current: ModelVersion | None) -> str:
+        stand_in = None if current is not None else _alias(client, name, PREVIOUS_CHAMPION)
+        if stand_in is None:
+            return basis(current)
+        return json.dumps(json.loads(basis(current)) | {PREVIOUS_CHAMPION: str(stand_in.version)}, sort_keys=True)
+
+    outcome = held_back(current) or _decided_before(mv, current, settled_basis(current))
     while outcome is None:
-        decided, tags = decide(current)
+        if current is not None:
+            decided, tags = decide(current, CHAMPION)
+        else:
+            decided, tags = _without_champion(client, mv, decide, rollback_command)
         # Scoring takes minutes; another registration against this registry may have moved the
         # champion meanwhile. The aliases move only as decided against the champion they replace.
         latest = _alias(client, name, CHAMPION)
@@ -466,7 +464,7 @@ def _gate_until_settled(
                 name, _version_of(current), _version_of(latest), mv.version,
             )
             current = latest
-            outcome = _held_back(mv, current, rollback_command)
+            outcome = held_back(current)
             continue
         outcome = decided
         if tags is not None:
@@ -476,14 +474,14 @@ def _gate_until_settled(
             # scored): the figures of an earlier decision would contradict this one.
             _untag_version(client, name, str(mv.version), comparison_tags)
         try:
-            _apply(client, mv, current, outcome, basis(current))
+            _apply(client, mv, current, outcome, settled_basis(current))
         except _ChampionMoved as moved:
             log.warning(
                 "%s: champion moved from version %s to %s while version %s was being promoted; scoring it against "
                 "the new one", name, _version_of(current), _version_of(moved.latest), mv.version,
             )
             current = moved.latest
-            outcome = _held_back(mv, current, rollback_command)
+            outcome = held_back(current)
     if outcome.decision == "unchanged" and _version_of(current) == str(mv.version):
         _restore_previous(client, mv)
     elif outcome.decision != "promoted" and current is not None and current.tags.get(TAG_DECISION) == "promoted":
@@ -799,41 +797,54 @@ NO_CHAMPION_WHY = "the champion version was deleted from the registry, or its al
 WAS_CHAMPION = ("promoted", "restored", CHOSEN)
 
 
-def _decide_without_champion(
-    client: MlflowClient, params: RegisterParams, candidate: Evaluation, split: EvaluatedSplit, threshold: float,
-    isolated: bool = True,
-) -> _Outcome:
-    """The gate when no version holds ``champion``.
+def _without_champion(
+    client: MlflowClient,
+    mv: ModelVersion,
+    decide: Callable[[ModelVersion | None, str], tuple[_Outcome, dict[str, str] | None]],
+    rollback_command: str = ROLLBACK_COMMAND,
+) -> tuple[_Outcome, dict[str, str] | None]:
+    """The gate for version ``mv`` when no version holds ``champion`` (``decide``: the gate against
+    a champion, :func:`_gate_until_settled`), the classifier's and the detector's alike.
 
     Where the champion's version was deleted (MLflow removes its alias with it) and
     ``previous-champion`` remains, the version must beat that one, the last champion the registry
-    still holds, as it would a champion: a version that loses stays challenger, and ``fracture
-    rollback`` restores ``previous-champion``. Where earlier champions existed but neither alias
-    remains, the version is promoted on the floors and the load check alone, and the reason says
-    so rather than calling it the first version.
+    still holds, as it would a champion: a version that loses stays challenger, and
+    ``rollback_command`` restores ``previous-champion``. Where earlier champions existed but neither
+    alias remains, the version is promoted on the floors and the load check alone, and the reason
+    says so rather than calling it the first version.
     """
-    name = params.model_name
+    name = mv.name
     stand_in = _alias(client, name, PREVIOUS_CHAMPION)
     if stand_in is not None:
-        outcome = _decide(client, params, candidate, stand_in, split, threshold, isolated, role=PREVIOUS_CHAMPION)
+        outcome, tags = decide(stand_in, PREVIOUS_CHAMPION)
         lead = (f"no version holds champion ({NO_CHAMPION_WHY}): compared with {PREVIOUS_CHAMPION} "
                 f"v{stand_in.version}, the last champion the registry holds, instead")
         if outcome.decision == "promoted":
-            return dataclasses.replace(outcome, reason=f"{lead}; {outcome.reason}")
+            return dataclasses.replace(outcome, reason=f"{lead}; {outcome.reason}"), tags
         return dataclasses.replace(outcome, reason=(
-            f"{lead}; {outcome.reason}. `fracture rollback --reason \"...\"` restores v{stand_in.version} as champion"
-        ))
-    outcome = _decide(client, params, candidate, None, split, threshold, isolated)
+            f"{lead}; {outcome.reason}. `{rollback_command} --reason \"...\"` restores v{stand_in.version} as champion"
+        )), tags
+    outcome, tags = decide(None, CHAMPION)
     earlier = sorted(
         (int(v.version) for v in client.search_model_versions(f"name = '{name}'")
-         if v.tags.get(TAG_DECISION) in WAS_CHAMPION and str(v.version) != str(candidate.version)),
+         if v.tags.get(TAG_DECISION) in WAS_CHAMPION and str(v.version) != str(mv.version)),
     )
     if not earlier or outcome.decision != "promoted":
-        return outcome
+        return outcome, tags
     return dataclasses.replace(outcome, reason=(
         f"no version holds champion or {PREVIOUS_CHAMPION} ({NO_CHAMPION_WHY}; earlier champions: "
         f"{', '.join(map(str, earlier))}): promoted on the floors and the load check alone, compared with none"
-    ))
+    )), tags
+
+
+def _kept_as_previous(client: MlflowClient, mv: ModelVersion, rollback_command: str = ROLLBACK_COMMAND) -> _Outcome | None:
+    """``unchanged`` for a version that holds ``previous-champion`` where no version holds ``champion``,
+    or ``None``: the last champion the registry still holds. Restoring it is a rollback's business
+    (``rollback_command``), and judging it against itself would overwrite its record with a lost decision."""
+    if _version_of(_alias(client, mv.name, PREVIOUS_CHAMPION)) != str(mv.version):
+        return None
+    return _Outcome("unchanged", f"no version holds champion ({NO_CHAMPION_WHY}); this version is "
+                                 f"{PREVIOUS_CHAMPION}: `{rollback_command} --reason \"...\"` restores it")
 
 
 def _require_loadable(

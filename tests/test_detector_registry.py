@@ -297,6 +297,47 @@ def test_fracture_rollback_detector_demotes_the_detector_and_its_run_is_not_prom
         cli(["rollback", "--detector", "--reason", "again"])
 
 
+def test_with_the_detector_champion_deleted_the_gate_compares_with_previous_champion(
+    client, split, tmp_path, monkeypatch
+):
+    """Deleting the detector's champion version removes its alias; previous-champion remains. The
+    next detector must beat that one, as the classifier's gate has it, where it was promoted as the
+    "first version to pass the gate", compared with nothing, however much worse it found boxes."""
+    params, first, better_id, weights, described = champion_and_contender(
+        split, tmp_path, monkeypatch, {0}, {0, 1, 2, 3}, 0.9
+    )
+    name, truth = params.model_name, list(split.truth)
+    second = register_detector(params, better_id, weights, described, split, isolated=False)
+    assert second.decision == "promoted"
+    client.delete_model_version(name, second.version)
+    # previous-champion's own run registered again is left as it is: restoring it is a rollback's.
+    kept = register_detector(params, first.run_id, weights, described, split, isolated=False)
+    assert (kept.version, kept.decision) == (first.version, "unchanged")
+    assert 'this version is previous-champion: `fracture rollback --detector --reason "..."` restores it' in kept.reason
+    assert client.get_model_version(name, first.version).tags["gate_decision"] == "promoted"
+
+    worse_id, _, _ = detector_run(tmp_path, 3, 0.9)
+    better_again_id, _, _ = detector_run(tmp_path, 4, 0.9)
+    answers = {first.version: finds(truth, {0}, seed=0), "3": finds(truth, set(), seed=0),
+               "4": finds(truth, {0, 1, 2, 3}, seed=0)}
+    monkeypatch.setattr(detector_registry, "served_detections", lambda name_, version, s: (answers[version], 0.05))
+    worse = register_detector(params, worse_id, weights, described, split, isolated=False)
+    assert (worse.version, worse.decision, worse.champion) == ("3", "challenger", False), worse.summary()
+    assert worse.reason.startswith("no version holds champion (the champion version was deleted from the registry, "
+                                   f"or its alias removed): compared with previous-champion v{first.version}")
+    assert f'`fracture rollback --detector --reason "..."` restores v{first.version} as champion' in worse.reason
+    assert client.get_model_version(name, "3").tags["gate_compared_with"] == first.version
+    assert {a: str(v) for a, v in client.get_registered_model(name).aliases.items()} == {
+        PREVIOUS_CHAMPION: first.version, CHALLENGER: "3"}
+
+    better = register_detector(params, better_again_id, weights, described, split, isolated=False)
+    assert (better.version, better.decision) == ("4", "promoted"), better.summary()
+    assert f"compared with previous-champion v{first.version}" in better.reason
+    assert "higher with 95% confidence" in better.reason
+    assert {a: str(v) for a, v in client.get_registered_model(name).aliases.items()} == {
+        CHAMPION: "4", PREVIOUS_CHAMPION: first.version, CHALLENGER: "3"}
+
+
 def test_a_detector_decided_without_a_comparison_keeps_no_figures_of_an_earlier_one(client, split, tmp_path, monkeypatch):
     params, first, worse_id, weights, described = champion_and_contender(
         split, tmp_path, monkeypatch, {0, 1, 2, 3}, {0}, 0.2
