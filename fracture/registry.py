@@ -449,6 +449,8 @@ def _gate_until_settled(
             return basis(current)
         return json.dumps(json.loads(basis(current)) | {PREVIOUS_CHAMPION: str(stand_in.version)}, sort_keys=True)
 
+    if current is not None:
+        _complete_moves(client, current)
     outcome = held_back(current) or _decided_before(mv, current, settled_basis(current))
     while outcome is None:
         if current is not None:
@@ -948,8 +950,9 @@ def _promote(client: MlflowClient, mv: ModelVersion, current: ModelVersion | Non
         raise _ChampionMoved(latest)
     if CHALLENGER in mv.aliases:
         client.delete_registered_model_alias(name, CHALLENGER)
+    promoted = _record_event(client, name, version, "promoted", reason, replaced=_version_of(current))
     client.set_registered_model_alias(name, CHAMPION, version)
-    _record_event(client, name, version, "promoted", reason, replaced=_version_of(current))
+    promoted.complete(client)
     if current is not None:
         client.set_registered_model_alias(name, PREVIOUS_CHAMPION, current.version)
     log.info("%s version %s is champion: %s", name, version, reason)
@@ -983,13 +986,14 @@ def _mark_challenger(client: MlflowClient, mv: ModelVersion, reason: str, basis:
     # in between leaves none, and the run's next registration decides again.
     if TAG_BASIS in mv.tags:
         client.delete_model_version_tag(name, version, TAG_BASIS)
+    decided = _record_event(client, name, version, "challenger", reason)
     # A version that holds previous-champion keeps that role rather than becoming the challenger.
     if PREVIOUS_CHAMPION not in mv.aliases:
         client.set_registered_model_alias(name, CHALLENGER, version)
     _tag_version(client, name, version, {TAG_DECISION: "challenger", TAG_REASON: reason})
     if basis is not None:
         _tag_version(client, name, version, {TAG_BASIS: basis})
-    _record_event(client, name, version, "challenger", reason)
+    decided.complete(client)
     log.info("%s version %s stays challenger: %s", name, version, reason)
 
 
@@ -1089,6 +1093,8 @@ def rollback(
     """
     client = client or MlflowClient()
     current = _alias(client, name, CHAMPION)
+    if current is not None:
+        _complete_moves(client, current)
     if current is None:
         return _rollback_without_champion(client, name, None if to is None else str(to).strip(), reason, isolated,
                                           command)
@@ -1140,9 +1146,11 @@ def rollback(
         TAG_DECISION: "restored",
         TAG_REASON: f"restored by rollback from version {current.version} at {when}: {why}",
     })
+    moves = (_record_event(client, name, str(current.version), "rolled back", why, to=str(previous.version)),
+             _record_event(client, name, str(previous.version), "restored", why, replaced=str(current.version)))
     client.set_registered_model_alias(name, CHAMPION, previous.version)
-    _record_event(client, name, str(current.version), "rolled back", why, to=str(previous.version))
-    _record_event(client, name, str(previous.version), "restored", why, replaced=str(current.version))
+    for move in moves:
+        move.complete(client)
     return _finish_rollback(client, name, str(current.version), previous)
 
 
@@ -1234,8 +1242,9 @@ def _rollback_without_champion(
     _tag_version(client, name, version, tags)
     if CHALLENGER in target.aliases:
         client.delete_registered_model_alias(name, CHALLENGER)
+    given = _record_event(client, name, version, "restored" if to is None else CHOSEN, f"{why} (no version held champion)")
     client.set_registered_model_alias(name, CHAMPION, version)
-    _record_event(client, name, version, "restored" if to is None else CHOSEN, f"{why} (no version held champion)")
+    given.complete(client)
     if to is None:
         return _finish_rollback(client, name, None, client.get_model_version(name, version))
     _untag_version(client, name, version, RUN_ROLLED_BACK_TAGS)
@@ -1306,9 +1315,11 @@ def _choose(
     })
     if CHALLENGER in chosen.aliases:
         client.delete_registered_model_alias(name, CHALLENGER)
+    moves = (_record_event(client, name, champion, "rolled back", why, to=version, by_hand=True),
+             _record_event(client, name, version, CHOSEN, why, replaced=champion))
     client.set_registered_model_alias(name, CHAMPION, version)
-    _record_event(client, name, champion, "rolled back", why, to=version, by_hand=True)
-    _record_event(client, name, version, CHOSEN, why, replaced=champion)
+    for move in moves:
+        move.complete(client)
     return _finish_choice(client, name, champion, version)
 
 
@@ -1430,21 +1441,81 @@ def _who() -> str:
         return f"uid {os.getuid()}" if hasattr(os, "getuid") else "unknown"
 
 
-def _record_event(client: MlflowClient, name: str, version: str, event: str, reason: str, **about: Any) -> None:
+@dataclass(frozen=True)
+class _Event:
+    """An entry of a version's history, written before its alias moves (:func:`_record_event`)."""
+
+    name: str
+    version: str
+    key: str
+    entry: dict[str, Any]
+
+    def complete(self, client: MlflowClient) -> None:
+        """Marks the entry ``completed``: its alias has moved."""
+        client.set_model_version_tag(self.name, self.version, self.key,
+                                     json.dumps(self.entry | {"completed": True}, sort_keys=True))
+
+
+def _record_event(client: MlflowClient, name: str, version: str, event: str, reason: str, **about: Any) -> _Event:
     """Adds an entry to the version's history: a tag ``event.<UTC time to the microsecond>`` whose value
-    is JSON (``event``, ``at``, ``by``, ``host``, ``reason`` and what ``about`` names: ``to``,
-    ``replaced``, ``by_hand``). Entries are only ever added, so an earlier rollback's or pick's
+    is JSON (``event``, ``at``, ``by``, ``host``, ``reason``, ``completed`` and what ``about`` names:
+    ``to``, ``replaced``, ``by_hand``). Entries are only ever added, so an earlier rollback's or pick's
     reason outlives the next one, which overwrites ``gate_reason`` and ``rolled_back_reason``.
-    Written once the alias has moved: the history never claims a move that did not happen."""
+
+    Written before the alias moves, with ``completed`` false, and marked completed
+    (:meth:`_Event.complete`) once it has moved: a command stopped in between (a killed worker, the
+    tracking server gone) leaves every move with its entry, and an entry not completed says that the
+    move may not have happened. The next command that finds the move made marks it (:func:`_complete_moves`)."""
     at = datetime.now(timezone.utc)
     entry = {"event": event, "at": at.isoformat(timespec="seconds"), "by": _who(), "host": socket.gethostname(),
              "reason": reason[:EVENT_REASON_CHARS]} | {k: v for k, v in about.items() if v is not None}
-    client.set_model_version_tag(name, version, f"{TAG_EVENT}{at.strftime('%Y-%m-%dT%H-%M-%S.%fZ')}",
-                                 json.dumps(entry, sort_keys=True))
+    key = f"{TAG_EVENT}{at.strftime('%Y-%m-%dT%H-%M-%S.%fZ')}"
+    client.set_model_version_tag(name, version, key, json.dumps(entry | {"completed": False}, sort_keys=True))
+    return _Event(name, version, key, entry)
+
+
+#: The history's events that give a version ``champion``.
+TO_CHAMPION = ("promoted", "restored", CHOSEN)
+
+
+def _complete_moves(client: MlflowClient, champion: ModelVersion) -> None:
+    """Marks completed the history entries of the move that made ``champion`` (which holds the
+    alias) champion, when the command that moved it stopped before it marked them: the champion's
+    latest entry of :data:`TO_CHAMPION`, and the ``rolled back`` entry the same command wrote on the
+    version it replaced. An earlier entry left not completed is of a move that did not happen (a
+    later one gave the version champion), and stays so."""
+    key, entry = _latest_entry(champion, lambda e: e.get("event") in TO_CHAMPION)
+    if entry is None or entry.get("completed", True):
+        return
+    log.warning("%s: completing the history of version %s's %s, whose command stopped after champion moved",
+                champion.name, champion.version, entry["event"])
+    _Event(champion.name, str(champion.version), key, entry).complete(client)
+    # A rollback or a pick wrote the demoted version's entry too; a promotion writes none there.
+    replaced = entry.get("replaced") if entry["event"] != "promoted" else None
+    demoted = _version_or_none(client, champion.name, replaced) if replaced else None
+    if demoted is None:
+        return
+    key, entry = _latest_entry(demoted, lambda e: e.get("event") == "rolled back")
+    if entry is not None and not entry.get("completed", True) and entry.get("to") == str(champion.version):
+        _Event(demoted.name, str(demoted.version), key, entry).complete(client)
+
+
+def _latest_entry(mv: ModelVersion, which: Callable[[dict[str, Any]], bool]) -> tuple[str, dict[str, Any] | None]:
+    """The version's latest history entry that ``which`` accepts, and its tag; ``("", None)`` when none."""
+    for key in sorted((k for k in mv.tags if k.startswith(TAG_EVENT)), reverse=True):
+        try:
+            entry = json.loads(mv.tags[key])
+        except ValueError:  # not an entry this module wrote
+            continue
+        if isinstance(entry, dict) and which(entry):
+            return key, entry
+    return "", None
 
 
 def history(client: MlflowClient, name: str, version: str | int) -> list[dict[str, Any]]:
-    """The version's history (:func:`_record_event`), oldest first."""
+    """The version's history (:func:`_record_event`), oldest first. An entry whose ``completed`` is
+    false is of a command stopped around its alias move, which may not have happened; entries
+    written before ``completed`` existed have none and were written once their move was made."""
     tags = client.get_model_version(name, str(version)).tags
     return [json.loads(tags[k]) for k in sorted(k for k in tags if k.startswith(TAG_EVENT))]
 

@@ -28,6 +28,7 @@ from tests.test_registry import (
     evaluated_run,
     register,
     rollback,
+    stopped_when_moving,
 )
 
 #: The module's real models and test split (a module-scoped fixture, built once here too).
@@ -262,3 +263,39 @@ def test_every_command_a_rollback_suggests_is_the_one_it_was_given(client, tmp_p
     client.set_model_version_tag(NAME, "3", "replaced_version", "2")
     assert f"finish it with `{command} --to 3 --reason ...`" in refused()
     assert aliases(client) == {"champion": "2", "previous-champion": "1"}
+
+
+def test_an_alias_move_stopped_before_its_history_was_written_still_has_its_entry(client, ranked):
+    """A command stopped right after an alias moved (a killed worker, the tracking server gone)
+    left the move with no entry in the history, which was written after it: the entry is written
+    before the move, not completed, and the next command that finds the move made completes it. A
+    move stopped before the alias moved keeps its entry not completed."""
+    split, models = ranked
+    register(ANY_GAIN, evaluated_run(0.9), *models["bad"], split, client)
+    with stopped_when_moving(client, "champion", after=True):
+        register(ANY_GAIN, evaluated_run(0.9), *models["good"], split, client)
+    assert aliases(client)["champion"] == "2"
+    assert [(e["event"], e["completed"]) for e in registry_history(client, NAME, "2")] == [("promoted", False)]
+    # The next registration, of any run, finds version 2 champion: its promotion did happen.
+    register(ANY_GAIN, evaluated_run(0.9, recall=0.5), *models["random"], split, client)
+    assert [(e["event"], e["completed"]) for e in registry_history(client, NAME, "2")] == [("promoted", True)]
+
+    with stopped_when_moving(client, "champion"):  # stopped before the move: champion stays
+        rollback(NAME, client, "A: stopped before")
+    assert aliases(client)["champion"] == "2"
+    with stopped_when_moving(client, "champion", after=True):
+        rollback(NAME, client, "B: stopped after")
+    assert aliases(client)["champion"] == "1"
+    moves = {"2": [("promoted", True), ("rolled back", "A:", False), ("rolled back", "B:", False)],
+             "1": [("promoted", True), ("restored", "A:", False), ("restored", "B:", False)]}
+
+    def recorded(version: str) -> list[tuple]:
+        return [(e["event"], e["completed"]) if e["event"] == "promoted" else (e["event"], e["reason"][:2], e["completed"])
+                for e in registry_history(client, NAME, version)]
+
+    assert {v: recorded(v) for v in moves} == moves
+    # The rollback run again finishes the one that moved champion, and completes its entries only.
+    done = rollback(NAME, client, "B: stopped after")
+    assert (done.demoted, done.champion) == ("2", "1")
+    moves["2"][-1], moves["1"][-1] = ("rolled back", "B:", True), ("restored", "B:", True)
+    assert {v: recorded(v) for v in moves} == moves
