@@ -359,7 +359,7 @@ def main() -> None:
         # bytes and refuse what is not an X-ray, saying what to send.
         type=None,
         help=(
-            f"Up to {limit_mb} MB; 8-bit greyscale or RGB, or a single-frame DICOM radiograph "
+            f"Up to {limit_mb} MiB; 8-bit greyscale or RGB, or a single-frame DICOM radiograph "
             f"({', '.join(policy.modalities)}); sides between {policy.min_side} and {policy.max_side} px."
         ),
     )

@@ -37,8 +37,8 @@ def check_upload(name: str, data: bytes, policy: InputPolicy, max_bytes: int | N
             the message names the file, the problem and what to upload instead.
     """
     if max_bytes is not None and len(data) > max_bytes:
-        # In bytes where a rounded size would read as the limit itself ("20.0 MB; the limit is 20 MB").
-        shown, limit = over_limit(len(data), max_bytes, 2**20, 1, "MB", "bytes")
+        # In bytes where a rounded size would read as the limit itself ("20.0 MiB; the limit is 20 MiB").
+        shown, limit = over_limit(len(data), max_bytes, 2**20, 1, "MiB", "bytes")
         # A DICOM file over it is told how to make it smaller, not to upload the DICOM file it is.
         fix = TOO_LARGE_DICOM if is_dicom(data[:132]) else WHAT_TO_DO
         raise UploadRejected(f"{name} is {shown}; the limit is {limit}. {fix}")

@@ -205,7 +205,7 @@ def read_file(path: Path, policy: InputPolicy) -> bytes:
 def over_limit(value: int, limit: int, unit: float, places: int, name: str, exact: str) -> tuple[str, str]:
     """``value`` and the ``limit`` it is over, as a refusal shows them: in ``unit`` (``value`` to
     ``places`` decimals, the limit as it is set), or in exact ``exact`` where rounding would show
-    ``value`` at or under the limit ("64.0 MB; files up to 64 MB")."""
+    ``value`` at or under the limit ("64.0 MiB; files up to 64 MiB")."""
     shown, bound = f"{value / unit:.{places}f}", f"{limit / unit:g}"
     if float(shown) > float(bound):
         return f"{shown} {name}", f"{bound} {name}"
@@ -220,7 +220,7 @@ def check_size(size: int, policy: InputPolicy, start: bytes) -> None:
         InputRejected: over the limit, with the size, the limit and what to send.
     """
     if size > policy.max_bytes:
-        shown, limit = over_limit(size, policy.max_bytes, 2**20, 1, "MB", "bytes")
+        shown, limit = over_limit(size, policy.max_bytes, 2**20, 1, "MiB", "bytes")
         # A DICOM file over the limit is told how to make it smaller, not to send the DICOM file it is.
         fix = COMPRESS_DICOM if is_dicom(start) else SEND_INSTEAD
         raise InputRejected(f"is {shown}; the model accepts files up to {limit}. {fix}")

@@ -636,15 +636,17 @@ def test_upload_limit_comes_from_the_app_config(monkeypatch, page_registry):
         limit = st_config.get_option("server.maxUploadSize")
         at = page(monkeypatch, page_registry).run()
         assert at.file_uploader[0].proto.max_upload_size_mb == limit
+        # Streamlit counts its "MB" as 2**20 bytes, as serve.max_file_mb does: the page says MiB, as its refusals do.
+        assert at.file_uploader[0].proto.help.startswith(f"Up to {limit} MiB; ")
         # The served model's serve.max_file_mb: an uncompressed flat-panel DICOM (about 30 MB) was refused
         # at 20 MB, the page then asking for the DICOM file it had been given.
         assert limit == load_params(REPO).serve.max_file_mb == 64 and limit < STREAMLIT_DEFAULT_UPLOAD_MB
         # The page refuses a larger file itself too, with a message naming the limit.
         upload(at, "huge.png", b"\x89PNG" + bytes(limit * 2**20))
-        assert "huge.png is 67,108,868 bytes; the limit is 67,108,864 bytes (64 MB)" in shown(at.error[0].value)
+        assert "huge.png is 67,108,868 bytes; the limit is 67,108,864 bytes (64 MiB)" in shown(at.error[0].value)
         assert "or its DICOM file" in shown(at.error[0].value)
         upload(at, "huge.dcm", bytes(128) + b"DICM" + bytes(limit * 2**20))
-        assert "huge.dcm is 67,108,996 bytes; the limit is 67,108,864 bytes (64 MB). Export the image from the PACS " \
+        assert "huge.dcm is 67,108,996 bytes; the limit is 67,108,864 bytes (64 MiB). Export the image from the PACS " \
                "JPEG-compressed" in shown(at.error[0].value)
         assert st_config.get_option("client.showErrorDetails") == "none"
     finally:

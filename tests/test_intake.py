@@ -70,7 +70,7 @@ def png_16bit(colour_type: int) -> bytes:
     ("data", "message"),
     [
         (lambda: b"", "is empty"),
-        (lambda: bytes(2**20 + 1), "is 1,048,577 bytes; the model accepts files up to 1,048,576 bytes (1 MB)"),
+        (lambda: bytes(2**20 + 1), "is 1,048,577 bytes; the model accepts files up to 1,048,576 bytes (1 MiB)"),
         (lambda: b"patient notes, not an image\n" * 20, "is not an image file that can be read"),
         (lambda: encode(xray_like(), "GIF"), "is a GIF file, not JPEG, PNG or DICOM"),
         (lambda: encode(xray_like(), "BMP"), "is a BMP file"),
@@ -372,7 +372,7 @@ def test_a_file_over_the_size_limit_is_refused_unread(tmp_path, monkeypatch):
     assert str(png.value).endswith("or as its DICOM file.")
     # An uncompressed DICOM over the limit was told to send its DICOM file: it is told how to make it smaller.
     big.write_bytes(bytes(128) + b"DICM" + bytes(2**20))
-    with pytest.raises(InputRejected, match=r"the model accepts files up to 1,048,576 bytes \(1 MB\)\. Send it exported "
+    with pytest.raises(InputRejected, match=r"the model accepts files up to 1,048,576 bytes \(1 MiB\)\. Send it exported "
                                             r"from the PACS JPEG-compressed \(lossless JPEG, JPEG-LS or JPEG 2000\), "
                                             r"or as an 8-bit JPEG or PNG\.$"):
         read_file(big, POLICY)
@@ -381,14 +381,14 @@ def test_a_file_over_the_size_limit_is_refused_unread(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     ("size", "limit", "message"),
     [
-        (64 * 2**20 + 1, 64 * 2**20, "is 67,108,865 bytes; the model accepts files up to 67,108,864 bytes (64 MB)"),
-        (64 * 2**20 + 2**15, 64 * 2**20, "is 67,141,632 bytes; the model accepts files up to 67,108,864 bytes (64 MB)"),
-        (int(1.5 * 2**20), 2**20, "is 1.5 MB; the model accepts files up to 1 MB"),
-        (2**20 + 1, 2**19, "is 1.0 MB; the model accepts files up to 0.5 MB"),
+        (64 * 2**20 + 1, 64 * 2**20, "is 67,108,865 bytes; the model accepts files up to 67,108,864 bytes (64 MiB)"),
+        (64 * 2**20 + 2**15, 64 * 2**20, "is 67,141,632 bytes; the model accepts files up to 67,108,864 bytes (64 MiB)"),
+        (int(1.5 * 2**20), 2**20, "is 1.5 MiB; the model accepts files up to 1 MiB"),
+        (2**20 + 1, 2**19, "is 1.0 MiB; the model accepts files up to 0.5 MiB"),
     ],
 )
 def test_a_file_over_the_size_limit_never_reads_as_the_limit_s_own_size(size, limit, message):
-    """Rounded to 0.1 MB, a file just over 64 MB read "is 64.0 MB; ... up to 64 MB": where the
+    """Rounded to 0.1 MiB, a file just over 64 MiB read "is 64.0 MiB; ... up to 64 MiB": where the
     rounded figures would read equal, the refusal gives both in bytes."""
     with pytest.raises(InputRejected, match="^" + re.escape(message) + r"\. Send"):
         read_xray(bytes(size), InputPolicy(max_bytes=limit))

@@ -448,8 +448,8 @@ def test_a_base64_row_over_the_size_limit_is_refused_from_its_length_before_it_i
     with pytest.raises(RowRefused) as decoded:  # the same refusal as once decoded
         read_row(0, pd.Series({"image": base64.b64decode(text)}, dtype=object), None, policy)
     assert str(refused.value) == str(decoded.value)
-    assert str(refused.value).startswith("row 0: the image is 12.0 MB; the model accepts files up to 8 MB.")
+    assert str(refused.value).startswith("row 0: the image is 12.0 MiB; the model accepts files up to 8 MiB.")
     # wrapped as MIME wraps it, the same
     wrapped = pd.Series({"image": base64.encodebytes(base64.b64decode(text)).decode()}, dtype=object)
-    with pytest.raises(RowRefused, match=r"^row 0: the image is 12\.0 MB"):
+    with pytest.raises(RowRefused, match=r"^row 0: the image is 12\.0 MiB"):
         read_row(0, wrapped, None, policy)
