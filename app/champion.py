@@ -349,11 +349,12 @@ def test_figures(settings: PageSettings, name: str, version: str, threshold: flo
         same = math.isclose(run.data.metrics.get("test_threshold", math.nan), threshold)
     missed = 1 - m["test_recall"]
     share = f"about {missed:.0%}" if missed >= 0.01 else f"{missed:.1%}"  # 1 in 250 is not "about 0%"
+    # Each interval's ends joined by "to": a screen reader reads "0.752-0.909" as "0.752 minus 0.909".
     return (
         (f"Threshold chosen as {source}. " if source and same else "")
         + f"At it, on the test split (scored once, never used to choose): sensitivity {m['test_recall']:.3f} "
-        f"(95% CI {m['test_recall_ci_low']:.3f}-{m['test_recall_ci_high']:.3f}), specificity "
-        f"{m['test_specificity']:.3f} ({m['test_specificity_ci_low']:.3f}-{m['test_specificity_ci_high']:.3f})"
+        f"(95% CI {m['test_recall_ci_low']:.3f} to {m['test_recall_ci_high']:.3f}), specificity "
+        f"{m['test_specificity']:.3f} ({m['test_specificity_ci_low']:.3f} to {m['test_specificity_ci_high']:.3f})"
         + (f": {share} of fractured X-rays were called Not fractured." if missed > 0 else ".")
     )
 

@@ -435,8 +435,9 @@ def test_the_threshold_is_shown_with_how_it_was_chosen_and_what_it_gives_on_the_
             client.log_metric(run_id, name, value)
         client.set_tag(run_id, "threshold_source", "the highest threshold reaching sensitivity 0.85 on the validation split")
         client.set_model_version_tag(registry.name, "1", "metrics", json.dumps(figures))  # as register records them
-    measured = ("At it, on the test split (scored once, never used to choose): sensitivity 0.845 (95% CI 0.752-0.909), "
-                "specificity 0.924 (0.897-0.944): about 16% of fractured X-rays were called Not fractured.")
+    # Each interval's ends joined by "to", not a hyphen a screen reader reads as "minus".
+    measured = ("At it, on the test split (scored once, never used to choose): sensitivity 0.845 (95% CI 0.752 to "
+                "0.909), specificity 0.924 (0.897 to 0.944): about 16% of fractured X-rays were called Not fractured.")
     chosen = "Threshold chosen as the highest threshold reaching sensitivity 0.85 on the validation split. "
 
     def shown_beside_the_result() -> tuple[str, str]:
@@ -447,6 +448,7 @@ def test_the_threshold_is_shown_with_how_it_was_chosen_and_what_it_gives_on_the_
 
     caption, sidebar = shown_beside_the_result()
     assert chosen + measured in caption and chosen + measured in sidebar
+    assert not re.search(r"\d-\d", caption + sidebar)  # no range the page writes reads as a subtraction
     # Evaluate again on the same run, at another threshold (a new version registered from it, say).
     with registry_open(registry) as client:
         client.log_metric(run_id, "test_threshold", 0.5)
@@ -462,8 +464,8 @@ def test_the_threshold_is_shown_with_how_it_was_chosen_and_what_it_gives_on_the_
         client.set_model_version_tag(registry.name, "1", "metrics", json.dumps(figures | {"test_recall": 0.996}))
     monkeypatch.setattr(champion.MlflowClient, "get_run", lambda *_: (_ for _ in ()).throw(RuntimeError("run gone")))
     assert champion.test_figures(settings, registry.name, "1", 0.3) == (
-        "At it, on the test split (scored once, never used to choose): sensitivity 0.996 (95% CI 0.752-0.909), "
-        "specificity 0.924 (0.897-0.944): 0.4% of fractured X-rays were called Not fractured.")
+        "At it, on the test split (scored once, never used to choose): sensitivity 0.996 (95% CI 0.752 to 0.909), "
+        "specificity 0.924 (0.897 to 0.944): 0.4% of fractured X-rays were called Not fractured.")
 
 
 def test_an_ensemble_champion_says_it_averages_networks_and_shows_what_consumers_get(
