@@ -8,6 +8,7 @@ Start it with ``make app`` (or ``cd app && streamlit run streamlit_app.py``, so 
 
 from __future__ import annotations
 
+import html
 import logging
 import math
 import re
@@ -190,6 +191,24 @@ def averaging_note(extra: dict, members: int) -> list[str]:
     return []
 
 
+#: Keeps the live region's text off the screen (the metrics show it) but in the page a screen reader reads.
+_VISUALLY_HIDDEN = ("position:absolute;width:1px;height:1px;margin:-1px;padding:0;overflow:hidden;"
+                    "clip:rect(0,0,0,0);white-space:nowrap;border:0")
+
+
+def announce(text: str) -> None:
+    """Writes the page's polite live region, holding ``text`` (empty: nothing to announce).
+
+    Streamlit's elements appear silently: a screen reader user uploaded an X-ray and heard nothing
+    when the class arrived. Every state of the page writes the region at the same place, right under
+    the uploader, before anything else, so the browser keeps one region whose text changes (a region
+    added with its text already in it is not announced by every screen reader). A refusal is an
+    ``st.error``, which Streamlit marks ``role="alert"``, and is announced as such.
+    """
+    st.markdown(f'<div role="status" aria-live="polite" aria-atomic="true" style="{_VISUALLY_HIDDEN}">'
+                f"{html.escape(text)}</div>", unsafe_allow_html=True)
+
+
 def show_model(model: ServedModel, settings: PageSettings, detector: ServedDetector | None, figures: str | None) -> None:
     config = model.config
     data_config = config.data_config
@@ -231,21 +250,24 @@ def show_result(
     try:
         xray = check_upload(name, data, model.config.input, max_bytes=limit_mb * 2**20)
     except UploadRejected as exc:
+        announce("")
         st.error(plain(str(exc)))
         return
     try:
         prediction = model.predict(data)
     except Exception as exc:  # the page must keep working for the next upload, whatever failed
         log.exception("analysing %s failed", name)
+        announce("")
         st.error(plain(f"{name} could not be analysed ({type(exc).__name__}: {exc}). Try another file."))
         return
+    label = LABELS[prediction.label]
+    probability, threshold = against_threshold(prediction.fracture_probability, prediction.threshold)
+    announce(f"Predicted class: {label}. Fracture probability {probability}, threshold {threshold}.")
     display = xray.image.copy()
     display.thumbnail((DISPLAY_SIDE, DISPLAY_SIDE))
 
     for note in xray.warnings:  # each names the file: a note may start mid-sentence ("its pixels are not square")
         st.warning(plain(f"{name}: {note}"))
-    label = LABELS[prediction.label]
-    probability, threshold = against_threshold(prediction.fracture_probability, prediction.threshold)
     cols = st.columns(3)
     cols[0].metric("Predicted class", label)
     cols[1].metric("Fracture probability", probability)
@@ -364,6 +386,7 @@ def main() -> None:
         ),
     )
     if uploaded is None:
+        announce("")
         st.info("Upload an X-ray to see the predicted class, the fracture probability and a heat map.")
         return
     show_result(model, detector, uploaded.name, uploaded.getvalue(), limit_mb, figures)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import html
 import io
 import json
 import os
@@ -670,6 +671,33 @@ def test_a_real_xray_shows_class_probability_threshold_and_heat_map(monkeypatch,
     assert shown_images[1].startswith(f"Grad-CAM heat map for '{shown['Predicted class']}'")
     assert "NOT FOR CLINICAL USE" in at.markdown[0].value
     assert any("at least the threshold" in m.value and "NOT FOR CLINICAL USE" in m.value for m in at.markdown)
+
+
+def live_region(at: AppTest) -> tuple[int, str]:
+    """The page's polite live region: its place on the page and the text a screen reader is told."""
+    found = [(place, element) for place, element in at.main.children.items()
+             if element.type == "markdown" and 'aria-live="polite"' in element.value]
+    assert len(found) == 1, [element.type for element in at.main.children.values()]
+    place, region = found[0]
+    assert region.allow_html and 'role="status"' in region.value  # HTML, not Markdown's text of it
+    return place, html.unescape(re.sub(r"<[^>]*>", "", region.value))
+
+
+def test_the_result_is_announced_to_a_screen_reader_in_a_region_on_the_page_before_it(monkeypatch, page_registry):
+    """The class, probability and threshold appeared silently: nothing told a screen reader user
+    that the answer had come. A polite live region holds them, at the same place in every state of
+    the page (empty before an upload and beside a refusal, which Streamlit announces as an alert), so
+    the browser keeps one region whose text changes, which is what screen readers announce."""
+    at = page(monkeypatch, page_registry).run()
+    place, said = live_region(at)
+    assert said == ""
+    at = upload(at, "xray.jpg", real_xray("Fractured").read_bytes(), "image/jpeg")
+    assert not at.exception and not at.error
+    shown = metrics(at)
+    assert live_region(at) == (place, f"Predicted class: {shown['Predicted class']}. Fracture probability "
+                                      f"{shown['Fracture probability']}, threshold {shown['Threshold']}.")
+    at = upload(at, "notes.png", b"patient notes, not an image\n" * 20)
+    assert len(at.error) == 1 and live_region(at) == (place, "")
 
 
 def test_a_probability_just_below_the_threshold_is_not_shown_equal_to_it(monkeypatch, page_registry, tmp_path):

@@ -156,10 +156,21 @@ def test_fractured_xray_shows_fractured_with_probability_heat_map_and_boxes(brow
         # The upload limit from app/.streamlit/config.toml, as the browser enforces it.
         expect(page.get_by_test_id("stFileUploaderDropzoneInstructions")).to_contain_text(f"{UPLOAD_MB}MB per file")
 
+        # The answer is told to a screen reader by a polite live region, on the page before the upload
+        # and filled by the result: the same element, as screen readers announce a region's change.
+        region = page.locator('[role="status"][aria-live="polite"]')
+        expect(region).to_have_count(1)
+        expect(region).to_have_text("")
+        region.evaluate("region => { region.dataset.beforeUpload = 'yes'; }")
+
         page.get_by_test_id("stFileUploaderDropzoneInput").set_input_files(str(xray))
         expect(metric_value(page, "Predicted class")).to_have_text("Fractured", timeout=RESULT_TIMEOUT_MS)
         expect(metric_value(page, "Fracture probability")).to_have_text(f"{fractured['fracture_probability']:.3f}")
         expect(metric_value(page, "Threshold")).to_have_text(f"{registry.threshold:.3f}")
+        expect(region).to_have_text(f"Predicted class: Fractured. Fracture probability "
+                                    f"{fractured['fracture_probability']:.3f}, threshold {registry.threshold:.3f}.")
+        assert region.evaluate("region => region.dataset.beforeUpload") == "yes", "the live region was replaced"
+        assert region.evaluate("region => region.getBoundingClientRect().width") <= 1  # heard, not seen twice
         assert float(fractured["fracture_probability"]) >= registry.threshold
 
         original = page.get_by_test_id("stImage").filter(has_text=xray.name)
