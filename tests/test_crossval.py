@@ -6,6 +6,7 @@ import dataclasses
 import os
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -425,6 +426,63 @@ def test_a_crossval_stopped_writing_leaves_no_figures_and_its_predictions_are_re
         main(["crossval"])
     message = str(exit_.value.code)
     assert "`dvc checkout --force crossval/dvc.yaml:crossval` puts them back, and crossval/dvc.lock still" in message
+
+
+#: A cross-validation whose first fold is stopped by SIGTERM (a scheduler's time limit, ``kill``), in
+#: a Python of its own: under pytest SIGTERM raises KeyboardInterrupt (tests/conftest.py).
+SIGTERM_IN_A_FOLD = """
+import os, signal, sys, time
+from pathlib import Path
+import fracture.stages.crossval as stage
+from fracture.workspace import Workspace
+from tests.test_crossval import tiny_params
+
+def stopped(*_args, **_kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(60)
+    raise AssertionError("SIGTERM did not stop the fold")
+
+stage.fit_fold = stopped
+stage.run_crossval(tiny_params(), Workspace(Path(sys.argv[1])))
+"""
+
+
+@pytest.mark.parametrize(("stop", "status"), [("ctrl-c", "KILLED"), ("sigterm", "KILLED"), ("error", "FAILED")])
+def test_a_crossval_stopped_in_a_fold_ends_its_mlflow_run_killed_or_failed_never_running(
+    tmp_path, monkeypatch, stop, status
+):
+    """A fold stopped part-way (Ctrl-C, a scheduler's SIGTERM, an error) left the run RUNNING in
+    MLflow's UI for good, or FAILED for a run a user stopped: it ends KILLED when stopped, FAILED on an error."""
+    import signal
+
+    import fracture.stages.crossval as stage
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    params = tiny_params()
+    workspace = tiny_workspace(tmp_path, params)
+    if stop == "sigterm":
+        handler = signal.getsignal(signal.SIGTERM)
+        env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"PYTHONPATH": str(REPO)}
+        done = subprocess.run([sys.executable, "-c", SIGTERM_IN_A_FOLD, str(tmp_path)], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=600, check=False)
+        assert done.returncode != 0 and "KeyboardInterrupt: signal SIGTERM" in done.stderr, done.stderr[-2000:]
+        assert signal.getsignal(signal.SIGTERM) is handler
+    else:
+        def stopped(*_args, **_kwargs):
+            raise KeyboardInterrupt if stop == "ctrl-c" else RuntimeError("CUDA error: an illegal memory access")
+
+        monkeypatch.setattr(stage, "fit_fold", stopped)
+        with pytest.raises(KeyboardInterrupt if stop == "ctrl-c" else RuntimeError):
+            stage.run_crossval(params, workspace)
+        assert mlflow.active_run() is None
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        runs = mlflow.search_runs(experiment_names=[params.register.experiment], output_format="list")
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert [(r.data.tags["kind"], r.info.status) for r in runs] == [("crossval", status)]
+    assert runs[0].info.end_time is not None
 
 
 # --- the DVC pipeline file ------------------------------------------------------------------------

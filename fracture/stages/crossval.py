@@ -5,15 +5,22 @@ without the test split, which it never reads. Each fold trains exactly as the tr
 (:func:`fracture.training.train` on the prepared cache, the same profile and ``train`` settings)
 on the other folds and is scored on the held-out one; one MLflow run (tag ``kind=crossval``, and
 the machine it ran on, as the train stage's runs have it) records the recipe and the figures.
+A run stopped part-way ends ``KILLED`` (Ctrl-C, or a scheduler's SIGTERM) or ``FAILED`` (an error),
+never left ``RUNNING``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
+import threading
+from collections.abc import Iterator
 
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.entities import RunStatus
 
 from fracture.config import Params
 from fracture.crossval import (
@@ -55,6 +62,26 @@ def _fit_fold(
     return record, oof
 
 
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """Within it, SIGTERM (a batch scheduler's time limit, ``kill``, ``docker stop``) raises
+    ``KeyboardInterrupt`` as Ctrl-C does, so the run is ended as stopped; by default the process died
+    on the spot and left it ``RUNNING`` for good. The handler before is put back after; off the main
+    thread, where Python cannot set one, nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    before = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def run_crossval(params: Params, workspace: Workspace) -> CrossvalResult:
     """Cross-validates the active profile's recipe (``crossval`` in params) on train + val.
 
@@ -75,6 +102,8 @@ def run_crossval(params: Params, workspace: Workspace) -> CrossvalResult:
         PretrainedWeightsError: a ``weights_file`` DVC does not version in ``pretrained/``.
         ConfigError: the profile's ``frozen`` names a module the model lacks (before any data is
             read, as the train stage checks it, not once the first fold starts training).
+        KeyboardInterrupt: Ctrl-C or SIGTERM; the MLflow run is ended ``KILLED`` first (an error
+            ends it ``FAILED``).
     """
     require_versioned_weights(params.profile, params.train.profile, workspace.root)
     check_profile_frozen(params.profile, params.train.profile)
@@ -93,20 +122,25 @@ def run_crossval(params: Params, workspace: Workspace) -> CrossvalResult:
         "git_commit": "",
         **workspace.git_tags(),
     } | hardware_tags(str(select_device(params.train.device)))
-    with mlflow.start_run(tags=tags) as run:
-        log_dataset_inputs(params, workspace, frames)
-        mlflow.log_params(recipe_params(params) | {"crossval.folds": cv.folds, "crossval.seed": cv.seed})
-        fitted = [_fit_fold(params, cache, config, pooled, fold_of, n) for n in range(1, cv.folds + 1)]
-        oof = pd.concat([predictions for _, predictions in fitted])
-        oof[GROUP_COLUMN] = oof_groups(pooled, oof)
-        records = [record for record, _ in fitted]
-        result = CrossvalResult(records, summarise(records, oof, params.evaluate, oof[GROUP_COLUMN].to_numpy()))
-        workspace.write_crossval(result, oof)
-        mlflow.log_metrics(
-            {k: float(v) for k, v in result.to_dict().items() if k != "folds"}
-            | {f"fold_{f.fold}_best_epoch": f.best_epoch for f in result.folds}
-        )
-        for path in (workspace.crossval_metrics, workspace.crossval_oof):
-            mlflow.log_artifact(str(path), artifact_path="crossval")
+    # MLflow's run ends FAILED on any exception, Ctrl-C's too; a stopped run is KILLED instead.
+    with _sigterm_interrupts(), mlflow.start_run(tags=tags) as run:
+        try:
+            log_dataset_inputs(params, workspace, frames)
+            mlflow.log_params(recipe_params(params) | {"crossval.folds": cv.folds, "crossval.seed": cv.seed})
+            fitted = [_fit_fold(params, cache, config, pooled, fold_of, n) for n in range(1, cv.folds + 1)]
+            oof = pd.concat([predictions for _, predictions in fitted])
+            oof[GROUP_COLUMN] = oof_groups(pooled, oof)
+            records = [record for record, _ in fitted]
+            result = CrossvalResult(records, summarise(records, oof, params.evaluate, oof[GROUP_COLUMN].to_numpy()))
+            workspace.write_crossval(result, oof)
+            mlflow.log_metrics(
+                {k: float(v) for k, v in result.to_dict().items() if k != "folds"}
+                | {f"fold_{f.fold}_best_epoch": f.best_epoch for f in result.folds}
+            )
+            for path in (workspace.crossval_metrics, workspace.crossval_oof):
+                mlflow.log_artifact(str(path), artifact_path="crossval")
+        except KeyboardInterrupt:
+            mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+            raise
     print(f"MLflow run {run.info.run_id} (kind=crossval)")
     return workspace.read_crossval()
