@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,7 +89,11 @@ def draw_folds(pooled: pd.DataFrame, folds: int, seed: int) -> np.ndarray:
     groups = group_key(pooled).to_numpy()
     splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
     try:
-        held_out = [rows for _, rows in splitter.split(np.zeros(len(pooled)), labels, groups)]
+        with warnings.catch_warnings():
+            # A class with fewer images than folds leaves a fold without it, which is refused below
+            # naming crossval.folds: scikit-learn's warning only printed above that one-line error.
+            warnings.filterwarnings("ignore", message="The least populated class in y", category=UserWarning)
+            held_out = [rows for _, rows in splitter.split(np.zeros(len(pooled)), labels, groups)]
     except ValueError as exc:
         raise CrossvalError(
             f"cannot draw crossval.folds={folds} folds from {len(set(groups))} groups of train + val: {exc}; "
