@@ -1,17 +1,19 @@
 """Logs the trained model into its training run as an MLflow pyfunc that carries its own code.
 
 The logged model holds the weights, the serving config (``model.json`` plus the decision
-threshold), this package (``code_paths``) and pinned requirements, so a consumer of
-``models:/<name>@champion`` needs nothing of this project installed.
+threshold), this package (``code_paths``, its source without ``__pycache__``) and pinned
+requirements, so a consumer of ``models:/<name>@champion`` needs nothing of this project installed.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
+import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from importlib import metadata
 from pathlib import Path
 
@@ -39,6 +41,20 @@ ENHANCE_REQUIREMENTS = {
     "canny": ("opencv-contrib-python-headless",),
     "anisotropic_diffusion": ("SimpleITK",),
 }
+
+
+@contextlib.contextmanager
+def _no_bytecode() -> Iterator[None]:
+    """Within it, Python writes no ``__pycache__``. MLflow imports the model's entry file from the
+    model's folder to check the input example, before the folder is uploaded: Python wrote
+    ``__pycache__/pyfunc_entry.cpython-311.pyc`` beside it, and the artifact store kept bytecode of
+    one interpreter with the model's source. (``code_paths`` are copied without ``__pycache__``.)"""
+    before = sys.dont_write_bytecode
+    sys.dont_write_bytecode = True
+    try:
+        yield
+    finally:
+        sys.dont_write_bytecode = before
 
 
 def _input_example(policy: InputPolicy) -> pd.DataFrame:
@@ -111,7 +127,7 @@ def _log_into_run(run_id: str, kwargs: Callable[[Path], dict[str, object]]) -> s
     """Logs a pyfunc (``kwargs`` given a scratch folder) into an existing run; returns its URI."""
     # MLflow resumes a run only inside its own experiment, which may not be the active one.
     mlflow.set_experiment(experiment_id=MlflowClient().get_run(run_id).info.experiment_id)
-    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
+    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id), _no_bytecode():
         info = mlflow.pyfunc.log_model(name="model", **kwargs(Path(tmp)))
     return info.model_uri
 
@@ -121,7 +137,7 @@ def save_pyfunc(dest: Path, weights: Path, config: ServingConfig) -> Path:
 
     For benchmarks and for serving a model outside the registry (``mlflow models serve -m <dest>``).
     """
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, _no_bytecode():
         mlflow.pyfunc.save_model(str(dest), **_model_kwargs(weights, config, Path(tmp)))
     return dest
 
@@ -145,7 +161,7 @@ def save_detector_pyfunc(dest: Path, weights: Path, described: dict[str, object]
         described: its config (:class:`fracture.detection.DetectorConfig`'s keys), ``threshold``
             (the image-level score threshold) and ``input`` (the :class:`fracture.intake.InputPolicy`).
     """
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, _no_bytecode():
         mlflow.pyfunc.save_model(str(dest), **_detector_kwargs(weights, described, Path(tmp)))
     return dest
 
