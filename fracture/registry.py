@@ -1232,7 +1232,9 @@ def _rollback_without_champion(
         ) from failure
     _require_champion_unmoved(client, name, None, version)
     when, why = _now(), reason or "not given"
-    _untag_version(client, name, version, (TAG_BASIS, TAG_REPLACED))
+    # A restored version keeps the version it replaced as champion, as after any rollback: the step
+    # back of previous-champion reads it (_finish_rollback). One chosen by hand replaced none.
+    _untag_version(client, name, version, (TAG_BASIS,) if to is None else (TAG_BASIS, TAG_REPLACED))
     if to is None:
         tags = {TAG_DECISION: "restored", TAG_REASON: f"restored by rollback at {when}, when no version held champion "
                                                        f"({NO_CHAMPION_WHY}): {why}"}

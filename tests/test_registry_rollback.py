@@ -150,6 +150,23 @@ def test_with_the_champion_version_deleted_the_gate_compares_with_previous_champ
     assert client.get_model_version(NAME, "3").tags["gate_decision"] == "chosen"
 
 
+def test_a_rollback_with_the_champion_version_deleted_steps_previous_champion_back(client, ranked):
+    """v1, v2 and v3 promoted in turn; v3, the champion, deleted: the rollback restores v2 and
+    previous-champion steps back to v1, the version v2 replaced, as after any rollback, where it was
+    removed (v2's record of what it replaced was cleared first) and a second rollback had nowhere to go."""
+    split, models = ranked
+    for model in ("bad", "random", "good"):
+        assert register(ANY_GAIN, evaluated_run(0.9), *models[model], split, client).decision == "promoted"
+    client.delete_model_version(NAME, "3")
+    done = rollback(NAME, client, "version 3 withdrawn")
+    assert (done.demoted, done.champion, done.previous_champion) == (None, "2", "1")
+    assert aliases(client) == {"champion": "2", "previous-champion": "1"}
+    assert client.get_model_version(NAME, "2").tags["replaced_version"] == "1"
+    again = rollback(NAME, client, "version 2 withdrawn too")
+    assert (again.demoted, again.champion, again.previous_champion) == ("2", "1", None)
+    assert aliases(client) == {"champion": "1"}
+
+
 def test_with_every_champion_alias_gone_the_gate_says_it_compared_with_none(client, ranked):
     """Earlier champions, but neither champion nor previous-champion left: promoted on the floors
     and the load check, and the reason says so, not "first version to pass the gate"."""
