@@ -482,7 +482,7 @@ def _j2k_size(frame: bytes) -> tuple[int, int] | None:
 #: "KNEE RIGHT"): left out before the value is matched (:func:`names_body_part`).
 LATERALITY = frozenset({"L", "R", "LT", "RT", "LEFT", "RIGHT", "BILAT", "BILATERAL"})
 #: Plurals that are not the term with an S (FINGERS, HANDS), as a Body Part Examined value may be written.
-PLURALS = {"FEET": "FOOT"}
+PLURALS = {"FEET": "FOOT", "CALVES": "CALF"}
 
 
 def _compact(term: str) -> str:
@@ -492,8 +492,12 @@ def _compact(term: str) -> str:
 
 
 def _listed_word(word: str, listed: frozenset[str]) -> bool:
-    """Whether one word is a listed term, or a plural of one (FINGERS, HANDS, FEET)."""
-    return word in listed or PLURALS.get(word) in listed or (word.endswith("S") and word[:-1] in listed)
+    """Whether one word (or several run together) is a listed term, or a plural of one (FINGERS,
+    HANDS, FEET, EXTREMITIES, UPPERARMS)."""
+    return (
+        word in listed or PLURALS.get(word) in listed or (word.endswith("S") and word[:-1] in listed)
+        or (word.endswith("IES") and word[:-3] + "Y" in listed)
+    )
 
 
 def names_body_part(value: str, body_parts: Iterable[str]) -> bool:
@@ -502,16 +506,17 @@ def names_body_part(value: str, body_parts: Iterable[str]) -> bool:
 
     The value is read in capitals and split into words on whatever is not a letter (spaces,
     underscores, slashes); words of :data:`LATERALITY` are left out. It names a listed part when
-    its words, run together, are one listed term (LOWER_LIMB, "UPPER ARM", "HAND LT"), or when
+    the value as a whole is a listed term (a site's "L SPINE"), when
+    its words, run together, are one listed term or its plural (LOWER_LIMB, "UPPER ARMS", "HAND LT"), or when
     every word is a listed term or its plural ("L WRIST", FINGERS, "ANKLE/FOOT"). So "CHEST PA",
     THORAX or WHOLEBODY name no limb, and a term in another language (HANDGELENK) is not read as
     one: a site that writes it adds it to ``serve.body_parts``.
     """
     listed = frozenset(_compact(part) for part in body_parts)
+    if _compact(value) in listed:  # as listed, a site's own term with a side word in it (L SPINE) too
+        return True
     words = [word for word in re.split(r"[^A-Z]+", value.upper()) if word and word not in LATERALITY]
-    if not words:
-        return _compact(value) in listed
-    return "".join(words) in listed or all(_listed_word(word, listed) for word in words)
+    return bool(words) and (_listed_word("".join(words), listed) or all(_listed_word(word, listed) for word in words))
 
 
 def _multi(value: object) -> list[str]:

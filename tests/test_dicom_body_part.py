@@ -45,7 +45,8 @@ def both_intakes(data: bytes, tmp_path, body_parts=LIMBS) -> tuple[str | None, s
 
 # As modalities and technologists write them: laterality in the value, plurals, separators, several values.
 WRITTEN = ["HAND LT", "L WRIST", "KNEE RIGHT", "SHOULDER L", "FINGERS", "HANDS", "FEET", "ANKLE/FOOT", "LOWER_LIMB",
-           "Lower Limb", "RT UPPER ARM", "BILAT HIPS", ["HAND", "WRIST"], "HAND\\WRIST"]
+           "Lower Limb", "RT UPPER ARM", "BILAT HIPS", ["HAND", "WRIST"], "HAND\\WRIST", "UPPER ARMS", "LOWER_LIMBS",
+           "EXTREMITIES", "CALVES"]
 
 
 @pytest.mark.parametrize("value", WRITTEN, ids=str)
@@ -72,6 +73,12 @@ def test_a_refusal_names_several_values_as_dicom_writes_them_and_says_what_to_do
     with pytest.raises(DicomRejected, match=r"a local term such as HANDGELENK\), add it to serve\.body_parts$"):
         check_body_part(ds)
     check_body_part(ds, ("HANDGELENK", *LIMBS))  # added, it is read
+    ds.BodyPartExamined = "L SPINE"  # a site's own term with a side word in it is read as it lists it
+    for written in ("L SPINE", "L-SPINE", "LSPINE"):
+        ds.BodyPartExamined = written
+        check_body_part(ds, ("L SPINE", *LIMBS))
+    with pytest.raises(DicomRejected):
+        check_body_part(ds, LIMBS)
     ds.BodyPartExamined = "HANDGELENK LINKS"  # a local laterality word is not known either
     with pytest.raises(DicomRejected):
         check_body_part(ds, ("HANDGELENK", *LIMBS))
