@@ -184,8 +184,9 @@ def structured_report(
 def source_zone(source: Dataset) -> datetime.timezone | None:
     """The source's Timezone Offset From UTC, or ``None`` when it names none or one that is not
     an offset (:data:`UTC_OFFSET`: ``+0100``, ``-0500``; at most 14 hours, minutes under 60)."""
-    match = UTC_OFFSET.fullmatch(str(source.get("TimezoneOffsetFromUTC") or "").strip())
-    if match is None or int(match[3]) >= 60:
+    text = str(source.get("TimezoneOffsetFromUTC") or "").strip()
+    match = UTC_OFFSET.fullmatch(text)
+    if match is None or int(match[3]) >= 60 or text == "-0000":  # UTC is +0000; -0000 says no offset is known
         return None
     minutes = (60 * int(match[2]) + int(match[3])) * (-1 if match[1] == "-" else 1)
     return datetime.timezone(datetime.timedelta(minutes=minutes)) if -12 * 60 <= minutes <= 14 * 60 else None
@@ -193,11 +194,20 @@ def source_zone(source: Dataset) -> datetime.timezone | None:
 
 def report_zone(source: Dataset) -> datetime.timezone:
     """The zone of the report's dates and times: the source's (:func:`source_zone`), so the study's
-    dates and times it copies keep theirs, or else this machine's local one now."""
+    dates and times it copies keep theirs, or else this machine's local offset at the study's
+    date and time (a summer study scored in winter keeps its summer offset), or now where the
+    source gives no study date that reads."""
     zone = source_zone(source)
     if zone is not None:
         return zone
-    local = datetime.datetime.now().astimezone()
+    when = datetime.datetime.now()
+    try:
+        day = datetime.datetime.strptime(str(source.get("StudyDate") or "").strip(), "%Y%m%d")
+        clock = re.match(r"(\d\d)(\d\d)?(\d\d)?", str(source.get("StudyTime") or "").strip())
+        when = day.replace(hour=int(clock[1]), minute=int(clock[2] or 0), second=int(clock[3] or 0)) if clock else day
+    except (ValueError, OverflowError):  # no study date, or one that does not read: the offset now
+        pass
+    local = when.astimezone()
     return datetime.timezone(local.utcoffset() or datetime.timedelta())
 
 

@@ -158,6 +158,23 @@ def test_a_reports_dates_and_times_say_their_zone_the_sources_when_it_names_one(
     assert rows["note"][0] == note.format(local=local)
 
 
+def test_a_summer_study_without_a_zone_keeps_this_machine_s_summer_offset_and_minus_zero_is_no_offset(tmp_path, new_york):
+    """Without the source's offset, the report took this machine's offset now: a July study scored in
+    December was said to be at -0500, an hour off. -0000 (no offset known) was read as UTC."""
+    rows = table("fractured")
+    [summer] = write_structured_reports(rows, [radiograph(tmp_path, StudyDate="20260715", StudyTime="101500")],
+                                        tmp_path / "summer")
+    assert dcmread(summer).TimezoneOffsetFromUTC == "-0400"  # EDT on 15 July, whenever it is scored
+    rows = table("fractured")
+    [unknown] = write_structured_reports(
+        rows, [radiograph(tmp_path, StudyDate="20260115", StudyTime="101500", TimezoneOffsetFromUTC="-0000")],
+        tmp_path / "unknown",
+    )
+    assert dcmread(unknown).TimezoneOffsetFromUTC == "-0500"  # EST on 15 January: this machine's, not UTC
+    assert rows["note"][0] == ("TimezoneOffsetFromUTC '-0000' is not a valid offset: the structured report's dates and "
+                               "times are in this machine's zone (-0500)")
+
+
 def _deflated(path: Path, padding: int = 0) -> None:
     """Rewrites a report deflated (Deflated Explicit VR Little Endian), with ``padding`` zero bytes
     in a private element: a few kilobytes on disk that inflate to that many."""
