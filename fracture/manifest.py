@@ -38,6 +38,7 @@ from typing import IO
 import numpy as np
 import pandas as pd
 from PIL import Image
+from pydicom import uid
 
 from fracture.decoding import (
     decode,
@@ -53,8 +54,12 @@ from fracture.decoding import (
     unservable,
 )
 from fracture.dicom import (
+    COLOUR,
     FOR_PROCESSING,
+    MAX_BITS,
+    MONOCHROME,
     NOT_IMAGES,
+    PIXEL_TAGS,
     RADIOGRAPHY,
     STRUCTURED_REPORTS,
     DicomRejected,
@@ -230,11 +235,22 @@ def _refused_for_what_it_is(data: bytes, modalities: Iterable[str] | None) -> bo
         meta = getattr(ds, "file_meta", None)
         sop = str(ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta is not None else "") or "")
         modality = str(ds.get("Modality") or "")
+        syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+        photometric = str(ds.get("PhotometricInterpretation") or "")
+        bits = int(ds.get("BitsAllocated") or 0)
+        if "PixelData" not in ds and ("Image Storage" in uid.UID(sop).name or any(tag in ds for tag in PIXEL_TAGS)):
+            return False  # an image's class or pixel tags without the pixels: a file cut short, damage
         return (
             sop in NOT_IMAGES or sop.startswith(STRUCTURED_REPORTS) or sop in FOR_PROCESSING
             or str(ds.get("PresentationIntentType") or "").upper() == "FOR PROCESSING"
             or int(ds.get("NumberOfFrames") or 1) > 1
-            or (modalities is not None and bool(modality) and modality not in modalities)
+            or (modalities is not None and modality not in modalities)  # no Modality too, as serving reads it
+            or "PixelData" not in ds  # an object without pixel data that is no image (Raw Data with Modality DX)
+            # A vendor's private transfer syntax, a palette or a colour of more than 8 bits, more than
+            # 16 bits a pixel: sound files in a form the served model does not decode.
+            or (syntax is not None and uid.UID(str(syntax)) not in uid.AllTransferSyntaxes)
+            or (bool(photometric) and photometric not in MONOCHROME and not (photometric in COLOUR and bits == 8))
+            or bits > MAX_BITS
         )
     except Exception:  # noqa: BLE001 - a header that cannot be read, or a value that does not parse: damage
         return False

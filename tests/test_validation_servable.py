@@ -189,3 +189,45 @@ def test_the_stage_leaves_out_an_image_whose_side_the_served_model_refuses(tmp_p
     assert findings["width_in_bounds"]["success"] and findings["height_in_bounds"]["success"]
     assert findings["servable"]["unexpected_ids"] == [TALL, NARROW]
     assert result.counts["included"] == 20
+
+
+def test_sound_files_in_forms_the_served_model_does_not_read_are_refused_not_taken_for_damage(tmp_path):
+    """A palette image, a vendor's private transfer syntax, no Modality, and an object without pixel
+    data (Raw Data with Modality DX) were filed as damaged (hard `decodable`), failing the stage, where
+    serving refuses them for what they are; a file cut off before its pixels is still damage."""
+    from fracture.manifest import inspect_image
+
+    write_image(tmp_path / "x.png", seed=1)
+    base = dicom_from_jpeg(tmp_path / "x.png", "8-bit")
+
+    def edited(**values) -> bytes:
+        ds = dcmread(io.BytesIO(base))
+        for keyword, value in values.items():
+            if keyword == "TransferSyntaxUID":
+                ds.file_meta.TransferSyntaxUID = value
+            elif value is None:
+                delattr(ds, keyword)
+            else:
+                setattr(ds, keyword, value)
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        return buffer.getvalue()
+
+    cases = {
+        "palette": (edited(PhotometricInterpretation="PALETTE COLOR"), True),
+        "private": (edited(TransferSyntaxUID="1.2.840.113619.5.2"), True),
+        "no_modality": (edited(Modality=None), True),
+        "raw_data": (edited(SOPClassUID="1.2.840.10008.5.1.4.1.1.66", PixelData=None, Rows=None, Columns=None,
+                            SamplesPerPixel=None, BitsAllocated=None, BitsStored=None, HighBit=None,
+                            PixelRepresentation=None, PhotometricInterpretation=None), True),
+        "cut_before_pixels": (edited(PixelData=None), False),
+    }
+    for name, (data, refused) in cases.items():
+        path = tmp_path / f"{name}.dcm"
+        path.write_bytes(data)
+        facts = inspect_image(str(path), body_parts=("HAND",), min_side=64, max_side=8192)
+        assert not facts.decodable, name
+        assert facts.refused is refused, (name, facts.error)
+        with pytest.raises(InputRejected) as served:
+            read_xray(data, input_policy(PARAMS))
+        assert facts.error in str(served.value), name
