@@ -807,14 +807,16 @@ def voi_range(ds: Dataset, values: np.ndarray) -> tuple[float, float]:
 
 def voi_lut_bits(ds: Dataset) -> int:
     """The bits per entry of ``ds``'s first VOI LUT: its descriptor's third value, unless that is
-    more than 8 and the largest entry is below 2**(bits - 1), in which case the entries' own bit
-    depth (the bits their largest value needs, at least 8).
+    more than 12 and every entry fits in 12 bits (the largest below 2**12), in which case the
+    entries' own bit depth (the bits their largest value needs, at least 8).
 
     Some CR modalities (Agfa's among them) write a descriptor of 16 bits per entry over entries
     that only reach 4095: taken at its word, the output range 0..65535 leaves the image within
-    its darkest sixteenth, near-blank. Viewers take the range from the entries instead (dcmtk's
-    ``CIF_CheckLutBitDepth``, Horos, Cornerstone), and so does this reader; pydicom's
-    ``apply_voi_lut`` returns the entries as they are and leaves the range to its caller.
+    its darkest sixteenth, near-blank. Cornerstone and Horos take the range from the entries'
+    largest value, and dcmtk offers a check of the LUT's bit depth (``CIF_CheckLutBitDepth``, off by
+    default); this reader does so only for 12-bit entries under a wider descriptor, the case seen,
+    so that a LUT of 16-bit entries that stops short of its range (at 30000, say) is read at its
+    word. pydicom's ``apply_voi_lut`` returns the entries as they are and leaves the range to its caller.
     """
     bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
     if bits <= 8:
@@ -822,7 +824,7 @@ def voi_lut_bits(ds: Dataset) -> int:
     entries, first, _ = (int(v) for v in _voi_dataset(ds).VOILUTSequence[0].LUTDescriptor)
     table = _apply_voi(np.arange(first, first + (entries or 2**16), dtype=np.int32), ds)
     largest = int(table.max()) if table.size else 0
-    if largest >= 2 ** (bits - 1):
+    if bits <= 12 or largest >= 2**12:
         return bits
     actual = max(largest.bit_length(), 8)
     log.info("DICOM VOI LUT of %d bits per entry whose largest entry is %d: read as %d bits", bits, largest, actual)
