@@ -536,9 +536,10 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
                 uid = str(source.get("SOPInstanceUID", ""))
                 # The patient too: one image exported before and after a patient correction (the same
                 # UID, study and pixels under another Patient ID) is each patient's, each with its report.
-                patient = (str(source.get("PatientID", "")), str(source.get("IssuerOfPatientID", "")))
-                same = (study, patient, row.fracture_probability, row.label, row.threshold, row.model, row.version)
-                if UID(uid).is_valid and uid in reported and reported[uid][2] == same:
+                # Its issuer counts where both copies name one, as for an earlier run's report (_reports_on).
+                patient, issuer = str(source.get("PatientID", "")), str(source.get("IssuerOfPatientID") or "").strip()
+                same = (study, patient, issuer, row.fracture_probability, row.label, row.threshold, row.model, row.version)
+                if UID(uid).is_valid and uid in reported and _same_source(reported[uid][2], same):
                     first, report, _ = reported[uid]
                     add_note(index, f"the same image (SOP Instance UID) as {first}, whose report {report.name} is this row's")
                     written.append(shown(report))
@@ -872,6 +873,13 @@ REPORT_UIDS = ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInsta
 #: is on (:func:`_reports_on`); its findings, the last of its elements.
 REPORT_PARTS = (*REPORT_UIDS, "CurrentRequestedProcedureEvidenceSequence", "ContentSequence")
 UNDEFINED_LENGTH = 0xFFFFFFFF
+
+
+def _same_source(one: tuple[Any, ...], other: tuple[Any, ...]) -> bool:
+    """Whether two copies in one call are one image with one answer: ``(study, Patient ID, Issuer of
+    Patient ID, answer...)`` equal, the issuers compared only where both name one (:func:`_reports_on`)."""
+    issuers = (one[2], other[2])
+    return one[:2] == other[:2] and one[3:] == other[3:] and (not all(issuers) or issuers[0] == issuers[1])
 
 
 def _earlier_report(path: Path) -> tuple[Any, str]:

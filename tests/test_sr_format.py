@@ -116,6 +116,22 @@ def test_an_earlier_report_on_another_issuers_patient_under_one_id_is_kept_not_r
                                    f"{earlier.name} in {folder}: kept, and this one written as {Path(written).name}")
 
 
+@pytest.mark.parametrize(("first", "second", "one_report"),
+                         [(HOSPITAL_A, {}, True), (HOSPITAL_A, HOSPITAL_A, True), (HOSPITAL_A, HOSPITAL_B, False)],
+                         ids=["issuer-on-one-side-only", "one-issuer", "two-issuers"])
+def test_two_copies_of_one_image_in_one_call_are_matched_on_the_patient_as_across_calls(tmp_path, first, second,
+                                                                                        one_report):
+    """One image twice in one call, once with its issuer and once without, got two reports, the second
+    named after its bytes, where across two calls it is one patient's image and one report."""
+    same = {"SOPInstanceUID": "1.2.826.0.1.3680043.8.498.77", "StudyInstanceUID": "1.2.826.0.1.3680043.8.498.78",
+            "PatientID": "12345"}
+    rows = table("fractured", "fractured")
+    written = write_structured_reports(rows, [radiograph(tmp_path / "a", **same, **first),
+                                              radiograph(tmp_path / "b", **same, **second)], tmp_path / "sr")
+    assert (written[0] == written[1]) is one_report
+    assert len(list((tmp_path / "sr").glob("*.dcm"))) == (1 if one_report else 2)
+
+
 @pytest.fixture
 def new_york(monkeypatch):
     """This machine's local time is New York's (UTC-5 or -4), not UTC, as a hospital's batch server's may be."""
