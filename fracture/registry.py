@@ -1129,7 +1129,13 @@ def rollback(
             last = max(demoted, key=lambda v: (v.tags.get(TAG_ROLLED_BACK, ""), int(v.version)))
             log.warning("%s: finishing the rollback from version %s to %s that was stopped", name, last.version, current.version)
             return _finish_rollback(client, name, str(last.version), current)
-    if previous is None or str(previous.version) == str(current.version):
+        # Nothing demoted: a rollback (or a pick of previous-champion) where no version held
+        # champion, stopped before previous-champion stepped back from it.
+        log.warning("%s: finishing the rollback to version %s, where no version held champion, that was stopped",
+                    name, current.version)
+        done = _finish_rollback(client, name, None, current)
+        return dataclasses.replace(done, chosen=current.tags.get(TAG_DECISION) == CHOSEN)
+    if previous is None:
         raise RegistryError(
             f"registered model '{name}' has no '{PREVIOUS_CHAMPION}' to roll back to (champion is version "
             f"{current.version}); to choose a version by hand: {command} --to <version> --reason \"...\""
@@ -1202,7 +1208,8 @@ def _rollback_without_champion(
     removes its alias, or the alias was removed): to ``previous-champion``, the last champion the
     registry holds, or to version ``to``, chosen by hand. The version is loaded first, as a
     consumer would load it; nothing is demoted, and ``previous-champion`` steps back from the
-    restored version as after any rollback (a hand pick leaves it where it is).
+    restored version as after any rollback, ``previous-champion`` chosen by ``to`` included (a hand
+    pick of another version leaves it where it is).
 
     Raises:
         RegistryError: no ``previous-champion`` and no ``to``, version ``to`` does not exist, the
@@ -1233,8 +1240,10 @@ def _rollback_without_champion(
     _require_champion_unmoved(client, name, None, version)
     when, why = _now(), reason or "not given"
     # A restored version keeps the version it replaced as champion, as after any rollback: the step
-    # back of previous-champion reads it (_finish_rollback). One chosen by hand replaced none.
-    _untag_version(client, name, version, (TAG_BASIS,) if to is None else (TAG_BASIS, TAG_REPLACED))
+    # back of previous-champion reads it (_finish_rollback). One chosen by hand replaced none,
+    # unless it is previous-champion: champion and previous-champion would then name one version.
+    restores_previous = version == _version_of(previous)
+    _untag_version(client, name, version, (TAG_BASIS,) if restores_previous else (TAG_BASIS, TAG_REPLACED))
     if to is None:
         tags = {TAG_DECISION: "restored", TAG_REASON: f"restored by rollback at {when}, when no version held champion "
                                                        f"({NO_CHAMPION_WHY}): {why}"}
@@ -1247,8 +1256,9 @@ def _rollback_without_champion(
     given = _record_event(client, name, version, "restored" if to is None else CHOSEN, f"{why} (no version held champion)")
     client.set_registered_model_alias(name, CHAMPION, version)
     given.complete(client)
-    if to is None:
-        return _finish_rollback(client, name, None, client.get_model_version(name, version))
+    if restores_previous:
+        done = _finish_rollback(client, name, None, client.get_model_version(name, version))
+        return dataclasses.replace(done, chosen=to is not None)
     _untag_version(client, name, version, RUN_ROLLED_BACK_TAGS)
     _lift_run_rollback(client, target)
     log.info("%s: version %s chosen by hand as champion, where no version held it", name, version)

@@ -167,6 +167,37 @@ def test_a_rollback_with_the_champion_version_deleted_steps_previous_champion_ba
     assert aliases(client) == {"champion": "1"}
 
 
+def test_with_the_champion_version_deleted_choosing_previous_champion_steps_it_back(client, ranked):
+    """No champion, and `--to` names previous-champion's version: previous-champion steps back from
+    it as after a plain rollback, where both aliases were left on one version and the next plain
+    rollback said there was no previous-champion while the alias was there. Stopped after champion
+    moved, a plain rollback finishes the step back."""
+    split, models = ranked
+    for model in ("bad", "random", "good"):
+        assert register(ANY_GAIN, evaluated_run(0.9), *models[model], split, client).decision == "promoted"
+    client.delete_model_version(NAME, "3")
+    done = rollback(NAME, client, "sign-off of version 2", to=2)
+    assert (done.demoted, done.champion, done.previous_champion, done.chosen) == (None, "2", "1", True)
+    assert aliases(client) == {"champion": "2", "previous-champion": "1"}
+    assert client.get_model_version(NAME, "2").tags["gate_decision"] == "chosen"
+    back = rollback(NAME, client, "version 2 withdrawn")
+    assert (back.demoted, back.champion, back.previous_champion) == ("2", "1", None)
+
+    # Stopped once champion moved: the plain rollback finishes it rather than saying there is no
+    # previous-champion while the alias names the champion's version.
+    client.delete_model_version(NAME, "1")
+    register(ANY_GAIN, evaluated_run(0.9), *models["random"], split, client)
+    assert aliases(client) == {"champion": "4"}
+    register(ANY_GAIN, evaluated_run(0.9), *models["good"], split, client)
+    client.delete_model_version(NAME, "5")
+    with stopped_when_moving(client, "champion", after=True):
+        rollback(NAME, client, "sign-off of version 4", to=4)
+    assert aliases(client) == {"champion": "4", "previous-champion": "4"}
+    finished = rollback(NAME, client, "finish")
+    assert (finished.demoted, finished.champion, finished.previous_champion, finished.chosen) == (None, "4", None, True)
+    assert aliases(client) == {"champion": "4"}
+
+
 def test_with_every_champion_alias_gone_the_gate_says_it_compared_with_none(client, ranked):
     """Earlier champions, but neither champion nor previous-champion left: promoted on the floors
     and the load check, and the reason says so, not "first version to pass the gate"."""
