@@ -20,6 +20,7 @@ import requests
 import torch
 from mlflow import MlflowClient
 from mlflow.artifacts import download_artifacts
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.utils.credentials import get_default_host_creds
 from prefect import flow
@@ -56,7 +57,14 @@ from fracture.config import (
 )
 from fracture.ingest import SOURCE_ENV
 from fracture.project_lock import project_lock as fracture_project_lock
-from fracture.registry import CHAMPION, TAG_DATA, TAG_DECISION, Registration
+from fracture.registry import (
+    CHAMPION,
+    READY,
+    TAG_DATA,
+    TAG_DECISION,
+    TAG_ROLLED_BACK,
+    Registration,
+)
 from fracture.tracking import TrainingRunMissing, training_run
 from fracture.workspace import (
     ASSIGNMENTS_FILE,
@@ -385,7 +393,8 @@ UNDECIDED_LOOKBACK = 20
 
 def registry_state(client: MlflowClient, model: str) -> RegistryState:
     """The registered model's aliases, its newest version and the versions among its newest
-    (:data:`UNDECIDED_LOOKBACK`) the gate has not decided on; empty when the registry has no such model.
+    (:data:`UNDECIDED_LOOKBACK`) the gate has not decided on and will (:func:`_awaits_gate`); empty
+    when the registry has no such model.
 
     Args:
         client: the registry's client.
@@ -400,13 +409,23 @@ def registry_state(client: MlflowClient, model: str) -> RegistryState:
     newest = client.search_model_versions(
         f"name = '{model}'", max_results=UNDECIDED_LOOKBACK, order_by=["version_number DESC"]
     )
-    # No decision, or a promotion left "pending" (the champion moved under it): a registration stopped before its gate.
-    undecided = sorted(int(v.version) for v in newest if (v.tags or {}).get(TAG_DECISION) in (None, "", "pending"))
+    undecided = sorted(int(v.version) for v in newest if _awaits_gate(v))
     return RegistryState(
         {alias: str(v) for alias, v in aliases.items()},
         max((int(v.version) for v in newest), default=0),
         tuple(str(v) for v in undecided),
     )
+
+
+def _awaits_gate(mv: ModelVersion) -> bool:
+    """Whether the next registration of the version's run puts it through the gate: it has no
+    decision, or a promotion left "pending" (the champion moved under it), as a registration stopped
+    before its gate leaves it. A version the gate holds back never gets a decision, and is not one:
+    one that carries its run's rollback (``rolled_back_at``; chosen by hand, it is served again) and
+    one whose registration failed or has not finished (not ``READY``: its run is registered anew)."""
+    tags = mv.tags or {}
+    return (tags.get(TAG_DECISION) in (None, "", "pending") and not tags.get(TAG_ROLLED_BACK)
+            and mv.status in (None, "", READY))
 
 
 def version_origin(client: MlflowClient, name: str, version: str) -> VersionOrigin:

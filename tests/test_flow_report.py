@@ -471,6 +471,26 @@ def test_the_registry_state_is_read_from_the_registry(tmp_path):
     assert state.aliases == {"champion": "10", "previous-champion": "3"} and state.newest_version == 11
 
 
+def test_the_registry_state_lists_as_undecided_only_versions_the_next_registration_decides(tmp_path):
+    """A version the gate holds back (its run rolled back, or its registration failed) never gets a
+    decision: it was listed under "Registered, not decided by the gate" in every failed run's report,
+    saying the next run decides it."""
+    import sqlite3
+    from contextlib import closing
+
+    from flows.retrain import registry_state
+
+    database = tmp_path / "mlflow.db"
+    client = MlflowClient(f"sqlite:///{database}")
+    client.create_registered_model("fracture-classifier")
+    for tags in ({"gate_decision": "promoted"}, {}, {"gate_decision": "pending"},
+                 {"rolled_back_at": "2026-01-02T03:04:05+00:00", "rolled_back_version": "1"}, {}):
+        client.create_model_version("fracture-classifier", (tmp_path / "model").as_uri(), tags=tags)
+    with closing(sqlite3.connect(database)) as con, con:
+        con.execute("update model_versions set status = 'FAILED_REGISTRATION' where version = 5")
+    assert registry_state(client, "fracture-classifier").undecided == ("2", "3")
+
+
 def test_the_closing_advice_names_uncommitted_code_too():
     from flows.retrain import commit_advice
 
