@@ -20,7 +20,13 @@ from flows.result import (
     was_promoted,
 )
 from fracture.model_card import QUALITY_BAR, _fmt_threshold, quality_bar
-from fracture.registry import Registration
+from fracture.registry import (
+    DETECTOR_ROLLBACK_COMMAND,
+    NO_CHAMPION_WHY,
+    PREVIOUS_CHAMPION,
+    ROLLBACK_COMMAND,
+    Registration,
+)
 
 REPORT_KEY = "retrain-report"
 
@@ -443,15 +449,33 @@ def _moves(moves: tuple[AliasMove, ...]) -> str:
     return ", ".join(m.describe() for m in moves) or "none"
 
 
-def no_champion_note(reg: Registration) -> str | None:
+def no_champion_note(reg: Registration, detector: bool = False) -> str | None:
     """What a run that leaves the registry without a ``champion`` means, and what to do; else ``None``.
 
     That happens when the first version registered fails the gate (a floor, usually): consumers
-    loading ``models:/<name>@champion`` then find nothing.
+    loading ``models:/<name>@champion`` then find nothing. It happens too when the champion's
+    version was deleted and the new version did not beat ``previous-champion``, the last champion
+    the registry holds: then one rollback (``fracture rollback``, with ``--detector`` for the
+    fracture detector, ``detector``) serves that version again, and the note says so. The first
+    fracture detector that fails its gate gets no note: the advice on floors is the classifier's.
     """
     if reg.champion or reg.champion_version is not None:
         return None
     failed = "; ".join(f"{c.name}: {c.detail}" for c in reg.checks if not c.passed) or reg.reason
+    if reg.previous_champion is not None:
+        command = DETECTOR_ROLLBACK_COMMAND if detector else ROLLBACK_COMMAND
+        kept = "" if reg.version == reg.previous_champion else (
+            f" Version {reg.version} stays `challenger` ({failed})." if reg.decision == "challenger"
+            else f" Version {reg.version} is not promoted ({reg.reason})."
+        )
+        return (
+            f"No version of {reg.name} holds `champion` ({NO_CHAMPION_WHY}), so `models:/{reg.name}@champion` has "
+            f"nothing to load; `{PREVIOUS_CHAMPION}` is version {reg.previous_champion}, the last champion the "
+            f"registry holds: `{command} --reason \"...\"` restores it as champion, once it loads as a consumer "
+            f"would.{kept}"
+        )
+    if detector:
+        return None
     return (
         f"No version of {reg.name} holds `champion`, so `models:/{reg.name}@champion` has nothing to load "
         f"until a version passes the gate; version {reg.version} stays `challenger` ({failed}). The floors "
@@ -517,7 +541,10 @@ def _detector_lines(result: RetrainResult) -> list[str]:
         f"| Reason | {_cell(reg.reason)} |",
         "",
     ]
-    return lines + _checks(reg)
+    lines += _checks(reg)
+    if note := no_champion_note(reg, detector=True):
+        lines += [f"**No detector champion.** {note}", ""]
+    return lines
 
 
 def _not_compared(reg: Registration) -> str:

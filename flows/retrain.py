@@ -637,6 +637,8 @@ def _run(project: Path, source: str | None, profile: str | None, progress: RunPr
             f"detector: test mAP@0.5 {detect_metrics['map_50']:.4f} ({detect_metrics['map_50_ci_low']:.4f}-"
             f"{detect_metrics['map_50_ci_high']:.4f}); {d.name} version {d.version}, champion: {d.champion} ({d.reason})"
         )
+        if note := no_champion_note(d, detector=True):
+            logger.warning(note)
     result = RetrainResult(name, ingested, runs, registration=registration, detector=detector, moves=moves,
                            since_champion=since_champion(project, registration, before[models[0]]), **results)
     Workspace(project).record_completed_run(ingested.data_version)

@@ -709,7 +709,13 @@ def _decided_before(mv: ModelVersion, current: ModelVersion | None, basis: str) 
     decide the same, and costs minutes in every scheduled run that finds nothing new."""
     if mv.tags.get(TAG_DECISION) != "challenger" or mv.tags.get(TAG_BASIS) != basis:
         return None
-    against = f"against champion v{current.version}" if current is not None else "with no champion"
+    stand_in = json.loads(basis).get(PREVIOUS_CHAMPION)  # where no version held champion (_gate_until_settled)
+    if current is not None:
+        against = f"against champion v{current.version}"
+    elif stand_in is not None:
+        against = f"with no champion, against {PREVIOUS_CHAMPION} v{stand_in} in its stead"
+    else:
+        against = "with no champion"
     return _Outcome("unchanged", f"already decided {against}, on this test split and these rules: stays "
                                  f"challenger ({mv.tags.get(TAG_REASON, '')})")
 

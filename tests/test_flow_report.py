@@ -283,6 +283,30 @@ def test_a_run_that_leaves_the_registry_without_a_champion_says_so_and_what_to_d
     assert no_champion_note(result(ran=True, previous=None, created=True).registration) is None
 
 
+def test_with_the_champion_version_deleted_the_note_names_previous_champion_and_the_rollback():
+    """No champion because its version was deleted, and previous-champion remains: one rollback serves
+    again, where the note gave a first version's advice (stop chasing the floors, train on a GPU)."""
+    from fracture.gate import GateCheck
+
+    lost = challenger(
+        None, previous_champion="1",
+        reason="no version holds champion (...): compared with previous-champion v1, ...",
+        checks=(GateCheck("beats champion", False, "ROC AUC 0.5 vs champion v1's 0.9, not higher"),),
+    ).registration
+    note = no_champion_note(lost)
+    assert note is not None and "`previous-champion` is version 1, the last champion the registry holds" in note
+    assert '`fracture rollback --reason "..."` restores it as champion' in note
+    assert "Version 3 stays `challenger` (beats champion: ROC AUC 0.5 vs champion v1's 0.9, not higher)" in note
+    assert "floors" not in note and "GPU" not in note
+    detector = dataclasses.replace(lost, name="fracture-detector")
+    assert '`fracture rollback --detector --reason "..."`' in no_champion_note(detector, detector=True)
+    # previous-champion's own run registered again: it is the version the rollback restores.
+    kept = dataclasses.replace(lost, version="1", decision="unchanged")
+    assert no_champion_note(kept).endswith("once it loads as a consumer would.")
+    # The first detector that fails its gate: the floor advice is the classifier's.
+    assert no_champion_note(dataclasses.replace(detector, previous_champion=None), detector=True) is None
+
+
 def test_same_data_but_changed_params_is_a_retraining():
     # e.g. more epochs: the data version is the same, yet DVC reruns train and evaluate.
     rerun = result(ran=True, previous="new-md5.dir", created=True)

@@ -124,6 +124,10 @@ def test_with_the_champion_version_deleted_the_gate_compares_with_previous_champ
     assert 'fracture rollback --reason "..."` restores v1 as champion' in same.reason
     assert same.comparison is not None and same.comparison.champion_version == "1"
     assert aliases(client) == {"previous-champion": "1", "challenger": "3"}
+    # Registered again, its recorded decision stands, and says against which version it was taken.
+    again = register(ANY_GAIN, same.run_id, *models["bad"], split, client)
+    assert (again.version, again.decision) == ("3", "unchanged")
+    assert again.reason.startswith("already decided with no champion, against previous-champion v1 in its stead")
 
     better = register(ANY_GAIN, evaluated_run(0.9), *models["good"], split, client)
     assert (better.version, better.decision) == ("4", "promoted")
