@@ -57,6 +57,7 @@ from fracture.registry import (
     _test_metrics,
     _verdict,
     code_tags,
+    require_ready,
     require_same_split,
     require_served_threshold,
 )
@@ -314,6 +315,7 @@ def register_detector(
         lambda: _description(run, described),
     )
     mv = _record_provenance(client, mv, provenance)
+    require_ready(mv, "the gate cannot score it, and it cannot be made champion")
     candidate = Evaluation(str(mv.version), metrics, mv.tags.get(TAG_SPLIT) or split.fingerprint,
                            run.data.tags.get("data_version") or None)
 

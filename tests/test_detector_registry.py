@@ -362,6 +362,32 @@ def test_a_detector_run_without_its_test_map_is_refused(client, split, tmp_path)
         DetectorTestSplit("f", (tmp_path / "a.png",), (np.zeros((0, 4)),))
 
 
+def test_a_detector_version_whose_registration_has_not_finished_is_refused_before_the_gate(
+    client, split, tmp_path, monkeypatch
+):
+    """A version a registry plugin or an asynchronous copy left PENDING_REGISTRATION has no model to
+    serve: the detector's registration refuses it as the classifier's does, where it went through
+    the gate and could be made champion."""
+    import sqlite3
+    from contextlib import closing
+
+    run_id, weights, described = detector_run(tmp_path, 0, 0.4)
+    recorded = detector_registry._record_provenance
+
+    def left_pending(client, mv, tags):
+        database = mlflow.get_tracking_uri().removeprefix("sqlite:///")
+        with closing(sqlite3.connect(database)) as con, con:
+            con.execute("update model_versions set status = 'PENDING_REGISTRATION' where version = ?", (int(mv.version),))
+        return recorded(client, mv, tags)
+
+    monkeypatch.setattr(detector_registry, "_record_provenance", left_pending)
+    monkeypatch.setattr(detector_registry, "_gate", lambda *a, **k: pytest.fail("went through the gate"))
+    with pytest.raises(RegistryError, match=r"fracture-detector version 1 is PENDING_REGISTRATION, not READY: the "
+                                            r"gate cannot score it, and it cannot be made champion"):
+        register_detector(DetectParams(), run_id, weights, described, split, isolated=False)
+    assert not client.get_registered_model("fracture-detector").aliases
+
+
 class Registering(Exception):
     """Raised where registration would create the version: the run passed every check before it."""
 
