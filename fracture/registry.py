@@ -476,7 +476,10 @@ def _gate_until_settled(
             # scored): the figures of an earlier decision would contradict this one.
             _untag_version(client, name, str(mv.version), comparison_tags)
         try:
-            _apply(client, mv, current, outcome, settled_basis(current))
+            # Promoted over previous-champion in the champion's stead: it records that version as the
+            # one it replaced, where previous-champion stays, as it would a champion's.
+            stand_in = _alias(client, name, PREVIOUS_CHAMPION) if current is None else None
+            _apply(client, mv, current, outcome, settled_basis(current), stand_in)
         except _ChampionMoved as moved:
             log.warning(
                 "%s: champion moved from version %s to %s while version %s was being promoted; scoring it against "
@@ -909,29 +912,40 @@ def _verdict(checks: tuple[GateCheck, ...], promoted_because: str, comparison: C
 
 def _apply(
     client: MlflowClient, mv: ModelVersion, current: ModelVersion | None, outcome: _Outcome, basis: str | None = None,
+    stand_in: ModelVersion | None = None,
 ) -> None:
     """Moves the aliases as the gate decided; a challenger records the ``basis`` of its decision when
     the decision rests on the rules alone. It records none when a check that can fail for a passing
     reason failed (a model that could not be loaded or scored: a registry or network error), so that
-    the next registration of the run tries again."""
+    the next registration of the run tries again. ``stand_in``: ``previous-champion``, where no
+    version holds champion (:func:`_promote`)."""
     if outcome.decision == "promoted":
-        _promote(client, mv, current, outcome.reason)
+        _promote(client, mv, current, outcome.reason, stand_in)
     else:
         retried = ("scored with champion", "load check")
         settled = not any(c.name in retried and not c.passed for c in outcome.checks)
         _mark_challenger(client, mv, outcome.reason, basis if settled else None)
 
 
-def _promote(client: MlflowClient, mv: ModelVersion, current: ModelVersion | None, reason: str) -> None:
-    """Moves ``champion`` to the version and ``previous-champion`` to the version it replaces."""
+def _promote(
+    client: MlflowClient, mv: ModelVersion, current: ModelVersion | None, reason: str,
+    stand_in: ModelVersion | None = None,
+) -> None:
+    """Moves ``champion`` to the version and ``previous-champion`` to the version it replaces.
+
+    Where no version held ``champion`` (``current`` is ``None``), ``stand_in`` is ``previous-champion``,
+    which the version was compared with instead: recorded as the version it replaced, it stays
+    ``previous-champion``, and a rollback to this version later steps back to it.
+    """
     name, version = mv.name, str(mv.version)
+    replaced = current if current is not None else stand_in
     # Everything about the decision is written before champion moves, and previous-champion
     # after it: a run stopped at any point leaves champion either where it was or on a version
     # that carries its decision and the version it replaced, and registering the run again
     # (already champion) restores previous-champion from that record (_restore_previous).
     tags = {TAG_DECISION: "promoted", TAG_REASON: reason}
-    if current is not None:
-        tags[TAG_REPLACED] = current.version
+    if replaced is not None:
+        tags[TAG_REPLACED] = replaced.version
     elif TAG_REPLACED in mv.tags:
         client.delete_model_version_tag(name, version, TAG_REPLACED)  # from a promotion that did not land
     _untag_version(client, name, version, (TAG_BASIS,))  # the rules an earlier challenger decision rested on
@@ -949,7 +963,7 @@ def _promote(client: MlflowClient, mv: ModelVersion, current: ModelVersion | Non
         return
     if _version_of(latest) != _version_of(current):
         # Nothing of this promotion stays: the version is decided again against the new champion.
-        if current is not None:
+        if replaced is not None:
             client.delete_model_version_tag(name, version, TAG_REPLACED)
         moved = f"champion moved to version {_version_of(latest)} while this version was promoted; scored again"
         _tag_version(client, name, version, {TAG_DECISION: "pending", TAG_REASON: moved})

@@ -202,6 +202,24 @@ def test_with_the_champion_version_deleted_choosing_previous_champion_steps_it_b
     assert aliases(client) == {"champion": "4"}
 
 
+def test_a_version_promoted_over_previous_champion_in_the_champions_stead_keeps_the_chain(client, ranked):
+    """No champion (its version deleted): a version that beats previous-champion v1 is promoted and
+    records v1 as the version it replaced, so that after a later champion is rolled back to it,
+    previous-champion steps back to v1, where it was removed."""
+    split, models = ranked
+    register(ANY_GAIN, evaluated_run(0.9), *models["bad"], split, client)
+    register(ANY_GAIN, evaluated_run(0.9), *models["random"], split, client)
+    client.delete_model_version(NAME, "2")
+    over = register(ANY_GAIN, evaluated_run(0.9), *models["random"], split, client)
+    assert (over.version, over.decision, over.champion_version) == ("3", "promoted", None)
+    assert aliases(client) == {"champion": "3", "previous-champion": "1"}
+    assert client.get_model_version(NAME, "3").tags["replaced_version"] == "1"
+    assert register(ANY_GAIN, evaluated_run(0.9), *models["good"], split, client).decision == "promoted"
+    assert aliases(client) == {"champion": "4", "previous-champion": "3"}
+    done = rollback(NAME, client, "version 4 withdrawn")
+    assert (done.demoted, done.champion, done.previous_champion) == ("4", "3", "1")
+
+
 def test_with_every_champion_alias_gone_the_gate_says_it_compared_with_none(client, ranked):
     """Earlier champions, but neither champion nor previous-champion left: promoted on the floors
     and the load check, and the reason says so, not "first version to pass the gate"."""
