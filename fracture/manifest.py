@@ -225,8 +225,10 @@ def _other_body_part(data: bytes, body_parts: Iterable[str] | None) -> str | Non
 
 def _refused_for_what_it_is(data: bytes, modalities: Iterable[str] | None) -> bool:
     """Whether a DICOM file the decode refused is one the served model refuses for what it holds
-    rather than for damage: an object that is no image (a report, a PDF), an image FOR PROCESSING,
-    several frames, or a modality outside ``modalities`` (a CT, a mammogram). A PACS export holds
+    rather than for damage: an object that is no image (a report, a PDF, raw data), an image FOR
+    PROCESSING, several frames, a modality outside ``modalities`` (a CT, a mammogram; none given), a
+    vendor's private transfer syntax, a palette or a colour of more than 8 bits, more than 16 bits a
+    pixel. A PACS export holds
     such files beside the radiographs; they are sound, so :func:`inspect_image` marks them
     ``refused`` (rule ``servable``) and leaves a damaged file to ``decodable``. Read from the header
     as :func:`fracture.dicom.check_radiograph` reads it; a header that does not read is damage."""
