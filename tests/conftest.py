@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from fracture.config import Params
     from fracture.inference import ServingConfig
     from fracture.vocabulary import Decode
+    from fracture.workspace import Workspace
 
 REPO = Path(__file__).resolve().parents[1]
 #: The real FracAtlas copy the integration tests read: ../shared/fracatlas beside the checkout, as CI
@@ -326,6 +327,25 @@ def untrained_model_files(folder: Path, threshold: float, decode: Decode = "full
     save_file(model.state_dict(), str(weights))
     extra = {"profile": "cpu", "classes": ["not_fractured", "fractured"]}
     return weights, ServingConfig(profile.model, data_config(model, 64, decode=decode), threshold, extra)
+
+
+def write_trained_classifier(workspace: Workspace, run_id: str, experiment_id: str) -> None:
+    """A classifier the train stage could have left in ``workspace``: a random Lite0 at 64 px for run ``run_id``.
+
+    For the detector's stages, which start from the classifier's weights and record its run.
+    """
+    import timm
+    from safetensors.torch import save_file
+
+    from fracture.data_config import DataConfig
+    from fracture.workspace import TrainedModel
+
+    workspace.train_dir.mkdir(parents=True)
+    save_file(timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=2).state_dict(),
+              str(workspace.weights))
+    data = DataConfig((3, 64, 64), "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    model = TrainedModel("tf_efficientnet_lite0", "cpu", ["not_fractured", "fractured"], data, 1, 0.5)
+    workspace.write_train(model, run_id, experiment_id, [])
 
 
 def ranking_model_files(

@@ -9,15 +9,12 @@ import logging
 import mlflow
 import numpy as np
 import pytest
-import timm
-from safetensors.torch import save_file
 
 from fracture.config import load_params
-from fracture.data_config import DataConfig
 from fracture.detection import DetectorTraining
 from fracture.stages import detect as stage
-from fracture.workspace import TrainedModel, Workspace
-from tests.conftest import REPO
+from fracture.workspace import Workspace
+from tests.conftest import REPO, write_trained_classifier
 from tests.synthetic import make_dataset, training_frame
 
 
@@ -42,12 +39,7 @@ def trained(client, tmp_path, monkeypatch):
     (dataset / params.evaluate.boxes).write_text(json.dumps(coco))
     with mlflow.start_run() as classifier:
         pass
-    workspace.train_dir.mkdir(parents=True)
-    save_file(timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=2).state_dict(),
-              str(workspace.weights))
-    data = DataConfig((3, 64, 64), "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-    model = TrainedModel("tf_efficientnet_lite0", "cpu", ["not_fractured", "fractured"], data, 1, 0.5)
-    workspace.write_train(model, classifier.info.run_id, classifier.info.experiment_id, [])
+    write_trained_classifier(workspace, classifier.info.run_id, classifier.info.experiment_id)
 
     def train(model, train, val, val_truth, **kwargs):  # the recipe's own test, not this one's
         scores = np.array([0.9, 0.2, 0.4, 0.1])  # val: 2 fractured, 2 not

@@ -44,7 +44,7 @@ from fracture.registry import (
     history,
 )
 from fracture.seen import SEEN_ARTIFACT, SeenImages
-from tests.conftest import REPO
+from tests.conftest import REPO, write_trained_classifier
 from tests.synthetic import make_dataset, training_frame
 from tests.test_detection import CONFIG, xray_with_square
 
@@ -569,9 +569,8 @@ def test_the_detector_run_lists_what_it_and_its_backbone_learnt_from_and_registe
     learnt besides (here a test image: the classifier was trained before ``dvc repro split`` drew
     the split again); ``detect-register`` then gives the gate each test image's id, hash and group."""
     from fracture.config import load_params
-    from fracture.data_config import DataConfig
     from fracture.stages import detect as stage
-    from fracture.workspace import TrainedModel, Workspace
+    from fracture.workspace import Workspace
 
     params = load_params(REPO)
     params = dataclasses.replace(params, detect=dataclasses.replace(params.detect, image_size=128, fpn_channels=64))
@@ -592,12 +591,7 @@ def test_the_detector_run_lists_what_it_and_its_backbone_learnt_from_and_registe
     with mlflow.start_run() as classifier:
         before = frame.iloc[[0, 1, 6, 7, 4]]  # IMG0000004.jpg was in the train split it trained on
         mlflow.log_text(SeenImages.table({"train": before, "val": frame.iloc[[2, 8, 9]]}), SEEN_ARTIFACT)
-    workspace.train_dir.mkdir(parents=True)
-    save_file(timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=2).state_dict(),
-              str(workspace.weights))
-    data = DataConfig((3, 64, 64), "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-    model = TrainedModel("tf_efficientnet_lite0", "cpu", ["not_fractured", "fractured"], data, 1, 0.5)
-    workspace.write_train(model, classifier.info.run_id, classifier.info.experiment_id, [])
+    write_trained_classifier(workspace, classifier.info.run_id, classifier.info.experiment_id)
 
     def trained(model, train, val, val_truth, **kwargs):  # the recipe's own test, not this one's
         return DetectorTraining(model.state_dict(), 1, 0.0, [{"epoch": 1, "val_map_50": 0.0}], 0.0, np.zeros(len(val)))

@@ -114,7 +114,7 @@ def test_the_trained_model_carries_tta_into_the_serving_config(tmp_path):
     assert ws.read_train().model.tta == "none" and ws.serving_config().tta == "none"
 
 
-def test_the_logged_pyfunc_scores_with_the_tta_it_was_logged_with(tmp_path, monkeypatch):
+def test_the_logged_pyfunc_scores_with_the_tta_it_was_logged_with(client, tmp_path):
     """The served model (the MLflow pyfunc, also what the gate re-scores) applies the model's tta;
     a model logged without the key scores each image once."""
     import base64
@@ -138,17 +138,10 @@ def test_the_logged_pyfunc_scores_with_the_tta_it_was_logged_with(tmp_path, monk
         buf = io.BytesIO()
         image.save(buf, format="PNG")  # lossless: the pyfunc decodes exactly these pixels
         encoded.append(base64.b64encode(buf.getvalue()).decode())
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
-    try:
-        mlflow.set_experiment(experiment_id=mlflow.create_experiment("t", artifact_location=(tmp_path / "a").as_uri()))
-        with mlflow.start_run() as run:
-            pass
-        served = mlflow.pyfunc.load_model(log_pyfunc(run.info.run_id, weights, hflip))
-    finally:
-        mlflow.set_tracking_uri(None)
-    assert json.loads(next((tmp_path / "a").rglob("model.json")).read_text())["tta"] == "hflip"
+    with mlflow.start_run() as run:
+        pass
+    served = mlflow.pyfunc.load_model(log_pyfunc(run.info.run_id, weights, hflip))
+    assert json.loads(next((tmp_path / "art").rglob("model.json")).read_text())["tta"] == "hflip"
     assert served.unwrap_python_model().config.tta == "hflip"
     # A model logged before tta existed: its config artifact has no such key.
     old_json = tmp_path / "old_model.json"

@@ -20,24 +20,16 @@ def artifact_paths(uri: str, path: str = "") -> list[str]:
     return found
 
 
-def test_a_logged_model_holds_source_and_no_bytecode(tmp_path, monkeypatch):
+def test_a_logged_model_holds_source_and_no_bytecode(client, tmp_path, monkeypatch):
     """MLflow imports the model's entry file from the model's folder to check the input example, and
     Python wrote ``__pycache__/pyfunc_entry.cpython-311.pyc`` there, which went to the artifact store
     with the model (as it runs without ``PYTHONDONTWRITEBYTECODE``, as a scheduled retrain does)."""
     monkeypatch.setattr(sys, "dont_write_bytecode", False)
     weights, config = untrained_model_files(tmp_path, 0.5)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
-    try:
-        mlflow.set_experiment(experiment_id=mlflow.create_experiment("t", artifact_location=(tmp_path / "a").as_uri()))
-        with mlflow.start_run() as run:
-            pass
-        model_uri = log_pyfunc(run.info.run_id, weights, config)
-        model = mlflow.get_logged_model(model_uri.removeprefix("models:/"))
-        logged = artifact_paths(model.artifact_location)
-    finally:
-        mlflow.set_tracking_uri(None)
+    with mlflow.start_run() as run:
+        pass
+    model_uri = log_pyfunc(run.info.run_id, weights, config)
+    logged = artifact_paths(mlflow.get_logged_model(model_uri.removeprefix("models:/")).artifact_location)
     assert "pyfunc_entry.py" in logged and "code/fracture/serving.py" in logged, logged
     assert [p for p in logged if "__pycache__" in p or p.endswith((".pyc", ".pyo"))] == []
     assert sys.dont_write_bytecode is False  # the process's own setting is left as it was
