@@ -11,6 +11,7 @@ and version, and the error (empty when it was scored).
 from __future__ import annotations
 
 import contextlib
+import csv
 import dataclasses
 import datetime
 import errno
@@ -56,6 +57,8 @@ NO_REPORT = "no structured report"
 #: than no row, as does an entry that is no file to read (a broken link, a FIFO, a link back up
 #: the tree: :func:`_not_a_file`). Only hidden files and folders are left out.
 COLUMNS = ["id", "fracture_probability", "label", "threshold", "model", "version", "error", "note"]
+#: The columns that hold numbers; every other column holds text (:func:`write`).
+NUMBERS = ("fracture_probability", "threshold")
 #: ``score_files``'s table keeps, in ``attrs``, the sha256 of the bytes each row was scored from
 #: ("" for a row not scored): a structured report is made only from a file that still holds them.
 SCORED_SHA256 = "scored_sha256"
@@ -392,10 +395,54 @@ def check_outputs(out: Path | None, dicom_sr: Path | None) -> None:
             raise PredictError(f"--dicom-sr {dicom_sr}: the report folder cannot be written to; name another")
 
 
+#: The first characters by which a spreadsheet (Excel, LibreOffice Calc) takes a cell for a formula
+#: and runs it: OWASP's "CSV Injection". A file name, a DICOM value quoted in a note or an error
+#: can start with one (``=HYPERLINK(...)``, ``-2+3``), and the CSV is opened by clinicians.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+#: What a text cell starting with one of :data:`FORMULA_STARTS` is written with before it, as OWASP
+#: advises: a spreadsheet shows the cell as text, the apostrophe hidden. A cell that starts with it
+#: already gets a second, so that removing one (:func:`from_cell`) always gives the value back.
+TEXT_MARK = "'"
+
+
+def to_cell(value: object) -> object:
+    """A text value as a CSV cell that no spreadsheet runs as a formula: :data:`TEXT_MARK` before one
+    starting with one of :data:`FORMULA_STARTS` or with the mark itself; anything else as it is."""
+    if isinstance(value, str) and value.startswith((*FORMULA_STARTS, TEXT_MARK)):
+        return TEXT_MARK + value
+    return value
+
+
+def from_cell(value: object) -> object:
+    """The value a CSV cell :func:`to_cell` wrote holds: without its first :data:`TEXT_MARK`."""
+    if isinstance(value, str) and value.startswith(TEXT_MARK):
+        return value[len(TEXT_MARK):]
+    return value
+
+
+def _csv(table: pd.DataFrame, out: Path | io.StringIO) -> None:
+    """The table as CSV, safe to open in a spreadsheet (OWASP's CSV Injection advice): every text
+    cell (``id``, ``label``, ``model``, ``version``, ``error``, ``note``, ``sr``) in double quotes, so
+    that a spreadsheet splitting on another separator (``;`` in much of Europe) still reads it as one
+    cell, and written by :func:`to_cell`; the numbers (probability, threshold) as they are."""
+    safe = table.copy()
+    for column in safe.columns:
+        if column not in NUMBERS:
+            safe[column] = safe[column].map(to_cell)
+    safe.to_csv(out, index=False, quoting=csv.QUOTE_NONNUMERIC)
+
+
 def write(table: pd.DataFrame, out: Path | None) -> None:
-    """Writes the table as CSV, or JSON records when ``out`` ends in ``.json``; stdout CSV without ``out``."""
+    """Writes the table as CSV, or JSON records when ``out`` ends in ``.json``; stdout CSV without ``out``.
+
+    A CSV's text cells are written safe to open in a spreadsheet (:func:`_csv`): one that starts with
+    ``=``, ``+``, ``-``, ``@``, a tab, a carriage return or an apostrophe has an apostrophe before it,
+    which :func:`read_rows` removes. JSON holds every value as it is.
+    """
     if out is None:
-        print(table.to_csv(index=False), end="")
+        text = io.StringIO()
+        _csv(table, text)
+        print(text.getvalue(), end="")
     elif out.suffix.lower() == ".json":
         # Not DataFrame.to_json, which rounds numbers to 10 digits: the probabilities and the
         # threshold in full (the shortest text that reads back as the same float), as CSV,
@@ -403,7 +450,31 @@ def write(table: pd.DataFrame, out: Path | None) -> None:
         records = table.astype(object).where(table.notna(), None).to_dict(orient="records")
         out.write_text(json.dumps(records, indent=2))
     else:
-        table.to_csv(out, index=False)
+        _csv(table, out)
+
+
+def read_rows(path: str | os.PathLike[str] | io.StringIO) -> pd.DataFrame:
+    """The rows :func:`write` wrote, each cell as it was before it was written: a CSV's text cells
+    without the apostrophe that keeps a spreadsheet from running them (:func:`from_cell`), and
+    empty text where a row has none; the numbers as numbers (NaN where a row has none).
+
+    Args:
+        path: the CSV or JSON file (JSON when it ends in ``.json``), or CSV text.
+    """
+    path = Path(path) if isinstance(path, (str, os.PathLike)) else path
+    if isinstance(path, Path) and path.suffix.lower() == ".json":
+        table = pd.DataFrame.from_records(json.loads(path.read_text()))
+        texts = [c for c in table.columns if c not in NUMBERS]
+        table[texts] = table[texts].astype(object).where(table[texts].notna(), "")
+        return table
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    for column in table.columns:
+        if column in NUMBERS:
+            # Python's float of the text, which reads the shortest text of a float back as that float.
+            table[column] = [float(v) if v else float("nan") for v in table[column]]
+        else:
+            table[column] = table[column].map(from_cell)
+    return table
 
 
 def wants_report(table: pd.DataFrame, files: list[Path]) -> list[bool]:
