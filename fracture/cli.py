@@ -485,6 +485,11 @@ def predict(
         bool, typer.Option(help=f"Exit {PARTLY_SCORED} when any file has an error in its row, or with --dicom-sr a "
                                 "scored DICOM file has no report (every row still written).")
     ] = False,
+    resume: Annotated[
+        bool, typer.Option(help="Take over the rows an earlier run into the same --out scored from the same bytes "
+                                "with the same model version (every run with --out keeps them as it scores, in "
+                                ".<out>.scored.jsonl beside it, so one killed midway loses none); score only the rest.")
+    ] = False,
 ) -> None:
     """Score X-rays (JPEG, PNG, DICOM) with a registered model; one row per file, errors in their rows.
 
@@ -492,7 +497,8 @@ def predict(
     model's Python ended midway or the run was interrupted (Ctrl-C, SIGTERM): the rows scored are
     written, and the others say to score them again. With --strict, also when some file could not
     be scored, or a report asked for could not be written (exit 3), for a scheduler that alerts on
-    a failed run.
+    a failed run. A run stopped midway, run again with the same --out and --resume, scores only the
+    files it had not scored (or that changed since, or had an error), unless the model version differs.
     """
     from fracture.predict import (
         INTERRUPTED,
@@ -524,7 +530,7 @@ def predict(
     try:
         # The model's Python ending midway, or a signal, leaves the rows scored so far, the rest saying so (STOPPED).
         with interruptible():
-            table = score_files(loaded, files, batch_size, progress)
+            table = score_files(loaded, files, batch_size, progress, out=out, resume=resume)
     finally:
         loaded.close()
     if dicom_sr is not None:

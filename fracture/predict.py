@@ -80,6 +80,8 @@ class PredictError(ValueError):
 
 #: A table attribute: the run was interrupted while it wrote the structured reports, every row scored.
 REPORTS_INTERRUPTED = "reports_interrupted"
+#: A table attribute: how many of its rows were taken over from an earlier run's :class:`Journal`.
+RESUMED = "resumed"
 
 
 class Interrupted(KeyboardInterrupt):
@@ -274,8 +276,18 @@ def _read(path: Path, policy: InputPolicy) -> tuple[bytes | None, str]:
     return data, ""
 
 
-def score_files(model: LoadedModel, files: list[Path], batch_size: int = 16, progress: bool = True) -> pd.DataFrame:
+def score_files(
+    model: LoadedModel, files: list[Path], batch_size: int = 16, progress: bool = True,
+    out: Path | None = None, resume: bool = False,
+) -> pd.DataFrame:
     """Scores files a batch at a time through the model's pyfunc; one row per file, in order.
+
+    With ``out`` (the ``--out`` the rows go to), each batch's scored rows are kept as they are
+    scored in that file's journal (:class:`Journal`), which outlives a kill, a crash or a power cut.
+    With ``resume``, a file the journal holds a row for, scored from the same bytes (its id and the
+    sha256 of its bytes now) by the same model (name, version and the run that trained its weights),
+    is not scored again: its row is taken over (counted in ``attrs``, :data:`RESUMED`). A row with
+    an error is never kept, so its file is scored again; another model version scores every file.
 
     A file the model refuses gets its message in ``error`` (naming the file, not the batch
     row), and the other files of its batch are scored as usual. A batch is at most the rows the
@@ -294,16 +306,24 @@ def score_files(model: LoadedModel, files: list[Path], batch_size: int = 16, pro
     policy = model.policy
     parts: list[pd.DataFrame] = []
     digests: list[str] = []
-    done = 0  # the files parts holds a row for
+    done = taken = 0  # the files parts holds a row for; the rows of them taken over from the journal
     stopped = interrupted = why = ""
+    journal: Journal | None = None
+    if resume and out is None:
+        log.warning("--resume takes over the rows an earlier run wrote to --out, and none is named: every file is scored")
     with tqdm(total=len(files), unit="image", disable=not progress, desc="scoring") as bar:
         try:
+            journal = Journal(out, model, files, resume) if out is not None else None
+            earlier = journal.rows if journal is not None else {}
             for batch in _batches(files, max(1, min(batch_size, policy.max_rows))):
-                frame, batch_digests, stopped = _score_batch(model, batch)
+                frame, batch_digests, stopped, fresh = _score_batch(model, batch, earlier)
                 parts.append(frame)
                 digests += batch_digests
                 done += len(batch)
+                taken += int((frame["error"] == "").sum()) - len(fresh)
                 bar.update(len(batch))
+                if journal is not None:
+                    journal.add(frame.iloc[fresh], [batch_digests[i] for i in fresh])
                 if stopped:
                     why = _ended(stopped)
                     break
@@ -311,6 +331,13 @@ def score_files(model: LoadedModel, files: list[Path], batch_size: int = 16, pro
             interrupted = getattr(exc, "signal_name", "SIGINT")
             stopped = f"interrupted by {interrupted}"
             why = f"the run was interrupted ({interrupted}{', Ctrl-C' if interrupted == 'SIGINT' else ''}) before this file's answer"
+        finally:
+            if journal is not None:
+                journal.close()
+    if taken:
+        log.info("%s: %d of %d files were scored from the same bytes by %s version %s in an earlier run; their rows "
+                 "are taken over from %s, not scored again (without --resume every file is scored)",
+                 out, taken, len(files), model.name, model.version, journal.path if journal else "")
     if why and done < len(files):
         left = files[done:]
         parts.append(_not_scored(left, why))
@@ -324,23 +351,41 @@ def score_files(model: LoadedModel, files: list[Path], batch_size: int = 16, pro
         table.attrs[STOPPED] = stopped
     if interrupted:
         table.attrs[INTERRUPTED] = interrupted
+    table.attrs[RESUMED] = taken
     return table
 
 
-def _score_batch(model: LoadedModel, batch: list[Path]) -> tuple[pd.DataFrame, list[str], str]:
-    """One batch's rows, the sha256 each was scored from, and how the model's Python ended when it
-    ended on this batch ("" when it answered)."""
+def _score_batch(
+    model: LoadedModel, batch: list[Path], earlier: dict[tuple[str, str], dict[str, Any]] | None = None,
+) -> tuple[pd.DataFrame, list[str], str, list[int]]:
+    """One batch's rows, the sha256 each was scored from, how the model's Python ended when it ended
+    on this batch ("" when it answered), and which rows the model scored now without an error.
+
+    A file whose id and bytes' sha256 ``earlier`` holds (:attr:`Journal.rows`) is not sent to the
+    model: its row is the one kept there."""
     read = [_read(p, model.policy) for p in batch]
-    present = [i for i, (data, _) in enumerate(read) if data is not None]
-    frame = pd.DataFrame({"id": [shown(p) for p in batch], "error": [shown(why) for _, why in read]})
+    ids = [shown(p) for p in batch]
+    digests = [hashlib.sha256(data).hexdigest() if data is not None else "" for data, _ in read]
+    frame = pd.DataFrame({"id": ids, "error": [shown(why) for _, why in read]})
     frame["fracture_probability"], frame["label"], frame["note"] = float("nan"), "", ""
+    present: list[int] = []
+    for i, (data, _) in enumerate(read):
+        if data is None:
+            continue
+        kept = (earlier or {}).get((ids[i], digests[i]))
+        if kept is None:
+            present.append(i)
+        else:
+            frame.loc[i, ["fracture_probability", "label", "note"]] = [
+                kept["fracture_probability"], kept["label"], kept["note"]
+            ]
     if not present:
-        return frame, [""] * len(batch), ""
+        return frame, digests, "", []
     try:
         out = model.model.predict(pd.DataFrame({"image": [read[i][0] for i in present]}), params={"on_error": "report"})
     except ConsumerError as exc:
         frame.loc[present, "error"] = not_scored(_ended(str(exc)))  # a file not read keeps its own reason
-        return frame, [""] * len(batch), str(exc)
+        return frame, [d if i not in present else "" for i, d in enumerate(digests)], str(exc), []
     for j, i in enumerate(present):
         row = out.iloc[j]
         # The model names the row of its request; here the file is the row.
@@ -348,7 +393,142 @@ def _score_batch(model: LoadedModel, batch: list[Path]) -> tuple[pd.DataFrame, l
         frame.loc[i, ["fracture_probability", "label", "note", "error"]] = [
             row["fracture_probability"], row["label"], row["note"], error
         ]
-    return frame, [hashlib.sha256(data).hexdigest() if data is not None else "" for data, _ in read], ""
+    return frame, digests, "", [i for i in present if not frame["error"].iat[i]]
+
+
+class Journal:
+    """The rows of ``--out`` kept as they are scored, a JSON line each, in ``.<name>.scored.jsonl``
+    beside it (:meth:`path_for`): what lets a run stopped before its end (a scheduler's SIGTERM, then
+    its SIGKILL; Ctrl-C; a crash; a power cut) be run again with the same ``--out`` and score only the
+    files it had not scored, where ``--out`` itself is written only once scoring is over.
+
+    A line is a row the model scored without an error, with what makes it that file's answer: the
+    file's id, the sha256 of the bytes it was scored from, and the model's name, version, threshold
+    and the run that trained its weights. With ``resume``, opening it reads the rows an earlier run
+    kept that this run can take over (:attr:`rows`: its model's, for a file it scores) and writes the
+    journal again with only those, in a file of its own moved into place (a line a kill cut short is
+    dropped there); without, it starts empty. This run's rows are then added a batch at a time, each
+    batch flushed to disk before the next is scored. Every run with ``--out`` keeps one, so a run
+    stopped without ``--resume`` can be resumed all the same; it stays once the run is over, so a
+    folder scored again into the same ``--out`` with ``--resume`` (a day's new files) scores only
+    what is new or changed.
+
+    Two runs with one ``--out`` at once: the second finds the journal's lock (``.<name>.scored.lock``)
+    held, and goes on without the journal (neither taking rows over nor keeping its own), with a
+    warning. A journal that cannot be read or written (a full disk) costs only the resume: a warning,
+    and scoring goes on.
+    """
+
+    def __init__(self, out: Path, model: LoadedModel, files: list[Path], resume: bool) -> None:
+        self.path = self.path_for(out)
+        #: The rows an earlier run kept that this run takes over, by the file's id and its bytes' sha256.
+        self.rows: dict[tuple[str, str], dict[str, Any]] = {}
+        self.handle: io.TextIOWrapper | None = None
+        self.model = model
+        self.lock: BaseFileLock | None = FileLock(str(out.with_name(f".{out.name}.scored.lock")))
+        try:
+            self.lock.acquire(timeout=0)
+        except Timeout:
+            log.warning("%s: another fracture predict is writing these rows (it holds %s): this run neither takes "
+                        "over the rows scored before nor keeps its own for a later run to take over",
+                        out, self.lock.lock_file)
+            self.lock = None
+            return
+        except (NotImplementedError, OSError) as exc:  # a share that cannot lock: the journal all the same
+            log.warning("%s: the journal %s is kept without its lock (%s): a second run with this --out at the "
+                        "same time would share it", out, self.path.name, getattr(exc, "strerror", None) or exc)
+            self.lock = None
+        if resume:
+            self.rows = self._read(files)
+        self._start()
+
+    @staticmethod
+    def path_for(out: Path) -> Path:
+        """The journal of the rows written to ``out``."""
+        return out.with_name(f".{out.name}.scored.jsonl")
+
+    def _same_model(self, row: dict[str, Any]) -> bool:
+        model = self.model
+        return (row["model"], row["version"], row["run_id"], row["threshold"]) == (
+            model.name, model.version, model.run_id, model.threshold)
+
+    def _read(self, files: list[Path]) -> dict[tuple[str, str], dict[str, Any]]:
+        wanted = {shown(path) for path in files}
+        rows: dict[tuple[str, str], dict[str, Any]] = {}
+        others = 0
+        try:
+            with self.path.open("rb") as handle:
+                for line in handle:
+                    try:
+                        row = json.loads(line)
+                        key = (str(row["id"]), str(row["sha256"]))
+                        same = self._same_model(row)
+                        float(row["fracture_probability"]), str(row["label"]), str(row["note"])
+                    except (ValueError, KeyError, TypeError):  # a line a kill cut short
+                        continue
+                    if not same:
+                        others += 1
+                    elif key[0] in wanted:
+                        rows[key] = row
+        except FileNotFoundError:
+            return rows
+        except OSError as exc:
+            log.warning("%s cannot be read (%s): every file is scored", self.path, exc.strerror or exc)
+            return {}
+        if others:
+            log.info("%s: %d rows were scored by another model, version or run than %s version %s: their files "
+                     "are scored again", self.path, others, self.model.name, self.model.version)
+        return rows
+
+    def _start(self) -> None:
+        partial = self.path.with_name(f"{self.path.name}.{secrets.token_hex(8)}.partial")
+        try:
+            with partial.open("w", encoding="utf-8") as handle:
+                handle.writelines(json.dumps(row) + "\n" for row in self.rows.values())
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(partial, self.path)
+            self.handle = self.path.open("a", encoding="utf-8")
+        except OSError as exc:
+            self._lost(exc)
+        finally:
+            with contextlib.suppress(OSError):
+                partial.unlink(missing_ok=True)
+
+    def _lost(self, exc: OSError) -> None:
+        log.warning("%s cannot be written (%s): the rows of this run are not kept for a later run to take over",
+                    self.path, exc.strerror or exc)
+        if self.handle is not None:
+            with contextlib.suppress(OSError):
+                self.handle.close()
+        self.handle = None
+
+    def add(self, frame: pd.DataFrame, digests: list[str]) -> None:
+        """Keeps rows the model scored now (``frame``'s, each scored from the bytes of its ``digests``)."""
+        if self.handle is None or frame.empty:
+            return
+        model = self.model
+        lines = "".join(json.dumps({
+            "id": row.id, "sha256": digest, "model": model.name, "version": model.version, "run_id": model.run_id,
+            "threshold": model.threshold, "fracture_probability": float(row.fracture_probability),
+            "label": str(row.label), "note": str(row.note),
+        }) + "\n" for row, digest in zip(frame.itertuples(index=False), digests, strict=True))
+        try:
+            self.handle.write(lines)
+            self.handle.flush()
+            os.fsync(self.handle.fileno())
+        except OSError as exc:
+            self._lost(exc)
+
+    def close(self) -> None:
+        if self.handle is not None:
+            with contextlib.suppress(OSError):
+                self.handle.close()
+            self.handle = None
+        if self.lock is not None:
+            with contextlib.suppress(OSError):
+                self.lock.release()
+            self.lock = None
 
 
 def not_scored(why: str) -> str:
@@ -420,7 +600,7 @@ def from_cell(value: object) -> object:
     return value
 
 
-def _csv(table: pd.DataFrame, out: Path | io.StringIO) -> None:
+def _csv(table: pd.DataFrame, out: Path | io.TextIOBase) -> None:
     """The table as CSV, safe to open in a spreadsheet (OWASP's CSV Injection advice): every text
     cell (``id``, ``label``, ``model``, ``version``, ``error``, ``note``, ``sr``) in double quotes, so
     that a spreadsheet splitting on another separator (``;`` in much of Europe) still reads it as one
@@ -448,9 +628,29 @@ def write(table: pd.DataFrame, out: Path | None) -> None:
         # threshold in full (the shortest text that reads back as the same float), as CSV,
         # model.predict and the served model give them; a missing value is null.
         records = table.astype(object).where(table.notna(), None).to_dict(orient="records")
-        out.write_text(json.dumps(records, indent=2))
+        _replace(out, lambda handle: handle.write(json.dumps(records, indent=2)))
     else:
-        _csv(table, out)
+        _replace(out, lambda handle: _csv(table, handle))
+
+
+def _replace(out: Path, fill: Any) -> None:
+    """Writes ``out`` whole or not at all: ``fill(handle)`` writes it beside, under a name of its own
+    (``.<name>.<random>.partial``), synced to disk and moved into place, so a run killed meanwhile
+    leaves the earlier ``out`` as it was (the rows it scored are in its :class:`Journal`), never a
+    file cut short that a reader takes for every row. Written through a link, as a link's file."""
+    target = Path(os.path.realpath(out))
+    partial = target.with_name(f".{target.name}.{secrets.token_hex(8)}.partial")
+    try:
+        with partial.open("w", encoding="utf-8", newline="") as handle:
+            fill(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        with contextlib.suppress(OSError):  # who may read it, as before
+            shutil.copymode(target, partial)
+        os.replace(partial, target)
+    finally:
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
 
 
 def read_rows(path: str | os.PathLike[str] | io.StringIO) -> pd.DataFrame:

@@ -251,7 +251,7 @@ def test_a_report_folder_that_fails_whole_notes_and_counts_only_the_rows_that_wa
         def close(self) -> None:
             pass
 
-    def scored(loaded, paths, batch_size, progress):
+    def scored(loaded, paths, batch_size, progress, **journal):
         return pd.DataFrame({
             "id": [str(f) for f in paths], "fracture_probability": [0.9, 0.1, float("nan"), 0.8],
             "label": ["Fractured", "Not fractured", "", "Fractured"], "threshold": 0.5, "model": "m",
