@@ -228,10 +228,15 @@ def max_inflated(max_pixels: int = MAX_PIXELS) -> int:
     return 3 * max_pixels + 16 * 2**20
 
 
-def _parse(data: bytes, **kwargs: object) -> Dataset:
+def parse_bytes(data: bytes, **kwargs: object) -> Dataset:
     """``dcmread`` of a Part 10 file's bytes (with or without the preamble), inflating a deflated
     dataset here, to at most :func:`max_inflated` bytes, rather than in pydicom, which inflates all
-    of it.
+    of it: how anything in the product reads DICOM it did not write (an input, a report found in a
+    report folder), so that a small deflated file cannot inflate to gigabytes there.
+
+    Args:
+        data: the file's bytes.
+        **kwargs: ``dcmread``'s ``stop_before_pixels`` and ``specific_tags``, read as it reads them.
 
     Raises:
         DicomRejected: a deflated dataset inflates to more than that, or is not deflate data.
@@ -298,7 +303,7 @@ def read_header(data: bytes) -> Dataset:
             :func:`max_inflated`.
     """
     try:
-        ds = _parse(data)
+        ds = parse_bytes(data)
     except DicomRejected:
         raise
     except (InvalidDicomError, EOFError, ValueError, KeyError, OSError) as exc:
@@ -331,7 +336,7 @@ def patient_ids(path: Path) -> tuple[str, str] | None:
             read_preamble(handle, start[128:132] != b"DICM")
             deflated = _read_file_meta_info(handle).get("TransferSyntaxUID") == uid.DeflatedExplicitVRLittleEndian
         if deflated:  # pydicom would inflate all of it to read two tags: inflated here, bounded
-            ds = _parse(path.read_bytes(), **tags)
+            ds = parse_bytes(path.read_bytes(), **tags)
         else:
             ds = dcmread(path, force=start[128:132] != b"DICM", **tags)
         patient = str(ds.get("PatientID") or "").strip()

@@ -1211,14 +1211,14 @@ def _read_report(path: Path) -> Any:
     from pydicom.filereader import read_file_meta_info  # noqa: PLC0415
     from pydicom.uid import DeflatedExplicitVRLittleEndian  # noqa: PLC0415
 
-    from fracture.dicom import _parse  # noqa: PLC0415 - the bounded inflating read of fracture.dicom
+    from fracture.dicom import parse_bytes  # noqa: PLC0415 - the bounded inflating read of fracture.dicom
 
     try:
         deflated = read_file_meta_info(path).get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
     except Exception:  # noqa: BLE001 - not DICOM, or its meta damaged: dcmread says which below
         deflated = False
     if deflated:
-        return _parse(path.read_bytes(), stop_before_pixels=True)
+        return parse_bytes(path.read_bytes(), stop_before_pixels=True)
     return dcmread(path, stop_before_pixels=True)
 
 
