@@ -1202,7 +1202,8 @@ def _read_report(path: Path) -> Any:
     """``dcmread(path, stop_before_pixels=True)`` of a report found in the report folder, but one
     deflated (Deflated Explicit VR Little Endian) is inflated within the bound every DICOM input is
     (:func:`fracture.dicom.max_inflated`), not whole as pydicom inflates it: a small file planted
-    there must not inflate to gigabytes.
+    there must not inflate to gigabytes. Nor is a large one read whole to be inflated: a file larger
+    than any deflate data inflating within the bound (:func:`_deflated_bound`) is refused unread.
 
     Raises:
         DicomRejected: it is deflated and inflates past that bound, or its deflate data is damaged.
@@ -1211,15 +1212,33 @@ def _read_report(path: Path) -> Any:
     from pydicom.filereader import read_file_meta_info  # noqa: PLC0415
     from pydicom.uid import DeflatedExplicitVRLittleEndian  # noqa: PLC0415
 
-    from fracture.dicom import parse_bytes  # noqa: PLC0415 - the bounded inflating read of fracture.dicom
+    from fracture import dicom  # noqa: PLC0415 - the bounded inflating read of fracture.dicom
 
     try:
         deflated = read_file_meta_info(path).get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
     except Exception:  # noqa: BLE001 - not DICOM, or its meta damaged: dcmread says which below
         deflated = False
-    if deflated:
-        return parse_bytes(path.read_bytes(), stop_before_pixels=True)
-    return dcmread(path, stop_before_pixels=True)
+    if not deflated:
+        return dcmread(path, stop_before_pixels=True)
+    limit = dicom.max_inflated(dicom.MAX_PIXELS)  # read at each call, as fracture.dicom reads it
+    bound = _deflated_bound(limit)
+    with path.open("rb") as handle:
+        # Its size first, and then no more than the bound read, should it grow meanwhile.
+        too_large = os.fstat(handle.fileno()).st_size > bound
+        data = b"" if too_large else handle.read(bound + 1)
+    if too_large or len(data) > bound:
+        raise DicomRejected(
+            f"is deflated (transfer syntax {DeflatedExplicitVRLittleEndian}) and holds more than {bound / 1e6:.0f} MB, "
+            f"so it inflates to more than the {limit / 1e6:.0f} MB a deflated dataset is read within"
+        )
+    return dicom.parse_bytes(data, stop_before_pixels=True)
+
+
+def _deflated_bound(limit: int) -> int:
+    """The most bytes a deflated file inflating to at most ``limit`` bytes can hold: deflate stores
+    what it cannot compress in blocks of up to 65,535 bytes under 5 bytes of header each, and the
+    file's preamble and meta information (a few hundred bytes) come before it; 1 MiB to spare."""
+    return limit + 5 * (limit // 65_535 + 1) + 2**20
 
 
 def _what_is_left(path: Path) -> Any:
