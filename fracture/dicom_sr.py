@@ -20,6 +20,11 @@ coordinates must be written as Comprehensive 3D SR. It holds:
   version 1); the observing device's UID is derived from all three, so a PACS or an audit finds
   which weights produced a stored result, and Software Versions names this product's release.
 
+Every UID it makes (its SOP Instance UID, its series' where the caller names none, the finding's
+Tracking UID and the device's) is made under the organisation's registered UID root where one is
+set (``serve.sr_uid_root``), those derived from their inputs derived alike under it; else under
+highdicom's root (the report's own) and pydicom's (the derived ones).
+
 It is a machine's unverified result (Completion Flag PARTIAL, Verification Flag UNVERIFIED)
 and says so: the series description reads "NOT FOR CLINICAL USE".
 
@@ -38,7 +43,7 @@ import highdicom as hd
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
-from pydicom.uid import generate_uid
+from pydicom.uid import PYDICOM_ROOT_UID, generate_uid
 from pydicom.valuerep import DA, TM, PersonName, validate_value
 
 from fracture import __version__
@@ -92,7 +97,7 @@ UTC_OFFSET = re.compile(r"([+-])(\d\d)(\d\d)")
 def structured_report(
     source: Dataset, probability: float, threshold: float, fractured: bool, model_name: str, model_version: str,
     *, series_uid: str | None = None, instance_number: int = 1, replaces: Dataset | None = None, run_id: str = "",
-    series_datetime: datetime.datetime | None = None,
+    series_datetime: datetime.datetime | None = None, uid_root: str | None = None,
 ) -> hd.sr.ComprehensiveSR:
     """The SR holding the model's answer for ``source``.
 
@@ -114,6 +119,10 @@ def structured_report(
             Time, which tell a rerun's series from the one it replaces; ``None``: now. One
             without a zone is this machine's local time; given in the report's zone
             (:func:`report_zone`).
+        uid_root: the organisation's registered UID root (``serve.sr_uid_root``: digits and dots,
+            ending with a dot), under which every UID the report makes is made (:func:`new_uid`,
+            :func:`tracking_uid`, :func:`device_uid`); ``None``: highdicom's and pydicom's roots.
+            A ``series_uid`` the caller gives is its own to make under the root (:func:`new_uid`).
     """
     zone = report_zone(source)
     now = datetime.datetime.now(zone)
@@ -125,14 +134,14 @@ def structured_report(
     device = hd.sr.ObserverContext(
         observer_type=codes.cid270.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=device_uid(model_name, model_version, run_id),
+            uid=device_uid(model_name, model_version, run_id, uid_root),
             name=f"{model_name} v{model_version}",
             manufacturer_name=MANUFACTURER,
             model_name=model_name,
         ),
     )
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid(source, model_name),
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid(source, model_name, uid_root),
                                                      identifier="fracture classification"),
         finding_type=FRACTURE,
         algorithm_id=algorithm,
@@ -158,13 +167,13 @@ def structured_report(
         # a Japanese or Korean PACS included); UTF-8 holds all of it, which highdicom then writes.
         specific_character_set="ISO_IR 192",
         content=report[0],
-        series_instance_uid=series_uid or hd.UID(),
+        series_instance_uid=series_uid or new_uid(uid_root),
         series_number=9901,
         series_date=began.date(),
         series_time=began.time(),
         content_date=now.date(),
         content_time=now.time(),
-        sop_instance_uid=hd.UID(),
+        sop_instance_uid=new_uid(uid_root),
         instance_number=instance_number,
         previous_versions=[replaces] if replaces is not None else None,
         manufacturer=MANUFACTURER,
@@ -217,22 +226,34 @@ def utc_offset(zone: datetime.tzinfo) -> str:
     return f"{'-' if minutes < 0 else '+'}{abs(minutes) // 60:02d}{abs(minutes) % 60:02d}"
 
 
-def tracking_uid(source: Dataset, model_name: str) -> str:
+def new_uid(uid_root: str | None = None) -> str:
+    """A new UID (a report's, a series'): under the organisation's root where one is set (random digits
+    to 64 characters, pydicom's :func:`~pydicom.uid.generate_uid`), else under highdicom's, as before
+    a root could be set."""
+    return generate_uid(prefix=uid_root) if uid_root else hd.UID()
+
+
+def tracking_uid(source: Dataset, model_name: str, uid_root: str | None = None) -> str:
     """The Tracking Unique Identifier of the model's finding on ``source``: derived from the image
     (its SOP Instance UID, study and patient) and the model's name, so every report the model writes
     on that image, a rerun's and a newer version's included, tracks the same finding, and a PACS
     reads the replacing report as the same finding, not a new one. The study and patient keep two
-    patients' images under an anonymiser's constant SOP Instance UID apart."""
+    patients' images under an anonymiser's constant SOP Instance UID apart. Derived under
+    ``uid_root`` where one is set (:func:`structured_report`), else pydicom's root: the same
+    image and model give the same UID under either."""
     keys = ("SOPInstanceUID", "StudyInstanceUID", "PatientID", "IssuerOfPatientID")
-    return generate_uid(entropy_srcs=["fracture finding", model_name, *(str(source.get(k, "")) for k in keys)])
+    return generate_uid(prefix=uid_root or PYDICOM_ROOT_UID,
+                        entropy_srcs=["fracture finding", model_name, *(str(source.get(k, "")) for k in keys)])
 
 
-def device_uid(model_name: str, model_version: str, run_id: str) -> str:
+def device_uid(model_name: str, model_version: str, run_id: str, uid_root: str | None = None) -> str:
     """The Device Observer UID of a registered version: the same version always observes as the
     same device, and two models that share a name and version (a staging and a production
     registry, a registry rebuilt after its store was lost) as two, told apart by the run that
-    trained their weights. Without a run id, the name and version alone, as before it was recorded."""
-    return generate_uid(entropy_srcs=[model_name, model_version, *([run_id] if run_id else [])])
+    trained their weights. Without a run id, the name and version alone, as before it was recorded.
+    Derived under ``uid_root`` where one is set, else pydicom's root."""
+    return generate_uid(prefix=uid_root or PYDICOM_ROOT_UID,
+                        entropy_srcs=[model_name, model_version, *([run_id] if run_id else [])])
 
 
 def series_description(model_name: str, model_version: str) -> str:

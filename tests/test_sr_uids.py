@@ -1,0 +1,108 @@
+"""The UIDs of the DICOM Structured Reports `fracture predict --dicom-sr` writes: under the
+organisation's registered root where params.yaml names one (serve.sr_uid_root), and findings
+tracked by a UID that tells images apart. Built from small synthetic radiographs."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import highdicom as hd
+import pytest
+import yaml
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+from fracture.config import ConfigError, parse_params
+from fracture.dicom_sr import structured_report
+from tests.conftest import shipped_params_text
+from tests.dicom_files import dicom_from_jpeg, to_bytes
+from tests.synthetic import write_image
+
+ROOT = "1.3.6.1.4.1.55555.7."
+
+
+def source(tmp_path: Path, seed: int = 1, **values: object) -> Dataset:
+    """A small DX radiograph read back as ``fracture predict`` reads it, its header edited with ``values``."""
+    jpeg = tmp_path / f"{seed}.jpg"
+    write_image(jpeg, seed=seed)
+    ds = dcmread(io.BytesIO(dicom_from_jpeg(jpeg, "8-bit")))
+    for keyword, value in values.items():
+        setattr(ds, keyword, value)
+    return dcmread(io.BytesIO(to_bytes(ds)))
+
+
+def written(sr: hd.sr.ComprehensiveSR) -> Dataset:
+    """The report as a PACS reads it, once saved."""
+    buffer = io.BytesIO()
+    sr.save_as(buffer, enforce_file_format=True)
+    return dcmread(io.BytesIO(buffer.getvalue()))
+
+
+def report(ds: Dataset, **kwargs: object) -> Dataset:
+    return written(structured_report(ds, 0.7, 0.5, True, "fracture-classifier", "3", run_id="abc123", **kwargs))
+
+
+def uids(sr: Dataset) -> dict[str, str]:
+    """Every UID the report makes: its own, its series', the finding's Tracking UID and the device's."""
+    [group] = hd.sr.ComprehensiveSR.from_dataset(sr).content.get_image_measurement_groups()
+    device = [item for item in sr.ContentSequence if item.ConceptNameCodeSequence[0].CodeValue == "121012"]
+    return {
+        "SOPInstanceUID": str(sr.SOPInstanceUID), "SeriesInstanceUID": str(sr.SeriesInstanceUID),
+        "TrackingUID": str(group.tracking_uid), "DeviceObserverUID": str(device[0].UID),
+    }
+
+
+def test_every_uid_a_report_makes_is_under_the_organisations_root_and_the_derived_ones_stay_derived(tmp_path):
+    """Every UID the reports made was under pydicom's or highdicom's root, where a hospital's PACS
+    and its vendors expect the organisation's registered one. Under a root, the report's own UIDs
+    are new each time and the derived ones (the finding's, the device's) the same on every run."""
+    ds = source(tmp_path)
+    first, again = uids(report(ds, uid_root=ROOT)), uids(report(ds, uid_root=ROOT))
+    for made in (first, again):
+        assert all(uid.startswith(ROOT) and len(uid) <= 64 for uid in made.values()), made
+    assert first["SOPInstanceUID"] != again["SOPInstanceUID"]
+    assert first["SeriesInstanceUID"] != again["SeriesInstanceUID"]
+    assert (first["TrackingUID"], first["DeviceObserverUID"]) == (again["TrackingUID"], again["DeviceObserverUID"])
+    series = uids(report(ds, uid_root=ROOT, series_uid=first["SeriesInstanceUID"]))["SeriesInstanceUID"]
+    assert series == first["SeriesInstanceUID"]  # a series the caller names is kept
+
+
+def test_without_a_root_the_reports_uids_are_as_before(tmp_path):
+    """No root set: the defaults as they were, so a finding a PACS already tracks keeps its UID."""
+    from pydicom.uid import generate_uid
+
+    ds = source(tmp_path)
+    made = uids(report(ds))
+    assert made["SOPInstanceUID"].startswith("1.2.826.0.1.3680043.10.511.3.")  # highdicom's root
+    assert made["DeviceObserverUID"] == generate_uid(entropy_srcs=["fracture-classifier", "3", "abc123"])
+    assert made["TrackingUID"].startswith("1.2.826.0.1.3680043.8.498.")  # pydicom's root
+
+
+def raw_params() -> dict:
+    return yaml.safe_load(shipped_params_text())
+
+
+def test_the_uid_root_is_read_from_params_and_null_by_default():
+    raw = raw_params()
+    assert parse_params(raw).serve.sr_uid_root is None
+    raw["serve"]["sr_uid_root"] = ROOT
+    assert parse_params(raw).serve.sr_uid_root == ROOT
+
+
+@pytest.mark.parametrize("root", [
+    "1.3.6.1.4.1.55555.7",  # no dot for the UID's own digits
+    "1.3.6.1.4.1.055555.",  # a component with a leading zero
+    "1..3.",
+    "5.3.6.",  # no OID starts with 5
+    "1.3.6.1.4.1.a.",
+    "1." + "1234567890." * 4,  # 42 characters: too little room left for the UID's own digits
+    12345,
+    "",
+])
+def test_a_uid_root_that_is_not_one_is_refused_before_anything_runs(root):
+    raw = raw_params()
+    raw["serve"]["sr_uid_root"] = root
+    with pytest.raises(ConfigError, match=r"params.yaml: serve.sr_uid_root must be your organisation's registered DICOM "
+                                          r"UID root.*got"):
+        parse_params(raw)
