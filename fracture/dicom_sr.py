@@ -10,8 +10,9 @@ coordinates must be written as Comprehensive 3D SR. It holds:
   and series), with the patient and study copied from it so the PACS files the report there
   (a value not valid for its VR left empty or out, but for the Patient ID and Accession Number);
 - the finding "Fracture of bone" (SNOMED CT 125605004): Present or Absent, the model's label,
-  tracked by a UID derived from the image and the model's name, so the report a rerun (or a newer
-  version) writes on the image tracks the same finding as the one it replaces;
+  tracked by a UID derived from the image (its UIDs, patient and pixels) and the model's name, so
+  the report a rerun (or a newer version) writes on the image tracks the same finding as the one it
+  replaces, and two images under an anonymiser's one constant UID track two;
 - the fracture probability and the decision threshold (DCM "Probability" and "Threshold
   value", no units);
 - the algorithm's name and version (TID 4019): the registered model's name and registry version,
@@ -37,6 +38,7 @@ that zone; else this machine's, the source's study times taken to be local to it
 from __future__ import annotations
 
 import datetime
+import hashlib
 import re
 
 import highdicom as hd
@@ -90,6 +92,8 @@ LO_MAX = 64
 MANUFACTURER = "fracture (open-source research software)"
 #: How the report's Algorithm Parameters (TID 4019) name the MLflow run that trained the weights.
 RUN_PARAMETER = "mlflow_run_id="
+#: The elements that hold an image's pixels (PS3.3 C.7.6.3): integer, float and double float.
+PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 #: A Timezone Offset From UTC: ``&ZZXX``, ``-1200`` to ``+1400`` (PS3.3 C.12.1.1.8).
 UTC_OFFSET = re.compile(r"([+-])(\d\d)(\d\d)")
 
@@ -102,7 +106,9 @@ def structured_report(
     """The SR holding the model's answer for ``source``.
 
     Args:
-        source: the scored radiograph's dataset (its pixels are not needed).
+        source: the scored radiograph's dataset, with its pixel data, whose digest tells apart
+            two images under one SOP Instance UID (:func:`tracking_uid`); the report copies its
+            header only.
         probability: the fracture probability the model gave.
         threshold: the decision threshold it was compared with.
         fractured: the label (``probability >= threshold``).
@@ -127,6 +133,7 @@ def structured_report(
     zone = report_zone(source)
     now = datetime.datetime.now(zone)
     began = (series_datetime or now).astimezone(zone)
+    tracking = tracking_uid(source, model_name, uid_root)  # from the pixels, which the header copy leaves out
     source = _with_type2_attributes(source)
     algorithm = hd.sr.AlgorithmIdentification(
         name=model_name, version=model_version, parameters=[f"{RUN_PARAMETER}{run_id}"] if run_id else None,
@@ -141,8 +148,7 @@ def structured_report(
         ),
     )
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid(source, model_name, uid_root),
-                                                     identifier="fracture classification"),
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking, identifier="fracture classification"),
         finding_type=FRACTURE,
         algorithm_id=algorithm,
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
@@ -233,17 +239,35 @@ def new_uid(uid_root: str | None = None) -> str:
     return generate_uid(prefix=uid_root) if uid_root else hd.UID()
 
 
+def pixel_digest(source: Dataset) -> str:
+    """The sha256 of the source's pixel data as stored (:data:`PIXEL_KEYWORDS`; encapsulated
+    fragments as they are), or ``""`` for a dataset read without it (``stop_before_pixels``).
+
+    The pixels, not the file's bytes: a PACS that sends the image again with its header edited
+    (demographics corrected, a private tag added) sends the same image."""
+    for keyword in PIXEL_KEYWORDS:
+        value = source.get(keyword)
+        if value:
+            return hashlib.sha256(bytes(value)).hexdigest()
+    return ""
+
+
 def tracking_uid(source: Dataset, model_name: str, uid_root: str | None = None) -> str:
     """The Tracking Unique Identifier of the model's finding on ``source``: derived from the image
-    (its SOP Instance UID, study and patient) and the model's name, so every report the model writes
-    on that image, a rerun's and a newer version's included, tracks the same finding, and a PACS
-    reads the replacing report as the same finding, not a new one. The study and patient keep two
-    patients' images under an anonymiser's constant SOP Instance UID apart. Derived under
+    (its SOP Instance UID, study, patient and pixels, :func:`pixel_digest`) and the model's name, so
+    every report the model writes on that image, a rerun's and a newer version's included, tracks
+    the same finding, and a PACS reads the replacing report as the same finding, not a new one. The
+    study and patient keep two patients' images under an anonymiser's constant SOP Instance UID
+    apart, and the pixels two images of one patient's study under it (an anonymiser that writes
+    one UID on every image, study and patient). A source read without its pixels is tracked by
+    its UIDs and patient alone, as before the pixels counted. Derived under
     ``uid_root`` where one is set (:func:`structured_report`), else pydicom's root: the same
     image and model give the same UID under either."""
     keys = ("SOPInstanceUID", "StudyInstanceUID", "PatientID", "IssuerOfPatientID")
-    return generate_uid(prefix=uid_root or PYDICOM_ROOT_UID,
-                        entropy_srcs=["fracture finding", model_name, *(str(source.get(k, "")) for k in keys)])
+    pixels = pixel_digest(source)
+    return generate_uid(prefix=uid_root or PYDICOM_ROOT_UID, entropy_srcs=[
+        "fracture finding", model_name, *(str(source.get(k, "")) for k in keys), *([f"pixels={pixels}"] if pixels else []),
+    ])
 
 
 def device_uid(model_name: str, model_version: str, run_id: str, uid_root: str | None = None) -> str:

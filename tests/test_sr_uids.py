@@ -106,3 +106,33 @@ def test_a_uid_root_that_is_not_one_is_refused_before_anything_runs(root):
     with pytest.raises(ConfigError, match=r"params.yaml: serve.sr_uid_root must be your organisation's registered DICOM "
                                           r"UID root.*got"):
         parse_params(raw)
+
+
+def _tracking(sr: Dataset) -> str:
+    return uids(sr)["TrackingUID"]
+
+
+def test_two_images_under_one_constant_uid_study_and_patient_track_two_findings(tmp_path):
+    """An anonymiser that writes one constant SOP Instance UID, study and patient on every image:
+    the finding on each image was tracked by one UID, so a PACS read two images' findings as one.
+    The pixels count too: two images track two findings, and the same image (its header edited,
+    as a PACS that sends it again with corrected demographics) keeps its own on every run."""
+    same = {"SOPInstanceUID": "1.2.826.0.1.3680043.8.498.77", "StudyInstanceUID": "1.2.826.0.1.3680043.8.498.78",
+            "PatientID": "ANON"}
+    one, other = source(tmp_path / "a", seed=1, **same), source(tmp_path / "b", seed=2, **same)
+    assert _tracking(report(one)) != _tracking(report(other))
+    assert _tracking(report(one)) == _tracking(report(one))
+    edited = source(tmp_path / "a", seed=1, **same, StudyDescription="XR HAND 3 VIEWS", PatientName="Doe^Jane")
+    assert _tracking(report(edited)) == _tracking(report(one))
+    assert _tracking(report(other, uid_root=ROOT)) != _tracking(report(one, uid_root=ROOT))
+
+
+def test_a_source_read_without_its_pixels_is_tracked_as_before(tmp_path):
+    """A caller that reads the header only (stop_before_pixels) gets the finding's UID it always had."""
+    from pydicom.uid import generate_uid
+
+    ds = source(tmp_path)
+    header = dcmread(io.BytesIO(to_bytes(ds)), stop_before_pixels=True)
+    keys = [str(ds.SOPInstanceUID), str(ds.StudyInstanceUID), str(ds.PatientID), ""]
+    assert _tracking(report(header)) == generate_uid(entropy_srcs=["fracture finding", "fracture-classifier", *keys])
+    assert _tracking(report(ds)) != _tracking(report(header))
