@@ -33,6 +33,9 @@ Its dates and times say their zone (Timezone Offset From UTC, PS3.3 C.12.1.1.8),
 every date and time in the report, those it copies from the source included: the source's offset
 when it names a valid one, the report's own times (series, content, instance creation) given in
 that zone; else this machine's, the source's study times taken to be local to it as well.
+
+Its text is in DICOM's default repertoire when all of it is ASCII, else in the source's character
+set where that holds it, else in UTF-8 (:func:`character_set`), as older PACS read best.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ import hashlib
 import re
 
 import highdicom as hd
+from pydicom.charset import python_encoding
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
@@ -92,6 +96,16 @@ LO_MAX = 64
 MANUFACTURER = "fracture (open-source research software)"
 #: How the report's Algorithm Parameters (TID 4019) name the MLflow run that trained the weights.
 RUN_PARAMETER = "mlflow_run_id="
+#: The value representations whose text the Specific Character Set encodes (PS3.5 6.1.2.3); the
+#: others hold the default repertoire only.
+TEXT_VRS = frozenset({"SH", "LO", "ST", "LT", "PN", "UC", "UT"})
+#: The Specific Character Sets a report keeps from its source (:func:`character_set`): one set without
+#: code extensions (PS3.3 C.12.1.1.2), whose values encode with its Python codec alone (ISO_IR 13, JIS X 0201,
+#: does not: pydicom's codec for it is Shift JIS, which writes kanji it does not hold).
+SINGLE_SETS = frozenset({
+    "ISO_IR 100", "ISO_IR 101", "ISO_IR 109", "ISO_IR 110", "ISO_IR 126", "ISO_IR 127", "ISO_IR 138", "ISO_IR 144",
+    "ISO_IR 148", "ISO_IR 166", "ISO_IR 192", "GB18030", "GBK",
+})
 #: The elements that hold an image's pixels (PS3.3 C.7.6.3): integer, float and double float.
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 #: A Timezone Offset From UTC: ``&ZZXX``, ``-1200`` to ``+1400`` (PS3.3 C.12.1.1.8).
@@ -131,6 +145,7 @@ def structured_report(
             A ``series_uid`` the caller gives is its own to make under the root (:func:`new_uid`).
     """
     zone = report_zone(source)
+    declared = source.get("SpecificCharacterSet")
     now = datetime.datetime.now(zone)
     began = (series_datetime or now).astimezone(zone)
     tracking = tracking_uid(source, model_name, uid_root)  # from the pixels, which the header copy leaves out
@@ -169,8 +184,7 @@ def structured_report(
     )
     sr = hd.sr.ComprehensiveSR(
         evidence=[source],
-        # pydicom has decoded the source's text whatever its character set (ISO 2022 escapes of
-        # a Japanese or Korean PACS included); UTF-8 holds all of it, which highdicom then writes.
+        # Built in UTF-8, which holds any text; the report is written in the set it needs (character_set).
         specific_character_set="ISO_IR 192",
         content=report[0],
         series_instance_uid=series_uid or new_uid(uid_root),
@@ -193,7 +207,49 @@ def structured_report(
     # highdicom dates the instance's creation in this machine's local time, without its zone.
     sr.InstanceCreationDate, sr.InstanceCreationTime = DA(now.date()), TM(now.time())
     sr.TimezoneOffsetFromUTC = utc_offset(zone)
+    charset = character_set(declared, texts(sr))
+    if charset is None:
+        del sr.SpecificCharacterSet
+    else:
+        sr.SpecificCharacterSet = charset
     return sr
+
+
+def character_set(declared: object, values: list[str]) -> str | None:
+    """The Specific Character Set a report holding ``values`` is written in: none (DICOM's default
+    repertoire, ASCII) when every value is ASCII; else the source's (``declared``) where it is one
+    set without code extensions (:data:`SINGLE_SETS`: Latin-1, ``ISO_IR 100``, for most of Europe;
+    UTF-8; GB18030) and every value is in it; else UTF-8 (``ISO_IR 192``), which holds any text.
+
+    What a PACS and its viewers read best: many older ones show the default repertoire and
+    ``ISO_IR 100`` but not UTF-8, which a report would otherwise declare for a name in plain ASCII.
+    Not the source's ISO 2022 sets (a Japanese or Korean PACS's ``['', 'ISO 2022 IR 87']``),
+    whose escapes pydicom has decoded: UTF-8 holds those names, code extensions not needed.
+    """
+    if all(value.isascii() for value in values):
+        return None
+    term = str(declared).strip() if isinstance(declared, str) else ""
+    if term in SINGLE_SETS:
+        try:
+            for value in values:
+                value.encode(python_encoding[term])
+        except UnicodeEncodeError:
+            return "ISO_IR 192"
+        return term
+    return "ISO_IR 192"
+
+
+def texts(dataset: Dataset) -> list[str]:
+    """Every value of ``dataset`` whose encoding the Specific Character Set governs (:data:`TEXT_VRS`),
+    its sequences' included."""
+    found: list[str] = []
+    for elem in dataset:
+        if elem.VR == "SQ":
+            for item in elem.value:
+                found += texts(item)
+        elif elem.VR in TEXT_VRS and elem.value not in (None, ""):
+            found += [str(value) for value in (elem.value if isinstance(elem.value, MultiValue) else [elem.value])]
+    return found
 
 
 def source_zone(source: Dataset) -> datetime.timezone | None:
