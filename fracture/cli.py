@@ -485,6 +485,12 @@ def predict(
         bool, typer.Option(help=f"Exit {PARTLY_SCORED} when any file has an error in its row, or with --dicom-sr a "
                                 "scored DICOM file has no report (every row still written).")
     ] = False,
+    sr_uid_root: Annotated[
+        str | None, typer.Option(envvar="FRACTURE_SR_UID_ROOT",
+                                 help="Your organisation's registered DICOM UID root (1.3.6.1.4.1.<enterprise number>., "
+                                      "ending with a dot): every UID of the --dicom-sr reports is made under it "
+                                      "(default: pydicom's and highdicom's roots).")
+    ] = None,
     resume: Annotated[
         bool, typer.Option(help="Take over the rows an earlier run into the same --out scored from the same bytes "
                                 "with the same model version (every run with --out keeps them as it scores, in "
@@ -500,6 +506,7 @@ def predict(
     a failed run. A run stopped midway, run again with the same --out and --resume, scores only the
     files it had not scored (or that changed since, or had an error), unless the model version differs.
     """
+    from fracture.dicom_sr import check_uid_root
     from fracture.predict import (
         INTERRUPTED,
         NO_REPORT,
@@ -524,6 +531,10 @@ def predict(
         if not files:
             raise PredictError(f"no image or DICOM files in {', '.join(map(str, inputs))}")
         check_outputs(out, dicom_sr)
+        try:  # before the model loads: a mistyped root costs seconds, not a run
+            uid_root = check_uid_root(sr_uid_root) if sr_uid_root else None
+        except ValueError as exc:
+            raise PredictError(str(exc)) from None
         loaded = load(model)
     except PredictError as exc:
         sys.exit(f"fracture predict: {exc}")
@@ -542,7 +553,7 @@ def predict(
                 write(table, out)
         try:
             with interruptible():  # Ctrl-C or SIGTERM: the rows still written, those left without a report saying so
-                table["sr"] = write_structured_reports(table, files, dicom_sr)
+                table["sr"] = write_structured_reports(table, files, dicom_sr, uid_root)
         except OSError as exc:  # the report folder gone or unwritable since it was checked: the rows still count
             table["sr"] = ""
             why = f"{NO_REPORT}: {dicom_sr} cannot be written to ({exc.strerror or exc})"

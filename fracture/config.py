@@ -230,11 +230,6 @@ class EvaluateParams:
     boxes: str | None = None
 
 
-#: The longest ``serve.sr_uid_root``: a DICOM UID holds 64 characters, and each one made under the root
-#: keeps at least 24 digits of its own (about 80 bits, random or hashed) so that two never meet.
-SR_UID_ROOT_MAX = 40
-
-
 @dataclass(frozen=True)
 class ServeParams:
     """The served model's input checks, stored with every registered version (:mod:`fracture.intake`).
@@ -252,11 +247,6 @@ class ServeParams:
         modalities: DICOM modalities accepted.
         body_parts: Body Part Examined values a DICOM file may name (one naming none is read);
             null: any.
-        sr_uid_root: the organisation's registered DICOM UID root (``1.2.3.4.``: digits and dots,
-            ending with a dot), under which ``fracture predict --dicom-sr`` makes every UID of its
-            Structured Reports (:mod:`fracture.dicom_sr`); null: pydicom's and highdicom's roots.
-            At most :data:`SR_UID_ROOT_MAX` characters, so each UID made under it (64 at most)
-            keeps at least 24 random or hashed digits and two never meet.
     """
 
     max_rows: int = 64
@@ -265,7 +255,6 @@ class ServeParams:
     min_grey_std: float = 2.0
     modalities: tuple[str, ...] = ("CR", "DX", "RG", "XA")
     body_parts: tuple[str, ...] | None = LIMBS
-    sr_uid_root: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_rows", "max_file_mb", "max_megapixels"):
@@ -284,20 +273,6 @@ class ServeParams:
             raise ConfigError(
                 "params.yaml: serve.body_parts must list Body Part Examined values in capitals, such as [HAND, WRIST], "
                 f"or be null to read any; got {self.body_parts!r}"
-            )
-        root = self.sr_uid_root
-        # PS3.5 9.1: an OID (first arc 0, 1 or 2), components of digits without a leading zero, and the
-        # dot generate_uid(prefix=...) appends to.
-        if root is not None and not (
-            isinstance(root, str) and len(root) <= SR_UID_ROOT_MAX
-            and re.fullmatch(r"[012]\.(?:(?:0|[1-9]\d*)\.)+", root)
-        ):
-            raise ConfigError(
-                "params.yaml: serve.sr_uid_root must be your organisation's registered DICOM UID root, digits and dots "
-                "ending with a dot, starting 0., 1. or 2., no component with a leading zero (such as "
-                "1.3.6.1.4.1.<your IANA enterprise number>.), at most "
-                f"{SR_UID_ROOT_MAX} characters so the UIDs made under it keep room for their own digits, or null for "
-                f"pydicom's and highdicom's roots; got {root!r}"
             )
 
 

@@ -23,7 +23,7 @@ coordinates must be written as Comprehensive 3D SR. It holds:
 
 Every UID it makes (its SOP Instance UID, its series' where the caller names none, the finding's
 Tracking UID and the device's) is made under the organisation's registered UID root where one is
-set (``serve.sr_uid_root``), those derived from their inputs derived alike under it; else under
+set (``fracture predict --sr-uid-root``), those derived from their inputs derived alike under it; else under
 highdicom's root (the report's own) and pydicom's (the derived ones).
 
 It is a machine's unverified result (Completion Flag PARTIAL, Verification Flag UNVERIFIED)
@@ -110,6 +110,11 @@ SINGLE_SETS = frozenset({
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 #: A Timezone Offset From UTC: ``&ZZXX``, ``-1200`` to ``+1400`` (PS3.3 C.12.1.1.8).
 UTC_OFFSET = re.compile(r"([+-])(\d\d)(\d\d)")
+#: The longest organisation UID root (``--sr-uid-root``): a DICOM UID holds 64 characters, and each one
+#: made under the root keeps at least 24 digits of its own (about 80 bits, random or hashed), so two never meet.
+UID_ROOT_MAX = 40
+#: What names the root: ``fracture predict --sr-uid-root``, or this environment variable.
+UID_ROOT_ENV = "FRACTURE_SR_UID_ROOT"
 
 
 def structured_report(
@@ -139,8 +144,8 @@ def structured_report(
             Time, which tell a rerun's series from the one it replaces; ``None``: now. One
             without a zone is this machine's local time; given in the report's zone
             (:func:`report_zone`).
-        uid_root: the organisation's registered UID root (``serve.sr_uid_root``: digits and dots,
-            ending with a dot), under which every UID the report makes is made (:func:`new_uid`,
+        uid_root: the organisation's registered UID root (``--sr-uid-root``, :func:`check_uid_root`: digits
+            and dots, ending with a dot), under which every UID the report makes is made (:func:`new_uid`,
             :func:`tracking_uid`, :func:`device_uid`); ``None``: highdicom's and pydicom's roots.
             A ``series_uid`` the caller gives is its own to make under the root (:func:`new_uid`).
     """
@@ -287,6 +292,24 @@ def utc_offset(zone: datetime.tzinfo) -> str:
     minutes = round((zone.utcoffset(None) or datetime.timedelta()).total_seconds() / 60)
     return f"{'-' if minutes < 0 else '+'}{abs(minutes) // 60:02d}{abs(minutes) % 60:02d}"
 
+
+
+def check_uid_root(root: str) -> str:
+    """``root`` if it is a UID root every report's UIDs can be made under (:func:`new_uid`): an OID
+    (first arc 0, 1 or 2; components of digits without a leading zero, PS3.5 9.1) ending with the dot
+    :func:`~pydicom.uid.generate_uid` appends to, at most :data:`UID_ROOT_MAX` characters.
+
+    Raises:
+        ValueError: it is not one; the message names the value and what to give.
+    """
+    if len(root) <= UID_ROOT_MAX and re.fullmatch(r"[012]\.(?:(?:0|[1-9]\d*)\.)+", root):
+        return root
+    raise ValueError(
+        f"--sr-uid-root ({UID_ROOT_ENV}) must be your organisation's registered DICOM UID root: digits and dots "
+        "ending with a dot, starting 0., 1. or 2., no component with a leading zero (such as "
+        f"1.3.6.1.4.1.<your IANA enterprise number>.), at most {UID_ROOT_MAX} characters so the UIDs made under "
+        f"it keep room for their own digits; got {root!r}"
+    )
 
 def new_uid(uid_root: str | None = None) -> str:
     """A new UID (a report's, a series'): under the organisation's root where one is set (random digits

@@ -691,7 +691,9 @@ def wants_report(table: pd.DataFrame, files: list[Path]) -> list[bool]:
     return [not error and dicom(path) for path, error in zip(files, table["error"], strict=True)]
 
 
-def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Path) -> list[str]:
+def write_structured_reports(
+    table: pd.DataFrame, files: list[Path], folder: Path, uid_root: str | None = None,
+) -> list[str]:
     """Writes a DICOM SR (:mod:`fracture.dicom_sr`) for each scored DICOM input; returns the paths, one per row.
 
     Rows that were not scored, or whose file is not DICOM, get an empty path. Each report is
@@ -744,12 +746,13 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
     under reused names, IM0001 now another patient's image) gets no report, its note saying to score
     it again, and every report is made from the bytes checked, read once. Such a table also
     names the MLflow run that trained the model's weights (:data:`MODEL_RUN_ID`), and the reports
-    name it (:func:`fracture.dicom_sr.structured_report`).
+    name it (:func:`fracture.dicom_sr.structured_report`). Every UID the reports make, their series'
+    included, is made under ``uid_root`` (``--sr-uid-root``) where one is given.
     """
     from pydicom import dcmread  # noqa: PLC0415 - only --dicom-sr needs it here
-    from pydicom.uid import UID, generate_uid  # noqa: PLC0415
+    from pydicom.uid import UID  # noqa: PLC0415
 
-    from fracture.dicom_sr import invalid_value_notes, structured_report  # noqa: PLC0415
+    from fracture.dicom_sr import invalid_value_notes, new_uid, structured_report  # noqa: PLC0415
 
     folder.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(folder)
@@ -802,7 +805,8 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
                 continue
             try:
                 # is_dicom said it is DICOM, preamble or not; read from the bytes checked, not the file again.
-                source = dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+                # With its pixel data, whose digest tells apart the findings on two images under one UID.
+                source = dcmread(io.BytesIO(data), force=True)
                 study = str(source.StudyInstanceUID)
                 uid = str(source.get("SOPInstanceUID", ""))
                 # The patient too: one image exported before and after a patient correction (the same
@@ -856,8 +860,8 @@ def write_structured_reports(table: pd.DataFrame, files: list[Path], folder: Pat
                     sr = structured_report(
                         source, float(row.fracture_probability), float(row.threshold), row.label == "fractured",
                         str(row.model), str(row.version),
-                        series_uid=series.setdefault(key, generate_uid()), instance_number=number, replaces=replaces,
-                        run_id=run_id, series_datetime=began,
+                        series_uid=series.setdefault(key, new_uid(uid_root)), instance_number=number, replaces=replaces,
+                        run_id=run_id, series_datetime=began, uid_root=uid_root,
                     )
                     numbers[key] = number
                 except unreportable as exc:

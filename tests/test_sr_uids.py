@@ -1,5 +1,5 @@
 """The UIDs of the DICOM Structured Reports `fracture predict --dicom-sr` writes: under the
-organisation's registered root where params.yaml names one (serve.sr_uid_root), and findings
+organisation's registered root where one is named (--sr-uid-root), and findings
 tracked by a UID that tells images apart. Built from small synthetic radiographs."""
 
 from __future__ import annotations
@@ -9,13 +9,10 @@ from pathlib import Path
 
 import highdicom as hd
 import pytest
-import yaml
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from fracture.config import ConfigError, parse_params
-from fracture.dicom_sr import structured_report
-from tests.conftest import shipped_params_text
+from fracture.dicom_sr import check_uid_root, structured_report
 from tests.dicom_files import dicom_from_jpeg, to_bytes
 from tests.synthetic import write_image
 
@@ -79,15 +76,21 @@ def test_without_a_root_the_reports_uids_are_as_before(tmp_path):
     assert made["TrackingUID"].startswith("1.2.826.0.1.3680043.8.498.")  # pydicom's root
 
 
-def raw_params() -> dict:
-    return yaml.safe_load(shipped_params_text())
+def test_a_root_is_taken_from_the_option_or_the_environment_and_a_mistyped_one_stops_the_run_first(tmp_path, monkeypatch):
+    """The command reads the root from ``--sr-uid-root`` or ``FRACTURE_SR_UID_ROOT``, and one that is no
+    UID root ends the run with one line naming it, before the model is loaded."""
+    from typer.testing import CliRunner
 
+    from fracture import cli
 
-def test_the_uid_root_is_read_from_params_and_null_by_default():
-    raw = raw_params()
-    assert parse_params(raw).serve.sr_uid_root is None
-    raw["serve"]["sr_uid_root"] = ROOT
-    assert parse_params(raw).serve.sr_uid_root == ROOT
+    image = tmp_path / "a.png"
+    write_image(image, seed=1)
+    loaded = []
+    monkeypatch.setattr("fracture.predict.load", lambda uri: loaded.append(uri) or pytest.fail("the model was loaded"))
+    for args, env in ((["--sr-uid-root", "1.3.6.1.4.1.055555."], {}), ([], {"FRACTURE_SR_UID_ROOT": "1.2.3"})):
+        result = CliRunner().invoke(cli.app, ["predict", str(image), "--dicom-sr", str(tmp_path / "sr"), *args], env=env)
+        assert result.exit_code == 1 and loaded == [], result.output
+        assert "must be your organisation's registered DICOM UID root" in str(result.exception) + result.output
 
 
 @pytest.mark.parametrize("root", [
@@ -97,15 +100,17 @@ def test_the_uid_root_is_read_from_params_and_null_by_default():
     "5.3.6.",  # no OID starts with 5
     "1.3.6.1.4.1.a.",
     "1." + "1234567890." * 4,  # 42 characters: too little room left for the UID's own digits
-    12345,
     "",
 ])
-def test_a_uid_root_that_is_not_one_is_refused_before_anything_runs(root):
-    raw = raw_params()
-    raw["serve"]["sr_uid_root"] = root
-    with pytest.raises(ConfigError, match=r"params.yaml: serve.sr_uid_root must be your organisation's registered DICOM "
-                                          r"UID root.*got"):
-        parse_params(raw)
+def test_a_uid_root_that_is_not_one_is_refused(root):
+    with pytest.raises(ValueError, match=r"--sr-uid-root \(FRACTURE_SR_UID_ROOT\) must be your organisation's "
+                                         r"registered DICOM UID root.*got"):
+        check_uid_root(root)
+
+
+def test_a_uid_root_is_taken_as_given():
+    assert check_uid_root(ROOT) == ROOT
+    assert check_uid_root("2.25.") == "2.25."
 
 
 def _tracking(sr: Dataset) -> str:
