@@ -486,8 +486,24 @@ def _j2k_size(frame: bytes) -> tuple[int, int] | None:
 #: Words of a Body Part Examined value that say which side, not which part ("HAND LT", "L WRIST",
 #: "KNEE RIGHT"): left out before the value is matched (:func:`names_body_part`).
 LATERALITY = frozenset({"L", "R", "LT", "RT", "LEFT", "RIGHT", "BILAT", "BILATERAL"})
-#: Plurals that are not the term with an S (FINGERS, HANDS), as a Body Part Examined value may be written.
-PLURALS = {"FEET": "FOOT", "CALVES": "CALF"}
+#: Words of a Body Part Examined value that say how the X-ray was taken, not of which part ("KNEE AP",
+#: "HAND OBL", "FOOT LAT", "ANKLE MORTISE"), as modalities append the view to it: View Position
+#: (0018,5101)'s defined terms (AP, PA, LL, RL, RLD, LLD, RLO, LLO), the projections spelled out or
+#: cut short (LATERAL, LAT, OBLIQUE, OBL, DP and PD for dorsopalmar or dorsoplantar, AXIAL, FRONTAL)
+#: and the named limb views. Left out before the value is matched, as laterality is: the part is
+#: what the value names besides them, so "CHEST PA" is still the chest.
+VIEWS = frozenset({
+    "AP", "PA", "LL", "RL", "RLD", "LLD", "RLO", "LLO", "LAT", "LATERAL", "OBL", "OBLQ", "OBLIQUE", "DP", "PD",
+    "AX", "AXIAL", "FRONTAL", "VIEW", "VIEWS", "MORTISE", "SUNRISE", "SKYLINE", "FROG",
+})
+#: Plurals that are not the term with an S (FINGERS, HANDS), -AE (ULNAE, TIBIAE) or -I (RADII,
+#: HUMERI), as a Body Part Examined value may be written: English and Latin ones.
+PLURALS = {"FEET": "FOOT", "CALVES": "CALF", "FEMORA": "FEMUR", "PELVES": "PELVIS", "PHALANGES": "PHALANX"}
+#: Words that name bones of more than one listed part, with those parts: PS3.16 Annex L has no
+#: defined term for them. A phalanx is a bone of a finger (the thumb's too) or of a toe, so PHALANX
+#: (or PHALANGES) names a listed part only where FINGER and TOE are both listed; a site that reads
+#: the fingers alone is not sent a toe's phalanges.
+WITHIN = {"PHALANX": ("FINGER", "TOE")}
 
 
 def _compact(term: str) -> str:
@@ -496,12 +512,30 @@ def _compact(term: str) -> str:
     return re.sub(r"[^A-Z]", "", term.upper())
 
 
+def _singulars(word: str) -> set[str]:
+    """The terms one word may be, itself or the singular of its plural: English (FINGERS, EXTREMITIES,
+    FEET) or Latin (ULNAE, RADII, FEMORA, PHALANGES)."""
+    found = {word}
+    if word in PLURALS:
+        found.add(PLURALS[word])
+    if word.endswith("S"):
+        found.add(word[:-1])
+    if word.endswith("IES"):
+        found.add(word[:-3] + "Y")
+    if word.endswith("AE"):  # ULNAE, TIBIAE, FIBULAE, PATELLAE, SCAPULAE
+        found.add(word[:-1])
+    if word.endswith("I"):  # RADII, HUMERI, CALCANEI
+        found.add(word[:-1] + "US")
+    return found
+
+
 def _listed_word(word: str, listed: frozenset[str]) -> bool:
     """Whether one word (or several run together) is a listed term, or a plural of one (FINGERS,
-    HANDS, FEET, EXTREMITIES, UPPERARMS)."""
-    return (
-        word in listed or PLURALS.get(word) in listed or (word.endswith("S") and word[:-1] in listed)
-        or (word.endswith("IES") and word[:-3] + "Y" in listed)
+    HANDS, FEET, EXTREMITIES, UPPERARMS, ULNAE, RADII), or a :data:`WITHIN` word every part of
+    which is listed (PHALANGES)."""
+    return any(
+        term in listed or (term in WITHIN and all(part in listed for part in WITHIN[term]))
+        for term in _singulars(word)
     )
 
 
@@ -510,17 +544,19 @@ def names_body_part(value: str, body_parts: Iterable[str]) -> bool:
     and technologists write it.
 
     The value is read in capitals and split into words on whatever is not a letter (spaces,
-    underscores, slashes); words of :data:`LATERALITY` are left out. It names a listed part when
-    the value as a whole is a listed term (a site's "L SPINE"), when
-    its words, run together, are one listed term or its plural (LOWER_LIMB, "UPPER ARMS", "HAND LT"), or when
-    every word is a listed term or its plural ("L WRIST", FINGERS, "ANKLE/FOOT"). So "CHEST PA",
-    THORAX or WHOLEBODY name no limb, and a term in another language (HANDGELENK) is not read as
-    one: a site that writes it adds it to ``serve.body_parts``.
+    underscores, slashes); words of :data:`LATERALITY` and :data:`VIEWS` are left out. It names a
+    listed part when the value as a whole is a listed term (a site's "L SPINE"), when its words, run
+    together, are one listed term or its plural (LOWER_LIMB, "UPPER ARMS", "HAND LT", "KNEE AP"), or
+    when every word is a listed term or its plural, English or Latin ("L WRIST", FINGERS, "ANKLE/FOOT",
+    RADII, PHALANGES: :func:`_listed_word`). So "CHEST PA", THORAX or WHOLEBODY name no limb, and a
+    term in another language (HANDGELENK) is not read as one: a site that writes it adds it to
+    ``serve.body_parts``.
     """
     listed = frozenset(_compact(part) for part in body_parts)
     if _compact(value) in listed:  # as listed, a site's own term with a side word in it (L SPINE) too
         return True
-    words = [word for word in re.split(r"[^A-Z]+", value.upper()) if word and word not in LATERALITY]
+    left_out = LATERALITY | VIEWS
+    words = [word for word in re.split(r"[^A-Z]+", value.upper()) if word and word not in left_out]
     return bool(words) and (_listed_word("".join(words), listed) or all(_listed_word(word, listed) for word in words))
 
 
@@ -559,7 +595,7 @@ def check_body_part(ds: Dataset, body_parts: Iterable[str] | None = LIMBS) -> No
     Region Sequence (0008,2218), a code (:func:`coded_region`; the DX IOD's Type 2 anatomy, where
     Body Part Examined is Type 3). Each value of the one (a multi-valued one, ``HAND\\WRIST``, has
     several) and each item of the other must name a listed part, as :func:`names_body_part` reads
-    it: laterality and plurals allowed. A code outside the limbs is read by its Code Meaning
+    it: laterality, the view and plurals allowed. A code outside the limbs is read by its Code Meaning
     (``Chest``, ``Cervical spine``), which a site that reads such regions lists.
 
     Raises:
@@ -595,7 +631,7 @@ def _body_parts_read(body_parts: tuple[str, ...]) -> str:
     else:
         read = f"the model reads the body parts params' serve.body_parts lists only ({', '.join(body_parts)})"
     return (
-        f"{read}, with laterality (L, RIGHT) or a plural in the value allowed: send an X-ray of one of them, or, where "
+        f"{read}, with laterality (L, RIGHT), the view (AP, LAT) or a plural in the value allowed: send an X-ray of one of them, or, where "
         "the value or code meaning names one in other words (a local term such as HANDGELENK), add it to "
         "serve.body_parts"
     )

@@ -55,6 +55,39 @@ def test_a_limb_written_with_laterality_plurals_or_several_values_is_read_in_ser
     assert both_intakes(radiograph(value), tmp_path) == (None, None)
 
 
+# As modalities write the view after the part, and Latin plurals (PS3.16 Annex L has no PHALANX:
+# a phalanx is a finger's or a toe's, both of them limbs).
+WITH_VIEW_OR_LATIN = ["KNEE AP", "HAND OBL", "FOOT LAT", "WRIST PA", "FINGER LAT", "PHALANGES", "L KNEE AP/LAT",
+                      "ANKLE MORTISE", "HIP_LATERAL", "AP PELVIS", "Hand Oblique", "RADII", "ULNAE", "TIBIAE LT",
+                      "HUMERI", "FEMORA", "CALCANEI", "PATELLAE", "SCAPULAE", ["KNEE AP", "PATELLA SUNRISE"]]
+
+
+@pytest.mark.parametrize("value", WITH_VIEW_OR_LATIN, ids=str)
+def test_a_limb_written_with_its_view_or_a_latin_plural_is_read_in_serving_and_training(value, tmp_path):
+    """These were refused as "an X-ray of KNEE AP", "an X-ray of PHALANGES"."""
+    assert both_intakes(radiograph(value), tmp_path) == (None, None)
+
+
+@pytest.mark.parametrize("value", ["CHEST PA", "PA CHEST", "SKULL LAT", "C SPINE AP", "AP", "LAT", "L LAT", "CHEST AX"])
+def test_a_view_word_makes_no_region_a_limb(value, tmp_path):
+    served, trained = both_intakes(radiograph(value), tmp_path)
+    assert served == trained
+    assert served.startswith(f"is an X-ray of {value} (its Body Part Examined); the model was trained on X-rays")
+    assert "with laterality (L, RIGHT), the view (AP, LAT) or a plural in the value allowed" in served
+
+
+def test_phalanges_are_read_only_where_every_part_they_may_be_of_is_listed():
+    """PHALANGES names a finger's bones or a toe's: a site that reads the hand alone is not sent a toe's."""
+    ds = Dataset()
+    ds.BodyPartExamined = "PHALANGES"
+    check_body_part(ds, ("FINGER", "TOE"))
+    with pytest.raises(DicomRejected, match=r"^is an X-ray of PHALANGES \(its Body Part Examined\)"):
+        check_body_part(ds, ("HAND", "FINGER", "THUMB"))
+    check_body_part(ds, ("PHALANX",))  # a site's own term, and its Latin plural
+    ds.BodyPartExamined = "PHALANX LAT"
+    check_body_part(ds, ("FINGER", "TOE"))
+
+
 @pytest.mark.parametrize("value", ["CHEST", "chest", "SKULL", "THORAX", "CHEST PA", "WHOLEBODY", "L SPINE", "LEFT",
                                    "RIBS", "HANDGELENK", "HAND AND CHEST"])
 def test_a_region_the_model_never_saw_is_still_refused_in_serving_and_training(value, tmp_path):
