@@ -3,7 +3,14 @@
 #   docker build -t registry.example.org/fracture:$(git rev-parse --short HEAD) .
 # On a GPU node, run its containers with the NVIDIA container toolkit (--gpus all); torch's
 # CUDA libraries come with its wheel.
-FROM python:3.11-slim-bookworm
+# The base is pinned to the Python release constraints.txt was resolved and tested on (3.11.7) and
+# to Debian 12 (bookworm): python:3.11 alone moved to each new patch release and the next Debian.
+# The tag is still rebuilt upstream with security fixes; a site that wants the same base on every
+# build pins its digest as well, read once from the registry:
+#   docker buildx imagetools inspect python:3.11.7-slim-bookworm    # the "Digest:" line
+# and written FROM python:3.11.7-slim-bookworm@sha256:<that digest>. Move both the tag and
+# constraints.txt when the pinned set is resolved again.
+FROM python:3.11.7-slim-bookworm
 
 # make runs the install step; git is DVC's repository and the runs' record of the code version.
 RUN apt-get update \

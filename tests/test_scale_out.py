@@ -63,6 +63,10 @@ def test_the_dockerfile_installs_with_the_readmes_install_step():
     # The image's Python is the one the venv is made with, and docs/operations.md names the image's build.
     base = next(args for keyword, args in steps if keyword == "FROM")
     assert base.startswith("python:3.11")
+    # ... pinned to a patch release and a Debian release, not a tag that moves to the next of either,
+    # and the Dockerfile says how a site pins the digest too.
+    assert re.fullmatch(r"python:3\.11\.\d+-slim-(bookworm|trixie)(@sha256:[0-9a-f]{64})?", base), base
+    assert "docker buildx imagetools inspect" in (REPO / "Dockerfile").read_text()
     operations = (REPO / "docs" / "operations.md").read_text()
     assert "docker build -t" in operations and "schedule.image" in operations
     # Files a run makes never enter the image.
