@@ -5,14 +5,14 @@ from __future__ import annotations
 import os
 import platform
 import re
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
-from fracture.config import Params, artifact_location, tracking_uri
+from fracture.config import ConfigError, Params, artifact_location, tracking_uri
 
 #: MLflow's error codes for a registered model, version or alias that is not there (an alias the
 #: model lacks is INVALID_PARAMETER_VALUE), as against a store that cannot be reached or read (MLflow
@@ -31,11 +31,17 @@ def bound_registry_waits() -> None:
 
 def sqlite_store(uri: str) -> Path | None:
     """The file a ``sqlite:`` store URI names, as MLflow's database layer reads it (SQLAlchemy: a
-    query such as ``?timeout=60`` left out, ``%20`` escapes decoded; with ``uri=true``, SQLite's
-    own ``file:`` URI read for its path); ``None`` for another kind of store, or an in-memory one.
+    query such as ``?timeout=60`` left out, ``%20`` escapes decoded); ``None`` for another kind of
+    store, or an in-memory one.
+
+    SQLite's own URI form, ``sqlite:///file:/path/mlflow.db?uri=true``, is refused: SQLAlchemy hands
+    it to SQLite, which opens the file, but MLflow first makes the parent folders of what follows
+    ``sqlite:///`` as a path, a ``file:`` folder tree (``file:/path``) under the working folder of
+    whatever opened the store (a stage, ``fracture predict`` in the folder of images, the page).
 
     Raises:
-        ValueError: ``uri`` is no sqlite URI SQLAlchemy reads (``sqlite:mlflow.db``), named.
+        ValueError: ``uri`` is no sqlite URI SQLAlchemy reads (``sqlite:mlflow.db``), or is SQLite's
+            ``file:`` URI form; the message names it and the form to give instead.
     """
     if not uri.startswith("sqlite:"):
         return None
@@ -49,8 +55,14 @@ def sqlite_store(uri: str) -> Path | None:
     except ArgumentError as exc:
         raise ValueError(f"{uri} is no sqlite store URI: give sqlite:///<path to mlflow.db>") from exc
     database = url.database
-    if database and database.startswith("file:") and str(url.query.get("uri", "")).lower() == "true":
-        database = unquote(urlsplit(database).path) or None  # SQLite's URI: file:/abs/path or file:rel?mode=ro
+    if database and database.startswith("file:"):
+        path = unquote(urlsplit(database).path) or "<path to mlflow.db>"  # file:/abs/path or file:rel?mode=ro
+        folders = PurePosixPath(database.split("?", 1)[0]).parent  # file:/abs, or . for file:mlflow.db
+        raise ValueError(
+            f"{uri} is SQLite's file: URI form, which MLflow reads as a path in the working folder"
+            + (f", making the folders {folders} there" if str(folders) != "." else "")
+            + f": give the file's path instead, sqlite:///{path}"
+        )
     return None if database in (None, "", ":memory:") or database.startswith(":memory:") else Path(database)
 
 
@@ -84,8 +96,15 @@ def setup_mlflow(params: Params, root: Path = Path(".")) -> None:
     Args:
         params: names the experiment.
         root: the project directory, where the default sqlite store and artifacts live.
+
+    Raises:
+        ConfigError: ``MLFLOW_TRACKING_URI`` is a sqlite URI MLflow cannot open cleanly (:func:`sqlite_store`).
     """
     uri = tracking_uri(root)
+    try:
+        sqlite_store(uri)
+    except ValueError as exc:  # before MLflow opens it: SQLite's file: form leaves a file: folder tree
+        raise ConfigError(f"MLFLOW_TRACKING_URI: {exc}") from exc
     mlflow.set_tracking_uri(uri)
     if mlflow.get_experiment_by_name(params.register.experiment) is None:
         location = artifact_location(root) if uri.startswith("sqlite:") else None

@@ -327,16 +327,19 @@ def test_a_store_uri_is_read_as_mlflow_reads_it_and_a_file_that_is_no_store_is_n
     spaced = tmp_path / "a b"
     spaced.mkdir()
     shutil.copy(store, spaced / "mlflow.db")
-    # SQLite's own URI form (file:...?uri=true), which SQLAlchemy passes to SQLite: the path in it.
-    # MLflow makes the parent folders of what follows sqlite:/// (here file:/tmp/...) relative to
-    # the working folder, so the test runs in its own.
     monkeypatch.chdir(tmp_path)
-    for uri in (f"{registry['uri']}?timeout=60", f"sqlite:///{tmp_path}/a%20b/mlflow.db",
-                f"sqlite:///file:{store}?mode=ro&uri=true"):
+    for uri in (f"{registry['uri']}?timeout=60", f"sqlite:///{tmp_path}/a%20b/mlflow.db"):
         assert sqlite_store(uri) in (store, spaced / "mlflow.db")
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
         with pytest.raises(PredictError, match="is not in the registry at"):  # the store read, the model not in it
             load(f"models:/{NAME}@no-such-alias")
+    # SQLite's own URI form (file:...?uri=true): MLflow made the folders of what follows sqlite:///
+    # (file:/tmp/...) in the working folder, so it is refused, naming the form to give.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///file:{store}?mode=ro&uri=true")
+    with pytest.raises(PredictError, match=r"^MLFLOW_TRACKING_URI: .* is SQLite's file: URI form, ") as refused:
+        load(f"models:/{NAME}@no-such-alias")
+    assert str(refused.value).endswith(f": give the file's path instead, sqlite:///{store}")
+    assert not any(path.name.startswith("file:") for path in tmp_path.iterdir())
     assert sqlite_store("sqlite://") is None and sqlite_store("http://127.0.0.1:5000") is None
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:mlflow.db")  # no slashes: SQLAlchemy's ArgumentError escaped
     with pytest.raises(PredictError, match=r"^MLFLOW_TRACKING_URI: sqlite:mlflow\.db is no sqlite store URI: give "

@@ -12,10 +12,24 @@ import mlflow
 import pytest
 import torch
 
-from fracture.config import artifact_location, tracking_uri
-from fracture.tracking import TrainingRunMissing, hardware_tags, training_run
+from fracture.config import ConfigError, artifact_location, tracking_uri
+from fracture.tracking import (
+    TrainingRunMissing,
+    hardware_tags,
+    setup_mlflow,
+    sqlite_store,
+    training_run,
+)
 from tasks.pipeline import repro
-from tests.conftest import REPO, dvc, make_subset, pick_ids, run, shrink_params
+from tests.conftest import (
+    REPO,
+    dvc,
+    make_subset,
+    pick_ids,
+    run,
+    shipped_params,
+    shrink_params,
+)
 from tests.test_dvc_remote import git
 
 
@@ -47,6 +61,29 @@ def test_a_dvc_experiments_temporary_copy_logs_to_the_projects_store(tmp_path, m
     assert tracking_uri(elsewhere) == f"sqlite:///{elsewhere / 'mlflow.db'}"  # only DVC's own copies are redirected
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
     assert tracking_uri(copy) == "http://mlflow.internal:5000"  # a shared store wins everywhere
+
+
+def test_sqlites_own_file_uri_form_is_refused_before_mlflow_makes_a_file_folder_tree(tmp_path, monkeypatch):
+    """MLFLOW_TRACKING_URI=sqlite:///file:/path/mlflow.db?uri=true was opened, after MLflow made the
+    folders file:/path, as if that were a path, in the stage's (or predict's, or the page's) working folder."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    store = tmp_path / "store" / "mlflow.db"
+    for uri in (f"sqlite:///file:{store}?mode=rwc&uri=true", f"sqlite:///file:{store}"):
+        message = (rf"^{re.escape(uri)} is SQLite's file: URI form, which MLflow reads as a path in the working "
+                   rf"folder, making the folders file:{re.escape(str(store.parent))} there: give the file's path "
+                   rf"instead, sqlite:///{re.escape(str(store))}$")
+        with pytest.raises(ValueError, match=message):  # what predict and the page say, naming the variable
+            sqlite_store(uri)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        with pytest.raises(ConfigError, match=f"^MLFLOW_TRACKING_URI: {message[1:]}"):  # a stage's one-line error
+            setup_mlflow(shipped_params(), tmp_path)
+    assert list(work.iterdir()) == [] and not store.parent.exists()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")  # the form the message gives opens the store
+    store.parent.mkdir()
+    setup_mlflow(shipped_params(), tmp_path)
+    assert store.is_file() and list(work.iterdir()) == []
 
 
 def test_a_training_run_missing_from_the_store_names_the_store_and_what_to_do(client):
