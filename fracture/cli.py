@@ -284,8 +284,17 @@ def crossval() -> None:
     """Cross-validate the recipe on train + val, never test (crossval/dvc.yaml, outside the main pipeline)."""
     from fracture.stages.crossval import run_crossval
 
-    with _stage("crossval", target="crossval/dvc.yaml:crossval") as (params, workspace):
-        result = run_crossval(params, workspace)
+    try:
+        with _stage("crossval", target="crossval/dvc.yaml:crossval") as (params, workspace):
+            result = run_crossval(params, workspace)
+    except KeyboardInterrupt as exc:
+        # Ctrl-C, or the SIGTERM the stage raises as one (a scheduler's time limit, `docker stop`): ended
+        # 128 + the signal, as a shell reports a command a signal ended and `fracture predict` ends, not
+        # Click's 130 for both, which read a scheduler's stop as a person's.
+        name = "SIGTERM" if exc.args == ("signal SIGTERM",) else "SIGINT"
+        print(f"fracture crossval: interrupted by {name}; its MLflow run is ended KILLED and no figures are "
+              "written: run it again to cross-validate", file=sys.stderr)
+        raise SystemExit(128 + signal.Signals[name].value) from None
     _print_crossval(result)
 
 

@@ -493,6 +493,40 @@ def test_a_crossval_stopped_in_a_fold_ends_its_mlflow_run_killed_or_failed_never
     assert runs[0].info.end_time is not None
 
 
+#: ``fracture crossval`` whose first fold is stopped by SIGTERM, in a Python of its own, on the tiny recipe.
+SIGTERM_IN_THE_COMMAND = """
+import os, signal, time
+import fracture.cli as cli
+import fracture.stages.crossval as stage
+from tests.test_crossval import tiny_params
+
+def stopped(*_args, **_kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(60)
+    raise AssertionError("SIGTERM did not stop the fold")
+
+stage.fit_fold = stopped
+cli.load_params = lambda *_args, **_kwargs: tiny_params()
+cli.main(["crossval"])
+"""
+
+
+def test_crossval_stopped_by_sigterm_exits_143_with_one_line_as_predict_does(tmp_path):
+    """A scheduler's SIGTERM ended `fracture crossval` with exit status 130, as Ctrl-C does, not
+    the 143 (128 + 15) a shell, a scheduler and `fracture predict` report for it."""
+    tiny_workspace(tmp_path, tiny_params())
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", SIGTERM_IN_THE_COMMAND], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 143, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        "fracture crossval: interrupted by SIGTERM; its MLflow run is ended KILLED and no figures are written: run "
+        "it again to cross-validate"
+    )
+    assert not (tmp_path / "outputs" / "crossval" / "metrics.json").exists()
+
+
 # --- the DVC pipeline file ------------------------------------------------------------------------
 
 
