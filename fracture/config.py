@@ -253,7 +253,7 @@ class ServeParams:
     max_file_mb: int = 64
     max_megapixels: int = 50
     min_grey_std: float = 2.0
-    modalities: tuple[str, ...] = ("CR", "DX", "RG", "XA")
+    modalities: tuple[str, ...] = ("CR", "DX", "RG")
     body_parts: tuple[str, ...] | None = LIMBS
 
     def __post_init__(self) -> None:

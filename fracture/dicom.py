@@ -70,9 +70,11 @@ from fracture.vocabulary import LIMB_CODES, LIMBS
 
 log = logging.getLogger(__name__)
 
-#: Modalities of plain radiographs: computed and digital radiography, radiographic imaging
-#: (conventional film/screen) and X-ray angiography.
-RADIOGRAPHY = ("CR", "DX", "RG", "XA")
+#: Modalities of plain radiographs: computed and digital radiography and radiographic imaging
+#: (conventional film/screen). Not X-ray angiography (XA), whose contrast-filled vessels, subtracted
+#: images and C-arm fluoroscopy frames the model never saw: a site that has validated it on its own
+#: C-arm images adds XA to ``serve.modalities``.
+RADIOGRAPHY = ("CR", "DX", "RG")
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 #: SOP classes that never hold a radiograph, named in the refusal.
 NOT_IMAGES = {

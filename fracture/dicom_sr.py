@@ -60,7 +60,7 @@ TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDat
          "ReferringPhysicianName", "AccessionNumber", "StudyID")
 #: The patient and study attributes the SR copies from its source (highdicom copies the root
 #: attributes of the Patient, Clinical Trial Subject, General Study, Patient Study and Clinical Trial
-#: Study modules, PS3.3 C.7.1.1, C.7.1.3, C.7.2.1, C.7.2.2, C.7.2.3, alike for CR, DX, RG and XA), but
+#: Study modules, PS3.3 C.7.1.1, C.7.1.3, C.7.2.1, C.7.2.2, C.7.2.3, alike for CR, DX and RG), but
 #: for their sequences and UIDs, which are kept as they are: each value is checked
 #: (:func:`invalid_values`).
 COPIED = frozenset({

@@ -201,7 +201,7 @@ def _data_limitations(composition: dict[str, dict[str, Any]] | None, metrics: di
         rows = composition["splits"]
         if all(r["dicom"] == 0 for r in rows.values()):  # None: the files were not there to look at
             lines.append("Trained and tested on JPEG and PNG exports only: the served model also reads DICOM "
-                         "(CR, DX, RG, XA) through the display pipeline a viewer applies, which no figure here "
+                         "(CR, DX, RG) through the display pipeline a viewer applies, which no figure here "
                          "measures.")
         truncated = {name: r["truncated"] for name, r in rows.items() if r["truncated"]}
         if truncated:

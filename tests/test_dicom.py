@@ -166,7 +166,9 @@ def test_a_negative_rescale_slope_with_a_window_is_shown_as_the_same_values_stor
     [
         (lambda jpeg: multiframe(jpeg), "is DICOM but holds 2 frames; the model reads single-frame radiographs"),
         (lambda jpeg: encapsulated_pdf(), "is DICOM but is an encapsulated PDF, not an image"),
-        (lambda jpeg: dicom_from_jpeg(jpeg, "8-bit", modality="CT"), "is DICOM but has modality CT; the model reads CR, DX, RG, XA"),
+        (lambda jpeg: dicom_from_jpeg(jpeg, "8-bit", modality="CT"), "is DICOM but has modality CT; the model reads CR, DX, RG"),
+        # Angiography and C-arm frames, which the model never saw: refused unless a site lists XA.
+        (lambda jpeg: dicom_from_jpeg(jpeg, "8-bit", modality="XA"), "is DICOM but has modality XA; the model reads CR, DX, RG"),
         (lambda jpeg: b"\0" * 128 + b"DICM" + b"\xff" * 64, "is DICOM but is a DICOM object without pixel data"),
         (lambda jpeg: dicom_from_jpeg(jpeg, "16-bit")[:400], r"is DICOM but is a Digital X-Ray Image Storage - For "
          r"Presentation object that ends before its pixel data: the file is cut short or damaged \(an interrupted "
