@@ -562,7 +562,7 @@ def predict(
                 write(table, out)
         try:
             with interruptible():  # Ctrl-C or SIGTERM: the rows still written, those left without a report saying so
-                table["sr"] = write_structured_reports(table, files, dicom_sr, uid_root)
+                table["sr"] = write_structured_reports(table, files, dicom_sr, uid_root=uid_root)
         except OSError as exc:  # the report folder gone or unwritable since it was checked: the rows still count
             table["sr"] = ""
             why = f"{NO_REPORT}: {dicom_sr} cannot be written to ({exc.strerror or exc})"

@@ -258,7 +258,7 @@ def test_a_report_folder_that_fails_whole_notes_and_counts_only_the_rows_that_wa
             "version": "1", "error": ["", "", "the image is corrupt", ""], "note": "",
         })
 
-    def folder_gone(table, paths, folder):
+    def folder_gone(table, paths, folder, uid_root=None):
         raise PermissionError(errno.EACCES, "Permission denied")
 
     monkeypatch.setattr(predict, "load", lambda uri: Loaded())
