@@ -19,6 +19,7 @@ from flows.result import (
     registry_changed,
     was_promoted,
 )
+from fracture.evaluation import TOO_FEW, PairedAUC
 from fracture.model_card import QUALITY_BAR, _fmt_threshold, quality_bar
 from fracture.registry import (
     DETECTOR_ROLLBACK_COMMAND,
@@ -562,6 +563,20 @@ def _not_compared(reg: Registration) -> str:
             "could not be scored: see the gate checks and Reason)")
 
 
+def _auc_difference_rows(a: PairedAUC, confidence: float) -> list[str]:
+    """The AUC difference with its interval and p-value; where DeLong's variance gave no interval
+    (:attr:`PairedAUC.no_interval`), why not, and the p-value's test or that nothing was measured.
+    An interval of ``+0.0000 to +0.0000`` read as certainty where there was no spread to measure."""
+    needs = f"needs < {1 - confidence:.3g}"
+    if not a.no_interval:
+        return [f"| AUC difference ({a.confidence:.0%} CI) | {a.difference:+.4f} ({a.ci_low:+.4f} to {a.ci_high:+.4f}) |",
+                f"| DeLong p-value ({needs}) | {a.p_value:.3g} |"]
+    p_value = (f"{a.p_value:.3g} (paired randomisation test)" if a.test == "paired randomisation"
+               else "none: nothing measured" if a.no_interval == TOO_FEW else "none: no difference to measure")
+    return [f"| AUC difference (no interval) | {a.difference:+.4f}: {_cell(a.evidence())} |",
+            f"| p-value ({needs}) | {p_value} |"]
+
+
 def _comparison_rows(reg: Registration) -> list[str]:
     """The paired comparison with the champion on the same test images, when there was one."""
     c = reg.comparison
@@ -572,8 +587,7 @@ def _comparison_rows(reg: Registration) -> list[str]:
     return [
         f"| Compared with | champion version {c.champion_version}, on the same {a.n_images} test images{left_out} |",
         f"| ROC AUC, this version vs champion | {_num(a.auc_a)} vs {_num(a.auc_b)} |",
-        f"| AUC difference ({a.confidence:.0%} CI) | {a.difference:+.4f} ({a.ci_low:+.4f} to {a.ci_high:+.4f}) |",
-        f"| DeLong p-value (needs < {1 - reg.confidence:.3g}) | {a.p_value:.3g} |",
+        *_auc_difference_rows(a, reg.confidence),
         (
             f"| Sensitivity change at served thresholds (tolerance {reg.sensitivity_tolerance:g}) | "
             f"{c.sensitivity_change:+.4f} ({_num(c.candidate_sensitivity)} vs {_num(c.champion_sensitivity)}) |"

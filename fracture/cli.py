@@ -311,7 +311,8 @@ def _print_comparison(compared: OofComparisons, ev: EvaluateParams) -> None:
     print(f"{'recipe':<{width}}  runs  ROC AUC (sd)     sensitivity  specificity  ROC AUC - {rows[0].name} (95% CI)")
     for r in rows:
         d = r.versus_reference
-        versus = "reference" if d is None else (
+        # Where DeLong's variance gave no interval, why not: "(+0.0000 to +0.0000), p = 1" read as certainty.
+        versus = "reference" if d is None else f"{d.difference:+.4f} ({d.evidence()})" if d.no_interval else (
             f"{d.difference:+.4f} ({d.ci_low:+.4f} to {d.ci_high:+.4f}), p = {d.p_value:.3g}"
         )
         sd = f"({r.roc_auc_sd:.4f})" if r.roc_auc_sd is not None else ""

@@ -531,6 +531,19 @@ def by_group(
     return out
 
 
+#: Why a paired test of two ROC AUCs shows no interval (:attr:`PairedAUC.no_interval`): the two
+#: rank every image alike (each image has as many images of the other class below it under both), so
+#: DeLong's variance is 0 and there is no difference to measure.
+SAME_RANKING = "same ranking"
+#: The difference is the same at every image (each model separates the classes perfectly, inversely
+#: or not at all): DeLong's variance is 0 however real the difference, so it gives no interval and
+#: no p-value; where one run a side is compared, the p-value is a paired randomisation test's.
+NO_VARIANCE = "no variance"
+#: Fewer than two images (or groups of linked images) of a class: no spread can be estimated, the
+#: interval is the whole range (-1 to 1) and the p-value 1.
+TOO_FEW = "too few"
+
+
 @dataclass(frozen=True)
 class PairedAUC:
     """Two models' ROC AUCs on the same images and DeLong's test of their difference.
@@ -547,6 +560,12 @@ class PairedAUC:
         n_fractured: fractured images among them.
         n_groups: the groups of linked images the variance was estimated over (Obuchowski's
             clustered DeLong); ``None``: each image independent.
+        no_interval: why DeLong's variance gave no interval (:data:`SAME_RANKING`,
+            :data:`NO_VARIANCE`, :data:`TOO_FEW`), or ``""`` where it gave one. ``ci_low`` and
+            ``ci_high`` are then no confidence interval: equal to ``difference`` (no width, which is
+            no certainty), or -1 and 1.
+        test: what the p-value comes from: ``DeLong``, ``paired randomisation`` (DeLong's variance
+            0, one run a side), or ``none`` (nothing measured: the p-value is 1 by convention).
     """
 
     auc_a: float
@@ -559,6 +578,27 @@ class PairedAUC:
     n_images: int
     n_fractured: int
     n_groups: int | None = None
+    no_interval: str = ""
+    test: str = "DeLong"
+
+    def evidence(self) -> str:
+        """The difference's evidence in words, as the gate, its report and ``crossval-compare`` print it:
+        ``95% CI -0.0101 to +0.0125, DeLong p = 0.84``, or, where DeLong's variance gave no interval,
+        why not and where the p-value (if any) comes from. A zero-width interval printed as
+        ``+0.0000 to +0.0000`` read as certainty where there was no spread to measure."""
+        p = f"{self.p_value:.3g}" if self.p_value > 0 else "< 1e-300"  # 0 is the normal tail underflowing
+        if self.no_interval == SAME_RANKING:
+            return ("no interval: the two rank the fractured against the non-fractured images alike, image by image, "
+                    "so there is no difference to measure")
+        if self.no_interval == NO_VARIANCE:
+            found = (f"paired randomisation test p = {p}" if self.test == "paired randomisation"
+                     else "no p-value can be measured")
+            return ("no interval: the difference is the same at every image (each model separates the classes "
+                    f"perfectly, inversely or not at all), which leaves DeLong's variance at 0 however real it is; {found}")
+        if self.no_interval == TOO_FEW:
+            kind = "groups of linked images" if self.n_groups is not None else "images"
+            return f"nothing measured: a class has fewer than two {kind}, so no spread can be estimated"
+        return f"{self.confidence:.0%} CI {self.ci_low:+.4f} to {self.ci_high:+.4f}, {self.test} p = {p}"
 
 
 def delong_paired(
@@ -694,11 +734,15 @@ def delong_mean_difference(
     Returns:
         The two means as ``auc_a`` and ``auc_b``, their difference, its interval (normal
         approximation, or Student's t as above) and the two-sided p-value. Runs that rank every image alike, with no
-        between-run variance, differ by 0 with no spread: p-value 1. With fewer than two images
-        (or groups) of a class no spread can be estimated: the interval is -1 to 1 and the p-value 1.
+        between-run variance, differ by 0 with no spread: p-value 1, ``no_interval`` :data:`SAME_RANKING`.
+        A difference with no spread (:data:`NO_VARIANCE`) gets no interval either (its ends equal the
+        difference), and one run a side the p-value of a paired randomisation test. With fewer than two
+        images (or groups) of a class no spread can be estimated (:data:`TOO_FEW`): the interval is -1 to 1
+        and the p-value 1.
 
     Raises:
-        ValueError: a side without runs, lengths that differ (groups' too), or one class missing.
+        ValueError: a side without runs, lengths that differ (groups' too), a score that is not a
+            finite number, or one class missing.
     """
     y = np.asarray(labels).astype(int)
     runs = [np.asarray(s, dtype=np.float64) for s in (*runs_a, *runs_b)]
@@ -706,6 +750,12 @@ def delong_mean_difference(
         raise ValueError(f"each side needs a run at least: {len(runs_a)} and {len(runs_b)}")
     if any(len(s) != len(y) for s in runs):
         raise ValueError(f"labels and scores differ in length: {len(y)}, {', '.join(str(len(s)) for s in runs)}")
+    # A NaN ranks nowhere: it left every AUC, the interval and the p-value NaN, read as "not higher".
+    for side, side_runs in (("A", runs_a), ("B", runs_b)):
+        for i, s in enumerate(side_runs, 1):
+            if (bad := int((~np.isfinite(np.asarray(s, dtype=np.float64))).sum())):
+                raise ValueError(f"DeLong's test needs a finite score for every image: model {side}'s run {i} has {bad} "
+                                 "NaN or infinite score(s)")
     pos, neg = y == 1, y == 0
     m, n = int(pos.sum()), int(neg.sum())
     if m == 0 or n == 0:
@@ -731,9 +781,11 @@ def delong_mean_difference(
     variance = images + max(float(between_run_variance), 0.0)
     auc_a, auc_b = float(np.mean(aucs[: len(runs_a)])), float(np.mean(aucs[len(runs_a):]))
     difference = auc_a - auc_b
+    no_interval, test = "", "DeLong"
     if not spread:
         # One image (or group) of a class: the images' spread cannot be estimated, so nothing is shown.
         low, high, p = -1.0, 1.0, 1.0
+        no_interval, test = TOO_FEW, "none"
     elif variance <= 1e-15:
         # No spread to estimate: identical rankings (the AUCs agree), or rankings each without
         # spread of its own (a perfect separation against a perfect inversion, or against constant
@@ -741,9 +793,14 @@ def delong_mean_difference(
         # reading that as certainty let a random model "beat" a constant one at 2 images a class
         # in 1 draw of 6. The interval has no width to show; the p-value comes from a paired
         # randomisation test instead (each image's two scores swapped at random).
+        # Neither case is certainty: ``no_interval`` says which it is, and the gate decides on the
+        # randomisation test's p-value, never on the interval's missing width.
         low = high = difference
         single = len(runs_a) == len(runs_b) == 1
-        p = _swap_test(y, runs[0], runs[1], difference, code) if single and abs(difference) >= 1e-12 else 1.0
+        moved = abs(difference) >= 1e-12
+        p = _swap_test(y, runs[0], runs[1], difference, code) if single and moved else 1.0
+        no_interval = NO_VARIANCE if moved else SAME_RANKING
+        test = "paired randomisation" if single and moved else "none"
     else:
         se = variance**0.5
         runs_part = variance - images
@@ -754,4 +811,4 @@ def delong_mean_difference(
         low, high = difference - half, difference + half
         p = float(2 * law.sf(abs(difference) / se))
     n_groups = None if groups is None else int(code.max()) + 1
-    return PairedAUC(auc_a, auc_b, difference, low, high, p, confidence, m + n, m, n_groups)
+    return PairedAUC(auc_a, auc_b, difference, low, high, p, confidence, m + n, m, n_groups, no_interval, test)

@@ -257,7 +257,8 @@ class Comparison:
             "gate_compared_with": self.champion_version,
             "gate_images": str(a.n_images),
             "gate_auc_difference": f"{a.difference:.4f}",
-            "gate_auc_difference_ci": f"[{a.ci_low:.4f}, {a.ci_high:.4f}] ({a.confidence:.0%})",
+            "gate_auc_difference_ci": (f"[{a.ci_low:.4f}, {a.ci_high:.4f}] ({a.confidence:.0%})" if not a.no_interval
+                                       else f"none ({a.no_interval})"),
             "gate_p_value": f"{a.p_value:.4g}",
             "gate_sensitivity_change": f"{self.sensitivity_change:.4f}",
             "gate_specificity_change": f"{self.specificity_change:.4f}",
@@ -320,6 +321,11 @@ def against_champion(params: RegisterParams, comparison: Comparison) -> tuple[Ga
 
     ``beats champion`` passes when the AUC difference is positive and DeLong's two-sided
     p-value is below ``1 - register.confidence`` (the interval at that confidence lies above 0).
+    Where DeLong's variance is 0 the interval has no width, which is no certainty
+    (:attr:`fracture.evaluation.PairedAUC.no_interval`): the same ranking of every image has no
+    difference to measure and is not higher; a difference with no spread is judged by a paired
+    randomisation test's p-value; with too few images of a class nothing is measured and the
+    champion stays. The detail says which, and shows no interval.
     ``sensitivity held`` passes when the version's sensitivity at its served threshold is at most
     ``register.sensitivity_tolerance`` below the champion's at its own; ``specificity held``
     likewise with ``register.specificity_tolerance``: a better ranking whose threshold lands
@@ -327,6 +333,10 @@ def against_champion(params: RegisterParams, comparison: Comparison) -> tuple[Ga
     """
     a, v = comparison.auc, comparison.champion_version
     wins, verdict = paired_verdict(a.difference, a.p_value, params.confidence)
+    if a.test == "none" and a.difference > 0:
+        # Nothing was measured (too few images of a class, or no spread): the p-value of 1 is no
+        # finding that the gain falls short of the confidence asked for; the champion stays for want of evidence.
+        verdict = "higher, but with nothing measured the gain is no evidence: not promoted on it"
     linked = "" if a.n_groups is None else f" ({a.n_groups} groups of linked images)"
     if comparison.left_out:
         linked += f", {comparison.left_out} it was trained or validated on left out"
@@ -334,8 +344,7 @@ def against_champion(params: RegisterParams, comparison: Comparison) -> tuple[Ga
         "beats champion",
         wins,
         f"ROC AUC {a.auc_a:.4f} vs champion v{v}'s {a.auc_b:.4f} on the same {a.n_images} images{linked}: "
-        f"{a.difference:+.4f} ({a.confidence:.0%} CI {a.ci_low:+.4f} to {a.ci_high:+.4f}, DeLong p = {a.p_value:.3g}), "
-        f"{verdict}" + (
+        f"{a.difference:+.4f} ({a.evidence()}), {verdict}" + (
             "; with most of the test split left out, weigh the newcomer by its cross-validated (out-of-fold) "
             "figures too" if not wins and comparison.left_out > a.n_images else ""
         ),

@@ -796,8 +796,7 @@ def _decide(
     left_out = f" ({comparison.left_out} it was trained or validated on left out)" if comparison.left_out else ""
     reason = (
         f"ROC AUC {a.auc_a:.4f} beats champion v{comparison.champion_version}'s {a.auc_b:.4f} on the same "
-        f"{a.n_images} images{left_out} by {a.difference:+.4f} ({a.confidence:.0%} CI {a.ci_low:+.4f} to {a.ci_high:+.4f}, "
-        f"DeLong p = {a.p_value:.3g})"
+        f"{a.n_images} images{left_out} by {a.difference:+.4f} ({a.evidence()})"
     )
     return _verdict(checks, reason, comparison)
 

@@ -224,6 +224,38 @@ def test_the_headline_says_a_version_that_lost_the_gate_was_not_promoted_and_why
     )
 
 
+def test_a_comparison_with_no_spread_reports_no_zero_width_interval_and_names_the_p_value_s_test():
+    """Two versions that rank every test image alike: DeLong's variance is 0 and the report showed
+    "+0.0000 (+0.0000 to +0.0000)" and "DeLong p-value 1", as if the difference were known to be 0.
+    The rows come from the real DeLong function, here as in the gate."""
+    import numpy as np
+
+    from fracture.gate import PairedScores, compare
+
+    y = np.r_[np.ones(10), np.zeros(27)].astype(int)
+    champion = np.linspace(0.05, 0.95, 37)[np.random.default_rng(0).permutation(37)]
+
+    def rows(candidate: np.ndarray) -> str:
+        comparison = compare(PairedScores(y, candidate, 0.5, champion, 0.5, "2"), 0.95)
+        r = result(ran=True, previous="old-md5.dir", created=True, champion=False, comparison=comparison)
+        return render_report(r)
+
+    same = rows(champion ** 2)  # a monotone rescaling: the same ranking
+    assert table_row(same, "AUC difference (no interval)")[1] == (
+        "+0.0000: no interval: the two rank the fractured against the non-fractured images alike, image by image, "
+        "so there is no difference to measure"
+    )
+    assert table_row(same, "p-value (needs < 0.05)")[1] == "none: no difference to measure"
+    assert "+0.0000 to +0.0000" not in same and "DeLong p-value" not in same
+
+    # A perfect ranking against its inverse: the p-value is the randomisation test's, and named so.
+    champion = np.r_[np.linspace(0.1, 0.4, 10), np.linspace(0.5, 0.9, 27)]
+    fixed = rows(1 - champion)
+    assert table_row(fixed, "AUC difference (no interval)")[1].startswith(
+        "+1.0000: no interval: the difference is the same at every image")
+    assert table_row(fixed, "p-value (needs < 0.05)")[1] == "0.0001 (paired randomisation test)"
+
+
 def test_the_comparison_row_says_why_the_version_was_not_compared():
     def compared(**changes: object) -> str:
         r = result(ran=True, previous="old-md5.dir", created=True, comparison=None)
