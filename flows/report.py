@@ -114,7 +114,7 @@ def render_report(result: RetrainResult) -> str:
         "| Split (images) | " + ", ".join(f"{k} {v}" for k, v in result.split.sizes.items()) + " |",
         f"| Excluded by validation | {_excluded(result.validate.excluded)} |",
         "",
-        *(_since_champion_lines(result.since_champion) if result.since_champion is not None else []),
+        *(_since_champion_lines(result.since_champion, reg.stand_in) if result.since_champion is not None else []),
         "## Stages",
         "",
         "| Stage | DVC | Seconds | of which the command | of which DVC's checks, hashing and caching |",
@@ -165,7 +165,7 @@ def render_report(result: RetrainResult) -> str:
         *_comparison_rows(reg),
         f"| Holds `champion` | {champion} |",
         f"| Decision | {reg.decision} |",
-        f"| Champion before this run | {'none' if reg.champion_version is None else 'version ' + reg.champion_version} |",
+        f"| Champion before this run | {_champion_before(reg)} |",
         f"| Aliases now | {', '.join(reg.aliases) or 'none'} |",
         f"| Aliases moved by this run | {_moves(result.moves)} |",
         f"| Reason | {_cell(reg.reason)} |",
@@ -249,24 +249,32 @@ MAX_DIFFERENCES = 15
 MAX_VALUE_CHARS = 60
 
 
-def _since_champion_lines(since: SinceChampion) -> list[str]:
+def _since_champion_lines(since: SinceChampion, stand_in: str | None = None) -> list[str]:
     """What the version this run registered was built from, against the champion it challenged.
 
     The morning after a run this is what tells an engineer why the two models differ: new data, new
     code, another profile, changed params, upgraded packages. Params and packages list only those
-    that differ, the first :data:`MAX_DIFFERENCES` of each, and count the rest.
+    that differ, the first :data:`MAX_DIFFERENCES` of each, and count the rest. ``stand_in``: the
+    ``previous-champion`` version the gate compared with where no version held champion
+    (:attr:`Registration.stand_in`), named as such when it is the version set against.
     """
     old, new = since.champion, since.new
-    lines = [f"## Since the champion (version {old.version})", ""]
+    role = PREVIOUS_CHAMPION if stand_in is not None and stand_in == old.version else "champion"
+    if role == "champion":
+        lines = [f"## Since the champion (version {old.version})", ""]
+    else:
+        lines = [f"## Since {role} (version {old.version}), standing in for the champion", "",
+                 f"No version held `champion`: the gate compared version {new.version} with `{role}` version "
+                 f"{old.version} instead, the last champion the registry holds.", ""]
     if since.error is not None:
         return [*lines, (f"Not read from the registry ({_cell(since.error)}); the registration below stands. MLflow "
                          "shows each version's tags and its training run's params and tags."), ""]
     lines += [
-        (f"What version {new.version}, registered by this run, was built from, against champion version "
+        (f"What version {new.version}, registered by this run, was built from, against {role} version "
          f"{old.version}: the versions' registry tags, their training runs' MLflow params, and the packages each "
          "model pins (its `requirements.txt`, written when it was registered)."),
         "",
-        f"| | Champion (version {old.version}) | This run's (version {new.version}) |",
+        f"| | {role[0].upper() + role[1:]} (version {old.version}) | This run's (version {new.version}) |",
         "|---|---|---|",
         f"| Trained in MLflow run | {_code(old.run_id) if old.run_id else 'none named'} | "
         f"{_code(new.run_id) if new.run_id else 'none named'} |",
@@ -432,6 +440,8 @@ def _not_promoted(reg: Registration, moves: tuple[AliasMove, ...] = ()) -> str |
     if reg.champion or was_promoted(reg, moves):
         return None
     stays = "no version holds `champion`" if reg.champion_version is None else f"champion stays version {reg.champion_version}"
+    if reg.stand_in is not None:
+        stays += f"; `{PREVIOUS_CHAMPION}` version {reg.stand_in} stood in for it"
     return f"not promoted: {stays} ({_why_not(reg)})"
 
 
@@ -548,19 +558,43 @@ def _detector_lines(result: RetrainResult) -> list[str]:
     return lines
 
 
+def _against(reg: Registration) -> str:
+    """The version the gate decided against, as the registry names it: ``champion version 2``, or, where no
+    version held champion, ``previous-champion version 1``, which stood in for it (:attr:`Registration.stand_in`)."""
+    if reg.stand_in is not None:
+        return f"{PREVIOUS_CHAMPION} version {reg.stand_in}, standing in for the champion (no version held `champion`)"
+    if reg.comparison is not None:
+        return f"{reg.comparison.against} version {reg.comparison.champion_version}"
+    return f"champion version {reg.champion_version}"
+
+
+def _champion_before(reg: Registration) -> str:
+    if reg.champion_version is not None:
+        return f"version {reg.champion_version}"
+    if reg.stand_in is not None:
+        return f"none; `{PREVIOUS_CHAMPION}` version {reg.stand_in} stood in for it"
+    return "none"
+
+
 def _not_compared(reg: Registration) -> str:
     """Why the version was not compared with the champion, from the gate's decision and its reason."""
     if reg.champion and reg.decision == "unchanged":
         return "no: this version already is the champion"
-    if reg.champion_version is None:
+    if reg.champion_version is None and reg.stand_in is None:
+        if reg.decision == "unchanged" and reg.previous_champion == reg.version:
+            return (f"no: no version holds `champion`, and this version is `{PREVIOUS_CHAMPION}`, which a rollback "
+                    "restores (see Reason)")
+        if reg.reason.startswith(f"no version holds champion or {PREVIOUS_CHAMPION}"):
+            return f"no: no version held `champion` or `{PREVIOUS_CHAMPION}` (see Reason)"
         return "no: there was no champion"
     if reg.reason.startswith("already decided"):
-        return (f"no: decided before against champion version {reg.champion_version}, on this test split and these "
-                "rules; the recorded decision stands (see Reason)")
+        return (f"no: decided before against {_against(reg)}, on this test split and these rules; the recorded "
+                "decision stands (see Reason)")
     if "rolled back" in reg.reason:
         return "no: this version was rolled back from champion; it is not scored again"
-    return (f"no: decided without scoring champion version {reg.champion_version} (a floor failed, or the champion "
-            "could not be scored: see the gate checks and Reason)")
+    scored = "the champion" if reg.stand_in is None else PREVIOUS_CHAMPION
+    return (f"no: decided without scoring {_against(reg)} (a floor failed, or {scored} could not be scored: see the "
+            "gate checks and Reason)")
 
 
 def _auc_difference_rows(a: PairedAUC, confidence: float) -> list[str]:
@@ -585,8 +619,8 @@ def _comparison_rows(reg: Registration) -> list[str]:
     a = c.auc
     left_out = f" ({c.left_out} it was trained or validated on, or linked to such, left out)" if c.left_out else ""
     return [
-        f"| Compared with | champion version {c.champion_version}, on the same {a.n_images} test images{left_out} |",
-        f"| ROC AUC, this version vs champion | {_num(a.auc_a)} vs {_num(a.auc_b)} |",
+        f"| Compared with | {_against(reg)}, on the same {a.n_images} test images{left_out} |",
+        f"| ROC AUC, this version vs {c.against} | {_num(a.auc_a)} vs {_num(a.auc_b)} |",
         *_auc_difference_rows(a, reg.confidence),
         (
             f"| Sensitivity change at served thresholds (tolerance {reg.sensitivity_tolerance:g}) | "

@@ -230,6 +230,8 @@ class Comparison:
         champion_specificity: the champion's, at its own served threshold.
         left_out: the test images left out because the champion trained or validated on them,
             or on an image linked to them (:attr:`PairedScores.left_out`).
+        against: the alias the compared version held: ``champion``, or ``previous-champion``
+            where no version held champion and it stood in for the champion.
     """
 
     champion_version: str
@@ -239,6 +241,7 @@ class Comparison:
     candidate_specificity: float
     champion_specificity: float
     left_out: int = 0
+    against: str = "champion"
 
     @property
     def sensitivity_change(self) -> float:
@@ -266,9 +269,9 @@ class Comparison:
         }
 
 
-def compare(scores: PairedScores, confidence: float) -> Comparison:
+def compare(scores: PairedScores, confidence: float, against: str = "champion") -> Comparison:
     """DeLong's paired test of the two ROC AUCs, and each model's sensitivity and specificity at its
-    served threshold.
+    served threshold; ``against``: the alias the compared version holds (:attr:`Comparison.against`).
 
     With the split's ``groups`` of linked images the test is Obuchowski's clustered DeLong
     (:func:`fracture.evaluation.delong_paired`): copies and one patient's images counted as
@@ -284,6 +287,7 @@ def compare(scores: PairedScores, confidence: float) -> Comparison:
         float(ours["specificity"]),
         float(theirs["specificity"]),
         scores.left_out,
+        against,
     )
 
 
@@ -331,7 +335,8 @@ def against_champion(params: RegisterParams, comparison: Comparison) -> tuple[Ga
     likewise with ``register.specificity_tolerance``: a better ranking whose threshold lands
     where readers clear many more false alarms is no gain in use either.
     """
-    a, v = comparison.auc, comparison.champion_version
+    # ``previous-champion`` where it stood in for the champion: named as what it is, not as the champion.
+    a, v, role = comparison.auc, comparison.champion_version, comparison.against
     wins, verdict = paired_verdict(a.difference, a.p_value, params.confidence)
     if a.test == "none" and a.difference > 0:
         # Nothing was measured (too few images of a class, or no spread): the p-value of 1 is no
@@ -343,7 +348,7 @@ def against_champion(params: RegisterParams, comparison: Comparison) -> tuple[Ga
     auc = GateCheck(
         "beats champion",
         wins,
-        f"ROC AUC {a.auc_a:.4f} vs champion v{v}'s {a.auc_b:.4f} on the same {a.n_images} images{linked}: "
+        f"ROC AUC {a.auc_a:.4f} vs {role} v{v}'s {a.auc_b:.4f} on the same {a.n_images} images{linked}: "
         f"{a.difference:+.4f} ({a.evidence()}), {verdict}" + (
             "; with most of the test split left out, weigh the newcomer by its cross-validated (out-of-fold) "
             "figures too" if not wins and comparison.left_out > a.n_images else ""
@@ -356,7 +361,7 @@ def against_champion(params: RegisterParams, comparison: Comparison) -> tuple[Ga
         return GateCheck(
             f"{name} held",
             kept,
-            f"{name} {ours:.4f} vs champion v{v}'s {theirs:.4f} at their served thresholds: {change:+.4f}, "
+            f"{name} {ours:.4f} vs {role} v{v}'s {theirs:.4f} at their served thresholds: {change:+.4f}, "
             f"{'within' if kept else 'beyond'} the tolerance {tolerance:g}",
         )
 

@@ -156,6 +156,9 @@ class Registration:
         split_fingerprint: the test split it was evaluated on (see :func:`fracture.gate.split_fingerprint`).
         data_version: the dataset version (DVC md5) the run recorded.
         aliases: the aliases the version holds afterwards.
+        stand_in: where no version held champion, the ``previous-champion`` version the gate
+            decided this version against in the champion's stead (``comparison`` compares with it,
+            when the two were scored); ``None`` otherwise.
     """
 
     name: str
@@ -178,6 +181,7 @@ class Registration:
     split_fingerprint: str | None = None
     data_version: str | None = None
     aliases: tuple[str, ...] = ()
+    stand_in: str | None = None
 
     def summary(self) -> str:
         """The decision and each gate check, one per line, for logs and the command line."""
@@ -233,12 +237,15 @@ class _Outcome:
         reason: why, in one sentence.
         checks: the gate rules evaluated (none when the gate did not run).
         comparison: how it compared with the champion on the same images, when they were scored.
+        stand_in: the ``previous-champion`` version it was decided against where no version held
+            champion (:func:`_without_champion`), or ``None``.
     """
 
     decision: str
     reason: str
     checks: tuple[GateCheck, ...] = ()
     comparison: Comparison | None = None
+    stand_in: str | None = None
 
 
 # --- registration -------------------------------------------------------------------------------
@@ -720,7 +727,8 @@ def _decided_before(mv: ModelVersion, current: ModelVersion | None, basis: str) 
     else:
         against = "with no champion"
     return _Outcome("unchanged", f"already decided {against}, on this test split and these rules: stays "
-                                 f"challenger ({mv.tags.get(TAG_REASON, '')})")
+                                 f"challenger ({mv.tags.get(TAG_REASON, '')})",
+                    stand_in=None if current is not None or stand_in is None else str(stand_in))
 
 
 def _held_back(mv: ModelVersion, current: ModelVersion | None, rollback_command: str = ROLLBACK_COMMAND) -> _Outcome | None:
@@ -780,7 +788,7 @@ def _decide(
             _require_loadable(params.model_name, str(current.version), role, isolated)
         else:
             try:
-                comparison = compare(scores, params.confidence)
+                comparison = compare(scores, params.confidence, role)
             except ValueError as exc:  # a split the two cannot be compared on (one class only)
                 checks += (GateCheck("compared with champion", False, str(exc)),)
             else:
@@ -795,7 +803,7 @@ def _decide(
     a = comparison.auc
     left_out = f" ({comparison.left_out} it was trained or validated on left out)" if comparison.left_out else ""
     reason = (
-        f"ROC AUC {a.auc_a:.4f} beats champion v{comparison.champion_version}'s {a.auc_b:.4f} on the same "
+        f"ROC AUC {a.auc_a:.4f} beats {role} v{comparison.champion_version}'s {a.auc_b:.4f} on the same "
         f"{a.n_images} images{left_out} by {a.difference:+.4f} ({a.evidence()})"
     )
     return _verdict(checks, reason, comparison)
@@ -829,6 +837,7 @@ def _without_champion(
         outcome, tags = decide(stand_in, PREVIOUS_CHAMPION)
         lead = (f"no version holds champion ({NO_CHAMPION_WHY}): compared with {PREVIOUS_CHAMPION} "
                 f"v{stand_in.version}, the last champion the registry holds, instead")
+        outcome = dataclasses.replace(outcome, stand_in=str(stand_in.version))
         if outcome.decision == "promoted":
             return dataclasses.replace(outcome, reason=f"{lead}; {outcome.reason}"), tags
         return dataclasses.replace(outcome, reason=(
@@ -969,7 +978,8 @@ def _promote(
         raise _ChampionMoved(latest)
     if CHALLENGER in mv.aliases:
         client.delete_registered_model_alias(name, CHALLENGER)
-    promoted = _record_event(client, name, version, "promoted", reason, replaced=_version_of(current))
+    # The history names the version replaced as its tag does: previous-champion, where it stood in.
+    promoted = _record_event(client, name, version, "promoted", reason, replaced=_version_of(replaced))
     client.set_registered_model_alias(name, CHAMPION, version)
     promoted.complete(client)
     if current is not None:
@@ -1060,6 +1070,7 @@ def _registration(
         split_fingerprint=candidate.split_fingerprint,
         data_version=candidate.data_version,
         aliases=tuple(sorted(after.aliases)),
+        stand_in=outcome.stand_in,
     )
 
 

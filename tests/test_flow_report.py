@@ -273,6 +273,57 @@ def test_the_comparison_row_says_why_the_version_was_not_compared():
     )
 
 
+def test_a_version_decided_against_previous_champion_in_the_champions_stead_names_it():
+    """No version held champion (its version deleted): the gate compared with previous-champion v1
+    instead, as the registry records it (the reason, `gate_compared_with`, `replaced_version`), and the
+    report called that version "champion version 1", or said "there was no champion"."""
+    from fracture.gate import GateCheck
+
+    stand_in = dataclasses.replace(COMPARISON, champion_version="1", against="previous-champion")
+    lost = challenger(None, previous_champion="1", stand_in="1", comparison=stand_in, reason=(
+        "no version holds champion (...): compared with previous-champion v1, the last champion the registry holds, "
+        "instead; beats champion: ..."), checks=(GateCheck("beats champion", False, "not higher"),))
+    text = render_report(lost)
+    assert table_row(text, "Compared with")[1] == (
+        "previous-champion version 1, standing in for the champion (no version held `champion`), on the same 37 test "
+        "images"
+    )
+    assert table_row(text, "ROC AUC, this version vs previous-champion")[1] == "0.9012 vs 0.8875"
+    assert table_row(text, "Champion before this run")[1] == "none; `previous-champion` version 1 stood in for it"
+    assert text.splitlines()[2].endswith(
+        "not promoted: no version holds `champion`; `previous-champion` version 1 stood in for it (failed: beats "
+        "champion).")
+    assert "champion version 1" not in text.replace("previous-champion version 1", "")
+    # What the version was built from is set against previous-champion, and says so.
+    since = render_report(dataclasses.replace(lost, since_champion=SinceChampion(origin("1", "old-run"), origin("3", "r"))))
+    assert "## Since previous-champion (version 1), standing in for the champion" in since
+    assert "| | Previous-champion (version 1) | This run's (version 3) |" in since
+    assert "## Since the champion" not in since and "against previous-champion version 1:" in since
+
+    # Decided without scoring it (a floor failed), or decided before against it: named all the same.
+    def compared(**changes: object) -> str:
+        registration = dataclasses.replace(lost.registration, comparison=None, **changes)
+        return table_row(render_report(dataclasses.replace(lost, registration=registration)), "Compared with the champion")[1]
+
+    assert compared(reason="floor test_recall: 0.7 < 0.8") == (
+        "no: decided without scoring previous-champion version 1, standing in for the champion (no version held "
+        "`champion`) (a floor failed, or previous-champion could not be scored: see the gate checks and Reason)"
+    )
+    assert compared(decision="unchanged", reason="already decided with no champion, against previous-champion v1 in its "
+                                                 "stead, on this test split and these rules: stays challenger (...)") == (
+        "no: decided before against previous-champion version 1, standing in for the champion (no version held "
+        "`champion`), on this test split and these rules; the recorded decision stands (see Reason)"
+    )
+    # previous-champion's own run registered again: not judged against itself.
+    assert compared(version="1", decision="unchanged", stand_in=None, reason="no version holds champion (...); this "
+                    "version is previous-champion: ...") == (
+        "no: no version holds `champion`, and this version is `previous-champion`, which a rollback restores (see Reason)"
+    )
+    assert compared(stand_in=None, previous_champion=None, decision="promoted", reason=(
+        "no version holds champion or previous-champion (...; earlier champions: 2): promoted on the floors and the "
+        "load check alone, compared with none")) == "no: no version held `champion` or `previous-champion` (see Reason)"
+
+
 def test_each_gate_check_is_a_row_of_the_report():
     from fracture.gate import GateCheck
 

@@ -238,6 +238,15 @@ def test_a_better_ranking_whose_threshold_costs_specificity_is_not_promoted():
         "specificity 0.8000 vs champion v1's 0.9000 at their served thresholds: -0.1000, beyond the tolerance 0.05"
     )
     assert comparison.tags()["gate_specificity_change"] == "-0.1000"
+
+
+def test_previous_champion_standing_in_for_the_champion_is_named_as_what_it_is():
+    y, champion, rng = scores_of_a_task()
+    better = 1 / (1 + np.exp(-(rng.normal(size=len(y)) + 3.0 * y - 1.5)))
+    comparison = compare(hand_made(champion, better, y), 0.95, "previous-champion")
+    assert comparison.against == "previous-champion"
+    details = [c.detail for c in against_champion(PARAMS, comparison)]
+    assert all(" vs previous-champion v1's " in d for d in details), details
     # Within a looser tolerance it passes.
     assert against_champion(RegisterParams(NAME, "t", specificity_tolerance=0.1), comparison)[2].passed
 

@@ -115,6 +115,7 @@ def test_with_the_champion_version_deleted_the_gate_compares_with_previous_champ
     # previous-champion's own run registered again is not judged against itself: restoring it is a rollback's.
     kept = register(ANY_GAIN, first_run, *models["bad"], split, client)
     assert (kept.version, kept.decision) == ("1", "unchanged") and "this version is previous-champion" in kept.reason
+    assert kept.stand_in is None and kept.comparison is None
     assert client.get_model_version(NAME, "1").tags["gate_decision"] == "promoted"
 
     same = register(ANY_GAIN, evaluated_run(0.9), *models["bad"], split, client)  # version 1's network again
@@ -123,15 +124,24 @@ def test_with_the_champion_version_deleted_the_gate_compares_with_previous_champ
                                   "or its alias removed): compared with previous-champion v1")
     assert 'fracture rollback --reason "..."` restores v1 as champion' in same.reason
     assert same.comparison is not None and same.comparison.champion_version == "1"
+    # The version it was compared with is named as what it is, not as the champion.
+    assert same.stand_in == "1" and same.comparison.against == "previous-champion"
+    assert "vs previous-champion v1's" in same.reason and " vs champion v1's" not in same.reason
+    # Version 1's network again: the same ranking of every image, so no difference to measure, and no interval.
+    assert same.comparison.auc.no_interval == "same ranking" and "no difference to measure" in same.reason
     assert aliases(client) == {"previous-champion": "1", "challenger": "3"}
     # Registered again, its recorded decision stands, and says against which version it was taken.
     again = register(ANY_GAIN, same.run_id, *models["bad"], split, client)
     assert (again.version, again.decision) == ("3", "unchanged")
     assert again.reason.startswith("already decided with no champion, against previous-champion v1 in its stead")
+    assert again.stand_in == "1"
 
     better = register(ANY_GAIN, evaluated_run(0.9), *models["good"], split, client)
     assert (better.version, better.decision) == ("4", "promoted")
-    assert "compared with previous-champion v1" in better.reason and "beats champion v1's" in better.reason
+    assert "compared with previous-champion v1" in better.reason and "beats previous-champion v1's" in better.reason
+    assert (better.stand_in, better.champion_version) == ("1", None)
+    # Its history names the version it replaced, as its replaced_version tag does.
+    assert registry_history(client, NAME, "4")[-1]["replaced"] == "1"
     assert aliases(client) == {"champion": "4", "previous-champion": "1", "challenger": "3"}
 
     # The new champion deleted too: a rollback restores previous-champion, once it loads.
