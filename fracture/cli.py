@@ -455,9 +455,21 @@ def rollback(
         raise SystemExit(f"{command}: --reason must say why (it is recorded on both versions)")
     with _stage("rollback") as (params, workspace):
         done = run_rollback(params, workspace, reason.strip(), to, detector=detector)
+    previous = f"version {done.previous_champion}" if done.previous_champion else "none"
+    if done.finished:
+        # champion and previous-champion were both on one version: an earlier command stopped after
+        # champion moved. This one moved previous-champion only; champion was already where it is.
+        earlier = (f"the rollback from version {done.demoted} to version {done.champion}" if done.demoted is not None
+                   else f"the {'hand pick' if done.chosen else 'restoration'} of version {done.champion} made where no "
+                        "version held champion")
+        tagged = f"; version {done.demoted} stays tagged rolled_back_at" if done.demoted is not None else ""
+        print(f"{done.name}: champion and previous-champion were both on version {done.champion}: {earlier} had "
+              f"stopped after champion moved. Finished it: champion stays version {done.champion}, previous-champion: "
+              f"{previous}{tagged}. The stopped command's reason is the one recorded, not this one's"
+              + (f"; `{command}` again rolls back to version {done.previous_champion}" if done.previous_champion else ""))
+        return
     if done.demoted is None:  # no version held champion (its version was deleted)
         how = "chosen by hand" if done.chosen else "restored from previous-champion"
-        previous = f"version {done.previous_champion}" if done.previous_champion else "none"
         print(f"{done.name}: no version held champion; version {done.champion} is champion now, {how}; "
               f"previous-champion: {previous}")
         return
@@ -467,7 +479,6 @@ def rollback(
             f"previous-champion: version {done.demoted}, tagged rolled_back_at (`{command}` returns to it)"
         )
         return
-    previous = f"version {done.previous_champion}" if done.previous_champion else "none"
     print(
         f"{done.name}: champion rolled back from version {done.demoted} to version {done.champion}; "
         f"previous-champion: {previous}; version {done.demoted} holds no alias now and is tagged rolled_back_at"

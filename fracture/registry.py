@@ -211,6 +211,10 @@ class Rollback:
             one the new champion had itself replaced, after a hand pick the demoted version), or
             ``None`` when the alias was removed.
         chosen: whether the new champion was chosen by hand (``fracture rollback --to``).
+        finished: whether this call finished a rollback or pick stopped after ``champion`` moved,
+            which left ``champion`` and ``previous-champion`` on one version: ``champion`` was
+            already on ``champion`` and stays; only ``previous-champion`` moved, and the stopped
+            command's reason is the one recorded.
     """
 
     name: str
@@ -218,6 +222,7 @@ class Rollback:
     champion: str
     previous_champion: str | None
     chosen: bool = False
+    finished: bool = False
 
 
 class _ChampionMoved(Exception):
@@ -1153,18 +1158,25 @@ def rollback(
             f"{current.version}"
         )
     if previous is not None and str(previous.version) == str(current.version):
-        # A rollback stopped after champion moved back: finish it rather than step further.
-        demoted = client.search_model_versions(f"name = '{name}' and tags.rolled_back_to = '{current.version}'")
+        # A rollback stopped after champion moved back: finish it rather than step further. The
+        # champion's history names the version that rollback demoted; its entry names none where no
+        # version held champion. Records from before the history: the latest version rolled back to it.
+        _, entry = _latest_entry(current, lambda e: e.get("event") in TO_CHAMPION)
+        if entry is not None:
+            named = entry.get("replaced")
+            demoted = [v for v in [_version_or_none(client, name, named)] if v is not None] if named else []
+        else:
+            demoted = client.search_model_versions(f"name = '{name}' and tags.rolled_back_to = '{current.version}'")
         if demoted:
             last = max(demoted, key=lambda v: (v.tags.get(TAG_ROLLED_BACK, ""), int(v.version)))
             log.warning("%s: finishing the rollback from version %s to %s that was stopped", name, last.version, current.version)
-            return _finish_rollback(client, name, str(last.version), current)
+            return dataclasses.replace(_finish_rollback(client, name, str(last.version), current), finished=True)
         # Nothing demoted: a rollback (or a pick of previous-champion) where no version held
         # champion, stopped before previous-champion stepped back from it.
         log.warning("%s: finishing the rollback to version %s, where no version held champion, that was stopped",
                     name, current.version)
         done = _finish_rollback(client, name, None, current)
-        return dataclasses.replace(done, chosen=current.tags.get(TAG_DECISION) == CHOSEN)
+        return dataclasses.replace(done, chosen=current.tags.get(TAG_DECISION) == CHOSEN, finished=True)
     if previous is None:
         raise RegistryError(
             f"registered model '{name}' has no '{PREVIOUS_CHAMPION}' to roll back to (champion is version "

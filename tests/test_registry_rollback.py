@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import getpass
 import os
+import shutil
 import socket
 import sqlite3
 import subprocess
@@ -18,9 +19,11 @@ import mlflow
 import pytest
 from mlflow.exceptions import MlflowException
 
+from fracture.cli import main as cli
 from fracture.registry import DETECTOR_ROLLBACK_COMMAND, RegistryError, require_ready
 from fracture.registry import history as registry_history
 from tests import test_registry
+from tests.conftest import REPO
 from tests.test_registry import (
     ANY_GAIN,
     NAME,
@@ -181,7 +184,9 @@ def test_a_rollback_with_the_champion_version_deleted_steps_previous_champion_ba
     assert aliases(client) == {"champion": "1"}
 
 
-def test_with_the_champion_version_deleted_choosing_previous_champion_steps_it_back(client, ranked):
+def test_with_the_champion_version_deleted_choosing_previous_champion_steps_it_back(
+    client, ranked, tmp_path, monkeypatch, capsys
+):
     """No champion, and `--to` names previous-champion's version: previous-champion steps back from
     it as after a plain rollback, where both aliases were left on one version and the next plain
     rollback said there was no previous-champion while the alias was there. Stopped after champion
@@ -207,8 +212,16 @@ def test_with_the_champion_version_deleted_choosing_previous_champion_steps_it_b
     with stopped_when_moving(client, "champion", after=True):
         rollback(NAME, client, "sign-off of version 4", to=4)
     assert aliases(client) == {"champion": "4", "previous-champion": "4"}
-    finished = rollback(NAME, client, "finish")
-    assert (finished.demoted, finished.champion, finished.previous_champion, finished.chosen) == (None, "4", None, True)
+    # `fracture rollback` says what it did: it finished the pick; version 4 held champion all along.
+    # It said "no version held champion; version 4 is champion now, chosen by hand".
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    cli(["rollback", "--reason", "finish"])
+    assert capsys.readouterr().out.strip() == (
+        "fracture-classifier: champion and previous-champion were both on version 4: the hand pick of version 4 made "
+        "where no version held champion had stopped after champion moved. Finished it: champion stays version 4, "
+        "previous-champion: none. The stopped command's reason is the one recorded, not this one's"
+    )
     assert aliases(client) == {"champion": "4"}
 
 
@@ -376,6 +389,6 @@ def test_an_alias_move_stopped_before_its_history_was_written_still_has_its_entr
     assert {v: recorded(v) for v in moves} == moves
     # The rollback run again finishes the one that moved champion, and completes its entries only.
     done = rollback(NAME, client, "B: stopped after")
-    assert (done.demoted, done.champion) == ("2", "1")
+    assert (done.demoted, done.champion, done.finished) == ("2", "1", True)
     moves["2"][-1], moves["1"][-1] = ("rolled back", "B:", True), ("restored", "B:", True)
     assert {v: recorded(v) for v in moves} == moves
