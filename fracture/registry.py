@@ -463,6 +463,7 @@ def _gate_until_settled(
 
     if current is not None:
         _complete_moves(client, current)
+    _complete_challenger(client, name)
     outcome = held_back(current) or _decided_before(mv, current, settled_basis(current))
     while outcome is None:
         if current is not None:
@@ -1130,6 +1131,7 @@ def rollback(
     current = _alias(client, name, CHAMPION)
     if current is not None:
         _complete_moves(client, current)
+    _complete_challenger(client, name)
     if current is None:
         return _rollback_without_champion(client, name, None if to is None else str(to).strip(), reason, isolated,
                                           command)
@@ -1519,7 +1521,8 @@ def _record_event(client: MlflowClient, name: str, version: str, event: str, rea
     Written before the alias moves, with ``completed`` false, and marked completed
     (:meth:`_Event.complete`) once it has moved: a command stopped in between (a killed worker, the
     tracking server gone) leaves every move with its entry, and an entry not completed says that the
-    move may not have happened. The next command that finds the move made marks it (:func:`_complete_moves`)."""
+    move may not have happened. The next command that finds the move made marks it (:func:`_complete_moves`,
+    :func:`_complete_challenger`)."""
     at = datetime.now(timezone.utc)
     entry = {"event": event, "at": at.isoformat(timespec="seconds"), "by": _who(), "host": socket.gethostname(),
              "reason": reason[:EVENT_REASON_CHARS]} | {k: v for k, v in about.items() if v is not None}
@@ -1552,6 +1555,37 @@ def _complete_moves(client: MlflowClient, champion: ModelVersion) -> None:
     key, entry = _latest_entry(demoted, lambda e: e.get("event") == "rolled back")
     if entry is not None and not entry.get("completed", True) and entry.get("to") == str(champion.version):
         _Event(demoted.name, str(demoted.version), key, entry).complete(client)
+
+
+def _complete_challenger(client: MlflowClient, name: str) -> None:
+    """Marks completed the ``challenger`` history entry of a gate decision whose command stopped
+    before it marked it (:func:`_mark_challenger`), as :func:`_complete_moves` does a champion's:
+    the latest such entry of the version holding ``challenger``, whose alias moved; and of the version
+    holding ``previous-champion``, which keeps that alias instead of taking ``challenger``, once its
+    ``gate_decision`` and ``gate_reason`` are the entry's (written where the alias would have moved).
+    An earlier entry left not completed, or one of a version that no longer holds the alias, stays
+    so: whether its alias moved cannot be told."""
+    try:
+        aliases = client.get_registered_model(name).aliases
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return
+        raise
+    for alias in (CHALLENGER, PREVIOUS_CHAMPION):
+        if aliases.get(alias) is None:
+            continue
+        mv = client.get_model_version(name, str(aliases[alias]))
+        key, entry = _latest_entry(mv, lambda e: e.get("event") == "challenger")
+        if entry is None or entry.get("completed", True):
+            continue
+        if alias == PREVIOUS_CHAMPION and (
+            mv.tags.get(TAG_DECISION) != "challenger"
+            or mv.tags.get(TAG_REASON, "")[:EVENT_REASON_CHARS] != entry.get("reason")
+        ):
+            continue
+        log.warning("%s: completing the history of version %s's challenger decision, whose command stopped after "
+                    "its alias moved", name, mv.version)
+        _Event(name, str(mv.version), key, entry).complete(client)
 
 
 def _latest_entry(mv: ModelVersion, which: Callable[[dict[str, Any]], bool]) -> tuple[str, dict[str, Any] | None]:

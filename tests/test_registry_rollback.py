@@ -392,3 +392,24 @@ def test_an_alias_move_stopped_before_its_history_was_written_still_has_its_entr
     assert (done.demoted, done.champion, done.finished) == ("2", "1", True)
     moves["2"][-1], moves["1"][-1] = ("rolled back", "B:", True), ("restored", "B:", True)
     assert {v: recorded(v) for v in moves} == moves
+
+
+def test_a_challenger_decision_stopped_after_its_alias_moved_is_completed_by_the_next_command(client, ranked):
+    """A registration stopped right after `challenger` moved left its history entry `completed: false`
+    for good: only moves to champion were completed. The next command that finds the version holding
+    `challenger` completes it; one stopped before the alias moved keeps its entry not completed."""
+    split, models = ranked
+    register(ANY_GAIN, evaluated_run(0.9), *models["good"], split, client)
+    with stopped_when_moving(client, "challenger", after=True):
+        register(ANY_GAIN, evaluated_run(0.9), *models["random"], split, client)
+    assert aliases(client) == {"champion": "1", "challenger": "2"}
+    assert [(e["event"], e["completed"]) for e in registry_history(client, NAME, "2")] == [("challenger", False)]
+    # A rollback, or the registration of any run, finds version 2 holding challenger: its move happened.
+    with stopped_when_moving(client, "challenger"):  # this one stops before the alias moves
+        register(ANY_GAIN, evaluated_run(0.9), *models["bad"], split, client)
+    assert aliases(client) == {"champion": "1", "challenger": "2"}
+    assert [(e["event"], e["completed"]) for e in registry_history(client, NAME, "2")] == [("challenger", True)]
+    assert [(e["event"], e["completed"]) for e in registry_history(client, NAME, "3")] == [("challenger", False)]
+    with pytest.raises(RegistryError, match="no 'previous-champion' to roll back to"):
+        rollback(NAME, client, "nothing to return to")
+    assert [(e["event"], e["completed"]) for e in registry_history(client, NAME, "3")] == [("challenger", False)]
