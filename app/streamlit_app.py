@@ -202,11 +202,30 @@ def announce(text: str) -> None:
     Streamlit's elements appear silently: a screen reader user uploaded an X-ray and heard nothing
     when the class arrived. Every state of the page writes the region at the same place, right under
     the uploader, before anything else, so the browser keeps one region whose text changes (a region
-    added with its text already in it is not announced by every screen reader). A refusal is an
-    ``st.error``, which Streamlit marks ``role="alert"``, and is announced as such.
+    added with its text already in it is not announced by every screen reader). A screen reader
+    speaks a change of that text, not a rewrite with the same text, so an answer's text starts with
+    its upload's number and name (:func:`upload_number`): two X-rays in a row that are both "Not
+    fractured" are both heard. A refusal is an ``st.error``, which Streamlit marks ``role="alert"``,
+    and is announced as such.
     """
     st.markdown(f'<div role="status" aria-live="polite" aria-atomic="true" style="{_VISUALLY_HIDDEN}">'
-                f"{html.escape(text)}</div>", unsafe_allow_html=True)
+                # On one line: a blank line in an upload's name would end the HTML block, and Markdown
+                # would read the rest.
+                f"{html.escape(' '.join(text.split()))}</div>", unsafe_allow_html=True)
+
+
+def upload_number(file_id: str) -> int:
+    """The upload's place among this browser session's uploads, counting from 1.
+
+    Streamlit gives every upload a new ``file_id``, the same file uploaded again included, and keeps
+    it over the reruns that change nothing, so the number changes with each upload and only then:
+    the live region's text (:func:`announce`) changes, and is heard, once per answer.
+    """
+    state = st.session_state
+    if state.get("upload_id") != file_id:
+        state["upload_id"] = file_id
+        state["uploads"] = state.get("uploads", 0) + 1
+    return state["uploads"]
 
 
 def show_model(model: ServedModel, settings: PageSettings, detector: ServedDetector | None, figures: str | None) -> None:
@@ -245,8 +264,10 @@ def show_model(model: ServedModel, settings: PageSettings, detector: ServedDetec
 
 
 def show_result(
-    model: ServedModel, detector: ServedDetector | None, name: str, data: bytes, limit_mb: int, figures: str | None
+    model: ServedModel, detector: ServedDetector | None, name: str, data: bytes, limit_mb: int, figures: str | None,
+    number: int,
 ) -> None:
+    """The answer for one upload, ``number`` (:func:`upload_number`) in this browser session."""
     try:
         xray = check_upload(name, data, model.config.input, max_bytes=limit_mb * 2**20)
     except UploadRejected as exc:
@@ -262,7 +283,8 @@ def show_result(
         return
     label = LABELS[prediction.label]
     probability, threshold = against_threshold(prediction.fracture_probability, prediction.threshold)
-    announce(f"Predicted class: {label}. Fracture probability {probability}, threshold {threshold}.")
+    announce(f"Upload {number}, {readable(name)}. Predicted class: {label}. Fracture probability {probability}, "
+             f"threshold {threshold}.")
     display = xray.image.copy()
     display.thumbnail((DISPLAY_SIDE, DISPLAY_SIDE))
 
@@ -389,7 +411,7 @@ def main() -> None:
         announce("")
         st.info("Upload an X-ray to see the predicted class, the fracture probability and a heat map.")
         return
-    show_result(model, detector, uploaded.name, uploaded.getvalue(), limit_mb, figures)
+    show_result(model, detector, uploaded.name, uploaded.getvalue(), limit_mb, figures, upload_number(uploaded.file_id))
 
 
 main()

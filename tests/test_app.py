@@ -694,10 +694,30 @@ def test_the_result_is_announced_to_a_screen_reader_in_a_region_on_the_page_befo
     at = upload(at, "xray.jpg", real_xray("Fractured").read_bytes(), "image/jpeg")
     assert not at.exception and not at.error
     shown = metrics(at)
-    assert live_region(at) == (place, f"Predicted class: {shown['Predicted class']}. Fracture probability "
-                                      f"{shown['Fracture probability']}, threshold {shown['Threshold']}.")
+    assert live_region(at) == (place, f"Upload 1, xray.jpg. Predicted class: {shown['Predicted class']}. Fracture "
+                                      f"probability {shown['Fracture probability']}, threshold {shown['Threshold']}.")
     at = upload(at, "notes.png", b"patient notes, not an image\n" * 20)
     assert len(at.error) == 1 and live_region(at) == (place, "")
+
+
+def test_the_same_answer_twice_in_a_row_is_announced_again(monkeypatch, page_registry):
+    """A screen reader speaks the live region when its text changes: the second of two X-rays in a
+    row that were both "Not fractured" left the text as it was, and its answer was never heard. Here
+    the same file is uploaded again under its name, the same answer word for word: the region's text
+    changes all the same (the upload's number), and a rerun with no new upload leaves it, heard once."""
+    data = real_xray("Fractured").read_bytes()
+    at = upload(page(monkeypatch, page_registry).run(), "xray.jpg", data, "image/jpeg")
+    place, first = live_region(at)
+    shown = metrics(at)
+    at = upload(at, "xray.jpg", data, "image/jpeg")
+    assert not at.exception and not at.error and metrics(at) == shown
+    again, second = live_region(at)
+    assert second != first, f"the region still says {first!r}: a screen reader says nothing"
+    assert (again, second) == (place, first.replace("Upload 1, ", "Upload 2, ")) and first.startswith("Upload 1, ")
+    assert live_region(at.run()) == (place, second)
+    # A name the page did not write is said as written: bidirectional controls spelt out, markup as text.
+    at = upload(at, "<b>x</b>\u202e.jpg", data, "image/jpeg")
+    assert live_region(at)[1].startswith("Upload 3, <b>x</b>\\u202e.jpg. Predicted class: ")
 
 
 def test_a_probability_just_below_the_threshold_is_not_shown_equal_to_it(monkeypatch, page_registry, tmp_path):

@@ -134,7 +134,7 @@ def box_colour_share(png: bytes) -> float:
     return float(((rgb[..., 1] > 200) & (rgb[..., 0] < 90) & (rgb[..., 2] < 150)).mean())
 
 
-def test_fractured_xray_shows_fractured_with_probability_heat_map_and_boxes(browser, page_url, trained_page):
+def test_fractured_xray_shows_fractured_with_probability_heat_map_and_boxes(browser, page_url, trained_page, tmp_path):
     held = trained_page.held_out
     # A held-out fractured X-ray both registered champions call fractured: the classifier, and the
     # detector with at least one box at its threshold.
@@ -167,10 +167,19 @@ def test_fractured_xray_shows_fractured_with_probability_heat_map_and_boxes(brow
         expect(metric_value(page, "Predicted class")).to_have_text("Fractured", timeout=RESULT_TIMEOUT_MS)
         expect(metric_value(page, "Fracture probability")).to_have_text(f"{fractured['fracture_probability']:.3f}")
         expect(metric_value(page, "Threshold")).to_have_text(f"{registry.threshold:.3f}")
-        expect(region).to_have_text(f"Predicted class: Fractured. Fracture probability "
-                                    f"{fractured['fracture_probability']:.3f}, threshold {registry.threshold:.3f}.")
+        said = (f"Predicted class: Fractured. Fracture probability {fractured['fracture_probability']:.3f}, "
+                f"threshold {registry.threshold:.3f}.")
+        expect(region).to_have_text(f"Upload 1, {xray.name}. {said}")
         assert region.evaluate("region => region.dataset.beforeUpload") == "yes", "the live region was replaced"
         assert region.evaluate("region => region.getBoundingClientRect().width") <= 1  # heard, not seen twice
+        # The next X-ray under the same name (IM0001 from another study) and with the same answer: the
+        # region's text changes all the same, so it is heard again.
+        again = tmp_path / "next-study" / xray.name
+        again.parent.mkdir()
+        again.write_bytes(xray.read_bytes())
+        page.get_by_test_id("stFileUploaderDropzoneInput").set_input_files(str(again))
+        expect(region).to_have_text(f"Upload 2, {xray.name}. {said}", timeout=RESULT_TIMEOUT_MS)
+        assert region.evaluate("region => region.dataset.beforeUpload") == "yes", "the live region was replaced"
         assert float(fractured["fracture_probability"]) >= registry.threshold
 
         original = page.get_by_test_id("stImage").filter(has_text=xray.name)
