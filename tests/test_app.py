@@ -720,6 +720,56 @@ def test_the_same_answer_twice_in_a_row_is_announced_again(monkeypatch, page_reg
     assert live_region(at)[1].startswith("Upload 3, <b>x</b>\\u202e.jpg. Predicted class: ")
 
 
+def contrast(colour: list[float], background: list[float], alpha: float = 1.0) -> float:
+    """WCAG 2's contrast ratio of ``colour`` drawn at ``alpha`` over ``background`` (sRGB, 0-255)."""
+
+    def luminance(rgb: np.ndarray) -> float:
+        c = rgb / 255
+        linear = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+        return float(linear @ np.array([0.2126, 0.7152, 0.0722]))
+
+    bg = np.asarray(background, dtype=float)
+    seen = luminance(alpha * np.asarray(colour, dtype=float) + (1 - alpha) * bg)
+    lighter, darker = sorted((seen, luminance(bg)), reverse=True)
+    return (lighter + 0.05) / (darker + 0.05)
+
+
+#: Streamlit's themes (1.67, its frontend's bundle): body text on the main and the secondary
+#: background, light and dark. tests/test_app_browser.py measures the captions as Chromium draws them.
+STREAMLIT_THEMES = {"light": ((0x2F, 0x2D, 0x2B), [(255, 255, 255), (0xF8, 0xF8, 0xF7)]),
+                    "dark": ((0xED, 0xEB, 0xE8), [(0x17, 0x16, 0x14), (0x2D, 0x2B, 0x27)])}
+STREAMLIT_CAPTION_OPACITY = 0.6
+
+
+def caption_opacity(at: AppTest) -> float:
+    """The opacity the page's own style gives captions (Streamlit's own where it gives none)."""
+    rules = [re.search(r'\[data-testid="stCaptionContainer"\]\s*\{\s*opacity:\s*([\d.]+)\s*!important', e.value)
+             for e in at.get("html")]
+    found = [float(rule.group(1)) for rule in rules if rule]
+    assert len(found) <= 1, found
+    return found[0] if found else STREAMLIT_CAPTION_OPACITY
+
+
+def test_captions_are_dark_enough_for_wcag_aa_on_every_state_of_the_page(monkeypatch, page_registry):
+    """The images' captions (the X-ray's name and size, what the heat map's colours mean, the detector's
+    count and scores) were Streamlit's body text at 60% opacity: 3.9:1 on its light theme's white,
+    under WCAG AA's 4.5:1. The page's own style draws them darker, before and after an upload and
+    beside a refusal, in both of Streamlit's themes."""
+    at = page(monkeypatch, page_registry).run()
+    states = [caption_opacity(at)]
+    at = upload(at, "xray.jpg", real_xray("Fractured").read_bytes(), "image/jpeg")
+    assert not at.exception and not at.error and len(captions(at)) == 2
+    states.append(caption_opacity(at))
+    at = upload(at, "notes.png", b"patient notes, not an image\n" * 20)
+    assert len(at.error) == 1
+    states.append(caption_opacity(at))
+    ratios = {(theme, background, opacity): round(contrast(text, background, opacity), 2)
+              for theme, (text, backgrounds) in STREAMLIT_THEMES.items() for background in backgrounds
+              for opacity in states}
+    assert min(ratios.values()) >= 4.5, ratios
+    assert max(states) < 1  # still a step fainter than the body text
+
+
 def test_a_probability_just_below_the_threshold_is_not_shown_equal_to_it(monkeypatch, page_registry, tmp_path):
     """Beside "Not fractured", probability and threshold must not read alike: the page states that
     the class is Fractured when the probability is at least the threshold. Here the threshold lies

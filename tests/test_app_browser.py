@@ -24,7 +24,7 @@ from PIL import Image
 
 from tests.conftest import REPO
 from tests.servers import free_port
-from tests.test_app import APP, TrainedPage, trained_page_for
+from tests.test_app import APP, TrainedPage, contrast, trained_page_for
 
 sync_api = pytest.importorskip(
     "playwright.sync_api", reason="Playwright for Python is not installed (pip install playwright)"
@@ -206,6 +206,45 @@ def test_fractured_xray_shows_fractured_with_probability_heat_map_and_boxes(brow
     finally:
         page.close()
     assert SCREENSHOT.stat().st_size > 10_000
+
+
+#: What a caption's text looks like on the page: its colour, the opacity it is drawn with (its own
+#: and its containers', up to the first with a background of its own) and that background.
+SEEN_COLOURS = """caption => {
+    const rgba = text => text.match(/[\\d.]+/g).map(Number);
+    let alpha = 1, node = caption, background = [255, 255, 255];
+    for (; node; node = node.parentElement) {
+        const style = getComputedStyle(node);
+        alpha *= Number(style.opacity);
+        const [r, g, b, a = 1] = rgba(style.backgroundColor);
+        if (a === 1) { background = [r, g, b]; break; }
+    }
+    const [r, g, b, a = 1] = rgba(getComputedStyle(caption).color);
+    return {text: caption.innerText, colour: [r, g, b], alpha: alpha * a, background};
+}"""
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+def test_captions_meet_wcag_aa_contrast_in_the_light_and_the_dark_theme(browser, page_url, trained_page, scheme):
+    """The images' captions say what the heat map's colours mean and what the detector found; Streamlit
+    drew them at 60% opacity, 3.9:1 on its light theme's white, under WCAG AA's 4.5:1. Measured as
+    the browser draws them, in the theme a reader's system asks for."""
+    xray = Path(trained_page.held_out["path"].iloc[0])
+    page = browser.new_page(viewport={"width": 1400, "height": 1100}, color_scheme=scheme)
+    try:
+        page.goto(page_url)
+        page.get_by_test_id("stFileUploaderDropzoneInput").set_input_files(str(xray))
+        sync_api.expect(page.get_by_test_id("stImageCaption")).to_have_count(3, timeout=RESULT_TIMEOUT_MS)
+        # The run over: Streamlit fades what a run has not redrawn yet ("stale") further.
+        sync_api.expect(page.get_by_test_id("stStatusWidgetRunningIcon")).to_have_count(0, timeout=RESULT_TIMEOUT_MS)
+        sync_api.expect(page.locator('[data-stale="true"]')).to_have_count(0)
+        seen = [page.get_by_test_id("stCaptionContainer").nth(i).evaluate(SEEN_COLOURS)
+                for i in range(page.get_by_test_id("stCaptionContainer").count())]
+    finally:
+        page.close()
+    assert len(seen) >= 3
+    ratios = {c["text"][:40]: round(contrast(c["colour"], c["background"], c["alpha"]), 2) for c in seen}
+    assert min(ratios.values()) >= 4.5, (scheme, ratios, seen[0])
 
 
 def test_bad_uploads_get_a_message_and_the_page_keeps_working(browser, page_url, trained_page, tmp_path):
