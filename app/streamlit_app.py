@@ -36,7 +36,7 @@ from upload_checks import UploadRejected, check_upload
 from fracture.config import ConfigError
 from fracture.detection import MAX_DETECTIONS
 from fracture.dicom_sr import NOT_FOR_CLINICAL_USE
-from fracture.explain import draw_boxes
+from fracture.explain import LEGEND_ENDS, LEGEND_TITLE, draw_boxes, with_legend
 from fracture.tracking import bound_registry_waits
 
 log = logging.getLogger("fracture.app")
@@ -331,9 +331,12 @@ def show_heat_map(
         column.warning(plain(f"No heat map for {name} ({type(exc).__name__}: {exc}); the prediction above stands."))
         return
     if heat.max() > 0:
+        # With its colour bar under it: the colours alone did not say which end meant more.
+        heat_overlay = with_legend(heat_overlay)
         caption = (f"Grad-CAM heat map for '{label}': the brighter and yellower the colour, the more the region "
                    "raised that score (dark purple least)")
-        alt = f"Grad-CAM heat map for {label} over the X-ray, strongest {where(heat)}"
+        alt = (f"Grad-CAM heat map for {label} over the X-ray, strongest {where(heat)}. Under it a colour bar, "
+               f"{LEGEND_TITLE.lower()}, from {LEGEND_ENDS[0]} (grey) to {LEGEND_ENDS[1]} (pale yellow)")
     else:
         caption = f"Grad-CAM heat map for '{label}': no region raised that score above the rest"
         alt = f"Grad-CAM heat map for {label}: no region raised that score above the rest"

@@ -141,7 +141,17 @@ def to_image_grid(cam: np.ndarray, size: tuple[int, int], aspect: Aspect = "squa
     return np.asarray(square.crop((left, top, left + width, top + height)), dtype=np.float64).clip(0, 1)
 
 
-def overlay(image: Image.Image, heat: np.ndarray, strength: float = 0.6, cmap: str = "inferno") -> Image.Image:
+#: The heat map's opacity where it is 1, and its colour map (:func:`overlay`, :func:`with_legend`).
+HEAT_STRENGTH = 0.6
+HEAT_CMAP = "inferno"
+#: The words of the heat map's legend: what the colours are, and what they are not.
+LEGEND_TITLE = "Where the model looked (Grad-CAM), not a diagnosis"
+LEGEND_ENDS = ("low attention", "high attention")
+
+
+def overlay(
+    image: Image.Image, heat: np.ndarray, strength: float = HEAT_STRENGTH, cmap: str = HEAT_CMAP
+) -> Image.Image:
     """Blends a heat map over an X-ray; cold regions leave the X-ray as it is.
 
     The colormap's lightness rises with the value (``inferno``: dark purple to pale yellow), so
@@ -163,6 +173,48 @@ def overlay(image: Image.Image, heat: np.ndarray, strength: float = 0.6, cmap: s
     colour = colormaps[cmap](heat)[..., :3]
     alpha = (strength * heat)[..., None]
     return Image.fromarray(np.round((1 - alpha) * base * 255 + alpha * colour * 255).astype(np.uint8))
+
+
+def with_legend(overlaid: Image.Image, strength: float = HEAT_STRENGTH, cmap: str = HEAT_CMAP) -> Image.Image:
+    """The heat map (:func:`overlay`) with its colour bar drawn under it, as one image.
+
+    Without one a reader could not tell which end of the colours meant more: the bar runs from
+    "low attention" to "high attention", each value in the colour the overlay gives it over a
+    mid-grey X-ray, under the words :data:`LEGEND_TITLE` (what the map shows is where the network's
+    score came from, not a finding). White on black, as an X-ray is read. Sizes are in proportion to
+    the image's width, the side the page fits to its column, so the legend reads at one size on
+    screen whatever the X-ray's size.
+
+    Args:
+        overlaid: the heat map over the X-ray, as :func:`overlay` drew it.
+        strength: the opacity :func:`overlay` drew the colour with where the heat map is 1.
+        cmap: the colour map it drew with.
+
+    Returns:
+        An RGB image as wide as ``overlaid``, with the legend in a black band below it.
+    """
+    from PIL import ImageDraw, ImageFont
+
+    width = overlaid.width
+    size = max(10, round(width / 28))  # text and bar height, in the image's pixels
+    pad = max(2, size // 2)
+    font = ImageFont.load_default(size=size)
+    band = Image.new("RGB", (width, 4 * pad + 3 * size), (0, 0, 0))
+    draw = ImageDraw.Draw(band)
+    draw.text((pad, pad), LEGEND_TITLE, fill=(255, 255, 255), font=font)
+    left, right, top = pad, max(pad + 1, width - pad), 2 * pad + size
+    values = np.linspace(0, 1, right - left)
+    alpha = (strength * values)[:, None]
+    ramp = (1 - alpha) * 0.5 + alpha * colormaps[cmap](values)[:, :3]
+    bar = np.round(np.broadcast_to(ramp * 255, (size, right - left, 3))).astype(np.uint8)
+    band.paste(Image.fromarray(bar), (left, top))
+    low, high = LEGEND_ENDS
+    draw.text((left, top + size + pad), low, fill=(255, 255, 255), font=font)
+    draw.text((right - draw.textlength(high, font=font), top + size + pad), high, fill=(255, 255, 255), font=font)
+    shown = Image.new("RGB", (width, overlaid.height + band.height))
+    shown.paste(overlaid.convert("RGB"), (0, 0))
+    shown.paste(band, (0, overlaid.height))
+    return shown
 
 
 #: The detector's boxes are drawn in this colour (X-rays are grey; it stands out beside the heat map's

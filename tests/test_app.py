@@ -1214,6 +1214,67 @@ def test_overlay_leaves_cold_regions_untouched():
         assert luminance[-1] > luminance[0] + 20 and luminance[-1] == luminance.max(), (grey, luminance.round())
 
 
+def test_the_heat_map_is_shown_with_a_colour_bar_from_low_to_high_attention(monkeypatch, page_registry):
+    """The heat map's colours came with no key: a reader could not tell which end meant more, nor
+    that it shows where the model looked rather than a finding. Under the map, in the same image, a
+    colour bar runs from low to high attention in the overlay's own colours, and says it is not a
+    diagnosis; the alt text says so too."""
+    from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
+
+    def left_to_right(network, batch, target, tta="none"):  # a map that rises from left to right
+        return np.tile(np.linspace(0, 1, batch.shape[-1]), (batch.shape[-2], 1))
+
+    drawn: list[Image.Image] = []
+    load = MemoryMediaFileStorage.load_and_get_id
+
+    def keep(self, path_or_data, mimetype, kind, filename=None):
+        if isinstance(path_or_data, bytes) and mimetype.startswith("image/"):
+            drawn.append(Image.open(io.BytesIO(path_or_data)).convert("RGB"))
+        return load(self, path_or_data, mimetype, kind, filename)
+
+    at = page(monkeypatch, page_registry).run()
+    import champion  # the module the page imported (APP is on sys.path)
+
+    monkeypatch.setattr(champion, "grad_cam", left_to_right)
+    monkeypatch.setattr(MemoryMediaFileStorage, "load_and_get_id", keep)
+    at = upload(at, "xray.jpg", real_xray("Fractured").read_bytes(), "image/jpeg")
+    assert not at.exception and not at.error and len(drawn) == 2
+    xray, heat_map = drawn
+    assert heat_map.width == xray.width and heat_map.height > xray.height
+    band = np.asarray(heat_map, dtype=float)[xray.height:]
+    assert np.median(band) < 10  # a black band, under the X-ray
+    # The bar: the rows drawn across the band, grey at its left, the overlay's peak colour over grey
+    # at its right, lighter all the way.
+    across = np.flatnonzero((band.max(axis=2) > 20).mean(axis=1) > 0.9)
+    assert len(across) >= 5, across
+    bar = band[across[len(across) // 2]]
+    drawn_bar = bar[bar.max(axis=1) > 20]
+    luminance = drawn_bar @ np.array([0.2126, 0.7152, 0.0722])
+    peak = np.asarray(overlay(Image.new("L", (1, 1), 128), np.ones((1, 1))), dtype=float)[0, 0]
+    assert np.abs(drawn_bar[2] - 128).max() < 16 and np.abs(drawn_bar[-3] - peak).max() < 16, (drawn_bar[2], drawn_bar[-3])
+    assert luminance[-len(luminance) // 4:].mean() > luminance[: len(luminance) // 4].mean() + 30
+    from fracture.explain import LEGEND_ENDS, LEGEND_TITLE
+
+    alt = at.get("image")[1].proto.imgs[0].alt
+    assert LEGEND_TITLE.lower() in alt and all(end in alt for end in LEGEND_ENDS), alt
+    assert "not a diagnosis" in LEGEND_TITLE
+
+
+@pytest.mark.parametrize("size", [(1024, 512), (400, 1024), (13, 1024)])
+def test_the_heat_map_s_legend_fits_any_x_ray_and_scales_with_its_width(size):
+    """The page fits an image's width to its column: the legend's text and bar are drawn in
+    proportion to the width, so a narrow X-ray's legend is no larger on screen than a wide one's."""
+    from fracture.explain import with_legend
+
+    shown = overlay(Image.new("L", size, 90), np.zeros(size[::-1]))
+    drawn = with_legend(shown)
+    assert drawn.width == size[0] and drawn.height > size[1]
+    assert np.array_equal(np.asarray(drawn)[: size[1]], np.asarray(shown))  # the map itself untouched
+    if size[0] >= 400:  # in proportion to the width (a 13 px wide X-ray's legend has a least size)
+        reference = with_legend(Image.new("RGB", (800, 800)))
+        assert abs((drawn.height - size[1]) / size[0] - (reference.height - 800) / 800) < 0.01
+
+
 # ---------------------------------------------------------------- a trained model: label order
 
 
