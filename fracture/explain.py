@@ -144,6 +144,20 @@ def to_image_grid(cam: np.ndarray, size: tuple[int, int], aspect: Aspect = "squa
 #: The heat map's opacity where it is 1, and its colour map (:func:`overlay`, :func:`with_legend`).
 HEAT_STRENGTH = 0.6
 HEAT_CMAP = "inferno"
+#: Text drawn on an image the page shows is this share of the image's width high, and strokes
+#: :data:`STROKE_PER_WIDTH` wide: the page fits an image's width to its column (about 430 px of a
+#: 1400 px wide page's three), so a score or a legend reads at about 15 px there, and a box's stroke
+#: about 3 px, whatever the X-ray's size or shape. Sized by the shorter side, a landscape X-ray's
+#: labels came out about 5 px high on screen.
+TEXT_PER_WIDTH = 1 / 28
+STROKE_PER_WIDTH = 1 / 150
+
+
+def text_size(width: int) -> int:
+    """The height of text drawn on an image ``width`` pixels wide (:data:`TEXT_PER_WIDTH`), at least 10 px."""
+    return max(10, round(width * TEXT_PER_WIDTH))
+
+
 #: The words of the heat map's legend: what the colours are, and what they are not.
 LEGEND_TITLE = "Where the model looked (Grad-CAM), not a diagnosis"
 LEGEND_ENDS = ("low attention", "high attention")
@@ -196,7 +210,7 @@ def with_legend(overlaid: Image.Image, strength: float = HEAT_STRENGTH, cmap: st
     from PIL import ImageDraw, ImageFont
 
     width = overlaid.width
-    size = max(10, round(width / 28))  # text and bar height, in the image's pixels
+    size = text_size(width)  # text and bar height, in the image's pixels
     pad = max(2, size // 2)
     font = ImageFont.load_default(size=size)
     band = Image.new("RGB", (width, 4 * pad + 3 * size), (0, 0, 0))
@@ -239,13 +253,16 @@ def draw_boxes(image: Image.Image, boxes: np.ndarray, scale: float | tuple[float
 
     shown = image.convert("RGB")
     draw = ImageDraw.Draw(shown)
-    width = max(2, round(min(shown.size) / 200))
-    font = ImageFont.load_default(size=max(12, round(min(shown.size) / 30)))
+    # In proportion to the width, the side the page fits to its column (TEXT_PER_WIDTH).
+    width = max(2, round(shown.width * STROKE_PER_WIDTH))
+    edge = max(1, width // 3)
+    font = ImageFont.load_default(size=text_size(shown.width))
     sx, sy = scale if isinstance(scale, tuple) else (scale, scale)
     for x0, y0, x1, y1, score in np.asarray(boxes, dtype=np.float64).reshape(-1, 5):
         box = [x0 * sx, y0 * sy, x1 * sx, y1 * sy]
-        # A dark edge a pixel wide each side of the stroke: green on bone alone is 1.1-1.9:1.
-        draw.rectangle([box[0] - 1, box[1] - 1, box[2] + 1, box[3] + 1], outline=BOX_EDGE, width=width + 2)
+        # A dark edge each side of the stroke, a third of its width: green on bone alone is 1.1-1.9:1.
+        draw.rectangle([box[0] - edge, box[1] - edge, box[2] + edge, box[3] + edge], outline=BOX_EDGE,
+                       width=width + 2 * edge)
         draw.rectangle(box, outline=BOX_COLOUR, width=width)
         text = f"{score:.2f}"
         left, top, right, bottom = draw.textbbox((box[0], box[1]), text, font=font)

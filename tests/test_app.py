@@ -1339,3 +1339,26 @@ def test_boxes_are_drawn_where_they_are_on_a_thumbnail_whose_sides_were_rounded_
     bright = draw_boxes(Image.new("L", (200, 200), 220), np.array([[50, 50, 150, 150, 0.9]]))
     below = np.asarray(bright)[151, 60:140]
     assert (below == BOX_EDGE).all(), below[:3]
+
+
+def test_box_labels_and_strokes_keep_their_size_on_screen_whatever_the_x_ray_s_shape():
+    """The page fits an image's width to its column. Labels and strokes were sized by the shorter
+    side: on a landscape X-ray 1024 x 400 shown 430 px wide, a score was 13 px high in the image,
+    5 px on screen, and the stroke 2 px, under 1 px. Sized by the width, a label is the same share
+    of the width, about 15 px in that column, on a landscape X-ray as on a portrait one."""
+    from fracture.explain import BOX_COLOUR, draw_boxes
+
+    def measured(size: tuple[int, int]) -> tuple[float, float]:
+        width, height = size
+        x0, y0 = round(0.1 * width), round(0.4 * height)
+        drawn = np.asarray(draw_boxes(Image.new("L", size, 90), np.array([[x0, y0, 0.9 * width, 0.9 * height, 0.9]])))
+        green = (drawn == BOX_COLOUR).all(axis=2)
+        label = green[:y0, x0 + 1].sum()  # the label's green plate, above the box
+        stroke = green[y0 - 2: y0 + 60, round(0.8 * width)].sum()  # the top edge, clear of the label
+        return label / width, stroke / width
+
+    for landscape, portrait in ((measured((1024, 400)), measured((400, 1024))), (measured((1024, 600)), measured((600, 1024)))):
+        assert landscape[0] * 430 >= 12 and portrait[0] * 430 >= 12, (landscape, portrait)  # px on screen
+        assert landscape[1] * 430 >= 2.5 and portrait[1] * 430 >= 2.5, (landscape, portrait)
+        assert landscape[0] == pytest.approx(portrait[0], rel=0.2) and landscape[1] == pytest.approx(portrait[1], rel=0.35)
+
