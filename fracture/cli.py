@@ -532,6 +532,7 @@ def predict(
         INTERRUPTED,
         NO_REPORT,
         REPORTS_INTERRUPTED,
+        RESUMED,
         STOPPED,
         PredictError,
         check_outputs,
@@ -589,8 +590,9 @@ def predict(
         sys.exit(f"fracture predict: the rows cannot be written to {out} ({exc.strerror or exc}); they are on stdout above")
     scored = int((table["error"] == "").sum())
     print(
-        f"{loaded.name} version {loaded.version}: scored {scored} of {len(table)} files; "
-        f"{len(table) - scored} with an error in their row" + (f"; rows in {out}" if out else ""),
+        f"{loaded.name} version {loaded.version}: scored {scored} of {len(table)} files"
+        + (f" ({taken} of them taken over from an earlier run, --resume)" if (taken := table.attrs.get(RESUMED, 0)) else "")
+        + f"; {len(table) - scored} with an error in their row" + (f"; rows in {out}" if out else ""),
         file=sys.stderr,
     )
     if signal_name := table.attrs.get(INTERRUPTED):

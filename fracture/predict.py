@@ -38,6 +38,7 @@ import mlflow
 import pandas as pd
 from filelock import BaseFileLock, FileLock, Timeout
 from mlflow import MlflowClient
+from pandas.io.common import infer_compression
 from tqdm import tqdm
 
 from fracture.consumer import ConsumerError, ConsumerModel
@@ -313,7 +314,7 @@ def score_files(
         log.warning("--resume takes over the rows an earlier run wrote to --out, and none is named: every file is scored")
     with tqdm(total=len(files), unit="image", disable=not progress, desc="scoring") as bar:
         try:
-            journal = Journal(out, model, files, resume) if out is not None else None
+            journal = Journal(out, model, files, resume) if out is not None and not streamed(out) else None
             earlier = journal.rows if journal is not None else {}
             for batch in _batches(files, max(1, min(batch_size, policy.max_rows))):
                 frame, batch_digests, stopped, fresh = _score_batch(model, batch, earlier)
@@ -425,7 +426,9 @@ class Journal:
         self.rows: dict[tuple[str, str], dict[str, Any]] = {}
         self.handle: io.TextIOWrapper | None = None
         self.model = model
-        self.lock: BaseFileLock | None = FileLock(str(out.with_name(f".{out.name}.scored.lock")))
+        #: The permission bits of the journal and its lock: ``out``'s, else its owner's alone.
+        self.mode = _mode_of(out)
+        self.lock: BaseFileLock | None = FileLock(str(out.with_name(f".{out.name}.scored.lock")), mode=self.mode)
         try:
             self.lock.acquire(timeout=0)
         except Timeout:
@@ -483,7 +486,8 @@ class Journal:
     def _start(self) -> None:
         partial = self.path.with_name(f"{self.path.name}.{secrets.token_hex(8)}.partial")
         try:
-            with partial.open("w", encoding="utf-8") as handle:
+            # Readable as --out is, or by its owner alone where it is new: its ids are often patients' names.
+            with open(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, self.mode), "w", encoding="utf-8") as handle:
                 handle.writelines(json.dumps(row) + "\n" for row in self.rows.values())
                 handle.flush()
                 os.fsync(handle.fileno())
@@ -600,7 +604,7 @@ def from_cell(value: object) -> object:
     return value
 
 
-def _csv(table: pd.DataFrame, out: Path | io.TextIOBase) -> None:
+def _csv(table: pd.DataFrame, out: Path | io.TextIOBase, compression: str | None = None) -> None:
     """The table as CSV, safe to open in a spreadsheet (OWASP's CSV Injection advice): every text
     cell (``id``, ``label``, ``model``, ``version``, ``error``, ``note``, ``sr``) in double quotes, so
     that a spreadsheet splitting on another separator (``;`` in much of Europe) still reads it as one
@@ -609,7 +613,7 @@ def _csv(table: pd.DataFrame, out: Path | io.TextIOBase) -> None:
     for column in safe.columns:
         if column not in NUMBERS:
             safe[column] = safe[column].map(to_cell)
-    safe.to_csv(out, index=False, quoting=csv.QUOTE_NONNUMERIC)
+    safe.to_csv(out, index=False, quoting=csv.QUOTE_NONNUMERIC, compression=compression)
 
 
 def write(table: pd.DataFrame, out: Path | None) -> None:
@@ -628,25 +632,60 @@ def write(table: pd.DataFrame, out: Path | None) -> None:
         # threshold in full (the shortest text that reads back as the same float), as CSV,
         # model.predict and the served model give them; a missing value is null.
         records = table.astype(object).where(table.notna(), None).to_dict(orient="records")
-        _replace(out, lambda handle: handle.write(json.dumps(records, indent=2)))
+        text = json.dumps(records, indent=2)
+        if streamed(out):
+            out.write_text(text)
+        else:
+            _replace(out, lambda partial: partial.write_text(text))
     else:
-        _replace(out, lambda handle: _csv(table, handle))
+        # Compressed as its name says (rows.csv.gz, .zip, .bz2, .xz, .zst), as pandas writes it.
+        compression = infer_compression(str(out), "infer")
+        if streamed(out):
+            _csv(table, out, compression)
+        else:
+            _replace(out, lambda partial: _csv(table, partial, compression))
+
+
+def streamed(out: Path) -> bool:
+    """Whether ``out`` is no file to replace but a stream to write into: ``/dev/stdout``, a FIFO, a
+    shell's process substitution (``>(gzip > rows.csv.gz)``), anything under ``/dev`` or ``/proc``.
+    Such an ``out`` is written as it is, and gets no :class:`Journal` beside it."""
+    if os.path.realpath(out).startswith(("/dev/", "/proc/")):
+        return True
+    try:
+        return not stat.S_ISREG(os.stat(out).st_mode)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+
+
+def _mode_of(out: Path) -> int:
+    """``out``'s permission bits, for the files kept beside it; its owner's read and write alone where it is new."""
+    try:
+        return stat.S_IMODE(os.stat(out).st_mode) & 0o666 or 0o600
+    except OSError:
+        return 0o600
 
 
 def _replace(out: Path, fill: Any) -> None:
-    """Writes ``out`` whole or not at all: ``fill(handle)`` writes it beside, under a name of its own
+    """Writes ``out`` whole or not at all: ``fill(partial)`` writes it beside, under a name of its own
     (``.<name>.<random>.partial``), synced to disk and moved into place, so a run killed meanwhile
     leaves the earlier ``out`` as it was (the rows it scored are in its :class:`Journal`), never a
-    file cut short that a reader takes for every row. Written through a link, as a link's file."""
+    file cut short that a reader takes for every row. Written through a link, as a link's file, and
+    readable as the file it replaces was."""
     target = Path(os.path.realpath(out))
     partial = target.with_name(f".{target.name}.{secrets.token_hex(8)}.partial")
     try:
-        with partial.open("w", encoding="utf-8", newline="") as handle:
-            fill(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        with contextlib.suppress(OSError):  # who may read it, as before
-            shutil.copymode(target, partial)
+        os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # a new file: as the umask says
+        with contextlib.suppress(OSError):  # the file it replaces: as that one was
+            os.chmod(partial, stat.S_IMODE(os.stat(target).st_mode))
+        fill(partial)
+        fd = os.open(partial, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(partial, target)
     finally:
         with contextlib.suppress(OSError):

@@ -3,6 +3,7 @@ the files scored before from the same bytes by the same model are not scored aga
 
 from __future__ import annotations
 
+import io
 import os
 import threading
 import time
@@ -171,8 +172,8 @@ def test_the_rows_file_is_never_left_cut_short(folder, tmp_path, serve, monkeypa
     before = out.read_bytes()
     written = predict_module._csv
 
-    def killed_midway(table, handle):
-        written(table.iloc[:2], handle)
+    def killed_midway(table, handle, compression=None):
+        written(table.iloc[:2], handle, compression)
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(predict_module, "_csv", killed_midway)
@@ -193,3 +194,61 @@ def test_two_runs_into_one_output_at_once_do_not_share_the_journal(folder, tmp_p
         predict(str(folder), "--out", str(out), "--resume")
     assert len(again.scored) == 6
     assert "another fracture predict is writing these rows" in caplog.text
+
+
+def test_a_compressed_output_is_written_compressed_as_its_name_says(folder, tmp_path, serve):
+    """``--out rows.csv.gz`` (or .zip, .bz2, .xz) was written as plain text under that name, and the
+    run ended 0: the pipeline reading it found out. pandas compresses it as the name says."""
+    serve(StandIn(0.25))
+    for name in ("rows.csv.gz", "rows.csv.bz2", "rows.csv.zip", "rows.csv.xz"):
+        out = tmp_path / name
+        predict(str(folder), "--out", str(out))
+        table = pd.read_csv(out)  # pandas reads the compression from the name
+        assert len(table) == 6 and (table["fracture_probability"] == 0.25).all(), name
+    assert (tmp_path / "rows.csv.gz").read_bytes()[:2] == b"\x1f\x8b"
+
+
+def test_the_journal_is_readable_as_the_rows_are(folder, tmp_path, serve):
+    """The journal and its lock stay beside ``--out`` and name every file (often a patient's name);
+    they were readable by anyone where the rows themselves were their owner's alone."""
+    serve(StandIn(0.25))
+    out = tmp_path / "rows.csv"
+    out.write_text("")
+    out.chmod(0o600)
+    predict(str(folder), "--out", str(out))
+    beside = [tmp_path / ".rows.csv.scored.jsonl", tmp_path / ".rows.csv.scored.lock"]
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in [out, *beside]} == {p.name: "0o600" for p in [out, *beside]}
+    fresh = tmp_path / "new.csv"
+    predict(str(folder), "--out", str(fresh))
+    assert oct((tmp_path / ".new.csv.scored.jsonl").stat().st_mode & 0o777) == "0o600"
+
+
+def test_a_stream_named_as_out_is_written_into_with_no_journal(folder, tmp_path, serve):
+    """``--out /dev/stdout``, a FIFO or a shell's ``>(gzip > rows.csv.gz)``: the rows were written beside
+    the stream's target and moved into place, which fails on a pipe after the whole batch was scored
+    (exit 1), and the journal was put in /dev. A stream is written into, and gets no journal."""
+    serve(StandIn(0.25))
+    fifo = tmp_path / "rows.fifo"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    try:
+        predict(str(folder), "--out", str(fifo))
+    finally:
+        reader.join(timeout=30)
+        if reader.is_alive():  # nothing was written into it: let the reader go
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    assert got and len(pd.read_csv(io.BytesIO(got[0]))) == 6
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.fifo", "study"]
+
+
+def test_the_summary_counts_the_rows_taken_over(folder, tmp_path, serve, capsys):
+    """The closing line said "scored 6 of 6 files" where most rows were taken over from the run before."""
+    out = tmp_path / "rows.csv"
+    serve(StandIn(0.25))
+    predict(str(folder), "--out", str(out))
+    (folder / "IM0000").write_bytes(b"changed")
+    capsys.readouterr()
+    predict(str(folder), "--out", str(out), "--resume")
+    assert "scored 6 of 6 files (5 of them taken over from an earlier run, --resume)" in capsys.readouterr().err
