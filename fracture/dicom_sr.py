@@ -319,15 +319,25 @@ def new_uid(uid_root: str | None = None) -> str:
 
 
 def pixel_digest(source: Dataset) -> str:
-    """The sha256 of the source's pixel data as stored (:data:`PIXEL_KEYWORDS`; encapsulated
-    fragments as they are), or ``""`` for a dataset read without it (``stop_before_pixels``).
+    """The sha256 of the source's decoded pixel values (with their shape and type), or ``""`` for a
+    dataset read without its pixel data (``stop_before_pixels``; :data:`PIXEL_KEYWORDS`).
 
     The pixels, not the file's bytes: a PACS that sends the image again with its header edited
-    (demographics corrected, a private tag added) sends the same image."""
+    (demographics corrected, a private tag added) sends the same image. Decoded, not as stored: a
+    PACS that keeps an image in JPEG 2000 or JPEG-LS lossless sends it uncompressed, RLE or as
+    stored, as each transfer negotiates, and those are the same pixels. Pixel data this machine's
+    pydicom cannot decode is taken as stored."""
     for keyword in PIXEL_KEYWORDS:
         value = source.get(keyword)
-        if value:
+        if not value:
+            continue
+        try:
+            pixels = source.pixel_array
+        except Exception:  # noqa: BLE001 - no decoder here for its transfer syntax: its bytes as stored
             return hashlib.sha256(bytes(value)).hexdigest()
+        digest = hashlib.sha256(f"{pixels.shape} {pixels.dtype.str}".encode())
+        digest.update(pixels.tobytes())
+        return digest.hexdigest()
     return ""
 
 

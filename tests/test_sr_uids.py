@@ -141,3 +141,19 @@ def test_a_source_read_without_its_pixels_is_tracked_as_before(tmp_path):
     keys = [str(ds.SOPInstanceUID), str(ds.StudyInstanceUID), str(ds.PatientID), ""]
     assert _tracking(report(header)) == generate_uid(entropy_srcs=["fracture finding", "fracture-classifier", *keys])
     assert _tracking(report(ds)) != _tracking(report(header))
+
+
+def test_one_image_sent_again_in_another_lossless_encoding_keeps_its_finding(tmp_path):
+    """A PACS that keeps an image JPEG 2000 or RLE lossless sends it as each transfer negotiates: the
+    finding's UID came from the pixel data as stored, so the same pixels, uncompressed one day and RLE
+    the next, tracked two findings. It comes from the decoded pixels now."""
+    from pydicom.uid import RLELossless
+
+    ds = source(tmp_path)
+    again = dcmread(io.BytesIO(to_bytes(ds)))
+    again.compress(RLELossless, generate_instance_uid=False)  # as a PACS sends it: the same instance
+    assert again.file_meta.TransferSyntaxUID == RLELossless and (again.pixel_array == ds.pixel_array).all()
+    assert _tracking(report(again)) == _tracking(report(ds))
+    other = source(tmp_path / "b", seed=2, SOPInstanceUID=ds.SOPInstanceUID, StudyInstanceUID=ds.StudyInstanceUID,
+                   PatientID=ds.PatientID)
+    assert _tracking(report(other)) != _tracking(report(ds))  # other pixels under the same UIDs: another finding
