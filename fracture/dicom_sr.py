@@ -120,7 +120,7 @@ UID_ROOT_ENV = "FRACTURE_SR_UID_ROOT"
 def structured_report(
     source: Dataset, probability: float, threshold: float, fractured: bool, model_name: str, model_version: str,
     *, series_uid: str | None = None, instance_number: int = 1, replaces: Dataset | None = None, run_id: str = "",
-    series_datetime: datetime.datetime | None = None, uid_root: str | None = None,
+    series_datetime: datetime.datetime | None = None, uid_root: str | None = None, pixels: str | None = None,
 ) -> hd.sr.ComprehensiveSR:
     """The SR holding the model's answer for ``source``.
 
@@ -148,12 +148,13 @@ def structured_report(
             and dots, ending with a dot), under which every UID the report makes is made (:func:`new_uid`,
             :func:`tracking_uid`, :func:`device_uid`); ``None``: highdicom's and pydicom's roots.
             A ``series_uid`` the caller gives is its own to make under the root (:func:`new_uid`).
+        pixels: the source's :func:`pixel_digest`, where the caller has it; ``None``: made here.
     """
     zone = report_zone(source)
     declared = source.get("SpecificCharacterSet")
     now = datetime.datetime.now(zone)
     began = (series_datetime or now).astimezone(zone)
-    tracking = tracking_uid(source, model_name, uid_root)  # from the pixels, which the header copy leaves out
+    tracking = tracking_uid(source, model_name, uid_root, pixels)  # from the pixels, which the header copy leaves out
     source = _with_type2_attributes(source)
     algorithm = hd.sr.AlgorithmIdentification(
         name=model_name, version=model_version, parameters=[f"{RUN_PARAMETER}{run_id}"] if run_id else None,
@@ -341,7 +342,7 @@ def pixel_digest(source: Dataset) -> str:
     return ""
 
 
-def tracking_uid(source: Dataset, model_name: str, uid_root: str | None = None) -> str:
+def tracking_uid(source: Dataset, model_name: str, uid_root: str | None = None, pixels: str | None = None) -> str:
     """The Tracking Unique Identifier of the model's finding on ``source``: derived from the image
     (its SOP Instance UID, study, patient and pixels, :func:`pixel_digest`) and the model's name, so
     every report the model writes on that image, a rerun's and a newer version's included, tracks
@@ -351,12 +352,36 @@ def tracking_uid(source: Dataset, model_name: str, uid_root: str | None = None) 
     one UID on every image, study and patient). A source read without its pixels is tracked by
     its UIDs and patient alone, as before the pixels counted. Derived under
     ``uid_root`` where one is set (:func:`structured_report`), else pydicom's root: the same
-    image and model give the same UID under either."""
+    image and model give the same UID under either. ``pixels``: the source's :func:`pixel_digest`
+    where the caller has it (``""``: the UID of a release before the pixels counted)."""
     keys = ("SOPInstanceUID", "StudyInstanceUID", "PatientID", "IssuerOfPatientID")
-    pixels = pixel_digest(source)
+    pixels = pixel_digest(source) if pixels is None else pixels
     return generate_uid(prefix=uid_root or PYDICOM_ROOT_UID, entropy_srcs=[
         "fracture finding", model_name, *(str(source.get(k, "")) for k in keys), *([f"pixels={pixels}"] if pixels else []),
     ])
+
+
+#: The codes of the report's Tracking Unique Identifier and Algorithm Name content items (DCM).
+TRACKING_UID_CODE, ALGORITHM_NAME_CODE = "112040", "111001"
+
+
+def finding_tracked(report: Dataset) -> tuple[str, str] | None:
+    """The Tracking UID of the finding a report of this module holds, and the name of the algorithm
+    (the model) it names; ``None`` where it holds no Tracking UID (another writer's report)."""
+    found: dict[str, str] = {}
+
+    def walk(items: object) -> None:
+        for item in items or []:  # type: ignore[attr-defined]
+            names = item.get("ConceptNameCodeSequence") or []
+            code = str(names[0].get("CodeValue", "")) if names else ""
+            if code == TRACKING_UID_CODE and "UID" in item:
+                found.setdefault("uid", str(item.UID))
+            elif code == ALGORITHM_NAME_CODE and "TextValue" in item:
+                found.setdefault("algorithm", str(item.TextValue))
+            walk(item.get("ContentSequence"))
+
+    walk(report.get("ContentSequence"))
+    return (found["uid"], found.get("algorithm", "")) if "uid" in found else None
 
 
 def device_uid(model_name: str, model_version: str, run_id: str, uid_root: str | None = None) -> str:

@@ -791,7 +791,12 @@ def write_structured_reports(
     from pydicom import dcmread  # noqa: PLC0415 - only --dicom-sr needs it here
     from pydicom.uid import UID  # noqa: PLC0415
 
-    from fracture.dicom_sr import invalid_value_notes, new_uid, structured_report  # noqa: PLC0415
+    from fracture.dicom_sr import (  # noqa: PLC0415
+        invalid_value_notes,
+        new_uid,
+        pixel_digest,
+        structured_report,
+    )
 
     folder.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(folder)
@@ -846,13 +851,15 @@ def write_structured_reports(
                 # is_dicom said it is DICOM, preamble or not; read from the bytes checked, not the file again.
                 # With its pixel data, whose digest tells apart the findings on two images under one UID.
                 source = dcmread(io.BytesIO(data), force=True)
+                pixels = pixel_digest(source)  # decoded once: the finding's UID, and what an earlier report is on
                 study = str(source.StudyInstanceUID)
                 uid = str(source.get("SOPInstanceUID", ""))
                 # The patient too: one image exported before and after a patient correction (the same
                 # UID, study and pixels under another Patient ID) is each patient's, each with its report.
                 # Its issuer counts where both copies name one, as for an earlier run's report (_reports_on).
                 patient, issuer = str(source.get("PatientID", "")), str(source.get("IssuerOfPatientID") or "").strip()
-                same = (study, patient, issuer, row.fracture_probability, row.label, row.threshold, row.model, row.version)
+                same = (study, patient, issuer, row.fracture_probability, row.label, row.threshold, row.model, row.version,
+                        pixels)
                 if UID(uid).is_valid and uid in reported and _same_source(reported[uid][2], same):
                     first, report, _ = reported[uid]
                     add_note(index, f"the same image (SOP Instance UID) as {first}, whose report {report.name} is this row's")
@@ -887,7 +894,7 @@ def write_structured_reports(
                     replaces, damaged = None, ""
                     while (folder / name).is_file():
                         earlier, damaged = _earlier_report(folder / name)
-                        if earlier is not None and all(k in earlier for k in REPORT_UIDS) and _reports_on(earlier, source):
+                        if earlier is not None and all(k in earlier for k in REPORT_UIDS) and _reports_on(earlier, source, uid_root, pixels):
                             replaces = earlier
                             break
                         if damaged:
@@ -900,7 +907,7 @@ def write_structured_reports(
                         source, float(row.fracture_probability), float(row.threshold), row.label == "fractured",
                         str(row.model), str(row.version),
                         series_uid=series.setdefault(key, new_uid(uid_root)), instance_number=number, replaces=replaces,
-                        run_id=run_id, series_datetime=began, uid_root=uid_root,
+                        run_id=run_id, series_datetime=began, uid_root=uid_root, pixels=pixels,
                     )
                     numbers[key] = number
                 except unreportable as exc:
@@ -1157,14 +1164,23 @@ def _content_name(digest: str, taken: set[str]) -> str:
     return name
 
 
-def _reports_on(report: Any, source: Any) -> bool:
+def _reports_on(report: Any, source: Any, uid_root: str | None = None, pixels: str | None = None) -> bool:
     """Whether an earlier report is on ``source``: its evidence names the source's SOP Instance
     UID, and it is filed under the source's study and patient. A file named after the UID is not
     enough: an anonymiser writes one constant UID on every image, so another day's patient's
     report can sit there, which this image's must neither replace nor name as its predecessor.
     The patient is the Patient ID under its Issuer of Patient ID when both name one: one ID two
     hospitals each gave (a merged archive) is two patients; an issuer on one side only does not
-    tell them apart (an export that leaves it out)."""
+    tell them apart (an export that leaves it out).
+
+    And its finding is tracked as this image's: an anonymiser that writes one constant UID, study and
+    patient on every image gives two images the same of all the above, and the finding's Tracking UID
+    (:func:`fracture.dicom_sr.tracking_uid`, from the decoded pixels, ``pixels``) tells them apart. A
+    Tracking UID the report's own model would give this image, under ``uid_root`` or pydicom's root,
+    from its pixels or, for a report of a release before the pixels counted, without them. A report
+    with no Tracking UID (another writer's) is judged by the UIDs alone."""
+    from fracture.dicom_sr import finding_tracked, tracking_uid  # noqa: PLC0415
+
     uid = str(source.get("SOPInstanceUID", ""))
     referenced = {
         str(sop.get("ReferencedSOPInstanceUID", ""))
@@ -1173,12 +1189,24 @@ def _reports_on(report: Any, source: Any) -> bool:
         for sop in series.get("ReferencedSOPSequence", [])
     }
     issuers = [str(ds.get("IssuerOfPatientID") or "").strip() for ds in (report, source)]
-    return (
+    if not (
         uid in referenced
         and str(report.get("StudyInstanceUID", "")) == str(source.get("StudyInstanceUID", ""))
         and str(report.get("PatientID", "")) == str(source.get("PatientID", ""))
         and (not all(issuers) or issuers[0] == issuers[1])
-    )
+    ):
+        return False
+    tracked = finding_tracked(report)
+    if tracked is None:
+        return True
+    finding, algorithm = tracked
+    pixels = pixels if pixels is not None else ""
+    forms = set()
+    for issuer in {issuers[1], issuers[0]}:  # an issuer named on one side only tells no patients apart
+        named = source.copy()  # the header's elements, shared; the pixels' digest is given
+        named.IssuerOfPatientID = issuer
+        forms |= {tracking_uid(named, algorithm, root, digest) for root in {uid_root, None} for digest in {pixels, ""}}
+    return finding in forms
 
 
 #: The UIDs by which a report names the one it replaces as its predecessor.
