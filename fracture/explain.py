@@ -189,6 +189,11 @@ def overlay(
     return Image.fromarray(np.round((1 - alpha) * base * 255 + alpha * colour * 255).astype(np.uint8))
 
 
+#: The smallest text of the legend (:func:`with_legend`), in the image's pixels, on an X-ray too narrow
+#: for its title at the page's size.
+MIN_LEGEND_TEXT = 6
+
+
 def with_legend(overlaid: Image.Image, strength: float = HEAT_STRENGTH, cmap: str = HEAT_CMAP) -> Image.Image:
     """The heat map (:func:`overlay`) with its colour bar drawn under it, as one image.
 
@@ -211,8 +216,14 @@ def with_legend(overlaid: Image.Image, strength: float = HEAT_STRENGTH, cmap: st
 
     width = overlaid.width
     size = text_size(width)  # text and bar height, in the image's pixels
-    pad = max(2, size // 2)
-    font = ImageFont.load_default(size=size)
+    low, high = LEGEND_ENDS
+    while True:  # smaller on a narrow X-ray, down to 6 px, so the title and the two ends fit its width
+        pad = max(2, size // 2)
+        font = ImageFont.load_default(size=size)
+        needs = max(font.getlength(LEGEND_TITLE), font.getlength(low) + font.getlength(high) + 2 * pad)
+        if needs <= width - 2 * pad or size <= MIN_LEGEND_TEXT:
+            break
+        size -= 1
     band = Image.new("RGB", (width, 4 * pad + 3 * size), (0, 0, 0))
     draw = ImageDraw.Draw(band)
     draw.text((pad, pad), LEGEND_TITLE, fill=(255, 255, 255), font=font)
@@ -222,7 +233,6 @@ def with_legend(overlaid: Image.Image, strength: float = HEAT_STRENGTH, cmap: st
     ramp = (1 - alpha) * 0.5 + alpha * colormaps[cmap](values)[:, :3]
     bar = np.round(np.broadcast_to(ramp * 255, (size, right - left, 3))).astype(np.uint8)
     band.paste(Image.fromarray(bar), (left, top))
-    low, high = LEGEND_ENDS
     draw.text((left, top + size + pad), low, fill=(255, 255, 255), font=font)
     draw.text((right - draw.textlength(high, font=font), top + size + pad), high, fill=(255, 255, 255), font=font)
     shown = Image.new("RGB", (width, overlaid.height + band.height))

@@ -1275,6 +1275,18 @@ def test_the_heat_map_s_legend_fits_any_x_ray_and_scales_with_its_width(size):
         assert abs((drawn.height - size[1]) / size[0] - (reference.height - 800) / 800) < 0.01
 
 
+@pytest.mark.parametrize("width", [224, 300, 373])
+def test_the_legend_s_words_are_not_cut_off_on_a_small_x_ray(width):
+    """An X-ray narrower than about 250 px (uploads are not enlarged) had its legend's title cut off at
+    the right edge: the text is made smaller until the title and both ends fit the width."""
+    from fracture.explain import with_legend
+
+    shown = overlay(Image.new("L", (width, 300), 90), np.zeros((300, width)))
+    band = np.asarray(with_legend(shown))[300:]
+    white = (band > 160).all(axis=2)  # the words, white (antialiased) on the black band; the bar is coloured
+    assert white.any() and not white[:, -2:].any(), np.nonzero(white[:, -2:])
+
+
 # ---------------------------------------------------------------- a trained model: label order
 
 
