@@ -83,6 +83,8 @@ class PredictError(ValueError):
 REPORTS_INTERRUPTED = "reports_interrupted"
 #: A table attribute: how many of its rows were taken over from an earlier run's :class:`Journal`.
 RESUMED = "resumed"
+#: ... and, a flag per row, which (``attrs``): such a row's report from the earlier run is kept, not written again.
+TAKEN_OVER = "taken_over"
 
 
 class Interrupted(KeyboardInterrupt):
@@ -307,6 +309,7 @@ def score_files(
     policy = model.policy
     parts: list[pd.DataFrame] = []
     digests: list[str] = []
+    taken_over: list[bool] = []
     done = taken = 0  # the files parts holds a row for; the rows of them taken over from the journal
     stopped = interrupted = why = ""
     journal: Journal | None = None
@@ -322,6 +325,7 @@ def score_files(
                 digests += batch_digests
                 done += len(batch)
                 taken += int((frame["error"] == "").sum()) - len(fresh)
+                taken_over += [not error and i not in fresh for i, error in enumerate(frame["error"])]
                 bar.update(len(batch))
                 if journal is not None:
                     journal.add(frame.iloc[fresh], [batch_digests[i] for i in fresh])
@@ -343,6 +347,7 @@ def score_files(
         left = files[done:]
         parts.append(_not_scored(left, why))
         digests += [""] * len(left)
+        taken_over += [False] * len(left)
     table = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=COLUMNS)
     table["threshold"], table["model"], table["version"] = model.threshold, model.name, model.version
     table = table[COLUMNS].copy()
@@ -353,6 +358,7 @@ def score_files(
     if interrupted:
         table.attrs[INTERRUPTED] = interrupted
     table.attrs[RESUMED] = taken
+    table.attrs[TAKEN_OVER] = taken_over
     return table
 
 
@@ -795,6 +801,7 @@ def write_structured_reports(
         invalid_value_notes,
         new_uid,
         pixel_digest,
+        series_description,
         structured_report,
     )
 
@@ -828,6 +835,7 @@ def write_structured_reports(
         written.append("")
 
     scored = table.attrs.get(SCORED_SHA256)
+    taken_over = table.attrs.get(TAKEN_OVER) or [False] * len(table)
     run_id = str(table.attrs.get(MODEL_RUN_ID) or "")
     try:
         for index, (path, row) in enumerate(zip(files, table.itertuples(index=False), strict=True)):
@@ -901,56 +909,68 @@ def write_structured_reports(
                             break
                         others.append(name)
                         name = _content_name(digest, names | set(others))
-                    key = (patient, study)
-                    number = numbers.get(key, 0) + 1
-                    sr = structured_report(
-                        source, float(row.fracture_probability), float(row.threshold), row.label == "fractured",
-                        str(row.model), str(row.version),
-                        series_uid=series.setdefault(key, new_uid(uid_root)), instance_number=number, replaces=replaces,
-                        run_id=run_id, series_datetime=began, uid_root=uid_root, pixels=pixels,
-                    )
-                    numbers[key] = number
+                    # A row taken over with --resume (the same bytes, model, version and run as the earlier
+                    # run's) whose report that run wrote is here, on this image, from this version: kept as
+                    # it is. Written again, every image of a folder scored day after day into one --out
+                    # would go to the PACS again each day, each report superseding the same answer.
+                    kept = (taken_over[index] and replaces is not None and not damaged
+                            and str(replaces.get("SeriesDescription", "")) == series_description(str(row.model), str(row.version)))
+                    if kept:
+                        sr = None
+                    else:
+                        key = (patient, study)
+                        number = numbers.get(key, 0) + 1
+                        sr = structured_report(
+                            source, float(row.fracture_probability), float(row.threshold), row.label == "fractured",
+                            str(row.model), str(row.version),
+                            series_uid=series.setdefault(key, new_uid(uid_root)), instance_number=number,
+                            replaces=replaces, run_id=run_id, series_datetime=began, uid_root=uid_root, pixels=pixels,
+                        )
+                        numbers[key] = number
                 except unreportable as exc:
                     no_report(index, path, str(exc))
                     continue
                 target = folder / name
-                # Written beside and moved into place: a run stopped midway leaves the earlier report whole.
-                # Under a name of its own, so that another run writing this report into the folder at the
-                # same time (a batch re-run while the first still goes) neither writes into nor moves it.
-                # Removed here whatever stops this run (a full disk, Ctrl-C); one a killed run leaves is
-                # removed by a later run once it is old (:func:`_remove_stale_partials`).
-                partial = target.with_name(f".{name}.{secrets.token_hex(8)}.partial")
                 aside: Path | None = None
-                moving = False
-                try:
-                    sr.save_as(partial, enforce_file_format=True)
-                    moving = bool(damaged)
-                    aside = _set_aside(target) if damaged else None
+                if sr is None:
+                    add_note(index, f"its report from the earlier run, {name}, is kept (the row was taken over with --resume)")
+                else:
+                    # Written beside and moved into place: a run stopped midway leaves the earlier report whole.
+                    # Under a name of its own, so that another run writing this report into the folder at the
+                    # same time (a batch re-run while the first still goes) neither writes into nor moves it.
+                    # Removed here whatever stops this run (a full disk, Ctrl-C); one a killed run leaves is
+                    # removed by a later run once it is old (:func:`_remove_stale_partials`).
+                    partial = target.with_name(f".{name}.{secrets.token_hex(8)}.partial")
                     moving = False
-                    os.replace(partial, target)
-                except _MovedMeanwhile as exc:
-                    # The name is left to the other run: this one's report would either write over that
-                    # run's or stand beside it as a second current report, neither naming the other.
-                    numbers[key] -= 1
-                    no_report(index, path, f"the earlier report {target} is damaged ({damaged}), and "
-                              f"another run writing into {folder} at the same time moved it aside first; the name is "
-                              "left to that run's report, so score this file again if none is there" + (
-                                  f"; that run's report, taken for the damaged one, is kept as {exc.kept.name}"
-                                  if exc.kept else ""))
-                    continue
-                except OSError as exc:  # a full disk, a report folder gone: this row's report, not the run
-                    numbers[key] -= 1
-                    reason = exc.strerror or exc
-                    if moving:
-                        no_report(index, path, f"the earlier report {target} is damaged ({damaged}) "
-                                  f"and cannot be moved aside ({reason}), so it is left as it is")
-                    else:
-                        no_report(index, path, f"it cannot be written to {target} ({reason})" + (
-                            f"; the damaged earlier report there ({damaged}) is kept as {aside.name}" if aside else ""))
-                    continue
-                finally:
-                    with contextlib.suppress(OSError):  # this run's own file; gone once moved into place
-                        partial.unlink(missing_ok=True)
+                    try:
+                        sr.save_as(partial, enforce_file_format=True)
+                        moving = bool(damaged)
+                        aside = _set_aside(target) if damaged else None
+                        moving = False
+                        os.replace(partial, target)
+                    except _MovedMeanwhile as exc:
+                        # The name is left to the other run: this one's report would either write over that
+                        # run's or stand beside it as a second current report, neither naming the other.
+                        numbers[key] -= 1
+                        no_report(index, path, f"the earlier report {target} is damaged ({damaged}), and "
+                                  f"another run writing into {folder} at the same time moved it aside first; the name is "
+                                  "left to that run's report, so score this file again if none is there" + (
+                                      f"; that run's report, taken for the damaged one, is kept as {exc.kept.name}"
+                                      if exc.kept else ""))
+                        continue
+                    except OSError as exc:  # a full disk, a report folder gone: this row's report, not the run
+                        numbers[key] -= 1
+                        reason = exc.strerror or exc
+                        if moving:
+                            no_report(index, path, f"the earlier report {target} is damaged ({damaged}) "
+                                      f"and cannot be moved aside ({reason}), so it is left as it is")
+                        else:
+                            no_report(index, path, f"it cannot be written to {target} ({reason})" + (
+                                f"; the damaged earlier report there ({damaged}) is kept as {aside.name}" if aside else ""))
+                        continue
+                    finally:
+                        with contextlib.suppress(OSError):  # this run's own file; gone once moved into place
+                            partial.unlink(missing_ok=True)
             names.add(name)
             if uid in reported:  # a UID two different images carry: the row says why its report is apart
                 add_note(index, f"shares its SOP Instance UID with {reported[uid][0]}, but not its study, patient or answer: "

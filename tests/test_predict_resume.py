@@ -252,3 +252,36 @@ def test_the_summary_counts_the_rows_taken_over(folder, tmp_path, serve, capsys)
     capsys.readouterr()
     predict(str(folder), "--out", str(out), "--resume")
     assert "scored 6 of 6 files (5 of them taken over from an earlier run, --resume)" in capsys.readouterr().err
+
+
+def test_a_folder_scored_again_with_resume_keeps_the_reports_of_the_rows_it_takes_over(tmp_path, serve):
+    """A folder scored day after day into one --out with --resume and --dicom-sr: only the day's new
+    file was scored, but every earlier image got a new report superseding the same answer, so the
+    whole folder went to the PACS again each day. A row taken over keeps its report, which its note
+    names; the new file gets one."""
+    from pydicom import dcmread
+
+    from tests.test_sr_format import radiograph
+
+    images, sr, out = tmp_path / "in", tmp_path / "sr", tmp_path / "rows.csv"
+    images.mkdir()
+
+    def add(name: str) -> None:  # made beside (with the JPEG it is made from), then put in the folder
+        radiograph(tmp_path / "made", name).rename(images / name)
+
+    add("IM0001")
+    add("IM02")
+    serve(StandIn(0.25))
+    predict(str(images), "--out", str(out), "--dicom-sr", str(sr))
+    first = {p.name: str(dcmread(p).SOPInstanceUID) for p in sr.glob("*.dcm")}
+    assert len(first) == 2
+    add("IM003")  # the day's new file
+    model = serve(StandIn(0.25))
+    predict(str(images), "--out", str(out), "--dicom-sr", str(sr), "--resume")
+    assert len(model.scored) == 1
+    second = {p.name: str(dcmread(p).SOPInstanceUID) for p in sr.glob("*.dcm")}
+    assert len(second) == 3 and all(second[name] == uid for name, uid in first.items()), (first, second)
+    table = rows(out)
+    taken = table[table["id"].str.endswith(("IM0001", "IM02"))]
+    assert taken["note"].str.contains("its report from the earlier run, .* is kept", regex=True).all(), taken["note"]
+    assert (table["sr"] != "").all()
