@@ -300,9 +300,18 @@ def check_uid_root(root: str) -> str:
     (first arc 0, 1 or 2; components of digits without a leading zero, PS3.5 9.1) ending with the dot
     :func:`~pydicom.uid.generate_uid` appends to, at most :data:`UID_ROOT_MAX` characters.
 
+    Not ``2.25.`` or under it: that arc holds UIDs made of one UUID's 128-bit integer (PS3.5 B.2),
+    which digits added under a root are not; with no root, the reports' UIDs are made so.
+
     Raises:
         ValueError: it is not one; the message names the value and what to give.
     """
+    if root.startswith("2.25."):
+        raise ValueError(
+            f"--sr-uid-root ({UID_ROOT_ENV}) {root!r} is under 2.25, which holds UIDs made from a UUID alone, not an "
+            "organisation's root: give your organisation's registered root, or none (the reports' UIDs are then "
+            "made under pydicom's and highdicom's roots)"
+        )
     if len(root) <= UID_ROOT_MAX and re.fullmatch(r"[012]\.(?:(?:0|[1-9]\d*)\.)+", root):
         return root
     raise ValueError(

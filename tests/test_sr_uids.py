@@ -110,7 +110,15 @@ def test_a_uid_root_that_is_not_one_is_refused(root):
 
 def test_a_uid_root_is_taken_as_given():
     assert check_uid_root(ROOT) == ROOT
-    assert check_uid_root("2.25.") == "2.25."
+    assert check_uid_root("2.16.840.1.113883.") == "2.16.840.1.113883."
+
+
+@pytest.mark.parametrize("root", ["2.25.", "2.25.1234."])
+def test_the_uuid_arc_is_no_organisations_root(root):
+    """2.25 holds UIDs made of one UUID's integer alone; random digits added under it make UIDs that
+    are neither a UUID's nor an organisation's."""
+    with pytest.raises(ValueError, match=r"is under 2\.25, which holds UIDs made from a UUID alone"):
+        check_uid_root(root)
 
 
 def _tracking(sr: Dataset) -> str:
