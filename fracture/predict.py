@@ -315,6 +315,9 @@ def score_files(
     journal: Journal | None = None
     if resume and out is None:
         log.warning("--resume takes over the rows an earlier run wrote to --out, and none is named: every file is scored")
+    elif resume and streamed(out):
+        log.warning("--resume takes over the rows an earlier run kept beside --out, and %s is a stream, which keeps none: "
+                    "every file is scored", out)
     with tqdm(total=len(files), unit="image", disable=not progress, desc="scoring") as bar:
         try:
             journal = Journal(out, model, files, resume) if out is not None and not streamed(out) else None

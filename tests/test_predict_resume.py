@@ -285,3 +285,16 @@ def test_a_folder_scored_again_with_resume_keeps_the_reports_of_the_rows_it_take
     taken = table[table["id"].str.endswith(("IM0001", "IM02"))]
     assert taken["note"].str.contains("its report from the earlier run, .* is kept", regex=True).all(), taken["note"]
     assert (table["sr"] != "").all()
+
+
+def test_resume_into_a_stream_says_it_takes_nothing_over(folder, tmp_path, serve, caplog):
+    """A stream as --out keeps no journal, so --resume there took nothing over without a word."""
+    serve(StandIn(0.25))
+    fifo = tmp_path / "rows.fifo"
+    os.mkfifo(fifo)
+    reader = threading.Thread(target=fifo.read_bytes, daemon=True)
+    reader.start()
+    with caplog.at_level("WARNING", logger="fracture.predict"):
+        predict(str(folder), "--out", str(fifo), "--resume")
+    reader.join(timeout=30)
+    assert "is a stream, which keeps none: every file is scored" in caplog.text
