@@ -491,6 +491,10 @@ class PairedMAP:
         resamples: bootstrap resamples.
         n_images: images both were scored on.
         n_fractured: images with boxes among them.
+        measured: whether the bootstrap measured anything: ``False`` with fewer than two images (or
+            groups of linked images) with boxes, which every resample draws alike, so each resample's
+            difference is the observed one and its "interval" no width; then the interval is -1 to 1
+            and the p-value 1, as DeLong's with too few images of a class.
     """
 
     map_a: float
@@ -503,6 +507,7 @@ class PairedMAP:
     resamples: int
     n_images: int
     n_fractured: int
+    measured: bool = True
 
 
 def paired_bootstrap_map(
@@ -514,12 +519,24 @@ def paired_bootstrap_map(
     Each resample draws the same images for both (stratified as :func:`bootstrap_map`, over
     whole ``groups`` of linked images where they are given), so what the two share (easy and
     hard images) cancels in the difference.
+
+    With fewer than two images (or groups) with boxes nothing is measured (:attr:`PairedMAP.measured`).
+    With a few, a bootstrap that finds the same difference in every resample (one detector finding
+    every box, the other none) still reads it as certain; a paired randomisation test, as the
+    classifier's gate uses where DeLong's variance is 0, would be stricter there.
     """
     if not (len(truth) == len(a.boxes) == len(b.boxes)):
         raise DetectionError(f"paired detections need the same images: {len(truth)}, {len(a.boxes)} and {len(b.boxes)}")
     if n_resamples < 1:
         raise DetectionError(f"the paired bootstrap needs at least one resample, got {n_resamples}")
     map_a, map_b = _map_at(a, truth, 0.5), _map_at(b, truth, 0.5)
+    boxed = [i for i, t in enumerate(truth) if len(t) > 0]
+    linked = groups is not None and len(groups) == len(truth)  # other lengths: _resampled_images says so
+    if len({groups[i] for i in boxed} if linked else boxed) < 2:  # type: ignore[index]
+        # One image (or group) with boxes: every stratified resample draws it, so every difference is
+        # the observed one, an interval of no width and p = 2 / (resamples + 1) on one image's evidence.
+        return PairedMAP(map_a, map_b, map_a - map_b, -1.0, 1.0, 1.0, confidence, n_resamples, len(truth), len(boxed),
+                         measured=False)
     matched_a, matched_b = MatchedImages.of(a, truth), MatchedImages.of(b, truth)
     diffs = np.array([
         matched_a.maps(idx)[0] - matched_b.maps(idx)[0] for idx in _resampled_images(truth, n_resamples, seed, groups)

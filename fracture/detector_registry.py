@@ -231,6 +231,9 @@ def map_tags(paired: PairedMAP, champion: str, left_out: int = 0) -> dict[str, s
 def beats_champion(paired: PairedMAP, champion: str, confidence: float) -> GateCheck:
     """Passes when the mAP@0.5 gain is positive and its bootstrap p-value is below ``1 - confidence``."""
     wins, verdict = paired_verdict(paired.difference, paired.p_value, confidence)
+    if not paired.measured:
+        verdict = ("nothing measured: fewer than two test images (or groups of linked images) with boxes, which every "
+                   "resample draws alike; not promoted on it")
     return GateCheck(
         "beats champion",
         wins,

@@ -254,6 +254,33 @@ def test_linked_copies_count_once_in_the_map_interval():
         bootstrap_map(copied, copied_truth, 10, seed=0, groups=groups[:3])
 
 
+def test_one_image_with_boxes_measures_no_difference_between_two_detectors():
+    """With one test image with boxes (the rest empty), every stratified resample draws that image,
+    so each resample's difference was the observed one: a "95% CI +1.0000 to +1.0000, p = 0.0198" on
+    one image's evidence, and the gate promoted on it. Now nothing is measured: p = 1, -1 to 1; with
+    two images (or, over groups, two groups) with boxes the bootstrap runs as before."""
+    from fracture.detector_registry import beats_champion
+
+    box = np.array([[10.0, 10.0, 50.0, 50.0]])
+    none = np.zeros((0, 4))
+
+    def found(hits: list[bool]) -> Detections:
+        return Detections([box if hit else none for hit in hits], [np.array([0.9]) if hit else np.zeros(0) for hit in hits])
+
+    truth = [box, none, none, none, none, none]
+    paired = paired_bootstrap_map(truth, found([True] + [False] * 5), found([False] * 6), 200, seed=0)
+    assert paired.difference == 1.0 and (paired.ci_low, paired.ci_high, paired.p_value) == (-1.0, 1.0, 1.0), paired
+    assert not paired.measured
+    check = beats_champion(paired, "1", 0.95)
+    assert not check.passed and "nothing measured" in check.detail, check
+    # Two copies of the one boxed X-ray, linked: still one piece of evidence.
+    linked = paired_bootstrap_map([box, box, none, none], found([True, True, False, False]), found([False] * 4), 200,
+                                  seed=0, groups=["x1", "x1", "x2", "x3"])
+    assert not linked.measured and linked.p_value == 1.0
+    two = paired_bootstrap_map([box, box, none, none], found([True, True, False, False]), found([False] * 4), 200, seed=0)
+    assert two.measured and two.p_value < 0.05  # the bootstrap's own reading at two images, as paired_bootstrap_map says
+
+
 def squares(tmp_path, n: int) -> tuple[list, list]:
     """``n`` synthetic X-rays, two of each three with a 40 px square fracture box moving across them: paths and boxes."""
     paths, truth = [], []
