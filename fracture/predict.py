@@ -493,20 +493,13 @@ class Journal:
         return rows
 
     def _start(self) -> None:
-        partial = self.path.with_name(f"{self.path.name}.{secrets.token_hex(8)}.partial")
         try:
             # Readable as --out is, or by its owner alone where it is new: its ids are often patients' names.
-            with open(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, self.mode), "w", encoding="utf-8") as handle:
-                handle.writelines(json.dumps(row) + "\n" for row in self.rows.values())
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(partial, self.path)
+            _replace(self.path, lambda partial: partial.write_text(
+                "".join(json.dumps(row) + "\n" for row in self.rows.values()), encoding="utf-8"), self.mode)
             self.handle = self.path.open("a", encoding="utf-8")
         except OSError as exc:
             self._lost(exc)
-        finally:
-            with contextlib.suppress(OSError):
-                partial.unlink(missing_ok=True)
 
     def _lost(self, exc: OSError) -> None:
         log.warning("%s cannot be written (%s): the rows of this run are not kept for a later run to take over",
@@ -677,18 +670,21 @@ def _mode_of(out: Path) -> int:
         return 0o600
 
 
-def _replace(out: Path, fill: Any) -> None:
+def _replace(out: Path, fill: Any, mode: int | None = None) -> None:
     """Writes ``out`` whole or not at all: ``fill(partial)`` writes it beside, under a name of its own
     (``.<name>.<random>.partial``), synced to disk and moved into place, so a run killed meanwhile
     leaves the earlier ``out`` as it was (the rows it scored are in its :class:`Journal`), never a
     file cut short that a reader takes for every row. Written through a link, as a link's file, and
-    readable as the file it replaces was."""
+    readable as the file it replaces was, or with the permission bits ``mode`` where they are given."""
     target = Path(os.path.realpath(out))
     partial = target.with_name(f".{target.name}.{secrets.token_hex(8)}.partial")
     try:
-        os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # a new file: as the umask says
-        with contextlib.suppress(OSError):  # the file it replaces: as that one was
-            os.chmod(partial, stat.S_IMODE(os.stat(target).st_mode))
+        os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if mode is not None else 0o666))
+        if mode is not None:
+            os.chmod(partial, mode)
+        else:  # a new file as the umask says; the file it replaces as that one was
+            with contextlib.suppress(OSError):
+                os.chmod(partial, stat.S_IMODE(os.stat(target).st_mode))
         fill(partial)
         fd = os.open(partial, os.O_RDONLY)
         try:
