@@ -436,11 +436,12 @@ def test_a_crossval_stopped_writing_leaves_no_figures_and_its_predictions_are_re
     assert "`dvc checkout --force crossval/dvc.yaml:crossval` puts them back, and crossval/dvc.lock still" in message
 
 
-#: A cross-validation whose first fold is stopped by SIGTERM (a scheduler's time limit, ``kill``), in
-#: a Python of its own: under pytest SIGTERM raises KeyboardInterrupt (tests/conftest.py).
-SIGTERM_IN_A_FOLD = """
+#: The start of a Python of its own whose cross-validation's first fold is stopped by SIGTERM (a
+#: scheduler's time limit, ``kill``), on the tiny recipe; what runs the fold follows it.
+SIGTERM_STOPS_THE_FIRST_FOLD = """
 import os, signal, sys, time
 from pathlib import Path
+import fracture.cli as cli
 import fracture.stages.crossval as stage
 from fracture.workspace import Workspace
 from tests.test_crossval import tiny_params
@@ -451,6 +452,9 @@ def stopped(*_args, **_kwargs):
     raise AssertionError("SIGTERM did not stop the fold")
 
 stage.fit_fold = stopped
+"""
+#: ... the stage called directly: under pytest SIGTERM raises KeyboardInterrupt (tests/conftest.py).
+SIGTERM_IN_A_FOLD = SIGTERM_STOPS_THE_FIRST_FOLD + """
 stage.run_crossval(tiny_params(), Workspace(Path(sys.argv[1])))
 """
 
@@ -493,19 +497,8 @@ def test_a_crossval_stopped_in_a_fold_ends_its_mlflow_run_killed_or_failed_never
     assert runs[0].info.end_time is not None
 
 
-#: ``fracture crossval`` whose first fold is stopped by SIGTERM, in a Python of its own, on the tiny recipe.
-SIGTERM_IN_THE_COMMAND = """
-import os, signal, time
-import fracture.cli as cli
-import fracture.stages.crossval as stage
-from tests.test_crossval import tiny_params
-
-def stopped(*_args, **_kwargs):
-    os.kill(os.getpid(), signal.SIGTERM)
-    time.sleep(60)
-    raise AssertionError("SIGTERM did not stop the fold")
-
-stage.fit_fold = stopped
+#: ... ``fracture crossval``, the command.
+SIGTERM_IN_THE_COMMAND = SIGTERM_STOPS_THE_FIRST_FOLD + """
 cli.load_params = lambda *_args, **_kwargs: tiny_params()
 cli.main(["crossval"])
 """
