@@ -247,13 +247,10 @@ def character_set(declared: object, values: list[str]) -> str | None:
 
 def texts(dataset: Dataset) -> list[str]:
     """Every value of ``dataset`` whose encoding the Specific Character Set governs (:data:`TEXT_VRS`),
-    its sequences' included."""
+    its sequences' included (pydicom's :meth:`~pydicom.dataset.Dataset.iterall`)."""
     found: list[str] = []
-    for elem in dataset:
-        if elem.VR == "SQ":
-            for item in elem.value:
-                found += texts(item)
-        elif elem.VR in TEXT_VRS and elem.value not in (None, ""):
+    for elem in dataset.iterall():
+        if elem.VR in TEXT_VRS and elem.value not in (None, ""):
             found += [str(value) for value in (elem.value if isinstance(elem.value, MultiValue) else [elem.value])]
     return found
 
